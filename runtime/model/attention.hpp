@@ -1,0 +1,38 @@
+// Multi-head latent attention (DeepSeek-V2/V3), forward and backward written out, as HF
+// DeepseekV3Attention computes it (eager, causal, FP32 softmax):
+//   q = q_b_proj(q_a_layernorm(q_a_proj(x)))        (or q_proj(x) when q_lora_rank == 0)   [T, H*(nope+rope)]
+//   [c_kv, k_rope] = kv_a_proj_with_mqa(x)                                                   [T, kv_lora + rope]
+//   [k_nope, v] = kv_b_proj(kv_a_layernorm(c_kv))                                            [T, H*(nope+v)]
+//   RoPE on q's rope part (per head) and on k_rope (shared by all heads); rope_interleave as HF.
+//   softmax(q·kᵀ / sqrt(nope+rope), causal) · v  ->  o_proj                                 [T, hidden]
+// Linear layers run in the chosen Precision; norms, RoPE, softmax and the attention core in FP32.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/linear.hpp"
+#include "runtime/model/config.hpp"
+#include "runtime/model/params.hpp"
+
+namespace moerl {
+
+class MlaAttention {
+ public:
+  // Registers (Params::add) this block's weights under `prefix` (e.g. "model.layers.0.self_attn"):
+  // q_a_proj, q_a_layernorm, q_b_proj (or q_proj), kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj.
+  MlaAttention(const ModelConfig& config, Params& params, const std::string& prefix);
+
+  // x, y: [batch * seq, hidden], token-major; sequence b occupies rows b*seq .. b*seq+seq-1, positions 0..seq-1.
+  // Saves what backward needs inside this object (one forward, then at most one backward).
+  void forward(const float* x, int64_t batch, int64_t seq, float* y, Precision precision);
+  // dy: [batch * seq, hidden] -> dx overwritten; weight gradients accumulated (+=) in Params.
+  void backward(const float* dy, float* dx);
+
+ private:
+  struct Impl;
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace moerl
