@@ -48,7 +48,9 @@ std::string shape_string(const Shape& shape) {
 
 int64_t shape_numel(const Shape& shape) {
   int64_t n = 1;
-  for (int64_t d : shape) n *= d;
+  // Checked: shapes come from files we do not control, and signed overflow is undefined behaviour.
+  for (int64_t d : shape)
+    require(!__builtin_mul_overflow(n, d, &n), "tensor shape " + shape_string(shape) + " overflows 64 bits");
   return n;
 }
 
@@ -56,6 +58,10 @@ void Tensor::Free::operator()(std::byte* p) const { std::free(p); }
 
 Tensor::Tensor(Shape shape, DType dtype) : shape_(std::move(shape)), dtype_(dtype) {
   for (int64_t d : shape_) require(d >= 0, "tensor shape " + shape_string(shape_) + " has a negative dimension");
+  size_t total = 0;
+  // The 2^62 cap keeps the rounding up below from wrapping; no machine has that much memory anyway.
+  require(!__builtin_mul_overflow(static_cast<size_t>(numel()), dtype_size(dtype_), &total) && total <= (1ull << 62),
+          "tensor shape " + shape_string(shape_) + " of " + std::string(dtype_name(dtype_)) + " overflows 64 bits");
   // 64-byte aligned (one cache line, one AVX-512 vector); at least one line so empty tensors own memory.
   const size_t n = (std::max<size_t>(nbytes(), 1) + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, n);

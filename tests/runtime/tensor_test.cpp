@@ -2,6 +2,8 @@
 
 #include <gtest/gtest.h>
 
+#include <vector>
+
 #include "runtime/error.hpp"
 
 namespace moerl {
@@ -27,6 +29,27 @@ TEST(Tensor, ConvertsToBf16WithRoundToNearestEven) {
   EXPECT_EQ(t.data<float>()[0], 1.0f);
   EXPECT_EQ(t.data<float>()[1], 1.0f + 4.0f / 256);
   EXPECT_EQ(t.data<float>()[2], -2.5f);
+}
+
+TEST(Tensor, RefusesANegativeDimension) {
+  EXPECT_THROW(Tensor({2, -1}), Error);
+}
+
+TEST(Tensor, RefusesShapesWhoseSizeOverflowsInsteadOfWrapping) {
+  // 2^32 * 2^32 wraps to 0 in 64-bit arithmetic: unchecked, this would be a 0-byte tensor.
+  EXPECT_THROW(shape_numel({int64_t{1} << 32, int64_t{1} << 32}), Error);
+  EXPECT_THROW(Tensor({int64_t{1} << 32, int64_t{1} << 32}, DType::U8), Error);
+  // 2^62 elements fit in int64, but 2^64 bytes of F32 do not fit in size_t.
+  EXPECT_THROW(Tensor({int64_t{1} << 62}, DType::F32), Error);
+  EXPECT_EQ(shape_numel({0, int64_t{1} << 62, 4}), 0);
+}
+
+TEST(Tensor, ClonesIntoIndependentStorage) {
+  Tensor a = Tensor::from_floats({2}, std::vector<float>{1, 2});
+  Tensor b = a.clone();
+  b.data<float>()[0] = 5;
+  EXPECT_EQ(a.data<float>()[0], 1.0f);
+  EXPECT_EQ(b.shape(), a.shape());
 }
 
 }  // namespace moerl
