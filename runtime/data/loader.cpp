@@ -70,20 +70,18 @@ DocumentSplit split_documents(size_t count, size_t validation_every) {
   return split;
 }
 
+TokenStream TokenStream::from_texts(const Tokenizer& tokenizer, std::span<const std::string> texts) {
+  std::vector<size_t> all(texts.size());
+  for (size_t i = 0; i < texts.size(); ++i) all[i] = i;
+  return from_texts(tokenizer, texts, all);
+}
+
 TokenStream TokenStream::from_texts(const Tokenizer& tokenizer, std::span<const std::string> texts,
                                     std::span<const size_t> which) {
-  std::vector<size_t> all;
-  if (which.empty()) {
-    all.resize(texts.size());
-    for (size_t i = 0; i < texts.size(); ++i) all[i] = i;
-    which = all;
-  }
   for (size_t i : which)
     require(i < texts.size(), "TokenStream: document index " + std::to_string(i) + " outside the " +
                                   std::to_string(texts.size()) + " texts");
   std::vector<std::vector<int32_t>> encoded(which.size());
-  // Each document is encoded independently and the results are joined in order: same stream for any
-  // thread count.
 #pragma omp parallel for schedule(dynamic, 1)
   for (int64_t d = 0; d < static_cast<int64_t>(which.size()); ++d)
     encoded[static_cast<size_t>(d)] = tokenizer.encode(texts[which[static_cast<size_t>(d)]]);

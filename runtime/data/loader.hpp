@@ -43,9 +43,11 @@ DocumentSplit split_documents(size_t count, size_t validation_every = 20);
 class TokenStream {
  public:
   TokenStream() = default;
-  // Encodes texts[i] for i in `which` (all texts when `which` is empty), in that order; OpenMP over documents.
+  // Encodes every text, or texts[i] for i in `which` in that order (none when `which` is empty); OpenMP
+  // over documents, the same stream for any thread count.
+  static TokenStream from_texts(const Tokenizer& tokenizer, std::span<const std::string> texts);
   static TokenStream from_texts(const Tokenizer& tokenizer, std::span<const std::string> texts,
-                                std::span<const size_t> which = {});
+                                std::span<const size_t> which);
   // Pre-tokenized sequences appended as they are (they carry their own bos/eos, if any).
   static TokenStream from_sequences(std::span<const std::vector<int32_t>> sequences);
 
@@ -108,8 +110,8 @@ SftSequence encode_sft(const Tokenizer& tokenizer, const SftExample& example);
 
 // One row per example: inputs tokens[0..L-1), labels tokens[1..L) with kNoLossLabel on every label that is a
 // prompt token, so the loss covers the response and eos. Rows longer than max_seq keep their first max_seq
-// positions; rows are padded (input pad_id, label kNoLossLabel) to the longest row, or to max_seq when
-// pad_to_max_seq.
+// positions (a row whose prompt fills them has no label); rows are padded (input pad_id, label kNoLossLabel)
+// to the longest row, or to max_seq when pad_to_max_seq.
 Batch make_sft_batch(std::span<const SftSequence> examples, int32_t pad_id, int64_t max_seq,
                      bool pad_to_max_seq = false);
 

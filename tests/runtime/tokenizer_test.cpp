@@ -120,6 +120,7 @@ TEST(TokenStream, WrapsEachDocumentInBosAndEosInTheGivenOrder) {
   expected.push_back(t.eos_id());
   EXPECT_EQ(std::vector<int32_t>(s.tokens().begin(), s.tokens().end()), expected);
   EXPECT_EQ(TokenStream::from_texts(t, docs).documents(), 3);
+  EXPECT_EQ(TokenStream::from_texts(t, docs, std::vector<size_t>{}).size(), 0);  // an empty split is empty
 }
 
 TEST(Sft, EncodesBosPromptResponseEosAndCountsThePrompt) {
