@@ -15,6 +15,8 @@
 
 namespace moerl {
 
+// Checks on every tensor of every file use `if (...) throw Error(...)` rather than require(), whose
+// message would be built even when the check passes.
 namespace {
 
 // A header is a few hundred bytes per tensor; 100 MB would describe ~10^6 tensors. Anything larger is a
@@ -40,7 +42,7 @@ uint64_t read_u64_le(const std::byte* p) {
 uint64_t non_negative_integer(const nlohmann::json& v, const std::string& what) {
   if (v.is_number_unsigned()) {
     const uint64_t u = v.get<uint64_t>();
-    require(u <= static_cast<uint64_t>(INT64_MAX), what + " is " + std::to_string(u) + ", beyond 2^63 - 1");
+    if (u > static_cast<uint64_t>(INT64_MAX)) throw Error(what + " is " + std::to_string(u) + ", beyond 2^63 - 1");
     return u;
   }
   if (v.is_number_integer()) throw Error(what + " is negative (" + std::to_string(v.get<int64_t>()) + ")");
@@ -48,7 +50,7 @@ uint64_t non_negative_integer(const nlohmann::json& v, const std::string& what) 
 }
 
 Shape parse_shape(const nlohmann::json& v, const std::string& where) {
-  require(v.is_array(), where + ": \"shape\" must be an array, got a JSON " + kind(v));
+  if (!v.is_array()) throw Error(where + ": \"shape\" must be an array, got a JSON " + kind(v));
   Shape shape;
   shape.reserve(v.size());
   for (size_t i = 0; i < v.size(); ++i)
@@ -57,10 +59,10 @@ Shape parse_shape(const nlohmann::json& v, const std::string& where) {
 }
 
 void parse_metadata(const nlohmann::json& v, const std::string& source, std::map<std::string, std::string>& out) {
-  require(v.is_object(), source + ": \"__metadata__\" must be an object of strings, got a JSON " + kind(v));
+  if (!v.is_object()) throw Error(source + ": \"__metadata__\" must be an object of strings, got a JSON " + kind(v));
   for (const auto& [key, value] : v.items()) {
-    require(value.is_string(), source + ": __metadata__[\"" + key + "\"] must be a string, got a JSON " +
-                                   kind(value));
+    if (!value.is_string())
+      throw Error(source + ": __metadata__[\"" + key + "\"] must be a string, got a JSON " + kind(value));
     out[key] = value.get<std::string>();
   }
 }
@@ -124,39 +126,39 @@ SafeTensors parse_safetensors(std::span<const std::byte> bytes, const std::strin
       continue;
     }
     const std::string where = source + ": tensor \"" + name + "\"";
-    require(entry.is_object(), where + " must be an object, got a JSON " + kind(entry));
+    if (!entry.is_object()) throw Error(where + " must be an object, got a JSON " + kind(entry));
     for (const char* field : {"dtype", "shape", "data_offsets"})
-      require(entry.contains(field), where + " has no \"" + field + "\"");
+      if (!entry.contains(field)) throw Error(where + " has no \"" + field + "\"");
 
     const auto& dtype_json = entry["dtype"];
-    require(dtype_json.is_string(), where + ": \"dtype\" must be a string, got a JSON " + kind(dtype_json));
+    if (!dtype_json.is_string()) throw Error(where + ": \"dtype\" must be a string, got a JSON " + kind(dtype_json));
     const std::string dtype_str = dtype_json.get<std::string>();
     const std::optional<DType> dtype = dtype_from_name(dtype_str);
-    require(dtype.has_value(), where + " has unknown dtype \"" + dtype_str +
-                                   "\" (expected F32, BF16, F16, F8_E4M3, I64, I32 or U8)");
+    if (!dtype)
+      throw Error(where + " has unknown dtype \"" + dtype_str +
+                  "\" (expected F32, BF16, F16, F8_E4M3, I64, I32 or U8)");
 
     Shape shape = parse_shape(entry["shape"], where);
     // Checked product in the order Tensor::numel() multiplies, so no later computation can overflow.
     uint64_t nbytes = dtype_size(*dtype);
     for (int64_t d : shape)
-      require(!__builtin_mul_overflow(nbytes, static_cast<uint64_t>(d), &nbytes) &&
-                  nbytes <= static_cast<uint64_t>(INT64_MAX),
-              where + ": shape " + shape_string(shape) + " overflows 64 bits");
+      if (__builtin_mul_overflow(nbytes, static_cast<uint64_t>(d), &nbytes) || nbytes > uint64_t{INT64_MAX})
+        throw Error(where + ": shape " + shape_string(shape) + " overflows 64 bits");
 
     const auto& offsets = entry["data_offsets"];
-    require(offsets.is_array() && offsets.size() == 2,
-            where + ": \"data_offsets\" must be an array [begin, end], got a JSON " + kind(offsets) +
-                (offsets.is_array() ? " of " + std::to_string(offsets.size()) + " elements" : ""));
+    if (!offsets.is_array() || offsets.size() != 2)
+      throw Error(where + ": \"data_offsets\" must be an array [begin, end], got a JSON " + kind(offsets) +
+                  (offsets.is_array() ? " of " + std::to_string(offsets.size()) + " elements" : ""));
     const uint64_t begin = non_negative_integer(offsets[0], where + ": data_offsets[0]");
     const uint64_t end = non_negative_integer(offsets[1], where + ": data_offsets[1]");
-    require(begin <= end, where + ": data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
-                              "] have begin after end");
-    require(end <= data.size(), where + ": data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) +
-                                    "] go beyond the data section (" + std::to_string(data.size()) + " bytes)");
-    require(end - begin == nbytes, where + ": data_offsets [" + std::to_string(begin) + ", " +
-                                       std::to_string(end) + "] hold " + std::to_string(end - begin) +
-                                       " bytes but " + std::string(dtype_name(*dtype)) + " " +
-                                       shape_string(shape) + " needs " + std::to_string(nbytes) + " (size mismatch)");
+    if (begin > end || end > data.size() || end - begin != nbytes) {
+      const std::string range = where + ": data_offsets [" + std::to_string(begin) + ", " + std::to_string(end) + "]";
+      if (begin > end) throw Error(range + " have begin after end");
+      if (end > data.size())
+        throw Error(range + " go beyond the data section (" + std::to_string(data.size()) + " bytes)");
+      throw Error(range + " hold " + std::to_string(end - begin) + " bytes but " + std::string(dtype_name(*dtype)) +
+                  " " + shape_string(shape) + " needs " + std::to_string(nbytes) + " (size mismatch)");
+    }
 
     // nbytes <= data.size() here, so the allocation is bounded by the input's size.
     Tensor t(std::move(shape), *dtype);
@@ -169,11 +171,14 @@ SafeTensors parse_safetensors(std::span<const std::byte> bytes, const std::strin
   std::erase_if(entries, [](const Entry& e) { return e.begin == e.end; });
   std::sort(entries.begin(), entries.end(),
             [](const Entry& a, const Entry& b) { return std::tie(a.begin, a.end) < std::tie(b.begin, b.end); });
-  for (size_t i = 1; i < entries.size(); ++i)
-    require(entries[i].begin >= entries[i - 1].end,
-            source + ": tensors \"" + *entries[i - 1].name + "\" [" + std::to_string(entries[i - 1].begin) + ", " +
-                std::to_string(entries[i - 1].end) + "] and \"" + *entries[i].name + "\" [" +
-                std::to_string(entries[i].begin) + ", " + std::to_string(entries[i].end) + "] have overlapping data_offsets");
+  for (size_t i = 1; i < entries.size(); ++i) {
+    const Entry& a = entries[i - 1];
+    const Entry& b = entries[i];
+    if (b.begin < a.end)
+      throw Error(source + ": tensors \"" + *a.name + "\" [" + std::to_string(a.begin) + ", " + std::to_string(a.end) +
+                  "] and \"" + *b.name + "\" [" + std::to_string(b.begin) + ", " + std::to_string(b.end) +
+                  "] have overlapping data_offsets");
+  }
   st.tensors = std::move(tensors);
   return st;
 }
@@ -199,8 +204,8 @@ void write_safetensors(const std::filesystem::path& file, const std::map<std::st
   if (!metadata.empty()) header[kMetadataKey] = metadata;
   uint64_t offset = 0;
   for (const auto& [name, t] : tensors) {
-    require(name != kMetadataKey, fname + ": a tensor may not be named __metadata__");
-    require(t != nullptr && !t->empty(), fname + ": tensor \"" + name + "\" has no storage");
+    if (name == kMetadataKey) throw Error(fname + ": a tensor may not be named __metadata__");
+    if (t == nullptr || t->empty()) throw Error(fname + ": tensor \"" + name + "\" has no storage");
     header[name] = {{"dtype", dtype_name(t->dtype())},
                     {"shape", t->shape()},
                     {"data_offsets", {offset, offset + t->nbytes()}}};

@@ -49,19 +49,22 @@ std::string shape_string(const Shape& shape) {
 int64_t shape_numel(const Shape& shape) {
   int64_t n = 1;
   // Checked: shapes come from files we do not control, and signed overflow is undefined behaviour.
+  // if/throw rather than require(), which would build the message on every call of numel().
   for (int64_t d : shape)
-    require(!__builtin_mul_overflow(n, d, &n), "tensor shape " + shape_string(shape) + " overflows 64 bits");
+    if (__builtin_mul_overflow(n, d, &n)) throw Error("tensor shape " + shape_string(shape) + " overflows 64 bits");
   return n;
 }
 
 void Tensor::Free::operator()(std::byte* p) const { std::free(p); }
 
 Tensor::Tensor(Shape shape, DType dtype) : shape_(std::move(shape)), dtype_(dtype) {
-  for (int64_t d : shape_) require(d >= 0, "tensor shape " + shape_string(shape_) + " has a negative dimension");
+  for (int64_t d : shape_)
+    if (d < 0) throw Error("tensor shape " + shape_string(shape_) + " has a negative dimension");
   size_t total = 0;
   // The 2^62 cap keeps the rounding up below from wrapping; no machine has that much memory anyway.
-  require(!__builtin_mul_overflow(static_cast<size_t>(numel()), dtype_size(dtype_), &total) && total <= (1ull << 62),
-          "tensor shape " + shape_string(shape_) + " of " + std::string(dtype_name(dtype_)) + " overflows 64 bits");
+  if (__builtin_mul_overflow(static_cast<size_t>(numel()), dtype_size(dtype_), &total) || total > (1ull << 62))
+    throw Error("tensor shape " + shape_string(shape_) + " of " + std::string(dtype_name(dtype_)) +
+                " overflows 64 bits");
   // 64-byte aligned (one cache line, one AVX-512 vector); at least one line so empty tensors own memory.
   const size_t n = (std::max<size_t>(nbytes(), 1) + 63) / 64 * 64;
   void* p = std::aligned_alloc(64, n);
@@ -87,13 +90,16 @@ Tensor Tensor::clone() const {
 int64_t Tensor::dim(int i) const {
   const int r = rank();
   const int j = i < 0 ? i + r : i;
-  require(j >= 0 && j < r, "dimension " + std::to_string(i) + " out of range for shape " + shape_string(shape_));
+  if (j < 0 || j >= r)
+    throw Error("dimension " + std::to_string(i) + " out of range for shape " + shape_string(shape_));
   return shape_[static_cast<size_t>(j)];
 }
 
 void Tensor::check_type(DType wanted) const {
-  require(wanted == dtype_, "tensor of dtype " + std::string(dtype_name(dtype_)) + " accessed as " +
-                                std::string(dtype_name(wanted)));
+  // Called by every data<T>(): the message is built only on failure.
+  if (wanted != dtype_)
+    throw Error("tensor of dtype " + std::string(dtype_name(dtype_)) + " accessed as " +
+                std::string(dtype_name(wanted)));
 }
 
 Tensor Tensor::reshaped(Shape shape) && {

@@ -64,7 +64,8 @@ TEST(SafeTensors, RoundTripsEveryDtypeWithMetadata) {
   int k = 0;
   for (DType d : all) {
     Tensor t({3, 5}, d);
-    for (size_t i = 0; i < t.nbytes(); ++i) t.bytes()[i] = static_cast<std::byte>((i * 37 + static_cast<size_t>(k)) & 0xff);
+    for (size_t i = 0; i < t.nbytes(); ++i)
+      t.bytes()[i] = static_cast<std::byte>((i * 37 + static_cast<size_t>(k)) & 0xff);
     owned.emplace("t." + std::string(dtype_name(d)), std::move(t));
     ++k;
   }
@@ -180,7 +181,8 @@ TEST(SafeTensors, RefusesAnUnknownDtypeNamingTensorAndDtype) {
 }
 
 TEST(SafeTensors, RefusesOffsetsBeyondTheData) {
-  const std::string msg = parse_error(make_file(R"({"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})", 8));
+  const std::string msg =
+      parse_error(make_file(R"({"w": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}})", 8));
   EXPECT_NE(msg.find("\"w\": data_offsets [4, 12] go beyond the data section (8 bytes)"), std::string::npos) << msg;
 }
 
@@ -197,12 +199,14 @@ TEST(SafeTensors, RefusesOverlappingOffsetsNamingBothTensors) {
 }
 
 TEST(SafeTensors, RefusesASizeThatDoesNotMatchTheShape) {
-  const std::string msg = parse_error(make_file(R"({"w": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 8]}})", 8));
+  const std::string msg =
+      parse_error(make_file(R"({"w": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, 8]}})", 8));
   EXPECT_NE(msg.find("hold 8 bytes but BF16 [2, 3] needs 12 (size mismatch)"), std::string::npos) << msg;
 }
 
 TEST(SafeTensors, RefusesANegativeDimension) {
-  const std::string msg = parse_error(make_file(R"({"w": {"dtype": "F32", "shape": [2, -1], "data_offsets": [0, 0]}})", 0));
+  const std::string msg =
+      parse_error(make_file(R"({"w": {"dtype": "F32", "shape": [2, -1], "data_offsets": [0, 0]}})", 0));
   EXPECT_NE(msg.find("\"w\": shape[1] is negative (-1)"), std::string::npos) << msg;
 }
 
@@ -239,7 +243,7 @@ TEST(SafeTensors, RefusesToWriteATensorWithoutStorage) {
 class Mutator {
  public:
   Mutator(const Bytes& seed, uint64_t rng_seed) : seed_(seed), rng_(rng_seed) {
-    for (int i = 7; i >= 0; --i) header_len_ = (header_len_ << 8) | std::to_integer<uint64_t>(seed[static_cast<size_t>(i)]);
+    for (size_t i = 8; i-- > 0;) header_len_ = (header_len_ << 8) | std::to_integer<uint64_t>(seed[i]);
   }
 
   Bytes next() {
@@ -264,7 +268,8 @@ class Mutator {
   }
 
   void mutate(Bytes& b) {
-    static constexpr uint8_t kInteresting[] = {0, 0xff, 0x7f, 0x80, '"', '{', '}', '[', ']', ',', ':', '-', '0', '9', '\\'};
+    static constexpr uint8_t kInteresting[] = {0,   0xff, 0x7f, 0x80, '"', '{', '}', '[',
+                                               ']', ',',  ':',  '-',  '0', '9', '\\'};
     static const char* kNumbers[] = {"-1", "0", "18446744073709551615", "18446744073709551616", "9223372036854775807",
                                      "9223372036854775808", "4294967296", "1e999", "-0", "1.5", "null", "\"8\""};
     static const char* kTokens[] = {"\"F4\"", "\"I64\"", "\"U8\"", "[]", "{}", "[0,0]", "\"__metadata__\"",
