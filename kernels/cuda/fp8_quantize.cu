@@ -1,0 +1,215 @@
+// FP8 E4M3 quantization kernels (any CUDA arch >= sm_89 for the hardware conversion; built for sm_90a).
+// Bit-exact with fp8::cpu::quantize_* (kernels/cpu/fp8.cpp): the tile amax is an integer max of |x|'s bit
+// patterns with NaN ignored (exactly the CPU's), the scale and x / scale use IEEE round-to-nearest
+// division (__fdiv_rn: independent of -prec-div / --use_fast_math), and the conversion is
+// cvt.rn.satfinite.e4m3x2.f32, which the CPU conversion matches (checked against CUDA's host code on all
+// 2^32 floats; against the device in tests/gpu/fp8_quantize_gpu.cpp).
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/fp8_quantize.hpp"
+#include "runtime/error.hpp"
+
+namespace moerl::fp8::cuda {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr int kThreads = 256;               // every kernel: 8 warps per block
+constexpr int kWarps = kThreads / kWarp;
+static_assert(kTile == 4 * kWarp, "a warp covers one 128-wide tile row with 4 elements per lane");
+
+constexpr int kTransposeCols = 64;          // columns of x per block of the transposed kernel
+static_assert(kTransposeCols % kWarps == 0 && (kTile * kTransposeCols) % kThreads == 0, "tile split");
+
+__device__ __forceinline__ int abs_bits(float v) {
+  const int a = __float_as_int(v) & 0x7FFFFFFF;
+  return a > 0x7F800000 ? 0 : a;  // NaN ignored, as on the CPU
+}
+
+__device__ __forceinline__ int warp_max(int v) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = max(v, __shfl_xor_sync(0xFFFFFFFFu, v, offset));
+  return v;
+}
+
+__device__ __forceinline__ float scale_from_amax_bits(int amax_bits) {
+  return __fdiv_rn(fmaxf(__int_as_float(amax_bits), kMinAmax), kE4M3Max);
+}
+
+__device__ __forceinline__ uint16_t encode2(float a, float b, float scale) {
+  const float2 v = make_float2(__fdiv_rn(a, scale), __fdiv_rn(b, scale));
+  return __nv_cvt_float2_to_fp8x2(v, __NV_SATFINITE, __NV_E4M3);  // a in the low byte
+}
+
+__device__ __forceinline__ uint32_t encode4(const float (&v)[4], float scale) {
+  return uint32_t{encode2(v[0], v[1], scale)} | (uint32_t{encode2(v[2], v[3], scale)} << 16);
+}
+
+// 4 consecutive elements from column c of a row with `cols` elements; zero beyond the row's end.
+__device__ __forceinline__ void load4(const float* row, int64_t c, int64_t cols, bool vec, float (&v)[4]) {
+  if (vec && c + 3 < cols) {
+    const float4 f = *reinterpret_cast<const float4*>(row + c);
+    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+  } else {
+    for (int i = 0; i < 4; ++i) v[i] = c + i < cols ? row[c + i] : 0.0f;
+  }
+}
+
+// The 4 codes of elements c .. c + 3 of a row (only those < cols are written).
+__device__ __forceinline__ void store4(uint8_t* row, int64_t c, int64_t cols, bool vec, uint32_t codes) {
+  if (vec && c + 3 < cols) {
+    *reinterpret_cast<uint32_t*>(row + c) = codes;
+  } else {
+    for (int i = 0; i < 4; ++i)
+      if (c + i < cols) row[c + i] = static_cast<uint8_t>(codes >> (8 * i));
+  }
+}
+
+// One warp per 1x128 tile, 4 elements per lane. Tiles numbered row-major: tile = r * ntiles + t, which is
+// also the index of its scale. `vec`: x rows 16-byte aligned and codes rows 4-byte aligned.
+__global__ void __launch_bounds__(kThreads)
+    quantize_1x128_kernel(const float* __restrict__ x, int64_t rows, int64_t cols, int64_t ntiles, bool vec,
+                          uint8_t* __restrict__ codes, float* __restrict__ scales) {
+  const int64_t tile = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / kWarp;
+  if (tile >= rows * ntiles) return;  // uniform across the warp
+  const int lane = threadIdx.x % kWarp;
+  const int64_t r = tile / ntiles, c = (tile % ntiles) * kTile + lane * 4;
+  float v[4];
+  load4(x + r * cols, c, cols, vec, v);
+  const int amax = warp_max(max(max(abs_bits(v[0]), abs_bits(v[1])), max(abs_bits(v[2]), abs_bits(v[3]))));
+  const float scale = scale_from_amax_bits(amax);
+  if (lane == 0) scales[tile] = scale;
+  store4(codes + r * cols, c, cols, vec, encode4(v, scale));
+}
+
+// One block per 128x128 block: lane l covers columns 4l .. 4l + 3, warp w rows w, w + 8, ..., w + 120.
+// The block's values stay in registers between the amax and the encoding.
+__global__ void __launch_bounds__(kThreads)
+    quantize_128x128_kernel(const float* __restrict__ w, int64_t rows, int64_t cols, bool vec,
+                            uint8_t* __restrict__ codes, float* __restrict__ scales) {
+  constexpr int kRowsPerWarp = kTile / kWarps;
+  __shared__ int warp_amax[kWarps];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, c = static_cast<int64_t>(blockIdx.x) * kTile + lane * 4;
+  float v[kRowsPerWarp][4];
+  int amax = 0;
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int64_t r = r0 + warp + i * kWarps;
+    if (r < rows) {
+      load4(w + r * cols, c, cols, vec, v[i]);
+    } else {
+      v[i][0] = v[i][1] = v[i][2] = v[i][3] = 0.0f;
+    }
+    amax = max(amax, max(max(abs_bits(v[i][0]), abs_bits(v[i][1])), max(abs_bits(v[i][2]), abs_bits(v[i][3]))));
+  }
+  amax = warp_max(amax);
+  if (lane == 0) warp_amax[warp] = amax;
+  __syncthreads();
+  amax = warp_amax[0];
+  for (int i = 1; i < kWarps; ++i) amax = max(amax, warp_amax[i]);
+  const float scale = scale_from_amax_bits(amax);
+  if (threadIdx.x == 0) scales[blockIdx.y * gridDim.x + blockIdx.x] = scale;
+#pragma unroll
+  for (int i = 0; i < kRowsPerWarp; ++i) {
+    const int64_t r = r0 + warp + i * kWarps;
+    if (r < rows) store4(codes + r * cols, c, cols, vec, encode4(v[i], scale));
+  }
+}
+
+// One block per (128-row tile rt, 64-column chunk) of x [rows, cols]. The tile is staged in shared memory
+// (coalesced reads along columns), each warp then quantizes 8 columns — lane l holds rows l, l + 32,
+// l + 64, l + 96 of a column (row stride 65 floats: conflict-free) — and stages their codes per column so
+// the writes to codes_t [cols, rows] run contiguously along rows. `vec`: codes_t rows 4-byte aligned.
+__global__ void __launch_bounds__(kThreads)
+    quantize_1x128_transposed_kernel(const float* __restrict__ x, int64_t rows, int64_t cols, int64_t nrow_tiles,
+                                     bool vec, uint8_t* __restrict__ codes_t, float* __restrict__ scales_t) {
+  __shared__ float tile[kTile][kTransposeCols + 1];
+  __shared__ __align__(16) uint8_t staged[kTransposeCols][kTile];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t rt = blockIdx.y, r0 = rt * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTransposeCols;
+
+  for (int i = threadIdx.x; i < kTile * kTransposeCols; i += kThreads) {
+    const int rr = i / kTransposeCols, cc = i % kTransposeCols;
+    const int64_t r = r0 + rr, c = c0 + cc;
+    tile[rr][cc] = r < rows && c < cols ? x[r * cols + c] : 0.0f;
+  }
+  __syncthreads();
+
+  constexpr int kColsPerWarp = kTransposeCols / kWarps;
+  for (int j = warp * kColsPerWarp; j < (warp + 1) * kColsPerWarp; ++j) {
+    float v[4];
+    for (int i = 0; i < 4; ++i) v[i] = tile[lane + i * kWarp][j];
+    const int amax = warp_max(max(max(abs_bits(v[0]), abs_bits(v[1])), max(abs_bits(v[2]), abs_bits(v[3]))));
+    const float scale = scale_from_amax_bits(amax);
+    const int64_t c = c0 + j;
+    if (lane == 0 && c < cols) scales_t[c * nrow_tiles + rt] = scale;
+    const uint16_t lo = encode2(v[0], v[1], scale), hi = encode2(v[2], v[3], scale);
+    staged[j][lane] = static_cast<uint8_t>(lo);
+    staged[j][lane + kWarp] = static_cast<uint8_t>(lo >> 8);
+    staged[j][lane + 2 * kWarp] = static_cast<uint8_t>(hi);
+    staged[j][lane + 3 * kWarp] = static_cast<uint8_t>(hi >> 8);
+  }
+  __syncwarp();  // each warp reads back only the columns it staged
+
+  for (int j = warp * kColsPerWarp; j < (warp + 1) * kColsPerWarp; ++j) {
+    const int64_t c = c0 + j;
+    if (c >= cols) break;
+    const uint32_t packed = reinterpret_cast<const uint32_t*>(staged[j])[lane];
+    store4(codes_t + c * rows, r0 + lane * 4, rows, vec, packed);
+  }
+}
+
+bool aligned(const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; }
+
+void check_args(const char* fn, const float* x, int64_t rows, int64_t cols, const uint8_t* codes, const float* scales) {
+  const std::string where = std::string("fp8::cuda::") + fn + ": ";
+  require(rows >= 0 && cols >= 0,
+          where + "rows and cols must be >= 0, got " + std::to_string(rows) + " x " + std::to_string(cols));
+  if (rows == 0 || cols == 0) return;
+  require(x != nullptr && codes != nullptr && scales != nullptr, where + "null input, codes or scales pointer");
+}
+
+int64_t blocks_for(int64_t items, int64_t per_block) { return (items + per_block - 1) / per_block; }
+
+}  // namespace
+
+void quantize_1x128(const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream) {
+  check_args("quantize_1x128", x, rows, cols, codes, scales);
+  if (rows == 0 || cols == 0) return;
+  const int64_t ntiles = tiles(cols);
+  const int64_t blocks = blocks_for(rows * ntiles, kWarps);
+  require(blocks <= INT32_MAX, "fp8::cuda::quantize_1x128: matrix too large for one launch");
+  const bool vec = cols % 4 == 0 && aligned(x, 16) && aligned(codes, 4);
+  quantize_1x128_kernel<<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(x, rows, cols, ntiles, vec, codes,
+                                                                                 scales);
+  CUDA_CHECK_LAUNCH();
+}
+
+void quantize_128x128(const float* w, int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream) {
+  check_args("quantize_128x128", w, rows, cols, codes, scales);
+  if (rows == 0 || cols == 0) return;
+  require(tiles(rows) <= 65535 && tiles(cols) <= INT32_MAX, "fp8::cuda::quantize_128x128: matrix too large");
+  const dim3 grid(static_cast<unsigned>(tiles(cols)), static_cast<unsigned>(tiles(rows)));
+  const bool vec = cols % 4 == 0 && aligned(w, 16) && aligned(codes, 4);
+  quantize_128x128_kernel<<<grid, kThreads, 0, stream>>>(w, rows, cols, vec, codes, scales);
+  CUDA_CHECK_LAUNCH();
+}
+
+void quantize_1x128_transposed(const float* x, int64_t rows, int64_t cols, uint8_t* codes_t, float* scales_t,
+                               cudaStream_t stream) {
+  check_args("quantize_1x128_transposed", x, rows, cols, codes_t, scales_t);
+  if (rows == 0 || cols == 0) return;
+  const int64_t chunks = blocks_for(cols, kTransposeCols);
+  require(tiles(rows) <= 65535 && chunks <= INT32_MAX, "fp8::cuda::quantize_1x128_transposed: matrix too large");
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(tiles(rows)));
+  const bool vec = rows % 4 == 0 && aligned(codes_t, 4);
+  quantize_1x128_transposed_kernel<<<grid, kThreads, 0, stream>>>(x, rows, cols, tiles(rows), vec, codes_t,
+                                                                   scales_t);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moerl::fp8::cuda

@@ -1,0 +1,35 @@
+// FP8 E4M3 quantization on the GPU (kernels/cuda/fp8_quantize.cu): the same functions as
+// fp8::cpu::quantize_* (kernels/fp8.hpp), bit for bit — same tiles, same scale
+// max(amax, 1e-4) / 448 in FP32, same true division x / scale, same saturating round-to-nearest-even
+// conversion (the hardware's cvt.rn.satfinite.e4m3x2.f32), same zero-padding of partial tiles, NaN ignored
+// by amax. Codes and scales come out in the CPU layout; fp8::cuda::scales_to_cublaslt
+// (kernels/fp8_gemm.hpp) converts scales for the GEMM.
+//
+// All pointers are device memory; x is read-only, the outputs are fully overwritten. Calls are
+// asynchronous on `stream`. Any rows, cols >= 0 (nothing is launched for an empty matrix); aligned
+// inputs (x 16-byte aligned, outputs 4-byte aligned, the contiguous dimension a multiple of 4 — as
+// cudaMalloc'd buffers of such shapes are) take vectorized loads and stores, others a scalar path.
+// Throws moerl::Error on bad arguments (negative sizes, null pointers) and on a launch failure.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/fp8.hpp"
+
+namespace moerl::fp8::cuda {
+
+// x [rows, cols] -> codes [rows, cols], scales [rows, tiles(cols)]: 1x128 tiles along columns.
+void quantize_1x128(const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* scales,
+                    cudaStream_t stream = nullptr);
+
+// w [rows, cols] -> codes [rows, cols], scales [tiles(rows), tiles(cols)]: 128x128 blocks.
+void quantize_128x128(const float* w, int64_t rows, int64_t cols, uint8_t* codes, float* scales,
+                      cudaStream_t stream = nullptr);
+
+// x [rows, cols] -> codes_t [cols, rows] (= xᵀ quantized 1x128), scales_t [cols, tiles(rows)]: tiles
+// along rows (tokens), what Wgrad needs.
+void quantize_1x128_transposed(const float* x, int64_t rows, int64_t cols, uint8_t* codes_t, float* scales_t,
+                               cudaStream_t stream = nullptr);
+
+}  // namespace moerl::fp8::cuda

@@ -1,0 +1,240 @@
+// GPU tests of the FP8 quantization kernels (kernels/cuda/fp8_quantize.cu): every kernel must give the
+// bytes of the CPU reference (kernels/cpu/fp8.cpp) exactly, on random inputs drawn with a fresh seed each
+// run (printed; MOERL_SEED=<n> repeats a run), outputs poisoned before each launch. Also prints the
+// kernels' bandwidth. Needs a GPU: skipped without one.
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <limits>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/fp8.hpp"
+#include "kernels/fp8_quantize.hpp"
+
+namespace moerl::fp8 {
+namespace {
+
+uint64_t run_seed() {
+  static const uint64_t seed = []() -> uint64_t {
+    if (const char* env = std::getenv("MOERL_SEED")) return std::strtoull(env, nullptr, 10);
+    std::random_device rd;
+    return (uint64_t{rd()} << 32) | rd();
+  }();
+  return seed;
+}
+
+// A device buffer of n elements (RAII; at least one element so the pointer is never null).
+template <class T> class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(size_t n) : n_(n) {
+    void* p = nullptr;
+    CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)));
+    p_ = static_cast<T*>(p);
+  }
+  ~DeviceBuffer() { cudaFree(p_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  T* get() const { return p_; }
+  void upload(const std::vector<T>& v) { CUDA_CHECK(cudaMemcpy(p_, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice)); }
+  std::vector<T> download(size_t n) const {
+    std::vector<T> v(n);
+    CUDA_CHECK(cudaMemcpy(v.data(), p_, n * sizeof(T), cudaMemcpyDeviceToHost));
+    return v;
+  }
+  void poison() { CUDA_CHECK(cudaMemset(p_, 0xA5, n_ * sizeof(T))); }  // codes 0xA5, scales a negative float
+
+ private:
+  T* p_ = nullptr;
+  size_t n_;
+};
+
+enum class Kind { Tiles1x128, Blocks128x128, Transposed };
+const char* kind_name(Kind k) {
+  return k == Kind::Tiles1x128 ? "quantize_1x128" : k == Kind::Blocks128x128 ? "quantize_128x128" : "quantize_1x128_transposed";
+}
+int64_t scale_count(Kind k, int64_t rows, int64_t cols) {
+  switch (k) {
+    case Kind::Tiles1x128: return rows * tiles(cols);
+    case Kind::Blocks128x128: return tiles(rows) * tiles(cols);
+    case Kind::Transposed: return cols * tiles(rows);
+  }
+  return 0;
+}
+void run_cpu(Kind k, const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* scales) {
+  switch (k) {
+    case Kind::Tiles1x128: return cpu::quantize_1x128(x, rows, cols, codes, scales);
+    case Kind::Blocks128x128: return cpu::quantize_128x128(x, rows, cols, codes, scales);
+    case Kind::Transposed: return cpu::quantize_1x128_transposed(x, rows, cols, codes, scales);
+  }
+}
+void run_gpu(Kind k, const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* scales) {
+  switch (k) {
+    case Kind::Tiles1x128: return cuda::quantize_1x128(x, rows, cols, codes, scales);
+    case Kind::Blocks128x128: return cuda::quantize_128x128(x, rows, cols, codes, scales);
+    case Kind::Transposed: return cuda::quantize_1x128_transposed(x, rows, cols, codes, scales);
+  }
+}
+
+// Runs kernel `k` on x [rows, cols] (uploaded `offset` floats past a cudaMalloc'd, 256-byte aligned start,
+// to reach the unaligned scalar path) and expects the CPU's bytes.
+void expect_same_bytes_as_cpu(Kind k, const std::vector<float>& x, int64_t rows, int64_t cols, int offset = 0) {
+  SCOPED_TRACE(std::string(kind_name(k)) + " " + std::to_string(rows) + "x" + std::to_string(cols) + " offset " +
+               std::to_string(offset) + ", seed " + std::to_string(run_seed()));
+  const int64_t n = rows * cols, ns = scale_count(k, rows, cols);
+  std::vector<uint8_t> codes(n);
+  std::vector<float> scales(ns);
+  run_cpu(k, x.data(), rows, cols, codes.data(), scales.data());
+
+  std::vector<float> shifted(offset, 0.0f);
+  shifted.insert(shifted.end(), x.begin(), x.end());
+  DeviceBuffer<float> dx(shifted.size());
+  DeviceBuffer<uint8_t> dcodes(n + 1);
+  DeviceBuffer<float> dscales(ns);
+  dx.upload(shifted);
+  dcodes.poison();
+  dscales.poison();
+  uint8_t* codes_ptr = dcodes.get() + (offset % 2);  // odd offsets also misalign the codes
+  run_gpu(k, dx.get() + offset, rows, cols, codes_ptr, dscales.get());
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<uint8_t> got_all = dcodes.download(n + 1);
+  const std::vector<uint8_t> got(got_all.begin() + (offset % 2), got_all.begin() + (offset % 2) + n);
+  const std::vector<float> got_scales = dscales.download(ns);
+
+  for (int64_t i = 0; i < ns; ++i)
+    if (std::bit_cast<uint32_t>(got_scales[i]) != std::bit_cast<uint32_t>(scales[i]))
+      FAIL() << "scale " << i << ": GPU " << got_scales[i] << ", CPU " << scales[i];
+  int64_t mismatches = 0;
+  for (int64_t i = 0; i < n; ++i)
+    if (got[i] != codes[i] && ++mismatches <= 5)
+      ADD_FAILURE() << "code " << i << " (row-major in the output): GPU 0x" << std::hex << int{got[i]} << ", CPU 0x"
+                    << int{codes[i]};
+  EXPECT_EQ(mismatches, 0);
+}
+
+// Rows of very different magnitudes (2^-40 .. 2^40), normal within a row, with an all-zero tile, a row
+// whose tile is dominated by one value (small ones land on subnormal codes) and a negative row maximum.
+std::vector<float> random_input(int64_t rows, int64_t cols, std::mt19937_64& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> exponent(-40, 40);
+  std::vector<float> x(rows * cols);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float magnitude = std::ldexp(1.0f, exponent(rng));
+    for (int64_t c = 0; c < cols; ++c) x[r * cols + c] = normal(rng) * magnitude;
+  }
+  if (rows > 1)
+    for (int64_t c = 0; c < std::min<int64_t>(cols, kTile); ++c) x[1 * cols + c] = 0.0f;
+  if (rows > 2) {
+    for (int64_t c = 0; c < cols; ++c) x[2 * cols + c] *= 1e-4f;
+    x[2 * cols] = -1000.0f;
+  }
+  return x;
+}
+
+class Fp8QuantizeGpu : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
+    static bool printed = false;
+    if (!printed) std::printf("fp8_quantize_gpu: seed %llu (MOERL_SEED=%llu repeats this run)\n",
+                              static_cast<unsigned long long>(run_seed()), static_cast<unsigned long long>(run_seed()));
+    printed = true;
+    RecordProperty("seed", std::to_string(run_seed()));
+  }
+};
+
+TEST_F(Fp8QuantizeGpu, EveryKernelGivesTheCpuBytesOnRandomInputs) {
+  std::mt19937_64 rng(run_seed());
+  const std::pair<int64_t, int64_t> shapes[] = {{1, 1},   {3, 200},   {130, 7},    {257, 300},
+                                                {128, 128}, {512, 1024}, {1000, 4100}, {4096, 7168}};
+  for (auto [rows, cols] : shapes) {
+    const std::vector<float> x = random_input(rows, cols, rng);
+    for (Kind k : {Kind::Tiles1x128, Kind::Blocks128x128, Kind::Transposed}) expect_same_bytes_as_cpu(k, x, rows, cols);
+  }
+}
+
+TEST_F(Fp8QuantizeGpu, UnalignedPointersTakeTheScalarPathWithTheSameBytes) {
+  std::mt19937_64 rng(run_seed() + 1);
+  const std::vector<float> x = random_input(300, 512, rng);
+  for (int offset : {1, 2, 3})
+    for (Kind k : {Kind::Tiles1x128, Kind::Blocks128x128, Kind::Transposed}) expect_same_bytes_as_cpu(k, x, 300, 512, offset);
+}
+
+TEST_F(Fp8QuantizeGpu, ConvertsTiesSubnormalsAndSpecialValuesAsTheCpuDoes) {
+  // A tile whose amax is 448 has scale exactly 1, so its codes are the plain conversion of its values:
+  // every E4M3 value, every midpoint between neighbours (ties to even), the floats either side of each
+  // midpoint, signed zeros and NaN (ignored by amax, converted to 0x7F).
+  std::vector<float> values;
+  for (int c = 0; c < 0x7E; ++c) {
+    const float v = float_from_e4m3(static_cast<uint8_t>(c)), next = float_from_e4m3(static_cast<uint8_t>(c + 1));
+    const float mid = (v + next) / 2;  // exact: one more bit than E4M3 has
+    for (float f : {v, mid, std::nextafter(mid, 0.0f), std::nextafter(mid, 1e9f)}) {
+      values.push_back(f);
+      values.push_back(-f);
+    }
+  }
+  values.push_back(std::numeric_limits<float>::quiet_NaN());
+  values.push_back(-std::numeric_limits<float>::quiet_NaN());
+  values.push_back(-0.0f);
+  std::vector<float> x;
+  for (size_t i = 0; i < values.size(); i += kTile - 1) {
+    x.push_back(448.0f);
+    for (size_t j = i; j < std::min(values.size(), i + kTile - 1); ++j) x.push_back(values[j]);
+    while (x.size() % kTile != 0) x.push_back(0.0f);
+  }
+  const int64_t rows = static_cast<int64_t>(x.size()) / kTile;
+  expect_same_bytes_as_cpu(Kind::Tiles1x128, x, rows, kTile);
+  // A tile holding Inf: scale Inf, every code x / Inf (0, or NaN for the Inf itself), as on the CPU.
+  std::vector<float> inf_tile(kTile, 1.0f);
+  inf_tile[5] = std::numeric_limits<float>::infinity();
+  expect_same_bytes_as_cpu(Kind::Tiles1x128, inf_tile, 1, kTile);
+}
+
+TEST_F(Fp8QuantizeGpu, RefusesNegativeSizes) {
+  EXPECT_THROW(cuda::quantize_1x128(nullptr, -1, 128, nullptr, nullptr), Error);
+  EXPECT_NO_THROW(cuda::quantize_1x128(nullptr, 0, 128, nullptr, nullptr));  // empty: nothing launched
+}
+
+TEST_F(Fp8QuantizeGpu, ReportsBandwidth) {
+  // Bytes moved per call: FP32 input read once, one code byte and the scales written.
+  const int64_t rows = 8192, cols = 7168, n = rows * cols;
+  std::mt19937_64 rng(run_seed() + 2);
+  const std::vector<float> x = random_input(rows, cols, rng);
+  DeviceBuffer<float> dx(n);
+  DeviceBuffer<uint8_t> dcodes(n);
+  DeviceBuffer<float> dscales(cols * tiles(rows) + rows * tiles(cols));
+  dx.upload(x);
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  for (Kind k : {Kind::Tiles1x128, Kind::Blocks128x128, Kind::Transposed}) {
+    constexpr int kWarmup = 3, kIters = 20;
+    for (int i = 0; i < kWarmup; ++i) run_gpu(k, dx.get(), rows, cols, dcodes.get(), dscales.get());
+    CUDA_CHECK(cudaEventRecord(start));
+    for (int i = 0; i < kIters; ++i) run_gpu(k, dx.get(), rows, cols, dcodes.get(), dscales.get());
+    CUDA_CHECK(cudaEventRecord(stop));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    float ms = 0;
+    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
+    const double seconds = ms / 1e3 / kIters;
+    const double bytes = static_cast<double>(n) * (4 + 1) + 4.0 * scale_count(k, rows, cols);
+    std::ostringstream line;
+    line << kind_name(k) << " " << rows << "x" << cols << ": " << seconds * 1e6 << " us, " << bytes / seconds / 1e9
+         << " GB/s";
+    std::printf("%s\n", line.str().c_str());
+    RecordProperty(kind_name(k), line.str());
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+}
+
+}  // namespace
+}  // namespace moerl::fp8
