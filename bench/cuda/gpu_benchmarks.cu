@@ -1,0 +1,315 @@
+// `moerl bench gpu`: the CUDA kernels on the current GPU. Each metric is the median of CUDA-event-timed
+// runs after warm-up, on random data (never zeros); the JSON line's "device" is the GPU's name.
+//   gemm_fp8_8192_tflops, gemm_fp8_4096x7168x2048_tflops   fp8::cuda::gemm_nt, x 1x128 · w 128x128, BF16 out
+//   gemm_bf16_8192_tflops                                   cuBLASLt BF16 GEMM, the same layout, for comparison
+//   quant_1x128_gbps, quant_128x128_gbps,
+//   quant_1x128_transposed_gbps                             fp8::cuda::quantize_*, 8192 x 8192 FP32 in
+// Ceilings seen on an H200 (shared/DEVICE.md): FP8 block-scaled 1337 TFLOP/s at 8192³, BF16 763-774,
+// device copies 3.7-4.3 TB/s.
+#include <cublasLt.h>
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "bench/report.hpp"
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/fp8_gemm.hpp"
+#include "runtime/error.hpp"
+#if __has_include("kernels/fp8_quantize.hpp")
+#include "kernels/fp8_quantize.hpp"
+#define MOERL_BENCH_HAVE_GPU_QUANTIZE 1
+#endif
+
+namespace moerl::bench {
+namespace {
+
+constexpr int kWarmup = 10;
+constexpr int kRuns = 50;
+constexpr int kThreads = 256;
+constexpr int kMaxHeuristicResults = 8;  // a plain array: std::vector of this typedef crashes nvcc 13
+
+class DeviceMemory {
+ public:
+  explicit DeviceMemory(size_t bytes) { CUDA_CHECK(cudaMalloc(&ptr_, std::max<size_t>(bytes, 16))); }
+  ~DeviceMemory() { cudaFree(ptr_); }
+  DeviceMemory(const DeviceMemory&) = delete;
+  DeviceMemory& operator=(const DeviceMemory&) = delete;
+  template <class T> T* as() const { return static_cast<T*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+};
+
+// Counter-based random numbers: element i of stream `seed`.
+__device__ __forceinline__ uint32_t hash32(uint64_t i, uint32_t seed) {
+  uint64_t z = i * 0x9E3779B97F4A7C15ull + seed * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return static_cast<uint32_t>(z ^ (z >> 31));
+}
+__device__ __forceinline__ float uniform01(uint64_t i, uint32_t seed) {
+  return (hash32(i, seed) >> 8) * (1.0f / 16777216.0f);
+}
+// Approximately standard normal: a sum of 4 uniforms, centred and scaled to variance 1.
+__device__ __forceinline__ float normalish(uint64_t i, uint32_t seed) {
+  float s = 0.0f;
+  for (uint32_t j = 0; j < 4; ++j) s += uniform01(4 * i + j, seed);
+  return (s - 2.0f) * 1.7320508f;
+}
+
+// E4M3 codes of what quantized activations look like: normal values with the tile's amax near 448.
+__global__ void fill_e4m3_kernel(uint8_t* out, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = __nv_cvt_float_to_fp8(130.0f * normalish(i, seed), __NV_SATFINITE, __NV_E4M3);
+}
+__global__ void fill_uniform_kernel(float* out, int64_t n, uint32_t seed, float lo, float hi) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = lo + (hi - lo) * uniform01(i, seed);
+}
+__global__ void fill_normal_kernel(float* out, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = normalish(i, seed);
+}
+__global__ void fill_bf16_kernel(__nv_bfloat16* out, int64_t n, uint32_t seed) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = __float2bfloat16(normalish(i, seed));
+}
+
+unsigned grid_for(int64_t n) {
+  return static_cast<unsigned>(std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, 65536));
+}
+
+// Milliseconds of each of `runs` launches of launch(i), run back to back on `stream` after `warmup`
+// launches; consecutive events bracket each run.
+template <class F> std::vector<float> time_runs(cudaStream_t stream, int warmup, int runs, F&& launch) {
+  for (int i = 0; i < warmup; ++i) launch(i);
+  std::vector<cudaEvent_t> events(static_cast<size_t>(runs) + 1);
+  for (auto& e : events) CUDA_CHECK(cudaEventCreate(&e));
+  CUDA_CHECK(cudaEventRecord(events[0], stream));
+  for (int i = 0; i < runs; ++i) {
+    launch(warmup + i);
+    CUDA_CHECK(cudaEventRecord(events[static_cast<size_t>(i) + 1], stream));
+  }
+  CUDA_CHECK(cudaEventSynchronize(events.back()));
+  std::vector<float> ms(static_cast<size_t>(runs));
+  for (int i = 0; i < runs; ++i)
+    CUDA_CHECK(cudaEventElapsedTime(&ms[static_cast<size_t>(i)], events[static_cast<size_t>(i)],
+                                    events[static_cast<size_t>(i) + 1]));
+  for (auto& e : events) CUDA_CHECK(cudaEventDestroy(e));
+  std::sort(ms.begin(), ms.end());
+  return ms;
+}
+
+nlohmann::json timing_extra(const std::string& device, const std::vector<float>& sorted_ms) {
+  return {{"device", device},
+          {"runs", sorted_ms.size()},
+          {"warmup", kWarmup},
+          {"median_ms", sorted_ms[sorted_ms.size() / 2]},
+          {"min_ms", sorted_ms.front()},
+          {"max_ms", sorted_ms.back()}};
+}
+
+// Input sets to rotate through so that one set's operands do not sit in L2 from the previous run.
+int input_sets(double bytes_per_set, const cudaDeviceProp& prop) {
+  return static_cast<int>(std::clamp(std::ceil(2.0 * prop.l2CacheSize / bytes_per_set), 1.0, 8.0));
+}
+
+// Some elements of a BF16 output must be finite and not all zero, or the timing measured nothing.
+void check_bf16_output(const void* y, int64_t elements, const std::string& what) {
+  std::vector<__nv_bfloat16> h(static_cast<size_t>(std::min<int64_t>(elements, 4096)));
+  CUDA_CHECK(cudaMemcpy(h.data(), y, h.size() * sizeof(__nv_bfloat16), cudaMemcpyDeviceToHost));
+  bool nonzero = false;
+  for (const auto& v : h) {
+    const float f = __bfloat162float(v);
+    require(std::isfinite(f), what + ": output has non-finite values");
+    nonzero = nonzero || f != 0.0f;
+  }
+  require(nonzero, what + ": output is all zeros");
+}
+
+void bench_fp8_gemm(Report& report, const std::string& device, const cudaDeviceProp& prop, cudaStream_t stream,
+                    int64_t M, int64_t N, int64_t K, const std::string& metric) {
+  namespace fc = fp8::cuda;
+  const int64_t sx = fc::cublaslt_scale_count(M, K, 1), sw = fc::cublaslt_scale_count(N, K, fp8::kTile);
+  const int sets = input_sets(static_cast<double>(M * K + N * K + 4 * (sx + sw)), prop);
+  std::vector<std::unique_ptr<DeviceMemory>> mem;
+  std::vector<fc::Operand> xs, ws;
+  for (int s = 0; s < sets; ++s) {
+    auto& xc = mem.emplace_back(std::make_unique<DeviceMemory>(M * K));
+    auto& xsc = mem.emplace_back(std::make_unique<DeviceMemory>(4 * sx));
+    auto& wc = mem.emplace_back(std::make_unique<DeviceMemory>(N * K));
+    auto& wsc = mem.emplace_back(std::make_unique<DeviceMemory>(4 * sw));
+    const auto seed = static_cast<uint32_t>(4 * s);
+    fill_e4m3_kernel<<<grid_for(M * K), kThreads, 0, stream>>>(xc->as<uint8_t>(), M * K, seed);
+    CUDA_CHECK_LAUNCH();
+    fill_e4m3_kernel<<<grid_for(N * K), kThreads, 0, stream>>>(wc->as<uint8_t>(), N * K, seed + 1);
+    CUDA_CHECK_LAUNCH();
+    // Scales of quantized normal data: amax / 448 with amax about 2.5 .. 4.5 (x), 4 .. 6 (w).
+    fill_uniform_kernel<<<grid_for(sx), kThreads, 0, stream>>>(xsc->as<float>(), sx, seed + 2, 2.5f / 448, 4.5f / 448);
+    CUDA_CHECK_LAUNCH();
+    fill_uniform_kernel<<<grid_for(sw), kThreads, 0, stream>>>(wsc->as<float>(), sw, seed + 3, 4.0f / 448, 6.0f / 448);
+    CUDA_CHECK_LAUNCH();
+    xs.push_back({xc->as<uint8_t>(), xsc->as<float>(), M, K, 1});
+    ws.push_back({wc->as<uint8_t>(), wsc->as<float>(), N, K, fp8::kTile});
+  }
+  DeviceMemory y(static_cast<size_t>(M * N) * 2);
+  fc::GemmContext ctx;
+  const std::vector<float> ms = time_runs(stream, kWarmup, kRuns, [&](int i) {
+    fc::gemm_nt(ctx, xs[static_cast<size_t>(i % sets)], ws[static_cast<size_t>(i % sets)], y.as<void>(),
+                fc::OutType::BF16, stream);
+  });
+  check_bf16_output(y.as<void>(), M * N, metric);
+  nlohmann::json extra = timing_extra(device, ms);
+  extra["shape"] = {M, N, K};
+  extra["input_sets"] = sets;
+  extra["layout"] = "y[M,N] bf16 = x[M,K] e4m3 (1x128 scales) . w[N,K]^T e4m3 (128x128 scales), cuBLASLt";
+  const double seconds = ms[ms.size() / 2] * 1e-3;
+  report.add("gpu", metric, 2.0 * static_cast<double>(M) * N * K / seconds / 1e12, "TFLOP/s", "median", extra);
+}
+
+// cuBLASLt BF16 GEMM, y[M,N] = x[M,K] · w[N,K]ᵀ, same TN arrangement as the FP8 GEMM.
+void bench_bf16_gemm(Report& report, const std::string& device, const cudaDeviceProp& prop, cudaStream_t stream,
+                     int64_t M, int64_t N, int64_t K, const std::string& metric) {
+  const int sets = input_sets(2.0 * static_cast<double>(M * K + N * K), prop);
+  std::vector<std::unique_ptr<DeviceMemory>> xs, ws;
+  for (int s = 0; s < sets; ++s) {
+    xs.push_back(std::make_unique<DeviceMemory>(static_cast<size_t>(M * K) * 2));
+    ws.push_back(std::make_unique<DeviceMemory>(static_cast<size_t>(N * K) * 2));
+    fill_bf16_kernel<<<grid_for(M * K), kThreads, 0, stream>>>(xs.back()->as<__nv_bfloat16>(), M * K, 100 + 2 * s);
+    CUDA_CHECK_LAUNCH();
+    fill_bf16_kernel<<<grid_for(N * K), kThreads, 0, stream>>>(ws.back()->as<__nv_bfloat16>(), N * K, 101 + 2 * s);
+    CUDA_CHECK_LAUNCH();
+  }
+  DeviceMemory y(static_cast<size_t>(M * N) * 2);
+  const size_t workspace_bytes = fp8::cuda::GemmContext::kDefaultWorkspaceBytes;
+  DeviceMemory workspace(workspace_bytes);
+
+  cublasLtHandle_t handle = nullptr;
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t la = nullptr, lb = nullptr, ld = nullptr;
+  cublasLtMatmulPreference_t pref = nullptr;
+  auto release = [&] {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    if (ld) cublasLtMatrixLayoutDestroy(ld);
+    if (lb) cublasLtMatrixLayoutDestroy(lb);
+    if (la) cublasLtMatrixLayoutDestroy(la);
+    if (desc) cublasLtMatmulDescDestroy(desc);
+    if (handle) cublasLtDestroy(handle);
+  };
+  try {
+    CUBLAS_CHECK(cublasLtCreate(&handle));
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof ta));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof tb));
+    const auto uM = static_cast<uint64_t>(M), uN = static_cast<uint64_t>(N), uK = static_cast<uint64_t>(K);
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, uK, uN, K));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, uK, uM, K));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&ld, CUDA_R_16BF, uN, uM, N));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const uint64_t ws_bytes = workspace_bytes;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws_bytes,
+                                                      sizeof ws_bytes));
+    cublasLtMatmulHeuristicResult_t results[kMaxHeuristicResults] = {};
+    int found = 0;
+    CUBLAS_CHECK(cublasLtMatmulAlgoGetHeuristic(handle, desc, la, lb, ld, ld, pref, kMaxHeuristicResults, results,
+                                                &found));
+    require(found > 0, metric + ": cuBLASLt has no BF16 algorithm");
+    const float alpha = 1.0f, beta = 0.0f;
+    const std::vector<float> ms = time_runs(stream, kWarmup, kRuns, [&](int i) {
+      const size_t s = static_cast<size_t>(i % sets);
+      CUBLAS_CHECK(cublasLtMatmul(handle, desc, &alpha, ws[s]->as<void>(), la, xs[s]->as<void>(), lb, &beta,
+                                  y.as<void>(), ld, y.as<void>(), ld, &results[0].algo, workspace.as<void>(),
+                                  workspace_bytes, stream));
+    });
+    check_bf16_output(y.as<void>(), M * N, metric);
+    nlohmann::json extra = timing_extra(device, ms);
+    extra["shape"] = {M, N, K};
+    extra["input_sets"] = sets;
+    extra["layout"] = "y[M,N] bf16 = x[M,K] bf16 . w[N,K]^T bf16, FP32 accumulation, cuBLASLt";
+    const double seconds = ms[ms.size() / 2] * 1e-3;
+    report.add("gpu", metric, 2.0 * static_cast<double>(M) * N * K / seconds / 1e12, "TFLOP/s", "median", extra);
+  } catch (...) {
+    release();
+    throw;
+  }
+  release();
+}
+
+#ifdef MOERL_BENCH_HAVE_GPU_QUANTIZE
+// Quantization of an 8192 x 8192 FP32 matrix; bytes = FP32 read + codes and scales written.
+void bench_quantize(Report& report, const std::string& device, cudaStream_t stream) {
+  namespace fc = fp8::cuda;
+  const int64_t rows = 8192, cols = 8192, n = rows * cols;
+  DeviceMemory x(static_cast<size_t>(n) * 4), codes(static_cast<size_t>(n));
+  DeviceMemory scales(static_cast<size_t>(std::max(rows, cols) * fp8::tiles(std::max(rows, cols))) * 4);
+  fill_normal_kernel<<<grid_for(n), kThreads, 0, stream>>>(x.as<float>(), n, 7);
+  CUDA_CHECK_LAUNCH();
+  struct Variant {
+    const char* metric;
+    int64_t scale_count;
+    void (*run)(const float*, int64_t, int64_t, uint8_t*, float*, cudaStream_t);
+  };
+  const Variant variants[] = {
+      {"quant_1x128_gbps", rows * fp8::tiles(cols), fc::quantize_1x128},
+      {"quant_128x128_gbps", fp8::tiles(rows) * fp8::tiles(cols), fc::quantize_128x128},
+      {"quant_1x128_transposed_gbps", cols * fp8::tiles(rows), fc::quantize_1x128_transposed},
+  };
+  for (const Variant& v : variants) {
+    const std::vector<float> ms = time_runs(stream, kWarmup, kRuns, [&](int) {
+      v.run(x.as<float>(), rows, cols, codes.as<uint8_t>(), scales.as<float>(), stream);
+    });
+    const double bytes = 5.0 * static_cast<double>(n) + 4.0 * static_cast<double>(v.scale_count);
+    nlohmann::json extra = timing_extra(device, ms);
+    extra["shape"] = {rows, cols};
+    extra["bytes"] = bytes;
+    report.add("gpu", v.metric, bytes / (ms[ms.size() / 2] * 1e-3) / 1e9, "GB/s", "median", extra);
+  }
+}
+#endif
+
+}  // namespace
+
+void run_gpu_benchmarks(Report& report) {
+  int count = 0;
+  const cudaError_t e = cudaGetDeviceCount(&count);
+  require(e == cudaSuccess && count > 0, std::string("moerl bench gpu: no CUDA device (") + cudaGetErrorString(e) + ")");
+  int dev = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
+  int sm_clock_khz = 0, mem_clock_khz = 0;  // CUDA 13 dropped cudaDeviceProp::clockRate / memoryClockRate
+  CUDA_CHECK(cudaDeviceGetAttribute(&sm_clock_khz, cudaDevAttrClockRate, dev));
+  CUDA_CHECK(cudaDeviceGetAttribute(&mem_clock_khz, cudaDevAttrMemoryClockRate, dev));
+  const std::string device = prop.name;
+  std::fprintf(stderr, "moerl bench gpu: %s, sm_%d%d, %d SMs, %.0f GiB, L2 %d MiB, SM clock %d MHz, memory clock %d MHz\n",
+               prop.name, prop.major, prop.minor, prop.multiProcessorCount,
+               static_cast<double>(prop.totalGlobalMem) / (1u << 30), prop.l2CacheSize >> 20, sm_clock_khz / 1000,
+               mem_clock_khz / 1000);
+
+  cudaStream_t stream = nullptr;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  try {
+    bench_fp8_gemm(report, device, prop, stream, 8192, 8192, 8192, "gemm_fp8_8192_tflops");
+    bench_fp8_gemm(report, device, prop, stream, 4096, 7168, 2048, "gemm_fp8_4096x7168x2048_tflops");
+    bench_bf16_gemm(report, device, prop, stream, 8192, 8192, 8192, "gemm_bf16_8192_tflops");
+#ifdef MOERL_BENCH_HAVE_GPU_QUANTIZE
+    bench_quantize(report, device, stream);
+#else
+    std::fprintf(stderr, "moerl bench gpu: no GPU quantization kernels in this build: quant_* skipped\n");
+#endif
+  } catch (...) {
+    cudaStreamDestroy(stream);
+    throw;
+  }
+  CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+}  // namespace moerl::bench

@@ -1,0 +1,286 @@
+// fp8::cuda::gemm_nt on cuBLASLt's block-scaled FP8 kernels (Hopper, CUDA 13). Layout verified on the
+// H200 (shared/DEPS.md): FP8 needs "TN", so cuBLAS's A is our b (stored K-major: K x N column-major,
+// transa = T, lda = K), cuBLAS's B is our a (K x M column-major, transb = N, ldb = K), and D is N x M
+// column-major with ldd = N, which is y [M, N] row-major.
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/fp8_gemm.hpp"
+#include "runtime/error.hpp"
+
+namespace moerl::fp8::cuda {
+namespace {
+
+constexpr int kMaxHeuristicResults = 8;  // a plain array: std::vector of this typedef crashes nvcc 13
+
+int64_t round_up4(int64_t n) { return (n + 3) / 4 * 4; }
+
+const char* granularity_name(int block_rows) { return block_rows == 1 ? "1x128" : "128x128"; }
+const char* out_name(OutType out) { return out == OutType::BF16 ? "bf16" : "fp32"; }
+int64_t out_bytes(OutType out) { return out == OutType::BF16 ? 2 : 4; }
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The largest power of two <= 256 dividing the address (>= 16 once aligned16 passed): what the
+// heuristic may assume (cuBLASLt assumes 256 unless told otherwise).
+uint32_t alignment_of(const void* p) {
+  const auto v = reinterpret_cast<uintptr_t>(p);
+  uint32_t a = 256;
+  while (a > 16 && v % a != 0) a /= 2;
+  return a;
+}
+
+void require_device_memory(const void* p, const std::string& what) {
+  cudaPointerAttributes attr{};
+  const cudaError_t e = cudaPointerGetAttributes(&attr, p);
+  if (e == cudaErrorInvalidValue) {
+    cudaGetLastError();  // older drivers answer so for plain host memory; do not leave it pending
+    attr.type = cudaMemoryTypeUnregistered;
+  } else {
+    CUDA_CHECK(e);
+  }
+  require(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged,
+          "fp8::cuda::gemm_nt: " + what + " is not device memory");
+}
+
+std::string problem_name(int64_t M, int64_t N, int64_t K, int a_block, int b_block, OutType out) {
+  return "M=" + std::to_string(M) + ", N=" + std::to_string(N) + ", K=" + std::to_string(K) + ", a " +
+         granularity_name(a_block) + ", b " + granularity_name(b_block) + ", output " + out_name(out);
+}
+
+void check_operand(const Operand& o, const char* name) {
+  const std::string n = std::string("fp8::cuda::gemm_nt: operand ") + name;
+  require(o.codes != nullptr && o.scales != nullptr, n + ": null codes or scales pointer");
+  require(o.block_rows == 1 || o.block_rows == kTile,
+          n + ": block_rows must be 1 (1x128 tiles) or 128 (128x128 blocks), got " + std::to_string(o.block_rows));
+  require(o.rows > 0 && o.rows % 4 == 0,
+          n + ": rows must be a positive multiple of 4 (scale columns 16-byte aligned), got " + std::to_string(o.rows));
+  require(aligned16(o.codes), n + ": codes pointer must be 16-byte aligned");
+  require(aligned16(o.scales), n + ": scales pointer must be 16-byte aligned");
+}
+
+// cuBLASLt layout from the CPU layout. 1x128: a transpose [rows, T] -> [T, rows].
+__global__ void vec128_scales_kernel(const float* __restrict__ src, int64_t rows, int64_t T, float* __restrict__ dst) {
+  const int64_t total = rows * T;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t kb = i / rows, r = i - kb * rows;
+    dst[i] = src[r * T + kb];
+  }
+}
+
+// 128x128: rows of T scales padded to L4 with zeros.
+__global__ void blk128_scales_kernel(const float* __restrict__ src, int64_t row_blocks, int64_t T, int64_t L4,
+                                     float* __restrict__ dst) {
+  const int64_t total = row_blocks * L4;
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
+    const int64_t rb = i / L4, kb = i - rb * L4;
+    dst[i] = kb < T ? src[rb * T + kb] : 0.0f;
+  }
+}
+
+void check_scale_args(int64_t rows, int64_t cols, int block_rows) {
+  require(rows >= 0 && cols >= 0, "fp8::cuda::scales_to_cublaslt: negative shape");
+  require(block_rows == 1 || block_rows == kTile,
+          "fp8::cuda::scales_to_cublaslt: block_rows must be 1 or 128, got " + std::to_string(block_rows));
+}
+
+// A planned problem (see GemmContext). C is D (beta = 0).
+struct PlanKey {
+  int64_t m, n, k;
+  int a_block, b_block;
+  OutType out;
+  uint32_t align_a, align_b, align_y;
+  auto operator<=>(const PlanKey&) const = default;
+};
+
+struct Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t layout_a = nullptr, layout_b = nullptr, layout_d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+};
+
+void destroy(Plan& p) {
+  if (p.layout_d) cublasLtMatrixLayoutDestroy(p.layout_d);
+  if (p.layout_b) cublasLtMatrixLayoutDestroy(p.layout_b);
+  if (p.layout_a) cublasLtMatrixLayoutDestroy(p.layout_a);
+  if (p.desc) cublasLtMatmulDescDestroy(p.desc);
+  p = Plan{};
+}
+
+template <class T> void set_desc(cublasLtMatmulDesc_t d, cublasLtMatmulDescAttributes_t attr, const T& v) {
+  CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(d, attr, &v, sizeof v));
+}
+
+int32_t scale_mode(int block_rows) {
+  return block_rows == kTile ? CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F : CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+}
+
+}  // namespace
+
+int64_t cublaslt_scale_count(int64_t rows, int64_t cols, int block_rows) {
+  check_scale_args(rows, cols, block_rows);
+  return block_rows == 1 ? tiles(cols) * rows : tiles(rows) * round_up4(tiles(cols));
+}
+
+void scales_to_cublaslt_host(const float* src, int64_t rows, int64_t cols, int block_rows, float* dst) {
+  check_scale_args(rows, cols, block_rows);
+  const int64_t T = tiles(cols);
+  if (block_rows == 1) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t kb = 0; kb < T; ++kb) dst[kb * rows + r] = src[r * T + kb];
+  } else {
+    const int64_t L4 = round_up4(T);
+    for (int64_t rb = 0; rb < tiles(rows); ++rb)
+      for (int64_t kb = 0; kb < L4; ++kb) dst[rb * L4 + kb] = kb < T ? src[rb * T + kb] : 0.0f;
+  }
+}
+
+void scales_to_cublaslt(const float* src, int64_t rows, int64_t cols, int block_rows, float* dst,
+                        cudaStream_t stream) {
+  const int64_t total = cublaslt_scale_count(rows, cols, block_rows);
+  if (total == 0) return;
+  constexpr int kThreads = 256;
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 4096));
+  const int64_t T = tiles(cols);
+  if (block_rows == 1)
+    vec128_scales_kernel<<<blocks, kThreads, 0, stream>>>(src, rows, T, dst);
+  else
+    blk128_scales_kernel<<<blocks, kThreads, 0, stream>>>(src, tiles(rows), T, round_up4(T), dst);
+  CUDA_CHECK_LAUNCH();
+}
+
+struct GemmContext::Impl {
+  int device = 0;
+  cublasLtHandle_t handle = nullptr;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  mutable std::mutex mutex;
+  std::map<PlanKey, Plan> plans;
+
+  ~Impl() {
+    for (auto& [key, plan] : plans) destroy(plan);
+    if (workspace) cudaFree(workspace);
+    if (handle) cublasLtDestroy(handle);
+  }
+
+  Plan make_plan(const PlanKey& k) const;
+};
+
+Plan GemmContext::Impl::make_plan(const PlanKey& k) const {
+  Plan p;
+  cublasLtMatmulPreference_t pref = nullptr;
+  try {
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    set_desc(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, CUBLAS_OP_T);
+    set_desc(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N);
+    set_desc(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, scale_mode(k.b_block));  // cuBLAS A = our b
+    set_desc(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, scale_mode(k.a_block));  // cuBLAS B = our a
+    const auto K = static_cast<uint64_t>(k.k), M = static_cast<uint64_t>(k.m), N = static_cast<uint64_t>(k.n);
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.layout_a, CUDA_R_8F_E4M3, K, N, k.k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.layout_b, CUDA_R_8F_E4M3, K, M, k.k));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.layout_d, k.out == OutType::BF16 ? CUDA_R_16BF : CUDA_R_32F, N, M,
+                                            k.n));
+
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const uint64_t ws = workspace_bytes;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    const uint32_t aligns[4] = {k.align_b, k.align_a, k.align_y, k.align_y};  // cuBLAS A, B, C, D
+    const cublasLtMatmulPreferenceAttributes_t align_attrs[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4; ++i)
+      CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, align_attrs[i], &aligns[i], sizeof aligns[i]));
+
+    cublasLtMatmulHeuristicResult_t results[kMaxHeuristicResults] = {};
+    int found = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.layout_a, p.layout_b, p.layout_d,
+                                                             p.layout_d, pref, kMaxHeuristicResults, results, &found);
+    const std::string problem = problem_name(k.m, k.n, k.k, k.a_block, k.b_block, k.out);
+    require(st == CUBLAS_STATUS_SUCCESS || st == CUBLAS_STATUS_NOT_SUPPORTED,
+            std::string("fp8::cuda::gemm_nt: cuBLASLt heuristic failed (") + cublasLtGetStatusName(st) + ") for " +
+                problem);
+    int chosen = -1;
+    for (int i = 0; i < found && chosen < 0; ++i)
+      if (results[i].state == CUBLAS_STATUS_SUCCESS) chosen = i;
+    require(st == CUBLAS_STATUS_SUCCESS && chosen >= 0,
+            "fp8::cuda::gemm_nt: cuBLASLt has no block-scaled FP8 algorithm for " + problem);
+    p.algo = results[chosen].algo;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
+    return p;
+  } catch (...) {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    destroy(p);
+    throw;
+  }
+}
+
+GemmContext::GemmContext(size_t workspace_bytes) : impl_(std::make_unique<Impl>()) {
+  CUDA_CHECK(cudaGetDevice(&impl_->device));
+  CUBLAS_CHECK(cublasLtCreate(&impl_->handle));
+  impl_->workspace_bytes = workspace_bytes;
+  if (workspace_bytes > 0) CUDA_CHECK(cudaMalloc(&impl_->workspace, workspace_bytes));
+}
+
+GemmContext::~GemmContext() = default;
+
+size_t GemmContext::cached_plans() const {
+  const std::lock_guard lock(impl_->mutex);
+  return impl_->plans.size();
+}
+
+void gemm_nt(GemmContext& ctx, const Operand& a, const Operand& b, void* y, OutType out, cudaStream_t stream) {
+  check_operand(a, "a");
+  check_operand(b, "b");
+  require(a.cols == b.cols, "fp8::cuda::gemm_nt: K differs: a has " + std::to_string(a.cols) + " columns, b has " +
+                                std::to_string(b.cols));
+  const int64_t M = a.rows, N = b.rows, K = a.cols;
+  require(K >= 16 && K % 16 == 0,
+          "fp8::cuda::gemm_nt: K must be a positive multiple of 16 (FP8 rows 16-byte aligned), got " + std::to_string(K));
+  require(!(a.block_rows == kTile && b.block_rows == kTile),
+          "fp8::cuda::gemm_nt: both operands have 128x128 blocks; cuBLASLt supports 1x128 x 1x128, 1x128 x 128x128 "
+          "and 128x128 x 1x128 only");
+  require(y != nullptr && aligned16(y), "fp8::cuda::gemm_nt: output y must be a 16-byte aligned device pointer");
+  require(N * out_bytes(out) % 16 == 0, "fp8::cuda::gemm_nt: rows of y must be a multiple of 16 bytes: N=" +
+                                            std::to_string(N) + " with " + out_name(out) + " output (N % " +
+                                            std::to_string(16 / out_bytes(out)) + " != 0)");
+  auto& impl = *ctx.impl_;
+  int device = -1;
+  CUDA_CHECK(cudaGetDevice(&device));
+  require(device == impl.device, "fp8::cuda::gemm_nt: the context belongs to device " + std::to_string(impl.device) +
+                                     " but device " + std::to_string(device) + " is current");
+
+  const PlanKey key{M, N, K, a.block_rows, b.block_rows, out, alignment_of(a.codes), alignment_of(b.codes),
+                    alignment_of(y)};
+  const std::lock_guard lock(impl.mutex);
+  auto it = impl.plans.find(key);
+  if (it == impl.plans.end()) {
+    // First call of this problem: also make sure the pointers are device memory (a host pointer would
+    // give an illegal-address error that poisons the CUDA context).
+    require_device_memory(a.codes, "a.codes");
+    require_device_memory(a.scales, "a.scales");
+    require_device_memory(b.codes, "b.codes");
+    require_device_memory(b.scales, "b.scales");
+    require_device_memory(y, "y");
+    it = impl.plans.emplace(key, impl.make_plan(key)).first;
+  }
+  const Plan& p = it->second;
+  set_desc(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, static_cast<const void*>(b.scales));
+  set_desc(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, static_cast<const void*>(a.scales));
+  const float alpha = 1.0f, beta = 0.0f;
+  const cublasStatus_t st = cublasLtMatmul(impl.handle, p.desc, &alpha, b.codes, p.layout_a, a.codes, p.layout_b, &beta,
+                                           y, p.layout_d, y, p.layout_d, &p.algo, impl.workspace,
+                                           impl.workspace_bytes, stream);
+  require(st != CUBLAS_STATUS_NOT_SUPPORTED,
+          "fp8::cuda::gemm_nt: cuBLASLt refused " + problem_name(M, N, K, a.block_rows, b.block_rows, out) +
+              " (CUBLAS_STATUS_NOT_SUPPORTED)");
+  CUBLAS_CHECK(st);
+}
+
+}  // namespace moerl::fp8::cuda
