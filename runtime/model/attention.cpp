@@ -1,0 +1,229 @@
+#include "runtime/model/attention.hpp"
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/attention.hpp"
+#include "kernels/rmsnorm.hpp"
+#include "kernels/rope.hpp"
+#include "runtime/error.hpp"
+
+namespace moerl {
+
+struct MlaAttention::Impl {
+  std::string prefix;
+  int64_t hidden, heads, q_lora, kv_lora, dn, dr, dv, dq;
+  bool interleave;
+  float theta, eps, scale;
+
+  // Weights, [out, in] (nn.Linear). q_a/q_a_norm/q_b when q_lora > 0, else q_proj.
+  Param* q_a = nullptr;
+  Param* q_a_norm = nullptr;
+  Param* q_b = nullptr;
+  Param* q_proj = nullptr;
+  Param* kv_a = nullptr;
+  Param* kv_a_norm = nullptr;
+  Param* kv_b = nullptr;
+  Param* o = nullptr;
+
+  // Saved by forward for backward. Norm outputs and rstd are recomputed from their inputs (cheap), and K, V
+  // are reassembled from kv and k_rot, which are H times smaller than K.
+  bool saved = false;
+  Precision precision = Precision::FP32;
+  int64_t batch = 0, seq = 0;
+  std::vector<float> x;      // [T, hidden]
+  std::vector<float> q_a_out;  // [T, q_lora], before q_a_layernorm (q_lora > 0 only)
+  std::vector<float> c;      // [T, kv_lora], the latent before kv_a_layernorm
+  std::vector<float> q;      // [T, H*dq], per head [q_nope | q_rope after RoPE]
+  std::vector<float> kv;     // [T, H*(dn+dv)], per head [k_nope | v]
+  std::vector<float> k_rot;  // [T, dr], after RoPE
+  std::vector<float> attn;   // [T, H*dv], attention output before o_proj
+  std::vector<float> lse;    // [batch, H, seq]
+
+  int64_t tokens() const { return batch * seq; }
+
+  // K [T, H, dq] = [k_nope | k_rot] per head, V [T, H, dv], from kv and k_rot.
+  void assemble_kv(std::vector<float>& k, std::vector<float>& v) const {
+    const int64_t T = tokens();
+    k.resize(static_cast<size_t>(T * heads * dq));
+    v.resize(static_cast<size_t>(T * heads * dv));
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t h = 0; h < heads; ++h) {
+        const float* src = kv.data() + (t * heads + h) * (dn + dv);
+        float* kd = k.data() + (t * heads + h) * dq;
+        std::copy_n(src, dn, kd);
+        std::copy_n(k_rot.data() + t * dr, dr, kd + dn);
+        std::copy_n(src + dn, dv, v.data() + (t * heads + h) * dv);
+      }
+  }
+};
+
+namespace {
+std::vector<float>& sized(std::vector<float>& v, int64_t n) {
+  v.resize(static_cast<size_t>(n));
+  return v;
+}
+}  // namespace
+
+MlaAttention::MlaAttention(const ModelConfig& config, Params& params, const std::string& prefix)
+    : impl_(std::make_shared<Impl>()) {
+  Impl& m = *impl_;
+  m.prefix = prefix.empty() || prefix.back() == '.' ? prefix : prefix + ".";
+  const std::string where = "attention " + m.prefix + ": ";
+  m.hidden = config.hidden_size;
+  m.heads = config.num_attention_heads;
+  m.q_lora = config.q_lora_rank;
+  m.kv_lora = config.kv_lora_rank;
+  m.dn = config.qk_nope_head_dim;
+  m.dr = config.qk_rope_head_dim;
+  m.dv = config.v_head_dim;
+  m.dq = m.dn + m.dr;
+  require(m.hidden > 0, where + "hidden_size must be positive, got " + std::to_string(m.hidden));
+  require(m.heads > 0, where + "num_attention_heads must be positive, got " + std::to_string(m.heads));
+  require(m.q_lora >= 0, where + "q_lora_rank must be >= 0, got " + std::to_string(m.q_lora));
+  require(m.kv_lora > 0, where + "kv_lora_rank must be positive, got " + std::to_string(m.kv_lora));
+  require(m.dn >= 0 && m.dq > 0, where + "qk_nope_head_dim + qk_rope_head_dim must be positive");
+  require(m.dr >= 0 && m.dr % 2 == 0,
+          where + "qk_rope_head_dim must be even and >= 0 (RoPE rotates pairs), got " + std::to_string(m.dr));
+  require(m.dv > 0, where + "v_head_dim must be positive, got " + std::to_string(m.dv));
+  m.interleave = config.rope_interleave;
+  m.theta = static_cast<float>(config.rope_theta);
+  m.eps = static_cast<float>(config.rms_norm_eps);
+  // HF: self.scaling = qk_head_dim ** -0.5, applied to the FP32 scores.
+  m.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(m.dq)));
+
+  const std::string& p = m.prefix;
+  if (m.q_lora > 0) {
+    m.q_a = &params.add(p + "q_a_proj.weight", {m.q_lora, m.hidden});
+    m.q_a_norm = &params.add(p + "q_a_layernorm.weight", {m.q_lora});
+    m.q_b = &params.add(p + "q_b_proj.weight", {m.heads * m.dq, m.q_lora});
+  } else {
+    m.q_proj = &params.add(p + "q_proj.weight", {m.heads * m.dq, m.hidden});
+  }
+  m.kv_a = &params.add(p + "kv_a_proj_with_mqa.weight", {m.kv_lora + m.dr, m.hidden});
+  m.kv_a_norm = &params.add(p + "kv_a_layernorm.weight", {m.kv_lora});
+  m.kv_b = &params.add(p + "kv_b_proj.weight", {m.heads * (m.dn + m.dv), m.kv_lora});
+  m.o = &params.add(p + "o_proj.weight", {m.hidden, m.heads * m.dv});
+}
+
+void MlaAttention::forward(const float* x, int64_t batch, int64_t seq, float* y, Precision precision) {
+  Impl& m = *impl_;
+  require(batch > 0 && seq > 0, "attention " + m.prefix + ": forward needs batch > 0 and seq > 0, got batch " +
+                                    std::to_string(batch) + ", seq " + std::to_string(seq));
+  const int64_t T = batch * seq, H = m.heads;
+  m.batch = batch;
+  m.seq = seq;
+  m.precision = precision;
+  m.x.assign(x, x + T * m.hidden);
+
+  // Queries [T, H*dq].
+  sized(m.q, T * H * m.dq);
+  std::vector<float> normed, rstd;
+  if (m.q_lora > 0) {
+    cpu::linear_forward(precision, x, m.q_a->value.data<float>(), sized(m.q_a_out, T * m.q_lora).data(), T,
+                        m.q_lora, m.hidden);
+    cpu::rmsnorm_forward(m.q_a_out.data(), m.q_a_norm->value.data<float>(), sized(normed, T * m.q_lora).data(),
+                         sized(rstd, T).data(), T, m.q_lora, m.eps);
+    cpu::linear_forward(precision, normed.data(), m.q_b->value.data<float>(), m.q.data(), T, H * m.dq, m.q_lora);
+  } else {
+    cpu::linear_forward(precision, x, m.q_proj->value.data<float>(), m.q.data(), T, H * m.dq, m.hidden);
+  }
+
+  // Latent and shared rope key: ckv [T, kv_lora + dr] = [c | k_rot].
+  const int64_t ckv_dim = m.kv_lora + m.dr;
+  std::vector<float> ckv(static_cast<size_t>(T * ckv_dim));
+  cpu::linear_forward(precision, x, m.kv_a->value.data<float>(), ckv.data(), T, ckv_dim, m.hidden);
+  sized(m.c, T * m.kv_lora);
+  sized(m.k_rot, T * m.dr);
+  for (int64_t t = 0; t < T; ++t) {
+    std::copy_n(ckv.data() + t * ckv_dim, m.kv_lora, m.c.data() + t * m.kv_lora);
+    std::copy_n(ckv.data() + t * ckv_dim + m.kv_lora, m.dr, m.k_rot.data() + t * m.dr);
+  }
+  cpu::rmsnorm_forward(m.c.data(), m.kv_a_norm->value.data<float>(), sized(normed, T * m.kv_lora).data(),
+                       sized(rstd, T).data(), T, m.kv_lora, m.eps);
+  cpu::linear_forward(precision, normed.data(), m.kv_b->value.data<float>(), sized(m.kv, T * H * (m.dn + m.dv)).data(),
+                      T, H * (m.dn + m.dv), m.kv_lora);
+
+  // RoPE: every head's q_rope, and the one k_rot per token.
+  cpu::rope_forward(m.q.data() + m.dn, T, seq, H, H * m.dq, m.dq, m.dr, m.theta, m.interleave);
+  cpu::rope_forward(m.k_rot.data(), T, seq, 1, m.dr, m.dr, m.dr, m.theta, m.interleave);
+
+  std::vector<float> k, v;
+  m.assemble_kv(k, v);
+  cpu::attention_forward(m.q.data(), k.data(), v.data(), sized(m.attn, T * H * m.dv).data(),
+                         sized(m.lse, batch * H * seq).data(), batch, seq, H, m.dq, m.dv, m.scale);
+  cpu::linear_forward(precision, m.attn.data(), m.o->value.data<float>(), y, T, m.hidden, H * m.dv);
+  m.saved = true;
+}
+
+void MlaAttention::backward(const float* dy, float* dx) {
+  Impl& m = *impl_;
+  require(m.saved, "attention " + m.prefix + ": backward without a preceding forward (or called twice)");
+  m.saved = false;
+  const Precision p = m.precision;
+  const int64_t T = m.tokens(), H = m.heads, dn = m.dn, dr = m.dr, dv = m.dv, dq = m.dq;
+
+  // o_proj.
+  std::vector<float> d_attn(static_cast<size_t>(T * H * dv));
+  cpu::linear_backward(p, dy, m.attn.data(), m.o->value.data<float>(), d_attn.data(), m.o->grad.data<float>(), T,
+                       m.hidden, H * dv);
+
+  // Attention core.
+  std::vector<float> k, v;
+  m.assemble_kv(k, v);
+  std::vector<float> d_q(static_cast<size_t>(T * H * dq)), d_k(k.size()), d_v(v.size());
+  cpu::attention_backward(d_attn.data(), m.q.data(), k.data(), v.data(), m.attn.data(), m.lse.data(), d_q.data(),
+                          d_k.data(), d_v.data(), m.batch, m.seq, H, dq, dv, m.scale);
+
+  // Back through RoPE; k_rot is shared by the heads, so its gradient is their sum (in head order).
+  cpu::rope_backward(d_q.data() + dn, T, m.seq, H, H * dq, dq, dr, m.theta, m.interleave);
+  const int64_t ckv_dim = m.kv_lora + dr;
+  std::vector<float> d_ckv(static_cast<size_t>(T * ckv_dim));  // [dc | dk_rot]
+  std::vector<float> d_kv(static_cast<size_t>(T * H * (dn + dv)));
+  for (int64_t t = 0; t < T; ++t) {
+    float* dkr = d_ckv.data() + t * ckv_dim + m.kv_lora;
+    std::fill_n(dkr, dr, 0.0f);
+    for (int64_t h = 0; h < H; ++h) {
+      const float* dkh = d_k.data() + (t * H + h) * dq;
+      float* dst = d_kv.data() + (t * H + h) * (dn + dv);
+      std::copy_n(dkh, dn, dst);
+      std::copy_n(d_v.data() + (t * H + h) * dv, dv, dst + dn);
+      for (int64_t i = 0; i < dr; ++i) dkr[i] += dkh[dn + i];
+    }
+  }
+  cpu::rope_backward(d_ckv.data() + m.kv_lora, T, m.seq, 1, ckv_dim, dr, dr, m.theta, m.interleave);
+
+  // kv_b_proj and kv_a_layernorm (its output and rstd recomputed from the saved latent).
+  std::vector<float> normed(static_cast<size_t>(T * m.kv_lora)), rstd(static_cast<size_t>(T));
+  std::vector<float> d_normed(normed.size()), d_c(normed.size());
+  cpu::rmsnorm_forward(m.c.data(), m.kv_a_norm->value.data<float>(), normed.data(), rstd.data(), T, m.kv_lora, m.eps);
+  cpu::linear_backward(p, d_kv.data(), normed.data(), m.kv_b->value.data<float>(), d_normed.data(),
+                       m.kv_b->grad.data<float>(), T, H * (dn + dv), m.kv_lora);
+  cpu::rmsnorm_backward(d_normed.data(), m.c.data(), m.kv_a_norm->value.data<float>(), rstd.data(), d_c.data(),
+                        m.kv_a_norm->grad.data<float>(), T, m.kv_lora);
+  for (int64_t t = 0; t < T; ++t) std::copy_n(d_c.data() + t * m.kv_lora, m.kv_lora, d_ckv.data() + t * ckv_dim);
+
+  // kv_a_proj_with_mqa writes dx; the query path adds to it.
+  cpu::linear_backward(p, d_ckv.data(), m.x.data(), m.kv_a->value.data<float>(), dx, m.kv_a->grad.data<float>(), T,
+                       ckv_dim, m.hidden);
+  std::vector<float> dx_q(static_cast<size_t>(T * m.hidden));
+  if (m.q_lora > 0) {
+    sized(normed, T * m.q_lora);
+    sized(d_normed, T * m.q_lora);
+    std::vector<float> d_qa(static_cast<size_t>(T * m.q_lora));
+    cpu::rmsnorm_forward(m.q_a_out.data(), m.q_a_norm->value.data<float>(), normed.data(), rstd.data(), T, m.q_lora,
+                         m.eps);
+    cpu::linear_backward(p, d_q.data(), normed.data(), m.q_b->value.data<float>(), d_normed.data(),
+                         m.q_b->grad.data<float>(), T, H * dq, m.q_lora);
+    cpu::rmsnorm_backward(d_normed.data(), m.q_a_out.data(), m.q_a_norm->value.data<float>(), rstd.data(),
+                          d_qa.data(), m.q_a_norm->grad.data<float>(), T, m.q_lora);
+    cpu::linear_backward(p, d_qa.data(), m.x.data(), m.q_a->value.data<float>(), dx_q.data(),
+                         m.q_a->grad.data<float>(), T, m.q_lora, m.hidden);
+  } else {
+    cpu::linear_backward(p, d_q.data(), m.x.data(), m.q_proj->value.data<float>(), dx_q.data(),
+                         m.q_proj->grad.data<float>(), T, H * dq, m.hidden);
+  }
+  for (int64_t i = 0; i < T * m.hidden; ++i) dx[i] += dx_q[i];
+}
+
+}  // namespace moerl
