@@ -102,6 +102,14 @@ void Tensor::check_type(DType wanted) const {
                 std::string(dtype_name(wanted)));
 }
 
+uint16_t* Tensor::u16() {
+  if (dtype_ != DType::BF16 && dtype_ != DType::F16)
+    throw Error("tensor of dtype " + std::string(dtype_name(dtype_)) + " accessed as 16-bit codes (BF16/F16)");
+  return reinterpret_cast<uint16_t*>(bytes());
+}
+
+const uint16_t* Tensor::u16() const { return const_cast<Tensor*>(this)->u16(); }
+
 Tensor Tensor::reshaped(Shape shape) && {
   require(shape_numel(shape) == numel(),
           "cannot reshape " + shape_string(shape_) + " to " + shape_string(shape));

@@ -62,6 +62,9 @@ class Tensor {
   template <class T> const T* data() const { check_type(dtype_of<T>()); return reinterpret_cast<const T*>(bytes()); }
   template <class T> std::span<T> span() { return {data<T>(), static_cast<size_t>(numel())}; }
   template <class T> std::span<const T> span() const { return {data<T>(), static_cast<size_t>(numel())}; }
+  // The raw 16-bit codes of a BF16 or F16 tensor (kernels/half.hpp converts them); throws for other dtypes.
+  uint16_t* u16();
+  const uint16_t* u16() const;
 
   // Same bytes, another shape with the same element count.
   Tensor reshaped(Shape shape) &&;

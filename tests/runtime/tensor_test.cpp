@@ -52,4 +52,12 @@ TEST(Tensor, ClonesIntoIndependentStorage) {
   EXPECT_EQ(b.shape(), a.shape());
 }
 
+TEST(Tensor, GivesSixteenBitCodesOfHalfTensorsOnly) {
+  Tensor t = Tensor::from_floats({2}, std::vector<float>{1.0f, -2.0f}).to(DType::BF16);
+  EXPECT_EQ(t.u16()[0], 0x3f80);  // BF16 1.0: the top half of FP32 0x3f800000
+  EXPECT_EQ(t.u16()[1], 0xc000);
+  EXPECT_NO_THROW(Tensor({1}, DType::F16).u16());
+  EXPECT_THROW(Tensor({1}, DType::F32).u16(), Error);
+}
+
 }  // namespace moerl
