@@ -7,6 +7,8 @@
 //     weights = scores of the chosen experts (unbiased), / their sum if norm_topk_prob, · routed_scaling_factor
 //     y = shared(x) + Σ_k weight_k · expert_k(x)
 //   Gradients flow through the gating weights into the router (not through the discrete choice).
+//   Ties, the masking of excluded groups and the balance loss are spelled out in kernels/router.hpp.
+//   forward may write y over x; backward's dx must not alias dy.
 #pragma once
 #include <cstdint>
 #include <memory>
