@@ -1,17 +1,31 @@
-// moerl: the command line. Subcommands are wired here; each lives in its own file.
+// moerl: the command line. Each subcommand lives in its own file and is wired here.
+//   exit 0: success; 1: a runtime failure (one line on stderr); 2: bad usage (the usage is printed).
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <exception>
 
-#include "runtime/error.hpp"
+#include "actors/cli/commands.hpp"
 
 int main(int argc, char** argv) {
-  CLI::App app{"moerl: train DeepSeek-V3-style mixture-of-experts models in FP8, from pretraining to RLHF"};
+  CLI::App app{"moerl: train DeepSeek-V3-style mixture-of-experts models in FP8, from pretraining through SFT "
+               "to RLHF.\nRun `moerl <command> --help` for the options of a command."};
   app.require_subcommand(1);
+  app.set_version_flag("--version", std::string("moerl ") + MOERL_GIT_REV);
+  std::function<int()> action;
+  moerl::cli::add_run_command(app, action);
+  moerl::cli::add_eval_command(app, action);
+  moerl::cli::add_bench_command(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e) == 0 ? 0 : 2;
+    const int code = app.exit(e);  // prints help/version (code 0) or the error and usage
+    if (code != 0 && !dynamic_cast<const CLI::CallForHelp*>(&e)) std::fprintf(stderr, "%s", app.help().c_str());
+    return code == 0 ? 0 : 2;
   }
-  return 0;
+  try {
+    return action ? action() : 0;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "moerl: error: %s\n", e.what());
+    return 1;
+  }
 }

@@ -1,0 +1,38 @@
+// moerl run RECIPE [--set key=value ...] [--out DIR]
+#include <CLI/CLI.hpp>
+#include <cstdio>
+
+#include "actors/cli/commands.hpp"
+#include "runtime/recipe/recipe.hpp"
+#include "runtime/train/run_recipe.hpp"
+
+namespace moerl::cli {
+
+void add_run_command(CLI::App& app, std::function<int()>& action) {
+  auto* cmd = app.add_subcommand("run", "Run every stage of a recipe (pretrain, sft, ...) in this process.\n"
+                                        "Re-running the same command resumes: finished stages are skipped and an "
+                                        "interrupted stage continues from its last checkpoint.");
+  struct Args {
+    std::string recipe;
+    std::vector<std::string> overrides;
+    std::string out;
+  };
+  auto args = std::make_shared<Args>();
+  cmd->add_option("recipe", args->recipe, "Recipe file (YAML), e.g. recipes/quickstart.yaml")->required();
+  cmd->add_option("--set", args->overrides,
+                  "Override a recipe field before validation, as dotted.path=value (repeatable), e.g. "
+                  "--set stages.0.steps=20 --set precision=fp8");
+  cmd->add_option("--out", args->out, "Run folder (default: the recipe's `out`, else runs/<recipe name>)");
+  cmd->callback([args, &action] {
+    action = [args] {
+      Recipe recipe = load_recipe(args->recipe, args->overrides);
+      if (!args->out.empty()) recipe.out = args->out;
+      const auto summary = run_recipe(recipe);
+      std::printf("%s\n", summary.dump(2).c_str());
+      std::fprintf(stderr, "run folder: %s (summary.json, metrics.jsonl, checkpoints)\n", recipe.out.c_str());
+      return 0;
+    };
+  });
+}
+
+}  // namespace moerl::cli

@@ -1,0 +1,332 @@
+#include "runtime/model/model.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <random>
+
+#include "kernels/cross_entropy.hpp"
+#include "kernels/embedding.hpp"
+#include "kernels/rmsnorm.hpp"
+#include "runtime/error.hpp"
+#include "runtime/model/attention.hpp"
+#include "runtime/safetensors.hpp"
+
+namespace moerl {
+namespace {
+
+using Buffer = std::vector<float>;
+
+void add_into(float* dst, const float* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+}
+
+// RMSNorm with its saved activations: input x [rows, dim] is kept by the caller.
+struct Norm {
+  Param* weight = nullptr;
+  float eps = 1e-6f;
+  Buffer rstd;  // [rows]
+
+  void forward(const float* x, int64_t rows, float* y) {
+    const int64_t dim = weight->value.numel();
+    rstd.resize(static_cast<size_t>(rows));
+    cpu::rmsnorm_forward(x, weight->value.data<float>(), y, rstd.data(), rows, dim, eps);
+  }
+  // dx = d/dx of the norm applied to dy (overwritten), weight gradient accumulated.
+  void backward(const float* dy, const float* x, int64_t rows, float* dx) {
+    const int64_t dim = weight->value.numel();
+    cpu::rmsnorm_backward(dy, x, weight->value.data<float>(), rstd.data(), dx, weight->grad.data<float>(), rows, dim);
+  }
+};
+
+}  // namespace
+
+// One pre-norm decoder layer: h = x + attn(norm1(x)); out = h + ffn(norm2(h)).
+struct DecoderLayer {
+  Norm norm1, norm2;
+  MlaAttention attn;
+  std::unique_ptr<DenseFeedForward> dense;
+  std::unique_ptr<MoeFeedForward> moe;
+  int64_t dim;
+  Buffer x, xn1, h, xn2;  // saved activations, [T, dim] each
+
+  DecoderLayer(const ModelConfig& c, Params& p, const std::string& prefix, bool use_moe)
+      : attn(c, p, prefix + "self_attn"), dim(c.hidden_size) {
+    norm1.weight = &p.add(prefix + "input_layernorm.weight", {c.hidden_size});
+    norm2.weight = &p.add(prefix + "post_attention_layernorm.weight", {c.hidden_size});
+    norm1.eps = norm2.eps = static_cast<float>(c.rms_norm_eps);
+    if (use_moe)
+      moe = std::make_unique<MoeFeedForward>(c, p, prefix + "mlp");
+    else
+      dense = std::make_unique<DenseFeedForward>(p, prefix + "mlp", c.hidden_size, c.intermediate_size);
+  }
+
+  // in, out: [batch*seq, dim]; returns the balance loss of this layer (0 for dense layers).
+  float forward(const float* in, int64_t batch, int64_t seq, float* out, const ForwardOptions& o) {
+    const int64_t T = batch * seq, n = T * dim;
+    x.assign(in, in + n);
+    xn1.resize(static_cast<size_t>(n));
+    h.resize(static_cast<size_t>(n));
+    xn2.resize(static_cast<size_t>(n));
+    norm1.forward(x.data(), T, xn1.data());
+    attn.forward(xn1.data(), batch, seq, h.data(), o.precision);
+    add_into(h.data(), x.data(), n);
+    norm2.forward(h.data(), T, xn2.data());
+    float balance = 0;
+    if (moe)
+      balance = moe->forward(xn2.data(), batch, seq, out, o.precision, o.balance_alpha);
+    else
+      dense->forward(xn2.data(), T, out, o.precision);
+    add_into(out, h.data(), n);
+    return balance;
+  }
+
+  // dout [T, dim] -> din [T, dim] (overwritten).
+  void backward(const float* dout, float* din) {
+    const int64_t n = static_cast<int64_t>(x.size()), T = n / dim;
+    Buffer dxn(static_cast<size_t>(n)), dh(dout, dout + n), tmp(static_cast<size_t>(n));
+    if (moe)
+      moe->backward(dout, dxn.data());
+    else
+      dense->backward(dout, dxn.data());
+    norm2.backward(dxn.data(), h.data(), T, tmp.data());
+    add_into(dh.data(), tmp.data(), n);
+    attn.backward(dh.data(), dxn.data());
+    norm1.backward(dxn.data(), x.data(), T, din);
+    add_into(din, dh.data(), n);
+  }
+};
+
+// DeepSeek-V3 multi-token prediction, depth 1, sharing the embedding and output head with the main model:
+//   z_i = eh_proj([enorm(emb(t_{i+1})) ; hnorm(h_i)]),  z'_i = layer(z_i),  logits_i = head(norm(z'_i))
+// predicting t_{i+2}. h_i is the main model's last hidden state before its final norm (the depth-0
+// representation of the paper). Weights live under model.layers.{num_hidden_layers}. as published.
+struct MtpModule {
+  Norm enorm, hnorm, final_norm;
+  Param* eh_proj;
+  DecoderLayer layer;
+  int64_t dim;
+  Buffer emb, cat, z, zl, zn;  // saved: emb [T, D], cat [T, 2D], z [T, D], zl (layer out) [T, D], zn [T, D]
+  std::vector<int64_t> ids, labels;
+
+  MtpModule(const ModelConfig& c, Params& p, const std::string& prefix)
+      : layer(c, p, prefix, c.is_moe_layer(c.num_hidden_layers)), dim(c.hidden_size) {
+    enorm.weight = &p.add(prefix + "enorm.weight", {c.hidden_size});
+    hnorm.weight = &p.add(prefix + "hnorm.weight", {c.hidden_size});
+    final_norm.weight = &p.add(prefix + "shared_head.norm.weight", {c.hidden_size});
+    eh_proj = &p.add(prefix + "eh_proj.weight", {c.hidden_size, 2 * c.hidden_size});
+    enorm.eps = hnorm.eps = final_norm.eps = static_cast<float>(c.rms_norm_eps);
+  }
+};
+
+struct Model::Impl {
+  Param* embed;
+  Param* final_norm_w;
+  Param* head;
+  Norm final_norm;
+  std::vector<std::unique_ptr<DecoderLayer>> layers;
+  std::unique_ptr<MtpModule> mtp;
+
+  // Saved by forward for backward.
+  ForwardOptions options;
+  int64_t batch = 0, seq = 0;
+  std::vector<int64_t> ids, labels;
+  Buffer hidden;       // [T, D] output of the last decoder layer (input of the final norm)
+  Buffer normed;       // [T, D]
+  Buffer dlogits;      // [T, V] d total / d logits of the main head
+  Buffer mtp_dlogits;  // [T, V] for the MTP head
+  Buffer logits;       // [T, V] when kept
+};
+
+Model::Model(ModelConfig config) : config_(std::move(config)), impl_(std::make_unique<Impl>()) {
+  config_.validate("model config");
+  const ModelConfig& c = config_;
+  impl_->embed = &params_.add("model.embed_tokens.weight", {c.vocab_size, c.hidden_size});
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l)
+    impl_->layers.push_back(std::make_unique<DecoderLayer>(c, params_, "model.layers." + std::to_string(l) + ".",
+                                                           c.is_moe_layer(l)));
+  impl_->final_norm_w = &params_.add("model.norm.weight", {c.hidden_size});
+  impl_->final_norm.weight = impl_->final_norm_w;
+  impl_->final_norm.eps = static_cast<float>(c.rms_norm_eps);
+  impl_->head = c.tie_word_embeddings ? impl_->embed : &params_.add("lm_head.weight", {c.vocab_size, c.hidden_size});
+  if (c.num_nextn_predict_layers > 0)
+    impl_->mtp = std::make_unique<MtpModule>(c, params_, "model.layers." + std::to_string(c.num_hidden_layers) + ".");
+}
+
+Model::~Model() = default;
+
+void Model::init_random(uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> normal(0.0f, static_cast<float>(config_.initializer_range));
+  for (auto& [name, p] : params_.all()) {  // name order: independent of construction order
+    float* v = p.value.data<float>();
+    const bool is_norm = name.find("norm.weight") != std::string::npos;
+    const bool is_bias = name.find("e_score_correction_bias") != std::string::npos;
+    for (int64_t i = 0; i < p.value.numel(); ++i) v[i] = is_norm ? 1.0f : is_bias ? 0.0f : normal(rng);
+  }
+}
+
+void Model::load_weights(const SafeTensors& st) {
+  for (auto& [name, p] : params_.all()) {
+    auto it = st.tensors.find(name);
+    require(it != st.tensors.end(), st.source + ": missing tensor " + name + " (shape " +
+                                        shape_string(p.value.shape()) + ")");
+    require(it->second.shape() == p.value.shape(), st.source + ": tensor " + name + " has shape " +
+                                                       shape_string(it->second.shape()) + ", the config expects " +
+                                                       shape_string(p.value.shape()));
+    require(it->second.dtype() == DType::F32 || it->second.dtype() == DType::BF16 || it->second.dtype() == DType::F16,
+            st.source + ": tensor " + name + " has dtype " + std::string(dtype_name(it->second.dtype())) +
+                ", expected F32, BF16 or F16");
+    p.value = it->second.to(DType::F32);
+  }
+  const std::string mtp_prefix = "model.layers." + std::to_string(config_.num_hidden_layers) + ".";
+  for (auto& [name, t] : st.tensors) {
+    if (params_.contains(name)) continue;
+    // The published checkpoints repeat the shared embedding and head inside the MTP layer.
+    if (name == mtp_prefix + "embed_tokens.weight" || name == mtp_prefix + "shared_head.head.weight") continue;
+    require(false, st.source + ": unexpected tensor " + name + " (not part of the model the config describes)");
+  }
+}
+
+LossReport Model::forward(const TokenBatch& b, const ForwardOptions& o) {
+  Impl& m = *impl_;
+  const ModelConfig& c = config_;
+  const int64_t T = b.batch * b.seq, D = c.hidden_size, V = c.vocab_size;
+  require(b.batch > 0 && b.seq > 0, "forward: empty batch");
+  for (int64_t i = 0; i < T; ++i) {
+    require(b.input_ids[i] >= 0 && b.input_ids[i] < V,
+            "input_ids[" + std::to_string(i) + "] = " + std::to_string(b.input_ids[i]) + " is outside the vocabulary [0, " +
+                std::to_string(V) + ")");
+    require(b.labels[i] == kIgnoreLabel || (b.labels[i] >= 0 && b.labels[i] < V),
+            "labels[" + std::to_string(i) + "] = " + std::to_string(b.labels[i]) + " is outside the vocabulary");
+  }
+  m.options = o;
+  m.batch = b.batch;
+  m.seq = b.seq;
+  m.ids.assign(b.input_ids, b.input_ids + T);
+  m.labels.assign(b.labels, b.labels + T);
+
+  LossReport r;
+  Buffer x(static_cast<size_t>(T * D)), y(static_cast<size_t>(T * D));
+  cpu::embedding_forward(m.embed->value.data<float>(), b.input_ids, T, D, x.data());
+  for (auto& layer : m.layers) {
+    r.balance_loss += layer->forward(x.data(), b.batch, b.seq, y.data(), o);
+    std::swap(x, y);
+  }
+  m.hidden = std::move(x);
+  m.normed.resize(static_cast<size_t>(T * D));
+  m.final_norm.forward(m.hidden.data(), T, m.normed.data());
+
+  // Main head. The head stays in FP32 in every recipe (DeepSeek-V3 keeps it in higher precision).
+  m.logits.resize(static_cast<size_t>(T * V));
+  cpu::linear_forward(Precision::FP32, m.normed.data(), m.head->value.data<float>(), m.logits.data(), T, V, D);
+  m.dlogits.resize(static_cast<size_t>(T * V));
+  int64_t counted = 0;
+  int64_t valid = 0;
+  for (int64_t i = 0; i < T; ++i) valid += b.labels[i] >= 0;
+  const float scale = valid ? 1.0f / static_cast<float>(valid) : 0.0f;
+  const double sum = cpu::cross_entropy(m.logits.data(), b.labels, T, V, scale, m.dlogits.data(), &counted);
+  r.tokens = counted;
+  r.loss = counted ? sum / static_cast<double>(counted) : 0.0;
+
+  if (m.mtp && o.mtp_weight > 0) {
+    MtpModule& mt = *m.mtp;
+    // Position i (sequence s) reads token t_{i+1} and predicts t_{i+2} = labels[i+1].
+    mt.ids.resize(static_cast<size_t>(T));
+    mt.labels.resize(static_cast<size_t>(T));
+    for (int64_t s = 0; s < b.batch; ++s)
+      for (int64_t i = 0; i < b.seq; ++i) {
+        const int64_t t = s * b.seq + i;
+        const bool last = i + 1 == b.seq;
+        mt.ids[t] = last ? std::max<int64_t>(b.labels[t], 0) : b.input_ids[t + 1];
+        mt.labels[t] = last ? kIgnoreLabel : b.labels[t + 1];
+      }
+    mt.emb.resize(static_cast<size_t>(T * D));
+    mt.cat.resize(static_cast<size_t>(T * 2 * D));
+    mt.z.resize(static_cast<size_t>(T * D));
+    mt.zl.resize(static_cast<size_t>(T * D));
+    mt.zn.resize(static_cast<size_t>(T * D));
+    cpu::embedding_forward(m.embed->value.data<float>(), mt.ids.data(), T, D, mt.emb.data());
+    Buffer en(static_cast<size_t>(T * D)), hn(static_cast<size_t>(T * D));
+    mt.enorm.forward(mt.emb.data(), T, en.data());
+    mt.hnorm.forward(m.hidden.data(), T, hn.data());
+    for (int64_t t = 0; t < T; ++t) {
+      std::copy_n(en.data() + t * D, D, mt.cat.data() + t * 2 * D);
+      std::copy_n(hn.data() + t * D, D, mt.cat.data() + t * 2 * D + D);
+    }
+    cpu::linear_forward(o.precision, mt.cat.data(), mt.eh_proj->value.data<float>(), mt.z.data(), T, D, 2 * D);
+    r.balance_loss += mt.layer.forward(mt.z.data(), b.batch, b.seq, mt.zl.data(), o);
+    mt.final_norm.forward(mt.zl.data(), T, mt.zn.data());
+    Buffer mlogits(static_cast<size_t>(T * V));
+    cpu::linear_forward(Precision::FP32, mt.zn.data(), m.head->value.data<float>(), mlogits.data(), T, V, D);
+    int64_t mvalid = 0;
+    for (int64_t t = 0; t < T; ++t) mvalid += mt.labels[t] >= 0;
+    m.mtp_dlogits.resize(static_cast<size_t>(T * V));
+    const float mscale = mvalid ? o.mtp_weight / static_cast<float>(mvalid) : 0.0f;
+    const double msum = cpu::cross_entropy(mlogits.data(), mt.labels.data(), T, V, mscale, m.mtp_dlogits.data(), &mvalid);
+    r.mtp_loss = mvalid ? msum / static_cast<double>(mvalid) : 0.0;
+  }
+  if (!o.keep_logits) Buffer().swap(m.logits);
+  r.total = r.loss + o.mtp_weight * r.mtp_loss + r.balance_loss;
+  return r;
+}
+
+void Model::backward() {
+  Impl& m = *impl_;
+  const ModelConfig& c = config_;
+  const int64_t T = m.batch * m.seq, D = c.hidden_size, V = c.vocab_size;
+  require(!m.ids.empty(), "backward() called without a forward()");
+  Buffer dnormed(static_cast<size_t>(T * D)), dhidden(static_cast<size_t>(T * D));
+  cpu::linear_backward(Precision::FP32, m.dlogits.data(), m.normed.data(), m.head->value.data<float>(), dnormed.data(),
+                       m.head->grad.data<float>(), T, V, D);
+  m.final_norm.backward(dnormed.data(), m.hidden.data(), T, dhidden.data());
+
+  if (m.mtp && m.options.mtp_weight > 0) {
+    MtpModule& mt = *m.mtp;
+    Buffer dzn(static_cast<size_t>(T * D)), dzl(static_cast<size_t>(T * D)), dz(static_cast<size_t>(T * D));
+    Buffer dcat(static_cast<size_t>(T * 2 * D)), den(static_cast<size_t>(T * D)), dhn(static_cast<size_t>(T * D));
+    Buffer tmp(static_cast<size_t>(T * D));
+    cpu::linear_backward(Precision::FP32, m.mtp_dlogits.data(), mt.zn.data(), m.head->value.data<float>(), dzn.data(),
+                         m.head->grad.data<float>(), T, V, D);
+    mt.final_norm.backward(dzn.data(), mt.zl.data(), T, dzl.data());
+    mt.layer.backward(dzl.data(), dz.data());
+    cpu::linear_backward(m.options.precision, dz.data(), mt.cat.data(), mt.eh_proj->value.data<float>(), dcat.data(),
+                         mt.eh_proj->grad.data<float>(), T, D, 2 * D);
+    for (int64_t t = 0; t < T; ++t) {
+      std::copy_n(dcat.data() + t * 2 * D, D, den.data() + t * D);
+      std::copy_n(dcat.data() + t * 2 * D + D, D, dhn.data() + t * D);
+    }
+    mt.hnorm.backward(dhn.data(), m.hidden.data(), T, tmp.data());
+    add_into(dhidden.data(), tmp.data(), T * D);
+    mt.enorm.backward(den.data(), mt.emb.data(), T, tmp.data());
+    cpu::embedding_backward(tmp.data(), mt.ids.data(), T, D, m.embed->grad.data<float>());
+  }
+
+  Buffer dx(static_cast<size_t>(T * D));
+  for (auto it = m.layers.rbegin(); it != m.layers.rend(); ++it) {
+    (*it)->backward(dhidden.data(), dx.data());
+    std::swap(dhidden, dx);
+  }
+  cpu::embedding_backward(dhidden.data(), m.ids.data(), T, D, m.embed->grad.data<float>());
+  m.ids.clear();  // one backward per forward
+}
+
+const float* Model::logits() const {
+  require(!impl_->logits.empty(), "logits() needs a forward pass with keep_logits");
+  return impl_->logits.data();
+}
+
+void Model::update_router_bias(float gamma) {
+  for (auto& l : impl_->layers)
+    if (l->moe) l->moe->update_bias(gamma);
+  if (impl_->mtp && impl_->mtp->layer.moe) impl_->mtp->layer.moe->update_bias(gamma);
+}
+
+std::vector<ExpertLoad> Model::expert_loads() const {
+  std::vector<ExpertLoad> out;
+  for (auto& l : impl_->layers)
+    if (l->moe) out.push_back(l->moe->load());
+  if (impl_->mtp && impl_->mtp->layer.moe) out.push_back(impl_->mtp->layer.moe->load());
+  return out;
+}
+
+}  // namespace moerl

