@@ -9,7 +9,7 @@ build=${1:-$root/build}
 packages=(
   build-essential cmake ninja-build pkg-config git ca-certificates
   libcli11-dev nlohmann-json3-dev libspdlog-dev libyaml-cpp-dev
-  libgtest-dev libgmock-dev libopenblas-dev libsentencepiece-dev
+  libgtest-dev libgmock-dev libopenblas-openmp-dev libsentencepiece-dev
   libcaf-dev libcaf-openssl0.17 capnproto libcapnp-dev libssl-dev
   librocksdb-dev libcpp-httplib-dev libgloo-dev
 )

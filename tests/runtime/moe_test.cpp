@@ -251,7 +251,10 @@ TEST(MoeFeedForward, UpdateBiasPushesOverloadedExpertsDownAndUnderloadedUp) {
   EXPECT_EQ(m.bias()[3], 0.01f);
 }
 
-TEST(MoeFeedForward, IsBitwiseDeterministicWhateverTheThreadCount) {
+// ||a - b|| / ||b|| over whole vectors.
+double relative_l2(const std::vector<float>& a, const std::vector<float>& b);
+
+TEST(MoeFeedForward, IsBitwiseDeterministicForAThreadCountAndCloseAcrossThem) {
   // Large enough (512 tokens · 8 experts, 512 · 2 · 32 channels) that the OpenMP loops of router and permute split.
   ModelConfig c = small_moe(2, 1, true);
   c.hidden_size = 32;
@@ -278,10 +281,12 @@ TEST(MoeFeedForward, IsBitwiseDeterministicWhateverTheThreadCount) {
   run(2, y2, dx2, g2);
   run(2, y3, dx3, g3);
   omp_set_num_threads(saved);
-  EXPECT_EQ(y1, y2);
-  EXPECT_EQ(dx1, dx2);
-  EXPECT_EQ(g1, g2);
-  EXPECT_EQ(y2, y3);
+  // Our own loops split rows, never sums; OpenBLAS (OpenMP build) picks its kernels by thread count, so
+  // 1 and 2 threads may differ in the last bits of a GEMM: FP32 rounding, ~1e-7 relative per product.
+  EXPECT_LT(relative_l2(y1, y2), 1e-6);
+  EXPECT_LT(relative_l2(dx1, dx2), 1e-6);
+  EXPECT_LT(relative_l2(g1, g2), 1e-6);
+  EXPECT_EQ(y2, y3);  // the same thread count twice: bit for bit (what resuming a run relies on)
   EXPECT_EQ(dx2, dx3);
   EXPECT_EQ(g2, g3);
 }
