@@ -12,6 +12,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <cstdio>
 #include <memory>
@@ -142,10 +143,11 @@ void bench_fp8_gemm(Report& report, const std::string& device, const cudaDeviceP
   std::vector<std::unique_ptr<DeviceMemory>> mem;
   std::vector<fc::Operand> xs, ws;
   for (int s = 0; s < sets; ++s) {
-    auto& xc = mem.emplace_back(std::make_unique<DeviceMemory>(M * K));
-    auto& xsc = mem.emplace_back(std::make_unique<DeviceMemory>(4 * sx));
-    auto& wc = mem.emplace_back(std::make_unique<DeviceMemory>(N * K));
-    auto& wsc = mem.emplace_back(std::make_unique<DeviceMemory>(4 * sw));
+    // Raw pointers, not references into `mem`: the next emplace_back may reallocate the vector.
+    DeviceMemory* xc = mem.emplace_back(std::make_unique<DeviceMemory>(M * K)).get();
+    DeviceMemory* xsc = mem.emplace_back(std::make_unique<DeviceMemory>(4 * sx)).get();
+    DeviceMemory* wc = mem.emplace_back(std::make_unique<DeviceMemory>(N * K)).get();
+    DeviceMemory* wsc = mem.emplace_back(std::make_unique<DeviceMemory>(4 * sw)).get();
     const auto seed = static_cast<uint32_t>(4 * s);
     fill_e4m3_kernel<<<grid_for(M * K), kThreads, 0, stream>>>(xc->as<uint8_t>(), M * K, seed);
     CUDA_CHECK_LAUNCH();
@@ -296,20 +298,28 @@ void run_gpu_benchmarks(Report& report) {
 
   cudaStream_t stream = nullptr;
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
-  try {
-    bench_fp8_gemm(report, device, prop, stream, 8192, 8192, 8192, "gemm_fp8_8192_tflops");
-    bench_fp8_gemm(report, device, prop, stream, 4096, 7168, 2048, "gemm_fp8_4096x7168x2048_tflops");
-    bench_bf16_gemm(report, device, prop, stream, 8192, 8192, 8192, "gemm_bf16_8192_tflops");
+  // Each benchmark on its own: one that fails is reported and the others still run.
+  std::string failed;
+  auto attempt = [&](const char* name, const std::function<void()>& fn) {
+    try {
+      fn();
+    } catch (const std::exception& e) {
+      CUDA_CHECK(cudaStreamSynchronize(stream));
+      std::fprintf(stderr, "moerl bench gpu: %s failed: %s\n", name, e.what());
+      failed += failed.empty() ? name : std::string(", ") + name;
+    }
+  };
+  attempt("gemm_fp8_8192", [&] { bench_fp8_gemm(report, device, prop, stream, 8192, 8192, 8192, "gemm_fp8_8192_tflops"); });
+  attempt("gemm_fp8_4096x7168x2048",
+          [&] { bench_fp8_gemm(report, device, prop, stream, 4096, 7168, 2048, "gemm_fp8_4096x7168x2048_tflops"); });
+  attempt("gemm_bf16_8192", [&] { bench_bf16_gemm(report, device, prop, stream, 8192, 8192, 8192, "gemm_bf16_8192_tflops"); });
 #ifdef MOERL_BENCH_HAVE_GPU_QUANTIZE
-    bench_quantize(report, device, stream);
+  attempt("quantize", [&] { bench_quantize(report, device, stream); });
 #else
-    std::fprintf(stderr, "moerl bench gpu: no GPU quantization kernels in this build: quant_* skipped\n");
+  std::fprintf(stderr, "moerl bench gpu: no GPU quantization kernels in this build: quant_* skipped\n");
 #endif
-  } catch (...) {
-    cudaStreamDestroy(stream);
-    throw;
-  }
   CUDA_CHECK(cudaStreamDestroy(stream));
+  require(failed.empty(), "moerl bench gpu: failed: " + failed);
 }
 
 }  // namespace moerl::bench

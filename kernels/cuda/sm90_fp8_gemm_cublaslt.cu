@@ -170,10 +170,12 @@ struct GemmContext::Impl {
     if (handle) cublasLtDestroy(handle);
   }
 
-  Plan make_plan(const PlanKey& k) const;
+  // The scale pointers of the first call are set before the heuristic runs: cuBLASLt's block-scaled modes
+  // answer the heuristic query with CUBLAS_STATUS_INVALID_VALUE while they are unset (seen on the H200).
+  Plan make_plan(const PlanKey& k, const void* a_scales, const void* b_scales) const;
 };
 
-Plan GemmContext::Impl::make_plan(const PlanKey& k) const {
+Plan GemmContext::Impl::make_plan(const PlanKey& k, const void* a_scales, const void* b_scales) const {
   Plan p;
   cublasLtMatmulPreference_t pref = nullptr;
   try {
@@ -182,6 +184,8 @@ Plan GemmContext::Impl::make_plan(const PlanKey& k) const {
     set_desc(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, CUBLAS_OP_N);
     set_desc(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, scale_mode(k.b_block));  // cuBLAS A = our b
     set_desc(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, scale_mode(k.a_block));  // cuBLAS B = our a
+    set_desc(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, b_scales);
+    set_desc(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, a_scales);
     const auto K = static_cast<uint64_t>(k.k), M = static_cast<uint64_t>(k.m), N = static_cast<uint64_t>(k.n);
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.layout_a, CUDA_R_8F_E4M3, K, N, k.k));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.layout_b, CUDA_R_8F_E4M3, K, M, k.k));
@@ -200,8 +204,17 @@ Plan GemmContext::Impl::make_plan(const PlanKey& k) const {
 
     cublasLtMatmulHeuristicResult_t results[kMaxHeuristicResults] = {};
     int found = 0;
-    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.layout_a, p.layout_b, p.layout_d,
-                                                             p.layout_d, pref, kMaxHeuristicResults, results, &found);
+    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.layout_a, p.layout_b, p.layout_d, p.layout_d,
+                                                       pref, kMaxHeuristicResults, results, &found);
+    if (st == CUBLAS_STATUS_INVALID_VALUE) {  // retry with the preference's default alignments (256 bytes)
+      CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
+      pref = nullptr;
+      CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+      CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+      found = 0;
+      st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.layout_a, p.layout_b, p.layout_d, p.layout_d, pref,
+                                          kMaxHeuristicResults, results, &found);
+    }
     const std::string problem = problem_name(k.m, k.n, k.k, k.a_block, k.b_block, k.out);
     require(st == CUBLAS_STATUS_SUCCESS || st == CUBLAS_STATUS_NOT_SUPPORTED,
             std::string("fp8::cuda::gemm_nt: cuBLASLt heuristic failed (") + cublasLtGetStatusName(st) + ") for " +
@@ -268,7 +281,7 @@ void gemm_nt(GemmContext& ctx, const Operand& a, const Operand& b, void* y, OutT
     require_device_memory(b.codes, "b.codes");
     require_device_memory(b.scales, "b.scales");
     require_device_memory(y, "y");
-    it = impl.plans.emplace(key, impl.make_plan(key)).first;
+    it = impl.plans.emplace(key, impl.make_plan(key, a.scales, b.scales)).first;
   }
   const Plan& p = it->second;
   set_desc(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, static_cast<const void*>(b.scales));
