@@ -136,7 +136,10 @@ StageOutcome run_stage(const Recipe& recipe, const StageSpec& stage, Model& mode
     }
     metrics.write(m);
     char fields[96];
-    std::snprintf(fields, sizeof fields, "loss %.3f  val %.3f", r.loss, last_val);
+    if (outcome.validation_curve.empty())
+      std::snprintf(fields, sizeof fields, "loss %.3f  val -", r.loss);
+    else
+      std::snprintf(fields, sizeof fields, "loss %.3f  val %.3f", r.loss, last_val);
     bar.update(step, tokens_done, fields);
 
     if (step % stage.checkpoint_every == 0 || step == stage.steps) {
