@@ -1,0 +1,390 @@
+// MoE permutation kernels (see kernels/cuda/moe_permute.hpp for the contract and what matches the CPU).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <string>
+
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/moe_permute.hpp"
+#include "kernels/cuda/stream_scratch.hpp"
+#include "runtime/error.hpp"
+
+namespace moerl::cuda {
+namespace {
+
+constexpr int kWarp = 32;
+constexpr unsigned kFullMask = 0xFFFFFFFFu;
+constexpr int kMaxWarpsPerBlock = 8;
+constexpr int64_t kSharedBudget = 48 * 1024;  // dynamic shared memory a block gets without opting in
+
+// The plan splits the T·K assignments into chunks, one warp each: at least kMinChunk assignments (a warp's
+// sequential work), at most about kTargetChunks chunks (the scan's length is E · chunks).
+constexpr int64_t kMinChunk = 256;
+constexpr int64_t kTargetChunks = 512;
+
+constexpr int kScanThreads = 1024;
+constexpr int kScanItems = 8;  // consecutive counts per thread and tile
+constexpr int kScanTile = kScanThreads * kScanItems;
+
+constexpr int kRowThreads = 256;  // gather, combine and their backward: one block per row or token
+constexpr int kRowWarps = kRowThreads / kWarp;
+constexpr int kRowsInFlight = 4;  // rows of a token loaded before the first is added (memory-level parallelism)
+
+// The expert of assignment a; out of range is the caller's bug, and a trap beats writing wild memory.
+__device__ __forceinline__ int expert_at(const int32_t* topk_idx, int64_t a, int experts) {
+  const int32_t e = topk_idx[a];
+  if (e < 0 || e >= experts) {
+    printf("moerl moe_permute_plan: topk_idx[%lld] = %d outside [0, %d)\n", static_cast<long long>(a), e, experts);
+    __trap();
+  }
+  return e;
+}
+
+// Warp c counts chunk c's assignments per expert: counts[e · chunks + c] (expert-major, the scan's order).
+// Lanes holding the same expert are one __match_any_sync group; its lowest lane adds the group's size.
+__global__ void plan_count_kernel(const int32_t* __restrict__ topk_idx, int64_t n, int64_t chunk, int64_t chunks,
+                                  int experts, int* __restrict__ counts) {
+  extern __shared__ int count_smem[];
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
+  if (c >= chunks) return;  // uniform across the warp
+  int* count = count_smem + static_cast<int64_t>(warp) * experts;
+  for (int e = lane; e < experts; e += kWarp) count[e] = 0;
+  __syncwarp();
+  const int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+  for (int64_t a0 = c * chunk; a0 < end; a0 += kWarp) {
+    const int64_t a = a0 + lane;
+    const int e = a < end ? expert_at(topk_idx, a, experts) : -1;
+    const unsigned peers = __match_any_sync(kFullMask, e);
+    if (e >= 0 && lane == __ffs(static_cast<int>(peers)) - 1) count[e] += __popc(peers);
+    __syncwarp();  // the next group leader of e may be another lane
+  }
+  for (int e = lane; e < experts; e += kWarp) counts[e * chunks + c] = count[e];
+}
+
+// One block: bases = exclusive scan of counts [total] (tiles staged in shared memory, each thread scanning
+// kScanItems consecutive counts), then offsets[e] = bases[e · chunks] (the first row of expert e), offsets[E] = n.
+__global__ void __launch_bounds__(kScanThreads)
+    plan_scan_kernel(const int* __restrict__ counts, int64_t total, int64_t chunks, int experts, int64_t n,
+                     int64_t* __restrict__ bases, int64_t* __restrict__ offsets) {
+  __shared__ int tile[kScanTile];
+  __shared__ int64_t warp_incl[kScanThreads / kWarp];
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  int64_t carry = 0;
+  for (int64_t t0 = 0; t0 < total; t0 += kScanTile) {
+    for (int i = threadIdx.x; i < kScanTile; i += kScanThreads) tile[i] = t0 + i < total ? counts[t0 + i] : 0;
+    __syncthreads();
+    const int* mine = tile + threadIdx.x * kScanItems;
+    int64_t own = 0;
+#pragma unroll
+    for (int j = 0; j < kScanItems; ++j) own += mine[j];
+    int64_t incl = own;  // inclusive scan over the warp's threads
+    for (int offset = 1; offset < kWarp; offset *= 2) {
+      const int64_t v = __shfl_up_sync(kFullMask, incl, offset);
+      if (lane >= offset) incl += v;
+    }
+    if (lane == kWarp - 1) warp_incl[warp] = incl;
+    __syncthreads();
+    if (warp == 0) {
+      int64_t w = warp_incl[lane];
+      for (int offset = 1; offset < kWarp; offset *= 2) {
+        const int64_t v = __shfl_up_sync(kFullMask, w, offset);
+        if (lane >= offset) w += v;
+      }
+      warp_incl[lane] = w;
+    }
+    __syncthreads();
+    int64_t run = carry + (warp > 0 ? warp_incl[warp - 1] : 0) + incl - own;
+#pragma unroll
+    for (int j = 0; j < kScanItems; ++j) {
+      const int64_t i = t0 + threadIdx.x * kScanItems + j;
+      if (i < total) bases[i] = run;
+      run += mine[j];
+    }
+    carry += warp_incl[kWarp - 1];
+    __syncthreads();  // the tile and warp_incl are refilled next
+  }
+  for (int e = threadIdx.x; e < experts; e += kScanThreads) offsets[e] = bases[e * chunks];
+  if (threadIdx.x == 0) offsets[experts] = n;
+}
+
+// Warp c places chunk c's assignments: row = (expert's cursor) + (lower lanes of the same expert); the group's
+// lowest lane then advances the cursor by the group's size. Assignments of an expert thus get rows in order.
+__global__ void plan_place_kernel(const int32_t* __restrict__ topk_idx, int64_t n, int64_t k, int64_t chunk,
+                                  int64_t chunks, int experts, const int64_t* __restrict__ bases,
+                                  int64_t* __restrict__ token_of, int64_t* __restrict__ row_of) {
+  extern __shared__ int64_t cursor_smem[];
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
+  if (c >= chunks) return;
+  int64_t* cursor = cursor_smem + static_cast<int64_t>(warp) * experts;
+  for (int e = lane; e < experts; e += kWarp) cursor[e] = bases[e * chunks + c];
+  __syncwarp();
+  const unsigned lower = (1u << lane) - 1;
+  const int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
+  for (int64_t a0 = c * chunk; a0 < end; a0 += kWarp) {
+    const int64_t a = a0 + lane;
+    const int e = a < end ? expert_at(topk_idx, a, experts) : -1;
+    const unsigned peers = __match_any_sync(kFullMask, e);
+    if (e >= 0) {
+      const int64_t r = cursor[e] + __popc(peers & lower);
+      token_of[r] = a / k;
+      row_of[a] = r;
+    }
+    __syncwarp();  // every lane has read its cursor before the leader moves it
+    if (e >= 0 && lane == __ffs(static_cast<int>(peers)) - 1) cursor[e] += __popc(peers);
+    __syncwarp();
+  }
+}
+
+__global__ void __launch_bounds__(kRowThreads)
+    gather_kernel(const float* __restrict__ x, const int64_t* __restrict__ token_of, int64_t dim, bool vec,
+                  float* __restrict__ xp) {
+  const int64_t r = blockIdx.x;
+  const float* src = x + token_of[r] * dim;
+  float* dst = xp + r * dim;
+  if (vec) {
+    const float4* s4 = reinterpret_cast<const float4*>(src);
+    float4* d4 = reinterpret_cast<float4*>(dst);
+    for (int64_t i = threadIdx.x; i < dim / 4; i += kRowThreads) d4[i] = s4[i];
+  } else {
+    for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) dst[i] = src[i];
+  }
+}
+
+// Stages token t's K rows (and weights) in shared memory: rows [K] int64, then weights [K] float.
+// A row outside [0, T·K) is the caller's bug: trap.
+__device__ __forceinline__ void stage_rows(const int64_t* row_of, const float* weight, int64_t t, int64_t tokens,
+                                           int64_t k, int64_t* rows, float* weights) {
+  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
+    const int64_t r = row_of[t * k + j];
+    if (r < 0 || r >= tokens * k) {
+      printf("moerl moe combine: row_of[%lld] = %lld outside [0, %lld)\n", static_cast<long long>(t * k + j),
+             static_cast<long long>(r), static_cast<long long>(tokens * k));
+      __trap();
+    }
+    rows[j] = r;
+    weights[j] = weight ? weight[t * k + j] : 1.0f;
+  }
+  __syncthreads();
+}
+
+__device__ __forceinline__ float4 load4(const float* p, int64_t i) { return reinterpret_cast<const float4*>(p)[i]; }
+
+// acc + w · v, rounded after the product and after the sum (the CPU's y += w * v), or acc + v unweighted.
+template <bool kWeighted> __device__ __forceinline__ float add_row(float acc, float w, float v) {
+  return kWeighted ? __fadd_rn(acc, __fmul_rn(w, v)) : __fadd_rn(acc, v);
+}
+
+// Block t: y[t, :] += Σ_k w_k · src[row_k, :] in k order, kRowsInFlight rows loaded before they are added.
+// Combine (kWeighted) and scatter-add (not).
+template <bool kWeighted>
+__global__ void __launch_bounds__(kRowThreads)
+    combine_kernel(const float* __restrict__ src, const float* __restrict__ weight, const int64_t* __restrict__ row_of,
+                   int64_t tokens, int64_t k, int64_t dim, bool vec, float* __restrict__ y) {
+  extern __shared__ int64_t combine_smem[];
+  int64_t* rows = combine_smem;
+  float* weights = reinterpret_cast<float*>(rows + k);
+  const int64_t t = blockIdx.x;
+  stage_rows(row_of, kWeighted ? weight : nullptr, t, tokens, k, rows, weights);
+  float* out = y + t * dim;
+  if (vec) {
+    float4* out4 = reinterpret_cast<float4*>(out);
+    for (int64_t i = threadIdx.x; i < dim / 4; i += kRowThreads) {
+      float4 acc = out4[i];
+      for (int64_t j0 = 0; j0 < k; j0 += kRowsInFlight) {
+        float4 v[kRowsInFlight];
+#pragma unroll
+        for (int u = 0; u < kRowsInFlight; ++u)
+          if (j0 + u < k) v[u] = load4(src + rows[j0 + u] * dim, i);
+#pragma unroll
+        for (int u = 0; u < kRowsInFlight; ++u) {
+          if (j0 + u >= k) break;
+          const float w = weights[j0 + u];
+          acc.x = add_row<kWeighted>(acc.x, w, v[u].x);
+          acc.y = add_row<kWeighted>(acc.y, w, v[u].y);
+          acc.z = add_row<kWeighted>(acc.z, w, v[u].z);
+          acc.w = add_row<kWeighted>(acc.w, w, v[u].w);
+        }
+      }
+      out4[i] = acc;
+    }
+  } else {
+    for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) {
+      float acc = out[i];
+      for (int64_t j = 0; j < k; ++j) acc = add_row<kWeighted>(acc, weights[j], src[rows[j] * dim + i]);
+      out[i] = acc;
+    }
+  }
+}
+
+// The block's sum of v, to thread 0, in a fixed order (xor tree in each warp, then the warps in order).
+__device__ __forceinline__ float block_sum(float v, float* warp_total) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  if (threadIdx.x % kWarp == 0) warp_total[threadIdx.x / kWarp] = v;
+  __syncthreads();
+  float total = 0;
+  if (threadIdx.x == 0)
+    for (int w = 0; w < kRowWarps; ++w) total += warp_total[w];
+  __syncthreads();  // warp_total is reused by the next call
+  return total;
+}
+
+// Block t, k ascending: dyp[row_k, :] = w_k · dy[t, :] and dweight[t, k] = <dy[t, :], yp[row_k, :]>.
+__global__ void __launch_bounds__(kRowThreads)
+    combine_backward_kernel(const float* __restrict__ dy, const float* __restrict__ yp,
+                            const float* __restrict__ weight, const int64_t* __restrict__ row_of, int64_t tokens,
+                            int64_t k, int64_t dim, bool vec, float* __restrict__ dyp, float* __restrict__ dweight) {
+  extern __shared__ int64_t backward_smem[];
+  __shared__ float warp_total[kRowWarps];
+  int64_t* rows = backward_smem;
+  float* weights = reinterpret_cast<float*>(rows + k);
+  const int64_t t = blockIdx.x;
+  stage_rows(row_of, weight, t, tokens, k, rows, weights);
+  const float* g = dy + t * dim;
+  for (int64_t j = 0; j < k; ++j) {
+    const float w = weights[j];
+    const float* v = yp + rows[j] * dim;
+    float* out = dyp + rows[j] * dim;
+    float dot = 0;
+    if (vec) {
+      for (int64_t i = threadIdx.x; i < dim / 4; i += kRowThreads) {
+        const float4 gi = load4(g, i), vi = load4(v, i);
+        reinterpret_cast<float4*>(out)[i] =
+            make_float4(__fmul_rn(w, gi.x), __fmul_rn(w, gi.y), __fmul_rn(w, gi.z), __fmul_rn(w, gi.w));
+        dot = fmaf(gi.x, vi.x, dot);
+        dot = fmaf(gi.y, vi.y, dot);
+        dot = fmaf(gi.z, vi.z, dot);
+        dot = fmaf(gi.w, vi.w, dot);
+      }
+    } else {
+      for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) {
+        out[i] = __fmul_rn(w, g[i]);
+        dot = fmaf(g[i], v[i], dot);
+      }
+    }
+    dot = block_sum(dot, warp_total);
+    if (threadIdx.x == 0) dweight[t * k + j] = dot;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Host side
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+int warps_for(int64_t warp_bytes) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxWarpsPerBlock, kSharedBudget / warp_bytes)));
+}
+
+unsigned grid_for(int64_t blocks, const std::string& where) {
+  require(blocks <= std::numeric_limits<int32_t>::max(), where + ": too many rows or tokens for one launch");
+  return static_cast<unsigned>(blocks);
+}
+
+// Checks the arguments of the per-token kernels (combine, its backward, scatter-add); false: nothing to do.
+bool check_token_args(const std::string& where, int64_t tokens, int64_t k, int64_t dim) {
+  require(tokens >= 0 && k >= 0 && dim >= 0, where + ": tokens, k and dim must be >= 0, got " +
+                                                 std::to_string(tokens) + ", " + std::to_string(k) + ", " +
+                                                 std::to_string(dim));
+  if (tokens == 0 || k == 0 || dim == 0) return false;
+  require(k * 12 <= kSharedBudget, where + ": k = " + std::to_string(k) + " exceeds the GPU limit of 4096");
+  return true;
+}
+
+}  // namespace
+
+void moe_permute_plan(const int32_t* topk_idx, int64_t tokens, int64_t k, int64_t n_experts, int64_t* offsets,
+                      int64_t* token_of, int64_t* row_of, cudaStream_t stream) {
+  const std::string where = "cuda::moe_permute_plan";
+  require(tokens >= 0 && k >= 0, where + ": tokens and k must be >= 0, got " + std::to_string(tokens) + " and " +
+                                     std::to_string(k));
+  require(n_experts >= 1 && n_experts <= kPermuteMaxExperts,
+          where + ": n_experts = " + std::to_string(n_experts) + ", expected 1 .. " +
+              std::to_string(kPermuteMaxExperts) + " on the GPU");
+  require(offsets != nullptr, where + ": null offsets pointer");
+  const int64_t n = tokens * k, E = n_experts;
+  if (n == 0) {
+    CUDA_CHECK(cudaMemsetAsync(offsets, 0, static_cast<size_t>(E + 1) * sizeof(int64_t), stream));
+    return;
+  }
+  require(topk_idx && token_of && row_of, where + ": null topk_idx, token_of or row_of pointer");
+  const int64_t chunk = std::max(kMinChunk, ((n + kTargetChunks - 1) / kTargetChunks + kWarp - 1) / kWarp * kWarp);
+  const int64_t chunks = (n + chunk - 1) / chunk, total = E * chunks;
+
+  const size_t counts_bytes = cuda_detail::align256(static_cast<size_t>(total) * sizeof(int));
+  cuda_detail::StreamScratch scratch(counts_bytes + static_cast<size_t>(total) * sizeof(int64_t), stream);
+  int* counts = scratch.as<int>();
+  int64_t* bases = scratch.as<int64_t>(counts_bytes);
+
+  const int count_warps = warps_for(E * static_cast<int64_t>(sizeof(int)));
+  plan_count_kernel<<<grid_for((chunks + count_warps - 1) / count_warps, where), count_warps * kWarp,
+                      count_warps * E * sizeof(int), stream>>>(topk_idx, n, chunk, chunks, static_cast<int>(E),
+                                                               counts);
+  CUDA_CHECK_LAUNCH();
+  plan_scan_kernel<<<1, kScanThreads, 0, stream>>>(counts, total, chunks, static_cast<int>(E), n, bases, offsets);
+  CUDA_CHECK_LAUNCH();
+  const int place_warps = warps_for(E * static_cast<int64_t>(sizeof(int64_t)));
+  plan_place_kernel<<<grid_for((chunks + place_warps - 1) / place_warps, where), place_warps * kWarp,
+                      place_warps * E * sizeof(int64_t), stream>>>(topk_idx, n, k, chunk, chunks,
+                                                                   static_cast<int>(E), bases, token_of, row_of);
+  CUDA_CHECK_LAUNCH();
+  scratch.release();
+}
+
+void moe_gather(const float* x, const int64_t* token_of, int64_t rows, int64_t dim, float* xp, cudaStream_t stream) {
+  const std::string where = "cuda::moe_gather";
+  require(rows >= 0 && dim >= 0,
+          where + ": rows and dim must be >= 0, got " + std::to_string(rows) + " and " + std::to_string(dim));
+  if (rows == 0 || dim == 0) return;
+  require(x && token_of && xp, where + ": null x, token_of or xp pointer");
+  const bool vec = dim % 4 == 0 && aligned16(x) && aligned16(xp);
+  gather_kernel<<<grid_for(rows, where), kRowThreads, 0, stream>>>(x, token_of, dim, vec, xp);
+  CUDA_CHECK_LAUNCH();
+}
+
+void moe_combine(const float* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
+                 int64_t dim, float* y, cudaStream_t stream) {
+  const std::string where = "cuda::moe_combine";
+  if (!check_token_args(where, tokens, k, dim)) return;
+  require(yp && weight && row_of && y, where + ": null yp, weight, row_of or y pointer");
+  const bool vec = dim % 4 == 0 && aligned16(yp) && aligned16(y);
+  combine_kernel<true><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(yp, weight, row_of, tokens, k, dim,
+                                                                                 vec, y);
+  CUDA_CHECK_LAUNCH();
+}
+
+void moe_combine_backward(const float* dy, const float* yp, const float* weight, const int64_t* row_of,
+                          int64_t tokens, int64_t k, int64_t dim, float* dyp, float* dweight, cudaStream_t stream) {
+  const std::string where = "cuda::moe_combine_backward";
+  require(tokens >= 0 && k >= 0 && dim >= 0, where + ": tokens, k and dim must be >= 0");
+  if (tokens == 0 || k == 0) return;
+  if (dim == 0) {  // every dot product is empty
+    require(dweight != nullptr, where + ": null dweight pointer");
+    CUDA_CHECK(cudaMemsetAsync(dweight, 0, static_cast<size_t>(tokens * k) * sizeof(float), stream));
+    return;
+  }
+  check_token_args(where, tokens, k, dim);
+  require(dy && yp && weight && row_of && dyp && dweight,
+          where + ": null dy, yp, weight, row_of, dyp or dweight pointer");
+  const bool vec = dim % 4 == 0 && aligned16(dy) && aligned16(yp) && aligned16(dyp);
+  combine_backward_kernel<<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dy, yp, weight, row_of, tokens,
+                                                                                    k, dim, vec, dyp, dweight);
+  CUDA_CHECK_LAUNCH();
+}
+
+void moe_scatter_add(const float* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim, float* dx,
+                     cudaStream_t stream) {
+  const std::string where = "cuda::moe_scatter_add";
+  if (!check_token_args(where, tokens, k, dim)) return;
+  require(dxp && row_of && dx, where + ": null dxp, row_of or dx pointer");
+  const bool vec = dim % 4 == 0 && aligned16(dxp) && aligned16(dx);
+  combine_kernel<false><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dxp, nullptr, row_of, tokens, k, dim,
+                                                                                  vec, dx);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moerl::cuda
