@@ -1,0 +1,208 @@
+// AdamW step and gradient-norm clipping on the GPU; the reference is moerl::AdamW (runtime/optim/adamw.cpp),
+// the contract kernels/cuda/adamw.hpp.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "kernels/cuda/adamw.hpp"
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/ops_common.cuh"
+#include "runtime/error.hpp"
+
+namespace moerl::cuda {
+namespace {
+
+using ops_detail::block_sum;
+using ops_detail::kMaxWarps;
+using ops_detail::load;
+using ops_detail::store;
+
+constexpr int kThreads = 256;
+// Elements per partial sum of grad_norm_squared: fixed, so the order of additions depends on n alone.
+constexpr int64_t kNormChunk = int64_t{1} << 15;
+constexpr int kNormFinishThreads = 1024;
+static_assert(kNormChunk % 4 == 0, "chunks start on float4 boundaries");
+
+// The per-element FP32 constants, derived on the host in double as the CPU does.
+struct Scalars {
+  float beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, sqrt_bias2, eps, decay;
+};
+
+// kernels/half.hpp's bf16_from_float: round to nearest even, NaN kept quiet NaN.
+__device__ __forceinline__ uint16_t bf16_from_float(float x) {
+  uint32_t u = __float_as_uint(x);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+__device__ __forceinline__ float float_from_bf16(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
+
+// runtime/optim/adamw.cpp's loop body; _rn intrinsics keep every operation separately rounded.
+__device__ __forceinline__ void adamw_update(float& w, float g, uint16_t& m, uint16_t& v, const Scalars& s) {
+  const uint16_t m_new =
+      bf16_from_float(__fadd_rn(__fmul_rn(s.beta1, float_from_bf16(m)), __fmul_rn(s.one_minus_beta1, g)));
+  const uint16_t v_new = bf16_from_float(
+      __fadd_rn(__fmul_rn(s.beta2, float_from_bf16(v)), __fmul_rn(s.one_minus_beta2, __fmul_rn(g, g))));
+  m = m_new;
+  v = v_new;
+  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(float_from_bf16(v_new)), s.sqrt_bias2), s.eps);
+  w = __fsub_rn(__fmul_rn(w, s.decay), __fmul_rn(s.step_size, __fdiv_rn(float_from_bf16(m_new), denom)));
+}
+
+// V BF16 codes of group j; V = 4 reads 8 bytes (element 0 in the low half of the first word).
+template <int V> __device__ __forceinline__ void load_u16(const uint16_t* p, int64_t j, uint16_t (&v)[V]) {
+  if constexpr (V == 4) {
+    const uint2 q = reinterpret_cast<const uint2*>(p)[j];
+    v[0] = static_cast<uint16_t>(q.x), v[1] = static_cast<uint16_t>(q.x >> 16);
+    v[2] = static_cast<uint16_t>(q.y), v[3] = static_cast<uint16_t>(q.y >> 16);
+  } else {
+    v[0] = p[j];
+  }
+}
+template <int V> __device__ __forceinline__ void store_u16(uint16_t* p, int64_t j, const uint16_t (&v)[V]) {
+  if constexpr (V == 4) {
+    reinterpret_cast<uint2*>(p)[j] = make_uint2(v[0] | (static_cast<uint32_t>(v[1]) << 16),
+                                                v[2] | (static_cast<uint32_t>(v[3]) << 16));
+  } else {
+    p[j] = v[0];
+  }
+}
+
+template <int V>
+__global__ void __launch_bounds__(kThreads)
+    adamw_kernel(float* __restrict__ w, const float* __restrict__ g, uint16_t* __restrict__ m,
+                 uint16_t* __restrict__ v, int64_t groups, Scalars s) {
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < groups;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float wv[V], gv[V];
+    uint16_t mv[V], vv[V];
+    load<V>(w, j, wv);
+    load<V>(g, j, gv);
+    load_u16<V>(m, j, mv);
+    load_u16<V>(v, j, vv);
+#pragma unroll
+    for (int k = 0; k < V; ++k) adamw_update(wv[k], gv[k], mv[k], vv[k], s);
+    store<V>(w, j, wv);
+    store_u16<V>(m, j, mv);
+    store_u16<V>(v, j, vv);
+  }
+}
+
+// Block b: partial[b] = Σ g² over elements [b·kNormChunk, min(n, (b+1)·kNormChunk)), in double (each square
+// exact), thread sums then a fixed-order block sum. V = 4: float4 over the chunk's whole groups.
+template <int V>
+__global__ void __launch_bounds__(kThreads)
+    sum_squares_kernel(const float* __restrict__ g, int64_t n, double* __restrict__ partial) {
+  __shared__ double scratch[kMaxWarps];
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kNormChunk;
+  const int64_t len = n - begin < kNormChunk ? n - begin : kNormChunk;
+  const float* chunk = g + begin;
+  double acc = 0;
+  for (int64_t j = threadIdx.x; j < len / V; j += blockDim.x) {
+    float x[V];
+    load<V>(chunk, j, x);
+#pragma unroll
+    for (int k = 0; k < V; ++k) acc += static_cast<double>(x[k]) * x[k];
+  }
+  for (int64_t i = len / V * V + threadIdx.x; i < len; i += blockDim.x) acc += static_cast<double>(chunk[i]) * chunk[i];
+  acc = block_sum(acc, scratch);
+  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+// *sum += Σ partial, thread t taking partials t, t + 1024, ... in order, then a fixed-order block sum.
+__global__ void __launch_bounds__(kNormFinishThreads)
+    sum_partials_kernel(const double* __restrict__ partial, int64_t count, double* __restrict__ sum) {
+  __shared__ double scratch[kMaxWarps];
+  double acc = 0;
+  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) acc += partial[i];
+  acc = block_sum(acc, scratch);
+  if (threadIdx.x == 0) *sum += acc;
+}
+
+template <int V>
+__global__ void __launch_bounds__(kThreads) scale_kernel(float* __restrict__ g, int64_t groups, float factor) {
+  for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < groups;
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float x[V];
+    load<V>(g, j, x);
+#pragma unroll
+    for (int k = 0; k < V; ++k) x[k] = __fmul_rn(x[k], factor);
+    store<V>(g, j, x);
+  }
+}
+
+void check_n(const char* fn, int64_t n, bool pointers_set) {
+  require(n >= 0, std::string("cuda::") + fn + ": n must be >= 0, got " + std::to_string(n));
+  require(n == 0 || pointers_set, std::string("cuda::") + fn + ": null pointer argument");
+}
+
+void check_scalar(bool ok, const char* name, double value, const char* expected) {
+  require(ok, std::string("cuda::adamw_step: ") + name + " = " + std::to_string(value) + ", expected " + expected);
+}
+
+}  // namespace
+
+void adamw_step(float* w, const float* g, uint16_t* m, uint16_t* v, int64_t n, double lr, double beta1,
+                double beta2, double eps, double weight_decay, int64_t t, cudaStream_t stream) {
+  check_n("adamw_step", n, w && g && m && v);
+  check_scalar(std::isfinite(lr) && lr >= 0, "lr", lr, ">= 0");
+  check_scalar(beta1 >= 0 && beta1 < 1, "beta1", beta1, "in [0, 1)");
+  check_scalar(beta2 >= 0 && beta2 < 1, "beta2", beta2, "in [0, 1)");
+  check_scalar(std::isfinite(eps) && eps > 0, "eps", eps, "> 0");
+  check_scalar(std::isfinite(weight_decay) && weight_decay >= 0, "weight_decay", weight_decay, ">= 0");
+  check_scalar(t >= 1, "t", static_cast<double>(t), ">= 1 (the 1-based update count)");
+  if (n == 0) return;
+  const double bias1 = 1.0 - std::pow(beta1, static_cast<double>(t));
+  const double bias2 = 1.0 - std::pow(beta2, static_cast<double>(t));
+  const Scalars s{static_cast<float>(beta1),          static_cast<float>(1.0 - beta1),
+                  static_cast<float>(beta2),          static_cast<float>(1.0 - beta2),
+                  static_cast<float>(lr / bias1),     static_cast<float>(std::sqrt(bias2)),
+                  static_cast<float>(eps),            static_cast<float>(1.0 - lr * weight_decay)};
+  const bool vec = ops_detail::aligned(w, 16) && ops_detail::aligned(g, 16) && ops_detail::aligned(m, 8) && ops_detail::aligned(v, 8);
+  const int64_t head = vec ? n / 4 * 4 : 0;
+  if (head > 0) {
+    adamw_kernel<4><<<ops_detail::grid_stride_blocks(head / 4, kThreads), kThreads, 0, stream>>>(w, g, m, v, head / 4, s);
+    CUDA_CHECK_LAUNCH();
+  }
+  if (head < n) {
+    adamw_kernel<1><<<ops_detail::grid_stride_blocks(n - head, kThreads), kThreads, 0, stream>>>(
+        w + head, g + head, m + head, v + head, n - head, s);
+    CUDA_CHECK_LAUNCH();
+  }
+}
+
+void grad_norm_squared(const float* g, int64_t n, double* sum, cudaStream_t stream) {
+  check_n("grad_norm_squared", n, g != nullptr);
+  require(sum != nullptr, "cuda::grad_norm_squared: null sum");
+  if (n == 0) return;
+  const int64_t chunks = (n + kNormChunk - 1) / kNormChunk;
+  require(chunks <= INT32_MAX, "cuda::grad_norm_squared: " + std::to_string(n) + " elements exceed one launch");
+  ops_detail::StreamScratch scratch(sizeof(double) * static_cast<size_t>(chunks), stream);
+  double* partial = scratch.at<double>();
+  if (ops_detail::aligned(g, 16)) {
+    sum_squares_kernel<4><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(g, n, partial);
+  } else {
+    sum_squares_kernel<1><<<static_cast<unsigned>(chunks), kThreads, 0, stream>>>(g, n, partial);
+  }
+  CUDA_CHECK_LAUNCH();
+  sum_partials_kernel<<<1, kNormFinishThreads, 0, stream>>>(partial, chunks, sum);
+  CUDA_CHECK_LAUNCH();
+}
+
+void scale(float* g, int64_t n, float factor, cudaStream_t stream) {
+  check_n("scale", n, g != nullptr);
+  if (n == 0) return;
+  const int64_t head = ops_detail::aligned(g, 16) ? n / 4 * 4 : 0;
+  if (head > 0) {
+    scale_kernel<4><<<ops_detail::grid_stride_blocks(head / 4, kThreads), kThreads, 0, stream>>>(g, head / 4, factor);
+    CUDA_CHECK_LAUNCH();
+  }
+  if (head < n) {
+    scale_kernel<1><<<ops_detail::grid_stride_blocks(n - head, kThreads), kThreads, 0, stream>>>(g + head, n - head, factor);
+    CUDA_CHECK_LAUNCH();
+  }
+}
+
+}  // namespace moerl::cuda

@@ -1,0 +1,185 @@
+// Softmax cross-entropy on the GPU; the reference is kernels/cpu/cross_entropy.cpp, the contract
+// kernels/cuda/cross_entropy.hpp.
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+#include "kernels/cuda/cross_entropy.hpp"
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/ops_common.cuh"
+#include "runtime/error.hpp"
+
+namespace moerl::cuda {
+namespace {
+
+using ops_detail::block_sum;
+using ops_detail::kMaxWarps;
+using ops_detail::kWarp;
+using ops_detail::load;
+using ops_detail::store;
+
+constexpr int kRowThreads = 256;
+constexpr int kSumThreads = 1024;
+constexpr unsigned long long kNoBadRow = ~0ull;
+
+// What the final reduction leaves for the host.
+struct Totals {
+  double loss;                  // Σ row losses of counted rows
+  long long counted;            // rows with 0 <= label < vocab
+  unsigned long long bad_row;   // first row with label >= vocab, kNoBadRow if none
+};
+
+// A running max and Σ exp(z − max) over some of a row's logits.
+struct MaxSum {
+  float m, s;
+};
+
+// Rounded operations (no FMA contraction): merge(a, b) and merge(b, a) give the same bits.
+__device__ __forceinline__ MaxSum merge(MaxSum a, MaxSum b) {
+  const float m = fmaxf(a.m, b.m);
+  if (m == -INFINITY) return {m, 0.0f};  // both empty (or all −inf): exp(−inf − −inf) would be NaN
+  return {m, __fadd_rn(__fmul_rn(a.s, expf(a.m - m)), __fmul_rn(b.s, expf(b.m - m)))};
+}
+
+// Merge over the block, the same bits in every thread (warp butterflies, then the warps in order).
+__device__ __forceinline__ MaxSum block_merge(MaxSum v, MaxSum* scratch) {
+#pragma unroll
+  for (int o = kWarp / 2; o > 0; o /= 2)
+    v = merge(v, {__shfl_xor_sync(0xFFFFFFFFu, v.m, o), __shfl_xor_sync(0xFFFFFFFFu, v.s, o)});
+  if (threadIdx.x % kWarp == 0) scratch[threadIdx.x / kWarp] = v;
+  __syncthreads();
+  MaxSum total = scratch[0];
+  for (int w = 1; w < static_cast<int>(blockDim.x / kWarp); ++w) total = merge(total, scratch[w]);
+  return total;
+}
+
+// One block per row: the row's loss into row_loss[r] (0 for an ignored or bad row) and, when dlogits is
+// non-null, its gradient.
+template <int V>
+__global__ void __launch_bounds__(kRowThreads)
+    cross_entropy_rows_kernel(const float* __restrict__ logits, const int64_t* __restrict__ labels, int64_t vocab,
+                              float grad_scale, float* __restrict__ dlogits, double* __restrict__ row_loss,
+                              Totals* __restrict__ totals) {
+  __shared__ MaxSum scratch[kMaxWarps];
+  const int64_t r = blockIdx.x, groups = vocab / V, label = labels[r];
+  const float* z = logits + r * vocab;
+  float* dz = dlogits ? dlogits + r * vocab : nullptr;
+  if (label < 0 || label >= vocab) {  // uniform across the block
+    if (label >= vocab && threadIdx.x == 0) atomicMin(&totals->bad_row, static_cast<unsigned long long>(r));
+    if (threadIdx.x == 0) row_loss[r] = 0.0;
+    if (dz) {
+      const float zero[V] = {};
+      for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) store<V>(dz, j, zero);
+    }
+    return;
+  }
+
+  MaxSum st{-INFINITY, 0.0f};
+  for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) {
+    float v[V];
+    load<V>(z, j, v);
+    float cm = v[0];
+#pragma unroll
+    for (int k = 1; k < V; ++k) cm = fmaxf(cm, v[k]);
+    if (cm > st.m) {
+      st.s = __fmul_rn(st.s, expf(st.m - cm));  // 0 · exp(−inf) = 0 for the first values
+      st.m = cm;
+    }
+    if (st.m != -INFINITY) {
+      float e[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) e[k] = expf(v[k] - st.m);
+      if constexpr (V == 4) {
+        st.s += (e[0] + e[1]) + (e[2] + e[3]);  // pairwise: a thread's running sum takes vocab/1024 additions
+      } else {
+        st.s += e[0];
+      }
+    }
+  }
+  const MaxSum row = block_merge(st, scratch);
+  if (threadIdx.x == 0)
+    row_loss[r] = static_cast<double>(row.m) + log(static_cast<double>(row.s)) - static_cast<double>(z[label]);
+  if (!dz) return;
+  const float inv_sum = 1.0f / row.s;
+  for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) {
+    float v[V];
+    load<V>(z, j, v);
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      v[k] = __fmul_rn(grad_scale, __fmul_rn(expf(v[k] - row.m), inv_sum));
+      if (j * V + k == label) v[k] = __fsub_rn(v[k], grad_scale);
+    }
+    store<V>(dz, j, v);
+  }
+}
+
+// One block: thread t sums rows t, t + 1024, ... in order, then a fixed-order block sum.
+__global__ void __launch_bounds__(kSumThreads)
+    cross_entropy_sum_kernel(const double* __restrict__ row_loss, const int64_t* __restrict__ labels, int64_t rows,
+                             int64_t vocab, Totals* __restrict__ totals) {
+  __shared__ double dscratch[kMaxWarps];
+  __shared__ long long cscratch[kMaxWarps];
+  double loss = 0;
+  long long counted = 0;
+  for (int64_t r = threadIdx.x; r < rows; r += blockDim.x) {
+    loss += row_loss[r];
+    counted += labels[r] >= 0 && labels[r] < vocab;
+  }
+  loss = block_sum(loss, dscratch);
+  counted = block_sum(counted, cscratch);
+  if (threadIdx.x == 0) {
+    totals->loss = loss;
+    totals->counted = counted;
+  }
+}
+
+}  // namespace
+
+double cross_entropy(const float* logits, const int64_t* labels, int64_t rows, int64_t vocab, float grad_scale,
+                     float* dlogits, int64_t* counted, cudaStream_t stream) {
+  require(rows >= 0 && vocab > 0, "cuda::cross_entropy: rows must be >= 0 and vocab > 0, got " +
+                                       std::to_string(rows) + " x " + std::to_string(vocab));
+  require(rows <= INT32_MAX, "cuda::cross_entropy: " + std::to_string(rows) + " rows exceed one launch");
+  if (rows == 0) {
+    if (counted) *counted = 0;
+    return 0.0;
+  }
+  require(logits && labels, "cuda::cross_entropy: null logits or labels");
+
+  const size_t loss_bytes = ops_detail::align256(sizeof(double) * rows);
+  ops_detail::StreamScratch scratch(loss_bytes + sizeof(Totals), stream);
+  double* row_loss = scratch.at<double>();
+  Totals* totals = scratch.at<Totals>(loss_bytes);
+  CUDA_CHECK(cudaMemsetAsync(totals, 0xFF, sizeof(Totals), stream));  // bad_row = kNoBadRow; the rest is written
+
+  const bool vec = vocab % 4 == 0 && ops_detail::aligned(logits, 16) && (!dlogits || ops_detail::aligned(dlogits, 16));
+  const int64_t groups = vec ? vocab / 4 : vocab;
+  const int64_t warps = (groups + kWarp - 1) / kWarp;
+  const int threads = static_cast<int>(warps * kWarp > kRowThreads ? kRowThreads : warps * kWarp);
+  if (vec) {
+    cross_entropy_rows_kernel<4><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+        logits, labels, vocab, grad_scale, dlogits, row_loss, totals);
+  } else {
+    cross_entropy_rows_kernel<1><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+        logits, labels, vocab, grad_scale, dlogits, row_loss, totals);
+  }
+  CUDA_CHECK_LAUNCH();
+  cross_entropy_sum_kernel<<<1, kSumThreads, 0, stream>>>(row_loss, labels, rows, vocab, totals);
+  CUDA_CHECK_LAUNCH();
+
+  Totals host{};
+  CUDA_CHECK(cudaMemcpyAsync(&host, totals, sizeof(Totals), cudaMemcpyDeviceToHost, stream));
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  if (host.bad_row != kNoBadRow) {
+    int64_t label = 0;
+    CUDA_CHECK(cudaMemcpy(&label, labels + host.bad_row, sizeof(label), cudaMemcpyDeviceToHost));
+    throw Error("cuda::cross_entropy: label " + std::to_string(label) + " of row " + std::to_string(host.bad_row) +
+                " >= vocab " + std::to_string(vocab));
+  }
+  if (counted) *counted = host.counted;
+  return host.loss;
+}
+
+}  // namespace moerl::cuda

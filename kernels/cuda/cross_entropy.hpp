@@ -1,0 +1,27 @@
+// Softmax cross-entropy on the GPU (kernels/cuda/cross_entropy.cu): the function of moerl::cpu
+// (kernels/cross_entropy.hpp) with the same arguments plus a stream.
+//
+// logits, labels and dlogits are device memory; `counted` is a HOST pointer (like the returned sum, a result
+// for the caller; may be null). The call SYNCHRONIZES `stream`: it returns the loss sum as a host double.
+// A label < 0 ignores its row (zero loss, zero dlogits); a label >= vocab throws moerl::Error naming the first
+// such row (found on the device, reported after the synchronization; dlogits of that row are zeros).
+//
+// One block per row: each thread keeps an online (max, Σ exp(z − max)) over its columns, merged across the
+// block in a fixed order; lse = max + log(sum) in FP32 (the CPU sums exp in double). Then
+//   dlogits[v] = grad_scale · exp(z_v − max) / sum,   minus grad_scale at the label,
+// and the row's loss lse − z_label (in double from the FP32 max and sum) goes to a per-row buffer that one
+// block sums in a fixed order: the same bits on every run. Throws moerl::Error on bad arguments (negative
+// sizes, null pointers, rows >= 2^31) and on a CUDA failure.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace moerl::cuda {
+
+// logits [rows, vocab], labels [rows] -> the SUM of −log p(label) over counted rows; *counted = their number;
+// dlogits [rows, vocab] (optional) = grad_scale · (softmax(logits) − onehot(label)), zeros for ignored rows.
+double cross_entropy(const float* logits, const int64_t* labels, int64_t rows, int64_t vocab, float grad_scale,
+                     float* dlogits, int64_t* counted, cudaStream_t stream = nullptr);
+
+}  // namespace moerl::cuda

@@ -1,0 +1,208 @@
+// RMSNorm forward/backward on the GPU; the reference is kernels/cpu/rmsnorm.cpp, the contract
+// kernels/cuda/rmsnorm.hpp.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/ops_common.cuh"
+#include "kernels/cuda/rmsnorm.hpp"
+#include "runtime/error.hpp"
+
+namespace moerl::cuda {
+namespace {
+
+using ops_detail::block_sum;
+using ops_detail::kMaxWarps;
+using ops_detail::kWarp;
+using ops_detail::load;
+using ops_detail::store;
+
+constexpr int kMaxThreads = 256;
+// Rows per block of the backward kernel: each block writes one [dim] slice of dweight partial sums, so this
+// sets the scratch size (rows / 32 · dim floats) and the length of the second pass.
+constexpr int64_t kChunkRows = 32;
+// dweight's per-block accumulators live in shared memory: dim floats, at most 192 KiB (an H200 block may
+// have 227 KiB).
+constexpr int64_t kMaxDweightDim = 49152;
+// The second dweight pass: a block covers 32 columns; 8 threads per column sum every 8th chunk, then their
+// sums are added in a fixed order.
+constexpr int kFinishCols = 32;
+constexpr int kFinishSplit = 8;
+
+// One block per row: y = weight · (x · rstd), HF's order.
+template <int V>
+__global__ void __launch_bounds__(kMaxThreads)
+    rmsnorm_forward_kernel(const float* __restrict__ x, const float* __restrict__ weight, float* __restrict__ y,
+                           float* __restrict__ rstd, int64_t dim, float eps) {
+  __shared__ float scratch[kMaxWarps];
+  const int64_t r = blockIdx.x, groups = dim / V;
+  const float* xr = x + r * dim;
+  float* yr = y + r * dim;
+  float ss = 0;
+  for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) {
+    float v[V];
+    load<V>(xr, j, v);
+#pragma unroll
+    for (int k = 0; k < V; ++k) ss += v[k] * v[k];
+  }
+  ss = block_sum(ss, scratch);
+  const float s = 1.0f / sqrtf(ss / static_cast<float>(dim) + eps);
+  if (threadIdx.x == 0) rstd[r] = s;
+  for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) {
+    float v[V], w[V];
+    load<V>(xr, j, v);
+    load<V>(weight, j, w);
+#pragma unroll
+    for (int k = 0; k < V; ++k) v[k] = w[k] * (v[k] * s);
+    store<V>(yr, j, v);
+  }
+}
+
+// One block per chunk of kChunkRows rows. Per row: dot = Σ w·dy·x (block sum), dx = s·w·dy − s³·dot/dim · x.
+// With `partial` non-null, each thread also accumulates dy·x·s of its own columns over the chunk's rows in
+// shared memory (no other thread touches those entries) and writes them to partial[chunk, dim].
+template <int V>
+__global__ void __launch_bounds__(kMaxThreads)
+    rmsnorm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ weight,
+                            const float* __restrict__ rstd, float* __restrict__ dx, float* __restrict__ partial,
+                            int64_t rows, int64_t dim) {
+  extern __shared__ __align__(16) float acc[];  // [dim] when partial is non-null
+  __shared__ float scratch[kMaxWarps];
+  const int64_t groups = dim / V;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kChunkRows;
+  const int64_t r1 = r0 + kChunkRows < rows ? r0 + kChunkRows : rows;
+  if (partial) {
+    const float zero[V] = {};
+    for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) store<V>(acc, j, zero);
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* xr = x + r * dim;
+    const float* dyr = dy + r * dim;
+    float* dxr = dx + r * dim;
+    const float s = rstd[r];
+    float dot = 0;
+    for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) {
+      float xv[V], dv[V], wv[V];
+      load<V>(xr, j, xv);
+      load<V>(dyr, j, dv);
+      load<V>(weight, j, wv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) dot += wv[k] * dv[k] * xv[k];
+    }
+    dot = block_sum(dot, scratch);
+    const float c = s * s * s * dot / static_cast<float>(dim);
+    for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) {
+      float xv[V], dv[V], wv[V], out[V];
+      load<V>(xr, j, xv);
+      load<V>(dyr, j, dv);
+      load<V>(weight, j, wv);
+#pragma unroll
+      for (int k = 0; k < V; ++k) out[k] = s * wv[k] * dv[k] - c * xv[k];
+      store<V>(dxr, j, out);
+      if (partial) {
+        float a[V];
+        load<V>(acc, j, a);
+#pragma unroll
+        for (int k = 0; k < V; ++k) a[k] += dv[k] * xv[k] * s;
+        store<V>(acc, j, a);
+      }
+    }
+  }
+  if (partial) {
+    float* slice = partial + static_cast<int64_t>(blockIdx.x) * dim;
+    for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) {
+      float a[V];
+      load<V>(acc, j, a);
+      store<V>(slice, j, a);
+    }
+  }
+}
+
+// dweight[j] += Σ_chunks partial[chunk, j], in a fixed order: thread `split` of column j sums chunks split,
+// split + 8, ... in turn, then the 8 sums are added in split order.
+__global__ void __launch_bounds__(kFinishCols * kFinishSplit)
+    rmsnorm_dweight_finish_kernel(const float* __restrict__ partial, int64_t chunks, int64_t dim,
+                                  float* __restrict__ dweight) {
+  __shared__ float sums[kFinishSplit][kFinishCols];
+  const int col = threadIdx.x % kFinishCols, split = threadIdx.x / kFinishCols;
+  const int64_t j = static_cast<int64_t>(blockIdx.x) * kFinishCols + col;
+  float s = 0;
+  if (j < dim)
+    for (int64_t c = split; c < chunks; c += kFinishSplit) s += partial[c * dim + j];
+  sums[split][col] = s;
+  __syncthreads();
+  if (split == 0 && j < dim) {
+    float total = sums[0][col];
+    for (int k = 1; k < kFinishSplit; ++k) total += sums[k][col];
+    dweight[j] += total;
+  }
+}
+
+// Threads per row: one per group of V columns, in whole warps, at most kMaxThreads.
+int threads_for(int64_t groups) {
+  const int64_t warps = (groups + kWarp - 1) / kWarp;
+  return static_cast<int>(warps < 1 ? kWarp : warps * kWarp > kMaxThreads ? kMaxThreads : warps * kWarp);
+}
+
+void check_sizes(const char* fn, int64_t rows, int64_t dim) {
+  require(rows >= 0 && dim >= 0, std::string("cuda::") + fn + ": rows and dim must be >= 0, got " +
+                                     std::to_string(rows) + " x " + std::to_string(dim));
+  require(rows == 0 || dim > 0, std::string("cuda::") + fn + ": dim must be > 0 for " + std::to_string(rows) + " rows");
+}
+
+}  // namespace
+
+void rmsnorm_forward(const float* x, const float* weight, float* y, float* rstd, int64_t rows, int64_t dim, float eps,
+                     cudaStream_t stream) {
+  check_sizes("rmsnorm_forward", rows, dim);
+  if (rows == 0) return;
+  require(x && weight && y && rstd, "cuda::rmsnorm_forward: null x, weight, y or rstd");
+  require(rows <= INT32_MAX, "cuda::rmsnorm_forward: " + std::to_string(rows) + " rows exceed one launch");
+  const bool vec = dim % 4 == 0 && ops_detail::aligned(x, 16) && ops_detail::aligned(weight, 16) && ops_detail::aligned(y, 16);
+  const int threads = threads_for(vec ? dim / 4 : dim);
+  if (vec) {
+    rmsnorm_forward_kernel<4><<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, weight, y, rstd, dim, eps);
+  } else {
+    rmsnorm_forward_kernel<1><<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, weight, y, rstd, dim, eps);
+  }
+  CUDA_CHECK_LAUNCH();
+}
+
+void rmsnorm_backward(const float* dy, const float* x, const float* weight, const float* rstd, float* dx,
+                      float* dweight, int64_t rows, int64_t dim, cudaStream_t stream) {
+  check_sizes("rmsnorm_backward", rows, dim);
+  if (rows == 0) return;
+  require(dy && x && weight && rstd && dx, "cuda::rmsnorm_backward: null dy, x, weight, rstd or dx");
+  require(!dweight || dim <= kMaxDweightDim, "cuda::rmsnorm_backward: dim " + std::to_string(dim) +
+                                                 " exceeds the " + std::to_string(kMaxDweightDim) +
+                                                 " columns whose dweight sums fit in shared memory");
+  const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
+  require(chunks <= INT32_MAX, "cuda::rmsnorm_backward: " + std::to_string(rows) + " rows exceed one launch");
+  const bool vec = dim % 4 == 0 && ops_detail::aligned(dy, 16) && ops_detail::aligned(x, 16) &&
+                   ops_detail::aligned(weight, 16) && ops_detail::aligned(dx, 16);
+  const int threads = threads_for(vec ? dim / 4 : dim);
+  const size_t smem = dweight ? static_cast<size_t>(dim) * sizeof(float) : 0;
+  ops_detail::StreamScratch scratch(dweight ? static_cast<size_t>(chunks * dim) * sizeof(float) : 0, stream);
+  float* partial = dweight ? scratch.at<float>() : nullptr;
+
+  auto launch = [&](auto kernel) {
+    if (smem > 48 * 1024)  // above the default limit a kernel must opt in to more dynamic shared memory
+      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    kernel<<<static_cast<unsigned>(chunks), threads, smem, stream>>>(dy, x, weight, rstd, dx, partial, rows, dim);
+    CUDA_CHECK_LAUNCH();
+  };
+  if (vec) {
+    launch(rmsnorm_backward_kernel<4>);
+  } else {
+    launch(rmsnorm_backward_kernel<1>);
+  }
+  if (!dweight) return;
+  const int64_t col_blocks = (dim + kFinishCols - 1) / kFinishCols;
+  rmsnorm_dweight_finish_kernel<<<static_cast<unsigned>(col_blocks), kFinishCols * kFinishSplit, 0, stream>>>(
+      partial, chunks, dim, dweight);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moerl::cuda

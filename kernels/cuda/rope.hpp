@@ -1,0 +1,29 @@
+// RoPE on the GPU (kernels/cuda/rope.cu): the functions of moerl::cpu (kernels/rope.hpp) with the same arguments
+// plus a stream — in place, any row and head strides, rotate-half or interleaved pairs. x is device memory;
+// calls are asynchronous on `stream`.
+//
+// Same arithmetic as the CPU, step for step: inv_freq = 1 / (float)pow(theta, float(2i) / dim) with the power
+// in double, angle = float(position) · inv_freq in FP32, cos and sin in double rounded to FP32, then
+// (a·cos − b·sin, b·cos + a·sin) with each product and sum rounded separately (no fused multiply-add). The
+// GPU's double pow/cos/sin are within 2 ulp of the host's, so after rounding to FP32 the tables, and hence the
+// outputs, equal the CPU's bit for bit except where a double result sits within 2 double-ulp of an FP32
+// rounding boundary.
+//
+// Throws moerl::Error on bad arguments (negative sizes, odd dim, tokens not a multiple of seq, null x, dim/2 >
+// 4096) and on a launch failure.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace moerl::cuda {
+
+// x: `tokens` rows of `heads` vectors of `dim` rope dims; element (t, h, i) at x[t*row_stride + h*head_stride + i].
+void rope_forward(float* x, int64_t tokens, int64_t seq, int64_t heads, int64_t row_stride, int64_t head_stride,
+                  int64_t dim, float theta, bool interleave, cudaStream_t stream = nullptr);
+
+// The transpose: rotates the gradient dx (same layout) back by −angle, in place.
+void rope_backward(float* dx, int64_t tokens, int64_t seq, int64_t heads, int64_t row_stride, int64_t head_stride,
+                   int64_t dim, float theta, bool interleave, cudaStream_t stream = nullptr);
+
+}  // namespace moerl::cuda
