@@ -2,6 +2,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "runtime/safetensors.hpp"
@@ -60,6 +62,38 @@ TEST(Cli, EvalReproducesTheHfLossOfTheTinyFixture) {
   EXPECT_EQ(j.at("tokens").get<int64_t>(), 96);
   EXPECT_LT(std::abs(j.at("loss").get<double>() - hf_loss) / hf_loss, 1e-5);  // the fixture's FP32 bound
   EXPECT_NEAR(j.at("ppl").get<double>(), std::exp(j.at("loss").get<double>()), 1e-9 * j.at("ppl").get<double>());
+}
+
+TEST(Cli, RunExecutesARecipeAndWritesTheRunFolder) {
+  namespace fs = std::filesystem;
+  const fs::path dir = fs::temp_directory_path() / "moerl-cli-run";
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  {
+    std::ofstream corpus(dir / "corpus.jsonl");
+    for (int d = 0; d < 30; ++d) {
+      std::string text;
+      for (int s = 0; s < 20; ++s) text += "the quick brown fox " + std::to_string(d * s % 7) + " jumps over the lazy dog. ";
+      corpus << nlohmann::json{{"text", text}}.dump() << "\n";
+    }
+    std::ofstream(dir / "recipe.yaml") << "name: tiny\nthreads: 1\ndata:\n  corpus: " << (dir / "corpus.jsonl").string()
+                                       << "\n  vocab_size: 320\n  validation_every: 5\n"
+                                          "model:\n  hidden_size: 32\n  num_hidden_layers: 2\n  kv_lora_rank: 16\n"
+                                          "stages:\n  - name: pretrain\n    kind: pretrain\n    steps: 30\n"
+                                          "    batch: 2\n    seq: 16\n    eval_every: 2\n    eval_batches: 1\n";
+  }
+  const auto r = run_command(kMoerl + " run " + (dir / "recipe.yaml").string() + " --set stages.0.steps=4 --out " +
+                             (dir / "out").string());
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  const auto summary = nlohmann::json::parse(r.out);
+  EXPECT_EQ(summary["stages"][0]["steps"].get<int64_t>(), 4);  // the --set override took effect
+  for (const char* f : {"summary.json", "metrics.jsonl", "tokenizer.model", "pretrain/model.safetensors",
+                        "pretrain/config.json", "pretrain/optimizer.safetensors", "pretrain/trainer_state.json"})
+    EXPECT_TRUE(fs::exists(dir / "out" / f)) << f;
+  // A bad override is a usage-level failure of the recipe: one line naming the field.
+  const auto bad = run_command(kMoerl + " run " + (dir / "recipe.yaml").string() + " --set stages.0.steps=zero");
+  EXPECT_EQ(bad.exit_code, 1);
+  EXPECT_NE(bad.err.find("stages[0].steps: expected an integer"), std::string::npos) << bad.err;
 }
 
 }  // namespace
