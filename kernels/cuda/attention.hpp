@@ -1,0 +1,32 @@
+// Causal attention core on the GPU (kernels/cuda/attention.cu): moerl::cpu::attention_forward/backward
+// (kernels/attention.hpp) with the same arguments, layouts and results, up to FP32 rounding.
+//   q, k [batch*seq, heads, dqk]; v, out, dout [batch*seq, heads, dv]; lse [batch, heads, seq] (natural log).
+// Flash-attention style (FP32 on CUDA cores, no TF32): no [seq, seq] matrix in device memory; the backward
+// recomputes P from lse, FlashAttention-2 fashion, with one pass over query tiles per key tile for dK/dV and
+// one over key tiles per query tile for dQ. No atomics: results are bit-identical from run to run.
+//
+// All pointers are device memory, 16-byte aligned (as cudaMalloc gives); outputs are fully overwritten and
+// must not overlap the inputs (the backward stages D = rowsum(dO∘O) in dq before writing dQ there). Calls
+// are asynchronous on `stream`. Head dims: dqk in {24, 96, 192}, dv in {16, 64, 128} (kernels are
+// templates on them); heads and batch up to 65535. batch, seq or heads 0: nothing is launched.
+// Throws moerl::Error on bad arguments (another head dim, negative sizes, null or misaligned pointers) and on
+// a launch failure.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace moerl::cuda {
+
+// q, k, v -> out (overwritten) and lse (saved for the backward).
+void attention_forward(const float* q, const float* k, const float* v, float* out, float* lse, int64_t batch,
+                       int64_t seq, int64_t heads, int64_t dqk, int64_t dv, float scale,
+                       cudaStream_t stream = nullptr);
+
+// dout with the forward's q, k, v, out, lse -> dq, dk [batch*seq, heads, dqk] and dv_out [batch*seq, heads, dv],
+// all overwritten.
+void attention_backward(const float* dout, const float* q, const float* k, const float* v, const float* out,
+                        const float* lse, float* dq, float* dk, float* dv_out, int64_t batch, int64_t seq,
+                        int64_t heads, int64_t dqk, int64_t dv, float scale, cudaStream_t stream = nullptr);
+
+}  // namespace moerl::cuda
