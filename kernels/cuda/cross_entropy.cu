@@ -56,11 +56,12 @@ __device__ __forceinline__ MaxSum block_merge(MaxSum v, MaxSum* scratch) {
 }
 
 // One block per row: the row's loss into row_loss[r] (0 for an ignored or bad row) and, when dlogits is
-// non-null, its gradient.
+// non-null, its gradient. dlogits may be logits (no __restrict__): every logit is read before the block's
+// barrier in block_merge or, in the gradient pass, by the thread that then overwrites it.
 template <int V>
 __global__ void __launch_bounds__(kRowThreads)
-    cross_entropy_rows_kernel(const float* __restrict__ logits, const int64_t* __restrict__ labels, int64_t vocab,
-                              float grad_scale, float* __restrict__ dlogits, double* __restrict__ row_loss,
+    cross_entropy_rows_kernel(const float* logits, const int64_t* __restrict__ labels, int64_t vocab,
+                              float grad_scale, float* dlogits, double* __restrict__ row_loss,
                               Totals* __restrict__ totals) {
   __shared__ MaxSum scratch[kMaxWarps];
   const int64_t r = blockIdx.x, groups = vocab / V, label = labels[r];
@@ -98,9 +99,10 @@ __global__ void __launch_bounds__(kRowThreads)
       }
     }
   }
+  const float z_label = threadIdx.x == 0 ? z[label] : 0.0f;  // before the barrier: in place, dz[label] follows it
   const MaxSum row = block_merge(st, scratch);
   if (threadIdx.x == 0)
-    row_loss[r] = static_cast<double>(row.m) + log(static_cast<double>(row.s)) - static_cast<double>(z[label]);
+    row_loss[r] = static_cast<double>(row.m) + log(static_cast<double>(row.s)) - static_cast<double>(z_label);
   if (!dz) return;
   const float inv_sum = 1.0f / row.s;
   for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) {

@@ -3,6 +3,7 @@
 //
 // logits, labels and dlogits are device memory; `counted` is a HOST pointer (like the returned sum, a result
 // for the caller; may be null). The call SYNCHRONIZES `stream`: it returns the loss sum as a host double.
+// dlogits may be logits itself (the gradient overwrites the logits in place, saving a [rows, vocab] buffer).
 // A label < 0 ignores its row (zero loss, zero dlogits); a label >= vocab throws moerl::Error naming the first
 // such row (found on the device, reported after the synchronization; dlogits of that row are zeros).
 //

@@ -1,6 +1,6 @@
 // Token embedding on the GPU (kernels/cuda/embedding.cu): the functions of moerl::cpu (kernels/embedding.hpp)
-// with the same arguments plus a stream. All pointers (table, ids, out, dout, dtable) are device memory; calls
-// are asynchronous on `stream`.
+// with the same arguments plus a stream. All pointers (table, ids, out, dout, dtable) are device memory, outputs
+// not overlapping inputs; calls are asynchronous on `stream`.
 //
 // ids must lie in [0, vocab): as on the CPU they are not checked (no vocab is passed), and an id outside the
 // table reads or writes outside it.

@@ -1,5 +1,6 @@
 // SwiGLU on the GPU (kernels/cuda/swiglu.cu): the functions of moerl::cpu (kernels/swiglu.hpp) with the same
-// arguments plus a stream. All pointers are device memory; calls are asynchronous on `stream`.
+// arguments plus a stream. All pointers are device memory, outputs not overlapping inputs; calls are
+// asynchronous on `stream`.
 //
 // Same FP32 formulas as the CPU, each product, sum and quotient rounded separately (no fused multiply-add);
 // the only difference is expf (CUDA's: within 2 ulp; glibc's: correctly rounded in nearly all cases), so

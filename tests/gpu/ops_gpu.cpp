@@ -390,6 +390,12 @@ TEST_F(OpsGpu, CrossEntropyMatchesTheCpuLossAndGradientAndRefusesBadLabels) {
     EXPECT_EQ(cuda::cross_entropy(d_logits.get(), d_labels.get(), c.rows, c.vocab, grad_scale, nullptr, nullptr),
               g_loss);
     expect_same_bits(name + " dlogits, second run", d_dlogits.download(n), g_dz);
+    // In place (dlogits = logits): the same loss and gradient.
+    d_dlogits.upload(logits);
+    EXPECT_EQ(cuda::cross_entropy(d_dlogits.get(), d_labels.get(), c.rows, c.vocab, grad_scale, d_dlogits.get(),
+                                  nullptr),
+              g_loss);
+    expect_same_bits(name + " dlogits, in place", d_dlogits.download(n), g_dz);
 
     // A label >= vocab is the caller's error: refused with the row named, as the CPU refuses it.
     labels[c.rows / 2] = c.vocab;
