@@ -18,7 +18,6 @@
 #include <bit>
 #include <cmath>
 #include <cstdio>
-#include <cstdlib>
 #include <limits>
 #include <random>
 #include <string>
@@ -33,53 +32,15 @@
 #include "kernels/swiglu.hpp"
 #include "runtime/error.hpp"
 #include "runtime/model/feed_forward.hpp"
+#include "tests/gpu/moe_gpu_support.hpp"
 
 namespace moerl {
 namespace {
 
-uint64_t run_seed() {
-  static const uint64_t seed = []() -> uint64_t {
-    if (const char* env = std::getenv("MOERL_TEST_SEED")) return std::strtoull(env, nullptr, 10);
-    std::random_device rd;
-    return (uint64_t{rd()} << 32) | rd();
-  }();
-  return seed;
-}
-
-template <class T> class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t n) : n_(n) {
-    void* p = nullptr;
-    CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)));
-    p_ = static_cast<T*>(p);
-  }
-  explicit DeviceBuffer(const std::vector<T>& v) : DeviceBuffer(v.size()) { upload(v); }
-  ~DeviceBuffer() { cudaFree(p_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  T* get() const { return p_; }
-  void upload(const std::vector<T>& v) {
-    require(v.size() <= n_, "DeviceBuffer::upload: more elements than the buffer holds");
-    CUDA_CHECK(cudaMemcpy(p_, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {
-    std::vector<T> v(n_);
-    CUDA_CHECK(cudaMemcpy(v.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
-    return v;
-  }
-  void poison() { CUDA_CHECK(cudaMemset(p_, 0xFF, n_ * sizeof(T))); }  // NaN as float
-
- private:
-  T* p_ = nullptr;
-  size_t n_;
-};
-
-std::vector<float> normal_values(size_t n, float stddev, std::mt19937_64& rng) {
-  std::normal_distribution<float> normal(0.0f, stddev);
-  std::vector<float> v(n);
-  for (float& x : v) x = normal(rng);
-  return v;
-}
+using moe_gpu_test::DeviceBuffer;
+using moe_gpu_test::normal_values;
+using moe_gpu_test::run_seed;
+using MoeExpertsGpu = moe_gpu_test::GpuTest;
 
 double rel_l2(const std::vector<float>& got, const std::vector<float>& ref) {
   double num = 0, den = 0;
@@ -111,19 +72,6 @@ struct HostExperts {
     gate_up.insert(gate_up.end(), gate, gate + I * H);
     gate_up.insert(gate_up.end(), up, up + I * H);
     down.insert(down.end(), dn, dn + H * I);
-  }
-};
-
-class MoeExpertsGpu : public ::testing::Test {
- protected:
-  void SetUp() override {
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
-    static bool printed = false;
-    if (!printed)
-      std::printf("moe_experts_gpu: seed %llu (MOERL_TEST_SEED=%llu repeats this run)\n",
-                  static_cast<unsigned long long>(run_seed()), static_cast<unsigned long long>(run_seed()));
-    printed = true;
   }
 };
 
@@ -286,27 +234,13 @@ TEST_F(MoeExpertsGpu, ReportsGroupedExpertThroughput) {
   CUDA_CHECK(cudaMemset(d_xp.get(), 0x3F, R * H * sizeof(float)));  // 0x3F3F3F3F = 0.748
   cuda::MoeExpertsGemm gemm;
   const cuda::MoeExpertWeights w{d_gu.get(), d_down.get(), E, H, I};
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < 2; ++i) gemm.forward(w, d_xp.get(), offsets.data(), d_yp.get());  // plans made here
-  std::vector<float> ms(5);
-  for (float& m : ms) {
-    CUDA_CHECK(cudaEventRecord(start));
-    gemm.forward(w, d_xp.get(), offsets.data(), d_yp.get());
-    CUDA_CHECK(cudaEventRecord(stop));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    CUDA_CHECK(cudaEventElapsedTime(&m, start, stop));
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(ms.begin(), ms.end());
+  const double ms = moe_gpu_test::median_ms([&] { gemm.forward(w, d_xp.get(), offsets.data(), d_yp.get()); });
   const double flops = 2.0 * R * H * 3 * I;  // gate, up and down
   std::printf("MoeExpertsGemm forward E=%lld R=%lld H=%lld I=%lld (largest expert %lld rows): %.2f ms, %.0f TFLOP/s "
               "(BF16, conversions and SwiGLU included; %zu plans cached)\n",
               static_cast<long long>(E), static_cast<long long>(R), static_cast<long long>(H),
               static_cast<long long>(I), static_cast<long long>(*std::max_element(count.begin(), count.end())),
-              ms[2], flops / (ms[2] * 1e-3) / 1e12, gemm.cached_plans());
+              ms, flops / (ms * 1e-3) / 1e12, gemm.cached_plans());
 }
 
 }  // namespace
