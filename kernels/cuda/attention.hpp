@@ -8,7 +8,8 @@
 // All pointers are device memory, 16-byte aligned (as cudaMalloc gives); outputs are fully overwritten and
 // must not overlap the inputs (the backward stages D = rowsum(dO∘O) in dq before writing dQ there). Calls
 // are asynchronous on `stream`. Head dims: dqk in {24, 96, 192}, dv in {16, 64, 128} (kernels are
-// templates on them); heads and batch up to 65535. batch, seq or heads 0: nothing is launched.
+// templates on them); heads and batch up to 65535, seq up to 65535·64. batch, seq or heads 0: nothing is
+// launched.
 // Throws moerl::Error on bad arguments (another head dim, negative sizes, null or misaligned pointers) and on
 // a launch failure.
 #pragma once

@@ -5,7 +5,8 @@
 // (queries in the forward and dQ kernels, keys in the dK/dV kernel) against a stream of 64-row tiles of the
 // other side. Thread t = 16·ty + tx owns rows ty·4 .. ty·4+3 of the tile (so the 16 lanes of a row are one
 // half-warp and row reductions are 4 shuffles) and score columns tx + 16e, e < 4. Score tiles go through
-// shared memory (row stride 68 floats) for the products that follow.
+// shared memory (row stride 68 floats) for the products that follow; a thread reads back only its own rows,
+// which its half-warp wrote, so a warp barrier orders them.
 //
 // Shared tiles are row-major with kPad floats of padding: the row stride is an odd multiple of 16 bytes, so
 // the 8 lanes of a 16-byte-load phase reading 8 consecutive rows at the same column hit 8 distinct bank
@@ -41,7 +42,7 @@ template <int DQ, int DV> struct Smem {
   static constexpr int q = kTile * ld(DQ), v = kTile * ld(DV), s = kTile * ld(kTile);
   static constexpr int forward = 2 * q + v + s;                  // Q, K, V, P
   static constexpr int dkdv = 2 * q + 2 * v + 2 * s + 2 * kTile;  // K, V, Q, dO, Pᵀ, dSᵀ, lse·log2(e), D
-  static constexpr int dq = 2 * q + 2 * v + s;                   // Q, dO, K, V, dS
+  static constexpr int dq = 2 * q + 2 * v + s + 2 * kTile;       // Q, dO, K, V, dS, lse·log2(e), D
   static constexpr int forward_blocks = blocks_per_sm(forward), dkdv_blocks = blocks_per_sm(dkdv),
                        dq_blocks = blocks_per_sm(dq);
 };
@@ -179,7 +180,10 @@ __device__ __forceinline__ void store_row(float* __restrict__ dst_row, const flo
   }
 }
 
-// Forward. Grid (query tiles, heads, batch); block x takes query tile tiles-1-x (the longest first). Streams
+// Grids are (heads, batch, tiles) with the longest tiles at z = 0: blocks start in x, y, z order, so the long
+// ones run first and the short ones fill the tail.
+//
+// Forward. Block z takes query tile tiles-1-z (keys 0 .. its diagonal). Streams
 // the key tiles 0 .. qt with an online softmax: running row max m (base 2), per-thread partial row sums l,
 // O rescaled by 2^(m_old - m_new) whenever the max grows.
 template <int DQ, int DV>
@@ -192,7 +196,7 @@ __global__ void __launch_bounds__(kThreads, Smem<DQ, DV>::forward_blocks)
   float* Ps = Vs + Smem<DQ, DV>::v;
   const int tx = threadIdx.x % kLanes, ty = threadIdx.x / kLanes;
   const int tiles = (seq + kTile - 1) / kTile;
-  const int qt = tiles - 1 - static_cast<int>(blockIdx.x), h = blockIdx.y, b = blockIdx.z, i0 = qt * kTile;
+  const int qt = tiles - 1 - static_cast<int>(blockIdx.z), h = blockIdx.x, b = blockIdx.y, i0 = qt * kTile;
   const int64_t ldq = int64_t{heads} * DQ, ldv = int64_t{heads} * DV, tok0 = int64_t{b} * seq;
   const float* qh = q + tok0 * ldq + h * DQ;
   const float* kh = k + tok0 * ldq + h * DQ;
@@ -238,7 +242,7 @@ __global__ void __launch_bounds__(kThreads, Smem<DQ, DV>::forward_blocks)
         Ps[(ty * kRows + a) * ld(kTile) + tx + kLanes * e] = p;
       }
     }
-    __syncthreads();  // P written
+    __syncwarp();  // P rows 4ty .. 4ty+3 are written and read by the same half-warp
     tile_product<DV>(Ps, Vs, ty, tx, o);
     __syncthreads();  // K, V, P read before the next tile overwrites them
   }
@@ -271,7 +275,7 @@ __global__ void __launch_bounds__(kThreads)
   if (lane == 0) d_stash[r * dqk] = acc;
 }
 
-// Backward, step 2: dK and dV of one key tile kt (block x), streaming query tiles kt .. tiles-1. Rows are keys
+// Backward, step 2: dK and dV of one key tile kt (block z), streaming query tiles kt .. tiles-1. Rows are keys
 // j, score columns queries i: Pᵀ_ji = 2^(s_ij·scale·log2e − lse_i·log2e) for j <= i < seq, else 0;
 // dSᵀ_ji = Pᵀ_ji (dP_ij − D_i); dV += Pᵀ·dO, dK += dSᵀ·Q (times scale at the end).
 template <int DQ, int DV>
@@ -291,7 +295,7 @@ __global__ void __launch_bounds__(kThreads, Smem<DQ, DV>::dkdv_blocks)
   float* Dr = lse2 + kTile;
   const int tx = threadIdx.x % kLanes, ty = threadIdx.x / kLanes;
   const int tiles = (seq + kTile - 1) / kTile;
-  const int kt = blockIdx.x, h = blockIdx.y, b = blockIdx.z, j0 = kt * kTile;
+  const int kt = blockIdx.z, h = blockIdx.x, b = blockIdx.y, j0 = kt * kTile;
   const int64_t ldq = int64_t{heads} * DQ, ldv = int64_t{heads} * DV, tok0 = int64_t{b} * seq;
   const float* qh = q + tok0 * ldq + h * DQ;
   const float* doh = dout + tok0 * ldv + h * DV;
@@ -334,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, Smem<DQ, DV>::dkdv_blocks)
         dSt[(ty * kRows + a) * ld(kTile) + c] = p * (dp[a][e] - Dr[c]);
       }
     }
-    __syncthreads();  // Pᵀ, dSᵀ written
+    __syncwarp();  // Pᵀ, dSᵀ rows 4ty .. 4ty+3 are written and read by the same half-warp
     tile_product<DV>(Pt, dOs, ty, tx, dv_acc);
     tile_product<DQ>(dSt, Qs, ty, tx, dk_acc);
     __syncthreads();  // Q, dO, Pᵀ, dSᵀ read before the next query tile overwrites them
@@ -351,9 +355,9 @@ __global__ void __launch_bounds__(kThreads, Smem<DQ, DV>::dkdv_blocks)
   }
 }
 
-// Backward, step 3: dQ of one query tile (block x takes tiles-1-x), streaming key tiles 0 .. qt:
-// dS_ij = P_ij (dP_ij − D_i), dQ += dS·K (times scale at the end). D_i is read from dq (step 1) into
-// registers first; the same block overwrites those rows only at the end, after the loop's barriers.
+// Backward, step 3: dQ of one query tile (block z takes tiles-1-z), streaming key tiles 0 .. qt:
+// dS_ij = P_ij (dP_ij − D_i), dQ += dS·K (times scale at the end). D_i is read from dq (step 1) into shared
+// memory first; the same block overwrites those rows only at the end, after the loop's barriers.
 template <int DQ, int DV>
 __global__ void __launch_bounds__(kThreads, Smem<DQ, DV>::dq_blocks)
     attention_backward_dq_kernel(const float* __restrict__ dout, const float* __restrict__ q,
@@ -365,9 +369,11 @@ __global__ void __launch_bounds__(kThreads, Smem<DQ, DV>::dq_blocks)
   float* Ks = dOs + Smem<DQ, DV>::v;
   float* Vs = Ks + Smem<DQ, DV>::q;
   float* dSs = Vs + Smem<DQ, DV>::v;
+  float* lse2 = dSs + Smem<DQ, DV>::s;
+  float* Dr = lse2 + kTile;
   const int tx = threadIdx.x % kLanes, ty = threadIdx.x / kLanes;
   const int tiles = (seq + kTile - 1) / kTile;
-  const int qt = tiles - 1 - static_cast<int>(blockIdx.x), h = blockIdx.y, b = blockIdx.z, i0 = qt * kTile;
+  const int qt = tiles - 1 - static_cast<int>(blockIdx.z), h = blockIdx.x, b = blockIdx.y, i0 = qt * kTile;
   const int64_t ldq = int64_t{heads} * DQ, ldv = int64_t{heads} * DV, tok0 = int64_t{b} * seq;
   const float* kh = k + tok0 * ldq + h * DQ;
   const float* vh = v + tok0 * ldv + h * DV;
@@ -376,36 +382,38 @@ __global__ void __launch_bounds__(kThreads, Smem<DQ, DV>::dq_blocks)
 
   load_tile<DQ>(Qs, q + tok0 * ldq + h * DQ + i0 * ldq, ldq, seq - i0);
   load_tile<DV>(dOs, dout + tok0 * ldv + h * DV + i0 * ldv, ldv, seq - i0);
-  float lse2[kRows], D[kRows], dq_acc[kRows][Cols<DQ>::kPerThread];
+  for (int t = threadIdx.x; t < kTile; t += kThreads) {
+    const bool in = i0 + t < seq;
+    lse2[t] = in ? lse_h[i0 + t] * kLog2e : 0.0f;
+    Dr[t] = in ? dqh[(i0 + t) * ldq] : 0.0f;
+  }
+  float dq_acc[kRows][Cols<DQ>::kPerThread];
 #pragma unroll
-  for (int a = 0; a < kRows; ++a) {
-    const int i = i0 + ty * kRows + a;
-    lse2[a] = i < seq ? lse_h[i] * kLog2e : 0.0f;
-    D[a] = i < seq ? dqh[i * ldq] : 0.0f;
+  for (int a = 0; a < kRows; ++a)
 #pragma unroll
     for (int n = 0; n < Cols<DQ>::kPerThread; ++n) dq_acc[a][n] = 0.0f;
-  }
 
   for (int kt = 0; kt <= qt; ++kt) {
     const int j0 = kt * kTile;
     load_tile<DQ>(Ks, kh + j0 * ldq, ldq, seq - j0);
     load_tile<DV>(Vs, vh + j0 * ldv, ldv, seq - j0);
-    __syncthreads();  // K, V (and Q, dO on the first pass) written
+    __syncthreads();  // K, V (and Q, dO, lse, D on the first pass) written
 
     float s[kRows][kScoreCols], dp[kRows][kScoreCols];
     tile_scores<DQ>(Qs, Ks, ty, tx, s);
     tile_scores<DV>(dOs, Vs, ty, tx, dp);
 #pragma unroll
     for (int a = 0; a < kRows; ++a) {
-      const int i = i0 + ty * kRows + a;
+      const int r = ty * kRows + a, i = i0 + r;
+      const float row_lse2 = lse2[r], row_d = Dr[r];
 #pragma unroll
       for (int e = 0; e < kScoreCols; ++e) {
         const int c = tx + kLanes * e;
-        const float p = j0 + c <= i ? exp2f(s[a][e] * scale_log2 - lse2[a]) : 0.0f;
-        dSs[(ty * kRows + a) * ld(kTile) + c] = p * (dp[a][e] - D[a]);
+        const float p = j0 + c <= i ? exp2f(s[a][e] * scale_log2 - row_lse2) : 0.0f;
+        dSs[r * ld(kTile) + c] = p * (dp[a][e] - row_d);
       }
     }
-    __syncthreads();  // dS written
+    __syncwarp();  // dS rows 4ty .. 4ty+3 are written and read by the same half-warp
     tile_product<DQ>(dSs, Ks, ty, tx, dq_acc);
     __syncthreads();  // K, V, dS read before the next key tile overwrites them
   }
