@@ -17,7 +17,8 @@ double capnp_batch_roundtrip_us(int tokens, int runs) {
   batch.labels.resize(static_cast<size_t>(tokens));
   for (int i = 0; i < tokens; ++i) {
     batch.ids[static_cast<size_t>(i)] = static_cast<int32_t>((i * 7919LL) % kVocab);
-    batch.labels[static_cast<size_t>(i)] = i < tokens / 4 ? kNoLossLabel : static_cast<int32_t>((i * 104729LL) % kVocab);
+    batch.labels[static_cast<size_t>(i)] =
+        i < tokens / 4 ? kNoLossLabel : static_cast<int32_t>((i * 104729LL) % kVocab);
   }
   DecodeLimits limits;
   limits.vocab = kVocab;

@@ -24,24 +24,34 @@ namespace moerl::msg {
 // message that points many times at the same data (amplification) cannot make the reader walk more than
 // the largest legitimate message of that kind.
 struct DecodeLimits {
-  int64_t vocab = 0;                       // token ids must be in [0, vocab); 0: only checked >= 0
-  uint64_t max_batch_tokens = 1u << 22;    // batch * seq of a TokenBatch, and summed over a TrainStep
-  uint64_t max_sequence = 1u << 17;        // tokens of a prompt, response, stop list or utterance
-  uint64_t max_text_bytes = 1u << 20;      // human text: prompts, responses, corrections, error messages
-  uint64_t max_name_bytes = 4096;          // names: runs, tensors, groups, actors, annotators, paths
-  uint64_t max_inline_bytes = 1u << 20;    // TensorRef.inlineData (larger tensors go on the data plane)
-  uint32_t max_dims = 8;                   // TensorRef.shape rank
-  uint32_t max_micro_batches = 256;        // TrainStep.batches
-  uint32_t max_layers = 256;               // TrainStepResult.expertLoad entries
-  uint32_t max_experts = 1024;             // ExpertLoad.tokensPerExpert entries (DeepSeek-V3: 256)
-  uint32_t max_files = 4096;               // CheckpointManifest.files
-  uint32_t max_samples = 1024;             // GenerationRequest.samples
-  int nesting_limit = 8;                   // our deepest path is 4 levels (ReplayRecord.rollout.policyVersion)
+  int64_t vocab = 0;                     // token ids must be in [0, vocab); 0: only checked >= 0
+  uint64_t max_batch_tokens = 1u << 22;  // batch * seq of a TokenBatch, and summed over a TrainStep
+  uint64_t max_sequence = 1u << 17;      // tokens of a prompt, response, stop list or utterance
+  uint64_t max_text_bytes = 1u << 20;    // human text: prompts, responses, corrections, error messages
+  uint64_t max_name_bytes = 4096;        // names: runs, tensors, groups, actors, annotators, paths
+  uint64_t max_inline_bytes = 1u << 20;  // TensorRef.inlineData (larger tensors go on the data plane)
+  uint32_t max_dims = 8;                 // TensorRef.shape rank
+  uint32_t max_micro_batches = 256;      // TrainStep.batches
+  uint32_t max_layers = 256;             // TrainStepResult.expertLoad entries
+  uint32_t max_experts = 1024;           // ExpertLoad.tokensPerExpert entries (DeepSeek-V3: 256)
+  uint32_t max_files = 4096;             // CheckpointManifest.files
+  uint32_t max_samples = 1024;           // GenerationRequest.samples
+  int nesting_limit = 8;                 // deepest today: 3 levels (ReplayRecord.rollout.promptIds)
 };
 
 enum class MessageKind : uint8_t {
-  TensorRef, ActorError, TokenBatch, TrainStep, TrainStepResult, CheckpointManifest,
-  GenerationRequest, Rollout, Comparison, Rating, Correction, ReplayRecord,
+  TensorRef,
+  ActorError,
+  TokenBatch,
+  TrainStep,
+  TrainStepResult,
+  CheckpointManifest,
+  GenerationRequest,
+  Rollout,
+  Comparison,
+  Rating,
+  Correction,
+  ReplayRecord,
 };
 inline constexpr int kMessageKinds = 12;
 

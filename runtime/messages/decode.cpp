@@ -82,10 +82,9 @@ std::vector<T> read_list(typename capnp::List<T>::Reader l, uint64_t max_entries
 // Token ids in [0, vocab) (only >= 0 when the vocabulary is unknown); labels may also be kNoLossLabel.
 // A branch-free scan first (it vectorizes: this is most of a TokenBatch's decode time), then a search for
 // the first offender to name it.
-void check_tokens(const std::vector<int32_t>& ids, const DecodeLimits& limits, const Path& p,
-                  bool labels = false) {
-  const uint32_t bound = limits.vocab > 0 && limits.vocab < (int64_t{1} << 31) ? static_cast<uint32_t>(limits.vocab)
-                                                                               : uint32_t{1} << 31;
+void check_tokens(const std::vector<int32_t>& ids, const DecodeLimits& limits, const Path& p, bool labels = false) {
+  const uint32_t bound =
+      limits.vocab > 0 && limits.vocab < (int64_t{1} << 31) ? static_cast<uint32_t>(limits.vocab) : uint32_t{1} << 31;
   const auto no_loss = static_cast<uint32_t>(kNoLossLabel);
   uint32_t bad = 0;
   const uint32_t* u = reinterpret_cast<const uint32_t*>(ids.data());
@@ -123,8 +122,8 @@ Plain read_enum(Wire w, uint16_t count, const Path& p) {
 
 void check_schema_version(uint32_t v, const Path& p) {
   if (v != kFeedbackSchemaVersion)
-    fail(p / "schemaVersion", "version " + num(v) + " is not known (this build reads version " +
-                                  num(kFeedbackSchemaVersion) + ")");
+    fail(p / "schemaVersion",
+         "version " + num(v) + " is not known (this build reads version " + num(kFeedbackSchemaVersion) + ")");
 }
 
 StepId read_step_id(wire::StepId::Reader r, const DecodeLimits& l, const Path& p) {
@@ -153,8 +152,8 @@ TensorRef read_tensor_ref(wire::TensorRef::Reader r, const DecodeLimits& l, cons
       fail(p / "shape", shape_string(x.shape) + " overflows 64-bit byte counts");
   }
   if (x.byte_size != bytes)
-    fail(p / "byteSize", num(x.byte_size) + ", expected " + num(bytes) + " for " +
-                             std::string(dtype_name(x.dtype)) + " " + shape_string(x.shape));
+    fail(p / "byteSize", num(x.byte_size) + ", expected " + num(bytes) + " for " + std::string(dtype_name(x.dtype)) +
+                             " " + shape_string(x.shape));
   if (x.device == Device::CPU && x.device_index != 0)
     fail(p / "deviceIndex", num(x.device_index) + ", expected 0 for a CPU tensor");
   const bool moved = x.transport == Transport::Nccl || x.transport == Transport::Gloo;
@@ -264,8 +263,8 @@ TrainStepResult read_train_step_result(wire::TrainStepResult::Reader r, const De
     e.tokens_per_expert = read_list<uint32_t>(load[i].getTokensPerExpert(), l.max_experts, li / "tokensPerExpert");
     if (e.tokens_per_expert.empty()) fail(li / "tokensPerExpert", "empty, expected one count per routed expert");
     if (i > 0 && e.layer <= x.expert_load.back().layer)
-      fail(li / "layer", num(e.layer) + ", expected layers in ascending order (previous " +
-                             num(x.expert_load.back().layer) + ")");
+      fail(li / "layer",
+           num(e.layer) + ", expected layers in ascending order (previous " + num(x.expert_load.back().layer) + ")");
     if (i > 0 && e.tokens_per_expert.size() != x.expert_load[0].tokens_per_expert.size())
       fail(li / "tokensPerExpert", num(e.tokens_per_expert.size()) + " experts, expected " +
                                        num(x.expert_load[0].tokens_per_expert.size()) + " as in every layer");
@@ -354,8 +353,8 @@ Rollout read_rollout(wire::Rollout::Reader r, const DecodeLimits& l, const Path&
   check_tokens(x.response_ids, l, p / "responseIds");
   auto log_probs = r.getLogProbs();
   if (log_probs.size() != x.response_ids.size())
-    fail(p / "logProbs", num(log_probs.size()) + " entries, expected one per response token (" +
-                             num(x.response_ids.size()) + ")");
+    fail(p / "logProbs",
+         num(log_probs.size()) + " entries, expected one per response token (" + num(x.response_ids.size()) + ")");
   x.log_probs = read_list<float>(log_probs, l.max_sequence, p / "logProbs");
   for (size_t i = 0; i < x.log_probs.size(); ++i)
     if (!(std::isfinite(x.log_probs[i]) && x.log_probs[i] <= 0))
@@ -461,7 +460,8 @@ auto decode_as(MessageKind kind, std::span<const uint8_t> bytes, const DecodeLim
   const std::string name(kind_name(kind));
   // A Cap'n Proto stream is whole 8-byte words: a ragged length is a truncated or padded message.
   if (bytes.empty() || bytes.size() % sizeof(capnp::word) != 0)
-    throw Error(name + ": " + num(bytes.size()) + " bytes, expected a non-empty multiple of 8 (one Cap'n Proto message)");
+    throw Error(name + ": " + num(bytes.size()) +
+                " bytes, expected a non-empty multiple of 8 (one Cap'n Proto message)");
   kj::Array<capnp::word> aligned;
   kj::ArrayPtr<const capnp::word> words;
   if (reinterpret_cast<uintptr_t>(bytes.data()) % alignof(capnp::word) == 0) {

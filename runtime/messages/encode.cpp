@@ -5,10 +5,12 @@
 #include <capnp/serialize.h>
 #include <kj/io.h>
 
+#include <algorithm>
 #include <bit>
 #include <cstring>
 #include <type_traits>
 
+#include "runtime/error.hpp"
 #include "runtime/messages/codec.hpp"
 #include "runtime/messages/wire.hpp"
 
@@ -194,65 +196,80 @@ void fill(wire::ReplayRecord::Builder b, const ReplayRecord& x) {
 
 // Rough payload size of each struct in bytes, for the first-segment hint.
 size_t payload(const std::string& s) { return s.size(); }
-template <class T> size_t payload(const std::vector<T>& v) { return v.size() * sizeof(T); }
-size_t payload(const Utterance& u) { return payload(u.text) + payload(u.ids); }
-size_t payload(const Rollout& r) {
-  return payload(r.prompt_ids) + payload(r.response_ids) + payload(r.log_probs);
+template <class T>
+size_t payload(const std::vector<T>& v) {
+  return v.size() * sizeof(T);
 }
+size_t payload(const Utterance& u) { return payload(u.text) + payload(u.ids); }
+size_t payload(const Rollout& r) { return payload(r.prompt_ids) + payload(r.response_ids) + payload(r.log_probs); }
 size_t payload(const TokenBatch& b) { return payload(b.step.run) + payload(b.ids) + payload(b.labels); }
 
+// Cap'n Proto refuses what it cannot represent (a list of 2^29 or more elements, a segment over 4 GiB)
+// with kj::Exception; the caller gets moerl::Error naming the kind.
 template <class Wire, class Plain>
-std::vector<uint8_t> build(const Plain& x, size_t payload_bytes) {
-  capnp::MallocMessageBuilder message(static_cast<unsigned>(kStructWords * 8 + words_of(payload_bytes)));
-  fill(message.initRoot<Wire>(), x);
-  auto segments = message.getSegmentsForOutput();
-  std::vector<uint8_t> out(capnp::computeSerializedSizeInWords(segments) * sizeof(capnp::word));
-  kj::ArrayOutputStream stream(kj::arrayPtr(out.data(), out.size()));
-  capnp::writeMessage(stream, segments);
-  return out;
+std::vector<uint8_t> build(MessageKind kind, const Plain& x, size_t payload_bytes) {
+  try {
+    const size_t hint = std::min<size_t>(kStructWords * 8 + words_of(payload_bytes), size_t{1} << 28);
+    capnp::MallocMessageBuilder message(static_cast<unsigned>(hint));
+    fill(message.initRoot<Wire>(), x);
+    auto segments = message.getSegmentsForOutput();
+    std::vector<uint8_t> out(capnp::computeSerializedSizeInWords(segments) * sizeof(capnp::word));
+    kj::ArrayOutputStream stream(kj::arrayPtr(out.data(), out.size()));
+    capnp::writeMessage(stream, segments);
+    return out;
+  } catch (const kj::Exception& e) {
+    throw Error(std::string(kind_name(kind)) + ": cannot encode (" + e.getDescription().cStr() + ")");
+  }
 }
 
 }  // namespace
 
 std::vector<uint8_t> encode(const TensorRef& x) {
-  return build<wire::TensorRef>(x, x.name.size() + x.group.size() + x.inline_data.size() + 8 * x.shape.size());
+  const size_t bytes = x.name.size() + x.group.size() + x.inline_data.size() + 8 * x.shape.size();
+  return build<wire::TensorRef>(MessageKind::TensorRef, x, bytes);
 }
 std::vector<uint8_t> encode(const ActorError& x) {
-  return build<wire::ActorError>(x, x.message.size() + x.actor.size() + x.step.run.size());
+  const size_t bytes = x.message.size() + x.actor.size() + x.step.run.size();
+  return build<wire::ActorError>(MessageKind::ActorError, x, bytes);
 }
-std::vector<uint8_t> encode(const TokenBatch& x) { return build<wire::TokenBatch>(x, payload(x)); }
+std::vector<uint8_t> encode(const TokenBatch& x) {
+  return build<wire::TokenBatch>(MessageKind::TokenBatch, x, payload(x));
+}
 std::vector<uint8_t> encode(const TrainStep& x) {
   size_t bytes = payload(x.step.run);
   for (const auto& b : x.batches) bytes += payload(b) + kStructWords * 16;
-  return build<wire::TrainStep>(x, bytes);
+  return build<wire::TrainStep>(MessageKind::TrainStep, x, bytes);
 }
 std::vector<uint8_t> encode(const TrainStepResult& x) {
   size_t bytes = payload(x.step.run);
   for (const auto& e : x.expert_load) bytes += payload(e.tokens_per_expert) + kStructWords * 8;
-  return build<wire::TrainStepResult>(x, bytes);
+  return build<wire::TrainStepResult>(MessageKind::TrainStepResult, x, bytes);
 }
 std::vector<uint8_t> encode(const CheckpointManifest& x) {
   size_t bytes = payload(x.folder) + payload(x.step.run);
   for (const auto& f : x.files) bytes += payload(f.path) + payload(f.checksum) + kStructWords * 8;
-  return build<wire::CheckpointManifest>(x, bytes);
+  return build<wire::CheckpointManifest>(MessageKind::CheckpointManifest, x, bytes);
 }
 std::vector<uint8_t> encode(const GenerationRequest& x) {
-  return build<wire::GenerationRequest>(x, payload(x.prompt_ids) + payload(x.sampling.stop_ids));
+  const size_t bytes = payload(x.prompt_ids) + payload(x.sampling.stop_ids);
+  return build<wire::GenerationRequest>(MessageKind::GenerationRequest, x, bytes);
 }
-std::vector<uint8_t> encode(const Rollout& x) { return build<wire::Rollout>(x, payload(x)); }
+std::vector<uint8_t> encode(const Rollout& x) { return build<wire::Rollout>(MessageKind::Rollout, x, payload(x)); }
 std::vector<uint8_t> encode(const Comparison& x) {
-  return build<wire::Comparison>(x, payload(x.prompt) + payload(x.first) + payload(x.second) + payload(x.annotator));
+  const size_t bytes = payload(x.prompt) + payload(x.first) + payload(x.second) + payload(x.annotator);
+  return build<wire::Comparison>(MessageKind::Comparison, x, bytes);
 }
 std::vector<uint8_t> encode(const Rating& x) {
-  return build<wire::Rating>(x, payload(x.prompt) + payload(x.response) + payload(x.annotator));
+  const size_t bytes = payload(x.prompt) + payload(x.response) + payload(x.annotator);
+  return build<wire::Rating>(MessageKind::Rating, x, bytes);
 }
 std::vector<uint8_t> encode(const Correction& x) {
-  return build<wire::Correction>(x, payload(x.prompt) + payload(x.original) + payload(x.corrected) +
-                                        payload(x.annotator));
+  const size_t bytes = payload(x.prompt) + payload(x.original) + payload(x.corrected) + payload(x.annotator);
+  return build<wire::Correction>(MessageKind::Correction, x, bytes);
 }
 std::vector<uint8_t> encode(const ReplayRecord& x) {
-  return build<wire::ReplayRecord>(x, payload(x.rollout) + payload(x.rewards) + payload(x.advantages) +
-                                          payload(x.step.run));
+  const size_t bytes = payload(x.rollout) + payload(x.rewards) + payload(x.advantages) + payload(x.step.run);
+  return build<wire::ReplayRecord>(MessageKind::ReplayRecord, x, bytes);
 }
 
 }  // namespace moerl::msg

@@ -31,9 +31,9 @@ static_assert(structs_fit<wire::StepId, wire::PolicyVersion, wire::TensorRef, wi
                           wire::CheckpointManifest, wire::SamplingParams, wire::GenerationRequest, wire::Rollout,
                           wire::Utterance, wire::Comparison, wire::Rating, wire::Correction, wire::ReplayRecord>(),
               "a struct outgrew kStruct: raise it");
-uint64_t text_words(uint64_t bytes) { return add(bytes, 8) / 8; }   // NUL terminator, rounded up
+uint64_t text_words(uint64_t bytes) { return add(bytes, 8) / 8; }  // NUL terminator, rounded up
 uint64_t data_words(uint64_t bytes) { return add(bytes, 7) / 8; }
-uint64_t list32_words(uint64_t n) { return add(n, 1) / 2; }         // Int32, UInt32, Float32
+uint64_t list32_words(uint64_t n) { return add(n, 1) / 2; }  // Int32, UInt32, Float32
 uint64_t struct_list_words(uint64_t n, uint64_t each) { return add(1, mul(n, each)); }
 
 uint64_t step_id(const DecodeLimits& l) { return add(kStruct, text_words(l.max_name_bytes)); }
@@ -45,16 +45,15 @@ uint64_t rollout(const DecodeLimits& l) { return add(2 * kStruct, mul(3, token_l
 
 std::string_view kind_name(MessageKind kind) {
   static constexpr std::string_view names[kMessageKinds] = {
-      "TensorRef", "ActorError", "TokenBatch", "TrainStep", "TrainStepResult", "CheckpointManifest",
-      "GenerationRequest", "Rollout", "Comparison", "Rating", "Correction", "ReplayRecord"};
+      "TensorRef",         "ActorError", "TokenBatch", "TrainStep", "TrainStepResult", "CheckpointManifest",
+      "GenerationRequest", "Rollout",    "Comparison", "Rating",    "Correction",      "ReplayRecord"};
   return names[static_cast<size_t>(kind)];
 }
 
 uint64_t traversal_limit_words(MessageKind kind, const DecodeLimits& l) {
   switch (kind) {
     case MessageKind::TensorRef:
-      return add(add(kStruct, mul(2, text_words(l.max_name_bytes))),
-                 add(l.max_dims, data_words(l.max_inline_bytes)));
+      return add(add(kStruct, mul(2, text_words(l.max_name_bytes))), add(l.max_dims, data_words(l.max_inline_bytes)));
     case MessageKind::ActorError:
       return add(add(kStruct, text_words(l.max_text_bytes)), add(text_words(l.max_name_bytes), step_id(l)));
     case MessageKind::TokenBatch:
@@ -62,7 +61,7 @@ uint64_t traversal_limit_words(MessageKind kind, const DecodeLimits& l) {
     case MessageKind::TrainStep:
       // The micro-batches share max_batch_tokens; each brings its own struct and step id.
       return add(add(add(kStruct, step_id(l)), struct_list_words(l.max_micro_batches, add(kStruct, step_id(l)))),
-                 add(mul(2, list32_words(l.max_batch_tokens)), l.max_micro_batches));
+                 add(mul(2, list32_words(l.max_batch_tokens)), mul(2, l.max_micro_batches)));  // odd lengths round up
     case MessageKind::TrainStepResult:
       return add(add(kStruct, step_id(l)), struct_list_words(l.max_layers, add(kStruct, list32_words(l.max_experts))));
     case MessageKind::CheckpointManifest:

@@ -30,15 +30,15 @@ enum class Collective : uint8_t { None, Send, Broadcast, AllReduce, AllGather, R
 struct TensorRef {
   std::string name;
   DType dtype = DType::F32;
-  Shape shape;                      // row-major dims, each >= 0
+  Shape shape;  // row-major dims, each >= 0
   Device device = Device::CPU;
   uint32_t device_index = 0;
   uint32_t rank = 0;
   Transport transport = Transport::Local;
   Collective collective = Collective::None;
   std::string group;
-  uint64_t byte_size = 0;           // numel(shape) * dtype_size(dtype)
-  std::vector<uint8_t> inline_data; // byte_size bytes when transport == Inline, else empty
+  uint64_t byte_size = 0;            // numel(shape) * dtype_size(dtype)
+  std::vector<uint8_t> inline_data;  // byte_size bytes when transport == Inline, else empty
   bool operator==(const TensorRef&) const = default;
 };
 

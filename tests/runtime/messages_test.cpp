@@ -1,5 +1,3 @@
-#include "runtime/messages/codec.hpp"
-
 #include <capnp/message.h>
 #include <capnp/serialize.h>
 #include <gtest/gtest.h>
@@ -13,6 +11,7 @@
 
 #include "runtime/error.hpp"
 #include "runtime/messages/bench.hpp"
+#include "runtime/messages/codec.hpp"
 #include "runtime/messages/wire.hpp"
 
 namespace moerl::msg {
@@ -38,9 +37,9 @@ std::string error_of(const std::function<void()>& f) {
   ADD_FAILURE() << "accepted without error";
   return "";
 }
-#define EXPECT_ERROR(expr, substr)                                                                    \
-  do {                                                                                                \
-    const std::string m_ = error_of([&] { (void)(expr); });                                           \
+#define EXPECT_ERROR(expr, substr)                                                                      \
+  do {                                                                                                  \
+    const std::string m_ = error_of([&] { (void)(expr); });                                             \
     EXPECT_NE(m_.find(substr), std::string::npos) << "error '" << m_ << "' lacks '" << (substr) << "'"; \
   } while (0)
 
@@ -62,11 +61,20 @@ Bytes edit_wire(const Bytes& bytes, Edit edit) {
 const StepId kStep{"run-a", 7};
 const PolicyVersion kPolicy{3, 6};
 TensorRef sample_tensor_ref() {
-  return {"stage2/activations", DType::BF16, {2, 48, 512}, Device::CUDA, 1, 3,
-          Transport::Nccl, Collective::Send, "pp", 2 * 48 * 512 * 2, {}};
+  return {"stage2/activations", DType::BF16,      {2, 48, 512}, Device::CUDA,     1, 3,
+          Transport::Nccl,      Collective::Send, "pp",         2 * 48 * 512 * 2, {}};
 }
 TensorRef sample_inline_tensor() {
-  return {"router.bias", DType::F32, {2, 3}, Device::CPU, 0, 0, Transport::Inline, Collective::None, "", 24,
+  return {"router.bias",
+          DType::F32,
+          {2, 3},
+          Device::CPU,
+          0,
+          0,
+          Transport::Inline,
+          Collective::None,
+          "",
+          24,
           Bytes{1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24}};
 }
 ActorError sample_actor_error() { return {ErrorCode::StaleVersion, "policy version 2 < 3", "rollout/0", kStep}; }
@@ -76,15 +84,19 @@ TrainStepResult sample_result() {
   return {kStep, 2.5, 2.75, 0.0125, 1.25, 3e-4, 640, false, {{1, {3, 5, 0, 8}}, {3, {4, 4, 4, 4}}}};
 }
 CheckpointManifest sample_manifest() {
-  return {"runs/a/checkpoints/step-7", kStep,
+  return {"runs/a/checkpoints/step-7",
+          kStep,
           {{"model.safetensors", 123456, ChecksumKind::Sha256, Bytes(32, 0xab)},
            {"tok/tokenizer.model", 789, ChecksumKind::Crc32c, Bytes{1, 2, 3, 4}}}};
 }
 GenerationRequest sample_request() { return {42, {1, 2, 3}, {0.7f, 0.95f, 50, 16, {2}, 1234}, kPolicy, 8}; }
-Rollout sample_rollout() { return {42, 5, {1, 2, 3}, {10, 11, 2}, {-0.5f, -1.25f, -0.0f}, kPolicy, FinishReason::Stop}; }
+Rollout sample_rollout() {
+  return {42, 5, {1, 2, 3}, {10, 11, 2}, {-0.5f, -1.25f, -0.0f}, kPolicy, FinishReason::Stop};
+}
 Utterance prompt_u() { return {"What is 2+2?", {5, 6}}; }
 Comparison sample_comparison() {
-  return {1, prompt_u(), {"4", {7}}, {"5", {}}, Choice::FirstChosen, "annotator-17", 1764300000123456789, kPolicy, {2, 5}};
+  return {1,       prompt_u(), {"4", {7}}, {"5", {}}, Choice::FirstChosen, "annotator-17", 1764300000123456789,
+          kPolicy, {2, 5}};
 }
 Rating sample_rating() { return {1, prompt_u(), {"4", {7}}, 6.5f, 1, 7, "annotator-3", 1764300000000000000, kPolicy}; }
 Correction sample_correction() { return {1, prompt_u(), {"5", {8}}, "4", "annotator-3", 1764300000000000001, kPolicy}; }
@@ -153,7 +165,8 @@ TEST(Messages, FramingErrorsNameTheKind) {
 }
 
 TEST(Messages, TensorRefRulesNameTheField) {
-  const auto reject = [](const std::function<void(TensorRef&)>& edit, const char* what, TensorRef x = sample_tensor_ref()) {
+  const auto reject = [](const std::function<void(TensorRef&)>& edit, const char* what,
+                         TensorRef x = sample_tensor_ref()) {
     SCOPED_TRACE(what);
     edit(x);
     EXPECT_ERROR(decode_tensor_ref(encode(x)), what);
@@ -175,11 +188,11 @@ TEST(Messages, TensorRefRulesNameTheField) {
   DecodeLimits small;
   small.max_inline_bytes = 16;
   EXPECT_ERROR(decode_tensor_ref(encode(sample_inline_tensor()), small), "TensorRef.inlineData: 24 bytes, at most 16");
-  const Bytes bad_dtype = edit_wire<wire::TensorRef>(encode(sample_tensor_ref()),
-                                                     [](auto b) { b.setDtype(static_cast<wire::DType>(7)); });
+  const Bytes bad_dtype =
+      edit_wire<wire::TensorRef>(encode(sample_tensor_ref()), [](auto b) { b.setDtype(static_cast<wire::DType>(7)); });
   EXPECT_ERROR(decode_tensor_ref(bad_dtype), "TensorRef.dtype: unknown enum value 7");
-  const Bytes bad_transport = edit_wire<wire::TensorRef>(encode(sample_tensor_ref()),
-                                                         [](auto b) { b.setTransport(static_cast<wire::Transport>(9)); });
+  const Bytes bad_transport = edit_wire<wire::TensorRef>(
+      encode(sample_tensor_ref()), [](auto b) { b.setTransport(static_cast<wire::Transport>(9)); });
   EXPECT_ERROR(decode_tensor_ref(bad_transport), "TensorRef.transport: unknown enum value 9");
 }
 
@@ -213,7 +226,8 @@ TEST(Messages, TokenBatchSizesAndTokenIdsAreChecked) {
   EXPECT_NO_THROW(decode_token_batch(encode(big)));  // no vocabulary given: only ids >= 0 are required
   DecodeLimits tight = l;
   tight.max_batch_tokens = 7;
-  EXPECT_ERROR(decode_token_batch(encode(sample_batch()), tight), "TokenBatch: batch * seq = 8 tokens, more than the 7");
+  EXPECT_ERROR(decode_token_batch(encode(sample_batch()), tight),
+               "TokenBatch: batch * seq = 8 tokens, more than the 7");
 }
 
 TEST(Messages, TrainStepChecksItsStepMicroBatchesAndLearningRate) {
@@ -227,7 +241,8 @@ TEST(Messages, TrainStepChecksItsStepMicroBatchesAndLearningRate) {
   reject([](TrainStep& x) { x.batches.clear(); }, "TrainStep.batches: empty", l);
   reject([](TrainStep& x) { x.step.step = 0; }, "TrainStep.step.step: 0", l);
   reject([](TrainStep& x) { x.step.run.clear(); }, "TrainStep.step.run: empty", l);
-  reject([](TrainStep& x) { x.batches[1].step.step = 6; }, "TrainStep.batches[1].step: run-a/6, expected the command's step run-a/7", l);
+  reject([](TrainStep& x) { x.batches[1].step.step = 6; },
+         "TrainStep.batches[1].step: run-a/6, expected the command's step run-a/7", l);
   reject([](TrainStep& x) { x.batches[1].ids[0] = 1000; }, "TrainStep.batches[1].ids[0]: 1000", l);
   reject([](TrainStep& x) { x.learning_rate = std::nan(""); }, "TrainStep.learningRate: nan", l);
   reject([](TrainStep& x) { x.learning_rate = -1e-3; }, "TrainStep.learningRate: -0.001", l);
@@ -250,13 +265,16 @@ TEST(Messages, TrainStepResultMustBeFiniteUnlessSkipped) {
   reject([](TrainStepResult& x) { x.mtp_loss = INFINITY; }, "TrainStepResult.mtpLoss: inf");
   reject([](TrainStepResult& x) { x.grad_norm = -1; }, "TrainStepResult.gradNorm: -1.0");
   reject([](TrainStepResult& x) { x.learning_rate = INFINITY; }, "TrainStepResult.learningRate: inf");
-  reject([](TrainStepResult& x) { x.expert_load[1].layer = 1; }, "TrainStepResult.expertLoad[1].layer: 1, expected layers in ascending order");
+  reject([](TrainStepResult& x) { x.expert_load[1].layer = 1; },
+         "TrainStepResult.expertLoad[1].layer: 1, expected layers in ascending order");
   reject([](TrainStepResult& x) { x.expert_load[1].tokens_per_expert.pop_back(); },
          "TrainStepResult.expertLoad[1].tokensPerExpert: 3 experts, expected 4");
-  reject([](TrainStepResult& x) { x.expert_load[0].tokens_per_expert.clear(); }, "TrainStepResult.expertLoad[0].tokensPerExpert: empty");
+  reject([](TrainStepResult& x) { x.expert_load[0].tokens_per_expert.clear(); },
+         "TrainStepResult.expertLoad[0].tokensPerExpert: empty");
   DecodeLimits tight;
   tight.max_layers = 1;
-  EXPECT_ERROR(decode_train_step_result(encode(sample_result()), tight), "TrainStepResult.expertLoad: 2 layers, at most 1");
+  EXPECT_ERROR(decode_train_step_result(encode(sample_result()), tight),
+               "TrainStepResult.expertLoad: 2 layers, at most 1");
   tight = {};
   tight.max_experts = 3;
   EXPECT_ERROR(decode_train_step_result(encode(sample_result()), tight), "tokensPerExpert: 4 entries, at most 3");
@@ -271,15 +289,19 @@ TEST(Messages, CheckpointManifestPathsStayInsideTheFolder) {
   };
   reject([](CheckpointManifest& x) { x.folder.clear(); }, "CheckpointManifest.folder: empty");
   reject([](CheckpointManifest& x) { x.files.clear(); }, "CheckpointManifest.files: empty");
-  reject([](CheckpointManifest& x) { x.files[1].path = "/etc/passwd"; }, "CheckpointManifest.files[1].path: '/etc/passwd' is absolute");
-  reject([](CheckpointManifest& x) { x.files[1].path = "tok/../../x"; }, "files[1].path: 'tok/../../x' leaves the folder");
+  reject([](CheckpointManifest& x) { x.files[1].path = "/etc/passwd"; },
+         "CheckpointManifest.files[1].path: '/etc/passwd' is absolute");
+  reject([](CheckpointManifest& x) { x.files[1].path = "tok/../../x"; },
+         "files[1].path: 'tok/../../x' leaves the folder");
   reject([](CheckpointManifest& x) { x.files[0].path = ".."; }, "files[0].path: '..' leaves the folder");
-  reject([](CheckpointManifest& x) { x.files[1].path = x.files[0].path; }, "files[1].path: 'model.safetensors' is listed twice");
-  reject([](CheckpointManifest& x) { x.files[0].checksum.resize(4); }, "files[0].checksum: 4 bytes, expected 32 for sha256");
-  reject([](CheckpointManifest& x) { x.files[1].checksum.resize(32); }, "files[1].checksum: 32 bytes, expected 4 for crc32c");
-  const Bytes bad = edit_wire<wire::CheckpointManifest>(encode(sample_manifest()), [](auto b) {
-    b.getFiles()[0].setChecksumKind(static_cast<wire::ChecksumKind>(2));
-  });
+  reject([](CheckpointManifest& x) { x.files[1].path = x.files[0].path; },
+         "files[1].path: 'model.safetensors' is listed twice");
+  reject([](CheckpointManifest& x) { x.files[0].checksum.resize(4); },
+         "files[0].checksum: 4 bytes, expected 32 for sha256");
+  reject([](CheckpointManifest& x) { x.files[1].checksum.resize(32); },
+         "files[1].checksum: 32 bytes, expected 4 for crc32c");
+  const Bytes bad = edit_wire<wire::CheckpointManifest>(
+      encode(sample_manifest()), [](auto b) { b.getFiles()[0].setChecksumKind(static_cast<wire::ChecksumKind>(2)); });
   EXPECT_ERROR(decode_checkpoint_manifest(bad), "CheckpointManifest.files[0].checksumKind: unknown enum value 2");
   CheckpointManifest dots = sample_manifest();
   dots.files[0].path = "a..b/..c";  // '..' only as a whole component is refused
@@ -315,13 +337,15 @@ TEST(Messages, RolloutHasOneFiniteLogProbPerResponseToken) {
     edit(x);
     EXPECT_ERROR(decode_rollout(encode(x), l), what);
   };
-  reject([](Rollout& x) { x.log_probs.pop_back(); }, "Rollout.logProbs: 2 entries, expected one per response token (3)");
+  reject([](Rollout& x) { x.log_probs.pop_back(); },
+         "Rollout.logProbs: 2 entries, expected one per response token (3)");
   reject([](Rollout& x) { x.log_probs[1] = 0.25f; }, "Rollout.logProbs[1]: 0.25");
   reject([](Rollout& x) { x.log_probs[0] = -kInf; }, "Rollout.logProbs[0]: -inf");
   reject([](Rollout& x) { x.log_probs[2] = kNaN; }, "Rollout.logProbs[2]: nan");
   reject([](Rollout& x) { x.response_ids[2] = 1000; }, "Rollout.responseIds[2]: 1000");
   reject([](Rollout& x) { x.prompt_ids.clear(); }, "Rollout.promptIds: empty");
-  reject([](Rollout& x) { x.response_ids.clear(), x.log_probs.clear(); }, "Rollout.responseIds: empty, expected at least one token unless");
+  reject([](Rollout& x) { x.response_ids.clear(), x.log_probs.clear(); },
+         "Rollout.responseIds: empty, expected at least one token unless");
   Rollout aborted = sample_rollout();
   aborted.response_ids.clear(), aborted.log_probs.clear(), aborted.finish_reason = FinishReason::Aborted;
   EXPECT_TRUE(decode_rollout(encode(aborted), l) == aborted);
@@ -334,7 +358,8 @@ TEST(Messages, FeedbackRecordsRefuseUnknownSchemaVersions) {
   for (uint32_t version : {0u, 2u}) {
     Comparison c = sample_comparison();
     c.schema_version = version;
-    EXPECT_ERROR(decode_comparison(encode(c)), "Comparison.schemaVersion: version " + std::to_string(version) + " is not known");
+    EXPECT_ERROR(decode_comparison(encode(c)),
+                 "Comparison.schemaVersion: version " + std::to_string(version) + " is not known");
     Rating r = sample_rating();
     r.schema_version = version;
     EXPECT_ERROR(decode_rating(encode(r)), "Rating.schemaVersion");
@@ -383,10 +408,12 @@ TEST(Messages, FeedbackRecordRulesNameTheField) {
 
   ReplayRecord p = sample_replay();
   p.advantages.pop_back();
-  EXPECT_ERROR(decode_replay_record(encode(p)), "ReplayRecord.advantages: 2 entries, expected one per response token (3)");
+  EXPECT_ERROR(decode_replay_record(encode(p)),
+               "ReplayRecord.advantages: 2 entries, expected one per response token (3)");
   p = sample_replay();
   p.rewards = {0.1f, 0.2f};
-  EXPECT_ERROR(decode_replay_record(encode(p)), "ReplayRecord.rewards: 2 entries, expected none or one per response token");
+  EXPECT_ERROR(decode_replay_record(encode(p)),
+               "ReplayRecord.rewards: 2 entries, expected none or one per response token");
   p.rewards = {0.1f, kInf, 0.2f};
   EXPECT_ERROR(decode_replay_record(encode(p)), "ReplayRecord.rewards[1]: inf");
   p = sample_replay();
@@ -431,7 +458,8 @@ TEST(Messages, TheLargestLegitimateMessageOfEachKindFitsItsTraversalLimit) {
     EXPECT_LE(bytes.size() / 8, traversal_limit_words(kind, l));
     EXPECT_NO_THROW(decode());
   };
-  TensorRef t{name, DType::U8, {4, 4, 2, 2}, Device::CPU, 0, 0, Transport::Inline, Collective::None, name, 64, Bytes(64, 7)};
+  TensorRef t{name, DType::U8, {4, 4, 2, 2}, Device::CPU, 0, 0, Transport::Inline, Collective::None,
+              name, 64,        Bytes(64, 7)};
   fits(MessageKind::TensorRef, encode(t), [&] { decode_tensor_ref(encode(t), l); });
   ActorError e{ErrorCode::Internal, text, name, step};
   fits(MessageKind::ActorError, encode(e), [&] { decode_actor_error(encode(e), l); });
@@ -444,7 +472,8 @@ TEST(Messages, TheLargestLegitimateMessageOfEachKindFitsItsTraversalLimit) {
   for (uint32_t i = 0; i < 5; ++i) r.expert_load.push_back({i, std::vector<uint32_t>(9, 3)});
   fits(MessageKind::TrainStepResult, encode(r), [&] { decode_train_step_result(encode(r), l); });
   CheckpointManifest m{name, step, {}};
-  for (int i = 0; i < 6; ++i) m.files.push_back({name.substr(0, 19) + char('a' + i), 1, ChecksumKind::Sha256, Bytes(32, 1)});
+  for (int i = 0; i < 6; ++i)
+    m.files.push_back({name.substr(0, 19) + char('a' + i), 1, ChecksumKind::Sha256, Bytes(32, 1)});
   fits(MessageKind::CheckpointManifest, encode(m), [&] { decode_checkpoint_manifest(encode(m), l); });
   GenerationRequest g{1, seq, {1, 1, 0, 40, seq, 0}, kPolicy, 1};
   fits(MessageKind::GenerationRequest, encode(g), [&] { decode_generation_request(encode(g), l); });
@@ -496,7 +525,8 @@ struct FuzzKind {
 
 template <class Decode>
 FuzzKind fuzz_kind(Bytes valid, Decode decode) {
-  return {std::move(valid), [decode](std::span<const uint8_t> b, const DecodeLimits& l) { return encode(decode(b, l)); }};
+  return {std::move(valid),
+          [decode](std::span<const uint8_t> b, const DecodeLimits& l) { return encode(decode(b, l)); }};
 }
 
 Bytes mutate(const Bytes& valid, std::mt19937_64& rng) {
