@@ -219,12 +219,13 @@ LossReport Model::forward(const TokenBatch& b, const ForwardOptions& o) {
   // Main head. The head stays in FP32 in every recipe (DeepSeek-V3 keeps it in higher precision).
   m.logits.resize(static_cast<size_t>(T * V));
   cpu::linear_forward(Precision::FP32, m.normed.data(), m.head->value.data<float>(), m.logits.data(), T, V, D);
-  m.dlogits.resize(static_cast<size_t>(T * V));
+  m.dlogits.resize(o.for_backward ? static_cast<size_t>(T * V) : 0);
   int64_t counted = 0;
   int64_t valid = 0;
   for (int64_t i = 0; i < T; ++i) valid += b.labels[i] >= 0;
   const float scale = valid ? 1.0f / static_cast<float>(valid) : 0.0f;
-  const double sum = cpu::cross_entropy(m.logits.data(), b.labels, T, V, scale, m.dlogits.data(), &counted);
+  const double sum = cpu::cross_entropy(m.logits.data(), b.labels, T, V, scale,
+                                         o.for_backward ? m.dlogits.data() : nullptr, &counted);
   r.tokens = counted;
   r.loss = counted ? sum / static_cast<double>(counted) : 0.0;
 
@@ -260,9 +261,10 @@ LossReport Model::forward(const TokenBatch& b, const ForwardOptions& o) {
     cpu::linear_forward(Precision::FP32, mt.zn.data(), m.head->value.data<float>(), mlogits.data(), T, V, D);
     int64_t mvalid = 0;
     for (int64_t t = 0; t < T; ++t) mvalid += mt.labels[t] >= 0;
-    m.mtp_dlogits.resize(static_cast<size_t>(T * V));
+    m.mtp_dlogits.resize(o.for_backward ? static_cast<size_t>(T * V) : 0);
     const float mscale = mvalid ? o.mtp_weight / static_cast<float>(mvalid) : 0.0f;
-    const double msum = cpu::cross_entropy(mlogits.data(), mt.labels.data(), T, V, mscale, m.mtp_dlogits.data(), &mvalid);
+    const double msum = cpu::cross_entropy(mlogits.data(), mt.labels.data(), T, V, mscale,
+                                            o.for_backward ? m.mtp_dlogits.data() : nullptr, &mvalid);
     r.mtp_loss = mvalid ? msum / static_cast<double>(mvalid) : 0.0;
   }
   if (!o.keep_logits) Buffer().swap(m.logits);
@@ -275,6 +277,7 @@ void Model::backward() {
   const ModelConfig& c = config_;
   const int64_t T = m.batch * m.seq, D = c.hidden_size, V = c.vocab_size;
   require(!m.ids.empty(), "backward() called without a forward()");
+  require(m.options.for_backward, "backward() after a forward() made with for_backward = false");
   Buffer dnormed(static_cast<size_t>(T * D)), dhidden(static_cast<size_t>(T * D));
   cpu::linear_backward(Precision::FP32, m.dlogits.data(), m.normed.data(), m.head->value.data<float>(), dnormed.data(),
                        m.head->grad.data<float>(), T, V, D);

@@ -30,6 +30,7 @@ struct ForwardOptions {
   float mtp_weight = 0.0f;      // λ of the MTP loss (DeepSeek-V3: 0.3 early, 0.1 later); 0 = MTP not run
   float balance_alpha = 0.0f;   // sequence-wise balance loss weight α (0 = off)
   bool keep_logits = false;     // keep [batch*seq, vocab] logits readable through logits()
+  bool for_backward = true;     // compute d loss / d logits for backward(); false for evaluation only
 };
 
 struct LossReport {

@@ -51,6 +51,7 @@ EvalResult evaluate_jsonl(const LoadedModel& loaded, const std::filesystem::path
   ForwardOptions options;
   options.precision = precision;
   options.keep_logits = !logits_file.empty();
+  options.for_backward = false;
   for (size_t s = 0; s < sequences.size(); ++s) {
     const auto& seq = sequences[s];
     if (seq.size() < 2) continue;  // nothing to predict

@@ -59,6 +59,7 @@ double validation_loss(Model& model, const std::vector<Batch>& batches, Precisio
   int64_t tokens = 0;
   ForwardOptions options;
   options.precision = precision;
+  options.for_backward = false;
   for (const Batch& b : batches) {
     const LossReport r = model.forward(view(b), options);
     total += r.loss * static_cast<double>(r.tokens);
