@@ -1,0 +1,66 @@
+// Linear layers on the GPU in the three precision recipes of kernels/linear.hpp: the same arguments as
+// cpu::linear_forward / cpu::linear_backward plus a LinearContext and a stream. y[M, N] = x[M, K] · w[N, K]ᵀ.
+//   fp32: cuBLASLt FP32 GEMM with CUBLAS_COMPUTE_32F (no TF32): the CPU's result up to the order of the sums.
+//   bf16: x, w and dy rounded to BF16 (nearest even, as moerl::bf16_from_float), BF16 tensor-core GEMM,
+//         FP32 accumulation and FP32 output: the CPU's bf16 recipe up to the order of the sums.
+//   fp8:  DeepSeek-V3's recipe with fp8::cuda::quantize_* and fp8::cuda::gemm_nt (kernels/fp8_gemm.hpp):
+//         Fprop x 1x128 · w 128x128, Dgrad dy 1x128 · wᵀ 128x128, Wgrad dyᵀ 1x128 · xᵀ 1x128 (tiles along
+//         tokens). The codes and scales are the CPU emulation's bit for bit, so the results are the CPU's up
+//         to the order of the FP32 sums.
+// Weights are prepared once per weight and generation: the BF16 copy (bf16), or the E4M3 codes and scales of
+// w and of wᵀ (fp8), kept in buffers owned by the context and keyed by the weight's device pointer and
+// shape. weights_changed() starts a new generation (call it after every optimizer step); the buffers are
+// reused, so a steady-state step allocates nothing for weights. Activation temporaries (BF16 copies,
+// quantized activations, padding) come from the stream-ordered pool (cudaMallocAsync).
+//
+// Any M, N, K >= 0 the CPU accepts are accepted: shapes the cuBLASLt FP8 kernels cannot take directly
+// (K or the token count not a multiple of 16, M or N not a multiple of 4) are zero-padded internally,
+// which leaves the result unchanged (a zero row or column adds nothing to a sum and a zero-padded tile
+// has the same amax). M = 0 is a no-op.
+// All pointers are device memory; x, w, dy are read-only; y and dx are overwritten, dw is accumulated (+=).
+// dx or dw may be null (that output is skipped). Calls are asynchronous on `stream`.
+// Throws moerl::Error on bad arguments (negative sizes, null required pointers) and on CUDA or cuBLASLt
+// failures.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "kernels/linear.hpp"
+
+namespace moerl::cuda {
+
+// The cuBLASLt handle and workspace, the FP32 / BF16 matmul plans, an fp8::cuda::GemmContext, and the
+// prepared weights. Bound to the device current at construction. Not thread-safe; calls on one context
+// must not overlap in time on different streams (they share the workspace).
+class LinearContext {
+ public:
+  LinearContext();
+  ~LinearContext();
+  LinearContext(const LinearContext&) = delete;
+  LinearContext& operator=(const LinearContext&) = delete;
+
+  // The weights changed (an optimizer step ran): prepared copies are rebuilt on their next use.
+  void weights_changed();
+  // Device bytes held by prepared weights (BF16 copies, FP8 codes and scales).
+  size_t prepared_bytes() const;
+
+  struct Impl;
+  Impl& impl() { return *impl_; }
+
+ private:
+  std::unique_ptr<Impl> impl_;
+};
+
+// y[M, N] = x[M, K] · w[N, K]ᵀ (overwritten).
+void linear_forward(LinearContext& ctx, Precision p, const float* x, const float* w, float* y, int64_t M,
+                    int64_t N, int64_t K, cudaStream_t stream = nullptr);
+
+// dx[M, K] = dy[M, N] · w[N, K]   (overwritten; skipped when dx is null)
+// dw[N, K] += dy[M, N]ᵀ · x[M, K] (accumulated; skipped when dw is null)
+void linear_backward(LinearContext& ctx, Precision p, const float* dy, const float* x, const float* w, float* dx,
+                     float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream = nullptr);
+
+}  // namespace moerl::cuda
