@@ -1,0 +1,82 @@
+// The DeepSeek-V3 model on one GPU: moerl::Model (runtime/model/model.hpp) with the same forward, backward,
+// losses, router-bias update and expert loads, built from the CUDA ops in kernels/cuda/. Parameters, gradients
+// and activations live on the device; token batches and reports on the host.
+//
+// Precision (ForwardOptions::precision), as DeepSeek-V3 §3.3:
+//   - attention projections, dense FFN, shared and routed experts: cuda::linear_* in the chosen precision
+//     (fp32 / bf16 / fp8: Fprop, Dgrad and Wgrad all in FP8 for fp8);
+//   - router, norms, RoPE, attention core, embedding, cross-entropy: FP32;
+//   - output head: FP32 in the fp32 recipe, BF16 operands with FP32 accumulation in bf16 and fp8 (DeepSeek
+//     keeps the head in BF16; the CPU reference keeps it in FP32, which the GPU-vs-CPU tolerances allow for).
+// Parameters are FP32 masters in one device allocation, gradients in another, each tensor 256-byte aligned;
+// a layer's routed experts are stacked ([E, I, H] gate, [E, I, H] up, [E, H, I] down) so a grouped GEMM can
+// take them whole. Activations are kept in device buffers sized on the first forward of a shape and reused;
+// temporaries come from the device's stream-ordered pool, whose release threshold is raised so that a
+// steady-state step allocates nothing from the driver.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/linear.hpp"
+#include "runtime/model/config.hpp"
+#include "runtime/model/feed_forward.hpp"
+#include "runtime/model/model.hpp"
+#include "runtime/model/params.hpp"
+
+namespace moerl::gpu {
+
+// One parameter on the device, by its published name.
+struct DeviceParam {
+  std::string name;
+  Shape shape;
+  float* value = nullptr;  // FP32 master
+  float* grad = nullptr;   // FP32, accumulated by backward, zeroed by zero_grad
+  int64_t numel = 0;
+  bool trainable = true;   // false for e_score_correction_bias
+};
+
+class GpuModel {
+ public:
+  // Allocates the parameters (zero) and gradients on the current device; makes its own stream.
+  explicit GpuModel(ModelConfig config);
+  ~GpuModel();
+  GpuModel(const GpuModel&) = delete;
+  GpuModel& operator=(const GpuModel&) = delete;
+
+  // Copies every parameter from host Params with the model's names and shapes (a CPU Model's params(), after
+  // init_random or load_weights). Throws moerl::Error naming a missing or misshapen tensor.
+  void upload(const Params& host);
+  // Copies the device values (and gradients when `grads`) into host Params of the same names and shapes.
+  void download(Params& host, bool grads = false) const;
+
+  // As Model::forward / Model::backward; the batch's ids and labels are host arrays. backward accumulates.
+  LossReport forward(const TokenBatch& batch, const ForwardOptions& options);
+  void backward();
+  void zero_grad();
+
+  // [batch*seq, vocab] logits of the last forward (needs keep_logits), copied to the host.
+  std::vector<float> logits() const;
+  void update_router_bias(float gamma);
+  std::vector<ExpertLoad> expert_loads() const;
+
+  const ModelConfig& config() const { return config_; }
+  const std::vector<DeviceParam>& params() const;  // in name order, as Params::all()
+  cuda::LinearContext& linear();                    // weights_changed() after every weight update
+  cudaStream_t stream() const;
+  // Peak device memory in use since construction or the last reset (bytes): parameters, gradients,
+  // activations, prepared weights and the pool's high-water mark.
+  size_t peak_memory_bytes() const;
+  void reset_peak_memory();
+
+ private:
+  struct Impl;
+  ModelConfig config_;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace moerl::gpu
