@@ -72,6 +72,9 @@ class GpuModel {
   // activations, prepared weights and the pool's high-water mark.
   size_t peak_memory_bytes() const;
   void reset_peak_memory();
+  // Tests: fill the saved activations (at every forward) and every temporary with NaN before use, so a read of
+  // anything not written in this step shows up in the results. Costs a memset per buffer; off by default.
+  void set_debug_poison(bool on);
 
  private:
   struct Impl;

@@ -1,0 +1,153 @@
+// Multi-head latent attention on the GPU: runtime/model/attention.cpp step for step, with the CUDA ops.
+#include <cmath>
+
+#include "kernels/cuda/attention.hpp"
+#include "kernels/cuda/rmsnorm.hpp"
+#include "kernels/cuda/rope.hpp"
+#include "runtime/error.hpp"
+#include "runtime/gpu/gpu_layers.hpp"
+
+namespace moerl::gpu::detail {
+
+GpuMla::GpuMla(const ModelConfig& c, ParamStore& params, const std::string& prefix)
+    : prefix_(prefix),
+      hidden_(c.hidden_size),
+      heads_(c.num_attention_heads),
+      q_lora_(c.q_lora_rank),
+      kv_lora_(c.kv_lora_rank),
+      dn_(c.qk_nope_head_dim),
+      dr_(c.qk_rope_head_dim),
+      dv_(c.v_head_dim),
+      dq_(c.qk_head_dim()),
+      interleave_(c.rope_interleave),
+      theta_(static_cast<float>(c.rope_theta)),
+      eps_(static_cast<float>(c.rms_norm_eps)),
+      // HF: self.scaling = qk_head_dim ** -0.5, applied to the FP32 scores.
+      scale_(static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.qk_head_dim())))) {
+  require(dq_ == 24 || dq_ == 96 || dq_ == 192,
+          "GpuModel: attention " + prefix + ": the CUDA attention kernel takes qk_nope_head_dim + qk_rope_head_dim "
+          "in {24, 96, 192}, got " + std::to_string(dq_));
+  require(dv_ == 16 || dv_ == 64 || dv_ == 128,
+          "GpuModel: attention " + prefix + ": the CUDA attention kernel takes v_head_dim in {16, 64, 128}, got " +
+              std::to_string(dv_));
+  if (q_lora_ > 0) {
+    q_a_ = &params.at(prefix + "q_a_proj.weight");
+    q_a_norm_ = &params.at(prefix + "q_a_layernorm.weight");
+    q_b_ = &params.at(prefix + "q_b_proj.weight");
+  } else {
+    q_proj_ = &params.at(prefix + "q_proj.weight");
+  }
+  kv_a_ = &params.at(prefix + "kv_a_proj_with_mqa.weight");
+  kv_a_norm_ = &params.at(prefix + "kv_a_layernorm.weight");
+  kv_b_ = &params.at(prefix + "kv_b_proj.weight");
+  o_ = &params.at(prefix + "o_proj.weight");
+}
+
+void GpuMla::bind(Slab& s, int64_t batch, int64_t seq) {
+  const int64_t T = batch * seq, H = heads_;
+  batch_ = batch;
+  seq_ = seq;
+  q_a_out_ = q_lora_ > 0 ? s.take<float>(T * q_lora_) : nullptr;
+  c_ = s.take<float>(T * kv_lora_);
+  q_ = s.take<float>(T * H * dq_);
+  k_ = s.take<float>(T * H * dq_);
+  v_ = s.take<float>(T * H * dv_);
+  attn_ = s.take<float>(T * H * dv_);
+  lse_ = s.take<float>(batch * H * seq);
+  saved_ = false;
+}
+
+void GpuMla::forward(const float* x, float* y, const Run& r) {
+  const int64_t T = batch_ * seq_, H = heads_, ckv_dim = kv_lora_ + dr_;
+  const Precision p = r.precision;
+  cuda::LinearContext& lin = *r.linear;
+  x_ = x;
+  precision_ = p;
+
+  // Queries [T, H*dq].
+  if (q_lora_ > 0) {
+    Temp<float> normed(T * q_lora_, r), rstd(T, r);
+    cuda::linear_forward(lin, p, x, q_a_->value, q_a_out_, T, q_lora_, hidden_, r.stream);
+    cuda::rmsnorm_forward(q_a_out_, q_a_norm_->value, normed.get(), rstd.get(), T, q_lora_, eps_, r.stream);
+    cuda::linear_forward(lin, p, normed.get(), q_b_->value, q_, T, H * dq_, q_lora_, r.stream);
+  } else {
+    cuda::linear_forward(lin, p, x, q_proj_->value, q_, T, H * dq_, hidden_, r.stream);
+  }
+
+  // Latent and shared rope key: ckv [T, kv_lora + dr] = [c | k_rope]; c is kept contiguous for its norm.
+  Temp<float> ckv(T * ckv_dim, r);
+  cuda::linear_forward(lin, p, x, kv_a_->value, ckv.get(), T, ckv_dim, hidden_, r.stream);
+  copy_columns(c_, kv_lora_, ckv.get(), ckv_dim, T, kv_lora_, r.stream);
+  Temp<float> kv(T * H * (dn_ + dv_), r);
+  {
+    Temp<float> normed(T * kv_lora_, r), rstd(T, r);
+    cuda::rmsnorm_forward(c_, kv_a_norm_->value, normed.get(), rstd.get(), T, kv_lora_, eps_, r.stream);
+    cuda::linear_forward(lin, p, normed.get(), kv_b_->value, kv.get(), T, H * (dn_ + dv_), kv_lora_, r.stream);
+  }
+
+  // RoPE: every head's q_rope, and the one k_rope per token (in place inside ckv).
+  cuda::rope_forward(q_ + dn_, T, seq_, H, H * dq_, dq_, dr_, theta_, interleave_, r.stream);
+  cuda::rope_forward(ckv.get() + kv_lora_, T, seq_, 1, ckv_dim, dr_, dr_, theta_, interleave_, r.stream);
+
+  mla_assemble_kv(kv.get(), ckv.get(), k_, v_, T, H, dn_, dv_, dr_, kv_lora_, r.stream);
+  cuda::attention_forward(q_, k_, v_, attn_, lse_, batch_, seq_, H, dq_, dv_, scale_, r.stream);
+  cuda::linear_forward(lin, p, attn_, o_->value, y, T, hidden_, H * dv_, r.stream);
+  saved_ = true;
+}
+
+void GpuMla::backward(const float* dy, float* dx, const Run& r) {
+  require(saved_, "GpuModel: attention " + prefix_ + ": backward without a preceding forward (or called twice)");
+  require(dx != dy, "GpuModel: attention " + prefix_ + ": backward's dx must not alias dy");
+  saved_ = false;
+  const Precision p = precision_;
+  cuda::LinearContext& lin = *r.linear;
+  const int64_t T = batch_ * seq_, H = heads_, ckv_dim = kv_lora_ + dr_;
+
+  // o_proj.
+  Temp<float> d_attn(T * H * dv_, r);
+  cuda::linear_backward(lin, p, dy, attn_, o_->value, d_attn.get(), o_->grad, T, hidden_, H * dv_, r.stream);
+
+  // Attention core.
+  Temp<float> d_q(T * H * dq_, r);
+  Temp<float> d_ckv(T * ckv_dim, r);  // [dc | dk_rope]
+  Temp<float> d_kv(T * H * (dn_ + dv_), r);
+  {
+    Temp<float> d_k(T * H * dq_, r), d_v(T * H * dv_, r);
+    cuda::attention_backward(d_attn.get(), q_, k_, v_, attn_, lse_, d_q.get(), d_k.get(), d_v.get(), batch_, seq_, H,
+                             dq_, dv_, scale_, r.stream);
+    // Back through RoPE; k_rope is shared by the heads, so its gradient is their sum (in head order).
+    cuda::rope_backward(d_q.get() + dn_, T, seq_, H, H * dq_, dq_, dr_, theta_, interleave_, r.stream);
+    mla_split_dkv(d_k.get(), d_v.get(), d_kv.get(), d_ckv.get(), T, H, dn_, dv_, dr_, kv_lora_, r.stream);
+  }
+  cuda::rope_backward(d_ckv.get() + kv_lora_, T, seq_, 1, ckv_dim, dr_, dr_, theta_, interleave_, r.stream);
+
+  // kv_b_proj and kv_a_layernorm (its output and rstd recomputed from the saved latent).
+  {
+    Temp<float> normed(T * kv_lora_, r), rstd(T, r), d_normed(T * kv_lora_, r), d_c(T * kv_lora_, r);
+    cuda::rmsnorm_forward(c_, kv_a_norm_->value, normed.get(), rstd.get(), T, kv_lora_, eps_, r.stream);
+    cuda::linear_backward(lin, p, d_kv.get(), normed.get(), kv_b_->value, d_normed.get(), kv_b_->grad, T,
+                          H * (dn_ + dv_), kv_lora_, r.stream);
+    cuda::rmsnorm_backward(d_normed.get(), c_, kv_a_norm_->value, rstd.get(), d_c.get(), kv_a_norm_->grad, T, kv_lora_,
+                           r.stream);
+    copy_columns(d_ckv.get(), ckv_dim, d_c.get(), kv_lora_, T, kv_lora_, r.stream);
+  }
+
+  // kv_a_proj_with_mqa writes dx; the query path adds to it.
+  cuda::linear_backward(lin, p, d_ckv.get(), x_, kv_a_->value, dx, kv_a_->grad, T, ckv_dim, hidden_, r.stream);
+  Temp<float> dx_q(T * hidden_, r);
+  if (q_lora_ > 0) {
+    Temp<float> normed(T * q_lora_, r), rstd(T, r), d_normed(T * q_lora_, r), d_qa(T * q_lora_, r);
+    cuda::rmsnorm_forward(q_a_out_, q_a_norm_->value, normed.get(), rstd.get(), T, q_lora_, eps_, r.stream);
+    cuda::linear_backward(lin, p, d_q.get(), normed.get(), q_b_->value, d_normed.get(), q_b_->grad, T, H * dq_,
+                          q_lora_, r.stream);
+    cuda::rmsnorm_backward(d_normed.get(), q_a_out_, q_a_norm_->value, rstd.get(), d_qa.get(), q_a_norm_->grad, T,
+                           q_lora_, r.stream);
+    cuda::linear_backward(lin, p, d_qa.get(), x_, q_a_->value, dx_q.get(), q_a_->grad, T, q_lora_, hidden_, r.stream);
+  } else {
+    cuda::linear_backward(lin, p, d_q.get(), x_, q_proj_->value, dx_q.get(), q_proj_->grad, T, H * dq_, hidden_,
+                          r.stream);
+  }
+  add_inplace(dx, dx_q.get(), T * hidden_, r.stream);
+}
+
+}  // namespace moerl::gpu::detail

@@ -1,0 +1,66 @@
+// A pre-norm decoder layer on the GPU: model.cpp's DecoderLayer with the CUDA ops.
+#include "runtime/error.hpp"
+#include "runtime/gpu/gpu_layers.hpp"
+
+namespace moerl::gpu::detail {
+
+GpuDecoderLayer::GpuDecoderLayer(const ModelConfig& c, ParamStore& params, int64_t layer)
+    : attn_(c, params, "model.layers." + std::to_string(layer) + ".self_attn."), dim_(c.hidden_size) {
+  const std::string prefix = "model.layers." + std::to_string(layer) + ".";
+  norm1_.weight = &params.at(prefix + "input_layernorm.weight");
+  norm2_.weight = &params.at(prefix + "post_attention_layernorm.weight");
+  norm1_.eps = norm2_.eps = static_cast<float>(c.rms_norm_eps);
+  if (c.is_moe_layer(layer))
+    moe_ = std::make_unique<GpuMoe>(c, params, prefix + "mlp");
+  else
+    dense_ = std::make_unique<GpuDense>(params, prefix + "mlp", c.hidden_size, c.intermediate_size);
+}
+
+void GpuDecoderLayer::bind(Slab& s, int64_t batch, int64_t seq) {
+  const int64_t T = batch * seq;
+  tokens_ = T;
+  norm1_.bind(s, T);
+  norm2_.bind(s, T);
+  xn1_ = s.take<float>(T * dim_);
+  h_ = s.take<float>(T * dim_);
+  xn2_ = s.take<float>(T * dim_);
+  attn_.bind(s, batch, seq);
+  if (moe_)
+    moe_->bind(s, batch, seq);
+  else
+    dense_->bind(s, T);
+}
+
+float GpuDecoderLayer::forward(const float* in, float* out, const Run& r, float balance_alpha, bool for_backward) {
+  const int64_t T = tokens_, n = T * dim_;
+  require(in != out, "GpuModel: a decoder layer's input and output must be distinct buffers");
+  x_ = in;
+  norm1_.forward(in, T, xn1_, r);
+  attn_.forward(xn1_, h_, r);
+  add_inplace(h_, in, n, r.stream);
+  norm2_.forward(h_, T, xn2_, r);
+  float balance = 0.0f;
+  if (moe_)
+    balance = moe_->forward(xn2_, out, r, balance_alpha, for_backward);
+  else
+    dense_->forward(xn2_, out, r);
+  add_inplace(out, h_, n, r.stream);
+  return balance;
+}
+
+void GpuDecoderLayer::backward(const float* dout, float* din, const Run& r) {
+  const int64_t T = tokens_, n = T * dim_;
+  require(din != dout, "GpuModel: a decoder layer's dout and din must be distinct buffers");
+  Temp<float> dxn(n, r), dh(n, r);
+  if (moe_)
+    moe_->backward(dout, dxn.get(), r);
+  else
+    dense_->backward(dout, dxn.get(), r);
+  norm2_.backward(dxn.get(), h_, T, dh.get(), r);
+  add_inplace(dh.get(), dout, n, r.stream);  // dh = d(norm2 path) + dout, the residual
+  attn_.backward(dh.get(), dxn.get(), r);
+  norm1_.backward(dxn.get(), x_, T, din, r);
+  add_inplace(din, dh.get(), n, r.stream);
+}
+
+}  // namespace moerl::gpu::detail

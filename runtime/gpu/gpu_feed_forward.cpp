@@ -1,0 +1,251 @@
+// The feed-forward blocks on the GPU: runtime/model/feed_forward.cpp step for step, with the CUDA ops.
+// Routed experts: the router and the permutation plan on the device, the plan's offsets copied to the host once
+// per layer, then one linear call per expert and projection on the expert's contiguous rows (the stacked
+// weights let a grouped GEMM replace these loops later), SwiGLU once over all rows, combine.
+#include <algorithm>
+#include <vector>
+
+#include "kernels/cuda/moe_permute.hpp"
+#include "kernels/cuda/router.hpp"
+#include "kernels/cuda/swiglu.hpp"
+#include "runtime/error.hpp"
+#include "runtime/gpu/gpu_layers.hpp"
+
+namespace moerl::gpu::detail {
+namespace {
+
+SwigluParams swiglu_params(ParamStore& params, const std::string& prefix) {
+  return {&params.at(prefix + ".gate_proj.weight"), &params.at(prefix + ".up_proj.weight"),
+          &params.at(prefix + ".down_proj.weight")};
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
+// GpuDense
+
+GpuDense::GpuDense(ParamStore& params, const std::string& prefix, int64_t hidden, int64_t inter)
+    : w_(swiglu_params(params, prefix)), hidden_(hidden), inter_(inter) {
+  require(w_.gate->shape == Shape({inter, hidden}) && w_.down->shape == Shape({hidden, inter}),
+          "GpuModel: " + prefix + ": feed-forward weights do not match hidden " + std::to_string(hidden) +
+              " x intermediate " + std::to_string(inter));
+}
+
+void GpuDense::bind(Slab& s, int64_t tokens) {
+  tokens_ = tokens;
+  g_ = s.take<float>(tokens * inter_);
+  u_ = s.take<float>(tokens * inter_);
+  h_ = s.take<float>(tokens * inter_);
+}
+
+void GpuDense::forward(const float* x, float* y, const Run& r) {
+  const int64_t T = tokens_, H = hidden_, I = inter_;
+  x_ = x;
+  precision_ = r.precision;
+  cuda::linear_forward(*r.linear, r.precision, x, w_.gate->value, g_, T, I, H, r.stream);
+  cuda::linear_forward(*r.linear, r.precision, x, w_.up->value, u_, T, I, H, r.stream);
+  cuda::swiglu_forward(g_, u_, h_, T * I, r.stream);
+  cuda::linear_forward(*r.linear, r.precision, h_, w_.down->value, y, T, H, I, r.stream);
+}
+
+void GpuDense::backward(const float* dy, float* dx, const Run& r) {
+  const int64_t T = tokens_, H = hidden_, I = inter_;
+  const Precision p = precision_;
+  cuda::LinearContext& lin = *r.linear;
+  Temp<float> dh(T * I, r), dg(T * I, r), du(T * I, r), dx_up(T * H, r);
+  cuda::linear_backward(lin, p, dy, h_, w_.down->value, dh.get(), w_.down->grad, T, H, I, r.stream);
+  cuda::swiglu_backward(dh.get(), g_, u_, dg.get(), du.get(), T * I, r.stream);
+  cuda::linear_backward(lin, p, dg.get(), x_, w_.gate->value, dx, w_.gate->grad, T, I, H, r.stream);
+  cuda::linear_backward(lin, p, du.get(), x_, w_.up->value, dx_up.get(), w_.up->grad, T, I, H, r.stream);
+  add_inplace(dx, dx_up.get(), T * H, r.stream);
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// GpuMoe
+
+GpuMoe::GpuMoe(const ModelConfig& c, ParamStore& params, const std::string& prefix)
+    : hidden_(c.hidden_size), inter_(c.moe_intermediate_size), shared_inter_(c.n_shared_experts * c.moe_intermediate_size) {
+  const int64_t E = c.n_routed_experts, H = hidden_, I = inter_;
+  spec_.n_experts = E;
+  spec_.top_k = c.num_experts_per_tok;
+  spec_.n_group = c.n_group;
+  spec_.topk_group = c.topk_group;
+  spec_.norm_topk_prob = c.norm_topk_prob;
+  spec_.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
+  require(E > 0 && E <= cuda::kRouterMaxExperts && E <= cuda::kPermuteMaxExperts,
+          "GpuModel: " + prefix + ": n_routed_experts = " + std::to_string(E) + ", the GPU router takes 1 .. " +
+              std::to_string(cuda::kRouterMaxExperts));
+  router_ = &params.at(prefix + ".gate.weight");
+  bias_ = &params.at(prefix + ".gate.e_score_correction_bias");
+  // The stacking of ParamStore: expert e's tensors follow expert 0's at a fixed stride.
+  const DeviceParam& g0 = params.at(prefix + ".experts.0.gate_proj.weight");
+  const DeviceParam& u0 = params.at(prefix + ".experts.0.up_proj.weight");
+  const DeviceParam& d0 = params.at(prefix + ".experts.0.down_proj.weight");
+  for (int64_t e = 0; e < E; ++e) {
+    const std::string pe = prefix + ".experts." + std::to_string(e);
+    const DeviceParam& g = params.at(pe + ".gate_proj.weight");
+    const DeviceParam& u = params.at(pe + ".up_proj.weight");
+    const DeviceParam& d = params.at(pe + ".down_proj.weight");
+    require(g.value == g0.value + e * I * H && u.value == u0.value + e * I * H && d.value == d0.value + e * H * I &&
+                g.grad == g0.grad + e * I * H && u.grad == u0.grad + e * I * H && d.grad == d0.grad + e * H * I,
+            "GpuModel: " + pe + ": expert weights are not stacked (the GEMM loop reads them at a fixed stride)");
+  }
+  gate_w_ = g0.value;
+  up_w_ = u0.value;
+  down_w_ = d0.value;
+  gate_g_ = g0.grad;
+  up_g_ = u0.grad;
+  down_g_ = d0.grad;
+  if (shared_inter_ > 0) shared_.emplace_back(params, prefix + ".shared_experts", H, shared_inter_);
+  offsets_host_ = PinnedHost<int64_t>(static_cast<size_t>(E + 1));
+  load_.tokens_per_expert.assign(static_cast<size_t>(E), 0);
+}
+
+void GpuMoe::bind(Slab& s, int64_t batch, int64_t seq) {
+  const int64_t T = batch * seq, E = spec_.n_experts, K = spec_.top_k, R = T * K;
+  batch_ = batch;
+  seq_ = seq;
+  scores_ = s.take<float>(T * E);
+  dscores_ = s.take<float>(T * E);
+  topk_idx_ = s.take<int32_t>(T * K);
+  topk_weight_ = s.take<float>(T * K);
+  offsets_ = s.take<int64_t>(E + 1);
+  token_of_ = s.take<int64_t>(R);
+  row_of_ = s.take<int64_t>(R);
+  gp_ = s.take<float>(R * inter_);
+  up_ = s.take<float>(R * inter_);
+  hp_ = s.take<float>(R * inter_);
+  yp_ = s.take<float>(R * hidden_);
+  for (GpuDense& d : shared_) d.bind(s, T);
+}
+
+float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alpha, bool for_backward) {
+  const int64_t T = batch_ * seq_, H = hidden_, I = inter_, E = spec_.n_experts, K = spec_.top_k, R = T * K;
+  const Precision p = r.precision;
+  cuda::LinearContext& lin = *r.linear;
+  x_ = x;
+  precision_ = p;
+  balance_alpha_ = balance_alpha;
+  balance_grad_ = balance_alpha > 0 && for_backward;
+
+  // Router, in FP32 whatever the precision of the experts; the scores overwrite the logits.
+  cuda::linear_forward(lin, Precision::FP32, x, router_->value, scores_, T, E, H, r.stream);
+  cuda::router_forward(spec_, scores_, bias_->value, T, scores_, topk_idx_, topk_weight_, r.stream);
+  cuda::moe_permute_plan(topk_idx_, T, K, E, offsets_, token_of_, row_of_, r.stream);
+  CUDA_CHECK(cudaMemcpyAsync(offsets_host_.get(), offsets_, static_cast<size_t>(E + 1) * sizeof(int64_t),
+                             cudaMemcpyDeviceToHost, r.stream));
+  // The one wait of this layer: router_balance_loss synchronizes the stream to return its loss, which also
+  // lands the offsets; without the balance loss, wait for the offsets alone.
+  float balance = 0.0f;
+  if (balance_alpha > 0) {
+    if (balance_grad_) CUDA_CHECK(cudaMemsetAsync(dscores_, 0, static_cast<size_t>(T * E) * sizeof(float), r.stream));
+    balance = cuda::router_balance_loss(spec_, scores_, topk_idx_, batch_, seq_, balance_alpha,
+                                        balance_grad_ ? dscores_ : nullptr, r.stream);
+  } else {
+    CUDA_CHECK(cudaStreamSynchronize(r.stream));
+  }
+  const int64_t* off = offsets_host_.get();
+  require(off[0] == 0 && off[E] == R, "GpuModel: the permutation plan's offsets are inconsistent (offsets[E] = " +
+                                          std::to_string(off[E]) + ", expected " + std::to_string(R) + ")");
+  load_.tokens = T;
+  for (int64_t e = 0; e < E; ++e) {
+    require(off[e + 1] >= off[e], "GpuModel: the permutation plan's offsets decrease at expert " + std::to_string(e));
+    load_.tokens_per_expert[static_cast<size_t>(e)] = off[e + 1] - off[e];
+  }
+
+  // Shared experts write y; routed experts add to it.
+  if (!shared_.empty())
+    shared_[0].forward(x, y, r);
+  else
+    CUDA_CHECK(cudaMemsetAsync(y, 0, static_cast<size_t>(T * H) * sizeof(float), r.stream));
+
+  // Routed experts: gather, gate and up per expert, SwiGLU over all rows, down per expert, combine.
+  Temp<float> xp(R * H, r);
+  cuda::moe_gather(x, token_of_, R, H, xp.get(), r.stream);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = off[e], n = off[e + 1] - r0;
+    if (n == 0) continue;
+    cuda::linear_forward(lin, p, xp.get() + r0 * H, gate_w_ + e * I * H, gp_ + r0 * I, n, I, H, r.stream);
+    cuda::linear_forward(lin, p, xp.get() + r0 * H, up_w_ + e * I * H, up_ + r0 * I, n, I, H, r.stream);
+  }
+  cuda::swiglu_forward(gp_, up_, hp_, R * I, r.stream);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = off[e], n = off[e + 1] - r0;
+    if (n == 0) continue;
+    cuda::linear_forward(lin, p, hp_ + r0 * I, down_w_ + e * H * I, yp_ + r0 * H, n, H, I, r.stream);
+  }
+  cuda::moe_combine(yp_, topk_weight_, row_of_, T, K, H, y, r.stream);
+  return balance;
+}
+
+void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
+  const int64_t T = batch_ * seq_, H = hidden_, I = inter_, E = spec_.n_experts, K = spec_.top_k, R = T * K;
+  const Precision p = precision_;
+  cuda::LinearContext& lin = *r.linear;
+  const int64_t* off = offsets_host_.get();
+
+  if (!shared_.empty())
+    shared_[0].backward(dy, dx, r);
+  else
+    CUDA_CHECK(cudaMemsetAsync(dx, 0, static_cast<size_t>(T * H) * sizeof(float), r.stream));
+
+  // Routed experts: dy -> per-row dy · w (and dL/dw), expert blocks backward, rows summed back into their tokens.
+  Temp<float> dweight(T * K, r);
+  {
+    Temp<float> xp(R * H, r), dyp(R * H, r), dxp(R * H, r);
+    cuda::moe_gather(x_, token_of_, R, H, xp.get(), r.stream);
+    cuda::moe_combine_backward(dy, yp_, topk_weight_, row_of_, T, K, H, dyp.get(), dweight.get(), r.stream);
+    {
+      Temp<float> dh(R * I, r), dg(R * I, r), du(R * I, r);
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t r0 = off[e], n = off[e + 1] - r0;
+        if (n == 0) continue;
+        cuda::linear_backward(lin, p, dyp.get() + r0 * H, hp_ + r0 * I, down_w_ + e * H * I, dh.get() + r0 * I,
+                              down_g_ + e * H * I, n, H, I, r.stream);
+      }
+      cuda::swiglu_backward(dh.get(), gp_, up_, dg.get(), du.get(), R * I, r.stream);
+      Temp<float> dxp_up(R * H, r);
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t r0 = off[e], n = off[e + 1] - r0;
+        if (n == 0) continue;
+        cuda::linear_backward(lin, p, dg.get() + r0 * I, xp.get() + r0 * H, gate_w_ + e * I * H, dxp.get() + r0 * H,
+                              gate_g_ + e * I * H, n, I, H, r.stream);
+        cuda::linear_backward(lin, p, du.get() + r0 * I, xp.get() + r0 * H, up_w_ + e * I * H, dxp_up.get() + r0 * H,
+                              up_g_ + e * I * H, n, I, H, r.stream);
+      }
+      add_inplace(dxp.get(), dxp_up.get(), R * H, r.stream);
+    }
+    cuda::moe_scatter_add(dxp.get(), row_of_, T, K, H, dx, r.stream);
+  }
+
+  // Router (FP32): gating weights and balance loss -> scores -> logits -> x and gate.weight.
+  Temp<float> dlogits(T * E, r), dx_router(T * H, r);
+  cuda::router_backward(spec_, scores_, topk_idx_, dweight.get(), balance_grad_ ? dscores_ : nullptr, T, dlogits.get(),
+                        r.stream);
+  cuda::linear_backward(lin, Precision::FP32, dlogits.get(), x_, router_->value, dx_router.get(), router_->grad, T, E,
+                        H, r.stream);
+  add_inplace(dx, dx_router.get(), T * H, r.stream);
+}
+
+void GpuMoe::update_bias(float gamma, cudaStream_t stream) {
+  const auto& load = load_.tokens_per_expert;
+  const int64_t E = spec_.n_experts;
+  // Before any forward every load is 0, so nothing moves.
+  int64_t total = 0;
+  for (int64_t n : load) total += n;
+  std::vector<float> delta(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) {
+    // sign(total / E - load_e), compared exactly in integers; the same float product as the CPU.
+    const int64_t diff = total - E * load[static_cast<size_t>(e)];
+    delta[static_cast<size_t>(e)] = gamma * static_cast<float>((diff > 0) - (diff < 0));
+  }
+  Run r;
+  r.stream = stream;
+  Temp<float> d(E, r);
+  // From pageable memory: staged before the call returns, so `delta` may go out of scope.
+  CUDA_CHECK(cudaMemcpyAsync(d.get(), delta.data(), static_cast<size_t>(E) * sizeof(float), cudaMemcpyHostToDevice,
+                             stream));
+  add_inplace(bias_->value, d.get(), E, stream);
+}
+
+}  // namespace moerl::gpu::detail

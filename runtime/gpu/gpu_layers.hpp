@@ -1,0 +1,163 @@
+// The GPU model's blocks, each the device twin of a CPU block: GpuNorm (model.cpp's Norm), GpuMla
+// (runtime/model/attention), GpuDense and GpuMoe (runtime/model/feed_forward). Every block
+//   - registers nothing itself: it looks its weights up by their published names in the ParamStore;
+//   - bind(): takes the activations it saves for backward from a Slab sized for one (batch, seq), so steps of
+//     the same shape reuse the same buffers; temporaries come from the stream-ordered pool (Temp);
+//   - forward() keeps pointers to its inputs (owned by the caller, alive until backward); backward() overwrites
+//     dx and accumulates (+=) weight gradients, like the CPU.
+// All work is asynchronous on Run::stream; only GpuMoe::forward waits for the device (see there).
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/rmsnorm.hpp"
+#include "kernels/cuda/router.hpp"
+#include "runtime/gpu/gpu_common.hpp"
+#include "runtime/gpu/gpu_params.hpp"
+#include "runtime/model/config.hpp"
+#include "runtime/model/feed_forward.hpp"
+
+namespace moerl::gpu::detail {
+
+// RMSNorm over rows of weight->numel; rstd [rows] saved.
+struct GpuNorm {
+  const DeviceParam* weight = nullptr;
+  float eps = 1e-6f;
+  float* rstd = nullptr;
+
+  void bind(Slab& s, int64_t rows) { rstd = s.take<float>(rows); }
+  void forward(const float* x, int64_t rows, float* y, const Run& r) const {
+    cuda::rmsnorm_forward(x, weight->value, y, rstd, rows, weight->numel, eps, r.stream);
+  }
+  // dx overwritten, weight gradient accumulated; x is the forward's input.
+  void backward(const float* dy, const float* x, int64_t rows, float* dx, const Run& r) const {
+    cuda::rmsnorm_backward(dy, x, weight->value, rstd, dx, weight->grad, rows, weight->numel, r.stream);
+  }
+};
+
+// Multi-head latent attention; see runtime/model/attention.hpp for the formulas.
+class GpuMla {
+ public:
+  // prefix: e.g. "model.layers.0.self_attn." (with the dot).
+  GpuMla(const ModelConfig& config, ParamStore& params, const std::string& prefix);
+  void bind(Slab& s, int64_t batch, int64_t seq);
+  // x, y: [batch*seq, hidden]; x must stay unchanged until backward.
+  void forward(const float* x, float* y, const Run& r);
+  // dy -> dx (overwritten; must not alias dy).
+  void backward(const float* dy, float* dx, const Run& r);
+
+ private:
+  std::string prefix_;
+  int64_t hidden_, heads_, q_lora_, kv_lora_, dn_, dr_, dv_, dq_;
+  bool interleave_;
+  float theta_, eps_, scale_;
+  const DeviceParam* q_a_ = nullptr;
+  const DeviceParam* q_a_norm_ = nullptr;
+  const DeviceParam* q_b_ = nullptr;
+  const DeviceParam* q_proj_ = nullptr;
+  const DeviceParam* kv_a_ = nullptr;
+  const DeviceParam* kv_a_norm_ = nullptr;
+  const DeviceParam* kv_b_ = nullptr;
+  const DeviceParam* o_ = nullptr;
+
+  // Bound for one shape. Saved: q_a_out [T, q_lora] (before its norm), c [T, kv_lora] (the latent before its
+  // norm), q [T, H, dq] after RoPE, k [T, H, dq] = [k_nope | rotated k_rope], v [T, H, dv], attn [T, H, dv],
+  // lse [batch, H, seq]. The norms' outputs are recomputed in backward, as on the CPU.
+  int64_t batch_ = 0, seq_ = 0;
+  float *q_a_out_ = nullptr, *c_ = nullptr, *q_ = nullptr, *k_ = nullptr, *v_ = nullptr, *attn_ = nullptr,
+        *lse_ = nullptr;
+  const float* x_ = nullptr;
+  Precision precision_ = Precision::FP32;
+  bool saved_ = false;
+};
+
+struct SwigluParams {
+  const DeviceParam* gate = nullptr;
+  const DeviceParam* up = nullptr;
+  const DeviceParam* down = nullptr;
+};
+
+// The dense SwiGLU feed-forward (and the shared experts): down(silu(gate(x)) · up(x)).
+class GpuDense {
+ public:
+  // prefix: e.g. "model.layers.0.mlp" (without the dot).
+  GpuDense(ParamStore& params, const std::string& prefix, int64_t hidden, int64_t inter);
+  void bind(Slab& s, int64_t tokens);
+  void forward(const float* x, float* y, const Run& r);
+  void backward(const float* dy, float* dx, const Run& r);
+
+ private:
+  SwigluParams w_;
+  int64_t hidden_, inter_, tokens_ = 0;
+  float *g_ = nullptr, *u_ = nullptr, *h_ = nullptr;  // [T, I] each
+  const float* x_ = nullptr;
+  Precision precision_ = Precision::FP32;
+};
+
+// The MoE feed-forward: shared experts plus routed experts behind DeepSeek-V3's router.
+class GpuMoe {
+ public:
+  // prefix: e.g. "model.layers.1.mlp" (without the dot).
+  GpuMoe(const ModelConfig& config, ParamStore& params, const std::string& prefix);
+  void bind(Slab& s, int64_t batch, int64_t seq);
+  // x, y: [T, hidden]. Returns the balance loss (0 when alpha <= 0); when for_backward it also keeps the loss's
+  // gradient with respect to the scores. Waits for the device once: the experts' row offsets (and the balance
+  // loss) are needed on the host to size the per-expert GEMMs.
+  float forward(const float* x, float* y, const Run& r, float balance_alpha, bool for_backward);
+  void backward(const float* dy, float* dx, const Run& r);
+
+  const ExpertLoad& load() const { return load_; }
+  // bias_e += gamma · sign(mean load − load_e), from the last forward's load (as MoeFeedForward::update_bias).
+  void update_bias(float gamma, cudaStream_t stream);
+
+ private:
+  cuda::RouterSpec spec_;
+  int64_t hidden_, inter_, shared_inter_;
+  const DeviceParam* router_ = nullptr;
+  const DeviceParam* bias_ = nullptr;
+  // Expert e's weights are gate_[e·I·H], up_[e·I·H], down_[e·H·I] (stacked by ParamStore); same for the grads.
+  const float *gate_w_ = nullptr, *up_w_ = nullptr, *down_w_ = nullptr;
+  float *gate_g_ = nullptr, *up_g_ = nullptr, *down_g_ = nullptr;
+  std::vector<GpuDense> shared_;  // one (n_shared · I wide) or none
+
+  // Bound for one shape (T tokens, R = T·K rows). Saved: scores [T, E], dscores [T, E] (the balance loss's
+  // gradient), topk_idx [T, K], topk_weight [T, K], the permutation plan (offsets [E+1], token_of, row_of [R]),
+  // gp, up, hp [R, I], yp [R, H]. xp [R, H] is gathered again in backward instead of kept.
+  int64_t batch_ = 0, seq_ = 0;
+  float *scores_ = nullptr, *dscores_ = nullptr, *topk_weight_ = nullptr;
+  int32_t* topk_idx_ = nullptr;
+  int64_t *offsets_ = nullptr, *token_of_ = nullptr, *row_of_ = nullptr;
+  float *gp_ = nullptr, *up_ = nullptr, *hp_ = nullptr, *yp_ = nullptr;
+  PinnedHost<int64_t> offsets_host_;  // [E + 1], the last forward's
+  const float* x_ = nullptr;
+  Precision precision_ = Precision::FP32;
+  float balance_alpha_ = 0;
+  bool balance_grad_ = false;
+  ExpertLoad load_;
+};
+
+// One pre-norm decoder layer: h = x + attn(norm1(x)); out = h + ffn(norm2(h)).
+class GpuDecoderLayer {
+ public:
+  GpuDecoderLayer(const ModelConfig& config, ParamStore& params, int64_t layer);
+  void bind(Slab& s, int64_t batch, int64_t seq);
+  // in, out: [T, hidden], distinct; `in` must stay unchanged until backward. Returns the balance loss.
+  float forward(const float* in, float* out, const Run& r, float balance_alpha, bool for_backward);
+  // dout -> din (overwritten; distinct from dout).
+  void backward(const float* dout, float* din, const Run& r);
+  GpuMoe* moe() { return moe_.get(); }
+  const GpuMoe* moe() const { return moe_.get(); }
+
+ private:
+  GpuNorm norm1_, norm2_;
+  GpuMla attn_;
+  std::unique_ptr<GpuDense> dense_;
+  std::unique_ptr<GpuMoe> moe_;
+  int64_t dim_, tokens_ = 0;
+  const float* x_ = nullptr;                               // the layer's input (the caller's buffer)
+  float *xn1_ = nullptr, *h_ = nullptr, *xn2_ = nullptr;  // saved, [T, hidden] each
+};
+
+}  // namespace moerl::gpu::detail
