@@ -75,6 +75,7 @@ class GemmContext {
   struct Impl;
   std::unique_ptr<Impl> impl_;
   friend void gemm_nt(GemmContext&, const Operand&, const Operand&, void*, OutType, cudaStream_t);
+  friend void gemm_nt_accumulate(GemmContext&, const Operand&, const Operand&, float*, cudaStream_t);
 };
 
 // y [a.rows, b.rows] row-major (BF16 or FP32 per `out`) = a · bᵀ, asynchronous on `stream`.
@@ -82,5 +83,11 @@ class GemmContext {
 // or cuBLASLt failure.
 void gemm_nt(GemmContext& ctx, const Operand& a, const Operand& b, void* y, OutType out,
              cudaStream_t stream = nullptr);
+
+// y [a.rows, b.rows] FP32 += a · bᵀ (what Wgrad into an FP32 weight gradient needs): cuBLASLt with beta = 1 and
+// C = D = y, so y + (a · bᵀ) is rounded once. Same requirements and plans as gemm_nt with FP32 output. Should
+// cuBLASLt refuse beta = 1 for a problem (remembered per plan), the product goes to a stream-ordered temporary
+// and one kernel adds it to y: the same single rounding, one more pass over y.
+void gemm_nt_accumulate(GemmContext& ctx, const Operand& a, const Operand& b, float* y, cudaStream_t stream = nullptr);
 
 }  // namespace moerl::fp8::cuda

@@ -8,15 +8,20 @@
 //         tokens). The codes and scales are the CPU emulation's bit for bit, so the results are the CPU's up
 //         to the order of the FP32 sums.
 // Weights are prepared once per weight and generation: the BF16 copy (bf16), or the E4M3 codes and scales of
-// w and of wᵀ (fp8), kept in buffers owned by the context and keyed by the weight's device pointer and
-// shape. weights_changed() starts a new generation (call it after every optimizer step); the buffers are
-// reused, so a steady-state step allocates nothing for weights. Activation temporaries (BF16 copies,
-// quantized activations, padding) come from the stream-ordered pool (cudaMallocAsync).
+// w and of wᵀ (fp8), kept in buffers owned by the context and keyed by the weight's device pointer, shape and
+// precision. weights_changed() starts a new generation (call it after every optimizer step); the buffers are
+// reused, so a steady-state step allocates nothing for weights. Until then a changed weight is NOT seen by
+// bf16 / fp8 calls: they keep using the copy made at the first call of the generation (fp32 reads w itself).
+// A copy is made on the stream of the call that needs it, so later calls on one context must be ordered after
+// it (the contract below). Activation temporaries (BF16 copies, quantized activations, padding, padded
+// outputs) come from the stream-ordered pool (cudaMallocAsync).
 //
 // Any M, N, K >= 0 the CPU accepts are accepted: shapes the cuBLASLt FP8 kernels cannot take directly
-// (K or the token count not a multiple of 16, M or N not a multiple of 4) are zero-padded internally,
-// which leaves the result unchanged (a zero row or column adds nothing to a sum and a zero-padded tile
-// has the same amax). M = 0 is a no-op.
+// (K or the token count not a multiple of 16, M or N not a multiple of 4; sizes below 128 are raised to 128
+// too, the smallest verified on the H200) are zero-padded internally, which leaves the result unchanged (a
+// zero row or column adds nothing to a sum and a zero-padded tile has the same amax and codes). Padding costs
+// an extra copy of the padded operand and of the output; the model's shapes (multiples of 128, tokens a
+// multiple of 16) need none. M = 0 is a no-op (dw unchanged); K = 0 gives y = 0; N = 0 gives dx = 0.
 // All pointers are device memory; x, w, dy are read-only; y and dx are overwritten, dw is accumulated (+=).
 // dx or dw may be null (that output is skipped). Calls are asynchronous on `stream`.
 // Throws moerl::Error on bad arguments (negative sizes, null required pointers) and on CUDA or cuBLASLt
@@ -46,6 +51,9 @@ class LinearContext {
   void weights_changed();
   // Device bytes held by prepared weights (BF16 copies, FP8 codes and scales).
   size_t prepared_bytes() const;
+  // Frees every prepared copy. Copies are keyed by the weight's address: call this when weight buffers were
+  // freed or reallocated (a new weight at a freed weight's address and shape would otherwise find its copy).
+  void forget_weights();
 
   struct Impl;
   Impl& impl() { return *impl_; }
@@ -62,5 +70,25 @@ void linear_forward(LinearContext& ctx, Precision p, const float* x, const float
 // dw[N, K] += dy[M, N]ᵀ · x[M, K] (accumulated; skipped when dw is null)
 void linear_backward(LinearContext& ctx, Precision p, const float* dy, const float* x, const float* w, float* dx,
                      float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream = nullptr);
+
+// The prepared copies, for tests and diagnostics: made (or refreshed, when stale) on `stream` exactly as a
+// linear call would. N, K > 0. Without weights_changed() a copy is NOT refreshed when the weight's values change:
+// a linear call reuses its copy of the values it saw first in the current generation.
+//   BF16: w [N, K] rounded to nearest even, as BF16 bit patterns [N, K].
+const uint16_t* prepared_bf16_weight(LinearContext& ctx, const float* w, int64_t N, int64_t K,
+                                     cudaStream_t stream = nullptr);
+//   FP8: w in 128x128 blocks, padded with zeros to [rows, cols] (rows = N, cols = K rounded up to multiples of 16
+//   and at least 128), the codes of w and of wᵀ and their scales in cuBLASLt's BLK128x128 layout
+//   (kernels/fp8_gemm.hpp). The blocks of wᵀ are those of w transposed, with the same scales: codes_t and
+//   scales_t are what fp8::cpu::quantize_128x128 gives for wᵀ.
+struct PreparedFp8Weight {
+  const uint8_t* codes = nullptr;    // [rows, cols]
+  const float* scales = nullptr;     // fp8::cuda::cublaslt_scale_count(rows, cols, 128) floats
+  const uint8_t* codes_t = nullptr;  // [cols, rows]
+  const float* scales_t = nullptr;   // fp8::cuda::cublaslt_scale_count(cols, rows, 128) floats
+  int64_t rows = 0, cols = 0;
+};
+PreparedFp8Weight prepared_fp8_weight(LinearContext& ctx, const float* w, int64_t N, int64_t K,
+                                      cudaStream_t stream = nullptr);
 
 }  // namespace moerl::cuda

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/stream_scratch.hpp"
 #include "kernels/fp8_gemm.hpp"
 #include "runtime/error.hpp"
 
@@ -91,7 +92,13 @@ void check_scale_args(int64_t rows, int64_t cols, int block_rows) {
           "fp8::cuda::scales_to_cublaslt: block_rows must be 1 or 128, got " + std::to_string(block_rows));
 }
 
-// A planned problem (see GemmContext). C is D (beta = 0).
+// y [n] += t [n]: gemm_nt_accumulate where cuBLASLt refuses beta = 1.
+__global__ void add_kernel(const float* __restrict__ t, int64_t n, float* __restrict__ y) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    y[i] += t[i];
+}
+
+// A planned problem (see GemmContext). C is D (beta = 0, or 1 for gemm_nt_accumulate).
 struct PlanKey {
   int64_t m, n, k;
   int a_block, b_block;
@@ -104,6 +111,7 @@ struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t layout_a = nullptr, layout_b = nullptr, layout_d = nullptr;
   cublasLtMatmulAlgo_t algo{};
+  bool accumulate_refused = false;  // cuBLASLt answered beta = 1 with NOT_SUPPORTED / INVALID_VALUE
 };
 
 void destroy(Plan& p) {
@@ -173,6 +181,8 @@ struct GemmContext::Impl {
   // The scale pointers of the first call are set before the heuristic runs: cuBLASLt's block-scaled modes
   // answer the heuristic query with CUBLAS_STATUS_INVALID_VALUE while they are unset (seen on the H200).
   Plan make_plan(const PlanKey& k, const void* a_scales, const void* b_scales) const;
+  // gemm_nt (accumulate false) and gemm_nt_accumulate (true, y FP32).
+  void run(const Operand& a, const Operand& b, void* y, OutType out, bool accumulate, cudaStream_t stream);
 };
 
 Plan GemmContext::Impl::make_plan(const PlanKey& k, const void* a_scales, const void* b_scales) const {
@@ -248,7 +258,8 @@ size_t GemmContext::cached_plans() const {
   return impl_->plans.size();
 }
 
-void gemm_nt(GemmContext& ctx, const Operand& a, const Operand& b, void* y, OutType out, cudaStream_t stream) {
+void GemmContext::Impl::run(const Operand& a, const Operand& b, void* y, OutType out, bool accumulate,
+                            cudaStream_t stream) {
   check_operand(a, "a");
   check_operand(b, "b");
   require(a.cols == b.cols, "fp8::cuda::gemm_nt: K differs: a has " + std::to_string(a.cols) + " columns, b has " +
@@ -263,7 +274,7 @@ void gemm_nt(GemmContext& ctx, const Operand& a, const Operand& b, void* y, OutT
   require(N * out_bytes(out) % 16 == 0, "fp8::cuda::gemm_nt: rows of y must be a multiple of 16 bytes: N=" +
                                             std::to_string(N) + " with " + out_name(out) + " output (N % " +
                                             std::to_string(16 / out_bytes(out)) + " != 0)");
-  auto& impl = *ctx.impl_;
+  auto& impl = *this;
   int device = -1;
   CUDA_CHECK(cudaGetDevice(&device));
   require(device == impl.device, "fp8::cuda::gemm_nt: the context belongs to device " + std::to_string(impl.device) +
@@ -283,17 +294,49 @@ void gemm_nt(GemmContext& ctx, const Operand& a, const Operand& b, void* y, OutT
     require_device_memory(y, "y");
     it = impl.plans.emplace(key, impl.make_plan(key, a.scales, b.scales)).first;
   }
-  const Plan& p = it->second;
+  Plan& p = it->second;
   set_desc(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, static_cast<const void*>(b.scales));
   set_desc(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, static_cast<const void*>(a.scales));
-  const float alpha = 1.0f, beta = 0.0f;
-  const cublasStatus_t st = cublasLtMatmul(impl.handle, p.desc, &alpha, b.codes, p.layout_a, a.codes, p.layout_b, &beta,
-                                           y, p.layout_d, y, p.layout_d, &p.algo, impl.workspace,
-                                           impl.workspace_bytes, stream);
-  require(st != CUBLAS_STATUS_NOT_SUPPORTED,
-          "fp8::cuda::gemm_nt: cuBLASLt refused " + problem_name(M, N, K, a.block_rows, b.block_rows, out) +
-              " (CUBLAS_STATUS_NOT_SUPPORTED)");
-  CUBLAS_CHECK(st);
+  const float alpha = 1.0f, zero = 0.0f, one = 1.0f;
+  auto matmul = [&](void* d, float beta) {
+    return cublasLtMatmul(impl.handle, p.desc, &alpha, b.codes, p.layout_a, a.codes, p.layout_b, &beta, d, p.layout_d,
+                          d, p.layout_d, &p.algo, impl.workspace, impl.workspace_bytes, stream);
+  };
+  auto check = [&](cublasStatus_t st) {
+    require(st != CUBLAS_STATUS_NOT_SUPPORTED,
+            "fp8::cuda::gemm_nt: cuBLASLt refused " + problem_name(M, N, K, a.block_rows, b.block_rows, out) +
+                " (CUBLAS_STATUS_NOT_SUPPORTED)");
+    CUBLAS_CHECK(st);
+  };
+  if (!accumulate) {
+    check(matmul(y, zero));
+    return;
+  }
+  if (!p.accumulate_refused) {
+    const cublasStatus_t st = matmul(y, one);
+    if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) {
+      check(st);
+      return;
+    }
+    p.accumulate_refused = true;
+  }
+  // The product into a temporary (256-byte aligned: at least what the plan assumes of y), then y += it.
+  const int64_t n = M * N;
+  cuda_detail::StreamScratch t(static_cast<size_t>(n) * sizeof(float), stream);
+  check(matmul(t.as<float>(), zero));
+  constexpr int kThreads = 256;
+  const auto blocks = static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096));
+  add_kernel<<<blocks, kThreads, 0, stream>>>(t.as<float>(), n, static_cast<float*>(y));
+  CUDA_CHECK_LAUNCH();
+  t.release();
+}
+
+void gemm_nt(GemmContext& ctx, const Operand& a, const Operand& b, void* y, OutType out, cudaStream_t stream) {
+  ctx.impl_->run(a, b, y, out, false, stream);
+}
+
+void gemm_nt_accumulate(GemmContext& ctx, const Operand& a, const Operand& b, float* y, cudaStream_t stream) {
+  ctx.impl_->run(a, b, y, OutType::FP32, true, stream);
 }
 
 }  // namespace moerl::fp8::cuda

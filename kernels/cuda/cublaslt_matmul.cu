@@ -1,0 +1,208 @@
+// cuda_detail::LtMatmul (kernels/cuda/cublaslt_matmul.hpp): FP32 / BF16 cuBLASLt GEMMs with a plan cache.
+#include <cublasLt.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "kernels/cuda/cublaslt_matmul.hpp"
+#include "kernels/cuda/cuda_check.hpp"
+#include "runtime/error.hpp"
+
+namespace moerl::cuda_detail {
+namespace {
+
+constexpr int kMaxHeuristicResults = 8;  // a plain array: std::vector of this typedef crashes nvcc 13
+
+struct PlanKey {
+  bool trans_a, trans_b;
+  int64_t m, n, k, lda, ldb, ldc;
+  LtInput input;
+  uint32_t align_a, align_b, align_c;
+  auto operator<=>(const PlanKey&) const = default;
+};
+
+struct Plan {
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;  // cuBLAS's A (our B), B (our A), C = D
+  cublasLtMatmulAlgo_t algo{};
+};
+
+void destroy(Plan& p) {
+  if (p.c) cublasLtMatrixLayoutDestroy(p.c);
+  if (p.b) cublasLtMatrixLayoutDestroy(p.b);
+  if (p.a) cublasLtMatrixLayoutDestroy(p.a);
+  if (p.desc) cublasLtMatmulDescDestroy(p.desc);
+  p = Plan{};
+}
+
+std::string problem_name(const PlanKey& k) {
+  return std::string(k.input == LtInput::BF16 ? "BF16" : "FP32") + " GEMM M=" + std::to_string(k.m) +
+         ", N=" + std::to_string(k.n) + ", K=" + std::to_string(k.k) + (k.trans_a ? ", A transposed" : "") +
+         (k.trans_b ? ", B transposed" : "") + " (lda " + std::to_string(k.lda) + ", ldb " + std::to_string(k.ldb) +
+         ", ldc " + std::to_string(k.ldc) + ", FP32 out)";
+}
+
+}  // namespace
+
+uint32_t alignment_of(const void* p, uint32_t cap) {
+  const auto v = reinterpret_cast<uintptr_t>(p);
+  uint32_t a = cap;
+  while (a > 1 && v % a != 0) a /= 2;
+  return a;
+}
+
+void require_device_memory(const void* p, const std::string& what) {
+  cudaPointerAttributes attr{};
+  const cudaError_t e = cudaPointerGetAttributes(&attr, p);
+  if (e == cudaErrorInvalidValue) {
+    (void)cudaGetLastError();  // older drivers answer so for plain host memory; do not leave it pending
+    attr.type = cudaMemoryTypeUnregistered;
+  } else {
+    CUDA_CHECK(e);
+  }
+  require(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged, what + " is not device memory");
+}
+
+struct LtMatmul::Impl {
+  std::string owner;
+  int device = 0;
+  cublasLtHandle_t handle = nullptr;
+  void* workspace = nullptr;
+  size_t workspace_bytes = 0;
+  size_t max_plans = 0;
+  uint32_t max_alignment = 256;
+  mutable std::mutex mutex;
+  std::map<PlanKey, Plan> plans;
+
+  ~Impl() {
+    clear();
+    if (workspace) cudaFree(workspace);
+    if (handle) cublasLtDestroy(handle);
+  }
+  void clear() {
+    for (auto& [key, plan] : plans) destroy(plan);
+    plans.clear();
+  }
+  Plan make_plan(const PlanKey& k) const;
+};
+
+Plan LtMatmul::Impl::make_plan(const PlanKey& k) const {
+  Plan p;
+  cublasLtMatmulPreference_t pref = nullptr;
+  try {
+    const cudaDataType_t in = k.input == LtInput::BF16 ? CUDA_R_16BF : CUDA_R_32F;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    const cublasOperation_t op_a = k.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;  // cuBLAS's A is our B
+    const cublasOperation_t op_b = k.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &op_a, sizeof op_a));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &op_b, sizeof op_b));
+    const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, in, u(k.trans_b ? k.k : k.n), u(k.trans_b ? k.n : k.k), k.ldb));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, in, u(k.trans_a ? k.m : k.k), u(k.trans_a ? k.k : k.m), k.lda));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_32F, u(k.n), u(k.m), k.ldc));
+
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    const uint64_t ws = workspace_bytes;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+    const uint32_t aligns[4] = {k.align_b, k.align_a, k.align_c, k.align_c};  // cuBLAS A, B, C, D
+    const cublasLtMatmulPreferenceAttributes_t align_attrs[4] = {
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+    for (int i = 0; i < 4; ++i)
+      CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, align_attrs[i], &aligns[i], sizeof aligns[i]));
+
+    cublasLtMatmulHeuristicResult_t results[kMaxHeuristicResults] = {};
+    int found = 0;
+    const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.a, p.b, p.c, p.c, pref,
+                                                             kMaxHeuristicResults, results, &found);
+    int chosen = -1;
+    for (int i = 0; i < found && chosen < 0; ++i)
+      if (results[i].state == CUBLAS_STATUS_SUCCESS) chosen = i;
+    require(st == CUBLAS_STATUS_SUCCESS && chosen >= 0, owner + ": cuBLASLt has no algorithm (" +
+                                                            cublasLtGetStatusName(st) + ") for " + problem_name(k));
+    p.algo = results[chosen].algo;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
+    return p;
+  } catch (...) {
+    if (pref) cublasLtMatmulPreferenceDestroy(pref);
+    destroy(p);
+    throw;
+  }
+}
+
+LtMatmul::LtMatmul(std::string owner, size_t workspace_bytes, size_t max_plans, uint32_t max_alignment)
+    : impl_(std::make_unique<Impl>()) {
+  Impl& m = *impl_;
+  m.owner = std::move(owner);
+  require(max_alignment > 0 && (max_alignment & (max_alignment - 1)) == 0,
+          m.owner + ": max_alignment must be a power of two, got " + std::to_string(max_alignment));
+  m.max_plans = max_plans > 0 ? max_plans : 1;
+  m.max_alignment = max_alignment;
+  CUDA_CHECK(cudaGetDevice(&m.device));
+  CUBLAS_CHECK(cublasLtCreate(&m.handle));
+  m.workspace_bytes = workspace_bytes;
+  if (workspace_bytes > 0) CUDA_CHECK(cudaMalloc(&m.workspace, workspace_bytes));
+}
+
+LtMatmul::~LtMatmul() = default;
+
+size_t LtMatmul::cached_plans() const {
+  const std::lock_guard lock(impl_->mutex);
+  return impl_->plans.size();
+}
+
+int LtMatmul::device() const { return impl_->device; }
+
+void LtMatmul::gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, LtInput input, const void* A,
+                    int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc, cudaStream_t stream) {
+  Impl& m = *impl_;
+  const std::string& who = m.owner;
+  require(M >= 0 && N >= 0 && K >= 0, who + ": GEMM sizes must be >= 0, got M=" + std::to_string(M) +
+                                          ", N=" + std::to_string(N) + ", K=" + std::to_string(K));
+  require(beta == 0.0f || beta == 1.0f, who + ": beta must be 0 or 1, got " + std::to_string(beta));
+  if (M == 0 || N == 0) return;
+  const int64_t a_cols = trans_a ? M : K, b_cols = trans_b ? K : N;
+  require(lda >= std::max<int64_t>(a_cols, 1) && ldb >= std::max<int64_t>(b_cols, 1) && ldc >= N,
+          who + ": leading dimensions too small: lda " + std::to_string(lda) + " (needs " + std::to_string(a_cols) +
+              "), ldb " + std::to_string(ldb) + " (needs " + std::to_string(b_cols) + "), ldc " +
+              std::to_string(ldc) + " (needs " + std::to_string(N) + ")");
+  require(C != nullptr, who + ": null output pointer");
+  int device = -1;
+  CUDA_CHECK(cudaGetDevice(&device));
+  require(device == m.device, who + ": the cuBLASLt context belongs to device " + std::to_string(m.device) +
+                                  " but device " + std::to_string(device) + " is current");
+  if (K == 0) {  // an empty sum: cuBLASLt is not asked
+    if (beta == 0.0f)
+      CUDA_CHECK(cudaMemset2DAsync(C, static_cast<size_t>(ldc) * sizeof(float), 0, static_cast<size_t>(N) * sizeof(float),
+                                   static_cast<size_t>(M), stream));
+    return;
+  }
+  require(A != nullptr && B != nullptr, who + ": null input pointer");
+
+  const PlanKey key{trans_a, trans_b, M, N, K, lda, ldb, ldc, input, alignment_of(A, m.max_alignment),
+                    alignment_of(B, m.max_alignment), alignment_of(C, m.max_alignment)};
+  const std::lock_guard lock(m.mutex);
+  auto it = m.plans.find(key);
+  if (it == m.plans.end()) {
+    // First call of this problem: make sure the pointers are device memory (a host pointer would give an
+    // illegal-address error that poisons the CUDA context).
+    require_device_memory(A, who + ": input A");
+    require_device_memory(B, who + ": input B");
+    require_device_memory(C, who + ": output C");
+    if (m.plans.size() >= m.max_plans) m.clear();  // shapes that vary from step to step: keep the cache bounded
+    Plan p = m.make_plan(key);
+    it = m.plans.emplace(key, p).first;
+  }
+  const Plan& p = it->second;
+  const float alpha = 1.0f;
+  const cublasStatus_t st = cublasLtMatmul(m.handle, p.desc, &alpha, B, p.a, A, p.b, &beta, C, p.c, C, p.c, &p.algo,
+                                           m.workspace, m.workspace_bytes, stream);
+  require(st != CUBLAS_STATUS_NOT_SUPPORTED, who + ": cuBLASLt refused " + problem_name(key) +
+                                                 " (CUBLAS_STATUS_NOT_SUPPORTED)");
+  CUBLAS_CHECK(st);
+}
+
+}  // namespace moerl::cuda_detail

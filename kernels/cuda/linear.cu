@@ -1,0 +1,180 @@
+// GPU linear layers (kernels/cuda/linear.hpp): the context and its prepared weights, argument checks, and the
+// FP32 and BF16 recipes, each GEMM the same call as in kernels/cpu/linear.cpp (cpu::sgemm's arguments) on
+// cuda_detail::LtMatmul. The FP8 recipe is in linear_fp8.cu.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "kernels/cuda/cublaslt_matmul.hpp"
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/linear.hpp"
+#include "kernels/cuda/linear_impl.cuh"
+#include "kernels/cuda/moe_experts.hpp"
+#include "kernels/cuda/stream_scratch.hpp"
+#include "runtime/error.hpp"
+
+namespace moerl::cuda {
+namespace {
+
+using cuda_detail::LtInput;
+using cuda_detail::StreamScratch;
+using linear_detail::PreparedWeight;
+
+bool known(Precision p) { return p == Precision::FP32 || p == Precision::BF16 || p == Precision::FP8; }
+
+std::string shape(int64_t M, int64_t N, int64_t K) {
+  return "M=" + std::to_string(M) + ", N=" + std::to_string(N) + ", K=" + std::to_string(K);
+}
+
+void check_common(const std::string& fn, Precision p, int64_t M, int64_t N, int64_t K) {
+  require(known(p), fn + ": unknown precision " + std::to_string(static_cast<int>(p)));
+  require(M >= 0 && N >= 0 && K >= 0, fn + ": sizes must be >= 0, got " + shape(M, N, K));
+}
+
+size_t bytes16(int64_t n) { return static_cast<size_t>(n) * sizeof(uint16_t); }
+
+}  // namespace
+
+LinearContext::Impl::Impl() : lt("cuda::linear") { CUDA_CHECK(cudaGetDevice(&device)); }
+
+void LinearContext::Impl::check_device(const char* fn) const {
+  int current = -1;
+  CUDA_CHECK(cudaGetDevice(&current));
+  require(current == device, std::string(fn) + ": the LinearContext belongs to device " + std::to_string(device) +
+                                 " but device " + std::to_string(current) + " is current");
+}
+
+PreparedWeight& LinearContext::Impl::entry(const float* w, int64_t N, int64_t K, Precision p, size_t bytes) {
+  const auto [it, inserted] = weights.try_emplace(linear_detail::WeightKey{w, N, K, p});
+  if (inserted) {
+    try {
+      it->second.memory = linear_detail::DeviceAllocation(bytes);
+    } catch (...) {
+      weights.erase(it);
+      throw;
+    }
+  }
+  return it->second;
+}
+
+const uint16_t* LinearContext::Impl::bf16_weight(const float* w, int64_t N, int64_t K, cudaStream_t stream) {
+  PreparedWeight& pw = entry(w, N, K, Precision::BF16, bytes16(N * K));
+  if (pw.generation != generation) {
+    to_bf16(w, N * K, pw.memory.as<uint16_t>(), stream);
+    pw.generation = generation;
+  }
+  return pw.memory.as<uint16_t>();
+}
+
+LinearContext::LinearContext() : impl_(std::make_unique<Impl>()) {}
+LinearContext::~LinearContext() = default;
+
+void LinearContext::weights_changed() { ++impl_->generation; }
+
+size_t LinearContext::prepared_bytes() const {
+  size_t total = 0;
+  for (const auto& [key, pw] : impl_->weights) total += pw.memory.bytes();
+  return total;
+}
+
+void LinearContext::forget_weights() {
+  // Work still queued may read the copies: cudaFree waits for the device before freeing.
+  impl_->weights.clear();
+}
+
+const uint16_t* prepared_bf16_weight(LinearContext& ctx, const float* w, int64_t N, int64_t K, cudaStream_t stream) {
+  require(N > 0 && K > 0 && w != nullptr, "cuda::prepared_bf16_weight: needs N, K > 0 and a weight, got N=" +
+                                              std::to_string(N) + ", K=" + std::to_string(K));
+  ctx.impl().check_device("cuda::prepared_bf16_weight");
+  return ctx.impl().bf16_weight(w, N, K, stream);
+}
+
+PreparedFp8Weight prepared_fp8_weight(LinearContext& ctx, const float* w, int64_t N, int64_t K, cudaStream_t stream) {
+  require(N > 0 && K > 0 && w != nullptr, "cuda::prepared_fp8_weight: needs N, K > 0 and a weight, got N=" +
+                                              std::to_string(N) + ", K=" + std::to_string(K));
+  ctx.impl().check_device("cuda::prepared_fp8_weight");
+  return linear_detail::fp8_weight(ctx.impl(), w, N, K, stream);
+}
+
+void linear_forward(LinearContext& ctx, Precision p, const float* x, const float* w, float* y, int64_t M, int64_t N,
+                    int64_t K, cudaStream_t stream) {
+  const std::string fn = "cuda::linear_forward";
+  check_common(fn, p, M, N, K);
+  if (M == 0 || N == 0) return;
+  require(y != nullptr, fn + ": null y (" + shape(M, N, K) + ")");
+  LinearContext::Impl& c = ctx.impl();
+  c.check_device(fn.c_str());
+  if (K == 0) {  // an empty sum, as cpu::sgemm gives with beta = 0
+    CUDA_CHECK(cudaMemsetAsync(y, 0, static_cast<size_t>(M * N) * sizeof(float), stream));
+    return;
+  }
+  require(x != nullptr && w != nullptr, fn + ": null x or w (" + shape(M, N, K) + ")");
+  switch (p) {
+    case Precision::FP32:
+      c.lt.gemm(false, true, M, N, K, LtInput::FP32, x, K, w, K, 0.0f, y, N, stream);
+      return;
+    case Precision::BF16: {
+      const uint16_t* w16 = c.bf16_weight(w, N, K, stream);
+      StreamScratch scratch(bytes16(M * K), stream);
+      uint16_t* x16 = scratch.as<uint16_t>();
+      to_bf16(x, M * K, x16, stream);
+      c.lt.gemm(false, true, M, N, K, LtInput::BF16, x16, K, w16, K, 0.0f, y, N, stream);
+      scratch.release();
+      return;
+    }
+    case Precision::FP8:
+      linear_detail::fp8_forward(c, x, w, y, M, N, K, stream);
+      return;
+  }
+}
+
+void linear_backward(LinearContext& ctx, Precision p, const float* dy, const float* x, const float* w, float* dx,
+                     float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
+  const std::string fn = "cuda::linear_backward";
+  check_common(fn, p, M, N, K);
+  // dx [M, K] has elements when M, K > 0; dw [N, K] changes only when the token sum is not empty (M > 0).
+  bool want_dx = dx != nullptr && M > 0 && K > 0;
+  const bool want_dw = dw != nullptr && M > 0 && N > 0 && K > 0;
+  if (!want_dx && !want_dw) return;
+  LinearContext::Impl& c = ctx.impl();
+  c.check_device(fn.c_str());
+  if (want_dx && N == 0) {  // dx = dy · w over an empty N: zero
+    CUDA_CHECK(cudaMemsetAsync(dx, 0, static_cast<size_t>(M * K) * sizeof(float), stream));
+    want_dx = false;
+    if (!want_dw) return;
+  }
+  require(dy != nullptr, fn + ": null dy (" + shape(M, N, K) + ")");
+  require(!want_dx || w != nullptr, fn + ": null w with dx requested (" + shape(M, N, K) + ")");
+  require(!want_dw || x != nullptr, fn + ": null x with dw requested (" + shape(M, N, K) + ")");
+  switch (p) {
+    case Precision::FP32:
+      if (want_dx) c.lt.gemm(false, false, M, K, N, LtInput::FP32, dy, N, w, K, 0.0f, dx, K, stream);
+      if (want_dw) c.lt.gemm(true, false, N, K, M, LtInput::FP32, dy, N, x, K, 1.0f, dw, K, stream);
+      return;
+    case Precision::BF16: {
+      // dy rounded once for both GEMMs; x (Wgrad) and w (Dgrad) rounded as well, as on the CPU.
+      const uint16_t* w16 = want_dx ? c.bf16_weight(w, N, K, stream) : nullptr;
+      linear_detail::Layout layout;
+      const size_t dy_at = layout.add(bytes16(M * N));
+      const size_t x_at = want_dw ? layout.add(bytes16(M * K)) : 0;
+      StreamScratch scratch(layout.total, stream);
+      uint16_t* dy16 = scratch.as<uint16_t>(dy_at);
+      to_bf16(dy, M * N, dy16, stream);
+      if (want_dx) c.lt.gemm(false, false, M, K, N, LtInput::BF16, dy16, N, w16, K, 0.0f, dx, K, stream);
+      if (want_dw) {
+        uint16_t* x16 = scratch.as<uint16_t>(x_at);
+        to_bf16(x, M * K, x16, stream);
+        c.lt.gemm(true, false, N, K, M, LtInput::BF16, dy16, N, x16, K, 1.0f, dw, K, stream);
+      }
+      scratch.release();
+      return;
+    }
+    case Precision::FP8:
+      if (want_dx) linear_detail::fp8_dgrad(c, dy, w, dx, M, N, K, stream);
+      if (want_dw) linear_detail::fp8_wgrad(c, dy, x, dw, M, N, K, stream);
+      return;
+  }
+}
+
+}  // namespace moerl::cuda

@@ -1,0 +1,272 @@
+// The FP8 recipe of the GPU linear layers (kernels/cuda/linear.hpp), the operands of kernels/cpu/linear.cpp's
+// emulation byte for byte, multiplied by fp8::cuda::gemm_nt (cuBLASLt block-scaled FP8, FP32 output):
+//   Fprop  y  [M, N] = x [M, K] (1x128 along K)        · w [N, K] (128x128)
+//   Dgrad  dx [M, K] = dy [M, N] (1x128 along N)       · wᵀ [K, N] (128x128: w's blocks transposed)
+//   Wgrad  dw [N, K] += dyᵀ [N, M] (1x128 along M)     · xᵀ [K, M] (1x128 along M)
+//
+// Padding. gemm_nt needs the contracted size a multiple of 16 and the row counts multiples of 4; sizes below 128
+// are not among those verified on the H200 (tests/gpu/fp8_gemm_gpu.cpp), so every GEMM size is also raised to at
+// least 128 (tiny problems only; the cost does not matter there). Operands are zero-padded before quantization:
+// zeros never raise a tile's amax and quantize to code 0, so the codes and scales of the real elements are the
+// CPU's, the padding adds nothing to any sum, and the padded rows and columns of the product are dropped.
+// When the output needs no padding (and is 16-byte aligned) the GEMM writes (or, Wgrad, accumulates into) it
+// directly; otherwise it goes through a stream-ordered temporary.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/linear_impl.cuh"
+#include "kernels/cuda/stream_scratch.hpp"
+#include "kernels/fp8.hpp"
+#include "kernels/fp8_gemm.hpp"
+#include "kernels/fp8_quantize.hpp"
+#include "runtime/error.hpp"
+
+namespace moerl::cuda::linear_detail {
+namespace {
+
+using cuda_detail::StreamScratch;
+using fp8::kTile;
+using fp8::tiles;
+using fp8::cuda::Operand;
+
+constexpr int kThreads = 256;
+constexpr int64_t kMaxBlocks = 8192;  // grid-stride loops
+constexpr int kTransposeTile = 32;    // transpose_bytes_kernel: 32x32 bytes per block of 32 x 8 threads
+constexpr int64_t kMinGemmSize = 128; // smallest M, N and K handed to gemm_nt (see the top of the file)
+
+int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+int64_t gemm_rows(int64_t n) { return std::max(round_up(n, 4), kMinGemmSize); }    // M or N of gemm_nt
+int64_t gemm_depth(int64_t n) { return std::max(round_up(n, 16), kMinGemmSize); }  // K of gemm_nt
+
+unsigned blocks_for(int64_t items) {
+  return static_cast<unsigned>(std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, kMaxBlocks));
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// in [rows, cols] -> out [cols, rows] (the weight's codes -> wᵀ's codes). The tile is staged in shared memory so
+// both the reads and the writes run along rows; 33 bytes per row keep the column reads off a single bank.
+__global__ void __launch_bounds__(kTransposeTile * 8)
+    transpose_bytes_kernel(const uint8_t* __restrict__ in, int64_t rows, int64_t cols, uint8_t* __restrict__ out) {
+  __shared__ uint8_t tile[kTransposeTile][kTransposeTile + 1];
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTransposeTile;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTransposeTile;
+  for (int i = threadIdx.y; i < kTransposeTile; i += blockDim.y) {
+    const int64_t r = r0 + i, c = c0 + threadIdx.x;
+    if (r < rows && c < cols) tile[i][threadIdx.x] = in[r * cols + c];
+  }
+  __syncthreads();
+  for (int i = threadIdx.y; i < kTransposeTile; i += blockDim.y) {
+    const int64_t c = c0 + i, r = r0 + threadIdx.x;
+    if (c < cols && r < rows) out[c * rows + r] = tile[threadIdx.x][i];
+  }
+}
+
+// The weight's block scales s [TN, TK] (CPU layout) -> cuBLASLt's BLK128x128 layouts of w [.., K] (sw [TN, L4(TK)])
+// and of wᵀ [.., N] (st [TK, L4(TN)]: block (kb, nb) of wᵀ is block (nb, kb) of w); padding entries 0.
+__global__ void __launch_bounds__(kThreads)
+    weight_scales_kernel(const float* __restrict__ s, int64_t TN, int64_t TK, float* __restrict__ sw,
+                         float* __restrict__ st) {
+  const int64_t L4K = (TK + 3) / 4 * 4, L4N = (TN + 3) / 4 * 4;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  for (int64_t i = first; i < TN * L4K; i += stride) {
+    const int64_t nb = i / L4K, kb = i - nb * L4K;
+    sw[i] = kb < TK ? s[nb * TK + kb] : 0.0f;
+  }
+  for (int64_t i = first; i < TK * L4N; i += stride) {
+    const int64_t kb = i / L4N, nb = i - kb * L4N;
+    st[i] = nb < TN ? s[nb * TK + kb] : 0.0f;
+  }
+}
+
+// y [rows, cols] += t [rows, cols] with t's rows ld apart (a padded product added to the weight gradient).
+__global__ void __launch_bounds__(kThreads)
+    add_strided_kernel(const float* __restrict__ t, int64_t ld, int64_t rows, int64_t cols, float* __restrict__ y) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < rows * cols; i += stride) {
+    const int64_t r = i / cols, c = i - r * cols;
+    y[i] += t[r * ld + c];
+  }
+}
+
+// src [rows, cols] -> dst [prows, pcols] with zeros around (prows >= rows, pcols >= cols).
+void pad(const float* src, int64_t rows, int64_t cols, float* dst, int64_t prows, int64_t pcols, cudaStream_t stream) {
+  CUDA_CHECK(cudaMemsetAsync(dst, 0, static_cast<size_t>(prows * pcols) * sizeof(float), stream));
+  CUDA_CHECK(cudaMemcpy2DAsync(dst, static_cast<size_t>(pcols) * sizeof(float), src,
+                               static_cast<size_t>(cols) * sizeof(float), static_cast<size_t>(cols) * sizeof(float),
+                               static_cast<size_t>(rows), cudaMemcpyDeviceToDevice, stream));
+}
+
+// An activation or gradient src [rows, cols], zero-padded to [prows, pcols] and quantized for gemm_nt into
+// stream-ordered scratch (one quantization kernel, one small kernel for the scale layout):
+//   along_rows = false: 1x128 tiles along cols, the operand is [prows, pcols]       (Fprop x, Dgrad dy)
+//   along_rows = true:  1x128 tiles along rows (tokens), the operand is the transpose [pcols, prows]
+//                       (Wgrad dyᵀ and xᵀ; fp8::cuda::quantize_1x128_transposed)
+class Fp8Activation {
+ public:
+  Fp8Activation(const float* src, int64_t rows, int64_t cols, int64_t prows, int64_t pcols, bool along_rows,
+                cudaStream_t stream)
+      : at_(offsets(rows, cols, prows, pcols, along_rows)), scratch_(at_.total, stream) {
+    const float* x = src;
+    if (prows != rows || pcols != cols) {
+      float* padded = scratch_.as<float>(at_.padded);
+      pad(src, rows, cols, padded, prows, pcols, stream);
+      x = padded;
+    }
+    uint8_t* codes = scratch_.as<uint8_t>(at_.codes);
+    float* scales = scratch_.as<float>(at_.scales);
+    float* lt_scales = scratch_.as<float>(at_.lt_scales);
+    const int64_t op_rows = along_rows ? pcols : prows, op_cols = along_rows ? prows : pcols;
+    if (along_rows)
+      fp8::cuda::quantize_1x128_transposed(x, prows, pcols, codes, scales, stream);
+    else
+      fp8::cuda::quantize_1x128(x, prows, pcols, codes, scales, stream);
+    fp8::cuda::scales_to_cublaslt(scales, op_rows, op_cols, 1, lt_scales, stream);
+    operand_ = Operand{codes, lt_scales, op_rows, op_cols, 1};
+  }
+  const Operand& operand() const { return operand_; }
+  void release() { scratch_.release(); }
+
+ private:
+  struct Offsets {
+    size_t padded = 0, codes = 0, scales = 0, lt_scales = 0, total = 0;
+  };
+  static Offsets offsets(int64_t rows, int64_t cols, int64_t prows, int64_t pcols, bool along_rows) {
+    const int64_t op_rows = along_rows ? pcols : prows, op_cols = along_rows ? prows : pcols;
+    Layout l;
+    Offsets o;
+    if (prows != rows || pcols != cols) o.padded = l.add(static_cast<size_t>(prows * pcols) * sizeof(float));
+    o.codes = l.add(static_cast<size_t>(prows * pcols));
+    o.scales = l.add(static_cast<size_t>(op_rows * tiles(op_cols)) * sizeof(float));
+    o.lt_scales = l.add(static_cast<size_t>(fp8::cuda::cublaslt_scale_count(op_rows, op_cols, 1)) * sizeof(float));
+    o.total = l.total;
+    return o;
+  }
+
+  Offsets at_;
+  StreamScratch scratch_;
+  Operand operand_{};
+};
+
+// out [M, N] (row-major, ld N) = a · bᵀ, or += when accumulate; a.rows >= M and b.rows >= N (padded sizes).
+void gemm_into(fp8::cuda::GemmContext& ctx, const Operand& a, const Operand& b, float* out, int64_t M, int64_t N,
+               bool accumulate, cudaStream_t stream) {
+  if (a.rows == M && b.rows == N && aligned16(out)) {
+    if (accumulate)
+      fp8::cuda::gemm_nt_accumulate(ctx, a, b, out, stream);
+    else
+      fp8::cuda::gemm_nt(ctx, a, b, out, fp8::cuda::OutType::FP32, stream);
+    return;
+  }
+  StreamScratch t(static_cast<size_t>(a.rows * b.rows) * sizeof(float), stream);
+  float* product = t.as<float>();
+  fp8::cuda::gemm_nt(ctx, a, b, product, fp8::cuda::OutType::FP32, stream);
+  if (accumulate) {
+    add_strided_kernel<<<blocks_for(M * N), kThreads, 0, stream>>>(product, b.rows, M, N, out);
+    CUDA_CHECK_LAUNCH();
+  } else {
+    CUDA_CHECK(cudaMemcpy2DAsync(out, static_cast<size_t>(N) * sizeof(float), product,
+                                 static_cast<size_t>(b.rows) * sizeof(float), static_cast<size_t>(N) * sizeof(float),
+                                 static_cast<size_t>(M), cudaMemcpyDeviceToDevice, stream));
+  }
+  t.release();
+}
+
+// Fills a prepared weight: w [N, K] zero-padded to [rows, cols], quantized in 128x128 blocks straight into the
+// codes (fp8::cuda::quantize_128x128, the CPU's bytes), the codes transposed into codes_t (a block of wᵀ holds
+// the same elements as the block of w it mirrors, so the same amax, scale and codes), and the block scales
+// written in both cuBLASLt layouts.
+struct Fp8WeightBuffers {
+  uint8_t* codes;    // [rows, cols]
+  uint8_t* codes_t;  // [cols, rows]
+  float* scales;     // BLK128x128 layout of [rows, cols]
+  float* scales_t;   // BLK128x128 layout of [cols, rows]
+  int64_t rows, cols;
+};
+
+void fill_fp8_weight(const Fp8WeightBuffers& pw, const float* w, int64_t N, int64_t K, cudaStream_t stream) {
+  const int64_t rows = pw.rows, cols = pw.cols, TN = tiles(rows), TK = tiles(cols);
+  const bool padded = rows != N || cols != K;
+  Layout l;
+  const size_t padded_at = padded ? l.add(static_cast<size_t>(rows * cols) * sizeof(float)) : 0;
+  const size_t scales_at = l.add(static_cast<size_t>(TN * TK) * sizeof(float));
+  StreamScratch scratch(l.total, stream);
+  const float* src = w;
+  if (padded) {
+    float* p = scratch.as<float>(padded_at);
+    pad(w, N, K, p, rows, cols, stream);
+    src = p;
+  }
+  float* block_scales = scratch.as<float>(scales_at);
+  fp8::cuda::quantize_128x128(src, rows, cols, pw.codes, block_scales, stream);
+
+  const int64_t col_tiles = (cols + kTransposeTile - 1) / kTransposeTile;
+  require(col_tiles <= 65535, "cuda::linear (fp8): weight too wide to transpose: K=" + std::to_string(K));
+  const dim3 grid(static_cast<unsigned>((rows + kTransposeTile - 1) / kTransposeTile), static_cast<unsigned>(col_tiles));
+  transpose_bytes_kernel<<<grid, dim3(kTransposeTile, 8), 0, stream>>>(pw.codes, rows, cols, pw.codes_t);
+  CUDA_CHECK_LAUNCH();
+  const int64_t scale_items = std::max(TN * round_up(TK, 4), TK * round_up(TN, 4));
+  weight_scales_kernel<<<blocks_for(scale_items), kThreads, 0, stream>>>(block_scales, TN, TK, pw.scales,
+                                                                         pw.scales_t);
+  CUDA_CHECK_LAUNCH();
+  scratch.release();
+}
+
+}  // namespace
+
+const PreparedFp8Weight& fp8_weight(LinearContext::Impl& ctx, const float* w, int64_t N, int64_t K,
+                                    cudaStream_t stream) {
+  // Padded like every GEMM operand of the recipe: rows = N is Dgrad's contracted size, cols = K Fprop's.
+  const int64_t rows = gemm_depth(N), cols = gemm_depth(K);
+  Layout l;
+  const size_t codes_at = l.add(static_cast<size_t>(rows * cols));
+  const size_t codes_t_at = l.add(static_cast<size_t>(rows * cols));
+  const size_t scales_at = l.add(static_cast<size_t>(fp8::cuda::cublaslt_scale_count(rows, cols, kTile)) * sizeof(float));
+  const size_t scales_t_at =
+      l.add(static_cast<size_t>(fp8::cuda::cublaslt_scale_count(cols, rows, kTile)) * sizeof(float));
+  PreparedWeight& pw = ctx.entry(w, N, K, Precision::FP8, l.total);
+  const Fp8WeightBuffers b{pw.memory.as<uint8_t>(codes_at), pw.memory.as<uint8_t>(codes_t_at),
+                           pw.memory.as<float>(scales_at), pw.memory.as<float>(scales_t_at), rows, cols};
+  pw.fp8 = PreparedFp8Weight{b.codes, b.scales, b.codes_t, b.scales_t, rows, cols};
+  if (pw.generation != ctx.generation) {
+    fill_fp8_weight(b, w, N, K, stream);
+    pw.generation = ctx.generation;
+  }
+  return pw.fp8;
+}
+
+void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
+                 cudaStream_t stream) {
+  const PreparedFp8Weight& pw = fp8_weight(ctx, w, N, K, stream);
+  Fp8Activation xq(x, M, K, gemm_rows(M), pw.cols, false, stream);
+  // The first gemm_rows(N) rows of the padded weight: same block rows (both round N up within its 128-block).
+  const Operand wq{pw.codes, pw.scales, gemm_rows(N), pw.cols, kTile};
+  gemm_into(ctx.fp8, xq.operand(), wq, y, M, N, false, stream);
+  xq.release();
+}
+
+void fp8_dgrad(LinearContext::Impl& ctx, const float* dy, const float* w, float* dx, int64_t M, int64_t N, int64_t K,
+               cudaStream_t stream) {
+  const PreparedFp8Weight& pw = fp8_weight(ctx, w, N, K, stream);
+  Fp8Activation dyq(dy, M, N, gemm_rows(M), pw.rows, false, stream);
+  const Operand wtq{pw.codes_t, pw.scales_t, gemm_rows(K), pw.rows, kTile};
+  gemm_into(ctx.fp8, dyq.operand(), wtq, dx, M, K, false, stream);
+  dyq.release();
+}
+
+void fp8_wgrad(LinearContext::Impl& ctx, const float* dy, const float* x, float* dw, int64_t M, int64_t N, int64_t K,
+               cudaStream_t stream) {
+  const int64_t tokens = gemm_depth(M);
+  Fp8Activation dytq(dy, M, N, tokens, gemm_rows(N), true, stream);  // dyᵀ [N', tokens]
+  Fp8Activation xtq(x, M, K, tokens, gemm_rows(K), true, stream);    // xᵀ  [K', tokens]
+  gemm_into(ctx.fp8, dytq.operand(), xtq.operand(), dw, N, K, true, stream);
+  xtq.release();
+  dytq.release();
+}
+
+}  // namespace moerl::cuda::linear_detail

@@ -1,0 +1,105 @@
+// Internals of the GPU linear layers shared by kernels/cuda/linear.cu (context, argument checks, FP32 and BF16)
+// and kernels/cuda/linear_fp8.cu (the FP8 recipe): the context's state and the prepared weights.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <map>
+#include <utility>
+
+#include "kernels/cuda/cublaslt_matmul.hpp"
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/linear.hpp"
+#include "kernels/fp8_gemm.hpp"
+
+namespace moerl::cuda::linear_detail {
+
+// One cudaMalloc'd buffer (prepared weights live as long as the context, outside the stream-ordered pool).
+class DeviceAllocation {
+ public:
+  DeviceAllocation() = default;
+  explicit DeviceAllocation(size_t bytes) : bytes_(bytes) { CUDA_CHECK(cudaMalloc(&ptr_, bytes > 0 ? bytes : 1)); }
+  ~DeviceAllocation() {
+    if (ptr_) (void)cudaFree(ptr_);  // a destructor must not throw; a failing cudaFree leaves nothing to undo
+  }
+  DeviceAllocation(DeviceAllocation&& o) noexcept : ptr_(std::exchange(o.ptr_, nullptr)), bytes_(o.bytes_) {}
+  DeviceAllocation& operator=(DeviceAllocation&& o) noexcept {
+    std::swap(ptr_, o.ptr_);
+    std::swap(bytes_, o.bytes_);
+    return *this;
+  }
+  DeviceAllocation(const DeviceAllocation&) = delete;
+  DeviceAllocation& operator=(const DeviceAllocation&) = delete;
+
+  template <class T> T* as(size_t byte_offset = 0) const {
+    return reinterpret_cast<T*>(static_cast<char*>(ptr_) + byte_offset);
+  }
+  size_t bytes() const { return ptr_ ? bytes_ : 0; }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_ = 0;
+};
+
+// Byte offsets of several arrays in one allocation, each starting 256-byte aligned (as cudaMalloc's base is).
+struct Layout {
+  size_t total = 0;
+  size_t add(size_t bytes) {
+    const size_t at = total;
+    total += (bytes + 255) / 256 * 256;
+    return at;
+  }
+};
+
+// A prepared weight: its key is (device address, N, K, precision).
+struct WeightKey {
+  const float* w;
+  int64_t n, k;
+  Precision p;
+  auto operator<=>(const WeightKey&) const = default;
+};
+
+struct PreparedWeight {
+  uint64_t generation = 0;  // the context generation the contents were made in; 0: never filled
+  DeviceAllocation memory;
+  PreparedFp8Weight fp8;    // FP8: views into `memory`
+};
+
+}  // namespace moerl::cuda::linear_detail
+
+namespace moerl::cuda {
+
+struct LinearContext::Impl {
+  Impl();
+
+  int device = 0;
+  cuda_detail::LtMatmul lt;         // FP32 and BF16 GEMMs
+  fp8::cuda::GemmContext fp8;       // block-scaled FP8 GEMMs
+  uint64_t generation = 1;          // bumped by weights_changed()
+  std::map<linear_detail::WeightKey, linear_detail::PreparedWeight> weights;  // node-based: entries never move
+
+  // Throws moerl::Error naming `fn` unless this context's device is current.
+  void check_device(const char* fn) const;
+  // The entry of (w, N, K, p) with `bytes` of device memory, allocated on first use. Its generation says whether
+  // the contents are current.
+  linear_detail::PreparedWeight& entry(const float* w, int64_t N, int64_t K, Precision p, size_t bytes);
+  // The BF16 copy of w [N, K], refreshed on `stream` when stale.
+  const uint16_t* bf16_weight(const float* w, int64_t N, int64_t K, cudaStream_t stream);
+};
+
+}  // namespace moerl::cuda
+
+namespace moerl::cuda::linear_detail {
+
+// The FP8 recipe (linear_fp8.cu). Sizes > 0, pointers checked by the callers; outputs as in linear.hpp.
+const PreparedFp8Weight& fp8_weight(LinearContext::Impl& ctx, const float* w, int64_t N, int64_t K,
+                                    cudaStream_t stream);
+void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
+                 cudaStream_t stream);
+void fp8_dgrad(LinearContext::Impl& ctx, const float* dy, const float* w, float* dx, int64_t M, int64_t N, int64_t K,
+               cudaStream_t stream);
+void fp8_wgrad(LinearContext::Impl& ctx, const float* dy, const float* x, float* dw, int64_t M, int64_t N, int64_t K,
+               cudaStream_t stream);
+
+}  // namespace moerl::cuda::linear_detail
