@@ -58,12 +58,15 @@ void scales_to_cublaslt(const float* src, int64_t rows, int64_t cols, int block_
 
 // The cuBLASLt handle, a workspace and the plans: per problem (M, N, K, granularities, output type,
 // pointer alignments) the matmul descriptor, the matrix layouts and the algorithm the heuristic chose,
-// made on the first call and reused. Bound to the device current at construction.
+// made on the first call and reused (at most kMaxPlans: the cache is cleared when full, as token counts
+// that vary from step to step would otherwise grow it without bound). Bound to the device current at
+// construction.
 // Thread-safe, but all calls share one workspace: calls on different streams must not overlap in time
 // (use one context per concurrently running stream).
 class GemmContext {
  public:
   static constexpr size_t kDefaultWorkspaceBytes = size_t{32} << 20;  // what cuBLAS suggests for Hopper
+  static constexpr size_t kMaxPlans = 4096;
   explicit GemmContext(size_t workspace_bytes = kDefaultWorkspaceBytes);
   ~GemmContext();
   GemmContext(const GemmContext&) = delete;

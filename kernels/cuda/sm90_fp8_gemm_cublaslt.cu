@@ -292,7 +292,12 @@ void GemmContext::Impl::run(const Operand& a, const Operand& b, void* y, OutType
     require_device_memory(b.codes, "b.codes");
     require_device_memory(b.scales, "b.scales");
     require_device_memory(y, "y");
-    it = impl.plans.emplace(key, impl.make_plan(key, a.scales, b.scales)).first;
+    Plan plan = impl.make_plan(key, a.scales, b.scales);
+    if (impl.plans.size() >= GemmContext::kMaxPlans) {
+      for (auto& [k, old] : impl.plans) destroy(old);
+      impl.plans.clear();
+    }
+    it = impl.plans.emplace(key, plan).first;
   }
   Plan& p = it->second;
   set_desc(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, static_cast<const void*>(b.scales));
