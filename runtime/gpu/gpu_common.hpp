@@ -100,18 +100,22 @@ struct Run {
 };
 
 // A temporary array of n elements from the stream-ordered pool, returned to it (in stream order) when the
-// object goes out of scope. NaN-filled (all bits set) when the run asks for poison.
+// object goes out of scope. NaN-filled (all bits set) when the run asks for poison. 256-byte aligned whatever
+// the pool gives: cuBLASLt picks its kernels by the operands' alignment, so a step must see the same alignment
+// every time to give the same bits.
 template <class T> class Temp {
  public:
   Temp(int64_t n, const Run& run)
-      : scratch_(static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T), run.stream) {
-    if (run.poison && n > 0)
-      CUDA_CHECK(cudaMemsetAsync(scratch_.as<T>(), 0xFF, static_cast<size_t>(n) * sizeof(T), run.stream));
+      : scratch_(static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 256, run.stream) {
+    const uintptr_t raw = reinterpret_cast<uintptr_t>(scratch_.as<char>());
+    ptr_ = reinterpret_cast<T*>((raw + 255) / 256 * 256);
+    if (run.poison && n > 0) CUDA_CHECK(cudaMemsetAsync(ptr_, 0xFF, static_cast<size_t>(n) * sizeof(T), run.stream));
   }
-  T* get() const { return scratch_.as<T>(); }
+  T* get() const { return ptr_; }
 
  private:
   cuda_detail::StreamScratch scratch_;
+  T* ptr_ = nullptr;
 };
 
 // Row-wise copy of `cols` floats per row between strided matrices (strides in floats), on the stream.
