@@ -176,8 +176,8 @@ void LtMatmul::gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                                   " but device " + std::to_string(device) + " is current");
   if (K == 0) {  // an empty sum: cuBLASLt is not asked
     if (beta == 0.0f)
-      CUDA_CHECK(cudaMemset2DAsync(C, static_cast<size_t>(ldc) * sizeof(float), 0, static_cast<size_t>(N) * sizeof(float),
-                                   static_cast<size_t>(M), stream));
+      CUDA_CHECK(cudaMemset2DAsync(C, static_cast<size_t>(ldc) * sizeof(float), 0,
+                                   static_cast<size_t>(N) * sizeof(float), static_cast<size_t>(M), stream));
     return;
   }
   require(A != nullptr && B != nullptr, who + ": null input pointer");

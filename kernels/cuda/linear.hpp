@@ -6,7 +6,8 @@
 //   fp8:  DeepSeek-V3's recipe with fp8::cuda::quantize_* and fp8::cuda::gemm_nt (kernels/fp8_gemm.hpp):
 //         Fprop x 1x128 · w 128x128, Dgrad dy 1x128 · wᵀ 128x128, Wgrad dyᵀ 1x128 · xᵀ 1x128 (tiles along
 //         tokens). The codes and scales are the CPU emulation's bit for bit, so the results are the CPU's up
-//         to the order of the FP32 sums.
+//         to the summation (the tensor cores add each 128-wide group with about 14 significand bits before
+//         promoting to FP32). Wgrad accumulates into dw inside the GEMM (cuBLASLt beta = 1).
 // Weights are prepared once per weight and generation: the BF16 copy (bf16), or the E4M3 codes and scales of
 // w and of wᵀ (fp8), kept in buffers owned by the context and keyed by the weight's device pointer, shape and
 // precision. weights_changed() starts a new generation (call it after every optimizer step); the buffers are
@@ -21,7 +22,8 @@
 // too, the smallest verified on the H200) are zero-padded internally, which leaves the result unchanged (a
 // zero row or column adds nothing to a sum and a zero-padded tile has the same amax and codes). Padding costs
 // an extra copy of the padded operand and of the output; the model's shapes (multiples of 128, tokens a
-// multiple of 16) need none. M = 0 is a no-op (dw unchanged); K = 0 gives y = 0; N = 0 gives dx = 0.
+// multiple of 16) need none; nor do 16-byte aligned y, dx, dw (fp8 writes others through a temporary).
+// M = 0 is a no-op (dw unchanged); K = 0 gives y = 0; N = 0 gives dx = 0.
 // All pointers are device memory; x, w, dy are read-only; y and dx are overwritten, dw is accumulated (+=).
 // dx or dw may be null (that output is skipped). Calls are asynchronous on `stream`.
 // Throws moerl::Error on bad arguments (negative sizes, null required pointers) and on CUDA or cuBLASLt

@@ -207,7 +207,8 @@ void fill_fp8_weight(const Fp8WeightBuffers& pw, const float* w, int64_t N, int6
 
   const int64_t col_tiles = (cols + kTransposeTile - 1) / kTransposeTile;
   require(col_tiles <= 65535, "cuda::linear (fp8): weight too wide to transpose: K=" + std::to_string(K));
-  const dim3 grid(static_cast<unsigned>((rows + kTransposeTile - 1) / kTransposeTile), static_cast<unsigned>(col_tiles));
+  const dim3 grid(static_cast<unsigned>((rows + kTransposeTile - 1) / kTransposeTile),
+                  static_cast<unsigned>(col_tiles));
   transpose_bytes_kernel<<<grid, dim3(kTransposeTile, 8), 0, stream>>>(pw.codes, rows, cols, pw.codes_t);
   CUDA_CHECK_LAUNCH();
   const int64_t scale_items = std::max(TN * round_up(TK, 4), TK * round_up(TN, 4));
@@ -226,9 +227,11 @@ const PreparedFp8Weight& fp8_weight(LinearContext::Impl& ctx, const float* w, in
   Layout l;
   const size_t codes_at = l.add(static_cast<size_t>(rows * cols));
   const size_t codes_t_at = l.add(static_cast<size_t>(rows * cols));
-  const size_t scales_at = l.add(static_cast<size_t>(fp8::cuda::cublaslt_scale_count(rows, cols, kTile)) * sizeof(float));
-  const size_t scales_t_at =
-      l.add(static_cast<size_t>(fp8::cuda::cublaslt_scale_count(cols, rows, kTile)) * sizeof(float));
+  auto scale_bytes = [](int64_t r, int64_t c) {
+    return static_cast<size_t>(fp8::cuda::cublaslt_scale_count(r, c, kTile)) * sizeof(float);
+  };
+  const size_t scales_at = l.add(scale_bytes(rows, cols));
+  const size_t scales_t_at = l.add(scale_bytes(cols, rows));
   PreparedWeight& pw = ctx.entry(w, N, K, Precision::FP8, l.total);
   const Fp8WeightBuffers b{pw.memory.as<uint8_t>(codes_at), pw.memory.as<uint8_t>(codes_t_at),
                            pw.memory.as<float>(scales_at), pw.memory.as<float>(scales_t_at), rows, cols};

@@ -165,11 +165,14 @@ struct Data {
         dy(random_rows(s.M, s.N, 0.01f, rng)), dw0(random_rows(s.N, s.K, 0.1f, rng)) {}
 };
 
-// An empty contraction (K = 0 forward, N = 0 Dgrad) is not asked of the CPU: cpu::sgemm would hand OpenBLAS a
-// leading dimension of 0, which it rejects (an error message, the output left as it was). The sum is 0.
+// Empty problems are not asked of the CPU: for an empty contraction (K = 0 forward, N = 0 Dgrad, M = 0 Wgrad)
+// cpu::sgemm can hand OpenBLAS a leading dimension of 0, which it rejects (an error message, the output left as
+// it was). The expected results are plain: an empty sum is 0, and dw stays dw0.
+bool empty(Shape s) { return s.M == 0 || s.N == 0 || s.K == 0; }
+
 std::vector<float> cpu_forward(Precision p, const std::vector<float>& x, const std::vector<float>& w, Shape s) {
   std::vector<float> y(static_cast<size_t>(s.M * s.N));
-  if (s.K > 0) cpu::linear_forward(p, x.data(), w.data(), y.data(), s.M, s.N, s.K);
+  if (!empty(s)) cpu::linear_forward(p, x.data(), w.data(), y.data(), s.M, s.N, s.K);
   return y;
 }
 
@@ -200,10 +203,10 @@ void check_backward(cuda::LinearContext& ctx, Precision p, const Data& d, bool w
                         want_dw ? dw.get() : nullptr, s.M, s.N, s.K);
   CUDA_CHECK(cudaDeviceSynchronize());
 
-  // N = 0 or K = 0: dx is 0 or empty, dw empty (see cpu_forward).
+  // Empty problems (see cpu_forward): dx is 0 or empty, dw is dw0 or empty.
   std::vector<float> ref_dx(static_cast<size_t>(s.M * s.K)), ref_dw = d.dw0;
   std::vector<float> abs_dx(ref_dx.size()), abs_dw = absolute(d.dw0);
-  if (s.N > 0 && s.K > 0) {
+  if (!empty(s)) {
     cpu::linear_backward(p, d.dy.data(), d.x.data(), d.w.data(), want_dx ? ref_dx.data() : nullptr,
                          want_dw ? ref_dw.data() : nullptr, s.M, s.N, s.K);
     cpu::linear_backward(p, absolute(d.dy).data(), absolute(d.x).data(), absolute(d.w).data(),
@@ -339,7 +342,8 @@ TEST_F(LinearGpu, PreparesTheCpuFp8CodesAndScalesOfTheWeightAndOfItsTranspose) {
     };
     expect_scales(pw.scales, pw.rows, pw.cols, scales, N, K, "w");
     expect_scales(pw.scales_t, pw.cols, pw.rows, scales_t, K, N, "wᵀ");
-    std::printf("[ linear   ] fp8 weight %s: codes and scales of w and wᵀ checked byte for byte (padded %lld x %lld)\n",
+    std::printf("[ linear   ] fp8 weight %s: codes and scales of w and wᵀ compared byte for byte (padded %lld x "
+                "%lld)\n",
                 what.c_str(), static_cast<long long>(pw.rows), static_cast<long long>(pw.cols));
   }
 }
