@@ -88,6 +88,9 @@ ParamStore::ParamStore(const ModelConfig& config) {
   grads_ = DeviceAlloc(bytes);
   CUDA_CHECK(cudaMemset(values_.get(), 0, bytes));
   CUDA_CHECK(cudaMemset(grads_.get(), 0, bytes));
+  // cudaMemset may return before it is done, on the legacy default stream, which the model's non-blocking stream
+  // does not wait for: finish it here, so a later upload cannot be overwritten by these zeros.
+  CUDA_CHECK(cudaDeviceSynchronize());
 
   std::vector<size_t> order(specs.size());
   for (size_t i = 0; i < order.size(); ++i) order[i] = i;
