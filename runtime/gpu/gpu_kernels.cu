@@ -26,42 +26,49 @@ __global__ void add_kernel(float* __restrict__ y, const float* __restrict__ x, i
     y[i] = __fadd_rn(y[i], x[i]);
 }
 
-// One thread per (token, head, column of [k | v]): columns 0 .. dq-1 are k's, dq .. dq+dv-1 are v's.
+// One block per token; its threads walk the token's heads x columns of [k | v] (columns 0 .. dq-1 are k's,
+// dq .. dq+dv-1 are v's). 32-bit index arithmetic inside a token.
 __global__ void assemble_kv_kernel(const float* __restrict__ kv, const float* __restrict__ ckv, float* __restrict__ k,
-                                   float* __restrict__ v, int64_t tokens, int64_t heads, int64_t dn, int64_t dv,
-                                   int64_t dr, int64_t kv_lora) {
-  const int64_t dq = dn + dr, width = dq + dv, total = tokens * heads * width;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t col = i % width, th = i / width, t = th / heads;
+                                   float* __restrict__ v, int heads, int dn, int dv, int dr, int kv_lora) {
+  const int64_t t = blockIdx.x;
+  const int dq = dn + dr, width = dq + dv;
+  const float* k_rope = ckv + t * (kv_lora + dr) + kv_lora;
+  for (int i = threadIdx.x; i < heads * width; i += blockDim.x) {
+    const int h = i / width, col = i % width;
+    const int64_t th = t * heads + h;
     const float* src = kv + th * (dn + dv);
     if (col < dn)
       k[th * dq + col] = src[col];
     else if (col < dq)
-      k[th * dq + col] = ckv[t * (kv_lora + dr) + kv_lora + (col - dn)];
+      k[th * dq + col] = k_rope[col - dn];
     else
       v[th * dv + (col - dq)] = src[dn + (col - dq)];
   }
 }
 
-// One thread per (token, head, column of [k_nope | v]) for d_kv, plus one per (token, rope column) for the
-// head sum into d_ckv.
+// One block per token: d_kv of each head, then the rope columns of d_ckv summed over the heads in order.
 __global__ void split_dkv_kernel(const float* __restrict__ dk, const float* __restrict__ dvv, float* __restrict__ d_kv,
-                                 float* __restrict__ d_ckv, int64_t tokens, int64_t heads, int64_t dn, int64_t dv,
-                                 int64_t dr, int64_t kv_lora) {
-  const int64_t dq = dn + dr, width = dn + dv, kv_items = tokens * heads * width, total = kv_items + tokens * dr;
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < total;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    if (i < kv_items) {
-      const int64_t col = i % width, th = i / width;
-      d_kv[i] = col < dn ? dk[th * dq + col] : dvv[th * dv + (col - dn)];
-    } else {
-      const int64_t j = i - kv_items, t = j / dr, c = j % dr;
-      float sum = 0.0f;  // the CPU's order: heads ascending, starting from zero
-      for (int64_t h = 0; h < heads; ++h) sum = __fadd_rn(sum, dk[(t * heads + h) * dq + dn + c]);
-      d_ckv[t * (kv_lora + dr) + kv_lora + c] = sum;
-    }
+                                 float* __restrict__ d_ckv, int heads, int dn, int dv, int dr, int kv_lora) {
+  const int64_t t = blockIdx.x;
+  const int dq = dn + dr, width = dn + dv;
+  for (int i = threadIdx.x; i < heads * width; i += blockDim.x) {
+    const int h = i / width, col = i % width;
+    const int64_t th = t * heads + h;
+    d_kv[th * width + col] = col < dn ? dk[th * dq + col] : dvv[th * dv + (col - dn)];
   }
+  for (int c = threadIdx.x; c < dr; c += blockDim.x) {
+    float sum = 0.0f;  // the CPU's order: heads ascending, starting from zero
+    for (int h = 0; h < heads; ++h) sum = __fadd_rn(sum, dk[(t * heads + h) * dq + dn + c]);
+    d_ckv[t * (kv_lora + dr) + kv_lora + c] = sum;
+  }
+}
+
+void check_mla_sizes(const char* fn, int64_t tokens, int64_t heads, int64_t dn, int64_t dv, int64_t dr,
+                     int64_t kv_lora) {
+  require(tokens >= 0 && heads > 0 && dn >= 0 && dv > 0 && dr >= 0 && kv_lora >= 0,
+          std::string("gpu ") + fn + ": bad sizes");
+  require(tokens < (int64_t{1} << 31) && heads * (dn + dr + dv) < (int64_t{1} << 30) && kv_lora < (int64_t{1} << 30),
+          std::string("gpu ") + fn + ": sizes beyond the kernel's 32-bit per-token indexing");
 }
 
 }  // namespace
@@ -76,23 +83,23 @@ void add_inplace(float* y, const float* x, int64_t n, cudaStream_t stream) {
 
 void mla_assemble_kv(const float* kv, const float* ckv, float* k, float* v, int64_t tokens, int64_t heads, int64_t dn,
                      int64_t dv, int64_t dr, int64_t kv_lora, cudaStream_t stream) {
-  require(tokens >= 0 && heads > 0 && dn >= 0 && dv > 0 && dr >= 0 && kv_lora >= 0,
-          "gpu mla_assemble_kv: bad sizes");
+  check_mla_sizes("mla_assemble_kv", tokens, heads, dn, dv, dr, kv_lora);
   if (tokens == 0) return;
   require(kv && k && v && (dr == 0 || ckv), "gpu mla_assemble_kv: null pointer");
-  assemble_kv_kernel<<<blocks_for(tokens * heads * (dn + dr + dv)), kThreads, 0, stream>>>(kv, ckv, k, v, tokens,
-                                                                                           heads, dn, dv, dr, kv_lora);
+  assemble_kv_kernel<<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
+      kv, ckv, k, v, static_cast<int>(heads), static_cast<int>(dn), static_cast<int>(dv), static_cast<int>(dr),
+      static_cast<int>(kv_lora));
   CUDA_CHECK_LAUNCH();
 }
 
 void mla_split_dkv(const float* dk, const float* dv, float* d_kv, float* d_ckv, int64_t tokens, int64_t heads,
                    int64_t dn, int64_t dv_dim, int64_t dr, int64_t kv_lora, cudaStream_t stream) {
-  require(tokens >= 0 && heads > 0 && dn >= 0 && dv_dim > 0 && dr >= 0 && kv_lora >= 0,
-          "gpu mla_split_dkv: bad sizes");
+  check_mla_sizes("mla_split_dkv", tokens, heads, dn, dv_dim, dr, kv_lora);
   if (tokens == 0) return;
   require(dk && dv && d_kv && (dr == 0 || d_ckv), "gpu mla_split_dkv: null pointer");
-  split_dkv_kernel<<<blocks_for(tokens * heads * (dn + dv_dim) + tokens * dr), kThreads, 0, stream>>>(
-      dk, dv, d_kv, d_ckv, tokens, heads, dn, dv_dim, dr, kv_lora);
+  split_dkv_kernel<<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
+      dk, dv, d_kv, d_ckv, static_cast<int>(heads), static_cast<int>(dn), static_cast<int>(dv_dim),
+      static_cast<int>(dr), static_cast<int>(kv_lora));
   CUDA_CHECK_LAUNCH();
 }
 

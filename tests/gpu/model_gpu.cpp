@@ -499,6 +499,79 @@ TEST_F(ModelGpu, RouterBiasUpdateAndExpertLoadsMatchTheCpu) {
   }
 }
 
+// bench-600m (bench/peers/hf_train_step.py) at 2 x 512 tokens: every shape of the benchmark goes through (16 heads,
+// kv_lora 256, 32 experts top-4 in one group, moe_intermediate 704 which FP8 pads, vocab 32000), the loss of random
+// weights is near log(vocab), and every trainable gradient is finite and not zero (each expert gets tokens).
+TEST_F(ModelGpu, RunsTheBenchmarkShapeInEveryPrecision) {
+  ModelConfig c;
+  c.vocab_size = 32000;
+  c.hidden_size = 1024;
+  c.intermediate_size = 2816;
+  c.moe_intermediate_size = 704;
+  c.num_hidden_layers = 8;
+  c.first_k_dense_replace = 1;
+  c.num_attention_heads = 16;
+  c.q_lora_rank = 0;
+  c.kv_lora_rank = 256;
+  c.qk_nope_head_dim = 64;
+  c.qk_rope_head_dim = 32;
+  c.v_head_dim = 64;
+  c.n_routed_experts = 32;
+  c.num_experts_per_tok = 4;
+  c.n_shared_experts = 1;
+  c.n_group = 1;
+  c.topk_group = 1;
+  c.routed_scaling_factor = 1.0;
+  c.max_position_embeddings = 4096;
+  GpuModel g(c);
+  g.set_debug_poison(true);
+  // Uniform weights with the initializer's standard deviation (0.02), from a cheap generator: 600M values.
+  uint64_t state = run_seed() | 1;
+  std::vector<float> host;
+  const float a = 0.02f * std::sqrt(3.0f);
+  for (const gpu::DeviceParam& p : g.params()) {
+    host.resize(static_cast<size_t>(p.numel));
+    const bool norm = p.name.find("norm.weight") != std::string::npos;
+    for (float& v : host) {
+      state ^= state << 13, state ^= state >> 7, state ^= state << 17;
+      v = norm ? 1.0f : !p.trainable ? 0.0f : a * (static_cast<float>(state >> 40) / 8388608.0f - 1.0f);
+    }
+    CUDA_CHECK(cudaMemcpy(p.value, host.data(), host.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
+  CUDA_CHECK(cudaDeviceSynchronize());  // cudaMemcpy from pageable memory may return before the data lands
+  g.linear().weights_changed();
+  std::mt19937_64 rng(run_seed() + 53);
+  const Tokens t = random_tokens(c.vocab_size, 2, 512, 0, rng);
+  for (Precision p : {Precision::FP32, Precision::BF16, Precision::FP8}) {
+    ForwardOptions o;
+    o.precision = p;
+    g.zero_grad();
+    const auto start = std::chrono::steady_clock::now();
+    const LossReport r = g.forward(t.view(), o);
+    g.backward();
+    CUDA_CHECK(cudaStreamSynchronize(g.stream()));
+    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    int bad = 0;
+    for (const gpu::DeviceParam& prm : g.params()) {
+      host.resize(static_cast<size_t>(prm.numel));
+      CUDA_CHECK(cudaMemcpy(host.data(), prm.grad, host.size() * sizeof(float), cudaMemcpyDeviceToHost));
+      const bool finite = std::all_of(host.begin(), host.end(), [](float v) { return std::isfinite(v); });
+      const bool nonzero = std::any_of(host.begin(), host.end(), [](float v) { return v != 0.0f; });
+      if (!finite || nonzero != prm.trainable) {
+        ++bad;
+        ADD_FAILURE() << precision_name(p) << " " << prm.name << (finite ? "" : ": non-finite gradient")
+                      << (nonzero != prm.trainable ? ": zero gradient of a trained tensor, or a buffer's gradient" : "");
+      }
+    }
+    // Random weights of std 0.02 give logits of std ~0.6: the loss is log(32000) = 10.37 within a few tenths.
+    std::printf("  bench-600m %-5s 1024 tokens: loss %.4f (log V %.4f), first step %.1f ms, %d bad gradients\n",
+                std::string(precision_name(p)).c_str(), r.loss, std::log(32000.0), ms, bad);
+    EXPECT_TRUE(std::isfinite(r.loss));
+    EXPECT_NEAR(r.loss, std::log(32000.0), 1.0);
+    EXPECT_EQ(r.tokens, 1024);
+  }
+}
+
 // Information, not an assertion: step time and peak memory of the random config in each precision.
 TEST_F(ModelGpu, PrintsStepTimeAndPeakMemory) {
   const ModelConfig c = random_config(128);
