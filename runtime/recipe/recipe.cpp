@@ -128,6 +128,8 @@ StageSpec read_stage(YamlSection s, const std::filesystem::path& base) {
 
 }  // namespace
 
+const char* device_name(Device device) { return device == Device::CUDA ? "cuda" : "cpu"; }
+
 Recipe load_recipe(const std::filesystem::path& file, const std::vector<std::string>& overrides) {
   const std::string name = file.string();
   require(std::filesystem::is_regular_file(file), name + ": recipe file not found");
@@ -147,6 +149,9 @@ Recipe load_recipe(const std::filesystem::path& file, const std::vector<std::str
   r.seed = s.get<uint64_t>("seed", r.seed);
   const std::string precision = s.get<std::string>("precision", "fp32");
   if (!parse_precision(precision, &r.precision)) s.fail("precision", "expected fp32, bf16 or fp8; got \"" + precision + "\"");
+  const std::string device = s.get<std::string>("device", "cpu");
+  if (device == "cuda") r.device = Device::CUDA;
+  else if (device != "cpu") s.fail("device", "expected cpu or cuda; got \"" + device + "\"");
   r.threads = s.get<int>("threads", r.threads);
   r.out = s.get<std::string>("out", "runs/" + r.name);
   r.model = read_model(s.section("model"));

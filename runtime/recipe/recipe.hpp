@@ -40,12 +40,16 @@ struct Recipe {
   std::string name;
   uint64_t seed = 1234;
   Precision precision = Precision::FP32;
+  Device device = Device::CPU;        // where the model trains: cpu, or cuda (the current GPU; needs a CUDA build)
   int threads = 0;                    // 0: all cores
   std::filesystem::path out;          // run folder: checkpoints, metrics.jsonl, summary.json
   ModelConfig model;
   DataSpec data;
   std::vector<StageSpec> stages;
 };
+
+// "cpu" or "cuda", as a recipe spells it.
+const char* device_name(Device device);
 
 // Reads and validates `file`; `overrides` are "dotted.path=value" strings applied to the YAML before
 // validation (e.g. "stages.0.steps=20", "precision=fp8").

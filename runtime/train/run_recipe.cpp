@@ -52,8 +52,11 @@ std::vector<std::string> load_corpus(const DataSpec& data) {
   return read_text_jsonl(file);
 }
 
-nlohmann::json run_recipe(const Recipe& recipe) {
+nlohmann::json run_recipe(const Recipe& recipe, const BackendFactory& cuda) {
   const auto t0 = std::chrono::steady_clock::now();
+  require(recipe.device == Device::CPU || cuda,
+          recipe.file.string() + ": device: cuda: this build has no CUDA backend (moerl was built without nvcc or "
+                                 "without runtime/gpu); use device: cpu or a CUDA build");
   const int threads = recipe.threads > 0 ? recipe.threads : static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
   omp_set_num_threads(threads);
   openblas_set_num_threads(threads);
@@ -86,10 +89,14 @@ nlohmann::json run_recipe(const Recipe& recipe) {
   config.eos_token_id = tokenizer.eos_id();
   Model model(config);
   model.init_random(recipe.seed);
+  // On a GPU, `model` stays the host copy that checkpoints are written from.
+  const std::unique_ptr<TrainingBackend> backend =
+      recipe.device == Device::CPU ? make_cpu_backend(model) : cuda(model);
 
   nlohmann::json summary = {{"recipe", recipe.file.string()}, {"name", recipe.name},
                             {"precision", precision_name(recipe.precision)}, {"seed", recipe.seed},
                             {"stages", nlohmann::json::array()}};
+  if (recipe.device != Device::CPU) summary["device"] = backend->device();
   for (size_t i = 0; i < recipe.stages.size(); ++i) {
     const StageSpec& stage = recipe.stages[i];
     BatchSource source;
@@ -122,7 +129,7 @@ nlohmann::json run_recipe(const Recipe& recipe) {
     if (static_cast<int64_t>(source.validation.size()) > stage.eval_batches)
       source.validation.resize(static_cast<size_t>(stage.eval_batches));
 
-    const StageOutcome o = run_stage(recipe, stage, model, &tokenizer, source, metrics, recipe.out / stage.name);
+    const StageOutcome o = run_stage(recipe, stage, *backend, &tokenizer, source, metrics, recipe.out / stage.name);
     nlohmann::json s = {{"stage", stage.name}, {"kind", stage.kind}, {"steps", o.steps},
                         {"train_loss", o.train_loss}, {"validation_loss", o.validation_loss},
                         {"wall_s", o.wall_s}, {"tokens_per_s", o.tokens_per_s},

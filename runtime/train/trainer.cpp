@@ -54,23 +54,33 @@ StageOutcome outcome_from_json(const nlohmann::json& j) {
 
 }  // namespace
 
-double validation_loss(Model& model, const std::vector<Batch>& batches, Precision precision) {
+double validation_loss(TrainingBackend& backend, const std::vector<Batch>& batches, Precision precision) {
   double total = 0;
   int64_t tokens = 0;
   ForwardOptions options;
   options.precision = precision;
   options.for_backward = false;
   for (const Batch& b : batches) {
-    const LossReport r = model.forward(view(b), options);
+    const LossReport r = backend.forward(view(b), options);
     total += r.loss * static_cast<double>(r.tokens);
     tokens += r.tokens;
   }
   return tokens ? total / static_cast<double>(tokens) : 0.0;
 }
 
+double validation_loss(Model& model, const std::vector<Batch>& batches, Precision precision) {
+  return validation_loss(*make_cpu_backend(model), batches, precision);
+}
+
 StageOutcome run_stage(const Recipe& recipe, const StageSpec& stage, Model& model, const Tokenizer* tokenizer,
                        BatchSource& data, MetricsLog& metrics, const fs::path& dir) {
-  AdamW optimizer(model.params(), stage.optimizer);
+  return run_stage(recipe, stage, *make_cpu_backend(model), tokenizer, data, metrics, dir);
+}
+
+StageOutcome run_stage(const Recipe& recipe, const StageSpec& stage, TrainingBackend& backend,
+                       const Tokenizer* tokenizer, BatchSource& data, MetricsLog& metrics, const fs::path& dir) {
+  backend.start_stage(stage.optimizer);
+  const bool on_cpu = backend.device() == "cpu";  // other devices add "device" to metrics and checkpoints
   StageOutcome outcome;
   outcome.stage = stage.name;
   int64_t start = 0;
@@ -84,7 +94,7 @@ StageOutcome run_stage(const Recipe& recipe, const StageSpec& stage, Model& mode
     const std::string where = (ckpt / "trainer_state.json").string();
     require(state->value("stage", "") == stage.name, where + ": belongs to stage \"" + state->value("stage", "") +
                                                          "\", expected \"" + stage.name + "\"");
-    model.load_weights(read_safetensors(ckpt / "model.safetensors"));
+    backend.load_weights(read_safetensors(ckpt / "model.safetensors"));
     start = state->at("step").get<int64_t>();
     outcome = outcome_from_json(state->at("outcome"));
     wall_before = outcome.wall_s;
@@ -93,7 +103,7 @@ StageOutcome run_stage(const Recipe& recipe, const StageSpec& stage, Model& mode
                    dir.c_str(), static_cast<long long>(start));
       return outcome;
     }
-    optimizer.load_state(read_safetensors(ckpt / "optimizer.safetensors"));
+    backend.load_optimizer_state(read_safetensors(ckpt / "optimizer.safetensors"));
     data.restore(LoaderState::from_json(state->at("loader"), where));
     std::fprintf(stderr, "%-10s resuming from %s at step %lld\n", stage.name.c_str(), ckpt.c_str(),
                  static_cast<long long>(start));
@@ -101,7 +111,7 @@ StageOutcome run_stage(const Recipe& recipe, const StageSpec& stage, Model& mode
 
   ForwardOptions options;
   options.precision = recipe.precision;
-  options.mtp_weight = model.config().num_nextn_predict_layers > 0 ? stage.mtp_weight : 0.0f;
+  options.mtp_weight = backend.config().num_nextn_predict_layers > 0 ? stage.mtp_weight : 0.0f;
   options.balance_alpha = stage.balance_alpha;
 
   ProgressBar bar(stage.name, stage.steps);
@@ -112,14 +122,14 @@ StageOutcome run_stage(const Recipe& recipe, const StageSpec& stage, Model& mode
   double last_val = outcome.validation_loss;
   for (int64_t step = start + 1; step <= stage.steps; ++step) {
     const Batch batch = data.next();
-    model.params().zero_grad();
-    const LossReport r = model.forward(view(batch), options);
+    backend.zero_grad();
+    const LossReport r = backend.forward(view(batch), options);
     require(std::isfinite(r.total), "stage " + stage.name + ": the loss became " + std::to_string(r.total) +
                                         " at step " + std::to_string(step) + " (try a lower learning rate)");
-    model.backward();
-    const auto stats = optimizer.step(step - 1);  // the optimizer counts steps from 0
-    const double load_ratio = mean_max_load_ratio(model.expert_loads());
-    if (stage.bias_gamma > 0) model.update_router_bias(stage.bias_gamma);
+    backend.backward();
+    const auto stats = backend.optimizer_step(step - 1);  // the optimizer counts steps from 0
+    const double load_ratio = mean_max_load_ratio(backend.expert_loads());
+    if (stage.bias_gamma > 0) backend.update_router_bias(stage.bias_gamma);
     tokens_done += batch.batch * batch.seq;
     recent.push_back(r.loss);
 
@@ -127,11 +137,13 @@ StageOutcome run_stage(const Recipe& recipe, const StageSpec& stage, Model& mode
                         {"grad_norm", stats.grad_norm}, {"tokens", r.tokens},
                         {"tokens_per_s", static_cast<double>(tokens_done) / std::max(elapsed(), 1e-9)},
                         {"precision", precision_name(recipe.precision)}};
+    if (!on_cpu) m["device"] = backend.device();
+    if (stats.skipped) m["skipped"] = true;
     if (options.mtp_weight > 0) m["mtp_loss"] = r.mtp_loss;
     if (options.balance_alpha > 0) m["balance_loss"] = r.balance_loss;
     if (load_ratio > 0) m["expert_max_load_ratio"] = load_ratio;
     if (step % stage.eval_every == 0 || step == stage.steps) {
-      last_val = validation_loss(model, data.validation, recipe.precision);
+      last_val = validation_loss(backend, data.validation, recipe.precision);
       m["validation_loss"] = last_val;
       outcome.validation_curve.emplace_back(step, last_val);
     }
@@ -152,10 +164,11 @@ StageOutcome run_stage(const Recipe& recipe, const StageSpec& stage, Model& mode
       outcome.validation_loss = last_val;
       outcome.wall_s = wall_before + elapsed();
       outcome.tokens_per_s = static_cast<double>(tokens_done) / std::max(elapsed(), 1e-9);
-      const nlohmann::json state = {{"stage", stage.name}, {"step", step}, {"loader", data.state().to_json()},
-                                    {"outcome", outcome_json(outcome)}, {"recipe", recipe.file.string()},
-                                    {"precision", precision_name(recipe.precision)}};
-      save_checkpoint(dir, model, tokenizer, &optimizer, &state);
+      nlohmann::json state = {{"stage", stage.name}, {"step", step}, {"loader", data.state().to_json()},
+                              {"outcome", outcome_json(outcome)}, {"recipe", recipe.file.string()},
+                              {"precision", precision_name(recipe.precision)}};
+      if (!on_cpu) state["device"] = backend.device();
+      save_checkpoint(dir, backend.host_model(), tokenizer, &backend.host_optimizer(), &state);
     }
   }
   char fields[96];

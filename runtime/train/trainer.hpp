@@ -1,6 +1,7 @@
 // One training stage (pretraining or SFT) of a recipe: batches from a resumable loader, forward and
 // backward in the recipe's precision, AdamW, auxiliary-loss-free router balancing, validation at
-// intervals, metrics as JSON lines, checkpoints that resume bit for bit.
+// intervals, metrics as JSON lines, checkpoints that resume bit for bit. The same loop runs on any
+// TrainingBackend (backend.hpp): the CPU's Model and AdamW, or a GPU's.
 #pragma once
 #include <filesystem>
 #include <functional>
@@ -13,6 +14,7 @@
 #include "runtime/data/tokenizer.hpp"
 #include "runtime/model/model.hpp"
 #include "runtime/recipe/recipe.hpp"
+#include "runtime/train/backend.hpp"
 #include "runtime/train/metrics.hpp"
 
 namespace moerl {
@@ -38,9 +40,15 @@ struct StageOutcome {
 
 // Mean main-model cross-entropy over the batches (no gradients kept).
 double validation_loss(Model& model, const std::vector<Batch>& batches, Precision precision);
+double validation_loss(TrainingBackend& backend, const std::vector<Batch>& batches, Precision precision);
 
-// Runs `stage` on `model`. `dir` is the stage's checkpoint folder: when it holds an unfinished checkpoint of
-// this stage the run resumes from it (model, optimizer, loader); a finished one is loaded and returned at once.
+// Runs `stage` on `backend` (a fresh optimizer for the stage). `dir` is the stage's checkpoint folder: when it
+// holds an unfinished checkpoint of this stage the run resumes from it (model, optimizer, loader); a finished
+// one is loaded and returned at once.
+StageOutcome run_stage(const Recipe& recipe, const StageSpec& stage, TrainingBackend& backend,
+                       const Tokenizer* tokenizer, BatchSource& data, MetricsLog& metrics,
+                       const std::filesystem::path& dir);
+// The same on the CPU: `model` trained in place.
 StageOutcome run_stage(const Recipe& recipe, const StageSpec& stage, Model& model, const Tokenizer* tokenizer,
                        BatchSource& data, MetricsLog& metrics, const std::filesystem::path& dir);
 
