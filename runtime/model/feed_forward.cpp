@@ -110,6 +110,113 @@ void DenseFeedForward::backward(const float* dy, float* dx) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------
+// ExpertGroup
+
+struct ExpertGroup::Impl {
+  std::vector<int64_t> ids;            // the experts, ascending
+  std::vector<SwigluWeights> experts;  // [ids.size()]
+  int64_t hidden = 0, inter = 0;
+  // Saved: rows per expert, the input rows xp [R, H] and g, u, h [R, I] of the last forward.
+  Precision precision = Precision::FP32;
+  std::vector<int64_t> counts;
+  int64_t rows = 0;
+  std::vector<float> xp, gp, up, hp;
+  SwigluScratch scratch;
+};
+
+ExpertGroup::ExpertGroup(Params& params, const std::string& prefix, std::vector<int64_t> experts, int64_t hidden,
+                         int64_t intermediate)
+    : impl_(std::make_shared<Impl>()) {
+  require(hidden > 0 && intermediate > 0, prefix + ": expert group needs hidden_size > 0 and "
+                                                   "moe_intermediate_size > 0");
+  for (size_t i = 0; i < experts.size(); ++i)
+    require(experts[i] >= 0 && (i == 0 || experts[i] > experts[i - 1]),
+            prefix + ": expert ids of a group must be ascending and distinct, got " + std::to_string(experts[i]) +
+                " at position " + std::to_string(i));
+  Impl& m = *impl_;
+  m.ids = std::move(experts);
+  m.hidden = hidden;
+  m.inter = intermediate;
+  for (int64_t e : m.ids) m.experts.push_back(add_swiglu(params, prefix + ".experts." + std::to_string(e), hidden,
+                                                         intermediate));
+  m.counts.assign(m.ids.size(), 0);
+}
+
+const std::vector<int64_t>& ExpertGroup::experts() const { return impl_->ids; }
+int64_t ExpertGroup::hidden() const { return impl_->hidden; }
+int64_t ExpertGroup::rows() const { return impl_->rows; }
+
+float* ExpertGroup::prepare(const int64_t* counts) {
+  Impl& m = *impl_;
+  m.rows = 0;
+  for (size_t i = 0; i < m.ids.size(); ++i) {
+    require(counts[i] >= 0, "expert group: negative row count " + std::to_string(counts[i]) + " for expert " +
+                                std::to_string(m.ids[i]));
+    m.counts[i] = counts[i];
+    m.rows += counts[i];
+  }
+  m.xp.resize(static_cast<size_t>(m.rows * m.hidden));
+  return m.xp.data();
+}
+
+void ExpertGroup::forward(float* yp, Precision precision) {
+  Impl& m = *impl_;
+  const int64_t H = m.hidden, I = m.inter, R = m.rows;
+  m.precision = precision;
+  m.gp.resize(static_cast<size_t>(R * I));
+  m.up.resize(static_cast<size_t>(R * I));
+  m.hp.resize(static_cast<size_t>(R * I));
+  // TODO(perf): one grouped GEMM over all experts (the GPU path); here each GEMM gets BLAS's threads.
+  int64_t r0 = 0;
+  for (size_t i = 0; i < m.ids.size(); ++i) {
+    const int64_t n = m.counts[i];
+    if (n > 0)
+      swiglu_mlp_forward(precision, m.experts[i], m.xp.data() + r0 * H, n, H, I, m.gp.data() + r0 * I,
+                         m.up.data() + r0 * I, m.hp.data() + r0 * I, yp + r0 * H);
+    r0 += n;
+  }
+}
+
+void ExpertGroup::backward(const float* dyp, float* dxp) {
+  Impl& m = *impl_;
+  const int64_t H = m.hidden, I = m.inter;
+  int64_t r0 = 0;
+  for (size_t i = 0; i < m.ids.size(); ++i) {
+    const int64_t n = m.counts[i];
+    if (n > 0)
+      swiglu_mlp_backward(m.precision, m.experts[i], dyp + r0 * H, m.xp.data() + r0 * H, m.gp.data() + r0 * I,
+                          m.up.data() + r0 * I, m.hp.data() + r0 * I, n, H, I, dxp + r0 * H, m.scratch);
+    r0 += n;
+  }
+}
+
+namespace {
+
+// Every routed expert of a layer, computed in place: the single model's RoutedExperts.
+class LocalExperts final : public RoutedExperts {
+ public:
+  LocalExperts(Params& params, const std::string& prefix, int64_t n_experts, int64_t hidden, int64_t inter)
+      : group_(params, prefix, all_experts(n_experts), hidden, inter), counts_(static_cast<size_t>(n_experts)) {}
+  float* input(const int64_t* offsets) override {
+    for (size_t e = 0; e < counts_.size(); ++e) counts_[e] = offsets[e + 1] - offsets[e];
+    return group_.prepare(counts_.data());
+  }
+  void forward(float* yp, Precision precision) override { group_.forward(yp, precision); }
+  void backward(const float* dyp, float* dxp) override { group_.backward(dyp, dxp); }
+
+ private:
+  static std::vector<int64_t> all_experts(int64_t n) {
+    std::vector<int64_t> ids(static_cast<size_t>(n));
+    for (int64_t e = 0; e < n; ++e) ids[static_cast<size_t>(e)] = e;
+    return ids;
+  }
+  ExpertGroup group_;
+  std::vector<int64_t> counts_;
+};
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------------------------
 // MoeFeedForward
 
 struct MoeFeedForward::Impl {
@@ -117,7 +224,7 @@ struct MoeFeedForward::Impl {
   int64_t hidden = 0, inter = 0, shared_inter = 0;  // H, I (per routed expert), I_s = n_shared · I
   Param* router = nullptr;                           // gate.weight [E, H]
   Param* bias = nullptr;                             // gate.e_score_correction_bias [E], a buffer
-  std::vector<SwigluWeights> experts;                // [E]
+  std::unique_ptr<RoutedExperts> routed;             // the E routed experts, here or on expert shards
   SwigluWeights shared;                              // absent when n_shared_experts == 0
 
   // Saved by forward (T = batch · seq tokens, R = T · K routed rows in expert-major order).
@@ -130,7 +237,7 @@ struct MoeFeedForward::Impl {
   std::vector<float> topk_weight;             // [T, K]
   std::vector<int64_t> offsets;               // [E + 1], see kernels/moe_permute.hpp
   std::vector<int64_t> token_of, row_of;      // [R]
-  std::vector<float> xp, gp, up, hp, yp;      // [R, H], [R, I] x3, [R, H]
+  std::vector<float> yp;                      // [R, H] routed expert outputs (combine's backward reads them)
   std::vector<float> sg, su, sh;              // shared expert g, u, h [T, I_s]
   ExpertLoad load;
 
@@ -141,7 +248,8 @@ struct MoeFeedForward::Impl {
   int64_t tokens() const { return batch * seq; }
 };
 
-MoeFeedForward::MoeFeedForward(const ModelConfig& config, Params& params, const std::string& prefix)
+MoeFeedForward::MoeFeedForward(const ModelConfig& config, Params& params, const std::string& prefix,
+                               std::unique_ptr<RoutedExperts> routed)
     : impl_(std::make_shared<Impl>()) {
   const int64_t E = config.n_routed_experts, G = config.n_group;
   auto field = [&](const char* name, int64_t value, const std::string& expected) {
@@ -171,8 +279,7 @@ MoeFeedForward::MoeFeedForward(const ModelConfig& config, Params& params, const 
   m.shared_inter = config.n_shared_experts * config.moe_intermediate_size;
   m.router = &params.add(prefix + ".gate.weight", {E, m.hidden});
   m.bias = &params.add(prefix + ".gate.e_score_correction_bias", {E}, /*trainable=*/false);
-  for (int64_t e = 0; e < E; ++e)
-    m.experts.push_back(add_swiglu(params, prefix + ".experts." + std::to_string(e), m.hidden, m.inter));
+  m.routed = routed ? std::move(routed) : std::make_unique<LocalExperts>(params, prefix, E, m.hidden, m.inter);
   if (m.shared_inter > 0) m.shared = add_swiglu(params, prefix + ".shared_experts", m.hidden, m.shared_inter);
   m.load.tokens_per_expert.assign(E, 0);
 }
@@ -182,7 +289,7 @@ float MoeFeedForward::forward(const float* x, int64_t batch, int64_t seq, float*
   Impl& m = *impl_;
   require(batch >= 0 && seq >= 0, "MoeFeedForward::forward: batch and seq must be >= 0, got " +
                                       std::to_string(batch) + " and " + std::to_string(seq));
-  const int64_t T = batch * seq, H = m.hidden, I = m.inter, Is = m.shared_inter;
+  const int64_t T = batch * seq, H = m.hidden, Is = m.shared_inter;
   const int64_t E = m.spec.n_experts, K = m.spec.top_k, R = T * K;
   m.precision = precision;
   m.batch = batch;
@@ -212,25 +319,15 @@ float MoeFeedForward::forward(const float* x, int64_t batch, int64_t seq, float*
     std::fill(y, y + T * H, 0.0f);
   }
 
-  // Routed experts: permute tokens into one contiguous block per expert, three GEMMs per block, combine.
+  // Routed experts: permute tokens into one contiguous block per expert, the experts' SwiGLU, combine.
   m.offsets.resize(E + 1);
   m.token_of.resize(R);
   m.row_of.resize(R);
   cpu::moe_permute_plan(m.topk_idx.data(), T, K, E, m.offsets.data(), m.token_of.data(), m.row_of.data());
-  m.xp.resize(R * H);
-  m.gp.resize(R * I);
-  m.up.resize(R * I);
-  m.hp.resize(R * I);
+  for (int64_t e = 0; e < E; ++e) m.load.tokens_per_expert[e] = m.offsets[e + 1] - m.offsets[e];
+  cpu::moe_gather(x, m.token_of.data(), R, H, m.routed->input(m.offsets.data()));
   m.yp.resize(R * H);
-  cpu::moe_gather(x, m.token_of.data(), R, H, m.xp.data());
-  // TODO(perf): one grouped GEMM over all experts (the GPU path); here each GEMM gets BLAS's threads.
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = m.offsets[e], n = m.offsets[e + 1] - r0;
-    m.load.tokens_per_expert[e] = n;
-    if (n == 0) continue;
-    swiglu_mlp_forward(precision, m.experts[e], m.xp.data() + r0 * H, n, H, I, m.gp.data() + r0 * I,
-                       m.up.data() + r0 * I, m.hp.data() + r0 * I, m.yp.data() + r0 * H);
-  }
+  m.routed->forward(m.yp.data(), precision);
   cpu::moe_combine(m.yp.data(), m.topk_weight.data(), m.row_of.data(), T, K, H, y);
 
   if (balance_alpha <= 0) return 0.0f;
@@ -239,7 +336,7 @@ float MoeFeedForward::forward(const float* x, int64_t batch, int64_t seq, float*
 
 void MoeFeedForward::backward(const float* dy, float* dx) {
   Impl& m = *impl_;
-  const int64_t T = m.tokens(), H = m.hidden, I = m.inter, Is = m.shared_inter;
+  const int64_t T = m.tokens(), H = m.hidden, Is = m.shared_inter;
   const int64_t E = m.spec.n_experts, K = m.spec.top_k, R = T * K;
   const Precision p = m.precision;
   if (T == 0) return;
@@ -254,12 +351,7 @@ void MoeFeedForward::backward(const float* dy, float* dx) {
   float* dxp = at_least(m.dxp, R * H);
   float* dweight = at_least(m.dweight, T * K);
   cpu::moe_combine_backward(dy, m.yp.data(), m.topk_weight.data(), m.row_of.data(), T, K, H, dyp, dweight);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = m.offsets[e], n = m.offsets[e + 1] - r0;
-    if (n == 0) continue;
-    swiglu_mlp_backward(p, m.experts[e], dyp + r0 * H, m.xp.data() + r0 * H, m.gp.data() + r0 * I,
-                        m.up.data() + r0 * I, m.hp.data() + r0 * I, n, H, I, dxp + r0 * H, m.scratch);
-  }
+  m.routed->backward(dyp, dxp);
   cpu::moe_scatter_add(dxp, m.row_of.data(), T, K, H, dx);
 
   // Router (FP32): gating weights and balance loss -> scores -> logits -> x and gate.weight.
@@ -279,10 +371,15 @@ void MoeFeedForward::backward(const float* dy, float* dx) {
 
 const ExpertLoad& MoeFeedForward::load() const { return impl_->load; }
 
-void MoeFeedForward::update_bias(float gamma) {
+void MoeFeedForward::update_bias(float gamma) { update_bias(gamma, impl_->load); }
+
+void MoeFeedForward::update_bias(float gamma, const ExpertLoad& expert_load) {
   const Impl& m = *impl_;
-  const auto& load = m.load.tokens_per_expert;
+  const auto& load = expert_load.tokens_per_expert;
   const int64_t E = m.spec.n_experts;
+  require(static_cast<int64_t>(load.size()) == E, "MoeFeedForward::update_bias: a load of " +
+                                                      std::to_string(load.size()) + " experts for a layer of " +
+                                                      std::to_string(E));
   // Before any forward every load is 0, so nothing moves.
   int64_t total = 0;
   for (int64_t n : load) total += n;

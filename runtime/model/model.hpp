@@ -1,8 +1,11 @@
 // The DeepSeek-V3 model: embedding, decoder layers (MLA + dense or MoE feed-forward, pre-norm residual),
 // final RMSNorm, LM head, cross-entropy; optional multi-token prediction (depth 1). Forward and backward are
 // written out block by block; the model owns its Params (published DeepSeek-V3 tensor names).
+// ModelPart is the same computation cut by layer ranges, for pipeline stages (runtime/parallel/pp_stage.hpp):
+// Model is one part holding everything, so a pipeline's parts run the single model's arithmetic.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -41,6 +44,75 @@ struct LossReport {
   int64_t tokens = 0;       // positions with a label (the denominator of loss)
 };
 
+// The denominators of a whole batch's loss terms. A micro-batch (or data-parallel slice) scales its terms by
+// them, so gradients accumulated over the micro-batches equal the gradient of the whole batch's loss.
+struct LossDenominators {
+  int64_t tokens = 0;      // positions with a label: the main cross-entropy is a mean over these
+  int64_t mtp_tokens = 0;  // positions whose next position (same sequence) has a label: the MTP mean's
+  int64_t sequences = 0;   // sequences: the balance loss is a mean over sequences
+};
+LossDenominators loss_denominators(const TokenBatch& batch);
+
+// The loss terms of a micro-batch, or of a part of the model, as sums: micro-batches and pipeline stages add.
+struct LossSums {
+  double loss_sum = 0;      // Σ cross-entropy over the counted tokens (nats)
+  int64_t tokens = 0;       // counted tokens
+  double mtp_sum = 0;       // Σ MTP cross-entropy
+  int64_t mtp_tokens = 0;
+  double balance_loss = 0;  // Σ over MoE layers, already a share of the whole batch's mean over sequences
+  void add(const LossSums& other);
+  // loss = loss_sum / tokens, mtp_loss likewise, total = loss + mtp_weight · mtp_loss + balance_loss.
+  LossReport report(float mtp_weight) const;
+};
+
+// Which part of the model a ModelPart holds. Pipeline stages hold consecutive parts; Model holds all of it.
+struct PartSpec {
+  int64_t layer_begin = 0;
+  int64_t layer_end = -1;  // one past the last decoder layer; -1: num_hidden_layers
+  bool first = true;       // the embedding: the part's input is the token ids
+  bool last = true;        // final norm, head, MTP module and the losses: the part's output is the loss
+};
+
+// A contiguous part of the model: the embedding (first part), decoder layers [layer_begin, layer_end), the
+// final norm, head, MTP module and cross-entropy (last part). It registers exactly its own parameters in
+// `params` under the published names; a last part that is not also first registers its own copy of
+// model.embed_tokens.weight when the MTP module or a tied head needs it (a pipeline keeps it equal to the
+// first stage's). MoE layers compute their routed experts in place unless `routed` makes them elsewhere.
+// forward saves one micro-batch's activations; backward consumes them.
+class ModelPart {
+ public:
+  ModelPart(const ModelConfig& config, Params& params, PartSpec spec, const RoutedExpertsFactory& routed = {});
+  ~ModelPart();
+  ModelPart(const ModelPart&) = delete;
+  ModelPart& operator=(const ModelPart&) = delete;
+
+  // batch: the micro-batch (the first part reads input_ids, the last part input_ids and labels, every part the
+  // shape). in: [batch·seq, hidden] from the previous part (ignored by the first part). out: [batch·seq,
+  // hidden] for the next part (ignored by the last part). The loss terms are scaled by `whole`, the
+  // denominators of the whole batch this micro-batch belongs to; a part without the head returns only its
+  // balance loss.
+  LossSums forward(const TokenBatch& batch, const float* in, float* out, const ForwardOptions& options,
+                   const LossDenominators& whole);
+  // dout: [batch·seq, hidden], d loss / d out (ignored by the last part). din: d loss / d in, overwritten
+  // (ignored by the first part). Gradients accumulated into the parameters' grad.
+  void backward(const float* dout, float* din);
+  const float* logits() const;  // [batch·seq, vocab] of the last forward (last part, keep_logits)
+
+  const PartSpec& spec() const { return spec_; }  // layer_end resolved
+  // The MoE layers' prefixes ("model.layers.3.mlp"), main layers ascending then the MTP layer: the order of
+  // expert_loads() and of the layer ids expert shards use.
+  std::vector<std::string> moe_prefixes() const;
+  std::vector<ExpertLoad> expert_loads() const;  // of the last forward, in moe_prefixes() order
+  // Auxiliary-loss-free balancing from the last forward's load, or from given loads (moe_prefixes() order).
+  void update_router_bias(float gamma);
+  void update_router_bias(float gamma, const std::vector<ExpertLoad>& loads);
+
+ private:
+  struct Impl;
+  PartSpec spec_;
+  std::unique_ptr<Impl> impl_;
+};
+
 class Model {
  public:
   explicit Model(ModelConfig config);
@@ -71,10 +143,9 @@ class Model {
   const Params& params() const { return params_; }
 
  private:
-  struct Impl;
   ModelConfig config_;
   Params params_;
-  std::unique_ptr<Impl> impl_;
+  std::unique_ptr<ModelPart> part_;  // the whole model as one part
 };
 
 }  // namespace moerl
