@@ -4,6 +4,8 @@
 //   gemm_bf16_8192_tflops                                   cuBLASLt BF16 GEMM, the same layout, for comparison
 //   quant_1x128_gbps, quant_128x128_gbps,
 //   quant_1x128_transposed_gbps                             fp8::cuda::quantize_*, 8192 x 8192 FP32 in
+//   train_step_{fp8,bf16}_tokens_per_s, train_step_peak_mem_gib,
+//   moe_layer_{fp8,bf16}_ms                                 training: bench/cuda/train_step_bench.cu
 // Ceilings seen on an H200 (shared/DEVICE.md): FP8 block-scaled 1337 TFLOP/s at 8192³, BF16 763-774,
 // device copies 3.7-4.3 TB/s.
 #include <cublasLt.h>
@@ -19,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/cuda/train_step_bench.hpp"
 #include "bench/report.hpp"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/fp8_gemm.hpp"
@@ -318,6 +321,9 @@ void run_gpu_benchmarks(Report& report) {
 #else
   std::fprintf(stderr, "moerl bench gpu: no GPU quantization kernels in this build: quant_* skipped\n");
 #endif
+  // Training (bench/cuda/train_step_bench.cu): the bench-600m step and one MoE layer, fp8 and bf16.
+  attempt("train_step", [&] { bench_train_step(report, device); });
+  attempt("moe_layer", [&] { bench_moe_layer(report, device); });
   CUDA_CHECK(cudaStreamDestroy(stream));
   require(failed.empty(), "moerl bench gpu: failed: " + failed);
 }

@@ -1,0 +1,318 @@
+// `moerl bench gpu`: training on the GPU, on random data (issue 4; the PyTorch peers are bench/peers/).
+//   train_step_fp8_tokens_per_s, train_step_bf16_tokens_per_s
+//       bench-600m (recipes/pretrain-brown-gpu-*.yaml's model, bench/peers/hf_train_step.py's BENCH_600M),
+//       random tokens, batch 8 x 2048: zero_grad + forward + backward + GpuAdamW step (global-norm clipping at 1.0)
+//       on GpuModel's stream; median of 10 steps timed with CUDA events after 3 warm-up steps.
+//   train_step_peak_mem_gib
+//       the fp8 step's peak device memory: GpuModel::peak_memory_bytes (parameters, gradients, activations,
+//       prepared weights, the stream-ordered pool's high-water mark) + GpuAdamW's moments; the bf16 step's in
+//       "bf16_gib".
+//   moe_layer_fp8_ms, moe_layer_bf16_ms
+//       one MoE layer, forward + backward with weight gradients, at T = 16384 tokens (8 x 2048), hidden 2048,
+//       moe_intermediate 1408, 64 routed experts top-6 + 1 shared (bench/peers/torch_grouped_mm_moe.py's shapes):
+//       runtime/gpu's GpuMoe block (router, permutation, routed and shared experts) alone, no attention or
+//       norms; median of 10 CUDA-event-timed passes after 3 warm-up passes.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "bench/cuda/train_step_bench.hpp"
+#include "kernels/cuda/cuda_check.hpp"
+#include "runtime/error.hpp"
+
+#ifdef MOERL_HAVE_GPU_MODEL
+#include "runtime/gpu/gpu_adamw.hpp"
+#include "runtime/gpu/gpu_layers.hpp"
+#include "runtime/gpu/gpu_model.hpp"
+#include "runtime/gpu/gpu_params.hpp"
+#endif
+
+namespace moerl::bench {
+
+#ifdef MOERL_HAVE_GPU_MODEL
+namespace {
+
+constexpr int kWarmupSteps = 3;
+constexpr int kTimedSteps = 10;
+constexpr int64_t kBatch = 8, kSeq = 2048;
+constexpr int kThreads = 256;
+
+// bench-600m (issue 4).
+ModelConfig bench_600m() {
+  ModelConfig c;
+  c.vocab_size = 32000;
+  c.hidden_size = 1024;
+  c.intermediate_size = 2816;
+  c.moe_intermediate_size = 704;
+  c.num_hidden_layers = 8;
+  c.first_k_dense_replace = 1;
+  c.num_attention_heads = 16;
+  c.q_lora_rank = 0;
+  c.kv_lora_rank = 256;
+  c.qk_nope_head_dim = 64;
+  c.qk_rope_head_dim = 32;
+  c.v_head_dim = 64;
+  c.n_routed_experts = 32;
+  c.num_experts_per_tok = 4;
+  c.n_shared_experts = 1;
+  c.n_group = 1;
+  c.topk_group = 1;
+  c.routed_scaling_factor = 1.0;
+  c.norm_topk_prob = true;
+  c.num_nextn_predict_layers = 0;
+  c.max_position_embeddings = 4096;
+  return c;
+}
+
+// Counter-based normal-ish values: element i of stream `seed`, a centred sum of 4 uniforms (variance 1).
+__device__ __forceinline__ float normalish(uint64_t i, uint32_t seed) {
+  float s = 0.0f;
+  for (uint32_t j = 0; j < 4; ++j) {
+    uint64_t z = (4 * i + j) * 0x9E3779B97F4A7C15ull + seed * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    s += (static_cast<uint32_t>(z ^ (z >> 31)) >> 8) * (1.0f / 16777216.0f);
+  }
+  return (s - 2.0f) * 1.7320508f;
+}
+
+__global__ void fill_kernel(float* out, int64_t n, uint32_t seed, float stddev, float constant) {
+  for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
+    out[i] = stddev > 0.0f ? stddev * normalish(i, seed) : constant;
+}
+
+void fill(float* out, int64_t n, uint32_t seed, float stddev, float constant, cudaStream_t stream) {
+  if (n == 0) return;
+  const auto blocks = static_cast<unsigned>(std::clamp<int64_t>((n + kThreads - 1) / kThreads, 1, 65536));
+  fill_kernel<<<blocks, kThreads, 0, stream>>>(out, n, seed, stddev, constant);
+  CUDA_CHECK_LAUNCH();
+}
+
+// Model::init_random's distribution without the host: matrices normal(0, initializer_range), RMSNorm weights
+// (the trainable 1-D tensors) one, router biases (not trainable) zero.
+void init_params(const std::vector<gpu::DeviceParam>& params, double initializer_range, cudaStream_t stream) {
+  uint32_t seed = 1;
+  for (const gpu::DeviceParam& p : params) {
+    if (p.shape.size() >= 2)
+      fill(p.value, p.numel, seed++, static_cast<float>(initializer_range), 0.0f, stream);
+    else
+      fill(p.value, p.numel, 0, 0.0f, p.trainable ? 1.0f : 0.0f, stream);
+  }
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+// Milliseconds between two events around fn(), `runs` times after `warmup` untimed calls; sorted.
+template <class F> std::vector<float> time_on_stream(cudaStream_t stream, int warmup, int runs, F&& fn) {
+  for (int i = 0; i < warmup; ++i) fn(i);
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<float> ms(static_cast<size_t>(runs));
+  try {
+    for (int i = 0; i < runs; ++i) {
+      CUDA_CHECK(cudaEventRecord(start, stream));
+      fn(warmup + i);
+      CUDA_CHECK(cudaEventRecord(stop, stream));
+      CUDA_CHECK(cudaEventSynchronize(stop));
+      CUDA_CHECK(cudaEventElapsedTime(&ms[static_cast<size_t>(i)], start, stop));
+    }
+  } catch (...) {
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+    throw;
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  std::sort(ms.begin(), ms.end());
+  return ms;
+}
+
+double median(const std::vector<float>& sorted) {
+  const size_t n = sorted.size();
+  return n % 2 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
+}
+
+struct StepResult {
+  std::vector<float> ms;  // sorted
+  double peak_bytes = 0;
+  double loss = 0;
+  size_t optimizer_spans = 0;
+};
+
+StepResult time_train_step(Precision precision) {
+  const ModelConfig config = bench_600m();
+  gpu::GpuModel model(config);
+  init_params(model.params(), config.initializer_range, model.stream());
+  model.linear().weights_changed();
+  // DeepSeek-V3's optimizer settings; the HF peer's learning rate.
+  AdamWConfig opt_config;
+  opt_config.lr = 1e-4, opt_config.weight_decay = 0.1, opt_config.clip_grad_norm = 1.0, opt_config.total_steps = 1000;
+  gpu::GpuAdamW optimizer(model, opt_config);
+
+  // Random tokens, each row's labels the next tokens (the last one unlabelled), as the HF peer's labels = ids.
+  std::mt19937_64 rng(0);
+  std::vector<int64_t> ids(static_cast<size_t>(kBatch * kSeq)), labels(ids.size());
+  for (int64_t& id : ids) id = static_cast<int64_t>(rng() % static_cast<uint64_t>(config.vocab_size));
+  for (size_t i = 0; i < ids.size(); ++i)
+    labels[i] = (i + 1) % static_cast<size_t>(kSeq) == 0 ? kIgnoreLabel : ids[i + 1];
+  const TokenBatch batch{ids.data(), labels.data(), kBatch, kSeq};
+  ForwardOptions options;
+  options.precision = precision;
+
+  StepResult out;
+  auto step = [&](int i) {
+    model.zero_grad();
+    const LossReport r = model.forward(batch, options);
+    require(std::isfinite(r.loss), "train step: the loss is " + std::to_string(r.loss));
+    model.backward();
+    optimizer.step(i);
+    out.loss = r.loss;
+  };
+  for (int i = 0; i < kWarmupSteps; ++i) step(i);
+  CUDA_CHECK(cudaStreamSynchronize(model.stream()));
+  model.reset_peak_memory();
+  out.ms = time_on_stream(model.stream(), 0, kTimedSteps, [&](int i) { step(kWarmupSteps + i); });
+  out.peak_bytes = static_cast<double>(model.peak_memory_bytes() + optimizer.device_bytes());
+  out.optimizer_spans = optimizer.span_count();
+  return out;
+}
+
+void report_step(Report& report, const std::string& device, Precision precision, const StepResult& r,
+                 const std::string& metric) {
+  const double ms = median(r.ms);
+  nlohmann::json extra = {{"device", device},
+                          {"precision", std::string(precision_name(precision))},
+                          {"model", "bench-600m"},
+                          {"batch", kBatch},
+                          {"seq", kSeq},
+                          {"step_ms", ms},
+                          {"min_ms", r.ms.front()},
+                          {"max_ms", r.ms.back()},
+                          {"runs", r.ms.size()},
+                          {"warmup", kWarmupSteps},
+                          {"loss", r.loss},
+                          {"optimizer_spans", r.optimizer_spans},
+                          {"what", "zero_grad + forward + backward + GpuAdamW step (clip 1.0), random tokens"}};
+  report.add("gpu", metric, static_cast<double>(kBatch * kSeq) / (ms * 1e-3), "tokens/s", "median", extra);
+}
+
+}  // namespace
+
+void bench_train_step(Report& report, const std::string& device) {
+  const StepResult fp8 = time_train_step(Precision::FP8);
+  report_step(report, device, Precision::FP8, fp8, "train_step_fp8_tokens_per_s");
+  const StepResult bf16 = time_train_step(Precision::BF16);
+  report_step(report, device, Precision::BF16, bf16, "train_step_bf16_tokens_per_s");
+  constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+  report.add("gpu", "train_step_peak_mem_gib", fp8.peak_bytes / kGiB, "GiB", "max",
+             {{"device", device},
+              {"precision", "fp8"},
+              {"bf16_gib", bf16.peak_bytes / kGiB},
+              {"what", "GpuModel::peak_memory_bytes (params, grads, activations, prepared weights, pool high-water) "
+                       "+ GpuAdamW moments, over the timed bench-600m steps"}});
+}
+
+void bench_moe_layer(Report& report, const std::string& device) {
+  // bench/peers/torch_grouped_mm_moe.py's layer. The block needs a whole model's ParamStore: one MoE layer,
+  // a one-head attention and a 256-token vocabulary that the block never touches.
+  ModelConfig c;
+  c.vocab_size = 256;
+  c.hidden_size = 2048;
+  c.moe_intermediate_size = 1408;
+  c.num_hidden_layers = 1;
+  c.first_k_dense_replace = 0;
+  c.num_attention_heads = 1;
+  c.kv_lora_rank = 64;
+  c.qk_nope_head_dim = 64;
+  c.qk_rope_head_dim = 32;
+  c.v_head_dim = 64;
+  c.n_routed_experts = 64;
+  c.num_experts_per_tok = 6;
+  c.n_shared_experts = 1;
+  c.n_group = 1;
+  c.topk_group = 1;
+  c.norm_topk_prob = true;
+  c.routed_scaling_factor = 1.0;
+  c.validate("moe_layer bench");
+  const int64_t T = kBatch * kSeq, H = c.hidden_size;
+
+  cudaStream_t stream = nullptr;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  try {
+    // As GpuModel: the pool keeps what it reserved, so steady-state passes allocate nothing from the driver.
+    int dev = 0;
+    cudaMemPool_t pool = nullptr;
+    CUDA_CHECK(cudaGetDevice(&dev));
+    CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, dev));
+    uint64_t threshold = std::numeric_limits<uint64_t>::max();
+    CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
+    {
+      gpu::detail::ParamStore store(c);
+      init_params(store.all(), c.initializer_range, stream);
+      gpu::detail::GpuMoe moe(c, store, "model.layers.0.mlp");
+      gpu::detail::Slab plan;
+      moe.bind(plan, kBatch, kSeq);
+      gpu::detail::DeviceAlloc arena(plan.used()), io(4 * static_cast<size_t>(T * H) * sizeof(float));
+      gpu::detail::Slab real(arena.get());
+      moe.bind(real, kBatch, kSeq);
+      float* x = reinterpret_cast<float*>(io.get());
+      float* y = x + T * H;
+      float* dy = y + T * H;
+      float* dx = dy + T * H;
+      fill(x, T * H, 101, 1.0f, 0.0f, stream);    // RMSNorm outputs: unit scale
+      fill(dy, T * H, 102, 1e-3f, 0.0f, stream);  // a loss gradient's scale
+      for (Precision p : {Precision::FP8, Precision::BF16}) {
+        cuda::LinearContext linear;
+        const gpu::detail::Run run{stream, &linear, p, false};
+        const std::vector<float> ms = time_on_stream(stream, kWarmupSteps, kTimedSteps, [&](int) {
+          moe.forward(x, y, run, 0.0f, true);
+          moe.backward(dy, dx, run);
+        });
+        std::vector<float> probe(4096);
+        CUDA_CHECK(cudaMemcpy(probe.data(), dx, probe.size() * sizeof(float), cudaMemcpyDeviceToHost));
+        require(std::all_of(probe.begin(), probe.end(), [](float v) { return std::isfinite(v); }) &&
+                    std::any_of(probe.begin(), probe.end(), [](float v) { return v != 0.0f; }),
+                "moe_layer bench: dx is not finite or all zero");
+        const std::string metric = std::string("moe_layer_") + std::string(precision_name(p)) + "_ms";
+        report.add("gpu", metric, median(ms), "ms", "median",
+                   {{"device", device},
+                    {"precision", std::string(precision_name(p))},
+                    {"tokens", T},
+                    {"hidden", H},
+                    {"moe_intermediate", c.moe_intermediate_size},
+                    {"experts", c.n_routed_experts},
+                    {"top_k", c.num_experts_per_tok},
+                    {"shared_experts", c.n_shared_experts},
+                    {"min_ms", ms.front()},
+                    {"max_ms", ms.back()},
+                    {"runs", ms.size()},
+                    {"warmup", kWarmupSteps},
+                    {"what", "runtime/gpu GpuMoe forward + backward (router FP32, routed and shared experts in "
+                             "the precision, weight gradients included), no attention or norms"}});
+      }
+    }
+  } catch (...) {
+    cudaStreamSynchronize(stream);
+    cudaStreamDestroy(stream);
+    throw;
+  }
+  CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+#else  // a CUDA build without runtime/gpu
+
+void bench_train_step(Report&, const std::string&) {
+  throw Error("moerl bench gpu: train_step_*: this build has no GPU model (runtime/gpu)");
+}
+void bench_moe_layer(Report&, const std::string&) {
+  throw Error("moerl bench gpu: moe_layer_*: this build has no GPU model (runtime/gpu)");
+}
+
+#endif
+
+}  // namespace moerl::bench

@@ -1,0 +1,16 @@
+// `moerl bench gpu`'s training metrics (bench/cuda/train_step_bench.cu), called by run_gpu_benchmarks.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <string>
+
+#include "bench/report.hpp"
+
+namespace moerl::bench {
+
+// train_step_fp8_tokens_per_s, train_step_bf16_tokens_per_s, train_step_peak_mem_gib: bench-600m, batch 8 x 2048.
+void bench_train_step(Report& report, const std::string& device);
+// moe_layer_fp8_ms, moe_layer_bf16_ms: one MoE layer forward + backward at T = 16384.
+void bench_moe_layer(Report& report, const std::string& device);
+
+}  // namespace moerl::bench

@@ -1,0 +1,186 @@
+#include "runtime/gpu/gpu_adamw.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <set>
+#include <utility>
+
+#include "kernels/cuda/adamw.hpp"
+#include "kernels/cuda/cuda_check.hpp"
+#include "runtime/error.hpp"
+
+namespace moerl::gpu {
+namespace {
+
+constexpr const char* kExpAvg = "optimizer.exp_avg.";
+constexpr const char* kExpAvgSq = "optimizer.exp_avg_sq.";
+constexpr const char* kStep = "optimizer.step";
+// Each span's moments start on a 256-byte boundary, so the update kernel takes its 4-wide path.
+constexpr size_t kMomentAlign = 128;  // BF16 elements
+
+size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
+
+template <class T> void device_alloc(T** p, size_t bytes) {
+  void* raw = nullptr;
+  CUDA_CHECK(cudaMalloc(&raw, bytes));
+  *p = static_cast<T*>(raw);
+}
+
+}  // namespace
+
+GpuAdamW::GpuAdamW(std::vector<DeviceParam> params, AdamWConfig config, cudaStream_t stream,
+                   std::function<void()> after_update)
+    : config_(config), stream_(stream), after_update_(std::move(after_update)) {
+  validate(config_);
+  std::set<std::string> names;
+  std::vector<const DeviceParam*> trainable;  // name order: the order of state()
+  for (const DeviceParam& p : params) {
+    require(names.insert(p.name).second, "GpuAdamW: parameter " + p.name + " is listed twice");
+    if (!p.trainable) continue;
+    require(p.numel == shape_numel(p.shape) && p.numel >= 0,
+            "GpuAdamW: parameter " + p.name + " has " + std::to_string(p.numel) + " elements, its shape " +
+                shape_string(p.shape) + " holds " + std::to_string(shape_numel(p.shape)));
+    require(p.numel == 0 || (p.value && p.grad), "GpuAdamW: parameter " + p.name + " needs a device value and gradient");
+    trainable.push_back(&p);
+    slots_.push_back({p.name, p.shape, p.numel, nullptr, nullptr});
+  }
+  // Spans follow the device addresses, not the names: a GpuModel stacks a layer's experts (all gate_proj, then
+  // all up_proj, ...), which name order interleaves. The update is elementwise and the norm a sum, so the
+  // order of the spans changes nothing but the norm's last bits (see the header).
+  std::vector<size_t> by_address(trainable.size());
+  for (size_t i = 0; i < by_address.size(); ++i) by_address[i] = i;
+  std::stable_sort(by_address.begin(), by_address.end(), [&](size_t a, size_t b) {
+    return std::less<const float*>()(trainable[a]->value, trainable[b]->value);
+  });
+  std::vector<size_t> span_of(trainable.size());
+  for (size_t i : by_address) {
+    const DeviceParam& p = *trainable[i];
+    const bool decay = p.shape.size() >= 2;
+    Span* last = spans_.empty() ? nullptr : &spans_.back();
+    if (last && p.numel > 0 && last->n > 0 && last->decay == decay && last->w + last->n == p.value &&
+        last->g + last->n == p.grad) {
+      last->n += p.numel;
+    } else {
+      spans_.push_back({p.value, p.grad, nullptr, nullptr, p.numel, decay});
+    }
+    span_of[i] = spans_.size() - 1;
+  }
+  std::vector<size_t> span_offset(spans_.size());
+  for (size_t s = 0; s < spans_.size(); ++s) {
+    span_offset[s] = moment_elements_;
+    moment_elements_ += round_up(static_cast<size_t>(spans_[s].n), kMomentAlign);
+  }
+  const size_t bytes = std::max<size_t>(moment_elements_, 1) * sizeof(uint16_t);
+  try {
+    device_alloc(&m_, bytes);
+    device_alloc(&v_, bytes);
+    device_alloc(&norm_sq_, sizeof(double));
+    CUDA_CHECK(cudaMemsetAsync(m_, 0, bytes, stream_));
+    CUDA_CHECK(cudaMemsetAsync(v_, 0, bytes, stream_));
+    CUDA_CHECK(cudaStreamSynchronize(stream_));
+  } catch (...) {
+    cudaFree(m_), cudaFree(v_), cudaFree(norm_sq_);
+    throw;
+  }
+  for (size_t s = 0; s < spans_.size(); ++s) spans_[s].m = m_ + span_offset[s], spans_[s].v = v_ + span_offset[s];
+  // A parameter's moments sit at its value's offset within its span.
+  for (size_t i = 0; i < trainable.size(); ++i) {
+    const Span& sp = spans_[span_of[i]];
+    const ptrdiff_t offset = trainable[i]->numel == 0 ? 0 : trainable[i]->value - sp.w;
+    slots_[i].m = sp.m + offset;
+    slots_[i].v = sp.v + offset;
+  }
+}
+
+GpuAdamW::~GpuAdamW() {
+  // Pending updates may still read the moments: wait for them. Errors are not thrown from a destructor.
+  (void)cudaStreamSynchronize(stream_);
+  cudaFree(m_);
+  cudaFree(v_);
+  cudaFree(norm_sq_);
+}
+
+StepStats GpuAdamW::step(int64_t step) {
+  StepStats stats;
+  stats.lr = learning_rate(config_, step);
+  CUDA_CHECK(cudaMemsetAsync(norm_sq_, 0, sizeof(double), stream_));
+  for (const Span& s : spans_) cuda::grad_norm_squared(s.g, s.n, norm_sq_, stream_);
+  double sum = 0;
+  CUDA_CHECK(cudaMemcpyAsync(&sum, norm_sq_, sizeof(double), cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  stats.grad_norm = std::sqrt(sum);
+  // moerl::clip_grad_norm: scaled only when finite and above the limit.
+  if (config_.clip_grad_norm > 0 && std::isfinite(stats.grad_norm) && stats.grad_norm > config_.clip_grad_norm) {
+    const float factor = static_cast<float>(config_.clip_grad_norm / stats.grad_norm);
+    for (const Span& s : spans_) cuda::scale(s.g, s.n, factor, stream_);
+  }
+  if (!std::isfinite(stats.grad_norm)) {
+    stats.skipped = true;
+    return stats;
+  }
+  const int64_t t = t_ + 1;
+  for (const Span& s : spans_)
+    cuda::adamw_step(s.w, s.g, s.m, s.v, s.n, stats.lr, config_.beta1, config_.beta2, config_.eps,
+                     s.decay ? config_.weight_decay : 0.0, t, stream_);
+  t_ = t;
+  if (after_update_) after_update_();
+  return stats;
+}
+
+std::map<std::string, Tensor> GpuAdamW::state() const {
+  std::map<std::string, Tensor> out;
+  for (const Slot& s : slots_) {
+    Tensor m(s.shape, DType::BF16), v(s.shape, DType::BF16);
+    CUDA_CHECK(cudaMemcpyAsync(m.bytes(), s.m, m.nbytes(), cudaMemcpyDeviceToHost, stream_));
+    CUDA_CHECK(cudaMemcpyAsync(v.bytes(), s.v, v.nbytes(), cudaMemcpyDeviceToHost, stream_));
+    out.emplace(kExpAvg + s.name, std::move(m));
+    out.emplace(kExpAvgSq + s.name, std::move(v));
+  }
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  Tensor step({1}, DType::I64);
+  step.data<int64_t>()[0] = t_;
+  out.emplace(kStep, std::move(step));
+  return out;
+}
+
+void GpuAdamW::load_state(const SafeTensors& saved) {
+  const std::string& src = saved.source;
+  // AdamW::load_state's checks, in its order and words: everything before anything is copied.
+  auto moment = [&](const std::string& key, const Slot& s) -> const Tensor& {
+    auto it = saved.tensors.find(key);
+    if (it == saved.tensors.end()) throw Error(src + ": optimizer state has no " + key);
+    const Tensor& t = it->second;
+    if (t.dtype() != DType::BF16 || t.shape() != s.shape)
+      throw Error(src + ": " + key + " is " + std::string(dtype_name(t.dtype())) + " " + shape_string(t.shape()) +
+                  ", expected BF16 " + shape_string(s.shape));
+    return t;
+  };
+  std::vector<std::pair<const Tensor*, const Tensor*>> sources;
+  std::set<std::string> mine{kStep};
+  for (const Slot& s : slots_) {
+    sources.emplace_back(&moment(kExpAvg + s.name, s), &moment(kExpAvgSq + s.name, s));
+    mine.insert(kExpAvg + s.name);
+    mine.insert(kExpAvgSq + s.name);
+  }
+  for (const auto& [key, t] : saved.tensors)
+    if (key.starts_with("optimizer.") && !mine.count(key))
+      throw Error(src + ": " + key + " belongs to no trainable parameter of this model");
+  auto step_it = saved.tensors.find(kStep);
+  if (step_it == saved.tensors.end()) throw Error(src + ": optimizer state has no " + std::string(kStep));
+  const Tensor& st = step_it->second;
+  if (st.dtype() != DType::I64 || st.shape() != Shape{1} || st.data<int64_t>()[0] < 0)
+    throw Error(src + ": " + std::string(kStep) + " must be one non-negative I64, got " +
+                std::string(dtype_name(st.dtype())) + " " + shape_string(st.shape()));
+
+  for (size_t i = 0; i < slots_.size(); ++i) {
+    const size_t bytes = static_cast<size_t>(slots_[i].numel) * sizeof(uint16_t);
+    CUDA_CHECK(cudaMemcpyAsync(slots_[i].m, sources[i].first->bytes(), bytes, cudaMemcpyHostToDevice, stream_));
+    CUDA_CHECK(cudaMemcpyAsync(slots_[i].v, sources[i].second->bytes(), bytes, cudaMemcpyHostToDevice, stream_));
+  }
+  CUDA_CHECK(cudaStreamSynchronize(stream_));  // `saved` may go as soon as this returns
+  t_ = st.data<int64_t>()[0];
+}
+
+}  // namespace moerl::gpu

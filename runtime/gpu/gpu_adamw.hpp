@@ -1,0 +1,92 @@
+// moerl::AdamW (runtime/optim/adamw.hpp) on device parameters: the same DeepSeek-V3 recipe and the same bits.
+// FP32 masters, BF16 moments rounded to nearest even, bias correction, decoupled weight decay on tensors of
+// rank >= 2 only, global-norm clipping, a step skipped (weights, moments and update count unchanged) when the
+// norm is not finite, learning_rate()'s warmup + cosine schedule. kernels/cuda/adamw.hpp says why the
+// per-element update is the CPU's bit for bit. The global norm is a sum of exact double squares in another
+// order than the CPU's, so it may differ in its last bits; the clip factor, rounded to FP32, is the same but
+// for about one chance in 10^7 (max_norm / norm within that difference of an FP32 rounding boundary).
+//
+// Parameters that lie back to back in device memory (value and gradient both adjacent, the same decay rule)
+// are updated, measured and scaled as one span: a model of ~750 tensors takes a few dozen launches per step.
+// state() and load_state() use AdamW's tensor names, dtypes and shapes, so optimizer.safetensors files move
+// between the CPU and the GPU.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "runtime/gpu/gpu_model.hpp"
+#include "runtime/optim/adamw.hpp"
+#include "runtime/safetensors.hpp"
+#include "runtime/tensor.hpp"
+
+namespace moerl::gpu {
+
+class GpuAdamW {
+ public:
+  // Zero moments for every trainable parameter of `params` (in name order, as GpuModel::params()); work is
+  // ordered on `stream`; `after_update` runs after every applied update (a GpuModel's prepared weights must be
+  // rebuilt). The parameters' device memory must outlive the optimizer. Throws moerl::Error on a bad config,
+  // a duplicated name, or a trainable parameter without a gradient.
+  GpuAdamW(std::vector<DeviceParam> params, AdamWConfig config, cudaStream_t stream,
+           std::function<void()> after_update = {});
+  // The optimizer of a GpuModel: its trainable parameters, on its stream, calling linear().weights_changed()
+  // after each update. Inline, so code that only uses the constructor above links without the GPU model.
+  GpuAdamW(GpuModel& model, AdamWConfig config)
+      : GpuAdamW(model.params(), config, model.stream(), [&model] { model.linear().weights_changed(); }) {}
+  ~GpuAdamW();
+  GpuAdamW(const GpuAdamW&) = delete;
+  GpuAdamW& operator=(const GpuAdamW&) = delete;
+
+  // As AdamW::step: clips the gradients in place, then one update at learning_rate(config, step) (step is the
+  // 0-based training step; bias correction counts steps_taken() + 1). Synchronizes with the stream once, to
+  // read the norm.
+  StepStats step(int64_t step);
+
+  int64_t steps_taken() const { return t_; }
+  const AdamWConfig& config() const { return config_; }
+  // Groups of back-to-back parameters, each one launch per kernel (diagnostics and tests).
+  size_t span_count() const { return spans_.size(); }
+  // Device bytes of the moments and the norm accumulator.
+  size_t device_bytes() const { return moment_elements_ * 2 * sizeof(uint16_t) + sizeof(double); }
+
+  // Host copies of AdamW::state(): "optimizer.exp_avg.<param>", "optimizer.exp_avg_sq.<param>" (BF16, the
+  // parameter's shape) and "optimizer.step" (I64 [1]).
+  std::map<std::string, Tensor> state() const;
+  // Restores what state() (or AdamW::state()) wrote, with AdamW::load_state's checks and messages; a bad file
+  // leaves the optimizer as it was.
+  void load_state(const SafeTensors& saved);
+
+ private:
+  struct Slot {  // one trainable parameter's moments
+    std::string name;
+    Shape shape;
+    int64_t numel = 0;
+    uint16_t* m = nullptr;
+    uint16_t* v = nullptr;
+  };
+  struct Span {  // adjacent trainable parameters with one decay rule, updated by one launch
+    float* w = nullptr;
+    float* g = nullptr;
+    uint16_t* m = nullptr;
+    uint16_t* v = nullptr;
+    int64_t n = 0;
+    bool decay = false;  // rank >= 2
+  };
+  AdamWConfig config_;
+  cudaStream_t stream_;
+  std::function<void()> after_update_;
+  std::vector<Slot> slots_;  // trainable parameters in the given (name) order
+  std::vector<Span> spans_;
+  uint16_t* m_ = nullptr;    // all first moments, BF16 codes
+  uint16_t* v_ = nullptr;    // all second moments
+  size_t moment_elements_ = 0;
+  double* norm_sq_ = nullptr;  // one device double: Σ g² of the step
+  int64_t t_ = 0;
+};
+
+}  // namespace moerl::gpu
