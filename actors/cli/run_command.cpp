@@ -5,6 +5,9 @@
 #include "actors/cli/commands.hpp"
 #include "runtime/recipe/recipe.hpp"
 #include "runtime/train/run_recipe.hpp"
+#ifdef MOERL_HAVE_GPU_MODEL
+#include "runtime/gpu/gpu_trainer.hpp"
+#endif
 
 namespace moerl::cli {
 
@@ -27,7 +30,12 @@ void add_run_command(CLI::App& app, std::function<int()>& action) {
     action = [args] {
       Recipe recipe = load_recipe(args->recipe, args->overrides);
       if (!args->out.empty()) recipe.out = args->out;
-      const auto summary = run_recipe(recipe);
+#ifdef MOERL_HAVE_GPU_MODEL
+      const BackendFactory cuda = gpu::make_gpu_backend;  // device: cuda trains on the GPU
+#else
+      const BackendFactory cuda;  // CPU only: run_recipe refuses device: cuda
+#endif
+      const auto summary = run_recipe(recipe, cuda);
       std::printf("%s\n", summary.dump(2).c_str());
       std::fprintf(stderr, "run folder: %s (summary.json, metrics.jsonl, checkpoints)\n", recipe.out.c_str());
       return 0;
