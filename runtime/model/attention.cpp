@@ -12,7 +12,8 @@ namespace moerl {
 
 struct MlaAttention::Impl {
   std::string prefix;
-  int64_t hidden, heads, q_lora, kv_lora, dn, dr, dv, dq;
+  int64_t hidden, heads, q_lora, kv_lora, dn, dr, dv, dq;  // heads: this rank's (all of them without TP)
+  TensorSlice slice;
   bool interleave;
   float theta, eps, scale;
 
@@ -65,7 +66,7 @@ std::vector<float>& sized(std::vector<float>& v, int64_t n) {
 }
 }  // namespace
 
-MlaAttention::MlaAttention(const ModelConfig& config, Params& params, const std::string& prefix)
+MlaAttention::MlaAttention(const ModelConfig& config, Params& params, const std::string& prefix, TensorSlice slice)
     : impl_(std::make_shared<Impl>()) {
   Impl& m = *impl_;
   m.prefix = prefix.empty() || prefix.back() == '.' ? prefix : prefix + ".";
@@ -86,6 +87,15 @@ MlaAttention::MlaAttention(const ModelConfig& config, Params& params, const std:
   require(m.dr >= 0 && m.dr % 2 == 0,
           where + "qk_rope_head_dim must be even and >= 0 (RoPE rotates pairs), got " + std::to_string(m.dr));
   require(m.dv > 0, where + "v_head_dim must be positive, got " + std::to_string(m.dv));
+  require(slice.ranks >= 1 && slice.rank >= 0 && slice.rank < slice.ranks,
+          where + "tensor-parallel rank " + std::to_string(slice.rank) + " outside [0, " + std::to_string(slice.ranks) +
+              ")");
+  require(m.heads % slice.ranks == 0, where + "num_attention_heads " + std::to_string(m.heads) +
+                                          " cannot be split evenly over " + std::to_string(slice.ranks) +
+                                          " tensor-parallel ranks");
+  require(slice.ranks == 1 || slice.all_reduce_sum, where + "tensor parallelism needs an all_reduce_sum");
+  m.heads /= slice.ranks;
+  m.slice = std::move(slice);
   m.interleave = config.rope_interleave;
   m.theta = static_cast<float>(config.rope_theta);
   m.eps = static_cast<float>(config.rms_norm_eps);
@@ -153,6 +163,7 @@ void MlaAttention::forward(const float* x, int64_t batch, int64_t seq, float* y,
   cpu::attention_forward(m.q.data(), k.data(), v.data(), sized(m.attn, T * H * m.dv).data(),
                          sized(m.lse, batch * H * seq).data(), batch, seq, H, m.dq, m.dv, m.scale);
   cpu::linear_forward(precision, m.attn.data(), m.o->value.data<float>(), y, T, m.hidden, H * m.dv);
+  if (m.slice.ranks > 1) m.slice.all_reduce_sum(y, T * m.hidden);  // row-parallel o_proj: sum of the heads' parts
   m.saved = true;
 }
 
@@ -178,7 +189,7 @@ void MlaAttention::backward(const float* dy, float* dx) {
   // Back through RoPE; k_rot is shared by the heads, so its gradient is their sum (in head order).
   cpu::rope_backward(d_q.data() + dn, T, m.seq, H, H * dq, dq, dr, m.theta, m.interleave);
   const int64_t ckv_dim = m.kv_lora + dr;
-  std::vector<float> d_ckv(static_cast<size_t>(T * ckv_dim));  // [dc | dk_rot]
+  std::vector<float> d_ckv(static_cast<size_t>(T * ckv_dim));  // [dc | dk_rot]; under TP first [d_normed | dk_rot]
   std::vector<float> d_kv(static_cast<size_t>(T * H * (dn + dv)));
   for (int64_t t = 0; t < T; ++t) {
     float* dkr = d_ckv.data() + t * ckv_dim + m.kv_lora;
@@ -191,7 +202,6 @@ void MlaAttention::backward(const float* dy, float* dx) {
       for (int64_t i = 0; i < dr; ++i) dkr[i] += dkh[dn + i];
     }
   }
-  cpu::rope_backward(d_ckv.data() + m.kv_lora, T, m.seq, 1, ckv_dim, dr, dr, m.theta, m.interleave);
 
   // kv_b_proj and kv_a_layernorm (its output and rstd recomputed from the saved latent).
   std::vector<float> normed(static_cast<size_t>(T * m.kv_lora)), rstd(static_cast<size_t>(T));
@@ -199,6 +209,13 @@ void MlaAttention::backward(const float* dy, float* dx) {
   cpu::rmsnorm_forward(m.c.data(), m.kv_a_norm->value.data<float>(), normed.data(), rstd.data(), T, m.kv_lora, m.eps);
   cpu::linear_backward(p, d_kv.data(), normed.data(), m.kv_b->value.data<float>(), d_normed.data(),
                        m.kv_b->grad.data<float>(), T, H * (dn + dv), m.kv_lora);
+  if (m.slice.ranks > 1) {
+    // This rank's heads gave partial sums of d_normed and dk_rot: one all-reduce of [d_normed | dk_rot].
+    for (int64_t t = 0; t < T; ++t) std::copy_n(d_normed.data() + t * m.kv_lora, m.kv_lora, d_ckv.data() + t * ckv_dim);
+    m.slice.all_reduce_sum(d_ckv.data(), T * ckv_dim);
+    for (int64_t t = 0; t < T; ++t) std::copy_n(d_ckv.data() + t * ckv_dim, m.kv_lora, d_normed.data() + t * m.kv_lora);
+  }
+  cpu::rope_backward(d_ckv.data() + m.kv_lora, T, m.seq, 1, ckv_dim, dr, dr, m.theta, m.interleave);
   cpu::rmsnorm_backward(d_normed.data(), m.c.data(), m.kv_a_norm->value.data<float>(), rstd.data(), d_c.data(),
                         m.kv_a_norm->grad.data<float>(), T, m.kv_lora);
   for (int64_t t = 0; t < T; ++t) std::copy_n(d_c.data() + t * m.kv_lora, m.kv_lora, d_ckv.data() + t * ckv_dim);
@@ -215,6 +232,7 @@ void MlaAttention::backward(const float* dy, float* dx) {
                          m.eps);
     cpu::linear_backward(p, d_q.data(), normed.data(), m.q_b->value.data<float>(), d_normed.data(),
                          m.q_b->grad.data<float>(), T, H * dq, m.q_lora);
+    if (m.slice.ranks > 1) m.slice.all_reduce_sum(d_normed.data(), T * m.q_lora);  // column-parallel q_b_proj
     cpu::rmsnorm_backward(d_normed.data(), m.q_a_out.data(), m.q_a_norm->value.data<float>(), rstd.data(),
                           d_qa.data(), m.q_a_norm->grad.data<float>(), T, m.q_lora);
     cpu::linear_backward(p, d_qa.data(), m.x.data(), m.q_a->value.data<float>(), dx_q.data(),
@@ -222,6 +240,7 @@ void MlaAttention::backward(const float* dy, float* dx) {
   } else {
     cpu::linear_backward(p, d_q.data(), m.x.data(), m.q_proj->value.data<float>(), dx_q.data(),
                          m.q_proj->grad.data<float>(), T, H * dq, m.hidden);
+    if (m.slice.ranks > 1) m.slice.all_reduce_sum(dx_q.data(), T * m.hidden);  // column-parallel q_proj
   }
   for (int64_t i = 0; i < T * m.hidden; ++i) dx[i] += dx_q[i];
 }

@@ -8,6 +8,7 @@
 // Linear layers run in the chosen Precision; norms, RoPE, softmax and the attention core in FP32.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -18,11 +19,26 @@
 
 namespace moerl {
 
+// Tensor parallelism (Megatron-style): this rank's part of a block split over `ranks` ranks that all see the
+// same input. The block's width (attention heads, FFN columns) is cut into `ranks` equal contiguous parts;
+// rank r computes part r, and all_reduce_sum (the sum over the ranks, in place, called in the same order
+// with the same sizes on every rank) turns partial results into the full ones. ranks == 1: the whole block.
+struct TensorSlice {
+  int rank = 0, ranks = 1;
+  std::function<void(float* data, int64_t n)> all_reduce_sum;  // required when ranks > 1
+};
+
 class MlaAttention {
  public:
   // Registers (Params::add) this block's weights under `prefix` (e.g. "model.layers.0.self_attn"):
   // q_a_proj, q_a_layernorm, q_b_proj (or q_proj), kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj, o_proj.
-  MlaAttention(const ModelConfig& config, Params& params, const std::string& prefix);
+  // With a TensorSlice over T ranks this rank owns heads [r·H/T, (r+1)·H/T) (H % T == 0): q_b_proj (q_proj)
+  // and kv_b_proj hold only those heads' rows ([H/T·dq, ·], [H/T·(dn+dv), kv_lora], column-parallel), o_proj
+  // only their columns ([hidden, H/T·dv], row-parallel); q_a_proj, kv_a_proj_with_mqa and the norms are whole
+  // copies. forward all-reduces the partial o_proj outputs, so y is the full output on every rank; backward
+  // all-reduces the gradients flowing into the copied part ([T, kv_lora + dr] and [T, q_lora] or [T, hidden]),
+  // so dx and the copies' weight gradients are the full ones, identical on every rank.
+  MlaAttention(const ModelConfig& config, Params& params, const std::string& prefix, TensorSlice slice = {});
 
   // x, y: [batch * seq, hidden], token-major; sequence b occupies rows b*seq .. b*seq+seq-1, positions 0..seq-1.
   // Saves what backward needs inside this object (one forward, then at most one backward).
