@@ -109,6 +109,8 @@ class PipelineStage {
   LossSums run_step(std::span<const TokenBatch> micro_batches, const ForwardOptions& options,
                     const LossDenominators& whole);
 
+  // [batch·seq, vocab] logits of the latest forward (last stage, options.keep_logits).
+  const float* logits() const { return part_->logits(); }
   // Expert load of each MoE layer summed over the step's micro-batches (moe_prefixes() order).
   const std::vector<ExpertLoad>& step_expert_loads() const { return loads_; }
   void update_router_bias(float gamma);  // from step_expert_loads()
