@@ -10,5 +10,7 @@ namespace moerl::cli {
 void add_run_command(CLI::App& app, std::function<int()>& action);
 void add_eval_command(CLI::App& app, std::function<int()>& action);
 void add_bench_command(CLI::App& app, std::function<int()>& action);
+void add_head_command(CLI::App& app, std::function<int()>& action);
+void add_node_command(CLI::App& app, std::function<int()>& action);
 
 }  // namespace moerl::cli

@@ -15,6 +15,8 @@ int main(int argc, char** argv) {
   moerl::cli::add_run_command(app, action);
   moerl::cli::add_eval_command(app, action);
   moerl::cli::add_bench_command(app, action);
+  moerl::cli::add_head_command(app, action);
+  moerl::cli::add_node_command(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -1,0 +1,18 @@
+// The cluster's round-trip benchmark (`moerl bench actors`, metric roundtrip_remote_us): a head in this process
+// and a `moerl node` child process on loopback; an actor here sends a request to the node's echo role and
+// waits for the answer, one at a time.
+#pragma once
+#include <string>
+
+namespace moerl::cluster {
+
+struct RemoteRoundTrip {
+  double median_us = 0, p10_us = 0, p90_us = 0;  // request to response, microseconds
+  int samples = 0;
+};
+
+// Starts `moerl_binary node --join ...` (this program: pass /proc/self/exe), times `samples` round trips after
+// `warmup` untimed ones, ends the node. Throws moerl::Error when the node does not join within 30 s.
+RemoteRoundTrip measure_remote_roundtrip(const std::string& moerl_binary, int samples = 20000, int warmup = 2000);
+
+}  // namespace moerl::cluster

@@ -1,0 +1,62 @@
+// A cluster process's actor system: CAF's middleman over TCP (optionally TLS through libcaf-openssl),
+// heartbeats so that a silent peer is declared dead, and the message types of the cluster and its roles.
+#pragma once
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include <caf/all.hpp>
+#include <caf/io/all.hpp>
+
+#include "actors/cluster/protocol.hpp"
+
+namespace moerl::cluster {
+
+// TLS for every connection of the cluster: all three files, or none (plain TCP). Peers must present a
+// certificate signed by `ca`; the head and the nodes may share one certificate.
+struct TlsOptions {
+  std::string certificate;  // PEM certificate of this process
+  std::string key;          // PEM private key of that certificate
+  std::string ca;           // PEM file of the authority that signs the cluster's certificates
+  bool enabled() const { return !certificate.empty() || !key.empty() || !ca.empty(); }
+  // Throws moerl::Error naming the option when only some are set or a file is missing.
+  void validate() const;
+};
+
+struct NetOptions {
+  TlsOptions tls;
+  // BASP heartbeats: a peer silent for `connection_timeout` is declared dead (its actors go down) even when
+  // its TCP connection stays open (a hung or partitioned host). A killed process is noticed at once (the
+  // kernel closes its sockets).
+  std::chrono::milliseconds heartbeat{250};
+  std::chrono::milliseconds connection_timeout{2000};
+  // Registers the roles' message types (both ends of a connection need them); the cluster's own are
+  // always registered.
+  std::function<void(caf::actor_system_config&)> register_types;
+};
+
+// Owns a config and the actor system built from it (the system keeps a reference to its config).
+class ClusterSystem {
+ public:
+  explicit ClusterSystem(const NetOptions& options);
+  ~ClusterSystem();
+  caf::actor_system& system() { return *system_; }
+  const NetOptions& options() const { return options_; }
+
+  // Publishes `head` on host:port (port 0: a free one); returns the port.
+  caf::expected<uint16_t> publish(const head_actor& head, uint16_t port, const std::string& host);
+  // Connects to the head published at host:port.
+  caf::expected<head_actor> connect(const std::string& host, uint16_t port);
+
+ private:
+  NetOptions options_;
+  std::unique_ptr<caf::actor_system_config> config_;
+  std::unique_ptr<caf::actor_system> system_;
+};
+
+// "host:port" -> (host, port); throws moerl::Error naming `what` (e.g. "--join") when malformed.
+std::pair<std::string, uint16_t> parse_endpoint(const std::string& text, const std::string& what);
+
+}  // namespace moerl::cluster
