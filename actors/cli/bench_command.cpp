@@ -2,11 +2,28 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
+#include "actors/bench.hpp"
 #include "actors/cli/commands.hpp"
 #include "bench/report.hpp"
 #include "runtime/error.hpp"
+#include "runtime/messages/bench.hpp"
 
 namespace moerl::cli {
+namespace {
+
+// The actor runtime in one process (DESIGN.md "Benchmarks"; issue 5's targets: round trip <= 5 us, >= 1M msgs/s).
+void run_actor_benchmarks(bench::Report& report) {
+  constexpr int kTrips = 20000, kPayload = 64;
+  report.add("actors", "roundtrip_local_us", actors::roundtrip_local_us(kTrips, 2000, kPayload), "us", "median",
+             {{"trips", kTrips}, {"payload_bytes", kPayload}});
+  constexpr int64_t kMessages = 2000000;
+  report.add("actors", "throughput_local_msgs_per_s", actors::throughput_local_msgs_per_s(kMessages, 3), "msgs/s",
+             "median", {{"messages", kMessages}, {"runs", 3}});
+  report.add("actors", "capnp_batch_4096_us", msg::capnp_batch_roundtrip_us(4096), "us", "median",
+             {{"tokens", 4096}, {"what", "encode + validating decode of one TokenBatch"}});
+}
+
+}  // namespace
 
 void add_bench_command(CLI::App& app, std::function<int()>& action) {
   auto* cmd = app.add_subcommand("bench", "Run a benchmark group and print one JSON object per metric "
@@ -17,15 +34,17 @@ void add_bench_command(CLI::App& app, std::function<int()>& action) {
   auto args = std::make_shared<Args>();
 #ifdef MOERL_HAVE_CUDA
   cmd->add_option("group", args->group,
-                  "Benchmark group: cpu (reference kernels and a training step on the CPU), gpu (CUDA kernels)")
+                  "Benchmark group: cpu (reference kernels and a training step on the CPU), gpu (CUDA kernels), "
+                  "actors (message round trip and throughput in one process, Cap'n Proto batch codec)")
       ->required()
-      ->check(CLI::IsMember({"cpu", "gpu"}));
+      ->check(CLI::IsMember({"cpu", "gpu", "actors"}));
 #else
   cmd->add_option("group", args->group,
-                  "Benchmark group: cpu (reference kernels and a training step on the CPU); this build has no "
-                  "CUDA backend, so no gpu group")
+                  "Benchmark group: cpu (reference kernels and a training step on the CPU), actors (message round "
+                  "trip and throughput in one process, Cap'n Proto batch codec); this build has no CUDA backend, so "
+                  "no gpu group")
       ->required()
-      ->check(CLI::IsMember({"cpu"}));
+      ->check(CLI::IsMember({"cpu", "actors"}));
 #endif
   cmd->add_option("--json", args->json, "Also append the JSON lines to this file");
   cmd->callback([args, &action] {
@@ -37,6 +56,7 @@ void add_bench_command(CLI::App& app, std::function<int()>& action) {
       }
       bench::Report report(bench::cpu_name(), file);
       if (args->group == "cpu") bench::run_cpu_benchmarks(report);
+      if (args->group == "actors") run_actor_benchmarks(report);
 #ifdef MOERL_HAVE_CUDA
       if (args->group == "gpu") bench::run_gpu_benchmarks(report);
 #endif

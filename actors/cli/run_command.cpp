@@ -3,8 +3,7 @@
 #include <cstdio>
 
 #include "actors/cli/commands.hpp"
-#include "runtime/recipe/recipe.hpp"
-#include "runtime/train/run_recipe.hpp"
+#include "actors/roles/driver.hpp"
 #ifdef MOERL_HAVE_GPU_MODEL
 #include "runtime/gpu/gpu_trainer.hpp"
 #endif
@@ -28,16 +27,15 @@ void add_run_command(CLI::App& app, std::function<int()>& action) {
   cmd->add_option("--out", args->out, "Run folder (default: the recipe's `out`, else runs/<recipe name>)");
   cmd->callback([args, &action] {
     action = [args] {
-      Recipe recipe = load_recipe(args->recipe, args->overrides);
-      if (!args->out.empty()) recipe.out = args->out;
+      // Through the actor runtime: a driver, a data loader and a stage trainer in this process.
 #ifdef MOERL_HAVE_GPU_MODEL
-      const BackendFactory cuda = gpu::make_gpu_backend;  // device: cuda trains on the GPU
+      const actors::BackendChooser backend = gpu::backend_for_recipe;  // device: cuda trains on the GPU
 #else
-      const BackendFactory cuda;  // CPU only: run_recipe refuses device: cuda
+      const actors::BackendChooser backend;  // CPU only: the driver refuses device: cuda
 #endif
-      const auto summary = run_recipe(recipe, cuda);
-      std::printf("%s\n", summary.dump(2).c_str());
-      std::fprintf(stderr, "run folder: %s (summary.json, metrics.jsonl, checkpoints)\n", recipe.out.c_str());
+      const auto run = actors::run_recipe_with_actors(args->recipe, args->overrides, args->out, backend);
+      std::printf("%s\n", run.summary.dump(2).c_str());
+      std::fprintf(stderr, "run folder: %s (summary.json, metrics.jsonl, checkpoints)\n", run.out.c_str());
       return 0;
     };
   });

@@ -1,0 +1,41 @@
+// Driver: runs a recipe. It reads the recipe, spawns and monitors the data loader and the stage trainer,
+// and runs the stages step by step — TrainStep commands with step ids and the schedule's learning rates,
+// validation, checkpoints (runtime/train/checkpoint.hpp files, the same as run_recipe's), resume from them —
+// writing metrics.jsonl and summary.json like run_recipe. A child that dies is reported with its name and
+// the run fails cleanly (restarting it from the last checkpoint is the cluster's part: see on_child_down in
+// driver.cpp).
+#pragma once
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "actors/envelope.hpp"
+#include "actors/roles/stage_trainer.hpp"
+
+namespace moerl::actors {
+
+using driver_actor = caf::typed_actor<
+    // Runs every stage of the recipe file (YAML) with "dotted.path=value" overrides applied; a non-empty
+    // third argument replaces the recipe's run folder. One run per driver. Reply: summary.json's text and
+    // the run folder. A bad recipe (file:line: field), a failed command or a dead child answers an error
+    // naming the file or the actor.
+    caf::replies_to<run_atom, std::string, std::vector<std::string>, std::string>::with<std::string, std::string>,
+    // The handle of a child by name ("data_loader/0", "stage_trainer/0"); an invalid handle when there is
+    // none (not spawned yet, or the run is over).
+    caf::replies_to<lookup_atom, std::string>::with<caf::actor>>;
+
+// `backend` picks the stage trainer's training backend (empty: the CPU's).
+driver_actor spawn_driver(caf::actor_system& system, BackendChooser backend = {});
+
+struct ActorRunResult {
+  nlohmann::json summary;
+  std::filesystem::path out;  // the run folder
+};
+// `moerl run`: an actor system in this process, a driver, the recipe run to its end. Throws moerl::Error with
+// the driver's message when the run fails.
+ActorRunResult run_recipe_with_actors(const std::filesystem::path& recipe_file, const std::vector<std::string>& overrides,
+                                      const std::string& out = {}, BackendChooser backend = {});
+
+}  // namespace moerl::actors

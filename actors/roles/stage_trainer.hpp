@@ -1,0 +1,50 @@
+// Stage trainer: owns a model and its optimizer on one device — today the whole model (one pipeline stage),
+// moerl::Model + AdamW through a TrainingBackend — and applies training steps, evaluations and checkpoints
+// the driver commands. Step ids make a repeated step a no-op that answers the recorded result, so a retried
+// command is never applied twice. Runs on its own thread (a step keeps a core busy for its whole length).
+#pragma once
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "actors/envelope.hpp"
+#include "runtime/recipe/recipe.hpp"
+#include "runtime/train/backend.hpp"
+
+namespace moerl::actors {
+
+using stage_trainer_actor = caf::typed_actor<
+    // Reply: the device the model trains on ("cpu", "cuda").
+    caf::replies_to<describe_atom>::with<std::string>,
+    // Starts stage `stage` (index into the recipe's stages) with a fresh optimizer. With a checkpoint
+    // folder, loads its weights, and with the flag also its optimizer state (resuming mid-stage). Reply:
+    // the steps the stage has already applied (the checkpoint's step, or 0).
+    caf::replies_to<begin_atom, uint32_t, std::string, bool>::with<uint64_t>,
+    // TrainStep (exactly one micro-batch for now; the learning rate must be the stage's schedule at that
+    // step) for step last + 1: forward, backward, AdamW, router-bias update. A step already applied answers
+    // its recorded TrainStepResult without training. Reply: TrainStepResult.
+    caf::replies_to<train_atom, Envelope>::with<Envelope>,
+    // EvalRequest: mean cross-entropy of the current weights over its batches, no update. Reply: EvalResult.
+    caf::replies_to<evaluate_atom, Envelope>::with<Envelope>,
+    // CheckpointRequest: writes the training checkpoint (runtime/train/checkpoint.hpp: weights, optimizer,
+    // tokenizer, trainer_state.json) of the last applied step, which must be the request's. Reply:
+    // CheckpointManifest of the folder (CRC-32C of each file).
+    caf::replies_to<checkpoint_atom, Envelope>::with<Envelope>>;
+
+// Makes the training backend of a recipe from the host model holding the initial weights (which outlives
+// it). Empty: the CPU backend (make_cpu_backend).
+using BackendChooser = std::function<std::unique_ptr<TrainingBackend>(const Recipe& recipe, Model& host)>;
+
+struct StageTrainerSetup {
+  Recipe recipe;
+  ModelConfig model;                     // the recipe's, with the tokenizer's vocabulary and special ids
+  std::filesystem::path tokenizer_file;  // copied into checkpoints
+  BackendChooser backend;
+};
+
+// The model is built and initialised from recipe.seed when the first stage begins (errors become replies).
+stage_trainer_actor spawn_stage_trainer(caf::actor_system& system, StageTrainerSetup setup,
+                                        std::string name = "stage_trainer/0");
+
+}  // namespace moerl::actors
