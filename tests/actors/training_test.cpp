@@ -124,6 +124,40 @@ TEST(StageTrainer, AnswersARepeatedStepWithItsRecordedResultWithoutTrainingAgain
   const auto r2 = ask<Envelope>(self, trainer, nullptr, train_atom::value, wrap(s2));
   ASSERT_TRUE(r2);
   EXPECT_EQ(unwrap<msg::TrainStepResult>(*r2).step.step, 2u);
+
+  // A checkpoint of the last applied step, listed with sizes and CRC-32C; of any other step, refused.
+  const fs::path folder = dir / "run" / "pretrain";
+  auto checkpoint_at = [&](uint64_t step) {  // field by field: GCC 12 misreads nested braces (-Wmaybe-uninitialized)
+    msg::CheckpointRequest req;
+    req.folder = folder.string();
+    req.step.run = "tiny/pretrain";
+    req.step.step = step;
+    req.trainer_state = nlohmann::json{{"stage", "pretrain"}, {"step", step}}.dump();
+    return wrap(req);
+  };
+  EXPECT_FALSE(ask<Envelope>(self, trainer, &err, checkpoint_atom::value, checkpoint_at(3)));
+  EXPECT_NE(error_text(err).find("expected the last applied step 2"), std::string::npos) << describe(err);
+  const auto manifest = ask<Envelope>(self, trainer, nullptr, checkpoint_atom::value, checkpoint_at(2));
+  ASSERT_TRUE(manifest);
+  const auto m = unwrap<msg::CheckpointManifest>(*manifest);
+  std::vector<std::string> names;
+  for (const msg::FileEntry& f : m.files) {
+    names.push_back(f.path);
+    EXPECT_EQ(f.bytes, fs::file_size(folder / f.path)) << f.path;
+    // CRC-32C bit by bit (the reflected Castagnoli polynomial), big-endian as the schema says.
+    std::ifstream in(folder / f.path, std::ios::binary);
+    uint32_t crc = 0xFFFFFFFFu;
+    for (char c; in.get(c);) {
+      crc ^= static_cast<uint8_t>(c);
+      for (int k = 0; k < 8; ++k) crc = (crc & 1) ? (crc >> 1) ^ 0x82F63B78u : crc >> 1;
+    }
+    crc ^= 0xFFFFFFFFu;
+    EXPECT_EQ(f.checksum, (std::vector<uint8_t>{static_cast<uint8_t>(crc >> 24), static_cast<uint8_t>(crc >> 16),
+                                                static_cast<uint8_t>(crc >> 8), static_cast<uint8_t>(crc)}))
+        << f.path;
+  }
+  EXPECT_EQ(names, (std::vector<std::string>{"config.json", "model.safetensors", "optimizer.safetensors",
+                                             "tokenizer.model", "trainer_state.json"}));
 }
 
 // Starts `file` on a fresh driver (run folder `out`), kills its stage trainer once ready() holds, and returns the
