@@ -27,6 +27,10 @@ inline void add_net_flags(CLI::App* cmd, cluster::NetOptions& net, int64_t& hear
   cmd->add_option("--tls-ca", net.tls.ca,
                   "TLS: PEM file of the authority whose certificates the cluster accepts (peers without one are "
                   "refused)");
+  cmd->add_option("--scheduler", net.scheduler,
+                  "CAF scheduler: sharing (idle workers wake at once: lower latency) or stealing (CAF's default)")
+      ->check(CLI::IsMember({"sharing", "stealing"}))
+      ->capture_default_str();
   cmd->add_option("--heartbeat-ms", heartbeat_ms, "Interval of heartbeats between cluster processes")
       ->check(CLI::Range(10, 60000));
   cmd->add_option("--timeout-ms", timeout_ms,

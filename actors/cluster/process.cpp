@@ -142,8 +142,11 @@ int run_head(const HeadOptions& options) {
     caf::scoped_actor self{system};
     self->request(supervisor, std::chrono::seconds(10), stop_atom::value).receive([](uint32_t) {}, [](caf::error&) {});
     self->send(registry, shutdown_atom::value, reason);
-    // The shutdown messages must leave before the connections close.
-    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    // Wait until every node's spawner has ended (the registry sees it go down): a connection closed before its
+    // node read the shutdown would look like a lost head, and the node would try to rejoin.
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+    while (remote_nodes_alive(system, registry) > 0 && std::chrono::steady_clock::now() < until)
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
     caf::anon_send_exit(supervisor, caf::exit_reason::user_shutdown);
     caf::anon_send_exit(registry, caf::exit_reason::user_shutdown);
     if (local) caf::anon_send_exit(local, caf::exit_reason::user_shutdown);

@@ -70,11 +70,14 @@ caf::behavior pinger(caf::stateful_actor<PingerState>* self, echo_actor echo, in
 
 }  // namespace
 
-RemoteRoundTrip measure_remote_roundtrip(const std::string& moerl_binary, int samples, int warmup) {
+RemoteRoundTrip measure_remote_roundtrip(const std::string& moerl_binary, int samples, int warmup,
+                                         const std::string& scheduler) {
   const fs::path dir = fs::temp_directory_path() / ("moerl-bench-remote-" + std::to_string(getpid()));
   fs::create_directories(dir);
   const std::string secret = create_secret_file(dir / "secret");
-  ClusterSystem cluster{NetOptions{}};
+  NetOptions net;
+  net.scheduler = scheduler;
+  ClusterSystem cluster{net};
   caf::actor_system& system = cluster.system();
   const head_actor registry = spawn_registry(system, secret);
   auto port = cluster.publish(registry, 0, "127.0.0.1");
@@ -82,8 +85,8 @@ RemoteRoundTrip measure_remote_roundtrip(const std::string& moerl_binary, int sa
 
   const std::string join = "127.0.0.1:" + std::to_string(*port), secret_file = (dir / "secret").string(),
                     log = (dir / "node.log").string();
-  std::vector<std::string> args = {moerl_binary, "node", "--join", join, "--name", "bench", "--secret-file",
-                                   secret_file};
+  std::vector<std::string> args = {moerl_binary, "node",        "--join",      join,       "--name",
+                                   "bench",      "--secret-file", secret_file, "--scheduler", scheduler};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);

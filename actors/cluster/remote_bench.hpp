@@ -12,7 +12,9 @@ struct RemoteRoundTrip {
 };
 
 // Starts `moerl_binary node --join ...` (this program: pass /proc/self/exe), times `samples` round trips after
-// `warmup` untimed ones, ends the node. Throws moerl::Error when the node does not join within 30 s.
-RemoteRoundTrip measure_remote_roundtrip(const std::string& moerl_binary, int samples = 20000, int warmup = 2000);
+// `warmup` untimed ones, ends the node. Both processes use CAF's `scheduler` (NetOptions::scheduler). Throws
+// moerl::Error when the node does not join within 30 s.
+RemoteRoundTrip measure_remote_roundtrip(const std::string& moerl_binary, int samples = 20000, int warmup = 2000,
+                                         const std::string& scheduler = "sharing");
 
 }  // namespace moerl::cluster

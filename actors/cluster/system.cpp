@@ -31,6 +31,10 @@ ClusterSystem::ClusterSystem(const NetOptions& options) : options_(options) {
   }
   cfg.set("middleman.heartbeat-interval", caf::timespan{options_.heartbeat});
   cfg.set("middleman.connection-timeout", caf::timespan{options_.connection_timeout});
+  if (options_.scheduler == "sharing") cfg.set("scheduler.policy", caf::atom("sharing"));
+  else
+    require(options_.scheduler == "stealing",
+            "scheduler \"" + options_.scheduler + "\": expected sharing or stealing");
   register_cluster_types(cfg);
   if (options_.register_types) options_.register_types(cfg);
   system_ = std::make_unique<caf::actor_system>(cfg);

@@ -20,6 +20,7 @@
 #include "actors/cluster/auth.hpp"
 #include "actors/cluster/catalog.hpp"
 #include "actors/cluster/registry.hpp"
+#include "actors/cluster/remote_bench.hpp"
 #include "actors/cluster/spawner.hpp"
 #include "actors/cluster/supervisor.hpp"
 #include "actors/cluster/system.hpp"
@@ -343,6 +344,16 @@ TEST(ClusterProcesses, NodesJoinOverTlsAndAPeerWithoutACertificateIsRefused) {
   head.kill(SIGTERM);
   EXPECT_EQ(head.wait(10s).value_or(-1), 0) << head.err();
   EXPECT_EQ(node.wait(10s).value_or(-1), 0) << node.err();
+}
+
+TEST(ClusterProcesses, RemoteRoundTripBenchmarkTimesRequestsToARealNode) {
+  // A smoke run of `moerl bench actors`' roundtrip_remote_us with few samples: it starts a node process, times
+  // round trips to its echo role and ends it. The timing itself is the benchmark's business, not a test's.
+  const RemoteRoundTrip r = measure_remote_roundtrip(kMoerl, 200, 50);
+  EXPECT_EQ(r.samples, 200);
+  EXPECT_GT(r.median_us, 0);
+  EXPECT_LE(r.p10_us, r.median_us);
+  EXPECT_LE(r.median_us, r.p90_us);
 }
 
 // The recipe both runs train: small enough for seconds, long enough (and checkpointed often enough) that a
