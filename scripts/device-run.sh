@@ -6,6 +6,8 @@
 # then the fp8 and bf16 training curves on Brown. Results in $OUT: gpu_tests.txt, bench.jsonl, curve_*.jsonl,
 # run.log.
 #   MOERL_DEVICE_STEPS=N  training steps of each curve (default: the recipes' 200)
+#   MOERL_DEVICE_PART=checks|curves  only the tests, bench and peers, or only the curves (default: both; one
+#                                    device call is limited to 10 minutes)
 set -uo pipefail
 out=${OUT:-/tmp/moerl-device}
 mkdir -p "$out" /tmp/moerl-carry
@@ -17,12 +19,16 @@ fixtures=$(strings "$bin/moerl_gpu_tests" | grep -m1 -o '/[^ ]*/tests/fixtures' 
 if [ -n "$fixtures" ] && [ ! -e "$fixtures" ]; then mkdir -p "$(dirname "$fixtures")" && ln -s "$PWD/tests/fixtures" "$fixtures"; fi
 nvidia-smi -L | tee "$out/run.log"
 status=0
+part=${MOERL_DEVICE_PART:-all}
+if [ "$part" != curves ]; then
 timeout 200 "$bin/moerl_gpu_tests" >"$out/gpu_tests.txt" 2>&1 || status=1
 grep -E '^\[  (FAILED|PASSED) ' "$out/gpu_tests.txt" | tee -a "$out/run.log"
 timeout 150 "$bin/moerl" bench gpu --json "$out/bench.jsonl" >/dev/null 2>>"$out/run.log" || status=1
 timeout 60 python3 bench/peers/torch_grouped_mm_moe.py >>"$out/bench.jsonl" 2>>"$out/run.log" || status=1
 timeout 90 python3 bench/peers/hf_train_step.py >>"$out/bench.jsonl" 2>>"$out/run.log" || status=1
 cat "$out/bench.jsonl"
+fi
+[ "$part" = checks ] && exit $status
 steps=()
 [ -n "${MOERL_DEVICE_STEPS:-}" ] && steps=(--set "stages.0.steps=$MOERL_DEVICE_STEPS")
 for p in fp8 bf16; do

@@ -1,9 +1,11 @@
 // moerl bench GROUP [--json FILE]
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <filesystem>
 
 #include "actors/bench.hpp"
 #include "actors/cli/commands.hpp"
+#include "actors/cluster/remote_bench.hpp"
 #include "bench/report.hpp"
 #include "runtime/error.hpp"
 #include "runtime/messages/bench.hpp"
@@ -21,6 +23,10 @@ void run_actor_benchmarks(bench::Report& report) {
              "median", {{"messages", kMessages}, {"runs", 3}});
   report.add("actors", "capnp_batch_4096_us", msg::capnp_batch_roundtrip_us(4096), "us", "median",
              {{"tokens", 4096}, {"what", "encode + validating decode of one TokenBatch"}});
+  // Between two processes on loopback: a head here and a `moerl node` child (issue 5's target: <= 50 us).
+  const auto remote = cluster::measure_remote_roundtrip(std::filesystem::read_symlink("/proc/self/exe"), kTrips, 2000);
+  report.add("actors", "roundtrip_remote_us", remote.median_us, "us", "median",
+             {{"trips", remote.samples}, {"p10_us", remote.p10_us}, {"p90_us", remote.p90_us}, {"scheduler", "sharing"}});
 }
 
 }  // namespace

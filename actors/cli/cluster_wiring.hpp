@@ -5,9 +5,11 @@
 #include <CLI/CLI.hpp>
 #include <caf/all.hpp>
 
+#include "actors/cluster/actor_roles.hpp"
 #include "actors/cluster/catalog.hpp"
 #include "actors/cluster/system.hpp"
 #include "actors/cluster/train_roles.hpp"
+#include "actors/envelope.hpp"
 
 namespace moerl::cli {
 
@@ -15,10 +17,14 @@ inline cluster::RoleCatalog cluster_role_catalog() {
   cluster::RoleCatalog catalog;
   cluster::add_cluster_roles(catalog);
   cluster::add_train_roles(catalog);
+  cluster::add_actor_roles(catalog);
   return catalog;
 }
 
-inline void register_cluster_role_types(caf::actor_system_config& cfg) { cluster::register_train_role_types(cfg); }
+inline void register_cluster_role_types(caf::actor_system_config& cfg) {
+  cluster::register_train_role_types(cfg);
+  actors::add_message_types(cfg);
+}
 
 // Flags shared by both commands: TLS and heartbeats, stored into `net`.
 inline void add_net_flags(CLI::App* cmd, cluster::NetOptions& net, int64_t& heartbeat_ms, int64_t& timeout_ms) {

@@ -4,7 +4,10 @@
 
 #include <condition_variable>
 #include <csignal>
+#include <cstdlib>
 #include <cstdio>
+#include <exception>
+#include <memory>
 #include <mutex>
 #include <thread>
 
@@ -112,10 +115,43 @@ void LocalCluster::stop() {
   if (registry) caf::anon_send_exit(registry, caf::exit_reason::user_shutdown);
 }
 
-int run_head(const HeadOptions& options) {
+namespace {
+
+// How long a finished head or node waits for its actor system to stop. CAF's destructor waits for every actor
+// and connection; one stuck on a peer that is already gone must not keep a finished process alive (every
+// result that matters is already on disk: checkpoints, metrics, the summary on stdout).
+constexpr auto kShutdownGrace = std::chrono::seconds(5);
+
+// Runs `body` on a fresh ClusterSystem and returns its exit code (or rethrows its error) once the system has
+// stopped, or exits the process with that code after kShutdownGrace.
+template <class Body>
+int with_bounded_shutdown(const NetOptions& net, const std::string& who, Body body) {
+  auto cluster = std::make_unique<ClusterSystem>(net);
+  int code = 1;
+  std::exception_ptr failure;
+  std::string failure_text;
+  try {
+    code = body(*cluster);
+  } catch (const std::exception& e) {
+    failure = std::current_exception(), failure_text = e.what();
+  } catch (...) {
+    failure = std::current_exception(), failure_text = "unknown error";
+  }
+  std::thread([who, code, failure_text] {
+    std::this_thread::sleep_for(kShutdownGrace);
+    if (!failure_text.empty()) std::fprintf(stderr, "error: %s\n", failure_text.c_str());
+    log_line(who + ": actors still stopping " + std::to_string(kShutdownGrace.count()) + " s after the end; exiting");
+    std::fflush(nullptr);
+    std::_Exit(code);
+  }).detach();
+  cluster.reset();
+  if (failure) std::rethrow_exception(failure);
+  return code;
+}
+
+int run_head_in(ClusterSystem& cluster, const HeadOptions& options) {
   const std::string secret = load_or_create_secret(options.secret_file, true);
   require(valid_name(options.name), "--name " + options.name + ": expected [A-Za-z0-9._-], 1..64 characters");
-  ClusterSystem cluster(options.net);
   caf::actor_system& system = cluster.system();
   const head_actor registry = spawn_registry(system, secret);
   auto port = cluster.publish(registry, options.port, options.host);
@@ -181,7 +217,7 @@ int run_head(const HeadOptions& options) {
   return 0;
 }
 
-int run_node(const NodeOptions& options) {
+int run_node_in(ClusterSystem& cluster, const NodeOptions& options) {
   const std::string secret = load_or_create_secret(options.secret_file, false);
   std::string name = options.name;
   if (name.empty()) {
@@ -193,7 +229,6 @@ int run_node(const NodeOptions& options) {
   }
   require(valid_name(name), "--name " + name + ": expected [A-Za-z0-9._-], 1..64 characters");
   const std::string where = options.host + ":" + std::to_string(options.port);
-  ClusterSystem cluster(options.net);
   caf::actor_system& system = cluster.system();
   const std::string who = "moerl node " + name;
 
@@ -241,6 +276,18 @@ int run_node(const NodeOptions& options) {
     log_line(who + ": trying to rejoin for " + std::to_string(options.connect_timeout.count()) + " s");
     deadline = std::chrono::steady_clock::now() + options.connect_timeout;
   }
+}
+
+}  // namespace
+
+int run_head(const HeadOptions& options) {
+  return with_bounded_shutdown(options.net, "moerl head",
+                               [&](ClusterSystem& cluster) { return run_head_in(cluster, options); });
+}
+
+int run_node(const NodeOptions& options) {
+  return with_bounded_shutdown(options.net, "moerl node " + options.name,
+                               [&](ClusterSystem& cluster) { return run_node_in(cluster, options); });
 }
 
 }  // namespace moerl::cluster

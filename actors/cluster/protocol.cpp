@@ -30,6 +30,13 @@ caf::error make_cluster_error(std::string message) {
   return caf::make_error(caf::sec::runtime_error, std::move(message));
 }
 
+bool valid_role_name(const std::string& name) {
+  std::string without_slashes = name;
+  for (char& c : without_slashes)
+    if (c == '/') c = '_';
+  return valid_name(without_slashes);
+}
+
 bool valid_name(const std::string& name) {
   if (name.empty() || name.size() > 64) return false;
   for (char c : name)

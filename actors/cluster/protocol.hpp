@@ -84,7 +84,7 @@ struct NodeInfo {
 // A role to run somewhere in the cluster: `kind` names a factory of the catalog, `config` is its JSON
 // configuration (a string, so the cluster never needs to know a role's fields).
 struct RoleSpec {
-  std::string name;    // unique in a run: "trainer", "loader.0", ...
+  std::string name;    // unique in a run: "trainer", "stage_trainer/0", ... (valid_role_name)
   std::string kind;    // "cluster.trainer", ...
   std::string node;    // placement: a node name; empty = any node that offers `kind`
   std::string config;  // JSON text, read by the role's factory
@@ -150,7 +150,9 @@ std::string describe(const caf::error& error);
 // An error carrying `message` (sec::runtime_error with the text as context); `describe` returns the text.
 caf::error make_cluster_error(std::string message);
 
-// True when `name` is a valid node or role name: [A-Za-z0-9._-], 1..64 characters.
+// True when `name` is a valid node name or role kind: [A-Za-z0-9._-], 1..64 characters.
 bool valid_name(const std::string& name);
+// A role name may also contain '/' ("stage_trainer/0").
+bool valid_role_name(const std::string& name);
 
 }  // namespace moerl::cluster

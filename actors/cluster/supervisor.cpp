@@ -170,7 +170,7 @@ supervisor_actor::behavior_type supervisor(supervisor_pointer self, head_actor r
   return {
       [self](place_atom, const RoleSpec& spec) -> caf::result<caf::actor, uint32_t> {
         auto& st = self->state;
-        if (!valid_name(spec.name)) return make_cluster_error("role name \"" + spec.name + "\" is not valid");
+        if (!valid_role_name(spec.name)) return make_cluster_error("role name \"" + spec.name + "\" is not valid");
         if (st.stopped) return make_cluster_error("the supervisor has stopped");
         auto it = st.roles.find(spec.name);
         if (it == st.roles.end()) {

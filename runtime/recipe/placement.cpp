@@ -6,17 +6,19 @@
 namespace moerl {
 namespace {
 
-bool valid_name(const std::string& name) {
+// Node names: [A-Za-z0-9._-]; role names may also hold '/' ("stage_trainer/0").
+bool valid_name(const std::string& name, bool role = false) {
   if (name.empty() || name.size() > 64) return false;
   for (char c : name)
     if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
-          c == '-'))
+          c == '-' || (role && c == '/')))
       return false;
   return true;
 }
 
 void add_entry(Placement& p, const std::string& role, const std::string& node, const std::string& where) {
-  require(role == "*" || valid_name(role), where + ": role name \"" + role + "\": expected [A-Za-z0-9._-] or \"*\"");
+  require(role == "*" || valid_name(role, true),
+          where + ": role name \"" + role + "\": expected [A-Za-z0-9._/-] or \"*\"");
   require(valid_name(node), where + ": node name \"" + node + "\": expected [A-Za-z0-9._-], 1..64 characters");
   require(!p.roles.count(role), where + ": role \"" + role + "\" is placed twice");
   p.roles[role] = node;

@@ -17,6 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "actors/cluster/actor_roles.hpp"
 #include "actors/cluster/auth.hpp"
 #include "actors/cluster/catalog.hpp"
 #include "actors/cluster/registry.hpp"
@@ -24,6 +25,11 @@
 #include "actors/cluster/spawner.hpp"
 #include "actors/cluster/supervisor.hpp"
 #include "actors/cluster/system.hpp"
+#include "actors/envelope.hpp"
+#include "actors/roles/data_loader.hpp"
+#include "actors/roles/stage_trainer.hpp"
+#include "runtime/optim/adamw.hpp"
+#include "runtime/recipe/recipe.hpp"
 #include "runtime/error.hpp"
 #include "runtime/recipe/placement.hpp"
 #include "tests/support/run_command.hpp"
@@ -185,12 +191,49 @@ TEST(Placement, IsReadFromARecipeSectionWithLineNumbers) {
   EXPECT_TRUE(load_placement(dir / "none.yaml").empty());
 }
 
+// The recipe both runs train: small enough for seconds, long enough (and checkpointed often enough) that a
+// node can be killed mid-run.
+fs::path write_recipe(const fs::path& dir) {
+  {
+    std::ofstream corpus(dir / "corpus.jsonl");
+    for (int d = 0; d < 30; ++d) {
+      std::string text;
+      for (int s = 0; s < 24; ++s)
+        text += "the quick brown fox " + std::to_string(d * s % 7) + " jumps over the lazy dog " +
+                std::to_string((d + s) % 5) + ". ";
+      corpus << nlohmann::json{{"text", text}}.dump() << "\n";
+    }
+  }
+  std::ofstream(dir / "recipe.yaml")
+      << "name: cluster-test\nthreads: 1\nseed: 7\ndata:\n  corpus: " << (dir / "corpus.jsonl").string()
+      << "\n  vocab_size: 320\n  validation_every: 5\n"
+         "model:\n  hidden_size: 48\n  num_hidden_layers: 2\n  kv_lora_rank: 16\n  intermediate_size: 96\n"
+         "  n_routed_experts: 4\n  num_experts_per_tok: 2\n  moe_intermediate_size: 32\n  n_group: 1\n"
+         "  topk_group: 1\n"
+         "stages:\n  - name: pretrain\n    kind: pretrain\n    steps: 120\n    batch: 4\n    seq: 32\n"
+         "    eval_every: 40\n    eval_batches: 2\n    checkpoint_every: 10\n";
+  return dir / "recipe.yaml";
+}
+
 // ---- supervision, in one process ----
 
 // A head (registry + supervisor) and a node joined over loopback, each its own actor system.
+NetOptions with_actor_types() {
+  NetOptions net;
+  net.register_types = [](caf::actor_system_config& cfg) { actors::add_message_types(cfg); };
+  return net;
+}
+
+RoleCatalog cluster_and_actor_roles() {
+  RoleCatalog catalog;
+  add_cluster_roles(catalog);
+  add_actor_roles(catalog);
+  return catalog;
+}
+
 struct TwoSystems {
   std::string secret = "an-in-process-test-secret";
-  ClusterSystem head_system{NetOptions{}}, node_system{NetOptions{}};
+  ClusterSystem head_system{with_actor_types()}, node_system{with_actor_types()};
   head_actor registry = spawn_registry(head_system.system(), secret);
   supervisor_actor supervisor;
   spawner_actor spawner;
@@ -200,8 +243,7 @@ struct TwoSystems {
     EXPECT_TRUE(port) << describe(port.error());
     auto head = node_system.connect("127.0.0.1", *port);
     EXPECT_TRUE(head) << describe(head.error());
-    RoleCatalog catalog;
-    add_cluster_roles(catalog);
+    const RoleCatalog catalog = cluster_and_actor_roles();
     spawner = spawn_spawner(node_system.system(), catalog, "n1", head->node(), caf::actor_cast<caf::actor>(*head), {});
     auto joined = join_cluster(node_system.system(), *head, secret, "n1", local_resources(catalog), spawner, 5000ms);
     EXPECT_TRUE(joined) << describe(joined.error());
@@ -251,6 +293,61 @@ TEST(Supervisor, RestartsARoleThatDiesAndReportsBothEvents) {
   self->request(c.supervisor, 5s, lookup_atom::value, std::string("echo"))
       .receive([](const caf::actor&, uint32_t) { ADD_FAILURE() << "a retired role was found"; },
                [](caf::error&) {});
+}
+
+TEST(Supervisor, PlacesTheActorRuntimesRolesOnANodeAndRestartsThem) {
+  // The data loader and stage trainer of actors/roles/, started on the node through the catalog, answer the
+  // head's requests across the connection (their Envelope messages are registered on both sides).
+  const fs::path dir = fresh_dir("actor-roles");
+  const fs::path recipe_file = write_recipe(dir);
+  TwoSystems c;
+  caf::scoped_actor self{c.head_system.system()};
+  auto place = [&](const std::string& name, const std::string& kind, const std::string& config) {
+    caf::actor role;
+    self->request(c.supervisor, 30s, place_atom::value, RoleSpec{name, kind, "n1", config})
+        .receive([&](const caf::actor& a, uint32_t) { role = a; }, [&](caf::error& e) { ADD_FAILURE() << describe(e); });
+    return role;
+  };
+  const auto loader = caf::actor_cast<actors::data_loader_actor>(
+      place("data_loader/0", "roles.data_loader", data_loader_config(recipe_file, {}, dir / "out")));
+  ASSERT_TRUE(loader);
+  msg::DatasetInfo info;
+  self->request(loader, 30s, actors::describe_atom::value)
+      .receive([&](actors::Envelope& e) { info = actors::unwrap<msg::DatasetInfo>(e); },
+               [&](caf::error& e) { ADD_FAILURE() << describe(e); });
+  ASSERT_GT(info.vocab_size, 0u);
+  auto trainer = caf::actor_cast<actors::stage_trainer_actor>(
+      place("stage_trainer/0", "roles.stage_trainer", stage_trainer_config(recipe_file, {}, dir / "out", info)));
+  ASSERT_TRUE(trainer);
+  self->request(loader, 30s, actors::open_atom::value, uint32_t{0})
+      .receive([](actors::Envelope&) {}, [&](caf::error& e) { ADD_FAILURE() << describe(e); });
+  msg::TokenBatch batch;
+  self->request(loader, 30s, actors::batch_atom::value, uint64_t{1})
+      .receive([&](actors::Envelope& e) { batch = actors::unwrap<msg::TokenBatch>(e); },
+               [&](caf::error& e) { ADD_FAILURE() << describe(e); });
+  const Recipe recipe = load_recipe(recipe_file);
+  const auto train_one = [&](const actors::stage_trainer_actor& t) {
+    double loss = -1;
+    self->request(t, 30s, actors::begin_atom::value, uint32_t{0}, std::string(), false)
+        .receive([](uint64_t applied) { EXPECT_EQ(applied, 0u); }, [&](caf::error& e) { ADD_FAILURE() << describe(e); });
+    const msg::TrainStep step{batch.step, {batch}, learning_rate(recipe.stages[0].optimizer, 0)};
+    self->request(t, 30s, actors::train_atom::value, actors::wrap(step))
+        .receive([&](actors::Envelope& e) { loss = actors::unwrap<msg::TrainStepResult>(e).loss; },
+                 [&](caf::error& e) { ADD_FAILURE() << describe(e); });
+    return loss;
+  };
+  const double first = train_one(trainer);
+  EXPECT_GT(first, 0);
+  // Killed on its node, the trainer comes back (a new incarnation) and trains the same step to the same loss.
+  caf::anon_send_exit(trainer, caf::exit_reason::kill);
+  uint32_t incarnation = 0;
+  EXPECT_TRUE(eventually(10s, [&] {
+    self->request(c.supervisor, 10s, lookup_atom::value, std::string("stage_trainer/0"))
+        .receive([&](const caf::actor& a, uint32_t inc) { trainer = caf::actor_cast<actors::stage_trainer_actor>(a), incarnation = inc; },
+                 [](caf::error&) {});
+    return incarnation == 2;
+  }));
+  EXPECT_EQ(train_one(trainer), first);
 }
 
 TEST(Supervisor, RefusesToStartRolesForActorsOutsideTheHead) {
@@ -354,30 +451,6 @@ TEST(ClusterProcesses, RemoteRoundTripBenchmarkTimesRequestsToARealNode) {
   EXPECT_GT(r.median_us, 0);
   EXPECT_LE(r.p10_us, r.median_us);
   EXPECT_LE(r.median_us, r.p90_us);
-}
-
-// The recipe both runs train: small enough for seconds, long enough (and checkpointed often enough) that a
-// node can be killed mid-run.
-fs::path write_recipe(const fs::path& dir) {
-  {
-    std::ofstream corpus(dir / "corpus.jsonl");
-    for (int d = 0; d < 30; ++d) {
-      std::string text;
-      for (int s = 0; s < 24; ++s)
-        text += "the quick brown fox " + std::to_string(d * s % 7) + " jumps over the lazy dog " +
-                std::to_string((d + s) % 5) + ". ";
-      corpus << nlohmann::json{{"text", text}}.dump() << "\n";
-    }
-  }
-  std::ofstream(dir / "recipe.yaml")
-      << "name: cluster-test\nthreads: 1\nseed: 7\ndata:\n  corpus: " << (dir / "corpus.jsonl").string()
-      << "\n  vocab_size: 320\n  validation_every: 5\n"
-         "model:\n  hidden_size: 48\n  num_hidden_layers: 2\n  kv_lora_rank: 16\n  intermediate_size: 96\n"
-         "  n_routed_experts: 4\n  num_experts_per_tok: 2\n  moe_intermediate_size: 32\n  n_group: 1\n"
-         "  topk_group: 1\n"
-         "stages:\n  - name: pretrain\n    kind: pretrain\n    steps: 120\n    batch: 4\n    seq: 32\n"
-         "    eval_every: 40\n    eval_batches: 2\n    checkpoint_every: 10\n";
-  return dir / "recipe.yaml";
 }
 
 struct ClusterRun {
