@@ -97,12 +97,23 @@ AdamWConfig read_optimizer(YamlSection s, int64_t steps) {
   return o;
 }
 
-StageSpec read_stage(YamlSection s, const std::filesystem::path& base) {
+StageSpec read_stage(YamlSection s, const std::filesystem::path& base, const std::vector<StageSpec>& earlier) {
   StageSpec st;
   st.name = s.required<std::string>("name");
   st.kind = s.required<std::string>("kind");
-  static const std::set<std::string> kinds{"pretrain", "sft"};
-  if (!kinds.count(st.kind)) s.fail("kind", "expected one of pretrain, sft; got \"" + st.kind + "\"");
+  static const std::set<std::string> kinds{"pretrain", "sft", "reward_model", "dpo", "rlhf", "eval_task"};
+  if (!kinds.count(st.kind))
+    s.fail("kind", "expected one of pretrain, sft, reward_model, dpo, rlhf, eval_task; got \"" + st.kind + "\"");
+  if (is_rl_stage_kind(st.kind)) {
+    std::set<std::string> names, reward_models;
+    for (const auto& e : earlier) {
+      names.insert(e.name);
+      if (e.kind == "reward_model") reward_models.insert(e.name);
+    }
+    st.rl = read_rl_stage(s, st.kind, names, reward_models);
+    if ((st.kind == "rlhf" || st.kind == "eval_task") && s.has("data"))
+      s.fail("data", "an " + st.kind + " stage draws its prompts from the task; data: is for sft, reward_model, dpo");
+  }
   if (s.has("data")) st.data = base / s.get<std::string>("data", "");
   if (st.kind == "sft" && st.data.empty()) s.fail("data", "an sft stage needs a JSONL file of prompt/response lines");
   st.steps = s.get<int64_t>("steps", st.steps);
@@ -167,7 +178,7 @@ Recipe load_recipe(const std::filesystem::path& file, const std::vector<std::str
   const auto base = file.parent_path();
   std::set<std::string> names;
   for (auto& st : s.list("stages")) {
-    r.stages.push_back(read_stage(st, base));
+    r.stages.push_back(read_stage(st, base, r.stages));
     if (!names.insert(r.stages.back().name).second) st.fail("name", "stage name used twice");
   }
   if (r.stages.empty()) s.fail("stages", "a recipe needs at least one stage");

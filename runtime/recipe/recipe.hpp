@@ -9,6 +9,7 @@
 #include "kernels/linear.hpp"
 #include "runtime/model/config.hpp"
 #include "runtime/optim/adamw.hpp"
+#include "runtime/recipe/rl_stage.hpp"
 
 namespace moerl {
 
@@ -21,8 +22,9 @@ struct DataSpec {
 
 struct StageSpec {
   std::string name;                   // unique within the recipe; names its checkpoint folder
-  std::string kind;                   // "pretrain" | "sft"
-  std::filesystem::path data;         // sft: JSONL of {"prompt", "response"} lines
+  std::string kind;                   // "pretrain" | "sft" | "reward_model" | "dpo" | "rlhf" | "eval_task"
+  std::filesystem::path data;         // sft: JSONL of {"prompt", "response"} lines; reward_model, dpo: optional
+                                      // JSONL of {"prompt", "chosen", "rejected"} (else machine-judged task pairs)
   int64_t steps = 100;
   int64_t batch = 8;                  // sequences per step
   int64_t seq = 128;                  // tokens per sequence
@@ -33,6 +35,7 @@ struct StageSpec {
   int64_t eval_every = 50;            // validation loss every N steps (and at the end)
   int64_t eval_batches = 8;
   int64_t checkpoint_every = 100;     // also at the end
+  RlStageSpec rl;                     // reward_model, dpo, rlhf, eval_task: their own fields (rl_stage.hpp)
 };
 
 struct Recipe {
