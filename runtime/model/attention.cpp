@@ -245,4 +245,130 @@ void MlaAttention::backward(const float* dy, float* dx) {
   for (int64_t i = 0; i < T * m.hidden; ++i) dx[i] += dx_q[i];
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Inference with the compressed cache.
+
+namespace {
+
+// RoPE of `heads` vectors of `dim` dims at position `pos`, in place: the arithmetic of cpu::rope_forward (same
+// FP32 steps, so the same bits) for one token at an arbitrary position.
+void rope_at(float* x, int64_t pos, int64_t heads, int64_t head_stride, int64_t dim, float theta, bool interleave) {
+  const int64_t half = dim / 2;
+  const int64_t a_step = interleave ? 2 : 1;
+  const int64_t b_off = interleave ? 1 : half;
+  for (int64_t i = 0; i < half; ++i) {
+    const float exponent = static_cast<float>(2 * i) / static_cast<float>(dim);
+    const float inv_freq =
+        1.0f / static_cast<float>(std::pow(static_cast<double>(theta), static_cast<double>(exponent)));
+    const float angle = static_cast<float>(pos) * inv_freq;
+    const float c = static_cast<float>(std::cos(static_cast<double>(angle)));
+    const float s = static_cast<float>(std::sin(static_cast<double>(angle)));
+    for (int64_t h = 0; h < heads; ++h) {
+      float* pa = x + h * head_stride + i * a_step;
+      float* pb = pa + b_off;
+      const float a = *pa, b = *pb;
+      *pa = a * c - b * s;
+      *pb = b * c + a * s;
+    }
+  }
+}
+
+}  // namespace
+
+MlaCache MlaAttention::new_cache(int64_t batch, int64_t capacity) const {
+  const Impl& m = *impl_;
+  require(batch > 0 && capacity > 0, "attention " + m.prefix + ": a cache needs batch > 0 and capacity > 0");
+  MlaCache c;
+  c.batch = batch;
+  c.capacity = capacity;
+  c.latent.assign(static_cast<size_t>(batch * capacity * m.kv_lora), 0.0f);
+  c.k_rope.assign(static_cast<size_t>(batch * capacity * m.dr), 0.0f);
+  return c;
+}
+
+void MlaAttention::decode(const float* x, int64_t n_new, MlaCache& cache, float* y, Precision precision) const {
+  const Impl& m = *impl_;
+  const int64_t B = cache.batch, past = cache.length, L = past + n_new, T = B * n_new, H = m.heads;
+  const int64_t dn = m.dn, dr = m.dr, dv = m.dv, dq = m.dq, R = m.kv_lora;
+  require(n_new > 0, "attention " + m.prefix + ": decode needs at least one new token");
+  require(L <= cache.capacity, "attention " + m.prefix + ": the cache holds " + std::to_string(cache.capacity) +
+                                   " positions, decoding needs " + std::to_string(L));
+  require(static_cast<int64_t>(cache.latent.size()) == B * cache.capacity * R &&
+              static_cast<int64_t>(cache.k_rope.size()) == B * cache.capacity * dr,
+          "attention " + m.prefix + ": the cache was made for another block shape");
+
+  // Queries [T, H*dq], RoPE at each token's position.
+  std::vector<float> q(static_cast<size_t>(T * H * dq)), normed, rstd;
+  if (m.q_lora > 0) {
+    std::vector<float> qa(static_cast<size_t>(T * m.q_lora));
+    cpu::linear_forward(precision, x, m.q_a->value.data<float>(), qa.data(), T, m.q_lora, m.hidden);
+    cpu::rmsnorm_forward(qa.data(), m.q_a_norm->value.data<float>(), sized(normed, T * m.q_lora).data(),
+                         sized(rstd, T).data(), T, m.q_lora, m.eps);
+    cpu::linear_forward(precision, normed.data(), m.q_b->value.data<float>(), q.data(), T, H * dq, m.q_lora);
+  } else {
+    cpu::linear_forward(precision, x, m.q_proj->value.data<float>(), q.data(), T, H * dq, m.hidden);
+  }
+  // New latents and rope keys into the cache.
+  const int64_t ckv_dim = R + dr;
+  std::vector<float> ckv(static_cast<size_t>(T * ckv_dim));
+  cpu::linear_forward(precision, x, m.kv_a->value.data<float>(), ckv.data(), T, ckv_dim, m.hidden);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < n_new; ++i) {
+      const int64_t t = b * n_new + i, pos = past + i;
+      std::copy_n(ckv.data() + t * ckv_dim, R, cache.latent.data() + (b * cache.capacity + pos) * R);
+      float* kr = cache.k_rope.data() + (b * cache.capacity + pos) * dr;
+      std::copy_n(ckv.data() + t * ckv_dim + R, dr, kr);
+      rope_at(kr, pos, 1, dr, dr, m.theta, m.interleave);
+      rope_at(q.data() + t * H * dq + dn, pos, H, dq, dr, m.theta, m.interleave);
+    }
+
+  // Expand every cached latent: kv [B*L, H*(dn+dv)] = kv_b_proj(kv_a_layernorm(c)).
+  std::vector<float> c(static_cast<size_t>(B * L * R));
+  for (int64_t b = 0; b < B; ++b)
+    std::copy_n(cache.latent.data() + b * cache.capacity * R, L * R, c.data() + b * L * R);
+  cpu::rmsnorm_forward(c.data(), m.kv_a_norm->value.data<float>(), sized(normed, B * L * R).data(),
+                       sized(rstd, B * L).data(), B * L, R, m.eps);
+  const int64_t kv_dim = H * (dn + dv);
+  std::vector<float> kv(static_cast<size_t>(B * L * kv_dim));
+  cpu::linear_forward(precision, normed.data(), m.kv_b->value.data<float>(), kv.data(), B * L, kv_dim, R);
+
+  // Causal attention of each new query over positions 0 .. its own; softmax as the kernel computes it.
+  std::vector<float> attn(static_cast<size_t>(T * H * dv));
+#pragma omp parallel for schedule(static) if (B * H * n_new * L * dq >= (1 << 16))
+  for (int64_t task = 0; task < B * H; ++task) {
+    const int64_t b = task / H, h = task % H;
+    std::vector<float> s(static_cast<size_t>(L));
+    for (int64_t i = 0; i < n_new; ++i) {
+      const int64_t t = b * n_new + i, pos = past + i;
+      const float* qh = q.data() + (t * H + h) * dq;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j <= pos; ++j) {
+        const float* kn = kv.data() + ((b * L + j) * H + h) * (dn + dv);
+        const float* kr = cache.k_rope.data() + (b * cache.capacity + j) * dr;
+        float dot = 0;
+        for (int64_t d = 0; d < dn; ++d) dot += qh[d] * kn[d];
+        for (int64_t d = 0; d < dr; ++d) dot += qh[dn + d] * kr[d];
+        s[j] = m.scale * dot;
+        mx = std::max(mx, s[j]);
+      }
+      double sum = 0;
+      for (int64_t j = 0; j <= pos; ++j) {
+        s[j] = std::exp(s[j] - mx);
+        sum += s[j];
+      }
+      const float inv = static_cast<float>(1.0 / sum);
+      float* out = attn.data() + (t * H + h) * dv;
+      std::fill_n(out, dv, 0.0f);
+      for (int64_t j = 0; j <= pos; ++j) {
+        const float p = s[j] * inv;
+        const float* vj = kv.data() + ((b * L + j) * H + h) * (dn + dv) + dn;
+        for (int64_t d = 0; d < dv; ++d) out[d] += p * vj[d];
+      }
+    }
+  }
+  cpu::linear_forward(precision, attn.data(), m.o->value.data<float>(), y, T, m.hidden, H * dv);
+  if (m.slice.ranks > 1) m.slice.all_reduce_sum(y, T * m.hidden);
+  cache.length = L;
+}
+
 }  // namespace moerl

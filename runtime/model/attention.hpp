@@ -28,6 +28,17 @@ struct TensorSlice {
   std::function<void(float* data, int64_t n)> all_reduce_sum;  // required when ranks > 1
 };
 
+// The inference cache of one MLA block for `batch` sequences decoded in step (all at the same position): per
+// position only the compressed latent c_kv (before kv_a_layernorm) and the roped shared key k_rope, H·(dn+dv) /
+// (kv_lora + dr) times smaller than caching K and V. decode() expands them through kv_a_layernorm and kv_b_proj
+// at every step.
+struct MlaCache {
+  int64_t batch = 0, capacity = 0;  // sequences; positions each can hold
+  int64_t length = 0;               // positions held (the same for every sequence)
+  std::vector<float> latent;        // [batch, capacity, kv_lora]
+  std::vector<float> k_rope;        // [batch, capacity, qk_rope_head_dim], RoPE applied at its position
+};
+
 class MlaAttention {
  public:
   // Registers (Params::add) this block's weights under `prefix` (e.g. "model.layers.0.self_attn"):
@@ -45,6 +56,14 @@ class MlaAttention {
   void forward(const float* x, int64_t batch, int64_t seq, float* y, Precision precision);
   // dy: [batch * seq, hidden] -> dx overwritten; weight gradients accumulated (+=) in Params.
   void backward(const float* dy, float* dx);
+
+  // An empty cache for `batch` sequences of up to `capacity` positions.
+  MlaCache new_cache(int64_t batch, int64_t capacity) const;
+  // Inference with the cache: x [batch * n_new, hidden] holds each sequence's next n_new tokens (positions
+  // cache.length .. cache.length + n_new - 1), y the same shape; appends them to the cache. Prefill is n_new =
+  // prompt length, then n_new = 1 per generated token. Computes what forward computes for those rows (causal
+  // attention over everything cached), up to FP32 summation order. Saves nothing for backward.
+  void decode(const float* x, int64_t n_new, MlaCache& cache, float* y, Precision precision) const;
 
  private:
   struct Impl;

@@ -82,6 +82,22 @@ struct DecoderLayer {
     return balance;
   }
 
+  // Inference: in, out [batch*n_new, dim] with the attention's cache; the feed-forward's saved activations
+  // are overwritten (the caller refuses a later backward).
+  void decode(const float* in, int64_t batch, int64_t n_new, MlaCache& cache, float* out, Precision precision) {
+    const int64_t T = batch * n_new, n = T * dim;
+    Buffer xn(static_cast<size_t>(n)), hh(static_cast<size_t>(n)), rs(static_cast<size_t>(T));
+    cpu::rmsnorm_forward(in, norm1.weight->value.data<float>(), xn.data(), rs.data(), T, dim, norm1.eps);
+    attn.decode(xn.data(), n_new, cache, hh.data(), precision);
+    add_into(hh.data(), in, n);
+    cpu::rmsnorm_forward(hh.data(), norm2.weight->value.data<float>(), xn.data(), rs.data(), T, dim, norm2.eps);
+    if (moe)
+      moe->forward(xn.data(), batch, n_new, out, precision, 0.0f);
+    else
+      dense->forward(xn.data(), T, out, precision);
+    add_into(out, hh.data(), n);
+  }
+
   // dout [T, dim] -> din [T, dim] (overwritten).
   void backward(const float* dout, float* din) {
     const int64_t n = static_cast<int64_t>(x.size()), T = n / dim;
@@ -166,6 +182,7 @@ struct ModelPart::Impl {
   Buffer hidden;       // [T, D] output of the last decoder layer (input of the final norm)
   Buffer normed;       // [T, D]
   Buffer dlogits;      // [T, V] d total / d logits of the main head
+  Buffer dnormed_extra;  // [T, D] added at the final norm's output (backward_from's value-head gradient)
   Buffer mtp_dlogits;  // [T, V] for the MTP head
   Buffer logits;       // [T, V] when kept
 
@@ -316,6 +333,10 @@ void ModelPart::backward(const float* dout, float* din) {
     Buffer dnormed(static_cast<size_t>(T * D));
     cpu::linear_backward(Precision::FP32, m.dlogits.data(), m.normed.data(), m.head->value.data<float>(),
                          dnormed.data(), m.head->grad.data<float>(), T, V, D);
+    if (!m.dnormed_extra.empty()) {
+      add_into(dnormed.data(), m.dnormed_extra.data(), T * D);
+      Buffer().swap(m.dnormed_extra);
+    }
     m.final_norm.backward(dnormed.data(), m.hidden.data(), T, dhidden.data());
   }
 
@@ -355,6 +376,61 @@ void ModelPart::backward(const float* dout, float* din) {
 const float* ModelPart::logits() const {
   require(!impl_->logits.empty(), "logits() needs a forward pass with keep_logits");
   return impl_->logits.data();
+}
+
+const float* ModelPart::final_hidden() const {
+  require(spec_.last && !impl_->normed.empty(), "final_hidden() needs a forward pass of the last part");
+  return impl_->normed.data();
+}
+
+void ModelPart::backward_from(const float* dlogits, const float* dfinal_hidden, float* din) {
+  Impl& m = *impl_;
+  require(spec_.last, "backward_from: only the last part has logits");
+  require(m.pending && m.options.for_backward, "backward_from() needs a forward() made with for_backward");
+  require(!(m.mtp && m.options.mtp_weight > 0), "backward_from(): the forward ran the MTP module (mtp_weight > 0)");
+  const int64_t T = m.batch * m.seq;
+  m.dlogits.assign(dlogits, dlogits + T * m.config.vocab_size);
+  if (dfinal_hidden) m.dnormed_extra.assign(dfinal_hidden, dfinal_hidden + T * m.config.hidden_size);
+  backward(nullptr, din);
+}
+
+KvCache ModelPart::new_cache(int64_t batch, int64_t capacity) const {
+  const Impl& m = *impl_;
+  require(spec_.first && spec_.last, "new_cache: decoding needs the whole model in one part");
+  require(capacity <= m.config.max_position_embeddings,
+          "new_cache: capacity " + std::to_string(capacity) + " exceeds max_position_embeddings = " +
+              std::to_string(m.config.max_position_embeddings));
+  KvCache c;
+  c.batch = batch;
+  c.capacity = capacity;
+  for (auto& layer : m.layers) c.layers.push_back(layer->attn.new_cache(batch, capacity));
+  return c;
+}
+
+void ModelPart::decode(const int64_t* ids, int64_t n_new, KvCache& cache, float* logits, Precision precision) {
+  Impl& m = *impl_;
+  const ModelConfig& c = m.config;
+  const int64_t B = cache.batch, T = B * n_new, D = c.hidden_size, V = c.vocab_size;
+  require(spec_.first && spec_.last, "decode: decoding needs the whole model in one part");
+  require(cache.layers.size() == m.layers.size(), "decode: the cache has " + std::to_string(cache.layers.size()) +
+                                                      " layers, the model " + std::to_string(m.layers.size()));
+  require(n_new > 0 && cache.length + n_new <= cache.capacity,
+          "decode: " + std::to_string(n_new) + " new tokens after " + std::to_string(cache.length) +
+              " do not fit a cache of " + std::to_string(cache.capacity) + " positions");
+  for (int64_t i = 0; i < T; ++i)
+    require(ids[i] >= 0 && ids[i] < V, "decode: ids[" + std::to_string(i) + "] = " + std::to_string(ids[i]) +
+                                           " is outside the vocabulary [0, " + std::to_string(V) + ")");
+  m.pending = false;  // the layers' saved activations are about to be overwritten
+  Buffer x(static_cast<size_t>(T * D)), y(static_cast<size_t>(T * D)), rs(static_cast<size_t>(T));
+  cpu::embedding_forward(m.embed->value.data<float>(), ids, T, D, x.data());
+  for (size_t l = 0; l < m.layers.size(); ++l) {
+    m.layers[l]->decode(x.data(), B, n_new, cache.layers[l], y.data(), precision);
+    std::swap(x, y);
+  }
+  cpu::rmsnorm_forward(x.data(), m.final_norm.weight->value.data<float>(), y.data(), rs.data(), T, D,
+                       m.final_norm.eps);
+  cpu::linear_forward(Precision::FP32, y.data(), m.head->value.data<float>(), logits, T, V, D);
+  cache.length += n_new;
 }
 
 std::vector<std::string> ModelPart::moe_prefixes() const {
@@ -433,6 +509,18 @@ LossReport Model::forward(const TokenBatch& b, const ForwardOptions& o) {
 void Model::backward() { part_->backward(nullptr, nullptr); }
 
 const float* Model::logits() const { return part_->logits(); }
+
+const float* Model::final_hidden() const { return part_->final_hidden(); }
+
+void Model::backward_from(const float* dlogits, const float* dfinal_hidden) {
+  part_->backward_from(dlogits, dfinal_hidden, nullptr);
+}
+
+KvCache Model::new_cache(int64_t batch, int64_t capacity) const { return part_->new_cache(batch, capacity); }
+
+void Model::decode(const int64_t* ids, int64_t n_new, KvCache& cache, float* logits, Precision precision) {
+  part_->decode(ids, n_new, cache, logits, precision);
+}
 
 void Model::update_router_bias(float gamma) { part_->update_router_bias(gamma); }
 

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kernels/linear.hpp"
+#include "runtime/model/attention.hpp"
 #include "runtime/model/config.hpp"
 #include "runtime/model/feed_forward.hpp"
 #include "runtime/model/params.hpp"
@@ -65,6 +66,14 @@ struct LossSums {
   LossReport report(float mtp_weight) const;
 };
 
+// The inference cache of a whole model for `batch` sequences decoded in step: each decoder layer's compressed MLA
+// cache (runtime/model/attention.hpp), main layers in order. The MTP module is not run when decoding.
+struct KvCache {
+  int64_t batch = 0, capacity = 0;
+  int64_t length = 0;  // positions held, the same for every sequence
+  std::vector<MlaCache> layers;
+};
+
 // Which part of the model a ModelPart holds. Pipeline stages hold consecutive parts; Model holds all of it.
 struct PartSpec {
   int64_t layer_begin = 0;
@@ -97,6 +106,13 @@ class ModelPart {
   // (ignored by the first part). Gradients accumulated into the parameters' grad.
   void backward(const float* dout, float* din);
   const float* logits() const;  // [batch·seq, vocab] of the last forward (last part, keep_logits)
+  const float* final_hidden() const;  // [batch·seq, hidden] final norm output of the last forward (last part)
+  // backward() of the last part from given d loss / d logits (and optionally d loss / d final_hidden) in place
+  // of the cross-entropy's; see Model::backward_from.
+  void backward_from(const float* dlogits, const float* dfinal_hidden, float* din);
+  // Inference with a KV cache over the whole model (a part that is first and last); see Model::decode.
+  KvCache new_cache(int64_t batch, int64_t capacity) const;
+  void decode(const int64_t* ids, int64_t n_new, KvCache& cache, float* logits, Precision precision);
 
   const PartSpec& spec() const { return spec_; }  // layer_end resolved
   // The MoE layers' prefixes ("model.layers.3.mlp"), main layers ascending then the MTP layer: the order of
@@ -132,6 +148,23 @@ class Model {
   void backward();
   // [batch*seq, vocab] logits of the last forward (needs keep_logits).
   const float* logits() const;
+  // [batch*seq, hidden] output of the final RMSNorm of the last forward (what the LM head reads): the features
+  // of a value head.
+  const float* final_hidden() const;
+  // Backward from externally supplied gradients in place of the cross-entropy's: dlogits [batch*seq, vocab] =
+  // d loss / d logits of the last forward (e.g. w_t·(softmax − onehot) for policy gradients, runtime/rl/
+  // logprob.hpp); dfinal_hidden [batch*seq, hidden] (may be null) is added at the final norm's output (a value
+  // head's gradient). The forward must have had for_backward and must not have run the MTP module.
+  // Gradients accumulated (+=) into params().*.grad, as backward().
+  void backward_from(const float* dlogits, const float* dfinal_hidden = nullptr);
+
+  // Inference with a KV cache. new_cache: empty, for `batch` sequences of up to `capacity` positions
+  // (<= max_position_embeddings). decode: ids [batch, n_new] are each sequence's next n_new tokens (prompt
+  // prefill, then one token per step); logits [batch * n_new, vocab] receives their next-token logits, the
+  // same as forward's for those positions up to FP32 summation order. Decoding overwrites the activations a
+  // forward saved: a pending backward() is refused afterwards.
+  KvCache new_cache(int64_t batch, int64_t capacity) const;
+  void decode(const int64_t* ids, int64_t n_new, KvCache& cache, float* logits, Precision precision);
 
   // Auxiliary-loss-free balancing of every MoE layer from the last forward's expert load.
   void update_router_bias(float gamma);

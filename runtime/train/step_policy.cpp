@@ -2,10 +2,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
-#include <random>
 
 #include "runtime/error.hpp"
+#include "runtime/rl/generate.hpp"
 
 namespace moerl {
 namespace {
@@ -34,41 +33,6 @@ double log_prob_at(const float* row, int64_t vocab, int64_t id, double temperatu
   return row[id] / temperature - max - std::log(sum);
 }
 
-uint64_t splitmix(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
-int32_t draw(const float* row, int64_t vocab, const msg::SamplingParams& s, std::mt19937_64& rng) {
-  if (s.temperature == 0) return static_cast<int32_t>(std::max_element(row, row + vocab) - row);
-  std::vector<int32_t> order(static_cast<size_t>(vocab));
-  std::iota(order.begin(), order.end(), 0);
-  // Most likely first, lower id first on ties: a total order, so the cut below is deterministic.
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return row[a] > row[b]; });
-  size_t keep = order.size();
-  if (s.top_k > 0) keep = std::min<size_t>(keep, s.top_k);
-  std::vector<double> p(keep);
-  const double max = row[order[0]] / static_cast<double>(s.temperature);
-  double sum = 0;
-  for (size_t i = 0; i < keep; ++i) sum += p[i] = std::exp(row[order[i]] / static_cast<double>(s.temperature) - max);
-  if (s.top_p < 1) {
-    double cum = 0;
-    size_t n = 0;
-    while (n < keep && cum < s.top_p * sum) cum += p[n++];
-    keep = std::max<size_t>(n, 1);
-    sum = std::accumulate(p.begin(), p.begin() + static_cast<long>(keep), 0.0);
-  }
-  const double u = static_cast<double>(rng() >> 11) * 0x1.0p-53 * sum;  // uniform in [0, sum)
-  double cum = 0;
-  for (size_t i = 0; i < keep; ++i) {
-    cum += p[i];
-    if (u < cum) return order[i];
-  }
-  return order[keep - 1];
-}
-
 }  // namespace
 
 std::vector<float> response_log_probs(Model& model, std::span<const int32_t> prompt, std::span<const int32_t> response,
@@ -92,27 +56,21 @@ std::vector<float> response_log_probs(Model& model, std::span<const int32_t> pro
 Generation generate(Model& model, std::span<const int32_t> prompt, const msg::SamplingParams& sampling, uint64_t stream,
                     Precision precision) {
   require(!prompt.empty(), "generate: the prompt is empty");
-  require(std::isfinite(sampling.temperature) && sampling.temperature >= 0, "generate: temperature must be >= 0");
-  const int64_t vocab = model.config().vocab_size;
-  const int64_t context = model.config().max_position_embeddings;
-  std::mt19937_64 rng(splitmix(sampling.seed ^ splitmix(stream)));
-  std::vector<int64_t> ids(prompt.begin(), prompt.end());
-  Generation g;
-  while (g.ids.size() < sampling.max_new_tokens) {
-    if (static_cast<int64_t>(ids.size()) >= context) break;
-    const float* logits = forward_logits(model, ids, precision);
-    const float* row = logits + (ids.size() - 1) * static_cast<size_t>(vocab);
-    const int32_t id = draw(row, vocab, sampling, rng);
-    const double t = sampling.temperature == 0 ? 1.0 : sampling.temperature;
-    g.ids.push_back(id);
-    g.log_probs.push_back(static_cast<float>(std::min(0.0, log_prob_at(row, vocab, id, t))));
-    ids.push_back(id);
-    if (std::find(sampling.stop_ids.begin(), sampling.stop_ids.end(), id) != sampling.stop_ids.end()) {
-      g.finish = msg::FinishReason::Stop;
-      break;
-    }
-  }
-  return g;
+  const std::vector<std::vector<int32_t>> prompts{std::vector<int32_t>(prompt.begin(), prompt.end())};
+  const uint64_t streams[1] = {stream};
+  rl::GeneratedSequence g = rl::generate(model, prompts, sampling, streams, precision)[0];
+  return Generation{std::move(g.ids), std::move(g.log_probs), g.finish};
+}
+
+std::vector<Generation> generate_samples(Model& model, std::span<const int32_t> prompt,
+                                         const msg::SamplingParams& sampling, std::span<const uint64_t> streams,
+                                         Precision precision) {
+  require(!prompt.empty(), "generate: the prompt is empty");
+  const std::vector<std::vector<int32_t>> prompts(streams.size(), std::vector<int32_t>(prompt.begin(), prompt.end()));
+  std::vector<Generation> out;
+  for (rl::GeneratedSequence& g : rl::generate(model, prompts, sampling, streams, precision))
+    out.push_back(Generation{std::move(g.ids), std::move(g.log_probs), g.finish});
+  return out;
 }
 
 }  // namespace moerl

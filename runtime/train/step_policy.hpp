@@ -1,6 +1,6 @@
 // What the policy-side roles compute with a model, forward only: per-token log-probabilities of a response
-// (reference policy, reward scoring) and sampled generation (rollout). Full recomputation per new token, no
-// KV cache yet: fine for the small models of tests and the CPU quickstart, O(length²) beyond.
+// (reference policy, reward scoring) and sampled generation (rollout) with the compressed MLA KV cache
+// (runtime/rl/generate.hpp).
 #pragma once
 #include <cstdint>
 #include <span>
@@ -28,5 +28,10 @@ struct Generation {
 // with a std::mt19937_64 seeded from (sampling.seed, stream): the same arguments give the same ids.
 Generation generate(Model& model, std::span<const int32_t> prompt, const msg::SamplingParams& sampling, uint64_t stream,
                     Precision precision);
+// streams.size() samples of one prompt decoded together as one batch; sample i is what generate() gives with
+// streams[i].
+std::vector<Generation> generate_samples(Model& model, std::span<const int32_t> prompt,
+                                         const msg::SamplingParams& sampling, std::span<const uint64_t> streams,
+                                         Precision precision);
 
 }  // namespace moerl
