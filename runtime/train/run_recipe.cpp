@@ -13,6 +13,7 @@
 #include "runtime/data/tokenizer.hpp"
 #include "runtime/error.hpp"
 #include "runtime/train/checkpoint.hpp"
+#include "runtime/train/rl_stages.hpp"
 #include "runtime/train/trainer.hpp"
 #include "runtime/util/files.hpp"
 
@@ -99,6 +100,16 @@ nlohmann::json run_recipe(const Recipe& recipe, const BackendFactory& cuda) {
   if (recipe.device != Device::CPU) summary["device"] = backend->device();
   for (size_t i = 0; i < recipe.stages.size(); ++i) {
     const StageSpec& stage = recipe.stages[i];
+    if (is_rl_stage_kind(stage.kind)) {  // reward_model, dpo, ...: on the CPU model (rl_stages.hpp)
+      require(recipe.device == Device::CPU, recipe.file.string() + ": stage " + stage.name + " (kind " + stage.kind +
+                                                ") runs on the CPU only; use device: cpu");
+      const nlohmann::json s = run_rl_stage(recipe, stage, model, tokenizer, metrics, recipe.out / stage.name);
+      for (const char* key : {"rm_heldout_accuracy", "rm_train_accuracy"})
+        if (s.contains(key)) summary[key] = s[key];
+      summary["stages"].push_back(s);
+      metrics.write({{"event", "stage_done"}, {"summary", s}});
+      continue;
+    }
     BatchSource source;
     std::unique_ptr<BatchLoader> pretrain_loader;
     std::unique_ptr<SftLoader> sft_loader;

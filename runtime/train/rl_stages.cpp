@@ -1,0 +1,214 @@
+#include "runtime/train/rl_stages.hpp"
+
+#include <chrono>
+#include <fstream>
+#include <random>
+#include <set>
+
+#include "runtime/error.hpp"
+#include "runtime/rl/dpo.hpp"
+#include "runtime/rl/preferences.hpp"
+#include "runtime/rl/reward_model.hpp"
+#include "runtime/rl/task.hpp"
+#include "runtime/safetensors.hpp"
+#include "runtime/train/checkpoint.hpp"
+#include "runtime/util/files.hpp"
+#include "runtime/util/progress.hpp"
+
+namespace moerl {
+namespace fs = std::filesystem;
+namespace {
+
+// Machine-judged pairs: for each training problem of the task, the exact answer against a corruption of it
+// (one digit changed); rl::check_answer decides which is chosen. TODO(integration): the issue wants these pairs
+// from a scripted annotator through the feedback HTTP API (helper A's `moerl feedback serve`); its export
+// writes the same JSONL, so pointing the stage's `data:` at it is the whole swap.
+std::vector<PreferencePair> machine_judged_pairs(const StageSpec& stage, uint64_t seed) {
+  const rl::AdditionTask task{stage.rl.task_digits};
+  std::mt19937_64 rng(seed);
+  std::vector<Candidates> candidates;
+  for (const auto& p : rl::training_problems(task, seed, static_cast<size_t>(stage.rl.pairs))) {
+    const std::string wrong = corrupt_digits(p.answer, rng);
+    candidates.push_back(rng() % 2 ? Candidates{p.prompt, p.answer, wrong} : Candidates{p.prompt, wrong, p.answer});
+  }
+  const AnswerChecker exact = [&task](const std::string& prompt, const std::string& response) {
+    const auto plus = prompt.find('+');
+    const rl::Problem p = rl::make_problem(task, std::stoll(prompt.substr(0, plus)),
+                                           std::stoll(prompt.substr(plus + 1, prompt.size() - plus - 2)));
+    return rl::check_answer(p, rl::task_encode(response));
+  };
+  // Distinct pairs only, first occurrence kept: a held-out pair is never a copy of a training pair.
+  std::vector<PreferencePair> unique;
+  std::set<std::string> seen;
+  for (auto& p : judge_by_checker(candidates, exact))
+    if (seen.insert(p.prompt + '\n' + p.chosen + '\n' + p.rejected).second) unique.push_back(std::move(p));
+  return unique;
+}
+
+// The stage's pairs: its data file, or machine-judged pairs written to <out>/preferences/<stage>.jsonl (so
+// the run records what it trained on; beside the stage folder, which checkpoints replace whole).
+std::vector<PreferencePair> stage_pairs(const Recipe& recipe, const StageSpec& stage, std::string* source) {
+  if (!stage.data.empty()) {
+    *source = stage.data.string();
+    return read_preferences(stage.data);
+  }
+  auto pairs = machine_judged_pairs(stage, recipe.seed + 7919);
+  const fs::path file = recipe.out / "preferences" / (stage.name + ".jsonl");
+  write_preferences(file, pairs);
+  *source = "machine-judged task pairs (exact checker): " + file.string();
+  return pairs;
+}
+
+SafeTensors weights_of(const Model& model) {
+  SafeTensors st;
+  st.source = "the policy of the previous stage";
+  for (const auto& [name, p] : model.params().all()) st.tensors.emplace(name, p.value.clone());
+  return st;
+}
+
+// The starting policy: `from`'s checkpoint, or the model in memory (the stage before).
+void start_policy(const Recipe& recipe, const StageSpec& stage, Model& policy) {
+  if (stage.rl.from.empty()) return;
+  const auto st = read_safetensors(recipe.out / stage.rl.from / "model.safetensors");
+  policy.load_weights(st);
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+nlohmann::json run_reward_model(const Recipe& recipe, const StageSpec& stage, Model& policy,
+                                const Tokenizer& tokenizer, MetricsLog& metrics, const fs::path& dir) {
+  const auto t0 = std::chrono::steady_clock::now();
+  std::string source;
+  const auto pairs = stage_pairs(recipe, stage, &source);
+  const TextEncoder encode = [&tokenizer](std::string_view text) { return tokenizer.encode(text); };
+  std::vector<TokenPair> train, held;
+  for (size_t i = 0; i < pairs.size(); ++i) {
+    const auto& p = pairs[i];
+    TokenPair t{preference_tokens(encode, p.prompt, p.chosen, tokenizer.bos_id(), tokenizer.eos_id()),
+                preference_tokens(encode, p.prompt, p.rejected, tokenizer.bos_id(), tokenizer.eos_id())};
+    (i % static_cast<size_t>(stage.rl.heldout_every) == 0 ? held : train).push_back(std::move(t));
+  }
+  require(!train.empty() && !held.empty(), stage.name + ": " + std::to_string(pairs.size()) +
+                                               " preference pairs from " + source + ": too few to hold some out");
+  RewardModel rm(policy.config());
+  rm.init_random(recipe.seed + 17);  // the head's start; the backbone comes from the policy
+  if (stage.rl.from.empty()) {
+    rm.load_weights(weights_of(policy));
+  } else {
+    rm.load_weights(read_safetensors(recipe.out / stage.rl.from / "model.safetensors"));
+  }
+  RewardTrainConfig cfg;
+  cfg.steps = stage.steps;
+  cfg.batch = stage.batch;
+  cfg.optimizer = stage.optimizer;
+  cfg.precision = recipe.precision;
+  cfg.bias_gamma = stage.bias_gamma;
+  cfg.seed = recipe.seed + 31;
+  cfg.eval_every = stage.eval_every;
+  ProgressBar bar(stage.name, stage.steps, "pair");
+  const RewardTrainResult r = train_reward_model(rm, train, held, cfg, [&](int64_t step, const PairMetrics& m) {
+    metrics.write({{"stage", stage.name}, {"step", step + 1}, {"loss", m.loss}, {"accuracy", m.accuracy},
+                   {"margin", m.margin}});
+    char fields[96];
+    std::snprintf(fields, sizeof fields, "loss %.3f  acc %.2f", m.loss, m.accuracy);
+    bar.update(step + 1, (step + 1) * stage.batch, fields);
+  });
+  for (const auto& [step, m] : r.heldout_curve)
+    metrics.write({{"stage", stage.name}, {"step", step}, {"heldout_loss", m.loss}, {"heldout_accuracy", m.accuracy}});
+  char fields[96];
+  std::snprintf(fields, sizeof fields, "held-out accuracy %.3f", r.heldout.accuracy);
+  bar.finish(fields);
+  rm.save(dir);
+  return {{"stage", stage.name},
+          {"kind", stage.kind},
+          {"steps", stage.steps},
+          {"train_loss", r.train.loss},
+          {"validation_loss", r.heldout.loss},
+          {"rm_train_accuracy", r.train.accuracy},
+          {"rm_heldout_accuracy", r.heldout.accuracy},
+          {"rm_heldout_pairs", r.heldout.pairs},
+          {"preferences", source},
+          {"wall_s", seconds_since(t0)},
+          {"checkpoint", dir.string()}};
+}
+
+nlohmann::json run_dpo(const Recipe& recipe, const StageSpec& stage, Model& policy, const Tokenizer& tokenizer,
+                       MetricsLog& metrics, const fs::path& dir) {
+  const auto t0 = std::chrono::steady_clock::now();
+  start_policy(recipe, stage, policy);
+  std::string source;
+  const auto pairs = stage_pairs(recipe, stage, &source);
+  std::vector<rl::DpoPair> train, held;
+  for (size_t i = 0; i < pairs.size(); ++i) {
+    const auto& p = pairs[i];
+    auto prompt = tokenizer.encode(p.prompt);
+    prompt.insert(prompt.begin(), tokenizer.bos_id());
+    auto chosen = tokenizer.encode(p.chosen), rejected = tokenizer.encode(p.rejected);
+    chosen.push_back(tokenizer.eos_id());
+    rejected.push_back(tokenizer.eos_id());
+    (i % static_cast<size_t>(stage.rl.heldout_every) == 0 ? held : train)
+        .push_back({std::move(prompt), std::move(chosen), std::move(rejected)});
+  }
+  require(!train.empty() && !held.empty(), stage.name + ": " + std::to_string(pairs.size()) +
+                                               " preference pairs from " + source + ": too few to hold some out");
+  Model reference(policy.config());
+  reference.load_weights(weights_of(policy));
+  rl::DpoConfig cfg;
+  cfg.steps = stage.steps;
+  cfg.batch = stage.batch;
+  cfg.beta = stage.rl.beta;
+  cfg.optimizer = stage.optimizer;
+  cfg.precision = recipe.precision;
+  cfg.bias_gamma = stage.bias_gamma;
+  cfg.seed = recipe.seed + 37;
+  ProgressBar bar(stage.name, stage.steps, "pair");
+  const rl::DpoResult r = rl::train_dpo(policy, reference, train, held, cfg, [&](int64_t step, const rl::DpoMetrics& m) {
+    metrics.write({{"stage", stage.name}, {"step", step + 1}, {"loss", m.loss}, {"accuracy", m.accuracy},
+                   {"log_ratio_margin", m.log_ratio_margin}});
+    char fields[96];
+    std::snprintf(fields, sizeof fields, "loss %.3f  margin %.2f", m.loss, m.log_ratio_margin);
+    bar.update(step + 1, (step + 1) * stage.batch, fields);
+  });
+  char fields[96];
+  std::snprintf(fields, sizeof fields, "held-out margin %.3f", r.heldout_after.log_ratio_margin);
+  bar.finish(fields);
+  save_checkpoint(dir, policy, &tokenizer, nullptr, nullptr);
+  return {{"stage", stage.name},
+          {"kind", stage.kind},
+          {"steps", stage.steps},
+          {"train_loss", r.train_after.loss},
+          {"validation_loss", r.heldout_after.loss},
+          {"dpo_heldout_accuracy", r.heldout_after.accuracy},
+          {"dpo_heldout_margin", r.heldout_after.log_ratio_margin},
+          {"preferences", source},
+          {"wall_s", seconds_since(t0)},
+          {"checkpoint", dir.string()}};
+}
+
+}  // namespace
+
+nlohmann::json run_rl_stage(const Recipe& recipe, const StageSpec& stage, Model& policy, const Tokenizer& tokenizer,
+                            MetricsLog& metrics, const fs::path& dir) {
+  require(is_rl_stage_kind(stage.kind), stage.name + ": not an RLHF stage kind (" + stage.kind + ")");
+  const fs::path result = dir / "result.json";
+  if (fs::exists(result)) {
+    std::ifstream in(result);
+    nlohmann::json done = nlohmann::json::parse(in);
+    std::fprintf(stderr, "%-10s already complete in %s, skipped\n", stage.name.c_str(), dir.c_str());
+    if (stage.kind == "dpo") policy.load_weights(read_safetensors(dir / "model.safetensors"));
+    return done;
+  }
+  fs::create_directories(dir);
+  nlohmann::json s;
+  if (stage.kind == "reward_model") s = run_reward_model(recipe, stage, policy, tokenizer, metrics, dir);
+  else if (stage.kind == "dpo") s = run_dpo(recipe, stage, policy, tokenizer, metrics, dir);
+  else
+    throw Error(recipe.file.string() + ": stage " + stage.name + " (kind " + stage.kind +
+                "): not runnable yet — generation-based stages (rlhf, eval_task) are not wired into moerl run");
+  write_file_durably(result, s.dump(2) + "\n");
+  return s;
+}
+
+}  // namespace moerl

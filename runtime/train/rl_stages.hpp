@@ -1,0 +1,26 @@
+// The RLHF stage kinds of a recipe, run on the CPU after pretraining/SFT in the same `moerl run`:
+//   reward_model  preference pairs (stage `data:` JSONL, or machine-judged pairs of the addition task written
+//                 to <out>/preferences/<stage>.jsonl) -> RewardModel initialised from the current policy -> Bradley–
+//                 Terry training -> <stage>/ (config.json, model.safetensors, result.json)
+//   dpo           the same pairs -> the policy trained in place by DPO against its frozen starting weights
+// rlhf and eval_task (generation, GRPO/PPO) are not wired here yet: running them is an Error naming the stage.
+#pragma once
+#include <filesystem>
+
+#include <nlohmann/json.hpp>
+
+#include "runtime/data/tokenizer.hpp"
+#include "runtime/model/model.hpp"
+#include "runtime/recipe/recipe.hpp"
+#include "runtime/train/metrics.hpp"
+
+namespace moerl {
+
+// Runs `stage` (a kind is_rl_stage_kind accepts) with `policy`, the model the earlier stages trained, in place.
+// `dir` is the stage's folder; a stage that finished there before (result.json) is loaded and skipped. Returns
+// the stage's summary: kind, steps, losses, wall_s, and for reward_model rm_train_accuracy and
+// rm_heldout_accuracy (pairwise, on every heldout_every-th pair).
+nlohmann::json run_rl_stage(const Recipe& recipe, const StageSpec& stage, Model& policy, const Tokenizer& tokenizer,
+                            MetricsLog& metrics, const std::filesystem::path& dir);
+
+}  // namespace moerl
