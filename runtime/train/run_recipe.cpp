@@ -13,6 +13,7 @@
 #include "runtime/data/tokenizer.hpp"
 #include "runtime/error.hpp"
 #include "runtime/train/checkpoint.hpp"
+#include "runtime/train/report.hpp"
 #include "runtime/train/rl_stages.hpp"
 #include "runtime/train/trainer.hpp"
 #include "runtime/util/files.hpp"
@@ -155,6 +156,7 @@ nlohmann::json run_recipe(const Recipe& recipe, const BackendFactory& cuda) {
   }
   summary["wall_s"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   write_file_durably(recipe.out / "summary.json", summary.dump(2) + "\n");
+  write_html_report(recipe.out, summary);
   return summary;
 }
 

@@ -1,5 +1,5 @@
 // `moerl run`: every stage of a recipe in order, in this process. Writes into the run folder:
-//   tokenizer.model, <stage>/ checkpoints, metrics.jsonl, summary.json.
+//   tokenizer.model, <stage>/ checkpoints, metrics.jsonl, summary.json, report.html (train/report.hpp).
 // Re-running the same command resumes: finished stages are skipped, an interrupted one continues.
 // The recipe's device picks the backend: the CPU's Model and AdamW, or for device: cuda the backend that
 // `cuda` makes (the command line passes runtime/gpu's when the build has one).

@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <fstream>
+#include <iterator>
 #include <random>
 
 #include "runtime/error.hpp"
@@ -98,6 +99,16 @@ TEST(RlStages, RunRecipeChainsPretrainRewardModelAndDpoAndReportsHeldOutAccuracy
   // The reward model folder loads as a reward model.
   EXPECT_NO_THROW(RewardModel::load(recipe.out / "rm"));
   EXPECT_TRUE(fs::exists(recipe.out / "dpo" / "model.safetensors"));
+  // The HTML report: self-contained, a chart per curve, the summary table.
+  std::ifstream html_in(recipe.out / "report.html");
+  const std::string html((std::istreambuf_iterator<char>(html_in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(html.find("<h2>rm</h2>"), std::string::npos);
+  EXPECT_NE(html.find("heldout_accuracy</text>"), std::string::npos);  // the reward model's held-out curve
+  EXPECT_NE(html.find("<polyline"), std::string::npos);
+  EXPECT_NE(html.find("RM held-out accuracy"), std::string::npos);
+  EXPECT_EQ(html.find("<script"), std::string::npos);
+  EXPECT_EQ(html.find("src="), std::string::npos);
+  EXPECT_EQ(html.find("href="), std::string::npos);
   // A second run finds every stage finished and reports the same accuracy.
   const auto again = run_recipe(recipe);
   EXPECT_EQ(again["rm_heldout_accuracy"].get<double>(), acc);

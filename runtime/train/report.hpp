@@ -1,0 +1,18 @@
+// The run's HTML report: one self-contained file (inline SVG charts and CSS; no script, font or network
+// request), written beside summary.json. Per stage, a chart of each curve metrics.jsonl holds for it (loss,
+// validation loss, reward-model and DPO accuracy/margins, reward, KL, task accuracy), then the summary table
+// (per stage: loss, reward, KL, task accuracy, held-out pairwise accuracy, wall time).
+#pragma once
+#include <filesystem>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+namespace moerl {
+
+// Renders the report from the metrics file's lines and the run summary (run_recipe's).
+std::string render_html_report(const std::filesystem::path& metrics_jsonl, const nlohmann::json& summary);
+// Writes <out>/report.html (durably).
+void write_html_report(const std::filesystem::path& out, const nlohmann::json& summary);
+
+}  // namespace moerl
