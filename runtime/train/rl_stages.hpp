@@ -3,7 +3,9 @@
 //                 to <out>/preferences/<stage>.jsonl) -> RewardModel initialised from the current policy -> Bradley–
 //                 Terry training -> <stage>/ (config.json, model.safetensors, result.json)
 //   dpo           the same pairs -> the policy trained in place by DPO against its frozen starting weights
-// rlhf and eval_task (generation, GRPO/PPO) are not wired here yet: running them is an Error naming the stage.
+//   eval_task     greedy answers to the task's held-out problems, exact match -> task_accuracy (and at the top
+//                 of summary.json task_accuracy_<kind of the last stage that trained the policy>: _sft, _rlhf)
+// rlhf (GRPO/PPO) is not wired here yet: running it is an Error naming the stage.
 #pragma once
 #include <filesystem>
 
@@ -19,7 +21,8 @@ namespace moerl {
 // Runs `stage` (a kind is_rl_stage_kind accepts) with `policy`, the model the earlier stages trained, in place.
 // `dir` is the stage's folder; a stage that finished there before (result.json) is loaded and skipped. Returns
 // the stage's summary: kind, steps, losses, wall_s, and for reward_model rm_train_accuracy and
-// rm_heldout_accuracy (pairwise, on every heldout_every-th pair).
+// rm_heldout_accuracy (pairwise, on every heldout_every-th pair); "top_level" holds fields for the top of
+// summary.json (run_recipe moves them there).
 nlohmann::json run_rl_stage(const Recipe& recipe, const StageSpec& stage, Model& policy, const Tokenizer& tokenizer,
                             MetricsLog& metrics, const std::filesystem::path& dir);
 

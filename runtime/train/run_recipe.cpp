@@ -104,9 +104,13 @@ nlohmann::json run_recipe(const Recipe& recipe, const BackendFactory& cuda) {
     if (is_rl_stage_kind(stage.kind)) {  // reward_model, dpo, ...: on the CPU model (rl_stages.hpp)
       require(recipe.device == Device::CPU, recipe.file.string() + ": stage " + stage.name + " (kind " + stage.kind +
                                                 ") runs on the CPU only; use device: cpu");
-      const nlohmann::json s = run_rl_stage(recipe, stage, model, tokenizer, metrics, recipe.out / stage.name);
+      nlohmann::json s = run_rl_stage(recipe, stage, model, tokenizer, metrics, recipe.out / stage.name);
       for (const char* key : {"rm_heldout_accuracy", "rm_train_accuracy"})
         if (s.contains(key)) summary[key] = s[key];
+      if (s.contains("top_level")) {
+        for (const auto& [key, value] : s["top_level"].items()) summary[key] = value;
+        s.erase("top_level");
+      }
       summary["stages"].push_back(s);
       metrics.write({{"event", "stage_done"}, {"summary", s}});
       continue;

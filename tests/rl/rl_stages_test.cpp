@@ -1,5 +1,5 @@
-// moerl run with the RLHF stage kinds: pretraining, then a reward model on machine-judged task pairs and DPO on
-// the same kind of pairs, chained in one run_recipe; summary.json reports the held-out pairwise accuracy and a
+// moerl run with the RLHF stage kinds: pretraining, then a reward model on machine-judged task pairs, DPO on
+// the same kind of pairs and the task evaluation, chained in one run_recipe; summary.json reports the held-out pairwise accuracy and a
 // second run skips the finished stages.
 #include "runtime/train/rl_stages.hpp"
 
@@ -76,6 +76,13 @@ Recipe flow_recipe(const fs::path& dir) {
   dpo.kind = "dpo";
   dpo.steps = 10;
   r.stages.push_back(dpo);
+  StageSpec eval;
+  eval.name = "eval";
+  eval.kind = "eval_task";
+  eval.rl.task_digits = 1;
+  eval.rl.problems = 10;  // single-digit addition holds out about 10 of its 100 problems
+  eval.rl.max_new_tokens = 4;
+  r.stages.push_back(eval);
   return r;
 }
 
@@ -89,10 +96,16 @@ TEST(RlStages, RunRecipeChainsPretrainRewardModelAndDpoAndReportsHeldOutAccuracy
   const double acc = summary["rm_heldout_accuracy"].get<double>();
   EXPECT_GE(acc, 0.0);
   EXPECT_LE(acc, 1.0);
-  ASSERT_EQ(summary["stages"].size(), 3u);
+  ASSERT_EQ(summary["stages"].size(), 4u);
   EXPECT_EQ(summary["stages"][1]["kind"], "reward_model");
   EXPECT_GT(summary["stages"][1]["rm_heldout_pairs"].get<int64_t>(), 0);
   EXPECT_EQ(summary["stages"][2]["kind"], "dpo");
+  // eval_task after dpo: the accuracy of the DPO policy, also at the top of the summary.
+  ASSERT_TRUE(summary.contains("task_accuracy_dpo")) << summary.dump(2);
+  EXPECT_GE(summary["task_accuracy_dpo"].get<double>(), 0.0);
+  EXPECT_LE(summary["task_accuracy_dpo"].get<double>(), 1.0);
+  EXPECT_GT(summary["stages"][3]["problems"].get<int64_t>(), 0);
+  EXPECT_FALSE(summary["stages"][3].contains("top_level"));
   // The pairs the stage trained on are in the run folder, in the feedback export's format.
   const auto pairs = read_preferences(recipe.out / "preferences" / "rm.jsonl");
   EXPECT_GT(pairs.size(), 100u);
@@ -115,21 +128,21 @@ TEST(RlStages, RunRecipeChainsPretrainRewardModelAndDpoAndReportsHeldOutAccuracy
   fs::remove_all(dir);
 }
 
-TEST(RlStages, GenerationStagesAreAClearErrorUntilWired) {
+TEST(RlStages, AnRlhfStageIsAClearErrorUntilWired) {
   const fs::path dir = fs::temp_directory_path() / "moerl-rl-stages-eval";
   fs::remove_all(dir);
   fs::create_directories(dir);
   Recipe recipe = flow_recipe(dir);
-  recipe.stages.resize(1);
-  StageSpec eval;
-  eval.name = "eval";
-  eval.kind = "eval_task";
-  recipe.stages.push_back(eval);
+  recipe.stages.resize(2);
+  StageSpec rl;
+  rl.name = "rl";
+  rl.kind = "rlhf";
+  recipe.stages.push_back(rl);
   try {
     run_recipe(recipe);
-    FAIL() << "an eval_task stage ran";
+    FAIL() << "an rlhf stage ran";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("stage eval"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("stage rl "), std::string::npos) << e.what();
   }
   fs::remove_all(dir);
 }
