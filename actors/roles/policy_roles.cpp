@@ -2,6 +2,8 @@
 // policy (log-probabilities for the KL term), and the expert shard (routed experts of one MoE layer).
 #include <algorithm>
 #include <cstring>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <numeric>
 
 #include "actors/roles/expert_shard.hpp"
@@ -9,6 +11,7 @@
 #include "actors/roles/reward_model.hpp"
 #include "actors/roles/rollout.hpp"
 #include "kernels/swiglu.hpp"
+#include "runtime/rl/reward_model.hpp"
 #include "runtime/safetensors.hpp"
 #include "runtime/train/checkpoint.hpp"
 #include "runtime/train/step_policy.hpp"
@@ -55,8 +58,12 @@ rollout_actor::behavior_type rollout(rollout_actor::stateful_pointer<RolloutStat
                           "GenerationRequest.policyVersion: version " + std::to_string(req.policy_version.version) +
                               ", newer than the weights held (version " + std::to_string(st.version.version) + ")");
           std::vector<Envelope> out;
+          std::vector<uint64_t> streams;
+          for (uint32_t s = 0; s < req.samples; ++s) streams.push_back(req.request_id * 1025 + s);
+          const std::vector<Generation> gens =
+              generate_samples(model, req.prompt_ids, req.sampling, streams, st.precision);
           for (uint32_t s = 0; s < req.samples; ++s) {
-            const Generation g = generate(model, req.prompt_ids, req.sampling, req.request_id * 1025 + s, st.precision);
+            const Generation& g = gens[s];
             out.push_back(wrap(msg::Rollout{req.request_id, s, req.prompt_ids, g.ids, g.log_probs, st.version, g.finish}));
           }
           return out;
@@ -100,13 +107,53 @@ void load_scorer(ScorerState& st, const fs::path& dir, Precision precision, std:
   }
 }
 
-reward_model_actor::behavior_type reward_model(reward_model_actor::stateful_pointer<ScorerState> self, fs::path dir,
+// A trained reward model (a folder RewardModel::save wrote: architectures DeepseekV3ForSequenceClassification)
+// scores with its scalar head; a policy folder falls back to the mean log-likelihood placeholder.
+struct RewardState : ScorerState {
+  std::unique_ptr<RewardModel> head;
+};
+
+bool is_reward_model_dir(const fs::path& dir) {
+  std::ifstream in(dir / "config.json");
+  if (!in) return false;
+  const auto j = nlohmann::json::parse(in, nullptr, false);
+  if (!j.is_object() || !j.contains("architectures") || !j["architectures"].is_array()) return false;
+  for (const auto& a : j["architectures"])
+    if (a == "DeepseekV3ForSequenceClassification") return true;
+  return false;
+}
+
+reward_model_actor::behavior_type reward_model(reward_model_actor::stateful_pointer<RewardState> self, fs::path dir,
                                                Precision precision, std::string name) {
   auto& st = self->state;
-  load_scorer(st, dir, precision, std::move(name));
+  if (is_reward_model_dir(dir)) {
+    st.name = std::move(name);
+    st.precision = precision;
+    try {
+      st.head = RewardModel::load(dir);
+    } catch (const std::exception& e) {
+      st.load_error = e.what();
+    }
+  } else {
+    load_scorer(st, dir, precision, std::move(name));
+  }
   return {
       [&st](score_atom, const Envelope& e) {
         return guarded(st.name, [&] {
+          require(st.load_error.empty(), st.load_error);
+          if (st.head) {
+            msg::DecodeLimits limits;
+            limits.vocab = st.head->config().vocab_size;
+            const auto r = unwrap<msg::Rollout>(e, limits);
+            // The head reads the last token's state; training sequences end in eos (rl/preferences.hpp), so a
+            // response cut by the length limit gets one too.
+            std::vector<int32_t> seq = r.prompt_ids;
+            seq.insert(seq.end(), r.response_ids.begin(), r.response_ids.end());
+            const auto eos = static_cast<int32_t>(st.head->config().eos_token_id);
+            if (seq.empty() || seq.back() != eos) seq.push_back(eos);
+            const float score = st.head->score({seq}, st.precision).front();
+            return wrap(msg::RewardScore{r.request_id, r.sample_index, score, st.name});
+          }
           Model& model = st.get();
           const auto r = unwrap<msg::Rollout>(e, limits_for(model));
           const std::vector<float> lp = response_log_probs(model, r.prompt_ids, r.response_ids, st.precision);

@@ -1,6 +1,6 @@
 // Rollout: generates responses with a policy model (sampling per the request, seeded, so a replayed request
-// gets the same responses) and receives new weights after each policy update. No KV cache yet
-// (runtime/train/step_policy.hpp). Runs on its own thread.
+// gets the same responses) and receives new weights after each policy update. A request's samples decode
+// together with the compressed MLA KV cache (runtime/rl/generate.hpp). Runs on its own thread.
 #pragma once
 #include <filesystem>
 #include <string>

@@ -1,0 +1,209 @@
+#include "runtime/rl/task_loop.hpp"
+
+#include <chrono>
+#include <cmath>
+
+#include "runtime/error.hpp"
+#include "runtime/rl/generate.hpp"
+#include "runtime/rl/logprob.hpp"
+
+namespace moerl::rl {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+
+// Samples `per_problem` responses to each problem (problem-major), rewarded by the checker.
+struct Sampled {
+  std::vector<std::vector<int32_t>> prompts, responses;
+  std::vector<float> rewards;
+  int64_t tokens = 0;
+};
+
+Sampled sample(Model& policy, std::span<const Problem> problems, int64_t per_problem,
+               const msg::SamplingParams& sampling, int64_t step, Precision precision) {
+  Sampled s;
+  std::vector<uint64_t> streams;
+  for (size_t i = 0; i < problems.size(); ++i)
+    for (int64_t k = 0; k < per_problem; ++k) {
+      s.prompts.push_back(prompt_ids(problems[i]));
+      streams.push_back(static_cast<uint64_t>(step) * 1000003ull + i * 1009ull + static_cast<uint64_t>(k));
+    }
+  const std::vector<GeneratedSequence> gen = generate(policy, s.prompts, sampling, streams, precision);
+  for (size_t n = 0; n < gen.size(); ++n) {
+    s.responses.push_back(gen[n].ids);
+    s.rewards.push_back(task_reward(problems[n / static_cast<size_t>(per_problem)], gen[n].ids));
+    s.tokens += static_cast<int64_t>(gen[n].ids.size());
+  }
+  return s;
+}
+
+}  // namespace
+
+TaskEval evaluate_task(Model& model, const AdditionTask& task, std::span<const Problem> problems,
+                       Precision precision) {
+  TaskEval ev;
+  if (problems.empty()) return ev;
+  msg::SamplingParams s;
+  s.temperature = 0;
+  s.max_new_tokens = static_cast<uint32_t>(task.digits + 2);
+  s.stop_ids = {kTaskEos};
+  std::vector<std::vector<int32_t>> prompts;
+  for (const Problem& p : problems) prompts.push_back(prompt_ids(p));
+  const std::vector<uint64_t> streams(prompts.size(), 0);
+  const auto gen = generate(model, prompts, s, streams, precision);
+  for (size_t i = 0; i < gen.size(); ++i) ev.correct += check_answer(problems[i], gen[i].ids);
+  ev.total = static_cast<int64_t>(problems.size());
+  return ev;
+}
+
+double sampled_accuracy(Model& model, std::span<const Problem> problems, int64_t samples,
+                        const msg::SamplingParams& sampling, Precision precision) {
+  if (problems.empty()) return 0.0;
+  const Sampled s = sample(model, problems, samples, sampling, /*step=*/-1, precision);
+  double sum = 0;
+  for (float r : s.rewards) sum += r;
+  return sum / static_cast<double>(s.rewards.size());
+}
+
+double sft_step(Model& model, AdamW& optimizer, std::span<const Problem> problems, int64_t step,
+                Precision precision) {
+  require(!problems.empty(), "sft_step: no problems");
+  std::vector<std::vector<int32_t>> prompts, answers;
+  for (const Problem& p : problems) {
+    const SftExample e = sft_example(p);
+    prompts.emplace_back(e.ids.begin(), e.ids.begin() + e.prompt_tokens);
+    answers.emplace_back(e.ids.begin() + e.prompt_tokens, e.ids.end());
+  }
+  const ScoredBatch sb = make_scored_batch(prompts, answers, kTaskPad);
+  model.params().zero_grad();
+  ForwardOptions o;
+  o.precision = precision;
+  const LossReport r = model.forward(TokenBatch{sb.input_ids.data(), sb.targets.data(), sb.batch, sb.seq}, o);
+  model.backward();
+  optimizer.step(step);
+  return r.loss;
+}
+
+msg::SamplingParams task_sampling(const AdditionTask& task, uint64_t seed) {
+  msg::SamplingParams s;
+  s.temperature = 1.0f;
+  s.max_new_tokens = static_cast<uint32_t>(task.digits + 2);
+  s.stop_ids = {kTaskEos};
+  s.seed = seed;
+  return s;
+}
+
+RlStepStats grpo_step(Model& policy, Model& reference, AdamW& optimizer, const AdditionTask& /*task*/,
+                      std::span<const Problem> problems, const GrpoConfig& config, const msg::SamplingParams& sampling,
+                      int64_t step, int64_t epochs, Precision precision) {
+  RlStepStats st;
+  auto t0 = Clock::now();
+  const Sampled s = sample(policy, problems, config.group_size, sampling, step, precision);
+  st.generate_seconds = seconds_since(t0);
+  st.generated_tokens = s.tokens;
+  for (float r : s.rewards) st.reward_mean += r / static_cast<double>(s.rewards.size());
+  t0 = Clock::now();
+  const std::vector<float> adv = group_advantages(s.rewards, config.group_size, config.scale_by_std);
+  const ScoredBatch sb = make_scored_batch(s.prompts, s.responses, kTaskPad);
+  std::vector<float> token_adv, token_scale, weights;
+  grpo_token_terms(sb, adv, token_adv, token_scale);
+  const std::vector<float> ref_logp = token_log_probs(reference, sb, precision);
+  const std::vector<float> old_logp = token_log_probs(policy, sb, precision);
+  for (int64_t e = 0; e < epochs; ++e) {
+    policy.params().zero_grad();
+    const std::vector<float> logp = token_log_probs(policy, sb, precision, true);
+    const PolicyLossStats ls = clipped_policy_loss(sb, logp, old_logp, ref_logp, token_adv, token_scale,
+                                                   config.clip_eps, config.kl_coef, config.is_cap, weights);
+    if (e == 0) st.policy = ls;
+    backward_weighted(policy, sb, weights);
+    optimizer.step(step * epochs + e);
+  }
+  st.update_seconds = seconds_since(t0);
+  return st;
+}
+
+RlStepStats ppo_step(Model& policy, Model& reference, ValueHead& critic, AdamW& optimizer, AdamW& critic_optimizer,
+                     const AdditionTask& /*task*/, std::span<const Problem> problems, int64_t samples,
+                     const PpoConfig& config, const msg::SamplingParams& sampling, int64_t step, int64_t epochs,
+                     Precision precision) {
+  RlStepStats st;
+  auto t0 = Clock::now();
+  const Sampled s = sample(policy, problems, samples, sampling, step, precision);
+  st.generate_seconds = seconds_since(t0);
+  st.generated_tokens = s.tokens;
+  for (float r : s.rewards) st.reward_mean += r / static_cast<double>(s.rewards.size());
+  t0 = Clock::now();
+  const ScoredBatch sb = make_scored_batch(s.prompts, s.responses, kTaskPad);
+  const int64_t T = sb.batch * sb.seq, D = policy.config().hidden_size;
+  const std::vector<float> ref_logp = token_log_probs(reference, sb, precision);
+  const std::vector<float> old_logp = token_log_probs(policy, sb, precision);
+  const std::vector<float> values = critic.forward(policy.final_hidden(), T);
+
+  // Per-token rewards (KL penalty + the checker's reward on the last token), GAE, returns.
+  std::vector<float> token_adv(static_cast<size_t>(T), 0.0f), returns(static_cast<size_t>(T), 0.0f);
+  std::vector<float> token_scale(static_cast<size_t>(T), 0.0f);
+  int64_t scored = 0;
+  for (int64_t b = 0; b < sb.batch; ++b) scored += sb.response_length[b];
+  for (int64_t b = 0; b < sb.batch; ++b) {
+    const int64_t n = sb.response_length[b];
+    std::vector<float> r(static_cast<size_t>(n)), v(static_cast<size_t>(n));
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t t = sb.at(b, j);
+      r[j] = -config.kl_coef * (old_logp[t] - ref_logp[t]);
+      v[j] = values[t];
+    }
+    if (n > 0) r[n - 1] += s.rewards[b];
+    const std::vector<float> a = gae(r, v, config.gamma, config.lambda);
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t t = sb.at(b, j);
+      token_adv[t] = a[j];
+      returns[t] = a[j] + v[j];
+      token_scale[t] = 1.0f / static_cast<float>(scored);
+    }
+  }
+  if (config.whiten_advantages && scored > 1) {
+    double mean = 0, var = 0;
+    for (int64_t t = 0; t < T; ++t) mean += sb.targets[t] >= 0 ? token_adv[t] : 0.0;
+    mean /= static_cast<double>(scored);
+    for (int64_t t = 0; t < T; ++t)
+      if (sb.targets[t] >= 0) var += (token_adv[t] - mean) * (token_adv[t] - mean);
+    const double inv = 1.0 / (std::sqrt(var / static_cast<double>(scored)) + 1e-6);
+    for (int64_t t = 0; t < T; ++t)
+      if (sb.targets[t] >= 0) token_adv[t] = static_cast<float>((token_adv[t] - mean) * inv);
+  }
+
+  std::vector<float> weights, dhidden(config.critic_shares_trunk ? static_cast<size_t>(T * D) : 0);
+  for (int64_t e = 0; e < epochs; ++e) {
+    policy.params().zero_grad();
+    critic.params().zero_grad();
+    const std::vector<float> logp = token_log_probs(policy, sb, precision, true);
+    const PolicyLossStats ls = clipped_policy_loss(sb, logp, old_logp, ref_logp, token_adv, token_scale,
+                                                   config.clip_eps, 0.0f, 0.0f, weights);
+    std::vector<float> value_scale(token_scale);
+    if (config.critic_shares_trunk)
+      for (float& x : value_scale) x *= config.value_coef;
+    const double vl = critic.backward(policy.final_hidden(), T, returns, value_scale,
+                                      config.critic_shares_trunk ? dhidden.data() : nullptr);
+    if (e == 0) {
+      st.policy = ls;
+      st.value_loss = vl;
+      // The KL to the reference as GRPO reports it (k3 mean), for comparison.
+      double kl = 0;
+      for (int64_t t = 0; t < T; ++t)
+        if (sb.targets[t] >= 0) {
+          const double d = ref_logp[t] - logp[t];
+          kl += std::exp(d) - d - 1.0;
+        }
+      st.policy.kl = kl / static_cast<double>(std::max<int64_t>(scored, 1));
+    }
+    backward_weighted(policy, sb, weights, config.critic_shares_trunk ? dhidden.data() : nullptr);
+    optimizer.step(step * epochs + e);
+    critic_optimizer.step(step * epochs + e);
+  }
+  st.update_seconds = seconds_since(t0);
+  return st;
+}
+
+}  // namespace moerl::rl

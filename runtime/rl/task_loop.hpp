@@ -1,0 +1,64 @@
+// One step at a time of the quickstart's RL on the verifiable task (runtime/rl/task.hpp): supervised
+// fine-tuning on the answers, greedy evaluation by the exact checker, and the policy-gradient steps (GRPO and
+// PPO) that generate with the KV cache, reward by the checker, score against a frozen reference and update.
+// The recipe stages (runtime/train/run_recipe.cpp) and the tests drive these.
+#pragma once
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "kernels/linear.hpp"
+#include "runtime/messages/types.hpp"
+#include "runtime/model/model.hpp"
+#include "runtime/optim/adamw.hpp"
+#include "runtime/rl/grpo.hpp"
+#include "runtime/rl/ppo.hpp"
+#include "runtime/rl/task.hpp"
+
+namespace moerl::rl {
+
+struct TaskEval {
+  int64_t correct = 0, total = 0;
+  double accuracy() const { return total ? static_cast<double>(correct) / static_cast<double>(total) : 0.0; }
+};
+// Greedy decoding (KV cache) of every problem, up to digits + 2 new tokens (the answer and eos), judged by
+// check_answer.
+TaskEval evaluate_task(Model& model, const AdditionTask& task, std::span<const Problem> problems,
+                       Precision precision = Precision::FP32);
+
+// Mean exact-checker reward of `samples` responses per problem drawn with `sampling` (pass@1 at its temperature):
+// on a small held-out set, a finer measure than greedy accuracy.
+double sampled_accuracy(Model& model, std::span<const Problem> problems, int64_t samples,
+                        const msg::SamplingParams& sampling, Precision precision = Precision::FP32);
+
+// One SFT step: cross-entropy on the answer and eos of each problem (prompt tokens not scored), mean over
+// those tokens; zeroes the gradients, backward, optimizer step `step`. Returns the loss.
+double sft_step(Model& model, AdamW& optimizer, std::span<const Problem> problems, int64_t step,
+                Precision precision = Precision::FP32);
+
+struct RlStepStats {
+  double reward_mean = 0;     // exact-checker reward over the step's samples (before the update)
+  PolicyLossStats policy;     // of the first update epoch
+  double value_loss = 0;      // PPO: the critic's loss in the first epoch
+  int64_t generated_tokens = 0;
+  double generate_seconds = 0, update_seconds = 0;
+};
+
+// The sampling the RL steps use on the task: temperature 1 (log-probs then are the behaviour policy's), the
+// answer's length bound, eos as the stop id.
+msg::SamplingParams task_sampling(const AdditionTask& task, uint64_t seed);
+
+// GRPO step: config.group_size samples for each problem (streams derived from `step`), group-normalized
+// advantages, `epochs` updates of the clipped surrogate with the k3 KL to `reference`.
+RlStepStats grpo_step(Model& policy, Model& reference, AdamW& optimizer, const AdditionTask& task,
+                      std::span<const Problem> problems, const GrpoConfig& config, const msg::SamplingParams& sampling,
+                      int64_t step, int64_t epochs = 1, Precision precision = Precision::FP32);
+
+// PPO step: `samples` responses for each problem, rewards with the per-token KL penalty, critic values from
+// `critic`, GAE, `epochs` updates of policy (optimizer) and critic (critic_optimizer, over critic.params()).
+RlStepStats ppo_step(Model& policy, Model& reference, ValueHead& critic, AdamW& optimizer,
+                     AdamW& critic_optimizer, const AdditionTask& task, std::span<const Problem> problems,
+                     int64_t samples, const PpoConfig& config, const msg::SamplingParams& sampling, int64_t step,
+                     int64_t epochs = 1, Precision precision = Precision::FP32);
+
+}  // namespace moerl::rl

@@ -1,0 +1,110 @@
+// GRPO and PPO on the addition task, end to end at test scale: a tiny model is briefly SFT-trained on 1-digit
+// addition, then RL with the exact checker's reward raises its accuracy on the held-out prompts. Measured
+// (2-core machine, one thread): SFT 200 steps ~1 s, 80 RL steps ~10 s each; held-out sampled accuracy 0.32 ->
+// 0.50 (GRPO) and 0.53 (PPO), greedy accuracy on the training pairs 0.82 -> 1.00 / 0.99.
+#include <omp.h>
+
+#include <gtest/gtest.h>
+
+#include "runtime/rl/task_loop.hpp"
+#include "tests/rl/tiny_model.hpp"
+
+namespace moerl::rl {
+namespace {
+
+// One OpenMP thread while alive: this model's matrices are a few dozen rows, so threads cost more than they
+// give, and on a loaded 2-core machine spinning threads made the test 10x slower. Restores the previous count.
+struct OneThread {
+  int saved = omp_get_max_threads();
+  OneThread() { omp_set_num_threads(1); }
+  ~OneThread() { omp_set_num_threads(saved); }
+};
+
+struct TaskSetup {
+  OneThread one_thread;
+  AdditionTask task{1};
+  ModelConfig config;
+  std::unique_ptr<Model> policy, reference;
+  std::vector<Problem> held_out, train_pairs;
+  double sft_sampled = 0, sft_greedy_train = 0;
+
+  TaskSetup() {
+    config = testing::tiny_config(false);
+    config.initializer_range = 0.02;
+    policy = std::make_unique<Model>(config);
+    reference = std::make_unique<Model>(config);
+    policy->init_random(1);
+    AdamWConfig ac;
+    ac.lr = 3e-3;
+    ac.weight_decay = 0.0;
+    ac.total_steps = 100000;
+    AdamW sft(policy->params(), ac);
+    for (int s = 0; s < 200; ++s) sft_step(*policy, sft, training_problems(task, 1000 + s, 16), s);
+    for (auto& [name, p] : policy->params().all()) reference->params().at(name).value = p.value.clone();
+    held_out = evaluation_problems(task, 100);
+    for (int a = 0; a < 10; ++a)
+      for (int b = 0; b < 10; ++b)
+        if (!is_held_out(task, a, b)) train_pairs.push_back(make_problem(task, a, b));
+    sft_sampled = held_out_sampled();
+    sft_greedy_train = evaluate_task(*policy, task, train_pairs).accuracy();
+  }
+  // 64 samples of each held-out problem at temperature 1 (320 samples: standard error ~0.03).
+  double held_out_sampled() { return sampled_accuracy(*policy, held_out, 64, task_sampling(task, 1)); }
+  static AdamWConfig rl_optimizer() {
+    AdamWConfig c;
+    c.lr = 5e-4;
+    c.weight_decay = 0.0;
+    c.warmup_steps = 10;  // Adam's first steps are sign-sized: warm up so they do not undo the SFT
+    c.total_steps = 100000;
+    return c;
+  }
+};
+
+TEST(RlOnTheAdditionTask, GrpoRaisesHeldOutAccuracyOverSft) {
+  TaskSetup s;
+  EXPECT_EQ(s.held_out.size(), 5u);  // 1-digit addition: the hash holds out 5 of the 100 pairs
+  AdamW opt(s.policy->params(), TaskSetup::rl_optimizer());
+  GrpoConfig g;
+  g.group_size = 8;
+  RlStepStats last;
+  for (int step = 0; step < 80; ++step)
+    last = grpo_step(*s.policy, *s.reference, opt, s.task, training_problems(s.task, 5000 + step, 16), g,
+                     task_sampling(s.task, 9), step, /*epochs=*/2);
+  const double rl_sampled = s.held_out_sampled();
+  const double rl_greedy_train = evaluate_task(*s.policy, s.task, s.train_pairs).accuracy();
+  std::printf("GRPO: held-out sampled %.3f -> %.3f, train greedy %.3f -> %.3f, KL %.4f\n", s.sft_sampled, rl_sampled,
+              s.sft_greedy_train, rl_greedy_train, last.policy.kl);
+  // Measured +0.19 and +0.18; the margins leave room for another BLAS's rounding changing the sampled path.
+  EXPECT_GT(rl_sampled, s.sft_sampled + 0.08);
+  EXPECT_GT(rl_greedy_train, s.sft_greedy_train + 0.05);
+  EXPECT_GT(last.policy.kl, 0.0);
+  EXPECT_LT(last.policy.kl, 1.0);  // β = 0.04 keeps the policy near the reference
+}
+
+TEST(RlOnTheAdditionTask, PpoRaisesHeldOutAccuracyOverSft) {
+  TaskSetup s;
+  AdamW opt(s.policy->params(), TaskSetup::rl_optimizer());
+  ValueHead critic(s.config.hidden_size);
+  AdamWConfig cc = TaskSetup::rl_optimizer();
+  cc.lr = 1e-2;  // the critic is a linear probe: a larger step
+  AdamW critic_opt(critic.params(), cc);
+  PpoConfig pc;
+  RlStepStats first, last;
+  for (int step = 0; step < 80; ++step) {
+    last = ppo_step(*s.policy, *s.reference, critic, opt, critic_opt, s.task, training_problems(s.task, 5000 + step, 16),
+                    8, pc, task_sampling(s.task, 9), step, /*epochs=*/2);
+    if (step == 0) first = last;
+  }
+  const double rl_sampled = s.held_out_sampled();
+  const double rl_greedy_train = evaluate_task(*s.policy, s.task, s.train_pairs).accuracy();
+  std::printf("PPO: held-out sampled %.3f -> %.3f, train greedy %.3f -> %.3f, KL %.4f, value loss %.3f -> %.3f\n",
+              s.sft_sampled, rl_sampled, s.sft_greedy_train, rl_greedy_train, last.policy.kl, first.value_loss,
+              last.value_loss);
+  EXPECT_GT(rl_sampled, s.sft_sampled + 0.08);
+  EXPECT_GT(rl_greedy_train, s.sft_greedy_train + 0.05);
+  EXPECT_LT(last.value_loss, first.value_loss);  // the critic learns
+  EXPECT_LT(last.policy.kl, 1.0);
+}
+
+}  // namespace
+}  // namespace moerl::rl
