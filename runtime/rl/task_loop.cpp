@@ -22,18 +22,18 @@ struct Sampled {
 };
 
 Sampled sample(Model& policy, std::span<const Problem> problems, int64_t per_problem,
-               const msg::SamplingParams& sampling, int64_t step, Precision precision) {
+               const msg::SamplingParams& sampling, int64_t step, Precision precision, const TaskCodec& codec) {
   Sampled s;
   std::vector<uint64_t> streams;
   for (size_t i = 0; i < problems.size(); ++i)
     for (int64_t k = 0; k < per_problem; ++k) {
-      s.prompts.push_back(prompt_ids(problems[i]));
+      s.prompts.push_back(codec.prompt_ids(problems[i]));
       streams.push_back(static_cast<uint64_t>(step) * 1000003ull + i * 1009ull + static_cast<uint64_t>(k));
     }
   const std::vector<GeneratedSequence> gen = generate(policy, s.prompts, sampling, streams, precision);
   for (size_t n = 0; n < gen.size(); ++n) {
     s.responses.push_back(gen[n].ids);
-    s.rewards.push_back(task_reward(problems[n / static_cast<size_t>(per_problem)], gen[n].ids));
+    s.rewards.push_back(codec.check(problems[n / static_cast<size_t>(per_problem)], gen[n].ids) ? 1.0f : 0.0f);
     s.tokens += static_cast<int64_t>(gen[n].ids.size());
   }
   return s;
@@ -41,27 +41,34 @@ Sampled sample(Model& policy, std::span<const Problem> problems, int64_t per_pro
 
 }  // namespace
 
+TaskCodec char_codec() {
+  TaskCodec c;
+  c.prompt_ids = [](const Problem& p) { return prompt_ids(p); };
+  c.check = [](const Problem& p, std::span<const int32_t> r) { return check_answer(p, r); };
+  return c;
+}
+
 TaskEval evaluate_task(Model& model, const AdditionTask& task, std::span<const Problem> problems,
-                       Precision precision) {
+                       Precision precision, const TaskCodec& codec) {
   TaskEval ev;
   if (problems.empty()) return ev;
   msg::SamplingParams s;
   s.temperature = 0;
   s.max_new_tokens = static_cast<uint32_t>(task.digits + 2);
-  s.stop_ids = {kTaskEos};
+  s.stop_ids = {codec.eos_id};
   std::vector<std::vector<int32_t>> prompts;
-  for (const Problem& p : problems) prompts.push_back(prompt_ids(p));
+  for (const Problem& p : problems) prompts.push_back(codec.prompt_ids(p));
   const std::vector<uint64_t> streams(prompts.size(), 0);
   const auto gen = generate(model, prompts, s, streams, precision);
-  for (size_t i = 0; i < gen.size(); ++i) ev.correct += check_answer(problems[i], gen[i].ids);
+  for (size_t i = 0; i < gen.size(); ++i) ev.correct += codec.check(problems[i], gen[i].ids);
   ev.total = static_cast<int64_t>(problems.size());
   return ev;
 }
 
 double sampled_accuracy(Model& model, std::span<const Problem> problems, int64_t samples,
-                        const msg::SamplingParams& sampling, Precision precision) {
+                        const msg::SamplingParams& sampling, Precision precision, const TaskCodec& codec) {
   if (problems.empty()) return 0.0;
-  const Sampled s = sample(model, problems, samples, sampling, /*step=*/-1, precision);
+  const Sampled s = sample(model, problems, samples, sampling, /*step=*/-1, precision, codec);
   double sum = 0;
   for (float r : s.rewards) sum += r;
   return sum / static_cast<double>(s.rewards.size());
@@ -86,27 +93,27 @@ double sft_step(Model& model, AdamW& optimizer, std::span<const Problem> problem
   return r.loss;
 }
 
-msg::SamplingParams task_sampling(const AdditionTask& task, uint64_t seed) {
+msg::SamplingParams task_sampling(const AdditionTask& task, uint64_t seed, int32_t eos_id) {
   msg::SamplingParams s;
   s.temperature = 1.0f;
   s.max_new_tokens = static_cast<uint32_t>(task.digits + 2);
-  s.stop_ids = {kTaskEos};
+  s.stop_ids = {eos_id};
   s.seed = seed;
   return s;
 }
 
 RlStepStats grpo_step(Model& policy, Model& reference, AdamW& optimizer, const AdditionTask& /*task*/,
                       std::span<const Problem> problems, const GrpoConfig& config, const msg::SamplingParams& sampling,
-                      int64_t step, int64_t epochs, Precision precision) {
+                      int64_t step, int64_t epochs, Precision precision, const TaskCodec& codec) {
   RlStepStats st;
   auto t0 = Clock::now();
-  const Sampled s = sample(policy, problems, config.group_size, sampling, step, precision);
+  const Sampled s = sample(policy, problems, config.group_size, sampling, step, precision, codec);
   st.generate_seconds = seconds_since(t0);
   st.generated_tokens = s.tokens;
   for (float r : s.rewards) st.reward_mean += r / static_cast<double>(s.rewards.size());
   t0 = Clock::now();
   const std::vector<float> adv = group_advantages(s.rewards, config.group_size, config.scale_by_std);
-  const ScoredBatch sb = make_scored_batch(s.prompts, s.responses, kTaskPad);
+  const ScoredBatch sb = make_scored_batch(s.prompts, s.responses, codec.pad_id);
   std::vector<float> token_adv, token_scale, weights;
   grpo_token_terms(sb, adv, token_adv, token_scale);
   const std::vector<float> ref_logp = token_log_probs(reference, sb, precision);
@@ -127,15 +134,15 @@ RlStepStats grpo_step(Model& policy, Model& reference, AdamW& optimizer, const A
 RlStepStats ppo_step(Model& policy, Model& reference, ValueHead& critic, AdamW& optimizer, AdamW& critic_optimizer,
                      const AdditionTask& /*task*/, std::span<const Problem> problems, int64_t samples,
                      const PpoConfig& config, const msg::SamplingParams& sampling, int64_t step, int64_t epochs,
-                     Precision precision) {
+                     Precision precision, const TaskCodec& codec) {
   RlStepStats st;
   auto t0 = Clock::now();
-  const Sampled s = sample(policy, problems, samples, sampling, step, precision);
+  const Sampled s = sample(policy, problems, samples, sampling, step, precision, codec);
   st.generate_seconds = seconds_since(t0);
   st.generated_tokens = s.tokens;
   for (float r : s.rewards) st.reward_mean += r / static_cast<double>(s.rewards.size());
   t0 = Clock::now();
-  const ScoredBatch sb = make_scored_batch(s.prompts, s.responses, kTaskPad);
+  const ScoredBatch sb = make_scored_batch(s.prompts, s.responses, codec.pad_id);
   const int64_t T = sb.batch * sb.seq, D = policy.config().hidden_size;
   const std::vector<float> ref_logp = token_log_probs(reference, sb, precision);
   const std::vector<float> old_logp = token_log_probs(policy, sb, precision);

@@ -4,6 +4,7 @@
 // The recipe stages (runtime/train/run_recipe.cpp) and the tests drive these.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <vector>
 
@@ -17,6 +18,16 @@
 
 namespace moerl::rl {
 
+// How problems become token ids and responses are judged: the task's own characters (char_codec(), the default)
+// or a run's tokenizer (e.g. bos + tokenizer.encode(p.prompt), and the response decoded up to eos compared with
+// p.answer). Generation stops at the sampling's stop ids; pad_id fills scored batches.
+struct TaskCodec {
+  std::function<std::vector<int32_t>(const Problem&)> prompt_ids;
+  std::function<bool(const Problem&, std::span<const int32_t>)> check;  // the exact checker on response ids
+  int32_t eos_id = kTaskEos, pad_id = kTaskPad;
+};
+TaskCodec char_codec();
+
 struct TaskEval {
   int64_t correct = 0, total = 0;
   double accuracy() const { return total ? static_cast<double>(correct) / static_cast<double>(total) : 0.0; }
@@ -24,12 +35,13 @@ struct TaskEval {
 // Greedy decoding (KV cache) of every problem, up to digits + 2 new tokens (the answer and eos), judged by
 // check_answer.
 TaskEval evaluate_task(Model& model, const AdditionTask& task, std::span<const Problem> problems,
-                       Precision precision = Precision::FP32);
+                       Precision precision = Precision::FP32, const TaskCodec& codec = char_codec());
 
 // Mean exact-checker reward of `samples` responses per problem drawn with `sampling` (pass@1 at its temperature):
 // on a small held-out set, a finer measure than greedy accuracy.
 double sampled_accuracy(Model& model, std::span<const Problem> problems, int64_t samples,
-                        const msg::SamplingParams& sampling, Precision precision = Precision::FP32);
+                        const msg::SamplingParams& sampling, Precision precision = Precision::FP32,
+                        const TaskCodec& codec = char_codec());
 
 // One SFT step: cross-entropy on the answer and eos of each problem (prompt tokens not scored), mean over
 // those tokens; zeroes the gradients, backward, optimizer step `step`. Returns the loss.
@@ -46,19 +58,20 @@ struct RlStepStats {
 
 // The sampling the RL steps use on the task: temperature 1 (log-probs then are the behaviour policy's), the
 // answer's length bound, eos as the stop id.
-msg::SamplingParams task_sampling(const AdditionTask& task, uint64_t seed);
+msg::SamplingParams task_sampling(const AdditionTask& task, uint64_t seed, int32_t eos_id = kTaskEos);
 
 // GRPO step: config.group_size samples for each problem (streams derived from `step`), group-normalized
 // advantages, `epochs` updates of the clipped surrogate with the k3 KL to `reference`.
 RlStepStats grpo_step(Model& policy, Model& reference, AdamW& optimizer, const AdditionTask& task,
                       std::span<const Problem> problems, const GrpoConfig& config, const msg::SamplingParams& sampling,
-                      int64_t step, int64_t epochs = 1, Precision precision = Precision::FP32);
+                      int64_t step, int64_t epochs = 1, Precision precision = Precision::FP32,
+                      const TaskCodec& codec = char_codec());
 
 // PPO step: `samples` responses for each problem, rewards with the per-token KL penalty, critic values from
 // `critic`, GAE, `epochs` updates of policy (optimizer) and critic (critic_optimizer, over critic.params()).
 RlStepStats ppo_step(Model& policy, Model& reference, ValueHead& critic, AdamW& optimizer,
                      AdamW& critic_optimizer, const AdditionTask& task, std::span<const Problem> problems,
                      int64_t samples, const PpoConfig& config, const msg::SamplingParams& sampling, int64_t step,
-                     int64_t epochs = 1, Precision precision = Precision::FP32);
+                     int64_t epochs = 1, Precision precision = Precision::FP32, const TaskCodec& codec = char_codec());
 
 }  // namespace moerl::rl

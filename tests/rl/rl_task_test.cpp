@@ -106,5 +106,21 @@ TEST(RlOnTheAdditionTask, PpoRaisesHeldOutAccuracyOverSft) {
   EXPECT_LT(last.policy.kl, 1.0);
 }
 
+TEST(RlOnTheAdditionTask, JudgesWithTheCodecItIsGiven) {
+  Model m(testing::tiny_config(false));
+  m.init_random(5);
+  const AdditionTask task{1};
+  const auto problems = evaluation_problems(task, 3);
+  TaskCodec always = char_codec(), never = char_codec();
+  always.check = [](const Problem&, std::span<const int32_t>) { return true; };
+  never.check = [](const Problem&, std::span<const int32_t>) { return false; };
+  const auto sampling = task_sampling(task, 3);
+  EXPECT_EQ(sampled_accuracy(m, problems, 4, sampling, Precision::FP32, always), 1.0);
+  EXPECT_EQ(sampled_accuracy(m, problems, 4, sampling, Precision::FP32, never), 0.0);
+  EXPECT_EQ(evaluate_task(m, task, problems, Precision::FP32, always).correct, 3);
+  // The default is the task's own characters and checker: an untrained model gets (almost) nothing right.
+  EXPECT_LT(sampled_accuracy(m, problems, 4, sampling), 0.5);
+}
+
 }  // namespace
 }  // namespace moerl::rl
