@@ -1,6 +1,7 @@
-// Reward model: scores responses with a forward pass of its language model. Today the score is the mean
-// log-likelihood per response token given the prompt (a trained scalar head and training on preference pairs
-// come with the reward-model stage). Runs on its own thread.
+// Reward model: scores responses. A folder written by RewardModel::save (runtime/rl/reward_model.hpp, a recipe's
+// reward_model stage) scores with its trained scalar head on bos + prompt + response + eos (eos appended to a
+// response cut by the length limit). A policy folder (no reward-model stage yet) falls back to the placeholder:
+// the mean log-likelihood per response token given the prompt. Runs on its own thread.
 #pragma once
 #include <filesystem>
 #include <string>
