@@ -162,7 +162,8 @@ class Model {
   // (<= max_position_embeddings). decode: ids [batch, n_new] are each sequence's next n_new tokens (prompt
   // prefill, then one token per step); logits [batch * n_new, vocab] receives their next-token logits, the
   // same as forward's for those positions up to FP32 summation order. Decoding overwrites the activations a
-  // forward saved: a pending backward() is refused afterwards.
+  // forward saved (a pending backward() is refused afterwards) and the expert loads (expert_loads(),
+  // update_router_bias() see the decoded tokens' routing).
   KvCache new_cache(int64_t batch, int64_t capacity) const;
   void decode(const int64_t* ids, int64_t n_new, KvCache& cache, float* logits, Precision precision);
 
