@@ -131,6 +131,61 @@ RlStepStats grpo_step(Model& policy, Model& reference, AdamW& optimizer, const A
   return st;
 }
 
+RlStepStats grpo_update(Model& policy, Model& reference, AdamW& optimizer, const RolloutGroups& r,
+                        const GrpoConfig& config, uint64_t current_version, uint64_t max_staleness, int64_t step,
+                        int64_t* dropped, Precision precision, int32_t pad_id) {
+  const size_t n = r.responses.size(), G = static_cast<size_t>(config.group_size);
+  require(r.prompts.size() == n && r.behaviour_log_probs.size() == n && r.rewards.size() == n &&
+              r.versions.size() == n && n % G == 0,
+          "grpo_update: prompts, responses, behaviour_log_probs, rewards and versions must have one entry per "
+          "response, in whole groups of " + std::to_string(G));
+  RlStepStats st;
+  const auto t0 = Clock::now();
+  std::vector<std::vector<int32_t>> prompts, responses;
+  std::vector<float> rewards;
+  std::vector<const std::vector<float>*> behaviour;
+  int64_t stale = 0;
+  for (size_t g = 0; g < n; g += G) {
+    bool fresh = true;
+    for (size_t i = g; i < g + G; ++i) {
+      require(r.versions[i] <= current_version, "grpo_update: a rollout of policy version " +
+                                                    std::to_string(r.versions[i]) + " is newer than the policy (" +
+                                                    std::to_string(current_version) + ")");
+      require(r.behaviour_log_probs[i].size() == r.responses[i].size(),
+              "grpo_update: response " + std::to_string(i) + " needs one behaviour log-prob per token");
+      fresh = fresh && current_version - r.versions[i] <= max_staleness;
+    }
+    if (!fresh) {
+      ++stale;
+      continue;
+    }
+    for (size_t i = g; i < g + G; ++i) {
+      prompts.push_back(r.prompts[i]);
+      responses.push_back(r.responses[i]);
+      rewards.push_back(r.rewards[i]);
+      behaviour.push_back(&r.behaviour_log_probs[i]);
+    }
+  }
+  if (dropped) *dropped = stale;
+  if (rewards.empty()) return st;
+  for (float x : rewards) st.reward_mean += x / static_cast<double>(rewards.size());
+  const std::vector<float> adv = group_advantages(rewards, config.group_size, config.scale_by_std);
+  const ScoredBatch sb = make_scored_batch(prompts, responses, pad_id);
+  std::vector<float> token_adv, token_scale, weights, old_logp(sb.targets.size(), 0.0f);
+  grpo_token_terms(sb, adv, token_adv, token_scale);
+  for (int64_t b = 0; b < sb.batch; ++b)
+    for (int64_t j = 0; j < sb.response_length[b]; ++j) old_logp[sb.at(b, j)] = (*behaviour[b])[j];
+  const std::vector<float> ref_logp = token_log_probs(reference, sb, precision);
+  policy.params().zero_grad();
+  const std::vector<float> logp = token_log_probs(policy, sb, precision, true);
+  st.policy = clipped_policy_loss(sb, logp, old_logp, ref_logp, token_adv, token_scale, config.clip_eps,
+                                  config.kl_coef, config.is_cap, weights);
+  backward_weighted(policy, sb, weights);
+  optimizer.step(step);
+  st.update_seconds = seconds_since(t0);
+  return st;
+}
+
 RlStepStats ppo_step(Model& policy, Model& reference, ValueHead& critic, AdamW& optimizer, AdamW& critic_optimizer,
                      const AdditionTask& /*task*/, std::span<const Problem> problems, int64_t samples,
                      const PpoConfig& config, const msg::SamplingParams& sampling, int64_t step, int64_t epochs,

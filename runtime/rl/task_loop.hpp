@@ -67,6 +67,23 @@ RlStepStats grpo_step(Model& policy, Model& reference, AdamW& optimizer, const A
                       int64_t step, int64_t epochs = 1, Precision precision = Precision::FP32,
                       const TaskCodec& codec = char_codec());
 
+// Rollouts made elsewhere (the asynchronous rollout actor), possibly by an older policy version: groups of
+// group_size consecutive responses to one prompt, with the behaviour policy's per-token log-probs (temperature
+// 1) and the policy version that produced each.
+struct RolloutGroups {
+  std::vector<std::vector<int32_t>> prompts, responses;
+  std::vector<std::vector<float>> behaviour_log_probs;  // [responses[i].size()] each
+  std::vector<float> rewards;
+  std::vector<uint64_t> versions;
+};
+// Off-policy GRPO update: groups with any response older than current_version − max_staleness are dropped
+// (the staleness bound); the ratio is taken against the behaviour log-probs (importance-ratio correction,
+// clipped; config.is_cap truncates it further). Returns the stats of the groups used; dropped reports how
+// many groups were too stale. Nothing is updated when every group is dropped.
+RlStepStats grpo_update(Model& policy, Model& reference, AdamW& optimizer, const RolloutGroups& rollouts,
+                        const GrpoConfig& config, uint64_t current_version, uint64_t max_staleness, int64_t step,
+                        int64_t* dropped = nullptr, Precision precision = Precision::FP32, int32_t pad_id = kTaskPad);
+
 // PPO step: `samples` responses for each problem, rewards with the per-token KL penalty, critic values from
 // `critic`, GAE, `epochs` updates of policy (optimizer) and critic (critic_optimizer, over critic.params()).
 RlStepStats ppo_step(Model& policy, Model& reference, ValueHead& critic, AdamW& optimizer,

@@ -7,6 +7,8 @@
 
 #include <gtest/gtest.h>
 
+#include "runtime/error.hpp"
+#include "runtime/rl/generate.hpp"
 #include "runtime/rl/task_loop.hpp"
 #include "tests/rl/tiny_model.hpp"
 
@@ -124,6 +126,51 @@ TEST(RlOnTheAdditionTask, JudgesWithTheCodecItIsGiven) {
   EXPECT_EQ(evaluate_task(m, task, problems, Precision::FP32, always).correct, 3);
   // The default is the task's own characters and checker: an untrained model gets (almost) nothing right.
   EXPECT_LT(sampled_accuracy(m, problems, 4, sampling), 0.5);
+}
+
+}  // namespace
+}  // namespace moerl::rl
+
+namespace moerl::rl {
+namespace {
+
+// Two groups of 2 responses from the generator (behaviour log-probs at temperature 1), one of them stale.
+RolloutGroups two_groups(Model& m, uint64_t old_version) {
+  const AdditionTask task{1};
+  const auto problems = training_problems(task, 2, 2);
+  RolloutGroups r;
+  for (size_t i = 0; i < 4; ++i) r.prompts.push_back(prompt_ids(problems[i / 2]));
+  const std::vector<uint64_t> streams{1, 2, 3, 4};
+  for (auto& g : generate(m, r.prompts, task_sampling(task, 5), streams, Precision::FP32)) {
+    r.responses.push_back(g.ids);
+    r.behaviour_log_probs.push_back(g.log_probs);
+  }
+  r.rewards = {1, 0, 0, 1};
+  r.versions = {old_version, old_version, 7, 7};
+  return r;
+}
+
+TEST(OffPolicyGrpo, DropsGroupsBeyondTheStalenessBoundAndCorrectsTheRest) {
+  Model m(testing::tiny_config(false)), ref(testing::tiny_config(false));
+  m.init_random(6);
+  ref.init_random(6);
+  AdamWConfig ac;
+  ac.total_steps = 100;
+  AdamW opt(m.params(), ac);
+  GrpoConfig g;
+  g.group_size = 2;
+  int64_t dropped = -1;
+  // Version 7 now; the first group came from version 3, the bound is 2: it is dropped.
+  const RlStepStats st = grpo_update(m, ref, opt, two_groups(m, 3), g, 7, 2, 0, &dropped);
+  EXPECT_EQ(dropped, 1);
+  EXPECT_EQ(st.reward_mean, 0.5);
+  // The behaviour policy is the current one: the ratio is 1 up to the cache-vs-full-forward rounding (1e-4).
+  EXPECT_NEAR(st.policy.ratio_mean, 1.0, 1e-4);
+  EXPECT_EQ(st.policy.clip_fraction, 0.0);
+  // Every group too stale: nothing is used, and a rollout from the future is refused.
+  EXPECT_EQ(grpo_update(m, ref, opt, two_groups(m, 0), g, 20, 2, 1, &dropped).policy.tokens, 0);
+  EXPECT_EQ(dropped, 2);
+  EXPECT_THROW(grpo_update(m, ref, opt, two_groups(m, 9), g, 7, 2, 2), Error);
 }
 
 }  // namespace
