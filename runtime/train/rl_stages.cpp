@@ -12,6 +12,7 @@
 #include "runtime/rl/preferences.hpp"
 #include "runtime/rl/reward_model.hpp"
 #include "runtime/rl/task.hpp"
+#include "runtime/rl/task_loop.hpp"
 #include "runtime/safetensors.hpp"
 #include "runtime/train/checkpoint.hpp"
 #include "runtime/util/files.hpp"
@@ -236,6 +237,97 @@ nlohmann::json run_eval_task(const Recipe& recipe, const StageSpec& stage, Model
           {"top_level", {{"task_accuracy_" + trained, accuracy}}}};
 }
 
+// The task through the run's tokenizer: bos + encode(prompt); a response is right when it decodes, up to eos, to
+// exactly the answer.
+rl::TaskCodec tokenizer_codec(const Tokenizer& tokenizer) {
+  rl::TaskCodec codec;
+  codec.prompt_ids = [&tokenizer](const rl::Problem& p) {
+    auto ids = tokenizer.encode(p.prompt);
+    ids.insert(ids.begin(), tokenizer.bos_id());
+    return ids;
+  };
+  codec.check = [&tokenizer](const rl::Problem& p, std::span<const int32_t> response) {
+    std::vector<int32_t> ids(response.begin(), response.end());
+    ids.erase(std::find(ids.begin(), ids.end(), tokenizer.eos_id()), ids.end());
+    return tokenizer.decode(ids) == p.answer;
+  };
+  codec.eos_id = tokenizer.eos_id();
+  codec.pad_id = tokenizer.pad_id();
+  return codec;
+}
+
+// Online RL of the policy on the task's training prompts: GRPO (default) or PPO (B1's task_loop steps), the
+// frozen starting policy as the KL reference.
+// TODO(integration): the reward here is the exact checker's (a verifiable reward): grpo_step/ppo_step take
+// rewards from codec.check. Scoring the samples with the recipe's reward model (the `reward_model:` stage,
+// RewardModel::score) needs a reward-function hook in task_loop; the stage already names that reward model.
+nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& policy, const Tokenizer& tokenizer,
+                        MetricsLog& metrics, const fs::path& dir) {
+  const auto t0 = std::chrono::steady_clock::now();
+  start_policy(recipe, stage, policy);
+  const rl::AdditionTask task{stage.rl.task_digits};
+  const rl::TaskCodec codec = tokenizer_codec(tokenizer);
+  Model reference(policy.config());
+  reference.load_weights(weights_of(policy));
+  AdamWConfig oc = stage.optimizer;
+  oc.total_steps = stage.steps;
+  AdamW opt(policy.params(), oc);
+  rl::GrpoConfig grpo;
+  grpo.group_size = stage.rl.group_size;
+  grpo.clip_eps = static_cast<float>(stage.rl.clip);
+  grpo.kl_coef = static_cast<float>(stage.rl.kl_coef);
+  rl::PpoConfig ppo;
+  ppo.clip_eps = static_cast<float>(stage.rl.clip);
+  ppo.kl_coef = static_cast<float>(stage.rl.kl_coef);
+  rl::ValueHead critic(policy.config().hidden_size);
+  AdamWConfig critic_oc = oc;
+  critic_oc.weight_decay = 0.0;
+  AdamW critic_opt(critic.params(), critic_oc);
+  msg::SamplingParams sampling = rl::task_sampling(task, recipe.seed + 101, tokenizer.eos_id());
+  sampling.temperature = static_cast<float>(stage.rl.temperature);
+  sampling.max_new_tokens = static_cast<uint32_t>(stage.rl.max_new_tokens);
+  // Prompts per step: the stage's batch (GRPO: each answered group_size times).
+  const auto problems = rl::training_problems(task, recipe.seed + 103, static_cast<size_t>(stage.steps * stage.batch));
+  ProgressBar bar(stage.name, stage.steps, "tok");
+  int64_t tokens = 0;
+  double reward_sum = 0, kl_last = 0, reward_last = 0;
+  for (int64_t step = 0; step < stage.steps; ++step) {
+    const std::span<const rl::Problem> batch(problems.data() + step * stage.batch, static_cast<size_t>(stage.batch));
+    const rl::RlStepStats st =
+        stage.rl.algorithm == "ppo"
+            ? rl::ppo_step(policy, reference, critic, opt, critic_opt, task, batch, stage.rl.group_size, ppo,
+                           sampling, step, 1, recipe.precision, codec)
+            : rl::grpo_step(policy, reference, opt, task, batch, grpo, sampling, step, 1, recipe.precision, codec);
+    if (stage.bias_gamma > 0) policy.update_router_bias(stage.bias_gamma);
+    tokens += st.generated_tokens;
+    reward_sum += st.reward_mean;
+    reward_last = st.reward_mean;
+    kl_last = st.policy.kl;
+    nlohmann::json m = {{"stage", stage.name}, {"step", step + 1},     {"loss", st.policy.loss},
+                        {"reward", st.reward_mean}, {"kl", st.policy.kl}, {"clip_fraction", st.policy.clip_fraction}};
+    if (stage.rl.algorithm == "ppo") m["value_loss"] = st.value_loss;
+    metrics.write(m);
+    char fields[96];
+    std::snprintf(fields, sizeof fields, "reward %.3f  kl %.4f", st.reward_mean, st.policy.kl);
+    bar.update(step + 1, tokens, fields);
+  }
+  char fields[96];
+  std::snprintf(fields, sizeof fields, "reward %.3f  kl %.4f", reward_last, kl_last);
+  bar.finish(fields);
+  save_checkpoint(dir, policy, &tokenizer, nullptr, nullptr);
+  return {{"stage", stage.name},
+          {"kind", stage.kind},
+          {"algorithm", stage.rl.algorithm},
+          {"steps", stage.steps},
+          {"reward", reward_last},
+          {"reward_mean", reward_sum / static_cast<double>(stage.steps)},
+          {"reward_source", "exact checker (verifiable reward)"},
+          {"kl_to_reference", kl_last},
+          {"wall_s", seconds_since(t0)},
+          {"checkpoint", dir.string()},
+          {"top_level", {{"kl_to_reference", kl_last}}}};
+}
+
 }  // namespace
 
 nlohmann::json run_rl_stage(const Recipe& recipe, const StageSpec& stage, Model& policy, const Tokenizer& tokenizer,
@@ -246,7 +338,7 @@ nlohmann::json run_rl_stage(const Recipe& recipe, const StageSpec& stage, Model&
     std::ifstream in(result);
     nlohmann::json done = nlohmann::json::parse(in);
     std::fprintf(stderr, "%-10s already complete in %s, skipped\n", stage.name.c_str(), dir.c_str());
-    if (stage.kind == "dpo") policy.load_weights(read_safetensors(dir / "model.safetensors"));
+    if (stage.kind == "dpo" || stage.kind == "rlhf") policy.load_weights(read_safetensors(dir / "model.safetensors"));
     return done;
   }
   fs::create_directories(dir);
@@ -260,9 +352,9 @@ nlohmann::json run_rl_stage(const Recipe& recipe, const StageSpec& stage, Model&
       before.push_back(b);
     }
     s = run_eval_task(recipe, stage, policy, tokenizer, metrics, before);
-  } else
-    throw Error(recipe.file.string() + ": stage " + stage.name + " (kind " + stage.kind +
-                "): not runnable yet — rlhf (GRPO/PPO) is not wired into moerl run");
+  } else {
+    s = run_rlhf(recipe, stage, policy, tokenizer, metrics, dir);
+  }
   write_file_durably(result, s.dump(2) + "\n");
   return s;
 }

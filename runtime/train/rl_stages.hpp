@@ -5,7 +5,8 @@
 //   dpo           the same pairs -> the policy trained in place by DPO against its frozen starting weights
 //   eval_task     greedy answers to the task's held-out problems, exact match -> task_accuracy (and at the top
 //                 of summary.json task_accuracy_<kind of the last stage that trained the policy>: _sft, _rlhf)
-// rlhf (GRPO/PPO) is not wired here yet: running it is an Error naming the stage.
+//   rlhf          GRPO (default) or PPO on the task's training prompts against the frozen starting policy ->
+//                 reward, kl_to_reference; the reward is the exact checker's for now (see run_rlhf in the .cpp)
 #pragma once
 #include <filesystem>
 

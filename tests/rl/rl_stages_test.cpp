@@ -1,5 +1,5 @@
 // moerl run with the RLHF stage kinds: pretraining, then a reward model on machine-judged task pairs, DPO on
-// the same kind of pairs and the task evaluation, chained in one run_recipe; summary.json reports the held-out pairwise accuracy and a
+// the same kind of pairs, GRPO (or PPO) and the task evaluation, chained in one run_recipe; summary.json reports the held-out pairwise accuracy and a
 // second run skips the finished stages.
 #include "runtime/train/rl_stages.hpp"
 
@@ -76,6 +76,16 @@ Recipe flow_recipe(const fs::path& dir) {
   dpo.kind = "dpo";
   dpo.steps = 10;
   r.stages.push_back(dpo);
+  StageSpec rl;
+  rl.name = "rl";
+  rl.kind = "rlhf";  // GRPO by default
+  rl.steps = 3;
+  rl.batch = 2;
+  rl.rl.task_digits = 1;
+  rl.rl.group_size = 4;
+  rl.rl.max_new_tokens = 4;
+  rl.optimizer.lr = 1e-3;
+  r.stages.push_back(rl);
   StageSpec eval;
   eval.name = "eval";
   eval.kind = "eval_task";
@@ -96,16 +106,19 @@ TEST(RlStages, RunRecipeChainsPretrainRewardModelAndDpoAndReportsHeldOutAccuracy
   const double acc = summary["rm_heldout_accuracy"].get<double>();
   EXPECT_GE(acc, 0.0);
   EXPECT_LE(acc, 1.0);
-  ASSERT_EQ(summary["stages"].size(), 4u);
+  ASSERT_EQ(summary["stages"].size(), 5u);
   EXPECT_EQ(summary["stages"][1]["kind"], "reward_model");
   EXPECT_GT(summary["stages"][1]["rm_heldout_pairs"].get<int64_t>(), 0);
   EXPECT_EQ(summary["stages"][2]["kind"], "dpo");
-  // eval_task after dpo: the accuracy of the DPO policy, also at the top of the summary.
-  ASSERT_TRUE(summary.contains("task_accuracy_dpo")) << summary.dump(2);
-  EXPECT_GE(summary["task_accuracy_dpo"].get<double>(), 0.0);
-  EXPECT_LE(summary["task_accuracy_dpo"].get<double>(), 1.0);
-  EXPECT_GT(summary["stages"][3]["problems"].get<int64_t>(), 0);
-  EXPECT_FALSE(summary["stages"][3].contains("top_level"));
+  EXPECT_EQ(summary["stages"][3]["algorithm"], "grpo");
+  ASSERT_TRUE(summary.contains("kl_to_reference")) << summary.dump(2);
+  EXPECT_GE(summary["kl_to_reference"].get<double>(), 0.0);  // k3 >= 0
+  // eval_task after rlhf: the accuracy of the RL policy, also at the top of the summary.
+  ASSERT_TRUE(summary.contains("task_accuracy_rlhf")) << summary.dump(2);
+  EXPECT_GE(summary["task_accuracy_rlhf"].get<double>(), 0.0);
+  EXPECT_LE(summary["task_accuracy_rlhf"].get<double>(), 1.0);
+  EXPECT_GT(summary["stages"][4]["problems"].get<int64_t>(), 0);
+  EXPECT_FALSE(summary["stages"][4].contains("top_level"));
   // The pairs the stage trained on are in the run folder, in the feedback export's format.
   const auto pairs = read_preferences(recipe.out / "preferences" / "rm.jsonl");
   EXPECT_GT(pairs.size(), 100u);
@@ -128,22 +141,21 @@ TEST(RlStages, RunRecipeChainsPretrainRewardModelAndDpoAndReportsHeldOutAccuracy
   fs::remove_all(dir);
 }
 
-TEST(RlStages, AnRlhfStageIsAClearErrorUntilWired) {
-  const fs::path dir = fs::temp_directory_path() / "moerl-rl-stages-eval";
+TEST(RlStages, PpoIsSelectableForTheRlhfStage) {
+  const fs::path dir = fs::temp_directory_path() / "moerl-rl-stages-ppo";
   fs::remove_all(dir);
   fs::create_directories(dir);
   Recipe recipe = flow_recipe(dir);
-  recipe.stages.resize(2);
-  StageSpec rl;
-  rl.name = "rl";
-  rl.kind = "rlhf";
-  recipe.stages.push_back(rl);
-  try {
-    run_recipe(recipe);
-    FAIL() << "an rlhf stage ran";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("stage rl "), std::string::npos) << e.what();
-  }
+  StageSpec rl = recipe.stages[3];
+  rl.rl.algorithm = "ppo";
+  rl.steps = 2;
+  recipe.stages = {recipe.stages[0], rl};
+  const auto summary = run_recipe(recipe);
+  ASSERT_EQ(summary["stages"].size(), 2u);
+  EXPECT_EQ(summary["stages"][1]["algorithm"], "ppo");
+  EXPECT_TRUE(summary["stages"][1].contains("reward"));
+  EXPECT_TRUE(summary.contains("kl_to_reference"));
+  EXPECT_TRUE(fs::exists(recipe.out / "rl" / "model.safetensors"));
   fs::remove_all(dir);
 }
 
