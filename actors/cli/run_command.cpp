@@ -4,6 +4,8 @@
 
 #include "actors/cli/commands.hpp"
 #include "actors/roles/driver.hpp"
+#include "runtime/recipe/recipe.hpp"
+#include "runtime/train/run_recipe.hpp"
 #ifdef MOERL_HAVE_GPU_MODEL
 #include "runtime/gpu/gpu_trainer.hpp"
 #endif
@@ -11,7 +13,8 @@
 namespace moerl::cli {
 
 void add_run_command(CLI::App& app, std::function<int()>& action) {
-  auto* cmd = app.add_subcommand("run", "Run every stage of a recipe (pretrain, sft, ...) in this process.\n"
+  auto* cmd = app.add_subcommand("run", "Run every stage of a recipe (pretrain, sft, reward_model, rlhf, dpo, "
+                                        "eval_task) in this process.\n"
                                         "Re-running the same command resumes: finished stages are skipped and an "
                                         "interrupted stage continues from its last checkpoint.");
   struct Args {
@@ -27,6 +30,20 @@ void add_run_command(CLI::App& app, std::function<int()>& action) {
   cmd->add_option("--out", args->out, "Run folder (default: the recipe's `out`, else runs/<recipe name>)");
   cmd->callback([args, &action] {
     action = [args] {
+      // A recipe with RLHF stages runs run_recipe's stage loop directly: the driver actor does not run those
+      // kinds yet (TODO(actors): reward_model / dpo / rlhf / eval_task as driver steps).
+      Recipe recipe = load_recipe(args->recipe, args->overrides);
+      if (!args->out.empty()) recipe.out = args->out;
+      bool rl = false;
+      for (const auto& st : recipe.stages) rl = rl || is_rl_stage_kind(st.kind);
+      if (rl) {
+        std::fprintf(stderr, "%s: RLHF stages run in this process without the actor runtime\n", args->recipe.c_str());
+        const auto summary = run_recipe(recipe);
+        std::printf("%s\n", summary.dump(2).c_str());
+        std::fprintf(stderr, "run folder: %s (summary.json, report.html, metrics.jsonl, checkpoints)\n",
+                     recipe.out.c_str());
+        return 0;
+      }
       // Through the actor runtime: a driver, a data loader and a stage trainer in this process.
 #ifdef MOERL_HAVE_GPU_MODEL
       const actors::BackendChooser backend = gpu::backend_for_recipe;  // device: cuda trains on the GPU
