@@ -33,6 +33,7 @@ struct RolloutState {
   std::string name;
   Precision precision = Precision::FP32;
   LoadedModel policy;
+  std::shared_ptr<Model> shared;  // in-process weights (the trainer's model) when the last weights were those
   msg::PolicyVersion version;
 };
 
@@ -50,8 +51,8 @@ rollout_actor::behavior_type rollout(rollout_actor::stateful_pointer<RolloutStat
   return {
       [&st, load_error](generate_atom, const Envelope& e) {
         return guarded(st.name, [&] {
-          require(load_error.empty(), load_error);
-          Model& model = *st.policy.model;
+          require(st.shared || load_error.empty(), load_error);
+          Model& model = st.shared ? *st.shared : *st.policy.model;
           const auto req = unwrap<msg::GenerationRequest>(e, limits_for(model));
           if (req.policy_version.version > st.version.version)
             throw Refusal(msg::ErrorCode::StaleVersion,
@@ -76,6 +77,19 @@ rollout_actor::behavior_type rollout(rollout_actor::stateful_pointer<RolloutStat
                                                             " is older than the one held (" +
                                                             std::to_string(st.version.version) + ")");
           st.policy = load_model_dir(folder);
+          st.shared.reset();
+          st.version = msg::PolicyVersion{version, step};
+          return version;
+        });
+      },
+      [&st](weights_atom, std::shared_ptr<Model> model, uint64_t version, uint64_t step) {
+        return guarded(st.name, [&] {
+          if (version < st.version.version)
+            throw Refusal(msg::ErrorCode::StaleVersion, "weights: version " + std::to_string(version) +
+                                                            " is older than the one held (" +
+                                                            std::to_string(st.version.version) + ")");
+          require(model != nullptr, "weights: an in-process weights message without a model");
+          st.shared = std::move(model);
           st.version = msg::PolicyVersion{version, step};
           return version;
         });

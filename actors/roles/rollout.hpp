@@ -3,10 +3,18 @@
 // together with the compressed MLA KV cache (runtime/rl/generate.hpp). Runs on its own thread.
 #pragma once
 #include <filesystem>
+#include <memory>
 #include <string>
 
 #include "actors/envelope.hpp"
 #include "kernels/linear.hpp"
+
+namespace moerl {
+class Model;
+}  // namespace moerl
+
+// In-process weights travel as a pointer to the trainer's model (never serialized: local messages only).
+CAF_ALLOW_UNSAFE_MESSAGE_TYPE(std::shared_ptr<moerl::Model>)
 
 namespace moerl::actors {
 
@@ -17,7 +25,12 @@ using rollout_actor = caf::typed_actor<
     // New weights: a model folder (config.json + model.safetensors, e.g. a training checkpoint) and the
     // PolicyVersion they are (version, step); an older version than the one held is refused. Reply: the
     // version now held.
-    caf::replies_to<weights_atom, std::string, uint64_t, uint64_t>::with<uint64_t>>;
+    caf::replies_to<weights_atom, std::string, uint64_t, uint64_t>::with<uint64_t>,
+    // New weights in the same process, zero-copy: the trainer's own model (shared, not copied) and its
+    // PolicyVersion; the rollout generates with it until the next weights message. The trainer must not update
+    // the model while a generate request is in flight (the driver alternates rollout and update). Reply: the
+    // version now held.
+    caf::replies_to<weights_atom, std::shared_ptr<Model>, uint64_t, uint64_t>::with<uint64_t>>;
 
 // Loads the policy from `model_dir` as PolicyVersion {0, 0}.
 rollout_actor spawn_rollout(caf::actor_system& system, std::filesystem::path model_dir, Precision precision,
