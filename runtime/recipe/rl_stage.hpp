@@ -19,7 +19,8 @@ struct RlStageSpec {
   int task_digits = 2;          // operand digits of the addition task (runtime/rl/task.hpp), 1..4
   // reward_model, dpo
   int64_t pairs = 2000;         // machine-judged pairs to make when the stage has no `data:` file
-  int64_t heldout_every = 10;   // every Nth pair is held out (pairwise accuracy is measured on those)
+  int64_t heldout_every = 10;   // 1/N of the pairs held out (pairwise accuracy is measured on those): every Nth
+                                // pair of a data file; machine-judged pairs: pairs/N on the task's held-out problems
   double beta = 0.1;            // dpo: β, the strength of the implicit KL to the reference policy
   // rlhf
   std::string algorithm = "grpo";   // grpo | ppo

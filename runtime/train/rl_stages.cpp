@@ -22,15 +22,15 @@ namespace moerl {
 namespace fs = std::filesystem;
 namespace {
 
-// Machine-judged pairs: for each training problem of the task, the exact answer against a corruption of it
-// (one digit changed); rl::check_answer decides which is chosen. TODO(integration): the issue wants these pairs
-// from a scripted annotator through the feedback HTTP API (helper A's `moerl feedback serve`); its export
-// writes the same JSONL, so pointing the stage's `data:` at it is the whole swap.
-std::vector<PreferencePair> machine_judged_pairs(const StageSpec& stage, uint64_t seed) {
-  const rl::AdditionTask task{stage.rl.task_digits};
+// Machine-judged pairs: for each problem, the exact answer against a corruption of it (one digit changed);
+// rl::check_answer decides which is chosen. TODO(integration): the issue wants these pairs from a scripted
+// annotator through the feedback HTTP API (helper A's `moerl feedback serve`); its export writes the same JSONL,
+// so pointing the stage's `data:` at it is the whole swap.
+std::vector<PreferencePair> machine_judged_pairs(const rl::AdditionTask& task, std::span<const rl::Problem> problems,
+                                                 uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::vector<Candidates> candidates;
-  for (const auto& p : rl::training_problems(task, seed, static_cast<size_t>(stage.rl.pairs))) {
+  for (const auto& p : problems) {
     const std::string wrong = corrupt_digits(p.answer, rng);
     candidates.push_back(rng() % 2 ? Candidates{p.prompt, p.answer, wrong} : Candidates{p.prompt, wrong, p.answer});
   }
@@ -40,7 +40,7 @@ std::vector<PreferencePair> machine_judged_pairs(const StageSpec& stage, uint64_
                                            std::stoll(prompt.substr(plus + 1, prompt.size() - plus - 2)));
     return rl::check_answer(p, rl::task_encode(response));
   };
-  // Distinct pairs only, first occurrence kept: a held-out pair is never a copy of a training pair.
+  // Distinct pairs only, first occurrence kept.
   std::vector<PreferencePair> unique;
   std::set<std::string> seen;
   for (auto& p : judge_by_checker(candidates, exact))
@@ -48,18 +48,34 @@ std::vector<PreferencePair> machine_judged_pairs(const StageSpec& stage, uint64_
   return unique;
 }
 
-// The stage's pairs: its data file, or machine-judged pairs written to <out>/preferences/<stage>.jsonl (so
-// the run records what it trained on; beside the stage folder, which checkpoints replace whole).
-std::vector<PreferencePair> stage_pairs(const Recipe& recipe, const StageSpec& stage, std::string* source) {
+struct PairSplit {
+  std::vector<PreferencePair> train, held;
+  std::string source;
+};
+
+// The stage's pairs. From its data file: every heldout_every-th pair held out. Machine-judged: training pairs
+// from the task's training problems, held-out pairs from its held-out problems (prompts never trained on), both
+// written to <out>/preferences/<stage>{,-heldout}.jsonl (beside the stage folder, which checkpoints replace).
+PairSplit stage_pairs(const Recipe& recipe, const StageSpec& stage) {
+  PairSplit split;
   if (!stage.data.empty()) {
-    *source = stage.data.string();
-    return read_preferences(stage.data);
+    split.source = stage.data.string();
+    auto pairs = read_preferences(stage.data);
+    for (size_t i = 0; i < pairs.size(); ++i)
+      (i % static_cast<size_t>(stage.rl.heldout_every) == 0 ? split.held : split.train).push_back(std::move(pairs[i]));
+    return split;
   }
-  auto pairs = machine_judged_pairs(stage, recipe.seed + 7919);
-  const fs::path file = recipe.out / "preferences" / (stage.name + ".jsonl");
-  write_preferences(file, pairs);
-  *source = "machine-judged task pairs (exact checker): " + file.string();
-  return pairs;
+  const rl::AdditionTask task{stage.rl.task_digits};
+  const size_t n_held = static_cast<size_t>(stage.rl.pairs / stage.rl.heldout_every);
+  const uint64_t seed = recipe.seed + 7919;
+  split.train = machine_judged_pairs(
+      task, rl::training_problems(task, seed, static_cast<size_t>(stage.rl.pairs) - n_held), seed);
+  split.held = machine_judged_pairs(task, rl::evaluation_problems(task, n_held), seed + 1);
+  const fs::path dir = recipe.out / "preferences";
+  write_preferences(dir / (stage.name + ".jsonl"), split.train);
+  write_preferences(dir / (stage.name + "-heldout.jsonl"), split.held);
+  split.source = "machine-judged task pairs (exact checker): " + (dir / (stage.name + ".jsonl")).string();
+  return split;
 }
 
 SafeTensors weights_of(const Model& model) {
@@ -83,18 +99,20 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 nlohmann::json run_reward_model(const Recipe& recipe, const StageSpec& stage, Model& policy,
                                 const Tokenizer& tokenizer, MetricsLog& metrics, const fs::path& dir) {
   const auto t0 = std::chrono::steady_clock::now();
-  std::string source;
-  const auto pairs = stage_pairs(recipe, stage, &source);
+  const PairSplit split = stage_pairs(recipe, stage);
+  const std::string& source = split.source;
   const TextEncoder encode = [&tokenizer](std::string_view text) { return tokenizer.encode(text); };
-  std::vector<TokenPair> train, held;
-  for (size_t i = 0; i < pairs.size(); ++i) {
-    const auto& p = pairs[i];
-    TokenPair t{preference_tokens(encode, p.prompt, p.chosen, tokenizer.bos_id(), tokenizer.eos_id()),
-                preference_tokens(encode, p.prompt, p.rejected, tokenizer.bos_id(), tokenizer.eos_id())};
-    (i % static_cast<size_t>(stage.rl.heldout_every) == 0 ? held : train).push_back(std::move(t));
-  }
-  require(!train.empty() && !held.empty(), stage.name + ": " + std::to_string(pairs.size()) +
-                                               " preference pairs from " + source + ": too few to hold some out");
+  auto tokenize = [&](const std::vector<PreferencePair>& pairs) {
+    std::vector<TokenPair> out;
+    for (const auto& p : pairs)
+      out.push_back({preference_tokens(encode, p.prompt, p.chosen, tokenizer.bos_id(), tokenizer.eos_id()),
+                     preference_tokens(encode, p.prompt, p.rejected, tokenizer.bos_id(), tokenizer.eos_id())});
+    return out;
+  };
+  const std::vector<TokenPair> train = tokenize(split.train), held = tokenize(split.held);
+  require(!train.empty() && !held.empty(), stage.name + ": " + std::to_string(train.size()) + " training and " +
+                                               std::to_string(held.size()) + " held-out preference pairs from " +
+                                               source + ": both must be non-empty");
   RewardModel rm(policy.config());
   rm.init_random(recipe.seed + 17);  // the head's start; the backbone comes from the policy
   if (stage.rl.from.empty()) {
@@ -141,21 +159,24 @@ nlohmann::json run_dpo(const Recipe& recipe, const StageSpec& stage, Model& poli
                        MetricsLog& metrics, const fs::path& dir) {
   const auto t0 = std::chrono::steady_clock::now();
   start_policy(recipe, stage, policy);
-  std::string source;
-  const auto pairs = stage_pairs(recipe, stage, &source);
-  std::vector<rl::DpoPair> train, held;
-  for (size_t i = 0; i < pairs.size(); ++i) {
-    const auto& p = pairs[i];
-    auto prompt = tokenizer.encode(p.prompt);
-    prompt.insert(prompt.begin(), tokenizer.bos_id());
-    auto chosen = tokenizer.encode(p.chosen), rejected = tokenizer.encode(p.rejected);
-    chosen.push_back(tokenizer.eos_id());
-    rejected.push_back(tokenizer.eos_id());
-    (i % static_cast<size_t>(stage.rl.heldout_every) == 0 ? held : train)
-        .push_back({std::move(prompt), std::move(chosen), std::move(rejected)});
-  }
-  require(!train.empty() && !held.empty(), stage.name + ": " + std::to_string(pairs.size()) +
-                                               " preference pairs from " + source + ": too few to hold some out");
+  const PairSplit split = stage_pairs(recipe, stage);
+  const std::string& source = split.source;
+  auto tokenize = [&](const std::vector<PreferencePair>& pairs) {
+    std::vector<rl::DpoPair> out;
+    for (const auto& p : pairs) {
+      auto prompt = tokenizer.encode(p.prompt);
+      prompt.insert(prompt.begin(), tokenizer.bos_id());
+      auto chosen = tokenizer.encode(p.chosen), rejected = tokenizer.encode(p.rejected);
+      chosen.push_back(tokenizer.eos_id());
+      rejected.push_back(tokenizer.eos_id());
+      out.push_back({std::move(prompt), std::move(chosen), std::move(rejected)});
+    }
+    return out;
+  };
+  const std::vector<rl::DpoPair> train = tokenize(split.train), held = tokenize(split.held);
+  require(!train.empty() && !held.empty(), stage.name + ": " + std::to_string(train.size()) + " training and " +
+                                               std::to_string(held.size()) + " held-out preference pairs from " +
+                                               source + ": both must be non-empty");
   Model reference(policy.config());
   reference.load_weights(weights_of(policy));
   rl::DpoConfig cfg;

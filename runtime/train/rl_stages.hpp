@@ -22,7 +22,7 @@ namespace moerl {
 // Runs `stage` (a kind is_rl_stage_kind accepts) with `policy`, the model the earlier stages trained, in place.
 // `dir` is the stage's folder; a stage that finished there before (result.json) is loaded and skipped. Returns
 // the stage's summary: kind, steps, losses, wall_s, and for reward_model rm_train_accuracy and
-// rm_heldout_accuracy (pairwise, on every heldout_every-th pair); "top_level" holds fields for the top of
+// rm_heldout_accuracy (pairwise, on the held-out pairs: see RlStageSpec::heldout_every); "top_level" holds fields for the top of
 // summary.json (run_recipe moves them there).
 nlohmann::json run_rl_stage(const Recipe& recipe, const StageSpec& stage, Model& policy, const Tokenizer& tokenizer,
                             MetricsLog& metrics, const std::filesystem::path& dir);

@@ -122,6 +122,11 @@ TEST(RlStages, RunRecipeChainsPretrainRewardModelAndDpoAndReportsHeldOutAccuracy
   // The pairs the stage trained on are in the run folder, in the feedback export's format.
   const auto pairs = read_preferences(recipe.out / "preferences" / "rm.jsonl");
   EXPECT_GT(pairs.size(), 100u);
+  // Machine-judged held-out pairs ask the task's held-out problems: no held-out prompt is a training prompt.
+  const auto held = read_preferences(recipe.out / "preferences" / "rm-heldout.jsonl");
+  EXPECT_EQ(static_cast<int64_t>(held.size()), summary["stages"][1]["rm_heldout_pairs"].get<int64_t>());
+  for (const auto& h : held)
+    for (const auto& p : pairs) ASSERT_NE(h.prompt, p.prompt);
   // The reward model folder loads as a reward model.
   EXPECT_NO_THROW(RewardModel::load(recipe.out / "rm"));
   EXPECT_TRUE(fs::exists(recipe.out / "dpo" / "model.safetensors"));
