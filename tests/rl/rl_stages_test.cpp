@@ -4,6 +4,7 @@
 #include "runtime/train/rl_stages.hpp"
 
 #include <gtest/gtest.h>
+#include <omp.h>
 
 #include <fstream>
 #include <iterator>
@@ -35,12 +36,18 @@ fs::path write_corpus(const fs::path& dir) {
   return file;
 }
 
+// run_recipe sets the process-wide OpenMP thread count: restored for the tests that follow in this binary.
+struct RestoreThreads {
+  int threads = omp_get_max_threads();
+  ~RestoreThreads() { omp_set_num_threads(threads); }
+};
+
 Recipe flow_recipe(const fs::path& dir) {
   Recipe r;
   r.file = dir / "recipe.yaml";
   r.name = "flow";
   r.seed = 5;
-  r.threads = 1;
+  r.threads = 1;  // a tiny model: OpenMP fork/join costs more than it saves (measured 1 s vs 15 s CPU)
   r.out = dir / "run";
   r.data.corpus = write_corpus(dir).string();
   r.data.vocab_size = 300;
@@ -100,6 +107,7 @@ TEST(RlStages, RunRecipeChainsPretrainRewardModelAndDpoAndReportsHeldOutAccuracy
   const fs::path dir = fs::temp_directory_path() / "moerl-rl-stages-test";
   fs::remove_all(dir);
   fs::create_directories(dir);
+  const RestoreThreads restore;
   const Recipe recipe = flow_recipe(dir);
   const auto summary = run_recipe(recipe);
   ASSERT_TRUE(summary.contains("rm_heldout_accuracy")) << summary.dump(2);
@@ -155,6 +163,7 @@ TEST(RlStages, PpoIsSelectableForTheRlhfStage) {
   rl.rl.algorithm = "ppo";
   rl.steps = 2;
   recipe.stages = {recipe.stages[0], rl};
+  const RestoreThreads restore;
   const auto summary = run_recipe(recipe);
   ASSERT_EQ(summary["stages"].size(), 2u);
   EXPECT_EQ(summary["stages"][1]["algorithm"], "ppo");
