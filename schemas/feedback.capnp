@@ -146,3 +146,33 @@ struct ReplayRecord {
   step @6 :Common.StepId;
   # The optimizer step that scored this rollout (its policy's step plus one when on-policy).
 }
+
+struct PairToJudge {
+  # Two responses to one prompt waiting for people to compare or rate them on the feedback page. Queued by
+  # the rollout side (the feedback collector actor, or an admin through the HTTP API); a Comparison or
+  # Rating submitted for it copies its prompt, responses and policies.
+
+  schemaVersion @0 :UInt32;
+  # Record layout version; see currentSchemaVersion.
+
+  pairId @1 :UInt64;
+  # Unique per store, > 0; what the page sends back with the judgement.
+
+  prompt @2 :Utterance;
+  # The prompt.
+
+  first @3 :Utterance;
+  # The response shown first (left).
+
+  second @4 :Utterance;
+  # The response shown second (right).
+
+  firstPolicy @5 :Common.PolicyVersion;
+  # Policy that generated `first`.
+
+  secondPolicy @6 :Common.PolicyVersion;
+  # Policy that generated `second`.
+
+  createdNs @7 :Int64;
+  # When the pair was queued, nanoseconds since the Unix epoch (UTC), > 0.
+}

@@ -12,6 +12,7 @@ packages=(
   libgtest-dev libgmock-dev libopenblas-openmp-dev libsentencepiece-dev
   libcaf-dev libcaf-openssl0.17 capnproto libcapnp-dev libssl-dev
   librocksdb-dev libcpp-httplib-dev libgloo-dev
+  chromium chromium-driver  # the feedback page's browser test (tests/feedback/browser_test.cpp)
 )
 missing=()
 for p in "${packages[@]}"; do

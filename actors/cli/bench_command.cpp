@@ -5,6 +5,7 @@
 
 #include "actors/bench.hpp"
 #include "actors/cli/commands.hpp"
+#include "actors/cli/feedback.hpp"
 #include "actors/cluster/remote_bench.hpp"
 #include "bench/report.hpp"
 #include "runtime/error.hpp"
@@ -35,24 +36,27 @@ void add_bench_command(CLI::App& app, std::function<int()>& action) {
   auto* cmd = app.add_subcommand("bench", "Run a benchmark group and print one JSON object per metric "
                                           "(bench, metric, value, unit, stat, rev, device, date).");
   struct Args {
-    std::string group, json;
+    std::string group, json, url, tokens;
   };
   auto args = std::make_shared<Args>();
 #ifdef MOERL_HAVE_CUDA
   cmd->add_option("group", args->group,
                   "Benchmark group: cpu (reference kernels and a training step on the CPU), gpu (CUDA kernels), "
-                  "actors (message round trip and throughput in one process, Cap'n Proto batch codec)")
+                  "actors (message round trip and throughput in one process, Cap'n Proto batch codec), feedback "
+                  "(durable submissions/s and latency against moerl feedback serve)")
       ->required()
-      ->check(CLI::IsMember({"cpu", "gpu", "actors"}));
+      ->check(CLI::IsMember({"cpu", "gpu", "actors", "feedback"}));
 #else
   cmd->add_option("group", args->group,
                   "Benchmark group: cpu (reference kernels and a training step on the CPU), actors (message round "
-                  "trip and throughput in one process, Cap'n Proto batch codec); this build has no CUDA backend, so "
-                  "no gpu group")
+                  "trip and throughput in one process, Cap'n Proto batch codec), feedback (durable submissions/s and "
+                  "latency against moerl feedback serve); this build has no CUDA backend, so no gpu group")
       ->required()
-      ->check(CLI::IsMember({"cpu", "actors"}));
+      ->check(CLI::IsMember({"cpu", "actors", "feedback"}));
 #endif
   cmd->add_option("--json", args->json, "Also append the JSON lines to this file");
+  cmd->add_option("--url", args->url, "feedback: measure the server at http://HOST:PORT instead of starting one");
+  cmd->add_option("--tokens", args->tokens, "feedback with --url: the server's tokens file (admin and annotators)");
   cmd->callback([args, &action] {
     action = [args] {
       std::FILE* file = nullptr;
@@ -63,6 +67,7 @@ void add_bench_command(CLI::App& app, std::function<int()>& action) {
       bench::Report report(bench::cpu_name(), file);
       if (args->group == "cpu") bench::run_cpu_benchmarks(report);
       if (args->group == "actors") run_actor_benchmarks(report);
+      if (args->group == "feedback") run_feedback_benchmark(report, args->url, args->tokens);
 #ifdef MOERL_HAVE_CUDA
       if (args->group == "gpu") bench::run_gpu_benchmarks(report);
 #endif

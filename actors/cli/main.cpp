@@ -5,6 +5,7 @@
 #include <exception>
 
 #include "actors/cli/commands.hpp"
+#include "actors/cli/feedback.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"moerl: train DeepSeek-V3-style mixture-of-experts models in FP8, from pretraining through SFT "
@@ -17,6 +18,7 @@ int main(int argc, char** argv) {
   moerl::cli::add_bench_command(app, action);
   moerl::cli::add_head_command(app, action);
   moerl::cli::add_node_command(app, action);
+  moerl::cli::add_feedback_command(app, action);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
