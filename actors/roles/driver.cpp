@@ -1,7 +1,7 @@
 // The driver's run: an asynchronous chain of requests (describe -> per stage: open, begin, [restore], then per
 // step: batch, train, [evaluate], [position, checkpoint]) mirroring run_recipe and run_stage step for step, so
-// that the losses are the direct path's bit for bit. Every reply is awaited before the next command: one
-// stage trainer, one step in flight.
+// that the losses are the direct path's bit for bit. Every reply is awaited before the next command: one step
+// in flight, sent to the stage trainer or to every party of a parallel group.
 #include "actors/roles/driver.hpp"
 
 #include <chrono>
@@ -26,13 +26,24 @@ constexpr const char* kTrainerName = "stage_trainer/0";
 
 using Clock = std::chrono::steady_clock;
 
+nlohmann::json parallelism_json(const ParallelSpec& p) {
+  return {{"pipeline", p.pipeline}, {"expert", p.expert}, {"data", p.data}, {"tensor", p.tensor},
+          {"micro_batches", p.micro_batches}};
+}
+
 struct DriverState {
   BackendChooser backend;
   bool started = false, finished = false;
   caf::typed_response_promise<std::string, std::string> promise;
   Recipe recipe;
   data_loader_actor loader;
-  stage_trainer_actor trainer;
+  // One stage trainer, or every party of a parallel group (recipe parallelism): each gets every command.
+  std::vector<stage_trainer_actor> trainers;
+  std::vector<std::string> trainer_names;
+  std::shared_ptr<PartyGroup> group;
+  uint64_t generation = 0;  // bumped by each restart: replies to the previous children's requests are dropped
+  int restarts = 0;
+  int64_t logged_step = 0;  // of the stage being run: a step repeated after a restart is not logged again
   std::map<caf::actor_addr, std::string> names;  // monitored children
   std::map<std::string, caf::actor> children;
   std::unique_ptr<MetricsLog> metrics;
@@ -63,12 +74,22 @@ using Self = driver_actor::stateful_pointer<DriverState>;
 
 void stop_children(Self self) {
   auto& st = self->state;
+  // A party blocked on a dead peer is released at once (its pending command then fails, unheard).
+  if (st.group) st.group->abort("the driver stopped the group");
   for (auto& [name, child] : st.children) {
     self->demonitor(child);
     self->send_exit(child, caf::exit_reason::user_shutdown);
   }
   st.children.clear();
   st.names.clear();
+  st.trainers.clear();
+  st.trainer_names.clear();
+  st.group.reset();
+}
+
+// Whether a reply belongs to children stopped since the request was sent (or to a run that is over).
+bool stale(Self self, uint64_t generation) {
+  return self->state.generation != generation || self->state.finished;
 }
 
 // Ends the run with an error (once): children stopped, the caller answered.
@@ -93,24 +114,45 @@ void safely(Self self, F&& f) {
 // The error handler of a request to `who`: our actors' errors name themselves; CAF's get the name added. A
 // request bounced because its receiver died is left to the down handler, which knows why it died.
 auto failed(Self self, std::string who) {
-  return [self, who](caf::error& e) {
+  return [self, who, gen = self->state.generation](caf::error& e) {
+    if (stale(self, gen)) return;
     if (e == caf::sec::request_receiver_down && self->state.children.count(who)) return;
     fail(self, actor_error_of(e) ? describe(e) : who + ": " + describe(e));
   };
 }
 
-// Supervision hook. A dead child fails the run today. The cluster's supervision restarts it here instead:
-// spawn a replacement, begin the stage from st.last_checkpoint (trainer: weights and optimizer; loader: the
-// checkpoint's position) and continue at the checkpoint's step + 1 — steps carry ids, so the trainer never
-// applies one twice and the losses stay those of an undisturbed run.
+void spawn_children(Self self);
+
+// Supervision. A dead child (a stage trainer, a party of a parallel group, the loader) stops every child;
+// fresh ones are spawned and the stage resumes from its newest checkpoint (trainer: weights and optimizer;
+// loader: the checkpoint's position), or from the start when the run has not checkpointed yet. The steps
+// after the checkpoint are applied again to the restored state — never twice to the same state — and their
+// metrics lines are not written again. At most kMaxRestarts per run; then the run fails naming the child.
+constexpr int kMaxRestarts = 3;
+
 void on_child_down(Self self, const std::string& name, const caf::error& reason) {
   auto& st = self->state;
   std::string where = st.run_id.empty() ? "before the first stage" : "in " + st.run_id + " after step " + std::to_string(st.step);
-  std::string restart = st.last_checkpoint ? "; the newest checkpoint is " + st.last_checkpoint->folder +
-                                                 " (step " + std::to_string(st.last_checkpoint->step.step) + ")"
-                                           : "";
-  fail(self, name + " died (" + caf::to_string(reason) + ") " + where + restart +
-                 "; restarting a dead actor is not implemented yet, the run stops");
+  if (st.finished) return;
+  const bool resumable = st.stage == 0 || (st.stage < st.recipe.stages.size() &&
+                                           find_stage_checkpoint(st.recipe.out / st.spec().name).has_value());
+  if (st.restarts >= kMaxRestarts || !resumable) {
+    std::string restart = st.last_checkpoint ? "; the newest checkpoint is " + st.last_checkpoint->folder +
+                                                   " (step " + std::to_string(st.last_checkpoint->step.step) + ")"
+                                             : "";
+    fail(self, name + " died (" + caf::to_string(reason) + ") " + where + restart +
+                   (resumable ? "; restarted " + std::to_string(st.restarts) + " times already, the run stops"
+                              : "; this stage has no checkpoint to restart from, the run stops"));
+    return;
+  }
+  ++st.restarts;
+  ++st.generation;
+  if (st.bar) st.bar.reset();
+  std::fprintf(stderr, "%s died (%s) %s; restarting the children from the last checkpoint (restart %d of %d)\n",
+               name.c_str(), caf::to_string(reason).c_str(), where.c_str(), st.restarts, kMaxRestarts);
+  st.metrics->write({{"event", "restart"}, {"actor", name}, {"after_step", st.step}, {"run", st.run_id}});
+  stop_children(self);
+  spawn_children(self);
 }
 
 template <class Handle>
@@ -118,6 +160,26 @@ void watch(Self self, const Handle& child, const std::string& name) {
   self->monitor(child);
   self->state.names[child.address()] = name;
   self->state.children[name] = caf::actor_cast<caf::actor>(child);
+}
+
+// Sends a command to every stage trainer and continues with party 0's reply once all have answered (every
+// party of a group answers the same); the first failure fails the run. Replies from before a restart are dropped.
+template <class Reply, class F, class... Ts>
+void ask_trainers(Self self, F on_reply, Ts... xs) {
+  auto& st = self->state;
+  const size_t n = st.trainers.size();
+  auto left = std::make_shared<size_t>(n);
+  auto lead = std::make_shared<std::optional<Reply>>();
+  const uint64_t gen = st.generation;
+  for (size_t i = 0; i < n; ++i)
+    self->request(st.trainers[i], caf::infinite, xs...)
+        .then(
+            [self, gen, i, left, lead, on_reply](Reply& r) mutable {
+              if (stale(self, gen)) return;
+              if (i == 0) *lead = std::move(r);
+              if (--*left == 0) safely(self, [&] { on_reply(**lead); });
+            },
+            failed(self, st.trainer_names[i]));
 }
 
 void start_stage(Self self);
@@ -145,6 +207,7 @@ void finish_stage(Self self) {
   st.summary["stages"].push_back(s);
   st.metrics->write({{"event", "stage_done"}, {"summary", s}});
   ++st.stage;
+  st.logged_step = 0;
   start_stage(self);
 }
 
@@ -162,7 +225,8 @@ void checkpoint(Self self, int64_t step) {
   auto& st = self->state;
   self->request(st.loader, caf::infinite, position_atom::value)
       .then(
-          [self, step](Envelope& e) {
+          [self, step, gen = st.generation](Envelope& e) {
+            if (stale(self, gen)) return;
             safely(self, [&] {
               auto& st = self->state;
               const auto pos = unwrap<msg::LoaderPosition>(e);
@@ -180,15 +244,13 @@ void checkpoint(Self self, int64_t step) {
               if (st.device != "cpu") state["device"] = st.device;
               const msg::CheckpointRequest req{(st.recipe.out / st.spec().name).string(),
                                                msg::StepId{st.run_id, static_cast<uint64_t>(step)}, state.dump()};
-              self->request(st.trainer, caf::infinite, checkpoint_atom::value, wrap(req))
-                  .then(
-                      [self](Envelope& m) {
-                        safely(self, [&] {
-                          self->state.last_checkpoint = unwrap<msg::CheckpointManifest>(m);
-                          next_step(self);
-                        });
-                      },
-                      failed(self, kTrainerName));
+              ask_trainers<Envelope>(
+                  self,
+                  [self](Envelope& m) {
+                    self->state.last_checkpoint = unwrap<msg::CheckpointManifest>(m);
+                    next_step(self);
+                  },
+                  checkpoint_atom::value, wrap(req));
             });
           },
           failed(self, kLoaderName));
@@ -197,7 +259,10 @@ void checkpoint(Self self, int64_t step) {
 // The step's metrics line is complete: write it, draw the bar, checkpoint when due, go on.
 void step_done(Self self, int64_t step, double loss) {
   auto& st = self->state;
-  st.metrics->write(st.pending);
+  if (step > st.logged_step) {
+    st.metrics->write(st.pending);
+    st.logged_step = step;
+  }
   char fields[96];
   if (st.outcome.validation_curve.empty())
     std::snprintf(fields, sizeof fields, "loss %.3f  val -", loss);
@@ -235,18 +300,16 @@ void after_train(Self self, int64_t step, int64_t batch_tokens, const msg::Train
     msg::EvalRequest req;
     req.step = msg::StepId{st.run_id, static_cast<uint64_t>(step)};
     req.batches = st.data.validation;
-    self->request(st.trainer, caf::infinite, evaluate_atom::value, wrap(req))
-        .then(
-            [self, step, loss](Envelope& e) {
-              safely(self, [&] {
-                auto& st = self->state;
-                st.last_val = unwrap<msg::EvalResult>(e).loss;
-                st.pending["validation_loss"] = st.last_val;
-                st.outcome.validation_curve.emplace_back(step, st.last_val);
-                step_done(self, step, loss);
-              });
-            },
-            failed(self, kTrainerName));
+    ask_trainers<Envelope>(
+        self,
+        [self, step, loss](Envelope& e) {
+          auto& st = self->state;
+          st.last_val = unwrap<msg::EvalResult>(e).loss;
+          st.pending["validation_loss"] = st.last_val;
+          st.outcome.validation_curve.emplace_back(step, st.last_val);
+          step_done(self, step, loss);
+        },
+        evaluate_atom::value, wrap(req));
   } else {
     step_done(self, step, loss);
   }
@@ -258,19 +321,20 @@ void next_step(Self self) {
   if (step > st.spec().steps) return end_stage(self);
   self->request(st.loader, caf::infinite, batch_atom::value, static_cast<uint64_t>(step))
       .then(
-          [self, step](Envelope& e) {
+          [self, step, gen = st.generation](Envelope& e) {
+            if (stale(self, gen)) return;
             safely(self, [&] {
               auto& st = self->state;
               msg::TokenBatch batch = unwrap<msg::TokenBatch>(e);
               const int64_t batch_tokens = int64_t{batch.batch} * batch.seq;
               const msg::StepId id{st.run_id, static_cast<uint64_t>(step)};
               const msg::TrainStep cmd{id, {std::move(batch)}, learning_rate(st.spec().optimizer, step - 1)};
-              self->request(st.trainer, caf::infinite, train_atom::value, wrap(cmd))
-                  .then(
-                      [self, step, batch_tokens](Envelope& r) {
-                        safely(self, [&] { after_train(self, step, batch_tokens, unwrap<msg::TrainStepResult>(r)); });
-                      },
-                      failed(self, kTrainerName));
+              ask_trainers<Envelope>(
+                  self,
+                  [self, step, batch_tokens](Envelope& r) {
+                    after_train(self, step, batch_tokens, unwrap<msg::TrainStepResult>(r));
+                  },
+                  train_atom::value, wrap(cmd));
             });
           },
           failed(self, kLoaderName));
@@ -297,8 +361,9 @@ void begin_stage(Self self) {
   st.wall_before = 0;
   const auto ckpt = find_stage_checkpoint(dir);
   if (!ckpt) {
-    self->request(st.trainer, caf::infinite, begin_atom::value, static_cast<uint32_t>(st.stage), std::string(), false)
-        .then([self](uint64_t) { safely(self, [&] { begin_steps(self, 0); }); }, failed(self, kTrainerName));
+    ask_trainers<uint64_t>(
+        self, [self](uint64_t) { begin_steps(self, 0); }, begin_atom::value, static_cast<uint32_t>(st.stage),
+        std::string(), false);
     return;
   }
   const std::string where = (ckpt->folder / "trainer_state.json").string();
@@ -310,30 +375,31 @@ void begin_stage(Self self) {
   if (start >= stage.steps) {
     std::fprintf(stderr, "%-10s already complete in %s (%lld steps), skipped\n", stage.name.c_str(), dir.c_str(),
                  static_cast<long long>(start));
-    self->request(st.trainer, caf::infinite, begin_atom::value, static_cast<uint32_t>(st.stage), ckpt->folder.string(),
-                  false)
-        .then([self](uint64_t) { safely(self, [&] { finish_stage(self); }); }, failed(self, kTrainerName));
+    ask_trainers<uint64_t>(
+        self, [self](uint64_t) { finish_stage(self); }, begin_atom::value, static_cast<uint32_t>(st.stage),
+        ckpt->folder.string(), false);
     return;
   }
   const LoaderState loader = LoaderState::from_json(ckpt->state.at("loader"), where);
   const msg::LoaderPosition pos{loader.seed, loader.epoch, loader.cursor,
                                 msg::StepId{st.run_id, static_cast<uint64_t>(start)}};
   const std::string folder = ckpt->folder.string();
-  self->request(st.trainer, caf::infinite, begin_atom::value, static_cast<uint32_t>(st.stage), folder, true)
-      .then(
-          [self, pos, folder, start](uint64_t) {
-            self->request(self->state.loader, caf::infinite, restore_atom::value, wrap(pos))
-                .then(
-                    [self, folder, start](Envelope&) {
-                      safely(self, [&] {
+  ask_trainers<uint64_t>(
+      self,
+      [self, pos, folder, start](uint64_t) {
+        self->request(self->state.loader, caf::infinite, restore_atom::value, wrap(pos))
+            .then(
+                [self, folder, start, gen = self->state.generation](Envelope&) {
+                  if (stale(self, gen)) return;
+                  safely(self, [&] {
                         std::fprintf(stderr, "%-10s resuming from %s at step %lld\n", self->state.spec().name.c_str(),
                                      folder.c_str(), static_cast<long long>(start));
-                        begin_steps(self, start);
-                      });
-                    },
-                    failed(self, kLoaderName));
-          },
-          failed(self, kTrainerName));
+                    begin_steps(self, start);
+                  });
+                },
+                failed(self, kLoaderName));
+      },
+      begin_atom::value, static_cast<uint32_t>(st.stage), folder, true);
 }
 
 void start_stage(Self self) {
@@ -343,7 +409,8 @@ void start_stage(Self self) {
   st.step = 0;
   self->request(st.loader, caf::infinite, open_atom::value, static_cast<uint32_t>(st.stage))
       .then(
-          [self](Envelope& e) {
+          [self, gen = st.generation](Envelope& e) {
+            if (stale(self, gen)) return;
             safely(self, [&] {
               msg::DecodeLimits limits;
               limits.max_micro_batches = std::max<uint32_t>(limits.max_micro_batches,
@@ -355,7 +422,51 @@ void start_stage(Self self) {
           failed(self, kLoaderName));
 }
 
-// run_recipe's start: the run folder, metrics, the data (through the loader), the model (in the trainer).
+// The children: the loader (the data), then the stage trainer (the whole model) or the parties of a parallel
+// group, then the current stage (from its checkpoint when there is one). At the start and after a restart.
+void spawn_children(Self self) {
+  auto& st = self->state;
+  st.loader = spawn_data_loader(self->system(), st.recipe, kLoaderName);
+  watch(self, st.loader, kLoaderName);
+  self->request(st.loader, caf::infinite, describe_atom::value)
+      .then(
+          [self, gen = st.generation](Envelope& e) {
+            if (stale(self, gen)) return;
+            safely(self, [&] {
+              auto& st = self->state;
+              const auto info = unwrap<msg::DatasetInfo>(e);
+              st.config = st.recipe.model;
+              st.config.vocab_size = info.vocab_size;
+              st.config.bos_token_id = info.bos_id;
+              st.config.eos_token_id = info.eos_id;
+              if (st.recipe.parallelism.any()) {
+                st.group = std::make_shared<PartyGroup>(st.config, st.recipe.parallelism);
+                for (int p = 0; p < st.group->size(); ++p) {
+                  st.trainers.push_back(spawn_party_trainer(
+                      self->system(), PartyTrainerSetup{st.recipe, st.config, info.tokenizer_file, st.group, p}));
+                  st.trainer_names.push_back(st.group->name(p));
+                }
+              } else {
+                st.trainers.push_back(spawn_stage_trainer(
+                    self->system(), StageTrainerSetup{st.recipe, st.config, info.tokenizer_file, st.backend},
+                    kTrainerName));
+                st.trainer_names.push_back(kTrainerName);
+              }
+              for (size_t i = 0; i < st.trainers.size(); ++i) watch(self, st.trainers[i], st.trainer_names[i]);
+              ask_trainers<std::string>(
+                  self,
+                  [self](std::string& device) {
+                    self->state.device = device;
+                    if (device != "cpu") self->state.summary["device"] = device;
+                    start_stage(self);
+                  },
+                  describe_atom::value);
+            });
+          },
+          failed(self, kLoaderName));
+}
+
+// run_recipe's start: the run folder, metrics, then the children.
 void start_run(Self self) {
   auto& st = self->state;
   st.run_start = Clock::now();
@@ -364,35 +475,8 @@ void start_run(Self self) {
   st.summary = {{"recipe", st.recipe.file.string()}, {"name", st.recipe.name},
                 {"precision", precision_name(st.recipe.precision)}, {"seed", st.recipe.seed},
                 {"stages", nlohmann::json::array()}};
-  st.loader = spawn_data_loader(self->system(), st.recipe, kLoaderName);
-  watch(self, st.loader, kLoaderName);
-  self->request(st.loader, caf::infinite, describe_atom::value)
-      .then(
-          [self](Envelope& e) {
-            safely(self, [&] {
-              auto& st = self->state;
-              const auto info = unwrap<msg::DatasetInfo>(e);
-              st.config = st.recipe.model;
-              st.config.vocab_size = info.vocab_size;
-              st.config.bos_token_id = info.bos_id;
-              st.config.eos_token_id = info.eos_id;
-              st.trainer = spawn_stage_trainer(self->system(),
-                                               StageTrainerSetup{st.recipe, st.config, info.tokenizer_file, st.backend},
-                                               kTrainerName);
-              watch(self, st.trainer, kTrainerName);
-              self->request(st.trainer, caf::infinite, describe_atom::value)
-                  .then(
-                      [self](std::string& device) {
-                        safely(self, [&] {
-                          self->state.device = device;
-                          if (device != "cpu") self->state.summary["device"] = device;
-                          start_stage(self);
-                        });
-                      },
-                      failed(self, kTrainerName));
-            });
-          },
-          failed(self, kLoaderName));
+  if (st.recipe.parallelism.any()) st.summary["parallelism"] = parallelism_json(st.recipe.parallelism);
+  spawn_children(self);
 }
 
 driver_actor::behavior_type driver(Self self, BackendChooser backend) {

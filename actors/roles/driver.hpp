@@ -1,9 +1,11 @@
 // Driver: runs a recipe. It reads the recipe, spawns and monitors the data loader and the stage trainer,
 // and runs the stages step by step — TrainStep commands with step ids and the schedule's learning rates,
 // validation, checkpoints (runtime/train/checkpoint.hpp files, the same as run_recipe's), resume from them —
-// writing metrics.jsonl and summary.json like run_recipe. A child that dies is reported with its name and
-// the run fails cleanly (restarting it from the last checkpoint is the cluster's part: see on_child_down in
-// driver.cpp).
+// writing metrics.jsonl and summary.json like run_recipe. With the recipe's parallelism > 1 the stage
+// trainer is a group of party actors (pipeline stages and expert shards, or data x tensor ranks;
+// runtime/parallel/party.hpp) that every command goes to. A child that dies is restarted with all the others
+// from the stage's last checkpoint (see on_child_down in driver.cpp); after 3 restarts, or with no checkpoint
+// to restart from, the run fails naming the child.
 #pragma once
 #include <filesystem>
 #include <string>

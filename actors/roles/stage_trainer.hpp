@@ -9,6 +9,7 @@
 #include <string>
 
 #include "actors/envelope.hpp"
+#include "runtime/parallel/party.hpp"
 #include "runtime/recipe/recipe.hpp"
 #include "runtime/train/backend.hpp"
 
@@ -43,8 +44,26 @@ struct StageTrainerSetup {
   BackendChooser backend;
 };
 
+// The CheckpointManifest of a written checkpoint folder: each file's size and CRC-32C, by name.
+msg::CheckpointManifest checkpoint_manifest(const std::filesystem::path& folder, const msg::StepId& step);
+
 // The model is built and initialised from recipe.seed when the first stage begins (errors become replies).
 stage_trainer_actor spawn_stage_trainer(caf::actor_system& system, StageTrainerSetup setup,
                                         std::string name = "stage_trainer/0");
+
+// One party of a parallel run (runtime/parallel/party.hpp: a pipeline stage, an expert shard, or a data x
+// tensor rank) behind the stage trainer's protocol. The driver sends every command to every party of the group;
+// they run it together on their own threads, exchanging tensors on the group's channels and collectives, and
+// answer the same result (a checkpoint's manifest comes from party 0, the others list no files). Weights start
+// from Model::init_random(recipe.seed), as the single stage trainer's. A party that fails aborts the group, so
+// its peers fail at once instead of waiting.
+struct PartyTrainerSetup {
+  Recipe recipe;
+  ModelConfig model;
+  std::filesystem::path tokenizer_file;
+  std::shared_ptr<PartyGroup> group;
+  int party = 0;
+};
+stage_trainer_actor spawn_party_trainer(caf::actor_system& system, PartyTrainerSetup setup);
 
 }  // namespace moerl::actors

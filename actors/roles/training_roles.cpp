@@ -140,45 +140,6 @@ data_loader_actor::behavior_type data_loader(data_loader_actor::stateful_pointer
 
 // ---- stage trainer ----
 
-// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), the checksum of CheckpointManifest files.
-uint32_t crc32c_file(const fs::path& file) {
-  static const std::array<uint32_t, 256> table = [] {
-    std::array<uint32_t, 256> t{};
-    for (uint32_t i = 0; i < 256; ++i) {
-      uint32_t c = i;
-      for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
-      t[i] = c;
-    }
-    return t;
-  }();
-  std::ifstream in(file, std::ios::binary);
-  require(in.good(), file.string() + ": cannot read");
-  uint32_t crc = 0xFFFFFFFFu;
-  std::vector<char> buf(1 << 20);
-  while (in) {
-    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
-    for (std::streamsize i = 0; i < in.gcount(); ++i)
-      crc = table[(crc ^ static_cast<uint8_t>(buf[static_cast<size_t>(i)])) & 0xFF] ^ (crc >> 8);
-  }
-  return crc ^ 0xFFFFFFFFu;
-}
-
-msg::CheckpointManifest manifest_of(const fs::path& folder, const msg::StepId& step) {
-  msg::CheckpointManifest m{folder.string(), step, {}};
-  std::vector<fs::path> files;
-  for (const auto& entry : fs::directory_iterator(folder))
-    if (entry.is_regular_file()) files.push_back(entry.path());
-  std::sort(files.begin(), files.end());
-  for (const fs::path& f : files) {
-    const uint32_t crc = crc32c_file(f);
-    m.files.push_back(msg::FileEntry{f.filename().string(), static_cast<uint64_t>(fs::file_size(f)),
-                                     msg::ChecksumKind::Crc32c,
-                                     {static_cast<uint8_t>(crc >> 24), static_cast<uint8_t>(crc >> 16),
-                                      static_cast<uint8_t>(crc >> 8), static_cast<uint8_t>(crc)}});
-  }
-  return m;
-}
-
 struct StageTrainerState {
   StageTrainerSetup setup;
   std::string name;
@@ -319,13 +280,52 @@ stage_trainer_actor::behavior_type stage_trainer(stage_trainer_actor::stateful_p
           require(state.is_object(), "CheckpointRequest.trainerState: expected a JSON object");
           TrainingBackend& b = st.model();
           save_checkpoint(req.folder, b.host_model(), &*st.tokenizer, &b.host_optimizer(), &state);
-          return wrap(manifest_of(req.folder, req.step));
+          return wrap(checkpoint_manifest(req.folder, req.step));
         });
       },
   };
 }
 
 }  // namespace
+
+// CRC-32C (Castagnoli, reflected polynomial 0x82F63B78), the checksum of CheckpointManifest files.
+static uint32_t crc32c_file(const fs::path& file) {
+  static const std::array<uint32_t, 256> table = [] {
+    std::array<uint32_t, 256> t{};
+    for (uint32_t i = 0; i < 256; ++i) {
+      uint32_t c = i;
+      for (int k = 0; k < 8; ++k) c = (c & 1) ? (c >> 1) ^ 0x82F63B78u : c >> 1;
+      t[i] = c;
+    }
+    return t;
+  }();
+  std::ifstream in(file, std::ios::binary);
+  require(in.good(), file.string() + ": cannot read");
+  uint32_t crc = 0xFFFFFFFFu;
+  std::vector<char> buf(1 << 20);
+  while (in) {
+    in.read(buf.data(), static_cast<std::streamsize>(buf.size()));
+    for (std::streamsize i = 0; i < in.gcount(); ++i)
+      crc = table[(crc ^ static_cast<uint8_t>(buf[static_cast<size_t>(i)])) & 0xFF] ^ (crc >> 8);
+  }
+  return crc ^ 0xFFFFFFFFu;
+}
+
+msg::CheckpointManifest checkpoint_manifest(const fs::path& folder, const msg::StepId& step) {
+  msg::CheckpointManifest m{folder.string(), step, {}};
+  std::vector<fs::path> files;
+  for (const auto& entry : fs::directory_iterator(folder))
+    if (entry.is_regular_file()) files.push_back(entry.path());
+  std::sort(files.begin(), files.end());
+  for (const fs::path& f : files) {
+    const uint32_t crc = crc32c_file(f);
+    m.files.push_back(msg::FileEntry{f.filename().string(), static_cast<uint64_t>(fs::file_size(f)),
+                                     msg::ChecksumKind::Crc32c,
+                                     {static_cast<uint8_t>(crc >> 24), static_cast<uint8_t>(crc >> 16),
+                                      static_cast<uint8_t>(crc >> 8), static_cast<uint8_t>(crc)}});
+  }
+  return m;
+}
 
 std::string stage_run_id(const Recipe& recipe, size_t stage) {
   require(stage < recipe.stages.size(), "stage " + std::to_string(stage) + " does not exist");

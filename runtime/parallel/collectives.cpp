@@ -178,4 +178,10 @@ Collectives& InProcessGroup::member(int rank) {
   return *members_[static_cast<size_t>(rank)];
 }
 
+void InProcessGroup::abort() {
+  std::lock_guard lock(state_->mu);
+  state_->broken = true;
+  state_->cv.notify_all();
+}
+
 }  // namespace moerl

@@ -65,6 +65,9 @@ class InProcessGroup {
   int size() const;
   // Valid while the group lives.
   Collectives& member(int rank);
+  // Breaks the group for good: every waiting and future operation throws at once (a failed or killed rank
+  // releases its peers instead of leaving them to time out).
+  void abort();
 
   struct State;
 

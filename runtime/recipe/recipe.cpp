@@ -137,6 +137,53 @@ StageSpec read_stage(YamlSection s, const std::filesystem::path& base, const std
   return st;
 }
 
+// `parallelism:`: checked against the model and every stage (the combinations runtime/parallel implements).
+ParallelSpec read_parallelism(YamlSection s, const Recipe& r) {
+  ParallelSpec p;
+  auto positive = [&](const char* key, int64_t& v) {
+    v = s.get<int64_t>(key, v);
+    if (v < 1) s.fail(key, "expected a positive integer, got " + std::to_string(v));
+  };
+  positive("pipeline", p.pipeline);
+  positive("expert", p.expert);
+  positive("data", p.data);
+  positive("tensor", p.tensor);
+  positive("micro_batches", p.micro_batches);
+  s.refuse_unknown();
+  const ModelConfig& m = r.model;
+  if (p.pipeline > m.num_hidden_layers)
+    s.fail("pipeline", std::to_string(p.pipeline) + " stages for " + std::to_string(m.num_hidden_layers) +
+                           " layers (model.num_hidden_layers): every stage needs a layer");
+  if (p.expert > 1 && (m.n_routed_experts == 0 || m.n_routed_experts % p.expert != 0))
+    s.fail("expert", std::to_string(p.expert) + " shards must divide model.n_routed_experts (" +
+                         std::to_string(m.n_routed_experts) + ")");
+  if (p.tensor > 1) {
+    if (m.num_attention_heads % p.tensor != 0)
+      s.fail("tensor", std::to_string(p.tensor) + " ranks must divide model.num_attention_heads (" +
+                           std::to_string(m.num_attention_heads) + ")");
+    if (m.intermediate_size % p.tensor != 0)
+      s.fail("tensor", std::to_string(p.tensor) + " ranks must divide model.intermediate_size (" +
+                           std::to_string(m.intermediate_size) + ")");
+    if (m.num_nextn_predict_layers > 0)
+      s.fail("tensor", "tensor parallelism does not support multi-token prediction yet "
+                       "(model.num_nextn_predict_layers must be 0)");
+  }
+  if ((p.pipeline > 1 || p.expert > 1) && (p.data > 1 || p.tensor > 1))
+    s.fail(p.data > 1 ? "data" : "tensor", "pipeline/expert parallelism combined with data/tensor parallelism "
+                                           "is not implemented yet: use pipeline x expert or data x tensor");
+  if (p.micro_batches > 1 && p.pipeline == 1) s.fail("micro_batches", "micro-batches need pipeline >= 2");
+  if (p.any() && r.device != Device::CPU) s.fail("pipeline", "parallelism runs on the CPU only (device: cpu)");
+  for (const StageSpec& st : r.stages) {
+    if (st.batch % p.data != 0)
+      s.fail("data", std::to_string(p.data) + " replicas must divide stage " + st.name + "'s batch (" +
+                         std::to_string(st.batch) + ")");
+    if (p.micro_batches > st.batch)
+      s.fail("micro_batches", std::to_string(p.micro_batches) + " micro-batches exceed stage " + st.name +
+                                  "'s batch (" + std::to_string(st.batch) + " sequences)");
+  }
+  return p;
+}
+
 }  // namespace
 
 const char* device_name(Device device) { return device == Device::CUDA ? "cuda" : "cpu"; }
@@ -182,6 +229,7 @@ Recipe load_recipe(const std::filesystem::path& file, const std::vector<std::str
     if (!names.insert(r.stages.back().name).second) st.fail("name", "stage name used twice");
   }
   if (r.stages.empty()) s.fail("stages", "a recipe needs at least one stage");
+  r.parallelism = read_parallelism(s.section("parallelism"), r);
   s.refuse_unknown();
   r.model.validate(name + ": model");
   return r;

@@ -38,6 +38,17 @@ struct StageSpec {
   RlStageSpec rl;                     // reward_model, dpo, rlhf, eval_task: their own fields (rl_stage.hpp)
 };
 
+// How the driver splits the training (runtime/parallel/): pipeline stages x expert shards per stage, or data-
+// parallel replicas x tensor-parallel ranks. All 1: one stage trainer holds the whole model.
+struct ParallelSpec {
+  int64_t pipeline = 1;       // stage trainers, each a consecutive range of layers (1F1B schedule)
+  int64_t expert = 1;         // expert shards per pipeline stage (routed experts split over them)
+  int64_t data = 1;           // data-parallel replicas (ZeRO-1 optimizer), each a slice of every batch
+  int64_t tensor = 1;         // tensor-parallel ranks per replica (attention heads and dense FFN split)
+  int64_t micro_batches = 1;  // per step, pipeline only
+  bool any() const { return pipeline * expert * data * tensor > 1; }
+};
+
 struct Recipe {
   std::filesystem::path file;
   std::string name;
@@ -49,6 +60,7 @@ struct Recipe {
   ModelConfig model;
   DataSpec data;
   std::vector<StageSpec> stages;
+  ParallelSpec parallelism;
 };
 
 // "cpu" or "cuda", as a recipe spells it.
