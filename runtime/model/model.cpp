@@ -231,13 +231,14 @@ LossSums ModelPart::forward(const TokenBatch& b, const float* in, float* out, co
   require(b.batch > 0 && b.seq > 0, "forward: empty batch");
   const bool run_mtp = m.mtp && o.mtp_weight > 0;
   const bool reads_ids = spec_.first || run_mtp, reads_labels = spec_.last;
-  for (int64_t i = 0; i < T; ++i) {
-    require(!reads_ids || (b.input_ids[i] >= 0 && b.input_ids[i] < V),
-            "input_ids[" + std::to_string(i) + "] = " + std::to_string(b.input_ids[i]) + " is outside the vocabulary [0, " +
-                std::to_string(V) + ")");
-    require(!reads_labels || b.labels[i] == kIgnoreLabel || (b.labels[i] >= 0 && b.labels[i] < V),
-            "labels[" + std::to_string(i) + "] = " + std::to_string(b.labels[i]) + " is outside the vocabulary");
-  }
+  // Messages are built only on failure: a part that reads no labels may be given none.
+  for (int64_t i = 0; i < T && reads_ids; ++i)
+    if (b.input_ids[i] < 0 || b.input_ids[i] >= V)
+      throw Error("input_ids[" + std::to_string(i) + "] = " + std::to_string(b.input_ids[i]) +
+                  " is outside the vocabulary [0, " + std::to_string(V) + ")");
+  for (int64_t i = 0; i < T && reads_labels; ++i)
+    if (b.labels[i] != kIgnoreLabel && (b.labels[i] < 0 || b.labels[i] >= V))
+      throw Error("labels[" + std::to_string(i) + "] = " + std::to_string(b.labels[i]) + " is outside the vocabulary");
   require(whole.sequences >= b.batch, "forward: the whole batch has " + std::to_string(whole.sequences) +
                                           " sequences, fewer than this micro-batch's " + std::to_string(b.batch));
   require(spec_.first || in, "forward: a part after the first needs its input activations");

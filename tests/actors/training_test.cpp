@@ -10,24 +10,12 @@
 #include "actors/roles/stage_trainer.hpp"
 #include "runtime/recipe/recipe.hpp"
 #include "runtime/train/run_recipe.hpp"
-#include "tests/actors/support.hpp"
+#include "tests/actors/driver_support.hpp"
 
 namespace moerl::actors {
 namespace {
 
 using namespace moerl::actors::testing;
-
-// Per-step metrics lines (those with a loss), in file order.
-std::vector<nlohmann::json> step_metrics(const fs::path& file) {
-  std::vector<nlohmann::json> out;
-  std::ifstream f(file);
-  std::string line;
-  while (std::getline(f, line)) {
-    auto j = nlohmann::json::parse(line, nullptr, false);  // a line being written is skipped
-    if (!j.is_discarded() && j.contains("loss") && j.contains("step")) out.push_back(std::move(j));
-  }
-  return out;
-}
 
 TEST(DataLoader, ServesBatchesByStepAndResumesAtItsPosition) {
   const fs::path dir = fresh_dir("loader");
@@ -161,38 +149,6 @@ TEST(StageTrainer, AnswersARepeatedStepWithItsRecordedResultWithoutTrainingAgain
                                              "tokenizer.model", "trainer_state.json"}));
 }
 
-// Starts `file` on a fresh driver (run folder `out`) and kills its child `victim` (the one alive at the time)
-// each time ready() holds, up to `times` kills; returns the run's failure ("" when it finished) and sets *kills.
-std::string run_and_kill(const fs::path& file, const fs::path& out, const std::string& victim, int times,
-                         const std::function<bool()>& ready, int* kills) {
-  caf::actor_system system{test_config()};
-  auto driver = spawn_driver(system);
-  caf::scoped_actor runner{system}, killer{system};
-  struct Stop {  // the driver goes on every path out, so the actor system can shut down
-    caf::scoped_actor& self;
-    driver_actor driver;
-    ~Stop() { self->send_exit(driver, caf::exit_reason::user_shutdown); }
-  } stop{killer, driver};
-  auto pending = runner->request(driver, std::chrono::seconds(60), run_atom::value, file.string(),
-                                 std::vector<std::string>{}, out.string());
-  *kills = 0;
-  caf::actor last;
-  std::string failure;
-  const auto deadline = std::chrono::steady_clock::now() + kReplyTimeout;
-  while (*kills < times && !fs::exists(out / "summary.json") && std::chrono::steady_clock::now() < deadline) {
-    const auto child = ask<caf::actor>(killer, driver, nullptr, lookup_atom::value, victim);
-    if (!child) break;  // the driver is gone
-    if (*child && *child != last && ready()) {
-      caf::anon_send_exit(*child, caf::exit_reason::kill);
-      last = *child;
-      ++*kills;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  }
-  pending.receive([&](std::string&, std::string&) {}, [&](caf::error& e) { failure = describe(e); });
-  return failure;
-}
-
 TEST(Driver, RunsARecipeWithTheDirectPathsLossesBitForBitAndRestartsAKilledTrainerFromItsCheckpoint) {
   const fs::path dir = fresh_dir("driver");
   const RemoveAtExit cleanup{dir};
@@ -206,7 +162,7 @@ TEST(Driver, RunsARecipeWithTheDirectPathsLossesBitForBitAndRestartsAKilledTrain
   const fs::path resumed = dir / "resumed";
   int kills = 0;
   const std::string failure = run_and_kill(
-      file, resumed, "stage_trainer/0", 1, [&] { return fs::exists(resumed / "pretrain" / "trainer_state.json"); },
+      file, {}, resumed, "stage_trainer/0", 1, [&] { return fs::exists(resumed / "pretrain" / "trainer_state.json"); },
       &kills);
   EXPECT_EQ(kills, 1) << "the run ended before the kill";
   EXPECT_EQ(failure, "");
@@ -245,7 +201,7 @@ TEST(Driver, RestartsAKilledLoaderAndEndsWithTheUndisturbedLosses) {
   int kills = 0;
   const fs::path out = dir / "run";
   const std::string failure =
-      run_and_kill(file, out, "data_loader/0", 1, [&] { return step_metrics(out / "metrics.jsonl").size() >= 4; },
+      run_and_kill(file, {}, out, "data_loader/0", 1, [&] { return step_metrics(out / "metrics.jsonl").size() >= 4; },
                    &kills);
   EXPECT_EQ(kills, 1) << "the run ended before the kill";
   EXPECT_EQ(failure, "");
@@ -264,7 +220,7 @@ TEST(Driver, StopsTheRunNamingTheChildWhenItKeepsDying) {
   const fs::path file = write_recipe(dir, 5000, 0, 1000);
   int kills = 0;
   const std::string failure = run_and_kill(
-      file, dir / "run", "stage_trainer/0", 4, [&] { return !step_metrics(dir / "run" / "metrics.jsonl").empty(); },
+      file, {}, dir / "run", "stage_trainer/0", 4, [&] { return !step_metrics(dir / "run" / "metrics.jsonl").empty(); },
       &kills);
   EXPECT_EQ(kills, 4);
   EXPECT_NE(failure.find("stage_trainer/0 died"), std::string::npos) << failure;

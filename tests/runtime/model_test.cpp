@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <cmath>
 #include <random>
 
 #include <nlohmann/json.hpp>
@@ -87,6 +88,27 @@ TEST(Model, MtpWeightZeroLeavesTheMtpModuleUntouched) {
   EXPECT_EQ(r.total, r.loss);
   const Tensor& g = model.params().at("model.layers.2.eh_proj.weight").grad;
   for (int64_t i = 0; i < g.numel(); ++i) ASSERT_EQ(g.data<float>()[i], 0.0f);
+}
+
+TEST(ModelPart, AHeadlessPartReadsNoLabelsAndAForeignTokenIsNamed) {
+  const ModelConfig c = small_config();
+  Params params;
+  ModelPart part(c, params, PartSpec{0, 1, true, false});  // embedding + layer 0, no head
+  const Tokens t = random_tokens(64, 2, 8, 6);
+  std::vector<float> out(static_cast<size_t>(2 * 8 * c.hidden_size), std::nanf(""));
+  const TokenBatch no_labels{t.ids.data(), nullptr, 2, 8};
+  part.forward(no_labels, nullptr, out.data(), ForwardOptions{}, loss_denominators(t.view()));
+  for (float v : out) ASSERT_TRUE(std::isfinite(v));
+  std::vector<int64_t> bad = t.ids;
+  bad[5] = 64;
+  try {
+    part.forward(TokenBatch{bad.data(), nullptr, 2, 8}, nullptr, out.data(), ForwardOptions{},
+                 loss_denominators(t.view()));
+    ADD_FAILURE() << "a token outside the vocabulary was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("input_ids[5] = 64 is outside the vocabulary [0, 64)"), std::string::npos)
+        << e.what();
+  }
 }
 
 TEST(Model, Bf16AndFp8StayCloseToFp32) {
