@@ -1,0 +1,200 @@
+// The routed experts' FP8 GEMMs on aligned rows (kernels/cuda/moe_fp8.hpp). Per layer, each activation is quantized
+// once for all experts: along features (Fprop x and h, Dgrad dy, dg and du; 1x128 tiles per row, so an expert's
+// codes are a block of rows and its scales one small layout kernel away) and along tokens (Wgrad dyᵀ, hᵀ, dgᵀ, duᵀ,
+// xᵀ; one kernel writes every expert's packed transposed codes, and an expert's scales are a contiguous slice of
+// the whole's VEC128 layout, because its tiles start at a multiple of 128). Then one cuBLASLt call per expert and GEMM
+// (fp8::cuda::gemm_nt), the weights from the LinearContext's prepared FP8 copies (linear_fp8.cu).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/linear_impl.cuh"
+#include "kernels/cuda/moe_fp8.hpp"
+#include "kernels/cuda/stream_scratch.hpp"
+#include "kernels/cuda/swiglu.hpp"
+#include "kernels/fp8.hpp"
+#include "kernels/fp8_gemm.hpp"
+#include "kernels/fp8_quantize.hpp"
+#include "runtime/error.hpp"
+
+namespace moerl::cuda {
+namespace {
+
+using cuda_detail::align256;
+using cuda_detail::StreamScratch;
+using fp8::kTile;
+using fp8::tiles;
+using fp8::cuda::Operand;
+using fp8::cuda::OutType;
+
+size_t bytes_of(int64_t n, size_t each) { return align256(static_cast<size_t>(n) * each); }
+
+// src [rows, d] quantized in 1x128 tiles along d: codes [rows, d] and every expert's VEC128 scales.
+class RowsFp8 {
+ public:
+  RowsFp8(const float* src, int64_t rows, int64_t d, const int64_t* aligned, int64_t experts, cudaStream_t stream)
+      : d_(d), t_(tiles(d)),
+        scratch_(bytes_of(rows * d, 1) + 2 * bytes_of(rows * tiles(d), sizeof(float)), stream) {
+    codes_ = scratch_.as<uint8_t>();
+    float* cpu_scales = scratch_.as<float>(bytes_of(rows * d, 1));
+    lt_ = scratch_.as<float>(bytes_of(rows * d, 1) + bytes_of(rows * t_, sizeof(float)));
+    fp8::cuda::quantize_1x128(src, rows, d, codes_, cpu_scales, stream);
+    moe_grouped_vec128_scales(cpu_scales, aligned, experts, rows, t_, lt_, stream);
+  }
+  // Rows first .. first + n - 1 (one expert's): [n, d].
+  Operand expert(int64_t first, int64_t n) const { return Operand{codes_ + first * d_, lt_ + first * t_, n, d_, 1}; }
+  void release() { scratch_.release(); }
+
+ private:
+  int64_t d_, t_;
+  StreamScratch scratch_;
+  uint8_t* codes_ = nullptr;
+  float* lt_ = nullptr;
+};
+
+// src [rows, d] quantized in 1x128 tiles along rows (tokens): every expert's codes [d, n] packed at first · d
+// (quantize_1x128_transposed_grouped) and the VEC128 scales of the whole, [tiles(rows), d], in which every
+// expert's tiles are a contiguous slice.
+class TokensFp8 {
+ public:
+  TokensFp8(const float* src, int64_t rows, int64_t d, const int64_t* aligned, int64_t experts, cudaStream_t stream)
+      : d_(d), scratch_(bytes_of(rows * d, 1) + 2 * bytes_of(d * tiles(rows), sizeof(float)), stream) {
+    codes_ = scratch_.as<uint8_t>();
+    float* cpu_scales = scratch_.as<float>(bytes_of(rows * d, 1));
+    lt_ = scratch_.as<float>(bytes_of(rows * d, 1) + bytes_of(d * tiles(rows), sizeof(float)));
+    fp8::cuda::quantize_1x128_transposed_grouped(src, rows, d, aligned, experts, codes_, cpu_scales, stream);
+    fp8::cuda::scales_to_cublaslt(cpu_scales, d, rows, 1, lt_, stream);
+  }
+  // Tokens first .. first + n - 1 (first a multiple of 128): [d, n].
+  Operand expert(int64_t first, int64_t n) const {
+    return Operand{codes_ + first * d_, lt_ + first / kTile * d_, d_, n, 1};
+  }
+  void release() { scratch_.release(); }
+
+ private:
+  int64_t d_;
+  StreamScratch scratch_;
+  uint8_t* codes_ = nullptr;
+  float* lt_ = nullptr;
+};
+
+// Expert weight w [n, k] (n, k multiples of 16, >= 128: no padding): Fprop's operand w and Dgrad's wᵀ.
+struct ExpertWeight {
+  Operand w, wt;
+};
+
+ExpertWeight expert_weight(LinearContext::Impl& ctx, const float* w, int64_t n, int64_t k, cudaStream_t stream) {
+  const PreparedFp8Weight& pw = linear_detail::fp8_weight(ctx, w, n, k, stream);
+  return {Operand{pw.codes, pw.scales, n, pw.cols, kTile}, Operand{pw.codes_t, pw.scales_t, k, pw.rows, kTile}};
+}
+
+void check(const char* fn, const MoeFp8Experts& w, const int64_t* aligned_host, const int64_t* aligned) {
+  require(w.experts > 0 && moe_fp8_experts_supported(w.hidden, w.inter),
+          std::string("cuda::") + fn + ": needs experts > 0 and hidden, inter multiples of 16 and >= 128, got E=" +
+              std::to_string(w.experts) + ", H=" + std::to_string(w.hidden) + ", I=" + std::to_string(w.inter));
+  require(w.gate && w.up && w.down && aligned_host && aligned, std::string("cuda::") + fn + ": null pointer");
+  for (int64_t e = 0; e < w.experts; ++e)
+    require(aligned_host[e] % kMoeRowAlign == 0 && aligned_host[e + 1] >= aligned_host[e],
+            std::string("cuda::") + fn + ": aligned offsets must rise in multiples of 128 (expert " +
+                std::to_string(e) + ")");
+}
+
+}  // namespace
+
+bool moe_fp8_experts_supported(int64_t hidden, int64_t inter) {
+  return hidden >= 128 && inter >= 128 && hidden % 16 == 0 && inter % 16 == 0;
+}
+
+void moe_fp8_experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp,
+                             const int64_t* aligned_host, const int64_t* aligned, float* g, float* u, float* h,
+                             float* yp, cudaStream_t stream) {
+  check("moe_fp8_experts_forward", w, aligned_host, aligned);
+  const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
+  if (rows == 0) return;
+  require(xp && g && u && h && yp, "cuda::moe_fp8_experts_forward: null activation pointer");
+  LinearContext::Impl& c = ctx.impl();
+  c.check_device("cuda::moe_fp8_experts_forward");
+
+  RowsFp8 xq(xp, rows, H, aligned, E, stream);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = aligned_host[e], n = aligned_host[e + 1] - r0;
+    if (n == 0) continue;
+    const Operand x = xq.expert(r0, n);
+    fp8::cuda::gemm_nt(c.fp8, x, expert_weight(c, w.gate + e * I * H, I, H, stream).w, g + r0 * I, OutType::FP32,
+                       stream);
+    fp8::cuda::gemm_nt(c.fp8, x, expert_weight(c, w.up + e * I * H, I, H, stream).w, u + r0 * I, OutType::FP32,
+                       stream);
+  }
+  xq.release();
+  swiglu_forward(g, u, h, rows * I, stream);
+  RowsFp8 hq(h, rows, I, aligned, E, stream);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = aligned_host[e], n = aligned_host[e + 1] - r0;
+    if (n == 0) continue;
+    fp8::cuda::gemm_nt(c.fp8, hq.expert(r0, n), expert_weight(c, w.down + e * H * I, H, I, stream).w, yp + r0 * H,
+                       OutType::FP32, stream);
+  }
+  hq.release();
+}
+
+void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* xp,
+                              const float* g, const float* u, const float* h, const int64_t* aligned_host,
+                              const int64_t* aligned, float* dxp, cudaStream_t stream) {
+  check("moe_fp8_experts_backward", w, aligned_host, aligned);
+  const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
+  if (rows == 0) return;
+  require(dyp && xp && g && u && h && dxp && w.gate_grad && w.up_grad && w.down_grad,
+          "cuda::moe_fp8_experts_backward: null activation or gradient pointer");
+  LinearContext::Impl& c = ctx.impl();
+  c.check_device("cuda::moe_fp8_experts_backward");
+
+  // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad).
+  StreamScratch grads(3 * bytes_of(rows * I, sizeof(float)), stream);
+  float* dh = grads.as<float>();
+  float* dg = grads.as<float>(bytes_of(rows * I, sizeof(float)));
+  float* du = grads.as<float>(2 * bytes_of(rows * I, sizeof(float)));
+  {
+    RowsFp8 dyq(dyp, rows, H, aligned, E, stream);
+    TokensFp8 dyt(dyp, rows, H, aligned, E, stream);
+    TokensFp8 ht(h, rows, I, aligned, E, stream);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = aligned_host[e], n = aligned_host[e + 1] - r0;
+      if (n == 0) continue;
+      const ExpertWeight wd = expert_weight(c, w.down + e * H * I, H, I, stream);
+      fp8::cuda::gemm_nt(c.fp8, dyq.expert(r0, n), wd.wt, dh + r0 * I, OutType::FP32, stream);
+      fp8::cuda::gemm_nt_accumulate(c.fp8, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I, stream);
+    }
+    ht.release();
+    dyt.release();
+    dyq.release();
+  }
+  swiglu_backward(dh, g, u, dg, du, rows * I, stream);
+
+  // gate and up: dx = dg · w_gate + du · w_up (the second accumulated in the GEMM), dw += dgᵀ · xᵀ, duᵀ · xᵀ.
+  RowsFp8 dgq(dg, rows, I, aligned, E, stream);
+  RowsFp8 duq(du, rows, I, aligned, E, stream);
+  TokensFp8 dgt(dg, rows, I, aligned, E, stream);
+  TokensFp8 dut(du, rows, I, aligned, E, stream);
+  TokensFp8 xt(xp, rows, H, aligned, E, stream);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t r0 = aligned_host[e], n = aligned_host[e + 1] - r0;
+    if (n == 0) continue;
+    const ExpertWeight wg = expert_weight(c, w.gate + e * I * H, I, H, stream);
+    const ExpertWeight wu = expert_weight(c, w.up + e * I * H, I, H, stream);
+    fp8::cuda::gemm_nt(c.fp8, dgq.expert(r0, n), wg.wt, dxp + r0 * H, OutType::FP32, stream);
+    fp8::cuda::gemm_nt_accumulate(c.fp8, duq.expert(r0, n), wu.wt, dxp + r0 * H, stream);
+    const Operand x = xt.expert(r0, n);
+    fp8::cuda::gemm_nt_accumulate(c.fp8, dgt.expert(r0, n), x, w.gate_grad + e * I * H, stream);
+    fp8::cuda::gemm_nt_accumulate(c.fp8, dut.expert(r0, n), x, w.up_grad + e * I * H, stream);
+  }
+  xt.release();
+  dut.release();
+  dgt.release();
+  duq.release();
+  dgq.release();
+  grads.release();
+}
+
+}  // namespace moerl::cuda
