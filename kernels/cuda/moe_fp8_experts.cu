@@ -4,10 +4,21 @@
 // xᵀ; one kernel writes every expert's packed transposed codes, and an expert's scales are a contiguous slice of
 // the whole's VEC128 layout, because its tiles start at a multiple of 128). Then one cuBLASLt call per expert and GEMM
 // (fp8::cuda::gemm_nt), the weights from the LinearContext's prepared FP8 copies (linear_fp8.cu).
+//
+// Lanes. One expert's GEMM is small (about 1600 rows at 64 experts: 13 x 11 tiles of 128 x 128 on 132 SMs, a second
+// wave nearly empty; at bench-600m's 32 experts, 16 x 6 tiles, a quarter of the SMs idle), so the experts' GEMMs run
+// on kLanes side streams forked from and joined to the caller's stream (expert e on lane e % kLanes, each lane
+// with its own cuBLASLt context and workspace): the GPU overlaps one expert's tail with the next's. Each GEMM writes
+// its own expert's rows or gradient, so the results do not depend on the overlap; an expert's dependent GEMMs (Dgrad
+// of gate, then up accumulated into the same rows) stay on one lane, in order.
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <vector>
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/linear_impl.cuh"
@@ -35,8 +46,7 @@ size_t bytes_of(int64_t n, size_t each) { return align256(static_cast<size_t>(n)
 class RowsFp8 {
  public:
   RowsFp8(const float* src, int64_t rows, int64_t d, const int64_t* aligned, int64_t experts, cudaStream_t stream)
-      : d_(d), t_(tiles(d)),
-        scratch_(bytes_of(rows * d, 1) + 2 * bytes_of(rows * tiles(d), sizeof(float)), stream) {
+      : d_(d), t_(tiles(d)), scratch_(bytes_of(rows * d, 1) + 2 * bytes_of(rows * tiles(d), sizeof(float)), stream) {
     codes_ = scratch_.as<uint8_t>();
     float* cpu_scales = scratch_.as<float>(bytes_of(rows * d, 1));
     lt_ = scratch_.as<float>(bytes_of(rows * d, 1) + bytes_of(rows * t_, sizeof(float)));
@@ -90,15 +100,74 @@ ExpertWeight expert_weight(LinearContext::Impl& ctx, const float* w, int64_t n, 
   return {Operand{pw.codes, pw.scales, n, pw.cols, kTile}, Operand{pw.codes_t, pw.scales_t, k, pw.rows, kTile}};
 }
 
+constexpr int kLanes = 4;
+
+class Lanes {
+ public:
+  Lanes() {
+    CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    for (int i = 0; i < kLanes; ++i) {
+      CUDA_CHECK(cudaStreamCreateWithFlags(&streams_[i], cudaStreamNonBlocking));
+      CUDA_CHECK(cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming));
+      contexts_[i] = std::make_unique<fp8::cuda::GemmContext>();
+    }
+  }
+  // Calls gemm(e, first_row, rows, lane_stream, lane_context) for every non-empty expert on its lane, after all
+  // work queued on `stream` so far; `stream` then waits for every lane. Serialized between host threads.
+  template <class F>
+  void run(const int64_t* aligned_host, int64_t experts, cudaStream_t stream, F&& gemm) {
+    const std::lock_guard lock(mutex_);
+    CUDA_CHECK(cudaEventRecord(fork_, stream));
+    for (int i = 0; i < kLanes; ++i) CUDA_CHECK(cudaStreamWaitEvent(streams_[i], fork_, 0));
+    for (int64_t e = 0; e < experts; ++e) {
+      const int64_t r0 = aligned_host[e], n = aligned_host[e + 1] - r0;
+      if (n > 0) gemm(e, r0, n, streams_[e % kLanes], *contexts_[e % kLanes]);
+    }
+    for (int i = 0; i < kLanes; ++i) {
+      CUDA_CHECK(cudaEventRecord(done_[i], streams_[i]));
+      CUDA_CHECK(cudaStreamWaitEvent(stream, done_[i], 0));
+    }
+  }
+
+ private:
+  std::mutex mutex_;
+  cudaEvent_t fork_ = nullptr;
+  cudaEvent_t done_[kLanes] = {};
+  cudaStream_t streams_[kLanes] = {};
+  std::unique_ptr<fp8::cuda::GemmContext> contexts_[kLanes];
+};
+
+// The current device's lanes, made on first use and kept for the life of the process (never destroyed: their
+// streams must not outlive the CUDA runtime's teardown at exit).
+Lanes& lanes() {
+  static std::mutex mutex;
+  static std::map<int, Lanes*> per_device;
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard lock(mutex);
+  Lanes*& l = per_device[device];
+  if (l == nullptr) l = new Lanes();
+  return *l;
+}
+
+// The FP8 copies of every expert's weight [n, k] at w + e · n · k, made (when stale) on `stream`, in expert order.
+std::vector<ExpertWeight> expert_weights(LinearContext::Impl& ctx, const float* w, int64_t experts, int64_t n,
+                                         int64_t k, cudaStream_t stream) {
+  std::vector<ExpertWeight> out;
+  out.reserve(static_cast<size_t>(experts));
+  for (int64_t e = 0; e < experts; ++e) out.push_back(expert_weight(ctx, w + e * n * k, n, k, stream));
+  return out;
+}
+
 void check(const char* fn, const MoeFp8Experts& w, const int64_t* aligned_host, const int64_t* aligned) {
   require(w.experts > 0 && moe_fp8_experts_supported(w.hidden, w.inter),
           std::string("cuda::") + fn + ": needs experts > 0 and hidden, inter multiples of 16 and >= 128, got E=" +
               std::to_string(w.experts) + ", H=" + std::to_string(w.hidden) + ", I=" + std::to_string(w.inter));
   require(w.gate && w.up && w.down && aligned_host && aligned, std::string("cuda::") + fn + ": null pointer");
   for (int64_t e = 0; e < w.experts; ++e)
-    require(aligned_host[e] % kMoeRowAlign == 0 && aligned_host[e + 1] >= aligned_host[e],
-            std::string("cuda::") + fn + ": aligned offsets must rise in multiples of 128 (expert " +
-                std::to_string(e) + ")");
+    if (aligned_host[e] % kMoeRowAlign != 0 || aligned_host[e + 1] < aligned_host[e])
+      throw Error(std::string("cuda::") + fn + ": aligned offsets must rise in multiples of 128 (expert " +
+                  std::to_string(e) + ")");
 }
 
 }  // namespace
@@ -107,9 +176,8 @@ bool moe_fp8_experts_supported(int64_t hidden, int64_t inter) {
   return hidden >= 128 && inter >= 128 && hidden % 16 == 0 && inter % 16 == 0;
 }
 
-void moe_fp8_experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp,
-                             const int64_t* aligned_host, const int64_t* aligned, float* g, float* u, float* h,
-                             float* yp, cudaStream_t stream) {
+void moe_fp8_experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp, const int64_t* aligned_host,
+                             const int64_t* aligned, float* g, float* u, float* h, float* yp, cudaStream_t stream) {
   check("moe_fp8_experts_forward", w, aligned_host, aligned);
   const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
   if (rows == 0) return;
@@ -117,25 +185,22 @@ void moe_fp8_experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const f
   LinearContext::Impl& c = ctx.impl();
   c.check_device("cuda::moe_fp8_experts_forward");
 
+  Lanes& lane = lanes();
+  const std::vector<ExpertWeight> wg = expert_weights(c, w.gate, E, I, H, stream);
+  const std::vector<ExpertWeight> wu = expert_weights(c, w.up, E, I, H, stream);
+  const std::vector<ExpertWeight> wd = expert_weights(c, w.down, E, H, I, stream);
   RowsFp8 xq(xp, rows, H, aligned, E, stream);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = aligned_host[e], n = aligned_host[e + 1] - r0;
-    if (n == 0) continue;
+  lane.run(aligned_host, E, stream, [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
     const Operand x = xq.expert(r0, n);
-    fp8::cuda::gemm_nt(c.fp8, x, expert_weight(c, w.gate + e * I * H, I, H, stream).w, g + r0 * I, OutType::FP32,
-                       stream);
-    fp8::cuda::gemm_nt(c.fp8, x, expert_weight(c, w.up + e * I * H, I, H, stream).w, u + r0 * I, OutType::FP32,
-                       stream);
-  }
+    fp8::cuda::gemm_nt(gc, x, wg[e].w, g + r0 * I, OutType::FP32, s);
+    fp8::cuda::gemm_nt(gc, x, wu[e].w, u + r0 * I, OutType::FP32, s);
+  });
   xq.release();
   swiglu_forward(g, u, h, rows * I, stream);
   RowsFp8 hq(h, rows, I, aligned, E, stream);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = aligned_host[e], n = aligned_host[e + 1] - r0;
-    if (n == 0) continue;
-    fp8::cuda::gemm_nt(c.fp8, hq.expert(r0, n), expert_weight(c, w.down + e * H * I, H, I, stream).w, yp + r0 * H,
-                       OutType::FP32, stream);
-  }
+  lane.run(aligned_host, E, stream, [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+    fp8::cuda::gemm_nt(gc, hq.expert(r0, n), wd[e].w, yp + r0 * H, OutType::FP32, s);
+  });
   hq.release();
 }
 
@@ -150,6 +215,10 @@ void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const 
   LinearContext::Impl& c = ctx.impl();
   c.check_device("cuda::moe_fp8_experts_backward");
 
+  Lanes& lane = lanes();
+  const std::vector<ExpertWeight> wg = expert_weights(c, w.gate, E, I, H, stream);
+  const std::vector<ExpertWeight> wu = expert_weights(c, w.up, E, I, H, stream);
+  const std::vector<ExpertWeight> wd = expert_weights(c, w.down, E, H, I, stream);
   // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad).
   StreamScratch grads(3 * bytes_of(rows * I, sizeof(float)), stream);
   float* dh = grads.as<float>();
@@ -159,13 +228,11 @@ void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const 
     RowsFp8 dyq(dyp, rows, H, aligned, E, stream);
     TokensFp8 dyt(dyp, rows, H, aligned, E, stream);
     TokensFp8 ht(h, rows, I, aligned, E, stream);
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t r0 = aligned_host[e], n = aligned_host[e + 1] - r0;
-      if (n == 0) continue;
-      const ExpertWeight wd = expert_weight(c, w.down + e * H * I, H, I, stream);
-      fp8::cuda::gemm_nt(c.fp8, dyq.expert(r0, n), wd.wt, dh + r0 * I, OutType::FP32, stream);
-      fp8::cuda::gemm_nt_accumulate(c.fp8, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I, stream);
-    }
+    lane.run(aligned_host, E, stream,
+             [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+               fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh + r0 * I, OutType::FP32, s);
+               fp8::cuda::gemm_nt_accumulate(gc, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I, s);
+             });
     ht.release();
     dyt.release();
     dyq.release();
@@ -178,17 +245,13 @@ void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const 
   TokensFp8 dgt(dg, rows, I, aligned, E, stream);
   TokensFp8 dut(du, rows, I, aligned, E, stream);
   TokensFp8 xt(xp, rows, H, aligned, E, stream);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = aligned_host[e], n = aligned_host[e + 1] - r0;
-    if (n == 0) continue;
-    const ExpertWeight wg = expert_weight(c, w.gate + e * I * H, I, H, stream);
-    const ExpertWeight wu = expert_weight(c, w.up + e * I * H, I, H, stream);
-    fp8::cuda::gemm_nt(c.fp8, dgq.expert(r0, n), wg.wt, dxp + r0 * H, OutType::FP32, stream);
-    fp8::cuda::gemm_nt_accumulate(c.fp8, duq.expert(r0, n), wu.wt, dxp + r0 * H, stream);
+  lane.run(aligned_host, E, stream, [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+    fp8::cuda::gemm_nt(gc, dgq.expert(r0, n), wg[e].wt, dxp + r0 * H, OutType::FP32, s);
+    fp8::cuda::gemm_nt_accumulate(gc, duq.expert(r0, n), wu[e].wt, dxp + r0 * H, s);
     const Operand x = xt.expert(r0, n);
-    fp8::cuda::gemm_nt_accumulate(c.fp8, dgt.expert(r0, n), x, w.gate_grad + e * I * H, stream);
-    fp8::cuda::gemm_nt_accumulate(c.fp8, dut.expert(r0, n), x, w.up_grad + e * I * H, stream);
-  }
+    fp8::cuda::gemm_nt_accumulate(gc, dgt.expert(r0, n), x, w.gate_grad + e * I * H, s);
+    fp8::cuda::gemm_nt_accumulate(gc, dut.expert(r0, n), x, w.up_grad + e * I * H, s);
+  });
   xt.release();
   dut.release();
   dgt.release();

@@ -72,7 +72,7 @@ TEST_F(MoeFp8Gpu, AlignedPlanGatherScalesAndCombineMatchPlainLoops) {
   for (int64_t r = 0; r < R; ++r) row_of[token_of[r]] = r;
   const std::vector<int64_t> aligned = aligned_of(kCounts);
   const int64_t RA = aligned[E];
-  ASSERT_EQ(RA, 128 + 0 + 128 + 256 + 128 + 384);
+  ASSERT_EQ(RA, 256 + 0 + 128 + 256 + 128 + 384);
 
   DeviceBuffer<int64_t> d_off(offsets), d_aligned(aligned), d_token(token_of), d_row(row_of);
   DeviceBuffer<int64_t> d_token_a(RA), d_row_a(T);
