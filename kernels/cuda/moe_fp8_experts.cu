@@ -16,6 +16,7 @@
 
 #include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
 #include <exception>
 #include <functional>
 #include <map>
@@ -117,7 +118,11 @@ class Lanes {
       CUDA_CHECK(cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming));
       contexts_[i] = std::make_unique<fp8::cuda::GemmContext>();
     }
-    for (int i = 0; i < kLanes; ++i) workers_[i] = std::thread([this, i] { work(i); });
+    // MOERL_MOE_LANE_THREADS=0: every call from the caller's thread (same results; for comparison and diagnosis).
+    const char* env = std::getenv("MOERL_MOE_LANE_THREADS");
+    threaded_ = env == nullptr || std::string(env) != "0";
+    if (threaded_)
+      for (int i = 0; i < kLanes; ++i) workers_[i] = std::thread([this, i] { work(i); });
   }
   // Calls gemm(e, first_row, rows, lane_stream, lane_context) for every non-empty expert on its lane, after all
   // work queued on `stream` so far; `stream` then waits for every lane. Each lane's calls come from its own host
@@ -136,7 +141,13 @@ class Lanes {
       }
     };
     std::exception_ptr error;
-    {
+    if (!threaded_) {
+      try {
+        for (int lane = 0; lane < kLanes; ++lane) job(lane);
+      } catch (...) {
+        error = std::current_exception();
+      }
+    } else {
       std::unique_lock lock(mutex_);
       job_ = &job;
       finished_ = 0;
@@ -181,6 +192,7 @@ class Lanes {
   }
 
   int device_ = 0;
+  bool threaded_ = true;
   std::mutex run_mutex_;
   std::mutex mutex_;  // guards the job hand-over below
   std::condition_variable posted_, done_cv_;
