@@ -32,4 +32,12 @@ void quantize_128x128(const float* w, int64_t rows, int64_t cols, uint8_t* codes
 void quantize_1x128_transposed(const float* x, int64_t rows, int64_t cols, uint8_t* codes_t, float* scales_t,
                                cudaStream_t stream = nullptr);
 
+// quantize_1x128_transposed with x's rows cut into groups (the routed experts' aligned rows): bounds [n_groups + 1]
+// on the device, rising in multiples of 128 from 0 to rows (rows a multiple of 128); group g's codes are its own
+// packed transpose [cols, n_g] at codes_t + bounds[g] · cols, so each is a GEMM operand as it stands. scales_t is
+// quantize_1x128_transposed's (every 128-row tile lies in one group, so the tiles and scales are the same).
+void quantize_1x128_transposed_grouped(const float* x, int64_t rows, int64_t cols, const int64_t* bounds,
+                                       int64_t n_groups, uint8_t* codes_t, float* scales_t,
+                                       cudaStream_t stream = nullptr);
+
 }  // namespace moerl::fp8::cuda

@@ -163,12 +163,15 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp)
 // — lane l holds rows l, l + 32, l + 64, l + 96 of a column (row stride kTransposeCols + 1 floats: conflict-free)
 // — and stages their codes per column so the writes to codes_t [cols, rows] run contiguously along rows.
 // `vec_x`: x rows 16-byte aligned; `vec`: codes_t rows 4-byte aligned. kFull: rows % 128 == 0,
-// cols % kTransposeCols == 0, `vec_x` and `vec`: no bounds checks.
-template <bool kFull>
+// cols % kTransposeCols == 0, `vec_x` and `vec`: no bounds checks. kGrouped: the rows are cut into groups at
+// bounds [n_groups + 1] (multiples of 128), and group g's codes are its own packed transpose [cols, n_g] at
+// codes_t + bounds[g] · cols (a 128-row tile lies in one group).
+template <bool kFull, bool kGrouped = false>
 __global__ void __launch_bounds__(kTransposeWarps * kWarp)
     quantize_1x128_transposed_kernel(const float* __restrict__ x, int64_t rows, int64_t cols, int64_t nrow_tiles,
                                      bool vec_x, bool vec, uint8_t* __restrict__ codes_t,
-                                     float* __restrict__ scales_t) {
+                                     float* __restrict__ scales_t, const int64_t* __restrict__ bounds,
+                                     int64_t n_groups) {
   constexpr int kThreads = kTransposeWarps * kWarp;
   constexpr int kQuads = kTransposeCols / 4;                 // 4-column groups per tile row
   constexpr int kLoads = kTile * kQuads / kThreads;          // groups per thread
@@ -215,14 +218,30 @@ __global__ void __launch_bounds__(kTransposeWarps * kWarp)
   }
   __syncwarp();  // each warp reads back only the columns it staged
 
+  // Where this tile's codes go: rows r0 .. of a [cols, out_rows] matrix at out.
+  uint8_t* out = codes_t;
+  int64_t out_rows = rows, first = r0;
+  if constexpr (kGrouped) {
+    int64_t lo = 0, hi = n_groups;  // the last group starting at or before r0 (empty groups skipped)
+    while (hi - lo > 1) {
+      const int64_t mid = (lo + hi) / 2;
+      if (bounds[mid] <= r0)
+        lo = mid;
+      else
+        hi = mid;
+    }
+    out = codes_t + bounds[lo] * cols;
+    out_rows = bounds[lo + 1] - bounds[lo];
+    first = r0 - bounds[lo];
+  }
   for (int j = warp * kColsPerWarp; j < (warp + 1) * kColsPerWarp; ++j) {
     const int64_t c = c0 + j;
     if (!kFull && c >= cols) break;
     const uint32_t packed = reinterpret_cast<const uint32_t*>(staged[j])[lane];
     if (kFull)
-      __stcs(reinterpret_cast<unsigned int*>(codes_t + c * rows + r0) + lane, packed);
+      __stcs(reinterpret_cast<unsigned int*>(out + c * out_rows + first) + lane, packed);
     else
-      store4(codes_t + c * rows, r0 + lane * 4, rows, vec, packed);
+      store4(out + c * out_rows, first + lane * 4, out_rows, vec, packed);
   }
 }
 
@@ -275,7 +294,30 @@ void quantize_1x128_transposed(const float* x, int64_t rows, int64_t cols, uint8
   const bool vec = rows % 4 == 0 && aligned(codes_t, 4);
   const bool full = vec_x && vec && rows % kTile == 0 && cols % kTransposeCols == 0;
   const auto kernel = full ? quantize_1x128_transposed_kernel<true> : quantize_1x128_transposed_kernel<false>;
-  kernel<<<grid, kTransposeWarps * kWarp, 0, stream>>>(x, rows, cols, tiles(rows), vec_x, vec, codes_t, scales_t);
+  kernel<<<grid, kTransposeWarps * kWarp, 0, stream>>>(x, rows, cols, tiles(rows), vec_x, vec, codes_t, scales_t,
+                                                        nullptr, 0);
+  CUDA_CHECK_LAUNCH();
+}
+
+void quantize_1x128_transposed_grouped(const float* x, int64_t rows, int64_t cols, const int64_t* bounds,
+                                       int64_t n_groups, uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
+  check_args("quantize_1x128_transposed_grouped", x, rows, cols, codes_t, scales_t);
+  require(rows % kTile == 0 && n_groups > 0,
+          "fp8::cuda::quantize_1x128_transposed_grouped: rows must be a multiple of 128 and n_groups > 0, got rows " +
+              std::to_string(rows) + ", n_groups " + std::to_string(n_groups));
+  if (rows == 0 || cols == 0) return;
+  require(bounds != nullptr, "fp8::cuda::quantize_1x128_transposed_grouped: null bounds");
+  const int64_t chunks = blocks_for(cols, kTransposeCols);
+  require(tiles(rows) <= 65535 && chunks <= INT32_MAX,
+          "fp8::cuda::quantize_1x128_transposed_grouped: matrix too large");
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(tiles(rows)));
+  const bool vec_x = cols % 4 == 0 && aligned(x, 16);
+  const bool vec = aligned(codes_t, 4);  // every group's row count is a multiple of 128
+  const bool full = vec_x && vec && cols % kTransposeCols == 0;
+  const auto kernel =
+      full ? quantize_1x128_transposed_kernel<true, true> : quantize_1x128_transposed_kernel<false, true>;
+  kernel<<<grid, kTransposeWarps * kWarp, 0, stream>>>(x, rows, cols, tiles(rows), vec_x, vec, codes_t, scales_t,
+                                                        bounds, n_groups);
   CUDA_CHECK_LAUNCH();
 }
 

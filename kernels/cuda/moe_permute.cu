@@ -8,6 +8,7 @@
 #include <string>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/moe_fp8.hpp"
 #include "kernels/cuda/moe_permute.hpp"
 #include "kernels/cuda/stream_scratch.hpp"
 #include "runtime/error.hpp"
@@ -156,14 +157,14 @@ __global__ void __launch_bounds__(kRowThreads)
 }
 
 // Stages token t's K rows (and weights) in shared memory: rows [K] int64, then weights [K] float.
-// A row outside [0, T·K) is the caller's bug: trap.
-__device__ __forceinline__ void stage_rows(const int64_t* row_of, const float* weight, int64_t t, int64_t tokens,
+// A row outside [0, row_limit) (T·K, or the aligned rows of kernels/cuda/moe_fp8.hpp) is the caller's bug: trap.
+__device__ __forceinline__ void stage_rows(const int64_t* row_of, const float* weight, int64_t t, int64_t row_limit,
                                            int64_t k, int64_t* rows, float* weights) {
   for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
     const int64_t r = row_of[t * k + j];
-    if (r < 0 || r >= tokens * k) {
+    if (r < 0 || r >= row_limit) {
       printf("moerl moe combine: row_of[%lld] = %lld outside [0, %lld)\n", static_cast<long long>(t * k + j),
-             static_cast<long long>(r), static_cast<long long>(tokens * k));
+             static_cast<long long>(r), static_cast<long long>(row_limit));
       __trap();
     }
     rows[j] = r;
@@ -184,12 +185,12 @@ template <bool kWeighted> __device__ __forceinline__ float add_row(float acc, fl
 template <bool kWeighted>
 __global__ void __launch_bounds__(kRowThreads)
     combine_kernel(const float* __restrict__ src, const float* __restrict__ weight, const int64_t* __restrict__ row_of,
-                   int64_t tokens, int64_t k, int64_t dim, bool vec, float* __restrict__ y) {
+                   int64_t row_limit, int64_t k, int64_t dim, bool vec, float* __restrict__ y) {
   extern __shared__ int64_t combine_smem[];
   int64_t* rows = combine_smem;
   float* weights = reinterpret_cast<float*>(rows + k);
   const int64_t t = blockIdx.x;
-  stage_rows(row_of, kWeighted ? weight : nullptr, t, tokens, k, rows, weights);
+  stage_rows(row_of, kWeighted ? weight : nullptr, t, row_limit, k, rows, weights);
   float* out = y + t * dim;
   if (vec) {
     float4* out4 = reinterpret_cast<float4*>(out);
@@ -236,14 +237,14 @@ __device__ __forceinline__ float block_sum(float v, float* warp_total) {
 // Block t, k ascending: dyp[row_k, :] = w_k · dy[t, :] and dweight[t, k] = <dy[t, :], yp[row_k, :]>.
 __global__ void __launch_bounds__(kRowThreads)
     combine_backward_kernel(const float* __restrict__ dy, const float* __restrict__ yp,
-                            const float* __restrict__ weight, const int64_t* __restrict__ row_of, int64_t tokens,
+                            const float* __restrict__ weight, const int64_t* __restrict__ row_of, int64_t row_limit,
                             int64_t k, int64_t dim, bool vec, float* __restrict__ dyp, float* __restrict__ dweight) {
   extern __shared__ int64_t backward_smem[];
   __shared__ float warp_total[kRowWarps];
   int64_t* rows = backward_smem;
   float* weights = reinterpret_cast<float*>(rows + k);
   const int64_t t = blockIdx.x;
-  stage_rows(row_of, weight, t, tokens, k, rows, weights);
+  stage_rows(row_of, weight, t, row_limit, k, rows, weights);
   const float* g = dy + t * dim;
   for (int64_t j = 0; j < k; ++j) {
     const float w = weights[j];
@@ -348,17 +349,28 @@ void moe_gather(const float* x, const int64_t* token_of, int64_t rows, int64_t d
 
 void moe_combine(const float* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
                  int64_t dim, float* y, cudaStream_t stream) {
+  moe_combine_aligned(yp, weight, row_of, tokens, k, dim, tokens * k, y, stream);
+}
+
+void moe_combine_aligned(const float* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
+                         int64_t dim, int64_t rows, float* y, cudaStream_t stream) {
   const std::string where = "cuda::moe_combine";
   if (!check_token_args(where, tokens, k, dim)) return;
   require(yp && weight && row_of && y, where + ": null yp, weight, row_of or y pointer");
   const bool vec = dim % 4 == 0 && aligned16(yp) && aligned16(y);
-  combine_kernel<true><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(yp, weight, row_of, tokens, k, dim,
+  combine_kernel<true><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(yp, weight, row_of, rows, k, dim,
                                                                                  vec, y);
   CUDA_CHECK_LAUNCH();
 }
 
 void moe_combine_backward(const float* dy, const float* yp, const float* weight, const int64_t* row_of,
                           int64_t tokens, int64_t k, int64_t dim, float* dyp, float* dweight, cudaStream_t stream) {
+  moe_combine_backward_aligned(dy, yp, weight, row_of, tokens, k, dim, tokens * k, dyp, dweight, stream);
+}
+
+void moe_combine_backward_aligned(const float* dy, const float* yp, const float* weight, const int64_t* row_of,
+                                  int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
+                                  cudaStream_t stream) {
   const std::string where = "cuda::moe_combine_backward";
   require(tokens >= 0 && k >= 0 && dim >= 0, where + ": tokens, k and dim must be >= 0");
   if (tokens == 0 || k == 0) return;
@@ -371,18 +383,23 @@ void moe_combine_backward(const float* dy, const float* yp, const float* weight,
   require(dy && yp && weight && row_of && dyp && dweight,
           where + ": null dy, yp, weight, row_of, dyp or dweight pointer");
   const bool vec = dim % 4 == 0 && aligned16(dy) && aligned16(yp) && aligned16(dyp);
-  combine_backward_kernel<<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dy, yp, weight, row_of, tokens,
+  combine_backward_kernel<<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dy, yp, weight, row_of, rows,
                                                                                     k, dim, vec, dyp, dweight);
   CUDA_CHECK_LAUNCH();
 }
 
 void moe_scatter_add(const float* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim, float* dx,
                      cudaStream_t stream) {
+  moe_scatter_add_aligned(dxp, row_of, tokens, k, dim, tokens * k, dx, stream);
+}
+
+void moe_scatter_add_aligned(const float* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
+                             int64_t rows, float* dx, cudaStream_t stream) {
   const std::string where = "cuda::moe_scatter_add";
   if (!check_token_args(where, tokens, k, dim)) return;
   require(dxp && row_of && dx, where + ": null dxp, row_of or dx pointer");
   const bool vec = dim % 4 == 0 && aligned16(dxp) && aligned16(dx);
-  combine_kernel<false><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dxp, nullptr, row_of, tokens, k, dim,
+  combine_kernel<false><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dxp, nullptr, row_of, rows, k, dim,
                                                                                   vec, dx);
   CUDA_CHECK_LAUNCH();
 }

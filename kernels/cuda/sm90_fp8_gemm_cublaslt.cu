@@ -57,14 +57,17 @@ std::string problem_name(int64_t M, int64_t N, int64_t K, int a_block, int b_blo
 }
 
 void check_operand(const Operand& o, const char* name) {
-  const std::string n = std::string("fp8::cuda::gemm_nt: operand ") + name;
-  require(o.codes != nullptr && o.scales != nullptr, n + ": null codes or scales pointer");
-  require(o.block_rows == 1 || o.block_rows == kTile,
-          n + ": block_rows must be 1 (1x128 tiles) or 128 (128x128 blocks), got " + std::to_string(o.block_rows));
-  require(o.rows > 0 && o.rows % 4 == 0,
-          n + ": rows must be a positive multiple of 4 (scale columns 16-byte aligned), got " + std::to_string(o.rows));
-  require(aligned16(o.codes), n + ": codes pointer must be 16-byte aligned");
-  require(aligned16(o.scales), n + ": scales pointer must be 16-byte aligned");
+  // Messages are built only on failure: this runs twice per GEMM, hundreds of times per MoE layer.
+  auto n = [name] { return std::string("fp8::cuda::gemm_nt: operand ") + name; };
+  if (!(o.codes != nullptr && o.scales != nullptr)) throw Error(n() + ": null codes or scales pointer");
+  if (!(o.block_rows == 1 || o.block_rows == kTile))
+    throw Error(n() + ": block_rows must be 1 (1x128 tiles) or 128 (128x128 blocks), got " +
+                std::to_string(o.block_rows));
+  if (!(o.rows > 0 && o.rows % 4 == 0))
+    throw Error(n() + ": rows must be a positive multiple of 4 (scale columns 16-byte aligned), got " +
+                std::to_string(o.rows));
+  if (!aligned16(o.codes)) throw Error(n() + ": codes pointer must be 16-byte aligned");
+  if (!aligned16(o.scales)) throw Error(n() + ": scales pointer must be 16-byte aligned");
 }
 
 // cuBLASLt layout from the CPU layout. 1x128: a transpose [rows, T] -> [T, rows].
@@ -262,26 +265,31 @@ void GemmContext::Impl::run(const Operand& a, const Operand& b, void* y, OutType
                             cudaStream_t stream) {
   check_operand(a, "a");
   check_operand(b, "b");
-  require(a.cols == b.cols, "fp8::cuda::gemm_nt: K differs: a has " + std::to_string(a.cols) + " columns, b has " +
-                                std::to_string(b.cols));
+  if (a.cols != b.cols)
+    throw Error("fp8::cuda::gemm_nt: K differs: a has " + std::to_string(a.cols) + " columns, b has " +
+                std::to_string(b.cols));
   const int64_t M = a.rows, N = b.rows, K = a.cols;
-  require(K >= 16 && K % 16 == 0,
-          "fp8::cuda::gemm_nt: K must be a positive multiple of 16 (FP8 rows 16-byte aligned), got " + std::to_string(K));
-  require(!(a.block_rows == kTile && b.block_rows == kTile),
-          "fp8::cuda::gemm_nt: both operands have 128x128 blocks; cuBLASLt supports 1x128 x 1x128, 1x128 x 128x128 "
-          "and 128x128 x 1x128 only");
-  require(y != nullptr && aligned16(y), "fp8::cuda::gemm_nt: output y must be a 16-byte aligned device pointer");
-  require(N * out_bytes(out) % 16 == 0, "fp8::cuda::gemm_nt: rows of y must be a multiple of 16 bytes: N=" +
-                                            std::to_string(N) + " with " + out_name(out) + " output (N % " +
-                                            std::to_string(16 / out_bytes(out)) + " != 0)");
+  if (!(K >= 16 && K % 16 == 0))
+    throw Error("fp8::cuda::gemm_nt: K must be a positive multiple of 16 (FP8 rows 16-byte aligned), got " +
+                std::to_string(K));
+  if (a.block_rows == kTile && b.block_rows == kTile)
+    throw Error(
+        "fp8::cuda::gemm_nt: both operands have 128x128 blocks; cuBLASLt supports 1x128 x 1x128, 1x128 x 128x128 "
+        "and 128x128 x 1x128 only");
+  if (!(y != nullptr && aligned16(y)))
+    throw Error("fp8::cuda::gemm_nt: output y must be a 16-byte aligned device pointer");
+  if (!(N * out_bytes(out) % 16 == 0))
+    throw Error("fp8::cuda::gemm_nt: rows of y must be a multiple of 16 bytes: N=" + std::to_string(N) + " with " +
+                out_name(out) + " output (N % " + std::to_string(16 / out_bytes(out)) + " != 0)");
   auto& impl = *this;
   int device = -1;
   CUDA_CHECK(cudaGetDevice(&device));
-  require(device == impl.device, "fp8::cuda::gemm_nt: the context belongs to device " + std::to_string(impl.device) +
-                                     " but device " + std::to_string(device) + " is current");
+  if (device != impl.device)
+    throw Error("fp8::cuda::gemm_nt: the context belongs to device " + std::to_string(impl.device) + " but device " +
+                std::to_string(device) + " is current");
 
-  const PlanKey key{M, N, K, a.block_rows, b.block_rows, out, alignment_of(a.codes), alignment_of(b.codes),
-                    alignment_of(y)};
+  const PlanKey key{
+      M, N, K, a.block_rows, b.block_rows, out, alignment_of(a.codes), alignment_of(b.codes), alignment_of(y)};
   const std::lock_guard lock(impl.mutex);
   auto it = impl.plans.find(key);
   if (it == impl.plans.end()) {

@@ -10,6 +10,7 @@
 #include "kernels/cuda/adamw.hpp"
 #include "kernels/cuda/cuda_check.hpp"
 #include "runtime/error.hpp"
+#include "runtime/gpu/gpu_profile.hpp"
 
 namespace moerl::gpu {
 namespace {
@@ -103,6 +104,7 @@ GpuAdamW::~GpuAdamW() {
 }
 
 StepStats GpuAdamW::step(int64_t step) {
+  const detail::PhaseTimer timer("adamw.step", stream_);
   StepStats stats;
   stats.lr = learning_rate(config_, step);
   CUDA_CHECK(cudaMemsetAsync(norm_sq_, 0, sizeof(double), stream_));

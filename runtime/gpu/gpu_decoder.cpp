@@ -1,6 +1,7 @@
 // A pre-norm decoder layer on the GPU: model.cpp's DecoderLayer with the CUDA ops.
 #include "runtime/error.hpp"
 #include "runtime/gpu/gpu_layers.hpp"
+#include "runtime/gpu/gpu_profile.hpp"
 
 namespace moerl::gpu::detail {
 
@@ -36,10 +37,14 @@ float GpuDecoderLayer::forward(const float* in, float* out, const Run& r, float 
   require(in != out, "GpuModel: a decoder layer's input and output must be distinct buffers");
   x_ = in;
   norm1_.forward(in, T, xn1_, r);
-  attn_.forward(xn1_, h_, r);
+  {
+    const PhaseTimer t(r.precision, "attn.fwd", r.stream);
+    attn_.forward(xn1_, h_, r);
+  }
   add_inplace(h_, in, n, r.stream);
   norm2_.forward(h_, T, xn2_, r);
   float balance = 0.0f;
+  const PhaseTimer t(r.precision, moe_ ? "moe.fwd" : "dense.fwd", r.stream);
   if (moe_)
     balance = moe_->forward(xn2_, out, r, balance_alpha, for_backward);
   else
@@ -52,13 +57,19 @@ void GpuDecoderLayer::backward(const float* dout, float* din, const Run& r) {
   const int64_t T = tokens_, n = T * dim_;
   require(din != dout, "GpuModel: a decoder layer's dout and din must be distinct buffers");
   Temp<float> dxn(n, r), dh(n, r);
-  if (moe_)
-    moe_->backward(dout, dxn.get(), r);
-  else
-    dense_->backward(dout, dxn.get(), r);
+  {
+    const PhaseTimer t(r.precision, moe_ ? "moe.bwd" : "dense.bwd", r.stream);
+    if (moe_)
+      moe_->backward(dout, dxn.get(), r);
+    else
+      dense_->backward(dout, dxn.get(), r);
+  }
   norm2_.backward(dxn.get(), h_, T, dh.get(), r);
   add_inplace(dh.get(), dout, n, r.stream);  // dh = d(norm2 path) + dout, the residual
-  attn_.backward(dh.get(), dxn.get(), r);
+  {
+    const PhaseTimer t(r.precision, "attn.bwd", r.stream);
+    attn_.backward(dh.get(), dxn.get(), r);
+  }
   norm1_.backward(dxn.get(), x_, T, din, r);
   add_inplace(din, dh.get(), n, r.stream);
 }

@@ -1,15 +1,22 @@
 // The feed-forward blocks on the GPU: runtime/model/feed_forward.cpp step for step, with the CUDA ops.
 // Routed experts: the router and the permutation plan on the device, the plan's offsets copied to the host once
-// per layer, then one linear call per expert and projection on the expert's contiguous rows (the stacked
-// weights let a grouped GEMM replace these loops later), SwiGLU once over all rows, combine.
+// per layer, then
+//   - FP8 (model sizes, kernels/cuda/moe_fp8.hpp): the plan moved to rows aligned to 128 per expert (zero rows
+//     between), every activation quantized once for all experts, one cuBLASLt call per expert and GEMM;
+//   - otherwise: one linear call per expert and projection on the expert's contiguous rows,
+// SwiGLU once over all rows, combine.
 #include <algorithm>
+#include <optional>
+#include <string>
 #include <vector>
 
+#include "kernels/cuda/moe_fp8.hpp"
 #include "kernels/cuda/moe_permute.hpp"
 #include "kernels/cuda/router.hpp"
 #include "kernels/cuda/swiglu.hpp"
 #include "runtime/error.hpp"
 #include "runtime/gpu/gpu_layers.hpp"
+#include "runtime/gpu/gpu_profile.hpp"
 
 namespace moerl::gpu::detail {
 namespace {
@@ -98,11 +105,14 @@ GpuMoe::GpuMoe(const ModelConfig& c, ParamStore& params, const std::string& pref
   down_g_ = d0.grad;
   if (shared_inter_ > 0) shared_.emplace_back(params, prefix + ".shared_experts", H, shared_inter_);
   offsets_host_ = PinnedHost<int64_t>(static_cast<size_t>(E + 1));
+  aligned_host_ = PinnedHost<int64_t>(static_cast<size_t>(E + 1));
   load_.tokens_per_expert.assign(static_cast<size_t>(E), 0);
 }
 
 void GpuMoe::bind(Slab& s, int64_t batch, int64_t seq) {
   const int64_t T = batch * seq, E = spec_.n_experts, K = spec_.top_k, R = T * K;
+  // Aligned rows (FP8): each expert's block rounded up to a multiple of kMoeRowAlign adds at most that - 1 rows.
+  const int64_t RA = R + E * (cuda::kMoeRowAlign - 1);
   batch_ = batch;
   seq_ = seq;
   scores_ = s.take<float>(T * E);
@@ -112,10 +122,13 @@ void GpuMoe::bind(Slab& s, int64_t batch, int64_t seq) {
   offsets_ = s.take<int64_t>(E + 1);
   token_of_ = s.take<int64_t>(R);
   row_of_ = s.take<int64_t>(R);
-  gp_ = s.take<float>(R * inter_);
-  up_ = s.take<float>(R * inter_);
-  hp_ = s.take<float>(R * inter_);
-  yp_ = s.take<float>(R * hidden_);
+  aligned_ = s.take<int64_t>(E + 1);
+  token_of_aligned_ = s.take<int64_t>(RA);
+  row_of_aligned_ = s.take<int64_t>(R);
+  gp_ = s.take<float>(RA * inter_);
+  up_ = s.take<float>(RA * inter_);
+  hp_ = s.take<float>(RA * inter_);
+  yp_ = s.take<float>(RA * hidden_);
   for (GpuDense& d : shared_) d.bind(s, T);
 }
 
@@ -128,6 +141,8 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
   balance_alpha_ = balance_alpha;
   balance_grad_ = balance_alpha > 0 && for_backward;
 
+  const std::string ph = "moe" + std::to_string(E) + ".";
+  std::optional<PhaseTimer> timer(std::in_place, p, (ph + "routing+sync.fwd").c_str(), r.stream);
   // Router, in FP32 whatever the precision of the experts; the scores overwrite the logits.
   cuda::linear_forward(lin, Precision::FP32, x, router_->value, scores_, T, E, H, r.stream);
   cuda::router_forward(spec_, scores_, bias_->value, T, scores_, topk_idx_, topk_weight_, r.stream);
@@ -154,10 +169,29 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
   }
 
   // Shared experts write y; routed experts add to it.
+  timer.emplace(p, (ph + "shared.fwd").c_str(), r.stream);
   if (!shared_.empty())
     shared_[0].forward(x, y, r);
   else
     CUDA_CHECK(cudaMemsetAsync(y, 0, static_cast<size_t>(T * H) * sizeof(float), r.stream));
+  timer.emplace(p, (ph + "routed.fwd").c_str(), r.stream);
+
+  aligned_rows_ = -1;
+  if (p == Precision::FP8 && cuda::moe_fp8_experts_supported(H, I)) {
+    // Routed experts on aligned rows: the plan moved there, gather (zero rows zero), the experts, combine.
+    int64_t* aligned_host = aligned_host_.get();
+    const int64_t RA = cuda::moe_aligned_offsets(off, E, aligned_host);
+    CUDA_CHECK(cudaMemcpyAsync(aligned_, aligned_host, static_cast<size_t>(E + 1) * sizeof(int64_t),
+                               cudaMemcpyHostToDevice, r.stream));
+    cuda::moe_align_plan(offsets_, aligned_, E, token_of_, row_of_, R, RA, token_of_aligned_, row_of_aligned_,
+                         r.stream);
+    aligned_rows_ = RA;
+    Temp<float> xp(RA * H, r);
+    cuda::moe_gather_or_zero(x, token_of_aligned_, RA, H, xp.get(), r.stream);
+    cuda::moe_fp8_experts_forward(lin, experts_fp8(), xp.get(), aligned_host, aligned_, gp_, up_, hp_, yp_, r.stream);
+    cuda::moe_combine_aligned(yp_, topk_weight_, row_of_aligned_, T, K, H, RA, y, r.stream);
+    return balance;
+  }
 
   // Routed experts: gather, gate and up per expert, SwiGLU over all rows, down per expert, combine.
   Temp<float> xp(R * H, r);
@@ -183,15 +217,28 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
   const Precision p = precision_;
   cuda::LinearContext& lin = *r.linear;
   const int64_t* off = offsets_host_.get();
+  const std::string ph = "moe" + std::to_string(E) + ".";
+  std::optional<PhaseTimer> timer(std::in_place, p, (ph + "shared.bwd").c_str(), r.stream);
 
   if (!shared_.empty())
     shared_[0].backward(dy, dx, r);
   else
     CUDA_CHECK(cudaMemsetAsync(dx, 0, static_cast<size_t>(T * H) * sizeof(float), r.stream));
+  timer.emplace(p, (ph + "routed.bwd").c_str(), r.stream);
 
   // Routed experts: dy -> per-row dy · w (and dL/dw), expert blocks backward, rows summed back into their tokens.
   Temp<float> dweight(T * K, r);
-  {
+  if (aligned_rows_ >= 0) {
+    const int64_t RA = aligned_rows_;
+    Temp<float> xp(RA * H, r), dyp(RA * H, r), dxp(RA * H, r);
+    cuda::moe_gather_or_zero(x_, token_of_aligned_, RA, H, xp.get(), r.stream);
+    cuda::moe_zero_rows(token_of_aligned_, RA, H, dyp.get(), r.stream);
+    cuda::moe_combine_backward_aligned(dy, yp_, topk_weight_, row_of_aligned_, T, K, H, RA, dyp.get(), dweight.get(),
+                                       r.stream);
+    cuda::moe_fp8_experts_backward(lin, experts_fp8(), dyp.get(), xp.get(), gp_, up_, hp_, aligned_host_.get(),
+                                   aligned_, dxp.get(), r.stream);
+    cuda::moe_scatter_add_aligned(dxp.get(), row_of_aligned_, T, K, H, RA, dx, r.stream);
+  } else {
     Temp<float> xp(R * H, r), dyp(R * H, r), dxp(R * H, r);
     cuda::moe_gather(x_, token_of_, R, H, xp.get(), r.stream);
     cuda::moe_combine_backward(dy, yp_, topk_weight_, row_of_, T, K, H, dyp.get(), dweight.get(), r.stream);
@@ -219,12 +266,17 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
   }
 
   // Router (FP32): gating weights and balance loss -> scores -> logits -> x and gate.weight.
+  timer.emplace(p, (ph + "router.bwd").c_str(), r.stream);
   Temp<float> dlogits(T * E, r), dx_router(T * H, r);
   cuda::router_backward(spec_, scores_, topk_idx_, dweight.get(), balance_grad_ ? dscores_ : nullptr, T, dlogits.get(),
                         r.stream);
   cuda::linear_backward(lin, Precision::FP32, dlogits.get(), x_, router_->value, dx_router.get(), router_->grad, T, E,
                         H, r.stream);
   add_inplace(dx, dx_router.get(), T * H, r.stream);
+}
+
+cuda::MoeFp8Experts GpuMoe::experts_fp8() const {
+  return cuda::MoeFp8Experts{gate_w_, up_w_, down_w_, gate_g_, up_g_, down_g_, spec_.n_experts, hidden_, inter_};
 }
 
 void GpuMoe::update_bias(float gamma, cudaStream_t stream) {

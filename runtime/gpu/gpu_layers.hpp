@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/moe_fp8.hpp"
 #include "kernels/cuda/rmsnorm.hpp"
 #include "kernels/cuda/router.hpp"
 #include "runtime/gpu/gpu_common.hpp"
@@ -131,6 +132,14 @@ class GpuMoe {
   int64_t *offsets_ = nullptr, *token_of_ = nullptr, *row_of_ = nullptr;
   float *gp_ = nullptr, *up_ = nullptr, *hp_ = nullptr, *yp_ = nullptr;
   PinnedHost<int64_t> offsets_host_;  // [E + 1], the last forward's
+  // FP8's aligned rows (kernels/cuda/moe_fp8.hpp), bound for R + E·127 rows: the offsets [E + 1] (host and device),
+  // token_of_aligned [rows], row_of_aligned [R]; gp, up, hp, yp then hold the aligned rows. aligned_rows_ is -1
+  // when the last forward took the per-expert path.
+  PinnedHost<int64_t> aligned_host_;
+  int64_t* aligned_ = nullptr;
+  int64_t *token_of_aligned_ = nullptr, *row_of_aligned_ = nullptr;
+  int64_t aligned_rows_ = -1;
+  cuda::MoeFp8Experts experts_fp8() const;
   const float* x_ = nullptr;
   Precision precision_ = Precision::FP32;
   float balance_alpha_ = 0;

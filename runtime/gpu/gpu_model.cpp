@@ -12,11 +12,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <optional>
 
 #include "kernels/cuda/cross_entropy.hpp"
 #include "kernels/cuda/embedding.hpp"
 #include "runtime/error.hpp"
 #include "runtime/gpu/gpu_layers.hpp"
+#include "runtime/gpu/gpu_profile.hpp"
 
 namespace moerl::gpu {
 
@@ -226,10 +228,14 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
   CUDA_CHECK(cudaMemcpyAsync(m.labels, b.labels, id_bytes, cudaMemcpyHostToDevice, s));
 
   LossReport r;
+  const detail::PhaseTimer whole(o.precision, "model.fwd", s);
+  std::optional<detail::PhaseTimer> phase(std::in_place, o.precision, "embed.fwd", s);
   cuda::embedding_forward(m.embed->value, m.ids, T, D, m.hidden[0], s);
+  phase.reset();
   for (size_t l = 0; l < m.layers.size(); ++l)
     r.balance_loss += m.layers[l]->forward(m.hidden[l], m.hidden[l + 1], run, o.balance_alpha, o.for_backward);
   const float* last = m.hidden.back();
+  phase.emplace(o.precision, "head+ce.fwd", s);
   m.final_norm.forward(last, T, m.normed, run);
   cuda::linear_forward(m.linear, head_p, m.normed, m.head->value, m.logits, T, V, D, s);
 
@@ -302,12 +308,15 @@ void GpuModel::backward() {
   const Precision head_p = m.options.precision == Precision::FP32 ? Precision::FP32 : Precision::BF16;
   const float* last = m.hidden.back();
 
+  const detail::PhaseTimer whole(m.options.precision, "model.bwd", s);
   Temp<float> dnormed(T * D, run), dh_a(T * D, run), dh_b(T * D, run);
   float* dhidden = dh_a.get();
   float* dx = dh_b.get();
+  std::optional<detail::PhaseTimer> phase(std::in_place, m.options.precision, "head.bwd", s);
   cuda::linear_backward(m.linear, head_p, m.dlogits ? m.dlogits : m.logits, m.normed, m.head->value, dnormed.get(),
                         m.head->grad, T, V, D, s);
   m.final_norm.backward(dnormed.get(), last, T, dhidden, run);
+  phase.reset();
 
   if (m.key.mtp) {
     Mtp& mt = *m.mtp;

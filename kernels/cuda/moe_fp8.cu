@@ -1,0 +1,157 @@
+// The aligned-rows plan of the routed experts' FP8 path; the contract is kernels/cuda/moe_fp8.hpp (the references
+// are the plain loops in tests/gpu/moe_fp8_gpu.cpp). Pure data movement: results are exact.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <string>
+
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/moe_fp8.hpp"
+#include "runtime/error.hpp"
+
+namespace moerl::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kRowThreads = 128;
+constexpr int64_t kMaxBlocks = 8192;  // grid-stride loops
+
+unsigned blocks_for(int64_t items) {
+  return static_cast<unsigned>(std::clamp<int64_t>((items + kThreads - 1) / kThreads, 1, kMaxBlocks));
+}
+
+unsigned row_blocks(int64_t rows, const char* where) {
+  require(rows <= std::numeric_limits<int32_t>::max(), std::string(where) + ": too many rows for one launch");
+  return static_cast<unsigned>(rows);
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The expert whose block [bounds[e], bounds[e+1]) holds row r, bounds [E + 1] ascending with bounds[0] <= r <
+// bounds[E]: the last e with bounds[e] <= r (empty experts, bounds[e] == bounds[e+1], are skipped that way).
+__device__ __forceinline__ int64_t expert_of(const int64_t* bounds, int64_t n_experts, int64_t r) {
+  int64_t lo = 0, hi = n_experts;  // invariant: bounds[lo] <= r < bounds[hi]
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (bounds[mid] <= r)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+// Plan row i (of expert e) -> aligned row i - offsets[e] + aligned[e]; the same for every assignment's row.
+__global__ void __launch_bounds__(kThreads)
+    align_plan_kernel(const int64_t* __restrict__ offsets, const int64_t* __restrict__ aligned, int64_t n_experts,
+                      const int64_t* __restrict__ token_of, const int64_t* __restrict__ row_of, int64_t rows,
+                      int64_t* __restrict__ token_of_aligned, int64_t* __restrict__ row_of_aligned) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < rows; i += stride) {
+    const int64_t e = expert_of(offsets, n_experts, i);
+    token_of_aligned[i - offsets[e] + aligned[e]] = token_of[i];
+    const int64_t r = row_of[i];
+    const int64_t f = expert_of(offsets, n_experts, r);
+    row_of_aligned[i] = r - offsets[f] + aligned[f];
+  }
+}
+
+// Block r: xp[r, :] = x[token_of[r], :] or zeros.
+__global__ void __launch_bounds__(kRowThreads)
+    gather_or_zero_kernel(const float* __restrict__ x, const int64_t* __restrict__ token_of, int64_t dim, bool vec,
+                          float* __restrict__ xp) {
+  const int64_t r = blockIdx.x, t = token_of[r];
+  float* dst = xp + r * dim;
+  if (vec) {
+    float4* d4 = reinterpret_cast<float4*>(dst);
+    const float4* s4 = t >= 0 ? reinterpret_cast<const float4*>(x + t * dim) : nullptr;
+    for (int64_t i = threadIdx.x; i < dim / 4; i += kRowThreads) d4[i] = s4 ? s4[i] : make_float4(0, 0, 0, 0);
+  } else {
+    const float* src = t >= 0 ? x + t * dim : nullptr;
+    for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) dst[i] = src ? src[i] : 0.0f;
+  }
+}
+
+// Block r: buf[r, :] = 0 where token_of[r] < 0.
+__global__ void __launch_bounds__(kRowThreads)
+    zero_rows_kernel(const int64_t* __restrict__ token_of, int64_t dim, float* __restrict__ buf) {
+  const int64_t r = blockIdx.x;
+  if (token_of[r] >= 0) return;
+  for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) buf[r * dim + i] = 0.0f;
+}
+
+// src [rows, tiles] -> per expert e: dst[aligned[e] · tiles + kb · n_e + (r - aligned[e])].
+__global__ void __launch_bounds__(kThreads)
+    grouped_vec128_scales_kernel(const float* __restrict__ src, const int64_t* __restrict__ aligned,
+                                 int64_t n_experts, int64_t rows, int64_t tiles, float* __restrict__ dst) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < rows * tiles; i += stride) {
+    const int64_t r = i / tiles, kb = i - r * tiles;
+    const int64_t e = expert_of(aligned, n_experts, r);
+    const int64_t first = aligned[e], n = aligned[e + 1] - first;
+    dst[first * tiles + kb * n + (r - first)] = src[i];
+  }
+}
+
+}  // namespace
+
+int64_t moe_aligned_offsets(const int64_t* offsets_host, int64_t n_experts, int64_t* aligned_host) {
+  require(offsets_host && aligned_host && n_experts > 0, "cuda::moe_aligned_offsets: null pointer or no experts");
+  aligned_host[0] = 0;
+  for (int64_t e = 0; e < n_experts; ++e) {
+    const int64_t n = offsets_host[e + 1] - offsets_host[e];
+    require(n >= 0, "cuda::moe_aligned_offsets: offsets decrease at expert " + std::to_string(e));
+    aligned_host[e + 1] = aligned_host[e] + (n + kMoeRowAlign - 1) / kMoeRowAlign * kMoeRowAlign;
+  }
+  return aligned_host[n_experts];
+}
+
+void moe_align_plan(const int64_t* offsets, const int64_t* aligned, int64_t n_experts, const int64_t* token_of,
+                    const int64_t* row_of, int64_t rows, int64_t aligned_rows, int64_t* token_of_aligned,
+                    int64_t* row_of_aligned, cudaStream_t stream) {
+  require(n_experts > 0 && rows >= 0 && aligned_rows >= rows,
+          "cuda::moe_align_plan: need n_experts > 0 and 0 <= rows <= aligned_rows, got " + std::to_string(n_experts) +
+              ", " + std::to_string(rows) + ", " + std::to_string(aligned_rows));
+  if (aligned_rows == 0) return;
+  require(offsets && aligned && token_of && row_of && token_of_aligned && row_of_aligned,
+          "cuda::moe_align_plan: null pointer");
+  // All ones = -1 in two's complement: every row a zero row until the plan's rows are placed.
+  CUDA_CHECK(cudaMemsetAsync(token_of_aligned, 0xFF, static_cast<size_t>(aligned_rows) * sizeof(int64_t), stream));
+  if (rows == 0) return;
+  align_plan_kernel<<<blocks_for(rows), kThreads, 0, stream>>>(offsets, aligned, n_experts, token_of, row_of, rows,
+                                                               token_of_aligned, row_of_aligned);
+  CUDA_CHECK_LAUNCH();
+}
+
+void moe_gather_or_zero(const float* x, const int64_t* token_of, int64_t rows, int64_t dim, float* xp,
+                        cudaStream_t stream) {
+  require(rows >= 0 && dim >= 0, "cuda::moe_gather_or_zero: rows and dim must be >= 0");
+  if (rows == 0 || dim == 0) return;
+  require(x && token_of && xp, "cuda::moe_gather_or_zero: null x, token_of or xp pointer");
+  const bool vec = dim % 4 == 0 && aligned16(x) && aligned16(xp);
+  gather_or_zero_kernel<<<row_blocks(rows, "cuda::moe_gather_or_zero"), kRowThreads, 0, stream>>>(x, token_of, dim,
+                                                                                                    vec, xp);
+  CUDA_CHECK_LAUNCH();
+}
+
+void moe_zero_rows(const int64_t* token_of, int64_t rows, int64_t dim, float* buf, cudaStream_t stream) {
+  require(rows >= 0 && dim >= 0, "cuda::moe_zero_rows: rows and dim must be >= 0");
+  if (rows == 0 || dim == 0) return;
+  require(token_of && buf, "cuda::moe_zero_rows: null token_of or buf pointer");
+  zero_rows_kernel<<<row_blocks(rows, "cuda::moe_zero_rows"), kRowThreads, 0, stream>>>(token_of, dim, buf);
+  CUDA_CHECK_LAUNCH();
+}
+
+void moe_grouped_vec128_scales(const float* src, const int64_t* aligned, int64_t n_experts, int64_t rows,
+                               int64_t tiles, float* dst, cudaStream_t stream) {
+  require(n_experts > 0 && rows >= 0 && tiles >= 0, "cuda::moe_grouped_vec128_scales: bad sizes");
+  if (rows == 0 || tiles == 0) return;
+  require(src && aligned && dst, "cuda::moe_grouped_vec128_scales: null pointer");
+  grouped_vec128_scales_kernel<<<blocks_for(rows * tiles), kThreads, 0, stream>>>(src, aligned, n_experts, rows,
+                                                                                  tiles, dst);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moerl::cuda

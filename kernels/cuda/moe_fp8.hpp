@@ -1,0 +1,89 @@
+// The routed experts' FP8 path on the GPU (kernels/cuda/moe_fp8.cu): the permutation plan with every expert's
+// block of rows aligned to 128, so that one quantization of all rows serves every expert's GEMM.
+//
+// Why 128. The FP8 recipe quantizes activations in 1x128 tiles along features (Fprop x, Dgrad dy: per row, so the
+// codes of an expert's rows are those of the same rows quantized together with every other expert's) and, for
+// Wgrad, in 1x128 tiles along tokens, which must start at the expert's first row (the CPU quantizes each expert's
+// rows on their own, zero-padding its last partial tile). With each expert's rows starting at a multiple of 128
+// and followed by zero rows up to the next multiple, one transposed quantization of all rows gives every expert's
+// tiles exactly, and every expert's operand is a slice of it (a pointer offset and a row stride, Operand::ld).
+// Zero rows add nothing to any sum and quantize to code 0; the GEMMs' outputs in them are exactly 0.
+//
+// Layout ("aligned rows"): expert e owns rows aligned[e] .. aligned[e] + n_e - 1 (its n_e = offsets[e+1] -
+// offsets[e] rows, in the plan's order) and zero rows up to aligned[e+1] = aligned[e] + round_up(n_e, 128).
+// All pointers are device memory unless named _host; calls are asynchronous on `stream`. Throws moerl::Error on
+// bad arguments or a failed launch.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/linear.hpp"
+
+namespace moerl::cuda {
+
+constexpr int64_t kMoeRowAlign = 128;
+
+// aligned_host [E + 1] from offsets_host [E + 1] (both host memory): aligned[0] = 0,
+// aligned[e + 1] = aligned[e] + round_up(offsets[e + 1] - offsets[e], 128). Returns aligned[E].
+int64_t moe_aligned_offsets(const int64_t* offsets_host, int64_t n_experts, int64_t* aligned_host);
+
+// The plan of moe_permute_plan (offsets [E + 1], token_of [R], row_of [T·K], R = T·K) moved to aligned rows:
+// token_of_aligned [aligned_rows] (the token of each aligned row, -1 for zero rows), row_of_aligned [T·K] (the
+// aligned row of each token-expert assignment). offsets and aligned [E + 1] on the device.
+void moe_align_plan(const int64_t* offsets, const int64_t* aligned, int64_t n_experts, const int64_t* token_of,
+                    const int64_t* row_of, int64_t rows, int64_t aligned_rows, int64_t* token_of_aligned,
+                    int64_t* row_of_aligned, cudaStream_t stream = nullptr);
+
+// xp [rows, dim]: xp[r, :] = x[token_of[r], :], or zeros where token_of[r] < 0.
+void moe_gather_or_zero(const float* x, const int64_t* token_of, int64_t rows, int64_t dim, float* xp,
+                        cudaStream_t stream = nullptr);
+
+// buf[r, :] = 0 for every r < rows with token_of[r] < 0 (the zero rows of an aligned buffer); other rows untouched.
+void moe_zero_rows(const int64_t* token_of, int64_t rows, int64_t dim, float* buf, cudaStream_t stream = nullptr);
+
+// Scales of a 1x128 quantization along features of all aligned rows, src [rows, tiles] (fp8::cuda::quantize_1x128's
+// CPU layout, rows = aligned[E]) -> every expert's own cuBLASLt VEC128 layout, dst [rows · tiles]: expert e's scales
+// start at aligned[e] · tiles, tile (r, kb) of its n = aligned[e+1] - aligned[e] rows at kb · n + r.
+void moe_grouped_vec128_scales(const float* src, const int64_t* aligned, int64_t n_experts, int64_t rows,
+                               int64_t tiles, float* dst, cudaStream_t stream = nullptr);
+
+// moe_combine, moe_combine_backward and moe_scatter_add (kernels/cuda/moe_permute.hpp) with row_of pointing into
+// `rows` aligned rows (row_of_aligned of moe_align_plan) instead of T·K; the same arithmetic. The zero rows are
+// neither read (combine, scatter-add) nor written (combine backward: clear them with moe_zero_rows).
+void moe_combine_aligned(const float* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
+                         int64_t dim, int64_t rows, float* y, cudaStream_t stream = nullptr);
+void moe_combine_backward_aligned(const float* dy, const float* yp, const float* weight, const int64_t* row_of,
+                                  int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
+                                  cudaStream_t stream = nullptr);
+void moe_scatter_add_aligned(const float* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
+                             int64_t rows, float* dx, cudaStream_t stream = nullptr);
+
+// The routed experts in the FP8 recipe of kernels/cuda/linear.hpp on aligned rows: per expert e (rows aligned[e] ..
+// aligned[e+1] - 1, skipped when empty) gate, up and down as cuda::linear_forward / linear_backward with
+// Precision::FP8 on its rows would compute them (the same codes and scales, the CPU's up to the order of sums),
+// but every activation quantized once for all experts and no padding copies. Weights stacked as ParamStore keeps
+// them: gate and up [E, I, H], down [E, H, I] (and their gradients); H and I multiples of 16, at least 128. The
+// weights' FP8 copies are the LinearContext's (prepared per expert weight and generation).
+struct MoeFp8Experts {
+  const float *gate = nullptr, *up = nullptr, *down = nullptr;
+  float *gate_grad = nullptr, *up_grad = nullptr, *down_grad = nullptr;
+  int64_t experts = 0, hidden = 0, inter = 0;  // E, H, I
+};
+
+// Whether moe_fp8_experts_* take these sizes (else use per-expert linear calls).
+bool moe_fp8_experts_supported(int64_t hidden, int64_t inter);
+
+// xp [rows, H] (aligned rows, zero rows zero) -> g, u, h [rows, I] (h = silu(g) · u) and yp [rows, H], all
+// overwritten (zero rows give zeros). aligned_host and aligned: the same [E + 1] offsets on the host and device.
+void moe_fp8_experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp,
+                             const int64_t* aligned_host, const int64_t* aligned, float* g, float* u, float* h,
+                             float* yp, cudaStream_t stream = nullptr);
+
+// dyp [rows, H] (zero rows zero), the forward's xp, g, u, h -> dxp [rows, H] (overwritten) and the weight gradients
+// (accumulated, +=).
+void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* xp,
+                              const float* g, const float* u, const float* h, const int64_t* aligned_host,
+                              const int64_t* aligned, float* dxp, cudaStream_t stream = nullptr);
+
+}  // namespace moerl::cuda

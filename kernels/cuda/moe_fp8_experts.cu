@@ -1,0 +1,333 @@
+// The routed experts' FP8 GEMMs on aligned rows (kernels/cuda/moe_fp8.hpp). Per layer, each activation is quantized
+// once for all experts: along features (Fprop x and h, Dgrad dy, dg and du; 1x128 tiles per row, so an expert's
+// codes are a block of rows and its scales one small layout kernel away) and along tokens (Wgrad dyᵀ, hᵀ, dgᵀ, duᵀ,
+// xᵀ; one kernel writes every expert's packed transposed codes, and an expert's scales are a contiguous slice of
+// the whole's VEC128 layout, because its tiles start at a multiple of 128). Then one cuBLASLt call per expert and GEMM
+// (fp8::cuda::gemm_nt), the weights from the LinearContext's prepared FP8 copies (linear_fp8.cu).
+//
+// Lanes. One expert's GEMM is small (about 1600 rows at 64 experts: 13 x 11 tiles of 128 x 128 on 132 SMs, a second
+// wave nearly empty; at bench-600m's 32 experts, 16 x 6 tiles, a quarter of the SMs idle), so the experts' GEMMs run
+// on kLanes side streams forked from and joined to the caller's stream (expert e on lane e % kLanes, each lane
+// with its own cuBLASLt context and workspace, and its own host thread issuing its calls): the GPU overlaps one
+// expert's tail with the next's, and the host's cost per cuBLASLt call is paid on kLanes threads at once. Each GEMM writes
+// its own expert's rows or gradient, so the results do not depend on the overlap; an expert's dependent GEMMs (Dgrad
+// of gate, then up accumulated into the same rows) stay on one lane, in order.
+#include <cuda_runtime.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <exception>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/linear_impl.cuh"
+#include "kernels/cuda/moe_fp8.hpp"
+#include "kernels/cuda/stream_scratch.hpp"
+#include "kernels/cuda/swiglu.hpp"
+#include "kernels/fp8.hpp"
+#include "kernels/fp8_gemm.hpp"
+#include "kernels/fp8_quantize.hpp"
+#include "runtime/error.hpp"
+
+namespace moerl::cuda {
+namespace {
+
+using cuda_detail::align256;
+using cuda_detail::StreamScratch;
+using fp8::kTile;
+using fp8::tiles;
+using fp8::cuda::Operand;
+using fp8::cuda::OutType;
+
+size_t bytes_of(int64_t n, size_t each) { return align256(static_cast<size_t>(n) * each); }
+
+// src [rows, d] quantized in 1x128 tiles along d: codes [rows, d] and every expert's VEC128 scales.
+class RowsFp8 {
+ public:
+  RowsFp8(const float* src, int64_t rows, int64_t d, const int64_t* aligned, int64_t experts, cudaStream_t stream)
+      : d_(d), t_(tiles(d)), scratch_(bytes_of(rows * d, 1) + 2 * bytes_of(rows * tiles(d), sizeof(float)), stream) {
+    codes_ = scratch_.as<uint8_t>();
+    float* cpu_scales = scratch_.as<float>(bytes_of(rows * d, 1));
+    lt_ = scratch_.as<float>(bytes_of(rows * d, 1) + bytes_of(rows * t_, sizeof(float)));
+    fp8::cuda::quantize_1x128(src, rows, d, codes_, cpu_scales, stream);
+    moe_grouped_vec128_scales(cpu_scales, aligned, experts, rows, t_, lt_, stream);
+  }
+  // Rows first .. first + n - 1 (one expert's): [n, d].
+  Operand expert(int64_t first, int64_t n) const { return Operand{codes_ + first * d_, lt_ + first * t_, n, d_, 1}; }
+  void release() { scratch_.release(); }
+
+ private:
+  int64_t d_, t_;
+  StreamScratch scratch_;
+  uint8_t* codes_ = nullptr;
+  float* lt_ = nullptr;
+};
+
+// src [rows, d] quantized in 1x128 tiles along rows (tokens): every expert's codes [d, n] packed at first · d
+// (quantize_1x128_transposed_grouped) and the VEC128 scales of the whole, [tiles(rows), d], in which every
+// expert's tiles are a contiguous slice.
+class TokensFp8 {
+ public:
+  TokensFp8(const float* src, int64_t rows, int64_t d, const int64_t* aligned, int64_t experts, cudaStream_t stream)
+      : d_(d), scratch_(bytes_of(rows * d, 1) + 2 * bytes_of(d * tiles(rows), sizeof(float)), stream) {
+    codes_ = scratch_.as<uint8_t>();
+    float* cpu_scales = scratch_.as<float>(bytes_of(rows * d, 1));
+    lt_ = scratch_.as<float>(bytes_of(rows * d, 1) + bytes_of(d * tiles(rows), sizeof(float)));
+    fp8::cuda::quantize_1x128_transposed_grouped(src, rows, d, aligned, experts, codes_, cpu_scales, stream);
+    fp8::cuda::scales_to_cublaslt(cpu_scales, d, rows, 1, lt_, stream);
+  }
+  // Tokens first .. first + n - 1 (first a multiple of 128): [d, n].
+  Operand expert(int64_t first, int64_t n) const {
+    return Operand{codes_ + first * d_, lt_ + first / kTile * d_, d_, n, 1};
+  }
+  void release() { scratch_.release(); }
+
+ private:
+  int64_t d_;
+  StreamScratch scratch_;
+  uint8_t* codes_ = nullptr;
+  float* lt_ = nullptr;
+};
+
+// Expert weight w [n, k] (n, k multiples of 16, >= 128: no padding): Fprop's operand w and Dgrad's wᵀ.
+struct ExpertWeight {
+  Operand w, wt;
+};
+
+ExpertWeight expert_weight(LinearContext::Impl& ctx, const float* w, int64_t n, int64_t k, cudaStream_t stream) {
+  const PreparedFp8Weight& pw = linear_detail::fp8_weight(ctx, w, n, k, stream);
+  return {Operand{pw.codes, pw.scales, n, pw.cols, kTile}, Operand{pw.codes_t, pw.scales_t, k, pw.rows, kTile}};
+}
+
+constexpr int kLanes = 4;
+
+class Lanes {
+ public:
+  Lanes() {
+    CUDA_CHECK(cudaGetDevice(&device_));
+    CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    for (int i = 0; i < kLanes; ++i) {
+      CUDA_CHECK(cudaStreamCreateWithFlags(&streams_[i], cudaStreamNonBlocking));
+      CUDA_CHECK(cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming));
+      contexts_[i] = std::make_unique<fp8::cuda::GemmContext>();
+    }
+    // MOERL_MOE_LANE_THREADS=0: every call from the caller's thread (same results; for comparison and diagnosis).
+    const char* env = std::getenv("MOERL_MOE_LANE_THREADS");
+    threaded_ = env == nullptr || std::string(env) != "0";
+    if (threaded_)
+      for (int i = 0; i < kLanes; ++i) workers_[i] = std::thread([this, i] { work(i); });
+  }
+  // Calls gemm(e, first_row, rows, lane_stream, lane_context) for every non-empty expert on its lane, after all
+  // work queued on `stream` so far; `stream` then waits for every lane. Each lane's calls come from its own host
+  // thread: a cuBLASLt call costs the host about as long as a small expert's GEMM takes the GPU, so one thread
+  // issuing every call would keep the GPU waiting. Returns when every call is queued; rethrows the first error.
+  // Serialized between callers.
+  template <class F>
+  void run(const int64_t* aligned_host, int64_t experts, cudaStream_t stream, F&& gemm) {
+    const std::lock_guard caller(run_mutex_);
+    CUDA_CHECK(cudaEventRecord(fork_, stream));
+    for (int i = 0; i < kLanes; ++i) CUDA_CHECK(cudaStreamWaitEvent(streams_[i], fork_, 0));
+    const std::function<void(int)> job = [&](int lane) {
+      for (int64_t e = lane; e < experts; e += kLanes) {
+        const int64_t r0 = aligned_host[e], n = aligned_host[e + 1] - r0;
+        if (n > 0) gemm(e, r0, n, streams_[lane], *contexts_[lane]);
+      }
+    };
+    std::exception_ptr error;
+    if (!threaded_) {
+      try {
+        for (int lane = 0; lane < kLanes; ++lane) job(lane);
+      } catch (...) {
+        error = std::current_exception();
+      }
+    } else {
+      std::unique_lock lock(mutex_);
+      job_ = &job;
+      finished_ = 0;
+      error_ = nullptr;
+      ++generation_;
+      posted_.notify_all();
+      done_cv_.wait(lock, [this] { return finished_ == kLanes; });
+      job_ = nullptr;
+      error = error_;
+    }
+    for (int i = 0; i < kLanes; ++i) {
+      CUDA_CHECK(cudaEventRecord(done_[i], streams_[i]));
+      CUDA_CHECK(cudaStreamWaitEvent(stream, done_[i], 0));
+    }
+    if (error) std::rethrow_exception(error);
+  }
+
+ private:
+  void work(int lane) {
+    const bool device_set = cudaSetDevice(device_) == cudaSuccess;
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* job = nullptr;
+      {
+        std::unique_lock lock(mutex_);
+        posted_.wait(lock, [&] { return generation_ != seen; });
+        seen = generation_;
+        job = job_;
+      }
+      std::exception_ptr error;
+      try {
+        if (!device_set) throw Error("cuda::moe_fp8_experts: a lane thread could not select device " +
+                                     std::to_string(device_));
+        (*job)(lane);
+      } catch (...) {
+        error = std::current_exception();
+      }
+      const std::lock_guard lock(mutex_);
+      if (error && !error_) error_ = error;
+      if (++finished_ == kLanes) done_cv_.notify_all();
+    }
+  }
+
+  int device_ = 0;
+  bool threaded_ = true;
+  std::mutex run_mutex_;
+  std::mutex mutex_;  // guards the job hand-over below
+  std::condition_variable posted_, done_cv_;
+  const std::function<void(int)>* job_ = nullptr;
+  uint64_t generation_ = 0;
+  int finished_ = 0;
+  std::exception_ptr error_;
+  cudaEvent_t fork_ = nullptr;
+  cudaEvent_t done_[kLanes] = {};
+  cudaStream_t streams_[kLanes] = {};
+  std::unique_ptr<fp8::cuda::GemmContext> contexts_[kLanes];
+  std::thread workers_[kLanes];  // never joined: the lanes live as long as the process
+};
+
+// The current device's lanes, made on first use and kept for the life of the process (never destroyed: their
+// streams must not outlive the CUDA runtime's teardown at exit).
+Lanes& lanes() {
+  static std::mutex mutex;
+  static std::map<int, Lanes*> per_device;
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard lock(mutex);
+  Lanes*& l = per_device[device];
+  if (l == nullptr) l = new Lanes();
+  return *l;
+}
+
+// The FP8 copies of every expert's weight [n, k] at w + e · n · k, made (when stale) on `stream`, in expert order.
+std::vector<ExpertWeight> expert_weights(LinearContext::Impl& ctx, const float* w, int64_t experts, int64_t n,
+                                         int64_t k, cudaStream_t stream) {
+  std::vector<ExpertWeight> out;
+  out.reserve(static_cast<size_t>(experts));
+  for (int64_t e = 0; e < experts; ++e) out.push_back(expert_weight(ctx, w + e * n * k, n, k, stream));
+  return out;
+}
+
+void check(const char* fn, const MoeFp8Experts& w, const int64_t* aligned_host, const int64_t* aligned) {
+  require(w.experts > 0 && moe_fp8_experts_supported(w.hidden, w.inter),
+          std::string("cuda::") + fn + ": needs experts > 0 and hidden, inter multiples of 16 and >= 128, got E=" +
+              std::to_string(w.experts) + ", H=" + std::to_string(w.hidden) + ", I=" + std::to_string(w.inter));
+  require(w.gate && w.up && w.down && aligned_host && aligned, std::string("cuda::") + fn + ": null pointer");
+  for (int64_t e = 0; e < w.experts; ++e)
+    if (aligned_host[e] % kMoeRowAlign != 0 || aligned_host[e + 1] < aligned_host[e])
+      throw Error(std::string("cuda::") + fn + ": aligned offsets must rise in multiples of 128 (expert " +
+                  std::to_string(e) + ")");
+}
+
+}  // namespace
+
+bool moe_fp8_experts_supported(int64_t hidden, int64_t inter) {
+  return hidden >= 128 && inter >= 128 && hidden % 16 == 0 && inter % 16 == 0;
+}
+
+void moe_fp8_experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp, const int64_t* aligned_host,
+                             const int64_t* aligned, float* g, float* u, float* h, float* yp, cudaStream_t stream) {
+  check("moe_fp8_experts_forward", w, aligned_host, aligned);
+  const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
+  if (rows == 0) return;
+  require(xp && g && u && h && yp, "cuda::moe_fp8_experts_forward: null activation pointer");
+  LinearContext::Impl& c = ctx.impl();
+  c.check_device("cuda::moe_fp8_experts_forward");
+
+  Lanes& lane = lanes();
+  const std::vector<ExpertWeight> wg = expert_weights(c, w.gate, E, I, H, stream);
+  const std::vector<ExpertWeight> wu = expert_weights(c, w.up, E, I, H, stream);
+  const std::vector<ExpertWeight> wd = expert_weights(c, w.down, E, H, I, stream);
+  RowsFp8 xq(xp, rows, H, aligned, E, stream);
+  lane.run(aligned_host, E, stream, [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+    const Operand x = xq.expert(r0, n);
+    fp8::cuda::gemm_nt(gc, x, wg[e].w, g + r0 * I, OutType::FP32, s);
+    fp8::cuda::gemm_nt(gc, x, wu[e].w, u + r0 * I, OutType::FP32, s);
+  });
+  xq.release();
+  swiglu_forward(g, u, h, rows * I, stream);
+  RowsFp8 hq(h, rows, I, aligned, E, stream);
+  lane.run(aligned_host, E, stream, [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+    fp8::cuda::gemm_nt(gc, hq.expert(r0, n), wd[e].w, yp + r0 * H, OutType::FP32, s);
+  });
+  hq.release();
+}
+
+void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* xp,
+                              const float* g, const float* u, const float* h, const int64_t* aligned_host,
+                              const int64_t* aligned, float* dxp, cudaStream_t stream) {
+  check("moe_fp8_experts_backward", w, aligned_host, aligned);
+  const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
+  if (rows == 0) return;
+  require(dyp && xp && g && u && h && dxp && w.gate_grad && w.up_grad && w.down_grad,
+          "cuda::moe_fp8_experts_backward: null activation or gradient pointer");
+  LinearContext::Impl& c = ctx.impl();
+  c.check_device("cuda::moe_fp8_experts_backward");
+
+  Lanes& lane = lanes();
+  const std::vector<ExpertWeight> wg = expert_weights(c, w.gate, E, I, H, stream);
+  const std::vector<ExpertWeight> wu = expert_weights(c, w.up, E, I, H, stream);
+  const std::vector<ExpertWeight> wd = expert_weights(c, w.down, E, H, I, stream);
+  // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad).
+  StreamScratch grads(3 * bytes_of(rows * I, sizeof(float)), stream);
+  float* dh = grads.as<float>();
+  float* dg = grads.as<float>(bytes_of(rows * I, sizeof(float)));
+  float* du = grads.as<float>(2 * bytes_of(rows * I, sizeof(float)));
+  {
+    RowsFp8 dyq(dyp, rows, H, aligned, E, stream);
+    TokensFp8 dyt(dyp, rows, H, aligned, E, stream);
+    TokensFp8 ht(h, rows, I, aligned, E, stream);
+    lane.run(aligned_host, E, stream,
+             [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+               fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh + r0 * I, OutType::FP32, s);
+               fp8::cuda::gemm_nt_accumulate(gc, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I, s);
+             });
+    ht.release();
+    dyt.release();
+    dyq.release();
+  }
+  swiglu_backward(dh, g, u, dg, du, rows * I, stream);
+
+  // gate and up: dx = dg · w_gate + du · w_up (the second accumulated in the GEMM), dw += dgᵀ · xᵀ, duᵀ · xᵀ.
+  RowsFp8 dgq(dg, rows, I, aligned, E, stream);
+  RowsFp8 duq(du, rows, I, aligned, E, stream);
+  TokensFp8 dgt(dg, rows, I, aligned, E, stream);
+  TokensFp8 dut(du, rows, I, aligned, E, stream);
+  TokensFp8 xt(xp, rows, H, aligned, E, stream);
+  lane.run(aligned_host, E, stream, [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+    fp8::cuda::gemm_nt(gc, dgq.expert(r0, n), wg[e].wt, dxp + r0 * H, OutType::FP32, s);
+    fp8::cuda::gemm_nt_accumulate(gc, duq.expert(r0, n), wu[e].wt, dxp + r0 * H, s);
+    const Operand x = xt.expert(r0, n);
+    fp8::cuda::gemm_nt_accumulate(gc, dgt.expert(r0, n), x, w.gate_grad + e * I * H, s);
+    fp8::cuda::gemm_nt_accumulate(gc, dut.expert(r0, n), x, w.up_grad + e * I * H, s);
+  });
+  xt.release();
+  dut.release();
+  dgt.release();
+  duq.release();
+  dgq.release();
+  grads.release();
+}
+
+}  // namespace moerl::cuda

@@ -1,0 +1,103 @@
+// MOERL_GPU_PROFILE phase timings (runtime/gpu/gpu_profile.hpp). Diagnostics only: CUDA errors here are ignored
+// (the model's own checks report real failures), and a destructor never throws.
+#include "runtime/gpu/gpu_profile.hpp"
+
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <map>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+namespace moerl::gpu::detail {
+namespace {
+
+struct Sample {
+  std::string name;
+  cudaEvent_t start, stop;
+  double host_ms;
+};
+
+struct Registry {
+  std::mutex mutex;
+  std::vector<Sample> samples;
+};
+
+Registry& registry() {
+  static Registry* r = new Registry;  // never destroyed: the exit handler reads it
+  return *r;
+}
+
+// Resolves every pair (the device is idle by now or soon) and prints the table, the largest device total first.
+void report() {
+  Registry& reg = registry();
+  const std::lock_guard lock(reg.mutex);
+  struct Total {
+    long calls = 0;
+    double device_ms = 0, host_ms = 0;
+  };
+  std::map<std::string, Total> totals;
+  for (const Sample& s : reg.samples) {
+    float ms = 0;
+    if (cudaEventSynchronize(s.stop) != cudaSuccess || cudaEventElapsedTime(&ms, s.start, s.stop) != cudaSuccess) {
+      cudaGetLastError();
+      continue;
+    }
+    Total& t = totals[s.name];
+    ++t.calls;
+    t.device_ms += ms;
+    t.host_ms += s.host_ms;
+  }
+  std::vector<std::pair<std::string, Total>> rows(totals.begin(), totals.end());
+  std::sort(rows.begin(), rows.end(), [](const auto& a, const auto& b) { return a.second.device_ms > b.second.device_ms; });
+  std::fprintf(stderr, "gpu profile (MOERL_GPU_PROFILE): phase, calls, device ms total, device ms/call, host ms/call\n");
+  for (const auto& [name, t] : rows)
+    std::fprintf(stderr, "  %-36s %6ld %10.2f %9.3f %9.3f\n", name.c_str(), t.calls, t.device_ms,
+                 t.device_ms / static_cast<double>(t.calls), t.host_ms / static_cast<double>(t.calls));
+}
+
+}  // namespace
+
+bool profiling() {
+  static const bool on = [] {
+    const char* v = std::getenv("MOERL_GPU_PROFILE");
+    return v != nullptr && *v != '\0' && *v != '0';
+  }();
+  return on;
+}
+
+PhaseTimer::PhaseTimer(std::string name, cudaStream_t stream) {
+  if (!profiling()) return;
+  static const bool registered = [] { return std::atexit(report) == 0; }();
+  (void)registered;
+  if (cudaEventCreate(&start_) != cudaSuccess || cudaEventRecord(start_, stream) != cudaSuccess) {
+    cudaGetLastError();
+    start_ = nullptr;
+    return;
+  }
+  name_ = std::move(name);
+  stream_ = stream;
+  host_start_ = std::chrono::steady_clock::now();
+}
+
+PhaseTimer::PhaseTimer(Precision p, const char* what, cudaStream_t stream)
+    : PhaseTimer(profiling() ? std::string(precision_name(p)) + "." + what : std::string(), stream) {}
+
+PhaseTimer::~PhaseTimer() {
+  if (start_ == nullptr) return;
+  cudaEvent_t stop = nullptr;
+  if (cudaEventCreate(&stop) != cudaSuccess || cudaEventRecord(stop, stream_) != cudaSuccess) {
+    cudaGetLastError();
+    return;
+  }
+  const double host_ms =
+      std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - host_start_).count();
+  Registry& reg = registry();
+  const std::lock_guard lock(reg.mutex);
+  reg.samples.push_back({std::move(name_), start_, stop, host_ms});
+}
+
+}  // namespace moerl::gpu::detail

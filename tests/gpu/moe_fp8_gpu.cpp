@@ -1,0 +1,243 @@
+// GPU tests of the routed experts' FP8 path on aligned rows (kernels/cuda/moe_fp8.hpp): the plan moved to aligned
+// rows, gather, the zero rows, the grouped scale layout and the aligned combine against plain loops (exact), the
+// grouped transposed quantization against fp8::cpu::quantize_1x128_transposed per expert (bit for bit), and
+// the experts' forward and backward against kernels/cpu's FP8 recipe per expert (cpu::linear_forward /
+// linear_backward with Precision::FP8, cpu::swiglu_*). Fresh seed per run (printed; MOERL_TEST_SEED=<n> repeats
+// it), outputs poisoned with NaN (or -1) first, one line per comparison.
+//
+// Tolerance of the experts (relative L2 error, ||gpu - cpu|| / ||cpu||; NaN fails): both sides quantize the same
+// values into the same E4M3 codes and scales, so a single GEMM differs by its sums only (rel_l2 < 1e-3,
+// tests/gpu/linear_gpu.cpp, measured 1.3e-4). Chained GEMMs also re-quantize an intermediate (h, dh's dg and du)
+// whose sums differ by about 2^-14 relative (the tensor cores' 128-groups), which moves a fraction ~2^-14 / 2^-4 of
+// its elements by one E4M3 step (2^-4 relative): sqrt(6e-4) · 2^-4 = 1.5e-3 per re-quantized intermediate, at
+// most three on any path. Limit 1e-2. A wrong expert's rows, weights or scales gives errors of order 1; a lost
+// zero row or a tile straddling two experts changes whole tiles (> 3e-2 here, every expert has a partial tile).
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/linear.hpp"
+#include "kernels/cuda/moe_fp8.hpp"
+#include "kernels/fp8.hpp"
+#include "kernels/fp8_quantize.hpp"
+#include "kernels/linear.hpp"
+#include "kernels/swiglu.hpp"
+#include "tests/gpu/moe_gpu_support.hpp"
+
+namespace moerl {
+namespace {
+
+using moe_gpu_test::DeviceBuffer;
+using moe_gpu_test::normal_values;
+using moe_gpu_test::run_seed;
+using MoeFp8Gpu = moe_gpu_test::GpuTest;
+
+double rel_l2(const std::vector<float>& got, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double d = double{got[i]} - ref[i];
+    num += d * d;
+    den += double{ref[i]} * ref[i];
+  }
+  return std::isfinite(num) ? std::sqrt(num / den) : INFINITY;
+}
+
+// Expert sizes with an empty expert, partial tiles, an exact multiple of 128 and one above.
+const std::vector<int64_t> kCounts = {130, 0, 77, 256, 5, 300};
+
+std::vector<int64_t> aligned_of(const std::vector<int64_t>& counts) {
+  std::vector<int64_t> offsets(counts.size() + 1, 0), aligned(counts.size() + 1, 0);
+  for (size_t e = 0; e < counts.size(); ++e) offsets[e + 1] = offsets[e] + counts[e];
+  cuda::moe_aligned_offsets(offsets.data(), static_cast<int64_t>(counts.size()), aligned.data());
+  return aligned;
+}
+
+TEST_F(MoeFp8Gpu, AlignedPlanGatherScalesAndCombineMatchPlainLoops) {
+  std::mt19937_64 rng(run_seed() + 31);
+  const int64_t E = static_cast<int64_t>(kCounts.size()), dim = 132, tiles = 3;
+  // A plan: rows in expert order, each assigned to a random token (T tokens, K = 1 so row_of is a permutation).
+  std::vector<int64_t> offsets(E + 1, 0);
+  for (int64_t e = 0; e < E; ++e) offsets[e + 1] = offsets[e] + kCounts[e];
+  const int64_t R = offsets[E], T = R;
+  std::vector<int64_t> token_of(R), row_of(T);
+  for (int64_t r = 0; r < R; ++r) token_of[r] = r;
+  std::shuffle(token_of.begin(), token_of.end(), rng);
+  for (int64_t r = 0; r < R; ++r) row_of[token_of[r]] = r;
+  const std::vector<int64_t> aligned = aligned_of(kCounts);
+  const int64_t RA = aligned[E];
+  ASSERT_EQ(RA, 256 + 0 + 128 + 256 + 128 + 384);
+
+  DeviceBuffer<int64_t> d_off(offsets), d_aligned(aligned), d_token(token_of), d_row(row_of);
+  DeviceBuffer<int64_t> d_token_a(RA), d_row_a(T);
+  d_row_a.poison();
+  cuda::moe_align_plan(d_off.get(), d_aligned.get(), E, d_token.get(), d_row.get(), R, RA, d_token_a.get(),
+                       d_row_a.get());
+  std::vector<int64_t> ref_token_a(RA, -1), ref_row_a(T);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t i = 0; i < kCounts[e]; ++i) ref_token_a[aligned[e] + i] = token_of[offsets[e] + i];
+  for (int64_t t = 0; t < T; ++t) ref_row_a[t] = -2;
+  for (int64_t a = 0; a < RA; ++a)
+    if (ref_token_a[a] >= 0) ref_row_a[ref_token_a[a]] = a;
+  EXPECT_EQ(d_token_a.download(), ref_token_a);
+  EXPECT_EQ(d_row_a.download(), ref_row_a);
+
+  // Gather (zero rows zero) and zero_rows.
+  const std::vector<float> x = normal_values(static_cast<size_t>(T * dim), 1.0f, rng);
+  DeviceBuffer<float> d_x(x), d_xp(RA * dim);
+  d_xp.poison();
+  cuda::moe_gather_or_zero(d_x.get(), d_token_a.get(), RA, dim, d_xp.get());
+  std::vector<float> ref_xp(static_cast<size_t>(RA * dim), 0.0f);
+  for (int64_t a = 0; a < RA; ++a)
+    if (ref_token_a[a] >= 0)
+      for (int64_t j = 0; j < dim; ++j) ref_xp[a * dim + j] = x[ref_token_a[a] * dim + j];
+  EXPECT_EQ(d_xp.download(), ref_xp);
+  d_xp.poison();
+  cuda::moe_zero_rows(d_token_a.get(), RA, dim, d_xp.get());
+  const std::vector<float> zeroed = d_xp.download();
+  int64_t zero_rows_ok = 0, zero_rows = 0;
+  for (int64_t a = 0; a < RA; ++a) {
+    bool zero = true, nan = true;
+    for (int64_t j = 0; j < dim; ++j) zero &= zeroed[a * dim + j] == 0.0f, nan &= std::isnan(zeroed[a * dim + j]);
+    if (ref_token_a[a] < 0) ++zero_rows, zero_rows_ok += zero;
+    else EXPECT_TRUE(nan) << "moe_zero_rows wrote the plan's row " << a;
+  }
+  EXPECT_EQ(zero_rows_ok, zero_rows);
+
+  // Grouped VEC128 scales.
+  const std::vector<float> src = normal_values(static_cast<size_t>(RA * tiles), 1.0f, rng);
+  DeviceBuffer<float> d_src(src), d_dst(RA * tiles);
+  d_dst.poison();
+  cuda::moe_grouped_vec128_scales(d_src.get(), d_aligned.get(), E, RA, tiles, d_dst.get());
+  std::vector<float> ref_dst(src.size());
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t first = aligned[e], n = aligned[e + 1] - first;
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t kb = 0; kb < tiles; ++kb) ref_dst[first * tiles + kb * n + r] = src[(first + r) * tiles + kb];
+  }
+  EXPECT_EQ(d_dst.download(), ref_dst);
+
+  // Combine and scatter-add through aligned rows equal the plain sums (K = 1, weight w_t).
+  const std::vector<float> w = normal_values(static_cast<size_t>(T), 1.0f, rng);
+  DeviceBuffer<float> d_w(w), d_y(T * dim), d_dx(T * dim);
+  CUDA_CHECK(cudaMemset(d_y.get(), 0, static_cast<size_t>(T * dim) * sizeof(float)));
+  CUDA_CHECK(cudaMemset(d_dx.get(), 0, static_cast<size_t>(T * dim) * sizeof(float)));
+  cuda::moe_gather_or_zero(d_x.get(), d_token_a.get(), RA, dim, d_xp.get());
+  cuda::moe_combine_aligned(d_xp.get(), d_w.get(), d_row_a.get(), T, 1, dim, RA, d_y.get());
+  cuda::moe_scatter_add_aligned(d_xp.get(), d_row_a.get(), T, 1, dim, RA, d_dx.get());
+  std::vector<float> ref_y(static_cast<size_t>(T * dim));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < dim; ++j) ref_y[t * dim + j] = 0.0f + w[t] * x[t * dim + j];
+  EXPECT_EQ(d_y.download(), ref_y);
+  EXPECT_EQ(d_dx.download(), x);
+  // Grouped transposed quantization: each expert's rows quantized on their own by the CPU (its zero rows too:
+  // they are part of its tiles), codes packed per expert; the scales those of the whole.
+  const int64_t cols = 100;  // not a multiple of the kernel's 32-column chunks: its bounds-checked path
+  const std::vector<float> q = normal_values(static_cast<size_t>(RA * cols), 3.0f, rng);
+  std::vector<float> qz = q;
+  for (int64_t a = 0; a < RA; ++a)
+    if (ref_token_a[a] < 0)
+      for (int64_t j = 0; j < cols; ++j) qz[a * cols + j] = 0.0f;
+  DeviceBuffer<float> d_q(qz), d_qs(cols * (RA / 128));
+  DeviceBuffer<uint8_t> d_qc(RA * cols);
+  d_qs.poison();
+  d_qc.poison();
+  fp8::cuda::quantize_1x128_transposed_grouped(d_q.get(), RA, cols, d_aligned.get(), E, d_qc.get(), d_qs.get());
+  std::vector<uint8_t> ref_codes(static_cast<size_t>(RA * cols));
+  std::vector<float> whole_scales(static_cast<size_t>(cols * (RA / 128)));
+  std::vector<uint8_t> whole_codes(static_cast<size_t>(RA * cols));
+  fp8::cpu::quantize_1x128_transposed(qz.data(), RA, cols, whole_codes.data(), whole_scales.data());
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t first = aligned[e], n = aligned[e + 1] - first;
+    if (n == 0) continue;
+    std::vector<float> s_e(static_cast<size_t>(cols * (n / 128)));
+    fp8::cpu::quantize_1x128_transposed(qz.data() + first * cols, n, cols, ref_codes.data() + first * cols,
+                                        s_e.data());
+  }
+  EXPECT_EQ(d_qc.download(), ref_codes);
+  EXPECT_EQ(d_qs.download(), whole_scales);
+
+  std::printf("[ moe fp8  ] aligned plan (%lld rows -> %lld), gather, zero rows, grouped scales, combine, grouped "
+              "transposed quantization: exact\n",
+              static_cast<long long>(R), static_cast<long long>(RA));
+}
+
+TEST_F(MoeFp8Gpu, ExpertsForwardAndBackwardMatchTheCpuRecipePerExpert) {
+  std::mt19937_64 rng(run_seed() + 37);
+  const int64_t E = static_cast<int64_t>(kCounts.size()), H = 256, I = 208;  // I: a partial 80-wide tile
+  const std::vector<int64_t> aligned = aligned_of(kCounts);
+  const int64_t RA = aligned[E];
+  // Each expert's rows get their own magnitude, so rows or scales taken from another expert show.
+  std::vector<float> xp(static_cast<size_t>(RA * H), 0.0f), dyp(static_cast<size_t>(RA * H), 0.0f);
+  for (int64_t e = 0; e < E; ++e) {
+    const float mag = std::ldexp(1.0f, static_cast<int>(e % 4) - 1);
+    const std::vector<float> xe = normal_values(static_cast<size_t>(kCounts[e] * H), mag, rng);
+    const std::vector<float> de = normal_values(static_cast<size_t>(kCounts[e] * H), 1e-2f * mag, rng);
+    std::copy(xe.begin(), xe.end(), xp.begin() + aligned[e] * H);
+    std::copy(de.begin(), de.end(), dyp.begin() + aligned[e] * H);
+  }
+  const std::vector<float> wg = normal_values(static_cast<size_t>(E * I * H), 0.05f, rng);
+  const std::vector<float> wu = normal_values(static_cast<size_t>(E * I * H), 0.05f, rng);
+  const std::vector<float> wd = normal_values(static_cast<size_t>(E * H * I), 0.05f, rng);
+  const std::vector<float> g0 = normal_values(static_cast<size_t>(E * I * H), 1e-3f, rng);  // grads accumulate
+  const std::vector<float> d0 = normal_values(static_cast<size_t>(E * H * I), 1e-3f, rng);
+
+  // CPU: the FP8 recipe per expert on its own rows, as runtime/model/feed_forward.cpp runs it.
+  std::vector<float> ref_yp(xp.size(), 0.0f), ref_dxp(xp.size(), 0.0f), ref_gg = g0, ref_ug = g0, ref_dg = d0;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = kCounts[e];
+    if (n == 0) continue;
+    const float* x = xp.data() + aligned[e] * H;
+    const float* dy = dyp.data() + aligned[e] * H;
+    std::vector<float> g(n * I), u(n * I), h(n * I), dh(n * I), dg(n * I), du(n * I), dxu(n * H);
+    cpu::linear_forward(Precision::FP8, x, wg.data() + e * I * H, g.data(), n, I, H);
+    cpu::linear_forward(Precision::FP8, x, wu.data() + e * I * H, u.data(), n, I, H);
+    cpu::swiglu_forward(g.data(), u.data(), h.data(), n * I);
+    cpu::linear_forward(Precision::FP8, h.data(), wd.data() + e * H * I, ref_yp.data() + aligned[e] * H, n, H, I);
+    cpu::linear_backward(Precision::FP8, dy, h.data(), wd.data() + e * H * I, dh.data(), ref_dg.data() + e * H * I, n,
+                         H, I);
+    cpu::swiglu_backward(dh.data(), g.data(), u.data(), dg.data(), du.data(), n * I);
+    float* dx = ref_dxp.data() + aligned[e] * H;
+    cpu::linear_backward(Precision::FP8, dg.data(), x, wg.data() + e * I * H, dx, ref_gg.data() + e * I * H, n, I, H);
+    cpu::linear_backward(Precision::FP8, du.data(), x, wu.data() + e * I * H, dxu.data(), ref_ug.data() + e * I * H,
+                         n, I, H);
+    for (int64_t i = 0; i < n * H; ++i) dx[i] += dxu[i];
+  }
+
+  DeviceBuffer<float> d_xp(xp), d_dyp(dyp), d_wg(wg), d_wu(wu), d_wd(wd), d_gg(g0), d_ug(g0), d_dg(d0);
+  DeviceBuffer<float> d_g(RA * I), d_u(RA * I), d_h(RA * I), d_yp(RA * H), d_dxp(RA * H);
+  DeviceBuffer<int64_t> d_aligned(aligned);
+  for (DeviceBuffer<float>* b : {&d_g, &d_u, &d_h, &d_yp, &d_dxp}) b->poison();
+  cuda::LinearContext ctx;
+  const cuda::MoeFp8Experts w{d_wg.get(), d_wu.get(), d_wd.get(), d_gg.get(), d_ug.get(), d_dg.get(), E, H, I};
+  cuda::moe_fp8_experts_forward(ctx, w, d_xp.get(), aligned.data(), d_aligned.get(), d_g.get(), d_u.get(), d_h.get(),
+                                d_yp.get());
+  cuda::moe_fp8_experts_backward(ctx, w, d_dyp.get(), d_xp.get(), d_g.get(), d_u.get(), d_h.get(), aligned.data(),
+                                 d_aligned.get(), d_dxp.get());
+  CUDA_CHECK(cudaDeviceSynchronize());
+
+  auto expect = [](const char* what, const std::vector<float>& got, const std::vector<float>& ref) {
+    const double err = rel_l2(got, ref);
+    std::printf("[ moe fp8  ] %-10s rel_l2 %.3e (limit 1e-2)\n", what, err);
+    EXPECT_LT(err, 1e-2) << what;
+  };
+  expect("yp", d_yp.download(), ref_yp);
+  expect("dxp", d_dxp.download(), ref_dxp);
+  expect("gate grad", d_gg.download(), ref_gg);
+  expect("up grad", d_ug.download(), ref_ug);
+  expect("down grad", d_dg.download(), ref_dg);
+  // Zero rows stay exactly zero (combine never reads them, but they feed the next quantization).
+  const std::vector<float> yp = d_yp.download();
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = aligned[e] + kCounts[e]; r < aligned[e + 1]; ++r)
+      for (int64_t j = 0; j < H; ++j) ASSERT_EQ(yp[r * H + j], 0.0f) << "zero row " << r;
+}
+
+}  // namespace
+}  // namespace moerl
