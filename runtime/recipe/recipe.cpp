@@ -101,9 +101,11 @@ StageSpec read_stage(YamlSection s, const std::filesystem::path& base, const std
   StageSpec st;
   st.name = s.required<std::string>("name");
   st.kind = s.required<std::string>("kind");
-  static const std::set<std::string> kinds{"pretrain", "sft", "reward_model", "dpo", "rlhf", "eval_task"};
+  static const std::set<std::string> kinds{"pretrain", "sft",         "task_sft", "preferences",
+                                           "reward_model", "dpo", "rlhf",     "eval_task"};
   if (!kinds.count(st.kind))
-    s.fail("kind", "expected one of pretrain, sft, reward_model, dpo, rlhf, eval_task; got \"" + st.kind + "\"");
+    s.fail("kind", "expected one of pretrain, sft, task_sft, preferences, reward_model, dpo, rlhf, eval_task; got \"" +
+                       st.kind + "\"");
   if (is_rl_stage_kind(st.kind)) {
     std::set<std::string> names, reward_models;
     for (const auto& e : earlier) {
@@ -111,7 +113,8 @@ StageSpec read_stage(YamlSection s, const std::filesystem::path& base, const std
       if (e.kind == "reward_model") reward_models.insert(e.name);
     }
     st.rl = read_rl_stage(s, st.kind, names, reward_models);
-    if ((st.kind == "rlhf" || st.kind == "eval_task") && s.has("data"))
+    if ((st.kind == "rlhf" || st.kind == "eval_task" || st.kind == "task_sft" || st.kind == "preferences") &&
+        s.has("data"))
       s.fail("data", "an " + st.kind + " stage draws its prompts from the task; data: is for sft, reward_model, dpo");
   }
   if (s.has("data")) st.data = base / s.get<std::string>("data", "");

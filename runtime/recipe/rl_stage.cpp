@@ -5,7 +5,8 @@
 namespace moerl {
 
 bool is_rl_stage_kind(const std::string& kind) {
-  return kind == "reward_model" || kind == "dpo" || kind == "rlhf" || kind == "eval_task";
+  return kind == "task_sft" || kind == "preferences" || kind == "reward_model" || kind == "dpo" || kind == "rlhf" ||
+         kind == "eval_task";
 }
 
 RlStageSpec read_rl_stage(YamlSection& s, const std::string& kind, const std::set<std::string>& earlier,
@@ -20,11 +21,24 @@ RlStageSpec read_rl_stage(YamlSection& s, const std::string& kind, const std::se
   if (r.task_digits < 1 || r.task_digits > 4) s.fail("task_digits", "expected 1..4");
   r.max_new_tokens = s.get<int64_t>("max_new_tokens", r.max_new_tokens);
   if (r.max_new_tokens < 1) s.fail("max_new_tokens", "expected a positive integer");
-  if (kind == "reward_model" || kind == "dpo") {
+  if (kind == "reward_model" || kind == "dpo" || kind == "preferences") {
     r.pairs = s.get<int64_t>("pairs", r.pairs);
     r.heldout_every = s.get<int64_t>("heldout_every", r.heldout_every);
     if (r.pairs < 2) s.fail("pairs", "expected an integer >= 2");
     if (r.heldout_every < 2) s.fail("heldout_every", "expected an integer >= 2");
+  }
+  if (kind == "reward_model" || kind == "dpo") {
+    r.preferences = s.get<std::string>("preferences", r.preferences);
+    if (!r.preferences.empty() && !earlier.count(r.preferences))
+      s.fail("preferences", "\"" + r.preferences + "\" is not the name of an earlier stage");
+    if (s.has("data") && !r.preferences.empty()) s.fail("preferences", "give data: or preferences:, not both");
+  }
+  if (kind == "preferences") {
+    r.annotator = s.get<std::string>("annotator", r.annotator);
+    if (r.annotator != "scripted" && r.annotator != "human")
+      s.fail("annotator", "expected scripted or human; got \"" + r.annotator + "\"");
+    r.temperature = s.get<double>("temperature", r.temperature);
+    if (!(r.temperature > 0)) s.fail("temperature", "expected a positive number");
   }
   if (kind == "dpo") {
     r.beta = s.get<double>("beta", r.beta);
@@ -35,7 +49,10 @@ RlStageSpec read_rl_stage(YamlSection& s, const std::string& kind, const std::se
     if (r.algorithm != "grpo" && r.algorithm != "ppo")
       s.fail("algorithm", "expected grpo or ppo; got \"" + r.algorithm + "\"");
     r.reward_model = s.get<std::string>("reward_model", r.reward_model);
-    if (r.reward_model.empty() && earlier_reward_models.empty())
+    r.reward = s.get<std::string>("reward", r.reward);
+    if (r.reward != "reward_model" && r.reward != "checker")
+      s.fail("reward", "expected reward_model or checker; got \"" + r.reward + "\"");
+    if (r.reward_model.empty() && earlier_reward_models.empty() && r.reward == "reward_model")
       s.fail("reward_model", "an rlhf stage needs an earlier reward_model stage to score its responses");
     if (!r.reward_model.empty() && !earlier_reward_models.count(r.reward_model))
       s.fail("reward_model", "\"" + r.reward_model + "\" is not an earlier stage of kind reward_model");

@@ -14,10 +14,10 @@ using Clock = std::chrono::steady_clock;
 
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
-// Samples `per_problem` responses to each problem (problem-major), rewarded by the checker.
+// Samples `per_problem` responses to each problem (problem-major), rewarded by codec.reward (else the checker).
 struct Sampled {
   std::vector<std::vector<int32_t>> prompts, responses;
-  std::vector<float> rewards;
+  std::vector<float> rewards, correct;  // correct: the checker's 0/1, whatever the reward
   int64_t tokens = 0;
 };
 
@@ -31,12 +31,39 @@ Sampled sample(Model& policy, std::span<const Problem> problems, int64_t per_pro
       streams.push_back(static_cast<uint64_t>(step) * 1000003ull + i * 1009ull + static_cast<uint64_t>(k));
     }
   const std::vector<GeneratedSequence> gen = generate(policy, s.prompts, sampling, streams, precision);
+  std::vector<const Problem*> of;
   for (size_t n = 0; n < gen.size(); ++n) {
+    of.push_back(&problems[n / static_cast<size_t>(per_problem)]);
     s.responses.push_back(gen[n].ids);
-    s.rewards.push_back(codec.check(problems[n / static_cast<size_t>(per_problem)], gen[n].ids) ? 1.0f : 0.0f);
+    s.correct.push_back(codec.check(*of.back(), gen[n].ids) ? 1.0f : 0.0f);
     s.tokens += static_cast<int64_t>(gen[n].ids.size());
   }
+  if (codec.reward) {
+    s.rewards = codec.reward(of, s.responses);
+    require(s.rewards.size() == s.responses.size(), "task loop: the reward function returned " +
+                                                        std::to_string(s.rewards.size()) + " rewards for " +
+                                                        std::to_string(s.responses.size()) + " responses");
+  } else {
+    s.rewards = s.correct;
+  }
   return s;
+}
+
+double mean(const std::vector<float>& x) {
+  double sum = 0;
+  for (float v : x) sum += v;
+  return x.empty() ? 0.0 : sum / static_cast<double>(x.size());
+}
+
+// Prompt and answer + eos of each problem as a scored batch (prompt tokens not scored).
+ScoredBatch sft_batch(std::span<const Problem> problems, const TaskCodec& codec) {
+  std::vector<std::vector<int32_t>> prompts, answers;
+  for (const Problem& p : problems) {
+    prompts.push_back(codec.prompt_ids(p));
+    answers.push_back(codec.answer_ids(p));
+    answers.back().push_back(codec.eos_id);
+  }
+  return make_scored_batch(prompts, answers, codec.pad_id);
 }
 
 }  // namespace
@@ -44,6 +71,7 @@ Sampled sample(Model& policy, std::span<const Problem> problems, int64_t per_pro
 TaskCodec char_codec() {
   TaskCodec c;
   c.prompt_ids = [](const Problem& p) { return prompt_ids(p); };
+  c.answer_ids = [](const Problem& p) { return task_encode(p.answer); };
   c.check = [](const Problem& p, std::span<const int32_t> r) { return check_answer(p, r); };
   return c;
 }
@@ -69,21 +97,21 @@ double sampled_accuracy(Model& model, std::span<const Problem> problems, int64_t
                         const msg::SamplingParams& sampling, Precision precision, const TaskCodec& codec) {
   if (problems.empty()) return 0.0;
   const Sampled s = sample(model, problems, samples, sampling, /*step=*/-1, precision, codec);
-  double sum = 0;
-  for (float r : s.rewards) sum += r;
-  return sum / static_cast<double>(s.rewards.size());
+  return mean(s.correct);
+}
+
+double sft_loss(Model& model, std::span<const Problem> problems, Precision precision, const TaskCodec& codec) {
+  require(!problems.empty(), "sft_loss: no problems");
+  const ScoredBatch sb = sft_batch(problems, codec);
+  ForwardOptions o;
+  o.precision = precision;
+  return model.forward(TokenBatch{sb.input_ids.data(), sb.targets.data(), sb.batch, sb.seq}, o).loss;
 }
 
 double sft_step(Model& model, AdamW& optimizer, std::span<const Problem> problems, int64_t step,
-                Precision precision) {
+                Precision precision, const TaskCodec& codec) {
   require(!problems.empty(), "sft_step: no problems");
-  std::vector<std::vector<int32_t>> prompts, answers;
-  for (const Problem& p : problems) {
-    const SftExample e = sft_example(p);
-    prompts.emplace_back(e.ids.begin(), e.ids.begin() + e.prompt_tokens);
-    answers.emplace_back(e.ids.begin() + e.prompt_tokens, e.ids.end());
-  }
-  const ScoredBatch sb = make_scored_batch(prompts, answers, kTaskPad);
+  const ScoredBatch sb = sft_batch(problems, codec);
   model.params().zero_grad();
   ForwardOptions o;
   o.precision = precision;
@@ -110,7 +138,8 @@ RlStepStats grpo_step(Model& policy, Model& reference, AdamW& optimizer, const A
   const Sampled s = sample(policy, problems, config.group_size, sampling, step, precision, codec);
   st.generate_seconds = seconds_since(t0);
   st.generated_tokens = s.tokens;
-  for (float r : s.rewards) st.reward_mean += r / static_cast<double>(s.rewards.size());
+  st.reward_mean = mean(s.rewards);
+  st.checker_accuracy = mean(s.correct);
   t0 = Clock::now();
   const std::vector<float> adv = group_advantages(s.rewards, config.group_size, config.scale_by_std);
   const ScoredBatch sb = make_scored_batch(s.prompts, s.responses, codec.pad_id);
@@ -195,7 +224,8 @@ RlStepStats ppo_step(Model& policy, Model& reference, ValueHead& critic, AdamW& 
   const Sampled s = sample(policy, problems, samples, sampling, step, precision, codec);
   st.generate_seconds = seconds_since(t0);
   st.generated_tokens = s.tokens;
-  for (float r : s.rewards) st.reward_mean += r / static_cast<double>(s.rewards.size());
+  st.reward_mean = mean(s.rewards);
+  st.checker_accuracy = mean(s.correct);
   t0 = Clock::now();
   const ScoredBatch sb = make_scored_batch(s.prompts, s.responses, codec.pad_id);
   const int64_t T = sb.batch * sb.seq, D = policy.config().hidden_size;

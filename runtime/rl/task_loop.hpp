@@ -21,9 +21,15 @@ namespace moerl::rl {
 // How problems become token ids and responses are judged: the task's own characters (char_codec(), the default)
 // or a run's tokenizer (e.g. bos + tokenizer.encode(p.prompt), and the response decoded up to eos compared with
 // p.answer). Generation stops at the sampling's stop ids; pad_id fills scored batches.
+// The RL steps' reward is `reward` when set (RLHF: a trained reward model's score of each response) and the
+// exact checker's 0/1 otherwise (a verifiable reward); the checker is always what evaluates.
 struct TaskCodec {
+  using RewardFn = std::function<std::vector<float>(const std::vector<const Problem*>& problems,
+                                                    const std::vector<std::vector<int32_t>>& responses)>;
   std::function<std::vector<int32_t>(const Problem&)> prompt_ids;
+  std::function<std::vector<int32_t>(const Problem&)> answer_ids;       // SFT target, without eos
   std::function<bool(const Problem&, std::span<const int32_t>)> check;  // the exact checker on response ids
+  RewardFn reward;  // one reward per response (responses as generated, eos included when produced); may be empty
   int32_t eos_id = kTaskEos, pad_id = kTaskPad;
 };
 TaskCodec char_codec();
@@ -46,10 +52,14 @@ double sampled_accuracy(Model& model, std::span<const Problem> problems, int64_t
 // One SFT step: cross-entropy on the answer and eos of each problem (prompt tokens not scored), mean over
 // those tokens; zeroes the gradients, backward, optimizer step `step`. Returns the loss.
 double sft_step(Model& model, AdamW& optimizer, std::span<const Problem> problems, int64_t step,
-                Precision precision = Precision::FP32);
+                Precision precision = Precision::FP32, const TaskCodec& codec = char_codec());
+// The same loss on `problems` without any update (a held-out SFT loss).
+double sft_loss(Model& model, std::span<const Problem> problems, Precision precision = Precision::FP32,
+                const TaskCodec& codec = char_codec());
 
 struct RlStepStats {
-  double reward_mean = 0;     // exact-checker reward over the step's samples (before the update)
+  double reward_mean = 0;     // mean reward of the step's samples (before the update): codec.reward's or the checker's
+  double checker_accuracy = 0;  // fraction of the step's samples the exact checker accepts (monitoring only)
   PolicyLossStats policy;     // of the first update epoch
   double value_loss = 0;      // PPO: the critic's loss in the first epoch
   int64_t generated_tokens = 0;

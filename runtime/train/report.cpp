@@ -15,7 +15,7 @@ namespace {
 // The curves worth a chart, in display order.
 const char* const kCurves[] = {"loss",      "validation_loss", "heldout_loss", "accuracy",     "heldout_accuracy",
                                "margin",    "log_ratio_margin", "reward",      "kl",           "task_accuracy",
-                               "mtp_loss"};
+                               "checker_accuracy", "mtp_loss"};
 // Summary table columns: (key in a stage's summary, heading).
 const std::pair<const char*, const char*> kColumns[] = {
     {"kind", "kind"},           {"steps", "steps"},
@@ -128,8 +128,50 @@ std::string render_html_report(const std::filesystem::path& metrics_jsonl, const
   return h + "</body></html>\n";
 }
 
+std::string render_text_table(const nlohmann::json& summary) {
+  // (key, heading, printf format); numbers only, blank where a stage has no such field.
+  struct Column {
+    const char* key;
+    const char* head;
+    const char* format;
+  };
+  static const Column columns[] = {{"train_loss", "loss", "%.3f"},          {"reward", "reward", "%.3f"},
+                                   {"kl_to_reference", "KL", "%.4f"},       {"task_accuracy", "task acc", "%.3f"},
+                                   {"rm_heldout_accuracy", "RM acc", "%.3f"}, {"wall_s", "wall s", "%.1f"}};
+  char line[256];
+  std::snprintf(line, sizeof line, "%-12s %-12s", "stage", "kind");
+  std::string t = line;
+  for (const auto& c : columns) {
+    std::snprintf(line, sizeof line, " %10s", c.head);
+    t += line;
+  }
+  t += "\n";
+  if (summary.contains("stages"))
+    for (const auto& s : summary["stages"]) {
+      std::snprintf(line, sizeof line, "%-12s %-12s", s.value("stage", std::string("?")).c_str(),
+                    s.value("kind", std::string("?")).c_str());
+      t += line;
+      for (const auto& c : columns) {
+        char value[64] = "";
+        if (s.contains(c.key) && s[c.key].is_number()) std::snprintf(value, sizeof value, c.format, s[c.key].get<double>());
+        std::snprintf(line, sizeof line, " %10s", value);
+        t += line;
+      }
+      t += "\n";
+    }
+  for (const char* key : {"task_accuracy_sft", "task_accuracy_rlhf", "rm_heldout_accuracy", "kl_to_reference", "wall_s"})
+    if (summary.contains(key) && summary[key].is_number()) {
+      std::snprintf(line, sizeof line, "%s %.4g\n", key, summary[key].get<double>());
+      t += line;
+    }
+  return t;
+}
+
 void write_html_report(const std::filesystem::path& out, const nlohmann::json& summary) {
   write_file_durably(out / "report.html", render_html_report(out / "metrics.jsonl", summary));
+  const std::string table = render_text_table(summary);
+  write_file_durably(out / "report.txt", table);
+  std::fprintf(stderr, "\n%s\n", table.c_str());
 }
 
 }  // namespace moerl

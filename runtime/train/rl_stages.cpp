@@ -15,6 +15,7 @@
 #include "runtime/rl/task_loop.hpp"
 #include "runtime/safetensors.hpp"
 #include "runtime/train/checkpoint.hpp"
+#include "runtime/train/rl_collect.hpp"
 #include "runtime/util/files.hpp"
 #include "runtime/util/progress.hpp"
 
@@ -23,9 +24,8 @@ namespace fs = std::filesystem;
 namespace {
 
 // Machine-judged pairs: for each problem, the exact answer against a corruption of it (one digit changed);
-// rl::check_answer decides which is chosen. TODO(integration): the issue wants these pairs from a scripted
-// annotator through the feedback HTTP API (helper A's `moerl feedback serve`); its export writes the same JSONL,
-// so pointing the stage's `data:` at it is the whole swap.
+// rl::check_answer decides which is chosen. The fallback of a reward_model/dpo stage with neither data: nor an
+// earlier preferences stage (whose pairs come from the policy through the feedback endpoint: rl_collect.hpp).
 std::vector<PreferencePair> machine_judged_pairs(const rl::AdditionTask& task, std::span<const rl::Problem> problems,
                                                  uint64_t seed) {
   std::mt19937_64 rng(seed);
@@ -56,8 +56,26 @@ struct PairSplit {
 // The stage's pairs. From its data file: every heldout_every-th pair held out. Machine-judged: training pairs
 // from the task's training problems, held-out pairs from its held-out problems (prompts never trained on), both
 // written to <out>/preferences/<stage>{,-heldout}.jsonl (beside the stage folder, which checkpoints replace).
+// The preferences stage whose comparisons train `stage`: the one it names, else the last before it; null when none.
+const StageSpec* preferences_stage(const Recipe& recipe, const StageSpec& stage) {
+  const StageSpec* found = nullptr;
+  for (const auto& b : recipe.stages) {
+    if (b.name == stage.name) break;
+    if (b.kind == "preferences" && (stage.rl.preferences.empty() || b.name == stage.rl.preferences)) found = &b;
+  }
+  require(stage.rl.preferences.empty() || found,
+          stage.name + ": preferences: \"" + stage.rl.preferences + "\" is not an earlier stage of kind preferences");
+  return found;
+}
+
 PairSplit stage_pairs(const Recipe& recipe, const StageSpec& stage) {
   PairSplit split;
+  if (const StageSpec* prefs = stage.data.empty() ? preferences_stage(recipe, stage) : nullptr) {
+    read_judged_pairs(recipe, *prefs, split.train, split.held);
+    split.source = "comparisons judged through the feedback endpoint (stage " + prefs->name + ", store " +
+                   (recipe.out / prefs->name / "feedback").string() + ")";
+    return split;
+  }
   if (!stage.data.empty()) {
     split.source = stage.data.string();
     auto pairs = read_preferences(stage.data);
@@ -242,10 +260,11 @@ nlohmann::json run_eval_task(const Recipe& recipe, const StageSpec& stage, Model
   // Named after the last stage that trained the policy: task_accuracy_sft, task_accuracy_rlhf, ...
   std::string trained = "init";
   for (const auto& b : before)
-    if (b.kind != "eval_task" && b.kind != "reward_model") trained = b.kind;
+    if (b.kind != "eval_task" && b.kind != "reward_model" && b.kind != "preferences") trained = b.kind;
   if (!stage.rl.from.empty())
     for (const auto& b : before)
       if (b.name == stage.rl.from) trained = b.kind;
+  if (trained == "task_sft") trained = "sft";
   metrics.write({{"stage", stage.name}, {"step", 0}, {"task_accuracy", accuracy}});
   std::fprintf(stderr, "%-10s task accuracy %.3f (%lld / %zu held-out problems, policy after %s)\n",
                stage.name.c_str(), accuracy, static_cast<long long>(correct), problems.size(), trained.c_str());
@@ -258,36 +277,43 @@ nlohmann::json run_eval_task(const Recipe& recipe, const StageSpec& stage, Model
           {"top_level", {{"task_accuracy_" + trained, accuracy}}}};
 }
 
-// The task through the run's tokenizer: bos + encode(prompt); a response is right when it decodes, up to eos, to
-// exactly the answer.
-rl::TaskCodec tokenizer_codec(const Tokenizer& tokenizer) {
-  rl::TaskCodec codec;
-  codec.prompt_ids = [&tokenizer](const rl::Problem& p) {
-    auto ids = tokenizer.encode(p.prompt);
-    ids.insert(ids.begin(), tokenizer.bos_id());
-    return ids;
-  };
-  codec.check = [&tokenizer](const rl::Problem& p, std::span<const int32_t> response) {
-    std::vector<int32_t> ids(response.begin(), response.end());
-    ids.erase(std::find(ids.begin(), ids.end(), tokenizer.eos_id()), ids.end());
-    return tokenizer.decode(ids) == p.answer;
-  };
-  codec.eos_id = tokenizer.eos_id();
-  codec.pad_id = tokenizer.pad_id();
-  return codec;
+// The reward_model stage that scores an rlhf stage's responses: the one it names, else the last before it.
+std::string reward_model_stage(const Recipe& recipe, const StageSpec& stage) {
+  std::string found;
+  for (const auto& b : recipe.stages) {
+    if (b.name == stage.name) break;
+    if (b.kind == "reward_model" && (stage.rl.reward_model.empty() || b.name == stage.rl.reward_model)) found = b.name;
+  }
+  require(!found.empty(), stage.name + ": reward: reward_model needs an earlier reward_model stage");
+  return found;
 }
 
-// Online RL of the policy on the task's training prompts: GRPO (default) or PPO (B1's task_loop steps), the
-// frozen starting policy as the KL reference.
-// TODO(integration): the reward here is the exact checker's (a verifiable reward): grpo_step/ppo_step take
-// rewards from codec.check. Scoring the samples with the recipe's reward model (the `reward_model:` stage,
-// RewardModel::score) needs a reward-function hook in task_loop; the stage already names that reward model.
+// Online RL of the policy on the task's training prompts: GRPO (default) or PPO (task_loop's steps), the frozen
+// starting policy as the KL reference. The reward is the trained reward model's score of bos + prompt + response
+// text + eos (as its preference pairs were scored); `reward: checker` uses the exact checker instead. The checker
+// only monitors (checker_accuracy per step) and evaluates (eval_task) otherwise.
 nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& policy, const Tokenizer& tokenizer,
                         MetricsLog& metrics, const fs::path& dir) {
   const auto t0 = std::chrono::steady_clock::now();
   start_policy(recipe, stage, policy);
   const rl::AdditionTask task{stage.rl.task_digits};
-  const rl::TaskCodec codec = tokenizer_codec(tokenizer);
+  rl::TaskCodec codec = tokenizer_codec(tokenizer);
+  std::unique_ptr<RewardModel> rm;
+  std::string reward_source = "exact checker (verifiable reward)";
+  if (stage.rl.reward == "reward_model") {
+    const std::string rm_stage = reward_model_stage(recipe, stage);
+    rm = RewardModel::load(recipe.out / rm_stage);
+    reward_source = "reward model " + rm_stage;
+    const TextEncoder encode = [&tokenizer](std::string_view text) { return tokenizer.encode(text); };
+    codec.reward = [&, encode](const std::vector<const rl::Problem*>& problems,
+                               const std::vector<std::vector<int32_t>>& responses) {
+      std::vector<std::vector<int32_t>> seqs;
+      for (size_t i = 0; i < responses.size(); ++i)
+        seqs.push_back(preference_tokens(encode, problems[i]->prompt, judged_text(tokenizer, responses[i]),
+                                         tokenizer.bos_id(), tokenizer.eos_id()));
+      return rm->score(seqs, recipe.precision);
+    };
+  }
   Model reference(policy.config());
   reference.load_weights(weights_of(policy));
   AdamWConfig oc = stage.optimizer;
@@ -311,7 +337,7 @@ nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& pol
   const auto problems = rl::training_problems(task, recipe.seed + 103, static_cast<size_t>(stage.steps * stage.batch));
   ProgressBar bar(stage.name, stage.steps, "tok");
   int64_t tokens = 0;
-  double reward_sum = 0, kl_last = 0, reward_last = 0;
+  double reward_sum = 0, kl_last = 0, reward_last = 0, checker_last = 0;
   for (int64_t step = 0; step < stage.steps; ++step) {
     const std::span<const rl::Problem> batch(problems.data() + step * stage.batch, static_cast<size_t>(stage.batch));
     const rl::RlStepStats st =
@@ -323,13 +349,16 @@ nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& pol
     tokens += st.generated_tokens;
     reward_sum += st.reward_mean;
     reward_last = st.reward_mean;
+    checker_last = st.checker_accuracy;
     kl_last = st.policy.kl;
     nlohmann::json m = {{"stage", stage.name}, {"step", step + 1},     {"loss", st.policy.loss},
-                        {"reward", st.reward_mean}, {"kl", st.policy.kl}, {"clip_fraction", st.policy.clip_fraction}};
+                        {"reward", st.reward_mean}, {"kl", st.policy.kl}, {"clip_fraction", st.policy.clip_fraction},
+                        {"checker_accuracy", st.checker_accuracy}};
     if (stage.rl.algorithm == "ppo") m["value_loss"] = st.value_loss;
     metrics.write(m);
     char fields[96];
-    std::snprintf(fields, sizeof fields, "reward %.3f  kl %.4f", st.reward_mean, st.policy.kl);
+    std::snprintf(fields, sizeof fields, "reward %.3f  acc %.2f  kl %.4f", st.reward_mean, st.checker_accuracy,
+                  st.policy.kl);
     bar.update(step + 1, tokens, fields);
   }
   char fields[96];
@@ -342,7 +371,8 @@ nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& pol
           {"steps", stage.steps},
           {"reward", reward_last},
           {"reward_mean", reward_sum / static_cast<double>(stage.steps)},
-          {"reward_source", "exact checker (verifiable reward)"},
+          {"reward_source", reward_source},
+          {"sampled_accuracy", checker_last},
           {"kl_to_reference", kl_last},
           {"wall_s", seconds_since(t0)},
           {"checkpoint", dir.string()},
@@ -359,12 +389,14 @@ nlohmann::json run_rl_stage(const Recipe& recipe, const StageSpec& stage, Model&
     std::ifstream in(result);
     nlohmann::json done = nlohmann::json::parse(in);
     std::fprintf(stderr, "%-10s already complete in %s, skipped\n", stage.name.c_str(), dir.c_str());
-    if (stage.kind == "dpo" || stage.kind == "rlhf") policy.load_weights(read_safetensors(dir / "model.safetensors"));
+    if (stage.kind == "dpo" || stage.kind == "rlhf" || stage.kind == "task_sft") policy.load_weights(read_safetensors(dir / "model.safetensors"));
     return done;
   }
   fs::create_directories(dir);
   nlohmann::json s;
-  if (stage.kind == "reward_model") s = run_reward_model(recipe, stage, policy, tokenizer, metrics, dir);
+  if (stage.kind == "task_sft") s = run_task_sft(recipe, stage, policy, tokenizer, metrics, dir);
+  else if (stage.kind == "preferences") s = run_preferences(recipe, stage, policy, tokenizer, metrics, dir);
+  else if (stage.kind == "reward_model") s = run_reward_model(recipe, stage, policy, tokenizer, metrics, dir);
   else if (stage.kind == "dpo") s = run_dpo(recipe, stage, policy, tokenizer, metrics, dir);
   else if (stage.kind == "eval_task") {
     std::vector<StageSpec> before;

@@ -1,12 +1,15 @@
 // The RLHF stage kinds of a recipe, run on the CPU after pretraining/SFT in the same `moerl run`:
-//   reward_model  preference pairs (stage `data:` JSONL, or machine-judged pairs of the addition task written
+//   task_sft      SFT on the addition task's generated training problems (rl_collect.hpp)
+//   preferences   pairs sampled from the policy, judged through the feedback endpoint's HTTP API (rl_collect.hpp)
+//   reward_model  preference pairs (a preferences stage's comparisons read back from its store, stage `data:`
+//                 JSONL, or machine-judged pairs of the addition task written
 //                 to <out>/preferences/<stage>.jsonl) -> RewardModel initialised from the current policy -> Bradley–
 //                 Terry training -> <stage>/ (config.json, model.safetensors, result.json)
 //   dpo           the same pairs -> the policy trained in place by DPO against its frozen starting weights
 //   eval_task     greedy answers to the task's held-out problems, exact match -> task_accuracy (and at the top
 //                 of summary.json task_accuracy_<kind of the last stage that trained the policy>: _sft, _rlhf)
-//   rlhf          GRPO (default) or PPO on the task's training prompts against the frozen starting policy ->
-//                 reward, kl_to_reference; the reward is the exact checker's for now (see run_rlhf in the .cpp)
+//   rlhf          GRPO (default) or PPO on the task's training prompts against the frozen starting policy, rewarded
+//                 by the reward model's score (reward: checker for the exact checker) -> reward, kl_to_reference
 #pragma once
 #include <filesystem>
 

@@ -113,5 +113,40 @@ TEST(RlRecipe, FieldsOfAnotherKindAndBadValuesAreRefused) {
   EXPECT_NE(e4.find("reward_model, dpo, rlhf, eval_task"), std::string::npos) << e4;
 }
 
+TEST(RlRecipe, ReadsTaskSftPreferencesAndTheRewardSource) {
+  const Recipe r = load_recipe(write_recipe("prefs.yaml", R"(  - name: tsft
+    kind: task_sft
+    steps: 20
+  - name: prefs
+    kind: preferences
+    pairs: 300
+    annotator: human
+  - name: rm
+    kind: reward_model
+    preferences: prefs
+  - name: rl
+    kind: rlhf
+  - name: rl_checker
+    kind: rlhf
+    reward: checker
+)"));
+  ASSERT_EQ(r.stages.size(), 6u);
+  EXPECT_EQ(r.stages[1].kind, "task_sft");
+  EXPECT_EQ(r.stages[2].rl.pairs, 300);
+  EXPECT_EQ(r.stages[2].rl.annotator, "human");
+  EXPECT_EQ(r.stages[3].rl.preferences, "prefs");
+  EXPECT_EQ(r.stages[4].rl.reward, "reward_model");  // the default: RLHF is rewarded by the reward model
+  EXPECT_EQ(r.stages[5].rl.reward, "checker");
+  // reward: checker needs no reward model; an unknown reward source or annotator is refused.
+  EXPECT_EQ(error_of(write_recipe("chk.yaml", "  - name: rl\n    kind: rlhf\n    reward: checker\n")), "");
+  const std::string e = error_of(write_recipe("rew.yaml", "  - name: rl\n    kind: rlhf\n    reward: oracle\n"));
+  EXPECT_NE(e.find("stages[1].reward"), std::string::npos) << e;
+  const std::string e2 =
+      error_of(write_recipe("ann.yaml", "  - name: p\n    kind: preferences\n    annotator: robot\n"));
+  EXPECT_NE(e2.find("stages[1].annotator"), std::string::npos) << e2;
+  const std::string e3 = error_of(write_recipe("data.yaml", "  - name: p\n    kind: preferences\n    data: x.jsonl\n"));
+  EXPECT_NE(e3.find("stages[1].data"), std::string::npos) << e3;
+}
+
 }  // namespace
 }  // namespace moerl

@@ -161,6 +161,7 @@ TEST(RlStages, PpoIsSelectableForTheRlhfStage) {
   Recipe recipe = flow_recipe(dir);
   StageSpec rl = recipe.stages[3];
   rl.rl.algorithm = "ppo";
+  rl.rl.reward = "checker";  // no reward_model stage in this recipe
   rl.steps = 2;
   recipe.stages = {recipe.stages[0], rl};
   const RestoreThreads restore;

@@ -1,0 +1,81 @@
+#include "runtime/rl/annotator.hpp"
+
+#include <httplib.h>
+
+#include <chrono>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <thread>
+
+#include "runtime/error.hpp"
+
+namespace moerl::rl {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+// One request, retried after a pause while the server answers 429 (its per-token rate limit).
+httplib::Result request(httplib::Client& client, const AnnotatorOptions& o, const std::string& method,
+                        const std::string& path, const std::string& body, AnnotatorResult& r, Clock::time_point t0) {
+  const httplib::Headers headers{{"Authorization", "Bearer " + o.token}};
+  for (;;) {
+    httplib::Result res = method == "GET" ? client.Get(path, headers)
+                                          : client.Post(path, headers, body, "application/json");
+    require(static_cast<bool>(res), "annotator: " + method + " http://" + o.host + ":" + std::to_string(o.port) +
+                                        path + " failed: " + httplib::to_string(res.error()));
+    if (res->status != 429) return res;
+    ++r.rate_limited;
+    require(std::chrono::duration<double>(Clock::now() - t0).count() < o.timeout_s,
+            "annotator: still rate limited after " + std::to_string(o.timeout_s) + " s");
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+}
+
+void expect_status(const httplib::Result& res, int status, const std::string& what) {
+  if (res->status == status) return;
+  std::string message = res->body;
+  try {
+    message = nlohmann::json::parse(res->body).at("error").get<std::string>();
+  } catch (const std::exception&) {
+  }
+  throw Error("annotator: " + what + " answered " + std::to_string(res->status) + " (expected " +
+              std::to_string(status) + "): " + message.substr(0, 200));
+}
+
+}  // namespace
+
+AnnotatorResult annotate_over_http(const AnnotatorOptions& o, const PairJudge& judge,
+                                   const std::function<void(int64_t)>& on_judged) {
+  require(o.port > 0 && !o.token.empty(), "annotator: needs the server's port and an annotator token");
+  httplib::Client client(o.host, o.port);
+  client.set_keep_alive(true);
+  client.set_read_timeout(std::chrono::seconds(30));
+  AnnotatorResult r;
+  std::set<uint64_t> seen;
+  const auto t0 = Clock::now();
+  while (o.max_pairs == 0 || r.judged < o.max_pairs) {
+    require(std::chrono::duration<double>(Clock::now() - t0).count() < o.timeout_s,
+            "annotator: not done after " + std::to_string(o.timeout_s) + " s (" + std::to_string(r.judged) +
+                " pairs judged)");
+    const auto next = request(client, o, "GET", "/api/v1/next", "", r, t0);
+    expect_status(next, 200, "GET /api/v1/next");
+    const nlohmann::json j = nlohmann::json::parse(next->body);
+    const nlohmann::json& pair = j.at("pair");
+    if (pair.is_null()) break;
+    const uint64_t id = pair.at("pair_id").get<uint64_t>();
+    if (!seen.insert(id).second) break;  // the server wrapped around: every pair has been judged
+    const std::string choice = judge(pair.at("prompt").get<std::string>(), pair.at("first").get<std::string>(),
+                                     pair.at("second").get<std::string>());
+    require(choice == "first" || choice == "second" || choice == "tie",
+            "annotator: the judge returned \"" + choice + "\"; expected first, second or tie");
+    const auto posted = request(client, o, "POST", "/api/v1/comparisons",
+                                nlohmann::json{{"pair_id", id}, {"choice", choice}}.dump(), r, t0);
+    expect_status(posted, 201, "POST /api/v1/comparisons");
+    ++r.judged;
+    (choice == "first" ? r.first : choice == "second" ? r.second : r.ties) += 1;
+    if (on_judged) on_judged(r.judged);
+  }
+  return r;
+}
+
+}  // namespace moerl::rl
