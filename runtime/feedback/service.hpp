@@ -17,6 +17,7 @@
 #pragma once
 #include <atomic>
 #include <chrono>
+#include <functional>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -74,6 +75,11 @@ class FeedbackService {
 
   // Never throws: any failure becomes a 4xx (the caller's input) or 500 (the store) with a message.
   HttpResponse handle(const HttpRequest& request);
+  // The same answer, given to `reply` exactly once: at once for every route but the submissions, whose
+  // answer comes from the store's committer thread once the record is durable (no thread waits for the
+  // WAL sync meanwhile). Never throws.
+  using Reply = std::function<void(HttpResponse)>;
+  void handle_async(const HttpRequest& request, Reply reply);
 
   // Queues a pair to judge (the collector actor's entry point as well as POST /api/v1/pairs); durable on return.
   uint64_t add_pair(store::PairToJudge pair);
@@ -84,16 +90,28 @@ class FeedbackService {
   void count_status(int status);
 
  private:
+  // A validated submission, encoded and ready for the store.
+  struct Submission {
+    store::Family family = store::Family::Comparison;
+    std::vector<uint8_t> bytes;
+    uint64_t time_ns = 0;
+    int counter = 0;         // index into submitted_
+    const char* kind = "";   // "comparison", "rating", "correction"
+    const TokenEntry* who = nullptr;
+  };
+
   struct Bucket {
     double tokens = 0;
     std::chrono::steady_clock::time_point last;
   };
 
-  HttpResponse route(const HttpRequest& request);
+  // With `deferred`, a submission is only prepared into it and the answer has status 0.
+  HttpResponse route(const HttpRequest& request, Submission* deferred = nullptr);
   const TokenEntry* authenticate(const HttpRequest& request, HttpResponse& error);
   bool allow(const TokenEntry& who);
   HttpResponse next_pair(const TokenEntry& who);
-  HttpResponse submit(const TokenEntry& who, const std::string& kind, const std::string& body);
+  Submission prepare(const TokenEntry& who, const std::string& kind, const std::string& body);
+  HttpResponse submitted(const Submission& s, const store::Key& key);  // the 201 answer
   HttpResponse post_pair(const std::string& body);
   HttpResponse export_records(const HttpRequest& request);
   HttpResponse config() const;

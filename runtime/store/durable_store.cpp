@@ -59,11 +59,15 @@ Key decode_key(std::string_view bytes) {
   return Key{get_be64(bytes.data()), get_be64(bytes.data() + 8)};
 }
 
-// One queued write: an append (value non-null) or a deletion. Lives on the caller's stack while it waits.
+// One queued write: an append (value non-null) or a deletion. A blocking one lives on the caller's stack
+// while it waits; an asynchronous one (callback set) owns its value and is deleted by the committer.
 struct DurableStore::Pending {
   Family family = Family::Comparison;
   std::string key;
+  Key record_key;
   std::span<const uint8_t> value;
+  std::vector<uint8_t> owned;
+  Done callback;
   std::optional<uint64_t> version;
   bool erase = false;
   bool done = false;
@@ -130,6 +134,29 @@ Key DurableStore::append(Family f, uint64_t time_ns, std::span<const uint8_t> va
   return key;
 }
 
+Key DurableStore::append_async(Family f, uint64_t time_ns, std::vector<uint8_t> value, Done done,
+                               std::optional<uint64_t> version) {
+  require(time_ns > 0, std::string("store ") + family_name(f) + ": time must be > 0");
+  require(!version || f == Family::Replay, std::string("store ") + family_name(f) + ": only replay records have a version index");
+  require(static_cast<bool>(done), std::string("store ") + family_name(f) + ": append_async needs a callback");
+  const Key key{time_ns, next_seq_.fetch_add(1)};
+  auto p = std::make_unique<Pending>();
+  p->family = f;
+  p->key = encode_key(key);
+  p->record_key = key;
+  p->owned = std::move(value);
+  p->value = p->owned;
+  p->version = version;
+  p->callback = std::move(done);
+  {
+    std::lock_guard lock(mutex_);
+    require(!stopping_, "store " + dir_ + ": closed");
+    queue_.push_back(p.release());
+  }
+  queued_.notify_one();
+  return key;
+}
+
 void DurableStore::erase(Family f, const Key& k) {
   Pending p;
   p.family = f;
@@ -145,7 +172,7 @@ void DurableStore::erase(Family f, const Key& k) {
 void DurableStore::commit_loop() {
   rocksdb::WriteOptions write_options;
   write_options.sync = options_.sync;
-  std::vector<Pending*> batch;
+  std::vector<Pending*> batch, asynchronous;
   for (;;) {
     {
       std::unique_lock lock(mutex_);
@@ -185,6 +212,7 @@ void DurableStore::commit_loop() {
       std::lock_guard lock(mutex_);
       for (Pending* p : batch) {
         if (!status.ok()) p->error = "write failed: " + status.ToString();
+        if (p->callback) asynchronous.push_back(p);  // a blocking one may be gone once `done` is seen
         p->done = true;
       }
       if (status.ok()) {
@@ -194,6 +222,15 @@ void DurableStore::commit_loop() {
       }
     }
     done_.notify_all();
+    // Callbacks outside the lock: the blocking appenders above are already on their way.
+    for (Pending* p : asynchronous) {
+      try {
+        p->callback(p->record_key, p->error);
+      } catch (...) {  // a callback's failure must not stop the committer (and with it every writer)
+      }
+      delete p;
+    }
+    asynchronous.clear();
     for (int f = 0; f < kFamilies; ++f)
       if (options_.max_records[f] && counts_[f] > options_.max_records[f]) enforce_retention(static_cast<Family>(f));
   }

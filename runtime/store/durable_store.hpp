@@ -67,6 +67,13 @@ class DurableStore {
   // Blocks until durable; thread-safe. Throws moerl::Error when RocksDB refuses the write.
   Key append(Family f, uint64_t time_ns, std::span<const uint8_t> value, std::optional<uint64_t> version = {});
 
+  // The same without blocking: returns the record's key at once and calls done(key, "") on the committer
+  // thread once the record is durable (its WAL synced), or done(key, message) when RocksDB refused the
+  // write. `done` must be quick (it delays the next commit) and must not call back into this store.
+  using Done = std::function<void(const Key&, const std::string& error)>;
+  Key append_async(Family f, uint64_t time_ns, std::vector<uint8_t> value, Done done,
+                   std::optional<uint64_t> version = {});
+
   std::optional<std::vector<uint8_t>> get(Family f, const Key& k) const;
   // Calls fn(key, value) for each record with from <= key.time_ns < to, in key order; stops when fn returns false.
   void scan(Family f, uint64_t from_ns, uint64_t to_ns,
