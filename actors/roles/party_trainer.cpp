@@ -10,6 +10,7 @@
 
 #include "actors/roles/data_loader.hpp"
 #include "actors/roles/stage_trainer.hpp"
+#include "actors/roles/step_book.hpp"
 #include "runtime/safetensors.hpp"
 #include "runtime/train/checkpoint.hpp"
 #include "runtime/train/step_apply.hpp"
@@ -26,12 +27,9 @@ struct PartyTrainerState {
   std::string name;
   std::unique_ptr<Party> party;
   std::optional<Tokenizer> tokenizer;
-  bool begun = false;
   uint32_t stage = 0;
-  std::string run_id;
   ForwardOptions options;
-  uint64_t last_step = 0;
-  std::map<uint64_t, msg::TrainStepResult> results;
+  StepBook book;
 
   // Built on the party's own thread at the first command. Every party runs its loops on one thread: the
   // parties themselves are the parallelism (pp_local.hpp says why more threads per party slow a small machine).
@@ -54,11 +52,6 @@ struct PartyTrainerState {
     l.vocab = setup.model.vocab_size;
     return l;
   }
-  void check_run(const msg::StepId& step, const char* kind) const {
-    if (!begun) throw Refusal(msg::ErrorCode::Unavailable, std::string(kind) + ": no stage has begun (send begin first)");
-    if (step.run != run_id)
-      throw Error(std::string(kind) + ".step.run: \"" + step.run + "\", expected the current stage's \"" + run_id + "\"");
-  }
   // Work done together with the peers: a failure here aborts the group, so that no peer waits for this party.
   template <class F>
   auto together(F&& f) -> decltype(f()) {
@@ -75,20 +68,6 @@ TokenBatch view(const msg::TokenBatch& m, std::vector<int64_t>& ids, std::vector
   ids.assign(m.ids.begin(), m.ids.end());
   labels.assign(m.labels.begin(), m.labels.end());
   return TokenBatch{ids.data(), labels.data(), m.batch, m.seq};
-}
-
-// ExpertLoad entries come main-model MoE layers first, then the MTP layer (layer num_hidden_layers).
-std::vector<msg::ExpertLoad> loads_message(const std::vector<ExpertLoad>& loads, const ModelConfig& c) {
-  std::vector<uint32_t> layers;
-  for (int64_t l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l)
-    if (c.is_moe_layer(l)) layers.push_back(static_cast<uint32_t>(l));
-  std::vector<msg::ExpertLoad> out;
-  for (size_t i = 0; i < loads.size(); ++i) {
-    msg::ExpertLoad e{i < layers.size() ? layers[i] : static_cast<uint32_t>(i), {}};
-    for (int64_t t : loads[i].tokens_per_expert) e.tokens_per_expert.push_back(static_cast<uint32_t>(t));
-    out.push_back(std::move(e));
-  }
-  return out;
 }
 
 stage_trainer_actor::behavior_type party_trainer(stage_trainer_actor::stateful_pointer<PartyTrainerState> self,
@@ -108,9 +87,9 @@ stage_trainer_actor::behavior_type party_trainer(stage_trainer_actor::stateful_p
           require(stage < st.setup.recipe.stages.size(),
                   "begin: stage " + std::to_string(stage) + " does not exist (the recipe has " +
                       std::to_string(st.setup.recipe.stages.size()) + ")");
-          st.begun = false;
+          st.book.begun = false;
           st.stage = stage;
-          st.last_step = 0;
+          uint64_t resumed = 0;
           st.together([&] {
             Party& p = st.get();
             p.start_stage(st.spec().optimizer);
@@ -118,36 +97,19 @@ stage_trainer_actor::behavior_type party_trainer(stage_trainer_actor::stateful_p
             Model whole(st.setup.model);
             whole.load_weights(read_safetensors(fs::path(folder) / "model.safetensors"));
             p.load_weights(whole.params());
-            if (auto state = read_trainer_state(folder)) st.last_step = state->at("step").get<uint64_t>();
+            if (auto state = read_trainer_state(folder)) resumed = state->at("step").get<uint64_t>();
             if (with_optimizer) p.load_optimizer_state(folder);
           });
-          ModelConfig config = st.setup.model;
-          st.options = stage_forward_options(st.setup.recipe, st.spec(), config);
-          st.run_id = stage_run_id(st.setup.recipe, stage);
-          st.results.clear();
-          st.begun = true;
-          return st.last_step;
+          st.options = stage_forward_options(st.setup.recipe, st.spec(), st.setup.model);
+          st.book.begin(stage_run_id(st.setup.recipe, stage), resumed);
+          return resumed;
         });
       },
       [&st](train_atom, const Envelope& e) {
         return guarded(st.name, [&] {
           const auto cmd = unwrap<msg::TrainStep>(e, st.limits());
-          st.check_run(cmd.step, "TrainStep");
+          if (auto recorded = st.book.replay(cmd, st.spec())) return wrap(*recorded);
           const uint64_t step = cmd.step.step;
-          if (step <= st.last_step) {
-            if (auto it = st.results.find(step); it != st.results.end()) return wrap(it->second);
-            throw Refusal(msg::ErrorCode::StaleVersion, "TrainStep " + std::to_string(step) + " of " + st.run_id +
-                                                            " precedes this trainer's checkpoint (step " +
-                                                            std::to_string(st.last_step) + "); its result is not recorded");
-          }
-          if (step != st.last_step + 1)
-            throw Error("TrainStep.step: " + std::to_string(step) + ", expected " + std::to_string(st.last_step + 1) +
-                        " (steps are applied in order)");
-          require(cmd.batches.size() == 1, "TrainStep.batches: " + std::to_string(cmd.batches.size()) +
-                                               " batches, a party takes the whole step's batch as one");
-          const double lr = learning_rate(st.spec().optimizer, static_cast<int64_t>(step) - 1);
-          require(cmd.learning_rate == lr, "TrainStep.learningRate: " + std::to_string(cmd.learning_rate) +
-                                               ", expected the stage's schedule at this step, " + std::to_string(lr));
           std::vector<int64_t> ids, labels;
           const TokenBatch batch = view(cmd.batches[0], ids, labels);
           const PartyStep r = st.together([&] {
@@ -160,15 +122,14 @@ stage_trainer_actor::behavior_type party_trainer(stage_trainer_actor::stateful_p
                                    r.loss.balance_loss, r.stats.grad_norm, r.stats.lr,
                                    static_cast<uint64_t>(r.loss.tokens), r.stats.skipped,
                                    loads_message(r.expert_loads, st.setup.model)};
-          st.last_step = step;
-          st.results.emplace(step, out);
+          st.book.record(out);
           return wrap(out);
         });
       },
       [&st](evaluate_atom, const Envelope& e) {
         return guarded(st.name, [&] {
           const auto req = unwrap<msg::EvalRequest>(e, st.limits());
-          st.check_run(req.step, "EvalRequest");
+          st.book.check_run(req.step, "EvalRequest");
           // validation_loss (trainer.cpp): the token-weighted mean of every batch's loss.
           ForwardOptions options;
           options.precision = st.setup.recipe.precision;
@@ -181,8 +142,7 @@ stage_trainer_actor::behavior_type party_trainer(stage_trainer_actor::stateful_p
             const LossReport r = st.together([&] { return st.get().evaluate(view(b, ids, labels), options); });
             total += r.loss * static_cast<double>(r.tokens);
             tokens += r.tokens;
-            counted += static_cast<uint64_t>(std::count_if(b.labels.begin(), b.labels.end(),
-                                                           [](int32_t l) { return l != msg::kNoLossLabel; }));
+            counted += loss_tokens(b);
           }
           return wrap(msg::EvalResult{req.step, tokens ? total / static_cast<double>(tokens) : 0.0, counted});
         });
@@ -190,16 +150,7 @@ stage_trainer_actor::behavior_type party_trainer(stage_trainer_actor::stateful_p
       [&st](checkpoint_atom, const Envelope& e) {
         return guarded(st.name, [&] {
           const auto req = unwrap<msg::CheckpointRequest>(e);
-          st.check_run(req.step, "CheckpointRequest");
-          require(req.step.step == st.last_step, "CheckpointRequest.step: " + std::to_string(req.step.step) +
-                                                     ", expected the last applied step " + std::to_string(st.last_step));
-          nlohmann::json state;
-          try {
-            state = nlohmann::json::parse(req.trainer_state);
-          } catch (const nlohmann::json::exception& ex) {
-            throw Error(std::string("CheckpointRequest.trainerState: not JSON (") + ex.what() + ")");
-          }
-          require(state.is_object(), "CheckpointRequest.trainerState: expected a JSON object");
+          const nlohmann::json state = st.book.checkpoint_state(req);
           st.together([&] {
             st.setup.group->checkpoint(st.setup.party, st.get(), req.folder, &*st.tokenizer, state);
           });

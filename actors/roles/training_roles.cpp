@@ -10,6 +10,7 @@
 
 #include "actors/roles/data_loader.hpp"
 #include "actors/roles/stage_trainer.hpp"
+#include "actors/roles/step_book.hpp"
 #include "runtime/safetensors.hpp"
 #include "runtime/train/checkpoint.hpp"
 #include "runtime/train/step_apply.hpp"
@@ -146,12 +147,9 @@ struct StageTrainerState {
   std::unique_ptr<Model> host;
   std::unique_ptr<TrainingBackend> backend;
   std::optional<Tokenizer> tokenizer;
-  bool begun = false;
   uint32_t stage = 0;
-  std::string run_id;
   ForwardOptions options;
-  uint64_t last_step = 0;                             // applied steps of the stage
-  std::map<uint64_t, msg::TrainStepResult> results;  // by step: what a repeated step answers
+  StepBook book;
 
   TrainingBackend& model() {
     if (!backend) {
@@ -169,26 +167,7 @@ struct StageTrainerState {
     l.vocab = setup.model.vocab_size;
     return l;
   }
-  void check_run(const msg::StepId& step, const char* kind) const {
-    if (!begun) throw Refusal(msg::ErrorCode::Unavailable, std::string(kind) + ": no stage has begun (send begin first)");
-    if (step.run != run_id)
-      throw Error(std::string(kind) + ".step.run: \"" + step.run + "\", expected the current stage's \"" + run_id + "\"");
-  }
 };
-
-// ExpertLoad entries come main-model MoE layers first, then the MTP layer (layer num_hidden_layers).
-std::vector<msg::ExpertLoad> to_message(const std::vector<ExpertLoad>& loads, const ModelConfig& c) {
-  std::vector<uint32_t> layers;
-  for (int64_t l = 0; l < c.num_hidden_layers + c.num_nextn_predict_layers; ++l)
-    if (c.is_moe_layer(l)) layers.push_back(static_cast<uint32_t>(l));
-  std::vector<msg::ExpertLoad> out;
-  for (size_t i = 0; i < loads.size(); ++i) {
-    msg::ExpertLoad e{i < layers.size() ? layers[i] : static_cast<uint32_t>(i), {}};
-    for (int64_t t : loads[i].tokens_per_expert) e.tokens_per_expert.push_back(static_cast<uint32_t>(t));
-    out.push_back(std::move(e));
-  }
-  return out;
-}
 
 stage_trainer_actor::behavior_type stage_trainer(stage_trainer_actor::stateful_pointer<StageTrainerState> self,
                                                  StageTrainerSetup setup, std::string name) {
@@ -203,41 +182,25 @@ stage_trainer_actor::behavior_type stage_trainer(stage_trainer_actor::stateful_p
                   "begin: stage " + std::to_string(stage) + " does not exist (the recipe has " +
                       std::to_string(st.setup.recipe.stages.size()) + ")");
           TrainingBackend& b = st.model();
-          st.begun = false;
+          st.book.begun = false;
           st.stage = stage;
           b.start_stage(st.spec().optimizer);
-          st.last_step = 0;
+          uint64_t resumed = 0;
           if (!folder.empty()) {
             b.load_weights(read_safetensors(fs::path(folder) / "model.safetensors"));
-            if (auto state = read_trainer_state(folder)) st.last_step = state->at("step").get<uint64_t>();
+            if (auto state = read_trainer_state(folder)) resumed = state->at("step").get<uint64_t>();
             if (with_optimizer) b.load_optimizer_state(read_safetensors(fs::path(folder) / "optimizer.safetensors"));
           }
           st.options = stage_forward_options(st.setup.recipe, st.spec(), b.config());
-          st.run_id = stage_run_id(st.setup.recipe, stage);
-          st.results.clear();
-          st.begun = true;
-          return st.last_step;
+          st.book.begin(stage_run_id(st.setup.recipe, stage), resumed);
+          return resumed;
         });
       },
       [&st](train_atom, const Envelope& e) {
         return guarded(st.name, [&] {
           const auto cmd = unwrap<msg::TrainStep>(e, st.limits());
-          st.check_run(cmd.step, "TrainStep");
+          if (auto recorded = st.book.replay(cmd, st.spec())) return wrap(*recorded);
           const uint64_t step = cmd.step.step;
-          if (step <= st.last_step) {
-            if (auto it = st.results.find(step); it != st.results.end()) return wrap(it->second);
-            throw Refusal(msg::ErrorCode::StaleVersion, "TrainStep " + std::to_string(step) + " of " + st.run_id +
-                                                            " precedes this trainer's checkpoint (step " +
-                                                            std::to_string(st.last_step) + "); its result is not recorded");
-          }
-          if (step != st.last_step + 1)
-            throw Error("TrainStep.step: " + std::to_string(step) + ", expected " + std::to_string(st.last_step + 1) +
-                        " (steps are applied in order)");
-          require(cmd.batches.size() == 1, "TrainStep.batches: " + std::to_string(cmd.batches.size()) +
-                                               " micro-batches, this trainer takes exactly one per step");
-          const double lr = learning_rate(st.spec().optimizer, static_cast<int64_t>(step) - 1);
-          require(cmd.learning_rate == lr, "TrainStep.learningRate: " + std::to_string(cmd.learning_rate) +
-                                               ", expected the stage's schedule at this step, " + std::to_string(lr));
           const Batch batch = from_message(cmd.batches[0]);
           const StepReport r =
               apply_train_step(st.model(), TokenBatch{batch.input_ids.data(), batch.labels.data(), batch.batch, batch.seq},
@@ -245,22 +208,20 @@ stage_trainer_actor::behavior_type stage_trainer(stage_trainer_actor::stateful_p
           msg::TrainStepResult out{cmd.step,      r.loss.loss,  r.loss.mtp_loss,
                                    r.loss.balance_loss, r.stats.grad_norm, r.stats.lr,
                                    static_cast<uint64_t>(r.loss.tokens), r.stats.skipped,
-                                   to_message(r.expert_loads, st.model().config())};
-          st.last_step = step;
-          st.results.emplace(step, out);
+                                   loads_message(r.expert_loads, st.model().config())};
+          st.book.record(out);
           return wrap(out);
         });
       },
       [&st](evaluate_atom, const Envelope& e) {
         return guarded(st.name, [&] {
           const auto req = unwrap<msg::EvalRequest>(e, st.limits());
-          st.check_run(req.step, "EvalRequest");
+          st.book.check_run(req.step, "EvalRequest");
           std::vector<Batch> batches;
           uint64_t tokens = 0;
           for (const msg::TokenBatch& b : req.batches) {
             batches.push_back(from_message(b));
-            tokens += static_cast<uint64_t>(std::count_if(b.labels.begin(), b.labels.end(),
-                                                          [](int32_t l) { return l != msg::kNoLossLabel; }));
+            tokens += loss_tokens(b);
           }
           return wrap(msg::EvalResult{req.step, validation_loss(st.model(), batches, st.setup.recipe.precision), tokens});
         });
@@ -268,16 +229,7 @@ stage_trainer_actor::behavior_type stage_trainer(stage_trainer_actor::stateful_p
       [&st](checkpoint_atom, const Envelope& e) {
         return guarded(st.name, [&] {
           const auto req = unwrap<msg::CheckpointRequest>(e);
-          st.check_run(req.step, "CheckpointRequest");
-          require(req.step.step == st.last_step, "CheckpointRequest.step: " + std::to_string(req.step.step) +
-                                                     ", expected the last applied step " + std::to_string(st.last_step));
-          nlohmann::json state;
-          try {
-            state = nlohmann::json::parse(req.trainer_state);
-          } catch (const nlohmann::json::exception& ex) {
-            throw Error(std::string("CheckpointRequest.trainerState: not JSON (") + ex.what() + ")");
-          }
-          require(state.is_object(), "CheckpointRequest.trainerState: expected a JSON object");
+          const nlohmann::json state = st.book.checkpoint_state(req);
           TrainingBackend& b = st.model();
           save_checkpoint(req.folder, b.host_model(), &*st.tokenizer, &b.host_optimizer(), &state);
           return wrap(checkpoint_manifest(req.folder, req.step));

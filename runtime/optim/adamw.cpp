@@ -21,6 +21,13 @@ constexpr int64_t kNormBlock = 1 << 14;
 // Below this many elements the update runs on one thread: a parallel region costs more than it saves.
 constexpr int64_t kParallelUpdate = 1 << 15;
 
+
+void require_range(bool ok, const char* field, double value, const char* expected) {
+  if (!ok) throw Error("optimizer: " + std::string(field) + " = " + std::to_string(value) + ", expected " + expected);
+}
+
+}  // namespace
+
 // Sum of squares of n floats in double: per-block partials (8 interleaved accumulators, a fixed order
 // the compiler may not reassociate), then the partials in block order.
 double sum_squares(const float* g, int64_t n) {
@@ -40,12 +47,6 @@ double sum_squares(const float* g, int64_t n) {
   for (double p : partial) total += p;
   return total;
 }
-
-void require_range(bool ok, const char* field, double value, const char* expected) {
-  if (!ok) throw Error("optimizer: " + std::string(field) + " = " + std::to_string(value) + ", expected " + expected);
-}
-
-}  // namespace
 
 void validate(const AdamWConfig& c) {
   require_range(std::isfinite(c.lr) && c.lr >= 0, "lr", c.lr, ">= 0");

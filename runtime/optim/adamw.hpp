@@ -32,6 +32,10 @@ void validate(const AdamWConfig& config);
 // lr * min_lr_ratio at total_steps, constant after.
 double learning_rate(const AdamWConfig& config, int64_t step);
 
+// Σ g_i² of n floats in double, in a fixed order (blocks of 2^14 with 8 interleaved accumulators, then the
+// blocks in order) whatever the thread count: the gradient norm every optimizer of a run computes alike.
+double sum_squares(const float* g, int64_t n);
+
 // The global L2 norm of the trainable gradients, summed in double in a fixed order (parameters by name,
 // fixed-size blocks within one): the same bits for any number of threads.
 double grad_norm(const Params& params);

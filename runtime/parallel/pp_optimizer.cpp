@@ -10,28 +10,6 @@
 namespace moerl {
 namespace {
 
-// runtime/optim/adamw.cpp's sum of squares, operation for operation: per-block partials with 8 interleaved
-// accumulators in double, then the partials in block order. TODO: share it once adamw.hpp exports it.
-constexpr int64_t kNormBlock = 1 << 14;
-
-double sum_squares(const float* g, int64_t n) {
-  const int64_t blocks = (n + kNormBlock - 1) / kNormBlock;
-  std::vector<double> partial(static_cast<size_t>(blocks));
-#pragma omp parallel for schedule(static) if (blocks > 1)
-  for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t begin = b * kNormBlock, end = std::min(n, begin + kNormBlock);
-    double acc[8] = {};
-    int64_t i = begin;
-    for (; i + 8 <= end; i += 8)
-      for (int k = 0; k < 8; ++k) acc[k] += static_cast<double>(g[i + k]) * g[i + k];
-    for (; i < end; ++i) acc[0] += static_cast<double>(g[i]) * g[i];
-    partial[static_cast<size_t>(b)] = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
-  }
-  double total = 0;
-  for (double p : partial) total += p;
-  return total;
-}
-
 AdamWConfig without_clip(AdamWConfig c) {
   c.clip_grad_norm = 0;
   return c;
