@@ -30,4 +30,16 @@ void attention_backward(const float* dout, const float* q, const float* k, const
                         const float* lse, float* dq, float* dk, float* dv_out, int64_t batch, int64_t seq,
                         int64_t heads, int64_t dqk, int64_t dv, float scale, cudaStream_t stream = nullptr);
 
+// The same on tensor cores (kernels/cuda/attention_tc.cu: mma.sync BF16 x BF16 -> FP32, FlashAttention-2 style):
+// q, k, v and dout are rounded to BF16 as they are read, P and dS before their products (as PyTorch's sdpa in a
+// bf16 model); softmax statistics, lse and accumulation in FP32. Same layouts, outputs and guarantees as above
+// (no atomics, no [seq, seq] matrix). Head dims: attention_bf16_supported (24/16, 96/64); throws otherwise.
+bool attention_bf16_supported(int64_t dqk, int64_t dv);
+void attention_forward_bf16(const float* q, const float* k, const float* v, float* out, float* lse, int64_t batch,
+                            int64_t seq, int64_t heads, int64_t dqk, int64_t dv, float scale,
+                            cudaStream_t stream = nullptr);
+void attention_backward_bf16(const float* dout, const float* q, const float* k, const float* v, const float* out,
+                             const float* lse, float* dq, float* dk, float* dv_out, int64_t batch, int64_t seq,
+                             int64_t heads, int64_t dqk, int64_t dv, float scale, cudaStream_t stream = nullptr);
+
 }  // namespace moerl::cuda

@@ -90,7 +90,11 @@ void GpuMla::forward(const float* x, float* y, const Run& r) {
   cuda::rope_forward(ckv.get() + kv_lora_, T, seq_, 1, ckv_dim, dr_, dr_, theta_, interleave_, r.stream);
 
   mla_assemble_kv(kv.get(), ckv.get(), k_, v_, T, H, dn_, dv_, dr_, kv_lora_, r.stream);
-  cuda::attention_forward(q_, k_, v_, attn_, lse_, batch_, seq_, H, dq_, dv_, scale_, r.stream);
+  // bf16 and fp8 recipes: the core on tensor cores with BF16 operands (as PyTorch's sdpa in a bf16 model); fp32
+  // (and head dims without tensor-core kernels): the FP32 kernels.
+  const bool tc = p != Precision::FP32 && cuda::attention_bf16_supported(dq_, dv_);
+  (tc ? cuda::attention_forward_bf16 : cuda::attention_forward)(q_, k_, v_, attn_, lse_, batch_, seq_, H, dq_, dv_,
+                                                                 scale_, r.stream);
   cuda::linear_forward(lin, p, attn_, o_->value, y, T, hidden_, H * dv_, r.stream);
   saved_ = true;
 }
@@ -113,8 +117,10 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
   Temp<float> d_kv(T * H * (dn_ + dv_), r);
   {
     Temp<float> d_k(T * H * dq_, r), d_v(T * H * dv_, r);
-    cuda::attention_backward(d_attn.get(), q_, k_, v_, attn_, lse_, d_q.get(), d_k.get(), d_v.get(), batch_, seq_, H,
-                             dq_, dv_, scale_, r.stream);
+    const bool tc = p != Precision::FP32 && cuda::attention_bf16_supported(dq_, dv_);
+    (tc ? cuda::attention_backward_bf16 : cuda::attention_backward)(d_attn.get(), q_, k_, v_, attn_, lse_, d_q.get(),
+                                                                    d_k.get(), d_v.get(), batch_, seq_, H, dq_, dv_,
+                                                                    scale_, r.stream);
     // Back through RoPE; k_rope is shared by the heads, so its gradient is their sum (in head order).
     cuda::rope_backward(d_q.get() + dn_, T, seq_, H, H * dq_, dq_, dr_, theta_, interleave_, r.stream);
     mla_split_dkv(d_k.get(), d_v.get(), d_kv.get(), d_ckv.get(), T, H, dn_, dv_, dr_, kv_lora_, r.stream);

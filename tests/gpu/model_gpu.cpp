@@ -327,6 +327,13 @@ TEST_F(ModelGpu, MatchesTheCpuModelInFp32WithMtpAndBalanceLoss) {
 // at this initialisation, only such gross errors are caught; the FP32 and BF16 tests are the sharp ones).
 // Measured with the GPU model's code run on the CPU references (the BF16 head emulated exactly, sums in the CPU's
 // order): bf16 worst gradient 5.4e-3 against a tolerance of 2.2e-2, fp8 worst 9.8e-2 against 0.47.
+// The GPU also runs the attention core on tensor cores with BF16 operands (Q, K, V, dO, P, dS rounded; the CPU
+// recipe keeps it in FP32): more roundings of the same kind and size as the recipe's own, independent of the CPU's,
+// so the GPU's distance from FP32 is about the CPU recipe's and |gpu − cpu| <= |gpu − fp32| + |cpu − fp32| is about
+// twice the recipe's error: kRecipeFactor. Measured on the H200 (one seed) before this factor: bf16 logits 8.8e-2
+// against 7.6e-2, worst gradient 1.38e-1 against 1.27e-1; fp8 mtp_loss 2.1e-3 against 1.7e-3.
+constexpr double kRecipeFactor = 2.0;
+
 void compare_reduced_precision(Precision p, int64_t q_lora_rank) {
   const ModelConfig c = random_config(q_lora_rank);
   std::mt19937_64 rng(run_seed() + 7);
@@ -349,13 +356,13 @@ void compare_reduced_precision(Precision p, int64_t q_lora_rank) {
   // A scalar's tolerance: floor + the recipe's own error on it (one sample, which can be near zero by chance) +
   // `extra`, a bound from quantities checked on their own.
   auto check_scalar = [&](const char* what, double a, double b, double b32, double extra) {
-    const double tol = 1e-4 + scalar_rel(b, b32) + extra, err = scalar_rel(a, b);
+    const double tol = 1e-4 + kRecipeFactor * scalar_rel(b, b32) + extra, err = scalar_rel(a, b);
     std::printf("  %-8s %s rel %.3e (tol %.3e)\n", pn.c_str(), what, err, tol);
     EXPECT_LE(err, tol) << what;
   };
   EXPECT_EQ(got.report.tokens, ref.report.tokens);
   const int64_t nl = static_cast<int64_t>(ref.logits.size());
-  const double logit_tol = 5e-3 + rel_l2(ref.logits.data(), ref32.logits.data(), nl);
+  const double logit_tol = 5e-3 + kRecipeFactor * rel_l2(ref.logits.data(), ref32.logits.data(), nl);
   const double logit_err = rel_l2(got.logits.data(), ref.logits.data(), nl);
   std::printf("  %-8s logits rel_l2 %.3e (tol %.3e)\n", pn.c_str(), logit_err, logit_tol);
   EXPECT_LE(logit_err, logit_tol);
@@ -384,8 +391,12 @@ void compare_reduced_precision(Precision p, int64_t q_lora_rank) {
   }
   std::printf("  %-8s loss rel to the cpu's %.3e (information)\n", pn.c_str(),
               scalar_rel(got.report.loss, ref.report.loss));
+  // Also the trunk's recipe error as the main loss samples it (times kRecipeFactor): the MTP head reads the trunk's
+  // last hidden state, and its own one-sample recipe error can be near zero by chance (H200, bf16 with the
+  // tensor-core attention: 6.24e-4 against a tolerance of 6.20e-4 without this term; main loss recipe error 4.1e-4).
   check_scalar("mtp_loss", got.report.mtp_loss, ref.report.mtp_loss, ref32.report.mtp_loss,
-               2.0 * scalar_rel(got.report.loss, ref.report.loss));
+               2.0 * scalar_rel(got.report.loss, ref.report.loss) +
+                   kRecipeFactor * scalar_rel(ref.report.loss, ref32.report.loss));
 
   // Routing. A sum order or a BF16/E4M3 rounding flipped upstream moves a router logit by ~1e-3, and a token
   // whose top-k choice is a near-tie can then go to another expert (measured on the H200: 1 of ~1500
@@ -398,9 +409,18 @@ void compare_reduced_precision(Precision p, int64_t q_lora_rank) {
   const auto cl = cpu.expert_loads();
   ASSERT_EQ(gl.size(), cl.size());
   int64_t moved = 0, assignments = 0;
-  std::map<std::string, double> expert_widening;  // "model.layers.L.mlp.experts.E." -> sqrt(m / n)
+  // An expert's count shows only the net change: two flips can exchange tokens between experts without changing
+  // any count (seen on the H200 in bf16 with the tensor-core attention: an expert whose gradients differed by
+  // 0.23 against a tolerance of 0.13 with equal counts). So every expert of a layer is widened by
+  // sqrt((m + 2·max(1, moved in its layer)) / n): its own net change plus up to two tokens per flip of the layer,
+  // at least one exchange assumed.
+  std::map<std::string, double> expert_widening;  // "model.layers.L.mlp.experts.E." -> that widening
   for (size_t l = 0; l < gl.size(); ++l) {
     ASSERT_EQ(gl[l].tokens_per_expert.size(), cl[l].tokens_per_expert.size());
+    int64_t layer_moved = 0;
+    for (size_t e = 0; e < gl[l].tokens_per_expert.size(); ++e)
+      layer_moved += std::abs(gl[l].tokens_per_expert[e] - cl[l].tokens_per_expert[e]);
+    layer_moved = std::max<int64_t>(1, layer_moved / 2);
     const int64_t layer = l + 1 < gl.size() || c.num_nextn_predict_layers == 0
                               ? c.first_k_dense_replace + static_cast<int64_t>(l)
                               : c.num_hidden_layers;  // the MTP layer comes last
@@ -410,7 +430,7 @@ void compare_reduced_precision(Precision p, int64_t q_lora_rank) {
       moved += m;
       assignments += cl[l].tokens_per_expert[e];
       expert_widening["model.layers." + std::to_string(layer) + ".mlp.experts." + std::to_string(e) + "."] =
-          std::sqrt(static_cast<double>(m) / static_cast<double>(n));
+          std::sqrt(static_cast<double>(m + 2 * layer_moved) / static_cast<double>(n));
     }
   }
   const double moved_fraction = static_cast<double>(moved / 2) / static_cast<double>(std::max<int64_t>(1, assignments));
@@ -439,7 +459,7 @@ void compare_reduced_precision(Precision p, int64_t q_lora_rank) {
     double widening = global_widening;
     for (const auto& [prefix, w] : expert_widening)
       if (name.rfind(prefix, 0) == 0) widening += w;
-    const double err = rel_l2(a.data(), b.data(), n), tol = 5e-3 + rel_l2(b.data(), b32.data(), n) + widening;
+    const double err = rel_l2(a.data(), b.data(), n), tol = 5e-3 + kRecipeFactor * rel_l2(b.data(), b32.data(), n) + widening;
     rows.emplace_back(err / tol, name, err, tol);
     if (!(err <= tol)) std::printf("  FAIL %s grad %-52s rel_l2 %.3e (tol %.3e)\n", pn.c_str(), name.c_str(), err, tol);
     EXPECT_LE(err, tol) << pn << " " << name;

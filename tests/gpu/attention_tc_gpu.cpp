@@ -1,0 +1,278 @@
+// GPU tests of the tensor-core attention core (kernels/cuda/attention_tc.cu: attention_forward_bf16 /
+// attention_backward_bf16) against the CPU reference (kernels/cpu/attention.cpp) run on the same inputs rounded
+// to BF16 (as the kernel reads them): O and lse of the forward, dQ, dK, dV of the backward (on the GPU forward's
+// own O and lse, as in training). Random q, k, v, dO with a fresh seed each run (printed; MOERL_SEED=<n> repeats
+// it), outputs poisoned with NaN before every call; causal; sequence lengths not multiples of the 64-row tile.
+//
+// Tolerance: relative L2 error ||gpu − ref|| / ||ref|| per tensor. With the inputs rounded alike, what remains is
+// the kernel's rounding of P (forward, dV) and dS (dQ, dK) to BF16 before their products: a relative error per
+// element uniform in ±2^-9, rms 2^-9/√3 = 1.1e-3, independent between elements, so an output Σ_j x_j·y_j gets an
+// error of rms 1.1e-3·sqrt(Σ_j x_j² y_j²), which for these random inputs is 1.1e-3 of the output's own size;
+// FP32 accumulation-order differences are ~1e-6. dQ and dK come out larger: a row of dS sums to 0, so
+// dQ_i = Σ_j dS_ij K_j cancels and is smaller than sqrt(Σ_j dS_ij² |K_j|²), which sets the size of its error.
+// Measured on the H200 (one seed, these shapes): O 0.6–1.1e-3, dV 1.5–1.8e-3, dQ and dK 2.0–3.1e-3 (the peaky
+// softmax the largest). Tolerance 8e-3. lse comes from FP32 scores of the same BF16 inputs (sums in a different
+// order, exp2f): 1e-5 (measured 1.2e-7). (Very short sequences are left out: dQ and dK of 1 token are 0
+// exactly and of 2 tokens nearly cancel (dS_10 = −dS_11), so a relative measure of them is rounding noise; seen
+// on the H200: 1.7e-2 at 2 tokens.)
+// A wrong mask, a missed tile, a stale shared tile or a wrong fragment layout gives errors of order 1. The error
+// against the FP32 reference on unrounded inputs is printed for information (what BF16 costs in total).
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "kernels/attention.hpp"
+#include "kernels/cuda/attention.hpp"
+#include "kernels/cuda/cuda_check.hpp"
+#include "runtime/error.hpp"
+
+namespace moerl {
+namespace {
+
+constexpr double kTolerance = 8e-3;     // O, dQ, dK, dV (header comment)
+constexpr double kLseTolerance = 1e-5;  // lse (header comment)
+
+uint64_t run_seed() {
+  static const uint64_t seed = []() -> uint64_t {
+    if (const char* env = std::getenv("MOERL_SEED")) return std::strtoull(env, nullptr, 10);
+    std::random_device rd;
+    return (uint64_t{rd()} << 32) | rd();
+  }();
+  return seed;
+}
+
+class DeviceFloats {
+ public:
+  explicit DeviceFloats(size_t n) : n_(n) {
+    void* p = nullptr;
+    CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(float)));
+    p_ = static_cast<float*>(p);
+  }
+  explicit DeviceFloats(const std::vector<float>& v) : DeviceFloats(v.size()) {
+    CUDA_CHECK(cudaMemcpy(p_, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice));
+  }
+  ~DeviceFloats() { cudaFree(p_); }
+  DeviceFloats(const DeviceFloats&) = delete;
+  DeviceFloats& operator=(const DeviceFloats&) = delete;
+  float* get() const { return p_; }
+  std::vector<float> download() const {
+    std::vector<float> v(n_);
+    CUDA_CHECK(cudaMemcpy(v.data(), p_, n_ * sizeof(float), cudaMemcpyDeviceToHost));
+    return v;
+  }
+  void poison() { CUDA_CHECK(cudaMemset(p_, 0xFF, n_ * sizeof(float))); }  // 0xFFFFFFFF is a NaN
+
+ private:
+  float* p_ = nullptr;
+  size_t n_;
+};
+
+struct Shape {
+  int64_t batch, seq, heads, dqk, dv;
+  float q_magnitude;
+  float scale() const { return 1.0f / std::sqrt(static_cast<float>(dqk)); }
+  int64_t tokens() const { return batch * seq; }
+  std::string name() const {
+    std::ostringstream s;
+    s << "b" << batch << " s" << seq << " h" << heads << " dqk" << dqk << " dv" << dv << " |q| " << q_magnitude;
+    return s.str();
+  }
+};
+
+struct Tensors {
+  std::vector<float> q, k, v, dout;
+};
+struct Results {
+  std::vector<float> out, lse, dq, dk, dv;
+};
+
+std::vector<float> bf16_rounded(std::vector<float> x) {
+  for (float& y : x) y = __bfloat162float(__float2bfloat16_rn(y));
+  return x;
+}
+
+Results run_cpu(const Shape& sh, const Tensors& in) {
+  const size_t nq = sh.tokens() * sh.heads * sh.dqk, nv = sh.tokens() * sh.heads * sh.dv;
+  Results r{std::vector<float>(nv), std::vector<float>(sh.batch * sh.heads * sh.seq), std::vector<float>(nq),
+            std::vector<float>(nq), std::vector<float>(nv)};
+  cpu::attention_forward(in.q.data(), in.k.data(), in.v.data(), r.out.data(), r.lse.data(), sh.batch, sh.seq,
+                         sh.heads, sh.dqk, sh.dv, sh.scale());
+  cpu::attention_backward(in.dout.data(), in.q.data(), in.k.data(), in.v.data(), r.out.data(), r.lse.data(),
+                          r.dq.data(), r.dk.data(), r.dv.data(), sh.batch, sh.seq, sh.heads, sh.dqk, sh.dv,
+                          sh.scale());
+  return r;
+}
+
+struct Gpu {
+  Gpu(const Shape& shape, const Tensors& in)
+      : sh(shape), q(in.q), k(in.k), v(in.v), dout(in.dout), out(in.dout.size()),
+        lse(static_cast<size_t>(sh.batch * sh.heads * sh.seq)), dq(in.q.size()), dk(in.q.size()), dv(in.v.size()) {}
+  void forward(bool bf16, bool poison = true) {
+    if (poison) out.poison(), lse.poison();
+    (bf16 ? cuda::attention_forward_bf16 : cuda::attention_forward)(q.get(), k.get(), v.get(), out.get(), lse.get(),
+                                                                     sh.batch, sh.seq, sh.heads, sh.dqk, sh.dv,
+                                                                     sh.scale(), nullptr);
+  }
+  void backward(bool bf16, bool poison = true) {
+    if (poison) dq.poison(), dk.poison(), dv.poison();
+    (bf16 ? cuda::attention_backward_bf16 : cuda::attention_backward)(
+        dout.get(), q.get(), k.get(), v.get(), out.get(), lse.get(), dq.get(), dk.get(), dv.get(), sh.batch, sh.seq,
+        sh.heads, sh.dqk, sh.dv, sh.scale(), nullptr);
+  }
+  Results results() const {
+    CUDA_CHECK(cudaDeviceSynchronize());
+    return {out.download(), lse.download(), dq.download(), dk.download(), dv.download()};
+  }
+  Shape sh;
+  DeviceFloats q, k, v, dout, out, lse, dq, dk, dv;
+};
+
+// ||a − b|| / ||b||; non-finite values in a are counted (and make the error infinite).
+double relative_l2(const std::vector<float>& a, const std::vector<float>& b, size_t* non_finite) {
+  double num = 0, den = 0;
+  *non_finite = 0;
+  for (size_t i = 0; i < b.size(); ++i) {
+    if (!std::isfinite(a[i])) ++*non_finite;
+    const double d = static_cast<double>(a[i]) - b[i];
+    num += d * d;
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return *non_finite ? INFINITY : std::sqrt(num / std::max(den, 1e-300));
+}
+
+void expect_close(const char* what, const Shape& sh, const std::vector<float>& gpu, const std::vector<float>& ref,
+                  const std::vector<float>& ref_fp32, double tolerance) {
+  ASSERT_EQ(gpu.size(), ref.size());
+  size_t bad = 0, bad32 = 0;
+  const double err = relative_l2(gpu, ref, &bad), err32 = relative_l2(gpu, ref_fp32, &bad32);
+  std::printf("attention bf16 %-4s %-34s rel L2 err %.3e vs CPU on BF16 inputs (tolerance %.0e), %.3e vs FP32 inputs\n",
+              what, sh.name().c_str(), err, tolerance, err32);
+  EXPECT_EQ(bad, 0u) << what << " " << sh.name() << ": non-finite GPU values";
+  EXPECT_LE(err, tolerance) << what << " " << sh.name() << "; seed " << run_seed();
+}
+
+class AttentionBf16Gpu : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    int devices = 0;
+    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
+    static bool printed = false;
+    if (!printed)
+      std::printf("attention_tc_gpu: seed %llu (MOERL_SEED=%llu repeats this run)\n",
+                  static_cast<unsigned long long>(run_seed()), static_cast<unsigned long long>(run_seed()));
+    printed = true;
+  }
+};
+
+Tensors random_tensors(const Shape& sh, std::mt19937_64& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const auto draw = [&](int64_t n, float magnitude) {
+    std::vector<float> x(static_cast<size_t>(n));
+    for (float& y : x) y = normal(rng) * magnitude;
+    return x;
+  };
+  const int64_t nq = sh.tokens() * sh.heads * sh.dqk, nv = sh.tokens() * sh.heads * sh.dv;
+  return {draw(nq, sh.q_magnitude), draw(nq, 1.0f), draw(nv, 1.0f), draw(nv, 1.0f)};
+}
+
+TEST_F(AttentionBf16Gpu, ForwardAndBackwardMatchTheCpuReferenceOnBf16Inputs) {
+  std::mt19937_64 rng(run_seed());
+  // The supported head dims (tiny fixture 24/16: padded to 32 inside; bench-600m 96/64), 17 tokens, partial last
+  // tiles, several sequences and heads, a peaky softmax (|q| 3), 5 tiles.
+  const Shape shapes[] = {{3, 17, 2, 24, 16, 1.0f},  {2, 100, 3, 24, 16, 1.0f}, {3, 130, 2, 96, 64, 1.0f},
+                          {1, 64, 4, 96, 64, 3.0f}, {2, 300, 2, 96, 64, 1.0f}, {1, 257, 1, 24, 16, 2.0f}};
+  for (const Shape& sh : shapes) {
+    SCOPED_TRACE(sh.name() + ", seed " + std::to_string(run_seed()));
+    const Tensors in = random_tensors(sh, rng);
+    const Tensors rounded{bf16_rounded(in.q), bf16_rounded(in.k), bf16_rounded(in.v), bf16_rounded(in.dout)};
+    const Results ref = run_cpu(sh, rounded), ref32 = run_cpu(sh, in);
+    Gpu gpu(sh, in);
+    gpu.forward(true);
+    gpu.backward(true);
+    const Results got = gpu.results();
+    expect_close("O", sh, got.out, ref.out, ref32.out, kTolerance);
+    expect_close("lse", sh, got.lse, ref.lse, ref32.lse, kLseTolerance);
+    expect_close("dQ", sh, got.dq, ref.dq, ref32.dq, kTolerance);
+    expect_close("dK", sh, got.dk, ref.dk, ref32.dk, kTolerance);
+    expect_close("dV", sh, got.dv, ref.dv, ref32.dv, kTolerance);
+  }
+}
+
+TEST_F(AttentionBf16Gpu, RepeatsBitForBitAndRefusesOtherHeadDims) {
+  const Shape sh{2, 200, 3, 96, 64, 1.0f};
+  std::mt19937_64 rng(run_seed() + 3);
+  Gpu gpu(sh, random_tensors(sh, rng));
+  gpu.forward(true);
+  gpu.backward(true);
+  const Results a = gpu.results();
+  gpu.forward(true);
+  gpu.backward(true);
+  const Results b = gpu.results();
+  for (auto [x, y] : {std::pair{&a.out, &b.out}, {&a.lse, &b.lse}, {&a.dq, &b.dq}, {&a.dk, &b.dk}, {&a.dv, &b.dv}})
+    EXPECT_EQ(std::memcmp(x->data(), y->data(), x->size() * sizeof(float)), 0);
+  EXPECT_TRUE(cuda::attention_bf16_supported(96, 64));
+  EXPECT_FALSE(cuda::attention_bf16_supported(192, 128));
+  float* p = gpu.q.get();
+  EXPECT_THROW(cuda::attention_forward_bf16(p, p, p, p, p, 1, 8, 1, 192, 128, 0.1f), Error);
+  EXPECT_THROW(cuda::attention_forward_bf16(p + 1, p, p, p, p, 1, 8, 1, 96, 64, 0.1f), Error);  // misaligned q
+}
+
+template <class F> double median_ms(F&& f, int runs = 10) {
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  for (int i = 0; i < 2; ++i) f();
+  std::vector<float> ms(runs);
+  for (int i = 0; i < runs; ++i) {
+    CUDA_CHECK(cudaEventRecord(start));
+    f();
+    CUDA_CHECK(cudaEventRecord(stop));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    CUDA_CHECK(cudaEventElapsedTime(&ms[i], start, stop));
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  std::nth_element(ms.begin(), ms.begin() + runs / 2, ms.end());
+  return ms[runs / 2];
+}
+
+TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
+  // bench-600m's attention: 8 x 2048 tokens, 16 heads, dqk 96, dv 64. FLOPs as in attention_gpu.cpp (causal
+  // pairs; backward 2·pairs·(3·dqk + 2·dv)).
+  const Shape sh{8, 2048, 16, 96, 64, 1.0f};
+  std::mt19937_64 rng(run_seed() + 4);
+  const int64_t nq = sh.tokens() * sh.heads * sh.dqk, nv = sh.tokens() * sh.heads * sh.dv;
+  std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
+  const auto draw = [&](int64_t n) {
+    std::vector<float> x(static_cast<size_t>(n));
+    for (float& y : x) y = uniform(rng);
+    return x;
+  };
+  Gpu gpu(sh, Tensors{draw(nq), draw(nq), draw(nv), draw(nv)});
+  const double pairs = static_cast<double>(sh.batch) * sh.heads * sh.seq * (sh.seq + 1) / 2;
+  const double fwd_flops = 2 * pairs * static_cast<double>(sh.dqk + sh.dv);
+  const double bwd_flops = 2 * pairs * static_cast<double>(3 * sh.dqk + 2 * sh.dv);
+  for (bool bf16 : {true, false}) {
+    const double fwd_ms = median_ms([&] { gpu.forward(bf16, false); });
+    const double bwd_ms = median_ms([&] { gpu.backward(bf16, false); });
+    std::printf("attention %s forward  %s: %.3f ms, %.1f TFLOP/s; backward %.3f ms, %.1f TFLOP/s (causal)\n",
+                bf16 ? "bf16 tensor cores" : "fp32 CUDA cores ", sh.name().c_str(), fwd_ms, fwd_flops / fwd_ms / 1e9,
+                bwd_ms, bwd_flops / bwd_ms / 1e9);
+  }
+  const Results r = gpu.results();
+  EXPECT_TRUE(std::all_of(r.dq.begin(), r.dq.end(), [](float x) { return std::isfinite(x); }));
+}
+
+}  // namespace
+}  // namespace moerl
