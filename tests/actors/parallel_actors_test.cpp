@@ -104,6 +104,22 @@ double max_relative(const std::vector<nlohmann::json>& got, const std::vector<nl
 
 const std::vector<const char*> kFields = {"loss", "mtp_loss", "balance_loss", "grad_norm", "validation_loss"};
 
+// Runs `file` with `overrides` into `out`, kills the party `victim` once 5 steps are logged, and expects the run
+// to finish with the losses of `undisturbed` bit for bit, each step logged once.
+void expect_restart_reproduces(const fs::path& file, const std::vector<std::string>& overrides, const fs::path& out,
+                               const std::string& victim, const std::vector<nlohmann::json>& undisturbed) {
+  int kills = 0;
+  const std::string failure = run_and_kill(
+      file, overrides, out, victim, 1, [&] { return step_metrics(out / "metrics.jsonl").size() >= 5; }, &kills);
+  EXPECT_EQ(kills, 1) << "the run ended before the kill";
+  EXPECT_EQ(failure, "");
+  const auto again = step_metrics(out / "metrics.jsonl");
+  ASSERT_EQ(again.size(), undisturbed.size()) << "every step logged once";
+  for (size_t i = 0; i < undisturbed.size(); ++i)
+    for (const char* k : kFields)
+      EXPECT_EQ(again[i].value(k, -1.0), undisturbed[i].value(k, -1.0)) << k << " step " << i + 1;
+}
+
 TEST(ParallelActors, PipelineTimesExpertRunFollowsTheSingleTrainer) {
   const fs::path dir = fresh_dir("par-pp");
   const RemoveAtExit cleanup{dir};
@@ -124,17 +140,7 @@ TEST(ParallelActors, PipelineTimesExpertRunFollowsTheSingleTrainer) {
   EXPECT_TRUE(fs::exists(dir / "pp" / "pretrain" / "optimizer.safetensors"));
   // The second expert shard of the first stage killed after the step-4 checkpoint: the group restarts there and
   // ends with the undisturbed run's losses bit for bit, each step logged once.
-  const fs::path killed_out = dir / "pp-killed";
-  int kills = 0;
-  const std::string failure = run_and_kill(
-      file, pp, killed_out, "expert_shard/0.1", 1,
-      [&] { return step_metrics(killed_out / "metrics.jsonl").size() >= 5; }, &kills);
-  EXPECT_EQ(kills, 1) << "the run ended before the kill";
-  EXPECT_EQ(failure, "");
-  const auto again = step_metrics(killed_out / "metrics.jsonl");
-  ASSERT_EQ(again.size(), got.size()) << "every step logged once";
-  for (size_t i = 0; i < got.size(); ++i)
-    for (const char* k : kFields) EXPECT_EQ(again[i].value(k, -1.0), got[i].value(k, -1.0)) << k << " step " << i + 1;
+  expect_restart_reproduces(file, pp, dir / "pp-killed", "expert_shard/0.1", got);
 }
 
 TEST(ParallelActors, DataTimesTensorRunFollowsTheSingleTrainer) {
@@ -158,17 +164,7 @@ TEST(ParallelActors, DataTimesTensorRunFollowsTheSingleTrainer) {
   EXPECT_TRUE(fs::exists(dir / "dp" / "pretrain" / "optimizer.rank1.1.safetensors"));
   // Replica 1's second tensor rank killed after the step-4 checkpoint: every rank restarts from its ZeRO-1
   // shard there and the run ends with the undisturbed run's losses bit for bit, each step logged once.
-  const fs::path killed_out = dir / "dp-killed";
-  int kills = 0;
-  const std::string failure = run_and_kill(
-      file, dp, killed_out, "stage_trainer/1.1", 1,
-      [&] { return step_metrics(killed_out / "metrics.jsonl").size() >= 5; }, &kills);
-  EXPECT_EQ(kills, 1) << "the run ended before the kill";
-  EXPECT_EQ(failure, "");
-  const auto again = step_metrics(killed_out / "metrics.jsonl");
-  ASSERT_EQ(again.size(), got.size()) << "every step logged once";
-  for (size_t i = 0; i < got.size(); ++i)
-    for (const char* k : kFields) EXPECT_EQ(again[i].value(k, -1.0), got[i].value(k, -1.0)) << k << " step " << i + 1;
+  expect_restart_reproduces(file, dp, dir / "dp-killed", "stage_trainer/1.1", got);
 }
 
 }  // namespace
