@@ -1,4 +1,5 @@
 #include "bench/report.hpp"
+#include "runtime/version.hpp"
 
 #include <ctime>
 #include <fstream>
@@ -8,7 +9,7 @@ namespace moerl::bench {
 void Report::add(const std::string& bench, const std::string& metric, double value, const std::string& unit,
                  const std::string& stat, nlohmann::json extra) {
   nlohmann::json j = {{"bench", bench}, {"metric", metric}, {"value", value}, {"unit", unit}, {"stat", stat},
-                      {"rev", MOERL_GIT_REV}, {"device", device_}, {"date", today()}};
+                      {"rev", git_revision()}, {"device", device_}, {"date", today()}};
   for (auto& [k, v] : extra.items()) j[k] = v;
   const std::string line = j.dump() + "\n";
   std::fputs(line.c_str(), stdout);

@@ -6,12 +6,13 @@
 
 #include "actors/cli/commands.hpp"
 #include "actors/cli/feedback.hpp"
+#include "runtime/version.hpp"
 
 int main(int argc, char** argv) {
   CLI::App app{"moerl: train DeepSeek-V3-style mixture-of-experts models in FP8, from pretraining through SFT "
                "to RLHF.\nRun `moerl <command> --help` for the options of a command."};
   app.require_subcommand(1);
-  app.set_version_flag("--version", std::string("moerl ") + MOERL_GIT_REV);
+  app.set_version_flag("--version", std::string("moerl ") + moerl::git_revision());
   std::function<int()> action;
   moerl::cli::add_run_command(app, action);
   moerl::cli::add_eval_command(app, action);

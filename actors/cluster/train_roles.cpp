@@ -1,7 +1,5 @@
 #include "actors/cluster/train_roles.hpp"
 
-#include <omp.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <cmath>
@@ -22,8 +20,8 @@
 #include "runtime/train/checkpoint.hpp"
 #include "runtime/train/run_recipe.hpp"
 #include "runtime/train/trainer.hpp"
+#include "runtime/util/threads.hpp"
 
-extern "C" void openblas_set_num_threads(int);
 
 namespace moerl::cluster {
 namespace fs = std::filesystem;
@@ -67,11 +65,7 @@ RoleConfig read_role_config(const RoleSpec& spec) {
   return c;
 }
 
-void use_threads(const Recipe& recipe) {
-  const int threads = recipe.threads > 0 ? recipe.threads : static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
-  omp_set_num_threads(threads);
-  openblas_set_num_threads(threads);
-}
+void use_threads(const Recipe& recipe) { moerl::use_threads(recipe.threads); }
 
 // The tokenizer the head prepared and the token stream of one split, as run_recipe builds them.
 struct Streams {

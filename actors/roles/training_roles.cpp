@@ -1,7 +1,5 @@
 // The data loader and the stage trainer: run_recipe's data path and run_stage's step, split into the
 // messages of actors/roles/data_loader.hpp and stage_trainer.hpp.
-#include <omp.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -15,8 +13,8 @@
 #include "runtime/train/checkpoint.hpp"
 #include "runtime/train/step_apply.hpp"
 #include "runtime/train/step_data.hpp"
+#include "runtime/util/threads.hpp"
 
-extern "C" void openblas_set_num_threads(int);
 
 namespace moerl::actors {
 namespace fs = std::filesystem;
@@ -24,11 +22,7 @@ namespace fs = std::filesystem;
 namespace {
 
 // OpenMP's thread count is per thread: each actor thread sets the recipe's before heavy work.
-void use_recipe_threads(const Recipe& recipe) {
-  const int threads = recipe.threads > 0 ? recipe.threads : static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
-  omp_set_num_threads(threads);
-  openblas_set_num_threads(threads);
-}
+void use_recipe_threads(const Recipe& recipe) { use_threads(recipe.threads); }
 
 msg::TokenBatch to_message(const Batch& b, const msg::StepId& step) {
   msg::TokenBatch out{step, static_cast<uint32_t>(b.batch), static_cast<uint32_t>(b.seq), {}, {}};

@@ -7,20 +7,13 @@
 
 #include "runtime/data/tokenizer.hpp"
 #include "runtime/error.hpp"
+#include "runtime/util/splitmix.hpp"
 
 namespace moerl {
 namespace {
 
-// splitmix64: spreads (seed, epoch) over the generator's seed space, so nearby seeds give unrelated orders.
-uint64_t mix(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
-
 std::mt19937_64 epoch_rng(uint64_t seed, int64_t epoch) {
-  return std::mt19937_64(mix(mix(seed) ^ static_cast<uint64_t>(epoch)));
+  return std::mt19937_64(splitmix64(splitmix64(seed) ^ static_cast<uint64_t>(epoch)));
 }
 
 // Uniform in [0, n) without modulo bias.

@@ -7,16 +7,10 @@
 #include <random>
 
 #include "runtime/error.hpp"
+#include "runtime/util/splitmix.hpp"
 
 namespace moerl::rl {
 namespace {
-
-uint64_t splitmix(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
 
 double uniform(std::mt19937_64& rng) { return static_cast<double>(rng() >> 11) * 0x1.0p-53; }
 
@@ -55,7 +49,7 @@ void generate_same_length(Model& model, const std::vector<const std::vector<int3
   const int64_t steps = std::min<int64_t>(s.max_new_tokens, context - P);
   if (steps <= 0) return;
   std::vector<std::mt19937_64> rngs;
-  for (uint64_t stream : streams) rngs.emplace_back(splitmix(s.seed ^ splitmix(stream)));
+  for (uint64_t stream : streams) rngs.emplace_back(splitmix64(s.seed ^ splitmix64(stream)));
   KvCache cache = model.new_cache(B, P + steps - 1);  // the last drawn token is never fed back
   std::vector<int64_t> ids(static_cast<size_t>(B * P));
   for (int64_t b = 0; b < B; ++b) std::copy(prompts[b]->begin(), prompts[b]->end(), ids.begin() + b * P);
@@ -146,7 +140,7 @@ GeneratedSequence generate_uncached(Model& model, std::span<const int32_t> promp
   check_sampling(s);
   require(!prompt.empty(), "generate: the prompt is empty");
   const int64_t V = model.config().vocab_size, context = model.config().max_position_embeddings;
-  std::mt19937_64 rng(splitmix(s.seed ^ splitmix(stream)));
+  std::mt19937_64 rng(splitmix64(s.seed ^ splitmix64(stream)));
   std::vector<int64_t> ids(prompt.begin(), prompt.end());
   GeneratedSequence g;
   ForwardOptions o;

@@ -4,16 +4,10 @@
 #include <random>
 
 #include "runtime/error.hpp"
+#include "runtime/util/splitmix.hpp"
 
 namespace moerl::rl {
 namespace {
-
-uint64_t splitmix(uint64_t x) {
-  x += 0x9E3779B97F4A7C15ull;
-  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
-  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
-  return x ^ (x >> 31);
-}
 
 int64_t operand_range(const AdditionTask& task) {
   require(task.digits >= 1 && task.digits <= 4,
@@ -46,12 +40,12 @@ Problem make_problem(const AdditionTask& task, int64_t a, int64_t b) {
 
 bool is_held_out(const AdditionTask& task, int64_t a, int64_t b) {
   const int64_t n = operand_range(task);
-  return splitmix(kSplitSalt ^ static_cast<uint64_t>(a * n + b)) % 10 == 0;
+  return splitmix64(kSplitSalt ^ static_cast<uint64_t>(a * n + b)) % 10 == 0;
 }
 
 std::vector<Problem> training_problems(const AdditionTask& task, uint64_t seed, size_t count) {
   const int64_t n = operand_range(task);
-  std::mt19937_64 rng(splitmix(seed));
+  std::mt19937_64 rng(splitmix64(seed));
   std::vector<Problem> out;
   out.reserve(count);
   while (out.size() < count) {
@@ -66,7 +60,7 @@ std::vector<Problem> evaluation_problems(const AdditionTask& task, size_t count)
   const int64_t n = operand_range(task);
   std::vector<std::pair<uint64_t, int64_t>> keyed;  // (shuffle key, pair index)
   for (int64_t i = 0; i < n * n; ++i)
-    if (is_held_out(task, i / n, i % n)) keyed.emplace_back(splitmix(static_cast<uint64_t>(i) + 1), i);
+    if (is_held_out(task, i / n, i % n)) keyed.emplace_back(splitmix64(static_cast<uint64_t>(i) + 1), i);
   std::sort(keyed.begin(), keyed.end());
   std::vector<Problem> out;
   for (size_t k = 0; k < keyed.size() && out.size() < count; ++k)

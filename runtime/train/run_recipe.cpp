@@ -1,7 +1,5 @@
 #include "runtime/train/run_recipe.hpp"
 
-#include <omp.h>
-#include <unistd.h>
 
 #include <chrono>
 #include <cstdio>
@@ -17,8 +15,8 @@
 #include "runtime/train/rl_stages.hpp"
 #include "runtime/train/trainer.hpp"
 #include "runtime/util/files.hpp"
+#include "runtime/util/threads.hpp"
 
-extern "C" void openblas_set_num_threads(int);
 
 namespace moerl {
 namespace fs = std::filesystem;
@@ -59,9 +57,7 @@ nlohmann::json run_recipe(const Recipe& recipe, const BackendFactory& cuda) {
   require(recipe.device == Device::CPU || cuda,
           recipe.file.string() + ": device: cuda: this build has no CUDA backend (moerl was built without nvcc or "
                                  "without runtime/gpu); use device: cpu or a CUDA build");
-  const int threads = recipe.threads > 0 ? recipe.threads : static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
-  omp_set_num_threads(threads);
-  openblas_set_num_threads(threads);
+  use_threads(recipe.threads);
   fs::create_directories(recipe.out);
   MetricsLog metrics(recipe.out / "metrics.jsonl");
 
