@@ -3,9 +3,12 @@
 #include <httplib.h>
 
 #include <chrono>
+#include <exception>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <thread>
+#include <vector>
 
 #include "runtime/error.hpp"
 
@@ -47,34 +50,63 @@ void expect_status(const httplib::Result& res, int status, const std::string& wh
 AnnotatorResult annotate_over_http(const AnnotatorOptions& o, const PairJudge& judge,
                                    const std::function<void(int64_t)>& on_judged) {
   require(o.port > 0 && !o.token.empty(), "annotator: needs the server's port and an annotator token");
-  httplib::Client client(o.host, o.port);
-  client.set_keep_alive(true);
-  client.set_read_timeout(std::chrono::seconds(30));
+  require(o.connections >= 1, "annotator: connections must be >= 1");
   AnnotatorResult r;
+  std::mutex mutex;  // guards r, seen, done and the first error
   std::set<uint64_t> seen;
+  bool done = false;
+  std::exception_ptr error;
   const auto t0 = Clock::now();
-  while (o.max_pairs == 0 || r.judged < o.max_pairs) {
-    require(std::chrono::duration<double>(Clock::now() - t0).count() < o.timeout_s,
-            "annotator: not done after " + std::to_string(o.timeout_s) + " s (" + std::to_string(r.judged) +
-                " pairs judged)");
-    const auto next = request(client, o, "GET", "/api/v1/next", "", r, t0);
-    expect_status(next, 200, "GET /api/v1/next");
-    const nlohmann::json j = nlohmann::json::parse(next->body);
-    const nlohmann::json& pair = j.at("pair");
-    if (pair.is_null()) break;
-    const uint64_t id = pair.at("pair_id").get<uint64_t>();
-    if (!seen.insert(id).second) break;  // the server wrapped around: every pair has been judged
-    const std::string choice = judge(pair.at("prompt").get<std::string>(), pair.at("first").get<std::string>(),
-                                     pair.at("second").get<std::string>());
-    require(choice == "first" || choice == "second" || choice == "tie",
-            "annotator: the judge returned \"" + choice + "\"; expected first, second or tie");
-    const auto posted = request(client, o, "POST", "/api/v1/comparisons",
-                                nlohmann::json{{"pair_id", id}, {"choice", choice}}.dump(), r, t0);
-    expect_status(posted, 201, "POST /api/v1/comparisons");
-    ++r.judged;
-    (choice == "first" ? r.first : choice == "second" ? r.second : r.ties) += 1;
-    if (on_judged) on_judged(r.judged);
-  }
+  auto work = [&] {
+    try {
+      httplib::Client client(o.host, o.port);
+      client.set_keep_alive(true);
+      client.set_read_timeout(std::chrono::seconds(30));
+      AnnotatorResult mine;  // this connection's 429 count
+      for (;;) {
+        {
+          std::lock_guard lock(mutex);
+          if (done || (o.max_pairs > 0 && r.judged >= o.max_pairs)) return;
+        }
+        require(std::chrono::duration<double>(Clock::now() - t0).count() < o.timeout_s,
+                "annotator: not done after " + std::to_string(o.timeout_s) + " s");
+        const auto next = request(client, o, "GET", "/api/v1/next", "", mine, t0);
+        expect_status(next, 200, "GET /api/v1/next");
+        const nlohmann::json j = nlohmann::json::parse(next->body);
+        const nlohmann::json& pair = j.at("pair");
+        const uint64_t id = pair.is_null() ? 0 : pair.at("pair_id").get<uint64_t>();
+        {
+          std::lock_guard lock(mutex);
+          r.rate_limited += mine.rate_limited;
+          mine.rate_limited = 0;
+          // No pair, or one already judged: the server's queue wrapped around, every pair is judged.
+          if (id == 0 || !seen.insert(id).second) {
+            done = true;
+            return;
+          }
+        }
+        const std::string choice = judge(pair.at("prompt").get<std::string>(), pair.at("first").get<std::string>(),
+                                         pair.at("second").get<std::string>());
+        require(choice == "first" || choice == "second" || choice == "tie",
+                "annotator: the judge returned \"" + choice + "\"; expected first, second or tie");
+        const auto posted = request(client, o, "POST", "/api/v1/comparisons",
+                                    nlohmann::json{{"pair_id", id}, {"choice", choice}}.dump(), mine, t0);
+        expect_status(posted, 201, "POST /api/v1/comparisons");
+        std::lock_guard lock(mutex);
+        ++r.judged;
+        (choice == "first" ? r.first : choice == "second" ? r.second : r.ties) += 1;
+        if (on_judged) on_judged(r.judged);
+      }
+    } catch (...) {
+      std::lock_guard lock(mutex);
+      if (!error) error = std::current_exception();
+      done = true;
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int c = 0; c < o.connections; ++c) threads.emplace_back(work);
+  for (auto& t : threads) t.join();
+  if (error) std::rethrow_exception(error);
   return r;
 }
 

@@ -18,6 +18,8 @@ struct AnnotatorOptions {
   int port = 0;
   std::string token;            // an annotator's (or admin's) bearer token from the server's tokens file
   int64_t max_pairs = 0;        // stop after this many judgements (0: until every queued pair is judged once)
+  int connections = 4;          // keep-alive connections judging in parallel under the one token (the server's
+                                // cursor hands each the next pair; its group commit then fsyncs them together)
   double timeout_s = 600;       // give up (moerl::Error) when the work takes longer
 };
 
@@ -27,7 +29,7 @@ struct AnnotatorResult {
 };
 
 // Judges pairs until the server serves a pair it already judged (the queue wraps around), has none, or
-// max_pairs is reached. `on_judged(n)` after each judgement (progress). A 4xx/5xx other than 429, or no
+// max_pairs is reached. `on_judged(n)` after each judgement (progress; called under a lock). A 4xx/5xx other than 429, or no
 // connection, is a moerl::Error naming the route, status and the server's message.
 AnnotatorResult annotate_over_http(const AnnotatorOptions& options, const PairJudge& judge,
                                    const std::function<void(int64_t)>& on_judged = {});

@@ -76,8 +76,10 @@ std::string corrupt_digits(const std::string& answer, std::mt19937_64& rng) {
 std::vector<int32_t> preference_tokens(const TextEncoder& encode, const std::string& prompt,
                                        const std::string& response, int32_t bos_id, int32_t eos_id) {
   std::vector<int32_t> ids{bos_id};
-  const auto body = encode(prompt + response);
-  ids.insert(ids.end(), body.begin(), body.end());
+  for (const std::string* text : {&prompt, &response}) {
+    const auto part = encode(*text);
+    ids.insert(ids.end(), part.begin(), part.end());
+  }
   ids.push_back(eos_id);
   return ids;
 }
