@@ -85,12 +85,12 @@ class ActorServices final : public RlhfServices {
   fs::path start_dir() const { return setup_.work_dir / "start"; }
 
   void spawn_rollout_actor() {
-    rollout_.handle = spawn_rollout(system_, start_dir(), setup_.precision, rollout_.name);
+    rollout_.handle = spawn_rollout(system_, start_dir(), setup_.precision, rollout_.name, setup_.threads);
     self_->monitor(rollout_.handle);
   }
 
   void spawn_reward_model_actor() {
-    reward_.handle = spawn_reward_model(system_, setup_.reward_model, setup_.precision, reward_.name);
+    reward_.handle = spawn_reward_model(system_, setup_.reward_model, setup_.precision, reward_.name, setup_.threads);
     self_->monitor(reward_.handle);
   }
 

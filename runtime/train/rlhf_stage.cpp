@@ -15,6 +15,7 @@
 #include "runtime/train/rl_collect.hpp"
 #include "runtime/train/step_policy.hpp"
 #include "runtime/util/progress.hpp"
+#include "runtime/util/threads.hpp"
 
 namespace moerl {
 namespace fs = std::filesystem;
@@ -133,6 +134,7 @@ nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& pol
   setup.stage = stage.name;
   setup.work_dir = recipe.out / "rlhf-services" / stage.name;
   setup.precision = recipe.precision;
+  setup.threads = resolve_threads(recipe.threads);  // what run_recipe set for this thread
   setup.metrics = &metrics;
   std::string reward_source = "exact checker (verifiable reward)";
   if (stage.rl.reward == "reward_model") {

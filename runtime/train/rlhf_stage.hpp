@@ -32,6 +32,7 @@ struct RlhfSetup {
   std::filesystem::path work_dir;    // a folder the services may use (e.g. the starting policy for a respawn)
   std::filesystem::path reward_model;  // the reward_model stage's folder (RewardModel::save); empty: reward: checker
   Precision precision = Precision::FP32;
+  int threads = 0;                   // > 0: the CPU thread count for generation and scoring (the recipe's, resolved)
   MetricsLog* metrics = nullptr;     // for events (a restart); may be null
 };
 
