@@ -4,8 +4,10 @@
 
 #include "actors/cli/commands.hpp"
 #include "actors/roles/driver.hpp"
+#include "actors/roles/preference_pairs.hpp"
 #include "actors/roles/rlhf_actors.hpp"
 #include "runtime/recipe/recipe.hpp"
+#include "runtime/train/preferences_stage.hpp"
 #include "runtime/train/rlhf_stage.hpp"
 #include "runtime/train/run_recipe.hpp"
 #ifdef MOERL_HAVE_GPU_MODEL
@@ -49,6 +51,8 @@ void add_run_command(CLI::App& app, std::function<int()>& action) {
         actors::add_message_types(config);
         caf::actor_system system{config};
         const ScopedRlhfServices rlhf_actors(actors::actor_rlhf_services_factory(system));
+        actors::ActorPairSource preference_pairs(system);  // preferences: rollout -> replay buffer -> collector actors
+        const ScopedPairSource preference_actors(&preference_pairs);
         const auto summary = run_recipe(recipe);
         std::printf("%s\n", summary.dump(2).c_str());
         std::fprintf(stderr, "run folder: %s (summary.json, report.html, metrics.jsonl, checkpoints)\n",

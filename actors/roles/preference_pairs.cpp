@@ -1,6 +1,6 @@
 // ActorPairSource: the preferences stage's pairs from the rollout actor through the replay buffer actor into
-// the feedback collector actor. The caller's thread drives the three with bounded windows of outstanding
-// requests, so the rollout keeps generating while earlier records are being made durable.
+// the feedback collector actor. The caller's thread drives the three; the writes go out with bounded windows
+// of outstanding requests, so the rollout keeps generating while earlier records are being made durable.
 #include "actors/roles/preference_pairs.hpp"
 
 #include <deque>
@@ -8,6 +8,7 @@
 
 #include "actors/roles/feedback_collector.hpp"
 #include "actors/roles/replay_buffer.hpp"
+#include "actors/roles/rlhf_actors.hpp"
 #include "runtime/store/pair_record.hpp"
 
 namespace moerl::actors {
@@ -16,7 +17,7 @@ namespace {
 
 // A generation or a store write should take well under this; a lost reply fails the stage instead of hanging it.
 constexpr auto kTimeout = std::chrono::minutes(10);
-constexpr size_t kGenerateWindow = 8;  // GenerationRequests queued at the rollout actor
+constexpr size_t kGenerateChunk = 16;  // GenerationRequests per generate call (one progress update)
 constexpr size_t kWriteWindow = 512;   // writes in flight: they share the stores' group commits
 
 std::unique_ptr<caf::actor_system_config> message_config() {
@@ -47,8 +48,8 @@ void stop_and_wait(caf::scoped_actor& self, const Handle& a) {
 
 }  // namespace
 
-ActorPairSource::ActorPairSource(caf::actor_system& system, std::optional<rollout_actor> rollout)
-    : system_(system), rollout_(std::move(rollout)) {}
+ActorPairSource::ActorPairSource(caf::actor_system& system, RlhfActorOptions options)
+    : system_(system), options_(std::move(options)) {}
 
 ActorPairSource::ActorPairSource()
     : own_config_(message_config()),
@@ -65,15 +66,15 @@ std::vector<std::vector<int32_t>> ActorPairSource::sample_and_queue(const PairJo
   const size_t n = job.prompts.size();
   caf::scoped_actor self{system_};
 
-  // The rollout generates with the caller's policy itself (not a copy): not updated while this runs.
-  const bool own_rollout = !rollout_;
-  const rollout_actor rollout = own_rollout ? spawn_rollout(system_, fs::path{}, job.precision, "rollout/" + job.stage)
-                                            : *rollout_;
-  if (own_rollout) {
-    const std::shared_ptr<Model> policy(std::shared_ptr<Model>{}, job.policy);  // not owned
-    self->request(rollout, kTimeout, weights_atom::value, policy, uint64_t{0}, uint64_t{0})
-        .receive([](uint64_t) {}, [&](caf::error& e) { fail(job.stage, "sending the policy to the rollout actor", e); });
-  }
+  // The rollout actor, supervised as in the rlhf stage (respawned when it dies, the request sent again; the
+  // requests are seeded, so the pairs do not change), generates with the caller's policy itself, zero-copy.
+  RlhfSetup setup;
+  setup.stage = job.stage;
+  setup.work_dir = job.dir / "rollout";  // the starting policy a respawned rollout loads; removed afterwards
+  setup.precision = job.precision;
+  setup.metrics = job.metrics;
+  auto generation = actor_rlhf_services(system_, setup, options_);
+  generation->publish_weights(*job.policy, 0, 0);
 
   const fs::path replay_dir = job.dir / "replay";
   fs::remove_all(replay_dir);  // a fresh buffer: a restarted stage samples again
@@ -84,36 +85,31 @@ std::vector<std::vector<int32_t>> ActorPairSource::sample_and_queue(const PairJo
 
   std::vector<std::vector<int32_t>> responses(2 * n);
   try {
-    // 1. Rollouts -> replay buffer. Request i + 1 asks prompt i for 2 samples.
-    using GenerateHandle = decltype(self->request(rollout, kTimeout, generate_atom::value, Envelope{}));
+    // 1. Rollouts -> replay buffer, kGenerateChunk requests at a time while earlier puts commit. Request
+    // i + 1 asks prompt i for 2 samples.
     using WriteHandle = decltype(self->request(replay, kTimeout, put_atom::value, Envelope{}));
-    std::deque<GenerateHandle> generating;
     std::deque<WriteHandle> writing;
-    size_t generated = 0;
-    const auto on_rollouts = [&](std::vector<Envelope>& rollouts) {
-      for (const Envelope& e : rollouts) {
+    for (size_t begin = 0; begin < n; begin += kGenerateChunk) {
+      std::vector<msg::GenerationRequest> requests;
+      for (size_t i = begin; i < std::min(n, begin + kGenerateChunk); ++i) {
+        msg::GenerationRequest req;
+        req.request_id = i + 1;
+        req.prompt_ids = job.prompt_ids[i];
+        req.sampling = job.sampling;
+        req.samples = 2;
+        requests.push_back(std::move(req));
+      }
+      for (msg::Rollout& rollout : generation->generate(requests, 0)) {
         msg::ReplayRecord r;
-        r.rollout = unwrap<msg::Rollout>(e);
+        r.rollout = std::move(rollout);
         r.advantages.assign(r.rollout.response_ids.size(), 0.0f);
         r.group_id = r.rollout.request_id;
         r.step = msg::StepId{job.stage, 0};
         writing.push_back(self->request(replay, kTimeout, put_atom::value, wrap(r)));
       }
-      generated += rollouts.size();
-      if (job.progress) job.progress(static_cast<int64_t>(generated));
+      if (job.progress) job.progress(static_cast<int64_t>(2 * std::min(n, begin + kGenerateChunk)));
       drain(writing, kWriteWindow, job.stage, "a replay buffer put", [](uint64_t) {});
-    };
-    for (size_t i = 0; i < n; ++i) {
-      msg::GenerationRequest req;
-      req.request_id = i + 1;
-      req.prompt_ids = job.prompt_ids[i];
-      req.sampling = job.sampling;
-      req.policy_version = msg::PolicyVersion{0, 0};  // any weights the rollout holds are at least as new
-      req.samples = 2;
-      generating.push_back(self->request(rollout, kTimeout, generate_atom::value, wrap(req)));
-      drain(generating, kGenerateWindow, job.stage, "a rollout", on_rollouts);
     }
-    drain(generating, 0, job.stage, "a rollout", on_rollouts);
     drain(writing, 0, job.stage, "a replay buffer put", [](uint64_t) {});
 
     // 2. Replay buffer (by policy version; one version in this fresh buffer) -> pairs by request -> collector.
@@ -156,13 +152,12 @@ std::vector<std::vector<int32_t>> ActorPairSource::sample_and_queue(const PairJo
   } catch (...) {
     stop_and_wait(self, collector);
     stop_and_wait(self, replay);
-    if (own_rollout) stop_and_wait(self, rollout);
     throw;
   }
-  // The collector must be gone before the caller closes the feedback store it was given.
+  // The collector must be gone before the caller closes the feedback store it was given (and the rollout,
+  // with `generation`, before the caller's policy may go).
   stop_and_wait(self, collector);
   stop_and_wait(self, replay);
-  if (own_rollout) stop_and_wait(self, rollout);
   return responses;
 }
 

@@ -1,6 +1,8 @@
 // The preferences stage's pairs through the actors (runtime/train/pair_source.hpp's PairSource):
 //   rollout actor        GenerationRequest (one per prompt, 2 samples, the stage's sampling) -> 2 Rollouts,
-//                        generated with the caller's policy sent to it in-process (weights_atom, zero-copy)
+//                        generated with the caller's policy sent to it in-process (weights_atom, zero-copy);
+//                        spawned and supervised as in the rlhf stage (rlhf_actors.hpp: respawned when it dies,
+//                        the request sent again, at most max_restarts times)
 //   replay buffer actor  each Rollout as a ReplayRecord (advantages 0: not yet scored), durable, in the stage's
 //                        folder (<stage>/replay), kept after the stage
 //   feedback collector   the records read back from the buffer by policy version, paired by request, queued as
@@ -8,23 +10,22 @@
 //                        every one durable before sample_and_queue returns
 // The endpoint and the annotator then judge them as in the in-process path (run_preferences).
 //
-// Sampling streams are the rollout actor's (request id * 1025 + sample), not the in-process path's (2i, 2i + 1):
+// Sampling streams are the rollout actor's (rl::rollout_stream: request id * 1025 + sample), not the in-process
+// path's (2i, 2i + 1):
 // the same recipe samples other responses through the actors than without them.
 #pragma once
 #include <memory>
-#include <optional>
 
-#include "actors/roles/rollout.hpp"
+#include "actors/roles/rlhf_actors.hpp"
 #include "runtime/train/pair_source.hpp"
 
 namespace moerl::actors {
 
 class ActorPairSource : public PairSource {
  public:
-  // In `system` (add_message_types applied). With `rollout`, that actor (e.g. one the run supervises, already
-  // holding the current policy's weights) generates and is left running; without, one is spawned for the job,
-  // given job.policy in-process, and stopped after it.
-  explicit ActorPairSource(caf::actor_system& system, std::optional<rollout_actor> rollout = std::nullopt);
+  // In `system` (add_message_types applied); `options` supervise the rollout actor (max_restarts,
+  // reply_timeout; before_request lets tests kill it).
+  explicit ActorPairSource(caf::actor_system& system, RlhfActorOptions options = {});
   // In an actor system of its own.
   ActorPairSource();
   ~ActorPairSource() override;
@@ -36,7 +37,7 @@ class ActorPairSource : public PairSource {
   std::unique_ptr<caf::actor_system_config> own_config_;
   std::unique_ptr<caf::actor_system> own_system_;
   caf::actor_system& system_;
-  std::optional<rollout_actor> rollout_;
+  RlhfActorOptions options_;
 };
 
 }  // namespace moerl::actors

@@ -15,6 +15,7 @@
 #include "runtime/messages/types.hpp"
 #include "runtime/model/model.hpp"
 #include "runtime/store/durable_store.hpp"
+#include "runtime/train/metrics.hpp"
 
 namespace moerl {
 
@@ -29,6 +30,7 @@ struct PairJob {
   store::DurableStore* feedback = nullptr;        // the stage's feedback store, where the pairs go
   std::function<std::string(std::span<const int32_t>)> text;  // what a judge sees of a response's ids
   std::function<void(int64_t)> progress;          // sequences sampled so far (may be empty)
+  MetricsLog* metrics = nullptr;                  // for events (a restarted actor); may be null
 };
 
 class PairSource {

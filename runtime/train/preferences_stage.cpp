@@ -93,6 +93,7 @@ nlohmann::json run_preferences(const Recipe& recipe, const StageSpec& stage, Mod
     job.prompt_ids.push_back(codec.prompt_ids(p));
   }
   job.dir = dir;
+  job.metrics = &metrics;
   job.text = [&tokenizer](std::span<const int32_t> ids) { return judged_text(tokenizer, ids); };
 
   // A fresh store under the stage's folder (a finished stage is skipped before this; a crashed one restarts).

@@ -154,6 +154,21 @@ TEST(PreferencePairs, ThroughTheRolloutReplayAndCollectorActorsAreJudgedOverHttp
   EXPECT_EQ(queued_pairs(again.out / stage.name / "feedback"), pairs);
   EXPECT_EQ(summary2["ties"], summary["ties"]);
 
+  // A rollout actor killed mid-stage is respawned and asked again: the same pairs.
+  caf::actor_system system{test_config()};
+  RlhfActorOptions options;
+  options.before_request = [](const std::string& name, const caf::actor& actor, uint64_t sent) {
+    if (name == kRlhfRolloutName && sent == 7) caf::anon_send_exit(actor, caf::exit_reason::kill);
+  };
+  ActorPairSource supervised(system, options);
+  const Recipe killed = recipe_in(dir / "killed");
+  fs::create_directories(killed.out / stage.name);
+  ::testing::internal::CaptureStderr();
+  run_preferences(killed, stage, *fx.policy, fx.tokenizer, metrics, killed.out / stage.name, &supervised);
+  const std::string log = ::testing::internal::GetCapturedStderr();
+  EXPECT_NE(log.find("rollout/0 died"), std::string::npos) << log;
+  EXPECT_EQ(queued_pairs(killed.out / stage.name / "feedback"), pairs);
+
   // Without the actors: the same kind of result (the in-process sampling draws other responses).
   const Recipe in_process = recipe_in(dir / "in-process");
   fs::create_directories(in_process.out / stage.name);
