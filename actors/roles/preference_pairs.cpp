@@ -72,6 +72,7 @@ std::vector<std::vector<int32_t>> ActorPairSource::sample_and_queue(const PairJo
   setup.stage = job.stage;
   setup.work_dir = job.dir / "rollout";  // the starting policy a respawned rollout loads; removed afterwards
   setup.precision = job.precision;
+  setup.threads = job.threads;
   setup.metrics = job.metrics;
   auto generation = actor_rlhf_services(system_, setup, options_);
   generation->publish_weights(*job.policy, 0, 0);

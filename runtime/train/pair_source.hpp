@@ -23,6 +23,7 @@ struct PairJob {
   std::string stage;                              // the stage's name (records' step ids, actor names)
   Model* policy = nullptr;                        // the current policy, not updated while the job runs
   Precision precision = Precision::FP32;
+  int threads = 0;                                // > 0: the CPU thread count for generation (the recipe's, resolved)
   std::vector<std::string> prompts;               // [pairs] prompt texts
   std::vector<std::vector<int32_t>> prompt_ids;   // [pairs] their ids (bos + prompt)
   msg::SamplingParams sampling;                   // the stage's temperature, max_new_tokens, stop ids and seed

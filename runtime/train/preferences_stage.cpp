@@ -16,6 +16,7 @@
 #include "runtime/train/rl_collect.hpp"
 #include "runtime/util/files.hpp"
 #include "runtime/util/progress.hpp"
+#include "runtime/util/threads.hpp"
 
 namespace moerl {
 namespace fs = std::filesystem;
@@ -85,6 +86,7 @@ nlohmann::json run_preferences(const Recipe& recipe, const StageSpec& stage, Mod
   job.stage = stage.name;
   job.policy = &policy;
   job.precision = recipe.precision;
+  job.threads = resolve_threads(recipe.threads);
   job.sampling = rl::task_sampling(task, recipe.seed + 311, tokenizer.eos_id());
   job.sampling.temperature = static_cast<float>(stage.rl.temperature);
   job.sampling.max_new_tokens = static_cast<uint32_t>(stage.rl.max_new_tokens);

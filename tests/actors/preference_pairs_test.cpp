@@ -65,6 +65,7 @@ Fixture make_fixture() {
 Recipe recipe_in(const fs::path& out) {
   Recipe r;
   r.seed = 7;
+  r.threads = 1;  // the rollout actor's thread too
   r.out = out;
   return r;
 }
