@@ -254,5 +254,28 @@ TEST(FeedbackCollectorStore, IgnoresAResentSubmissionAndARequeuedPair) {
   self->send_exit(collector, caf::exit_reason::user_shutdown);
 }
 
+TEST(FeedbackCollectorStore, SharesWalSyncsBetweenSubmissionsInsteadOfWaitingForEach) {
+  const auto dir = fresh_dir("collector-group");
+  RemoveAtExit cleanup{dir};
+  caf::actor_system system{test_config()};
+  caf::scoped_actor self{system};
+  auto store = std::make_shared<store::DurableStore>((dir / "feedback").string());
+  auto collector = spawn_feedback_collector(system, store, "feedback/0");
+  constexpr int kSubmissions = 200;
+  for (int i = 1; i <= kSubmissions; ++i) self->send(collector, submit_atom::value, wrap(comparison(i)));
+  std::set<uint64_t> answers;
+  for (int i = 0; i < kSubmissions; ++i)
+    self->receive([&](uint64_t n) { answers.insert(n); },
+                  caf::after(kReplyTimeout) >> [] { ADD_FAILURE() << "a submission was not answered"; });
+  EXPECT_EQ(store->count(store::Family::Comparison), static_cast<uint64_t>(kSubmissions));
+  // An actor that waited for each sync would make one commit per submission; queued while a sync runs, the
+  // submissions share commits.
+  const auto stats = store->stats();
+  EXPECT_EQ(stats.records, static_cast<uint64_t>(kSubmissions));
+  EXPECT_LT(stats.commits, stats.records);
+  std::printf("%d submissions in %llu synced commits\n", kSubmissions, static_cast<unsigned long long>(stats.commits));
+  kill_and_wait(self, collector);
+}
+
 }  // namespace
 }  // namespace moerl::actors
