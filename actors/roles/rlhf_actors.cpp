@@ -37,6 +37,7 @@ class ActorServices final : public RlhfServices {
     stop(reward_.handle);
     std::error_code ec;
     fs::remove_all(setup_.work_dir, ec);
+    fs::remove(setup_.work_dir.parent_path(), ec);  // when no other stage's folder is left in it
   }
 
   void publish_weights(Model& policy, uint64_t version, int64_t step) override {
@@ -149,9 +150,9 @@ class ActorServices final : public RlhfServices {
   template <class Reply, class Handle, class... Ts>
   Reply ask(Supervised<Handle>& actor, int64_t step, const Ts&... xs) {
     for (;;) {
+      const uint64_t sent = actor.sent++;
+      if (options_.before_request) options_.before_request(actor.name, caf::actor_cast<caf::actor>(actor.handle), sent);
       take_down_messages(step);
-      if (options_.before_request) options_.before_request(actor.name, caf::actor_cast<caf::actor>(actor.handle), actor.sent);
-      ++actor.sent;
       std::optional<Reply> reply;
       caf::error failure;
       self_->request(actor.handle, options_.reply_timeout, xs...)

@@ -191,11 +191,16 @@ TEST(RlhfActors, PpoThroughTheActorsMatchesTheInProcessStageBitForBit) {
   EXPECT_NE(actors.rows.front().find("value_loss"), std::string::npos);
 }
 
-// Kills `victim` just before its request number `at` (0-based, weights included), once.
-RlhfActorOptions kill_once(const std::string& victim, uint64_t at) {
+// Kills `victim` just before its request number `at` (0-based, weights included), once. `wait`: until it is
+// gone, so the services mostly learn it from the down message; otherwise mostly from the request bouncing
+// (which comes first is up to the scheduler: either way the actor is restarted once).
+RlhfActorOptions kill_once(caf::actor_system& system, const std::string& victim, uint64_t at, bool wait) {
   RlhfActorOptions options;
-  options.before_request = [victim, at](const std::string& name, const caf::actor& actor, uint64_t sent) {
-    if (name == victim && sent == at) caf::anon_send_exit(actor, caf::exit_reason::kill);
+  options.before_request = [&system, victim, at, wait](const std::string& name, const caf::actor& actor, uint64_t sent) {
+    if (name != victim || sent != at) return;
+    caf::scoped_actor killer{system};
+    killer->send_exit(actor, caf::exit_reason::kill);
+    if (wait) killer->wait_for(actor);
   };
   return options;
 }
@@ -210,7 +215,8 @@ TEST(RlhfActors, AKilledRolloutActorIsRestartedOnceAndTheRunEndsAsIfUndisturbed)
   caf::actor_system system{test_config()};
   // Requests to the rollout: weights, 2 prompts, weights, 2 prompts, ...: number 4 is step 2's first prompt.
   ::testing::internal::CaptureStderr();
-  const RlOutcome killed = run_rl("kill-rollout", "grpo", actor_rlhf_services_factory(system, kill_once(kRlhfRolloutName, 4)));
+  const RlOutcome killed =
+      run_rl("kill-rollout", "grpo", actor_rlhf_services_factory(system, kill_once(system, kRlhfRolloutName, 4, true)));
   const std::string log = ::testing::internal::GetCapturedStderr();
   expect_same_run(killed, in_process("grpo"));
   EXPECT_EQ(killed.restarts, 1);
@@ -223,7 +229,7 @@ TEST(RlhfActors, AKilledRewardModelActorIsRestartedOnceAndTheRunEndsAsIfUndistur
   // Score requests: 8 per step; number 11 is in step 2.
   ::testing::internal::CaptureStderr();
   const RlOutcome killed =
-      run_rl("kill-reward", "grpo", actor_rlhf_services_factory(system, kill_once(kRlhfRewardModelName, 11)));
+      run_rl("kill-reward", "grpo", actor_rlhf_services_factory(system, kill_once(system, kRlhfRewardModelName, 11, false)));
   const std::string log = ::testing::internal::GetCapturedStderr();
   expect_same_run(killed, in_process("grpo"));
   EXPECT_EQ(killed.restarts, 1);
