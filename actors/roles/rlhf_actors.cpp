@@ -130,14 +130,16 @@ class ActorServices final : public RlhfServices {
     actor.handle = nullptr;
     const std::string where = "at step " + std::to_string(step + 1) + " of " + setup_.stage;
     if (actor.restarts >= options_.max_restarts)
-      throw Error(setup_.stage + ": the " + actor.name + " actor died (" + reason + ") " + where + " and was restarted " +
-                  std::to_string(actor.restarts) + " times already in this stage; the stage stops");
+      throw Error(setup_.stage + ": the " + actor.name + " actor died (" + reason + ") " + where +
+                  " and was restarted " + std::to_string(actor.restarts) +
+                  " times already in this stage; the stage stops");
     ++actor.restarts;
     std::fprintf(stderr, "%s died (%s) %s; restarted, the request is sent again (restart %d of %d)\n",
                  actor.name.c_str(), reason.c_str(), where.c_str(), actor.restarts, options_.max_restarts);
     if (setup_.metrics)
       setup_.metrics->write(
-          {{"event", "restart"}, {"stage", setup_.stage}, {"actor", actor.name}, {"step", step + 1}, {"reason", reason}});
+          {{"event", "restart"}, {"stage", setup_.stage}, {"actor", actor.name}, {"step", step + 1},
+           {"reason", reason}});
     if constexpr (std::is_same_v<Handle, rollout_actor>) {
       spawn_rollout_actor();
       send_weights(step);

@@ -140,7 +140,8 @@ RlStepStats grpo_step(Model& policy, Model& reference, AdamW& optimizer, const A
 RlStepStats grpo_learn(Model& policy, Model& reference, AdamW& optimizer, const RlBatch& s, const GrpoConfig& config,
                        int64_t step, int64_t epochs, Precision precision, int32_t pad_id) {
   require(s.prompts.size() == s.responses.size() && s.rewards.size() == s.responses.size() &&
-              s.correct.size() == s.responses.size() && s.responses.size() % static_cast<size_t>(config.group_size) == 0,
+              s.correct.size() == s.responses.size() &&
+              s.responses.size() % static_cast<size_t>(config.group_size) == 0,
           "grpo_learn: prompts, responses, rewards and correct must have one entry per response, in whole groups of " +
               std::to_string(config.group_size));
   RlStepStats st;
@@ -229,8 +230,8 @@ RlStepStats ppo_step(Model& policy, Model& reference, ValueHead& critic, AdamW& 
   const auto t0 = Clock::now();
   const Sampled s = sample(policy, problems, samples, sampling, step, precision, codec);
   const double generate_seconds = seconds_since(t0);
-  RlStepStats st =
-      ppo_learn(policy, reference, critic, optimizer, critic_optimizer, s, config, step, epochs, precision, codec.pad_id);
+  RlStepStats st = ppo_learn(policy, reference, critic, optimizer, critic_optimizer, s, config, step, epochs,
+                             precision, codec.pad_id);
   st.generate_seconds = generate_seconds;
   return st;
 }

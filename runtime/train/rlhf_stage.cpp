@@ -71,7 +71,8 @@ class InProcessServices final : public RlhfServices {
                   ", newer than the weights held (" + std::to_string(version_.version) + ")");
       std::vector<uint64_t> streams;
       for (uint32_t k = 0; k < req.samples; ++k) streams.push_back(rl::rollout_stream(req.request_id, k));
-      const std::vector<Generation> gens = generate_samples(*policy_, req.prompt_ids, req.sampling, streams, precision_);
+      const std::vector<Generation> gens =
+          generate_samples(*policy_, req.prompt_ids, req.sampling, streams, precision_);
       for (uint32_t k = 0; k < req.samples; ++k)
         out.push_back(msg::Rollout{req.request_id, k, req.prompt_ids, gens[k].ids, gens[k].log_probs, version_,
                                    gens[k].finish});

@@ -196,7 +196,8 @@ TEST(RlhfActors, PpoThroughTheActorsMatchesTheInProcessStageBitForBit) {
 // (which comes first is up to the scheduler: either way the actor is restarted once).
 RlhfActorOptions kill_once(caf::actor_system& system, const std::string& victim, uint64_t at, bool wait) {
   RlhfActorOptions options;
-  options.before_request = [&system, victim, at, wait](const std::string& name, const caf::actor& actor, uint64_t sent) {
+  options.before_request = [&system, victim, at, wait](const std::string& name, const caf::actor& actor,
+                                                      uint64_t sent) {
     if (name != victim || sent != at) return;
     caf::scoped_actor killer{system};
     killer->send_exit(actor, caf::exit_reason::kill);
@@ -229,7 +230,8 @@ TEST(RlhfActors, AKilledRewardModelActorIsRestartedOnceAndTheRunEndsAsIfUndistur
   // Score requests: 8 per step; number 11 is in step 2.
   ::testing::internal::CaptureStderr();
   const RlOutcome killed =
-      run_rl("kill-reward", "grpo", actor_rlhf_services_factory(system, kill_once(system, kRlhfRewardModelName, 11, false)));
+      run_rl("kill-reward", "grpo",
+             actor_rlhf_services_factory(system, kill_once(system, kRlhfRewardModelName, 11, false)));
   const std::string log = ::testing::internal::GetCapturedStderr();
   expect_same_run(killed, in_process("grpo"));
   EXPECT_EQ(killed.restarts, 1);
