@@ -219,6 +219,10 @@ feedback_collector_actor::behavior_type feedback_collector(feedback_collector_ac
       },
       [&st](committed_atom, uint64_t seq, const std::string& error) {
         st.in_flight.erase(seq);
+        if (!error.empty()) {  // not stored: a later delivery of the same record is not a duplicate
+          std::erase_if(st.submitted, [seq](const auto& e) { return e.second.seq == seq; });
+          std::erase_if(st.pairs, [seq](const auto& e) { return e.second.seq == seq; });
+        }
         st.waiters.done(seq, error, st.name);
       },
   };
@@ -315,7 +319,13 @@ replay_buffer_actor::behavior_type replay_buffer(replay_buffer_actor::stateful_p
           return replay_envelopes(std::move(out));
         });
       },
-      [&st](committed_atom, uint64_t seq, const std::string& error) { st.waiters.done(seq, error, st.name); },
+      [&st](committed_atom, uint64_t seq, const std::string& error) {
+        if (!error.empty()) {  // not stored: forget it, so a later delivery is not taken for a duplicate
+          std::erase_if(st.order, [seq](const auto& e) { return e.first.seq == seq; });
+          std::erase_if(st.held, [seq](const auto& e) { return e.second.seq == seq; });
+        }
+        st.waiters.done(seq, error, st.name);
+      },
   };
 }
 
