@@ -40,4 +40,26 @@ void quantize_1x128_transposed_grouped(const float* x, int64_t rows, int64_t col
                                        int64_t n_groups, uint8_t* codes_t, float* scales_t,
                                        cudaStream_t stream = nullptr);
 
+// quantize_1x128 and quantize_1x128_transposed_grouped of the same x in one pass over x (bounds null: one group,
+// i.e. quantize_1x128_transposed): codes, scales as quantize_1x128's; codes_t, scales_t as the transposed one's.
+// One kernel reading x once when rows % 128 == 0, cols % 4 == 0, x 16-byte and the codes 4-byte aligned and
+// rows / 128 <= 65535 (fp8_quantize_tile.cuh); otherwise the two kernels (bounds then needs rows % 128 == 0, as
+// for quantize_1x128_transposed_grouped). Where Fprop or Dgrad and Wgrad take the same activation (the routed
+// experts' output gradient) this saves one read of it.
+void quantize_1x128_dual(const float* x, int64_t rows, int64_t cols, const int64_t* bounds, int64_t n_groups,
+                         uint8_t* codes, float* scales, uint8_t* codes_t, float* scales_t,
+                         cudaStream_t stream = nullptr);
+
+// The kernel shapes of the transposed quantization, all giving the same bytes: blocks of 128 rows x 32 or x 64
+// columns of x staged in shared memory, or quantize_1x128_dual's 128 x 128 blocks (Blocks128; where its
+// conditions fail, Cols32). `moerl bench gpu` measures each (quant_1x128_transposed_<name>_gbps).
+enum class TransposedKernel { Cols32, Cols64, Blocks128 };
+// The one quantize_1x128_transposed(_grouped) use: MOERL_QUANT_TRANSPOSED=cols32|cols64|blocks128, read once
+// (default cols32); throws moerl::Error on another value.
+TransposedKernel transposed_kernel();
+const char* transposed_kernel_name(TransposedKernel kernel);
+// quantize_1x128_transposed with the given kernel shape.
+void quantize_1x128_transposed_with(TransposedKernel kernel, const float* x, int64_t rows, int64_t cols,
+                                    uint8_t* codes_t, float* scales_t, cudaStream_t stream = nullptr);
+
 }  // namespace moerl::fp8::cuda

@@ -4,7 +4,11 @@
 
 #include "actors/cli/commands.hpp"
 #include "actors/roles/driver.hpp"
+#include "actors/roles/preference_pairs.hpp"
+#include "actors/roles/rlhf_actors.hpp"
 #include "runtime/recipe/recipe.hpp"
+#include "runtime/train/preferences_stage.hpp"
+#include "runtime/train/rlhf_stage.hpp"
 #include "runtime/train/run_recipe.hpp"
 #ifdef MOERL_HAVE_GPU_MODEL
 #include "runtime/gpu/gpu_trainer.hpp"
@@ -14,7 +18,8 @@ namespace moerl::cli {
 
 void add_run_command(CLI::App& app, std::function<int()>& action) {
   auto* cmd = app.add_subcommand("run", "Run every stage of a recipe (pretrain, sft, reward_model, rlhf, dpo, "
-                                        "eval_task) in this process.\n"
+                                        "eval_task) in this process; rlhf stages generate and score through "
+                                        "supervised rollout and reward-model actors.\n"
                                         "Re-running the same command resumes: finished stages are skipped and an "
                                         "interrupted stage continues from its last checkpoint.");
   struct Args {
@@ -30,14 +35,24 @@ void add_run_command(CLI::App& app, std::function<int()>& action) {
   cmd->add_option("--out", args->out, "Run folder (default: the recipe's `out`, else runs/<recipe name>)");
   cmd->callback([args, &action] {
     action = [args] {
-      // A recipe with RLHF stages runs run_recipe's stage loop directly: the driver actor does not run those
-      // kinds yet (TODO(actors): reward_model / dpo / rlhf / eval_task as driver steps).
+      // A recipe with RLHF stages runs run_recipe's stage loop, its rlhf stages through the actor runtime:
+      // generation by a rollout actor that gets the policy zero-copy after every update, rewards by a
+      // reward-model actor, both supervised (restarted when they die; actors/roles/rlhf_actors.hpp). The
+      // other stages of such a recipe (pretrain, task_sft, preferences, reward_model, dpo, eval_task) run in
+      // this process: the driver actor does not run RL kinds (TODO(actors): those kinds as driver steps).
       Recipe recipe = load_recipe(args->recipe, args->overrides);
       if (!args->out.empty()) recipe.out = args->out;
       bool rl = false;
       for (const auto& st : recipe.stages) rl = rl || is_rl_stage_kind(st.kind);
       if (rl) {
-        std::fprintf(stderr, "%s: RLHF stages run in this process without the actor runtime\n", args->recipe.c_str());
+        std::fprintf(stderr, "%s: RLHF recipe: rlhf stages through the rollout and reward-model actors, the other "
+                             "stages in this process\n", args->recipe.c_str());
+        caf::actor_system_config config;
+        actors::add_message_types(config);
+        caf::actor_system system{config};
+        const ScopedRlhfServices rlhf_actors(actors::actor_rlhf_services_factory(system));
+        actors::ActorPairSource preference_pairs(system);  // preferences: rollout -> replay buffer -> collector actors
+        const ScopedPairSource preference_actors(&preference_pairs);
         const auto summary = run_recipe(recipe);
         std::printf("%s\n", summary.dump(2).c_str());
         std::fprintf(stderr, "run folder: %s (summary.json, report.html, metrics.jsonl, checkpoints)\n",

@@ -15,6 +15,7 @@
 #include "runtime/safetensors.hpp"
 #include "runtime/train/checkpoint.hpp"
 #include "runtime/train/step_policy.hpp"
+#include "runtime/util/threads.hpp"
 
 namespace moerl::actors {
 namespace fs = std::filesystem;
@@ -32,16 +33,18 @@ msg::DecodeLimits limits_for(const Model& model) {
 struct RolloutState {
   std::string name;
   Precision precision = Precision::FP32;
+  int threads = 0;  // > 0: set on the actor's own thread before each request (OpenMP's count is per thread)
   LoadedModel policy;
   std::shared_ptr<Model> shared;  // in-process weights (the trainer's model) when the last weights were those
   msg::PolicyVersion version;
 };
 
 rollout_actor::behavior_type rollout(rollout_actor::stateful_pointer<RolloutState> self, fs::path model_dir,
-                                     Precision precision, std::string name) {
+                                     Precision precision, std::string name, int threads) {
   auto& st = self->state;
   st.name = std::move(name);
   st.precision = precision;
+  st.threads = threads;
   std::string load_error;
   try {
     st.policy = load_model_dir(model_dir);
@@ -51,6 +54,7 @@ rollout_actor::behavior_type rollout(rollout_actor::stateful_pointer<RolloutStat
   return {
       [&st, load_error](generate_atom, const Envelope& e) {
         return guarded(st.name, [&] {
+          if (st.threads > 0) use_threads(st.threads);
           require(st.shared || load_error.empty(), load_error);
           Model& model = st.shared ? *st.shared : *st.policy.model;
           const auto req = unwrap<msg::GenerationRequest>(e, limits_for(model));
@@ -125,6 +129,7 @@ void load_scorer(ScorerState& st, const fs::path& dir, Precision precision, std:
 // scores with its scalar head; a policy folder falls back to the mean log-likelihood placeholder.
 struct RewardState : ScorerState {
   std::unique_ptr<RewardModel> head;
+  int threads = 0;  // as RolloutState's
 };
 
 bool is_reward_model_dir(const fs::path& dir) {
@@ -138,8 +143,9 @@ bool is_reward_model_dir(const fs::path& dir) {
 }
 
 reward_model_actor::behavior_type reward_model(reward_model_actor::stateful_pointer<RewardState> self, fs::path dir,
-                                               Precision precision, std::string name) {
+                                               Precision precision, std::string name, int threads) {
   auto& st = self->state;
+  st.threads = threads;
   if (is_reward_model_dir(dir)) {
     st.name = std::move(name);
     st.precision = precision;
@@ -154,6 +160,7 @@ reward_model_actor::behavior_type reward_model(reward_model_actor::stateful_poin
   return {
       [&st](score_atom, const Envelope& e) {
         return guarded(st.name, [&] {
+          if (st.threads > 0) use_threads(st.threads);
           require(st.load_error.empty(), st.load_error);
           if (st.head) {
             msg::DecodeLimits limits;
@@ -307,13 +314,14 @@ expert_shard_actor::behavior_type expert_shard(expert_shard_actor::stateful_poin
 
 }  // namespace
 
-rollout_actor spawn_rollout(caf::actor_system& system, fs::path model_dir, Precision precision, std::string name) {
-  return system.spawn<caf::detached>(rollout, std::move(model_dir), precision, std::move(name));
+rollout_actor spawn_rollout(caf::actor_system& system, fs::path model_dir, Precision precision, std::string name,
+                            int threads) {
+  return system.spawn<caf::detached>(rollout, std::move(model_dir), precision, std::move(name), threads);
 }
 
 reward_model_actor spawn_reward_model(caf::actor_system& system, fs::path model_dir, Precision precision,
-                                      std::string name) {
-  return system.spawn<caf::detached>(reward_model, std::move(model_dir), precision, std::move(name));
+                                      std::string name, int threads) {
+  return system.spawn<caf::detached>(reward_model, std::move(model_dir), precision, std::move(name), threads);
 }
 
 reference_actor spawn_reference(caf::actor_system& system, fs::path model_dir, Precision precision, std::string name) {

@@ -16,7 +16,8 @@ using reward_model_actor = caf::typed_actor<
     // response with no token scores 0. Reply: RewardScore.
     caf::replies_to<score_atom, Envelope>::with<Envelope>>;
 
+// threads: as spawn_rollout's (rollout.hpp).
 reward_model_actor spawn_reward_model(caf::actor_system& system, std::filesystem::path model_dir, Precision precision,
-                                      std::string name = "reward_model/0");
+                                      std::string name = "reward_model/0", int threads = 0);
 
 }  // namespace moerl::actors

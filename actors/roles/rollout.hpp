@@ -32,8 +32,9 @@ using rollout_actor = caf::typed_actor<
     // version now held.
     caf::replies_to<weights_atom, std::shared_ptr<Model>, uint64_t, uint64_t>::with<uint64_t>>;
 
-// Loads the policy from `model_dir` as PolicyVersion {0, 0}.
+// Loads the policy from `model_dir` as PolicyVersion {0, 0}. threads > 0: the OpenMP/OpenBLAS thread count its
+// requests run with (runtime/util/threads.hpp: a recipe's `threads`, resolved); 0: its thread's default.
 rollout_actor spawn_rollout(caf::actor_system& system, std::filesystem::path model_dir, Precision precision,
-                            std::string name = "rollout/0");
+                            std::string name = "rollout/0", int threads = 0);
 
 }  // namespace moerl::actors

@@ -1,109 +1,350 @@
-// The roles that keep records: the feedback collector and the replay buffer (in memory for now).
+// The roles that keep records: the feedback collector and the replay buffer, on RocksDB (runtime/store/).
+// A write is queued with DurableStore::append_async; the store's committer thread, once the WriteBatch holding
+// it is synced, sends the actor committed(seq) and the actor answers the request it kept as a response promise.
+// The actor never waits for the WAL; promises are delivered only from the actor's own thread.
+#include <atomic>
+#include <chrono>
 #include <deque>
+#include <filesystem>
 #include <map>
-#include <random>
 #include <set>
+#include <unistd.h>
+#include <unordered_map>
 
 #include "actors/roles/feedback_collector.hpp"
 #include "actors/roles/replay_buffer.hpp"
+#include "runtime/store/pair_record.hpp"
 
 namespace moerl::actors {
 namespace {
 
+using Promise = caf::typed_response_promise<uint64_t>;
+
+uint64_t now_ns() {
+  return static_cast<uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch()).count());
+}
+
+// A store in `dir`, or in a fresh temporary folder (removed with the store) when `dir` is empty.
+std::shared_ptr<store::DurableStore> open_store(const std::string& dir, const std::string& role) {
+  if (!dir.empty()) return std::make_shared<store::DurableStore>(dir);
+  static std::atomic<uint64_t> serial{0};
+  std::string safe = role;
+  for (char& c : safe)
+    if (c == '/') c = '-';
+  const auto path = std::filesystem::temp_directory_path() /
+                    ("moerl-" + safe + "-" + std::to_string(::getpid()) + "-" + std::to_string(serial++));
+  std::filesystem::remove_all(path);
+  auto owned = std::make_unique<store::DurableStore>(path.string());
+  return std::shared_ptr<store::DurableStore>(owned.release(), [path](store::DurableStore* p) {
+    delete p;
+    std::error_code ec;
+    std::filesystem::remove_all(path, ec);
+  });
+}
+
+// The same catch-all as envelope.hpp's guarded(), for handlers that may answer later through a promise.
+template <class F>
+caf::result<uint64_t> answered(const std::string& actor, F&& f) {
+  try {
+    return f();
+  } catch (const Refusal& e) {
+    return actor_error(e.code, e.what(), actor);
+  } catch (const Error& e) {
+    return actor_error(msg::ErrorCode::InvalidRequest, e.what(), actor);
+  } catch (const std::exception& e) {
+    return actor_error(msg::ErrorCode::Internal, e.what(), actor);
+  }
+}
+
+// Requests waiting for writes to become durable, by the write's sequence number (unique in the store). A
+// duplicate delivery joins the first copy's waiters. `value` computes the answer when the write is durable.
+struct Waiters {
+  struct Entry {
+    std::vector<Promise> promises;
+    std::function<uint64_t()> value;
+  };
+  std::unordered_map<uint64_t, Entry> by_seq;
+
+  bool pending(uint64_t seq) const { return by_seq.count(seq) > 0; }
+  void add(uint64_t seq, Promise p, std::function<uint64_t()> value) {
+    auto& e = by_seq[seq];
+    e.promises.push_back(std::move(p));
+    if (value) e.value = std::move(value);
+  }
+  void join(uint64_t seq, Promise p) { by_seq.at(seq).promises.push_back(std::move(p)); }
+  void done(uint64_t seq, const std::string& error, const std::string& actor) {
+    const auto it = by_seq.find(seq);
+    if (it == by_seq.end()) return;
+    auto entry = std::move(it->second);
+    by_seq.erase(it);
+    for (auto& p : entry.promises) {
+      if (error.empty())
+        p.deliver(entry.value());
+      else
+        p.deliver(actor_error(msg::ErrorCode::Internal, "store write failed: " + error, actor));
+    }
+  }
+};
+
+// The committer's callback: tells the actor (if it still lives) that write `seq` is durable. Holds a weak
+// reference, so a queued write does not keep a killed actor alive.
+template <class Handle>
+store::DurableStore::Done notify(caf::weak_actor_ptr self) {
+  return [self](const store::Key& k, const std::string& error) {
+    if (auto strong = caf::actor_cast<caf::strong_actor_ptr>(self))
+      caf::anon_send(caf::actor_cast<Handle>(strong), committed_atom::value, k.seq, error);
+  };
+}
+
 // ---- feedback collector ----
+
+store::Family family_of(const std::string& kind) {
+  if (kind == MessageTraits<msg::Comparison>::kind) return store::Family::Comparison;
+  if (kind == MessageTraits<msg::Rating>::kind) return store::Family::Rating;
+  if (kind == MessageTraits<msg::Correction>::kind) return store::Family::Correction;
+  if (kind == kPairToJudgeKind) return store::Family::Pair;
+  throw Error("expected a Comparison, Rating, Correction or PairToJudge kind, got \"" + kind.substr(0, 64) + "\"");
+}
+
+uint64_t content_hash(std::span<const uint8_t> bytes) {
+  return std::hash<std::string_view>{}(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
+}
 
 struct FeedbackState {
   std::string name;
-  std::map<std::string, std::vector<Envelope>> records;  // by kind, in arrival order
+  std::shared_ptr<store::DurableStore> store;
+  // Submissions by family and hash of their bytes -> keys (a hash match is confirmed on the bytes).
+  std::multimap<std::pair<int, uint64_t>, store::Key> submitted;
+  std::unordered_map<uint64_t, std::vector<uint8_t>> in_flight;  // bytes of writes not yet durable, by seq
+  std::map<uint64_t, store::Key> pairs;                          // pair id -> key
+  Waiters waiters;
+
+  // The held record of `family` with exactly these bytes, if any.
+  std::optional<store::Key> find_submission(store::Family family, std::span<const uint8_t> bytes) const {
+    const auto [lo, hi] = submitted.equal_range({static_cast<int>(family), content_hash(bytes)});
+    for (auto it = lo; it != hi; ++it) {
+      const auto flying = in_flight.find(it->second.seq);
+      if (flying != in_flight.end()) {
+        if (std::equal(bytes.begin(), bytes.end(), flying->second.begin(), flying->second.end())) return it->second;
+      } else if (const auto held = store->get(family, it->second);
+                 held && std::equal(bytes.begin(), bytes.end(), held->begin(), held->end())) {
+        return it->second;
+      }
+    }
+    return std::nullopt;
+  }
 };
 
 feedback_collector_actor::behavior_type feedback_collector(feedback_collector_actor::stateful_pointer<FeedbackState> self,
-                                                           std::string name) {
+                                                           std::shared_ptr<store::DurableStore> db, std::string name) {
   auto& st = self->state;
   st.name = std::move(name);
+  st.store = std::move(db);
+  for (auto family : {store::Family::Comparison, store::Family::Rating, store::Family::Correction})
+    st.store->scan(family, 0, UINT64_MAX, [&](const store::Key& k, std::span<const uint8_t> bytes) {
+      st.submitted.emplace(std::pair{static_cast<int>(family), content_hash(bytes)}, k);
+      return true;
+    });
+  st.store->scan(store::Family::Pair, 0, UINT64_MAX, [&](const store::Key& k, std::span<const uint8_t> bytes) {
+    st.pairs.emplace(store::decode_pair(bytes).pair_id, k);
+    return true;
+  });
+  const caf::weak_actor_ptr weak{self->ctrl()};
   return {
-      [&st](submit_atom, Envelope& e) {
-        return guarded(st.name, [&] {
-          if (e.kind == MessageTraits<msg::Comparison>::kind)
-            unwrap<msg::Comparison>(e);
-          else if (e.kind == MessageTraits<msg::Rating>::kind)
-            unwrap<msg::Rating>(e);
-          else if (e.kind == MessageTraits<msg::Correction>::kind)
-            unwrap<msg::Correction>(e);
-          else
-            throw Error("expected a Comparison, Rating or Correction message, got \"" + e.kind.substr(0, 64) + "\"");
-          auto& list = st.records[e.kind];
-          list.push_back(std::move(e));
-          return static_cast<uint64_t>(list.size());
+      [self, &st, weak](submit_atom, Envelope& e) {
+        return answered(st.name, [&]() -> caf::result<uint64_t> {
+          const auto family = family_of(e.kind);
+          if (family == store::Family::Comparison) unwrap<msg::Comparison>(e);
+          else if (family == store::Family::Rating) unwrap<msg::Rating>(e);
+          else if (family == store::Family::Correction) unwrap<msg::Correction>(e);
+          else throw Error("submit: expected a Comparison, Rating or Correction message, got a PairToJudge (queue it)");
+          auto promise = self->make_response_promise<uint64_t>();
+          if (const auto held = st.find_submission(family, e.bytes)) {  // a duplicate delivery
+            if (st.waiters.pending(held->seq)) st.waiters.join(held->seq, promise);
+            else promise.deliver(st.store->count(family));
+            return promise;
+          }
+          const uint64_t hash = content_hash(e.bytes);
+          const auto bytes = e.bytes;
+          const auto key = st.store->append_async(family, now_ns(), std::move(e.bytes),
+                                                  notify<feedback_collector_actor>(weak));
+          st.submitted.emplace(std::pair{static_cast<int>(family), hash}, key);
+          st.in_flight.emplace(key.seq, bytes);
+          st.waiters.add(key.seq, promise, [&st, family] { return st.store->count(family); });
+          return promise;
         });
       },
       [&st](list_atom, const std::string& kind, uint64_t offset, uint64_t limit) {
-        std::vector<Envelope> out;
-        const auto it = st.records.find(kind);
-        if (it == st.records.end()) return out;
-        for (uint64_t i = offset; i < it->second.size() && out.size() < limit; ++i) out.push_back(it->second[i]);
-        return out;
+        return guarded(st.name, [&] {
+          std::vector<Envelope> out;
+          const auto family = family_of(kind);
+          uint64_t index = 0;
+          if (limit == 0) return out;
+          st.store->scan(family, 0, UINT64_MAX, [&](const store::Key&, std::span<const uint8_t> bytes) {
+            if (index++ >= offset) out.push_back(Envelope{kind, std::vector<uint8_t>(bytes.begin(), bytes.end())});
+            return out.size() < limit;
+          });
+          return out;
+        });
+      },
+      [self, &st, weak](queue_atom, Envelope& e) {
+        return answered(st.name, [&]() -> caf::result<uint64_t> {
+          require(e.kind == kPairToJudgeKind, "queue: expected a PairToJudge message, got \"" + e.kind.substr(0, 64) + "\"");
+          const auto pair = store::decode_pair(e.bytes);  // pairId > 0, createdNs > 0: the codec's rules
+          auto promise = self->make_response_promise<uint64_t>();
+          if (const auto it = st.pairs.find(pair.pair_id); it != st.pairs.end()) {  // a duplicate delivery
+            if (st.waiters.pending(it->second.seq)) st.waiters.join(it->second.seq, promise);
+            else promise.deliver(pair.pair_id);
+            return promise;
+          }
+          auto bytes = std::move(e.bytes);
+          const auto key = st.store->append_async(store::Family::Pair, static_cast<uint64_t>(pair.created_ns),
+                                                  std::move(bytes), notify<feedback_collector_actor>(weak));
+          st.pairs.emplace(pair.pair_id, key);
+          const uint64_t id = pair.pair_id;
+          st.waiters.add(key.seq, promise, [id] { return id; });
+          return promise;
+        });
+      },
+      [&st](next_atom, uint64_t after) {
+        return guarded(st.name, [&] {
+          std::vector<Envelope> out;
+          for (auto it = st.pairs.upper_bound(after); it != st.pairs.end() && out.empty(); ++it)
+            if (!st.waiters.pending(it->second.seq))
+              if (auto bytes = st.store->get(store::Family::Pair, it->second))
+                out.push_back(Envelope{kPairToJudgeKind, std::move(*bytes)});
+          return out;
+        });
+      },
+      [&st](committed_atom, uint64_t seq, const std::string& error) {
+        st.in_flight.erase(seq);
+        if (!error.empty()) {  // not stored: a later delivery of the same record is not a duplicate
+          std::erase_if(st.submitted, [seq](const auto& e) { return e.second.seq == seq; });
+          std::erase_if(st.pairs, [seq](const auto& e) { return e.second.seq == seq; });
+        }
+        st.waiters.done(seq, error, st.name);
       },
   };
 }
 
 // ---- replay buffer ----
 
+using RolloutId = std::pair<uint64_t, uint32_t>;  // (request id, sample index)
+
 struct ReplayState {
   std::string name;
   size_t capacity = 0;
-  std::deque<Envelope> records;                      // oldest first, each a validated ReplayRecord
-  std::deque<std::pair<uint64_t, uint32_t>> keys;    // (request id, sample index) of each record
-  std::set<std::pair<uint64_t, uint32_t>> held;
+  std::shared_ptr<store::DurableStore> store;
+  std::deque<std::pair<store::Key, RolloutId>> order;  // held records, oldest first (durable or in flight)
+  std::map<RolloutId, store::Key> held;
+  Waiters waiters;
 };
 
+std::vector<Envelope> replay_envelopes(std::vector<std::vector<uint8_t>> records) {
+  std::vector<Envelope> out;
+  for (auto& bytes : records) out.push_back(Envelope{MessageTraits<msg::ReplayRecord>::kind, std::move(bytes)});
+  return out;
+}
+
 replay_buffer_actor::behavior_type replay_buffer(replay_buffer_actor::stateful_pointer<ReplayState> self,
-                                                 size_t capacity, std::string name) {
+                                                 size_t capacity, std::string name,
+                                                 std::shared_ptr<store::DurableStore> db) {
   auto& st = self->state;
   st.name = std::move(name);
   st.capacity = std::max<size_t>(capacity, 1);
+  st.store = std::move(db);
+  st.store->scan(store::Family::Replay, 0, UINT64_MAX, [&](const store::Key& k, std::span<const uint8_t> bytes) {
+    const auto r = msg::decode_replay_record(bytes);
+    const RolloutId id{r.rollout.request_id, r.rollout.sample_index};
+    st.order.emplace_back(k, id);
+    st.held[id] = k;
+    return true;
+  });
+  while (st.order.size() > st.capacity) {  // a smaller capacity than the store was written with
+    st.store->erase(store::Family::Replay, st.order.front().first);
+    st.held.erase(st.order.front().second);
+    st.order.pop_front();
+  }
+  const caf::weak_actor_ptr weak{self->ctrl()};
   return {
-      [&st](put_atom, Envelope& e) {
-        return guarded(st.name, [&] {
+      [self, &st, weak](put_atom, Envelope& e) {
+        return answered(st.name, [&]() -> caf::result<uint64_t> {
           const auto r = unwrap<msg::ReplayRecord>(e);
-          const std::pair<uint64_t, uint32_t> key{r.rollout.request_id, r.rollout.sample_index};
-          if (st.held.count(key)) return static_cast<uint64_t>(st.records.size());  // a duplicate delivery
-          if (st.records.size() == st.capacity) {
-            st.held.erase(st.keys.front());
-            st.keys.pop_front();
-            st.records.pop_front();
+          const RolloutId id{r.rollout.request_id, r.rollout.sample_index};
+          auto promise = self->make_response_promise<uint64_t>();
+          if (const auto it = st.held.find(id); it != st.held.end()) {  // a duplicate delivery
+            if (st.waiters.pending(it->second.seq)) st.waiters.join(it->second.seq, promise);
+            else promise.deliver(static_cast<uint64_t>(st.order.size()));
+            return promise;
           }
-          st.records.push_back(std::move(e));
-          st.keys.push_back(key);
-          st.held.insert(key);
-          return static_cast<uint64_t>(st.records.size());
+          // The oldest goes first: queued before the new record, its deletion is durable when the record is.
+          while (st.order.size() >= st.capacity) {
+            st.store->erase_async(store::Family::Replay, st.order.front().first);
+            st.held.erase(st.order.front().second);
+            st.order.pop_front();
+          }
+          const auto key = st.store->append_async(store::Family::Replay, now_ns(), std::move(e.bytes),
+                                                  notify<replay_buffer_actor>(weak), r.rollout.policy_version.version);
+          st.order.emplace_back(key, id);
+          st.held[id] = key;
+          // The count when accepted, not when durable: answers do not depend on how the commits fell.
+          st.waiters.add(key.seq, promise, [n = static_cast<uint64_t>(st.order.size())] { return n; });
+          return promise;
         });
       },
       [&st](sample_atom, uint32_t count, uint64_t seed) {
-        // Partial Fisher-Yates over the indices; std::mt19937_64's output is fixed by the standard.
-        std::vector<size_t> index(st.records.size());
-        for (size_t i = 0; i < index.size(); ++i) index[i] = i;
-        std::mt19937_64 rng(seed);
-        const size_t n = std::min<size_t>(count, index.size());
-        std::vector<Envelope> out;
-        for (size_t i = 0; i < n; ++i) {
-          std::swap(index[i], index[i + rng() % (index.size() - i)]);
-          out.push_back(st.records[index[i]]);
-        }
-        return out;
+        return guarded(st.name, [&] { return replay_envelopes(st.store->sample(store::Family::Replay, count, seed)); });
       },
-      [&st](size_atom) { return static_cast<uint64_t>(st.records.size()); },
+      [&st](size_atom) { return static_cast<uint64_t>(st.order.size()); },
+      [&st](list_atom, uint64_t from_ns, uint64_t to_ns, uint64_t limit) {
+        return guarded(st.name, [&] {
+          std::vector<std::vector<uint8_t>> out;
+          if (limit > 0)
+            st.store->scan(store::Family::Replay, from_ns, to_ns, [&](const store::Key&, std::span<const uint8_t> b) {
+              out.emplace_back(b.begin(), b.end());
+              return out.size() < limit;
+            });
+          return replay_envelopes(std::move(out));
+        });
+      },
+      [&st](version_atom, uint64_t from, uint64_t to, uint64_t limit) {
+        return guarded(st.name, [&] {
+          std::vector<std::vector<uint8_t>> out;
+          if (limit > 0)
+            st.store->scan_by_version(from, to, [&](const store::Key&, std::span<const uint8_t> b) {
+              out.emplace_back(b.begin(), b.end());
+              return out.size() < limit;
+            });
+          return replay_envelopes(std::move(out));
+        });
+      },
+      [&st](committed_atom, uint64_t seq, const std::string& error) {
+        if (!error.empty()) {  // not stored: forget it, so a later delivery is not taken for a duplicate
+          std::erase_if(st.order, [seq](const auto& e) { return e.first.seq == seq; });
+          std::erase_if(st.held, [seq](const auto& e) { return e.second.seq == seq; });
+        }
+        st.waiters.done(seq, error, st.name);
+      },
   };
 }
 
 }  // namespace
 
-feedback_collector_actor spawn_feedback_collector(caf::actor_system& system, std::string name) {
-  return system.spawn(feedback_collector, std::move(name));
+feedback_collector_actor spawn_feedback_collector(caf::actor_system& system, std::string name, std::string db_dir) {
+  auto store = open_store(db_dir, name);
+  return system.spawn(feedback_collector, std::move(store), std::move(name));
 }
 
-replay_buffer_actor spawn_replay_buffer(caf::actor_system& system, size_t capacity, std::string name) {
-  return system.spawn(replay_buffer, capacity, std::move(name));
+feedback_collector_actor spawn_feedback_collector(caf::actor_system& system, std::shared_ptr<store::DurableStore> store,
+                                                  std::string name) {
+  require(store != nullptr, "spawn_feedback_collector: no store");
+  return system.spawn(feedback_collector, std::move(store), std::move(name));
+}
+
+replay_buffer_actor spawn_replay_buffer(caf::actor_system& system, size_t capacity, std::string name, std::string db_dir) {
+  auto store = open_store(db_dir, name);
+  return system.spawn(replay_buffer, capacity, std::move(name), std::move(store));
 }
 
 }  // namespace moerl::actors

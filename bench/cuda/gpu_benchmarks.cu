@@ -4,6 +4,8 @@
 //   gemm_bf16_8192_tflops                                   cuBLASLt BF16 GEMM, the same layout, for comparison
 //   quant_1x128_gbps, quant_128x128_gbps,
 //   quant_1x128_transposed_gbps                             fp8::cuda::quantize_*, 8192 x 8192 FP32 in
+//   quant_1x128_transposed_{cols32,cols64,blocks128}_gbps   each kernel shape of the transposed one
+//   quant_1x128_dual_gbps                                   quantize_1x128_dual: both ways, one read
 //   train_step_{fp8,bf16}_tokens_per_s, train_step_peak_mem_gib,
 //   moe_layer_{fp8,bf16}_ms                                 training: bench/cuda/train_step_bench.cu
 // Ceilings seen on an H200 (shared/DEVICE.md): FP8 block-scaled 1337 TFLOP/s at 8192³, BF16 763-774,
@@ -267,16 +269,39 @@ void bench_quantize(Report& report, const std::string& device, cudaStream_t stre
       {"quant_128x128_gbps", fp8::tiles(rows) * fp8::tiles(cols), fc::quantize_128x128},
       {"quant_1x128_transposed_gbps", cols * fp8::tiles(rows), fc::quantize_1x128_transposed},
   };
+  auto add = [&](const std::string& metric, double bytes, const std::vector<float>& ms, const std::string& kernel) {
+    nlohmann::json extra = timing_extra(device, ms);
+    extra["shape"] = {rows, cols};
+    extra["bytes"] = bytes;
+    if (!kernel.empty()) extra["kernel"] = kernel;
+    report.add("gpu", metric, bytes / (ms[ms.size() / 2] * 1e-3) / 1e9, "GB/s", "median", extra);
+  };
   for (const Variant& v : variants) {
     const std::vector<float> ms = time_runs(stream, kWarmup, kRuns, [&](int) {
       v.run(x.as<float>(), rows, cols, codes.as<uint8_t>(), scales.as<float>(), stream);
     });
-    const double bytes = 5.0 * static_cast<double>(n) + 4.0 * static_cast<double>(v.scale_count);
-    nlohmann::json extra = timing_extra(device, ms);
-    extra["shape"] = {rows, cols};
-    extra["bytes"] = bytes;
-    report.add("gpu", v.metric, bytes / (ms[ms.size() / 2] * 1e-3) / 1e9, "GB/s", "median", extra);
+    const bool transposed = std::string(v.metric) == "quant_1x128_transposed_gbps";
+    add(v.metric, 5.0 * static_cast<double>(n) + 4.0 * static_cast<double>(v.scale_count), ms,
+        transposed ? fc::transposed_kernel_name(fc::transposed_kernel()) : "");
   }
+  // Every shape of the transposed kernel (the same bytes; MOERL_QUANT_TRANSPOSED picks the one in use).
+  for (fc::TransposedKernel k : {fc::TransposedKernel::Cols32, fc::TransposedKernel::Cols64,
+                                  fc::TransposedKernel::Blocks128}) {
+    const std::vector<float> ms = time_runs(stream, kWarmup, kRuns, [&](int) {
+      fc::quantize_1x128_transposed_with(k, x.as<float>(), rows, cols, codes.as<uint8_t>(), scales.as<float>(), stream);
+    });
+    add(std::string("quant_1x128_transposed_") + fc::transposed_kernel_name(k) + "_gbps",
+        5.0 * static_cast<double>(n) + 4.0 * static_cast<double>(cols * fp8::tiles(rows)), ms, "");
+  }
+  // Both ways from one read (quantize_1x128_dual): x read once, two sets of codes and scales written.
+  DeviceMemory codes_t(static_cast<size_t>(n)), scales_t(static_cast<size_t>(cols * fp8::tiles(rows)) * 4);
+  const std::vector<float> ms = time_runs(stream, kWarmup, kRuns, [&](int) {
+    fc::quantize_1x128_dual(x.as<float>(), rows, cols, nullptr, 0, codes.as<uint8_t>(), scales.as<float>(),
+                            codes_t.as<uint8_t>(), scales_t.as<float>(), stream);
+  });
+  add("quant_1x128_dual_gbps",
+      6.0 * static_cast<double>(n) + 4.0 * static_cast<double>(rows * fp8::tiles(cols) + cols * fp8::tiles(rows)), ms,
+      "");
 }
 #endif
 

@@ -8,14 +8,19 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/fp8_quantize_common.cuh"
+#include "kernels/cuda/fp8_quantize_tile.cuh"
 #include "kernels/fp8_quantize.hpp"
 #include "runtime/error.hpp"
 
 namespace moerl::fp8::cuda {
 namespace {
+
+using namespace quant_detail;
 
 // Block shapes chosen by measurement on the H200 at 8192 x 8192 (bench/results/2026-11-28-quant-variants-h200.jsonl:
 // every variant checked bit-exact against the previous kernels): a 1x128 warp handles 4 tiles, whose loads are all
@@ -23,38 +28,11 @@ namespace {
 // of 8 rows each (3.9 TB/s vs 1.8 with 8 warps of 16 rows); transposed blocks of 128 rows x 32 columns with
 // 16-byte loads (3.2 TB/s vs 2.0 with 64 columns and 4-byte loads). Loads and stores are streaming (__ldcs,
 // __stcs): each element is read and written once.
-constexpr int kWarp = 32;
-static_assert(kTile == 4 * kWarp, "a warp covers one 128-wide tile row with 4 elements per lane");
-
 constexpr int kRowWarps = 4;                // 1x128: warps per block
 constexpr int kTilesPerWarp = 4;            // 1x128: tiles per warp
 constexpr int kBlockWarps = 16;             // 128x128: warps per block
 constexpr int kTransposeWarps = 8;          // transposed: warps per block
-constexpr int kTransposeCols = 32;          // transposed: columns of x per block
-static_assert(kTransposeCols % kTransposeWarps == 0 && kTransposeCols % 4 == 0, "tile split");
-
-__device__ __forceinline__ int abs_bits(float v) {
-  const int a = __float_as_int(v) & 0x7FFFFFFF;
-  return a > 0x7F800000 ? 0 : a;  // NaN ignored, as on the CPU
-}
-
-__device__ __forceinline__ int warp_max(int v) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v = max(v, __shfl_xor_sync(0xFFFFFFFFu, v, offset));
-  return v;
-}
-
-__device__ __forceinline__ float scale_from_amax_bits(int amax_bits) {
-  return __fdiv_rn(fmaxf(__int_as_float(amax_bits), kMinAmax), kE4M3Max);
-}
-
-__device__ __forceinline__ uint16_t encode2(float a, float b, float scale) {
-  const float2 v = make_float2(__fdiv_rn(a, scale), __fdiv_rn(b, scale));
-  return __nv_cvt_float2_to_fp8x2(v, __NV_SATFINITE, __NV_E4M3);  // a in the low byte
-}
-
-__device__ __forceinline__ uint32_t encode4(const float (&v)[4], float scale) {
-  return uint32_t{encode2(v[0], v[1], scale)} | (uint32_t{encode2(v[2], v[3], scale)} << 16);
-}
+// transposed: columns of x per block, 32 or 64 (TransposedKernel, kernels/fp8_quantize.hpp)
 
 // 4 consecutive elements from column c of a row with `cols` elements; zero beyond the row's end.
 __device__ __forceinline__ void load4(const float* row, int64_t c, int64_t cols, bool vec, float (&v)[4]) {
@@ -158,28 +136,28 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp)
   }
 }
 
-// One block per (128-row tile rt, kTransposeCols-column chunk) of x [rows, cols]. The tile is staged in shared
+// One block per (128-row tile rt, kTC-column chunk) of x [rows, cols]. The tile is staged in shared
 // memory (coalesced reads along columns, 16 bytes per load when `vec_x`), each warp then quantizes its columns
-// — lane l holds rows l, l + 32, l + 64, l + 96 of a column (row stride kTransposeCols + 1 floats: conflict-free)
+// — lane l holds rows l, l + 32, l + 64, l + 96 of a column (row stride kTC + 1 floats: conflict-free)
 // — and stages their codes per column so the writes to codes_t [cols, rows] run contiguously along rows.
 // `vec_x`: x rows 16-byte aligned; `vec`: codes_t rows 4-byte aligned. kFull: rows % 128 == 0,
-// cols % kTransposeCols == 0, `vec_x` and `vec`: no bounds checks. kGrouped: the rows are cut into groups at
+// cols % kTC == 0, `vec_x` and `vec`: no bounds checks. kGrouped: the rows are cut into groups at
 // bounds [n_groups + 1] (multiples of 128), and group g's codes are its own packed transpose [cols, n_g] at
 // codes_t + bounds[g] · cols (a 128-row tile lies in one group).
-template <bool kFull, bool kGrouped = false>
+template <bool kFull, bool kGrouped, int kTC>
 __global__ void __launch_bounds__(kTransposeWarps * kWarp)
     quantize_1x128_transposed_kernel(const float* __restrict__ x, int64_t rows, int64_t cols, int64_t nrow_tiles,
                                      bool vec_x, bool vec, uint8_t* __restrict__ codes_t,
                                      float* __restrict__ scales_t, const int64_t* __restrict__ bounds,
                                      int64_t n_groups) {
   constexpr int kThreads = kTransposeWarps * kWarp;
-  constexpr int kQuads = kTransposeCols / 4;                 // 4-column groups per tile row
+  constexpr int kQuads = kTC / 4;                 // 4-column groups per tile row
   constexpr int kLoads = kTile * kQuads / kThreads;          // groups per thread
-  static_assert(kTile * kQuads % kThreads == 0, "tile split");
-  __shared__ float tile[kTile][kTransposeCols + 1];
-  __shared__ __align__(16) uint8_t staged[kTransposeCols][kTile];
+  static_assert(kTile * kQuads % kThreads == 0 && kTC % kTransposeWarps == 0, "tile split");
+  __shared__ float tile[kTile][kTC + 1];
+  __shared__ __align__(16) uint8_t staged[kTC][kTile];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t rt = blockIdx.y, r0 = rt * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTransposeCols;
+  const int64_t rt = blockIdx.y, r0 = rt * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTC;
 
   float v[kLoads][4];
 #pragma unroll
@@ -202,7 +180,7 @@ __global__ void __launch_bounds__(kTransposeWarps * kWarp)
   }
   __syncthreads();
 
-  constexpr int kColsPerWarp = kTransposeCols / kTransposeWarps;
+  constexpr int kColsPerWarp = kTC / kTransposeWarps;
   for (int j = warp * kColsPerWarp; j < (warp + 1) * kColsPerWarp; ++j) {
     float q[4];
     for (int i = 0; i < 4; ++i) q[i] = tile[lane + i * kWarp][j];
@@ -257,6 +235,46 @@ void check_args(const char* fn, const float* x, int64_t rows, int64_t cols, cons
 
 int64_t blocks_for(int64_t items, int64_t per_block) { return (items + per_block - 1) / per_block; }
 
+// Whether x [rows, cols] takes the 128 x 128 block kernels of fp8_quantize_tile.cuh.
+bool tile_kernel_fits(const float* x, int64_t rows, int64_t cols, const uint8_t* codes, const uint8_t* codes_t) {
+  return rows % kTile == 0 && rows / kTile <= 65535 && cols % 4 == 0 && tiles(cols) <= INT32_MAX && aligned(x, 16) &&
+         (codes == nullptr || aligned(codes, 4)) && (codes_t == nullptr || aligned(codes_t, 4));
+}
+
+// quantize_1x128_transposed_kernel with kTC columns per block; bounds null: ungrouped.
+template <int kTC>
+void launch_transposed_cols(const char* fn, const float* x, int64_t rows, int64_t cols, const int64_t* bounds,
+                            int64_t n_groups, uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
+  const int64_t chunks = blocks_for(cols, kTC);
+  require(tiles(rows) <= 65535 && chunks <= INT32_MAX, std::string("fp8::cuda::") + fn + ": matrix too large");
+  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(tiles(rows)));
+  const bool vec_x = cols % 4 == 0 && aligned(x, 16);
+  const bool vec = rows % 4 == 0 && aligned(codes_t, 4);  // grouped: every group's row count is a multiple of 128
+  const bool full = vec_x && vec && rows % kTile == 0 && cols % kTC == 0;
+  const auto kernel = bounds != nullptr ? (full ? quantize_1x128_transposed_kernel<true, true, kTC>
+                                                : quantize_1x128_transposed_kernel<false, true, kTC>)
+                                        : (full ? quantize_1x128_transposed_kernel<true, false, kTC>
+                                                : quantize_1x128_transposed_kernel<false, false, kTC>);
+  kernel<<<grid, kTransposeWarps * kWarp, 0, stream>>>(x, rows, cols, tiles(rows), vec_x, vec, codes_t, scales_t,
+                                                        bounds, n_groups);
+  CUDA_CHECK_LAUNCH();
+}
+
+void launch_transposed(TransposedKernel kernel, const char* fn, const float* x, int64_t rows, int64_t cols,
+                       const int64_t* bounds, int64_t n_groups, uint8_t* codes_t, float* scales_t,
+                       cudaStream_t stream) {
+  if (kernel == TransposedKernel::Blocks128 && tile_kernel_fits(x, rows, cols, nullptr, codes_t)) {
+    TileOutputs o;
+    o.rows = rows, o.cols = cols, o.codes_t = codes_t, o.scales_t = scales_t, o.bounds = bounds,
+    o.n_groups = n_groups;
+    launch_quantize_tiles<false, true>(PlainSource{x, cols}, o, stream);
+  } else if (kernel == TransposedKernel::Cols64) {
+    launch_transposed_cols<64>(fn, x, rows, cols, bounds, n_groups, codes_t, scales_t, stream);
+  } else {
+    launch_transposed_cols<32>(fn, x, rows, cols, bounds, n_groups, codes_t, scales_t, stream);
+  }
+}
+
 }  // namespace
 
 void quantize_1x128(const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream) {
@@ -287,16 +305,8 @@ void quantize_1x128_transposed(const float* x, int64_t rows, int64_t cols, uint8
                                cudaStream_t stream) {
   check_args("quantize_1x128_transposed", x, rows, cols, codes_t, scales_t);
   if (rows == 0 || cols == 0) return;
-  const int64_t chunks = blocks_for(cols, kTransposeCols);
-  require(tiles(rows) <= 65535 && chunks <= INT32_MAX, "fp8::cuda::quantize_1x128_transposed: matrix too large");
-  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(tiles(rows)));
-  const bool vec_x = cols % 4 == 0 && aligned(x, 16);
-  const bool vec = rows % 4 == 0 && aligned(codes_t, 4);
-  const bool full = vec_x && vec && rows % kTile == 0 && cols % kTransposeCols == 0;
-  const auto kernel = full ? quantize_1x128_transposed_kernel<true> : quantize_1x128_transposed_kernel<false>;
-  kernel<<<grid, kTransposeWarps * kWarp, 0, stream>>>(x, rows, cols, tiles(rows), vec_x, vec, codes_t, scales_t,
-                                                        nullptr, 0);
-  CUDA_CHECK_LAUNCH();
+  launch_transposed(transposed_kernel(), "quantize_1x128_transposed", x, rows, cols, nullptr, 0, codes_t, scales_t,
+                    stream);
 }
 
 void quantize_1x128_transposed_grouped(const float* x, int64_t rows, int64_t cols, const int64_t* bounds,
@@ -307,18 +317,55 @@ void quantize_1x128_transposed_grouped(const float* x, int64_t rows, int64_t col
               std::to_string(rows) + ", n_groups " + std::to_string(n_groups));
   if (rows == 0 || cols == 0) return;
   require(bounds != nullptr, "fp8::cuda::quantize_1x128_transposed_grouped: null bounds");
-  const int64_t chunks = blocks_for(cols, kTransposeCols);
-  require(tiles(rows) <= 65535 && chunks <= INT32_MAX,
-          "fp8::cuda::quantize_1x128_transposed_grouped: matrix too large");
-  const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(tiles(rows)));
-  const bool vec_x = cols % 4 == 0 && aligned(x, 16);
-  const bool vec = aligned(codes_t, 4);  // every group's row count is a multiple of 128
-  const bool full = vec_x && vec && cols % kTransposeCols == 0;
-  const auto kernel =
-      full ? quantize_1x128_transposed_kernel<true, true> : quantize_1x128_transposed_kernel<false, true>;
-  kernel<<<grid, kTransposeWarps * kWarp, 0, stream>>>(x, rows, cols, tiles(rows), vec_x, vec, codes_t, scales_t,
-                                                        bounds, n_groups);
-  CUDA_CHECK_LAUNCH();
+  launch_transposed(transposed_kernel(), "quantize_1x128_transposed_grouped", x, rows, cols, bounds, n_groups, codes_t,
+                    scales_t, stream);
+}
+
+void quantize_1x128_transposed_with(TransposedKernel kernel, const float* x, int64_t rows, int64_t cols,
+                                    uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
+  check_args("quantize_1x128_transposed_with", x, rows, cols, codes_t, scales_t);
+  if (rows == 0 || cols == 0) return;
+  launch_transposed(kernel, "quantize_1x128_transposed_with", x, rows, cols, nullptr, 0, codes_t, scales_t, stream);
+}
+
+TransposedKernel transposed_kernel() {
+  static const TransposedKernel from_env = [] {
+    const char* v = std::getenv("MOERL_QUANT_TRANSPOSED");
+    if (v == nullptr || *v == '\0') return TransposedKernel::Cols32;
+    for (TransposedKernel k : {TransposedKernel::Cols32, TransposedKernel::Cols64, TransposedKernel::Blocks128})
+      if (std::string(v) == transposed_kernel_name(k)) return k;
+    throw Error(std::string("MOERL_QUANT_TRANSPOSED: expected cols32, cols64 or blocks128, got '") + v + "'");
+  }();
+  return from_env;
+}
+
+const char* transposed_kernel_name(TransposedKernel k) {
+  switch (k) {
+    case TransposedKernel::Cols32: return "cols32";
+    case TransposedKernel::Cols64: return "cols64";
+    case TransposedKernel::Blocks128: return "blocks128";
+  }
+  return "?";
+}
+
+void quantize_1x128_dual(const float* x, int64_t rows, int64_t cols, const int64_t* bounds, int64_t n_groups,
+                         uint8_t* codes, float* scales, uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
+  check_args("quantize_1x128_dual", x, rows, cols, codes, scales);
+  check_args("quantize_1x128_dual", x, rows, cols, codes_t, scales_t);
+  if (rows == 0 || cols == 0) return;
+  require(bounds == nullptr || n_groups > 0, "fp8::cuda::quantize_1x128_dual: bounds need n_groups > 0");
+  if (!tile_kernel_fits(x, rows, cols, codes, codes_t)) {
+    quantize_1x128(x, rows, cols, codes, scales, stream);
+    if (bounds != nullptr)
+      quantize_1x128_transposed_grouped(x, rows, cols, bounds, n_groups, codes_t, scales_t, stream);
+    else
+      quantize_1x128_transposed(x, rows, cols, codes_t, scales_t, stream);
+    return;
+  }
+  TileOutputs o;
+  o.rows = rows, o.cols = cols, o.codes = codes, o.scales = scales, o.codes_t = codes_t, o.scales_t = scales_t;
+  o.bounds = bounds, o.n_groups = n_groups;
+  launch_quantize_tiles<true, true>(PlainSource{x, cols}, o, stream);
 }
 
 }  // namespace moerl::fp8::cuda

@@ -86,4 +86,16 @@ void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const 
                               const float* g, const float* u, const float* h, const int64_t* aligned_host,
                               const int64_t* aligned, float* dxp, cudaStream_t stream = nullptr);
 
+// The same, with the input rows gathered inside the kernels that quantize them instead of read from xp: row r is
+// x[token_of[r], :] (x [tokens, H], 16-byte aligned), or zeros where token_of[r] < 0 (moe_align_plan's
+// token_of_aligned). The same bytes as moe_gather_or_zero followed by the xp versions, without writing or reading
+// xp [rows, H] (forward: the Fprop quantization; backward: the Wgrad one).
+void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* x,
+                                      const int64_t* token_of, const int64_t* aligned_host, const int64_t* aligned,
+                                      float* g, float* u, float* h, float* yp, cudaStream_t stream = nullptr);
+void moe_fp8_experts_backward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* x,
+                                       const int64_t* token_of, const float* g, const float* u, const float* h,
+                                       const int64_t* aligned_host, const int64_t* aligned, float* dxp,
+                                       cudaStream_t stream = nullptr);
+
 }  // namespace moerl::cuda

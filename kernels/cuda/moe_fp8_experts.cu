@@ -5,6 +5,10 @@
 // the whole's VEC128 layout, because its tiles start at a multiple of 128). Then one cuBLASLt call per expert and GEMM
 // (fp8::cuda::gemm_nt), the weights from the LinearContext's prepared FP8 copies (linear_fp8.cu).
 //
+// Fused passes (same bytes as unfused): SwiGLU forward writes h and its row codes in one kernel; dy is quantized
+// both ways in one read (quantize_1x128_dual); dg and du are never stored in FP32: each is computed from dh, g, u
+// inside the kernel that quantizes it both ways (kernels/cuda/swiglu_fp8.hpp).
+//
 // Lanes. One expert's GEMM is small (about 1600 rows at 64 experts: 13 x 11 tiles of 128 x 128 on 132 SMs, a second
 // wave nearly empty; at bench-600m's 32 experts, 16 x 6 tiles, a quarter of the SMs idle), so the experts' GEMMs run
 // on kLanes side streams forked from and joined to the caller's stream (expert e on lane e % kLanes, each lane
@@ -22,10 +26,12 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/fp8_quantize_tile.cuh"
 #include "kernels/cuda/linear_impl.cuh"
 #include "kernels/cuda/moe_fp8.hpp"
 #include "kernels/cuda/stream_scratch.hpp"
 #include "kernels/cuda/swiglu.hpp"
+#include "kernels/cuda/swiglu_fp8.hpp"
 #include "kernels/fp8.hpp"
 #include "kernels/fp8_gemm.hpp"
 #include "kernels/fp8_quantize.hpp"
@@ -43,41 +49,57 @@ using fp8::cuda::OutType;
 
 size_t bytes_of(int64_t n, size_t each) { return align256(static_cast<size_t>(n) * each); }
 
-// src [rows, d] quantized in 1x128 tiles along d: codes [rows, d] and every expert's VEC128 scales.
+// An activation [rows, d] quantized in 1x128 tiles along d: codes [rows, d] and every expert's VEC128 scales.
+// Made from src by quantize_1x128, or (null src) left for a fused kernel to fill codes() and cpu_scales(), then
+// finish().
 class RowsFp8 {
  public:
   RowsFp8(const float* src, int64_t rows, int64_t d, const int64_t* aligned, int64_t experts, cudaStream_t stream)
-      : d_(d), t_(tiles(d)), scratch_(bytes_of(rows * d, 1) + 2 * bytes_of(rows * tiles(d), sizeof(float)), stream) {
+      : rows_(rows), d_(d), t_(tiles(d)), experts_(experts), aligned_(aligned), stream_(stream),
+        scratch_(bytes_of(rows * d, 1) + 2 * bytes_of(rows * tiles(d), sizeof(float)), stream) {
     codes_ = scratch_.as<uint8_t>();
-    float* cpu_scales = scratch_.as<float>(bytes_of(rows * d, 1));
+    cpu_scales_ = scratch_.as<float>(bytes_of(rows * d, 1));
     lt_ = scratch_.as<float>(bytes_of(rows * d, 1) + bytes_of(rows * t_, sizeof(float)));
-    fp8::cuda::quantize_1x128(src, rows, d, codes_, cpu_scales, stream);
-    moe_grouped_vec128_scales(cpu_scales, aligned, experts, rows, t_, lt_, stream);
+    if (src != nullptr) {
+      fp8::cuda::quantize_1x128(src, rows, d, codes_, cpu_scales_, stream);
+      finish();
+    }
   }
+  uint8_t* codes() const { return codes_; }
+  float* cpu_scales() const { return cpu_scales_; }  // [rows, tiles(d)], quantize_1x128's layout
+  void finish() { moe_grouped_vec128_scales(cpu_scales_, aligned_, experts_, rows_, t_, lt_, stream_); }
   // Rows first .. first + n - 1 (one expert's): [n, d].
   Operand expert(int64_t first, int64_t n) const { return Operand{codes_ + first * d_, lt_ + first * t_, n, d_, 1}; }
   void release() { scratch_.release(); }
 
  private:
-  int64_t d_, t_;
+  int64_t rows_, d_, t_, experts_;
+  const int64_t* aligned_;
+  cudaStream_t stream_;
   StreamScratch scratch_;
   uint8_t* codes_ = nullptr;
-  float* lt_ = nullptr;
+  float *cpu_scales_ = nullptr, *lt_ = nullptr;
 };
 
-// src [rows, d] quantized in 1x128 tiles along rows (tokens): every expert's codes [d, n] packed at first · d
-// (quantize_1x128_transposed_grouped) and the VEC128 scales of the whole, [tiles(rows), d], in which every
-// expert's tiles are a contiguous slice.
+// An activation [rows, d] quantized in 1x128 tiles along rows (tokens): every expert's codes [d, n] packed at
+// first · d (quantize_1x128_transposed_grouped) and the VEC128 scales of the whole, [tiles(rows), d], in which
+// every expert's tiles are a contiguous slice. Made from src, or (null src) filled by a fused kernel, then finish().
 class TokensFp8 {
  public:
   TokensFp8(const float* src, int64_t rows, int64_t d, const int64_t* aligned, int64_t experts, cudaStream_t stream)
-      : d_(d), scratch_(bytes_of(rows * d, 1) + 2 * bytes_of(d * tiles(rows), sizeof(float)), stream) {
+      : rows_(rows), d_(d), stream_(stream),
+        scratch_(bytes_of(rows * d, 1) + 2 * bytes_of(d * tiles(rows), sizeof(float)), stream) {
     codes_ = scratch_.as<uint8_t>();
-    float* cpu_scales = scratch_.as<float>(bytes_of(rows * d, 1));
+    cpu_scales_ = scratch_.as<float>(bytes_of(rows * d, 1));
     lt_ = scratch_.as<float>(bytes_of(rows * d, 1) + bytes_of(d * tiles(rows), sizeof(float)));
-    fp8::cuda::quantize_1x128_transposed_grouped(src, rows, d, aligned, experts, codes_, cpu_scales, stream);
-    fp8::cuda::scales_to_cublaslt(cpu_scales, d, rows, 1, lt_, stream);
+    if (src != nullptr) {
+      fp8::cuda::quantize_1x128_transposed_grouped(src, rows, d, aligned, experts, codes_, cpu_scales_, stream);
+      finish();
+    }
   }
+  uint8_t* codes() const { return codes_; }
+  float* cpu_scales() const { return cpu_scales_; }  // [d, tiles(rows)], quantize_1x128_transposed's layout
+  void finish() { fp8::cuda::scales_to_cublaslt(cpu_scales_, d_, rows_, 1, lt_, stream_); }
   // Tokens first .. first + n - 1 (first a multiple of 128): [d, n].
   Operand expert(int64_t first, int64_t n) const {
     return Operand{codes_ + first * d_, lt_ + first / kTile * d_, d_, n, 1};
@@ -85,11 +107,68 @@ class TokensFp8 {
   void release() { scratch_.release(); }
 
  private:
-  int64_t d_;
+  int64_t rows_, d_;
+  cudaStream_t stream_;
   StreamScratch scratch_;
   uint8_t* codes_ = nullptr;
-  float* lt_ = nullptr;
+  float *cpu_scales_ = nullptr, *lt_ = nullptr;
 };
+
+// src [rows, d] quantized both ways in one pass (quantize_1x128_dual): rows.codes / tokens.codes.
+void quantize_both(const float* src, int64_t rows, int64_t d, const int64_t* aligned, int64_t experts,
+                   RowsFp8& by_rows, TokensFp8& by_tokens, cudaStream_t stream) {
+  fp8::cuda::quantize_1x128_dual(src, rows, d, aligned, experts, by_rows.codes(), by_rows.cpu_scales(),
+                                 by_tokens.codes(), by_tokens.cpu_scales(), stream);
+  by_rows.finish();
+  by_tokens.finish();
+}
+
+// The experts' input row r: x[token_of[r], :], or zeros where token_of[r] < 0 (moe_gather_or_zero's xp, never
+// written). Plain loads: each token is read by its top-k rows, which L2 may still hold.
+struct GatherSource {
+  const float* x;
+  const int64_t* token_of;
+  int64_t cols;
+  __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
+    const int64_t t = token_of[r];
+    if (t < 0) return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    return __ldg(reinterpret_cast<const float4*>(x + t * cols + c));
+  }
+};
+
+void check_gather(const char* fn, const float* x, const int64_t* token_of, int64_t rows, int64_t H) {
+  require(x != nullptr && token_of != nullptr && reinterpret_cast<uintptr_t>(x) % 16 == 0 && H % 4 == 0 &&
+              rows / kTile <= 65535,
+          std::string("cuda::") + fn + ": needs x and token_of set, x 16-byte aligned, H a multiple of 4 and at most " +
+              "128 x 65535 rows");
+}
+
+// The experts' input rows quantized along features (Fprop): from xp, or gathered from x inside the kernel.
+void quantize_input_rows(const float* xp, const float* x, const int64_t* token_of, int64_t rows, int64_t H,
+                         RowsFp8& q, cudaStream_t stream) {
+  if (xp != nullptr) {
+    fp8::cuda::quantize_1x128(xp, rows, H, q.codes(), q.cpu_scales(), stream);
+  } else {
+    fp8::cuda::quant_detail::TileOutputs o;
+    o.rows = rows, o.cols = H, o.codes = q.codes(), o.scales = q.cpu_scales();
+    fp8::cuda::quant_detail::launch_quantize_tiles<true, false>(GatherSource{x, token_of, H}, o, stream);
+  }
+  q.finish();
+}
+
+// The experts' input rows quantized along tokens (Wgrad), every expert's codes packed (as TokensFp8).
+void quantize_input_tokens(const float* xp, const float* x, const int64_t* token_of, int64_t rows, int64_t H,
+                           const int64_t* aligned, int64_t experts, TokensFp8& q, cudaStream_t stream) {
+  if (xp != nullptr) {
+    fp8::cuda::quantize_1x128_transposed_grouped(xp, rows, H, aligned, experts, q.codes(), q.cpu_scales(), stream);
+  } else {
+    fp8::cuda::quant_detail::TileOutputs o;
+    o.rows = rows, o.cols = H, o.codes_t = q.codes(), o.scales_t = q.cpu_scales(), o.bounds = aligned,
+    o.n_groups = experts;
+    fp8::cuda::quant_detail::launch_quantize_tiles<false, true>(GatherSource{x, token_of, H}, o, stream);
+  }
+  q.finish();
+}
 
 // Expert weight w [n, k] (n, k multiples of 16, >= 128: no padding): Fprop's operand w and Dgrad's wᵀ.
 struct ExpertWeight {
@@ -180,12 +259,17 @@ bool moe_fp8_experts_supported(int64_t hidden, int64_t inter) {
   return hidden >= 128 && inter >= 128 && hidden % 16 == 0 && inter % 16 == 0;
 }
 
-void moe_fp8_experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp, const int64_t* aligned_host,
-                             const int64_t* aligned, float* g, float* u, float* h, float* yp, cudaStream_t stream) {
+namespace {
+
+// moe_fp8_experts_forward from xp, or (xp null) gathered from x by token_of.
+void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp, const float* x,
+                     const int64_t* token_of, const int64_t* aligned_host, const int64_t* aligned, float* g, float* u,
+                     float* h, float* yp, cudaStream_t stream) {
   check("moe_fp8_experts_forward", w, aligned_host, aligned);
   const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
   if (rows == 0) return;
-  require(xp && g && u && h && yp, "cuda::moe_fp8_experts_forward: null activation pointer");
+  require(g && u && h && yp, "cuda::moe_fp8_experts_forward: null activation pointer");
+  if (xp == nullptr) check_gather("moe_fp8_experts_forward(_gathered): xp or x", x, token_of, rows, H);
   LinearContext::Impl& c = ctx.impl();
   c.check_device("cuda::moe_fp8_experts_forward");
 
@@ -193,29 +277,38 @@ void moe_fp8_experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const f
   const std::vector<ExpertWeight> wg = expert_weights(c, w.gate, E, I, H, stream);
   const std::vector<ExpertWeight> wu = expert_weights(c, w.up, E, I, H, stream);
   const std::vector<ExpertWeight> wd = expert_weights(c, w.down, E, H, I, stream);
-  RowsFp8 xq(xp, rows, H, aligned, E, stream);
+  RowsFp8 xq(nullptr, rows, H, aligned, E, stream);
+  quantize_input_rows(xp, x, token_of, rows, H, xq, stream);
   lane.run(aligned_host, E, stream, [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
     const Operand x = xq.expert(r0, n);
     fp8::cuda::gemm_nt(gc, x, wg[e].w, g + r0 * I, OutType::FP32, s);
     fp8::cuda::gemm_nt(gc, x, wu[e].w, u + r0 * I, OutType::FP32, s);
   });
   xq.release();
-  swiglu_forward(g, u, h, rows * I, stream);
-  RowsFp8 hq(h, rows, I, aligned, E, stream);
+  RowsFp8 hq(nullptr, rows, I, aligned, E, stream);
+  if (swiglu_fp8_supported(rows, I, g, u, h)) {
+    swiglu_forward_quantize_1x128(g, u, rows, I, h, hq.codes(), hq.cpu_scales(), stream);
+  } else {
+    swiglu_forward(g, u, h, rows * I, stream);
+    fp8::cuda::quantize_1x128(h, rows, I, hq.codes(), hq.cpu_scales(), stream);
+  }
+  hq.finish();
   lane.run(aligned_host, E, stream, [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
     fp8::cuda::gemm_nt(gc, hq.expert(r0, n), wd[e].w, yp + r0 * H, OutType::FP32, s);
   });
   hq.release();
 }
 
-void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* xp,
-                              const float* g, const float* u, const float* h, const int64_t* aligned_host,
-                              const int64_t* aligned, float* dxp, cudaStream_t stream) {
+// moe_fp8_experts_backward from xp, or (xp null) gathered from x by token_of.
+void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* xp, const float* x,
+                      const int64_t* token_of, const float* g, const float* u, const float* h,
+                      const int64_t* aligned_host, const int64_t* aligned, float* dxp, cudaStream_t stream) {
   check("moe_fp8_experts_backward", w, aligned_host, aligned);
   const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
   if (rows == 0) return;
-  require(dyp && xp && g && u && h && dxp && w.gate_grad && w.up_grad && w.down_grad,
+  require(dyp && g && u && h && dxp && w.gate_grad && w.up_grad && w.down_grad,
           "cuda::moe_fp8_experts_backward: null activation or gradient pointer");
+  if (xp == nullptr) check_gather("moe_fp8_experts_backward(_gathered): xp or x", x, token_of, rows, H);
   LinearContext::Impl& c = ctx.impl();
   c.check_device("cuda::moe_fp8_experts_backward");
 
@@ -223,14 +316,13 @@ void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const 
   const std::vector<ExpertWeight> wg = expert_weights(c, w.gate, E, I, H, stream);
   const std::vector<ExpertWeight> wu = expert_weights(c, w.up, E, I, H, stream);
   const std::vector<ExpertWeight> wd = expert_weights(c, w.down, E, H, I, stream);
-  // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad).
-  StreamScratch grads(3 * bytes_of(rows * I, sizeof(float)), stream);
+  // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad); dy quantized both ways in one pass.
+  StreamScratch grads(bytes_of(rows * I, sizeof(float)), stream);
   float* dh = grads.as<float>();
-  float* dg = grads.as<float>(bytes_of(rows * I, sizeof(float)));
-  float* du = grads.as<float>(2 * bytes_of(rows * I, sizeof(float)));
   {
-    RowsFp8 dyq(dyp, rows, H, aligned, E, stream);
-    TokensFp8 dyt(dyp, rows, H, aligned, E, stream);
+    RowsFp8 dyq(nullptr, rows, H, aligned, E, stream);
+    TokensFp8 dyt(nullptr, rows, H, aligned, E, stream);
+    quantize_both(dyp, rows, H, aligned, E, dyq, dyt, stream);
     TokensFp8 ht(h, rows, I, aligned, E, stream);
     lane.run(aligned_host, E, stream,
              [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
@@ -241,14 +333,32 @@ void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const 
     dyt.release();
     dyq.release();
   }
-  swiglu_backward(dh, g, u, dg, du, rows * I, stream);
+
+  // dg and du (swiglu_backward) quantized both ways, fused with their computation where the shapes allow.
+  RowsFp8 dgq(nullptr, rows, I, aligned, E, stream);
+  RowsFp8 duq(nullptr, rows, I, aligned, E, stream);
+  TokensFp8 dgt(nullptr, rows, I, aligned, E, stream);
+  TokensFp8 dut(nullptr, rows, I, aligned, E, stream);
+  if (swiglu_fp8_supported(rows, I, dh, g, u)) {
+    swiglu_backward_quantize_dual(dh, g, u, rows, I, true, aligned, E, dgq.codes(), dgq.cpu_scales(), dgt.codes(),
+                                  dgt.cpu_scales(), stream);
+    swiglu_backward_quantize_dual(dh, g, nullptr, rows, I, false, aligned, E, duq.codes(), duq.cpu_scales(),
+                                  dut.codes(), dut.cpu_scales(), stream);
+    dgq.finish(), dgt.finish(), duq.finish(), dut.finish();
+  } else {
+    StreamScratch dgu(2 * bytes_of(rows * I, sizeof(float)), stream);
+    float* dg = dgu.as<float>();
+    float* du = dgu.as<float>(bytes_of(rows * I, sizeof(float)));
+    swiglu_backward(dh, g, u, dg, du, rows * I, stream);
+    quantize_both(dg, rows, I, aligned, E, dgq, dgt, stream);
+    quantize_both(du, rows, I, aligned, E, duq, dut, stream);
+    dgu.release();
+  }
+  grads.release();
+  TokensFp8 xt(nullptr, rows, H, aligned, E, stream);
+  quantize_input_tokens(xp, x, token_of, rows, H, aligned, E, xt, stream);
 
   // gate and up: dx = dg · w_gate + du · w_up (the second accumulated in the GEMM), dw += dgᵀ · xᵀ, duᵀ · xᵀ.
-  RowsFp8 dgq(dg, rows, I, aligned, E, stream);
-  RowsFp8 duq(du, rows, I, aligned, E, stream);
-  TokensFp8 dgt(dg, rows, I, aligned, E, stream);
-  TokensFp8 dut(du, rows, I, aligned, E, stream);
-  TokensFp8 xt(xp, rows, H, aligned, E, stream);
   lane.run(aligned_host, E, stream, [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
     fp8::cuda::gemm_nt(gc, dgq.expert(r0, n), wg[e].wt, dxp + r0 * H, OutType::FP32, s);
     fp8::cuda::gemm_nt_accumulate(gc, duq.expert(r0, n), wu[e].wt, dxp + r0 * H, s);
@@ -261,7 +371,32 @@ void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const 
   dgt.release();
   duq.release();
   dgq.release();
-  grads.release();
+}
+
+}  // namespace
+
+void moe_fp8_experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp, const int64_t* aligned_host,
+                             const int64_t* aligned, float* g, float* u, float* h, float* yp, cudaStream_t stream) {
+  experts_forward(ctx, w, xp, nullptr, nullptr, aligned_host, aligned, g, u, h, yp, stream);
+}
+
+void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* x,
+                                      const int64_t* token_of, const int64_t* aligned_host, const int64_t* aligned,
+                                      float* g, float* u, float* h, float* yp, cudaStream_t stream) {
+  experts_forward(ctx, w, nullptr, x, token_of, aligned_host, aligned, g, u, h, yp, stream);
+}
+
+void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* xp,
+                              const float* g, const float* u, const float* h, const int64_t* aligned_host,
+                              const int64_t* aligned, float* dxp, cudaStream_t stream) {
+  experts_backward(ctx, w, dyp, xp, nullptr, nullptr, g, u, h, aligned_host, aligned, dxp, stream);
+}
+
+void moe_fp8_experts_backward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* x,
+                                       const int64_t* token_of, const float* g, const float* u, const float* h,
+                                       const int64_t* aligned_host, const int64_t* aligned, float* dxp,
+                                       cudaStream_t stream) {
+  experts_backward(ctx, w, dyp, nullptr, x, token_of, g, u, h, aligned_host, aligned, dxp, stream);
 }
 
 }  // namespace moerl::cuda

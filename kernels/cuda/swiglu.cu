@@ -8,6 +8,7 @@
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/ops_common.cuh"
 #include "kernels/cuda/swiglu.hpp"
+#include "kernels/cuda/swiglu_math.cuh"
 #include "runtime/error.hpp"
 
 namespace moerl::cuda {
@@ -15,20 +16,10 @@ namespace {
 
 using ops_detail::load;
 using ops_detail::store;
+using swiglu_detail::silu_grads;
+using swiglu_detail::silu_times;
 
 constexpr int kThreads = 256;
-
-// The CPU's expressions with explicit rounding: _rn intrinsics are never contracted into an FMA.
-__device__ __forceinline__ float silu_times(float g, float u) {
-  return __fmul_rn(__fdiv_rn(g, __fadd_rn(1.0f, expf(-g))), u);  // g / (1 + exp(-g)) * u
-}
-
-__device__ __forceinline__ void silu_grads(float dh, float g, float u, float& dg, float& du) {
-  const float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-g)));
-  du = __fmul_rn(__fmul_rn(dh, g), s);
-  const float slope = __fadd_rn(1.0f, __fmul_rn(g, __fsub_rn(1.0f, s)));  // 1 + g·(1 − s)
-  dg = __fmul_rn(__fmul_rn(__fmul_rn(dh, u), s), slope);
-}
 
 // Grid-stride over `groups` groups of V elements.
 template <int V>

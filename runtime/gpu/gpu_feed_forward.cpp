@@ -186,9 +186,8 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
     cuda::moe_align_plan(offsets_, aligned_, E, token_of_, row_of_, R, RA, token_of_aligned_, row_of_aligned_,
                          r.stream);
     aligned_rows_ = RA;
-    Temp<float> xp(RA * H, r);
-    cuda::moe_gather_or_zero(x, token_of_aligned_, RA, H, xp.get(), r.stream);
-    cuda::moe_fp8_experts_forward(lin, experts_fp8(), xp.get(), aligned_host, aligned_, gp_, up_, hp_, yp_, r.stream);
+    cuda::moe_fp8_experts_forward_gathered(lin, experts_fp8(), x, token_of_aligned_, aligned_host, aligned_, gp_, up_,
+                                           hp_, yp_, r.stream);
     cuda::moe_combine_aligned(yp_, topk_weight_, row_of_aligned_, T, K, H, RA, y, r.stream);
     return balance;
   }
@@ -230,13 +229,12 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
   Temp<float> dweight(T * K, r);
   if (aligned_rows_ >= 0) {
     const int64_t RA = aligned_rows_;
-    Temp<float> xp(RA * H, r), dyp(RA * H, r), dxp(RA * H, r);
-    cuda::moe_gather_or_zero(x_, token_of_aligned_, RA, H, xp.get(), r.stream);
+    Temp<float> dyp(RA * H, r), dxp(RA * H, r);
     cuda::moe_zero_rows(token_of_aligned_, RA, H, dyp.get(), r.stream);
     cuda::moe_combine_backward_aligned(dy, yp_, topk_weight_, row_of_aligned_, T, K, H, RA, dyp.get(), dweight.get(),
                                        r.stream);
-    cuda::moe_fp8_experts_backward(lin, experts_fp8(), dyp.get(), xp.get(), gp_, up_, hp_, aligned_host_.get(),
-                                   aligned_, dxp.get(), r.stream);
+    cuda::moe_fp8_experts_backward_gathered(lin, experts_fp8(), dyp.get(), x_, token_of_aligned_, gp_, up_, hp_,
+                                            aligned_host_.get(), aligned_, dxp.get(), r.stream);
     cuda::moe_scatter_add_aligned(dxp.get(), row_of_aligned_, T, K, H, RA, dx, r.stream);
   } else {
     Temp<float> xp(R * H, r), dyp(R * H, r), dxp(R * H, r);

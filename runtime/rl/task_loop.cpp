@@ -15,11 +15,7 @@ using Clock = std::chrono::steady_clock;
 double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 // Samples `per_problem` responses to each problem (problem-major), rewarded by codec.reward (else the checker).
-struct Sampled {
-  std::vector<std::vector<int32_t>> prompts, responses;
-  std::vector<float> rewards, correct;  // correct: the checker's 0/1, whatever the reward
-  int64_t tokens = 0;
-};
+using Sampled = RlBatch;
 
 Sampled sample(Model& policy, std::span<const Problem> problems, int64_t per_problem,
                const msg::SamplingParams& sampling, int64_t step, Precision precision, const TaskCodec& codec) {
@@ -133,16 +129,28 @@ msg::SamplingParams task_sampling(const AdditionTask& task, uint64_t seed, int32
 RlStepStats grpo_step(Model& policy, Model& reference, AdamW& optimizer, const AdditionTask& /*task*/,
                       std::span<const Problem> problems, const GrpoConfig& config, const msg::SamplingParams& sampling,
                       int64_t step, int64_t epochs, Precision precision, const TaskCodec& codec) {
-  RlStepStats st;
-  auto t0 = Clock::now();
+  const auto t0 = Clock::now();
   const Sampled s = sample(policy, problems, config.group_size, sampling, step, precision, codec);
-  st.generate_seconds = seconds_since(t0);
+  const double generate_seconds = seconds_since(t0);
+  RlStepStats st = grpo_learn(policy, reference, optimizer, s, config, step, epochs, precision, codec.pad_id);
+  st.generate_seconds = generate_seconds;
+  return st;
+}
+
+RlStepStats grpo_learn(Model& policy, Model& reference, AdamW& optimizer, const RlBatch& s, const GrpoConfig& config,
+                       int64_t step, int64_t epochs, Precision precision, int32_t pad_id) {
+  require(s.prompts.size() == s.responses.size() && s.rewards.size() == s.responses.size() &&
+              s.correct.size() == s.responses.size() &&
+              s.responses.size() % static_cast<size_t>(config.group_size) == 0,
+          "grpo_learn: prompts, responses, rewards and correct must have one entry per response, in whole groups of " +
+              std::to_string(config.group_size));
+  RlStepStats st;
   st.generated_tokens = s.tokens;
   st.reward_mean = mean(s.rewards);
   st.checker_accuracy = mean(s.correct);
-  t0 = Clock::now();
+  const auto t0 = Clock::now();
   const std::vector<float> adv = group_advantages(s.rewards, config.group_size, config.scale_by_std);
-  const ScoredBatch sb = make_scored_batch(s.prompts, s.responses, codec.pad_id);
+  const ScoredBatch sb = make_scored_batch(s.prompts, s.responses, pad_id);
   std::vector<float> token_adv, token_scale, weights;
   grpo_token_terms(sb, adv, token_adv, token_scale);
   const std::vector<float> ref_logp = token_log_probs(reference, sb, precision);
@@ -219,15 +227,27 @@ RlStepStats ppo_step(Model& policy, Model& reference, ValueHead& critic, AdamW& 
                      const AdditionTask& /*task*/, std::span<const Problem> problems, int64_t samples,
                      const PpoConfig& config, const msg::SamplingParams& sampling, int64_t step, int64_t epochs,
                      Precision precision, const TaskCodec& codec) {
-  RlStepStats st;
-  auto t0 = Clock::now();
+  const auto t0 = Clock::now();
   const Sampled s = sample(policy, problems, samples, sampling, step, precision, codec);
-  st.generate_seconds = seconds_since(t0);
+  const double generate_seconds = seconds_since(t0);
+  RlStepStats st = ppo_learn(policy, reference, critic, optimizer, critic_optimizer, s, config, step, epochs,
+                             precision, codec.pad_id);
+  st.generate_seconds = generate_seconds;
+  return st;
+}
+
+RlStepStats ppo_learn(Model& policy, Model& reference, ValueHead& critic, AdamW& optimizer, AdamW& critic_optimizer,
+                      const RlBatch& s, const PpoConfig& config, int64_t step, int64_t epochs, Precision precision,
+                      int32_t pad_id) {
+  require(s.prompts.size() == s.responses.size() && s.rewards.size() == s.responses.size() &&
+              s.correct.size() == s.responses.size(),
+          "ppo_learn: prompts, responses, rewards and correct must have one entry per response");
+  RlStepStats st;
   st.generated_tokens = s.tokens;
   st.reward_mean = mean(s.rewards);
   st.checker_accuracy = mean(s.correct);
-  t0 = Clock::now();
-  const ScoredBatch sb = make_scored_batch(s.prompts, s.responses, codec.pad_id);
+  const auto t0 = Clock::now();
+  const ScoredBatch sb = make_scored_batch(s.prompts, s.responses, pad_id);
   const int64_t T = sb.batch * sb.seq, D = policy.config().hidden_size;
   const std::vector<float> ref_logp = token_log_probs(reference, sb, precision);
   const std::vector<float> old_logp = token_log_probs(policy, sb, precision);

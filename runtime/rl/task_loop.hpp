@@ -70,12 +70,32 @@ struct RlStepStats {
 // answer's length bound, eos as the stop id.
 msg::SamplingParams task_sampling(const AdditionTask& task, uint64_t seed, int32_t eos_id = kTaskEos);
 
+// A step's samples, problem-major (the responses to one problem consecutive), made in this process or by the
+// rollout actor (runtime/train/rlhf_stage.hpp), with their rewards.
+struct RlBatch {
+  std::vector<std::vector<int32_t>> prompts, responses;  // responses as generated, eos included when produced
+  std::vector<float> rewards;
+  std::vector<float> correct;  // the exact checker's 0/1 (monitoring), whatever the reward
+  int64_t tokens = 0;          // generated
+};
+
+// The stream of sample `sample` of GenerationRequest `request_id`: what the rollout actor draws it from
+// (actors/roles/policy_roles.cpp), so a request answered here or there gives the same responses.
+inline uint64_t rollout_stream(uint64_t request_id, uint32_t sample) { return request_id * 1025 + sample; }
+
 // GRPO step: config.group_size samples for each problem (streams derived from `step`), group-normalized
 // advantages, `epochs` updates of the clipped surrogate with the k3 KL to `reference`.
 RlStepStats grpo_step(Model& policy, Model& reference, AdamW& optimizer, const AdditionTask& task,
                       std::span<const Problem> problems, const GrpoConfig& config, const msg::SamplingParams& sampling,
                       int64_t step, int64_t epochs = 1, Precision precision = Precision::FP32,
                       const TaskCodec& codec = char_codec());
+
+// grpo_step's update from a batch sampled elsewhere by the current policy (temperature 1), groups of
+// config.group_size: old log-probs recomputed by `policy`, `epochs` updates. reward_mean, checker_accuracy and
+// generated_tokens come from the batch. grpo_step is sampling + this, bit for bit.
+RlStepStats grpo_learn(Model& policy, Model& reference, AdamW& optimizer, const RlBatch& batch,
+                       const GrpoConfig& config, int64_t step, int64_t epochs = 1,
+                       Precision precision = Precision::FP32, int32_t pad_id = kTaskPad);
 
 // Rollouts made elsewhere (the asynchronous rollout actor), possibly by an older policy version: groups of
 // group_size consecutive responses to one prompt, with the behaviour policy's per-token log-probs (temperature
@@ -100,5 +120,9 @@ RlStepStats ppo_step(Model& policy, Model& reference, ValueHead& critic, AdamW& 
                      AdamW& critic_optimizer, const AdditionTask& task, std::span<const Problem> problems,
                      int64_t samples, const PpoConfig& config, const msg::SamplingParams& sampling, int64_t step,
                      int64_t epochs = 1, Precision precision = Precision::FP32, const TaskCodec& codec = char_codec());
+// ppo_step's update from a batch sampled elsewhere by the current policy: ppo_step is sampling + this, bit for bit.
+RlStepStats ppo_learn(Model& policy, Model& reference, ValueHead& critic, AdamW& optimizer,
+                      AdamW& critic_optimizer, const RlBatch& batch, const PpoConfig& config, int64_t step,
+                      int64_t epochs = 1, Precision precision = Precision::FP32, int32_t pad_id = kTaskPad);
 
 }  // namespace moerl::rl

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <random>
+#include <unordered_map>
 
 #include "runtime/error.hpp"
 
@@ -70,6 +71,7 @@ struct DurableStore::Pending {
   Done callback;
   std::optional<uint64_t> version;
   bool erase = false;
+  bool async = false;  // queued by append_async / erase_async: the committer deletes it
   bool done = false;
   std::string error;
 };
@@ -148,6 +150,7 @@ Key DurableStore::append_async(Family f, uint64_t time_ns, std::vector<uint8_t> 
   p->value = p->owned;
   p->version = version;
   p->callback = std::move(done);
+  p->async = true;
   {
     std::lock_guard lock(mutex_);
     require(!stopping_, "store " + dir_ + ": closed");
@@ -155,6 +158,22 @@ Key DurableStore::append_async(Family f, uint64_t time_ns, std::vector<uint8_t> 
   }
   queued_.notify_one();
   return key;
+}
+
+void DurableStore::erase_async(Family f, const Key& k, Done done) {
+  auto p = std::make_unique<Pending>();
+  p->family = f;
+  p->key = encode_key(k);
+  p->record_key = k;
+  p->erase = true;
+  p->async = true;
+  p->callback = std::move(done);
+  {
+    std::lock_guard lock(mutex_);
+    require(!stopping_, "store " + dir_ + ": closed");
+    queue_.push_back(p.release());
+  }
+  queued_.notify_one();
 }
 
 void DurableStore::erase(Family f, const Key& k) {
@@ -184,9 +203,22 @@ void DurableStore::commit_loop() {
     }
     rocksdb::WriteBatch wb;
     int64_t delta[kFamilies] = {};
+    // Appends earlier in this batch, by family + key: an erase of one of them cannot see it in the DB yet.
+    std::unordered_map<std::string, Pending*> appended;
     for (Pending* p : batch) {
       auto* h = handle(p->family);
+      const std::string id = static_cast<char>(p->family) + p->key;
       if (p->erase) {
+        if (const auto it = appended.find(id); it != appended.end()) {
+          wb.Delete(h, p->key);
+          --delta[static_cast<int>(p->family)];
+          if (it->second->version) {
+            wb.Delete(version_index(), reverse_key(p->key));
+            wb.Delete(version_index(), version_key(*it->second->version, p->key));
+          }
+          appended.erase(it);
+          continue;
+        }
         std::string value;
         if (!db_->Get(rocksdb::ReadOptions(), h, p->key, &value).ok()) continue;  // already gone
         wb.Delete(h, p->key);
@@ -199,6 +231,7 @@ void DurableStore::commit_loop() {
       } else {
         wb.Put(h, p->key, rocksdb::Slice(reinterpret_cast<const char*>(p->value.data()), p->value.size()));
         ++delta[static_cast<int>(p->family)];
+        appended[id] = p;
         if (p->version) {
           std::string v;
           put_be64(v, *p->version);
@@ -212,7 +245,7 @@ void DurableStore::commit_loop() {
       std::lock_guard lock(mutex_);
       for (Pending* p : batch) {
         if (!status.ok()) p->error = "write failed: " + status.ToString();
-        if (p->callback) asynchronous.push_back(p);  // a blocking one may be gone once `done` is seen
+        if (p->async) asynchronous.push_back(p);  // a blocking one may be gone once `done` is seen
         p->done = true;
       }
       if (status.ok()) {
@@ -225,7 +258,7 @@ void DurableStore::commit_loop() {
     // Callbacks outside the lock: the blocking appenders above are already on their way.
     for (Pending* p : asynchronous) {
       try {
-        p->callback(p->record_key, p->error);
+        if (p->callback) p->callback(p->record_key, p->error);
       } catch (...) {  // a callback's failure must not stop the committer (and with it every writer)
       }
       delete p;

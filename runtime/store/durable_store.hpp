@@ -88,6 +88,11 @@ class DurableStore {
   std::vector<std::vector<uint8_t>> sample(Family f, size_t count, uint64_t seed) const;
   // Deletes one record (and its version index entry); durable like append.
   void erase(Family f, const Key& k);
+  // The same without blocking: queued behind every append and erase before it (so it may delete a record
+  // whose append is still queued), committed in the same or a later WriteBatch; `done` (may be empty) is
+  // called like append_async's. An append queued after it is durable only once the deletion is: an actor
+  // that drops its oldest record before appending a new one acknowledges both with the append's callback.
+  void erase_async(Family f, const Key& k, Done done = {});
 
   uint64_t count(Family f) const { return counts_[static_cast<int>(f)].load(); }
   StoreStats stats() const;

@@ -3,6 +3,7 @@
 #include <chrono>
 #include <cstdio>
 #include <memory>
+#include <string>
 
 #include "runtime/error.hpp"
 #include "runtime/rl/preferences.hpp"
@@ -12,7 +13,9 @@
 #include "runtime/safetensors.hpp"
 #include "runtime/train/checkpoint.hpp"
 #include "runtime/train/rl_collect.hpp"
+#include "runtime/train/step_policy.hpp"
 #include "runtime/util/progress.hpp"
+#include "runtime/util/threads.hpp"
 
 namespace moerl {
 namespace fs = std::filesystem;
@@ -36,6 +39,68 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
+RlhfServicesFactory& installed_factory() {
+  static RlhfServicesFactory factory;
+  return factory;
+}
+
+// Request ids: 1 + the prompt's index within the step + the step times a bound on prompts per step, so every
+// request of a stage has its own id and (rl::rollout_stream) its own streams.
+constexpr uint64_t kRequestsPerStep = uint64_t{1} << 20;
+uint64_t request_id(int64_t step, size_t prompt) {
+  return static_cast<uint64_t>(step) * kRequestsPerStep + prompt + 1;
+}
+
+class InProcessServices final : public RlhfServices {
+ public:
+  explicit InProcessServices(const RlhfSetup& setup) : precision_(setup.precision) {
+    if (!setup.reward_model.empty()) reward_ = RewardModel::load(setup.reward_model);
+  }
+
+  void publish_weights(Model& policy, uint64_t version, int64_t step) override {
+    policy_ = &policy;
+    version_ = msg::PolicyVersion{version, static_cast<uint64_t>(step)};
+  }
+
+  std::vector<msg::Rollout> generate(const std::vector<msg::GenerationRequest>& requests, int64_t) override {
+    require(policy_ != nullptr, "rlhf: generate before any weights were published");
+    std::vector<msg::Rollout> out;
+    for (const auto& req : requests) {
+      require(req.policy_version.version <= version_.version,
+              "rlhf: a request for policy version " + std::to_string(req.policy_version.version) +
+                  ", newer than the weights held (" + std::to_string(version_.version) + ")");
+      std::vector<uint64_t> streams;
+      for (uint32_t k = 0; k < req.samples; ++k) streams.push_back(rl::rollout_stream(req.request_id, k));
+      const std::vector<Generation> gens =
+          generate_samples(*policy_, req.prompt_ids, req.sampling, streams, precision_);
+      for (uint32_t k = 0; k < req.samples; ++k)
+        out.push_back(msg::Rollout{req.request_id, k, req.prompt_ids, gens[k].ids, gens[k].log_probs, version_,
+                                   gens[k].finish});
+    }
+    return out;
+  }
+
+  // One sequence at a time, as the reward-model actor scores them (a batch would pad them: other rounding).
+  std::vector<float> score(const std::vector<msg::Rollout>& sequences, int64_t) override {
+    require(reward_ != nullptr, "rlhf: score without a reward model");
+    const auto eos = static_cast<int32_t>(reward_->config().eos_token_id);
+    std::vector<float> out;
+    for (const auto& r : sequences) {
+      std::vector<int32_t> seq = r.prompt_ids;
+      seq.insert(seq.end(), r.response_ids.begin(), r.response_ids.end());
+      if (seq.empty() || seq.back() != eos) seq.push_back(eos);
+      out.push_back(reward_->score({seq}, precision_).front());
+    }
+    return out;
+  }
+
+ private:
+  Precision precision_;
+  std::unique_ptr<RewardModel> reward_;
+  Model* policy_ = nullptr;
+  msg::PolicyVersion version_;
+};
+
 // The reward_model stage that scores an rlhf stage's responses: the one it names, else the last before it.
 std::string reward_model_stage(const Recipe& recipe, const StageSpec& stage) {
   std::string found;
@@ -47,34 +112,40 @@ std::string reward_model_stage(const Recipe& recipe, const StageSpec& stage) {
   return found;
 }
 
-// Online RL of the policy on the task's training prompts: GRPO (default) or PPO (task_loop's steps), the frozen
-// starting policy as the KL reference. The reward is the trained reward model's score of bos + prompt + response
-// text + eos (as its preference pairs were scored); `reward: checker` uses the exact checker instead. The checker
-// only monitors (checker_accuracy per step) and evaluates (eval_task) otherwise.
 }  // namespace
 
+// Online RL of the policy on the task's training prompts: GRPO (default) or PPO (task_loop's updates), the frozen
+// starting policy as the KL reference. The reward is the trained reward model's score of bos + prompt + response
+// text + eos (as its preference pairs were scored: preference_tokens, the text tokenized again); `reward:
+// checker` uses the exact checker instead. The checker only monitors (checker_accuracy per step) and evaluates
+// (eval_task) otherwise.
 nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& policy, const Tokenizer& tokenizer,
                         MetricsLog& metrics, const fs::path& dir) {
   const auto t0 = std::chrono::steady_clock::now();
   start_policy(recipe, stage, policy);
   const rl::AdditionTask task{stage.rl.task_digits};
-  rl::TaskCodec codec = tokenizer_codec(tokenizer);
-  std::unique_ptr<RewardModel> rm;
+  const rl::TaskCodec codec = tokenizer_codec(tokenizer);
+  const bool ppo_algorithm = stage.rl.algorithm == "ppo";
+  const auto group = static_cast<uint32_t>(stage.rl.group_size);
+  require(stage.rl.group_size >= 1 && stage.rl.group_size <= 1024 &&
+              static_cast<uint64_t>(stage.batch) < kRequestsPerStep,
+          stage.name + ": group_size must be in [1, 1024] and batch below " + std::to_string(kRequestsPerStep) +
+              " (each sample draws from its own stream)");
+  RlhfSetup setup;
+  setup.stage = stage.name;
+  setup.work_dir = recipe.out / "rlhf-services" / stage.name;
+  setup.precision = recipe.precision;
+  setup.threads = resolve_threads(recipe.threads);  // what run_recipe set for this thread
+  setup.metrics = &metrics;
   std::string reward_source = "exact checker (verifiable reward)";
   if (stage.rl.reward == "reward_model") {
     const std::string rm_stage = reward_model_stage(recipe, stage);
-    rm = RewardModel::load(recipe.out / rm_stage);
+    setup.reward_model = recipe.out / rm_stage;
     reward_source = "reward model " + rm_stage;
-    const TextEncoder encode = [&tokenizer](std::string_view text) { return tokenizer.encode(text); };
-    codec.reward = [&, encode](const std::vector<const rl::Problem*>& problems,
-                               const std::vector<std::vector<int32_t>>& responses) {
-      std::vector<std::vector<int32_t>> seqs;
-      for (size_t i = 0; i < responses.size(); ++i)
-        seqs.push_back(preference_tokens(encode, problems[i]->prompt, judged_text(tokenizer, responses[i]),
-                                         tokenizer.bos_id(), tokenizer.eos_id()));
-      return rm->score(seqs, recipe.precision);
-    };
   }
+  const std::unique_ptr<RlhfServices> services =
+      installed_factory() ? installed_factory()(setup) : in_process_rlhf_services(setup);
+  const TextEncoder encode = [&tokenizer](std::string_view text) { return tokenizer.encode(text); };
   Model reference(policy.config());
   reference.load_weights(weights_of(policy));
   AdamWConfig oc = stage.optimizer;
@@ -94,19 +165,63 @@ nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& pol
   msg::SamplingParams sampling = rl::task_sampling(task, recipe.seed + 101, tokenizer.eos_id());
   sampling.temperature = static_cast<float>(stage.rl.temperature);
   sampling.max_new_tokens = static_cast<uint32_t>(stage.rl.max_new_tokens);
-  // Prompts per step: the stage's batch (GRPO: each answered group_size times).
+  // Prompts per step: the stage's batch, each answered group_size times (GRPO's group; PPO's samples).
   const auto problems = rl::training_problems(task, recipe.seed + 103, static_cast<size_t>(stage.steps * stage.batch));
   ProgressBar bar(stage.name, stage.steps, "tok");
   int64_t tokens = 0;
   double reward_sum = 0, kl_last = 0, reward_last = 0, checker_last = 0;
+  uint64_t version = 0;  // updates applied
+  services->publish_weights(policy, version, 0);
   for (int64_t step = 0; step < stage.steps; ++step) {
     const std::span<const rl::Problem> batch(problems.data() + step * stage.batch, static_cast<size_t>(stage.batch));
-    const rl::RlStepStats st =
-        stage.rl.algorithm == "ppo"
-            ? rl::ppo_step(policy, reference, critic, opt, critic_opt, task, batch, stage.rl.group_size, ppo,
-                           sampling, step, 1, recipe.precision, codec)
-            : rl::grpo_step(policy, reference, opt, task, batch, grpo, sampling, step, 1, recipe.precision, codec);
+    const auto tg = std::chrono::steady_clock::now();
+    std::vector<msg::GenerationRequest> requests;
+    for (size_t i = 0; i < batch.size(); ++i)
+      requests.push_back(msg::GenerationRequest{request_id(step, i), codec.prompt_ids(batch[i]), sampling,
+                                                msg::PolicyVersion{version, static_cast<uint64_t>(step)}, group});
+    const std::vector<msg::Rollout> rollouts = services->generate(requests, step);
+    require(rollouts.size() == batch.size() * group, stage.name + ": step " + std::to_string(step + 1) + ": " +
+                                                         std::to_string(rollouts.size()) + " rollouts for " +
+                                                         std::to_string(batch.size() * group) + " samples");
+    rl::RlBatch b;
+    std::vector<msg::Rollout> scored;
+    for (size_t n = 0; n < rollouts.size(); ++n) {
+      const msg::Rollout& r = rollouts[n];
+      const msg::GenerationRequest& req = requests[n / group];
+      require(r.request_id == req.request_id && r.sample_index == n % group && r.policy_version.version == version,
+              stage.name + ": step " + std::to_string(step + 1) + ": rollout " + std::to_string(n) + " is request " +
+                  std::to_string(r.request_id) + " sample " + std::to_string(r.sample_index) + " of policy version " +
+                  std::to_string(r.policy_version.version) + ", expected request " + std::to_string(req.request_id) +
+                  " sample " + std::to_string(n % group) + " of version " + std::to_string(version));
+      const rl::Problem& p = batch[n / group];
+      b.prompts.push_back(req.prompt_ids);
+      b.responses.push_back(r.response_ids);
+      b.correct.push_back(codec.check(p, r.response_ids) ? 1.0f : 0.0f);
+      b.tokens += static_cast<int64_t>(r.response_ids.size());
+      if (!setup.reward_model.empty()) {
+        // The sequence the reward model was trained on: bos, then the prompt and response text tokenized together.
+        const std::vector<int32_t> seq = preference_tokens(encode, p.prompt, judged_text(tokenizer, r.response_ids),
+                                                           tokenizer.bos_id(), tokenizer.eos_id());
+        msg::Rollout s = r;
+        s.prompt_ids.assign(seq.begin(), seq.begin() + 1);
+        s.response_ids.assign(seq.begin() + 1, seq.end());
+        s.log_probs.assign(s.response_ids.size(), 0.0f);
+        scored.push_back(std::move(s));
+      }
+    }
+    b.rewards = setup.reward_model.empty() ? b.correct : services->score(scored, step);
+    require(b.rewards.size() == b.responses.size(), stage.name + ": the reward model returned " +
+                                                        std::to_string(b.rewards.size()) + " rewards for " +
+                                                        std::to_string(b.responses.size()) + " responses");
+    const double generate_seconds = seconds_since(tg);
+    services->record(step, rollouts, b.rewards);
+    rl::RlStepStats st = ppo_algorithm ? rl::ppo_learn(policy, reference, critic, opt, critic_opt, b, ppo, step, 1,
+                                                       recipe.precision, codec.pad_id)
+                                       : rl::grpo_learn(policy, reference, opt, b, grpo, step, 1, recipe.precision,
+                                                        codec.pad_id);
+    st.generate_seconds = generate_seconds;
     if (stage.bias_gamma > 0) policy.update_router_bias(stage.bias_gamma);
+    services->publish_weights(policy, ++version, step + 1);
     tokens += st.generated_tokens;
     reward_sum += st.reward_mean;
     reward_last = st.reward_mean;
@@ -115,7 +230,7 @@ nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& pol
     nlohmann::json m = {{"stage", stage.name}, {"step", step + 1},     {"loss", st.policy.loss},
                         {"reward", st.reward_mean}, {"kl", st.policy.kl}, {"clip_fraction", st.policy.clip_fraction},
                         {"checker_accuracy", st.checker_accuracy}};
-    if (stage.rl.algorithm == "ppo") m["value_loss"] = st.value_loss;
+    if (ppo_algorithm) m["value_loss"] = st.value_loss;
     metrics.write(m);
     char fields[96];
     std::snprintf(fields, sizeof fields, "reward %.3f  acc %.2f  kl %.4f", st.reward_mean, st.checker_accuracy,
@@ -139,5 +254,15 @@ nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& pol
           {"checkpoint", dir.string()},
           {"top_level", {{"kl_to_reference", kl_last}}}};
 }
+
+std::unique_ptr<RlhfServices> in_process_rlhf_services(const RlhfSetup& setup) {
+  return std::make_unique<InProcessServices>(setup);
+}
+
+ScopedRlhfServices::ScopedRlhfServices(RlhfServicesFactory factory) : previous_(std::move(installed_factory())) {
+  installed_factory() = std::move(factory);
+}
+
+ScopedRlhfServices::~ScopedRlhfServices() { installed_factory() = std::move(previous_); }
 
 }  // namespace moerl

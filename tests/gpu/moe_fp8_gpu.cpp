@@ -237,6 +237,37 @@ TEST_F(MoeFp8Gpu, ExpertsForwardAndBackwardMatchTheCpuRecipePerExpert) {
   for (int64_t e = 0; e < E; ++e)
     for (int64_t r = aligned[e] + kCounts[e]; r < aligned[e + 1]; ++r)
       for (int64_t j = 0; j < H; ++j) ASSERT_EQ(yp[r * H + j], 0.0f) << "zero row " << r;
+
+  // The gathered versions (input rows read from x through token_of inside the quantization kernels) give the same
+  // bytes: x holds the real rows at shuffled token positions and garbage where no row points, zero rows have -1.
+  const int64_t tokens = RA + 7;
+  std::vector<int64_t> perm(static_cast<size_t>(tokens));
+  for (int64_t t = 0; t < tokens; ++t) perm[t] = t;
+  std::shuffle(perm.begin(), perm.end(), rng);
+  std::vector<float> x(static_cast<size_t>(tokens * H), 7.0f);
+  std::vector<int64_t> token_of(static_cast<size_t>(RA), -1);
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t r = aligned[e]; r < aligned[e] + kCounts[e]; ++r) {
+      token_of[r] = perm[r];
+      std::copy(xp.begin() + r * H, xp.begin() + (r + 1) * H, x.begin() + perm[r] * H);
+    }
+  DeviceBuffer<float> d_x(x), d_gg2(g0), d_ug2(g0), d_dg2(d0);
+  DeviceBuffer<float> d_g2(RA * I), d_u2(RA * I), d_h2(RA * I), d_yp2(RA * H), d_dxp2(RA * H);
+  DeviceBuffer<int64_t> d_token_of(token_of);
+  for (DeviceBuffer<float>* b : {&d_g2, &d_u2, &d_h2, &d_yp2, &d_dxp2}) b->poison();
+  const cuda::MoeFp8Experts w2{d_wg.get(), d_wu.get(), d_wd.get(), d_gg2.get(), d_ug2.get(), d_dg2.get(), E, H, I};
+  cuda::moe_fp8_experts_forward_gathered(ctx, w2, d_x.get(), d_token_of.get(), aligned.data(), d_aligned.get(),
+                                         d_g2.get(), d_u2.get(), d_h2.get(), d_yp2.get());
+  cuda::moe_fp8_experts_backward_gathered(ctx, w2, d_dyp.get(), d_x.get(), d_token_of.get(), d_g2.get(), d_u2.get(),
+                                          d_h2.get(), aligned.data(), d_aligned.get(), d_dxp2.get());
+  CUDA_CHECK(cudaDeviceSynchronize());
+  EXPECT_EQ(d_yp2.download(), yp) << "gathered forward yp";
+  EXPECT_EQ(d_h2.download(), d_h.download()) << "gathered forward h";
+  EXPECT_EQ(d_dxp2.download(), d_dxp.download()) << "gathered backward dxp";
+  EXPECT_EQ(d_gg2.download(), d_gg.download()) << "gathered gate grad";
+  EXPECT_EQ(d_ug2.download(), d_ug.download()) << "gathered up grad";
+  EXPECT_EQ(d_dg2.download(), d_dg.download()) << "gathered down grad";
+  std::printf("[ moe fp8  ] gathered forward and backward: the bytes of the xp versions\n");
 }
 
 }  // namespace

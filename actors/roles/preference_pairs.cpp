@@ -1,0 +1,165 @@
+// ActorPairSource: the preferences stage's pairs from the rollout actor through the replay buffer actor into
+// the feedback collector actor. The caller's thread drives the three; the writes go out with bounded windows
+// of outstanding requests, so the rollout keeps generating while earlier records are being made durable.
+#include "actors/roles/preference_pairs.hpp"
+
+#include <deque>
+#include <map>
+
+#include "actors/roles/feedback_collector.hpp"
+#include "actors/roles/replay_buffer.hpp"
+#include "actors/roles/rlhf_actors.hpp"
+#include "runtime/store/pair_record.hpp"
+
+namespace moerl::actors {
+namespace fs = std::filesystem;
+namespace {
+
+// A generation or a store write should take well under this; a lost reply fails the stage instead of hanging it.
+constexpr auto kTimeout = std::chrono::minutes(10);
+constexpr size_t kGenerateChunk = 16;  // GenerationRequests per generate call (one progress update)
+constexpr size_t kWriteWindow = 512;   // writes in flight: they share the stores' group commits
+
+std::unique_ptr<caf::actor_system_config> message_config() {
+  auto c = std::make_unique<caf::actor_system_config>();
+  add_message_types(*c);
+  return c;
+}
+
+[[noreturn]] void fail(const std::string& stage, const std::string& what, const caf::error& e) {
+  throw Error("preferences stage " + stage + ": " + what + ": " + describe(e));
+}
+
+// Waits for the oldest outstanding answers until at most `keep` remain; each answer goes to `on`.
+template <class Handle, class On>
+void drain(std::deque<Handle>& pending, size_t keep, const std::string& stage, const char* what, On on) {
+  while (pending.size() > keep) {
+    pending.front().receive(on, [&](caf::error& e) { fail(stage, what, e); });
+    pending.pop_front();
+  }
+}
+
+template <class Handle>
+void stop_and_wait(caf::scoped_actor& self, const Handle& a) {
+  self->monitor(a);
+  self->send_exit(a, caf::exit_reason::user_shutdown);
+  self->receive([](const caf::down_msg&) {}, caf::after(kTimeout) >> [] {});
+}
+
+}  // namespace
+
+ActorPairSource::ActorPairSource(caf::actor_system& system, RlhfActorOptions options)
+    : system_(system), options_(std::move(options)) {}
+
+ActorPairSource::ActorPairSource()
+    : own_config_(message_config()),
+      own_system_(std::make_unique<caf::actor_system>(*own_config_)),
+      system_(*own_system_) {}
+
+ActorPairSource::~ActorPairSource() = default;
+
+std::vector<std::vector<int32_t>> ActorPairSource::sample_and_queue(const PairJob& job) {
+  require(job.policy && job.feedback && job.text, "preferences stage " + job.stage + ": incomplete PairJob");
+  require(job.prompts.size() == job.prompt_ids.size(),
+          "preferences stage " + job.stage + ": " + std::to_string(job.prompts.size()) + " prompts, " +
+              std::to_string(job.prompt_ids.size()) + " prompt id lists");
+  const size_t n = job.prompts.size();
+  caf::scoped_actor self{system_};
+
+  // The rollout actor, supervised as in the rlhf stage (respawned when it dies, the request sent again; the
+  // requests are seeded, so the pairs do not change), generates with the caller's policy itself, zero-copy.
+  RlhfSetup setup;
+  setup.stage = job.stage;
+  setup.work_dir = job.dir / "rollout";  // the starting policy a respawned rollout loads; removed afterwards
+  setup.precision = job.precision;
+  setup.threads = job.threads;
+  setup.metrics = job.metrics;
+  auto generation = actor_rlhf_services(system_, setup, options_);
+  generation->publish_weights(*job.policy, 0, 0);
+
+  const fs::path replay_dir = job.dir / "replay";
+  fs::remove_all(replay_dir);  // a fresh buffer: a restarted stage samples again
+  const auto replay = spawn_replay_buffer(system_, std::max<size_t>(2 * n, 1), "replay_buffer/" + job.stage,
+                                          replay_dir.string());
+  const std::shared_ptr<store::DurableStore> feedback(std::shared_ptr<store::DurableStore>{}, job.feedback);
+  const auto collector = spawn_feedback_collector(system_, feedback, "feedback/" + job.stage);
+
+  std::vector<std::vector<int32_t>> responses(2 * n);
+  try {
+    // 1. Rollouts -> replay buffer, kGenerateChunk requests at a time while earlier puts commit. Request
+    // i + 1 asks prompt i for 2 samples.
+    using WriteHandle = decltype(self->request(replay, kTimeout, put_atom::value, Envelope{}));
+    std::deque<WriteHandle> writing;
+    for (size_t begin = 0; begin < n; begin += kGenerateChunk) {
+      std::vector<msg::GenerationRequest> requests;
+      for (size_t i = begin; i < std::min(n, begin + kGenerateChunk); ++i) {
+        msg::GenerationRequest req;
+        req.request_id = i + 1;
+        req.prompt_ids = job.prompt_ids[i];
+        req.sampling = job.sampling;
+        req.samples = 2;
+        requests.push_back(std::move(req));
+      }
+      for (msg::Rollout& rollout : generation->generate(requests, 0)) {
+        msg::ReplayRecord r;
+        r.rollout = std::move(rollout);
+        r.advantages.assign(r.rollout.response_ids.size(), 0.0f);
+        r.group_id = r.rollout.request_id;
+        r.step = msg::StepId{job.stage, 0};
+        writing.push_back(self->request(replay, kTimeout, put_atom::value, wrap(r)));
+      }
+      if (job.progress) job.progress(static_cast<int64_t>(2 * std::min(n, begin + kGenerateChunk)));
+      drain(writing, kWriteWindow, job.stage, "a replay buffer put", [](uint64_t) {});
+    }
+    drain(writing, 0, job.stage, "a replay buffer put", [](uint64_t) {});
+
+    // 2. Replay buffer (by policy version; one version in this fresh buffer) -> pairs by request -> collector.
+    std::vector<Envelope> records;
+    self->request(replay, kTimeout, version_atom::value, uint64_t{0}, UINT64_MAX, uint64_t{2 * n})
+        .receive([&](std::vector<Envelope>& r) { records = std::move(r); },
+                 [&](caf::error& e) { fail(job.stage, "reading the replay buffer", e); });
+    std::map<uint64_t, std::array<std::optional<msg::Rollout>, 2>> by_request;
+    for (const Envelope& e : records) {
+      auto r = unwrap<msg::ReplayRecord>(e);
+      require(r.rollout.request_id >= 1 && r.rollout.request_id <= n && r.rollout.sample_index < 2,
+              "preferences stage " + job.stage + ": unexpected rollout " + std::to_string(r.rollout.request_id) + "/" +
+                  std::to_string(r.rollout.sample_index) + " in the replay buffer");
+      by_request[r.rollout.request_id][r.rollout.sample_index] = std::move(r.rollout);
+    }
+    require(by_request.size() == n, "preferences stage " + job.stage + ": the replay buffer holds rollouts of " +
+                                        std::to_string(by_request.size()) + " prompts, expected " + std::to_string(n));
+    using QueueHandle = decltype(self->request(collector, kTimeout, queue_atom::value, Envelope{}));
+    std::deque<QueueHandle> queueing;
+    for (auto& [request, pair] : by_request) {
+      require(pair[0] && pair[1], "preferences stage " + job.stage + ": request " + std::to_string(request) +
+                                      " has one sample in the replay buffer, expected two");
+      const size_t i = request - 1;
+      store::PairToJudge p;
+      p.pair_id = request;
+      p.prompt = {job.prompts[i], job.prompt_ids[i]};
+      p.first = {job.text(pair[0]->response_ids), pair[0]->response_ids};
+      p.second = {job.text(pair[1]->response_ids), pair[1]->response_ids};
+      p.first_policy = pair[0]->policy_version;
+      p.second_policy = pair[1]->policy_version;
+      p.created_ns = static_cast<int64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                              std::chrono::system_clock::now().time_since_epoch())
+                                              .count());
+      responses[2 * i] = std::move(pair[0]->response_ids);
+      responses[2 * i + 1] = std::move(pair[1]->response_ids);
+      queueing.push_back(self->request(collector, kTimeout, queue_atom::value, Envelope{kPairToJudgeKind, store::encode(p)}));
+      drain(queueing, kWriteWindow, job.stage, "queueing a pair", [](uint64_t) {});
+    }
+    drain(queueing, 0, job.stage, "queueing a pair", [](uint64_t) {});
+  } catch (...) {
+    stop_and_wait(self, collector);
+    stop_and_wait(self, replay);
+    throw;
+  }
+  // The collector must be gone before the caller closes the feedback store it was given (and the rollout,
+  // with `generation`, before the caller's policy may go).
+  stop_and_wait(self, collector);
+  stop_and_wait(self, replay);
+  return responses;
+}
+
+}  // namespace moerl::actors

@@ -1,0 +1,101 @@
+// SwiGLU fused with FP8 quantization (kernels/cuda/swiglu_fp8.hpp): the 128 x 128 block kernels of
+// kernels/cuda/fp8_quantize_tile.cuh with SwiGLU's arithmetic (kernels/cuda/swiglu_math.cuh) as their source.
+// Per routed-expert layer this saves, forward, the re-read of h [rows, I] before its quantization and, backward,
+// writing dg and du [rows, I] in FP32 and reading them four times (rows and tokens quantization of each): the two
+// gradients are each computed where they are quantized, from dh, g (and u for dg).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/fp8_quantize_tile.cuh"
+#include "kernels/cuda/swiglu_fp8.hpp"
+#include "kernels/cuda/swiglu_math.cuh"
+#include "runtime/error.hpp"
+
+namespace moerl::cuda {
+namespace {
+
+using fp8::kTile;
+using fp8::cuda::quant_detail::launch_quantize_tiles;
+using fp8::cuda::quant_detail::TileOutputs;
+using swiglu_detail::silu_grads;
+using swiglu_detail::silu_times;
+
+__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+
+// h = silu(g) · u, written to h as it is produced.
+struct ForwardSource {
+  const float *g, *u;
+  float* h;
+  int64_t cols;
+  __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
+    const int64_t i = r * cols + c;
+    const float4 gv = ld4(g + i), uv = ld4(u + i);
+    const float4 hv = make_float4(silu_times(gv.x, uv.x), silu_times(gv.y, uv.y), silu_times(gv.z, uv.z),
+                                  silu_times(gv.w, uv.w));
+    *reinterpret_cast<float4*>(h + i) = hv;  // kept for the backward pass: a normal (not streaming) store
+    return hv;
+  }
+};
+
+// dg (kGate) or du of swiglu_backward.
+template <bool kGate>
+struct BackwardSource {
+  const float *dh, *g, *u;
+  int64_t cols;
+  __device__ __forceinline__ float grad(float dhv, float gv, float uv) const {
+    float dg, du;
+    silu_grads(dhv, gv, uv, dg, du);
+    return kGate ? dg : du;
+  }
+  __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
+    const int64_t i = r * cols + c;
+    const float4 dhv = ld4(dh + i), gv = ld4(g + i);
+    const float4 uv = kGate ? ld4(u + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    return make_float4(grad(dhv.x, gv.x, uv.x), grad(dhv.y, gv.y, uv.y), grad(dhv.z, gv.z, uv.z),
+                       grad(dhv.w, gv.w, uv.w));
+  }
+};
+
+bool aligned(const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; }
+
+void check(const char* fn, int64_t rows, int64_t cols, const void* a, const void* b, const void* c, bool outputs_set) {
+  require(swiglu_fp8_supported(rows, cols, a, b, c) && outputs_set,
+          std::string("cuda::") + fn + ": needs rows a multiple of 128 (at most 128 x 65535), cols a multiple of 4, " +
+              "16-byte aligned inputs and set outputs, got " + std::to_string(rows) + " x " + std::to_string(cols));
+}
+
+}  // namespace
+
+bool swiglu_fp8_supported(int64_t rows, int64_t cols, const void* a, const void* b, const void* c) {
+  return rows >= 0 && cols >= 0 && rows % kTile == 0 && rows / kTile <= 65535 && cols % 4 == 0 &&
+         fp8::tiles(cols) <= INT32_MAX && a != nullptr && b != nullptr && aligned(a, 16) && aligned(b, 16) &&
+         (c == nullptr || aligned(c, 16));
+}
+
+void swiglu_forward_quantize_1x128(const float* g, const float* u, int64_t rows, int64_t cols, float* h,
+                                   uint8_t* codes, float* scales, cudaStream_t stream) {
+  check("swiglu_forward_quantize_1x128", rows, cols, g, u, h, h && codes && scales && aligned(codes, 4));
+  TileOutputs o;
+  o.rows = rows, o.cols = cols, o.codes = codes, o.scales = scales;
+  launch_quantize_tiles<true, false>(ForwardSource{g, u, h, cols}, o, stream);
+}
+
+void swiglu_backward_quantize_dual(const float* dh, const float* g, const float* u, int64_t rows, int64_t cols,
+                                   bool gate, const int64_t* bounds, int64_t n_groups, uint8_t* codes, float* scales,
+                                   uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
+  check("swiglu_backward_quantize_dual", rows, cols, dh, g, gate ? u : nullptr,
+        (!gate || u) && codes && scales && codes_t && scales_t && aligned(codes, 4) && aligned(codes_t, 4) &&
+            (bounds == nullptr || n_groups > 0));
+  TileOutputs o;
+  o.rows = rows, o.cols = cols, o.codes = codes, o.scales = scales, o.codes_t = codes_t, o.scales_t = scales_t;
+  o.bounds = bounds, o.n_groups = n_groups;
+  if (gate)
+    launch_quantize_tiles<true, true>(BackwardSource<true>{dh, g, u, cols}, o, stream);
+  else
+    launch_quantize_tiles<true, true>(BackwardSource<false>{dh, g, nullptr, cols}, o, stream);
+}
+
+}  // namespace moerl::cuda

@@ -1,0 +1,33 @@
+// SwiGLU fused with the FP8 quantization of its output (kernels/cuda/swiglu_fp8.cu), for the routed experts' FP8
+// path (kernels/cuda/moe_fp8_experts.cu): the same bytes as cuda::swiglu_forward / swiglu_backward
+// (kernels/cuda/swiglu.hpp) followed by fp8::cuda::quantize_1x128 / quantize_1x128_dual (kernels/fp8_quantize.hpp),
+// without the pass over memory between them. No CPU reference of their own: the GPU tests compare them with the
+// unfused kernels, byte for byte.
+//
+// Shapes: [rows, cols] row-major with rows % 128 == 0 (aligned expert rows), cols % 4 == 0, rows / 128 <= 65535;
+// FP32 pointers 16-byte aligned, codes 4-byte aligned (as cudaMalloc'd buffers of such shapes are). All pointers
+// device memory, calls asynchronous on `stream`. Throws moerl::Error on other shapes, null pointers or a failed
+// launch.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include <cstdint>
+
+namespace moerl::cuda {
+
+// The sizes and pointers the fused kernels take (else use the unfused ones).
+bool swiglu_fp8_supported(int64_t rows, int64_t cols, const void* a, const void* b, const void* c);
+
+// h = silu(g) · u (written, as swiglu_forward) and quantize_1x128(h): codes [rows, cols], scales
+// [rows, tiles(cols)].
+void swiglu_forward_quantize_1x128(const float* g, const float* u, int64_t rows, int64_t cols, float* h,
+                                   uint8_t* codes, float* scales, cudaStream_t stream = nullptr);
+
+// One gradient of swiglu_backward(dh, g, u) — dg when `gate`, else du (u unused then, may be null) — never
+// written in FP32, quantized as fp8::cuda::quantize_1x128_dual(grad, rows, cols, bounds, n_groups, codes, scales,
+// codes_t, scales_t) would.
+void swiglu_backward_quantize_dual(const float* dh, const float* g, const float* u, int64_t rows, int64_t cols,
+                                   bool gate, const int64_t* bounds, int64_t n_groups, uint8_t* codes, float* scales,
+                                   uint8_t* codes_t, float* scales_t, cudaStream_t stream = nullptr);
+
+}  // namespace moerl::cuda

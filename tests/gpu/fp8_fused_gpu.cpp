@@ -1,0 +1,245 @@
+// GPU tests of the one-pass FP8 quantizations (kernels/cuda/fp8_quantize_tile.cuh): every kernel shape of the
+// transposed quantization and quantize_1x128_dual against the CPU reference (kernels/cpu/fp8.cpp), and the SwiGLU
+// kernels fused with quantization (kernels/cuda/swiglu_fp8.hpp) against the unfused GPU kernels — all byte for
+// byte, on random inputs (fresh seed each run, MOERL_TEST_SEED repeats), outputs poisoned first. Also prints the
+// bandwidth of each on realistic sizes (information, not assertions). Skipped without a GPU.
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/swiglu.hpp"
+#include "kernels/cuda/swiglu_fp8.hpp"
+#include "kernels/fp8.hpp"
+#include "kernels/fp8_quantize.hpp"
+#include "tests/gpu/moe_gpu_support.hpp"
+
+namespace moerl::moe_gpu_test {
+namespace {
+
+using fp8::cuda::TransposedKernel;
+using fp8::tiles;
+
+class Fp8FusedGpu : public GpuTest {};
+
+// Normal values with a magnitude per row from 2^-20 to 2^20 (so tiles along rows and along columns see very
+// different scales), one all-zero row and a row with a lone large value (small ones land on subnormal codes).
+std::vector<float> random_activation(int64_t rows, int64_t cols, std::mt19937_64& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::uniform_int_distribution<int> exponent(-20, 20);
+  std::vector<float> x(static_cast<size_t>(rows * cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    const float magnitude = std::ldexp(1.0f, exponent(rng));
+    for (int64_t c = 0; c < cols; ++c) x[r * cols + c] = normal(rng) * magnitude;
+  }
+  if (rows > 3) {
+    for (int64_t c = 0; c < cols; ++c) x[1 * cols + c] = 0.0f;
+    for (int64_t c = 0; c < cols; ++c) x[3 * cols + c] *= 1e-4f;
+    x[3 * cols] = -1000.0f;
+  }
+  return x;
+}
+
+// Counts differing elements (bit patterns for floats), reporting the first few.
+template <class T>
+void expect_same_bits(const std::vector<T>& got, const std::vector<T>& want, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  int64_t mismatches = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    bool same;
+    if constexpr (sizeof(T) == 4)
+      same = std::bit_cast<uint32_t>(got[i]) == std::bit_cast<uint32_t>(want[i]);
+    else
+      same = got[i] == want[i];
+    if (!same && ++mismatches <= 5)
+      ADD_FAILURE() << what << " [" << i << "]: GPU " << +got[i] << ", expected " << +want[i];
+  }
+  EXPECT_EQ(mismatches, 0) << what;
+}
+
+std::string shape_name(int64_t rows, int64_t cols) { return std::to_string(rows) + "x" + std::to_string(cols); }
+
+TEST_F(Fp8FusedGpu, EveryTransposedKernelShapeGivesTheCpuBytes) {
+  std::mt19937_64 rng(run_seed() + 101);
+  // 300 and 704 columns: partial column tiles and chunks; 1000 rows: the 128 x 128 kernel's fallback.
+  const std::pair<int64_t, int64_t> shapes[] = {{128, 128}, {256, 300}, {384, 704}, {1000, 4100}, {1024, 2048}};
+  for (auto [rows, cols] : shapes) {
+    const std::vector<float> x = random_activation(rows, cols, rng);
+    std::vector<uint8_t> codes(static_cast<size_t>(rows * cols));
+    std::vector<float> scales(static_cast<size_t>(cols * tiles(rows)));
+    fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes.data(), scales.data());
+    DeviceBuffer<float> dx(x), ds(scales.size());
+    DeviceBuffer<uint8_t> dc(codes.size());
+    for (TransposedKernel k : {TransposedKernel::Cols32, TransposedKernel::Cols64, TransposedKernel::Blocks128}) {
+      const std::string what = std::string(fp8::cuda::transposed_kernel_name(k)) + " " + shape_name(rows, cols);
+      dc.poison();
+      ds.poison();
+      fp8::cuda::quantize_1x128_transposed_with(k, dx.get(), rows, cols, dc.get(), ds.get());
+      CUDA_CHECK(cudaDeviceSynchronize());
+      expect_same_bits(dc.download(), codes, what + " codes");
+      expect_same_bits(ds.download(), scales, what + " scales");
+    }
+  }
+  std::printf("[ fp8 fused ] transposed quantization, kernels cols32 / cols64 / blocks128, 5 shapes: CPU bytes\n");
+}
+
+TEST_F(Fp8FusedGpu, DualQuantizationGivesBothCpuResultsFromOneRead) {
+  std::mt19937_64 rng(run_seed() + 102);
+  // 300 rows: the two-kernel fallback; 704 and 2052 columns: partial last tiles.
+  const std::pair<int64_t, int64_t> shapes[] = {{128, 128}, {384, 704}, {512, 1024}, {300, 512}, {256, 2052}};
+  for (auto [rows, cols] : shapes) {
+    const std::vector<float> x = random_activation(rows, cols, rng);
+    std::vector<uint8_t> codes(static_cast<size_t>(rows * cols)), codes_t(codes.size());
+    std::vector<float> scales(static_cast<size_t>(rows * tiles(cols))), scales_t(static_cast<size_t>(cols * tiles(rows)));
+    fp8::cpu::quantize_1x128(x.data(), rows, cols, codes.data(), scales.data());
+    fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes_t.data(), scales_t.data());
+    DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
+    DeviceBuffer<uint8_t> dc(codes.size()), dct(codes.size());
+    dc.poison(), ds.poison(), dct.poison(), dst.poison();
+    fp8::cuda::quantize_1x128_dual(dx.get(), rows, cols, nullptr, 0, dc.get(), ds.get(), dct.get(), dst.get());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const std::string what = "dual " + shape_name(rows, cols);
+    expect_same_bits(dc.download(), codes, what + " row codes");
+    expect_same_bits(ds.download(), scales, what + " row scales");
+    expect_same_bits(dct.download(), codes_t, what + " transposed codes");
+    expect_same_bits(dst.download(), scales_t, what + " transposed scales");
+  }
+
+  // Grouped: rows cut at bounds (an empty group among them), each group's transposed codes packed on their own as
+  // the CPU quantizes the group's rows alone; the scales those of the whole.
+  const std::vector<int64_t> bounds = {0, 256, 256, 384, 768};
+  const int64_t rows = bounds.back(), cols = 208, groups = static_cast<int64_t>(bounds.size()) - 1;
+  const std::vector<float> x = random_activation(rows, cols, rng);
+  std::vector<uint8_t> codes(static_cast<size_t>(rows * cols)), codes_t(codes.size()), whole_t(codes.size());
+  std::vector<float> scales(static_cast<size_t>(rows * tiles(cols))), scales_t(static_cast<size_t>(cols * rows / 128));
+  fp8::cpu::quantize_1x128(x.data(), rows, cols, codes.data(), scales.data());
+  fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, whole_t.data(), scales_t.data());
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t first = bounds[g], n = bounds[g + 1] - first;
+    std::vector<float> s_g(static_cast<size_t>(cols * tiles(n)));
+    if (n > 0) fp8::cpu::quantize_1x128_transposed(x.data() + first * cols, n, cols, codes_t.data() + first * cols, s_g.data());
+  }
+  DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
+  DeviceBuffer<uint8_t> dc(codes.size()), dct(codes.size());
+  DeviceBuffer<int64_t> db(bounds);
+  dc.poison(), ds.poison(), dct.poison(), dst.poison();
+  fp8::cuda::quantize_1x128_dual(dx.get(), rows, cols, db.get(), groups, dc.get(), ds.get(), dct.get(), dst.get());
+  CUDA_CHECK(cudaDeviceSynchronize());
+  expect_same_bits(dc.download(), codes, "grouped dual row codes");
+  expect_same_bits(ds.download(), scales, "grouped dual row scales");
+  expect_same_bits(dct.download(), codes_t, "grouped dual transposed codes");
+  expect_same_bits(dst.download(), scales_t, "grouped dual transposed scales");
+  std::printf("[ fp8 fused ] quantize_1x128_dual, 5 shapes and a grouped one: CPU bytes both ways\n");
+}
+
+TEST_F(Fp8FusedGpu, SwigluFusedWithQuantizationGivesTheUnfusedBytes) {
+  std::mt19937_64 rng(run_seed() + 103);
+  const std::vector<int64_t> bounds = {0, 128, 128, 384};  // aligned expert rows, one expert empty
+  const int64_t groups = static_cast<int64_t>(bounds.size()) - 1;
+  DeviceBuffer<int64_t> db(bounds);
+  for (int64_t cols : {208, 704}) {
+    const int64_t rows = bounds.back(), n = rows * cols;
+    const std::string what = shape_name(rows, cols);
+    DeviceBuffer<float> g(normal_values(static_cast<size_t>(n), 3.0f, rng)), u(normal_values(static_cast<size_t>(n), 1.0f, rng));
+    DeviceBuffer<float> dh(random_activation(rows, cols, rng));
+    ASSERT_TRUE(cuda::swiglu_fp8_supported(rows, cols, g.get(), u.get(), dh.get()));
+
+    // Forward: h and its row codes.
+    DeviceBuffer<float> h_ref(n), h(n), s_ref(rows * tiles(cols)), s(rows * tiles(cols));
+    DeviceBuffer<uint8_t> c_ref(n), c(n);
+    h.poison(), s.poison(), c.poison();
+    cuda::swiglu_forward(g.get(), u.get(), h_ref.get(), n);
+    fp8::cuda::quantize_1x128(h_ref.get(), rows, cols, c_ref.get(), s_ref.get());
+    cuda::swiglu_forward_quantize_1x128(g.get(), u.get(), rows, cols, h.get(), c.get(), s.get());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    expect_same_bits(h.download(), h_ref.download(), what + " forward h");
+    expect_same_bits(c.download(), c_ref.download(), what + " forward codes");
+    expect_same_bits(s.download(), s_ref.download(), what + " forward scales");
+
+    // Backward: dg and du, each quantized both ways (tokens grouped).
+    DeviceBuffer<float> dg(n), du(n);
+    cuda::swiglu_backward(dh.get(), g.get(), u.get(), dg.get(), du.get(), n);
+    for (bool gate : {true, false}) {
+      const float* grad = gate ? dg.get() : du.get();
+      DeviceBuffer<float> st_ref(cols * rows / 128), st(cols * rows / 128);
+      DeviceBuffer<uint8_t> ct_ref(n), ct(n);
+      s.poison(), c.poison(), st.poison(), ct.poison();
+      fp8::cuda::quantize_1x128(grad, rows, cols, c_ref.get(), s_ref.get());
+      fp8::cuda::quantize_1x128_transposed_grouped(grad, rows, cols, db.get(), groups, ct_ref.get(), st_ref.get());
+      cuda::swiglu_backward_quantize_dual(dh.get(), g.get(), gate ? u.get() : nullptr, rows, cols, gate, db.get(),
+                                          groups, c.get(), s.get(), ct.get(), st.get());
+      CUDA_CHECK(cudaDeviceSynchronize());
+      const std::string which = what + (gate ? " dg" : " du");
+      expect_same_bits(c.download(), c_ref.download(), which + " row codes");
+      expect_same_bits(s.download(), s_ref.download(), which + " row scales");
+      expect_same_bits(ct.download(), ct_ref.download(), which + " token codes");
+      expect_same_bits(st.download(), st_ref.download(), which + " token scales");
+    }
+  }
+  std::printf("[ fp8 fused ] SwiGLU forward + 1x128, backward dg / du + both ways (grouped): the unfused bytes\n");
+}
+
+TEST_F(Fp8FusedGpu, ReportsBandwidth) {
+  // Bytes per call: FP32 inputs read once, codes and scales (and h) written.
+  std::mt19937_64 rng(run_seed() + 104);
+  {
+    const int64_t rows = 8192, cols = 8192, n = rows * cols;
+    DeviceBuffer<float> x(normal_values(static_cast<size_t>(n), 1.0f, rng)), s(n / 64), st(n / 64);
+    DeviceBuffer<uint8_t> c(n), ct(n);
+    const double one_way = 5.0 * n + 4.0 * n / 128;
+    for (TransposedKernel k : {TransposedKernel::Cols32, TransposedKernel::Cols64, TransposedKernel::Blocks128}) {
+      const double ms = median_ms([&] { fp8::cuda::quantize_1x128_transposed_with(k, x.get(), rows, cols, ct.get(), st.get()); });
+      std::printf("[ fp8 fused ] quantize_1x128_transposed %s 8192x8192: %.1f us, %.0f GB/s\n",
+                  fp8::cuda::transposed_kernel_name(k), ms * 1e3, one_way / ms / 1e6);
+    }
+    const double dual = median_ms([&] {
+      fp8::cuda::quantize_1x128_dual(x.get(), rows, cols, nullptr, 0, c.get(), s.get(), ct.get(), st.get());
+    });
+    const double separate = median_ms([&] {
+      fp8::cuda::quantize_1x128(x.get(), rows, cols, c.get(), s.get());
+      fp8::cuda::quantize_1x128_transposed(x.get(), rows, cols, ct.get(), st.get());
+    });
+    std::printf("[ fp8 fused ] quantize_1x128_dual 8192x8192: %.1f us, %.0f GB/s (quantize_1x128 + transposed: %.1f us)\n",
+                dual * 1e3, (4.0 * n + 2 * (n + 4.0 * n / 128)) / dual / 1e6, separate * 1e3);
+  }
+  {
+    // The routed experts' [rows, I] at the MoE benchmark's shape (16384 tokens x top-6, I = 1408).
+    const int64_t rows = 98304, cols = 1408, n = rows * cols;
+    std::vector<int64_t> bounds = {0, rows};
+    DeviceBuffer<int64_t> db(bounds);
+    DeviceBuffer<float> g(normal_values(static_cast<size_t>(n), 1.0f, rng)), u(n), dh(n), h(n), dg(n), du(n);
+    CUDA_CHECK(cudaMemcpy(u.get(), g.get(), n * sizeof(float), cudaMemcpyDeviceToDevice));
+    CUDA_CHECK(cudaMemcpy(dh.get(), g.get(), n * sizeof(float), cudaMemcpyDeviceToDevice));
+    DeviceBuffer<float> s(rows * tiles(cols)), st(cols * rows / 128);
+    DeviceBuffer<uint8_t> c(n), ct(n);
+    const double fwd = median_ms([&] { cuda::swiglu_forward_quantize_1x128(g.get(), u.get(), rows, cols, h.get(), c.get(), s.get()); });
+    const double fwd_separate = median_ms([&] {
+      cuda::swiglu_forward(g.get(), u.get(), h.get(), n);
+      fp8::cuda::quantize_1x128(h.get(), rows, cols, c.get(), s.get());
+    });
+    const double bwd = median_ms([&] {
+      for (bool gate : {true, false})
+        cuda::swiglu_backward_quantize_dual(dh.get(), g.get(), u.get(), rows, cols, gate, db.get(), 1, c.get(), s.get(),
+                                            ct.get(), st.get());
+    });
+    const double bwd_separate = median_ms([&] {
+      cuda::swiglu_backward(dh.get(), g.get(), u.get(), dg.get(), du.get(), n);
+      for (const float* grad : {dg.get(), du.get()}) {
+        fp8::cuda::quantize_1x128(grad, rows, cols, c.get(), s.get());
+        fp8::cuda::quantize_1x128_transposed_grouped(grad, rows, cols, db.get(), 1, ct.get(), st.get());
+      }
+    });
+    std::printf("[ fp8 fused ] SwiGLU + quantization %lldx%lld: forward fused %.3f ms (unfused %.3f), backward fused "
+                "%.3f ms (unfused %.3f)\n",
+                static_cast<long long>(rows), static_cast<long long>(cols), fwd, fwd_separate, bwd, bwd_separate);
+  }
+}
+
+}  // namespace
+}  // namespace moerl::moe_gpu_test
