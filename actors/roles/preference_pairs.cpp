@@ -1,6 +1,6 @@
-// ActorPairSource: the preferences stage's pairs from the rollout actor through the replay buffer actor into
-// the feedback collector actor. The caller's thread drives the three; the writes go out with bounded windows
-// of outstanding requests, so the rollout keeps generating while earlier records are being made durable.
+// ActorPairSource: the preferences stage's pairs from the rollout actors through the replay buffer actor into
+// the feedback collector actor. Lane threads drive the rollouts; the caller's thread sends the writes with
+// bounded windows of outstanding requests, so the rollouts keep generating while earlier records commit.
 #include "actors/roles/preference_pairs.hpp"
 
 #include <algorithm>
@@ -39,8 +39,10 @@ std::unique_ptr<caf::actor_system_config> message_config() {
 template <class Handle, class On>
 void drain(std::deque<Handle>& pending, size_t keep, const std::string& stage, const char* what, On on) {
   while (pending.size() > keep) {
-    pending.front().receive(on, [&](caf::error& e) { fail(stage, what, e); });
+    caf::error failure;  // thrown after receive() returns, not from inside CAF's handler
+    pending.front().receive(on, [&](caf::error& e) { failure = std::move(e); });
     pending.pop_front();
+    if (failure) fail(stage, what, failure);
   }
 }
 
@@ -189,9 +191,10 @@ std::vector<std::vector<int32_t>> ActorPairSource::sample_and_queue(const PairJo
 
     // 2. Replay buffer (by policy version; one version in this fresh buffer) -> pairs by request -> collector.
     std::vector<Envelope> records;
+    caf::error failure;
     self->request(replay, kTimeout, version_atom::value, uint64_t{0}, UINT64_MAX, uint64_t{2 * n})
-        .receive([&](std::vector<Envelope>& r) { records = std::move(r); },
-                 [&](caf::error& e) { fail(job.stage, "reading the replay buffer", e); });
+        .receive([&](std::vector<Envelope>& r) { records = std::move(r); }, [&](caf::error& e) { failure = std::move(e); });
+    if (failure) fail(job.stage, "reading the replay buffer", failure);
     std::map<uint64_t, std::array<std::optional<msg::Rollout>, 2>> by_request;
     for (const Envelope& e : records) {
       auto r = unwrap<msg::ReplayRecord>(e);
