@@ -2,7 +2,8 @@
 // attention_backward_bf16) against the CPU reference (kernels/cpu/attention.cpp) run on the same inputs rounded
 // to BF16 (as the kernel reads them): O and lse of the forward, dQ, dK, dV of the backward (on the GPU forward's
 // own O and lse, as in training). Random q, k, v, dO with a fresh seed each run (printed; MOERL_SEED=<n> repeats
-// it), outputs poisoned with NaN before every call; causal; sequence lengths not multiples of the 64-row tile.
+// it), outputs poisoned with NaN before every call; causal; sequence lengths not multiples of the 64-row tile;
+// both block shapes of every kernel (4 and 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS).
 //
 // Tolerance: relative L2 error ||gpu − ref|| / ||ref|| per tensor. With the inputs rounded alike, what remains is
 // the kernel's rounding of P (forward, dV) and dS (dQ, dK) to BF16 before their products: a relative error per
@@ -32,6 +33,8 @@
 #include <string>
 #include <vector>
 
+#include <stdlib.h>  // setenv, unsetenv
+
 #include "kernels/attention.hpp"
 #include "kernels/cuda/attention.hpp"
 #include "kernels/cuda/cuda_check.hpp"
@@ -42,6 +45,35 @@ namespace {
 
 constexpr double kTolerance = 8e-3;     // O, dQ, dK, dV (header comment)
 constexpr double kLseTolerance = 1e-5;  // lse (header comment)
+
+// Sets the warps per block of the forward and backward kernels for its lifetime; the previous values come back.
+class WarpsEnv {
+ public:
+  WarpsEnv(int forward, int backward) {
+    set("MOERL_ATTN_TC_FWD_WARPS", forward, 0);
+    set("MOERL_ATTN_TC_BWD_WARPS", backward, 1);
+  }
+  ~WarpsEnv() {
+    for (int i = 0; i < 2; ++i) {
+      if (had_[i]) setenv(names_[i], old_[i].c_str(), 1);
+      else unsetenv(names_[i]);
+    }
+  }
+  WarpsEnv(const WarpsEnv&) = delete;
+  WarpsEnv& operator=(const WarpsEnv&) = delete;
+
+ private:
+  void set(const char* name, int warps, int i) {
+    names_[i] = name;
+    const char* e = std::getenv(name);
+    had_[i] = e != nullptr;
+    if (e) old_[i] = e;
+    setenv(name, std::to_string(warps).c_str(), 1);
+  }
+  const char* names_[2] = {};
+  bool had_[2] = {};
+  std::string old_[2];
+};
 
 uint64_t run_seed() {
   static const uint64_t seed = []() -> uint64_t {
@@ -198,14 +230,19 @@ TEST_F(AttentionBf16Gpu, ForwardAndBackwardMatchTheCpuReferenceOnBf16Inputs) {
     const Tensors rounded{bf16_rounded(in.q), bf16_rounded(in.k), bf16_rounded(in.v), bf16_rounded(in.dout)};
     const Results ref = run_cpu(sh, rounded), ref32 = run_cpu(sh, in);
     Gpu gpu(sh, in);
-    gpu.forward(true);
-    gpu.backward(true);
-    const Results got = gpu.results();
-    expect_close("O", sh, got.out, ref.out, ref32.out, kTolerance);
-    expect_close("lse", sh, got.lse, ref.lse, ref32.lse, kLseTolerance);
-    expect_close("dQ", sh, got.dq, ref.dq, ref32.dq, kTolerance);
-    expect_close("dK", sh, got.dk, ref.dk, ref32.dk, kTolerance);
-    expect_close("dV", sh, got.dv, ref.dv, ref32.dv, kTolerance);
+    for (int warps : {4, 8}) {
+      SCOPED_TRACE(std::to_string(warps) + " warps per block");
+      std::printf("attention bf16 kernels of %d warps per block:\n", warps);
+      const WarpsEnv env(warps, warps);
+      gpu.forward(true);
+      gpu.backward(true);
+      const Results got = gpu.results();
+      expect_close("O", sh, got.out, ref.out, ref32.out, kTolerance);
+      expect_close("lse", sh, got.lse, ref.lse, ref32.lse, kLseTolerance);
+      expect_close("dQ", sh, got.dq, ref.dq, ref32.dq, kTolerance);
+      expect_close("dK", sh, got.dk, ref.dk, ref32.dk, kTolerance);
+      expect_close("dV", sh, got.dv, ref.dv, ref32.dv, kTolerance);
+    }
   }
 }
 
@@ -263,12 +300,16 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
   const double pairs = static_cast<double>(sh.batch) * sh.heads * sh.seq * (sh.seq + 1) / 2;
   const double fwd_flops = 2 * pairs * static_cast<double>(sh.dqk + sh.dv);
   const double bwd_flops = 2 * pairs * static_cast<double>(3 * sh.dqk + 2 * sh.dv);
-  for (bool bf16 : {true, false}) {
+  // The tensor-core kernels with 4 and 8 warps per block (forward and backward chosen apart in training through
+  // MOERL_ATTN_TC_FWD_WARPS / _BWD_WARPS), then the FP32 kernels.
+  for (int warps : {4, 8, 0}) {
+    const bool bf16 = warps != 0;
+    const WarpsEnv env(bf16 ? warps : 4, bf16 ? warps : 4);
     const double fwd_ms = median_ms([&] { gpu.forward(bf16, false); });
     const double bwd_ms = median_ms([&] { gpu.backward(bf16, false); });
-    std::printf("attention %s forward  %s: %.3f ms, %.1f TFLOP/s; backward %.3f ms, %.1f TFLOP/s (causal)\n",
-                bf16 ? "bf16 tensor cores" : "fp32 CUDA cores ", sh.name().c_str(), fwd_ms, fwd_flops / fwd_ms / 1e9,
-                bwd_ms, bwd_flops / bwd_ms / 1e9);
+    std::printf("attention %s (%d warps) forward  %s: %.3f ms, %.1f TFLOP/s; backward %.3f ms, %.1f TFLOP/s (causal)\n",
+                bf16 ? "bf16 tensor cores" : "fp32 CUDA cores ", warps, sh.name().c_str(), fwd_ms,
+                fwd_flops / fwd_ms / 1e9, bwd_ms, bwd_flops / bwd_ms / 1e9);
   }
   const Results r = gpu.results();
   EXPECT_TRUE(std::all_of(r.dq.begin(), r.dq.end(), [](float x) { return std::isfinite(x); }));
