@@ -13,8 +13,10 @@
 // Blocks of 32·W threads (W = 4 or 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS, default 8 / 4) own a
 // 16·W-row tile of one (sequence, head): warp w rows 16w .. 16w+15, so every score row lives in one quad of lanes
 // (mma C layout: lane holds rows lane/4 and lane/4 + 8, columns 2·(lane%4) + {0, 1} of each 8-wide n-tile) and row
-// reductions are 2 shuffles. The other side streams through in 64-row tiles; a warp skips a streamed tile that the
-// causal mask hides from all its rows. Launches (grid (heads, batch, tiles), longest tiles first):
+// reductions are 2 shuffles. In the forward a warp may own 32 rows (MOERL_ATTN_TC_FWD_WARP_ROWS=32: two 16-row
+// blocks, each K and V fragment read from shared memory feeds two products). The other side streams through in
+// 64-row tiles; a warp skips a streamed tile that the causal mask hides from all its rows, and applies the mask only
+// on tiles that cross its diagonal (or the end of the sequence). exp2 is ex2.approx (MUFU). Launches (grid (heads, batch, tiles), longest tiles first):
 //   forward  one query tile per block, key tiles 0 .. diagonal, online softmax in base 2, lse saved;
 //   backward dK/dV per key tile over query tiles diagonal .. end (P recomputed from lse); dQ per query tile over
 //            key tiles 0 .. diagonal.
@@ -41,8 +43,8 @@ namespace {
 using bf16 = __nv_bfloat16;
 constexpr int kCols = 64;       // rows of a streamed tile (keys or queries) = score columns
 constexpr int kNt = kCols / 8;  // 8-wide n-tiles of a score row block
-constexpr int kSeqPad = 128;    // scratch rows per (sequence, head): seq rounded up to this (the largest block tile)
-constexpr int kPackWarps = 8;   // warps per block of the packing kernels (one warp per row)
+constexpr int kSeqPad = 256;    // scratch rows per (sequence, head): seq rounded up to this (the largest block tile)
+constexpr int kPackThreads = 256;  // threads per block of the packing kernels (one per 8 columns of a row)
 constexpr float kLog2eTc = 1.4426950408889634f;
 constexpr float kLn2Tc = 0.6931471805599453f;
 
@@ -141,6 +143,66 @@ template <int DP> __device__ __forceinline__ void zero(float (&acc)[DP / 8][4]) 
   for (int n = 0; n < DP / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
 }
 
+// 2^x on the MUFU unit (ex2.approx.ftz: relative error ~2^-22, 2^-inf = 0), without exp2f's extra range handling.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// scores / product for a warp that owns MT 16-row blocks (rows 16·mt .. of a, of p, of acc): every B fragment read
+// from shared memory feeds MT products, which halves the shared-memory traffic per product at MT = 2.
+template <int D, int MT>
+__device__ __forceinline__ void scores_m(float (&s)[MT][kNt][4], const __nv_bfloat16* a, int lda,
+                                         const __nv_bfloat16* b, int ldb, int lane) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int n = 0; n < kNt; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
+#pragma unroll
+  for (int k = 0; k < pad16(D); k += 16) {
+    uint32_t af[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) load_a(af[mt], a + mt * 16 * lda + k, lda, lane);
+#pragma unroll
+    for (int n = 0; n < kNt; n += 2) {
+      uint32_t bf[4];
+      load_b_nk(bf, b + n * 8 * ldb + k, ldb, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma(s[mt][n], af[mt], bf[0], bf[1]);
+        mma(s[mt][n + 1], af[mt], bf[2], bf[3]);
+      }
+    }
+  }
+}
+
+template <int DP, int MT>
+__device__ __forceinline__ void product_m(float (&acc)[MT][DP / 8][4], const float (&p)[MT][kNt][4],
+                                          const __nv_bfloat16* b, int ldb, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kCols / 16; ++kk) {
+    uint32_t af[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      af[mt][0] = pack_bf16(p[mt][2 * kk][0], p[mt][2 * kk][1]);
+      af[mt][1] = pack_bf16(p[mt][2 * kk][2], p[mt][2 * kk][3]);
+      af[mt][2] = pack_bf16(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
+      af[mt][3] = pack_bf16(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int n = 0; n < DP / 8; n += 2) {
+      uint32_t bf[4];
+      load_b_kn(bf, b + kk * 16 * ldb + n * 8, ldb, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma(acc[mt][n], af[mt], bf[0], bf[1]);
+        mma(acc[mt][n + 1], af[mt], bf[2], bf[3]);
+      }
+    }
+  }
+}
+
 // Global rows row0 + lane/4 (+8) of a [.., D] tensor (stride ldg) <- factor · acc, columns < D, rows < seq.
 template <int D>
 __device__ __forceinline__ void store_rows(float* __restrict__ dst, int64_t ldg, int row0, int seq,
@@ -179,51 +241,65 @@ __device__ __forceinline__ void copy_tile(bf16* dst, const bf16* __restrict__ sr
 
 
 // Packing: dst [batch, heads, spad, DP] BF16 <- src [batch·seq, heads, D] FP32, zeros in columns >= D and rows >= seq.
-// One warp per packed row r = (b·heads + h)·spad + s, two columns per lane.
+// One thread per 8 columns (two 16-byte loads, one 16-byte store) of packed row r = (b·heads + h)·spad + s: thread t
+// takes row t / (DP/8), columns 8·(t % (DP/8)) ...
 template <int D>
-__global__ void __launch_bounds__(32 * kPackWarps)
+__global__ void __launch_bounds__(kPackThreads)
     attention_pack_kernel(const float* __restrict__ src, bf16* __restrict__ dst, int seq, int spad, int heads,
-                          int64_t rows) {
-  constexpr int DP = pad16(D);
-  const int lane = threadIdx.x % 32;
-  const int64_t r = int64_t{blockIdx.x} * kPackWarps + threadIdx.x / 32;
-  if (r >= rows) return;  // a whole warp; no barrier in this kernel
-  const int s = static_cast<int>(r % spad);
-  const int64_t bh = r / spad, b = bh / heads, h = bh % heads;
-  const float* row = s < seq ? src + ((b * seq + s) * heads + h) * D : nullptr;
-  for (int c = 2 * lane; c < DP; c += 64) {
-    float2 x = make_float2(0.0f, 0.0f);
-    if (row != nullptr && c < D) x = *reinterpret_cast<const float2*>(row + c);  // D even: c + 1 < D too
-    *reinterpret_cast<uint32_t*>(dst + r * DP + c) = pack_bf16(x.x, x.y);
+                          int64_t chunks) {
+  constexpr int DP = pad16(D), C = DP / 8;
+  static_assert(D % 8 == 0, "a chunk of 8 columns is all inside or all outside the head dim");
+  const int64_t t = int64_t{blockIdx.x} * kPackThreads + threadIdx.x;
+  if (t >= chunks) return;  // no barrier or shuffle in this kernel
+  const int64_t r = t / C, bh = r / spad, b = bh / heads, h = bh % heads;
+  const int s = static_cast<int>(r % spad), c = static_cast<int>(t % C) * 8;
+  float4 x0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), x1 = x0;
+  if (s < seq && c < D) {
+    const float* row = src + ((b * seq + s) * heads + h) * D + c;
+    x0 = *reinterpret_cast<const float4*>(row);
+    x1 = *reinterpret_cast<const float4*>(row + 4);
   }
+  *reinterpret_cast<uint4*>(dst + r * DP + c) =
+      make_uint4(pack_bf16(x0.x, x0.y), pack_bf16(x0.z, x0.w), pack_bf16(x1.x, x1.y), pack_bf16(x1.z, x1.w));
 }
 
-// The backward's packing of dO, which also writes stats[2r] = lse·log2e and stats[2r + 1] = D = Σ_c dO·O (FP32,
-// from the FP32 inputs) of packed row r; zeros on padding rows.
+// The backward's packing of dO (as above), which also writes stats[2r] = lse·log2e and stats[2r + 1] = D = Σ_c dO·O
+// (FP32, from the FP32 inputs; each thread's 8 products in order, then a shuffle tree over the row's DP/8 lanes) of
+// packed row r; zeros on padding rows.
 template <int DV>
-__global__ void __launch_bounds__(32 * kPackWarps)
+__global__ void __launch_bounds__(kPackThreads)
     attention_pack_dout_kernel(const float* __restrict__ dout, const float* __restrict__ out,
                                const float* __restrict__ lse, bf16* __restrict__ dst, float* __restrict__ stats,
-                               int seq, int spad, int heads, int64_t rows) {
-  constexpr int DP = pad16(DV);
-  const int lane = threadIdx.x % 32;
-  const int64_t r = int64_t{blockIdx.x} * kPackWarps + threadIdx.x / 32;
-  if (r >= rows) return;
-  const int s = static_cast<int>(r % spad);
-  const int64_t bh = r / spad, b = bh / heads, h = bh % heads;
-  const int64_t off = ((b * seq + s) * heads + h) * DV;
+                               int seq, int spad, int heads, int64_t chunks) {
+  constexpr int DP = pad16(DV), C = DP / 8;
+  static_assert(DV % 8 == 0 && 32 % C == 0, "a row's chunks are whole and share one warp");
+  const int64_t t = int64_t{blockIdx.x} * kPackThreads + threadIdx.x;
+  const bool active = t < chunks;  // a row's C lanes are all active or all not (chunks is a multiple of C)
+  const int64_t r = t / C, bh = r / spad, b = bh / heads, h = bh % heads;
+  const int s = static_cast<int>(r % spad), c = static_cast<int>(t % C) * 8;
   float acc = 0.0f;
-  for (int c = 2 * lane; c < DP; c += 64) {
-    float2 x = make_float2(0.0f, 0.0f), y = make_float2(0.0f, 0.0f);
+  if (active) {
+    float4 x0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), x1 = x0;
     if (s < seq && c < DV) {
-      x = *reinterpret_cast<const float2*>(dout + off + c);
-      y = *reinterpret_cast<const float2*>(out + off + c);
+      const int64_t off = ((b * seq + s) * heads + h) * DV + c;
+      x0 = *reinterpret_cast<const float4*>(dout + off);
+      x1 = *reinterpret_cast<const float4*>(dout + off + 4);
+      const float4 y0 = *reinterpret_cast<const float4*>(out + off);
+      const float4 y1 = *reinterpret_cast<const float4*>(out + off + 4);
+      acc = x0.x * y0.x;
+      acc = fmaf(x0.y, y0.y, acc);
+      acc = fmaf(x0.z, y0.z, acc);
+      acc = fmaf(x0.w, y0.w, acc);
+      acc = fmaf(x1.x, y1.x, acc);
+      acc = fmaf(x1.y, y1.y, acc);
+      acc = fmaf(x1.z, y1.z, acc);
+      acc = fmaf(x1.w, y1.w, acc);
     }
-    acc = fmaf(x.y, y.y, fmaf(x.x, y.x, acc));
-    *reinterpret_cast<uint32_t*>(dst + r * DP + c) = pack_bf16(x.x, x.y);
+    *reinterpret_cast<uint4*>(dst + r * DP + c) =
+        make_uint4(pack_bf16(x0.x, x0.y), pack_bf16(x0.z, x0.w), pack_bf16(x1.x, x1.y), pack_bf16(x1.z, x1.w));
   }
-  for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, offset);
-  if (lane == 0) {
+  for (int offset = C / 2; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, offset);
+  if (active && c == 0) {
     stats[2 * r] = s < seq ? lse[bh * seq + s] * kLog2eTc : 0.0f;
     stats[2 * r + 1] = s < seq ? acc : 0.0f;
   }
@@ -233,22 +309,24 @@ __global__ void __launch_bounds__(32 * kPackWarps)
 // dO), two stages of each streamed 64-row tile, and for dK/dV two stages of 64 (lse·log2e, D) pairs.
 template <int DQ, int DV, int WARPS> struct Smem {
   static constexpr int ROWS = 16 * WARPS, LQ = row_stride(pad16(DQ)), LV = row_stride(pad16(DV));
-  static constexpr size_t forward = size_t{2} * (ROWS * LQ + 2 * kCols * (LQ + LV));
+  // The forward's query tile has MT·ROWS rows.
+  template <int MT> static constexpr size_t forward() { return size_t{2} * (MT * ROWS * LQ + 2 * kCols * (LQ + LV)); }
   static constexpr size_t dq = size_t{2} * (ROWS * (LQ + LV) + 2 * kCols * (LQ + LV));
   static constexpr size_t dkdv = dq + size_t{4} * 2 * 2 * kCols;
 };
 
-// Forward: block z takes query tile tiles-1-z of 16·WARPS rows (keys 0 .. its diagonal).
-template <int DQ, int DV, int WARPS>
+// Forward: block z takes query tile tiles-1-z of 16·MT·WARPS rows (keys 0 .. its diagonal); warp w owns rows
+// 16·MT·w .. 16·MT·w + 16·MT − 1 of it.
+template <int DQ, int DV, int WARPS, int MT>
 __global__ void __launch_bounds__(32 * WARPS)
     attention_forward_tc(const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
                          float* __restrict__ out, float* __restrict__ lse, int seq, int spad, int heads,
                          float scale_log2) {
-  constexpr int ROWS = 16 * WARPS, THREADS = 32 * WARPS, DQP = pad16(DQ), DVP = pad16(DV);
+  constexpr int ROWS = 16 * MT * WARPS, WROWS = 16 * MT, THREADS = 32 * WARPS, DQP = pad16(DQ), DVP = pad16(DV);
   constexpr int LQ = row_stride(DQP), LV = row_stride(DVP);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
-  bf16* Ks = Qs + ROWS * LQ;     // 2 stages of kCols·LQ
+  bf16* Ks = Qs + ROWS * LQ;       // 2 stages of kCols·LQ
   bf16* Vs = Ks + 2 * kCols * LQ;  // 2 stages of kCols·LV
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
   const int tiles = (seq + ROWS - 1) / ROWS;
@@ -262,70 +340,86 @@ __global__ void __launch_bounds__(32 * WARPS)
   copy_tile<kCols, DVP, THREADS>(Vs, vh);
   cp_async_commit();
 
-  const int w0 = i0 + 16 * w, r0 = w0 + lane / 4;  // the warp's first row; this thread's rows r0 and r0 + 8
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  float o[DVP / 8][4];
-  zero<DVP>(o);
+  // The warp's first row; this thread's rows w0 + 16·mt + lane/4 (+ 8).
+  const int w0 = i0 + WROWS * w, r0 = w0 + lane / 4;
+  float m[MT][2], l[MT][2];
+  float o[MT][DVP / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.0f;
+    zero<DVP>(o[mt]);
+  }
   for (int kt = 0; kt <= last; ++kt) {
     const int j0 = kt * kCols, st = kt & 1;
     if (kt < last) {  // the stage st ^ 1 was last read in iteration kt - 1, before its closing barrier
       copy_tile<kCols, DQP, THREADS>(Ks + (st ^ 1) * kCols * LQ, kh + int64_t{j0 + kCols} * DQP);
       copy_tile<kCols, DVP, THREADS>(Vs + (st ^ 1) * kCols * LV, vh + int64_t{j0 + kCols} * DVP);
     }
-    cp_async_commit();  // possibly empty: keeps the count of groups in flight uniform
+    cp_async_commit();   // possibly empty: keeps the count of groups in flight uniform
     cp_async_wait<1>();  // this thread's copies of tile kt have landed
     __syncthreads();     // ... and everybody's
 
-    if (j0 <= w0 + 15) {  // key tile 0 is never skipped, so m is finite from the first tile on
-      float s[kNt][4];
-      scores<DQ>(s, Qs + 16 * w * LQ, LQ, Ks + st * kCols * LQ, LQ, lane);
-      float mx[2] = {-INFINITY, -INFINITY};
+    if (j0 <= w0 + WROWS - 1) {  // key tile 0 is never skipped, so m is finite from the first tile on
+      float s[MT][kNt][4];
+      scores_m<DQ, MT>(s, Qs + WROWS * w * LQ, LQ, Ks + st * kCols * LQ, LQ, lane);
+      // Keys after some row of the warp (also every key >= seq, for rows < seq) only in tiles reaching past w0.
+      const bool diagonal = j0 + kCols - 1 > w0;
 #pragma unroll
-      for (int n = 0; n < kNt; ++n)
+      for (int mt = 0; mt < MT; ++mt) {
+        float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = r0 + (e / 2) * 8, j = j0 + n * 8 + (lane % 4) * 2 + e % 2;
-          s[n][e] = j > i ? -INFINITY : s[n][e] * scale_log2;
-          mx[e / 2] = fmaxf(mx[e / 2], s[n][e]);
+        for (int n = 0; n < kNt; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = r0 + 16 * mt + (e / 2) * 8, j = j0 + n * 8 + (lane % 4) * 2 + e % 2;
+            s[mt][n][e] = diagonal && j > i ? -INFINITY : s[mt][n][e] * scale_log2;
+            mx[e / 2] = fmaxf(mx[e / 2], s[mt][n][e]);
+          }
+#pragma unroll
+        for (int a = 0; a < 2; ++a) {
+          mx[a] = fmaxf(mx[a], __shfl_xor_sync(0xFFFFFFFFu, mx[a], 1));
+          mx[a] = fmaxf(mx[a], __shfl_xor_sync(0xFFFFFFFFu, mx[a], 2));
+          const float m_new = fmaxf(m[mt][a], mx[a]);  // finite: the row's key 0 (tile 0) or its last maximum
+          const float alpha = fast_exp2(m[mt][a] - m_new);  // 0 on the first tile (m = -inf)
+          m[mt][a] = m_new;
+          l[mt][a] *= alpha;
+#pragma unroll
+          for (int n = 0; n < DVP / 8; ++n) o[mt][n][2 * a] *= alpha, o[mt][n][2 * a + 1] *= alpha;
         }
 #pragma unroll
-      for (int a = 0; a < 2; ++a) {
-        mx[a] = fmaxf(mx[a], __shfl_xor_sync(0xFFFFFFFFu, mx[a], 1));
-        mx[a] = fmaxf(mx[a], __shfl_xor_sync(0xFFFFFFFFu, mx[a], 2));
-        const float m_new = fmaxf(m[a], mx[a]);
-        const float alpha = exp2f(m[a] - m_new);  // 0 on the first tile (m = -inf)
-        m[a] = m_new;
-        l[a] *= alpha;
+        for (int n = 0; n < kNt; ++n)
 #pragma unroll
-        for (int n = 0; n < DVP / 8; ++n) o[n][2 * a] *= alpha, o[n][2 * a + 1] *= alpha;
+          for (int e = 0; e < 4; ++e) {
+            s[mt][n][e] = fast_exp2(s[mt][n][e] - m[mt][e / 2]);
+            l[mt][e / 2] += s[mt][n][e];
+          }
       }
-#pragma unroll
-      for (int n = 0; n < kNt; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[n][e] = exp2f(s[n][e] - m[e / 2]);
-          l[e / 2] += s[n][e];
-        }
-      product<DVP>(o, s, Vs + st * kCols * LV, LV, lane);
+      product_m<DVP, MT>(o, s, Vs + st * kCols * LV, LV, lane);
     }
     __syncthreads();  // stage st is read before iteration kt + 1 refills it
   }
 
-  float inv[2];
-#pragma unroll
-  for (int a = 0; a < 2; ++a) {
-    l[a] += __shfl_xor_sync(0xFFFFFFFFu, l[a], 1);
-    l[a] += __shfl_xor_sync(0xFFFFFFFFu, l[a], 2);
-    inv[a] = 1.0f / l[a];
-  }
-#pragma unroll
-  for (int n = 0; n < DVP / 8; ++n) o[n][0] *= inv[0], o[n][1] *= inv[0], o[n][2] *= inv[1], o[n][3] *= inv[1];
   const int64_t ldv = int64_t{heads} * DV, tok0 = int64_t{b} * seq;
-  store_rows<DV>(out + tok0 * ldv + h * DV, ldv, w0, seq, o, 1.0f, lane);
-  if (lane % 4 == 0) {
-    float* lse_h = lse + bh * seq;
-    if (r0 < seq) lse_h[r0] = (m[0] + log2f(l[0])) * kLn2Tc;
-    if (r0 + 8 < seq) lse_h[r0 + 8] = (m[1] + log2f(l[1])) * kLn2Tc;
+  float* lse_h = lse + bh * seq;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2];
+#pragma unroll
+    for (int a = 0; a < 2; ++a) {
+      l[mt][a] += __shfl_xor_sync(0xFFFFFFFFu, l[mt][a], 1);
+      l[mt][a] += __shfl_xor_sync(0xFFFFFFFFu, l[mt][a], 2);
+      inv[a] = 1.0f / l[mt][a];
+    }
+#pragma unroll
+    for (int n = 0; n < DVP / 8; ++n)
+      o[mt][n][0] *= inv[0], o[mt][n][1] *= inv[0], o[mt][n][2] *= inv[1], o[mt][n][3] *= inv[1];
+    store_rows<DV>(out + tok0 * ldv + h * DV, ldv, w0 + 16 * mt, seq, o[mt], 1.0f, lane);
+    const int r = r0 + 16 * mt;
+    if (lane % 4 == 0) {
+      if (r < seq) lse_h[r] = (m[mt][0] + log2f(l[mt][0])) * kLn2Tc;
+      if (r + 8 < seq) lse_h[r + 8] = (m[mt][1] + log2f(l[mt][1])) * kLn2Tc;
+    }
   }
 }
 
@@ -374,6 +468,8 @@ __global__ void __launch_bounds__(32 * WARPS)
     __syncthreads();
 
     if (i0 + kCols - 1 >= w0) {  // some query of the tile sees one of the warp's keys
+      // Queries before some key of the warp, or past the end of the sequence, only in these tiles.
+      const bool masked = i0 < w0 + 16 || i0 + kCols > seq;
       const bf16* Qt = Qs + st * kCols * LQ;
       const bf16* dOt = dOs + st * kCols * LV;
       const float* Stt = St + st * 2 * kCols;
@@ -385,7 +481,7 @@ __global__ void __launch_bounds__(32 * WARPS)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int c = n * 8 + (lane % 4) * 2 + e % 2, i = i0 + c, j = jr + (e / 2) * 8;
-          p[n][e] = (j <= i && i < seq) ? exp2f(p[n][e] * scale_log2 - Stt[2 * c]) : 0.0f;
+          p[n][e] = !masked || (j <= i && i < seq) ? fast_exp2(p[n][e] * scale_log2 - Stt[2 * c]) : 0.0f;
           ds[n][e] = p[n][e] * (ds[n][e] - Stt[2 * c + 1]);
         }
       product<DVP>(dv_acc, p, dOt, LV, lane);
@@ -445,6 +541,7 @@ __global__ void __launch_bounds__(32 * WARPS)
     __syncthreads();
 
     if (j0 <= w0 + 15) {
+      const bool diagonal = j0 + kCols - 1 > w0;  // keys after some row of the warp (and keys >= seq) only here
       const bf16* Kt = Ks + st * kCols * LQ;
       float p[kNt][4], ds[kNt][4];
       scores<DQ>(p, Qs + 16 * w * LQ, LQ, Kt, LQ, lane);                    // S = Q·Kᵀ
@@ -454,7 +551,7 @@ __global__ void __launch_bounds__(32 * WARPS)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int a = e / 2, i = r0 + 8 * a, j = j0 + n * 8 + (lane % 4) * 2 + e % 2;
-          const float pe = j <= i ? exp2f(p[n][e] * scale_log2 - row_lse2[a]) : 0.0f;
+          const float pe = !diagonal || j <= i ? fast_exp2(p[n][e] * scale_log2 - row_lse2[a]) : 0.0f;
           ds[n][e] = pe * (ds[n][e] - row_d[a]);
         }
       product<DQP>(dq_acc, ds, Kt, LQ, lane);
@@ -483,6 +580,14 @@ template <class F> void dispatch_warps(const char* name, int fallback, F&& f) {
   else f(Dim<4>{});
 }
 
+// Query rows per warp of the forward (MOERL_ATTN_TC_FWD_WARP_ROWS: 16 or 32, default 16).
+int forward_warp_rows() {
+  int rows = 16;
+  if (const char* e = std::getenv("MOERL_ATTN_TC_FWD_WARP_ROWS"); e != nullptr && *e != '\0') rows = std::atoi(e);
+  require(rows == 16 || rows == 32, "moerl::cuda attention: MOERL_ATTN_TC_FWD_WARP_ROWS must be 16 or 32");
+  return rows;
+}
+
 bool check_tc(const std::string& where, int64_t batch, int64_t seq, int64_t heads, int64_t dqk, int64_t dv,
               float scale, std::initializer_list<const void*> tensors, const void* lse) {
   require(batch >= 0 && seq >= 0 && heads >= 0, where + ": batch, seq and heads must be >= 0");
@@ -492,7 +597,7 @@ bool check_tc(const std::string& where, int64_t batch, int64_t seq, int64_t head
   if (batch == 0 || seq == 0 || heads == 0) return false;
   require(heads <= 65535 && batch <= 65535 && seq <= int64_t{65535} * kCols,
           where + ": heads, batch must be <= 65535 and seq <= 65535·64");
-  require(batch * heads * (seq + kSeqPad) / kPackWarps <= INT32_MAX, where + ": too many (token, head) rows");
+  require(batch * heads * (seq + kSeqPad) * 16 / kPackThreads <= INT32_MAX, where + ": too many (token, head) rows");
   for (const void* p : tensors) {
     require(p != nullptr, where + ": null tensor pointer");
     require(reinterpret_cast<uintptr_t>(p) % 16 == 0, where + ": tensor pointers must be 16-byte aligned");
@@ -522,7 +627,14 @@ struct Packed {
       : spad((seq + kSeqPad - 1) / kSeqPad * kSeqPad), rows(batch * heads * spad),
         bytes_q(cuda_detail::align256(static_cast<size_t>(rows) * dqp * sizeof(bf16))),
         bytes_v(cuda_detail::align256(static_cast<size_t>(rows) * dvp * sizeof(bf16))) {}
-  unsigned pack_blocks() const { return static_cast<unsigned>((rows + kPackWarps - 1) / kPackWarps); }
+  // Blocks of a packing kernel over DP/8 chunks per row.
+  unsigned pack_blocks(int dp) const { return static_cast<unsigned>((rows * (dp / 8) + kPackThreads - 1) / kPackThreads); }
+  // dst <- src packed (attention_pack_kernel).
+  template <int D> void pack(const float* src, bf16* dst, int seq, int heads, cudaStream_t stream) const {
+    attention_pack_kernel<D><<<pack_blocks(pad16(D)), kPackThreads, 0, stream>>>(src, dst, seq, static_cast<int>(spad),
+                                                                                heads, rows * (pad16(D) / 8));
+    CUDA_CHECK_LAUNCH();
+  }
 };
 
 }  // namespace
@@ -542,19 +654,21 @@ void attention_forward_bf16(const float* q, const float* k, const float* v, floa
     bf16* qb = scratch.as<bf16>();
     bf16* kb = scratch.as<bf16>(pk.bytes_q);
     bf16* vb = scratch.as<bf16>(2 * pk.bytes_q);
-    attention_pack_kernel<DQ><<<pk.pack_blocks(), 32 * kPackWarps, 0, stream>>>(q, qb, s, sp, h, pk.rows);
-    CUDA_CHECK_LAUNCH();
-    attention_pack_kernel<DQ><<<pk.pack_blocks(), 32 * kPackWarps, 0, stream>>>(k, kb, s, sp, h, pk.rows);
-    CUDA_CHECK_LAUNCH();
-    attention_pack_kernel<DV><<<pk.pack_blocks(), 32 * kPackWarps, 0, stream>>>(v, vb, s, sp, h, pk.rows);
-    CUDA_CHECK_LAUNCH();
+    pk.pack<DQ>(q, qb, s, h, stream);
+    pk.pack<DQ>(k, kb, s, h, stream);
+    pk.pack<DV>(v, vb, s, h, stream);
     dispatch_warps("MOERL_ATTN_TC_FWD_WARPS", 8, [&](auto w_dim) {
       constexpr int W = decltype(w_dim)::value;
-      constexpr size_t smem = Smem<DQ, DV, W>::forward;
-      allow_smem<attention_forward_tc<DQ, DV, W>>(smem);
-      attention_forward_tc<DQ, DV, W><<<grid_of(batch, seq, heads, 16 * W), 32 * W, smem, stream>>>(
-          qb, kb, vb, out, lse, s, sp, h, scale * kLog2eTc);
-      CUDA_CHECK_LAUNCH();
+      const auto launch = [&](auto mt_dim) {
+        constexpr int MT = decltype(mt_dim)::value;
+        constexpr size_t smem = Smem<DQ, DV, W>::template forward<MT>();
+        allow_smem<attention_forward_tc<DQ, DV, W, MT>>(smem);
+        attention_forward_tc<DQ, DV, W, MT><<<grid_of(batch, seq, heads, 16 * MT * W), 32 * W, smem, stream>>>(
+            qb, kb, vb, out, lse, s, sp, h, scale * kLog2eTc);
+        CUDA_CHECK_LAUNCH();
+      };
+      if (forward_warp_rows() == 32) launch(Dim<2>{});
+      else launch(Dim<1>{});
     });
     scratch.release();
   });
@@ -576,14 +690,11 @@ void attention_backward_bf16(const float* dout, const float* q, const float* k, 
     bf16* vb = scratch.as<bf16>(2 * pk.bytes_q);
     bf16* dob = scratch.as<bf16>(2 * pk.bytes_q + pk.bytes_v);
     float* stats = scratch.as<float>(2 * pk.bytes_q + 2 * pk.bytes_v);
-    attention_pack_kernel<DQ><<<pk.pack_blocks(), 32 * kPackWarps, 0, stream>>>(q, qb, s, sp, h, pk.rows);
-    CUDA_CHECK_LAUNCH();
-    attention_pack_kernel<DQ><<<pk.pack_blocks(), 32 * kPackWarps, 0, stream>>>(k, kb, s, sp, h, pk.rows);
-    CUDA_CHECK_LAUNCH();
-    attention_pack_kernel<DV><<<pk.pack_blocks(), 32 * kPackWarps, 0, stream>>>(v, vb, s, sp, h, pk.rows);
-    CUDA_CHECK_LAUNCH();
-    attention_pack_dout_kernel<DV><<<pk.pack_blocks(), 32 * kPackWarps, 0, stream>>>(dout, out, lse, dob, stats, s,
-                                                                                      sp, h, pk.rows);
+    pk.pack<DQ>(q, qb, s, h, stream);
+    pk.pack<DQ>(k, kb, s, h, stream);
+    pk.pack<DV>(v, vb, s, h, stream);
+    attention_pack_dout_kernel<DV><<<pk.pack_blocks(pad16(DV)), kPackThreads, 0, stream>>>(
+        dout, out, lse, dob, stats, s, sp, h, pk.rows * (pad16(DV) / 8));
     CUDA_CHECK_LAUNCH();
     dispatch_warps("MOERL_ATTN_TC_BWD_WARPS", 4, [&](auto w_dim) {
       constexpr int W = decltype(w_dim)::value;
