@@ -1,15 +1,20 @@
-// ActorPairSource: the preferences stage's pairs from the rollout actor through the replay buffer actor into
-// the feedback collector actor. The caller's thread drives the three; the writes go out with bounded windows
-// of outstanding requests, so the rollout keeps generating while earlier records are being made durable.
+// ActorPairSource: the preferences stage's pairs from the rollout actors through the replay buffer actor into
+// the feedback collector actor. Lane threads drive the rollouts; the caller's thread sends the writes with
+// bounded windows of outstanding requests, so the rollouts keep generating while earlier records commit.
 #include "actors/roles/preference_pairs.hpp"
 
+#include <algorithm>
+#include <condition_variable>
 #include <deque>
 #include <map>
+#include <mutex>
+#include <thread>
 
 #include "actors/roles/feedback_collector.hpp"
 #include "actors/roles/replay_buffer.hpp"
 #include "actors/roles/rlhf_actors.hpp"
 #include "runtime/store/pair_record.hpp"
+#include "runtime/train/checkpoint.hpp"
 
 namespace moerl::actors {
 namespace fs = std::filesystem;
@@ -34,8 +39,10 @@ std::unique_ptr<caf::actor_system_config> message_config() {
 template <class Handle, class On>
 void drain(std::deque<Handle>& pending, size_t keep, const std::string& stage, const char* what, On on) {
   while (pending.size() > keep) {
-    pending.front().receive(on, [&](caf::error& e) { fail(stage, what, e); });
+    caf::error failure;  // thrown after receive() returns, not from inside CAF's handler
+    pending.front().receive(on, [&](caf::error& e) { failure = std::move(e); });
     pending.pop_front();
+    if (failure) fail(stage, what, failure);
   }
 }
 
@@ -45,6 +52,93 @@ void stop_and_wait(caf::scoped_actor& self, const Handle& a) {
   self->send_exit(a, caf::exit_reason::user_shutdown);
   self->receive([](const caf::down_msg&) {}, caf::after(kTimeout) >> [] {});
 }
+
+// The rollout lanes: job.threads rollout actors of one thread each (a request decodes only 2 sequences, too
+// few for OpenMP inside it to pay), each supervised as in the rlhf stage (actor_rlhf_services: respawned when
+// it dies, the request sent again) and driven by a thread of its own; lane w generates chunks w, w + lanes, ...
+// Lane 0 generates with the caller's policy itself (zero-copy); the others with exact copies (a Model keeps
+// per-forward state, so two actors must not share one). Requests are seeded, so the rollouts do not depend on
+// the lane that made them.
+class Lanes {
+ public:
+  Lanes(const PairJob& job, const RlhfActorOptions& options, caf::actor_system& system, size_t chunks)
+      : job_(job), chunks_(chunks), done_(chunks) {
+    const size_t lanes = std::clamp<size_t>(static_cast<size_t>(std::max(job.threads, 1)), 1, std::max<size_t>(chunks, 1));
+    if (lanes > 1) save_checkpoint(job.dir / "policy-copy", *job.policy, nullptr, nullptr, nullptr);
+    for (size_t w = 0; w < lanes; ++w) {
+      Model* policy = job.policy;
+      if (w > 0) {
+        copies_.push_back(load_model_dir(job.dir / "policy-copy"));
+        policy = copies_.back().model.get();
+      }
+      threads_.emplace_back([this, &options, &system, policy, w, lanes] { run(options, system, policy, w, lanes); });
+    }
+  }
+  ~Lanes() {
+    {
+      std::lock_guard lock(mutex_);
+      stop_ = true;
+    }
+    for (auto& t : threads_) t.join();
+    std::error_code ec;
+    fs::remove_all(job_.dir / "policy-copy", ec);
+  }
+
+  // Chunk c's rollouts (request-major), once generated; rethrows a lane's failure.
+  std::vector<msg::Rollout> take(size_t c) {
+    std::unique_lock lock(mutex_);
+    ready_.wait(lock, [&] { return done_[c].has_value() || failure_; });
+    if (failure_) std::rethrow_exception(failure_);
+    return std::move(*done_[c]);
+  }
+
+ private:
+  void run(const RlhfActorOptions& options, caf::actor_system& system, Model* policy, size_t w, size_t lanes) {
+    try {
+      RlhfSetup setup;
+      setup.stage = job_.stage;
+      setup.work_dir = job_.dir / ("rollout-" + std::to_string(w));  // what a respawned rollout loads; removed after
+      setup.precision = job_.precision;
+      setup.threads = 1;
+      setup.metrics = job_.metrics;
+      auto generation = actor_rlhf_services(system, setup, options);
+      generation->publish_weights(*policy, 0, 0);
+      for (size_t c = w; c < chunks_; c += lanes) {
+        {
+          std::lock_guard lock(mutex_);
+          if (stop_ || failure_) return;
+        }
+        std::vector<msg::GenerationRequest> requests;
+        for (size_t i = c * kGenerateChunk; i < std::min(job_.prompts.size(), (c + 1) * kGenerateChunk); ++i) {
+          msg::GenerationRequest req;
+          req.request_id = i + 1;
+          req.prompt_ids = job_.prompt_ids[i];
+          req.sampling = job_.sampling;
+          req.samples = 2;
+          requests.push_back(std::move(req));
+        }
+        auto rollouts = generation->generate(requests, 0);
+        std::lock_guard lock(mutex_);
+        done_[c] = std::move(rollouts);
+        ready_.notify_all();
+      }
+    } catch (...) {
+      std::lock_guard lock(mutex_);
+      if (!failure_) failure_ = std::current_exception();
+      ready_.notify_all();
+    }
+  }
+
+  const PairJob& job_;
+  const size_t chunks_;
+  std::vector<LoadedModel> copies_;
+  std::mutex mutex_;
+  std::condition_variable ready_;
+  std::vector<std::optional<std::vector<msg::Rollout>>> done_;  // by chunk
+  std::exception_ptr failure_;
+  bool stop_ = false;
+  std::vector<std::thread> threads_;  // last: started once everything above exists
+};
 
 }  // namespace
 
@@ -66,17 +160,6 @@ std::vector<std::vector<int32_t>> ActorPairSource::sample_and_queue(const PairJo
   const size_t n = job.prompts.size();
   caf::scoped_actor self{system_};
 
-  // The rollout actor, supervised as in the rlhf stage (respawned when it dies, the request sent again; the
-  // requests are seeded, so the pairs do not change), generates with the caller's policy itself, zero-copy.
-  RlhfSetup setup;
-  setup.stage = job.stage;
-  setup.work_dir = job.dir / "rollout";  // the starting policy a respawned rollout loads; removed afterwards
-  setup.precision = job.precision;
-  setup.threads = job.threads;
-  setup.metrics = job.metrics;
-  auto generation = actor_rlhf_services(system_, setup, options_);
-  generation->publish_weights(*job.policy, 0, 0);
-
   const fs::path replay_dir = job.dir / "replay";
   fs::remove_all(replay_dir);  // a fresh buffer: a restarted stage samples again
   const auto replay = spawn_replay_buffer(system_, std::max<size_t>(2 * n, 1), "replay_buffer/" + job.stage,
@@ -86,21 +169,14 @@ std::vector<std::vector<int32_t>> ActorPairSource::sample_and_queue(const PairJo
 
   std::vector<std::vector<int32_t>> responses(2 * n);
   try {
-    // 1. Rollouts -> replay buffer, kGenerateChunk requests at a time while earlier puts commit. Request
-    // i + 1 asks prompt i for 2 samples.
+    // 1. Rollouts -> replay buffer, in chunks of kGenerateChunk requests (request i + 1 asks prompt i for 2
+    // samples), generated by the lanes while this thread makes earlier chunks durable.
+    const size_t chunks = (n + kGenerateChunk - 1) / kGenerateChunk;
+    Lanes lanes(job, options_, system_, chunks);
     using WriteHandle = decltype(self->request(replay, kTimeout, put_atom::value, Envelope{}));
     std::deque<WriteHandle> writing;
-    for (size_t begin = 0; begin < n; begin += kGenerateChunk) {
-      std::vector<msg::GenerationRequest> requests;
-      for (size_t i = begin; i < std::min(n, begin + kGenerateChunk); ++i) {
-        msg::GenerationRequest req;
-        req.request_id = i + 1;
-        req.prompt_ids = job.prompt_ids[i];
-        req.sampling = job.sampling;
-        req.samples = 2;
-        requests.push_back(std::move(req));
-      }
-      for (msg::Rollout& rollout : generation->generate(requests, 0)) {
+    for (size_t c = 0; c < chunks; ++c) {
+      for (msg::Rollout& rollout : lanes.take(c)) {
         msg::ReplayRecord r;
         r.rollout = std::move(rollout);
         r.advantages.assign(r.rollout.response_ids.size(), 0.0f);
@@ -108,16 +184,17 @@ std::vector<std::vector<int32_t>> ActorPairSource::sample_and_queue(const PairJo
         r.step = msg::StepId{job.stage, 0};
         writing.push_back(self->request(replay, kTimeout, put_atom::value, wrap(r)));
       }
-      if (job.progress) job.progress(static_cast<int64_t>(2 * std::min(n, begin + kGenerateChunk)));
+      if (job.progress) job.progress(static_cast<int64_t>(2 * std::min(n, (c + 1) * kGenerateChunk)));
       drain(writing, kWriteWindow, job.stage, "a replay buffer put", [](uint64_t) {});
     }
     drain(writing, 0, job.stage, "a replay buffer put", [](uint64_t) {});
 
     // 2. Replay buffer (by policy version; one version in this fresh buffer) -> pairs by request -> collector.
     std::vector<Envelope> records;
+    caf::error failure;
     self->request(replay, kTimeout, version_atom::value, uint64_t{0}, UINT64_MAX, uint64_t{2 * n})
-        .receive([&](std::vector<Envelope>& r) { records = std::move(r); },
-                 [&](caf::error& e) { fail(job.stage, "reading the replay buffer", e); });
+        .receive([&](std::vector<Envelope>& r) { records = std::move(r); }, [&](caf::error& e) { failure = std::move(e); });
+    if (failure) fail(job.stage, "reading the replay buffer", failure);
     std::map<uint64_t, std::array<std::optional<msg::Rollout>, 2>> by_request;
     for (const Envelope& e : records) {
       auto r = unwrap<msg::ReplayRecord>(e);
@@ -155,8 +232,8 @@ std::vector<std::vector<int32_t>> ActorPairSource::sample_and_queue(const PairJo
     stop_and_wait(self, replay);
     throw;
   }
-  // The collector must be gone before the caller closes the feedback store it was given (and the rollout,
-  // with `generation`, before the caller's policy may go).
+  // The collector must be gone before the caller closes the feedback store it was given (the rollouts went
+  // with the lanes, before the caller's policy may go).
   stop_and_wait(self, collector);
   stop_and_wait(self, replay);
   return responses;

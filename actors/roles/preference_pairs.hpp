@@ -1,8 +1,10 @@
 // The preferences stage's pairs through the actors (runtime/train/pair_source.hpp's PairSource):
-//   rollout actor        GenerationRequest (one per prompt, 2 samples, the stage's sampling) -> 2 Rollouts,
-//                        generated with the caller's policy sent to it in-process (weights_atom, zero-copy);
-//                        spawned and supervised as in the rlhf stage (rlhf_actors.hpp: respawned when it dies,
-//                        the request sent again, at most max_restarts times)
+//   rollout actors       GenerationRequest (one per prompt, 2 samples, the stage's sampling) -> 2 Rollouts;
+//                        the recipe's thread count of them, one thread each (a request decodes 2 sequences:
+//                        too few for OpenMP inside it to pay), the first with the caller's policy itself
+//                        (zero-copy), the others with exact copies; each spawned and supervised as in the rlhf
+//                        stage (rlhf_actors.hpp: respawned when it dies, the request sent again, at most
+//                        max_restarts times). Requests are seeded: the pairs do not depend on the count
 //   replay buffer actor  each Rollout as a ReplayRecord (advantages 0: not yet scored), durable, in the stage's
 //                        folder (<stage>/replay), kept after the stage
 //   feedback collector   the records read back from the buffer by policy version, paired by request, queued as

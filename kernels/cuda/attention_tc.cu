@@ -1,351 +1,372 @@
 // Causal attention core on tensor cores (kernels/cuda/attention.hpp: attention_forward_bf16 / _backward_bf16):
 // FlashAttention-2 style with mma.sync m16n8k16, BF16 operands and FP32 accumulation. Q, K, V and dO are rounded
-// to BF16 when a tile is staged in shared memory (as PyTorch's sdpa sees them in a bf16 model), P and dS are
-// rounded to BF16 as the A operand of the second product; softmax statistics, row sums, lse and D = rowsum(dO∘O)
-// stay FP32. No [seq, seq] matrix in device memory; no atomics (bit-identical from run to run).
+// to BF16 (as PyTorch's sdpa sees them in a bf16 model), P and dS are rounded to BF16 as the A operand of the second
+// product; softmax statistics, row sums, lse and D = rowsum(dO∘O) stay FP32. No [seq, seq] matrix in device memory;
+// no atomics (bit-identical from run to run).
 //
-// Blocks of 128 threads (4 warps) own a 64-row tile of one (sequence, head): warp w rows 16w .. 16w+15, so every
-// score row lives in one quad of lanes (mma C layout: lane holds rows lane/4 and lane/4 + 8, columns 2·(lane%4)
-// + {0, 1} of each 8-wide n-tile) and row reductions are 2 shuffles. The other side streams through in 64-row
-// tiles. Launches, like the FP32 kernels (grid (heads, batch, tiles), longest tiles first):
+// Each call first packs its FP32 inputs into BF16 scratch [batch, heads, spad, DP] (head dim padded with zeros to
+// a multiple of 16, 24 -> 32; sequence padded with zero rows to spad, a multiple of 128), so the tile loads of the
+// attention kernels are plain 16-byte cp.async copies without bounds checks, double-buffered: the next streamed
+// tile is in flight while the tensor cores work on the current one. The backward's packing pass also writes, per
+// row, lse·log2e and D (FP32, zeros on padding rows).
+//
+// Blocks of 32·W threads (W = 4 or 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS, default 8 / 4) own a
+// 16·W-row tile of one (sequence, head): warp w rows 16w .. 16w+15, so every score row lives in one quad of lanes
+// (mma C layout: lane holds rows lane/4 and lane/4 + 8, columns 2·(lane%4) + {0, 1} of each 8-wide n-tile) and row
+// reductions are 2 shuffles. In the forward a warp may own 32 rows (MOERL_ATTN_TC_FWD_WARP_ROWS=32: two 16-row
+// blocks, each K and V fragment read from shared memory feeds two products). The other side streams through in
+// 64-row tiles; a warp skips a streamed tile that the causal mask hides from all its rows, and applies the mask only
+// on tiles that cross its diagonal (or the end of the sequence). exp2 is ex2.approx (MUFU). Launches (grid (heads, batch, tiles), longest tiles first):
 //   forward  one query tile per block, key tiles 0 .. diagonal, online softmax in base 2, lse saved;
-//   backward D_i = dO_i·O_i (attention_dot_kernel, stashed in dq); dK/dV per key tile over query tiles
-//            diagonal .. end (P recomputed from lse); dQ per query tile over key tiles 0 .. diagonal.
-// Shared tiles are BF16, row-major, head dim padded with zeros to a multiple of 16 (24 -> 32) and each row to an
-// odd multiple of 16 bytes, so the 8 row addresses of an ldmatrix phase hit 8 distinct bank groups. Operands whose
-// reduction index runs along rows of the stored tile (V in P·V, dO in Pᵀ·dO, Q in dSᵀ·Q, K in dS·K) are read with
-// ldmatrix.trans. Static shared memory, < 48 KB for the supported head dims.
+//   backward dK/dV per key tile over query tiles diagonal .. end (P recomputed from lse); dQ per query tile over
+//            key tiles 0 .. diagonal.
+// Shared tiles are row-major with each row padded to an odd multiple of 16 bytes, so the 8 row addresses of an
+// ldmatrix phase hit 8 distinct bank groups. Operands whose reduction index runs along rows of the stored tile
+// (V in P·V, dO in Pᵀ·dO, Q in dSᵀ·Q, K in dS·K) are read with ldmatrix.trans.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 #include <type_traits>
 
 #include "kernels/cuda/attention.hpp"
-#include "kernels/cuda/attention_kernels.cuh"
+#include "kernels/cuda/attention_tc_mma.cuh"
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/stream_scratch.hpp"
 #include "runtime/error.hpp"
 
 namespace moerl::cuda {
 namespace {
 
-constexpr int kWarps = 4;
-constexpr int kThreadsTc = 32 * kWarps;
-constexpr int kRowsTc = 16 * kWarps;  // rows of a block's tile (queries or keys)
-constexpr int kCols = 64;             // rows of a streamed tile (keys or queries) = score columns
-constexpr int kNt = kCols / 8;        // 8-wide n-tiles of a score row block
+using namespace attention_tc_detail;
+constexpr int kSeqPad = 256;    // scratch rows per (sequence, head): seq rounded up to this (the largest block tile)
+constexpr int kPackThreads = 256;  // threads per block of the packing kernels (one per 8 columns of a row)
 constexpr float kLog2eTc = 1.4426950408889634f;
 constexpr float kLn2Tc = 0.6931471805599453f;
-static_assert(kRowsTc == kCols, "the diagonal tile pairs rows with the same columns");
 
-__host__ __device__ constexpr int pad16(int d) { return (d + 15) / 16 * 16; }
-// Row stride (bf16 elements) of a shared tile of padded width dp: an odd multiple of 8 elements (16 bytes).
-__host__ __device__ constexpr int row_stride(int dp) { return (dp / 8) % 2 == 1 ? dp : dp + 8; }
-
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
-  return *reinterpret_cast<const uint32_t*>(&v);
-}
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const __nv_bfloat16* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const __nv_bfloat16* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-// c (16x8, FP32) += a (16x16, BF16, row) · b (16x8, BF16, col).
-__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// A fragment of the 16x16 block at p (row-major, stride ld): matrices (rows 0-7, cols 0-7), (8-15, 0-7),
-// (0-7, 8-15), (8-15, 8-15) = a0 .. a3.
-__device__ __forceinline__ void load_a(uint32_t (&a)[4], const __nv_bfloat16* p, int ld, int lane) {
-  ldsm_x4(a, p + ((lane % 8) + (lane / 8 % 2) * 8) * ld + (lane / 16) * 8);
-}
-
-// B fragments of two n-tiles (n 0-7 and 8-15) × k 0-15 from a tile stored [n][k] (row-major, stride ld) at p:
-// B[k][n] = p[n·ld + k]. b[0], b[1] for n-tile 0; b[2], b[3] for n-tile 1.
-__device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], const __nv_bfloat16* p, int ld, int lane) {
-  ldsm_x4(b, p + ((lane % 8) + (lane / 16) * 8) * ld + (lane / 8 % 2) * 8);
-}
-
-// The same from a tile stored [k][n] (row-major, stride ld): B[k][n] = p[k·ld + n], through ldmatrix.trans.
-__device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const __nv_bfloat16* p, int ld, int lane) {
-  ldsm_x4_trans(b, p + ((lane % 8) + (lane / 8 % 2) * 8) * ld + (lane / 16) * 8);
-}
-
-// Shared tile [kCols rows][row_stride(DP)] <- BF16 of global rows src + r·ldg, r < valid (columns < D; the rest
-// and the rows from `valid` on are zeros, so padding never carries a NaN into a product).
+// Packing: dst [batch, heads, spad, DP] BF16 <- src [batch·seq, heads, D] FP32, zeros in columns >= D and rows >= seq.
+// One thread per 8 columns (two 16-byte loads, one 16-byte store) of packed row r = (b·heads + h)·spad + s: thread t
+// takes row t / (DP/8), columns 8·(t % (DP/8)) ...
 template <int D>
-__device__ __forceinline__ void stage(__nv_bfloat16* dst, const float* __restrict__ src, int64_t ldg, int valid) {
-  constexpr int DP = pad16(D), LD = row_stride(DP), C4 = DP / 4;
-  for (int t = threadIdx.x; t < kCols * C4; t += kThreadsTc) {
-    const int r = t / C4, c = (t % C4) * 4;
-    float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (r < valid && c < D) x = *reinterpret_cast<const float4*>(src + r * ldg + c);
-    *reinterpret_cast<uint2*>(dst + r * LD + c) = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+__global__ void __launch_bounds__(kPackThreads)
+    attention_pack_kernel(const float* __restrict__ src, bf16* __restrict__ dst, int seq, int spad, int heads,
+                          int64_t chunks) {
+  constexpr int DP = pad16(D), C = DP / 8;
+  static_assert(D % 8 == 0, "a chunk of 8 columns is all inside or all outside the head dim");
+  const int64_t t = int64_t{blockIdx.x} * kPackThreads + threadIdx.x;
+  if (t >= chunks) return;  // no barrier or shuffle in this kernel
+  const int64_t r = t / C, bh = r / spad, b = bh / heads, h = bh % heads;
+  const int s = static_cast<int>(r % spad), c = static_cast<int>(t % C) * 8;
+  float4 x0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), x1 = x0;
+  if (s < seq && c < D) {
+    const float* row = src + ((b * seq + s) * heads + h) * D + c;
+    x0 = *reinterpret_cast<const float4*>(row);
+    x1 = *reinterpret_cast<const float4*>(row + 4);
   }
+  *reinterpret_cast<uint4*>(dst + r * DP + c) =
+      make_uint4(pack_bf16(x0.x, x0.y), pack_bf16(x0.z, x0.w), pack_bf16(x1.x, x1.y), pack_bf16(x1.z, x1.w));
 }
 
-// s[n] (16 rows × kCols scores of this warp) = A (16 × D at a, stride lda) · Bᵀ, B stored [kCols][D] (stride ldb).
-template <int D>
-__device__ __forceinline__ void scores(float (&s)[kNt][4], const __nv_bfloat16* a, int lda, const __nv_bfloat16* b,
-                                       int ldb, int lane) {
-#pragma unroll
-  for (int n = 0; n < kNt; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
-#pragma unroll
-  for (int k = 0; k < pad16(D); k += 16) {
-    uint32_t af[4];
-    load_a(af, a + k, lda, lane);
-#pragma unroll
-    for (int n = 0; n < kNt; n += 2) {
-      uint32_t bf[4];
-      load_b_nk(bf, b + n * 8 * ldb + k, ldb, lane);
-      mma(s[n], af, bf[0], bf[1]);
-      mma(s[n + 1], af, bf[2], bf[3]);
+// The backward's packing of dO (as above), which also writes stats[2r] = lse·log2e and stats[2r + 1] = D = Σ_c dO·O
+// (FP32, from the FP32 inputs; each thread's 8 products in order, then a shuffle tree over the row's DP/8 lanes) of
+// packed row r; zeros on padding rows.
+template <int DV>
+__global__ void __launch_bounds__(kPackThreads)
+    attention_pack_dout_kernel(const float* __restrict__ dout, const float* __restrict__ out,
+                               const float* __restrict__ lse, bf16* __restrict__ dst, float* __restrict__ stats,
+                               int seq, int spad, int heads, int64_t chunks) {
+  constexpr int DP = pad16(DV), C = DP / 8;
+  static_assert(DV % 8 == 0 && 32 % C == 0, "a row's chunks are whole and share one warp");
+  const int64_t t = int64_t{blockIdx.x} * kPackThreads + threadIdx.x;
+  const bool active = t < chunks;  // a row's C lanes are all active or all not (chunks is a multiple of C)
+  const int64_t r = t / C, bh = r / spad, b = bh / heads, h = bh % heads;
+  const int s = static_cast<int>(r % spad), c = static_cast<int>(t % C) * 8;
+  float acc = 0.0f;
+  if (active) {
+    float4 x0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), x1 = x0;
+    if (s < seq && c < DV) {
+      const int64_t off = ((b * seq + s) * heads + h) * DV + c;
+      x0 = *reinterpret_cast<const float4*>(dout + off);
+      x1 = *reinterpret_cast<const float4*>(dout + off + 4);
+      const float4 y0 = *reinterpret_cast<const float4*>(out + off);
+      const float4 y1 = *reinterpret_cast<const float4*>(out + off + 4);
+      acc = x0.x * y0.x;
+      acc = fmaf(x0.y, y0.y, acc);
+      acc = fmaf(x0.z, y0.z, acc);
+      acc = fmaf(x0.w, y0.w, acc);
+      acc = fmaf(x1.x, y1.x, acc);
+      acc = fmaf(x1.y, y1.y, acc);
+      acc = fmaf(x1.z, y1.z, acc);
+      acc = fmaf(x1.w, y1.w, acc);
     }
+    *reinterpret_cast<uint4*>(dst + r * DP + c) =
+        make_uint4(pack_bf16(x0.x, x0.y), pack_bf16(x0.z, x0.w), pack_bf16(x1.x, x1.y), pack_bf16(x1.z, x1.w));
+  }
+  for (int offset = C / 2; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, offset);
+  if (active && c == 0) {
+    stats[2 * r] = s < seq ? lse[bh * seq + s] * kLog2eTc : 0.0f;
+    stats[2 * r + 1] = s < seq ? acc : 0.0f;
   }
 }
 
-// acc (16 × DP of this warp) += P (16 × kCols, from score registers, rounded to BF16) · B, B stored [kCols][DP]
-// (stride ldb): the score C fragments of n-tiles 2kk, 2kk+1 are the A fragment of k-block kk.
-template <int DP>
-__device__ __forceinline__ void product(float (&acc)[DP / 8][4], const float (&p)[kNt][4], const __nv_bfloat16* b,
-                                        int ldb, int lane) {
-#pragma unroll
-  for (int kk = 0; kk < kCols / 16; ++kk) {
-    const uint32_t af[4] = {pack_bf16(p[2 * kk][0], p[2 * kk][1]), pack_bf16(p[2 * kk][2], p[2 * kk][3]),
-                            pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3])};
-#pragma unroll
-    for (int n = 0; n < DP / 8; n += 2) {
-      uint32_t bf[4];
-      load_b_kn(bf, b + kk * 16 * ldb + n * 8, ldb, lane);
-      mma(acc[n], af, bf[0], bf[1]);
-      mma(acc[n + 1], af, bf[2], bf[3]);
-    }
-  }
-}
+// Shared memory of the attention kernels (bytes): the block's own 16·WARPS-row tiles (forward Q; dK/dV: K, V; dQ: Q,
+// dO), two stages of each streamed 64-row tile, and for dK/dV two stages of 64 (lse·log2e, D) pairs.
+template <int DQ, int DV, int WARPS> struct Smem {
+  static constexpr int ROWS = 16 * WARPS, LQ = row_stride(pad16(DQ)), LV = row_stride(pad16(DV));
+  // The forward's query tile has MT·ROWS rows.
+  template <int MT> static constexpr size_t forward() { return size_t{2} * (MT * ROWS * LQ + 2 * kCols * (LQ + LV)); }
+  static constexpr size_t dq = size_t{2} * (ROWS * (LQ + LV) + 2 * kCols * (LQ + LV));
+  static constexpr size_t dkdv = dq + size_t{4} * 2 * 2 * kCols;
+};
 
-template <int DP> __device__ __forceinline__ void zero(float (&acc)[DP / 8][4]) {
-#pragma unroll
-  for (int n = 0; n < DP / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
-}
-
-// Global rows row0 + lane/4 (+8) of a [.., D] tensor (stride ldg) <- factor · acc, columns < D, rows < seq.
-template <int D>
-__device__ __forceinline__ void store_rows(float* __restrict__ dst, int64_t ldg, int row0, int seq,
-                                           const float (&acc)[pad16(D) / 8][4], float factor, int lane) {
-  const int r = row0 + lane / 4, c = (lane % 4) * 2;
-#pragma unroll
-  for (int n = 0; n < pad16(D) / 8; ++n) {
-    if (n * 8 >= D) continue;
-    if (r < seq) *reinterpret_cast<float2*>(dst + r * ldg + n * 8 + c) = make_float2(acc[n][0] * factor, acc[n][1] * factor);
-    if (r + 8 < seq)
-      *reinterpret_cast<float2*>(dst + (r + 8) * ldg + n * 8 + c) = make_float2(acc[n][2] * factor, acc[n][3] * factor);
-  }
-}
-
-// Forward: block z takes query tile tiles-1-z (keys 0 .. its diagonal).
-template <int DQ, int DV>
-__global__ void __launch_bounds__(kThreadsTc)
-    attention_forward_tc(const float* __restrict__ q, const float* __restrict__ k, const float* __restrict__ v,
-                         float* __restrict__ out, float* __restrict__ lse, int seq, int heads, float scale_log2) {
-  constexpr int LQ = row_stride(pad16(DQ)), LV = row_stride(pad16(DV)), DVP = pad16(DV);
-  __shared__ __align__(16) __nv_bfloat16 Qs[kCols * LQ], Ks[kCols * LQ], Vs[kCols * LV];
+// Forward: block z takes query tile tiles-1-z of 16·MT·WARPS rows (keys 0 .. its diagonal); warp w owns rows
+// 16·MT·w .. 16·MT·w + 16·MT − 1 of it.
+template <int DQ, int DV, int WARPS, int MT>
+__global__ void __launch_bounds__(32 * WARPS)
+    attention_forward_tc(const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
+                         float* __restrict__ out, float* __restrict__ lse, int seq, int spad, int heads,
+                         float scale_log2) {
+  constexpr int ROWS = 16 * MT * WARPS, WROWS = 16 * MT, THREADS = 32 * WARPS, DQP = pad16(DQ), DVP = pad16(DV);
+  constexpr int LQ = row_stride(DQP), LV = row_stride(DVP);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
+  bf16* Ks = Qs + ROWS * LQ;       // 2 stages of kCols·LQ
+  bf16* Vs = Ks + 2 * kCols * LQ;  // 2 stages of kCols·LV
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-  const int tiles = (seq + kCols - 1) / kCols;
-  const int qt = tiles - 1 - static_cast<int>(blockIdx.z), h = blockIdx.x, b = blockIdx.y, i0 = qt * kCols;
-  const int64_t ldq = int64_t{heads} * DQ, ldv = int64_t{heads} * DV, tok0 = int64_t{b} * seq;
-  const float* kh = k + tok0 * ldq + h * DQ;
-  const float* vh = v + tok0 * ldv + h * DV;
-  stage<DQ>(Qs, q + tok0 * ldq + h * DQ + i0 * ldq, ldq, seq - i0);
+  const int tiles = (seq + ROWS - 1) / ROWS;
+  const int qt = tiles - 1 - static_cast<int>(blockIdx.z), h = blockIdx.x, b = blockIdx.y, i0 = qt * ROWS;
+  const int64_t bh = int64_t{b} * heads + h;
+  const bf16* kh = kb + bh * spad * DQP;
+  const bf16* vh = vb + bh * spad * DVP;
+  const int last = min(i0 + ROWS - 1, seq - 1) / kCols;  // the last key tile
+  copy_tile<ROWS, DQP, THREADS>(Qs, qb + (bh * spad + i0) * DQP);
+  copy_tile<kCols, DQP, THREADS>(Ks, kh);
+  copy_tile<kCols, DVP, THREADS>(Vs, vh);
+  cp_async_commit();
 
-  const int r0 = i0 + 16 * w + lane / 4;  // this thread's rows r0 and r0 + 8
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-  float o[DVP / 8][4];
-  zero<DVP>(o);
-  for (int kt = 0; kt <= qt; ++kt) {
-    const int j0 = kt * kCols;
-    __syncthreads();  // the previous K, V tiles are read
-    stage<DQ>(Ks, kh + j0 * ldq, ldq, seq - j0);
-    stage<DV>(Vs, vh + j0 * ldv, ldv, seq - j0);
-    __syncthreads();
+  // The warp's first row; this thread's rows w0 + 16·mt + lane/4 (+ 8).
+  const int w0 = i0 + WROWS * w, r0 = w0 + lane / 4;
+  float m[MT][2], l[MT][2];
+  float o[MT][DVP / 8][4];
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.0f;
+    zero<DVP>(o[mt]);
+  }
+  for (int kt = 0; kt <= last; ++kt) {
+    const int j0 = kt * kCols, st = kt & 1;
+    if (kt < last) {  // the stage st ^ 1 was last read in iteration kt - 1, before its closing barrier
+      copy_tile<kCols, DQP, THREADS>(Ks + (st ^ 1) * kCols * LQ, kh + int64_t{j0 + kCols} * DQP);
+      copy_tile<kCols, DVP, THREADS>(Vs + (st ^ 1) * kCols * LV, vh + int64_t{j0 + kCols} * DVP);
+    }
+    cp_async_commit();   // possibly empty: keeps the count of groups in flight uniform
+    cp_async_wait<1>();  // this thread's copies of tile kt have landed
+    __syncthreads();     // ... and everybody's
 
-    float s[kNt][4];
-    scores<DQ>(s, Qs + 16 * w * LQ, LQ, Ks, LQ, lane);
-    float mx[2] = {-INFINITY, -INFINITY};
+    if (j0 <= w0 + WROWS - 1) {  // key tile 0 is never skipped, so m is finite from the first tile on
+      float s[MT][kNt][4];
+      scores_m<DQ, MT>(s, Qs + WROWS * w * LQ, LQ, Ks + st * kCols * LQ, LQ, lane);
+      // Keys after some row of the warp (also every key >= seq, for rows < seq) only in tiles reaching past w0.
+      const bool diagonal = j0 + kCols - 1 > w0;
 #pragma unroll
-    for (int n = 0; n < kNt; ++n)
+      for (int mt = 0; mt < MT; ++mt) {
+        float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = r0 + (e / 2) * 8, j = j0 + n * 8 + (lane % 4) * 2 + e % 2;
-        s[n][e] = (kt == qt && j > i) ? -INFINITY : s[n][e] * scale_log2;  // key j0 <= i keeps the max finite
-        mx[e / 2] = fmaxf(mx[e / 2], s[n][e]);
+        for (int n = 0; n < kNt; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int i = r0 + 16 * mt + (e / 2) * 8, j = j0 + n * 8 + (lane % 4) * 2 + e % 2;
+            s[mt][n][e] = diagonal && j > i ? -INFINITY : s[mt][n][e] * scale_log2;
+            mx[e / 2] = fmaxf(mx[e / 2], s[mt][n][e]);
+          }
+#pragma unroll
+        for (int a = 0; a < 2; ++a) {
+          mx[a] = fmaxf(mx[a], __shfl_xor_sync(0xFFFFFFFFu, mx[a], 1));
+          mx[a] = fmaxf(mx[a], __shfl_xor_sync(0xFFFFFFFFu, mx[a], 2));
+          const float m_new = fmaxf(m[mt][a], mx[a]);  // finite: the row's key 0 (tile 0) or its last maximum
+          const float alpha = fast_exp2(m[mt][a] - m_new);  // 0 on the first tile (m = -inf)
+          m[mt][a] = m_new;
+          l[mt][a] *= alpha;
+#pragma unroll
+          for (int n = 0; n < DVP / 8; ++n) o[mt][n][2 * a] *= alpha, o[mt][n][2 * a + 1] *= alpha;
+        }
+#pragma unroll
+        for (int n = 0; n < kNt; ++n)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            s[mt][n][e] = fast_exp2(s[mt][n][e] - m[mt][e / 2]);
+            l[mt][e / 2] += s[mt][n][e];
+          }
       }
+      product_m<DVP, MT>(o, s, Vs + st * kCols * LV, LV, lane);
+    }
+    __syncthreads();  // stage st is read before iteration kt + 1 refills it
+  }
+
+  const int64_t ldv = int64_t{heads} * DV, tok0 = int64_t{b} * seq;
+  float* lse_h = lse + bh * seq;
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    float inv[2];
 #pragma unroll
     for (int a = 0; a < 2; ++a) {
-      mx[a] = fmaxf(mx[a], __shfl_xor_sync(0xFFFFFFFFu, mx[a], 1));
-      mx[a] = fmaxf(mx[a], __shfl_xor_sync(0xFFFFFFFFu, mx[a], 2));
-      const float m_new = fmaxf(m[a], mx[a]);
-      const float alpha = exp2f(m[a] - m_new);  // 0 on the first tile (m = -inf)
-      m[a] = m_new;
-      l[a] *= alpha;
-#pragma unroll
-      for (int n = 0; n < DVP / 8; ++n) o[n][2 * a] *= alpha, o[n][2 * a + 1] *= alpha;
+      l[mt][a] += __shfl_xor_sync(0xFFFFFFFFu, l[mt][a], 1);
+      l[mt][a] += __shfl_xor_sync(0xFFFFFFFFu, l[mt][a], 2);
+      inv[a] = 1.0f / l[mt][a];
     }
 #pragma unroll
-    for (int n = 0; n < kNt; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[n][e] = exp2f(s[n][e] - m[e / 2]);
-        l[e / 2] += s[n][e];
-      }
-    product<DVP>(o, s, Vs, LV, lane);
-  }
-
-  float inv[2];
-#pragma unroll
-  for (int a = 0; a < 2; ++a) {
-    l[a] += __shfl_xor_sync(0xFFFFFFFFu, l[a], 1);
-    l[a] += __shfl_xor_sync(0xFFFFFFFFu, l[a], 2);
-    inv[a] = 1.0f / l[a];
-  }
-#pragma unroll
-  for (int n = 0; n < DVP / 8; ++n) o[n][0] *= inv[0], o[n][1] *= inv[0], o[n][2] *= inv[1], o[n][3] *= inv[1];
-  store_rows<DV>(out + tok0 * ldv + h * DV, ldv, i0 + 16 * w, seq, o, 1.0f, lane);
-  if (lane % 4 == 0) {
-    float* lse_h = lse + (int64_t{b} * heads + h) * seq;
-    if (r0 < seq) lse_h[r0] = (m[0] + log2f(l[0])) * kLn2Tc;
-    if (r0 + 8 < seq) lse_h[r0 + 8] = (m[1] + log2f(l[1])) * kLn2Tc;
+    for (int n = 0; n < DVP / 8; ++n)
+      o[mt][n][0] *= inv[0], o[mt][n][1] *= inv[0], o[mt][n][2] *= inv[1], o[mt][n][3] *= inv[1];
+    store_rows<DV>(out + tok0 * ldv + h * DV, ldv, w0 + 16 * mt, seq, o[mt], 1.0f, lane);
+    const int r = r0 + 16 * mt;
+    if (lane % 4 == 0) {
+      if (r < seq) lse_h[r] = (m[mt][0] + log2f(l[mt][0])) * kLn2Tc;
+      if (r + 8 < seq) lse_h[r + 8] = (m[mt][1] + log2f(l[mt][1])) * kLn2Tc;
+    }
   }
 }
 
-// Backward, dK and dV of key tile kt = z, over query tiles kt .. tiles-1. Rows are keys j, score columns queries i:
-// Pᵀ_ji = 2^(s_ij·scale·log2e − lse_i·log2e) for j <= i < seq, else 0; dSᵀ = Pᵀ∘(dPᵀ − D_i);
-// dV += Pᵀ·dO, dK += dSᵀ·Q (times scale at the end). D_i is read from d_stash[row·DQ] (attention_dot_kernel).
-template <int DQ, int DV>
-__global__ void __launch_bounds__(kThreadsTc)
-    attention_dkdv_tc(const float* __restrict__ dout, const float* __restrict__ q, const float* __restrict__ k,
-                      const float* __restrict__ v, const float* __restrict__ lse, const float* __restrict__ d_stash,
-                      float* __restrict__ dk, float* __restrict__ dv, int seq, int heads, float scale,
-                      float scale_log2) {
-  constexpr int LQ = row_stride(pad16(DQ)), LV = row_stride(pad16(DV)), DQP = pad16(DQ), DVP = pad16(DV);
-  __shared__ __align__(16) __nv_bfloat16 Ks[kCols * LQ], Vs[kCols * LV], Qs[kCols * LQ], dOs[kCols * LV];
-  __shared__ float lse2[kCols], Dr[kCols];
+// Backward, dK and dV of key tile z (16·WARPS keys), over the 64-query tiles from its diagonal to the end. Rows are
+// keys j, score columns queries i: Pᵀ_ji = 2^(s_ij·scale·log2e − lse_i·log2e) for j <= i < seq, else 0;
+// dSᵀ = Pᵀ∘(dPᵀ − D_i); dV += Pᵀ·dO, dK += dSᵀ·Q (times scale at the end). stats: attention_pack_dout_kernel.
+template <int DQ, int DV, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS)
+    attention_dkdv_tc(const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
+                      const bf16* __restrict__ dob, const float* __restrict__ stats, float* __restrict__ dk,
+                      float* __restrict__ dv, int seq, int spad, int heads, float scale, float scale_log2) {
+  constexpr int ROWS = 16 * WARPS, THREADS = 32 * WARPS, DQP = pad16(DQ), DVP = pad16(DV);
+  constexpr int LQ = row_stride(DQP), LV = row_stride(DVP);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* Ks = reinterpret_cast<bf16*>(smem_raw);
+  bf16* Vs = Ks + ROWS * LQ;
+  bf16* Qs = Vs + ROWS * LV;        // 2 stages of kCols·LQ
+  bf16* dOs = Qs + 2 * kCols * LQ;  // 2 stages of kCols·LV
+  float* St = reinterpret_cast<float*>(dOs + 2 * kCols * LV);  // 2 stages of kCols (lse·log2e, D) pairs
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-  const int tiles = (seq + kCols - 1) / kCols;
-  const int kt = blockIdx.z, h = blockIdx.x, b = blockIdx.y, j0 = kt * kCols;
-  const int64_t ldq = int64_t{heads} * DQ, ldv = int64_t{heads} * DV, tok0 = int64_t{b} * seq;
-  const float* qh = q + tok0 * ldq + h * DQ;
-  const float* doh = dout + tok0 * ldv + h * DV;
-  const float* dh = d_stash + tok0 * ldq + h * DQ;
-  const float* lse_h = lse + (int64_t{b} * heads + h) * seq;
-  stage<DQ>(Ks, k + tok0 * ldq + h * DQ + j0 * ldq, ldq, seq - j0);
-  stage<DV>(Vs, v + tok0 * ldv + h * DV + j0 * ldv, ldv, seq - j0);
+  const int kt = blockIdx.z, h = blockIdx.x, b = blockIdx.y, j0 = kt * ROWS;
+  const int64_t bh = int64_t{b} * heads + h;
+  const bf16* qh = qb + bh * spad * DQP;
+  const bf16* doh = dob + bh * spad * DVP;
+  const float* sth = stats + bh * spad * 2;
+  const int first = j0 / kCols, last = (seq - 1) / kCols;  // query tiles
+  const auto load_stream = [&](int qt, int st) {
+    copy_tile<kCols, DQP, THREADS>(Qs + st * kCols * LQ, qh + int64_t{qt} * kCols * DQP);
+    copy_tile<kCols, DVP, THREADS>(dOs + st * kCols * LV, doh + int64_t{qt} * kCols * DVP);
+    if (threadIdx.x < 2 * kCols / 4) cp_async16(St + st * 2 * kCols + 4 * threadIdx.x, sth + int64_t{qt} * 2 * kCols + 4 * threadIdx.x);
+  };
+  copy_tile<ROWS, DQP, THREADS>(Ks, kb + (bh * spad + j0) * DQP);
+  copy_tile<ROWS, DVP, THREADS>(Vs, vb + (bh * spad + j0) * DVP);
+  load_stream(first, 0);
+  cp_async_commit();
 
-  const int jr = j0 + 16 * w + lane / 4;  // this thread's keys jr and jr + 8
+  const int w0 = j0 + 16 * w, jr = w0 + lane / 4;  // the warp's first key; this thread's keys jr and jr + 8
   float dk_acc[DQP / 8][4], dv_acc[DVP / 8][4];
   zero<DQP>(dk_acc);
   zero<DVP>(dv_acc);
-  for (int qt = kt; qt < tiles; ++qt) {
-    const int i0 = qt * kCols;
-    __syncthreads();  // the previous Q, dO, lse, D are read
-    stage<DQ>(Qs, qh + i0 * ldq, ldq, seq - i0);
-    stage<DV>(dOs, doh + i0 * ldv, ldv, seq - i0);
-    for (int t = threadIdx.x; t < kCols; t += kThreadsTc) {
-      const bool in = i0 + t < seq;
-      lse2[t] = in ? lse_h[i0 + t] * kLog2eTc : 0.0f;
-      Dr[t] = in ? dh[(i0 + t) * ldq] : 0.0f;
-    }
+  for (int qt = first; qt <= last; ++qt) {
+    const int i0 = qt * kCols, st = (qt - first) & 1;
+    if (qt < last) load_stream(qt + 1, st ^ 1);
+    cp_async_commit();
+    cp_async_wait<1>();
     __syncthreads();
 
-    float p[kNt][4], ds[kNt][4];
-    scores<DQ>(p, Ks + 16 * w * LQ, LQ, Qs, LQ, lane);    // Sᵀ = K·Qᵀ
-    scores<DV>(ds, Vs + 16 * w * LV, LV, dOs, LV, lane);  // dPᵀ = V·dOᵀ
+    if (i0 + kCols - 1 >= w0) {  // some query of the tile sees one of the warp's keys
+      // Queries before some key of the warp, or past the end of the sequence, only in these tiles.
+      const bool masked = i0 < w0 + 16 || i0 + kCols > seq;
+      const bf16* Qt = Qs + st * kCols * LQ;
+      const bf16* dOt = dOs + st * kCols * LV;
+      const float* Stt = St + st * 2 * kCols;
+      float p[kNt][4], ds[kNt][4];
+      scores<DQ>(p, Ks + 16 * w * LQ, LQ, Qt, LQ, lane);   // Sᵀ = K·Qᵀ
+      scores<DV>(ds, Vs + 16 * w * LV, LV, dOt, LV, lane);  // dPᵀ = V·dOᵀ
 #pragma unroll
-    for (int n = 0; n < kNt; ++n)
+      for (int n = 0; n < kNt; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = n * 8 + (lane % 4) * 2 + e % 2, i = i0 + c, j = jr + (e / 2) * 8;
-        p[n][e] = (j <= i && i < seq) ? exp2f(p[n][e] * scale_log2 - lse2[c]) : 0.0f;
-        ds[n][e] = p[n][e] * (ds[n][e] - Dr[c]);
-      }
-    product<DVP>(dv_acc, p, dOs, LV, lane);
-    product<DQP>(dk_acc, ds, Qs, LQ, lane);
+        for (int e = 0; e < 4; ++e) {
+          const int c = n * 8 + (lane % 4) * 2 + e % 2, i = i0 + c, j = jr + (e / 2) * 8;
+          p[n][e] = !masked || (j <= i && i < seq) ? fast_exp2(p[n][e] * scale_log2 - Stt[2 * c]) : 0.0f;
+          ds[n][e] = p[n][e] * (ds[n][e] - Stt[2 * c + 1]);
+        }
+      product<DVP>(dv_acc, p, dOt, LV, lane);
+      product<DQP>(dk_acc, ds, Qt, LQ, lane);
+    }
+    __syncthreads();
   }
-  store_rows<DQ>(dk + tok0 * ldq + h * DQ, ldq, j0 + 16 * w, seq, dk_acc, scale, lane);
-  store_rows<DV>(dv + tok0 * ldv + h * DV, ldv, j0 + 16 * w, seq, dv_acc, 1.0f, lane);
+  const int64_t ldq = int64_t{heads} * DQ, ldv = int64_t{heads} * DV, tok0 = int64_t{b} * seq;
+  store_rows<DQ>(dk + tok0 * ldq + h * DQ, ldq, w0, seq, dk_acc, scale, lane);
+  store_rows<DV>(dv + tok0 * ldv + h * DV, ldv, w0, seq, dv_acc, 1.0f, lane);
 }
 
-// Backward, dQ of query tile tiles-1-z over key tiles 0 .. diagonal: dS = P∘(dP − D_i), dQ += dS·K (times scale).
-// D_i of the block's rows is read from dq (attention_dot_kernel's stash) before the block overwrites them at the
-// end; no other block touches these rows.
-template <int DQ, int DV>
-__global__ void __launch_bounds__(kThreadsTc)
-    attention_dq_tc(const float* __restrict__ dout, const float* __restrict__ q, const float* __restrict__ k,
-                    const float* __restrict__ v, const float* __restrict__ lse, float* dq, int seq, int heads,
-                    float scale, float scale_log2) {
-  constexpr int LQ = row_stride(pad16(DQ)), LV = row_stride(pad16(DV)), DQP = pad16(DQ);
-  __shared__ __align__(16) __nv_bfloat16 Qs[kCols * LQ], dOs[kCols * LV], Ks[kCols * LQ], Vs[kCols * LV];
+// Backward, dQ of query tile tiles-1-z (16·WARPS queries) over key tiles 0 .. diagonal: dS = P∘(dP − D_i),
+// dQ += dS·K (times scale).
+template <int DQ, int DV, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS)
+    attention_dq_tc(const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
+                    const bf16* __restrict__ dob, const float* __restrict__ stats, float* __restrict__ dq, int seq,
+                    int spad, int heads, float scale, float scale_log2) {
+  constexpr int ROWS = 16 * WARPS, THREADS = 32 * WARPS, DQP = pad16(DQ), DVP = pad16(DV);
+  constexpr int LQ = row_stride(DQP), LV = row_stride(DVP);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* Qs = reinterpret_cast<bf16*>(smem_raw);
+  bf16* dOs = Qs + ROWS * LQ;
+  bf16* Ks = dOs + ROWS * LV;      // 2 stages of kCols·LQ
+  bf16* Vs = Ks + 2 * kCols * LQ;  // 2 stages of kCols·LV
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-  const int tiles = (seq + kCols - 1) / kCols;
-  const int qt = tiles - 1 - static_cast<int>(blockIdx.z), h = blockIdx.x, b = blockIdx.y, i0 = qt * kCols;
-  const int64_t ldq = int64_t{heads} * DQ, ldv = int64_t{heads} * DV, tok0 = int64_t{b} * seq;
-  const float* kh = k + tok0 * ldq + h * DQ;
-  const float* vh = v + tok0 * ldv + h * DV;
-  float* dqh = dq + tok0 * ldq + h * DQ;
-  const float* lse_h = lse + (int64_t{b} * heads + h) * seq;
-  stage<DQ>(Qs, q + tok0 * ldq + h * DQ + i0 * ldq, ldq, seq - i0);
-  stage<DV>(dOs, dout + tok0 * ldv + h * DV + i0 * ldv, ldv, seq - i0);
+  const int tiles = (seq + ROWS - 1) / ROWS;
+  const int qt = tiles - 1 - static_cast<int>(blockIdx.z), h = blockIdx.x, b = blockIdx.y, i0 = qt * ROWS;
+  const int64_t bh = int64_t{b} * heads + h;
+  const bf16* kh = kb + bh * spad * DQP;
+  const bf16* vh = vb + bh * spad * DVP;
+  const int last = min(i0 + ROWS - 1, seq - 1) / kCols;
+  copy_tile<ROWS, DQP, THREADS>(Qs, qb + (bh * spad + i0) * DQP);
+  copy_tile<ROWS, DVP, THREADS>(dOs, dob + (bh * spad + i0) * DVP);
+  copy_tile<kCols, DQP, THREADS>(Ks, kh);
+  copy_tile<kCols, DVP, THREADS>(Vs, vh);
+  cp_async_commit();
 
-  const int r0 = i0 + 16 * w + lane / 4;  // this thread's rows r0 and r0 + 8
+  const int w0 = i0 + 16 * w, r0 = w0 + lane / 4;  // the warp's first row; this thread's rows r0 and r0 + 8
   float row_lse2[2], row_d[2];
 #pragma unroll
-  for (int a = 0; a < 2; ++a) {
-    const int i = r0 + 8 * a;
-    row_lse2[a] = i < seq ? lse_h[i] * kLog2eTc : 0.0f;
-    row_d[a] = i < seq ? dqh[i * ldq] : 0.0f;
+  for (int a = 0; a < 2; ++a) {  // rows < spad; zeros on padding rows
+    row_lse2[a] = stats[2 * (bh * spad + r0 + 8 * a)];
+    row_d[a] = stats[2 * (bh * spad + r0 + 8 * a) + 1];
   }
   float dq_acc[DQP / 8][4];
   zero<DQP>(dq_acc);
-  for (int kt = 0; kt <= qt; ++kt) {
-    const int j0 = kt * kCols;
-    __syncthreads();  // the previous K, V are read
-    stage<DQ>(Ks, kh + j0 * ldq, ldq, seq - j0);
-    stage<DV>(Vs, vh + j0 * ldv, ldv, seq - j0);
+  for (int kt = 0; kt <= last; ++kt) {
+    const int j0 = kt * kCols, st = kt & 1;
+    if (kt < last) {
+      copy_tile<kCols, DQP, THREADS>(Ks + (st ^ 1) * kCols * LQ, kh + int64_t{j0 + kCols} * DQP);
+      copy_tile<kCols, DVP, THREADS>(Vs + (st ^ 1) * kCols * LV, vh + int64_t{j0 + kCols} * DVP);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
     __syncthreads();
 
-    float p[kNt][4], ds[kNt][4];
-    scores<DQ>(p, Qs + 16 * w * LQ, LQ, Ks, LQ, lane);    // S = Q·Kᵀ
-    scores<DV>(ds, dOs + 16 * w * LV, LV, Vs, LV, lane);  // dP = dO·Vᵀ
+    if (j0 <= w0 + 15) {
+      const bool diagonal = j0 + kCols - 1 > w0;  // keys after some row of the warp (and keys >= seq) only here
+      const bf16* Kt = Ks + st * kCols * LQ;
+      float p[kNt][4], ds[kNt][4];
+      scores<DQ>(p, Qs + 16 * w * LQ, LQ, Kt, LQ, lane);                    // S = Q·Kᵀ
+      scores<DV>(ds, dOs + 16 * w * LV, LV, Vs + st * kCols * LV, LV, lane);  // dP = dO·Vᵀ
 #pragma unroll
-    for (int n = 0; n < kNt; ++n)
+      for (int n = 0; n < kNt; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int a = e / 2, i = r0 + 8 * a, j = j0 + n * 8 + (lane % 4) * 2 + e % 2;
-        const float pe = j <= i ? exp2f(p[n][e] * scale_log2 - row_lse2[a]) : 0.0f;
-        ds[n][e] = pe * (ds[n][e] - row_d[a]);
-      }
-    product<DQP>(dq_acc, ds, Ks, LQ, lane);
+        for (int e = 0; e < 4; ++e) {
+          const int a = e / 2, i = r0 + 8 * a, j = j0 + n * 8 + (lane % 4) * 2 + e % 2;
+          const float pe = !diagonal || j <= i ? fast_exp2(p[n][e] * scale_log2 - row_lse2[a]) : 0.0f;
+          ds[n][e] = pe * (ds[n][e] - row_d[a]);
+        }
+      product<DQP>(dq_acc, ds, Kt, LQ, lane);
+    }
+    __syncthreads();
   }
-  store_rows<DQ>(dqh, ldq, i0 + 16 * w, seq, dq_acc, scale, lane);
+  const int64_t ldq = int64_t{heads} * DQ, tok0 = int64_t{b} * seq;
+  store_rows<DQ>(dq + tok0 * ldq + h * DQ, ldq, w0, seq, dq_acc, scale, lane);
 }
 
 template <int N> using Dim = std::integral_constant<int, N>;
@@ -357,6 +378,23 @@ template <class F> bool dispatch_tc(int64_t dqk, int64_t dv, F&& f) {
   return false;
 }
 
+// f(Dim<W>) for the warps per block named by environment variable `name` (4 or 8; `fallback` when unset).
+template <class F> void dispatch_warps(const char* name, int fallback, F&& f) {
+  int warps = fallback;
+  if (const char* e = std::getenv(name); e != nullptr && *e != '\0') warps = std::atoi(e);
+  require(warps == 4 || warps == 8, std::string("moerl::cuda attention: ") + name + " must be 4 or 8");
+  if (warps == 8) f(Dim<8>{});
+  else f(Dim<4>{});
+}
+
+// Query rows per warp of the forward (MOERL_ATTN_TC_FWD_WARP_ROWS: 16 or 32, default 16).
+int forward_warp_rows() {
+  int rows = 16;
+  if (const char* e = std::getenv("MOERL_ATTN_TC_FWD_WARP_ROWS"); e != nullptr && *e != '\0') rows = std::atoi(e);
+  require(rows == 16 || rows == 32, "moerl::cuda attention: MOERL_ATTN_TC_FWD_WARP_ROWS must be 16 or 32");
+  return rows;
+}
+
 bool check_tc(const std::string& where, int64_t batch, int64_t seq, int64_t heads, int64_t dqk, int64_t dv,
               float scale, std::initializer_list<const void*> tensors, const void* lse) {
   require(batch >= 0 && seq >= 0 && heads >= 0, where + ": batch, seq and heads must be >= 0");
@@ -366,6 +404,7 @@ bool check_tc(const std::string& where, int64_t batch, int64_t seq, int64_t head
   if (batch == 0 || seq == 0 || heads == 0) return false;
   require(heads <= 65535 && batch <= 65535 && seq <= int64_t{65535} * kCols,
           where + ": heads, batch must be <= 65535 and seq <= 65535·64");
+  require(batch * heads * (seq + kSeqPad) * 16 / kPackThreads <= INT32_MAX, where + ": too many (token, head) rows");
   for (const void* p : tensors) {
     require(p != nullptr, where + ": null tensor pointer");
     require(reinterpret_cast<uintptr_t>(p) % 16 == 0, where + ": tensor pointers must be 16-byte aligned");
@@ -374,9 +413,36 @@ bool check_tc(const std::string& where, int64_t batch, int64_t seq, int64_t head
   return true;
 }
 
-dim3 grid_of(int64_t batch, int64_t seq, int64_t heads) {
-  return dim3(static_cast<unsigned>(heads), static_cast<unsigned>(batch), static_cast<unsigned>((seq + kCols - 1) / kCols));
+dim3 grid_of(int64_t batch, int64_t seq, int64_t heads, int rows) {
+  return dim3(static_cast<unsigned>(heads), static_cast<unsigned>(batch), static_cast<unsigned>((seq + rows - 1) / rows));
 }
+
+// Raises a kernel's dynamic shared memory limit to `bytes` (once per kernel: K is a distinct type per kernel).
+template <auto K> void allow_smem(size_t bytes) {
+  static const bool done = [&] {
+    CUDA_CHECK(cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    return true;
+  }();
+  (void)done;
+}
+
+// BF16 scratch of one call: the packed tensors and the stats, one allocation on the stream.
+struct Packed {
+  int64_t spad, rows;  // padded sequence; packed rows batch·heads·spad
+  size_t bytes_q, bytes_v;
+  Packed(int64_t batch, int64_t seq, int64_t heads, int dqp, int dvp)
+      : spad((seq + kSeqPad - 1) / kSeqPad * kSeqPad), rows(batch * heads * spad),
+        bytes_q(cuda_detail::align256(static_cast<size_t>(rows) * dqp * sizeof(bf16))),
+        bytes_v(cuda_detail::align256(static_cast<size_t>(rows) * dvp * sizeof(bf16))) {}
+  // Blocks of a packing kernel over DP/8 chunks per row.
+  unsigned pack_blocks(int dp) const { return static_cast<unsigned>((rows * (dp / 8) + kPackThreads - 1) / kPackThreads); }
+  // dst <- src packed (attention_pack_kernel).
+  template <int D> void pack(const float* src, bf16* dst, int seq, int heads, cudaStream_t stream) const {
+    attention_pack_kernel<D><<<pack_blocks(pad16(D)), kPackThreads, 0, stream>>>(src, dst, seq, static_cast<int>(spad),
+                                                                                heads, rows * (pad16(D) / 8));
+    CUDA_CHECK_LAUNCH();
+  }
+};
 
 }  // namespace
 
@@ -389,9 +455,29 @@ void attention_forward_bf16(const float* q, const float* k, const float* v, floa
   if (!check_tc("moerl::cuda::attention_forward_bf16", batch, seq, heads, dqk, dv, scale, {q, k, v, out}, lse)) return;
   dispatch_tc(dqk, dv, [&](auto dq_dim, auto dv_dim) {
     constexpr int DQ = decltype(dq_dim)::value, DV = decltype(dv_dim)::value;
-    attention_forward_tc<DQ, DV><<<grid_of(batch, seq, heads), kThreadsTc, 0, stream>>>(
-        q, k, v, out, lse, static_cast<int>(seq), static_cast<int>(heads), scale * kLog2eTc);
-    CUDA_CHECK_LAUNCH();
+    const Packed pk(batch, seq, heads, pad16(DQ), pad16(DV));
+    const int s = static_cast<int>(seq), sp = static_cast<int>(pk.spad), h = static_cast<int>(heads);
+    cuda_detail::StreamScratch scratch(2 * pk.bytes_q + pk.bytes_v, stream);
+    bf16* qb = scratch.as<bf16>();
+    bf16* kb = scratch.as<bf16>(pk.bytes_q);
+    bf16* vb = scratch.as<bf16>(2 * pk.bytes_q);
+    pk.pack<DQ>(q, qb, s, h, stream);
+    pk.pack<DQ>(k, kb, s, h, stream);
+    pk.pack<DV>(v, vb, s, h, stream);
+    dispatch_warps("MOERL_ATTN_TC_FWD_WARPS", 8, [&](auto w_dim) {
+      constexpr int W = decltype(w_dim)::value;
+      const auto launch = [&](auto mt_dim) {
+        constexpr int MT = decltype(mt_dim)::value;
+        constexpr size_t smem = Smem<DQ, DV, W>::template forward<MT>();
+        allow_smem<attention_forward_tc<DQ, DV, W, MT>>(smem);
+        attention_forward_tc<DQ, DV, W, MT><<<grid_of(batch, seq, heads, 16 * MT * W), 32 * W, smem, stream>>>(
+            qb, kb, vb, out, lse, s, sp, h, scale * kLog2eTc);
+        CUDA_CHECK_LAUNCH();
+      };
+      if (forward_warp_rows() == 32) launch(Dim<2>{});
+      else launch(Dim<1>{});
+    });
+    scratch.release();
   });
 }
 
@@ -402,19 +488,35 @@ void attention_backward_bf16(const float* dout, const float* q, const float* k, 
   if (!check_tc(where, batch, seq, heads, dqk, dv, scale, {dout, q, k, v, out, dq, dk, dv_out}, lse)) return;
   dispatch_tc(dqk, dv, [&](auto dq_dim, auto dv_dim) {
     constexpr int DQ = decltype(dq_dim)::value, DV = decltype(dv_dim)::value;
-    const int s = static_cast<int>(seq), h = static_cast<int>(heads);
-    const int64_t rows = batch * seq * heads, warps = attention_detail::kThreads / 32;
-    const int64_t dot_blocks = (rows + warps - 1) / warps;
-    require(dot_blocks <= INT32_MAX, where + ": too many (token, head) rows for one launch");
-    attention_detail::attention_dot_kernel<DV>
-        <<<static_cast<unsigned>(dot_blocks), attention_detail::kThreads, 0, stream>>>(dout, out, dq, rows, DQ);
+    const Packed pk(batch, seq, heads, pad16(DQ), pad16(DV));
+    const int s = static_cast<int>(seq), sp = static_cast<int>(pk.spad), h = static_cast<int>(heads);
+    const size_t bytes_stats = cuda_detail::align256(static_cast<size_t>(pk.rows) * 2 * sizeof(float));
+    cuda_detail::StreamScratch scratch(2 * pk.bytes_q + 2 * pk.bytes_v + bytes_stats, stream);
+    bf16* qb = scratch.as<bf16>();
+    bf16* kb = scratch.as<bf16>(pk.bytes_q);
+    bf16* vb = scratch.as<bf16>(2 * pk.bytes_q);
+    bf16* dob = scratch.as<bf16>(2 * pk.bytes_q + pk.bytes_v);
+    float* stats = scratch.as<float>(2 * pk.bytes_q + 2 * pk.bytes_v);
+    pk.pack<DQ>(q, qb, s, h, stream);
+    pk.pack<DQ>(k, kb, s, h, stream);
+    pk.pack<DV>(v, vb, s, h, stream);
+    attention_pack_dout_kernel<DV><<<pk.pack_blocks(pad16(DV)), kPackThreads, 0, stream>>>(
+        dout, out, lse, dob, stats, s, sp, h, pk.rows * (pad16(DV) / 8));
     CUDA_CHECK_LAUNCH();
-    const dim3 grid = grid_of(batch, seq, heads);
-    attention_dkdv_tc<DQ, DV><<<grid, kThreadsTc, 0, stream>>>(dout, q, k, v, lse, dq, dk, dv_out, s, h, scale,
-                                                               scale * kLog2eTc);
-    CUDA_CHECK_LAUNCH();
-    attention_dq_tc<DQ, DV><<<grid, kThreadsTc, 0, stream>>>(dout, q, k, v, lse, dq, s, h, scale, scale * kLog2eTc);
-    CUDA_CHECK_LAUNCH();
+    dispatch_warps("MOERL_ATTN_TC_BWD_WARPS", 4, [&](auto w_dim) {
+      constexpr int W = decltype(w_dim)::value;
+      constexpr size_t smem_dkdv = Smem<DQ, DV, W>::dkdv, smem_dq = Smem<DQ, DV, W>::dq;
+      allow_smem<attention_dkdv_tc<DQ, DV, W>>(smem_dkdv);
+      allow_smem<attention_dq_tc<DQ, DV, W>>(smem_dq);
+      const dim3 grid = grid_of(batch, seq, heads, 16 * W);
+      attention_dkdv_tc<DQ, DV, W><<<grid, 32 * W, smem_dkdv, stream>>>(qb, kb, vb, dob, stats, dk, dv_out, s, sp, h,
+                                                                        scale, scale * kLog2eTc);
+      CUDA_CHECK_LAUNCH();
+      attention_dq_tc<DQ, DV, W><<<grid, 32 * W, smem_dq, stream>>>(qb, kb, vb, dob, stats, dq, s, sp, h, scale,
+                                                                    scale * kLog2eTc);
+      CUDA_CHECK_LAUNCH();
+    });
+    scratch.release();
   });
 }
 

@@ -155,6 +155,14 @@ TEST(PreferencePairs, ThroughTheRolloutReplayAndCollectorActorsAreJudgedOverHttp
   EXPECT_EQ(queued_pairs(again.out / stage.name / "feedback"), pairs);
   EXPECT_EQ(summary2["ties"], summary["ties"]);
 
+  // Two rollout actors (threads: 2), the second on a copy of the policy: the same pairs.
+  Recipe two_lanes = recipe_in(dir / "two-lanes");
+  two_lanes.threads = 2;
+  fs::create_directories(two_lanes.out / stage.name);
+  run_preferences(two_lanes, stage, *fx.policy, fx.tokenizer, metrics, two_lanes.out / stage.name, &source);
+  EXPECT_EQ(queued_pairs(two_lanes.out / stage.name / "feedback"), pairs);
+  EXPECT_FALSE(fs::exists(two_lanes.out / stage.name / "policy-copy"));
+
   // A rollout actor killed mid-stage is respawned and asked again: the same pairs.
   caf::actor_system system{test_config()};
   RlhfActorOptions options;

@@ -2,7 +2,9 @@
 // attention_backward_bf16) against the CPU reference (kernels/cpu/attention.cpp) run on the same inputs rounded
 // to BF16 (as the kernel reads them): O and lse of the forward, dQ, dK, dV of the backward (on the GPU forward's
 // own O and lse, as in training). Random q, k, v, dO with a fresh seed each run (printed; MOERL_SEED=<n> repeats
-// it), outputs poisoned with NaN before every call; causal; sequence lengths not multiples of the 64-row tile.
+// it), outputs poisoned with NaN before every call; causal; sequence lengths not multiples of the 64-row tile;
+// every block shape of the kernels (4 and 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS; forward warps of
+// 16 and 32 query rows: MOERL_ATTN_TC_FWD_WARP_ROWS).
 //
 // Tolerance: relative L2 error ||gpu − ref|| / ||ref|| per tensor. With the inputs rounded alike, what remains is
 // the kernel's rounding of P (forward, dV) and dS (dQ, dK) to BF16 before their products: a relative error per
@@ -32,6 +34,8 @@
 #include <string>
 #include <vector>
 
+#include <stdlib.h>  // setenv, unsetenv
+
 #include "kernels/attention.hpp"
 #include "kernels/cuda/attention.hpp"
 #include "kernels/cuda/cuda_check.hpp"
@@ -42,6 +46,37 @@ namespace {
 
 constexpr double kTolerance = 8e-3;     // O, dQ, dK, dV (header comment)
 constexpr double kLseTolerance = 1e-5;  // lse (header comment)
+
+// Sets the warps per block of the forward and backward kernels and the forward's query rows per warp for its
+// lifetime; the previous values come back.
+class WarpsEnv {
+ public:
+  WarpsEnv(int forward, int backward, int forward_rows = 16) {
+    set("MOERL_ATTN_TC_FWD_WARPS", forward, 0);
+    set("MOERL_ATTN_TC_BWD_WARPS", backward, 1);
+    set("MOERL_ATTN_TC_FWD_WARP_ROWS", forward_rows, 2);
+  }
+  ~WarpsEnv() {
+    for (int i = 0; i < 3; ++i) {
+      if (had_[i]) setenv(names_[i], old_[i].c_str(), 1);
+      else unsetenv(names_[i]);
+    }
+  }
+  WarpsEnv(const WarpsEnv&) = delete;
+  WarpsEnv& operator=(const WarpsEnv&) = delete;
+
+ private:
+  void set(const char* name, int warps, int i) {
+    names_[i] = name;
+    const char* e = std::getenv(name);
+    had_[i] = e != nullptr;
+    if (e) old_[i] = e;
+    setenv(name, std::to_string(warps).c_str(), 1);
+  }
+  const char* names_[3] = {};
+  bool had_[3] = {};
+  std::string old_[3];
+};
 
 uint64_t run_seed() {
   static const uint64_t seed = []() -> uint64_t {
@@ -198,14 +233,19 @@ TEST_F(AttentionBf16Gpu, ForwardAndBackwardMatchTheCpuReferenceOnBf16Inputs) {
     const Tensors rounded{bf16_rounded(in.q), bf16_rounded(in.k), bf16_rounded(in.v), bf16_rounded(in.dout)};
     const Results ref = run_cpu(sh, rounded), ref32 = run_cpu(sh, in);
     Gpu gpu(sh, in);
-    gpu.forward(true);
-    gpu.backward(true);
-    const Results got = gpu.results();
-    expect_close("O", sh, got.out, ref.out, ref32.out, kTolerance);
-    expect_close("lse", sh, got.lse, ref.lse, ref32.lse, kLseTolerance);
-    expect_close("dQ", sh, got.dq, ref.dq, ref32.dq, kTolerance);
-    expect_close("dK", sh, got.dk, ref.dk, ref32.dk, kTolerance);
-    expect_close("dV", sh, got.dv, ref.dv, ref32.dv, kTolerance);
+    for (auto [warps, rows] : {std::pair{4, 16}, {8, 16}, {4, 32}, {8, 32}}) {
+      SCOPED_TRACE(std::to_string(warps) + " warps per block, forward " + std::to_string(rows) + " rows per warp");
+      std::printf("attention bf16 kernels of %d warps per block, forward %d rows per warp:\n", warps, rows);
+      const WarpsEnv env(warps, warps, rows);
+      gpu.forward(true);
+      gpu.backward(true);
+      const Results got = gpu.results();
+      expect_close("O", sh, got.out, ref.out, ref32.out, kTolerance);
+      expect_close("lse", sh, got.lse, ref.lse, ref32.lse, kLseTolerance);
+      expect_close("dQ", sh, got.dq, ref.dq, ref32.dq, kTolerance);
+      expect_close("dK", sh, got.dk, ref.dk, ref32.dk, kTolerance);
+      expect_close("dV", sh, got.dv, ref.dv, ref32.dv, kTolerance);
+    }
   }
 }
 
@@ -263,13 +303,25 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
   const double pairs = static_cast<double>(sh.batch) * sh.heads * sh.seq * (sh.seq + 1) / 2;
   const double fwd_flops = 2 * pairs * static_cast<double>(sh.dqk + sh.dv);
   const double bwd_flops = 2 * pairs * static_cast<double>(3 * sh.dqk + 2 * sh.dv);
-  for (bool bf16 : {true, false}) {
-    const double fwd_ms = median_ms([&] { gpu.forward(bf16, false); });
-    const double bwd_ms = median_ms([&] { gpu.backward(bf16, false); });
-    std::printf("attention %s forward  %s: %.3f ms, %.1f TFLOP/s; backward %.3f ms, %.1f TFLOP/s (causal)\n",
-                bf16 ? "bf16 tensor cores" : "fp32 CUDA cores ", sh.name().c_str(), fwd_ms, fwd_flops / fwd_ms / 1e9,
-                bwd_ms, bwd_flops / bwd_ms / 1e9);
+  // The tensor-core kernels in every block shape (chosen in training through MOERL_ATTN_TC_FWD_WARPS,
+  // MOERL_ATTN_TC_FWD_WARP_ROWS and MOERL_ATTN_TC_BWD_WARPS), then the FP32 kernels.
+  for (auto [warps, rows] : {std::pair{4, 16}, {8, 16}, {4, 32}, {8, 32}}) {
+    const WarpsEnv env(warps, 4, rows);
+    const double ms = median_ms([&] { gpu.forward(true, false); });
+    std::printf("attention bf16 tensor cores forward  (%d warps x %d rows) %s: %.3f ms, %.1f TFLOP/s (causal)\n", warps,
+                rows, sh.name().c_str(), ms, fwd_flops / ms / 1e9);
   }
+  gpu.forward(true, false);
+  for (int warps : {4, 8}) {
+    const WarpsEnv env(8, warps);
+    const double ms = median_ms([&] { gpu.backward(true, false); });
+    std::printf("attention bf16 tensor cores backward (%d warps) %s: %.3f ms, %.1f TFLOP/s (causal)\n", warps,
+                sh.name().c_str(), ms, bwd_flops / ms / 1e9);
+  }
+  const double fwd_ms = median_ms([&] { gpu.forward(false, false); });
+  const double bwd_ms = median_ms([&] { gpu.backward(false, false); });
+  std::printf("attention fp32 CUDA cores forward  %s: %.3f ms, %.1f TFLOP/s; backward %.3f ms, %.1f TFLOP/s (causal)\n",
+              sh.name().c_str(), fwd_ms, fwd_flops / fwd_ms / 1e9, bwd_ms, bwd_flops / bwd_ms / 1e9);
   const Results r = gpu.results();
   EXPECT_TRUE(std::all_of(r.dq.begin(), r.dq.end(), [](float x) { return std::isfinite(x); }));
 }

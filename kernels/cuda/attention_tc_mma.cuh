@@ -1,0 +1,207 @@
+// Warp-level building blocks of the tensor-core attention (kernels/cuda/attention_tc.cu): mma.sync m16n8k16 BF16
+// fragments loaded with ldmatrix from row-padded shared tiles, the score and product loops of a warp's 16-row
+// blocks, cp.async tile copies, the MUFU exp2 and the FP32 row stores. Device code only; one includer.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace moerl::cuda::attention_tc_detail {
+
+using bf16 = __nv_bfloat16;
+constexpr int kCols = 64;       // rows of a streamed tile (keys or queries) = score columns
+constexpr int kNt = kCols / 8;  // 8-wide n-tiles of a score row block
+
+__host__ __device__ constexpr int pad16(int d) { return (d + 15) / 16 * 16; }
+// Row stride (bf16 elements) of a shared tile of padded width dp: an odd multiple of 8 elements (16 bytes).
+__host__ __device__ constexpr int row_stride(int dp) { return (dp / 8) % 2 == 1 ? dp : dp + 8; }
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const __nv_bfloat16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], const __nv_bfloat16* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// c (16x8, FP32) += a (16x16, BF16, row) · b (16x8, BF16, col).
+__device__ __forceinline__ void mma(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// A fragment of the 16x16 block at p (row-major, stride ld): matrices (rows 0-7, cols 0-7), (8-15, 0-7),
+// (0-7, 8-15), (8-15, 8-15) = a0 .. a3.
+__device__ __forceinline__ void load_a(uint32_t (&a)[4], const __nv_bfloat16* p, int ld, int lane) {
+  ldsm_x4(a, p + ((lane % 8) + (lane / 8 % 2) * 8) * ld + (lane / 16) * 8);
+}
+
+// B fragments of two n-tiles (n 0-7 and 8-15) × k 0-15 from a tile stored [n][k] (row-major, stride ld) at p:
+// B[k][n] = p[n·ld + k]. b[0], b[1] for n-tile 0; b[2], b[3] for n-tile 1.
+__device__ __forceinline__ void load_b_nk(uint32_t (&b)[4], const __nv_bfloat16* p, int ld, int lane) {
+  ldsm_x4(b, p + ((lane % 8) + (lane / 16) * 8) * ld + (lane / 8 % 2) * 8);
+}
+
+// The same from a tile stored [k][n] (row-major, stride ld): B[k][n] = p[k·ld + n], through ldmatrix.trans.
+__device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const __nv_bfloat16* p, int ld, int lane) {
+  ldsm_x4_trans(b, p + ((lane % 8) + (lane / 8 % 2) * 8) * ld + (lane / 16) * 8);
+}
+
+// s[n] (16 rows × kCols scores of this warp) = A (16 × D at a, stride lda) · Bᵀ, B stored [kCols][D] (stride ldb).
+template <int D>
+__device__ __forceinline__ void scores(float (&s)[kNt][4], const __nv_bfloat16* a, int lda, const __nv_bfloat16* b,
+                                       int ldb, int lane) {
+#pragma unroll
+  for (int n = 0; n < kNt; ++n) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.0f;
+#pragma unroll
+  for (int k = 0; k < pad16(D); k += 16) {
+    uint32_t af[4];
+    load_a(af, a + k, lda, lane);
+#pragma unroll
+    for (int n = 0; n < kNt; n += 2) {
+      uint32_t bf[4];
+      load_b_nk(bf, b + n * 8 * ldb + k, ldb, lane);
+      mma(s[n], af, bf[0], bf[1]);
+      mma(s[n + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+// acc (16 × DP of this warp) += P (16 × kCols, from score registers, rounded to BF16) · B, B stored [kCols][DP]
+// (stride ldb): the score C fragments of n-tiles 2kk, 2kk+1 are the A fragment of k-block kk.
+template <int DP>
+__device__ __forceinline__ void product(float (&acc)[DP / 8][4], const float (&p)[kNt][4], const __nv_bfloat16* b,
+                                        int ldb, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kCols / 16; ++kk) {
+    const uint32_t af[4] = {pack_bf16(p[2 * kk][0], p[2 * kk][1]), pack_bf16(p[2 * kk][2], p[2 * kk][3]),
+                            pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+#pragma unroll
+    for (int n = 0; n < DP / 8; n += 2) {
+      uint32_t bf[4];
+      load_b_kn(bf, b + kk * 16 * ldb + n * 8, ldb, lane);
+      mma(acc[n], af, bf[0], bf[1]);
+      mma(acc[n + 1], af, bf[2], bf[3]);
+    }
+  }
+}
+
+template <int DP> __device__ __forceinline__ void zero(float (&acc)[DP / 8][4]) {
+#pragma unroll
+  for (int n = 0; n < DP / 8; ++n) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.0f;
+}
+
+// 2^x on the MUFU unit (ex2.approx.ftz: relative error ~2^-22, 2^-inf = 0), without exp2f's extra range handling.
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// scores / product for a warp that owns MT 16-row blocks (rows 16·mt .. of a, of p, of acc): every B fragment read
+// from shared memory feeds MT products, which halves the shared-memory traffic per product at MT = 2.
+template <int D, int MT>
+__device__ __forceinline__ void scores_m(float (&s)[MT][kNt][4], const __nv_bfloat16* a, int lda,
+                                         const __nv_bfloat16* b, int ldb, int lane) {
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+    for (int n = 0; n < kNt; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.0f;
+#pragma unroll
+  for (int k = 0; k < pad16(D); k += 16) {
+    uint32_t af[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) load_a(af[mt], a + mt * 16 * lda + k, lda, lane);
+#pragma unroll
+    for (int n = 0; n < kNt; n += 2) {
+      uint32_t bf[4];
+      load_b_nk(bf, b + n * 8 * ldb + k, ldb, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma(s[mt][n], af[mt], bf[0], bf[1]);
+        mma(s[mt][n + 1], af[mt], bf[2], bf[3]);
+      }
+    }
+  }
+}
+
+template <int DP, int MT>
+__device__ __forceinline__ void product_m(float (&acc)[MT][DP / 8][4], const float (&p)[MT][kNt][4],
+                                          const __nv_bfloat16* b, int ldb, int lane) {
+#pragma unroll
+  for (int kk = 0; kk < kCols / 16; ++kk) {
+    uint32_t af[MT][4];
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      af[mt][0] = pack_bf16(p[mt][2 * kk][0], p[mt][2 * kk][1]);
+      af[mt][1] = pack_bf16(p[mt][2 * kk][2], p[mt][2 * kk][3]);
+      af[mt][2] = pack_bf16(p[mt][2 * kk + 1][0], p[mt][2 * kk + 1][1]);
+      af[mt][3] = pack_bf16(p[mt][2 * kk + 1][2], p[mt][2 * kk + 1][3]);
+    }
+#pragma unroll
+    for (int n = 0; n < DP / 8; n += 2) {
+      uint32_t bf[4];
+      load_b_kn(bf, b + kk * 16 * ldb + n * 8, ldb, lane);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        mma(acc[mt][n], af[mt], bf[0], bf[1]);
+        mma(acc[mt][n + 1], af[mt], bf[2], bf[3]);
+      }
+    }
+  }
+}
+
+// Global rows row0 + lane/4 (+8) of a [.., D] tensor (stride ldg) <- factor · acc, columns < D, rows < seq.
+template <int D>
+__device__ __forceinline__ void store_rows(float* __restrict__ dst, int64_t ldg, int row0, int seq,
+                                           const float (&acc)[pad16(D) / 8][4], float factor, int lane) {
+  const int r = row0 + lane / 4, c = (lane % 4) * 2;
+#pragma unroll
+  for (int n = 0; n < pad16(D) / 8; ++n) {
+    if (n * 8 >= D) continue;
+    if (r < seq) *reinterpret_cast<float2*>(dst + r * ldg + n * 8 + c) = make_float2(acc[n][0] * factor, acc[n][1] * factor);
+    if (r + 8 < seq)
+      *reinterpret_cast<float2*>(dst + (r + 8) * ldg + n * 8 + c) = make_float2(acc[n][2] * factor, acc[n][3] * factor);
+  }
+}
+
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+// Waits until at most N of this thread's committed groups are still in flight.
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+// Shared tile [ROWS][row_stride(DP)] <- ROWS consecutive packed rows of DP BF16 at src (16-byte chunks spread over
+// the block's THREADS threads; asynchronous until the group is waited for).
+template <int ROWS, int DP, int THREADS>
+__device__ __forceinline__ void copy_tile(bf16* dst, const bf16* __restrict__ src) {
+  constexpr int LD = row_stride(DP), CH = DP / 8, TOTAL = ROWS * CH;
+#pragma unroll
+  for (int it = 0; it < (TOTAL + THREADS - 1) / THREADS; ++it) {
+    const int t = static_cast<int>(threadIdx.x) + it * THREADS;
+    if (TOTAL % THREADS == 0 || t < TOTAL) cp_async16(dst + (t / CH) * LD + (t % CH) * 8, src + (t / CH) * DP + (t % CH) * 8);
+  }
+}
+
+}  // namespace moerl::cuda::attention_tc_detail
