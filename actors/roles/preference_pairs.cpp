@@ -211,6 +211,9 @@ std::vector<std::vector<int32_t>> ActorPairSource::sample_and_queue(const PairJo
       require(pair[0] && pair[1], "preferences stage " + job.stage + ": request " + std::to_string(request) +
                                       " has one sample in the replay buffer, expected two");
       const size_t i = request - 1;
+      responses[2 * i] = pair[0]->response_ids;
+      responses[2 * i + 1] = pair[1]->response_ids;
+      if (pair[0]->response_ids == pair[1]->response_ids) continue;  // identical: a certain tie, nothing to judge
       store::PairToJudge p;
       p.pair_id = request;
       p.prompt = {job.prompts[i], job.prompt_ids[i]};
@@ -221,8 +224,6 @@ std::vector<std::vector<int32_t>> ActorPairSource::sample_and_queue(const PairJo
       p.created_ns = static_cast<int64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
                                               std::chrono::system_clock::now().time_since_epoch())
                                               .count());
-      responses[2 * i] = std::move(pair[0]->response_ids);
-      responses[2 * i + 1] = std::move(pair[1]->response_ids);
       queueing.push_back(self->request(collector, kTimeout, queue_atom::value, Envelope{kPairToJudgeKind, store::encode(p)}));
       drain(queueing, kWriteWindow, job.stage, "queueing a pair", [](uint64_t) {});
     }

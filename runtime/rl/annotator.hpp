@@ -18,7 +18,7 @@ struct AnnotatorOptions {
   int port = 0;
   std::string token;            // an annotator's (or admin's) bearer token from the server's tokens file
   int64_t max_pairs = 0;        // stop after this many judgements (0: until every queued pair is judged once)
-  int connections = 4;          // keep-alive connections judging in parallel under the one token (the server's
+  int connections = 8;          // keep-alive connections judging in parallel under the one token (the server's
                                 // cursor hands each the next pair; its group commit then fsyncs them together)
   double timeout_s = 600;       // give up (moerl::Error) when the work takes longer
 };

@@ -38,7 +38,8 @@ class PairSource {
  public:
   virtual ~PairSource() = default;
   // Samples two responses per prompt and queues them in job.feedback as PairToJudge records, prompt i's with
-  // pair id i + 1, every one durable on return. Returns the response ids, [2 * pairs]: prompt i's at 2i (the
+  // pair id i + 1, every one durable on return; a prompt whose two responses are the same ids is not queued (a
+  // certain tie: no one needs to read it). Returns the response ids, [2 * pairs]: prompt i's at 2i (the
   // pair's first) and 2i + 1 (its second). Throws moerl::Error naming what failed.
   virtual std::vector<std::vector<int32_t>> sample_and_queue(const PairJob& job) = 0;
   // For the stage's summary ("pair_source"), e.g. "actors".

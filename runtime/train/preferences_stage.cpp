@@ -130,6 +130,7 @@ nlohmann::json run_preferences(const Recipe& recipe, const StageSpec& stage, Mod
     if (!source) {
       const msg::PolicyVersion version{0, 0};
       for (size_t i = 0; i < problems.size(); ++i) {
+        if (responses[2 * i] == responses[2 * i + 1]) continue;  // identical: a certain tie, nothing to judge
         store::PairToJudge pair;
         pair.prompt = {problems[i].prompt, job.prompt_ids[i]};
         pair.first = {judged_text(tokenizer, responses[2 * i]), responses[2 * i]};
@@ -138,10 +139,12 @@ nlohmann::json run_preferences(const Recipe& recipe, const StageSpec& stage, Mod
         service.add_pair(std::move(pair));
       }
     }
+    int64_t distinct = 0;
+    for (size_t i = 0; i < problems.size(); ++i) distinct += responses[2 * i] != responses[2 * i + 1];
     const int64_t queued = static_cast<int64_t>(service.pairs());
-    require(queued == static_cast<int64_t>(problems.size()),
+    require(queued == distinct,
             "preferences stage " + stage.name + ": " + std::to_string(queued) + " pairs queued in " + db.string() +
-                ", expected " + std::to_string(problems.size()));
+                ", expected " + std::to_string(distinct) + " (the prompts whose two responses differ)");
     feedback::HttpServer server(service, 4);
     const int port = server.bind("127.0.0.1", 0);
     std::thread serving([&server] { server.run(); });
@@ -183,7 +186,9 @@ nlohmann::json run_preferences(const Recipe& recipe, const StageSpec& stage, Mod
     server.stop();
     serving.join();
     bar.finish(std::to_string(judged.judged) + " judged, " + std::to_string(judged.ties) + " ties");
-    summary = {{"url", url}, {"tokens", tokens.string()}, {"pairs_queued", queued}, {"pairs_judged", judged.judged},
+    summary = {{"url", url}, {"tokens", tokens.string()}, {"pairs_queued", queued},
+               {"identical_pairs_skipped", static_cast<int64_t>(problems.size()) - queued},
+               {"pairs_judged", judged.judged},
                {"ties", judged.ties}, {"rate_limited", judged.rate_limited},
                {"comparisons_stored", store.count(store::Family::Comparison)}};
   }

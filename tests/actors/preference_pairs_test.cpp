@@ -3,6 +3,7 @@
 // queues them; the scripted annotator judges every pair over HTTP and the comparisons land in the store.
 #include <omp.h>
 
+#include <map>
 #include <random>
 
 #include "actors/roles/preference_pairs.hpp"
@@ -81,14 +82,13 @@ StageSpec prefs_stage() {
   return s;
 }
 
-// The pairs queued in a preferences stage's store, by pair id: prompt, first and second texts.
-std::vector<std::array<std::string, 3>> queued_pairs(const fs::path& db) {
-  std::vector<std::array<std::string, 3>> out;
+// The pairs queued in a preferences stage's store, by pair id (prompt index + 1): prompt, first and second texts.
+std::map<uint64_t, std::array<std::string, 3>> queued_pairs(const fs::path& db) {
+  std::map<uint64_t, std::array<std::string, 3>> out;
   store::DurableStore s(db.string());
   s.scan(store::Family::Pair, 0, UINT64_MAX, [&](const store::Key&, std::span<const uint8_t> b) {
     const auto p = store::decode_pair(b);
-    EXPECT_EQ(p.pair_id, out.size() + 1);
-    out.push_back({p.prompt.text, p.first.text, p.second.text});
+    EXPECT_TRUE(out.emplace(p.pair_id, std::array<std::string, 3>{p.prompt.text, p.first.text, p.second.text}).second);
     return true;
   });
   return out;
@@ -114,11 +114,14 @@ TEST(PreferencePairs, ThroughTheRolloutReplayAndCollectorActorsAreJudgedOverHttp
   const auto summary =
       run_preferences(through_actors, stage, *fx.policy, fx.tokenizer, metrics, through_actors.out / stage.name, &source);
   EXPECT_EQ(summary["pair_source"], "actors");
-  EXPECT_EQ(summary["pairs_queued"].get<int64_t>(), 24);
-  EXPECT_EQ(summary["pairs_judged"].get<int64_t>(), 24);
-  EXPECT_EQ(summary["comparisons_stored"].get<int64_t>(), 24);
+  // Every prompt's pair is queued unless its two responses are identical (a certain tie, not shown to anyone).
+  const int64_t queued = summary["pairs_queued"].get<int64_t>();
+  EXPECT_EQ(queued + summary["identical_pairs_skipped"].get<int64_t>(), 24);
+  EXPECT_GT(queued, 0);
+  EXPECT_EQ(summary["pairs_judged"].get<int64_t>(), queued);
+  EXPECT_EQ(summary["comparisons_stored"].get<int64_t>(), queued);
   const int64_t preferences = summary["preference_pairs"].get<int64_t>() + summary["heldout_preference_pairs"].get<int64_t>();
-  EXPECT_EQ(preferences, 24 - summary["ties"].get<int64_t>());
+  EXPECT_EQ(preferences, queued - summary["ties"].get<int64_t>());
 
   // The replay buffer's store: two rollouts per prompt, log-probs and policy version kept.
   const fs::path stage_dir = through_actors.out / stage.name;
@@ -136,16 +139,23 @@ TEST(PreferencePairs, ThroughTheRolloutReplayAndCollectorActorsAreJudgedOverHttp
     });
   }
   ASSERT_EQ(responses.size(), 24u);
-  // Each queued pair is its request's two rollouts, in sample order; each was judged into a comparison.
+  // Each queued pair is its request's two rollouts, in sample order; a request whose two rollouts are the same
+  // ids is not queued; each queued pair was judged into a comparison.
   const auto pairs = queued_pairs(stage_dir / "feedback");
-  ASSERT_EQ(pairs.size(), 24u);
-  for (size_t i = 0; i < pairs.size(); ++i) {
-    EXPECT_EQ(pairs[i][1], judged_text(fx.tokenizer, responses[i + 1][0])) << i;
-    EXPECT_EQ(pairs[i][2], judged_text(fx.tokenizer, responses[i + 1][1])) << i;
+  EXPECT_EQ(static_cast<int64_t>(pairs.size()), queued);
+  for (const auto& [request, samples] : responses) {
+    const auto it = pairs.find(request);
+    if (samples[0] == samples[1]) {
+      EXPECT_EQ(it, pairs.end()) << request;
+      continue;
+    }
+    ASSERT_NE(it, pairs.end()) << request;
+    EXPECT_EQ(it->second[1], judged_text(fx.tokenizer, samples[0])) << request;
+    EXPECT_EQ(it->second[2], judged_text(fx.tokenizer, samples[1])) << request;
   }
   {
     store::DurableStore s((stage_dir / "feedback").string());
-    EXPECT_EQ(s.count(store::Family::Comparison), 24u);
+    EXPECT_EQ(static_cast<int64_t>(s.count(store::Family::Comparison)), queued);
   }
 
   // The same recipe again samples the same pairs (the rollouts are seeded per request).
@@ -183,7 +193,7 @@ TEST(PreferencePairs, ThroughTheRolloutReplayAndCollectorActorsAreJudgedOverHttp
   fs::create_directories(in_process.out / stage.name);
   const auto plain = run_preferences(in_process, stage, *fx.policy, fx.tokenizer, metrics, in_process.out / stage.name, nullptr);
   EXPECT_EQ(plain["pair_source"], "in-process");
-  EXPECT_EQ(plain["pairs_judged"].get<int64_t>(), 24);
+  EXPECT_EQ(plain["pairs_judged"].get<int64_t>() + plain["identical_pairs_skipped"].get<int64_t>(), 24);
   std::printf("preferences on 24 prompts: through the actors %lld ties, in-process %lld ties\n",
               static_cast<long long>(summary["ties"].get<int64_t>()), static_cast<long long>(plain["ties"].get<int64_t>()));
 }

@@ -107,9 +107,10 @@ TEST(QuickstartFlow, MoerlRunGoesFromPretrainingThroughHttpJudgedPreferencesToRl
     EXPECT_LE(summary[key].get<double>(), 1.0) << key;
   EXPECT_GT(summary["wall_s"].get<double>(), 0.0);
 
-  // Preferences: every queued pair was judged over HTTP and stored; the reward model trained on those.
+  // Preferences: every pair of two different responses was queued, judged over HTTP and stored; the reward
+  // model trained on those.
   const auto& prefs = summary["stages"][3];
-  EXPECT_EQ(prefs["pairs_queued"].get<int64_t>(), 200);
+  EXPECT_EQ(prefs["pairs_queued"].get<int64_t>() + prefs["identical_pairs_skipped"].get<int64_t>(), 200);
   EXPECT_EQ(prefs["pairs_judged"], prefs["pairs_queued"]);
   EXPECT_EQ(prefs["comparisons_stored"], prefs["pairs_queued"]);
   EXPECT_EQ(prefs["rate_limited"].get<int64_t>(), 0);
