@@ -5,6 +5,7 @@
 #include "actors/cli/commands.hpp"
 #include "actors/roles/driver.hpp"
 #include "actors/roles/preference_pairs.hpp"
+#include "actors/roles/replay_recorder.hpp"
 #include "actors/roles/rlhf_actors.hpp"
 #include "runtime/recipe/recipe.hpp"
 #include "runtime/train/preferences_stage.hpp"
@@ -50,7 +51,8 @@ void add_run_command(CLI::App& app, std::function<int()>& action) {
         caf::actor_system_config config;
         actors::add_message_types(config);
         caf::actor_system system{config};
-        const ScopedRlhfServices rlhf_actors(actors::actor_rlhf_services_factory(system));
+        // Each rlhf step's rollouts and rewards also go to a durable replay buffer actor (<out>/replay/<stage>).
+        const ScopedRlhfServices rlhf_actors(actors::recorded_rlhf_services_factory(system));
         actors::ActorPairSource preference_pairs(system);  // preferences: rollout -> replay buffer -> collector actors
         const ScopedPairSource preference_actors(&preference_pairs);
         const auto summary = run_recipe(recipe);

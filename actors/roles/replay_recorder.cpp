@@ -3,6 +3,7 @@
 #include <chrono>
 #include <deque>
 
+#include "actors/roles/rlhf_actors.hpp"
 #include "runtime/rl/grpo.hpp"
 
 namespace moerl::actors {
@@ -55,6 +56,55 @@ RolloutRecorder replay_recorder(caf::actor_system& system, replay_buffer_actor b
                                    describe(e);
                      });
     if (!failure.empty()) throw Error(failure);
+  };
+}
+
+namespace {
+
+// The actor services plus the replay buffer they record into; the services go first (no record after that),
+// then the buffer is stopped and awaited, so its store is closed when the stage returns.
+class RecordedServices : public RlhfServices {
+ public:
+  RecordedServices(caf::actor_system& system, replay_buffer_actor buffer, std::unique_ptr<RlhfServices> inner)
+      : system_(system), buffer_(std::move(buffer)), inner_(std::move(inner)) {}
+  ~RecordedServices() override {
+    inner_.reset();
+    caf::scoped_actor self{system_};
+    self->monitor(buffer_);
+    self->send_exit(buffer_, caf::exit_reason::user_shutdown);
+    self->receive([](const caf::down_msg&) {}, caf::after(std::chrono::seconds(30)) >> [] {});
+  }
+  void publish_weights(Model& policy, uint64_t version, int64_t step) override {
+    inner_->publish_weights(policy, version, step);
+  }
+  std::vector<msg::Rollout> generate(const std::vector<msg::GenerationRequest>& requests, int64_t step) override {
+    return inner_->generate(requests, step);
+  }
+  std::vector<float> score(const std::vector<msg::Rollout>& sequences, int64_t step) override {
+    return inner_->score(sequences, step);
+  }
+  void record(int64_t step, const std::vector<msg::Rollout>& rollouts, std::span<const float> rewards) override {
+    inner_->record(step, rollouts, rewards);
+  }
+
+ private:
+  caf::actor_system& system_;
+  replay_buffer_actor buffer_;
+  std::unique_ptr<RlhfServices> inner_;
+};
+
+}  // namespace
+
+RlhfServicesFactory recorded_rlhf_services_factory(caf::actor_system& system, size_t capacity) {
+  return [&system, capacity](const RlhfSetup& setup) -> std::unique_ptr<RlhfServices> {
+    require(!setup.replay_dir.empty(), setup.stage + ": the rlhf services need a folder for the replay buffer");
+    const std::filesystem::path& db = setup.replay_dir;
+    std::filesystem::remove_all(db);  // a stage that runs (again) records its own rollouts only
+    std::filesystem::create_directories(db.parent_path());
+    auto buffer = spawn_replay_buffer(system, capacity, "replay_buffer/" + setup.stage, db.string());
+    RlhfActorOptions options;
+    options.record = replay_recorder(system, buffer, setup.stage);
+    return std::make_unique<RecordedServices>(system, buffer, actor_rlhf_services(system, setup, options));
   };
 }
 

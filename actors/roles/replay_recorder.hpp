@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "actors/roles/replay_buffer.hpp"
+#include "runtime/train/rlhf_stage.hpp"
 
 namespace moerl::actors {
 
@@ -22,6 +23,11 @@ using RolloutRecorder = std::function<void(int64_t step, const std::vector<msg::
 
 // Throws moerl::Error when the buffer refuses a record or does not answer (naming the request and sample).
 RolloutRecorder replay_recorder(caf::actor_system& system, replay_buffer_actor buffer, std::string stage);
+
+// `moerl run`'s rlhf services: actor_rlhf_services (supervised rollout and reward-model actors) with every step's
+// rollouts recorded, durable before the update, in a replay buffer actor on the store RlhfSetup::replay_dir (fresh
+// for each run of the stage; at most `capacity` rollouts, oldest dropped). The buffer ends with the services.
+RlhfServicesFactory recorded_rlhf_services_factory(caf::actor_system& system, size_t capacity = 1u << 20);
 
 // The ReplayRecords replay_recorder writes for one step (request-major rollouts, groups of equal size).
 std::vector<msg::ReplayRecord> replay_records(const std::string& stage, int64_t step,

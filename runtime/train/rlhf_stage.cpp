@@ -134,6 +134,7 @@ nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& pol
   RlhfSetup setup;
   setup.stage = stage.name;
   setup.work_dir = recipe.out / "rlhf-services" / stage.name;
+  setup.replay_dir = recipe.out / "replay" / stage.name;  // beside the stage folder, which its checkpoint replaces
   setup.precision = recipe.precision;
   setup.threads = resolve_threads(recipe.threads);  // what run_recipe set for this thread
   setup.metrics = &metrics;

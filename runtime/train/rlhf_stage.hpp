@@ -30,6 +30,7 @@ namespace moerl {
 struct RlhfSetup {
   std::string stage;                 // the stage's name, for messages
   std::filesystem::path work_dir;    // a folder the services may use (e.g. the starting policy for a respawn)
+  std::filesystem::path replay_dir;  // where the stage's rollouts may be recorded (<out>/replay/<stage>, kept)
   std::filesystem::path reward_model;  // the reward_model stage's folder (RewardModel::save); empty: reward: checker
   Precision precision = Precision::FP32;
   int threads = 0;                   // > 0: the CPU thread count for generation and scoring (the recipe's, resolved)

@@ -15,7 +15,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include "runtime/messages/codec.hpp"
 #include "runtime/rl/preferences.hpp"
+#include "runtime/store/durable_store.hpp"
 
 namespace moerl {
 namespace {
@@ -133,6 +135,23 @@ TEST(QuickstartFlow, MoerlRunGoesFromPretrainingThroughHttpJudgedPreferencesToRl
   EXPECT_EQ(rl["algorithm"], "grpo");
   EXPECT_EQ(rl["reward_source"], "reward model rm");
   EXPECT_TRUE(fs::exists(out / "rlhf" / "model.safetensors"));
+  // Every rollout of every step went to the durable replay buffer: 4 steps x 4 prompts x 4 samples, each with
+  // its reward and the policy version (= step) that generated it.
+  {
+    store::DurableStore replay((out / "replay" / "rlhf").string());
+    EXPECT_EQ(replay.count(store::Family::Replay), 64u);
+    for (uint64_t version = 0; version < 4; ++version) {
+      int64_t n = 0;
+      replay.scan_by_version(version, version + 1, [&](const store::Key&, std::span<const uint8_t> b) {
+        const auto r = msg::decode_replay_record(b);
+        EXPECT_EQ(r.rollout.policy_version.version, version);
+        EXPECT_EQ(r.rollout.log_probs.size(), r.rollout.response_ids.size());
+        ++n;
+        return true;
+      });
+      EXPECT_EQ(n, 16) << "policy version " << version;
+    }
+  }
   // The final table on stderr and in report.txt; the HTML report has the stages.
   const std::string table = read_all(out / "report.txt");
   for (const char* name : {"pretrain", "sft", "prefs", "rm", "rlhf", "eval_rlhf", "task_accuracy_rlhf"})
