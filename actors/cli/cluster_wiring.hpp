@@ -7,6 +7,7 @@
 
 #include "actors/cluster/actor_roles.hpp"
 #include "actors/cluster/catalog.hpp"
+#include "actors/cluster/record_roles.hpp"
 #include "actors/cluster/system.hpp"
 #include "actors/cluster/train_roles.hpp"
 #include "actors/envelope.hpp"
@@ -18,6 +19,7 @@ inline cluster::RoleCatalog cluster_role_catalog() {
   cluster::add_cluster_roles(catalog);
   cluster::add_train_roles(catalog);
   cluster::add_actor_roles(catalog);
+  cluster::add_record_roles(catalog);  // feedback collector and replay buffer on RocksDB stores
   return catalog;
 }
 

@@ -1,3 +1,4 @@
+#include "runtime/util/clock.hpp"
 #include "runtime/rl/task_loop.hpp"
 
 #include <chrono>
@@ -12,7 +13,6 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
-double seconds_since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 // Samples `per_problem` responses to each problem (problem-major), rewarded by codec.reward (else the checker).
 using Sampled = RlBatch;

@@ -1,5 +1,6 @@
 // The preferences stage: sampling (in this process or through a PairSource), the feedback endpoint on a
 // loopback port, the scripted annotator over HTTP, and the judged pairs written for the reward model.
+#include "runtime/util/clock.hpp"
 #include "runtime/train/preferences_stage.hpp"
 
 #include <algorithm>
@@ -22,9 +23,6 @@ namespace moerl {
 namespace fs = std::filesystem;
 namespace {
 
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 // A bearer secret: 32 hex digits from the OS's entropy (the endpoint wants >= 16 printable characters).
 std::string random_token() {

@@ -1,3 +1,5 @@
+#include "runtime/safetensors.hpp"
+#include "runtime/util/clock.hpp"
 #include "runtime/train/rl_collect.hpp"
 
 #include <algorithm>
@@ -21,13 +23,19 @@
 
 namespace moerl {
 namespace fs = std::filesystem;
-namespace {
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+SafeTensors weights_of(const Model& model) {
+  SafeTensors st;
+  st.source = "the policy of the previous stage";
+  for (const auto& [name, p] : model.params().all()) st.tensors.emplace(name, p.value.clone());
+  return st;
 }
 
-}  // namespace
+// The starting policy: `from`'s checkpoint, or the model in memory (the stage before).
+void start_policy(const Recipe& recipe, const StageSpec& stage, Model& policy) {
+  if (stage.rl.from.empty()) return;
+  const auto st = read_safetensors(recipe.out / stage.rl.from / "model.safetensors");
+  policy.load_weights(st);
+}
 
 rl::TaskCodec tokenizer_codec(const Tokenizer& tokenizer) {
   rl::TaskCodec codec;

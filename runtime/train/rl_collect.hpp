@@ -15,12 +15,20 @@
 #include "runtime/data/tokenizer.hpp"
 #include "runtime/model/model.hpp"
 #include "runtime/recipe/recipe.hpp"
+#include "runtime/safetensors.hpp"
 #include "runtime/rl/preferences.hpp"
 #include "runtime/rl/task.hpp"
 #include "runtime/rl/task_loop.hpp"
 #include "runtime/train/metrics.hpp"
 
 namespace moerl {
+
+// A copy of the model's weights, as a SafeTensors to load into another model (the RL stages' frozen reference,
+// a reward model's backbone).
+SafeTensors weights_of(const Model& model);
+// Loads the stage's starting policy into `policy`: `from`'s checkpoint when the stage names one, else nothing
+// (the model in memory is the stage before's).
+void start_policy(const Recipe& recipe, const StageSpec& stage, Model& policy);
 
 // The task through the run's tokenizer: prompt bos + encode(prompt), answer encode(answer); a response is right
 // when it decodes, up to eos, to exactly the answer. `tokenizer` must outlive the codec.

@@ -1,3 +1,4 @@
+#include "runtime/util/clock.hpp"
 #include "runtime/train/rl_stages.hpp"
 
 #include <algorithm>
@@ -97,23 +98,6 @@ PairSplit stage_pairs(const Recipe& recipe, const StageSpec& stage) {
   return split;
 }
 
-SafeTensors weights_of(const Model& model) {
-  SafeTensors st;
-  st.source = "the policy of the previous stage";
-  for (const auto& [name, p] : model.params().all()) st.tensors.emplace(name, p.value.clone());
-  return st;
-}
-
-// The starting policy: `from`'s checkpoint, or the model in memory (the stage before).
-void start_policy(const Recipe& recipe, const StageSpec& stage, Model& policy) {
-  if (stage.rl.from.empty()) return;
-  const auto st = read_safetensors(recipe.out / stage.rl.from / "model.safetensors");
-  policy.load_weights(st);
-}
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 nlohmann::json run_reward_model(const Recipe& recipe, const StageSpec& stage, Model& policy,
                                 const Tokenizer& tokenizer, MetricsLog& metrics, const fs::path& dir) {
