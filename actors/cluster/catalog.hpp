@@ -8,7 +8,6 @@
 #include <vector>
 
 #include <caf/all.hpp>
-#include <nlohmann/json.hpp>
 
 #include "actors/cluster/protocol.hpp"
 
@@ -30,9 +29,6 @@ class RoleCatalog {
  private:
   std::map<std::string, RoleFactory> factories_;
 };
-
-// spec.config parsed as JSON; not JSON: moerl::Error "role <name> config: not JSON (...)".
-nlohmann::json role_config_json(const RoleSpec& spec);
 
 // Adds the cluster's own kinds: "cluster.echo" (echo_actor: answers pings).
 void add_cluster_roles(RoleCatalog& catalog);

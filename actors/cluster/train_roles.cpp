@@ -43,7 +43,12 @@ struct RoleConfig {
 
 RoleConfig read_role_config(const RoleSpec& spec) {
   const std::string where = "role " + spec.name + " config";
-  const Json j = role_config_json(spec);
+  Json j;
+  try {
+    j = Json::parse(spec.config);
+  } catch (const Json::exception& e) {
+    throw Error(where + ": not JSON (" + e.what() + ")");
+  }
   RoleConfig c;
   try {
     c.recipe = load_recipe(j.at("recipe").get<std::string>(), j.value("overrides", std::vector<std::string>{}));
