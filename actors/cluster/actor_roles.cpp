@@ -13,14 +13,6 @@ using Json = nlohmann::json;
 
 namespace {
 
-Json parse(const RoleSpec& spec) {
-  try {
-    return Json::parse(spec.config);
-  } catch (const Json::exception& e) {
-    throw Error("role " + spec.name + " config: not JSON (" + e.what() + ")");
-  }
-}
-
 // The recipe as the driver loaded it: same file, overrides and run folder.
 Recipe recipe_of(const RoleSpec& spec, const Json& j) {
   try {
@@ -45,11 +37,11 @@ std::vector<std::string> pinned_overrides(const fs::path& recipe, std::vector<st
 
 void add_actor_roles(RoleCatalog& catalog) {
   catalog.add("roles.data_loader", [](caf::actor_system& system, const RoleSpec& spec) {
-    const Json j = parse(spec);
+    const Json j = role_config_json(spec);
     return caf::actor_cast<caf::actor>(actors::spawn_data_loader(system, recipe_of(spec, j), spec.name));
   });
   catalog.add("roles.stage_trainer", [](caf::actor_system& system, const RoleSpec& spec) {
-    const Json j = parse(spec);
+    const Json j = role_config_json(spec);
     actors::StageTrainerSetup setup;
     setup.recipe = recipe_of(spec, j);
     setup.model = setup.recipe.model;

@@ -39,6 +39,14 @@ echo_actor::behavior_type echo(echo_actor::pointer) {
 
 }  // namespace
 
+nlohmann::json role_config_json(const RoleSpec& spec) {
+  try {
+    return nlohmann::json::parse(spec.config);
+  } catch (const nlohmann::json::exception& e) {
+    throw Error("role " + spec.name + " config: not JSON (" + e.what() + ")");
+  }
+}
+
 void add_cluster_roles(RoleCatalog& catalog) {
   catalog.add("cluster.echo", [](caf::actor_system& system, const RoleSpec&) {
     return caf::actor_cast<caf::actor>(system.spawn(echo));

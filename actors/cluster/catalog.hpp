@@ -8,6 +8,7 @@
 #include <vector>
 
 #include <caf/all.hpp>
+#include <nlohmann/json.hpp>
 
 #include "actors/cluster/protocol.hpp"
 
@@ -29,6 +30,9 @@ class RoleCatalog {
  private:
   std::map<std::string, RoleFactory> factories_;
 };
+
+// spec.config parsed as JSON; not JSON: moerl::Error "role <name> config: not JSON (...)".
+nlohmann::json role_config_json(const RoleSpec& spec);
 
 // Adds the cluster's own kinds: "cluster.echo" (echo_actor: answers pings).
 void add_cluster_roles(RoleCatalog& catalog);

@@ -12,14 +12,6 @@ using Json = nlohmann::json;
 
 namespace {
 
-Json parse(const RoleSpec& spec) {
-  try {
-    return Json::parse(spec.config);
-  } catch (const Json::exception& e) {
-    throw Error("role " + spec.name + " config: not JSON (" + e.what() + ")");
-  }
-}
-
 std::string dir_of(const RoleSpec& spec, const Json& j) {
   if (!j.is_object() || !j.contains("dir") || !j["dir"].is_string() || j["dir"].get<std::string>().empty())
     throw Error("role " + spec.name + " config: expected \"dir\", the store's folder");
@@ -30,11 +22,11 @@ std::string dir_of(const RoleSpec& spec, const Json& j) {
 
 void add_record_roles(RoleCatalog& catalog) {
   catalog.add("roles.feedback_collector", [](caf::actor_system& system, const RoleSpec& spec) {
-    const Json j = parse(spec);
+    const Json j = role_config_json(spec);
     return caf::actor_cast<caf::actor>(actors::spawn_feedback_collector(system, spec.name, dir_of(spec, j)));
   });
   catalog.add("roles.replay_buffer", [](caf::actor_system& system, const RoleSpec& spec) {
-    const Json j = parse(spec);
+    const Json j = role_config_json(spec);
     const std::string dir = dir_of(spec, j);
     if (!j.contains("capacity") || !j["capacity"].is_number_unsigned() || j["capacity"].get<uint64_t>() == 0)
       throw Error("role " + spec.name + " config: expected \"capacity\", the records kept (an integer > 0)");

@@ -43,12 +43,7 @@ struct RoleConfig {
 
 RoleConfig read_role_config(const RoleSpec& spec) {
   const std::string where = "role " + spec.name + " config";
-  Json j;
-  try {
-    j = Json::parse(spec.config);
-  } catch (const Json::exception& e) {
-    throw Error(where + ": not JSON (" + e.what() + ")");
-  }
+  const Json j = role_config_json(spec);
   RoleConfig c;
   try {
     c.recipe = load_recipe(j.at("recipe").get<std::string>(), j.value("overrides", std::vector<std::string>{}));
