@@ -69,6 +69,7 @@ nlohmann::json run_preferences(const Recipe& recipe, const StageSpec& stage, Mod
 nlohmann::json run_preferences(const Recipe& recipe, const StageSpec& stage, Model& policy, const Tokenizer& tokenizer,
                                MetricsLog& metrics, const fs::path& dir, PairSource* source) {
   const auto t0 = std::chrono::steady_clock::now();
+  start_policy(recipe, stage, policy);
   const rl::AdditionTask task{stage.rl.task_digits};
   const rl::TaskCodec codec = tokenizer_codec(tokenizer);
   // Prompts: 1/heldout_every of them the task's held-out problems (the reward model's held-out pairs).

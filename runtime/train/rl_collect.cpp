@@ -78,6 +78,7 @@ rl::Problem parse_task_prompt(const rl::AdditionTask& task, const std::string& p
 nlohmann::json run_task_sft(const Recipe& recipe, const StageSpec& stage, Model& policy, const Tokenizer& tokenizer,
                             MetricsLog& metrics, const fs::path& dir) {
   const auto t0 = std::chrono::steady_clock::now();
+  start_policy(recipe, stage, policy);
   const rl::AdditionTask task{stage.rl.task_digits};
   const rl::TaskCodec codec = tokenizer_codec(tokenizer);
   const auto problems = rl::training_problems(task, recipe.seed + 211, static_cast<size_t>(stage.steps * stage.batch));

@@ -1,7 +1,8 @@
-// The quickstart's flow, small, through the `moerl` executable: pretrain -> task_sft -> eval -> preferences
-// (pairs sampled from the policy, judged by the scripted annotator over the feedback endpoint's HTTP API, stored
-// in RocksDB) -> reward_model (trained on the comparisons read back from the store) -> rlhf (GRPO rewarded by
-// the reward model) -> eval, in one `moerl run RECIPE --out DIR`. Checks that every stage ran and summary.json's
+// The quickstart's flow, small, through the `moerl` executable: pretrain -> task_sft (the policy) -> task_sft
+// continued (the reward model's backbone) -> eval of the policy -> preferences (pairs sampled from the policy,
+// judged by the scripted annotator over the feedback endpoint's HTTP API, stored in RocksDB) -> reward_model
+// (on the longer-trained backbone, trained on the comparisons read back from the store) -> rlhf (GRPO from the
+// policy, rewarded by the reward model) -> eval, in one `moerl run RECIPE --out DIR`. Checks that every stage ran and summary.json's
 // fields; accuracies are bounded, not thresholded (a model this small and short is not the quickstart's claim).
 #include <gtest/gtest.h>
 
@@ -74,11 +75,13 @@ stages:
      optimizer: {lr: 1.0e-2}}
   - {name: sft, kind: task_sft, task_digits: 1, steps: 200, batch: 16, eval_every: 100,
      optimizer: {lr: 1.0e-2, weight_decay: 0.0}}
-  - {name: eval_sft, kind: eval_task, task_digits: 1, problems: 10, max_new_tokens: 4}
-  - {name: prefs, kind: preferences, task_digits: 1, pairs: 200, heldout_every: 4, max_new_tokens: 4}
-  - {name: rm, kind: reward_model, task_digits: 1, steps: 40, batch: 16, eval_every: 20,
+  - {name: sft_rm, kind: task_sft, from: sft, task_digits: 1, steps: 20, batch: 16,
+     optimizer: {lr: 1.0e-2, weight_decay: 0.0}}
+  - {name: eval_sft, kind: eval_task, from: sft, task_digits: 1, problems: 10, max_new_tokens: 4}
+  - {name: prefs, kind: preferences, from: sft, task_digits: 1, pairs: 200, heldout_every: 4, max_new_tokens: 4}
+  - {name: rm, kind: reward_model, from: sft_rm, task_digits: 1, steps: 40, batch: 16, eval_every: 20,
      optimizer: {lr: 3.0e-3, weight_decay: 0.0}}
-  - {name: rlhf, kind: rlhf, algorithm: grpo, task_digits: 1, steps: 4, batch: 4, group_size: 4,
+  - {name: rlhf, kind: rlhf, from: sft, algorithm: grpo, task_digits: 1, steps: 4, batch: 4, group_size: 4,
      max_new_tokens: 4, optimizer: {lr: 1.0e-3}}
   - {name: eval_rlhf, kind: eval_task, task_digits: 1, problems: 10, max_new_tokens: 4}
 )";
@@ -97,10 +100,12 @@ TEST(QuickstartFlow, MoerlRunGoesFromPretrainingThroughHttpJudgedPreferencesToRl
   ASSERT_EQ(std::system(cmd.c_str()), 0) << read_all(dir / "stderr");
 
   const auto summary = nlohmann::json::parse(read_all(out / "summary.json"));
-  ASSERT_EQ(summary["stages"].size(), 7u) << summary.dump(2);
-  const char* const kinds[] = {"pretrain", "task_sft", "eval_task", "preferences", "reward_model", "rlhf",
-                               "eval_task"};
-  for (size_t i = 0; i < 7; ++i) EXPECT_EQ(summary["stages"][i]["kind"], kinds[i]) << i;
+  ASSERT_EQ(summary["stages"].size(), 8u) << summary.dump(2);
+  const char* const kinds[] = {"pretrain", "task_sft", "task_sft", "eval_task", "preferences", "reward_model",
+                               "rlhf", "eval_task"};
+  for (size_t i = 0; i < 8; ++i) EXPECT_EQ(summary["stages"][i]["kind"], kinds[i]) << i;
+  // task_accuracy_sft is the policy's (eval_sft, from sft), not the reward model backbone's.
+  EXPECT_EQ(summary["task_accuracy_sft"], summary["stages"][3]["task_accuracy"]);
   for (const char* key : {"rm_heldout_accuracy", "task_accuracy_sft", "task_accuracy_rlhf", "kl_to_reference"}) {
     ASSERT_TRUE(summary.contains(key)) << key << "\n" << summary.dump(2);
     EXPECT_GE(summary[key].get<double>(), 0.0) << key;  // accuracies and the k3 KL estimate are >= 0
@@ -111,7 +116,7 @@ TEST(QuickstartFlow, MoerlRunGoesFromPretrainingThroughHttpJudgedPreferencesToRl
 
   // Preferences: every pair of two different responses was queued, judged over HTTP and stored; the reward
   // model trained on those.
-  const auto& prefs = summary["stages"][3];
+  const auto& prefs = summary["stages"][4];
   EXPECT_EQ(prefs["pairs_queued"].get<int64_t>() + prefs["identical_pairs_skipped"].get<int64_t>(), 200);
   EXPECT_EQ(prefs["pairs_judged"], prefs["pairs_queued"]);
   EXPECT_EQ(prefs["comparisons_stored"], prefs["pairs_queued"]);
@@ -127,11 +132,11 @@ TEST(QuickstartFlow, MoerlRunGoesFromPretrainingThroughHttpJudgedPreferencesToRl
     const int a = p.prompt[0] - '0', b = p.prompt[2] - '0';
     EXPECT_EQ(p.chosen, std::to_string(a + b)) << p.prompt;
   }
-  const auto& rm = summary["stages"][4];
+  const auto& rm = summary["stages"][5];
   EXPECT_NE(rm["preferences"].get<std::string>().find("feedback endpoint"), std::string::npos);
   EXPECT_EQ(rm["rm_heldout_pairs"].get<size_t>(), held.size());
   // RLHF: rewarded by the reward model, the checker only monitoring.
-  const auto& rl = summary["stages"][5];
+  const auto& rl = summary["stages"][6];
   EXPECT_EQ(rl["algorithm"], "grpo");
   EXPECT_EQ(rl["reward_source"], "reward model rm");
   EXPECT_TRUE(fs::exists(out / "rlhf" / "model.safetensors"));
