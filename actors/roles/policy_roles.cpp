@@ -166,13 +166,15 @@ reward_model_actor::behavior_type reward_model(reward_model_actor::stateful_poin
             msg::DecodeLimits limits;
             limits.vocab = st.head->config().vocab_size;
             const auto r = unwrap<msg::Rollout>(e, limits);
-            // The head reads the last token's state; training sequences end in eos (rl/preferences.hpp), so a
+            // The head sums over the response's tokens; training sequences end in eos (rl/preferences.hpp), so a
             // response cut by the length limit gets one too.
             std::vector<int32_t> seq = r.prompt_ids;
             seq.insert(seq.end(), r.response_ids.begin(), r.response_ids.end());
             const auto eos = static_cast<int32_t>(st.head->config().eos_token_id);
             if (seq.empty() || seq.back() != eos) seq.push_back(eos);
-            const float score = st.head->score({seq}, st.precision).front();
+            const auto start = static_cast<int64_t>(r.prompt_ids.size());
+            require(start < static_cast<int64_t>(seq.size()), st.name + ": a rollout without response tokens");
+            const float score = st.head->score({seq}, {start}, st.precision).front();
             return wrap(msg::RewardScore{r.request_id, r.sample_index, score, st.name});
           }
           Model& model = st.get();

@@ -73,15 +73,17 @@ std::string corrupt_digits(const std::string& answer, std::mt19937_64& rng) {
   return out;
 }
 
-std::vector<int32_t> preference_tokens(const TextEncoder& encode, const std::string& prompt,
-                                       const std::string& response, int32_t bos_id, int32_t eos_id) {
-  std::vector<int32_t> ids{bos_id};
-  for (const std::string* text : {&prompt, &response}) {
-    const auto part = encode(*text);
-    ids.insert(ids.end(), part.begin(), part.end());
-  }
-  ids.push_back(eos_id);
-  return ids;
+ScoredTokens preference_tokens(const TextEncoder& encode, const std::string& prompt, const std::string& response,
+                               int32_t bos_id, int32_t eos_id) {
+  ScoredTokens t;
+  t.ids.push_back(bos_id);
+  const auto prompt_ids = encode(prompt);
+  t.ids.insert(t.ids.end(), prompt_ids.begin(), prompt_ids.end());
+  t.response_start = static_cast<int64_t>(t.ids.size());
+  const auto response_ids = encode(response);
+  t.ids.insert(t.ids.end(), response_ids.begin(), response_ids.end());
+  t.ids.push_back(eos_id);
+  return t;
 }
 
 }  // namespace moerl

@@ -43,13 +43,17 @@ std::vector<PreferencePair> judge_by_checker(const std::vector<Candidates>& cand
 // replaced by another digit (or, when it has no digit, a digit appended). Deterministic in `rng`.
 std::string corrupt_digits(const std::string& answer, std::mt19937_64& rng);
 
-// Token ids of one scored sequence: bos, the encoded prompt, the encoded response, eos. Prompt and response are
-// encoded separately, as the policy saw them in SFT and generated them (a SentencePiece encoder adds its
-// word-start piece to each: encode("07+35=42") and encode("07+35=") + encode("42") differ, and a reward model
-// reading the joined form sees sequences its policy backbone never saw). The reward model reads the final hidden
-// state at eos, so every sequence ends in the same token.
+// One scored sequence: bos, the encoded prompt, the encoded response, eos. Prompt and response are encoded
+// separately, as the policy saw them in SFT and generated them (a SentencePiece encoder adds its word-start piece
+// to each: encode("07+35=42") and encode("07+35=") + encode("42") differ, and a reward model reading the joined
+// form sees sequences its policy backbone never saw). The reward model sums its head over the response's tokens
+// (eos included), from `response_start` on.
+struct ScoredTokens {
+  std::vector<int32_t> ids;
+  int64_t response_start = 0;  // index in ids of the response's first token (1 + the prompt's tokens)
+};
 using TextEncoder = std::function<std::vector<int32_t>(std::string_view)>;
-std::vector<int32_t> preference_tokens(const TextEncoder& encode, const std::string& prompt,
-                                       const std::string& response, int32_t bos_id, int32_t eos_id);
+ScoredTokens preference_tokens(const TextEncoder& encode, const std::string& prompt, const std::string& response,
+                               int32_t bos_id, int32_t eos_id);
 
 }  // namespace moerl

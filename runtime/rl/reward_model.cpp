@@ -69,24 +69,30 @@ void RewardModel::load_weights(const SafeTensors& st) {
 }
 
 std::vector<float> RewardModel::forward_scores(const std::vector<const std::vector<int32_t>*>& seqs,
-                                               Precision precision, bool train) {
+                                               const std::vector<int64_t>& starts, Precision precision, bool train) {
   const int64_t B = static_cast<int64_t>(seqs.size()), D = config_.hidden_size;
   require(B > 0, "reward model: no sequences to score");
+  require(starts.size() == seqs.size(), "reward model: one response start per sequence expected");
   int64_t S = 0;
-  for (const auto* s : seqs) {
-    require(!s->empty(), "reward model: an empty sequence has no last token to score");
-    S = std::max<int64_t>(S, static_cast<int64_t>(s->size()));
+  for (size_t b = 0; b < seqs.size(); ++b) {
+    const auto n = static_cast<int64_t>(seqs[b]->size());
+    require(starts[b] >= 0 && starts[b] < n, "reward model: sequence " + std::to_string(b) + " of " +
+                                                 std::to_string(n) + " tokens has its response start at " +
+                                                 std::to_string(starts[b]) + ": no response token to score");
+    S = std::max(S, n);
   }
   require(S <= config_.max_position_embeddings,
           "reward model: a sequence of " + std::to_string(S) + " tokens exceeds max_position_embeddings " +
               std::to_string(config_.max_position_embeddings));
   // Right padding with token 2 (<pad>; any id works: causal attention keeps it out of the scored positions).
   std::vector<int64_t> ids(static_cast<size_t>(B * S), 2);
-  last_.assign(static_cast<size_t>(B), 0);
+  rows_.clear();
+  row_seq_.clear();
   for (int64_t b = 0; b < B; ++b) {
     const auto& s = *seqs[static_cast<size_t>(b)];
     std::copy(s.begin(), s.end(), ids.begin() + b * S);
-    last_[static_cast<size_t>(b)] = b * S + static_cast<int64_t>(s.size()) - 1;
+    const int64_t len = static_cast<int64_t>(s.size());
+    for (int64_t t = starts[static_cast<size_t>(b)]; t < len; ++t) rows_.push_back(b * S + t), row_seq_.push_back(b);
   }
   ForwardOptions o;
   o.precision = precision;
@@ -100,49 +106,52 @@ std::vector<float> RewardModel::forward_scores(const std::vector<const std::vect
   backbone_->forward(TokenBatch{ids.data(), labels.data(), B, S}, nullptr, hidden.data(), o, whole);
   batch_ = B;
   seq_ = S;
-  last_hidden_.resize(static_cast<size_t>(B * D));
-  for (int64_t b = 0; b < B; ++b)
-    std::copy_n(hidden.begin() + last_[static_cast<size_t>(b)] * D, D, last_hidden_.begin() + b * D);
-  normed_.resize(static_cast<size_t>(B * D));
-  rstd_.resize(static_cast<size_t>(B));
-  cpu::rmsnorm_forward(last_hidden_.data(), norm_->value.data<float>(), normed_.data(), rstd_.data(), B, D,
+  const int64_t N = static_cast<int64_t>(rows_.size());
+  row_hidden_.resize(static_cast<size_t>(N * D));
+  for (int64_t n = 0; n < N; ++n)
+    std::copy_n(hidden.begin() + rows_[static_cast<size_t>(n)] * D, D, row_hidden_.begin() + n * D);
+  normed_.resize(static_cast<size_t>(N * D));
+  rstd_.resize(static_cast<size_t>(N));
+  cpu::rmsnorm_forward(row_hidden_.data(), norm_->value.data<float>(), normed_.data(), rstd_.data(), N, D,
                        static_cast<float>(config_.rms_norm_eps));
   // The head stays in FP32 in every precision, as the LM head does.
-  std::vector<float> r(static_cast<size_t>(B));
+  std::vector<double> acc(static_cast<size_t>(B), 0.0);
   const float* w = head_->value.data<float>();
-  for (int64_t b = 0; b < B; ++b) {
-    double acc = 0;
-    for (int64_t d = 0; d < D; ++d) acc += static_cast<double>(w[d]) * normed_[static_cast<size_t>(b * D + d)];
-    r[static_cast<size_t>(b)] = static_cast<float>(acc);
+  for (int64_t n = 0; n < N; ++n) {
+    double a = 0;
+    for (int64_t d = 0; d < D; ++d) a += static_cast<double>(w[d]) * normed_[static_cast<size_t>(n * D + d)];
+    acc[static_cast<size_t>(row_seq_[static_cast<size_t>(n)])] += a;
   }
-  return r;
+  return std::vector<float>(acc.begin(), acc.end());
 }
 
 void RewardModel::backward_scores(std::span<const float> dr) {
-  const int64_t B = batch_, S = seq_, D = config_.hidden_size;
+  const int64_t B = batch_, S = seq_, D = config_.hidden_size, N = static_cast<int64_t>(rows_.size());
   require(static_cast<int64_t>(dr.size()) == B, "reward model: one gradient per scored sequence expected");
   const float* w = head_->value.data<float>();
   float* dw = head_->grad.data<float>();
-  std::vector<float> dnormed(static_cast<size_t>(B * D)), dlast(static_cast<size_t>(B * D));
+  std::vector<float> dnormed(static_cast<size_t>(N * D)), drow(static_cast<size_t>(N * D));
+  auto dr_of = [&](int64_t n) { return dr[static_cast<size_t>(row_seq_[static_cast<size_t>(n)])]; };
   for (int64_t d = 0; d < D; ++d) {
     double g = 0;
-    for (int64_t b = 0; b < B; ++b) g += static_cast<double>(dr[static_cast<size_t>(b)]) * normed_[static_cast<size_t>(b * D + d)];
+    for (int64_t n = 0; n < N; ++n) g += static_cast<double>(dr_of(n)) * normed_[static_cast<size_t>(n * D + d)];
     dw[d] += static_cast<float>(g);
   }
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t d = 0; d < D; ++d) dnormed[static_cast<size_t>(b * D + d)] = dr[static_cast<size_t>(b)] * w[d];
-  cpu::rmsnorm_backward(dnormed.data(), last_hidden_.data(), norm_->value.data<float>(), rstd_.data(), dlast.data(),
-                        norm_->grad.data<float>(), B, D);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t d = 0; d < D; ++d) dnormed[static_cast<size_t>(n * D + d)] = dr_of(n) * w[d];
+  cpu::rmsnorm_backward(dnormed.data(), row_hidden_.data(), norm_->value.data<float>(), rstd_.data(), drow.data(),
+                        norm_->grad.data<float>(), N, D);
   std::vector<float> dhidden(static_cast<size_t>(B * S * D), 0.0f);
-  for (int64_t b = 0; b < B; ++b)
-    std::copy_n(dlast.begin() + b * D, D, dhidden.begin() + last_[static_cast<size_t>(b)] * D);
+  for (int64_t n = 0; n < N; ++n)
+    std::copy_n(drow.begin() + n * D, D, dhidden.begin() + rows_[static_cast<size_t>(n)] * D);
   backbone_->backward(dhidden.data(), nullptr);
 }
 
-std::vector<float> RewardModel::score(const std::vector<std::vector<int32_t>>& sequences, Precision precision) {
+std::vector<float> RewardModel::score(const std::vector<std::vector<int32_t>>& sequences,
+                                      const std::vector<int64_t>& response_starts, Precision precision) {
   std::vector<const std::vector<int32_t>*> ptrs;
   for (const auto& s : sequences) ptrs.push_back(&s);
-  return forward_scores(ptrs, precision, false);
+  return forward_scores(ptrs, response_starts, precision, false);
 }
 
 PairMetrics RewardModel::forward_backward(std::span<const TokenPair> pairs, Precision precision, double scale) {
@@ -150,9 +159,10 @@ PairMetrics RewardModel::forward_backward(std::span<const TokenPair> pairs, Prec
   require(P > 0, "reward model: no preference pairs in the batch");
   // One batch: chosen sequences in rows [0, P), rejected in [P, 2P).
   std::vector<const std::vector<int32_t>*> seqs;
-  for (const auto& p : pairs) seqs.push_back(&p.chosen);
-  for (const auto& p : pairs) seqs.push_back(&p.rejected);
-  const auto r = forward_scores(seqs, precision, true);
+  std::vector<int64_t> starts;
+  for (const auto& p : pairs) seqs.push_back(&p.chosen), starts.push_back(p.response_start);
+  for (const auto& p : pairs) seqs.push_back(&p.rejected), starts.push_back(p.response_start);
+  const auto r = forward_scores(seqs, starts, precision, true);
   PairMetrics m;
   m.pairs = P;
   std::vector<float> dr(static_cast<size_t>(2 * P));
@@ -180,9 +190,10 @@ PairMetrics RewardModel::evaluate(std::span<const TokenPair> pairs, Precision pr
   for (size_t start = 0; start < pairs.size(); start += static_cast<size_t>(batch)) {
     const size_t end = std::min(pairs.size(), start + static_cast<size_t>(batch));
     std::vector<const std::vector<int32_t>*> seqs;
-    for (size_t i = start; i < end; ++i) seqs.push_back(&pairs[i].chosen);
-    for (size_t i = start; i < end; ++i) seqs.push_back(&pairs[i].rejected);
-    const auto r = forward_scores(seqs, precision, false);
+    std::vector<int64_t> starts;
+    for (size_t i = start; i < end; ++i) seqs.push_back(&pairs[i].chosen), starts.push_back(pairs[i].response_start);
+    for (size_t i = start; i < end; ++i) seqs.push_back(&pairs[i].rejected), starts.push_back(pairs[i].response_start);
+    const auto r = forward_scores(seqs, starts, precision, false);
     const size_t n = end - start;
     for (size_t i = 0; i < n; ++i) {
       const double margin = static_cast<double>(r[i]) - r[n + i];
@@ -205,6 +216,7 @@ void RewardModel::save(const std::filesystem::path& dir) const {
   nlohmann::json cfg = config_.to_hf_json();
   cfg["architectures"] = nlohmann::json::array({"DeepseekV3ForSequenceClassification"});
   cfg["num_labels"] = 1;
+  cfg["moerl_score_pooling"] = "response_sum";  // HF's class reads the last token: its scores differ
   write_file_durably(dir / "config.json", cfg.dump(2) + "\n");
   std::map<std::string, const Tensor*> tensors;
   for (const auto& [name, p] : params_.all()) tensors[name] = &p.value;

@@ -107,9 +107,11 @@ nlohmann::json run_reward_model(const Recipe& recipe, const StageSpec& stage, Mo
   const TextEncoder encode = [&tokenizer](std::string_view text) { return tokenizer.encode(text); };
   auto tokenize = [&](const std::vector<PreferencePair>& pairs) {
     std::vector<TokenPair> out;
-    for (const auto& p : pairs)
-      out.push_back({preference_tokens(encode, p.prompt, p.chosen, tokenizer.bos_id(), tokenizer.eos_id()),
-                     preference_tokens(encode, p.prompt, p.rejected, tokenizer.bos_id(), tokenizer.eos_id())});
+    for (const auto& p : pairs) {
+      ScoredTokens chosen = preference_tokens(encode, p.prompt, p.chosen, tokenizer.bos_id(), tokenizer.eos_id());
+      ScoredTokens rejected = preference_tokens(encode, p.prompt, p.rejected, tokenizer.bos_id(), tokenizer.eos_id());
+      out.push_back({std::move(chosen.ids), std::move(rejected.ids), chosen.response_start});
+    }
     return out;
   };
   const std::vector<TokenPair> train = tokenize(split.train), held = tokenize(split.held);

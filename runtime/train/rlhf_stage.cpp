@@ -73,7 +73,7 @@ class InProcessServices final : public RlhfServices {
       std::vector<int32_t> seq = r.prompt_ids;
       seq.insert(seq.end(), r.response_ids.begin(), r.response_ids.end());
       if (seq.empty() || seq.back() != eos) seq.push_back(eos);
-      out.push_back(reward_->score({seq}, precision_).front());
+      out.push_back(reward_->score({seq}, {static_cast<int64_t>(r.prompt_ids.size())}, precision_).front());
     }
     return out;
   }
@@ -184,12 +184,12 @@ nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& pol
       b.correct.push_back(codec.check(p, r.response_ids) ? 1.0f : 0.0f);
       b.tokens += static_cast<int64_t>(r.response_ids.size());
       if (!setup.reward_model.empty()) {
-        // The sequence the reward model was trained on: bos, then the prompt and response text tokenized together.
-        const std::vector<int32_t> seq = preference_tokens(encode, p.prompt, judged_text(tokenizer, r.response_ids),
-                                                           tokenizer.bos_id(), tokenizer.eos_id());
+        // The sequence the reward model was trained on: bos + prompt, then the response text tokenized again + eos.
+        const ScoredTokens seq = preference_tokens(encode, p.prompt, judged_text(tokenizer, r.response_ids),
+                                                   tokenizer.bos_id(), tokenizer.eos_id());
         msg::Rollout s = r;
-        s.prompt_ids.assign(seq.begin(), seq.begin() + 1);
-        s.response_ids.assign(seq.begin() + 1, seq.end());
+        s.prompt_ids.assign(seq.ids.begin(), seq.ids.begin() + seq.response_start);
+        s.response_ids.assign(seq.ids.begin() + seq.response_start, seq.ids.end());
         s.log_probs.assign(s.response_ids.size(), 0.0f);
         scored.push_back(std::move(s));
       }

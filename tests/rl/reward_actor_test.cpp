@@ -44,7 +44,7 @@ TEST(RewardModelActor, ScoresWithTheTrainedScalarHead) {
   cut.response_ids = {12, 7};  // cut by the length limit: eos appended before scoring
   cut.log_probs = {-1.0f, -1.0f};
   cut.finish_reason = msg::FinishReason::Length;
-  const auto expected = rm.score({{0, 5, 9, 12, 7, 1}}, Precision::FP32).front();
+  const auto expected = rm.score({{0, 5, 9, 12, 7, 1}}, {3}, Precision::FP32).front();
   for (const auto& rollout : {r, cut}) {
     const auto score = ask<Envelope>(self, reward, nullptr, score_atom::value, wrap(rollout));
     ASSERT_TRUE(score);
