@@ -34,7 +34,8 @@ struct Plan {
 
 // The bucket of a token count (M, or K of a weight gradient): rounded up within its octave to a quarter of its
 // power of two (at least 128), so that counts varying from step to step (the routed experts' rows per expert)
-// share a few plans instead of asking the heuristic for every new count (~0.1 ms of host time each). A plan is
+// share a few plans instead of asking the heuristic for every new count (~0.1 ms of host time each: the BF16 routed
+// experts made plans on every call, 11.2 -> 3.9 ms per bench-600m layer forward on the H200). A plan is
 // run on each call's own dimensions (the layouts' dimensions are
 // set per call); cuBLASLt checks the algorithm against them, and a refusal falls back to a plan of the exact sizes.
 // Only dimensions that are a layout's column count (never bounded by a leading dimension) are bucketed, and the
