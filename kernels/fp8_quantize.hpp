@@ -27,6 +27,12 @@ void quantize_1x128(const float* x, int64_t rows, int64_t cols, uint8_t* codes, 
 void quantize_128x128(const float* w, int64_t rows, int64_t cols, uint8_t* codes, float* scales,
                       cudaStream_t stream = nullptr);
 
+// quantize_128x128 of `batch` matrices in one launch (stacked expert weights): matrix i at w + i · rows · cols,
+// its codes at codes + i · rows · cols and scales at scales + i · tiles(rows) · tiles(cols). Each matrix's bytes
+// are quantize_128x128's of that matrix alone (blocks never straddle two matrices).
+void quantize_128x128_batched(const float* w, int64_t batch, int64_t rows, int64_t cols, uint8_t* codes,
+                              float* scales, cudaStream_t stream = nullptr);
+
 // x [rows, cols] -> codes_t [cols, rows] (= xᵀ quantized 1x128), scales_t [cols, tiles(rows)]: tiles
 // along rows (tokens), what Wgrad needs.
 void quantize_1x128_transposed(const float* x, int64_t rows, int64_t cols, uint8_t* codes_t, float* scales_t,

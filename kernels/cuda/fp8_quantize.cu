@@ -101,6 +101,10 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp)
   constexpr int kWarps = kBlockWarps;
   constexpr int kRowsPerWarp = kTile / kWarps;
   __shared__ int warp_amax[kWarps];
+  // blockIdx.z: the matrix of a batch (quantize_128x128_batched), 0 otherwise.
+  w += static_cast<int64_t>(blockIdx.z) * rows * cols;
+  codes += static_cast<int64_t>(blockIdx.z) * rows * cols;
+  scales += static_cast<int64_t>(blockIdx.z) * gridDim.x * gridDim.y;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, c = static_cast<int64_t>(blockIdx.x) * kTile + lane * 4;
   float v[kRowsPerWarp][4];
@@ -290,10 +294,17 @@ void quantize_1x128(const float* x, int64_t rows, int64_t cols, uint8_t* codes, 
 }
 
 void quantize_128x128(const float* w, int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream) {
+  quantize_128x128_batched(w, 1, rows, cols, codes, scales, stream);
+}
+
+void quantize_128x128_batched(const float* w, int64_t batch, int64_t rows, int64_t cols, uint8_t* codes,
+                              float* scales, cudaStream_t stream) {
   check_args("quantize_128x128", w, rows, cols, codes, scales);
-  if (rows == 0 || cols == 0) return;
+  require(batch >= 0 && batch <= 65535, "fp8::cuda::quantize_128x128_batched: batch must be 0 .. 65535, got " +
+                                            std::to_string(batch));
+  if (rows == 0 || cols == 0 || batch == 0) return;
   require(tiles(rows) <= 65535 && tiles(cols) <= INT32_MAX, "fp8::cuda::quantize_128x128: matrix too large");
-  const dim3 grid(static_cast<unsigned>(tiles(cols)), static_cast<unsigned>(tiles(rows)));
+  const dim3 grid(static_cast<unsigned>(tiles(cols)), static_cast<unsigned>(tiles(rows)), static_cast<unsigned>(batch));
   const bool vec = cols % 4 == 0 && aligned(w, 16) && aligned(codes, 4);
   const bool full = vec && rows % kTile == 0 && cols % kTile == 0;
   const auto kernel = full ? quantize_128x128_kernel<true> : quantize_128x128_kernel<false>;

@@ -45,8 +45,9 @@ void LinearContext::Impl::check_device(const char* fn) const {
                                  " but device " + std::to_string(current) + " is current");
 }
 
-PreparedWeight& LinearContext::Impl::entry(const float* w, int64_t N, int64_t K, Precision p, size_t bytes) {
-  const auto [it, inserted] = weights.try_emplace(linear_detail::WeightKey{w, N, K, p});
+PreparedWeight& LinearContext::Impl::entry(const float* w, int64_t N, int64_t K, Precision p, size_t bytes,
+                                           int64_t batch) {
+  const auto [it, inserted] = weights.try_emplace(linear_detail::WeightKey{w, N, K, p, batch});
   if (inserted) {
     try {
       it->second.memory = linear_detail::DeviceAllocation(bytes);
@@ -95,6 +96,15 @@ PreparedFp8Weight prepared_fp8_weight(LinearContext& ctx, const float* w, int64_
                                               std::to_string(N) + ", K=" + std::to_string(K));
   ctx.impl().check_device("cuda::prepared_fp8_weight");
   return linear_detail::fp8_weight(ctx.impl(), w, N, K, stream);
+}
+
+PreparedFp8Stack prepared_fp8_stacked_weight(LinearContext& ctx, const float* w, int64_t experts, int64_t N,
+                                             int64_t K, cudaStream_t stream) {
+  require(experts > 0 && experts <= 65535 && N >= 128 && K >= 128 && N % 16 == 0 && K % 16 == 0 && w != nullptr,
+          "cuda::prepared_fp8_stacked_weight: needs 1 .. 65535 experts, N and K multiples of 16 and >= 128 and a "
+          "weight, got experts=" + std::to_string(experts) + ", N=" + std::to_string(N) + ", K=" + std::to_string(K));
+  ctx.impl().check_device("cuda::prepared_fp8_stacked_weight");
+  return linear_detail::fp8_stacked_weight(ctx.impl(), w, experts, N, K, stream);
 }
 
 void linear_forward(LinearContext& ctx, Precision p, const float* x, const float* w, float* y, int64_t M, int64_t N,

@@ -93,4 +93,19 @@ struct PreparedFp8Weight {
 PreparedFp8Weight prepared_fp8_weight(LinearContext& ctx, const float* w, int64_t N, int64_t K,
                                       cudaStream_t stream = nullptr);
 
+// FP8 copies of `experts` stacked weights w [experts, N, K] (ParamStore's expert layout), N and K multiples of 16
+// and at least 128 (no padding), made in one set of launches for all experts. Expert e's codes at codes + e · N · K
+// (codes_t likewise), its scales at scales + e · scales_stride and scales_t + e · scales_t_stride: each expert's
+// bytes are exactly prepared_fp8_weight's of w + e · N · K (tests/gpu/moe_fp8_gpu.cpp).
+struct PreparedFp8Stack {
+  const uint8_t* codes = nullptr;    // [experts, N, K]
+  const float* scales = nullptr;     // [experts, scales_stride]: BLK128x128 layout of [N, K]
+  const uint8_t* codes_t = nullptr;  // [experts, K, N]
+  const float* scales_t = nullptr;   // [experts, scales_t_stride]: BLK128x128 layout of [K, N]
+  int64_t experts = 0, rows = 0, cols = 0;  // rows = N, cols = K
+  int64_t scales_stride = 0, scales_t_stride = 0;
+};
+PreparedFp8Stack prepared_fp8_stacked_weight(LinearContext& ctx, const float* w, int64_t experts, int64_t N,
+                                             int64_t K, cudaStream_t stream = nullptr);
+
 }  // namespace moerl::cuda

@@ -53,6 +53,8 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 __global__ void __launch_bounds__(kTransposeTile * 8)
     transpose_bytes_kernel(const uint8_t* __restrict__ in, int64_t rows, int64_t cols, uint8_t* __restrict__ out) {
   __shared__ uint8_t tile[kTransposeTile][kTransposeTile + 1];
+  in += static_cast<int64_t>(blockIdx.z) * rows * cols;  // blockIdx.z: the matrix of a stack
+  out += static_cast<int64_t>(blockIdx.z) * rows * cols;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTransposeTile;
   const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTransposeTile;
   for (int i = threadIdx.y; i < kTransposeTile; i += blockDim.y) {
@@ -72,6 +74,9 @@ __global__ void __launch_bounds__(kThreads)
     weight_scales_kernel(const float* __restrict__ s, int64_t TN, int64_t TK, float* __restrict__ sw,
                          float* __restrict__ st) {
   const int64_t L4K = (TK + 3) / 4 * 4, L4N = (TN + 3) / 4 * 4;
+  s += static_cast<int64_t>(blockIdx.y) * TN * TK;  // blockIdx.y: the matrix of a stack
+  sw += static_cast<int64_t>(blockIdx.y) * TN * L4K;
+  st += static_cast<int64_t>(blockIdx.y) * TK * L4N;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   for (int64_t i = first; i < TN * L4K; i += stride) {
@@ -241,6 +246,42 @@ const PreparedFp8Weight& fp8_weight(LinearContext::Impl& ctx, const float* w, in
     pw.generation = ctx.generation;
   }
   return pw.fp8;
+}
+
+const PreparedFp8Stack& fp8_stacked_weight(LinearContext::Impl& ctx, const float* w, int64_t experts, int64_t N,
+                                           int64_t K, cudaStream_t stream) {
+  // fill_fp8_weight per expert (no padding: N and K are multiples of 16 and >= 128), each step one launch for all.
+  const int64_t TN = tiles(N), TK = tiles(K);
+  const int64_t sw_stride = TN * round_up(TK, 4), st_stride = TK * round_up(TN, 4);
+  Layout l;
+  const size_t codes_at = l.add(static_cast<size_t>(experts * N * K));
+  const size_t codes_t_at = l.add(static_cast<size_t>(experts * N * K));
+  const size_t scales_at = l.add(static_cast<size_t>(experts * sw_stride) * sizeof(float));
+  const size_t scales_t_at = l.add(static_cast<size_t>(experts * st_stride) * sizeof(float));
+  PreparedWeight& pw = ctx.entry(w, N, K, Precision::FP8, l.total, experts);
+  uint8_t* codes = pw.memory.as<uint8_t>(codes_at);
+  uint8_t* codes_t = pw.memory.as<uint8_t>(codes_t_at);
+  float* scales = pw.memory.as<float>(scales_at);
+  float* scales_t = pw.memory.as<float>(scales_t_at);
+  pw.stack = PreparedFp8Stack{codes, scales, codes_t, scales_t, experts, N, K, sw_stride, st_stride};
+  if (pw.generation != ctx.generation) {
+    StreamScratch scratch(static_cast<size_t>(experts * TN * TK) * sizeof(float), stream);
+    float* block_scales = scratch.as<float>();
+    fp8::cuda::quantize_128x128_batched(w, experts, N, K, codes, block_scales, stream);
+    const int64_t col_tiles = (K + kTransposeTile - 1) / kTransposeTile;
+    require(col_tiles <= 65535, "cuda::linear (fp8): weight too wide to transpose: K=" + std::to_string(K));
+    const dim3 grid(static_cast<unsigned>((N + kTransposeTile - 1) / kTransposeTile), static_cast<unsigned>(col_tiles),
+                    static_cast<unsigned>(experts));
+    transpose_bytes_kernel<<<grid, dim3(kTransposeTile, 8), 0, stream>>>(codes, N, K, codes_t);
+    CUDA_CHECK_LAUNCH();
+    const int64_t scale_items = std::max(sw_stride, st_stride);
+    const dim3 sgrid(std::min<unsigned>(blocks_for(scale_items), 64), static_cast<unsigned>(experts));
+    weight_scales_kernel<<<sgrid, kThreads, 0, stream>>>(block_scales, TN, TK, scales, scales_t);
+    CUDA_CHECK_LAUNCH();
+    scratch.release();
+    pw.generation = ctx.generation;
+  }
+  return pw.stack;
 }
 
 void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,

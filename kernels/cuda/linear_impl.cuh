@@ -57,6 +57,7 @@ struct WeightKey {
   const float* w;
   int64_t n, k;
   Precision p;
+  int64_t batch = 0;  // stacked FP8 copies of `batch` experts (fp8_stacked_weight); 0: one weight
   auto operator<=>(const WeightKey&) const = default;
 };
 
@@ -64,6 +65,7 @@ struct PreparedWeight {
   uint64_t generation = 0;  // the context generation the contents were made in; 0: never filled
   DeviceAllocation memory;
   PreparedFp8Weight fp8;    // FP8: views into `memory`
+  PreparedFp8Stack stack;   // stacked FP8: views into `memory`
 };
 
 }  // namespace moerl::cuda::linear_detail
@@ -83,7 +85,8 @@ struct LinearContext::Impl {
   void check_device(const char* fn) const;
   // The entry of (w, N, K, p) with `bytes` of device memory, allocated on first use. Its generation says whether
   // the contents are current.
-  linear_detail::PreparedWeight& entry(const float* w, int64_t N, int64_t K, Precision p, size_t bytes);
+  linear_detail::PreparedWeight& entry(const float* w, int64_t N, int64_t K, Precision p, size_t bytes,
+                                       int64_t batch = 0);
   // The BF16 copy of w [N, K], refreshed on `stream` when stale.
   const uint16_t* bf16_weight(const float* w, int64_t N, int64_t K, cudaStream_t stream);
 };
@@ -95,6 +98,9 @@ namespace moerl::cuda::linear_detail {
 // The FP8 recipe (linear_fp8.cu). Sizes > 0, pointers checked by the callers; outputs as in linear.hpp.
 const PreparedFp8Weight& fp8_weight(LinearContext::Impl& ctx, const float* w, int64_t N, int64_t K,
                                     cudaStream_t stream);
+// The stacked copies of prepared_fp8_stacked_weight (N, K multiples of 16, >= 128; checked by the caller).
+const PreparedFp8Stack& fp8_stacked_weight(LinearContext::Impl& ctx, const float* w, int64_t experts, int64_t N,
+                                           int64_t K, cudaStream_t stream);
 void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
                  cudaStream_t stream);
 void fp8_dgrad(LinearContext::Impl& ctx, const float* dy, const float* w, float* dx, int64_t M, int64_t N, int64_t K,

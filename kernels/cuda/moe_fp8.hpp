@@ -65,11 +65,22 @@ void moe_scatter_add_aligned(const float* dxp, const int64_t* row_of, int64_t to
 // but every activation quantized once for all experts and no padding copies. Weights stacked as ParamStore keeps
 // them: gate and up [E, I, H], down [E, H, I] (and their gradients); H and I multiples of 16, at least 128. The
 // weights' FP8 copies are the LinearContext's (prepared per expert weight and generation).
+// How the experts' GEMMs run: Lanes, one cuBLASLt call per expert and GEMM on 4 side streams; Grouped, one launch per
+// projection for all experts (kernels/cuda/fp8_grouped_gemm.hpp: no per-expert host work, but its mma.sync kernel
+// reached only 158 TFLOP/s on the H200 at bench-600m's shapes, so the layer is slower: train step 144k vs 183k tok/s,
+// bench/results/2026-11-29-gpu-h200-d902903.jsonl); Default, MOERL_MOE_GEMM=lanes or grouped (unset: lanes).
+// Both give the CPU recipe's results within the tests' tolerances (tests/gpu/moe_fp8_gpu.cpp runs both).
+enum class MoeFp8Gemm : uint8_t { Default, Grouped, Lanes };
+
 struct MoeFp8Experts {
   const float *gate = nullptr, *up = nullptr, *down = nullptr;
   float *gate_grad = nullptr, *up_grad = nullptr, *down_grad = nullptr;
   int64_t experts = 0, hidden = 0, inter = 0;  // E, H, I
+  MoeFp8Gemm gemm = MoeFp8Gemm::Default;
 };
+
+// The GEMM form `requested` resolves to (Default read from MOERL_MOE_GEMM once per process).
+MoeFp8Gemm moe_fp8_gemm(MoeFp8Gemm requested);
 
 // Whether moe_fp8_experts_* take these sizes (else use per-expert linear calls).
 bool moe_fp8_experts_supported(int64_t hidden, int64_t inter);

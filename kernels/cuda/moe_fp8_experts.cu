@@ -3,7 +3,11 @@
 // codes are a block of rows and its scales one small layout kernel away) and along tokens (Wgrad dyᵀ, hᵀ, dgᵀ, duᵀ,
 // xᵀ; one kernel writes every expert's packed transposed codes, and an expert's scales are a contiguous slice of
 // the whole's VEC128 layout, because its tiles start at a multiple of 128). Then one cuBLASLt call per expert and GEMM
-// (fp8::cuda::gemm_nt), the weights from the LinearContext's prepared FP8 copies (linear_fp8.cu).
+// (fp8::cuda::gemm_nt; MoeFp8Gemm::Lanes, the default) or one grouped launch per projection for all experts
+// (fp8::cuda::grouped_gemm_nt_*, MoeFp8Gemm::Grouped, which reads the CPU scale layouts directly). The weights come
+// from the LinearContext's stacked FP8 copies (cuda::prepared_fp8_stacked_weight): one set of launches re-quantizes
+// every expert's weight after an optimizer step, where one per expert and weight cost ~1.7 ms of host time per
+// bench-600m layer (routed forward 3.22 -> 1.54 ms per layer on the H200).
 //
 // Fused passes (same bytes as unfused): SwiGLU forward writes h and its row codes in one kernel; dy is quantized
 // both ways in one read (quantize_1x128_dual); dg and du are never stored in FP32: each is computed from dh, g, u
@@ -19,6 +23,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -26,6 +31,7 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/fp8_grouped_gemm.hpp"
 #include "kernels/cuda/fp8_quantize_tile.cuh"
 #include "kernels/cuda/linear_impl.cuh"
 #include "kernels/cuda/moe_fp8.hpp"
@@ -54,8 +60,11 @@ size_t bytes_of(int64_t n, size_t each) { return align256(static_cast<size_t>(n)
 // finish().
 class RowsFp8 {
  public:
-  RowsFp8(const float* src, int64_t rows, int64_t d, const int64_t* aligned, int64_t experts, cudaStream_t stream)
-      : rows_(rows), d_(d), t_(tiles(d)), experts_(experts), aligned_(aligned), stream_(stream),
+  // lt: also build every expert's cuBLASLt scale layout in finish() (the Lanes path; the grouped GEMM reads the
+  // CPU layout).
+  RowsFp8(const float* src, int64_t rows, int64_t d, const int64_t* aligned, int64_t experts, bool lt,
+          cudaStream_t stream)
+      : rows_(rows), d_(d), t_(tiles(d)), experts_(experts), aligned_(aligned), lt_layout_(lt), stream_(stream),
         scratch_(bytes_of(rows * d, 1) + 2 * bytes_of(rows * tiles(d), sizeof(float)), stream) {
     codes_ = scratch_.as<uint8_t>();
     cpu_scales_ = scratch_.as<float>(bytes_of(rows * d, 1));
@@ -67,7 +76,9 @@ class RowsFp8 {
   }
   uint8_t* codes() const { return codes_; }
   float* cpu_scales() const { return cpu_scales_; }  // [rows, tiles(d)], quantize_1x128's layout
-  void finish() { moe_grouped_vec128_scales(cpu_scales_, aligned_, experts_, rows_, t_, lt_, stream_); }
+  void finish() {
+    if (lt_layout_) moe_grouped_vec128_scales(cpu_scales_, aligned_, experts_, rows_, t_, lt_, stream_);
+  }
   // Rows first .. first + n - 1 (one expert's): [n, d].
   Operand expert(int64_t first, int64_t n) const { return Operand{codes_ + first * d_, lt_ + first * t_, n, d_, 1}; }
   void release() { scratch_.release(); }
@@ -75,6 +86,7 @@ class RowsFp8 {
  private:
   int64_t rows_, d_, t_, experts_;
   const int64_t* aligned_;
+  bool lt_layout_;
   cudaStream_t stream_;
   StreamScratch scratch_;
   uint8_t* codes_ = nullptr;
@@ -86,8 +98,9 @@ class RowsFp8 {
 // every expert's tiles are a contiguous slice. Made from src, or (null src) filled by a fused kernel, then finish().
 class TokensFp8 {
  public:
-  TokensFp8(const float* src, int64_t rows, int64_t d, const int64_t* aligned, int64_t experts, cudaStream_t stream)
-      : rows_(rows), d_(d), stream_(stream),
+  TokensFp8(const float* src, int64_t rows, int64_t d, const int64_t* aligned, int64_t experts, bool lt,
+            cudaStream_t stream)
+      : rows_(rows), d_(d), lt_layout_(lt), stream_(stream),
         scratch_(bytes_of(rows * d, 1) + 2 * bytes_of(d * tiles(rows), sizeof(float)), stream) {
     codes_ = scratch_.as<uint8_t>();
     cpu_scales_ = scratch_.as<float>(bytes_of(rows * d, 1));
@@ -99,7 +112,9 @@ class TokensFp8 {
   }
   uint8_t* codes() const { return codes_; }
   float* cpu_scales() const { return cpu_scales_; }  // [d, tiles(rows)], quantize_1x128_transposed's layout
-  void finish() { fp8::cuda::scales_to_cublaslt(cpu_scales_, d_, rows_, 1, lt_, stream_); }
+  void finish() {
+    if (lt_layout_) fp8::cuda::scales_to_cublaslt(cpu_scales_, d_, rows_, 1, lt_, stream_);
+  }
   // Tokens first .. first + n - 1 (first a multiple of 128): [d, n].
   Operand expert(int64_t first, int64_t n) const {
     return Operand{codes_ + first * d_, lt_ + first / kTile * d_, d_, n, 1};
@@ -108,6 +123,7 @@ class TokensFp8 {
 
  private:
   int64_t rows_, d_;
+  bool lt_layout_;
   cudaStream_t stream_;
   StreamScratch scratch_;
   uint8_t* codes_ = nullptr;
@@ -175,9 +191,10 @@ struct ExpertWeight {
   Operand w, wt;
 };
 
-ExpertWeight expert_weight(LinearContext::Impl& ctx, const float* w, int64_t n, int64_t k, cudaStream_t stream) {
-  const PreparedFp8Weight& pw = linear_detail::fp8_weight(ctx, w, n, k, stream);
-  return {Operand{pw.codes, pw.scales, n, pw.cols, kTile}, Operand{pw.codes_t, pw.scales_t, k, pw.rows, kTile}};
+ExpertWeight expert_weight(const PreparedFp8Stack& s, int64_t e) {
+  const int64_t n = s.rows, k = s.cols;
+  return {Operand{s.codes + e * n * k, s.scales + e * s.scales_stride, n, k, kTile},
+          Operand{s.codes_t + e * n * k, s.scales_t + e * s.scales_t_stride, k, n, kTile}};
 }
 
 constexpr int kLanes = 4;
@@ -233,13 +250,23 @@ Lanes& lanes() {
   return *l;
 }
 
-// The FP8 copies of every expert's weight [n, k] at w + e · n · k, made (when stale) on `stream`, in expert order.
-std::vector<ExpertWeight> expert_weights(LinearContext::Impl& ctx, const float* w, int64_t experts, int64_t n,
-                                         int64_t k, cudaStream_t stream) {
+// Every expert's operands in the stacked FP8 copies.
+std::vector<ExpertWeight> expert_weights(const PreparedFp8Stack& s) {
   std::vector<ExpertWeight> out;
-  out.reserve(static_cast<size_t>(experts));
-  for (int64_t e = 0; e < experts; ++e) out.push_back(expert_weight(ctx, w + e * n * k, n, k, stream));
+  out.reserve(static_cast<size_t>(s.experts));
+  for (int64_t e = 0; e < s.experts; ++e) out.push_back(expert_weight(s, e));
   return out;
+}
+
+using fp8::cuda::GroupedProblem;
+using fp8::cuda::GroupedTerm;
+
+GroupedTerm rows_term(const RowsFp8& a, const uint8_t* b, const float* b_scales, int64_t k) {
+  return GroupedTerm{a.codes(), a.cpu_scales(), b, b_scales, k};
+}
+
+GroupedTerm tokens_term(const TokensFp8& a, const TokensFp8& b) {
+  return GroupedTerm{a.codes(), a.cpu_scales(), b.codes(), b.cpu_scales(), 0};
 }
 
 void check(const char* fn, const MoeFp8Experts& w, const int64_t* aligned_host, const int64_t* aligned) {
@@ -254,6 +281,17 @@ void check(const char* fn, const MoeFp8Experts& w, const int64_t* aligned_host, 
 }
 
 }  // namespace
+
+MoeFp8Gemm moe_fp8_gemm(MoeFp8Gemm requested) {
+  if (requested != MoeFp8Gemm::Default) return requested;
+  static const MoeFp8Gemm from_env = [] {
+    const char* v = std::getenv("MOERL_MOE_GEMM");
+    if (v == nullptr || *v == '\0' || std::string(v) == "lanes") return MoeFp8Gemm::Lanes;
+    if (std::string(v) == "grouped") return MoeFp8Gemm::Grouped;
+    throw Error(std::string("MOERL_MOE_GEMM must be grouped or lanes, got ") + v);
+  }();
+  return from_env;
+}
 
 bool moe_fp8_experts_supported(int64_t hidden, int64_t inter) {
   return hidden >= 128 && inter >= 128 && hidden % 16 == 0 && inter % 16 == 0;
@@ -272,20 +310,29 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   if (xp == nullptr) check_gather("moe_fp8_experts_forward(_gathered): xp or x", x, token_of, rows, H);
   LinearContext::Impl& c = ctx.impl();
   c.check_device("cuda::moe_fp8_experts_forward");
+  const bool grouped = moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped;
 
-  Lanes& lane = lanes();
-  const std::vector<ExpertWeight> wg = expert_weights(c, w.gate, E, I, H, stream);
-  const std::vector<ExpertWeight> wu = expert_weights(c, w.up, E, I, H, stream);
-  const std::vector<ExpertWeight> wd = expert_weights(c, w.down, E, H, I, stream);
-  RowsFp8 xq(nullptr, rows, H, aligned, E, stream);
+  const PreparedFp8Stack sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream);
+  const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
+  const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
+  RowsFp8 xq(nullptr, rows, H, aligned, E, !grouped, stream);
   quantize_input_rows(xp, x, token_of, rows, H, xq, stream);
-  lane.run(aligned_host, E, stream, [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-    const Operand x = xq.expert(r0, n);
-    fp8::cuda::gemm_nt(gc, x, wg[e].w, g + r0 * I, OutType::FP32, s);
-    fp8::cuda::gemm_nt(gc, x, wu[e].w, u + r0 * I, OutType::FP32, s);
-  });
+  if (grouped) {
+    GroupedProblem pr[2];
+    pr[0].terms[0] = rows_term(xq, sg.codes, sg.scales, H), pr[0].y = g;
+    pr[1].terms[0] = rows_term(xq, su.codes, su.scales, H), pr[1].y = u;
+    fp8::cuda::grouped_gemm_nt_rows(pr, 2, aligned, E, rows, I, stream);
+  } else {
+    const std::vector<ExpertWeight> wg = expert_weights(sg), wu = expert_weights(su);
+    lanes().run(aligned_host, E, stream,
+                [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+                  const Operand x = xq.expert(r0, n);
+                  fp8::cuda::gemm_nt(gc, x, wg[e].w, g + r0 * I, OutType::FP32, s);
+                  fp8::cuda::gemm_nt(gc, x, wu[e].w, u + r0 * I, OutType::FP32, s);
+                });
+  }
   xq.release();
-  RowsFp8 hq(nullptr, rows, I, aligned, E, stream);
+  RowsFp8 hq(nullptr, rows, I, aligned, E, !grouped, stream);
   if (swiglu_fp8_supported(rows, I, g, u, h)) {
     swiglu_forward_quantize_1x128(g, u, rows, I, h, hq.codes(), hq.cpu_scales(), stream);
   } else {
@@ -293,9 +340,17 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
     fp8::cuda::quantize_1x128(h, rows, I, hq.codes(), hq.cpu_scales(), stream);
   }
   hq.finish();
-  lane.run(aligned_host, E, stream, [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-    fp8::cuda::gemm_nt(gc, hq.expert(r0, n), wd[e].w, yp + r0 * H, OutType::FP32, s);
-  });
+  if (grouped) {
+    GroupedProblem pr;
+    pr.terms[0] = rows_term(hq, sd.codes, sd.scales, I), pr.y = yp;
+    fp8::cuda::grouped_gemm_nt_rows(&pr, 1, aligned, E, rows, H, stream);
+  } else {
+    const std::vector<ExpertWeight> wd = expert_weights(sd);
+    lanes().run(aligned_host, E, stream,
+                [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+                  fp8::cuda::gemm_nt(gc, hq.expert(r0, n), wd[e].w, yp + r0 * H, OutType::FP32, s);
+                });
+  }
   hq.release();
 }
 
@@ -311,34 +366,46 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* d
   if (xp == nullptr) check_gather("moe_fp8_experts_backward(_gathered): xp or x", x, token_of, rows, H);
   LinearContext::Impl& c = ctx.impl();
   c.check_device("cuda::moe_fp8_experts_backward");
+  const bool grouped = moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped;
+  const bool lt = !grouped;
 
-  Lanes& lane = lanes();
-  const std::vector<ExpertWeight> wg = expert_weights(c, w.gate, E, I, H, stream);
-  const std::vector<ExpertWeight> wu = expert_weights(c, w.up, E, I, H, stream);
-  const std::vector<ExpertWeight> wd = expert_weights(c, w.down, E, H, I, stream);
+  const PreparedFp8Stack sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream);
+  const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
+  const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
   // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad); dy quantized both ways in one pass.
   StreamScratch grads(bytes_of(rows * I, sizeof(float)), stream);
   float* dh = grads.as<float>();
   {
-    RowsFp8 dyq(nullptr, rows, H, aligned, E, stream);
-    TokensFp8 dyt(nullptr, rows, H, aligned, E, stream);
+    RowsFp8 dyq(nullptr, rows, H, aligned, E, lt, stream);
+    TokensFp8 dyt(nullptr, rows, H, aligned, E, lt, stream);
     quantize_both(dyp, rows, H, aligned, E, dyq, dyt, stream);
-    TokensFp8 ht(h, rows, I, aligned, E, stream);
-    lane.run(aligned_host, E, stream,
-             [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-               fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh + r0 * I, OutType::FP32, s);
-               fp8::cuda::gemm_nt_accumulate(gc, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I, s);
-             });
+    TokensFp8 ht(h, rows, I, aligned, E, lt, stream);
+    if (grouped) {
+      GroupedProblem pr;
+      pr.terms[0] = rows_term(dyq, sd.codes_t, sd.scales_t, H), pr.y = dh;
+      fp8::cuda::grouped_gemm_nt_rows(&pr, 1, aligned, E, rows, I, stream);
+      GroupedProblem pw;
+      pw.terms[0] = tokens_term(dyt, ht), pw.y = w.down_grad;
+      fp8::cuda::grouped_gemm_nt_tokens_accumulate(&pw, 1, aligned, E, rows, H, I, stream);
+    } else {
+      const std::vector<ExpertWeight> wd = expert_weights(sd);
+      lanes().run(aligned_host, E, stream,
+                  [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+                    fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh + r0 * I, OutType::FP32, s);
+                    fp8::cuda::gemm_nt_accumulate(gc, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I,
+                                                  s);
+                  });
+    }
     ht.release();
     dyt.release();
     dyq.release();
   }
 
   // dg and du (swiglu_backward) quantized both ways, fused with their computation where the shapes allow.
-  RowsFp8 dgq(nullptr, rows, I, aligned, E, stream);
-  RowsFp8 duq(nullptr, rows, I, aligned, E, stream);
-  TokensFp8 dgt(nullptr, rows, I, aligned, E, stream);
-  TokensFp8 dut(nullptr, rows, I, aligned, E, stream);
+  RowsFp8 dgq(nullptr, rows, I, aligned, E, lt, stream);
+  RowsFp8 duq(nullptr, rows, I, aligned, E, lt, stream);
+  TokensFp8 dgt(nullptr, rows, I, aligned, E, lt, stream);
+  TokensFp8 dut(nullptr, rows, I, aligned, E, lt, stream);
   if (swiglu_fp8_supported(rows, I, dh, g, u)) {
     swiglu_backward_quantize_dual(dh, g, u, rows, I, true, aligned, E, dgq.codes(), dgq.cpu_scales(), dgt.codes(),
                                   dgt.cpu_scales(), stream);
@@ -355,17 +422,31 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* d
     dgu.release();
   }
   grads.release();
-  TokensFp8 xt(nullptr, rows, H, aligned, E, stream);
+  TokensFp8 xt(nullptr, rows, H, aligned, E, lt, stream);
   quantize_input_tokens(xp, x, token_of, rows, H, aligned, E, xt, stream);
 
   // gate and up: dx = dg · w_gate + du · w_up (the second accumulated in the GEMM), dw += dgᵀ · xᵀ, duᵀ · xᵀ.
-  lane.run(aligned_host, E, stream, [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-    fp8::cuda::gemm_nt(gc, dgq.expert(r0, n), wg[e].wt, dxp + r0 * H, OutType::FP32, s);
-    fp8::cuda::gemm_nt_accumulate(gc, duq.expert(r0, n), wu[e].wt, dxp + r0 * H, s);
-    const Operand x = xt.expert(r0, n);
-    fp8::cuda::gemm_nt_accumulate(gc, dgt.expert(r0, n), x, w.gate_grad + e * I * H, s);
-    fp8::cuda::gemm_nt_accumulate(gc, dut.expert(r0, n), x, w.up_grad + e * I * H, s);
-  });
+  if (grouped) {
+    GroupedProblem pr;
+    pr.terms[0] = rows_term(dgq, sg.codes_t, sg.scales_t, I);
+    pr.terms[1] = rows_term(duq, su.codes_t, su.scales_t, I);
+    pr.n_terms = 2, pr.y = dxp;
+    fp8::cuda::grouped_gemm_nt_rows(&pr, 1, aligned, E, rows, H, stream);
+    GroupedProblem pw[2];
+    pw[0].terms[0] = tokens_term(dgt, xt), pw[0].y = w.gate_grad;
+    pw[1].terms[0] = tokens_term(dut, xt), pw[1].y = w.up_grad;
+    fp8::cuda::grouped_gemm_nt_tokens_accumulate(pw, 2, aligned, E, rows, I, H, stream);
+  } else {
+    const std::vector<ExpertWeight> wg = expert_weights(sg), wu = expert_weights(su);
+    lanes().run(aligned_host, E, stream,
+                [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+                  fp8::cuda::gemm_nt(gc, dgq.expert(r0, n), wg[e].wt, dxp + r0 * H, OutType::FP32, s);
+                  fp8::cuda::gemm_nt_accumulate(gc, duq.expert(r0, n), wu[e].wt, dxp + r0 * H, s);
+                  const Operand x = xt.expert(r0, n);
+                  fp8::cuda::gemm_nt_accumulate(gc, dgt.expert(r0, n), x, w.gate_grad + e * I * H, s);
+                  fp8::cuda::gemm_nt_accumulate(gc, dut.expert(r0, n), x, w.up_grad + e * I * H, s);
+                });
+  }
   xt.release();
   dut.release();
   dgt.release();

@@ -2,7 +2,8 @@
 // Routed experts: the router and the permutation plan on the device, the plan's offsets copied to the host once
 // per layer, then
 //   - FP8 (model sizes, kernels/cuda/moe_fp8.hpp): the plan moved to rows aligned to 128 per expert (zero rows
-//     between), every activation quantized once for all experts, one cuBLASLt call per expert and GEMM;
+//     between), every activation quantized once for all experts, one cuBLASLt call per expert and GEMM (or, with
+//     MOERL_MOE_GEMM=grouped, one grouped launch per projection for all experts);
 //   - otherwise: one linear call per expert and projection on the expert's contiguous rows,
 // SwiGLU once over all rows, combine.
 #include <algorithm>

@@ -26,6 +26,7 @@
 #include "kernels/cuda/linear.hpp"
 #include "kernels/cuda/moe_fp8.hpp"
 #include "kernels/fp8.hpp"
+#include "kernels/fp8_gemm.hpp"
 #include "kernels/fp8_quantize.hpp"
 #include "kernels/linear.hpp"
 #include "kernels/swiglu.hpp"
@@ -168,6 +169,46 @@ TEST_F(MoeFp8Gpu, AlignedPlanGatherScalesAndCombineMatchPlainLoops) {
               static_cast<long long>(R), static_cast<long long>(RA));
 }
 
+// The stacked FP8 copies (one set of launches for all experts) hold, per expert, exactly the bytes of the expert's
+// own prepared copy (prepared_fp8_weight, itself held to fp8::cpu::quantize_128x128 by linear_gpu.cpp) and its codes
+// are the CPU's.
+TEST_F(MoeFp8Gpu, StackedExpertWeightsAreEachExpertsPreparedBytes) {
+  std::mt19937_64 rng(run_seed() + 41);
+  const int64_t E = 3, N = 208, K = 384;  // N: a partial 80-row block
+  std::vector<float> w = normal_values(static_cast<size_t>(E * N * K), 0.05f, rng);
+  for (int64_t e = 0; e < E; ++e)  // each expert its own magnitude: a block taken from another expert shows
+    for (int64_t i = 0; i < N * K; ++i) w[e * N * K + i] *= std::ldexp(1.0f, static_cast<int>(e) * 3);
+  DeviceBuffer<float> d_w(w);
+  cuda::LinearContext stacked_ctx, single_ctx;
+  const cuda::PreparedFp8Stack s = cuda::prepared_fp8_stacked_weight(stacked_ctx, d_w.get(), E, N, K);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  auto bytes = [](const void* p, size_t n) {
+    std::vector<uint8_t> v(n);
+    CUDA_CHECK(cudaMemcpy(v.data(), p, n, cudaMemcpyDeviceToHost));
+    return v;
+  };
+  const size_t sw = static_cast<size_t>(fp8::cuda::cublaslt_scale_count(N, K, 128)) * sizeof(float);
+  const size_t st = static_cast<size_t>(fp8::cuda::cublaslt_scale_count(K, N, 128)) * sizeof(float);
+  ASSERT_EQ(s.scales_stride * sizeof(float), sw);
+  ASSERT_EQ(s.scales_t_stride * sizeof(float), st);
+  for (int64_t e = 0; e < E; ++e) {
+    const cuda::PreparedFp8Weight one = cuda::prepared_fp8_weight(single_ctx, d_w.get() + e * N * K, N, K);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    ASSERT_EQ(one.rows, N);
+    ASSERT_EQ(one.cols, K);
+    const size_t nk = static_cast<size_t>(N * K);
+    EXPECT_EQ(bytes(s.codes + e * N * K, nk), bytes(one.codes, nk)) << "codes of expert " << e;
+    EXPECT_EQ(bytes(s.codes_t + e * N * K, nk), bytes(one.codes_t, nk)) << "codes_t of expert " << e;
+    EXPECT_EQ(bytes(s.scales + e * s.scales_stride, sw), bytes(one.scales, sw)) << "scales of expert " << e;
+    EXPECT_EQ(bytes(s.scales_t + e * s.scales_t_stride, st), bytes(one.scales_t, st)) << "scales_t of expert " << e;
+    std::vector<uint8_t> codes(nk);
+    std::vector<float> scales(static_cast<size_t>(fp8::tiles(N) * fp8::tiles(K)));
+    fp8::cpu::quantize_128x128(w.data() + e * N * K, N, K, codes.data(), scales.data());
+    EXPECT_EQ(bytes(s.codes + e * N * K, nk), codes) << "codes of expert " << e << " vs the CPU";
+  }
+  std::printf("[ moe fp8  ] stacked weights: %lld experts, each its own prepared bytes\n", static_cast<long long>(E));
+}
+
 TEST_F(MoeFp8Gpu, ExpertsForwardAndBackwardMatchTheCpuRecipePerExpert) {
   std::mt19937_64 rng(run_seed() + 37);
   const int64_t E = static_cast<int64_t>(kCounts.size()), H = 256, I = 208;  // I: a partial 80-wide tile
@@ -210,64 +251,70 @@ TEST_F(MoeFp8Gpu, ExpertsForwardAndBackwardMatchTheCpuRecipePerExpert) {
     for (int64_t i = 0; i < n * H; ++i) dx[i] += dxu[i];
   }
 
-  DeviceBuffer<float> d_xp(xp), d_dyp(dyp), d_wg(wg), d_wu(wu), d_wd(wd), d_gg(g0), d_ug(g0), d_dg(d0);
-  DeviceBuffer<float> d_g(RA * I), d_u(RA * I), d_h(RA * I), d_yp(RA * H), d_dxp(RA * H);
-  DeviceBuffer<int64_t> d_aligned(aligned);
-  for (DeviceBuffer<float>* b : {&d_g, &d_u, &d_h, &d_yp, &d_dxp}) b->poison();
-  cuda::LinearContext ctx;
-  const cuda::MoeFp8Experts w{d_wg.get(), d_wu.get(), d_wd.get(), d_gg.get(), d_ug.get(), d_dg.get(), E, H, I};
-  cuda::moe_fp8_experts_forward(ctx, w, d_xp.get(), aligned.data(), d_aligned.get(), d_g.get(), d_u.get(), d_h.get(),
-                                d_yp.get());
-  cuda::moe_fp8_experts_backward(ctx, w, d_dyp.get(), d_xp.get(), d_g.get(), d_u.get(), d_h.get(), aligned.data(),
-                                 d_aligned.get(), d_dxp.get());
-  CUDA_CHECK(cudaDeviceSynchronize());
+  // Both forms of the experts' GEMMs: grouped (one launch per projection) and lanes (cuBLASLt per expert).
+  for (const cuda::MoeFp8Gemm form : {cuda::MoeFp8Gemm::Grouped, cuda::MoeFp8Gemm::Lanes}) {
+    const char* form_name = form == cuda::MoeFp8Gemm::Grouped ? "grouped" : "lanes";
+    SCOPED_TRACE(form_name);
+    DeviceBuffer<float> d_xp(xp), d_dyp(dyp), d_wg(wg), d_wu(wu), d_wd(wd), d_gg(g0), d_ug(g0), d_dg(d0);
+    DeviceBuffer<float> d_g(RA * I), d_u(RA * I), d_h(RA * I), d_yp(RA * H), d_dxp(RA * H);
+    DeviceBuffer<int64_t> d_aligned(aligned);
+    for (DeviceBuffer<float>* b : {&d_g, &d_u, &d_h, &d_yp, &d_dxp}) b->poison();
+    cuda::LinearContext ctx;
+    const cuda::MoeFp8Experts w{d_wg.get(), d_wu.get(), d_wd.get(), d_gg.get(), d_ug.get(), d_dg.get(), E, H, I, form};
+    cuda::moe_fp8_experts_forward(ctx, w, d_xp.get(), aligned.data(), d_aligned.get(), d_g.get(), d_u.get(), d_h.get(),
+                                  d_yp.get());
+    cuda::moe_fp8_experts_backward(ctx, w, d_dyp.get(), d_xp.get(), d_g.get(), d_u.get(), d_h.get(), aligned.data(),
+                                   d_aligned.get(), d_dxp.get());
+    CUDA_CHECK(cudaDeviceSynchronize());
 
-  auto expect = [](const char* what, const std::vector<float>& got, const std::vector<float>& ref) {
-    const double err = rel_l2(got, ref);
-    std::printf("[ moe fp8  ] %-10s rel_l2 %.3e (limit 1e-2)\n", what, err);
-    EXPECT_LT(err, 1e-2) << what;
-  };
-  expect("yp", d_yp.download(), ref_yp);
-  expect("dxp", d_dxp.download(), ref_dxp);
-  expect("gate grad", d_gg.download(), ref_gg);
-  expect("up grad", d_ug.download(), ref_ug);
-  expect("down grad", d_dg.download(), ref_dg);
-  // Zero rows stay exactly zero (combine never reads them, but they feed the next quantization).
-  const std::vector<float> yp = d_yp.download();
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t r = aligned[e] + kCounts[e]; r < aligned[e + 1]; ++r)
-      for (int64_t j = 0; j < H; ++j) ASSERT_EQ(yp[r * H + j], 0.0f) << "zero row " << r;
+    auto expect = [&](const char* what, const std::vector<float>& got, const std::vector<float>& ref) {
+      const double err = rel_l2(got, ref);
+      std::printf("[ moe fp8  ] %-7s %-10s rel_l2 %.3e (limit 1e-2)\n", form_name, what, err);
+      EXPECT_LT(err, 1e-2) << what;
+    };
+    expect("yp", d_yp.download(), ref_yp);
+    expect("dxp", d_dxp.download(), ref_dxp);
+    expect("gate grad", d_gg.download(), ref_gg);
+    expect("up grad", d_ug.download(), ref_ug);
+    expect("down grad", d_dg.download(), ref_dg);
+    // Zero rows stay exactly zero (combine never reads them, but they feed the next quantization).
+    const std::vector<float> yp = d_yp.download();
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t r = aligned[e] + kCounts[e]; r < aligned[e + 1]; ++r)
+        for (int64_t j = 0; j < H; ++j) ASSERT_EQ(yp[r * H + j], 0.0f) << "zero row " << r;
 
-  // The gathered versions (input rows read from x through token_of inside the quantization kernels) give the same
-  // bytes: x holds the real rows at shuffled token positions and garbage where no row points, zero rows have -1.
-  const int64_t tokens = RA + 7;
-  std::vector<int64_t> perm(static_cast<size_t>(tokens));
-  for (int64_t t = 0; t < tokens; ++t) perm[t] = t;
-  std::shuffle(perm.begin(), perm.end(), rng);
-  std::vector<float> x(static_cast<size_t>(tokens * H), 7.0f);
-  std::vector<int64_t> token_of(static_cast<size_t>(RA), -1);
-  for (int64_t e = 0; e < E; ++e)
-    for (int64_t r = aligned[e]; r < aligned[e] + kCounts[e]; ++r) {
-      token_of[r] = perm[r];
-      std::copy(xp.begin() + r * H, xp.begin() + (r + 1) * H, x.begin() + perm[r] * H);
-    }
-  DeviceBuffer<float> d_x(x), d_gg2(g0), d_ug2(g0), d_dg2(d0);
-  DeviceBuffer<float> d_g2(RA * I), d_u2(RA * I), d_h2(RA * I), d_yp2(RA * H), d_dxp2(RA * H);
-  DeviceBuffer<int64_t> d_token_of(token_of);
-  for (DeviceBuffer<float>* b : {&d_g2, &d_u2, &d_h2, &d_yp2, &d_dxp2}) b->poison();
-  const cuda::MoeFp8Experts w2{d_wg.get(), d_wu.get(), d_wd.get(), d_gg2.get(), d_ug2.get(), d_dg2.get(), E, H, I};
-  cuda::moe_fp8_experts_forward_gathered(ctx, w2, d_x.get(), d_token_of.get(), aligned.data(), d_aligned.get(),
-                                         d_g2.get(), d_u2.get(), d_h2.get(), d_yp2.get());
-  cuda::moe_fp8_experts_backward_gathered(ctx, w2, d_dyp.get(), d_x.get(), d_token_of.get(), d_g2.get(), d_u2.get(),
-                                          d_h2.get(), aligned.data(), d_aligned.get(), d_dxp2.get());
-  CUDA_CHECK(cudaDeviceSynchronize());
-  EXPECT_EQ(d_yp2.download(), yp) << "gathered forward yp";
-  EXPECT_EQ(d_h2.download(), d_h.download()) << "gathered forward h";
-  EXPECT_EQ(d_dxp2.download(), d_dxp.download()) << "gathered backward dxp";
-  EXPECT_EQ(d_gg2.download(), d_gg.download()) << "gathered gate grad";
-  EXPECT_EQ(d_ug2.download(), d_ug.download()) << "gathered up grad";
-  EXPECT_EQ(d_dg2.download(), d_dg.download()) << "gathered down grad";
-  std::printf("[ moe fp8  ] gathered forward and backward: the bytes of the xp versions\n");
+    // The gathered versions (input rows read from x through token_of inside the quantization kernels) give the same
+    // bytes: x holds the real rows at shuffled token positions and garbage where no row points, zero rows have -1.
+    const int64_t tokens = RA + 7;
+    std::vector<int64_t> perm(static_cast<size_t>(tokens));
+    for (int64_t t = 0; t < tokens; ++t) perm[t] = t;
+    std::shuffle(perm.begin(), perm.end(), rng);
+    std::vector<float> x(static_cast<size_t>(tokens * H), 7.0f);
+    std::vector<int64_t> token_of(static_cast<size_t>(RA), -1);
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t r = aligned[e]; r < aligned[e] + kCounts[e]; ++r) {
+        token_of[r] = perm[r];
+        std::copy(xp.begin() + r * H, xp.begin() + (r + 1) * H, x.begin() + perm[r] * H);
+      }
+    DeviceBuffer<float> d_x(x), d_gg2(g0), d_ug2(g0), d_dg2(d0);
+    DeviceBuffer<float> d_g2(RA * I), d_u2(RA * I), d_h2(RA * I), d_yp2(RA * H), d_dxp2(RA * H);
+    DeviceBuffer<int64_t> d_token_of(token_of);
+    for (DeviceBuffer<float>* b : {&d_g2, &d_u2, &d_h2, &d_yp2, &d_dxp2}) b->poison();
+    const cuda::MoeFp8Experts w2{d_wg.get(), d_wu.get(), d_wd.get(), d_gg2.get(), d_ug2.get(), d_dg2.get(), E, H, I,
+                                  form};
+    cuda::moe_fp8_experts_forward_gathered(ctx, w2, d_x.get(), d_token_of.get(), aligned.data(), d_aligned.get(),
+                                           d_g2.get(), d_u2.get(), d_h2.get(), d_yp2.get());
+    cuda::moe_fp8_experts_backward_gathered(ctx, w2, d_dyp.get(), d_x.get(), d_token_of.get(), d_g2.get(), d_u2.get(),
+                                            d_h2.get(), aligned.data(), d_aligned.get(), d_dxp2.get());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_EQ(d_yp2.download(), yp) << "gathered forward yp";
+    EXPECT_EQ(d_h2.download(), d_h.download()) << "gathered forward h";
+    EXPECT_EQ(d_dxp2.download(), d_dxp.download()) << "gathered backward dxp";
+    EXPECT_EQ(d_gg2.download(), d_gg.download()) << "gathered gate grad";
+    EXPECT_EQ(d_ug2.download(), d_ug.download()) << "gathered up grad";
+    EXPECT_EQ(d_dg2.download(), d_dg.download()) << "gathered down grad";
+    std::printf("[ moe fp8  ] %s: gathered forward and backward: the bytes of the xp versions\n", form_name);
+  }
 }
 
 }  // namespace

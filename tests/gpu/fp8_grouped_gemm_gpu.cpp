@@ -1,0 +1,227 @@
+// GPU tests of the grouped FP8 GEMMs (kernels/cuda/fp8_grouped_gemm.hpp) against fp8::cpu::gemm_nt_reference per
+// group: the rows form (Fprop / Dgrad: groups of rows, a stacked weight per group, one or two terms, one or two
+// problems per launch) and the tokens form (Wgrad: each group's packed transposed codes, accumulated). Groups with
+// no rows, partial tiles along N, M and K. Fresh seed per run (printed; MOERL_TEST_SEED=<n> repeats it), outputs
+// poisoned with NaN first; one timing line at bench-600m's expert shapes.
+//
+// Tolerance (relative L2 error, NaN fails): both sides multiply the same codes and scales; they differ by the order
+// of the FP32 sums and the tensor cores' accumulation inside a 128-group (about 2^-14 relative on H100-class
+// parts, DeepSeek-V3 §3.3.2), so rel_l2 < 1e-3 (as tests/gpu/linear_gpu.cpp's single GEMMs; measured there 1.3e-4).
+// A wrong group's rows, weight or scales gives errors of order 1.
+#include <cuda_runtime_api.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/fp8_grouped_gemm.hpp"
+#include "kernels/fp8.hpp"
+#include "kernels/fp8_gemm.hpp"
+#include "tests/gpu/moe_gpu_support.hpp"
+
+namespace moerl {
+namespace {
+
+using moe_gpu_test::DeviceBuffer;
+using moe_gpu_test::normal_values;
+using moe_gpu_test::run_seed;
+using Fp8GroupedGemmGpu = moe_gpu_test::GpuTest;
+
+double rel_l2(const std::vector<float>& got, const std::vector<float>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double d = double{got[i]} - ref[i];
+    num += d * d;
+    den += double{ref[i]} * ref[i];
+  }
+  return std::isfinite(num) ? std::sqrt(num / den) : INFINITY;
+}
+
+int64_t round128(int64_t n) { return (n + 127) / 128 * 128; }
+
+std::vector<int64_t> bounds_of(const std::vector<int64_t>& counts) {
+  std::vector<int64_t> b(counts.size() + 1, 0);
+  for (size_t g = 0; g < counts.size(); ++g) b[g + 1] = b[g] + round128(counts[g]);
+  return b;
+}
+
+// Rows [rows, k] quantized 1x128 along k (the CPU layout), group g's real rows with magnitude 2^(g % 3), the rest 0.
+struct RowsOperand {
+  std::vector<uint8_t> codes;
+  std::vector<float> scales;  // [rows, tiles(k)]
+};
+
+RowsOperand make_rows(const std::vector<int64_t>& counts, const std::vector<int64_t>& bounds, int64_t k,
+                      std::mt19937_64& rng) {
+  const int64_t rows = bounds.back();
+  std::vector<float> x(static_cast<size_t>(rows * k), 0.0f);
+  for (size_t g = 0; g < counts.size(); ++g) {
+    const std::vector<float> v = normal_values(static_cast<size_t>(counts[g] * k), std::ldexp(1.0f, static_cast<int>(g % 3)), rng);
+    std::copy(v.begin(), v.end(), x.begin() + bounds[g] * k);
+  }
+  RowsOperand o{std::vector<uint8_t>(x.size()), std::vector<float>(static_cast<size_t>(rows * fp8::tiles(k)))};
+  fp8::cpu::quantize_1x128(x.data(), rows, k, o.codes.data(), o.scales.data());
+  return o;
+}
+
+// groups weights [n, k] in 128x128 blocks: codes stacked, CPU scales per group and cuBLASLt BLK scales stacked.
+struct StackedWeight {
+  std::vector<uint8_t> codes;
+  std::vector<std::vector<float>> cpu_scales;
+  std::vector<float> lt_scales;
+};
+
+StackedWeight make_weight(int64_t groups, int64_t n, int64_t k, std::mt19937_64& rng) {
+  StackedWeight w;
+  w.codes.resize(static_cast<size_t>(groups * n * k));
+  const int64_t lt = fp8::cuda::cublaslt_scale_count(n, k, 128);
+  w.lt_scales.resize(static_cast<size_t>(groups * lt));
+  for (int64_t g = 0; g < groups; ++g) {
+    const std::vector<float> v = normal_values(static_cast<size_t>(n * k), 0.05f * (1 + g % 4), rng);
+    std::vector<float> s(static_cast<size_t>(fp8::tiles(n) * fp8::tiles(k)));
+    fp8::cpu::quantize_128x128(v.data(), n, k, w.codes.data() + g * n * k, s.data());
+    fp8::cuda::scales_to_cublaslt_host(s.data(), n, k, 128, w.lt_scales.data() + g * lt);
+    w.cpu_scales.push_back(s);
+  }
+  return w;
+}
+
+TEST_F(Fp8GroupedGemmGpu, RowsFormMatchesTheCpuReferencePerGroup) {
+  std::mt19937_64 rng(run_seed() + 71);
+  const std::vector<int64_t> counts = {130, 0, 77, 256, 5, 300};
+  const int64_t G = static_cast<int64_t>(counts.size()), N = 208, K0 = 320, K1 = 256;  // partial N tile, K step
+  const std::vector<int64_t> bounds = bounds_of(counts);
+  const int64_t rows = bounds.back();
+  const RowsOperand a0 = make_rows(counts, bounds, K0, rng), a1 = make_rows(counts, bounds, K1, rng);
+  const StackedWeight w0 = make_weight(G, N, K0, rng), w1 = make_weight(G, N, K1, rng);
+
+  // CPU: per group, y = a0 · w0ᵀ (problem 0) and y = a0 · w0ᵀ + a1 · w1ᵀ (problem 1, two terms).
+  std::vector<float> ref0(static_cast<size_t>(rows * N), 0.0f), ref1 = ref0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t n = bounds[g + 1] - bounds[g];
+    if (n == 0) continue;
+    std::vector<float> t0(static_cast<size_t>(n * N)), t1(t0.size());
+    fp8::cpu::gemm_nt_reference(
+        {a0.codes.data() + bounds[g] * K0, a0.scales.data() + bounds[g] * fp8::tiles(K0), n, K0, 1},
+        {w0.codes.data() + g * N * K0, w0.cpu_scales[g].data(), N, K0, 128}, t0.data());
+    fp8::cpu::gemm_nt_reference(
+        {a1.codes.data() + bounds[g] * K1, a1.scales.data() + bounds[g] * fp8::tiles(K1), n, K1, 1},
+        {w1.codes.data() + g * N * K1, w1.cpu_scales[g].data(), N, K1, 128}, t1.data());
+    for (int64_t i = 0; i < n * N; ++i) {
+      ref0[bounds[g] * N + i] = t0[i];
+      ref1[bounds[g] * N + i] = t0[i] + t1[i];
+    }
+  }
+
+  DeviceBuffer<uint8_t> da0(a0.codes), da1(a1.codes), dw0(w0.codes), dw1(w1.codes);
+  DeviceBuffer<float> ds0(a0.scales), ds1(a1.scales), dws0(w0.lt_scales), dws1(w1.lt_scales);
+  DeviceBuffer<int64_t> db(bounds);
+  // Rows past bounds[G] (max_rows larger than the groups) stay untouched: the poison there must survive.
+  const int64_t max_rows = rows + 256;
+  DeviceBuffer<float> y0(max_rows * N), y1(max_rows * N);
+  y0.poison(), y1.poison();
+  fp8::cuda::GroupedProblem pr[2];
+  const fp8::cuda::GroupedTerm t0{da0.get(), ds0.get(), dw0.get(), dws0.get(), K0};
+  const fp8::cuda::GroupedTerm t1{da1.get(), ds1.get(), dw1.get(), dws1.get(), K1};
+  pr[0].terms[0] = t0, pr[0].y = y0.get();
+  pr[1].terms[0] = t0, pr[1].terms[1] = t1, pr[1].n_terms = 2, pr[1].y = y1.get();
+  fp8::cuda::grouped_gemm_nt_rows(pr, 2, db.get(), G, max_rows, N, nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  std::vector<float> got0 = y0.download(), got1 = y1.download();
+  for (int64_t i = rows * N; i < max_rows * N; ++i) ASSERT_TRUE(std::isnan(got0[i])) << "row past the groups written";
+  got0.resize(static_cast<size_t>(rows * N)), got1.resize(static_cast<size_t>(rows * N));
+  const double e0 = rel_l2(got0, ref0), e1 = rel_l2(got1, ref1);
+  std::printf("[ grouped  ] rows form N=%lld K=%lld: rel_l2 %.3e; two terms (+K=%lld): %.3e (limit 1e-3)\n",
+              static_cast<long long>(N), static_cast<long long>(K0), e0, static_cast<long long>(K1), e1);
+  EXPECT_LT(e0, 1e-3);
+  EXPECT_LT(e1, 1e-3);
+  // Zero rows (padding of each group) give exact zeros.
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t r = bounds[g] + counts[g]; r < bounds[g + 1]; ++r)
+      for (int64_t j = 0; j < N; ++j) ASSERT_EQ(got1[r * N + j], 0.0f) << "zero row " << r;
+}
+
+TEST_F(Fp8GroupedGemmGpu, TokensFormAccumulatesTheCpuReferencePerGroup) {
+  std::mt19937_64 rng(run_seed() + 73);
+  const std::vector<int64_t> counts = {130, 0, 77, 256, 5, 300};
+  const int64_t G = static_cast<int64_t>(counts.size()), M = 208, N = 144;  // partial M and N tiles
+  const std::vector<int64_t> bounds = bounds_of(counts);
+  const int64_t rows = bounds.back(), TR = fp8::tiles(rows);
+  // Per group: dy [n_g, M] and x [n_g, N] (zero rows to the group's aligned end), quantized along tokens.
+  std::vector<uint8_t> a_codes(static_cast<size_t>(rows * M)), b_codes(static_cast<size_t>(rows * N));
+  std::vector<float> a_scales(static_cast<size_t>(M * TR), 0.0f), b_scales(static_cast<size_t>(N * TR), 0.0f);
+  const std::vector<float> y0 = normal_values(static_cast<size_t>(G * M * N), 1.0f, rng);
+  std::vector<float> ref = y0;
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t n = bounds[g + 1] - bounds[g];
+    if (n == 0) continue;
+    auto quantize = [&](int64_t d, float mag, std::vector<uint8_t>& codes, std::vector<float>& scales) {
+      std::vector<float> v(static_cast<size_t>(n * d), 0.0f);
+      const std::vector<float> real = normal_values(static_cast<size_t>(counts[g] * d), mag, rng);
+      std::copy(real.begin(), real.end(), v.begin());
+      std::vector<float> s(static_cast<size_t>(d * (n / 128)));
+      fp8::cpu::quantize_1x128_transposed(v.data(), n, d, codes.data() + bounds[g] * d, s.data());
+      for (int64_t c = 0; c < d; ++c)
+        for (int64_t kb = 0; kb < n / 128; ++kb) scales[c * TR + bounds[g] / 128 + kb] = s[c * (n / 128) + kb];
+      return s;
+    };
+    const std::vector<float> sa = quantize(M, std::ldexp(1.0f, static_cast<int>(g % 3)), a_codes, a_scales);
+    const std::vector<float> sb = quantize(N, 0.5f, b_codes, b_scales);
+    std::vector<float> t(static_cast<size_t>(M * N));
+    fp8::cpu::gemm_nt_reference({a_codes.data() + bounds[g] * M, sa.data(), M, n, 1},
+                                {b_codes.data() + bounds[g] * N, sb.data(), N, n, 1}, t.data());
+    for (int64_t i = 0; i < M * N; ++i) ref[g * M * N + i] += t[i];
+  }
+  DeviceBuffer<uint8_t> da(a_codes), dbc(b_codes);
+  DeviceBuffer<float> dsa(a_scales), dsb(b_scales), dy(y0);
+  DeviceBuffer<int64_t> dbounds(bounds);
+  fp8::cuda::GroupedProblem pr;
+  pr.terms[0] = fp8::cuda::GroupedTerm{da.get(), dsa.get(), dbc.get(), dsb.get(), 0}, pr.y = dy.get();
+  fp8::cuda::grouped_gemm_nt_tokens_accumulate(&pr, 1, dbounds.get(), G, rows, M, N, nullptr);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<float> got = dy.download();
+  // The empty group's output is untouched, bit for bit.
+  for (int64_t i = 0; i < M * N; ++i) ASSERT_EQ(got[1 * M * N + i], y0[1 * M * N + i]) << "empty group written";
+  const double err = rel_l2(got, ref);
+  std::printf("[ grouped  ] tokens form M=%lld N=%lld: rel_l2 %.3e (limit 1e-3)\n", static_cast<long long>(M),
+              static_cast<long long>(N), err);
+  EXPECT_LT(err, 1e-3);
+}
+
+// Timing at bench-600m's routed experts (32 experts, T·k = 65536 rows, H = 1024, I = 704), the gate and up
+// projections in one launch: a diagnostic line, no threshold.
+TEST_F(Fp8GroupedGemmGpu, TimesTheBench600mForwardProjection) {
+  std::mt19937_64 rng(run_seed() + 79);
+  const int64_t G = 32, H = 1024, I = 704;
+  std::vector<int64_t> counts(static_cast<size_t>(G));
+  std::uniform_int_distribution<int64_t> spread(1700, 2400);
+  for (int64_t& c : counts) c = spread(rng);
+  const std::vector<int64_t> bounds = bounds_of(counts);
+  const int64_t rows = bounds.back();
+  std::vector<uint8_t> codes(static_cast<size_t>(rows * H));
+  std::uniform_int_distribution<int> byte(0, 0x7E);  // finite E4M3 codes of either sign
+  for (uint8_t& c : codes) c = static_cast<uint8_t>(byte(rng) | (rng() & 1 ? 0x80 : 0));
+  std::vector<uint8_t> wcodes(static_cast<size_t>(G * I * H));
+  for (uint8_t& c : wcodes) c = static_cast<uint8_t>(byte(rng) & 0x3F);
+  DeviceBuffer<uint8_t> da(codes), dw(wcodes);
+  DeviceBuffer<float> ds(std::vector<float>(static_cast<size_t>(rows * fp8::tiles(H)), 1e-3f));
+  DeviceBuffer<float> dws(std::vector<float>(static_cast<size_t>(G * fp8::cuda::cublaslt_scale_count(I, H, 128)),
+                                             1e-3f));
+  DeviceBuffer<int64_t> db(bounds);
+  DeviceBuffer<float> g(rows * I), u(rows * I);
+  fp8::cuda::GroupedProblem pr[2];
+  pr[0].terms[0] = fp8::cuda::GroupedTerm{da.get(), ds.get(), dw.get(), dws.get(), H}, pr[0].y = g.get();
+  pr[1] = pr[0], pr[1].y = u.get();
+  const double ms = moe_gpu_test::median_ms([&] { fp8::cuda::grouped_gemm_nt_rows(pr, 2, db.get(), G, rows, I, nullptr); });
+  const double flop = 2.0 * 2.0 * static_cast<double>(rows) * I * H;
+  std::printf("[ grouped  ] bench-600m gate+up: rows %lld x N %lld x K %lld x 2, %.3f ms, %.0f TFLOP/s\n",
+              static_cast<long long>(rows), static_cast<long long>(I), static_cast<long long>(H), ms,
+              flop / ms * 1e-9);
+  for (const float v : g.download()) ASSERT_TRUE(std::isfinite(v));
+}
+
+}  // namespace
+}  // namespace moerl
