@@ -4,6 +4,7 @@
 
 #include <caf/openssl/all.hpp>
 
+#include "actors/cluster/sharing_policy.hpp"
 #include "runtime/error.hpp"
 
 namespace moerl::cluster {
@@ -33,7 +34,11 @@ void apply_latency_settings(caf::actor_system_config& cfg, const std::string& sc
   // per round trip, median 255 -> 210 us.
   cfg.set("middleman.workers", int64_t{0});
   if (scheduler == "sharing") {
+    // CAF's work sharing, with the wake-up of an idle worker moved out of the queue's lock (sharing_policy.hpp).
+    // A scheduler module loaded by the config replaces the one that scheduler.policy would pick.
     cfg.set("scheduler.policy", caf::atom("sharing"));
+    cfg.module_factories.push_back(
+        [](caf::actor_system& sys) -> caf::actor_system::module* { return new SharingCoordinator(sys); });
     return;
   }
   require(scheduler == "stealing", "scheduler \"" + scheduler + "\": expected sharing or stealing");

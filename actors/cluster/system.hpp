@@ -65,7 +65,8 @@ class ClusterSystem {
 
 // The CAF settings of every cluster process that cut the latency of a request between processes (reasons and
 // measurements beside them in system.cpp): received messages deserialized on the multiplexer thread
-// (middleman.workers = 0) and, for `scheduler` "stealing", no unsignalled sleeping phase of idle workers; sets
+// (middleman.workers = 0); for `scheduler` "sharing" CAF's work sharing with idle workers signalled outside the
+// queue's lock (SharingCoordinator), for "stealing" no unsignalled sleeping phase of idle workers; sets
 // scheduler.policy. Throws moerl::Error for a scheduler other than "sharing" or "stealing".
 void apply_latency_settings(caf::actor_system_config& cfg, const std::string& scheduler);
 

@@ -4,7 +4,10 @@
 
 #include <chrono>
 #include <cstdint>
+#include <thread>
+#include <vector>
 
+#include "actors/cluster/sharing_policy.hpp"
 #include "actors/cluster/system.hpp"
 #include "runtime/error.hpp"
 
@@ -27,6 +30,58 @@ TEST(ClusterSystem, DeserializesReceivedMessagesOnTheMultiplexerThread) {
   net.scheduler = "stealing";
   ClusterSystem stealing{net};
   EXPECT_EQ(setting(stealing, "middleman.workers"), 0u);
+}
+
+TEST(ClusterSystem, SharingWorkersAreSignalledOutsideTheQueuesLock) {
+  ClusterSystem c{NetOptions{}};
+  EXPECT_NE(dynamic_cast<SharingCoordinator*>(&c.system().scheduler()), nullptr);
+}
+
+using hop_atom = caf::atom_constant<caf::atom("hop")>;
+using total_atom = caf::atom_constant<caf::atom("total")>;
+
+struct RelayState {
+  caf::actor next;
+  uint64_t seen = 0;
+};
+
+TEST(ClusterSystem, SharingSchedulerRunsEveryJobEnqueuedFromWorkersAndOtherThreads) {
+  // Tokens circle a ring of actors (enqueues from workers) while two plain threads send to the same actors
+  // (enqueues from outside): a lost wake-up would leave a message unhandled and the count short.
+  ClusterSystem c{NetOptions{}};
+  caf::actor_system& sys = c.system();
+  constexpr int kActors = 8, kTokens = 4, kExternal = 5000;
+  constexpr uint64_t kHops = 2000;
+  auto relay = [](caf::stateful_actor<RelayState>* self) -> caf::behavior {
+    return {[self](caf::actor next) { self->state.next = std::move(next); },
+            [self](hop_atom, uint64_t left) {
+              ++self->state.seen;
+              if (left > 0) self->send(self->state.next, hop_atom::value, left - 1);
+            },
+            [self](total_atom) { return self->state.seen; }};
+  };
+  std::vector<caf::actor> ring;
+  for (int i = 0; i < kActors; ++i) ring.push_back(sys.spawn(relay));
+  for (int i = 0; i < kActors; ++i) caf::anon_send(ring[i], ring[(i + 1) % kActors]);
+  for (int t = 0; t < kTokens; ++t) caf::anon_send(ring[t], hop_atom::value, kHops);
+  std::vector<std::thread> senders;
+  for (int t = 0; t < 2; ++t)
+    senders.emplace_back([&ring] {
+      for (int i = 0; i < kExternal; ++i) caf::anon_send(ring[i % kActors], hop_atom::value, uint64_t{0});
+    });
+  for (auto& s : senders) s.join();
+  const uint64_t expected = kTokens * (kHops + 1) + 2 * kExternal;
+  caf::scoped_actor self{sys};
+  uint64_t total = 0;
+  for (int round = 0; round < 300 && total < expected; ++round) {
+    total = 0;
+    for (auto& a : ring)
+      self->request(a, 10s, total_atom::value)
+          .receive([&](uint64_t n) { total += n; }, [](caf::error& e) { ADD_FAILURE() << describe(e); });
+    if (total < expected) std::this_thread::sleep_for(10ms);
+  }
+  EXPECT_EQ(total, expected);
+  for (auto& a : ring) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
 }
 
 TEST(ClusterSystem, StealingWorkersGoFromPollingStraightToASignalledWait) {
