@@ -4,6 +4,7 @@
 
 #include <caf/openssl/all.hpp>
 
+#include "actors/cluster/sharing_policy.hpp"
 #include "runtime/error.hpp"
 
 namespace moerl::cluster {
@@ -16,6 +17,42 @@ void TlsOptions::validate() const {
     require(!file->empty(), std::string(flag) + ": TLS needs --tls-cert, --tls-key and --tls-ca together");
     require(std::filesystem::is_regular_file(*file), std::string(flag) + " " + *file + ": file not found");
   }
+}
+
+// A request to an actor of another process and its answer pass through a chain of threads: the sender's
+// worker, its multiplexer (woken through a pipe), the socket, the receiver's multiplexer, a worker there, and
+// the same way back. Each hand-off to a sleeping thread costs a wake-up and a context switch, ~10-15 us of CPU
+// on the 2-core VM, where a loaded machine runs the whole chain on one core: the round trip is the sum of
+// these hand-offs, so the settings below remove the ones that CAF's defaults add.
+void apply_latency_settings(caf::actor_system_config& cfg, const std::string& scheduler) {
+  // Received messages are deserialized on the multiplexer thread, which enqueues them to their actor at once.
+  // CAF's default (middleman.workers = 1 on this 2-core machine, more on larger ones) hands each received
+  // message to a scheduler job that deserializes and enqueues it: one more wake-up per message in every process.
+  // Cost: a large message is decoded on the I/O thread and delays the process's other connections for that
+  // long; the cluster's messages are small (commands, Cap'n Proto envelopes; tensors go through the data plane).
+  // Measured (bench/results/2026-11-29-actors-cpu-*.jsonl, load 8-12 on 2 cores): 19 -> 11 context switches
+  // per round trip, median 255 -> 210 us.
+  cfg.set("middleman.workers", int64_t{0});
+  if (scheduler == "sharing") {
+    // CAF's work sharing, with the wake-up of an idle worker moved out of the queue's lock (sharing_policy.hpp).
+    // A scheduler module loaded by the config replaces the one that scheduler.policy would pick.
+    cfg.set("scheduler.policy", caf::atom("sharing"));
+    cfg.module_factories.push_back(
+        [](caf::actor_system& sys) -> caf::actor_system::module* { return new SharingCoordinator(sys); });
+    return;
+  }
+  require(scheduler == "stealing", "scheduler \"" + scheduler + "\": expected sharing or stealing");
+  cfg.set("scheduler.policy", caf::atom("stealing"));
+  // Work stealing: an idle CAF worker polls its queue 100 times, then 500 times with a 50 us sleep in
+  // between that no enqueue interrupts (a message for it waits out the sleep: 60-110 us per hop with the
+  // kernel's timer slack), then waits on a condition variable that an enqueue signals. Without the sleeping
+  // phase an idle worker goes from the short poll straight to the signalled wait: ~500 -> ~200 us per round
+  // trip. No busy polling is added, so an idle process still uses no CPU.
+  cfg.set("work-stealing.moderate-poll-attempts", int64_t{0});
+  // Not set, measured: busy polling (longer aggressive polling of the workers, or a multiplexer that polls
+  // epoll for 50-200 us before it blocks) made the round trip 1.5-4x slower on the 2-core machine: the
+  // spinning threads of two processes take the cores that the threads doing the work need, and a spinner
+  // preempted by another process is not woken when its message arrives. TCP_NODELAY: CAF sets it already.
 }
 
 ClusterSystem::ClusterSystem(const NetOptions& options) : options_(options) {
@@ -31,10 +68,7 @@ ClusterSystem::ClusterSystem(const NetOptions& options) : options_(options) {
   }
   cfg.set("middleman.heartbeat-interval", caf::timespan{options_.heartbeat});
   cfg.set("middleman.connection-timeout", caf::timespan{options_.connection_timeout});
-  if (options_.scheduler == "sharing") cfg.set("scheduler.policy", caf::atom("sharing"));
-  else
-    require(options_.scheduler == "stealing",
-            "scheduler \"" + options_.scheduler + "\": expected sharing or stealing");
+  apply_latency_settings(cfg, options_.scheduler);
   register_cluster_types(cfg);
   if (options_.register_types) options_.register_types(cfg);
   system_ = std::make_unique<caf::actor_system>(cfg);

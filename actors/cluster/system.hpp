@@ -33,10 +33,11 @@ struct NetOptions {
   std::chrono::milliseconds heartbeat{250};
   std::chrono::milliseconds connection_timeout{2000};
   // CAF's scheduler: "sharing" (one queue, idle workers wait on a condition variable and wake at once) or
-  // "stealing" (CAF's default; idle workers poll, then sleep 50 us .. 10 ms). Measured on the 2-core machine,
-  // request/response between two processes on loopback: sharing ~190-330 us median, stealing ~380-500 us
-  // (raw TCP ping-pong between two processes: ~110 us there). Cluster processes exchange few, latency-bound
-  // messages; heavy roles run detached on their own threads either way.
+  // "stealing" (per-worker queues; idle workers poll briefly, then wait on a condition variable: CAF's
+  // 50 us sleeping phase is switched off, see apply_latency_settings). Measured on the 2-core machine under
+  // load 8-12, request/response between two processes on loopback: sharing ~210 us median, stealing ~200 us
+  // (with CAF's sleeping phase ~500 us; raw TCP ping-pong between two processes: ~20 us there). Cluster
+  // processes exchange few, latency-bound messages; heavy roles run detached on their own threads either way.
   std::string scheduler = "sharing";
   // Registers the roles' message types (both ends of a connection need them); the cluster's own are
   // always registered.
@@ -61,6 +62,13 @@ class ClusterSystem {
   std::unique_ptr<caf::actor_system_config> config_;
   std::unique_ptr<caf::actor_system> system_;
 };
+
+// The CAF settings of every cluster process that cut the latency of a request between processes (reasons and
+// measurements beside them in system.cpp): received messages deserialized on the multiplexer thread
+// (middleman.workers = 0); for `scheduler` "sharing" CAF's work sharing with idle workers signalled outside the
+// queue's lock (SharingCoordinator), for "stealing" no unsignalled sleeping phase of idle workers; sets
+// scheduler.policy. Throws moerl::Error for a scheduler other than "sharing" or "stealing".
+void apply_latency_settings(caf::actor_system_config& cfg, const std::string& scheduler);
 
 // "host:port" -> (host, port); throws moerl::Error naming `what` (e.g. "--join") when malformed.
 std::pair<std::string, uint16_t> parse_endpoint(const std::string& text, const std::string& what);

@@ -1,0 +1,136 @@
+// A cluster process's actor system (actors/cluster/system): the CAF settings that cut the latency of a request
+// between processes, and that remote messages still arrive as they were sent.
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstdint>
+#include <thread>
+#include <vector>
+
+#include "actors/cluster/sharing_policy.hpp"
+#include "actors/cluster/system.hpp"
+#include "runtime/error.hpp"
+
+namespace moerl::cluster {
+namespace {
+
+using namespace std::chrono_literals;
+using count_atom = caf::atom_constant<caf::atom("count")>;
+
+size_t setting(ClusterSystem& c, const char* key) {
+  return caf::get_or(c.system().config(), key, size_t{12345});
+}
+
+TEST(ClusterSystem, DeserializesReceivedMessagesOnTheMultiplexerThread) {
+  // middleman.workers = 0: no hand-off to a scheduler job per received message (one wake-up less per message).
+  ClusterSystem sharing{NetOptions{}};
+  EXPECT_EQ(setting(sharing, "middleman.workers"), 0u);
+  EXPECT_EQ(caf::get_or(sharing.system().config(), "scheduler.policy", caf::atom("none")), caf::atom("sharing"));
+  NetOptions net;
+  net.scheduler = "stealing";
+  ClusterSystem stealing{net};
+  EXPECT_EQ(setting(stealing, "middleman.workers"), 0u);
+}
+
+TEST(ClusterSystem, SharingWorkersAreSignalledOutsideTheQueuesLock) {
+  ClusterSystem c{NetOptions{}};
+  EXPECT_NE(dynamic_cast<SharingCoordinator*>(&c.system().scheduler()), nullptr);
+}
+
+using hop_atom = caf::atom_constant<caf::atom("hop")>;
+using total_atom = caf::atom_constant<caf::atom("total")>;
+
+struct RelayState {
+  caf::actor next;
+  uint64_t seen = 0;
+};
+
+TEST(ClusterSystem, SharingSchedulerRunsEveryJobEnqueuedFromWorkersAndOtherThreads) {
+  // Tokens circle a ring of actors (enqueues from workers) while two plain threads send to the same actors
+  // (enqueues from outside): a lost wake-up would leave a message unhandled and the count short.
+  ClusterSystem c{NetOptions{}};
+  caf::actor_system& sys = c.system();
+  constexpr int kActors = 8, kTokens = 4, kExternal = 5000;
+  constexpr uint64_t kHops = 2000;
+  auto relay = [](caf::stateful_actor<RelayState>* self) -> caf::behavior {
+    return {[self](caf::actor next) { self->state.next = std::move(next); },
+            [self](hop_atom, uint64_t left) {
+              ++self->state.seen;
+              if (left > 0) self->send(self->state.next, hop_atom::value, left - 1);
+            },
+            [self](total_atom) { return self->state.seen; }};
+  };
+  std::vector<caf::actor> ring;
+  for (int i = 0; i < kActors; ++i) ring.push_back(sys.spawn(relay));
+  for (int i = 0; i < kActors; ++i) caf::anon_send(ring[i], ring[(i + 1) % kActors]);
+  for (int t = 0; t < kTokens; ++t) caf::anon_send(ring[t], hop_atom::value, kHops);
+  std::vector<std::thread> senders;
+  for (int t = 0; t < 2; ++t)
+    senders.emplace_back([&ring] {
+      for (int i = 0; i < kExternal; ++i) caf::anon_send(ring[i % kActors], hop_atom::value, uint64_t{0});
+    });
+  for (auto& s : senders) s.join();
+  const uint64_t expected = kTokens * (kHops + 1) + 2 * kExternal;
+  caf::scoped_actor self{sys};
+  uint64_t total = 0;
+  for (int round = 0; round < 300 && total < expected; ++round) {
+    total = 0;
+    for (auto& a : ring)
+      self->request(a, 10s, total_atom::value)
+          .receive([&](uint64_t n) { total += n; }, [](caf::error& e) { ADD_FAILURE() << describe(e); });
+    if (total < expected) std::this_thread::sleep_for(10ms);
+  }
+  EXPECT_EQ(total, expected);
+  for (auto& a : ring) caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
+}
+
+TEST(ClusterSystem, StealingWorkersGoFromPollingStraightToASignalledWait) {
+  // CAF's 500 polls with an uninterrupted 50 us sleep between them are skipped; the short poll stays.
+  NetOptions net;
+  net.scheduler = "stealing";
+  ClusterSystem c{net};
+  EXPECT_EQ(setting(c, "work-stealing.moderate-poll-attempts"), 0u);
+  EXPECT_EQ(caf::get_or(c.system().config(), "scheduler.policy", caf::atom("none")), caf::atom("stealing"));
+}
+
+TEST(ClusterSystem, RefusesAnUnknownScheduler) {
+  NetOptions net;
+  net.scheduler = "fastest";
+  EXPECT_THROW(ClusterSystem{net}, Error);
+}
+
+struct SinkState {
+  uint64_t received = 0;
+  bool in_order = true;
+};
+
+TEST(ClusterSystem, MessagesDecodedOnTheMultiplexerArriveInTheOrderTheyWereSent) {
+  // Without middleman workers nothing reorders what one sender sends over one connection.
+  ClusterSystem head{NetOptions{}}, node{NetOptions{}};
+  const caf::actor sink = node.system().spawn([](caf::stateful_actor<SinkState>* self) -> caf::behavior {
+    return {[self](uint64_t x) {
+              auto& st = self->state;
+              st.in_order = st.in_order && x == st.received;
+              ++st.received;
+            },
+            [self](count_atom) { return caf::make_message(self->state.received, self->state.in_order); }};
+  });
+  auto port = node.system().middleman().publish(sink, 0, "127.0.0.1", true);
+  ASSERT_TRUE(port) << describe(port.error());
+  auto remote = head.system().middleman().remote_actor("127.0.0.1", *port);
+  ASSERT_TRUE(remote) << describe(remote.error());
+  static constexpr uint64_t kMessages = 5000;
+  caf::scoped_actor self{head.system()};
+  for (uint64_t i = 0; i < kMessages; ++i) self->send(*remote, i);
+  self->request(*remote, 30s, count_atom::value)
+      .receive(
+          [](uint64_t received, bool in_order) {
+            EXPECT_EQ(received, kMessages);
+            EXPECT_TRUE(in_order);
+          },
+          [](caf::error& e) { ADD_FAILURE() << describe(e); });
+  caf::anon_send_exit(sink, caf::exit_reason::user_shutdown);
+}
+
+}  // namespace
+}  // namespace moerl::cluster
