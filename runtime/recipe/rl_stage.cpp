@@ -60,6 +60,10 @@ RlStageSpec read_rl_stage(YamlSection& s, const std::string& kind, const std::se
     r.kl_coef = s.get<double>("kl_coef", r.kl_coef);
     r.clip = s.get<double>("clip", r.clip);
     r.temperature = s.get<double>("temperature", r.temperature);
+    r.max_staleness = s.get<int64_t>("max_staleness", r.max_staleness);
+    if (r.max_staleness < 0) s.fail("max_staleness", "expected an integer >= 0 (0: synchronous rollouts)");
+    if (r.max_staleness > 0 && r.algorithm != "grpo")
+      s.fail("max_staleness", "asynchronous rollouts need algorithm grpo (PPO's critic and GAE are on-policy here)");
     if (r.group_size < 2) s.fail("group_size", "expected an integer >= 2 (a group's advantages need two samples)");
     if (r.kl_coef < 0) s.fail("kl_coef", "expected >= 0");
     if (!(r.clip > 0 && r.clip < 1)) s.fail("clip", "expected a value in (0, 1)");

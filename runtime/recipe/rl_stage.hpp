@@ -40,6 +40,10 @@ struct RlStageSpec {
   double kl_coef = 0.05;        // weight of the KL penalty to the reference (the starting policy)
   double clip = 0.2;            // PPO/GRPO ratio clip ε
   double temperature = 1.0;     // sampling temperature of rollouts
+  int64_t max_staleness = 0;    // 0: synchronous rollouts (generate, then update); >= 1 (grpo): the next batch is
+                                // generated while the update runs, so rollouts are one policy version old; the
+                                // update weighs them by the importance ratio to their behaviour log-probs and
+                                // drops groups more than max_staleness versions old
   int64_t max_new_tokens = 8;   // response length cap (rollouts and eval_task)
   // eval_task
   int64_t problems = 200;       // held-out problems evaluated

@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <cstdio>
+#include <future>
 #include <memory>
 #include <string>
 
@@ -153,18 +154,21 @@ nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& pol
   // Prompts per step: the stage's batch, each answered group_size times (GRPO's group; PPO's samples).
   const auto problems = rl::training_problems(task, recipe.seed + 103, static_cast<size_t>(stage.steps * stage.batch));
   ProgressBar bar(stage.name, stage.steps, "tok");
-  int64_t tokens = 0;
+  int64_t tokens = 0, stale_groups = 0;
   double reward_sum = 0, kl_last = 0, reward_last = 0, checker_last = 0;
   uint64_t version = 0;  // updates applied
-  services->publish_weights(policy, version, 0);
-  for (int64_t step = 0; step < stage.steps; ++step) {
-    const std::span<const rl::Problem> batch(problems.data() + step * stage.batch, static_cast<size_t>(stage.batch));
-    const auto tg = std::chrono::steady_clock::now();
+  auto requests_for = [&](int64_t step, uint64_t v) {
     std::vector<msg::GenerationRequest> requests;
-    for (size_t i = 0; i < batch.size(); ++i)
-      requests.push_back(msg::GenerationRequest{request_id(step, i), codec.prompt_ids(batch[i]), sampling,
-                                                msg::PolicyVersion{version, static_cast<uint64_t>(step)}, group});
-    const std::vector<msg::Rollout> rollouts = services->generate(requests, step);
+    for (int64_t i = 0; i < stage.batch; ++i)
+      requests.push_back(msg::GenerationRequest{request_id(step, static_cast<size_t>(i)),
+                                                codec.prompt_ids(problems[static_cast<size_t>(step * stage.batch + i)]),
+                                                sampling, msg::PolicyVersion{v, static_cast<uint64_t>(step)}, group});
+    return requests;
+  };
+  // A step's rollouts (made by policy version v) checked, scored and recorded: the batch the update learns from.
+  auto prepare = [&](int64_t step, const std::vector<msg::GenerationRequest>& requests,
+                     const std::vector<msg::Rollout>& rollouts, uint64_t v) {
+    const std::span<const rl::Problem> batch(problems.data() + step * stage.batch, static_cast<size_t>(stage.batch));
     require(rollouts.size() == batch.size() * group, stage.name + ": step " + std::to_string(step + 1) + ": " +
                                                          std::to_string(rollouts.size()) + " rollouts for " +
                                                          std::to_string(batch.size() * group) + " samples");
@@ -173,11 +177,11 @@ nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& pol
     for (size_t n = 0; n < rollouts.size(); ++n) {
       const msg::Rollout& r = rollouts[n];
       const msg::GenerationRequest& req = requests[n / group];
-      require(r.request_id == req.request_id && r.sample_index == n % group && r.policy_version.version == version,
+      require(r.request_id == req.request_id && r.sample_index == n % group && r.policy_version.version == v,
               stage.name + ": step " + std::to_string(step + 1) + ": rollout " + std::to_string(n) + " is request " +
                   std::to_string(r.request_id) + " sample " + std::to_string(r.sample_index) + " of policy version " +
                   std::to_string(r.policy_version.version) + ", expected request " + std::to_string(req.request_id) +
-                  " sample " + std::to_string(n % group) + " of version " + std::to_string(version));
+                  " sample " + std::to_string(n % group) + " of version " + std::to_string(v));
       const rl::Problem& p = batch[n / group];
       b.prompts.push_back(req.prompt_ids);
       b.responses.push_back(r.response_ids);
@@ -187,26 +191,82 @@ nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& pol
         // The sequence the reward model was trained on: bos + prompt, then the response text tokenized again + eos.
         const ScoredTokens seq = preference_tokens(encode, p.prompt, judged_text(tokenizer, r.response_ids),
                                                    tokenizer.bos_id(), tokenizer.eos_id());
-        msg::Rollout s = r;
-        s.prompt_ids.assign(seq.ids.begin(), seq.ids.begin() + seq.response_start);
-        s.response_ids.assign(seq.ids.begin() + seq.response_start, seq.ids.end());
-        s.log_probs.assign(s.response_ids.size(), 0.0f);
-        scored.push_back(std::move(s));
+        msg::Rollout sc = r;
+        sc.prompt_ids.assign(seq.ids.begin(), seq.ids.begin() + seq.response_start);
+        sc.response_ids.assign(seq.ids.begin() + seq.response_start, seq.ids.end());
+        sc.log_probs.assign(sc.response_ids.size(), 0.0f);
+        scored.push_back(std::move(sc));
       }
     }
     b.rewards = setup.reward_model.empty() ? b.correct : services->score(scored, step);
     require(b.rewards.size() == b.responses.size(), stage.name + ": the reward model returned " +
                                                         std::to_string(b.rewards.size()) + " rewards for " +
                                                         std::to_string(b.responses.size()) + " responses");
-    const double generate_seconds = seconds_since(tg);
     services->record(step, rollouts, b.rewards);
-    rl::RlStepStats st = ppo_algorithm ? rl::ppo_learn(policy, reference, critic, opt, critic_opt, b, ppo, step, 1,
-                                                       recipe.precision, codec.pad_id)
-                                       : rl::grpo_learn(policy, reference, opt, b, grpo, step, 1, recipe.precision,
-                                                        codec.pad_id);
+    return b;
+  };
+  // Asynchronous rollouts (max_staleness >= 1): generation reads a snapshot of the policy, so the next batch can
+  // be generated while the update changes the policy; every batch is then one version old.
+  const bool async = stage.rl.max_staleness > 0;
+  std::unique_ptr<Model> snapshot;
+  if (async) {
+    snapshot = std::make_unique<Model>(policy.config());
+    snapshot->load_weights(weights_of(policy));
+  }
+  Model& generator = async ? *snapshot : policy;
+  services->publish_weights(generator, version, 0);
+  std::vector<msg::GenerationRequest> requests = requests_for(0, version);
+  auto tg = std::chrono::steady_clock::now();
+  std::vector<msg::Rollout> rollouts = services->generate(requests, 0);
+  uint64_t rollout_version = version;
+  for (int64_t step = 0; step < stage.steps; ++step) {
+    const rl::RlBatch b = prepare(step, requests, rollouts, rollout_version);
+    const uint64_t learned_version = rollout_version;
+    const double generate_seconds = seconds_since(tg);
+    const bool more = step + 1 < stage.steps;
+    std::vector<msg::GenerationRequest> next_requests;
+    std::future<std::vector<msg::Rollout>> next;
+    if (async && more) {  // the services are used by this thread only while no generation is in flight
+      next_requests = requests_for(step + 1, version);
+      next = std::async(std::launch::async, [&services, &next_requests, step] {
+        return services->generate(next_requests, step + 1);
+      });
+    }
+    rl::RlStepStats st;
+    if (ppo_algorithm) {
+      st = rl::ppo_learn(policy, reference, critic, opt, critic_opt, b, ppo, step, 1, recipe.precision, codec.pad_id);
+    } else if (!async) {
+      st = rl::grpo_learn(policy, reference, opt, b, grpo, step, 1, recipe.precision, codec.pad_id);
+    } else {
+      rl::RolloutGroups groups{b.prompts, b.responses, {}, b.rewards,
+                               std::vector<uint64_t>(b.responses.size(), rollout_version)};
+      for (const auto& r : rollouts) groups.behaviour_log_probs.push_back(r.log_probs);
+      int64_t dropped = 0;
+      st = rl::grpo_update(policy, reference, opt, groups, grpo, version, static_cast<uint64_t>(stage.rl.max_staleness),
+                           step, &dropped, recipe.precision, codec.pad_id);
+      stale_groups += dropped;
+      st.generated_tokens = b.tokens;
+      st.checker_accuracy = 0;
+      for (float c : b.correct) st.checker_accuracy += c / static_cast<double>(b.correct.size());
+    }
     st.generate_seconds = generate_seconds;
     if (stage.bias_gamma > 0) policy.update_router_bias(stage.bias_gamma);
-    services->publish_weights(policy, ++version, step + 1);
+    ++version;
+    if (more) {
+      tg = std::chrono::steady_clock::now();
+      if (async) {
+        rollouts = next.get();
+        rollout_version = version - 1;
+        requests = std::move(next_requests);
+        snapshot->load_weights(weights_of(policy));
+        services->publish_weights(*snapshot, version, step + 1);
+      } else {
+        services->publish_weights(policy, version, step + 1);
+        requests = requests_for(step + 1, version);
+        rollouts = services->generate(requests, step + 1);
+        rollout_version = version;
+      }
+    }
     tokens += st.generated_tokens;
     reward_sum += st.reward_mean;
     reward_last = st.reward_mean;
@@ -216,6 +276,7 @@ nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& pol
                         {"reward", st.reward_mean}, {"kl", st.policy.kl}, {"clip_fraction", st.policy.clip_fraction},
                         {"checker_accuracy", st.checker_accuracy}};
     if (ppo_algorithm) m["value_loss"] = st.value_loss;
+    if (async) m["rollout_version"] = learned_version, m["policy_version"] = version - 1;  // learned from, updated
     metrics.write(m);
     char fields[96];
     std::snprintf(fields, sizeof fields, "reward %.3f  acc %.2f  kl %.4f", st.reward_mean, st.checker_accuracy,
@@ -235,6 +296,8 @@ nlohmann::json run_rlhf(const Recipe& recipe, const StageSpec& stage, Model& pol
           {"reward_source", reward_source},
           {"sampled_accuracy", checker_last},
           {"kl_to_reference", kl_last},
+          {"max_staleness", stage.rl.max_staleness},
+          {"stale_groups_dropped", stale_groups},
           {"wall_s", seconds_since(t0)},
           {"checkpoint", dir.string()},
           {"top_level", {{"kl_to_reference", kl_last}}}};

@@ -9,6 +9,11 @@
 // this process (rl::grpo_learn / rl::ppo_learn). The services run in this process (in_process_rlhf_services)
 // or as actors (actors/roles/rlhf_actors.hpp: the rollout and reward-model actors, supervised); both give the
 // same metrics bit for bit.
+// Asynchronous rollouts (`max_staleness: N >= 1`, GRPO): generation reads a snapshot of the policy (published
+// after each update), and step s+1's batch is generated on another thread while step s's update runs; its
+// rollouts are then one version old, and rl::grpo_update weighs them by the importance ratio to their
+// behaviour log-probs, dropping groups more than N versions old (stale_groups_dropped in the summary). Scoring
+// and recording stay on the stage's thread while no generation is in flight.
 #pragma once
 #include <filesystem>
 #include <functional>

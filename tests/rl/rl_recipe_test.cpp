@@ -111,6 +111,12 @@ TEST(RlRecipe, FieldsOfAnotherKindAndBadValuesAreRefused) {
   EXPECT_NE(e3.find("digits.yaml:12: stages[1].task_digits"), std::string::npos) << e3;
   const std::string e4 = error_of(write_recipe("kind.yaml", "  - name: x\n    kind: ppo\n"));
   EXPECT_NE(e4.find("reward_model, dpo, rlhf, eval_task"), std::string::npos) << e4;
+  // Asynchronous rollouts are GRPO's: PPO's critic and GAE are on-policy.
+  const std::string e5 = error_of(write_recipe(
+      "stale.yaml", "  - name: rm\n    kind: reward_model\n  - name: rl\n    kind: rlhf\n    algorithm: ppo\n"
+                    "    max_staleness: 1\n"));
+  EXPECT_NE(e5.find("stages[2].max_staleness"), std::string::npos) << e5;
+  EXPECT_NE(e5.find("need algorithm grpo"), std::string::npos) << e5;
 }
 
 TEST(RlRecipe, ReadsTaskSftPreferencesAndTheRewardSource) {

@@ -84,8 +84,9 @@ Recipe base_recipe(const fs::path& corpus, const fs::path& out) {
   return r;
 }
 
-StageSpec rl_stage(const std::string& algorithm) {
+StageSpec rl_stage(const std::string& algorithm, int64_t max_staleness = 0) {
   StageSpec rl;
+  rl.rl.max_staleness = max_staleness;
   rl.name = "rl";
   rl.kind = "rlhf";
   rl.steps = 3;
@@ -125,12 +126,13 @@ std::string read_all(const fs::path& file) {
 
 // Runs the recipe's rl stage (the base stages skipped) in a copy of the base run, with `factory`'s services
 // (empty: in process).
-RlOutcome run_rl(const std::string& name, const std::string& algorithm, const RlhfServicesFactory& factory) {
+RlOutcome run_rl(const std::string& name, const std::string& algorithm, const RlhfServicesFactory& factory,
+                 int64_t max_staleness = 0) {
   const fs::path dir = fresh_dir("rlhf-actors-" + name);
   const RemoveAtExit cleanup{dir};
   fs::copy(base_run() / "run", dir / "run", fs::copy_options::recursive);
   Recipe recipe = base_recipe(base_run() / "corpus.jsonl", dir / "run");
-  recipe.stages.push_back(rl_stage(algorithm));
+  recipe.stages.push_back(rl_stage(algorithm, max_staleness));
   nlohmann::json summary;
   {
     const RestoreThreads restore;
@@ -182,6 +184,36 @@ TEST(RlhfActors, GrpoThroughTheRolloutAndRewardActorsMatchesTheInProcessStageBit
   for (uint64_t s = 0; s < 3; ++s) EXPECT_EQ(versions[s], std::vector<uint64_t>(8, s));
   // The policy moved: the three steps' losses are not all equal (the comparison above can fail).
   EXPECT_NE(actors.rows.front(), actors.rows.back());
+}
+
+TEST(RlhfActors, AsynchronousRolloutsAreGeneratedDuringTheUpdateOneVersionOldAndImportanceWeighted) {
+  // max_staleness 1: step s+1's rollouts are generated (from a snapshot of the policy) while step s's update
+  // runs, so the rollouts of step s >= 1 come from version s-1 and the update at version s weighs them by the
+  // ratio to their behaviour log-probs; within the bound, no group is dropped.
+  caf::actor_system system{test_config()};
+  RlhfActorOptions options;
+  std::vector<std::vector<uint64_t>> versions;  // per step, of each rollout
+  options.record = [&](int64_t, const std::vector<msg::Rollout>& rollouts, std::span<const float>) {
+    versions.emplace_back();
+    for (const auto& r : rollouts) versions.back().push_back(r.policy_version.version);
+  };
+  const RlOutcome async = run_rl("grpo-async", "grpo", actor_rlhf_services_factory(system, options), 1);
+  ASSERT_EQ(versions.size(), 3u);
+  EXPECT_EQ(versions[0], std::vector<uint64_t>(8, 0));
+  EXPECT_EQ(versions[1], std::vector<uint64_t>(8, 0));
+  EXPECT_EQ(versions[2], std::vector<uint64_t>(8, 1));
+  ASSERT_EQ(async.rows.size(), 3u);
+  for (size_t s = 0; s < 3; ++s) {
+    const auto row = nlohmann::json::parse(async.rows[s]);
+    EXPECT_EQ(row["policy_version"].get<uint64_t>(), s);
+    EXPECT_EQ(row["rollout_version"].get<uint64_t>(), s == 0 ? 0 : s - 1);
+  }
+  EXPECT_EQ(async.stage["max_staleness"], 1);
+  EXPECT_EQ(async.stage["stale_groups_dropped"], 0);
+  // Step 1 is the synchronous step's (same rollouts, same version: ratio 1); step 2 learns from stale rollouts.
+  const auto sync_row = nlohmann::json::parse(in_process("grpo").rows[0]);
+  EXPECT_EQ(nlohmann::json::parse(async.rows[0])["reward"], sync_row["reward"]);
+  EXPECT_NE(async.weights, in_process("grpo").weights);
 }
 
 TEST(RlhfActors, PpoThroughTheActorsMatchesTheInProcessStageBitForBit) {
