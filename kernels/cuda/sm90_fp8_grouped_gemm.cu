@@ -19,10 +19,10 @@
 // pointer-array batches of one shape only); one call per expert costs ~15 us of host time against a few us of
 // device time for bench-600m's experts (2048 x 704 x 1024), so the layer waited on the host (issue 4).
 //
-// Measured on the H200 (bench/results/2026-11-29-gpu-*-h200-wgmma.*), TFLOP/s tma / specialized / sync: MoE layer
-// bench shapes (64 experts, ~100k rows, H 2048, I 1408) gate+up 491 / 402 / 367, down 432 / 349 / 350, Wgrad gate+up
-// (tokens form, cp.async in all) 280 / 281 / 228; bench-600m gate+up 329 / 273 / 290 (the mma.sync version of
-// these tiles, d902903: 158). rel_l2 1.2e-4 vs the CPU reference (5e-8 with mma.sync: WGMMA sums FP8 products
+// Measured on the H200 (bench/results/2026-11-29-gpu-*h200-wgmma-7e51654*), TFLOP/s tma / specialized / sync:
+// MoE layer bench shapes (64 experts, ~100k rows, H 2048, I 1408) gate+up 491 / 402 / 367, down 432 / 349 / 350,
+// Wgrad gate+up (tokens form, cp.async in all) 280 / 281 / 228; bench-600m gate+up 329 / 273 / 290 (the mma.sync
+// version of these tiles, d902903: 158). rel_l2 1.2e-4 vs the CPU reference (5e-8 with mma.sync: WGMMA sums FP8 products
 // inside a 128-group with fewer bits). MoE layer fwd+bwd with MOERL_MOE_GEMM=grouped 20.3 ms (mma.sync 36.7) vs
 // 15.5 ms with cuBLASLt per expert, train step 177k vs 183-185k tok/s: MoeFp8Gemm::Lanes stays the default.
 // Where the time goes: a step (128 x 128 x 128) needs 512 tensor-core cycles but takes ~2000-2600; the cp.async
@@ -170,8 +170,8 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
          (uint64_t{1} << 62);
 }
 
-// d (64 x 128 FP32, the warpgroup's fragment) = (scale_d ? d : 0) + a (64 x 32 E4M3) · bᵀ (b: 128 x 32 E4M3), a and b
-// K-major in shared memory (descriptors).
+// d (64 x 128 FP32, the warpgroup's fragment) = (scale_d ? d : 0) + a (64 x 32 E4M3) · bᵀ (b: 128 x 32 E4M3),
+// a and b K-major in shared memory (descriptors).
 __device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
