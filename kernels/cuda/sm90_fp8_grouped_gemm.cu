@@ -22,8 +22,8 @@
 // Measured on the H200 (bench/results/2026-11-29-gpu-*h200-wgmma-7e51654*), TFLOP/s tma / specialized / sync:
 // MoE layer bench shapes (64 experts, ~100k rows, H 2048, I 1408) gate+up 491 / 402 / 367, down 432 / 349 / 350,
 // Wgrad gate+up (tokens form, cp.async in all) 280 / 281 / 228; bench-600m gate+up 329 / 273 / 290 (the mma.sync
-// version of these tiles, d902903: 158). rel_l2 1.2e-4 vs the CPU reference (5e-8 with mma.sync: WGMMA sums FP8 products
-// inside a 128-group with fewer bits). MoE layer fwd+bwd with MOERL_MOE_GEMM=grouped 20.3 ms (mma.sync 36.7) vs
+// version of these tiles, d902903: 158). rel_l2 1.2e-4 vs the CPU reference (5e-8 with mma.sync: WGMMA sums FP8
+// products inside a 128-group with fewer bits). MoE layer fwd+bwd with MOERL_MOE_GEMM=grouped 20.3 ms (mma.sync 36.7) vs
 // 15.5 ms with cuBLASLt per expert, train step 177k vs 183-185k tok/s: MoeFp8Gemm::Lanes stays the default.
 // Where the time goes: a step (128 x 128 x 128) needs 512 tensor-core cycles but takes ~2000-2600; the cp.async
 // pipelines move ~3 TB/s from L2 into shared memory (32 KB a step), TMA ~3.8 TB/s, so the loads bound all three.

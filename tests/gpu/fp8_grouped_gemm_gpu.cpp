@@ -3,8 +3,8 @@
 // problems per launch) and the tokens form (Wgrad: each group's packed transposed codes, accumulated). Groups with
 // no rows, partial tiles along N, M and K. Fresh seed per run (printed; MOERL_TEST_SEED=<n> repeats it), outputs
 // poisoned with NaN first. Every pipeline of the kernel (GroupedKernel::Tma, ::Specialized, ::Synchronous) is
-// checked and they must agree bit for bit (same sums in the same order). Timing lines at bench-600m's expert shapes and at the
-// MoE layer bench's (T=16384, hidden 2048, moe_intermediate 1408, 64 experts top-6).
+// checked and they must agree bit for bit (same sums in the same order). Timing lines at bench-600m's expert shapes
+// and at the MoE layer bench's (T=16384, hidden 2048, moe_intermediate 1408, 64 experts top-6).
 //
 // Tolerance (relative L2 error, NaN fails): both sides multiply the same codes and scales; they differ by the order
 // of the FP32 sums and the tensor cores' accumulation inside a 128-group (about 2^-14 relative on H100-class
@@ -49,7 +49,8 @@ int64_t round128(int64_t n) { return (n + 127) / 128 * 128; }
 constexpr fp8::cuda::GroupedKernel kKernels[] = {
     fp8::cuda::GroupedKernel::Tma, fp8::cuda::GroupedKernel::Specialized, fp8::cuda::GroupedKernel::Synchronous};
 const char* kernel_name(fp8::cuda::GroupedKernel k) {
-  return k == fp8::cuda::GroupedKernel::Tma ? "tma" : k == fp8::cuda::GroupedKernel::Specialized ? "specialized" : "sync";
+  if (k == fp8::cuda::GroupedKernel::Tma) return "tma";
+  return k == fp8::cuda::GroupedKernel::Specialized ? "specialized" : "sync";
 }
 
 std::vector<int64_t> bounds_of(const std::vector<int64_t>& counts) {
