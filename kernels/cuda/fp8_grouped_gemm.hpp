@@ -2,7 +2,7 @@
 // product of one projection in ONE launch, the experts' row ranges read on the device (no per-expert host call,
 // no host copy of the offsets needed by the kernel). Same function as fp8::cpu::gemm_nt_reference per group:
 //   y[m, n] = sum over 128-groups kb of (sa[m, kb] · sb[n, kb]) · (sum_{k in kb} a[m, k] · b[n, k])
-// with the inner sums on the tensor cores (mma.sync m16n8k32 E4M3, FP32) and promoted every 128 of K, as
+// with the inner sums on the tensor cores (WGMMA m64n128k32 E4M3, FP32) and promoted every 128 of K, as
 // cuBLASLt's block-scaled kernels do; results equal cuBLASLt's up to the order of FP32 sums.
 //
 // Groups: bounds [groups + 1] on the device, non-decreasing multiples of 128 (moe_aligned_offsets); group g owns
@@ -30,6 +30,13 @@
 
 namespace moerl::fp8::cuda {
 
+// The pipeline of the kernel (sm90_fp8_grouped_gemm.cu): Tma (persistent, a producer warpgroup loading the rows
+// form's tiles with TMA; the tokens form as Specialized), Specialized (persistent, the producers copy with cp.async;
+// mbarriers between them and the consumers) or Synchronous (a block per tile, every thread copies, a block barrier
+// per step). Default: MOERL_GROUPED_WGMMA=tma|specialized|sync, read once; unset means Tma. All give the same sums
+// in the same order (bit-identical results).
+enum class GroupedKernel { Default, Tma, Specialized, Synchronous };
+
 // One product a · bᵀ (see above for the layouts of each form). k: the contracted length of the rows form
 // (unused by the tokens form, whose k is each group's row count).
 struct GroupedTerm {
@@ -51,11 +58,13 @@ struct GroupedProblem {
 // row tiles; tiles at or past bounds[groups] exit at once). n: output columns (rows of each b). All problems share
 // n and their terms' k.
 void grouped_gemm_nt_rows(const GroupedProblem* problems, int n_problems, const int64_t* bounds, int64_t groups,
-                          int64_t max_rows, int64_t n, cudaStream_t stream);
+                          int64_t max_rows, int64_t n, cudaStream_t stream,
+                          GroupedKernel kernel = GroupedKernel::Default);
 
 // Tokens form. rows: the row count the scales were quantized over (their layout has tiles(rows) columns; every
 // bounds[g] <= rows). m, n: rows of each a and b (the output is [m, n] per group). All problems share m and n.
 void grouped_gemm_nt_tokens_accumulate(const GroupedProblem* problems, int n_problems, const int64_t* bounds,
-                                       int64_t groups, int64_t rows, int64_t m, int64_t n, cudaStream_t stream);
+                                       int64_t groups, int64_t rows, int64_t m, int64_t n, cudaStream_t stream,
+                                       GroupedKernel kernel = GroupedKernel::Default);
 
 }  // namespace moerl::fp8::cuda

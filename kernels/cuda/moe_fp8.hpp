@@ -66,9 +66,10 @@ void moe_scatter_add_aligned(const float* dxp, const int64_t* row_of, int64_t to
 // them: gate and up [E, I, H], down [E, H, I] (and their gradients); H and I multiples of 16, at least 128. The
 // weights' FP8 copies are the LinearContext's (prepared per expert weight and generation).
 // How the experts' GEMMs run: Lanes, one cuBLASLt call per expert and GEMM on 4 side streams; Grouped, one launch per
-// projection for all experts (kernels/cuda/fp8_grouped_gemm.hpp: no per-expert host work, but its mma.sync kernel
-// reached only 158 TFLOP/s on the H200 at bench-600m's shapes, so the layer is slower: train step 144k vs 183k tok/s,
-// bench/results/2026-11-29-gpu-h200-d902903.jsonl); Default, MOERL_MOE_GEMM=lanes or grouped (unset: lanes).
+// projection for all experts (kernels/cuda/fp8_grouped_gemm.hpp: no per-expert host work; its WGMMA kernel reaches
+// 430-490 TFLOP/s on the MoE layer bench's Fprop/Dgrad shapes and 280 on Wgrad, below cuBLASLt's ~1000, so the layer
+// is slower: MoE layer fwd+bwd 20.3 vs 15.5 ms, train step 177k vs 183-185k tok/s on the H200,
+// bench/results/2026-11-29-gpu-h200-wgmma-*.jsonl); Default, MOERL_MOE_GEMM=lanes or grouped (unset: lanes).
 // Both give the CPU recipe's results within the tests' tolerances (tests/gpu/moe_fp8_gpu.cpp runs both).
 enum class MoeFp8Gemm : uint8_t { Default, Grouped, Lanes };
 

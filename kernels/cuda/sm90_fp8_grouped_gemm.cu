@@ -1,25 +1,42 @@
 // fp8::cuda::grouped_gemm_nt_* (kernels/cuda/fp8_grouped_gemm.hpp): one launch for every expert's GEMM of a
-// projection. Tiles of 128 x 128 outputs, one block of 8 warps each (2 x 4 warps of 64 x 32), K streamed in steps
-// of 128 bytes (one scale per row and step) through a 4-stage cp.async pipeline into 128-byte rows of shared
-// memory with the 16-byte chunks XOR-swizzled by row (ldmatrix and the copies conflict-free). Each step's products
-// go through mma.sync m16n8k32 E4M3 into FP32 and are promoted into the block's sums with sa · sb, as the CPU
-// reference does per 128-group.
+// projection, on Hopper's warpgroup MMA. Tiles of 128 x 128 outputs; K streamed in steps of 128 bytes (one scale
+// per row and step) through a 6-stage ring of shared memory, 128-byte rows with the 16-byte chunks XOR-swizzled by
+// row (chunk c of row r at c ^ (r % 8)): WGMMA's and TMA's 128-byte swizzle, so each stage's 128 x 128 tiles are
+// read by wgmma.mma_async m64n128k32 E4M3 straight from shared-memory descriptors. Two consumer warpgroups, 64 rows
+// each; each step's four WGMMAs sum into a fresh FP32 fragment that is then promoted into the block's sums with
+// sa · sb (per row, per column), as the CPU reference and DeepGEMM do per 128-group.
+//
+// Three pipelines (GroupedKernel), all giving the same bits:
+//   Tma (default): persistent blocks (one per SM) walk the tiles; a producer warpgroup loads the rows form's code
+//     tiles with TMA (cp.async.bulk.tensor, a CUtensorMap per term and operand) and the scales with cp.async, both
+//     completing a `full` mbarrier per stage; the consumers free a stage through an `empty` mbarrier, so neither
+//     warpgroup waits for the other and the ring runs across tiles. The tokens form (Wgrad: each group's codes have
+//     their own row stride) is loaded as in Specialized.
+//   Specialized: the same with cp.async for the codes too.
+//   Synchronous: a block per tile, every thread copies with cp.async, one __syncthreads per step.
 //
 // Why not cuBLASLt. Its block-scaled FP8 GEMM has no grouped form in CUDA 13's cuBLASLt (13.1: strided or
 // pointer-array batches of one shape only); one call per expert costs ~15 us of host time against a few us of
 // device time for bench-600m's experts (2048 x 704 x 1024), so the layer waited on the host (issue 4).
 //
-// Measured on the H200 (bench/results/2026-11-29-gpu-*-h200-d902903.*): exact to the CPU reference (rel_l2 5e-8,
-// cuBLASLt's per-expert GEMMs 3e-3 in the same test) and the routed layer's host time falls from 1.25 to 0.20 ms
-// (forward), but this kernel reaches 158 TFLOP/s (gate + up at bench-600m; cuBLASLt ~1000+ on large shapes):
-// mma.sync keeps Hopper's FP8 tensor cores far from their WGMMA rate, one block of 255 registers per SM hides
-// little latency. So MoeFp8Gemm::Lanes stays the default. TODO(perf): the same tiles on WGMMA (64xNx32 E4M3 from
-// shared-memory descriptors, TMA loads, a producer warp group; DeepGEMM's sm90 m-grouped contiguous layout is this
-// one: groups of rows aligned to 128).
+// Measured on the H200 (bench/results/2026-11-29-gpu-*h200-wgmma-7e51654*), TFLOP/s tma / specialized / sync:
+// MoE layer bench shapes (64 experts, ~100k rows, H 2048, I 1408) gate+up 491 / 402 / 367, down 432 / 349 / 350,
+// Wgrad gate+up (tokens form, cp.async in all) 280 / 281 / 228; bench-600m gate+up 329 / 273 / 290 (the mma.sync
+// version of these tiles, d902903: 158). rel_l2 1.2e-4 vs the CPU reference (5e-8 with mma.sync: WGMMA sums FP8
+// products inside a 128-group with fewer bits). MoE layer fwd+bwd with MOERL_MOE_GEMM=grouped 20.3 ms (mma.sync 36.7) vs
+// 15.5 ms with cuBLASLt per expert, train step 177k vs 183-185k tok/s: MoeFp8Gemm::Lanes stays the default.
+// Where the time goes: a step (128 x 128 x 128) needs 512 tensor-core cycles but takes ~2000-2600; the cp.async
+// pipelines move ~3 TB/s from L2 into shared memory (32 KB a step), TMA ~3.8 TB/s, so the loads bound all three.
+// TODO(perf): 2-CTA clusters multicasting the weight tile (halves its L2 reads), 128 x 256 tiles (acc 128 + a
+// 64-column part: 192 registers, fewer bytes per FLOP), and TMA for the tokens form (a tensor map per group, built
+// on the device with tensormap.replace, since the offsets stay there).
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "kernels/cuda/cuda_check.hpp"
@@ -31,12 +48,15 @@ namespace {
 
 constexpr int kTileRows = 128;  // BM = BN
 constexpr int kStepBytes = 128; // BK: one 1x128 / 128x128 scale per row and step
-constexpr int kStages = 4;
-constexpr int kThreads = 256;   // 8 warps: 2 along M x 4 along N, warp tile 64 x 32
+constexpr int kStages = 6;
+constexpr int kConsumers = 256;  // two warpgroups, rows 0-63 and 64-127 of the tile, all 128 columns each
+constexpr int kProducers = 128;  // Tma / Specialized: one producer warpgroup (a block of 384 threads: 168 registers)
 constexpr int kTileBytes = kTileRows * kStepBytes;
 constexpr int kStageBytes = 2 * kTileBytes + 2 * kTileRows * static_cast<int>(sizeof(float));  // a, b, their scales
-constexpr int kSmemBytes = kStages * kStageBytes;
-static_assert(kStepBytes == 128, "one scale per 128 of K and row: the promotion reads one scale per step");
+constexpr int kSmemBytes = kStages * kStageBytes + 1024;  // + alignment of the first stage to 1024 bytes
+static_assert(kStepBytes == 128, "one scale per 128 of K and row: the promotion reads one scale per step; a step "
+                                 "is one 128-byte swizzle row");
+static_assert(kStageBytes % 1024 == 0, "each stage's tiles start on a 1024-byte swizzle atom");
 
 int64_t tiles128(int64_t n) { return (n + 127) / 128; }
 __host__ __device__ inline int64_t round_up4(int64_t n) { return (n + 3) / 4 * 4; }
@@ -59,6 +79,10 @@ struct Args {
   int64_t m, n;          // tokens form: rows of a and b; rows form: n only
   int64_t scale_tiles;   // tokens form: tiles(rows), columns of the scales' CPU layout
   int m_tiles;           // tokens form: tiles(m)
+  int tiles_x, tiles_y, tiles_z;  // the tile grid (synchronous: the launch grid; specialized: walked by each block)
+  // Tma, rows form: [problem][term][a, b] 2-D maps (K inner) of a [max_rows, K] and the stacked b [groups · N, K],
+  // boxes of 128 x 128 bytes in the 128-byte swizzle.
+  CUtensorMap maps[2][2][2];
 };
 
 // A tile operand seen by one block: row r, step s at codes + r · ld + s · 128 (valid while r < rows and the byte
@@ -86,205 +110,386 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) {
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const uint8_t* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
+// The executing thread's earlier cp.async copies arrive on the mbarrier when they land (no pending-count increment:
+// the barrier's count includes one arrival per producer thread).
+__device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
 }
 
-// c (16x8 FP32) += a (16x32 E4M3, row) · b (32x8 E4M3, col).
-__device__ __forceinline__ void mma_e4m3(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_u32(bar)), "r"(parity)
+        : "memory");
+  }
+}
+
+// Arrives on the mbarrier and adds `bytes` to the transaction count its phase waits for (the TMA copies').
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+}
+
+// TMA: the box at (x inner, y outer) of a 2-D tensor map into shared memory, completing `bytes` on the mbarrier.
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
   asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
+          "r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_u32(bar))
+      : "memory");
 }
 
-// Byte offset of 16-byte chunk c of row r in a 128-byte-row tile.
+// Shared memory written through the generic proxy (cp.async) made visible to the async proxy (wgmma's operand reads).
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+
+// Keeps the compiler from touching an accumulator register across an asynchronous WGMMA.
+__device__ __forceinline__ void fence_operand(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+
+// Shared-memory matrix descriptor of a K-major tile of 128-byte rows in the 128-byte swizzle: start address >> 4
+// (bits 0-13), leading byte offset 16 >> 4 (unused by swizzled K-major layouts), stride byte offset 1024 >> 4 (eight
+// rows, one swizzle atom; bits 32-45), swizzle mode 1 = 128 bytes (bits 62-63). Advancing K by 32 bytes inside the
+// row adds 2 to the address field (the swizzle is applied to absolute addresses: stages are 1024-byte aligned).
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
+// d (64 x 128 FP32, the warpgroup's fragment) = (scale_d ? d : 0) + a (64 x 32 E4M3) · bᵀ (b: 128 x 32 E4M3),
+// a and b K-major in shared memory (descriptors).
+__device__ __forceinline__ void wgmma_m64n128k32(float (&d)[64], uint64_t desc_a, uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+      "}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+// Byte offset of 16-byte chunk c of row r in a 128-byte-row tile (WGMMA's 128-byte swizzle).
 __device__ __forceinline__ int swz(int r, int c) { return r * kStepBytes + ((c ^ (r & 7)) << 4); }
 
-template <bool kTokens>
-__global__ void __launch_bounds__(kThreads, 1) grouped_gemm_kernel(const __grid_constant__ Args p) {
-  extern __shared__ __align__(128) uint8_t smem[];
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  const int wm = warp / 4, wn = warp % 4;
-
-  // The terms' operands in shared memory (every thread computes the same values, thread 0 stores them): kept out
-  // of the registers, which the sums need.
-  __shared__ TileOperand A[2], B[2];
-  __shared__ int64_t klen[2];
-  __shared__ int steps[2];
-  int problem;
-  int64_t n0 = static_cast<int64_t>(blockIdx.x) * kTileRows;
-  float* y;
+// One output tile: its terms' operands, their K lengths and steps, and where the 128 x 128 sums go.
+struct TileWork {
+  TileOperand a[2], b[2];
+  int64_t klen[2];
+  int steps[2];
+  float* y;  // y[r · ldy + c] for r < m_valid, c < n_valid
   int64_t ldy;
   int m_valid, n_valid;
+  int problem;
+  int a_row, b_row;  // rows form: the tile's first row of a and of the stacked b (TMA coordinates)
+};
+
+// The work of tile (x, y, z) (x: N tile; rows form: y row tile, z problem; tokens form: y problem · m_tiles + M
+// tile, z group). False for tiles with nothing to do (rows form: at or past bounds[groups]; tokens form: an empty
+// group), the same answer for every thread.
+template <bool kTokens>
+__device__ __forceinline__ bool tile_work(const Args& p, int x, int yy, int z, TileWork& w) {
+  const int64_t n0 = static_cast<int64_t>(x) * kTileRows;
   if constexpr (!kTokens) {
-    problem = static_cast<int>(blockIdx.z);
-    const int64_t row0 = static_cast<int64_t>(blockIdx.y) * kTileRows;
-    if (row0 >= p.bounds[p.groups]) return;
+    const int problem = z;
+    const int64_t row0 = static_cast<int64_t>(yy) * kTileRows;
+    if (row0 >= p.bounds[p.groups]) return false;
     int lo = 0, hi = static_cast<int>(p.groups) - 1;  // the last group starting at or before row0
     while (lo < hi) {
       const int mid = (lo + hi + 1) / 2;
       if (p.bounds[mid] <= row0) lo = mid; else hi = mid - 1;
     }
     const int64_t g = lo, n = p.n;
-    n_valid = clamp_tile(n - n0);
-    m_valid = kTileRows;
+    w.n_valid = clamp_tile(n - n0);
+    w.m_valid = kTileRows;
+#pragma unroll
     for (int t = 0; t < 2; ++t) {
       const Term& tm = p.terms[problem][t];
       const int64_t k = tm.k, tk = (k + 127) / 128, l4 = round_up4(tk);
-      if (tid != 0) continue;
-      A[t] = TileOperand{tm.a + row0 * k, k, kTileRows, tm.sa + row0 * tk, tk};
-      B[t] = TileOperand{tm.b + g * n * k + n0 * k, k, n_valid, tm.sb + g * ((n + 127) / 128) * l4 + (n0 / 128) * l4,
-                         0};
-      klen[t] = k;
-      steps[t] = t < p.n_terms[problem] ? static_cast<int>(tk) : 0;
+      w.a[t] = TileOperand{tm.a + row0 * k, k, kTileRows, tm.sa + row0 * tk, tk};
+      w.b[t] = TileOperand{tm.b + g * n * k + n0 * k, k, w.n_valid,
+                           tm.sb + g * ((n + 127) / 128) * l4 + (n0 / 128) * l4, 0};
+      w.klen[t] = k;
+      w.steps[t] = t < p.n_terms[problem] ? static_cast<int>(tk) : 0;
     }
-    y = p.y[problem] + row0 * n + n0;
-    ldy = n;
+    w.y = p.y[problem] + row0 * n + n0;
+    w.ldy = n;
+    w.problem = problem;
+    w.a_row = static_cast<int>(row0);
+    w.b_row = static_cast<int>(g * n + n0);
   } else {
-    const int64_t g = blockIdx.z;
+    const int64_t g = z;
     const int64_t first = p.bounds[g], ng = p.bounds[g + 1] - first;
-    if (ng <= 0) return;
-    problem = static_cast<int>(blockIdx.y) / p.m_tiles;
-    const int64_t m0 = static_cast<int64_t>(blockIdx.y % p.m_tiles) * kTileRows, m = p.m, n = p.n;
-    m_valid = clamp_tile(m - m0);
-    n_valid = clamp_tile(n - n0);
+    if (ng <= 0) return false;
+    const int problem = yy / p.m_tiles;
+    const int64_t m0 = static_cast<int64_t>(yy % p.m_tiles) * kTileRows, m = p.m, n = p.n;
+    w.m_valid = clamp_tile(m - m0);
+    w.n_valid = clamp_tile(n - n0);
+#pragma unroll
     for (int t = 0; t < 2; ++t) {
       const Term& tm = p.terms[problem][t];
-      if (tid != 0) continue;
-      A[t] = TileOperand{tm.a + first * m + m0 * ng, ng, m_valid, tm.sa + m0 * p.scale_tiles + first / 128,
-                         p.scale_tiles};
-      B[t] = TileOperand{tm.b + first * n + n0 * ng, ng, n_valid, tm.sb + n0 * p.scale_tiles + first / 128,
-                         p.scale_tiles};
-      klen[t] = ng;
-      steps[t] = t < p.n_terms[problem] ? static_cast<int>(ng / 128) : 0;
+      w.a[t] = TileOperand{tm.a + first * m + m0 * ng, ng, w.m_valid, tm.sa + m0 * p.scale_tiles + first / 128,
+                           p.scale_tiles};
+      w.b[t] = TileOperand{tm.b + first * n + n0 * ng, ng, w.n_valid, tm.sb + n0 * p.scale_tiles + first / 128,
+                           p.scale_tiles};
+      w.klen[t] = ng;
+      w.steps[t] = t < p.n_terms[problem] ? static_cast<int>(ng / 128) : 0;
     }
-    y = p.y[problem] + g * m * n + m0 * n + n0;
-    ldy = n;
+    w.y = p.y[problem] + g * m * n + m0 * n + n0;
+    w.ldy = n;
+  }
+  return true;
+}
+
+// Step kb of a term (operands a, b of K length klen) into stage memory `base`, by loader thread lt of kLoaders: codes
+// of a and b (zero past the operand's rows or K) and the step's 128 + 128 scales.
+template <int kLoaders>
+__device__ __forceinline__ void load_scales(uint8_t* base, int lt, const TileOperand& a, const TileOperand& b,
+                                            int kb);
+
+template <int kLoaders>
+__device__ __forceinline__ void load_step(uint8_t* base, int lt, const TileOperand& a, const TileOperand& b,
+                                          int64_t klen, int kb) {
+  const int64_t k0 = static_cast<int64_t>(kb) * kStepBytes;
+#pragma unroll
+  for (int i = 0; i < kTileRows * kStepBytes / 16 / kLoaders; ++i) {
+    const int idx = lt + i * kLoaders, r = idx / 8, c = idx % 8;
+    const bool kin = k0 + c * 16 < klen;
+    const bool oka = kin && r < a.rows, okb = kin && r < b.rows;
+    cp_async16(base + swz(r, c), oka ? a.codes + r * a.ld + k0 + c * 16 : a.codes, oka);
+    cp_async16(base + kTileBytes + swz(r, c), okb ? b.codes + r * b.ld + k0 + c * 16 : b.codes, okb);
+  }
+  load_scales<kLoaders>(base, lt, a, b, kb);
+}
+
+// The step's 128 + 128 scales (zero past the operands' rows).
+template <int kLoaders>
+__device__ __forceinline__ void load_scales(uint8_t* base, int lt, const TileOperand& a, const TileOperand& b,
+                                            int kb) {
+  float* scales = reinterpret_cast<float*>(base + 2 * kTileBytes);
+#pragma unroll
+  for (int i = lt; i < 2 * kTileRows; i += kLoaders) {
+    if (i < kTileRows) {
+      const bool ok = i < a.rows;
+      cp_async4(scales + i, ok ? a.scales + i * a.s_row + kb : a.scales, ok);
+    } else {
+      const int r = i - kTileRows;
+      const bool ok = r < b.rows;
+      cp_async4(scales + i, ok ? b.scales + r * b.s_row + kb : b.scales, ok);
+    }
+  }
+}
+
+// Step s of the tile (the first term's steps, then the second's).
+template <int kLoaders>
+__device__ __forceinline__ void load_step_of(uint8_t* base, int lt, int s, const TileWork& w) {
+  const int t = s < w.steps[0] ? 0 : 1;
+  load_step<kLoaders>(base, lt, w.a[t], w.b[t], w.klen[t], t == 0 ? s : s - w.steps[0]);
+}
+
+// One step on the tensor cores for warpgroup wg: part = a[wg's 64 rows] · bᵀ over the step's 128 bytes of K.
+__device__ __forceinline__ void mma_step(float (&part)[64], uint32_t stage_addr, int wg) {
+  const uint64_t da = smem_desc(stage_addr + wg * 64 * kStepBytes), db = smem_desc(stage_addr + kTileBytes);
+#pragma unroll
+  for (int i = 0; i < 64; ++i) fence_operand(part[i]);
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < kStepBytes / 32; ++ks) wgmma_m64n128k32(part, da + 2 * ks, db + 2 * ks, ks > 0);
+  wgmma_commit();
+}
+
+// acc += (sa · sb) · part, the fragment's rows r0 and r0 + 8, columns c · 8 + 2 · (lane % 4) + {0, 1}.
+__device__ __forceinline__ void promote(float (&acc)[64], float (&part)[64], const float* ss, int r0, int lane) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) fence_operand(part[i]);
+  const float sa0 = ss[r0], sa1 = ss[r0 + 8];
+#pragma unroll
+  for (int c = 0; c < 16; ++c) {
+    const float2 sb = *reinterpret_cast<const float2*>(ss + kTileRows + c * 8 + 2 * (lane % 4));
+    acc[4 * c + 0] = fmaf(sa0 * sb.x, part[4 * c + 0], acc[4 * c + 0]);
+    acc[4 * c + 1] = fmaf(sa0 * sb.y, part[4 * c + 1], acc[4 * c + 1]);
+    acc[4 * c + 2] = fmaf(sa1 * sb.x, part[4 * c + 2], acc[4 * c + 2]);
+    acc[4 * c + 3] = fmaf(sa1 * sb.y, part[4 * c + 3], acc[4 * c + 3]);
+  }
+}
+
+// The fragment's sums into the tile's outputs (tokens form: added to them).
+template <bool kTokens>
+__device__ __forceinline__ void store_tile(const float (&acc)[64], float* y, int64_t ldy, int m_valid, int n_valid,
+                                           int r0, int lane) {
+#pragma unroll
+  for (int c = 0; c < 16; ++c) {
+    const int col = c * 8 + 2 * (lane % 4);
+    if (col >= n_valid) continue;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = r0 + h * 8;
+      if (r >= m_valid) continue;
+      float2* out = reinterpret_cast<float2*>(y + r * ldy + col);
+      float2 v = make_float2(acc[4 * c + 2 * h], acc[4 * c + 2 * h + 1]);
+      if constexpr (kTokens) {
+        const float2 old = *out;
+        v.x += old.x;
+        v.y += old.y;
+      }
+      *out = v;
+    }
+  }
+}
+
+// Stages start on a 1024-byte boundary (the swizzle pattern repeats every 8 rows of 128 bytes).
+__device__ __forceinline__ uint8_t* aligned_stages(uint8_t* raw) {
+  const uint32_t a = smem_u32(raw);
+  return raw + (((a + 1023) & ~1023u) - a);
+}
+
+// Synchronous pipeline: one block per tile (grid = tiles), every thread copies, a block barrier per step.
+template <bool kTokens>
+__global__ void __launch_bounds__(kConsumers, 1) grouped_gemm_sync_kernel(const __grid_constant__ Args p) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = aligned_stages(smem_raw);
+  const uint32_t smem_addr = smem_u32(smem);
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  // The tile's operands in shared memory (every thread computes them, thread 0 stores them): kept out of the
+  // registers, which the sums need.
+  __shared__ TileWork tw;
+  {
+    TileWork w;
+    if (!tile_work<kTokens>(p, blockIdx.x, blockIdx.y, blockIdx.z, w)) return;
+    if (tid == 0) tw = w;
   }
   __syncthreads();
-  const int total_steps = steps[0] + steps[1];
-
-  auto load = [&](int s, int stage) {
-    const int t = s < steps[0] ? 0 : 1;
-    const int kb = t == 0 ? s : s - steps[0];
-    const TileOperand& a = A[t];
-    const TileOperand& b = B[t];
-    uint8_t* base = smem + stage * kStageBytes;
-    const int64_t k0 = static_cast<int64_t>(kb) * kStepBytes;
+  const int total_steps = tw.steps[0] + tw.steps[1];
+  const int wg = warp / 4;
+  const int r0 = wg * 64 + (warp % 4) * 16 + lane / 4;  // the fragment's first row in the tile
+  float acc[64], part[64];
 #pragma unroll
-    for (int i = 0; i < kTileRows * kStepBytes / 16 / kThreads; ++i) {
-      const int idx = tid + i * kThreads, r = idx / 8, c = idx % 8;
-      const bool kin = k0 + c * 16 < klen[t];
-      const bool oka = kin && r < a.rows, okb = kin && r < b.rows;
-      cp_async16(base + swz(r, c), oka ? a.codes + r * a.ld + k0 + c * 16 : a.codes, oka);
-      cp_async16(base + kTileBytes + swz(r, c), okb ? b.codes + r * b.ld + k0 + c * 16 : b.codes, okb);
-    }
-    float* scales = reinterpret_cast<float*>(base + 2 * kTileBytes);
-    if (tid < kTileRows) {
-      const bool ok = tid < a.rows;
-      cp_async4(scales + tid, ok ? a.scales + tid * a.s_row + kb : a.scales, ok);
-    } else {
-      const int r = tid - kTileRows;
-      const bool ok = r < b.rows;
-      cp_async4(scales + kTileRows + r, ok ? b.scales + r * b.s_row + kb : b.scales, ok);
-    }
-  };
-
-  float acc[4][4][4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i)
-#pragma unroll
-    for (int j = 0; j < 4; ++j)
-#pragma unroll
-      for (int v = 0; v < 4; ++v) acc[i][j][v] = 0.0f;
-
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f, part[i] = 0.0f;
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < total_steps) load(s, s);
+    if (s < total_steps) load_step_of<kConsumers>(smem + s * kStageBytes, tid, s, tw);
     cp_async_commit();
   }
-  const int gid = lane / 4, tig = lane % 4;
   for (int s = 0; s < total_steps; ++s) {
+    const int stage = s % kStages;
     cp_async_wait<kStages - 2>();
-    __syncthreads();
-    {
-      const int nx = s + kStages - 1;
-      if (nx < total_steps) load(nx, nx % kStages);
-      cp_async_commit();
-    }
-    const uint8_t* as = smem + (s % kStages) * kStageBytes;
-    const uint8_t* bs = as + kTileBytes;
-    const float* ss = reinterpret_cast<const float*>(as + 2 * kTileBytes);
-    float part[4][4][4];
-#pragma unroll
-    for (int i = 0; i < 4; ++i)
-#pragma unroll
-      for (int j = 0; j < 4; ++j)
-#pragma unroll
-        for (int v = 0; v < 4; ++v) part[i][j][v] = 0.0f;
-#pragma unroll
-    for (int ks = 0; ks < kStepBytes / 32; ++ks) {
-      uint32_t af[4][4], bf[2][4];
-#pragma unroll
-      for (int mt = 0; mt < 4; ++mt) {
-        const int r = wm * 64 + mt * 16 + (lane % 8) + (lane / 8 % 2) * 8;
-        ldsm_x4(af[mt], as + swz(r, 2 * ks + lane / 16));
-      }
-#pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        const int r = wn * 32 + np * 16 + (lane % 8) + (lane / 16) * 8;
-        ldsm_x4(bf[np], bs + swz(r, 2 * ks + lane / 8 % 2));
-      }
-#pragma unroll
-      for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt)
-          mma_e4m3(part[mt][nt], af[mt], bf[nt / 2][(nt % 2) * 2], bf[nt / 2][(nt % 2) * 2 + 1]);
-    }
-#pragma unroll
-    for (int mt = 0; mt < 4; ++mt) {
-      const int r = wm * 64 + mt * 16 + gid;
-      const float sa0 = ss[r], sa1 = ss[r + 8];
-#pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        const int c = wn * 32 + nt * 8 + tig * 2;
-        const float sb0 = ss[kTileRows + c], sb1 = ss[kTileRows + c + 1];
-        acc[mt][nt][0] = fmaf(sa0 * sb0, part[mt][nt][0], acc[mt][nt][0]);
-        acc[mt][nt][1] = fmaf(sa0 * sb1, part[mt][nt][1], acc[mt][nt][1]);
-        acc[mt][nt][2] = fmaf(sa1 * sb0, part[mt][nt][2], acc[mt][nt][2]);
-        acc[mt][nt][3] = fmaf(sa1 * sb1, part[mt][nt][3], acc[mt][nt][3]);
-      }
-    }
+    fence_proxy_async();
+    __syncthreads();  // step s landed for every thread; step s - 1's stage is free (read by both warpgroups)
+    mma_step(part, smem_addr + stage * kStageBytes, wg);
+    const int nx = s + kStages - 1;  // copies of a later step overlap this step's WGMMAs
+    if (nx < total_steps) load_step_of<kConsumers>(smem + (nx % kStages) * kStageBytes, tid, nx, tw);
+    cp_async_commit();
+    wgmma_wait_all();
+    promote(acc, part, reinterpret_cast<const float*>(smem + stage * kStageBytes + 2 * kTileBytes), r0, lane);
   }
   cp_async_wait<0>();
+  store_tile<kTokens>(acc, tw.y, tw.ldy, tw.m_valid, tw.n_valid, r0, lane);
+}
 
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt) {
-#pragma unroll
-    for (int nt = 0; nt < 4; ++nt) {
-      const int c = wn * 32 + nt * 8 + tig * 2;
-      if (c >= n_valid) continue;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int r = wm * 64 + mt * 16 + gid + h * 8;
-        if (r >= m_valid) continue;
-        float2* out = reinterpret_cast<float2*>(y + r * ldy + c);
-        float2 v = make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
-        if constexpr (kTokens) {
-          const float2 old = *out;
-          v.x += old.x;
-          v.y += old.y;
+// Specialized pipeline, persistent: gridDim.x blocks walk the tiles t = blockIdx.x, + gridDim.x, ... (x fastest,
+// then y, then z: the order of the synchronous grid). A producer warpgroup copies every step of the block's tiles into
+// the ring of stages (full[stage] completes when the 128 producers' copies of the step have landed); the two consumer
+// warpgroups wait on it, multiply, promote, and free the stage (empty[stage], 256 arrivals). The ring runs across
+// tiles, so the next tile's first steps load while the current one's last steps and stores run.
+template <bool kTokens, bool kTma>
+__global__ void __launch_bounds__(kConsumers + kProducers, 1)
+    grouped_gemm_specialized_kernel(const __grid_constant__ Args p) {
+  static_assert(!(kTokens && kTma), "TMA loads: rows form only");
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = aligned_stages(smem_raw);
+  const uint32_t smem_addr = smem_u32(smem);
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  __shared__ __align__(8) uint64_t full[kStages], empty[kStages];
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], kTma ? kProducers + 1 : kProducers);  // Tma: + the expect_tx arrival
+      mbar_init(&empty[s], kConsumers);
+    }
+  }
+  __syncthreads();
+  const int tiles = p.tiles_x * p.tiles_y * p.tiles_z;  // < 2^31 (checked on the host)
+
+  if (tid >= kConsumers) {  // producer warpgroup
+    const int lt = tid - kConsumers;
+    int it = 0;  // steps issued by this block so far: stage it % kStages, round it / kStages
+    for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+      TileWork w;
+      if (!tile_work<kTokens>(p, t % p.tiles_x, t / p.tiles_x % p.tiles_y, t / p.tiles_x / p.tiles_y, w))
+        continue;
+#pragma unroll 1
+      for (int term = 0; term < 2; ++term) {
+        const TileOperand a = term == 0 ? w.a[0] : w.a[1], b = term == 0 ? w.b[0] : w.b[1];
+        const int64_t klen = term == 0 ? w.klen[0] : w.klen[1];
+        const int steps = term == 0 ? w.steps[0] : w.steps[1];
+        for (int kb = 0; kb < steps; ++kb, ++it) {
+          const int stage = it % kStages;
+          if (it >= kStages) mbar_wait(&empty[stage], static_cast<uint32_t>((it / kStages - 1) & 1));
+          uint8_t* base = smem + stage * kStageBytes;
+          if constexpr (kTma) {
+            if (lt == 0) {
+              mbar_arrive_expect_tx(&full[stage], 2 * kTileBytes);
+              tma_load_2d(base, &p.maps[w.problem][term][0], kb * kStepBytes, w.a_row, &full[stage]);
+              tma_load_2d(base + kTileBytes, &p.maps[w.problem][term][1], kb * kStepBytes, w.b_row, &full[stage]);
+            }
+            load_scales<kProducers>(base, lt, a, b, kb);
+          } else {
+            load_step<kProducers>(base, lt, a, b, klen, kb);
+          }
+          cp_async_arrive(&full[stage]);
         }
-        *out = v;
       }
     }
+    cp_async_wait<0>();
+    return;
+  }
+
+  const int wg = warp / 4;
+  const int r0 = wg * 64 + (warp % 4) * 16 + lane / 4;  // the fragment's first row in the tile
+  float acc[64], part[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) part[i] = 0.0f;
+  int it = 0;
+  for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
+    TileWork w;
+    if (!tile_work<kTokens>(p, t % p.tiles_x, t / p.tiles_x % p.tiles_y, t / p.tiles_x / p.tiles_y, w))
+      continue;
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    const int total_steps = w.steps[0] + w.steps[1];
+    for (int s = 0; s < total_steps; ++s, ++it) {
+      const int stage = it % kStages;
+      mbar_wait(&full[stage], static_cast<uint32_t>((it / kStages) & 1));
+      __syncwarp();  // converged for the warpgroup-wide (.aligned) WGMMA instructions
+      fence_proxy_async();
+      mma_step(part, smem_addr + stage * kStageBytes, wg);
+      wgmma_wait_all();
+      promote(acc, part, reinterpret_cast<const float*>(smem + stage * kStageBytes + 2 * kTileBytes), r0, lane);
+      mbar_arrive(&empty[stage]);
+    }
+    store_tile<kTokens>(acc, w.y, w.ldy, w.m_valid, w.n_valid, r0, lane);
   }
 }
 
@@ -327,17 +532,81 @@ Args make_args(const GroupedProblem* problems, int n_problems, const int64_t* bo
   return a;
 }
 
-template <bool kTokens> void launch(const Args& a, dim3 grid, cudaStream_t stream) {
-  CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_kernel<kTokens>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  kSmemBytes));
-  grouped_gemm_kernel<kTokens><<<grid, kThreads, kSmemBytes, stream>>>(a);
+int sm_count() {
+  int device = 0, sms = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+GroupedKernel resolve(GroupedKernel k) {
+  if (k != GroupedKernel::Default) return k;
+  static const GroupedKernel from_env = [] {
+    const char* v = std::getenv("MOERL_GROUPED_WGMMA");
+    if (v == nullptr || *v == '\0' || std::string(v) == "tma") return GroupedKernel::Tma;
+    if (std::string(v) == "specialized") return GroupedKernel::Specialized;
+    if (std::string(v) == "sync") return GroupedKernel::Synchronous;
+    throw Error(std::string("MOERL_GROUPED_WGMMA must be tma, specialized or sync, got ") + v);
+  }();
+  return from_env;
+}
+
+// cuTensorMapEncodeTiled from the driver, through the runtime (no link against libcuda).
+PFN_cuTensorMapEncodeTiled_v12000 encode_tiled() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault, &q));
+    require(q == cudaDriverEntryPointSuccess && f != nullptr, "fp8::cuda::grouped_gemm: no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A [rows, k] byte matrix (row stride k) as a 2-D tensor map with 128 x 128-byte boxes in the 128-byte swizzle
+// (the layout swz() gives the cp.async copies); reads past the matrix are zeros.
+CUtensorMap codes_map(const uint8_t* codes, int64_t rows, int64_t k) {
+  CUtensorMap m;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(k), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(k)};
+  const cuuint32_t box[2] = {kStepBytes, kTileRows};
+  const cuuint32_t elem[2] = {1, 1};
+  const CUresult r = encode_tiled()(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(codes), dims, strides,
+                                    box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                    CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  require(r == CUDA_SUCCESS, "fp8::cuda::grouped_gemm: cuTensorMapEncodeTiled failed (" + std::to_string(r) + ")");
+  return m;
+}
+
+// One block per tile (synchronous) or one persistent block per SM at most (specialized).
+template <bool kTokens> void launch(Args a, dim3 grid, GroupedKernel kernel, cudaStream_t stream) {
+  a.tiles_x = static_cast<int>(grid.x), a.tiles_y = static_cast<int>(grid.y), a.tiles_z = static_cast<int>(grid.z);
+  const GroupedKernel k = resolve(kernel);
+  if (k == GroupedKernel::Specialized || k == GroupedKernel::Tma) {
+    const int64_t tiles = static_cast<int64_t>(grid.x) * grid.y * grid.z;
+    require(tiles < (int64_t{1} << 31), "fp8::cuda::grouped_gemm: more than 2^31 tiles");
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(tiles, sm_count()));
+    if (!kTokens && k == GroupedKernel::Tma) {
+      CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_specialized_kernel<false, true>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+      grouped_gemm_specialized_kernel<false, true><<<blocks, kConsumers + kProducers, kSmemBytes, stream>>>(a);
+    } else {
+      CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_specialized_kernel<kTokens, false>,
+                                      cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes));
+      grouped_gemm_specialized_kernel<kTokens, false><<<blocks, kConsumers + kProducers, kSmemBytes, stream>>>(a);
+    }
+  } else {
+    CUDA_CHECK(cudaFuncSetAttribute(grouped_gemm_sync_kernel<kTokens>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                    kSmemBytes));
+    grouped_gemm_sync_kernel<kTokens><<<grid, kConsumers, kSmemBytes, stream>>>(a);
+  }
   CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
 
 void grouped_gemm_nt_rows(const GroupedProblem* problems, int n_problems, const int64_t* bounds, int64_t groups,
-                          int64_t max_rows, int64_t n, cudaStream_t stream) {
+                          int64_t max_rows, int64_t n, cudaStream_t stream, GroupedKernel kernel) {
   check("grouped_gemm_nt_rows", problems, n_problems, bounds, groups, true);
   require(n > 0 && n % 16 == 0 && max_rows >= 0 && max_rows % 128 == 0 && max_rows / 128 <= 65535,
           "fp8::cuda::grouped_gemm_nt_rows: needs N a positive multiple of 16 and max_rows a multiple of 128 "
@@ -345,13 +614,21 @@ void grouped_gemm_nt_rows(const GroupedProblem* problems, int n_problems, const 
   if (max_rows == 0) return;
   Args a = make_args(problems, n_problems, bounds, groups);
   a.n = n;
+  if (resolve(kernel) == GroupedKernel::Tma)
+    for (int i = 0; i < 2; ++i)
+      for (int t = 0; t < 2; ++t) {
+        const Term& tm = a.terms[i][t];
+        a.maps[i][t][0] = codes_map(tm.a, max_rows, tm.k);
+        a.maps[i][t][1] = codes_map(tm.b, groups * n, tm.k);
+      }
   launch<false>(a, dim3(static_cast<unsigned>(tiles128(n)), static_cast<unsigned>(max_rows / 128),
                         static_cast<unsigned>(n_problems)),
-                stream);
+                kernel, stream);
 }
 
 void grouped_gemm_nt_tokens_accumulate(const GroupedProblem* problems, int n_problems, const int64_t* bounds,
-                                       int64_t groups, int64_t rows, int64_t m, int64_t n, cudaStream_t stream) {
+                                       int64_t groups, int64_t rows, int64_t m, int64_t n, cudaStream_t stream,
+                                       GroupedKernel kernel) {
   check("grouped_gemm_nt_tokens_accumulate", problems, n_problems, bounds, groups, false);
   require(m > 0 && n > 0 && m % 16 == 0 && n % 16 == 0 && rows >= 0 && tiles128(m) * n_problems <= 65535,
           "fp8::cuda::grouped_gemm_nt_tokens_accumulate: needs M and N positive multiples of 16, got M=" +
@@ -364,7 +641,7 @@ void grouped_gemm_nt_tokens_accumulate(const GroupedProblem* problems, int n_pro
   a.m_tiles = static_cast<int>(tiles128(m));
   launch<true>(a, dim3(static_cast<unsigned>(tiles128(n)), static_cast<unsigned>(a.m_tiles * n_problems),
                        static_cast<unsigned>(groups)),
-               stream);
+               kernel, stream);
 }
 
 }  // namespace moerl::fp8::cuda

@@ -2,11 +2,15 @@
 // group: the rows form (Fprop / Dgrad: groups of rows, a stacked weight per group, one or two terms, one or two
 // problems per launch) and the tokens form (Wgrad: each group's packed transposed codes, accumulated). Groups with
 // no rows, partial tiles along N, M and K. Fresh seed per run (printed; MOERL_TEST_SEED=<n> repeats it), outputs
-// poisoned with NaN first; one timing line at bench-600m's expert shapes.
+// poisoned with NaN first. Every pipeline of the kernel (GroupedKernel::Tma, ::Specialized, ::Synchronous) is
+// checked and they must agree bit for bit (same sums in the same order). Timing lines at bench-600m's expert shapes
+// and at the MoE layer bench's (T=16384, hidden 2048, moe_intermediate 1408, 64 experts top-6).
 //
 // Tolerance (relative L2 error, NaN fails): both sides multiply the same codes and scales; they differ by the order
 // of the FP32 sums and the tensor cores' accumulation inside a 128-group (about 2^-14 relative on H100-class
 // parts, DeepSeek-V3 §3.3.2), so rel_l2 < 1e-3 (as tests/gpu/linear_gpu.cpp's single GEMMs; measured there 1.3e-4).
+// Measured on the H200: the mma.sync kernel 5e-8 (d902903), the WGMMA kernel 1.2e-4 in both forms (WGMMA's FP8
+// products are summed inside a 128-group with fewer mantissa bits than FP32: the 2^-14 above; the limit stands).
 // A wrong group's rows, weight or scales gives errors of order 1.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
@@ -41,6 +45,13 @@ double rel_l2(const std::vector<float>& got, const std::vector<float>& ref) {
 }
 
 int64_t round128(int64_t n) { return (n + 127) / 128 * 128; }
+
+constexpr fp8::cuda::GroupedKernel kKernels[] = {
+    fp8::cuda::GroupedKernel::Tma, fp8::cuda::GroupedKernel::Specialized, fp8::cuda::GroupedKernel::Synchronous};
+const char* kernel_name(fp8::cuda::GroupedKernel k) {
+  if (k == fp8::cuda::GroupedKernel::Tma) return "tma";
+  return k == fp8::cuda::GroupedKernel::Specialized ? "specialized" : "sync";
+}
 
 std::vector<int64_t> bounds_of(const std::vector<int64_t>& counts) {
   std::vector<int64_t> b(counts.size() + 1, 0);
@@ -122,26 +133,35 @@ TEST_F(Fp8GroupedGemmGpu, RowsFormMatchesTheCpuReferencePerGroup) {
   // Rows past bounds[G] (max_rows larger than the groups) stay untouched: the poison there must survive.
   const int64_t max_rows = rows + 256;
   DeviceBuffer<float> y0(max_rows * N), y1(max_rows * N);
-  y0.poison(), y1.poison();
   fp8::cuda::GroupedProblem pr[2];
   const fp8::cuda::GroupedTerm t0{da0.get(), ds0.get(), dw0.get(), dws0.get(), K0};
   const fp8::cuda::GroupedTerm t1{da1.get(), ds1.get(), dw1.get(), dws1.get(), K1};
   pr[0].terms[0] = t0, pr[0].y = y0.get();
   pr[1].terms[0] = t0, pr[1].terms[1] = t1, pr[1].n_terms = 2, pr[1].y = y1.get();
-  fp8::cuda::grouped_gemm_nt_rows(pr, 2, db.get(), G, max_rows, N, nullptr);
-  CUDA_CHECK(cudaDeviceSynchronize());
-  std::vector<float> got0 = y0.download(), got1 = y1.download();
-  for (int64_t i = rows * N; i < max_rows * N; ++i) ASSERT_TRUE(std::isnan(got0[i])) << "row past the groups written";
-  got0.resize(static_cast<size_t>(rows * N)), got1.resize(static_cast<size_t>(rows * N));
-  const double e0 = rel_l2(got0, ref0), e1 = rel_l2(got1, ref1);
-  std::printf("[ grouped  ] rows form N=%lld K=%lld: rel_l2 %.3e; two terms (+K=%lld): %.3e (limit 1e-3)\n",
-              static_cast<long long>(N), static_cast<long long>(K0), e0, static_cast<long long>(K1), e1);
-  EXPECT_LT(e0, 1e-3);
-  EXPECT_LT(e1, 1e-3);
-  // Zero rows (padding of each group) give exact zeros.
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t r = bounds[g] + counts[g]; r < bounds[g + 1]; ++r)
-      for (int64_t j = 0; j < N; ++j) ASSERT_EQ(got1[r * N + j], 0.0f) << "zero row " << r;
+  std::vector<float> first0, first1;
+  for (const fp8::cuda::GroupedKernel kernel : kKernels) {
+    y0.poison(), y1.poison();
+    fp8::cuda::grouped_gemm_nt_rows(pr, 2, db.get(), G, max_rows, N, nullptr, kernel);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<float> got0 = y0.download(), got1 = y1.download();
+    for (int64_t i = rows * N; i < max_rows * N; ++i) ASSERT_TRUE(std::isnan(got0[i])) << "row past the groups written";
+    got0.resize(static_cast<size_t>(rows * N)), got1.resize(static_cast<size_t>(rows * N));
+    const double e0 = rel_l2(got0, ref0), e1 = rel_l2(got1, ref1);
+    std::printf("[ grouped  ] %s rows form N=%lld K=%lld: rel_l2 %.3e; two terms (+K=%lld): %.3e (limit 1e-3)\n",
+                kernel_name(kernel), static_cast<long long>(N), static_cast<long long>(K0), e0,
+                static_cast<long long>(K1), e1);
+    EXPECT_LT(e0, 1e-3);
+    EXPECT_LT(e1, 1e-3);
+    // Zero rows (padding of each group) give exact zeros.
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t r = bounds[g] + counts[g]; r < bounds[g + 1]; ++r)
+        for (int64_t j = 0; j < N; ++j) ASSERT_EQ(got1[r * N + j], 0.0f) << "zero row " << r;
+    if (first0.empty()) {
+      first0 = got0, first1 = got1;
+    } else {
+      EXPECT_TRUE(got0 == first0 && got1 == first1) << "the pipelines differ bit for bit";
+    }
+  }
 }
 
 TEST_F(Fp8GroupedGemmGpu, TokensFormAccumulatesTheCpuReferencePerGroup) {
@@ -180,47 +200,98 @@ TEST_F(Fp8GroupedGemmGpu, TokensFormAccumulatesTheCpuReferencePerGroup) {
   DeviceBuffer<int64_t> dbounds(bounds);
   fp8::cuda::GroupedProblem pr;
   pr.terms[0] = fp8::cuda::GroupedTerm{da.get(), dsa.get(), dbc.get(), dsb.get(), 0}, pr.y = dy.get();
-  fp8::cuda::grouped_gemm_nt_tokens_accumulate(&pr, 1, dbounds.get(), G, rows, M, N, nullptr);
-  CUDA_CHECK(cudaDeviceSynchronize());
-  const std::vector<float> got = dy.download();
-  // The empty group's output is untouched, bit for bit.
-  for (int64_t i = 0; i < M * N; ++i) ASSERT_EQ(got[1 * M * N + i], y0[1 * M * N + i]) << "empty group written";
-  const double err = rel_l2(got, ref);
-  std::printf("[ grouped  ] tokens form M=%lld N=%lld: rel_l2 %.3e (limit 1e-3)\n", static_cast<long long>(M),
-              static_cast<long long>(N), err);
-  EXPECT_LT(err, 1e-3);
+  std::vector<float> first;
+  for (const fp8::cuda::GroupedKernel kernel : kKernels) {
+    dy.upload(y0);
+    fp8::cuda::grouped_gemm_nt_tokens_accumulate(&pr, 1, dbounds.get(), G, rows, M, N, nullptr, kernel);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const std::vector<float> got = dy.download();
+    // The empty group's output is untouched, bit for bit.
+    for (int64_t i = 0; i < M * N; ++i) ASSERT_EQ(got[1 * M * N + i], y0[1 * M * N + i]) << "empty group written";
+    const double err = rel_l2(got, ref);
+    std::printf("[ grouped  ] %s tokens form M=%lld N=%lld: rel_l2 %.3e (limit 1e-3)\n", kernel_name(kernel),
+                static_cast<long long>(M), static_cast<long long>(N), err);
+    EXPECT_LT(err, 1e-3);
+    if (first.empty()) first = got; else EXPECT_TRUE(got == first) << "the pipelines differ bit for bit";
+  }
 }
 
-// Timing at bench-600m's routed experts (32 experts, T·k = 65536 rows, H = 1024, I = 704), the gate and up
-// projections in one launch: a diagnostic line, no threshold.
-TEST_F(Fp8GroupedGemmGpu, TimesTheBench600mForwardProjection) {
-  std::mt19937_64 rng(run_seed() + 79);
-  const int64_t G = 32, H = 1024, I = 704;
-  std::vector<int64_t> counts(static_cast<size_t>(G));
-  std::uniform_int_distribution<int64_t> spread(1700, 2400);
+// Random codes (finite E4M3 of either sign; the weights' smaller) and scales 1e-3: timing inputs.
+std::vector<uint8_t> random_codes(int64_t n, int mask, std::mt19937_64& rng) {
+  std::vector<uint8_t> codes(static_cast<size_t>(n));
+  std::uniform_int_distribution<int> byte(0, 0x7E);
+  for (uint8_t& c : codes) c = static_cast<uint8_t>((byte(rng) & mask) | (rng() & 1 ? 0x80 : 0));
+  return codes;
+}
+
+std::vector<int64_t> random_counts(int64_t groups, int64_t lo, int64_t hi, std::mt19937_64& rng) {
+  std::vector<int64_t> counts(static_cast<size_t>(groups));
+  std::uniform_int_distribution<int64_t> spread(lo, hi);
   for (int64_t& c : counts) c = spread(rng);
+  return counts;
+}
+
+// Rows form: problems x (rows x n x k) with the given groups, one line per pipeline. Diagnostic, no threshold.
+void time_rows(const char* what, const std::vector<int64_t>& counts, int problems, int64_t n, int64_t k,
+               std::mt19937_64& rng) {
+  const int64_t G = static_cast<int64_t>(counts.size());
   const std::vector<int64_t> bounds = bounds_of(counts);
   const int64_t rows = bounds.back();
-  std::vector<uint8_t> codes(static_cast<size_t>(rows * H));
-  std::uniform_int_distribution<int> byte(0, 0x7E);  // finite E4M3 codes of either sign
-  for (uint8_t& c : codes) c = static_cast<uint8_t>(byte(rng) | (rng() & 1 ? 0x80 : 0));
-  std::vector<uint8_t> wcodes(static_cast<size_t>(G * I * H));
-  for (uint8_t& c : wcodes) c = static_cast<uint8_t>(byte(rng) & 0x3F);
-  DeviceBuffer<uint8_t> da(codes), dw(wcodes);
-  DeviceBuffer<float> ds(std::vector<float>(static_cast<size_t>(rows * fp8::tiles(H)), 1e-3f));
-  DeviceBuffer<float> dws(std::vector<float>(static_cast<size_t>(G * fp8::cuda::cublaslt_scale_count(I, H, 128)),
+  DeviceBuffer<uint8_t> da(random_codes(rows * k, 0x7F, rng)), dw(random_codes(G * n * k, 0x3F, rng));
+  DeviceBuffer<float> ds(std::vector<float>(static_cast<size_t>(rows * fp8::tiles(k)), 1e-3f));
+  DeviceBuffer<float> dws(std::vector<float>(static_cast<size_t>(G * fp8::cuda::cublaslt_scale_count(n, k, 128)),
                                              1e-3f));
   DeviceBuffer<int64_t> db(bounds);
-  DeviceBuffer<float> g(rows * I), u(rows * I);
+  DeviceBuffer<float> y0(rows * n), y1(rows * n);
   fp8::cuda::GroupedProblem pr[2];
-  pr[0].terms[0] = fp8::cuda::GroupedTerm{da.get(), ds.get(), dw.get(), dws.get(), H}, pr[0].y = g.get();
-  pr[1] = pr[0], pr[1].y = u.get();
-  const double ms = moe_gpu_test::median_ms([&] { fp8::cuda::grouped_gemm_nt_rows(pr, 2, db.get(), G, rows, I, nullptr); });
-  const double flop = 2.0 * 2.0 * static_cast<double>(rows) * I * H;
-  std::printf("[ grouped  ] bench-600m gate+up: rows %lld x N %lld x K %lld x 2, %.3f ms, %.0f TFLOP/s\n",
-              static_cast<long long>(rows), static_cast<long long>(I), static_cast<long long>(H), ms,
-              flop / ms * 1e-9);
-  for (const float v : g.download()) ASSERT_TRUE(std::isfinite(v));
+  pr[0].terms[0] = fp8::cuda::GroupedTerm{da.get(), ds.get(), dw.get(), dws.get(), k}, pr[0].y = y0.get();
+  pr[1] = pr[0], pr[1].y = y1.get();
+  for (const fp8::cuda::GroupedKernel kernel : kKernels) {
+    const double ms = moe_gpu_test::median_ms(
+        [&] { fp8::cuda::grouped_gemm_nt_rows(pr, problems, db.get(), G, rows, n, nullptr, kernel); });
+    const double flop = 2.0 * problems * static_cast<double>(rows) * n * k;
+    std::printf("[ grouped  ] %s %s: rows %lld x N %lld x K %lld x %d, %.3f ms, %.0f TFLOP/s\n", kernel_name(kernel),
+                what, static_cast<long long>(rows), static_cast<long long>(n), static_cast<long long>(k), problems, ms,
+                flop / ms * 1e-9);
+    for (const float v : y0.download()) ASSERT_TRUE(std::isfinite(v));
+  }
+}
+
+// bench-600m's routed experts (32 experts, T·k = 65536 rows, H = 1024, I = 704), gate and up in one launch.
+TEST_F(Fp8GroupedGemmGpu, TimesTheBench600mForwardProjection) {
+  std::mt19937_64 rng(run_seed() + 79);
+  time_rows("bench-600m gate+up", random_counts(32, 1700, 2400, rng), 2, 704, 1024, rng);
+}
+
+// The MoE layer bench's routed experts (64 experts, T·k = 98304 rows, H = 2048, I = 1408): Fprop of gate+up and of
+// down, and the Wgrad of gate+up (tokens form, dW [I, H] per expert, K = each expert's rows).
+TEST_F(Fp8GroupedGemmGpu, TimesTheMoeLayerBenchProjections) {
+  std::mt19937_64 rng(run_seed() + 83);
+  const std::vector<int64_t> counts = random_counts(64, 1200, 1872, rng);
+  time_rows("moe-layer gate+up", counts, 2, 1408, 2048, rng);
+  time_rows("moe-layer down", counts, 1, 2048, 1408, rng);
+
+  const int64_t G = 64, M = 1408, N = 2048;
+  const std::vector<int64_t> bounds = bounds_of(counts);
+  const int64_t rows = bounds.back(), TR = fp8::tiles(rows);
+  DeviceBuffer<uint8_t> da(random_codes(rows * M, 0x7F, rng)), dbc(random_codes(rows * N, 0x3F, rng));
+  DeviceBuffer<float> dsa(std::vector<float>(static_cast<size_t>(M * TR), 1e-3f)),
+      dsb(std::vector<float>(static_cast<size_t>(N * TR), 1e-3f));
+  DeviceBuffer<int64_t> db(bounds);
+  DeviceBuffer<float> w0(std::vector<float>(static_cast<size_t>(G * M * N), 0.0f)),
+      w1(std::vector<float>(static_cast<size_t>(G * M * N), 0.0f));
+  fp8::cuda::GroupedProblem pr[2];
+  pr[0].terms[0] = fp8::cuda::GroupedTerm{da.get(), dsa.get(), dbc.get(), dsb.get(), 0}, pr[0].y = w0.get();
+  pr[1] = pr[0], pr[1].y = w1.get();
+  for (const fp8::cuda::GroupedKernel kernel : kKernels) {
+    const double ms = moe_gpu_test::median_ms(
+        [&] { fp8::cuda::grouped_gemm_nt_tokens_accumulate(pr, 2, db.get(), G, rows, M, N, nullptr, kernel); });
+    const double flop = 2.0 * 2 * static_cast<double>(rows) * M * N;
+    std::printf("[ grouped  ] %s moe-layer wgrad gate+up: M %lld x N %lld x rows %lld x 2, %.3f ms, %.0f TFLOP/s\n",
+                kernel_name(kernel), static_cast<long long>(M), static_cast<long long>(N),
+                static_cast<long long>(rows), ms, flop / ms * 1e-9);
+  }
+  for (const float v : w0.download()) ASSERT_TRUE(std::isfinite(v));
 }
 
 }  // namespace
