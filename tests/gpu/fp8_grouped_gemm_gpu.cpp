@@ -31,18 +31,10 @@ namespace {
 
 using moe_gpu_test::DeviceBuffer;
 using moe_gpu_test::normal_values;
+using moe_gpu_test::rel_l2;
 using moe_gpu_test::run_seed;
 using Fp8GroupedGemmGpu = moe_gpu_test::GpuTest;
 
-double rel_l2(const std::vector<float>& got, const std::vector<float>& ref) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    const double d = double{got[i]} - ref[i];
-    num += d * d;
-    den += double{ref[i]} * ref[i];
-  }
-  return std::isfinite(num) ? std::sqrt(num / den) : INFINITY;
-}
 
 int64_t round128(int64_t n) { return (n + 127) / 128 * 128; }
 

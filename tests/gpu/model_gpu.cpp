@@ -35,6 +35,7 @@ namespace moerl {
 namespace {
 
 using gpu::GpuModel;
+using moe_gpu_test::rel_l2;
 using moe_gpu_test::run_seed;
 using ModelGpu = moe_gpu_test::GpuTest;
 
@@ -50,16 +51,6 @@ double max_rel(const float* a, const float* b, int64_t n) {
   return std::isnan(diff) ? std::numeric_limits<double>::infinity() : diff / std::max(scale, 1e-30);
 }
 
-double rel_l2(const float* a, const float* b, int64_t n) {
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double d = static_cast<double>(a[i]) - b[i];
-    num += d * d;
-    den += static_cast<double>(b[i]) * b[i];
-  }
-  if (std::isnan(num)) return std::numeric_limits<double>::infinity();
-  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);  // both zero (an expert with no tokens): 0
-}
 
 double scalar_rel(double a, double b) { return std::abs(a - b) / std::max(std::abs(b), 1e-30); }
 

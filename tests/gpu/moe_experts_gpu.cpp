@@ -39,17 +39,10 @@ namespace {
 
 using moe_gpu_test::DeviceBuffer;
 using moe_gpu_test::normal_values;
+using moe_gpu_test::rel_l2;
 using moe_gpu_test::run_seed;
 using MoeExpertsGpu = moe_gpu_test::GpuTest;
 
-double rel_l2(const std::vector<float>& got, const std::vector<float>& ref) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < ref.size(); ++i) {
-    num += (double{got[i]} - ref[i]) * (double{got[i]} - ref[i]);
-    den += double{ref[i]} * ref[i];
-  }
-  return std::sqrt(num / den);
-}
 
 // FP32 host matrices -> BF16 on the device (uploaded as FP32, rounded by cuda::to_bf16).
 class Bf16Buffer {

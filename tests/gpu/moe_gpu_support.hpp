@@ -5,10 +5,12 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -55,6 +57,22 @@ template <class T> class DeviceBuffer {
   T* p_ = nullptr;
   size_t n_;
 };
+
+// ‖a − b‖₂ / ‖b‖₂ over n values in double; non-finite -> infinity (fails any bound); both zero -> 0 (an expert
+// with no tokens).
+inline double rel_l2(const float* a, const float* b, size_t n) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double d = static_cast<double>(a[i]) - b[i];
+    num += d * d;
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  if (!std::isfinite(num)) return std::numeric_limits<double>::infinity();
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+inline double rel_l2(const std::vector<float>& got, const std::vector<float>& ref) {
+  return rel_l2(got.data(), ref.data(), ref.size());
+}
 
 inline std::vector<float> normal_values(size_t n, float stddev, std::mt19937_64& rng) {
   std::normal_distribution<float> normal(0.0f, stddev);
