@@ -44,6 +44,13 @@ int serve(const ServeArgs& a) {
   const auto store = std::make_shared<store::DurableStore>(a.db);
   caf::actor_system_config config;
   actors::add_message_types(config);
+  // The endpoint's two actors (the sink's bridge and the collector) wait on the HTTP loop and the WAL, not on
+  // the CPU. CAF's default workers (one per core) poll for work, waking every 50 us for 25 ms after each job:
+  // that cost more CPU than the submissions (bench feedback, 2 cores: 2-4x the server's CPU per submission).
+  // One worker that sleeps on its condition variable as soon as its queue is empty.
+  config.set("scheduler.max-threads", int64_t{1});
+  config.set("work-stealing.aggressive-poll-attempts", int64_t{1});
+  config.set("work-stealing.moderate-poll-attempts", int64_t{0});
   caf::actor_system system{config};
   const auto sink = actors::collector_sink(system, store, "feedback/serve");
   feedback::FeedbackService service(*store, *sink, std::move(tokens), a.service);

@@ -90,7 +90,8 @@ class FeedbackService {
   using Reply = std::function<void(HttpResponse)>;
   void handle_async(const HttpRequest& request, Reply reply);
 
-  // Queues a pair to judge (the collector actor's entry point as well as POST /api/v1/pairs); durable on return.
+  // Queues a pair to judge (POST /api/v1/pairs, and the in-process preferences stage) through the sink; durable
+  // on return (blocks the caller for one commit).
   uint64_t add_pair(store::PairToJudge pair);
   size_t pairs() const;
   const ServiceOptions& options() const { return options_; }
