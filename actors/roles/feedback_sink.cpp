@@ -216,6 +216,17 @@ void ActorRecordSink::submit(store::Family family, uint64_t time_ns, std::vector
 
 std::string ActorRecordSink::name() const { return "actor " + name_; }
 
+std::string ActorRecordSink::metrics() const {
+  return "# HELP moerl_feedback_collector_batches_total Requests carrying submissions to the collector actor.\n"
+         "# TYPE moerl_feedback_collector_batches_total counter\nmoerl_feedback_collector_batches_total " +
+         std::to_string(batches()) +
+         "\n# TYPE moerl_feedback_collector_batched_records_total counter\nmoerl_feedback_collector_batched_records_total " +
+         std::to_string(batched_records()) +
+         "\n# HELP moerl_feedback_collector_restarts_total Collector actors respawned after a death.\n"
+         "# TYPE moerl_feedback_collector_restarts_total counter\nmoerl_feedback_collector_restarts_total " +
+         std::to_string(restarts()) + "\n";
+}
+
 feedback_collector_actor ActorRecordSink::collector() const {
   std::lock_guard lock(shared_->mutex);
   return shared_->collector;

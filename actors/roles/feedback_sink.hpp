@@ -34,6 +34,8 @@ class ActorRecordSink : public feedback::RecordSink {
 
   void submit(store::Family family, uint64_t time_ns, std::vector<uint8_t> bytes, Done done) override;
   std::string name() const override;
+  // moerl_feedback_collector_{batches,batched_records,restarts}_total.
+  std::string metrics() const override;
 
   // The collector now serving (tests kill it), and how many times it was respawned.
   feedback_collector_actor collector() const;

@@ -29,6 +29,8 @@ class RecordSink {
 
   // For /metrics and logs: "store" or e.g. "actor feedback/serve".
   virtual std::string name() const = 0;
+  // Lines of Prometheus text for /metrics about the sink's own work ("" when it has none).
+  virtual std::string metrics() const { return ""; }
 };
 
 // Straight into a DurableStore (its group commit): the sink of a service without actors.

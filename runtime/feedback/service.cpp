@@ -525,6 +525,7 @@ std::string FeedbackService::metrics() const {
   m << "# TYPE moerl_feedback_pairs_waiting gauge\nmoerl_feedback_pairs_waiting " << pairs() << "\n";
   m << "# HELP moerl_feedback_sink_info Where submissions go (\"store\": directly; \"actor ...\": the collector actor).\n"
        "# TYPE moerl_feedback_sink_info gauge\nmoerl_feedback_sink_info{sink=\"" << sink_.name() << "\"} 1\n";
+  m << sink_.metrics();
   return m.str();
 }
 

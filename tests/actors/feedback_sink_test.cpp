@@ -102,10 +102,11 @@ TEST(FeedbackEndpointThroughCollector, AcknowledgesAJudgementOnlyOnceTheCollecto
   const auto bytes = e.store->get(store::Family::Comparison, k);
   ASSERT_TRUE(bytes);
   EXPECT_EQ(*bytes, held[0].bytes);
-  // /metrics says where submissions go.
+  // /metrics says where submissions go, and counts what went through the collector.
   const auto metrics = e.client(kAdmin).Get("/metrics");
   ASSERT_TRUE(metrics);
   EXPECT_NE(metrics->body.find("moerl_feedback_sink_info{sink=\"actor feedback/test\"} 1"), std::string::npos);
+  EXPECT_NE(metrics->body.find("moerl_feedback_collector_batched_records_total 1\n"), std::string::npos) << metrics->body;
 }
 
 TEST(FeedbackEndpointThroughCollector, KeepsServingWhenTheCollectorIsKilledAndRespawnedOnTheSameStore) {
