@@ -146,18 +146,21 @@ uint64_t content_hash(std::span<const uint8_t> bytes) {
   return std::hash<std::string_view>{}(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
 }
 
+// The index key of a submission: its family and the hash of its bytes (a match is confirmed on the bytes).
+uint64_t submission_id(store::Family family, uint64_t hash) { return hash * 8 + static_cast<uint64_t>(family); }
+
 struct FeedbackState {
   std::string name;
   std::shared_ptr<store::DurableStore> store;
   // Submissions by family and hash of their bytes -> keys (a hash match is confirmed on the bytes).
-  std::multimap<std::pair<int, uint64_t>, store::Key> submitted;
+  std::unordered_multimap<uint64_t, store::Key> submitted;  // by submission_id(family, bytes)
   std::unordered_map<uint64_t, std::vector<uint8_t>> in_flight;  // bytes of writes not yet durable, by seq
   std::map<uint64_t, store::Key> pairs;                          // pair id -> key
   Waiters waiters;
 
   // The held record of `family` with exactly these bytes, if any.
   std::optional<store::Key> find_submission(store::Family family, std::span<const uint8_t> bytes) const {
-    const auto [lo, hi] = submitted.equal_range({static_cast<int>(family), content_hash(bytes)});
+    const auto [lo, hi] = submitted.equal_range(submission_id(family, content_hash(bytes)));
     for (auto it = lo; it != hi; ++it) {
       const auto flying = in_flight.find(it->second.seq);
       if (flying != in_flight.end()) {
@@ -188,7 +191,7 @@ feedback_collector_actor::behavior_type feedback_collector(feedback_collector_ac
   st.store = std::move(db);
   for (auto family : {store::Family::Comparison, store::Family::Rating, store::Family::Correction})
     st.store->scan(family, 0, UINT64_MAX, [&](const store::Key& k, std::span<const uint8_t> bytes) {
-      st.submitted.emplace(std::pair{static_cast<int>(family), content_hash(bytes)}, k);
+      st.submitted.emplace(submission_id(family, content_hash(bytes)), k);
       return true;
     });
   st.store->scan(store::Family::Pair, 0, UINT64_MAX, [&](const store::Key& k, std::span<const uint8_t> bytes) {
@@ -214,7 +217,7 @@ feedback_collector_actor::behavior_type feedback_collector(feedback_collector_ac
           const auto bytes = e.bytes;
           const auto key = st.store->append_async(family, now_ns(), std::move(e.bytes),
                                                   notify<feedback_collector_actor>(weak));
-          st.submitted.emplace(std::pair{static_cast<int>(family), hash}, key);
+          st.submitted.emplace(submission_id(family, hash), key);
           st.in_flight.emplace(key.seq, bytes);
           st.waiters.add(key.seq, promise, [&st, family] { return st.store->count(family); });
           return promise;
@@ -272,7 +275,7 @@ feedback_collector_actor::behavior_type feedback_collector(feedback_collector_ac
             unreleased = true;
             const auto key = st.store->append_async(family, now_ns(), std::move(batch[i].bytes), commit->hold());
             unreleased = false;
-            st.submitted.emplace(std::pair{static_cast<int>(family), hash}, key);
+            st.submitted.emplace(submission_id(family, hash), key);
             st.in_flight.emplace(key.seq, std::move(bytes));
             answer->keys[i] = RecordKey{key.time_ns, key.seq};
             await(key.seq);
