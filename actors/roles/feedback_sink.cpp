@@ -18,6 +18,9 @@ constexpr size_t kWindow = 2;
 // A batch waits for one WAL sync (ms); a collector that does not answer in this fails the batch (HTTP 500)
 // rather than leaving its clients waiting forever.
 constexpr auto kReplyTimeout = std::chrono::seconds(60);
+// A collector that dies again at once (e.g. its store cannot be read) is not respawned forever: past this many
+// restarts the dead one stays, and every submission is answered with the error (500) until the sink ends.
+constexpr uint64_t kMaxRestarts = 100;
 
 struct Item {
   store::Family family = store::Family::Comparison;
@@ -150,7 +153,7 @@ caf::behavior bridge(Bridge* self, std::shared_ptr<ActorRecordSink::Shared> shar
     if (m.source != st.collector.address()) return;
     {
       std::lock_guard lock(st.shared->mutex);
-      if (st.shared->closed) return;
+      if (st.shared->closed || st.shared->restarts >= kMaxRestarts) return;
     }
     // The requests it held come back as errors (their clients get a 500); new ones go to its successor.
     st.collector = st.spawn();

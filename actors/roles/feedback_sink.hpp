@@ -10,7 +10,7 @@
 //
 // Supervision: the bridge monitors the collector; when it dies, the requests it held fail (their HTTP clients
 // get a 500: not acknowledged) and a new collector is spawned on the same store (`spawn`), which reads back
-// every durable record.
+// every durable record (at most 100 times: then submissions fail with a 500 until the sink ends).
 #pragma once
 #include <functional>
 #include <memory>
