@@ -13,8 +13,12 @@ namespace {
 using sink_flush_atom = caf::atom_constant<caf::atom("sinkflush")>;
 using sink_stop_atom = caf::atom_constant<caf::atom("sinkstop")>;
 
-// Batches in flight to the collector: 2, so the next batch is queued in the store while one syncs.
-constexpr size_t kWindow = 2;
+// Batches in flight to the collector. Not 1 or 2: a batch held back until an earlier one is durable misses the
+// WAL sync it could have joined, so each record waits one sync longer and the 128 clients of bench feedback get
+// fewer answers per sync (measured, 2 cores: 13.6k/s with 2, 14.8k with 4, 24.6k-29.1k with 16). With 16 the
+// bridge sends what has queued at once, and the store's committer joins every batch queued during a sync into
+// the next one, as it does for direct writes.
+constexpr size_t kWindow = 16;
 // A batch waits for one WAL sync (ms); a collector that does not answer in this fails the batch (HTTP 500)
 // rather than leaving its clients waiting forever.
 constexpr auto kReplyTimeout = std::chrono::seconds(60);

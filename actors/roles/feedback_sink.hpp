@@ -5,8 +5,9 @@
 //
 // Batching: submit() (the HTTP event loop's thread) only appends to a queue under a mutex; a bridge actor
 // takes everything queued and sends it to the collector as one submit(vector<Envelope>) request, with at most
-// kWindow such batches in flight. So while the store syncs one batch, the next fills up: one or two actor
-// round trips per WAL sync instead of one per submission. Pairs go one by one (queue), they are rare.
+// 16 such batches in flight (what queued while the bridge was busy: a few to tens of records each). The store's
+// group commit joins every batch queued while a WAL sync runs into the next sync, as it does for direct writes.
+// Pairs go one by one (queue), they are rare.
 //
 // Supervision: the bridge monitors the collector; when it dies, the requests it held fail (their HTTP clients
 // get a 500: not acknowledged) and a new collector is spawned on the same store (`spawn`), which reads back
