@@ -29,6 +29,8 @@ std::string describe(const caf::error& e) {
 void add_message_types(caf::actor_system_config& config) {
   config.add_message_type<Envelope>("moerl.Envelope");
   config.add_message_type<std::vector<Envelope>>("std::vector<moerl.Envelope>");
+  config.add_message_type<RecordKey>("moerl.RecordKey");
+  config.add_message_type<std::vector<RecordKey>>("std::vector<moerl.RecordKey>");
 }
 
 }  // namespace moerl::actors

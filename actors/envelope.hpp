@@ -32,6 +32,16 @@ typename Inspector::result_type inspect(Inspector& f, Envelope& x) {
   return f(caf::meta::type_name("moerl.Envelope"), x.kind, x.bytes);
 }
 
+// Where a store keeps a record (store::Key): the time of its key and its sequence number in the store.
+struct RecordKey {
+  uint64_t time_ns = 0;
+  uint64_t seq = 0;
+};
+template <class Inspector>
+typename Inspector::result_type inspect(Inspector& f, RecordKey& x) {
+  return f(caf::meta::type_name("moerl.RecordKey"), x.time_ns, x.seq);
+}
+
 // The schema name and decoder of each message type an Envelope may carry.
 template <class T>
 struct MessageTraits;

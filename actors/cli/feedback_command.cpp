@@ -1,5 +1,6 @@
-// moerl feedback serve --db DIR --port N --tokens FILE: the feedback endpoint and page (runtime/feedback/),
-// and the `moerl bench feedback` load process.
+// moerl feedback serve --db DIR --port N --tokens FILE: the feedback endpoint and page (runtime/feedback/) in
+// front of a feedback collector actor (every submission goes through it: actors/roles/feedback_sink.hpp), and
+// the `moerl bench feedback` load process.
 #include <CLI/CLI.hpp>
 #include <httplib.h>
 #include <signal.h>
@@ -13,6 +14,7 @@
 
 #include "actors/cli/commands.hpp"
 #include "actors/cli/feedback.hpp"
+#include "actors/roles/feedback_sink.hpp"
 #include "runtime/error.hpp"
 #include "runtime/feedback/http_server.hpp"
 #include "runtime/feedback/load_client.hpp"
@@ -36,8 +38,22 @@ int serve(const ServeArgs& a) {
   sigaddset(&signals, SIGINT);
   sigaddset(&signals, SIGTERM);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
-  store::DurableStore store(a.db);
-  feedback::FeedbackService service(store, feedback::read_tokens(a.tokens), a.service);
+  auto tokens = feedback::read_tokens(a.tokens);
+  // Declared in this order so they end in the reverse one: the server (answers what is in flight), the service,
+  // the sink (stops the collector), the actor system, then the store the collector wrote.
+  const auto store = std::make_shared<store::DurableStore>(a.db);
+  caf::actor_system_config config;
+  actors::add_message_types(config);
+  // The endpoint's two actors (the sink's bridge and the collector) wait on the HTTP loop and the WAL, not on
+  // the CPU. CAF's default workers (one per core) poll for work, waking every 50 us for 25 ms after each job:
+  // that cost more CPU than the submissions (bench feedback, 2 cores: 2-4x the server's CPU per submission).
+  // One worker that sleeps on its condition variable as soon as its queue is empty.
+  config.set("scheduler.max-threads", int64_t{1});
+  config.set("work-stealing.aggressive-poll-attempts", int64_t{1});
+  config.set("work-stealing.moderate-poll-attempts", int64_t{0});
+  caf::actor_system system{config};
+  const auto sink = actors::collector_sink(system, store, "feedback/serve");
+  feedback::FeedbackService service(*store, *sink, std::move(tokens), a.service);
   feedback::HttpServer server(service, a.threads);
   const int port = server.bind(a.host, a.port);
   std::printf("listening on http://%s:%d\n", a.host.c_str(), port);

@@ -8,9 +8,11 @@
 // Duplicate deliveries are ignored: a record whose bytes equal a held record's (a resent message), or a pair
 // whose pair id is already held, is not stored again; its answer waits until the first copy is durable.
 //
-// The HTTP endpoint (runtime/feedback/, `moerl feedback serve`) can sit in front of it: spawned on a store the
-// caller shares, the endpoint's FeedbackService writes the same store, and reads the pairs queued here when it
-// is constructed (so queue pairs first, then open the endpoint on the same DurableStore object).
+// The HTTP endpoint (runtime/feedback/, `moerl feedback serve`, the preferences stage of `moerl run`) sits in
+// front of it: its FeedbackService hands every record to an ActorRecordSink (feedback_sink.hpp), which sends
+// them here in batches (submit with a vector) and answers each HTTP request from this actor's reply. The
+// service reads the same store object (pairs at construction, export, counts): spawn the collector on a store
+// the caller shares, queue pairs first, then open the endpoint.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -34,6 +36,10 @@ using feedback_collector_actor = caf::typed_actor<
     // A Comparison, Rating or Correction (schemaVersion checked). Reply, once durable: the number of records of
     // that kind now held.
     caf::replies_to<submit_atom, Envelope>::with<uint64_t>,
+    // Submissions in a batch (the HTTP endpoint's), each a Comparison, Rating or Correction as above, all checked
+    // before any is written (one malformed: the whole batch is refused). Reply, once every one is durable: their
+    // keys, in order (a duplicate delivery: the held copy's key). A failed write fails the batch.
+    caf::replies_to<submit_atom, std::vector<Envelope>>::with<std::vector<RecordKey>>,
     // Records of kind ("Comparison", "Rating", "Correction", "PairToJudge") from index `offset`, at most
     // `limit`, in time order (a submission's key carries its arrival time, a pair's its createdNs). Only
     // durable records are listed. Reply: the records.
@@ -45,7 +51,9 @@ using feedback_collector_actor = caf::typed_actor<
     // queue. Reply: that PairToJudge, or no Envelope when there is none.
     caf::replies_to<next_atom, uint64_t>::with<std::vector<Envelope>>,
     // Internal (sent by the store's committer thread): write `seq` is durable, or failed with the message.
-    caf::reacts_to<committed_atom, uint64_t, std::string>>;
+    caf::reacts_to<committed_atom, uint64_t, std::string>,
+    // Internal: the writes `seqs` of one batch are durable, or (any of them) failed with the message.
+    caf::reacts_to<committed_atom, std::vector<uint64_t>, std::string>>;
 
 // On the store in `db_dir` (created if missing). `db_dir` empty: a private store in a fresh temporary folder,
 // removed when the actor ends. Throws moerl::Error when the store cannot be opened (e.g. still held by a

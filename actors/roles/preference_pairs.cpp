@@ -11,6 +11,7 @@
 #include <thread>
 
 #include "actors/roles/feedback_collector.hpp"
+#include "actors/roles/feedback_sink.hpp"
 #include "actors/roles/replay_buffer.hpp"
 #include "actors/roles/rlhf_actors.hpp"
 #include "runtime/store/pair_record.hpp"
@@ -238,6 +239,13 @@ std::vector<std::vector<int32_t>> ActorPairSource::sample_and_queue(const PairJo
   stop_and_wait(self, collector);
   stop_and_wait(self, replay);
   return responses;
+}
+
+std::unique_ptr<feedback::RecordSink> ActorPairSource::judgement_sink(const PairJob& job) {
+  require(job.feedback != nullptr, "preferences stage " + job.stage + ": incomplete PairJob (no feedback store)");
+  // Not owned: the stage closes the store after this sink (and with it the collector) has ended.
+  const std::shared_ptr<store::DurableStore> feedback(std::shared_ptr<store::DurableStore>{}, job.feedback);
+  return collector_sink(system_, feedback, "feedback/" + job.stage + "/judgements");
 }
 
 }  // namespace moerl::actors

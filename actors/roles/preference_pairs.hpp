@@ -10,7 +10,8 @@
 //   feedback collector   the records read back from the buffer by policy version, paired by request, queued as
 //                        PairToJudge (pair id = request id = prompt index + 1) in the stage's feedback store,
 //                        every one durable before sample_and_queue returns
-// The endpoint and the annotator then judge them as in the in-process path (run_preferences).
+// The endpoint and the annotator then judge them as in the in-process path (run_preferences), except that the
+// endpoint's judgements go through a feedback collector actor on the stage's store (judgement_sink).
 //
 // Sampling streams are the rollout actor's (rl::rollout_stream: request id * 1025 + sample), not the in-process
 // path's (2i, 2i + 1):
@@ -33,6 +34,8 @@ class ActorPairSource : public PairSource {
   ~ActorPairSource() override;
 
   std::vector<std::vector<int32_t>> sample_and_queue(const PairJob& job) override;
+  // A collector "feedback/<stage>/judgements" on job.feedback behind an ActorRecordSink (feedback_sink.hpp).
+  std::unique_ptr<feedback::RecordSink> judgement_sink(const PairJob& job) override;
   std::string name() const override { return "actors"; }
 
  private:

@@ -60,9 +60,11 @@ caf::result<uint64_t> answered(const std::string& actor, F&& f) {
 // Requests waiting for writes to become durable, by the write's sequence number (unique in the store). A
 // duplicate delivery joins the first copy's waiters. `value` computes the answer when the write is durable.
 struct Waiters {
+  using Callback = std::function<void(const std::string& error)>;
   struct Entry {
     std::vector<Promise> promises;
     std::function<uint64_t()> value;
+    std::vector<Callback> callbacks;  // others waiting (a batch's answer), called after the promises
   };
   std::unordered_map<uint64_t, Entry> by_seq;
 
@@ -73,6 +75,7 @@ struct Waiters {
     if (value) e.value = std::move(value);
   }
   void join(uint64_t seq, Promise p) { by_seq.at(seq).promises.push_back(std::move(p)); }
+  void watch(uint64_t seq, Callback c) { by_seq[seq].callbacks.push_back(std::move(c)); }
   void done(uint64_t seq, const std::string& error, const std::string& actor) {
     const auto it = by_seq.find(seq);
     if (it == by_seq.end()) return;
@@ -84,6 +87,7 @@ struct Waiters {
       else
         p.deliver(actor_error(msg::ErrorCode::Internal, "store write failed: " + error, actor));
     }
+    for (auto& c : entry.callbacks) c(error);
   }
 };
 
@@ -96,6 +100,37 @@ store::DurableStore::Done notify(caf::weak_actor_ptr self) {
       caf::anon_send(caf::actor_cast<Handle>(strong), committed_atom::value, k.seq, error);
   };
 }
+
+// The committer's callback for the writes of one batch: a single committed(seqs, error) to the actor once every
+// write added has been committed (one message per batch instead of one per record). hold() before each
+// append_async; release() once the last is queued (or the queueing failed): the message waits for both.
+class BatchCommit : public std::enable_shared_from_this<BatchCommit> {
+ public:
+  explicit BatchCommit(caf::weak_actor_ptr self) : self_(std::move(self)) {}
+  store::DurableStore::Done hold() {
+    ++outstanding_;
+    return [batch = shared_from_this()](const store::Key& k, const std::string& error) { batch->done(k.seq, error); };
+  }
+  void release() { done(0, ""); }
+
+ private:
+  void done(uint64_t seq, const std::string& error) {  // seq 0: release()
+    {
+      std::lock_guard lock(mutex_);
+      if (seq) seqs_.push_back(seq);
+      if (error_.empty()) error_ = error;
+      if (--outstanding_ > 0) return;
+    }
+    if (auto strong = caf::actor_cast<caf::strong_actor_ptr>(self_))
+      caf::anon_send(caf::actor_cast<feedback_collector_actor>(strong), committed_atom::value, std::move(seqs_), error_);
+  }
+
+  caf::weak_actor_ptr self_;
+  std::mutex mutex_;
+  size_t outstanding_ = 1;  // release()'s
+  std::vector<uint64_t> seqs_;
+  std::string error_;
+};
 
 // ---- feedback collector ----
 
@@ -111,18 +146,21 @@ uint64_t content_hash(std::span<const uint8_t> bytes) {
   return std::hash<std::string_view>{}(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()));
 }
 
+// The index key of a submission: its family and the hash of its bytes (a match is confirmed on the bytes).
+uint64_t submission_id(store::Family family, uint64_t hash) { return hash * 8 + static_cast<uint64_t>(family); }
+
 struct FeedbackState {
   std::string name;
   std::shared_ptr<store::DurableStore> store;
   // Submissions by family and hash of their bytes -> keys (a hash match is confirmed on the bytes).
-  std::multimap<std::pair<int, uint64_t>, store::Key> submitted;
+  std::unordered_multimap<uint64_t, store::Key> submitted;  // by submission_id(family, bytes)
   std::unordered_map<uint64_t, std::vector<uint8_t>> in_flight;  // bytes of writes not yet durable, by seq
   std::map<uint64_t, store::Key> pairs;                          // pair id -> key
   Waiters waiters;
 
   // The held record of `family` with exactly these bytes, if any.
   std::optional<store::Key> find_submission(store::Family family, std::span<const uint8_t> bytes) const {
-    const auto [lo, hi] = submitted.equal_range({static_cast<int>(family), content_hash(bytes)});
+    const auto [lo, hi] = submitted.equal_range(submission_id(family, content_hash(bytes)));
     for (auto it = lo; it != hi; ++it) {
       const auto flying = in_flight.find(it->second.seq);
       if (flying != in_flight.end()) {
@@ -134,6 +172,16 @@ struct FeedbackState {
     }
     return std::nullopt;
   }
+
+  // Write `seq` is durable, or failed with `error`: answers those waiting for it.
+  void committed(uint64_t seq, const std::string& error) {
+    in_flight.erase(seq);
+    if (!error.empty()) {  // not stored: a later delivery of the same record is not a duplicate
+      std::erase_if(submitted, [seq](const auto& e) { return e.second.seq == seq; });
+      std::erase_if(pairs, [seq](const auto& e) { return e.second.seq == seq; });
+    }
+    waiters.done(seq, error, name);
+  }
 };
 
 feedback_collector_actor::behavior_type feedback_collector(feedback_collector_actor::stateful_pointer<FeedbackState> self,
@@ -143,7 +191,7 @@ feedback_collector_actor::behavior_type feedback_collector(feedback_collector_ac
   st.store = std::move(db);
   for (auto family : {store::Family::Comparison, store::Family::Rating, store::Family::Correction})
     st.store->scan(family, 0, UINT64_MAX, [&](const store::Key& k, std::span<const uint8_t> bytes) {
-      st.submitted.emplace(std::pair{static_cast<int>(family), content_hash(bytes)}, k);
+      st.submitted.emplace(submission_id(family, content_hash(bytes)), k);
       return true;
     });
   st.store->scan(store::Family::Pair, 0, UINT64_MAX, [&](const store::Key& k, std::span<const uint8_t> bytes) {
@@ -169,11 +217,77 @@ feedback_collector_actor::behavior_type feedback_collector(feedback_collector_ac
           const auto bytes = e.bytes;
           const auto key = st.store->append_async(family, now_ns(), std::move(e.bytes),
                                                   notify<feedback_collector_actor>(weak));
-          st.submitted.emplace(std::pair{static_cast<int>(family), hash}, key);
+          st.submitted.emplace(submission_id(family, hash), key);
           st.in_flight.emplace(key.seq, bytes);
           st.waiters.add(key.seq, promise, [&st, family] { return st.store->count(family); });
           return promise;
         });
+      },
+      [self, &st, weak](submit_atom, std::vector<Envelope>& batch) -> caf::result<std::vector<RecordKey>> {
+        std::vector<store::Family> families;
+        try {  // every record checked before any is written
+          for (const Envelope& e : batch) {
+            const auto family = family_of(e.kind);
+            if (family == store::Family::Comparison) unwrap<msg::Comparison>(e);
+            else if (family == store::Family::Rating) unwrap<msg::Rating>(e);
+            else if (family == store::Family::Correction) unwrap<msg::Correction>(e);
+            else throw Error("submit: expected Comparison, Rating or Correction messages, got a PairToJudge (queue it)");
+            families.push_back(family);
+          }
+        } catch (const Error& e) {
+          return actor_error(msg::ErrorCode::InvalidRequest, "record " + std::to_string(families.size()) + " of " +
+                                                                 std::to_string(batch.size()) + ": " + e.what(), st.name);
+        }
+        // The answer, once `outstanding` (the writes awaited, and 1 until every record is queued) drops to 0.
+        struct Answer {
+          caf::typed_response_promise<std::vector<RecordKey>> promise;
+          std::vector<RecordKey> keys;
+          size_t outstanding = 1;
+          std::string error;
+          std::string actor;
+          void done(const std::string& e) {
+            if (error.empty()) error = e;
+            if (--outstanding > 0) return;
+            if (error.empty()) promise.deliver(std::move(keys));
+            else promise.deliver(actor_error(msg::ErrorCode::Internal, "store write failed: " + error, actor));
+          }
+        };
+        auto answer = std::make_shared<Answer>();
+        answer->promise = self->make_response_promise<std::vector<RecordKey>>();
+        answer->keys.resize(batch.size());
+        answer->actor = st.name;
+        const auto await = [&](uint64_t seq) {
+          ++answer->outstanding;
+          st.waiters.watch(seq, [answer](const std::string& error) { answer->done(error); });
+        };
+        const auto commit = std::make_shared<BatchCommit>(weak);
+        bool unreleased = false;  // a hold() whose append_async threw: its callback never runs
+        try {
+          for (size_t i = 0; i < batch.size(); ++i) {
+            const auto family = families[i];
+            if (const auto held = st.find_submission(family, batch[i].bytes)) {  // a duplicate delivery
+              answer->keys[i] = RecordKey{held->time_ns, held->seq};
+              if (st.waiters.pending(held->seq)) await(held->seq);
+              continue;
+            }
+            const uint64_t hash = content_hash(batch[i].bytes);
+            auto bytes = batch[i].bytes;  // kept until durable: duplicates are compared against it
+            unreleased = true;
+            const auto key = st.store->append_async(family, now_ns(), std::move(batch[i].bytes), commit->hold());
+            unreleased = false;
+            st.submitted.emplace(submission_id(family, hash), key);
+            st.in_flight.emplace(key.seq, std::move(bytes));
+            answer->keys[i] = RecordKey{key.time_ns, key.seq};
+            await(key.seq);
+          }
+        } catch (const std::exception& e) {  // the store is closing: what was queued still commits
+          answer->error = e.what();
+          if (unreleased) commit->release();
+        }
+        commit->release();
+        auto promise = answer->promise;
+        answer->done("");
+        return promise;
       },
       [&st](list_atom, const std::string& kind, uint64_t offset, uint64_t limit) {
         return guarded(st.name, [&] {
@@ -217,17 +331,12 @@ feedback_collector_actor::behavior_type feedback_collector(feedback_collector_ac
           return out;
         });
       },
-      [&st](committed_atom, uint64_t seq, const std::string& error) {
-        st.in_flight.erase(seq);
-        if (!error.empty()) {  // not stored: a later delivery of the same record is not a duplicate
-          std::erase_if(st.submitted, [seq](const auto& e) { return e.second.seq == seq; });
-          std::erase_if(st.pairs, [seq](const auto& e) { return e.second.seq == seq; });
-        }
-        st.waiters.done(seq, error, st.name);
+      [&st](committed_atom, const std::vector<uint64_t>& seqs, const std::string& error) {
+        for (const uint64_t seq : seqs) st.committed(seq, error);
       },
+      [&st](committed_atom, uint64_t seq, const std::string& error) { st.committed(seq, error); },
   };
 }
-
 // ---- replay buffer ----
 
 using RolloutId = std::pair<uint64_t, uint32_t>;  // (request id, sample index)

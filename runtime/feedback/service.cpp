@@ -167,7 +167,18 @@ bool constant_time_equal(std::string_view a, std::string_view b) {
 }
 
 FeedbackService::FeedbackService(store::DurableStore& store, std::vector<TokenEntry> tokens, ServiceOptions options)
-    : store_(store), tokens_(std::move(tokens)), options_(options) {
+    : store_(store), own_sink_(std::make_unique<StoreSink>(store)), sink_(*own_sink_), tokens_(std::move(tokens)),
+      options_(options) {
+  load_pairs();
+}
+
+FeedbackService::FeedbackService(store::DurableStore& store, RecordSink& sink, std::vector<TokenEntry> tokens,
+                                 ServiceOptions options)
+    : store_(store), sink_(sink), tokens_(std::move(tokens)), options_(options) {
+  load_pairs();
+}
+
+void FeedbackService::load_pairs() {
   store_.scan(store::Family::Pair, 0, UINT64_MAX, [&](const store::Key&, std::span<const uint8_t> bytes) {
     auto pair = store::decode_pair(bytes);
     next_pair_id_ = std::max(next_pair_id_, pair.pair_id + 1);
@@ -189,7 +200,7 @@ uint64_t FeedbackService::add_pair(store::PairToJudge pair) {
   if (pair.created_ns <= 0) pair.created_ns = now_ns();
   const auto bytes = store::encode(pair);
   store::decode_pair(bytes);  // the record must read back before it is stored
-  store_.append(store::Family::Pair, static_cast<uint64_t>(pair.created_ns), bytes);
+  submit_and_wait(sink_, store::Family::Pair, static_cast<uint64_t>(pair.created_ns), bytes);
   const uint64_t id = pair.pair_id;
   std::unique_lock lock(pairs_mutex_);
   pairs_.emplace(id, std::move(pair));
@@ -234,12 +245,12 @@ void FeedbackService::handle_async(const HttpRequest& request, Reply reply) {
       const store::Family family = s.family;
       const uint64_t t = s.time_ns;
       std::vector<uint8_t> bytes = std::move(s.bytes);
-      store_.append_async(family, t, std::move(bytes),
-                          [this, s = std::move(s), shared_reply](const store::Key& key, const std::string& error) {
-                            HttpResponse answer = error.empty() ? submitted(s, key) : error_response(500, "store: " + error);
-                            count_status(answer.status);
-                            (*shared_reply)(std::move(answer));
-                          });
+      sink_.submit(family, t, std::move(bytes),
+                   [this, s = std::move(s), shared_reply](const store::Key& key, const std::string& error) {
+                     HttpResponse answer = error.empty() ? submitted(s, key) : error_response(500, sink_.name() + ": " + error);
+                     count_status(answer.status);
+                     (*shared_reply)(std::move(answer));
+                   });
       return;
     } catch (const std::exception& e) {
       r = error_response(500, e.what());
@@ -337,7 +348,7 @@ HttpResponse FeedbackService::route(const HttpRequest& request, Submission* defe
       *deferred = std::move(s);
       return HttpResponse{0, "", ""};
     }
-    return submitted(s, store_.append(s.family, s.time_ns, s.bytes));
+    return submitted(s, submit_and_wait(sink_, s.family, s.time_ns, std::move(s.bytes)));
   }
   if (path == "/api/v1/pairs") return post_pair(request.body);
   if (path == "/api/v1/export") return export_records(request);
@@ -512,6 +523,9 @@ std::string FeedbackService::metrics() const {
     << stats.commits << "\n# TYPE moerl_feedback_store_committed_records_total counter\n"
        "moerl_feedback_store_committed_records_total " << stats.records << "\n";
   m << "# TYPE moerl_feedback_pairs_waiting gauge\nmoerl_feedback_pairs_waiting " << pairs() << "\n";
+  m << "# HELP moerl_feedback_sink_info Where submissions go (\"store\": directly; \"actor ...\": the collector actor).\n"
+       "# TYPE moerl_feedback_sink_info gauge\nmoerl_feedback_sink_info{sink=\"" << sink_.name() << "\"} 1\n";
+  m << sink_.metrics();
   return m.str();
 }
 

@@ -13,7 +13,10 @@
 //   POST /api/v1/pairs         {"prompt", "first", "second", optional "*_ids", "*_policy"}   admin -> 201
 //   GET  /api/v1/export?kind=comparisons|ratings|corrections   JSONL             admin
 //   GET  /api/v1/config        the limits in force                               admin
-// A 201 answer is sent only after the record is durable (DurableStore::append); it carries the record's key.
+// A 201 answer is sent only after the record is durable: the service hands every record it writes (the three
+// submissions and the pairs) to a RecordSink (record_sink.hpp) — the feedback collector actor in `moerl
+// feedback serve` — and answers when the sink says it is durable; the answer carries the record's key. The
+// store itself is only read here (the pairs at construction, export, the record counts of /metrics).
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -27,6 +30,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "runtime/feedback/record_sink.hpp"
 #include "runtime/store/durable_store.hpp"
 #include "runtime/store/pair_record.hpp"
 
@@ -71,17 +75,23 @@ bool constant_time_equal(std::string_view a, std::string_view b);
 
 class FeedbackService {
  public:
+  // Writes through `sink` (kept by reference: it must outlive the service); reads `store`, which must be the
+  // store the sink writes.
+  FeedbackService(store::DurableStore& store, RecordSink& sink, std::vector<TokenEntry> tokens,
+                  ServiceOptions options = {});
+  // Writes `store` directly (a StoreSink of its own).
   FeedbackService(store::DurableStore& store, std::vector<TokenEntry> tokens, ServiceOptions options = {});
 
   // Never throws: any failure becomes a 4xx (the caller's input) or 500 (the store) with a message.
   HttpResponse handle(const HttpRequest& request);
   // The same answer, given to `reply` exactly once: at once for every route but the submissions, whose
-  // answer comes from the store's committer thread once the record is durable (no thread waits for the
-  // WAL sync meanwhile). Never throws.
+  // answer comes from the sink (the store's committer thread, or the collector actor's reply) once the record
+  // is durable (no thread waits for the WAL sync meanwhile). Never throws.
   using Reply = std::function<void(HttpResponse)>;
   void handle_async(const HttpRequest& request, Reply reply);
 
-  // Queues a pair to judge (the collector actor's entry point as well as POST /api/v1/pairs); durable on return.
+  // Queues a pair to judge (POST /api/v1/pairs, and the in-process preferences stage) through the sink; durable
+  // on return (blocks the caller for one commit).
   uint64_t add_pair(store::PairToJudge pair);
   size_t pairs() const;
   const ServiceOptions& options() const { return options_; }
@@ -105,6 +115,7 @@ class FeedbackService {
     std::chrono::steady_clock::time_point last;
   };
 
+  void load_pairs();  // the pairs held in the store, at construction
   // With `deferred`, a submission is only prepared into it and the answer has status 0.
   HttpResponse route(const HttpRequest& request, Submission* deferred = nullptr);
   const TokenEntry* authenticate(const HttpRequest& request, HttpResponse& error);
@@ -118,6 +129,8 @@ class FeedbackService {
   std::string metrics() const;
 
   store::DurableStore& store_;
+  std::unique_ptr<RecordSink> own_sink_;  // the StoreSink of the store-only constructor
+  RecordSink& sink_;
   std::vector<TokenEntry> tokens_;
   ServiceOptions options_;
 

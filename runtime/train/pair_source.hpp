@@ -2,16 +2,19 @@
 // PairToJudge records in the stage's feedback store. Without a PairSource, run_preferences samples them in this
 // process and queues them itself; a PairSource given to it does both instead — the actor path
 // (actors/roles/preference_pairs.hpp: the rollout actor -> the replay buffer actor -> the feedback collector
-// actor). runtime/ knows only this interface, not the actors.
+// actor). runtime/ knows only this interface, not the actors. The source also says where the judgements taken
+// over HTTP go (judgement_sink: the feedback collector actor for the actor path).
 #pragma once
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <memory>
 #include <span>
 #include <string>
 #include <vector>
 
 #include "kernels/linear.hpp"
+#include "runtime/feedback/record_sink.hpp"
 #include "runtime/messages/types.hpp"
 #include "runtime/model/model.hpp"
 #include "runtime/store/durable_store.hpp"
@@ -42,6 +45,10 @@ class PairSource {
   // certain tie: no one needs to read it). Returns the response ids, [2 * pairs]: prompt i's at 2i (the
   // pair's first) and 2i + 1 (its second). Throws moerl::Error naming what failed.
   virtual std::vector<std::vector<int32_t>> sample_and_queue(const PairJob& job) = 0;
+  // Where the feedback endpoint of the stage sends the judgements (and any pair posted over HTTP): a sink on
+  // job.feedback, ended (its writes answered) before the caller closes that store. nullptr: straight into the
+  // store (feedback::StoreSink).
+  virtual std::unique_ptr<feedback::RecordSink> judgement_sink(const PairJob&) { return nullptr; }
   // For the stage's summary ("pair_source"), e.g. "actors".
   virtual std::string name() const = 0;
 };

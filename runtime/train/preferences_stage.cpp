@@ -125,7 +125,11 @@ nlohmann::json run_preferences(const Recipe& recipe, const StageSpec& stage, Mod
 
     feedback::ServiceOptions options;
     options.rate_per_s = 0;  // one local annotator judging as fast as it can: no per-token limit
-    feedback::FeedbackService service(store, feedback::read_tokens(tokens.string()), options);
+    // The judgements go through the source's sink (the feedback collector actor on the actor path), declared
+    // before the service and the server so that it ends after them and before the store.
+    std::unique_ptr<feedback::RecordSink> sink = source ? source->judgement_sink(job) : nullptr;
+    if (!sink) sink = std::make_unique<feedback::StoreSink>(store);
+    feedback::FeedbackService service(store, *sink, feedback::read_tokens(tokens.string()), options);
     if (!source) {
       const msg::PolicyVersion version{0, 0};
       for (size_t i = 0; i < problems.size(); ++i) {
@@ -189,7 +193,8 @@ nlohmann::json run_preferences(const Recipe& recipe, const StageSpec& stage, Mod
                {"identical_pairs_skipped", static_cast<int64_t>(problems.size()) - queued},
                {"pairs_judged", judged.judged},
                {"ties", judged.ties}, {"rate_limited", judged.rate_limited},
-               {"comparisons_stored", store.count(store::Family::Comparison)}};
+               {"comparisons_stored", store.count(store::Family::Comparison)},
+               {"judgements_through", sink->name()}};
   }
   std::vector<PreferencePair> train, held;
   read_judged_pairs(recipe, stage, train, held);

@@ -15,9 +15,10 @@
 namespace moerl {
 
 // With `source` null the pairs are sampled in this process (rl::generate, 256 sequences per call, streams 2i
-// and 2i + 1 for prompt i); otherwise `source` samples and queues them (e.g. through the actors). Summary:
-// pairs_queued, pairs_judged, ties, comparisons_stored, sampled_accuracy, preference_pairs, ..., and
-// "pair_source" ("in-process" or the source's name).
+// and 2i + 1 for prompt i); otherwise `source` samples and queues them (e.g. through the actors), and the
+// endpoint's judgements go to the source's judgement_sink (the feedback collector actor). Summary:
+// pairs_queued, pairs_judged, ties, comparisons_stored, sampled_accuracy, preference_pairs, ..., "pair_source"
+// ("in-process" or the source's name) and "judgements_through" ("store" or the sink's name).
 nlohmann::json run_preferences(const Recipe& recipe, const StageSpec& stage, Model& policy, const Tokenizer& tokenizer,
                                MetricsLog& metrics, const std::filesystem::path& dir, PairSource* source);
 

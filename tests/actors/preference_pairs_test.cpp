@@ -114,6 +114,8 @@ TEST(PreferencePairs, ThroughTheRolloutReplayAndCollectorActorsAreJudgedOverHttp
   const auto summary =
       run_preferences(through_actors, stage, *fx.policy, fx.tokenizer, metrics, through_actors.out / stage.name, &source);
   EXPECT_EQ(summary["pair_source"], "actors");
+  // The judgements taken over HTTP went through a feedback collector actor, not straight into the store.
+  EXPECT_EQ(summary["judgements_through"], "actor feedback/prefs/judgements");
   // Every prompt's pair is queued unless its two responses are identical (a certain tie, not shown to anyone).
   const int64_t queued = summary["pairs_queued"].get<int64_t>();
   EXPECT_EQ(queued + summary["identical_pairs_skipped"].get<int64_t>(), 24);
@@ -193,6 +195,7 @@ TEST(PreferencePairs, ThroughTheRolloutReplayAndCollectorActorsAreJudgedOverHttp
   fs::create_directories(in_process.out / stage.name);
   const auto plain = run_preferences(in_process, stage, *fx.policy, fx.tokenizer, metrics, in_process.out / stage.name, nullptr);
   EXPECT_EQ(plain["pair_source"], "in-process");
+  EXPECT_EQ(plain["judgements_through"], "store");
   EXPECT_EQ(plain["pairs_judged"].get<int64_t>() + plain["identical_pairs_skipped"].get<int64_t>(), 24);
   std::printf("preferences on 24 prompts: through the actors %lld ties, in-process %lld ties\n",
               static_cast<long long>(summary["ties"].get<int64_t>()), static_cast<long long>(plain["ties"].get<int64_t>()));
