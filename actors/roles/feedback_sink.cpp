@@ -15,10 +15,11 @@ using sink_stop_atom = caf::atom_constant<caf::atom("sinkstop")>;
 
 // Batches in flight to the collector. Not 1 or 2: a batch held back until an earlier one is durable misses the
 // WAL sync it could have joined, so each record waits one sync longer and the 128 clients of bench feedback get
-// fewer answers per sync (measured, 2 cores: 13.6k/s with 2, 14.8k with 4, 24.6k-29.1k with 16). With 16 the
-// bridge sends what has queued at once, and the store's committer joins every batch queued during a sync into
-// the next one, as it does for direct writes.
-constexpr size_t kWindow = 16;
+// fewer answers per sync (measured, 2 cores, bench feedback: 13.6k/s with 2, 14.8k with 4 under load; on the
+// idle machine 15.1k-20.9k/s, p99 13.9-22.5 ms with 16 and 28.1k-29.7k/s, p99 8.1-8.8 ms with 64). With a wide
+// window the bridge sends what has queued at once, and the store's committer joins every batch queued during a
+// sync into the next one, as it does for direct writes.
+constexpr size_t kWindow = 64;
 // A batch waits for one WAL sync (ms); a collector that does not answer in this fails the batch (HTTP 500)
 // rather than leaving its clients waiting forever.
 constexpr auto kReplyTimeout = std::chrono::seconds(60);
