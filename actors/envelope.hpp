@@ -124,10 +124,21 @@ struct Refusal : Error {
   msg::ErrorCode code;
 };
 
+// The value type of a handler's answer: T for T and for caf::result<T> (a handler that may answer later
+// through a promise).
+template <class T>
+struct answer_of {
+  using type = T;
+};
+template <class T>
+struct answer_of<caf::result<T>> {
+  using type = T;
+};
+
 // Runs `f` (a handler's body) and turns exceptions into actor errors: Refusal with its code, moerl::Error
 // (bad input: a malformed message, a refused request, a bad file) as InvalidRequest, anything else as Internal.
 template <class F>
-auto guarded(const std::string& actor, F&& f) -> caf::result<decltype(f())> {
+auto guarded(const std::string& actor, F&& f) -> caf::result<typename answer_of<decltype(f())>::type> {
   try {
     return f();
   } catch (const Refusal& e) {

@@ -43,20 +43,6 @@ std::shared_ptr<store::DurableStore> open_store(const std::string& dir, const st
   });
 }
 
-// The same catch-all as envelope.hpp's guarded(), for handlers that may answer later through a promise.
-template <class F>
-caf::result<uint64_t> answered(const std::string& actor, F&& f) {
-  try {
-    return f();
-  } catch (const Refusal& e) {
-    return actor_error(e.code, e.what(), actor);
-  } catch (const Error& e) {
-    return actor_error(msg::ErrorCode::InvalidRequest, e.what(), actor);
-  } catch (const std::exception& e) {
-    return actor_error(msg::ErrorCode::Internal, e.what(), actor);
-  }
-}
-
 // Requests waiting for writes to become durable, by the write's sequence number (unique in the store). A
 // duplicate delivery joins the first copy's waiters. `value` computes the answer when the write is durable.
 struct Waiters {
@@ -201,7 +187,7 @@ feedback_collector_actor::behavior_type feedback_collector(feedback_collector_ac
   const caf::weak_actor_ptr weak{self->ctrl()};
   return {
       [self, &st, weak](submit_atom, Envelope& e) {
-        return answered(st.name, [&]() -> caf::result<uint64_t> {
+        return guarded(st.name, [&]() -> caf::result<uint64_t> {
           const auto family = family_of(e.kind);
           if (family == store::Family::Comparison) unwrap<msg::Comparison>(e);
           else if (family == store::Family::Rating) unwrap<msg::Rating>(e);
@@ -303,7 +289,7 @@ feedback_collector_actor::behavior_type feedback_collector(feedback_collector_ac
         });
       },
       [self, &st, weak](queue_atom, Envelope& e) {
-        return answered(st.name, [&]() -> caf::result<uint64_t> {
+        return guarded(st.name, [&]() -> caf::result<uint64_t> {
           require(e.kind == kPairToJudgeKind, "queue: expected a PairToJudge message, got \"" + e.kind.substr(0, 64) + "\"");
           const auto pair = store::decode_pair(e.bytes);  // pairId > 0, createdNs > 0: the codec's rules
           auto promise = self->make_response_promise<uint64_t>();
@@ -378,7 +364,7 @@ replay_buffer_actor::behavior_type replay_buffer(replay_buffer_actor::stateful_p
   const caf::weak_actor_ptr weak{self->ctrl()};
   return {
       [self, &st, weak](put_atom, Envelope& e) {
-        return answered(st.name, [&]() -> caf::result<uint64_t> {
+        return guarded(st.name, [&]() -> caf::result<uint64_t> {
           const auto r = unwrap<msg::ReplayRecord>(e);
           const RolloutId id{r.rollout.request_id, r.rollout.sample_index};
           auto promise = self->make_response_promise<uint64_t>();
