@@ -406,6 +406,11 @@ void compare_reduced_precision(Precision p, int64_t q_lora_rank) {
   // sqrt((m + 2·max(1, moved in its layer)) / n): its own net change plus up to two tokens per flip of the layer,
   // at least one exchange assumed.
   std::map<std::string, double> expert_widening;  // "model.layers.L.mlp.experts.E." -> that widening
+  // The router's weight gradient [E, H] is, row by row, a sum over the tokens each expert scored and chose: a moved
+  // token leaves one row and joins another, as in the experts' weights. So the gate of layer L widens by its
+  // layer's worst expert widening (seen on the H200 in bf16: 6 moved of 1536, gate rel_l2 0.28 against a
+  // tolerance of 0.24 that had only the global widening).
+  std::map<std::string, double> gate_widening;  // "model.layers.L.mlp.gate." -> that widening
   for (size_t l = 0; l < gl.size(); ++l) {
     ASSERT_EQ(gl[l].tokens_per_expert.size(), cl[l].tokens_per_expert.size());
     int64_t layer_moved = 0;
@@ -420,8 +425,10 @@ void compare_reduced_precision(Precision p, int64_t q_lora_rank) {
       const int64_t n = std::max<int64_t>(1, cl[l].tokens_per_expert[e]);
       moved += m;
       assignments += cl[l].tokens_per_expert[e];
-      expert_widening["model.layers." + std::to_string(layer) + ".mlp.experts." + std::to_string(e) + "."] =
-          std::sqrt(static_cast<double>(m + 2 * layer_moved) / static_cast<double>(n));
+      const double w = std::sqrt(static_cast<double>(m + 2 * layer_moved) / static_cast<double>(n));
+      expert_widening["model.layers." + std::to_string(layer) + ".mlp.experts." + std::to_string(e) + "."] = w;
+      double& gate = gate_widening["model.layers." + std::to_string(layer) + ".mlp.gate."];
+      gate = std::max(gate, w);
     }
   }
   const double moved_fraction = static_cast<double>(moved / 2) / static_cast<double>(std::max<int64_t>(1, assignments));
@@ -448,8 +455,9 @@ void compare_reduced_precision(Precision p, int64_t q_lora_rank) {
     const std::vector<float>& b32 = ref32.grads.at(name);
     const int64_t n = static_cast<int64_t>(b.size());
     double widening = global_widening;
-    for (const auto& [prefix, w] : expert_widening)
-      if (name.rfind(prefix, 0) == 0) widening += w;
+    for (const auto* widenings : {&expert_widening, &gate_widening})
+      for (const auto& [prefix, w] : *widenings)
+        if (name.rfind(prefix, 0) == 0) widening += w;
     const double err = rel_l2(a.data(), b.data(), n), tol = 5e-3 + kRecipeFactor * rel_l2(b.data(), b32.data(), n) + widening;
     rows.emplace_back(err / tol, name, err, tol);
     if (!(err <= tol)) std::printf("  FAIL %s grad %-52s rel_l2 %.3e (tol %.3e)\n", pn.c_str(), name.c_str(), err, tol);
