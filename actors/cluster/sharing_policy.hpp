@@ -4,8 +4,11 @@
 #include <mutex>
 
 #include <caf/policy/work_sharing.hpp>
+#include <caf/policy/work_stealing.hpp>
 #include <caf/resumable.hpp>
 #include <caf/scheduler/coordinator.hpp>
+
+#include "actors/cluster/quiet_clock.hpp"
 
 namespace moerl::cluster {
 
@@ -48,6 +51,7 @@ class SignalAfterUnlockSharing : public caf::policy::work_sharing {
   }
 };
 
-using SharingCoordinator = caf::scheduler::coordinator<SignalAfterUnlockSharing>;
+using SharingCoordinator = QuietClockCoordinator<SignalAfterUnlockSharing>;
+using StealingCoordinator = QuietClockCoordinator<caf::policy::work_stealing>;
 
 }  // namespace moerl::cluster

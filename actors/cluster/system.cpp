@@ -35,6 +35,7 @@ void apply_latency_settings(caf::actor_system_config& cfg, const std::string& sc
   cfg.set("middleman.workers", int64_t{0});
   if (scheduler == "sharing") {
     // CAF's work sharing, with the wake-up of an idle worker moved out of the queue's lock (sharing_policy.hpp).
+    // Both schedulers use the quiet actor clock (quiet_clock.hpp): a timed request does not wake a timer thread.
     // A scheduler module loaded by the config replaces the one that scheduler.policy would pick.
     cfg.set("scheduler.policy", caf::atom("sharing"));
     cfg.module_factories.push_back(
@@ -43,6 +44,8 @@ void apply_latency_settings(caf::actor_system_config& cfg, const std::string& sc
   }
   require(scheduler == "stealing", "scheduler \"" + scheduler + "\": expected sharing or stealing");
   cfg.set("scheduler.policy", caf::atom("stealing"));
+  cfg.module_factories.push_back(
+      [](caf::actor_system& sys) -> caf::actor_system::module* { return new StealingCoordinator(sys); });
   // Work stealing: an idle CAF worker polls its queue 100 times, then 500 times with a 50 us sleep in
   // between that no enqueue interrupts (a message for it waits out the sleep: 60-110 us per hop with the
   // kernel's timer slack), then waits on a condition variable that an enqueue signals. Without the sleeping

@@ -7,6 +7,7 @@
 #include <thread>
 #include <vector>
 
+#include "actors/cluster/quiet_clock.hpp"
 #include "actors/cluster/sharing_policy.hpp"
 #include "actors/cluster/system.hpp"
 #include "runtime/error.hpp"
@@ -131,6 +132,83 @@ TEST(ClusterSystem, MessagesDecodedOnTheMultiplexerArriveInTheOrderTheyWereSent)
           [](caf::error& e) { ADD_FAILURE() << describe(e); });
   caf::anon_send_exit(sink, caf::exit_reason::user_shutdown);
 }
+
+using echo_atom = caf::atom_constant<caf::atom("echo")>;
+using hold_atom = caf::atom_constant<caf::atom("hold")>;
+
+// An actor that answers echo at once and never answers hold (it keeps the promise, so the request stays open).
+caf::behavior echo_or_hold(caf::stateful_actor<std::vector<caf::response_promise>>* self) {
+  return {[](echo_atom, uint64_t x) { return x; },
+          [self](hold_atom) -> caf::response_promise {
+            self->state.push_back(self->make_response_promise());
+            return self->state.back();
+          }};
+}
+
+QuietActorClock& quiet_clock(ClusterSystem& c) {
+  if (auto* s = dynamic_cast<SharingCoordinator*>(&c.system().scheduler())) return s->quiet_clock();
+  if (auto* s = dynamic_cast<StealingCoordinator*>(&c.system().scheduler())) return s->quiet_clock();
+  throw Error("the cluster system's scheduler has no quiet clock");
+}
+
+class QuietClock : public ::testing::TestWithParam<const char*> {
+ protected:
+  NetOptions options() const {
+    NetOptions net;
+    net.scheduler = GetParam();
+    return net;
+  }
+};
+
+TEST_P(QuietClock, ARequestWithoutAnAnswerTimesOutAndAnAnsweredOneDoesNot) {
+  ClusterSystem c{options()};
+  const caf::actor a = c.system().spawn(echo_or_hold);
+  caf::scoped_actor self{c.system()};
+  const auto t0 = std::chrono::steady_clock::now();
+  bool timed_out = false;
+  self->request(a, 50ms, hold_atom::value)
+      .receive([](caf::message&) { ADD_FAILURE() << "hold was answered"; },
+               [&](caf::error& e) { timed_out = e == caf::sec::request_timeout; });
+  const auto waited = std::chrono::steady_clock::now() - t0;
+  EXPECT_TRUE(timed_out);
+  EXPECT_GE(waited, 50ms);
+  EXPECT_LT(waited, 5s);  // due at 50 ms; a lost signal would leave the request open for good
+  // Answered requests: their timeouts (long) are cancelled, nothing arrives for them later.
+  for (uint64_t i = 0; i < 100; ++i)
+    self->request(a, 60s, echo_atom::value, i)
+        .receive([&](uint64_t x) { EXPECT_EQ(x, i); }, [](caf::error& e) { ADD_FAILURE() << describe(e); });
+  bool stray = false;
+  self->receive([&](caf::message&) { stray = true; }, caf::after(100ms) >> [] {});
+  EXPECT_FALSE(stray);
+  caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
+}
+
+TEST_P(QuietClock, DelayedMessagesArriveInTheOrderOfTheirDueTimes) {
+  // Sent latest-due first: each one is due before the time the timer thread sleeps until, so each must signal it.
+  ClusterSystem c{options()};
+  caf::scoped_actor self{c.system()};
+  for (int ms : {120, 80, 40, 10}) self->delayed_send(self, std::chrono::milliseconds(ms), ms);
+  std::vector<int> order;
+  for (int i = 0; i < 4; ++i)
+    self->receive([&](int ms) { order.push_back(ms); }, caf::after(5s) >> [] { ADD_FAILURE() << "a message is late"; });
+  EXPECT_EQ(order, (std::vector<int>{10, 40, 80, 120}));
+}
+
+TEST_P(QuietClock, AStreamOfAnsweredRequestsDoesNotWakeTheTimerThread) {
+  // The point of the quiet clock: request timeouts set in order are due after the one the timer thread already
+  // sleeps until, and cancels never signal, so 2000 answered requests signal it at most once (the first).
+  ClusterSystem c{options()};
+  const caf::actor a = c.system().spawn(echo_or_hold);
+  caf::scoped_actor self{c.system()};
+  self->request(a, 10s, echo_atom::value, uint64_t{0}).receive([](uint64_t) {}, [](caf::error&) {});
+  const uint64_t before = quiet_clock(c).signals();
+  for (uint64_t i = 0; i < 2000; ++i)
+    self->request(a, 10s, echo_atom::value, i).receive([](uint64_t) {}, [](caf::error& e) { ADD_FAILURE() << describe(e); });
+  EXPECT_LE(quiet_clock(c).signals() - before, 1u);
+  caf::anon_send_exit(a, caf::exit_reason::user_shutdown);
+}
+
+INSTANTIATE_TEST_SUITE_P(Schedulers, QuietClock, ::testing::Values("sharing", "stealing"));
 
 }  // namespace
 }  // namespace moerl::cluster
