@@ -166,15 +166,7 @@ reward_model_actor::behavior_type reward_model(reward_model_actor::stateful_poin
             msg::DecodeLimits limits;
             limits.vocab = st.head->config().vocab_size;
             const auto r = unwrap<msg::Rollout>(e, limits);
-            // The head sums over the response's tokens; training sequences end in eos (rl/preferences.hpp), so a
-            // response cut by the length limit gets one too.
-            std::vector<int32_t> seq = r.prompt_ids;
-            seq.insert(seq.end(), r.response_ids.begin(), r.response_ids.end());
-            const auto eos = static_cast<int32_t>(st.head->config().eos_token_id);
-            if (seq.empty() || seq.back() != eos) seq.push_back(eos);
-            const auto start = static_cast<int64_t>(r.prompt_ids.size());
-            require(start < static_cast<int64_t>(seq.size()), st.name + ": a rollout without response tokens");
-            const float score = st.head->score({seq}, {start}, st.precision).front();
+            const float score = st.head->score_rollout(r.prompt_ids, r.response_ids, st.precision);
             return wrap(msg::RewardScore{r.request_id, r.sample_index, score, st.name});
           }
           Model& model = st.get();

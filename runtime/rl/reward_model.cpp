@@ -154,6 +154,17 @@ std::vector<float> RewardModel::score(const std::vector<std::vector<int32_t>>& s
   return forward_scores(ptrs, response_starts, precision, false);
 }
 
+float RewardModel::score_rollout(std::span<const int32_t> prompt, std::span<const int32_t> response,
+                                 Precision precision) {
+  std::vector<int32_t> seq(prompt.begin(), prompt.end());
+  seq.insert(seq.end(), response.begin(), response.end());
+  const auto eos = static_cast<int32_t>(config_.eos_token_id);
+  if (seq.empty() || seq.back() != eos) seq.push_back(eos);
+  const auto start = static_cast<int64_t>(prompt.size());
+  require(start < static_cast<int64_t>(seq.size()), "reward model: a rollout without response tokens");
+  return score({seq}, {start}, precision).front();
+}
+
 PairMetrics RewardModel::forward_backward(std::span<const TokenPair> pairs, Precision precision, double scale) {
   const int64_t P = static_cast<int64_t>(pairs.size());
   require(P > 0, "reward model: no preference pairs in the batch");

@@ -56,6 +56,9 @@ class RewardModel {
   // gradients kept.
   std::vector<float> score(const std::vector<std::vector<int32_t>>& sequences,
                            const std::vector<int64_t>& response_starts, Precision precision);
+  // The reward of one rollout: prompt + response scored as training sequences are, which end in eos
+  // (rl/preferences.hpp), so eos is appended unless the response already ends in it (one cut by the length limit).
+  float score_rollout(std::span<const int32_t> prompt, std::span<const int32_t> response, Precision precision);
   // Forward and backward of the mean Bradley–Terry loss over `pairs`, scaled by `scale` (1 for a whole batch;
   // pairs/total for a micro-batch): gradients accumulated (+=) into params().*.grad.
   PairMetrics forward_backward(std::span<const TokenPair> pairs, Precision precision, double scale = 1.0);

@@ -68,14 +68,8 @@ class InProcessServices final : public RlhfServices {
   // One sequence at a time, as the reward-model actor scores them (a batch would pad them: other rounding).
   std::vector<float> score(const std::vector<msg::Rollout>& sequences, int64_t) override {
     require(reward_ != nullptr, "rlhf: score without a reward model");
-    const auto eos = static_cast<int32_t>(reward_->config().eos_token_id);
     std::vector<float> out;
-    for (const auto& r : sequences) {
-      std::vector<int32_t> seq = r.prompt_ids;
-      seq.insert(seq.end(), r.response_ids.begin(), r.response_ids.end());
-      if (seq.empty() || seq.back() != eos) seq.push_back(eos);
-      out.push_back(reward_->score({seq}, {static_cast<int64_t>(r.prompt_ids.size())}, precision_).front());
-    }
+    for (const auto& r : sequences) out.push_back(reward_->score_rollout(r.prompt_ids, r.response_ids, precision_));
     return out;
   }
 

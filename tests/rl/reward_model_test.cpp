@@ -152,6 +152,26 @@ TEST(RewardModel, ScoresTheSumOverTheResponsePositions) {
   EXPECT_THROW(rm.score({seq}, {7}, Precision::FP32), Error);  // no response token left to score
 }
 
+TEST(RewardModel, ScoresARolloutAsATrainingSequenceEndingInEos) {
+  // Training sequences end in eos: a rollout's response gets one appended unless it already ends in it, and the
+  // score starts at the response (both the in-process rlhf stage and the reward-model actor score this way).
+  RewardModel rm(tiny_config(true));
+  rm.init_random(5);
+  const auto eos = static_cast<int32_t>(rm.config().eos_token_id);
+  const std::vector<int32_t> prompt = byte_ids("\x01" "9+9="), response = byte_ids("18");
+  std::vector<int32_t> whole = prompt;
+  whole.insert(whole.end(), response.begin(), response.end());
+  whole.push_back(eos);
+  const float expected = rm.score({whole}, {static_cast<int64_t>(prompt.size())}, Precision::FP32).front();
+  std::vector<int32_t> with_eos = response;
+  with_eos.push_back(eos);
+  EXPECT_EQ(rm.score_rollout(prompt, response, Precision::FP32), expected);  // same sequence, same forward
+  EXPECT_EQ(rm.score_rollout(prompt, with_eos, Precision::FP32), expected);
+  std::vector<int32_t> prompt_with_eos = prompt;
+  prompt_with_eos.push_back(eos);
+  EXPECT_THROW(rm.score_rollout(prompt_with_eos, {}, Precision::FP32), Error);  // nothing of a response to score
+}
+
 TEST(RewardModel, SavedModelScoresTheSameAfterLoading) {
   RewardModel rm(tiny_config(true));
   rm.init_random(9);
