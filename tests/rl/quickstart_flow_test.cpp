@@ -19,6 +19,7 @@
 #include "runtime/messages/codec.hpp"
 #include "runtime/rl/preferences.hpp"
 #include "runtime/store/durable_store.hpp"
+#include "tests/rl/sums_corpus.hpp"
 
 namespace moerl {
 namespace {
@@ -28,20 +29,6 @@ namespace fs = std::filesystem;
 std::string read_all(const fs::path& p) {
   std::ifstream in(p);
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
-// Sentences with sums, so the BPE tokenizer learns digits, '+' and '='.
-void write_corpus(const fs::path& file) {
-  std::mt19937 rng(3);
-  std::ofstream f(file);
-  for (int d = 0; d < 40; ++d) {
-    std::string text;
-    for (int s = 0; s < 20; ++s) {
-      const int a = static_cast<int>(rng() % 10), b = static_cast<int>(rng() % 10);
-      text += "we add " + std::to_string(a) + "+" + std::to_string(b) + "=" + std::to_string(a + b) + " today. ";
-    }
-    f << nlohmann::json{{"text", text}}.dump() << "\n";
-  }
 }
 
 const char* const kRecipe = R"(name: quickstart-mini
@@ -90,7 +77,7 @@ TEST(QuickstartFlow, MoerlRunGoesFromPretrainingThroughHttpJudgedPreferencesToRl
   const fs::path dir = fs::temp_directory_path() / "moerl-quickstart-flow-test";
   fs::remove_all(dir);
   fs::create_directories(dir);
-  write_corpus(dir / "corpus.jsonl");
+  test::write_sums_corpus(dir);
   std::string recipe = kRecipe;
   recipe.replace(recipe.find("CORPUS"), 6, (dir / "corpus.jsonl").string());
   std::ofstream(dir / "recipe.yaml") << recipe;

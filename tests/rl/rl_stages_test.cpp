@@ -14,33 +14,12 @@
 #include "runtime/rl/preferences.hpp"
 #include "runtime/rl/reward_model.hpp"
 #include "runtime/train/run_recipe.hpp"
+#include "tests/rl/sums_corpus.hpp"
 
 namespace moerl {
 namespace {
 
 namespace fs = std::filesystem;
-
-// Sentences with numbers, so the BPE tokenizer sees digits, '+' and '='.
-fs::path write_corpus(const fs::path& dir) {
-  std::mt19937 rng(3);
-  const fs::path file = dir / "corpus.jsonl";
-  std::ofstream f(file);
-  for (int d = 0; d < 40; ++d) {
-    std::string text;
-    for (int s = 0; s < 20; ++s) {
-      const int a = static_cast<int>(rng() % 10), b = static_cast<int>(rng() % 10);
-      text += "we add " + std::to_string(a) + "+" + std::to_string(b) + "=" + std::to_string(a + b) + " today. ";
-    }
-    f << nlohmann::json{{"text", text}}.dump() << "\n";
-  }
-  return file;
-}
-
-// run_recipe sets the process-wide OpenMP thread count: restored for the tests that follow in this binary.
-struct RestoreThreads {
-  int threads = omp_get_max_threads();
-  ~RestoreThreads() { omp_set_num_threads(threads); }
-};
 
 Recipe flow_recipe(const fs::path& dir) {
   Recipe r;
@@ -49,7 +28,7 @@ Recipe flow_recipe(const fs::path& dir) {
   r.seed = 5;
   r.threads = 1;  // a tiny model: OpenMP fork/join costs more than it saves (measured 1 s vs 15 s CPU)
   r.out = dir / "run";
-  r.data.corpus = write_corpus(dir).string();
+  r.data.corpus = test::write_sums_corpus(dir).string();
   r.data.vocab_size = 300;
   r.data.validation_every = 10;
   ModelConfig& c = r.model;
@@ -107,7 +86,7 @@ TEST(RlStages, RunRecipeChainsPretrainRewardModelAndDpoAndReportsHeldOutAccuracy
   const fs::path dir = fs::temp_directory_path() / "moerl-rl-stages-test";
   fs::remove_all(dir);
   fs::create_directories(dir);
-  const RestoreThreads restore;
+  const test::RestoreThreads restore;
   const Recipe recipe = flow_recipe(dir);
   const auto summary = run_recipe(recipe);
   ASSERT_TRUE(summary.contains("rm_heldout_accuracy")) << summary.dump(2);
@@ -164,7 +143,7 @@ TEST(RlStages, PpoIsSelectableForTheRlhfStage) {
   rl.rl.reward = "checker";  // no reward_model stage in this recipe
   rl.steps = 2;
   recipe.stages = {recipe.stages[0], rl};
-  const RestoreThreads restore;
+  const test::RestoreThreads restore;
   const auto summary = run_recipe(recipe);
   ASSERT_EQ(summary["stages"].size(), 2u);
   EXPECT_EQ(summary["stages"][1]["algorithm"], "ppo");

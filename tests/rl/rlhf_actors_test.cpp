@@ -16,33 +16,12 @@
 #include "runtime/train/rlhf_stage.hpp"
 #include "runtime/train/run_recipe.hpp"
 #include "tests/actors/support.hpp"
+#include "tests/rl/sums_corpus.hpp"
 
 namespace moerl::actors {
 namespace {
 
 using namespace moerl::actors::testing;
-
-// run_recipe sets the process-wide OpenMP thread count: restored for the tests that follow in this binary.
-struct RestoreThreads {
-  int threads = omp_get_max_threads();
-  ~RestoreThreads() { omp_set_num_threads(threads); }
-};
-
-// Sentences with sums, so the BPE tokenizer sees digits, '+' and '='.
-fs::path write_sums_corpus(const fs::path& dir) {
-  std::mt19937 rng(3);
-  const fs::path file = dir / "corpus.jsonl";
-  std::ofstream f(file);
-  for (int d = 0; d < 40; ++d) {
-    std::string text;
-    for (int s = 0; s < 20; ++s) {
-      const int a = static_cast<int>(rng() % 10), b = static_cast<int>(rng() % 10);
-      text += "we add " + std::to_string(a) + "+" + std::to_string(b) + "=" + std::to_string(a + b) + " today. ";
-    }
-    f << nlohmann::json{{"text", text}}.dump() << "\n";
-  }
-  return file;
-}
 
 // A tiny pretrain and reward-model run (as tests/rl/rl_stages_test.cpp's), then `rl` with its reward model.
 Recipe base_recipe(const fs::path& corpus, const fs::path& out) {
@@ -105,8 +84,8 @@ const fs::path& base_run() {
   static const fs::path dir = [] {
     const fs::path d = fresh_dir("rlhf-actors-base");
     static const RemoveAtExit cleanup{d};  // at the binary's exit
-    const RestoreThreads restore;
-    run_recipe(base_recipe(write_sums_corpus(d), d / "run"));
+    const test::RestoreThreads restore;
+    run_recipe(base_recipe(test::write_sums_corpus(d), d / "run"));
     return d;
   }();
   return dir;
@@ -135,7 +114,7 @@ RlOutcome run_rl(const std::string& name, const std::string& algorithm, const Rl
   recipe.stages.push_back(rl_stage(algorithm, max_staleness));
   nlohmann::json summary;
   {
-    const RestoreThreads restore;
+    const test::RestoreThreads restore;
     std::optional<ScopedRlhfServices> scoped;
     if (factory) scoped.emplace(factory);
     summary = run_recipe(recipe);
