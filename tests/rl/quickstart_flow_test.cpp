@@ -19,7 +19,7 @@
 #include "runtime/messages/codec.hpp"
 #include "runtime/rl/preferences.hpp"
 #include "runtime/store/durable_store.hpp"
-#include "tests/rl/sums_corpus.hpp"
+#include "tests/rl/flow_support.hpp"
 
 namespace moerl {
 namespace {

@@ -14,7 +14,7 @@
 #include "runtime/rl/preferences.hpp"
 #include "runtime/rl/reward_model.hpp"
 #include "runtime/train/run_recipe.hpp"
-#include "tests/rl/sums_corpus.hpp"
+#include "tests/rl/flow_support.hpp"
 
 namespace moerl {
 namespace {
@@ -22,42 +22,9 @@ namespace {
 namespace fs = std::filesystem;
 
 Recipe flow_recipe(const fs::path& dir) {
-  Recipe r;
+  Recipe r = test::tiny_rm_recipe("flow", test::write_sums_corpus(dir), dir / "run", 30, 300);
   r.file = dir / "recipe.yaml";
-  r.name = "flow";
-  r.seed = 5;
-  r.threads = 1;  // a tiny model: OpenMP fork/join costs more than it saves (measured 1 s vs 15 s CPU)
-  r.out = dir / "run";
-  r.data.corpus = test::write_sums_corpus(dir).string();
-  r.data.vocab_size = 300;
-  r.data.validation_every = 10;
-  ModelConfig& c = r.model;
-  c.hidden_size = 32; c.intermediate_size = 64; c.moe_intermediate_size = 16; c.num_hidden_layers = 2;
-  c.num_attention_heads = 2; c.kv_lora_rank = 16; c.qk_nope_head_dim = 8; c.qk_rope_head_dim = 8;
-  c.v_head_dim = 8; c.n_routed_experts = 4; c.num_experts_per_tok = 2;
-  StageSpec pre;
-  pre.name = "pretrain";
-  pre.kind = "pretrain";
-  pre.steps = 10;
-  pre.batch = 4;
-  pre.seq = 32;
-  pre.eval_every = 10;
-  pre.eval_batches = 2;
-  pre.optimizer.lr = 1e-2;
-  pre.optimizer.total_steps = pre.steps;
-  r.stages.push_back(pre);
-  StageSpec rm;
-  rm.name = "rm";
-  rm.kind = "reward_model";
-  rm.steps = 30;
-  rm.batch = 16;
-  rm.eval_every = 10;
-  rm.optimizer.lr = 3e-3;
-  rm.optimizer.weight_decay = 0.0;
-  rm.rl.task_digits = 1;
-  rm.rl.pairs = 300;
-  r.stages.push_back(rm);
-  StageSpec dpo = rm;
+  StageSpec dpo = r.stages.back();
   dpo.name = "dpo";
   dpo.kind = "dpo";
   dpo.steps = 10;

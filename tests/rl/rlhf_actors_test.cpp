@@ -16,7 +16,7 @@
 #include "runtime/train/rlhf_stage.hpp"
 #include "runtime/train/run_recipe.hpp"
 #include "tests/actors/support.hpp"
-#include "tests/rl/sums_corpus.hpp"
+#include "tests/rl/flow_support.hpp"
 
 namespace moerl::actors {
 namespace {
@@ -25,42 +25,7 @@ using namespace moerl::actors::testing;
 
 // A tiny pretrain and reward-model run (as tests/rl/rl_stages_test.cpp's), then `rl` with its reward model.
 Recipe base_recipe(const fs::path& corpus, const fs::path& out) {
-  Recipe r;
-  r.file = out / "recipe.yaml";
-  r.name = "rlhf-actors";
-  r.seed = 5;
-  r.threads = 1;
-  r.out = out;
-  r.data.corpus = corpus.string();
-  r.data.vocab_size = 300;
-  r.data.validation_every = 10;
-  ModelConfig& c = r.model;
-  c.hidden_size = 32; c.intermediate_size = 64; c.moe_intermediate_size = 16; c.num_hidden_layers = 2;
-  c.num_attention_heads = 2; c.kv_lora_rank = 16; c.qk_nope_head_dim = 8; c.qk_rope_head_dim = 8;
-  c.v_head_dim = 8; c.n_routed_experts = 4; c.num_experts_per_tok = 2;
-  StageSpec pre;
-  pre.name = "pretrain";
-  pre.kind = "pretrain";
-  pre.steps = 10;
-  pre.batch = 4;
-  pre.seq = 32;
-  pre.eval_every = 10;
-  pre.eval_batches = 2;
-  pre.optimizer.lr = 1e-2;
-  pre.optimizer.total_steps = pre.steps;
-  r.stages.push_back(pre);
-  StageSpec rm;
-  rm.name = "rm";
-  rm.kind = "reward_model";
-  rm.steps = 10;
-  rm.batch = 16;
-  rm.eval_every = 10;
-  rm.optimizer.lr = 3e-3;
-  rm.optimizer.weight_decay = 0.0;
-  rm.rl.task_digits = 1;
-  rm.rl.pairs = 100;
-  r.stages.push_back(rm);
-  return r;
+  return test::tiny_rm_recipe("rlhf-actors", corpus, out, 10, 100);
 }
 
 StageSpec rl_stage(const std::string& algorithm, int64_t max_staleness = 0) {
