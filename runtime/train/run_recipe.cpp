@@ -5,14 +5,13 @@
 #include <cstdio>
 #include <cstdlib>
 
-#include "runtime/data/bigram.hpp"
 #include "runtime/data/jsonl.hpp"
-#include "runtime/data/loader.hpp"
 #include "runtime/data/tokenizer.hpp"
 #include "runtime/error.hpp"
 #include "runtime/train/checkpoint.hpp"
 #include "runtime/train/report.hpp"
 #include "runtime/train/rl_stages.hpp"
+#include "runtime/train/step_data.hpp"
 #include "runtime/train/trainer.hpp"
 #include "runtime/util/files.hpp"
 #include "runtime/util/threads.hpp"
@@ -62,24 +61,8 @@ nlohmann::json run_recipe(const Recipe& recipe, const BackendFactory& cuda) {
   MetricsLog metrics(recipe.out / "metrics.jsonl");
 
   // Data: split by document, tokenizer trained on the train split (or the one this run already made).
-  const std::vector<std::string> texts = load_corpus(recipe.data);
-  const DocumentSplit split = split_documents(texts.size(), static_cast<size_t>(recipe.data.validation_every));
-  require(!split.train.empty() && !split.validation.empty(),
-          "the corpus has " + std::to_string(texts.size()) + " documents: too few for a train/validation split");
-  const fs::path tok_file = recipe.out / Tokenizer::kFileName;
-  Tokenizer tokenizer = [&] {
-    if (fs::exists(tok_file)) return Tokenizer::load(tok_file);
-    std::vector<std::string> train_texts;
-    for (size_t i : split.train) train_texts.push_back(texts[i]);
-    Tokenizer t = Tokenizer::train(train_texts, static_cast<int>(recipe.data.vocab_size));
-    t.save(recipe.out);
-    return t;
-  }();
-  const TokenStream train = TokenStream::from_texts(tokenizer, texts, split.train);
-  const TokenStream valid = TokenStream::from_texts(tokenizer, texts, split.validation);
-  std::fprintf(stderr, "data: %zu train / %zu validation documents, %lld / %lld tokens, vocabulary %d\n",
-               split.train.size(), split.validation.size(), static_cast<long long>(train.size()),
-               static_cast<long long>(valid.size()), tokenizer.vocab_size());
+  const RunData data = prepare_run_data(recipe);
+  const Tokenizer& tokenizer = data.tokenizer;
 
   ModelConfig config = recipe.model;
   config.vocab_size = tokenizer.vocab_size();
@@ -111,36 +94,8 @@ nlohmann::json run_recipe(const Recipe& recipe, const BackendFactory& cuda) {
       metrics.write({{"event", "stage_done"}, {"summary", s}});
       continue;
     }
-    BatchSource source;
-    std::unique_ptr<BatchLoader> pretrain_loader;
-    std::unique_ptr<SftLoader> sft_loader;
-    const uint64_t seed = recipe.seed + 1000 * (i + 1);
-    if (stage.kind == "pretrain") {
-      pretrain_loader = std::make_unique<BatchLoader>(train, stage.batch, stage.seq, seed);
-      source.next = [&] { return pretrain_loader->next(); };
-      source.state = [&] { return pretrain_loader->state(); };
-      source.restore = [&](const LoaderState& s) { pretrain_loader->restore(s); };
-      source.validation = validation_batches(valid, stage.batch, stage.seq);
-    } else {  // sft: every validation_every-th example held out
-      std::vector<SftSequence> fit, held;
-      const auto examples = read_sft_jsonl(stage.data);
-      for (size_t e = 0; e < examples.size(); ++e)
-        (e % static_cast<size_t>(recipe.data.validation_every) == 0 ? held : fit).push_back(encode_sft(tokenizer, examples[e]));
-      require(static_cast<int64_t>(fit.size()) >= stage.batch,
-              stage.data.string() + ": " + std::to_string(fit.size()) + " training examples, fewer than one batch of " +
-                  std::to_string(stage.batch));
-      for (size_t k = 0; k < held.size(); k += static_cast<size_t>(stage.batch)) {
-        const size_t n = std::min(held.size() - k, static_cast<size_t>(stage.batch));
-        source.validation.push_back(make_sft_batch({held.data() + k, n}, tokenizer.pad_id(), stage.seq));
-      }
-      sft_loader = std::make_unique<SftLoader>(std::move(fit), stage.batch, stage.seq, tokenizer.pad_id(), seed);
-      source.next = [&] { return sft_loader->next(); };
-      source.state = [&] { return sft_loader->state(); };
-      source.restore = [&](const LoaderState& s) { sft_loader->restore(s); };
-    }
-    if (static_cast<int64_t>(source.validation.size()) > stage.eval_batches)
-      source.validation.resize(static_cast<size_t>(stage.eval_batches));
-
+    const std::unique_ptr<StageSource> batches = make_stage_source(recipe, i, data);
+    BatchSource& source = batches->source;
     const StageOutcome o = run_stage(recipe, stage, *backend, &tokenizer, source, metrics, recipe.out / stage.name);
     nlohmann::json s = {{"stage", stage.name}, {"kind", stage.kind}, {"steps", o.steps},
                         {"train_loss", o.train_loss}, {"validation_loss", o.validation_loss},
@@ -148,8 +103,7 @@ nlohmann::json run_recipe(const Recipe& recipe, const BackendFactory& cuda) {
                         {"checkpoint", (recipe.out / stage.name).string()}};
     if (stage.kind == "pretrain") {
       // The baseline the model must beat: add-one bigram on the same tokenization, split and windows.
-      const BigramModel bigram = BigramModel::train(train.tokens(), tokenizer.vocab_size());
-      s["bigram_validation_loss"] = bigram.cross_entropy(source.validation);
+      s["bigram_validation_loss"] = bigram_validation_loss(data, source.validation);
     }
     summary["stages"].push_back(s);
     metrics.write({{"event", "stage_done"}, {"summary", s}});
