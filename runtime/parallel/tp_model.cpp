@@ -7,6 +7,7 @@
 #include "kernels/rmsnorm.hpp"
 #include "runtime/error.hpp"
 #include "runtime/model/attention.hpp"
+#include "runtime/model/decoder_layer.hpp"
 #include "runtime/model/feed_forward.hpp"
 #include "runtime/parallel/tp_feed_forward.hpp"
 
@@ -14,80 +15,17 @@ namespace moerl {
 namespace {
 
 using Buffer = std::vector<float>;
+using Norm = SavedNorm;
 
-void add_into(float* dst, const float* src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
-}
-
-// RMSNorm with its rstd saved for backward (the caller keeps the input), as in model.cpp.
-struct Norm {
-  Param* weight = nullptr;
-  float eps = 1e-6f;
-  Buffer rstd;
-
-  void forward(const float* x, int64_t rows, float* y) {
-    const int64_t dim = weight->value.numel();
-    rstd.resize(static_cast<size_t>(rows));
-    cpu::rmsnorm_forward(x, weight->value.data<float>(), y, rstd.data(), rows, dim, eps);
-  }
-  void backward(const float* dy, const float* x, int64_t rows, float* dx) {
-    const int64_t dim = weight->value.numel();
-    cpu::rmsnorm_backward(dy, x, weight->value.data<float>(), rstd.data(), dx, weight->grad.data<float>(), rows, dim);
-  }
-};
-
-// One pre-norm decoder layer, h = x + attn(norm1(x)); out = h + ffn(norm2(h)), with split attention and
-// dense FFN and a replicated MoE FFN.
-struct TpLayer {
-  Norm norm1, norm2;
-  MlaAttention attn;
-  std::unique_ptr<TpDenseFeedForward> dense;
-  std::unique_ptr<MoeFeedForward> moe;
-  int64_t dim;
-  Buffer x, xn1, h, xn2;  // saved activations, [T, dim] each
-
+// One pre-norm decoder layer (decoder_layer.hpp) with this rank's slice of the attention heads and of the dense
+// FFN's columns, and a replicated MoE FFN.
+struct TpLayer : PreNormLayer<TpDenseFeedForward> {
   TpLayer(const ModelConfig& c, Params& p, const std::string& prefix, bool use_moe, const TensorSlice& slice)
-      : attn(c, p, prefix + "self_attn", slice), dim(c.hidden_size) {
-    norm1.weight = &p.add(prefix + "input_layernorm.weight", {c.hidden_size});
-    norm2.weight = &p.add(prefix + "post_attention_layernorm.weight", {c.hidden_size});
-    norm1.eps = norm2.eps = static_cast<float>(c.rms_norm_eps);
+      : PreNormLayer(c, p, prefix, slice) {
     if (use_moe)
       moe = std::make_unique<MoeFeedForward>(c, p, prefix + "mlp");
     else
       dense = std::make_unique<TpDenseFeedForward>(p, prefix + "mlp", c.hidden_size, c.intermediate_size, slice);
-  }
-
-  float forward(const float* in, int64_t batch, int64_t seq, float* out, const ForwardOptions& o) {
-    const int64_t T = batch * seq, n = T * dim;
-    x.assign(in, in + n);
-    xn1.resize(static_cast<size_t>(n));
-    h.resize(static_cast<size_t>(n));
-    xn2.resize(static_cast<size_t>(n));
-    norm1.forward(x.data(), T, xn1.data());
-    attn.forward(xn1.data(), batch, seq, h.data(), o.precision);
-    add_into(h.data(), x.data(), n);
-    norm2.forward(h.data(), T, xn2.data());
-    float balance = 0;
-    if (moe)
-      balance = moe->forward(xn2.data(), batch, seq, out, o.precision, o.balance_alpha);
-    else
-      dense->forward(xn2.data(), T, out, o.precision);
-    add_into(out, h.data(), n);
-    return balance;
-  }
-
-  void backward(const float* dout, float* din) {
-    const int64_t n = static_cast<int64_t>(x.size()), T = n / dim;
-    Buffer dxn(static_cast<size_t>(n)), dh(dout, dout + n), tmp(static_cast<size_t>(n));
-    if (moe)
-      moe->backward(dout, dxn.data());
-    else
-      dense->backward(dout, dxn.data());
-    norm2.backward(dxn.data(), h.data(), T, tmp.data());
-    add_into(dh.data(), tmp.data(), n);
-    attn.backward(dh.data(), dxn.data());
-    norm1.backward(dxn.data(), x.data(), T, din);
-    add_into(din, dh.data(), n);
   }
 };
 
