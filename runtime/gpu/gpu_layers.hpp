@@ -69,6 +69,10 @@ class GpuMla {
   int64_t batch_ = 0, seq_ = 0;
   float *q_a_out_ = nullptr, *c_ = nullptr, *q_ = nullptr, *k_ = nullptr, *v_ = nullptr, *attn_ = nullptr,
         *lse_ = nullptr;
+  // The tensor-core kernels' packed BF16 q, k, v (sharing k's and v's region), when packed_mla_; used_packed_: the
+  // last forward packed them (its backward reads them).
+  void* packed_ = nullptr;
+  bool packed_mla_ = false, used_packed_ = false;
   const float* x_ = nullptr;
   Precision precision_ = Precision::FP32;
   bool saved_ = false;
