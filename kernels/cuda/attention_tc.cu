@@ -395,6 +395,8 @@ void pack_plain(const float* q, const float* k, const float* v, void* packed, in
   pack_operand(src(q, dqk), dqk, pl.q(packed), batch, seq, heads, pl.spad, stream);
   pack_operand(src(k, dqk), dqk, pl.k(packed), batch, seq, heads, pl.spad, stream);
   pack_operand(src(v, dv), dv, pl.v(packed), batch, seq, heads, pl.spad, stream);
+  if (forward_wgmma_warpgroups(dqk, dv) > 0)
+    pack_operand_t(src(v, dv), dv, pl.vt(packed), batch, seq, heads, pl.spad, stream);
 }
 
 }  // namespace
@@ -413,6 +415,12 @@ void attention_forward_bf16_packed(const void* packed, float* out, float* lse, i
     const PackedLayout pl(batch, seq, heads, DQ, DV);
     void* base = const_cast<void*>(packed);  // read only below
     const int s = static_cast<int>(seq), sp = static_cast<int>(pl.spad), h = static_cast<int>(heads);
+    if (const int wg = forward_wgmma_warpgroups(DQ, DV); wg > 0) {
+      forward_wgmma({pl.q(base), pl.k(base), pl.vt(base), out, lse, static_cast<int>(batch), s, sp, h,
+                     scale * kLog2eTc, order},
+                    wg, stream);
+      return;
+    }
     dispatch_warps("MOERL_ATTN_TC_FWD_WARPS", 8, [&](auto w_dim) {
       constexpr int W = decltype(w_dim)::value;
       const auto launch = [&](auto mt_dim) {

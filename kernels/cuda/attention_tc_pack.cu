@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <string>
 
 #include "kernels/cuda/attention.hpp"
@@ -87,6 +88,33 @@ __global__ void __launch_bounds__(kPackThreads)
   }
 }
 
+// dst [batch, heads, DP, spad] BF16 <- src transposed: block (x, bh) takes packed rows 64·x .. 64·x + 63 of
+// (sequence, head) bh through a shared [64][DP + 1] FP32 tile (coalesced 4-byte loads, 16-byte stores of 8 keys).
+template <int D>
+__global__ void __launch_bounds__(kPackThreads)
+    attention_pack_t_kernel(PackSrc src, bf16* __restrict__ dst, int seq, int spad, int heads) {
+  constexpr int DP = pad16(D);
+  __shared__ float tile[64][DP + 1];
+  const int s0 = static_cast<int>(blockIdx.x) * 64;
+  const int64_t bh = blockIdx.y, b = bh / heads, h = bh % heads;
+  for (int i = threadIdx.x; i < 64 * DP; i += kPackThreads) {
+    const int r = i / DP, c = i % DP, s = s0 + r;
+    float x = 0.0f;
+    if (s < seq && c < D) {
+      const int64_t tok = b * seq + s;
+      x = c < src.d1 ? src.a[tok * src.a_tok + h * src.a_head + c] : src.b[tok * src.b_tok + (c - src.d1)];
+    }
+    tile[r][c] = x;
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < DP * 8; i += kPackThreads) {
+    const int d = i / 8, k = (i % 8) * 8;
+    *reinterpret_cast<uint4*>(dst + (bh * DP + d) * spad + s0 + k) =
+        make_uint4(pack_bf16(tile[k][d], tile[k + 1][d]), pack_bf16(tile[k + 2][d], tile[k + 3][d]),
+                   pack_bf16(tile[k + 4][d], tile[k + 5][d]), pack_bf16(tile[k + 6][d], tile[k + 7][d]));
+  }
+}
+
 unsigned pack_blocks(int64_t chunks) { return static_cast<unsigned>((chunks + kPackThreads - 1) / kPackThreads); }
 
 template <int D>
@@ -127,6 +155,30 @@ void pack_operand(const PackSrc& src, int64_t d, bf16* dst, int64_t batch, int64
     case 96: return launch_pack<96>(src, dst, batch, seq, heads, spad, stream);
     default: throw Error("moerl::cuda attention: no packing kernel for head dim " + std::to_string(d));
   }
+}
+
+void pack_operand_t(const PackSrc& src, int64_t d, bf16* dst, int64_t batch, int64_t seq, int64_t heads,
+                    int64_t spad, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned>(spad / 64), static_cast<unsigned>(batch * heads));
+  if (d == 16) attention_pack_t_kernel<16><<<grid, kPackThreads, 0, stream>>>(src, dst, static_cast<int>(seq),
+                                                                               static_cast<int>(spad), static_cast<int>(heads));
+  else if (d == 64) attention_pack_t_kernel<64><<<grid, kPackThreads, 0, stream>>>(src, dst, static_cast<int>(seq),
+                                                                                    static_cast<int>(spad), static_cast<int>(heads));
+  else throw Error("moerl::cuda attention: no transposed packing kernel for head dim " + std::to_string(d));
+  CUDA_CHECK_LAUNCH();
+}
+
+int forward_wgmma_warpgroups(int64_t dqk, int64_t dv) {
+  const auto env = [](const char* name) {
+    const char* e = std::getenv(name);
+    return std::string(e ? e : "");
+  };
+  const std::string kernel = env("MOERL_ATTN_TC_FWD_KERNEL"), wg = env("MOERL_ATTN_TC_FWD_WG");
+  require(kernel.empty() || kernel == "mma" || kernel == "wgmma",
+          "moerl::cuda attention: MOERL_ATTN_TC_FWD_KERNEL must be mma or wgmma, got " + kernel);
+  require(wg.empty() || wg == "1" || wg == "2", "moerl::cuda attention: MOERL_ATTN_TC_FWD_WG must be 1 or 2, got " + wg);
+  if (kernel != "wgmma" || dqk != 96 || dv != 64) return 0;
+  return wg == "1" ? 1 : 2;
 }
 
 void pack_dout(const float* dout, const float* out, const float* lse, bf16* dst, float* stats, int64_t dv,
@@ -171,6 +223,7 @@ void attention_pack_mla_bf16(const float* q, const float* kv, const float* ckv, 
   pack_operand(qs, dqk, pl.q(packed), batch, seq, heads, pl.spad, stream);
   pack_operand(ks, dqk, pl.k(packed), batch, seq, heads, pl.spad, stream);
   pack_operand(vs, dv, pl.v(packed), batch, seq, heads, pl.spad, stream);
+  if (forward_wgmma_warpgroups(dqk, dv) > 0) pack_operand_t(vs, dv, pl.vt(packed), batch, seq, heads, pl.spad, stream);
 }
 
 bool attention_pack_mla_bf16_supported(int64_t kv_lora, int64_t dn, int64_t dr, int64_t dv) {

@@ -19,12 +19,16 @@ struct PackedLayout {
   int64_t spad, rows;  // padded sequence; packed rows batch·heads·spad
   size_t bytes_q, bytes_v;
   PackedLayout(int64_t batch, int64_t seq, int64_t heads, int64_t dqk, int64_t dv);
-  size_t bytes() const { return 2 * bytes_q + bytes_v; }
+  size_t bytes() const { return 2 * bytes_q + 2 * bytes_v; }
   // The parts of a packed buffer at base.
   __nv_bfloat16* q(void* base) const { return static_cast<__nv_bfloat16*>(base); }
   __nv_bfloat16* k(void* base) const { return reinterpret_cast<__nv_bfloat16*>(static_cast<char*>(base) + bytes_q); }
   __nv_bfloat16* v(void* base) const {
     return reinterpret_cast<__nv_bfloat16*>(static_cast<char*>(base) + 2 * bytes_q);
+  }
+  // Vᵀ [batch, heads, DVP, spad] (written only for the WGMMA forward: forward_wgmma_warpgroups).
+  __nv_bfloat16* vt(void* base) const {
+    return reinterpret_cast<__nv_bfloat16*>(static_cast<char*>(base) + 2 * bytes_q + bytes_v);
   }
 };
 
@@ -45,6 +49,24 @@ void check_pack_src(const char* where, const PackSrc& src, int64_t d);
 // dst [batch, heads, spad, pad16(d)] <- src, zeros in columns >= d and rows >= seq; d in {16, 24, 64, 96}.
 void pack_operand(const PackSrc& src, int64_t d, __nv_bfloat16* dst, int64_t batch, int64_t seq, int64_t heads,
                   int64_t spad, cudaStream_t stream);
+
+// dst [batch, heads, pad16(d), spad] <- src transposed (zeros as above); d in {16, 64}.
+void pack_operand_t(const PackSrc& src, int64_t d, __nv_bfloat16* dst, int64_t batch, int64_t seq, int64_t heads,
+                    int64_t spad, cudaStream_t stream);
+
+// Warpgroups per block of the WGMMA forward (attention_tc_wgmma.cu) for these head dims, or 0 for the mma.sync
+// forward: MOERL_ATTN_TC_FWD_KERNEL = mma | wgmma (default mma), MOERL_ATTN_TC_FWD_WG = 1 | 2 (default 2); WGMMA
+// only for dqk 96, dv 64. Throws moerl::Error on other values.
+int forward_wgmma_warpgroups(int64_t dqk, int64_t dv);
+
+struct ForwardWgmmaArgs {
+  const __nv_bfloat16 *q, *k, *vt;  // packed Q, K, Vᵀ
+  float *out, *lse;
+  int batch, seq, spad, heads;
+  float scale_log2;
+  bool seq_order;
+};
+void forward_wgmma(const ForwardWgmmaArgs& args, int warpgroups, cudaStream_t stream);
 
 // The backward's packing of dout [batch·seq, heads, dv] into dst (as pack_operand) and stats [batch, heads, spad, 2]
 // = (lse·log2e, D = Σ_c dout·out) per packed row (zeros on padding rows); dv in {16, 64}.

@@ -255,10 +255,7 @@ TEST_F(AttentionBf16Gpu, ForwardAndBackwardMatchTheCpuReferenceOnBf16Inputs) {
     const Tensors rounded{bf16_rounded(in.q), bf16_rounded(in.k), bf16_rounded(in.v), bf16_rounded(in.dout)};
     const Results ref = run_cpu(sh, rounded), ref32 = run_cpu(sh, in);
     Gpu gpu(sh, in);
-    for (auto [warps, rows] : {std::pair{4, 16}, {8, 16}, {4, 32}, {8, 32}}) {
-      SCOPED_TRACE(std::to_string(warps) + " warps per block, forward " + std::to_string(rows) + " rows per warp");
-      std::printf("attention bf16 kernels of %d warps per block, forward %d rows per warp:\n", warps, rows);
-      const WarpsEnv env(warps, warps, rows);
+    const auto check = [&] {
       gpu.forward(true);
       gpu.backward(true);
       const Results got = gpu.results();
@@ -267,6 +264,23 @@ TEST_F(AttentionBf16Gpu, ForwardAndBackwardMatchTheCpuReferenceOnBf16Inputs) {
       expect_close("dQ", sh, got.dq, ref.dq, ref32.dq, kTolerance);
       expect_close("dK", sh, got.dk, ref.dk, ref32.dk, kTolerance);
       expect_close("dV", sh, got.dv, ref.dv, ref32.dv, kTolerance);
+    };
+    {
+      const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "mma");
+      for (auto [warps, rows] : {std::pair{4, 16}, {8, 16}, {4, 32}, {8, 32}}) {
+        SCOPED_TRACE(std::to_string(warps) + " warps per block, forward " + std::to_string(rows) + " rows per warp");
+        std::printf("attention bf16 kernels of %d warps per block, forward %d rows per warp:\n", warps, rows);
+        const WarpsEnv env(warps, warps, rows);
+        check();
+      }
+    }
+    // The WGMMA forward (96/64 only; the 24/16 shapes run the mma.sync one again) in blocks of 1 and 2 warpgroups.
+    for (const char* groups : {"1", "2"}) {
+      SCOPED_TRACE(std::string("WGMMA forward, warpgroups ") + groups);
+      std::printf("attention bf16 WGMMA forward, %s warpgroups per block (backward 4 warps):\n", groups);
+      const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "wgmma"), wg("MOERL_ATTN_TC_FWD_WG", groups);
+      const WarpsEnv env(8, 4);
+      check();
     }
   }
 }
@@ -275,14 +289,18 @@ TEST_F(AttentionBf16Gpu, RepeatsBitForBitAndRefusesOtherHeadDims) {
   const Shape sh{2, 200, 3, 96, 64, 1.0f};
   std::mt19937_64 rng(run_seed() + 3);
   Gpu gpu(sh, random_tensors(sh, rng));
-  gpu.forward(true);
-  gpu.backward(true);
-  const Results a = gpu.results();
-  gpu.forward(true);
-  gpu.backward(true);
-  const Results b = gpu.results();
-  for (auto [x, y] : {std::pair{&a.out, &b.out}, {&a.lse, &b.lse}, {&a.dq, &b.dq}, {&a.dk, &b.dk}, {&a.dv, &b.dv}})
-    EXPECT_EQ(std::memcmp(x->data(), y->data(), x->size() * sizeof(float)), 0);
+  for (const char* kernel : {"mma", "wgmma"}) {  // both forward kernels
+    SCOPED_TRACE(std::string("forward kernel ") + kernel);
+    const EnvVar env("MOERL_ATTN_TC_FWD_KERNEL", kernel);
+    gpu.forward(true);
+    gpu.backward(true);
+    const Results a = gpu.results();
+    gpu.forward(true);
+    gpu.backward(true);
+    const Results b = gpu.results();
+    for (auto [x, y] : {std::pair{&a.out, &b.out}, {&a.lse, &b.lse}, {&a.dq, &b.dq}, {&a.dk, &b.dk}, {&a.dv, &b.dv}})
+      EXPECT_EQ(std::memcmp(x->data(), y->data(), x->size() * sizeof(float)), 0);
+  }
   EXPECT_TRUE(cuda::attention_bf16_supported(96, 64));
   EXPECT_FALSE(cuda::attention_bf16_supported(192, 128));
   float* p = gpu.q.get();
@@ -428,6 +446,12 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
       std::printf("attention bf16 tensor cores backward (%d warps, %s order) %s: %.3f ms, %.1f TFLOP/s (causal)\n",
                   warps, o, sh.name().c_str(), ms, bwd_flops / ms / 1e9);
     }
+  }
+  for (const char* groups : {"1", "2"}) {
+    const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "wgmma"), wg("MOERL_ATTN_TC_FWD_WG", groups);
+    const double ms = median_ms([&] { gpu.forward(true, false); });
+    std::printf("attention bf16 WGMMA forward (%s warpgroups, seq order) %s: %.3f ms, %.1f TFLOP/s (causal)\n", groups,
+                sh.name().c_str(), ms, fwd_flops / ms / 1e9);
   }
   {
     // As the model runs them: q, k, v packed once (their pass timed alone), then the forward and the backward on
