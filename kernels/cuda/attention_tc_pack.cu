@@ -177,7 +177,7 @@ int forward_wgmma_warpgroups(int64_t dqk, int64_t dv) {
   require(kernel.empty() || kernel == "mma" || kernel == "wgmma",
           "moerl::cuda attention: MOERL_ATTN_TC_FWD_KERNEL must be mma or wgmma, got " + kernel);
   require(wg.empty() || wg == "1" || wg == "2", "moerl::cuda attention: MOERL_ATTN_TC_FWD_WG must be 1 or 2, got " + wg);
-  if (kernel != "wgmma" || dqk != 96 || dv != 64) return 0;
+  if (kernel == "mma" || dqk != 96 || dv != 64) return 0;
   return wg == "1" ? 1 : 2;
 }
 

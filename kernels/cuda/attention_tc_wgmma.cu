@@ -1,6 +1,6 @@
 // Forward of the tensor-core attention on Hopper's warpgroup MMA (sm_90a) for bench-600m's head dims (dqk 96,
-// dv 64), selected by MOERL_ATTN_TC_FWD_KERNEL=wgmma (kernels/cuda/attention_tc.cu). Same arithmetic as
-// attention_forward_tc (BF16 operands, FP32 scores and sums, online softmax in base 2 with ex2.approx, P rounded
+// dv 64), the default (MOERL_ATTN_TC_FWD_KERNEL=mma selects the mma.sync one; kernels/cuda/attention_tc.cu). Same
+// arithmetic as attention_forward_tc (BF16 operands, FP32 scores and sums, online softmax in base 2 with ex2.approx, P rounded
 // to BF16 for the product, lse saved), with each warpgroup (4 warps, 64 query rows) computing S = Q·Kᵀ by
 // wgmma.mma_async m64n64k16 from shared memory (Q and K tiles K-major) and O += P·V with P from registers and V
 // from a transposed packed copy Vᵀ [batch, heads, DVP, spad] (attention_tc_pack.hpp), so that V's tile is K-major
