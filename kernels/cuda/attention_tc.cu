@@ -456,6 +456,22 @@ void attention_backward_bf16_packed(const float* dout, const void* packed, const
     bf16* dob = scratch.as<bf16>();
     float* stats = scratch.as<float>(pl.bytes_v);
     pack_dout(dout, out, lse, dob, stats, DV, batch, seq, heads, pl.spad, stream);
+    if (const int dq_wg = backward_wgmma_dq_warpgroups(DQ, DV); dq_wg > 0) {
+      // Transposed copies for the second products: dOᵀ (from the FP32 dout), Qᵀ and Kᵀ (from the packed ones).
+      cuda_detail::StreamScratch t(pl.bytes_v + 2 * pl.bytes_q, stream);
+      bf16* dot = t.as<bf16>();
+      bf16* qt = t.as<bf16>(pl.bytes_v);
+      bf16* kt = t.as<bf16>(pl.bytes_v + pl.bytes_q);
+      pack_operand_t(PackSrc{dout, heads * DV, DV, DV, nullptr, 0}, DV, dot, batch, seq, heads, pl.spad, stream);
+      transpose_packed(pl.q(base), qt, DQ, batch * heads, pl.spad, stream);
+      transpose_packed(pl.k(base), kt, DQ, batch * heads, pl.spad, stream);
+      backward_wgmma({pl.q(base), pl.k(base), pl.v(base), dob, qt, kt, dot, stats, dq, dk, dv_out,
+                      static_cast<int>(batch), s, sp, h, scale, scale * kLog2eTc, order},
+                     dq_wg, stream);
+      t.release();
+      scratch.release();
+      return;
+    }
     dispatch_warps("MOERL_ATTN_TC_BWD_WARPS", 4, [&](auto w_dim) {
       constexpr int W = decltype(w_dim)::value;
       constexpr size_t smem_dkdv = Smem<DQ, DV, W>::dkdv, smem_dq = Smem<DQ, DV, W>::dq;

@@ -115,6 +115,26 @@ __global__ void __launch_bounds__(kPackThreads)
   }
 }
 
+// The same transpose of a packed BF16 operand [bh][spad][DP] -> [bh][DP][spad] (exact: BF16 -> FP32 -> BF16).
+template <int DP>
+__global__ void __launch_bounds__(kPackThreads)
+    attention_transpose_kernel(const bf16* __restrict__ src, bf16* __restrict__ dst, int spad) {
+  __shared__ float tile[64][DP + 1];
+  const int s0 = static_cast<int>(blockIdx.x) * 64;
+  const int64_t bh = blockIdx.y;
+  for (int i = threadIdx.x; i < 64 * DP; i += kPackThreads) {
+    const int r = i / DP, c = i % DP;
+    tile[r][c] = __bfloat162float(src[(bh * spad + s0 + r) * DP + c]);
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < DP * 8; i += kPackThreads) {
+    const int d = i / 8, k = (i % 8) * 8;
+    *reinterpret_cast<uint4*>(dst + (bh * DP + d) * spad + s0 + k) =
+        make_uint4(pack_bf16(tile[k][d], tile[k + 1][d]), pack_bf16(tile[k + 2][d], tile[k + 3][d]),
+                   pack_bf16(tile[k + 4][d], tile[k + 5][d]), pack_bf16(tile[k + 6][d], tile[k + 7][d]));
+  }
+}
+
 unsigned pack_blocks(int64_t chunks) { return static_cast<unsigned>((chunks + kPackThreads - 1) / kPackThreads); }
 
 template <int D>
@@ -179,6 +199,27 @@ int forward_wgmma_warpgroups(int64_t dqk, int64_t dv) {
   require(wg.empty() || wg == "1" || wg == "2", "moerl::cuda attention: MOERL_ATTN_TC_FWD_WG must be 1 or 2, got " + wg);
   if (kernel == "mma" || dqk != 96 || dv != 64) return 0;
   return wg == "1" ? 1 : 2;
+}
+
+void transpose_packed(const bf16* src, bf16* dst, int64_t dp, int64_t batch_heads, int64_t spad, cudaStream_t stream) {
+  require(dp == 96, "moerl::cuda attention: no transpose kernel for head dim " + std::to_string(dp));
+  const dim3 grid(static_cast<unsigned>(spad / 64), static_cast<unsigned>(batch_heads));
+  attention_transpose_kernel<96><<<grid, kPackThreads, 0, stream>>>(src, dst, static_cast<int>(spad));
+  CUDA_CHECK_LAUNCH();
+}
+
+int backward_wgmma_dq_warpgroups(int64_t dqk, int64_t dv) {
+  const auto env = [](const char* name) {
+    const char* e = std::getenv(name);
+    return std::string(e ? e : "");
+  };
+  const std::string kernel = env("MOERL_ATTN_TC_BWD_KERNEL"), wg = env("MOERL_ATTN_TC_BWD_DQ_WG");
+  require(kernel.empty() || kernel == "mma" || kernel == "wgmma",
+          "moerl::cuda attention: MOERL_ATTN_TC_BWD_KERNEL must be mma or wgmma, got " + kernel);
+  require(wg.empty() || wg == "1" || wg == "2",
+          "moerl::cuda attention: MOERL_ATTN_TC_BWD_DQ_WG must be 1 or 2, got " + wg);
+  if (kernel != "wgmma" || dqk != 96 || dv != 64) return 0;
+  return wg == "2" ? 2 : 1;
 }
 
 void pack_dout(const float* dout, const float* out, const float* lse, bf16* dst, float* stats, int64_t dv,

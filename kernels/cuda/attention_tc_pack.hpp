@@ -70,6 +70,26 @@ struct ForwardWgmmaArgs {
 };
 void forward_wgmma(const ForwardWgmmaArgs& args, int warpgroups, cudaStream_t stream);
 
+// Backward on WGMMA (attention_tc_wgmma_bwd.cu), dqk 96 / dv 64: packed Q, K, V, dO, their transposes Qᵀ, Kᵀ, dOᵀ
+// [batch, heads, D, spad] and the stats of pack_dout.
+struct BackwardWgmmaArgs {
+  const __nv_bfloat16 *q, *k, *v, *dout, *qt, *kt, *dout_t;
+  const float* stats;
+  float *dq, *dk, *dv;
+  int batch, seq, spad, heads;
+  float scale, scale_log2;
+  bool seq_order;
+};
+void backward_wgmma(const BackwardWgmmaArgs& args, int dq_warpgroups, cudaStream_t stream);
+
+// Warpgroups per block of the WGMMA backward's dQ kernel, or 0 for the mma.sync backward: MOERL_ATTN_TC_BWD_KERNEL =
+// mma | wgmma (default mma), MOERL_ATTN_TC_BWD_DQ_WG = 1 | 2 (default 1); WGMMA only for dqk 96, dv 64.
+int backward_wgmma_dq_warpgroups(int64_t dqk, int64_t dv);
+
+// dst [rows / spad sequences][dp][spad] <- src [.., spad, dp] (packed BF16, transposed per (sequence, head)); dp 96.
+void transpose_packed(const __nv_bfloat16* src, __nv_bfloat16* dst, int64_t dp, int64_t batch_heads, int64_t spad,
+                      cudaStream_t stream);
+
 // The backward's packing of dout [batch·seq, heads, dv] into dst (as pack_operand) and stats [batch, heads, spad, 2]
 // = (lse·log2e, D = Σ_c dout·out) per packed row (zeros on padding rows); dv in {16, 64}.
 void pack_dout(const float* dout, const float* out, const float* lse, __nv_bfloat16* dst, float* stats, int64_t dv,

@@ -14,105 +14,14 @@
 #include <cmath>
 #include <cstdint>
 
-#include "kernels/cuda/attention_tc_mma.cuh"
+#include "kernels/cuda/attention_tc_wgmma.cuh"
 #include "kernels/cuda/attention_tc_pack.hpp"
 #include "kernels/cuda/cuda_check.hpp"
 
 namespace moerl::cuda::attention_tc_detail {
 namespace {
 
-constexpr int kKeyTile = 64;       // keys per streamed tile
-constexpr int kRowBytes = 128;     // bytes per row of a swizzled panel (64 BF16)
 constexpr float kLn2Wg = 0.6931471805599453f;
-
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// Keeps the compiler from touching an accumulator register across an asynchronous WGMMA.
-__device__ __forceinline__ void fence_frag(float (&d)[8][4]) {
-#pragma unroll
-  for (int n = 0; n < 8; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) asm volatile("" : "+f"(d[n][e])::"memory");
-}
-
-// Descriptor of a K-major tile of 128-byte rows in the 128-byte swizzle at shared address addr (1024-byte aligned
-// atoms): address >> 4, leading byte offset 16 >> 4 (unused), stride byte offset 1024 >> 4 (8 rows), swizzle mode 1.
-// K advances 16 BF16 = 32 bytes by adding 2.
-__device__ __forceinline__ uint64_t desc128(uint32_t addr) {
-  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
-         (uint64_t{1} << 62);
-}
-
-// Byte offset of 16-byte chunk c of row r in a swizzled panel.
-__device__ __forceinline__ int swz(int r, int c) { return r * kRowBytes + ((c ^ (r & 7)) << 4); }
-
-// d (64 x 64 FP32, the warpgroup's fragment: d[n][e] as mma.sync's C layout per warp, n-tile n) = (scale_d ? d : 0)
-// + a (64 x 16 BF16) · bᵀ (b: 64 x 16 BF16), both K-major in shared memory (descriptors).
-__device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b, int scale_d) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
-        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
-        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
-        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
-        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-}
-
-// d += a · bᵀ with a (64 x 16 BF16) from registers (per warp the A fragment of mma.sync m16n8k16: the C fragments
-// of two n-tiles rounded to BF16) and b (64 x 16) K-major in shared memory.
-__device__ __forceinline__ void wgmma_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
-      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-      : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
-        "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
-        "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
-        "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
-        "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-        "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
-        "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
-        "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
-}
-
-// Tile of ROWS packed rows of 96 BF16 (192 bytes, 12 chunks) at src -> two panels of ROWS x 128 bytes at dst
-// (chunks 0-7 in the first, 8-11 in the second's chunks 0-3).
-template <int ROWS, int THREADS> __device__ __forceinline__ void copy_qk(uint8_t* dst, const bf16* __restrict__ src) {
-  constexpr int CH = 12;
-#pragma unroll
-  for (int it = 0; it < (ROWS * CH + THREADS - 1) / THREADS; ++it) {
-    const int t = static_cast<int>(threadIdx.x) + it * THREADS;
-    if ((ROWS * CH) % THREADS == 0 || t < ROWS * CH) {
-      const int r = t / CH, c = t % CH;
-      cp_async16(dst + (c / 8) * ROWS * kRowBytes + swz(r, c % 8), src + r * 96 + c * 8);
-    }
-  }
-}
-
-// Vᵀ tile: 64 rows (value columns) of 64 keys (128 bytes) at src (row stride spad) -> one panel at dst.
-template <int THREADS> __device__ __forceinline__ void copy_vt(uint8_t* dst, const bf16* __restrict__ src, int spad) {
-#pragma unroll
-  for (int it = 0; it < (64 * 8 + THREADS - 1) / THREADS; ++it) {
-    const int t = static_cast<int>(threadIdx.x) + it * THREADS;
-    if ((64 * 8) % THREADS == 0 || t < 64 * 8) {
-      const int r = t / 8, c = t % 8;
-      cp_async16(dst + swz(r, c), src + int64_t{r} * spad + c * 8);
-    }
-  }
-}
 
 template <int WG>
 __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks per SM (registers, shared memory)
@@ -136,9 +45,9 @@ __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks p
   const bf16* kh = kb + bh * spad * DQ;
   const bf16* vth = vtb + bh * DV * spad;
   const int last = min(i0 + ROWS - 1, seq - 1) / kKeyTile;  // the block's last key tile
-  copy_qk<ROWS, THREADS>(Qs, qb + (bh * spad + i0) * DQ);
-  copy_qk<kKeyTile, THREADS>(Ks, kh);
-  copy_vt<THREADS>(Vts, vth, spad);
+  copy_rows<ROWS, DQ, THREADS>(Qs, qb + (bh * spad + i0) * DQ);
+  copy_rows<kKeyTile, DQ, THREADS>(Ks, kh);
+  copy_t<DV, THREADS>(Vts, vth, spad);
   cp_async_commit();
 
   // The warpgroup's first row g0 (a multiple of 64: key tile 0 .. g0 / 64 are its tiles, the last one its
@@ -151,8 +60,8 @@ __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks p
   for (int kt = 0; kt <= last; ++kt) {
     const int j0 = kt * kKeyTile, st = kt & 1;
     if (kt < last) {  // the stage st ^ 1 was last read in iteration kt - 1, before its closing barrier
-      copy_qk<kKeyTile, THREADS>(Ks + (st ^ 1) * K_BYTES, kh + int64_t{j0 + kKeyTile} * DQ);
-      copy_vt<THREADS>(Vts + (st ^ 1) * VT_BYTES, vth + j0 + kKeyTile, spad);
+      copy_rows<kKeyTile, DQ, THREADS>(Ks + (st ^ 1) * K_BYTES, kh + int64_t{j0 + kKeyTile} * DQ);
+      copy_t<DV, THREADS>(Vts + (st ^ 1) * VT_BYTES, vth + j0 + kKeyTile, spad);
     }
     cp_async_commit();
     cp_async_wait<1>();

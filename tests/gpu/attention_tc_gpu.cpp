@@ -266,7 +266,7 @@ TEST_F(AttentionBf16Gpu, ForwardAndBackwardMatchTheCpuReferenceOnBf16Inputs) {
       expect_close("dV", sh, got.dv, ref.dv, ref32.dv, kTolerance);
     };
     {
-      const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "mma");
+      const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "mma"), bwd("MOERL_ATTN_TC_BWD_KERNEL", "mma");
       for (auto [warps, rows] : {std::pair{4, 16}, {8, 16}, {4, 32}, {8, 32}}) {
         SCOPED_TRACE(std::to_string(warps) + " warps per block, forward " + std::to_string(rows) + " rows per warp");
         std::printf("attention bf16 kernels of %d warps per block, forward %d rows per warp:\n", warps, rows);
@@ -278,8 +278,17 @@ TEST_F(AttentionBf16Gpu, ForwardAndBackwardMatchTheCpuReferenceOnBf16Inputs) {
     for (const char* groups : {"1", "2"}) {
       SCOPED_TRACE(std::string("WGMMA forward, warpgroups ") + groups);
       std::printf("attention bf16 WGMMA forward, %s warpgroups per block (backward 4 warps):\n", groups);
-      const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "wgmma"), wg("MOERL_ATTN_TC_FWD_WG", groups);
+      const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "wgmma"), wg("MOERL_ATTN_TC_FWD_WG", groups),
+          bwd("MOERL_ATTN_TC_BWD_KERNEL", "mma");
       const WarpsEnv env(8, 4);
+      check();
+    }
+    // The WGMMA backward (96/64 only), its dQ kernel in blocks of 1 and 2 warpgroups.
+    for (const char* groups : {"1", "2"}) {
+      SCOPED_TRACE(std::string("WGMMA backward, dQ warpgroups ") + groups);
+      std::printf("attention bf16 WGMMA forward and backward, dQ %s warpgroups per block:\n", groups);
+      const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "wgmma"), bwd("MOERL_ATTN_TC_BWD_KERNEL", "wgmma"),
+          wg("MOERL_ATTN_TC_BWD_DQ_WG", groups);
       check();
     }
   }
@@ -289,9 +298,9 @@ TEST_F(AttentionBf16Gpu, RepeatsBitForBitAndRefusesOtherHeadDims) {
   const Shape sh{2, 200, 3, 96, 64, 1.0f};
   std::mt19937_64 rng(run_seed() + 3);
   Gpu gpu(sh, random_tensors(sh, rng));
-  for (const char* kernel : {"mma", "wgmma"}) {  // both forward kernels
-    SCOPED_TRACE(std::string("forward kernel ") + kernel);
-    const EnvVar env("MOERL_ATTN_TC_FWD_KERNEL", kernel);
+  for (const char* kernel : {"mma", "wgmma"}) {  // both kernel families, forward and backward
+    SCOPED_TRACE(std::string("kernels ") + kernel);
+    const EnvVar env("MOERL_ATTN_TC_FWD_KERNEL", kernel), bwd("MOERL_ATTN_TC_BWD_KERNEL", kernel);
     gpu.forward(true);
     gpu.backward(true);
     const Results a = gpu.results();
@@ -428,55 +437,61 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
   const double pairs = static_cast<double>(sh.batch) * sh.heads * sh.seq * (sh.seq + 1) / 2;
   const double fwd_flops = 2 * pairs * static_cast<double>(sh.dqk + sh.dv);
   const double bwd_flops = 2 * pairs * static_cast<double>(3 * sh.dqk + 2 * sh.dv);
-  // The tensor-core kernels in every block shape (chosen in training through MOERL_ATTN_TC_FWD_WARPS,
-  // MOERL_ATTN_TC_FWD_WARP_ROWS and MOERL_ATTN_TC_BWD_WARPS), then the FP32 kernels.
-  // Both block orders (MOERL_ATTN_TC_ORDER); each time includes the packing of q, k, v (and of dO).
-  for (const char* o : {"tile", "seq"}) {
-    const EnvVar order("MOERL_ATTN_TC_ORDER", o);
-    for (auto [warps, rows] : {std::pair{4, 16}, {8, 16}, {4, 32}, {8, 32}}) {
+  // The mma.sync kernels in every block shape (MOERL_ATTN_TC_FWD_WARPS, MOERL_ATTN_TC_FWD_WARP_ROWS,
+  // MOERL_ATTN_TC_BWD_WARPS), tile order, through the plain entry points (times include the packing of q, k, v and
+  // of dO, and the scratch allocation).
+  {
+    const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "mma"), bwd("MOERL_ATTN_TC_BWD_KERNEL", "mma");
+    for (auto [warps, rows] : {std::pair{4, 16}, {8, 16}, {8, 32}}) {
       const WarpsEnv env(warps, 4, rows);
       const double ms = median_ms([&] { gpu.forward(true, false); });
-      std::printf("attention bf16 tensor cores forward  (%d warps x %d rows, %s order) %s: %.3f ms, %.1f TFLOP/s "
-                  "(causal)\n", warps, rows, o, sh.name().c_str(), ms, fwd_flops / ms / 1e9);
+      std::printf("attention bf16 tensor cores forward  (%d warps x %d rows) %s: %.3f ms, %.1f TFLOP/s (causal)\n",
+                  warps, rows, sh.name().c_str(), ms, fwd_flops / ms / 1e9);
     }
     gpu.forward(true, false);
     for (int warps : {4, 8}) {
       const WarpsEnv env(8, warps);
       const double ms = median_ms([&] { gpu.backward(true, false); });
-      std::printf("attention bf16 tensor cores backward (%d warps, %s order) %s: %.3f ms, %.1f TFLOP/s (causal)\n",
-                  warps, o, sh.name().c_str(), ms, bwd_flops / ms / 1e9);
+      std::printf("attention bf16 tensor cores backward (%d warps) %s: %.3f ms, %.1f TFLOP/s (causal)\n", warps,
+                  sh.name().c_str(), ms, bwd_flops / ms / 1e9);
     }
   }
-  for (const char* groups : {"1", "2"}) {
-    const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "wgmma"), wg("MOERL_ATTN_TC_FWD_WG", groups);
-    const double ms = median_ms([&] { gpu.forward(true, false); });
-    std::printf("attention bf16 WGMMA forward (%s warpgroups, seq order) %s: %.3f ms, %.1f TFLOP/s (causal)\n", groups,
-                sh.name().c_str(), ms, fwd_flops / ms / 1e9);
-  }
   {
-    // As the model runs them: q, k, v packed once (their pass timed alone), then the forward and the backward on
-    // the packed operands (default block shapes and order).
+    // As the model runs them: q, k, v packed once (that pass timed alone), then the forward and the backward on the
+    // packed operands, for each kernel choice (MOERL_ATTN_TC_FWD_KERNEL / _FWD_WG, MOERL_ATTN_TC_BWD_KERNEL /
+    // _BWD_DQ_WG) in both block orders (MOERL_ATTN_TC_ORDER).
     const size_t bytes = cuda::attention_bf16_packed_bytes(sh.batch, sh.seq, sh.heads, sh.dqk, sh.dv);
     DeviceFloats packed((bytes + 3) / 4), kv(static_cast<size_t>(sh.tokens() * sh.heads * (64 + sh.dv))),
         ckv(static_cast<size_t>(sh.tokens() * (256 + 32)));
     CUDA_CHECK(cudaMemset(kv.get(), 0, sh.tokens() * sh.heads * (64 + sh.dv) * sizeof(float)));
     CUDA_CHECK(cudaMemset(ckv.get(), 0, sh.tokens() * (256 + 32) * sizeof(float)));
-    const double pack_ms = median_ms([&] {
-      cuda::attention_pack_mla_bf16(gpu.q.get(), kv.get(), ckv.get(), 256, packed.get(), sh.batch, sh.seq, sh.heads,
-                                    64, 32, sh.dv);
-    });
-    const double fwd_ms = median_ms([&] {
-      cuda::attention_forward_bf16_packed(packed.get(), gpu.out.get(), gpu.lse.get(), sh.batch, sh.seq, sh.heads,
-                                          sh.dqk, sh.dv, sh.scale());
-    });
-    const double bwd_ms = median_ms([&] {
-      cuda::attention_backward_bf16_packed(gpu.dout.get(), packed.get(), gpu.out.get(), gpu.lse.get(), gpu.dq.get(),
-                                           gpu.dk.get(), gpu.dv.get(), sh.batch, sh.seq, sh.heads, sh.dqk, sh.dv,
-                                           sh.scale());
-    });
-    std::printf("attention bf16 packed (model path) %s: MLA pack %.3f ms; forward %.3f ms, %.1f TFLOP/s; backward "
-                "%.3f ms, %.1f TFLOP/s (causal)\n", sh.name().c_str(), pack_ms, fwd_ms, fwd_flops / fwd_ms / 1e9, bwd_ms,
-                bwd_flops / bwd_ms / 1e9);
+    struct Variant {
+      const char *fwd, *fwd_wg, *bwd, *dq_wg, *order;
+    };
+    for (const Variant& v : {Variant{"mma", "2", "mma", "1", "tile"}, Variant{"wgmma", "1", "mma", "1", "tile"},
+                             Variant{"wgmma", "2", "mma", "1", "tile"}, Variant{"wgmma", "2", "wgmma", "1", "tile"},
+                             Variant{"wgmma", "2", "wgmma", "2", "tile"}, Variant{"wgmma", "2", "wgmma", "1", "seq"}}) {
+      const EnvVar e1("MOERL_ATTN_TC_FWD_KERNEL", v.fwd), e2("MOERL_ATTN_TC_FWD_WG", v.fwd_wg),
+          e3("MOERL_ATTN_TC_BWD_KERNEL", v.bwd), e4("MOERL_ATTN_TC_BWD_DQ_WG", v.dq_wg),
+          e5("MOERL_ATTN_TC_ORDER", v.order);
+      const double pack_ms = median_ms([&] {
+        cuda::attention_pack_mla_bf16(gpu.q.get(), kv.get(), ckv.get(), 256, packed.get(), sh.batch, sh.seq,
+                                      sh.heads, 64, 32, sh.dv);
+      });
+      const double fwd_ms = median_ms([&] {
+        cuda::attention_forward_bf16_packed(packed.get(), gpu.out.get(), gpu.lse.get(), sh.batch, sh.seq, sh.heads,
+                                            sh.dqk, sh.dv, sh.scale());
+      });
+      const double bwd_ms = median_ms([&] {
+        cuda::attention_backward_bf16_packed(gpu.dout.get(), packed.get(), gpu.out.get(), gpu.lse.get(),
+                                             gpu.dq.get(), gpu.dk.get(), gpu.dv.get(), sh.batch, sh.seq, sh.heads,
+                                             sh.dqk, sh.dv, sh.scale());
+      });
+      std::printf("attention bf16 packed (model path; forward %s wg %s, backward %s dq wg %s, %s order) %s: MLA pack "
+                  "%.3f ms; forward %.3f ms, %.1f TFLOP/s; backward %.3f ms, %.1f TFLOP/s (causal)\n",
+                  v.fwd, v.fwd_wg, v.bwd, v.dq_wg, v.order, sh.name().c_str(), pack_ms, fwd_ms,
+                  fwd_flops / fwd_ms / 1e9, bwd_ms, bwd_flops / bwd_ms / 1e9);
+    }
     gpu.forward(true, false);
   }
   const double fwd_ms = median_ms([&] { gpu.forward(false, false); });
