@@ -1,14 +1,19 @@
-// Causal attention core on tensor cores (kernels/cuda/attention.hpp: attention_forward_bf16 / _backward_bf16):
-// FlashAttention-2 style with mma.sync m16n8k16, BF16 operands and FP32 accumulation. Q, K, V and dO are rounded
-// to BF16 (as PyTorch's sdpa sees them in a bf16 model), P and dS are rounded to BF16 as the A operand of the second
-// product; softmax statistics, row sums, lse and D = rowsum(dO∘O) stay FP32. No [seq, seq] matrix in device memory;
-// no atomics (bit-identical from run to run).
+// Causal attention core on tensor cores (kernels/cuda/attention.hpp: attention_forward_bf16 / _backward_bf16 and
+// their _packed forms): FlashAttention-2 style with mma.sync m16n8k16, BF16 operands and FP32 accumulation. Q, K, V
+// and dO are rounded to BF16 (as PyTorch's sdpa sees them in a bf16 model), P and dS are rounded to BF16 as the A
+// operand of the second product; softmax statistics, row sums, lse and D = rowsum(dO∘O) stay FP32. No [seq, seq]
+// matrix in device memory; no atomics (bit-identical from run to run).
 //
-// Each call first packs its FP32 inputs into BF16 scratch [batch, heads, spad, DP] (head dim padded with zeros to
-// a multiple of 16, 24 -> 32; sequence padded with zero rows to spad, a multiple of 128), so the tile loads of the
-// attention kernels are plain 16-byte cp.async copies without bounds checks, double-buffered: the next streamed
-// tile is in flight while the tensor cores work on the current one. The backward's packing pass also writes, per
-// row, lse·log2e and D (FP32, zeros on padding rows).
+// The kernels read BF16 operands packed once (attention_tc_pack.cu: [batch, heads, spad, DP], head dim padded with
+// zeros to a multiple of 16, 24 -> 32; sequence padded with zero rows to spad, a multiple of 256), so their tile
+// loads are plain 16-byte cp.async copies without bounds checks, double-buffered: the next streamed tile is in
+// flight while the tensor cores work on the current one. The model packs q, k, v in its forward (k, v straight from
+// kv_b_proj's output) and keeps them for the backward; the plain entry points pack into scratch per call. The
+// backward's packing of dO also writes, per row, lse·log2e and D (FP32, zeros on padding rows).
+//
+// For dqk 96 / dv 64 (bench-600m) the forward runs on WGMMA by default (attention_tc_wgmma.cu; model path on the
+// H200: 0.358 -> 0.255 ms, bench/results/2026-11-29-gpu-attn-h200-6f2dbec.txt); a WGMMA backward exists
+// (attention_tc_wgmma_bwd.cu) but is slower than this file's (1.77 vs 1.59 ms) and off by default.
 //
 // Blocks of 32·W threads (W = 4 or 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS, default 8 / 4) own a
 // 16·W-row tile of one (sequence, head): warp w rows 16w .. 16w+15, so every score row lives in one quad of lanes
@@ -16,7 +21,8 @@
 // reductions are 2 shuffles. In the forward a warp may own 32 rows (MOERL_ATTN_TC_FWD_WARP_ROWS=32: two 16-row
 // blocks, each K and V fragment read from shared memory feeds two products). The other side streams through in
 // 64-row tiles; a warp skips a streamed tile that the causal mask hides from all its rows, and applies the mask only
-// on tiles that cross its diagonal (or the end of the sequence). exp2 is ex2.approx (MUFU). Launches (grid (heads, batch, tiles), longest tiles first):
+// on tiles that cross its diagonal (or the end of the sequence). exp2 is ex2.approx (MUFU). Launches (grid (heads,
+// batch, tiles) in tile order, longest tiles first; BlockPos):
 //   forward  one query tile per block, key tiles 0 .. diagonal, online softmax in base 2, lse saved;
 //   backward dK/dV per key tile over query tiles diagonal .. end (P recomputed from lse); dQ per query tile over
 //            key tiles 0 .. diagonal.

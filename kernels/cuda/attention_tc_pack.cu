@@ -38,7 +38,8 @@ __global__ void __launch_bounds__(kPackThreads)
   float4 x0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), x1 = x0;
   if (s < seq && c < D) {
     const int64_t tok = b * seq + s;
-    const float* row = c < src.d1 ? src.a + tok * src.a_tok + h * src.a_head + c : src.b + tok * src.b_tok + (c - src.d1);
+    const float* row =
+        c < src.d1 ? src.a + tok * src.a_tok + h * src.a_head + c : src.b + tok * src.b_tok + (c - src.d1);
     x0 = *reinterpret_cast<const float4*>(row);
     x1 = *reinterpret_cast<const float4*>(row + 4);
   }
@@ -180,10 +181,9 @@ void pack_operand(const PackSrc& src, int64_t d, bf16* dst, int64_t batch, int64
 void pack_operand_t(const PackSrc& src, int64_t d, bf16* dst, int64_t batch, int64_t seq, int64_t heads,
                     int64_t spad, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(spad / 64), static_cast<unsigned>(batch * heads));
-  if (d == 16) attention_pack_t_kernel<16><<<grid, kPackThreads, 0, stream>>>(src, dst, static_cast<int>(seq),
-                                                                               static_cast<int>(spad), static_cast<int>(heads));
-  else if (d == 64) attention_pack_t_kernel<64><<<grid, kPackThreads, 0, stream>>>(src, dst, static_cast<int>(seq),
-                                                                                    static_cast<int>(spad), static_cast<int>(heads));
+  const int s = static_cast<int>(seq), sp = static_cast<int>(spad), h = static_cast<int>(heads);
+  if (d == 16) attention_pack_t_kernel<16><<<grid, kPackThreads, 0, stream>>>(src, dst, s, sp, h);
+  else if (d == 64) attention_pack_t_kernel<64><<<grid, kPackThreads, 0, stream>>>(src, dst, s, sp, h);
   else throw Error("moerl::cuda attention: no transposed packing kernel for head dim " + std::to_string(d));
   CUDA_CHECK_LAUNCH();
 }
@@ -196,7 +196,8 @@ int forward_wgmma_warpgroups(int64_t dqk, int64_t dv) {
   const std::string kernel = env("MOERL_ATTN_TC_FWD_KERNEL"), wg = env("MOERL_ATTN_TC_FWD_WG");
   require(kernel.empty() || kernel == "mma" || kernel == "wgmma",
           "moerl::cuda attention: MOERL_ATTN_TC_FWD_KERNEL must be mma or wgmma, got " + kernel);
-  require(wg.empty() || wg == "1" || wg == "2", "moerl::cuda attention: MOERL_ATTN_TC_FWD_WG must be 1 or 2, got " + wg);
+  require(wg.empty() || wg == "1" || wg == "2",
+          "moerl::cuda attention: MOERL_ATTN_TC_FWD_WG must be 1 or 2, got " + wg);
   if (kernel == "mma" || dqk != 96 || dv != 64) return 0;
   return wg == "1" ? 1 : 2;
 }

@@ -56,9 +56,9 @@ void pack_operand_t(const PackSrc& src, int64_t d, __nv_bfloat16* dst, int64_t b
 
 // Warpgroups per block of the WGMMA forward (attention_tc_wgmma.cu) for these head dims, or 0 for the mma.sync
 // forward: MOERL_ATTN_TC_FWD_KERNEL = mma | wgmma (default wgmma), MOERL_ATTN_TC_FWD_WG = 1 | 2 (default 2); WGMMA
-// only for dqk 96, dv 64. Throws moerl::Error on other values. Measured on the H200 in moerl bench gpu
-// (bench/results/2026-11-29-gpu-attn-h200-765171c.*): fp8 train step 176.8k (mma) / 182.4k (wgmma, 2 warpgroups) /
-// 180.4k (1) tokens/s.
+// only for dqk 96, dv 64. Throws moerl::Error on other values. Measured on the H200, bench-600m shape, model path
+// (bench/results/2026-11-29-gpu-attn-h200-6f2dbec.txt): forward 0.358 ms (mma, 8 warps) / 0.267 (wgmma, 1) / 0.255
+// (wgmma, 2 warpgroups: 337 TFLOP/s causal); the Vᵀ pass adds 0.06 ms to the packing (0.103 -> 0.162 ms).
 int forward_wgmma_warpgroups(int64_t dqk, int64_t dv);
 
 struct ForwardWgmmaArgs {
@@ -83,7 +83,8 @@ struct BackwardWgmmaArgs {
 void backward_wgmma(const BackwardWgmmaArgs& args, int dq_warpgroups, cudaStream_t stream);
 
 // Warpgroups per block of the WGMMA backward's dQ kernel, or 0 for the mma.sync backward: MOERL_ATTN_TC_BWD_KERNEL =
-// mma | wgmma (default mma), MOERL_ATTN_TC_BWD_DQ_WG = 1 | 2 (default 1); WGMMA only for dqk 96, dv 64.
+// mma | wgmma (default mma: the WGMMA one is slower, see attention_tc_wgmma_bwd.cu), MOERL_ATTN_TC_BWD_DQ_WG = 1 | 2
+// (default 1); WGMMA only for dqk 96, dv 64.
 int backward_wgmma_dq_warpgroups(int64_t dqk, int64_t dv);
 
 // dst [rows / spad sequences][dp][spad] <- src [.., spad, dp] (packed BF16, transposed per (sequence, head)); dp 96.

@@ -9,6 +9,13 @@
 //           first tile is masked whole (P = 0 adds zeros): no WGMMA in a non-uniform branch.
 //   dQ:     blocks of 1 or 2 warpgroups (MOERL_ATTN_TC_BWD_DQ_WG) own 64 queries each; key tiles of 64 (K, V, Kᵀ)
 //           from 0 to the diagonal.
+// Measured on the H200 (bench-600m shape, model path, bench/results/2026-11-29-gpu-attn-h200-6f2dbec.txt): 1.77 ms
+// (dQ blocks of 1 or 2 warpgroups alike) against 1.59 ms for the mma.sync backward, fp8 train step 184.4k against
+// 188.7k tokens/s, so it stays off. Where it loses (not measured per kernel): ~0.1 ms of transposes (Qᵀ, Kᵀ,
+// dOᵀ), the dK/dV kernel at one block of 8 warps per SM (138 KB of shared memory), and every WGMMA waited for at once
+// (no overlap of one tile's softmax with the next tile's products inside a warpgroup).
+// TODO(perf): producer/consumer warpgroups with mbarriers and 3 stages, the transposed copies written by the packing
+// passes instead of separate ones, and dK/dV tiles of 64 keys with 2 blocks per SM.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 

@@ -4,7 +4,10 @@
 // own O and lse, as in training). Random q, k, v, dO with a fresh seed each run (printed; MOERL_SEED=<n> repeats
 // it), outputs poisoned with NaN before every call; causal; sequence lengths not multiples of the 64-row tile;
 // every block shape of the kernels (4 and 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS; forward warps of
-// 16 and 32 query rows: MOERL_ATTN_TC_FWD_WARP_ROWS).
+// 16 and 32 query rows: MOERL_ATTN_TC_FWD_WARP_ROWS) and the WGMMA forward and backward (MOERL_ATTN_TC_FWD_KERNEL /
+// _FWD_WG, MOERL_ATTN_TC_BWD_KERNEL / _BWD_DQ_WG; 96/64 only, with the same tolerances: they round the same values
+// to BF16 and only sum in another order). The packed entry points (operands kept from the forward for the backward,
+// MLA's k and v packed straight from kv and ckv) and both block orders must give the plain entry points' bits.
 //
 // Tolerance: relative L2 error ||gpu − ref|| / ||ref|| per tensor. With the inputs rounded alike, what remains is
 // the kernel's rounding of P (forward, dV) and dS (dQ, dK) to BF16 before their products: a relative error per
