@@ -15,6 +15,7 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
 
 namespace moerl::cuda {
@@ -41,5 +42,26 @@ void attention_forward_bf16(const float* q, const float* k, const float* v, floa
 void attention_backward_bf16(const float* dout, const float* q, const float* k, const float* v, const float* out,
                              const float* lse, float* dq, float* dk, float* dv_out, int64_t batch, int64_t seq,
                              int64_t heads, int64_t dqk, int64_t dv, float scale, cudaStream_t stream = nullptr);
+
+// The tensor-core kernels on operands packed once (kernels/cuda/attention_tc_pack.hpp: Q, K, V (and Vᵀ for the WGMMA
+// forward) rounded to BF16 in one buffer of attention_bf16_packed_bytes bytes, 16-byte aligned; the forward kernel
+// chosen at packing time must be the one the forward runs), so a caller that keeps the buffer from the
+// forward to the backward saves the backward's packing pass over q, k, v. attention_forward_bf16 /
+// attention_backward_bf16 above are these with a temporary buffer packed from q, k, v. Results are bit-identical
+// to theirs for the same q, k, v.
+size_t attention_bf16_packed_bytes(int64_t batch, int64_t seq, int64_t heads, int64_t dqk, int64_t dv);
+// packed <- q [batch*seq, heads, dn + dr] and MLA's keys and values straight from their producers: kv [batch*seq,
+// heads, dn + dv] (per head [k_nope | v], the kv_b_proj output) and ckv [batch*seq, kv_lora + dr] (its last dr
+// columns the rotated rope key shared by the heads): k = [k_nope | k_rope] without an FP32 copy. Needs
+// attention_pack_mla_bf16_supported (16-byte aligned rows); throws otherwise.
+bool attention_pack_mla_bf16_supported(int64_t kv_lora, int64_t dn, int64_t dr, int64_t dv);
+void attention_pack_mla_bf16(const float* q, const float* kv, const float* ckv, int64_t kv_lora, void* packed,
+                             int64_t batch, int64_t seq, int64_t heads, int64_t dn, int64_t dr, int64_t dv,
+                             cudaStream_t stream = nullptr);
+void attention_forward_bf16_packed(const void* packed, float* out, float* lse, int64_t batch, int64_t seq,
+                                   int64_t heads, int64_t dqk, int64_t dv, float scale, cudaStream_t stream = nullptr);
+void attention_backward_bf16_packed(const float* dout, const void* packed, const float* out, const float* lse,
+                                    float* dq, float* dk, float* dv_out, int64_t batch, int64_t seq, int64_t heads,
+                                    int64_t dqk, int64_t dv, float scale, cudaStream_t stream = nullptr);
 
 }  // namespace moerl::cuda

@@ -1,14 +1,19 @@
-// Causal attention core on tensor cores (kernels/cuda/attention.hpp: attention_forward_bf16 / _backward_bf16):
-// FlashAttention-2 style with mma.sync m16n8k16, BF16 operands and FP32 accumulation. Q, K, V and dO are rounded
-// to BF16 (as PyTorch's sdpa sees them in a bf16 model), P and dS are rounded to BF16 as the A operand of the second
-// product; softmax statistics, row sums, lse and D = rowsum(dO∘O) stay FP32. No [seq, seq] matrix in device memory;
-// no atomics (bit-identical from run to run).
+// Causal attention core on tensor cores (kernels/cuda/attention.hpp: attention_forward_bf16 / _backward_bf16 and
+// their _packed forms): FlashAttention-2 style with mma.sync m16n8k16, BF16 operands and FP32 accumulation. Q, K, V
+// and dO are rounded to BF16 (as PyTorch's sdpa sees them in a bf16 model), P and dS are rounded to BF16 as the A
+// operand of the second product; softmax statistics, row sums, lse and D = rowsum(dO∘O) stay FP32. No [seq, seq]
+// matrix in device memory; no atomics (bit-identical from run to run).
 //
-// Each call first packs its FP32 inputs into BF16 scratch [batch, heads, spad, DP] (head dim padded with zeros to
-// a multiple of 16, 24 -> 32; sequence padded with zero rows to spad, a multiple of 128), so the tile loads of the
-// attention kernels are plain 16-byte cp.async copies without bounds checks, double-buffered: the next streamed
-// tile is in flight while the tensor cores work on the current one. The backward's packing pass also writes, per
-// row, lse·log2e and D (FP32, zeros on padding rows).
+// The kernels read BF16 operands packed once (attention_tc_pack.cu: [batch, heads, spad, DP], head dim padded with
+// zeros to a multiple of 16, 24 -> 32; sequence padded with zero rows to spad, a multiple of 256), so their tile
+// loads are plain 16-byte cp.async copies without bounds checks, double-buffered: the next streamed tile is in
+// flight while the tensor cores work on the current one. The model packs q, k, v in its forward (k, v straight from
+// kv_b_proj's output) and keeps them for the backward; the plain entry points pack into scratch per call. The
+// backward's packing of dO also writes, per row, lse·log2e and D (FP32, zeros on padding rows).
+//
+// For dqk 96 / dv 64 (bench-600m) the forward runs on WGMMA by default (attention_tc_wgmma.cu; model path on the
+// H200: 0.358 -> 0.255 ms, bench/results/2026-11-29-gpu-attn-h200-6f2dbec.txt); a WGMMA backward exists
+// (attention_tc_wgmma_bwd.cu) but is slower than this file's (1.77 vs 1.59 ms) and off by default.
 //
 // Blocks of 32·W threads (W = 4 or 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS, default 8 / 4) own a
 // 16·W-row tile of one (sequence, head): warp w rows 16w .. 16w+15, so every score row lives in one quad of lanes
@@ -16,7 +21,8 @@
 // reductions are 2 shuffles. In the forward a warp may own 32 rows (MOERL_ATTN_TC_FWD_WARP_ROWS=32: two 16-row
 // blocks, each K and V fragment read from shared memory feeds two products). The other side streams through in
 // 64-row tiles; a warp skips a streamed tile that the causal mask hides from all its rows, and applies the mask only
-// on tiles that cross its diagonal (or the end of the sequence). exp2 is ex2.approx (MUFU). Launches (grid (heads, batch, tiles), longest tiles first):
+// on tiles that cross its diagonal (or the end of the sequence). exp2 is ex2.approx (MUFU). Launches (grid (heads,
+// batch, tiles) in tile order, longest tiles first; BlockPos):
 //   forward  one query tile per block, key tiles 0 .. diagonal, online softmax in base 2, lse saved;
 //   backward dK/dV per key tile over query tiles diagonal .. end (P recomputed from lse); dQ per query tile over
 //            key tiles 0 .. diagonal.
@@ -34,6 +40,7 @@
 
 #include "kernels/cuda/attention.hpp"
 #include "kernels/cuda/attention_tc_mma.cuh"
+#include "kernels/cuda/attention_tc_pack.hpp"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/stream_scratch.hpp"
 #include "runtime/error.hpp"
@@ -42,74 +49,18 @@ namespace moerl::cuda {
 namespace {
 
 using namespace attention_tc_detail;
-constexpr int kSeqPad = 256;    // scratch rows per (sequence, head): seq rounded up to this (the largest block tile)
-constexpr int kPackThreads = 256;  // threads per block of the packing kernels (one per 8 columns of a row)
 constexpr float kLog2eTc = 1.4426950408889634f;
 constexpr float kLn2Tc = 0.6931471805599453f;
 
-// Packing: dst [batch, heads, spad, DP] BF16 <- src [batch·seq, heads, D] FP32, zeros in columns >= D and rows >= seq.
-// One thread per 8 columns (two 16-byte loads, one 16-byte store) of packed row r = (b·heads + h)·spad + s: thread t
-// takes row t / (DP/8), columns 8·(t % (DP/8)) ...
-template <int D>
-__global__ void __launch_bounds__(kPackThreads)
-    attention_pack_kernel(const float* __restrict__ src, bf16* __restrict__ dst, int seq, int spad, int heads,
-                          int64_t chunks) {
-  constexpr int DP = pad16(D), C = DP / 8;
-  static_assert(D % 8 == 0, "a chunk of 8 columns is all inside or all outside the head dim");
-  const int64_t t = int64_t{blockIdx.x} * kPackThreads + threadIdx.x;
-  if (t >= chunks) return;  // no barrier or shuffle in this kernel
-  const int64_t r = t / C, bh = r / spad, b = bh / heads, h = bh % heads;
-  const int s = static_cast<int>(r % spad), c = static_cast<int>(t % C) * 8;
-  float4 x0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), x1 = x0;
-  if (s < seq && c < D) {
-    const float* row = src + ((b * seq + s) * heads + h) * D + c;
-    x0 = *reinterpret_cast<const float4*>(row);
-    x1 = *reinterpret_cast<const float4*>(row + 4);
-  }
-  *reinterpret_cast<uint4*>(dst + r * DP + c) =
-      make_uint4(pack_bf16(x0.x, x0.y), pack_bf16(x0.z, x0.w), pack_bf16(x1.x, x1.y), pack_bf16(x1.z, x1.w));
-}
-
-// The backward's packing of dO (as above), which also writes stats[2r] = lse·log2e and stats[2r + 1] = D = Σ_c dO·O
-// (FP32, from the FP32 inputs; each thread's 8 products in order, then a shuffle tree over the row's DP/8 lanes) of
-// packed row r; zeros on padding rows.
-template <int DV>
-__global__ void __launch_bounds__(kPackThreads)
-    attention_pack_dout_kernel(const float* __restrict__ dout, const float* __restrict__ out,
-                               const float* __restrict__ lse, bf16* __restrict__ dst, float* __restrict__ stats,
-                               int seq, int spad, int heads, int64_t chunks) {
-  constexpr int DP = pad16(DV), C = DP / 8;
-  static_assert(DV % 8 == 0 && 32 % C == 0, "a row's chunks are whole and share one warp");
-  const int64_t t = int64_t{blockIdx.x} * kPackThreads + threadIdx.x;
-  const bool active = t < chunks;  // a row's C lanes are all active or all not (chunks is a multiple of C)
-  const int64_t r = t / C, bh = r / spad, b = bh / heads, h = bh % heads;
-  const int s = static_cast<int>(r % spad), c = static_cast<int>(t % C) * 8;
-  float acc = 0.0f;
-  if (active) {
-    float4 x0 = make_float4(0.0f, 0.0f, 0.0f, 0.0f), x1 = x0;
-    if (s < seq && c < DV) {
-      const int64_t off = ((b * seq + s) * heads + h) * DV + c;
-      x0 = *reinterpret_cast<const float4*>(dout + off);
-      x1 = *reinterpret_cast<const float4*>(dout + off + 4);
-      const float4 y0 = *reinterpret_cast<const float4*>(out + off);
-      const float4 y1 = *reinterpret_cast<const float4*>(out + off + 4);
-      acc = x0.x * y0.x;
-      acc = fmaf(x0.y, y0.y, acc);
-      acc = fmaf(x0.z, y0.z, acc);
-      acc = fmaf(x0.w, y0.w, acc);
-      acc = fmaf(x1.x, y1.x, acc);
-      acc = fmaf(x1.y, y1.y, acc);
-      acc = fmaf(x1.z, y1.z, acc);
-      acc = fmaf(x1.w, y1.w, acc);
-    }
-    *reinterpret_cast<uint4*>(dst + r * DP + c) =
-        make_uint4(pack_bf16(x0.x, x0.y), pack_bf16(x0.z, x0.w), pack_bf16(x1.x, x1.y), pack_bf16(x1.z, x1.w));
-  }
-  for (int offset = C / 2; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xFFFFFFFFu, acc, offset);
-  if (active && c == 0) {
-    stats[2 * r] = s < seq ? lse[bh * seq + s] * kLog2eTc : 0.0f;
-    stats[2 * r + 1] = s < seq ? acc : 0.0f;
-  }
+// This block's (tile index z, head, sequence). Grids are (heads, batch, tiles) in tile order (all sequences' longest
+// tiles first: a short tail) or (tiles, heads, batch) in sequence order (MOERL_ATTN_TC_ORDER=seq: the tiles of one
+// (sequence, head) run together, so the tiles they all stream (forward, dQ: K, V; dK/dV: Q, dO) share the L2).
+struct BlockPos {
+  int z, h, b;
+};
+__device__ __forceinline__ BlockPos block_pos(bool seq_order) {
+  if (seq_order) return {static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y), static_cast<int>(blockIdx.z)};
+  return {static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y)};
 }
 
 // Shared memory of the attention kernels (bytes): the block's own 16·WARPS-row tiles (forward Q; dK/dV: K, V; dQ: Q,
@@ -128,7 +79,7 @@ template <int DQ, int DV, int WARPS, int MT>
 __global__ void __launch_bounds__(32 * WARPS)
     attention_forward_tc(const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
                          float* __restrict__ out, float* __restrict__ lse, int seq, int spad, int heads,
-                         float scale_log2) {
+                         float scale_log2, bool seq_order) {
   constexpr int ROWS = 16 * MT * WARPS, WROWS = 16 * MT, THREADS = 32 * WARPS, DQP = pad16(DQ), DVP = pad16(DV);
   constexpr int LQ = row_stride(DQP), LV = row_stride(DVP);
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -137,7 +88,8 @@ __global__ void __launch_bounds__(32 * WARPS)
   bf16* Vs = Ks + 2 * kCols * LQ;  // 2 stages of kCols·LV
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
   const int tiles = (seq + ROWS - 1) / ROWS;
-  const int qt = tiles - 1 - static_cast<int>(blockIdx.z), h = blockIdx.x, b = blockIdx.y, i0 = qt * ROWS;
+  const BlockPos pos = block_pos(seq_order);
+  const int qt = tiles - 1 - pos.z, h = pos.h, b = pos.b, i0 = qt * ROWS;
   const int64_t bh = int64_t{b} * heads + h;
   const bf16* kh = kb + bh * spad * DQP;
   const bf16* vh = vb + bh * spad * DVP;
@@ -237,7 +189,8 @@ template <int DQ, int DV, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS)
     attention_dkdv_tc(const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
                       const bf16* __restrict__ dob, const float* __restrict__ stats, float* __restrict__ dk,
-                      float* __restrict__ dv, int seq, int spad, int heads, float scale, float scale_log2) {
+                      float* __restrict__ dv, int seq, int spad, int heads, float scale, float scale_log2,
+                      bool seq_order) {
   constexpr int ROWS = 16 * WARPS, THREADS = 32 * WARPS, DQP = pad16(DQ), DVP = pad16(DV);
   constexpr int LQ = row_stride(DQP), LV = row_stride(DVP);
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -247,7 +200,8 @@ __global__ void __launch_bounds__(32 * WARPS)
   bf16* dOs = Qs + 2 * kCols * LQ;  // 2 stages of kCols·LV
   float* St = reinterpret_cast<float*>(dOs + 2 * kCols * LV);  // 2 stages of kCols (lse·log2e, D) pairs
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-  const int kt = blockIdx.z, h = blockIdx.x, b = blockIdx.y, j0 = kt * ROWS;
+  const BlockPos pos = block_pos(seq_order);
+  const int kt = pos.z, h = pos.h, b = pos.b, j0 = kt * ROWS;
   const int64_t bh = int64_t{b} * heads + h;
   const bf16* qh = qb + bh * spad * DQP;
   const bf16* doh = dob + bh * spad * DVP;
@@ -307,7 +261,7 @@ template <int DQ, int DV, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS)
     attention_dq_tc(const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
                     const bf16* __restrict__ dob, const float* __restrict__ stats, float* __restrict__ dq, int seq,
-                    int spad, int heads, float scale, float scale_log2) {
+                    int spad, int heads, float scale, float scale_log2, bool seq_order) {
   constexpr int ROWS = 16 * WARPS, THREADS = 32 * WARPS, DQP = pad16(DQ), DVP = pad16(DV);
   constexpr int LQ = row_stride(DQP), LV = row_stride(DVP);
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -317,7 +271,8 @@ __global__ void __launch_bounds__(32 * WARPS)
   bf16* Vs = Ks + 2 * kCols * LQ;  // 2 stages of kCols·LV
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
   const int tiles = (seq + ROWS - 1) / ROWS;
-  const int qt = tiles - 1 - static_cast<int>(blockIdx.z), h = blockIdx.x, b = blockIdx.y, i0 = qt * ROWS;
+  const BlockPos pos = block_pos(seq_order);
+  const int qt = tiles - 1 - pos.z, h = pos.h, b = pos.b, i0 = qt * ROWS;
   const int64_t bh = int64_t{b} * heads + h;
   const bf16* kh = kb + bh * spad * DQP;
   const bf16* vh = vb + bh * spad * DVP;
@@ -395,6 +350,18 @@ int forward_warp_rows() {
   return rows;
 }
 
+// Block order of the grids (MOERL_ATTN_TC_ORDER: "tile" or "seq", default tile; see BlockPos). Measured on the H200
+// (bench-600m shape, bench/results/2026-11-29-gpu-attn-h200-765171c.*): seq order is slower, forward 0.71 -> 0.77
+// ms, backward 1.84 -> 1.94 ms (the L2 held the streamed tiles in tile order too).
+bool seq_order() {
+  const char* e = std::getenv("MOERL_ATTN_TC_ORDER");
+  if (e == nullptr || *e == '\0') return false;
+  const std::string v(e);
+  require(v == "seq" || v == "tile", "moerl::cuda attention: MOERL_ATTN_TC_ORDER must be seq or tile, got " + v);
+  return v == "seq";
+}
+
+// Checks the arguments common to all entry points; false when there is nothing to do.
 bool check_tc(const std::string& where, int64_t batch, int64_t seq, int64_t heads, int64_t dqk, int64_t dv,
               float scale, std::initializer_list<const void*> tensors, const void* lse) {
   require(batch >= 0 && seq >= 0 && heads >= 0, where + ": batch, seq and heads must be >= 0");
@@ -404,7 +371,7 @@ bool check_tc(const std::string& where, int64_t batch, int64_t seq, int64_t head
   if (batch == 0 || seq == 0 || heads == 0) return false;
   require(heads <= 65535 && batch <= 65535 && seq <= int64_t{65535} * kCols,
           where + ": heads, batch must be <= 65535 and seq <= 65535·64");
-  require(batch * heads * (seq + kSeqPad) * 16 / kPackThreads <= INT32_MAX, where + ": too many (token, head) rows");
+  require(batch * heads * (seq + kSeqPad) * 16 / 256 <= INT32_MAX, where + ": too many (token, head) rows");
   for (const void* p : tensors) {
     require(p != nullptr, where + ": null tensor pointer");
     require(reinterpret_cast<uintptr_t>(p) % 16 == 0, where + ": tensor pointers must be 16-byte aligned");
@@ -413,8 +380,10 @@ bool check_tc(const std::string& where, int64_t batch, int64_t seq, int64_t head
   return true;
 }
 
-dim3 grid_of(int64_t batch, int64_t seq, int64_t heads, int rows) {
-  return dim3(static_cast<unsigned>(heads), static_cast<unsigned>(batch), static_cast<unsigned>((seq + rows - 1) / rows));
+dim3 grid_of(int64_t batch, int64_t seq, int64_t heads, int rows, bool seq_major) {
+  const auto tiles = static_cast<unsigned>((seq + rows - 1) / rows), h = static_cast<unsigned>(heads),
+             b = static_cast<unsigned>(batch);
+  return seq_major ? dim3(tiles, h, b) : dim3(h, b, tiles);
 }
 
 // Raises a kernel's dynamic shared memory limit to `bytes` (once per kernel: K is a distinct type per kernel).
@@ -426,23 +395,17 @@ template <auto K> void allow_smem(size_t bytes) {
   (void)done;
 }
 
-// BF16 scratch of one call: the packed tensors and the stats, one allocation on the stream.
-struct Packed {
-  int64_t spad, rows;  // padded sequence; packed rows batch·heads·spad
-  size_t bytes_q, bytes_v;
-  Packed(int64_t batch, int64_t seq, int64_t heads, int dqp, int dvp)
-      : spad((seq + kSeqPad - 1) / kSeqPad * kSeqPad), rows(batch * heads * spad),
-        bytes_q(cuda_detail::align256(static_cast<size_t>(rows) * dqp * sizeof(bf16))),
-        bytes_v(cuda_detail::align256(static_cast<size_t>(rows) * dvp * sizeof(bf16))) {}
-  // Blocks of a packing kernel over DP/8 chunks per row.
-  unsigned pack_blocks(int dp) const { return static_cast<unsigned>((rows * (dp / 8) + kPackThreads - 1) / kPackThreads); }
-  // dst <- src packed (attention_pack_kernel).
-  template <int D> void pack(const float* src, bf16* dst, int seq, int heads, cudaStream_t stream) const {
-    attention_pack_kernel<D><<<pack_blocks(pad16(D)), kPackThreads, 0, stream>>>(src, dst, seq, static_cast<int>(spad),
-                                                                                heads, rows * (pad16(D) / 8));
-    CUDA_CHECK_LAUNCH();
-  }
-};
+// packed <- q, k, v (plain [batch*seq, heads, d] FP32 tensors).
+void pack_plain(const float* q, const float* k, const float* v, void* packed, int64_t batch, int64_t seq,
+                int64_t heads, int64_t dqk, int64_t dv, cudaStream_t stream) {
+  const PackedLayout pl(batch, seq, heads, dqk, dv);
+  const auto src = [&](const float* x, int64_t d) { return PackSrc{x, heads * d, d, static_cast<int>(d), nullptr, 0}; };
+  pack_operand(src(q, dqk), dqk, pl.q(packed), batch, seq, heads, pl.spad, stream);
+  pack_operand(src(k, dqk), dqk, pl.k(packed), batch, seq, heads, pl.spad, stream);
+  pack_operand(src(v, dv), dv, pl.v(packed), batch, seq, heads, pl.spad, stream);
+  if (forward_wgmma_warpgroups(dqk, dv) > 0)
+    pack_operand_t(src(v, dv), dv, pl.vt(packed), batch, seq, heads, pl.spad, stream);
+}
 
 }  // namespace
 
@@ -450,35 +413,95 @@ bool attention_bf16_supported(int64_t dqk, int64_t dv) {
   return dispatch_tc(dqk, dv, [](auto, auto) {});
 }
 
-void attention_forward_bf16(const float* q, const float* k, const float* v, float* out, float* lse, int64_t batch,
-                            int64_t seq, int64_t heads, int64_t dqk, int64_t dv, float scale, cudaStream_t stream) {
-  if (!check_tc("moerl::cuda::attention_forward_bf16", batch, seq, heads, dqk, dv, scale, {q, k, v, out}, lse)) return;
+void attention_forward_bf16_packed(const void* packed, float* out, float* lse, int64_t batch, int64_t seq,
+                                   int64_t heads, int64_t dqk, int64_t dv, float scale, cudaStream_t stream) {
+  if (!check_tc("moerl::cuda::attention_forward_bf16_packed", batch, seq, heads, dqk, dv, scale, {packed, out}, lse))
+    return;
+  const bool order = seq_order();
   dispatch_tc(dqk, dv, [&](auto dq_dim, auto dv_dim) {
     constexpr int DQ = decltype(dq_dim)::value, DV = decltype(dv_dim)::value;
-    const Packed pk(batch, seq, heads, pad16(DQ), pad16(DV));
-    const int s = static_cast<int>(seq), sp = static_cast<int>(pk.spad), h = static_cast<int>(heads);
-    cuda_detail::StreamScratch scratch(2 * pk.bytes_q + pk.bytes_v, stream);
-    bf16* qb = scratch.as<bf16>();
-    bf16* kb = scratch.as<bf16>(pk.bytes_q);
-    bf16* vb = scratch.as<bf16>(2 * pk.bytes_q);
-    pk.pack<DQ>(q, qb, s, h, stream);
-    pk.pack<DQ>(k, kb, s, h, stream);
-    pk.pack<DV>(v, vb, s, h, stream);
+    const PackedLayout pl(batch, seq, heads, DQ, DV);
+    void* base = const_cast<void*>(packed);  // read only below
+    const int s = static_cast<int>(seq), sp = static_cast<int>(pl.spad), h = static_cast<int>(heads);
+    if (const int wg = forward_wgmma_warpgroups(DQ, DV); wg > 0) {
+      forward_wgmma({pl.q(base), pl.k(base), pl.vt(base), out, lse, static_cast<int>(batch), s, sp, h,
+                     scale * kLog2eTc, order},
+                    wg, stream);
+      return;
+    }
     dispatch_warps("MOERL_ATTN_TC_FWD_WARPS", 8, [&](auto w_dim) {
       constexpr int W = decltype(w_dim)::value;
       const auto launch = [&](auto mt_dim) {
         constexpr int MT = decltype(mt_dim)::value;
         constexpr size_t smem = Smem<DQ, DV, W>::template forward<MT>();
         allow_smem<attention_forward_tc<DQ, DV, W, MT>>(smem);
-        attention_forward_tc<DQ, DV, W, MT><<<grid_of(batch, seq, heads, 16 * MT * W), 32 * W, smem, stream>>>(
-            qb, kb, vb, out, lse, s, sp, h, scale * kLog2eTc);
+        attention_forward_tc<DQ, DV, W, MT><<<grid_of(batch, seq, heads, 16 * MT * W, order), 32 * W, smem, stream>>>(
+            pl.q(base), pl.k(base), pl.v(base), out, lse, s, sp, h, scale * kLog2eTc, order);
         CUDA_CHECK_LAUNCH();
       };
       if (forward_warp_rows() == 32) launch(Dim<2>{});
       else launch(Dim<1>{});
     });
+  });
+}
+
+void attention_backward_bf16_packed(const float* dout, const void* packed, const float* out, const float* lse,
+                                    float* dq, float* dk, float* dv_out, int64_t batch, int64_t seq, int64_t heads,
+                                    int64_t dqk, int64_t dv, float scale, cudaStream_t stream) {
+  const std::string where = "moerl::cuda::attention_backward_bf16_packed";
+  if (!check_tc(where, batch, seq, heads, dqk, dv, scale, {dout, packed, out, dq, dk, dv_out}, lse)) return;
+  const bool order = seq_order();
+  dispatch_tc(dqk, dv, [&](auto dq_dim, auto dv_dim) {
+    constexpr int DQ = decltype(dq_dim)::value, DV = decltype(dv_dim)::value;
+    const PackedLayout pl(batch, seq, heads, DQ, DV);
+    void* base = const_cast<void*>(packed);  // read only below
+    const int s = static_cast<int>(seq), sp = static_cast<int>(pl.spad), h = static_cast<int>(heads);
+    // dO packed and the per-row stats: [rows, DVP] BF16, then [rows, 2] FP32.
+    const size_t bytes_stats = cuda_detail::align256(static_cast<size_t>(pl.rows) * 2 * sizeof(float));
+    cuda_detail::StreamScratch scratch(pl.bytes_v + bytes_stats, stream);
+    bf16* dob = scratch.as<bf16>();
+    float* stats = scratch.as<float>(pl.bytes_v);
+    pack_dout(dout, out, lse, dob, stats, DV, batch, seq, heads, pl.spad, stream);
+    if (const int dq_wg = backward_wgmma_dq_warpgroups(DQ, DV); dq_wg > 0) {
+      // Transposed copies for the second products: dOᵀ (from the FP32 dout), Qᵀ and Kᵀ (from the packed ones).
+      cuda_detail::StreamScratch t(pl.bytes_v + 2 * pl.bytes_q, stream);
+      bf16* dot = t.as<bf16>();
+      bf16* qt = t.as<bf16>(pl.bytes_v);
+      bf16* kt = t.as<bf16>(pl.bytes_v + pl.bytes_q);
+      pack_operand_t(PackSrc{dout, heads * DV, DV, DV, nullptr, 0}, DV, dot, batch, seq, heads, pl.spad, stream);
+      transpose_packed(pl.q(base), qt, DQ, batch * heads, pl.spad, stream);
+      transpose_packed(pl.k(base), kt, DQ, batch * heads, pl.spad, stream);
+      backward_wgmma({pl.q(base), pl.k(base), pl.v(base), dob, qt, kt, dot, stats, dq, dk, dv_out,
+                      static_cast<int>(batch), s, sp, h, scale, scale * kLog2eTc, order},
+                     dq_wg, stream);
+      t.release();
+      scratch.release();
+      return;
+    }
+    dispatch_warps("MOERL_ATTN_TC_BWD_WARPS", 4, [&](auto w_dim) {
+      constexpr int W = decltype(w_dim)::value;
+      constexpr size_t smem_dkdv = Smem<DQ, DV, W>::dkdv, smem_dq = Smem<DQ, DV, W>::dq;
+      allow_smem<attention_dkdv_tc<DQ, DV, W>>(smem_dkdv);
+      allow_smem<attention_dq_tc<DQ, DV, W>>(smem_dq);
+      const dim3 grid = grid_of(batch, seq, heads, 16 * W, order);
+      attention_dkdv_tc<DQ, DV, W><<<grid, 32 * W, smem_dkdv, stream>>>(
+          pl.q(base), pl.k(base), pl.v(base), dob, stats, dk, dv_out, s, sp, h, scale, scale * kLog2eTc, order);
+      CUDA_CHECK_LAUNCH();
+      attention_dq_tc<DQ, DV, W><<<grid, 32 * W, smem_dq, stream>>>(pl.q(base), pl.k(base), pl.v(base), dob, stats,
+                                                                    dq, s, sp, h, scale, scale * kLog2eTc, order);
+      CUDA_CHECK_LAUNCH();
+    });
     scratch.release();
   });
+}
+
+void attention_forward_bf16(const float* q, const float* k, const float* v, float* out, float* lse, int64_t batch,
+                            int64_t seq, int64_t heads, int64_t dqk, int64_t dv, float scale, cudaStream_t stream) {
+  if (!check_tc("moerl::cuda::attention_forward_bf16", batch, seq, heads, dqk, dv, scale, {q, k, v, out}, lse)) return;
+  cuda_detail::StreamScratch scratch(attention_bf16_packed_bytes(batch, seq, heads, dqk, dv), stream);
+  pack_plain(q, k, v, scratch.as<void>(), batch, seq, heads, dqk, dv, stream);
+  attention_forward_bf16_packed(scratch.as<void>(), out, lse, batch, seq, heads, dqk, dv, scale, stream);
+  scratch.release();
 }
 
 void attention_backward_bf16(const float* dout, const float* q, const float* k, const float* v, const float* out,
@@ -486,38 +509,11 @@ void attention_backward_bf16(const float* dout, const float* q, const float* k, 
                              int64_t heads, int64_t dqk, int64_t dv, float scale, cudaStream_t stream) {
   const std::string where = "moerl::cuda::attention_backward_bf16";
   if (!check_tc(where, batch, seq, heads, dqk, dv, scale, {dout, q, k, v, out, dq, dk, dv_out}, lse)) return;
-  dispatch_tc(dqk, dv, [&](auto dq_dim, auto dv_dim) {
-    constexpr int DQ = decltype(dq_dim)::value, DV = decltype(dv_dim)::value;
-    const Packed pk(batch, seq, heads, pad16(DQ), pad16(DV));
-    const int s = static_cast<int>(seq), sp = static_cast<int>(pk.spad), h = static_cast<int>(heads);
-    const size_t bytes_stats = cuda_detail::align256(static_cast<size_t>(pk.rows) * 2 * sizeof(float));
-    cuda_detail::StreamScratch scratch(2 * pk.bytes_q + 2 * pk.bytes_v + bytes_stats, stream);
-    bf16* qb = scratch.as<bf16>();
-    bf16* kb = scratch.as<bf16>(pk.bytes_q);
-    bf16* vb = scratch.as<bf16>(2 * pk.bytes_q);
-    bf16* dob = scratch.as<bf16>(2 * pk.bytes_q + pk.bytes_v);
-    float* stats = scratch.as<float>(2 * pk.bytes_q + 2 * pk.bytes_v);
-    pk.pack<DQ>(q, qb, s, h, stream);
-    pk.pack<DQ>(k, kb, s, h, stream);
-    pk.pack<DV>(v, vb, s, h, stream);
-    attention_pack_dout_kernel<DV><<<pk.pack_blocks(pad16(DV)), kPackThreads, 0, stream>>>(
-        dout, out, lse, dob, stats, s, sp, h, pk.rows * (pad16(DV) / 8));
-    CUDA_CHECK_LAUNCH();
-    dispatch_warps("MOERL_ATTN_TC_BWD_WARPS", 4, [&](auto w_dim) {
-      constexpr int W = decltype(w_dim)::value;
-      constexpr size_t smem_dkdv = Smem<DQ, DV, W>::dkdv, smem_dq = Smem<DQ, DV, W>::dq;
-      allow_smem<attention_dkdv_tc<DQ, DV, W>>(smem_dkdv);
-      allow_smem<attention_dq_tc<DQ, DV, W>>(smem_dq);
-      const dim3 grid = grid_of(batch, seq, heads, 16 * W);
-      attention_dkdv_tc<DQ, DV, W><<<grid, 32 * W, smem_dkdv, stream>>>(qb, kb, vb, dob, stats, dk, dv_out, s, sp, h,
-                                                                        scale, scale * kLog2eTc);
-      CUDA_CHECK_LAUNCH();
-      attention_dq_tc<DQ, DV, W><<<grid, 32 * W, smem_dq, stream>>>(qb, kb, vb, dob, stats, dq, s, sp, h, scale,
-                                                                    scale * kLog2eTc);
-      CUDA_CHECK_LAUNCH();
-    });
-    scratch.release();
-  });
+  cuda_detail::StreamScratch scratch(attention_bf16_packed_bytes(batch, seq, heads, dqk, dv), stream);
+  pack_plain(q, k, v, scratch.as<void>(), batch, seq, heads, dqk, dv, stream);
+  attention_backward_bf16_packed(dout, scratch.as<void>(), out, lse, dq, dk, dv_out, batch, seq, heads, dqk, dv, scale,
+                                 stream);
+  scratch.release();
 }
 
 }  // namespace moerl::cuda

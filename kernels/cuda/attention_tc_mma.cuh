@@ -1,6 +1,6 @@
 // Warp-level building blocks of the tensor-core attention (kernels/cuda/attention_tc.cu): mma.sync m16n8k16 BF16
 // fragments loaded with ldmatrix from row-padded shared tiles, the score and product loops of a warp's 16-row
-// blocks, cp.async tile copies, the MUFU exp2 and the FP32 row stores. Device code only; one includer.
+// blocks, cp.async tile copies, the MUFU exp2 and the FP32 row stores. Device code only (attention_tc.cu, attention_tc_pack.cu).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

@@ -1,5 +1,7 @@
 // Multi-head latent attention on the GPU: runtime/model/attention.cpp step for step, with the CUDA ops.
+#include <algorithm>
 #include <cmath>
+#include <cstddef>
 
 #include "kernels/cuda/attention.hpp"
 #include "kernels/cuda/rmsnorm.hpp"
@@ -50,8 +52,18 @@ void GpuMla::bind(Slab& s, int64_t batch, int64_t seq) {
   q_a_out_ = q_lora_ > 0 ? s.take<float>(T * q_lora_) : nullptr;
   c_ = s.take<float>(T * kv_lora_);
   q_ = s.take<float>(T * H * dq_);
-  k_ = s.take<float>(T * H * dq_);
-  v_ = s.take<float>(T * H * dv_);
+  // k, v (FP32 recipe) and the packed BF16 operands of the tensor-core kernels (bf16 and fp8 recipes, when MLA's
+  // keys and values can be packed straight from kv_b_proj's output) share one region: a forward writes one or the
+  // other, and its backward reads what it wrote.
+  const size_t bytes_k = align256(static_cast<size_t>(T * H * dq_) * sizeof(float)),
+               bytes_v = align256(static_cast<size_t>(T * H * dv_) * sizeof(float));
+  packed_mla_ = cuda::attention_bf16_supported(dq_, dv_) &&
+                cuda::attention_pack_mla_bf16_supported(kv_lora_, dn_, dr_, dv_);
+  const size_t bytes_packed = packed_mla_ ? cuda::attention_bf16_packed_bytes(batch, seq, H, dq_, dv_) : 0;
+  char* kv_region = s.take<char>(static_cast<int64_t>(std::max(bytes_k + bytes_v, bytes_packed)));
+  k_ = reinterpret_cast<float*>(kv_region);
+  v_ = kv_region ? reinterpret_cast<float*>(kv_region + bytes_k) : nullptr;
+  packed_ = kv_region;
   attn_ = s.take<float>(T * H * dv_);
   lse_ = s.take<float>(batch * H * seq);
   saved_ = false;
@@ -89,12 +101,19 @@ void GpuMla::forward(const float* x, float* y, const Run& r) {
   cuda::rope_forward(q_ + dn_, T, seq_, H, H * dq_, dq_, dr_, theta_, interleave_, r.stream);
   cuda::rope_forward(ckv.get() + kv_lora_, T, seq_, 1, ckv_dim, dr_, dr_, theta_, interleave_, r.stream);
 
-  mla_assemble_kv(kv.get(), ckv.get(), k_, v_, T, H, dn_, dv_, dr_, kv_lora_, r.stream);
-  // bf16 and fp8 recipes: the core on tensor cores with BF16 operands (as PyTorch's sdpa in a bf16 model); fp32
-  // (and head dims without tensor-core kernels): the FP32 kernels.
+  // bf16 and fp8 recipes: the core on tensor cores with BF16 operands (as PyTorch's sdpa in a bf16 model), packed
+  // once here from q and straight from kv and ckv (no FP32 k, v) and kept for the backward; fp32 (and head dims
+  // without tensor-core kernels): k, v assembled in FP32 for the FP32 kernels.
   const bool tc = p != Precision::FP32 && cuda::attention_bf16_supported(dq_, dv_);
-  (tc ? cuda::attention_forward_bf16 : cuda::attention_forward)(q_, k_, v_, attn_, lse_, batch_, seq_, H, dq_, dv_,
-                                                                 scale_, r.stream);
+  used_packed_ = tc && packed_mla_;
+  if (used_packed_) {
+    cuda::attention_pack_mla_bf16(q_, kv.get(), ckv.get(), kv_lora_, packed_, batch_, seq_, H, dn_, dr_, dv_, r.stream);
+    cuda::attention_forward_bf16_packed(packed_, attn_, lse_, batch_, seq_, H, dq_, dv_, scale_, r.stream);
+  } else {
+    mla_assemble_kv(kv.get(), ckv.get(), k_, v_, T, H, dn_, dv_, dr_, kv_lora_, r.stream);
+    (tc ? cuda::attention_forward_bf16 : cuda::attention_forward)(q_, k_, v_, attn_, lse_, batch_, seq_, H, dq_, dv_,
+                                                                   scale_, r.stream);
+  }
   cuda::linear_forward(lin, p, attn_, o_->value, y, T, hidden_, H * dv_, r.stream);
   saved_ = true;
 }
@@ -118,9 +137,13 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
   {
     Temp<float> d_k(T * H * dq_, r), d_v(T * H * dv_, r);
     const bool tc = p != Precision::FP32 && cuda::attention_bf16_supported(dq_, dv_);
-    (tc ? cuda::attention_backward_bf16 : cuda::attention_backward)(d_attn.get(), q_, k_, v_, attn_, lse_, d_q.get(),
-                                                                    d_k.get(), d_v.get(), batch_, seq_, H, dq_, dv_,
-                                                                    scale_, r.stream);
+    if (used_packed_)
+      cuda::attention_backward_bf16_packed(d_attn.get(), packed_, attn_, lse_, d_q.get(), d_k.get(), d_v.get(), batch_,
+                                           seq_, H, dq_, dv_, scale_, r.stream);
+    else
+      (tc ? cuda::attention_backward_bf16 : cuda::attention_backward)(d_attn.get(), q_, k_, v_, attn_, lse_, d_q.get(),
+                                                                      d_k.get(), d_v.get(), batch_, seq_, H, dq_, dv_,
+                                                                      scale_, r.stream);
     // Back through RoPE; k_rope is shared by the heads, so its gradient is their sum (in head order).
     cuda::rope_backward(d_q.get() + dn_, T, seq_, H, H * dq_, dq_, dr_, theta_, interleave_, r.stream);
     mla_split_dkv(d_k.get(), d_v.get(), d_kv.get(), d_ckv.get(), T, H, dn_, dv_, dr_, kv_lora_, r.stream);

@@ -4,7 +4,10 @@
 // own O and lse, as in training). Random q, k, v, dO with a fresh seed each run (printed; MOERL_SEED=<n> repeats
 // it), outputs poisoned with NaN before every call; causal; sequence lengths not multiples of the 64-row tile;
 // every block shape of the kernels (4 and 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS; forward warps of
-// 16 and 32 query rows: MOERL_ATTN_TC_FWD_WARP_ROWS).
+// 16 and 32 query rows: MOERL_ATTN_TC_FWD_WARP_ROWS) and the WGMMA forward and backward (MOERL_ATTN_TC_FWD_KERNEL /
+// _FWD_WG, MOERL_ATTN_TC_BWD_KERNEL / _BWD_DQ_WG; 96/64 only, with the same tolerances: they round the same values
+// to BF16 and only sum in another order). The packed entry points (operands kept from the forward for the backward,
+// MLA's k and v packed straight from kv and ckv) and both block orders must give the plain entry points' bits.
 //
 // Tolerance: relative L2 error ||gpu − ref|| / ||ref|| per tensor. With the inputs rounded alike, what remains is
 // the kernel's rounding of P (forward, dV) and dS (dQ, dK) to BF16 before their products: a relative error per
@@ -76,6 +79,28 @@ class WarpsEnv {
   const char* names_[3] = {};
   bool had_[3] = {};
   std::string old_[3];
+};
+
+// Sets one environment variable for its lifetime (MOERL_ATTN_TC_ORDER); the previous value comes back.
+class EnvVar {
+ public:
+  EnvVar(const char* name, const char* value) : name_(name) {
+    const char* e = std::getenv(name);
+    had_ = e != nullptr;
+    if (e) old_ = e;
+    setenv(name, value, 1);
+  }
+  ~EnvVar() {
+    if (had_) setenv(name_, old_.c_str(), 1);
+    else unsetenv(name_);
+  }
+  EnvVar(const EnvVar&) = delete;
+  EnvVar& operator=(const EnvVar&) = delete;
+
+ private:
+  const char* name_;
+  bool had_ = false;
+  std::string old_;
 };
 
 uint64_t run_seed() {
@@ -233,10 +258,7 @@ TEST_F(AttentionBf16Gpu, ForwardAndBackwardMatchTheCpuReferenceOnBf16Inputs) {
     const Tensors rounded{bf16_rounded(in.q), bf16_rounded(in.k), bf16_rounded(in.v), bf16_rounded(in.dout)};
     const Results ref = run_cpu(sh, rounded), ref32 = run_cpu(sh, in);
     Gpu gpu(sh, in);
-    for (auto [warps, rows] : {std::pair{4, 16}, {8, 16}, {4, 32}, {8, 32}}) {
-      SCOPED_TRACE(std::to_string(warps) + " warps per block, forward " + std::to_string(rows) + " rows per warp");
-      std::printf("attention bf16 kernels of %d warps per block, forward %d rows per warp:\n", warps, rows);
-      const WarpsEnv env(warps, warps, rows);
+    const auto check = [&] {
       gpu.forward(true);
       gpu.backward(true);
       const Results got = gpu.results();
@@ -245,6 +267,32 @@ TEST_F(AttentionBf16Gpu, ForwardAndBackwardMatchTheCpuReferenceOnBf16Inputs) {
       expect_close("dQ", sh, got.dq, ref.dq, ref32.dq, kTolerance);
       expect_close("dK", sh, got.dk, ref.dk, ref32.dk, kTolerance);
       expect_close("dV", sh, got.dv, ref.dv, ref32.dv, kTolerance);
+    };
+    {
+      const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "mma"), bwd("MOERL_ATTN_TC_BWD_KERNEL", "mma");
+      for (auto [warps, rows] : {std::pair{4, 16}, {8, 16}, {4, 32}, {8, 32}}) {
+        SCOPED_TRACE(std::to_string(warps) + " warps per block, forward " + std::to_string(rows) + " rows per warp");
+        std::printf("attention bf16 kernels of %d warps per block, forward %d rows per warp:\n", warps, rows);
+        const WarpsEnv env(warps, warps, rows);
+        check();
+      }
+    }
+    // The WGMMA forward (96/64 only; the 24/16 shapes run the mma.sync one again) in blocks of 1 and 2 warpgroups.
+    for (const char* groups : {"1", "2"}) {
+      SCOPED_TRACE(std::string("WGMMA forward, warpgroups ") + groups);
+      std::printf("attention bf16 WGMMA forward, %s warpgroups per block (backward 4 warps):\n", groups);
+      const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "wgmma"), wg("MOERL_ATTN_TC_FWD_WG", groups),
+          bwd("MOERL_ATTN_TC_BWD_KERNEL", "mma");
+      const WarpsEnv env(8, 4);
+      check();
+    }
+    // The WGMMA backward (96/64 only), its dQ kernel in blocks of 1 and 2 warpgroups.
+    for (const char* groups : {"1", "2"}) {
+      SCOPED_TRACE(std::string("WGMMA backward, dQ warpgroups ") + groups);
+      std::printf("attention bf16 WGMMA forward and backward, dQ %s warpgroups per block:\n", groups);
+      const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "wgmma"), bwd("MOERL_ATTN_TC_BWD_KERNEL", "wgmma"),
+          wg("MOERL_ATTN_TC_BWD_DQ_WG", groups);
+      check();
     }
   }
 }
@@ -253,19 +301,108 @@ TEST_F(AttentionBf16Gpu, RepeatsBitForBitAndRefusesOtherHeadDims) {
   const Shape sh{2, 200, 3, 96, 64, 1.0f};
   std::mt19937_64 rng(run_seed() + 3);
   Gpu gpu(sh, random_tensors(sh, rng));
-  gpu.forward(true);
-  gpu.backward(true);
-  const Results a = gpu.results();
-  gpu.forward(true);
-  gpu.backward(true);
-  const Results b = gpu.results();
-  for (auto [x, y] : {std::pair{&a.out, &b.out}, {&a.lse, &b.lse}, {&a.dq, &b.dq}, {&a.dk, &b.dk}, {&a.dv, &b.dv}})
-    EXPECT_EQ(std::memcmp(x->data(), y->data(), x->size() * sizeof(float)), 0);
+  for (const char* kernel : {"mma", "wgmma"}) {  // both kernel families, forward and backward
+    SCOPED_TRACE(std::string("kernels ") + kernel);
+    const EnvVar env("MOERL_ATTN_TC_FWD_KERNEL", kernel), bwd("MOERL_ATTN_TC_BWD_KERNEL", kernel);
+    gpu.forward(true);
+    gpu.backward(true);
+    const Results a = gpu.results();
+    gpu.forward(true);
+    gpu.backward(true);
+    const Results b = gpu.results();
+    for (auto [x, y] : {std::pair{&a.out, &b.out}, {&a.lse, &b.lse}, {&a.dq, &b.dq}, {&a.dk, &b.dk}, {&a.dv, &b.dv}})
+      EXPECT_EQ(std::memcmp(x->data(), y->data(), x->size() * sizeof(float)), 0);
+  }
   EXPECT_TRUE(cuda::attention_bf16_supported(96, 64));
   EXPECT_FALSE(cuda::attention_bf16_supported(192, 128));
   float* p = gpu.q.get();
   EXPECT_THROW(cuda::attention_forward_bf16(p, p, p, p, p, 1, 8, 1, 192, 128, 0.1f), Error);
   EXPECT_THROW(cuda::attention_forward_bf16(p + 1, p, p, p, p, 1, 8, 1, 96, 64, 0.1f), Error);  // misaligned q
+}
+
+bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// MLA's inputs of the packed entry points: q [T, H, dn + dr], kv [T, H, dn + dv] (per head [k_nope | v]), ckv
+// [T, kv_lora + dr] (rope key in the last dr columns), and k, v assembled from them on the host as
+// runtime/gpu/gpu_kernels.cu's mla_assemble_kv does.
+struct MlaInputs {
+  int64_t dn, dr, kv_lora;
+  std::vector<float> q, kv, ckv, k, v, dout;
+};
+
+MlaInputs mla_inputs(const Shape& sh, int64_t dn, int64_t kv_lora, std::mt19937_64& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  const auto draw = [&](int64_t n) {
+    std::vector<float> x(static_cast<size_t>(n));
+    for (float& y : x) y = normal(rng);
+    return x;
+  };
+  const int64_t T = sh.tokens(), H = sh.heads, dr = sh.dqk - dn, dv = sh.dv;
+  MlaInputs m{dn, dr, kv_lora, draw(T * H * sh.dqk), draw(T * H * (dn + dv)), draw(T * (kv_lora + dr)),
+              std::vector<float>(T * H * sh.dqk), std::vector<float>(T * H * dv), draw(T * H * dv)};
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < H; ++h) {
+      const float* src = &m.kv[(t * H + h) * (dn + dv)];
+      for (int64_t c = 0; c < dn; ++c) m.k[(t * H + h) * sh.dqk + c] = src[c];
+      for (int64_t c = 0; c < dr; ++c) m.k[(t * H + h) * sh.dqk + dn + c] = m.ckv[t * (kv_lora + dr) + kv_lora + c];
+      for (int64_t c = 0; c < dv; ++c) m.v[(t * H + h) * dv + c] = src[dn + c];
+    }
+  return m;
+}
+
+TEST_F(AttentionBf16Gpu, PackedEntryPointsAndBothBlockOrdersGiveTheSameBitsAsThePlainOnes) {
+  // The model packs q, k, v once (k, v straight from kv_b_proj's output and the rope key) and keeps them for the
+  // backward; that must change no bit against attention_forward_bf16 / _backward_bf16 on the assembled k, v. The
+  // block order (MOERL_ATTN_TC_ORDER) only moves blocks between SMs: no bit changes either. Shapes: both head dims
+  // (dn 16 / 64 of the tiny fixture and bench-600m), partial tiles, an odd kv_lora multiple of 4.
+  std::mt19937_64 rng(run_seed() + 5);
+  struct Case {
+    Shape sh;
+    int64_t dn, kv_lora;
+  };
+  for (const Case& c : {Case{{2, 150, 3, 24, 16, 1.0f}, 16, 20}, Case{{2, 300, 2, 96, 64, 1.0f}, 64, 36}}) {
+    const Shape& sh = c.sh;
+    SCOPED_TRACE(sh.name() + ", seed " + std::to_string(run_seed()));
+    ASSERT_TRUE(cuda::attention_pack_mla_bf16_supported(c.kv_lora, c.dn, sh.dqk - c.dn, sh.dv));
+    const MlaInputs m = mla_inputs(sh, c.dn, c.kv_lora, rng);
+    Gpu plain(sh, Tensors{m.q, m.k, m.v, m.dout});
+    Results ref;
+    {
+      const EnvVar order("MOERL_ATTN_TC_ORDER", "tile");
+      plain.forward(true);
+      plain.backward(true);
+      ref = plain.results();
+    }
+    DeviceFloats q(m.q), kv(m.kv), ckv(m.ckv), dout(m.dout);
+    DeviceFloats packed((cuda::attention_bf16_packed_bytes(sh.batch, sh.seq, sh.heads, sh.dqk, sh.dv) + 3) / 4);
+    for (const char* o : {"tile", "seq"}) {
+      SCOPED_TRACE(std::string("order ") + o);
+      const EnvVar order("MOERL_ATTN_TC_ORDER", o);
+      plain.forward(true);
+      plain.backward(true);
+      const Results again = plain.results();
+      EXPECT_TRUE(same_bits(again.out, ref.out) && same_bits(again.lse, ref.lse) && same_bits(again.dq, ref.dq) &&
+                  same_bits(again.dk, ref.dk) && same_bits(again.dv, ref.dv));
+      packed.poison();
+      plain.out.poison(), plain.lse.poison(), plain.dq.poison(), plain.dk.poison(), plain.dv.poison();
+      cuda::attention_pack_mla_bf16(q.get(), kv.get(), ckv.get(), c.kv_lora, packed.get(), sh.batch, sh.seq, sh.heads,
+                                    c.dn, sh.dqk - c.dn, sh.dv);
+      cuda::attention_forward_bf16_packed(packed.get(), plain.out.get(), plain.lse.get(), sh.batch, sh.seq, sh.heads,
+                                          sh.dqk, sh.dv, sh.scale());
+      cuda::attention_backward_bf16_packed(dout.get(), packed.get(), plain.out.get(), plain.lse.get(), plain.dq.get(),
+                                           plain.dk.get(), plain.dv.get(), sh.batch, sh.seq, sh.heads, sh.dqk, sh.dv,
+                                           sh.scale());
+      const Results got = plain.results();
+      EXPECT_TRUE(same_bits(got.out, ref.out)) << "O";
+      EXPECT_TRUE(same_bits(got.lse, ref.lse)) << "lse";
+      EXPECT_TRUE(same_bits(got.dq, ref.dq)) << "dQ";
+      EXPECT_TRUE(same_bits(got.dk, ref.dk)) << "dK";
+      EXPECT_TRUE(same_bits(got.dv, ref.dv)) << "dV";
+    }
+  }
+  EXPECT_FALSE(cuda::attention_pack_mla_bf16_supported(18, 64, 32, 64));  // rope key rows not 16-byte aligned
 }
 
 template <class F> double median_ms(F&& f, int runs = 10) {
@@ -303,20 +440,62 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
   const double pairs = static_cast<double>(sh.batch) * sh.heads * sh.seq * (sh.seq + 1) / 2;
   const double fwd_flops = 2 * pairs * static_cast<double>(sh.dqk + sh.dv);
   const double bwd_flops = 2 * pairs * static_cast<double>(3 * sh.dqk + 2 * sh.dv);
-  // The tensor-core kernels in every block shape (chosen in training through MOERL_ATTN_TC_FWD_WARPS,
-  // MOERL_ATTN_TC_FWD_WARP_ROWS and MOERL_ATTN_TC_BWD_WARPS), then the FP32 kernels.
-  for (auto [warps, rows] : {std::pair{4, 16}, {8, 16}, {4, 32}, {8, 32}}) {
-    const WarpsEnv env(warps, 4, rows);
-    const double ms = median_ms([&] { gpu.forward(true, false); });
-    std::printf("attention bf16 tensor cores forward  (%d warps x %d rows) %s: %.3f ms, %.1f TFLOP/s (causal)\n", warps,
-                rows, sh.name().c_str(), ms, fwd_flops / ms / 1e9);
+  // The mma.sync kernels in every block shape (MOERL_ATTN_TC_FWD_WARPS, MOERL_ATTN_TC_FWD_WARP_ROWS,
+  // MOERL_ATTN_TC_BWD_WARPS), tile order, through the plain entry points (times include the packing of q, k, v and
+  // of dO, and the scratch allocation).
+  {
+    const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "mma"), bwd("MOERL_ATTN_TC_BWD_KERNEL", "mma");
+    for (auto [warps, rows] : {std::pair{4, 16}, {8, 16}, {8, 32}}) {
+      const WarpsEnv env(warps, 4, rows);
+      const double ms = median_ms([&] { gpu.forward(true, false); });
+      std::printf("attention bf16 tensor cores forward  (%d warps x %d rows) %s: %.3f ms, %.1f TFLOP/s (causal)\n",
+                  warps, rows, sh.name().c_str(), ms, fwd_flops / ms / 1e9);
+    }
+    gpu.forward(true, false);
+    for (int warps : {4, 8}) {
+      const WarpsEnv env(8, warps);
+      const double ms = median_ms([&] { gpu.backward(true, false); });
+      std::printf("attention bf16 tensor cores backward (%d warps) %s: %.3f ms, %.1f TFLOP/s (causal)\n", warps,
+                  sh.name().c_str(), ms, bwd_flops / ms / 1e9);
+    }
   }
-  gpu.forward(true, false);
-  for (int warps : {4, 8}) {
-    const WarpsEnv env(8, warps);
-    const double ms = median_ms([&] { gpu.backward(true, false); });
-    std::printf("attention bf16 tensor cores backward (%d warps) %s: %.3f ms, %.1f TFLOP/s (causal)\n", warps,
-                sh.name().c_str(), ms, bwd_flops / ms / 1e9);
+  {
+    // As the model runs them: q, k, v packed once (that pass timed alone), then the forward and the backward on the
+    // packed operands, for each kernel choice (MOERL_ATTN_TC_FWD_KERNEL / _FWD_WG, MOERL_ATTN_TC_BWD_KERNEL /
+    // _BWD_DQ_WG) in both block orders (MOERL_ATTN_TC_ORDER).
+    const size_t bytes = cuda::attention_bf16_packed_bytes(sh.batch, sh.seq, sh.heads, sh.dqk, sh.dv);
+    DeviceFloats packed((bytes + 3) / 4), kv(static_cast<size_t>(sh.tokens() * sh.heads * (64 + sh.dv))),
+        ckv(static_cast<size_t>(sh.tokens() * (256 + 32)));
+    CUDA_CHECK(cudaMemset(kv.get(), 0, sh.tokens() * sh.heads * (64 + sh.dv) * sizeof(float)));
+    CUDA_CHECK(cudaMemset(ckv.get(), 0, sh.tokens() * (256 + 32) * sizeof(float)));
+    struct Variant {
+      const char *fwd, *fwd_wg, *bwd, *dq_wg, *order;
+    };
+    for (const Variant& v : {Variant{"mma", "2", "mma", "1", "tile"}, Variant{"wgmma", "1", "mma", "1", "tile"},
+                             Variant{"wgmma", "2", "mma", "1", "tile"}, Variant{"wgmma", "2", "wgmma", "1", "tile"},
+                             Variant{"wgmma", "2", "wgmma", "2", "tile"}, Variant{"wgmma", "2", "wgmma", "1", "seq"}}) {
+      const EnvVar e1("MOERL_ATTN_TC_FWD_KERNEL", v.fwd), e2("MOERL_ATTN_TC_FWD_WG", v.fwd_wg),
+          e3("MOERL_ATTN_TC_BWD_KERNEL", v.bwd), e4("MOERL_ATTN_TC_BWD_DQ_WG", v.dq_wg),
+          e5("MOERL_ATTN_TC_ORDER", v.order);
+      const double pack_ms = median_ms([&] {
+        cuda::attention_pack_mla_bf16(gpu.q.get(), kv.get(), ckv.get(), 256, packed.get(), sh.batch, sh.seq,
+                                      sh.heads, 64, 32, sh.dv);
+      });
+      const double fwd_ms = median_ms([&] {
+        cuda::attention_forward_bf16_packed(packed.get(), gpu.out.get(), gpu.lse.get(), sh.batch, sh.seq, sh.heads,
+                                            sh.dqk, sh.dv, sh.scale());
+      });
+      const double bwd_ms = median_ms([&] {
+        cuda::attention_backward_bf16_packed(gpu.dout.get(), packed.get(), gpu.out.get(), gpu.lse.get(),
+                                             gpu.dq.get(), gpu.dk.get(), gpu.dv.get(), sh.batch, sh.seq, sh.heads,
+                                             sh.dqk, sh.dv, sh.scale());
+      });
+      std::printf("attention bf16 packed (model path; forward %s wg %s, backward %s dq wg %s, %s order) %s: MLA pack "
+                  "%.3f ms; forward %.3f ms, %.1f TFLOP/s; backward %.3f ms, %.1f TFLOP/s (causal)\n",
+                  v.fwd, v.fwd_wg, v.bwd, v.dq_wg, v.order, sh.name().c_str(), pack_ms, fwd_ms,
+                  fwd_flops / fwd_ms / 1e9, bwd_ms, bwd_flops / bwd_ms / 1e9);
+    }
+    gpu.forward(true, false);
   }
   const double fwd_ms = median_ms([&] { gpu.forward(false, false); });
   const double bwd_ms = median_ms([&] { gpu.backward(false, false); });

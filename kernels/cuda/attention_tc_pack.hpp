@@ -1,0 +1,99 @@
+// Host side of the tensor-core attention's packed BF16 operands (kernels/cuda/attention_tc_pack.cu), shared by
+// attention_tc.cu. Layout of one packed buffer (attention_bf16_packed_bytes): Q [batch, heads, spad, DQP], then K
+// [batch, heads, spad, DQP], then V [batch, heads, spad, DVP], BF16, each part 256-byte aligned; DQP, DVP = the head
+// dims padded with zero columns to multiples of 16; spad = seq rounded up to kSeqPad with zero rows.
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+#include <cstdint>
+
+namespace moerl::cuda::attention_tc_detail {
+
+constexpr int kSeqPad = 256;  // scratch rows per (sequence, head): seq rounded up to this (the largest block tile)
+
+constexpr int pad16_host(int64_t d) { return static_cast<int>((d + 15) / 16 * 16); }
+
+struct PackedLayout {
+  int64_t spad, rows;  // padded sequence; packed rows batch·heads·spad
+  size_t bytes_q, bytes_v;
+  PackedLayout(int64_t batch, int64_t seq, int64_t heads, int64_t dqk, int64_t dv);
+  size_t bytes() const { return 2 * bytes_q + 2 * bytes_v; }
+  // The parts of a packed buffer at base.
+  __nv_bfloat16* q(void* base) const { return static_cast<__nv_bfloat16*>(base); }
+  __nv_bfloat16* k(void* base) const { return reinterpret_cast<__nv_bfloat16*>(static_cast<char*>(base) + bytes_q); }
+  __nv_bfloat16* v(void* base) const {
+    return reinterpret_cast<__nv_bfloat16*>(static_cast<char*>(base) + 2 * bytes_q);
+  }
+  // Vᵀ [batch, heads, DVP, spad] (written only for the WGMMA forward: forward_wgmma_warpgroups).
+  __nv_bfloat16* vt(void* base) const {
+    return reinterpret_cast<__nv_bfloat16*>(static_cast<char*>(base) + 2 * bytes_q + bytes_v);
+  }
+};
+
+// Where packed row (token t = b·seq + s, head h) comes from: columns [0, d1) at a[t·a_tok + h·a_head + c], columns
+// [d1, D) at b[t·b_tok + c − d1] (one row per token, shared by the heads: MLA's rotated rope key). FP32; every
+// row start 16-byte aligned, d1 a multiple of 8 (check_pack_src).
+struct PackSrc {
+  const float* a = nullptr;
+  int64_t a_tok = 0, a_head = 0;
+  int d1 = 0;
+  const float* b = nullptr;
+  int64_t b_tok = 0;
+};
+
+// Throws moerl::Error (naming `where`) unless src can be read with 16-byte loads for head dim d.
+void check_pack_src(const char* where, const PackSrc& src, int64_t d);
+
+// dst [batch, heads, spad, pad16(d)] <- src, zeros in columns >= d and rows >= seq; d in {16, 24, 64, 96}.
+void pack_operand(const PackSrc& src, int64_t d, __nv_bfloat16* dst, int64_t batch, int64_t seq, int64_t heads,
+                  int64_t spad, cudaStream_t stream);
+
+// dst [batch, heads, pad16(d), spad] <- src transposed (zeros as above); d in {16, 64}.
+void pack_operand_t(const PackSrc& src, int64_t d, __nv_bfloat16* dst, int64_t batch, int64_t seq, int64_t heads,
+                    int64_t spad, cudaStream_t stream);
+
+// Warpgroups per block of the WGMMA forward (attention_tc_wgmma.cu) for these head dims, or 0 for the mma.sync
+// forward: MOERL_ATTN_TC_FWD_KERNEL = mma | wgmma (default wgmma), MOERL_ATTN_TC_FWD_WG = 1 | 2 (default 2); WGMMA
+// only for dqk 96, dv 64. Throws moerl::Error on other values. Measured on the H200, bench-600m shape, model path
+// (bench/results/2026-11-29-gpu-attn-h200-6f2dbec.txt): forward 0.358 ms (mma, 8 warps) / 0.267 (wgmma, 1) / 0.255
+// (wgmma, 2 warpgroups: 337 TFLOP/s causal); the Vᵀ pass adds 0.06 ms to the packing (0.103 -> 0.162 ms).
+int forward_wgmma_warpgroups(int64_t dqk, int64_t dv);
+
+struct ForwardWgmmaArgs {
+  const __nv_bfloat16 *q, *k, *vt;  // packed Q, K, Vᵀ
+  float *out, *lse;
+  int batch, seq, spad, heads;
+  float scale_log2;
+  bool seq_order;
+};
+void forward_wgmma(const ForwardWgmmaArgs& args, int warpgroups, cudaStream_t stream);
+
+// Backward on WGMMA (attention_tc_wgmma_bwd.cu), dqk 96 / dv 64: packed Q, K, V, dO, their transposes Qᵀ, Kᵀ, dOᵀ
+// [batch, heads, D, spad] and the stats of pack_dout.
+struct BackwardWgmmaArgs {
+  const __nv_bfloat16 *q, *k, *v, *dout, *qt, *kt, *dout_t;
+  const float* stats;
+  float *dq, *dk, *dv;
+  int batch, seq, spad, heads;
+  float scale, scale_log2;
+  bool seq_order;
+};
+void backward_wgmma(const BackwardWgmmaArgs& args, int dq_warpgroups, cudaStream_t stream);
+
+// Warpgroups per block of the WGMMA backward's dQ kernel, or 0 for the mma.sync backward: MOERL_ATTN_TC_BWD_KERNEL =
+// mma | wgmma (default mma: the WGMMA one is slower, see attention_tc_wgmma_bwd.cu), MOERL_ATTN_TC_BWD_DQ_WG = 1 | 2
+// (default 1); WGMMA only for dqk 96, dv 64.
+int backward_wgmma_dq_warpgroups(int64_t dqk, int64_t dv);
+
+// dst [rows / spad sequences][dp][spad] <- src [.., spad, dp] (packed BF16, transposed per (sequence, head)); dp 96.
+void transpose_packed(const __nv_bfloat16* src, __nv_bfloat16* dst, int64_t dp, int64_t batch_heads, int64_t spad,
+                      cudaStream_t stream);
+
+// The backward's packing of dout [batch·seq, heads, dv] into dst (as pack_operand) and stats [batch, heads, spad, 2]
+// = (lse·log2e, D = Σ_c dout·out) per packed row (zeros on padding rows); dv in {16, 64}.
+void pack_dout(const float* dout, const float* out, const float* lse, __nv_bfloat16* dst, float* stats, int64_t dv,
+               int64_t batch, int64_t seq, int64_t heads, int64_t spad, cudaStream_t stream);
+
+}  // namespace moerl::cuda::attention_tc_detail
