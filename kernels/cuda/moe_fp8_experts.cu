@@ -15,7 +15,7 @@
 //
 // Lanes. One expert's GEMM is small (about 1600 rows at 64 experts: 13 x 11 tiles of 128 x 128 on 132 SMs, a second
 // wave nearly empty; at bench-600m's 32 experts, 16 x 6 tiles, a quarter of the SMs idle), so the experts' GEMMs run
-// on kLanes side streams forked from and joined to the caller's stream (expert e on lane e % kLanes, each lane
+// on 4 side streams (MOERL_MOE_LANES) forked from and joined to the caller's stream (expert e on lane e % lanes, each lane
 // with its own cuBLASLt context and workspace; all calls issued from the caller's thread): the GPU overlaps one
 // expert's tail with the next's. Each GEMM writes its own expert's rows or gradient, so the results do not depend on
 // the overlap; an expert's dependent GEMMs (Dgrad of gate, then up accumulated into the same rows) stay on one lane,
@@ -27,6 +27,7 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -35,6 +36,7 @@
 #include "kernels/cuda/fp8_quantize_tile.cuh"
 #include "kernels/cuda/linear_impl.cuh"
 #include "kernels/cuda/moe_fp8.hpp"
+#include "kernels/cuda/stage_timer.hpp"
 #include "kernels/cuda/stream_scratch.hpp"
 #include "kernels/cuda/swiglu.hpp"
 #include "kernels/cuda/swiglu_fp8.hpp"
@@ -197,13 +199,25 @@ ExpertWeight expert_weight(const PreparedFp8Stack& s, int64_t e) {
           Operand{s.codes_t + e * n * k, s.scales_t + e * s.scales_t_stride, k, n, kTile}};
 }
 
-constexpr int kLanes = 4;
+constexpr int kMaxLanes = 8;
+
+// How many lanes: MOERL_MOE_LANES (1 .. 8), read once per process; 4 when unset.
+int lane_count() {
+  static const int n = [] {
+    const char* v = std::getenv("MOERL_MOE_LANES");
+    if (v == nullptr || *v == '\0') return 4;
+    const int k = std::atoi(v);
+    if (k < 1 || k > kMaxLanes) throw Error(std::string("MOERL_MOE_LANES must be 1 .. 8, got ") + v);
+    return k;
+  }();
+  return n;
+}
 
 class Lanes {
  public:
-  Lanes() {
+  Lanes() : n_(lane_count()) {
     CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
-    for (int i = 0; i < kLanes; ++i) {
+    for (int i = 0; i < n_; ++i) {
       CUDA_CHECK(cudaStreamCreateWithFlags(&streams_[i], cudaStreamNonBlocking));
       CUDA_CHECK(cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming));
       contexts_[i] = std::make_unique<fp8::cuda::GemmContext>();
@@ -217,24 +231,27 @@ class Lanes {
   void run(const int64_t* aligned_host, int64_t experts, cudaStream_t stream, F&& gemm) {
     const std::lock_guard caller(run_mutex_);
     CUDA_CHECK(cudaEventRecord(fork_, stream));
-    for (int i = 0; i < kLanes; ++i) CUDA_CHECK(cudaStreamWaitEvent(streams_[i], fork_, 0));
-    for (int lane = 0; lane < kLanes; ++lane)
-      for (int64_t e = lane; e < experts; e += kLanes) {
-        const int64_t r0 = aligned_host[e], n = aligned_host[e + 1] - r0;
-        if (n > 0) gemm(e, r0, n, streams_[lane], *contexts_[lane]);
-      }
-    for (int i = 0; i < kLanes; ++i) {
+    for (int i = 0; i < n_; ++i) CUDA_CHECK(cudaStreamWaitEvent(streams_[i], fork_, 0));
+    // Issued expert by expert, round robin over the lanes, so that every lane has work queued early (issuing one
+    // lane's experts after another's left the last lanes idle while the host queued the first's).
+    for (int64_t e = 0; e < experts; ++e) {
+      const int64_t r0 = aligned_host[e], n = aligned_host[e + 1] - r0;
+      const int lane = static_cast<int>(e % n_);
+      if (n > 0) gemm(e, r0, n, streams_[lane], *contexts_[lane]);
+    }
+    for (int i = 0; i < n_; ++i) {
       CUDA_CHECK(cudaEventRecord(done_[i], streams_[i]));
       CUDA_CHECK(cudaStreamWaitEvent(stream, done_[i], 0));
     }
   }
 
  private:
+  int n_;
   std::mutex run_mutex_;
   cudaEvent_t fork_ = nullptr;
-  cudaEvent_t done_[kLanes] = {};
-  cudaStream_t streams_[kLanes] = {};
-  std::unique_ptr<fp8::cuda::GemmContext> contexts_[kLanes];
+  cudaEvent_t done_[kMaxLanes] = {};
+  cudaStream_t streams_[kMaxLanes] = {};
+  std::unique_ptr<fp8::cuda::GemmContext> contexts_[kMaxLanes];
 };
 
 // The current device's lanes, made on first use and kept for the life of the process (never destroyed: their
@@ -280,6 +297,26 @@ void check(const char* fn, const MoeFp8Experts& w, const int64_t* aligned_host, 
                   std::to_string(e) + ")");
 }
 
+// The stages of one call for MOERL_GPU_PROFILE (kernels/cuda/stage_timer.hpp): next("x") ends the current stage
+// and starts "moe_fp8.e<E>.<pass>.x"; nothing is built unless profiling.
+class Stages {
+ public:
+  Stages(int64_t experts, const char* pass, cudaStream_t stream) : stream_(stream) {
+    if (cuda_detail::stage_profiling())
+      prefix_ = "moe_fp8.e" + std::to_string(experts) + "." + pass + ".";
+  }
+  void next(const char* what) {
+    if (prefix_.empty()) return;
+    timer_.reset();
+    timer_.emplace(prefix_ + what, stream_);
+  }
+
+ private:
+  std::string prefix_;
+  cudaStream_t stream_;
+  std::optional<cuda_detail::StageTimer> timer_;
+};
+
 }  // namespace
 
 MoeFp8Gemm moe_fp8_gemm(MoeFp8Gemm requested) {
@@ -312,11 +349,15 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   c.check_device("cuda::moe_fp8_experts_forward");
   const bool grouped = moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped;
 
+  Stages st(E, "fwd", stream);
+  st.next("weights");
   const PreparedFp8Stack sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream);
   const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
+  st.next("quant_x");
   RowsFp8 xq(nullptr, rows, H, aligned, E, !grouped, stream);
   quantize_input_rows(xp, x, token_of, rows, H, xq, stream);
+  st.next("gemm_gate_up");
   if (grouped) {
     GroupedProblem pr[2];
     pr[0].terms[0] = rows_term(xq, sg.codes, sg.scales, H), pr[0].y = g;
@@ -332,6 +373,7 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
                 });
   }
   xq.release();
+  st.next("swiglu_quant_h");
   RowsFp8 hq(nullptr, rows, I, aligned, E, !grouped, stream);
   if (swiglu_fp8_supported(rows, I, g, u, h)) {
     swiglu_forward_quantize_1x128(g, u, rows, I, h, hq.codes(), hq.cpu_scales(), stream);
@@ -340,6 +382,7 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
     fp8::cuda::quantize_1x128(h, rows, I, hq.codes(), hq.cpu_scales(), stream);
   }
   hq.finish();
+  st.next("gemm_down");
   if (grouped) {
     GroupedProblem pr;
     pr.terms[0] = rows_term(hq, sd.codes, sd.scales, I), pr.y = yp;
@@ -369,9 +412,12 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* d
   const bool grouped = moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped;
   const bool lt = !grouped;
 
+  Stages st(E, "bwd", stream);
+  st.next("weights");
   const PreparedFp8Stack sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream);
   const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
+  st.next("quant_dy_both_h_tokens");
   // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad); dy quantized both ways in one pass.
   StreamScratch grads(bytes_of(rows * I, sizeof(float)), stream);
   float* dh = grads.as<float>();
@@ -380,6 +426,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* d
     TokensFp8 dyt(nullptr, rows, H, aligned, E, lt, stream);
     quantize_both(dyp, rows, H, aligned, E, dyq, dyt, stream);
     TokensFp8 ht(h, rows, I, aligned, E, lt, stream);
+    st.next("gemm_down_dgrad");
     if (grouped) {
       GroupedProblem pr;
       pr.terms[0] = rows_term(dyq, sd.codes_t, sd.scales_t, H), pr.y = dh;
@@ -389,12 +436,23 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* d
       fp8::cuda::grouped_gemm_nt_tokens_accumulate(&pw, 1, aligned, E, rows, H, I, stream);
     } else {
       const std::vector<ExpertWeight> wd = expert_weights(sd);
-      lanes().run(aligned_host, E, stream,
-                  [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-                    fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh + r0 * I, OutType::FP32, s);
-                    fp8::cuda::gemm_nt_accumulate(gc, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I,
-                                                  s);
-                  });
+      auto dgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+        fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh + r0 * I, OutType::FP32, s);
+      };
+      auto wgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+        fp8::cuda::gemm_nt_accumulate(gc, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I, s);
+      };
+      if (cuda_detail::stage_profiling()) {  // each GEMM kind timed on its own (one more join)
+        lanes().run(aligned_host, E, stream, dgrad);
+        st.next("gemm_down_wgrad");
+        lanes().run(aligned_host, E, stream, wgrad);
+      } else {
+        lanes().run(aligned_host, E, stream,
+                    [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+                      dgrad(e, r0, n, s, gc);
+                      wgrad(e, r0, n, s, gc);
+                    });
+      }
     }
     ht.release();
     dyt.release();
@@ -402,6 +460,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* d
   }
 
   // dg and du (swiglu_backward) quantized both ways, fused with their computation where the shapes allow.
+  st.next("swiglu_bwd_quant_dg_du");
   RowsFp8 dgq(nullptr, rows, I, aligned, E, lt, stream);
   RowsFp8 duq(nullptr, rows, I, aligned, E, lt, stream);
   TokensFp8 dgt(nullptr, rows, I, aligned, E, lt, stream);
@@ -422,8 +481,10 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* d
     dgu.release();
   }
   grads.release();
+  st.next("quant_x_tokens");
   TokensFp8 xt(nullptr, rows, H, aligned, E, lt, stream);
   quantize_input_tokens(xp, x, token_of, rows, H, aligned, E, xt, stream);
+  st.next("gemm_gate_up_dgrad");
 
   // gate and up: dx = dg · w_gate + du · w_up (the second accumulated in the GEMM), dw += dgᵀ · xᵀ, duᵀ · xᵀ.
   if (grouped) {
@@ -438,14 +499,26 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* d
     fp8::cuda::grouped_gemm_nt_tokens_accumulate(pw, 2, aligned, E, rows, I, H, stream);
   } else {
     const std::vector<ExpertWeight> wg = expert_weights(sg), wu = expert_weights(su);
-    lanes().run(aligned_host, E, stream,
-                [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-                  fp8::cuda::gemm_nt(gc, dgq.expert(r0, n), wg[e].wt, dxp + r0 * H, OutType::FP32, s);
-                  fp8::cuda::gemm_nt_accumulate(gc, duq.expert(r0, n), wu[e].wt, dxp + r0 * H, s);
-                  const Operand x = xt.expert(r0, n);
-                  fp8::cuda::gemm_nt_accumulate(gc, dgt.expert(r0, n), x, w.gate_grad + e * I * H, s);
-                  fp8::cuda::gemm_nt_accumulate(gc, dut.expert(r0, n), x, w.up_grad + e * I * H, s);
-                });
+    auto dgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+      fp8::cuda::gemm_nt(gc, dgq.expert(r0, n), wg[e].wt, dxp + r0 * H, OutType::FP32, s);
+      fp8::cuda::gemm_nt_accumulate(gc, duq.expert(r0, n), wu[e].wt, dxp + r0 * H, s);
+    };
+    auto wgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+      const Operand x = xt.expert(r0, n);
+      fp8::cuda::gemm_nt_accumulate(gc, dgt.expert(r0, n), x, w.gate_grad + e * I * H, s);
+      fp8::cuda::gemm_nt_accumulate(gc, dut.expert(r0, n), x, w.up_grad + e * I * H, s);
+    };
+    if (cuda_detail::stage_profiling()) {  // each GEMM kind timed on its own (one more join)
+      lanes().run(aligned_host, E, stream, dgrad);
+      st.next("gemm_gate_up_wgrad");
+      lanes().run(aligned_host, E, stream, wgrad);
+    } else {
+      lanes().run(aligned_host, E, stream,
+                  [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+                    dgrad(e, r0, n, s, gc);
+                    wgrad(e, r0, n, s, gc);
+                  });
+    }
   }
   xt.release();
   dut.release();

@@ -144,10 +144,15 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
 
   const std::string ph = "moe" + std::to_string(E) + ".";
   std::optional<PhaseTimer> timer(std::in_place, p, (ph + "routing+sync.fwd").c_str(), r.stream);
+  // Sub-phases (profiling only): router GEMM, top-k, plan, then the wait.
+  std::optional<PhaseTimer> sub(std::in_place, p, (ph + "routing.gemm").c_str(), r.stream);
   // Router, in FP32 whatever the precision of the experts; the scores overwrite the logits.
   cuda::linear_forward(lin, Precision::FP32, x, router_->value, scores_, T, E, H, r.stream);
+  sub.emplace(p, (ph + "routing.topk").c_str(), r.stream);
   cuda::router_forward(spec_, scores_, bias_->value, T, scores_, topk_idx_, topk_weight_, r.stream);
+  sub.emplace(p, (ph + "routing.plan").c_str(), r.stream);
   cuda::moe_permute_plan(topk_idx_, T, K, E, offsets_, token_of_, row_of_, r.stream);
+  sub.emplace(p, (ph + "routing.balance+sync").c_str(), r.stream);
   CUDA_CHECK(cudaMemcpyAsync(offsets_host_.get(), offsets_, static_cast<size_t>(E + 1) * sizeof(int64_t),
                              cudaMemcpyDeviceToHost, r.stream));
   // The one wait of this layer: router_balance_loss synchronizes the stream to return its loss, which also
@@ -160,6 +165,7 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
   } else {
     CUDA_CHECK(cudaStreamSynchronize(r.stream));
   }
+  sub.reset();
   const int64_t* off = offsets_host_.get();
   require(off[0] == 0 && off[E] == R, "GpuModel: the permutation plan's offsets are inconsistent (offsets[E] = " +
                                           std::to_string(off[E]) + ", expected " + std::to_string(R) + ")");
@@ -180,6 +186,7 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
   aligned_rows_ = -1;
   if (p == Precision::FP8 && cuda::moe_fp8_experts_supported(H, I)) {
     // Routed experts on aligned rows: the plan moved there, gather (zero rows zero), the experts, combine.
+    std::optional<PhaseTimer> part(std::in_place, p, (ph + "routed.align").c_str(), r.stream);
     int64_t* aligned_host = aligned_host_.get();
     const int64_t RA = cuda::moe_aligned_offsets(off, E, aligned_host);
     CUDA_CHECK(cudaMemcpyAsync(aligned_, aligned_host, static_cast<size_t>(E + 1) * sizeof(int64_t),
@@ -187,8 +194,10 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
     cuda::moe_align_plan(offsets_, aligned_, E, token_of_, row_of_, R, RA, token_of_aligned_, row_of_aligned_,
                          r.stream);
     aligned_rows_ = RA;
+    part.emplace(p, (ph + "routed.experts").c_str(), r.stream);
     cuda::moe_fp8_experts_forward_gathered(lin, experts_fp8(), x, token_of_aligned_, aligned_host, aligned_, gp_, up_,
                                            hp_, yp_, r.stream);
+    part.emplace(p, (ph + "routed.combine").c_str(), r.stream);
     cuda::moe_combine_aligned(yp_, topk_weight_, row_of_aligned_, T, K, H, RA, y, r.stream);
     return balance;
   }
@@ -231,11 +240,14 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
   if (aligned_rows_ >= 0) {
     const int64_t RA = aligned_rows_;
     Temp<float> dyp(RA * H, r), dxp(RA * H, r);
+    std::optional<PhaseTimer> sub(std::in_place, p, (ph + "routed.combine_bwd").c_str(), r.stream);
     cuda::moe_zero_rows(token_of_aligned_, RA, H, dyp.get(), r.stream);
     cuda::moe_combine_backward_aligned(dy, yp_, topk_weight_, row_of_aligned_, T, K, H, RA, dyp.get(), dweight.get(),
                                        r.stream);
+    sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
     cuda::moe_fp8_experts_backward_gathered(lin, experts_fp8(), dyp.get(), x_, token_of_aligned_, gp_, up_, hp_,
                                             aligned_host_.get(), aligned_, dxp.get(), r.stream);
+    sub.emplace(p, (ph + "routed.scatter_bwd").c_str(), r.stream);
     cuda::moe_scatter_add_aligned(dxp.get(), row_of_aligned_, T, K, H, RA, dx, r.stream);
   } else {
     Temp<float> xp(R * H, r), dyp(R * H, r), dxp(R * H, r);
