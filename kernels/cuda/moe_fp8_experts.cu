@@ -199,6 +199,18 @@ ExpertWeight expert_weight(const PreparedFp8Stack& s, int64_t e) {
           Operand{s.codes_t + e * n * k, s.scales_t + e * s.scales_t_stride, k, n, kTile}};
 }
 
+// MOERL_MOE_SWIGLU_BWD=separate: dg and du quantized by two kernels (each reading dh and g) instead of one; for
+// comparing the two on the device. Read once per process.
+bool separate_swiglu_backward() {
+  static const bool separate = [] {
+    const char* v = std::getenv("MOERL_MOE_SWIGLU_BWD");
+    if (v == nullptr || *v == '\0' || std::string(v) == "fused") return false;
+    if (std::string(v) == "separate") return true;
+    throw Error(std::string("MOERL_MOE_SWIGLU_BWD must be fused or separate, got ") + v);
+  }();
+  return separate;
+}
+
 constexpr int kMaxLanes = 8;
 
 // How many lanes: MOERL_MOE_LANES (1 .. 8), read once per process; 4 when unset.
@@ -466,10 +478,16 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* d
   TokensFp8 dgt(nullptr, rows, I, aligned, E, lt, stream);
   TokensFp8 dut(nullptr, rows, I, aligned, E, lt, stream);
   if (swiglu_fp8_supported(rows, I, dh, g, u)) {
-    swiglu_backward_quantize_dual(dh, g, u, rows, I, true, aligned, E, dgq.codes(), dgq.cpu_scales(), dgt.codes(),
-                                  dgt.cpu_scales(), stream);
-    swiglu_backward_quantize_dual(dh, g, nullptr, rows, I, false, aligned, E, duq.codes(), duq.cpu_scales(),
-                                  dut.codes(), dut.cpu_scales(), stream);
+    if (separate_swiglu_backward()) {
+      swiglu_backward_quantize_dual(dh, g, u, rows, I, true, aligned, E, dgq.codes(), dgq.cpu_scales(), dgt.codes(),
+                                    dgt.cpu_scales(), stream);
+      swiglu_backward_quantize_dual(dh, g, nullptr, rows, I, false, aligned, E, duq.codes(), duq.cpu_scales(),
+                                    dut.codes(), dut.cpu_scales(), stream);
+    } else {
+      swiglu_backward_quantize_dual_both(dh, g, u, rows, I, aligned, E,
+                                         Fp8Dual{dgq.codes(), dgq.cpu_scales(), dgt.codes(), dgt.cpu_scales()},
+                                         Fp8Dual{duq.codes(), duq.cpu_scales(), dut.codes(), dut.cpu_scales()}, stream);
+    }
     dgq.finish(), dgt.finish(), duq.finish(), dut.finish();
   } else {
     StreamScratch dgu(2 * bytes_of(rows * I, sizeof(float)), stream);

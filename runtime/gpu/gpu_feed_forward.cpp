@@ -7,6 +7,7 @@
 //   - otherwise: one linear call per expert and projection on the expert's contiguous rows,
 // SwiGLU once over all rows, combine.
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <vector>
@@ -44,12 +45,38 @@ void GpuDense::bind(Slab& s, int64_t tokens) {
   g_ = s.take<float>(tokens * inter_);
   u_ = s.take<float>(tokens * inter_);
   h_ = s.take<float>(tokens * inter_);
+  rows_ = s.take<int64_t>(2);
+  rows_host_.get()[0] = 0;
+  rows_host_.get()[1] = tokens;
+}
+
+bool GpuDense::as_fp8_expert(Precision p) const {
+  static const bool linear = [] {
+    const char* v = std::getenv("MOERL_FP8_DENSE");
+    if (v == nullptr || *v == '\0' || std::string(v) == "experts") return false;
+    if (std::string(v) == "linear") return true;
+    throw Error(std::string("MOERL_FP8_DENSE must be experts or linear, got ") + v);
+  }();
+  return !linear && p == Precision::FP8 && tokens_ > 0 && tokens_ % cuda::kMoeRowAlign == 0 &&
+         cuda::moe_fp8_experts_supported(hidden_, inter_);
+}
+
+cuda::MoeFp8Experts GpuDense::fp8_expert() const {
+  return cuda::MoeFp8Experts{w_.gate->value, w_.up->value, w_.down->value, w_.gate->grad, w_.up->grad,
+                             w_.down->grad,  1,            hidden_,       inter_};
 }
 
 void GpuDense::forward(const float* x, float* y, const Run& r) {
   const int64_t T = tokens_, H = hidden_, I = inter_;
   x_ = x;
   precision_ = r.precision;
+  fp8_expert_ = as_fp8_expert(r.precision);
+  if (fp8_expert_) {
+    // From pinned memory that stays {0, T}: nothing to wait for.
+    CUDA_CHECK(cudaMemcpyAsync(rows_, rows_host_.get(), 2 * sizeof(int64_t), cudaMemcpyHostToDevice, r.stream));
+    cuda::moe_fp8_experts_forward(*r.linear, fp8_expert(), x, rows_host_.get(), rows_, g_, u_, h_, y, r.stream);
+    return;
+  }
   cuda::linear_forward(*r.linear, r.precision, x, w_.gate->value, g_, T, I, H, r.stream);
   cuda::linear_forward(*r.linear, r.precision, x, w_.up->value, u_, T, I, H, r.stream);
   cuda::swiglu_forward(g_, u_, h_, T * I, r.stream);
@@ -60,6 +87,10 @@ void GpuDense::backward(const float* dy, float* dx, const Run& r) {
   const int64_t T = tokens_, H = hidden_, I = inter_;
   const Precision p = precision_;
   cuda::LinearContext& lin = *r.linear;
+  if (fp8_expert_) {
+    cuda::moe_fp8_experts_backward(lin, fp8_expert(), dy, x_, g_, u_, h_, rows_host_.get(), rows_, dx, r.stream);
+    return;
+  }
   Temp<float> dh(T * I, r), dg(T * I, r), du(T * I, r), dx_up(T * H, r);
   cuda::linear_backward(lin, p, dy, h_, w_.down->value, dh.get(), w_.down->grad, T, H, I, r.stream);
   cuda::swiglu_backward(dh.get(), g_, u_, dg.get(), du.get(), T * I, r.stream);
@@ -144,8 +175,18 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
 
   const std::string ph = "moe" + std::to_string(E) + ".";
   std::optional<PhaseTimer> timer(std::in_place, p, (ph + "routing+sync.fwd").c_str(), r.stream);
-  // Sub-phases (profiling only): router GEMM, top-k, plan, then the wait.
-  std::optional<PhaseTimer> sub(std::in_place, p, (ph + "routing.gemm").c_str(), r.stream);
+  // Sub-phases (profiling only): router GEMM, top-k, plan, then the wait. MOERL_ROUTER_PRESYNC=1 (diagnostics)
+  // first waits for the work queued before the router, as its own sub-phase.
+  static const bool presync = [] {
+    const char* v = std::getenv("MOERL_ROUTER_PRESYNC");
+    return v != nullptr && *v == '1';
+  }();
+  std::optional<PhaseTimer> sub;
+  if (presync) {
+    sub.emplace(p, (ph + "routing.presync").c_str(), r.stream);
+    CUDA_CHECK(cudaStreamSynchronize(r.stream));
+  }
+  sub.emplace(p, (ph + "routing.gemm").c_str(), r.stream);
   // Router, in FP32 whatever the precision of the experts; the scores overwrite the logits.
   cuda::linear_forward(lin, Precision::FP32, x, router_->value, scores_, T, E, H, r.stream);
   sub.emplace(p, (ph + "routing.topk").c_str(), r.stream);

@@ -90,11 +90,21 @@ class GpuDense {
   void backward(const float* dy, float* dx, const Run& r);
 
  private:
+  // Whether this forward runs as one FP8 "expert" of all T rows (kernels/cuda/moe_fp8.hpp): the routed experts'
+  // fused passes (SwiGLU + quantization, dual quantization, dg/du never in FP32, gate and up Dgrad summed in the
+  // GEMM) instead of three linear calls. FP8, T a multiple of 128, sizes the FP8 experts take; MOERL_FP8_DENSE=linear
+  // turns it off.
+  bool as_fp8_expert(Precision p) const;
+  cuda::MoeFp8Experts fp8_expert() const;
+
   SwigluParams w_;
   int64_t hidden_, inter_, tokens_ = 0;
   float *g_ = nullptr, *u_ = nullptr, *h_ = nullptr;  // [T, I] each
+  int64_t* rows_ = nullptr;                           // [2] = {0, T} on the device (the one expert's rows)
+  PinnedHost<int64_t> rows_host_{2};                  // the same on the host
   const float* x_ = nullptr;
   Precision precision_ = Precision::FP32;
+  bool fp8_expert_ = false;  // the last forward's choice
 };
 
 // The MoE feed-forward: shared experts plus routed experts behind DeepSeek-V3's router.
