@@ -35,6 +35,11 @@ void moe_align_plan(const int64_t* offsets, const int64_t* aligned, int64_t n_ex
                     const int64_t* row_of, int64_t rows, int64_t aligned_rows, int64_t* token_of_aligned,
                     int64_t* row_of_aligned, cudaStream_t stream = nullptr);
 
+// row_weight [aligned_rows]: row_weight[row_of_aligned[i]] = weight[i] for every token-expert assignment i < T·K
+// (the gating weight each aligned row's output is combined with); zero rows are not written.
+void moe_aligned_row_weights(const float* weight, const int64_t* row_of_aligned, int64_t assignments,
+                             int64_t aligned_rows, float* row_weight, cudaStream_t stream = nullptr);
+
 // xp [rows, dim]: xp[r, :] = x[token_of[r], :], or zeros where token_of[r] < 0.
 void moe_gather_or_zero(const float* x, const int64_t* token_of, int64_t rows, int64_t dim, float* xp,
                         cudaStream_t stream = nullptr);
@@ -109,5 +114,15 @@ void moe_fp8_experts_backward_gathered(LinearContext& ctx, const MoeFp8Experts& 
                                        const int64_t* token_of, const float* g, const float* u, const float* h,
                                        const int64_t* aligned_host, const int64_t* aligned, float* dxp,
                                        cudaStream_t stream = nullptr);
+
+// moe_fp8_experts_backward_gathered with dyp never stored: dyp row r = row_weight[r] · dy[token_of[r], :] (each
+// product rounded once, as moe_combine_backward computes it), or zeros where token_of[r] < 0, made inside the kernel
+// that quantizes it both ways. dy [tokens, H] 16-byte aligned; row_weight from moe_aligned_row_weights. The same
+// bytes as moe_combine_backward_aligned's dyp followed by moe_fp8_experts_backward_gathered, without writing and
+// reading dyp [rows, H] (a moe_combine_backward_aligned with null dyp still gives dweight).
+void moe_fp8_experts_backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const float* dy,
+                                       const float* row_weight, const float* x, const int64_t* token_of,
+                                       const float* g, const float* u, const float* h, const int64_t* aligned_host,
+                                       const int64_t* aligned, float* dxp, cudaStream_t stream = nullptr);
 
 }  // namespace moerl::cuda

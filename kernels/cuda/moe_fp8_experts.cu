@@ -154,6 +154,22 @@ struct GatherSource {
   }
 };
 
+// The routed experts' output gradient row r: w_r · dy[token_of[r], :] (moe_combine_backward's product, rounded
+// once), or zeros where token_of[r] < 0 (moe_fp8_experts_backward_combined's dyp, never written).
+struct ScaledGatherSource {
+  const float* dy;
+  const int64_t* token_of;
+  const float* row_weight;
+  int64_t cols;
+  __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
+    const int64_t t = token_of[r];
+    if (t < 0) return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const float w = row_weight[r];
+    const float4 v = __ldg(reinterpret_cast<const float4*>(dy + t * cols + c));
+    return make_float4(__fmul_rn(w, v.x), __fmul_rn(w, v.y), __fmul_rn(w, v.z), __fmul_rn(w, v.w));
+  }
+};
+
 void check_gather(const char* fn, const float* x, const int64_t* token_of, int64_t rows, int64_t H) {
   require(x != nullptr && token_of != nullptr && reinterpret_cast<uintptr_t>(x) % 16 == 0 && H % 4 == 0 &&
               rows / kTile <= 65535,
@@ -409,16 +425,24 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   hq.release();
 }
 
-// moe_fp8_experts_backward from xp, or (xp null) gathered from x by token_of.
-void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* xp, const float* x,
+// The output gradient of the experts' rows: dyp [rows, H], or (dyp null) row_weight[r] · dy[token_of[r], :].
+struct DySource {
+  const float* dyp = nullptr;
+  const float* dy = nullptr;
+  const float* row_weight = nullptr;
+};
+
+// moe_fp8_experts_backward from xp, or (xp null) gathered from x by token_of; dy as DySource.
+void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource& dys, const float* xp, const float* x,
                       const int64_t* token_of, const float* g, const float* u, const float* h,
                       const int64_t* aligned_host, const int64_t* aligned, float* dxp, cudaStream_t stream) {
   check("moe_fp8_experts_backward", w, aligned_host, aligned);
   const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
   if (rows == 0) return;
-  require(dyp && g && u && h && dxp && w.gate_grad && w.up_grad && w.down_grad,
+  require((dys.dyp || (dys.dy && dys.row_weight)) && g && u && h && dxp && w.gate_grad && w.up_grad && w.down_grad,
           "cuda::moe_fp8_experts_backward: null activation or gradient pointer");
   if (xp == nullptr) check_gather("moe_fp8_experts_backward(_gathered): xp or x", x, token_of, rows, H);
+  if (dys.dyp == nullptr) check_gather("moe_fp8_experts_backward_combined: dy", dys.dy, token_of, rows, H);
   LinearContext::Impl& c = ctx.impl();
   c.check_device("cuda::moe_fp8_experts_backward");
   const bool grouped = moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped;
@@ -436,7 +460,17 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* d
   {
     RowsFp8 dyq(nullptr, rows, H, aligned, E, lt, stream);
     TokensFp8 dyt(nullptr, rows, H, aligned, E, lt, stream);
-    quantize_both(dyp, rows, H, aligned, E, dyq, dyt, stream);
+    if (dys.dyp != nullptr) {
+      quantize_both(dys.dyp, rows, H, aligned, E, dyq, dyt, stream);
+    } else {
+      fp8::cuda::quant_detail::TileOutputs o;
+      o.rows = rows, o.cols = H, o.codes = dyq.codes(), o.scales = dyq.cpu_scales(), o.codes_t = dyt.codes(),
+      o.scales_t = dyt.cpu_scales(), o.bounds = aligned, o.n_groups = E;
+      fp8::cuda::quant_detail::launch_quantize_tiles<true, true>(
+          ScaledGatherSource{dys.dy, token_of, dys.row_weight, H}, o, stream);
+      dyq.finish();
+      dyt.finish();
+    }
     TokensFp8 ht(h, rows, I, aligned, E, lt, stream);
     st.next("gemm_down_dgrad");
     if (grouped) {
@@ -561,14 +595,23 @@ void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w
 void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* xp,
                               const float* g, const float* u, const float* h, const int64_t* aligned_host,
                               const int64_t* aligned, float* dxp, cudaStream_t stream) {
-  experts_backward(ctx, w, dyp, xp, nullptr, nullptr, g, u, h, aligned_host, aligned, dxp, stream);
+  experts_backward(ctx, w, DySource{dyp}, xp, nullptr, nullptr, g, u, h, aligned_host, aligned, dxp, stream);
 }
 
 void moe_fp8_experts_backward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* x,
                                        const int64_t* token_of, const float* g, const float* u, const float* h,
                                        const int64_t* aligned_host, const int64_t* aligned, float* dxp,
                                        cudaStream_t stream) {
-  experts_backward(ctx, w, dyp, nullptr, x, token_of, g, u, h, aligned_host, aligned, dxp, stream);
+  experts_backward(ctx, w, DySource{dyp}, nullptr, x, token_of, g, u, h, aligned_host, aligned, dxp, stream);
+}
+
+void moe_fp8_experts_backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const float* dy,
+                                       const float* row_weight, const float* x, const int64_t* token_of,
+                                       const float* g, const float* u, const float* h, const int64_t* aligned_host,
+                                       const int64_t* aligned, float* dxp, cudaStream_t stream) {
+  require(dy != nullptr && row_weight != nullptr, "cuda::moe_fp8_experts_backward_combined: null dy or row_weight");
+  experts_backward(ctx, w, DySource{nullptr, dy, row_weight}, nullptr, x, token_of, g, u, h, aligned_host, aligned,
+                   dxp, stream);
 }
 
 }  // namespace moerl::cuda

@@ -23,6 +23,19 @@
 namespace moerl::gpu::detail {
 namespace {
 
+// MOERL_MOE_COMBINE_BWD=separate: the routed experts' output gradient written to dyp [rows, H] by the combine's
+// backward and read back by its quantization (the path before moe_fp8_experts_backward_combined); for comparing
+// the two on the device. Read once per process.
+bool separate_combine_backward() {
+  static const bool separate = [] {
+    const char* v = std::getenv("MOERL_MOE_COMBINE_BWD");
+    if (v == nullptr || *v == '\0' || std::string(v) == "fused") return false;
+    if (std::string(v) == "separate") return true;
+    throw Error(std::string("MOERL_MOE_COMBINE_BWD must be fused or separate, got ") + v);
+  }();
+  return separate;
+}
+
 SwigluParams swiglu_params(ParamStore& params, const std::string& prefix) {
   return {&params.at(prefix + ".gate_proj.weight"), &params.at(prefix + ".up_proj.weight"),
           &params.at(prefix + ".down_proj.weight")};
@@ -280,14 +293,26 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
   Temp<float> dweight(T * K, r);
   if (aligned_rows_ >= 0) {
     const int64_t RA = aligned_rows_;
-    Temp<float> dyp(RA * H, r), dxp(RA * H, r);
+    Temp<float> dxp(RA * H, r);
     std::optional<PhaseTimer> sub(std::in_place, p, (ph + "routed.combine_bwd").c_str(), r.stream);
-    cuda::moe_zero_rows(token_of_aligned_, RA, H, dyp.get(), r.stream);
-    cuda::moe_combine_backward_aligned(dy, yp_, topk_weight_, row_of_aligned_, T, K, H, RA, dyp.get(), dweight.get(),
-                                       r.stream);
-    sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
-    cuda::moe_fp8_experts_backward_gathered(lin, experts_fp8(), dyp.get(), x_, token_of_aligned_, gp_, up_, hp_,
-                                            aligned_host_.get(), aligned_, dxp.get(), r.stream);
+    if (separate_combine_backward()) {
+      Temp<float> dyp(RA * H, r);
+      cuda::moe_zero_rows(token_of_aligned_, RA, H, dyp.get(), r.stream);
+      cuda::moe_combine_backward_aligned(dy, yp_, topk_weight_, row_of_aligned_, T, K, H, RA, dyp.get(),
+                                         dweight.get(), r.stream);
+      sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
+      cuda::moe_fp8_experts_backward_gathered(lin, experts_fp8(), dyp.get(), x_, token_of_aligned_, gp_, up_, hp_,
+                                              aligned_host_.get(), aligned_, dxp.get(), r.stream);
+    } else {
+      // dyp's rows (gating weight · dy of the row's token) are made inside the kernel that quantizes them.
+      Temp<float> row_weight(RA, r);
+      cuda::moe_aligned_row_weights(topk_weight_, row_of_aligned_, T * K, RA, row_weight.get(), r.stream);
+      cuda::moe_combine_backward_aligned(dy, yp_, topk_weight_, row_of_aligned_, T, K, H, RA, nullptr, dweight.get(),
+                                         r.stream);
+      sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
+      cuda::moe_fp8_experts_backward_combined(lin, experts_fp8(), dy, row_weight.get(), x_, token_of_aligned_, gp_,
+                                              up_, hp_, aligned_host_.get(), aligned_, dxp.get(), r.stream);
+    }
     sub.emplace(p, (ph + "routed.scatter_bwd").c_str(), r.stream);
     cuda::moe_scatter_add_aligned(dxp.get(), row_of_aligned_, T, K, H, RA, dx, r.stream);
   } else {
