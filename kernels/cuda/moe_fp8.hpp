@@ -83,6 +83,17 @@ struct MoeFp8Experts {
   float *gate_grad = nullptr, *up_grad = nullptr, *down_grad = nullptr;
   int64_t experts = 0, hidden = 0, inter = 0;  // E, H, I
   MoeFp8Gemm gemm = MoeFp8Gemm::Default;
+  // Optional, both or neither: where the forward also writes the input rows' quantization along tokens (Wgrad's
+  // xᵀ: codes [rows · H] packed per expert, scales [H, rows / 128]; the same pass that quantizes them along
+  // features), for the backward to read instead of quantizing the input again. Sized for the aligned rows; the
+  // backward must follow a forward of the same rows and input with these set.
+  uint8_t* x_codes_t = nullptr;
+  float* x_scales_t = nullptr;
+  // Optional, both or neither: the same for h (Wgrad of down: codes [rows · I], scales [I, rows / 128]), made in
+  // the forward's SwiGLU pass; h [rows, I] is then neither written by the forward nor read by the backward (h may
+  // be null in both).
+  uint8_t* h_codes_t = nullptr;
+  float* h_scales_t = nullptr;
 };
 
 // The GEMM form `requested` resolves to (Default read from MOERL_MOE_GEMM once per process).

@@ -112,6 +112,14 @@ class TokensFp8 {
       finish();
     }
   }
+  // Over codes and scales made earlier (MoeFp8Experts::x_codes_t / x_scales_t): only the cuBLASLt layout is made.
+  TokensFp8(uint8_t* codes, float* cpu_scales, int64_t rows, int64_t d, bool lt, cudaStream_t stream)
+      : rows_(rows), d_(d), lt_layout_(lt), stream_(stream), scratch_(bytes_of(d * tiles(rows), sizeof(float)), stream) {
+    codes_ = codes;
+    cpu_scales_ = cpu_scales;
+    lt_ = scratch_.as<float>();
+    finish();
+  }
   uint8_t* codes() const { return codes_; }
   float* cpu_scales() const { return cpu_scales_; }  // [d, tiles(rows)], quantize_1x128_transposed's layout
   void finish() {
@@ -177,15 +185,25 @@ void check_gather(const char* fn, const float* x, const int64_t* token_of, int64
               "128 x 65535 rows");
 }
 
-// The experts' input rows quantized along features (Fprop): from xp, or gathered from x inside the kernel.
-void quantize_input_rows(const float* xp, const float* x, const int64_t* token_of, int64_t rows, int64_t H,
-                         RowsFp8& q, cudaStream_t stream) {
-  if (xp != nullptr) {
+// The experts' input rows quantized along features (Fprop): from xp, or gathered from x inside the kernel; with
+// w.x_codes_t set, along tokens too (kept for the backward's Wgrad), in the same pass.
+void quantize_input_rows(const MoeFp8Experts& w, const float* xp, const float* x, const int64_t* token_of,
+                         int64_t rows, int64_t H, const int64_t* aligned, RowsFp8& q, cudaStream_t stream) {
+  const bool keep = w.x_codes_t != nullptr;
+  if (xp != nullptr && keep) {
+    fp8::cuda::quantize_1x128_dual(xp, rows, H, aligned, w.experts, q.codes(), q.cpu_scales(), w.x_codes_t,
+                                   w.x_scales_t, stream);
+  } else if (xp != nullptr) {
     fp8::cuda::quantize_1x128(xp, rows, H, q.codes(), q.cpu_scales(), stream);
   } else {
     fp8::cuda::quant_detail::TileOutputs o;
     o.rows = rows, o.cols = H, o.codes = q.codes(), o.scales = q.cpu_scales();
-    fp8::cuda::quant_detail::launch_quantize_tiles<true, false>(GatherSource{x, token_of, H}, o, stream);
+    if (keep) {
+      o.codes_t = w.x_codes_t, o.scales_t = w.x_scales_t, o.bounds = aligned, o.n_groups = w.experts;
+      fp8::cuda::quant_detail::launch_quantize_tiles<true, true>(GatherSource{x, token_of, H}, o, stream);
+    } else {
+      fp8::cuda::quant_detail::launch_quantize_tiles<true, false>(GatherSource{x, token_of, H}, o, stream);
+    }
   }
   q.finish();
 }
@@ -319,6 +337,8 @@ void check(const char* fn, const MoeFp8Experts& w, const int64_t* aligned_host, 
           std::string("cuda::") + fn + ": needs experts > 0 and hidden, inter multiples of 16 and >= 128, got E=" +
               std::to_string(w.experts) + ", H=" + std::to_string(w.hidden) + ", I=" + std::to_string(w.inter));
   require(w.gate && w.up && w.down && aligned_host && aligned, std::string("cuda::") + fn + ": null pointer");
+  require((w.x_codes_t == nullptr) == (w.x_scales_t == nullptr) && (w.h_codes_t == nullptr) == (w.h_scales_t == nullptr),
+          std::string("cuda::") + fn + ": x_codes_t and x_scales_t (h_codes_t and h_scales_t) must be set together");
   for (int64_t e = 0; e < w.experts; ++e)
     if (aligned_host[e] % kMoeRowAlign != 0 || aligned_host[e + 1] < aligned_host[e])
       throw Error(std::string("cuda::") + fn + ": aligned offsets must rise in multiples of 128 (expert " +
@@ -371,7 +391,7 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   check("moe_fp8_experts_forward", w, aligned_host, aligned);
   const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
   if (rows == 0) return;
-  require(g && u && h && yp, "cuda::moe_fp8_experts_forward: null activation pointer");
+  require(g && u && (h || w.h_codes_t) && yp, "cuda::moe_fp8_experts_forward: null activation pointer");
   if (xp == nullptr) check_gather("moe_fp8_experts_forward(_gathered): xp or x", x, token_of, rows, H);
   LinearContext::Impl& c = ctx.impl();
   c.check_device("cuda::moe_fp8_experts_forward");
@@ -384,7 +404,7 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
   st.next("quant_x");
   RowsFp8 xq(nullptr, rows, H, aligned, E, !grouped, stream);
-  quantize_input_rows(xp, x, token_of, rows, H, xq, stream);
+  quantize_input_rows(w, xp, x, token_of, rows, H, aligned, xq, stream);
   st.next("gemm_gate_up");
   if (grouped) {
     GroupedProblem pr[2];
@@ -403,7 +423,18 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   xq.release();
   st.next("swiglu_quant_h");
   RowsFp8 hq(nullptr, rows, I, aligned, E, !grouped, stream);
-  if (swiglu_fp8_supported(rows, I, g, u, h)) {
+  const bool keep_h = w.h_codes_t != nullptr;
+  if (keep_h && swiglu_fp8_supported(rows, I, g, u, h)) {
+    swiglu_forward_quantize_dual(g, u, rows, I, h, aligned, E,
+                                 Fp8Dual{hq.codes(), hq.cpu_scales(), w.h_codes_t, w.h_scales_t}, stream);
+  } else if (keep_h) {  // h through a temporary
+    StreamScratch ht(bytes_of(rows * I, sizeof(float)), stream);
+    float* hh = h != nullptr ? h : ht.as<float>();
+    swiglu_forward(g, u, hh, rows * I, stream);
+    fp8::cuda::quantize_1x128_dual(hh, rows, I, aligned, E, hq.codes(), hq.cpu_scales(), w.h_codes_t, w.h_scales_t,
+                                   stream);
+    ht.release();
+  } else if (swiglu_fp8_supported(rows, I, g, u, h)) {
     swiglu_forward_quantize_1x128(g, u, rows, I, h, hq.codes(), hq.cpu_scales(), stream);
   } else {
     swiglu_forward(g, u, h, rows * I, stream);
@@ -439,7 +470,8 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   check("moe_fp8_experts_backward", w, aligned_host, aligned);
   const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
   if (rows == 0) return;
-  require((dys.dyp || (dys.dy && dys.row_weight)) && g && u && h && dxp && w.gate_grad && w.up_grad && w.down_grad,
+  require((dys.dyp || (dys.dy && dys.row_weight)) && g && u && (h || w.h_codes_t) && dxp && w.gate_grad &&
+              w.up_grad && w.down_grad,
           "cuda::moe_fp8_experts_backward: null activation or gradient pointer");
   if (xp == nullptr) check_gather("moe_fp8_experts_backward(_gathered): xp or x", x, token_of, rows, H);
   if (dys.dyp == nullptr) check_gather("moe_fp8_experts_backward_combined: dy", dys.dy, token_of, rows, H);
@@ -471,7 +503,10 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
       dyq.finish();
       dyt.finish();
     }
-    TokensFp8 ht(h, rows, I, aligned, E, lt, stream);
+    std::optional<TokensFp8> ht_kept;
+    if (w.h_codes_t != nullptr) ht_kept.emplace(w.h_codes_t, w.h_scales_t, rows, I, lt, stream);
+    TokensFp8 ht_new(ht_kept ? nullptr : h, ht_kept ? 0 : rows, I, aligned, E, lt, stream);
+    TokensFp8& ht = ht_kept ? *ht_kept : ht_new;
     st.next("gemm_down_dgrad");
     if (grouped) {
       GroupedProblem pr;
@@ -534,8 +569,11 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   }
   grads.release();
   st.next("quant_x_tokens");
-  TokensFp8 xt(nullptr, rows, H, aligned, E, lt, stream);
-  quantize_input_tokens(xp, x, token_of, rows, H, aligned, E, xt, stream);
+  std::optional<TokensFp8> xt_kept;
+  if (w.x_codes_t != nullptr) xt_kept.emplace(w.x_codes_t, w.x_scales_t, rows, H, lt, stream);
+  TokensFp8 xt_new(nullptr, xt_kept ? 0 : rows, H, aligned, E, lt, stream);
+  if (!xt_kept) quantize_input_tokens(xp, x, token_of, rows, H, aligned, E, xt_new, stream);
+  TokensFp8& xt = xt_kept ? *xt_kept : xt_new;
   st.next("gemm_gate_up_dgrad");
 
   // gate and up: dx = dg · w_gate + du · w_up (the second accumulated in the GEMM), dw += dgᵀ · xᵀ, duᵀ · xᵀ.

@@ -36,7 +36,7 @@ struct ForwardSource {
     const float4 gv = ld4(g + i), uv = ld4(u + i);
     const float4 hv = make_float4(silu_times(gv.x, uv.x), silu_times(gv.y, uv.y), silu_times(gv.z, uv.z),
                                   silu_times(gv.w, uv.w));
-    *reinterpret_cast<float4*>(h + i) = hv;  // kept for the backward pass: a normal (not streaming) store
+    if (h != nullptr) *reinterpret_cast<float4*>(h + i) = hv;  // kept for the backward pass: a normal store
     return hv;
   }
 };
@@ -127,6 +127,17 @@ void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const f
   a.codes = dg.codes, a.scales = dg.scales, a.codes_t = dg.codes_t, a.scales_t = dg.scales_t;
   b.codes = du.codes, b.scales = du.scales, b.codes_t = du.codes_t, b.scales_t = du.scales_t;
   launch_quantize_tile_pairs(BackwardPairSource{dh, g, u, cols}, a, b, stream);
+}
+
+void swiglu_forward_quantize_dual(const float* g, const float* u, int64_t rows, int64_t cols, float* h,
+                                  const int64_t* bounds, int64_t n_groups, const Fp8Dual& out, cudaStream_t stream) {
+  check("swiglu_forward_quantize_dual", rows, cols, g, u, h,
+        out.codes && out.scales && out.codes_t && out.scales_t && aligned(out.codes, 4) && aligned(out.codes_t, 4) &&
+            (bounds == nullptr || n_groups > 0));
+  TileOutputs o;
+  o.rows = rows, o.cols = cols, o.codes = out.codes, o.scales = out.scales, o.codes_t = out.codes_t,
+  o.scales_t = out.scales_t, o.bounds = bounds, o.n_groups = n_groups;
+  launch_quantize_tiles<true, true>(ForwardSource{g, u, h, cols}, o, stream);
 }
 
 }  // namespace moerl::cuda

@@ -312,8 +312,12 @@ TEST_F(MoeFp8Gpu, ExpertsForwardAndBackwardMatchTheCpuRecipePerExpert) {
     DeviceBuffer<float> d_g2(RA * I), d_u2(RA * I), d_h2(RA * I), d_yp2(RA * H), d_dxp2(RA * H);
     DeviceBuffer<int64_t> d_token_of(token_of);
     for (DeviceBuffer<float>* b : {&d_g2, &d_u2, &d_h2, &d_yp2, &d_dxp2}) b->poison();
-    const cuda::MoeFp8Experts w2{d_wg.get(), d_wu.get(), d_wd.get(), d_gg2.get(), d_ug2.get(), d_dg2.get(), E, H, I,
-                                  form};
+    // With x's and h's token quantizations kept from the forward for the backward (x_codes_t, h_codes_t, ...).
+    DeviceBuffer<uint8_t> d_xct(RA * H), d_hct(RA * I);
+    DeviceBuffer<float> d_xst(H * (RA / 128)), d_hst(I * (RA / 128));
+    d_xct.poison(), d_xst.poison(), d_hct.poison(), d_hst.poison();
+    cuda::MoeFp8Experts w2{d_wg.get(), d_wu.get(), d_wd.get(), d_gg2.get(), d_ug2.get(), d_dg2.get(), E, H, I, form};
+    w2.x_codes_t = d_xct.get(), w2.x_scales_t = d_xst.get(), w2.h_codes_t = d_hct.get(), w2.h_scales_t = d_hst.get();
     cuda::moe_fp8_experts_forward_gathered(ctx, w2, d_x.get(), d_token_of.get(), aligned.data(), d_aligned.get(),
                                            d_g2.get(), d_u2.get(), d_h2.get(), d_yp2.get());
     cuda::moe_fp8_experts_backward_gathered(ctx, w2, d_dyp.get(), d_x.get(), d_token_of.get(), d_g2.get(), d_u2.get(),
@@ -325,7 +329,8 @@ TEST_F(MoeFp8Gpu, ExpertsForwardAndBackwardMatchTheCpuRecipePerExpert) {
     EXPECT_EQ(d_gg2.download(), d_gg.download()) << "gathered gate grad";
     EXPECT_EQ(d_ug2.download(), d_ug.download()) << "gathered up grad";
     EXPECT_EQ(d_dg2.download(), d_dg.download()) << "gathered down grad";
-    std::printf("[ moe fp8  ] %s: gathered forward and backward: the bytes of the xp versions\n", form_name);
+    std::printf("[ moe fp8  ] %s: gathered forward and backward (x's and h's token codes kept from the forward): "
+                "the bytes of the xp versions\n", form_name);
 
     // The combined backward (dyp row r = w_r · dy[token_of[r]] made inside its quantization) gives the bytes of the
     // gathered backward on that dyp, computed here with the same single rounding. Zero rows' weights are NaN: never
@@ -344,20 +349,21 @@ TEST_F(MoeFp8Gpu, ExpertsForwardAndBackwardMatchTheCpuRecipePerExpert) {
     d_dxp3.poison(), d_dxp4.poison();
     const cuda::MoeFp8Experts w3{d_wg.get(), d_wu.get(), d_wd.get(), d_gg3.get(), d_ug3.get(), d_dg3.get(), E, H, I,
                                   form};
-    const cuda::MoeFp8Experts w4{d_wg.get(), d_wu.get(), d_wd.get(), d_gg4.get(), d_ug4.get(), d_dg4.get(), E, H, I,
-                                  form};
+    cuda::MoeFp8Experts w4{d_wg.get(), d_wu.get(), d_wd.get(), d_gg4.get(), d_ug4.get(), d_dg4.get(), E, H, I, form};
+    // x's and h's token codes kept by w2's forward of the same rows (h itself not passed); w3 quantizes both.
+    w4.x_codes_t = d_xct.get(), w4.x_scales_t = d_xst.get(), w4.h_codes_t = d_hct.get(), w4.h_scales_t = d_hst.get();
     cuda::moe_fp8_experts_backward_gathered(ctx, w3, d_dyp3.get(), d_x.get(), d_token_of.get(), d_g2.get(), d_u2.get(),
                                             d_h2.get(), aligned.data(), d_aligned.get(), d_dxp3.get());
     cuda::moe_fp8_experts_backward_combined(ctx, w4, d_dy_tok.get(), d_row_w.get(), d_x.get(), d_token_of.get(),
-                                            d_g2.get(), d_u2.get(), d_h2.get(), aligned.data(), d_aligned.get(),
+                                            d_g2.get(), d_u2.get(), nullptr, aligned.data(), d_aligned.get(),
                                             d_dxp4.get());
     CUDA_CHECK(cudaDeviceSynchronize());
     EXPECT_EQ(d_dxp4.download(), d_dxp3.download()) << "combined backward dxp";
     EXPECT_EQ(d_gg4.download(), d_gg3.download()) << "combined gate grad";
     EXPECT_EQ(d_ug4.download(), d_ug3.download()) << "combined up grad";
     EXPECT_EQ(d_dg4.download(), d_dg3.download()) << "combined down grad";
-    std::printf("[ moe fp8  ] %s: combined backward (dyp made in its quantization): the bytes of the dyp version\n",
-                form_name);
+    std::printf("[ moe fp8  ] %s: combined backward (dyp made in its quantization, x's and h's token codes kept): "
+                "the bytes of the dyp version\n", form_name);
   }
 }
 
