@@ -22,6 +22,7 @@
 // in order.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <map>
@@ -276,8 +277,11 @@ class Lanes {
   template <class F>
   void run(const int64_t* aligned_host, int64_t experts, cudaStream_t stream, F&& gemm) {
     const std::lock_guard caller(run_mutex_);
+    // Only the lanes that get experts are forked and joined: a one-expert call (an FP8 dense block or shared expert,
+    // which may run on a stream beside the routed experts') holds up no other lane.
+    const int used = static_cast<int>(std::min<int64_t>(n_, experts));
     CUDA_CHECK(cudaEventRecord(fork_, stream));
-    for (int i = 0; i < n_; ++i) CUDA_CHECK(cudaStreamWaitEvent(streams_[i], fork_, 0));
+    for (int i = 0; i < used; ++i) CUDA_CHECK(cudaStreamWaitEvent(streams_[i], fork_, 0));
     // Issued expert by expert, round robin over the lanes, so that every lane has work queued early (issuing one
     // lane's experts after another's left the last lanes idle while the host queued the first's).
     for (int64_t e = 0; e < experts; ++e) {
@@ -285,7 +289,7 @@ class Lanes {
       const int lane = static_cast<int>(e % n_);
       if (n > 0) gemm(e, r0, n, streams_[lane], *contexts_[lane]);
     }
-    for (int i = 0; i < n_; ++i) {
+    for (int i = 0; i < used; ++i) {
       CUDA_CHECK(cudaEventRecord(done_[i], streams_[i]));
       CUDA_CHECK(cudaStreamWaitEvent(stream, done_[i], 0));
     }
