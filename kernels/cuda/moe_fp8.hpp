@@ -74,7 +74,8 @@ void moe_scatter_add_aligned(const float* dxp, const int64_t* row_of, int64_t to
 // projection for all experts (kernels/cuda/fp8_grouped_gemm.hpp: no per-expert host work; its WGMMA kernel reaches
 // 430-490 TFLOP/s on the MoE layer bench's Fprop/Dgrad shapes and 280 on Wgrad, below cuBLASLt's ~1000, so the layer
 // is slower: MoE layer fwd+bwd 20.3 vs 15.5 ms, train step 177k vs 183-185k tok/s on the H200,
-// bench/results/2026-11-29-gpu-h200-wgmma-*.jsonl); Default, MOERL_MOE_GEMM=lanes or grouped (unset: lanes).
+// bench/results/2026-11-29-gpu-h200-wgmma-*.jsonl; lanes since then 14.9 ms, 190k tok/s, ...-ca53817.jsonl);
+// Default, MOERL_MOE_GEMM=lanes or grouped (unset: lanes).
 // Both give the CPU recipe's results within the tests' tolerances (tests/gpu/moe_fp8_gpu.cpp runs both).
 enum class MoeFp8Gemm : uint8_t { Default, Grouped, Lanes };
 

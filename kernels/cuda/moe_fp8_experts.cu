@@ -10,8 +10,15 @@
 // bench-600m layer (routed forward 3.22 -> 1.54 ms per layer on the H200).
 //
 // Fused passes (same bytes as unfused): SwiGLU forward writes h and its row codes in one kernel; dy is quantized
-// both ways in one read (quantize_1x128_dual); dg and du are never stored in FP32: each is computed from dh, g, u
-// inside the kernel that quantizes it both ways (kernels/cuda/swiglu_fp8.hpp).
+// both ways in one read (quantize_1x128_dual); dg and du are never stored in FP32: both are computed from one read
+// of dh, g, u inside the kernel that quantizes them both ways (swiglu_backward_quantize_dual_both;
+// MOERL_MOE_SWIGLU_BWD=separate: one kernel each). moe_fp8_experts_backward_combined makes the output gradient's
+// rows (gating weight · dy of the token) inside that quantization, so dyp is never stored. With
+// MoeFp8Experts::x_codes_t / h_codes_t the forward's passes also quantize x and h along tokens and keep the codes for
+// the backward's Wgrad: x is not gathered and quantized again, h is not stored in FP32.
+// Measured on the H200 (bench/results/2026-11-29-gpu-*-ca53817*): moerl bench gpu's MoE layer fwd+bwd 15.6 -> 14.9 ms
+// with these and the shared expert beside the routed ones (runtime/gpu/gpu_feed_forward.cpp); switching one off:
+// kept codes +0.4 ms, combined dy +0.17 ms, the pair kernel within noise.
 //
 // Lanes. One expert's GEMM is small (about 1600 rows at 64 experts: 13 x 11 tiles of 128 x 128 on 132 SMs, a second
 // wave nearly empty; at bench-600m's 32 experts, 16 x 6 tiles, a quarter of the SMs idle), so the experts' GEMMs run
