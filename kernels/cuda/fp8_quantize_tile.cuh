@@ -42,23 +42,13 @@ struct TileOutputs {
   int64_t n_groups = 0;
 };
 
-// The source at (r, c) (c + 3 < cols) returns x[r, c .. c + 3]; it is called once per such group.
-template <class Src, bool kRows, bool kCols>
-__global__ void __launch_bounds__(kTileThreads, 2) quantize_tile_kernel(Src src, TileOutputs o) {
-  extern __shared__ float4 tile_smem[];
+// The block (blockIdx.y, blockIdx.x)'s values, v[k] = x[r, c .. c + 3] at the load layout above (zeros past
+// cols), quantized into o. Uses the tile's shared memory when kCols; the caller syncs before reusing it.
+template <bool kRows, bool kCols>
+__device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], const TileOutputs& o,
+                                                     float4* tile_smem) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
   const int64_t rt = blockIdx.y, ct = blockIdx.x, r0 = rt * kTile, c0 = ct * kTile;
-  float v[kTileLoads][4];
-#pragma unroll
-  for (int k = 0; k < kTileLoads; ++k) {
-    const int64_t r = r0 + 8 * warp + 4 * (k >> 2) + sub, c = c0 + 32 * (k & 3) + 4 * quad;
-    if (c < o.cols) {
-      const float4 f = src(r, c);
-      v[k][0] = f.x, v[k][1] = f.y, v[k][2] = f.z, v[k][3] = f.w;
-    } else {
-      v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.0f;  // the CPU's zero padding of a partial tile
-    }
-  }
   if constexpr (kRows) {
     const int64_t ntiles = (o.cols + kTile - 1) / kTile;
 #pragma unroll
@@ -136,6 +126,48 @@ __global__ void __launch_bounds__(kTileThreads, 2) quantize_tile_kernel(Src src,
   }
 }
 
+// The source at (r, c) (c + 3 < cols) returns x[r, c .. c + 3]; it is called once per such group.
+template <class Src, bool kRows, bool kCols>
+__global__ void __launch_bounds__(kTileThreads, 2) quantize_tile_kernel(Src src, TileOutputs o) {
+  extern __shared__ float4 tile_smem[];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  float v[kTileLoads][4];
+#pragma unroll
+  for (int k = 0; k < kTileLoads; ++k) {
+    const int64_t r = r0 + 8 * warp + 4 * (k >> 2) + sub, c = c0 + 32 * (k & 3) + 4 * quad;
+    if (c < o.cols) {
+      const float4 f = src(r, c);
+      v[k][0] = f.x, v[k][1] = f.y, v[k][2] = f.z, v[k][3] = f.w;
+    } else {
+      v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.0f;  // the CPU's zero padding of a partial tile
+    }
+  }
+  quantize_tile_values<kRows, kCols>(v, o, tile_smem);
+}
+
+// Two activations of the same shape from one source, each quantized both ways (rows and columns): src(r, c, a, b)
+// sets a = x[r, c .. c + 3] and b = y[r, c .. c + 3], so inputs they share are read once. One block per SM (both
+// value sets live in registers: 64 of the 128 a thread may hold); oa and ob differ only in their outputs.
+template <class Src>
+__global__ void __launch_bounds__(kTileThreads, 1) quantize_tile_pair_kernel(Src src, TileOutputs oa, TileOutputs ob) {
+  extern __shared__ float4 tile_smem[];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  float va[kTileLoads][4], vb[kTileLoads][4];
+#pragma unroll
+  for (int k = 0; k < kTileLoads; ++k) {
+    const int64_t r = r0 + 8 * warp + 4 * (k >> 2) + sub, c = c0 + 32 * (k & 3) + 4 * quad;
+    float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;  // the CPU's zero padding of a partial tile
+    if (c < oa.cols) src(r, c, a, b);
+    va[k][0] = a.x, va[k][1] = a.y, va[k][2] = a.z, va[k][3] = a.w;
+    vb[k][0] = b.x, vb[k][1] = b.y, vb[k][2] = b.z, vb[k][3] = b.w;
+  }
+  quantize_tile_values<true, true>(va, oa, tile_smem);
+  __syncthreads();  // every warp has written out a's staged codes before b's values overwrite the tile
+  quantize_tile_values<true, true>(vb, ob, tile_smem);
+}
+
 // Launches quantize_tile_kernel over o.rows / 128 x tiles(o.cols) blocks (the caller has checked the layout's
 // needs, above).
 template <bool kRows, bool kCols, class Src>
@@ -147,6 +179,17 @@ void launch_quantize_tiles(const Src& src, const TileOutputs& o, cudaStream_t st
   if (kCols) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid(static_cast<unsigned>(tiles(o.cols)), static_cast<unsigned>(o.rows / kTile));
   kernel<<<grid, kTileThreads, smem, stream>>>(src, o);
+  CUDA_CHECK_LAUNCH();
+}
+
+// Launches quantize_tile_pair_kernel over oa.rows / 128 x tiles(oa.cols) blocks (oa and ob of one shape).
+template <class Src>
+void launch_quantize_tile_pairs(const Src& src, const TileOutputs& oa, const TileOutputs& ob, cudaStream_t stream) {
+  if (oa.rows == 0 || oa.cols == 0) return;
+  const auto kernel = quantize_tile_pair_kernel<Src>;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTileSmemBytes));
+  const dim3 grid(static_cast<unsigned>(tiles(oa.cols)), static_cast<unsigned>(oa.rows / kTile));
+  kernel<<<grid, kTileThreads, kTileSmemBytes, stream>>>(src, oa, ob);
   CUDA_CHECK_LAUNCH();
 }
 

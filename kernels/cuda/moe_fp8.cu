@@ -58,6 +58,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+__global__ void __launch_bounds__(kThreads)
+    row_weights_kernel(const float* __restrict__ weight, const int64_t* __restrict__ row_of_aligned,
+                       int64_t assignments, float* __restrict__ row_weight) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < assignments; i += stride)
+    row_weight[row_of_aligned[i]] = weight[i];
+}
+
 // Block r: xp[r, :] = x[token_of[r], :] or zeros.
 __global__ void __launch_bounds__(kRowThreads)
     gather_or_zero_kernel(const float* __restrict__ x, const int64_t* __restrict__ token_of, int64_t dim, bool vec,
@@ -122,6 +130,18 @@ void moe_align_plan(const int64_t* offsets, const int64_t* aligned, int64_t n_ex
   if (rows == 0) return;
   align_plan_kernel<<<blocks_for(rows), kThreads, 0, stream>>>(offsets, aligned, n_experts, token_of, row_of, rows,
                                                                token_of_aligned, row_of_aligned);
+  CUDA_CHECK_LAUNCH();
+}
+
+void moe_aligned_row_weights(const float* weight, const int64_t* row_of_aligned, int64_t assignments,
+                             int64_t aligned_rows, float* row_weight, cudaStream_t stream) {
+  require(assignments >= 0 && aligned_rows >= assignments,
+          "cuda::moe_aligned_row_weights: need 0 <= assignments <= aligned_rows, got " + std::to_string(assignments) +
+              ", " + std::to_string(aligned_rows));
+  if (assignments == 0) return;
+  require(weight && row_of_aligned && row_weight, "cuda::moe_aligned_row_weights: null pointer");
+  row_weights_kernel<<<blocks_for(assignments), kThreads, 0, stream>>>(weight, row_of_aligned, assignments,
+                                                                       row_weight);
   CUDA_CHECK_LAUNCH();
 }
 

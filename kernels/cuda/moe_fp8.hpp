@@ -35,6 +35,11 @@ void moe_align_plan(const int64_t* offsets, const int64_t* aligned, int64_t n_ex
                     const int64_t* row_of, int64_t rows, int64_t aligned_rows, int64_t* token_of_aligned,
                     int64_t* row_of_aligned, cudaStream_t stream = nullptr);
 
+// row_weight [aligned_rows]: row_weight[row_of_aligned[i]] = weight[i] for every token-expert assignment i < T·K
+// (the gating weight each aligned row's output is combined with); zero rows are not written.
+void moe_aligned_row_weights(const float* weight, const int64_t* row_of_aligned, int64_t assignments,
+                             int64_t aligned_rows, float* row_weight, cudaStream_t stream = nullptr);
+
 // xp [rows, dim]: xp[r, :] = x[token_of[r], :], or zeros where token_of[r] < 0.
 void moe_gather_or_zero(const float* x, const int64_t* token_of, int64_t rows, int64_t dim, float* xp,
                         cudaStream_t stream = nullptr);
@@ -69,7 +74,8 @@ void moe_scatter_add_aligned(const float* dxp, const int64_t* row_of, int64_t to
 // projection for all experts (kernels/cuda/fp8_grouped_gemm.hpp: no per-expert host work; its WGMMA kernel reaches
 // 430-490 TFLOP/s on the MoE layer bench's Fprop/Dgrad shapes and 280 on Wgrad, below cuBLASLt's ~1000, so the layer
 // is slower: MoE layer fwd+bwd 20.3 vs 15.5 ms, train step 177k vs 183-185k tok/s on the H200,
-// bench/results/2026-11-29-gpu-h200-wgmma-*.jsonl); Default, MOERL_MOE_GEMM=lanes or grouped (unset: lanes).
+// bench/results/2026-11-29-gpu-h200-wgmma-*.jsonl; lanes since then 14.9 ms, 190k tok/s, ...-ca53817.jsonl);
+// Default, MOERL_MOE_GEMM=lanes or grouped (unset: lanes).
 // Both give the CPU recipe's results within the tests' tolerances (tests/gpu/moe_fp8_gpu.cpp runs both).
 enum class MoeFp8Gemm : uint8_t { Default, Grouped, Lanes };
 
@@ -78,6 +84,17 @@ struct MoeFp8Experts {
   float *gate_grad = nullptr, *up_grad = nullptr, *down_grad = nullptr;
   int64_t experts = 0, hidden = 0, inter = 0;  // E, H, I
   MoeFp8Gemm gemm = MoeFp8Gemm::Default;
+  // Optional, both or neither: where the forward also writes the input rows' quantization along tokens (Wgrad's
+  // xᵀ: codes [rows · H] packed per expert, scales [H, rows / 128]; the same pass that quantizes them along
+  // features), for the backward to read instead of quantizing the input again. Sized for the aligned rows; the
+  // backward must follow a forward of the same rows and input with these set.
+  uint8_t* x_codes_t = nullptr;
+  float* x_scales_t = nullptr;
+  // Optional, both or neither: the same for h (Wgrad of down: codes [rows · I], scales [I, rows / 128]), made in
+  // the forward's SwiGLU pass; h [rows, I] is then neither written by the forward nor read by the backward (h may
+  // be null in both).
+  uint8_t* h_codes_t = nullptr;
+  float* h_scales_t = nullptr;
 };
 
 // The GEMM form `requested` resolves to (Default read from MOERL_MOE_GEMM once per process).
@@ -109,5 +126,15 @@ void moe_fp8_experts_backward_gathered(LinearContext& ctx, const MoeFp8Experts& 
                                        const int64_t* token_of, const float* g, const float* u, const float* h,
                                        const int64_t* aligned_host, const int64_t* aligned, float* dxp,
                                        cudaStream_t stream = nullptr);
+
+// moe_fp8_experts_backward_gathered with dyp never stored: dyp row r = row_weight[r] · dy[token_of[r], :] (each
+// product rounded once, as moe_combine_backward computes it), or zeros where token_of[r] < 0, made inside the kernel
+// that quantizes it both ways. dy [tokens, H] 16-byte aligned; row_weight from moe_aligned_row_weights. The same
+// bytes as moe_combine_backward_aligned's dyp followed by moe_fp8_experts_backward_gathered, without writing and
+// reading dyp [rows, H] (a moe_combine_backward_aligned with null dyp still gives dweight).
+void moe_fp8_experts_backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const float* dy,
+                                       const float* row_weight, const float* x, const int64_t* token_of,
+                                       const float* g, const float* u, const float* h, const int64_t* aligned_host,
+                                       const int64_t* aligned, float* dxp, cudaStream_t stream = nullptr);
 
 }  // namespace moerl::cuda

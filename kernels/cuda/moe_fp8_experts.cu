@@ -10,23 +10,32 @@
 // bench-600m layer (routed forward 3.22 -> 1.54 ms per layer on the H200).
 //
 // Fused passes (same bytes as unfused): SwiGLU forward writes h and its row codes in one kernel; dy is quantized
-// both ways in one read (quantize_1x128_dual); dg and du are never stored in FP32: each is computed from dh, g, u
-// inside the kernel that quantizes it both ways (kernels/cuda/swiglu_fp8.hpp).
+// both ways in one read (quantize_1x128_dual); dg and du are never stored in FP32: both are computed from one read
+// of dh, g, u inside the kernel that quantizes them both ways (swiglu_backward_quantize_dual_both;
+// MOERL_MOE_SWIGLU_BWD=separate: one kernel each). moe_fp8_experts_backward_combined makes the output gradient's
+// rows (gating weight · dy of the token) inside that quantization, so dyp is never stored. With
+// MoeFp8Experts::x_codes_t / h_codes_t the forward's passes also quantize x and h along tokens and keep the codes for
+// the backward's Wgrad: x is not gathered and quantized again, h is not stored in FP32.
+// Measured on the H200 (bench/results/2026-11-29-gpu-*-ca53817*): moerl bench gpu's MoE layer fwd+bwd 15.6 -> 14.9 ms
+// with these and the shared expert beside the routed ones (runtime/gpu/gpu_feed_forward.cpp); switching one off:
+// kept codes +0.4 ms, combined dy +0.17 ms, the pair kernel within noise.
 //
 // Lanes. One expert's GEMM is small (about 1600 rows at 64 experts: 13 x 11 tiles of 128 x 128 on 132 SMs, a second
 // wave nearly empty; at bench-600m's 32 experts, 16 x 6 tiles, a quarter of the SMs idle), so the experts' GEMMs run
-// on kLanes side streams forked from and joined to the caller's stream (expert e on lane e % kLanes, each lane
+// on 4 side streams (MOERL_MOE_LANES) forked from and joined to the caller's stream (expert e on lane e % lanes, each lane
 // with its own cuBLASLt context and workspace; all calls issued from the caller's thread): the GPU overlaps one
 // expert's tail with the next's. Each GEMM writes its own expert's rows or gradient, so the results do not depend on
 // the overlap; an expert's dependent GEMMs (Dgrad of gate, then up accumulated into the same rows) stay on one lane,
 // in order.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstdlib>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -35,6 +44,7 @@
 #include "kernels/cuda/fp8_quantize_tile.cuh"
 #include "kernels/cuda/linear_impl.cuh"
 #include "kernels/cuda/moe_fp8.hpp"
+#include "kernels/cuda/stage_timer.hpp"
 #include "kernels/cuda/stream_scratch.hpp"
 #include "kernels/cuda/swiglu.hpp"
 #include "kernels/cuda/swiglu_fp8.hpp"
@@ -110,6 +120,14 @@ class TokensFp8 {
       finish();
     }
   }
+  // Over codes and scales made earlier (MoeFp8Experts::x_codes_t / x_scales_t): only the cuBLASLt layout is made.
+  TokensFp8(uint8_t* codes, float* cpu_scales, int64_t rows, int64_t d, bool lt, cudaStream_t stream)
+      : rows_(rows), d_(d), lt_layout_(lt), stream_(stream), scratch_(bytes_of(d * tiles(rows), sizeof(float)), stream) {
+    codes_ = codes;
+    cpu_scales_ = cpu_scales;
+    lt_ = scratch_.as<float>();
+    finish();
+  }
   uint8_t* codes() const { return codes_; }
   float* cpu_scales() const { return cpu_scales_; }  // [d, tiles(rows)], quantize_1x128_transposed's layout
   void finish() {
@@ -152,6 +170,22 @@ struct GatherSource {
   }
 };
 
+// The routed experts' output gradient row r: w_r · dy[token_of[r], :] (moe_combine_backward's product, rounded
+// once), or zeros where token_of[r] < 0 (moe_fp8_experts_backward_combined's dyp, never written).
+struct ScaledGatherSource {
+  const float* dy;
+  const int64_t* token_of;
+  const float* row_weight;
+  int64_t cols;
+  __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
+    const int64_t t = token_of[r];
+    if (t < 0) return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const float w = row_weight[r];
+    const float4 v = __ldg(reinterpret_cast<const float4*>(dy + t * cols + c));
+    return make_float4(__fmul_rn(w, v.x), __fmul_rn(w, v.y), __fmul_rn(w, v.z), __fmul_rn(w, v.w));
+  }
+};
+
 void check_gather(const char* fn, const float* x, const int64_t* token_of, int64_t rows, int64_t H) {
   require(x != nullptr && token_of != nullptr && reinterpret_cast<uintptr_t>(x) % 16 == 0 && H % 4 == 0 &&
               rows / kTile <= 65535,
@@ -159,15 +193,25 @@ void check_gather(const char* fn, const float* x, const int64_t* token_of, int64
               "128 x 65535 rows");
 }
 
-// The experts' input rows quantized along features (Fprop): from xp, or gathered from x inside the kernel.
-void quantize_input_rows(const float* xp, const float* x, const int64_t* token_of, int64_t rows, int64_t H,
-                         RowsFp8& q, cudaStream_t stream) {
-  if (xp != nullptr) {
+// The experts' input rows quantized along features (Fprop): from xp, or gathered from x inside the kernel; with
+// w.x_codes_t set, along tokens too (kept for the backward's Wgrad), in the same pass.
+void quantize_input_rows(const MoeFp8Experts& w, const float* xp, const float* x, const int64_t* token_of,
+                         int64_t rows, int64_t H, const int64_t* aligned, RowsFp8& q, cudaStream_t stream) {
+  const bool keep = w.x_codes_t != nullptr;
+  if (xp != nullptr && keep) {
+    fp8::cuda::quantize_1x128_dual(xp, rows, H, aligned, w.experts, q.codes(), q.cpu_scales(), w.x_codes_t,
+                                   w.x_scales_t, stream);
+  } else if (xp != nullptr) {
     fp8::cuda::quantize_1x128(xp, rows, H, q.codes(), q.cpu_scales(), stream);
   } else {
     fp8::cuda::quant_detail::TileOutputs o;
     o.rows = rows, o.cols = H, o.codes = q.codes(), o.scales = q.cpu_scales();
-    fp8::cuda::quant_detail::launch_quantize_tiles<true, false>(GatherSource{x, token_of, H}, o, stream);
+    if (keep) {
+      o.codes_t = w.x_codes_t, o.scales_t = w.x_scales_t, o.bounds = aligned, o.n_groups = w.experts;
+      fp8::cuda::quant_detail::launch_quantize_tiles<true, true>(GatherSource{x, token_of, H}, o, stream);
+    } else {
+      fp8::cuda::quant_detail::launch_quantize_tiles<true, false>(GatherSource{x, token_of, H}, o, stream);
+    }
   }
   q.finish();
 }
@@ -197,13 +241,37 @@ ExpertWeight expert_weight(const PreparedFp8Stack& s, int64_t e) {
           Operand{s.codes_t + e * n * k, s.scales_t + e * s.scales_t_stride, k, n, kTile}};
 }
 
-constexpr int kLanes = 4;
+// MOERL_MOE_SWIGLU_BWD=separate: dg and du quantized by two kernels (each reading dh and g) instead of one; for
+// comparing the two on the device. Read once per process.
+bool separate_swiglu_backward() {
+  static const bool separate = [] {
+    const char* v = std::getenv("MOERL_MOE_SWIGLU_BWD");
+    if (v == nullptr || *v == '\0' || std::string(v) == "fused") return false;
+    if (std::string(v) == "separate") return true;
+    throw Error(std::string("MOERL_MOE_SWIGLU_BWD must be fused or separate, got ") + v);
+  }();
+  return separate;
+}
+
+constexpr int kMaxLanes = 8;
+
+// How many lanes: MOERL_MOE_LANES (1 .. 8), read once per process; 4 when unset.
+int lane_count() {
+  static const int n = [] {
+    const char* v = std::getenv("MOERL_MOE_LANES");
+    if (v == nullptr || *v == '\0') return 4;
+    const int k = std::atoi(v);
+    if (k < 1 || k > kMaxLanes) throw Error(std::string("MOERL_MOE_LANES must be 1 .. 8, got ") + v);
+    return k;
+  }();
+  return n;
+}
 
 class Lanes {
  public:
-  Lanes() {
+  Lanes() : n_(lane_count()) {
     CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
-    for (int i = 0; i < kLanes; ++i) {
+    for (int i = 0; i < n_; ++i) {
       CUDA_CHECK(cudaStreamCreateWithFlags(&streams_[i], cudaStreamNonBlocking));
       CUDA_CHECK(cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming));
       contexts_[i] = std::make_unique<fp8::cuda::GemmContext>();
@@ -216,25 +284,31 @@ class Lanes {
   template <class F>
   void run(const int64_t* aligned_host, int64_t experts, cudaStream_t stream, F&& gemm) {
     const std::lock_guard caller(run_mutex_);
+    // Only the lanes that get experts are forked and joined: a one-expert call (an FP8 dense block or shared expert,
+    // which may run on a stream beside the routed experts') holds up no other lane.
+    const int used = static_cast<int>(std::min<int64_t>(n_, experts));
     CUDA_CHECK(cudaEventRecord(fork_, stream));
-    for (int i = 0; i < kLanes; ++i) CUDA_CHECK(cudaStreamWaitEvent(streams_[i], fork_, 0));
-    for (int lane = 0; lane < kLanes; ++lane)
-      for (int64_t e = lane; e < experts; e += kLanes) {
-        const int64_t r0 = aligned_host[e], n = aligned_host[e + 1] - r0;
-        if (n > 0) gemm(e, r0, n, streams_[lane], *contexts_[lane]);
-      }
-    for (int i = 0; i < kLanes; ++i) {
+    for (int i = 0; i < used; ++i) CUDA_CHECK(cudaStreamWaitEvent(streams_[i], fork_, 0));
+    // Issued expert by expert, round robin over the lanes, so that every lane has work queued early (issuing one
+    // lane's experts after another's left the last lanes idle while the host queued the first's).
+    for (int64_t e = 0; e < experts; ++e) {
+      const int64_t r0 = aligned_host[e], n = aligned_host[e + 1] - r0;
+      const int lane = static_cast<int>(e % n_);
+      if (n > 0) gemm(e, r0, n, streams_[lane], *contexts_[lane]);
+    }
+    for (int i = 0; i < used; ++i) {
       CUDA_CHECK(cudaEventRecord(done_[i], streams_[i]));
       CUDA_CHECK(cudaStreamWaitEvent(stream, done_[i], 0));
     }
   }
 
  private:
+  int n_;
   std::mutex run_mutex_;
   cudaEvent_t fork_ = nullptr;
-  cudaEvent_t done_[kLanes] = {};
-  cudaStream_t streams_[kLanes] = {};
-  std::unique_ptr<fp8::cuda::GemmContext> contexts_[kLanes];
+  cudaEvent_t done_[kMaxLanes] = {};
+  cudaStream_t streams_[kMaxLanes] = {};
+  std::unique_ptr<fp8::cuda::GemmContext> contexts_[kMaxLanes];
 };
 
 // The current device's lanes, made on first use and kept for the life of the process (never destroyed: their
@@ -274,11 +348,33 @@ void check(const char* fn, const MoeFp8Experts& w, const int64_t* aligned_host, 
           std::string("cuda::") + fn + ": needs experts > 0 and hidden, inter multiples of 16 and >= 128, got E=" +
               std::to_string(w.experts) + ", H=" + std::to_string(w.hidden) + ", I=" + std::to_string(w.inter));
   require(w.gate && w.up && w.down && aligned_host && aligned, std::string("cuda::") + fn + ": null pointer");
+  require((w.x_codes_t == nullptr) == (w.x_scales_t == nullptr) && (w.h_codes_t == nullptr) == (w.h_scales_t == nullptr),
+          std::string("cuda::") + fn + ": x_codes_t and x_scales_t (h_codes_t and h_scales_t) must be set together");
   for (int64_t e = 0; e < w.experts; ++e)
     if (aligned_host[e] % kMoeRowAlign != 0 || aligned_host[e + 1] < aligned_host[e])
       throw Error(std::string("cuda::") + fn + ": aligned offsets must rise in multiples of 128 (expert " +
                   std::to_string(e) + ")");
 }
+
+// The stages of one call for MOERL_GPU_PROFILE (kernels/cuda/stage_timer.hpp): next("x") ends the current stage
+// and starts "moe_fp8.e<E>.<pass>.x"; nothing is built unless profiling.
+class Stages {
+ public:
+  Stages(int64_t experts, const char* pass, cudaStream_t stream) : stream_(stream) {
+    if (cuda_detail::stage_profiling())
+      prefix_ = "moe_fp8.e" + std::to_string(experts) + "." + pass + ".";
+  }
+  void next(const char* what) {
+    if (prefix_.empty()) return;
+    timer_.reset();
+    timer_.emplace(prefix_ + what, stream_);
+  }
+
+ private:
+  std::string prefix_;
+  cudaStream_t stream_;
+  std::optional<cuda_detail::StageTimer> timer_;
+};
 
 }  // namespace
 
@@ -306,17 +402,21 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   check("moe_fp8_experts_forward", w, aligned_host, aligned);
   const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
   if (rows == 0) return;
-  require(g && u && h && yp, "cuda::moe_fp8_experts_forward: null activation pointer");
+  require(g && u && (h || w.h_codes_t) && yp, "cuda::moe_fp8_experts_forward: null activation pointer");
   if (xp == nullptr) check_gather("moe_fp8_experts_forward(_gathered): xp or x", x, token_of, rows, H);
   LinearContext::Impl& c = ctx.impl();
   c.check_device("cuda::moe_fp8_experts_forward");
   const bool grouped = moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped;
 
+  Stages st(E, "fwd", stream);
+  st.next("weights");
   const PreparedFp8Stack sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream);
   const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
+  st.next("quant_x");
   RowsFp8 xq(nullptr, rows, H, aligned, E, !grouped, stream);
-  quantize_input_rows(xp, x, token_of, rows, H, xq, stream);
+  quantize_input_rows(w, xp, x, token_of, rows, H, aligned, xq, stream);
+  st.next("gemm_gate_up");
   if (grouped) {
     GroupedProblem pr[2];
     pr[0].terms[0] = rows_term(xq, sg.codes, sg.scales, H), pr[0].y = g;
@@ -332,14 +432,27 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
                 });
   }
   xq.release();
+  st.next("swiglu_quant_h");
   RowsFp8 hq(nullptr, rows, I, aligned, E, !grouped, stream);
-  if (swiglu_fp8_supported(rows, I, g, u, h)) {
+  const bool keep_h = w.h_codes_t != nullptr;
+  if (keep_h && swiglu_fp8_supported(rows, I, g, u, h)) {
+    swiglu_forward_quantize_dual(g, u, rows, I, h, aligned, E,
+                                 Fp8Dual{hq.codes(), hq.cpu_scales(), w.h_codes_t, w.h_scales_t}, stream);
+  } else if (keep_h) {  // h through a temporary
+    StreamScratch ht(bytes_of(rows * I, sizeof(float)), stream);
+    float* hh = h != nullptr ? h : ht.as<float>();
+    swiglu_forward(g, u, hh, rows * I, stream);
+    fp8::cuda::quantize_1x128_dual(hh, rows, I, aligned, E, hq.codes(), hq.cpu_scales(), w.h_codes_t, w.h_scales_t,
+                                   stream);
+    ht.release();
+  } else if (swiglu_fp8_supported(rows, I, g, u, h)) {
     swiglu_forward_quantize_1x128(g, u, rows, I, h, hq.codes(), hq.cpu_scales(), stream);
   } else {
     swiglu_forward(g, u, h, rows * I, stream);
     fp8::cuda::quantize_1x128(h, rows, I, hq.codes(), hq.cpu_scales(), stream);
   }
   hq.finish();
+  st.next("gemm_down");
   if (grouped) {
     GroupedProblem pr;
     pr.terms[0] = rows_term(hq, sd.codes, sd.scales, I), pr.y = yp;
@@ -354,32 +467,58 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   hq.release();
 }
 
-// moe_fp8_experts_backward from xp, or (xp null) gathered from x by token_of.
-void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* xp, const float* x,
+// The output gradient of the experts' rows: dyp [rows, H], or (dyp null) row_weight[r] · dy[token_of[r], :].
+struct DySource {
+  const float* dyp = nullptr;
+  const float* dy = nullptr;
+  const float* row_weight = nullptr;
+};
+
+// moe_fp8_experts_backward from xp, or (xp null) gathered from x by token_of; dy as DySource.
+void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource& dys, const float* xp, const float* x,
                       const int64_t* token_of, const float* g, const float* u, const float* h,
                       const int64_t* aligned_host, const int64_t* aligned, float* dxp, cudaStream_t stream) {
   check("moe_fp8_experts_backward", w, aligned_host, aligned);
   const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
   if (rows == 0) return;
-  require(dyp && g && u && h && dxp && w.gate_grad && w.up_grad && w.down_grad,
+  require((dys.dyp || (dys.dy && dys.row_weight)) && g && u && (h || w.h_codes_t) && dxp && w.gate_grad &&
+              w.up_grad && w.down_grad,
           "cuda::moe_fp8_experts_backward: null activation or gradient pointer");
   if (xp == nullptr) check_gather("moe_fp8_experts_backward(_gathered): xp or x", x, token_of, rows, H);
+  if (dys.dyp == nullptr) check_gather("moe_fp8_experts_backward_combined: dy", dys.dy, token_of, rows, H);
   LinearContext::Impl& c = ctx.impl();
   c.check_device("cuda::moe_fp8_experts_backward");
   const bool grouped = moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped;
   const bool lt = !grouped;
 
+  Stages st(E, "bwd", stream);
+  st.next("weights");
   const PreparedFp8Stack sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream);
   const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
+  st.next("quant_dy_both_h_tokens");
   // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad); dy quantized both ways in one pass.
   StreamScratch grads(bytes_of(rows * I, sizeof(float)), stream);
   float* dh = grads.as<float>();
   {
     RowsFp8 dyq(nullptr, rows, H, aligned, E, lt, stream);
     TokensFp8 dyt(nullptr, rows, H, aligned, E, lt, stream);
-    quantize_both(dyp, rows, H, aligned, E, dyq, dyt, stream);
-    TokensFp8 ht(h, rows, I, aligned, E, lt, stream);
+    if (dys.dyp != nullptr) {
+      quantize_both(dys.dyp, rows, H, aligned, E, dyq, dyt, stream);
+    } else {
+      fp8::cuda::quant_detail::TileOutputs o;
+      o.rows = rows, o.cols = H, o.codes = dyq.codes(), o.scales = dyq.cpu_scales(), o.codes_t = dyt.codes(),
+      o.scales_t = dyt.cpu_scales(), o.bounds = aligned, o.n_groups = E;
+      fp8::cuda::quant_detail::launch_quantize_tiles<true, true>(
+          ScaledGatherSource{dys.dy, token_of, dys.row_weight, H}, o, stream);
+      dyq.finish();
+      dyt.finish();
+    }
+    std::optional<TokensFp8> ht_kept;
+    if (w.h_codes_t != nullptr) ht_kept.emplace(w.h_codes_t, w.h_scales_t, rows, I, lt, stream);
+    TokensFp8 ht_new(ht_kept ? nullptr : h, ht_kept ? 0 : rows, I, aligned, E, lt, stream);
+    TokensFp8& ht = ht_kept ? *ht_kept : ht_new;
+    st.next("gemm_down_dgrad");
     if (grouped) {
       GroupedProblem pr;
       pr.terms[0] = rows_term(dyq, sd.codes_t, sd.scales_t, H), pr.y = dh;
@@ -389,12 +528,23 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* d
       fp8::cuda::grouped_gemm_nt_tokens_accumulate(&pw, 1, aligned, E, rows, H, I, stream);
     } else {
       const std::vector<ExpertWeight> wd = expert_weights(sd);
-      lanes().run(aligned_host, E, stream,
-                  [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-                    fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh + r0 * I, OutType::FP32, s);
-                    fp8::cuda::gemm_nt_accumulate(gc, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I,
-                                                  s);
-                  });
+      auto dgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+        fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh + r0 * I, OutType::FP32, s);
+      };
+      auto wgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+        fp8::cuda::gemm_nt_accumulate(gc, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I, s);
+      };
+      if (cuda_detail::stage_profiling()) {  // each GEMM kind timed on its own (one more join)
+        lanes().run(aligned_host, E, stream, dgrad);
+        st.next("gemm_down_wgrad");
+        lanes().run(aligned_host, E, stream, wgrad);
+      } else {
+        lanes().run(aligned_host, E, stream,
+                    [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+                      dgrad(e, r0, n, s, gc);
+                      wgrad(e, r0, n, s, gc);
+                    });
+      }
     }
     ht.release();
     dyt.release();
@@ -402,15 +552,22 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* d
   }
 
   // dg and du (swiglu_backward) quantized both ways, fused with their computation where the shapes allow.
+  st.next("swiglu_bwd_quant_dg_du");
   RowsFp8 dgq(nullptr, rows, I, aligned, E, lt, stream);
   RowsFp8 duq(nullptr, rows, I, aligned, E, lt, stream);
   TokensFp8 dgt(nullptr, rows, I, aligned, E, lt, stream);
   TokensFp8 dut(nullptr, rows, I, aligned, E, lt, stream);
   if (swiglu_fp8_supported(rows, I, dh, g, u)) {
-    swiglu_backward_quantize_dual(dh, g, u, rows, I, true, aligned, E, dgq.codes(), dgq.cpu_scales(), dgt.codes(),
-                                  dgt.cpu_scales(), stream);
-    swiglu_backward_quantize_dual(dh, g, nullptr, rows, I, false, aligned, E, duq.codes(), duq.cpu_scales(),
-                                  dut.codes(), dut.cpu_scales(), stream);
+    if (separate_swiglu_backward()) {
+      swiglu_backward_quantize_dual(dh, g, u, rows, I, true, aligned, E, dgq.codes(), dgq.cpu_scales(), dgt.codes(),
+                                    dgt.cpu_scales(), stream);
+      swiglu_backward_quantize_dual(dh, g, nullptr, rows, I, false, aligned, E, duq.codes(), duq.cpu_scales(),
+                                    dut.codes(), dut.cpu_scales(), stream);
+    } else {
+      swiglu_backward_quantize_dual_both(dh, g, u, rows, I, aligned, E,
+                                         Fp8Dual{dgq.codes(), dgq.cpu_scales(), dgt.codes(), dgt.cpu_scales()},
+                                         Fp8Dual{duq.codes(), duq.cpu_scales(), dut.codes(), dut.cpu_scales()}, stream);
+    }
     dgq.finish(), dgt.finish(), duq.finish(), dut.finish();
   } else {
     StreamScratch dgu(2 * bytes_of(rows * I, sizeof(float)), stream);
@@ -422,8 +579,13 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* d
     dgu.release();
   }
   grads.release();
-  TokensFp8 xt(nullptr, rows, H, aligned, E, lt, stream);
-  quantize_input_tokens(xp, x, token_of, rows, H, aligned, E, xt, stream);
+  st.next("quant_x_tokens");
+  std::optional<TokensFp8> xt_kept;
+  if (w.x_codes_t != nullptr) xt_kept.emplace(w.x_codes_t, w.x_scales_t, rows, H, lt, stream);
+  TokensFp8 xt_new(nullptr, xt_kept ? 0 : rows, H, aligned, E, lt, stream);
+  if (!xt_kept) quantize_input_tokens(xp, x, token_of, rows, H, aligned, E, xt_new, stream);
+  TokensFp8& xt = xt_kept ? *xt_kept : xt_new;
+  st.next("gemm_gate_up_dgrad");
 
   // gate and up: dx = dg · w_gate + du · w_up (the second accumulated in the GEMM), dw += dgᵀ · xᵀ, duᵀ · xᵀ.
   if (grouped) {
@@ -438,14 +600,26 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* d
     fp8::cuda::grouped_gemm_nt_tokens_accumulate(pw, 2, aligned, E, rows, I, H, stream);
   } else {
     const std::vector<ExpertWeight> wg = expert_weights(sg), wu = expert_weights(su);
-    lanes().run(aligned_host, E, stream,
-                [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-                  fp8::cuda::gemm_nt(gc, dgq.expert(r0, n), wg[e].wt, dxp + r0 * H, OutType::FP32, s);
-                  fp8::cuda::gemm_nt_accumulate(gc, duq.expert(r0, n), wu[e].wt, dxp + r0 * H, s);
-                  const Operand x = xt.expert(r0, n);
-                  fp8::cuda::gemm_nt_accumulate(gc, dgt.expert(r0, n), x, w.gate_grad + e * I * H, s);
-                  fp8::cuda::gemm_nt_accumulate(gc, dut.expert(r0, n), x, w.up_grad + e * I * H, s);
-                });
+    auto dgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+      fp8::cuda::gemm_nt(gc, dgq.expert(r0, n), wg[e].wt, dxp + r0 * H, OutType::FP32, s);
+      fp8::cuda::gemm_nt_accumulate(gc, duq.expert(r0, n), wu[e].wt, dxp + r0 * H, s);
+    };
+    auto wgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+      const Operand x = xt.expert(r0, n);
+      fp8::cuda::gemm_nt_accumulate(gc, dgt.expert(r0, n), x, w.gate_grad + e * I * H, s);
+      fp8::cuda::gemm_nt_accumulate(gc, dut.expert(r0, n), x, w.up_grad + e * I * H, s);
+    };
+    if (cuda_detail::stage_profiling()) {  // each GEMM kind timed on its own (one more join)
+      lanes().run(aligned_host, E, stream, dgrad);
+      st.next("gemm_gate_up_wgrad");
+      lanes().run(aligned_host, E, stream, wgrad);
+    } else {
+      lanes().run(aligned_host, E, stream,
+                  [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+                    dgrad(e, r0, n, s, gc);
+                    wgrad(e, r0, n, s, gc);
+                  });
+    }
   }
   xt.release();
   dut.release();
@@ -470,14 +644,23 @@ void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w
 void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* xp,
                               const float* g, const float* u, const float* h, const int64_t* aligned_host,
                               const int64_t* aligned, float* dxp, cudaStream_t stream) {
-  experts_backward(ctx, w, dyp, xp, nullptr, nullptr, g, u, h, aligned_host, aligned, dxp, stream);
+  experts_backward(ctx, w, DySource{dyp}, xp, nullptr, nullptr, g, u, h, aligned_host, aligned, dxp, stream);
 }
 
 void moe_fp8_experts_backward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* x,
                                        const int64_t* token_of, const float* g, const float* u, const float* h,
                                        const int64_t* aligned_host, const int64_t* aligned, float* dxp,
                                        cudaStream_t stream) {
-  experts_backward(ctx, w, dyp, nullptr, x, token_of, g, u, h, aligned_host, aligned, dxp, stream);
+  experts_backward(ctx, w, DySource{dyp}, nullptr, x, token_of, g, u, h, aligned_host, aligned, dxp, stream);
+}
+
+void moe_fp8_experts_backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const float* dy,
+                                       const float* row_weight, const float* x, const int64_t* token_of,
+                                       const float* g, const float* u, const float* h, const int64_t* aligned_host,
+                                       const int64_t* aligned, float* dxp, cudaStream_t stream) {
+  require(dy != nullptr && row_weight != nullptr, "cuda::moe_fp8_experts_backward_combined: null dy or row_weight");
+  experts_backward(ctx, w, DySource{nullptr, dy, row_weight}, nullptr, x, token_of, g, u, h, aligned_host, aligned,
+                   dxp, stream);
 }
 
 }  // namespace moerl::cuda

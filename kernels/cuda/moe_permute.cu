@@ -249,13 +249,14 @@ __global__ void __launch_bounds__(kRowThreads)
   for (int64_t j = 0; j < k; ++j) {
     const float w = weights[j];
     const float* v = yp + rows[j] * dim;
-    float* out = dyp + rows[j] * dim;
+    float* out = dyp != nullptr ? dyp + rows[j] * dim : nullptr;  // null dyp: dweight only
     float dot = 0;
     if (vec) {
       for (int64_t i = threadIdx.x; i < dim / 4; i += kRowThreads) {
         const float4 gi = load4(g, i), vi = load4(v, i);
-        reinterpret_cast<float4*>(out)[i] =
-            make_float4(__fmul_rn(w, gi.x), __fmul_rn(w, gi.y), __fmul_rn(w, gi.z), __fmul_rn(w, gi.w));
+        if (out != nullptr)
+          reinterpret_cast<float4*>(out)[i] =
+              make_float4(__fmul_rn(w, gi.x), __fmul_rn(w, gi.y), __fmul_rn(w, gi.z), __fmul_rn(w, gi.w));
         dot = fmaf(gi.x, vi.x, dot);
         dot = fmaf(gi.y, vi.y, dot);
         dot = fmaf(gi.z, vi.z, dot);
@@ -263,7 +264,7 @@ __global__ void __launch_bounds__(kRowThreads)
       }
     } else {
       for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) {
-        out[i] = __fmul_rn(w, g[i]);
+        if (out != nullptr) out[i] = __fmul_rn(w, g[i]);
         dot = fmaf(g[i], v[i], dot);
       }
     }
@@ -380,9 +381,8 @@ void moe_combine_backward_aligned(const float* dy, const float* yp, const float*
     return;
   }
   check_token_args(where, tokens, k, dim);
-  require(dy && yp && weight && row_of && dyp && dweight,
-          where + ": null dy, yp, weight, row_of, dyp or dweight pointer");
-  const bool vec = dim % 4 == 0 && aligned16(dy) && aligned16(yp) && aligned16(dyp);
+  require(dy && yp && weight && row_of && dweight, where + ": null dy, yp, weight, row_of or dweight pointer");
+  const bool vec = dim % 4 == 0 && aligned16(dy) && aligned16(yp) && (dyp == nullptr || aligned16(dyp));
   combine_backward_kernel<<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dy, yp, weight, row_of, rows,
                                                                                     k, dim, vec, dyp, dweight);
   CUDA_CHECK_LAUNCH();

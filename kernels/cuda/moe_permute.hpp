@@ -37,6 +37,7 @@ void moe_combine(const float* yp, const float* weight, const int64_t* row_of, in
                  int64_t dim, float* y, cudaStream_t stream = nullptr);
 
 // dyp[row_of[t·K + k], :] = weight[t, k] · dy[t, :],  dweight[t, k] = <dy[t, :], yp[row_of[t·K + k], :]>.
+// dyp may be null: dweight alone (a consumer computes the dyp rows itself, moe_fp8_experts_backward_combined).
 void moe_combine_backward(const float* dy, const float* yp, const float* weight, const int64_t* row_of,
                           int64_t tokens, int64_t k, int64_t dim, float* dyp, float* dweight,
                           cudaStream_t stream = nullptr);

@@ -18,6 +18,7 @@ namespace moerl::cuda {
 namespace {
 
 using fp8::kTile;
+using fp8::cuda::quant_detail::launch_quantize_tile_pairs;
 using fp8::cuda::quant_detail::launch_quantize_tiles;
 using fp8::cuda::quant_detail::TileOutputs;
 using swiglu_detail::silu_grads;
@@ -35,7 +36,7 @@ struct ForwardSource {
     const float4 gv = ld4(g + i), uv = ld4(u + i);
     const float4 hv = make_float4(silu_times(gv.x, uv.x), silu_times(gv.y, uv.y), silu_times(gv.z, uv.z),
                                   silu_times(gv.w, uv.w));
-    *reinterpret_cast<float4*>(h + i) = hv;  // kept for the backward pass: a normal (not streaming) store
+    if (h != nullptr) *reinterpret_cast<float4*>(h + i) = hv;  // kept for the backward pass: a normal store
     return hv;
   }
 };
@@ -56,6 +57,20 @@ struct BackwardSource {
     const float4 uv = kGate ? ld4(u + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     return make_float4(grad(dhv.x, gv.x, uv.x), grad(dhv.y, gv.y, uv.y), grad(dhv.z, gv.z, uv.z),
                        grad(dhv.w, gv.w, uv.w));
+  }
+};
+
+// dg and du of swiglu_backward together: dh and g read once for both.
+struct BackwardPairSource {
+  const float *dh, *g, *u;
+  int64_t cols;
+  __device__ __forceinline__ void operator()(int64_t r, int64_t c, float4& dg, float4& du) const {
+    const int64_t i = r * cols + c;
+    const float4 dhv = ld4(dh + i), gv = ld4(g + i), uv = ld4(u + i);
+    silu_grads(dhv.x, gv.x, uv.x, dg.x, du.x);
+    silu_grads(dhv.y, gv.y, uv.y, dg.y, du.y);
+    silu_grads(dhv.z, gv.z, uv.z, dg.z, du.z);
+    silu_grads(dhv.w, gv.w, uv.w, dg.w, du.w);
   }
 };
 
@@ -96,6 +111,33 @@ void swiglu_backward_quantize_dual(const float* dh, const float* g, const float*
     launch_quantize_tiles<true, true>(BackwardSource<true>{dh, g, u, cols}, o, stream);
   else
     launch_quantize_tiles<true, true>(BackwardSource<false>{dh, g, nullptr, cols}, o, stream);
+}
+
+void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const float* u, int64_t rows, int64_t cols,
+                                        const int64_t* bounds, int64_t n_groups, const Fp8Dual& dg, const Fp8Dual& du,
+                                        cudaStream_t stream) {
+  auto set = [](const Fp8Dual& d) {
+    return d.codes && d.scales && d.codes_t && d.scales_t && aligned(d.codes, 4) && aligned(d.codes_t, 4);
+  };
+  check("swiglu_backward_quantize_dual_both", rows, cols, dh, g, u,
+        u && set(dg) && set(du) && (bounds == nullptr || n_groups > 0));
+  TileOutputs a;
+  a.rows = rows, a.cols = cols, a.bounds = bounds, a.n_groups = n_groups;
+  TileOutputs b = a;
+  a.codes = dg.codes, a.scales = dg.scales, a.codes_t = dg.codes_t, a.scales_t = dg.scales_t;
+  b.codes = du.codes, b.scales = du.scales, b.codes_t = du.codes_t, b.scales_t = du.scales_t;
+  launch_quantize_tile_pairs(BackwardPairSource{dh, g, u, cols}, a, b, stream);
+}
+
+void swiglu_forward_quantize_dual(const float* g, const float* u, int64_t rows, int64_t cols, float* h,
+                                  const int64_t* bounds, int64_t n_groups, const Fp8Dual& out, cudaStream_t stream) {
+  check("swiglu_forward_quantize_dual", rows, cols, g, u, h,
+        out.codes && out.scales && out.codes_t && out.scales_t && aligned(out.codes, 4) && aligned(out.codes_t, 4) &&
+            (bounds == nullptr || n_groups > 0));
+  TileOutputs o;
+  o.rows = rows, o.cols = cols, o.codes = out.codes, o.scales = out.scales, o.codes_t = out.codes_t,
+  o.scales_t = out.scales_t, o.bounds = bounds, o.n_groups = n_groups;
+  launch_quantize_tiles<true, true>(ForwardSource{g, u, h, cols}, o, stream);
 }
 
 }  // namespace moerl::cuda

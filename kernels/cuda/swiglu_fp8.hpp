@@ -30,4 +30,25 @@ void swiglu_backward_quantize_dual(const float* dh, const float* g, const float*
                                    bool gate, const int64_t* bounds, int64_t n_groups, uint8_t* codes, float* scales,
                                    uint8_t* codes_t, float* scales_t, cudaStream_t stream = nullptr);
 
+// Where one quantization both ways goes: codes [rows, cols] and scales [rows, tiles(cols)] along features, codes_t
+// and scales_t along tokens (fp8::cuda::quantize_1x128_dual's outputs).
+struct Fp8Dual {
+  uint8_t* codes = nullptr;
+  float* scales = nullptr;
+  uint8_t* codes_t = nullptr;
+  float* scales_t = nullptr;
+};
+
+// h = silu(g) · u quantized both ways (quantize_1x128_dual's outputs, tokens grouped by bounds as there) in one
+// pass; h itself written too unless null.
+void swiglu_forward_quantize_dual(const float* g, const float* u, int64_t rows, int64_t cols, float* h,
+                                  const int64_t* bounds, int64_t n_groups, const Fp8Dual& out,
+                                  cudaStream_t stream = nullptr);
+
+// Both gradients of swiglu_backward(dh, g, u) in one pass: what swiglu_backward_quantize_dual gives for dg (gate)
+// and for du, bit for bit, reading dh and g once instead of twice (u is needed).
+void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const float* u, int64_t rows, int64_t cols,
+                                        const int64_t* bounds, int64_t n_groups, const Fp8Dual& dg, const Fp8Dual& du,
+                                        cudaStream_t stream = nullptr);
+
 }  // namespace moerl::cuda

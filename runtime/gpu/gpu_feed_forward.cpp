@@ -6,7 +6,12 @@
 //     MOERL_MOE_GEMM=grouped, one grouped launch per projection for all experts);
 //   - otherwise: one linear call per expert and projection on the expert's contiguous rows,
 // SwiGLU once over all rows, combine.
+// FP8 dense blocks (and the shared experts) with T a multiple of 128 run as one FP8 "expert" of all T rows
+// (GpuDense::as_fp8_expert); the shared expert then runs on a side stream beside the routed experts, joined
+// before the combine / scatter-add that add into its output. The routed backward never stores its output gradient:
+// each row (gating weight · dy of its token) is made inside the kernel that quantizes it.
 #include <algorithm>
+#include <cstdlib>
 #include <optional>
 #include <string>
 #include <vector>
@@ -21,6 +26,19 @@
 
 namespace moerl::gpu::detail {
 namespace {
+
+// MOERL_MOE_COMBINE_BWD=separate: the routed experts' output gradient written to dyp [rows, H] by the combine's
+// backward and read back by its quantization (the path before moe_fp8_experts_backward_combined); for comparing
+// the two on the device. Read once per process.
+bool separate_combine_backward() {
+  static const bool separate = [] {
+    const char* v = std::getenv("MOERL_MOE_COMBINE_BWD");
+    if (v == nullptr || *v == '\0' || std::string(v) == "fused") return false;
+    if (std::string(v) == "separate") return true;
+    throw Error(std::string("MOERL_MOE_COMBINE_BWD must be fused or separate, got ") + v);
+  }();
+  return separate;
+}
 
 SwigluParams swiglu_params(ParamStore& params, const std::string& prefix) {
   return {&params.at(prefix + ".gate_proj.weight"), &params.at(prefix + ".up_proj.weight"),
@@ -44,12 +62,38 @@ void GpuDense::bind(Slab& s, int64_t tokens) {
   g_ = s.take<float>(tokens * inter_);
   u_ = s.take<float>(tokens * inter_);
   h_ = s.take<float>(tokens * inter_);
+  rows_ = s.take<int64_t>(2);
+  rows_host_.get()[0] = 0;
+  rows_host_.get()[1] = tokens;
+}
+
+bool GpuDense::as_fp8_expert(Precision p) const {
+  static const bool linear = [] {
+    const char* v = std::getenv("MOERL_FP8_DENSE");
+    if (v == nullptr || *v == '\0' || std::string(v) == "experts") return false;
+    if (std::string(v) == "linear") return true;
+    throw Error(std::string("MOERL_FP8_DENSE must be experts or linear, got ") + v);
+  }();
+  return !linear && p == Precision::FP8 && tokens_ > 0 && tokens_ % cuda::kMoeRowAlign == 0 &&
+         cuda::moe_fp8_experts_supported(hidden_, inter_);
+}
+
+cuda::MoeFp8Experts GpuDense::fp8_expert() const {
+  return cuda::MoeFp8Experts{w_.gate->value, w_.up->value, w_.down->value, w_.gate->grad, w_.up->grad,
+                             w_.down->grad,  1,            hidden_,       inter_};
 }
 
 void GpuDense::forward(const float* x, float* y, const Run& r) {
   const int64_t T = tokens_, H = hidden_, I = inter_;
   x_ = x;
   precision_ = r.precision;
+  fp8_expert_ = as_fp8_expert(r.precision);
+  if (fp8_expert_) {
+    // From pinned memory that stays {0, T}: nothing to wait for.
+    CUDA_CHECK(cudaMemcpyAsync(rows_, rows_host_.get(), 2 * sizeof(int64_t), cudaMemcpyHostToDevice, r.stream));
+    cuda::moe_fp8_experts_forward(*r.linear, fp8_expert(), x, rows_host_.get(), rows_, g_, u_, h_, y, r.stream);
+    return;
+  }
   cuda::linear_forward(*r.linear, r.precision, x, w_.gate->value, g_, T, I, H, r.stream);
   cuda::linear_forward(*r.linear, r.precision, x, w_.up->value, u_, T, I, H, r.stream);
   cuda::swiglu_forward(g_, u_, h_, T * I, r.stream);
@@ -60,6 +104,10 @@ void GpuDense::backward(const float* dy, float* dx, const Run& r) {
   const int64_t T = tokens_, H = hidden_, I = inter_;
   const Precision p = precision_;
   cuda::LinearContext& lin = *r.linear;
+  if (fp8_expert_) {
+    cuda::moe_fp8_experts_backward(lin, fp8_expert(), dy, x_, g_, u_, h_, rows_host_.get(), rows_, dx, r.stream);
+    return;
+  }
   Temp<float> dh(T * I, r), dg(T * I, r), du(T * I, r), dx_up(T * H, r);
   cuda::linear_backward(lin, p, dy, h_, w_.down->value, dh.get(), w_.down->grad, T, H, I, r.stream);
   cuda::swiglu_backward(dh.get(), g_, u_, dg.get(), du.get(), T * I, r.stream);
@@ -105,6 +153,7 @@ GpuMoe::GpuMoe(const ModelConfig& c, ParamStore& params, const std::string& pref
   up_g_ = u0.grad;
   down_g_ = d0.grad;
   if (shared_inter_ > 0) shared_.emplace_back(params, prefix + ".shared_experts", H, shared_inter_);
+  side_ = std::make_unique<SideStream>();
   offsets_host_ = PinnedHost<int64_t>(static_cast<size_t>(E + 1));
   aligned_host_ = PinnedHost<int64_t>(static_cast<size_t>(E + 1));
   load_.tokens_per_expert.assign(static_cast<size_t>(E), 0);
@@ -130,6 +179,10 @@ void GpuMoe::bind(Slab& s, int64_t batch, int64_t seq) {
   up_ = s.take<float>(RA * inter_);
   hp_ = s.take<float>(RA * inter_);
   yp_ = s.take<float>(RA * hidden_);
+  x_codes_t_ = s.take<uint8_t>(RA * hidden_);
+  x_scales_t_ = s.take<float>(hidden_ * (RA / cuda::kMoeRowAlign));
+  h_codes_t_ = s.take<uint8_t>(RA * inter_);
+  h_scales_t_ = s.take<float>(inter_ * (RA / cuda::kMoeRowAlign));
   for (GpuDense& d : shared_) d.bind(s, T);
 }
 
@@ -143,11 +196,35 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
   balance_grad_ = balance_alpha > 0 && for_backward;
 
   const std::string ph = "moe" + std::to_string(E) + ".";
+  const bool overlap = overlap_shared(p);
+  if (overlap) fork_shared(x, y, r, true);
   std::optional<PhaseTimer> timer(std::in_place, p, (ph + "routing+sync.fwd").c_str(), r.stream);
+  // Sub-phases (profiling only): router GEMM, top-k, plan, then the wait. MOERL_ROUTER_PRESYNC=1 (diagnostics)
+  // first waits for the work queued before the router, as its own sub-phase, and runs the router GEMM a second
+  // time after another wait ("routing.gemm2"; the same inputs, so the same scores).
+  static const bool presync = [] {
+    const char* v = std::getenv("MOERL_ROUTER_PRESYNC");
+    return v != nullptr && *v == '1';
+  }();
+  std::optional<PhaseTimer> sub;
+  if (presync) {
+    sub.emplace(p, (ph + "routing.presync").c_str(), r.stream);
+    CUDA_CHECK(cudaStreamSynchronize(r.stream));
+  }
+  sub.emplace(p, (ph + "routing.gemm").c_str(), r.stream);
   // Router, in FP32 whatever the precision of the experts; the scores overwrite the logits.
   cuda::linear_forward(lin, Precision::FP32, x, router_->value, scores_, T, E, H, r.stream);
+  if (presync) {
+    sub.emplace(p, (ph + "routing.presync2").c_str(), r.stream);
+    CUDA_CHECK(cudaStreamSynchronize(r.stream));
+    sub.emplace(p, (ph + "routing.gemm2").c_str(), r.stream);
+    cuda::linear_forward(lin, Precision::FP32, x, router_->value, scores_, T, E, H, r.stream);
+  }
+  sub.emplace(p, (ph + "routing.topk").c_str(), r.stream);
   cuda::router_forward(spec_, scores_, bias_->value, T, scores_, topk_idx_, topk_weight_, r.stream);
+  sub.emplace(p, (ph + "routing.plan").c_str(), r.stream);
   cuda::moe_permute_plan(topk_idx_, T, K, E, offsets_, token_of_, row_of_, r.stream);
+  sub.emplace(p, (ph + "routing.balance+sync").c_str(), r.stream);
   CUDA_CHECK(cudaMemcpyAsync(offsets_host_.get(), offsets_, static_cast<size_t>(E + 1) * sizeof(int64_t),
                              cudaMemcpyDeviceToHost, r.stream));
   // The one wait of this layer: router_balance_loss synchronizes the stream to return its loss, which also
@@ -160,6 +237,7 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
   } else {
     CUDA_CHECK(cudaStreamSynchronize(r.stream));
   }
+  sub.reset();
   const int64_t* off = offsets_host_.get();
   require(off[0] == 0 && off[E] == R, "GpuModel: the permutation plan's offsets are inconsistent (offsets[E] = " +
                                           std::to_string(off[E]) + ", expected " + std::to_string(R) + ")");
@@ -169,17 +247,20 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
     load_.tokens_per_expert[static_cast<size_t>(e)] = off[e + 1] - off[e];
   }
 
-  // Shared experts write y; routed experts add to it.
+  // Shared experts write y (or have been started beside, above); routed experts add to it.
   timer.emplace(p, (ph + "shared.fwd").c_str(), r.stream);
-  if (!shared_.empty())
-    shared_[0].forward(x, y, r);
-  else
-    CUDA_CHECK(cudaMemsetAsync(y, 0, static_cast<size_t>(T * H) * sizeof(float), r.stream));
+  if (!overlap) {
+    if (!shared_.empty())
+      shared_[0].forward(x, y, r);
+    else
+      CUDA_CHECK(cudaMemsetAsync(y, 0, static_cast<size_t>(T * H) * sizeof(float), r.stream));
+  }
   timer.emplace(p, (ph + "routed.fwd").c_str(), r.stream);
 
   aligned_rows_ = -1;
   if (p == Precision::FP8 && cuda::moe_fp8_experts_supported(H, I)) {
     // Routed experts on aligned rows: the plan moved there, gather (zero rows zero), the experts, combine.
+    std::optional<PhaseTimer> part(std::in_place, p, (ph + "routed.align").c_str(), r.stream);
     int64_t* aligned_host = aligned_host_.get();
     const int64_t RA = cuda::moe_aligned_offsets(off, E, aligned_host);
     CUDA_CHECK(cudaMemcpyAsync(aligned_, aligned_host, static_cast<size_t>(E + 1) * sizeof(int64_t),
@@ -187,8 +268,12 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
     cuda::moe_align_plan(offsets_, aligned_, E, token_of_, row_of_, R, RA, token_of_aligned_, row_of_aligned_,
                          r.stream);
     aligned_rows_ = RA;
-    cuda::moe_fp8_experts_forward_gathered(lin, experts_fp8(), x, token_of_aligned_, aligned_host, aligned_, gp_, up_,
-                                           hp_, yp_, r.stream);
+    part.emplace(p, (ph + "routed.experts").c_str(), r.stream);
+    const cuda::MoeFp8Experts w = experts_fp8();  // h in FP32 only when its token codes are not kept
+    cuda::moe_fp8_experts_forward_gathered(lin, w, x, token_of_aligned_, aligned_host, aligned_, gp_, up_,
+                                           w.h_codes_t ? nullptr : hp_, yp_, r.stream);
+    part.emplace(p, (ph + "routed.combine").c_str(), r.stream);
+    if (overlap) join_shared(r.stream);
     cuda::moe_combine_aligned(yp_, topk_weight_, row_of_aligned_, T, K, H, RA, y, r.stream);
     return balance;
   }
@@ -218,9 +303,13 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
   cuda::LinearContext& lin = *r.linear;
   const int64_t* off = offsets_host_.get();
   const std::string ph = "moe" + std::to_string(E) + ".";
+  // The routed experts run on aligned rows exactly when the forward's shared expert ran beside them.
+  const bool overlap = aligned_rows_ >= 0 && overlap_shared(p);
   std::optional<PhaseTimer> timer(std::in_place, p, (ph + "shared.bwd").c_str(), r.stream);
 
-  if (!shared_.empty())
+  if (overlap)
+    fork_shared(dy, dx, r, false);
+  else if (!shared_.empty())
     shared_[0].backward(dy, dx, r);
   else
     CUDA_CHECK(cudaMemsetAsync(dx, 0, static_cast<size_t>(T * H) * sizeof(float), r.stream));
@@ -228,14 +317,57 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
 
   // Routed experts: dy -> per-row dy · w (and dL/dw), expert blocks backward, rows summed back into their tokens.
   Temp<float> dweight(T * K, r);
+  // The router's backward (FP32): gating weights and balance loss -> scores -> logits -> x and gate.weight. With
+  // the shared expert beside, it runs on the side stream too as soon as dweight is known (its temporaries are the
+  // caller stream's, freed after the join).
+  Temp<float> dlogits(T * E, r), dx_router(T * H, r);
+  auto router_bwd = [&](const Run& rr) {
+    cuda::router_backward(spec_, scores_, topk_idx_, dweight.get(), balance_grad_ ? dscores_ : nullptr, T,
+                          dlogits.get(), rr.stream);
+    cuda::linear_backward(lin, Precision::FP32, dlogits.get(), x_, router_->value, dx_router.get(), router_->grad, T,
+                          E, H, rr.stream);
+  };
+  bool router_done = false;
+  auto router_beside = [&] {  // after dweight's kernel on r.stream
+    CUDA_CHECK(cudaEventRecord(side_->fork, r.stream));
+    CUDA_CHECK(cudaStreamWaitEvent(side_->stream, side_->fork, 0));
+    Run side = r;
+    side.stream = side_->stream;
+    const PhaseTimer t(p, (ph + "router.bwd(side)").c_str(), side.stream);
+    router_bwd(side);
+    CUDA_CHECK(cudaEventRecord(side_->done, side_->stream));
+    router_done = true;
+  };
   if (aligned_rows_ >= 0) {
     const int64_t RA = aligned_rows_;
-    Temp<float> dyp(RA * H, r), dxp(RA * H, r);
-    cuda::moe_zero_rows(token_of_aligned_, RA, H, dyp.get(), r.stream);
-    cuda::moe_combine_backward_aligned(dy, yp_, topk_weight_, row_of_aligned_, T, K, H, RA, dyp.get(), dweight.get(),
-                                       r.stream);
-    cuda::moe_fp8_experts_backward_gathered(lin, experts_fp8(), dyp.get(), x_, token_of_aligned_, gp_, up_, hp_,
-                                            aligned_host_.get(), aligned_, dxp.get(), r.stream);
+    Temp<float> dxp(RA * H, r);
+    std::optional<PhaseTimer> sub(std::in_place, p, (ph + "routed.combine_bwd").c_str(), r.stream);
+    if (separate_combine_backward()) {
+      Temp<float> dyp(RA * H, r);
+      cuda::moe_zero_rows(token_of_aligned_, RA, H, dyp.get(), r.stream);
+      cuda::moe_combine_backward_aligned(dy, yp_, topk_weight_, row_of_aligned_, T, K, H, RA, dyp.get(),
+                                         dweight.get(), r.stream);
+      if (overlap) router_beside();
+      sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
+      const cuda::MoeFp8Experts w = experts_fp8();
+      cuda::moe_fp8_experts_backward_gathered(lin, w, dyp.get(), x_, token_of_aligned_, gp_, up_,
+                                              w.h_codes_t ? nullptr : hp_, aligned_host_.get(), aligned_, dxp.get(),
+                                              r.stream);
+    } else {
+      // dyp's rows (gating weight · dy of the row's token) are made inside the kernel that quantizes them.
+      Temp<float> row_weight(RA, r);
+      cuda::moe_aligned_row_weights(topk_weight_, row_of_aligned_, T * K, RA, row_weight.get(), r.stream);
+      cuda::moe_combine_backward_aligned(dy, yp_, topk_weight_, row_of_aligned_, T, K, H, RA, nullptr, dweight.get(),
+                                         r.stream);
+      if (overlap) router_beside();
+      sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
+      const cuda::MoeFp8Experts w = experts_fp8();
+      cuda::moe_fp8_experts_backward_combined(lin, w, dy, row_weight.get(), x_, token_of_aligned_, gp_, up_,
+                                              w.h_codes_t ? nullptr : hp_, aligned_host_.get(), aligned_, dxp.get(),
+                                              r.stream);
+    }
+    sub.emplace(p, (ph + "routed.scatter_bwd").c_str(), r.stream);
+    if (overlap) join_shared(r.stream);
     cuda::moe_scatter_add_aligned(dxp.get(), row_of_aligned_, T, K, H, RA, dx, r.stream);
   } else {
     Temp<float> xp(R * H, r), dyp(R * H, r), dxp(R * H, r);
@@ -264,18 +396,63 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
     cuda::moe_scatter_add(dxp.get(), row_of_, T, K, H, dx, r.stream);
   }
 
-  // Router (FP32): gating weights and balance loss -> scores -> logits -> x and gate.weight.
   timer.emplace(p, (ph + "router.bwd").c_str(), r.stream);
-  Temp<float> dlogits(T * E, r), dx_router(T * H, r);
-  cuda::router_backward(spec_, scores_, topk_idx_, dweight.get(), balance_grad_ ? dscores_ : nullptr, T, dlogits.get(),
-                        r.stream);
-  cuda::linear_backward(lin, Precision::FP32, dlogits.get(), x_, router_->value, dx_router.get(), router_->grad, T, E,
-                        H, r.stream);
+  if (!router_done) router_bwd(r);  // else joined before the scatter-add above
   add_inplace(dx, dx_router.get(), T * H, r.stream);
 }
 
+GpuMoe::SideStream::SideStream() {
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+  CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
+}
+
+GpuMoe::SideStream::~SideStream() {
+  // A destructor must not throw; the stream's work is joined into the caller's stream before forward/backward
+  // return, so this waits for nothing the caller has not already waited for.
+  (void)cudaStreamSynchronize(stream);
+  (void)cudaEventDestroy(done);
+  (void)cudaEventDestroy(fork);
+  (void)cudaStreamDestroy(stream);
+}
+
+bool GpuMoe::overlap_shared(Precision p) const {
+  static const bool off = [] {
+    const char* v = std::getenv("MOERL_MOE_SHARED_OVERLAP");
+    return v != nullptr && *v == '0';
+  }();
+  return !off && !shared_.empty() && shared_[0].as_fp8_expert(p) && p == Precision::FP8 &&
+         cuda::moe_fp8_experts_supported(hidden_, inter_);
+}
+
+void GpuMoe::fork_shared(const float* in, float* out, const Run& r, bool forward) {
+  CUDA_CHECK(cudaEventRecord(side_->fork, r.stream));
+  CUDA_CHECK(cudaStreamWaitEvent(side_->stream, side_->fork, 0));
+  Run side = r;
+  side.stream = side_->stream;
+  const PhaseTimer t(r.precision, forward ? "shared.fwd(side)" : "shared.bwd(side)", side.stream);
+  if (forward)
+    shared_[0].forward(in, out, side);
+  else
+    shared_[0].backward(in, out, side);
+  CUDA_CHECK(cudaEventRecord(side_->done, side_->stream));
+}
+
+void GpuMoe::join_shared(cudaStream_t stream) { CUDA_CHECK(cudaStreamWaitEvent(stream, side_->done, 0)); }
+
 cuda::MoeFp8Experts GpuMoe::experts_fp8() const {
-  return cuda::MoeFp8Experts{gate_w_, up_w_, down_w_, gate_g_, up_g_, down_g_, spec_.n_experts, hidden_, inter_};
+  static const bool keep_xt = [] {
+    const char* v = std::getenv("MOERL_MOE_KEEP_XT");
+    return v == nullptr || *v != '0';
+  }();
+  cuda::MoeFp8Experts w{gate_w_, up_w_, down_w_, gate_g_, up_g_, down_g_, spec_.n_experts, hidden_, inter_};
+  static const bool keep_h = [] {
+    const char* v = std::getenv("MOERL_MOE_KEEP_H");
+    return v == nullptr || *v != '0';
+  }();
+  if (keep_xt) w.x_codes_t = x_codes_t_, w.x_scales_t = x_scales_t_;
+  if (keep_h) w.h_codes_t = h_codes_t_, w.h_scales_t = h_scales_t_;
+  return w;
 }
 
 void GpuMoe::update_bias(float gamma, cudaStream_t stream) {

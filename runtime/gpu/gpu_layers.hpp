@@ -93,13 +93,24 @@ class GpuDense {
   void bind(Slab& s, int64_t tokens);
   void forward(const float* x, float* y, const Run& r);
   void backward(const float* dy, float* dx, const Run& r);
+  // Whether a forward in precision p runs as one FP8 "expert" of all T rows (kernels/cuda/moe_fp8.hpp): the routed
+  // experts' fused passes (SwiGLU + quantization, dual quantization, dg/du never in FP32, gate and up Dgrad summed in
+  // the GEMM) instead of three linear calls. FP8, T a multiple of 128, sizes the FP8 experts take;
+  // MOERL_FP8_DENSE=linear turns it off. Such a forward and its backward touch no LinearContext workspace (only the
+  // FP8 experts' lanes), so they may run on a stream beside the routed experts'.
+  bool as_fp8_expert(Precision p) const;
 
  private:
+  cuda::MoeFp8Experts fp8_expert() const;
+
   SwigluParams w_;
   int64_t hidden_, inter_, tokens_ = 0;
   float *g_ = nullptr, *u_ = nullptr, *h_ = nullptr;  // [T, I] each
+  int64_t* rows_ = nullptr;                           // [2] = {0, T} on the device (the one expert's rows)
+  PinnedHost<int64_t> rows_host_{2};                  // the same on the host
   const float* x_ = nullptr;
   Precision precision_ = Precision::FP32;
+  bool fp8_expert_ = false;  // the last forward's choice
 };
 
 // The MoE feed-forward: shared experts plus routed experts behind DeepSeek-V3's router.
@@ -144,12 +155,36 @@ class GpuMoe {
   int64_t* aligned_ = nullptr;
   int64_t *token_of_aligned_ = nullptr, *row_of_aligned_ = nullptr;
   int64_t aligned_rows_ = -1;
+  // x's quantization along tokens, written by the FP8 forward for its backward (MoeFp8Experts::x_codes_t;
+  // MOERL_MOE_KEEP_XT=0: quantized again in backward): codes [rows · H], scales [H, rows / 128].
+  uint8_t* x_codes_t_ = nullptr;
+  float* x_scales_t_ = nullptr;
+  // The same for h (MoeFp8Experts::h_codes_t; MOERL_MOE_KEEP_H=0: h stored in FP32 and quantized in backward).
+  uint8_t* h_codes_t_ = nullptr;
+  float* h_scales_t_ = nullptr;
   cuda::MoeFp8Experts experts_fp8() const;
   const float* x_ = nullptr;
   Precision precision_ = Precision::FP32;
   float balance_alpha_ = 0;
   bool balance_grad_ = false;
   ExpertLoad load_;
+
+  // The shared expert beside the routed ones (FP8, the shared expert an FP8 expert, the routed experts on aligned
+  // rows; MOERL_MOE_SHARED_OVERLAP=0 turns it off): forked from the caller's stream at the start of forward and
+  // backward, joined before the combine (forward) or scatter-add (backward) that adds into what it wrote.
+  struct SideStream {
+    SideStream();
+    ~SideStream();
+    SideStream(const SideStream&) = delete;
+    SideStream& operator=(const SideStream&) = delete;
+    cudaStream_t stream = nullptr;
+    cudaEvent_t fork = nullptr, done = nullptr;
+  };
+  std::unique_ptr<SideStream> side_;
+  bool overlap_shared(Precision p) const;
+  // Starts the shared expert's forward (dy null) or backward on side_ after the work queued on r.stream.
+  void fork_shared(const float* in, float* out, const Run& r, bool forward);
+  void join_shared(cudaStream_t stream);
 };
 
 // One pre-norm decoder layer: h = x + attn(norm1(x)); out = h + ffn(norm2(h)).

@@ -181,8 +181,37 @@ TEST_F(Fp8FusedGpu, SwigluFusedWithQuantizationGivesTheUnfusedBytes) {
       expect_same_bits(ct.download(), ct_ref.download(), which + " token codes");
       expect_same_bits(st.download(), st_ref.download(), which + " token scales");
     }
+
+    // Both gradients in one kernel: each the bytes of its unfused quantization.
+    struct Out {
+      DeviceBuffer<uint8_t> c, ct;
+      DeviceBuffer<float> s, st;
+    };
+    auto make = [&] { return Out{DeviceBuffer<uint8_t>(n), DeviceBuffer<uint8_t>(n), DeviceBuffer<float>(rows * tiles(cols)),
+                                 DeviceBuffer<float>(cols * rows / 128)}; };
+    Out og = make(), ou = make();
+    for (Out* o : {&og, &ou}) o->c.poison(), o->ct.poison(), o->s.poison(), o->st.poison();
+    cuda::swiglu_backward_quantize_dual_both(dh.get(), g.get(), u.get(), rows, cols, db.get(), groups,
+                                             cuda::Fp8Dual{og.c.get(), og.s.get(), og.ct.get(), og.st.get()},
+                                             cuda::Fp8Dual{ou.c.get(), ou.s.get(), ou.ct.get(), ou.st.get()});
+    CUDA_CHECK(cudaDeviceSynchronize());
+    for (bool gate : {true, false}) {
+      const float* grad = gate ? dg.get() : du.get();
+      const Out& o = gate ? og : ou;
+      DeviceBuffer<float> st_ref(cols * rows / 128);
+      DeviceBuffer<uint8_t> ct_ref(n);
+      fp8::cuda::quantize_1x128(grad, rows, cols, c_ref.get(), s_ref.get());
+      fp8::cuda::quantize_1x128_transposed_grouped(grad, rows, cols, db.get(), groups, ct_ref.get(), st_ref.get());
+      CUDA_CHECK(cudaDeviceSynchronize());
+      const std::string which = what + (gate ? " dg" : " du") + " (both in one kernel)";
+      expect_same_bits(o.c.download(), c_ref.download(), which + " row codes");
+      expect_same_bits(o.s.download(), s_ref.download(), which + " row scales");
+      expect_same_bits(o.ct.download(), ct_ref.download(), which + " token codes");
+      expect_same_bits(o.st.download(), st_ref.download(), which + " token scales");
+    }
   }
-  std::printf("[ fp8 fused ] SwiGLU forward + 1x128, backward dg / du + both ways (grouped): the unfused bytes\n");
+  std::printf("[ fp8 fused ] SwiGLU forward + 1x128, backward dg / du + both ways (grouped, one kernel each and both "
+              "in one): the unfused bytes\n");
 }
 
 TEST_F(Fp8FusedGpu, ReportsBandwidth) {

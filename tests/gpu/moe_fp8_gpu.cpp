@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <limits>
 #include <random>
 #include <string>
 #include <vector>
@@ -129,6 +130,25 @@ TEST_F(MoeFp8Gpu, AlignedPlanGatherScalesAndCombineMatchPlainLoops) {
     for (int64_t j = 0; j < dim; ++j) ref_y[t * dim + j] = 0.0f + w[t] * x[t * dim + j];
   EXPECT_EQ(d_y.download(), ref_y);
   EXPECT_EQ(d_dx.download(), x);
+  // Row weights: each aligned row gets its assignment's gating weight (zero rows untouched); the combine's backward
+  // without dyp gives the dweight it gives with dyp.
+  DeviceBuffer<float> d_rw(RA), d_dyp(RA * dim), d_dw(T), d_dw2(T);
+  d_rw.poison(), d_dw.poison(), d_dw2.poison();
+  cuda::moe_aligned_row_weights(d_w.get(), d_row_a.get(), T, RA, d_rw.get());
+  const std::vector<float> rw = d_rw.download();
+  for (int64_t a = 0; a < RA; ++a) {
+    if (ref_token_a[a] >= 0)
+      EXPECT_EQ(rw[a], w[ref_token_a[a]]) << "row weight of aligned row " << a;
+    else
+      EXPECT_TRUE(std::isnan(rw[a])) << "moe_aligned_row_weights wrote zero row " << a;
+  }
+  const std::vector<float> dy = normal_values(static_cast<size_t>(T * dim), 1.0f, rng);
+  DeviceBuffer<float> d_dy(dy);
+  cuda::moe_combine_backward_aligned(d_dy.get(), d_xp.get(), d_w.get(), d_row_a.get(), T, 1, dim, RA, d_dyp.get(),
+                                     d_dw.get());
+  cuda::moe_combine_backward_aligned(d_dy.get(), d_xp.get(), d_w.get(), d_row_a.get(), T, 1, dim, RA, nullptr,
+                                     d_dw2.get());
+  EXPECT_EQ(d_dw2.download(), d_dw.download()) << "dweight without dyp";
   // Grouped transposed quantization: each expert's rows quantized on their own by the CPU (its zero rows too:
   // they are part of its tiles), codes packed per expert; the scales those of the whole.
   const int64_t cols = 100;  // not a multiple of the kernel's 32-column chunks: its bounds-checked path
@@ -292,8 +312,12 @@ TEST_F(MoeFp8Gpu, ExpertsForwardAndBackwardMatchTheCpuRecipePerExpert) {
     DeviceBuffer<float> d_g2(RA * I), d_u2(RA * I), d_h2(RA * I), d_yp2(RA * H), d_dxp2(RA * H);
     DeviceBuffer<int64_t> d_token_of(token_of);
     for (DeviceBuffer<float>* b : {&d_g2, &d_u2, &d_h2, &d_yp2, &d_dxp2}) b->poison();
-    const cuda::MoeFp8Experts w2{d_wg.get(), d_wu.get(), d_wd.get(), d_gg2.get(), d_ug2.get(), d_dg2.get(), E, H, I,
-                                  form};
+    // With x's and h's token quantizations kept from the forward for the backward (x_codes_t, h_codes_t, ...).
+    DeviceBuffer<uint8_t> d_xct(RA * H), d_hct(RA * I);
+    DeviceBuffer<float> d_xst(H * (RA / 128)), d_hst(I * (RA / 128));
+    d_xct.poison(), d_xst.poison(), d_hct.poison(), d_hst.poison();
+    cuda::MoeFp8Experts w2{d_wg.get(), d_wu.get(), d_wd.get(), d_gg2.get(), d_ug2.get(), d_dg2.get(), E, H, I, form};
+    w2.x_codes_t = d_xct.get(), w2.x_scales_t = d_xst.get(), w2.h_codes_t = d_hct.get(), w2.h_scales_t = d_hst.get();
     cuda::moe_fp8_experts_forward_gathered(ctx, w2, d_x.get(), d_token_of.get(), aligned.data(), d_aligned.get(),
                                            d_g2.get(), d_u2.get(), d_h2.get(), d_yp2.get());
     cuda::moe_fp8_experts_backward_gathered(ctx, w2, d_dyp.get(), d_x.get(), d_token_of.get(), d_g2.get(), d_u2.get(),
@@ -305,7 +329,41 @@ TEST_F(MoeFp8Gpu, ExpertsForwardAndBackwardMatchTheCpuRecipePerExpert) {
     EXPECT_EQ(d_gg2.download(), d_gg.download()) << "gathered gate grad";
     EXPECT_EQ(d_ug2.download(), d_ug.download()) << "gathered up grad";
     EXPECT_EQ(d_dg2.download(), d_dg.download()) << "gathered down grad";
-    std::printf("[ moe fp8  ] %s: gathered forward and backward: the bytes of the xp versions\n", form_name);
+    std::printf("[ moe fp8  ] %s: gathered forward and backward (x's and h's token codes kept from the forward): "
+                "the bytes of the xp versions\n", form_name);
+
+    // The combined backward (dyp row r = w_r · dy[token_of[r]] made inside its quantization) gives the bytes of the
+    // gathered backward on that dyp, computed here with the same single rounding. Zero rows' weights are NaN: never
+    // read.
+    std::vector<float> dy_tok = normal_values(static_cast<size_t>(tokens * H), 1e-2f, rng);
+    std::vector<float> row_w(static_cast<size_t>(RA), std::numeric_limits<float>::quiet_NaN());
+    std::vector<float> dyp3(static_cast<size_t>(RA * H), 0.0f);
+    std::uniform_real_distribution<float> wdist(0.05f, 1.0f);
+    for (int64_t r = 0; r < RA; ++r) {
+      if (token_of[r] < 0) continue;
+      row_w[r] = wdist(rng);
+      for (int64_t j = 0; j < H; ++j) dyp3[r * H + j] = row_w[r] * dy_tok[token_of[r] * H + j];
+    }
+    DeviceBuffer<float> d_dy_tok(dy_tok), d_row_w(row_w), d_dyp3(dyp3);
+    DeviceBuffer<float> d_gg3(g0), d_ug3(g0), d_dg3(d0), d_gg4(g0), d_ug4(g0), d_dg4(d0), d_dxp3(RA * H), d_dxp4(RA * H);
+    d_dxp3.poison(), d_dxp4.poison();
+    const cuda::MoeFp8Experts w3{d_wg.get(), d_wu.get(), d_wd.get(), d_gg3.get(), d_ug3.get(), d_dg3.get(), E, H, I,
+                                  form};
+    cuda::MoeFp8Experts w4{d_wg.get(), d_wu.get(), d_wd.get(), d_gg4.get(), d_ug4.get(), d_dg4.get(), E, H, I, form};
+    // x's and h's token codes kept by w2's forward of the same rows (h itself not passed); w3 quantizes both.
+    w4.x_codes_t = d_xct.get(), w4.x_scales_t = d_xst.get(), w4.h_codes_t = d_hct.get(), w4.h_scales_t = d_hst.get();
+    cuda::moe_fp8_experts_backward_gathered(ctx, w3, d_dyp3.get(), d_x.get(), d_token_of.get(), d_g2.get(), d_u2.get(),
+                                            d_h2.get(), aligned.data(), d_aligned.get(), d_dxp3.get());
+    cuda::moe_fp8_experts_backward_combined(ctx, w4, d_dy_tok.get(), d_row_w.get(), d_x.get(), d_token_of.get(),
+                                            d_g2.get(), d_u2.get(), nullptr, aligned.data(), d_aligned.get(),
+                                            d_dxp4.get());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_EQ(d_dxp4.download(), d_dxp3.download()) << "combined backward dxp";
+    EXPECT_EQ(d_gg4.download(), d_gg3.download()) << "combined gate grad";
+    EXPECT_EQ(d_ug4.download(), d_ug3.download()) << "combined up grad";
+    EXPECT_EQ(d_dg4.download(), d_dg3.download()) << "combined down grad";
+    std::printf("[ moe fp8  ] %s: combined backward (dyp made in its quantization, x's and h's token codes kept): "
+                "the bytes of the dyp version\n", form_name);
   }
 }
 
