@@ -3,6 +3,10 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -40,6 +44,17 @@ struct Plan {
 // set per call); cuBLASLt checks the algorithm against them, and a refusal falls back to a plan of the exact sizes.
 // Only dimensions that are a layout's column count (never bounded by a leading dimension) are bucketed, and the
 // plan is made for the bucket's sizes, so the algorithm does not depend on which count came first.
+// MOERL_LT_TRACE=N: the first N GEMMs of the process print their owner, problem, whether the plan was cached, and
+// the host microseconds of the plan lookup and of cublasLtMatmul (a diagnostic of host-side stalls).
+long trace_budget() {
+  static const long n = [] {
+    const char* v = std::getenv("MOERL_LT_TRACE");
+    return v ? std::atol(v) : 0L;
+  }();
+  return n;
+}
+std::atomic<long> traced{0};
+
 int64_t bucket(int64_t m) {
   if (m <= 128) return m;
   int64_t p = 1;
@@ -223,7 +238,14 @@ void LtMatmul::gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
   PlanKey key{};
   const PlanKey actual{trans_a, trans_b, M, N, K, lda, ldb, ldc, input, alignment_of(A, m.max_alignment),
                        alignment_of(B, m.max_alignment), alignment_of(C, m.max_alignment), true};
+  const bool trace = trace_budget() > 0 && traced.fetch_add(1) < trace_budget();
+  using TraceClock = std::chrono::steady_clock;
+  const auto us_since = [](TraceClock::time_point t) {
+    return std::chrono::duration<double, std::micro>(TraceClock::now() - t).count();
+  };
   for (const bool exact : {false, true}) {
+    const TraceClock::time_point t_plan = TraceClock::now();
+    bool made = false;
     key = actual;
     // M is a column count unless A is transposed (cuBLAS's B = our A is K x M); K only when A is transposed and
     // B is not (weight gradients: K counts tokens).
@@ -238,12 +260,18 @@ void LtMatmul::gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
       if (m.plans.size() >= m.max_plans) m.clear();  // shapes that vary from step to step: keep the cache bounded
       Plan p = m.make_plan(key);
       it = m.plans.emplace(key, p).first;
+      made = true;
     }
     Plan& p = it->second;
     set_mk(p, trans_a, trans_b, M, K);
     const float alpha = 1.0f;
+    const double plan_us = trace ? us_since(t_plan) : 0.0;
+    const TraceClock::time_point t_run = TraceClock::now();
     st = cublasLtMatmul(m.handle, p.desc, &alpha, B, p.a, A, p.b, &beta, C, p.c, C, p.c, &p.algo, m.workspace,
                         m.workspace_bytes, stream);
+    if (trace)
+      std::fprintf(stderr, "lt-trace %s %s plan %s %.1f us, matmul %.1f us\n", who.c_str(),
+                   problem_name(actual).c_str(), made ? "made" : "cached", plan_us, us_since(t_run));
     if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) break;
   }
   require(st != CUBLAS_STATUS_NOT_SUPPORTED, who + ": cuBLASLt refused " + problem_name(actual) +

@@ -1,7 +1,7 @@
 // Phase timings of the GPU model for profiling (MOERL_GPU_PROFILE=1 in the environment; off otherwise, at the cost
 // of one branch per phase). A PhaseTimer records a CUDA event pair around its scope on the run's stream and the
 // host time the scope took to enqueue its work; nothing waits while running. At exit the pairs are resolved and
-// one line per phase name goes to stderr: calls, device ms (total and mean per call) and host ms. A phase whose
+// one line per phase name goes to stderr: calls, device ms (total, mean and median per call) and host ms. A phase whose
 // host time is close to its device time is bound by the host's launches, not by the GPU.
 #pragma once
 #include <cuda_runtime_api.h>
