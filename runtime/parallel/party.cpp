@@ -90,7 +90,7 @@ class StageParty final : public Party {
     const bool copy = stage_.has_replica() && !stage_.is_first();
     store_part(stage_.params(), whole, g_.name(party_), copy ? "model.embed_tokens.weight" : "");
   }
-  std::vector<std::string> stored_names() const override {
+  std::vector<std::string> stored_names(const Params&) const override {
     const bool copy = stage_.has_replica() && !stage_.is_first();
     std::vector<std::string> names;
     for (const auto& [name, p] : stage_.params().all())
@@ -172,7 +172,7 @@ class ShardParty final : public Party {
     return StageParty::exchange_as(g_, party_, {}, {}, {}, options.mtp_weight).loss;
   }
   void store_weights(Params& whole) const override { store_part(shard_.params(), whole, g_.name(party_)); }
-  std::vector<std::string> stored_names() const override {
+  std::vector<std::string> stored_names(const Params&) const override {
     std::vector<std::string> names;
     for (const auto& [name, p] : shard_.params().all()) names.push_back(name);
     return names;
@@ -200,7 +200,8 @@ class RankParty final : public Party {
         party_(party),
         d_(d),
         t_(t),
-        dp_(g.data_groups_.at(static_cast<size_t>(t))->member(d)),
+        dp_gloo_(g.connect_data_member(d, t)),
+        dp_(dp_gloo_ ? *dp_gloo_ : g.data_groups_.at(static_cast<size_t>(t))->member(d)),
         tp_(g.tensor_groups_.at(static_cast<size_t>(d))->member(t)) {
     if (g.spec_.tensor > 1) {
       tp_model_ = std::make_unique<TensorParallelModel>(g.config_, tp_);
@@ -259,9 +260,12 @@ class RankParty final : public Party {
     else
       store_part(model_->params(), whole, g_.name(party_));
   }
-  std::vector<std::string> stored_names() const override {
-    // Only asked by a checkpoint across processes, which data x tensor groups do not do yet.
-    throw Error(g_.name(party_) + ": data x tensor parties do not run across processes yet");
+  // Replica 0's tensor ranks together write every weight (one process holds them all, build() checks).
+  std::vector<std::string> stored_names(const Params& whole) const override {
+    std::vector<std::string> names;
+    if (d_ == 0 && t_ == 0)
+      for (const auto& [name, p] : whole.all()) names.push_back(name);
+    return names;
   }
   void optimizer_state(OptimizerFiles& files) const override {
     require(trainer_ != nullptr, g_.name(party_) + ": optimizer state before start_stage");
@@ -276,6 +280,7 @@ class RankParty final : public Party {
 
   PartyGroup& g_;
   int party_, d_, t_;
+  std::unique_ptr<Collectives> dp_gloo_;  // this rank of a data group spanning processes
   Collectives& dp_;
   Collectives& tp_;
   std::unique_ptr<Model> model_;
@@ -306,7 +311,6 @@ void PartyGroup::build(const PartyProcesses* processes) {
   GlooOptions gloo;
   if (processes != nullptr) {
     const std::string where = "parallel group across processes (process " + std::to_string(processes->process) + ")";
-    require(pipeline_kind(spec), where + ": data x tensor parties do not run across processes yet");
     require(static_cast<int64_t>(processes->process_of.size()) == parties,
             where + ": process_of names " + std::to_string(processes->process_of.size()) + " parties, the group has " +
                 std::to_string(parties));
@@ -317,11 +321,17 @@ void PartyGroup::build(const PartyProcesses* processes) {
     require(*std::min_element(processes->process_of.begin(), processes->process_of.end()) >= 0 &&
                 processes->process >= 0 && processes->process < P,
             where + ": processes are numbered 0 .. " + std::to_string(P - 1));
+    if (!pipeline_kind(spec))
+      for (int64_t p = 0; p < parties; ++p)
+        require(processes->process_of[p] == processes->process_of[p - p % spec.tensor],
+                where + ": replica " + std::to_string(p / spec.tensor) + "'s tensor ranks run in different processes");
     process_of_ = processes->process_of;
     process_ = processes->process;
     gloo.prefix = processes->prefix;
     gloo.hostname = processes->hostname;
     gloo.timeout = timeout_;
+    rendezvous_ = processes->rendezvous;
+    gloo_ = gloo;
     // The board's collectives first: every process joins them before any channel.
     GlooOptions board = gloo;
     board.prefix += ".board";
@@ -370,7 +380,11 @@ void PartyGroup::build(const PartyProcesses* processes) {
   } else {
     const int D = static_cast<int>(spec.data), T = static_cast<int>(spec.tensor);
     for (int d = 0; d < D; ++d) tensor_groups_.push_back(std::make_unique<InProcessGroup>(T, timeout_));
-    for (int t = 0; t < T; ++t) data_groups_.push_back(std::make_unique<InProcessGroup>(D, timeout_));
+    for (int t = 0; t < T; ++t) {
+      bool here = true;  // every replica's rank t in this process
+      for (int d = 0; d < D; ++d) here = here && local(d * T + t);
+      data_groups_.push_back(here ? std::make_unique<InProcessGroup>(D, timeout_) : nullptr);
+    }
     for (int d = 0; d < D; ++d)
       for (int t = 0; t < T; ++t) names_.push_back("stage_trainer/" + std::to_string(d) + "." + std::to_string(t));
   }
@@ -380,6 +394,13 @@ void PartyGroup::build(const PartyProcesses* processes) {
 }
 
 PartyGroup::~PartyGroup() = default;
+
+std::unique_ptr<Collectives> PartyGroup::connect_data_member(int d, int t) {
+  if (data_groups_.at(static_cast<size_t>(t)) != nullptr) return nullptr;
+  GlooOptions o = gloo_;
+  o.prefix += ".data" + std::to_string(t);
+  return connect_gloo(rendezvous_, d, static_cast<int>(spec_.data), o);
+}
 
 bool PartyGroup::local(int party) const {
   return process_of_.empty() || process_of_.at(static_cast<size_t>(party)) == process_;
@@ -434,7 +455,7 @@ void PartyGroup::checkpoint(int party, const Party& p, const fs::path& dir, cons
         p.store_weights(checkpoint_model_->params());
         p.optimizer_state(checkpoint_files_);
         if (processes_) {
-          const std::vector<std::string> names = p.stored_names();
+          const std::vector<std::string> names = p.stored_names(checkpoint_model_->params());
           checkpoint_names_.insert(checkpoint_names_.end(), names.begin(), names.end());
         }
       },
@@ -475,7 +496,8 @@ void PartyGroup::abort(const std::string& why) {
   }
   for (auto& c : channels_) c->close(why);
   for (auto& g : tensor_groups_) g->abort();
-  for (auto& g : data_groups_) g->abort();
+  for (auto& g : data_groups_)
+    if (g) g->abort();
 }
 
 }  // namespace moerl

@@ -67,8 +67,8 @@ class Party {
   virtual LossReport evaluate(const TokenBatch& batch, const ForwardOptions& options) = 0;
   // Writes this party's share of the whole model into `whole` (a Model's params), and its optimizer state.
   virtual void store_weights(Params& whole) const = 0;
-  // The names store_weights writes (a checkpoint across processes sends these tensors to process 0).
-  virtual std::vector<std::string> stored_names() const = 0;
+  // The names of `whole` that store_weights writes (a checkpoint across processes sends these to process 0).
+  virtual std::vector<std::string> stored_names(const Params& whole) const = 0;
   virtual void optimizer_state(OptimizerFiles& files) const = 0;
 };
 
@@ -87,9 +87,11 @@ class PartyGroup {
   // `timeout`: how long a party waits for its peers at any exchange before failing.
   PartyGroup(const ModelConfig& config, const ParallelSpec& spec,
              std::chrono::milliseconds timeout = std::chrono::seconds(120));
-  // This process's parties of a group spread over processes (pipeline x expert only for now). Blocks until
-  // every process has joined: each connects the Gloo channels it has an end of in one global order, then the
-  // board's collectives. Throws moerl::Error naming what failed or timed out.
+  // This process's parties of a group spread over processes. Blocks until every process has joined the
+  // board's collectives; pipeline x expert: then connects the Gloo channels it has an end of, in one global
+  // order. Data x tensor: a replica's tensor ranks must share a process (a tensor group stays in-process); a
+  // data group spanning processes is a Gloo group, each member connecting its rank in make(). Throws
+  // moerl::Error naming what failed or timed out.
   PartyGroup(const ModelConfig& config, const ParallelSpec& spec, const PartyProcesses& processes,
              std::chrono::milliseconds timeout = std::chrono::seconds(120));
   ~PartyGroup();
@@ -135,6 +137,8 @@ class PartyGroup {
   friend class ShardParty;
   friend class RankParty;
   void build(const PartyProcesses* processes);
+  // Replica d's member of tensor rank t's data group when that group spans processes (null otherwise).
+  std::unique_ptr<Collectives> connect_data_member(int d, int t);
   // Fills the board's entries of the other processes' parties (sync's `once`, across processes).
   void share_board();
   // Process 0 gets every other process's checkpoint weights and optimizer tensors.
@@ -150,12 +154,14 @@ class PartyGroup {
   std::vector<StageLinks> stage_links_;          // [stage]
   // data x tensor
   std::vector<std::unique_ptr<InProcessGroup>> tensor_groups_;  // [replica], T ranks each
-  std::vector<std::unique_ptr<InProcessGroup>> data_groups_;    // [tensor rank], D replicas each
+  std::vector<std::unique_ptr<InProcessGroup>> data_groups_;    // [tensor rank], D replicas each; null: over Gloo
   // across processes (empty process_of_: every party here)
   std::vector<int> process_of_;
   int process_ = 0;
   int local_size_ = 0;
   std::unique_ptr<Collectives> processes_;  // one rank per process: the board and the checkpoint
+  GlooRendezvous rendezvous_;
+  GlooOptions gloo_;  // the group's prefix, hostname and timeout
   std::vector<SafeTensors> received_;        // a distributed checkpoint's tensors from the other processes
   std::vector<std::string> checkpoint_names_;  // the weights this process's parties stored (checkpoint())
 

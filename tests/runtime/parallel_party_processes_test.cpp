@@ -1,6 +1,8 @@
-// PP=2 x EP=2 parties spread over two processes (PartyGroup with PartyProcesses): channels between processes
-// over Gloo, the board by allgather, the checkpoint gathered to process 0. The second process is this test
-// binary again (exec), running the helper test below with the run's folder in its environment.
+// Parties spread over two processes (PartyGroup with PartyProcesses), against the same group in one process
+// and the single model: PP=2 x EP=2 (channels between processes over Gloo, the board by allgather) and
+// DP=2 x TP=2 (a replica per process, the data groups over Gloo); the checkpoint gathered to process 0. The
+// second process is this test binary again (exec), running the helper test below with the run's folder and
+// scenario in its environment.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -32,6 +34,7 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 constexpr char kDirVariable[] = "MOERL_PARTY_PROCESS_DIR";  // set for the helper process only
+constexpr char kScenarioVariable[] = "MOERL_PARTY_PROCESS_SCENARIO";  // "pp" or "dp"
 constexpr char kHelper[] = "PartyProcesses.HelperRunsProcessOneWhenStartedByTheTwoProcessTest";
 constexpr uint64_t kSeed = 11;
 constexpr float kBiasGamma = 0.01f;
@@ -49,23 +52,46 @@ ModelConfig config() {
   return c;
 }
 
-ParallelSpec spec() {
-  ParallelSpec s;
-  s.pipeline = 2;
-  s.expert = 2;
-  s.micro_batches = 2;  // 1F1B with a micro-batch in flight on stage 0
+// One parallel layout and where its parties run.
+struct Scenario {
+  std::string name;  // "pp", "dp"
+  ModelConfig config;
+  ParallelSpec spec;
+  std::vector<int> process_of;  // [party] -> process
+  ForwardOptions options;
+};
+
+Scenario scenario(const std::string& name) {
+  Scenario s{name, config(), {}, {}, {}};
+  s.options.mtp_weight = 0.3f;
+  s.options.balance_alpha = 0.01f;
+  if (name == "pp") {
+    s.spec.pipeline = 2;
+    s.spec.expert = 2;
+    s.spec.micro_batches = 2;  // 1F1B with a micro-batch in flight on stage 0
+    // Parties 0, 1: stages; 2, 3: stage 0's shards; 4, 5: stage 1's. Alternating, so every kind of channel
+    // (activations, gradients, embedding copy, expert requests and replies) crosses the processes and some
+    // expert links stay in-process.
+    s.process_of = {0, 1, 0, 1, 0, 1};
+  } else {
+    s.config.num_nextn_predict_layers = 0;  // tensor parallelism has no MTP module
+    s.options.mtp_weight = 0;
+    // A replica's balance loss is the whole batch's only with even token counts per slice, which the ignored
+    // labels break (parallel_dp_tp_test.cpp runs DP without it too).
+    s.options.balance_alpha = 0;
+    s.spec.data = 2;
+    s.spec.tensor = 2;
+    s.process_of = {0, 0, 1, 1};  // party d·2 + t: a replica (its tensor group) per process
+  }
   return s;
 }
 
-// Parties 0, 1: stages; 2, 3: stage 0's shards; 4, 5: stage 1's. Alternating, so every kind of channel
-// (activations, gradients, embedding copy, expert requests and replies) crosses the processes and some
-// expert links stay in-process.
-PartyProcesses processes(const fs::path& dir, int me) {
+PartyProcesses processes(const Scenario& s, const fs::path& dir, int me) {
   PartyProcesses p;
-  p.process_of = {0, 1, 0, 1, 0, 1};
+  p.process_of = s.process_of;
   p.process = me;
   p.rendezvous = GlooRendezvous::in_folder(dir / "rendezvous");
-  p.prefix = "pp2xep2";
+  p.prefix = s.name;
   return p;
 }
 
@@ -93,13 +119,6 @@ AdamWConfig adamw_config() {
   return a;
 }
 
-ForwardOptions options() {
-  ForwardOptions o;
-  o.mtp_weight = 0.3f;
-  o.balance_alpha = 0.01f;
-  return o;
-}
-
 struct RunTrace {
   std::vector<LossReport> losses;
   std::vector<double> grad_norms;
@@ -108,9 +127,8 @@ struct RunTrace {
 // Runs this process's parties of `g` on one thread each (one OpenMP thread, as LocalPipeline's parties) for
 // kSteps steps, then writes a checkpoint to `checkpoint`. Every party reports the same results: party 0's (or
 // this process's first party's) are returned.
-RunTrace run_parties(PartyGroup& g, const fs::path& checkpoint) {
-  const ModelConfig c = config();
-  Model init(c);
+RunTrace run_parties(PartyGroup& g, const ForwardOptions& o, const fs::path& checkpoint) {
+  Model init(g.config());
   init.init_random(kSeed);
   std::vector<RunTrace> runs(static_cast<size_t>(g.size()));
   std::vector<std::string> errors(static_cast<size_t>(g.size()));
@@ -125,7 +143,7 @@ RunTrace run_parties(PartyGroup& g, const fs::path& checkpoint) {
         party->load_weights(init.params());
         for (int step = 0; step < kSteps; ++step) {
           const Tokens t = batch(step);
-          const PartyStep r = party->train_step(t.view(), options(), step, kBiasGamma);
+          const PartyStep r = party->train_step(t.view(), o, step, kBiasGamma);
           runs[p].losses.push_back(r.loss);
           runs[p].grad_norms.push_back(r.stats.grad_norm);
         }
@@ -152,17 +170,17 @@ RunTrace run_parties(PartyGroup& g, const fs::path& checkpoint) {
 }
 
 // The single model on one OpenMP thread (the parties' count, so OpenBLAS picks the same kernels).
-RunTrace train_single() {
+RunTrace train_single(const ModelConfig& c, const ForwardOptions& o) {
   const int threads = omp_get_max_threads();
   omp_set_num_threads(1);
-  Model model(config());
+  Model model(c);
   model.init_random(kSeed);
   AdamW optimizer(model.params(), adamw_config());
   RunTrace run;
   for (int step = 0; step < kSteps; ++step) {
     const Tokens t = batch(step);
     model.params().zero_grad();
-    run.losses.push_back(model.forward(t.view(), options()));
+    run.losses.push_back(model.forward(t.view(), o));
     model.backward();
     run.grad_norms.push_back(optimizer.step(step).grad_norm);
     model.update_router_bias(kBiasGamma);
@@ -183,12 +201,13 @@ struct TempDir {
   }
 };
 
-// Starts this binary running only kHelper, with `dir` in its environment and its output in dir/helper.log.
-pid_t start_helper(const fs::path& dir) {
+// Starts this binary running only kHelper, with `dir` and `scenario` in its environment and its output in dir/helper.log.
+pid_t start_helper(const fs::path& dir, const std::string& scenario) {
   // Everything exec needs is built before fork: the child only calls async-signal-safe functions.
   std::vector<std::string> env;
   for (char** e = environ; *e != nullptr; ++e) env.emplace_back(*e);
   env.push_back(std::string(kDirVariable) + "=" + dir.string());
+  env.push_back(std::string(kScenarioVariable) + "=" + scenario);
   std::vector<char*> envp;
   for (std::string& e : env) envp.push_back(e.data());
   envp.push_back(nullptr);
@@ -227,24 +246,29 @@ double rel(double a, double b) { return std::abs(a - b) / std::abs(b); }
 
 TEST(PartyProcesses, HelperRunsProcessOneWhenStartedByTheTwoProcessTest) {
   const char* dir = std::getenv(kDirVariable);
-  if (dir == nullptr) GTEST_SKIP() << "process 1 of PartyProcesses.TwoProcesses..., started by that test";
-  PartyGroup g(config(), spec(), processes(dir, 1), kTimeout);
-  run_parties(g, fs::path(dir) / "checkpoint");  // process 0 writes it
+  const char* name = std::getenv(kScenarioVariable);
+  if (dir == nullptr || name == nullptr) GTEST_SKIP() << "process 1 of PartyProcesses.TwoProcesses..., started by them";
+  const Scenario sc = scenario(name);
+  PartyGroup g(sc.config, sc.spec, processes(sc, dir, 1), kTimeout);
+  run_parties(g, sc.options, fs::path(dir) / "checkpoint");  // process 0 writes it
 }
 
-TEST(PartyProcesses, TwoProcessesFollowTheInProcessGroupBitForBitAndTheSingleModel) {
+// Runs scenario `name` three ways (single model, the group in one process, the group in two) and compares
+// the per-step losses and norms and the checkpoints.
+void expect_two_processes_follow_one(const std::string& name) {
+  const Scenario sc = scenario(name);
   TempDir dir;
-  const RunTrace single = train_single();
-  PartyGroup in_process(config(), spec(), kTimeout);
-  const RunTrace local = run_parties(in_process, dir.path / "in-process");
+  const RunTrace single = train_single(sc.config, sc.options);
+  PartyGroup in_process(sc.config, sc.spec, kTimeout);
+  const RunTrace local = run_parties(in_process, sc.options, dir.path / "in-process");
 
-  const pid_t helper = start_helper(dir.path);
+  const pid_t helper = start_helper(dir.path, name);
   ASSERT_GT(helper, 0) << std::strerror(errno);
   std::string error;
   RunTrace spread;
   try {
-    PartyGroup g(config(), spec(), processes(dir.path, 0), kTimeout);
-    spread = run_parties(g, dir.path / "two-processes");
+    PartyGroup g(sc.config, sc.spec, processes(sc, dir.path, 0), kTimeout);
+    spread = run_parties(g, sc.options, dir.path / "two-processes");
   } catch (const Error& e) {
     error = e.what();
   }
@@ -256,7 +280,7 @@ TEST(PartyProcesses, TwoProcessesFollowTheInProcessGroupBitForBitAndTheSingleMod
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "helper process failed:\n" << helper_log;
 
   ASSERT_EQ(spread.losses.size(), static_cast<size_t>(kSteps));
-  EXPECT_NE(helper_log.find("[       OK ] PartyProcesses.Helper"), std::string::npos) << helper_log;
+  EXPECT_NE(helper_log.find("[       OK ] PartyProcesses.Helper"), std::string::npos) << helper_log;  // not skipped
   double worst = 0;
   for (int step = 0; step < kSteps; ++step) {
     // The same arithmetic on the same bytes as the in-process group: only the transport differs.
@@ -264,26 +288,44 @@ TEST(PartyProcesses, TwoProcessesFollowTheInProcessGroupBitForBitAndTheSingleMod
     EXPECT_EQ(spread.losses[step].mtp_loss, local.losses[step].mtp_loss) << "step " << step;
     EXPECT_EQ(spread.losses[step].balance_loss, local.losses[step].balance_loss) << "step " << step;
     EXPECT_EQ(spread.grad_norms[step], local.grad_norms[step]) << "step " << step;
-    worst = std::max({worst, rel(spread.losses[step].loss, single.losses[step].loss),
-                      rel(spread.losses[step].mtp_loss, single.losses[step].mtp_loss)});
+    std::printf("[ measured ] %s step %d: loss %.9g, single model %.9g, relative %.3g; grad norm %.9g, single %.9g\n",
+                name.c_str(), step, spread.losses[step].loss, single.losses[step].loss, rel(spread.losses[step].loss, single.losses[step].loss), spread.grad_norms[step], single.grad_norms[step]);
+    worst = std::max(worst, rel(spread.losses[step].loss, single.losses[step].loss));
+    if (single.losses[step].mtp_loss != 0)
+      worst = std::max(worst, rel(spread.losses[step].mtp_loss, single.losses[step].mtp_loss));
   }
-  // Two micro-batches add each weight gradient in two parts: FP32 rounding against the single model, which
-  // the steps amplify; the bound is 1e-5 relative per step.
-  std::printf("PP=2 x EP=2 over two processes vs the single model: max relative loss difference %.3g\n", worst);
+  // PP: two micro-batches add each weight gradient in two parts; DP x TP: partial attention outputs summed
+  // over tensor ranks, gradients over replicas. FP32 rounding against the single model, which the steps
+  // amplify; the bound is 1e-5 relative per step.
+  std::printf("%s over two processes vs the single model: max relative loss difference %.3g\n",
+              name == "pp" ? "PP=2 x EP=2" : "DP=2 x TP=2", worst);
   EXPECT_LE(worst, 1e-5);
 
   // Process 0 wrote the checkpoint with every party's weights and moments: the in-process group's, byte for byte.
-  for (const char* file : {"model.safetensors", "optimizer.safetensors"}) {
+  std::vector<std::string> files = {"model.safetensors"};
+  if (name == "pp") files.push_back("optimizer.safetensors");
+  for (int d = 0; name == "dp" && d < 2; ++d)
+    for (int t = 0; t < 2; ++t) files.push_back("optimizer.rank" + std::to_string(d) + "." + std::to_string(t) + ".safetensors");
+  for (const std::string& file : files) {
     const SafeTensors a = read_safetensors(dir.path / "in-process" / file);
     const SafeTensors b = read_safetensors(dir.path / "two-processes" / file);
     ASSERT_EQ(a.tensors.size(), b.tensors.size()) << file;
-    for (const auto& [name, t] : a.tensors) {
-      ASSERT_TRUE(b.tensors.count(name)) << file << ": " << name;
-      const Tensor& u = b.tensors.at(name);
-      ASSERT_EQ(u.nbytes(), t.nbytes()) << name;
-      EXPECT_EQ(std::memcmp(u.bytes(), t.bytes(), t.nbytes()), 0) << file << ": " << name;
+    for (const auto& [key, t] : a.tensors) {
+      ASSERT_TRUE(b.tensors.count(key)) << file << ": " << key;
+      const Tensor& u = b.tensors.at(key);
+      ASSERT_EQ(u.nbytes(), t.nbytes()) << key;
+      EXPECT_EQ(std::memcmp(u.bytes(), t.bytes(), t.nbytes()), 0) << file << ": " << key;
     }
   }
+}
+
+
+TEST(PartyProcesses, PipelineTimesExpertInTwoProcessesFollowsTheInProcessGroupBitForBitAndTheSingleModel) {
+  expect_two_processes_follow_one("pp");
+}
+
+TEST(PartyProcesses, DataTimesTensorInTwoProcessesFollowsTheInProcessGroupBitForBitAndTheSingleModel) {
+  expect_two_processes_follow_one("dp");
 }
 
 }  // namespace
