@@ -292,6 +292,26 @@ class RankParty final : public Party {
 
 // ---- the group ----
 
+std::vector<int> spread_parties(const ParallelSpec& spec, int processes) {
+  require(processes >= 1, "parallel group: " + std::to_string(processes) + " processes");
+  std::vector<int> out;
+  if (pipeline_kind(spec)) {
+    require(spec.pipeline >= processes, "parallelism.pipeline: " + std::to_string(spec.pipeline) +
+                                            " stages cannot fill " + std::to_string(processes) +
+                                            " processes (each runs a stage with its expert shards)");
+    const int64_t R = spec.expert > 1 ? spec.expert : 0;
+    for (int64_t s = 0; s < spec.pipeline; ++s) out.push_back(static_cast<int>(s % processes));
+    for (int64_t s = 0; s < spec.pipeline; ++s)
+      for (int64_t r = 0; r < R; ++r) out.push_back(static_cast<int>(s % processes));
+  } else {
+    require(spec.data >= processes, "parallelism.data: " + std::to_string(spec.data) + " replicas cannot fill " +
+                                        std::to_string(processes) + " processes (each runs whole replicas)");
+    for (int64_t d = 0; d < spec.data; ++d)
+      for (int64_t t = 0; t < spec.tensor; ++t) out.push_back(static_cast<int>(d % processes));
+  }
+  return out;
+}
+
 PartyGroup::PartyGroup(const ModelConfig& config, const ParallelSpec& spec, std::chrono::milliseconds timeout)
     : config_(config), spec_(spec), timeout_(timeout) {
   build(nullptr);

@@ -81,6 +81,12 @@ struct PartyProcesses {
   std::string hostname = "127.0.0.1";  // the address this process listens on
 };
 
+// process_of for `processes` processes that each run whole units: pipeline x expert, a stage with its expert
+// shards (stage s in process s mod processes); data x tensor, a replica with its tensor ranks (replica d in
+// process d mod processes). Throws moerl::Error naming parallelism.pipeline (or .data) when there are fewer
+// units than processes.
+std::vector<int> spread_parties(const ParallelSpec& spec, int processes);
+
 class PartyGroup {
  public:
   // `spec` must be one that load_recipe accepts (pipeline x expert or data x tensor, spec.any()).
