@@ -24,8 +24,8 @@ constexpr uint64_t kSlot = 1;  // the channel's context carries nothing else
 // Header bit 63: a close notice; the low bits are then the length of the reason that follows.
 constexpr uint64_t kCloseMark = uint64_t{1} << 63;
 // How long the receiver's thread waits for the next header: a channel may idle between steps for as long as
-// the run likes, and a Gloo wait that times out breaks its context, so this is "forever" (30 days); close
-// and the destructor end the wait by aborting it.
+// the run likes, and a Gloo wait that times out breaks its context, so this is "forever" (30 days); the
+// destructor ends the wait by aborting it.
 constexpr std::chrono::milliseconds kIdleWait = std::chrono::hours(24 * 30);
 
 std::string store_key(const std::string& name) {
@@ -91,10 +91,9 @@ class GlooChannel final : public Channel {
         std::vector<std::byte> text(reason.size());
         std::memcpy(text.data(), reason.data(), reason.size());
         queue_.push_back({kCloseMark | reason.size(), std::move(text)});
-      } else {
-        stopping_ = true;
-        if (pending_recv_ != nullptr) pending_recv_->abortWaitRecv();
       }
+      // A receiving end goes on receiving (and dropping) until it is destroyed, so the peer's queued sends
+      // still complete instead of waiting out their timeout.
     }
     changed_.notify_all();
   }
@@ -152,7 +151,7 @@ class GlooChannel final : public Channel {
           std::lock_guard<std::mutex> lock(mutex_);
           if (notice) {
             if (closed_.empty()) closed_ = std::string(reinterpret_cast<const char*>(bytes.data()), size);
-          } else {
+          } else if (closed_.empty()) {
             queue_.push_back({size, std::move(bytes)});
           }
         }
@@ -168,7 +167,7 @@ class GlooChannel final : public Channel {
     }
   }
 
-  // One receive into p[0, n); false when close or the destructor aborted it.
+  // One receive into p[0, n); false when the destructor aborted it.
   bool receive(void* p, size_t n, std::chrono::milliseconds wait) {
     Buffer b = ctx_->createUnboundBuffer(p, n);
     {

@@ -12,8 +12,9 @@
 // caller's send only queues a copy), the receiver's receives every message as it arrives into a queue that
 // recv reads, so a wrong-sized recv finds the message whole and the stream stays in step. close on the sending
 // end sends a close notice after the queued messages (the receiver's recv fails with its reason once they are
-// read); close on the receiving end stops receiving and wakes its waiters. A lost peer (its process died)
-// closes the receiving end with the transport's error.
+// read); close on the receiving end wakes its waiters and drops the messages that arrive later (it keeps
+// taking them, so the sender's deliveries complete). A lost peer (its process died) closes the receiving end
+// with the transport's error.
 #pragma once
 #include <memory>
 #include <string>

@@ -126,8 +126,9 @@ struct RunTrace {
 
 // Runs this process's parties of `g` on one thread each (one OpenMP thread, as LocalPipeline's parties) for
 // kSteps steps, then writes a checkpoint to `checkpoint`. Every party reports the same results: party 0's (or
-// this process's first party's) are returned.
-RunTrace run_parties(PartyGroup& g, const ForwardOptions& o, const fs::path& checkpoint) {
+// this process's first party's) are returned. Party `fail` (if any) throws before its step 1; a failing party
+// aborts the group, as the party trainer actors do, and the first error (in party order) is rethrown.
+RunTrace run_parties(PartyGroup& g, const ForwardOptions& o, const fs::path& checkpoint, int fail = -1) {
   Model init(g.config());
   init.init_random(kSeed);
   std::vector<RunTrace> runs(static_cast<size_t>(g.size()));
@@ -142,6 +143,7 @@ RunTrace run_parties(PartyGroup& g, const ForwardOptions& o, const fs::path& che
         party->start_stage(adamw_config());
         party->load_weights(init.params());
         for (int step = 0; step < kSteps; ++step) {
+          if (p == fail && step == 1) throw Error("injected failure");
           const Tokens t = batch(step);
           const PartyStep r = party->train_step(t.view(), o, step, kBiasGamma);
           runs[p].losses.push_back(r.loss);
@@ -248,9 +250,44 @@ TEST(PartyProcesses, HelperRunsProcessOneWhenStartedByTheTwoProcessTest) {
   const char* dir = std::getenv(kDirVariable);
   const char* name = std::getenv(kScenarioVariable);
   if (dir == nullptr || name == nullptr) GTEST_SKIP() << "process 1 of PartyProcesses.TwoProcesses..., started by them";
+  if (std::string(name) == "pp-fail") {
+    // Stage 1 fails before step 1: its process aborts, its Gloo channel ends send the reason to process 0.
+    const Scenario sc = scenario("pp");
+    PartyGroup g(sc.config, sc.spec, processes(sc, dir, 1), kTimeout);
+    EXPECT_THROW(run_parties(g, sc.options, fs::path(dir) / "checkpoint", 1), Error);
+    return;
+  }
   const Scenario sc = scenario(name);
   PartyGroup g(sc.config, sc.spec, processes(sc, dir, 1), kTimeout);
   run_parties(g, sc.options, fs::path(dir) / "checkpoint");  // process 0 writes it
+}
+
+// The local test of a failing stage (Pipeline.AFailingStageReleasesItsPeersAndReportsTheCause) across
+// processes: process 1's stage fails, and every party of process 0 stops within seconds — not the 30 s
+// timeout — with an error carrying the cause.
+TEST(PartyProcesses, AStageFailingInOneProcessReleasesTheOtherProcessWithTheCause) {
+  TempDir dir;
+  const Scenario sc = scenario("pp");
+  const pid_t helper = start_helper(dir.path, "pp-fail");
+  ASSERT_GT(helper, 0) << std::strerror(errno);
+  std::string error;
+  PartyGroup g(sc.config, sc.spec, processes(sc, dir.path, 0), kTimeout);
+  const auto start = Clock::now();
+  try {
+    run_parties(g, sc.options, dir.path / "checkpoint");
+  } catch (const Error& e) {
+    error = e.what();
+  }
+  const auto waited = Clock::now() - start;
+  const int status = reap(helper, std::chrono::seconds(60));
+  std::ifstream log(dir.path / "helper.log");
+  const std::string helper_log((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+  std::printf("[ measured ] process 0 stopped %.0f ms after it started, with: %s\n",
+              std::chrono::duration<double, std::milli>(waited).count(), error.c_str());
+  EXPECT_NE(error.find("stage_trainer/1 failed: injected failure"), std::string::npos) << error;
+  EXPECT_LT(waited, std::chrono::seconds(15)) << "waited for the timeout instead";
+  ASSERT_NE(status, -1) << "the helper process did not finish within 60 s:\n" << helper_log;
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "helper process failed:\n" << helper_log;
 }
 
 // Runs scenario `name` three ways (single model, the group in one process, the group in two) and compares
