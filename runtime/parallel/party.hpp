@@ -9,11 +9,12 @@
 //     D·T rank parties: a Model (T = 1) or a TensorParallelModel rank (T > 1), each with a DataParallelTrainer
 //     (ZeRO-1 AdamW) on its slice of the batch; one InProcessGroup per tensor group and per data group.
 //
-// Across processes (PartyProcesses, pipeline x expert): each process builds the group for the parties it
-// runs; a channel between parties of one process stays in-process, one between processes is a Gloo channel
-// (channel_gloo.hpp), and the board is shared by an allgather between the processes (party_board.hpp), so
-// every party still gets the same result. A checkpoint gathers every party's weights and optimizer moments
-// to process 0, which writes it.
+// Across processes (PartyProcesses): each process builds the group for the parties it runs. Pipeline x expert:
+// a channel between parties of one process stays in-process, one between processes is a Gloo channel
+// (channel_gloo.hpp), and the board is shared by an allgather between the processes (party_board.cpp), so
+// every party still gets the same result. Data x tensor: a replica's tensor group stays in one process, a data
+// group spanning processes runs over Gloo (connect_gloo). A checkpoint gathers every party's weights and
+// optimizer state to process 0, which writes it.
 //
 // Every party of a group gets every command (train, evaluate, checkpoint) and they run it together, each on
 // its own thread; a command's result (the step's loss, the norm, the expert loads) is the same on every party.
