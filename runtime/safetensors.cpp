@@ -196,9 +196,12 @@ SafeTensors read_safetensors(const std::filesystem::path& file) {
   return parse_safetensors(bytes, file.string());
 }
 
-void write_safetensors(const std::filesystem::path& file, const std::map<std::string, const Tensor*>& tensors,
-                       const std::map<std::string, std::string>& metadata) {
-  const std::string fname = file.string();
+namespace {
+
+// The 8-byte length and the JSON header of `tensors` (data offsets in name order), padded to 8 bytes.
+std::string encode_header(const std::map<std::string, const Tensor*>& tensors,
+                          const std::map<std::string, std::string>& metadata, const std::string& fname,
+                          std::byte (&len)[8]) {
   // __metadata__ first, then tensors in name order with contiguous offsets.
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata.empty()) header[kMetadataKey] = metadata;
@@ -219,9 +222,35 @@ void write_safetensors(const std::filesystem::path& file, const std::map<std::st
   }
   // Pad with spaces so the data section starts 8-byte aligned, as the reference writer does.
   text.append((8 - text.size() % 8) % 8, ' ');
-  std::byte len[8];
   for (int i = 0; i < 8; ++i) len[i] = static_cast<std::byte>((static_cast<uint64_t>(text.size()) >> (8 * i)) & 0xff);
+  return text;
+}
 
+}  // namespace
+
+std::vector<std::byte> encode_safetensors(const std::map<std::string, const Tensor*>& tensors,
+                                          const std::map<std::string, std::string>& metadata,
+                                          const std::string& source) {
+  std::byte len[8];
+  const std::string text = encode_header(tensors, metadata, source, len);
+  size_t total = 8 + text.size();
+  for (const auto& [name, t] : tensors) total += t->nbytes();
+  std::vector<std::byte> out(total);
+  std::memcpy(out.data(), len, 8);
+  std::memcpy(out.data() + 8, text.data(), text.size());
+  size_t at = 8 + text.size();
+  for (const auto& [name, t] : tensors) {
+    std::memcpy(out.data() + at, t->bytes(), t->nbytes());
+    at += t->nbytes();
+  }
+  return out;
+}
+
+void write_safetensors(const std::filesystem::path& file, const std::map<std::string, const Tensor*>& tensors,
+                       const std::map<std::string, std::string>& metadata) {
+  const std::string fname = file.string();
+  std::byte len[8];
+  const std::string text = encode_header(tensors, metadata, fname, len);
   const std::filesystem::path dir = file.has_parent_path() ? file.parent_path() : std::filesystem::path(".");
   TempFile tmp;
   // Unique per process and call, so concurrent writers never share a temporary.

@@ -6,6 +6,7 @@
 #include <map>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "runtime/tensor.hpp"
 
@@ -29,5 +30,11 @@ SafeTensors parse_safetensors(std::span<const std::byte> bytes, const std::strin
 // Tensors are written in name order, 8-byte aligned header as the reference implementation does.
 void write_safetensors(const std::filesystem::path& file, const std::map<std::string, const Tensor*>& tensors,
                        const std::map<std::string, std::string>& metadata = {});
+
+// The bytes write_safetensors would write (parse_safetensors reads them back): tensors moved between
+// processes (PartyGroup's checkpoint gathers its parties' weights this way). `source` names it in errors.
+std::vector<std::byte> encode_safetensors(const std::map<std::string, const Tensor*>& tensors,
+                                          const std::map<std::string, std::string>& metadata = {},
+                                          const std::string& source = "safetensors buffer");
 
 }  // namespace moerl

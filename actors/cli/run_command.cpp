@@ -7,6 +7,7 @@
 #include "actors/roles/preference_pairs.hpp"
 #include "actors/roles/replay_recorder.hpp"
 #include "actors/roles/rlhf_actors.hpp"
+#include "runtime/error.hpp"
 #include "runtime/recipe/recipe.hpp"
 #include "runtime/train/preferences_stage.hpp"
 #include "runtime/train/rlhf_stage.hpp"
@@ -27,6 +28,9 @@ void add_run_command(CLI::App& app, std::function<int()>& action) {
     std::string recipe;
     std::vector<std::string> overrides;
     std::string out;
+    int processes = 1;
+    int process = 0;
+    std::string rendezvous;
   };
   auto args = std::make_shared<Args>();
   cmd->add_option("recipe", args->recipe, "Recipe file (YAML), e.g. recipes/quickstart.yaml")->required();
@@ -34,6 +38,15 @@ void add_run_command(CLI::App& app, std::function<int()>& action) {
                   "Override a recipe field before validation, as dotted.path=value (repeatable), e.g. "
                   "--set stages.0.steps=20 --set precision=fp8");
   cmd->add_option("--out", args->out, "Run folder (default: the recipe's `out`, else runs/<recipe name>)");
+  cmd->add_option("--processes", args->processes,
+                  "Spread the recipe's parallel parties over this many processes (one `moerl run` each, the same "
+                  "recipe, --set and --out): whole pipeline stages (with their expert shards) or whole "
+                  "data-parallel replicas per process; tensors move between them over Gloo")
+      ->check(CLI::Range(1, 1024));
+  cmd->add_option("--process", args->process, "This process's index, 0 .. processes - 1 (0 writes the checkpoints "
+                                               "and metrics; I > 0 its metrics into <out>/process-I/)");
+  cmd->add_option("--rendezvous", args->rendezvous,
+                  "With --processes: a folder every process can reach where they meet (fresh for each launch)");
   cmd->callback([args, &action] {
     action = [args] {
       // A recipe with RLHF stages runs run_recipe's stage loop, its rlhf stages through the actor runtime:
@@ -45,6 +58,15 @@ void add_run_command(CLI::App& app, std::function<int()>& action) {
       if (!args->out.empty()) recipe.out = args->out;
       bool rl = false;
       for (const auto& st : recipe.stages) rl = rl || is_rl_stage_kind(st.kind);
+      actors::DriverProcesses processes{args->process, args->processes, args->rendezvous};
+      if (processes.processes > 1) {
+        require(!rl, args->recipe + ": --processes: recipes with rlhf stages run in one process");
+        require(processes.process >= 0 && processes.process < processes.processes,
+                "--process " + std::to_string(processes.process) + ": must lie in 0 .. " +
+                    std::to_string(processes.processes - 1));
+        require(!processes.rendezvous.empty(), "--processes " + std::to_string(processes.processes) +
+                                                   ": give every process the same --rendezvous folder");
+      }
       if (rl) {
         std::fprintf(stderr, "%s: RLHF recipe: rlhf stages through the rollout and reward-model actors, the other "
                              "stages in this process\n", args->recipe.c_str());
@@ -67,7 +89,7 @@ void add_run_command(CLI::App& app, std::function<int()>& action) {
 #else
       const actors::BackendChooser backend;  // CPU only: the driver refuses device: cuda
 #endif
-      const auto run = actors::run_recipe_with_actors(args->recipe, args->overrides, args->out, backend);
+      const auto run = actors::run_recipe_with_actors(args->recipe, args->overrides, args->out, backend, processes);
       std::printf("%s\n", run.summary.dump(2).c_str());
       std::fprintf(stderr, "run folder: %s (summary.json, metrics.jsonl, checkpoints)\n", run.out.c_str());
       return 0;

@@ -33,6 +33,7 @@ nlohmann::json parallelism_json(const ParallelSpec& p) {
 
 struct DriverState {
   BackendChooser backend;
+  DriverProcesses processes;
   bool started = false, finished = false;
   caf::typed_response_promise<std::string, std::string> promise;
   Recipe recipe;
@@ -69,6 +70,10 @@ struct DriverState {
 
   const StageSpec& spec() const { return recipe.stages[stage]; }
   double elapsed() const { return std::chrono::duration<double>(Clock::now() - t0).count(); }
+  // Where this process's metrics.jsonl and summary.json go: the run folder, or <out>/process-I/ (I > 0).
+  fs::path log_dir() const {
+    return processes.process == 0 ? recipe.out : recipe.out / ("process-" + std::to_string(processes.process));
+  }
 };
 using Self = driver_actor::stateful_pointer<DriverState>;
 
@@ -134,6 +139,12 @@ void on_child_down(Self self, const std::string& name, const caf::error& reason)
   auto& st = self->state;
   std::string where = st.run_id.empty() ? "before the first stage" : "in " + st.run_id + " after step " + std::to_string(st.step);
   if (st.finished) return;
+  if (st.processes.processes > 1) {
+    fail(self, name + " died (" + caf::to_string(reason) + ") " + where + " in process " +
+                   std::to_string(st.processes.process) + " of " + std::to_string(st.processes.processes) +
+                   "; a run spread over processes is not restarted, the run stops");
+    return;
+  }
   const bool resumable = st.stage == 0 || (st.stage < st.recipe.stages.size() &&
                                            find_stage_checkpoint(st.recipe.out / st.spec().name).has_value());
   if (st.restarts >= kMaxRestarts || !resumable) {
@@ -188,7 +199,7 @@ void next_step(Self self);
 void finish_run(Self self) {
   auto& st = self->state;
   st.summary["wall_s"] = std::chrono::duration<double>(Clock::now() - st.run_start).count();
-  write_file_durably(st.recipe.out / "summary.json", st.summary.dump(2) + "\n");
+  write_file_durably(st.log_dir() / "summary.json", st.summary.dump(2) + "\n");
   st.finished = true;
   stop_children(self);
   st.promise.deliver(st.summary.dump(), st.recipe.out.string());
@@ -440,8 +451,19 @@ void spawn_children(Self self) {
               st.config.bos_token_id = info.bos_id;
               st.config.eos_token_id = info.eos_id;
               if (st.recipe.parallelism.any()) {
-                st.group = std::make_shared<PartyGroup>(st.config, st.recipe.parallelism);
+                if (st.processes.processes > 1) {
+                  // Blocks until every process has joined (the group's timeout, then fails the run).
+                  PartyProcesses where;
+                  where.process_of = spread_parties(st.recipe.parallelism, st.processes.processes);
+                  where.process = st.processes.process;
+                  where.rendezvous = GlooRendezvous::in_folder(st.processes.rendezvous);
+                  where.prefix = "moerl.run";
+                  st.group = std::make_shared<PartyGroup>(st.config, st.recipe.parallelism, where);
+                } else {
+                  st.group = std::make_shared<PartyGroup>(st.config, st.recipe.parallelism);
+                }
                 for (int p = 0; p < st.group->size(); ++p) {
+                  if (!st.group->local(p)) continue;  // another process runs it
                   st.trainers.push_back(spawn_party_trainer(
                       self->system(), PartyTrainerSetup{st.recipe, st.config, info.tokenizer_file, st.group, p}));
                   st.trainer_names.push_back(st.group->name(p));
@@ -470,8 +492,8 @@ void spawn_children(Self self) {
 void start_run(Self self) {
   auto& st = self->state;
   st.run_start = Clock::now();
-  fs::create_directories(st.recipe.out);
-  st.metrics = std::make_unique<MetricsLog>(st.recipe.out / "metrics.jsonl");
+  fs::create_directories(st.log_dir());
+  st.metrics = std::make_unique<MetricsLog>(st.log_dir() / "metrics.jsonl");
   st.summary = {{"recipe", st.recipe.file.string()}, {"name", st.recipe.name},
                 {"precision", precision_name(st.recipe.precision)}, {"seed", st.recipe.seed},
                 {"stages", nlohmann::json::array()}};
@@ -479,8 +501,9 @@ void start_run(Self self) {
   spawn_children(self);
 }
 
-driver_actor::behavior_type driver(Self self, BackendChooser backend) {
+driver_actor::behavior_type driver(Self self, BackendChooser backend, DriverProcesses processes) {
   self->state.backend = std::move(backend);
+  self->state.processes = std::move(processes);
   self->set_down_handler([self](caf::down_msg& down) {
     auto& st = self->state;
     const auto it = st.names.find(down.source);
@@ -503,6 +526,9 @@ driver_actor::behavior_type driver(Self self, BackendChooser backend) {
         try {
           st.recipe = load_recipe(file, overrides);
           if (!out.empty()) st.recipe.out = out;
+          require(st.processes.processes == 1 || st.recipe.parallelism.any(),
+                  st.recipe.file.string() + ": a run over " + std::to_string(st.processes.processes) +
+                      " processes needs parallelism (pipeline, expert, data or tensor > 1) to spread");
           require(st.recipe.device == Device::CPU || st.backend,
                   st.recipe.file.string() + ": device: cuda: this driver was given no CUDA backend (a build without "
                                             "nvcc or without runtime/gpu); use device: cpu or a CUDA build");
@@ -523,16 +549,16 @@ driver_actor::behavior_type driver(Self self, BackendChooser backend) {
 
 }  // namespace
 
-driver_actor spawn_driver(caf::actor_system& system, BackendChooser backend) {
-  return system.spawn(driver, std::move(backend));
+driver_actor spawn_driver(caf::actor_system& system, BackendChooser backend, DriverProcesses processes) {
+  return system.spawn(driver, std::move(backend), std::move(processes));
 }
 
 ActorRunResult run_recipe_with_actors(const fs::path& recipe_file, const std::vector<std::string>& overrides,
-                                      const std::string& out, BackendChooser backend) {
+                                      const std::string& out, BackendChooser backend, DriverProcesses processes) {
   caf::actor_system_config config;
   add_message_types(config);
   caf::actor_system system{config};
-  const driver_actor d = spawn_driver(system, std::move(backend));
+  const driver_actor d = spawn_driver(system, std::move(backend), std::move(processes));
   ActorRunResult result;
   std::string failure;
   {

@@ -28,8 +28,21 @@ using driver_actor = caf::typed_actor<
     // none (not spawned yet, or the run is over).
     caf::replies_to<lookup_atom, std::string>::with<caf::actor>>;
 
+// A run spread over processes (`moerl run --processes N --process I --rendezvous DIR`): every process runs
+// the same driver on the same recipe and data, its parallel group holding only its own parties (PartyProcesses,
+// placed by spread_parties: whole stages or whole replicas per process). Process 0 writes the checkpoints,
+// metrics.jsonl and summary.json into the run folder, which every process must share (they read the stages'
+// checkpoints from it); process I > 0 writes its metrics.jsonl and summary.json into <out>/process-I/. The
+// rendezvous folder must be fresh for each launch. A party that dies fails the run: restarts across processes
+// are not implemented yet.
+struct DriverProcesses {
+  int process = 0;
+  int processes = 1;
+  std::filesystem::path rendezvous;
+};
+
 // `backend` picks the stage trainer's training backend (empty: the CPU's).
-driver_actor spawn_driver(caf::actor_system& system, BackendChooser backend = {});
+driver_actor spawn_driver(caf::actor_system& system, BackendChooser backend = {}, DriverProcesses processes = {});
 
 struct ActorRunResult {
   nlohmann::json summary;
@@ -38,6 +51,7 @@ struct ActorRunResult {
 // `moerl run`: an actor system in this process, a driver, the recipe run to its end. Throws moerl::Error with
 // the driver's message when the run fails.
 ActorRunResult run_recipe_with_actors(const std::filesystem::path& recipe_file, const std::vector<std::string>& overrides,
-                                      const std::string& out = {}, BackendChooser backend = {});
+                                      const std::string& out = {}, BackendChooser backend = {},
+                                      DriverProcesses processes = {});
 
 }  // namespace moerl::actors

@@ -154,7 +154,11 @@ stage_trainer_actor::behavior_type party_trainer(stage_trainer_actor::stateful_p
           st.together([&] {
             st.setup.group->checkpoint(st.setup.party, st.get(), req.folder, &*st.tokenizer, state);
           });
-          if (st.setup.party != 0) return wrap(msg::CheckpointManifest{req.folder, req.step, {}});
+          // The first party of this process lists the files (every process's driver checks a manifest;
+          // process 0 wrote the folder before any party returned).
+          int first = 0;
+          while (!st.setup.group->local(first)) ++first;
+          if (st.setup.party != first) return wrap(msg::CheckpointManifest{req.folder, req.step, {}});
           return wrap(checkpoint_manifest(req.folder, req.step));
         });
       },

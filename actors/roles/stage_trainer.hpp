@@ -54,9 +54,9 @@ stage_trainer_actor spawn_stage_trainer(caf::actor_system& system, StageTrainerS
 // One party of a parallel run (runtime/parallel/party.hpp: a pipeline stage, an expert shard, or a data x
 // tensor rank) behind the stage trainer's protocol. The driver sends every command to every party of the group;
 // they run it together on their own threads, exchanging tensors on the group's channels and collectives, and
-// answer the same result (a checkpoint's manifest comes from party 0, the others list no files). Weights start
-// from Model::init_random(recipe.seed), as the single stage trainer's. A party that fails aborts the group, so
-// its peers fail at once instead of waiting.
+// answer the same result (a checkpoint's manifest comes from party 0, or in a run over processes from each
+// process's first party; the others list no files). Weights start from Model::init_random(recipe.seed), as the
+// single stage trainer's. A party that fails aborts the group, so its peers fail at once instead of waiting.
 struct PartyTrainerSetup {
   Recipe recipe;
   ModelConfig model;

@@ -14,6 +14,7 @@
 
 #include "runtime/error.hpp"
 #include "runtime/parallel/collectives.hpp"
+#include "runtime/parallel/gloo_context.hpp"
 
 namespace moerl {
 
@@ -199,8 +200,8 @@ class GlooCollectives final : public Collectives {
 
 }  // namespace
 
-std::unique_ptr<Collectives> connect_gloo(const GlooRendezvous& rendezvous, int rank, int size,
-                                          const GlooOptions& options) {
+std::shared_ptr<gloo::rendezvous::Context> connect_gloo_context(const GlooRendezvous& rendezvous, int rank,
+                                                                int size, const GlooOptions& options) {
   const std::string where = "Gloo rendezvous (prefix " + options.prefix + ", rank " + std::to_string(rank) +
                             " of " + std::to_string(size) + ")";
   require(rendezvous.store != nullptr, where + ": no store (use GlooRendezvous::in_folder or in_memory)");
@@ -214,10 +215,15 @@ std::unique_ptr<Collectives> connect_gloo(const GlooRendezvous& rendezvous, int 
     context->setTimeout(options.timeout);
     gloo::rendezvous::PrefixStore store(options.prefix, *rendezvous.store);
     context->connectFullMesh(store, device);
-    return std::make_unique<GlooCollectives>(std::move(context), options.timeout);
+    return context;
   } catch (const std::exception& e) {
     throw Error(where + ": " + e.what());
   }
+}
+
+std::unique_ptr<Collectives> connect_gloo(const GlooRendezvous& rendezvous, int rank, int size,
+                                          const GlooOptions& options) {
+  return std::make_unique<GlooCollectives>(connect_gloo_context(rendezvous, rank, size, options), options.timeout);
 }
 
 }  // namespace moerl

@@ -1,8 +1,10 @@
 #include "runtime/parallel/party.hpp"
 
+#include <algorithm>
 #include <cstring>
 
 #include "runtime/error.hpp"
+#include "runtime/parallel/channel_gloo.hpp"
 #include "runtime/parallel/dp_trainer.hpp"
 #include "runtime/parallel/ep_shard.hpp"
 #include "runtime/parallel/tp_model.hpp"
@@ -88,6 +90,13 @@ class StageParty final : public Party {
     const bool copy = stage_.has_replica() && !stage_.is_first();
     store_part(stage_.params(), whole, g_.name(party_), copy ? "model.embed_tokens.weight" : "");
   }
+  std::vector<std::string> stored_names(const Params&) const override {
+    const bool copy = stage_.has_replica() && !stage_.is_first();
+    std::vector<std::string> names;
+    for (const auto& [name, p] : stage_.params().all())
+      if (!(copy && name == "model.embed_tokens.weight")) names.push_back(name);
+    return names;
+  }
   void optimizer_state(OptimizerFiles& files) const override {
     for (const auto& [name, t] : opt_->adamw().state()) files["optimizer.safetensors"][name] = t;
   }
@@ -104,6 +113,7 @@ class StageParty final : public Party {
           b.loads[static_cast<size_t>(party)] = loads;
         },
         [&] {
+          if (g.processes_) g.share_board();  // the other processes' parties' entries
           b.norm = global_grad_norm(b.squares);
           b.total = LossSums{};
           b.all_loads.clear();
@@ -162,6 +172,11 @@ class ShardParty final : public Party {
     return StageParty::exchange_as(g_, party_, {}, {}, {}, options.mtp_weight).loss;
   }
   void store_weights(Params& whole) const override { store_part(shard_.params(), whole, g_.name(party_)); }
+  std::vector<std::string> stored_names(const Params&) const override {
+    std::vector<std::string> names;
+    for (const auto& [name, p] : shard_.params().all()) names.push_back(name);
+    return names;
+  }
   void optimizer_state(OptimizerFiles& files) const override {
     for (const auto& [name, t] : opt_->adamw().state()) files["optimizer.safetensors"][name] = t;
   }
@@ -185,7 +200,8 @@ class RankParty final : public Party {
         party_(party),
         d_(d),
         t_(t),
-        dp_(g.data_groups_.at(static_cast<size_t>(t))->member(d)),
+        dp_gloo_(g.connect_data_member(d, t)),
+        dp_(dp_gloo_ ? *dp_gloo_ : g.data_groups_.at(static_cast<size_t>(t))->member(d)),
         tp_(g.tensor_groups_.at(static_cast<size_t>(d))->member(t)) {
     if (g.spec_.tensor > 1) {
       tp_model_ = std::make_unique<TensorParallelModel>(g.config_, tp_);
@@ -244,6 +260,13 @@ class RankParty final : public Party {
     else
       store_part(model_->params(), whole, g_.name(party_));
   }
+  // Replica 0's tensor ranks together write every weight (one process holds them all, build() checks).
+  std::vector<std::string> stored_names(const Params& whole) const override {
+    std::vector<std::string> names;
+    if (d_ == 0 && t_ == 0)
+      for (const auto& [name, p] : whole.all()) names.push_back(name);
+    return names;
+  }
   void optimizer_state(OptimizerFiles& files) const override {
     require(trainer_ != nullptr, g_.name(party_) + ": optimizer state before start_stage");
     files[file()] = trainer_->optimizer().state();
@@ -257,6 +280,7 @@ class RankParty final : public Party {
 
   PartyGroup& g_;
   int party_, d_, t_;
+  std::unique_ptr<Collectives> dp_gloo_;  // this rank of a data group spanning processes
   Collectives& dp_;
   Collectives& tp_;
   std::unique_ptr<Model> model_;
@@ -268,33 +292,107 @@ class RankParty final : public Party {
 
 // ---- the group ----
 
+std::vector<int> spread_parties(const ParallelSpec& spec, int processes) {
+  require(processes >= 1, "parallel group: " + std::to_string(processes) + " processes");
+  std::vector<int> out;
+  if (pipeline_kind(spec)) {
+    require(spec.pipeline >= processes, "parallelism.pipeline: " + std::to_string(spec.pipeline) +
+                                            " stages cannot fill " + std::to_string(processes) +
+                                            " processes (each runs a stage with its expert shards)");
+    const int64_t R = spec.expert > 1 ? spec.expert : 0;
+    for (int64_t s = 0; s < spec.pipeline; ++s) out.push_back(static_cast<int>(s % processes));
+    for (int64_t s = 0; s < spec.pipeline; ++s)
+      for (int64_t r = 0; r < R; ++r) out.push_back(static_cast<int>(s % processes));
+  } else {
+    require(spec.data >= processes, "parallelism.data: " + std::to_string(spec.data) + " replicas cannot fill " +
+                                        std::to_string(processes) + " processes (each runs whole replicas)");
+    for (int64_t d = 0; d < spec.data; ++d)
+      for (int64_t t = 0; t < spec.tensor; ++t) out.push_back(static_cast<int>(d % processes));
+  }
+  return out;
+}
+
 PartyGroup::PartyGroup(const ModelConfig& config, const ParallelSpec& spec, std::chrono::milliseconds timeout)
     : config_(config), spec_(spec), timeout_(timeout) {
+  build(nullptr);
+}
+
+PartyGroup::PartyGroup(const ModelConfig& config, const ParallelSpec& spec, const PartyProcesses& processes,
+                       std::chrono::milliseconds timeout)
+    : config_(config), spec_(spec), timeout_(timeout) {
+  build(&processes);
+}
+
+void PartyGroup::build(const PartyProcesses* processes) {
+  const ParallelSpec& spec = spec_;
   require(spec.any(), "parallel group: the recipe asks for no parallelism");
+  const int64_t parties = pipeline_kind(spec) ? spec.pipeline * (1 + (spec.expert > 1 ? spec.expert : 0))
+                                              : spec.data * spec.tensor;
+  GlooOptions gloo;
+  if (processes != nullptr) {
+    const std::string where = "parallel group across processes (process " + std::to_string(processes->process) + ")";
+    require(static_cast<int64_t>(processes->process_of.size()) == parties,
+            where + ": process_of names " + std::to_string(processes->process_of.size()) + " parties, the group has " +
+                std::to_string(parties));
+    const int P = *std::max_element(processes->process_of.begin(), processes->process_of.end()) + 1;
+    for (int p = 0; p < P; ++p)
+      require(std::count(processes->process_of.begin(), processes->process_of.end(), p) > 0,
+              where + ": process " + std::to_string(p) + " runs no party");
+    require(*std::min_element(processes->process_of.begin(), processes->process_of.end()) >= 0 &&
+                processes->process >= 0 && processes->process < P,
+            where + ": processes are numbered 0 .. " + std::to_string(P - 1));
+    if (!pipeline_kind(spec))
+      for (int64_t p = 0; p < parties; ++p)
+        require(processes->process_of[p] == processes->process_of[p - p % spec.tensor],
+                where + ": replica " + std::to_string(p / spec.tensor) + "'s tensor ranks run in different processes");
+    process_of_ = processes->process_of;
+    process_ = processes->process;
+    gloo.prefix = processes->prefix;
+    gloo.hostname = processes->hostname;
+    gloo.timeout = timeout_;
+    rendezvous_ = processes->rendezvous;
+    gloo_ = gloo;
+    // The board's collectives first: every process joins them before any channel.
+    GlooOptions board = gloo;
+    board.prefix += ".board";
+    processes_ = connect_gloo(processes->rendezvous, process_, P, board);
+  }
+  for (int64_t p = 0; p < parties; ++p) local_size_ += local(static_cast<int>(p)) ? 1 : 0;
   if (pipeline_kind(spec)) {
     require(spec.data == 1 && spec.tensor == 1, "parallel group: pipeline/expert with data/tensor parallelism");
     plan_ = PipelinePlan::even(config_, spec.pipeline, spec.expert > 1 ? spec.expert : 0);
     plan_.validate(config_);
     const int64_t S = spec.pipeline, R = spec.expert > 1 ? spec.expert : 0;
-    auto channel = [&](const std::string& name) {
-      channels_.push_back(make_local_channel(name, timeout_));
+    auto shard = [&](int64_t s, int64_t r) { return static_cast<int>(S + s * R + r); };
+    // Channel `name` from party `from` to party `to`: in-process when both run here, a Gloo channel's end when
+    // one does (connected in this order, the same in every process), none when neither does.
+    auto channel = [&](const std::string& name, int64_t from, int64_t to) -> std::shared_ptr<Channel> {
+      const bool sends = local(static_cast<int>(from)), receives = local(static_cast<int>(to));
+      if (!sends && !receives) return nullptr;
+      if (sends && receives)
+        channels_.push_back(make_local_channel(name, timeout_));
+      else
+        channels_.push_back(connect_gloo_channel(processes->rendezvous, name,
+                                                 sends ? ChannelEnd::kSender : ChannelEnd::kReceiver, gloo));
       return channels_.back();
     };
     stage_links_.resize(static_cast<size_t>(S));
     for (int64_t s = 0; s + 1 < S; ++s) {
       const std::string a = std::to_string(s), b = std::to_string(s + 1);
-      stage_links_[s].act_out = stage_links_[s + 1].act_in = channel("stage " + a + " -> " + b + " activations");
-      stage_links_[s + 1].grad_out = stage_links_[s].grad_in = channel("stage " + b + " -> " + a + " activation gradients");
+      stage_links_[s].act_out = stage_links_[s + 1].act_in = channel("stage " + a + " -> " + b + " activations", s, s + 1);
+      stage_links_[s + 1].grad_out = stage_links_[s].grad_in =
+          channel("stage " + b + " -> " + a + " activation gradients", s + 1, s);
     }
     if (S > 1) {
-      stage_links_.back().replica_grad = stage_links_.front().replica_grad = channel("embedding copy gradient");
-      stage_links_.back().replica_weight = stage_links_.front().replica_weight = channel("embedding weights");
+      stage_links_.back().replica_grad = stage_links_.front().replica_grad = channel("embedding copy gradient", S - 1, 0);
+      stage_links_.back().replica_weight = stage_links_.front().replica_weight = channel("embedding weights", 0, S - 1);
     }
     for (int64_t s = 0; s < S; ++s) {
       names_.push_back("stage_trainer/" + std::to_string(s));
       for (int64_t r = 0; r < R; ++r) {
         const std::string who = "stage " + std::to_string(s) + " expert shard " + std::to_string(r);
-        stage_links_[s].experts.push_back(ExpertLink{channel(who + " requests"), channel(who + " replies")});
+        auto requests = channel(who + " requests", s, shard(s, r));
+        stage_links_[s].experts.push_back(ExpertLink{requests, channel(who + " replies", shard(s, r), s)});
       }
     }
     for (int64_t s = 0; s < S; ++s)
@@ -302,7 +400,11 @@ PartyGroup::PartyGroup(const ModelConfig& config, const ParallelSpec& spec, std:
   } else {
     const int D = static_cast<int>(spec.data), T = static_cast<int>(spec.tensor);
     for (int d = 0; d < D; ++d) tensor_groups_.push_back(std::make_unique<InProcessGroup>(T, timeout_));
-    for (int t = 0; t < T; ++t) data_groups_.push_back(std::make_unique<InProcessGroup>(D, timeout_));
+    for (int t = 0; t < T; ++t) {
+      bool here = true;  // every replica's rank t in this process
+      for (int d = 0; d < D; ++d) here = here && local(d * T + t);
+      data_groups_.push_back(here ? std::make_unique<InProcessGroup>(D, timeout_) : nullptr);
+    }
     for (int d = 0; d < D; ++d)
       for (int t = 0; t < T; ++t) names_.push_back("stage_trainer/" + std::to_string(d) + "." + std::to_string(t));
   }
@@ -313,8 +415,23 @@ PartyGroup::PartyGroup(const ModelConfig& config, const ParallelSpec& spec, std:
 
 PartyGroup::~PartyGroup() = default;
 
+std::unique_ptr<Collectives> PartyGroup::connect_data_member(int d, int t) {
+  if (data_groups_.at(static_cast<size_t>(t)) != nullptr) return nullptr;
+  GlooOptions o = gloo_;
+  o.prefix += ".data" + std::to_string(t);
+  return connect_gloo(rendezvous_, d, static_cast<int>(spec_.data), o);
+}
+
+bool PartyGroup::local(int party) const {
+  return process_of_.empty() || process_of_.at(static_cast<size_t>(party)) == process_;
+}
+
 std::unique_ptr<Party> PartyGroup::make(int party) {
   require(party >= 0 && party < size(), "parallel group: no party " + std::to_string(party));
+  if (!local(party))
+    throw Error("parallel group: party " + name(party) + " runs in process " +
+                std::to_string(process_of_.at(static_cast<size_t>(party))) + ", not this one (" +
+                std::to_string(process_) + ")");
   if (!pipeline_kind(spec_)) {
     const int T = static_cast<int>(spec_.tensor);
     return std::make_unique<RankParty>(*this, party, party / T, party % T);
@@ -329,7 +446,7 @@ void PartyGroup::sync(int party, const std::function<void()>& mine, const std::f
   if (!aborted_.empty()) throw Error(name(party) + ": the parallel group stopped: " + aborted_);
   mine();
   const uint64_t gen = generation_;
-  if (++arrived_ == size()) {
+  if (++arrived_ == local_size_) {
     arrived_ = 0;
     once_error_ = nullptr;
     try {
@@ -357,16 +474,37 @@ void PartyGroup::checkpoint(int party, const Party& p, const fs::path& dir, cons
         if (!checkpoint_model_) checkpoint_model_ = std::make_unique<Model>(config_);
         p.store_weights(checkpoint_model_->params());
         p.optimizer_state(checkpoint_files_);
+        if (processes_) {
+          const std::vector<std::string> names = p.stored_names(checkpoint_model_->params());
+          checkpoint_names_.insert(checkpoint_names_.end(), names.begin(), names.end());
+        }
       },
       [&] {
-        // Written beside `dir`, then swapped in whole: a crash leaves the previous checkpoint (or dir.old).
-        const fs::path staging = dir.string() + ".parts";
-        fs::remove_all(staging);
-        save_checkpoint(staging, *checkpoint_model_, tokenizer, nullptr, &trainer_state);
-        for (const auto& [file, tensors] : checkpoint_files_) write_safetensors(staging / file, tensors);
-        replace_directory(staging, dir);
+        std::string failure;
+        try {
+          if (processes_) gather_checkpoint();
+          if (process_ == 0) {
+            // Written beside `dir`, then swapped in whole: a crash leaves the previous checkpoint (or dir.old).
+            const fs::path staging = dir.string() + ".parts";
+            fs::remove_all(staging);
+            save_checkpoint(staging, *checkpoint_model_, tokenizer, nullptr, &trainer_state);
+            for (const auto& [file, tensors] : checkpoint_files_) write_safetensors(staging / file, tensors);
+            replace_directory(staging, dir);
+          }
+        } catch (const std::exception& e) {
+          failure = e.what();
+        }
         checkpoint_model_.reset();
         checkpoint_files_.clear();
+        checkpoint_names_.clear();
+        received_.clear();
+        if (processes_) {
+          // Every process returns once process 0 wrote the folder, and fails when it could not.
+          double failed = failure.empty() ? 0 : 1;
+          processes_->allreduce_sum(&failed, 1);
+          if (failed > 0 && failure.empty()) failure = "another process failed to write the checkpoint " + dir.string();
+        }
+        if (!failure.empty()) throw Error(failure);
       });
 }
 
@@ -378,7 +516,8 @@ void PartyGroup::abort(const std::string& why) {
   }
   for (auto& c : channels_) c->close(why);
   for (auto& g : tensor_groups_) g->abort();
-  for (auto& g : data_groups_) g->abort();
+  for (auto& g : data_groups_)
+    if (g) g->abort();
 }
 
 }  // namespace moerl
