@@ -44,7 +44,7 @@
 #include "kernels/cuda/fp8_quantize_tile.cuh"
 #include "kernels/cuda/linear_impl.cuh"
 #include "kernels/cuda/moe_fp8.hpp"
-#include "kernels/cuda/stage_timer.hpp"
+#include "kernels/cuda/phase_timer.hpp"
 #include "kernels/cuda/stream_scratch.hpp"
 #include "kernels/cuda/swiglu.hpp"
 #include "kernels/cuda/swiglu_fp8.hpp"
@@ -356,12 +356,12 @@ void check(const char* fn, const MoeFp8Experts& w, const int64_t* aligned_host, 
                   std::to_string(e) + ")");
 }
 
-// The stages of one call for MOERL_GPU_PROFILE (kernels/cuda/stage_timer.hpp): next("x") ends the current stage
+// The stages of one call for MOERL_GPU_PROFILE (kernels/cuda/phase_timer.hpp): next("x") ends the current stage
 // and starts "moe_fp8.e<E>.<pass>.x"; nothing is built unless profiling.
 class Stages {
  public:
   Stages(int64_t experts, const char* pass, cudaStream_t stream) : stream_(stream) {
-    if (cuda_detail::stage_profiling())
+    if (cuda_detail::profiling())
       prefix_ = "moe_fp8.e" + std::to_string(experts) + "." + pass + ".";
   }
   void next(const char* what) {
@@ -373,7 +373,7 @@ class Stages {
  private:
   std::string prefix_;
   cudaStream_t stream_;
-  std::optional<cuda_detail::StageTimer> timer_;
+  std::optional<cuda_detail::PhaseTimer> timer_;
 };
 
 }  // namespace
@@ -534,7 +534,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
       auto wgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
         fp8::cuda::gemm_nt_accumulate(gc, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I, s);
       };
-      if (cuda_detail::stage_profiling()) {  // each GEMM kind timed on its own (one more join)
+      if (cuda_detail::profiling()) {  // each GEMM kind timed on its own (one more join)
         lanes().run(aligned_host, E, stream, dgrad);
         st.next("gemm_down_wgrad");
         lanes().run(aligned_host, E, stream, wgrad);
@@ -609,7 +609,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
       fp8::cuda::gemm_nt_accumulate(gc, dgt.expert(r0, n), x, w.gate_grad + e * I * H, s);
       fp8::cuda::gemm_nt_accumulate(gc, dut.expert(r0, n), x, w.up_grad + e * I * H, s);
     };
-    if (cuda_detail::stage_profiling()) {  // each GEMM kind timed on its own (one more join)
+    if (cuda_detail::profiling()) {  // each GEMM kind timed on its own (one more join)
       lanes().run(aligned_host, E, stream, dgrad);
       st.next("gemm_gate_up_wgrad");
       lanes().run(aligned_host, E, stream, wgrad);

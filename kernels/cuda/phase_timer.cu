@@ -1,10 +1,11 @@
-// MOERL_GPU_PROFILE phase timings (runtime/gpu/gpu_profile.hpp). Diagnostics only: CUDA errors here are ignored
+// MOERL_GPU_PROFILE phase timings (kernels/cuda/phase_timer.hpp). Diagnostics only: CUDA errors here are ignored
 // (the model's own checks report real failures), and a destructor never throws.
-#include "runtime/gpu/gpu_profile.hpp"
+#include "kernels/cuda/phase_timer.hpp"
 
 #include <cuda_runtime_api.h>
 
 #include <algorithm>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -12,7 +13,7 @@
 #include <utility>
 #include <vector>
 
-namespace moerl::gpu::detail {
+namespace moerl::cuda_detail {
 namespace {
 
 struct Sample {
@@ -100,9 +101,6 @@ PhaseTimer::PhaseTimer(std::string name, cudaStream_t stream) {
   host_start_ = std::chrono::steady_clock::now();
 }
 
-PhaseTimer::PhaseTimer(Precision p, const char* what, cudaStream_t stream)
-    : PhaseTimer(profiling() ? std::string(precision_name(p)) + "." + what : std::string(), stream) {}
-
 PhaseTimer::~PhaseTimer() {
   if (start_ == nullptr) return;
   cudaEvent_t stop = nullptr;
@@ -117,4 +115,4 @@ PhaseTimer::~PhaseTimer() {
   reg.samples.push_back({std::move(name_), start_, stop, host_ms});
 }
 
-}  // namespace moerl::gpu::detail
+}  // namespace moerl::cuda_detail
