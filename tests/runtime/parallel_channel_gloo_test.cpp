@@ -17,6 +17,7 @@
 
 #include "runtime/error.hpp"
 #include "runtime/parallel/channel_gloo.hpp"
+#include "tests/support/scratch_dir.hpp"
 
 namespace moerl {
 namespace {
@@ -125,18 +126,6 @@ TEST(GlooChannel, AMissingPeerFailsTheRendezvousNamingTheChannel) {
   EXPECT_LT(Clock::now() - start, std::chrono::seconds(10));
 }
 
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "moerl-channel-XXXXXX").string();
-    path = mkdtemp(tmpl.data());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-};
-
 std::vector<float> payload(size_t i) {
   std::vector<float> v(1000 * (i + 1));  // up to 20 kB: several TCP segments
   for (size_t k = 0; k < v.size(); ++k) v[k] = static_cast<float>(k) * 0.125f + static_cast<float>(i);
@@ -146,7 +135,7 @@ std::vector<float> payload(size_t i) {
 // A child process echoes 5 messages back (each plus one) over a second channel, then leaves with _exit
 // without closing anything: the parent's next recv fails with the lost connection, not the 10 s timeout.
 TEST(GlooChannel, TwoProcessesExchangeInOrderAndALostPeerClosesTheChannel) {
-  TempDir dir;
+  test::ScratchDir dir("moerl-channel");
   const GlooOptions o = options("fork", milliseconds(10000));
   constexpr size_t kMessages = 5;
   const pid_t child = fork();

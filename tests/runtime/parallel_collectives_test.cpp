@@ -15,9 +15,13 @@
 
 #include "runtime/error.hpp"
 #include "runtime/parallel/collectives.hpp"
+#include "tests/support/scratch_dir.hpp"
+#include "tests/support/on_threads.hpp"
 
 namespace moerl {
 namespace {
+
+using test::on_threads;
 
 using std::chrono::milliseconds;
 
@@ -26,23 +30,6 @@ GlooOptions gloo_options(const std::string& prefix, milliseconds timeout) {
   o.prefix = prefix;
   o.timeout = timeout;
   return o;
-}
-
-// Runs body(rank) on `ranks` threads; rethrows the first failure after all have finished.
-void on_threads(int ranks, const std::function<void(int)>& body) {
-  std::vector<std::exception_ptr> errors(static_cast<size_t>(ranks));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < ranks; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        body(r);
-      } catch (...) {
-        errors[static_cast<size_t>(r)] = std::current_exception();
-      }
-    });
-  for (auto& t : threads) t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
 }
 
 // Values of mixed magnitudes, so that the order of a sum shows in its last bits.
@@ -197,21 +184,8 @@ TEST(GlooCollectives, AMissingPeerFailsTheRendezvousWithinItsTimeout) {
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
 }
 
-// A fresh folder under the system's temporary directory, removed at the end of the test.
-struct TempDir {
-  std::filesystem::path path;
-  TempDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "moerl-gloo-XXXXXX").string();
-    path = mkdtemp(tmpl.data());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path, ec);
-  }
-};
-
 TEST(GlooCollectives, TwoProcessesAllReduceOverLoopbackWithADeadline) {
-  TempDir dir;
+  test::ScratchDir dir("moerl-gloo");
   constexpr size_t n = 100000;  // several hundred kB: more than one TCP segment
   auto values = [](int rank) {
     std::vector<float> v(n);

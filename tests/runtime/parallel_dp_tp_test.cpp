@@ -14,9 +14,12 @@
 #include "runtime/parallel/collectives.hpp"
 #include "runtime/parallel/dp_trainer.hpp"
 #include "runtime/parallel/tp_model.hpp"
+#include "tests/support/on_threads.hpp"
 
 namespace moerl {
 namespace {
+
+using test::on_threads;
 
 using std::chrono::milliseconds;
 constexpr uint64_t kSeed = 7;
@@ -113,23 +116,6 @@ RunResult single_run(const Scenario& s) {
     out.losses.push_back(r.loss);
   }
   return out;
-}
-
-// Runs body(rank) on `ranks` threads; rethrows the first failure after all have finished.
-void on_threads(int ranks, const std::function<void(int)>& body) {
-  std::vector<std::exception_ptr> errors(static_cast<size_t>(ranks));
-  std::vector<std::thread> threads;
-  for (int r = 0; r < ranks; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        body(r);
-      } catch (...) {
-        errors[static_cast<size_t>(r)] = std::current_exception();
-      }
-    });
-  for (auto& t : threads) t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
 }
 
 // DP × TP training: replica d trains on its slice of the batch; with tp > 1 it is a TensorParallelModel of

@@ -24,6 +24,7 @@
 #include "runtime/optim/adamw.hpp"
 #include "runtime/parallel/party.hpp"
 #include "runtime/safetensors.hpp"
+#include "tests/support/scratch_dir.hpp"
 
 extern char** environ;
 
@@ -191,18 +192,6 @@ RunTrace train_single(const ModelConfig& c, const ForwardOptions& o) {
   return run;
 }
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "moerl-parties-XXXXXX").string();
-    path = mkdtemp(tmpl.data());
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
-
 // Starts this binary running only kHelper, with `dir` and `scenario` in its environment and its output in dir/helper.log.
 pid_t start_helper(const fs::path& dir, const std::string& scenario) {
   // Everything exec needs is built before fork: the child only calls async-signal-safe functions.
@@ -266,7 +255,7 @@ TEST(PartyProcesses, HelperRunsProcessOneWhenStartedByTheTwoProcessTest) {
 // processes: process 1's stage fails, and every party of process 0 stops within seconds — not the 30 s
 // timeout — with an error carrying the cause.
 TEST(PartyProcesses, AStageFailingInOneProcessReleasesTheOtherProcessWithTheCause) {
-  TempDir dir;
+  test::ScratchDir dir("moerl-parties");
   const Scenario sc = scenario("pp");
   const pid_t helper = start_helper(dir.path, "pp-fail");
   ASSERT_GT(helper, 0) << std::strerror(errno);
@@ -294,7 +283,7 @@ TEST(PartyProcesses, AStageFailingInOneProcessReleasesTheOtherProcessWithTheCaus
 // the per-step losses and norms and the checkpoints.
 void expect_two_processes_follow_one(const std::string& name) {
   const Scenario sc = scenario(name);
-  TempDir dir;
+  test::ScratchDir dir("moerl-parties");
   const RunTrace single = train_single(sc.config, sc.options);
   PartyGroup in_process(sc.config, sc.spec, kTimeout);
   const RunTrace local = run_parties(in_process, sc.options, dir.path / "in-process");
