@@ -35,6 +35,8 @@ constexpr int kTransposeWarps = 8;          // transposed: warps per block
 // transposed: columns of x per block, 32 or 64 (TransposedKernel, kernels/fp8_quantize.hpp); the default shape,
 // Tiles64, is fp8_quantize_tile.cuh's 128 x 64 block (transposed and swizzled in shared memory, 16-byte code
 // stores), where its conditions hold, else Cols32; Tiles64Rows4 takes 4 such blocks down the rows per thread block.
+// On the H200 at 8192 x 8192 (bench/results/2026-11-29-gpu-quant-h200-17b4933.jsonl, 5 runs of moerl bench gpu):
+// tiles64 3.13-3.39 TB/s, tiles64r4 2.60-3.05, blocks128 2.58-2.83, cols32 2.64-2.84, cols64 2.43-2.59.
 
 // 4 consecutive elements from column c of a row with `cols` elements; zero beyond the row's end.
 __device__ __forceinline__ void load4(const float* row, int64_t c, int64_t cols, bool vec, float (&v)[4]) {
