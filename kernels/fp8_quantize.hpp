@@ -57,15 +57,22 @@ void quantize_1x128_dual(const float* x, int64_t rows, int64_t cols, const int64
                          cudaStream_t stream = nullptr);
 
 // The kernel shapes of the transposed quantization, all giving the same bytes: blocks of 128 rows x 32 or x 64
-// columns of x staged in shared memory, or quantize_1x128_dual's 128 x 128 blocks (Blocks128; where its
-// conditions fail, Cols32). `moerl bench gpu` measures each (quant_1x128_transposed_<name>_gbps).
-enum class TransposedKernel { Cols32, Cols64, Blocks128 };
-// The one quantize_1x128_transposed(_grouped) use: MOERL_QUANT_TRANSPOSED=cols32|cols64|blocks128, read once
-// (default cols32); throws moerl::Error on another value.
+// columns of x staged in shared memory (Cols32, Cols64), or fp8_quantize_tile.cuh's blocks of 128 rows x 128
+// (quantize_1x128_dual's) or x 64 columns (Tiles64), transposed in swizzled shared memory with 16-byte code stores
+// (where their conditions fail — rows % 128, cols % 4, x 16-byte aligned — Cols32); Tiles64Rows4: 4 of Tiles64's
+// blocks down the rows per thread block, the next one loaded while the current one is quantized. `moerl bench gpu`
+// measures each (quant_1x128_transposed_<name>_gbps).
+enum class TransposedKernel { Cols32, Cols64, Blocks128, Tiles64, Tiles64Rows4 };
+// The one quantize_1x128_transposed(_grouped) use: MOERL_QUANT_TRANSPOSED=cols32|cols64|blocks128|tiles64|tiles64r4,
+// read once (default tiles64); throws moerl::Error on another value.
 TransposedKernel transposed_kernel();
 const char* transposed_kernel_name(TransposedKernel kernel);
 // quantize_1x128_transposed with the given kernel shape.
 void quantize_1x128_transposed_with(TransposedKernel kernel, const float* x, int64_t rows, int64_t cols,
                                     uint8_t* codes_t, float* scales_t, cudaStream_t stream = nullptr);
+// quantize_1x128_transposed_grouped with the given kernel shape.
+void quantize_1x128_transposed_grouped_with(TransposedKernel kernel, const float* x, int64_t rows, int64_t cols,
+                                            const int64_t* bounds, int64_t n_groups, uint8_t* codes_t,
+                                            float* scales_t, cudaStream_t stream = nullptr);
 
 }  // namespace moerl::fp8::cuda

@@ -4,7 +4,8 @@
 //   gemm_bf16_8192_tflops                                   cuBLASLt BF16 GEMM, the same layout, for comparison
 //   quant_1x128_gbps, quant_128x128_gbps,
 //   quant_1x128_transposed_gbps                             fp8::cuda::quantize_*, 8192 x 8192 FP32 in
-//   quant_1x128_transposed_{cols32,cols64,blocks128}_gbps   each kernel shape of the transposed one
+//   quant_1x128_transposed_<shape>_gbps                     each kernel shape of the transposed one (cols32, cols64,
+//                                                           blocks128, tiles64, tiles64r4)
 //   quant_1x128_dual_gbps                                   quantize_1x128_dual: both ways, one read
 //   train_step_{fp8,bf16}_tokens_per_s, train_step_peak_mem_gib,
 //   moe_layer_{fp8,bf16}_ms                                 training: bench/cuda/train_step_bench.cu
@@ -286,7 +287,8 @@ void bench_quantize(Report& report, const std::string& device, cudaStream_t stre
   }
   // Every shape of the transposed kernel (the same bytes; MOERL_QUANT_TRANSPOSED picks the one in use).
   for (fc::TransposedKernel k : {fc::TransposedKernel::Cols32, fc::TransposedKernel::Cols64,
-                                  fc::TransposedKernel::Blocks128}) {
+                                  fc::TransposedKernel::Blocks128, fc::TransposedKernel::Tiles64,
+                                  fc::TransposedKernel::Tiles64Rows4}) {
     const std::vector<float> ms = time_runs(stream, kWarmup, kRuns, [&](int) {
       fc::quantize_1x128_transposed_with(k, x.as<float>(), rows, cols, codes.as<uint8_t>(), scales.as<float>(), stream);
     });

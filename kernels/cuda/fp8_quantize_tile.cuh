@@ -1,15 +1,21 @@
-// One 128 x 128 block of an activation per thread block, read once, quantized in 1x128 tiles along its rows
-// (quantize_1x128's codes and scales), along its columns (quantize_1x128_transposed's, optionally grouped), or
-// both. The activation comes from a source functor, so a producer (SwiGLU, its backward) can hand its output
-// straight to the quantization without a pass over memory (kernels/cuda/swiglu_fp8.cu).
+// Blocks of 128 rows x kTC columns of an activation (kTC = 128, or 64 for the columns alone), one per thread
+// block, read once and quantized in 1x128 tiles along its rows (quantize_1x128's codes and scales; kTC = 128 only),
+// along its columns (quantize_1x128_transposed's, optionally grouped), or both. The activation comes from a source
+// functor, so a producer (SwiGLU, its backward) can hand its output straight to the quantization without a pass
+// over memory (kernels/cuda/swiglu_fp8.cu).
 //
-// Layout of a block (rt, ct): rows r0 = 128 rt .., columns c0 = 128 ct ... 16 warps; warp w loads rows
-// 8w .. 8w + 7, 4 rows x 32 columns per 16-byte load (k = 0 .. 7: rows 8w + 4(k / 4) + lane / 8, columns
-// 32(k % 4) + 4(lane % 8)), so the 8 lanes sharing a row hold all its 128 columns: the row's amax is 3 shuffles
-// and its codes are written from registers. For the columns the block goes through shared memory (row stride
-// 129 floats: the stores of one load and the column reads are both conflict-free); warp w quantizes columns
-// 8w .. 8w + 7 (lane l holds rows l, l + 32, l + 64, l + 96), stages their codes per column over the same shared
-// memory and writes each column's 128 codes as one 128-byte store.
+// Layout of a block (rt, ct): rows r0 = 128 rt .., columns c0 = kTC ct ..; 4 kTC threads (16 or 8 warps), each
+// with 8 16-byte loads. A warp's load k covers 4 rows x 32 columns (4 full 128-byte lines): rows
+// 4 m + lane / 8 with m = warp · (8 / H) + k / H, columns 32 (k % H) + 4 (lane % 8), H = kTC / 32. For kTC = 128
+// the 8 lanes sharing a row hold all its 128 columns: the row's amax is 3 shuffles and its codes are written from
+// registers. For the columns the block is stored transposed in shared memory, [kTC columns][128 rows] floats,
+// with the 16-byte chunks of column c XOR-swizzled by (c / 4) % 8 (element (c, r) at
+// 128 c + 4 ((r / 4) ^ ((c / 4) % 8)) + r % 4): the scalar stores of a load are conflict-free (lane % 8 picks
+// the swizzle, lane / 8 the bank within the chunk). Then thread (warp w, lane = 8 k4 + p) takes column
+// 32 (w / 4) + 4 p + w % 4 (swizzle p) and its rows 16 k4 .. + 15 and 64 + 16 k4 .. + 15 as 8 16-byte reads
+// (each quarter warp reads 8 distinct bank groups), the column's amax over 128 rows is 2 shuffles (lanes p,
+// p + 8, p + 16, p + 24), and each thread writes its 2 x 16 codes as two 16-byte stores, so a warp's store covers
+// 64 contiguous bytes of each of its 8 columns (4-byte stores where the codes are not 16-byte aligned).
 //
 // Needs rows % 128 == 0 (the routed experts' aligned rows), cols % 4 == 0 and 16-byte aligned sources, 4-byte
 // aligned codes (callers check; a partial last column tile is zero-padded as on the CPU). Bit-exact with the CPU
@@ -24,13 +30,23 @@
 
 namespace moerl::fp8::cuda::quant_detail {
 
-constexpr int kTileWarps = 16;
-constexpr int kTileThreads = kTileWarps * kWarp;
-constexpr int kTileStride = kTile + 1;                                 // floats per shared row
-constexpr int kTileSmemBytes = static_cast<int>(sizeof(float)) * kTile * kTileStride;  // 66,048 bytes
-constexpr int kTileLoads = kTile * kTile / 4 / kTileThreads;           // 16-byte loads per thread
-static_assert(kTileLoads == 8 && kTile / kTileWarps == 8, "the layout above");
-static_assert(kTile * kTile <= kTileSmemBytes, "staged codes fit in the tile's shared memory");
+// The block shape for kTC columns (see the layout above).
+template <int kTC>
+struct TileShape {
+  static_assert(kTC == 64 || kTC == 128, "64 or 128 columns per block");
+  static constexpr int kThreads = 4 * kTC;                          // 256 or 512
+  static constexpr int kChunks = kTC / 32;                          // 32-column chunks per row (H)
+  static constexpr int kLoads = 8;                                  // 16-byte loads per thread
+  static constexpr int kSmemBytes = static_cast<int>(sizeof(float)) * kTC * kTile;  // 32 or 64 KiB
+  static_assert(kThreads * kLoads * 4 == kTile * kTC, "the loads cover the block");
+  // Row (in the block) and first column of load k of a thread of warp `warp`, lane 8 sub + quad.
+  __device__ static int row(int k, int warp, int sub) { return 4 * (warp * (kLoads / kChunks) + k / kChunks) + sub; }
+  __device__ static int col(int k, int quad) { return 32 * (k % kChunks) + 4 * quad; }
+};
+constexpr int kTileLoads = 8;
+
+// Index of element (column c, row r) of the transposed, swizzled block in shared memory.
+__device__ __forceinline__ int swizzled(int c, int r) { return c * kTile + 4 * ((r >> 2) ^ ((c >> 2) & 7)) + (r & 3); }
 
 struct TileOutputs {
   int64_t rows = 0, cols = 0;                     // the activation [rows, cols]
@@ -42,13 +58,16 @@ struct TileOutputs {
   int64_t n_groups = 0;
 };
 
-// The block (blockIdx.y, blockIdx.x)'s values, v[k] = x[r, c .. c + 3] at the load layout above (zeros past
-// cols), quantized into o. Uses the tile's shared memory when kCols; the caller syncs before reusing it.
-template <bool kRows, bool kCols>
+// The block (rt, blockIdx.x)'s values, v[k] = x[r, c .. c + 3] at the load layout above (zeros past cols),
+// quantized into o. Uses the block's shared memory when kCols; the caller syncs before reusing it. With kCols,
+// refill() is called once v is in shared memory (it may load the next block into v); v is not read after it.
+template <bool kRows, bool kCols, int kTC, class Refill>
 __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], const TileOutputs& o,
-                                                     float4* tile_smem) {
+                                                     float4* tile_smem, int64_t rt, const Refill& refill) {
+  using Shape = TileShape<kTC>;
+  static_assert(!kRows || kTC == kTile, "row tiles need all 128 columns in the block");
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
-  const int64_t rt = blockIdx.y, ct = blockIdx.x, r0 = rt * kTile, c0 = ct * kTile;
+  const int64_t ct = blockIdx.x, r0 = rt * kTile, c0 = ct * kTC;
   if constexpr (kRows) {
     const int64_t ntiles = (o.cols + kTile - 1) / kTile;
 #pragma unroll
@@ -58,11 +77,11 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
       for (int k = 4 * h; k < 4 * h + 4; ++k) amax = max(amax, abs_bits4(v[k]));
       for (int offset = 1; offset < 8; offset *= 2) amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
       const float scale = scale_from_amax_bits(amax);
-      const int64_t r = r0 + 8 * warp + 4 * h + sub;
+      const int64_t r = r0 + Shape::row(4 * h, warp, sub);
       if (quad == 0) o.scales[r * ntiles + ct] = scale;
 #pragma unroll
       for (int k = 4 * h; k < 4 * h + 4; ++k) {
-        const int64_t c = c0 + 32 * (k & 3) + 4 * quad;
+        const int64_t c = c0 + Shape::col(k, quad);
         if (c < o.cols) __stcs(reinterpret_cast<unsigned int*>(o.codes + r * o.cols + c), encode4(v[k], scale));
       }
     }
@@ -71,114 +90,142 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
     float* tile = reinterpret_cast<float*>(tile_smem);
 #pragma unroll
     for (int k = 0; k < kTileLoads; ++k) {
-      const int rr = 8 * warp + 4 * (k >> 2) + sub, cc = 32 * (k & 3) + 4 * quad;
+      const int rr = Shape::row(k, warp, sub), cc = Shape::col(k, quad);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) tile[rr * kTileStride + cc + e] = v[k][e];
+      for (int e = 0; e < 4; ++e) tile[swizzled(cc + e, rr)] = v[k][e];
     }
     __syncthreads();
-    constexpr int kCols8 = kTile / kTileWarps;
-    float q[kCols8][4];
+    refill();
+    // This thread's column jj (swizzle p) and rows 16 k4 + 4 i .. + 3 (i < 4), 64 + 16 k4 + 4 (i - 4) .. (i >= 4).
+    const int p = lane & 7, k4 = lane >> 3;
+    const int jj = 32 * (warp / 4) + 4 * p + warp % 4;
+    const float4* column = reinterpret_cast<const float4*>(tile + jj * kTile);
+    float q[8][4];
+    int amax = 0;
 #pragma unroll
-    for (int j = 0; j < kCols8; ++j)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) q[j][i] = tile[(lane + i * kWarp) * kTileStride + warp * kCols8 + j];
-    __syncthreads();  // the staged codes below overwrite the tile
-    uint8_t* staged = reinterpret_cast<uint8_t*>(tile_smem);  // [128 columns][128 rows]
-    const int64_t nrow_tiles = o.rows / kTile;
-#pragma unroll
-    for (int j = 0; j < kCols8; ++j) {
-      const int jj = warp * kCols8 + j;
-      const float scale = scale_from_amax_bits(warp_max(abs_bits4(q[j])));
-      const int64_t c = c0 + jj;
-      if (lane == 0 && c < o.cols) o.scales_t[c * nrow_tiles + rt] = scale;
-      const uint16_t lo = encode2(q[j][0], q[j][1], scale), hi = encode2(q[j][2], q[j][3], scale);
-      staged[jj * kTile + lane] = static_cast<uint8_t>(lo);
-      staged[jj * kTile + lane + kWarp] = static_cast<uint8_t>(lo >> 8);
-      staged[jj * kTile + lane + 2 * kWarp] = static_cast<uint8_t>(hi);
-      staged[jj * kTile + lane + 3 * kWarp] = static_cast<uint8_t>(hi >> 8);
+    for (int i = 0; i < 8; ++i) {
+      const int chunk = 4 * k4 + (i < 4 ? i : 16 + i - 4);
+      const float4 f = column[chunk ^ p];
+      q[i][0] = f.x, q[i][1] = f.y, q[i][2] = f.z, q[i][3] = f.w;
+      amax = max(amax, abs_bits4(q[i]));
     }
-    __syncwarp();  // each warp reads back only the columns it staged
-
-    // Where this block's codes go: rows r0 .. of a [cols, out_rows] matrix at out.
-    uint8_t* out = o.codes_t;
-    int64_t out_rows = o.rows, first = r0;
-    if (o.bounds != nullptr) {
-      int64_t lo = 0, hi = o.n_groups;  // the last group starting at or before r0 (empty groups skipped)
-      while (hi - lo > 1) {
-        const int64_t mid = (lo + hi) / 2;
-        if (o.bounds[mid] <= r0)
-          lo = mid;
-        else
-          hi = mid;
+    amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 8));
+    amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 16));
+    const float scale = scale_from_amax_bits(amax);
+    const int64_t c = c0 + jj;
+    if (c < o.cols) {
+      const int64_t nrow_tiles = o.rows / kTile;
+      if (k4 == 0) o.scales_t[c * nrow_tiles + rt] = scale;
+      // Where this block's codes go: rows r0 .. of a [cols, out_rows] matrix at out.
+      uint8_t* out = o.codes_t;
+      int64_t out_rows = o.rows, first = r0;
+      if (o.bounds != nullptr) {
+        int64_t lo = 0, hi = o.n_groups;  // the last group starting at or before r0 (empty groups skipped)
+        while (hi - lo > 1) {
+          const int64_t mid = (lo + hi) / 2;
+          if (o.bounds[mid] <= r0)
+            lo = mid;
+          else
+            hi = mid;
+        }
+        out = o.codes_t + o.bounds[lo] * o.cols;
+        out_rows = o.bounds[lo + 1] - o.bounds[lo];
+        first = r0 - o.bounds[lo];
       }
-      out = o.codes_t + o.bounds[lo] * o.cols;
-      out_rows = o.bounds[lo + 1] - o.bounds[lo];
-      first = r0 - o.bounds[lo];
-    }
+      uint32_t w[8];
 #pragma unroll
-    for (int j = 0; j < kCols8; ++j) {
-      const int jj = warp * kCols8 + j;
-      const int64_t c = c0 + jj;
-      if (c >= o.cols) break;
-      const uint32_t packed = reinterpret_cast<const uint32_t*>(staged + jj * kTile)[lane];
-      __stcs(reinterpret_cast<unsigned int*>(out + c * out_rows + first) + lane, packed);
+      for (int i = 0; i < 8; ++i) w[i] = encode4(q[i], scale);
+      uint8_t* dst = out + c * out_rows + first + 16 * k4;
+      if (reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+        __stcs(reinterpret_cast<uint4*>(dst), make_uint4(w[0], w[1], w[2], w[3]));
+        __stcs(reinterpret_cast<uint4*>(dst + 64), make_uint4(w[4], w[5], w[6], w[7]));
+      } else {  // codes 4-byte aligned only
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          __stcs(reinterpret_cast<unsigned int*>(dst) + i, w[i]);
+          __stcs(reinterpret_cast<unsigned int*>(dst + 64) + i, w[4 + i]);
+        }
+      }
     }
   }
 }
 
-// The source at (r, c) (c + 3 < cols) returns x[r, c .. c + 3]; it is called once per such group.
-template <class Src, bool kRows, bool kCols>
-__global__ void __launch_bounds__(kTileThreads, 2) quantize_tile_kernel(Src src, TileOutputs o) {
+// The source at (r, c) (c + 3 < cols) returns x[r, c .. c + 3]; it is called once per such group. kRT > 1 (the
+// columns alone): the block takes kRT row tiles in turn, rows 128 kRT blockIdx.y .., loading the next tile's
+// values while it quantizes the current one, so each column's codes go out kRT x 128 bytes at a time.
+// Registers (ptxas, sm_90a): 64 a thread (2 blocks of 512 or 4 of 256 per SM); kRT > 1 holds the next tile's
+// values beside the current column's, 108 (2 blocks; at 80, 3 blocks, it spills).
+template <class Src, bool kRows, bool kCols, int kTC, int kRT>
+__global__ void __launch_bounds__(TileShape<kTC>::kThreads, kRT > 1 || kTC == kTile ? 2 : 4)
+    quantize_tile_kernel(Src src, TileOutputs o) {
+  using Shape = TileShape<kTC>;
+  static_assert(kRT == 1 || (kCols && !kRows), "several row tiles per block for the columns alone");
   extern __shared__ float4 tile_smem[];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTC, nrt = o.rows / kTile;
+  const int64_t rt0 = static_cast<int64_t>(blockIdx.y) * kRT;
   float v[kTileLoads][4];
+  auto load = [&](int64_t rt) {
 #pragma unroll
-  for (int k = 0; k < kTileLoads; ++k) {
-    const int64_t r = r0 + 8 * warp + 4 * (k >> 2) + sub, c = c0 + 32 * (k & 3) + 4 * quad;
-    if (c < o.cols) {
-      const float4 f = src(r, c);
-      v[k][0] = f.x, v[k][1] = f.y, v[k][2] = f.z, v[k][3] = f.w;
-    } else {
-      v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.0f;  // the CPU's zero padding of a partial tile
+    for (int k = 0; k < kTileLoads; ++k) {
+      const int64_t r = rt * kTile + Shape::row(k, warp, sub), c = c0 + Shape::col(k, quad);
+      if (c < o.cols) {
+        const float4 f = src(r, c);
+        v[k][0] = f.x, v[k][1] = f.y, v[k][2] = f.z, v[k][3] = f.w;
+      } else {
+        v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.0f;  // the CPU's zero padding of a partial tile
+      }
     }
+  };
+  load(rt0);
+#pragma unroll 1
+  for (int i = 0; i < kRT; ++i) {
+    const int64_t rt = rt0 + i;
+    if (rt >= nrt) break;  // the same for the whole block
+    if (i > 0) __syncthreads();  // every warp has read the previous tile from shared memory
+    quantize_tile_values<kRows, kCols, kTC>(v, o, tile_smem, rt, [&] {
+      if (i + 1 < kRT && rt + 1 < nrt) load(rt + 1);
+    });
   }
-  quantize_tile_values<kRows, kCols>(v, o, tile_smem);
 }
 
 // Two activations of the same shape from one source, each quantized both ways (rows and columns): src(r, c, a, b)
 // sets a = x[r, c .. c + 3] and b = y[r, c .. c + 3], so inputs they share are read once. One block per SM (both
 // value sets live in registers: 64 of the 128 a thread may hold); oa and ob differ only in their outputs.
 template <class Src>
-__global__ void __launch_bounds__(kTileThreads, 1) quantize_tile_pair_kernel(Src src, TileOutputs oa, TileOutputs ob) {
+__global__ void __launch_bounds__(TileShape<kTile>::kThreads, 1)
+    quantize_tile_pair_kernel(Src src, TileOutputs oa, TileOutputs ob) {
+  using Shape = TileShape<kTile>;
   extern __shared__ float4 tile_smem[];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTile;
   float va[kTileLoads][4], vb[kTileLoads][4];
 #pragma unroll
   for (int k = 0; k < kTileLoads; ++k) {
-    const int64_t r = r0 + 8 * warp + 4 * (k >> 2) + sub, c = c0 + 32 * (k & 3) + 4 * quad;
+    const int64_t r = r0 + Shape::row(k, warp, sub), c = c0 + Shape::col(k, quad);
     float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;  // the CPU's zero padding of a partial tile
     if (c < oa.cols) src(r, c, a, b);
     va[k][0] = a.x, va[k][1] = a.y, va[k][2] = a.z, va[k][3] = a.w;
     vb[k][0] = b.x, vb[k][1] = b.y, vb[k][2] = b.z, vb[k][3] = b.w;
   }
-  quantize_tile_values<true, true>(va, oa, tile_smem);
-  __syncthreads();  // every warp has written out a's staged codes before b's values overwrite the tile
-  quantize_tile_values<true, true>(vb, ob, tile_smem);
+  const auto none = [] {};
+  quantize_tile_values<true, true, kTile>(va, oa, tile_smem, blockIdx.y, none);
+  __syncthreads();  // every warp has read a's block from shared memory before b's values overwrite it
+  quantize_tile_values<true, true, kTile>(vb, ob, tile_smem, blockIdx.y, none);
 }
 
-// Launches quantize_tile_kernel over o.rows / 128 x tiles(o.cols) blocks (the caller has checked the layout's
-// needs, above).
-template <bool kRows, bool kCols, class Src>
+// Launches quantize_tile_kernel over ceil(o.rows / (128 kRT)) x ceil(o.cols / kTC) blocks (the caller has checked
+// the layout's needs, above).
+template <bool kRows, bool kCols, class Src, int kTC = kTile, int kRT = 1>
 void launch_quantize_tiles(const Src& src, const TileOutputs& o, cudaStream_t stream) {
   static_assert(kRows || kCols, "nothing to write");
   if (o.rows == 0 || o.cols == 0) return;
-  const auto kernel = quantize_tile_kernel<Src, kRows, kCols>;
-  const int smem = kCols ? kTileSmemBytes : 0;
+  const auto kernel = quantize_tile_kernel<Src, kRows, kCols, kTC, kRT>;
+  const int smem = kCols ? TileShape<kTC>::kSmemBytes : 0;
   if (kCols) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid(static_cast<unsigned>(tiles(o.cols)), static_cast<unsigned>(o.rows / kTile));
-  kernel<<<grid, kTileThreads, smem, stream>>>(src, o);
+  const int64_t row_blocks = (o.rows / kTile + kRT - 1) / kRT;
+  const dim3 grid(static_cast<unsigned>((o.cols + kTC - 1) / kTC), static_cast<unsigned>(row_blocks));
+  kernel<<<grid, TileShape<kTC>::kThreads, smem, stream>>>(src, o);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -187,9 +234,10 @@ template <class Src>
 void launch_quantize_tile_pairs(const Src& src, const TileOutputs& oa, const TileOutputs& ob, cudaStream_t stream) {
   if (oa.rows == 0 || oa.cols == 0) return;
   const auto kernel = quantize_tile_pair_kernel<Src>;
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kTileSmemBytes));
+  constexpr int smem = TileShape<kTile>::kSmemBytes;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid(static_cast<unsigned>(tiles(oa.cols)), static_cast<unsigned>(oa.rows / kTile));
-  kernel<<<grid, kTileThreads, kTileSmemBytes, stream>>>(src, oa, ob);
+  kernel<<<grid, TileShape<kTile>::kThreads, smem, stream>>>(src, oa, ob);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -67,8 +67,10 @@ std::string shape_name(int64_t rows, int64_t cols) { return std::to_string(rows)
 
 TEST_F(Fp8FusedGpu, EveryTransposedKernelShapeGivesTheCpuBytes) {
   std::mt19937_64 rng(run_seed() + 101);
-  // 300 and 704 columns: partial column tiles and chunks; 1000 rows: the 128 x 128 kernel's fallback.
-  const std::pair<int64_t, int64_t> shapes[] = {{128, 128}, {256, 300}, {384, 704}, {1000, 4100}, {1024, 2048}};
+  // 300 and 704 columns: partial column tiles and chunks; 196 and 68: a last 64-column block of 4 columns; 1000
+  // rows: the 128 x 128 and 128 x 64 kernels' fallback.
+  const std::pair<int64_t, int64_t> shapes[] = {{128, 128}, {256, 300}, {384, 704}, {1000, 4100},
+                                                {1024, 2048}, {640, 196}, {128, 68}};
   for (auto [rows, cols] : shapes) {
     const std::vector<float> x = random_activation(rows, cols, rng);
     std::vector<uint8_t> codes(static_cast<size_t>(rows * cols));
@@ -76,7 +78,8 @@ TEST_F(Fp8FusedGpu, EveryTransposedKernelShapeGivesTheCpuBytes) {
     fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes.data(), scales.data());
     DeviceBuffer<float> dx(x), ds(scales.size());
     DeviceBuffer<uint8_t> dc(codes.size());
-    for (TransposedKernel k : {TransposedKernel::Cols32, TransposedKernel::Cols64, TransposedKernel::Blocks128}) {
+    for (TransposedKernel k : {TransposedKernel::Cols32, TransposedKernel::Cols64, TransposedKernel::Blocks128,
+                               TransposedKernel::Tiles64, TransposedKernel::Tiles64Rows4}) {
       const std::string what = std::string(fp8::cuda::transposed_kernel_name(k)) + " " + shape_name(rows, cols);
       dc.poison();
       ds.poison();
@@ -86,7 +89,67 @@ TEST_F(Fp8FusedGpu, EveryTransposedKernelShapeGivesTheCpuBytes) {
       expect_same_bits(ds.download(), scales, what + " scales");
     }
   }
-  std::printf("[ fp8 fused ] transposed quantization, kernels cols32 / cols64 / blocks128, 5 shapes: CPU bytes\n");
+  std::printf("[ fp8 fused ] transposed quantization, kernels cols32/cols64/blocks128/tiles64(r4), 7 shapes: CPU bytes\n");
+}
+
+TEST_F(Fp8FusedGpu, TiledTransposedKernelsWriteCodesAlignedToFourBytesOnlyAsTheCpuDoes) {
+  // The 128-row blocks store 16 codes at a time where codes_t is 16-byte aligned; 4 bytes past an allocation
+  // (4-byte aligned, which they also accept) they take their 4-byte stores. The bytes around must stay poisoned.
+  std::mt19937_64 rng(run_seed() + 105);
+  const int64_t rows = 384, cols = 196, n = rows * cols, pad = 4;
+  const std::vector<float> x = random_activation(rows, cols, rng);
+  std::vector<uint8_t> codes(static_cast<size_t>(n));
+  std::vector<float> scales(static_cast<size_t>(cols * tiles(rows)));
+  fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes.data(), scales.data());
+  DeviceBuffer<float> dx(x), ds(scales.size());
+  DeviceBuffer<uint8_t> dc(static_cast<size_t>(n + 2 * pad));
+  for (TransposedKernel k : {TransposedKernel::Blocks128, TransposedKernel::Tiles64, TransposedKernel::Tiles64Rows4}) {
+    const std::string what = std::string(fp8::cuda::transposed_kernel_name(k)) + " codes at +4 bytes";
+    dc.poison();
+    ds.poison();
+    fp8::cuda::quantize_1x128_transposed_with(k, dx.get(), rows, cols, dc.get() + pad, ds.get());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const std::vector<uint8_t> got = dc.download();
+    expect_same_bits(std::vector<uint8_t>(got.begin() + pad, got.end() - pad), codes, what);
+    for (int64_t i = 0; i < pad; ++i) {
+      EXPECT_EQ(got[static_cast<size_t>(i)], 0xFF) << what << ": byte " << i << " before the codes written";
+      EXPECT_EQ(got[static_cast<size_t>(n + pad + i)], 0xFF) << what << ": byte " << i << " after the codes written";
+    }
+    expect_same_bits(ds.download(), scales, what + " scales");
+  }
+}
+
+TEST_F(Fp8FusedGpu, EveryTransposedKernelShapePacksEachGroupAsTheCpuDoesOnItsOwnRows) {
+  // Groups of 256, 0 (empty: skipped), 384 and 128 rows (a 4-row-tile block of tiles64r4 spans groups); 196
+  // columns: a last 64-column block of 4. Each group's codes are the CPU's transpose of its rows alone, packed
+  // at bounds[g] · cols; the scales are those of the whole (every 128-row tile lies in one group).
+  std::mt19937_64 rng(run_seed() + 106);
+  const std::vector<int64_t> bounds = {0, 256, 256, 640, 768};
+  const int64_t rows = bounds.back(), cols = 196, groups = static_cast<int64_t>(bounds.size()) - 1;
+  const std::vector<float> x = random_activation(rows, cols, rng);
+  std::vector<uint8_t> codes(static_cast<size_t>(rows * cols)), unused(codes.size());
+  std::vector<float> scales(static_cast<size_t>(cols * tiles(rows)));
+  fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, unused.data(), scales.data());
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t first = bounds[static_cast<size_t>(g)], n = bounds[static_cast<size_t>(g) + 1] - first;
+    if (n == 0) continue;
+    std::vector<float> group_scales(static_cast<size_t>(cols * tiles(n)));
+    fp8::cpu::quantize_1x128_transposed(x.data() + first * cols, n, cols, codes.data() + first * cols,
+                                        group_scales.data());
+  }
+  DeviceBuffer<float> dx(x), ds(scales.size());
+  DeviceBuffer<int64_t> db(bounds);
+  DeviceBuffer<uint8_t> dc(codes.size());
+  for (TransposedKernel k : {TransposedKernel::Cols32, TransposedKernel::Cols64, TransposedKernel::Blocks128,
+                             TransposedKernel::Tiles64, TransposedKernel::Tiles64Rows4}) {
+    const std::string what = std::string(fp8::cuda::transposed_kernel_name(k)) + " grouped";
+    dc.poison();
+    ds.poison();
+    fp8::cuda::quantize_1x128_transposed_grouped_with(k, dx.get(), rows, cols, db.get(), groups, dc.get(), ds.get());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    expect_same_bits(dc.download(), codes, what + " codes");
+    expect_same_bits(ds.download(), scales, what + " scales");
+  }
 }
 
 TEST_F(Fp8FusedGpu, DualQuantizationGivesBothCpuResultsFromOneRead) {
@@ -222,7 +285,8 @@ TEST_F(Fp8FusedGpu, ReportsBandwidth) {
     DeviceBuffer<float> x(normal_values(static_cast<size_t>(n), 1.0f, rng)), s(n / 64), st(n / 64);
     DeviceBuffer<uint8_t> c(n), ct(n);
     const double one_way = 5.0 * n + 4.0 * n / 128;
-    for (TransposedKernel k : {TransposedKernel::Cols32, TransposedKernel::Cols64, TransposedKernel::Blocks128}) {
+    for (TransposedKernel k : {TransposedKernel::Cols32, TransposedKernel::Cols64, TransposedKernel::Blocks128,
+                               TransposedKernel::Tiles64, TransposedKernel::Tiles64Rows4}) {
       const double ms = median_ms([&] { fp8::cuda::quantize_1x128_transposed_with(k, x.get(), rows, cols, ct.get(), st.get()); });
       std::printf("[ fp8 fused ] quantize_1x128_transposed %s 8192x8192: %.1f us, %.0f GB/s\n",
                   fp8::cuda::transposed_kernel_name(k), ms * 1e3, one_way / ms / 1e6);
