@@ -353,14 +353,10 @@ void compare_reduced_precision(Precision p, int64_t q_lora_rank) {
   };
   EXPECT_EQ(got.report.tokens, ref.report.tokens);
   const int64_t nl = static_cast<int64_t>(ref.logits.size());
-  const double logit_tol = 5e-3 + kRecipeFactor * rel_l2(ref.logits.data(), ref32.logits.data(), nl);
-  const double logit_err = rel_l2(got.logits.data(), ref.logits.data(), nl);
-  std::printf("  %-8s logits rel_l2 %.3e (tol %.3e)\n", pn.c_str(), logit_err, logit_tol);
-  EXPECT_LE(logit_err, logit_tol);
   // The losses. The recipe's own error on a scalar is one sample, which can be near zero by chance (6.0e-4 once
   // against a GPU difference of 3.1e-3 whose logits were within their tolerance), so the main loss is checked
   // through the logits: the mean cross-entropy of the GPU's own logits (in double on the host) must be the GPU's
-  // loss (1e-5: FP32 sums over 512 classes), and those logits are held to the CPU's above. The MTP loss, whose
+  // loss (1e-5: FP32 sums over 512 classes), and those logits are held to the CPU's below. The MTP loss, whose
   // logits are not kept, may differ by the recipe's error on it plus twice the main loss's GPU-vs-CPU difference
   // (the MTP head sees the trunk's deviation through one more layer).
   {
@@ -445,6 +441,13 @@ void compare_reduced_precision(Precision p, int64_t q_lora_rank) {
   check_scalar("balance_loss", got.report.balance_loss, ref.report.balance_loss, ref32.report.balance_loss,
                2.0 * moved_fraction);
   const double global_widening = std::sqrt(moved_fraction);
+  // The logits: the recipe's error, widened like every gradient by the routing flips (a moved assignment swaps one
+  // expert's output for another's in its token's residual stream: about sqrt(moved / assignments) of the whole, as
+  // for the gradients; seen on the H200 in bf16: 10 of 1536 moved, logits rel_l2 8.8e-2 against 7.8e-2 unwidened).
+  const double logit_tol = 5e-3 + kRecipeFactor * rel_l2(ref.logits.data(), ref32.logits.data(), nl) + global_widening;
+  const double logit_err = rel_l2(got.logits.data(), ref.logits.data(), nl);
+  std::printf("  %-8s logits rel_l2 %.3e (tol %.3e)\n", pn.c_str(), logit_err, logit_tol);
+  EXPECT_LE(logit_err, logit_tol);
 
   // The worst tensors by error / tolerance, and every failure.
   std::vector<std::tuple<double, std::string, double, double>> rows;
