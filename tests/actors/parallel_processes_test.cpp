@@ -13,6 +13,7 @@
 
 #include "runtime/safetensors.hpp"
 #include "tests/actors/driver_support.hpp"
+#include "tests/support/reap.hpp"
 
 namespace moerl::actors {
 namespace {
@@ -43,15 +44,9 @@ pid_t start_moerl(std::vector<std::string> args, const fs::path& log) {
 
 // The exit code of `child` once it ends within `limit`; -1 (after SIGKILL) when it does not.
 int exit_code(pid_t child, Clock::time_point deadline) {
-  int status = 0;
-  pid_t done = 0;
-  while ((done = waitpid(child, &status, WNOHANG)) == 0 && Clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  if (done == 0) {
-    kill(child, SIGKILL);
-    waitpid(child, &status, 0);
-    return -1;
-  }
+  const std::optional<int> reaped = test::reap_by(child, deadline);
+  if (!reaped) return -1;
+  const int status = *reaped;
   return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 }
 

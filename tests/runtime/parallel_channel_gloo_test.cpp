@@ -18,6 +18,7 @@
 #include "runtime/error.hpp"
 #include "runtime/parallel/channel_gloo.hpp"
 #include "tests/support/scratch_dir.hpp"
+#include "tests/support/reap.hpp"
 
 namespace moerl {
 namespace {
@@ -186,16 +187,9 @@ TEST(GlooChannel, TwoProcessesExchangeInOrderAndALostPeerClosesTheChannel) {
   } catch (const Error& e) {
     error = e.what();
   }
-  int status = 0;
-  const auto deadline = Clock::now() + std::chrono::seconds(20);
-  pid_t done = 0;
-  while ((done = waitpid(child, &status, WNOHANG)) == 0 && Clock::now() < deadline)
-    std::this_thread::sleep_for(milliseconds(10));
-  if (done == 0) {
-    kill(child, SIGKILL);
-    waitpid(child, &status, 0);
-    FAIL() << "the child process did not finish within 20 s";
-  }
+  const std::optional<int> reaped = test::reap_by(child, std::chrono::steady_clock::now() + std::chrono::seconds(20));
+  if (!reaped) FAIL() << "the child process did not finish within 20 s";
+  const int status = *reaped;
   EXPECT_EQ(error, "");
   EXPECT_NE(lost.find("child -> parent"), std::string::npos) << lost;
   std::printf("after the peer left: %s\n", lost.c_str());

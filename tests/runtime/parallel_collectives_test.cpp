@@ -17,6 +17,7 @@
 #include "runtime/parallel/collectives.hpp"
 #include "tests/support/scratch_dir.hpp"
 #include "tests/support/on_threads.hpp"
+#include "tests/support/reap.hpp"
 
 namespace moerl {
 namespace {
@@ -221,17 +222,9 @@ TEST(GlooCollectives, TwoProcessesAllReduceOverLoopbackWithADeadline) {
   } catch (const Error& e) {
     error = e.what();
   }
-  // Reap the child within a deadline; kill it if it is stuck.
-  int status = 0;
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
-  pid_t done = 0;
-  while ((done = waitpid(child, &status, WNOHANG)) == 0 && std::chrono::steady_clock::now() < deadline)
-    std::this_thread::sleep_for(milliseconds(10));
-  if (done == 0) {
-    kill(child, SIGKILL);
-    waitpid(child, &status, 0);
-    FAIL() << "the child process did not finish within 20 s";
-  }
+  const std::optional<int> reaped = test::reap_by(child, std::chrono::steady_clock::now() + std::chrono::seconds(20));
+  if (!reaped) FAIL() << "the child process did not finish within 20 s";
+  const int status = *reaped;
   EXPECT_EQ(error, "");
   EXPECT_TRUE(v == want) << "parent's sums differ";
   ASSERT_TRUE(WIFEXITED(status));

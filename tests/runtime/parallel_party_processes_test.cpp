@@ -25,6 +25,8 @@
 #include "runtime/parallel/party.hpp"
 #include "runtime/safetensors.hpp"
 #include "tests/support/scratch_dir.hpp"
+#include "tests/support/reap.hpp"
+#include "tests/runtime/pp_ep_model.hpp"
 
 extern char** environ;
 
@@ -42,16 +44,6 @@ constexpr float kBiasGamma = 0.01f;
 constexpr int kSteps = 4;
 constexpr auto kTimeout = std::chrono::seconds(30);  // any wait for a peer (then the run fails)
 
-// parallel_pp_ep_test.cpp's model: 4 layers (1 dense, 3 MoE), an MoE MTP layer, 8 experts, 2 per token.
-ModelConfig config() {
-  ModelConfig c;
-  c.vocab_size = 64; c.hidden_size = 32; c.intermediate_size = 48; c.moe_intermediate_size = 16;
-  c.num_hidden_layers = 4; c.first_k_dense_replace = 1; c.num_attention_heads = 2; c.q_lora_rank = 16;
-  c.kv_lora_rank = 8; c.qk_nope_head_dim = 8; c.qk_rope_head_dim = 4; c.v_head_dim = 8;
-  c.n_routed_experts = 8; c.n_shared_experts = 1; c.num_experts_per_tok = 2; c.n_group = 4; c.topk_group = 2;
-  c.routed_scaling_factor = 1.5; c.num_nextn_predict_layers = 1; c.initializer_range = 0.2;
-  return c;
-}
 
 // One parallel layout and where its parties run.
 struct Scenario {
@@ -63,7 +55,7 @@ struct Scenario {
 };
 
 Scenario scenario(const std::string& name) {
-  Scenario s{name, config(), {}, {}, {}};
+  Scenario s{name, test::pp_ep_model_config(), {}, {}, {}};
   s.options.mtp_weight = 0.3f;
   s.options.balance_alpha = 0.01f;
   if (name == "pp") {
@@ -222,15 +214,7 @@ pid_t start_helper(const fs::path& dir, const std::string& scenario) {
 
 // Waits up to `limit` for the child; kills it after that. Returns its wait status, or -1 when it was killed.
 int reap(pid_t child, std::chrono::seconds limit) {
-  int status = 0;
-  const auto deadline = Clock::now() + limit;
-  pid_t done = 0;
-  while ((done = waitpid(child, &status, WNOHANG)) == 0 && Clock::now() < deadline)
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  if (done != 0) return status;
-  kill(child, SIGKILL);
-  waitpid(child, &status, 0);
-  return -1;
+  return test::reap_by(child, Clock::now() + limit).value_or(-1);
 }
 
 double rel(double a, double b) { return std::abs(a - b) / std::abs(b); }

@@ -16,20 +16,10 @@
 #include "runtime/parallel/ep_shard.hpp"
 #include "runtime/parallel/pp_local.hpp"
 #include "runtime/parallel/pp_stage.hpp"
+#include "tests/runtime/pp_ep_model.hpp"
 
 namespace moerl {
 namespace {
-
-// 4 layers (layer 0 dense, 1-3 MoE), an MoE MTP layer, 8 experts in 4 groups (2 kept), 2 per token.
-ModelConfig pp_config() {
-  ModelConfig c;
-  c.vocab_size = 64; c.hidden_size = 32; c.intermediate_size = 48; c.moe_intermediate_size = 16;
-  c.num_hidden_layers = 4; c.first_k_dense_replace = 1; c.num_attention_heads = 2; c.q_lora_rank = 16;
-  c.kv_lora_rank = 8; c.qk_nope_head_dim = 8; c.qk_rope_head_dim = 4; c.v_head_dim = 8;
-  c.n_routed_experts = 8; c.n_shared_experts = 1; c.num_experts_per_tok = 2; c.n_group = 4; c.topk_group = 2;
-  c.routed_scaling_factor = 1.5; c.num_nextn_predict_layers = 1; c.initializer_range = 0.2;
-  return c;
-}
 
 struct Tokens {
   std::vector<int64_t> ids, labels;
@@ -209,7 +199,7 @@ TEST(Channel, NamesItselfOnAWrongSizeATimeoutAndAClose) {
 // outputs, input gradients and every weight gradient, bit for bit, in FP32 and FP8.
 TEST(ExpertShards, ComputeTheSingleMoeLayersBits) {
   SameThreadsAsParties threads_here;
-  const ModelConfig c = pp_config();
+  const ModelConfig c = test::pp_ep_model_config();
   const int64_t B = 3, S = 16, T = B * S, H = c.hidden_size;
   std::mt19937 rng(5);
   std::normal_distribution<float> normal(0.0f, 1.0f);
@@ -267,7 +257,7 @@ TEST(ExpertShards, ComputeTheSingleMoeLayersBits) {
 // so losses, the global gradient norm and all weights after each step are the single model's bits. The
 // balance loss and total are sums over stages in another order: within double rounding (1e-15 relative).
 TEST(Pipeline, TwoStagesTimesTwoExpertShardsMatchTheSingleModelBitForBit) {
-  const ModelConfig c = pp_config();
+  const ModelConfig c = test::pp_ep_model_config();
   const int steps = 3;
   Model single(c);
   single.init_random(kSeed);
@@ -301,7 +291,7 @@ TEST(Pipeline, TwoStagesTimesTwoExpertShardsMatchTheSingleModelBitForBit) {
 // BF16 moment across a rounding boundary, that element's update changes by up to 2^-8 of the learning rate.
 // Measured (lr 3e-3): 3.7e-7 relative at step 1, 1.9e-6 at step 2 (MTP loss); the bound is 1e-5.
 TEST(Pipeline, FourMicroBatchesMatchOneAndTheSingleModelWithinFp32Rounding) {
-  const ModelConfig c = pp_config();
+  const ModelConfig c = test::pp_ep_model_config();
   const int steps = 3;
   Model single(c);
   single.init_random(kSeed);
@@ -328,7 +318,7 @@ TEST(Pipeline, FourMicroBatchesMatchOneAndTheSingleModelWithinFp32Rounding) {
 // Four stages of one layer each, contiguous expert ranges, a tied head (the last stage's copy of the embedding
 // is also its head), in BF16: one micro-batch still gives the single model's bits.
 TEST(Pipeline, FourStagesWithATiedHeadAndContiguousExpertsMatchTheSingleModel) {
-  ModelConfig c = pp_config();
+  ModelConfig c = test::pp_ep_model_config();
   c.tie_word_embeddings = true;
   const int steps = 2;
   Model single(c);
@@ -346,7 +336,7 @@ TEST(Pipeline, FourStagesWithATiedHeadAndContiguousExpertsMatchTheSingleModel) {
 }
 
 TEST(Pipeline, EvaluationGivesTheSingleModelsLossWithoutGradients) {
-  const ModelConfig c = pp_config();
+  const ModelConfig c = test::pp_ep_model_config();
   Model single(c);
   single.init_random(kSeed);
   LocalPipeline pipe(c, PipelinePlan::even(c, 2, 2));
@@ -367,7 +357,7 @@ TEST(Pipeline, EvaluationGivesTheSingleModelsLossWithoutGradients) {
 }
 
 TEST(Pipeline, AFailingStageReleasesItsPeersAndReportsTheCause) {
-  const ModelConfig c = pp_config();
+  const ModelConfig c = test::pp_ep_model_config();
   LocalPipeline pipe(c, PipelinePlan::even(c, 2, 2));
   Model init(c);
   init.init_random(kSeed);
@@ -384,7 +374,7 @@ TEST(Pipeline, AFailingStageReleasesItsPeersAndReportsTheCause) {
 }
 
 TEST(PipelinePlan, RejectsAGapOrAMisplacedHeadNamingTheStage) {
-  const ModelConfig c = pp_config();
+  const ModelConfig c = test::pp_ep_model_config();
   PipelinePlan plan = PipelinePlan::even(c, 2);
   EXPECT_NO_THROW(plan.validate(c));
   plan.stages[1].layer_begin = 3;
