@@ -376,6 +376,24 @@ class Stages {
   std::optional<cuda_detail::PhaseTimer> timer_;
 };
 
+// One expert's Dgrad, then its Wgrad, on the lanes; when profiling, every Dgrad first and then, as stage
+// `wgrad_stage`, every Wgrad, so that each GEMM kind is timed on its own (one more join).
+template <class Dgrad, class Wgrad>
+void run_dgrad_wgrad(Stages& st, const char* wgrad_stage, const int64_t* aligned_host, int64_t experts,
+                     cudaStream_t stream, const Dgrad& dgrad, const Wgrad& wgrad) {
+  if (cuda_detail::profiling()) {
+    lanes().run(aligned_host, experts, stream, dgrad);
+    st.next(wgrad_stage);
+    lanes().run(aligned_host, experts, stream, wgrad);
+    return;
+  }
+  lanes().run(aligned_host, experts, stream,
+              [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+                dgrad(e, r0, n, s, gc);
+                wgrad(e, r0, n, s, gc);
+              });
+}
+
 }  // namespace
 
 MoeFp8Gemm moe_fp8_gemm(MoeFp8Gemm requested) {
@@ -534,17 +552,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
       auto wgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
         fp8::cuda::gemm_nt_accumulate(gc, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I, s);
       };
-      if (cuda_detail::profiling()) {  // each GEMM kind timed on its own (one more join)
-        lanes().run(aligned_host, E, stream, dgrad);
-        st.next("gemm_down_wgrad");
-        lanes().run(aligned_host, E, stream, wgrad);
-      } else {
-        lanes().run(aligned_host, E, stream,
-                    [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-                      dgrad(e, r0, n, s, gc);
-                      wgrad(e, r0, n, s, gc);
-                    });
-      }
+      run_dgrad_wgrad(st, "gemm_down_wgrad", aligned_host, E, stream, dgrad, wgrad);
     }
     ht.release();
     dyt.release();
@@ -609,17 +617,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
       fp8::cuda::gemm_nt_accumulate(gc, dgt.expert(r0, n), x, w.gate_grad + e * I * H, s);
       fp8::cuda::gemm_nt_accumulate(gc, dut.expert(r0, n), x, w.up_grad + e * I * H, s);
     };
-    if (cuda_detail::profiling()) {  // each GEMM kind timed on its own (one more join)
-      lanes().run(aligned_host, E, stream, dgrad);
-      st.next("gemm_gate_up_wgrad");
-      lanes().run(aligned_host, E, stream, wgrad);
-    } else {
-      lanes().run(aligned_host, E, stream,
-                  [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-                    dgrad(e, r0, n, s, gc);
-                    wgrad(e, r0, n, s, gc);
-                  });
-    }
+    run_dgrad_wgrad(st, "gemm_gate_up_wgrad", aligned_host, E, stream, dgrad, wgrad);
   }
   xt.release();
   dut.release();
