@@ -39,6 +39,12 @@ inline void add_net_flags(CLI::App* cmd, cluster::NetOptions& net, int64_t& hear
                   "CAF scheduler: sharing (idle workers wake at once: lower latency) or stealing (CAF's default)")
       ->check(CLI::IsMember({"sharing", "stealing"}))
       ->capture_default_str();
+  cmd->add_option_function<int64_t>(
+         "--idle-spin-us", [&net](int64_t us) { net.idle_spin = std::chrono::microseconds{us}; },
+         "Busy polling after activity: the I/O thread and one idle worker poll this long before they block "
+         "(lower latency between processes, at most that much CPU per event; 0: never). Default: 200 with 8 or "
+         "more hardware threads, else 0")
+      ->check(CLI::Range(0, 100000));
   cmd->add_option("--heartbeat-ms", heartbeat_ms, "Interval of heartbeats between cluster processes")
       ->check(CLI::Range(10, 60000));
   cmd->add_option("--timeout-ms", timeout_ms,

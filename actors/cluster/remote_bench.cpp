@@ -74,12 +74,13 @@ caf::behavior pinger(caf::stateful_actor<PingerState>* self, echo_actor echo, in
 }  // namespace
 
 RemoteRoundTrip measure_remote_roundtrip(const std::string& moerl_binary, int samples, int warmup,
-                                         const std::string& scheduler) {
+                                         const std::string& scheduler, std::chrono::microseconds idle_spin) {
   const fs::path dir = fs::temp_directory_path() / ("moerl-bench-remote-" + std::to_string(getpid()));
   fs::create_directories(dir);
   const std::string secret = create_secret_file(dir / "secret");
   NetOptions net;
   net.scheduler = scheduler;
+  net.idle_spin = idle_spin;
   ClusterSystem cluster{net};
   caf::actor_system& system = cluster.system();
   const head_actor registry = spawn_registry(system, secret);
@@ -89,7 +90,8 @@ RemoteRoundTrip measure_remote_roundtrip(const std::string& moerl_binary, int sa
   const std::string join = "127.0.0.1:" + std::to_string(*port), secret_file = (dir / "secret").string(),
                     log = (dir / "node.log").string();
   std::vector<std::string> args = {moerl_binary, "node",        "--join",      join,       "--name",
-                                   "bench",      "--secret-file", secret_file, "--scheduler", scheduler};
+                                   "bench",      "--secret-file", secret_file, "--scheduler", scheduler,
+                                   "--idle-spin-us", std::to_string(idle_spin.count())};
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);

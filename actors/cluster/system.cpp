@@ -1,9 +1,11 @@
 #include "actors/cluster/system.hpp"
 
 #include <filesystem>
+#include <thread>
 
 #include <caf/openssl/all.hpp>
 
+#include "actors/cluster/polling_multiplexer.hpp"
 #include "actors/cluster/sharing_policy.hpp"
 #include "runtime/error.hpp"
 
@@ -19,12 +21,26 @@ void TlsOptions::validate() const {
   }
 }
 
+std::chrono::microseconds default_idle_spin() {
+  return std::thread::hardware_concurrency() >= 8 ? std::chrono::microseconds{200} : std::chrono::microseconds{0};
+}
+
+SharingCoordinator::SharingCoordinator(caf::actor_system& sys)
+    : QuietClockCoordinator<SignalAfterUnlockSharing>(sys),
+      spin_(caf::get_or(sys.config(), "moerl.idle-spin-us", int64_t{0})) {}
+
 // A request to an actor of another process and its answer pass through a chain of threads: the sender's
 // worker, its multiplexer (woken through a pipe), the socket, the receiver's multiplexer, a worker there, and
 // the same way back. Each hand-off to a sleeping thread costs a wake-up and a context switch, ~10-15 us of CPU
 // on the 2-core VM, where a loaded machine runs the whole chain on one core: the round trip is the sum of
 // these hand-offs, so the settings below remove the ones that CAF's defaults add.
-void apply_latency_settings(caf::actor_system_config& cfg, const std::string& scheduler) {
+void apply_latency_settings(caf::actor_system_config& cfg, const std::string& scheduler,
+                            std::chrono::microseconds idle_spin) {
+  require(idle_spin.count() >= 0 && idle_spin.count() <= 100000,
+          "idle spin " + std::to_string(idle_spin.count()) + " us: expected 0..100000");
+  // Read by the PollingMultiplexer that ClusterSystem loads as the middleman's backend, and by the
+  // SharingCoordinator. A key of our own, so put into the settings directly (cfg.set refuses unknown options).
+  caf::put(cfg.content, "moerl.idle-spin-us", static_cast<int64_t>(idle_spin.count()));
   // Received messages are deserialized on the multiplexer thread, which enqueues them to their actor at once.
   // CAF's default (middleman.workers = 1 on this 2-core machine, more on larger ones) hands each received
   // message to a scheduler job that deserializes and enqueues it: one more wake-up per message in every process.
@@ -50,19 +66,17 @@ void apply_latency_settings(caf::actor_system_config& cfg, const std::string& sc
   // between that no enqueue interrupts (a message for it waits out the sleep: 60-110 us per hop with the
   // kernel's timer slack), then waits on a condition variable that an enqueue signals. Without the sleeping
   // phase an idle worker goes from the short poll straight to the signalled wait: ~500 -> ~200 us per round
-  // trip. No busy polling is added, so an idle process still uses no CPU.
+  // trip. The workers never poll here (the idle spin polls only the I/O thread with this scheduler).
   cfg.set("work-stealing.moderate-poll-attempts", int64_t{0});
-  // Not set, measured: busy polling (longer aggressive polling of the workers, or a multiplexer that polls
-  // epoll for 50-200 us before it blocks) made the round trip 1.5-4x slower on the 2-core machine: the
-  // spinning threads of two processes take the cores that the threads doing the work need, and a spinner
-  // preempted by another process is not woken when its message arrives. TCP_NODELAY: CAF sets it already.
+  // TCP_NODELAY: CAF sets it already.
 }
 
 ClusterSystem::ClusterSystem(const NetOptions& options) : options_(options) {
   options_.tls.validate();
   config_ = std::make_unique<caf::actor_system_config>();
   caf::actor_system_config& cfg = *config_;
-  cfg.load<caf::io::middleman>();
+  // CAF's middleman with its default epoll multiplexer replaced by one that polls after activity.
+  cfg.load<caf::io::middleman, PollingMultiplexer>();
   if (options_.tls.enabled()) {
     cfg.load<caf::openssl::manager>();
     cfg.openssl_certificate = options_.tls.certificate;
@@ -71,7 +85,7 @@ ClusterSystem::ClusterSystem(const NetOptions& options) : options_(options) {
   }
   cfg.set("middleman.heartbeat-interval", caf::timespan{options_.heartbeat});
   cfg.set("middleman.connection-timeout", caf::timespan{options_.connection_timeout});
-  apply_latency_settings(cfg, options_.scheduler);
+  apply_latency_settings(cfg, options_.scheduler, options_.idle_spin);
   register_cluster_types(cfg);
   if (options_.register_types) options_.register_types(cfg);
   system_ = std::make_unique<caf::actor_system>(cfg);

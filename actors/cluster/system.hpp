@@ -25,6 +25,13 @@ struct TlsOptions {
   void validate() const;
 };
 
+// The idle spin of a host: 200 us with >= 8 hardware threads, else 0. The window covers the gap between the
+// events of one round trip (the request out, the answer back: ~50-100 us), so a chain of requests keeps the
+// pollers busy and an idle process burns at most 2 x 200 us of CPU per event (heartbeats every 250 ms: ~0.2%
+// of a core). On the 2-core VM polling measured 1.5-4x slower round trips (the pollers of two processes take
+// the cores that the threads doing the work need), hence off there.
+std::chrono::microseconds default_idle_spin();
+
 struct NetOptions {
   TlsOptions tls;
   // BASP heartbeats: a peer silent for `connection_timeout` is declared dead (its actors go down) even when
@@ -39,6 +46,10 @@ struct NetOptions {
   // (with CAF's sleeping phase ~500 us; raw TCP ping-pong between two processes: ~20 us there). Cluster
   // processes exchange few, latency-bound messages; heavy roles run detached on their own threads either way.
   std::string scheduler = "sharing";
+  // Busy polling after activity (polling_multiplexer.hpp, sharing_policy.hpp): the I/O thread and one idle
+  // worker of each process poll for this long after their last event before they block. 0: never poll.
+  // Default default_idle_spin(): on for hosts with cores to spare, off on small machines.
+  std::chrono::microseconds idle_spin = default_idle_spin();
   // Registers the roles' message types (both ends of a connection need them); the cluster's own are
   // always registered.
   std::function<void(caf::actor_system_config&)> register_types;
@@ -64,11 +75,13 @@ class ClusterSystem {
 };
 
 // The CAF settings of every cluster process that cut the latency of a request between processes (reasons and
-// measurements beside them in system.cpp): received messages deserialized on the multiplexer thread
+// measurements beside them in system.cpp): the middleman's I/O thread is a PollingMultiplexer; received messages deserialized on the multiplexer thread
 // (middleman.workers = 0); for `scheduler` "sharing" CAF's work sharing with idle workers signalled outside the
 // queue's lock (SharingCoordinator), for "stealing" no unsignalled sleeping phase of idle workers; sets
 // scheduler.policy. Throws moerl::Error for a scheduler other than "sharing" or "stealing".
-void apply_latency_settings(caf::actor_system_config& cfg, const std::string& scheduler);
+// `idle_spin` > 0: the I/O thread (and, with "sharing", one idle worker) polls that long before blocking.
+void apply_latency_settings(caf::actor_system_config& cfg, const std::string& scheduler,
+                            std::chrono::microseconds idle_spin);
 
 // "host:port" -> (host, port); throws moerl::Error naming `what` (e.g. "--join") when malformed.
 std::pair<std::string, uint16_t> parse_endpoint(const std::string& text, const std::string& what);
