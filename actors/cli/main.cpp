@@ -1,5 +1,6 @@
 // moerl: the command line. Each subcommand lives in its own file and is wired here.
 //   exit 0: success; 1: a runtime failure (one line on stderr); 2: bad usage (the usage is printed).
+#include <csignal>
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <exception>
@@ -9,6 +10,10 @@
 #include "runtime/version.hpp"
 
 int main(int argc, char** argv) {
+  // A write to a connection whose peer died (Gloo's TCP pairs between the processes of a run, a client of the
+  // feedback server gone) then fails with EPIPE, which the caller reports naming the connection, instead of
+  // SIGPIPE ending this process without a word (seen: the surviving process of a two-process run killed so).
+  std::signal(SIGPIPE, SIG_IGN);
   CLI::App app{"moerl: train DeepSeek-V3-style mixture-of-experts models in FP8, from pretraining through SFT "
                "to RLHF.\nRun `moerl <command> --help` for the options of a command."};
   app.require_subcommand(1);

@@ -1,8 +1,10 @@
 // moerl run RECIPE [--set key=value ...] [--out DIR]
 #include <CLI/CLI.hpp>
 #include <cstdio>
+#include <filesystem>
 
 #include "actors/cli/commands.hpp"
+#include "actors/cli/process_launcher.hpp"
 #include "actors/roles/driver.hpp"
 #include "actors/roles/preference_pairs.hpp"
 #include "actors/roles/replay_recorder.hpp"
@@ -31,6 +33,7 @@ void add_run_command(CLI::App& app, std::function<int()>& action) {
     int processes = 1;
     int process = 0;
     std::string rendezvous;
+    int restarts = 3;
   };
   auto args = std::make_shared<Args>();
   cmd->add_option("recipe", args->recipe, "Recipe file (YAML), e.g. recipes/quickstart.yaml")->required();
@@ -41,12 +44,23 @@ void add_run_command(CLI::App& app, std::function<int()>& action) {
   cmd->add_option("--processes", args->processes,
                   "Spread the recipe's parallel parties over this many processes (one `moerl run` each, the same "
                   "recipe, --set and --out): whole pipeline stages (with their expert shards) or whole "
-                  "data-parallel replicas per process; tensors move between them over Gloo")
+                  "data-parallel replicas per process; tensors move between them over Gloo. Without --process, "
+                  "this command launches and supervises the N processes on this machine itself")
       ->check(CLI::Range(1, 1024));
-  cmd->add_option("--process", args->process, "This process's index, 0 .. processes - 1 (0 writes the checkpoints "
-                                               "and metrics; I > 0 its metrics into <out>/process-I/)");
-  cmd->add_option("--rendezvous", args->rendezvous,
-                  "With --processes: a folder every process can reach where they meet (fresh for each launch)");
+  auto* process = cmd->add_option("--process", args->process,
+                                  "This process's index, 0 .. processes - 1 (0 writes the checkpoints and metrics; "
+                                  "I > 0 its metrics into <out>/process-I/), when you start each process yourself "
+                                  "(e.g. on several machines)");
+  auto* rendezvous = cmd->add_option(
+      "--rendezvous", args->rendezvous,
+      "With --process: a folder every process can reach where they meet (fresh for each launch)");
+  process->needs(rendezvous);
+  rendezvous->needs(process);
+  cmd->add_option("--restarts", args->restarts,
+                  "With --processes and no --process: when a process dies, stop the others and launch all again "
+                  "from the newest checkpoint, at most this many times")
+      ->check(CLI::Range(0, 1000))
+      ->capture_default_str();
   cmd->callback([args, &action] {
     action = [args] {
       // A recipe with RLHF stages runs run_recipe's stage loop, its rlhf stages through the actor runtime:
@@ -56,6 +70,19 @@ void add_run_command(CLI::App& app, std::function<int()>& action) {
       // this process: the driver actor does not run RL kinds (TODO(actors): those kinds as driver steps).
       Recipe recipe = load_recipe(args->recipe, args->overrides);
       if (!args->out.empty()) recipe.out = args->out;
+      if (args->processes > 1 && args->rendezvous.empty()) {
+        // Launch mode: this process starts and supervises the N `moerl run --process I` processes.
+        for (const auto& st : recipe.stages)
+          require(!is_rl_stage_kind(st.kind), args->recipe + ": --processes: recipes with rlhf stages run in one process");
+        LaunchSpec spec;
+        spec.binary = std::filesystem::read_symlink("/proc/self/exe");
+        spec.run_args = {args->recipe, "--out", recipe.out.string()};
+        for (const std::string& o : args->overrides) spec.run_args.insert(spec.run_args.end(), {"--set", o});
+        spec.out = recipe.out;
+        spec.processes = args->processes;
+        spec.restarts = args->restarts;
+        return launch_processes(spec);
+      }
       bool rl = false;
       for (const auto& st : recipe.stages) rl = rl || is_rl_stage_kind(st.kind);
       actors::DriverProcesses processes{args->process, args->processes, args->rendezvous};

@@ -7,6 +7,7 @@
 #include <sstream>
 
 #include "runtime/error.hpp"
+#include "runtime/util/files.hpp"
 
 namespace moerl {
 namespace {
@@ -98,14 +99,7 @@ Tokenizer Tokenizer::load(const std::filesystem::path& path) {
 
 void Tokenizer::save(const std::filesystem::path& folder) const {
   std::filesystem::create_directories(folder);
-  const std::filesystem::path file = folder / kFileName;
-  const std::filesystem::path tmp = folder / (std::string(kFileName) + ".tmp");
-  {
-    std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-    out.write(bytes_.data(), static_cast<std::streamsize>(bytes_.size()));
-    require(out.good(), tmp.string() + ": cannot write the tokenizer");
-  }
-  std::filesystem::rename(tmp, file);
+  write_file_durably(folder / kFileName, bytes_);
 }
 
 std::vector<int32_t> Tokenizer::encode(std::string_view text) const {

@@ -3,7 +3,9 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <string>
 
@@ -26,7 +28,10 @@ void sync_directory(const fs::path& dir) {
 }
 
 void write_file_durably(const fs::path& file, std::string_view content) {
-  const fs::path tmp = file.string() + ".tmp";
+  // Unique per process and call: two writers of the same file (the processes of one multi-process run write
+  // the same tokenizer) never share a temporary, and the last rename wins whole.
+  static std::atomic<uint64_t> counter{0};
+  const fs::path tmp = file.string() + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++);
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   if (fd < 0) fail(tmp, "cannot create");
   for (size_t done = 0; done < content.size();) {

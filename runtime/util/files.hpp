@@ -5,7 +5,8 @@
 
 namespace moerl {
 
-// Writes `content` to a temporary file beside `file`, fsyncs it, renames it over `file`, fsyncs the folder.
+// Writes `content` to a temporary file beside `file` (its own, even when other threads or processes write the
+// same file), fsyncs it, renames it over `file`, fsyncs the folder.
 void write_file_durably(const std::filesystem::path& file, std::string_view content);
 // fsync of a folder, so a rename inside it survives a crash.
 void sync_directory(const std::filesystem::path& dir);
