@@ -47,6 +47,14 @@ void moe_gather_or_zero(const float* x, const int64_t* token_of, int64_t rows, i
 // buf[r, :] = 0 for every r < rows with token_of[r] < 0 (the zero rows of an aligned buffer); other rows untouched.
 void moe_zero_rows(const int64_t* token_of, int64_t rows, int64_t dim, float* buf, cudaStream_t stream = nullptr);
 
+// codes [rows, cols] and scales [rows, tiles(cols)]: row r is token token_of[r]'s row of token_codes [tokens, cols]
+// and token_scales [tokens, tiles(cols)] (fp8::cuda::quantize_1x128 of x [tokens, cols]), or where token_of[r] < 0
+// the quantization of a zero row (codes 0, the all-zero tile's scale): quantize_1x128 of moe_gather_or_zero's rows,
+// bit for bit (a row's 1x128 tiles depend on that row alone), for a sixth of the reads at top-6. cols a multiple of
+// 16, token_codes and codes 16-byte aligned.
+void moe_gather_rows_fp8(const uint8_t* token_codes, const float* token_scales, const int64_t* token_of,
+                         int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream = nullptr);
+
 // Scales of a 1x128 quantization along features of all aligned rows, src [rows, tiles] (fp8::cuda::quantize_1x128's
 // CPU layout, rows = aligned[E]) -> every expert's own cuBLASLt VEC128 layout, dst [rows · tiles]: expert e's scales
 // start at aligned[e] · tiles, tile (r, kb) of its n = aligned[e+1] - aligned[e] rows at kb · n + r.
@@ -100,6 +108,19 @@ struct MoeFp8Experts {
 // The GEMM form `requested` resolves to (Default read from MOERL_MOE_GEMM once per process).
 MoeFp8Gemm moe_fp8_gemm(MoeFp8Gemm requested);
 
+// Passes of the routed experts that run beside the critical path, on another stream, while GEMMs that do not need
+// their results run (MOERL_MOE_BESIDE: a comma list of the names below, or none; unset: x,dy,wgrad,combine):
+//   x        forward, gathered: xᵀ's token codes (kept for the backward's Wgrad) beside the rows' quantization and
+//            the gate/up GEMMs (joined at the end of the forward);
+//   dy       backward, combined: dyᵀ's codes (down Wgrad) beside dy's row codes and the down Dgrad;
+//   wgrad    backward, lanes: the down Wgrad GEMMs beside the SwiGLU backward (joined before the gate/up GEMMs);
+//   h        forward, hᵀ kept: hᵀ's codes beside h's row codes and the down GEMMs (g and u read twice);
+//   combine  runtime/gpu's GpuMoe backward: the gating weights' gradient (reads yp) beside the experts, with the
+//            router's backward.
+// The results are the same bytes either way (only the order of independent work changes).
+enum MoeBeside : unsigned { kBesideX = 1, kBesideDy = 2, kBesideWgrad = 4, kBesideH = 8, kBesideCombine = 16 };
+bool moe_beside(MoeBeside what);
+
 // Whether moe_fp8_experts_* take these sizes (else use per-expert linear calls).
 bool moe_fp8_experts_supported(int64_t hidden, int64_t inter);
 
@@ -116,10 +137,11 @@ void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const 
                               const int64_t* aligned, float* dxp, cudaStream_t stream = nullptr);
 
 // The same, with the input rows gathered inside the kernels that quantize them instead of read from xp: row r is
-// x[token_of[r], :] (x [tokens, H], 16-byte aligned), or zeros where token_of[r] < 0 (moe_align_plan's
-// token_of_aligned). The same bytes as moe_gather_or_zero followed by the xp versions, without writing or reading
-// xp [rows, H] (forward: the Fprop quantization; backward: the Wgrad one).
-void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* x,
+// x[token_of[r], :] (x [tokens, H], 16-byte aligned, every token_of[r] < tokens), or zeros where token_of[r] < 0
+// (moe_align_plan's token_of_aligned). The same bytes as moe_gather_or_zero followed by the xp versions, without
+// writing or reading xp [rows, H] (forward: the Fprop quantization, each token's row quantized once and its codes
+// copied to its rows (moe_gather_rows_fp8); the Wgrad one reads the rows; backward: the Wgrad one).
+void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* x, int64_t tokens,
                                       const int64_t* token_of, const int64_t* aligned_host, const int64_t* aligned,
                                       float* g, float* u, float* h, float* yp, cudaStream_t stream = nullptr);
 void moe_fp8_experts_backward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* x,

@@ -20,6 +20,13 @@
 // with these and the shared expert beside the routed ones (runtime/gpu/gpu_feed_forward.cpp); switching one off:
 // kept codes +0.4 ms, combined dy +0.17 ms, the pair kernel within noise.
 //
+// Gathered forward: x [tokens, H]'s rows are quantized once per token and their codes copied to the expert rows
+// (moe_gather_rows_fp8: the same bytes, x read once instead of top-k times); only xᵀ's codes read the gathered rows.
+// The memory-bound quantizations are the persistent kernels of fp8_quantize_persistent.cuh (the next row tile
+// prefetched into L2). Passes whose codes only a later GEMM reads run on a stream beside (MoeBeside,
+// kernels/cuda/moe_fp8.hpp): xᵀ beside the gate/up GEMMs, dyᵀ beside the down Dgrad, the down Wgrad beside the SwiGLU
+// backward.
+//
 // Lanes. One expert's GEMM is small (about 1600 rows at 64 experts: 13 x 11 tiles of 128 x 128 on 132 SMs, a second
 // wave nearly empty; at bench-600m's 32 experts, 16 x 6 tiles, a quarter of the SMs idle), so the experts' GEMMs run
 // on 4 side streams (MOERL_MOE_LANES) forked from and joined to the caller's stream (expert e on lane e % lanes, each lane
@@ -41,6 +48,7 @@
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_grouped_gemm.hpp"
+#include "kernels/cuda/fp8_quantize_persistent.cuh"
 #include "kernels/cuda/fp8_quantize_tile.cuh"
 #include "kernels/cuda/linear_impl.cuh"
 #include "kernels/cuda/moe_fp8.hpp"
@@ -130,9 +138,12 @@ class TokensFp8 {
   }
   uint8_t* codes() const { return codes_; }
   float* cpu_scales() const { return cpu_scales_; }  // [d, tiles(rows)], quantize_1x128_transposed's layout
-  void finish() {
-    if (lt_layout_) fp8::cuda::scales_to_cublaslt(cpu_scales_, d_, rows_, 1, lt_, stream_);
+  // on: the stream the codes were made on (the constructor's, or one forked from it that the constructor's joins
+  // before release()).
+  void finish(cudaStream_t on) {
+    if (lt_layout_) fp8::cuda::scales_to_cublaslt(cpu_scales_, d_, rows_, 1, lt_, on);
   }
+  void finish() { finish(stream_); }
   // Tokens first .. first + n - 1 (first a multiple of 128): [d, n].
   Operand expert(int64_t first, int64_t n) const {
     return Operand{codes_ + first * d_, lt_ + first / kTile * d_, d_, n, 1};
@@ -168,6 +179,10 @@ struct GatherSource {
     if (t < 0) return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     return __ldg(reinterpret_cast<const float4*>(x + t * cols + c));
   }
+  __device__ __forceinline__ void prefetch(int64_t r, int64_t c0, int64_t n) const {
+    const int64_t t = token_of[r];
+    if (t >= 0) fp8::cuda::quant_detail::prefetch_l2(x + t * cols + c0, 4 * n);
+  }
 };
 
 // The routed experts' output gradient row r: w_r · dy[token_of[r], :] (moe_combine_backward's product, rounded
@@ -184,7 +199,22 @@ struct ScaledGatherSource {
     const float4 v = __ldg(reinterpret_cast<const float4*>(dy + t * cols + c));
     return make_float4(__fmul_rn(w, v.x), __fmul_rn(w, v.y), __fmul_rn(w, v.z), __fmul_rn(w, v.w));
   }
+  __device__ __forceinline__ void prefetch(int64_t r, int64_t c0, int64_t n) const {
+    const int64_t t = token_of[r];
+    if (t >= 0) fp8::cuda::quant_detail::prefetch_l2(dy + t * cols + c0, 4 * n);
+  }
 };
+
+// A gathered source quantized into o: by the persistent kernel (fp8_quantize_persistent.cuh: the next row tile's
+// source rows prefetched into L2), or with MOERL_QUANT_PREFETCH=0 the one-shot one. kTC = 64: the columns alone.
+template <bool kRows, bool kCols, int kTC = kTile, class Src>
+void quantize_source(const Src& src, const fp8::cuda::quant_detail::TileOutputs& o, cudaStream_t stream) {
+  namespace qd = fp8::cuda::quant_detail;
+  if (const int ahead = qd::prefetch_ahead(); ahead > 0)
+    qd::launch_quantize_tiles_persistent<kRows, kCols, Src, kTC>(src, o, ahead, stream);
+  else
+    qd::launch_quantize_tiles<kRows, kCols, Src, kTC>(src, o, stream);
+}
 
 void check_gather(const char* fn, const float* x, const int64_t* token_of, int64_t rows, int64_t H) {
   require(x != nullptr && token_of != nullptr && reinterpret_cast<uintptr_t>(x) % 16 == 0 && H % 4 == 0 &&
@@ -193,40 +223,46 @@ void check_gather(const char* fn, const float* x, const int64_t* token_of, int64
               "128 x 65535 rows");
 }
 
-// The experts' input rows quantized along features (Fprop): from xp, or gathered from x inside the kernel; with
-// w.x_codes_t set, along tokens too (kept for the backward's Wgrad), in the same pass.
-void quantize_input_rows(const MoeFp8Experts& w, const float* xp, const float* x, const int64_t* token_of,
-                         int64_t rows, int64_t H, const int64_t* aligned, RowsFp8& q, cudaStream_t stream) {
-  const bool keep = w.x_codes_t != nullptr;
-  if (xp != nullptr && keep) {
+// The experts' input rows quantized along features (Fprop): from xp (with w.x_codes_t set, along tokens too, kept
+// for the backward's Wgrad, in the same pass), or from x [tokens, H]: every token's row once, then each aligned
+// row's codes and scales copied from its token's (a row's 1x128 tiles depend on that row alone, so these are the
+// gathered rows' bytes; x is read once instead of top-k times).
+void quantize_input_rows(const MoeFp8Experts& w, const float* xp, const float* x, int64_t tokens,
+                         const int64_t* token_of, int64_t rows, int64_t H, const int64_t* aligned, RowsFp8& q,
+                         cudaStream_t stream) {
+  if (xp != nullptr && w.x_codes_t != nullptr) {
     fp8::cuda::quantize_1x128_dual(xp, rows, H, aligned, w.experts, q.codes(), q.cpu_scales(), w.x_codes_t,
                                    w.x_scales_t, stream);
   } else if (xp != nullptr) {
     fp8::cuda::quantize_1x128(xp, rows, H, q.codes(), q.cpu_scales(), stream);
   } else {
-    fp8::cuda::quant_detail::TileOutputs o;
-    o.rows = rows, o.cols = H, o.codes = q.codes(), o.scales = q.cpu_scales();
-    if (keep) {
-      o.codes_t = w.x_codes_t, o.scales_t = w.x_scales_t, o.bounds = aligned, o.n_groups = w.experts;
-      fp8::cuda::quant_detail::launch_quantize_tiles<true, true>(GatherSource{x, token_of, H}, o, stream);
-    } else {
-      fp8::cuda::quant_detail::launch_quantize_tiles<true, false>(GatherSource{x, token_of, H}, o, stream);
-    }
+    StreamScratch tq(bytes_of(tokens * H, 1) + bytes_of(tokens * tiles(H), sizeof(float)), stream);
+    uint8_t* token_codes = tq.as<uint8_t>();
+    float* token_scales = tq.as<float>(bytes_of(tokens * H, 1));
+    fp8::cuda::quantize_1x128(x, tokens, H, token_codes, token_scales, stream);
+    moe_gather_rows_fp8(token_codes, token_scales, token_of, rows, H, q.codes(), q.cpu_scales(), stream);
+    tq.release();
   }
   q.finish();
+}
+
+// The gathered input rows x[token_of[r], :] quantized along tokens (Wgrad's xᵀ, every expert's codes packed) into
+// codes_t / scales_t.
+void quantize_gathered_tokens(const float* x, const int64_t* token_of, int64_t rows, int64_t H,
+                              const int64_t* aligned, int64_t experts, uint8_t* codes_t, float* scales_t,
+                              cudaStream_t stream) {
+  fp8::cuda::quant_detail::TileOutputs o;
+  o.rows = rows, o.cols = H, o.codes_t = codes_t, o.scales_t = scales_t, o.bounds = aligned, o.n_groups = experts;
+  quantize_source<false, true, 64>(GatherSource{x, token_of, H}, o, stream);
 }
 
 // The experts' input rows quantized along tokens (Wgrad), every expert's codes packed (as TokensFp8).
 void quantize_input_tokens(const float* xp, const float* x, const int64_t* token_of, int64_t rows, int64_t H,
                            const int64_t* aligned, int64_t experts, TokensFp8& q, cudaStream_t stream) {
-  if (xp != nullptr) {
+  if (xp != nullptr)
     fp8::cuda::quantize_1x128_transposed_grouped(xp, rows, H, aligned, experts, q.codes(), q.cpu_scales(), stream);
-  } else {
-    fp8::cuda::quant_detail::TileOutputs o;
-    o.rows = rows, o.cols = H, o.codes_t = q.codes(), o.scales_t = q.cpu_scales(), o.bounds = aligned,
-    o.n_groups = experts;
-    fp8::cuda::quant_detail::launch_quantize_tiles<false, true>(GatherSource{x, token_of, H}, o, stream);
-  }
+  else
+    quantize_gathered_tokens(x, token_of, rows, H, aligned, experts, q.codes(), q.cpu_scales(), stream);
   q.finish();
 }
 
@@ -283,6 +319,19 @@ class Lanes {
   // between callers.
   template <class F>
   void run(const int64_t* aligned_host, int64_t experts, cudaStream_t stream, F&& gemm) {
+    issue(aligned_host, experts, stream, gemm, true);
+  }
+  // run() without the join: `stream` goes on at once while the lanes work. Whatever this queued is joined by the
+  // next run() of as many experts or more (the lanes are in order); until then the caller keeps every buffer the
+  // GEMMs read or write alive (a scratch freed on `stream` could be reused while a lane still reads it).
+  template <class F>
+  void run_unjoined(const int64_t* aligned_host, int64_t experts, cudaStream_t stream, F&& gemm) {
+    issue(aligned_host, experts, stream, gemm, false);
+  }
+
+ private:
+  template <class F>
+  void issue(const int64_t* aligned_host, int64_t experts, cudaStream_t stream, F& gemm, bool join) {
     const std::lock_guard caller(run_mutex_);
     // Only the lanes that get experts are forked and joined: a one-expert call (an FP8 dense block or shared expert,
     // which may run on a stream beside the routed experts') holds up no other lane.
@@ -296,13 +345,13 @@ class Lanes {
       const int lane = static_cast<int>(e % n_);
       if (n > 0) gemm(e, r0, n, streams_[lane], *contexts_[lane]);
     }
+    if (!join) return;
     for (int i = 0; i < used; ++i) {
       CUDA_CHECK(cudaEventRecord(done_[i], streams_[i]));
       CUDA_CHECK(cudaStreamWaitEvent(stream, done_[i], 0));
     }
   }
 
- private:
   int n_;
   std::mutex run_mutex_;
   cudaEvent_t fork_ = nullptr;
@@ -322,6 +371,49 @@ Lanes& lanes() {
   Lanes*& l = per_device[device];
   if (l == nullptr) l = new Lanes();
   return *l;
+}
+
+// A stream beside the caller's for quantizations whose codes only a later GEMM reads (MoeBeside): forked from the
+// caller's stream where their inputs are ready, joined where the codes are needed. Per device, made on first use
+// and never destroyed (as the lanes). Each fork and join records its event and queues the wait under one lock, so
+// that callers on other threads cannot record in between (a join then waits for their work too: later, never
+// wrong).
+class Beside {
+ public:
+  Beside() {
+    CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
+    CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+    CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
+  }
+  // The side stream, after everything queued on `stream` so far.
+  cudaStream_t fork(cudaStream_t stream) {
+    const std::lock_guard lock(mutex_);
+    CUDA_CHECK(cudaEventRecord(fork_, stream));
+    CUDA_CHECK(cudaStreamWaitEvent(side_, fork_, 0));
+    return side_;
+  }
+  // `stream` waits for everything queued on the side stream so far.
+  void join(cudaStream_t stream) {
+    const std::lock_guard lock(mutex_);
+    CUDA_CHECK(cudaEventRecord(done_, side_));
+    CUDA_CHECK(cudaStreamWaitEvent(stream, done_, 0));
+  }
+
+ private:
+  std::mutex mutex_;
+  cudaStream_t side_ = nullptr;
+  cudaEvent_t fork_ = nullptr, done_ = nullptr;
+};
+
+Beside& beside() {
+  static std::mutex mutex;
+  static std::map<int, Beside*> per_device;
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard lock(mutex);
+  Beside*& b = per_device[device];
+  if (b == nullptr) b = new Beside();
+  return *b;
 }
 
 // Every expert's operands in the stacked FP8 copies.
@@ -369,6 +461,8 @@ class Stages {
     timer_.reset();
     timer_.emplace(prefix_ + what, stream_);
   }
+  // The full name of a stage timed on another stream (empty unless profiling).
+  std::string name(const char* what) const { return prefix_.empty() ? std::string() : prefix_ + what; }
 
  private:
   std::string prefix_;
@@ -407,21 +501,47 @@ MoeFp8Gemm moe_fp8_gemm(MoeFp8Gemm requested) {
   return from_env;
 }
 
+bool moe_beside(MoeBeside what) {
+  static const unsigned bits = [] {
+    const char* v = std::getenv("MOERL_MOE_BESIDE");
+    if (v == nullptr || *v == '\0') return unsigned{kBesideX | kBesideDy | kBesideWgrad | kBesideCombine};
+    const std::string list(v);
+    unsigned b = 0;
+    size_t start = 0;
+    while (start <= list.size()) {
+      const size_t end = std::min(list.find(',', start), list.size());
+      const std::string name = list.substr(start, end - start);
+      if (name == "x") b |= kBesideX;
+      else if (name == "dy") b |= kBesideDy;
+      else if (name == "wgrad") b |= kBesideWgrad;
+      else if (name == "h") b |= kBesideH;
+      else if (name == "combine") b |= kBesideCombine;
+      else if (name != "none") throw Error("MOERL_MOE_BESIDE: expected a comma list of x, dy, wgrad, h, combine or none, got '" + list + "'");
+      start = end + 1;
+    }
+    return b;
+  }();
+  return (bits & what) != 0;
+}
+
 bool moe_fp8_experts_supported(int64_t hidden, int64_t inter) {
   return hidden >= 128 && inter >= 128 && hidden % 16 == 0 && inter % 16 == 0;
 }
 
 namespace {
 
-// moe_fp8_experts_forward from xp, or (xp null) gathered from x by token_of.
-void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp, const float* x,
+// moe_fp8_experts_forward from xp, or (xp null) gathered from x [tokens, H] by token_of.
+void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp, const float* x, int64_t tokens,
                      const int64_t* token_of, const int64_t* aligned_host, const int64_t* aligned, float* g, float* u,
                      float* h, float* yp, cudaStream_t stream) {
   check("moe_fp8_experts_forward", w, aligned_host, aligned);
   const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
   if (rows == 0) return;
   require(g && u && (h || w.h_codes_t) && yp, "cuda::moe_fp8_experts_forward: null activation pointer");
-  if (xp == nullptr) check_gather("moe_fp8_experts_forward(_gathered): xp or x", x, token_of, rows, H);
+  if (xp == nullptr) {
+    check_gather("moe_fp8_experts_forward(_gathered): xp or x", x, token_of, rows, H);
+    require(tokens > 0, "cuda::moe_fp8_experts_forward_gathered: needs tokens > 0");
+  }
   LinearContext::Impl& c = ctx.impl();
   c.check_device("cuda::moe_fp8_experts_forward");
   const bool grouped = moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped;
@@ -432,8 +552,18 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
   st.next("quant_x");
+  // Gathered with xᵀ kept: xᵀ's codes from the gathered rows (beside, MoeBeside x: nothing before the backward
+  // reads them), the rows' codes from each token's.
+  bool joins_beside = false;
+  if (xp == nullptr && w.x_codes_t != nullptr) {
+    const bool side = moe_beside(kBesideX);
+    const cudaStream_t s = side ? beside().fork(stream) : stream;
+    const cuda_detail::PhaseTimer t(st.name(side ? "quant_x_tokens(side)" : "quant_x_tokens"), s);
+    quantize_gathered_tokens(x, token_of, rows, H, aligned, E, w.x_codes_t, w.x_scales_t, s);
+    joins_beside = side;
+  }
   RowsFp8 xq(nullptr, rows, H, aligned, E, !grouped, stream);
-  quantize_input_rows(w, xp, x, token_of, rows, H, aligned, xq, stream);
+  quantize_input_rows(w, xp, x, tokens, token_of, rows, H, aligned, xq, stream);
   st.next("gemm_gate_up");
   if (grouped) {
     GroupedProblem pr[2];
@@ -453,7 +583,16 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   st.next("swiglu_quant_h");
   RowsFp8 hq(nullptr, rows, I, aligned, E, !grouped, stream);
   const bool keep_h = w.h_codes_t != nullptr;
-  if (keep_h && swiglu_fp8_supported(rows, I, g, u, h)) {
+  if (keep_h && swiglu_fp8_supported(rows, I, g, u, h) && moe_beside(kBesideH)) {
+    // Rows here, tokens beside (only the backward reads hᵀ): g and u read twice, the down GEMMs start sooner.
+    const cudaStream_t s = beside().fork(stream);
+    {
+      const cuda_detail::PhaseTimer t(st.name("swiglu_quant_h_tokens(side)"), s);
+      swiglu_forward_quantize_tokens(g, u, rows, I, aligned, E, w.h_codes_t, w.h_scales_t, s);
+    }
+    joins_beside = true;
+    swiglu_forward_quantize_1x128(g, u, rows, I, h, hq.codes(), hq.cpu_scales(), stream);
+  } else if (keep_h && swiglu_fp8_supported(rows, I, g, u, h)) {
     swiglu_forward_quantize_dual(g, u, rows, I, h, aligned, E,
                                  Fp8Dual{hq.codes(), hq.cpu_scales(), w.h_codes_t, w.h_scales_t}, stream);
   } else if (keep_h) {  // h through a temporary
@@ -483,6 +622,10 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
                 });
   }
   hq.release();
+  if (joins_beside) {
+    st.next("join_side");
+    beside().join(stream);  // the kept token codes are complete when the forward's work on `stream` is
+  }
 }
 
 // The output gradient of the experts' rows: dyp [rows, H], or (dyp null) row_weight[r] · dy[token_of[r], :].
@@ -515,49 +658,78 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
   st.next("quant_dy_both_h_tokens");
-  // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad); dy quantized both ways in one pass.
+  // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad). dy quantized both ways in one pass, or (combined dy,
+  // MoeBeside dy) its rows here and its tokens beside the rows and the Dgrad, joined before the Wgrad.
   StreamScratch grads(bytes_of(rows * I, sizeof(float)), stream);
   float* dh = grads.as<float>();
-  {
-    RowsFp8 dyq(nullptr, rows, H, aligned, E, lt, stream);
-    TokensFp8 dyt(nullptr, rows, H, aligned, E, lt, stream);
-    if (dys.dyp != nullptr) {
-      quantize_both(dys.dyp, rows, H, aligned, E, dyq, dyt, stream);
+  RowsFp8 dyq(nullptr, rows, H, aligned, E, lt, stream);
+  TokensFp8 dyt(nullptr, rows, H, aligned, E, lt, stream);
+  bool dy_beside = false;
+  if (dys.dyp != nullptr) {
+    quantize_both(dys.dyp, rows, H, aligned, E, dyq, dyt, stream);
+  } else {
+    const ScaledGatherSource src{dys.dy, token_of, dys.row_weight, H};
+    fp8::cuda::quant_detail::TileOutputs by_rows;
+    by_rows.rows = rows, by_rows.cols = H, by_rows.bounds = aligned, by_rows.n_groups = E;
+    fp8::cuda::quant_detail::TileOutputs by_tokens = by_rows;
+    by_rows.codes = dyq.codes(), by_rows.scales = dyq.cpu_scales();
+    by_tokens.codes_t = dyt.codes(), by_tokens.scales_t = dyt.cpu_scales();
+    dy_beside = moe_beside(kBesideDy);
+    if (dy_beside) {
+      const cudaStream_t s = beside().fork(stream);
+      {
+        const cuda_detail::PhaseTimer t(st.name("quant_dy_tokens(side)"), s);
+        quantize_source<false, true, 64>(src, by_tokens, s);
+        dyt.finish(s);
+      }
+      quantize_source<true, false>(src, by_rows, stream);
     } else {
-      fp8::cuda::quant_detail::TileOutputs o;
-      o.rows = rows, o.cols = H, o.codes = dyq.codes(), o.scales = dyq.cpu_scales(), o.codes_t = dyt.codes(),
-      o.scales_t = dyt.cpu_scales(), o.bounds = aligned, o.n_groups = E;
-      fp8::cuda::quant_detail::launch_quantize_tiles<true, true>(
-          ScaledGatherSource{dys.dy, token_of, dys.row_weight, H}, o, stream);
-      dyq.finish();
+      fp8::cuda::quant_detail::TileOutputs both = by_rows;
+      both.codes_t = by_tokens.codes_t, both.scales_t = by_tokens.scales_t;
+      quantize_source<true, true>(src, both, stream);
       dyt.finish();
     }
-    std::optional<TokensFp8> ht_kept;
-    if (w.h_codes_t != nullptr) ht_kept.emplace(w.h_codes_t, w.h_scales_t, rows, I, lt, stream);
-    TokensFp8 ht_new(ht_kept ? nullptr : h, ht_kept ? 0 : rows, I, aligned, E, lt, stream);
-    TokensFp8& ht = ht_kept ? *ht_kept : ht_new;
-    st.next("gemm_down_dgrad");
-    if (grouped) {
-      GroupedProblem pr;
-      pr.terms[0] = rows_term(dyq, sd.codes_t, sd.scales_t, H), pr.y = dh;
-      fp8::cuda::grouped_gemm_nt_rows(&pr, 1, aligned, E, rows, I, stream);
-      GroupedProblem pw;
-      pw.terms[0] = tokens_term(dyt, ht), pw.y = w.down_grad;
-      fp8::cuda::grouped_gemm_nt_tokens_accumulate(&pw, 1, aligned, E, rows, H, I, stream);
-    } else {
-      const std::vector<ExpertWeight> wd = expert_weights(sd);
-      auto dgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-        fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh + r0 * I, OutType::FP32, s);
-      };
-      auto wgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-        fp8::cuda::gemm_nt_accumulate(gc, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I, s);
-      };
-      run_dgrad_wgrad(st, "gemm_down_wgrad", aligned_host, E, stream, dgrad, wgrad);
-    }
-    ht.release();
-    dyt.release();
-    dyq.release();
+    dyq.finish();
   }
+  std::optional<TokensFp8> ht_kept;
+  if (w.h_codes_t != nullptr) ht_kept.emplace(w.h_codes_t, w.h_scales_t, rows, I, lt, stream);
+  TokensFp8 ht_new(ht_kept ? nullptr : h, ht_kept ? 0 : rows, I, aligned, E, lt, stream);
+  TokensFp8& ht = ht_kept ? *ht_kept : ht_new;
+  st.next("gemm_down_dgrad");
+  // MoeBeside wgrad: the lanes still run the down Wgrad while the SwiGLU backward runs here; the gate/up run joins
+  // them, and dyt and ht (which they read) are released after it.
+  bool wgrad_unjoined = false;
+  if (grouped) {
+    GroupedProblem pr;
+    pr.terms[0] = rows_term(dyq, sd.codes_t, sd.scales_t, H), pr.y = dh;
+    fp8::cuda::grouped_gemm_nt_rows(&pr, 1, aligned, E, rows, I, stream);
+    if (dy_beside) beside().join(stream);
+    GroupedProblem pw;
+    pw.terms[0] = tokens_term(dyt, ht), pw.y = w.down_grad;
+    fp8::cuda::grouped_gemm_nt_tokens_accumulate(&pw, 1, aligned, E, rows, H, I, stream);
+  } else {
+    const std::vector<ExpertWeight> wd = expert_weights(sd);
+    auto dgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+      fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh + r0 * I, OutType::FP32, s);
+    };
+    auto wgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+      fp8::cuda::gemm_nt_accumulate(gc, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I, s);
+    };
+    wgrad_unjoined = moe_beside(kBesideWgrad);
+    if (!dy_beside && !wgrad_unjoined) {
+      run_dgrad_wgrad(st, "gemm_down_wgrad", aligned_host, E, stream, dgrad, wgrad);
+    } else {
+      lanes().run(aligned_host, E, stream, dgrad);
+      st.next("gemm_down_wgrad");
+      if (dy_beside) beside().join(stream);
+      if (wgrad_unjoined)
+        lanes().run_unjoined(aligned_host, E, stream, wgrad);
+      else
+        lanes().run(aligned_host, E, stream, wgrad);
+    }
+  }
+  dyq.release();
+  if (!wgrad_unjoined) ht.release(), dyt.release();
 
   // dg and du (swiglu_backward) quantized both ways, fused with their computation where the shapes allow.
   st.next("swiglu_bwd_quant_dg_du");
@@ -619,6 +791,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     };
     run_dgrad_wgrad(st, "gemm_gate_up_wgrad", aligned_host, E, stream, dgrad, wgrad);
   }
+  if (wgrad_unjoined) ht.release(), dyt.release();  // the down Wgrad is joined now
   xt.release();
   dut.release();
   dgt.release();
@@ -630,13 +803,13 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
 
 void moe_fp8_experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp, const int64_t* aligned_host,
                              const int64_t* aligned, float* g, float* u, float* h, float* yp, cudaStream_t stream) {
-  experts_forward(ctx, w, xp, nullptr, nullptr, aligned_host, aligned, g, u, h, yp, stream);
+  experts_forward(ctx, w, xp, nullptr, 0, nullptr, aligned_host, aligned, g, u, h, yp, stream);
 }
 
-void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* x,
+void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* x, int64_t tokens,
                                       const int64_t* token_of, const int64_t* aligned_host, const int64_t* aligned,
                                       float* g, float* u, float* h, float* yp, cudaStream_t stream) {
-  experts_forward(ctx, w, nullptr, x, token_of, aligned_host, aligned, g, u, h, yp, stream);
+  experts_forward(ctx, w, nullptr, x, tokens, token_of, aligned_host, aligned, g, u, h, yp, stream);
 }
 
 void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* xp,
