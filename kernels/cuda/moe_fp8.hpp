@@ -71,6 +71,10 @@ void moe_combine_backward_aligned(const float* dy, const float* yp, const float*
                                   cudaStream_t stream = nullptr);
 void moe_scatter_add_aligned(const float* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
                              int64_t rows, float* dx, cudaStream_t stream = nullptr);
+// moe_scatter_add_aligned, then dx += also (also [tokens, dim], non-null) in the same pass: the bytes of the
+// scatter-add followed by an elementwise add (each sum rounded once, in that order), one pass over dx fewer.
+void moe_scatter_add_aligned_then(const float* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
+                                  int64_t rows, const float* also, float* dx, cudaStream_t stream = nullptr);
 
 // The routed experts in the FP8 recipe of kernels/cuda/linear.hpp on aligned rows: per expert e (rows aligned[e] ..
 // aligned[e+1] - 1, skipped when empty) gate, up and down as cuda::linear_forward / linear_backward with
@@ -109,16 +113,17 @@ struct MoeFp8Experts {
 MoeFp8Gemm moe_fp8_gemm(MoeFp8Gemm requested);
 
 // Passes of the routed experts that run beside the critical path, on another stream, while GEMMs that do not need
-// their results run (MOERL_MOE_BESIDE: a comma list of the names below, or none; unset: x,dy,wgrad,combine):
+// their results run (MOERL_MOE_BESIDE: a comma list of the names below, or none; unset: x,wgrad,combine):
 //   x        forward, gathered: xᵀ's token codes (kept for the backward's Wgrad) beside the rows' quantization and
 //            the gate/up GEMMs (joined at the end of the forward);
-//   dy       backward, combined: dyᵀ's codes (down Wgrad) beside dy's row codes and the down Dgrad;
-//   wgrad    backward, lanes: the down Wgrad GEMMs beside the SwiGLU backward (joined before the gate/up GEMMs);
-//   h        forward, hᵀ kept: hᵀ's codes beside h's row codes and the down GEMMs (g and u read twice);
+//   dy       backward, combined: dyᵀ's codes (down Wgrad) beside dy's row codes and the down Dgrad, instead of one
+//            pass both ways (dy then read twice: slower on the H200, kept for measuring);
+//   wgrad    backward, lanes: the down Wgrad GEMMs beside the SwiGLU backward (joined by the gate/up GEMMs);
 //   combine  runtime/gpu's GpuMoe backward: the gating weights' gradient (reads yp) beside the experts, with the
 //            router's backward.
-// The results are the same bytes either way (only the order of independent work changes).
-enum MoeBeside : unsigned { kBesideX = 1, kBesideDy = 2, kBesideWgrad = 4, kBesideH = 8, kBesideCombine = 16 };
+// The results are the same bytes either way (only the order of independent work changes). Measured on the H200:
+// bench/results/2026-11-29-gpu-moe2-*.
+enum MoeBeside : unsigned { kBesideX = 1, kBesideDy = 2, kBesideWgrad = 4, kBesideCombine = 16 };
 bool moe_beside(MoeBeside what);
 
 // Whether moe_fp8_experts_* take these sizes (else use per-expert linear calls).

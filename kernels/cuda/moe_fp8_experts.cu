@@ -22,10 +22,9 @@
 //
 // Gathered forward: x [tokens, H]'s rows are quantized once per token and their codes copied to the expert rows
 // (moe_gather_rows_fp8: the same bytes, x read once instead of top-k times); only xᵀ's codes read the gathered rows.
-// The memory-bound quantizations are the persistent kernels of fp8_quantize_persistent.cuh (the next row tile
-// prefetched into L2). Passes whose codes only a later GEMM reads run on a stream beside (MoeBeside,
-// kernels/cuda/moe_fp8.hpp): xᵀ beside the gate/up GEMMs, dyᵀ beside the down Dgrad, the down Wgrad beside the SwiGLU
-// backward.
+// Work that only a later GEMM needs runs on a stream beside (MoeBeside, kernels/cuda/moe_fp8.hpp): xᵀ's quantization
+// beside the rows' and the gate/up GEMMs, the down Wgrad beside the SwiGLU backward (and, not by default, dyᵀ's
+// quantization beside the down Dgrad).
 //
 // Lanes. One expert's GEMM is small (about 1600 rows at 64 experts: 13 x 11 tiles of 128 x 128 on 132 SMs, a second
 // wave nearly empty; at bench-600m's 32 experts, 16 x 6 tiles, a quarter of the SMs idle), so the experts' GEMMs run
@@ -48,7 +47,6 @@
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_grouped_gemm.hpp"
-#include "kernels/cuda/fp8_quantize_persistent.cuh"
 #include "kernels/cuda/fp8_quantize_tile.cuh"
 #include "kernels/cuda/linear_impl.cuh"
 #include "kernels/cuda/moe_fp8.hpp"
@@ -179,10 +177,6 @@ struct GatherSource {
     if (t < 0) return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     return __ldg(reinterpret_cast<const float4*>(x + t * cols + c));
   }
-  __device__ __forceinline__ void prefetch(int64_t r, int64_t c0, int64_t n) const {
-    const int64_t t = token_of[r];
-    if (t >= 0) fp8::cuda::quant_detail::prefetch_l2(x + t * cols + c0, 4 * n);
-  }
 };
 
 // The routed experts' output gradient row r: w_r · dy[token_of[r], :] (moe_combine_backward's product, rounded
@@ -199,21 +193,18 @@ struct ScaledGatherSource {
     const float4 v = __ldg(reinterpret_cast<const float4*>(dy + t * cols + c));
     return make_float4(__fmul_rn(w, v.x), __fmul_rn(w, v.y), __fmul_rn(w, v.z), __fmul_rn(w, v.w));
   }
-  __device__ __forceinline__ void prefetch(int64_t r, int64_t c0, int64_t n) const {
-    const int64_t t = token_of[r];
-    if (t >= 0) fp8::cuda::quant_detail::prefetch_l2(dy + t * cols + c0, 4 * n);
-  }
 };
 
-// A gathered source quantized into o: by the persistent kernel (fp8_quantize_persistent.cuh: the next row tile's
-// source rows prefetched into L2), or with MOERL_QUANT_PREFETCH=0 the one-shot one. kTC = 64: the columns alone.
+// A gathered source quantized into o by fp8_quantize_tile.cuh's blocks; kTC = 64: the columns alone (128 x 64 blocks,
+// the transposed quantization's default shape).
+//
+// Tried and dropped (bench/results/2026-11-29-gpu-moe2-run1-h200-abb3661.log): persistent forms of these kernels, each
+// block walking down the row tiles and prefetching the next one into L2 (cp.async.bulk.prefetch.L2), for this, the
+// SwiGLU and the dy quantizations: slower on the H200 (SwiGLU backward 1.47 -> 1.79 ms, forward 0.65 -> 0.85 ms,
+// MoE layer 14.8 -> 15.3-15.5 ms), and beside the GEMMs they held every SM until done.
 template <bool kRows, bool kCols, int kTC = kTile, class Src>
 void quantize_source(const Src& src, const fp8::cuda::quant_detail::TileOutputs& o, cudaStream_t stream) {
-  namespace qd = fp8::cuda::quant_detail;
-  if (const int ahead = qd::prefetch_ahead(); ahead > 0)
-    qd::launch_quantize_tiles_persistent<kRows, kCols, Src, kTC>(src, o, ahead, stream);
-  else
-    qd::launch_quantize_tiles<kRows, kCols, Src, kTC>(src, o, stream);
+  fp8::cuda::quant_detail::launch_quantize_tiles<kRows, kCols, Src, kTC>(src, o, stream);
 }
 
 void check_gather(const char* fn, const float* x, const int64_t* token_of, int64_t rows, int64_t H) {
@@ -303,12 +294,27 @@ int lane_count() {
   return n;
 }
 
+// MOERL_MOE_LANES_PRIORITY=high: the lanes' streams get the device's highest priority, so that the GEMMs' blocks are
+// scheduled before those of memory-bound work beside them (MoeBeside); unset or "default": the default priority.
+// Read once per process; for measuring.
+int lane_priority() {
+  static const int priority = [] {
+    const char* v = std::getenv("MOERL_MOE_LANES_PRIORITY");
+    if (v == nullptr || *v == '\0' || std::string(v) == "default") return 0;
+    if (std::string(v) != "high") throw Error(std::string("MOERL_MOE_LANES_PRIORITY must be high or default, got ") + v);
+    int least = 0, greatest = 0;
+    CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+    return greatest;
+  }();
+  return priority;
+}
+
 class Lanes {
  public:
   Lanes() : n_(lane_count()) {
     CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
     for (int i = 0; i < n_; ++i) {
-      CUDA_CHECK(cudaStreamCreateWithFlags(&streams_[i], cudaStreamNonBlocking));
+      CUDA_CHECK(cudaStreamCreateWithPriority(&streams_[i], cudaStreamNonBlocking, lane_priority()));
       CUDA_CHECK(cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming));
       contexts_[i] = std::make_unique<fp8::cuda::GemmContext>();
     }
@@ -504,7 +510,7 @@ MoeFp8Gemm moe_fp8_gemm(MoeFp8Gemm requested) {
 bool moe_beside(MoeBeside what) {
   static const unsigned bits = [] {
     const char* v = std::getenv("MOERL_MOE_BESIDE");
-    if (v == nullptr || *v == '\0') return unsigned{kBesideX | kBesideDy | kBesideWgrad | kBesideCombine};
+    if (v == nullptr || *v == '\0') return unsigned{kBesideX | kBesideWgrad | kBesideCombine};
     const std::string list(v);
     unsigned b = 0;
     size_t start = 0;
@@ -514,9 +520,8 @@ bool moe_beside(MoeBeside what) {
       if (name == "x") b |= kBesideX;
       else if (name == "dy") b |= kBesideDy;
       else if (name == "wgrad") b |= kBesideWgrad;
-      else if (name == "h") b |= kBesideH;
       else if (name == "combine") b |= kBesideCombine;
-      else if (name != "none") throw Error("MOERL_MOE_BESIDE: expected a comma list of x, dy, wgrad, h, combine or none, got '" + list + "'");
+      else if (name != "none") throw Error("MOERL_MOE_BESIDE: expected a comma list of x, dy, wgrad, combine or none, got '" + list + "'");
       start = end + 1;
     }
     return b;
@@ -583,16 +588,7 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   st.next("swiglu_quant_h");
   RowsFp8 hq(nullptr, rows, I, aligned, E, !grouped, stream);
   const bool keep_h = w.h_codes_t != nullptr;
-  if (keep_h && swiglu_fp8_supported(rows, I, g, u, h) && moe_beside(kBesideH)) {
-    // Rows here, tokens beside (only the backward reads hᵀ): g and u read twice, the down GEMMs start sooner.
-    const cudaStream_t s = beside().fork(stream);
-    {
-      const cuda_detail::PhaseTimer t(st.name("swiglu_quant_h_tokens(side)"), s);
-      swiglu_forward_quantize_tokens(g, u, rows, I, aligned, E, w.h_codes_t, w.h_scales_t, s);
-    }
-    joins_beside = true;
-    swiglu_forward_quantize_1x128(g, u, rows, I, h, hq.codes(), hq.cpu_scales(), stream);
-  } else if (keep_h && swiglu_fp8_supported(rows, I, g, u, h)) {
+  if (keep_h && swiglu_fp8_supported(rows, I, g, u, h)) {
     swiglu_forward_quantize_dual(g, u, rows, I, h, aligned, E,
                                  Fp8Dual{hq.codes(), hq.cpu_scales(), w.h_codes_t, w.h_scales_t}, stream);
   } else if (keep_h) {  // h through a temporary

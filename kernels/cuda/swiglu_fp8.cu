@@ -2,16 +2,13 @@
 // kernels/cuda/fp8_quantize_tile.cuh with SwiGLU's arithmetic (kernels/cuda/swiglu_math.cuh) as their source.
 // Per routed-expert layer this saves, forward, the re-read of h [rows, I] before its quantization and, backward,
 // writing dg and du [rows, I] in FP32 and reading them four times (rows and tokens quantization of each): the two
-// gradients are each computed where they are quantized, from dh, g (and u for dg). The kernels are the persistent
-// ones of kernels/cuda/fp8_quantize_persistent.cuh (each block prefetches its next row tile's g, u, dh into L2 while
-// it quantizes the current one), or with MOERL_QUANT_PREFETCH=0 the one-shot ones; the same bytes either way.
+// gradients are each computed where they are quantized, from dh, g (and u for dg).
 #include <cuda_runtime.h>
 
 #include <cstdint>
 #include <string>
 
 #include "kernels/cuda/cuda_check.hpp"
-#include "kernels/cuda/fp8_quantize_persistent.cuh"
 #include "kernels/cuda/fp8_quantize_tile.cuh"
 #include "kernels/cuda/swiglu_fp8.hpp"
 #include "kernels/cuda/swiglu_math.cuh"
@@ -22,11 +19,7 @@ namespace {
 
 using fp8::kTile;
 using fp8::cuda::quant_detail::launch_quantize_tile_pairs;
-using fp8::cuda::quant_detail::launch_quantize_tile_pairs_persistent;
 using fp8::cuda::quant_detail::launch_quantize_tiles;
-using fp8::cuda::quant_detail::launch_quantize_tiles_persistent;
-using fp8::cuda::quant_detail::prefetch_ahead;
-using fp8::cuda::quant_detail::prefetch_l2;
 using fp8::cuda::quant_detail::TileOutputs;
 using swiglu_detail::silu_grads;
 using swiglu_detail::silu_times;
@@ -45,10 +38,6 @@ struct ForwardSource {
                                   silu_times(gv.w, uv.w));
     if (h != nullptr) *reinterpret_cast<float4*>(h + i) = hv;  // kept for the backward pass: a normal store
     return hv;
-  }
-  __device__ __forceinline__ void prefetch(int64_t r, int64_t c0, int64_t n) const {
-    prefetch_l2(g + r * cols + c0, 4 * n);
-    prefetch_l2(u + r * cols + c0, 4 * n);
   }
 };
 
@@ -69,11 +58,6 @@ struct BackwardSource {
     return make_float4(grad(dhv.x, gv.x, uv.x), grad(dhv.y, gv.y, uv.y), grad(dhv.z, gv.z, uv.z),
                        grad(dhv.w, gv.w, uv.w));
   }
-  __device__ __forceinline__ void prefetch(int64_t r, int64_t c0, int64_t n) const {
-    prefetch_l2(dh + r * cols + c0, 4 * n);
-    prefetch_l2(g + r * cols + c0, 4 * n);
-    if (kGate) prefetch_l2(u + r * cols + c0, 4 * n);
-  }
 };
 
 // dg and du of swiglu_backward together: dh and g read once for both.
@@ -88,21 +72,7 @@ struct BackwardPairSource {
     silu_grads(dhv.z, gv.z, uv.z, dg.z, du.z);
     silu_grads(dhv.w, gv.w, uv.w, dg.w, du.w);
   }
-  __device__ __forceinline__ void prefetch(int64_t r, int64_t c0, int64_t n) const {
-    prefetch_l2(dh + r * cols + c0, 4 * n);
-    prefetch_l2(g + r * cols + c0, 4 * n);
-    prefetch_l2(u + r * cols + c0, 4 * n);
-  }
 };
-
-// launch_quantize_tiles, or its persistent form (MOERL_QUANT_PREFETCH, fp8_quantize_persistent.cuh).
-template <bool kRows, bool kCols, class Src>
-void launch_tiles(const Src& src, const TileOutputs& o, cudaStream_t stream) {
-  if (const int ahead = prefetch_ahead(); ahead > 0)
-    launch_quantize_tiles_persistent<kRows, kCols>(src, o, ahead, stream);
-  else
-    launch_quantize_tiles<kRows, kCols>(src, o, stream);
-}
 
 bool aligned(const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; }
 
@@ -122,10 +92,10 @@ bool swiglu_fp8_supported(int64_t rows, int64_t cols, const void* a, const void*
 
 void swiglu_forward_quantize_1x128(const float* g, const float* u, int64_t rows, int64_t cols, float* h,
                                    uint8_t* codes, float* scales, cudaStream_t stream) {
-  check("swiglu_forward_quantize_1x128", rows, cols, g, u, h, codes && scales && aligned(codes, 4));
+  check("swiglu_forward_quantize_1x128", rows, cols, g, u, h, h && codes && scales && aligned(codes, 4));
   TileOutputs o;
   o.rows = rows, o.cols = cols, o.codes = codes, o.scales = scales;
-  launch_tiles<true, false>(ForwardSource{g, u, h, cols}, o, stream);
+  launch_quantize_tiles<true, false>(ForwardSource{g, u, h, cols}, o, stream);
 }
 
 void swiglu_backward_quantize_dual(const float* dh, const float* g, const float* u, int64_t rows, int64_t cols,
@@ -138,9 +108,9 @@ void swiglu_backward_quantize_dual(const float* dh, const float* g, const float*
   o.rows = rows, o.cols = cols, o.codes = codes, o.scales = scales, o.codes_t = codes_t, o.scales_t = scales_t;
   o.bounds = bounds, o.n_groups = n_groups;
   if (gate)
-    launch_tiles<true, true>(BackwardSource<true>{dh, g, u, cols}, o, stream);
+    launch_quantize_tiles<true, true>(BackwardSource<true>{dh, g, u, cols}, o, stream);
   else
-    launch_tiles<true, true>(BackwardSource<false>{dh, g, nullptr, cols}, o, stream);
+    launch_quantize_tiles<true, true>(BackwardSource<false>{dh, g, nullptr, cols}, o, stream);
 }
 
 void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const float* u, int64_t rows, int64_t cols,
@@ -156,10 +126,7 @@ void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const f
   TileOutputs b = a;
   a.codes = dg.codes, a.scales = dg.scales, a.codes_t = dg.codes_t, a.scales_t = dg.scales_t;
   b.codes = du.codes, b.scales = du.scales, b.codes_t = du.codes_t, b.scales_t = du.scales_t;
-  if (const int ahead = prefetch_ahead(); ahead > 0)
-    launch_quantize_tile_pairs_persistent(BackwardPairSource{dh, g, u, cols}, a, b, ahead, stream);
-  else
-    launch_quantize_tile_pairs(BackwardPairSource{dh, g, u, cols}, a, b, stream);
+  launch_quantize_tile_pairs(BackwardPairSource{dh, g, u, cols}, a, b, stream);
 }
 
 void swiglu_forward_quantize_dual(const float* g, const float* u, int64_t rows, int64_t cols, float* h,
@@ -170,21 +137,7 @@ void swiglu_forward_quantize_dual(const float* g, const float* u, int64_t rows, 
   TileOutputs o;
   o.rows = rows, o.cols = cols, o.codes = out.codes, o.scales = out.scales, o.codes_t = out.codes_t,
   o.scales_t = out.scales_t, o.bounds = bounds, o.n_groups = n_groups;
-  launch_tiles<true, true>(ForwardSource{g, u, h, cols}, o, stream);
-}
-
-void swiglu_forward_quantize_tokens(const float* g, const float* u, int64_t rows, int64_t cols, const int64_t* bounds,
-                                    int64_t n_groups, uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
-  check("swiglu_forward_quantize_tokens", rows, cols, g, u, nullptr,
-        codes_t && scales_t && aligned(codes_t, 4) && (bounds == nullptr || n_groups > 0));
-  TileOutputs o;
-  o.rows = rows, o.cols = cols, o.codes_t = codes_t, o.scales_t = scales_t, o.bounds = bounds, o.n_groups = n_groups;
-  // 128 x 64 blocks (the columns alone need no 128-wide row tiles).
-  if (const int ahead = prefetch_ahead(); ahead > 0)
-    launch_quantize_tiles_persistent<false, true, ForwardSource, 64>(ForwardSource{g, u, nullptr, cols}, o, ahead,
-                                                                     stream);
-  else
-    launch_quantize_tiles<false, true, ForwardSource, 64>(ForwardSource{g, u, nullptr, cols}, o, stream);
+  launch_quantize_tiles<true, true>(ForwardSource{g, u, h, cols}, o, stream);
 }
 
 }  // namespace moerl::cuda

@@ -18,7 +18,7 @@ namespace moerl::cuda {
 // The sizes and pointers the fused kernels take (else use the unfused ones).
 bool swiglu_fp8_supported(int64_t rows, int64_t cols, const void* a, const void* b, const void* c);
 
-// h = silu(g) · u (written, as swiglu_forward, unless h is null) and quantize_1x128(h): codes [rows, cols], scales
+// h = silu(g) · u (written, as swiglu_forward) and quantize_1x128(h): codes [rows, cols], scales
 // [rows, tiles(cols)].
 void swiglu_forward_quantize_1x128(const float* g, const float* u, int64_t rows, int64_t cols, float* h,
                                    uint8_t* codes, float* scales, cudaStream_t stream = nullptr);
@@ -44,12 +44,6 @@ struct Fp8Dual {
 void swiglu_forward_quantize_dual(const float* g, const float* u, int64_t rows, int64_t cols, float* h,
                                   const int64_t* bounds, int64_t n_groups, const Fp8Dual& out,
                                   cudaStream_t stream = nullptr);
-
-// h = silu(g) · u quantized along tokens only: swiglu_forward_quantize_dual's codes_t and scales_t, h not written
-// (with swiglu_forward_quantize_1x128 and null h: the dual's outputs in two passes that may run apart).
-void swiglu_forward_quantize_tokens(const float* g, const float* u, int64_t rows, int64_t cols, const int64_t* bounds,
-                                    int64_t n_groups, uint8_t* codes_t, float* scales_t,
-                                    cudaStream_t stream = nullptr);
 
 // Both gradients of swiglu_backward(dh, g, u) in one pass: what swiglu_backward_quantize_dual gives for dg (gate)
 // and for du, bit for bit, reading dh and g once instead of twice (u is needed).

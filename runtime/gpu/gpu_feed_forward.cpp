@@ -384,6 +384,10 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
     }
     sub.emplace(p, (ph + "routed.scatter_bwd").c_str(), r.stream);
     if (overlap) join_shared(r.stream);
+    if (router_done) {  // the router's dx (made beside, joined above) added in the scatter-add's pass
+      cuda::moe_scatter_add_aligned_then(dxp.get(), row_of_aligned_, T, K, H, RA, dx_router.get(), dx, r.stream);
+      return;
+    }
     cuda::moe_scatter_add_aligned(dxp.get(), row_of_aligned_, T, K, H, RA, dx, r.stream);
   } else {
     Temp<float> xp(R * H, r), dyp(R * H, r), dxp(R * H, r);
@@ -413,7 +417,7 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
   }
 
   timer.emplace(p, (ph + "router.bwd").c_str(), r.stream);
-  if (!router_done) router_bwd(r);  // else joined before the scatter-add above
+  router_bwd(r);
   add_inplace(dx, dx_router.get(), T * H, r.stream);
 }
 

@@ -131,6 +131,16 @@ TEST_F(MoeFp8Gpu, AlignedPlanGatherScalesAndCombineMatchPlainLoops) {
     for (int64_t j = 0; j < dim; ++j) ref_y[t * dim + j] = 0.0f + w[t] * x[t * dim + j];
   EXPECT_EQ(d_y.download(), ref_y);
   EXPECT_EQ(d_dx.download(), x);
+  // The scatter-add with a tensor added in the same pass: (0 + x) + a, each sum rounded once.
+  {
+    const std::vector<float> a = normal_values(static_cast<size_t>(T * dim), 1.0f, rng);
+    DeviceBuffer<float> d_a(a), d_dx2(T * dim);
+    CUDA_CHECK(cudaMemset(d_dx2.get(), 0, static_cast<size_t>(T * dim) * sizeof(float)));
+    cuda::moe_scatter_add_aligned_then(d_xp.get(), d_row_a.get(), T, 1, dim, RA, d_a.get(), d_dx2.get());
+    std::vector<float> ref(static_cast<size_t>(T * dim));
+    for (size_t i = 0; i < ref.size(); ++i) ref[i] = (0.0f + x[i]) + a[i];
+    EXPECT_EQ(d_dx2.download(), ref) << "scatter-add then add";
+  }
   // Row weights: each aligned row gets its assignment's gating weight (zero rows untouched); the combine's backward
   // without dyp gives the dweight it gives with dyp.
   DeviceBuffer<float> d_rw(RA), d_dyp(RA * dim), d_dw(T), d_dw2(T);
@@ -206,7 +216,7 @@ TEST_F(MoeFp8Gpu, AlignedPlanGatherScalesAndCombineMatchPlainLoops) {
   }
 
   std::printf("[ moe fp8  ] aligned plan (%lld rows -> %lld), gather, zero rows, grouped scales, combine, grouped "
-              "transposed quantization, row codes gathered from each token's: exact\n",
+              "transposed quantization, row codes gathered from each token's, scatter-add then add: exact\n",
               static_cast<long long>(R), static_cast<long long>(RA));
 }
 
