@@ -209,7 +209,8 @@ void moe_gather_rows_fp8(const uint8_t* token_codes, const float* token_scales, 
   if (rows == 0 || cols == 0) return;
   require(token_codes && token_scales && token_of && codes && scales && aligned16(token_codes) && aligned16(codes),
           "cuda::moe_gather_rows_fp8: null pointer, or codes not 16-byte aligned");
-  const unsigned blocks = static_cast<unsigned>(std::clamp<int64_t>((rows + kGatherWarps - 1) / kGatherWarps, 1, kMaxBlocks));
+  const unsigned blocks =
+      static_cast<unsigned>(std::clamp<int64_t>((rows + kGatherWarps - 1) / kGatherWarps, 1, kMaxBlocks));
   gather_rows_fp8_kernel<<<blocks, kGatherWarps * 32, 0, stream>>>(token_codes, token_scales, token_of, rows, cols,
                                                                    (cols + 127) / 128, codes, scales);
   CUDA_CHECK_LAUNCH();

@@ -112,20 +112,6 @@ struct MoeFp8Experts {
 // The GEMM form `requested` resolves to (Default read from MOERL_MOE_GEMM once per process).
 MoeFp8Gemm moe_fp8_gemm(MoeFp8Gemm requested);
 
-// Passes of the routed experts that run beside the critical path, on another stream, while GEMMs that do not need
-// their results run (MOERL_MOE_BESIDE: a comma list of the names below, or none; unset: x,wgrad,combine):
-//   x        forward, gathered: xᵀ's token codes (kept for the backward's Wgrad) beside the rows' quantization and
-//            the gate/up GEMMs (joined at the end of the forward);
-//   dy       backward, combined: dyᵀ's codes (down Wgrad) beside dy's row codes and the down Dgrad, instead of one
-//            pass both ways (dy then read twice: slower on the H200, kept for measuring);
-//   wgrad    backward, lanes: the down Wgrad GEMMs beside the SwiGLU backward (joined by the gate/up GEMMs);
-//   combine  runtime/gpu's GpuMoe backward: the gating weights' gradient (reads yp) beside the experts, with the
-//            router's backward.
-// The results are the same bytes either way (only the order of independent work changes). Measured on the H200:
-// bench/results/2026-11-29-gpu-moe2-*.
-enum MoeBeside : unsigned { kBesideX = 1, kBesideDy = 2, kBesideWgrad = 4, kBesideCombine = 16 };
-bool moe_beside(MoeBeside what);
-
 // Whether moe_fp8_experts_* take these sizes (else use per-expert linear calls).
 bool moe_fp8_experts_supported(int64_t hidden, int64_t inter);
 

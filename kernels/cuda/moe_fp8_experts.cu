@@ -21,10 +21,19 @@
 // kept codes +0.4 ms, combined dy +0.17 ms, the pair kernel within noise.
 //
 // Gathered forward: x [tokens, H]'s rows are quantized once per token and their codes copied to the expert rows
-// (moe_gather_rows_fp8: the same bytes, x read once instead of top-k times); only xᵀ's codes read the gathered rows.
-// Work that only a later GEMM needs runs on a stream beside (MoeBeside, kernels/cuda/moe_fp8.hpp): xᵀ's quantization
-// beside the rows' and the gate/up GEMMs, the down Wgrad beside the SwiGLU backward (and, not by default, dyᵀ's
-// quantization beside the down Dgrad).
+// (moe_gather_rows_fp8: the same bytes, x read once instead of top-k times); only xᵀ's codes read the gathered rows
+// (fp8_quantize_tile.cuh's 128 x 64 column blocks). MoE layer fwd+bwd on the H200: quant_x 0.73 -> 0.57 ms
+// (rows 0.16 + tokens 0.41), with the router's dx added in the scatter-add's pass (runtime/gpu) 14.76 -> 14.49 ms
+// (bench/results/2026-11-29-gpu-moe2-run2-h200-86e0efd.*, variant beside_none).
+//
+// Tried and dropped (same files and ...-run1-h200-abb3661.*): (1) persistent forms of the quantization kernels (each
+// block walking down the row tiles, prefetching the next into L2 with cp.async.bulk.prefetch.L2) for the SwiGLU, x
+// and dy passes: slower (SwiGLU backward 1.47 -> 1.79 ms, forward 0.65 -> 0.85, layer 14.8 -> 15.3-15.5); (2) work
+// on a stream beside the critical path while GEMMs run: xᵀ's quantization beside the rows' and the gate/up GEMMs,
+// dyᵀ's beside the down Dgrad (dy then read twice), the down Wgrad beside the SwiGLU backward (lanes not joined), the
+// gating weights' gradient beside with the router's backward: each alone or together 0.1-0.35 ms slower than in
+// order (a kernel queued first takes the SMs, so the one meant to run beside it mostly waits, and the GEMMs slow
+// down beside memory-bound passes); also with the lanes at the highest stream priority.
 //
 // Lanes. One expert's GEMM is small (about 1600 rows at 64 experts: 13 x 11 tiles of 128 x 128 on 132 SMs, a second
 // wave nearly empty; at bench-600m's 32 experts, 16 x 6 tiles, a quarter of the SMs idle), so the experts' GEMMs run
@@ -136,12 +145,9 @@ class TokensFp8 {
   }
   uint8_t* codes() const { return codes_; }
   float* cpu_scales() const { return cpu_scales_; }  // [d, tiles(rows)], quantize_1x128_transposed's layout
-  // on: the stream the codes were made on (the constructor's, or one forked from it that the constructor's joins
-  // before release()).
-  void finish(cudaStream_t on) {
-    if (lt_layout_) fp8::cuda::scales_to_cublaslt(cpu_scales_, d_, rows_, 1, lt_, on);
+  void finish() {
+    if (lt_layout_) fp8::cuda::scales_to_cublaslt(cpu_scales_, d_, rows_, 1, lt_, stream_);
   }
-  void finish() { finish(stream_); }
   // Tokens first .. first + n - 1 (first a multiple of 128): [d, n].
   Operand expert(int64_t first, int64_t n) const {
     return Operand{codes_ + first * d_, lt_ + first / kTile * d_, d_, n, 1};
@@ -195,18 +201,6 @@ struct ScaledGatherSource {
   }
 };
 
-// A gathered source quantized into o by fp8_quantize_tile.cuh's blocks; kTC = 64: the columns alone (128 x 64 blocks,
-// the transposed quantization's default shape).
-//
-// Tried and dropped (bench/results/2026-11-29-gpu-moe2-run1-h200-abb3661.log): persistent forms of these kernels, each
-// block walking down the row tiles and prefetching the next one into L2 (cp.async.bulk.prefetch.L2), for this, the
-// SwiGLU and the dy quantizations: slower on the H200 (SwiGLU backward 1.47 -> 1.79 ms, forward 0.65 -> 0.85 ms,
-// MoE layer 14.8 -> 15.3-15.5 ms), and beside the GEMMs they held every SM until done.
-template <bool kRows, bool kCols, int kTC = kTile, class Src>
-void quantize_source(const Src& src, const fp8::cuda::quant_detail::TileOutputs& o, cudaStream_t stream) {
-  fp8::cuda::quant_detail::launch_quantize_tiles<kRows, kCols, Src, kTC>(src, o, stream);
-}
-
 void check_gather(const char* fn, const float* x, const int64_t* token_of, int64_t rows, int64_t H) {
   require(x != nullptr && token_of != nullptr && reinterpret_cast<uintptr_t>(x) % 16 == 0 && H % 4 == 0 &&
               rows / kTile <= 65535,
@@ -244,7 +238,8 @@ void quantize_gathered_tokens(const float* x, const int64_t* token_of, int64_t r
                               cudaStream_t stream) {
   fp8::cuda::quant_detail::TileOutputs o;
   o.rows = rows, o.cols = H, o.codes_t = codes_t, o.scales_t = scales_t, o.bounds = aligned, o.n_groups = experts;
-  quantize_source<false, true, 64>(GatherSource{x, token_of, H}, o, stream);
+  fp8::cuda::quant_detail::launch_quantize_tiles<false, true, GatherSource, 64>(GatherSource{x, token_of, H}, o,
+                                                                                stream);
 }
 
 // The experts' input rows quantized along tokens (Wgrad), every expert's codes packed (as TokensFp8).
@@ -294,27 +289,12 @@ int lane_count() {
   return n;
 }
 
-// MOERL_MOE_LANES_PRIORITY=high: the lanes' streams get the device's highest priority, so that the GEMMs' blocks are
-// scheduled before those of memory-bound work beside them (MoeBeside); unset or "default": the default priority.
-// Read once per process; for measuring.
-int lane_priority() {
-  static const int priority = [] {
-    const char* v = std::getenv("MOERL_MOE_LANES_PRIORITY");
-    if (v == nullptr || *v == '\0' || std::string(v) == "default") return 0;
-    if (std::string(v) != "high") throw Error(std::string("MOERL_MOE_LANES_PRIORITY must be high or default, got ") + v);
-    int least = 0, greatest = 0;
-    CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
-    return greatest;
-  }();
-  return priority;
-}
-
 class Lanes {
  public:
   Lanes() : n_(lane_count()) {
     CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
     for (int i = 0; i < n_; ++i) {
-      CUDA_CHECK(cudaStreamCreateWithPriority(&streams_[i], cudaStreamNonBlocking, lane_priority()));
+      CUDA_CHECK(cudaStreamCreateWithFlags(&streams_[i], cudaStreamNonBlocking));
       CUDA_CHECK(cudaEventCreateWithFlags(&done_[i], cudaEventDisableTiming));
       contexts_[i] = std::make_unique<fp8::cuda::GemmContext>();
     }
@@ -325,19 +305,6 @@ class Lanes {
   // between callers.
   template <class F>
   void run(const int64_t* aligned_host, int64_t experts, cudaStream_t stream, F&& gemm) {
-    issue(aligned_host, experts, stream, gemm, true);
-  }
-  // run() without the join: `stream` goes on at once while the lanes work. Whatever this queued is joined by the
-  // next run() of as many experts or more (the lanes are in order); until then the caller keeps every buffer the
-  // GEMMs read or write alive (a scratch freed on `stream` could be reused while a lane still reads it).
-  template <class F>
-  void run_unjoined(const int64_t* aligned_host, int64_t experts, cudaStream_t stream, F&& gemm) {
-    issue(aligned_host, experts, stream, gemm, false);
-  }
-
- private:
-  template <class F>
-  void issue(const int64_t* aligned_host, int64_t experts, cudaStream_t stream, F& gemm, bool join) {
     const std::lock_guard caller(run_mutex_);
     // Only the lanes that get experts are forked and joined: a one-expert call (an FP8 dense block or shared expert,
     // which may run on a stream beside the routed experts') holds up no other lane.
@@ -351,13 +318,13 @@ class Lanes {
       const int lane = static_cast<int>(e % n_);
       if (n > 0) gemm(e, r0, n, streams_[lane], *contexts_[lane]);
     }
-    if (!join) return;
     for (int i = 0; i < used; ++i) {
       CUDA_CHECK(cudaEventRecord(done_[i], streams_[i]));
       CUDA_CHECK(cudaStreamWaitEvent(stream, done_[i], 0));
     }
   }
 
+ private:
   int n_;
   std::mutex run_mutex_;
   cudaEvent_t fork_ = nullptr;
@@ -377,49 +344,6 @@ Lanes& lanes() {
   Lanes*& l = per_device[device];
   if (l == nullptr) l = new Lanes();
   return *l;
-}
-
-// A stream beside the caller's for quantizations whose codes only a later GEMM reads (MoeBeside): forked from the
-// caller's stream where their inputs are ready, joined where the codes are needed. Per device, made on first use
-// and never destroyed (as the lanes). Each fork and join records its event and queues the wait under one lock, so
-// that callers on other threads cannot record in between (a join then waits for their work too: later, never
-// wrong).
-class Beside {
- public:
-  Beside() {
-    CUDA_CHECK(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking));
-    CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
-    CUDA_CHECK(cudaEventCreateWithFlags(&done_, cudaEventDisableTiming));
-  }
-  // The side stream, after everything queued on `stream` so far.
-  cudaStream_t fork(cudaStream_t stream) {
-    const std::lock_guard lock(mutex_);
-    CUDA_CHECK(cudaEventRecord(fork_, stream));
-    CUDA_CHECK(cudaStreamWaitEvent(side_, fork_, 0));
-    return side_;
-  }
-  // `stream` waits for everything queued on the side stream so far.
-  void join(cudaStream_t stream) {
-    const std::lock_guard lock(mutex_);
-    CUDA_CHECK(cudaEventRecord(done_, side_));
-    CUDA_CHECK(cudaStreamWaitEvent(stream, done_, 0));
-  }
-
- private:
-  std::mutex mutex_;
-  cudaStream_t side_ = nullptr;
-  cudaEvent_t fork_ = nullptr, done_ = nullptr;
-};
-
-Beside& beside() {
-  static std::mutex mutex;
-  static std::map<int, Beside*> per_device;
-  int device = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  const std::lock_guard lock(mutex);
-  Beside*& b = per_device[device];
-  if (b == nullptr) b = new Beside();
-  return *b;
 }
 
 // Every expert's operands in the stacked FP8 copies.
@@ -467,8 +391,6 @@ class Stages {
     timer_.reset();
     timer_.emplace(prefix_ + what, stream_);
   }
-  // The full name of a stage timed on another stream (empty unless profiling).
-  std::string name(const char* what) const { return prefix_.empty() ? std::string() : prefix_ + what; }
 
  private:
   std::string prefix_;
@@ -507,28 +429,6 @@ MoeFp8Gemm moe_fp8_gemm(MoeFp8Gemm requested) {
   return from_env;
 }
 
-bool moe_beside(MoeBeside what) {
-  static const unsigned bits = [] {
-    const char* v = std::getenv("MOERL_MOE_BESIDE");
-    if (v == nullptr || *v == '\0') return unsigned{kBesideX | kBesideWgrad | kBesideCombine};
-    const std::string list(v);
-    unsigned b = 0;
-    size_t start = 0;
-    while (start <= list.size()) {
-      const size_t end = std::min(list.find(',', start), list.size());
-      const std::string name = list.substr(start, end - start);
-      if (name == "x") b |= kBesideX;
-      else if (name == "dy") b |= kBesideDy;
-      else if (name == "wgrad") b |= kBesideWgrad;
-      else if (name == "combine") b |= kBesideCombine;
-      else if (name != "none") throw Error("MOERL_MOE_BESIDE: expected a comma list of x, dy, wgrad, combine or none, got '" + list + "'");
-      start = end + 1;
-    }
-    return b;
-  }();
-  return (bits & what) != 0;
-}
-
 bool moe_fp8_experts_supported(int64_t hidden, int64_t inter) {
   return hidden >= 128 && inter >= 128 && hidden % 16 == 0 && inter % 16 == 0;
 }
@@ -557,15 +457,12 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
   st.next("quant_x");
-  // Gathered with xᵀ kept: xᵀ's codes from the gathered rows (beside, MoeBeside x: nothing before the backward
-  // reads them), the rows' codes from each token's.
-  bool joins_beside = false;
+  // Gathered with xᵀ kept: xᵀ's codes from the gathered rows, the rows' codes from each token's.
   if (xp == nullptr && w.x_codes_t != nullptr) {
-    const bool side = moe_beside(kBesideX);
-    const cudaStream_t s = side ? beside().fork(stream) : stream;
-    const cuda_detail::PhaseTimer t(st.name(side ? "quant_x_tokens(side)" : "quant_x_tokens"), s);
-    quantize_gathered_tokens(x, token_of, rows, H, aligned, E, w.x_codes_t, w.x_scales_t, s);
-    joins_beside = side;
+    const cuda_detail::PhaseTimer t(cuda_detail::profiling() ? "moe_fp8.e" + std::to_string(E) + ".fwd.quant_x_tokens"
+                                                             : std::string(),
+                                    stream);
+    quantize_gathered_tokens(x, token_of, rows, H, aligned, E, w.x_codes_t, w.x_scales_t, stream);
   }
   RowsFp8 xq(nullptr, rows, H, aligned, E, !grouped, stream);
   quantize_input_rows(w, xp, x, tokens, token_of, rows, H, aligned, xq, stream);
@@ -618,10 +515,6 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
                 });
   }
   hq.release();
-  if (joins_beside) {
-    st.next("join_side");
-    beside().join(stream);  // the kept token codes are complete when the forward's work on `stream` is
-  }
 }
 
 // The output gradient of the experts' rows: dyp [rows, H], or (dyp null) row_weight[r] · dy[token_of[r], :].
@@ -654,78 +547,49 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
   st.next("quant_dy_both_h_tokens");
-  // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad). dy quantized both ways in one pass, or (combined dy,
-  // MoeBeside dy) its rows here and its tokens beside the rows and the Dgrad, joined before the Wgrad.
+  // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad); dy quantized both ways in one pass.
   StreamScratch grads(bytes_of(rows * I, sizeof(float)), stream);
   float* dh = grads.as<float>();
-  RowsFp8 dyq(nullptr, rows, H, aligned, E, lt, stream);
-  TokensFp8 dyt(nullptr, rows, H, aligned, E, lt, stream);
-  bool dy_beside = false;
-  if (dys.dyp != nullptr) {
-    quantize_both(dys.dyp, rows, H, aligned, E, dyq, dyt, stream);
-  } else {
-    const ScaledGatherSource src{dys.dy, token_of, dys.row_weight, H};
-    fp8::cuda::quant_detail::TileOutputs by_rows;
-    by_rows.rows = rows, by_rows.cols = H, by_rows.bounds = aligned, by_rows.n_groups = E;
-    fp8::cuda::quant_detail::TileOutputs by_tokens = by_rows;
-    by_rows.codes = dyq.codes(), by_rows.scales = dyq.cpu_scales();
-    by_tokens.codes_t = dyt.codes(), by_tokens.scales_t = dyt.cpu_scales();
-    dy_beside = moe_beside(kBesideDy);
-    if (dy_beside) {
-      const cudaStream_t s = beside().fork(stream);
-      {
-        const cuda_detail::PhaseTimer t(st.name("quant_dy_tokens(side)"), s);
-        quantize_source<false, true, 64>(src, by_tokens, s);
-        dyt.finish(s);
-      }
-      quantize_source<true, false>(src, by_rows, stream);
+  {
+    RowsFp8 dyq(nullptr, rows, H, aligned, E, lt, stream);
+    TokensFp8 dyt(nullptr, rows, H, aligned, E, lt, stream);
+    if (dys.dyp != nullptr) {
+      quantize_both(dys.dyp, rows, H, aligned, E, dyq, dyt, stream);
     } else {
-      fp8::cuda::quant_detail::TileOutputs both = by_rows;
-      both.codes_t = by_tokens.codes_t, both.scales_t = by_tokens.scales_t;
-      quantize_source<true, true>(src, both, stream);
+      fp8::cuda::quant_detail::TileOutputs o;
+      o.rows = rows, o.cols = H, o.codes = dyq.codes(), o.scales = dyq.cpu_scales(), o.codes_t = dyt.codes(),
+      o.scales_t = dyt.cpu_scales(), o.bounds = aligned, o.n_groups = E;
+      fp8::cuda::quant_detail::launch_quantize_tiles<true, true>(
+          ScaledGatherSource{dys.dy, token_of, dys.row_weight, H}, o, stream);
+      dyq.finish();
       dyt.finish();
     }
-    dyq.finish();
-  }
-  std::optional<TokensFp8> ht_kept;
-  if (w.h_codes_t != nullptr) ht_kept.emplace(w.h_codes_t, w.h_scales_t, rows, I, lt, stream);
-  TokensFp8 ht_new(ht_kept ? nullptr : h, ht_kept ? 0 : rows, I, aligned, E, lt, stream);
-  TokensFp8& ht = ht_kept ? *ht_kept : ht_new;
-  st.next("gemm_down_dgrad");
-  // MoeBeside wgrad: the lanes still run the down Wgrad while the SwiGLU backward runs here; the gate/up run joins
-  // them, and dyt and ht (which they read) are released after it.
-  bool wgrad_unjoined = false;
-  if (grouped) {
-    GroupedProblem pr;
-    pr.terms[0] = rows_term(dyq, sd.codes_t, sd.scales_t, H), pr.y = dh;
-    fp8::cuda::grouped_gemm_nt_rows(&pr, 1, aligned, E, rows, I, stream);
-    if (dy_beside) beside().join(stream);
-    GroupedProblem pw;
-    pw.terms[0] = tokens_term(dyt, ht), pw.y = w.down_grad;
-    fp8::cuda::grouped_gemm_nt_tokens_accumulate(&pw, 1, aligned, E, rows, H, I, stream);
-  } else {
-    const std::vector<ExpertWeight> wd = expert_weights(sd);
-    auto dgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-      fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh + r0 * I, OutType::FP32, s);
-    };
-    auto wgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-      fp8::cuda::gemm_nt_accumulate(gc, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I, s);
-    };
-    wgrad_unjoined = moe_beside(kBesideWgrad);
-    if (!dy_beside && !wgrad_unjoined) {
-      run_dgrad_wgrad(st, "gemm_down_wgrad", aligned_host, E, stream, dgrad, wgrad);
+    std::optional<TokensFp8> ht_kept;
+    if (w.h_codes_t != nullptr) ht_kept.emplace(w.h_codes_t, w.h_scales_t, rows, I, lt, stream);
+    TokensFp8 ht_new(ht_kept ? nullptr : h, ht_kept ? 0 : rows, I, aligned, E, lt, stream);
+    TokensFp8& ht = ht_kept ? *ht_kept : ht_new;
+    st.next("gemm_down_dgrad");
+    if (grouped) {
+      GroupedProblem pr;
+      pr.terms[0] = rows_term(dyq, sd.codes_t, sd.scales_t, H), pr.y = dh;
+      fp8::cuda::grouped_gemm_nt_rows(&pr, 1, aligned, E, rows, I, stream);
+      GroupedProblem pw;
+      pw.terms[0] = tokens_term(dyt, ht), pw.y = w.down_grad;
+      fp8::cuda::grouped_gemm_nt_tokens_accumulate(&pw, 1, aligned, E, rows, H, I, stream);
     } else {
-      lanes().run(aligned_host, E, stream, dgrad);
-      st.next("gemm_down_wgrad");
-      if (dy_beside) beside().join(stream);
-      if (wgrad_unjoined)
-        lanes().run_unjoined(aligned_host, E, stream, wgrad);
-      else
-        lanes().run(aligned_host, E, stream, wgrad);
+      const std::vector<ExpertWeight> wd = expert_weights(sd);
+      auto dgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+        fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh + r0 * I, OutType::FP32, s);
+      };
+      auto wgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+        fp8::cuda::gemm_nt_accumulate(gc, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I, s);
+      };
+      run_dgrad_wgrad(st, "gemm_down_wgrad", aligned_host, E, stream, dgrad, wgrad);
     }
+    ht.release();
+    dyt.release();
+    dyq.release();
   }
-  dyq.release();
-  if (!wgrad_unjoined) ht.release(), dyt.release();
 
   // dg and du (swiglu_backward) quantized both ways, fused with their computation where the shapes allow.
   st.next("swiglu_bwd_quant_dg_du");
@@ -787,7 +651,6 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     };
     run_dgrad_wgrad(st, "gemm_gate_up_wgrad", aligned_host, E, stream, dgrad, wgrad);
   }
-  if (wgrad_unjoined) ht.release(), dyt.release();  // the down Wgrad is joined now
   xt.release();
   dut.release();
   dgt.release();

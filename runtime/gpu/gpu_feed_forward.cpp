@@ -12,7 +12,6 @@
 // each row (gating weight · dy of its token) is made inside the kernel that quantizes it.
 #include <algorithm>
 #include <cstdlib>
-#include <functional>
 #include <optional>
 #include <string>
 #include <vector>
@@ -329,16 +328,11 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
                           E, H, rr.stream);
   };
   bool router_done = false;
-  // After dweight's kernel on r.stream, or (first) running `first` on the side stream.
-  auto router_beside = [&](const std::function<void(cudaStream_t)>& first) {
+  auto router_beside = [&] {  // after dweight's kernel on r.stream
     CUDA_CHECK(cudaEventRecord(side_->fork, r.stream));
     CUDA_CHECK(cudaStreamWaitEvent(side_->stream, side_->fork, 0));
     Run side = r;
     side.stream = side_->stream;
-    if (first) {
-      const PhaseTimer t(p, (ph + "routed.combine_bwd(side)").c_str(), side.stream);
-      first(side.stream);
-    }
     const PhaseTimer t(p, (ph + "router.bwd(side)").c_str(), side.stream);
     router_bwd(side);
     CUDA_CHECK(cudaEventRecord(side_->done, side_->stream));
@@ -353,7 +347,7 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
       cuda::moe_zero_rows(token_of_aligned_, RA, H, dyp.get(), r.stream);
       cuda::moe_combine_backward_aligned(dy, yp_, topk_weight_, row_of_aligned_, T, K, H, RA, dyp.get(),
                                          dweight.get(), r.stream);
-      if (overlap) router_beside({});
+      if (overlap) router_beside();
       sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
       const cuda::MoeFp8Experts w = experts_fp8();
       cuda::moe_fp8_experts_backward_gathered(lin, w, dyp.get(), x_, token_of_aligned_, gp_, up_,
@@ -363,19 +357,9 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
       // dyp's rows (gating weight · dy of the row's token) are made inside the kernel that quantizes them.
       Temp<float> row_weight(RA, r);
       cuda::moe_aligned_row_weights(topk_weight_, row_of_aligned_, T * K, RA, row_weight.get(), r.stream);
-      // The gating weights' gradient (a pass over yp [RA, H]) only feeds the router's backward: with the shared
-      // expert beside (cuda::MoeBeside combine), it runs on the side stream before the router's backward, while
-      // the routed experts run here.
-      auto dweights = [&](cudaStream_t s) {
-        cuda::moe_combine_backward_aligned(dy, yp_, topk_weight_, row_of_aligned_, T, K, H, RA, nullptr,
-                                           dweight.get(), s);
-      };
-      if (overlap && cuda::moe_beside(cuda::kBesideCombine)) {
-        router_beside(dweights);
-      } else {
-        dweights(r.stream);
-        if (overlap) router_beside({});
-      }
+      cuda::moe_combine_backward_aligned(dy, yp_, topk_weight_, row_of_aligned_, T, K, H, RA, nullptr, dweight.get(),
+                                         r.stream);
+      if (overlap) router_beside();
       sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
       const cuda::MoeFp8Experts w = experts_fp8();
       cuda::moe_fp8_experts_backward_combined(lin, w, dy, row_weight.get(), x_, token_of_aligned_, gp_, up_,

@@ -357,7 +357,8 @@ TEST_F(MoeFp8Gpu, ExpertsForwardAndBackwardMatchTheCpuRecipePerExpert) {
     d_xct.poison(), d_xst.poison(), d_hct.poison(), d_hst.poison();
     cuda::MoeFp8Experts w2{d_wg.get(), d_wu.get(), d_wd.get(), d_gg2.get(), d_ug2.get(), d_dg2.get(), E, H, I, form};
     w2.x_codes_t = d_xct.get(), w2.x_scales_t = d_xst.get(), w2.h_codes_t = d_hct.get(), w2.h_scales_t = d_hst.get();
-    cuda::moe_fp8_experts_forward_gathered(ctx, w2, d_x.get(), tokens, d_token_of.get(), aligned.data(), d_aligned.get(),
+    cuda::moe_fp8_experts_forward_gathered(ctx, w2, d_x.get(), tokens, d_token_of.get(), aligned.data(),
+                                           d_aligned.get(),
                                            d_g2.get(), d_u2.get(), d_h2.get(), d_yp2.get());
     cuda::moe_fp8_experts_backward_gathered(ctx, w2, d_dyp.get(), d_x.get(), d_token_of.get(), d_g2.get(), d_u2.get(),
                                             d_h2.get(), aligned.data(), d_aligned.get(), d_dxp2.get());
