@@ -47,6 +47,14 @@ void moe_gather_or_zero(const float* x, const int64_t* token_of, int64_t rows, i
 // buf[r, :] = 0 for every r < rows with token_of[r] < 0 (the zero rows of an aligned buffer); other rows untouched.
 void moe_zero_rows(const int64_t* token_of, int64_t rows, int64_t dim, float* buf, cudaStream_t stream = nullptr);
 
+// codes [rows, cols] and scales [rows, tiles(cols)]: row r is token token_of[r]'s row of token_codes [tokens, cols]
+// and token_scales [tokens, tiles(cols)] (fp8::cuda::quantize_1x128 of x [tokens, cols]), or where token_of[r] < 0
+// the quantization of a zero row (codes 0, the all-zero tile's scale): quantize_1x128 of moe_gather_or_zero's rows,
+// bit for bit (a row's 1x128 tiles depend on that row alone), for a sixth of the reads at top-6. cols a multiple of
+// 16, token_codes and codes 16-byte aligned.
+void moe_gather_rows_fp8(const uint8_t* token_codes, const float* token_scales, const int64_t* token_of,
+                         int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream = nullptr);
+
 // Scales of a 1x128 quantization along features of all aligned rows, src [rows, tiles] (fp8::cuda::quantize_1x128's
 // CPU layout, rows = aligned[E]) -> every expert's own cuBLASLt VEC128 layout, dst [rows · tiles]: expert e's scales
 // start at aligned[e] · tiles, tile (r, kb) of its n = aligned[e+1] - aligned[e] rows at kb · n + r.
@@ -63,6 +71,10 @@ void moe_combine_backward_aligned(const float* dy, const float* yp, const float*
                                   cudaStream_t stream = nullptr);
 void moe_scatter_add_aligned(const float* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
                              int64_t rows, float* dx, cudaStream_t stream = nullptr);
+// moe_scatter_add_aligned, then dx += also (also [tokens, dim], non-null) in the same pass: the bytes of the
+// scatter-add followed by an elementwise add (each sum rounded once, in that order), one pass over dx fewer.
+void moe_scatter_add_aligned_then(const float* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
+                                  int64_t rows, const float* also, float* dx, cudaStream_t stream = nullptr);
 
 // The routed experts in the FP8 recipe of kernels/cuda/linear.hpp on aligned rows: per expert e (rows aligned[e] ..
 // aligned[e+1] - 1, skipped when empty) gate, up and down as cuda::linear_forward / linear_backward with
@@ -116,10 +128,11 @@ void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const 
                               const int64_t* aligned, float* dxp, cudaStream_t stream = nullptr);
 
 // The same, with the input rows gathered inside the kernels that quantize them instead of read from xp: row r is
-// x[token_of[r], :] (x [tokens, H], 16-byte aligned), or zeros where token_of[r] < 0 (moe_align_plan's
-// token_of_aligned). The same bytes as moe_gather_or_zero followed by the xp versions, without writing or reading
-// xp [rows, H] (forward: the Fprop quantization; backward: the Wgrad one).
-void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* x,
+// x[token_of[r], :] (x [tokens, H], 16-byte aligned, every token_of[r] < tokens), or zeros where token_of[r] < 0
+// (moe_align_plan's token_of_aligned). The same bytes as moe_gather_or_zero followed by the xp versions, without
+// writing or reading xp [rows, H] (forward: the Fprop quantization, each token's row quantized once and its codes
+// copied to its rows (moe_gather_rows_fp8); the Wgrad one reads the rows; backward: the Wgrad one).
+void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* x, int64_t tokens,
                                       const int64_t* token_of, const int64_t* aligned_host, const int64_t* aligned,
                                       float* g, float* u, float* h, float* yp, cudaStream_t stream = nullptr);
 void moe_fp8_experts_backward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* x,

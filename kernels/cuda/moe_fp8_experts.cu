@@ -20,6 +20,21 @@
 // with these and the shared expert beside the routed ones (runtime/gpu/gpu_feed_forward.cpp); switching one off:
 // kept codes +0.4 ms, combined dy +0.17 ms, the pair kernel within noise.
 //
+// Gathered forward: x [tokens, H]'s rows are quantized once per token and their codes copied to the expert rows
+// (moe_gather_rows_fp8: the same bytes, x read once instead of top-k times); only xᵀ's codes read the gathered rows
+// (fp8_quantize_tile.cuh's 128 x 64 column blocks). MoE layer fwd+bwd on the H200: quant_x 0.73 -> 0.57 ms
+// (rows 0.16 + tokens 0.41), with the router's dx added in the scatter-add's pass (runtime/gpu) 14.76 -> 14.49 ms
+// (bench/results/2026-11-29-gpu-moe2-run2-h200-86e0efd.*, variant beside_none).
+//
+// Tried and dropped (same files and ...-run1-h200-abb3661.*): (1) persistent forms of the quantization kernels (each
+// block walking down the row tiles, prefetching the next into L2 with cp.async.bulk.prefetch.L2) for the SwiGLU, x
+// and dy passes: slower (SwiGLU backward 1.47 -> 1.79 ms, forward 0.65 -> 0.85, layer 14.8 -> 15.3-15.5); (2) work
+// on a stream beside the critical path while GEMMs run: xᵀ's quantization beside the rows' and the gate/up GEMMs,
+// dyᵀ's beside the down Dgrad (dy then read twice), the down Wgrad beside the SwiGLU backward (lanes not joined), the
+// gating weights' gradient beside with the router's backward: each alone or together 0.1-0.35 ms slower than in
+// order (a kernel queued first takes the SMs, so the one meant to run beside it mostly waits, and the GEMMs slow
+// down beside memory-bound passes); also with the lanes at the highest stream priority.
+//
 // Lanes. One expert's GEMM is small (about 1600 rows at 64 experts: 13 x 11 tiles of 128 x 128 on 132 SMs, a second
 // wave nearly empty; at bench-600m's 32 experts, 16 x 6 tiles, a quarter of the SMs idle), so the experts' GEMMs run
 // on 4 side streams (MOERL_MOE_LANES) forked from and joined to the caller's stream (expert e on lane e % lanes, each lane
@@ -193,40 +208,47 @@ void check_gather(const char* fn, const float* x, const int64_t* token_of, int64
               "128 x 65535 rows");
 }
 
-// The experts' input rows quantized along features (Fprop): from xp, or gathered from x inside the kernel; with
-// w.x_codes_t set, along tokens too (kept for the backward's Wgrad), in the same pass.
-void quantize_input_rows(const MoeFp8Experts& w, const float* xp, const float* x, const int64_t* token_of,
-                         int64_t rows, int64_t H, const int64_t* aligned, RowsFp8& q, cudaStream_t stream) {
-  const bool keep = w.x_codes_t != nullptr;
-  if (xp != nullptr && keep) {
+// The experts' input rows quantized along features (Fprop): from xp (with w.x_codes_t set, along tokens too, kept
+// for the backward's Wgrad, in the same pass), or from x [tokens, H]: every token's row once, then each aligned
+// row's codes and scales copied from its token's (a row's 1x128 tiles depend on that row alone, so these are the
+// gathered rows' bytes; x is read once instead of top-k times).
+void quantize_input_rows(const MoeFp8Experts& w, const float* xp, const float* x, int64_t tokens,
+                         const int64_t* token_of, int64_t rows, int64_t H, const int64_t* aligned, RowsFp8& q,
+                         cudaStream_t stream) {
+  if (xp != nullptr && w.x_codes_t != nullptr) {
     fp8::cuda::quantize_1x128_dual(xp, rows, H, aligned, w.experts, q.codes(), q.cpu_scales(), w.x_codes_t,
                                    w.x_scales_t, stream);
   } else if (xp != nullptr) {
     fp8::cuda::quantize_1x128(xp, rows, H, q.codes(), q.cpu_scales(), stream);
   } else {
-    fp8::cuda::quant_detail::TileOutputs o;
-    o.rows = rows, o.cols = H, o.codes = q.codes(), o.scales = q.cpu_scales();
-    if (keep) {
-      o.codes_t = w.x_codes_t, o.scales_t = w.x_scales_t, o.bounds = aligned, o.n_groups = w.experts;
-      fp8::cuda::quant_detail::launch_quantize_tiles<true, true>(GatherSource{x, token_of, H}, o, stream);
-    } else {
-      fp8::cuda::quant_detail::launch_quantize_tiles<true, false>(GatherSource{x, token_of, H}, o, stream);
-    }
+    StreamScratch tq(bytes_of(tokens * H, 1) + bytes_of(tokens * tiles(H), sizeof(float)), stream);
+    uint8_t* token_codes = tq.as<uint8_t>();
+    float* token_scales = tq.as<float>(bytes_of(tokens * H, 1));
+    fp8::cuda::quantize_1x128(x, tokens, H, token_codes, token_scales, stream);
+    moe_gather_rows_fp8(token_codes, token_scales, token_of, rows, H, q.codes(), q.cpu_scales(), stream);
+    tq.release();
   }
   q.finish();
+}
+
+// The gathered input rows x[token_of[r], :] quantized along tokens (Wgrad's xᵀ, every expert's codes packed) into
+// codes_t / scales_t.
+void quantize_gathered_tokens(const float* x, const int64_t* token_of, int64_t rows, int64_t H,
+                              const int64_t* aligned, int64_t experts, uint8_t* codes_t, float* scales_t,
+                              cudaStream_t stream) {
+  fp8::cuda::quant_detail::TileOutputs o;
+  o.rows = rows, o.cols = H, o.codes_t = codes_t, o.scales_t = scales_t, o.bounds = aligned, o.n_groups = experts;
+  fp8::cuda::quant_detail::launch_quantize_tiles<false, true, GatherSource, 64>(GatherSource{x, token_of, H}, o,
+                                                                                stream);
 }
 
 // The experts' input rows quantized along tokens (Wgrad), every expert's codes packed (as TokensFp8).
 void quantize_input_tokens(const float* xp, const float* x, const int64_t* token_of, int64_t rows, int64_t H,
                            const int64_t* aligned, int64_t experts, TokensFp8& q, cudaStream_t stream) {
-  if (xp != nullptr) {
+  if (xp != nullptr)
     fp8::cuda::quantize_1x128_transposed_grouped(xp, rows, H, aligned, experts, q.codes(), q.cpu_scales(), stream);
-  } else {
-    fp8::cuda::quant_detail::TileOutputs o;
-    o.rows = rows, o.cols = H, o.codes_t = q.codes(), o.scales_t = q.cpu_scales(), o.bounds = aligned,
-    o.n_groups = experts;
-    fp8::cuda::quant_detail::launch_quantize_tiles<false, true>(GatherSource{x, token_of, H}, o, stream);
-  }
+  else
+    quantize_gathered_tokens(x, token_of, rows, H, aligned, experts, q.codes(), q.cpu_scales(), stream);
   q.finish();
 }
 
@@ -413,15 +435,18 @@ bool moe_fp8_experts_supported(int64_t hidden, int64_t inter) {
 
 namespace {
 
-// moe_fp8_experts_forward from xp, or (xp null) gathered from x by token_of.
-void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp, const float* x,
+// moe_fp8_experts_forward from xp, or (xp null) gathered from x [tokens, H] by token_of.
+void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp, const float* x, int64_t tokens,
                      const int64_t* token_of, const int64_t* aligned_host, const int64_t* aligned, float* g, float* u,
                      float* h, float* yp, cudaStream_t stream) {
   check("moe_fp8_experts_forward", w, aligned_host, aligned);
   const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
   if (rows == 0) return;
   require(g && u && (h || w.h_codes_t) && yp, "cuda::moe_fp8_experts_forward: null activation pointer");
-  if (xp == nullptr) check_gather("moe_fp8_experts_forward(_gathered): xp or x", x, token_of, rows, H);
+  if (xp == nullptr) {
+    check_gather("moe_fp8_experts_forward(_gathered): xp or x", x, token_of, rows, H);
+    require(tokens > 0, "cuda::moe_fp8_experts_forward_gathered: needs tokens > 0");
+  }
   LinearContext::Impl& c = ctx.impl();
   c.check_device("cuda::moe_fp8_experts_forward");
   const bool grouped = moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped;
@@ -432,8 +457,15 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
   st.next("quant_x");
+  // Gathered with xᵀ kept: xᵀ's codes from the gathered rows, the rows' codes from each token's.
+  if (xp == nullptr && w.x_codes_t != nullptr) {
+    const cuda_detail::PhaseTimer t(cuda_detail::profiling() ? "moe_fp8.e" + std::to_string(E) + ".fwd.quant_x_tokens"
+                                                             : std::string(),
+                                    stream);
+    quantize_gathered_tokens(x, token_of, rows, H, aligned, E, w.x_codes_t, w.x_scales_t, stream);
+  }
   RowsFp8 xq(nullptr, rows, H, aligned, E, !grouped, stream);
-  quantize_input_rows(w, xp, x, token_of, rows, H, aligned, xq, stream);
+  quantize_input_rows(w, xp, x, tokens, token_of, rows, H, aligned, xq, stream);
   st.next("gemm_gate_up");
   if (grouped) {
     GroupedProblem pr[2];
@@ -630,13 +662,13 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
 
 void moe_fp8_experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp, const int64_t* aligned_host,
                              const int64_t* aligned, float* g, float* u, float* h, float* yp, cudaStream_t stream) {
-  experts_forward(ctx, w, xp, nullptr, nullptr, aligned_host, aligned, g, u, h, yp, stream);
+  experts_forward(ctx, w, xp, nullptr, 0, nullptr, aligned_host, aligned, g, u, h, yp, stream);
 }
 
-void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* x,
+void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* x, int64_t tokens,
                                       const int64_t* token_of, const int64_t* aligned_host, const int64_t* aligned,
                                       float* g, float* u, float* h, float* yp, cudaStream_t stream) {
-  experts_forward(ctx, w, nullptr, x, token_of, aligned_host, aligned, g, u, h, yp, stream);
+  experts_forward(ctx, w, nullptr, x, tokens, token_of, aligned_host, aligned, g, u, h, yp, stream);
 }
 
 void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* xp,

@@ -180,12 +180,14 @@ template <bool kWeighted> __device__ __forceinline__ float add_row(float acc, fl
   return kWeighted ? __fadd_rn(acc, __fmul_rn(w, v)) : __fadd_rn(acc, v);
 }
 
-// Block t: y[t, :] += Σ_k w_k · src[row_k, :] in k order, kRowsInFlight rows loaded before they are added.
+// Block t: y[t, :] += Σ_k w_k · src[row_k, :] in k order, kRowsInFlight rows loaded before they are added, then
+// (non-null `also` [tokens, dim]) + also[t, :], rounded once more.
 // Combine (kWeighted) and scatter-add (not).
 template <bool kWeighted>
 __global__ void __launch_bounds__(kRowThreads)
     combine_kernel(const float* __restrict__ src, const float* __restrict__ weight, const int64_t* __restrict__ row_of,
-                   int64_t row_limit, int64_t k, int64_t dim, bool vec, float* __restrict__ y) {
+                   int64_t row_limit, int64_t k, int64_t dim, bool vec, float* __restrict__ y,
+                   const float* __restrict__ also = nullptr) {
   extern __shared__ int64_t combine_smem[];
   int64_t* rows = combine_smem;
   float* weights = reinterpret_cast<float*>(rows + k);
@@ -211,12 +213,18 @@ __global__ void __launch_bounds__(kRowThreads)
           acc.w = add_row<kWeighted>(acc.w, w, v[u].w);
         }
       }
+      if (also != nullptr) {
+        const float4 a = load4(also + t * dim, i);
+        acc.x = __fadd_rn(acc.x, a.x), acc.y = __fadd_rn(acc.y, a.y), acc.z = __fadd_rn(acc.z, a.z);
+        acc.w = __fadd_rn(acc.w, a.w);
+      }
       out4[i] = acc;
     }
   } else {
     for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) {
       float acc = out[i];
       for (int64_t j = 0; j < k; ++j) acc = add_row<kWeighted>(acc, weights[j], src[rows[j] * dim + i]);
+      if (also != nullptr) acc = __fadd_rn(acc, also[t * dim + i]);
       out[i] = acc;
     }
   }
@@ -395,12 +403,17 @@ void moe_scatter_add(const float* dxp, const int64_t* row_of, int64_t tokens, in
 
 void moe_scatter_add_aligned(const float* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
                              int64_t rows, float* dx, cudaStream_t stream) {
+  moe_scatter_add_aligned_then(dxp, row_of, tokens, k, dim, rows, nullptr, dx, stream);
+}
+
+void moe_scatter_add_aligned_then(const float* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
+                                  int64_t rows, const float* also, float* dx, cudaStream_t stream) {
   const std::string where = "cuda::moe_scatter_add";
   if (!check_token_args(where, tokens, k, dim)) return;
   require(dxp && row_of && dx, where + ": null dxp, row_of or dx pointer");
-  const bool vec = dim % 4 == 0 && aligned16(dxp) && aligned16(dx);
+  const bool vec = dim % 4 == 0 && aligned16(dxp) && aligned16(dx) && (also == nullptr || aligned16(also));
   combine_kernel<false><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dxp, nullptr, row_of, rows, k, dim,
-                                                                                  vec, dx);
+                                                                                  vec, dx, also);
   CUDA_CHECK_LAUNCH();
 }
 

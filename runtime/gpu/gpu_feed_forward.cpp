@@ -270,7 +270,7 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
     aligned_rows_ = RA;
     part.emplace(p, (ph + "routed.experts").c_str(), r.stream);
     const cuda::MoeFp8Experts w = experts_fp8();  // h in FP32 only when its token codes are not kept
-    cuda::moe_fp8_experts_forward_gathered(lin, w, x, token_of_aligned_, aligned_host, aligned_, gp_, up_,
+    cuda::moe_fp8_experts_forward_gathered(lin, w, x, T, token_of_aligned_, aligned_host, aligned_, gp_, up_,
                                            w.h_codes_t ? nullptr : hp_, yp_, r.stream);
     part.emplace(p, (ph + "routed.combine").c_str(), r.stream);
     if (overlap) join_shared(r.stream);
@@ -368,6 +368,10 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
     }
     sub.emplace(p, (ph + "routed.scatter_bwd").c_str(), r.stream);
     if (overlap) join_shared(r.stream);
+    if (router_done) {  // the router's dx (made beside, joined above) added in the scatter-add's pass
+      cuda::moe_scatter_add_aligned_then(dxp.get(), row_of_aligned_, T, K, H, RA, dx_router.get(), dx, r.stream);
+      return;
+    }
     cuda::moe_scatter_add_aligned(dxp.get(), row_of_aligned_, T, K, H, RA, dx, r.stream);
   } else {
     Temp<float> xp(R * H, r), dyp(R * H, r), dxp(R * H, r);
@@ -397,7 +401,7 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
   }
 
   timer.emplace(p, (ph + "router.bwd").c_str(), r.stream);
-  if (!router_done) router_bwd(r);  // else joined before the scatter-add above
+  router_bwd(r);
   add_inplace(dx, dx_router.get(), T * H, r.stream);
 }
 

@@ -18,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <string>
@@ -130,6 +131,16 @@ TEST_F(MoeFp8Gpu, AlignedPlanGatherScalesAndCombineMatchPlainLoops) {
     for (int64_t j = 0; j < dim; ++j) ref_y[t * dim + j] = 0.0f + w[t] * x[t * dim + j];
   EXPECT_EQ(d_y.download(), ref_y);
   EXPECT_EQ(d_dx.download(), x);
+  // The scatter-add with a tensor added in the same pass: (0 + x) + a, each sum rounded once.
+  {
+    const std::vector<float> a = normal_values(static_cast<size_t>(T * dim), 1.0f, rng);
+    DeviceBuffer<float> d_a(a), d_dx2(T * dim);
+    CUDA_CHECK(cudaMemset(d_dx2.get(), 0, static_cast<size_t>(T * dim) * sizeof(float)));
+    cuda::moe_scatter_add_aligned_then(d_xp.get(), d_row_a.get(), T, 1, dim, RA, d_a.get(), d_dx2.get());
+    std::vector<float> ref(static_cast<size_t>(T * dim));
+    for (size_t i = 0; i < ref.size(); ++i) ref[i] = (0.0f + x[i]) + a[i];
+    EXPECT_EQ(d_dx2.download(), ref) << "scatter-add then add";
+  }
   // Row weights: each aligned row gets its assignment's gating weight (zero rows untouched); the combine's backward
   // without dyp gives the dweight it gives with dyp.
   DeviceBuffer<float> d_rw(RA), d_dyp(RA * dim), d_dw(T), d_dw2(T);
@@ -176,8 +187,36 @@ TEST_F(MoeFp8Gpu, AlignedPlanGatherScalesAndCombineMatchPlainLoops) {
   EXPECT_EQ(d_qc.download(), ref_codes);
   EXPECT_EQ(d_qs.download(), whole_scales);
 
+  // Row codes gathered from each token's (moe_gather_rows_fp8): the CPU's 1x128 quantization of the gathered rows,
+  // zero rows included (codes 0 and the all-zero tile's scale). 272 columns: a partial last tile of 16.
+  {
+    const int64_t qcols = 272, qt = fp8::tiles(qcols);
+    const std::vector<float> xt = normal_values(static_cast<size_t>(T * qcols), 2.0f, rng);
+    std::vector<uint8_t> tok_codes(static_cast<size_t>(T * qcols));
+    std::vector<float> tok_scales(static_cast<size_t>(T * qt));
+    fp8::cpu::quantize_1x128(xt.data(), T, qcols, tok_codes.data(), tok_scales.data());
+    std::vector<float> gathered(static_cast<size_t>(RA * qcols), 0.0f);
+    for (int64_t a = 0; a < RA; ++a)
+      if (ref_token_a[a] >= 0)
+        std::copy(xt.begin() + ref_token_a[a] * qcols, xt.begin() + (ref_token_a[a] + 1) * qcols,
+                  gathered.begin() + a * qcols);
+    std::vector<uint8_t> ref_rc(static_cast<size_t>(RA * qcols));
+    std::vector<float> ref_rs(static_cast<size_t>(RA * qt));
+    fp8::cpu::quantize_1x128(gathered.data(), RA, qcols, ref_rc.data(), ref_rs.data());
+    DeviceBuffer<uint8_t> d_tc(tok_codes), d_rc(RA * qcols);
+    DeviceBuffer<float> d_ts(tok_scales), d_rs(RA * qt);
+    d_rc.poison(), d_rs.poison();
+    cuda::moe_gather_rows_fp8(d_tc.get(), d_ts.get(), d_token_a.get(), RA, qcols, d_rc.get(), d_rs.get());
+    EXPECT_EQ(d_rc.download(), ref_rc) << "gathered row codes";
+    const std::vector<float> rs = d_rs.download();
+    int64_t scale_mismatches = 0;
+    for (size_t i = 0; i < rs.size(); ++i)
+      scale_mismatches += std::memcmp(&rs[i], &ref_rs[i], sizeof(float)) != 0;
+    EXPECT_EQ(scale_mismatches, 0) << "gathered row scales";
+  }
+
   std::printf("[ moe fp8  ] aligned plan (%lld rows -> %lld), gather, zero rows, grouped scales, combine, grouped "
-              "transposed quantization: exact\n",
+              "transposed quantization, row codes gathered from each token's, scatter-add then add: exact\n",
               static_cast<long long>(R), static_cast<long long>(RA));
 }
 
@@ -318,7 +357,8 @@ TEST_F(MoeFp8Gpu, ExpertsForwardAndBackwardMatchTheCpuRecipePerExpert) {
     d_xct.poison(), d_xst.poison(), d_hct.poison(), d_hst.poison();
     cuda::MoeFp8Experts w2{d_wg.get(), d_wu.get(), d_wd.get(), d_gg2.get(), d_ug2.get(), d_dg2.get(), E, H, I, form};
     w2.x_codes_t = d_xct.get(), w2.x_scales_t = d_xst.get(), w2.h_codes_t = d_hct.get(), w2.h_scales_t = d_hst.get();
-    cuda::moe_fp8_experts_forward_gathered(ctx, w2, d_x.get(), d_token_of.get(), aligned.data(), d_aligned.get(),
+    cuda::moe_fp8_experts_forward_gathered(ctx, w2, d_x.get(), tokens, d_token_of.get(), aligned.data(),
+                                           d_aligned.get(),
                                            d_g2.get(), d_u2.get(), d_h2.get(), d_yp2.get());
     cuda::moe_fp8_experts_backward_gathered(ctx, w2, d_dyp.get(), d_x.get(), d_token_of.get(), d_g2.get(), d_u2.get(),
                                             d_h2.get(), aligned.data(), d_aligned.get(), d_dxp2.get());
