@@ -87,11 +87,12 @@ __global__ void __launch_bounds__(kRowWarps * kWarp)
     const int amax =
         warp_max(max(max(abs_bits(v[i][0]), abs_bits(v[i][1])), max(abs_bits(v[i][2]), abs_bits(v[i][3]))));
     const float scale = scale_from_amax_bits(amax);
+    const Divisor d = divisor(scale);
     if (lane == 0) scales[tile] = scale;
     if (kFull)
-      __stcs(reinterpret_cast<unsigned int*>(codes + tile * kTile) + lane, encode4(v[i], scale));
+      __stcs(reinterpret_cast<unsigned int*>(codes + tile * kTile) + lane, encode4(v[i], d));
     else
-      store4(codes + tile / ntiles * cols, tile % ntiles * kTile + lane * 4, cols, vec, encode4(v[i], scale));
+      store4(codes + tile / ntiles * cols, tile % ntiles * kTile + lane * 4, cols, vec, encode4(v[i], d));
   }
 }
 
@@ -133,14 +134,15 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp)
 #pragma unroll
   for (int i = 1; i < kWarps; ++i) amax = max(amax, warp_amax[i]);
   const float scale = scale_from_amax_bits(amax);
+  const Divisor d = divisor(scale);
   if (threadIdx.x == 0) scales[blockIdx.y * gridDim.x + blockIdx.x] = scale;
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int64_t r = r0 + warp + i * kWarps;
     if (kFull)
-      __stcs(reinterpret_cast<unsigned int*>(codes + r * cols + c), encode4(v[i], scale));
+      __stcs(reinterpret_cast<unsigned int*>(codes + r * cols + c), encode4(v[i], d));
     else if (r < rows)
-      store4(codes + r * cols, c, cols, vec, encode4(v[i], scale));
+      store4(codes + r * cols, c, cols, vec, encode4(v[i], d));
   }
 }
 
@@ -194,9 +196,10 @@ __global__ void __launch_bounds__(kTransposeWarps * kWarp)
     for (int i = 0; i < 4; ++i) q[i] = tile[lane + i * kWarp][j];
     const int amax = warp_max(max(max(abs_bits(q[0]), abs_bits(q[1])), max(abs_bits(q[2]), abs_bits(q[3]))));
     const float scale = scale_from_amax_bits(amax);
+    const Divisor d = divisor(scale);
     const int64_t c = c0 + j;
     if (lane == 0 && c < cols) scales_t[c * nrow_tiles + rt] = scale;
-    const uint16_t lo = encode2(q[0], q[1], scale), hi = encode2(q[2], q[3], scale);
+    const uint16_t lo = encode2(q[0], q[1], d), hi = encode2(q[2], q[3], d);
     staged[j][lane] = static_cast<uint8_t>(lo);
     staged[j][lane + kWarp] = static_cast<uint8_t>(lo >> 8);
     staged[j][lane + 2 * kWarp] = static_cast<uint8_t>(hi);
@@ -383,6 +386,12 @@ const char* transposed_kernel_name(TransposedKernel k) {
 
 void quantize_1x128_dual(const float* x, int64_t rows, int64_t cols, const int64_t* bounds, int64_t n_groups,
                          uint8_t* codes, float* scales, uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
+  quantize_1x128_dual_with(dual_kernel(), x, rows, cols, bounds, n_groups, codes, scales, codes_t, scales_t, stream);
+}
+
+void quantize_1x128_dual_with(DualKernel kernel, const float* x, int64_t rows, int64_t cols, const int64_t* bounds,
+                              int64_t n_groups, uint8_t* codes, float* scales, uint8_t* codes_t, float* scales_t,
+                              cudaStream_t stream) {
   check_args("quantize_1x128_dual", x, rows, cols, codes, scales);
   check_args("quantize_1x128_dual", x, rows, cols, codes_t, scales_t);
   if (rows == 0 || cols == 0) return;
@@ -398,7 +407,26 @@ void quantize_1x128_dual(const float* x, int64_t rows, int64_t cols, const int64
   TileOutputs o;
   o.rows = rows, o.cols = cols, o.codes = codes, o.scales = scales, o.codes_t = codes_t, o.scales_t = scales_t;
   o.bounds = bounds, o.n_groups = n_groups;
-  launch_quantize_tiles<true, true>(PlainSource{x, cols}, o, stream);
+  launch_quantize_dual(PlainSource{x, cols}, o, kernel, stream);
+}
+
+DualKernel dual_kernel() {
+  static const DualKernel from_env = [] {
+    const char* v = std::getenv("MOERL_QUANT_DUAL");
+    if (v == nullptr || *v == '\0') return DualKernel::Clusters64;
+    for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64})
+      if (std::string(v) == dual_kernel_name(k)) return k;
+    throw Error(std::string("MOERL_QUANT_DUAL: expected blocks128 or clusters64, got '") + v + "'");
+  }();
+  return from_env;
+}
+
+const char* dual_kernel_name(DualKernel k) {
+  switch (k) {
+    case DualKernel::Blocks128: return "blocks128";
+    case DualKernel::Clusters64: return "clusters64";
+  }
+  return "?";
 }
 
 }  // namespace moerl::fp8::cuda

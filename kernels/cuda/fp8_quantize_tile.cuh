@@ -21,12 +21,15 @@
 // aligned codes (callers check; a partial last column tile is zero-padded as on the CPU). Bit-exact with the CPU
 // by the helpers of fp8_quantize_common.cuh.
 #pragma once
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_quantize_common.cuh"
+#include "kernels/fp8_quantize.hpp"
+#include "runtime/error.hpp"
 
 namespace moerl::fp8::cuda::quant_detail {
 
@@ -77,12 +80,13 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
       for (int k = 4 * h; k < 4 * h + 4; ++k) amax = max(amax, abs_bits4(v[k]));
       for (int offset = 1; offset < 8; offset *= 2) amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
       const float scale = scale_from_amax_bits(amax);
+      const Divisor d = divisor(scale);
       const int64_t r = r0 + Shape::row(4 * h, warp, sub);
       if (quad == 0) o.scales[r * ntiles + ct] = scale;
 #pragma unroll
       for (int k = 4 * h; k < 4 * h + 4; ++k) {
         const int64_t c = c0 + Shape::col(k, quad);
-        if (c < o.cols) __stcs(reinterpret_cast<unsigned int*>(o.codes + r * o.cols + c), encode4(v[k], scale));
+        if (c < o.cols) __stcs(reinterpret_cast<unsigned int*>(o.codes + r * o.cols + c), encode4(v[k], d));
       }
     }
   }
@@ -112,6 +116,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
     amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 8));
     amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 16));
     const float scale = scale_from_amax_bits(amax);
+    const Divisor d = divisor(scale);
     const int64_t c = c0 + jj;
     if (c < o.cols) {
       const int64_t nrow_tiles = o.rows / kTile;
@@ -134,7 +139,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
       }
       uint32_t w[8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) w[i] = encode4(q[i], scale);
+      for (int i = 0; i < 8; ++i) w[i] = encode4(q[i], d);
       uint8_t* dst = out + c * out_rows + first + 16 * k4;
       if (reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
         __stcs(reinterpret_cast<uint4*>(dst), make_uint4(w[0], w[1], w[2], w[3]));
@@ -214,12 +219,84 @@ __global__ void __launch_bounds__(TileShape<kTile>::kThreads, 1)
   quantize_tile_values<true, true, kTile>(vb, ob, tile_smem, blockIdx.y, none);
 }
 
+// Both ways (quantize_1x128_dual's outputs) with a cluster of two thread blocks per 128 x 128 block: cluster rank
+// h (blockIdx.x = 2 t + h) takes columns 128 t + 64 h .. + 63 of rows 128 blockIdx.y .. + 127, i.e. a
+// quantize_tile_kernel<.., kTC = 64> block (same loads, same column pass), and the row tiles are finished from
+// registers once the two halves' amaxes are known. Each thread holds 4 rows x 8 columns (loads 2 j and 2 j + 1
+// are row 4 (4 warp + j) + lane / 8, columns 4 (lane % 8) and 32 + 4 (lane % 8)): a row's amax over the block's
+// 64 columns is 3 shuffles, and lane j of the row's 8 stores it in slot [h][row] of both blocks' row_amax
+// (the partner's through distributed shared memory), so after the cluster barrier each block reads the row's
+// amax over its 128 columns locally and no block touches the other's shared memory once it may have exited. The
+// first barrier (arrive at the start, wait before the remote stores) makes sure the partner has started; the
+// second is arrived at before the block transposes its values into shared memory and waited for after, so the
+// exchange's latency hides behind that. Rank 0 writes the row scales. With 256 threads of at most 64 registers
+// and 33 KiB of shared memory, 4 blocks (2 clusters) fit per SM, against 2 of quantize_tile_kernel<.., 128>.
+// grid.x is 2 tiles(cols): the second block of a last tile of <= 64 columns reads nothing (zeros, the CPU's
+// padding) and writes nothing.
+template <class Src>
+__global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(TileShape<64>::kThreads, 4)
+    quantize_dual_cluster_kernel(Src src, TileOutputs o) {
+  using Shape = TileShape<64>;
+  namespace cg = cooperative_groups;
+  extern __shared__ float4 tile_smem[];
+  __shared__ int row_amax[2][kTile];  // [cluster rank][row in the block]: the row's amax over that rank's columns
+  const unsigned h = cg::this_cluster().block_rank();
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
+  const int64_t rt = blockIdx.y, r0 = rt * kTile, c0 = static_cast<int64_t>(blockIdx.x) * 64;
+  float v[kTileLoads][4];
+#pragma unroll
+  for (int k = 0; k < kTileLoads; ++k) {
+    const int64_t r = r0 + Shape::row(k, warp, sub), c = c0 + Shape::col(k, quad);
+    if (c < o.cols) {
+      const float4 f = src(r, c);
+      v[k][0] = f.x, v[k][1] = f.y, v[k][2] = f.z, v[k][3] = f.w;
+    } else {
+      v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.0f;  // the CPU's zero padding of a partial tile
+    }
+  }
+  int amax[4];  // rows Shape::row(2 j, ..) over this block's 64 columns
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    amax[j] = max(abs_bits4(v[2 * j]), abs_bits4(v[2 * j + 1]));
+    for (int offset = 1; offset < 8; offset *= 2) amax[j] = max(amax[j], __shfl_xor_sync(0xFFFFFFFFu, amax[j], offset));
+  }
+  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");  // the partner runs: its shared memory is there
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    if (quad == j) {
+      int* mine = &row_amax[h][Shape::row(2 * j, warp, sub)];
+      *mine = amax[j];
+      const uint32_t local = static_cast<uint32_t>(__cvta_generic_to_shared(mine));
+      uint32_t remote;  // the same slot in the partner's shared memory
+      asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(h ^ 1u));
+      asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(remote), "r"(amax[j]) : "memory");
+    }
+  }
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+  quantize_tile_values<false, true, 64>(v, o, tile_smem, rt, [&] {
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+    const int64_t ntiles = (o.cols + kTile - 1) / kTile, ct = blockIdx.x / 2;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int row = Shape::row(2 * j, warp, sub);
+      const float scale = scale_from_amax_bits(max(row_amax[0][row], row_amax[1][row]));
+      const Divisor d = divisor(scale);
+      const int64_t r = r0 + row;
+      if (h == 0 && quad == 0) o.scales[r * ntiles + ct] = scale;
+#pragma unroll
+      for (int k = 2 * j; k < 2 * j + 2; ++k) {
+        const int64_t c = c0 + Shape::col(k, quad);
+        if (c < o.cols) __stcs(reinterpret_cast<unsigned int*>(o.codes + r * o.cols + c), encode4(v[k], d));
+      }
+    }
+  });
+}
+
 // Launches quantize_tile_kernel over ceil(o.rows / (128 kRT)) x ceil(o.cols / kTC) blocks (the caller has checked
 // the layout's needs, above).
-template <bool kRows, bool kCols, class Src, int kTC = kTile, int kRT = 1>
-void launch_quantize_tiles(const Src& src, const TileOutputs& o, cudaStream_t stream) {
-  static_assert(kRows || kCols, "nothing to write");
-  if (o.rows == 0 || o.cols == 0) return;
+template <bool kRows, bool kCols, class Src, int kTC, int kRT>
+void launch_tile_kernel(const Src& src, const TileOutputs& o, cudaStream_t stream) {
   const auto kernel = quantize_tile_kernel<Src, kRows, kCols, kTC, kRT>;
   const int smem = kCols ? TileShape<kTC>::kSmemBytes : 0;
   if (kCols) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
@@ -227,6 +304,36 @@ void launch_quantize_tiles(const Src& src, const TileOutputs& o, cudaStream_t st
   const dim3 grid(static_cast<unsigned>((o.cols + kTC - 1) / kTC), static_cast<unsigned>(row_blocks));
   kernel<<<grid, TileShape<kTC>::kThreads, smem, stream>>>(src, o);
   CUDA_CHECK_LAUNCH();
+}
+
+// Both ways with the given kernel shape: quantize_tile_kernel<.., 128> (Blocks128) or quantize_dual_cluster_kernel
+// over 2 tiles(o.cols) x o.rows / 128 blocks (Clusters64).
+template <class Src>
+void launch_quantize_dual(const Src& src, const TileOutputs& o, DualKernel kernel, cudaStream_t stream) {
+  if (o.rows == 0 || o.cols == 0) return;
+  if (kernel == DualKernel::Blocks128) {
+    launch_tile_kernel<true, true, Src, kTile, 1>(src, o, stream);
+    return;
+  }
+  require(tiles(o.cols) <= INT32_MAX / 2, "fp8::cuda: dual quantization: too many columns for one launch");
+  constexpr int smem = TileShape<64>::kSmemBytes;
+  const dim3 grid(static_cast<unsigned>(2 * tiles(o.cols)), static_cast<unsigned>(o.rows / kTile));
+  quantize_dual_cluster_kernel<Src><<<grid, TileShape<64>::kThreads, smem, stream>>>(src, o);
+  CUDA_CHECK_LAUNCH();
+}
+
+// Launches the kernel for kRows, kCols over o (the caller has checked the layout's needs, above): both ways (kTC
+// 128, kRT 1) with dual_kernel()'s shape (launch_quantize_dual), else quantize_tile_kernel.
+template <bool kRows, bool kCols, class Src, int kTC = kTile, int kRT = 1>
+void launch_quantize_tiles(const Src& src, const TileOutputs& o, cudaStream_t stream) {
+  static_assert(kRows || kCols, "nothing to write");
+  if (o.rows == 0 || o.cols == 0) return;
+  if constexpr (kRows && kCols) {
+    static_assert(kTC == kTile && kRT == 1, "both ways: 128 x 128 blocks");
+    launch_quantize_dual(src, o, dual_kernel(), stream);
+  } else {
+    launch_tile_kernel<kRows, kCols, Src, kTC, kRT>(src, o, stream);
+  }
 }
 
 // Launches quantize_tile_pair_kernel over oa.rows / 128 x tiles(oa.cols) blocks (oa and ob of one shape).

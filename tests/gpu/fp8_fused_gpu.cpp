@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/cuda/swiglu.hpp"
@@ -23,6 +24,7 @@
 namespace moerl::moe_gpu_test {
 namespace {
 
+using fp8::cuda::DualKernel;
 using fp8::cuda::TransposedKernel;
 using fp8::tiles;
 
@@ -152,10 +154,13 @@ TEST_F(Fp8FusedGpu, EveryTransposedKernelShapePacksEachGroupAsTheCpuDoesOnItsOwn
   }
 }
 
-TEST_F(Fp8FusedGpu, DualQuantizationGivesBothCpuResultsFromOneRead) {
+TEST_F(Fp8FusedGpu, EveryDualKernelShapeGivesBothCpuResultsFromOneRead) {
   std::mt19937_64 rng(run_seed() + 102);
-  // 300 rows: the two-kernel fallback; 704 and 2052 columns: partial last tiles.
-  const std::pair<int64_t, int64_t> shapes[] = {{128, 128}, {384, 704}, {512, 1024}, {300, 512}, {256, 2052}};
+  // 300 rows: the two-kernel fallback; 704 and 2052 columns: partial last tiles (704: of 64 columns, so the
+  // second 64-column block of Clusters64's last cluster has no columns); 196 and 68: a last tile of 68 columns
+  // (the second block has 4); 60: one partial tile, the second block empty.
+  const std::pair<int64_t, int64_t> shapes[] = {{128, 128}, {384, 704}, {512, 1024}, {300, 512},
+                                                {256, 2052}, {640, 196}, {128, 68}, {256, 60}};
   for (auto [rows, cols] : shapes) {
     const std::vector<float> x = random_activation(rows, cols, rng);
     std::vector<uint8_t> codes(static_cast<size_t>(rows * cols)), codes_t(codes.size());
@@ -164,18 +169,20 @@ TEST_F(Fp8FusedGpu, DualQuantizationGivesBothCpuResultsFromOneRead) {
     fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes_t.data(), scales_t.data());
     DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
     DeviceBuffer<uint8_t> dc(codes.size()), dct(codes.size());
-    dc.poison(), ds.poison(), dct.poison(), dst.poison();
-    fp8::cuda::quantize_1x128_dual(dx.get(), rows, cols, nullptr, 0, dc.get(), ds.get(), dct.get(), dst.get());
-    CUDA_CHECK(cudaDeviceSynchronize());
-    const std::string what = "dual " + shape_name(rows, cols);
-    expect_same_bits(dc.download(), codes, what + " row codes");
-    expect_same_bits(ds.download(), scales, what + " row scales");
-    expect_same_bits(dct.download(), codes_t, what + " transposed codes");
-    expect_same_bits(dst.download(), scales_t, what + " transposed scales");
+    for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64}) {
+      dc.poison(), ds.poison(), dct.poison(), dst.poison();
+      fp8::cuda::quantize_1x128_dual_with(k, dx.get(), rows, cols, nullptr, 0, dc.get(), ds.get(), dct.get(), dst.get());
+      CUDA_CHECK(cudaDeviceSynchronize());
+      const std::string what = std::string("dual ") + fp8::cuda::dual_kernel_name(k) + " " + shape_name(rows, cols);
+      expect_same_bits(dc.download(), codes, what + " row codes");
+      expect_same_bits(ds.download(), scales, what + " row scales");
+      expect_same_bits(dct.download(), codes_t, what + " transposed codes");
+      expect_same_bits(dst.download(), scales_t, what + " transposed scales");
+    }
   }
 
   // Grouped: rows cut at bounds (an empty group among them), each group's transposed codes packed on their own as
-  // the CPU quantizes the group's rows alone; the scales those of the whole.
+  // the CPU quantizes the group's rows alone; the scales those of the whole. 208 columns: a last tile of 80.
   const std::vector<int64_t> bounds = {0, 256, 256, 384, 768};
   const int64_t rows = bounds.back(), cols = 208, groups = static_cast<int64_t>(bounds.size()) - 1;
   const std::vector<float> x = random_activation(rows, cols, rng);
@@ -191,14 +198,49 @@ TEST_F(Fp8FusedGpu, DualQuantizationGivesBothCpuResultsFromOneRead) {
   DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
   DeviceBuffer<uint8_t> dc(codes.size()), dct(codes.size());
   DeviceBuffer<int64_t> db(bounds);
-  dc.poison(), ds.poison(), dct.poison(), dst.poison();
-  fp8::cuda::quantize_1x128_dual(dx.get(), rows, cols, db.get(), groups, dc.get(), ds.get(), dct.get(), dst.get());
-  CUDA_CHECK(cudaDeviceSynchronize());
-  expect_same_bits(dc.download(), codes, "grouped dual row codes");
-  expect_same_bits(ds.download(), scales, "grouped dual row scales");
-  expect_same_bits(dct.download(), codes_t, "grouped dual transposed codes");
-  expect_same_bits(dst.download(), scales_t, "grouped dual transposed scales");
-  std::printf("[ fp8 fused ] quantize_1x128_dual, 5 shapes and a grouped one: CPU bytes both ways\n");
+  for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64}) {
+    dc.poison(), ds.poison(), dct.poison(), dst.poison();
+    fp8::cuda::quantize_1x128_dual_with(k, dx.get(), rows, cols, db.get(), groups, dc.get(), ds.get(), dct.get(),
+                                        dst.get());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const std::string what = std::string("grouped dual ") + fp8::cuda::dual_kernel_name(k);
+    expect_same_bits(dc.download(), codes, what + " row codes");
+    expect_same_bits(ds.download(), scales, what + " row scales");
+    expect_same_bits(dct.download(), codes_t, what + " transposed codes");
+    expect_same_bits(dst.download(), scales_t, what + " transposed scales");
+  }
+  std::printf("[ fp8 fused ] quantize_1x128_dual blocks128/clusters64, 8 shapes and a grouped one: CPU bytes both ways\n");
+}
+
+TEST_F(Fp8FusedGpu, DualKernelsWriteCodesAlignedToFourBytesOnlyAsTheCpuDoes) {
+  // Both code matrices 4 bytes past an allocation (4-byte aligned, which the one-pass kernels accept): the row
+  // codes' 4-byte stores and the transposed codes' 4-byte path. The bytes around each must stay poisoned.
+  std::mt19937_64 rng(run_seed() + 107);
+  const int64_t rows = 384, cols = 196, n = rows * cols, pad = 4;
+  const std::vector<float> x = random_activation(rows, cols, rng);
+  std::vector<uint8_t> codes(static_cast<size_t>(n)), codes_t(static_cast<size_t>(n));
+  std::vector<float> scales(static_cast<size_t>(rows * tiles(cols))), scales_t(static_cast<size_t>(cols * tiles(rows)));
+  fp8::cpu::quantize_1x128(x.data(), rows, cols, codes.data(), scales.data());
+  fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes_t.data(), scales_t.data());
+  DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
+  DeviceBuffer<uint8_t> dc(static_cast<size_t>(n + 2 * pad)), dct(static_cast<size_t>(n + 2 * pad));
+  for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64}) {
+    const std::string what = std::string("dual ") + fp8::cuda::dual_kernel_name(k) + " codes at +4 bytes";
+    dc.poison(), ds.poison(), dct.poison(), dst.poison();
+    fp8::cuda::quantize_1x128_dual_with(k, dx.get(), rows, cols, nullptr, 0, dc.get() + pad, ds.get(), dct.get() + pad,
+                                        dst.get());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    for (const auto& [buffer, want, which] : {std::tuple{&dc, &codes, " row codes"}, std::tuple{&dct, &codes_t, " transposed codes"}}) {
+      const std::vector<uint8_t> got = buffer->download();
+      expect_same_bits(std::vector<uint8_t>(got.begin() + pad, got.end() - pad), *want, what + which);
+      for (int64_t i = 0; i < pad; ++i) {
+        EXPECT_EQ(got[static_cast<size_t>(i)], 0xFF) << what << which << ": byte " << i << " before";
+        EXPECT_EQ(got[static_cast<size_t>(n + pad + i)], 0xFF) << what << which << ": byte " << i << " after";
+      }
+    }
+    expect_same_bits(ds.download(), scales, what + " row scales");
+    expect_same_bits(dst.download(), scales_t, what + " transposed scales");
+  }
 }
 
 TEST_F(Fp8FusedGpu, SwigluFusedWithQuantizationGivesTheUnfusedBytes) {
@@ -291,15 +333,19 @@ TEST_F(Fp8FusedGpu, ReportsBandwidth) {
       std::printf("[ fp8 fused ] quantize_1x128_transposed %s 8192x8192: %.1f us, %.0f GB/s\n",
                   fp8::cuda::transposed_kernel_name(k), ms * 1e3, one_way / ms / 1e6);
     }
-    const double dual = median_ms([&] {
-      fp8::cuda::quantize_1x128_dual(x.get(), rows, cols, nullptr, 0, c.get(), s.get(), ct.get(), st.get());
-    });
     const double separate = median_ms([&] {
       fp8::cuda::quantize_1x128(x.get(), rows, cols, c.get(), s.get());
       fp8::cuda::quantize_1x128_transposed(x.get(), rows, cols, ct.get(), st.get());
     });
-    std::printf("[ fp8 fused ] quantize_1x128_dual 8192x8192: %.1f us, %.0f GB/s (quantize_1x128 + transposed: %.1f us)\n",
-                dual * 1e3, (4.0 * n + 2 * (n + 4.0 * n / 128)) / dual / 1e6, separate * 1e3);
+    for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64}) {
+      const double dual = median_ms([&] {
+        fp8::cuda::quantize_1x128_dual_with(k, x.get(), rows, cols, nullptr, 0, c.get(), s.get(), ct.get(), st.get());
+      });
+      std::printf("[ fp8 fused ] quantize_1x128_dual %s 8192x8192: %.1f us, %.0f GB/s (quantize_1x128 + transposed: "
+                  "%.1f us)\n",
+                  fp8::cuda::dual_kernel_name(k), dual * 1e3, (4.0 * n + 2 * (n + 4.0 * n / 128)) / dual / 1e6,
+                  separate * 1e3);
+    }
   }
   {
     // The routed experts' [rows, I] at the MoE benchmark's shape (16384 tokens x top-6, I = 1408).
