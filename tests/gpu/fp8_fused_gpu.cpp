@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <random>
 #include <string>
 #include <tuple>
@@ -241,6 +242,73 @@ TEST_F(Fp8FusedGpu, DualKernelsWriteCodesAlignedToFourBytesOnlyAsTheCpuDoes) {
     expect_same_bits(ds.download(), scales, what + " row scales");
     expect_same_bits(dst.download(), scales_t, what + " transposed scales");
   }
+}
+
+// The CPU's bytes both ways (quantize_1x128 and quantize_1x128_transposed) from each dual kernel shape and from
+// the transposed tiles64 kernel, on x [rows, cols].
+void expect_dual_and_transposed_as_cpu(const std::vector<float>& x, int64_t rows, int64_t cols, const std::string& what) {
+  std::vector<uint8_t> codes(static_cast<size_t>(rows * cols)), codes_t(codes.size());
+  std::vector<float> scales(static_cast<size_t>(rows * tiles(cols))), scales_t(static_cast<size_t>(cols * tiles(rows)));
+  fp8::cpu::quantize_1x128(x.data(), rows, cols, codes.data(), scales.data());
+  fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes_t.data(), scales_t.data());
+  DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
+  DeviceBuffer<uint8_t> dc(codes.size()), dct(codes.size());
+  for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64}) {
+    dc.poison(), ds.poison(), dct.poison(), dst.poison();
+    fp8::cuda::quantize_1x128_dual_with(k, dx.get(), rows, cols, nullptr, 0, dc.get(), ds.get(), dct.get(), dst.get());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const std::string which = what + ", dual " + fp8::cuda::dual_kernel_name(k);
+    expect_same_bits(dc.download(), codes, which + " row codes");
+    expect_same_bits(ds.download(), scales, which + " row scales");
+    expect_same_bits(dct.download(), codes_t, which + " transposed codes");
+    expect_same_bits(dst.download(), scales_t, which + " transposed scales");
+  }
+  dct.poison(), dst.poison();
+  fp8::cuda::quantize_1x128_transposed_with(TransposedKernel::Tiles64, dx.get(), rows, cols, dct.get(), dst.get());
+  CUDA_CHECK(cudaDeviceSynchronize());
+  expect_same_bits(dct.download(), codes_t, what + ", transposed tiles64 codes");
+  expect_same_bits(dst.download(), scales_t, what + ", transposed tiles64 scales");
+}
+
+TEST_F(Fp8FusedGpu, DualKernelsConvertTiesSubnormalsAndSpecialValuesAsTheCpuDoes) {
+  // Row 0 and the first column of each 128-column tile hold 448, so every tile both ways has amax 448 and scale
+  // exactly 1: the codes are the plain conversions of the values in between — every E4M3 value, every midpoint
+  // between neighbours (ties to even), the floats either side of each, signed zeros, float subnormals and NaN
+  // (ignored by amax, converted to 0x7F).
+  std::vector<float> values;
+  for (int c = 0; c < 0x7E; ++c) {
+    const float v = fp8::float_from_e4m3(static_cast<uint8_t>(c)), next = fp8::float_from_e4m3(static_cast<uint8_t>(c + 1));
+    const float mid = (v + next) / 2;  // exact: one more bit than E4M3 has
+    for (float f : {v, mid, std::nextafter(mid, 0.0f), std::nextafter(mid, 1e9f)}) {
+      values.push_back(f);
+      values.push_back(-f);
+    }
+  }
+  for (float f : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::quiet_NaN(), -0.0f,
+                  std::numeric_limits<float>::denorm_min(), -3 * std::numeric_limits<float>::denorm_min()})
+    values.push_back(f);
+  const int64_t rows = 128, cols = 256;
+  std::vector<float> x(static_cast<size_t>(rows * cols));
+  size_t next = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      x[r * cols + c] = r == 0 || c % fp8::kTile == 0 ? 448.0f : values[next++ % values.size()];
+  expect_dual_and_transposed_as_cpu(x, rows, cols, "scale 1");
+
+  // Scales whose reciprocal pair would underflow or does not exist (the kernels' __fdiv_rn path): an Inf (scale
+  // Inf: codes x / Inf, NaN for the Inf itself) and values near FLT_MAX (scale above 2^100); and tiny ones (the
+  // scale floor 1e-4 / 448, float subnormals).
+  std::mt19937_64 rng(run_seed() + 108);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> y(static_cast<size_t>(rows * cols));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const float magnitude = r % 3 == 0 ? 1e37f : r % 3 == 1 ? 1e-40f : 1.0f;
+      y[r * cols + c] = normal(rng) * magnitude;
+    }
+  y[5 * cols + 7] = std::numeric_limits<float>::infinity();
+  y[9 * cols + 200] = -std::numeric_limits<float>::infinity();
+  expect_dual_and_transposed_as_cpu(y, rows, cols, "huge, tiny and Inf");
 }
 
 TEST_F(Fp8FusedGpu, SwigluFusedWithQuantizationGivesTheUnfusedBytes) {
