@@ -87,12 +87,11 @@ __global__ void __launch_bounds__(kRowWarps * kWarp)
     const int amax =
         warp_max(max(max(abs_bits(v[i][0]), abs_bits(v[i][1])), max(abs_bits(v[i][2]), abs_bits(v[i][3]))));
     const float scale = scale_from_amax_bits(amax);
-    const Divisor d = divisor(scale);
     if (lane == 0) scales[tile] = scale;
     if (kFull)
-      __stcs(reinterpret_cast<unsigned int*>(codes + tile * kTile) + lane, encode4(v[i], d));
+      __stcs(reinterpret_cast<unsigned int*>(codes + tile * kTile) + lane, encode4(v[i], scale));
     else
-      store4(codes + tile / ntiles * cols, tile % ntiles * kTile + lane * 4, cols, vec, encode4(v[i], d));
+      store4(codes + tile / ntiles * cols, tile % ntiles * kTile + lane * 4, cols, vec, encode4(v[i], scale));
   }
 }
 

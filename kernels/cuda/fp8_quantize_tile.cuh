@@ -75,9 +75,10 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
     const int64_t ntiles = (o.cols + kTile - 1) / kTile;
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      int amax = 0;
+      float m = 0.0f;
 #pragma unroll
-      for (int k = 4 * h; k < 4 * h + 4; ++k) amax = max(amax, abs_bits4(v[k]));
+      for (int k = 4 * h; k < 4 * h + 4; ++k) m = abs_max4(m, v[k]);
+      int amax = abs_bits(m);
       for (int offset = 1; offset < 8; offset *= 2) amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
       const float scale = scale_from_amax_bits(amax);
       const Divisor d = divisor(scale);
@@ -105,14 +106,15 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
     const int jj = 32 * (warp / 4) + 4 * p + warp % 4;
     const float4* column = reinterpret_cast<const float4*>(tile + jj * kTile);
     float q[8][4];
-    int amax = 0;
+    float m = 0.0f;
 #pragma unroll
     for (int i = 0; i < 8; ++i) {
       const int chunk = 4 * k4 + (i < 4 ? i : 16 + i - 4);
       const float4 f = column[chunk ^ p];
       q[i][0] = f.x, q[i][1] = f.y, q[i][2] = f.z, q[i][3] = f.w;
-      amax = max(amax, abs_bits4(q[i]));
+      m = abs_max4(m, q[i]);
     }
+    int amax = abs_bits(m);
     amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 8));
     amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 16));
     const float scale = scale_from_amax_bits(amax);
@@ -255,35 +257,37 @@ __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(TileShape<64>::kThre
       v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.0f;  // the CPU's zero padding of a partial tile
     }
   }
-  int amax[4];  // rows Shape::row(2 j, ..) over this block's 64 columns
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    amax[j] = max(abs_bits4(v[2 * j]), abs_bits4(v[2 * j + 1]));
-    for (int offset = 1; offset < 8; offset *= 2) amax[j] = max(amax[j], __shfl_xor_sync(0xFFFFFFFFu, amax[j], offset));
-  }
   asm volatile("barrier.cluster.wait.aligned;" ::: "memory");  // the partner runs: its shared memory is there
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
+  for (int j = 0; j < 4; ++j) {  // row Shape::row(2 j, ..)'s amax over this block's 64 columns
+    int amax = abs_bits(abs_max4(abs_max4(0.0f, v[2 * j]), v[2 * j + 1]));
+    for (int offset = 1; offset < 8; offset *= 2) amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
     if (quad == j) {
       int* mine = &row_amax[h][Shape::row(2 * j, warp, sub)];
-      *mine = amax[j];
+      *mine = amax;
       const uint32_t local = static_cast<uint32_t>(__cvta_generic_to_shared(mine));
       uint32_t remote;  // the same slot in the partner's shared memory
       asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(h ^ 1u));
-      asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(remote), "r"(amax[j]) : "memory");
+      asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(remote), "r"(amax) : "memory");
     }
   }
   asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
   quantize_tile_values<false, true, 64>(v, o, tile_smem, rt, [&] {
     asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
     const int64_t ntiles = (o.cols + kTile - 1) / kTile, ct = blockIdx.x / 2;
+    // The 8 lanes of a row group share its 4 rows' scales: lane quad computes row Shape::row(2 (quad % 4), ..)'s
+    // divisor (one reciprocal a lane instead of 4) and the others take it by shuffles; lanes 0 .. 3 write the scales.
+    const int mine = Shape::row(2 * (quad & 3), warp, sub);
+    const float scale = scale_from_amax_bits(max(row_amax[0][mine], row_amax[1][mine]));
+    const Divisor dm = divisor(scale);
+    if (h == 0 && quad < 4) o.scales[(r0 + mine) * ntiles + ct] = scale;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int row = Shape::row(2 * j, warp, sub);
-      const float scale = scale_from_amax_bits(max(row_amax[0][row], row_amax[1][row]));
-      const Divisor d = divisor(scale);
-      const int64_t r = r0 + row;
-      if (h == 0 && quad == 0) o.scales[r * ntiles + ct] = scale;
+      const int src = (lane & ~7) | j;
+      Divisor d;
+      d.scale = __shfl_sync(0xFFFFFFFFu, dm.scale, src), d.hi = __shfl_sync(0xFFFFFFFFu, dm.hi, src);
+      d.lo = __shfl_sync(0xFFFFFFFFu, dm.lo, src), d.exact = d.scale <= 0x1p100f;
+      const int64_t r = r0 + Shape::row(2 * j, warp, sub);
 #pragma unroll
       for (int k = 2 * j; k < 2 * j + 2; ++k) {
         const int64_t c = c0 + Shape::col(k, quad);
