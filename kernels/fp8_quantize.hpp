@@ -58,12 +58,13 @@ void quantize_1x128_dual(const float* x, int64_t rows, int64_t cols, const int64
 
 // The kernel shapes of the one-pass dual quantization (quantize_1x128_dual and the fused SwiGLU / gather kernels
 // that quantize both ways), giving the same bytes: one thread block per 128 x 128 block (Blocks128, 512 threads,
-// 64 KiB of shared memory: 2 blocks per SM), or a cluster of two 128 x 64 thread blocks per 128 x 128 block
-// (Clusters64, 256 threads and 32 KiB each: 4 per SM) that exchange their half-row amaxes through distributed
-// shared memory. `moerl bench gpu` measures each (quant_1x128_dual_<name>_gbps).
-enum class DualKernel { Blocks128, Clusters64 };
-// The one the dual quantizations use: MOERL_QUANT_DUAL=blocks128|clusters64, read once (default clusters64);
-// throws moerl::Error on another value.
+// 64 KiB of shared memory: 2 blocks per SM), or a cluster of thread blocks per 128 x 128 block that exchange their
+// partial row amaxes through distributed shared memory: two of 128 x 64 (Clusters64, 256 threads and 32 KiB each:
+// 4 per SM) or four of 128 x 32 (Clusters32, 128 threads and 16 KiB: 8 per SM). `moerl bench gpu` measures each
+// (quant_1x128_dual_<name>_gbps).
+enum class DualKernel { Blocks128, Clusters64, Clusters32 };
+// The one the dual quantizations use: MOERL_QUANT_DUAL=blocks128|clusters64|clusters32, read once (default
+// clusters64); throws moerl::Error on another value.
 DualKernel dual_kernel();
 const char* dual_kernel_name(DualKernel kernel);
 // quantize_1x128_dual with the given kernel shape.

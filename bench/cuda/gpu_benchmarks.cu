@@ -7,7 +7,7 @@
 //   quant_1x128_transposed_<shape>_gbps                     each kernel shape of the transposed one (cols32, cols64,
 //                                                           blocks128, tiles64, tiles64r4)
 //   quant_1x128_dual_gbps                                   quantize_1x128_dual: both ways, one read
-//   quant_1x128_dual_<shape>_gbps                           each kernel shape of it (blocks128, clusters64)
+//   quant_1x128_dual_<shape>_gbps                           each kernel shape of it (blocks128, clusters64, clusters32)
 //   train_step_{fp8,bf16}_tokens_per_s, train_step_peak_mem_gib,
 //   moe_layer_{fp8,bf16}_ms                                 training: bench/cuda/train_step_bench.cu
 // Ceilings seen on an H200 (shared/DEVICE.md): FP8 block-scaled 1337 TFLOP/s at 8192³, BF16 763-774,
@@ -308,7 +308,7 @@ void bench_quantize(Report& report, const std::string& device, cudaStream_t stre
     });
   };
   add("quant_1x128_dual_gbps", dual_bytes, time_dual(fc::dual_kernel()), fc::dual_kernel_name(fc::dual_kernel()));
-  for (fc::DualKernel k : {fc::DualKernel::Blocks128, fc::DualKernel::Clusters64})
+  for (fc::DualKernel k : {fc::DualKernel::Blocks128, fc::DualKernel::Clusters64, fc::DualKernel::Clusters32})
     add(std::string("quant_1x128_dual_") + fc::dual_kernel_name(k) + "_gbps", dual_bytes, time_dual(k), "");
 }
 #endif

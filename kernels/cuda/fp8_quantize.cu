@@ -413,9 +413,9 @@ DualKernel dual_kernel() {
   static const DualKernel from_env = [] {
     const char* v = std::getenv("MOERL_QUANT_DUAL");
     if (v == nullptr || *v == '\0') return DualKernel::Clusters64;
-    for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64})
+    for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32})
       if (std::string(v) == dual_kernel_name(k)) return k;
-    throw Error(std::string("MOERL_QUANT_DUAL: expected blocks128 or clusters64, got '") + v + "'");
+    throw Error(std::string("MOERL_QUANT_DUAL: expected blocks128, clusters64 or clusters32, got '") + v + "'");
   }();
   return from_env;
 }
@@ -424,6 +424,7 @@ const char* dual_kernel_name(DualKernel k) {
   switch (k) {
     case DualKernel::Blocks128: return "blocks128";
     case DualKernel::Clusters64: return "clusters64";
+    case DualKernel::Clusters32: return "clusters32";
   }
   return "?";
 }

@@ -158,8 +158,9 @@ TEST_F(Fp8FusedGpu, EveryTransposedKernelShapePacksEachGroupAsTheCpuDoesOnItsOwn
 TEST_F(Fp8FusedGpu, EveryDualKernelShapeGivesBothCpuResultsFromOneRead) {
   std::mt19937_64 rng(run_seed() + 102);
   // 300 rows: the two-kernel fallback; 704 and 2052 columns: partial last tiles (704: of 64 columns, so the
-  // second 64-column block of Clusters64's last cluster has no columns); 196 and 68: a last tile of 68 columns
-  // (the second block has 4); 60: one partial tile, the second block empty.
+  // second 64-column block of Clusters64's last cluster has no columns, 2052: of 4, Clusters32's last 3 blocks
+  // empty); 196 and 68: a last tile of 68 columns (Clusters64's second block has 4, Clusters32's third 4 and
+  // fourth none); 60: one partial tile, only the first blocks with columns.
   const std::pair<int64_t, int64_t> shapes[] = {{128, 128}, {384, 704}, {512, 1024}, {300, 512},
                                                 {256, 2052}, {640, 196}, {128, 68}, {256, 60}};
   for (auto [rows, cols] : shapes) {
@@ -170,7 +171,7 @@ TEST_F(Fp8FusedGpu, EveryDualKernelShapeGivesBothCpuResultsFromOneRead) {
     fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes_t.data(), scales_t.data());
     DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
     DeviceBuffer<uint8_t> dc(codes.size()), dct(codes.size());
-    for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64}) {
+    for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32}) {
       dc.poison(), ds.poison(), dct.poison(), dst.poison();
       fp8::cuda::quantize_1x128_dual_with(k, dx.get(), rows, cols, nullptr, 0, dc.get(), ds.get(), dct.get(), dst.get());
       CUDA_CHECK(cudaDeviceSynchronize());
@@ -199,7 +200,7 @@ TEST_F(Fp8FusedGpu, EveryDualKernelShapeGivesBothCpuResultsFromOneRead) {
   DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
   DeviceBuffer<uint8_t> dc(codes.size()), dct(codes.size());
   DeviceBuffer<int64_t> db(bounds);
-  for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64}) {
+  for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32}) {
     dc.poison(), ds.poison(), dct.poison(), dst.poison();
     fp8::cuda::quantize_1x128_dual_with(k, dx.get(), rows, cols, db.get(), groups, dc.get(), ds.get(), dct.get(),
                                         dst.get());
@@ -210,7 +211,7 @@ TEST_F(Fp8FusedGpu, EveryDualKernelShapeGivesBothCpuResultsFromOneRead) {
     expect_same_bits(dct.download(), codes_t, what + " transposed codes");
     expect_same_bits(dst.download(), scales_t, what + " transposed scales");
   }
-  std::printf("[ fp8 fused ] quantize_1x128_dual blocks128/clusters64, 8 shapes and a grouped one: CPU bytes both ways\n");
+  std::printf("[ fp8 fused ] quantize_1x128_dual blocks128/clusters64/clusters32, 8 shapes and a grouped one: CPU bytes both ways\n");
 }
 
 TEST_F(Fp8FusedGpu, DualKernelsWriteCodesAlignedToFourBytesOnlyAsTheCpuDoes) {
@@ -225,7 +226,7 @@ TEST_F(Fp8FusedGpu, DualKernelsWriteCodesAlignedToFourBytesOnlyAsTheCpuDoes) {
   fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes_t.data(), scales_t.data());
   DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
   DeviceBuffer<uint8_t> dc(static_cast<size_t>(n + 2 * pad)), dct(static_cast<size_t>(n + 2 * pad));
-  for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64}) {
+  for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32}) {
     const std::string what = std::string("dual ") + fp8::cuda::dual_kernel_name(k) + " codes at +4 bytes";
     dc.poison(), ds.poison(), dct.poison(), dst.poison();
     fp8::cuda::quantize_1x128_dual_with(k, dx.get(), rows, cols, nullptr, 0, dc.get() + pad, ds.get(), dct.get() + pad,
@@ -253,7 +254,7 @@ void expect_dual_and_transposed_as_cpu(const std::vector<float>& x, int64_t rows
   fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes_t.data(), scales_t.data());
   DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
   DeviceBuffer<uint8_t> dc(codes.size()), dct(codes.size());
-  for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64}) {
+  for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32}) {
     dc.poison(), ds.poison(), dct.poison(), dst.poison();
     fp8::cuda::quantize_1x128_dual_with(k, dx.get(), rows, cols, nullptr, 0, dc.get(), ds.get(), dct.get(), dst.get());
     CUDA_CHECK(cudaDeviceSynchronize());
@@ -405,7 +406,7 @@ TEST_F(Fp8FusedGpu, ReportsBandwidth) {
       fp8::cuda::quantize_1x128(x.get(), rows, cols, c.get(), s.get());
       fp8::cuda::quantize_1x128_transposed(x.get(), rows, cols, ct.get(), st.get());
     });
-    for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64}) {
+    for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32}) {
       const double dual = median_ms([&] {
         fp8::cuda::quantize_1x128_dual_with(k, x.get(), rows, cols, nullptr, 0, c.get(), s.get(), ct.get(), st.get());
       });
