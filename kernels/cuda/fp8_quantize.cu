@@ -36,7 +36,11 @@ constexpr int kTransposeWarps = 8;          // transposed: warps per block
 // Tiles64, is fp8_quantize_tile.cuh's 128 x 64 block (transposed and swizzled in shared memory, 16-byte code
 // stores), where its conditions hold, else Cols32; Tiles64Rows4 takes 4 such blocks down the rows per thread block.
 // On the H200 at 8192 x 8192 (bench/results/2026-11-29-gpu-quant-h200-17b4933.jsonl, 5 runs of moerl bench gpu):
-// tiles64 3.13-3.39 TB/s, tiles64r4 2.60-3.05, blocks128 2.58-2.83, cols32 2.64-2.84, cols64 2.43-2.59.
+// tiles64 3.13-3.39 TB/s, tiles64r4 2.60-3.05, blocks128 2.58-2.83, cols32 2.64-2.84, cols64 2.43-2.59. With x / scale
+// by Divisor and the amax by fmaxf (fp8_quantize_common.cuh; bench/results/2026-11-29-gpu-dual-h200-af1791f.jsonl,
+// against main 782ab8a in the same call): tiles64 3.50-3.72 (3.41-3.52 before), 128x128 3.92-3.93 (3.82-3.83),
+// dual 2.77-2.80 (2.22-2.45). The 1x128 and the cols32/cols64 kernels keep __fdiv_rn: with one reciprocal per 4
+// elements a lane it is no faster (1x128: 3.49-3.53 TB/s against 3.78-3.79).
 
 // 4 consecutive elements from column c of a row with `cols` elements; zero beyond the row's end.
 __device__ __forceinline__ void load4(const float* row, int64_t c, int64_t cols, bool vec, float (&v)[4]) {
@@ -195,10 +199,9 @@ __global__ void __launch_bounds__(kTransposeWarps * kWarp)
     for (int i = 0; i < 4; ++i) q[i] = tile[lane + i * kWarp][j];
     const int amax = warp_max(max(max(abs_bits(q[0]), abs_bits(q[1])), max(abs_bits(q[2]), abs_bits(q[3]))));
     const float scale = scale_from_amax_bits(amax);
-    const Divisor d = divisor(scale);
     const int64_t c = c0 + j;
     if (lane == 0 && c < cols) scales_t[c * nrow_tiles + rt] = scale;
-    const uint16_t lo = encode2(q[0], q[1], d), hi = encode2(q[2], q[3], d);
+    const uint16_t lo = encode2(q[0], q[1], scale), hi = encode2(q[2], q[3], scale);
     staged[j][lane] = static_cast<uint8_t>(lo);
     staged[j][lane + kWarp] = static_cast<uint8_t>(lo >> 8);
     staged[j][lane + 2 * kWarp] = static_cast<uint8_t>(hi);
@@ -412,7 +415,7 @@ void quantize_1x128_dual_with(DualKernel kernel, const float* x, int64_t rows, i
 DualKernel dual_kernel() {
   static const DualKernel from_env = [] {
     const char* v = std::getenv("MOERL_QUANT_DUAL");
-    if (v == nullptr || *v == '\0') return DualKernel::Clusters64;
+    if (v == nullptr || *v == '\0') return DualKernel::Blocks128;
     for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32})
       if (std::string(v) == dual_kernel_name(k)) return k;
     throw Error(std::string("MOERL_QUANT_DUAL: expected blocks128, clusters64 or clusters32, got '") + v + "'");

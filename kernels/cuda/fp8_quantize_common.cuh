@@ -87,11 +87,15 @@ __device__ __forceinline__ uint16_t cvt2(float a, float b) {
   return __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);  // a in the low byte
 }
 
-// x / scale by __fdiv_rn: for the 1x128 kernel, which is slower with Divisor (a reciprocal per 4 elements a lane,
-// on the critical path of its short blocks: 3.49-3.53 TB/s against 3.78-3.79 on the H200).
+// x / scale by __fdiv_rn: for the 1x128 and the cols32/cols64 transposed kernels, which are no faster with
+// Divisor (a reciprocal per 4 elements a lane, on the critical path of their short blocks: 1x128 3.49-3.53 TB/s
+// against 3.78-3.79 on the H200).
+__device__ __forceinline__ uint16_t encode2(float a, float b, float scale) {
+  return cvt2(__fdiv_rn(a, scale), __fdiv_rn(b, scale));
+}
+
 __device__ __forceinline__ uint32_t encode4(const float (&v)[4], float scale) {
-  return uint32_t{cvt2(__fdiv_rn(v[0], scale), __fdiv_rn(v[1], scale))} |
-         (uint32_t{cvt2(__fdiv_rn(v[2], scale), __fdiv_rn(v[3], scale))} << 16);
+  return uint32_t{encode2(v[0], v[1], scale)} | (uint32_t{encode2(v[2], v[3], scale)} << 16);
 }
 
 // The codes of x / (the divisor's scale), 2 or 4 values (the first in the low byte).

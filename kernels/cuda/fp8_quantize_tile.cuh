@@ -234,7 +234,8 @@ __global__ void __launch_bounds__(TileShape<kTile>::kThreads, 1)
 // block transposes its values into shared memory and waited for after, so the exchange's latency hides behind
 // that. Then lane q of the 8 computes row q % R's divisor and the others take it by shuffles (one reciprocal a
 // lane); rank 0 writes the row scales. At most 64 registers a thread and 16 or 32 KiB (+ 1 or 2) of shared memory:
-// 4 blocks of 256 or 8 of 128 threads per SM, against 2 of quantize_tile_kernel<.., 128>'s 512. grid.x is
+// 4 blocks of 256 or 8 of 128 threads per SM, against 2 of quantize_tile_kernel<.., 128>'s 512; yet slower on the
+// H200 (2.51-2.56 TB/s against 2.77-2.80 at 8192 x 8192: fp8_quantize.hpp, DualKernel). grid.x is
 // N tiles(cols): the blocks of a last, partial tile past cols read nothing (zeros, the CPU's padding) and write
 // nothing.
 template <class Src, int kTC>
