@@ -54,7 +54,8 @@ __device__ __forceinline__ float scale_from_amax_bits(int amax_bits) {
 // from x itself), so the E4M3 code (0 below 2^-10) is the same. lo would underflow for s > 2^100 (`exact`
 // false): there x 2^-64 / (s 2^-64) is used (both exact where it matters: below 2^-62, x 2^-64 may round but
 // x / s < 2^-162 codes to +-0 anyway); s = Inf (an Inf in the tile) takes x · 0 (x / Inf: +-0, NaN for Inf
-// and NaN). Checked on the CPU with the same operations against x / s: all 2^32 x for six scales, x in
+// and NaN). Checked on the CPU with the same operations against x / s: all 2^32 x for nine scales (every code
+// equal where |x| <= 449 s, as a tile's values are; beyond, only x / s overflowing to Inf differs), x in
 // [-amax, amax] (and any bits) for 4 million random scales up to 2^100 and 2 million above and Inf: every code
 // equal, and every quotient with |x|, |x / s| >= 2^-100 bit for bit.
 struct Divisor {

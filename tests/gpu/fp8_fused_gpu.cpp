@@ -296,7 +296,7 @@ TEST_F(Fp8FusedGpu, DualKernelsConvertTiesSubnormalsAndSpecialValuesAsTheCpuDoes
       x[r * cols + c] = r == 0 || c % fp8::kTile == 0 ? 448.0f : values[next++ % values.size()];
   expect_dual_and_transposed_as_cpu(x, rows, cols, "scale 1");
 
-  // Scales whose reciprocal pair would underflow or does not exist (the kernels' __fdiv_rn path): an Inf (scale
+  // Scales whose reciprocal pair would underflow or does not exist (Divisor's prescaled path): an Inf (scale
   // Inf: codes x / Inf, NaN for the Inf itself) and values near FLT_MAX (scale above 2^100); and tiny ones (the
   // scale floor 1e-4 / 448, float subnormals).
   std::mt19937_64 rng(run_seed() + 108);
