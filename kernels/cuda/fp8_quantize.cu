@@ -36,7 +36,11 @@ constexpr int kTransposeWarps = 8;          // transposed: warps per block
 // Tiles64, is fp8_quantize_tile.cuh's 128 x 64 block (transposed and swizzled in shared memory, 16-byte code
 // stores), where its conditions hold, else Cols32; Tiles64Rows4 takes 4 such blocks down the rows per thread block.
 // On the H200 at 8192 x 8192 (bench/results/2026-11-29-gpu-quant-h200-17b4933.jsonl, 5 runs of moerl bench gpu):
-// tiles64 3.13-3.39 TB/s, tiles64r4 2.60-3.05, blocks128 2.58-2.83, cols32 2.64-2.84, cols64 2.43-2.59.
+// tiles64 3.13-3.39 TB/s, tiles64r4 2.60-3.05, blocks128 2.58-2.83, cols32 2.64-2.84, cols64 2.43-2.59. With x / scale
+// by Divisor and the amax by fmaxf (fp8_quantize_common.cuh; bench/results/2026-11-29-gpu-dual-h200-af1791f.jsonl,
+// against main 782ab8a in the same call): tiles64 3.50-3.72 (3.41-3.52 before), 128x128 3.92-3.93 (3.82-3.83),
+// dual 2.77-2.80 (2.22-2.45). The 1x128 and the cols32/cols64 kernels keep __fdiv_rn: with one reciprocal per 4
+// elements a lane it is no faster (1x128: 3.49-3.53 TB/s against 3.78-3.79).
 
 // 4 consecutive elements from column c of a row with `cols` elements; zero beyond the row's end.
 __device__ __forceinline__ void load4(const float* row, int64_t c, int64_t cols, bool vec, float (&v)[4]) {
@@ -133,14 +137,15 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp)
 #pragma unroll
   for (int i = 1; i < kWarps; ++i) amax = max(amax, warp_amax[i]);
   const float scale = scale_from_amax_bits(amax);
+  const Divisor d = divisor(scale);
   if (threadIdx.x == 0) scales[blockIdx.y * gridDim.x + blockIdx.x] = scale;
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
     const int64_t r = r0 + warp + i * kWarps;
     if (kFull)
-      __stcs(reinterpret_cast<unsigned int*>(codes + r * cols + c), encode4(v[i], scale));
+      __stcs(reinterpret_cast<unsigned int*>(codes + r * cols + c), encode4(v[i], d));
     else if (r < rows)
-      store4(codes + r * cols, c, cols, vec, encode4(v[i], scale));
+      store4(codes + r * cols, c, cols, vec, encode4(v[i], d));
   }
 }
 
@@ -383,6 +388,12 @@ const char* transposed_kernel_name(TransposedKernel k) {
 
 void quantize_1x128_dual(const float* x, int64_t rows, int64_t cols, const int64_t* bounds, int64_t n_groups,
                          uint8_t* codes, float* scales, uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
+  quantize_1x128_dual_with(dual_kernel(), x, rows, cols, bounds, n_groups, codes, scales, codes_t, scales_t, stream);
+}
+
+void quantize_1x128_dual_with(DualKernel kernel, const float* x, int64_t rows, int64_t cols, const int64_t* bounds,
+                              int64_t n_groups, uint8_t* codes, float* scales, uint8_t* codes_t, float* scales_t,
+                              cudaStream_t stream) {
   check_args("quantize_1x128_dual", x, rows, cols, codes, scales);
   check_args("quantize_1x128_dual", x, rows, cols, codes_t, scales_t);
   if (rows == 0 || cols == 0) return;
@@ -398,7 +409,27 @@ void quantize_1x128_dual(const float* x, int64_t rows, int64_t cols, const int64
   TileOutputs o;
   o.rows = rows, o.cols = cols, o.codes = codes, o.scales = scales, o.codes_t = codes_t, o.scales_t = scales_t;
   o.bounds = bounds, o.n_groups = n_groups;
-  launch_quantize_tiles<true, true>(PlainSource{x, cols}, o, stream);
+  launch_quantize_dual(PlainSource{x, cols}, o, kernel, stream);
+}
+
+DualKernel dual_kernel() {
+  static const DualKernel from_env = [] {
+    const char* v = std::getenv("MOERL_QUANT_DUAL");
+    if (v == nullptr || *v == '\0') return DualKernel::Blocks128;
+    for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32})
+      if (std::string(v) == dual_kernel_name(k)) return k;
+    throw Error(std::string("MOERL_QUANT_DUAL: expected blocks128, clusters64 or clusters32, got '") + v + "'");
+  }();
+  return from_env;
+}
+
+const char* dual_kernel_name(DualKernel k) {
+  switch (k) {
+    case DualKernel::Blocks128: return "blocks128";
+    case DualKernel::Clusters64: return "clusters64";
+    case DualKernel::Clusters32: return "clusters32";
+  }
+  return "?";
 }
 
 }  // namespace moerl::fp8::cuda

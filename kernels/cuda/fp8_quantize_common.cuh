@@ -1,7 +1,7 @@
 // Device helpers shared by the FP8 quantization kernels (kernels/cuda/fp8_quantize.cu, fp8_quantize_tile.cuh):
 // the bit-exact pieces of fp8::cpu::quantize_* (kernels/cpu/fp8.cpp). The tile amax is an integer max of |x|'s
 // bit patterns with NaN ignored (exactly the CPU's), the scale and x / scale use IEEE round-to-nearest division
-// (__fdiv_rn: independent of -prec-div / --use_fast_math), and the conversion is cvt.rn.satfinite.e4m3x2.f32.
+// (__fdiv_rn's, without its cost: Divisor below), and the conversion is cvt.rn.satfinite.e4m3x2.f32.
 #pragma once
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
@@ -20,26 +20,93 @@ __device__ __forceinline__ int abs_bits(float v) {
   return a > 0x7F800000 ? 0 : a;  // NaN ignored, as on the CPU
 }
 
-__device__ __forceinline__ int abs_bits4(const float (&v)[4]) {
-  return max(max(abs_bits(v[0]), abs_bits(v[1])), max(abs_bits(v[2]), abs_bits(v[3])));
-}
-
 __device__ __forceinline__ int warp_max(int v) {
   for (int offset = kWarp / 2; offset > 0; offset /= 2) v = max(v, __shfl_xor_sync(0xFFFFFFFFu, v, offset));
   return v;
 }
 
-__device__ __forceinline__ float scale_from_amax_bits(int amax_bits) {
-  return __fdiv_rn(fmaxf(__int_as_float(amax_bits), kMinAmax), kE4M3Max);
+// abs_bits of the largest |v| over acc's and v's values, as a float: fmaxf (FMNMX with |.| operands, 1
+// instruction an element against 4 for abs_bits and an integer max) ignores a NaN unless both are, and orders
+// non-negative floats as their bit patterns, so abs_bits(abs_max4(.. abs_max4(0, v) ..)) is the integer max of
+// abs_bits over all the values (0 if all are NaN, as on the CPU).
+__device__ __forceinline__ float abs_max4(float acc, const float (&v)[4]) {
+  return fmaxf(acc, fmaxf(fmaxf(fabsf(v[0]), fabsf(v[1])), fmaxf(fabsf(v[2]), fabsf(v[3]))));
 }
 
+// RN(max(amax, 1e-4) / 448) as the CPU computes it, without a division: Markstein's correction (see Divisor
+// below) with the reciprocal pair of 448, hi = RN(1/448) and lo = RN((1 - 448 hi) hi). Checked on the CPU
+// against the division for every float from 1e-4 to FLT_MAX; Inf (whose FMAs give NaN) gives Inf.
+__device__ __forceinline__ float scale_from_amax_bits(int amax_bits) {
+  constexpr float hi = 0x1.24924ap-9f, lo = -0x1.b6db7p-34f;
+  const float a = fmaxf(__int_as_float(amax_bits), kMinAmax);
+  const float q0 = __fmaf_rn(a, hi, __fmul_rn(a, lo));
+  const float q = __fmaf_rn(__fmaf_rn(-q0, kE4M3Max, a), hi, q0);
+  return amax_bits == 0x7F800000 ? __int_as_float(0x7F800000) : q;
+}
+
+// A tile's scale s with its reciprocal as an unevaluated sum hi + lo (hi = RN(1/s), lo = RN((1 - s hi) hi); the
+// FMA's 1 - s hi is exact), so that x / s costs 1 FMUL and 3 FFMA instead of a division each (__fdiv_rn: about
+// 16 instructions, one of them a MUFU.RCP, since ptxas does not share the reciprocal between divisions by the
+// same s). quotient(x) = RN(x / s) exactly, by Markstein's theorem: q0 = RN(x hi + RN(x lo)) is within
+// 2^-46 |x / s| of x (hi + lo) before its rounding, so it is a faithful rounding of x / s; then e = x - s q0 is
+// exact (FMA) and RN(q0 + e hi) is RN(x / s) since hi = RN(1/s). That needs no underflow: where |x| < 2^-100
+// (quotient below 2^-78) the result is still within a few units of 2^-149 of x / s with x's sign (+-0 taken
+// from x itself), so the E4M3 code (0 below 2^-10) is the same. lo would underflow for s > 2^100 (`exact`
+// false): there x 2^-64 / (s 2^-64) is used (both exact where it matters: below 2^-62, x 2^-64 may round but
+// x / s < 2^-162 codes to +-0 anyway); s = Inf (an Inf in the tile) takes x · 0 (x / Inf: +-0, NaN for Inf
+// and NaN). Checked on the CPU with the same operations against x / s: all 2^32 x for nine scales (every code
+// equal where |x| <= 449 s, as a tile's values are; beyond, only x / s overflowing to Inf differs), x in
+// [-amax, amax] (and any bits) for 4 million random scales up to 2^100 and 2 million above and Inf: every code
+// equal, and every quotient with |x|, |x / s| >= 2^-100 bit for bit.
+struct Divisor {
+  float scale;   // s
+  float hi, lo;  // the reciprocal pair of s (exact), else of s 2^-64 (or of 1 for s = Inf)
+  bool exact;    // s <= 2^100
+};
+
+__device__ __forceinline__ Divisor divisor(float scale) {
+  const bool exact = scale <= 0x1p100f;
+  const float s = exact ? scale : scale <= 0x1.fffffep127f ? scale * 0x1p-64f : 1.0f;
+  const float hi = __frcp_rn(s);
+  return Divisor{scale, hi, __fmul_rn(__fmaf_rn(-s, hi, 1.0f), hi), exact};
+}
+
+// RN(x / s) from s's reciprocal pair hi, lo (see Divisor).
+__device__ __forceinline__ float quotient(float x, float s, float hi, float lo) {
+  const float q0 = __fmaf_rn(x, hi, __fmul_rn(x, lo));
+  const float q = __fmaf_rn(__fmaf_rn(-q0, s, x), hi, q0);
+  return x == 0.0f ? x : q;  // +-0 / s keeps x's sign (the FMAs' zero sums may not)
+}
+
+// x / d.scale for a scale above 2^100 (x 2^-64 / (s 2^-64)) or Inf (x · 0 / 1).
+__device__ __forceinline__ float quotient_large(float x, const Divisor& d) {
+  const bool finite = d.scale <= 0x1.fffffep127f;
+  return quotient(__fmul_rn(x, finite ? 0x1p-64f : 0.0f), finite ? d.scale * 0x1p-64f : 1.0f, d.hi, d.lo);
+}
+
+__device__ __forceinline__ uint16_t cvt2(float a, float b) {
+  return __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);  // a in the low byte
+}
+
+// x / scale by __fdiv_rn: for the 1x128 and the cols32/cols64 transposed kernels, which are no faster with
+// Divisor (a reciprocal per 4 elements a lane, on the critical path of their short blocks: 1x128 3.49-3.53 TB/s
+// against 3.78-3.79 on the H200).
 __device__ __forceinline__ uint16_t encode2(float a, float b, float scale) {
-  const float2 v = make_float2(__fdiv_rn(a, scale), __fdiv_rn(b, scale));
-  return __nv_cvt_float2_to_fp8x2(v, __NV_SATFINITE, __NV_E4M3);  // a in the low byte
+  return cvt2(__fdiv_rn(a, scale), __fdiv_rn(b, scale));
 }
 
 __device__ __forceinline__ uint32_t encode4(const float (&v)[4], float scale) {
   return uint32_t{encode2(v[0], v[1], scale)} | (uint32_t{encode2(v[2], v[3], scale)} << 16);
+}
+
+// The codes of x / (the divisor's scale), 2 or 4 values (the first in the low byte).
+__device__ __forceinline__ uint16_t encode2(float a, float b, const Divisor& d) {
+  if (d.exact) return cvt2(quotient(a, d.scale, d.hi, d.lo), quotient(b, d.scale, d.hi, d.lo));
+  return cvt2(quotient_large(a, d), quotient_large(b, d));
+}
+
+__device__ __forceinline__ uint32_t encode4(const float (&v)[4], const Divisor& d) {
+  return uint32_t{encode2(v[0], v[1], d)} | (uint32_t{encode2(v[2], v[3], d)} << 16);
 }
 
 }  // namespace moerl::fp8::cuda::quant_detail

@@ -10,8 +10,10 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "kernels/cuda/swiglu.hpp"
@@ -23,6 +25,7 @@
 namespace moerl::moe_gpu_test {
 namespace {
 
+using fp8::cuda::DualKernel;
 using fp8::cuda::TransposedKernel;
 using fp8::tiles;
 
@@ -152,10 +155,14 @@ TEST_F(Fp8FusedGpu, EveryTransposedKernelShapePacksEachGroupAsTheCpuDoesOnItsOwn
   }
 }
 
-TEST_F(Fp8FusedGpu, DualQuantizationGivesBothCpuResultsFromOneRead) {
+TEST_F(Fp8FusedGpu, EveryDualKernelShapeGivesBothCpuResultsFromOneRead) {
   std::mt19937_64 rng(run_seed() + 102);
-  // 300 rows: the two-kernel fallback; 704 and 2052 columns: partial last tiles.
-  const std::pair<int64_t, int64_t> shapes[] = {{128, 128}, {384, 704}, {512, 1024}, {300, 512}, {256, 2052}};
+  // 300 rows: the two-kernel fallback; 704 and 2052 columns: partial last tiles (704: of 64 columns, so the
+  // second 64-column block of Clusters64's last cluster has no columns, 2052: of 4, Clusters32's last 3 blocks
+  // empty); 196 and 68: a last tile of 68 columns (Clusters64's second block has 4, Clusters32's third 4 and
+  // fourth none); 60: one partial tile, only the first blocks with columns.
+  const std::pair<int64_t, int64_t> shapes[] = {{128, 128}, {384, 704}, {512, 1024}, {300, 512},
+                                                {256, 2052}, {640, 196}, {128, 68}, {256, 60}};
   for (auto [rows, cols] : shapes) {
     const std::vector<float> x = random_activation(rows, cols, rng);
     std::vector<uint8_t> codes(static_cast<size_t>(rows * cols)), codes_t(codes.size());
@@ -164,18 +171,20 @@ TEST_F(Fp8FusedGpu, DualQuantizationGivesBothCpuResultsFromOneRead) {
     fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes_t.data(), scales_t.data());
     DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
     DeviceBuffer<uint8_t> dc(codes.size()), dct(codes.size());
-    dc.poison(), ds.poison(), dct.poison(), dst.poison();
-    fp8::cuda::quantize_1x128_dual(dx.get(), rows, cols, nullptr, 0, dc.get(), ds.get(), dct.get(), dst.get());
-    CUDA_CHECK(cudaDeviceSynchronize());
-    const std::string what = "dual " + shape_name(rows, cols);
-    expect_same_bits(dc.download(), codes, what + " row codes");
-    expect_same_bits(ds.download(), scales, what + " row scales");
-    expect_same_bits(dct.download(), codes_t, what + " transposed codes");
-    expect_same_bits(dst.download(), scales_t, what + " transposed scales");
+    for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32}) {
+      dc.poison(), ds.poison(), dct.poison(), dst.poison();
+      fp8::cuda::quantize_1x128_dual_with(k, dx.get(), rows, cols, nullptr, 0, dc.get(), ds.get(), dct.get(), dst.get());
+      CUDA_CHECK(cudaDeviceSynchronize());
+      const std::string what = std::string("dual ") + fp8::cuda::dual_kernel_name(k) + " " + shape_name(rows, cols);
+      expect_same_bits(dc.download(), codes, what + " row codes");
+      expect_same_bits(ds.download(), scales, what + " row scales");
+      expect_same_bits(dct.download(), codes_t, what + " transposed codes");
+      expect_same_bits(dst.download(), scales_t, what + " transposed scales");
+    }
   }
 
   // Grouped: rows cut at bounds (an empty group among them), each group's transposed codes packed on their own as
-  // the CPU quantizes the group's rows alone; the scales those of the whole.
+  // the CPU quantizes the group's rows alone; the scales those of the whole. 208 columns: a last tile of 80.
   const std::vector<int64_t> bounds = {0, 256, 256, 384, 768};
   const int64_t rows = bounds.back(), cols = 208, groups = static_cast<int64_t>(bounds.size()) - 1;
   const std::vector<float> x = random_activation(rows, cols, rng);
@@ -191,14 +200,116 @@ TEST_F(Fp8FusedGpu, DualQuantizationGivesBothCpuResultsFromOneRead) {
   DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
   DeviceBuffer<uint8_t> dc(codes.size()), dct(codes.size());
   DeviceBuffer<int64_t> db(bounds);
-  dc.poison(), ds.poison(), dct.poison(), dst.poison();
-  fp8::cuda::quantize_1x128_dual(dx.get(), rows, cols, db.get(), groups, dc.get(), ds.get(), dct.get(), dst.get());
+  for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32}) {
+    dc.poison(), ds.poison(), dct.poison(), dst.poison();
+    fp8::cuda::quantize_1x128_dual_with(k, dx.get(), rows, cols, db.get(), groups, dc.get(), ds.get(), dct.get(),
+                                        dst.get());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const std::string what = std::string("grouped dual ") + fp8::cuda::dual_kernel_name(k);
+    expect_same_bits(dc.download(), codes, what + " row codes");
+    expect_same_bits(ds.download(), scales, what + " row scales");
+    expect_same_bits(dct.download(), codes_t, what + " transposed codes");
+    expect_same_bits(dst.download(), scales_t, what + " transposed scales");
+  }
+  std::printf("[ fp8 fused ] quantize_1x128_dual blocks128/clusters64/clusters32, 8 shapes and a grouped one: CPU bytes both ways\n");
+}
+
+TEST_F(Fp8FusedGpu, DualKernelsWriteCodesAlignedToFourBytesOnlyAsTheCpuDoes) {
+  // Both code matrices 4 bytes past an allocation (4-byte aligned, which the one-pass kernels accept): the row
+  // codes' 4-byte stores and the transposed codes' 4-byte path. The bytes around each must stay poisoned.
+  std::mt19937_64 rng(run_seed() + 107);
+  const int64_t rows = 384, cols = 196, n = rows * cols, pad = 4;
+  const std::vector<float> x = random_activation(rows, cols, rng);
+  std::vector<uint8_t> codes(static_cast<size_t>(n)), codes_t(static_cast<size_t>(n));
+  std::vector<float> scales(static_cast<size_t>(rows * tiles(cols))), scales_t(static_cast<size_t>(cols * tiles(rows)));
+  fp8::cpu::quantize_1x128(x.data(), rows, cols, codes.data(), scales.data());
+  fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes_t.data(), scales_t.data());
+  DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
+  DeviceBuffer<uint8_t> dc(static_cast<size_t>(n + 2 * pad)), dct(static_cast<size_t>(n + 2 * pad));
+  for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32}) {
+    const std::string what = std::string("dual ") + fp8::cuda::dual_kernel_name(k) + " codes at +4 bytes";
+    dc.poison(), ds.poison(), dct.poison(), dst.poison();
+    fp8::cuda::quantize_1x128_dual_with(k, dx.get(), rows, cols, nullptr, 0, dc.get() + pad, ds.get(), dct.get() + pad,
+                                        dst.get());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    for (const auto& [buffer, want, which] : {std::tuple{&dc, &codes, " row codes"}, std::tuple{&dct, &codes_t, " transposed codes"}}) {
+      const std::vector<uint8_t> got = buffer->download();
+      expect_same_bits(std::vector<uint8_t>(got.begin() + pad, got.end() - pad), *want, what + which);
+      for (int64_t i = 0; i < pad; ++i) {
+        EXPECT_EQ(got[static_cast<size_t>(i)], 0xFF) << what << which << ": byte " << i << " before";
+        EXPECT_EQ(got[static_cast<size_t>(n + pad + i)], 0xFF) << what << which << ": byte " << i << " after";
+      }
+    }
+    expect_same_bits(ds.download(), scales, what + " row scales");
+    expect_same_bits(dst.download(), scales_t, what + " transposed scales");
+  }
+}
+
+// The CPU's bytes both ways (quantize_1x128 and quantize_1x128_transposed) from each dual kernel shape and from
+// the transposed tiles64 kernel, on x [rows, cols].
+void expect_dual_and_transposed_as_cpu(const std::vector<float>& x, int64_t rows, int64_t cols, const std::string& what) {
+  std::vector<uint8_t> codes(static_cast<size_t>(rows * cols)), codes_t(codes.size());
+  std::vector<float> scales(static_cast<size_t>(rows * tiles(cols))), scales_t(static_cast<size_t>(cols * tiles(rows)));
+  fp8::cpu::quantize_1x128(x.data(), rows, cols, codes.data(), scales.data());
+  fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes_t.data(), scales_t.data());
+  DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
+  DeviceBuffer<uint8_t> dc(codes.size()), dct(codes.size());
+  for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32}) {
+    dc.poison(), ds.poison(), dct.poison(), dst.poison();
+    fp8::cuda::quantize_1x128_dual_with(k, dx.get(), rows, cols, nullptr, 0, dc.get(), ds.get(), dct.get(), dst.get());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const std::string which = what + ", dual " + fp8::cuda::dual_kernel_name(k);
+    expect_same_bits(dc.download(), codes, which + " row codes");
+    expect_same_bits(ds.download(), scales, which + " row scales");
+    expect_same_bits(dct.download(), codes_t, which + " transposed codes");
+    expect_same_bits(dst.download(), scales_t, which + " transposed scales");
+  }
+  dct.poison(), dst.poison();
+  fp8::cuda::quantize_1x128_transposed_with(TransposedKernel::Tiles64, dx.get(), rows, cols, dct.get(), dst.get());
   CUDA_CHECK(cudaDeviceSynchronize());
-  expect_same_bits(dc.download(), codes, "grouped dual row codes");
-  expect_same_bits(ds.download(), scales, "grouped dual row scales");
-  expect_same_bits(dct.download(), codes_t, "grouped dual transposed codes");
-  expect_same_bits(dst.download(), scales_t, "grouped dual transposed scales");
-  std::printf("[ fp8 fused ] quantize_1x128_dual, 5 shapes and a grouped one: CPU bytes both ways\n");
+  expect_same_bits(dct.download(), codes_t, what + ", transposed tiles64 codes");
+  expect_same_bits(dst.download(), scales_t, what + ", transposed tiles64 scales");
+}
+
+TEST_F(Fp8FusedGpu, DualKernelsConvertTiesSubnormalsAndSpecialValuesAsTheCpuDoes) {
+  // Row 0 and the first column of each 128-column tile hold 448, so every tile both ways has amax 448 and scale
+  // exactly 1: the codes are the plain conversions of the values in between — every E4M3 value, every midpoint
+  // between neighbours (ties to even), the floats either side of each, signed zeros, float subnormals and NaN
+  // (ignored by amax, converted to 0x7F).
+  std::vector<float> values;
+  for (int c = 0; c < 0x7E; ++c) {
+    const float v = fp8::float_from_e4m3(static_cast<uint8_t>(c)), next = fp8::float_from_e4m3(static_cast<uint8_t>(c + 1));
+    const float mid = (v + next) / 2;  // exact: one more bit than E4M3 has
+    for (float f : {v, mid, std::nextafter(mid, 0.0f), std::nextafter(mid, 1e9f)}) {
+      values.push_back(f);
+      values.push_back(-f);
+    }
+  }
+  for (float f : {std::numeric_limits<float>::quiet_NaN(), -std::numeric_limits<float>::quiet_NaN(), -0.0f,
+                  std::numeric_limits<float>::denorm_min(), -3 * std::numeric_limits<float>::denorm_min()})
+    values.push_back(f);
+  const int64_t rows = 128, cols = 256;
+  std::vector<float> x(static_cast<size_t>(rows * cols));
+  size_t next = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c)
+      x[r * cols + c] = r == 0 || c % fp8::kTile == 0 ? 448.0f : values[next++ % values.size()];
+  expect_dual_and_transposed_as_cpu(x, rows, cols, "scale 1");
+
+  // Scales whose reciprocal pair would underflow or does not exist (Divisor's prescaled path): an Inf (scale
+  // Inf: codes x / Inf, NaN for the Inf itself) and values near FLT_MAX (scale above 2^100); and tiny ones (the
+  // scale floor 1e-4 / 448, float subnormals).
+  std::mt19937_64 rng(run_seed() + 108);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> y(static_cast<size_t>(rows * cols));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const float magnitude = r % 3 == 0 ? 1e37f : r % 3 == 1 ? 1e-40f : 1.0f;
+      y[r * cols + c] = normal(rng) * magnitude;
+    }
+  y[5 * cols + 7] = std::numeric_limits<float>::infinity();
+  y[9 * cols + 200] = -std::numeric_limits<float>::infinity();
+  expect_dual_and_transposed_as_cpu(y, rows, cols, "huge, tiny and Inf");
 }
 
 TEST_F(Fp8FusedGpu, SwigluFusedWithQuantizationGivesTheUnfusedBytes) {
@@ -291,15 +402,19 @@ TEST_F(Fp8FusedGpu, ReportsBandwidth) {
       std::printf("[ fp8 fused ] quantize_1x128_transposed %s 8192x8192: %.1f us, %.0f GB/s\n",
                   fp8::cuda::transposed_kernel_name(k), ms * 1e3, one_way / ms / 1e6);
     }
-    const double dual = median_ms([&] {
-      fp8::cuda::quantize_1x128_dual(x.get(), rows, cols, nullptr, 0, c.get(), s.get(), ct.get(), st.get());
-    });
     const double separate = median_ms([&] {
       fp8::cuda::quantize_1x128(x.get(), rows, cols, c.get(), s.get());
       fp8::cuda::quantize_1x128_transposed(x.get(), rows, cols, ct.get(), st.get());
     });
-    std::printf("[ fp8 fused ] quantize_1x128_dual 8192x8192: %.1f us, %.0f GB/s (quantize_1x128 + transposed: %.1f us)\n",
-                dual * 1e3, (4.0 * n + 2 * (n + 4.0 * n / 128)) / dual / 1e6, separate * 1e3);
+    for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32}) {
+      const double dual = median_ms([&] {
+        fp8::cuda::quantize_1x128_dual_with(k, x.get(), rows, cols, nullptr, 0, c.get(), s.get(), ct.get(), st.get());
+      });
+      std::printf("[ fp8 fused ] quantize_1x128_dual %s 8192x8192: %.1f us, %.0f GB/s (quantize_1x128 + transposed: "
+                  "%.1f us)\n",
+                  fp8::cuda::dual_kernel_name(k), dual * 1e3, (4.0 * n + 2 * (n + 4.0 * n / 128)) / dual / 1e6,
+                  separate * 1e3);
+    }
   }
   {
     // The routed experts' [rows, I] at the MoE benchmark's shape (16384 tokens x top-6, I = 1408).
