@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <filesystem>
 #include <fstream>
@@ -412,6 +413,45 @@ TEST(DataParallelGpu, RefusesMoreReplicasThanVisibleGpus) {
     const std::string want = "device: cuda with parallelism.data: " + std::to_string(n + 1) + " needs " +
                              std::to_string(n + 1) + " GPUs (one per replica), " + std::to_string(n) + " visible";
     EXPECT_NE(std::string(e.what()).find(want), std::string::npos) << e.what();
+  }
+}
+
+// One replica is the single-GPU backend through NCCL: the whole batch, a one-rank reduce-scatter, all-gather and
+// norm all-reduce, AdamW over the shard's parts of the tensors (the same spans, so the same norm order): the same
+// losses, norms and final weights, bit for bit, with clipping on. Runs on one GPU.
+TEST(DataParallelGpu, OneReplicaTrainsBitForBitAsTheSingleGpuBackend) {
+  if (visible_devices() == 0) GTEST_SKIP() << "no CUDA device";
+  const ModelConfig config = tiny_config(true);
+  Model a(config), b(config);
+  a.init_random(23);
+  b.init_random(23);
+  auto single = gpu::make_gpu_backend(a);
+  auto dp = gpu::make_gpu_data_parallel_backend(b, 1);
+  ForwardOptions options;
+  options.mtp_weight = 0.3f;
+  options.balance_alpha = 1e-3f;
+  const Tokens tokens(512, 4, 32, true, 12);
+  const Steps s1 = train(*single, tokens.batch, options, adam(3e-3, 3), 3, 1e-3f);
+  const Steps s2 = train(*dp, tokens.batch, options, adam(3e-3, 3), 3, 1e-3f);
+  for (int s = 0; s < 3; ++s) {
+    EXPECT_EQ(s2.losses[s].loss, s1.losses[s].loss) << "step " << s;
+    EXPECT_EQ(s2.losses[s].total, s1.losses[s].total) << "step " << s;
+    EXPECT_EQ(s2.stats[s].grad_norm, s1.stats[s].grad_norm) << "step " << s;
+  }
+  const Model& wa = single->host_model();
+  const Model& wb = dp->host_model();
+  size_t differ = 0;
+  for (const auto& [name, p] : wa.params().all())
+    for (int64_t i = 0; i < p.value.numel(); ++i)
+      differ += p.value.data<float>()[i] != wb.params().at(name).value.data<float>()[i];
+  EXPECT_EQ(differ, 0u);
+  // The moments reassembled from the (one) shard are the single optimizer's.
+  const auto& ma = single->host_optimizer().state();
+  const auto& mb = dp->host_optimizer().state();
+  ASSERT_EQ(ma.size(), mb.size());
+  for (const auto& [key, t] : ma) {
+    ASSERT_TRUE(mb.count(key)) << key;
+    EXPECT_EQ(std::memcmp(t->bytes(), mb.at(key)->bytes(), t->nbytes()), 0) << key;
   }
 }
 
