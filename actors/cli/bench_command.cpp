@@ -51,7 +51,7 @@ void add_bench_command(CLI::App& app, std::function<int()>& action) {
 #ifdef MOERL_HAVE_CUDA
   cmd->add_option("group", args->group,
                   "Benchmark group: cpu (reference kernels and a training step on the CPU), gpu (CUDA kernels), "
-                  "gpu-dp (the bench-600m fp8 training step on one GPU and data-parallel over two), actors (message "
+                  "gpu-dp (the bench-600m fp8 training step on one GPU and data-parallel over one and two), actors (message "
                   "round trip and throughput in one process, Cap'n Proto batch codec), feedback (durable submissions/s and "
                   "latency against moerl feedback serve)")
       ->required()

@@ -358,7 +358,7 @@ void run_gpu_benchmarks(Report& report) {
 void run_gpu_dp_benchmarks(Report& report) {
   int devices = 0;
   CUDA_CHECK(cudaGetDeviceCount(&devices));
-  require(devices >= 2, "moerl bench gpu-dp: needs 2 GPUs, " + std::to_string(devices) + " visible");
+  require(devices >= 1, "moerl bench gpu-dp: no CUDA device");
   cudaDeviceProp prop{};
   CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
   std::fprintf(stderr, "moerl bench gpu-dp: %d x %s\n", devices, prop.name);

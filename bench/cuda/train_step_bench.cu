@@ -7,11 +7,12 @@
 //       the fp8 step's peak device memory: GpuModel::peak_memory_bytes (parameters, gradients, activations,
 //       prepared weights, the stream-ordered pool's high-water mark) + GpuAdamW's moments; the bf16 step's in
 //       "bf16_gib".
-//   train_step_fp8_dp1_tokens_per_s, train_step_fp8_dp2_tokens_per_s (`moerl bench gpu-dp`, needs 2 GPUs)
-//       the same fp8 step on the same global batch of 8 x 2048: on one GPU (GpuModel + GpuAdamW), and over two
-//       data-parallel replicas of 4 x 2048 each (GpuDataParallel: NCCL reduce-scatter of the gradients, ZeRO-1
-//       AdamW on each half, all-gather of the weights); wall-clock per step (every step ends synchronized with
-//       the host: the optimizer reads the global norm), median of 10 after 3 warm-up steps.
+//   train_step_fp8_single_tokens_per_s, train_step_fp8_dp1_tokens_per_s, train_step_fp8_dp2_tokens_per_s
+//       (`moerl bench gpu-dp`) the same fp8 step on the same global batch of 8 x 2048: on one GPU (GpuModel +
+//       GpuAdamW); through GpuDataParallel with one replica (the engine's overhead: one-rank NCCL collectives);
+//       over two data-parallel replicas of 4 x 2048 each when two GPUs are visible (NCCL reduce-scatter of the
+//       gradients, ZeRO-1 AdamW on each half, all-gather of the weights). Wall-clock per step (every step ends
+//       synchronized with the host: the optimizer reads the global norm), median of 10 after 3 warm-up steps.
 //   moe_layer_fp8_ms, moe_layer_bf16_ms
 //       one MoE layer, forward + backward with weight gradients, at T = 16384 tokens (8 x 2048), hidden 2048,
 //       moe_intermediate 1408, 64 routed experts top-6 + 1 shared (bench/peers/torch_grouped_mm_moe.py's shapes):
@@ -345,9 +346,12 @@ AdamWConfig bench_adamw() {
   return o;
 }
 
-void report_dp(Report& report, const std::string& device, int replicas, const std::vector<float>& ms, double loss) {
+// `engine`: through GpuDataParallel (metric ..._dpN_...), else the plain single-GPU step (..._single_...).
+void report_dp(Report& report, const std::string& device, int replicas, const std::vector<float>& ms, double loss,
+               bool engine) {
   const double median_ms = median(ms);
-  report.add("gpu", "train_step_fp8_dp" + std::to_string(replicas) + "_tokens_per_s",
+  report.add("gpu", engine ? "train_step_fp8_dp" + std::to_string(replicas) + "_tokens_per_s"
+                           : std::string("train_step_fp8_single_tokens_per_s"),
              static_cast<double>(kBatch * kSeq) / (median_ms * 1e-3), "tokens/s", "median",
              {{"device", device},
               {"replicas", replicas},
@@ -362,9 +366,9 @@ void report_dp(Report& report, const std::string& device, int replicas, const st
               {"runs", ms.size()},
               {"warmup", kWarmupSteps},
               {"loss", loss},
-              {"what", replicas == 1 ? "GpuModel + GpuAdamW on one GPU, host clock per step"
-                                     : "GpuDataParallel: forward/backward per replica, NCCL reduce-scatter, ZeRO-1 "
-                                       "GpuAdamW on each shard, NCCL all-gather; host clock per step"}});
+              {"what", !engine ? "GpuModel + GpuAdamW on one GPU, host clock per step"
+                               : "GpuDataParallel: forward/backward per replica, NCCL reduce-scatter, ZeRO-1 "
+                                 "GpuAdamW on each shard, NCCL all-gather; host clock per step"}});
 }
 
 }  // namespace
@@ -387,23 +391,34 @@ void bench_train_step_data_parallel(Report& report, const std::string& device) {
       optimizer.step(i);
       CUDA_CHECK(cudaStreamSynchronize(model.stream()));
     });
-    report_dp(report, device, 1, ms, loss);
+    report_dp(report, device, 1, ms, loss, false);
   }
-  gpu::GpuDataParallel dp(config, 2);
-  dp.each_model([&](int, gpu::GpuModel& model) {
-    init_params(model.params(), config.initializer_range, model.stream());  // the same seeds: equal replicas
-    model.linear().weights_changed();
-  });
-  dp.start_stage(bench_adamw());
-  double loss = 0;
-  const auto ms = time_host(kWarmupSteps, kTimedSteps, [&](int i) {
-    dp.zero_grad();
-    loss = dp.forward(tokens.batch, options).loss;
-    dp.backward();
-    dp.optimizer_step(i);
-  });
-  require(std::isfinite(loss), "train step (data-parallel): the loss is " + std::to_string(loss));
-  report_dp(report, device, 2, ms, loss);
+  // The data-parallel engine with one replica (its thread hop and one-rank NCCL collectives: the overhead next
+  // to the plain step), then with two replicas when two GPUs are visible.
+  int devices = 0;
+  CUDA_CHECK(cudaGetDeviceCount(&devices));
+  for (int replicas : {1, 2}) {
+    if (replicas > devices) {
+      std::fprintf(stderr, "moerl bench gpu-dp: %d replicas need %d GPUs, %d visible: skipped\n", replicas, replicas,
+                   devices);
+      continue;
+    }
+    gpu::GpuDataParallel dp(config, replicas);
+    dp.each_model([&](int, gpu::GpuModel& model) {
+      init_params(model.params(), config.initializer_range, model.stream());  // the same seeds: equal replicas
+      model.linear().weights_changed();
+    });
+    dp.start_stage(bench_adamw());
+    double loss = 0;
+    const auto ms = time_host(kWarmupSteps, kTimedSteps, [&](int i) {
+      dp.zero_grad();
+      loss = dp.forward(tokens.batch, options).loss;
+      dp.backward();
+      dp.optimizer_step(i);
+    });
+    require(std::isfinite(loss), "train step (data-parallel): the loss is " + std::to_string(loss));
+    report_dp(report, device, replicas, ms, loss, true);
+  }
 }
 
 #else  // a CUDA build without runtime/gpu
