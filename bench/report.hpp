@@ -29,7 +29,8 @@ template <class F> double median_seconds(int runs, F&& fn);
 // One group each; all write into the report.
 void run_cpu_benchmarks(Report& report);
 #ifdef MOERL_HAVE_CUDA
-void run_gpu_benchmarks(Report& report);  // bench/cuda/: needs a GPU
+void run_gpu_benchmarks(Report& report);     // bench/cuda/: needs a GPU
+void run_gpu_dp_benchmarks(Report& report);  // bench/cuda/: the data-parallel training step (DP=2 with 2 GPUs)
 #endif
 
 }  // namespace moerl::bench

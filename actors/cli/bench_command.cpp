@@ -51,10 +51,11 @@ void add_bench_command(CLI::App& app, std::function<int()>& action) {
 #ifdef MOERL_HAVE_CUDA
   cmd->add_option("group", args->group,
                   "Benchmark group: cpu (reference kernels and a training step on the CPU), gpu (CUDA kernels), "
-                  "actors (message round trip and throughput in one process, Cap'n Proto batch codec), feedback "
-                  "(durable submissions/s and latency against moerl feedback serve)")
+                  "gpu-dp (the bench-600m fp8 training step on one GPU and data-parallel over one and two), actors (message "
+                  "round trip and throughput in one process, Cap'n Proto batch codec), feedback (durable submissions/s and "
+                  "latency against moerl feedback serve)")
       ->required()
-      ->check(CLI::IsMember({"cpu", "gpu", "actors", "feedback"}));
+      ->check(CLI::IsMember({"cpu", "gpu", "gpu-dp", "actors", "feedback"}));
 #else
   cmd->add_option("group", args->group,
                   "Benchmark group: cpu (reference kernels and a training step on the CPU), actors (message round "
@@ -84,6 +85,7 @@ void add_bench_command(CLI::App& app, std::function<int()>& action) {
       if (args->group == "feedback") run_feedback_benchmark(report, args->url, args->tokens);
 #ifdef MOERL_HAVE_CUDA
       if (args->group == "gpu") bench::run_gpu_benchmarks(report);
+      if (args->group == "gpu-dp") bench::run_gpu_dp_benchmarks(report);
 #endif
       if (file) std::fclose(file);
       return 0;

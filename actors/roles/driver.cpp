@@ -450,7 +450,9 @@ void spawn_children(Self self) {
               st.config.vocab_size = info.vocab_size;
               st.config.bos_token_id = info.bos_id;
               st.config.eos_token_id = info.eos_id;
-              if (st.recipe.parallelism.any()) {
+              // A parallel CPU recipe trains in a group of parties; on GPUs the one stage trainer's backend holds
+              // the data-parallel replicas (gpu::backend_for_recipe).
+              if (st.recipe.parallelism.any() && st.recipe.device == Device::CPU) {
                 if (st.processes.processes > 1) {
                   // Blocks until every process has joined (the group's timeout, then fails the run).
                   PartyProcesses where;
@@ -529,6 +531,10 @@ driver_actor::behavior_type driver(Self self, BackendChooser backend, DriverProc
           require(st.processes.processes == 1 || st.recipe.parallelism.any(),
                   st.recipe.file.string() + ": a run over " + std::to_string(st.processes.processes) +
                       " processes needs parallelism (pipeline, expert, data or tensor > 1) to spread");
+          require(st.processes.processes == 1 || st.recipe.device == Device::CPU,
+                  st.recipe.file.string() + ": --processes " + std::to_string(st.processes.processes) +
+                      ": device: cuda trains its data-parallel replicas as threads of one process (one GPU each); "
+                      "run it without --processes");
           require(st.recipe.device == Device::CPU || st.backend,
                   st.recipe.file.string() + ": device: cuda: this driver was given no CUDA backend (a build without "
                                             "nvcc or without runtime/gpu); use device: cpu or a CUDA build");

@@ -361,4 +361,14 @@ void run_gpu_benchmarks(Report& report) {
   require(failed.empty(), "moerl bench gpu: failed: " + failed);
 }
 
+void run_gpu_dp_benchmarks(Report& report) {
+  int devices = 0;
+  CUDA_CHECK(cudaGetDeviceCount(&devices));
+  require(devices >= 1, "moerl bench gpu-dp: no CUDA device");
+  cudaDeviceProp prop{};
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, 0));
+  std::fprintf(stderr, "moerl bench gpu-dp: %d x %s\n", devices, prop.name);
+  bench_train_step_data_parallel(report, prop.name);
+}
+
 }  // namespace moerl::bench

@@ -7,6 +7,12 @@
 //       the fp8 step's peak device memory: GpuModel::peak_memory_bytes (parameters, gradients, activations,
 //       prepared weights, the stream-ordered pool's high-water mark) + GpuAdamW's moments; the bf16 step's in
 //       "bf16_gib".
+//   train_step_fp8_single_tokens_per_s, train_step_fp8_dp1_tokens_per_s, train_step_fp8_dp2_tokens_per_s
+//       (`moerl bench gpu-dp`) the same fp8 step on the same global batch of 8 x 2048: on one GPU (GpuModel +
+//       GpuAdamW); through GpuDataParallel with one replica (the engine's overhead: one-rank NCCL collectives);
+//       over two data-parallel replicas of 4 x 2048 each when two GPUs are visible (NCCL reduce-scatter of the
+//       gradients, ZeRO-1 AdamW on each half, all-gather of the weights). Wall-clock per step (every step ends
+//       synchronized with the host: the optimizer reads the global norm), median of 10 after 3 warm-up steps.
 //   moe_layer_fp8_ms, moe_layer_bf16_ms
 //       one MoE layer, forward + backward with weight gradients, at T = 16384 tokens (8 x 2048), hidden 2048,
 //       moe_intermediate 1408, 64 routed experts top-6 + 1 shared (bench/peers/torch_grouped_mm_moe.py's shapes):
@@ -15,6 +21,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -27,6 +34,7 @@
 
 #ifdef MOERL_HAVE_GPU_MODEL
 #include "runtime/gpu/gpu_adamw.hpp"
+#include "runtime/gpu/gpu_data_parallel.hpp"
 #include "runtime/gpu/gpu_layers.hpp"
 #include "runtime/gpu/gpu_model.hpp"
 #include "runtime/gpu/gpu_params.hpp"
@@ -304,6 +312,115 @@ void bench_moe_layer(Report& report, const std::string& device) {
   CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
+namespace {
+
+// Random tokens of the global batch (as time_train_step's).
+struct BenchTokens {
+  std::vector<int64_t> ids, labels;
+  TokenBatch batch;
+  explicit BenchTokens(int64_t vocab) : ids(static_cast<size_t>(kBatch * kSeq)), labels(ids.size()) {
+    std::mt19937_64 rng(0);
+    for (int64_t& id : ids) id = static_cast<int64_t>(rng() % static_cast<uint64_t>(vocab));
+    for (size_t i = 0; i < ids.size(); ++i)
+      labels[i] = (i + 1) % static_cast<size_t>(kSeq) == 0 ? kIgnoreLabel : ids[i + 1];
+    batch = {ids.data(), labels.data(), kBatch, kSeq};
+  }
+};
+
+// Milliseconds of fn(step) by the host clock, `runs` times after `warmup` calls; sorted.
+template <class F> std::vector<float> time_host(int warmup, int runs, F&& fn) {
+  for (int i = 0; i < warmup; ++i) fn(i);
+  std::vector<float> ms;
+  for (int i = 0; i < runs; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    fn(warmup + i);
+    ms.push_back(static_cast<float>(std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count()));
+  }
+  std::sort(ms.begin(), ms.end());
+  return ms;
+}
+
+AdamWConfig bench_adamw() {
+  AdamWConfig o;  // time_train_step's
+  o.lr = 1e-4, o.weight_decay = 0.1, o.clip_grad_norm = 1.0, o.total_steps = 1000;
+  return o;
+}
+
+// `engine`: through GpuDataParallel (metric ..._dpN_...), else the plain single-GPU step (..._single_...).
+void report_dp(Report& report, const std::string& device, int replicas, const std::vector<float>& ms, double loss,
+               bool engine) {
+  const double median_ms = median(ms);
+  report.add("gpu", engine ? "train_step_fp8_dp" + std::to_string(replicas) + "_tokens_per_s"
+                           : std::string("train_step_fp8_single_tokens_per_s"),
+             static_cast<double>(kBatch * kSeq) / (median_ms * 1e-3), "tokens/s", "median",
+             {{"device", device},
+              {"replicas", replicas},
+              {"precision", "fp8"},
+              {"model", "bench-600m"},
+              {"global_batch", kBatch},
+              {"batch_per_replica", kBatch / replicas},
+              {"seq", kSeq},
+              {"step_ms", median_ms},
+              {"min_ms", ms.front()},
+              {"max_ms", ms.back()},
+              {"runs", ms.size()},
+              {"warmup", kWarmupSteps},
+              {"loss", loss},
+              {"what", !engine ? "GpuModel + GpuAdamW on one GPU, host clock per step"
+                               : "GpuDataParallel: forward/backward per replica, NCCL reduce-scatter, ZeRO-1 "
+                                 "GpuAdamW on each shard, NCCL all-gather; host clock per step"}});
+}
+
+}  // namespace
+
+void bench_train_step_data_parallel(Report& report, const std::string& device) {
+  const ModelConfig config = bench_600m();
+  const BenchTokens tokens(config.vocab_size);
+  ForwardOptions options;
+  options.precision = Precision::FP8;
+  {
+    gpu::GpuModel model(config);
+    init_params(model.params(), config.initializer_range, model.stream());
+    model.linear().weights_changed();
+    gpu::GpuAdamW optimizer(model, bench_adamw());
+    double loss = 0;
+    const auto ms = time_host(kWarmupSteps, kTimedSteps, [&](int i) {
+      model.zero_grad();
+      loss = model.forward(tokens.batch, options).loss;
+      model.backward();
+      optimizer.step(i);
+      CUDA_CHECK(cudaStreamSynchronize(model.stream()));
+    });
+    report_dp(report, device, 1, ms, loss, false);
+  }
+  // The data-parallel engine with one replica (its thread hop and one-rank NCCL collectives: the overhead next
+  // to the plain step), then with two replicas when two GPUs are visible.
+  int devices = 0;
+  CUDA_CHECK(cudaGetDeviceCount(&devices));
+  for (int replicas : {1, 2}) {
+    if (replicas > devices) {
+      std::fprintf(stderr, "moerl bench gpu-dp: %d replicas need %d GPUs, %d visible: skipped\n", replicas, replicas,
+                   devices);
+      continue;
+    }
+    gpu::GpuDataParallel dp(config, replicas);
+    dp.each_model([&](int, gpu::GpuModel& model) {
+      init_params(model.params(), config.initializer_range, model.stream());  // the same seeds: equal replicas
+      model.linear().weights_changed();
+    });
+    dp.start_stage(bench_adamw());
+    double loss = 0;
+    const auto ms = time_host(kWarmupSteps, kTimedSteps, [&](int i) {
+      dp.zero_grad();
+      loss = dp.forward(tokens.batch, options).loss;
+      dp.backward();
+      dp.optimizer_step(i);
+    });
+    require(std::isfinite(loss), "train step (data-parallel): the loss is " + std::to_string(loss));
+    report_dp(report, device, replicas, ms, loss, true);
+  }
+}
+
 #else  // a CUDA build without runtime/gpu
 
 void bench_train_step(Report&, const std::string&) {
@@ -311,6 +428,9 @@ void bench_train_step(Report&, const std::string&) {
 }
 void bench_moe_layer(Report&, const std::string&) {
   throw Error("moerl bench gpu: moe_layer_*: this build has no GPU model (runtime/gpu)");
+}
+void bench_train_step_data_parallel(Report&, const std::string&) {
+  throw Error("moerl bench gpu-dp: this build has no GPU model (runtime/gpu)");
 }
 
 #endif

@@ -42,6 +42,7 @@
 #include "kernels/cuda/attention_tc_mma.cuh"
 #include "kernels/cuda/attention_tc_pack.hpp"
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/kernel_attributes.hpp"
 #include "kernels/cuda/stream_scratch.hpp"
 #include "runtime/error.hpp"
 
@@ -386,14 +387,8 @@ dim3 grid_of(int64_t batch, int64_t seq, int64_t heads, int rows, bool seq_major
   return seq_major ? dim3(tiles, h, b) : dim3(h, b, tiles);
 }
 
-// Raises a kernel's dynamic shared memory limit to `bytes` (once per kernel: K is a distinct type per kernel).
-template <auto K> void allow_smem(size_t bytes) {
-  static const bool done = [&] {
-    CUDA_CHECK(cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-    return true;
-  }();
-  (void)done;
-}
+// Raises a kernel's dynamic shared memory limit to `bytes`, once per kernel and device.
+template <auto K> void allow_smem(size_t bytes) { cuda_detail::allow_dynamic_smem<K>(bytes); }
 
 // packed <- q, k, v (plain [batch*seq, heads, d] FP32 tensors).
 void pack_plain(const float* q, const float* k, const float* v, void* packed, int64_t batch, int64_t seq,

@@ -21,6 +21,7 @@
 #include "kernels/cuda/attention_tc_wgmma.cuh"
 #include "kernels/cuda/attention_tc_pack.hpp"
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/kernel_attributes.hpp"
 
 namespace moerl::cuda::attention_tc_detail {
 namespace {
@@ -155,12 +156,7 @@ __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks p
 template <int WG> void launch(const ForwardWgmmaArgs& a, cudaStream_t stream) {
   constexpr int ROWS = 64 * WG;
   constexpr size_t smem = 1024 + 2 * ROWS * kRowBytes + 2 * 2 * kKeyTile * kRowBytes + 2 * 64 * kRowBytes;
-  static const bool once = [] {
-    CUDA_CHECK(cudaFuncSetAttribute(attention_forward_wgmma<WG>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem)));
-    return true;
-  }();
-  (void)once;
+  cuda_detail::allow_dynamic_smem<attention_forward_wgmma<WG>>(smem);  // once per device
   const auto tiles = static_cast<unsigned>((a.seq + ROWS - 1) / ROWS), h = static_cast<unsigned>(a.heads),
              b = static_cast<unsigned>(a.batch);
   const dim3 grid = a.seq_order ? dim3(tiles, h, b) : dim3(h, b, tiles);

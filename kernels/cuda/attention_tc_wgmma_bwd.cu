@@ -24,6 +24,7 @@
 #include "kernels/cuda/attention_tc_pack.hpp"
 #include "kernels/cuda/attention_tc_wgmma.cuh"
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/kernel_attributes.hpp"
 
 namespace moerl::cuda::attention_tc_detail {
 namespace {
@@ -243,13 +244,7 @@ __global__ void __launch_bounds__(128 * WG, WG == 1 ? 2 : 1) attention_dq_wgmma(
   store_rows<kDq>(a.dq + tok0 * ldq + h * kDq, ldq, w0, seq, dq, a.scale, lane);
 }
 
-template <auto K> void allow(size_t bytes) {
-  static const bool once = [&] {
-    CUDA_CHECK(cudaFuncSetAttribute(K, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-    return true;
-  }();
-  (void)once;
-}
+template <auto K> void allow(size_t bytes) { cuda_detail::allow_dynamic_smem<K>(bytes); }  // per device
 
 dim3 grid(const BackwardWgmmaArgs& a, int rows) {
   const auto tiles = static_cast<unsigned>((a.seq + rows - 1) / rows), h = static_cast<unsigned>(a.heads),

@@ -32,8 +32,8 @@ template <class T> void device_alloc(T** p, size_t bytes) {
 }  // namespace
 
 GpuAdamW::GpuAdamW(std::vector<DeviceParam> params, AdamWConfig config, cudaStream_t stream,
-                   std::function<void()> after_update)
-    : config_(config), stream_(stream), after_update_(std::move(after_update)) {
+                   std::function<void()> after_update, std::function<void(double*)> reduce_norm)
+    : config_(config), stream_(stream), after_update_(std::move(after_update)), reduce_norm_(std::move(reduce_norm)) {
   validate(config_);
   std::set<std::string> names;
   std::vector<const DeviceParam*> trainable;  // name order: the order of state()
@@ -109,6 +109,7 @@ StepStats GpuAdamW::step(int64_t step) {
   stats.lr = learning_rate(config_, step);
   CUDA_CHECK(cudaMemsetAsync(norm_sq_, 0, sizeof(double), stream_));
   for (const Span& s : spans_) cuda::grad_norm_squared(s.g, s.n, norm_sq_, stream_);
+  if (reduce_norm_) reduce_norm_(norm_sq_);
   double sum = 0;
   CUDA_CHECK(cudaMemcpyAsync(&sum, norm_sq_, sizeof(double), cudaMemcpyDeviceToHost, stream_));
   CUDA_CHECK(cudaStreamSynchronize(stream_));

@@ -30,10 +30,13 @@ class GpuAdamW {
  public:
   // Zero moments for every trainable parameter of `params` (in name order, as GpuModel::params()); work is
   // ordered on `stream`; `after_update` runs after every applied update (a GpuModel's prepared weights must be
-  // rebuilt). The parameters' device memory must outlive the optimizer. Throws moerl::Error on a bad config,
-  // a duplicated name, or a trainable parameter without a gradient.
+  // rebuilt). `reduce_norm`, when given, runs once per step with the device double holding this optimizer's
+  // Σ g² (queued on `stream`, not yet read) and must leave the global sum there before returning: a ZeRO-1
+  // shard's optimizer sums the shards' partial sums over its data-parallel group (gpu_data_parallel.hpp).
+  // The parameters' device memory must outlive the optimizer. Throws moerl::Error on a bad config, a duplicated
+  // name, or a trainable parameter without a gradient.
   GpuAdamW(std::vector<DeviceParam> params, AdamWConfig config, cudaStream_t stream,
-           std::function<void()> after_update = {});
+           std::function<void()> after_update = {}, std::function<void(double*)> reduce_norm = {});
   // The optimizer of a GpuModel: its trainable parameters, on its stream, calling linear().weights_changed()
   // after each update. Inline, so code that only uses the constructor above links without the GPU model.
   GpuAdamW(GpuModel& model, AdamWConfig config)
@@ -51,6 +54,8 @@ class GpuAdamW {
   const AdamWConfig& config() const { return config_; }
   // Groups of back-to-back parameters, each one launch per kernel (diagnostics and tests).
   size_t span_count() const { return spans_.size(); }
+  // BF16 elements of each moment (the parameters' elements, each span padded to 128).
+  size_t moment_elements() const { return moment_elements_; }
   // Device bytes of the moments and the norm accumulator.
   size_t device_bytes() const { return moment_elements_ * 2 * sizeof(uint16_t) + sizeof(double); }
 
@@ -80,6 +85,7 @@ class GpuAdamW {
   AdamWConfig config_;
   cudaStream_t stream_;
   std::function<void()> after_update_;
+  std::function<void(double*)> reduce_norm_;
   std::vector<Slot> slots_;  // trainable parameters in the given (name) order
   std::vector<Span> spans_;
   uint16_t* m_ = nullptr;    // all first moments, BF16 codes

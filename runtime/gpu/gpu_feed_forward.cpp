@@ -459,9 +459,11 @@ cuda::MoeFp8Experts GpuMoe::experts_fp8() const {
   return w;
 }
 
-void GpuMoe::update_bias(float gamma, cudaStream_t stream) {
-  const auto& load = load_.tokens_per_expert;
+void GpuMoe::update_bias(float gamma, const ExpertLoad& expert_load, cudaStream_t stream) {
+  const auto& load = expert_load.tokens_per_expert;
   const int64_t E = spec_.n_experts;
+  require(static_cast<int64_t>(load.size()) == E, "GpuMoe::update_bias: a load of " + std::to_string(load.size()) +
+                                                      " experts for " + std::to_string(E));
   // Before any forward every load is 0, so nothing moves.
   int64_t total = 0;
   for (int64_t n : load) total += n;

@@ -126,8 +126,9 @@ class GpuMoe {
   void backward(const float* dy, float* dx, const Run& r);
 
   const ExpertLoad& load() const { return load_; }
-  // bias_e += gamma · sign(mean load − load_e), from the last forward's load (as MoeFeedForward::update_bias).
-  void update_bias(float gamma, cudaStream_t stream);
+  // bias_e += gamma · sign(mean load − load_e), from `load` (the last forward's, or one summed over data-parallel
+  // replicas), as MoeFeedForward::update_bias. Throws moerl::Error when `load` has another expert count.
+  void update_bias(float gamma, const ExpertLoad& load, cudaStream_t stream);
 
  private:
   cuda::RouterSpec spec_;

@@ -125,7 +125,7 @@ struct GpuModel::Impl {
   bool have_forward = false;  // a forward made for backward, not yet differentiated
   bool logits_kept = false;
 
-  explicit Impl(const ModelConfig& c) : params(c) {}
+  Impl(const ModelConfig& c, int shards) : params(c, shards) {}
 
   size_t own_bytes() const { return params.device_bytes() + arena.bytes(); }
 
@@ -161,9 +161,9 @@ struct GpuModel::Impl {
   }
 };
 
-GpuModel::GpuModel(ModelConfig config) : config_(std::move(config)) {
+GpuModel::GpuModel(ModelConfig config, int shards) : config_(std::move(config)) {
   config_.validate("GpuModel config");
-  impl_ = std::make_unique<Impl>(config_);
+  impl_ = std::make_unique<Impl>(config_, shards);
   Impl& m = *impl_;
   const ModelConfig& c = config_;
   m.embed = &m.params.at("model.embed_tokens.weight");
@@ -198,6 +198,9 @@ void GpuModel::zero_grad() { impl_->params.zero_grad(impl_->stream.get()); }
 const std::vector<DeviceParam>& GpuModel::params() const { return impl_->params.all(); }
 cuda::LinearContext& GpuModel::linear() { return impl_->linear; }
 cudaStream_t GpuModel::stream() const { return impl_->stream.get(); }
+float* GpuModel::flat_values() const { return impl_->params.values(); }
+float* GpuModel::flat_grads() const { return impl_->params.grads(); }
+size_t GpuModel::flat_size() const { return impl_->params.bytes() / sizeof(float); }
 void GpuModel::set_debug_poison(bool on) { impl_->poison = on; }
 
 LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
@@ -352,11 +355,17 @@ std::vector<float> GpuModel::logits() const {
   return out;
 }
 
-void GpuModel::update_router_bias(float gamma) {
+void GpuModel::update_router_bias(float gamma) { update_router_bias(gamma, expert_loads()); }
+
+void GpuModel::update_router_bias(float gamma, const std::vector<ExpertLoad>& loads) {
   Impl& m = *impl_;
+  std::vector<detail::GpuMoe*> moes;
   for (auto& l : m.layers)
-    if (l->moe()) l->moe()->update_bias(gamma, m.stream.get());
-  if (m.mtp && m.mtp->layer.moe()) m.mtp->layer.moe()->update_bias(gamma, m.stream.get());
+    if (l->moe()) moes.push_back(l->moe());
+  if (m.mtp && m.mtp->layer.moe()) moes.push_back(m.mtp->layer.moe());
+  require(loads.size() == moes.size(), "GpuModel::update_router_bias: " + std::to_string(loads.size()) +
+                                           " expert loads for " + std::to_string(moes.size()) + " MoE layers");
+  for (size_t i = 0; i < moes.size(); ++i) moes[i]->update_bias(gamma, loads[i], m.stream.get());
 }
 
 std::vector<ExpertLoad> GpuModel::expert_loads() const {

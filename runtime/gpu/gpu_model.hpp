@@ -42,8 +42,10 @@ struct DeviceParam {
 
 class GpuModel {
  public:
-  // Allocates the parameters (zero) and gradients on the current device; makes its own stream.
-  explicit GpuModel(ModelConfig config);
+  // Allocates the parameters (zero) and gradients on the current device; makes its own stream. `shards`: the
+  // flat value and gradient allocations are padded to a multiple of shards x 256 bytes, so that a data-parallel
+  // group of that many replicas can reduce-scatter and all-gather them in equal 256-byte-aligned shards.
+  explicit GpuModel(ModelConfig config, int shards = 1);
   ~GpuModel();
   GpuModel(const GpuModel&) = delete;
   GpuModel& operator=(const GpuModel&) = delete;
@@ -62,10 +64,17 @@ class GpuModel {
   // [batch*seq, vocab] logits of the last forward (needs keep_logits), copied to the host.
   std::vector<float> logits() const;
   void update_router_bias(float gamma);
+  // The same rule from given loads (expert_loads() order), e.g. summed over data-parallel replicas.
+  void update_router_bias(float gamma, const std::vector<ExpertLoad>& loads);
   std::vector<ExpertLoad> expert_loads() const;
 
   const ModelConfig& config() const { return config_; }
   const std::vector<DeviceParam>& params() const;  // in name order, as Params::all()
+  // Every parameter's value (gradient) lies in one flat FP32 allocation of flat_size() elements, params() pointing
+  // into it; the padding between and after the tensors is zero.
+  float* flat_values() const;
+  float* flat_grads() const;
+  size_t flat_size() const;
   cuda::LinearContext& linear();                    // weights_changed() after every weight update
   cudaStream_t stream() const;
   // Peak device memory in use since construction or the last reset (bytes): parameters, gradients,

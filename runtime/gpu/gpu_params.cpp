@@ -76,7 +76,8 @@ std::vector<ParamSpec> model_param_specs(const ModelConfig& c) {
   return std::move(s.specs);
 }
 
-ParamStore::ParamStore(const ModelConfig& config) {
+ParamStore::ParamStore(const ModelConfig& config, int shards) {
+  require(shards >= 1, "GpuModel: " + std::to_string(shards) + " shards: expected at least one");
   const std::vector<ParamSpec> specs = model_param_specs(config);
   std::vector<size_t> offsets;
   size_t bytes = 0;
@@ -84,6 +85,8 @@ ParamStore::ParamStore(const ModelConfig& config) {
     offsets.push_back(bytes);
     bytes += align256(static_cast<size_t>(shape_numel(s.shape)) * sizeof(float));
   }
+  const size_t unit = static_cast<size_t>(shards) * 256;
+  bytes = (bytes + unit - 1) / unit * unit;
   values_ = DeviceAlloc(bytes);
   grads_ = DeviceAlloc(bytes);
   CUDA_CHECK(cudaMemset(values_.get(), 0, bytes));

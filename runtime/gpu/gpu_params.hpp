@@ -27,8 +27,9 @@ std::vector<ParamSpec> model_param_specs(const ModelConfig& config);
 
 class ParamStore {
  public:
-  // Allocates values and gradients (both zero) for model_param_specs(config).
-  explicit ParamStore(const ModelConfig& config);
+  // Allocates values and gradients (both zero) for model_param_specs(config), each allocation padded with zeros
+  // to a multiple of `shards` x 256 bytes (a data-parallel group of `shards` replicas splits it evenly).
+  explicit ParamStore(const ModelConfig& config, int shards = 1);
 
   // Throws moerl::Error naming the parameter if absent.
   DeviceParam& at(const std::string& name);

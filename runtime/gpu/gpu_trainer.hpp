@@ -16,8 +16,15 @@ namespace moerl::gpu {
 // Throws moerl::Error when there is no CUDA device.
 std::unique_ptr<TrainingBackend> make_gpu_backend(Model& host);
 
-// The backend `recipe.device` names: make_gpu_backend for cuda, make_cpu_backend for cpu. The chooser a CUDA
-// build's `moerl run` hands the actor runtime (actors::BackendChooser).
+// Data parallelism over `replicas` GPUs of this process (gpu_data_parallel.hpp: one replica per device, ZeRO-1
+// AdamW over NCCL), uploaded from `host` like make_gpu_backend, with the same checkpoints: host_model() is
+// replica 0's weights (all replicas hold the same), host_optimizer() the shards' moments reassembled. Throws
+// moerl::Error when fewer than `replicas` devices are visible.
+std::unique_ptr<TrainingBackend> make_gpu_data_parallel_backend(Model& host, int replicas);
+
+// The backend `recipe.device` names: for cuda make_gpu_backend, or make_gpu_data_parallel_backend with
+// parallelism.data > 1; make_cpu_backend for cpu. The chooser a CUDA build's `moerl run` hands the actor
+// runtime (actors::BackendChooser).
 std::unique_ptr<TrainingBackend> backend_for_recipe(const Recipe& recipe, Model& host);
 
 }  // namespace moerl::gpu

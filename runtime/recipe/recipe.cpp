@@ -175,7 +175,11 @@ ParallelSpec read_parallelism(YamlSection s, const Recipe& r) {
     s.fail(p.data > 1 ? "data" : "tensor", "pipeline/expert parallelism combined with data/tensor parallelism "
                                            "is not implemented yet: use pipeline x expert or data x tensor");
   if (p.micro_batches > 1 && p.pipeline == 1) s.fail("micro_batches", "micro-batches need pipeline >= 2");
-  if (p.any() && r.device != Device::CPU) s.fail("pipeline", "parallelism runs on the CPU only (device: cpu)");
+  // On GPUs: data parallelism only, one replica per GPU of this process (runtime/gpu/gpu_data_parallel.hpp).
+  if (r.device != Device::CPU && (p.pipeline > 1 || p.expert > 1 || p.tensor > 1))
+    s.fail(p.pipeline > 1 ? "pipeline" : p.expert > 1 ? "expert" : "tensor",
+           "device: cuda runs data parallelism only (parallelism.data: one replica per GPU); pipeline, expert and "
+           "tensor parallelism run on the CPU (device: cpu)");
   for (const StageSpec& st : r.stages) {
     if (st.batch % p.data != 0)
       s.fail("data", std::to_string(p.data) + " replicas must divide stage " + st.name + "'s batch (" +

@@ -136,6 +136,22 @@ TEST(TrainingDevice, UnknownDeviceIsRefusedNamingFileLineAndField) {
   EXPECT_NE(e.find(file.string() + ":1: device: expected cpu or cuda; got \"gpu\""), std::string::npos) << e;
 }
 
+// On GPUs the driver runs data parallelism only (one replica per GPU, runtime/gpu/gpu_data_parallel.hpp); the
+// other kinds stay CPU-only and are refused when the recipe is read, naming the field.
+TEST(TrainingDevice, CudaRecipesTakeDataParallelismAndRefuseTheOtherKinds) {
+  const fs::path dir = fresh_dir("cuda-parallelism");
+  const fs::path file = write_recipe(dir, kRecipe);
+  const Recipe dp = load_recipe(file, {"device=cuda", "parallelism.data=2"});
+  EXPECT_EQ(dp.device, Device::CUDA);
+  EXPECT_EQ(dp.parallelism.data, 2);
+  for (const std::string kind : {"pipeline", "expert", "tensor"}) {
+    const std::string e = error_of([&] { load_recipe(file, {"device=cuda", "parallelism." + kind + "=2"}); });
+    EXPECT_NE(e.find("parallelism." + kind + ": device: cuda runs data parallelism only"), std::string::npos) << e;
+  }
+  // The CPU keeps every kind.
+  EXPECT_EQ(load_recipe(file, {"parallelism.pipeline=2"}).parallelism.pipeline, 2);
+}
+
 TEST(TrainingDevice, ShippedGpuRecipesAreBench600mOnBrownAndDifferOnlyInPrecision) {
   const fs::path recipes = fs::path(MOERL_TEST_FIXTURES) / "../../recipes";
   const Recipe fp8 = load_recipe(recipes / "pretrain-brown-gpu-fp8.yaml");
