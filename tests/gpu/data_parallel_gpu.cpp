@@ -30,6 +30,7 @@
 #include "runtime/train/checkpoint.hpp"
 #include "runtime/train/run_recipe.hpp"
 #include "runtime/train/trainer.hpp"
+#include "tests/gpu/recipe_support.hpp"
 
 namespace moerl {
 namespace {
@@ -455,62 +456,17 @@ TEST(DataParallelGpu, OneReplicaTrainsBitForBitAsTheSingleGpuBackend) {
   }
 }
 
-// A small synthetic corpus and recipe (tests/gpu/gpu_train_gpu.cpp's), with parallelism.data replicas.
+// The shared small recipe (recipe_support.hpp) with parallelism.data replicas.
 Recipe dp_recipe(const fs::path& dir, int64_t steps, int64_t replicas) {
-  const char* subjects[] = {"the cat", "a dog", "my friend", "the old man", "our teacher", "the child"};
-  const char* verbs[] = {"sees", "likes", "finds", "carries", "paints", "follows"};
-  const char* objects[] = {"the red ball", "a small house", "the river", "an apple", "the green door", "a letter"};
-  std::mt19937 rng(42);
-  {
-    std::ofstream f(dir / "corpus.jsonl");
-    for (int d = 0; d < 60; ++d) {
-      std::string text;
-      for (int s = 0; s < 12; ++s)
-        text += std::string(subjects[rng() % 6]) + " " + verbs[rng() % 6] + " " + objects[rng() % 6] + ". ";
-      f << nlohmann::json{{"text", text}}.dump() << "\n";
-    }
-  }
-  Recipe r;
-  r.file = dir / "recipe.yaml";
-  r.name = "gpu-dp-small";
-  r.seed = 5;
-  r.threads = 2;
-  r.device = Device::CUDA;
+  ModelConfig model = tiny_config(true);
+  model.initializer_range = 0.02;
+  Recipe r = gpu_test::small_gpu_recipe(dir, steps, "gpu-dp-small", model);
   r.parallelism.data = replicas;
-  r.out = dir / "run";
-  r.data.corpus = (dir / "corpus.jsonl").string();
-  r.data.vocab_size = 300;
-  r.data.validation_every = 10;
-  r.model = tiny_config(true);
-  r.model.initializer_range = 0.02;
-  StageSpec s;
-  s.name = "pretrain";
-  s.kind = "pretrain";
-  s.steps = steps;
-  s.batch = 4, s.seq = 32;
-  s.mtp_weight = 0.3f, s.balance_alpha = 1e-3f;
-  s.eval_every = 3, s.eval_batches = 4, s.checkpoint_every = 3;
-  s.optimizer.lr = 1e-2, s.optimizer.warmup_steps = 2, s.optimizer.total_steps = 6;
-  r.stages.push_back(s);
   return r;
 }
 
-fs::path fresh_dir(const std::string& name) {
-  const fs::path d = fs::temp_directory_path() / ("moerl-gpu-dp-" + name);
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
-
-std::vector<double> step_losses(const fs::path& metrics) {
-  std::vector<double> out;
-  std::ifstream f(metrics);
-  for (std::string line; std::getline(f, line);) {
-    const auto j = nlohmann::json::parse(line);
-    if (j.contains("loss") && j.contains("step")) out.push_back(j["loss"].get<double>());
-  }
-  return out;
-}
+fs::path fresh_dir(const std::string& name) { return gpu_test::fresh_dir("gpu-dp-" + name); }
+using gpu_test::step_losses;
 
 nlohmann::json run(const Recipe& r) {
   return run_recipe(r, [&r](Model& host) { return gpu::backend_for_recipe(r, host); });

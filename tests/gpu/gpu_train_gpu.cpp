@@ -21,6 +21,7 @@
 #include "runtime/train/checkpoint.hpp"
 #include "runtime/train/run_recipe.hpp"
 #include "runtime/train/trainer.hpp"
+#include "tests/gpu/recipe_support.hpp"
 
 namespace moerl {
 namespace {
@@ -126,60 +127,13 @@ TEST_F(GpuTraining, Fp32StepsFollowTheCpuLossesWithinTheirTolerance) {
   EXPECT_NEAR(gpu_val, cpu_val, 2e-3 * cpu_val);
 }
 
-// A small synthetic corpus and recipe (as tests/runtime/train_test.cpp's), on the GPU.
+// The shared small recipe (recipe_support.hpp) with this file's model.
 Recipe gpu_recipe(const fs::path& dir, int64_t steps) {
-  const char* subjects[] = {"the cat", "a dog", "my friend", "the old man", "our teacher", "the child"};
-  const char* verbs[] = {"sees", "likes", "finds", "carries", "paints", "follows"};
-  const char* objects[] = {"the red ball", "a small house", "the river", "an apple", "the green door", "a letter"};
-  std::mt19937 rng(42);
-  {
-    std::ofstream f(dir / "corpus.jsonl");
-    for (int d = 0; d < 60; ++d) {
-      std::string text;
-      for (int s = 0; s < 12; ++s)
-        text += std::string(subjects[rng() % 6]) + " " + verbs[rng() % 6] + " " + objects[rng() % 6] + ". ";
-      f << nlohmann::json{{"text", text}}.dump() << "\n";
-    }
-  }
-  Recipe r;
-  r.file = dir / "recipe.yaml";
-  r.name = "gpu-small";
-  r.seed = 5;
-  r.threads = 2;
-  r.device = Device::CUDA;
-  r.out = dir / "run";
-  r.data.corpus = (dir / "corpus.jsonl").string();
-  r.data.vocab_size = 300;
-  r.data.validation_every = 10;
-  r.model = small_config();
-  StageSpec s;
-  s.name = "pretrain";
-  s.kind = "pretrain";
-  s.steps = steps;
-  s.batch = 4, s.seq = 32;
-  s.mtp_weight = 0.3f, s.balance_alpha = 1e-3f;
-  s.eval_every = 3, s.eval_batches = 4, s.checkpoint_every = 3;
-  s.optimizer.lr = 1e-2, s.optimizer.warmup_steps = 2, s.optimizer.total_steps = 6;
-  r.stages.push_back(s);
-  return r;
+  return gpu_test::small_gpu_recipe(dir, steps, "gpu-small", small_config());
 }
 
-fs::path fresh_dir(const std::string& name) {
-  const fs::path d = fs::temp_directory_path() / ("moerl-gpu-train-" + name);
-  fs::remove_all(d);
-  fs::create_directories(d);
-  return d;
-}
-
-std::vector<double> step_losses(const fs::path& metrics) {
-  std::vector<double> out;
-  std::ifstream f(metrics);
-  for (std::string line; std::getline(f, line);) {
-    const auto j = nlohmann::json::parse(line);
-    if (j.contains("loss") && j.contains("step")) out.push_back(j["loss"].get<double>());
-  }
-  return out;
-}
+fs::path fresh_dir(const std::string& name) { return gpu_test::fresh_dir("gpu-train-" + name); }
+using gpu_test::step_losses;
 
 TEST_F(GpuTraining, CheckpointOfAGpuRunLoadsEvaluatesAndResumesOnTheCpu) {
   const fs::path dir = fresh_dir("to-cpu");

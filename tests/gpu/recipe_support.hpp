@@ -1,0 +1,79 @@
+// What the GPU training tests share: a small synthetic corpus and pretraining recipe on the GPU, a fresh scratch
+// folder, and a run's per-step losses.
+#pragma once
+#include <cstdint>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "runtime/model/config.hpp"
+#include "runtime/recipe/recipe.hpp"
+
+namespace moerl::gpu_test {
+
+// Writes <dir>/corpus.jsonl (60 documents of 12 random sentences over a 216-sentence grammar, seed 42) and returns
+// a `steps`-step pretraining recipe on it, device cuda, with `model` (vocabulary 300, batch 4 x 32, MTP 0.3,
+// balance 1e-3, evaluation and checkpoints every 3 steps, lr 1e-2 warmed up over 2 steps), its run folder
+// <dir>/run.
+inline Recipe small_gpu_recipe(const std::filesystem::path& dir, int64_t steps, const std::string& name,
+                               const ModelConfig& model) {
+  const char* subjects[] = {"the cat", "a dog", "my friend", "the old man", "our teacher", "the child"};
+  const char* verbs[] = {"sees", "likes", "finds", "carries", "paints", "follows"};
+  const char* objects[] = {"the red ball", "a small house", "the river", "an apple", "the green door", "a letter"};
+  std::mt19937 rng(42);
+  {
+    std::ofstream f(dir / "corpus.jsonl");
+    for (int d = 0; d < 60; ++d) {
+      std::string text;
+      for (int s = 0; s < 12; ++s)
+        text += std::string(subjects[rng() % 6]) + " " + verbs[rng() % 6] + " " + objects[rng() % 6] + ". ";
+      f << nlohmann::json{{"text", text}}.dump() << "\n";
+    }
+  }
+  Recipe r;
+  r.file = dir / "recipe.yaml";
+  r.name = name;
+  r.seed = 5;
+  r.threads = 2;
+  r.device = Device::CUDA;
+  r.out = dir / "run";
+  r.data.corpus = (dir / "corpus.jsonl").string();
+  r.data.vocab_size = 300;
+  r.data.validation_every = 10;
+  r.model = model;
+  StageSpec s;
+  s.name = "pretrain";
+  s.kind = "pretrain";
+  s.steps = steps;
+  s.batch = 4, s.seq = 32;
+  s.mtp_weight = 0.3f, s.balance_alpha = 1e-3f;
+  s.eval_every = 3, s.eval_batches = 4, s.checkpoint_every = 3;
+  s.optimizer.lr = 1e-2, s.optimizer.warmup_steps = 2, s.optimizer.total_steps = 6;
+  r.stages.push_back(s);
+  return r;
+}
+
+// An empty folder <tmp>/moerl-<name> (removed first if it exists).
+inline std::filesystem::path fresh_dir(const std::string& name) {
+  const std::filesystem::path d = std::filesystem::temp_directory_path() / ("moerl-" + name);
+  std::filesystem::remove_all(d);
+  std::filesystem::create_directories(d);
+  return d;
+}
+
+// The losses of a run's metrics.jsonl, one per step line, in file order.
+inline std::vector<double> step_losses(const std::filesystem::path& metrics) {
+  std::vector<double> out;
+  std::ifstream f(metrics);
+  for (std::string line; std::getline(f, line);) {
+    const auto j = nlohmann::json::parse(line);
+    if (j.contains("loss") && j.contains("step")) out.push_back(j["loss"].get<double>());
+  }
+  return out;
+}
+
+}  // namespace moerl::gpu_test
