@@ -184,24 +184,10 @@ TEST_F(TwoGpus, NcclCollectiveWithoutItsPeerTimesOutNamingTheOperationAndRank) {
   EXPECT_TRUE(group.aborted());
 }
 
-// Head dims the GPU attention kernels take (qk 24, v 16); a dense and a MoE layer; MTP optional. Initialised
-// at 0.1 (as tests/runtime/parallel_dp_tp_test.cpp) so that a few steps move the loss visibly.
+// recipe_support.hpp's small model (head dims the GPU attention kernels take, a dense and a MoE layer), MTP
+// optional. Initialised at 0.1 (as tests/runtime/parallel_dp_tp_test.cpp) so that a few steps move the loss visibly.
 ModelConfig tiny_config(bool mtp) {
-  ModelConfig c;
-  c.vocab_size = 512;
-  c.hidden_size = 64;
-  c.intermediate_size = 128;
-  c.moe_intermediate_size = 32;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.kv_lora_rank = 16;
-  c.qk_nope_head_dim = 16;
-  c.qk_rope_head_dim = 8;
-  c.v_head_dim = 16;
-  c.first_k_dense_replace = 1;
-  c.n_routed_experts = 8;
-  c.num_experts_per_tok = 2;
-  c.n_shared_experts = 1;
+  ModelConfig c = gpu_test::small_gpu_config();
   c.num_nextn_predict_layers = mtp ? 1 : 0;
   c.initializer_range = 0.1;
   return c;

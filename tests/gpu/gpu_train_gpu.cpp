@@ -36,26 +36,7 @@ class GpuTraining : public ::testing::Test {
   }
 };
 
-// Head dims the GPU attention kernels take (qk 24, v 16); two layers: one dense, one MoE; MTP on.
-ModelConfig small_config() {
-  ModelConfig c;
-  c.vocab_size = 512;
-  c.hidden_size = 64;
-  c.intermediate_size = 128;
-  c.moe_intermediate_size = 32;
-  c.num_hidden_layers = 2;
-  c.num_attention_heads = 4;
-  c.kv_lora_rank = 16;
-  c.qk_nope_head_dim = 16;
-  c.qk_rope_head_dim = 8;
-  c.v_head_dim = 16;
-  c.first_k_dense_replace = 1;
-  c.n_routed_experts = 8;
-  c.num_experts_per_tok = 2;
-  c.n_shared_experts = 1;
-  c.num_nextn_predict_layers = 1;
-  return c;
-}
+ModelConfig small_config() { return gpu_test::small_gpu_config(); }
 
 TEST_F(GpuTraining, Fp32StepsFollowTheCpuLossesWithinTheirTolerance) {
   const ModelConfig config = small_config();

@@ -15,6 +15,28 @@
 
 namespace moerl::gpu_test {
 
+// Head dims the GPU attention kernels take (qk 24, v 16); two layers: one dense, one MoE (8 experts top-2 + 1
+// shared); MTP on; vocabulary 512 (a recipe's tokenizer sets its own).
+inline ModelConfig small_gpu_config() {
+  ModelConfig c;
+  c.vocab_size = 512;
+  c.hidden_size = 64;
+  c.intermediate_size = 128;
+  c.moe_intermediate_size = 32;
+  c.num_hidden_layers = 2;
+  c.num_attention_heads = 4;
+  c.kv_lora_rank = 16;
+  c.qk_nope_head_dim = 16;
+  c.qk_rope_head_dim = 8;
+  c.v_head_dim = 16;
+  c.first_k_dense_replace = 1;
+  c.n_routed_experts = 8;
+  c.num_experts_per_tok = 2;
+  c.n_shared_experts = 1;
+  c.num_nextn_predict_layers = 1;
+  return c;
+}
+
 // Writes <dir>/corpus.jsonl (60 documents of 12 random sentences over a 216-sentence grammar, seed 42) and returns
 // a `steps`-step pretraining recipe on it, device cuda, with `model` (vocabulary 300, batch 4 x 32, MTP 0.3,
 // balance 1e-3, evaluation and checkpoints every 3 steps, lr 1e-2 warmed up over 2 steps), its run folder
