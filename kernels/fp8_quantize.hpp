@@ -56,24 +56,6 @@ void quantize_1x128_dual(const float* x, int64_t rows, int64_t cols, const int64
                          uint8_t* codes, float* scales, uint8_t* codes_t, float* scales_t,
                          cudaStream_t stream = nullptr);
 
-// The kernel shapes of the one-pass dual quantization (quantize_1x128_dual and the fused SwiGLU / gather kernels
-// that quantize both ways), giving the same bytes: one thread block per 128 x 128 block (Blocks128, 512 threads,
-// 64 KiB of shared memory: 2 blocks per SM), or a cluster of thread blocks per 128 x 128 block that exchange their
-// partial row amaxes through distributed shared memory: two of 128 x 64 (Clusters64, 256 threads and 32 KiB each:
-// 4 per SM) or four of 128 x 32 (Clusters32, 128 threads and 16 KiB: 8 per SM). `moerl bench gpu` measures each
-// (quant_1x128_dual_<name>_gbps); on the H200 at 8192 x 8192 (bench/results/2026-11-29-gpu-dual-h200-af1791f.jsonl)
-// blocks128 2.77-2.80 TB/s, clusters64 2.51-2.56, clusters32 2.54: the more blocks per SM do not make up for the
-// cluster barriers and the extra row-amax exchange.
-enum class DualKernel { Blocks128, Clusters64, Clusters32 };
-// The one the dual quantizations use: MOERL_QUANT_DUAL=blocks128|clusters64|clusters32, read once (default
-// blocks128); throws moerl::Error on another value.
-DualKernel dual_kernel();
-const char* dual_kernel_name(DualKernel kernel);
-// quantize_1x128_dual with the given kernel shape.
-void quantize_1x128_dual_with(DualKernel kernel, const float* x, int64_t rows, int64_t cols, const int64_t* bounds,
-                              int64_t n_groups, uint8_t* codes, float* scales, uint8_t* codes_t, float* scales_t,
-                              cudaStream_t stream = nullptr);
-
 // The kernel shapes of the transposed quantization, all giving the same bytes: blocks of 128 rows x 32 or x 64
 // columns of x staged in shared memory (Cols32, Cols64), or fp8_quantize_tile.cuh's blocks of 128 rows x 128
 // (quantize_1x128_dual's) or x 64 columns (Tiles64), transposed in swizzled shared memory with 16-byte code stores

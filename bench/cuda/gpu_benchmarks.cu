@@ -7,7 +7,6 @@
 //   quant_1x128_transposed_<shape>_gbps                     each kernel shape of the transposed one (cols32, cols64,
 //                                                           blocks128, tiles64, tiles64r4)
 //   quant_1x128_dual_gbps                                   quantize_1x128_dual: both ways, one read
-//   quant_1x128_dual_<shape>_gbps                           each kernel shape of it (blocks128, clusters64, clusters32)
 //   train_step_{fp8,bf16}_tokens_per_s, train_step_peak_mem_gib,
 //   moe_layer_{fp8,bf16}_ms                                 training: bench/cuda/train_step_bench.cu
 // Ceilings seen on an H200 (shared/DEVICE.md): FP8 block-scaled 1337 TFLOP/s at 8192³, BF16 763-774,
@@ -297,19 +296,14 @@ void bench_quantize(Report& report, const std::string& device, cudaStream_t stre
         5.0 * static_cast<double>(n) + 4.0 * static_cast<double>(cols * fp8::tiles(rows)), ms, "");
   }
   // Both ways from one read (quantize_1x128_dual): x read once, two sets of codes and scales written.
-  // quant_1x128_dual_gbps with the shape in use (MOERL_QUANT_DUAL), then every shape (quant_1x128_dual_<name>_gbps).
   DeviceMemory codes_t(static_cast<size_t>(n)), scales_t(static_cast<size_t>(cols * fp8::tiles(rows)) * 4);
-  const double dual_bytes =
-      6.0 * static_cast<double>(n) + 4.0 * static_cast<double>(rows * fp8::tiles(cols) + cols * fp8::tiles(rows));
-  auto time_dual = [&](fc::DualKernel k) {
-    return time_runs(stream, kWarmup, kRuns, [&](int) {
-      fc::quantize_1x128_dual_with(k, x.as<float>(), rows, cols, nullptr, 0, codes.as<uint8_t>(), scales.as<float>(),
-                                   codes_t.as<uint8_t>(), scales_t.as<float>(), stream);
-    });
-  };
-  add("quant_1x128_dual_gbps", dual_bytes, time_dual(fc::dual_kernel()), fc::dual_kernel_name(fc::dual_kernel()));
-  for (fc::DualKernel k : {fc::DualKernel::Blocks128, fc::DualKernel::Clusters64, fc::DualKernel::Clusters32})
-    add(std::string("quant_1x128_dual_") + fc::dual_kernel_name(k) + "_gbps", dual_bytes, time_dual(k), "");
+  const std::vector<float> ms = time_runs(stream, kWarmup, kRuns, [&](int) {
+    fc::quantize_1x128_dual(x.as<float>(), rows, cols, nullptr, 0, codes.as<uint8_t>(), scales.as<float>(),
+                            codes_t.as<uint8_t>(), scales_t.as<float>(), stream);
+  });
+  add("quant_1x128_dual_gbps",
+      6.0 * static_cast<double>(n) + 4.0 * static_cast<double>(rows * fp8::tiles(cols) + cols * fp8::tiles(rows)), ms,
+      "");
 }
 #endif
 

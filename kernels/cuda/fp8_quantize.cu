@@ -388,12 +388,6 @@ const char* transposed_kernel_name(TransposedKernel k) {
 
 void quantize_1x128_dual(const float* x, int64_t rows, int64_t cols, const int64_t* bounds, int64_t n_groups,
                          uint8_t* codes, float* scales, uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
-  quantize_1x128_dual_with(dual_kernel(), x, rows, cols, bounds, n_groups, codes, scales, codes_t, scales_t, stream);
-}
-
-void quantize_1x128_dual_with(DualKernel kernel, const float* x, int64_t rows, int64_t cols, const int64_t* bounds,
-                              int64_t n_groups, uint8_t* codes, float* scales, uint8_t* codes_t, float* scales_t,
-                              cudaStream_t stream) {
   check_args("quantize_1x128_dual", x, rows, cols, codes, scales);
   check_args("quantize_1x128_dual", x, rows, cols, codes_t, scales_t);
   if (rows == 0 || cols == 0) return;
@@ -409,27 +403,7 @@ void quantize_1x128_dual_with(DualKernel kernel, const float* x, int64_t rows, i
   TileOutputs o;
   o.rows = rows, o.cols = cols, o.codes = codes, o.scales = scales, o.codes_t = codes_t, o.scales_t = scales_t;
   o.bounds = bounds, o.n_groups = n_groups;
-  launch_quantize_dual(PlainSource{x, cols}, o, kernel, stream);
-}
-
-DualKernel dual_kernel() {
-  static const DualKernel from_env = [] {
-    const char* v = std::getenv("MOERL_QUANT_DUAL");
-    if (v == nullptr || *v == '\0') return DualKernel::Blocks128;
-    for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32})
-      if (std::string(v) == dual_kernel_name(k)) return k;
-    throw Error(std::string("MOERL_QUANT_DUAL: expected blocks128, clusters64 or clusters32, got '") + v + "'");
-  }();
-  return from_env;
-}
-
-const char* dual_kernel_name(DualKernel k) {
-  switch (k) {
-    case DualKernel::Blocks128: return "blocks128";
-    case DualKernel::Clusters64: return "clusters64";
-    case DualKernel::Clusters32: return "clusters32";
-  }
-  return "?";
+  launch_quantize_tiles<true, true>(PlainSource{x, cols}, o, stream);
 }
 
 }  // namespace moerl::fp8::cuda

@@ -1,10 +1,10 @@
-// Blocks of 128 rows x kTC columns of an activation (kTC = 128, or 64 for the columns alone; 64 or 32 in the dual
-// cluster kernel below, whose blocks share their row amaxes), one per thread block, read once and quantized in 1x128 tiles along its rows (quantize_1x128's codes and scales; kTC = 128 only),
+// Blocks of 128 rows x kTC columns of an activation (kTC = 128, or 64 for the columns alone), one per thread
+// block, read once and quantized in 1x128 tiles along its rows (quantize_1x128's codes and scales; kTC = 128 only),
 // along its columns (quantize_1x128_transposed's, optionally grouped), or both. The activation comes from a source
 // functor, so a producer (SwiGLU, its backward) can hand its output straight to the quantization without a pass
 // over memory (kernels/cuda/swiglu_fp8.cu).
 //
-// Layout of a block (rt, ct): rows r0 = 128 rt .., columns c0 = kTC ct ..; 4 kTC threads (16, 8 or 4 warps), each
+// Layout of a block (rt, ct): rows r0 = 128 rt .., columns c0 = kTC ct ..; 4 kTC threads (16 or 8 warps), each
 // with 8 16-byte loads. A warp's load k covers 4 rows x 32 columns (4 full 128-byte lines): rows
 // 4 m + lane / 8 with m = warp · (8 / H) + k / H, columns 32 (k % H) + 4 (lane % 8), H = kTC / 32. For kTC = 128
 // the 8 lanes sharing a row hold all its 128 columns: the row's amax is 3 shuffles and its codes are written from
@@ -21,7 +21,6 @@
 // aligned codes (callers check; a partial last column tile is zero-padded as on the CPU). Bit-exact with the CPU
 // by the helpers of fp8_quantize_common.cuh.
 #pragma once
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -36,11 +35,11 @@ namespace moerl::fp8::cuda::quant_detail {
 // The block shape for kTC columns (see the layout above).
 template <int kTC>
 struct TileShape {
-  static_assert(kTC == 32 || kTC == 64 || kTC == 128, "32, 64 or 128 columns per block");
-  static constexpr int kThreads = 4 * kTC;                          // 128, 256 or 512
+  static_assert(kTC == 64 || kTC == 128, "64 or 128 columns per block");
+  static constexpr int kThreads = 4 * kTC;                          // 256 or 512
   static constexpr int kChunks = kTC / 32;                          // 32-column chunks per row (H)
   static constexpr int kLoads = 8;                                  // 16-byte loads per thread
-  static constexpr int kSmemBytes = static_cast<int>(sizeof(float)) * kTC * kTile;  // 16, 32 or 64 KiB
+  static constexpr int kSmemBytes = static_cast<int>(sizeof(float)) * kTC * kTile;  // 32 or 64 KiB
   static_assert(kThreads * kLoads * 4 == kTile * kTC, "the loads cover the block");
   // Row (in the block) and first column of load k of a thread of warp `warp`, lane 8 sub + quad.
   __device__ static int row(int k, int warp, int sub) { return 4 * (warp * (kLoads / kChunks) + k / kChunks) + sub; }
@@ -221,94 +220,6 @@ __global__ void __launch_bounds__(TileShape<kTile>::kThreads, 1)
   quantize_tile_values<true, true, kTile>(vb, ob, tile_smem, blockIdx.y, none);
 }
 
-// Both ways (quantize_1x128_dual's outputs) with a cluster of N = 128 / kTC thread blocks per 128 x 128 block
-// (kTC = 64: 2 blocks of 256 threads, 32: 4 of 128): cluster rank h (blockIdx.x = N t + h) takes columns
-// 128 t + kTC h .. + kTC - 1 of rows 128 blockIdx.y .. + 127, i.e. a quantize_tile_kernel<.., kTC> block (same
-// loads, same column pass), and the row tiles are finished from registers once the N parts' amaxes are known.
-// Each thread holds R = 256 / kTC rows x 8 columns (loads H j .. H j + H - 1, H = kTC / 32, are row
-// 4 (R warp + j) + lane / 8, columns 32 i + 4 (lane % 8)): a row's amax over the block's columns is 3 shuffles,
-// and lane j of the row's 8 stores it in slot [h][row] of every block's row_amax (the others' through
-// distributed shared memory), so after the cluster barrier each block reads the row's amax over its 128 columns
-// locally and no block touches another's shared memory once it may have exited. The first barrier (arrive at the
-// start, wait before the remote stores) makes sure the others have started; the second is arrived at before the
-// block transposes its values into shared memory and waited for after, so the exchange's latency hides behind
-// that. Then lane q of the 8 computes row q % R's divisor and the others take it by shuffles (one reciprocal a
-// lane); rank 0 writes the row scales. At most 64 registers a thread and 16 or 32 KiB (+ 1 or 2) of shared memory:
-// 4 blocks of 256 or 8 of 128 threads per SM, against 2 of quantize_tile_kernel<.., 128>'s 512; yet slower on the
-// H200 (2.51-2.56 TB/s against 2.77-2.80 at 8192 x 8192: fp8_quantize.hpp, DualKernel). grid.x is
-// N tiles(cols): the blocks of a last, partial tile past cols read nothing (zeros, the CPU's padding) and write
-// nothing.
-template <class Src, int kTC>
-__global__ void __cluster_dims__(kTile / kTC, 1, 1) __launch_bounds__(TileShape<kTC>::kThreads, 4 * 64 / kTC)
-    quantize_dual_cluster_kernel(Src src, TileOutputs o) {
-  using Shape = TileShape<kTC>;
-  constexpr int kRanks = kTile / kTC, kH = Shape::kChunks, kRows = kTileLoads / kH;  // kRows: rows a thread holds
-  static_assert(kRanks == 2 || kRanks == 4, "64 or 32 columns per block");
-  namespace cg = cooperative_groups;
-  extern __shared__ float4 tile_smem[];
-  __shared__ int row_amax[kRanks][kTile];  // [cluster rank][row in the block]: the row's amax over its columns
-  const unsigned h = cg::this_cluster().block_rank();
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
-  const int64_t rt = blockIdx.y, r0 = rt * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTC;
-  float v[kTileLoads][4];
-#pragma unroll
-  for (int k = 0; k < kTileLoads; ++k) {
-    const int64_t r = r0 + Shape::row(k, warp, sub), c = c0 + Shape::col(k, quad);
-    if (c < o.cols) {
-      const float4 f = src(r, c);
-      v[k][0] = f.x, v[k][1] = f.y, v[k][2] = f.z, v[k][3] = f.w;
-    } else {
-      v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.0f;  // the CPU's zero padding of a partial tile
-    }
-  }
-  asm volatile("barrier.cluster.wait.aligned;" ::: "memory");  // the others run: their shared memory is there
-#pragma unroll
-  for (int j = 0; j < kRows; ++j) {  // row Shape::row(H j, ..)'s amax over this block's columns
-    float m = 0.0f;
-#pragma unroll
-    for (int i = 0; i < kH; ++i) m = abs_max4(m, v[kH * j + i]);
-    int amax = abs_bits(m);
-    for (int offset = 1; offset < 8; offset *= 2) amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
-    if (quad == j) {
-      int* mine = &row_amax[h][Shape::row(kH * j, warp, sub)];
-      *mine = amax;
-      const uint32_t local = static_cast<uint32_t>(__cvta_generic_to_shared(mine));
-#pragma unroll
-      for (unsigned other = 1; other < kRanks; ++other) {
-        uint32_t remote;  // the same slot in rank h ^ other's shared memory
-        asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(h ^ other));
-        asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(remote), "r"(amax) : "memory");
-      }
-    }
-  }
-  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
-  quantize_tile_values<false, true, kTC>(v, o, tile_smem, rt, [&] {
-    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
-    const int64_t ntiles = (o.cols + kTile - 1) / kTile, ct = blockIdx.x / kRanks;
-    const int mine = Shape::row(kH * (quad % kRows), warp, sub);
-    int amax = row_amax[0][mine];
-#pragma unroll
-    for (int q = 1; q < kRanks; ++q) amax = max(amax, row_amax[q][mine]);
-    const float scale = scale_from_amax_bits(amax);
-    const Divisor dm = divisor(scale);
-    if (h == 0 && quad < kRows) o.scales[(r0 + mine) * ntiles + ct] = scale;
-#pragma unroll
-    for (int j = 0; j < kRows; ++j) {
-      const int src_lane = (lane & ~7) | j;
-      Divisor d;
-      d.scale = __shfl_sync(0xFFFFFFFFu, dm.scale, src_lane), d.hi = __shfl_sync(0xFFFFFFFFu, dm.hi, src_lane);
-      d.lo = __shfl_sync(0xFFFFFFFFu, dm.lo, src_lane), d.exact = d.scale <= 0x1p100f;
-      const int64_t r = r0 + Shape::row(kH * j, warp, sub);
-#pragma unroll
-      for (int k = kH * j; k < kH * j + kH; ++k) {
-        const int64_t c = c0 + Shape::col(k, quad);
-        if (c < o.cols) __stcs(reinterpret_cast<unsigned int*>(o.codes + r * o.cols + c), encode4(v[k], d));
-      }
-    }
-  });
-}
-
 // Launches quantize_tile_kernel over ceil(o.rows / (128 kRT)) x ceil(o.cols / kTC) blocks (the caller has checked
 // the layout's needs, above).
 template <bool kRows, bool kCols, class Src, int kTC, int kRT>
@@ -322,41 +233,16 @@ void launch_tile_kernel(const Src& src, const TileOutputs& o, cudaStream_t strea
   CUDA_CHECK_LAUNCH();
 }
 
-// quantize_dual_cluster_kernel<Src, kTC> over 128 / kTC tiles(o.cols) x o.rows / 128 blocks.
-template <class Src, int kTC>
-void launch_dual_clusters(const Src& src, const TileOutputs& o, cudaStream_t stream) {
-  constexpr int kRanks = kTile / kTC, smem = TileShape<kTC>::kSmemBytes;
-  require(tiles(o.cols) <= INT32_MAX / kRanks, "fp8::cuda: dual quantization: too many columns for one launch");
-  const dim3 grid(static_cast<unsigned>(kRanks * tiles(o.cols)), static_cast<unsigned>(o.rows / kTile));
-  quantize_dual_cluster_kernel<Src, kTC><<<grid, TileShape<kTC>::kThreads, smem, stream>>>(src, o);
-  CUDA_CHECK_LAUNCH();
-}
-
-// Both ways with the given kernel shape: quantize_tile_kernel<.., 128> (Blocks128) or quantize_dual_cluster_kernel
-// with 64 (Clusters64) or 32 columns (Clusters32) per block.
-template <class Src>
-void launch_quantize_dual(const Src& src, const TileOutputs& o, DualKernel kernel, cudaStream_t stream) {
-  if (o.rows == 0 || o.cols == 0) return;
-  if (kernel == DualKernel::Blocks128)
-    launch_tile_kernel<true, true, Src, kTile, 1>(src, o, stream);
-  else if (kernel == DualKernel::Clusters32)
-    launch_dual_clusters<Src, 32>(src, o, stream);
-  else
-    launch_dual_clusters<Src, 64>(src, o, stream);
-}
-
-// Launches the kernel for kRows, kCols over o (the caller has checked the layout's needs, above): both ways (kTC
-// 128, kRT 1) with dual_kernel()'s shape (launch_quantize_dual), else quantize_tile_kernel.
+// Launches quantize_tile_kernel for kRows, kCols over o (the caller has checked the layout's needs, above); both
+// ways in 128 x 128 blocks. (Clusters of 2 or 4 thread blocks per 128 x 128 block exchanging their row amaxes
+// through distributed shared memory, 4 or 8 blocks per SM, were measured slower on the H200: 2.50-2.63 TB/s
+// against 2.64-2.80 at 8192 x 8192, bench/results/2026-11-29-gpu-dual-h200-af1791f.jsonl; removed.)
 template <bool kRows, bool kCols, class Src, int kTC = kTile, int kRT = 1>
 void launch_quantize_tiles(const Src& src, const TileOutputs& o, cudaStream_t stream) {
   static_assert(kRows || kCols, "nothing to write");
+  static_assert(!(kRows && kCols) || (kTC == kTile && kRT == 1), "both ways: 128 x 128 blocks");
   if (o.rows == 0 || o.cols == 0) return;
-  if constexpr (kRows && kCols) {
-    static_assert(kTC == kTile && kRT == 1, "both ways: 128 x 128 blocks");
-    launch_quantize_dual(src, o, dual_kernel(), stream);
-  } else {
-    launch_tile_kernel<kRows, kCols, Src, kTC, kRT>(src, o, stream);
-  }
+  launch_tile_kernel<kRows, kCols, Src, kTC, kRT>(src, o, stream);
 }
 
 // Launches quantize_tile_pair_kernel over oa.rows / 128 x tiles(oa.cols) blocks (oa and ob of one shape).

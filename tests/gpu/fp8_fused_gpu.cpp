@@ -25,7 +25,6 @@
 namespace moerl::moe_gpu_test {
 namespace {
 
-using fp8::cuda::DualKernel;
 using fp8::cuda::TransposedKernel;
 using fp8::tiles;
 
@@ -155,12 +154,10 @@ TEST_F(Fp8FusedGpu, EveryTransposedKernelShapePacksEachGroupAsTheCpuDoesOnItsOwn
   }
 }
 
-TEST_F(Fp8FusedGpu, EveryDualKernelShapeGivesBothCpuResultsFromOneRead) {
+TEST_F(Fp8FusedGpu, DualQuantizationGivesBothCpuResultsFromOneReadOnRaggedAndGroupedShapes) {
   std::mt19937_64 rng(run_seed() + 102);
-  // 300 rows: the two-kernel fallback; 704 and 2052 columns: partial last tiles (704: of 64 columns, so the
-  // second 64-column block of Clusters64's last cluster has no columns, 2052: of 4, Clusters32's last 3 blocks
-  // empty); 196 and 68: a last tile of 68 columns (Clusters64's second block has 4, Clusters32's third 4 and
-  // fourth none); 60: one partial tile, only the first blocks with columns.
+  // 300 rows: the two-kernel fallback; 704, 2052, 196, 68 and 60 columns: partial last tiles of 64, 4, 68, 68 and
+  // 60 columns (the CPU's zero padding inside the block).
   const std::pair<int64_t, int64_t> shapes[] = {{128, 128}, {384, 704}, {512, 1024}, {300, 512},
                                                 {256, 2052}, {640, 196}, {128, 68}, {256, 60}};
   for (auto [rows, cols] : shapes) {
@@ -171,16 +168,14 @@ TEST_F(Fp8FusedGpu, EveryDualKernelShapeGivesBothCpuResultsFromOneRead) {
     fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes_t.data(), scales_t.data());
     DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
     DeviceBuffer<uint8_t> dc(codes.size()), dct(codes.size());
-    for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32}) {
-      dc.poison(), ds.poison(), dct.poison(), dst.poison();
-      fp8::cuda::quantize_1x128_dual_with(k, dx.get(), rows, cols, nullptr, 0, dc.get(), ds.get(), dct.get(), dst.get());
-      CUDA_CHECK(cudaDeviceSynchronize());
-      const std::string what = std::string("dual ") + fp8::cuda::dual_kernel_name(k) + " " + shape_name(rows, cols);
-      expect_same_bits(dc.download(), codes, what + " row codes");
-      expect_same_bits(ds.download(), scales, what + " row scales");
-      expect_same_bits(dct.download(), codes_t, what + " transposed codes");
-      expect_same_bits(dst.download(), scales_t, what + " transposed scales");
-    }
+    dc.poison(), ds.poison(), dct.poison(), dst.poison();
+    fp8::cuda::quantize_1x128_dual(dx.get(), rows, cols, nullptr, 0, dc.get(), ds.get(), dct.get(), dst.get());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const std::string what = "dual " + shape_name(rows, cols);
+    expect_same_bits(dc.download(), codes, what + " row codes");
+    expect_same_bits(ds.download(), scales, what + " row scales");
+    expect_same_bits(dct.download(), codes_t, what + " transposed codes");
+    expect_same_bits(dst.download(), scales_t, what + " transposed scales");
   }
 
   // Grouped: rows cut at bounds (an empty group among them), each group's transposed codes packed on their own as
@@ -200,21 +195,18 @@ TEST_F(Fp8FusedGpu, EveryDualKernelShapeGivesBothCpuResultsFromOneRead) {
   DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
   DeviceBuffer<uint8_t> dc(codes.size()), dct(codes.size());
   DeviceBuffer<int64_t> db(bounds);
-  for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32}) {
-    dc.poison(), ds.poison(), dct.poison(), dst.poison();
-    fp8::cuda::quantize_1x128_dual_with(k, dx.get(), rows, cols, db.get(), groups, dc.get(), ds.get(), dct.get(),
-                                        dst.get());
-    CUDA_CHECK(cudaDeviceSynchronize());
-    const std::string what = std::string("grouped dual ") + fp8::cuda::dual_kernel_name(k);
-    expect_same_bits(dc.download(), codes, what + " row codes");
-    expect_same_bits(ds.download(), scales, what + " row scales");
-    expect_same_bits(dct.download(), codes_t, what + " transposed codes");
-    expect_same_bits(dst.download(), scales_t, what + " transposed scales");
-  }
-  std::printf("[ fp8 fused ] quantize_1x128_dual blocks128/clusters64/clusters32, 8 shapes and a grouped one: CPU bytes both ways\n");
+  dc.poison(), ds.poison(), dct.poison(), dst.poison();
+  fp8::cuda::quantize_1x128_dual(dx.get(), rows, cols, db.get(), groups, dc.get(), ds.get(), dct.get(), dst.get());
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const std::string what = "grouped dual";
+  expect_same_bits(dc.download(), codes, what + " row codes");
+  expect_same_bits(ds.download(), scales, what + " row scales");
+  expect_same_bits(dct.download(), codes_t, what + " transposed codes");
+  expect_same_bits(dst.download(), scales_t, what + " transposed scales");
+  std::printf("[ fp8 fused ] quantize_1x128_dual, 8 shapes and a grouped one: CPU bytes both ways\n");
 }
 
-TEST_F(Fp8FusedGpu, DualKernelsWriteCodesAlignedToFourBytesOnlyAsTheCpuDoes) {
+TEST_F(Fp8FusedGpu, DualQuantizationWritesCodesAlignedToFourBytesOnlyAsTheCpuDoes) {
   // Both code matrices 4 bytes past an allocation (4-byte aligned, which the one-pass kernels accept): the row
   // codes' 4-byte stores and the transposed codes' 4-byte path. The bytes around each must stay poisoned.
   std::mt19937_64 rng(run_seed() + 107);
@@ -226,26 +218,23 @@ TEST_F(Fp8FusedGpu, DualKernelsWriteCodesAlignedToFourBytesOnlyAsTheCpuDoes) {
   fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes_t.data(), scales_t.data());
   DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
   DeviceBuffer<uint8_t> dc(static_cast<size_t>(n + 2 * pad)), dct(static_cast<size_t>(n + 2 * pad));
-  for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32}) {
-    const std::string what = std::string("dual ") + fp8::cuda::dual_kernel_name(k) + " codes at +4 bytes";
-    dc.poison(), ds.poison(), dct.poison(), dst.poison();
-    fp8::cuda::quantize_1x128_dual_with(k, dx.get(), rows, cols, nullptr, 0, dc.get() + pad, ds.get(), dct.get() + pad,
-                                        dst.get());
-    CUDA_CHECK(cudaDeviceSynchronize());
-    for (const auto& [buffer, want, which] : {std::tuple{&dc, &codes, " row codes"}, std::tuple{&dct, &codes_t, " transposed codes"}}) {
-      const std::vector<uint8_t> got = buffer->download();
-      expect_same_bits(std::vector<uint8_t>(got.begin() + pad, got.end() - pad), *want, what + which);
-      for (int64_t i = 0; i < pad; ++i) {
-        EXPECT_EQ(got[static_cast<size_t>(i)], 0xFF) << what << which << ": byte " << i << " before";
-        EXPECT_EQ(got[static_cast<size_t>(n + pad + i)], 0xFF) << what << which << ": byte " << i << " after";
-      }
+  const std::string what = "dual codes at +4 bytes";
+  dc.poison(), ds.poison(), dct.poison(), dst.poison();
+  fp8::cuda::quantize_1x128_dual(dx.get(), rows, cols, nullptr, 0, dc.get() + pad, ds.get(), dct.get() + pad, dst.get());
+  CUDA_CHECK(cudaDeviceSynchronize());
+  for (const auto& [buffer, want, which] : {std::tuple{&dc, &codes, " row codes"}, std::tuple{&dct, &codes_t, " transposed codes"}}) {
+    const std::vector<uint8_t> got = buffer->download();
+    expect_same_bits(std::vector<uint8_t>(got.begin() + pad, got.end() - pad), *want, what + which);
+    for (int64_t i = 0; i < pad; ++i) {
+      EXPECT_EQ(got[static_cast<size_t>(i)], 0xFF) << what << which << ": byte " << i << " before";
+      EXPECT_EQ(got[static_cast<size_t>(n + pad + i)], 0xFF) << what << which << ": byte " << i << " after";
     }
-    expect_same_bits(ds.download(), scales, what + " row scales");
-    expect_same_bits(dst.download(), scales_t, what + " transposed scales");
   }
+  expect_same_bits(ds.download(), scales, what + " row scales");
+  expect_same_bits(dst.download(), scales_t, what + " transposed scales");
 }
 
-// The CPU's bytes both ways (quantize_1x128 and quantize_1x128_transposed) from each dual kernel shape and from
+// The CPU's bytes both ways (quantize_1x128 and quantize_1x128_transposed) from the dual quantization and from
 // the transposed tiles64 kernel, on x [rows, cols].
 void expect_dual_and_transposed_as_cpu(const std::vector<float>& x, int64_t rows, int64_t cols, const std::string& what) {
   std::vector<uint8_t> codes(static_cast<size_t>(rows * cols)), codes_t(codes.size());
@@ -254,16 +243,14 @@ void expect_dual_and_transposed_as_cpu(const std::vector<float>& x, int64_t rows
   fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes_t.data(), scales_t.data());
   DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
   DeviceBuffer<uint8_t> dc(codes.size()), dct(codes.size());
-  for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32}) {
-    dc.poison(), ds.poison(), dct.poison(), dst.poison();
-    fp8::cuda::quantize_1x128_dual_with(k, dx.get(), rows, cols, nullptr, 0, dc.get(), ds.get(), dct.get(), dst.get());
-    CUDA_CHECK(cudaDeviceSynchronize());
-    const std::string which = what + ", dual " + fp8::cuda::dual_kernel_name(k);
-    expect_same_bits(dc.download(), codes, which + " row codes");
-    expect_same_bits(ds.download(), scales, which + " row scales");
-    expect_same_bits(dct.download(), codes_t, which + " transposed codes");
-    expect_same_bits(dst.download(), scales_t, which + " transposed scales");
-  }
+  dc.poison(), ds.poison(), dct.poison(), dst.poison();
+  fp8::cuda::quantize_1x128_dual(dx.get(), rows, cols, nullptr, 0, dc.get(), ds.get(), dct.get(), dst.get());
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const std::string which = what + ", dual";
+  expect_same_bits(dc.download(), codes, which + " row codes");
+  expect_same_bits(ds.download(), scales, which + " row scales");
+  expect_same_bits(dct.download(), codes_t, which + " transposed codes");
+  expect_same_bits(dst.download(), scales_t, which + " transposed scales");
   dct.poison(), dst.poison();
   fp8::cuda::quantize_1x128_transposed_with(TransposedKernel::Tiles64, dx.get(), rows, cols, dct.get(), dst.get());
   CUDA_CHECK(cudaDeviceSynchronize());
@@ -271,7 +258,7 @@ void expect_dual_and_transposed_as_cpu(const std::vector<float>& x, int64_t rows
   expect_same_bits(dst.download(), scales_t, what + ", transposed tiles64 scales");
 }
 
-TEST_F(Fp8FusedGpu, DualKernelsConvertTiesSubnormalsAndSpecialValuesAsTheCpuDoes) {
+TEST_F(Fp8FusedGpu, DualQuantizationConvertsTiesSubnormalsAndSpecialValuesAsTheCpuDoes) {
   // Row 0 and the first column of each 128-column tile hold 448, so every tile both ways has amax 448 and scale
   // exactly 1: the codes are the plain conversions of the values in between — every E4M3 value, every midpoint
   // between neighbours (ties to even), the floats either side of each, signed zeros, float subnormals and NaN
@@ -406,15 +393,12 @@ TEST_F(Fp8FusedGpu, ReportsBandwidth) {
       fp8::cuda::quantize_1x128(x.get(), rows, cols, c.get(), s.get());
       fp8::cuda::quantize_1x128_transposed(x.get(), rows, cols, ct.get(), st.get());
     });
-    for (DualKernel k : {DualKernel::Blocks128, DualKernel::Clusters64, DualKernel::Clusters32}) {
-      const double dual = median_ms([&] {
-        fp8::cuda::quantize_1x128_dual_with(k, x.get(), rows, cols, nullptr, 0, c.get(), s.get(), ct.get(), st.get());
-      });
-      std::printf("[ fp8 fused ] quantize_1x128_dual %s 8192x8192: %.1f us, %.0f GB/s (quantize_1x128 + transposed: "
-                  "%.1f us)\n",
-                  fp8::cuda::dual_kernel_name(k), dual * 1e3, (4.0 * n + 2 * (n + 4.0 * n / 128)) / dual / 1e6,
-                  separate * 1e3);
-    }
+    const double dual = median_ms([&] {
+      fp8::cuda::quantize_1x128_dual(x.get(), rows, cols, nullptr, 0, c.get(), s.get(), ct.get(), st.get());
+    });
+    std::printf("[ fp8 fused ] quantize_1x128_dual 8192x8192: %.1f us, %.0f GB/s (quantize_1x128 + transposed: "
+                "%.1f us)\n",
+                dual * 1e3, (4.0 * n + 2 * (n + 4.0 * n / 128)) / dual / 1e6, separate * 1e3);
   }
   {
     // The routed experts' [rows, I] at the MoE benchmark's shape (16384 tokens x top-6, I = 1408).
