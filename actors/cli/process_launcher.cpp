@@ -1,8 +1,6 @@
 #include "actors/cli/process_launcher.hpp"
 
-#include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -16,8 +14,7 @@
 
 #include "runtime/error.hpp"
 #include "runtime/util/files.hpp"
-
-extern char** environ;
+#include "runtime/util/spawn.hpp"
 
 namespace moerl::cli {
 namespace fs = std::filesystem;
@@ -41,21 +38,7 @@ pid_t start_process(const LaunchSpec& spec, int index, const fs::path& rendezvou
   args.insert(args.end(), spec.run_args.begin(), spec.run_args.end());
   args.insert(args.end(), {"--processes", std::to_string(spec.processes), "--process", std::to_string(index),
                            "--rendezvous", rendezvous.string()});
-  std::vector<char*> argv;
-  for (std::string& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  const std::string log_file = log.string();
-  if (index > 0) {
-    posix_spawn_file_actions_addopen(&actions, 1, log_file.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-    posix_spawn_file_actions_adddup2(&actions, 1, 2);
-  }
-  pid_t pid = -1;
-  const int rc = posix_spawn(&pid, args[0].c_str(), &actions, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  require(rc == 0, "moerl run --processes: cannot start " + args[0] + ": " + std::strerror(rc));
-  return pid;
+  return spawn_program(args, index > 0 ? log : fs::path{});
 }
 
 // SIGTERM to every process still running, SIGKILL to those alive 10 s later; reaps them all.

@@ -1,8 +1,6 @@
 #include "actors/cluster/remote_bench.hpp"
 
-#include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -16,8 +14,7 @@
 #include "actors/cluster/registry.hpp"
 #include "actors/cluster/system.hpp"
 #include "runtime/error.hpp"
-
-extern char** environ;
+#include "runtime/util/spawn.hpp"
 
 namespace moerl::cluster {
 namespace fs = std::filesystem;
@@ -92,17 +89,7 @@ RemoteRoundTrip measure_remote_roundtrip(const std::string& moerl_binary, int sa
   std::vector<std::string> args = {moerl_binary, "node",        "--join",      join,       "--name",
                                    "bench",      "--secret-file", secret_file, "--scheduler", scheduler,
                                    "--idle-spin-us", std::to_string(idle_spin.count())};
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_addopen(&actions, 1, log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  posix_spawn_file_actions_addopen(&actions, 2, log.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-  pid_t pid = -1;
-  const int rc = posix_spawn(&pid, moerl_binary.c_str(), &actions, nullptr, argv.data(), environ);
-  posix_spawn_file_actions_destroy(&actions);
-  require(rc == 0, "bench: cannot start " + moerl_binary + " node");
+  const pid_t pid = spawn_program(args, log);
 
   RemoteRoundTrip out;
   std::string failure;
