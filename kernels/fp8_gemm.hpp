@@ -73,6 +73,8 @@ class GemmContext {
   GemmContext& operator=(const GemmContext&) = delete;
 
   size_t cached_plans() const;  // how many distinct problems have been planned
+  // How many planned problems gemm_nt_accumulate ran through its fallback (cuBLASLt refused beta = 1).
+  size_t accumulate_fallbacks() const;
 
  private:
   struct Impl;

@@ -27,7 +27,7 @@ static_assert(kNormChunk % 4 == 0, "chunks start on float4 boundaries");
 
 // The per-element FP32 constants, derived on the host in double as the CPU does.
 struct Scalars {
-  float beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, sqrt_bias2, eps, decay;
+  float beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, sqrt_bias2, eps, decay, grad_scale;
 };
 
 // kernels/half.hpp's bf16_from_float: round to nearest even, NaN kept quiet NaN.
@@ -40,7 +40,8 @@ __device__ __forceinline__ uint16_t bf16_from_float(float x) {
 __device__ __forceinline__ float float_from_bf16(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
 
 // runtime/optim/adamw.cpp's loop body; _rn intrinsics keep every operation separately rounded.
-__device__ __forceinline__ void adamw_update(float& w, float g, uint16_t& m, uint16_t& v, const Scalars& s) {
+__device__ __forceinline__ void adamw_update(float& w, float g_raw, uint16_t& m, uint16_t& v, const Scalars& s) {
+  const float g = __fmul_rn(g_raw, s.grad_scale);  // exact for 1
   const uint16_t m_new =
       bf16_from_float(__fadd_rn(__fmul_rn(s.beta1, float_from_bf16(m)), __fmul_rn(s.one_minus_beta1, g)));
   const uint16_t v_new = bf16_from_float(
@@ -145,8 +146,9 @@ void check_scalar(bool ok, const char* name, double value, const char* expected)
 }  // namespace
 
 void adamw_step(float* w, const float* g, uint16_t* m, uint16_t* v, int64_t n, double lr, double beta1,
-                double beta2, double eps, double weight_decay, int64_t t, cudaStream_t stream) {
+                double beta2, double eps, double weight_decay, int64_t t, cudaStream_t stream, float grad_scale) {
   check_n("adamw_step", n, w && g && m && v);
+  check_scalar(std::isfinite(grad_scale) && grad_scale > 0, "grad_scale", grad_scale, "finite and > 0");
   check_scalar(std::isfinite(lr) && lr >= 0, "lr", lr, ">= 0");
   check_scalar(beta1 >= 0 && beta1 < 1, "beta1", beta1, "in [0, 1)");
   check_scalar(beta2 >= 0 && beta2 < 1, "beta2", beta2, "in [0, 1)");
@@ -159,7 +161,8 @@ void adamw_step(float* w, const float* g, uint16_t* m, uint16_t* v, int64_t n, d
   const Scalars s{static_cast<float>(beta1),          static_cast<float>(1.0 - beta1),
                   static_cast<float>(beta2),          static_cast<float>(1.0 - beta2),
                   static_cast<float>(lr / bias1),     static_cast<float>(std::sqrt(bias2)),
-                  static_cast<float>(eps),            static_cast<float>(1.0 - lr * weight_decay)};
+                  static_cast<float>(eps),            static_cast<float>(1.0 - lr * weight_decay),
+                  grad_scale};
   const bool vec = ops_detail::aligned(w, 16) && ops_detail::aligned(g, 16) && ops_detail::aligned(m, 8) && ops_detail::aligned(v, 8);
   const int64_t head = vec ? n / 4 * 4 : 0;
   if (head > 0) {

@@ -27,9 +27,12 @@
 namespace moerl::cuda {
 
 // One AdamW update of w[n] from g[n] with moments m[n], v[n] (BF16 bit patterns, updated in place); t is the
-// 1-based count of updates including this one (bias correction).
+// 1-based count of updates including this one (bias correction). grad_scale: the update uses RN(g[i] · grad_scale)
+// (clipping's factor, the value scale() would leave in g; 1 leaves g as it is) and g itself is not written, which
+// saves clipping's pass over the gradients (read and write, 8 bytes a parameter).
 void adamw_step(float* w, const float* g, uint16_t* m, uint16_t* v, int64_t n, double lr, double beta1,
-                double beta2, double eps, double weight_decay, int64_t t, cudaStream_t stream = nullptr);
+                double beta2, double eps, double weight_decay, int64_t t, cudaStream_t stream = nullptr,
+                float grad_scale = 1.0f);
 
 // *sum += Σ g[i]² over n elements, in double (sum is one device double). Deterministic: 32768-element chunks
 // summed per block, the chunk sums then added in chunk order by one block; launches on one stream add to *sum

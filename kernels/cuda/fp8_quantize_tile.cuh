@@ -60,6 +60,25 @@ struct TileOutputs {
   int64_t n_groups = 0;
 };
 
+// Where the transposed codes of the 128-row tile at r0 go: its rows start at column `first` of a [cols, out_rows]
+// matrix at out (o.codes_t; with bounds, the packed matrix of the group holding the tile).
+__device__ __forceinline__ void transposed_destination(const TileOutputs& o, int64_t r0, uint8_t*& out,
+                                                       int64_t& out_rows, int64_t& first) {
+  out = o.codes_t, out_rows = o.rows, first = r0;
+  if (o.bounds == nullptr) return;
+  int64_t lo = 0, hi = o.n_groups;  // the last group starting at or before r0 (empty groups skipped)
+  while (hi - lo > 1) {
+    const int64_t mid = (lo + hi) / 2;
+    if (o.bounds[mid] <= r0)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  out = o.codes_t + o.bounds[lo] * o.cols;
+  out_rows = o.bounds[lo + 1] - o.bounds[lo];
+  first = r0 - o.bounds[lo];
+}
+
 // The block (rt, blockIdx.x)'s values, v[k] = x[r, c .. c + 3] at the load layout above (zeros past cols),
 // quantized into o. Uses the block's shared memory when kCols; the caller syncs before reusing it. With kCols,
 // refill() is called once v is in shared memory (it may load the next block into v); v is not read after it.
@@ -122,22 +141,9 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
     if (c < o.cols) {
       const int64_t nrow_tiles = o.rows / kTile;
       if (k4 == 0) o.scales_t[c * nrow_tiles + rt] = scale;
-      // Where this block's codes go: rows r0 .. of a [cols, out_rows] matrix at out.
-      uint8_t* out = o.codes_t;
-      int64_t out_rows = o.rows, first = r0;
-      if (o.bounds != nullptr) {
-        int64_t lo = 0, hi = o.n_groups;  // the last group starting at or before r0 (empty groups skipped)
-        while (hi - lo > 1) {
-          const int64_t mid = (lo + hi) / 2;
-          if (o.bounds[mid] <= r0)
-            lo = mid;
-          else
-            hi = mid;
-        }
-        out = o.codes_t + o.bounds[lo] * o.cols;
-        out_rows = o.bounds[lo + 1] - o.bounds[lo];
-        first = r0 - o.bounds[lo];
-      }
+      uint8_t* out;
+      int64_t out_rows, first;
+      transposed_destination(o, r0, out, out_rows, first);
       uint32_t w[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) w[i] = encode4(q[i], d);
@@ -195,31 +201,6 @@ __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kRT > 1 || kTC == kT
   }
 }
 
-// Two activations of the same shape from one source, each quantized both ways (rows and columns): src(r, c, a, b)
-// sets a = x[r, c .. c + 3] and b = y[r, c .. c + 3], so inputs they share are read once. One block per SM (both
-// value sets live in registers: 64 of the 128 a thread may hold); oa and ob differ only in their outputs.
-template <class Src>
-__global__ void __launch_bounds__(TileShape<kTile>::kThreads, 1)
-    quantize_tile_pair_kernel(Src src, TileOutputs oa, TileOutputs ob) {
-  using Shape = TileShape<kTile>;
-  extern __shared__ float4 tile_smem[];
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTile;
-  float va[kTileLoads][4], vb[kTileLoads][4];
-#pragma unroll
-  for (int k = 0; k < kTileLoads; ++k) {
-    const int64_t r = r0 + Shape::row(k, warp, sub), c = c0 + Shape::col(k, quad);
-    float4 a = make_float4(0.0f, 0.0f, 0.0f, 0.0f), b = a;  // the CPU's zero padding of a partial tile
-    if (c < oa.cols) src(r, c, a, b);
-    va[k][0] = a.x, va[k][1] = a.y, va[k][2] = a.z, va[k][3] = a.w;
-    vb[k][0] = b.x, vb[k][1] = b.y, vb[k][2] = b.z, vb[k][3] = b.w;
-  }
-  const auto none = [] {};
-  quantize_tile_values<true, true, kTile>(va, oa, tile_smem, blockIdx.y, none);
-  __syncthreads();  // every warp has read a's block from shared memory before b's values overwrite it
-  quantize_tile_values<true, true, kTile>(vb, ob, tile_smem, blockIdx.y, none);
-}
-
 // Launches quantize_tile_kernel over ceil(o.rows / (128 kRT)) x ceil(o.cols / kTC) blocks (the caller has checked
 // the layout's needs, above).
 template <bool kRows, bool kCols, class Src, int kTC, int kRT>
@@ -243,18 +224,6 @@ void launch_quantize_tiles(const Src& src, const TileOutputs& o, cudaStream_t st
   static_assert(!(kRows && kCols) || (kTC == kTile && kRT == 1), "both ways: 128 x 128 blocks");
   if (o.rows == 0 || o.cols == 0) return;
   launch_tile_kernel<kRows, kCols, Src, kTC, kRT>(src, o, stream);
-}
-
-// Launches quantize_tile_pair_kernel over oa.rows / 128 x tiles(oa.cols) blocks (oa and ob of one shape).
-template <class Src>
-void launch_quantize_tile_pairs(const Src& src, const TileOutputs& oa, const TileOutputs& ob, cudaStream_t stream) {
-  if (oa.rows == 0 || oa.cols == 0) return;
-  const auto kernel = quantize_tile_pair_kernel<Src>;
-  constexpr int smem = TileShape<kTile>::kSmemBytes;
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const dim3 grid(static_cast<unsigned>(tiles(oa.cols)), static_cast<unsigned>(oa.rows / kTile));
-  kernel<<<grid, TileShape<kTile>::kThreads, smem, stream>>>(src, oa, ob);
-  CUDA_CHECK_LAUNCH();
 }
 
 // The plain source: x [rows, cols] in memory, read once (streaming).

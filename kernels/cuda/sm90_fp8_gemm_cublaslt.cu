@@ -261,6 +261,12 @@ size_t GemmContext::cached_plans() const {
   return impl_->plans.size();
 }
 
+size_t GemmContext::accumulate_fallbacks() const {
+  const std::lock_guard lock(impl_->mutex);
+  return static_cast<size_t>(std::count_if(impl_->plans.begin(), impl_->plans.end(),
+                                           [](const auto& kv) { return kv.second.accumulate_refused; }));
+}
+
 void GemmContext::Impl::run(const Operand& a, const Operand& b, void* y, OutType out, bool accumulate,
                             cudaStream_t stream) {
   check_operand(a, "a");

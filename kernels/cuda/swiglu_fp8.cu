@@ -1,5 +1,8 @@
 // SwiGLU fused with FP8 quantization (kernels/cuda/swiglu_fp8.hpp): the 128 x 128 block kernels of
-// kernels/cuda/fp8_quantize_tile.cuh with SwiGLU's arithmetic (kernels/cuda/swiglu_math.cuh) as their source.
+// kernels/cuda/fp8_quantize_tile.cuh (h) and the pipelined kernel of fp8_quantize_pipelined.cuh (dg and du together)
+// with SwiGLU's arithmetic (kernels/cuda/swiglu_math.cuh) as their source. On the H200 at the MoE benchmark's shape
+// (98304 x 1408) dg and du took 0.98 ms pipelined against 1.31 with the block kernel holding both in registers
+// (one block per SM), while h took 0.63 against 0.58 (bench/results/2026-11-29-gpu-run1-h200-*).
 // Per routed-expert layer this saves, forward, the re-read of h [rows, I] before its quantization and, backward,
 // writing dg and du [rows, I] in FP32 and reading them four times (rows and tokens quantization of each): the two
 // gradients are each computed where they are quantized, from dh, g (and u for dg).
@@ -9,6 +12,7 @@
 #include <string>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/fp8_quantize_pipelined.cuh"
 #include "kernels/cuda/fp8_quantize_tile.cuh"
 #include "kernels/cuda/swiglu_fp8.hpp"
 #include "kernels/cuda/swiglu_math.cuh"
@@ -18,8 +22,9 @@ namespace moerl::cuda {
 namespace {
 
 using fp8::kTile;
-using fp8::cuda::quant_detail::launch_quantize_tile_pairs;
+using fp8::cuda::quant_detail::launch_quantize_pipelined;
 using fp8::cuda::quant_detail::launch_quantize_tiles;
+using fp8::cuda::quant_detail::PipeOutputs;
 using fp8::cuda::quant_detail::TileOutputs;
 using swiglu_detail::silu_grads;
 using swiglu_detail::silu_times;
@@ -60,17 +65,15 @@ struct BackwardSource {
   }
 };
 
-// dg and du of swiglu_backward together: dh and g read once for both.
-struct BackwardPairSource {
+// dg and du from dh, g and u: the pipelined kernel's source (fp8_quantize_pipelined.cuh), for both gradients
+// quantized both ways in one pass.
+struct BackwardPairRows {
+  static constexpr int kInputs = 3, kOutputs = 2;
   const float *dh, *g, *u;
   int64_t cols;
-  __device__ __forceinline__ void operator()(int64_t r, int64_t c, float4& dg, float4& du) const {
-    const int64_t i = r * cols + c;
-    const float4 dhv = ld4(dh + i), gv = ld4(g + i), uv = ld4(u + i);
-    silu_grads(dhv.x, gv.x, uv.x, dg.x, du.x);
-    silu_grads(dhv.y, gv.y, uv.y, dg.y, du.y);
-    silu_grads(dhv.z, gv.z, uv.z, dg.z, du.z);
-    silu_grads(dhv.w, gv.w, uv.w, dg.w, du.w);
+  __device__ __forceinline__ const float* row(int64_t r, int i) const { return (i == 0 ? dh : i == 1 ? g : u) + r * cols; }
+  __device__ __forceinline__ void apply(const float (&in)[3], float (&out)[2]) const {
+    silu_grads(in[0], in[1], in[2], out[0], out[1]);
   }
 };
 
@@ -126,7 +129,7 @@ void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const f
   TileOutputs b = a;
   a.codes = dg.codes, a.scales = dg.scales, a.codes_t = dg.codes_t, a.scales_t = dg.scales_t;
   b.codes = du.codes, b.scales = du.scales, b.codes_t = du.codes_t, b.scales_t = du.scales_t;
-  launch_quantize_tile_pairs(BackwardPairSource{dh, g, u, cols}, a, b, stream);
+  launch_quantize_pipelined(BackwardPairRows{dh, g, u, cols}, PipeOutputs<2>{{a, b}}, stream);
 }
 
 void swiglu_forward_quantize_dual(const float* g, const float* u, int64_t rows, int64_t cols, float* h,

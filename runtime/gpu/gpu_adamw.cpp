@@ -114,11 +114,11 @@ StepStats GpuAdamW::step(int64_t step) {
   CUDA_CHECK(cudaMemcpyAsync(&sum, norm_sq_, sizeof(double), cudaMemcpyDeviceToHost, stream_));
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   stats.grad_norm = std::sqrt(sum);
-  // moerl::clip_grad_norm: scaled only when finite and above the limit.
-  if (config_.clip_grad_norm > 0 && std::isfinite(stats.grad_norm) && stats.grad_norm > config_.clip_grad_norm) {
-    const float factor = static_cast<float>(config_.clip_grad_norm / stats.grad_norm);
-    for (const Span& s : spans_) cuda::scale(s.g, s.n, factor, stream_);
-  }
+  // moerl::clip_grad_norm's factor (only when finite and above the limit), applied inside the update: the
+  // gradients are left as the backward wrote them.
+  float factor = 1.0f;
+  if (config_.clip_grad_norm > 0 && std::isfinite(stats.grad_norm) && stats.grad_norm > config_.clip_grad_norm)
+    factor = static_cast<float>(config_.clip_grad_norm / stats.grad_norm);
   if (!std::isfinite(stats.grad_norm)) {
     stats.skipped = true;
     return stats;
@@ -126,7 +126,7 @@ StepStats GpuAdamW::step(int64_t step) {
   const int64_t t = t_ + 1;
   for (const Span& s : spans_)
     cuda::adamw_step(s.w, s.g, s.m, s.v, s.n, stats.lr, config_.beta1, config_.beta2, config_.eps,
-                     s.decay ? config_.weight_decay : 0.0, t, stream_);
+                     s.decay ? config_.weight_decay : 0.0, t, stream_, factor);
   t_ = t;
   if (after_update_) after_update_();
   return stats;

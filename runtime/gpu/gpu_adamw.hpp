@@ -7,7 +7,7 @@
 // for about one chance in 10^7 (max_norm / norm within that difference of an FP32 rounding boundary).
 //
 // Parameters that lie back to back in device memory (value and gradient both adjacent, the same decay rule)
-// are updated, measured and scaled as one span: a model of ~750 tensors takes a few dozen launches per step.
+// are updated and measured as one span: a model of ~750 tensors takes a few dozen launches per step.
 // state() and load_state() use AdamW's tensor names, dtypes and shapes, so optimizer.safetensors files move
 // between the CPU and the GPU.
 #pragma once
@@ -45,9 +45,10 @@ class GpuAdamW {
   GpuAdamW(const GpuAdamW&) = delete;
   GpuAdamW& operator=(const GpuAdamW&) = delete;
 
-  // As AdamW::step: clips the gradients in place, then one update at learning_rate(config, step) (step is the
-  // 0-based training step; bias correction counts steps_taken() + 1). Synchronizes with the stream once, to
-  // read the norm.
+  // As AdamW::step: one update at learning_rate(config, step) from the clipped gradients (step is the 0-based
+  // training step; bias correction counts steps_taken() + 1). Unlike AdamW::step the gradients are not scaled in
+  // place: the clip factor is applied inside the update kernel (the same FP32 product), which saves a pass over
+  // them; they keep the backward's values. Synchronizes with the stream once, to read the norm.
   StepStats step(int64_t step);
 
   int64_t steps_taken() const { return t_; }

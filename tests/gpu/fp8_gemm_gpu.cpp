@@ -432,5 +432,37 @@ TEST_F(Fp8GemmGpu, ReusesOnePlanPerProblemAndRepeatsResultsBitForBit) {
   expect_close(offset, ref, absref, OutType::BF16, describe(256, 384, 512, 1, kTile, OutType::BF16) + " y+16 bytes");
 }
 
+TEST_F(Fp8GemmGpu, AccumulatesTheProductIntoAnFp32OutputAsWgradNeeds) {
+  // Wgrad's shape in the routed experts (dW [I, H] += dgᵀ · xᵀ over one expert's tokens: bench-600m's I 704, H 1024,
+  // ~2048 tokens), both operands 1x128 along the tokens. y starts at random values; the result must be y + a · bᵀ
+  // within the GEMM's tolerance (the sum is rounded once more, at most 2^-24 relative). Prints whether cuBLASLt
+  // took beta = 1 or the fallback (temporary + add kernel) ran.
+  std::mt19937_64 rng(fresh_seed("accumulate"));
+  cuda::GemmContext ctx;
+  const int64_t M = 704, N = 1024, K = 2048;
+  const HostOperand a = random_operand(M, K, 1, rng), b = random_operand(N, K, 1, rng);
+  const DeviceOperand da(a), db(b);
+  std::vector<float> y0(static_cast<size_t>(M * N));
+  std::normal_distribution<float> normal(0.0f, 64.0f);
+  for (float& v : y0) v = normal(rng);
+  DeviceBuffer<float> y(y0.size());
+  y.upload(y0);
+  cuda::gemm_nt_accumulate(ctx, da.view(), db.view(), y.get());
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<float> got = y.download();
+  std::vector<float> ref(y0.size()), absref(y0.size());
+  cpu::gemm_nt_reference(a.view(), b.view(), ref.data());
+  const HostOperand aa = absolute(a), ab = absolute(b);
+  cpu::gemm_nt_reference(aa.view(), ab.view(), absref.data());
+  std::vector<float> product(got.size());  // what the GEMM added, against the reference product
+  for (size_t i = 0; i < got.size(); ++i) {
+    product[i] = got[i] - y0[i];
+    absref[i] += std::ldexp(std::fabs(got[i]), -16);  // the one rounding of y0 + product, well inside 2^-8 of it
+  }
+  expect_close(product, ref, absref, OutType::FP32, describe(M, N, K, 1, 1, OutType::FP32) + " accumulated");
+  std::printf("[ fp8 gemm ] accumulate: %s\n",
+              ctx.accumulate_fallbacks() == 0 ? "cuBLASLt beta = 1" : "fallback (temporary + add kernel)");
+}
+
 }  // namespace
 }  // namespace moerl::fp8

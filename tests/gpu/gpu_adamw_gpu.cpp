@@ -1,5 +1,5 @@
 // gpu::GpuAdamW against moerl::AdamW: the same parameters and gradients on both, several steps through warmup and
-// cosine decay, with clipped steps, unclipped steps and a skipped one (a NaN gradient): weights, clipped gradients,
+// cosine decay, with clipped steps, unclipped steps and a skipped one (a NaN gradient): weights, gradients (left as given),
 // BF16 moments and update counts bit for bit. Checkpoint state moves between the two optimizers. Random values
 // from a fresh seed per run (printed; MOERL_TEST_SEED=<n> repeats it). Needs a GPU: skipped without one.
 #include <cuda_runtime_api.h>
@@ -135,9 +135,20 @@ SafeTensors as_file(const std::map<std::string, const Tensor*>& tensors, const s
   return as_file(std::move(copies), source);
 }
 
-// Every weight, gradient and moment of the GPU optimizer's parameters equals the CPU's, bit for bit.
+// A copy of params' gradients (values left zero).
+Params gradients_of(const Params& params) {
+  Params out;
+  for (const auto& [name, p] : params.all()) {
+    out.add(name, p.value.shape(), p.trainable);
+    std::memcpy(out.at(name).grad.bytes(), p.grad.bytes(), p.grad.nbytes());
+  }
+  return out;
+}
+
+// Every weight and moment of the GPU optimizer's parameters equals the CPU's, bit for bit, and every gradient is
+// the one the step was given (`grads`: the GPU applies the clip factor inside the update, the CPU clips in place).
 void expect_same_state(const std::string& when, Params& cpu, const AdamW& cpu_opt, DeviceArena& arena,
-                       const gpu::GpuAdamW& gpu_opt) {
+                       const gpu::GpuAdamW& gpu_opt, const Params& grads) {
   Params got;
   for (const auto& [name, p] : cpu.all()) got.add(name, p.value.shape(), p.trainable);
   arena.download_values(got);
@@ -149,8 +160,10 @@ void expect_same_state(const std::string& when, Params& cpu, const AdamW& cpu_op
     const Param& g = got.at(name);
     EXPECT_EQ(count_differing(when + " " + name + " weight", g.value.data<float>(), p.value.data<float>(), p.value.numel()), 0)
         << when << " " << name;
-    EXPECT_EQ(count_differing(when + " " + name + " grad", g.grad.data<float>(), p.grad.data<float>(), p.grad.numel()), 0)
-        << when << " " << name;
+    const Param& given = grads.at(name);
+    EXPECT_EQ(count_differing(when + " " + name + " grad", g.grad.data<float>(), given.grad.data<float>(),
+                              given.grad.numel()), 0)
+        << when << " " << name << ": the gradient was written";
   }
   for (const auto& [key, want] : want_state) {
     ASSERT_TRUE(got_state.count(key)) << when << ": the GPU state has no " << key;
@@ -198,6 +211,7 @@ TEST_F(GpuAdamWTest, StepsGiveTheCpuOptimizersBitsThroughClippingAndASkippedStep
     for (auto& [name, p] : cpu.all()) fill_normal(p.grad, rng, sigma);
     if (step == 3) cpu.at("c.norm").grad.data<float>()[7] = NAN;
     arena.upload_grads(cpu);
+    const Params given = gradients_of(cpu);  // before the CPU clips them in place
 
     const StepStats want = cpu_opt.step(step);
     const StepStats got = gpu_opt.step(step);
@@ -215,7 +229,7 @@ TEST_F(GpuAdamWTest, StepsGiveTheCpuOptimizersBitsThroughClippingAndASkippedStep
     ASSERT_EQ(gpu_opt.steps_taken(), cpu_opt.steps_taken());
     ASSERT_EQ(updates_seen, cpu_opt.steps_taken()) << "after_update runs once per applied update";
     // The same FP32 operations in the same order and the same BF16 rounding (kernels/cuda/adamw.hpp): every bit.
-    expect_same_state(when, cpu, cpu_opt, arena, gpu_opt);
+    expect_same_state(when, cpu, cpu_opt, arena, gpu_opt, given);
     if (HasFatalFailure()) return;
   }
 }
@@ -228,9 +242,11 @@ TEST_F(GpuAdamWTest, CheckpointStateMovesBetweenCpuAndGpuOptimizers) {
   AdamWConfig config;
   config.lr = 3e-3, config.warmup_steps = 0, config.total_steps = 10;
   AdamW cpu_opt(cpu, config);
+  Params given;  // the last step's gradients as given
   auto step_both = [&](AdamW& c, gpu::GpuAdamW& g, int64_t step) {
     for (auto& [name, p] : cpu.all()) fill_normal(p.grad, rng, 0.01f);
     arena.upload_grads(cpu);
+    given = gradients_of(cpu);
     c.step(step);
     g.step(step);
   };
@@ -242,14 +258,14 @@ TEST_F(GpuAdamWTest, CheckpointStateMovesBetweenCpuAndGpuOptimizers) {
     AdamW from_gpu(cpu, config);
     from_gpu.load_state(as_file(gpu_opt.state(), "gpu state"));
     EXPECT_EQ(from_gpu.steps_taken(), 2);
-    expect_same_state("gpu -> cpu", cpu, from_gpu, arena, gpu_opt);
+    expect_same_state("gpu -> cpu", cpu, from_gpu, arena, gpu_opt, given);
   }
   // CPU -> GPU: a fresh GPU optimizer restored from the CPU's state continues exactly as the CPU does.
   gpu::GpuAdamW restored(arena.params(), config, nullptr);
   restored.load_state(as_file(cpu_opt.state(), "cpu state"));
   EXPECT_EQ(restored.steps_taken(), 2);
   step_both(cpu_opt, restored, 2);
-  expect_same_state("cpu -> gpu, one more step", cpu, cpu_opt, arena, restored);
+  expect_same_state("cpu -> gpu, one more step", cpu, cpu_opt, arena, restored, given);
 }
 
 TEST_F(GpuAdamWTest, BadStateIsRefusedWithTheCpusMessageAndChangesNothing) {

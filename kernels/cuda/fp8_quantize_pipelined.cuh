@@ -1,0 +1,229 @@
+// Quantization both ways (1x128 tiles along rows and along columns) of values computed elementwise from several
+// activations, in one pipelined pass: SwiGLU's two gradients dg and du from dh, g and u (kernels/cuda/swiglu_fp8.cu).
+// Gives the bytes of fp8_quantize_tile.cuh's 128 x 128 block kernel, which holds a block's values in registers (for
+// two outputs, one block of 512 threads per SM) and so has no load in flight while a block reduces and writes.
+//
+// Here one persistent block of 512 threads per SM walks the 128 x 128 tiles (tile t = blockIdx.x + k · gridDim.x,
+// row-major over [rows / 128, tiles(cols)]) as half tiles of 64 rows, through a ring of S stages of shared memory
+// (each: the half tile of every input, 32 KiB an input): cp.async copies the next S - 1 halves while one is
+// quantized. S = 3 for 2 inputs, 2 for 3 (at most 227 KiB). A stage holds each input row-major, 32 chunks of 16
+// bytes a row, chunk j of row r at j ^ ((r / 4) % 8); columns past `cols` are zero-filled by the copy (the CPU's
+// padding of a partial tile).
+//   Rows:    lane 8 s + p of warp w takes row 4 w + s of the half, chunks p + 8 i (i < 4: a quarter warp reads one
+//            row's 8 distinct swizzled chunks, no bank conflict); it computes the outputs there, writes them back
+//            over the first inputs' chunks, takes the row amax in 3 shuffles and writes 4 x 4 codes (4-byte
+//            stores: a warp covers 32 bytes of each of its 4 rows).
+//   Columns: lane 16 g + q of warp w takes chunk 2 w + g (4 columns) and rows 4 q .. 4 q + 3 of each half (a
+//            quarter warp reads 8 rows of distinct (r / 4) % 8: no bank conflict), keeping the first half's values
+//            in registers; after the second half a column's amax is 4 shuffles within the half warp and each lane
+//            writes 2 x 4 codes a column (a half warp: 64 contiguous bytes of the column a half).
+// Two __syncthreads per half: after the first a stage's copies are visible and the stage read in the previous half
+// is free to refill; the second orders the rows' write-back before the columns' reads.
+//
+// Measured on the H200 (bench/results/2026-11-29-gpu-run{1,2}-h200-2e7f77e+*): SwiGLU's dg and du at the MoE
+// benchmark's shape (98304 x 1408) 0.98-1.01 ms against 1.31 with the block kernel. The scheme lost wherever the
+// block kernel runs two blocks per SM (one input or two): quantize_1x128_dual at 8192 x 8192 2.33-2.42 TB/s (with
+// whole tiles and 1024 threads 2.38-2.46) against 2.66-2.83, h from g and u 0.63 against 0.58 ms, the routed
+// experts' gathered output gradient 0.90 against 0.80 ms; those stay on the block kernel.
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/fp8_quantize_common.cuh"
+#include "kernels/cuda/fp8_quantize_tile.cuh"
+
+namespace moerl::fp8::cuda::quant_detail {
+
+constexpr int kPipeThreads = 512;
+constexpr int kHalfRows = kTile / 2;
+constexpr int kHalfChunks = kHalfRows * kTile / 4;  // 16-byte chunks of one input's half tile: 2048
+constexpr int kPipeSmemLimit = 227 * 1024;          // the most shared memory a block may opt in to (sm_90)
+
+template <int kInputs>
+struct PipeShape {
+  static constexpr int kStageBytes = kInputs * kHalfChunks * 16;
+  static constexpr int kStages = kPipeSmemLimit / kStageBytes < 6 ? kPipeSmemLimit / kStageBytes : 6;
+  static constexpr int kSmemBytes = kStages * kStageBytes;
+  static_assert(kStages >= 2, "at least double buffering");
+};
+
+// 16-byte copy into shared memory, zero-filled past src_bytes (0 or 16).
+__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, int src_bytes) {
+  const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait_pending() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// A source of the pipelined quantization:
+//   kInputs (2-3), kOutputs (1-2, <= kInputs): activations read, values quantized (each into its TileOutputs);
+//   row(r, i): the start of input i's row r (16-byte aligned);
+//   apply(in, out): the outputs of one element from its inputs.
+template <int kOutputs>
+struct PipeOutputs {
+  TileOutputs o[kOutputs];  // one shape (rows, cols, bounds), each its own codes and scales
+};
+
+template <class Src>
+__global__ void __launch_bounds__(kPipeThreads, 1)
+    quantize_pipelined_kernel(Src src, PipeOutputs<Src::kOutputs> outs, int64_t col_tiles, int64_t n_tiles) {
+  constexpr int NI = Src::kInputs, NO = Src::kOutputs, S = PipeShape<NI>::kStages;
+  constexpr int kStageChunks = PipeShape<NI>::kStageBytes / 16;
+  static_assert(NO >= 1 && NO <= NI && NI >= 2 && NI <= 3, "a source's shape");
+  extern __shared__ float4 pipe_smem[];
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  const int64_t cols = outs.o[0].cols, nrow_tiles = outs.o[0].rows / kTile;
+  const int64_t my_tiles = (n_tiles - blockIdx.x + gridDim.x - 1) / gridDim.x;  // blockIdx.x < n_tiles
+  const int64_t n_halves = 2 * my_tiles;
+
+  // Copies of this block's half u (if any) into stage u % S, as one commit group.
+  auto issue = [&](int64_t u) {
+    if (u < n_halves) {
+      const int64_t t = blockIdx.x + (u >> 1) * gridDim.x;
+      const int64_t r0 = (t / col_tiles) * kTile + (u & 1) * kHalfRows, c0 = (t % col_tiles) * kTile;
+      float4* stage = pipe_smem + (u % S) * kStageChunks;
+#pragma unroll
+      for (int m = 0; m < kHalfChunks / kPipeThreads; ++m) {
+        const int idx = tid + kPipeThreads * m, r = idx / 32, j = idx % 32;  // a warp: one row's 512 bytes
+        const int64_t c = c0 + 4 * j;
+#pragma unroll
+        for (int i = 0; i < NI; ++i) {
+          const float* row = src.row(r0 + r, i);
+          const bool in = c < cols;
+          cp_async16_zfill(stage + i * kHalfChunks + r * 32 + (j ^ ((r >> 2) & 7)), in ? row + c : row, in ? 16 : 0);
+        }
+      }
+    }
+    cp_async_commit_group();
+  };
+
+#pragma unroll
+  for (int u = 0; u < S - 1; ++u) issue(u);
+#pragma unroll 1
+  for (int64_t k = 0; k < my_tiles; ++k) {
+    const int64_t t = blockIdx.x + k * gridDim.x, rt = t / col_tiles, ct = t % col_tiles, c0 = ct * kTile;
+    const int g = lane >> 4, q = lane & 15, jc = 2 * warp + g;  // the columns' lane layout
+    float cv[NO][2][4][4];                                      // [output][half][row 4 q + i][column 4 jc + e]
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t u = 2 * k + h;
+      cp_async_wait_pending<S - 2>();  // this thread's copies of half u have landed
+      __syncthreads();                 // everyone's have; the stage of half u - 1 is no longer read
+      issue(u + S - 1);
+      float4* stage = pipe_smem + (u % S) * kStageChunks;
+      const int64_t r0 = rt * kTile + h * kHalfRows;
+
+      // Rows: one row and 16 columns a lane.
+      {
+        const int sub = lane >> 3, p = lane & 7, r = 4 * warp + sub;
+        float v[NO][4][4];
+        float a[NO];
+#pragma unroll
+        for (int o = 0; o < NO; ++o) a[o] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int pos = r * 32 + ((p + 8 * i) ^ ((r >> 2) & 7));
+          float4 in4[NI];
+#pragma unroll
+          for (int n = 0; n < NI; ++n) in4[n] = stage[n * kHalfChunks + pos];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            float ie[NI], oe[NO];
+#pragma unroll
+            for (int n = 0; n < NI; ++n) ie[n] = reinterpret_cast<const float*>(&in4[n])[e];
+            src.apply(ie, oe);
+#pragma unroll
+            for (int o = 0; o < NO; ++o) v[o][i][e] = oe[o];
+          }
+#pragma unroll
+          for (int o = 0; o < NO; ++o) {
+            a[o] = abs_max4(a[o], v[o][i]);
+            stage[o * kHalfChunks + pos] = make_float4(v[o][i][0], v[o][i][1], v[o][i][2], v[o][i][3]);
+          }
+        }
+#pragma unroll
+        for (int o = 0; o < NO; ++o) {
+          const TileOutputs& out = outs.o[o];
+          int amax = abs_bits(a[o]);
+          for (int offset = 1; offset < 8; offset *= 2) amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
+          const float scale = scale_from_amax_bits(amax);
+          const Divisor d = divisor(scale);
+          const int64_t gr = r0 + r;
+          if (p == 0) out.scales[gr * col_tiles + ct] = scale;
+#pragma unroll
+          for (int i = 0; i < 4; ++i) {
+            const int64_t c = c0 + 4 * (p + 8 * i);
+            if (c < cols) __stcs(reinterpret_cast<unsigned int*>(out.codes + gr * cols + c), encode4(v[o][i], d));
+          }
+        }
+      }
+      __syncthreads();  // the outputs written over the inputs are visible to the columns
+
+      // Columns: this half's rows 4 q .. 4 q + 3 of 4 columns, kept for the amax over both halves.
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int pos = (4 * q + i) * 32 + (jc ^ (q & 7));
+#pragma unroll
+        for (int o = 0; o < NO; ++o) {
+          const float4 f = stage[o * kHalfChunks + pos];
+          cv[o][h][i][0] = f.x, cv[o][h][i][1] = f.y, cv[o][h][i][2] = f.z, cv[o][h][i][3] = f.w;
+        }
+      }
+    }
+
+    // Columns of the whole tile: 128 rows each over the half warp.
+#pragma unroll
+    for (int o = 0; o < NO; ++o) {
+      const TileOutputs& out = outs.o[o];
+      uint8_t* dst0;
+      int64_t out_rows, first;
+      transposed_destination(out, rt * kTile, dst0, out_rows, first);
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float m = 0.0f;
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) m = fmaxf(m, fabsf(cv[o][h][i][e]));
+        int amax = abs_bits(m);
+        for (int offset = 1; offset < 16; offset *= 2) amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
+        const float scale = scale_from_amax_bits(amax);
+        const Divisor d = divisor(scale);
+        const int64_t c = c0 + 4 * jc + e;
+        if (c >= cols) continue;  // the same for the whole half warp (after its shuffles)
+        if (q == 0) out.scales_t[c * nrow_tiles + rt] = scale;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const float x4[4] = {cv[o][h][0][e], cv[o][h][1][e], cv[o][h][2][e], cv[o][h][3][e]};
+          __stcs(reinterpret_cast<unsigned int*>(dst0 + c * out_rows + first + h * kHalfRows + 4 * q),
+                 encode4(x4, d));
+        }
+      }
+    }
+  }
+}
+
+// Launches quantize_pipelined_kernel over outs (one shape: rows % 128 == 0, cols % 4 == 0, every input row 16-byte
+// and the codes 4-byte aligned; callers check), one block per SM (fewer for fewer tiles).
+template <class Src>
+void launch_quantize_pipelined(const Src& src, const PipeOutputs<Src::kOutputs>& outs, cudaStream_t stream) {
+  const TileOutputs& o = outs.o[0];
+  if (o.rows == 0 || o.cols == 0) return;
+  const auto kernel = quantize_pipelined_kernel<Src>;
+  constexpr int smem = PipeShape<Src::kInputs>::kSmemBytes;
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  int device = 0, sms = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t col_tiles = tiles(o.cols), n_tiles = o.rows / kTile * col_tiles;
+  const auto blocks = static_cast<unsigned>(n_tiles < sms ? n_tiles : int64_t{sms});
+  kernel<<<blocks, kPipeThreads, smem, stream>>>(src, outs, col_tiles, n_tiles);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moerl::fp8::cuda::quant_detail
