@@ -56,16 +56,12 @@ void quantize_1x128_dual(const float* x, int64_t rows, int64_t cols, const int64
                          uint8_t* codes, float* scales, uint8_t* codes_t, float* scales_t,
                          cudaStream_t stream = nullptr);
 
-// The kernel shapes of the transposed quantization, all giving the same bytes: blocks of 128 rows x 32 or x 64
-// columns of x staged in shared memory (Cols32, Cols64), or fp8_quantize_tile.cuh's blocks of 128 rows x 128
-// (quantize_1x128_dual's) or x 64 columns (Tiles64), transposed in swizzled shared memory with 16-byte code stores
-// (where their conditions fail — rows % 128, cols % 4, x 16-byte aligned — Cols32); Tiles64Rows4: 4 of Tiles64's
-// blocks down the rows per thread block, the next one loaded while the current one is quantized. `moerl bench gpu`
-// measures each (quant_1x128_transposed_<name>_gbps).
-enum class TransposedKernel { Cols32, Cols64, Blocks128, Tiles64, Tiles64Rows4 };
-// The one quantize_1x128_transposed(_grouped) use: MOERL_QUANT_TRANSPOSED=cols32|cols64|blocks128|tiles64|tiles64r4,
-// read once (default tiles64); throws moerl::Error on another value.
-TransposedKernel transposed_kernel();
+// The two kernel shapes of the transposed quantization, giving the same bytes: Tiles64, fp8_quantize_tile.cuh's
+// blocks of 128 rows x 64 columns transposed in swizzled shared memory with 16-byte code stores (what
+// quantize_1x128_transposed(_grouped) use), and Cols32, blocks of 128 rows x 32 columns staged in shared memory
+// with no condition on the shape (where Tiles64's fail — rows % 128, cols % 4, x 16-byte aligned — it runs
+// instead). `moerl bench gpu` measures both (quant_1x128_transposed_<name>_gbps).
+enum class TransposedKernel { Cols32, Tiles64 };
 const char* transposed_kernel_name(TransposedKernel kernel);
 // quantize_1x128_transposed with the given kernel shape.
 void quantize_1x128_transposed_with(TransposedKernel kernel, const float* x, int64_t rows, int64_t cols,

@@ -4,8 +4,8 @@
 //   gemm_bf16_8192_tflops                                   cuBLASLt BF16 GEMM, the same layout, for comparison
 //   quant_1x128_gbps, quant_128x128_gbps,
 //   quant_1x128_transposed_gbps                             fp8::cuda::quantize_*, 8192 x 8192 FP32 in
-//   quant_1x128_transposed_<shape>_gbps                     each kernel shape of the transposed one (cols32, cols64,
-//                                                           blocks128, tiles64, tiles64r4)
+//   quant_1x128_transposed_<shape>_gbps                     each kernel shape of the transposed one (cols32,
+//                                                           tiles64)
 //   quant_1x128_dual_gbps                                   quantize_1x128_dual: both ways, one read
 //   train_step_{fp8,bf16}_tokens_per_s, train_step_peak_mem_gib,
 //   moe_layer_{fp8,bf16}_ms                                 training: bench/cuda/train_step_bench.cu
@@ -283,12 +283,10 @@ void bench_quantize(Report& report, const std::string& device, cudaStream_t stre
     });
     const bool transposed = std::string(v.metric) == "quant_1x128_transposed_gbps";
     add(v.metric, 5.0 * static_cast<double>(n) + 4.0 * static_cast<double>(v.scale_count), ms,
-        transposed ? fc::transposed_kernel_name(fc::transposed_kernel()) : "");
+        transposed ? fc::transposed_kernel_name(fc::TransposedKernel::Tiles64) : "");
   }
-  // Every shape of the transposed kernel (the same bytes; MOERL_QUANT_TRANSPOSED picks the one in use).
-  for (fc::TransposedKernel k : {fc::TransposedKernel::Cols32, fc::TransposedKernel::Cols64,
-                                  fc::TransposedKernel::Blocks128, fc::TransposedKernel::Tiles64,
-                                  fc::TransposedKernel::Tiles64Rows4}) {
+  // Both shapes of the transposed kernel (the same bytes; tiles64 is the one in use).
+  for (fc::TransposedKernel k : {fc::TransposedKernel::Cols32, fc::TransposedKernel::Tiles64}) {
     const std::vector<float> ms = time_runs(stream, kWarmup, kRuns, [&](int) {
       fc::quantize_1x128_transposed_with(k, x.as<float>(), rows, cols, codes.as<uint8_t>(), scales.as<float>(), stream);
     });

@@ -32,11 +32,11 @@ constexpr int kRowWarps = 4;                // 1x128: warps per block
 constexpr int kTilesPerWarp = 4;            // 1x128: tiles per warp
 constexpr int kBlockWarps = 16;             // 128x128: warps per block
 constexpr int kTransposeWarps = 8;          // transposed: warps per block
-// transposed: columns of x per block, 32 or 64 (TransposedKernel, kernels/fp8_quantize.hpp); the default shape,
-// Tiles64, is fp8_quantize_tile.cuh's 128 x 64 block (transposed and swizzled in shared memory, 16-byte code
-// stores), where its conditions hold, else Cols32; Tiles64Rows4 takes 4 such blocks down the rows per thread block.
-// On the H200 at 8192 x 8192 (bench/results/2026-11-29-gpu-quant-h200-17b4933.jsonl, 5 runs of moerl bench gpu):
-// tiles64 3.13-3.39 TB/s, tiles64r4 2.60-3.05, blocks128 2.58-2.83, cols32 2.64-2.84, cols64 2.43-2.59. With x / scale
+// transposed: TransposedKernel (kernels/fp8_quantize.hpp): fp8_quantize_tile.cuh's 128 x 64 blocks (Tiles64)
+// where their conditions hold, else blocks of 128 rows x 32 columns (Cols32). On the H200 at 8192 x 8192
+// (bench/results/2026-11-29-gpu-quant-h200-17b4933.jsonl, 5 runs of moerl bench gpu): tiles64 3.13-3.39 TB/s against
+// shapes since removed: 4 such blocks down the rows per thread block 2.60-3.05, 128 x 128 blocks 2.58-2.83, cols32
+// 2.64-2.84, 64-column cols 2.43-2.59. With x / scale
 // by Divisor and the amax by fmaxf (fp8_quantize_common.cuh; bench/results/2026-11-29-gpu-dual-h200-af1791f.jsonl,
 // against main 782ab8a in the same call): tiles64 3.50-3.72 (3.41-3.52 before), 128x128 3.92-3.93 (3.82-3.83),
 // dual 2.77-2.80 (2.22-2.45). The 1x128 and the cols32/cols64 kernels keep __fdiv_rn: with one reciprocal per 4
@@ -276,20 +276,11 @@ void launch_transposed_cols(const char* fn, const float* x, int64_t rows, int64_
 void launch_transposed(TransposedKernel kernel, const char* fn, const float* x, int64_t rows, int64_t cols,
                        const int64_t* bounds, int64_t n_groups, uint8_t* codes_t, float* scales_t,
                        cudaStream_t stream) {
-  const bool tiled = kernel == TransposedKernel::Blocks128 || kernel == TransposedKernel::Tiles64 ||
-                     kernel == TransposedKernel::Tiles64Rows4;
-  if (tiled && tile_kernel_fits(x, rows, cols, nullptr, codes_t)) {
+  if (kernel == TransposedKernel::Tiles64 && tile_kernel_fits(x, rows, cols, nullptr, codes_t)) {
     TileOutputs o;
     o.rows = rows, o.cols = cols, o.codes_t = codes_t, o.scales_t = scales_t, o.bounds = bounds,
     o.n_groups = n_groups;
-    if (kernel == TransposedKernel::Tiles64)
-      launch_quantize_tiles<false, true, PlainSource, 64>(PlainSource{x, cols}, o, stream);
-    else if (kernel == TransposedKernel::Tiles64Rows4)
-      launch_quantize_tiles<false, true, PlainSource, 64, 4>(PlainSource{x, cols}, o, stream);
-    else
-      launch_quantize_tiles<false, true>(PlainSource{x, cols}, o, stream);
-  } else if (kernel == TransposedKernel::Cols64) {
-    launch_transposed_cols<64>(fn, x, rows, cols, bounds, n_groups, codes_t, scales_t, stream);
+    launch_quantize_tiles<false, true, PlainSource, 64>(PlainSource{x, cols}, o, stream);
   } else {
     launch_transposed_cols<32>(fn, x, rows, cols, bounds, n_groups, codes_t, scales_t, stream);
   }
@@ -332,13 +323,13 @@ void quantize_1x128_transposed(const float* x, int64_t rows, int64_t cols, uint8
                                cudaStream_t stream) {
   check_args("quantize_1x128_transposed", x, rows, cols, codes_t, scales_t);
   if (rows == 0 || cols == 0) return;
-  launch_transposed(transposed_kernel(), "quantize_1x128_transposed", x, rows, cols, nullptr, 0, codes_t, scales_t,
+  launch_transposed(TransposedKernel::Tiles64, "quantize_1x128_transposed", x, rows, cols, nullptr, 0, codes_t, scales_t,
                     stream);
 }
 
 void quantize_1x128_transposed_grouped(const float* x, int64_t rows, int64_t cols, const int64_t* bounds,
                                        int64_t n_groups, uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
-  quantize_1x128_transposed_grouped_with(transposed_kernel(), x, rows, cols, bounds, n_groups, codes_t, scales_t,
+  quantize_1x128_transposed_grouped_with(TransposedKernel::Tiles64, x, rows, cols, bounds, n_groups, codes_t, scales_t,
                                          stream);
 }
 
@@ -362,26 +353,10 @@ void quantize_1x128_transposed_with(TransposedKernel kernel, const float* x, int
   launch_transposed(kernel, "quantize_1x128_transposed_with", x, rows, cols, nullptr, 0, codes_t, scales_t, stream);
 }
 
-TransposedKernel transposed_kernel() {
-  static const TransposedKernel from_env = [] {
-    const char* v = std::getenv("MOERL_QUANT_TRANSPOSED");
-    if (v == nullptr || *v == '\0') return TransposedKernel::Tiles64;
-    for (TransposedKernel k : {TransposedKernel::Cols32, TransposedKernel::Cols64, TransposedKernel::Blocks128,
-                               TransposedKernel::Tiles64, TransposedKernel::Tiles64Rows4})
-      if (std::string(v) == transposed_kernel_name(k)) return k;
-    throw Error(std::string("MOERL_QUANT_TRANSPOSED: expected cols32, cols64, blocks128, tiles64 or tiles64r4, got '") +
-                v + "'");
-  }();
-  return from_env;
-}
-
 const char* transposed_kernel_name(TransposedKernel k) {
   switch (k) {
     case TransposedKernel::Cols32: return "cols32";
-    case TransposedKernel::Cols64: return "cols64";
-    case TransposedKernel::Blocks128: return "blocks128";
     case TransposedKernel::Tiles64: return "tiles64";
-    case TransposedKernel::Tiles64Rows4: return "tiles64r4";
   }
   return "?";
 }

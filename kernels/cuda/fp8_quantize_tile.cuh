@@ -80,11 +80,10 @@ __device__ __forceinline__ void transposed_destination(const TileOutputs& o, int
 }
 
 // The block (rt, blockIdx.x)'s values, v[k] = x[r, c .. c + 3] at the load layout above (zeros past cols),
-// quantized into o. Uses the block's shared memory when kCols; the caller syncs before reusing it. With kCols,
-// refill() is called once v is in shared memory (it may load the next block into v); v is not read after it.
-template <bool kRows, bool kCols, int kTC, class Refill>
+// quantized into o. Uses the block's shared memory when kCols.
+template <bool kRows, bool kCols, int kTC>
 __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], const TileOutputs& o,
-                                                     float4* tile_smem, int64_t rt, const Refill& refill) {
+                                                     float4* tile_smem, int64_t rt) {
   using Shape = TileShape<kTC>;
   static_assert(!kRows || kTC == kTile, "row tiles need all 128 columns in the block");
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
@@ -118,7 +117,6 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
       for (int e = 0; e < 4; ++e) tile[swizzled(cc + e, rr)] = v[k][e];
     }
     __syncthreads();
-    refill();
     // This thread's column jj (swizzle p) and rows 16 k4 + 4 i .. + 3 (i < 4), 64 + 16 k4 + 4 (i - 4) .. (i >= 4).
     const int p = lane & 7, k4 = lane >> 3;
     const int jj = 32 * (warp / 4) + 4 * p + warp % 4;
@@ -162,68 +160,45 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
   }
 }
 
-// The source at (r, c) (c + 3 < cols) returns x[r, c .. c + 3]; it is called once per such group. kRT > 1 (the
-// columns alone): the block takes kRT row tiles in turn, rows 128 kRT blockIdx.y .., loading the next tile's
-// values while it quantizes the current one, so each column's codes go out kRT x 128 bytes at a time.
-// Registers (ptxas, sm_90a): 64 a thread (2 blocks of 512 or 4 of 256 per SM); kRT > 1 holds the next tile's
-// values beside the current column's, 108 (2 blocks; at 80, 3 blocks, it spills).
-template <class Src, bool kRows, bool kCols, int kTC, int kRT>
-__global__ void __launch_bounds__(TileShape<kTC>::kThreads, kRT > 1 || kTC == kTile ? 2 : 4)
+// The source at (r, c) (c + 3 < cols) returns x[r, c .. c + 3]; it is called once per such group.
+// Registers (ptxas, sm_90a): 64 a thread (2 blocks of 512 or 4 of 256 per SM).
+template <class Src, bool kRows, bool kCols, int kTC>
+__global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4)
     quantize_tile_kernel(Src src, TileOutputs o) {
   using Shape = TileShape<kTC>;
-  static_assert(kRT == 1 || (kCols && !kRows), "several row tiles per block for the columns alone");
   extern __shared__ float4 tile_smem[];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTC, nrt = o.rows / kTile;
-  const int64_t rt0 = static_cast<int64_t>(blockIdx.y) * kRT;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTC, rt = blockIdx.y;
   float v[kTileLoads][4];
-  auto load = [&](int64_t rt) {
 #pragma unroll
-    for (int k = 0; k < kTileLoads; ++k) {
-      const int64_t r = rt * kTile + Shape::row(k, warp, sub), c = c0 + Shape::col(k, quad);
-      if (c < o.cols) {
-        const float4 f = src(r, c);
-        v[k][0] = f.x, v[k][1] = f.y, v[k][2] = f.z, v[k][3] = f.w;
-      } else {
-        v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.0f;  // the CPU's zero padding of a partial tile
-      }
+  for (int k = 0; k < kTileLoads; ++k) {
+    const int64_t r = rt * kTile + Shape::row(k, warp, sub), c = c0 + Shape::col(k, quad);
+    if (c < o.cols) {
+      const float4 f = src(r, c);
+      v[k][0] = f.x, v[k][1] = f.y, v[k][2] = f.z, v[k][3] = f.w;
+    } else {
+      v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.0f;  // the CPU's zero padding of a partial tile
     }
-  };
-  load(rt0);
-#pragma unroll 1
-  for (int i = 0; i < kRT; ++i) {
-    const int64_t rt = rt0 + i;
-    if (rt >= nrt) break;  // the same for the whole block
-    if (i > 0) __syncthreads();  // every warp has read the previous tile from shared memory
-    quantize_tile_values<kRows, kCols, kTC>(v, o, tile_smem, rt, [&] {
-      if (i + 1 < kRT && rt + 1 < nrt) load(rt + 1);
-    });
   }
+  quantize_tile_values<kRows, kCols, kTC>(v, o, tile_smem, rt);
 }
 
-// Launches quantize_tile_kernel over ceil(o.rows / (128 kRT)) x ceil(o.cols / kTC) blocks (the caller has checked
-// the layout's needs, above).
-template <bool kRows, bool kCols, class Src, int kTC, int kRT>
-void launch_tile_kernel(const Src& src, const TileOutputs& o, cudaStream_t stream) {
-  const auto kernel = quantize_tile_kernel<Src, kRows, kCols, kTC, kRT>;
-  const int smem = kCols ? TileShape<kTC>::kSmemBytes : 0;
-  if (kCols) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  const int64_t row_blocks = (o.rows / kTile + kRT - 1) / kRT;
-  const dim3 grid(static_cast<unsigned>((o.cols + kTC - 1) / kTC), static_cast<unsigned>(row_blocks));
-  kernel<<<grid, TileShape<kTC>::kThreads, smem, stream>>>(src, o);
-  CUDA_CHECK_LAUNCH();
-}
-
-// Launches quantize_tile_kernel for kRows, kCols over o (the caller has checked the layout's needs, above); both
-// ways in 128 x 128 blocks. (Clusters of 2 or 4 thread blocks per 128 x 128 block exchanging their row amaxes
-// through distributed shared memory, 4 or 8 blocks per SM, were measured slower on the H200: 2.50-2.63 TB/s
-// against 2.64-2.80 at 8192 x 8192, bench/results/2026-11-29-gpu-dual-h200-af1791f.jsonl; removed.)
-template <bool kRows, bool kCols, class Src, int kTC = kTile, int kRT = 1>
+// Launches quantize_tile_kernel for kRows, kCols over o: rows / 128 x ceil(cols / kTC) blocks (the caller has
+// checked the layout's needs, above); both ways in 128 x 128 blocks. (Clusters of 2 or 4 thread blocks per 128 x
+// 128 block exchanging their row amaxes through distributed shared memory, 4 or 8 blocks per SM, were measured
+// slower on the H200: 2.50-2.63 TB/s against 2.64-2.80 at 8192 x 8192,
+// bench/results/2026-11-29-gpu-dual-h200-af1791f.jsonl; removed.)
+template <bool kRows, bool kCols, class Src, int kTC = kTile>
 void launch_quantize_tiles(const Src& src, const TileOutputs& o, cudaStream_t stream) {
   static_assert(kRows || kCols, "nothing to write");
-  static_assert(!(kRows && kCols) || (kTC == kTile && kRT == 1), "both ways: 128 x 128 blocks");
+  static_assert(!(kRows && kCols) || kTC == kTile, "both ways: 128 x 128 blocks");
   if (o.rows == 0 || o.cols == 0) return;
-  launch_tile_kernel<kRows, kCols, Src, kTC, kRT>(src, o, stream);
+  const auto kernel = quantize_tile_kernel<Src, kRows, kCols, kTC>;
+  const int smem = kCols ? TileShape<kTC>::kSmemBytes : 0;
+  if (kCols) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  const dim3 grid(static_cast<unsigned>((o.cols + kTC - 1) / kTC), static_cast<unsigned>(o.rows / kTile));
+  kernel<<<grid, TileShape<kTC>::kThreads, smem, stream>>>(src, o);
+  CUDA_CHECK_LAUNCH();
 }
 
 // The plain source: x [rows, cols] in memory, read once (streaming).

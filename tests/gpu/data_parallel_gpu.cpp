@@ -193,33 +193,6 @@ ModelConfig tiny_config(bool mtp) {
   return c;
 }
 
-// Dimensions that suit the FP8 recipe's 128-wide tiles and the benchmark's head dims (tests/gpu/model_gpu.cpp's
-// random_config, q_lora 0).
-ModelConfig tile_config() {
-  ModelConfig c;
-  c.vocab_size = 512;
-  c.hidden_size = 256;
-  c.intermediate_size = 512;
-  c.moe_intermediate_size = 128;
-  c.num_hidden_layers = 3;
-  c.first_k_dense_replace = 1;
-  c.num_attention_heads = 4;
-  c.kv_lora_rank = 128;
-  c.qk_nope_head_dim = 64;
-  c.qk_rope_head_dim = 32;
-  c.v_head_dim = 64;
-  c.n_routed_experts = 8;
-  c.n_shared_experts = 1;
-  c.num_experts_per_tok = 2;
-  c.n_group = 2;
-  c.topk_group = 1;
-  c.routed_scaling_factor = 2.5;
-  c.num_nextn_predict_layers = 1;
-  c.max_position_embeddings = 256;
-  c.initializer_range = 0.05;
-  return c;
-}
-
 // Random tokens, each row's labels the next tokens (the last one unlabelled). `uneven`: the first 3 labels of
 // sequence 0 are ignored too, so replica 0 counts fewer tokens than replica 1.
 struct Tokens {
@@ -342,14 +315,14 @@ TEST_F(TwoGpus, DataParallelBf16AndFp8StepsStayWithinTheirPrecisionOfOneGpu) {
     options.mtp_weight = 0.3f;
     options.balance_alpha = 1e-3f;
     const double tol = p == Precision::FP8 ? 1e-2 : 1e-3;
-    compare_one_and_two(tile_config(), tokens, options, adam(1e-2, 4), 2, 1e-4, tol, std::string(precision_name(p)));
+    compare_one_and_two(gpu_test::tile_gpu_config(), tokens, options, adam(1e-2, 4), 2, 1e-4, tol, std::string(precision_name(p)));
   }
 }
 
 // ZeRO-1: each replica's optimizer holds the moments of its half of the parameters only, and the all-gather
 // leaves both replicas with the same weights, bit for bit.
 TEST_F(TwoGpus, ZeroOneHalvesEachReplicasMomentsAndKeepsTheReplicasIdentical) {
-  const ModelConfig config = tile_config();
+  const ModelConfig config = gpu_test::tile_gpu_config();
   Model host(config);
   host.init_random(3);
   gpu::GpuDataParallel dp(config, 2);

@@ -30,6 +30,19 @@ using fp8::tiles;
 
 class Fp8FusedGpu : public GpuTest {};
 
+// The CPU's codes of x [bounds.back(), cols]'s rows cut into groups at bounds: each group's own transpose
+// [cols, n_g] (quantize_1x128_transposed of its rows alone) packed at bounds[g] · cols of codes_t.
+void packed_group_transposes(const std::vector<float>& x, const std::vector<int64_t>& bounds, int64_t cols,
+                             std::vector<uint8_t>& codes_t) {
+  for (size_t g = 0; g + 1 < bounds.size(); ++g) {
+    const int64_t first = bounds[g], n = bounds[g + 1] - first;
+    if (n == 0) continue;
+    std::vector<float> group_scales(static_cast<size_t>(cols * tiles(n)));
+    fp8::cpu::quantize_1x128_transposed(x.data() + first * cols, n, cols, codes_t.data() + first * cols,
+                                        group_scales.data());
+  }
+}
+
 // Normal values with a magnitude per row from 2^-20 to 2^20 (so tiles along rows and along columns see very
 // different scales), one all-zero row and a row with a lone large value (small ones land on subnormal codes).
 std::vector<float> random_activation(int64_t rows, int64_t cols, std::mt19937_64& rng) {
@@ -80,8 +93,7 @@ TEST_F(Fp8FusedGpu, EveryTransposedKernelShapeGivesTheCpuBytes) {
     fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes.data(), scales.data());
     DeviceBuffer<float> dx(x), ds(scales.size());
     DeviceBuffer<uint8_t> dc(codes.size());
-    for (TransposedKernel k : {TransposedKernel::Cols32, TransposedKernel::Cols64, TransposedKernel::Blocks128,
-                               TransposedKernel::Tiles64, TransposedKernel::Tiles64Rows4}) {
+    for (TransposedKernel k : {TransposedKernel::Cols32, TransposedKernel::Tiles64}) {
       const std::string what = std::string(fp8::cuda::transposed_kernel_name(k)) + " " + shape_name(rows, cols);
       dc.poison();
       ds.poison();
@@ -91,7 +103,7 @@ TEST_F(Fp8FusedGpu, EveryTransposedKernelShapeGivesTheCpuBytes) {
       expect_same_bits(ds.download(), scales, what + " scales");
     }
   }
-  std::printf("[ fp8 fused ] transposed quantization, kernels cols32/cols64/blocks128/tiles64(r4), 7 shapes: CPU bytes\n");
+  std::printf("[ fp8 fused ] transposed quantization, kernels cols32/tiles64, 7 shapes: CPU bytes\n");
 }
 
 TEST_F(Fp8FusedGpu, TiledTransposedKernelsWriteCodesAlignedToFourBytesOnlyAsTheCpuDoes) {
@@ -105,7 +117,7 @@ TEST_F(Fp8FusedGpu, TiledTransposedKernelsWriteCodesAlignedToFourBytesOnlyAsTheC
   fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes.data(), scales.data());
   DeviceBuffer<float> dx(x), ds(scales.size());
   DeviceBuffer<uint8_t> dc(static_cast<size_t>(n + 2 * pad));
-  for (TransposedKernel k : {TransposedKernel::Blocks128, TransposedKernel::Tiles64, TransposedKernel::Tiles64Rows4}) {
+  for (TransposedKernel k : {TransposedKernel::Tiles64}) {
     const std::string what = std::string(fp8::cuda::transposed_kernel_name(k)) + " codes at +4 bytes";
     dc.poison();
     ds.poison();
@@ -122,7 +134,7 @@ TEST_F(Fp8FusedGpu, TiledTransposedKernelsWriteCodesAlignedToFourBytesOnlyAsTheC
 }
 
 TEST_F(Fp8FusedGpu, EveryTransposedKernelShapePacksEachGroupAsTheCpuDoesOnItsOwnRows) {
-  // Groups of 256, 0 (empty: skipped), 384 and 128 rows (a 4-row-tile block of tiles64r4 spans groups); 196
+  // Groups of 256, 0 (empty: skipped), 384 and 128 rows; 196
   // columns: a last 64-column block of 4. Each group's codes are the CPU's transpose of its rows alone, packed
   // at bounds[g] · cols; the scales are those of the whole (every 128-row tile lies in one group).
   std::mt19937_64 rng(run_seed() + 106);
@@ -132,18 +144,11 @@ TEST_F(Fp8FusedGpu, EveryTransposedKernelShapePacksEachGroupAsTheCpuDoesOnItsOwn
   std::vector<uint8_t> codes(static_cast<size_t>(rows * cols)), unused(codes.size());
   std::vector<float> scales(static_cast<size_t>(cols * tiles(rows)));
   fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, unused.data(), scales.data());
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t first = bounds[static_cast<size_t>(g)], n = bounds[static_cast<size_t>(g) + 1] - first;
-    if (n == 0) continue;
-    std::vector<float> group_scales(static_cast<size_t>(cols * tiles(n)));
-    fp8::cpu::quantize_1x128_transposed(x.data() + first * cols, n, cols, codes.data() + first * cols,
-                                        group_scales.data());
-  }
+  packed_group_transposes(x, bounds, cols, codes);
   DeviceBuffer<float> dx(x), ds(scales.size());
   DeviceBuffer<int64_t> db(bounds);
   DeviceBuffer<uint8_t> dc(codes.size());
-  for (TransposedKernel k : {TransposedKernel::Cols32, TransposedKernel::Cols64, TransposedKernel::Blocks128,
-                             TransposedKernel::Tiles64, TransposedKernel::Tiles64Rows4}) {
+  for (TransposedKernel k : {TransposedKernel::Cols32, TransposedKernel::Tiles64}) {
     const std::string what = std::string(fp8::cuda::transposed_kernel_name(k)) + " grouped";
     dc.poison();
     ds.poison();
@@ -187,11 +192,7 @@ TEST_F(Fp8FusedGpu, DualQuantizationGivesBothCpuResultsFromOneReadOnRaggedAndGro
   std::vector<float> scales(static_cast<size_t>(rows * tiles(cols))), scales_t(static_cast<size_t>(cols * rows / 128));
   fp8::cpu::quantize_1x128(x.data(), rows, cols, codes.data(), scales.data());
   fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, whole_t.data(), scales_t.data());
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t first = bounds[g], n = bounds[g + 1] - first;
-    std::vector<float> s_g(static_cast<size_t>(cols * tiles(n)));
-    if (n > 0) fp8::cpu::quantize_1x128_transposed(x.data() + first * cols, n, cols, codes_t.data() + first * cols, s_g.data());
-  }
+  packed_group_transposes(x, bounds, cols, codes_t);
   DeviceBuffer<float> dx(x), ds(scales.size()), dst(scales_t.size());
   DeviceBuffer<uint8_t> dc(codes.size()), dct(codes.size());
   DeviceBuffer<int64_t> db(bounds);
@@ -383,8 +384,7 @@ TEST_F(Fp8FusedGpu, ReportsBandwidth) {
     DeviceBuffer<float> x(normal_values(static_cast<size_t>(n), 1.0f, rng)), s(n / 64), st(n / 64);
     DeviceBuffer<uint8_t> c(n), ct(n);
     const double one_way = 5.0 * n + 4.0 * n / 128;
-    for (TransposedKernel k : {TransposedKernel::Cols32, TransposedKernel::Cols64, TransposedKernel::Blocks128,
-                               TransposedKernel::Tiles64, TransposedKernel::Tiles64Rows4}) {
+    for (TransposedKernel k : {TransposedKernel::Cols32, TransposedKernel::Tiles64}) {
       const double ms = median_ms([&] { fp8::cuda::quantize_1x128_transposed_with(k, x.get(), rows, cols, ct.get(), st.get()); });
       std::printf("[ fp8 fused ] quantize_1x128_transposed %s 8192x8192: %.1f us, %.0f GB/s\n",
                   fp8::cuda::transposed_kernel_name(k), ms * 1e3, one_way / ms / 1e6);

@@ -30,6 +30,7 @@
 #include "runtime/model/model.hpp"
 #include "runtime/safetensors.hpp"
 #include "tests/gpu/moe_gpu_support.hpp"
+#include "tests/gpu/recipe_support.hpp"
 
 namespace moerl {
 namespace {
@@ -81,34 +82,6 @@ ModelConfig tiny_config() {
   std::ifstream f(kFixture + "/config.json");
   ModelConfig c = ModelConfig::from_hf_json(nlohmann::json::parse(f), "config.json");
   c.num_nextn_predict_layers = 0;
-  return c;
-}
-
-// A small model whose dimensions suit the FP8 recipe's 128-wide tiles, with the benchmark's attention head dims
-// (qk 64 + 32 = 96, v 64), MTP, shared experts and group-limited routing.
-ModelConfig random_config(int64_t q_lora_rank) {
-  ModelConfig c;
-  c.vocab_size = 512;
-  c.hidden_size = 256;
-  c.intermediate_size = 512;
-  c.moe_intermediate_size = 128;
-  c.num_hidden_layers = 3;
-  c.first_k_dense_replace = 1;
-  c.num_attention_heads = 4;
-  c.q_lora_rank = q_lora_rank;
-  c.kv_lora_rank = 128;
-  c.qk_nope_head_dim = 64;
-  c.qk_rope_head_dim = 32;
-  c.v_head_dim = 64;
-  c.n_routed_experts = 8;
-  c.n_shared_experts = 1;
-  c.num_experts_per_tok = 2;
-  c.n_group = 2;
-  c.topk_group = 1;
-  c.routed_scaling_factor = 2.5;
-  c.num_nextn_predict_layers = 1;
-  c.max_position_embeddings = 256;
-  c.initializer_range = 0.05;  // larger than 0.02 so every layer moves the logits visibly
   return c;
 }
 
@@ -174,7 +147,7 @@ void print_report(const char* what, const LossReport& r) {
 }
 
 TEST_F(ModelGpu, ListsTheCpuModelsParametersWithStackedExperts) {
-  const ModelConfig c = random_config(128);
+  const ModelConfig c = gpu_test::tile_gpu_config(128);
   Model cpu(c);
   GpuModel g(c);
   const auto& dev = g.params();
@@ -263,7 +236,7 @@ TEST_F(ModelGpu, ReproducesHfLogitsLossAndEveryGradientInFp32) {
 // (and the sigmoid's expf, see kernels/cuda/router.hpp), so the fixture's bounds apply: 1e-5 on logits and
 // losses, 1e-4 per gradient (max_rel).
 TEST_F(ModelGpu, MatchesTheCpuModelInFp32WithMtpAndBalanceLoss) {
-  const ModelConfig c = random_config(0);
+  const ModelConfig c = gpu_test::tile_gpu_config(0);
   std::mt19937_64 rng(run_seed());
   Model cpu(c);
   init_cpu(cpu, run_seed());
@@ -326,7 +299,7 @@ TEST_F(ModelGpu, MatchesTheCpuModelInFp32WithMtpAndBalanceLoss) {
 constexpr double kRecipeFactor = 2.0;
 
 void compare_reduced_precision(Precision p, int64_t q_lora_rank) {
-  const ModelConfig c = random_config(q_lora_rank);
+  const ModelConfig c = gpu_test::tile_gpu_config(q_lora_rank);
   std::mt19937_64 rng(run_seed() + 7);
   Model cpu(c);
   init_cpu(cpu, run_seed() + 11);
@@ -495,7 +468,7 @@ TEST_F(ModelGpu, MatchesTheCpuModelInFp8WithTheHeadInBf16) { compare_reduced_pre
 // Two identical steps give identical bits: losses, logits and every gradient, in each precision; an evaluation
 // forward (for_backward = false) gives the same losses and refuses backward.
 TEST_F(ModelGpu, RepeatedStepsAreBitIdentical) {
-  const ModelConfig c = random_config(128);
+  const ModelConfig c = gpu_test::tile_gpu_config(128);
   std::mt19937_64 rng(run_seed() + 23);
   Model cpu(c);
   init_cpu(cpu, run_seed() + 29);
@@ -538,7 +511,7 @@ TEST_F(ModelGpu, RepeatedStepsAreBitIdentical) {
 // CPU's, and the next forward routes with it. A forward without MTP leaves the MTP layer's load as it was, as on
 // the CPU.
 TEST_F(ModelGpu, RouterBiasUpdateAndExpertLoadsMatchTheCpu) {
-  const ModelConfig c = random_config(0);
+  const ModelConfig c = gpu_test::tile_gpu_config(0);
   std::mt19937_64 rng(run_seed() + 31);
   Model cpu(c);
   init_cpu(cpu, run_seed() + 37);
@@ -664,7 +637,7 @@ TEST_F(ModelGpu, RunsTheBenchmarkShapeInEveryPrecision) {
 
 // Information, not an assertion: step time and peak memory of the random config in each precision.
 TEST_F(ModelGpu, PrintsStepTimeAndPeakMemory) {
-  const ModelConfig c = random_config(128);
+  const ModelConfig c = gpu_test::tile_gpu_config(128);
   std::mt19937_64 rng(run_seed() + 41);
   Model cpu(c);
   init_cpu(cpu, run_seed() + 43);
