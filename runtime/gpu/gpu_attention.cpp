@@ -8,6 +8,7 @@
 #include "kernels/cuda/rope.hpp"
 #include "runtime/error.hpp"
 #include "runtime/gpu/gpu_layers.hpp"
+#include "runtime/gpu/gpu_profile.hpp"
 
 namespace moerl::gpu::detail {
 
@@ -75,8 +76,10 @@ void GpuMla::forward(const float* x, float* y, const Run& r) {
   cuda::LinearContext& lin = *r.linear;
   x_ = x;
   precision_ = p;
+  SubPhases phase(p, "attn.fwd", r.stream);
 
   // Queries [T, H*dq].
+  phase.next("q");
   if (q_lora_ > 0) {
     Temp<float> normed(T * q_lora_, r), rstd(T, r);
     cuda::linear_forward(lin, p, x, q_a_->value, q_a_out_, T, q_lora_, hidden_, r.stream);
@@ -87,6 +90,7 @@ void GpuMla::forward(const float* x, float* y, const Run& r) {
   }
 
   // Latent and shared rope key: ckv [T, kv_lora + dr] = [c | k_rope]; c is kept contiguous for its norm.
+  phase.next("kv");
   Temp<float> ckv(T * ckv_dim, r);
   cuda::linear_forward(lin, p, x, kv_a_->value, ckv.get(), T, ckv_dim, hidden_, r.stream);
   copy_columns(c_, kv_lora_, ckv.get(), ckv_dim, T, kv_lora_, r.stream);
@@ -98,6 +102,7 @@ void GpuMla::forward(const float* x, float* y, const Run& r) {
   }
 
   // RoPE: every head's q_rope, and the one k_rope per token (in place inside ckv).
+  phase.next("rope+core");
   cuda::rope_forward(q_ + dn_, T, seq_, H, H * dq_, dq_, dr_, theta_, interleave_, r.stream);
   cuda::rope_forward(ckv.get() + kv_lora_, T, seq_, 1, ckv_dim, dr_, dr_, theta_, interleave_, r.stream);
 
@@ -114,6 +119,7 @@ void GpuMla::forward(const float* x, float* y, const Run& r) {
     (tc ? cuda::attention_forward_bf16 : cuda::attention_forward)(q_, k_, v_, attn_, lse_, batch_, seq_, H, dq_, dv_,
                                                                    scale_, r.stream);
   }
+  phase.next("o");
   cuda::linear_forward(lin, p, attn_, o_->value, y, T, hidden_, H * dv_, r.stream);
   saved_ = true;
 }
@@ -126,11 +132,15 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
   cuda::LinearContext& lin = *r.linear;
   const int64_t T = batch_ * seq_, H = heads_, ckv_dim = kv_lora_ + dr_;
 
+  SubPhases phase(p, "attn.bwd", r.stream);
+
   // o_proj.
+  phase.next("o");
   Temp<float> d_attn(T * H * dv_, r);
   cuda::linear_backward(lin, p, dy, attn_, o_->value, d_attn.get(), o_->grad, T, hidden_, H * dv_, r.stream);
 
   // Attention core.
+  phase.next("core+rope");
   Temp<float> d_q(T * H * dq_, r);
   Temp<float> d_ckv(T * ckv_dim, r);  // [dc | dk_rope]
   Temp<float> d_kv(T * H * (dn_ + dv_), r);
@@ -151,6 +161,7 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
   cuda::rope_backward(d_ckv.get() + kv_lora_, T, seq_, 1, ckv_dim, dr_, dr_, theta_, interleave_, r.stream);
 
   // kv_b_proj and kv_a_layernorm (its output and rstd recomputed from the saved latent).
+  phase.next("kv_b");
   {
     Temp<float> normed(T * kv_lora_, r), rstd(T, r), d_normed(T * kv_lora_, r), d_c(T * kv_lora_, r);
     cuda::rmsnorm_forward(c_, kv_a_norm_->value, normed.get(), rstd.get(), T, kv_lora_, eps_, r.stream);
@@ -162,7 +173,9 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
   }
 
   // kv_a_proj_with_mqa writes dx; the query path adds to it.
+  phase.next("kv_a");
   cuda::linear_backward(lin, p, d_ckv.get(), x_, kv_a_->value, dx, kv_a_->grad, T, ckv_dim, hidden_, r.stream);
+  phase.next("q");
   Temp<float> dx_q(T * hidden_, r);
   if (q_lora_ > 0) {
     Temp<float> normed(T * q_lora_, r), rstd(T, r), d_normed(T * q_lora_, r), d_qa(T * q_lora_, r);
