@@ -181,8 +181,7 @@ void linear_backward(LinearContext& ctx, Precision p, const float* dy, const flo
       return;
     }
     case Precision::FP8:
-      if (want_dx) linear_detail::fp8_dgrad(c, dy, w, dx, M, N, K, stream);
-      if (want_dw) linear_detail::fp8_wgrad(c, dy, x, dw, M, N, K, stream);
+      linear_detail::fp8_backward(c, dy, x, w, want_dx ? dx : nullptr, want_dw ? dw : nullptr, M, N, K, stream);
       return;
   }
 }

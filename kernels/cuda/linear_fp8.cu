@@ -294,23 +294,96 @@ void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float
   xq.release();
 }
 
-void fp8_dgrad(LinearContext::Impl& ctx, const float* dy, const float* w, float* dx, int64_t M, int64_t N, int64_t K,
-               cudaStream_t stream) {
-  const PreparedFp8Weight& pw = fp8_weight(ctx, w, N, K, stream);
-  Fp8Activation dyq(dy, M, N, gemm_rows(M), pw.rows, false, stream);
-  const Operand wtq{pw.codes_t, pw.scales_t, gemm_rows(K), pw.rows, kTile};
-  gemm_into(ctx.fp8, dyq.operand(), wtq, dx, M, K, false, stream);
-  dyq.release();
+namespace {
+
+// dy [M, N] quantized both ways in one pass (fp8::cuda::quantize_1x128_dual): Dgrad's operand dy [M, N] (1x128
+// along N) and Wgrad's dyᵀ [N, M] (1x128 along M), the bytes Fp8Activation gives each, where neither needs
+// padding (both_ways_fit). dy is read once instead of twice.
+class Fp8GradientBothWays {
+ public:
+  Fp8GradientBothWays(const float* dy, int64_t M, int64_t N, cudaStream_t stream)
+      : at_(offsets(M, N)), scratch_(at_.total, stream) {
+    uint8_t* codes = scratch_.as<uint8_t>(at_.codes);
+    uint8_t* codes_t = scratch_.as<uint8_t>(at_.codes_t);
+    float* scales = scratch_.as<float>(at_.scales);
+    float* scales_t = scratch_.as<float>(at_.scales_t);
+    float* lt = scratch_.as<float>(at_.lt);
+    float* lt_t = scratch_.as<float>(at_.lt_t);
+    fp8::cuda::quantize_1x128_dual(dy, M, N, nullptr, 0, codes, scales, codes_t, scales_t, stream);
+    fp8::cuda::scales_to_cublaslt(scales, M, N, 1, lt, stream);
+    fp8::cuda::scales_to_cublaslt(scales_t, N, M, 1, lt_t, stream);
+    rows_ = Operand{codes, lt, M, N, 1};
+    tokens_ = Operand{codes_t, lt_t, N, M, 1};
+  }
+  const Operand& rows() const { return rows_; }      // dy [M, N]
+  const Operand& tokens() const { return tokens_; }  // dyᵀ [N, M]
+  void release() { scratch_.release(); }
+
+ private:
+  struct Offsets {
+    size_t codes = 0, codes_t = 0, scales = 0, scales_t = 0, lt = 0, lt_t = 0, total = 0;
+  };
+  static Offsets offsets(int64_t M, int64_t N) {
+    Layout l;
+    Offsets o;
+    o.codes = l.add(static_cast<size_t>(M * N));
+    o.codes_t = l.add(static_cast<size_t>(M * N));
+    o.scales = l.add(static_cast<size_t>(M * tiles(N)) * sizeof(float));
+    o.scales_t = l.add(static_cast<size_t>(N * tiles(M)) * sizeof(float));
+    o.lt = l.add(static_cast<size_t>(fp8::cuda::cublaslt_scale_count(M, N, 1)) * sizeof(float));
+    o.lt_t = l.add(static_cast<size_t>(fp8::cuda::cublaslt_scale_count(N, M, 1)) * sizeof(float));
+    o.total = l.total;
+    return o;
+  }
+
+  Offsets at_;
+  StreamScratch scratch_;
+  Operand rows_{}, tokens_{};
+};
+
+// Whether dy [M, N] needs no padding as either operand (gemm_rows and gemm_depth leave M and N as they are).
+bool both_ways_fit(int64_t M, int64_t N) {
+  return gemm_rows(M) == M && gemm_depth(M) == M && gemm_rows(N) == N && gemm_depth(N) == N;
 }
 
-void fp8_wgrad(LinearContext::Impl& ctx, const float* dy, const float* x, float* dw, int64_t M, int64_t N, int64_t K,
-               cudaStream_t stream) {
-  const int64_t tokens = gemm_depth(M);
-  Fp8Activation dytq(dy, M, N, tokens, gemm_rows(N), true, stream);  // dyᵀ [N', tokens]
-  Fp8Activation xtq(x, M, K, tokens, gemm_rows(K), true, stream);    // xᵀ  [K', tokens]
-  gemm_into(ctx.fp8, dytq.operand(), xtq.operand(), dw, N, K, true, stream);
+// dx [M, K] = dy · w from dy's operand [gemm_rows(M), pw.rows].
+void dgrad(LinearContext::Impl& ctx, const Operand& dyq, const PreparedFp8Weight& pw, float* dx, int64_t M, int64_t K,
+           cudaStream_t stream) {
+  const Operand wtq{pw.codes_t, pw.scales_t, gemm_rows(K), pw.rows, kTile};
+  gemm_into(ctx.fp8, dyq, wtq, dx, M, K, false, stream);
+}
+
+// dw [N, K] += dyᵀ · x from dyᵀ's operand [gemm_rows(N), gemm_depth(M)].
+void wgrad(LinearContext::Impl& ctx, const Operand& dytq, const float* x, float* dw, int64_t M, int64_t N, int64_t K,
+           cudaStream_t stream) {
+  Fp8Activation xtq(x, M, K, gemm_depth(M), gemm_rows(K), true, stream);  // xᵀ [K', tokens]
+  gemm_into(ctx.fp8, dytq, xtq.operand(), dw, N, K, true, stream);
   xtq.release();
-  dytq.release();
+}
+
+}  // namespace
+
+void fp8_backward(LinearContext::Impl& ctx, const float* dy, const float* x, const float* w, float* dx, float* dw,
+                  int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
+  if (dx != nullptr && dw != nullptr && both_ways_fit(M, N)) {
+    const PreparedFp8Weight& pw = fp8_weight(ctx, w, N, K, stream);
+    Fp8GradientBothWays dyq(dy, M, N, stream);
+    dgrad(ctx, dyq.rows(), pw, dx, M, K, stream);
+    wgrad(ctx, dyq.tokens(), x, dw, M, N, K, stream);
+    dyq.release();
+    return;
+  }
+  if (dx != nullptr) {
+    const PreparedFp8Weight& pw = fp8_weight(ctx, w, N, K, stream);
+    Fp8Activation dyq(dy, M, N, gemm_rows(M), pw.rows, false, stream);
+    dgrad(ctx, dyq.operand(), pw, dx, M, K, stream);
+    dyq.release();
+  }
+  if (dw != nullptr) {
+    Fp8Activation dytq(dy, M, N, gemm_depth(M), gemm_rows(N), true, stream);  // dyᵀ [N', tokens]
+    wgrad(ctx, dytq.operand(), x, dw, M, N, K, stream);
+    dytq.release();
+  }
 }
 
 }  // namespace moerl::cuda::linear_detail
