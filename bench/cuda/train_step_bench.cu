@@ -50,33 +50,6 @@ constexpr int kTimedSteps = 10;
 constexpr int64_t kBatch = 8, kSeq = 2048;
 constexpr int kThreads = 256;
 
-// bench-600m (issue 4).
-ModelConfig bench_600m() {
-  ModelConfig c;
-  c.vocab_size = 32000;
-  c.hidden_size = 1024;
-  c.intermediate_size = 2816;
-  c.moe_intermediate_size = 704;
-  c.num_hidden_layers = 8;
-  c.first_k_dense_replace = 1;
-  c.num_attention_heads = 16;
-  c.q_lora_rank = 0;
-  c.kv_lora_rank = 256;
-  c.qk_nope_head_dim = 64;
-  c.qk_rope_head_dim = 32;
-  c.v_head_dim = 64;
-  c.n_routed_experts = 32;
-  c.num_experts_per_tok = 4;
-  c.n_shared_experts = 1;
-  c.n_group = 1;
-  c.topk_group = 1;
-  c.routed_scaling_factor = 1.0;
-  c.norm_topk_prob = true;
-  c.num_nextn_predict_layers = 0;
-  c.max_position_embeddings = 4096;
-  return c;
-}
-
 // Counter-based normal-ish values: element i of stream `seed`, a centred sum of 4 uniforms (variance 1).
 __device__ __forceinline__ float normalish(uint64_t i, uint32_t seed) {
   float s = 0.0f;
@@ -153,7 +126,7 @@ struct StepResult {
 };
 
 StepResult time_train_step(Precision precision) {
-  const ModelConfig config = bench_600m();
+  const ModelConfig config = ModelConfig::bench_600m();
   gpu::GpuModel model(config);
   init_params(model.params(), config.initializer_range, model.stream());
   model.linear().weights_changed();
@@ -374,7 +347,7 @@ void report_dp(Report& report, const std::string& device, int replicas, const st
 }  // namespace
 
 void bench_train_step_data_parallel(Report& report, const std::string& device) {
-  const ModelConfig config = bench_600m();
+  const ModelConfig config = ModelConfig::bench_600m();
   const BenchTokens tokens(config.vocab_size);
   ForwardOptions options;
   options.precision = Precision::FP8;

@@ -28,6 +28,32 @@ void read(const nlohmann::json& j, const char* key, T& out, const std::string& s
 
 }  // namespace
 
+ModelConfig ModelConfig::bench_600m() {
+  ModelConfig c;
+  c.vocab_size = 32000;
+  c.hidden_size = 1024;
+  c.intermediate_size = 2816;
+  c.moe_intermediate_size = 704;
+  c.num_hidden_layers = 8;
+  c.first_k_dense_replace = 1;
+  c.num_attention_heads = 16;
+  c.q_lora_rank = 0;
+  c.kv_lora_rank = 256;
+  c.qk_nope_head_dim = 64;
+  c.qk_rope_head_dim = 32;
+  c.v_head_dim = 64;
+  c.n_routed_experts = 32;
+  c.num_experts_per_tok = 4;
+  c.n_shared_experts = 1;
+  c.n_group = 1;
+  c.topk_group = 1;
+  c.routed_scaling_factor = 1.0;
+  c.norm_topk_prob = true;
+  c.num_nextn_predict_layers = 0;
+  c.max_position_embeddings = 4096;
+  return c;
+}
+
 ModelConfig ModelConfig::from_hf_json(const nlohmann::json& j, const std::string& source) {
   require(j.is_object(), source + ": expected a JSON object (an HF config.json)");
   if (auto mt = j.find("model_type"); mt != j.end())

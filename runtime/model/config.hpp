@@ -43,6 +43,10 @@ struct ModelConfig {
   int64_t qk_head_dim() const { return qk_nope_head_dim + qk_rope_head_dim; }
   bool is_moe_layer(int64_t layer) const { return layer >= first_k_dense_replace && n_routed_experts > 0; }
 
+  // "bench-600m" (issue 4; bench/peers/hf_train_step.py has the same): vocab 32000, hidden 1024, 8 layers (the
+  // first dense, intermediate 2816), 16 heads, kv_lora 256, no q_lora, qk 64 + 32, v 64, 32 routed experts top-4 +
+  // 1 shared (moe_intermediate 704), one group, routed_scaling_factor 1, no MTP; positions up to 4096.
+  static ModelConfig bench_600m();
   // Reads an HF config.json object; `source` (a file name) prefixes every error, which names the field.
   static ModelConfig from_hf_json(const nlohmann::json& j, const std::string& source);
   // The HF config.json for this model (model_type deepseek_v3, architectures DeepseekV3ForCausalLM).

@@ -566,26 +566,7 @@ TEST_F(ModelGpu, RouterBiasUpdateAndExpertLoadsMatchTheCpu) {
 // kv_lora 256, 32 experts top-4 in one group, moe_intermediate 704 which FP8 pads, vocab 32000), the loss of random
 // weights is near log(vocab), and every trainable gradient is finite and not zero (each expert gets tokens).
 TEST_F(ModelGpu, RunsTheBenchmarkShapeInEveryPrecision) {
-  ModelConfig c;
-  c.vocab_size = 32000;
-  c.hidden_size = 1024;
-  c.intermediate_size = 2816;
-  c.moe_intermediate_size = 704;
-  c.num_hidden_layers = 8;
-  c.first_k_dense_replace = 1;
-  c.num_attention_heads = 16;
-  c.q_lora_rank = 0;
-  c.kv_lora_rank = 256;
-  c.qk_nope_head_dim = 64;
-  c.qk_rope_head_dim = 32;
-  c.v_head_dim = 64;
-  c.n_routed_experts = 32;
-  c.num_experts_per_tok = 4;
-  c.n_shared_experts = 1;
-  c.n_group = 1;
-  c.topk_group = 1;
-  c.routed_scaling_factor = 1.0;
-  c.max_position_embeddings = 4096;
+  const ModelConfig c = ModelConfig::bench_600m();
   GpuModel g(c);
   g.set_debug_poison(true);
   // Uniform weights with the initializer's standard deviation (0.02), from a cheap generator: 600M values.

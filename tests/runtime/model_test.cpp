@@ -201,5 +201,18 @@ TEST(Checkpoint, BadConfigFieldIsNamed) {
   }
 }
 
+TEST(ModelConfig, Bench600mIsValidAndRoundTripsThroughTheHfConfig) {
+  // The benchmark model of `moerl bench gpu` and of the HF peer (bench/peers/hf_train_step.py): a config HF
+  // transformers reads back as the same model, with issue 4's defining sizes.
+  const ModelConfig c = ModelConfig::bench_600m();
+  EXPECT_NO_THROW(c.validate("bench-600m"));
+  const ModelConfig back = ModelConfig::from_hf_json(c.to_hf_json(), "bench-600m");
+  EXPECT_EQ(back.to_hf_json(), c.to_hf_json());
+  EXPECT_EQ(c.hidden_size, 1024);
+  EXPECT_EQ(c.n_routed_experts, 32);
+  EXPECT_EQ(c.num_experts_per_tok, 4);
+  EXPECT_EQ(c.num_hidden_layers, 8);
+}
+
 }  // namespace
 }  // namespace moerl
