@@ -140,7 +140,7 @@ void linear_forward(LinearContext& ctx, Precision p, const float* x, const float
 }
 
 void linear_backward(LinearContext& ctx, Precision p, const float* dy, const float* x, const float* w, float* dx,
-                     float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
+                     float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream, bool accumulate_dx) {
   const std::string fn = "cuda::linear_backward";
   check_common(fn, p, M, N, K);
   // dx [M, K] has elements when M, K > 0; dw [N, K] changes only when the token sum is not empty (M > 0).
@@ -149,17 +149,18 @@ void linear_backward(LinearContext& ctx, Precision p, const float* dy, const flo
   if (!want_dx && !want_dw) return;
   LinearContext::Impl& c = ctx.impl();
   c.check_device(fn.c_str());
-  if (want_dx && N == 0) {  // dx = dy · w over an empty N: zero
-    CUDA_CHECK(cudaMemsetAsync(dx, 0, static_cast<size_t>(M * K) * sizeof(float), stream));
+  if (want_dx && N == 0) {  // dx = dy · w over an empty N: zero (nothing to add)
+    if (!accumulate_dx) CUDA_CHECK(cudaMemsetAsync(dx, 0, static_cast<size_t>(M * K) * sizeof(float), stream));
     want_dx = false;
     if (!want_dw) return;
   }
   require(dy != nullptr, fn + ": null dy (" + shape(M, N, K) + ")");
   require(!want_dx || w != nullptr, fn + ": null w with dx requested (" + shape(M, N, K) + ")");
   require(!want_dw || x != nullptr, fn + ": null x with dw requested (" + shape(M, N, K) + ")");
+  const float beta_dx = accumulate_dx ? 1.0f : 0.0f;
   switch (p) {
     case Precision::FP32:
-      if (want_dx) c.lt.gemm(false, false, M, K, N, LtInput::FP32, dy, N, w, K, 0.0f, dx, K, stream);
+      if (want_dx) c.lt.gemm(false, false, M, K, N, LtInput::FP32, dy, N, w, K, beta_dx, dx, K, stream);
       if (want_dw) c.lt.gemm(true, false, N, K, M, LtInput::FP32, dy, N, x, K, 1.0f, dw, K, stream);
       return;
     case Precision::BF16: {
@@ -171,7 +172,7 @@ void linear_backward(LinearContext& ctx, Precision p, const float* dy, const flo
       StreamScratch scratch(layout.total, stream);
       uint16_t* dy16 = scratch.as<uint16_t>(dy_at);
       to_bf16(dy, M * N, dy16, stream);
-      if (want_dx) c.lt.gemm(false, false, M, K, N, LtInput::BF16, dy16, N, w16, K, 0.0f, dx, K, stream);
+      if (want_dx) c.lt.gemm(false, false, M, K, N, LtInput::BF16, dy16, N, w16, K, beta_dx, dx, K, stream);
       if (want_dw) {
         uint16_t* x16 = scratch.as<uint16_t>(x_at);
         to_bf16(x, M * K, x16, stream);
@@ -181,7 +182,8 @@ void linear_backward(LinearContext& ctx, Precision p, const float* dy, const flo
       return;
     }
     case Precision::FP8:
-      linear_detail::fp8_backward(c, dy, x, w, want_dx ? dx : nullptr, want_dw ? dw : nullptr, M, N, K, stream);
+      linear_detail::fp8_backward(c, dy, x, w, want_dx ? dx : nullptr, want_dw ? dw : nullptr, M, N, K, accumulate_dx,
+                                  stream);
       return;
   }
 }

@@ -68,10 +68,12 @@ class LinearContext {
 void linear_forward(LinearContext& ctx, Precision p, const float* x, const float* w, float* y, int64_t M,
                     int64_t N, int64_t K, cudaStream_t stream = nullptr);
 
-// dx[M, K] = dy[M, N] · w[N, K]   (overwritten; skipped when dx is null)
+// dx[M, K] = dy[M, N] · w[N, K]   (overwritten, or with accumulate_dx added to dx; skipped when dx is null)
 // dw[N, K] += dy[M, N]ᵀ · x[M, K] (accumulated; skipped when dw is null)
+// accumulate_dx: dx + dy · w rounded once (the GEMM's beta = 1), for layers whose input feeds several projections.
 void linear_backward(LinearContext& ctx, Precision p, const float* dy, const float* x, const float* w, float* dx,
-                     float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream = nullptr);
+                     float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream = nullptr,
+                     bool accumulate_dx = false);
 
 // The prepared copies, for tests and diagnostics: made (or refreshed, when stale) on `stream` exactly as a
 // linear call would. N, K > 0. Without weights_changed() a copy is NOT refreshed when the weight's values change:

@@ -346,11 +346,11 @@ bool both_ways_fit(int64_t M, int64_t N) {
   return gemm_rows(M) == M && gemm_depth(M) == M && gemm_rows(N) == N && gemm_depth(N) == N;
 }
 
-// dx [M, K] = dy · w from dy's operand [gemm_rows(M), pw.rows].
+// dx [M, K] = dy · w (or += with accumulate) from dy's operand [gemm_rows(M), pw.rows].
 void dgrad(LinearContext::Impl& ctx, const Operand& dyq, const PreparedFp8Weight& pw, float* dx, int64_t M, int64_t K,
-           cudaStream_t stream) {
+           bool accumulate, cudaStream_t stream) {
   const Operand wtq{pw.codes_t, pw.scales_t, gemm_rows(K), pw.rows, kTile};
-  gemm_into(ctx.fp8, dyq, wtq, dx, M, K, false, stream);
+  gemm_into(ctx.fp8, dyq, wtq, dx, M, K, accumulate, stream);
 }
 
 // dw [N, K] += dyᵀ · x from dyᵀ's operand [gemm_rows(N), gemm_depth(M)].
@@ -364,11 +364,11 @@ void wgrad(LinearContext::Impl& ctx, const Operand& dytq, const float* x, float*
 }  // namespace
 
 void fp8_backward(LinearContext::Impl& ctx, const float* dy, const float* x, const float* w, float* dx, float* dw,
-                  int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
+                  int64_t M, int64_t N, int64_t K, bool accumulate_dx, cudaStream_t stream) {
   if (dx != nullptr && dw != nullptr && both_ways_fit(M, N)) {
     const PreparedFp8Weight& pw = fp8_weight(ctx, w, N, K, stream);
     Fp8GradientBothWays dyq(dy, M, N, stream);
-    dgrad(ctx, dyq.rows(), pw, dx, M, K, stream);
+    dgrad(ctx, dyq.rows(), pw, dx, M, K, accumulate_dx, stream);
     wgrad(ctx, dyq.tokens(), x, dw, M, N, K, stream);
     dyq.release();
     return;
@@ -376,7 +376,7 @@ void fp8_backward(LinearContext::Impl& ctx, const float* dy, const float* x, con
   if (dx != nullptr) {
     const PreparedFp8Weight& pw = fp8_weight(ctx, w, N, K, stream);
     Fp8Activation dyq(dy, M, N, gemm_rows(M), pw.rows, false, stream);
-    dgrad(ctx, dyq.operand(), pw, dx, M, K, stream);
+    dgrad(ctx, dyq.operand(), pw, dx, M, K, accumulate_dx, stream);
     dyq.release();
   }
   if (dw != nullptr) {

@@ -103,8 +103,8 @@ const PreparedFp8Stack& fp8_stacked_weight(LinearContext::Impl& ctx, const float
                                            int64_t K, cudaStream_t stream);
 void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
                  cudaStream_t stream);
-// Dgrad into dx (unless null) and Wgrad accumulated into dw (unless null).
+// Dgrad into dx (unless null; added to it with accumulate_dx) and Wgrad accumulated into dw (unless null).
 void fp8_backward(LinearContext::Impl& ctx, const float* dy, const float* x, const float* w, float* dx, float* dw,
-                  int64_t M, int64_t N, int64_t K, cudaStream_t stream);
+                  int64_t M, int64_t N, int64_t K, bool accumulate_dx, cudaStream_t stream);
 
 }  // namespace moerl::cuda::linear_detail

@@ -172,11 +172,10 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
     copy_columns(d_ckv.get(), ckv_dim, d_c.get(), kv_lora_, T, kv_lora_, r.stream);
   }
 
-  // kv_a_proj_with_mqa writes dx; the query path adds to it.
+  // kv_a_proj_with_mqa writes dx; the query path's Dgrad adds to it (in the GEMM).
   phase.next("kv_a");
   cuda::linear_backward(lin, p, d_ckv.get(), x_, kv_a_->value, dx, kv_a_->grad, T, ckv_dim, hidden_, r.stream);
   phase.next("q");
-  Temp<float> dx_q(T * hidden_, r);
   if (q_lora_ > 0) {
     Temp<float> normed(T * q_lora_, r), rstd(T, r), d_normed(T * q_lora_, r), d_qa(T * q_lora_, r);
     cuda::rmsnorm_forward(q_a_out_, q_a_norm_->value, normed.get(), rstd.get(), T, q_lora_, eps_, r.stream);
@@ -184,12 +183,12 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
                           q_lora_, r.stream);
     cuda::rmsnorm_backward(d_normed.get(), q_a_out_, q_a_norm_->value, rstd.get(), d_qa.get(), q_a_norm_->grad, T,
                            q_lora_, r.stream);
-    cuda::linear_backward(lin, p, d_qa.get(), x_, q_a_->value, dx_q.get(), q_a_->grad, T, q_lora_, hidden_, r.stream);
+    cuda::linear_backward(lin, p, d_qa.get(), x_, q_a_->value, dx, q_a_->grad, T, q_lora_, hidden_, r.stream,
+                          /*accumulate_dx=*/true);
   } else {
-    cuda::linear_backward(lin, p, d_q.get(), x_, q_proj_->value, dx_q.get(), q_proj_->grad, T, H * dq_, hidden_,
-                          r.stream);
+    cuda::linear_backward(lin, p, d_q.get(), x_, q_proj_->value, dx, q_proj_->grad, T, H * dq_, hidden_, r.stream,
+                          /*accumulate_dx=*/true);
   }
-  add_inplace(dx, dx_q.get(), T * hidden_, r.stream);
 }
 
 }  // namespace moerl::gpu::detail

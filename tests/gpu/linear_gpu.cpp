@@ -193,14 +193,23 @@ void check_forward(cuda::LinearContext& ctx, Precision p, const Data& d) {
   expect_close(gpu, ref, absref, {}, tolerance(p, d.s.K), describe(p, "forward", d.s));
 }
 
-// Backward with dx and/or dw requested; dw starts from dw0 on both sides.
-void check_backward(cuda::LinearContext& ctx, Precision p, const Data& d, bool want_dx, bool want_dw) {
+// Backward with dx and/or dw requested; dw starts from dw0 on both sides. accumulate_dx: dx starts from dx0 (the
+// CPU's dx added to it; the sum's one rounding is covered by adding |dx0| to the element's reference scale).
+void check_backward(cuda::LinearContext& ctx, Precision p, const Data& d, bool want_dx, bool want_dw,
+                    bool accumulate_dx = false) {
   const Shape s = d.s;
   const DeviceBuffer<float> x(d.x), w(d.w), dy(d.dy);
   DeviceBuffer<float> dx(static_cast<size_t>(s.M * s.K)), dw(d.dw0);
-  dx.poison();
+  std::vector<float> dx0;
+  if (accumulate_dx) {
+    std::mt19937_64 rng(static_cast<uint64_t>(s.M * 1000003 + s.K));
+    dx0 = random_rows(s.M, s.K, 0.01f, rng);
+    dx.upload(dx0);
+  } else {
+    dx.poison();
+  }
   cuda::linear_backward(ctx, p, dy.get(), x.get(), w.get(), want_dx ? dx.get() : nullptr,
-                        want_dw ? dw.get() : nullptr, s.M, s.N, s.K);
+                        want_dw ? dw.get() : nullptr, s.M, s.N, s.K, nullptr, accumulate_dx);
   CUDA_CHECK(cudaDeviceSynchronize());
 
   // Empty problems (see cpu_forward): dx is 0 or empty, dw is dw0 or empty.
@@ -212,9 +221,13 @@ void check_backward(cuda::LinearContext& ctx, Precision p, const Data& d, bool w
     cpu::linear_backward(p, absolute(d.dy).data(), absolute(d.x).data(), absolute(d.w).data(),
                          want_dx ? abs_dx.data() : nullptr, want_dw ? abs_dw.data() : nullptr, s.M, s.N, s.K);
   }
-  const char* which = want_dx && want_dw ? "" : (want_dx ? " (dw null)" : " (dx null)");
+  std::string which = want_dx && want_dw ? "" : (want_dx ? " (dw null)" : " (dx null)");
+  if (accumulate_dx) {
+    which += " (added to dx)";
+    for (size_t i = 0; i < ref_dx.size(); ++i) ref_dx[i] += dx0[i], abs_dx[i] += std::fabs(dx0[i]);
+  }
   if (want_dx)
-    expect_close(dx.download(), ref_dx, abs_dx, {}, tolerance(p, s.N), describe(p, "dgrad", s) + which);
+    expect_close(dx.download(), ref_dx, abs_dx, dx0, tolerance(p, s.N), describe(p, "dgrad", s) + which);
   if (want_dw)
     expect_close(dw.download(), ref_dw, abs_dw, d.dw0, tolerance(p, s.M), describe(p, "wgrad", s) + which);
 }
@@ -265,6 +278,20 @@ TEST_F(LinearGpu, BackwardSkipsANullDxOrDw) {
   // Neither output: nothing to do, even with no inputs at all.
   for (Precision p : kPrecisions)
     EXPECT_NO_THROW(cuda::linear_backward(ctx, p, nullptr, nullptr, nullptr, nullptr, nullptr, 4, 8, 16));
+}
+
+TEST_F(LinearGpu, BackwardAddsDgradToDxWhenAsked) {
+  // The model's shape (FP8: dy quantized both ways in one pass), one padded in every dimension (FP8: a padded
+  // product added through a temporary) and an empty contraction (N = 0: dx stays dx0).
+  std::mt19937_64 rng = seeded("accumulate dx");
+  cuda::LinearContext ctx;
+  for (const Shape& s : {Shape{256, 1536, 1024}, Shape{130, 40, 200}, Shape{6, 0, 16}}) {
+    const Data d(s, rng);
+    for (Precision p : kPrecisions) {
+      check_backward(ctx, p, d, true, true, true);
+      check_backward(ctx, p, d, true, false, true);
+    }
+  }
 }
 
 TEST_F(LinearGpu, RunsOnANonDefaultStream) {
