@@ -8,12 +8,12 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
-#include <random>
 #include <string>
 
 #include "actors/envelope.hpp"
 #include "runtime/model/model.hpp"
 #include "runtime/train/checkpoint.hpp"
+#include "tests/support/grammar_corpus.hpp"
 
 namespace moerl::actors::testing {
 
@@ -69,19 +69,9 @@ struct RemoveAtExit {
   }
 };
 
-// 60 documents of sentences from a small grammar (as tests/runtime/train_test.cpp), and 40 SFT examples.
+// tests/support/grammar_corpus.hpp's 60 documents, and 40 SFT examples.
 inline void write_corpus(const fs::path& dir) {
-  const char* subjects[] = {"the cat", "a dog", "my friend", "the old man", "our teacher", "the child"};
-  const char* verbs[] = {"sees", "likes", "finds", "carries", "paints", "follows"};
-  const char* objects[] = {"the red ball", "a small house", "the river", "an apple", "the green door", "a letter"};
-  std::mt19937 rng(42);
-  std::ofstream f(dir / "corpus.jsonl");
-  for (int d = 0; d < 60; ++d) {
-    std::string text;
-    for (int s = 0; s < 12; ++s)
-      text += std::string(subjects[rng() % 6]) + " " + verbs[rng() % 6] + " " + objects[rng() % 6] + ". ";
-    f << nlohmann::json{{"text", text}}.dump() << "\n";
-  }
+  moerl::test::write_grammar_corpus(dir / "corpus.jsonl");
   std::ofstream g(dir / "sft.jsonl");
   for (int i = 0; i < 40; ++i)
     g << nlohmann::json{{"prompt", "the cat sees"}, {"response", i % 2 ? " the red ball." : " a letter."}}.dump() << "\n";

@@ -4,7 +4,6 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -12,6 +11,7 @@
 
 #include "runtime/model/config.hpp"
 #include "runtime/recipe/recipe.hpp"
+#include "tests/support/grammar_corpus.hpp"
 
 namespace moerl::gpu_test {
 
@@ -71,19 +71,7 @@ inline ModelConfig tile_gpu_config(int64_t q_lora_rank = 0) {
 // <dir>/run.
 inline Recipe small_gpu_recipe(const std::filesystem::path& dir, int64_t steps, const std::string& name,
                                const ModelConfig& model) {
-  const char* subjects[] = {"the cat", "a dog", "my friend", "the old man", "our teacher", "the child"};
-  const char* verbs[] = {"sees", "likes", "finds", "carries", "paints", "follows"};
-  const char* objects[] = {"the red ball", "a small house", "the river", "an apple", "the green door", "a letter"};
-  std::mt19937 rng(42);
-  {
-    std::ofstream f(dir / "corpus.jsonl");
-    for (int d = 0; d < 60; ++d) {
-      std::string text;
-      for (int s = 0; s < 12; ++s)
-        text += std::string(subjects[rng() % 6]) + " " + verbs[rng() % 6] + " " + objects[rng() % 6] + ". ";
-      f << nlohmann::json{{"text", text}}.dump() << "\n";
-    }
-  }
+  moerl::test::write_grammar_corpus(dir / "corpus.jsonl");
   Recipe r;
   r.file = dir / "recipe.yaml";
   r.name = name;

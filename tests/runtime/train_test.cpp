@@ -6,10 +6,10 @@
 
 #include <filesystem>
 #include <fstream>
-#include <random>
 
 #include "runtime/train/checkpoint.hpp"
 #include "runtime/train/run_recipe.hpp"
+#include "tests/support/grammar_corpus.hpp"
 
 namespace moerl {
 namespace {
@@ -23,22 +23,8 @@ fs::path fresh_dir(const std::string& name) {
   return d;
 }
 
-// 60 documents of sentences drawn from a small grammar: learnable structure, enough text for a 300-piece BPE.
-fs::path write_corpus(const fs::path& dir) {
-  const char* subjects[] = {"the cat", "a dog", "my friend", "the old man", "our teacher", "the child"};
-  const char* verbs[] = {"sees", "likes", "finds", "carries", "paints", "follows"};
-  const char* objects[] = {"the red ball", "a small house", "the river", "an apple", "the green door", "a letter"};
-  std::mt19937 rng(42);
-  const fs::path file = dir / "corpus.jsonl";
-  std::ofstream f(file);
-  for (int d = 0; d < 60; ++d) {
-    std::string text;
-    for (int s = 0; s < 12; ++s)
-      text += std::string(subjects[rng() % 6]) + " " + verbs[rng() % 6] + " " + objects[rng() % 6] + ". ";
-    f << nlohmann::json{{"text", text}}.dump() << "\n";
-  }
-  return file;
-}
+// tests/support/grammar_corpus.hpp's corpus in dir.
+fs::path write_corpus(const fs::path& dir) { return moerl::test::write_grammar_corpus(dir / "corpus.jsonl"); }
 
 Recipe small_recipe(const fs::path& dir) {
   Recipe r;
