@@ -380,28 +380,15 @@ void check(const char* fn, const MoeFp8Experts& w, const int64_t* aligned_host, 
 
 // The stages of one call for MOERL_GPU_PROFILE (kernels/cuda/phase_timer.hpp): next("x") ends the current stage
 // and starts "moe_fp8.e<E>.<pass>.x"; nothing is built unless profiling.
-class Stages {
- public:
-  Stages(int64_t experts, const char* pass, cudaStream_t stream) : stream_(stream) {
-    if (cuda_detail::profiling())
-      prefix_ = "moe_fp8.e" + std::to_string(experts) + "." + pass + ".";
-  }
-  void next(const char* what) {
-    if (prefix_.empty()) return;
-    timer_.reset();
-    timer_.emplace(prefix_ + what, stream_);
-  }
-
- private:
-  std::string prefix_;
-  cudaStream_t stream_;
-  std::optional<cuda_detail::PhaseTimer> timer_;
-};
+cuda_detail::PhaseSequence stages(int64_t experts, const char* pass, cudaStream_t stream) {
+  return cuda_detail::PhaseSequence(
+      cuda_detail::profiling() ? "moe_fp8.e" + std::to_string(experts) + "." + pass : std::string(), stream);
+}
 
 // One expert's Dgrad, then its Wgrad, on the lanes; when profiling, every Dgrad first and then, as stage
 // `wgrad_stage`, every Wgrad, so that each GEMM kind is timed on its own (one more join).
 template <class Dgrad, class Wgrad>
-void run_dgrad_wgrad(Stages& st, const char* wgrad_stage, const int64_t* aligned_host, int64_t experts,
+void run_dgrad_wgrad(cuda_detail::PhaseSequence& st, const char* wgrad_stage, const int64_t* aligned_host, int64_t experts,
                      cudaStream_t stream, const Dgrad& dgrad, const Wgrad& wgrad) {
   if (cuda_detail::profiling()) {
     lanes().run(aligned_host, experts, stream, dgrad);
@@ -451,7 +438,7 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   c.check_device("cuda::moe_fp8_experts_forward");
   const bool grouped = moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped;
 
-  Stages st(E, "fwd", stream);
+  cuda_detail::PhaseSequence st = stages(E, "fwd", stream);
   st.next("weights");
   const PreparedFp8Stack sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream);
   const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
@@ -541,7 +528,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   const bool grouped = moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped;
   const bool lt = !grouped;
 
-  Stages st(E, "bwd", stream);
+  cuda_detail::PhaseSequence st = stages(E, "bwd", stream);
   st.next("weights");
   const PreparedFp8Stack sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream);
   const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);

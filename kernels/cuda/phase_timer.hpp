@@ -10,7 +10,9 @@
 #include <cuda_runtime_api.h>
 
 #include <chrono>
+#include <optional>
 #include <string>
+#include <utility>
 
 namespace moerl::cuda_detail {
 
@@ -29,6 +31,23 @@ class PhaseTimer {
   cudaStream_t stream_ = nullptr;
   cudaEvent_t start_ = nullptr;
   std::chrono::steady_clock::time_point host_start_;
+};
+
+// Consecutive phases of one call: next("x") ends the current phase and starts "<prefix>.x"; the last ends with
+// the object. An empty prefix (what callers pass unless profiling(), so that no name is built) times nothing.
+class PhaseSequence {
+ public:
+  PhaseSequence(std::string prefix, cudaStream_t stream) : prefix_(std::move(prefix)), stream_(stream) {}
+  void next(const char* what) {
+    if (prefix_.empty()) return;
+    timer_.reset();
+    timer_.emplace(prefix_ + "." + what, stream_);
+  }
+
+ private:
+  std::string prefix_;
+  cudaStream_t stream_;
+  std::optional<PhaseTimer> timer_;
 };
 
 }  // namespace moerl::cuda_detail

@@ -76,7 +76,7 @@ void GpuMla::forward(const float* x, float* y, const Run& r) {
   cuda::LinearContext& lin = *r.linear;
   x_ = x;
   precision_ = p;
-  SubPhases phase(p, "attn.fwd", r.stream);
+  cuda_detail::PhaseSequence phase = sub_phases(p, "attn.fwd", r.stream);
 
   // Queries [T, H*dq].
   phase.next("q");
@@ -132,7 +132,7 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
   cuda::LinearContext& lin = *r.linear;
   const int64_t T = batch_ * seq_, H = heads_, ckv_dim = kv_lora_ + dr_;
 
-  SubPhases phase(p, "attn.bwd", r.stream);
+  cuda_detail::PhaseSequence phase = sub_phases(p, "attn.bwd", r.stream);
 
   // o_proj.
   phase.next("o");

@@ -3,9 +3,7 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
-#include <optional>
 #include <string>
-#include <utility>
 
 #include "kernels/cuda/phase_timer.hpp"
 #include "kernels/linear.hpp"
@@ -21,22 +19,9 @@ class PhaseTimer : public cuda_detail::PhaseTimer {
       : cuda_detail::PhaseTimer(profiling() ? std::string(precision_name(p)) + "." + what : std::string(), stream) {}
 };
 
-// Consecutive sub-phases of one call: next("x") ends the current one and starts "<precision>.<prefix>.x"; the
-// last ends with the object. Nothing is built unless profiling.
-class SubPhases {
- public:
-  SubPhases(Precision p, std::string prefix, cudaStream_t stream) : p_(p), prefix_(std::move(prefix)), stream_(stream) {}
-  void next(const char* what) {
-    if (!profiling()) return;
-    timer_.reset();
-    timer_.emplace(p_, (prefix_ + "." + what).c_str(), stream_);
-  }
-
- private:
-  Precision p_;
-  std::string prefix_;
-  cudaStream_t stream_;
-  std::optional<PhaseTimer> timer_;
-};
+// Consecutive sub-phases "<precision>.<prefix>.<what>" of one call (kernels/cuda/phase_timer.hpp).
+inline cuda_detail::PhaseSequence sub_phases(Precision p, const char* prefix, cudaStream_t stream) {
+  return cuda_detail::PhaseSequence(profiling() ? std::string(precision_name(p)) + "." + prefix : std::string(), stream);
+}
 
 }  // namespace moerl::gpu::detail
