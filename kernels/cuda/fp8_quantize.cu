@@ -39,7 +39,7 @@ constexpr int kTransposeWarps = 8;          // transposed: warps per block
 // 2.64-2.84, 64-column cols 2.43-2.59. With x / scale
 // by Divisor and the amax by fmaxf (fp8_quantize_common.cuh; bench/results/2026-11-29-gpu-dual-h200-af1791f.jsonl,
 // against main 782ab8a in the same call): tiles64 3.50-3.72 (3.41-3.52 before), 128x128 3.92-3.93 (3.82-3.83),
-// dual 2.77-2.80 (2.22-2.45). The 1x128 and the cols32/cols64 kernels keep __fdiv_rn: with one reciprocal per 4
+// dual 2.77-2.80 (2.22-2.45). The 1x128 and the cols32 kernels keep __fdiv_rn: with one reciprocal per 4
 // elements a lane it is no faster (1x128: 3.49-3.53 TB/s against 3.78-3.79).
 
 // 4 consecutive elements from column c of a row with `cols` elements; zero beyond the row's end.

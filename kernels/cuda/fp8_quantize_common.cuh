@@ -88,7 +88,7 @@ __device__ __forceinline__ uint16_t cvt2(float a, float b) {
   return __nv_cvt_float2_to_fp8x2(make_float2(a, b), __NV_SATFINITE, __NV_E4M3);  // a in the low byte
 }
 
-// x / scale by __fdiv_rn: for the 1x128 and the cols32/cols64 transposed kernels, which are no faster with
+// x / scale by __fdiv_rn: for the 1x128 and the cols32 transposed kernels, which are no faster with
 // Divisor (a reciprocal per 4 elements a lane, on the critical path of their short blocks: 1x128 3.49-3.53 TB/s
 // against 3.78-3.79 on the H200).
 __device__ __forceinline__ uint16_t encode2(float a, float b, float scale) {

@@ -30,19 +30,6 @@ using fp8::tiles;
 
 class Fp8FusedGpu : public GpuTest {};
 
-// The CPU's codes of x [bounds.back(), cols]'s rows cut into groups at bounds: each group's own transpose
-// [cols, n_g] (quantize_1x128_transposed of its rows alone) packed at bounds[g] · cols of codes_t.
-void packed_group_transposes(const std::vector<float>& x, const std::vector<int64_t>& bounds, int64_t cols,
-                             std::vector<uint8_t>& codes_t) {
-  for (size_t g = 0; g + 1 < bounds.size(); ++g) {
-    const int64_t first = bounds[g], n = bounds[g + 1] - first;
-    if (n == 0) continue;
-    std::vector<float> group_scales(static_cast<size_t>(cols * tiles(n)));
-    fp8::cpu::quantize_1x128_transposed(x.data() + first * cols, n, cols, codes_t.data() + first * cols,
-                                        group_scales.data());
-  }
-}
-
 // Normal values with a magnitude per row from 2^-20 to 2^20 (so tiles along rows and along columns see very
 // different scales), one all-zero row and a row with a lone large value (small ones land on subnormal codes).
 std::vector<float> random_activation(int64_t rows, int64_t cols, std::mt19937_64& rng) {
@@ -80,10 +67,35 @@ void expect_same_bits(const std::vector<T>& got, const std::vector<T>& want, con
 
 std::string shape_name(int64_t rows, int64_t cols) { return std::to_string(rows) + "x" + std::to_string(cols); }
 
+// Codes written `pad` bytes into a poisoned buffer (got, of want.size() + 2 pad bytes): the CPU's bytes in the
+// middle, the poison (0xFF) untouched on both sides.
+void expect_codes_between_poison(const std::vector<uint8_t>& got, const std::vector<uint8_t>& want, int64_t pad,
+                                 const std::string& what) {
+  expect_same_bits(std::vector<uint8_t>(got.begin() + pad, got.end() - pad), want, what);
+  const auto n = static_cast<int64_t>(want.size());
+  for (int64_t i = 0; i < pad; ++i) {
+    EXPECT_EQ(got[static_cast<size_t>(i)], 0xFF) << what << ": byte " << i << " before the codes written";
+    EXPECT_EQ(got[static_cast<size_t>(n + pad + i)], 0xFF) << what << ": byte " << i << " after the codes written";
+  }
+}
+
+// The CPU's codes of x [bounds.back(), cols]'s rows cut into groups at bounds: each group's own transpose
+// [cols, n_g] (quantize_1x128_transposed of its rows alone) packed at bounds[g] · cols of codes_t.
+void packed_group_transposes(const std::vector<float>& x, const std::vector<int64_t>& bounds, int64_t cols,
+                             std::vector<uint8_t>& codes_t) {
+  for (size_t g = 0; g + 1 < bounds.size(); ++g) {
+    const int64_t first = bounds[g], n = bounds[g + 1] - first;
+    if (n == 0) continue;
+    std::vector<float> group_scales(static_cast<size_t>(cols * tiles(n)));
+    fp8::cpu::quantize_1x128_transposed(x.data() + first * cols, n, cols, codes_t.data() + first * cols,
+                                        group_scales.data());
+  }
+}
+
 TEST_F(Fp8FusedGpu, EveryTransposedKernelShapeGivesTheCpuBytes) {
   std::mt19937_64 rng(run_seed() + 101);
   // 300 and 704 columns: partial column tiles and chunks; 196 and 68: a last 64-column block of 4 columns; 1000
-  // rows: the 128 x 128 and 128 x 64 kernels' fallback.
+  // rows: the 128 x 64 kernel's fallback (cols32).
   const std::pair<int64_t, int64_t> shapes[] = {{128, 128}, {256, 300}, {384, 704}, {1000, 4100},
                                                 {1024, 2048}, {640, 196}, {128, 68}};
   for (auto [rows, cols] : shapes) {
@@ -106,7 +118,7 @@ TEST_F(Fp8FusedGpu, EveryTransposedKernelShapeGivesTheCpuBytes) {
   std::printf("[ fp8 fused ] transposed quantization, kernels cols32/tiles64, 7 shapes: CPU bytes\n");
 }
 
-TEST_F(Fp8FusedGpu, TiledTransposedKernelsWriteCodesAlignedToFourBytesOnlyAsTheCpuDoes) {
+TEST_F(Fp8FusedGpu, TiledTransposedKernelWritesCodesAlignedToFourBytesOnlyAsTheCpuDoes) {
   // The 128-row blocks store 16 codes at a time where codes_t is 16-byte aligned; 4 bytes past an allocation
   // (4-byte aligned, which they also accept) they take their 4-byte stores. The bytes around must stay poisoned.
   std::mt19937_64 rng(run_seed() + 105);
@@ -117,20 +129,13 @@ TEST_F(Fp8FusedGpu, TiledTransposedKernelsWriteCodesAlignedToFourBytesOnlyAsTheC
   fp8::cpu::quantize_1x128_transposed(x.data(), rows, cols, codes.data(), scales.data());
   DeviceBuffer<float> dx(x), ds(scales.size());
   DeviceBuffer<uint8_t> dc(static_cast<size_t>(n + 2 * pad));
-  for (TransposedKernel k : {TransposedKernel::Tiles64}) {
-    const std::string what = std::string(fp8::cuda::transposed_kernel_name(k)) + " codes at +4 bytes";
-    dc.poison();
-    ds.poison();
-    fp8::cuda::quantize_1x128_transposed_with(k, dx.get(), rows, cols, dc.get() + pad, ds.get());
-    CUDA_CHECK(cudaDeviceSynchronize());
-    const std::vector<uint8_t> got = dc.download();
-    expect_same_bits(std::vector<uint8_t>(got.begin() + pad, got.end() - pad), codes, what);
-    for (int64_t i = 0; i < pad; ++i) {
-      EXPECT_EQ(got[static_cast<size_t>(i)], 0xFF) << what << ": byte " << i << " before the codes written";
-      EXPECT_EQ(got[static_cast<size_t>(n + pad + i)], 0xFF) << what << ": byte " << i << " after the codes written";
-    }
-    expect_same_bits(ds.download(), scales, what + " scales");
-  }
+  const std::string what = "tiles64 codes at +4 bytes";
+  dc.poison();
+  ds.poison();
+  fp8::cuda::quantize_1x128_transposed_with(TransposedKernel::Tiles64, dx.get(), rows, cols, dc.get() + pad, ds.get());
+  CUDA_CHECK(cudaDeviceSynchronize());
+  expect_codes_between_poison(dc.download(), codes, pad, what);
+  expect_same_bits(ds.download(), scales, what + " scales");
 }
 
 TEST_F(Fp8FusedGpu, EveryTransposedKernelShapePacksEachGroupAsTheCpuDoesOnItsOwnRows) {
@@ -223,14 +228,8 @@ TEST_F(Fp8FusedGpu, DualQuantizationWritesCodesAlignedToFourBytesOnlyAsTheCpuDoe
   dc.poison(), ds.poison(), dct.poison(), dst.poison();
   fp8::cuda::quantize_1x128_dual(dx.get(), rows, cols, nullptr, 0, dc.get() + pad, ds.get(), dct.get() + pad, dst.get());
   CUDA_CHECK(cudaDeviceSynchronize());
-  for (const auto& [buffer, want, which] : {std::tuple{&dc, &codes, " row codes"}, std::tuple{&dct, &codes_t, " transposed codes"}}) {
-    const std::vector<uint8_t> got = buffer->download();
-    expect_same_bits(std::vector<uint8_t>(got.begin() + pad, got.end() - pad), *want, what + which);
-    for (int64_t i = 0; i < pad; ++i) {
-      EXPECT_EQ(got[static_cast<size_t>(i)], 0xFF) << what << which << ": byte " << i << " before";
-      EXPECT_EQ(got[static_cast<size_t>(n + pad + i)], 0xFF) << what << which << ": byte " << i << " after";
-    }
-  }
+  expect_codes_between_poison(dc.download(), codes, pad, what + " row codes");
+  expect_codes_between_poison(dct.download(), codes_t, pad, what + " transposed codes");
   expect_same_bits(ds.download(), scales, what + " row scales");
   expect_same_bits(dst.download(), scales_t, what + " transposed scales");
 }
