@@ -41,33 +41,44 @@ std::string load_or_create_secret(const fs::path& given, bool create) {
 }
 
 // Waits for a hook to fire or a stop signal; returns the hook's (reason, lost) or ("signal", false).
+// The hook shares the state: a spawner may still call it after the Ending that made it is gone (the registry's
+// shutdown reaches the head's own spawner after the head has stopped waiting), which must not touch a freed mutex.
 class Ending {
  public:
   ShutdownHook hook() {
-    return [this](const std::string& reason, bool lost) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (done_) return;
-      done_ = true, reason_ = reason, lost_ = lost;
-      cv_.notify_all();
+    return [state = state_](const std::string& reason, bool lost) {
+      std::lock_guard<std::mutex> lock(state->mutex);
+      if (state->done) return;
+      state->done = true, state->reason = reason, state->lost = lost;
+      state->cv.notify_all();
     };
   }
   // Blocks until ended; true when a stop signal arrived first.
   bool wait() {
-    std::unique_lock<std::mutex> lock(mutex_);
-    while (!done_) {
+    std::unique_lock<std::mutex> lock(state_->mutex);
+    while (!state_->done) {
       if (g_stop_signal) return true;
-      cv_.wait_for(lock, std::chrono::milliseconds(100));
+      state_->cv.wait_for(lock, std::chrono::milliseconds(100));
     }
     return false;
   }
-  std::string reason() const { return reason_; }
-  bool lost() const { return lost_; }
+  std::string reason() const {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    return state_->reason;
+  }
+  bool lost() const {
+    std::lock_guard<std::mutex> lock(state_->mutex);
+    return state_->lost;
+  }
 
  private:
-  std::mutex mutex_;
-  std::condition_variable cv_;
-  bool done_ = false, lost_ = false;
-  std::string reason_;
+  struct State {
+    std::mutex mutex;
+    std::condition_variable cv;
+    bool done = false, lost = false;
+    std::string reason;
+  };
+  std::shared_ptr<State> state_ = std::make_shared<State>();
 };
 
 int remote_nodes_alive(caf::actor_system& system, const head_actor& registry) {
