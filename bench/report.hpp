@@ -29,7 +29,9 @@ template <class F> double median_seconds(int runs, F&& fn);
 // One group each; all write into the report.
 void run_cpu_benchmarks(Report& report);
 #ifdef MOERL_HAVE_CUDA
-void run_gpu_benchmarks(Report& report);     // bench/cuda/: needs a GPU
+// bench/cuda/: needs a GPU. `only`: the benchmarks to run by name (gpu_benchmark_names()); empty: all.
+void run_gpu_benchmarks(Report& report, const std::vector<std::string>& only = {});
+const std::vector<std::string>& gpu_benchmark_names();
 void run_gpu_dp_benchmarks(Report& report);  // bench/cuda/: the data-parallel training step (DP=2 with 2 GPUs)
 #endif
 

@@ -33,6 +33,13 @@ void quantize_128x128(const float* w, int64_t rows, int64_t cols, uint8_t* codes
 void quantize_128x128_batched(const float* w, int64_t batch, int64_t rows, int64_t cols, uint8_t* codes,
                               float* scales, cudaStream_t stream = nullptr);
 
+// quantize_128x128_batched that also writes each matrix's codes transposed, codes_t [cols, rows] at
+// codes_t + i · rows · cols: wᵀ's codes in 128x128 blocks (a block of wᵀ holds the elements of the block of w it
+// mirrors: the same amax, scale and codes), what Dgrad multiplies by. One pass over w. Needs rows % 16 == 0 and
+// codes_t 16-byte aligned; codes_t null: quantize_128x128_batched.
+void quantize_128x128_with_transpose(const float* w, int64_t batch, int64_t rows, int64_t cols, uint8_t* codes,
+                                     float* scales, uint8_t* codes_t, cudaStream_t stream = nullptr);
+
 // x [rows, cols] -> codes_t [cols, rows] (= xᵀ quantized 1x128), scales_t [cols, tiles(rows)]: tiles
 // along rows (tokens), what Wgrad needs.
 void quantize_1x128_transposed(const float* x, int64_t rows, int64_t cols, uint8_t* codes_t, float* scales_t,

@@ -45,6 +45,7 @@ void add_bench_command(CLI::App& app, std::function<int()>& action) {
                                           "(bench, metric, value, unit, stat, rev, device, date).");
   struct Args {
     std::string group, json, url, tokens;
+    std::vector<std::string> only;
     int64_t idle_spin_us = cluster::default_idle_spin().count();
   };
   auto args = std::make_shared<Args>();
@@ -65,6 +66,12 @@ void add_bench_command(CLI::App& app, std::function<int()>& action) {
       ->check(CLI::IsMember({"cpu", "actors", "feedback"}));
 #endif
   cmd->add_option("--json", args->json, "Also append the JSON lines to this file");
+#ifdef MOERL_HAVE_CUDA
+  cmd->add_option("--only", args->only,
+                  "gpu: run only these benchmarks (comma-separated): gemm_fp8_8192, gemm_fp8_4096x7168x2048, "
+                  "gemm_bf16_8192, quantize, train_step, moe_layer")
+      ->delimiter(',');
+#endif
   cmd->add_option("--idle-spin-us", args->idle_spin_us,
                   "actors: the busy-polling window of both processes of the remote round trip (as moerl head/node "
                   "--idle-spin-us)")
@@ -84,7 +91,7 @@ void add_bench_command(CLI::App& app, std::function<int()>& action) {
       if (args->group == "actors") run_actor_benchmarks(report, std::chrono::microseconds{args->idle_spin_us});
       if (args->group == "feedback") run_feedback_benchmark(report, args->url, args->tokens);
 #ifdef MOERL_HAVE_CUDA
-      if (args->group == "gpu") bench::run_gpu_benchmarks(report);
+      if (args->group == "gpu") bench::run_gpu_benchmarks(report, args->only);
       if (args->group == "gpu-dp") bench::run_gpu_dp_benchmarks(report);
 #endif
       if (file) std::fclose(file);

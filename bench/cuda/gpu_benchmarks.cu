@@ -307,7 +307,16 @@ void bench_quantize(Report& report, const std::string& device, cudaStream_t stre
 
 }  // namespace
 
-void run_gpu_benchmarks(Report& report) {
+const std::vector<std::string>& gpu_benchmark_names() {
+  static const std::vector<std::string> names = {"gemm_fp8_8192", "gemm_fp8_4096x7168x2048", "gemm_bf16_8192",
+                                                 "quantize", "train_step", "moe_layer"};
+  return names;
+}
+
+void run_gpu_benchmarks(Report& report, const std::vector<std::string>& only) {
+  for (const std::string& name : only)
+    require(std::find(gpu_benchmark_names().begin(), gpu_benchmark_names().end(), name) != gpu_benchmark_names().end(),
+            "moerl bench gpu --only: no benchmark named '" + name + "'");
   int count = 0;
   const cudaError_t e = cudaGetDeviceCount(&count);
   require(e == cudaSuccess && count > 0, std::string("moerl bench gpu: no CUDA device (") + cudaGetErrorString(e) + ")");
@@ -329,6 +338,7 @@ void run_gpu_benchmarks(Report& report) {
   // Each benchmark on its own: one that fails is reported and the others still run.
   std::string failed;
   auto attempt = [&](const char* name, const std::function<void()>& fn) {
+    if (!only.empty() && std::find(only.begin(), only.end(), name) == only.end()) return;
     try {
       fn();
     } catch (const std::exception& e) {

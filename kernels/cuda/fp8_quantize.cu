@@ -99,27 +99,49 @@ __global__ void __launch_bounds__(kRowWarps * kWarp)
   }
 }
 
-// One block per 128x128 block: lane l covers columns 4l .. 4l + 3, warp w rows w, w + 16, ..., w + 112.
-// The block's values stay in registers between the amax and the encoding. kFull: rows and cols multiples of
-// 128 and `vec`: no bounds checks.
-template <bool kFull>
+// The four codes words of rows 4k .. 4k + 3 (word i: row i's codes of columns 4l .. 4l + 3, byte j = column j)
+// transposed: word j holds column j's codes of those rows (byte i = row i).
+struct Transposed4x4 {
+  uint32_t w[4];
+};
+__device__ __forceinline__ Transposed4x4 transpose4x4(uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
+  const uint32_t a = __byte_perm(r0, r1, 0x5140), b = __byte_perm(r2, r3, 0x5140);  // bytes 0, 1 interleaved
+  const uint32_t c = __byte_perm(r0, r1, 0x7362), d = __byte_perm(r2, r3, 0x7362);  // bytes 2, 3 interleaved
+  return {{__byte_perm(a, b, 0x5410), __byte_perm(a, b, 0x7632), __byte_perm(c, d, 0x5410), __byte_perm(c, d, 0x7632)}};
+}
+
+// One block per 128x128 block: lane l covers columns 4l .. 4l + 3, warp w rows 8w .. 8w + 7. The block's values
+// stay in registers between the amax and the encoding. kFull: rows and cols multiples of 128 and `vec`: no bounds
+// checks. kTransposed: the codes also go to codes_t [cols, rows], the block's byte transpose (wᵀ's 128x128 blocks
+// are w's mirrored: the same amax, scale and codes), staged in shared memory so that every warp writes whole
+// 128-byte rows of codes_t with 16-byte stores; needs rows % 16 == 0 and codes_t 16-byte aligned (checked on the
+// host). One pass instead of a quantization and a byte transpose of the codes (a weight is re-quantized after every
+// optimizer step).
+template <bool kFull, bool kTransposed>
 __global__ void __launch_bounds__(kBlockWarps * kWarp)
     quantize_128x128_kernel(const float* __restrict__ w, int64_t rows, int64_t cols, bool vec,
-                            uint8_t* __restrict__ codes, float* __restrict__ scales) {
+                            uint8_t* __restrict__ codes, float* __restrict__ scales, uint8_t* __restrict__ codes_t) {
   constexpr int kWarps = kBlockWarps;
   constexpr int kRowsPerWarp = kTile / kWarps;
+  static_assert(kRowsPerWarp == 8, "two groups of 4 rows per warp for the 4x4 byte transposes");
+  // codes_t staging: row c (a column of the block) holds its 128 codes as 32 words (+1: the column-major writes
+  // below and the row-major reads hit 32 different banks).
+  constexpr int kStride = kTile / 4 + 1;
+  __shared__ uint32_t staged[kTransposed ? kTile * kStride : 1];
   __shared__ int warp_amax[kWarps];
   // blockIdx.z: the matrix of a batch (quantize_128x128_batched), 0 otherwise.
   w += static_cast<int64_t>(blockIdx.z) * rows * cols;
   codes += static_cast<int64_t>(blockIdx.z) * rows * cols;
+  if (kTransposed) codes_t += static_cast<int64_t>(blockIdx.z) * rows * cols;
   scales += static_cast<int64_t>(blockIdx.z) * gridDim.x * gridDim.y;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, c = static_cast<int64_t>(blockIdx.x) * kTile + lane * 4;
+  const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int64_t c = c0 + lane * 4;
   float v[kRowsPerWarp][4];
   int amax = 0;
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
-    const int64_t r = r0 + warp + i * kWarps;
+    const int64_t r = r0 + warp * kRowsPerWarp + i;
     if (kFull) {
       const float4 f = __ldcs(reinterpret_cast<const float4*>(w + r * cols + c));
       v[i][0] = f.x, v[i][1] = f.y, v[i][2] = f.z, v[i][3] = f.w;
@@ -139,13 +161,42 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp)
   const float scale = scale_from_amax_bits(amax);
   const Divisor d = divisor(scale);
   if (threadIdx.x == 0) scales[blockIdx.y * gridDim.x + blockIdx.x] = scale;
+  uint32_t q[kRowsPerWarp];
 #pragma unroll
   for (int i = 0; i < kRowsPerWarp; ++i) {
-    const int64_t r = r0 + warp + i * kWarps;
+    q[i] = encode4(v[i], d);
+    const int64_t r = r0 + warp * kRowsPerWarp + i;
     if (kFull)
-      __stcs(reinterpret_cast<unsigned int*>(codes + r * cols + c), encode4(v[i], d));
+      __stcs(reinterpret_cast<unsigned int*>(codes + r * cols + c), q[i]);
     else if (r < rows)
-      store4(codes + r * cols, c, cols, vec, encode4(v[i], d));
+      store4(codes + r * cols, c, cols, vec, q[i]);
+  }
+  if constexpr (kTransposed) {
+    // Column 4 lane + j of rows 8 warp + 4 g .. + 3 is word (4 lane + j) · kStride + 2 warp + g. Lane groups of 8
+    // take the columns j in a rotated order, so one store instruction covers all 32 banks.
+#pragma unroll
+    for (int g = 0; g < 2; ++g) {
+      const Transposed4x4 t = transpose4x4(q[4 * g], q[4 * g + 1], q[4 * g + 2], q[4 * g + 3]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int jj = (j + lane / 8) % 4;
+        const uint32_t word = jj == 0 ? t.w[0] : jj == 1 ? t.w[1] : jj == 2 ? t.w[2] : t.w[3];
+        staged[(4 * lane + jj) * kStride + 2 * warp + g] = word;
+      }
+    }
+    __syncthreads();
+    // 128 columns x 8 chunks of 16 rows; thread t writes chunks t and t + 512 (chunk k: column k / 8, rows
+    // 16 (k % 8) ..): a warp writes 4 whole 128-byte rows of codes_t.
+    static_assert(kTile * 8 == 2 * kWarps * kWarp, "two chunks per thread");
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
+      const int k = it * kWarps * kWarp + threadIdx.x;
+      const int col = k / 8, part = k % 8;
+      const int64_t out_col = c0 + col, out_row = r0 + 16 * part;
+      if (!kFull && (out_col >= cols || out_row >= rows)) continue;  // rows % 16 == 0: a chunk is whole or absent
+      const uint32_t* src = staged + col * kStride + 4 * part;
+      __stcs(reinterpret_cast<uint4*>(codes_t + out_col * rows + out_row), make_uint4(src[0], src[1], src[2], src[3]));
+    }
   }
 }
 
@@ -306,16 +357,25 @@ void quantize_128x128(const float* w, int64_t rows, int64_t cols, uint8_t* codes
 
 void quantize_128x128_batched(const float* w, int64_t batch, int64_t rows, int64_t cols, uint8_t* codes,
                               float* scales, cudaStream_t stream) {
+  quantize_128x128_with_transpose(w, batch, rows, cols, codes, scales, nullptr, stream);
+}
+
+void quantize_128x128_with_transpose(const float* w, int64_t batch, int64_t rows, int64_t cols, uint8_t* codes,
+                                     float* scales, uint8_t* codes_t, cudaStream_t stream) {
   check_args("quantize_128x128", w, rows, cols, codes, scales);
   require(batch >= 0 && batch <= 65535, "fp8::cuda::quantize_128x128_batched: batch must be 0 .. 65535, got " +
                                             std::to_string(batch));
   if (rows == 0 || cols == 0 || batch == 0) return;
   require(tiles(rows) <= 65535 && tiles(cols) <= INT32_MAX, "fp8::cuda::quantize_128x128: matrix too large");
+  require(codes_t == nullptr || (rows % 16 == 0 && aligned(codes_t, 16)),
+          "fp8::cuda::quantize_128x128_with_transpose: codes_t needs rows a multiple of 16 and 16-byte alignment, got "
+          "rows " + std::to_string(rows));
   const dim3 grid(static_cast<unsigned>(tiles(cols)), static_cast<unsigned>(tiles(rows)), static_cast<unsigned>(batch));
   const bool vec = cols % 4 == 0 && aligned(w, 16) && aligned(codes, 4);
   const bool full = vec && rows % kTile == 0 && cols % kTile == 0;
-  const auto kernel = full ? quantize_128x128_kernel<true> : quantize_128x128_kernel<false>;
-  kernel<<<grid, kBlockWarps * kWarp, 0, stream>>>(w, rows, cols, vec, codes, scales);
+  const auto kernel = codes_t != nullptr ? (full ? quantize_128x128_kernel<true, true> : quantize_128x128_kernel<false, true>)
+                                         : (full ? quantize_128x128_kernel<true, false> : quantize_128x128_kernel<false, false>);
+  kernel<<<grid, kBlockWarps * kWarp, 0, stream>>>(w, rows, cols, vec, codes, scales, codes_t);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -35,7 +35,6 @@ using fp8::cuda::Operand;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 8192;  // grid-stride loops
-constexpr int kTransposeTile = 32;    // transpose_bytes_kernel: 32x32 bytes per block of 32 x 8 threads
 constexpr int64_t kMinGemmSize = 128; // smallest M, N and K handed to gemm_nt (see the top of the file)
 
 int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
@@ -47,26 +46,6 @@ unsigned blocks_for(int64_t items) {
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// in [rows, cols] -> out [cols, rows] (the weight's codes -> wᵀ's codes). The tile is staged in shared memory so
-// both the reads and the writes run along rows; 33 bytes per row keep the column reads off a single bank.
-__global__ void __launch_bounds__(kTransposeTile * 8)
-    transpose_bytes_kernel(const uint8_t* __restrict__ in, int64_t rows, int64_t cols, uint8_t* __restrict__ out) {
-  __shared__ uint8_t tile[kTransposeTile][kTransposeTile + 1];
-  in += static_cast<int64_t>(blockIdx.z) * rows * cols;  // blockIdx.z: the matrix of a stack
-  out += static_cast<int64_t>(blockIdx.z) * rows * cols;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kTransposeTile;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.y) * kTransposeTile;
-  for (int i = threadIdx.y; i < kTransposeTile; i += blockDim.y) {
-    const int64_t r = r0 + i, c = c0 + threadIdx.x;
-    if (r < rows && c < cols) tile[i][threadIdx.x] = in[r * cols + c];
-  }
-  __syncthreads();
-  for (int i = threadIdx.y; i < kTransposeTile; i += blockDim.y) {
-    const int64_t c = c0 + i, r = r0 + threadIdx.x;
-    if (c < cols && r < rows) out[c * rows + r] = tile[threadIdx.x][i];
-  }
-}
 
 // The weight's block scales s [TN, TK] (CPU layout) -> cuBLASLt's BLK128x128 layouts of w [.., K] (sw [TN, L4(TK)])
 // and of wᵀ [.., N] (st [TK, L4(TN)]: block (kb, nb) of wᵀ is block (nb, kb) of w); padding entries 0.
@@ -183,9 +162,9 @@ void gemm_into(fp8::cuda::GemmContext& ctx, const Operand& a, const Operand& b, 
 }
 
 // Fills a prepared weight: w [N, K] zero-padded to [rows, cols], quantized in 128x128 blocks straight into the
-// codes (fp8::cuda::quantize_128x128, the CPU's bytes), the codes transposed into codes_t (a block of wᵀ holds
-// the same elements as the block of w it mirrors, so the same amax, scale and codes), and the block scales
-// written in both cuBLASLt layouts.
+// codes (the CPU's bytes) and, in the same pass, their transpose into codes_t (a block of wᵀ holds the same
+// elements as the block of w it mirrors, so the same amax, scale and codes; fp8::cuda::quantize_128x128_with_transpose),
+// and the block scales written in both cuBLASLt layouts.
 struct Fp8WeightBuffers {
   uint8_t* codes;    // [rows, cols]
   uint8_t* codes_t;  // [cols, rows]
@@ -208,14 +187,7 @@ void fill_fp8_weight(const Fp8WeightBuffers& pw, const float* w, int64_t N, int6
     src = p;
   }
   float* block_scales = scratch.as<float>(scales_at);
-  fp8::cuda::quantize_128x128(src, rows, cols, pw.codes, block_scales, stream);
-
-  const int64_t col_tiles = (cols + kTransposeTile - 1) / kTransposeTile;
-  require(col_tiles <= 65535, "cuda::linear (fp8): weight too wide to transpose: K=" + std::to_string(K));
-  const dim3 grid(static_cast<unsigned>((rows + kTransposeTile - 1) / kTransposeTile),
-                  static_cast<unsigned>(col_tiles));
-  transpose_bytes_kernel<<<grid, dim3(kTransposeTile, 8), 0, stream>>>(pw.codes, rows, cols, pw.codes_t);
-  CUDA_CHECK_LAUNCH();
+  fp8::cuda::quantize_128x128_with_transpose(src, 1, rows, cols, pw.codes, block_scales, pw.codes_t, stream);
   const int64_t scale_items = std::max(TN * round_up(TK, 4), TK * round_up(TN, 4));
   weight_scales_kernel<<<blocks_for(scale_items), kThreads, 0, stream>>>(block_scales, TN, TK, pw.scales,
                                                                          pw.scales_t);
@@ -267,13 +239,7 @@ const PreparedFp8Stack& fp8_stacked_weight(LinearContext::Impl& ctx, const float
   if (pw.generation != ctx.generation) {
     StreamScratch scratch(static_cast<size_t>(experts * TN * TK) * sizeof(float), stream);
     float* block_scales = scratch.as<float>();
-    fp8::cuda::quantize_128x128_batched(w, experts, N, K, codes, block_scales, stream);
-    const int64_t col_tiles = (K + kTransposeTile - 1) / kTransposeTile;
-    require(col_tiles <= 65535, "cuda::linear (fp8): weight too wide to transpose: K=" + std::to_string(K));
-    const dim3 grid(static_cast<unsigned>((N + kTransposeTile - 1) / kTransposeTile), static_cast<unsigned>(col_tiles),
-                    static_cast<unsigned>(experts));
-    transpose_bytes_kernel<<<grid, dim3(kTransposeTile, 8), 0, stream>>>(codes, N, K, codes_t);
-    CUDA_CHECK_LAUNCH();
+    fp8::cuda::quantize_128x128_with_transpose(w, experts, N, K, codes, block_scales, codes_t, stream);
     const int64_t scale_items = std::max(sw_stride, st_stride);
     const dim3 sgrid(std::min<unsigned>(blocks_for(scale_items), 64), static_cast<unsigned>(experts));
     weight_scales_kernel<<<sgrid, kThreads, 0, stream>>>(block_scales, TN, TK, scales, scales_t);

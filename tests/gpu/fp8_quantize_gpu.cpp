@@ -198,6 +198,58 @@ TEST_F(Fp8QuantizeGpu, ConvertsTiesSubnormalsAndSpecialValuesAsTheCpuDoes) {
   expect_same_bytes_as_cpu(Kind::Tiles1x128, inf_tile, 1, kTile);
 }
 
+// The weight quantization that also writes the codes transposed (quantize_128x128_with_transpose): per matrix of a
+// batch, the CPU's codes and scales and codes_t = the CPU codes' byte transpose, exactly. Shapes: whole blocks,
+// partial row and column blocks (the bench-600m experts' 704 rows or columns), a batch of three with each matrix
+// its own magnitude (a block read from the wrong matrix shows), and rows that are a multiple of 16 only.
+TEST_F(Fp8QuantizeGpu, WeightCodesAndTheirTransposeComeFromOnePass) {
+  std::mt19937_64 rng(run_seed() + 3);
+  struct Shape {
+    int64_t batch, rows, cols;
+  };
+  for (const Shape sh : {Shape{1, 128, 128}, Shape{1, 704, 1024}, Shape{2, 1024, 704}, Shape{3, 208, 384},
+                         Shape{1, 16, 200}, Shape{1, 2048, 256}}) {
+    const int64_t n = sh.rows * sh.cols, ns = tiles(sh.rows) * tiles(sh.cols);
+    SCOPED_TRACE(std::to_string(sh.batch) + " x " + std::to_string(sh.rows) + "x" + std::to_string(sh.cols) +
+                 ", seed " + std::to_string(run_seed()));
+    std::vector<float> w;
+    for (int64_t b = 0; b < sh.batch; ++b) {
+      std::vector<float> one = random_input(sh.rows, sh.cols, rng);
+      for (float& v : one) v = std::ldexp(v, static_cast<int>(b) * 5);
+      w.insert(w.end(), one.begin(), one.end());
+    }
+    std::vector<uint8_t> codes(sh.batch * n), codes_t(sh.batch * n);
+    std::vector<float> scales(sh.batch * ns);
+    for (int64_t b = 0; b < sh.batch; ++b) {
+      cpu::quantize_128x128(w.data() + b * n, sh.rows, sh.cols, codes.data() + b * n, scales.data() + b * ns);
+      for (int64_t r = 0; r < sh.rows; ++r)
+        for (int64_t c = 0; c < sh.cols; ++c) codes_t[b * n + c * sh.rows + r] = codes[b * n + r * sh.cols + c];
+    }
+    DeviceBuffer<float> dw(w.size()), dscales(scales.size());
+    DeviceBuffer<uint8_t> dcodes(codes.size()), dcodes_t(codes.size());
+    dw.upload(w);
+    dcodes.poison(), dcodes_t.poison(), dscales.poison();
+    cuda::quantize_128x128_with_transpose(dw.get(), sh.batch, sh.rows, sh.cols, dcodes.get(), dscales.get(),
+                                          dcodes_t.get());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_EQ(dcodes.download(codes.size()), codes) << "codes";
+    EXPECT_EQ(dcodes_t.download(codes.size()), codes_t) << "transposed codes";
+    const std::vector<float> got_scales = dscales.download(scales.size());
+    for (size_t i = 0; i < scales.size(); ++i)
+      ASSERT_EQ(std::bit_cast<uint32_t>(got_scales[i]), std::bit_cast<uint32_t>(scales[i])) << "scale " << i;
+  }
+  // Rows not a multiple of 16: the transposed codes' 16-byte rows would split; refused, naming the requirement.
+  DeviceBuffer<float> dw(130 * 128);
+  DeviceBuffer<uint8_t> dc(130 * 128), dct(130 * 128);
+  DeviceBuffer<float> ds(4);
+  try {
+    cuda::quantize_128x128_with_transpose(dw.get(), 1, 130, 128, dc.get(), ds.get(), dct.get());
+    ADD_FAILURE() << "130 rows were accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("multiple of 16"), std::string::npos) << e.what();
+  }
+}
+
 TEST_F(Fp8QuantizeGpu, RefusesNegativeSizes) {
   EXPECT_THROW(cuda::quantize_1x128(nullptr, -1, 128, nullptr, nullptr), Error);
   EXPECT_NO_THROW(cuda::quantize_1x128(nullptr, 0, 128, nullptr, nullptr));  // empty: nothing launched
