@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <map>
 #include <mutex>
 #include <string>
@@ -167,6 +169,72 @@ void scales_to_cublaslt(const float* src, int64_t rows, int64_t cols, int block_
   CUDA_CHECK_LAUNCH();
 }
 
+namespace {
+
+// MOERL_LT_FP8_ALGO=n: every plan takes the heuristic's n-th usable candidate (0-based; the last one when fewer)
+// instead of the rule of choose_algo; for comparing cuBLASLt's candidates on the device. -1 when unset.
+int forced_algo_index() {
+  static const int index = [] {
+    const char* v = std::getenv("MOERL_LT_FP8_ALGO");
+    if (v == nullptr || *v == '\0') return -1;
+    const int n = std::atoi(v);
+    if (n < 0 || n >= kMaxHeuristicResults)
+      throw Error(std::string("MOERL_LT_FP8_ALGO must be 0 .. ") + std::to_string(kMaxHeuristicResults - 1) + ", got " + v);
+    return n;
+  }();
+  return index;
+}
+
+int32_t tile_of(const cublasLtMatmulAlgo_t& algo) {
+  int32_t tile = CUBLASLT_MATMUL_TILE_UNDEFINED;
+  size_t written = 0;
+  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof tile, &written);
+  return tile;
+}
+
+// Which of the heuristic's `found` results a plan uses (-1: none usable). The first usable one, except for Wgrad
+// (both operands 1x128) over a short K, where the first with 64x128 tiles is taken when offered. Such a GEMM reads
+// and writes its FP32 output (gradients accumulate, beta = 1) for only 2·K FLOPs per element, and the heuristic's
+// larger tiles (192x64, 64x192) leave fewer blocks to hide that traffic. Measured on the H200 (MoE layer bench,
+// 64 experts of ~1536 rows, bench/results/2026-11-29-gpu-lt-algos-h200-*): Wgrad of gate and up 2.74 -> 1.86 ms,
+// of down 1.11 -> 0.96 ms, the layer fwd+bwd 13.68 -> 12.80 ms (3 runs each); Fprop and Dgrad within noise with
+// other candidates. MOERL_LT_FP8_ALGOS prints every plan's candidates.
+int choose_algo(const PlanKey& k, const cublasLtMatmulHeuristicResult_t* results, int found) {
+  constexpr int64_t kShortK = 4096;
+  const int forced = forced_algo_index();
+  int first = -1, preferred = -1;
+  for (int i = 0, usable = 0; i < found; ++i) {
+    if (results[i].state != CUBLAS_STATUS_SUCCESS) continue;
+    if (forced >= 0 && usable++ <= forced) first = i;
+    if (forced < 0 && first < 0) first = i;
+    if (preferred < 0 && tile_of(results[i].algo) == CUBLASLT_MATMUL_TILE_64x128) preferred = i;
+  }
+  const bool short_wgrad = k.a_block == 1 && k.b_block == 1 && k.k <= kShortK;
+  return forced < 0 && short_wgrad && preferred >= 0 ? preferred : first;
+}
+
+// MOERL_LT_FP8_ALGOS set: each new plan prints the heuristic's candidates (configuration attributes 0 .. 8 of
+// cublasLtMatmulAlgoConfigAttributes_t and waves), the chosen one starred, on stderr.
+void print_candidates(const std::string& problem, const cublasLtMatmulHeuristicResult_t* results, int found,
+                      int chosen) {
+  static const char* const names[9] = {"id", "tile", "splitk", "red", "swz", "opt", "stages", "inner", "cluster"};
+  std::string line = "lt-fp8 " + problem + ":";
+  for (int i = 0; i < found; ++i) {
+    line += " [" + std::to_string(i) + (i == chosen ? "*" : "");
+    for (int a = 0; a < 9; ++a) {
+      int32_t value = 0;
+      size_t written = 0;
+      cublasLtMatmulAlgoConfigGetAttribute(&results[i].algo, static_cast<cublasLtMatmulAlgoConfigAttributes_t>(a),
+                                           &value, sizeof value, &written);
+      line += std::string(" ") + names[a] + " " + std::to_string(value);
+    }
+    line += " waves " + std::to_string(results[i].wavesCount) + "]";
+  }
+  std::fprintf(stderr, "%s\n", line.c_str());
+}
+
+}  // namespace
+
 struct GemmContext::Impl {
   int device = 0;
   cublasLtHandle_t handle = nullptr;
@@ -232,11 +300,10 @@ Plan GemmContext::Impl::make_plan(const PlanKey& k, const void* a_scales, const 
     require(st == CUBLAS_STATUS_SUCCESS || st == CUBLAS_STATUS_NOT_SUPPORTED,
             std::string("fp8::cuda::gemm_nt: cuBLASLt heuristic failed (") + cublasLtGetStatusName(st) + ") for " +
                 problem);
-    int chosen = -1;
-    for (int i = 0; i < found && chosen < 0; ++i)
-      if (results[i].state == CUBLAS_STATUS_SUCCESS) chosen = i;
+    const int chosen = choose_algo(k, results, found);
     require(st == CUBLAS_STATUS_SUCCESS && chosen >= 0,
             "fp8::cuda::gemm_nt: cuBLASLt has no block-scaled FP8 algorithm for " + problem);
+    if (std::getenv("MOERL_LT_FP8_ALGOS") != nullptr) print_candidates(problem, results, found, chosen);
     p.algo = results[chosen].algo;
     CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
     return p;
