@@ -1,6 +1,6 @@
-// One training step, one evaluation and the stage bookkeeping of run_stage (trainer.hpp), as functions, for
-// callers that drive a stage one message at a time (the stage-trainer and driver actors). Each does what
-// run_stage does inline, in the same order, so a stage driven through them repeats run_stage bit for bit.
+// One training step, one evaluation and the stage bookkeeping of a stage, as functions: run_stage (trainer.hpp)
+// loops over them, and callers that drive a stage one message at a time (the stage-trainer and driver actors) call
+// them in the same order, so a stage driven either way gives the same bits.
 #pragma once
 #include <cstdint>
 #include <filesystem>
