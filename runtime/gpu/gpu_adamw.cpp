@@ -11,13 +11,14 @@
 #include "kernels/cuda/cuda_check.hpp"
 #include "runtime/error.hpp"
 #include "runtime/gpu/gpu_profile.hpp"
+#include "runtime/optim/adamw_state.hpp"
 
 namespace moerl::gpu {
 namespace {
 
-constexpr const char* kExpAvg = "optimizer.exp_avg.";
-constexpr const char* kExpAvgSq = "optimizer.exp_avg_sq.";
-constexpr const char* kStep = "optimizer.step";
+using adamw_state::kExpAvg;
+using adamw_state::kExpAvgSq;
+using adamw_state::kStep;
 // Each span's moments start on a 256-byte boundary, so the update kernel takes its 4-wide path.
 constexpr size_t kMomentAlign = 128;  // BF16 elements
 
@@ -149,33 +150,17 @@ std::map<std::string, Tensor> GpuAdamW::state() const {
 }
 
 void GpuAdamW::load_state(const SafeTensors& saved) {
-  const std::string& src = saved.source;
-  // AdamW::load_state's checks, in its order and words: everything before anything is copied.
-  auto moment = [&](const std::string& key, const Slot& s) -> const Tensor& {
-    auto it = saved.tensors.find(key);
-    if (it == saved.tensors.end()) throw Error(src + ": optimizer state has no " + key);
-    const Tensor& t = it->second;
-    if (t.dtype() != DType::BF16 || t.shape() != s.shape)
-      throw Error(src + ": " + key + " is " + std::string(dtype_name(t.dtype())) + " " + shape_string(t.shape()) +
-                  ", expected BF16 " + shape_string(s.shape));
-    return t;
-  };
+  // AdamW::load_state's checks (runtime/optim/adamw_state.hpp): everything before anything is copied.
   std::vector<std::pair<const Tensor*, const Tensor*>> sources;
-  std::set<std::string> mine{kStep};
+  std::set<std::string> known{kStep};
   for (const Slot& s : slots_) {
-    sources.emplace_back(&moment(kExpAvg + s.name, s), &moment(kExpAvgSq + s.name, s));
-    mine.insert(kExpAvg + s.name);
-    mine.insert(kExpAvgSq + s.name);
+    sources.emplace_back(&adamw_state::moment(saved, kExpAvg + s.name, s.shape),
+                         &adamw_state::moment(saved, kExpAvgSq + s.name, s.shape));
+    known.insert(kExpAvg + s.name);
+    known.insert(kExpAvgSq + s.name);
   }
-  for (const auto& [key, t] : saved.tensors)
-    if (key.starts_with("optimizer.") && !mine.count(key))
-      throw Error(src + ": " + key + " belongs to no trainable parameter of this model");
-  auto step_it = saved.tensors.find(kStep);
-  if (step_it == saved.tensors.end()) throw Error(src + ": optimizer state has no " + std::string(kStep));
-  const Tensor& st = step_it->second;
-  if (st.dtype() != DType::I64 || st.shape() != Shape{1} || st.data<int64_t>()[0] < 0)
-    throw Error(src + ": " + std::string(kStep) + " must be one non-negative I64, got " +
-                std::string(dtype_name(st.dtype())) + " " + shape_string(st.shape()));
+  adamw_state::refuse_unknown(saved, known);
+  const int64_t step = adamw_state::step(saved);
 
   for (size_t i = 0; i < slots_.size(); ++i) {
     const size_t bytes = static_cast<size_t>(slots_[i].numel) * sizeof(uint16_t);
@@ -183,7 +168,7 @@ void GpuAdamW::load_state(const SafeTensors& saved) {
     CUDA_CHECK(cudaMemcpyAsync(slots_[i].v, sources[i].second->bytes(), bytes, cudaMemcpyHostToDevice, stream_));
   }
   CUDA_CHECK(cudaStreamSynchronize(stream_));  // `saved` may go as soon as this returns
-  t_ = st.data<int64_t>()[0];
+  t_ = step;
 }
 
 }  // namespace moerl::gpu

@@ -18,14 +18,15 @@
 #include "runtime/gpu/gpu_adamw.hpp"
 #include "runtime/gpu/gpu_model.hpp"
 #include "runtime/gpu/nccl_group.hpp"
+#include "runtime/optim/adamw_state.hpp"
 #include "runtime/parallel/dp_trainer.hpp"
 
 namespace moerl::gpu {
 namespace {
 
-constexpr const char* kExpAvg = "optimizer.exp_avg.";
-constexpr const char* kExpAvgSq = "optimizer.exp_avg_sq.";
-constexpr const char* kStep = "optimizer.step";
+using adamw_state::kExpAvg;
+using adamw_state::kExpAvgSq;
+using adamw_state::kStep;
 
 std::string message_of(const std::exception_ptr& e) {
   try {
@@ -395,30 +396,20 @@ void GpuDataParallel::load_optimizer_state(const SafeTensors& saved) {
   Impl& m = *impl_;
   require(m.have_optimizer, "data-parallel GPU optimizer state: no optimizer before start_stage");
   const std::string& src = saved.source;
-  // AdamW::load_state's checks, in its words, on the whole tensors; then each replica loads its parts.
+  // AdamW::load_state's checks (runtime/optim/adamw_state.hpp) on the whole tensors; then each replica loads its
+  // parts.
   const auto& params = m.at(0).model->params();
-  std::set<std::string> mine{kStep};
+  std::set<std::string> known{kStep};
   for (const DeviceParam& p : params) {
     if (!p.trainable) continue;
     for (const char* key : {kExpAvg, kExpAvgSq}) {
-      auto it = saved.tensors.find(key + p.name);
-      if (it == saved.tensors.end()) throw Error(src + ": optimizer state has no " + key + p.name);
-      const Tensor& t = it->second;
-      if (t.dtype() != DType::BF16 || t.shape() != p.shape)
-        throw Error(src + ": " + key + p.name + " is " + std::string(dtype_name(t.dtype())) + " " +
-                    shape_string(t.shape()) + ", expected BF16 " + shape_string(p.shape));
-      mine.insert(key + p.name);
+      adamw_state::moment(saved, key + p.name, p.shape);
+      known.insert(key + p.name);
     }
   }
-  for (const auto& [key, t] : saved.tensors)
-    if (key.starts_with("optimizer.") && !mine.count(key))
-      throw Error(src + ": " + key + " belongs to no trainable parameter of this model");
-  auto step = saved.tensors.find(kStep);
-  if (step == saved.tensors.end()) throw Error(src + ": optimizer state has no " + std::string(kStep));
-  const Tensor& st = step->second;
-  if (st.dtype() != DType::I64 || st.shape() != Shape{1} || st.data<int64_t>()[0] < 0)
-    throw Error(src + ": " + std::string(kStep) + " must be one non-negative I64, got " +
-                std::string(dtype_name(st.dtype())) + " " + shape_string(st.shape()));
+  adamw_state::refuse_unknown(saved, known);
+  adamw_state::step(saved);
+  const Tensor& st = saved.tensors.at(kStep);
 
   std::vector<SafeTensors> parts(m.replicas.size());
   for (int r = 0; r < m.size(); ++r) {

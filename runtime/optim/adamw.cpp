@@ -3,17 +3,19 @@
 #include <cmath>
 #include <cstring>
 #include <numbers>
+#include <set>
 
 #include "kernels/half.hpp"
 #include "runtime/error.hpp"
+#include "runtime/optim/adamw_state.hpp"
 
 namespace moerl {
 
 namespace {
 
-constexpr const char* kExpAvg = "optimizer.exp_avg.";
-constexpr const char* kExpAvgSq = "optimizer.exp_avg_sq.";
-constexpr const char* kStep = "optimizer.step";
+using adamw_state::kExpAvg;
+using adamw_state::kExpAvgSq;
+using adamw_state::kStep;
 
 // Elements per partial sum of the gradient norm. Fixed, so the summation order does not depend on the
 // number of threads; large enough that a block is worth a thread's start-up.
@@ -159,36 +161,24 @@ std::map<std::string, const Tensor*> AdamW::state() const {
 }
 
 void AdamW::load_state(const SafeTensors& saved) {
-  const std::string& src = saved.source;
   // Everything is checked before anything is copied: a bad file leaves the optimizer as it was.
-  auto moment = [&](const std::string& key, const Slot& s) -> const Tensor& {
-    auto it = saved.tensors.find(key);
-    if (it == saved.tensors.end()) throw Error(src + ": optimizer state has no " + key);
-    const Tensor& t = it->second;
-    if (t.dtype() != DType::BF16 || t.shape() != s.param->value.shape())
-      throw Error(src + ": " + key + " is " + std::string(dtype_name(t.dtype())) + " " + shape_string(t.shape()) +
-                  ", expected BF16 " + shape_string(s.param->value.shape()));
-    return t;
-  };
   std::vector<std::pair<const Tensor*, const Tensor*>> sources;
-  for (const Slot& s : slots_) sources.emplace_back(&moment(kExpAvg + *s.name, s), &moment(kExpAvgSq + *s.name, s));
-
-  std::map<std::string, const Tensor*> mine = state();
-  for (const auto& [key, t] : saved.tensors)
-    if (key.starts_with("optimizer.") && !mine.count(key))
-      throw Error(src + ": " + key + " belongs to no trainable parameter of this model");
-  auto step_it = saved.tensors.find(kStep);
-  if (step_it == saved.tensors.end()) throw Error(src + ": optimizer state has no " + std::string(kStep));
-  const Tensor& st = step_it->second;
-  if (st.dtype() != DType::I64 || st.shape() != Shape{1} || st.data<int64_t>()[0] < 0)
-    throw Error(src + ": " + std::string(kStep) + " must be one non-negative I64, got " +
-                std::string(dtype_name(st.dtype())) + " " + shape_string(st.shape()));
+  std::set<std::string> known{kStep};
+  for (const Slot& s : slots_) {
+    const Shape& shape = s.param->value.shape();
+    sources.emplace_back(&adamw_state::moment(saved, kExpAvg + *s.name, shape),
+                         &adamw_state::moment(saved, kExpAvgSq + *s.name, shape));
+    known.insert(kExpAvg + *s.name);
+    known.insert(kExpAvgSq + *s.name);
+  }
+  adamw_state::refuse_unknown(saved, known);
+  const int64_t step = adamw_state::step(saved);
 
   for (size_t i = 0; i < slots_.size(); ++i) {
     std::memcpy(slots_[i].exp_avg.bytes(), sources[i].first->bytes(), slots_[i].exp_avg.nbytes());
     std::memcpy(slots_[i].exp_avg_sq.bytes(), sources[i].second->bytes(), slots_[i].exp_avg_sq.nbytes());
   }
-  t_ = st.data<int64_t>()[0];
+  t_ = step;
   step_tensor_.data<int64_t>()[0] = t_;
 }
 
