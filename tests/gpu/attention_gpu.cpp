@@ -1,7 +1,7 @@
 // GPU tests of the causal attention core (kernels/cuda/attention.cu) against the CPU reference
 // (kernels/cpu/attention.cpp): O and lse of the forward, dQ, dK, dV of the backward (run on the GPU forward's
 // own O and lse, as in training), on random q, k, v, dO drawn with a fresh seed each run (printed;
-// MOERL_SEED=<n> repeats a run), outputs poisoned with NaN before every call. Also causality and run-to-run
+// MOERL_TEST_SEED=<n> repeats a run), outputs poisoned with NaN before every call. Also causality and run-to-run
 // bit-exactness, refusal of bad arguments, and a timing line. Needs a GPU: skipped without one.
 //
 // Tolerance. Every element must satisfy |gpu − ref| <= tol · (|ref| + rms(ref)): relative for large
@@ -32,6 +32,7 @@
 #include "kernels/cuda/attention.hpp"
 #include "kernels/cuda/cuda_check.hpp"
 #include "runtime/error.hpp"
+#include "tests/gpu/gpu_test_support.hpp"
 
 namespace moerl {
 namespace {
@@ -39,42 +40,9 @@ namespace {
 constexpr double kTolerance = 5e-5;     // O, dQ, dK, dV (header comment)
 constexpr double kLseTolerance = 2e-6;  // lse (header comment): a log, compared against |lse| + rms of a few units
 
-uint64_t run_seed() {
-  static const uint64_t seed = []() -> uint64_t {
-    if (const char* env = std::getenv("MOERL_SEED")) return std::strtoull(env, nullptr, 10);
-    std::random_device rd;
-    return (uint64_t{rd()} << 32) | rd();
-  }();
-  return seed;
-}
 
-// A device array of n floats (RAII; at least one element so the pointer is never null).
-class DeviceFloats {
- public:
-  explicit DeviceFloats(size_t n) : n_(n) {
-    void* p = nullptr;
-    CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(float)));
-    p_ = static_cast<float*>(p);
-  }
-  explicit DeviceFloats(const std::vector<float>& v) : DeviceFloats(v.size()) { upload(v); }
-  ~DeviceFloats() { cudaFree(p_); }
-  DeviceFloats(const DeviceFloats&) = delete;
-  DeviceFloats& operator=(const DeviceFloats&) = delete;
-  float* get() const { return p_; }
-  void upload(const std::vector<float>& v) {
-    CUDA_CHECK(cudaMemcpy(p_, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice));
-  }
-  std::vector<float> download() const {
-    std::vector<float> v(n_);
-    CUDA_CHECK(cudaMemcpy(v.data(), p_, n_ * sizeof(float), cudaMemcpyDeviceToHost));
-    return v;
-  }
-  void poison() { CUDA_CHECK(cudaMemset(p_, 0xFF, n_ * sizeof(float))); }  // 0xFFFFFFFF is a NaN
-
- private:
-  float* p_ = nullptr;
-  size_t n_;
-};
+using gpu_test::run_seed;
+using DeviceFloats = gpu_test::DeviceBuffer<float>;
 
 struct Shape {
   int64_t batch, seq, heads, dqk, dv;
@@ -174,19 +142,7 @@ void expect_close(const char* what, const Shape& sh, const std::vector<float>& g
 
 bool same_bits(const float* a, const float* b, size_t n) { return std::memcmp(a, b, n * sizeof(float)) == 0; }
 
-class AttentionGpu : public ::testing::Test {
- protected:
-  void SetUp() override {
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
-    static bool printed = false;
-    if (!printed)
-      std::printf("attention_gpu: seed %llu (MOERL_SEED=%llu repeats this run)\n",
-                  static_cast<unsigned long long>(run_seed()), static_cast<unsigned long long>(run_seed()));
-    printed = true;
-    RecordProperty("seed", std::to_string(run_seed()));
-  }
-};
+class AttentionGpu : public gpu_test::GpuTest {};
 
 TEST_F(AttentionGpu, ForwardAndBackwardMatchTheCpuReference) {
   std::mt19937_64 rng(run_seed());

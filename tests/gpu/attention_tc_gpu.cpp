@@ -1,7 +1,7 @@
 // GPU tests of the tensor-core attention core (kernels/cuda/attention_tc.cu: attention_forward_bf16 /
 // attention_backward_bf16) against the CPU reference (kernels/cpu/attention.cpp) run on the same inputs rounded
 // to BF16 (as the kernel reads them): O and lse of the forward, dQ, dK, dV of the backward (on the GPU forward's
-// own O and lse, as in training). Random q, k, v, dO with a fresh seed each run (printed; MOERL_SEED=<n> repeats
+// own O and lse, as in training). Random q, k, v, dO with a fresh seed each run (printed; MOERL_TEST_SEED=<n> repeats
 // it), outputs poisoned with NaN before every call; causal; sequence lengths not multiples of the 64-row tile;
 // every block shape of the kernels (4 and 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS; forward warps of
 // 16 and 32 query rows: MOERL_ATTN_TC_FWD_WARP_ROWS) and the WGMMA forward and backward (MOERL_ATTN_TC_FWD_KERNEL /
@@ -43,6 +43,7 @@
 #include "kernels/cuda/attention.hpp"
 #include "kernels/cuda/cuda_check.hpp"
 #include "runtime/error.hpp"
+#include "tests/gpu/gpu_test_support.hpp"
 
 namespace moerl {
 namespace {
@@ -103,40 +104,9 @@ class EnvVar {
   std::string old_;
 };
 
-uint64_t run_seed() {
-  static const uint64_t seed = []() -> uint64_t {
-    if (const char* env = std::getenv("MOERL_SEED")) return std::strtoull(env, nullptr, 10);
-    std::random_device rd;
-    return (uint64_t{rd()} << 32) | rd();
-  }();
-  return seed;
-}
 
-class DeviceFloats {
- public:
-  explicit DeviceFloats(size_t n) : n_(n) {
-    void* p = nullptr;
-    CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(float)));
-    p_ = static_cast<float*>(p);
-  }
-  explicit DeviceFloats(const std::vector<float>& v) : DeviceFloats(v.size()) {
-    CUDA_CHECK(cudaMemcpy(p_, v.data(), v.size() * sizeof(float), cudaMemcpyHostToDevice));
-  }
-  ~DeviceFloats() { cudaFree(p_); }
-  DeviceFloats(const DeviceFloats&) = delete;
-  DeviceFloats& operator=(const DeviceFloats&) = delete;
-  float* get() const { return p_; }
-  std::vector<float> download() const {
-    std::vector<float> v(n_);
-    CUDA_CHECK(cudaMemcpy(v.data(), p_, n_ * sizeof(float), cudaMemcpyDeviceToHost));
-    return v;
-  }
-  void poison() { CUDA_CHECK(cudaMemset(p_, 0xFF, n_ * sizeof(float))); }  // 0xFFFFFFFF is a NaN
-
- private:
-  float* p_ = nullptr;
-  size_t n_;
-};
+using gpu_test::run_seed;
+using DeviceFloats = gpu_test::DeviceBuffer<float>;
 
 struct Shape {
   int64_t batch, seq, heads, dqk, dv;
@@ -222,18 +192,7 @@ void expect_close(const char* what, const Shape& sh, const std::vector<float>& g
   EXPECT_LE(err, tolerance) << what << " " << sh.name() << "; seed " << run_seed();
 }
 
-class AttentionBf16Gpu : public ::testing::Test {
- protected:
-  void SetUp() override {
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
-    static bool printed = false;
-    if (!printed)
-      std::printf("attention_tc_gpu: seed %llu (MOERL_SEED=%llu repeats this run)\n",
-                  static_cast<unsigned long long>(run_seed()), static_cast<unsigned long long>(run_seed()));
-    printed = true;
-  }
-};
+class AttentionBf16Gpu : public gpu_test::GpuTest {};
 
 Tensors random_tensors(const Shape& sh, std::mt19937_64& rng) {
   std::normal_distribution<float> normal(0.0f, 1.0f);

@@ -36,6 +36,7 @@
 #include "kernels/fp8.hpp"
 #include "kernels/fp8_gemm.hpp"
 #include "runtime/error.hpp"
+#include "tests/gpu/gpu_test_support.hpp"
 
 namespace moerl::fp8 {
 namespace {
@@ -53,29 +54,7 @@ uint64_t fresh_seed(const char* what) {
   return seed;
 }
 
-template <class T> class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t count) : count_(count) {
-    CUDA_CHECK(cudaMalloc(&ptr_, std::max<size_t>(count, 1) * sizeof(T)));
-  }
-  ~DeviceBuffer() { cudaFree(ptr_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  T* get() const { return ptr_; }
-  void upload(const std::vector<T>& h) {
-    ASSERT_LE(h.size(), count_);
-    CUDA_CHECK(cudaMemcpy(ptr_, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {
-    std::vector<T> h(count_);
-    CUDA_CHECK(cudaMemcpy(h.data(), ptr_, count_ * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-
- private:
-  T* ptr_ = nullptr;
-  size_t count_;
-};
+using gpu_test::DeviceBuffer;
 
 // A quantized operand on the host, scales in the CPU layout [ceil(rows / block_rows), tiles(cols)].
 struct HostOperand {

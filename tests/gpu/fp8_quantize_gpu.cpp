@@ -1,6 +1,6 @@
 // GPU tests of the FP8 quantization kernels (kernels/cuda/fp8_quantize.cu): every kernel must give the
 // bytes of the CPU reference (kernels/cpu/fp8.cpp) exactly, on random inputs drawn with a fresh seed each
-// run (printed; MOERL_SEED=<n> repeats a run), outputs poisoned before each launch. Also prints the
+// run (printed; MOERL_TEST_SEED=<n> repeats a run), outputs poisoned before each launch. Also prints the
 // kernels' bandwidth. Needs a GPU: skipped without one.
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
@@ -18,43 +18,17 @@
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/fp8.hpp"
 #include "kernels/fp8_quantize.hpp"
+#include "tests/gpu/gpu_test_support.hpp"
 
 namespace moerl::fp8 {
 namespace {
 
-uint64_t run_seed() {
-  static const uint64_t seed = []() -> uint64_t {
-    if (const char* env = std::getenv("MOERL_SEED")) return std::strtoull(env, nullptr, 10);
-    std::random_device rd;
-    return (uint64_t{rd()} << 32) | rd();
-  }();
-  return seed;
-}
+using gpu_test::DeviceBuffer;
+using gpu_test::run_seed;
 
-// A device buffer of n elements (RAII; at least one element so the pointer is never null).
-template <class T> class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t n) : n_(n) {
-    void* p = nullptr;
-    CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)));
-    p_ = static_cast<T*>(p);
-  }
-  ~DeviceBuffer() { cudaFree(p_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  T* get() const { return p_; }
-  void upload(const std::vector<T>& v) { CUDA_CHECK(cudaMemcpy(p_, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice)); }
-  std::vector<T> download(size_t n) const {
-    std::vector<T> v(n);
-    CUDA_CHECK(cudaMemcpy(v.data(), p_, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return v;
-  }
-  void poison() { CUDA_CHECK(cudaMemset(p_, 0xA5, n_ * sizeof(T))); }  // codes 0xA5, scales a negative float
-
- private:
-  T* p_ = nullptr;
-  size_t n_;
-};
+// Poison of the outputs: codes 0xA5 and scales a negative float, neither of which the kernels write here (0xFF, the
+// DeviceBuffer default, is the code of a negative NaN, which the special-values test expects).
+constexpr int kPoison = 0xA5;
 
 enum class Kind { Tiles1x128, Blocks128x128, Transposed };
 const char* kind_name(Kind k) {
@@ -99,8 +73,8 @@ void expect_same_bytes_as_cpu(Kind k, const std::vector<float>& x, int64_t rows,
   DeviceBuffer<uint8_t> dcodes(n + 1);
   DeviceBuffer<float> dscales(ns);
   dx.upload(shifted);
-  dcodes.poison();
-  dscales.poison();
+  dcodes.fill_bytes(kPoison);
+  dscales.fill_bytes(kPoison);
   uint8_t* codes_ptr = dcodes.get() + (offset % 2);  // odd offsets also misalign the codes
   run_gpu(k, dx.get() + offset, rows, cols, codes_ptr, dscales.get());
   CUDA_CHECK(cudaDeviceSynchronize());
@@ -138,18 +112,7 @@ std::vector<float> random_input(int64_t rows, int64_t cols, std::mt19937_64& rng
   return x;
 }
 
-class Fp8QuantizeGpu : public ::testing::Test {
- protected:
-  void SetUp() override {
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
-    static bool printed = false;
-    if (!printed) std::printf("fp8_quantize_gpu: seed %llu (MOERL_SEED=%llu repeats this run)\n",
-                              static_cast<unsigned long long>(run_seed()), static_cast<unsigned long long>(run_seed()));
-    printed = true;
-    RecordProperty("seed", std::to_string(run_seed()));
-  }
-};
+class Fp8QuantizeGpu : public gpu_test::GpuTest {};
 
 TEST_F(Fp8QuantizeGpu, EveryKernelGivesTheCpuBytesOnRandomInputs) {
   std::mt19937_64 rng(run_seed());
@@ -228,7 +191,7 @@ TEST_F(Fp8QuantizeGpu, WeightCodesAndTheirTransposeComeFromOnePass) {
     DeviceBuffer<float> dw(w.size()), dscales(scales.size());
     DeviceBuffer<uint8_t> dcodes(codes.size()), dcodes_t(codes.size());
     dw.upload(w);
-    dcodes.poison(), dcodes_t.poison(), dscales.poison();
+    dcodes.fill_bytes(kPoison), dcodes_t.fill_bytes(kPoison), dscales.fill_bytes(kPoison);
     cuda::quantize_128x128_with_transpose(dw.get(), sh.batch, sh.rows, sh.cols, dcodes.get(), dscales.get(),
                                           dcodes_t.get());
     CUDA_CHECK(cudaDeviceSynchronize());

@@ -21,28 +21,14 @@
 #include "runtime/gpu/gpu_adamw.hpp"
 #include "runtime/model/params.hpp"
 #include "runtime/optim/adamw.hpp"
+#include "tests/gpu/gpu_test_support.hpp"
 
 namespace moerl {
 namespace {
 
-uint64_t seed_of_run() {
-  static const uint64_t seed = []() -> uint64_t {
-    if (const char* env = std::getenv("MOERL_TEST_SEED")) return std::strtoull(env, nullptr, 10);
-    std::random_device rd;
-    return (uint64_t{rd()} << 32) | rd();
-  }();
-  return seed;
-}
+using gpu_test::run_seed;
 
-class GpuAdamWTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
-    std::printf("gpu adamw tests: seed %llu (MOERL_TEST_SEED=%llu repeats this run)\n",
-                static_cast<unsigned long long>(seed_of_run()), static_cast<unsigned long long>(seed_of_run()));
-  }
-};
+class GpuAdamWTest : public gpu_test::GpuTest {};
 
 // Values and gradients of a Params set in two device arenas laid out as GpuModel lays them out: each tensor
 // 256-byte aligned, so tensors whose size is a multiple of 64 floats lie back to back with the next one (merged
@@ -191,7 +177,7 @@ Params test_params(std::mt19937_64& rng) {
 const std::vector<std::string> kLayout{"f.matrix", "e.matrix", "a.matrix", "b.expert", "g.norm", "c.norm", "d.bias"};
 
 TEST_F(GpuAdamWTest, StepsGiveTheCpuOptimizersBitsThroughClippingAndASkippedStep) {
-  std::mt19937_64 rng(seed_of_run() + 11);
+  std::mt19937_64 rng(run_seed() + 11);
   Params cpu = test_params(rng);
   DeviceArena arena(cpu, kLayout);
   arena.upload_values(cpu);
@@ -204,7 +190,7 @@ TEST_F(GpuAdamWTest, StepsGiveTheCpuOptimizersBitsThroughClippingAndASkippedStep
   EXPECT_EQ(gpu_opt.span_count(), 2u) << "kLayout's two groups of back-to-back tensors";
   for (int64_t step = 0; step < 7; ++step) {
     const std::string when = "step " + std::to_string(step);
-    SCOPED_TRACE(when + ", seed " + std::to_string(seed_of_run()));
+    SCOPED_TRACE(when + ", seed " + std::to_string(run_seed()));
     // ~34k gradient values: σ = 0.02 gives a norm near 3.7 (clipped to 1), σ = 0.002 near 0.37 (not clipped);
     // step 3 holds a NaN (skipped: weights, moments and the update count stay).
     const float sigma = step % 2 == 0 ? 0.02f : 0.002f;
@@ -235,7 +221,7 @@ TEST_F(GpuAdamWTest, StepsGiveTheCpuOptimizersBitsThroughClippingAndASkippedStep
 }
 
 TEST_F(GpuAdamWTest, CheckpointStateMovesBetweenCpuAndGpuOptimizers) {
-  std::mt19937_64 rng(seed_of_run() + 12);
+  std::mt19937_64 rng(run_seed() + 12);
   Params cpu = test_params(rng);
   DeviceArena arena(cpu, kLayout);
   arena.upload_values(cpu);
@@ -269,7 +255,7 @@ TEST_F(GpuAdamWTest, CheckpointStateMovesBetweenCpuAndGpuOptimizers) {
 }
 
 TEST_F(GpuAdamWTest, BadStateIsRefusedWithTheCpusMessageAndChangesNothing) {
-  std::mt19937_64 rng(seed_of_run() + 13);
+  std::mt19937_64 rng(run_seed() + 13);
   Params cpu = test_params(rng);
   DeviceArena arena(cpu, kLayout);
   AdamWConfig config;

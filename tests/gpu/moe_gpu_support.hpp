@@ -1,5 +1,5 @@
-// Helpers of the MoE GPU tests (moe_routing_gpu.cpp, moe_permute_gpu.cpp, moe_experts_gpu.cpp): the run's seed,
-// device buffers, random values, CUDA-event timing and a fixture that skips without a GPU.
+// Helpers of the MoE GPU tests (moe_routing_gpu.cpp, moe_permute_gpu.cpp, moe_experts_gpu.cpp, ...): random values,
+// relative errors and CUDA-event timing, beside the seed, device buffers and fixture of gpu_test_support.hpp.
 #pragma once
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
@@ -16,47 +16,13 @@
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "runtime/error.hpp"
+#include "tests/gpu/gpu_test_support.hpp"
 
 namespace moerl::moe_gpu_test {
 
-// One fresh seed per run of the binary; MOERL_TEST_SEED=<n> repeats a run.
-inline uint64_t run_seed() {
-  static const uint64_t seed = []() -> uint64_t {
-    if (const char* env = std::getenv("MOERL_TEST_SEED")) return std::strtoull(env, nullptr, 10);
-    std::random_device rd;
-    return (uint64_t{rd()} << 32) | rd();
-  }();
-  return seed;
-}
-
-// A device buffer of n elements (at least one, so the pointer is never null).
-template <class T> class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t n) : n_(n) {
-    void* p = nullptr;
-    CUDA_CHECK(cudaMalloc(&p, std::max<size_t>(n, 1) * sizeof(T)));
-    p_ = static_cast<T*>(p);
-  }
-  explicit DeviceBuffer(const std::vector<T>& v) : DeviceBuffer(v.size()) { upload(v); }
-  ~DeviceBuffer() { cudaFree(p_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  T* get() const { return p_; }
-  void upload(const std::vector<T>& v) {
-    require(v.size() <= n_, "DeviceBuffer::upload: more elements than the buffer holds");
-    CUDA_CHECK(cudaMemcpy(p_, v.data(), v.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download() const {  // synchronizes with the legacy default stream
-    std::vector<T> v(n_);
-    CUDA_CHECK(cudaMemcpy(v.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost));
-    return v;
-  }
-  void poison() { CUDA_CHECK(cudaMemset(p_, 0xFF, n_ * sizeof(T))); }  // NaN as float, -1 as integer
-
- private:
-  T* p_ = nullptr;
-  size_t n_;
-};
+using gpu_test::DeviceBuffer;
+using gpu_test::GpuTest;
+using gpu_test::run_seed;
 
 // ‖a − b‖₂ / ‖b‖₂ over n values in double; non-finite -> infinity (fails any bound); both zero -> 0 (an expert
 // with no tokens).
@@ -100,19 +66,5 @@ inline double median_ms(const std::function<void()>& fn) {
   std::sort(ms.begin(), ms.end());
   return (ms[4] + ms[5]) / 2;
 }
-
-// Skips without a CUDA device; prints the seed once per binary.
-class GpuTest : public ::testing::Test {
- protected:
-  void SetUp() override {
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
-    static bool printed = false;
-    if (!printed)
-      std::printf("moe gpu tests: seed %llu (MOERL_TEST_SEED=%llu repeats this run)\n",
-                  static_cast<unsigned long long>(run_seed()), static_cast<unsigned long long>(run_seed()));
-    printed = true;
-  }
-};
 
 }  // namespace moerl::moe_gpu_test

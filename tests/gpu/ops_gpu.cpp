@@ -1,5 +1,5 @@
 // GPU tests of the model's non-GEMM ops (kernels/cuda/{rmsnorm,rope,swiglu,embedding,cross_entropy,adamw}.cu)
-// against their CPU references, on random inputs drawn with a fresh seed each run (printed; MOERL_SEED=<n>
+// against their CPU references, on random inputs drawn with a fresh seed each run (printed; MOERL_TEST_SEED=<n>
 // repeats a run), outputs poisoned with NaN before each launch. Each comparison prints one line: the max
 // absolute error, the max relative error (error / the element's error scale) and the tolerance. A last test
 // prints the bandwidth of each op on a model-sized problem (information, not an assertion). Needs a GPU:
@@ -34,49 +34,13 @@
 #include "runtime/error.hpp"
 #include "runtime/model/params.hpp"
 #include "runtime/optim/adamw.hpp"
+#include "tests/gpu/gpu_test_support.hpp"
 
 namespace moerl {
 namespace {
 
-uint64_t run_seed() {
-  static const uint64_t seed = []() -> uint64_t {
-    if (const char* env = std::getenv("MOERL_SEED")) return std::strtoull(env, nullptr, 10);
-    std::random_device rd;
-    return (uint64_t{rd()} << 32) | rd();
-  }();
-  return seed;
-}
-
-// n elements of device memory (at least one, so the pointer is never null); everything on the default stream.
-template <class T> class DeviceBuffer {
- public:
-  explicit DeviceBuffer(size_t n) : n_(std::max<size_t>(n, 1)) {
-    void* p = nullptr;
-    CUDA_CHECK(cudaMalloc(&p, n_ * sizeof(T)));
-    p_ = static_cast<T*>(p);
-  }
-  explicit DeviceBuffer(const std::vector<T>& h, size_t offset = 0) : DeviceBuffer(h.size() + offset) {
-    upload(h, offset);
-  }
-  ~DeviceBuffer() { cudaFree(p_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  T* get(size_t offset = 0) const { return p_ + offset; }
-  void upload(const std::vector<T>& h, size_t offset = 0) {
-    CUDA_CHECK(cudaMemcpy(p_ + offset, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice));
-  }
-  std::vector<T> download(size_t n, size_t offset = 0) const {
-    std::vector<T> h(n);
-    CUDA_CHECK(cudaMemcpy(h.data(), p_ + offset, n * sizeof(T), cudaMemcpyDeviceToHost));
-    return h;
-  }
-  void fill_bytes(int byte) { CUDA_CHECK(cudaMemset(p_, byte, n_ * sizeof(T))); }
-  void poison() { fill_bytes(0xFF); }  // every float NaN
-
- private:
-  T* p_ = nullptr;
-  size_t n_;
-};
+using gpu_test::DeviceBuffer;
+using gpu_test::run_seed;
 
 std::vector<float> normal_vector(size_t n, std::mt19937_64& rng, float mean = 0.0f, float stddev = 1.0f) {
   std::normal_distribution<float> normal(mean, stddev);
@@ -147,19 +111,7 @@ void print_bandwidth(const std::string& what, double us, double bytes) {
   std::printf("  %-44s %9.1f us, %6.0f GB/s\n", what.c_str(), us, bytes / us / 1e3);
 }
 
-class OpsGpu : public ::testing::Test {
- protected:
-  void SetUp() override {
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
-    static bool printed = false;
-    if (!printed)
-      std::printf("ops_gpu: seed %llu (MOERL_SEED=%llu repeats this run)\n",
-                  static_cast<unsigned long long>(run_seed()), static_cast<unsigned long long>(run_seed()));
-    printed = true;
-    RecordProperty("seed", std::to_string(run_seed()));
-  }
-};
+class OpsGpu : public gpu_test::GpuTest {};
 
 TEST_F(OpsGpu, RmsNormForwardAndBackwardMatchTheCpuReference) {
   std::mt19937_64 rng(run_seed());
