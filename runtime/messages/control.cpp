@@ -12,6 +12,7 @@
 #include <limits>
 
 #include "runtime/error.hpp"
+#include "runtime/messages/flat.hpp"
 #include "schemas/control.capnp.h"
 
 namespace moerl::msg {
@@ -91,11 +92,7 @@ std::vector<uint8_t> build(const char* kind, size_t payload_bytes, Fill fill_roo
   try {
     capnp::MallocMessageBuilder message(static_cast<unsigned>(std::min<size_t>(64 + payload_bytes / 8, 1u << 28)));
     fill_root(message.initRoot<Wire>());
-    auto segments = message.getSegmentsForOutput();
-    std::vector<uint8_t> out(capnp::computeSerializedSizeInWords(segments) * sizeof(capnp::word));
-    kj::ArrayOutputStream stream(kj::arrayPtr(out.data(), out.size()));
-    capnp::writeMessage(stream, segments);
-    return out;
+    return flat_bytes(message);
   } catch (const kj::Exception& e) {
     throw Error(std::string(kind) + ": cannot encode (" + e.getDescription().cStr() + ")");
   }

@@ -12,6 +12,7 @@
 
 #include "runtime/error.hpp"
 #include "runtime/messages/codec.hpp"
+#include "runtime/messages/flat.hpp"
 #include "runtime/messages/wire.hpp"
 
 namespace moerl::msg {
@@ -212,11 +213,7 @@ std::vector<uint8_t> build(MessageKind kind, const Plain& x, size_t payload_byte
     const size_t hint = std::min<size_t>(kStructWords * 8 + words_of(payload_bytes), size_t{1} << 28);
     capnp::MallocMessageBuilder message(static_cast<unsigned>(hint));
     fill(message.initRoot<Wire>(), x);
-    auto segments = message.getSegmentsForOutput();
-    std::vector<uint8_t> out(capnp::computeSerializedSizeInWords(segments) * sizeof(capnp::word));
-    kj::ArrayOutputStream stream(kj::arrayPtr(out.data(), out.size()));
-    capnp::writeMessage(stream, segments);
-    return out;
+    return flat_bytes(message);
   } catch (const kj::Exception& e) {
     throw Error(std::string(kind_name(kind)) + ": cannot encode (" + e.getDescription().cStr() + ")");
   }
