@@ -1,10 +1,10 @@
 // Preference pairs in the HF TRL "chosen/rejected" JSON Lines form, one pair a line:
 //   {"prompt": "12+34=", "chosen": "46", "rejected": "47"}
 // (the form the feedback store's export writes; extra fields such as "id" or "annotator" are ignored).
-// Also the machine-judged pairs the quickstart uses today: two responses to a prompt, the preferred one picked
-// by the task's exact checker. TODO(integration): the issue wants pairs from a scripted annotator through the
-// feedback HTTP API (`moerl feedback serve`); its export writes this same file, so the reward-model stage reads
-// either through read_preferences() and swapping the source is one line of the recipe (`data:`).
+// Pairs reach a reward_model or dpo stage three ways: judged over the feedback endpoint's HTTP API by a scripted
+// annotator or by people (a `preferences` stage, runtime/train/rl_collect.hpp; what the quickstart does), from a
+// file in this form (`data:`, e.g. the feedback store's export), or, with neither, machine-judged here: two
+// responses to a prompt, the preferred one picked by the task's exact checker (judge_by_checker).
 #pragma once
 #include <cstdint>
 #include <filesystem>
