@@ -117,6 +117,9 @@ StageSpec read_stage(YamlSection s, const std::filesystem::path& base, const std
         s.has("data"))
       s.fail("data", "an " + st.kind + " stage draws its prompts from the task; data: is for sft, reward_model, dpo");
   }
+  if (st.kind == "pretrain" && s.has("data"))
+    s.fail("data", "a pretrain stage reads the recipe's corpus (the top-level data: corpus/dir); data: is for sft, "
+                   "reward_model, dpo");
   if (s.has("data")) st.data = base / s.get<std::string>("data", "");
   if (st.kind == "sft" && st.data.empty()) s.fail("data", "an sft stage needs a JSONL file of prompt/response lines");
   st.steps = s.get<int64_t>("steps", st.steps);

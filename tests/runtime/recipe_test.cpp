@@ -84,6 +84,16 @@ TEST(Recipe, InconsistentModelShapeIsRefused) {
   EXPECT_NE(e.find("topk_group"), std::string::npos) << e;
 }
 
+TEST(Recipe, AStageDataFileWhereTheStageReadsNoneIsRefused) {
+  // A pretrain stage trains on the recipe's corpus: a data: file given to it would be silently ignored.
+  std::string text = kValid;
+  text.replace(text.find("    steps: 10"), 13, "    data: my-corpus.txt\n    steps: 10");
+  const std::string e = error_of(write_recipe("pretrain-data.yaml", text));
+  EXPECT_NE(e.find("pretrain-data.yaml:9: stages[0].data: a pretrain stage reads the recipe's corpus"),
+            std::string::npos)
+      << e;
+}
+
 TEST(Recipe, MissingFileAndBadYamlAreClearErrors) {
   EXPECT_NE(error_of("/nonexistent/recipe.yaml").find("recipe file not found"), std::string::npos);
   const std::string e = error_of(write_recipe("bad.yaml", "name: [unclosed\n"));
