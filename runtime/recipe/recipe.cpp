@@ -32,13 +32,17 @@ void apply_override(YAML::Node root, const std::string& text) {
       chain.push_back(cur[keys[i]]);
     }
   }
+  // A scalar is stored as a node of its own, which no line of the file holds: errors about it then say "(--set)"
+  // instead of naming line 1 of the value's text (yaml_section.cpp).
+  YAML::Node loaded = YAML::Load(value);
+  if (loaded.IsScalar()) loaded = YAML::Node(loaded.Scalar());
   YAML::Node parent = chain.back();
   if (parent.IsSequence()) {
     const size_t idx = std::stoul(keys.back());
     require(idx < parent.size(), "--set " + text + ": index beyond the list");
-    parent[idx] = YAML::Load(value);
+    parent[idx] = loaded;
   } else {
-    parent[keys.back()] = YAML::Load(value);
+    parent[keys.back()] = loaded;
   }
 }
 

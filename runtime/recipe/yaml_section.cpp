@@ -1,11 +1,19 @@
 #include "runtime/recipe/yaml_section.hpp"
 
 namespace moerl {
+namespace {
+
+// "FILE:LINE", or "FILE (--set)" for a node that no line of the file holds (made by a --set override).
+std::string file_at(const std::string& file, const YAML::Mark& mark) {
+  return mark.line >= 0 ? file + ":" + std::to_string(mark.line + 1) : file + " (--set)";
+}
+
+}  // namespace
 
 YamlSection::YamlSection(YAML::Node node, std::string file, std::string path)
     : node_(std::move(node)), file_(std::move(file)), path_(std::move(path)) {
   if (node_ && !node_.IsNull() && !node_.IsMap())
-    throw Error(file_ + ":" + std::to_string(node_.Mark().line + 1) + ": " + (path_.empty() ? "recipe" : path_) +
+    throw Error(file_at(file_, node_.Mark()) + ": " + (path_.empty() ? "recipe" : path_) +
                 ": expected a mapping of fields");
 }
 
@@ -35,17 +43,9 @@ std::vector<YamlSection> YamlSection::list(const std::string& key) {
 }
 
 std::string YamlSection::where(const std::string& key) const {
-  int line = -1;
-  if (has(key)) line = node_[key].Mark().line;
-  else if (node_) line = node_.Mark().line;
-  std::string out = file_;
-  if (line >= 0) {
-    out += ':';
-    out += std::to_string(line + 1);
-  }
-  out += ": ";
-  out += child_path(key);
-  return out;
+  if (has(key)) return file_at(file_, node_[key].Mark()) + ": " + child_path(key);
+  if (node_) return file_at(file_, node_.Mark()) + ": " + child_path(key);
+  return file_ + ": " + child_path(key);
 }
 
 void YamlSection::fail(const std::string& key, const std::string& what) const {
@@ -59,8 +59,8 @@ void YamlSection::refuse_unknown() const {
     if (!used_.count(key)) {
       std::string known;
       for (const auto& k : used_) known += (known.empty() ? "" : ", ") + k;
-      throw Error(file_ + ":" + std::to_string(kv.first.Mark().line + 1) + ": " + child_path(key) +
-                  ": unknown field (known here: " + known + ")");
+      throw Error(file_at(file_, kv.first.Mark()) + ": " + child_path(key) + ": unknown field (known here: " + known +
+                  ")");
     }
   }
 }

@@ -79,6 +79,16 @@ TEST(Recipe, OverridesApplyBeforeValidation) {
   EXPECT_EQ(r.model.hidden_size, 48);
 }
 
+TEST(Recipe, ErrorsAboutAnOverrideSayItCameFromSetNotALineOfTheFile) {
+  const fs::path file = write_recipe("set.yaml", kValid);
+  EXPECT_NE(error_of(file, {"stages.0.steps=abc"}).find("set.yaml (--set): stages[0].steps: expected an integer"),
+            std::string::npos)
+      << error_of(file, {"stages.0.steps=abc"});
+  EXPECT_NE(error_of(file, {"model.hidden_sise=8"}).find("set.yaml (--set): model.hidden_sise: unknown field"),
+            std::string::npos)
+      << error_of(file, {"model.hidden_sise=8"});
+}
+
 TEST(Recipe, InconsistentModelShapeIsRefused) {
   const std::string e = error_of(write_recipe("m.yaml", kValid), {"model.topk_group=5", "model.n_group=2"});
   EXPECT_NE(e.find("topk_group"), std::string::npos) << e;
