@@ -23,6 +23,7 @@ void add_head_command(CLI::App& app, std::function<int()>& action) {
   };
   auto args = std::make_shared<Args>();
   cmd->add_option("--port", args->head.port, "TCP port to listen on (0: any free port; see --port-file)")
+      ->check(CLI::Range(0, 65535))
       ->capture_default_str();
   cmd->add_option("--host", args->head.host, "Interface to listen on; 0.0.0.0 for every interface")
       ->capture_default_str();

@@ -1,9 +1,11 @@
 // moerl: the command line. Each subcommand lives in its own file and is wired here.
-//   exit 0: success; 1: a runtime failure (one line on stderr); 2: bad usage (the usage is printed).
+//   exit 0: success; 1: a runtime failure (one line on stderr); 2: bad usage (the usage, then the error as the
+//   last line).
 #include <csignal>
 #include <CLI/CLI.hpp>
 #include <cstdio>
 #include <exception>
+#include <string>
 
 #include "actors/cli/commands.hpp"
 #include "actors/cli/feedback.hpp"
@@ -28,9 +30,16 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    const int code = app.exit(e);  // prints help/version (code 0) or the error and usage
-    if (code != 0 && !dynamic_cast<const CLI::CallForHelp*>(&e)) std::fprintf(stderr, "%s", app.help().c_str());
-    return code == 0 ? 0 : 2;
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help, --version
+    // The usage of the command at fault, then what was wrong as the last line, where a terminal leaves it in view.
+    std::string what = e.what();
+    if (app.get_subcommands().empty() && argc > 1 && argv[1][0] != '-') {  // CLI11 says "A subcommand is required"
+      std::string commands;
+      for (const CLI::App* sub : app.get_subcommands({})) commands += (commands.empty() ? "" : ", ") + sub->get_name();
+      what = std::string("'") + argv[1] + "' is not a command (" + commands + ")";
+    }
+    std::fprintf(stderr, "%s\nmoerl: error: %s\n", app.help().c_str(), what.c_str());
+    return 2;
   }
   try {
     return action ? action() : 0;

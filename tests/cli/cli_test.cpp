@@ -29,10 +29,24 @@ TEST(Cli, CommandHelpExplainsItsOptions) {
   EXPECT_NE(r.out.find("--data"), std::string::npos);
 }
 
+// The last line of a usage error: what was wrong (the usage above it may be long).
+std::string last_line(const std::string& text) {
+  const std::string t = text.ends_with('\n') ? text.substr(0, text.size() - 1) : text;
+  return t.substr(t.rfind('\n') + 1);
+}
+
 TEST(Cli, UnknownSubcommandPrintsUsageAndExitsTwo) {
   const auto r = run_command(kMoerl + " frobnicate");
   EXPECT_EQ(r.exit_code, 2);
   EXPECT_NE((r.out + r.err).find("Usage"), std::string::npos);
+  EXPECT_EQ(last_line(r.err), "moerl: error: 'frobnicate' is not a command (run, eval, bench, head, node, feedback)");
+}
+
+TEST(Cli, BadOptionValueEndsWithTheErrorAfterTheUsage) {
+  const auto r = run_command(kMoerl + " head --port 99999");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.err.find("--port"), std::string::npos);
+  EXPECT_EQ(last_line(r.err), "moerl: error: --port: Value 99999 not in range 0 to 65535") << r.err;
 }
 
 TEST(Cli, UnknownFlagPrintsUsageAndExitsTwo) {
