@@ -70,6 +70,9 @@ void add_run_command(CLI::App& app, std::function<int()>& action) {
       // this process: the driver actor does not run RL kinds (TODO(actors): those kinds as driver steps).
       Recipe recipe = load_recipe(args->recipe, args->overrides);
       if (!args->out.empty()) recipe.out = args->out;
+      require(!std::filesystem::exists(recipe.out) || std::filesystem::is_directory(recipe.out),
+              (args->out.empty() ? args->recipe + ": out: " : std::string("--out ")) + recipe.out.string() +
+                  ": exists and is not a folder (the run folder holds checkpoints, metrics and the summary)");
       if (args->processes > 1 && args->rendezvous.empty()) {
         // Launch mode: this process starts and supervises the N `moerl run --process I` processes.
         for (const auto& st : recipe.stages)

@@ -59,6 +59,17 @@ TEST(Cli, NoSubcommandIsBadUsage) {
   EXPECT_EQ(run_command(kMoerl).exit_code, 2);
 }
 
+TEST(Cli, RunRefusesAnOutPathThatIsAFile) {
+  const std::filesystem::path file = std::filesystem::temp_directory_path() / "moerl-cli-out-is-a-file";
+  const std::filesystem::path recipe = std::filesystem::temp_directory_path() / "moerl-cli-out-recipe.yaml";
+  std::ofstream(file) << "not a folder\n";
+  std::ofstream(recipe) << "name: t\nstages:\n  - name: a\n    kind: pretrain\n    steps: 1\n";
+  const auto r = run_command(kMoerl + " run " + recipe.string() + " --out " + file.string());
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_EQ(r.err, "moerl: error: --out " + file.string() +
+                       ": exists and is not a folder (the run folder holds checkpoints, metrics and the summary)\n");
+}
+
 TEST(Cli, RuntimeFailureExitsOneWithOneClearLine) {
   const auto r = run_command(kMoerl + " eval /nonexistent/ckpt --data /nonexistent/data.jsonl");
   EXPECT_EQ(r.exit_code, 1);
