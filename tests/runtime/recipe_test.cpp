@@ -89,6 +89,15 @@ TEST(Recipe, ErrorsAboutAnOverrideSayItCameFromSetNotALineOfTheFile) {
       << error_of(file, {"model.hidden_sise=8"});
 }
 
+TEST(Recipe, AStageLongerThanTheModelsPositionsIsRefused) {
+  const std::string e = error_of(write_recipe("long.yaml", kValid), {"stages.0.seq=8192"});
+  EXPECT_NE(e.find("stages[0].seq: 8192 tokens is longer than the model's positions (model.max_position_embeddings "),
+            std::string::npos)
+      << e;
+  EXPECT_EQ(error_of(write_recipe("long.yaml", kValid), {"stages.0.seq=8192", "model.max_position_embeddings=8192"}),
+            "");
+}
+
 TEST(Recipe, InconsistentModelShapeIsRefused) {
   const std::string e = error_of(write_recipe("m.yaml", kValid), {"model.topk_group=5", "model.n_group=2"});
   EXPECT_NE(e.find("topk_group"), std::string::npos) << e;
