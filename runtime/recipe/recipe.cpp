@@ -246,9 +246,9 @@ Recipe load_recipe(const std::filesystem::path& file, const std::vector<std::str
                      "(model.max_position_embeddings " + std::to_string(r.model.max_position_embeddings) + ")");
   }
   if (r.stages.empty()) s.fail("stages", "a recipe needs at least one stage");
+  r.model.validate(name + ": model");  // before the parallelism, which is checked against the model's shape
   r.parallelism = read_parallelism(s.section("parallelism"), r);
   s.refuse_unknown();
-  r.model.validate(name + ": model");
   return r;
 }
 
