@@ -241,8 +241,9 @@ Recipe load_recipe(const std::filesystem::path& file, const std::vector<std::str
   for (auto& st : s.list("stages")) {
     r.stages.push_back(read_stage(st, base, r.stages));
     if (!names.insert(r.stages.back().name).second) st.fail("name", "stage name used twice");
-    if (r.stages.back().seq > r.model.max_position_embeddings)
-      st.fail("seq", std::to_string(r.stages.back().seq) + " tokens is longer than the model's positions "
+    const StageSpec& added = r.stages.back();
+    if ((added.kind == "pretrain" || added.kind == "sft") && added.seq > r.model.max_position_embeddings)  // seq's users
+      st.fail("seq", std::to_string(added.seq) + " tokens is longer than the model's positions "
                      "(model.max_position_embeddings " + std::to_string(r.model.max_position_embeddings) + ")");
   }
   if (r.stages.empty()) s.fail("stages", "a recipe needs at least one stage");
