@@ -208,7 +208,9 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp)
 // cols % kTC == 0, `vec_x` and `vec`: no bounds checks. kGrouped: the rows are cut into groups at
 // bounds [n_groups + 1] (multiples of 128), and group g's codes are its own packed transpose [cols, n_g] at
 // codes_t + bounds[g] · cols (a 128-row tile lies in one group).
-template <bool kFull, bool kGrouped, int kTC>
+constexpr int kTC = 32;  // columns per block of quantize_1x128_transposed_kernel (the Cols32 shape)
+
+template <bool kFull, bool kGrouped>
 __global__ void __launch_bounds__(kTransposeWarps * kWarp)
     quantize_1x128_transposed_kernel(const float* __restrict__ x, int64_t rows, int64_t cols, int64_t nrow_tiles,
                                      bool vec_x, bool vec, uint8_t* __restrict__ codes_t,
@@ -305,8 +307,7 @@ bool tile_kernel_fits(const float* x, int64_t rows, int64_t cols, const uint8_t*
          (codes == nullptr || aligned(codes, 4)) && (codes_t == nullptr || aligned(codes_t, 4));
 }
 
-// quantize_1x128_transposed_kernel with kTC columns per block; bounds null: ungrouped.
-template <int kTC>
+// quantize_1x128_transposed_kernel (kTC columns per block); bounds null: ungrouped.
 void launch_transposed_cols(const char* fn, const float* x, int64_t rows, int64_t cols, const int64_t* bounds,
                             int64_t n_groups, uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
   const int64_t chunks = blocks_for(cols, kTC);
@@ -315,10 +316,10 @@ void launch_transposed_cols(const char* fn, const float* x, int64_t rows, int64_
   const bool vec_x = cols % 4 == 0 && aligned(x, 16);
   const bool vec = rows % 4 == 0 && aligned(codes_t, 4);  // grouped: every group's row count is a multiple of 128
   const bool full = vec_x && vec && rows % kTile == 0 && cols % kTC == 0;
-  const auto kernel = bounds != nullptr ? (full ? quantize_1x128_transposed_kernel<true, true, kTC>
-                                                : quantize_1x128_transposed_kernel<false, true, kTC>)
-                                        : (full ? quantize_1x128_transposed_kernel<true, false, kTC>
-                                                : quantize_1x128_transposed_kernel<false, false, kTC>);
+  const auto kernel = bounds != nullptr ? (full ? quantize_1x128_transposed_kernel<true, true>
+                                                : quantize_1x128_transposed_kernel<false, true>)
+                                        : (full ? quantize_1x128_transposed_kernel<true, false>
+                                                : quantize_1x128_transposed_kernel<false, false>);
   kernel<<<grid, kTransposeWarps * kWarp, 0, stream>>>(x, rows, cols, tiles(rows), vec_x, vec, codes_t, scales_t,
                                                         bounds, n_groups);
   CUDA_CHECK_LAUNCH();
@@ -333,7 +334,7 @@ void launch_transposed(TransposedKernel kernel, const char* fn, const float* x, 
     o.n_groups = n_groups;
     launch_quantize_tiles<false, true, PlainSource, 64>(PlainSource{x, cols}, o, stream);
   } else {
-    launch_transposed_cols<32>(fn, x, rows, cols, bounds, n_groups, codes_t, scales_t, stream);
+    launch_transposed_cols(fn, x, rows, cols, bounds, n_groups, codes_t, scales_t, stream);
   }
 }
 
