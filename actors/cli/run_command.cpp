@@ -121,7 +121,7 @@ void add_run_command(CLI::App& app, std::function<int()>& action) {
 #endif
       const auto run = actors::run_recipe_with_actors(args->recipe, args->overrides, args->out, backend, processes);
       std::printf("%s\n", run.summary.dump(2).c_str());
-      std::fprintf(stderr, "run folder: %s (summary.json, metrics.jsonl, checkpoints)\n", run.out.c_str());
+      std::fprintf(stderr, "run folder: %s (summary.json, report.html, metrics.jsonl, checkpoints)\n", run.out.c_str());
       return 0;
     };
   });

@@ -11,6 +11,7 @@
 #include "runtime/error.hpp"
 #include "runtime/recipe/recipe.hpp"
 #include "runtime/train/metrics.hpp"
+#include "runtime/train/report.hpp"
 #include "runtime/train/run_recipe.hpp"
 #include "runtime/util/files.hpp"
 #include "runtime/util/progress.hpp"
@@ -312,6 +313,7 @@ Json run_on_cluster(caf::actor_system& system, const supervisor_actor& superviso
   }
   summary["wall_s"] = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   write_file_durably(recipe.out / "summary.json", summary.dump(2) + "\n");
+  write_html_report(recipe.out, summary);  // report.html, report.txt, the table on stderr
   return summary;
 }
 

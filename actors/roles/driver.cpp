@@ -11,6 +11,7 @@
 
 #include "actors/roles/data_loader.hpp"
 #include "runtime/train/metrics.hpp"
+#include "runtime/train/report.hpp"
 #include "runtime/train/step_apply.hpp"
 #include "runtime/util/files.hpp"
 #include "runtime/util/progress.hpp"
@@ -200,6 +201,7 @@ void finish_run(Self self) {
   auto& st = self->state;
   st.summary["wall_s"] = std::chrono::duration<double>(Clock::now() - st.run_start).count();
   write_file_durably(st.log_dir() / "summary.json", st.summary.dump(2) + "\n");
+  write_html_report(st.log_dir(), st.summary);  // report.html, report.txt, the table on stderr
   st.finished = true;
   stop_children(self);
   st.promise.deliver(st.summary.dump(), st.recipe.out.string());

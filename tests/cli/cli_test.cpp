@@ -112,9 +112,14 @@ TEST(Cli, RunExecutesARecipeAndWritesTheRunFolder) {
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto summary = nlohmann::json::parse(r.out);
   EXPECT_EQ(summary["stages"][0]["steps"].get<int64_t>(), 4);  // the --set override took effect
-  for (const char* f : {"summary.json", "metrics.jsonl", "tokenizer.model", "pretrain/model.safetensors",
-                        "pretrain/config.json", "pretrain/optimizer.safetensors", "pretrain/trainer_state.json"})
+  for (const char* f : {"summary.json", "metrics.jsonl", "tokenizer.model", "report.html", "report.txt",
+                        "pretrain/model.safetensors", "pretrain/config.json", "pretrain/optimizer.safetensors",
+                        "pretrain/trainer_state.json"})
     EXPECT_TRUE(fs::exists(dir / "out" / f)) << f;
+  std::ifstream table_file(dir / "out" / "report.txt");
+  const std::string table((std::istreambuf_iterator<char>(table_file)), std::istreambuf_iterator<char>());
+  EXPECT_NE(table.find("pretrain"), std::string::npos) << table;  // the stage's row
+  EXPECT_NE(r.err.find(table), std::string::npos) << "the table is also printed at the end";
   // A bad override is a usage-level failure of the recipe: one line naming the field.
   const auto bad = run_command(kMoerl + " run " + (dir / "recipe.yaml").string() + " --set stages.0.steps=zero");
   EXPECT_EQ(bad.exit_code, 1);
