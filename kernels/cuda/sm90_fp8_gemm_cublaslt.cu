@@ -12,6 +12,7 @@
 #include <map>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/stream_scratch.hpp"
@@ -185,11 +186,12 @@ int forced_algo_index() {
   return index;
 }
 
-int32_t tile_of(const cublasLtMatmulAlgo_t& algo) {
-  int32_t tile = CUBLASLT_MATMUL_TILE_UNDEFINED;
+// One configuration attribute of a cuBLASLt algorithm (all of them fit an int32).
+int32_t config_of(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t attribute) {
+  int32_t value = 0;
   size_t written = 0;
-  cublasLtMatmulAlgoConfigGetAttribute(&algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof tile, &written);
-  return tile;
+  cublasLtMatmulAlgoConfigGetAttribute(&algo, attribute, &value, sizeof value, &written);
+  return value;
 }
 
 // Which of the heuristic's `found` results a plan uses (-1: none usable). The first usable one, except for Wgrad
@@ -201,16 +203,16 @@ int32_t tile_of(const cublasLtMatmulAlgo_t& algo) {
 // other candidates. MOERL_LT_FP8_ALGOS prints every plan's candidates.
 int choose_algo(const PlanKey& k, const cublasLtMatmulHeuristicResult_t* results, int found) {
   constexpr int64_t kShortK = 4096;
-  const int forced = forced_algo_index();
-  int first = -1, preferred = -1;
-  for (int i = 0, usable = 0; i < found; ++i) {
-    if (results[i].state != CUBLAS_STATUS_SUCCESS) continue;
-    if (forced >= 0 && usable++ <= forced) first = i;
-    if (forced < 0 && first < 0) first = i;
-    if (preferred < 0 && tile_of(results[i].algo) == CUBLASLT_MATMUL_TILE_64x128) preferred = i;
-  }
-  const bool short_wgrad = k.a_block == 1 && k.b_block == 1 && k.k <= kShortK;
-  return forced < 0 && short_wgrad && preferred >= 0 ? preferred : first;
+  std::vector<int> usable;
+  for (int i = 0; i < found; ++i)
+    if (results[i].state == CUBLAS_STATUS_SUCCESS) usable.push_back(i);
+  if (usable.empty()) return -1;
+  if (const int forced = forced_algo_index(); forced >= 0)
+    return usable[std::min<size_t>(static_cast<size_t>(forced), usable.size() - 1)];
+  if (k.a_block == 1 && k.b_block == 1 && k.k <= kShortK)  // short Wgrad
+    for (int i : usable)
+      if (config_of(results[i].algo, CUBLASLT_ALGO_CONFIG_TILE_ID) == CUBLASLT_MATMUL_TILE_64x128) return i;
+  return usable.front();
 }
 
 // MOERL_LT_FP8_ALGOS set: each new plan prints the heuristic's candidates (configuration attributes 0 .. 8 of
@@ -221,13 +223,9 @@ void print_candidates(const std::string& problem, const cublasLtMatmulHeuristicR
   std::string line = "lt-fp8 " + problem + ":";
   for (int i = 0; i < found; ++i) {
     line += " [" + std::to_string(i) + (i == chosen ? "*" : "");
-    for (int a = 0; a < 9; ++a) {
-      int32_t value = 0;
-      size_t written = 0;
-      cublasLtMatmulAlgoConfigGetAttribute(&results[i].algo, static_cast<cublasLtMatmulAlgoConfigAttributes_t>(a),
-                                           &value, sizeof value, &written);
-      line += std::string(" ") + names[a] + " " + std::to_string(value);
-    }
+    for (int a = 0; a < 9; ++a)
+      line += std::string(" ") + names[a] + " " +
+              std::to_string(config_of(results[i].algo, static_cast<cublasLtMatmulAlgoConfigAttributes_t>(a)));
     line += " waves " + std::to_string(results[i].wavesCount) + "]";
   }
   std::fprintf(stderr, "%s\n", line.c_str());
