@@ -151,21 +151,16 @@ std::map<std::string, Tensor> GpuAdamW::state() const {
 
 void GpuAdamW::load_state(const SafeTensors& saved) {
   // AdamW::load_state's checks (runtime/optim/adamw_state.hpp): everything before anything is copied.
-  std::vector<std::pair<const Tensor*, const Tensor*>> sources;
+  std::vector<adamw_state::Moments> sources;
   std::set<std::string> known{kStep};
-  for (const Slot& s : slots_) {
-    sources.emplace_back(&adamw_state::moment(saved, kExpAvg + s.name, s.shape),
-                         &adamw_state::moment(saved, kExpAvgSq + s.name, s.shape));
-    known.insert(kExpAvg + s.name);
-    known.insert(kExpAvgSq + s.name);
-  }
+  for (const Slot& s : slots_) sources.push_back(adamw_state::moments(saved, s.name, s.shape, known));
   adamw_state::refuse_unknown(saved, known);
   const int64_t step = adamw_state::step(saved);
 
   for (size_t i = 0; i < slots_.size(); ++i) {
     const size_t bytes = static_cast<size_t>(slots_[i].numel) * sizeof(uint16_t);
-    CUDA_CHECK(cudaMemcpyAsync(slots_[i].m, sources[i].first->bytes(), bytes, cudaMemcpyHostToDevice, stream_));
-    CUDA_CHECK(cudaMemcpyAsync(slots_[i].v, sources[i].second->bytes(), bytes, cudaMemcpyHostToDevice, stream_));
+    CUDA_CHECK(cudaMemcpyAsync(slots_[i].m, sources[i].exp_avg->bytes(), bytes, cudaMemcpyHostToDevice, stream_));
+    CUDA_CHECK(cudaMemcpyAsync(slots_[i].v, sources[i].exp_avg_sq->bytes(), bytes, cudaMemcpyHostToDevice, stream_));
   }
   CUDA_CHECK(cudaStreamSynchronize(stream_));  // `saved` may go as soon as this returns
   t_ = step;

@@ -400,13 +400,8 @@ void GpuDataParallel::load_optimizer_state(const SafeTensors& saved) {
   // parts.
   const auto& params = m.at(0).model->params();
   std::set<std::string> known{kStep};
-  for (const DeviceParam& p : params) {
-    if (!p.trainable) continue;
-    for (const char* key : {kExpAvg, kExpAvgSq}) {
-      adamw_state::moment(saved, key + p.name, p.shape);
-      known.insert(key + p.name);
-    }
-  }
+  for (const DeviceParam& p : params)
+    if (p.trainable) adamw_state::moments(saved, p.name, p.shape, known);
   adamw_state::refuse_unknown(saved, known);
   adamw_state::step(saved);
   const Tensor& st = saved.tensors.at(kStep);

@@ -162,21 +162,15 @@ std::map<std::string, const Tensor*> AdamW::state() const {
 
 void AdamW::load_state(const SafeTensors& saved) {
   // Everything is checked before anything is copied: a bad file leaves the optimizer as it was.
-  std::vector<std::pair<const Tensor*, const Tensor*>> sources;
+  std::vector<adamw_state::Moments> sources;
   std::set<std::string> known{kStep};
-  for (const Slot& s : slots_) {
-    const Shape& shape = s.param->value.shape();
-    sources.emplace_back(&adamw_state::moment(saved, kExpAvg + *s.name, shape),
-                         &adamw_state::moment(saved, kExpAvgSq + *s.name, shape));
-    known.insert(kExpAvg + *s.name);
-    known.insert(kExpAvgSq + *s.name);
-  }
+  for (const Slot& s : slots_) sources.push_back(adamw_state::moments(saved, *s.name, s.param->value.shape(), known));
   adamw_state::refuse_unknown(saved, known);
   const int64_t step = adamw_state::step(saved);
 
   for (size_t i = 0; i < slots_.size(); ++i) {
-    std::memcpy(slots_[i].exp_avg.bytes(), sources[i].first->bytes(), slots_[i].exp_avg.nbytes());
-    std::memcpy(slots_[i].exp_avg_sq.bytes(), sources[i].second->bytes(), slots_[i].exp_avg_sq.nbytes());
+    std::memcpy(slots_[i].exp_avg.bytes(), sources[i].exp_avg->bytes(), slots_[i].exp_avg.nbytes());
+    std::memcpy(slots_[i].exp_avg_sq.bytes(), sources[i].exp_avg_sq->bytes(), slots_[i].exp_avg_sq.nbytes());
   }
   t_ = step;
   step_tensor_.data<int64_t>()[0] = t_;

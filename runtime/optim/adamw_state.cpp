@@ -14,6 +14,13 @@ const Tensor& moment(const SafeTensors& saved, const std::string& key, const Sha
   return t;
 }
 
+Moments moments(const SafeTensors& saved, const std::string& name, const Shape& shape, std::set<std::string>& known) {
+  const Moments m{&moment(saved, kExpAvg + name, shape), &moment(saved, kExpAvgSq + name, shape)};
+  known.insert(kExpAvg + name);
+  known.insert(kExpAvgSq + name);
+  return m;
+}
+
 void refuse_unknown(const SafeTensors& saved, const std::set<std::string>& known) {
   for (const auto& [key, t] : saved.tensors)
     if (key.starts_with("optimizer.") && !known.count(key))

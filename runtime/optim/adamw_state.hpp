@@ -20,6 +20,14 @@ inline constexpr const char* kStep = "optimizer.step";
 // The saved moment `key` (kExpAvg or kExpAvgSq + the parameter's name), which must be BF16 of `shape`.
 const Tensor& moment(const SafeTensors& saved, const std::string& key, const Shape& shape);
 
+// Both saved moments of the parameter `name` of `shape` (exp_avg, then exp_avg_sq, each checked as moment()), their
+// names added to `known` for refuse_unknown.
+struct Moments {
+  const Tensor* exp_avg;
+  const Tensor* exp_avg_sq;
+};
+Moments moments(const SafeTensors& saved, const std::string& name, const Shape& shape, std::set<std::string>& known);
+
 // Refuses a saved optimizer.* tensor whose name is not in `known` (a state saved for another model).
 void refuse_unknown(const SafeTensors& saved, const std::set<std::string>& known);
 
