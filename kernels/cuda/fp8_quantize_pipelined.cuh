@@ -154,11 +154,11 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
           const float scale = scale_from_amax_bits(amax);
           const Divisor d = divisor(scale);
           const int64_t gr = r0 + r;
-          if (p == 0) out.scales[gr * col_tiles + ct] = scale;
+          if (p == 0) out.scales[gr * out.row_scales_ld() + ct] = scale;
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const int64_t c = c0 + 4 * (p + 8 * i);
-            if (c < cols) __stcs(reinterpret_cast<unsigned int*>(out.codes + gr * cols + c), encode4(v[o][i], d));
+            if (c < cols) __stcs(reinterpret_cast<unsigned int*>(out.codes + gr * out.row_codes_ld() + c), encode4(v[o][i], d));
           }
         }
       }

@@ -52,12 +52,17 @@ __device__ __forceinline__ int swizzled(int c, int r) { return c * kTile + 4 * (
 
 struct TileOutputs {
   int64_t rows = 0, cols = 0;                     // the activation [rows, cols]
-  uint8_t* codes = nullptr;                       // rows: [rows, cols]
-  float* scales = nullptr;                        //       [rows, tiles(cols)]
+  uint8_t* codes = nullptr;                       // rows: [rows, cols], row r at codes + r · codes_ld
+  float* scales = nullptr;                        //       [rows, tiles(cols)], row r at scales + r · scales_ld
+  int64_t codes_ld = 0, scales_ld = 0;            //       row strides; 0: cols and tiles(cols) (packed)
   uint8_t* codes_t = nullptr;                     // columns: [cols, rows], or per group [cols, n_g] at bounds[g]·cols
   float* scales_t = nullptr;                      //          [cols, rows / 128]
   const int64_t* bounds = nullptr;                // [n_groups + 1] on the device, or null: one group
   int64_t n_groups = 0;
+  // The row strides, the packed ones where unset (a [rows, cols] view into a wider matrix sets them, e.g. the
+  // gate half of SwiGLU's [rows, 2 · cols] gradient codes).
+  __host__ __device__ int64_t row_codes_ld() const { return codes_ld != 0 ? codes_ld : cols; }
+  __host__ __device__ int64_t row_scales_ld() const { return scales_ld != 0 ? scales_ld : (cols + kTile - 1) / kTile; }
 };
 
 // Where the transposed codes of the 128-row tile at r0 go: its rows start at column `first` of a [cols, out_rows]
@@ -89,7 +94,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
   const int64_t ct = blockIdx.x, r0 = rt * kTile, c0 = ct * kTC;
   if constexpr (kRows) {
-    const int64_t ntiles = (o.cols + kTile - 1) / kTile;
+    const int64_t codes_ld = o.row_codes_ld(), scales_ld = o.row_scales_ld();
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float m = 0.0f;
@@ -100,11 +105,11 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
       const float scale = scale_from_amax_bits(amax);
       const Divisor d = divisor(scale);
       const int64_t r = r0 + Shape::row(4 * h, warp, sub);
-      if (quad == 0) o.scales[r * ntiles + ct] = scale;
+      if (quad == 0) o.scales[r * scales_ld + ct] = scale;
 #pragma unroll
       for (int k = 4 * h; k < 4 * h + 4; ++k) {
         const int64_t c = c0 + Shape::col(k, quad);
-        if (c < o.cols) __stcs(reinterpret_cast<unsigned int*>(o.codes + r * o.cols + c), encode4(v[k], d));
+        if (c < o.cols) __stcs(reinterpret_cast<unsigned int*>(o.codes + r * codes_ld + c), encode4(v[k], d));
       }
     }
   }

@@ -46,8 +46,8 @@ void LinearContext::Impl::check_device(const char* fn) const {
 }
 
 PreparedWeight& LinearContext::Impl::entry(const float* w, int64_t N, int64_t K, Precision p, size_t bytes,
-                                           int64_t batch) {
-  const auto [it, inserted] = weights.try_emplace(linear_detail::WeightKey{w, N, K, p, batch});
+                                           int64_t batch, const float* second) {
+  const auto [it, inserted] = weights.try_emplace(linear_detail::WeightKey{w, N, K, p, batch, second});
   if (inserted) {
     try {
       it->second.memory = linear_detail::DeviceAllocation(bytes);

@@ -58,6 +58,7 @@ struct WeightKey {
   int64_t n, k;
   Precision p;
   int64_t batch = 0;  // stacked FP8 copies of `batch` experts (fp8_stacked_weight); 0: one weight
+  const float* second = nullptr;  // fp8_stacked_gate_up_t: the up weight beside w (the gate); null: w alone
   auto operator<=>(const WeightKey&) const = default;
 };
 
@@ -66,6 +67,7 @@ struct PreparedWeight {
   DeviceAllocation memory;
   PreparedFp8Weight fp8;    // FP8: views into `memory`
   PreparedFp8Stack stack;   // stacked FP8: views into `memory`
+  PreparedFp8GateUpT gate_up_t;  // gate|up transposed side by side: views into `memory`
 };
 
 }  // namespace moerl::cuda::linear_detail
@@ -86,7 +88,7 @@ struct LinearContext::Impl {
   // The entry of (w, N, K, p) with `bytes` of device memory, allocated on first use. Its generation says whether
   // the contents are current.
   linear_detail::PreparedWeight& entry(const float* w, int64_t N, int64_t K, Precision p, size_t bytes,
-                                       int64_t batch = 0);
+                                       int64_t batch = 0, const float* second = nullptr);
   // The BF16 copy of w [N, K], refreshed on `stream` when stale.
   const uint16_t* bf16_weight(const float* w, int64_t N, int64_t K, cudaStream_t stream);
 };
@@ -101,6 +103,12 @@ const PreparedFp8Weight& fp8_weight(LinearContext::Impl& ctx, const float* w, in
 // The stacked copies of prepared_fp8_stacked_weight (N, K multiples of 16, >= 128; checked by the caller).
 const PreparedFp8Stack& fp8_stacked_weight(LinearContext::Impl& ctx, const float* w, int64_t experts, int64_t N,
                                            int64_t K, cudaStream_t stream);
+// The routed experts' gate and up weights [experts, I, H] as one Dgrad operand per expert, [wᵀ_gate | wᵀ_up]
+// [H, 2I]: dx = [dg | du] · [w_gate; w_up] is one GEMM with K = 2I instead of a second GEMM accumulating into
+// dx. Copied from the two stacks' transposed codes and scales (fp8_stacked_weight, refreshed first where stale),
+// so the bytes are theirs. Needs I % 128 == 0 (each half whole 128-blocks; checked by the caller).
+const PreparedFp8GateUpT& fp8_stacked_gate_up_t(LinearContext::Impl& ctx, const float* gate, const float* up,
+                                                int64_t experts, int64_t I, int64_t H, cudaStream_t stream);
 void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
                  cudaStream_t stream);
 // Dgrad into dx (unless null; added to it with accumulate_dx) and Wgrad accumulated into dw (unless null).

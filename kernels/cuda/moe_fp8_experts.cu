@@ -20,6 +20,13 @@
 // with these and the shared expert beside the routed ones (runtime/gpu/gpu_feed_forward.cpp); switching one off:
 // kept codes +0.4 ms, combined dy +0.17 ms, the pair kernel within noise.
 //
+// gate and up's Dgrad as one GEMM (where I % 128 == 0): the SwiGLU backward writes dg's and du's row codes side by
+// side, [dg | du] [rows, 2I] (row strides; each half whole 1x128 tiles, so the bytes of apart), and each expert's
+// dx = [dg | du] · [w_gate; w_up] is one K = 2I GEMM against a copy of the two stacks' transposed codes side by side
+// (linear_detail::fp8_stacked_gate_up_t, remade after each weight change) instead of a second GEMM reading and
+// rewriting dx in FP32. MoE layer fwd+bwd on the H200 12.50 against 13.01 ms (MOERL_MOE_DGRAD=separate), 4 rounds
+// interleaved (bench/results/2026-11-29-gpu-sweep-dgrad-pair-h200-bfc0f46+pair.*).
+//
 // Gathered forward: x [tokens, H]'s rows are quantized once per token and their codes copied to the expert rows
 // (moe_gather_rows_fp8: the same bytes, x read once instead of top-k times); only xᵀ's codes read the gathered rows
 // (fp8_quantize_tile.cuh's 128 x 64 column blocks). MoE layer fwd+bwd on the H200: quant_x 0.73 -> 0.57 ms
@@ -271,6 +278,18 @@ bool separate_swiglu_backward() {
     if (v == nullptr || *v == '\0' || std::string(v) == "fused") return false;
     if (std::string(v) == "separate") return true;
     throw Error(std::string("MOERL_MOE_SWIGLU_BWD must be fused or separate, got ") + v);
+  }();
+  return separate;
+}
+
+// MOERL_MOE_DGRAD=separate: gate and up's Dgrad as two GEMMs per expert (the second accumulating into dx) even where
+// I % 128 == 0 allows one over [dg | du] (the default, "pair"); for comparing the two on the device. Read once.
+bool separate_gate_up_dgrad() {
+  static const bool separate = [] {
+    const char* v = std::getenv("MOERL_MOE_DGRAD");
+    if (v == nullptr || *v == '\0' || std::string(v) == "pair") return false;
+    if (std::string(v) == "separate") return true;
+    throw Error(std::string("MOERL_MOE_DGRAD must be pair or separate, got ") + v);
   }();
   return separate;
 }
@@ -533,6 +552,9 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   const PreparedFp8Stack sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream);
   const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
+  const PreparedFp8GateUpT* gu = nullptr;  // the pair's Dgrad operand, where it may be used (below)
+  if (!grouped && I % kTile == 0 && !separate_gate_up_dgrad())
+    gu = &linear_detail::fp8_stacked_gate_up_t(c, w.gate, w.up, E, I, H, stream);
   st.next("quant_dy_both_h_tokens");
   // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad); dy quantized both ways in one pass.
   StreamScratch grads(bytes_of(rows * I, sizeof(float)), stream);
@@ -578,13 +600,26 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     dyq.release();
   }
 
-  // dg and du (swiglu_backward) quantized both ways, fused with their computation where the shapes allow.
+  // dg and du (swiglu_backward) quantized both ways, fused with their computation where the shapes allow. With
+  // `pair` their rows' codes sit side by side, [dg | du] [rows, 2I] (each half whole 1x128 tiles, so the same
+  // codes and scales as apart), for one Dgrad GEMM with K = 2I against [wᵀ_gate | wᵀ_up].
   st.next("swiglu_bwd_quant_dg_du");
-  RowsFp8 dgq(nullptr, rows, I, aligned, E, lt, stream);
-  RowsFp8 duq(nullptr, rows, I, aligned, E, lt, stream);
+  const bool fused = swiglu_fp8_supported(rows, I, dh, g, u);
+  const bool pair = gu != nullptr && fused && !separate_swiglu_backward();
+  RowsFp8 dgq(nullptr, rows, pair ? 2 * I : I, aligned, E, lt, stream);  // pair: [dg | du]
+  std::optional<RowsFp8> duq_apart;
+  if (!pair) duq_apart.emplace(nullptr, rows, I, aligned, E, lt, stream);
   TokensFp8 dgt(nullptr, rows, I, aligned, E, lt, stream);
   TokensFp8 dut(nullptr, rows, I, aligned, E, lt, stream);
-  if (swiglu_fp8_supported(rows, I, dh, g, u)) {
+  if (pair) {
+    const int64_t ld = 2 * I, scales_ld = 2 * tiles(I);
+    swiglu_backward_quantize_dual_both(
+        dh, g, u, rows, I, aligned, E,
+        Fp8Dual{dgq.codes(), dgq.cpu_scales(), dgt.codes(), dgt.cpu_scales(), ld, scales_ld},
+        Fp8Dual{dgq.codes() + I, dgq.cpu_scales() + tiles(I), dut.codes(), dut.cpu_scales(), ld, scales_ld}, stream);
+    dgq.finish(), dgt.finish(), dut.finish();
+  } else if (fused) {
+    RowsFp8& duq = *duq_apart;
     if (separate_swiglu_backward()) {
       swiglu_backward_quantize_dual(dh, g, u, rows, I, true, aligned, E, dgq.codes(), dgq.cpu_scales(), dgt.codes(),
                                     dgt.cpu_scales(), stream);
@@ -602,7 +637,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     float* du = dgu.as<float>(bytes_of(rows * I, sizeof(float)));
     swiglu_backward(dh, g, u, dg, du, rows * I, stream);
     quantize_both(dg, rows, I, aligned, E, dgq, dgt, stream);
-    quantize_both(du, rows, I, aligned, E, duq, dut, stream);
+    quantize_both(du, rows, I, aligned, E, *duq_apart, dut, stream);
     dgu.release();
   }
   grads.release();
@@ -614,11 +649,12 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   TokensFp8& xt = xt_kept ? *xt_kept : xt_new;
   st.next("gemm_gate_up_dgrad");
 
-  // gate and up: dx = dg · w_gate + du · w_up (the second accumulated in the GEMM), dw += dgᵀ · xᵀ, duᵀ · xᵀ.
+  // gate and up: dx = dg · w_gate + du · w_up (pair: one GEMM over [dg | du]; else the second accumulated in the
+  // GEMM), dw += dgᵀ · xᵀ, duᵀ · xᵀ.
   if (grouped) {
     GroupedProblem pr;
     pr.terms[0] = rows_term(dgq, sg.codes_t, sg.scales_t, I);
-    pr.terms[1] = rows_term(duq, su.codes_t, su.scales_t, I);
+    pr.terms[1] = rows_term(*duq_apart, su.codes_t, su.scales_t, I);
     pr.n_terms = 2, pr.y = dxp;
     fp8::cuda::grouped_gemm_nt_rows(&pr, 1, aligned, E, rows, H, stream);
     GroupedProblem pw[2];
@@ -628,8 +664,13 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   } else {
     const std::vector<ExpertWeight> wg = expert_weights(sg), wu = expert_weights(su);
     auto dgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+      if (pair) {
+        const Operand wt{gu->codes_t + e * H * 2 * I, gu->scales_t + e * gu->scales_t_stride, H, 2 * I, kTile};
+        fp8::cuda::gemm_nt(gc, dgq.expert(r0, n), wt, dxp + r0 * H, OutType::FP32, s);
+        return;
+      }
       fp8::cuda::gemm_nt(gc, dgq.expert(r0, n), wg[e].wt, dxp + r0 * H, OutType::FP32, s);
-      fp8::cuda::gemm_nt_accumulate(gc, duq.expert(r0, n), wu[e].wt, dxp + r0 * H, s);
+      fp8::cuda::gemm_nt_accumulate(gc, duq_apart->expert(r0, n), wu[e].wt, dxp + r0 * H, s);
     };
     auto wgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
       const Operand x = xt.expert(r0, n);
@@ -641,7 +682,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   xt.release();
   dut.release();
   dgt.release();
-  duq.release();
+  if (duq_apart) duq_apart->release();
   dgq.release();
 }
 

@@ -79,6 +79,12 @@ struct BackwardPairRows {
 
 bool aligned(const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; }
 
+// Fp8Dual's row strides: packed (0), or at least a row and keeping the codes' 4-byte stores aligned.
+bool row_strides_ok(const Fp8Dual& d, int64_t cols) {
+  return (d.codes_ld == 0 || (d.codes_ld >= cols && d.codes_ld % 4 == 0)) &&
+         (d.scales_ld == 0 || d.scales_ld >= fp8::tiles(cols));
+}
+
 void check(const char* fn, int64_t rows, int64_t cols, const void* a, const void* b, const void* c, bool outputs_set) {
   require(swiglu_fp8_supported(rows, cols, a, b, c) && outputs_set,
           std::string("cuda::") + fn + ": needs rows a multiple of 128 (at most 128 x 65535), cols a multiple of 4, " +
@@ -119,8 +125,9 @@ void swiglu_backward_quantize_dual(const float* dh, const float* g, const float*
 void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const float* u, int64_t rows, int64_t cols,
                                         const int64_t* bounds, int64_t n_groups, const Fp8Dual& dg, const Fp8Dual& du,
                                         cudaStream_t stream) {
-  auto set = [](const Fp8Dual& d) {
-    return d.codes && d.scales && d.codes_t && d.scales_t && aligned(d.codes, 4) && aligned(d.codes_t, 4);
+  auto set = [&](const Fp8Dual& d) {
+    return row_strides_ok(d, cols) && d.codes && d.scales && d.codes_t && d.scales_t && aligned(d.codes, 4) &&
+           aligned(d.codes_t, 4);
   };
   check("swiglu_backward_quantize_dual_both", rows, cols, dh, g, u,
         u && set(dg) && set(du) && (bounds == nullptr || n_groups > 0));
@@ -128,18 +135,21 @@ void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const f
   a.rows = rows, a.cols = cols, a.bounds = bounds, a.n_groups = n_groups;
   TileOutputs b = a;
   a.codes = dg.codes, a.scales = dg.scales, a.codes_t = dg.codes_t, a.scales_t = dg.scales_t;
+  a.codes_ld = dg.codes_ld, a.scales_ld = dg.scales_ld;
   b.codes = du.codes, b.scales = du.scales, b.codes_t = du.codes_t, b.scales_t = du.scales_t;
+  b.codes_ld = du.codes_ld, b.scales_ld = du.scales_ld;
   launch_quantize_pipelined(BackwardPairRows{dh, g, u, cols}, PipeOutputs<2>{{a, b}}, stream);
 }
 
 void swiglu_forward_quantize_dual(const float* g, const float* u, int64_t rows, int64_t cols, float* h,
                                   const int64_t* bounds, int64_t n_groups, const Fp8Dual& out, cudaStream_t stream) {
   check("swiglu_forward_quantize_dual", rows, cols, g, u, h,
-        out.codes && out.scales && out.codes_t && out.scales_t && aligned(out.codes, 4) && aligned(out.codes_t, 4) &&
-            (bounds == nullptr || n_groups > 0));
+        row_strides_ok(out, cols) && out.codes && out.scales && out.codes_t && out.scales_t &&
+            aligned(out.codes, 4) && aligned(out.codes_t, 4) && (bounds == nullptr || n_groups > 0));
   TileOutputs o;
   o.rows = rows, o.cols = cols, o.codes = out.codes, o.scales = out.scales, o.codes_t = out.codes_t,
   o.scales_t = out.scales_t, o.bounds = bounds, o.n_groups = n_groups;
+  o.codes_ld = out.codes_ld, o.scales_ld = out.scales_ld;
   launch_quantize_tiles<true, true>(ForwardSource{g, u, h, cols}, o, stream);
 }
 

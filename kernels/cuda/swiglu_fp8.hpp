@@ -37,6 +37,9 @@ struct Fp8Dual {
   float* scales = nullptr;
   uint8_t* codes_t = nullptr;
   float* scales_t = nullptr;
+  // Row strides of codes and scales (elements); 0: packed, cols and tiles(cols). Set where the rows are one half
+  // of a wider matrix: dg and du side by side as [rows, 2 · cols] for one K = 2 · cols Dgrad GEMM.
+  int64_t codes_ld = 0, scales_ld = 0;
 };
 
 // h = silu(g) · u quantized both ways (quantize_1x128_dual's outputs, tokens grouped by bounds as there) in one
@@ -46,7 +49,8 @@ void swiglu_forward_quantize_dual(const float* g, const float* u, int64_t rows, 
                                   cudaStream_t stream = nullptr);
 
 // Both gradients of swiglu_backward(dh, g, u) in one pass: what swiglu_backward_quantize_dual gives for dg (gate)
-// and for du, bit for bit, reading dh and g once instead of twice (u is needed).
+// and for du, bit for bit, reading dh and g once instead of twice (u is needed). The rows' codes and scales at
+// each Fp8Dual's row strides.
 void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const float* u, int64_t rows, int64_t cols,
                                         const int64_t* bounds, int64_t n_groups, const Fp8Dual& dg, const Fp8Dual& du,
                                         cudaStream_t stream = nullptr);

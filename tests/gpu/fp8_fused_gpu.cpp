@@ -6,6 +6,7 @@
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -373,6 +374,54 @@ TEST_F(Fp8FusedGpu, SwigluFusedWithQuantizationGivesTheUnfusedBytes) {
   }
   std::printf("[ fp8 fused ] SwiGLU forward + 1x128, backward dg / du + both ways (grouped, one kernel each and both "
               "in one): the unfused bytes\n");
+}
+
+// MoE Dgrad over [dg | du] (kernels/cuda/moe_fp8_experts.cu): with row strides, the pair kernel writes each
+// gradient's row codes and scales into its half of a [rows, 2 cols] matrix, the same bytes as packed.
+TEST_F(Fp8FusedGpu, SwigluBackwardWritesEachGradientIntoItsHalfOfAWiderMatrix) {
+  std::mt19937_64 rng(run_seed() + 105);
+  const std::vector<int64_t> bounds = {0, 256, 384};
+  const int64_t groups = static_cast<int64_t>(bounds.size()) - 1;
+  DeviceBuffer<int64_t> db(bounds);
+  for (int64_t cols : {256, 208}) {  // whole tiles (the MoE's case), and a partial last tile
+    const int64_t rows = bounds.back(), n = rows * cols, t = tiles(cols);
+    const std::string what = shape_name(rows, cols);
+    DeviceBuffer<float> g(normal_values(static_cast<size_t>(n), 3.0f, rng)), u(normal_values(static_cast<size_t>(n), 1.0f, rng));
+    DeviceBuffer<float> dh(random_activation(rows, cols, rng));
+    // Packed: each gradient its own [rows, cols].
+    DeviceBuffer<uint8_t> cg(n), cu(n), ctg(n), ctu(n);
+    DeviceBuffer<float> sg(rows * t), su(rows * t), stg(cols * rows / 128), stu(cols * rows / 128);
+    cuda::swiglu_backward_quantize_dual_both(dh.get(), g.get(), u.get(), rows, cols, db.get(), groups,
+                                             cuda::Fp8Dual{cg.get(), sg.get(), ctg.get(), stg.get()},
+                                             cuda::Fp8Dual{cu.get(), su.get(), ctu.get(), stu.get()});
+    // Side by side: [dg | du] codes [rows, 2 cols], scales [rows, 2 t]; poisoned first, so a stray or missing
+    // write shows.
+    DeviceBuffer<uint8_t> c2(2 * n), ctg2(n), ctu2(n);
+    DeviceBuffer<float> s2(rows * 2 * t), stg2(cols * rows / 128), stu2(cols * rows / 128);
+    c2.poison(), s2.poison();
+    cuda::swiglu_backward_quantize_dual_both(
+        dh.get(), g.get(), u.get(), rows, cols, db.get(), groups,
+        cuda::Fp8Dual{c2.get(), s2.get(), ctg2.get(), stg2.get(), 2 * cols, 2 * t},
+        cuda::Fp8Dual{c2.get() + cols, s2.get() + t, ctu2.get(), stu2.get(), 2 * cols, 2 * t});
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const std::vector<uint8_t> packed_g = cg.download(), packed_u = cu.download(), wide = c2.download();
+    const std::vector<float> scales_g = sg.download(), scales_u = su.download(), wide_scales = s2.download();
+    std::vector<uint8_t> wide_ref(wide.size());
+    std::vector<float> wide_scales_ref(wide_scales.size());
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy_n(packed_g.begin() + r * cols, cols, wide_ref.begin() + r * 2 * cols);
+      std::copy_n(packed_u.begin() + r * cols, cols, wide_ref.begin() + r * 2 * cols + cols);
+      std::copy_n(scales_g.begin() + r * t, t, wide_scales_ref.begin() + r * 2 * t);
+      std::copy_n(scales_u.begin() + r * t, t, wide_scales_ref.begin() + r * 2 * t + t);
+    }
+    expect_same_bits(wide, wide_ref, what + " [dg | du] row codes");
+    expect_same_bits(wide_scales, wide_scales_ref, what + " [dg | du] row scales");
+    expect_same_bits(ctg2.download(), ctg.download(), what + " dg token codes (the strides are the rows' only)");
+    expect_same_bits(stg2.download(), stg.download(), what + " dg token scales");
+    expect_same_bits(ctu2.download(), ctu.download(), what + " du token codes");
+    expect_same_bits(stu2.download(), stu.download(), what + " du token scales");
+  }
+  std::printf("[ fp8 fused ] SwiGLU backward pair: dg and du side by side with row strides, the packed bytes\n");
 }
 
 TEST_F(Fp8FusedGpu, ReportsBandwidth) {

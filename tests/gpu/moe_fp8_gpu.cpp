@@ -260,9 +260,10 @@ TEST_F(MoeFp8Gpu, StackedExpertWeightsAreEachExpertsPreparedBytes) {
   std::printf("[ moe fp8  ] stacked weights: %lld experts, each its own prepared bytes\n", static_cast<long long>(E));
 }
 
-TEST_F(MoeFp8Gpu, ExpertsForwardAndBackwardMatchTheCpuRecipePerExpert) {
-  std::mt19937_64 rng(run_seed() + 37);
-  const int64_t E = static_cast<int64_t>(kCounts.size()), H = 256, I = 208;  // I: a partial 80-wide tile
+// The experts' forward and backward at intermediate size I against the CPU recipe, both GEMM forms, and the gathered
+// and combined entry points against the plain ones.
+void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
+  const int64_t E = static_cast<int64_t>(kCounts.size()), H = 256;
   const std::vector<int64_t> aligned = aligned_of(kCounts);
   const int64_t RA = aligned[E];
   // Each expert's rows get their own magnitude, so rows or scales taken from another expert show.
@@ -404,6 +405,17 @@ TEST_F(MoeFp8Gpu, ExpertsForwardAndBackwardMatchTheCpuRecipePerExpert) {
     EXPECT_EQ(d_dg4.download(), d_dg3.download()) << "combined down grad";
     std::printf("[ moe fp8  ] %s: combined backward (dyp made in its quantization, x's and h's token codes kept): "
                 "the bytes of the dyp version\n", form_name);
+  }
+}
+
+TEST_F(MoeFp8Gpu, ExpertsForwardAndBackwardMatchTheCpuRecipePerExpert) {
+  std::mt19937_64 rng(run_seed() + 37);
+  // I = 208: a partial 80-wide tile, gate and up's Dgrad two GEMMs; I = 256: whole tiles, so the lanes' Dgrad is one
+  // GEMM over [dg | du] against [wᵀ_gate | wᵀ_up] (MOERL_MOE_DGRAD's default).
+  for (const int64_t I : {int64_t{208}, int64_t{256}}) {
+    SCOPED_TRACE("I = " + std::to_string(I));
+    std::printf("[ moe fp8  ] I = %lld\n", static_cast<long long>(I));
+    check_experts_against_the_cpu(I, rng);
   }
 }
 
