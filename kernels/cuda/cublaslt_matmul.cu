@@ -13,12 +13,13 @@
 
 #include "kernels/cuda/cublaslt_matmul.hpp"
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/lt_candidates.hpp"
 #include "runtime/error.hpp"
 
 namespace moerl::cuda_detail {
 namespace {
 
-constexpr int kMaxHeuristicResults = 8;  // a plain array: std::vector of this typedef crashes nvcc 13
+constexpr int kMaxHeuristicResults = cuda_detail::kMaxLtCandidates;
 
 struct PlanKey {
   bool trans_a, trans_b;
@@ -167,11 +168,19 @@ Plan LtMatmul::Impl::make_plan(const PlanKey& k) const {
     int found = 0;
     const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.a, p.b, p.c, p.c, pref,
                                                              kMaxHeuristicResults, results, &found);
+    // The first usable candidate, or with MOERL_LT_ALGO=n the n-th (the last when fewer; for comparing them on
+    // the device). MOERL_LT_ALGOS set: every new plan's candidates printed.
+    static const int forced = cuda_detail::forced_lt_candidate("MOERL_LT_ALGO");
     int chosen = -1;
-    for (int i = 0; i < found && chosen < 0; ++i)
-      if (results[i].state == CUBLAS_STATUS_SUCCESS) chosen = i;
+    for (int i = 0, usable = 0; i < found; ++i) {
+      if (results[i].state != CUBLAS_STATUS_SUCCESS) continue;
+      if (chosen < 0 || usable <= forced) chosen = i;
+      ++usable;
+    }
     require(st == CUBLAS_STATUS_SUCCESS && chosen >= 0, owner + ": cuBLASLt has no algorithm (" +
                                                             cublasLtGetStatusName(st) + ") for " + problem_name(k));
+    if (std::getenv("MOERL_LT_ALGOS") != nullptr)
+      cuda_detail::print_lt_candidates("lt", problem_name(k), results, found, chosen);
     p.algo = results[chosen].algo;
     p.m = k.m, p.k = k.k;
     CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/lt_candidates.hpp"
 #include "kernels/cuda/stream_scratch.hpp"
 #include "kernels/fp8_gemm.hpp"
 #include "runtime/error.hpp"
@@ -22,7 +23,7 @@
 namespace moerl::fp8::cuda {
 namespace {
 
-constexpr int kMaxHeuristicResults = 8;  // a plain array: std::vector of this typedef crashes nvcc 13
+constexpr int kMaxHeuristicResults = cuda_detail::kMaxLtCandidates;
 
 int64_t round_up4(int64_t n) { return (n + 3) / 4 * 4; }
 
@@ -175,23 +176,8 @@ namespace {
 // MOERL_LT_FP8_ALGO=n: every plan takes the heuristic's n-th usable candidate (0-based; the last one when fewer)
 // instead of the rule of choose_algo; for comparing cuBLASLt's candidates on the device. -1 when unset.
 int forced_algo_index() {
-  static const int index = [] {
-    const char* v = std::getenv("MOERL_LT_FP8_ALGO");
-    if (v == nullptr || *v == '\0') return -1;
-    const int n = std::atoi(v);
-    if (n < 0 || n >= kMaxHeuristicResults)
-      throw Error(std::string("MOERL_LT_FP8_ALGO must be 0 .. ") + std::to_string(kMaxHeuristicResults - 1) + ", got " + v);
-    return n;
-  }();
+  static const int index = cuda_detail::forced_lt_candidate("MOERL_LT_FP8_ALGO");
   return index;
-}
-
-// One configuration attribute of a cuBLASLt algorithm (all of them fit an int32).
-int32_t config_of(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoConfigAttributes_t attribute) {
-  int32_t value = 0;
-  size_t written = 0;
-  cublasLtMatmulAlgoConfigGetAttribute(&algo, attribute, &value, sizeof value, &written);
-  return value;
 }
 
 // Which of the heuristic's `found` results a plan uses (-1: none usable). The first usable one, except for Wgrad
@@ -211,24 +197,8 @@ int choose_algo(const PlanKey& k, const cublasLtMatmulHeuristicResult_t* results
     return usable[std::min<size_t>(static_cast<size_t>(forced), usable.size() - 1)];
   if (k.a_block == 1 && k.b_block == 1 && k.k <= kShortK)  // short Wgrad
     for (int i : usable)
-      if (config_of(results[i].algo, CUBLASLT_ALGO_CONFIG_TILE_ID) == CUBLASLT_MATMUL_TILE_64x128) return i;
+      if (cuda_detail::lt_config_of(results[i].algo, CUBLASLT_ALGO_CONFIG_TILE_ID) == CUBLASLT_MATMUL_TILE_64x128) return i;
   return usable.front();
-}
-
-// MOERL_LT_FP8_ALGOS set: each new plan prints the heuristic's candidates (configuration attributes 0 .. 8 of
-// cublasLtMatmulAlgoConfigAttributes_t and waves), the chosen one starred, on stderr.
-void print_candidates(const std::string& problem, const cublasLtMatmulHeuristicResult_t* results, int found,
-                      int chosen) {
-  static const char* const names[9] = {"id", "tile", "splitk", "red", "swz", "opt", "stages", "inner", "cluster"};
-  std::string line = "lt-fp8 " + problem + ":";
-  for (int i = 0; i < found; ++i) {
-    line += " [" + std::to_string(i) + (i == chosen ? "*" : "");
-    for (int a = 0; a < 9; ++a)
-      line += std::string(" ") + names[a] + " " +
-              std::to_string(config_of(results[i].algo, static_cast<cublasLtMatmulAlgoConfigAttributes_t>(a)));
-    line += " waves " + std::to_string(results[i].wavesCount) + "]";
-  }
-  std::fprintf(stderr, "%s\n", line.c_str());
 }
 
 }  // namespace
@@ -301,7 +271,7 @@ Plan GemmContext::Impl::make_plan(const PlanKey& k, const void* a_scales, const 
     const int chosen = choose_algo(k, results, found);
     require(st == CUBLAS_STATUS_SUCCESS && chosen >= 0,
             "fp8::cuda::gemm_nt: cuBLASLt has no block-scaled FP8 algorithm for " + problem);
-    if (std::getenv("MOERL_LT_FP8_ALGOS") != nullptr) print_candidates(problem, results, found, chosen);
+    if (std::getenv("MOERL_LT_FP8_ALGOS") != nullptr) cuda_detail::print_lt_candidates("lt-fp8", problem, results, found, chosen);
     p.algo = results[chosen].algo;
     CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
     return p;
