@@ -109,9 +109,9 @@ struct PreparedFp8Stack {
 };
 // [wᵀ_gate | wᵀ_up] of every expert (linear_detail::fp8_stacked_gate_up_t).
 struct PreparedFp8GateUpT {
-  const uint8_t* codes_t = nullptr;  // [experts, H, 2I]: row h is gate's row h of wᵀ, then up's
-  const float* scales_t = nullptr;   // [experts, scales_t_stride]: BLK128x128 layout of [H, 2I]
-  int64_t experts = 0, rows = 0, cols = 0;  // rows = H, cols = 2I
+  const uint8_t* codes_t = nullptr;  // [experts, H, 2 Ip]: row h is gate's row h of wᵀ at 0, up's at Ip
+  const float* scales_t = nullptr;   // [experts, scales_t_stride]: BLK128x128 layout of [H, 2 Ip]
+  int64_t experts = 0, rows = 0, cols = 0;  // rows = H, cols = 2 Ip (Ip: I rounded up to 128)
   int64_t scales_t_stride = 0;
 };
 PreparedFp8Stack prepared_fp8_stacked_weight(LinearContext& ctx, const float* w, int64_t experts, int64_t N,

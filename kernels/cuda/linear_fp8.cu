@@ -254,23 +254,25 @@ const PreparedFp8GateUpT& fp8_stacked_gate_up_t(LinearContext::Impl& ctx, const 
                                                 int64_t experts, int64_t I, int64_t H, cudaStream_t stream) {
   const PreparedFp8Stack& sg = fp8_stacked_weight(ctx, gate, experts, I, H, stream);
   const PreparedFp8Stack& su = fp8_stacked_weight(ctx, up, experts, I, H, stream);
-  // Per expert: scales [TH block rows][round_up(2 TI, 4)], each half's TI blocks where the stacks have
-  // [TH][round_up(TI, 4)] (the padding columns zero).
-  const int64_t TH = tiles(H), TI = tiles(I), row_blocks = experts * TH;
+  // Codes per expert [H, 2 Ip]: gate's rows of wᵀ at column 0, up's at Ip = I rounded up to 128, zero columns
+  // between (so each half's 128-blocks are its own). Scales [TH block rows][round_up(2 TI, 4)], each half's TI
+  // blocks where the stacks have [TH][round_up(TI, 4)] (the padding columns zero).
+  const int64_t Ip = round_up(I, kTile), TH = tiles(H), TI = tiles(I), row_blocks = experts * TH;
   const int64_t scale_cols = round_up(2 * TI, 4), half_cols = round_up(TI, 4);
   Layout l;
-  const size_t codes_at = l.add(static_cast<size_t>(experts * H * 2 * I));
+  const size_t codes_at = l.add(static_cast<size_t>(experts * H * 2 * Ip));
   const size_t scales_at = l.add(static_cast<size_t>(row_blocks * scale_cols) * sizeof(float));
-  PreparedWeight& pw = ctx.entry(gate, H, 2 * I, Precision::FP8, l.total, experts, up);
+  PreparedWeight& pw = ctx.entry(gate, H, 2 * Ip, Precision::FP8, l.total, experts, up);
   uint8_t* codes_t = pw.memory.as<uint8_t>(codes_at);
   float* scales_t = pw.memory.as<float>(scales_at);
-  pw.gate_up_t = PreparedFp8GateUpT{codes_t, scales_t, experts, H, 2 * I, TH * scale_cols};
+  pw.gate_up_t = PreparedFp8GateUpT{codes_t, scales_t, experts, H, 2 * Ip, TH * scale_cols};
   if (pw.generation != ctx.generation) {
-    const auto n = static_cast<size_t>(I);
+    const auto n = static_cast<size_t>(I), np = static_cast<size_t>(Ip);
     const auto f = sizeof(float);
     const auto hrows = static_cast<size_t>(experts * H), brows = static_cast<size_t>(row_blocks);
-    CUDA_CHECK(cudaMemcpy2DAsync(codes_t, 2 * n, sg.codes_t, n, n, hrows, cudaMemcpyDeviceToDevice, stream));
-    CUDA_CHECK(cudaMemcpy2DAsync(codes_t + n, 2 * n, su.codes_t, n, n, hrows, cudaMemcpyDeviceToDevice, stream));
+    if (Ip != I) CUDA_CHECK(cudaMemsetAsync(codes_t, 0, hrows * 2 * np, stream));
+    CUDA_CHECK(cudaMemcpy2DAsync(codes_t, 2 * np, sg.codes_t, n, n, hrows, cudaMemcpyDeviceToDevice, stream));
+    CUDA_CHECK(cudaMemcpy2DAsync(codes_t + np, 2 * np, su.codes_t, n, n, hrows, cudaMemcpyDeviceToDevice, stream));
     CUDA_CHECK(cudaMemsetAsync(scales_t, 0, brows * static_cast<size_t>(scale_cols) * f, stream));
     const size_t dpitch = static_cast<size_t>(scale_cols) * f, spitch = static_cast<size_t>(half_cols) * f;
     const size_t width = static_cast<size_t>(TI) * f;

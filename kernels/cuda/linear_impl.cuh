@@ -104,9 +104,9 @@ const PreparedFp8Weight& fp8_weight(LinearContext::Impl& ctx, const float* w, in
 const PreparedFp8Stack& fp8_stacked_weight(LinearContext::Impl& ctx, const float* w, int64_t experts, int64_t N,
                                            int64_t K, cudaStream_t stream);
 // The routed experts' gate and up weights [experts, I, H] as one Dgrad operand per expert, [wᵀ_gate | wᵀ_up]
-// [H, 2I]: dx = [dg | du] · [w_gate; w_up] is one GEMM with K = 2I instead of a second GEMM accumulating into
-// dx. Copied from the two stacks' transposed codes and scales (fp8_stacked_weight, refreshed first where stale),
-// so the bytes are theirs. Needs I % 128 == 0 (each half whole 128-blocks; checked by the caller).
+// [H, 2 Ip] (Ip = I rounded up to 128, each half's columns past I zero): dx = [dg | du] · [w_gate; w_up] is one
+// GEMM with K = 2 Ip instead of a second GEMM accumulating into dx. Copied from the two stacks' transposed codes and
+// scales (fp8_stacked_weight, refreshed first where stale), so the bytes are theirs.
 const PreparedFp8GateUpT& fp8_stacked_gate_up_t(LinearContext::Impl& ctx, const float* gate, const float* up,
                                                 int64_t experts, int64_t I, int64_t H, cudaStream_t stream);
 void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,

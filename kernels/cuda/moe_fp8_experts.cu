@@ -20,12 +20,18 @@
 // with these and the shared expert beside the routed ones (runtime/gpu/gpu_feed_forward.cpp); switching one off:
 // kept codes +0.4 ms, combined dy +0.17 ms, the pair kernel within noise.
 //
-// gate and up's Dgrad as one GEMM (where I % 128 == 0): the SwiGLU backward writes dg's and du's row codes side by
-// side, [dg | du] [rows, 2I] (row strides; each half whole 1x128 tiles, so the bytes of apart), and each expert's
-// dx = [dg | du] · [w_gate; w_up] is one K = 2I GEMM against a copy of the two stacks' transposed codes side by side
-// (linear_detail::fp8_stacked_gate_up_t, remade after each weight change) instead of a second GEMM reading and
-// rewriting dx in FP32. MoE layer fwd+bwd on the H200 12.50 against 13.01 ms (MOERL_MOE_DGRAD=separate), 4 rounds
-// interleaved (bench/results/2026-11-29-gpu-sweep-dgrad-pair-h200-bfc0f46+pair.*).
+// gate and up's Dgrad as one GEMM: the SwiGLU backward writes dg's and du's row codes side by side, [dg | du]
+// [rows, 2 Ip] (row strides; Ip = I rounded up to 128 with zero codes between, so each half's 1x128 tiles and bytes
+// are those of apart), and each expert's dx = [dg | du] · [w_gate; w_up] is one K = 2 Ip GEMM against a copy of the
+// two stacks' transposed codes laid out alike (linear_detail::fp8_stacked_gate_up_t, remade after each weight
+// change) instead of a second GEMM reading and rewriting dx in FP32. On the H200 against MOERL_MOE_DGRAD=separate,
+// rounds interleaved: MoE layer fwd+bwd 12.50 vs 13.01 ms (I = 1408, bench/results/2026-11-29-gpu-sweep-dgrad-pair-
+// *) and 12.79 vs 13.15 ms; bench-600m fp8 step (I = 704, padded) 212.9k vs 208.9k tokens/s, peak memory 24.0 vs
+// 23.65 GiB (the copies; ...-dgrad-padded-*).
+//
+// Tried and dropped (...-sweep-dy-rows-*): the output gradient's row codes made token by token (dy read once, then
+// top_k rows quantized from registers) beside a gathered pass for its token codes, instead of one gathered pass
+// both ways: MoE layer 12.75 vs 12.79 ms, within noise, for a second kernel.
 //
 // Gathered forward: x [tokens, H]'s rows are quantized once per token and their codes copied to the expert rows
 // (moe_gather_rows_fp8: the same bytes, x read once instead of top-k times); only xᵀ's codes read the gathered rows
@@ -282,8 +288,8 @@ bool separate_swiglu_backward() {
   return separate;
 }
 
-// MOERL_MOE_DGRAD=separate: gate and up's Dgrad as two GEMMs per expert (the second accumulating into dx) even where
-// I % 128 == 0 allows one over [dg | du] (the default, "pair"); for comparing the two on the device. Read once.
+// MOERL_MOE_DGRAD=separate: gate and up's Dgrad as two GEMMs per expert (the second accumulating into dx) instead of
+// one over [dg | du] (the default, "pair"); for comparing the two on the device. Read once.
 bool separate_gate_up_dgrad() {
   static const bool separate = [] {
     const char* v = std::getenv("MOERL_MOE_DGRAD");
@@ -553,7 +559,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
   const PreparedFp8GateUpT* gu = nullptr;  // the pair's Dgrad operand, where it may be used (below)
-  if (!grouped && I % kTile == 0 && !separate_gate_up_dgrad())
+  if (!grouped && !separate_gate_up_dgrad())
     gu = &linear_detail::fp8_stacked_gate_up_t(c, w.gate, w.up, E, I, H, stream);
   st.next("quant_dy_both_h_tokens");
   // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad); dy quantized both ways in one pass.
@@ -601,22 +607,28 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   }
 
   // dg and du (swiglu_backward) quantized both ways, fused with their computation where the shapes allow. With
-  // `pair` their rows' codes sit side by side, [dg | du] [rows, 2I] (each half whole 1x128 tiles, so the same
-  // codes and scales as apart), for one Dgrad GEMM with K = 2I against [wᵀ_gate | wᵀ_up].
+  // `pair` their rows' codes sit side by side, [dg | du] [rows, 2 Ip] (du at column Ip = I rounded up to 128, zero
+  // codes between: each half's 1x128 tiles are its own, so the same codes and scales as apart), for one Dgrad GEMM
+  // with K = 2 Ip against [wᵀ_gate | wᵀ_up].
   st.next("swiglu_bwd_quant_dg_du");
   const bool fused = swiglu_fp8_supported(rows, I, dh, g, u);
   const bool pair = gu != nullptr && fused && !separate_swiglu_backward();
-  RowsFp8 dgq(nullptr, rows, pair ? 2 * I : I, aligned, E, lt, stream);  // pair: [dg | du]
+  const int64_t Ip = pair ? gu->cols / 2 : I;
+  RowsFp8 dgq(nullptr, rows, pair ? 2 * Ip : I, aligned, E, lt, stream);  // pair: [dg | du]
   std::optional<RowsFp8> duq_apart;
   if (!pair) duq_apart.emplace(nullptr, rows, I, aligned, E, lt, stream);
   TokensFp8 dgt(nullptr, rows, I, aligned, E, lt, stream);
   TokensFp8 dut(nullptr, rows, I, aligned, E, lt, stream);
   if (pair) {
-    const int64_t ld = 2 * I, scales_ld = 2 * tiles(I);
+    const int64_t ld = 2 * Ip, scales_ld = 2 * tiles(I);
+    if (Ip != I)  // the zero columns after each half's I (the kernel writes columns < I only)
+      for (const int64_t at : {I, Ip + I})
+        CUDA_CHECK(cudaMemset2DAsync(dgq.codes() + at, static_cast<size_t>(ld), 0, static_cast<size_t>(Ip - I),
+                                     static_cast<size_t>(rows), stream));
     swiglu_backward_quantize_dual_both(
         dh, g, u, rows, I, aligned, E,
         Fp8Dual{dgq.codes(), dgq.cpu_scales(), dgt.codes(), dgt.cpu_scales(), ld, scales_ld},
-        Fp8Dual{dgq.codes() + I, dgq.cpu_scales() + tiles(I), dut.codes(), dut.cpu_scales(), ld, scales_ld}, stream);
+        Fp8Dual{dgq.codes() + Ip, dgq.cpu_scales() + tiles(I), dut.codes(), dut.cpu_scales(), ld, scales_ld}, stream);
     dgq.finish(), dgt.finish(), dut.finish();
   } else if (fused) {
     RowsFp8& duq = *duq_apart;
@@ -665,7 +677,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     const std::vector<ExpertWeight> wg = expert_weights(sg), wu = expert_weights(su);
     auto dgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
       if (pair) {
-        const Operand wt{gu->codes_t + e * H * 2 * I, gu->scales_t + e * gu->scales_t_stride, H, 2 * I, kTile};
+        const Operand wt{gu->codes_t + e * H * gu->cols, gu->scales_t + e * gu->scales_t_stride, H, gu->cols, kTile};
         fp8::cuda::gemm_nt(gc, dgq.expert(r0, n), wt, dxp + r0 * H, OutType::FP32, s);
         return;
       }

@@ -410,8 +410,8 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
 
 TEST_F(MoeFp8Gpu, ExpertsForwardAndBackwardMatchTheCpuRecipePerExpert) {
   std::mt19937_64 rng(run_seed() + 37);
-  // I = 208: a partial 80-wide tile, gate and up's Dgrad two GEMMs; I = 256: whole tiles, so the lanes' Dgrad is one
-  // GEMM over [dg | du] against [wᵀ_gate | wᵀ_up] (MOERL_MOE_DGRAD's default).
+  // The lanes' Dgrad is one GEMM over [dg | du] against [wᵀ_gate | wᵀ_up] (MOERL_MOE_DGRAD's default): I = 208 has a
+  // partial 80-wide tile, so each half is padded with zero columns to 256; I = 256 has whole tiles, no padding.
   for (const int64_t I : {int64_t{208}, int64_t{256}}) {
     SCOPED_TRACE("I = " + std::to_string(I));
     std::printf("[ moe fp8  ] I = %lld\n", static_cast<long long>(I));
