@@ -40,6 +40,18 @@ void quantize_128x128_batched(const float* w, int64_t batch, int64_t rows, int64
 void quantize_128x128_with_transpose(const float* w, int64_t batch, int64_t rows, int64_t cols, uint8_t* codes,
                                      float* scales, uint8_t* codes_t, cudaStream_t stream = nullptr);
 
+// Where quantize_128x128_placed writes matrix i's codes: at codes + i · stride (its rows `cols` apart), and its
+// transposed codes at codes_t + i · t_stride with their rows t_ld apart; each 0: packed (rows · cols, rows,
+// rows · cols). For a matrix that is one part of a wider one, e.g. the gate half of [w_gate; w_up] and
+// [wᵀ_gate | wᵀ_up].
+struct Fp8Placement {
+  int64_t stride = 0, t_ld = 0, t_stride = 0;
+};
+// quantize_128x128_with_transpose with the codes placed as `at` says (t_ld >= rows, a multiple of 16, codes_t
+// 16-byte aligned); the bytes of each matrix are the same.
+void quantize_128x128_placed(const float* w, int64_t batch, int64_t rows, int64_t cols, uint8_t* codes,
+                             float* scales, uint8_t* codes_t, const Fp8Placement& at, cudaStream_t stream = nullptr);
+
 // x [rows, cols] -> codes_t [cols, rows] (= xᵀ quantized 1x128), scales_t [cols, tiles(rows)]: tiles
 // along rows (tokens), what Wgrad needs.
 void quantize_1x128_transposed(const float* x, int64_t rows, int64_t cols, uint8_t* codes_t, float* scales_t,

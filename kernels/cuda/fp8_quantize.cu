@@ -120,7 +120,8 @@ __device__ __forceinline__ Transposed4x4 transpose4x4(uint32_t r0, uint32_t r1, 
 template <bool kFull, bool kTransposed>
 __global__ void __launch_bounds__(kBlockWarps * kWarp)
     quantize_128x128_kernel(const float* __restrict__ w, int64_t rows, int64_t cols, bool vec,
-                            uint8_t* __restrict__ codes, float* __restrict__ scales, uint8_t* __restrict__ codes_t) {
+                            uint8_t* __restrict__ codes, float* __restrict__ scales, uint8_t* __restrict__ codes_t,
+                            int64_t codes_stride, int64_t t_ld, int64_t t_stride) {
   constexpr int kWarps = kBlockWarps;
   constexpr int kRowsPerWarp = kTile / kWarps;
   static_assert(kRowsPerWarp == 8, "two groups of 4 rows per warp for the 4x4 byte transposes");
@@ -131,8 +132,8 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp)
   __shared__ int warp_amax[kWarps];
   // blockIdx.z: the matrix of a batch (quantize_128x128_batched), 0 otherwise.
   w += static_cast<int64_t>(blockIdx.z) * rows * cols;
-  codes += static_cast<int64_t>(blockIdx.z) * rows * cols;
-  if (kTransposed) codes_t += static_cast<int64_t>(blockIdx.z) * rows * cols;
+  codes += static_cast<int64_t>(blockIdx.z) * codes_stride;
+  if (kTransposed) codes_t += static_cast<int64_t>(blockIdx.z) * t_stride;
   scales += static_cast<int64_t>(blockIdx.z) * gridDim.x * gridDim.y;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTile;
@@ -195,7 +196,7 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp)
       const int64_t out_col = c0 + col, out_row = r0 + 16 * part;
       if (!kFull && (out_col >= cols || out_row >= rows)) continue;  // rows % 16 == 0: a chunk is whole or absent
       const uint32_t* src = staged + col * kStride + 4 * part;
-      __stcs(reinterpret_cast<uint4*>(codes_t + out_col * rows + out_row), make_uint4(src[0], src[1], src[2], src[3]));
+      __stcs(reinterpret_cast<uint4*>(codes_t + out_col * t_ld + out_row), make_uint4(src[0], src[1], src[2], src[3]));
     }
   }
 }
@@ -363,7 +364,18 @@ void quantize_128x128_batched(const float* w, int64_t batch, int64_t rows, int64
 
 void quantize_128x128_with_transpose(const float* w, int64_t batch, int64_t rows, int64_t cols, uint8_t* codes,
                                      float* scales, uint8_t* codes_t, cudaStream_t stream) {
+  quantize_128x128_placed(w, batch, rows, cols, codes, scales, codes_t, Fp8Placement{}, stream);
+}
+
+void quantize_128x128_placed(const float* w, int64_t batch, int64_t rows, int64_t cols, uint8_t* codes,
+                             float* scales, uint8_t* codes_t, const Fp8Placement& at, cudaStream_t stream) {
   check_args("quantize_128x128", w, rows, cols, codes, scales);
+  const int64_t stride = at.stride != 0 ? at.stride : rows * cols, t_ld = at.t_ld != 0 ? at.t_ld : rows;
+  const int64_t t_stride = at.t_stride != 0 ? at.t_stride : rows * cols;
+  require(stride >= rows * cols && (codes_t == nullptr || (t_ld >= rows && t_ld % 16 == 0 && t_stride >= cols * t_ld)),
+          "fp8::cuda::quantize_128x128_placed: strides smaller than a matrix, or t_ld not a multiple of 16 (stride " +
+              std::to_string(stride) + ", t_ld " + std::to_string(t_ld) + ", t_stride " + std::to_string(t_stride) +
+              " for " + std::to_string(rows) + " x " + std::to_string(cols) + ")");
   require(batch >= 0 && batch <= 65535, "fp8::cuda::quantize_128x128_batched: batch must be 0 .. 65535, got " +
                                             std::to_string(batch));
   if (rows == 0 || cols == 0 || batch == 0) return;
@@ -376,7 +388,7 @@ void quantize_128x128_with_transpose(const float* w, int64_t batch, int64_t rows
   const bool full = vec && rows % kTile == 0 && cols % kTile == 0;
   const auto kernel = codes_t != nullptr ? (full ? quantize_128x128_kernel<true, true> : quantize_128x128_kernel<false, true>)
                                          : (full ? quantize_128x128_kernel<true, false> : quantize_128x128_kernel<false, false>);
-  kernel<<<grid, kBlockWarps * kWarp, 0, stream>>>(w, rows, cols, vec, codes, scales, codes_t);
+  kernel<<<grid, kBlockWarps * kWarp, 0, stream>>>(w, rows, cols, vec, codes, scales, codes_t, stride, t_ld, t_stride);
   CUDA_CHECK_LAUNCH();
 }
 

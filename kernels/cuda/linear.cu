@@ -107,6 +107,15 @@ PreparedFp8Stack prepared_fp8_stacked_weight(LinearContext& ctx, const float* w,
   return linear_detail::fp8_stacked_weight(ctx.impl(), w, experts, N, K, stream);
 }
 
+PreparedFp8GateUp prepared_fp8_stacked_gate_up(LinearContext& ctx, const float* gate, const float* up,
+                                               int64_t experts, int64_t I, int64_t H, cudaStream_t stream) {
+  require(experts > 0 && experts <= 65535 && I >= 128 && H >= 128 && I % 16 == 0 && H % 16 == 0 && gate && up,
+          "cuda::prepared_fp8_stacked_gate_up: needs 1 .. 65535 experts, I and H multiples of 16 and >= 128 and both "
+          "weights, got experts=" + std::to_string(experts) + ", I=" + std::to_string(I) + ", H=" + std::to_string(H));
+  ctx.impl().check_device("cuda::prepared_fp8_stacked_gate_up");
+  return linear_detail::fp8_stacked_gate_up(ctx.impl(), gate, up, experts, I, H, stream);
+}
+
 void linear_forward(LinearContext& ctx, Precision p, const float* x, const float* w, float* y, int64_t M, int64_t N,
                     int64_t K, cudaStream_t stream) {
   const std::string fn = "cuda::linear_forward";

@@ -107,14 +107,20 @@ struct PreparedFp8Stack {
   int64_t experts = 0, rows = 0, cols = 0;  // rows = N, cols = K
   int64_t scales_stride = 0, scales_t_stride = 0;
 };
-// [wᵀ_gate | wᵀ_up] of every expert (linear_detail::fp8_stacked_gate_up_t).
-struct PreparedFp8GateUpT {
-  const uint8_t* codes_t = nullptr;  // [experts, H, 2 Ip]: row h is gate's row h of wᵀ at 0, up's at Ip
+// Every expert's gate and up weights side by side (linear_detail::fp8_stacked_gate_up), each half padded with zeros
+// to Ip = I rounded up to 128 so that its 128-blocks are its own.
+struct PreparedFp8GateUp {
+  const uint8_t* codes = nullptr;    // [experts, 2 Ip, H]: [w_gate; w_up], up's rows from Ip (Fprop's operand)
+  const float* scales = nullptr;     // [experts, scales_stride]: BLK128x128 layout of [2 Ip, H]
+  const uint8_t* codes_t = nullptr;  // [experts, H, 2 Ip]: [wᵀ_gate | wᵀ_up], up's columns from Ip (Dgrad's)
   const float* scales_t = nullptr;   // [experts, scales_t_stride]: BLK128x128 layout of [H, 2 Ip]
-  int64_t experts = 0, rows = 0, cols = 0;  // rows = H, cols = 2 Ip (Ip: I rounded up to 128)
-  int64_t scales_t_stride = 0;
+  int64_t experts = 0, inter = 0, padded = 0, hidden = 0;  // E, I, Ip, H
+  int64_t scales_stride = 0, scales_t_stride = 0;
 };
 PreparedFp8Stack prepared_fp8_stacked_weight(LinearContext& ctx, const float* w, int64_t experts, int64_t N,
                                              int64_t K, cudaStream_t stream = nullptr);
+// gate and up [experts, I, H] side by side (I, H as prepared_fp8_stacked_weight's N and K).
+PreparedFp8GateUp prepared_fp8_stacked_gate_up(LinearContext& ctx, const float* gate, const float* up,
+                                               int64_t experts, int64_t I, int64_t H, cudaStream_t stream = nullptr);
 
 }  // namespace moerl::cuda

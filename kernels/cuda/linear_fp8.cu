@@ -68,6 +68,29 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// An expert's gate and up block scales g, u [TI, TH] (CPU layout) -> cuBLASLt's BLK128x128 layouts of [w_gate;
+// w_up] [2 Ip, H] (sw [2 TI, L4(TH)]: gate's block rows, then up's) and of [wᵀ_gate | wᵀ_up] [H, 2 Ip] (st [TH,
+// L4(2 TI)]: gate's blocks, then up's, in each block row); padding entries 0. blockIdx.y: the expert.
+__global__ void __launch_bounds__(kThreads)
+    gate_up_scales_kernel(const float* __restrict__ g, const float* __restrict__ u, int64_t TI, int64_t TH,
+                          float* __restrict__ sw, float* __restrict__ st) {
+  const int64_t L4H = (TH + 3) / 4 * 4, L4I = (2 * TI + 3) / 4 * 4, e = blockIdx.y;
+  g += e * TI * TH;
+  u += e * TI * TH;
+  sw += e * 2 * TI * L4H;
+  st += e * TH * L4I;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  for (int64_t i = first; i < 2 * TI * L4H; i += stride) {
+    const int64_t nb = i / L4H, hb = i - nb * L4H;
+    sw[i] = hb >= TH ? 0.0f : nb < TI ? g[nb * TH + hb] : u[(nb - TI) * TH + hb];
+  }
+  for (int64_t i = first; i < TH * L4I; i += stride) {
+    const int64_t hb = i / L4I, nb = i - hb * L4I;
+    st[i] = nb >= 2 * TI ? 0.0f : nb < TI ? g[nb * TH + hb] : u[(nb - TI) * TH + hb];
+  }
+}
+
 // y [rows, cols] += t [rows, cols] with t's rows ld apart (a padded product added to the weight gradient).
 __global__ void __launch_bounds__(kThreads)
     add_strided_kernel(const float* __restrict__ t, int64_t ld, int64_t rows, int64_t cols, float* __restrict__ y) {
@@ -250,38 +273,39 @@ const PreparedFp8Stack& fp8_stacked_weight(LinearContext::Impl& ctx, const float
   return pw.stack;
 }
 
-const PreparedFp8GateUpT& fp8_stacked_gate_up_t(LinearContext::Impl& ctx, const float* gate, const float* up,
-                                                int64_t experts, int64_t I, int64_t H, cudaStream_t stream) {
-  const PreparedFp8Stack& sg = fp8_stacked_weight(ctx, gate, experts, I, H, stream);
-  const PreparedFp8Stack& su = fp8_stacked_weight(ctx, up, experts, I, H, stream);
-  // Codes per expert [H, 2 Ip]: gate's rows of wᵀ at column 0, up's at Ip = I rounded up to 128, zero columns
-  // between (so each half's 128-blocks are its own). Scales [TH block rows][round_up(2 TI, 4)], each half's TI
-  // blocks where the stacks have [TH][round_up(TI, 4)] (the padding columns zero).
-  const int64_t Ip = round_up(I, kTile), TH = tiles(H), TI = tiles(I), row_blocks = experts * TH;
-  const int64_t scale_cols = round_up(2 * TI, 4), half_cols = round_up(TI, 4);
+const PreparedFp8GateUp& fp8_stacked_gate_up(LinearContext::Impl& ctx, const float* gate, const float* up,
+                                             int64_t experts, int64_t I, int64_t H, cudaStream_t stream) {
+  // Per expert, Ip = I rounded up to 128: codes [2 Ip, H] (gate's rows at 0, up's at Ip) and [H, 2 Ip] (columns
+  // alike), zeros between; their scales in the BLK128x128 layouts (gate_up_scales_kernel).
+  const int64_t Ip = round_up(I, kTile), TH = tiles(H), TI = tiles(I);
+  const int64_t fprop_stride = 2 * TI * round_up(TH, 4), dgrad_stride = TH * round_up(2 * TI, 4);
   Layout l;
-  const size_t codes_at = l.add(static_cast<size_t>(experts * H * 2 * Ip));
-  const size_t scales_at = l.add(static_cast<size_t>(row_blocks * scale_cols) * sizeof(float));
-  PreparedWeight& pw = ctx.entry(gate, H, 2 * Ip, Precision::FP8, l.total, experts, up);
-  uint8_t* codes_t = pw.memory.as<uint8_t>(codes_at);
-  float* scales_t = pw.memory.as<float>(scales_at);
-  pw.gate_up_t = PreparedFp8GateUpT{codes_t, scales_t, experts, H, 2 * Ip, TH * scale_cols};
+  const size_t codes_at = l.add(static_cast<size_t>(experts * 2 * Ip * H));
+  const size_t codes_t_at = l.add(static_cast<size_t>(experts * 2 * Ip * H));
+  const size_t scales_at = l.add(static_cast<size_t>(experts * fprop_stride) * sizeof(float));
+  const size_t scales_t_at = l.add(static_cast<size_t>(experts * dgrad_stride) * sizeof(float));
+  PreparedWeight& pw = ctx.entry(gate, 2 * Ip, H, Precision::FP8, l.total, experts, up);
+  uint8_t* codes = pw.memory.as<uint8_t>(codes_at);
+  uint8_t* codes_t = pw.memory.as<uint8_t>(codes_t_at);
+  float* scales = pw.memory.as<float>(scales_at);
+  float* scales_t = pw.memory.as<float>(scales_t_at);
+  pw.gate_up = PreparedFp8GateUp{codes, scales, codes_t, scales_t, experts, I, Ip, H, fprop_stride, dgrad_stride};
   if (pw.generation != ctx.generation) {
-    const auto n = static_cast<size_t>(I), np = static_cast<size_t>(Ip);
-    const auto f = sizeof(float);
-    const auto hrows = static_cast<size_t>(experts * H), brows = static_cast<size_t>(row_blocks);
-    if (Ip != I) CUDA_CHECK(cudaMemsetAsync(codes_t, 0, hrows * 2 * np, stream));
-    CUDA_CHECK(cudaMemcpy2DAsync(codes_t, 2 * np, sg.codes_t, n, n, hrows, cudaMemcpyDeviceToDevice, stream));
-    CUDA_CHECK(cudaMemcpy2DAsync(codes_t + np, 2 * np, su.codes_t, n, n, hrows, cudaMemcpyDeviceToDevice, stream));
-    CUDA_CHECK(cudaMemsetAsync(scales_t, 0, brows * static_cast<size_t>(scale_cols) * f, stream));
-    const size_t dpitch = static_cast<size_t>(scale_cols) * f, spitch = static_cast<size_t>(half_cols) * f;
-    const size_t width = static_cast<size_t>(TI) * f;
-    CUDA_CHECK(cudaMemcpy2DAsync(scales_t, dpitch, sg.scales_t, spitch, width, brows, cudaMemcpyDeviceToDevice, stream));
-    CUDA_CHECK(cudaMemcpy2DAsync(scales_t + TI, dpitch, su.scales_t, spitch, width, brows, cudaMemcpyDeviceToDevice,
-                                 stream));
+    if (Ip != I) CUDA_CHECK(cudaMemsetAsync(codes, 0, scales_at - codes_at, stream));  // both codes' zero pads
+    StreamScratch scratch(2 * static_cast<size_t>(experts * TI * TH) * sizeof(float), stream);
+    float* gate_blocks = scratch.as<float>();
+    float* up_blocks = gate_blocks + experts * TI * TH;
+    const fp8::cuda::Fp8Placement at{2 * Ip * H, 2 * Ip, H * 2 * Ip};
+    fp8::cuda::quantize_128x128_placed(gate, experts, I, H, codes, gate_blocks, codes_t, at, stream);
+    fp8::cuda::quantize_128x128_placed(up, experts, I, H, codes + Ip * H, up_blocks, codes_t + Ip, at, stream);
+    const dim3 grid(std::min<unsigned>(blocks_for(std::max(fprop_stride, dgrad_stride)), 64),
+                    static_cast<unsigned>(experts));
+    gate_up_scales_kernel<<<grid, kThreads, 0, stream>>>(gate_blocks, up_blocks, TI, TH, scales, scales_t);
+    CUDA_CHECK_LAUNCH();
+    scratch.release();
     pw.generation = ctx.generation;
   }
-  return pw.gate_up_t;
+  return pw.gate_up;
 }
 
 void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,

@@ -58,7 +58,7 @@ struct WeightKey {
   int64_t n, k;
   Precision p;
   int64_t batch = 0;  // stacked FP8 copies of `batch` experts (fp8_stacked_weight); 0: one weight
-  const float* second = nullptr;  // fp8_stacked_gate_up_t: the up weight beside w (the gate); null: w alone
+  const float* second = nullptr;  // fp8_stacked_gate_up: the up weight beside w (the gate); null: w alone
   auto operator<=>(const WeightKey&) const = default;
 };
 
@@ -67,7 +67,7 @@ struct PreparedWeight {
   DeviceAllocation memory;
   PreparedFp8Weight fp8;    // FP8: views into `memory`
   PreparedFp8Stack stack;   // stacked FP8: views into `memory`
-  PreparedFp8GateUpT gate_up_t;  // gate|up transposed side by side: views into `memory`
+  PreparedFp8GateUp gate_up;  // gate and up side by side: views into `memory`
 };
 
 }  // namespace moerl::cuda::linear_detail
@@ -103,12 +103,13 @@ const PreparedFp8Weight& fp8_weight(LinearContext::Impl& ctx, const float* w, in
 // The stacked copies of prepared_fp8_stacked_weight (N, K multiples of 16, >= 128; checked by the caller).
 const PreparedFp8Stack& fp8_stacked_weight(LinearContext::Impl& ctx, const float* w, int64_t experts, int64_t N,
                                            int64_t K, cudaStream_t stream);
-// The routed experts' gate and up weights [experts, I, H] as one Dgrad operand per expert, [wᵀ_gate | wᵀ_up]
-// [H, 2 Ip] (Ip = I rounded up to 128, each half's columns past I zero): dx = [dg | du] · [w_gate; w_up] is one
-// GEMM with K = 2 Ip instead of a second GEMM accumulating into dx. Copied from the two stacks' transposed codes and
-// scales (fp8_stacked_weight, refreshed first where stale), so the bytes are theirs.
-const PreparedFp8GateUpT& fp8_stacked_gate_up_t(LinearContext::Impl& ctx, const float* gate, const float* up,
-                                                int64_t experts, int64_t I, int64_t H, cudaStream_t stream);
+// The routed experts' gate and up weights [experts, I, H] as one Fprop and one Dgrad operand per expert,
+// [w_gate; w_up] [2 Ip, H] and [wᵀ_gate | wᵀ_up] [H, 2 Ip] (Ip = I rounded up to 128, each half's rows or columns
+// past I zero): g | u = x · [w_gate; w_up]ᵀ is one GEMM with N = 2 Ip and dx = [dg | du] · [w_gate; w_up] one with
+// K = 2 Ip, instead of two each (the second Dgrad reading and rewriting dx). Quantized straight into place
+// (fp8::cuda::quantize_128x128_placed), so each half's bytes are fp8_stacked_weight's of that weight.
+const PreparedFp8GateUp& fp8_stacked_gate_up(LinearContext::Impl& ctx, const float* gate, const float* up,
+                                             int64_t experts, int64_t I, int64_t H, cudaStream_t stream);
 void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
                  cudaStream_t stream);
 // Dgrad into dx (unless null; added to it with accumulate_dx) and Wgrad accumulated into dw (unless null).

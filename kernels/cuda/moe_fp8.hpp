@@ -107,7 +107,14 @@ struct MoeFp8Experts {
   // be null in both).
   uint8_t* h_codes_t = nullptr;
   float* h_scales_t = nullptr;
+  // g and u as the two halves of one [rows, 2 Ip] matrix (Ip = I rounded up to 128: row r of g at g + r · 2 Ip, u =
+  // g + Ip; the columns past each half's I are written with zeros): gate and up's Fprop is then one GEMM per expert
+  // against [w_gate; w_up]. The Lanes form only; forward and backward must agree. Else g and u are [rows, I] each.
+  bool gate_up_side_by_side = false;
 };
+
+// The row stride of g and u (elements): 2 Ip with gate_up_side_by_side, else I.
+int64_t moe_fp8_gate_up_ld(const MoeFp8Experts& w);
 
 // The GEMM form `requested` resolves to (Default read from MOERL_MOE_GEMM once per process).
 MoeFp8Gemm moe_fp8_gemm(MoeFp8Gemm requested);

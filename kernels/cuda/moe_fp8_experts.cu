@@ -29,6 +29,12 @@
 // *) and 12.79 vs 13.15 ms; bench-600m fp8 step (I = 704, padded) 212.9k vs 208.9k tokens/s, peak memory 24.0 vs
 // 23.65 GiB (the copies; ...-dgrad-padded-*).
 //
+// Fprop likewise (MoeFp8Experts::gate_up_side_by_side, the runtime's default with the lanes): g | u = x · [w_gate;
+// w_up]ᵀ is one GEMM with N = 2 Ip into g and u side by side, [rows, 2 Ip], which the SwiGLU kernels read with that
+// row stride. Both pair layouts are quantized straight into place, so gate and up are held once (no per-weight
+// stacks): bench-600m fp8 step 209.5k vs 203.2k tokens/s and peak 23.97 vs 24.57 GiB against MOERL_MOE_FPROP=separate
+// (which also keeps the stacks), MoE layer 12.57 vs 12.64 ms (...-sweep-fprop-pair-h200-*).
+//
 // Tried and dropped (...-sweep-dy-rows-*): the output gradient's row codes made token by token (dy read once, then
 // top_k rows quantized from registers) beside a gathered pass for its token codes, instead of one gathered pass
 // both ways: MoE layer 12.75 vs 12.79 ms, within noise, for a second kernel.
@@ -403,6 +409,17 @@ void check(const char* fn, const MoeFp8Experts& w, const int64_t* aligned_host, 
                   std::to_string(e) + ")");
 }
 
+// g and u side by side (MoeFp8Experts::gate_up_side_by_side) need the Lanes form, u = g + Ip and the fused SwiGLU
+// kernels (the unfused ones take packed rows).
+void check_side_by_side(const char* fn, const MoeFp8Experts& w, bool grouped, const float* g, const float* u,
+                        int64_t rows) {
+  if (!w.gate_up_side_by_side) return;
+  const int64_t ld = moe_fp8_gate_up_ld(w);
+  require(!grouped && u == g + ld / 2 && swiglu_fp8_supported(rows, w.inter, g, u, nullptr),
+          std::string("cuda::") + fn + ": gate_up_side_by_side needs the lanes GEMM form (MOERL_MOE_GEMM), u = g + " +
+              std::to_string(ld / 2) + " and g 16-byte aligned");
+}
+
 // The stages of one call for MOERL_GPU_PROFILE (kernels/cuda/phase_timer.hpp): next("x") ends the current stage
 // and starts "moe_fp8.e<E>.<pass>.x"; nothing is built unless profiling.
 cuda_detail::PhaseSequence stages(int64_t experts, const char* pass, cudaStream_t stream) {
@@ -445,6 +462,10 @@ bool moe_fp8_experts_supported(int64_t hidden, int64_t inter) {
   return hidden >= 128 && inter >= 128 && hidden % 16 == 0 && inter % 16 == 0;
 }
 
+int64_t moe_fp8_gate_up_ld(const MoeFp8Experts& w) {
+  return w.gate_up_side_by_side ? 2 * ((w.inter + kTile - 1) / kTile * kTile) : w.inter;
+}
+
 namespace {
 
 // moe_fp8_experts_forward from xp, or (xp null) gathered from x [tokens, H] by token_of.
@@ -462,11 +483,19 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   LinearContext::Impl& c = ctx.impl();
   c.check_device("cuda::moe_fp8_experts_forward");
   const bool grouped = moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped;
+  const bool side = w.gate_up_side_by_side;
+  const int64_t gld = moe_fp8_gate_up_ld(w);  // g and u's row stride
+  check_side_by_side("moe_fp8_experts_forward", w, grouped, g, u, rows);
 
   cuda_detail::PhaseSequence st = stages(E, "fwd", stream);
   st.next("weights");
-  const PreparedFp8Stack sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream);
-  const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
+  // Side by side: gate and up from the pair's copy (the backward's too); else each weight's own.
+  const PreparedFp8GateUp* gu = side ? &linear_detail::fp8_stacked_gate_up(c, w.gate, w.up, E, I, H, stream) : nullptr;
+  PreparedFp8Stack sg{}, su{};
+  if (!side) {
+    sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream);
+    su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
+  }
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
   st.next("quant_x");
   // Gathered with xᵀ kept: xᵀ's codes from the gathered rows, the rows' codes from each token's.
@@ -484,6 +513,12 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
     pr[0].terms[0] = rows_term(xq, sg.codes, sg.scales, H), pr[0].y = g;
     pr[1].terms[0] = rows_term(xq, su.codes, su.scales, H), pr[1].y = u;
     fp8::cuda::grouped_gemm_nt_rows(pr, 2, aligned, E, rows, I, stream);
+  } else if (side) {  // g | u = x · [w_gate; w_up]ᵀ, one GEMM (N = 2 Ip) per expert
+    lanes().run(aligned_host, E, stream,
+                [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
+                  const Operand wgu{gu->codes + e * gld * H, gu->scales + e * gu->scales_stride, gld, H, kTile};
+                  fp8::cuda::gemm_nt(gc, xq.expert(r0, n), wgu, g + r0 * gld, OutType::FP32, s);
+                });
   } else {
     const std::vector<ExpertWeight> wg = expert_weights(sg), wu = expert_weights(su);
     lanes().run(aligned_host, E, stream,
@@ -498,9 +533,10 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   RowsFp8 hq(nullptr, rows, I, aligned, E, !grouped, stream);
   const bool keep_h = w.h_codes_t != nullptr;
   if (keep_h && swiglu_fp8_supported(rows, I, g, u, h)) {
-    swiglu_forward_quantize_dual(g, u, rows, I, h, aligned, E,
+    swiglu_forward_quantize_dual(g, u, rows, I, gld, h, aligned, E,
                                  Fp8Dual{hq.codes(), hq.cpu_scales(), w.h_codes_t, w.h_scales_t}, stream);
   } else if (keep_h) {  // h through a temporary
+    require(!side, "cuda::moe_fp8_experts_forward: g and u side by side need the fused SwiGLU kernels");
     StreamScratch ht(bytes_of(rows * I, sizeof(float)), stream);
     float* hh = h != nullptr ? h : ht.as<float>();
     swiglu_forward(g, u, hh, rows * I, stream);
@@ -508,8 +544,9 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
                                    stream);
     ht.release();
   } else if (swiglu_fp8_supported(rows, I, g, u, h)) {
-    swiglu_forward_quantize_1x128(g, u, rows, I, h, hq.codes(), hq.cpu_scales(), stream);
+    swiglu_forward_quantize_1x128(g, u, rows, I, gld, h, hq.codes(), hq.cpu_scales(), stream);
   } else {
+    require(!side, "cuda::moe_fp8_experts_forward: g and u side by side need the fused SwiGLU kernels");
     swiglu_forward(g, u, h, rows * I, stream);
     fp8::cuda::quantize_1x128(h, rows, I, hq.codes(), hq.cpu_scales(), stream);
   }
@@ -555,12 +592,19 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
 
   cuda_detail::PhaseSequence st = stages(E, "bwd", stream);
   st.next("weights");
-  const PreparedFp8Stack sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream);
-  const PreparedFp8Stack su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
+  const int64_t gld = moe_fp8_gate_up_ld(w);  // g and u's row stride
+  check_side_by_side("moe_fp8_experts_backward", w, grouped, g, u, rows);
+  // Gate and up's Dgrad as one GEMM over [dg | du] (below; needs the fused SwiGLU backward) against the pair's copy,
+  // else two GEMMs against each weight's own.
+  const bool pair = !grouped && !separate_gate_up_dgrad() && !separate_swiglu_backward() &&
+                    swiglu_fp8_supported(rows, I, g, u, nullptr);
+  const PreparedFp8GateUp* gu = pair ? &linear_detail::fp8_stacked_gate_up(c, w.gate, w.up, E, I, H, stream) : nullptr;
+  PreparedFp8Stack sg{}, su{};
+  if (!pair) {
+    sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream);
+    su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
+  }
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
-  const PreparedFp8GateUpT* gu = nullptr;  // the pair's Dgrad operand, where it may be used (below)
-  if (!grouped && !separate_gate_up_dgrad())
-    gu = &linear_detail::fp8_stacked_gate_up_t(c, w.gate, w.up, E, I, H, stream);
   st.next("quant_dy_both_h_tokens");
   // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad); dy quantized both ways in one pass.
   StreamScratch grads(bytes_of(rows * I, sizeof(float)), stream);
@@ -612,8 +656,8 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   // with K = 2 Ip against [wᵀ_gate | wᵀ_up].
   st.next("swiglu_bwd_quant_dg_du");
   const bool fused = swiglu_fp8_supported(rows, I, dh, g, u);
-  const bool pair = gu != nullptr && fused && !separate_swiglu_backward();
-  const int64_t Ip = pair ? gu->cols / 2 : I;
+  require(fused || !pair, "cuda::moe_fp8_experts_backward: dh not 16-byte aligned");
+  const int64_t Ip = pair ? gu->padded : I;
   RowsFp8 dgq(nullptr, rows, pair ? 2 * Ip : I, aligned, E, lt, stream);  // pair: [dg | du]
   std::optional<RowsFp8> duq_apart;
   if (!pair) duq_apart.emplace(nullptr, rows, I, aligned, E, lt, stream);
@@ -626,19 +670,19 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
         CUDA_CHECK(cudaMemset2DAsync(dgq.codes() + at, static_cast<size_t>(ld), 0, static_cast<size_t>(Ip - I),
                                      static_cast<size_t>(rows), stream));
     swiglu_backward_quantize_dual_both(
-        dh, g, u, rows, I, aligned, E,
+        dh, g, u, rows, I, gld, aligned, E,
         Fp8Dual{dgq.codes(), dgq.cpu_scales(), dgt.codes(), dgt.cpu_scales(), ld, scales_ld},
         Fp8Dual{dgq.codes() + Ip, dgq.cpu_scales() + tiles(I), dut.codes(), dut.cpu_scales(), ld, scales_ld}, stream);
     dgq.finish(), dgt.finish(), dut.finish();
   } else if (fused) {
     RowsFp8& duq = *duq_apart;
     if (separate_swiglu_backward()) {
-      swiglu_backward_quantize_dual(dh, g, u, rows, I, true, aligned, E, dgq.codes(), dgq.cpu_scales(), dgt.codes(),
-                                    dgt.cpu_scales(), stream);
-      swiglu_backward_quantize_dual(dh, g, nullptr, rows, I, false, aligned, E, duq.codes(), duq.cpu_scales(),
+      swiglu_backward_quantize_dual(dh, g, u, rows, I, gld, true, aligned, E, dgq.codes(), dgq.cpu_scales(),
+                                    dgt.codes(), dgt.cpu_scales(), stream);
+      swiglu_backward_quantize_dual(dh, g, nullptr, rows, I, gld, false, aligned, E, duq.codes(), duq.cpu_scales(),
                                     dut.codes(), dut.cpu_scales(), stream);
     } else {
-      swiglu_backward_quantize_dual_both(dh, g, u, rows, I, aligned, E,
+      swiglu_backward_quantize_dual_both(dh, g, u, rows, I, gld, aligned, E,
                                          Fp8Dual{dgq.codes(), dgq.cpu_scales(), dgt.codes(), dgt.cpu_scales()},
                                          Fp8Dual{duq.codes(), duq.cpu_scales(), dut.codes(), dut.cpu_scales()}, stream);
     }
@@ -647,6 +691,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     StreamScratch dgu(2 * bytes_of(rows * I, sizeof(float)), stream);
     float* dg = dgu.as<float>();
     float* du = dgu.as<float>(bytes_of(rows * I, sizeof(float)));
+    require(gld == I, "cuda::moe_fp8_experts_backward: g and u side by side need the fused SwiGLU kernels");
     swiglu_backward(dh, g, u, dg, du, rows * I, stream);
     quantize_both(dg, rows, I, aligned, E, dgq, dgt, stream);
     quantize_both(du, rows, I, aligned, E, *duq_apart, dut, stream);
@@ -677,7 +722,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     const std::vector<ExpertWeight> wg = expert_weights(sg), wu = expert_weights(su);
     auto dgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
       if (pair) {
-        const Operand wt{gu->codes_t + e * H * gu->cols, gu->scales_t + e * gu->scales_t_stride, H, gu->cols, kTile};
+        const Operand wt{gu->codes_t + e * H * 2 * Ip, gu->scales_t + e * gu->scales_t_stride, H, 2 * Ip, kTile};
         fp8::cuda::gemm_nt(gc, dgq.expert(r0, n), wt, dxp + r0 * H, OutType::FP32, s);
         return;
       }

@@ -35,10 +35,10 @@ __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast
 struct ForwardSource {
   const float *g, *u;
   float* h;
-  int64_t cols;
+  int64_t cols, gu_ld;
   __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
-    const int64_t i = r * cols + c;
-    const float4 gv = ld4(g + i), uv = ld4(u + i);
+    const int64_t i = r * cols + c, j = r * gu_ld + c;
+    const float4 gv = ld4(g + j), uv = ld4(u + j);
     const float4 hv = make_float4(silu_times(gv.x, uv.x), silu_times(gv.y, uv.y), silu_times(gv.z, uv.z),
                                   silu_times(gv.w, uv.w));
     if (h != nullptr) *reinterpret_cast<float4*>(h + i) = hv;  // kept for the backward pass: a normal store
@@ -50,16 +50,16 @@ struct ForwardSource {
 template <bool kGate>
 struct BackwardSource {
   const float *dh, *g, *u;
-  int64_t cols;
+  int64_t cols, gu_ld;
   __device__ __forceinline__ float grad(float dhv, float gv, float uv) const {
     float dg, du;
     silu_grads(dhv, gv, uv, dg, du);
     return kGate ? dg : du;
   }
   __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
-    const int64_t i = r * cols + c;
-    const float4 dhv = ld4(dh + i), gv = ld4(g + i);
-    const float4 uv = kGate ? ld4(u + i) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const int64_t i = r * cols + c, j = r * gu_ld + c;
+    const float4 dhv = ld4(dh + i), gv = ld4(g + j);
+    const float4 uv = kGate ? ld4(u + j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     return make_float4(grad(dhv.x, gv.x, uv.x), grad(dhv.y, gv.y, uv.y), grad(dhv.z, gv.z, uv.z),
                        grad(dhv.w, gv.w, uv.w));
   }
@@ -70,8 +70,10 @@ struct BackwardSource {
 struct BackwardPairRows {
   static constexpr int kInputs = 3, kOutputs = 2;
   const float *dh, *g, *u;
-  int64_t cols;
-  __device__ __forceinline__ const float* row(int64_t r, int i) const { return (i == 0 ? dh : i == 1 ? g : u) + r * cols; }
+  int64_t cols, gu_ld;
+  __device__ __forceinline__ const float* row(int64_t r, int i) const {
+    return i == 0 ? dh + r * cols : (i == 1 ? g : u) + r * gu_ld;
+  }
   __device__ __forceinline__ void apply(const float (&in)[3], float (&out)[2]) const {
     silu_grads(in[0], in[1], in[2], out[0], out[1]);
   }
@@ -85,10 +87,15 @@ bool row_strides_ok(const Fp8Dual& d, int64_t cols) {
          (d.scales_ld == 0 || d.scales_ld >= fp8::tiles(cols));
 }
 
-void check(const char* fn, int64_t rows, int64_t cols, const void* a, const void* b, const void* c, bool outputs_set) {
-  require(swiglu_fp8_supported(rows, cols, a, b, c) && outputs_set,
+int64_t gu_or(int64_t gu_ld, int64_t cols) { return gu_ld != 0 ? gu_ld : cols; }
+
+// g and u (a, b) with row stride gu_ld, c packed (or null).
+void check(const char* fn, int64_t rows, int64_t cols, int64_t gu_ld, const void* a, const void* b, const void* c,
+           bool outputs_set) {
+  require(swiglu_fp8_supported(rows, cols, a, b, c) && outputs_set && (gu_ld == 0 || (gu_ld >= cols && gu_ld % 4 == 0)),
           std::string("cuda::") + fn + ": needs rows a multiple of 128 (at most 128 x 65535), cols a multiple of 4, " +
-              "16-byte aligned inputs and set outputs, got " + std::to_string(rows) + " x " + std::to_string(cols));
+              "16-byte aligned inputs, g and u's row stride 0 or a multiple of 4 of at least cols, and set outputs, " +
+              "got " + std::to_string(rows) + " x " + std::to_string(cols) + ", stride " + std::to_string(gu_ld));
 }
 
 }  // namespace
@@ -99,37 +106,37 @@ bool swiglu_fp8_supported(int64_t rows, int64_t cols, const void* a, const void*
          (c == nullptr || aligned(c, 16));
 }
 
-void swiglu_forward_quantize_1x128(const float* g, const float* u, int64_t rows, int64_t cols, float* h,
+void swiglu_forward_quantize_1x128(const float* g, const float* u, int64_t rows, int64_t cols, int64_t gu_ld, float* h,
                                    uint8_t* codes, float* scales, cudaStream_t stream) {
-  check("swiglu_forward_quantize_1x128", rows, cols, g, u, h, h && codes && scales && aligned(codes, 4));
+  check("swiglu_forward_quantize_1x128", rows, cols, gu_ld, g, u, h, h && codes && scales && aligned(codes, 4));
   TileOutputs o;
   o.rows = rows, o.cols = cols, o.codes = codes, o.scales = scales;
-  launch_quantize_tiles<true, false>(ForwardSource{g, u, h, cols}, o, stream);
+  launch_quantize_tiles<true, false>(ForwardSource{g, u, h, cols, gu_or(gu_ld, cols)}, o, stream);
 }
 
 void swiglu_backward_quantize_dual(const float* dh, const float* g, const float* u, int64_t rows, int64_t cols,
-                                   bool gate, const int64_t* bounds, int64_t n_groups, uint8_t* codes, float* scales,
+                                   int64_t gu_ld, bool gate, const int64_t* bounds, int64_t n_groups, uint8_t* codes, float* scales,
                                    uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
-  check("swiglu_backward_quantize_dual", rows, cols, dh, g, gate ? u : nullptr,
+  check("swiglu_backward_quantize_dual", rows, cols, gu_ld, g, dh, gate ? u : nullptr,
         (!gate || u) && codes && scales && codes_t && scales_t && aligned(codes, 4) && aligned(codes_t, 4) &&
             (bounds == nullptr || n_groups > 0));
   TileOutputs o;
   o.rows = rows, o.cols = cols, o.codes = codes, o.scales = scales, o.codes_t = codes_t, o.scales_t = scales_t;
   o.bounds = bounds, o.n_groups = n_groups;
   if (gate)
-    launch_quantize_tiles<true, true>(BackwardSource<true>{dh, g, u, cols}, o, stream);
+    launch_quantize_tiles<true, true>(BackwardSource<true>{dh, g, u, cols, gu_or(gu_ld, cols)}, o, stream);
   else
-    launch_quantize_tiles<true, true>(BackwardSource<false>{dh, g, nullptr, cols}, o, stream);
+    launch_quantize_tiles<true, true>(BackwardSource<false>{dh, g, nullptr, cols, gu_or(gu_ld, cols)}, o, stream);
 }
 
 void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const float* u, int64_t rows, int64_t cols,
-                                        const int64_t* bounds, int64_t n_groups, const Fp8Dual& dg, const Fp8Dual& du,
+                                        int64_t gu_ld, const int64_t* bounds, int64_t n_groups, const Fp8Dual& dg, const Fp8Dual& du,
                                         cudaStream_t stream) {
   auto set = [&](const Fp8Dual& d) {
     return row_strides_ok(d, cols) && d.codes && d.scales && d.codes_t && d.scales_t && aligned(d.codes, 4) &&
            aligned(d.codes_t, 4);
   };
-  check("swiglu_backward_quantize_dual_both", rows, cols, dh, g, u,
+  check("swiglu_backward_quantize_dual_both", rows, cols, gu_ld, g, u, dh,
         u && set(dg) && set(du) && (bounds == nullptr || n_groups > 0));
   TileOutputs a;
   a.rows = rows, a.cols = cols, a.bounds = bounds, a.n_groups = n_groups;
@@ -138,19 +145,19 @@ void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const f
   a.codes_ld = dg.codes_ld, a.scales_ld = dg.scales_ld;
   b.codes = du.codes, b.scales = du.scales, b.codes_t = du.codes_t, b.scales_t = du.scales_t;
   b.codes_ld = du.codes_ld, b.scales_ld = du.scales_ld;
-  launch_quantize_pipelined(BackwardPairRows{dh, g, u, cols}, PipeOutputs<2>{{a, b}}, stream);
+  launch_quantize_pipelined(BackwardPairRows{dh, g, u, cols, gu_or(gu_ld, cols)}, PipeOutputs<2>{{a, b}}, stream);
 }
 
-void swiglu_forward_quantize_dual(const float* g, const float* u, int64_t rows, int64_t cols, float* h,
+void swiglu_forward_quantize_dual(const float* g, const float* u, int64_t rows, int64_t cols, int64_t gu_ld, float* h,
                                   const int64_t* bounds, int64_t n_groups, const Fp8Dual& out, cudaStream_t stream) {
-  check("swiglu_forward_quantize_dual", rows, cols, g, u, h,
+  check("swiglu_forward_quantize_dual", rows, cols, gu_ld, g, u, h,
         row_strides_ok(out, cols) && out.codes && out.scales && out.codes_t && out.scales_t &&
             aligned(out.codes, 4) && aligned(out.codes_t, 4) && (bounds == nullptr || n_groups > 0));
   TileOutputs o;
   o.rows = rows, o.cols = cols, o.codes = out.codes, o.scales = out.scales, o.codes_t = out.codes_t,
   o.scales_t = out.scales_t, o.bounds = bounds, o.n_groups = n_groups;
   o.codes_ld = out.codes_ld, o.scales_ld = out.scales_ld;
-  launch_quantize_tiles<true, true>(ForwardSource{g, u, h, cols}, o, stream);
+  launch_quantize_tiles<true, true>(ForwardSource{g, u, h, cols, gu_or(gu_ld, cols)}, o, stream);
 }
 
 }  // namespace moerl::cuda

@@ -18,16 +18,20 @@ namespace moerl::cuda {
 // The sizes and pointers the fused kernels take (else use the unfused ones).
 bool swiglu_fp8_supported(int64_t rows, int64_t cols, const void* a, const void* b, const void* c);
 
+// In every function below, g and u are [rows, cols] with row r at g + r · gu_ld and u + r · gu_ld (gu_ld 0: cols, a
+// multiple of 4 otherwise): with gu_ld = 2 Ip and u = g + Ip they are the halves of one [rows, 2 Ip] matrix (the
+// routed experts' gate and up from one GEMM). dh, h and the codes are packed [rows, cols] unless said otherwise.
+
 // h = silu(g) · u (written, as swiglu_forward) and quantize_1x128(h): codes [rows, cols], scales
 // [rows, tiles(cols)].
-void swiglu_forward_quantize_1x128(const float* g, const float* u, int64_t rows, int64_t cols, float* h,
+void swiglu_forward_quantize_1x128(const float* g, const float* u, int64_t rows, int64_t cols, int64_t gu_ld, float* h,
                                    uint8_t* codes, float* scales, cudaStream_t stream = nullptr);
 
 // One gradient of swiglu_backward(dh, g, u) — dg when `gate`, else du (u unused then, may be null) — never
 // written in FP32, quantized as fp8::cuda::quantize_1x128_dual(grad, rows, cols, bounds, n_groups, codes, scales,
 // codes_t, scales_t) would.
 void swiglu_backward_quantize_dual(const float* dh, const float* g, const float* u, int64_t rows, int64_t cols,
-                                   bool gate, const int64_t* bounds, int64_t n_groups, uint8_t* codes, float* scales,
+                                   int64_t gu_ld, bool gate, const int64_t* bounds, int64_t n_groups, uint8_t* codes, float* scales,
                                    uint8_t* codes_t, float* scales_t, cudaStream_t stream = nullptr);
 
 // Where one quantization both ways goes: codes [rows, cols] and scales [rows, tiles(cols)] along features, codes_t
@@ -44,7 +48,7 @@ struct Fp8Dual {
 
 // h = silu(g) · u quantized both ways (quantize_1x128_dual's outputs, tokens grouped by bounds as there) in one
 // pass; h itself written too unless null.
-void swiglu_forward_quantize_dual(const float* g, const float* u, int64_t rows, int64_t cols, float* h,
+void swiglu_forward_quantize_dual(const float* g, const float* u, int64_t rows, int64_t cols, int64_t gu_ld, float* h,
                                   const int64_t* bounds, int64_t n_groups, const Fp8Dual& out,
                                   cudaStream_t stream = nullptr);
 
@@ -52,7 +56,7 @@ void swiglu_forward_quantize_dual(const float* g, const float* u, int64_t rows, 
 // and for du, bit for bit, reading dh and g once instead of twice (u is needed). The rows' codes and scales at
 // each Fp8Dual's row strides.
 void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const float* u, int64_t rows, int64_t cols,
-                                        const int64_t* bounds, int64_t n_groups, const Fp8Dual& dg, const Fp8Dual& du,
+                                        int64_t gu_ld, const int64_t* bounds, int64_t n_groups, const Fp8Dual& dg, const Fp8Dual& du,
                                         cudaStream_t stream = nullptr);
 
 }  // namespace moerl::cuda

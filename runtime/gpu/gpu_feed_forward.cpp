@@ -175,8 +175,10 @@ void GpuMoe::bind(Slab& s, int64_t batch, int64_t seq) {
   aligned_ = s.take<int64_t>(E + 1);
   token_of_aligned_ = s.take<int64_t>(RA);
   row_of_aligned_ = s.take<int64_t>(R);
-  gp_ = s.take<float>(RA * inter_);
-  up_ = s.take<float>(RA * inter_);
+  // g and u: [R, I] each (u after g), or for the FP8 experts with gate_up_side_by_side one [RA, 2 Ip] matrix
+  // (Ip = I rounded up to 128, u at column Ip; experts_fp8_u()).
+  gp_ = s.take<float>(RA * 2 * ((inter_ + cuda::kMoeRowAlign - 1) / cuda::kMoeRowAlign * cuda::kMoeRowAlign));
+  up_ = gp_ + RA * inter_;
   hp_ = s.take<float>(RA * inter_);
   yp_ = s.take<float>(RA * hidden_);
   x_codes_t_ = s.take<uint8_t>(RA * hidden_);
@@ -270,7 +272,8 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
     aligned_rows_ = RA;
     part.emplace(p, (ph + "routed.experts").c_str(), r.stream);
     const cuda::MoeFp8Experts w = experts_fp8();  // h in FP32 only when its token codes are not kept
-    cuda::moe_fp8_experts_forward_gathered(lin, w, x, T, token_of_aligned_, aligned_host, aligned_, gp_, up_,
+    cuda::moe_fp8_experts_forward_gathered(lin, w, x, T, token_of_aligned_, aligned_host, aligned_, gp_,
+                                           experts_fp8_u(w),
                                            w.h_codes_t ? nullptr : hp_, yp_, r.stream);
     part.emplace(p, (ph + "routed.combine").c_str(), r.stream);
     if (overlap) join_shared(r.stream);
@@ -350,7 +353,7 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
       if (overlap) router_beside();
       sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
       const cuda::MoeFp8Experts w = experts_fp8();
-      cuda::moe_fp8_experts_backward_gathered(lin, w, dyp.get(), x_, token_of_aligned_, gp_, up_,
+      cuda::moe_fp8_experts_backward_gathered(lin, w, dyp.get(), x_, token_of_aligned_, gp_, experts_fp8_u(w),
                                               w.h_codes_t ? nullptr : hp_, aligned_host_.get(), aligned_, dxp.get(),
                                               r.stream);
     } else {
@@ -362,7 +365,7 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
       if (overlap) router_beside();
       sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
       const cuda::MoeFp8Experts w = experts_fp8();
-      cuda::moe_fp8_experts_backward_combined(lin, w, dy, row_weight.get(), x_, token_of_aligned_, gp_, up_,
+      cuda::moe_fp8_experts_backward_combined(lin, w, dy, row_weight.get(), x_, token_of_aligned_, gp_, experts_fp8_u(w),
                                               w.h_codes_t ? nullptr : hp_, aligned_host_.get(), aligned_, dxp.get(),
                                               r.stream);
     }
@@ -456,7 +459,20 @@ cuda::MoeFp8Experts GpuMoe::experts_fp8() const {
   }();
   if (keep_xt) w.x_codes_t = x_codes_t_, w.x_scales_t = x_scales_t_;
   if (keep_h) w.h_codes_t = h_codes_t_, w.h_scales_t = h_scales_t_;
+  // Gate and up's Fprop as one GEMM into g | u side by side; MOERL_MOE_FPROP=separate: two GEMMs into g and u apart
+  // (for comparing the two on the device). The lanes GEMM form only.
+  static const bool separate = [] {
+    const char* v = std::getenv("MOERL_MOE_FPROP");
+    if (v == nullptr || *v == '\0' || std::string(v) == "pair") return false;
+    if (std::string(v) == "separate") return true;
+    throw Error(std::string("MOERL_MOE_FPROP must be pair or separate, got ") + v);
+  }();
+  w.gate_up_side_by_side = !separate && cuda::moe_fp8_gemm(w.gemm) == cuda::MoeFp8Gemm::Lanes;
   return w;
+}
+
+float* GpuMoe::experts_fp8_u(const cuda::MoeFp8Experts& w) const {
+  return w.gate_up_side_by_side ? gp_ + cuda::moe_fp8_gate_up_ld(w) / 2 : up_;
 }
 
 void GpuMoe::update_bias(float gamma, const ExpertLoad& expert_load, cudaStream_t stream) {

@@ -164,6 +164,7 @@ class GpuMoe {
   uint8_t* h_codes_t_ = nullptr;
   float* h_scales_t_ = nullptr;
   cuda::MoeFp8Experts experts_fp8() const;
+  float* experts_fp8_u(const cuda::MoeFp8Experts& w) const;  // u for w's layout of g and u (g is gp_)
   const float* x_ = nullptr;
   Precision precision_ = Precision::FP32;
   float balance_alpha_ = 0;

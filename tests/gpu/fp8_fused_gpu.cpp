@@ -318,7 +318,7 @@ TEST_F(Fp8FusedGpu, SwigluFusedWithQuantizationGivesTheUnfusedBytes) {
     h.poison(), s.poison(), c.poison();
     cuda::swiglu_forward(g.get(), u.get(), h_ref.get(), n);
     fp8::cuda::quantize_1x128(h_ref.get(), rows, cols, c_ref.get(), s_ref.get());
-    cuda::swiglu_forward_quantize_1x128(g.get(), u.get(), rows, cols, h.get(), c.get(), s.get());
+    cuda::swiglu_forward_quantize_1x128(g.get(), u.get(), rows, cols, 0, h.get(), c.get(), s.get());
     CUDA_CHECK(cudaDeviceSynchronize());
     expect_same_bits(h.download(), h_ref.download(), what + " forward h");
     expect_same_bits(c.download(), c_ref.download(), what + " forward codes");
@@ -334,7 +334,7 @@ TEST_F(Fp8FusedGpu, SwigluFusedWithQuantizationGivesTheUnfusedBytes) {
       s.poison(), c.poison(), st.poison(), ct.poison();
       fp8::cuda::quantize_1x128(grad, rows, cols, c_ref.get(), s_ref.get());
       fp8::cuda::quantize_1x128_transposed_grouped(grad, rows, cols, db.get(), groups, ct_ref.get(), st_ref.get());
-      cuda::swiglu_backward_quantize_dual(dh.get(), g.get(), gate ? u.get() : nullptr, rows, cols, gate, db.get(),
+      cuda::swiglu_backward_quantize_dual(dh.get(), g.get(), gate ? u.get() : nullptr, rows, cols, 0, gate, db.get(),
                                           groups, c.get(), s.get(), ct.get(), st.get());
       CUDA_CHECK(cudaDeviceSynchronize());
       const std::string which = what + (gate ? " dg" : " du");
@@ -353,7 +353,7 @@ TEST_F(Fp8FusedGpu, SwigluFusedWithQuantizationGivesTheUnfusedBytes) {
                                  DeviceBuffer<float>(cols * rows / 128)}; };
     Out og = make(), ou = make();
     for (Out* o : {&og, &ou}) o->c.poison(), o->ct.poison(), o->s.poison(), o->st.poison();
-    cuda::swiglu_backward_quantize_dual_both(dh.get(), g.get(), u.get(), rows, cols, db.get(), groups,
+    cuda::swiglu_backward_quantize_dual_both(dh.get(), g.get(), u.get(), rows, cols, 0, db.get(), groups,
                                              cuda::Fp8Dual{og.c.get(), og.s.get(), og.ct.get(), og.st.get()},
                                              cuda::Fp8Dual{ou.c.get(), ou.s.get(), ou.ct.get(), ou.st.get()});
     CUDA_CHECK(cudaDeviceSynchronize());
@@ -376,9 +376,10 @@ TEST_F(Fp8FusedGpu, SwigluFusedWithQuantizationGivesTheUnfusedBytes) {
               "in one): the unfused bytes\n");
 }
 
-// MoE Dgrad over [dg | du] (kernels/cuda/moe_fp8_experts.cu): with row strides, the pair kernel writes each
-// gradient's row codes and scales into its half of a [rows, 2 cols] matrix, the same bytes as packed.
-TEST_F(Fp8FusedGpu, SwigluBackwardWritesEachGradientIntoItsHalfOfAWiderMatrix) {
+// The routed experts' gate and up side by side (kernels/cuda/moe_fp8_experts.cu): with row strides, SwiGLU reads g
+// and u as the halves of one wider matrix (its other columns NaN: never read), and the backward pair kernel writes
+// each gradient's row codes and scales into its half of a [rows, 2 cols] matrix; the same bytes as packed.
+TEST_F(Fp8FusedGpu, SwigluReadsAndWritesHalvesOfWiderMatrices) {
   std::mt19937_64 rng(run_seed() + 105);
   const std::vector<int64_t> bounds = {0, 256, 384};
   const int64_t groups = static_cast<int64_t>(bounds.size()) - 1;
@@ -386,12 +387,46 @@ TEST_F(Fp8FusedGpu, SwigluBackwardWritesEachGradientIntoItsHalfOfAWiderMatrix) {
   for (int64_t cols : {256, 208}) {  // whole tiles (the MoE's case), and a partial last tile
     const int64_t rows = bounds.back(), n = rows * cols, t = tiles(cols);
     const std::string what = shape_name(rows, cols);
-    DeviceBuffer<float> g(normal_values(static_cast<size_t>(n), 3.0f, rng)), u(normal_values(static_cast<size_t>(n), 1.0f, rng));
-    DeviceBuffer<float> dh(random_activation(rows, cols, rng));
+    const std::vector<float> gh = normal_values(static_cast<size_t>(n), 3.0f, rng);
+    const std::vector<float> uh = normal_values(static_cast<size_t>(n), 1.0f, rng);
+    DeviceBuffer<float> g(gh), u(uh), dh(random_activation(rows, cols, rng));
+    // g and u side by side: [rows, 2 P], u from column P = cols rounded up to 128.
+    const int64_t P = (cols + 127) / 128 * 128, ld = 2 * P;
+    std::vector<float> guh(static_cast<size_t>(rows * ld), std::numeric_limits<float>::quiet_NaN());
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy_n(gh.begin() + r * cols, cols, guh.begin() + r * ld);
+      std::copy_n(uh.begin() + r * cols, cols, guh.begin() + r * ld + P);
+    }
+    DeviceBuffer<float> gu(guh);
+    const float* gw = gu.get();
+    const float* uw = gu.get() + P;
+
+    // Forward from the halves: h, its codes both ways.
+    {
+      DeviceBuffer<float> h(n), h2(n), s(rows * t), s2(rows * t), st(cols * rows / 128), st2(cols * rows / 128);
+      DeviceBuffer<uint8_t> c(n), c2(n), ct(n), ct2(n);
+      cuda::swiglu_forward_quantize_dual(g.get(), u.get(), rows, cols, 0, h.get(), db.get(), groups,
+                                         cuda::Fp8Dual{c.get(), s.get(), ct.get(), st.get()});
+      cuda::swiglu_forward_quantize_dual(gw, uw, rows, cols, ld, h2.get(), db.get(), groups,
+                                         cuda::Fp8Dual{c2.get(), s2.get(), ct2.get(), st2.get()});
+      DeviceBuffer<float> h3(n), s3(rows * t);
+      DeviceBuffer<uint8_t> c3(n);
+      cuda::swiglu_forward_quantize_1x128(gw, uw, rows, cols, ld, h3.get(), c3.get(), s3.get());
+      CUDA_CHECK(cudaDeviceSynchronize());
+      expect_same_bits(h2.download(), h.download(), what + " forward h from the halves");
+      expect_same_bits(c2.download(), c.download(), what + " forward row codes from the halves");
+      expect_same_bits(s2.download(), s.download(), what + " forward row scales from the halves");
+      expect_same_bits(ct2.download(), ct.download(), what + " forward token codes from the halves");
+      expect_same_bits(st2.download(), st.download(), what + " forward token scales from the halves");
+      expect_same_bits(h3.download(), h.download(), what + " forward (rows only) h from the halves");
+      expect_same_bits(c3.download(), c.download(), what + " forward (rows only) codes from the halves");
+      expect_same_bits(s3.download(), s.download(), what + " forward (rows only) scales from the halves");
+    }
+
     // Packed: each gradient its own [rows, cols].
     DeviceBuffer<uint8_t> cg(n), cu(n), ctg(n), ctu(n);
     DeviceBuffer<float> sg(rows * t), su(rows * t), stg(cols * rows / 128), stu(cols * rows / 128);
-    cuda::swiglu_backward_quantize_dual_both(dh.get(), g.get(), u.get(), rows, cols, db.get(), groups,
+    cuda::swiglu_backward_quantize_dual_both(dh.get(), g.get(), u.get(), rows, cols, 0, db.get(), groups,
                                              cuda::Fp8Dual{cg.get(), sg.get(), ctg.get(), stg.get()},
                                              cuda::Fp8Dual{cu.get(), su.get(), ctu.get(), stu.get()});
     // Side by side: [dg | du] codes [rows, 2 cols], scales [rows, 2 t]; poisoned first, so a stray or missing
@@ -400,10 +435,17 @@ TEST_F(Fp8FusedGpu, SwigluBackwardWritesEachGradientIntoItsHalfOfAWiderMatrix) {
     DeviceBuffer<float> s2(rows * 2 * t), stg2(cols * rows / 128), stu2(cols * rows / 128);
     c2.poison(), s2.poison();
     cuda::swiglu_backward_quantize_dual_both(
-        dh.get(), g.get(), u.get(), rows, cols, db.get(), groups,
+        dh.get(), gw, uw, rows, cols, ld, db.get(), groups,
         cuda::Fp8Dual{c2.get(), s2.get(), ctg2.get(), stg2.get(), 2 * cols, 2 * t},
         cuda::Fp8Dual{c2.get() + cols, s2.get() + t, ctu2.get(), stu2.get(), 2 * cols, 2 * t});
+    // One gradient a kernel, from the halves.
+    DeviceBuffer<uint8_t> c1(n), ct1(n);
+    DeviceBuffer<float> s1(rows * t), st1(cols * rows / 128);
+    cuda::swiglu_backward_quantize_dual(dh.get(), gw, uw, rows, cols, ld, true, db.get(), groups, c1.get(), s1.get(),
+                                        ct1.get(), st1.get());
     CUDA_CHECK(cudaDeviceSynchronize());
+    expect_same_bits(c1.download(), cg.download(), what + " dg alone from the halves: row codes");
+    expect_same_bits(ct1.download(), ctg.download(), what + " dg alone from the halves: token codes");
     const std::vector<uint8_t> packed_g = cg.download(), packed_u = cu.download(), wide = c2.download();
     const std::vector<float> scales_g = sg.download(), scales_u = su.download(), wide_scales = s2.download();
     std::vector<uint8_t> wide_ref(wide.size());
@@ -421,7 +463,7 @@ TEST_F(Fp8FusedGpu, SwigluBackwardWritesEachGradientIntoItsHalfOfAWiderMatrix) {
     expect_same_bits(ctu2.download(), ctu.download(), what + " du token codes");
     expect_same_bits(stu2.download(), stu.download(), what + " du token scales");
   }
-  std::printf("[ fp8 fused ] SwiGLU backward pair: dg and du side by side with row strides, the packed bytes\n");
+  std::printf("[ fp8 fused ] SwiGLU with g and u side by side, dg and du written side by side: the packed bytes\n");
 }
 
 TEST_F(Fp8FusedGpu, ReportsBandwidth) {
@@ -458,14 +500,14 @@ TEST_F(Fp8FusedGpu, ReportsBandwidth) {
     CUDA_CHECK(cudaMemcpy(dh.get(), g.get(), n * sizeof(float), cudaMemcpyDeviceToDevice));
     DeviceBuffer<float> s(rows * tiles(cols)), st(cols * rows / 128);
     DeviceBuffer<uint8_t> c(n), ct(n);
-    const double fwd = median_ms([&] { cuda::swiglu_forward_quantize_1x128(g.get(), u.get(), rows, cols, h.get(), c.get(), s.get()); });
+    const double fwd = median_ms([&] { cuda::swiglu_forward_quantize_1x128(g.get(), u.get(), rows, cols, 0, h.get(), c.get(), s.get()); });
     const double fwd_separate = median_ms([&] {
       cuda::swiglu_forward(g.get(), u.get(), h.get(), n);
       fp8::cuda::quantize_1x128(h.get(), rows, cols, c.get(), s.get());
     });
     const double bwd = median_ms([&] {
       for (bool gate : {true, false})
-        cuda::swiglu_backward_quantize_dual(dh.get(), g.get(), u.get(), rows, cols, gate, db.get(), 1, c.get(), s.get(),
+        cuda::swiglu_backward_quantize_dual(dh.get(), g.get(), u.get(), rows, cols, 0, gate, db.get(), 1, c.get(), s.get(),
                                             ct.get(), st.get());
     });
     const double bwd_separate = median_ms([&] {

@@ -22,6 +22,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/cuda_check.hpp"
@@ -260,6 +261,75 @@ TEST_F(MoeFp8Gpu, StackedExpertWeightsAreEachExpertsPreparedBytes) {
   std::printf("[ moe fp8  ] stacked weights: %lld experts, each its own prepared bytes\n", static_cast<long long>(E));
 }
 
+// The gate and up pair (cuda::prepared_fp8_stacked_gate_up) is each weight's stacked bytes placed: [w_gate; w_up]'s
+// rows and [wᵀ_gate | wᵀ_up]'s columns from 0 and Ip (I rounded up to 128) with zeros between, their scales the
+// stacks' block rows and blocks side by side. Bit for bit, with I a partial block (208) and whole blocks (256).
+TEST_F(MoeFp8Gpu, GateUpPairIsEachStacksBytesSideBySide) {
+  std::mt19937_64 rng(run_seed() + 43);
+  auto bytes = [](const void* p, size_t n) {
+    std::vector<uint8_t> v(n);
+    CUDA_CHECK(cudaMemcpy(v.data(), p, n, cudaMemcpyDeviceToHost));
+    return v;
+  };
+  auto floats = [](const float* p, size_t n) {
+    std::vector<float> v(n);
+    CUDA_CHECK(cudaMemcpy(v.data(), p, n * sizeof(float), cudaMemcpyDeviceToHost));
+    return v;
+  };
+  for (const int64_t I : {int64_t{208}, int64_t{256}}) {
+    SCOPED_TRACE("I = " + std::to_string(I));
+    const int64_t E = 3, H = 384, Ip = (I + 127) / 128 * 128, TI = fp8::tiles(I), TH = fp8::tiles(H);
+    std::vector<float> wg = normal_values(static_cast<size_t>(E * I * H), 0.05f, rng);
+    std::vector<float> wu = normal_values(static_cast<size_t>(E * I * H), 0.5f, rng);
+    DeviceBuffer<float> d_wg(wg), d_wu(wu);
+    cuda::LinearContext ctx;
+    const cuda::PreparedFp8GateUp p = cuda::prepared_fp8_stacked_gate_up(ctx, d_wg.get(), d_wu.get(), E, I, H);
+    const cuda::PreparedFp8Stack sg = cuda::prepared_fp8_stacked_weight(ctx, d_wg.get(), E, I, H);
+    const cuda::PreparedFp8Stack su = cuda::prepared_fp8_stacked_weight(ctx, d_wu.get(), E, I, H);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    ASSERT_EQ(p.padded, Ip);
+    const int64_t L4H = (TH + 3) / 4 * 4, L4I = (TI + 3) / 4 * 4, L4P = (2 * TI + 3) / 4 * 4;
+    ASSERT_EQ(p.scales_stride, 2 * TI * L4H);
+    ASSERT_EQ(p.scales_t_stride, TH * L4P);
+    const std::vector<uint8_t> codes = bytes(p.codes, E * 2 * Ip * H), codes_t = bytes(p.codes_t, E * 2 * Ip * H);
+    const std::vector<uint8_t> g_codes = bytes(sg.codes, E * I * H), u_codes = bytes(su.codes, E * I * H);
+    const std::vector<uint8_t> g_codes_t = bytes(sg.codes_t, E * I * H), u_codes_t = bytes(su.codes_t, E * I * H);
+    const std::vector<float> scales = floats(p.scales, E * p.scales_stride), scales_t = floats(p.scales_t, E * p.scales_t_stride);
+    const std::vector<float> g_scales = floats(sg.scales, E * sg.scales_stride), u_scales = floats(su.scales, E * su.scales_stride);
+    const std::vector<float> g_scales_t = floats(sg.scales_t, E * sg.scales_t_stride);
+    const std::vector<float> u_scales_t = floats(su.scales_t, E * su.scales_t_stride);
+    ASSERT_EQ(sg.scales_stride, TI * L4H);
+    ASSERT_EQ(sg.scales_t_stride, TH * L4I);
+    std::vector<uint8_t> want(codes.size(), 0), want_t(codes_t.size(), 0);
+    std::vector<float> want_s(scales.size(), 0.0f), want_st(scales_t.size(), 0.0f);
+    for (int64_t e = 0; e < E; ++e) {
+      for (int64_t i = 0; i < I * H; ++i) {  // Fprop: rows
+        want[e * 2 * Ip * H + i] = g_codes[e * I * H + i];
+        want[e * 2 * Ip * H + Ip * H + i] = u_codes[e * I * H + i];
+      }
+      for (int64_t h = 0; h < H; ++h)  // Dgrad: columns of each row of wᵀ
+        for (int64_t i = 0; i < I; ++i) {
+          want_t[e * 2 * Ip * H + h * 2 * Ip + i] = g_codes_t[e * I * H + h * I + i];
+          want_t[e * 2 * Ip * H + h * 2 * Ip + Ip + i] = u_codes_t[e * I * H + h * I + i];
+        }
+      for (int64_t i = 0; i < TI * L4H; ++i) {
+        want_s[e * p.scales_stride + i] = g_scales[e * sg.scales_stride + i];
+        want_s[e * p.scales_stride + TI * L4H + i] = u_scales[e * su.scales_stride + i];
+      }
+      for (int64_t hb = 0; hb < TH; ++hb)
+        for (int64_t ib = 0; ib < TI; ++ib) {
+          want_st[e * p.scales_t_stride + hb * L4P + ib] = g_scales_t[e * sg.scales_t_stride + hb * L4I + ib];
+          want_st[e * p.scales_t_stride + hb * L4P + TI + ib] = u_scales_t[e * su.scales_t_stride + hb * L4I + ib];
+        }
+    }
+    EXPECT_EQ(codes, want) << "[w_gate; w_up] codes";
+    EXPECT_EQ(codes_t, want_t) << "[wT_gate | wT_up] codes";
+    EXPECT_EQ(0, std::memcmp(scales.data(), want_s.data(), scales.size() * sizeof(float))) << "Fprop scales";
+    EXPECT_EQ(0, std::memcmp(scales_t.data(), want_st.data(), scales_t.size() * sizeof(float))) << "Dgrad scales";
+  }
+  std::printf("[ moe fp8  ] gate and up side by side: each stack's codes and scales placed, zeros between\n");
+}
+
 // The experts' forward and backward at intermediate size I against the CPU recipe, both GEMM forms, and the gathered
 // and combined entry points against the plain ones.
 void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
@@ -303,19 +373,27 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     for (int64_t i = 0; i < n * H; ++i) dx[i] += dxu[i];
   }
 
-  // Both forms of the experts' GEMMs: grouped (one launch per projection) and lanes (cuBLASLt per expert).
-  for (const cuda::MoeFp8Gemm form : {cuda::MoeFp8Gemm::Grouped, cuda::MoeFp8Gemm::Lanes}) {
-    const char* form_name = form == cuda::MoeFp8Gemm::Grouped ? "grouped" : "lanes";
+  // Both forms of the experts' GEMMs: grouped (one launch per projection) and lanes (cuBLASLt per expert), the lanes
+  // also with g and u side by side in one [rows, 2 Ip] matrix (gate and up's Fprop one GEMM).
+  using Variant = std::pair<cuda::MoeFp8Gemm, bool>;
+  for (const auto& [form, side] : {Variant{cuda::MoeFp8Gemm::Grouped, false}, Variant{cuda::MoeFp8Gemm::Lanes, false},
+                                   Variant{cuda::MoeFp8Gemm::Lanes, true}}) {
+    const char* form_name = form == cuda::MoeFp8Gemm::Grouped ? "grouped" : side ? "lanes, g | u" : "lanes";
     SCOPED_TRACE(form_name);
+    const int64_t gld = side ? 2 * ((I + 127) / 128 * 128) : I;  // g and u's row stride; u = g + gld / 2 side by side
     DeviceBuffer<float> d_xp(xp), d_dyp(dyp), d_wg(wg), d_wu(wu), d_wd(wd), d_gg(g0), d_ug(g0), d_dg(d0);
-    DeviceBuffer<float> d_g(RA * I), d_u(RA * I), d_h(RA * I), d_yp(RA * H), d_dxp(RA * H);
+    DeviceBuffer<float> d_gu(2 * RA * gld), d_h(RA * I), d_yp(RA * H), d_dxp(RA * H);
+    float* const d_g = d_gu.get();
+    float* const d_u = side ? d_g + gld / 2 : d_g + RA * I;
     DeviceBuffer<int64_t> d_aligned(aligned);
-    for (DeviceBuffer<float>* b : {&d_g, &d_u, &d_h, &d_yp, &d_dxp}) b->poison();
+    for (DeviceBuffer<float>* b : {&d_gu, &d_h, &d_yp, &d_dxp}) b->poison();
     cuda::LinearContext ctx;
-    const cuda::MoeFp8Experts w{d_wg.get(), d_wu.get(), d_wd.get(), d_gg.get(), d_ug.get(), d_dg.get(), E, H, I, form};
-    cuda::moe_fp8_experts_forward(ctx, w, d_xp.get(), aligned.data(), d_aligned.get(), d_g.get(), d_u.get(), d_h.get(),
+    cuda::MoeFp8Experts w{d_wg.get(), d_wu.get(), d_wd.get(), d_gg.get(), d_ug.get(), d_dg.get(), E, H, I, form};
+    w.gate_up_side_by_side = side;
+    ASSERT_EQ(cuda::moe_fp8_gate_up_ld(w), gld);
+    cuda::moe_fp8_experts_forward(ctx, w, d_xp.get(), aligned.data(), d_aligned.get(), d_g, d_u, d_h.get(),
                                   d_yp.get());
-    cuda::moe_fp8_experts_backward(ctx, w, d_dyp.get(), d_xp.get(), d_g.get(), d_u.get(), d_h.get(), aligned.data(),
+    cuda::moe_fp8_experts_backward(ctx, w, d_dyp.get(), d_xp.get(), d_g, d_u, d_h.get(), aligned.data(),
                                    d_aligned.get(), d_dxp.get());
     CUDA_CHECK(cudaDeviceSynchronize());
 
@@ -349,19 +427,22 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
         std::copy(xp.begin() + r * H, xp.begin() + (r + 1) * H, x.begin() + perm[r] * H);
       }
     DeviceBuffer<float> d_x(x), d_gg2(g0), d_ug2(g0), d_dg2(d0);
-    DeviceBuffer<float> d_g2(RA * I), d_u2(RA * I), d_h2(RA * I), d_yp2(RA * H), d_dxp2(RA * H);
+    DeviceBuffer<float> d_gu2(2 * RA * gld), d_h2(RA * I), d_yp2(RA * H), d_dxp2(RA * H);
+    float* const d_g2 = d_gu2.get();
+    float* const d_u2 = side ? d_g2 + gld / 2 : d_g2 + RA * I;
     DeviceBuffer<int64_t> d_token_of(token_of);
-    for (DeviceBuffer<float>* b : {&d_g2, &d_u2, &d_h2, &d_yp2, &d_dxp2}) b->poison();
+    for (DeviceBuffer<float>* b : {&d_gu2, &d_h2, &d_yp2, &d_dxp2}) b->poison();
     // With x's and h's token quantizations kept from the forward for the backward (x_codes_t, h_codes_t, ...).
     DeviceBuffer<uint8_t> d_xct(RA * H), d_hct(RA * I);
     DeviceBuffer<float> d_xst(H * (RA / 128)), d_hst(I * (RA / 128));
     d_xct.poison(), d_xst.poison(), d_hct.poison(), d_hst.poison();
     cuda::MoeFp8Experts w2{d_wg.get(), d_wu.get(), d_wd.get(), d_gg2.get(), d_ug2.get(), d_dg2.get(), E, H, I, form};
+    w2.gate_up_side_by_side = side;
     w2.x_codes_t = d_xct.get(), w2.x_scales_t = d_xst.get(), w2.h_codes_t = d_hct.get(), w2.h_scales_t = d_hst.get();
     cuda::moe_fp8_experts_forward_gathered(ctx, w2, d_x.get(), tokens, d_token_of.get(), aligned.data(),
                                            d_aligned.get(),
-                                           d_g2.get(), d_u2.get(), d_h2.get(), d_yp2.get());
-    cuda::moe_fp8_experts_backward_gathered(ctx, w2, d_dyp.get(), d_x.get(), d_token_of.get(), d_g2.get(), d_u2.get(),
+                                           d_g2, d_u2, d_h2.get(), d_yp2.get());
+    cuda::moe_fp8_experts_backward_gathered(ctx, w2, d_dyp.get(), d_x.get(), d_token_of.get(), d_g2, d_u2,
                                             d_h2.get(), aligned.data(), d_aligned.get(), d_dxp2.get());
     CUDA_CHECK(cudaDeviceSynchronize());
     EXPECT_EQ(d_yp2.download(), yp) << "gathered forward yp";
@@ -388,15 +469,15 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     DeviceBuffer<float> d_dy_tok(dy_tok), d_row_w(row_w), d_dyp3(dyp3);
     DeviceBuffer<float> d_gg3(g0), d_ug3(g0), d_dg3(d0), d_gg4(g0), d_ug4(g0), d_dg4(d0), d_dxp3(RA * H), d_dxp4(RA * H);
     d_dxp3.poison(), d_dxp4.poison();
-    const cuda::MoeFp8Experts w3{d_wg.get(), d_wu.get(), d_wd.get(), d_gg3.get(), d_ug3.get(), d_dg3.get(), E, H, I,
-                                  form};
+    cuda::MoeFp8Experts w3{d_wg.get(), d_wu.get(), d_wd.get(), d_gg3.get(), d_ug3.get(), d_dg3.get(), E, H, I, form};
     cuda::MoeFp8Experts w4{d_wg.get(), d_wu.get(), d_wd.get(), d_gg4.get(), d_ug4.get(), d_dg4.get(), E, H, I, form};
+    w3.gate_up_side_by_side = w4.gate_up_side_by_side = side;
     // x's and h's token codes kept by w2's forward of the same rows (h itself not passed); w3 quantizes both.
     w4.x_codes_t = d_xct.get(), w4.x_scales_t = d_xst.get(), w4.h_codes_t = d_hct.get(), w4.h_scales_t = d_hst.get();
-    cuda::moe_fp8_experts_backward_gathered(ctx, w3, d_dyp3.get(), d_x.get(), d_token_of.get(), d_g2.get(), d_u2.get(),
+    cuda::moe_fp8_experts_backward_gathered(ctx, w3, d_dyp3.get(), d_x.get(), d_token_of.get(), d_g2, d_u2,
                                             d_h2.get(), aligned.data(), d_aligned.get(), d_dxp3.get());
     cuda::moe_fp8_experts_backward_combined(ctx, w4, d_dy_tok.get(), d_row_w.get(), d_x.get(), d_token_of.get(),
-                                            d_g2.get(), d_u2.get(), nullptr, aligned.data(), d_aligned.get(),
+                                            d_g2, d_u2, nullptr, aligned.data(), d_aligned.get(),
                                             d_dxp4.get());
     CUDA_CHECK(cudaDeviceSynchronize());
     EXPECT_EQ(d_dxp4.download(), d_dxp3.download()) << "combined backward dxp";
