@@ -86,6 +86,7 @@
 #include "kernels/fp8_gemm.hpp"
 #include "kernels/fp8_quantize.hpp"
 #include "runtime/error.hpp"
+#include "runtime/util/env_switch.hpp"
 
 namespace moerl::cuda {
 namespace {
@@ -285,24 +286,14 @@ ExpertWeight expert_weight(const PreparedFp8Stack& s, int64_t e) {
 // MOERL_MOE_SWIGLU_BWD=separate: dg and du quantized by two kernels (each reading dh and g) instead of one; for
 // comparing the two on the device. Read once per process.
 bool separate_swiglu_backward() {
-  static const bool separate = [] {
-    const char* v = std::getenv("MOERL_MOE_SWIGLU_BWD");
-    if (v == nullptr || *v == '\0' || std::string(v) == "fused") return false;
-    if (std::string(v) == "separate") return true;
-    throw Error(std::string("MOERL_MOE_SWIGLU_BWD must be fused or separate, got ") + v);
-  }();
+  static const bool separate = env_switch("MOERL_MOE_SWIGLU_BWD", "fused", "separate");
   return separate;
 }
 
 // MOERL_MOE_DGRAD=separate: gate and up's Dgrad as two GEMMs per expert (the second accumulating into dx) instead of
 // one over [dg | du] (the default, "pair"); for comparing the two on the device. Read once.
 bool separate_gate_up_dgrad() {
-  static const bool separate = [] {
-    const char* v = std::getenv("MOERL_MOE_DGRAD");
-    if (v == nullptr || *v == '\0' || std::string(v) == "pair") return false;
-    if (std::string(v) == "separate") return true;
-    throw Error(std::string("MOERL_MOE_DGRAD must be pair or separate, got ") + v);
-  }();
+  static const bool separate = env_switch("MOERL_MOE_DGRAD", "pair", "separate");
   return separate;
 }
 
@@ -449,12 +440,8 @@ void run_dgrad_wgrad(cuda_detail::PhaseSequence& st, const char* wgrad_stage, co
 
 MoeFp8Gemm moe_fp8_gemm(MoeFp8Gemm requested) {
   if (requested != MoeFp8Gemm::Default) return requested;
-  static const MoeFp8Gemm from_env = [] {
-    const char* v = std::getenv("MOERL_MOE_GEMM");
-    if (v == nullptr || *v == '\0' || std::string(v) == "lanes") return MoeFp8Gemm::Lanes;
-    if (std::string(v) == "grouped") return MoeFp8Gemm::Grouped;
-    throw Error(std::string("MOERL_MOE_GEMM must be grouped or lanes, got ") + v);
-  }();
+  static const MoeFp8Gemm from_env =
+      env_switch("MOERL_MOE_GEMM", "lanes", "grouped") ? MoeFp8Gemm::Grouped : MoeFp8Gemm::Lanes;
   return from_env;
 }
 

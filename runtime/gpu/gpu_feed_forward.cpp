@@ -23,6 +23,7 @@
 #include "runtime/error.hpp"
 #include "runtime/gpu/gpu_layers.hpp"
 #include "runtime/gpu/gpu_profile.hpp"
+#include "runtime/util/env_switch.hpp"
 
 namespace moerl::gpu::detail {
 namespace {
@@ -31,12 +32,7 @@ namespace {
 // backward and read back by its quantization (the path before moe_fp8_experts_backward_combined); for comparing
 // the two on the device. Read once per process.
 bool separate_combine_backward() {
-  static const bool separate = [] {
-    const char* v = std::getenv("MOERL_MOE_COMBINE_BWD");
-    if (v == nullptr || *v == '\0' || std::string(v) == "fused") return false;
-    if (std::string(v) == "separate") return true;
-    throw Error(std::string("MOERL_MOE_COMBINE_BWD must be fused or separate, got ") + v);
-  }();
+  static const bool separate = env_switch("MOERL_MOE_COMBINE_BWD", "fused", "separate");
   return separate;
 }
 
@@ -68,12 +64,7 @@ void GpuDense::bind(Slab& s, int64_t tokens) {
 }
 
 bool GpuDense::as_fp8_expert(Precision p) const {
-  static const bool linear = [] {
-    const char* v = std::getenv("MOERL_FP8_DENSE");
-    if (v == nullptr || *v == '\0' || std::string(v) == "experts") return false;
-    if (std::string(v) == "linear") return true;
-    throw Error(std::string("MOERL_FP8_DENSE must be experts or linear, got ") + v);
-  }();
+  static const bool linear = env_switch("MOERL_FP8_DENSE", "experts", "linear");
   return !linear && p == Precision::FP8 && tokens_ > 0 && tokens_ % cuda::kMoeRowAlign == 0 &&
          cuda::moe_fp8_experts_supported(hidden_, inter_);
 }
@@ -461,12 +452,7 @@ cuda::MoeFp8Experts GpuMoe::experts_fp8() const {
   if (keep_h) w.h_codes_t = h_codes_t_, w.h_scales_t = h_scales_t_;
   // Gate and up's Fprop as one GEMM into g | u side by side; MOERL_MOE_FPROP=separate: two GEMMs into g and u apart
   // (for comparing the two on the device). The lanes GEMM form only.
-  static const bool separate = [] {
-    const char* v = std::getenv("MOERL_MOE_FPROP");
-    if (v == nullptr || *v == '\0' || std::string(v) == "pair") return false;
-    if (std::string(v) == "separate") return true;
-    throw Error(std::string("MOERL_MOE_FPROP must be pair or separate, got ") + v);
-  }();
+  static const bool separate = env_switch("MOERL_MOE_FPROP", "pair", "separate");
   w.gate_up_side_by_side = !separate && cuda::moe_fp8_gemm(w.gemm) == cuda::MoeFp8Gemm::Lanes;
   return w;
 }
