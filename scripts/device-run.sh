@@ -18,6 +18,9 @@ export LD_LIBRARY_PATH=/tmp/moerl-carry/rtlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PAT
 fixtures=$(strings "$bin/moerl_gpu_tests" | grep -m1 -o '/[^ ]*/tests/fixtures' || true)
 if [ -n "$fixtures" ] && [ ! -e "$fixtures" ]; then mkdir -p "$(dirname "$fixtures")" && ln -s "$PWD/tests/fixtures" "$fixtures"; fi
 nvidia-smi -L | tee "$out/run.log"
+# The peers' JSON lines carry the binaries' revision (this tree copy's .git may be stale).
+MOERL_REV=$("$bin/moerl" --version 2>/dev/null | awk '{print substr($2, 1, 7)}')
+export MOERL_REV
 status=0
 part=${MOERL_DEVICE_PART:-all}
 if [ "$part" != curves ]; then

@@ -11,6 +11,7 @@ Prints JSON lines in DESIGN.md's benchmark format:
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import warnings
@@ -34,6 +35,10 @@ BATCH, SEQ = 8, 2048
 
 
 def git_rev():
+    # MOERL_REV: the revision of the moerl binaries run beside (scripts/device-run.sh), whose tree copy may carry a
+    # stale .git; else the checkout's.
+    if os.environ.get("MOERL_REV"):
+        return os.environ["MOERL_REV"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True).stdout.strip()
