@@ -1,7 +1,7 @@
-// Helpers for choosing among cuBLASLt's heuristic candidates, shared by the FP32/BF16 plans
-// (kernels/cuda/cublaslt_matmul.cu) and the FP8 block-scaled ones (kernels/cuda/sm90_fp8_gemm_cublaslt.cu): a
-// candidate forced by an environment variable (comparing candidates on the device), one configuration attribute,
-// and the listing of a plan's candidates.
+// Helpers for asking cuBLASLt's heuristic and choosing among its candidates, shared by the FP32/BF16 plans
+// (kernels/cuda/cublaslt_matmul.cu) and the FP8 block-scaled ones (kernels/cuda/sm90_fp8_gemm_cublaslt.cu): the
+// query's preference, a candidate forced by an environment variable (comparing candidates on the device), one
+// configuration attribute, and the listing of a plan's candidates.
 #pragma once
 #include <cublasLt.h>
 
@@ -10,11 +10,26 @@
 #include <cstdlib>
 #include <string>
 
+#include "kernels/cuda/cuda_check.hpp"
 #include "runtime/error.hpp"
 
 namespace moerl::cuda_detail {
 
 constexpr int kMaxLtCandidates = 8;  // asked of the heuristic; a plain array (std::vector of the type crashes nvcc 13)
+
+// The preference of a heuristic query: at most `workspace` bytes of workspace, and the minimum alignments (bytes)
+// of cuBLAS's A, B, and C and D (one output).
+inline void set_lt_preference(cublasLtMatmulPreference_t pref, uint64_t workspace, uint32_t align_a, uint32_t align_b,
+                              uint32_t align_cd) {
+  CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &workspace,
+                                                    sizeof workspace));
+  const uint32_t aligns[4] = {align_a, align_b, align_cd, align_cd};
+  const cublasLtMatmulPreferenceAttributes_t attrs[4] = {
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+  for (int i = 0; i < 4; ++i)
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, attrs[i], &aligns[i], sizeof aligns[i]));
+}
 
 // The candidate index (0-based among the usable ones) the variable `name` forces, -1 when unset. Callers read it
 // once per process.

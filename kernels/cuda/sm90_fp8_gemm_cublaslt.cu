@@ -243,13 +243,7 @@ Plan GemmContext::Impl::make_plan(const PlanKey& k, const void* a_scales, const 
 
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     const uint64_t ws = workspace_bytes;
-    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
-    const uint32_t aligns[4] = {k.align_b, k.align_a, k.align_y, k.align_y};  // cuBLAS A, B, C, D
-    const cublasLtMatmulPreferenceAttributes_t align_attrs[4] = {
-        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
-    for (int i = 0; i < 4; ++i)
-      CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, align_attrs[i], &aligns[i], sizeof aligns[i]));
+    cuda_detail::set_lt_preference(pref, ws, k.align_b, k.align_a, k.align_y);  // cuBLAS's A is our B
 
     cublasLtMatmulHeuristicResult_t results[kMaxHeuristicResults] = {};
     int found = 0;
