@@ -24,7 +24,7 @@ export MOERL_REV
 status=0
 part=${MOERL_DEVICE_PART:-all}
 if [ "$part" != curves ]; then
-timeout 200 "$bin/moerl_gpu_tests" >"$out/gpu_tests.txt" 2>&1 || status=1
+MOERL_REQUIRE_GPU=1 timeout 200 "$bin/moerl_gpu_tests" >"$out/gpu_tests.txt" 2>&1 || status=1
 grep -E '^\[  (FAILED|PASSED) ' "$out/gpu_tests.txt" | tee -a "$out/run.log"
 timeout 150 "$bin/moerl" bench gpu --json "$out/bench.jsonl" >/dev/null 2>>"$out/run.log" || status=1
 timeout 60 python3 bench/peers/torch_grouped_mm_moe.py >>"$out/bench.jsonl" 2>>"$out/run.log" || status=1

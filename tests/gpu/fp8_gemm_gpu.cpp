@@ -218,14 +218,7 @@ void check_problem(cuda::GemmContext& ctx, int64_t M, int64_t N, int64_t K, int 
   expect_close(gpu, ref, absref, out, what);
 }
 
-class Fp8GemmGpu : public ::testing::Test {
- protected:
-  void SetUp() override {
-    int n = 0;
-    const cudaError_t e = cudaGetDeviceCount(&n);
-    ASSERT_TRUE(e == cudaSuccess && n > 0) << "no CUDA device: these tests need a GPU (" << cudaGetErrorString(e) << ")";
-  }
-};
+using Fp8GemmGpu = gpu_test::GpuTest;
 
 TEST_F(Fp8GemmGpu, ConvertsScalesToTheCublasLtLayoutOnTheDeviceAsOnTheHost) {
   std::mt19937_64 rng(fresh_seed("scales"));

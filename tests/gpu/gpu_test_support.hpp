@@ -72,13 +72,20 @@ template <class T> class DeviceBuffer {
   size_t n_;
 };
 
-// The fixture of the GPU tests: skips without a CUDA device, prints the seed once per binary and records it in
-// each test's properties.
+// The fixture of the GPU tests: without a CUDA device skips (fails where MOERL_REQUIRE_GPU=1, as on the GPU machine:
+// scripts/device-run.sh, so that a device that cannot start fails the run instead of skipping it), prints the seed
+// once per binary and records it in each test's properties.
 class GpuTest : public ::testing::Test {
  protected:
   void SetUp() override {
     int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
+    const cudaError_t e = cudaGetDeviceCount(&devices);
+    if (e != cudaSuccess || devices == 0) {
+      const char* require = std::getenv("MOERL_REQUIRE_GPU");
+      if (require != nullptr && std::string(require) == "1")
+        FAIL() << "no CUDA device (" << cudaGetErrorString(e) << ") and MOERL_REQUIRE_GPU=1";
+      GTEST_SKIP() << "no CUDA device (" << cudaGetErrorString(e) << ")";
+    }
     static bool printed = false;
     if (!printed) std::printf("moerl_gpu_tests: %s\n", seed_note().c_str());
     printed = true;

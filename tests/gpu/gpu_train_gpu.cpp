@@ -21,6 +21,7 @@
 #include "runtime/train/checkpoint.hpp"
 #include "runtime/train/run_recipe.hpp"
 #include "runtime/train/trainer.hpp"
+#include "tests/gpu/gpu_test_support.hpp"
 #include "tests/gpu/recipe_support.hpp"
 
 namespace moerl {
@@ -28,13 +29,7 @@ namespace {
 
 namespace fs = std::filesystem;
 
-class GpuTraining : public ::testing::Test {
- protected:
-  void SetUp() override {
-    int devices = 0;
-    if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) GTEST_SKIP() << "no CUDA device";
-  }
-};
+using GpuTraining = gpu_test::GpuTest;
 
 ModelConfig small_config() { return gpu_test::small_gpu_config(); }
 

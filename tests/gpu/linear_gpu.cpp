@@ -237,15 +237,7 @@ void check_backward(cuda::LinearContext& ctx, Precision p, const Data& d, bool w
 const Shape kShapes[] = {{256, 1536, 1024}, {5, 12, 24}, {130, 40, 200}, {64, 256, 136},
                          {0, 12, 24},       {4, 8, 0},   {6, 0, 16}};
 
-class LinearGpu : public ::testing::Test {
- protected:
-  void SetUp() override {
-    int n = 0;
-    const cudaError_t e = cudaGetDeviceCount(&n);
-    ASSERT_TRUE(e == cudaSuccess && n > 0) << "no CUDA device: these tests need a GPU (" << cudaGetErrorString(e)
-                                           << ")";
-  }
-};
+using LinearGpu = moe_gpu_test::GpuTest;
 
 TEST_F(LinearGpu, ForwardMatchesTheCpuInEveryPrecision) {
   std::mt19937_64 rng = seeded("forward");
