@@ -132,6 +132,9 @@ StageSpec read_stage(YamlSection s, const std::filesystem::path& base, const std
   if (st.steps < 1) s.fail("steps", "expected a positive integer");
   if (st.batch < 1) s.fail("batch", "expected a positive integer");
   if (st.seq < 2) s.fail("seq", "expected an integer >= 2");
+  if (s.has("seq") && st.kind != "pretrain" && st.kind != "sft")  // the only stages that cut sequences to a length
+    s.fail("seq", "a " + st.kind + " stage sizes each batch from its examples (prompt + response); seq: sets the "
+                  "sequence length of pretrain and sft stages");
   st.optimizer = read_optimizer(s.section("optimizer"), st.steps);
   st.mtp_weight = s.get<float>("mtp_weight", st.mtp_weight);
   st.balance_alpha = s.get<float>("balance_alpha", st.balance_alpha);

@@ -113,6 +113,15 @@ TEST(Recipe, AStageDataFileWhereTheStageReadsNoneIsRefused) {
       << e;
 }
 
+TEST(Recipe, ASequenceLengthWhereTheStageSizesBatchesFromItsExamplesIsRefused) {
+  // Only pretrain and sft cut sequences to seq:; elsewhere it would be silently ignored.
+  std::string text = kValid;
+  text += "  - name: prefs\n    kind: preferences\n    seq: 64\n";
+  const std::string e = error_of(write_recipe("seq-prefs.yaml", text));
+  EXPECT_NE(e.find("stages[1].seq: a preferences stage sizes each batch from its examples"), std::string::npos) << e;
+  EXPECT_EQ(error_of(write_recipe("seq-pretrain.yaml", kValid), {"stages.0.seq=64"}), "");
+}
+
 TEST(Recipe, MissingFileAndBadYamlAreClearErrors) {
   EXPECT_NE(error_of("/nonexistent/recipe.yaml").find("recipe file not found"), std::string::npos);
   const std::string e = error_of(write_recipe("bad.yaml", "name: [unclosed\n"));
