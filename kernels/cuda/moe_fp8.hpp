@@ -122,8 +122,9 @@ MoeFp8Gemm moe_fp8_gemm(MoeFp8Gemm requested);
 // Whether moe_fp8_experts_* take these sizes (else use per-expert linear calls).
 bool moe_fp8_experts_supported(int64_t hidden, int64_t inter);
 
-// xp [rows, H] (aligned rows, zero rows zero) -> g, u, h [rows, I] (h = silu(g) · u) and yp [rows, H], all
-// overwritten (zero rows give zeros). aligned_host and aligned: the same [E + 1] offsets on the host and device.
+// xp [rows, H] (aligned rows, zero rows zero) -> g, u, h [rows, I] (h = silu(g) · u; g and u's rows
+// moe_fp8_gate_up_ld(w) apart) and yp [rows, H], all overwritten (zero rows give zeros). aligned_host and aligned:
+// the same [E + 1] offsets on the host and device.
 void moe_fp8_experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp,
                              const int64_t* aligned_host, const int64_t* aligned, float* g, float* u, float* h,
                              float* yp, cudaStream_t stream = nullptr);

@@ -22,12 +22,12 @@
 //
 // gate and up's Dgrad as one GEMM: the SwiGLU backward writes dg's and du's row codes side by side, [dg | du]
 // [rows, 2 Ip] (row strides; Ip = I rounded up to 128 with zero codes between, so each half's 1x128 tiles and bytes
-// are those of apart), and each expert's dx = [dg | du] · [w_gate; w_up] is one K = 2 Ip GEMM against a copy of the
-// two stacks' transposed codes laid out alike (linear_detail::fp8_stacked_gate_up_t, remade after each weight
-// change) instead of a second GEMM reading and rewriting dx in FP32. On the H200 against MOERL_MOE_DGRAD=separate,
-// rounds interleaved: MoE layer fwd+bwd 12.50 vs 13.01 ms (I = 1408, bench/results/2026-11-29-gpu-sweep-dgrad-pair-
-// *) and 12.79 vs 13.15 ms; bench-600m fp8 step (I = 704, padded) 212.9k vs 208.9k tokens/s, peak memory 24.0 vs
-// 23.65 GiB (the copies; ...-dgrad-padded-*).
+// are those of apart), and each expert's dx = [dg | du] · [w_gate; w_up] is one K = 2 Ip GEMM against wᵀ_gate and
+// wᵀ_up's codes laid out alike (linear_detail::fp8_stacked_gate_up, remade after each weight change) instead of a
+// second GEMM reading and rewriting dx in FP32. On the H200 against MOERL_MOE_DGRAD=separate, rounds interleaved:
+// MoE layer fwd+bwd 12.50 vs 13.01 ms (I = 1408, bench/results/2026-11-29-gpu-sweep-dgrad-pair-*) and 12.79 vs
+// 13.15 ms; bench-600m fp8 step (I = 704, padded) 212.9k vs 208.9k tokens/s (...-dgrad-padded-*; the pair was then
+// copied from the stacks, since quantized in place, below).
 //
 // Fprop likewise (MoeFp8Experts::gate_up_side_by_side, the runtime's default with the lanes): g | u = x · [w_gate;
 // w_up]ᵀ is one GEMM with N = 2 Ip into g and u side by side, [rows, 2 Ip], which the SwiGLU kernels read with that
