@@ -113,6 +113,8 @@ struct MoeFp8Experts {
   bool gate_up_side_by_side = false;
 };
 
+// Ip: the intermediate size I rounded up to a whole 128-wide tile (each half of gate and up side by side).
+int64_t moe_fp8_gate_up_padded(int64_t inter);
 // The row stride of g and u (elements): 2 Ip with gate_up_side_by_side, else I.
 int64_t moe_fp8_gate_up_ld(const MoeFp8Experts& w);
 

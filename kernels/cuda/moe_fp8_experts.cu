@@ -449,8 +449,10 @@ bool moe_fp8_experts_supported(int64_t hidden, int64_t inter) {
   return hidden >= 128 && inter >= 128 && hidden % 16 == 0 && inter % 16 == 0;
 }
 
+int64_t moe_fp8_gate_up_padded(int64_t inter) { return (inter + kTile - 1) / kTile * kTile; }
+
 int64_t moe_fp8_gate_up_ld(const MoeFp8Experts& w) {
-  return w.gate_up_side_by_side ? 2 * ((w.inter + kTile - 1) / kTile * kTile) : w.inter;
+  return w.gate_up_side_by_side ? 2 * moe_fp8_gate_up_padded(w.inter) : w.inter;
 }
 
 namespace {
@@ -503,7 +505,8 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   } else if (side) {  // g | u = x · [w_gate; w_up]ᵀ, one GEMM (N = 2 Ip) per expert
     lanes().run(aligned_host, E, stream,
                 [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-                  const Operand wgu{gu->codes + e * gld * H, gu->scales + e * gu->scales_stride, gld, H, kTile};
+                  const int64_t n2 = 2 * gu->padded;  // [w_gate; w_up]'s rows
+                  const Operand wgu{gu->codes + e * n2 * H, gu->scales + e * gu->scales_stride, n2, H, kTile};
                   fp8::cuda::gemm_nt(gc, xq.expert(r0, n), wgu, g + r0 * gld, OutType::FP32, s);
                 });
   } else {

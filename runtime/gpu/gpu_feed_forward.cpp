@@ -168,7 +168,7 @@ void GpuMoe::bind(Slab& s, int64_t batch, int64_t seq) {
   row_of_aligned_ = s.take<int64_t>(R);
   // g and u: [R, I] each (u after g), or for the FP8 experts with gate_up_side_by_side one [RA, 2 Ip] matrix
   // (Ip = I rounded up to 128, u at column Ip; experts_fp8_u()).
-  gp_ = s.take<float>(RA * 2 * ((inter_ + cuda::kMoeRowAlign - 1) / cuda::kMoeRowAlign * cuda::kMoeRowAlign));
+  gp_ = s.take<float>(RA * 2 * cuda::moe_fp8_gate_up_padded(inter_));
   up_ = gp_ + RA * inter_;
   hp_ = s.take<float>(RA * inter_);
   yp_ = s.take<float>(RA * hidden_);
