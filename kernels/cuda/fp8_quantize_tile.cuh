@@ -192,7 +192,10 @@ __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4
 // checked the layout's needs, above); both ways in 128 x 128 blocks. (Clusters of 2 or 4 thread blocks per 128 x
 // 128 block exchanging their row amaxes through distributed shared memory, 4 or 8 blocks per SM, were measured
 // slower on the H200: 2.50-2.63 TB/s against 2.64-2.80 at 8192 x 8192,
-// bench/results/2026-11-29-gpu-dual-h200-af1791f.jsonl; removed.)
+// bench/results/2026-11-29-gpu-dual-h200-af1791f.jsonl; removed. So was a block of 16 warps of 8 whole rows each,
+// lanes 4 columns, exchanging only the column amaxes (shared atomicMax) and the transposed codes (a 16 KiB byte
+// tile), three barriers: bit-exact, but 2.63 TB/s against this kernel's 3.10 in the same call at 8192 x 8192,
+// bench/results/2026-11-29-gpu-sweep-dual-warps-h200-108492e+warps.txt.)
 template <bool kRows, bool kCols, class Src, int kTC = kTile>
 void launch_quantize_tiles(const Src& src, const TileOutputs& o, cudaStream_t stream) {
   static_assert(kRows || kCols, "nothing to write");
