@@ -1,5 +1,6 @@
 // Softmax cross-entropy on the GPU; the reference is kernels/cpu/cross_entropy.cpp, the contract
 // kernels/cuda/cross_entropy.hpp.
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -55,18 +56,28 @@ __device__ __forceinline__ MaxSum block_merge(MaxSum v, MaxSum* scratch) {
   return total;
 }
 
+__device__ __forceinline__ uint32_t bf16_pair(float a, float b) {  // cuda::to_bf16's rounding, a in the low half
+  return uint32_t{__bfloat16_as_ushort(__float2bfloat16_rn(a))} |
+         (uint32_t{__bfloat16_as_ushort(__float2bfloat16_rn(b))} << 16);
+}
+
 // One block per row: the row's loss into row_loss[r] (0 for an ignored or bad row) and, when dlogits is
-// non-null, its gradient. dlogits may be logits (no __restrict__): every logit is read before the block's
-// barrier in block_merge or, in the gradient pass, by the thread that then overwrites it.
-template <int V>
+// non-null, its gradient: FP32 [rows, vocab], or with kBf16 rounded to BF16, [rows, ld16] (dlogits then points to
+// uint16_t bit patterns; V = 4). dlogits may be logits (no __restrict__): every logit is read before the block's
+// barrier in block_merge or, in the gradient pass, by the thread that then overwrites it (FP32), or before the
+// barrier of the pass's step that writes over it (BF16 with ld16 = 2 vocab: group j's 8 bytes lie in the FP32
+// group j / 2, read in the same step or an earlier one).
+template <int V, bool kBf16>
 __global__ void __launch_bounds__(kRowThreads)
     cross_entropy_rows_kernel(const float* logits, const int64_t* __restrict__ labels, int64_t vocab,
-                              float grad_scale, float* dlogits, double* __restrict__ row_loss,
+                              float grad_scale, void* dlogits, int64_t ld16, double* __restrict__ row_loss,
                               Totals* __restrict__ totals) {
+  static_assert(!kBf16 || V == 4, "BF16 gradients in groups of 4 (8-byte stores)");
   __shared__ MaxSum scratch[kMaxWarps];
   const int64_t r = blockIdx.x, groups = vocab / V, label = labels[r];
   const float* z = logits + r * vocab;
-  float* dz = dlogits ? dlogits + r * vocab : nullptr;
+  float* dz = dlogits && !kBf16 ? static_cast<float*>(dlogits) + r * vocab : nullptr;
+  uint2* dz16 = dlogits && kBf16 ? reinterpret_cast<uint2*>(static_cast<uint16_t*>(dlogits) + r * ld16) : nullptr;
   if (label < 0 || label >= vocab) {  // uniform across the block
     if (label >= vocab && threadIdx.x == 0) atomicMin(&totals->bad_row, static_cast<unsigned long long>(r));
     if (threadIdx.x == 0) row_loss[r] = 0.0;
@@ -74,6 +85,8 @@ __global__ void __launch_bounds__(kRowThreads)
       const float zero[V] = {};
       for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) store<V>(dz, j, zero);
     }
+    if (dz16)
+      for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) dz16[j] = make_uint2(0u, 0u);
     return;
   }
 
@@ -103,8 +116,25 @@ __global__ void __launch_bounds__(kRowThreads)
   const MaxSum row = block_merge(st, scratch);
   if (threadIdx.x == 0)
     row_loss[r] = static_cast<double>(row.m) + log(static_cast<double>(row.s)) - static_cast<double>(z_label);
-  if (!dz) return;
   const float inv_sum = 1.0f / row.s;
+  if (dz16) {
+    for (int64_t j0 = 0; j0 < groups; j0 += blockDim.x) {
+      const int64_t j = j0 + threadIdx.x;
+      float v[4] = {};
+      if (j < groups) {
+        load<4>(z, j, v);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          v[k] = __fmul_rn(grad_scale, __fmul_rn(expf(v[k] - row.m), inv_sum));
+          if (j * 4 + k == label) v[k] = __fsub_rn(v[k], grad_scale);
+        }
+      }
+      __syncthreads();  // in place: this step's logits are read before any of them is written over
+      if (j < groups) dz16[j] = make_uint2(bf16_pair(v[0], v[1]), bf16_pair(v[2], v[3]));
+    }
+    return;
+  }
+  if (!dz) return;
   for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) {
     float v[V];
     load<V>(z, j, v);
@@ -137,18 +167,19 @@ __global__ void __launch_bounds__(kSumThreads)
   }
 }
 
-}  // namespace
 
-double cross_entropy(const float* logits, const int64_t* labels, int64_t rows, int64_t vocab, float grad_scale,
-                     float* dlogits, int64_t* counted, cudaStream_t stream) {
-  require(rows >= 0 && vocab > 0, "cuda::cross_entropy: rows must be >= 0 and vocab > 0, got " +
+// cross_entropy with the gradient in FP32 (dlogits) or BF16 (dlogits16, ld16; callers check the layout).
+double cross_entropy_with(const char* fn, const float* logits, const int64_t* labels, int64_t rows, int64_t vocab,
+                          float grad_scale, float* dlogits, uint16_t* dlogits16, int64_t ld16, int64_t* counted,
+                          cudaStream_t stream) {
+  require(rows >= 0 && vocab > 0, std::string("cuda::") + fn + ": rows must be >= 0 and vocab > 0, got " +
                                        std::to_string(rows) + " x " + std::to_string(vocab));
-  require(rows <= INT32_MAX, "cuda::cross_entropy: " + std::to_string(rows) + " rows exceed one launch");
+  require(rows <= INT32_MAX, std::string("cuda::") + fn + ": " + std::to_string(rows) + " rows exceed one launch");
   if (rows == 0) {
     if (counted) *counted = 0;
     return 0.0;
   }
-  require(logits && labels, "cuda::cross_entropy: null logits or labels");
+  require(logits && labels, std::string("cuda::") + fn + ": null logits or labels");
 
   const size_t loss_bytes = ops_detail::align256(sizeof(double) * rows);
   ops_detail::StreamScratch scratch(loss_bytes + sizeof(Totals), stream);
@@ -160,12 +191,15 @@ double cross_entropy(const float* logits, const int64_t* labels, int64_t rows, i
   const int64_t groups = vec ? vocab / 4 : vocab;
   const int64_t warps = (groups + kWarp - 1) / kWarp;
   const int threads = static_cast<int>(warps * kWarp > kRowThreads ? kRowThreads : warps * kWarp);
-  if (vec) {
-    cross_entropy_rows_kernel<4><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-        logits, labels, vocab, grad_scale, dlogits, row_loss, totals);
+  if (dlogits16 != nullptr) {
+    cross_entropy_rows_kernel<4, true><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+        logits, labels, vocab, grad_scale, dlogits16, ld16, row_loss, totals);
+  } else if (vec) {
+    cross_entropy_rows_kernel<4, false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+        logits, labels, vocab, grad_scale, dlogits, 0, row_loss, totals);
   } else {
-    cross_entropy_rows_kernel<1><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-        logits, labels, vocab, grad_scale, dlogits, row_loss, totals);
+    cross_entropy_rows_kernel<1, false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+        logits, labels, vocab, grad_scale, dlogits, 0, row_loss, totals);
   }
   CUDA_CHECK_LAUNCH();
   cross_entropy_sum_kernel<<<1, kSumThreads, 0, stream>>>(row_loss, labels, rows, vocab, totals);
@@ -177,11 +211,38 @@ double cross_entropy(const float* logits, const int64_t* labels, int64_t rows, i
   if (host.bad_row != kNoBadRow) {
     int64_t label = 0;
     CUDA_CHECK(cudaMemcpy(&label, labels + host.bad_row, sizeof(label), cudaMemcpyDeviceToHost));
-    throw Error("cuda::cross_entropy: label " + std::to_string(label) + " of row " + std::to_string(host.bad_row) +
-                " >= vocab " + std::to_string(vocab));
+    throw Error(std::string("cuda::") + fn + ": label " + std::to_string(label) + " of row " +
+                std::to_string(host.bad_row) + " >= vocab " + std::to_string(vocab));
   }
   if (counted) *counted = host.counted;
   return host.loss;
+}
+
+}  // namespace
+
+double cross_entropy(const float* logits, const int64_t* labels, int64_t rows, int64_t vocab, float grad_scale,
+                     float* dlogits, int64_t* counted, cudaStream_t stream) {
+  return cross_entropy_with("cross_entropy", logits, labels, rows, vocab, grad_scale, dlogits, nullptr, 0, counted,
+                            stream);
+}
+
+bool cross_entropy_bf16_grad_supported(const float* logits, int64_t vocab, const uint16_t* dlogits16, int64_t ld16) {
+  return vocab % 4 == 0 && ld16 >= vocab && ld16 % 4 == 0 && ops_detail::aligned(logits, 16) &&
+         ops_detail::aligned(dlogits16, 16);
+}
+
+double cross_entropy_bf16_grad(const float* logits, const int64_t* labels, int64_t rows, int64_t vocab,
+                               float grad_scale, uint16_t* dlogits16, int64_t ld16, int64_t* counted,
+                               cudaStream_t stream) {
+  require(dlogits16 != nullptr && cross_entropy_bf16_grad_supported(logits, vocab, dlogits16, ld16),
+          "cuda::cross_entropy_bf16_grad: needs vocab a multiple of 4, a row stride ld16 >= vocab and a multiple of "
+          "4, 16-byte aligned logits and dlogits16, got vocab " + std::to_string(vocab) + ", ld16 " +
+              std::to_string(ld16));
+  const bool in_place = static_cast<const void*>(dlogits16) == static_cast<const void*>(logits);
+  require(!in_place || ld16 == 2 * vocab, "cuda::cross_entropy_bf16_grad: in place needs ld16 = 2 vocab (each row's "
+                                          "gradient over its own logits), got " + std::to_string(ld16));
+  return cross_entropy_with("cross_entropy_bf16_grad", logits, labels, rows, vocab, grad_scale, nullptr, dlogits16,
+                            ld16, counted, stream);
 }
 
 }  // namespace moerl::cuda

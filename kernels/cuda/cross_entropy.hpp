@@ -25,4 +25,15 @@ namespace moerl::cuda {
 double cross_entropy(const float* logits, const int64_t* labels, int64_t rows, int64_t vocab, float grad_scale,
                      float* dlogits, int64_t* counted, cudaStream_t stream = nullptr);
 
+// The same loss, with the gradient rounded to BF16 (round to nearest even: cuda::to_bf16's bits of cross_entropy's
+// FP32 gradient) into dlogits16 [rows, ld16] (bit patterns), for a BF16 output head whose backward rounds it so
+// anyway (cuda::linear_backward_bf16_dy). dlogits16 may be the logits themselves with ld16 = 2·vocab: each row's
+// gradient then fills the first half of that row's own FP32 storage, so no second [rows, vocab] buffer and no
+// rounding pass. Needs cross_entropy_bf16_grad_supported (vocab and ld16 multiples of 4, ld16 >= vocab, both
+// pointers 16-byte aligned); throws moerl::Error otherwise.
+bool cross_entropy_bf16_grad_supported(const float* logits, int64_t vocab, const uint16_t* dlogits16, int64_t ld16);
+double cross_entropy_bf16_grad(const float* logits, const int64_t* labels, int64_t rows, int64_t vocab,
+                               float grad_scale, uint16_t* dlogits16, int64_t ld16, int64_t* counted,
+                               cudaStream_t stream = nullptr);
+
 }  // namespace moerl::cuda

@@ -148,6 +148,44 @@ void linear_forward(LinearContext& ctx, Precision p, const float* x, const float
   }
 }
 
+namespace {
+
+// The BF16 backward from dy16 [M, N] (BF16 bits, row stride ld_dy): x (Wgrad) and w (Dgrad) rounded as well, as on
+// the CPU. dx or dw null: skipped.
+void bf16_backward(LinearContext::Impl& c, const uint16_t* dy16, int64_t ld_dy, const float* x, const float* w,
+                   float* dx, float* dw, int64_t M, int64_t N, int64_t K, float beta_dx, cudaStream_t stream) {
+  if (dx != nullptr)
+    c.lt.gemm(false, false, M, K, N, LtInput::BF16, dy16, ld_dy, c.bf16_weight(w, N, K, stream), K, beta_dx, dx, K,
+              stream);
+  if (dw != nullptr) {
+    StreamScratch scratch(bytes16(M * K), stream);
+    uint16_t* x16 = scratch.as<uint16_t>();
+    to_bf16(x, M * K, x16, stream);
+    c.lt.gemm(true, false, N, K, M, LtInput::BF16, dy16, ld_dy, x16, K, 1.0f, dw, K, stream);
+    scratch.release();
+  }
+}
+
+}  // namespace
+
+void linear_backward_bf16_dy(LinearContext& ctx, const uint16_t* dy16, int64_t ld_dy, const float* x, const float* w,
+                             float* dx, float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream,
+                             bool accumulate_dx) {
+  const std::string fn = "cuda::linear_backward_bf16_dy";
+  check_common(fn, Precision::BF16, M, N, K);
+  require(ld_dy >= N, fn + ": dy's row stride " + std::to_string(ld_dy) + " is below N (" + shape(M, N, K) + ")");
+  const bool want_dx = dx != nullptr && M > 0 && K > 0, want_dw = dw != nullptr && M > 0 && N > 0 && K > 0;
+  if (!want_dx && !want_dw) return;
+  require(N > 0, fn + ": needs N > 0 (" + shape(M, N, K) + ")");
+  require(dy16 != nullptr, fn + ": null dy (" + shape(M, N, K) + ")");
+  require(!want_dx || w != nullptr, fn + ": null w with dx requested (" + shape(M, N, K) + ")");
+  require(!want_dw || x != nullptr, fn + ": null x with dw requested (" + shape(M, N, K) + ")");
+  LinearContext::Impl& c = ctx.impl();
+  c.check_device(fn.c_str());
+  bf16_backward(c, dy16, ld_dy, x, w, want_dx ? dx : nullptr, want_dw ? dw : nullptr, M, N, K,
+                accumulate_dx ? 1.0f : 0.0f, stream);
+}
+
 void linear_backward(LinearContext& ctx, Precision p, const float* dy, const float* x, const float* w, float* dx,
                      float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream, bool accumulate_dx) {
   const std::string fn = "cuda::linear_backward";
@@ -173,20 +211,11 @@ void linear_backward(LinearContext& ctx, Precision p, const float* dy, const flo
       if (want_dw) c.lt.gemm(true, false, N, K, M, LtInput::FP32, dy, N, x, K, 1.0f, dw, K, stream);
       return;
     case Precision::BF16: {
-      // dy rounded once for both GEMMs; x (Wgrad) and w (Dgrad) rounded as well, as on the CPU.
-      const uint16_t* w16 = want_dx ? c.bf16_weight(w, N, K, stream) : nullptr;
-      linear_detail::Layout layout;
-      const size_t dy_at = layout.add(bytes16(M * N));
-      const size_t x_at = want_dw ? layout.add(bytes16(M * K)) : 0;
-      StreamScratch scratch(layout.total, stream);
-      uint16_t* dy16 = scratch.as<uint16_t>(dy_at);
+      // dy rounded once for both GEMMs.
+      StreamScratch scratch(bytes16(M * N), stream);
+      uint16_t* dy16 = scratch.as<uint16_t>();
       to_bf16(dy, M * N, dy16, stream);
-      if (want_dx) c.lt.gemm(false, false, M, K, N, LtInput::BF16, dy16, N, w16, K, beta_dx, dx, K, stream);
-      if (want_dw) {
-        uint16_t* x16 = scratch.as<uint16_t>(x_at);
-        to_bf16(x, M * K, x16, stream);
-        c.lt.gemm(true, false, N, K, M, LtInput::BF16, dy16, N, x16, K, 1.0f, dw, K, stream);
-      }
+      bf16_backward(c, dy16, N, x, w, want_dx ? dx : nullptr, want_dw ? dw : nullptr, M, N, K, beta_dx, stream);
       scratch.release();
       return;
     }

@@ -75,6 +75,13 @@ void linear_backward(LinearContext& ctx, Precision p, const float* dy, const flo
                      float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream = nullptr,
                      bool accumulate_dx = false);
 
+// linear_backward in Precision::BF16 from an output gradient already rounded to BF16: dy16 [M, N] as BF16 bit
+// patterns with row stride ld_dy >= N (e.g. cuda::cross_entropy_bf16_grad's rows, in place over the logits). What
+// linear_backward(BF16) gives from the FP32 dy these bits were rounded from, without its rounding pass over dy.
+void linear_backward_bf16_dy(LinearContext& ctx, const uint16_t* dy16, int64_t ld_dy, const float* x, const float* w,
+                             float* dx, float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream = nullptr,
+                             bool accumulate_dx = false);
+
 // The prepared copies, for tests and diagnostics: made (or refreshed, when stale) on `stream` exactly as a
 // linear call would. N, K > 0. Without weights_changed() a copy is NOT refreshed when the weight's values change:
 // a linear call reuses its copy of the values it saw first in the current generation.

@@ -57,6 +57,7 @@ struct Mtp {
   // logits [T, V] (overwritten by their gradient in the cross-entropy).
   int64_t *ids = nullptr, *labels = nullptr;
   float *emb = nullptr, *cat = nullptr, *z = nullptr, *zl = nullptr, *zn = nullptr, *logits = nullptr;
+  bool grad_bf16 = false;  // the last forward left the gradient in BF16 over the logits (see head_backward)
   std::vector<int64_t> host_ids, host_labels;
 
   Mtp(const ModelConfig& c, detail::ParamStore& p)
@@ -94,6 +95,28 @@ struct ArenaKey {
   bool operator==(const ArenaKey&) const = default;
 };
 
+// The head's cross-entropy and backward. A BF16 head (the bf16 and fp8 recipes) rounds d loss / d logits to BF16 for
+// both of its backward GEMMs; when the gradient overwrites the logits, the cross-entropy writes it so rounded, each
+// row over the first half of its own FP32 logits (row stride 2V): the same bits, without the backward's FP32 read
+// and BF16 copy of [T, V] (cuda::cross_entropy_bf16_grad). `grad_bf16` records which form the gradient took.
+double head_cross_entropy(Precision head_p, float* logits, const int64_t* labels, int64_t T, int64_t V, float scale,
+                          float* dlogits, int64_t* counted, bool& grad_bf16, cudaStream_t s) {
+  uint16_t* in_place = reinterpret_cast<uint16_t*>(logits);
+  grad_bf16 = dlogits == logits && head_p == Precision::BF16 &&
+              cuda::cross_entropy_bf16_grad_supported(logits, V, in_place, 2 * V);
+  if (grad_bf16) return cuda::cross_entropy_bf16_grad(logits, labels, T, V, scale, in_place, 2 * V, counted, s);
+  return cuda::cross_entropy(logits, labels, T, V, scale, dlogits, counted, s);
+}
+
+void head_backward(cuda::LinearContext& linear, Precision head_p, const float* dlogits, bool grad_bf16,
+                   const float* x, const float* w, float* dx, float* dw, int64_t T, int64_t V, int64_t D,
+                   cudaStream_t s) {
+  if (grad_bf16)
+    cuda::linear_backward_bf16_dy(linear, reinterpret_cast<const uint16_t*>(dlogits), 2 * V, x, w, dx, dw, T, V, D, s);
+  else
+    cuda::linear_backward(linear, head_p, dlogits, x, w, dx, dw, T, V, D, s);
+}
+
 }  // namespace
 
 struct GpuModel::Impl {
@@ -124,6 +147,7 @@ struct GpuModel::Impl {
   ForwardOptions options;
   bool have_forward = false;  // a forward made for backward, not yet differentiated
   bool logits_kept = false;
+  bool grad_bf16 = false;  // the last forward left d loss / d logits in BF16 over the logits (see head_backward)
 
   Impl(const ModelConfig& c, int shards) : params(c, shards) {}
 
@@ -280,7 +304,7 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
   const float scale = valid ? 1.0f / static_cast<float>(valid) : 0.0f;
   float* dl = !o.for_backward ? nullptr : m.dlogits ? m.dlogits : m.logits;
   int64_t counted = 0;
-  const double sum = cuda::cross_entropy(m.logits, m.labels, T, V, scale, dl, &counted, s);
+  const double sum = head_cross_entropy(head_p, m.logits, m.labels, T, V, scale, dl, &counted, m.grad_bf16, s);
   r.tokens = counted;
   r.loss = counted ? sum / static_cast<double>(counted) : 0.0;
 
@@ -289,8 +313,8 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
     r.balance_loss += mtp_balance;
     const float mscale = mtp_valid ? o.mtp_weight / static_cast<float>(mtp_valid) : 0.0f;
     int64_t mcounted = 0;
-    const double msum = cuda::cross_entropy(mt.logits, mt.labels, T, V, mscale, o.for_backward ? mt.logits : nullptr,
-                                            &mcounted, s);
+    const double msum = head_cross_entropy(head_p, mt.logits, mt.labels, T, V, mscale,
+                                           o.for_backward ? mt.logits : nullptr, &mcounted, mt.grad_bf16, s);
     r.mtp_loss = mcounted ? msum / static_cast<double>(mcounted) : 0.0;
   }
   r.total = r.loss + o.mtp_weight * r.mtp_loss + r.balance_loss;
@@ -316,8 +340,8 @@ void GpuModel::backward() {
   float* dhidden = dh_a.get();
   float* dx = dh_b.get();
   std::optional<detail::PhaseTimer> phase(std::in_place, m.options.precision, "head.bwd", s);
-  cuda::linear_backward(m.linear, head_p, m.dlogits ? m.dlogits : m.logits, m.normed, m.head->value, dnormed.get(),
-                        m.head->grad, T, V, D, s);
+  head_backward(m.linear, head_p, m.dlogits ? m.dlogits : m.logits, m.grad_bf16, m.normed, m.head->value,
+                dnormed.get(), m.head->grad, T, V, D, s);
   m.final_norm.backward(dnormed.get(), last, T, dhidden, run);
   phase.reset();
 
@@ -325,7 +349,8 @@ void GpuModel::backward() {
     Mtp& mt = *m.mtp;
     Temp<float> dzn(T * D, run), dzl(T * D, run), dz(T * D, run), dcat(T * 2 * D, run), den(T * D, run),
         dhn(T * D, run), tmp(T * D, run);
-    cuda::linear_backward(m.linear, head_p, mt.logits, mt.zn, m.head->value, dzn.get(), m.head->grad, T, V, D, s);
+    head_backward(m.linear, head_p, mt.logits, mt.grad_bf16, mt.zn, m.head->value, dzn.get(), m.head->grad, T, V, D,
+                  s);
     mt.final_norm.backward(dzn.get(), mt.zl, T, dzl.get(), run);
     mt.layer.backward(dzl.get(), dz.get(), run);
     cuda::linear_backward(m.linear, m.options.precision, dz.get(), mt.cat, mt.eh_proj->value, dcat.get(),

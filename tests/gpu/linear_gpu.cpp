@@ -286,6 +286,43 @@ TEST_F(LinearGpu, BackwardAddsDgradToDxWhenAsked) {
   }
 }
 
+TEST_F(LinearGpu, Bf16BackwardFromARoundedGradientWithARowStrideGivesTheBf16BackwardsResults) {
+  // linear_backward_bf16_dy from dy's BF16 bits with row stride ld (N: packed; 2N: a cross-entropy's in-place rows,
+  // the other columns garbage never read) against linear_backward(BF16) from dy: the same rounded operands, so the
+  // same products; the GEMMs' FP32 sums may take another order with another stride (cuBLASLt picks its kernel by
+  // layout), within the BF16 tolerance of the CPU comparison above.
+  std::mt19937_64 rng = seeded("bf16 dy");
+  cuda::LinearContext ctx;
+  for (const Shape& s : {Shape{256, 1536, 1024}, Shape{130, 40, 200}}) {
+    const Data d(s, rng);
+    const DeviceBuffer<float> x(d.x), w(d.w), dy(d.dy);
+    DeviceBuffer<float> want_dx(static_cast<size_t>(s.M * s.K)), want_dw(d.dw0);
+    cuda::linear_backward(ctx, Precision::BF16, dy.get(), x.get(), w.get(), want_dx.get(), want_dw.get(), s.M, s.N,
+                          s.K);
+    std::vector<float> abs_dx(static_cast<size_t>(s.M * s.K)), abs_dw = absolute(d.dw0);  // Σ |terms| (see above)
+    cpu::linear_backward(Precision::BF16, absolute(d.dy).data(), absolute(d.x).data(), absolute(d.w).data(),
+                         abs_dx.data(), abs_dw.data(), s.M, s.N, s.K);
+    for (const int64_t ld : {s.N, 2 * s.N}) {
+      std::vector<uint16_t> dy16(static_cast<size_t>(s.M * ld), 0x7FC1);  // NaN bits in the unread columns
+      for (int64_t r = 0; r < s.M; ++r)
+        for (int64_t c = 0; c < s.N; ++c) dy16[r * ld + c] = bf16_from_float(d.dy[r * s.N + c]);
+      const DeviceBuffer<uint16_t> d_dy16(dy16);
+      DeviceBuffer<float> dx(static_cast<size_t>(s.M * s.K)), dw(d.dw0);
+      dx.poison();
+      cuda::linear_backward_bf16_dy(ctx, d_dy16.get(), ld, x.get(), w.get(), dx.get(), dw.get(), s.M, s.N, s.K);
+      CUDA_CHECK(cudaDeviceSynchronize());
+      const std::string what = describe(Precision::BF16, "bf16 dy", s) + ", ld " + std::to_string(ld);
+      expect_close(dx.download(), want_dx.download(), abs_dx, {}, tolerance(Precision::BF16, s.N), what + " dgrad");
+      expect_close(dw.download(), want_dw.download(), abs_dw, d.dw0, tolerance(Precision::BF16, s.M), what + " wgrad");
+      if (ld == s.N) {  // the same GEMM on the same bits
+        EXPECT_EQ(dx.download(), want_dx.download()) << what;
+        EXPECT_EQ(dw.download(), want_dw.download()) << what;
+      }
+    }
+  }
+  EXPECT_THROW(cuda::linear_backward_bf16_dy(ctx, nullptr, 4, nullptr, nullptr, nullptr, nullptr, 4, 8, 16), Error);
+}
+
 TEST_F(LinearGpu, RunsOnANonDefaultStream) {
   std::mt19937_64 rng = seeded("stream");
   const Data d({130, 40, 200}, rng);

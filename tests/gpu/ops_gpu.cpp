@@ -28,6 +28,7 @@
 #include "kernels/cuda/rope.hpp"
 #include "kernels/cuda/swiglu.hpp"
 #include "kernels/embedding.hpp"
+#include "kernels/half.hpp"
 #include "kernels/rmsnorm.hpp"
 #include "kernels/rope.hpp"
 #include "kernels/swiglu.hpp"
@@ -348,6 +349,49 @@ TEST_F(OpsGpu, CrossEntropyMatchesTheCpuLossAndGradientAndRefusesBadLabels) {
                                   nullptr),
               g_loss);
     expect_same_bits(name + " dlogits, in place", d_dlogits.download(n), g_dz);
+
+    // The gradient rounded to BF16 (for a BF16 head): cuda::to_bf16's bits of the FP32 gradient, the same loss, into
+    // a separate [rows, ld16] buffer (ld16 > vocab: the padding left alone) and in place over the logits, each row
+    // in the first half of its own FP32 storage (ld16 = 2 vocab: each step of a row's pass writes over logits that
+    // step or an earlier one has read; writing before the step's barrier would corrupt the gradient).
+    if (c.vocab % 4 == 0) {
+      std::vector<uint16_t> want16(n);
+      for (size_t i = 0; i < n; ++i) want16[i] = bf16_from_float(g_dz[i]);
+      const int64_t ld16 = c.vocab + 8;
+      DeviceBuffer<uint16_t> d_g16(static_cast<size_t>(c.rows * ld16));
+      std::vector<uint16_t> marked(static_cast<size_t>(c.rows * ld16), 0xABCD);
+      d_g16.upload(marked);
+      EXPECT_EQ(cuda::cross_entropy_bf16_grad(d_logits.get(), d_labels.get(), c.rows, c.vocab, grad_scale,
+                                              d_g16.get(), ld16, nullptr),
+                g_loss);
+      const std::vector<uint16_t> got16 = d_g16.download(marked.size());
+      std::vector<uint16_t> rows16(n), pad;
+      for (int64_t r = 0; r < c.rows; ++r) {
+        std::copy_n(got16.begin() + r * ld16, c.vocab, rows16.begin() + r * c.vocab);
+        pad.insert(pad.end(), got16.begin() + r * ld16 + c.vocab, got16.begin() + (r + 1) * ld16);
+      }
+      expect_same_bits(name + " dlogits bf16", rows16, want16);
+      EXPECT_TRUE(std::all_of(pad.begin(), pad.end(), [](uint16_t v) { return v == 0xABCD; })) << "padding written";
+
+      d_dlogits.upload(logits);
+      auto* in_place = reinterpret_cast<uint16_t*>(d_dlogits.get());
+      EXPECT_EQ(cuda::cross_entropy_bf16_grad(d_dlogits.get(), d_labels.get(), c.rows, c.vocab, grad_scale, in_place,
+                                              2 * c.vocab, nullptr),
+                g_loss);
+      const std::vector<float> raw = d_dlogits.download(n);  // row r's bits in its first vocab / 2 floats
+      std::vector<uint16_t> in_rows(n);
+      for (int64_t r = 0; r < c.rows; ++r)
+        std::memcpy(in_rows.data() + r * c.vocab, raw.data() + r * c.vocab, static_cast<size_t>(c.vocab) * 2);
+      expect_same_bits(name + " dlogits bf16, in place", in_rows, want16);
+      EXPECT_THROW(cuda::cross_entropy_bf16_grad(d_dlogits.get(), d_labels.get(), c.rows, c.vocab, grad_scale,
+                                                 in_place, c.vocab, nullptr),
+                   Error);  // in place with rows overlapping the next rows' logits
+    } else {
+      DeviceBuffer<uint16_t> d_g16(n);
+      EXPECT_THROW(cuda::cross_entropy_bf16_grad(d_logits.get(), d_labels.get(), c.rows, c.vocab, grad_scale,
+                                                 d_g16.get(), c.vocab, nullptr),
+                   Error);  // vocab not a multiple of 4
+    }
 
     // A label >= vocab is the caller's error: refused with the row named, as the CPU refuses it.
     labels[c.rows / 2] = c.vocab;
