@@ -69,6 +69,13 @@ void moe_combine_aligned(const float* yp, const float* weight, const int64_t* ro
 void moe_combine_backward_aligned(const float* dy, const float* yp, const float* weight, const int64_t* row_of,
                                   int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
                                   cudaStream_t stream = nullptr);
+// The same two with yp in BF16 (bit patterns: the FP8 experts' output rows, moe_fp8_experts_forward's yp), each
+// value widened exactly; vectorized where dim % 4 == 0 and yp is 8-byte aligned.
+void moe_combine_aligned(const uint16_t* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
+                         int64_t dim, int64_t rows, float* y, cudaStream_t stream = nullptr);
+void moe_combine_backward_aligned(const float* dy, const uint16_t* yp, const float* weight, const int64_t* row_of,
+                                  int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
+                                  cudaStream_t stream = nullptr);
 void moe_scatter_add_aligned(const float* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
                              int64_t rows, float* dx, cudaStream_t stream = nullptr);
 // moe_scatter_add_aligned, then dx += also (also [tokens, dim], non-null) in the same pass: the bytes of the
@@ -126,10 +133,15 @@ bool moe_fp8_experts_supported(int64_t hidden, int64_t inter);
 
 // xp [rows, H] (aligned rows, zero rows zero) -> g, u, h [rows, I] (h = silu(g) · u; g and u's rows
 // moe_fp8_gate_up_ld(w) apart) and yp [rows, H], all overwritten (zero rows give zeros). aligned_host and aligned:
-// the same [E + 1] offsets on the host and device.
+// the same [E + 1] offsets on the host and device. yp in FP32, or in BF16 (bit patterns: down's Fprop writes its
+// FP32 sums rounded once, as DeepSeek-V3's FP8 GEMMs output BF16; half the bytes for the GEMM to write and for the
+// routed experts' combine and its backward to read).
 void moe_fp8_experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp,
                              const int64_t* aligned_host, const int64_t* aligned, float* g, float* u, float* h,
                              float* yp, cudaStream_t stream = nullptr);
+void moe_fp8_experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp,
+                             const int64_t* aligned_host, const int64_t* aligned, float* g, float* u, float* h,
+                             uint16_t* yp, cudaStream_t stream = nullptr);
 
 // dyp [rows, H] (zero rows zero), the forward's xp, g, u, h -> dxp [rows, H] (overwritten) and the weight gradients
 // (accumulated, +=).
@@ -145,6 +157,9 @@ void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const 
 void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* x, int64_t tokens,
                                       const int64_t* token_of, const int64_t* aligned_host, const int64_t* aligned,
                                       float* g, float* u, float* h, float* yp, cudaStream_t stream = nullptr);
+void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* x, int64_t tokens,
+                                      const int64_t* token_of, const int64_t* aligned_host, const int64_t* aligned,
+                                      float* g, float* u, float* h, uint16_t* yp, cudaStream_t stream = nullptr);
 void moe_fp8_experts_backward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* x,
                                        const int64_t* token_of, const float* g, const float* u, const float* h,
                                        const int64_t* aligned_host, const int64_t* aligned, float* dxp,

@@ -77,6 +77,7 @@
 #include "kernels/cuda/fp8_grouped_gemm.hpp"
 #include "kernels/cuda/fp8_quantize_tile.cuh"
 #include "kernels/cuda/linear_impl.cuh"
+#include "kernels/cuda/moe_experts.hpp"
 #include "kernels/cuda/moe_fp8.hpp"
 #include "kernels/cuda/phase_timer.hpp"
 #include "kernels/cuda/stream_scratch.hpp"
@@ -460,7 +461,7 @@ namespace {
 // moe_fp8_experts_forward from xp, or (xp null) gathered from x [tokens, H] by token_of.
 void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp, const float* x, int64_t tokens,
                      const int64_t* token_of, const int64_t* aligned_host, const int64_t* aligned, float* g, float* u,
-                     float* h, float* yp, cudaStream_t stream) {
+                     float* h, void* yp, OutType yp_type, cudaStream_t stream) {
   check("moe_fp8_experts_forward", w, aligned_host, aligned);
   const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
   if (rows == 0) return;
@@ -542,15 +543,21 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   }
   hq.finish();
   st.next("gemm_down");
-  if (grouped) {
+  const bool yp_bf16 = yp_type == OutType::BF16;
+  if (grouped) {  // the grouped kernel writes FP32: BF16 through a temporary
+    StreamScratch y32(yp_bf16 ? bytes_of(rows * H, sizeof(float)) : 0, stream);
     GroupedProblem pr;
-    pr.terms[0] = rows_term(hq, sd.codes, sd.scales, I), pr.y = yp;
+    pr.terms[0] = rows_term(hq, sd.codes, sd.scales, I), pr.y = yp_bf16 ? y32.as<float>() : static_cast<float*>(yp);
     fp8::cuda::grouped_gemm_nt_rows(&pr, 1, aligned, E, rows, H, stream);
+    if (yp_bf16) to_bf16(y32.as<float>(), rows * H, static_cast<uint16_t*>(yp), stream);
+    y32.release();
   } else {
     const std::vector<ExpertWeight> wd = expert_weights(sd);
+    const int64_t yp_bytes = yp_bf16 ? 2 : 4;
     lanes().run(aligned_host, E, stream,
                 [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-                  fp8::cuda::gemm_nt(gc, hq.expert(r0, n), wd[e].w, yp + r0 * H, OutType::FP32, s);
+                  fp8::cuda::gemm_nt(gc, hq.expert(r0, n), wd[e].w, static_cast<uint8_t*>(yp) + r0 * H * yp_bytes,
+                                     yp_type, s);
                 });
   }
   hq.release();
@@ -737,13 +744,24 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
 
 void moe_fp8_experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp, const int64_t* aligned_host,
                              const int64_t* aligned, float* g, float* u, float* h, float* yp, cudaStream_t stream) {
-  experts_forward(ctx, w, xp, nullptr, 0, nullptr, aligned_host, aligned, g, u, h, yp, stream);
+  experts_forward(ctx, w, xp, nullptr, 0, nullptr, aligned_host, aligned, g, u, h, yp, OutType::FP32, stream);
+}
+
+void moe_fp8_experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp, const int64_t* aligned_host,
+                             const int64_t* aligned, float* g, float* u, float* h, uint16_t* yp, cudaStream_t stream) {
+  experts_forward(ctx, w, xp, nullptr, 0, nullptr, aligned_host, aligned, g, u, h, yp, OutType::BF16, stream);
 }
 
 void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* x, int64_t tokens,
                                       const int64_t* token_of, const int64_t* aligned_host, const int64_t* aligned,
                                       float* g, float* u, float* h, float* yp, cudaStream_t stream) {
-  experts_forward(ctx, w, nullptr, x, tokens, token_of, aligned_host, aligned, g, u, h, yp, stream);
+  experts_forward(ctx, w, nullptr, x, tokens, token_of, aligned_host, aligned, g, u, h, yp, OutType::FP32, stream);
+}
+
+void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* x, int64_t tokens,
+                                      const int64_t* token_of, const int64_t* aligned_host, const int64_t* aligned,
+                                      float* g, float* u, float* h, uint16_t* yp, cudaStream_t stream) {
+  experts_forward(ctx, w, nullptr, x, tokens, token_of, aligned_host, aligned, g, u, h, yp, OutType::BF16, stream);
 }
 
 void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* xp,

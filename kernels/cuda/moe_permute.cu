@@ -174,6 +174,14 @@ __device__ __forceinline__ void stage_rows(const int64_t* row_of, const float* w
 }
 
 __device__ __forceinline__ float4 load4(const float* p, int64_t i) { return reinterpret_cast<const float4*>(p)[i]; }
+// Rows in BF16 (bit patterns: the FP8 experts' output rows): elements 4 i .. 4 i + 3 widened exactly.
+__device__ __forceinline__ float4 load4(const uint16_t* p, int64_t i) {
+  const uint2 b = reinterpret_cast<const uint2*>(p)[i];
+  return make_float4(__uint_as_float(b.x << 16), __uint_as_float(b.x & 0xFFFF0000u), __uint_as_float(b.y << 16),
+                     __uint_as_float(b.y & 0xFFFF0000u));
+}
+__device__ __forceinline__ float value(const float* p, int64_t i) { return p[i]; }
+__device__ __forceinline__ float value(const uint16_t* p, int64_t i) { return __uint_as_float(uint32_t{p[i]} << 16); }
 
 // acc + w · v, rounded after the product and after the sum (the CPU's y += w * v), or acc + v unweighted.
 template <bool kWeighted> __device__ __forceinline__ float add_row(float acc, float w, float v) {
@@ -182,10 +190,10 @@ template <bool kWeighted> __device__ __forceinline__ float add_row(float acc, fl
 
 // Block t: y[t, :] += Σ_k w_k · src[row_k, :] in k order, kRowsInFlight rows loaded before they are added, then
 // (non-null `also` [tokens, dim]) + also[t, :], rounded once more.
-// Combine (kWeighted) and scatter-add (not).
-template <bool kWeighted>
+// Combine (kWeighted) and scatter-add (not); src FP32 or BF16 (Src uint16_t).
+template <bool kWeighted, class Src = float>
 __global__ void __launch_bounds__(kRowThreads)
-    combine_kernel(const float* __restrict__ src, const float* __restrict__ weight, const int64_t* __restrict__ row_of,
+    combine_kernel(const Src* __restrict__ src, const float* __restrict__ weight, const int64_t* __restrict__ row_of,
                    int64_t row_limit, int64_t k, int64_t dim, bool vec, float* __restrict__ y,
                    const float* __restrict__ also = nullptr) {
   extern __shared__ int64_t combine_smem[];
@@ -223,7 +231,7 @@ __global__ void __launch_bounds__(kRowThreads)
   } else {
     for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) {
       float acc = out[i];
-      for (int64_t j = 0; j < k; ++j) acc = add_row<kWeighted>(acc, weights[j], src[rows[j] * dim + i]);
+      for (int64_t j = 0; j < k; ++j) acc = add_row<kWeighted>(acc, weights[j], value(src, rows[j] * dim + i));
       if (also != nullptr) acc = __fadd_rn(acc, also[t * dim + i]);
       out[i] = acc;
     }
@@ -242,9 +250,11 @@ __device__ __forceinline__ float block_sum(float v, float* warp_total) {
   return total;
 }
 
-// Block t, k ascending: dyp[row_k, :] = w_k · dy[t, :] and dweight[t, k] = <dy[t, :], yp[row_k, :]>.
+// Block t, k ascending: dyp[row_k, :] = w_k · dy[t, :] and dweight[t, k] = <dy[t, :], yp[row_k, :]> (yp FP32 or
+// BF16).
+template <class Src>
 __global__ void __launch_bounds__(kRowThreads)
-    combine_backward_kernel(const float* __restrict__ dy, const float* __restrict__ yp,
+    combine_backward_kernel(const float* __restrict__ dy, const Src* __restrict__ yp,
                             const float* __restrict__ weight, const int64_t* __restrict__ row_of, int64_t row_limit,
                             int64_t k, int64_t dim, bool vec, float* __restrict__ dyp, float* __restrict__ dweight) {
   extern __shared__ int64_t backward_smem[];
@@ -256,7 +266,7 @@ __global__ void __launch_bounds__(kRowThreads)
   const float* g = dy + t * dim;
   for (int64_t j = 0; j < k; ++j) {
     const float w = weights[j];
-    const float* v = yp + rows[j] * dim;
+    const Src* v = yp + rows[j] * dim;
     float* out = dyp != nullptr ? dyp + rows[j] * dim : nullptr;  // null dyp: dweight only
     float dot = 0;
     if (vec) {
@@ -273,7 +283,7 @@ __global__ void __launch_bounds__(kRowThreads)
     } else {
       for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) {
         if (out != nullptr) out[i] = __fmul_rn(w, g[i]);
-        dot = fmaf(g[i], v[i], dot);
+        dot = fmaf(g[i], value(v, i), dot);
       }
     }
     dot = block_sum(dot, warp_total);
@@ -361,25 +371,30 @@ void moe_combine(const float* yp, const float* weight, const int64_t* row_of, in
   moe_combine_aligned(yp, weight, row_of, tokens, k, dim, tokens * k, y, stream);
 }
 
-void moe_combine_aligned(const float* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
-                         int64_t dim, int64_t rows, float* y, cudaStream_t stream) {
+namespace {
+
+// Whether rows of dim elements of T from p can be read 4 elements at a time.
+template <class T>
+bool rows_vec(const T* p, int64_t dim) {
+  return dim % 4 == 0 && reinterpret_cast<uintptr_t>(p) % (4 * sizeof(T)) == 0;
+}
+
+template <class Src>
+void combine_aligned(const Src* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
+                     int64_t dim, int64_t rows, float* y, cudaStream_t stream) {
   const std::string where = "cuda::moe_combine";
   if (!check_token_args(where, tokens, k, dim)) return;
   require(yp && weight && row_of && y, where + ": null yp, weight, row_of or y pointer");
-  const bool vec = dim % 4 == 0 && aligned16(yp) && aligned16(y);
-  combine_kernel<true><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(yp, weight, row_of, rows, k, dim,
-                                                                                 vec, y);
+  const bool vec = rows_vec(yp, dim) && aligned16(y);
+  combine_kernel<true, Src><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(yp, weight, row_of, rows, k,
+                                                                                      dim, vec, y);
   CUDA_CHECK_LAUNCH();
 }
 
-void moe_combine_backward(const float* dy, const float* yp, const float* weight, const int64_t* row_of,
-                          int64_t tokens, int64_t k, int64_t dim, float* dyp, float* dweight, cudaStream_t stream) {
-  moe_combine_backward_aligned(dy, yp, weight, row_of, tokens, k, dim, tokens * k, dyp, dweight, stream);
-}
-
-void moe_combine_backward_aligned(const float* dy, const float* yp, const float* weight, const int64_t* row_of,
-                                  int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
-                                  cudaStream_t stream) {
+template <class Src>
+void combine_backward_aligned(const float* dy, const Src* yp, const float* weight, const int64_t* row_of,
+                              int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
+                              cudaStream_t stream) {
   const std::string where = "cuda::moe_combine_backward";
   require(tokens >= 0 && k >= 0 && dim >= 0, where + ": tokens, k and dim must be >= 0");
   if (tokens == 0 || k == 0) return;
@@ -390,10 +405,40 @@ void moe_combine_backward_aligned(const float* dy, const float* yp, const float*
   }
   check_token_args(where, tokens, k, dim);
   require(dy && yp && weight && row_of && dweight, where + ": null dy, yp, weight, row_of or dweight pointer");
-  const bool vec = dim % 4 == 0 && aligned16(dy) && aligned16(yp) && (dyp == nullptr || aligned16(dyp));
-  combine_backward_kernel<<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dy, yp, weight, row_of, rows,
-                                                                                    k, dim, vec, dyp, dweight);
+  const bool vec = dim % 4 == 0 && aligned16(dy) && rows_vec(yp, dim) && (dyp == nullptr || aligned16(dyp));
+  combine_backward_kernel<Src><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dy, yp, weight, row_of,
+                                                                                         rows, k, dim, vec, dyp,
+                                                                                         dweight);
   CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void moe_combine_aligned(const float* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
+                         int64_t dim, int64_t rows, float* y, cudaStream_t stream) {
+  combine_aligned(yp, weight, row_of, tokens, k, dim, rows, y, stream);
+}
+
+void moe_combine_aligned(const uint16_t* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
+                         int64_t dim, int64_t rows, float* y, cudaStream_t stream) {
+  combine_aligned(yp, weight, row_of, tokens, k, dim, rows, y, stream);
+}
+
+void moe_combine_backward(const float* dy, const float* yp, const float* weight, const int64_t* row_of,
+                          int64_t tokens, int64_t k, int64_t dim, float* dyp, float* dweight, cudaStream_t stream) {
+  moe_combine_backward_aligned(dy, yp, weight, row_of, tokens, k, dim, tokens * k, dyp, dweight, stream);
+}
+
+void moe_combine_backward_aligned(const float* dy, const float* yp, const float* weight, const int64_t* row_of,
+                                  int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
+                                  cudaStream_t stream) {
+  combine_backward_aligned(dy, yp, weight, row_of, tokens, k, dim, rows, dyp, dweight, stream);
+}
+
+void moe_combine_backward_aligned(const float* dy, const uint16_t* yp, const float* weight, const int64_t* row_of,
+                                  int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
+                                  cudaStream_t stream) {
+  combine_backward_aligned(dy, yp, weight, row_of, tokens, k, dim, rows, dyp, dweight, stream);
 }
 
 void moe_scatter_add(const float* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim, float* dx,

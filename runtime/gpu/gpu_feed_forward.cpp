@@ -36,6 +36,13 @@ bool separate_combine_backward() {
   return separate;
 }
 
+// MOERL_MOE_YP=fp32: the FP8 routed experts' output rows yp in FP32 instead of BF16 (for comparing the two on the
+// device; kernels/cuda/moe_fp8.hpp). Read once per process.
+bool fp32_yp() {
+  static const bool fp32 = env_switch("MOERL_MOE_YP", "bf16", "fp32");
+  return fp32;
+}
+
 SwigluParams swiglu_params(ParamStore& params, const std::string& prefix) {
   return {&params.at(prefix + ".gate_proj.weight"), &params.at(prefix + ".up_proj.weight"),
           &params.at(prefix + ".down_proj.weight")};
@@ -263,12 +270,19 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
     aligned_rows_ = RA;
     part.emplace(p, (ph + "routed.experts").c_str(), r.stream);
     const cuda::MoeFp8Experts w = experts_fp8();  // h in FP32 only when its token codes are not kept
-    cuda::moe_fp8_experts_forward_gathered(lin, w, x, T, token_of_aligned_, aligned_host, aligned_, gp_,
-                                           experts_fp8_u(w),
-                                           w.h_codes_t ? nullptr : hp_, yp_, r.stream);
+    float* const h = w.h_codes_t ? nullptr : hp_;
+    if (fp32_yp())
+      cuda::moe_fp8_experts_forward_gathered(lin, w, x, T, token_of_aligned_, aligned_host, aligned_, gp_,
+                                             experts_fp8_u(w), h, yp_, r.stream);
+    else
+      cuda::moe_fp8_experts_forward_gathered(lin, w, x, T, token_of_aligned_, aligned_host, aligned_, gp_,
+                                             experts_fp8_u(w), h, yp16(), r.stream);
     part.emplace(p, (ph + "routed.combine").c_str(), r.stream);
     if (overlap) join_shared(r.stream);
-    cuda::moe_combine_aligned(yp_, topk_weight_, row_of_aligned_, T, K, H, RA, y, r.stream);
+    if (fp32_yp())
+      cuda::moe_combine_aligned(yp_, topk_weight_, row_of_aligned_, T, K, H, RA, y, r.stream);
+    else
+      cuda::moe_combine_aligned(yp16(), topk_weight_, row_of_aligned_, T, K, H, RA, y, r.stream);
     return balance;
   }
 
@@ -289,6 +303,17 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
   }
   cuda::moe_combine(yp_, topk_weight_, row_of_, T, K, H, y, r.stream);
   return balance;
+}
+
+void GpuMoe::combine_backward_aligned(const float* dy, int64_t rows, float* dyp, float* dweight,
+                                      cudaStream_t stream) const {
+  const int64_t T = batch_ * seq_, K = spec_.top_k;
+  if (fp32_yp())
+    cuda::moe_combine_backward_aligned(dy, yp_, topk_weight_, row_of_aligned_, T, K, hidden_, rows, dyp, dweight,
+                                       stream);
+  else
+    cuda::moe_combine_backward_aligned(dy, yp16(), topk_weight_, row_of_aligned_, T, K, hidden_, rows, dyp, dweight,
+                                       stream);
 }
 
 void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
@@ -339,8 +364,7 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
     if (separate_combine_backward()) {
       Temp<float> dyp(RA * H, r);
       cuda::moe_zero_rows(token_of_aligned_, RA, H, dyp.get(), r.stream);
-      cuda::moe_combine_backward_aligned(dy, yp_, topk_weight_, row_of_aligned_, T, K, H, RA, dyp.get(),
-                                         dweight.get(), r.stream);
+      combine_backward_aligned(dy, RA, dyp.get(), dweight.get(), r.stream);
       if (overlap) router_beside();
       sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
       const cuda::MoeFp8Experts w = experts_fp8();
@@ -351,8 +375,7 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
       // dyp's rows (gating weight · dy of the row's token) are made inside the kernel that quantizes them.
       Temp<float> row_weight(RA, r);
       cuda::moe_aligned_row_weights(topk_weight_, row_of_aligned_, T * K, RA, row_weight.get(), r.stream);
-      cuda::moe_combine_backward_aligned(dy, yp_, topk_weight_, row_of_aligned_, T, K, H, RA, nullptr, dweight.get(),
-                                         r.stream);
+      combine_backward_aligned(dy, RA, nullptr, dweight.get(), r.stream);
       if (overlap) router_beside();
       sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
       const cuda::MoeFp8Experts w = experts_fp8();

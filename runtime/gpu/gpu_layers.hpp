@@ -150,12 +150,16 @@ class GpuMoe {
   float *gp_ = nullptr, *up_ = nullptr, *hp_ = nullptr, *yp_ = nullptr;
   PinnedHost<int64_t> offsets_host_;  // [E + 1], the last forward's
   // FP8's aligned rows (kernels/cuda/moe_fp8.hpp), bound for R + E·127 rows: the offsets [E + 1] (host and device),
-  // token_of_aligned [rows], row_of_aligned [R]; gp, up, hp, yp then hold the aligned rows. aligned_rows_ is -1
-  // when the last forward took the per-expert path.
+  // token_of_aligned [rows], row_of_aligned [R]; gp, up, hp, yp then hold the aligned rows, yp in BF16 (yp16(),
+  // moe_fp8_experts_forward's output; FP32 with MOERL_MOE_YP=fp32). aligned_rows_ is -1 when the last forward took
+  // the per-expert path.
   PinnedHost<int64_t> aligned_host_;
   int64_t* aligned_ = nullptr;
   int64_t *token_of_aligned_ = nullptr, *row_of_aligned_ = nullptr;
   int64_t aligned_rows_ = -1;
+  uint16_t* yp16() const { return reinterpret_cast<uint16_t*>(yp_); }
+  // moe_combine_backward_aligned over the aligned rows' yp (BF16, or FP32 with MOERL_MOE_YP=fp32).
+  void combine_backward_aligned(const float* dy, int64_t rows, float* dyp, float* dweight, cudaStream_t stream) const;
   // x's quantization along tokens, written by the FP8 forward for its backward (MoeFp8Experts::x_codes_t;
   // MOERL_MOE_KEEP_XT=0: quantized again in backward): codes [rows · H], scales [H, rows / 128].
   uint8_t* x_codes_t_ = nullptr;

@@ -19,6 +19,7 @@
 #include "runtime/error.hpp"
 #include "runtime/gpu/gpu_layers.hpp"
 #include "runtime/gpu/gpu_profile.hpp"
+#include "runtime/util/env_switch.hpp"
 
 namespace moerl::gpu {
 
@@ -99,10 +100,12 @@ struct ArenaKey {
 // both of its backward GEMMs; when the gradient overwrites the logits, the cross-entropy writes it so rounded, each
 // row over the first half of its own FP32 logits (row stride 2V): the same bits, without the backward's FP32 read
 // and BF16 copy of [T, V] (cuda::cross_entropy_bf16_grad). `grad_bf16` records which form the gradient took.
+// MOERL_HEAD_GRAD=fp32 keeps the FP32 gradient and the backward's rounding pass (for comparing on the device).
 double head_cross_entropy(Precision head_p, float* logits, const int64_t* labels, int64_t T, int64_t V, float scale,
                           float* dlogits, int64_t* counted, bool& grad_bf16, cudaStream_t s) {
+  static const bool fp32 = env_switch("MOERL_HEAD_GRAD", "bf16", "fp32");
   uint16_t* in_place = reinterpret_cast<uint16_t*>(logits);
-  grad_bf16 = dlogits == logits && head_p == Precision::BF16 &&
+  grad_bf16 = !fp32 && dlogits == logits && head_p == Precision::BF16 &&
               cuda::cross_entropy_bf16_grad_supported(logits, V, in_place, 2 * V);
   if (grad_bf16) return cuda::cross_entropy_bf16_grad(logits, labels, T, V, scale, in_place, 2 * V, counted, s);
   return cuda::cross_entropy(logits, labels, T, V, scale, dlogits, counted, s);

@@ -31,6 +31,7 @@
 #include "kernels/fp8.hpp"
 #include "kernels/fp8_gemm.hpp"
 #include "kernels/fp8_quantize.hpp"
+#include "kernels/half.hpp"
 #include "kernels/linear.hpp"
 #include "kernels/swiglu.hpp"
 #include "tests/gpu/moe_gpu_support.hpp"
@@ -161,6 +162,35 @@ TEST_F(MoeFp8Gpu, AlignedPlanGatherScalesAndCombineMatchPlainLoops) {
   cuda::moe_combine_backward_aligned(d_dy.get(), d_xp.get(), d_w.get(), d_row_a.get(), T, 1, dim, RA, nullptr,
                                      d_dw2.get());
   EXPECT_EQ(d_dw2.download(), d_dw.download()) << "dweight without dyp";
+  // The combine and its backward from BF16 rows (the FP8 experts' yp) give the FP32 versions' bits on the rows
+  // widened, 4 at a time (dim 132) and one at a time (dim 131, the rows' first 131 values).
+  for (const int64_t d2 : {dim, dim - 1}) {
+    const std::vector<float> xp_h = d_xp.download();  // [RA, dim], zero rows zero
+    std::vector<uint16_t> xp16(static_cast<size_t>(RA * d2));
+    std::vector<float> widened(xp16.size());
+    for (int64_t a = 0; a < RA; ++a)
+      for (int64_t j = 0; j < d2; ++j) {
+        xp16[a * d2 + j] = bf16_from_float(xp_h[a * dim + j]);
+        widened[a * d2 + j] = float_from_bf16(xp16[a * d2 + j]);
+      }
+    const std::vector<float> dy2 = normal_values(static_cast<size_t>(T * d2), 1.0f, rng);
+    DeviceBuffer<uint16_t> d_xp16(xp16);
+    DeviceBuffer<float> d_wide(widened), d_dy2(dy2), d_ya(T * d2), d_yb(T * d2), d_dypa(RA * d2), d_dypb(RA * d2),
+        d_dwa(T), d_dwb(T);
+    for (DeviceBuffer<float>* b : {&d_ya, &d_yb}) b->upload(normal_values(static_cast<size_t>(T * d2), 1.0f, rng));
+    CUDA_CHECK(cudaMemcpy(d_yb.get(), d_ya.get(), static_cast<size_t>(T * d2) * sizeof(float), cudaMemcpyDefault));
+    for (DeviceBuffer<float>* b : {&d_dypa, &d_dypb, &d_dwa, &d_dwb}) b->poison();
+    cuda::moe_combine_aligned(d_xp16.get(), d_w.get(), d_row_a.get(), T, 1, d2, RA, d_ya.get());
+    cuda::moe_combine_aligned(d_wide.get(), d_w.get(), d_row_a.get(), T, 1, d2, RA, d_yb.get());
+    cuda::moe_combine_backward_aligned(d_dy2.get(), d_xp16.get(), d_w.get(), d_row_a.get(), T, 1, d2, RA,
+                                       d_dypa.get(), d_dwa.get());
+    cuda::moe_combine_backward_aligned(d_dy2.get(), d_wide.get(), d_w.get(), d_row_a.get(), T, 1, d2, RA,
+                                       d_dypb.get(), d_dwb.get());
+    EXPECT_EQ(d_ya.download(), d_yb.download()) << "combine of BF16 rows, dim " << d2;
+    EXPECT_EQ(d_dwa.download(), d_dwb.download()) << "dweight of BF16 rows, dim " << d2;
+    const std::vector<float> dypa = d_dypa.download(), dypb = d_dypb.download();  // zero rows: NaN poison in both
+    EXPECT_EQ(std::memcmp(dypa.data(), dypb.data(), dypa.size() * sizeof(float)), 0) << "dyp, dim " << d2;
+  }
   // Grouped transposed quantization: each expert's rows quantized on their own by the CPU (its zero rows too:
   // they are part of its tiles), codes packed per expert; the scales those of the whole.
   const int64_t cols = 100;  // not a multiple of the kernel's 32-column chunks: its bounds-checked path
@@ -427,11 +457,13 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
         std::copy(xp.begin() + r * H, xp.begin() + (r + 1) * H, x.begin() + perm[r] * H);
       }
     DeviceBuffer<float> d_x(x), d_gg2(g0), d_ug2(g0), d_dg2(d0);
-    DeviceBuffer<float> d_gu2(2 * RA * gld), d_h2(RA * I), d_yp2(RA * H), d_dxp2(RA * H);
+    DeviceBuffer<float> d_gu2(2 * RA * gld), d_h2(RA * I), d_dxp2(RA * H);
+    DeviceBuffer<uint16_t> d_yp2(RA * H);  // BF16
     float* const d_g2 = d_gu2.get();
     float* const d_u2 = side ? d_g2 + gld / 2 : d_g2 + RA * I;
     DeviceBuffer<int64_t> d_token_of(token_of);
-    for (DeviceBuffer<float>* b : {&d_gu2, &d_h2, &d_yp2, &d_dxp2}) b->poison();
+    for (DeviceBuffer<float>* b : {&d_gu2, &d_h2, &d_dxp2}) b->poison();
+    d_yp2.poison();
     // With x's and h's token quantizations kept from the forward for the backward (x_codes_t, h_codes_t, ...).
     DeviceBuffer<uint8_t> d_xct(RA * H), d_hct(RA * I);
     DeviceBuffer<float> d_xst(H * (RA / 128)), d_hst(I * (RA / 128));
@@ -445,7 +477,22 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     cuda::moe_fp8_experts_backward_gathered(ctx, w2, d_dyp.get(), d_x.get(), d_token_of.get(), d_g2, d_u2,
                                             d_h2.get(), aligned.data(), d_aligned.get(), d_dxp2.get());
     CUDA_CHECK(cudaDeviceSynchronize());
-    EXPECT_EQ(d_yp2.download(), yp) << "gathered forward yp";
+    // yp in BF16: the FP32 sums rounded once (the grouped form rounds the FP32 output itself; cuBLASLt's BF16
+    // epilogue may sum in another order, so within one BF16 unit, 2^-7 relative); zero rows exactly zero.
+    {
+      const std::vector<uint16_t> yp16 = d_yp2.download();
+      int64_t off = 0, rounded_apart = 0;
+      for (size_t i = 0; i < yp.size(); ++i) {
+        const float got = float_from_bf16(yp16[i]);
+        off += !(std::fabs(got - yp[i]) <= std::ldexp(std::fabs(yp[i]), -7)) || (yp[i] == 0.0f && yp16[i] != 0);
+        rounded_apart += yp16[i] != bf16_from_float(yp[i]);
+      }
+      std::printf("[ moe fp8  ] %s: gathered forward's BF16 yp: %lld of %zu not the FP32 yp rounded (%lld beyond "
+                  "one BF16 unit)\n", form_name, static_cast<long long>(rounded_apart), yp.size(),
+                  static_cast<long long>(off));
+      EXPECT_EQ(off, 0) << "gathered forward yp (BF16)";
+      if (form == cuda::MoeFp8Gemm::Grouped) EXPECT_EQ(rounded_apart, 0) << "grouped: the FP32 output rounded";
+    }
     EXPECT_EQ(d_h2.download(), d_h.download()) << "gathered forward h";
     EXPECT_EQ(d_dxp2.download(), d_dxp.download()) << "gathered backward dxp";
     EXPECT_EQ(d_gg2.download(), d_gg.download()) << "gathered gate grad";
