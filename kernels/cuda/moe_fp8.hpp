@@ -76,6 +76,11 @@ void moe_combine_aligned(const uint16_t* yp, const float* weight, const int64_t*
 void moe_combine_backward_aligned(const float* dy, const uint16_t* yp, const float* weight, const int64_t* row_of,
                                   int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
                                   cudaStream_t stream = nullptr);
+// ... and the scatter-add of BF16 rows (the FP8 experts' dxp), each value widened exactly.
+void moe_scatter_add_aligned(const uint16_t* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
+                             int64_t rows, float* dx, cudaStream_t stream = nullptr);
+void moe_scatter_add_aligned_then(const uint16_t* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
+                                  int64_t rows, const float* also, float* dx, cudaStream_t stream = nullptr);
 void moe_scatter_add_aligned(const float* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
                              int64_t rows, float* dx, cudaStream_t stream = nullptr);
 // moe_scatter_add_aligned, then dx += also (also [tokens, dim], non-null) in the same pass: the bytes of the
@@ -164,6 +169,13 @@ void moe_fp8_experts_backward_gathered(LinearContext& ctx, const MoeFp8Experts& 
                                        const int64_t* token_of, const float* g, const float* u, const float* h,
                                        const int64_t* aligned_host, const int64_t* aligned, float* dxp,
                                        cudaStream_t stream = nullptr);
+// With dxp in BF16 (bit patterns): with g and u side by side in the lanes form gate and up's Dgrad GEMM rounds its
+// FP32 sums once (DeepSeek's BF16 GEMM outputs; half the bytes for it to write and the scatter-add to read), the
+// other forms round their FP32 result.
+void moe_fp8_experts_backward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* x,
+                                       const int64_t* token_of, const float* g, const float* u, const float* h,
+                                       const int64_t* aligned_host, const int64_t* aligned, uint16_t* dxp,
+                                       cudaStream_t stream = nullptr);
 
 // moe_fp8_experts_backward_gathered with dyp never stored: dyp row r = row_weight[r] · dy[token_of[r], :] (each
 // product rounded once, as moe_combine_backward computes it), or zeros where token_of[r] < 0, made inside the kernel
@@ -174,5 +186,9 @@ void moe_fp8_experts_backward_combined(LinearContext& ctx, const MoeFp8Experts& 
                                        const float* row_weight, const float* x, const int64_t* token_of,
                                        const float* g, const float* u, const float* h, const int64_t* aligned_host,
                                        const int64_t* aligned, float* dxp, cudaStream_t stream = nullptr);
+void moe_fp8_experts_backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const float* dy,
+                                       const float* row_weight, const float* x, const int64_t* token_of,
+                                       const float* g, const float* u, const float* h, const int64_t* aligned_host,
+                                       const int64_t* aligned, uint16_t* dxp, cudaStream_t stream = nullptr);
 
 }  // namespace moerl::cuda

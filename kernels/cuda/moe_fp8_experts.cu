@@ -573,11 +573,12 @@ struct DySource {
 // moe_fp8_experts_backward from xp, or (xp null) gathered from x by token_of; dy as DySource.
 void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource& dys, const float* xp, const float* x,
                       const int64_t* token_of, const float* g, const float* u, const float* h,
-                      const int64_t* aligned_host, const int64_t* aligned, float* dxp, cudaStream_t stream) {
+                      const int64_t* aligned_host, const int64_t* aligned, void* dxp_out, OutType dxp_type,
+                      cudaStream_t stream) {
   check("moe_fp8_experts_backward", w, aligned_host, aligned);
   const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
   if (rows == 0) return;
-  require((dys.dyp || (dys.dy && dys.row_weight)) && g && u && (h || w.h_codes_t) && dxp && w.gate_grad &&
+  require((dys.dyp || (dys.dy && dys.row_weight)) && g && u && (h || w.h_codes_t) && dxp_out && w.gate_grad &&
               w.up_grad && w.down_grad,
           "cuda::moe_fp8_experts_backward: null activation or gradient pointer");
   if (xp == nullptr) check_gather("moe_fp8_experts_backward(_gathered): xp or x", x, token_of, rows, H);
@@ -704,7 +705,11 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   st.next("gemm_gate_up_dgrad");
 
   // gate and up: dx = dg · w_gate + du · w_up (pair: one GEMM over [dg | du]; else the second accumulated in the
-  // GEMM), dw += dgᵀ · xᵀ, duᵀ · xᵀ.
+  // GEMM), dw += dgᵀ · xᵀ, duᵀ · xᵀ. dxp in BF16: the pair's GEMM rounds its sums once; the other forms sum in FP32
+  // (a temporary) and round that.
+  const bool dxp_bf16 = dxp_type == OutType::BF16, direct = !dxp_bf16 || (pair && !grouped);
+  StreamScratch dx32(direct ? 0 : bytes_of(rows * H, sizeof(float)), stream);
+  float* const dxp = direct ? static_cast<float*>(dxp_out) : dx32.as<float>();
   if (grouped) {
     GroupedProblem pr;
     pr.terms[0] = rows_term(dgq, sg.codes_t, sg.scales_t, I);
@@ -720,7 +725,8 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     auto dgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
       if (pair) {
         const Operand wt{gu->codes_t + e * H * 2 * Ip, gu->scales_t + e * gu->scales_t_stride, H, 2 * Ip, kTile};
-        fp8::cuda::gemm_nt(gc, dgq.expert(r0, n), wt, dxp + r0 * H, OutType::FP32, s);
+        fp8::cuda::gemm_nt(gc, dgq.expert(r0, n), wt, static_cast<uint8_t*>(dxp_out) + r0 * H * (dxp_bf16 ? 2 : 4),
+                           dxp_type, s);
         return;
       }
       fp8::cuda::gemm_nt(gc, dgq.expert(r0, n), wg[e].wt, dxp + r0 * H, OutType::FP32, s);
@@ -733,6 +739,8 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     };
     run_dgrad_wgrad(st, "gemm_gate_up_wgrad", aligned_host, E, stream, dgrad, wgrad);
   }
+  if (!direct) to_bf16(dxp, rows * H, static_cast<uint16_t*>(dxp_out), stream);
+  dx32.release();
   xt.release();
   dut.release();
   dgt.release();
@@ -767,23 +775,51 @@ void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w
 void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* xp,
                               const float* g, const float* u, const float* h, const int64_t* aligned_host,
                               const int64_t* aligned, float* dxp, cudaStream_t stream) {
-  experts_backward(ctx, w, DySource{dyp}, xp, nullptr, nullptr, g, u, h, aligned_host, aligned, dxp, stream);
+  experts_backward(ctx, w, DySource{dyp}, xp, nullptr, nullptr, g, u, h, aligned_host, aligned, dxp, OutType::FP32,
+                   stream);
 }
 
 void moe_fp8_experts_backward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* x,
                                        const int64_t* token_of, const float* g, const float* u, const float* h,
                                        const int64_t* aligned_host, const int64_t* aligned, float* dxp,
                                        cudaStream_t stream) {
-  experts_backward(ctx, w, DySource{dyp}, nullptr, x, token_of, g, u, h, aligned_host, aligned, dxp, stream);
+  experts_backward(ctx, w, DySource{dyp}, nullptr, x, token_of, g, u, h, aligned_host, aligned, dxp, OutType::FP32,
+                   stream);
 }
+
+void moe_fp8_experts_backward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* dyp, const float* x,
+                                       const int64_t* token_of, const float* g, const float* u, const float* h,
+                                       const int64_t* aligned_host, const int64_t* aligned, uint16_t* dxp,
+                                       cudaStream_t stream) {
+  experts_backward(ctx, w, DySource{dyp}, nullptr, x, token_of, g, u, h, aligned_host, aligned, dxp, OutType::BF16,
+                   stream);
+}
+
+namespace {
+
+void backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const float* dy, const float* row_weight,
+                       const float* x, const int64_t* token_of, const float* g, const float* u, const float* h,
+                       const int64_t* aligned_host, const int64_t* aligned, void* dxp, OutType dxp_type,
+                       cudaStream_t stream) {
+  require(dy != nullptr && row_weight != nullptr, "cuda::moe_fp8_experts_backward_combined: null dy or row_weight");
+  experts_backward(ctx, w, DySource{nullptr, dy, row_weight}, nullptr, x, token_of, g, u, h, aligned_host, aligned,
+                   dxp, dxp_type, stream);
+}
+
+}  // namespace
 
 void moe_fp8_experts_backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const float* dy,
                                        const float* row_weight, const float* x, const int64_t* token_of,
                                        const float* g, const float* u, const float* h, const int64_t* aligned_host,
                                        const int64_t* aligned, float* dxp, cudaStream_t stream) {
-  require(dy != nullptr && row_weight != nullptr, "cuda::moe_fp8_experts_backward_combined: null dy or row_weight");
-  experts_backward(ctx, w, DySource{nullptr, dy, row_weight}, nullptr, x, token_of, g, u, h, aligned_host, aligned,
-                   dxp, stream);
+  backward_combined(ctx, w, dy, row_weight, x, token_of, g, u, h, aligned_host, aligned, dxp, OutType::FP32, stream);
+}
+
+void moe_fp8_experts_backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const float* dy,
+                                       const float* row_weight, const float* x, const int64_t* token_of,
+                                       const float* g, const float* u, const float* h, const int64_t* aligned_host,
+                                       const int64_t* aligned, uint16_t* dxp, cudaStream_t stream) {
+  backward_combined(ctx, w, dy, row_weight, x, token_of, g, u, h, aligned_host, aligned, dxp, OutType::BF16, stream);
 }
 
 }  // namespace moerl::cuda

@@ -451,15 +451,35 @@ void moe_scatter_add_aligned(const float* dxp, const int64_t* row_of, int64_t to
   moe_scatter_add_aligned_then(dxp, row_of, tokens, k, dim, rows, nullptr, dx, stream);
 }
 
-void moe_scatter_add_aligned_then(const float* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
-                                  int64_t rows, const float* also, float* dx, cudaStream_t stream) {
+void moe_scatter_add_aligned(const uint16_t* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
+                             int64_t rows, float* dx, cudaStream_t stream) {
+  moe_scatter_add_aligned_then(dxp, row_of, tokens, k, dim, rows, nullptr, dx, stream);
+}
+
+namespace {
+
+template <class Src>
+void scatter_add_aligned_then(const Src* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
+                              int64_t rows, const float* also, float* dx, cudaStream_t stream) {
   const std::string where = "cuda::moe_scatter_add";
   if (!check_token_args(where, tokens, k, dim)) return;
   require(dxp && row_of && dx, where + ": null dxp, row_of or dx pointer");
-  const bool vec = dim % 4 == 0 && aligned16(dxp) && aligned16(dx) && (also == nullptr || aligned16(also));
-  combine_kernel<false><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dxp, nullptr, row_of, rows, k, dim,
-                                                                                  vec, dx, also);
+  const bool vec = rows_vec(dxp, dim) && aligned16(dx) && (also == nullptr || aligned16(also));
+  combine_kernel<false, Src><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dxp, nullptr, row_of, rows, k,
+                                                                                       dim, vec, dx, also);
   CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+void moe_scatter_add_aligned_then(const float* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
+                                  int64_t rows, const float* also, float* dx, cudaStream_t stream) {
+  scatter_add_aligned_then(dxp, row_of, tokens, k, dim, rows, also, dx, stream);
+}
+
+void moe_scatter_add_aligned_then(const uint16_t* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
+                                  int64_t rows, const float* also, float* dx, cudaStream_t stream) {
+  scatter_add_aligned_then(dxp, row_of, tokens, k, dim, rows, also, dx, stream);
 }
 
 }  // namespace moerl::cuda

@@ -43,6 +43,13 @@ bool fp32_yp() {
   return fp32;
 }
 
+// MOERL_MOE_DXP=fp32: the FP8 routed experts' input gradient rows dxp in FP32 instead of BF16 (for comparing on the
+// device). Read once per process.
+bool fp32_dxp() {
+  static const bool fp32 = env_switch("MOERL_MOE_DXP", "bf16", "fp32");
+  return fp32;
+}
+
 SwigluParams swiglu_params(ParamStore& params, const std::string& prefix) {
   return {&params.at(prefix + ".gate_proj.weight"), &params.at(prefix + ".up_proj.weight"),
           &params.at(prefix + ".down_proj.weight")};
@@ -359,7 +366,8 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
   };
   if (aligned_rows_ >= 0) {
     const int64_t RA = aligned_rows_;
-    Temp<float> dxp(RA * H, r);
+    Temp<float> dxp(RA * H, r);  // the experts' input gradient rows, BF16 (in the first half) unless MOERL_MOE_DXP=fp32
+    uint16_t* const dxp16 = fp32_dxp() ? nullptr : reinterpret_cast<uint16_t*>(dxp.get());
     std::optional<PhaseTimer> sub(std::in_place, p, (ph + "routed.combine_bwd").c_str(), r.stream);
     if (separate_combine_backward()) {
       Temp<float> dyp(RA * H, r);
@@ -368,9 +376,14 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
       if (overlap) router_beside();
       sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
       const cuda::MoeFp8Experts w = experts_fp8();
-      cuda::moe_fp8_experts_backward_gathered(lin, w, dyp.get(), x_, token_of_aligned_, gp_, experts_fp8_u(w),
-                                              w.h_codes_t ? nullptr : hp_, aligned_host_.get(), aligned_, dxp.get(),
-                                              r.stream);
+      if (dxp16 == nullptr)
+        cuda::moe_fp8_experts_backward_gathered(lin, w, dyp.get(), x_, token_of_aligned_, gp_, experts_fp8_u(w),
+                                                w.h_codes_t ? nullptr : hp_, aligned_host_.get(), aligned_, dxp.get(),
+                                                r.stream);
+      else
+        cuda::moe_fp8_experts_backward_gathered(lin, w, dyp.get(), x_, token_of_aligned_, gp_, experts_fp8_u(w),
+                                                w.h_codes_t ? nullptr : hp_, aligned_host_.get(), aligned_, dxp16,
+                                                r.stream);
     } else {
       // dyp's rows (gating weight · dy of the row's token) are made inside the kernel that quantizes them.
       Temp<float> row_weight(RA, r);
@@ -379,17 +392,23 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
       if (overlap) router_beside();
       sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
       const cuda::MoeFp8Experts w = experts_fp8();
-      cuda::moe_fp8_experts_backward_combined(lin, w, dy, row_weight.get(), x_, token_of_aligned_, gp_, experts_fp8_u(w),
-                                              w.h_codes_t ? nullptr : hp_, aligned_host_.get(), aligned_, dxp.get(),
-                                              r.stream);
+      if (dxp16 == nullptr)
+        cuda::moe_fp8_experts_backward_combined(lin, w, dy, row_weight.get(), x_, token_of_aligned_, gp_,
+                                                experts_fp8_u(w), w.h_codes_t ? nullptr : hp_, aligned_host_.get(),
+                                                aligned_, dxp.get(), r.stream);
+      else
+        cuda::moe_fp8_experts_backward_combined(lin, w, dy, row_weight.get(), x_, token_of_aligned_, gp_,
+                                                experts_fp8_u(w), w.h_codes_t ? nullptr : hp_, aligned_host_.get(),
+                                                aligned_, dxp16, r.stream);
     }
     sub.emplace(p, (ph + "routed.scatter_bwd").c_str(), r.stream);
     if (overlap) join_shared(r.stream);
-    if (router_done) {  // the router's dx (made beside, joined above) added in the scatter-add's pass
-      cuda::moe_scatter_add_aligned_then(dxp.get(), row_of_aligned_, T, K, H, RA, dx_router.get(), dx, r.stream);
-      return;
-    }
-    cuda::moe_scatter_add_aligned(dxp.get(), row_of_aligned_, T, K, H, RA, dx, r.stream);
+    const float* also = router_done ? dx_router.get() : nullptr;  // the router's dx, made beside and joined above
+    if (dxp16 == nullptr)
+      cuda::moe_scatter_add_aligned_then(dxp.get(), row_of_aligned_, T, K, H, RA, also, dx, r.stream);
+    else
+      cuda::moe_scatter_add_aligned_then(dxp16, row_of_aligned_, T, K, H, RA, also, dx, r.stream);
+    if (router_done) return;
   } else {
     Temp<float> xp(R * H, r), dyp(R * H, r), dxp(R * H, r);
     cuda::moe_gather(x_, token_of_, R, H, xp.get(), r.stream);

@@ -187,6 +187,13 @@ TEST_F(MoeFp8Gpu, AlignedPlanGatherScalesAndCombineMatchPlainLoops) {
     cuda::moe_combine_backward_aligned(d_dy2.get(), d_wide.get(), d_w.get(), d_row_a.get(), T, 1, d2, RA,
                                        d_dypb.get(), d_dwb.get());
     EXPECT_EQ(d_ya.download(), d_yb.download()) << "combine of BF16 rows, dim " << d2;
+    // The scatter-add of BF16 rows, with a tensor added in the same pass.
+    DeviceBuffer<float> d_sa(T * d2), d_sb(T * d2), d_also(normal_values(static_cast<size_t>(T * d2), 1.0f, rng));
+    CUDA_CHECK(cudaMemset(d_sa.get(), 0, static_cast<size_t>(T * d2) * sizeof(float)));
+    CUDA_CHECK(cudaMemset(d_sb.get(), 0, static_cast<size_t>(T * d2) * sizeof(float)));
+    cuda::moe_scatter_add_aligned_then(d_xp16.get(), d_row_a.get(), T, 1, d2, RA, d_also.get(), d_sa.get());
+    cuda::moe_scatter_add_aligned_then(d_wide.get(), d_row_a.get(), T, 1, d2, RA, d_also.get(), d_sb.get());
+    EXPECT_EQ(d_sa.download(), d_sb.download()) << "scatter-add of BF16 rows, dim " << d2;
     EXPECT_EQ(d_dwa.download(), d_dwb.download()) << "dweight of BF16 rows, dim " << d2;
     const std::vector<float> dypa = d_dypa.download(), dypb = d_dypb.download();  // zero rows: NaN poison in both
     EXPECT_EQ(std::memcmp(dypa.data(), dypb.data(), dypa.size() * sizeof(float)), 0) << "dyp, dim " << d2;
@@ -533,6 +540,36 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     EXPECT_EQ(d_dg4.download(), d_dg3.download()) << "combined down grad";
     std::printf("[ moe fp8  ] %s: combined backward (dyp made in its quantization, x's and h's token codes kept): "
                 "the bytes of the dyp version\n", form_name);
+
+    // dxp in BF16 (the routed experts' form): the FP32 dxp rounded once. Forms that sum in FP32 round that result
+    // (the same bits as rounding dxp4); the pair's GEMM rounds in its epilogue, whose sums may take another order:
+    // within one BF16 unit (2^-7 relative). Gradients accumulate as before (fresh copies of the initial ones).
+    DeviceBuffer<float> d_gg5(g0), d_ug5(g0), d_dg5(d0);
+    DeviceBuffer<uint16_t> d_dxp5(RA * H);
+    d_dxp5.poison();
+    cuda::MoeFp8Experts w5 = w4;
+    w5.gate_grad = d_gg5.get(), w5.up_grad = d_ug5.get(), w5.down_grad = d_dg5.get();
+    cuda::moe_fp8_experts_backward_combined(ctx, w5, d_dy_tok.get(), d_row_w.get(), d_x.get(), d_token_of.get(),
+                                            d_g2, d_u2, nullptr, aligned.data(), d_aligned.get(), d_dxp5.get());
+    CUDA_CHECK(cudaDeviceSynchronize());
+    {
+      const std::vector<float> want = d_dxp4.download();
+      const std::vector<uint16_t> got16 = d_dxp5.download();
+      int64_t off = 0, rounded_apart = 0;
+      for (size_t i = 0; i < want.size(); ++i) {
+        const float got = float_from_bf16(got16[i]);
+        off += !(std::fabs(got - want[i]) <= std::ldexp(std::fabs(want[i]), -7)) ||
+               (want[i] == 0.0f && got16[i] != 0);
+        rounded_apart += got16[i] != bf16_from_float(want[i]);
+      }
+      std::printf("[ moe fp8  ] %s: combined backward's BF16 dxp: %lld of %zu not the FP32 dxp rounded (%lld beyond "
+                  "one BF16 unit)\n", form_name, static_cast<long long>(rounded_apart), want.size(),
+                  static_cast<long long>(off));
+      EXPECT_EQ(off, 0) << "combined backward dxp (BF16)";
+      if (!side) EXPECT_EQ(rounded_apart, 0) << "the FP32 dxp rounded";
+      EXPECT_EQ(d_gg5.download(), d_gg4.download()) << "gate grad with BF16 dxp";
+      EXPECT_EQ(d_dg5.download(), d_dg4.download()) << "down grad with BF16 dxp";
+    }
   }
 }
 
