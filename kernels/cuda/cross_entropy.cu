@@ -167,7 +167,6 @@ __global__ void __launch_bounds__(kSumThreads)
   }
 }
 
-
 // cross_entropy with the gradient in FP32 (dlogits) or BF16 (dlogits16, ld16; callers check the layout).
 double cross_entropy_with(const char* fn, const float* logits, const int64_t* labels, int64_t rows, int64_t vocab,
                           float grad_scale, float* dlogits, uint16_t* dlogits16, int64_t ld16, int64_t* counted,

@@ -545,12 +545,15 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   st.next("gemm_down");
   const bool yp_bf16 = yp_type == OutType::BF16;
   if (grouped) {  // the grouped kernel writes FP32: BF16 through a temporary
-    StreamScratch y32(yp_bf16 ? bytes_of(rows * H, sizeof(float)) : 0, stream);
+    std::optional<StreamScratch> y32;
+    if (yp_bf16) y32.emplace(bytes_of(rows * H, sizeof(float)), stream);
     GroupedProblem pr;
-    pr.terms[0] = rows_term(hq, sd.codes, sd.scales, I), pr.y = yp_bf16 ? y32.as<float>() : static_cast<float*>(yp);
+    pr.terms[0] = rows_term(hq, sd.codes, sd.scales, I), pr.y = y32 ? y32->as<float>() : static_cast<float*>(yp);
     fp8::cuda::grouped_gemm_nt_rows(&pr, 1, aligned, E, rows, H, stream);
-    if (yp_bf16) to_bf16(y32.as<float>(), rows * H, static_cast<uint16_t*>(yp), stream);
-    y32.release();
+    if (y32) {
+      to_bf16(y32->as<float>(), rows * H, static_cast<uint16_t*>(yp), stream);
+      y32->release();
+    }
   } else {
     const std::vector<ExpertWeight> wd = expert_weights(sd);
     const int64_t yp_bytes = yp_bf16 ? 2 : 4;
@@ -708,8 +711,9 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   // GEMM), dw += dgᵀ · xᵀ, duᵀ · xᵀ. dxp in BF16: the pair's GEMM rounds its sums once; the other forms sum in FP32
   // (a temporary) and round that.
   const bool dxp_bf16 = dxp_type == OutType::BF16, direct = !dxp_bf16 || (pair && !grouped);
-  StreamScratch dx32(direct ? 0 : bytes_of(rows * H, sizeof(float)), stream);
-  float* const dxp = direct ? static_cast<float*>(dxp_out) : dx32.as<float>();
+  std::optional<StreamScratch> dx32;  // only where the FP32 sum is rounded afterwards (no allocation otherwise)
+  if (!direct) dx32.emplace(bytes_of(rows * H, sizeof(float)), stream);
+  float* const dxp = direct ? static_cast<float*>(dxp_out) : dx32->as<float>();
   if (grouped) {
     GroupedProblem pr;
     pr.terms[0] = rows_term(dgq, sg.codes_t, sg.scales_t, I);
@@ -739,8 +743,10 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     };
     run_dgrad_wgrad(st, "gemm_gate_up_wgrad", aligned_host, E, stream, dgrad, wgrad);
   }
-  if (!direct) to_bf16(dxp, rows * H, static_cast<uint16_t*>(dxp_out), stream);
-  dx32.release();
+  if (dx32) {
+    to_bf16(dxp, rows * H, static_cast<uint16_t*>(dxp_out), stream);
+    dx32->release();
+  }
   xt.release();
   dut.release();
   dgt.release();
