@@ -31,6 +31,8 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "kernels/fp8.hpp"
 
@@ -81,6 +83,8 @@ class GemmContext {
   std::unique_ptr<Impl> impl_;
   friend void gemm_nt(GemmContext&, const Operand&, const Operand&, void*, OutType, cudaStream_t);
   friend void gemm_nt_accumulate(GemmContext&, const Operand&, const Operand&, float*, cudaStream_t);
+  friend std::vector<struct GemmConfigTiming> search_gemm_configs(GemmContext&, const Operand&, const Operand&, void*,
+                                                                  OutType, bool, cudaStream_t, int);
 };
 
 // y [a.rows, b.rows] row-major (BF16 or FP32 per `out`) = a · bᵀ, asynchronous on `stream`.
@@ -94,5 +98,19 @@ void gemm_nt(GemmContext& ctx, const Operand& a, const Operand& b, void* y, OutT
 // cuBLASLt refuse beta = 1 for a problem (remembered per plan), the product goes to a stream-ordered temporary
 // and one kernel adds it to y: the same single rounding, one more pass over y.
 void gemm_nt_accumulate(GemmContext& ctx, const Operand& a, const Operand& b, float* y, cudaStream_t stream = nullptr);
+
+// One cuBLASLt configuration of a problem and its median time (search_gemm_configs).
+struct GemmConfigTiming {
+  std::string config;  // "id 66 tile 20 stages 36 opt 6 cluster 0 swz 0" (cublasLtMatmulAlgoConfigAttributes_t)
+  float ms = 0;
+  bool planned = false;  // the configuration gemm_nt's plan uses
+};
+
+// Every configuration of cuBLASLt's FP8 algorithms (id x tile x stages x custom option x cluster shape x swizzle)
+// that cublasLtMatmulAlgoCheck accepts for gemm_nt (accumulate false) or gemm_nt_accumulate (true, out FP32) of these
+// operands, each run `runs` times on `stream` (median), fastest first; y is overwritten. For choosing the plans'
+// rules on the device: moerl bench gpu --only gemm_fp8_experts with MOERL_LT_FP8_SEARCH=1.
+std::vector<GemmConfigTiming> search_gemm_configs(GemmContext& ctx, const Operand& a, const Operand& b, void* y,
+                                                  OutType out, bool accumulate, cudaStream_t stream, int runs);
 
 }  // namespace moerl::fp8::cuda

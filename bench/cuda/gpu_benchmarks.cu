@@ -1,6 +1,7 @@
 // `moerl bench gpu`: the CUDA kernels on the current GPU. Each metric is the median of CUDA-event-timed
 // runs after warm-up, on random data (never zeros); the JSON line's "device" is the GPU's name.
 //   gemm_fp8_8192_tflops, gemm_fp8_4096x7168x2048_tflops   fp8::cuda::gemm_nt, x 1x128 · w 128x128, BF16 out
+//   gemm_fp8_expert_<gemm>_tflops                           one expert's Fprop, Dgrad and Wgrad of moe_layer
 //   gemm_bf16_8192_tflops                                   cuBLASLt BF16 GEMM, the same layout, for comparison
 //   quant_1x128_gbps, quant_128x128_gbps,
 //   quant_1x128_transposed_gbps                             fp8::cuda::quantize_*, 8192 x 8192 FP32 in
@@ -17,9 +18,11 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <functional>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <vector>
@@ -182,6 +185,119 @@ void bench_fp8_gemm(Report& report, const std::string& device, const cudaDeviceP
   report.add("gpu", metric, 2.0 * static_cast<double>(M) * N * K / seconds / 1e12, "TFLOP/s", "median", extra);
 }
 
+// One expert's GEMMs in moe_layer's MoE layer (64 experts of ~1536 rows, hidden 2048, moe_intermediate 1408, gate |
+// up side by side): Fprop, Dgrad and Wgrad (accumulated into FP32) as kernels/cuda/moe_fp8_experts.cu calls them.
+// gemm_fp8_expert_<gemm>_tflops: one GEMM at a time on one stream (1536 rows; also 1280 and 1792 for Fprop and
+// Dgrad, `rows` in the line); gemm_fp8_experts_<gemm>_lanes_tflops: 64 experts' GEMMs (distinct operands) issued
+// round robin on 4 streams, as the layer's lanes, timed from fork to join (host issue time in the line).
+// With MOERL_LT_FP8_SEARCH=1 also every cuBLASLt configuration of each single GEMM
+// (fp8::cuda::search_gemm_configs), the fastest 8 and the plan's printed on stderr.
+void bench_fp8_expert_gemms(Report& report, const std::string& device, cudaStream_t stream) {
+  namespace fc = fp8::cuda;
+  struct Shape {
+    const char* name;
+    int64_t m, n, k;
+    int b_block;
+    fc::OutType out;
+    bool accumulate;
+  };
+  constexpr int64_t R = 1536, H = 2048, I = 1408, kExperts = 64;
+  constexpr int kLanes = 4;
+  const Shape shapes[] = {{"fprop_gate_up", R, 2 * I, H, fp8::kTile, fc::OutType::FP32, false},
+                          {"fprop_down", R, H, I, fp8::kTile, fc::OutType::BF16, false},
+                          {"dgrad_down", R, I, H, fp8::kTile, fc::OutType::FP32, false},
+                          {"dgrad_gate_up", R, H, 2 * I, fp8::kTile, fc::OutType::BF16, false},
+                          {"wgrad_down", H, I, R, 1, fc::OutType::FP32, true},
+                          {"wgrad_gate", I, H, R, 1, fc::OutType::FP32, true}};
+  const bool search = std::getenv("MOERL_LT_FP8_SEARCH") != nullptr;
+  fc::GemmContext contexts[kLanes];
+  cudaStream_t lanes[kLanes] = {};
+  cudaEvent_t fork = nullptr, done[kLanes] = {};
+  CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+  for (int i = 0; i < kLanes; ++i) {
+    CUDA_CHECK(cudaStreamCreateWithFlags(&lanes[i], cudaStreamNonBlocking));
+    CUDA_CHECK(cudaEventCreateWithFlags(&done[i], cudaEventDisableTiming));
+  }
+  for (const Shape& sh : shapes) {
+    const bool weight_b = sh.b_block == fp8::kTile;  // Fprop and Dgrad: rows vary, b is the expert's weight
+    const int64_t m_max = weight_b ? 1792 : sh.m, k_max = weight_b ? sh.k : sh.k;
+    const int64_t sa = fc::cublaslt_scale_count(m_max, k_max, 1), sb = fc::cublaslt_scale_count(sh.n, sh.k, sh.b_block);
+    // Every expert's operands and output, so that the lanes read and write what the layer would.
+    DeviceMemory ac(static_cast<size_t>(kExperts * m_max * k_max)), as(4 * static_cast<size_t>(kExperts * sa));
+    DeviceMemory bc(static_cast<size_t>(kExperts * sh.n * sh.k)), bs(4 * static_cast<size_t>(kExperts * sb));
+    DeviceMemory y(static_cast<size_t>(kExperts * m_max * sh.n) * 4);
+    fill_e4m3_kernel<<<grid_for(kExperts * m_max * k_max), kThreads, 0, stream>>>(ac.as<uint8_t>(),
+                                                                                  kExperts * m_max * k_max, 1);
+    CUDA_CHECK_LAUNCH();
+    fill_e4m3_kernel<<<grid_for(kExperts * sh.n * sh.k), kThreads, 0, stream>>>(bc.as<uint8_t>(),
+                                                                                kExperts * sh.n * sh.k, 2);
+    CUDA_CHECK_LAUNCH();
+    fill_uniform_kernel<<<grid_for(kExperts * sa), kThreads, 0, stream>>>(as.as<float>(), kExperts * sa, 3,
+                                                                          2.5f / 448, 4.5f / 448);
+    CUDA_CHECK_LAUNCH();
+    fill_uniform_kernel<<<grid_for(kExperts * sb), kThreads, 0, stream>>>(bs.as<float>(), kExperts * sb, 4,
+                                                                          4.0f / 448, 6.0f / 448);
+    CUDA_CHECK_LAUNCH();
+    CUDA_CHECK(cudaMemsetAsync(y.as<void>(), 0, static_cast<size_t>(kExperts * m_max * sh.n) * 4, stream));
+    auto a_of = [&](int64_t e, int64_t m) {
+      return fc::Operand{ac.as<uint8_t>() + e * m_max * k_max, as.as<float>() + e * sa, m, sh.k, 1};
+    };
+    auto b_of = [&](int64_t e) {
+      return fc::Operand{bc.as<uint8_t>() + e * sh.n * sh.k, bs.as<float>() + e * sb, sh.n, sh.k, sh.b_block};
+    };
+    auto y_of = [&](int64_t e) { return y.as<float>() + e * m_max * sh.n; };
+    auto gemm = [&](fc::GemmContext& ctx, int64_t e, int64_t m, cudaStream_t s) {
+      if (sh.accumulate)
+        fc::gemm_nt_accumulate(ctx, a_of(e, m), b_of(e), y_of(e), s);
+      else
+        fc::gemm_nt(ctx, a_of(e, m), b_of(e), y_of(e), sh.out, s);
+    };
+    const double flops = 2.0 * static_cast<double>(sh.m) * sh.n * sh.k;
+    auto add = [&](const std::string& metric, double f, const std::vector<float>& ms, nlohmann::json extra) {
+      extra.update(timing_extra(device, ms));
+      extra["shape"] = {sh.m, sh.n, sh.k};
+      extra["b"] = sh.b_block == 1 ? "1x128" : "128x128";
+      extra["output"] = sh.accumulate ? "fp32 +=" : sh.out == fc::OutType::BF16 ? "bf16" : "fp32";
+      report.add("gpu", metric, f / (ms[ms.size() / 2] * 1e-3) / 1e12, "TFLOP/s", "median", extra);
+    };
+    for (const int64_t m : weight_b ? std::vector<int64_t>{1280, R, 1792} : std::vector<int64_t>{sh.m}) {
+      const std::vector<float> ms =
+          time_runs(stream, kWarmup, kRuns, [&](int i) { gemm(contexts[0], i % kExperts, m, stream); });
+      add(std::string("gemm_fp8_expert_") + sh.name + "_tflops", flops / static_cast<double>(sh.m) * m, ms,
+          {{"rows", m}});
+    }
+    double host_us = 0;
+    const std::vector<float> ms = time_runs(stream, 2, 10, [&](int) {
+      const auto t0 = std::chrono::steady_clock::now();
+      CUDA_CHECK(cudaEventRecord(fork, stream));
+      for (int i = 0; i < kLanes; ++i) CUDA_CHECK(cudaStreamWaitEvent(lanes[i], fork, 0));
+      for (int64_t e = 0; e < kExperts; ++e) gemm(contexts[e % kLanes], e, sh.m, lanes[e % kLanes]);
+      for (int i = 0; i < kLanes; ++i) {
+        CUDA_CHECK(cudaEventRecord(done[i], lanes[i]));
+        CUDA_CHECK(cudaStreamWaitEvent(stream, done[i], 0));
+      }
+      host_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
+    });
+    add(std::string("gemm_fp8_experts_") + sh.name + "_lanes_tflops", flops * kExperts, ms,
+        {{"experts", kExperts}, {"lanes", kLanes}, {"host_issue_us", host_us}});
+    if (!search) continue;
+    const std::vector<fc::GemmConfigTiming> all =
+        fc::search_gemm_configs(contexts[0], a_of(0, sh.m), b_of(0), y_of(0), sh.out, sh.accumulate, stream, 5);
+    std::fprintf(stderr, "lt-fp8-search %s M=%ld N=%ld K=%ld: %zu configurations\n", sh.name, static_cast<long>(sh.m),
+                 static_cast<long>(sh.n), static_cast<long>(sh.k), all.size());
+    for (size_t i = 0; i < all.size(); ++i)
+      if (i < 8 || all[i].planned)
+        std::fprintf(stderr, "  #%zu %s%s: %.4f ms, %.0f TFLOP/s\n", i, all[i].config.c_str(),
+                     all[i].planned ? " (plan)" : "", all[i].ms, flops / (all[i].ms * 1e-3) / 1e12);
+  }
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  for (int i = 0; i < kLanes; ++i) {
+    CUDA_CHECK(cudaStreamDestroy(lanes[i]));
+    CUDA_CHECK(cudaEventDestroy(done[i]));
+  }
+  CUDA_CHECK(cudaEventDestroy(fork));
+}
+
 // cuBLASLt BF16 GEMM, y[M,N] = x[M,K] · w[N,K]ᵀ, same TN arrangement as the FP8 GEMM.
 void bench_bf16_gemm(Report& report, const std::string& device, const cudaDeviceProp& prop, cudaStream_t stream,
                      int64_t M, int64_t N, int64_t K, const std::string& metric) {
@@ -308,7 +424,8 @@ void bench_quantize(Report& report, const std::string& device, cudaStream_t stre
 }  // namespace
 
 const std::vector<std::string>& gpu_benchmark_names() {
-  static const std::vector<std::string> names = {"gemm_fp8_8192", "gemm_fp8_4096x7168x2048", "gemm_bf16_8192",
+  static const std::vector<std::string> names = {"gemm_fp8_8192", "gemm_fp8_4096x7168x2048", "gemm_fp8_experts",
+                                                 "gemm_bf16_8192",
                                                  "quantize", "train_step", "moe_layer"};
   return names;
 }
@@ -350,6 +467,7 @@ void run_gpu_benchmarks(Report& report, const std::vector<std::string>& only) {
   attempt("gemm_fp8_8192", [&] { bench_fp8_gemm(report, device, prop, stream, 8192, 8192, 8192, "gemm_fp8_8192_tflops"); });
   attempt("gemm_fp8_4096x7168x2048",
           [&] { bench_fp8_gemm(report, device, prop, stream, 4096, 7168, 2048, "gemm_fp8_4096x7168x2048_tflops"); });
+  attempt("gemm_fp8_experts", [&] { bench_fp8_expert_gemms(report, device, stream); });
   attempt("gemm_bf16_8192", [&] { bench_bf16_gemm(report, device, prop, stream, 8192, 8192, 8192, "gemm_bf16_8192_tflops"); });
 #ifdef MOERL_BENCH_HAVE_GPU_QUANTIZE
   attempt("quantize", [&] { bench_quantize(report, device, stream); });

@@ -387,4 +387,103 @@ void gemm_nt_accumulate(GemmContext& ctx, const Operand& a, const Operand& b, fl
   ctx.impl_->run(a, b, y, OutType::FP32, true, stream);
 }
 
+namespace {
+
+std::string config_name(const cublasLtMatmulAlgo_t& algo) {
+  using cuda_detail::lt_config_of;
+  return "id " + std::to_string(lt_config_of(algo, CUBLASLT_ALGO_CONFIG_ID)) + " tile " +
+         std::to_string(lt_config_of(algo, CUBLASLT_ALGO_CONFIG_TILE_ID)) + " stages " +
+         std::to_string(lt_config_of(algo, CUBLASLT_ALGO_CONFIG_STAGES_ID)) + " opt " +
+         std::to_string(lt_config_of(algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION)) + " cluster " +
+         std::to_string(lt_config_of(algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID)) + " swz " +
+         std::to_string(lt_config_of(algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING));
+}
+
+template <class T> std::vector<T> cap_array(const cublasLtMatmulAlgo_t& algo, cublasLtMatmulAlgoCapAttributes_t cap) {
+  size_t bytes = 0;
+  if (cublasLtMatmulAlgoCapGetAttribute(&algo, cap, nullptr, 0, &bytes) != CUBLAS_STATUS_SUCCESS) return {};
+  std::vector<T> v(bytes / sizeof(T));
+  if (!v.empty()) cublasLtMatmulAlgoCapGetAttribute(&algo, cap, v.data(), v.size() * sizeof(T), &bytes);
+  return v;
+}
+
+}  // namespace
+
+std::vector<GemmConfigTiming> search_gemm_configs(GemmContext& ctx, const Operand& a, const Operand& b, void* y,
+                                                  OutType out, bool accumulate, cudaStream_t stream, int runs) {
+  require(!accumulate || out == OutType::FP32, "fp8::cuda::search_gemm_configs: accumulate needs FP32 output");
+  GemmContext::Impl& impl = *ctx.impl_;
+  impl.run(a, b, y, out, accumulate, stream);  // plans the problem (and checks the operands)
+  const PlanKey key{a.rows, b.rows, a.cols, a.block_rows, b.block_rows, out,
+                    alignment_of(a.codes), alignment_of(b.codes), alignment_of(y)};
+  const std::lock_guard lock(impl.mutex);
+  Plan& p = impl.plans.at(key);
+  const float alpha = 1.0f, beta = accumulate ? 1.0f : 0.0f;
+  cudaEvent_t start = nullptr, stop = nullptr;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  // The median of `runs` timed calls (one untimed first), or < 0 when cuBLASLt refuses to run it.
+  auto time = [&](const cublasLtMatmulAlgo_t& algo) {
+    auto call = [&] {
+      return cublasLtMatmul(impl.handle, p.desc, &alpha, b.codes, p.layout_a, a.codes, p.layout_b, &beta, y,
+                            p.layout_d, y, p.layout_d, &algo, impl.workspace, impl.workspace_bytes, stream);
+    };
+    if (call() != CUBLAS_STATUS_SUCCESS) return -1.0f;
+    std::vector<float> ms;
+    for (int r = 0; r < runs; ++r) {
+      CUDA_CHECK(cudaEventRecord(start, stream));
+      if (call() != CUBLAS_STATUS_SUCCESS) return -1.0f;
+      CUDA_CHECK(cudaEventRecord(stop, stream));
+      CUDA_CHECK(cudaEventSynchronize(stop));
+      float t = 0;
+      CUDA_CHECK(cudaEventElapsedTime(&t, start, stop));
+      ms.push_back(t);
+    }
+    std::sort(ms.begin(), ms.end());
+    return ms[ms.size() / 2];
+  };
+  std::vector<GemmConfigTiming> found;
+  found.push_back({config_name(p.algo), time(p.algo), true});
+  // Variations of the plan's algorithm (an algorithm from cublasLtMatmulAlgoInit is refused by the block-scaled
+  // modes' check): each tile and stages id it offers, each custom option, four cluster shapes, both swizzles.
+  std::vector<uint32_t> tile_ids = cap_array<uint32_t>(p.algo, CUBLASLT_ALGO_CAP_TILE_IDS);
+  std::vector<uint32_t> stage_ids = cap_array<uint32_t>(p.algo, CUBLASLT_ALGO_CAP_STAGES_IDS);
+  if (tile_ids.empty()) tile_ids.push_back(cuda_detail::lt_config_of(p.algo, CUBLASLT_ALGO_CONFIG_TILE_ID));
+  if (stage_ids.empty()) stage_ids.push_back(cuda_detail::lt_config_of(p.algo, CUBLASLT_ALGO_CONFIG_STAGES_ID));
+  int32_t options = 0;
+  size_t written = 0;
+  cublasLtMatmulAlgoCapGetAttribute(&p.algo, CUBLASLT_ALGO_CAP_CUSTOM_OPTION_MAX, &options, sizeof options, &written);
+  const int32_t clusters[] = {CUBLASLT_CLUSTER_SHAPE_AUTO, CUBLASLT_CLUSTER_SHAPE_1x1x1, CUBLASLT_CLUSTER_SHAPE_2x1x1,
+                              CUBLASLT_CLUSTER_SHAPE_1x2x1};
+  int checked = 0, accepted = 0;
+  for (uint32_t tile : tile_ids)
+    for (uint32_t stages : stage_ids)
+      for (int32_t opt = 0; opt <= options; ++opt)
+        for (int32_t cluster : clusters)
+          for (int32_t swizzle : {0, 1}) {
+            cublasLtMatmulAlgo_t algo = p.algo;
+            cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_TILE_ID, &tile, sizeof tile);
+            cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_STAGES_ID, &stages, sizeof stages);
+            cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, &opt, sizeof opt);
+            cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, &cluster, sizeof cluster);
+            cublasLtMatmulAlgoConfigSetAttribute(&algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, &swizzle, sizeof swizzle);
+            cublasLtMatmulHeuristicResult_t r{};
+            ++checked;
+            if (cublasLtMatmulAlgoCheck(impl.handle, p.desc, p.layout_a, p.layout_b, p.layout_d, p.layout_d, &algo,
+                                        &r) != CUBLAS_STATUS_SUCCESS ||
+                r.workspaceSize > impl.workspace_bytes)
+              continue;
+            ++accepted;
+            const float ms = time(algo);
+            if (ms >= 0) found.push_back({config_name(algo), ms, false});
+          }
+  std::fprintf(stderr, "search_gemm_configs: %zu tiles, %zu stages, options 0..%d: %d checked, %d accepted\n",
+               tile_ids.size(), stage_ids.size(), options, checked, accepted);
+  cudaGetLastError();
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  std::stable_sort(found.begin(), found.end(), [](const auto& x, const auto& y) { return x.ms < y.ms; });
+  return found;
+}
+
 }  // namespace moerl::fp8::cuda
