@@ -5,14 +5,15 @@
 //
 // Here one persistent block of 512 threads per SM walks the 128 x 128 tiles (tile t = blockIdx.x + k · gridDim.x,
 // row-major over [rows / 128, tiles(cols)]) as half tiles of 64 rows, through a ring of S stages of shared memory
-// (each: the half tile of every input, 32 KiB an input): cp.async copies the next S - 1 halves while one is
-// quantized. S = 3 for 2 inputs, 2 for 3 (at most 227 KiB). A stage holds each input row-major, 32 chunks of 16
-// bytes a row, chunk j of row r at j ^ ((r / 4) % 8); columns past `cols` are zero-filled by the copy (the CPU's
-// padding of a partial tile).
+// (each: the half tile of every input, 32 KiB an FP32 input, 16 KiB a BF16 one, and with BF16 inputs the outputs'
+// 32 KiB each apart, PipeShape): cp.async copies the next S - 1 halves while one is quantized. S = 3 for 2 FP32
+// inputs, 2 for 3 FP32 or 3 BF16 ones (at most 227 KiB). A stage holds each input row-major, an FP32 row 32 chunks
+// of 16 bytes, chunk j of row r at j ^ ((r / 4) % 8), a BF16 row 16 chunks (8 values each) at k ^ 4 (r % 4);
+// columns past `cols` are zero-filled by the copy (the CPU's padding of a partial tile).
 //   Rows:    lane 8 s + p of warp w takes row 4 w + s of the half, chunks p + 8 i (i < 4: a quarter warp reads one
 //            row's 8 distinct swizzled chunks, no bank conflict); it computes the outputs there, writes them back
-//            over the first inputs' chunks, takes the row amax in 3 shuffles and writes 4 x 4 codes (4-byte
-//            stores: a warp covers 32 bytes of each of its 4 rows).
+//            over the first inputs' chunks (FP32 inputs; else into the outputs' regions), takes the row amax in 3
+//            shuffles and writes 4 x 4 codes (4-byte stores: a warp covers 32 bytes of each of its 4 rows).
 //   Columns: lane 16 g + q of warp w takes chunk 2 w + g (4 columns) and rows 4 q .. 4 q + 3 of each half (a
 //            quarter warp reads 8 rows of distinct (r / 4) % 8: no bank conflict), keeping the first half's values
 //            in registers; after the second half a column's amax is 4 shuffles within the half warp and each lane
@@ -41,12 +42,31 @@ constexpr int kHalfRows = kTile / 2;
 constexpr int kHalfChunks = kHalfRows * kTile / 4;  // 16-byte chunks of one input's half tile: 2048
 constexpr int kPipeSmemLimit = 227 * 1024;          // the most shared memory a block may opt in to (sm_90)
 
-template <int kInputs>
+// A stage's layout for a source: input i's half tile at in_offset(i) (bytes; 32 KiB an FP32 input, 16 KiB a BF16
+// one), output o's FP32 values at out_offset(o). With FP32 inputs output o is written back over input o (each
+// thread over the chunks it read itself); with BF16 ones the outputs have regions of their own after the inputs (an
+// output's chunk would cover other threads' inputs, and one more barrier a half measured slower).
+template <class Src>
 struct PipeShape {
-  static constexpr int kStageBytes = kInputs * kHalfChunks * 16;
+  static constexpr bool kBf16(int i) { return (Src::kBf16Inputs >> i) & 1; }
+  static constexpr int kRegion = kHalfRows * kTile * 4;  // an FP32 half tile: 32 KiB
+  static constexpr int in_offset(int i) {
+    int off = 0;
+    for (int j = 0; j < i; ++j) off += kBf16(j) ? kRegion / 2 : kRegion;
+    return off;
+  }
+  static constexpr bool kOutputsApart = Src::kBf16Inputs != 0;
+  static constexpr int out_offset(int o) { return (kOutputsApart ? in_offset(Src::kInputs) : 0) + o * kRegion; }
+  static constexpr int kStageBytes = kOutputsApart ? out_offset(Src::kOutputs) : in_offset(Src::kInputs);
   static constexpr int kStages = kPipeSmemLimit / kStageBytes < 6 ? kPipeSmemLimit / kStageBytes : 6;
   static constexpr int kSmemBytes = kStages * kStageBytes;
   static_assert(kStages >= 2, "at least double buffering");
+  // Byte offset within input i's region of the 16-byte chunk holding columns 4 j .. 4 j + 3 of row r (j < 32): FP32,
+  // chunk j of the row's 32, swizzled by (r / 4) % 8; BF16, the first or second half of chunk j / 2 of its 16,
+  // swizzled by 4 (r % 4) (a quarter warp reads 64 contiguous bytes of one row, the four of a warp distinct
+  // segments).
+  static constexpr int fp32_chunk(int r, int j) { return 16 * (r * 32 + (j ^ ((r >> 2) & 7))); }
+  static constexpr int bf16_chunk(int r, int k) { return 16 * (r * 16 + (k ^ ((r & 3) << 2))); }
 };
 
 // 16-byte copy into shared memory, zero-filled past src_bytes (0 or 16).
@@ -62,6 +82,7 @@ __device__ __forceinline__ void cp_async_wait_pending() {
 
 // A source of the pipelined quantization:
 //   kInputs (2-3), kOutputs (1-2, <= kInputs): activations read, values quantized (each into its TileOutputs);
+//   kBf16Inputs: bit i set where input i is BF16 (bit patterns), else FP32;
 //   row(r, i): the start of input i's row r (16-byte aligned);
 //   apply(in, out): the outputs of one element from its inputs.
 template <int kOutputs>
@@ -72,8 +93,9 @@ struct PipeOutputs {
 template <class Src>
 __global__ void __launch_bounds__(kPipeThreads, 1)
     quantize_pipelined_kernel(Src src, PipeOutputs<Src::kOutputs> outs, int64_t col_tiles, int64_t n_tiles) {
-  constexpr int NI = Src::kInputs, NO = Src::kOutputs, S = PipeShape<NI>::kStages;
-  constexpr int kStageChunks = PipeShape<NI>::kStageBytes / 16;
+  using Shape = PipeShape<Src>;
+  constexpr int NI = Src::kInputs, NO = Src::kOutputs, S = Shape::kStages;
+  constexpr int kStageChunks = Shape::kStageBytes / 16;
   static_assert(NO >= 1 && NO <= NI && NI >= 2 && NI <= 3, "a source's shape");
   extern __shared__ float4 pipe_smem[];
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
@@ -88,14 +110,28 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
       const int64_t r0 = (t / col_tiles) * kTile + (u & 1) * kHalfRows, c0 = (t % col_tiles) * kTile;
       float4* stage = pipe_smem + (u % S) * kStageChunks;
 #pragma unroll
-      for (int m = 0; m < kHalfChunks / kPipeThreads; ++m) {
-        const int idx = tid + kPipeThreads * m, r = idx / 32, j = idx % 32;  // a warp: one row's 512 bytes
-        const int64_t c = c0 + 4 * j;
+      for (int i = 0; i < NI; ++i) {
+        char* base = reinterpret_cast<char*>(stage) + Shape::in_offset(i);
+        {
+          if (Shape::kBf16(i)) {  // 16 chunks of 8 columns a row: a warp copies two rows' 512 bytes
 #pragma unroll
-        for (int i = 0; i < NI; ++i) {
-          const float* row = src.row(r0 + r, i);
-          const bool in = c < cols;
-          cp_async16_zfill(stage + i * kHalfChunks + r * 32 + (j ^ ((r >> 2) & 7)), in ? row + c : row, in ? 16 : 0);
+            for (int m = 0; m < kHalfChunks / 2 / kPipeThreads; ++m) {
+              const int idx = tid + kPipeThreads * m, r = idx / 16, k = idx % 16;
+              const int64_t c = c0 + 8 * k;
+              const char* row = static_cast<const char*>(src.row(r0 + r, i));
+              const int bytes = c < cols ? 2 * static_cast<int>(cols - c < 8 ? cols - c : 8) : 0;
+              cp_async16_zfill(base + Shape::bf16_chunk(r, k), bytes > 0 ? row + 2 * c : row, bytes);
+            }
+          } else {  // 32 chunks of 4 columns a row: a warp copies one row's 512 bytes
+#pragma unroll
+            for (int m = 0; m < kHalfChunks / kPipeThreads; ++m) {
+              const int idx = tid + kPipeThreads * m, r = idx / 32, j = idx % 32;
+              const int64_t c = c0 + 4 * j;
+              const char* row = static_cast<const char*>(src.row(r0 + r, i));
+              const bool in = c < cols;
+              cp_async16_zfill(base + Shape::fp32_chunk(r, j), in ? row + 4 * c : row, in ? 16 : 0);
+            }
+          }
         }
       }
     }
@@ -125,17 +161,28 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
         float a[NO];
 #pragma unroll
         for (int o = 0; o < NO; ++o) a[o] = 0.0f;
+        char* base = reinterpret_cast<char*>(stage);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-          const int pos = r * 32 + ((p + 8 * i) ^ ((r >> 2) & 7));
-          float4 in4[NI];
+          const int j = p + 8 * i;  // columns 4 j .. 4 j + 3 of row r
+          float in4[NI][4];
 #pragma unroll
-          for (int n = 0; n < NI; ++n) in4[n] = stage[n * kHalfChunks + pos];
+          for (int n = 0; n < NI; ++n) {
+            if (Shape::kBf16(n)) {
+              const uint2 b =
+                  *reinterpret_cast<const uint2*>(base + Shape::in_offset(n) + Shape::bf16_chunk(r, j >> 1) + 8 * (j & 1));
+              in4[n][0] = __uint_as_float(b.x << 16), in4[n][1] = __uint_as_float(b.x & 0xFFFF0000u);
+              in4[n][2] = __uint_as_float(b.y << 16), in4[n][3] = __uint_as_float(b.y & 0xFFFF0000u);
+            } else {
+              const float4 f = *reinterpret_cast<const float4*>(base + Shape::in_offset(n) + Shape::fp32_chunk(r, j));
+              in4[n][0] = f.x, in4[n][1] = f.y, in4[n][2] = f.z, in4[n][3] = f.w;
+            }
+          }
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             float ie[NI], oe[NO];
 #pragma unroll
-            for (int n = 0; n < NI; ++n) ie[n] = reinterpret_cast<const float*>(&in4[n])[e];
+            for (int n = 0; n < NI; ++n) ie[n] = in4[n][e];
             src.apply(ie, oe);
 #pragma unroll
             for (int o = 0; o < NO; ++o) v[o][i][e] = oe[o];
@@ -143,7 +190,8 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
 #pragma unroll
           for (int o = 0; o < NO; ++o) {
             a[o] = abs_max4(a[o], v[o][i]);
-            stage[o * kHalfChunks + pos] = make_float4(v[o][i][0], v[o][i][1], v[o][i][2], v[o][i][3]);
+            *reinterpret_cast<float4*>(base + Shape::out_offset(o) + Shape::fp32_chunk(r, j)) =
+                make_float4(v[o][i][0], v[o][i][1], v[o][i][2], v[o][i][3]);
           }
         }
 #pragma unroll
@@ -167,10 +215,10 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
       // Columns: this half's rows 4 q .. 4 q + 3 of 4 columns, kept for the amax over both halves.
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
-        const int pos = (4 * q + i) * 32 + (jc ^ (q & 7));
 #pragma unroll
         for (int o = 0; o < NO; ++o) {
-          const float4 f = stage[o * kHalfChunks + pos];
+          const float4 f = *reinterpret_cast<const float4*>(reinterpret_cast<const char*>(stage) + Shape::out_offset(o) +
+                                                            Shape::fp32_chunk(4 * q + i, jc));
           cv[o][h][i][0] = f.x, cv[o][h][i][1] = f.y, cv[o][h][i][2] = f.z, cv[o][h][i][3] = f.w;
         }
       }
@@ -215,7 +263,7 @@ void launch_quantize_pipelined(const Src& src, const PipeOutputs<Src::kOutputs>&
   const TileOutputs& o = outs.o[0];
   if (o.rows == 0 || o.cols == 0) return;
   const auto kernel = quantize_pipelined_kernel<Src>;
-  constexpr int smem = PipeShape<Src::kInputs>::kSmemBytes;
+  constexpr int smem = PipeShape<Src>::kSmemBytes;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int device = 0, sms = 0;
   CUDA_CHECK(cudaGetDevice(&device));

@@ -38,6 +38,12 @@ __global__ void __launch_bounds__(kThreads) to_bf16_kernel(const float* __restri
   }
 }
 
+__global__ void __launch_bounds__(kThreads) round_bf16_kernel(float* __restrict__ x, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < n; i += stride)
+    x[i] = __bfloat162float(__float2bfloat16_rn(x[i]));
+}
+
 // gu [rows, 2I] (gate then up, FP32) -> h [rows, I] BF16 = silu(g) · u, silu(g) = g / (1 + exp(-g)) as the CPU.
 __global__ void __launch_bounds__(kThreads) swiglu_bf16_kernel(const float* __restrict__ gu, int64_t rows, int64_t inter,
                                                                uint16_t* __restrict__ h) {
@@ -61,6 +67,13 @@ void to_bf16(const float* x, int64_t n, uint16_t* y, cudaStream_t stream) {
   require(x && y, "cuda::to_bf16: null x or y pointer");
   const bool vec = n % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 8 == 0;
   to_bf16_kernel<<<blocks_for(vec ? n / 4 : n), kThreads, 0, stream>>>(x, n, vec, y);
+  CUDA_CHECK_LAUNCH();
+}
+
+void round_to_bf16(float* x, int64_t n, cudaStream_t stream) {
+  require(n >= 0 && (n == 0 || x != nullptr), "cuda::round_to_bf16: needs n >= 0 and x set");
+  if (n == 0) return;
+  round_bf16_kernel<<<blocks_for(n), kThreads, 0, stream>>>(x, n);
   CUDA_CHECK_LAUNCH();
 }
 

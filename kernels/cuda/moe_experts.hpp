@@ -19,6 +19,8 @@ namespace moerl::cuda {
 
 // x [n] FP32 -> y [n] BF16 bit patterns, round to nearest even, NaN kept NaN (as moerl::bf16_from_float).
 void to_bf16(const float* x, int64_t n, uint16_t* y, cudaStream_t stream = nullptr);
+// x [n] FP32 rounded in place to the nearest BF16 value (as moerl::round_bf16).
+void round_to_bf16(float* x, int64_t n, cudaStream_t stream = nullptr);
 
 // The routed experts' weights on the device as BF16 bit patterns, experts stacked:
 //   gate_up [E, 2I, H]  expert e: rows 0 .. I-1 its gate_proj.weight [I, H], rows I .. 2I-1 its up_proj.weight

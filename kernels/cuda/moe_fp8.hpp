@@ -123,7 +123,17 @@ struct MoeFp8Experts {
   // g + Ip; the columns past each half's I are written with zeros): gate and up's Fprop is then one GEMM per expert
   // against [w_gate; w_up]. The Lanes form only; forward and backward must agree. Else g and u are [rows, I] each.
   bool gate_up_side_by_side = false;
+  // Optional (with gate_up_side_by_side, where moe_fp8_gate_up_bf16_supported): g | u held in BF16 bit patterns,
+  // [rows, 2 Ip], as DeepSeek-V3's FP8 GEMMs output BF16: gate and up's Fprop writes its FP32 sums rounded once here
+  // and the SwiGLU passes read them widened (the g and u arguments are then unused, may be null); down's Dgrad writes
+  // dh in BF16 likewise. Half the bytes of g, u and dh to write, keep and read. kernels/cpu's FP8 recipe rounds g, u
+  // and dh to BF16 too (runtime/model/feed_forward.cpp). Forward and backward must agree.
+  uint16_t* gate_up_bf16 = nullptr;
 };
+
+// Whether w may set gate_up_bf16: g and u side by side in the lanes form, with the fused SwiGLU backward and the
+// pair's Dgrad (MOERL_MOE_SWIGLU_BWD and MOERL_MOE_DGRAD unset), I a multiple of 8.
+bool moe_fp8_gate_up_bf16_supported(const MoeFp8Experts& w);
 
 // Ip: the intermediate size I rounded up to a whole 128-wide tile (each half of gate and up side by side).
 int64_t moe_fp8_gate_up_padded(int64_t inter);

@@ -35,6 +35,13 @@
 // stacks): bench-600m fp8 step 209.5k vs 203.2k tokens/s and peak 23.97 vs 24.57 GiB against MOERL_MOE_FPROP=separate
 // (which also keeps the stacks), MoE layer 12.57 vs 12.64 ms (...-sweep-fprop-pair-h200-*).
 //
+// g | u and dh in BF16 (MoeFp8Experts::gate_up_bf16, the runtime's default with the pair): gate and up's Fprop and
+// down's Dgrad write BF16 through cuBLASLt's epilogue, the SwiGLU passes read them widened (kernels/cuda/swiglu_fp8.hpp).
+// On the H200 against MOERL_MOE_GU=fp32, rounds interleaved: MoE layer 12.13 / 12.15 vs 12.48 / 12.43 ms,
+// bench-600m fp8 step 218.4k / 219.4k vs 215.0k / 215.9k tokens/s, peak 23.70 vs 23.82 GiB
+// (bench/results/2026-11-29-gpu-gu-bf16-*). The SwiGLU backward barely gains (1.05 ms, reading a quarter fewer bytes):
+// it is not bandwidth-bound; the GEMM epilogues and the forward pass take the rest.
+//
 // Tried and dropped (...-sweep-dy-rows-*): the output gradient's row codes made token by token (dy read once, then
 // top_k rows quantized from registers) beside a gathered pass for its token codes, instead of one gathered pass
 // both ways: MoE layer 12.75 vs 12.79 ms, within noise, for a second kernel.
@@ -405,6 +412,13 @@ void check(const char* fn, const MoeFp8Experts& w, const int64_t* aligned_host, 
 // kernels (the unfused ones take packed rows).
 void check_side_by_side(const char* fn, const MoeFp8Experts& w, bool grouped, const float* g, const float* u,
                         int64_t rows) {
+  if (w.gate_up_bf16 != nullptr) {
+    require(moe_fp8_gate_up_bf16_supported(w) && reinterpret_cast<uintptr_t>(w.gate_up_bf16) % 16 == 0,
+            std::string("cuda::") + fn + ": gate_up_bf16 needs gate_up_side_by_side, the lanes GEMM form, the fused "
+            "SwiGLU backward and the pair Dgrad (MOERL_MOE_GEMM, MOERL_MOE_SWIGLU_BWD, MOERL_MOE_DGRAD unset) and a "
+            "16-byte aligned buffer");
+    return;
+  }
   if (!w.gate_up_side_by_side) return;
   const int64_t ld = moe_fp8_gate_up_ld(w);
   require(!grouped && u == g + ld / 2 && swiglu_fp8_supported(rows, w.inter, g, u, nullptr),
@@ -452,6 +466,11 @@ bool moe_fp8_experts_supported(int64_t hidden, int64_t inter) {
 
 int64_t moe_fp8_gate_up_padded(int64_t inter) { return (inter + kTile - 1) / kTile * kTile; }
 
+bool moe_fp8_gate_up_bf16_supported(const MoeFp8Experts& w) {
+  return w.gate_up_side_by_side && moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Lanes && !separate_gate_up_dgrad() &&
+         !separate_swiglu_backward() && w.inter % 8 == 0;
+}
+
 int64_t moe_fp8_gate_up_ld(const MoeFp8Experts& w) {
   return w.gate_up_side_by_side ? 2 * moe_fp8_gate_up_padded(w.inter) : w.inter;
 }
@@ -465,7 +484,8 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   check("moe_fp8_experts_forward", w, aligned_host, aligned);
   const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
   if (rows == 0) return;
-  require(g && u && (h || w.h_codes_t) && yp, "cuda::moe_fp8_experts_forward: null activation pointer");
+  const bool gu16 = w.gate_up_bf16 != nullptr;  // g | u in BF16 (then g and u unused)
+  require((gu16 || (g && u)) && (h || w.h_codes_t) && yp, "cuda::moe_fp8_experts_forward: null activation pointer");
   if (xp == nullptr) {
     check_gather("moe_fp8_experts_forward(_gathered): xp or x", x, token_of, rows, H);
     require(tokens > 0, "cuda::moe_fp8_experts_forward_gathered: needs tokens > 0");
@@ -508,7 +528,10 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
                 [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
                   const int64_t n2 = 2 * gu->padded;  // [w_gate; w_up]'s rows
                   const Operand wgu{gu->codes + e * n2 * H, gu->scales + e * gu->scales_stride, n2, H, kTile};
-                  fp8::cuda::gemm_nt(gc, xq.expert(r0, n), wgu, g + r0 * gld, OutType::FP32, s);
+                  if (gu16)
+                    fp8::cuda::gemm_nt(gc, xq.expert(r0, n), wgu, w.gate_up_bf16 + r0 * gld, OutType::BF16, s);
+                  else
+                    fp8::cuda::gemm_nt(gc, xq.expert(r0, n), wgu, g + r0 * gld, OutType::FP32, s);
                 });
   } else {
     const std::vector<ExpertWeight> wg = expert_weights(sg), wu = expert_weights(su);
@@ -523,7 +546,14 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   st.next("swiglu_quant_h");
   RowsFp8 hq(nullptr, rows, I, aligned, E, !grouped, stream);
   const bool keep_h = w.h_codes_t != nullptr;
-  if (keep_h && swiglu_fp8_supported(rows, I, g, u, h)) {
+  if (gu16) {
+    const uint16_t* g16 = w.gate_up_bf16;
+    if (keep_h)
+      swiglu_forward_quantize_dual(g16, g16 + gld / 2, rows, I, gld, h, aligned, E,
+                                   Fp8Dual{hq.codes(), hq.cpu_scales(), w.h_codes_t, w.h_scales_t}, stream);
+    else
+      swiglu_forward_quantize_1x128(g16, g16 + gld / 2, rows, I, gld, h, hq.codes(), hq.cpu_scales(), stream);
+  } else if (keep_h && swiglu_fp8_supported(rows, I, g, u, h)) {
     swiglu_forward_quantize_dual(g, u, rows, I, gld, h, aligned, E,
                                  Fp8Dual{hq.codes(), hq.cpu_scales(), w.h_codes_t, w.h_scales_t}, stream);
   } else if (keep_h) {  // h through a temporary
@@ -581,7 +611,9 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   check("moe_fp8_experts_backward", w, aligned_host, aligned);
   const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
   if (rows == 0) return;
-  require((dys.dyp || (dys.dy && dys.row_weight)) && g && u && (h || w.h_codes_t) && dxp_out && w.gate_grad &&
+  const bool gu16 = w.gate_up_bf16 != nullptr;  // g | u and dh in BF16 (then g and u unused)
+  require((dys.dyp || (dys.dy && dys.row_weight)) && (gu16 || (g && u)) && (h || w.h_codes_t) && dxp_out &&
+              w.gate_grad &&
               w.up_grad && w.down_grad,
           "cuda::moe_fp8_experts_backward: null activation or gradient pointer");
   if (xp == nullptr) check_gather("moe_fp8_experts_backward(_gathered): xp or x", x, token_of, rows, H);
@@ -597,8 +629,8 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   check_side_by_side("moe_fp8_experts_backward", w, grouped, g, u, rows);
   // Gate and up's Dgrad as one GEMM over [dg | du] (below; needs the fused SwiGLU backward) against the pair's copy,
   // else two GEMMs against each weight's own.
-  const bool pair = !grouped && !separate_gate_up_dgrad() && !separate_swiglu_backward() &&
-                    swiglu_fp8_supported(rows, I, g, u, nullptr);
+  const bool pair = gu16 || (!grouped && !separate_gate_up_dgrad() && !separate_swiglu_backward() &&
+                             swiglu_fp8_supported(rows, I, g, u, nullptr));
   const PreparedFp8GateUp* gu = pair ? &linear_detail::fp8_stacked_gate_up(c, w.gate, w.up, E, I, H, stream) : nullptr;
   PreparedFp8Stack sg{}, su{};
   if (!pair) {
@@ -608,8 +640,8 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
   st.next("quant_dy_both_h_tokens");
   // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad); dy quantized both ways in one pass.
-  StreamScratch grads(bytes_of(rows * I, sizeof(float)), stream);
-  float* dh = grads.as<float>();
+  StreamScratch grads(bytes_of(rows * I, gu16 ? sizeof(uint16_t) : sizeof(float)), stream);
+  float* dh = grads.as<float>();  // gu16: BF16 bit patterns
   {
     RowsFp8 dyq(nullptr, rows, H, aligned, E, lt, stream);
     TokensFp8 dyt(nullptr, rows, H, aligned, E, lt, stream);
@@ -639,7 +671,10 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     } else {
       const std::vector<ExpertWeight> wd = expert_weights(sd);
       auto dgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-        fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh + r0 * I, OutType::FP32, s);
+        if (gu16)
+          fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, grads.as<uint16_t>() + r0 * I, OutType::BF16, s);
+        else
+          fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh + r0 * I, OutType::FP32, s);
       };
       auto wgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
         fp8::cuda::gemm_nt_accumulate(gc, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I, s);
@@ -656,7 +691,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   // codes between: each half's 1x128 tiles are its own, so the same codes and scales as apart), for one Dgrad GEMM
   // with K = 2 Ip against [wᵀ_gate | wᵀ_up].
   st.next("swiglu_bwd_quant_dg_du");
-  const bool fused = swiglu_fp8_supported(rows, I, dh, g, u);
+  const bool fused = gu16 || swiglu_fp8_supported(rows, I, dh, g, u);
   require(fused || !pair, "cuda::moe_fp8_experts_backward: dh not 16-byte aligned");
   const int64_t Ip = pair ? gu->padded : I;
   RowsFp8 dgq(nullptr, rows, pair ? 2 * Ip : I, aligned, E, lt, stream);  // pair: [dg | du]
@@ -670,10 +705,13 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
       for (const int64_t at : {I, Ip + I})
         CUDA_CHECK(cudaMemset2DAsync(dgq.codes() + at, static_cast<size_t>(ld), 0, static_cast<size_t>(Ip - I),
                                      static_cast<size_t>(rows), stream));
-    swiglu_backward_quantize_dual_both(
-        dh, g, u, rows, I, gld, aligned, E,
-        Fp8Dual{dgq.codes(), dgq.cpu_scales(), dgt.codes(), dgt.cpu_scales(), ld, scales_ld},
-        Fp8Dual{dgq.codes() + Ip, dgq.cpu_scales() + tiles(I), dut.codes(), dut.cpu_scales(), ld, scales_ld}, stream);
+    const Fp8Dual dg_out{dgq.codes(), dgq.cpu_scales(), dgt.codes(), dgt.cpu_scales(), ld, scales_ld};
+    const Fp8Dual du_out{dgq.codes() + Ip, dgq.cpu_scales() + tiles(I), dut.codes(), dut.cpu_scales(), ld, scales_ld};
+    if (gu16)
+      swiglu_backward_quantize_dual_both(grads.as<uint16_t>(), w.gate_up_bf16, w.gate_up_bf16 + gld / 2, rows, I, gld,
+                                         aligned, E, dg_out, du_out, stream);
+    else
+      swiglu_backward_quantize_dual_both(dh, g, u, rows, I, gld, aligned, E, dg_out, du_out, stream);
     dgq.finish(), dgt.finish(), dut.finish();
   } else if (fused) {
     RowsFp8& duq = *duq_apart;

@@ -30,10 +30,17 @@ using swiglu_detail::silu_grads;
 using swiglu_detail::silu_times;
 
 __device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+// 4 BF16 values (bit patterns, 8-byte aligned) widened.
+__device__ __forceinline__ float4 ld4(const uint16_t* p) {
+  const uint2 b = *reinterpret_cast<const uint2*>(p);
+  return make_float4(__uint_as_float(b.x << 16), __uint_as_float(b.x & 0xFFFF0000u), __uint_as_float(b.y << 16),
+                     __uint_as_float(b.y & 0xFFFF0000u));
+}
 
-// h = silu(g) · u, written to h as it is produced.
+// h = silu(g) · u, written to h as it is produced. G: float, or uint16_t for g and u in BF16.
+template <class G>
 struct ForwardSource {
-  const float *g, *u;
+  const G *g, *u;
   float* h;
   int64_t cols, gu_ld;
   __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
@@ -66,12 +73,14 @@ struct BackwardSource {
 };
 
 // dg and du from dh, g and u: the pipelined kernel's source (fp8_quantize_pipelined.cuh), for both gradients
-// quantized both ways in one pass.
+// quantized both ways in one pass. T: float, or uint16_t for all three in BF16.
+template <class T>
 struct BackwardPairRows {
   static constexpr int kInputs = 3, kOutputs = 2;
-  const float *dh, *g, *u;
+  static constexpr uint32_t kBf16Inputs = sizeof(T) == 2 ? 7u : 0u;
+  const T *dh, *g, *u;
   int64_t cols, gu_ld;
-  __device__ __forceinline__ const float* row(int64_t r, int i) const {
+  __device__ __forceinline__ const void* row(int64_t r, int i) const {
     return i == 0 ? dh + r * cols : (i == 1 ? g : u) + r * gu_ld;
   }
   __device__ __forceinline__ void apply(const float (&in)[3], float (&out)[2]) const {
@@ -81,6 +90,12 @@ struct BackwardPairRows {
 
 bool aligned(const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; }
 
+// swiglu_fp8_supported for BF16 inputs (8-byte aligned: 4 values a load).
+bool supported_bf16(int64_t rows, int64_t cols, const void* a, const void* b, const void* c) {
+  return rows >= 0 && cols >= 0 && rows % kTile == 0 && rows / kTile <= 65535 && cols % 4 == 0 && a != nullptr &&
+         b != nullptr && aligned(a, 8) && aligned(b, 8) && (c == nullptr || aligned(c, 8));
+}
+
 // Fp8Dual's row strides: packed (0), or at least a row and keeping the codes' 4-byte stores aligned.
 bool row_strides_ok(const Fp8Dual& d, int64_t cols) {
   return (d.codes_ld == 0 || (d.codes_ld >= cols && d.codes_ld % 4 == 0)) &&
@@ -89,13 +104,15 @@ bool row_strides_ok(const Fp8Dual& d, int64_t cols) {
 
 int64_t gu_or(int64_t gu_ld, int64_t cols) { return gu_ld != 0 ? gu_ld : cols; }
 
-// g and u (a, b) with row stride gu_ld, c packed (or null).
+// g and u (a, b) with row stride gu_ld, c packed (or null); inputs FP32 (16-byte aligned) or BF16 (8-byte).
 void check(const char* fn, int64_t rows, int64_t cols, int64_t gu_ld, const void* a, const void* b, const void* c,
-           bool outputs_set) {
-  require(swiglu_fp8_supported(rows, cols, a, b, c) && outputs_set && (gu_ld == 0 || (gu_ld >= cols && gu_ld % 4 == 0)),
+           bool outputs_set, bool bf16 = false) {
+  const bool shape_ok = bf16 ? supported_bf16(rows, cols, a, b, c) : swiglu_fp8_supported(rows, cols, a, b, c);
+  require(shape_ok && outputs_set && (gu_ld == 0 || (gu_ld >= cols && gu_ld % 4 == 0)),
           std::string("cuda::") + fn + ": needs rows a multiple of 128 (at most 128 x 65535), cols a multiple of 4, " +
-              "16-byte aligned inputs, g and u's row stride 0 or a multiple of 4 of at least cols, and set outputs, " +
-              "got " + std::to_string(rows) + " x " + std::to_string(cols) + ", stride " + std::to_string(gu_ld));
+              (bf16 ? "8" : "16") + "-byte aligned inputs, g and u's row stride 0 or a multiple of 4 of at least " +
+              "cols, and set outputs, got " + std::to_string(rows) + " x " + std::to_string(cols) + ", stride " +
+              std::to_string(gu_ld));
 }
 
 }  // namespace
@@ -111,7 +128,7 @@ void swiglu_forward_quantize_1x128(const float* g, const float* u, int64_t rows,
   check("swiglu_forward_quantize_1x128", rows, cols, gu_ld, g, u, h, h && codes && scales && aligned(codes, 4));
   TileOutputs o;
   o.rows = rows, o.cols = cols, o.codes = codes, o.scales = scales;
-  launch_quantize_tiles<true, false>(ForwardSource{g, u, h, cols, gu_or(gu_ld, cols)}, o, stream);
+  launch_quantize_tiles<true, false>(ForwardSource<float>{g, u, h, cols, gu_or(gu_ld, cols)}, o, stream);
 }
 
 void swiglu_backward_quantize_dual(const float* dh, const float* g, const float* u, int64_t rows, int64_t cols,
@@ -129,15 +146,22 @@ void swiglu_backward_quantize_dual(const float* dh, const float* g, const float*
     launch_quantize_tiles<true, true>(BackwardSource<false>{dh, g, nullptr, cols, gu_or(gu_ld, cols)}, o, stream);
 }
 
-void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const float* u, int64_t rows, int64_t cols,
-                                        int64_t gu_ld, const int64_t* bounds, int64_t n_groups, const Fp8Dual& dg, const Fp8Dual& du,
-                                        cudaStream_t stream) {
+namespace {
+
+template <class T>
+void backward_dual_both(const char* fn, const T* dh, const T* g, const T* u, int64_t rows, int64_t cols, int64_t gu_ld,
+                        const int64_t* bounds, int64_t n_groups, const Fp8Dual& dg, const Fp8Dual& du,
+                        cudaStream_t stream) {
   auto set = [&](const Fp8Dual& d) {
     return row_strides_ok(d, cols) && d.codes && d.scales && d.codes_t && d.scales_t && aligned(d.codes, 4) &&
            aligned(d.codes_t, 4);
   };
-  check("swiglu_backward_quantize_dual_both", rows, cols, gu_ld, g, u, dh,
-        u && set(dg) && set(du) && (bounds == nullptr || n_groups > 0));
+  check(fn, rows, cols, gu_ld, g, u, dh, u && set(dg) && set(du) && (bounds == nullptr || n_groups > 0),
+        sizeof(T) == 2);
+  if constexpr (sizeof(T) == 2)  // the pipelined kernel copies 16 bytes (8 values) at a time
+    require(cols % 8 == 0 && gu_ld % 8 == 0 && aligned(dh, 16) && aligned(g, 16) && aligned(u, 16),
+            std::string("cuda::") + fn + ": BF16 inputs need cols and g, u's row stride multiples of 8 and 16-byte " +
+                "aligned dh, g and u, got cols " + std::to_string(cols) + ", stride " + std::to_string(gu_ld));
   TileOutputs a;
   a.rows = rows, a.cols = cols, a.bounds = bounds, a.n_groups = n_groups;
   TileOutputs b = a;
@@ -145,19 +169,57 @@ void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const f
   a.codes_ld = dg.codes_ld, a.scales_ld = dg.scales_ld;
   b.codes = du.codes, b.scales = du.scales, b.codes_t = du.codes_t, b.scales_t = du.scales_t;
   b.codes_ld = du.codes_ld, b.scales_ld = du.scales_ld;
-  launch_quantize_pipelined(BackwardPairRows{dh, g, u, cols, gu_or(gu_ld, cols)}, PipeOutputs<2>{{a, b}}, stream);
+  launch_quantize_pipelined(BackwardPairRows<T>{dh, g, u, cols, gu_or(gu_ld, cols)}, PipeOutputs<2>{{a, b}}, stream);
 }
 
-void swiglu_forward_quantize_dual(const float* g, const float* u, int64_t rows, int64_t cols, int64_t gu_ld, float* h,
-                                  const int64_t* bounds, int64_t n_groups, const Fp8Dual& out, cudaStream_t stream) {
-  check("swiglu_forward_quantize_dual", rows, cols, gu_ld, g, u, h,
+template <class G>
+void forward_dual(const char* fn, const G* g, const G* u, int64_t rows, int64_t cols, int64_t gu_ld, float* h,
+                  const int64_t* bounds, int64_t n_groups, const Fp8Dual& out, cudaStream_t stream) {
+  check(fn, rows, cols, gu_ld, g, u, h,
         row_strides_ok(out, cols) && out.codes && out.scales && out.codes_t && out.scales_t &&
-            aligned(out.codes, 4) && aligned(out.codes_t, 4) && (bounds == nullptr || n_groups > 0));
+            aligned(out.codes, 4) && aligned(out.codes_t, 4) && (bounds == nullptr || n_groups > 0),
+        sizeof(G) == 2);
   TileOutputs o;
   o.rows = rows, o.cols = cols, o.codes = out.codes, o.scales = out.scales, o.codes_t = out.codes_t,
   o.scales_t = out.scales_t, o.bounds = bounds, o.n_groups = n_groups;
   o.codes_ld = out.codes_ld, o.scales_ld = out.scales_ld;
-  launch_quantize_tiles<true, true>(ForwardSource{g, u, h, cols, gu_or(gu_ld, cols)}, o, stream);
+  launch_quantize_tiles<true, true>(ForwardSource<G>{g, u, h, cols, gu_or(gu_ld, cols)}, o, stream);
+}
+
+}  // namespace
+
+void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const float* u, int64_t rows, int64_t cols,
+                                        int64_t gu_ld, const int64_t* bounds, int64_t n_groups, const Fp8Dual& dg,
+                                        const Fp8Dual& du, cudaStream_t stream) {
+  backward_dual_both("swiglu_backward_quantize_dual_both", dh, g, u, rows, cols, gu_ld, bounds, n_groups, dg, du,
+                     stream);
+}
+
+void swiglu_backward_quantize_dual_both(const uint16_t* dh, const uint16_t* g, const uint16_t* u, int64_t rows,
+                                        int64_t cols, int64_t gu_ld, const int64_t* bounds, int64_t n_groups,
+                                        const Fp8Dual& dg, const Fp8Dual& du, cudaStream_t stream) {
+  backward_dual_both("swiglu_backward_quantize_dual_both (BF16)", dh, g, u, rows, cols, gu_ld, bounds, n_groups, dg,
+                     du, stream);
+}
+
+void swiglu_forward_quantize_dual(const float* g, const float* u, int64_t rows, int64_t cols, int64_t gu_ld, float* h,
+                                  const int64_t* bounds, int64_t n_groups, const Fp8Dual& out, cudaStream_t stream) {
+  forward_dual("swiglu_forward_quantize_dual", g, u, rows, cols, gu_ld, h, bounds, n_groups, out, stream);
+}
+
+void swiglu_forward_quantize_dual(const uint16_t* g, const uint16_t* u, int64_t rows, int64_t cols, int64_t gu_ld,
+                                  float* h, const int64_t* bounds, int64_t n_groups, const Fp8Dual& out,
+                                  cudaStream_t stream) {
+  forward_dual("swiglu_forward_quantize_dual (BF16)", g, u, rows, cols, gu_ld, h, bounds, n_groups, out, stream);
+}
+
+void swiglu_forward_quantize_1x128(const uint16_t* g, const uint16_t* u, int64_t rows, int64_t cols, int64_t gu_ld,
+                                   float* h, uint8_t* codes, float* scales, cudaStream_t stream) {
+  check("swiglu_forward_quantize_1x128 (BF16)", rows, cols, gu_ld, g, u, h, codes && scales && aligned(codes, 4),
+        true);
+  TileOutputs o;
+  o.rows = rows, o.cols = cols, o.codes = codes, o.scales = scales;
+  launch_quantize_tiles<true, false>(ForwardSource<uint16_t>{g, u, h, cols, gu_or(gu_ld, cols)}, o, stream);
 }
 
 }  // namespace moerl::cuda

@@ -59,4 +59,16 @@ void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const f
                                         int64_t gu_ld, const int64_t* bounds, int64_t n_groups, const Fp8Dual& dg, const Fp8Dual& du,
                                         cudaStream_t stream = nullptr);
 
+// BF16 inputs (bit patterns; the FP8 experts' g | u and dh as their GEMMs write them, MoeFp8Experts::gate_up_bf16):
+// the bytes the FP32 functions above give for the inputs widened to FP32 (every BF16 value is exact in FP32). Pointers
+// 8-byte aligned instead of 16; h (FP32) may be null.
+void swiglu_forward_quantize_1x128(const uint16_t* g, const uint16_t* u, int64_t rows, int64_t cols, int64_t gu_ld,
+                                   float* h, uint8_t* codes, float* scales, cudaStream_t stream = nullptr);
+void swiglu_forward_quantize_dual(const uint16_t* g, const uint16_t* u, int64_t rows, int64_t cols, int64_t gu_ld,
+                                  float* h, const int64_t* bounds, int64_t n_groups, const Fp8Dual& out,
+                                  cudaStream_t stream = nullptr);
+void swiglu_backward_quantize_dual_both(const uint16_t* dh, const uint16_t* g, const uint16_t* u, int64_t rows,
+                                        int64_t cols, int64_t gu_ld, const int64_t* bounds, int64_t n_groups,
+                                        const Fp8Dual& dg, const Fp8Dual& du, cudaStream_t stream = nullptr);
+
 }  // namespace moerl::cuda

@@ -16,6 +16,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/moe_experts.hpp"
 #include "kernels/cuda/moe_fp8.hpp"
 #include "kernels/cuda/moe_permute.hpp"
 #include "kernels/cuda/router.hpp"
@@ -50,6 +51,25 @@ bool fp32_dxp() {
   return fp32;
 }
 
+// MOERL_MOE_GU=fp32: the FP8 experts' (and FP8 dense blocks') g | u and dh in FP32 instead of BF16 (for comparing
+// on the device; MoeFp8Experts::gate_up_bf16). Then no longer kernels/cpu's FP8 recipe to the bit, which rounds them.
+// Read once per process.
+bool fp32_gate_up() {
+  static const bool fp32 = env_switch("MOERL_MOE_GU", "bf16", "fp32");
+  return fp32;
+}
+
+// The FP8 recipe's GEMM outputs that feed SwiGLU (g, u) and its gradient (dh) are BF16 values, as DeepSeek-V3's FP8
+// GEMMs output BF16 (runtime/model/feed_forward.cpp): paths that hold them in FP32 round them in place.
+void round_if_fp8(Precision p, float* x, int64_t n, cudaStream_t stream) {
+  if (p == Precision::FP8) cuda::round_to_bf16(x, n, stream);
+}
+
+// Sets w's g | u in BF16 at `storage` where the FP8 experts' kernels take it (and MOERL_MOE_GU is not fp32).
+void use_bf16_gate_up(cuda::MoeFp8Experts& w, void* storage) {
+  if (!fp32_gate_up() && cuda::moe_fp8_gate_up_bf16_supported(w)) w.gate_up_bf16 = static_cast<uint16_t*>(storage);
+}
+
 SwigluParams swiglu_params(ParamStore& params, const std::string& prefix) {
   return {&params.at(prefix + ".gate_proj.weight"), &params.at(prefix + ".up_proj.weight"),
           &params.at(prefix + ".down_proj.weight")};
@@ -69,7 +89,8 @@ GpuDense::GpuDense(ParamStore& params, const std::string& prefix, int64_t hidden
 
 void GpuDense::bind(Slab& s, int64_t tokens) {
   tokens_ = tokens;
-  g_ = s.take<float>(tokens * inter_);
+  // Also room for the FP8 expert's g | u in BF16, [T, 2 Ip] (fp8_expert()).
+  g_ = s.take<float>(tokens * cuda::moe_fp8_gate_up_padded(inter_));
   u_ = s.take<float>(tokens * inter_);
   h_ = s.take<float>(tokens * inter_);
   rows_ = s.take<int64_t>(2);
@@ -84,8 +105,13 @@ bool GpuDense::as_fp8_expert(Precision p) const {
 }
 
 cuda::MoeFp8Experts GpuDense::fp8_expert() const {
-  return cuda::MoeFp8Experts{w_.gate->value, w_.up->value, w_.down->value, w_.gate->grad, w_.up->grad,
-                             w_.down->grad,  1,            hidden_,       inter_};
+  cuda::MoeFp8Experts w{w_.gate->value, w_.up->value, w_.down->value, w_.gate->grad, w_.up->grad,
+                        w_.down->grad,  1,            hidden_,       inter_};
+  // g | u side by side in BF16 over g_'s storage where the kernels take it; else g and u apart in FP32.
+  w.gate_up_side_by_side = true;
+  use_bf16_gate_up(w, g_);
+  w.gate_up_side_by_side = w.gate_up_bf16 != nullptr;
+  return w;
 }
 
 void GpuDense::forward(const float* x, float* y, const Run& r) {
@@ -101,6 +127,8 @@ void GpuDense::forward(const float* x, float* y, const Run& r) {
   }
   cuda::linear_forward(*r.linear, r.precision, x, w_.gate->value, g_, T, I, H, r.stream);
   cuda::linear_forward(*r.linear, r.precision, x, w_.up->value, u_, T, I, H, r.stream);
+  round_if_fp8(r.precision, g_, T * I, r.stream);
+  round_if_fp8(r.precision, u_, T * I, r.stream);
   cuda::swiglu_forward(g_, u_, h_, T * I, r.stream);
   cuda::linear_forward(*r.linear, r.precision, h_, w_.down->value, y, T, H, I, r.stream);
 }
@@ -115,6 +143,7 @@ void GpuDense::backward(const float* dy, float* dx, const Run& r) {
   }
   Temp<float> dh(T * I, r), dg(T * I, r), du(T * I, r), dx_up(T * H, r);
   cuda::linear_backward(lin, p, dy, h_, w_.down->value, dh.get(), w_.down->grad, T, H, I, r.stream);
+  round_if_fp8(p, dh.get(), T * I, r.stream);
   cuda::swiglu_backward(dh.get(), g_, u_, dg.get(), du.get(), T * I, r.stream);
   cuda::linear_backward(lin, p, dg.get(), x_, w_.gate->value, dx, w_.gate->grad, T, I, H, r.stream);
   cuda::linear_backward(lin, p, du.get(), x_, w_.up->value, dx_up.get(), w_.up->grad, T, I, H, r.stream);
@@ -302,6 +331,8 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
     cuda::linear_forward(lin, p, xp.get() + r0 * H, gate_w_ + e * I * H, gp_ + r0 * I, n, I, H, r.stream);
     cuda::linear_forward(lin, p, xp.get() + r0 * H, up_w_ + e * I * H, up_ + r0 * I, n, I, H, r.stream);
   }
+  round_if_fp8(p, gp_, R * I, r.stream);
+  round_if_fp8(p, up_, R * I, r.stream);
   cuda::swiglu_forward(gp_, up_, hp_, R * I, r.stream);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = off[e], n = off[e + 1] - r0;
@@ -421,6 +452,7 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
         cuda::linear_backward(lin, p, dyp.get() + r0 * H, hp_ + r0 * I, down_w_ + e * H * I, dh.get() + r0 * I,
                               down_g_ + e * H * I, n, H, I, r.stream);
       }
+      round_if_fp8(p, dh.get(), R * I, r.stream);
       cuda::swiglu_backward(dh.get(), gp_, up_, dg.get(), du.get(), R * I, r.stream);
       Temp<float> dxp_up(R * H, r);
       for (int64_t e = 0; e < E; ++e) {
@@ -496,6 +528,7 @@ cuda::MoeFp8Experts GpuMoe::experts_fp8() const {
   // (for comparing the two on the device). The lanes GEMM form only.
   static const bool separate = env_switch("MOERL_MOE_FPROP", "pair", "separate");
   w.gate_up_side_by_side = !separate && cuda::moe_fp8_gemm(w.gemm) == cuda::MoeFp8Gemm::Lanes;
+  use_bf16_gate_up(w, gp_);  // g | u in BF16 over gp_'s storage (half of it)
   return w;
 }
 

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "kernels/half.hpp"
 #include "kernels/moe_permute.hpp"
 #include "kernels/router.hpp"
 #include "kernels/swiglu.hpp"
@@ -33,11 +34,20 @@ float* at_least(std::vector<float>& v, int64_t n) {
   return v.data();
 }
 
+// The FP8 recipe's GEMM outputs that feed SwiGLU (g and u) and its gradient (dh) are BF16 values, as DeepSeek-V3's
+// FP8 GEMMs output BF16 (the GPU holds them so: kernels/cuda/moe_fp8.hpp, MoeFp8Experts::gate_up_bf16).
+void round_if_fp8(Precision p, float* x, int64_t n) {
+  if (p == Precision::FP8)
+    for (int64_t i = 0; i < n; ++i) x[i] = round_bf16(x[i]);
+}
+
 // One SwiGLU MLP over n rows: x [n, H] -> y [n, H] (overwritten); g, u, h [n, I] kept for backward.
 void swiglu_mlp_forward(Precision p, const SwigluWeights& w, const float* x, int64_t n, int64_t H, int64_t I,
                         float* g, float* u, float* h, float* y) {
   cpu::linear_forward(p, x, w.gate->value.data<float>(), g, n, I, H);
   cpu::linear_forward(p, x, w.up->value.data<float>(), u, n, I, H);
+  round_if_fp8(p, g, n * I);
+  round_if_fp8(p, u, n * I);
   cpu::swiglu_forward(g, u, h, n * I);
   cpu::linear_forward(p, h, w.down->value.data<float>(), y, n, H, I);
 }
@@ -56,6 +66,7 @@ void swiglu_mlp_backward(Precision p, const SwigluWeights& w, const float* dy, c
   float* du = at_least(s.du, n * I);
   float* dx_up = at_least(s.dx_up, n * H);
   cpu::linear_backward(p, dy, h, w.down->value.data<float>(), dh, w.down->grad.data<float>(), n, H, I);
+  round_if_fp8(p, dh, n * I);
   cpu::swiglu_backward(dh, g, u, dg, du, n * I);
   cpu::linear_backward(p, dg, x, w.gate->value.data<float>(), dx, w.gate->grad.data<float>(), n, I, H);
   cpu::linear_backward(p, du, x, w.up->value.data<float>(), dx_up, w.up->grad.data<float>(), n, I, H);

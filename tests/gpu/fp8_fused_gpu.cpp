@@ -21,6 +21,7 @@
 #include "kernels/cuda/swiglu_fp8.hpp"
 #include "kernels/fp8.hpp"
 #include "kernels/fp8_quantize.hpp"
+#include "kernels/half.hpp"
 #include "tests/gpu/moe_gpu_support.hpp"
 
 namespace moerl::moe_gpu_test {
@@ -464,6 +465,88 @@ TEST_F(Fp8FusedGpu, SwigluReadsAndWritesHalvesOfWiderMatrices) {
     expect_same_bits(stu2.download(), stu.download(), what + " du token scales");
   }
   std::printf("[ fp8 fused ] SwiGLU with g and u side by side, dg and du written side by side: the packed bytes\n");
+}
+
+// g, u and dh in BF16 (the FP8 experts' MoeFp8Experts::gate_up_bf16): the BF16 kernels give the bytes of the FP32
+// ones on the same values widened (every BF16 value is exact in FP32), for whole and partial tiles, g and u side by
+// side, [dg | du] side by side.
+TEST_F(Fp8FusedGpu, SwigluFromBf16InputsGivesTheBytesOfTheWidenedFp32Inputs) {
+  std::mt19937_64 rng(run_seed() + 106);
+  const std::vector<int64_t> bounds = {0, 256, 384};
+  const int64_t groups = static_cast<int64_t>(bounds.size()) - 1;
+  DeviceBuffer<int64_t> db(bounds);
+  for (int64_t cols : {256, 208}) {
+    const int64_t rows = bounds.back(), n = rows * cols, t = tiles(cols);
+    const int64_t P = (cols + 127) / 128 * 128, ld = 2 * P;
+    const std::string what = shape_name(rows, cols) + " BF16";
+    auto bf16_of = [](std::vector<float>& x) {  // x rounded to BF16 in place; its bit patterns
+      std::vector<uint16_t> b(x.size());
+      for (size_t i = 0; i < x.size(); ++i) b[i] = bf16_from_float(x[i]), x[i] = float_from_bf16(b[i]);
+      return b;
+    };
+    std::vector<float> gh = normal_values(static_cast<size_t>(n), 3.0f, rng), uh = normal_values(static_cast<size_t>(n), 1.0f, rng);
+    std::vector<float> dhh = random_activation(rows, cols, rng);
+    const std::vector<uint16_t> g16 = bf16_of(gh), u16 = bf16_of(uh), dh16 = bf16_of(dhh);
+    std::vector<uint16_t> gu16(static_cast<size_t>(rows * ld), 0x7FC0);  // NaN between the halves
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy_n(g16.begin() + r * cols, cols, gu16.begin() + r * ld);
+      std::copy_n(u16.begin() + r * cols, cols, gu16.begin() + r * ld + P);
+    }
+    DeviceBuffer<float> g(gh), u(uh), dh(dhh);
+    DeviceBuffer<uint16_t> gu(gu16), dhb(dh16);
+    const uint16_t* gw = gu.get();
+    const uint16_t* uw = gu.get() + P;
+    {  // forward, both ways and rows only
+      DeviceBuffer<float> h(n), h2(n), h3(n), s(rows * t), s2(rows * t), s3(rows * t), st(cols * rows / 128),
+          st2(cols * rows / 128);
+      DeviceBuffer<uint8_t> c(n), c2(n), c3(n), ct(n), ct2(n);
+      for (auto* b : {&h2, &h3, &s2, &s3, &st2}) b->poison();
+      for (auto* b : {&c2, &c3, &ct2}) b->poison();
+      cuda::swiglu_forward_quantize_dual(g.get(), u.get(), rows, cols, 0, h.get(), db.get(), groups,
+                                         cuda::Fp8Dual{c.get(), s.get(), ct.get(), st.get()});
+      cuda::swiglu_forward_quantize_dual(gw, uw, rows, cols, ld, h2.get(), db.get(), groups,
+                                         cuda::Fp8Dual{c2.get(), s2.get(), ct2.get(), st2.get()});
+      cuda::swiglu_forward_quantize_1x128(gw, uw, rows, cols, ld, h3.get(), c3.get(), s3.get());
+      CUDA_CHECK(cudaDeviceSynchronize());
+      expect_same_bits(h2.download(), h.download(), what + " forward h");
+      expect_same_bits(c2.download(), c.download(), what + " forward row codes");
+      expect_same_bits(s2.download(), s.download(), what + " forward row scales");
+      expect_same_bits(ct2.download(), ct.download(), what + " forward token codes");
+      expect_same_bits(st2.download(), st.download(), what + " forward token scales");
+      expect_same_bits(h3.download(), h.download(), what + " forward (rows only) h");
+      expect_same_bits(c3.download(), c.download(), what + " forward (rows only) codes");
+      expect_same_bits(s3.download(), s.download(), what + " forward (rows only) scales");
+    }
+    // Backward: [dg | du] row codes side by side, each gradient's token codes apart, FP32 and BF16 inputs.
+    auto backward = [&](bool bf16, std::vector<uint8_t>& codes, std::vector<float>& scales,
+                        std::vector<uint8_t>& codes_t, std::vector<float>& scales_t) {
+      DeviceBuffer<uint8_t> c(2 * n), ctg(n), ctu(n);
+      DeviceBuffer<float> s(rows * 2 * t), stg(cols * rows / 128), stu(cols * rows / 128);
+      c.poison(), s.poison(), ctg.poison(), ctu.poison(), stg.poison(), stu.poison();
+      const cuda::Fp8Dual dg{c.get(), s.get(), ctg.get(), stg.get(), 2 * cols, 2 * t};
+      const cuda::Fp8Dual du{c.get() + cols, s.get() + t, ctu.get(), stu.get(), 2 * cols, 2 * t};
+      if (bf16)
+        cuda::swiglu_backward_quantize_dual_both(dhb.get(), gw, uw, rows, cols, ld, db.get(), groups, dg, du);
+      else
+        cuda::swiglu_backward_quantize_dual_both(dh.get(), g.get(), u.get(), rows, cols, 0, db.get(), groups, dg, du);
+      CUDA_CHECK(cudaDeviceSynchronize());
+      codes = c.download(), scales = s.download();
+      codes_t = ctg.download(), scales_t = stg.download();
+      const std::vector<uint8_t> cu = ctu.download();
+      const std::vector<float> su = stu.download();
+      codes_t.insert(codes_t.end(), cu.begin(), cu.end());
+      scales_t.insert(scales_t.end(), su.begin(), su.end());
+    };
+    std::vector<uint8_t> c32, c16, ct32, ct16;
+    std::vector<float> s32, s16, st32, st16;
+    backward(false, c32, s32, ct32, st32);
+    backward(true, c16, s16, ct16, st16);
+    expect_same_bits(c16, c32, what + " [dg | du] row codes");
+    expect_same_bits(s16, s32, what + " [dg | du] row scales");
+    expect_same_bits(ct16, ct32, what + " dg, du token codes");
+    expect_same_bits(st16, st32, what + " dg, du token scales");
+  }
+  std::printf("[ fp8 fused ] SwiGLU from BF16 g | u and dh: the bytes of the FP32 kernels on the widened values\n");
 }
 
 TEST_F(Fp8FusedGpu, ReportsBandwidth) {

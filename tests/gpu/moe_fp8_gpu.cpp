@@ -388,45 +388,75 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
   const std::vector<float> g0 = normal_values(static_cast<size_t>(E * I * H), 1e-3f, rng);  // grads accumulate
   const std::vector<float> d0 = normal_values(static_cast<size_t>(E * H * I), 1e-3f, rng);
 
-  // CPU: the FP8 recipe per expert on its own rows, as runtime/model/feed_forward.cpp runs it.
-  std::vector<float> ref_yp(xp.size(), 0.0f), ref_dxp(xp.size(), 0.0f), ref_gg = g0, ref_ug = g0, ref_dg = d0;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = kCounts[e];
-    if (n == 0) continue;
-    const float* x = xp.data() + aligned[e] * H;
-    const float* dy = dyp.data() + aligned[e] * H;
-    std::vector<float> g(n * I), u(n * I), h(n * I), dh(n * I), dg(n * I), du(n * I), dxu(n * H);
-    cpu::linear_forward(Precision::FP8, x, wg.data() + e * I * H, g.data(), n, I, H);
-    cpu::linear_forward(Precision::FP8, x, wu.data() + e * I * H, u.data(), n, I, H);
-    cpu::swiglu_forward(g.data(), u.data(), h.data(), n * I);
-    cpu::linear_forward(Precision::FP8, h.data(), wd.data() + e * H * I, ref_yp.data() + aligned[e] * H, n, H, I);
-    cpu::linear_backward(Precision::FP8, dy, h.data(), wd.data() + e * H * I, dh.data(), ref_dg.data() + e * H * I, n,
-                         H, I);
-    cpu::swiglu_backward(dh.data(), g.data(), u.data(), dg.data(), du.data(), n * I);
-    float* dx = ref_dxp.data() + aligned[e] * H;
-    cpu::linear_backward(Precision::FP8, dg.data(), x, wg.data() + e * I * H, dx, ref_gg.data() + e * I * H, n, I, H);
-    cpu::linear_backward(Precision::FP8, du.data(), x, wu.data() + e * I * H, dxu.data(), ref_ug.data() + e * I * H,
-                         n, I, H);
-    for (int64_t i = 0; i < n * H; ++i) dx[i] += dxu[i];
-  }
+  // CPU: the FP8 recipe per expert on its own rows, as runtime/model/feed_forward.cpp runs it: g, u and dh rounded to
+  // BF16 (round_bf16s; the GPU form with gate_up_bf16), or left in FP32 (the forms that keep them so).
+  struct Reference {
+    std::vector<float> yp, dxp, gg, ug, dg;
+  };
+  auto reference = [&](bool round_bf16s) {
+    Reference ref{std::vector<float>(xp.size(), 0.0f), std::vector<float>(xp.size(), 0.0f), g0, g0, d0};
+    auto round = [&](std::vector<float>& v) {
+      if (round_bf16s)
+        for (float& x : v) x = round_bf16(x);
+    };
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t n = kCounts[e];
+      if (n == 0) continue;
+      const float* x = xp.data() + aligned[e] * H;
+      const float* dy = dyp.data() + aligned[e] * H;
+      std::vector<float> g(n * I), u(n * I), h(n * I), dh(n * I), dg(n * I), du(n * I), dxu(n * H);
+      cpu::linear_forward(Precision::FP8, x, wg.data() + e * I * H, g.data(), n, I, H);
+      cpu::linear_forward(Precision::FP8, x, wu.data() + e * I * H, u.data(), n, I, H);
+      round(g), round(u);
+      cpu::swiglu_forward(g.data(), u.data(), h.data(), n * I);
+      cpu::linear_forward(Precision::FP8, h.data(), wd.data() + e * H * I, ref.yp.data() + aligned[e] * H, n, H, I);
+      cpu::linear_backward(Precision::FP8, dy, h.data(), wd.data() + e * H * I, dh.data(), ref.dg.data() + e * H * I,
+                           n, H, I);
+      round(dh);
+      cpu::swiglu_backward(dh.data(), g.data(), u.data(), dg.data(), du.data(), n * I);
+      float* dx = ref.dxp.data() + aligned[e] * H;
+      cpu::linear_backward(Precision::FP8, dg.data(), x, wg.data() + e * I * H, dx, ref.gg.data() + e * I * H, n, I,
+                           H);
+      cpu::linear_backward(Precision::FP8, du.data(), x, wu.data() + e * I * H, dxu.data(), ref.ug.data() + e * I * H,
+                           n, I, H);
+      for (int64_t i = 0; i < n * H; ++i) dx[i] += dxu[i];
+    }
+    return ref;
+  };
+  const Reference ref32 = reference(false), ref16 = reference(true);
 
   // Both forms of the experts' GEMMs: grouped (one launch per projection) and lanes (cuBLASLt per expert), the lanes
-  // also with g and u side by side in one [rows, 2 Ip] matrix (gate and up's Fprop one GEMM).
-  using Variant = std::pair<cuda::MoeFp8Gemm, bool>;
-  for (const auto& [form, side] : {Variant{cuda::MoeFp8Gemm::Grouped, false}, Variant{cuda::MoeFp8Gemm::Lanes, false},
-                                   Variant{cuda::MoeFp8Gemm::Lanes, true}}) {
-    const char* form_name = form == cuda::MoeFp8Gemm::Grouped ? "grouped" : side ? "lanes, g | u" : "lanes";
+  // also with g and u side by side in one [rows, 2 Ip] matrix (gate and up's Fprop one GEMM), in FP32 and in BF16
+  // (gate_up_bf16, with dh in BF16).
+  struct Variant {
+    cuda::MoeFp8Gemm form;
+    bool side, bf16;
+  };
+  for (const Variant v : {Variant{cuda::MoeFp8Gemm::Grouped, false, false},
+                          Variant{cuda::MoeFp8Gemm::Lanes, false, false}, Variant{cuda::MoeFp8Gemm::Lanes, true, false},
+                          Variant{cuda::MoeFp8Gemm::Lanes, true, true}}) {
+    const cuda::MoeFp8Gemm form = v.form;
+    const bool side = v.side;
+    const char* form_name =
+        form == cuda::MoeFp8Gemm::Grouped ? "grouped" : side ? (v.bf16 ? "lanes, g | u bf16" : "lanes, g | u") : "lanes";
     SCOPED_TRACE(form_name);
+    const Reference& ref = v.bf16 ? ref16 : ref32;
     const int64_t gld = side ? 2 * ((I + 127) / 128 * 128) : I;  // g and u's row stride; u = g + gld / 2 side by side
     DeviceBuffer<float> d_xp(xp), d_dyp(dyp), d_wg(wg), d_wu(wu), d_wd(wd), d_gg(g0), d_ug(g0), d_dg(d0);
     DeviceBuffer<float> d_gu(2 * RA * gld), d_h(RA * I), d_yp(RA * H), d_dxp(RA * H);
-    float* const d_g = d_gu.get();
-    float* const d_u = side ? d_g + gld / 2 : d_g + RA * I;
+    DeviceBuffer<uint16_t> d_gu16(RA * gld), d_gu16_2(RA * gld);  // g | u in BF16 (the bf16 variant's)
+    d_gu16.poison(), d_gu16_2.poison();
+    float* const d_g = v.bf16 ? nullptr : d_gu.get();
+    float* const d_u = v.bf16 ? nullptr : side ? d_g + gld / 2 : d_g + RA * I;
     DeviceBuffer<int64_t> d_aligned(aligned);
     for (DeviceBuffer<float>* b : {&d_gu, &d_h, &d_yp, &d_dxp}) b->poison();
     cuda::LinearContext ctx;
     cuda::MoeFp8Experts w{d_wg.get(), d_wu.get(), d_wd.get(), d_gg.get(), d_ug.get(), d_dg.get(), E, H, I, form};
     w.gate_up_side_by_side = side;
+    if (v.bf16) {
+      ASSERT_TRUE(cuda::moe_fp8_gate_up_bf16_supported(w));
+      w.gate_up_bf16 = d_gu16.get();
+    }
     ASSERT_EQ(cuda::moe_fp8_gate_up_ld(w), gld);
     cuda::moe_fp8_experts_forward(ctx, w, d_xp.get(), aligned.data(), d_aligned.get(), d_g, d_u, d_h.get(),
                                   d_yp.get());
@@ -439,11 +469,11 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
       std::printf("[ moe fp8  ] %-7s %-10s rel_l2 %.3e (limit 1e-2)\n", form_name, what, err);
       EXPECT_LT(err, 1e-2) << what;
     };
-    expect("yp", d_yp.download(), ref_yp);
-    expect("dxp", d_dxp.download(), ref_dxp);
-    expect("gate grad", d_gg.download(), ref_gg);
-    expect("up grad", d_ug.download(), ref_ug);
-    expect("down grad", d_dg.download(), ref_dg);
+    expect("yp", d_yp.download(), ref.yp);
+    expect("dxp", d_dxp.download(), ref.dxp);
+    expect("gate grad", d_gg.download(), ref.gg);
+    expect("up grad", d_ug.download(), ref.ug);
+    expect("down grad", d_dg.download(), ref.dg);
     // Zero rows stay exactly zero (combine never reads them, but they feed the next quantization).
     const std::vector<float> yp = d_yp.download();
     for (int64_t e = 0; e < E; ++e)
@@ -466,8 +496,8 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     DeviceBuffer<float> d_x(x), d_gg2(g0), d_ug2(g0), d_dg2(d0);
     DeviceBuffer<float> d_gu2(2 * RA * gld), d_h2(RA * I), d_dxp2(RA * H);
     DeviceBuffer<uint16_t> d_yp2(RA * H);  // BF16
-    float* const d_g2 = d_gu2.get();
-    float* const d_u2 = side ? d_g2 + gld / 2 : d_g2 + RA * I;
+    float* const d_g2 = v.bf16 ? nullptr : d_gu2.get();
+    float* const d_u2 = v.bf16 ? nullptr : side ? d_g2 + gld / 2 : d_g2 + RA * I;
     DeviceBuffer<int64_t> d_token_of(token_of);
     for (DeviceBuffer<float>* b : {&d_gu2, &d_h2, &d_dxp2}) b->poison();
     d_yp2.poison();
@@ -477,6 +507,7 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     d_xct.poison(), d_xst.poison(), d_hct.poison(), d_hst.poison();
     cuda::MoeFp8Experts w2{d_wg.get(), d_wu.get(), d_wd.get(), d_gg2.get(), d_ug2.get(), d_dg2.get(), E, H, I, form};
     w2.gate_up_side_by_side = side;
+    if (v.bf16) w2.gate_up_bf16 = d_gu16_2.get();
     w2.x_codes_t = d_xct.get(), w2.x_scales_t = d_xst.get(), w2.h_codes_t = d_hct.get(), w2.h_scales_t = d_hst.get();
     cuda::moe_fp8_experts_forward_gathered(ctx, w2, d_x.get(), tokens, d_token_of.get(), aligned.data(),
                                            d_aligned.get(),
@@ -526,6 +557,7 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     cuda::MoeFp8Experts w3{d_wg.get(), d_wu.get(), d_wd.get(), d_gg3.get(), d_ug3.get(), d_dg3.get(), E, H, I, form};
     cuda::MoeFp8Experts w4{d_wg.get(), d_wu.get(), d_wd.get(), d_gg4.get(), d_ug4.get(), d_dg4.get(), E, H, I, form};
     w3.gate_up_side_by_side = w4.gate_up_side_by_side = side;
+    w3.gate_up_bf16 = w4.gate_up_bf16 = w2.gate_up_bf16;  // read what w2's forward wrote
     // x's and h's token codes kept by w2's forward of the same rows (h itself not passed); w3 quantizes both.
     w4.x_codes_t = d_xct.get(), w4.x_scales_t = d_xst.get(), w4.h_codes_t = d_hct.get(), w4.h_scales_t = d_hst.get();
     cuda::moe_fp8_experts_backward_gathered(ctx, w3, d_dyp3.get(), d_x.get(), d_token_of.get(), d_g2, d_u2,
