@@ -25,7 +25,9 @@
 // benchmark's shape (98304 x 1408) 0.98-1.01 ms against 1.31 with the block kernel. The scheme lost wherever the
 // block kernel runs two blocks per SM (one input or two): quantize_1x128_dual at 8192 x 8192 2.33-2.42 TB/s (with
 // whole tiles and 1024 threads 2.38-2.46) against 2.66-2.83, h from g and u 0.63 against 0.58 ms, the routed
-// experts' gathered output gradient 0.90 against 0.80 ms; those stay on the block kernel.
+// experts' gathered output gradient 0.90 against 0.80 ms; those stay on the block kernel. So did h from g and u in
+// BF16 (2 inputs of 16 KiB a stage, 3 stages): 0.597 against the block kernel's 0.555-0.563 ms
+// (bench/results/2026-11-29-gpu-router-swiglu-fwd-h200-78383af+tried.txt).
 #pragma once
 #include <cuda_runtime.h>
 

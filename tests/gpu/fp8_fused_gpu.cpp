@@ -507,7 +507,17 @@ TEST_F(Fp8FusedGpu, SwigluFromBf16InputsGivesTheBytesOfTheWidenedFp32Inputs) {
       cuda::swiglu_forward_quantize_dual(gw, uw, rows, cols, ld, h2.get(), db.get(), groups,
                                          cuda::Fp8Dual{c2.get(), s2.get(), ct2.get(), st2.get()});
       cuda::swiglu_forward_quantize_1x128(gw, uw, rows, cols, ld, h3.get(), c3.get(), s3.get());
+      // Without h (the pipelined kernel).
+      DeviceBuffer<float> s4(rows * t), st4(cols * rows / 128);
+      DeviceBuffer<uint8_t> c4(n), ct4(n);
+      s4.poison(), st4.poison(), c4.poison(), ct4.poison();
+      cuda::swiglu_forward_quantize_dual(gw, uw, rows, cols, ld, nullptr, db.get(), groups,
+                                         cuda::Fp8Dual{c4.get(), s4.get(), ct4.get(), st4.get()});
       CUDA_CHECK(cudaDeviceSynchronize());
+      expect_same_bits(c4.download(), c.download(), what + " forward (no h) row codes");
+      expect_same_bits(s4.download(), s.download(), what + " forward (no h) row scales");
+      expect_same_bits(ct4.download(), ct.download(), what + " forward (no h) token codes");
+      expect_same_bits(st4.download(), st.download(), what + " forward (no h) token scales");
       expect_same_bits(h2.download(), h.download(), what + " forward h");
       expect_same_bits(c2.download(), c.download(), what + " forward row codes");
       expect_same_bits(s2.download(), s.download(), what + " forward row scales");
