@@ -70,17 +70,6 @@ void use_bf16_gate_up(cuda::MoeFp8Experts& w, void* storage) {
   if (!fp32_gate_up() && cuda::moe_fp8_gate_up_bf16_supported(w)) w.gate_up_bf16 = static_cast<uint16_t*>(storage);
 }
 
-// x's and h's token codes made in the FP8 experts' forward and kept for the backward (MoeFp8Experts::x_codes_t,
-// h_codes_t); MOERL_MOE_KEEP_XT=0 / MOERL_MOE_KEEP_H=0: quantized again in the backward (h then kept in FP32), for
-// comparing on the device. Read once per process.
-void keep_token_codes(cuda::MoeFp8Experts& w, uint8_t* x_codes_t, float* x_scales_t, uint8_t* h_codes_t,
-                      float* h_scales_t) {
-  static const bool keep_xt = !env_switch("MOERL_MOE_KEEP_XT", "1", "0");
-  static const bool keep_h = !env_switch("MOERL_MOE_KEEP_H", "1", "0");
-  if (keep_xt) w.x_codes_t = x_codes_t, w.x_scales_t = x_scales_t;
-  if (keep_h) w.h_codes_t = h_codes_t, w.h_scales_t = h_scales_t;
-}
-
 SwigluParams swiglu_params(ParamStore& params, const std::string& prefix) {
   return {&params.at(prefix + ".gate_proj.weight"), &params.at(prefix + ".up_proj.weight"),
           &params.at(prefix + ".down_proj.weight")};
@@ -104,11 +93,6 @@ void GpuDense::bind(Slab& s, int64_t tokens) {
   g_ = s.take<float>(tokens * cuda::moe_fp8_gate_up_padded(inter_));
   u_ = s.take<float>(tokens * inter_);
   h_ = s.take<float>(tokens * inter_);
-  const int64_t tiles = (tokens + cuda::kMoeRowAlign - 1) / cuda::kMoeRowAlign;
-  x_codes_t_ = s.take<uint8_t>(tokens * hidden_);
-  x_scales_t_ = s.take<float>(hidden_ * tiles);
-  h_codes_t_ = s.take<uint8_t>(tokens * inter_);
-  h_scales_t_ = s.take<float>(inter_ * tiles);
   rows_ = s.take<int64_t>(2);
   rows_host_.get()[0] = 0;
   rows_host_.get()[1] = tokens;
@@ -127,7 +111,6 @@ cuda::MoeFp8Experts GpuDense::fp8_expert() const {
   w.gate_up_side_by_side = true;
   use_bf16_gate_up(w, g_);
   w.gate_up_side_by_side = w.gate_up_bf16 != nullptr;
-  keep_token_codes(w, x_codes_t_, x_scales_t_, h_codes_t_, h_scales_t_);
   return w;
 }
 
@@ -139,9 +122,7 @@ void GpuDense::forward(const float* x, float* y, const Run& r) {
   if (fp8_expert_) {
     // From pinned memory that stays {0, T}: nothing to wait for.
     CUDA_CHECK(cudaMemcpyAsync(rows_, rows_host_.get(), 2 * sizeof(int64_t), cudaMemcpyHostToDevice, r.stream));
-    const cuda::MoeFp8Experts w = fp8_expert();  // h in FP32 only when its token codes are not kept
-    cuda::moe_fp8_experts_forward(*r.linear, w, x, rows_host_.get(), rows_, g_, u_, w.h_codes_t ? nullptr : h_, y,
-                                  r.stream);
+    cuda::moe_fp8_experts_forward(*r.linear, fp8_expert(), x, rows_host_.get(), rows_, g_, u_, h_, y, r.stream);
     return;
   }
   cuda::linear_forward(*r.linear, r.precision, x, w_.gate->value, g_, T, I, H, r.stream);
@@ -157,9 +138,7 @@ void GpuDense::backward(const float* dy, float* dx, const Run& r) {
   const Precision p = precision_;
   cuda::LinearContext& lin = *r.linear;
   if (fp8_expert_) {
-    const cuda::MoeFp8Experts w = fp8_expert();
-    cuda::moe_fp8_experts_backward(lin, w, dy, x_, g_, u_, w.h_codes_t ? nullptr : h_, rows_host_.get(), rows_, dx,
-                                   r.stream);
+    cuda::moe_fp8_experts_backward(lin, fp8_expert(), dy, x_, g_, u_, h_, rows_host_.get(), rows_, dx, r.stream);
     return;
   }
   Temp<float> dh(T * I, r), dg(T * I, r), du(T * I, r), dx_up(T * H, r);
@@ -537,8 +516,17 @@ void GpuMoe::fork_shared(const float* in, float* out, const Run& r, bool forward
 void GpuMoe::join_shared(cudaStream_t stream) { CUDA_CHECK(cudaStreamWaitEvent(stream, side_->done, 0)); }
 
 cuda::MoeFp8Experts GpuMoe::experts_fp8() const {
+  static const bool keep_xt = [] {
+    const char* v = std::getenv("MOERL_MOE_KEEP_XT");
+    return v == nullptr || *v != '0';
+  }();
   cuda::MoeFp8Experts w{gate_w_, up_w_, down_w_, gate_g_, up_g_, down_g_, spec_.n_experts, hidden_, inter_};
-  keep_token_codes(w, x_codes_t_, x_scales_t_, h_codes_t_, h_scales_t_);
+  static const bool keep_h = [] {
+    const char* v = std::getenv("MOERL_MOE_KEEP_H");
+    return v == nullptr || *v != '0';
+  }();
+  if (keep_xt) w.x_codes_t = x_codes_t_, w.x_scales_t = x_scales_t_;
+  if (keep_h) w.h_codes_t = h_codes_t_, w.h_scales_t = h_scales_t_;
   // Gate and up's Fprop as one GEMM into g | u side by side; MOERL_MOE_FPROP=separate: two GEMMs into g and u apart
   // (for comparing the two on the device). The lanes GEMM form only.
   static const bool separate = env_switch("MOERL_MOE_FPROP", "pair", "separate");
