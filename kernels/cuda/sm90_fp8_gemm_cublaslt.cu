@@ -186,7 +186,8 @@ int forced_algo_index() {
 // larger tiles (192x64, 64x192) leave fewer blocks to hide that traffic. Measured on the H200 (MoE layer bench,
 // 64 experts of ~1536 rows, bench/results/2026-11-29-gpu-lt-algos-h200-*): Wgrad of gate and up 2.74 -> 1.86 ms,
 // of down 1.11 -> 0.96 ms, the layer fwd+bwd 13.68 -> 12.80 ms (3 runs each); Fprop and Dgrad within noise with
-// other candidates. MOERL_LT_FP8_ALGOS prints every plan's candidates.
+// other candidates. MOERL_LT_FP8_ALGOS prints every plan's candidates. CTA swizzling on every plan: within noise (MoE
+// layer 12.13 vs 12.11 ms, bench/results/2026-11-29-gpu-sweep-swizzle-h200-5bbeefb+swz.txt).
 int choose_algo(const PlanKey& k, const cublasLtMatmulHeuristicResult_t* results, int found) {
   constexpr int64_t kShortK = 4096;
   std::vector<int> usable;
@@ -443,6 +444,7 @@ std::vector<GemmConfigTiming> search_gemm_configs(GemmContext& ctx, const Operan
     return ms[ms.size() / 2];
   };
   std::vector<GemmConfigTiming> found;
+  time(p.algo);  // warm-up: the plan is not timed first on a cold GPU
   found.push_back({config_name(p.algo), time(p.algo), true});
   // Variations of the plan's algorithm (an algorithm from cublasLtMatmulAlgoInit is refused by the block-scaled
   // modes' check): each tile and stages id it offers, each custom option, four cluster shapes, both swizzles.
