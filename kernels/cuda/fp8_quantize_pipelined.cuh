@@ -28,6 +28,10 @@
 // experts' gathered output gradient 0.90 against 0.80 ms; those stay on the block kernel. So did h from g and u in
 // BF16 (2 inputs of 16 KiB a stage, 3 stages): 0.597 against the block kernel's 0.555-0.563 ms
 // (bench/results/2026-11-29-gpu-router-swiglu-fwd-h200-78383af+tried.txt).
+// SwiGLU's backward from BF16 on a whole-tile schedule instead (one block of 1024 threads per SM, the tile's three
+// BF16 inputs in shared memory, dg and du computed once along rows and again along columns, nothing staged: 64
+// registers, 32 warps an SM): bit-exact but slower, 1.335 against 1.051 ms (MoE layer 12.37 vs 12.07 ms;
+// bench/results/2026-11-29-gpu-swiglu-bwd-tile-h200-14d74c1+tile.txt).
 #pragma once
 #include <cuda_runtime.h>
 
