@@ -67,9 +67,9 @@ void add_bench_command(CLI::App& app, std::function<int()>& action) {
 #endif
   cmd->add_option("--json", args->json, "Also append the JSON lines to this file");
 #ifdef MOERL_HAVE_CUDA
-  cmd->add_option("--only", args->only,
-                  "gpu: run only these benchmarks (comma-separated): gemm_fp8_8192, gemm_fp8_4096x7168x2048, "
-                  "gemm_bf16_8192, quantize, train_step, moe_layer")
+  std::string names;
+  for (const std::string& name : bench::gpu_benchmark_names()) names += (names.empty() ? "" : ", ") + name;
+  cmd->add_option("--only", args->only, "gpu: run only these benchmarks (comma-separated): " + names)
       ->delimiter(',');
 #endif
   cmd->add_option("--idle-spin-us", args->idle_spin_us,
