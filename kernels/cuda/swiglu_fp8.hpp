@@ -60,8 +60,9 @@ void swiglu_backward_quantize_dual_both(const float* dh, const float* g, const f
                                         cudaStream_t stream = nullptr);
 
 // BF16 inputs (bit patterns; the FP8 experts' g | u and dh as their GEMMs write them, MoeFp8Experts::gate_up_bf16):
-// the bytes the FP32 functions above give for the inputs widened to FP32 (every BF16 value is exact in FP32). Pointers
-// 8-byte aligned instead of 16; h (FP32) may be null.
+// the bytes the FP32 functions above give for the inputs widened to FP32 (every BF16 value is exact in FP32). The
+// forward's g and u 8-byte aligned instead of 16, h (FP32) may be null; the backward (pipelined, 16-byte copies) needs
+// dh, g and u 16-byte aligned and cols and gu_ld multiples of 8.
 void swiglu_forward_quantize_1x128(const uint16_t* g, const uint16_t* u, int64_t rows, int64_t cols, int64_t gu_ld,
                                    float* h, uint8_t* codes, float* scales, cudaStream_t stream = nullptr);
 void swiglu_forward_quantize_dual(const uint16_t* g, const uint16_t* u, int64_t rows, int64_t cols, int64_t gu_ld,
