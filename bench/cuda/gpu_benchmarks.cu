@@ -220,14 +220,14 @@ void bench_fp8_expert_gemms(Report& report, const std::string& device, cudaStrea
   }
   for (const Shape& sh : shapes) {
     const bool weight_b = sh.b_block == fp8::kTile;  // Fprop and Dgrad: rows vary, b is the expert's weight
-    const int64_t m_max = weight_b ? 1792 : sh.m, k_max = weight_b ? sh.k : sh.k;
-    const int64_t sa = fc::cublaslt_scale_count(m_max, k_max, 1), sb = fc::cublaslt_scale_count(sh.n, sh.k, sh.b_block);
+    const int64_t m_max = weight_b ? 1792 : sh.m;  // room for the largest of the rows timed
+    const int64_t sa = fc::cublaslt_scale_count(m_max, sh.k, 1), sb = fc::cublaslt_scale_count(sh.n, sh.k, sh.b_block);
     // Every expert's operands and output, so that the lanes read and write what the layer would.
-    DeviceMemory ac(static_cast<size_t>(kExperts * m_max * k_max)), as(4 * static_cast<size_t>(kExperts * sa));
+    DeviceMemory ac(static_cast<size_t>(kExperts * m_max * sh.k)), as(4 * static_cast<size_t>(kExperts * sa));
     DeviceMemory bc(static_cast<size_t>(kExperts * sh.n * sh.k)), bs(4 * static_cast<size_t>(kExperts * sb));
     DeviceMemory y(static_cast<size_t>(kExperts * m_max * sh.n) * 4);
-    fill_e4m3_kernel<<<grid_for(kExperts * m_max * k_max), kThreads, 0, stream>>>(ac.as<uint8_t>(),
-                                                                                  kExperts * m_max * k_max, 1);
+    fill_e4m3_kernel<<<grid_for(kExperts * m_max * sh.k), kThreads, 0, stream>>>(ac.as<uint8_t>(),
+                                                                                  kExperts * m_max * sh.k, 1);
     CUDA_CHECK_LAUNCH();
     fill_e4m3_kernel<<<grid_for(kExperts * sh.n * sh.k), kThreads, 0, stream>>>(bc.as<uint8_t>(),
                                                                                 kExperts * sh.n * sh.k, 2);
@@ -240,7 +240,7 @@ void bench_fp8_expert_gemms(Report& report, const std::string& device, cudaStrea
     CUDA_CHECK_LAUNCH();
     CUDA_CHECK(cudaMemsetAsync(y.as<void>(), 0, static_cast<size_t>(kExperts * m_max * sh.n) * 4, stream));
     auto a_of = [&](int64_t e, int64_t m) {
-      return fc::Operand{ac.as<uint8_t>() + e * m_max * k_max, as.as<float>() + e * sa, m, sh.k, 1};
+      return fc::Operand{ac.as<uint8_t>() + e * m_max * sh.k, as.as<float>() + e * sa, m, sh.k, 1};
     };
     auto b_of = [&](int64_t e) {
       return fc::Operand{bc.as<uint8_t>() + e * sh.n * sh.k, bs.as<float>() + e * sb, sh.n, sh.k, sh.b_block};

@@ -118,25 +118,23 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
 #pragma unroll
       for (int i = 0; i < NI; ++i) {
         char* base = reinterpret_cast<char*>(stage) + Shape::in_offset(i);
-        {
-          if (Shape::kBf16(i)) {  // 16 chunks of 8 columns a row: a warp copies two rows' 512 bytes
+        if (Shape::kBf16(i)) {  // 16 chunks of 8 columns a row: a warp copies two rows' 512 bytes
 #pragma unroll
-            for (int m = 0; m < kHalfChunks / 2 / kPipeThreads; ++m) {
-              const int idx = tid + kPipeThreads * m, r = idx / 16, k = idx % 16;
-              const int64_t c = c0 + 8 * k;
-              const char* row = static_cast<const char*>(src.row(r0 + r, i));
-              const int bytes = c < cols ? 2 * static_cast<int>(cols - c < 8 ? cols - c : 8) : 0;
-              cp_async16_zfill(base + Shape::bf16_chunk(r, k), bytes > 0 ? row + 2 * c : row, bytes);
-            }
-          } else {  // 32 chunks of 4 columns a row: a warp copies one row's 512 bytes
+          for (int m = 0; m < kHalfChunks / 2 / kPipeThreads; ++m) {
+            const int idx = tid + kPipeThreads * m, r = idx / 16, k = idx % 16;
+            const int64_t c = c0 + 8 * k;
+            const char* row = static_cast<const char*>(src.row(r0 + r, i));
+            const int bytes = c < cols ? 2 * static_cast<int>(cols - c < 8 ? cols - c : 8) : 0;
+            cp_async16_zfill(base + Shape::bf16_chunk(r, k), bytes > 0 ? row + 2 * c : row, bytes);
+          }
+        } else {  // 32 chunks of 4 columns a row: a warp copies one row's 512 bytes
 #pragma unroll
-            for (int m = 0; m < kHalfChunks / kPipeThreads; ++m) {
-              const int idx = tid + kPipeThreads * m, r = idx / 32, j = idx % 32;
-              const int64_t c = c0 + 4 * j;
-              const char* row = static_cast<const char*>(src.row(r0 + r, i));
-              const bool in = c < cols;
-              cp_async16_zfill(base + Shape::fp32_chunk(r, j), in ? row + 4 * c : row, in ? 16 : 0);
-            }
+          for (int m = 0; m < kHalfChunks / kPipeThreads; ++m) {
+            const int idx = tid + kPipeThreads * m, r = idx / 32, j = idx % 32;
+            const int64_t c = c0 + 4 * j;
+            const char* row = static_cast<const char*>(src.row(r0 + r, i));
+            const bool in = c < cols;
+            cp_async16_zfill(base + Shape::fp32_chunk(r, j), in ? row + 4 * c : row, in ? 16 : 0);
           }
         }
       }

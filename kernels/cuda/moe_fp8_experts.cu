@@ -641,7 +641,8 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   st.next("quant_dy_both_h_tokens");
   // down: dh = dy · w_down (Dgrad), dw_down += dyᵀ · hᵀ (Wgrad); dy quantized both ways in one pass.
   StreamScratch grads(bytes_of(rows * I, gu16 ? sizeof(uint16_t) : sizeof(float)), stream);
-  float* dh = grads.as<float>();  // gu16: BF16 bit patterns
+  float* const dh = gu16 ? nullptr : grads.as<float>();
+  uint16_t* const dh16 = gu16 ? grads.as<uint16_t>() : nullptr;  // BF16 bit patterns
   {
     RowsFp8 dyq(nullptr, rows, H, aligned, E, lt, stream);
     TokensFp8 dyt(nullptr, rows, H, aligned, E, lt, stream);
@@ -672,7 +673,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
       const std::vector<ExpertWeight> wd = expert_weights(sd);
       auto dgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
         if (gu16)
-          fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, grads.as<uint16_t>() + r0 * I, OutType::BF16, s);
+          fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh16 + r0 * I, OutType::BF16, s);
         else
           fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh + r0 * I, OutType::FP32, s);
       };
@@ -708,8 +709,8 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     const Fp8Dual dg_out{dgq.codes(), dgq.cpu_scales(), dgt.codes(), dgt.cpu_scales(), ld, scales_ld};
     const Fp8Dual du_out{dgq.codes() + Ip, dgq.cpu_scales() + tiles(I), dut.codes(), dut.cpu_scales(), ld, scales_ld};
     if (gu16)
-      swiglu_backward_quantize_dual_both(grads.as<uint16_t>(), w.gate_up_bf16, w.gate_up_bf16 + gld / 2, rows, I, gld,
-                                         aligned, E, dg_out, du_out, stream);
+      swiglu_backward_quantize_dual_both(dh16, w.gate_up_bf16, w.gate_up_bf16 + gld / 2, rows, I, gld, aligned, E,
+                                         dg_out, du_out, stream);
     else
       swiglu_backward_quantize_dual_both(dh, g, u, rows, I, gld, aligned, E, dg_out, du_out, stream);
     dgq.finish(), dgt.finish(), dut.finish();

@@ -90,10 +90,12 @@ struct BackwardPairRows {
 
 bool aligned(const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; }
 
-// swiglu_fp8_supported for BF16 inputs (8-byte aligned: 4 values a load).
-bool supported_bf16(int64_t rows, int64_t cols, const void* a, const void* b, const void* c) {
-  return rows >= 0 && cols >= 0 && rows % kTile == 0 && rows / kTile <= 65535 && cols % 4 == 0 && a != nullptr &&
-         b != nullptr && aligned(a, 8) && aligned(b, 8) && (c == nullptr || aligned(c, 8));
+// The shapes the fused kernels take, with inputs aligned to `alignment` bytes (4 values a load: 16 for FP32, 8 for
+// BF16).
+bool supported_aligned(int64_t rows, int64_t cols, const void* a, const void* b, const void* c, uintptr_t alignment) {
+  return rows >= 0 && cols >= 0 && rows % kTile == 0 && rows / kTile <= 65535 && cols % 4 == 0 &&
+         fp8::tiles(cols) <= INT32_MAX && a != nullptr && b != nullptr && aligned(a, alignment) &&
+         aligned(b, alignment) && (c == nullptr || aligned(c, alignment));
 }
 
 // Fp8Dual's row strides: packed (0), or at least a row and keeping the codes' 4-byte stores aligned.
@@ -107,8 +109,8 @@ int64_t gu_or(int64_t gu_ld, int64_t cols) { return gu_ld != 0 ? gu_ld : cols; }
 // g and u (a, b) with row stride gu_ld, c packed (or null); inputs FP32 (16-byte aligned) or BF16 (8-byte).
 void check(const char* fn, int64_t rows, int64_t cols, int64_t gu_ld, const void* a, const void* b, const void* c,
            bool outputs_set, bool bf16 = false) {
-  const bool shape_ok = bf16 ? supported_bf16(rows, cols, a, b, c) : swiglu_fp8_supported(rows, cols, a, b, c);
-  require(shape_ok && outputs_set && (gu_ld == 0 || (gu_ld >= cols && gu_ld % 4 == 0)),
+  require(supported_aligned(rows, cols, a, b, c, bf16 ? 8 : 16) && outputs_set &&
+              (gu_ld == 0 || (gu_ld >= cols && gu_ld % 4 == 0)),
           std::string("cuda::") + fn + ": needs rows a multiple of 128 (at most 128 x 65535), cols a multiple of 4, " +
               (bf16 ? "8" : "16") + "-byte aligned inputs, g and u's row stride 0 or a multiple of 4 of at least " +
               "cols, and set outputs, got " + std::to_string(rows) + " x " + std::to_string(cols) + ", stride " +
@@ -118,9 +120,7 @@ void check(const char* fn, int64_t rows, int64_t cols, int64_t gu_ld, const void
 }  // namespace
 
 bool swiglu_fp8_supported(int64_t rows, int64_t cols, const void* a, const void* b, const void* c) {
-  return rows >= 0 && cols >= 0 && rows % kTile == 0 && rows / kTile <= 65535 && cols % 4 == 0 &&
-         fp8::tiles(cols) <= INT32_MAX && a != nullptr && b != nullptr && aligned(a, 16) && aligned(b, 16) &&
-         (c == nullptr || aligned(c, 16));
+  return supported_aligned(rows, cols, a, b, c, 16);
 }
 
 void swiglu_forward_quantize_1x128(const float* g, const float* u, int64_t rows, int64_t cols, int64_t gu_ld, float* h,
