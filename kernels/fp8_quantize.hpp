@@ -23,11 +23,6 @@ namespace moerl::fp8::cuda {
 void quantize_1x128(const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* scales,
                     cudaStream_t stream = nullptr);
 
-// quantize_1x128 of x rounded to the nearest BF16 value (round_bf16), whose bit patterns also go to x16 [rows, cols]
-// unless null: one pass where a BF16 copy is wanted too (the routed experts' inputs, kernels/cuda/moe_fp8.hpp).
-void quantize_1x128_bf16_rounded(const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* scales,
-                                 uint16_t* x16, cudaStream_t stream = nullptr);
-
 // w [rows, cols] -> codes [rows, cols], scales [tiles(rows), tiles(cols)]: 128x128 blocks.
 void quantize_128x128(const float* w, int64_t rows, int64_t cols, uint8_t* codes, float* scales,
                       cudaStream_t stream = nullptr);

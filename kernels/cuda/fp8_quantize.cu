@@ -4,7 +4,6 @@
 // division (__fdiv_rn: independent of -prec-div / --use_fast_math), and the conversion is
 // cvt.rn.satfinite.e4m3x2.f32, which the CPU conversion matches (checked against CUDA's host code on all
 // 2^32 floats; against the device in tests/gpu/fp8_quantize_gpu.cpp).
-#include <cuda_bf16.h>
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
@@ -63,23 +62,14 @@ __device__ __forceinline__ void store4(uint8_t* row, int64_t c, int64_t cols, bo
   }
 }
 
-// x rounded to the nearest BF16 value (round to nearest even, as moerl::round_bf16), its bit pattern to *bits.
-__device__ __forceinline__ float rounded_bf16(float x, uint16_t* bits) {
-  const __nv_bfloat16 b = __float2bfloat16_rn(x);
-  *bits = __bfloat16_as_ushort(b);
-  return __bfloat162float(b);
-}
-
 // One warp per kTilesPerWarp consecutive 1x128 tiles, 4 elements per lane. Tiles numbered row-major:
 // tile = r * ntiles + t, which is also the index of its scale. `vec`: x rows 16-byte aligned and codes rows
 // 4-byte aligned. kFull: cols % 128 == 0 and `vec`, so tile t starts at element 128 t and no bounds are
 // checked (the 64-bit divisions and branches of the general path cost a third of the bandwidth).
-// kRound: the values quantized are x rounded to BF16, whose bit patterns also go to x16 [rows, cols] unless null
-// (8-byte aligned where `vec`).
-template <bool kFull, bool kRound = false>
+template <bool kFull>
 __global__ void __launch_bounds__(kRowWarps * kWarp)
     quantize_1x128_kernel(const float* __restrict__ x, int64_t rows, int64_t cols, int64_t ntiles, bool vec,
-                          uint8_t* __restrict__ codes, float* __restrict__ scales, uint16_t* __restrict__ x16 = nullptr) {
+                          uint8_t* __restrict__ codes, float* __restrict__ scales) {
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp) * kTilesPerWarp;
   const int64_t count = rows * ntiles;
   const int lane = threadIdx.x % kWarp;
@@ -92,23 +82,6 @@ __global__ void __launch_bounds__(kRowWarps * kWarp)
       v[i][0] = f.x, v[i][1] = f.y, v[i][2] = f.z, v[i][3] = f.w;
     } else if (tile < count) {
       load4(x + tile / ntiles * cols, tile % ntiles * kTile + lane * 4, cols, vec, v[i]);
-    }
-    if constexpr (kRound) {
-      if (tile < count && x16 == nullptr) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) v[i][e] = __bfloat162float(__float2bfloat16_rn(v[i][e]));
-      } else if (tile < count) {
-        uint16_t b[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) v[i][e] = rounded_bf16(v[i][e], &b[e]);
-        const int64_t r = tile / ntiles, c = tile % ntiles * kTile + lane * 4;
-        uint16_t* dst = x16 + r * cols + c;
-        if (vec && c + 3 < cols)
-          __stcs(reinterpret_cast<uint2*>(dst), make_uint2(b[0] | (uint32_t{b[1]} << 16), b[2] | (uint32_t{b[3]} << 16)));
-        else
-          for (int e = 0; e < 4; ++e)
-            if (c + e < cols) dst[e] = b[e];
-      }
     }
   }
 #pragma unroll
@@ -366,31 +339,18 @@ void launch_transposed(TransposedKernel kernel, const char* fn, const float* x, 
   }
 }
 
-void launch_1x128(const char* fn, const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* scales,
-                  bool round, uint16_t* x16, cudaStream_t stream) {
-  check_args(fn, x, rows, cols, codes, scales);
-  if (rows == 0 || cols == 0) return;
-  const int64_t ntiles = tiles(cols);
-  const int64_t blocks = blocks_for(rows * ntiles, kRowWarps * kTilesPerWarp);
-  require(blocks <= INT32_MAX, std::string("fp8::cuda::") + fn + ": matrix too large for one launch");
-  const bool vec = cols % 4 == 0 && aligned(x, 16) && aligned(codes, 4) && (x16 == nullptr || aligned(x16, 8));
-  const bool full = vec && cols % kTile == 0;
-  const auto kernel = round ? (full ? quantize_1x128_kernel<true, true> : quantize_1x128_kernel<false, true>)
-                            : (full ? quantize_1x128_kernel<true> : quantize_1x128_kernel<false>);
-  kernel<<<static_cast<unsigned>(blocks), kRowWarps * kWarp, 0, stream>>>(x, rows, cols, ntiles, vec, codes, scales,
-                                                                           x16);
-  CUDA_CHECK_LAUNCH();
-}
-
 }  // namespace
 
 void quantize_1x128(const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream) {
-  launch_1x128("quantize_1x128", x, rows, cols, codes, scales, false, nullptr, stream);
-}
-
-void quantize_1x128_bf16_rounded(const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* scales,
-                                 uint16_t* x16, cudaStream_t stream) {
-  launch_1x128("quantize_1x128_bf16_rounded", x, rows, cols, codes, scales, true, x16, stream);
+  check_args("quantize_1x128", x, rows, cols, codes, scales);
+  if (rows == 0 || cols == 0) return;
+  const int64_t ntiles = tiles(cols);
+  const int64_t blocks = blocks_for(rows * ntiles, kRowWarps * kTilesPerWarp);
+  require(blocks <= INT32_MAX, "fp8::cuda::quantize_1x128: matrix too large for one launch");
+  const bool vec = cols % 4 == 0 && aligned(x, 16) && aligned(codes, 4);
+  const auto kernel = vec && cols % kTile == 0 ? quantize_1x128_kernel<true> : quantize_1x128_kernel<false>;
+  kernel<<<static_cast<unsigned>(blocks), kRowWarps * kWarp, 0, stream>>>(x, rows, cols, ntiles, vec, codes, scales);
+  CUDA_CHECK_LAUNCH();
 }
 
 void quantize_128x128(const float* w, int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream) {

@@ -66,19 +66,16 @@ void moe_grouped_vec128_scales(const float* src, const int64_t* aligned, int64_t
 // neither read (combine, scatter-add) nor written (combine backward: clear them with moe_zero_rows).
 void moe_combine_aligned(const float* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
                          int64_t dim, int64_t rows, float* y, cudaStream_t stream = nullptr);
-// dy16 non-null: dy's values are rounded to BF16 first (round_bf16; the FP8 recipe's routed output gradient, as
-// DeepSeek-V3 keeps activation gradients in BF16), their bit patterns written to dy16 [tokens, dim] (8-byte aligned;
-// moe_fp8_experts_backward_combined's dy16), and dyp and dweight made from the rounded values.
 void moe_combine_backward_aligned(const float* dy, const float* yp, const float* weight, const int64_t* row_of,
                                   int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
-                                  uint16_t* dy16, cudaStream_t stream = nullptr);
+                                  cudaStream_t stream = nullptr);
 // The same two with yp in BF16 (bit patterns: the FP8 experts' output rows, moe_fp8_experts_forward's yp), each
 // value widened exactly; vectorized where dim % 4 == 0 and yp is 8-byte aligned.
 void moe_combine_aligned(const uint16_t* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
                          int64_t dim, int64_t rows, float* y, cudaStream_t stream = nullptr);
 void moe_combine_backward_aligned(const float* dy, const uint16_t* yp, const float* weight, const int64_t* row_of,
                                   int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
-                                  uint16_t* dy16, cudaStream_t stream = nullptr);
+                                  cudaStream_t stream = nullptr);
 // ... and the scatter-add of BF16 rows (the FP8 experts' dxp), each value widened exactly.
 void moe_scatter_add_aligned(const uint16_t* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim,
                              int64_t rows, float* dx, cudaStream_t stream = nullptr);
@@ -168,13 +165,10 @@ void moe_fp8_experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const 
                               const int64_t* aligned, float* dxp, cudaStream_t stream = nullptr);
 
 // The same, with the input rows gathered inside the kernels that quantize them instead of read from xp: row r is
-// x[token_of[r], :] rounded to BF16 (x [tokens, H], 16-byte aligned, every token_of[r] < tokens), or zeros where
-// token_of[r] < 0 (moe_align_plan's token_of_aligned): the FP8 recipe quantizes the routed experts' inputs from BF16
-// values, as DeepSeek-V3 keeps activations in BF16 (runtime/model/feed_forward.cpp rounds the CPU's alike). The same
-// bytes as moe_gather_or_zero and round_to_bf16 followed by the xp versions, without writing or reading xp
-// [rows, H] (forward: the Fprop quantization, each token's row quantized once and its codes copied to its rows
-// (moe_gather_rows_fp8), and with x_codes_t the Wgrad one reading the gathered rows of a BF16 copy of x (half the
-// bytes); backward: the Wgrad one).
+// x[token_of[r], :] (x [tokens, H], 16-byte aligned, every token_of[r] < tokens), or zeros where token_of[r] < 0
+// (moe_align_plan's token_of_aligned). The same bytes as moe_gather_or_zero followed by the xp versions, without
+// writing or reading xp [rows, H] (forward: the Fprop quantization, each token's row quantized once and its codes
+// copied to its rows (moe_gather_rows_fp8); the Wgrad one reads the rows; backward: the Wgrad one).
 void moe_fp8_experts_forward_gathered(LinearContext& ctx, const MoeFp8Experts& w, const float* x, int64_t tokens,
                                       const int64_t* token_of, const int64_t* aligned_host, const int64_t* aligned,
                                       float* g, float* u, float* h, float* yp, cudaStream_t stream = nullptr);
@@ -193,17 +187,16 @@ void moe_fp8_experts_backward_gathered(LinearContext& ctx, const MoeFp8Experts& 
                                        const int64_t* aligned_host, const int64_t* aligned, uint16_t* dxp,
                                        cudaStream_t stream = nullptr);
 
-// moe_fp8_experts_backward_gathered with dyp never stored: dyp row r = row_weight[r] · dy16[token_of[r], :] (each
+// moe_fp8_experts_backward_gathered with dyp never stored: dyp row r = row_weight[r] · dy[token_of[r], :] (each
 // product rounded once, as moe_combine_backward computes it), or zeros where token_of[r] < 0, made inside the kernel
-// that quantizes it both ways. dy16 [tokens, H]: BF16 bit patterns, 8-byte aligned, as moe_combine_backward_aligned
-// rounds dy (half the bytes of FP32 dy to read top-k times); row_weight from moe_aligned_row_weights. The same bytes
-// as moe_combine_backward_aligned's dyp (with dy16) followed by moe_fp8_experts_backward_gathered, without writing
-// and reading dyp [rows, H] (a moe_combine_backward_aligned with null dyp still gives dweight and dy16).
-void moe_fp8_experts_backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const uint16_t* dy16,
+// that quantizes it both ways. dy [tokens, H] 16-byte aligned; row_weight from moe_aligned_row_weights. The same
+// bytes as moe_combine_backward_aligned's dyp followed by moe_fp8_experts_backward_gathered, without writing and
+// reading dyp [rows, H] (a moe_combine_backward_aligned with null dyp still gives dweight).
+void moe_fp8_experts_backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const float* dy,
                                        const float* row_weight, const float* x, const int64_t* token_of,
                                        const float* g, const float* u, const float* h, const int64_t* aligned_host,
                                        const int64_t* aligned, float* dxp, cudaStream_t stream = nullptr);
-void moe_fp8_experts_backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const uint16_t* dy16,
+void moe_fp8_experts_backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const float* dy,
                                        const float* row_weight, const float* x, const int64_t* token_of,
                                        const float* g, const float* u, const float* h, const int64_t* aligned_host,
                                        const int64_t* aligned, uint16_t* dxp, cudaStream_t stream = nullptr);

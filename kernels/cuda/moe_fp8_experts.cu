@@ -68,7 +68,6 @@
 // expert's tail with the next's. Each GEMM writes its own expert's rows or gradient, so the results do not depend on
 // the overlap; an expert's dependent GEMMs (Dgrad of gate, then up accumulated into the same rows) stay on one lane,
 // in order.
-#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -201,39 +200,23 @@ void quantize_both(const float* src, int64_t rows, int64_t d, const int64_t* ali
   by_tokens.finish();
 }
 
-// BF16 bit patterns (two per word, the first in the low half) widened exactly.
-__device__ __forceinline__ float4 widen4(uint2 b) {
-  return make_float4(__uint_as_float(b.x << 16), __uint_as_float(b.x & 0xFFFF0000u), __uint_as_float(b.y << 16),
-                     __uint_as_float(b.y & 0xFFFF0000u));
-}
-__device__ __forceinline__ float rounded_bf16(float v) { return __bfloat162float(__float2bfloat16_rn(v)); }
-
-// The experts' input row r: x[token_of[r], :] rounded to BF16 (x FP32, 16-byte aligned) or widened (x BF16 bit
-// patterns, 8-byte aligned: the rows as quantize_1x128_bf16_rounded wrote them), or zeros where token_of[r] < 0
-// (moe_gather_or_zero's xp, never written). Plain loads: each token is read by its top-k rows, which L2 may still
-// hold.
-template <class T>
+// The experts' input row r: x[token_of[r], :], or zeros where token_of[r] < 0 (moe_gather_or_zero's xp, never
+// written). Plain loads: each token is read by its top-k rows, which L2 may still hold.
 struct GatherSource {
-  const T* x;
+  const float* x;
   const int64_t* token_of;
   int64_t cols;
   __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
     const int64_t t = token_of[r];
     if (t < 0) return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if constexpr (sizeof(T) == 2) {
-      return widen4(__ldg(reinterpret_cast<const uint2*>(x + t * cols + c)));
-    } else {
-      const float4 v = __ldg(reinterpret_cast<const float4*>(x + t * cols + c));
-      return make_float4(rounded_bf16(v.x), rounded_bf16(v.y), rounded_bf16(v.z), rounded_bf16(v.w));
-    }
+    return __ldg(reinterpret_cast<const float4*>(x + t * cols + c));
   }
 };
 
-// The routed experts' output gradient row r: w_r · dy[token_of[r], :] with dy in BF16 (bit patterns, as
-// moe_combine_backward_aligned rounds it; the product rounded once, as it computes dyp), or zeros where
-// token_of[r] < 0 (moe_fp8_experts_backward_combined's dyp, never written).
+// The routed experts' output gradient row r: w_r · dy[token_of[r], :] (moe_combine_backward's product, rounded
+// once), or zeros where token_of[r] < 0 (moe_fp8_experts_backward_combined's dyp, never written).
 struct ScaledGatherSource {
-  const uint16_t* dy16;
+  const float* dy;
   const int64_t* token_of;
   const float* row_weight;
   int64_t cols;
@@ -241,26 +224,25 @@ struct ScaledGatherSource {
     const int64_t t = token_of[r];
     if (t < 0) return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     const float w = row_weight[r];
-    const float4 v = widen4(__ldg(reinterpret_cast<const uint2*>(dy16 + t * cols + c)));
+    const float4 v = __ldg(reinterpret_cast<const float4*>(dy + t * cols + c));
     return make_float4(__fmul_rn(w, v.x), __fmul_rn(w, v.y), __fmul_rn(w, v.z), __fmul_rn(w, v.w));
   }
 };
 
-void check_gather(const char* fn, const void* x, size_t alignment, const int64_t* token_of, int64_t rows, int64_t H) {
-  require(x != nullptr && token_of != nullptr && reinterpret_cast<uintptr_t>(x) % alignment == 0 && H % 4 == 0 &&
+void check_gather(const char* fn, const float* x, const int64_t* token_of, int64_t rows, int64_t H) {
+  require(x != nullptr && token_of != nullptr && reinterpret_cast<uintptr_t>(x) % 16 == 0 && H % 4 == 0 &&
               rows / kTile <= 65535,
-          std::string("cuda::") + fn + ": needs x and token_of set, x " + std::to_string(alignment) +
-              "-byte aligned, H a multiple of 4 and at most 128 x 65535 rows");
+          std::string("cuda::") + fn + ": needs x and token_of set, x 16-byte aligned, H a multiple of 4 and at most " +
+              "128 x 65535 rows");
 }
 
 // The experts' input rows quantized along features (Fprop): from xp (with w.x_codes_t set, along tokens too, kept
-// for the backward's Wgrad, in the same pass), or from x [tokens, H] rounded to BF16: every token's row once (its
-// BF16 bit patterns to x16 [tokens, H] unless null), then each aligned row's codes and scales copied from its token's
-// (a row's 1x128 tiles depend on that row alone, so these are the gathered rows' bytes; x is read once instead of
-// top-k times).
+// for the backward's Wgrad, in the same pass), or from x [tokens, H]: every token's row once, then each aligned
+// row's codes and scales copied from its token's (a row's 1x128 tiles depend on that row alone, so these are the
+// gathered rows' bytes; x is read once instead of top-k times).
 void quantize_input_rows(const MoeFp8Experts& w, const float* xp, const float* x, int64_t tokens,
                          const int64_t* token_of, int64_t rows, int64_t H, const int64_t* aligned, RowsFp8& q,
-                         uint16_t* x16, cudaStream_t stream) {
+                         cudaStream_t stream) {
   if (xp != nullptr && w.x_codes_t != nullptr) {
     fp8::cuda::quantize_1x128_dual(xp, rows, H, aligned, w.experts, q.codes(), q.cpu_scales(), w.x_codes_t,
                                    w.x_scales_t, stream);
@@ -270,22 +252,22 @@ void quantize_input_rows(const MoeFp8Experts& w, const float* xp, const float* x
     StreamScratch tq(bytes_of(tokens * H, 1) + bytes_of(tokens * tiles(H), sizeof(float)), stream);
     uint8_t* token_codes = tq.as<uint8_t>();
     float* token_scales = tq.as<float>(bytes_of(tokens * H, 1));
-    fp8::cuda::quantize_1x128_bf16_rounded(x, tokens, H, token_codes, token_scales, x16, stream);
+    fp8::cuda::quantize_1x128(x, tokens, H, token_codes, token_scales, stream);
     moe_gather_rows_fp8(token_codes, token_scales, token_of, rows, H, q.codes(), q.cpu_scales(), stream);
     tq.release();
   }
   q.finish();
 }
 
-// The gathered input rows x[token_of[r], :] (FP32 rounded to BF16, or BF16) quantized along tokens (Wgrad's xᵀ,
-// every expert's codes packed) into codes_t / scales_t.
-template <class T>
-void quantize_gathered_tokens(const T* x, const int64_t* token_of, int64_t rows, int64_t H, const int64_t* aligned,
-                              int64_t experts, uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
+// The gathered input rows x[token_of[r], :] quantized along tokens (Wgrad's xᵀ, every expert's codes packed) into
+// codes_t / scales_t.
+void quantize_gathered_tokens(const float* x, const int64_t* token_of, int64_t rows, int64_t H,
+                              const int64_t* aligned, int64_t experts, uint8_t* codes_t, float* scales_t,
+                              cudaStream_t stream) {
   fp8::cuda::quant_detail::TileOutputs o;
   o.rows = rows, o.cols = H, o.codes_t = codes_t, o.scales_t = scales_t, o.bounds = aligned, o.n_groups = experts;
-  fp8::cuda::quant_detail::launch_quantize_tiles<false, true, GatherSource<T>, 64>(GatherSource<T>{x, token_of, H},
-                                                                                   o, stream);
+  fp8::cuda::quant_detail::launch_quantize_tiles<false, true, GatherSource, 64>(GatherSource{x, token_of, H}, o,
+                                                                                stream);
 }
 
 // The experts' input rows quantized along tokens (Wgrad), every expert's codes packed (as TokensFp8).
@@ -505,7 +487,7 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   const bool gu16 = w.gate_up_bf16 != nullptr;  // g | u in BF16 (then g and u unused)
   require((gu16 || (g && u)) && (h || w.h_codes_t) && yp, "cuda::moe_fp8_experts_forward: null activation pointer");
   if (xp == nullptr) {
-    check_gather("moe_fp8_experts_forward(_gathered): xp or x", x, 16, token_of, rows, H);
+    check_gather("moe_fp8_experts_forward(_gathered): xp or x", x, token_of, rows, H);
     require(tokens > 0, "cuda::moe_fp8_experts_forward_gathered: needs tokens > 0");
   }
   LinearContext::Impl& c = ctx.impl();
@@ -526,20 +508,15 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   }
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
   st.next("quant_x");
-  // Gathered: the rows' codes from each token's (x rounded to BF16); with xᵀ kept, xᵀ's codes from the gathered
-  // rows of that BF16 copy (half the bytes of x's to read top-k times).
-  const bool gathered_t = xp == nullptr && w.x_codes_t != nullptr;
-  std::optional<StreamScratch> x16;
-  if (gathered_t) x16.emplace(bytes_of(tokens * H, sizeof(uint16_t)), stream);
-  RowsFp8 xq(nullptr, rows, H, aligned, E, !grouped, stream);
-  quantize_input_rows(w, xp, x, tokens, token_of, rows, H, aligned, xq, x16 ? x16->as<uint16_t>() : nullptr, stream);
-  if (gathered_t) {
+  // Gathered with xᵀ kept: xᵀ's codes from the gathered rows, the rows' codes from each token's.
+  if (xp == nullptr && w.x_codes_t != nullptr) {
     const cuda_detail::PhaseTimer t(cuda_detail::profiling() ? "moe_fp8.e" + std::to_string(E) + ".fwd.quant_x_tokens"
                                                              : std::string(),
                                     stream);
-    quantize_gathered_tokens(x16->as<uint16_t>(), token_of, rows, H, aligned, E, w.x_codes_t, w.x_scales_t, stream);
-    x16->release();
+    quantize_gathered_tokens(x, token_of, rows, H, aligned, E, w.x_codes_t, w.x_scales_t, stream);
   }
+  RowsFp8 xq(nullptr, rows, H, aligned, E, !grouped, stream);
+  quantize_input_rows(w, xp, x, tokens, token_of, rows, H, aligned, xq, stream);
   st.next("gemm_gate_up");
   if (grouped) {
     GroupedProblem pr[2];
@@ -619,10 +596,10 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   hq.release();
 }
 
-// The output gradient of the experts' rows: dyp [rows, H], or (dyp null) row_weight[r] · dy16[token_of[r], :].
+// The output gradient of the experts' rows: dyp [rows, H], or (dyp null) row_weight[r] · dy[token_of[r], :].
 struct DySource {
   const float* dyp = nullptr;
-  const uint16_t* dy16 = nullptr;
+  const float* dy = nullptr;
   const float* row_weight = nullptr;
 };
 
@@ -635,12 +612,12 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
   if (rows == 0) return;
   const bool gu16 = w.gate_up_bf16 != nullptr;  // g | u and dh in BF16 (then g and u unused)
-  require((dys.dyp || (dys.dy16 && dys.row_weight)) && (gu16 || (g && u)) && (h || w.h_codes_t) && dxp_out &&
+  require((dys.dyp || (dys.dy && dys.row_weight)) && (gu16 || (g && u)) && (h || w.h_codes_t) && dxp_out &&
               w.gate_grad &&
               w.up_grad && w.down_grad,
           "cuda::moe_fp8_experts_backward: null activation or gradient pointer");
-  if (xp == nullptr) check_gather("moe_fp8_experts_backward(_gathered): xp or x", x, 16, token_of, rows, H);
-  if (dys.dyp == nullptr) check_gather("moe_fp8_experts_backward_combined: dy16", dys.dy16, 8, token_of, rows, H);
+  if (xp == nullptr) check_gather("moe_fp8_experts_backward(_gathered): xp or x", x, token_of, rows, H);
+  if (dys.dyp == nullptr) check_gather("moe_fp8_experts_backward_combined: dy", dys.dy, token_of, rows, H);
   LinearContext::Impl& c = ctx.impl();
   c.check_device("cuda::moe_fp8_experts_backward");
   const bool grouped = moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped;
@@ -676,7 +653,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
       o.rows = rows, o.cols = H, o.codes = dyq.codes(), o.scales = dyq.cpu_scales(), o.codes_t = dyt.codes(),
       o.scales_t = dyt.cpu_scales(), o.bounds = aligned, o.n_groups = E;
       fp8::cuda::quant_detail::launch_quantize_tiles<true, true>(
-          ScaledGatherSource{dys.dy16, token_of, dys.row_weight, H}, o, stream);
+          ScaledGatherSource{dys.dy, token_of, dys.row_weight, H}, o, stream);
       dyq.finish();
       dyt.finish();
     }
@@ -865,30 +842,29 @@ void moe_fp8_experts_backward_gathered(LinearContext& ctx, const MoeFp8Experts& 
 
 namespace {
 
-void backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const uint16_t* dy16, const float* row_weight,
+void backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const float* dy, const float* row_weight,
                        const float* x, const int64_t* token_of, const float* g, const float* u, const float* h,
                        const int64_t* aligned_host, const int64_t* aligned, void* dxp, OutType dxp_type,
                        cudaStream_t stream) {
-  require(dy16 != nullptr && row_weight != nullptr,
-          "cuda::moe_fp8_experts_backward_combined: null dy16 or row_weight");
-  experts_backward(ctx, w, DySource{nullptr, dy16, row_weight}, nullptr, x, token_of, g, u, h, aligned_host, aligned,
+  require(dy != nullptr && row_weight != nullptr, "cuda::moe_fp8_experts_backward_combined: null dy or row_weight");
+  experts_backward(ctx, w, DySource{nullptr, dy, row_weight}, nullptr, x, token_of, g, u, h, aligned_host, aligned,
                    dxp, dxp_type, stream);
 }
 
 }  // namespace
 
-void moe_fp8_experts_backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const uint16_t* dy16,
+void moe_fp8_experts_backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const float* dy,
                                        const float* row_weight, const float* x, const int64_t* token_of,
                                        const float* g, const float* u, const float* h, const int64_t* aligned_host,
                                        const int64_t* aligned, float* dxp, cudaStream_t stream) {
-  backward_combined(ctx, w, dy16, row_weight, x, token_of, g, u, h, aligned_host, aligned, dxp, OutType::FP32, stream);
+  backward_combined(ctx, w, dy, row_weight, x, token_of, g, u, h, aligned_host, aligned, dxp, OutType::FP32, stream);
 }
 
-void moe_fp8_experts_backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const uint16_t* dy16,
+void moe_fp8_experts_backward_combined(LinearContext& ctx, const MoeFp8Experts& w, const float* dy,
                                        const float* row_weight, const float* x, const int64_t* token_of,
                                        const float* g, const float* u, const float* h, const int64_t* aligned_host,
                                        const int64_t* aligned, uint16_t* dxp, cudaStream_t stream) {
-  backward_combined(ctx, w, dy16, row_weight, x, token_of, g, u, h, aligned_host, aligned, dxp, OutType::BF16, stream);
+  backward_combined(ctx, w, dy, row_weight, x, token_of, g, u, h, aligned_host, aligned, dxp, OutType::BF16, stream);
 }
 
 }  // namespace moerl::cuda

@@ -1,5 +1,4 @@
 // MoE permutation kernels (see kernels/cuda/moe_permute.hpp for the contract and what matches the CPU).
-#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -176,14 +175,11 @@ __device__ __forceinline__ void stage_rows(const int64_t* row_of, const float* w
 
 __device__ __forceinline__ float4 load4(const float* p, int64_t i) { return reinterpret_cast<const float4*>(p)[i]; }
 // Rows in BF16 (bit patterns: the FP8 experts' output rows): elements 4 i .. 4 i + 3 widened exactly.
-// 4 BF16 bit patterns (two per word, the first in the low half) widened exactly.
-__device__ __forceinline__ float4 widen4(uint2 b) {
+__device__ __forceinline__ float4 load4(const uint16_t* p, int64_t i) {
+  const uint2 b = reinterpret_cast<const uint2*>(p)[i];
   return make_float4(__uint_as_float(b.x << 16), __uint_as_float(b.x & 0xFFFF0000u), __uint_as_float(b.y << 16),
                      __uint_as_float(b.y & 0xFFFF0000u));
 }
-__device__ __forceinline__ float4 load4(const uint16_t* p, int64_t i) { return widen4(reinterpret_cast<const uint2*>(p)[i]); }
-// The BF16 bit pattern nearest v (round to nearest even, as moerl::bf16_from_float).
-__device__ __forceinline__ uint32_t bf16_bits(float v) { return __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
 __device__ __forceinline__ float value(const float* p, int64_t i) { return p[i]; }
 __device__ __forceinline__ float value(const uint16_t* p, int64_t i) { return __uint_as_float(uint32_t{p[i]} << 16); }
 
@@ -242,95 +238,56 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-constexpr int kDotsInFlight = 8;  // combine backward: a token's rows whose dot products are made and summed together
-
-// The block's sums of v[0 .. n) (n <= kDotsInFlight), to threads 0 .. n - 1 (thread u returns the sum of v[u]), each
-// in a fixed order (xor tree in each warp, then the warps in order): one pair of barriers for all n.
-__device__ __forceinline__ float block_sums(const float (&v)[kDotsInFlight], int n,
-                                            float (*warp_total)[kDotsInFlight]) {
-  const int warp = threadIdx.x / kWarp;
-#pragma unroll
-  for (int u = 0; u < kDotsInFlight; ++u) {
-    if (u >= n) break;
-    float s = v[u];
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) s += __shfl_xor_sync(kFullMask, s, offset);
-    if (threadIdx.x % kWarp == 0) warp_total[warp][u] = s;
-  }
+// The block's sum of v, to thread 0, in a fixed order (xor tree in each warp, then the warps in order).
+__device__ __forceinline__ float block_sum(float v, float* warp_total) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+  if (threadIdx.x % kWarp == 0) warp_total[threadIdx.x / kWarp] = v;
   __syncthreads();
   float total = 0;
-  if (threadIdx.x < n)
-    for (int w = 0; w < kRowWarps; ++w) total += warp_total[w][threadIdx.x];
-  __syncthreads();  // warp_total is reused by the next group
+  if (threadIdx.x == 0)
+    for (int w = 0; w < kRowWarps; ++w) total += warp_total[w];
+  __syncthreads();  // warp_total is reused by the next call
   return total;
 }
 
 // Block t, k ascending: dyp[row_k, :] = w_k · dy[t, :] and dweight[t, k] = <dy[t, :], yp[row_k, :]> (yp FP32 or
-// BF16). Up to kDotsInFlight rows at a time: their loads in flight together and their dot products summed with one
-// block reduction (one row at a time, with a reduction each, ran at ~2 TB/s on the H200: latency-bound). Each dot
-// product is summed in the same order either way.
-// kRound: dy's values rounded to BF16 first (their bit patterns written to dy16 [tokens, dim]) and used so.
-template <class Src, bool kRound>
+// BF16).
+template <class Src>
 __global__ void __launch_bounds__(kRowThreads)
     combine_backward_kernel(const float* __restrict__ dy, const Src* __restrict__ yp,
                             const float* __restrict__ weight, const int64_t* __restrict__ row_of, int64_t row_limit,
-                            int64_t k, int64_t dim, bool vec, float* __restrict__ dyp, float* __restrict__ dweight,
-                            uint16_t* __restrict__ dy16) {
+                            int64_t k, int64_t dim, bool vec, float* __restrict__ dyp, float* __restrict__ dweight) {
   extern __shared__ int64_t backward_smem[];
-  __shared__ float warp_total[kRowWarps][kDotsInFlight];
+  __shared__ float warp_total[kRowWarps];
   int64_t* rows = backward_smem;
   float* weights = reinterpret_cast<float*>(rows + k);
   const int64_t t = blockIdx.x;
   stage_rows(row_of, weight, t, row_limit, k, rows, weights);
   const float* g = dy + t * dim;
-  for (int64_t j0 = 0; j0 < k; j0 += kDotsInFlight) {
-    const int n = static_cast<int>(std::min<int64_t>(kDotsInFlight, k - j0));
-    float dot[kDotsInFlight] = {};
+  for (int64_t j = 0; j < k; ++j) {
+    const float w = weights[j];
+    const Src* v = yp + rows[j] * dim;
+    float* out = dyp != nullptr ? dyp + rows[j] * dim : nullptr;  // null dyp: dweight only
+    float dot = 0;
     if (vec) {
       for (int64_t i = threadIdx.x; i < dim / 4; i += kRowThreads) {
-        float4 gi = load4(g, i);
-        if constexpr (kRound) {
-          const uint2 b = make_uint2(bf16_bits(gi.x) | (uint32_t{bf16_bits(gi.y)} << 16),
-                                     bf16_bits(gi.z) | (uint32_t{bf16_bits(gi.w)} << 16));
-          if (j0 == 0) reinterpret_cast<uint2*>(dy16 + t * dim)[i] = b;
-          gi = widen4(b);
-        }
-        float4 v[kDotsInFlight];
-#pragma unroll
-        for (int u = 0; u < kDotsInFlight; ++u)
-          if (u < n) v[u] = load4(yp + rows[j0 + u] * dim, i);
-#pragma unroll
-        for (int u = 0; u < kDotsInFlight; ++u) {
-          if (u >= n) break;
-          if (dyp != nullptr) {  // null dyp: dweight only
-            const float w = weights[j0 + u];
-            reinterpret_cast<float4*>(dyp + rows[j0 + u] * dim)[i] =
-                make_float4(__fmul_rn(w, gi.x), __fmul_rn(w, gi.y), __fmul_rn(w, gi.z), __fmul_rn(w, gi.w));
-          }
-          dot[u] = fmaf(gi.x, v[u].x, dot[u]);
-          dot[u] = fmaf(gi.y, v[u].y, dot[u]);
-          dot[u] = fmaf(gi.z, v[u].z, dot[u]);
-          dot[u] = fmaf(gi.w, v[u].w, dot[u]);
-        }
+        const float4 gi = load4(g, i), vi = load4(v, i);
+        if (out != nullptr)
+          reinterpret_cast<float4*>(out)[i] =
+              make_float4(__fmul_rn(w, gi.x), __fmul_rn(w, gi.y), __fmul_rn(w, gi.z), __fmul_rn(w, gi.w));
+        dot = fmaf(gi.x, vi.x, dot);
+        dot = fmaf(gi.y, vi.y, dot);
+        dot = fmaf(gi.z, vi.z, dot);
+        dot = fmaf(gi.w, vi.w, dot);
       }
     } else {
       for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) {
-        float gi = g[i];
-        if constexpr (kRound) {
-          const uint16_t b = bf16_bits(gi);
-          if (j0 == 0) dy16[t * dim + i] = b;
-          gi = __uint_as_float(uint32_t{b} << 16);
-        }
-#pragma unroll
-        for (int u = 0; u < kDotsInFlight; ++u) {
-          if (u >= n) break;
-          const int64_t r = rows[j0 + u];
-          if (dyp != nullptr) dyp[r * dim + i] = __fmul_rn(weights[j0 + u], gi);
-          dot[u] = fmaf(gi, value(yp, r * dim + i), dot[u]);
-        }
+        if (out != nullptr) out[i] = __fmul_rn(w, g[i]);
+        dot = fmaf(g[i], value(v, i), dot);
       }
     }
-    const float total = block_sums(dot, n, warp_total);
-    if (threadIdx.x < n) dweight[t * k + j0 + threadIdx.x] = total;
+    dot = block_sum(dot, warp_total);
+    if (threadIdx.x == 0) dweight[t * k + j] = dot;
   }
 }
 
@@ -437,7 +394,7 @@ void combine_aligned(const Src* yp, const float* weight, const int64_t* row_of, 
 template <class Src>
 void combine_backward_aligned(const float* dy, const Src* yp, const float* weight, const int64_t* row_of,
                               int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
-                              uint16_t* dy16, cudaStream_t stream) {
+                              cudaStream_t stream) {
   const std::string where = "cuda::moe_combine_backward";
   require(tokens >= 0 && k >= 0 && dim >= 0, where + ": tokens, k and dim must be >= 0");
   if (tokens == 0 || k == 0) return;
@@ -448,11 +405,10 @@ void combine_backward_aligned(const float* dy, const Src* yp, const float* weigh
   }
   check_token_args(where, tokens, k, dim);
   require(dy && yp && weight && row_of && dweight, where + ": null dy, yp, weight, row_of or dweight pointer");
-  const bool vec = dim % 4 == 0 && aligned16(dy) && rows_vec(yp, dim) && (dyp == nullptr || aligned16(dyp)) &&
-                   reinterpret_cast<uintptr_t>(dy16) % 8 == 0;
-  const auto kernel = dy16 != nullptr ? combine_backward_kernel<Src, true> : combine_backward_kernel<Src, false>;
-  kernel<<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dy, yp, weight, row_of, rows, k, dim, vec, dyp,
-                                                                  dweight, dy16);
+  const bool vec = dim % 4 == 0 && aligned16(dy) && rows_vec(yp, dim) && (dyp == nullptr || aligned16(dyp));
+  combine_backward_kernel<Src><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dy, yp, weight, row_of,
+                                                                                         rows, k, dim, vec, dyp,
+                                                                                         dweight);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -470,19 +426,19 @@ void moe_combine_aligned(const uint16_t* yp, const float* weight, const int64_t*
 
 void moe_combine_backward(const float* dy, const float* yp, const float* weight, const int64_t* row_of,
                           int64_t tokens, int64_t k, int64_t dim, float* dyp, float* dweight, cudaStream_t stream) {
-  moe_combine_backward_aligned(dy, yp, weight, row_of, tokens, k, dim, tokens * k, dyp, dweight, nullptr, stream);
+  moe_combine_backward_aligned(dy, yp, weight, row_of, tokens, k, dim, tokens * k, dyp, dweight, stream);
 }
 
 void moe_combine_backward_aligned(const float* dy, const float* yp, const float* weight, const int64_t* row_of,
                                   int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
-                                  uint16_t* dy16, cudaStream_t stream) {
-  combine_backward_aligned(dy, yp, weight, row_of, tokens, k, dim, rows, dyp, dweight, dy16, stream);
+                                  cudaStream_t stream) {
+  combine_backward_aligned(dy, yp, weight, row_of, tokens, k, dim, rows, dyp, dweight, stream);
 }
 
 void moe_combine_backward_aligned(const float* dy, const uint16_t* yp, const float* weight, const int64_t* row_of,
                                   int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
-                                  uint16_t* dy16, cudaStream_t stream) {
-  combine_backward_aligned(dy, yp, weight, row_of, tokens, k, dim, rows, dyp, dweight, dy16, stream);
+                                  cudaStream_t stream) {
+  combine_backward_aligned(dy, yp, weight, row_of, tokens, k, dim, rows, dyp, dweight, stream);
 }
 
 void moe_scatter_add(const float* dxp, const int64_t* row_of, int64_t tokens, int64_t k, int64_t dim, float* dx,

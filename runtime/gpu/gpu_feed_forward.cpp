@@ -326,10 +326,8 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
   }
 
   // Routed experts: gather, gate and up per expert, SwiGLU over all rows, down per expert, combine.
-  // FP8: the inputs rounded to BF16 (the recipe of kernels/cuda/moe_fp8.hpp and runtime/model/feed_forward.cpp).
   Temp<float> xp(R * H, r);
   cuda::moe_gather(x, token_of_, R, H, xp.get(), r.stream);
-  round_if_fp8(p, xp.get(), R * H, r.stream);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = off[e], n = off[e + 1] - r0;
     if (n == 0) continue;
@@ -348,15 +346,15 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
   return balance;
 }
 
-void GpuMoe::combine_backward_aligned(const float* dy, int64_t rows, float* dyp, float* dweight, uint16_t* dy16,
+void GpuMoe::combine_backward_aligned(const float* dy, int64_t rows, float* dyp, float* dweight,
                                       cudaStream_t stream) const {
   const int64_t T = batch_ * seq_, K = spec_.top_k;
   if (fp32_yp())
     cuda::moe_combine_backward_aligned(dy, yp_, topk_weight_, row_of_aligned_, T, K, hidden_, rows, dyp, dweight,
-                                       dy16, stream);
+                                       stream);
   else
     cuda::moe_combine_backward_aligned(dy, yp16(), topk_weight_, row_of_aligned_, T, K, hidden_, rows, dyp, dweight,
-                                       dy16, stream);
+                                       stream);
 }
 
 void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
@@ -404,14 +402,11 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
     const int64_t RA = aligned_rows_;
     Temp<float> dxp(RA * H, r);  // the experts' input gradient rows, BF16 (in the first half) unless MOERL_MOE_DXP=fp32
     uint16_t* const dxp16 = fp32_dxp() ? nullptr : reinterpret_cast<uint16_t*>(dxp.get());
-    // The FP8 recipe's routed output gradient: dy rounded to BF16 (kernels/cuda/moe_fp8.hpp), by the combine's
-    // backward, which also writes that copy for the experts' quantization to gather.
-    Temp<uint16_t> dy16(T * H, r);
     std::optional<PhaseTimer> sub(std::in_place, p, (ph + "routed.combine_bwd").c_str(), r.stream);
     if (separate_combine_backward()) {
       Temp<float> dyp(RA * H, r);
       cuda::moe_zero_rows(token_of_aligned_, RA, H, dyp.get(), r.stream);
-      combine_backward_aligned(dy, RA, dyp.get(), dweight.get(), dy16.get(), r.stream);
+      combine_backward_aligned(dy, RA, dyp.get(), dweight.get(), r.stream);
       if (overlap) router_beside();
       sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
       const cuda::MoeFp8Experts w = experts_fp8();
@@ -427,16 +422,16 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
       // dyp's rows (gating weight · dy of the row's token) are made inside the kernel that quantizes them.
       Temp<float> row_weight(RA, r);
       cuda::moe_aligned_row_weights(topk_weight_, row_of_aligned_, T * K, RA, row_weight.get(), r.stream);
-      combine_backward_aligned(dy, RA, nullptr, dweight.get(), dy16.get(), r.stream);
+      combine_backward_aligned(dy, RA, nullptr, dweight.get(), r.stream);
       if (overlap) router_beside();
       sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
       const cuda::MoeFp8Experts w = experts_fp8();
       if (dxp16 == nullptr)
-        cuda::moe_fp8_experts_backward_combined(lin, w, dy16.get(), row_weight.get(), x_, token_of_aligned_, gp_,
+        cuda::moe_fp8_experts_backward_combined(lin, w, dy, row_weight.get(), x_, token_of_aligned_, gp_,
                                                 experts_fp8_u(w), w.h_codes_t ? nullptr : hp_, aligned_host_.get(),
                                                 aligned_, dxp.get(), r.stream);
       else
-        cuda::moe_fp8_experts_backward_combined(lin, w, dy16.get(), row_weight.get(), x_, token_of_aligned_, gp_,
+        cuda::moe_fp8_experts_backward_combined(lin, w, dy, row_weight.get(), x_, token_of_aligned_, gp_,
                                                 experts_fp8_u(w), w.h_codes_t ? nullptr : hp_, aligned_host_.get(),
                                                 aligned_, dxp16, r.stream);
     }
@@ -451,17 +446,7 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
   } else {
     Temp<float> xp(R * H, r), dyp(R * H, r), dxp(R * H, r);
     cuda::moe_gather(x_, token_of_, R, H, xp.get(), r.stream);
-    round_if_fp8(p, xp.get(), R * H, r.stream);
-    // FP8: the output gradient rounded to BF16 before its rows are made (the recipe, as above).
-    Temp<float> dy_bf16(p == Precision::FP8 ? T * H : 0, r);
-    const float* dy_routed = dy;
-    if (p == Precision::FP8) {
-      CUDA_CHECK(cudaMemcpyAsync(dy_bf16.get(), dy, static_cast<size_t>(T * H) * sizeof(float),
-                                 cudaMemcpyDeviceToDevice, r.stream));
-      round_if_fp8(p, dy_bf16.get(), T * H, r.stream);
-      dy_routed = dy_bf16.get();
-    }
-    cuda::moe_combine_backward(dy_routed, yp_, topk_weight_, row_of_, T, K, H, dyp.get(), dweight.get(), r.stream);
+    cuda::moe_combine_backward(dy, yp_, topk_weight_, row_of_, T, K, H, dyp.get(), dweight.get(), r.stream);
     {
       Temp<float> dh(R * I, r), dg(R * I, r), du(R * I, r);
       for (int64_t e = 0; e < E; ++e) {

@@ -158,10 +158,8 @@ class GpuMoe {
   int64_t *token_of_aligned_ = nullptr, *row_of_aligned_ = nullptr;
   int64_t aligned_rows_ = -1;
   uint16_t* yp16() const { return reinterpret_cast<uint16_t*>(yp_); }
-  // moe_combine_backward_aligned over the aligned rows' yp (BF16, or FP32 with MOERL_MOE_YP=fp32), dy rounded to
-  // BF16 into dy16.
-  void combine_backward_aligned(const float* dy, int64_t rows, float* dyp, float* dweight, uint16_t* dy16,
-                                cudaStream_t stream) const;
+  // moe_combine_backward_aligned over the aligned rows' yp (BF16, or FP32 with MOERL_MOE_YP=fp32).
+  void combine_backward_aligned(const float* dy, int64_t rows, float* dyp, float* dweight, cudaStream_t stream) const;
   // x's quantization along tokens, written by the FP8 forward for its backward (MoeFp8Experts::x_codes_t;
   // MOERL_MOE_KEEP_XT=0: quantized again in backward): codes [rows · H], scales [H, rows / 128].
   uint8_t* x_codes_t_ = nullptr;

@@ -35,8 +35,7 @@ float* at_least(std::vector<float>& v, int64_t n) {
 }
 
 // The FP8 recipe's GEMM outputs that feed SwiGLU (g and u) and its gradient (dh) are BF16 values, as DeepSeek-V3's
-// FP8 GEMMs output BF16 (the GPU holds them so: kernels/cuda/moe_fp8.hpp, MoeFp8Experts::gate_up_bf16); so are the
-// routed experts' inputs and output gradient (DeepSeek-V3 keeps activations and their gradients in BF16).
+// FP8 GEMMs output BF16 (the GPU holds them so: kernels/cuda/moe_fp8.hpp, MoeFp8Experts::gate_up_bf16).
 void round_if_fp8(Precision p, float* x, int64_t n) {
   if (p == Precision::FP8)
     for (int64_t i = 0; i < n; ++i) x[i] = round_bf16(x[i]);
@@ -254,7 +253,7 @@ struct MoeFeedForward::Impl {
   ExpertLoad load;
 
   // Backward scratch.
-  std::vector<float> dyp, dxp, dweight, dscores, dlogits, dy_bf16;
+  std::vector<float> dyp, dxp, dweight, dscores, dlogits;
   SwigluScratch scratch;
 
   int64_t tokens() const { return batch * seq; }
@@ -337,10 +336,7 @@ float MoeFeedForward::forward(const float* x, int64_t batch, int64_t seq, float*
   m.row_of.resize(R);
   cpu::moe_permute_plan(m.topk_idx.data(), T, K, E, m.offsets.data(), m.token_of.data(), m.row_of.data());
   for (int64_t e = 0; e < E; ++e) m.load.tokens_per_expert[e] = m.offsets[e + 1] - m.offsets[e];
-  // FP8: the routed experts quantize BF16 inputs (x rounded here; the GPU's kernels/cuda/moe_fp8.hpp alike).
-  float* xp = m.routed->input(m.offsets.data());
-  cpu::moe_gather(x, m.token_of.data(), R, H, xp);
-  round_if_fp8(precision, xp, R * H);
+  cpu::moe_gather(x, m.token_of.data(), R, H, m.routed->input(m.offsets.data()));
   m.yp.resize(R * H);
   m.routed->forward(m.yp.data(), precision);
   cpu::moe_combine(m.yp.data(), m.topk_weight.data(), m.row_of.data(), T, K, H, y);
@@ -365,14 +361,7 @@ void MoeFeedForward::backward(const float* dy, float* dx) {
   float* dyp = at_least(m.dyp, R * H);
   float* dxp = at_least(m.dxp, R * H);
   float* dweight = at_least(m.dweight, T * K);
-  const float* dy_routed = dy;  // FP8: dy rounded to BF16 (as the GPU's moe_combine_backward_aligned does)
-  if (p == Precision::FP8) {
-    float* rounded = at_least(m.dy_bf16, T * H);
-    std::copy(dy, dy + T * H, rounded);
-    round_if_fp8(p, rounded, T * H);
-    dy_routed = rounded;
-  }
-  cpu::moe_combine_backward(dy_routed, m.yp.data(), m.topk_weight.data(), m.row_of.data(), T, K, H, dyp, dweight);
+  cpu::moe_combine_backward(dy, m.yp.data(), m.topk_weight.data(), m.row_of.data(), T, K, H, dyp, dweight);
   m.routed->backward(dyp, dxp);
   cpu::moe_scatter_add(dxp, m.row_of.data(), T, K, H, dx);
 

@@ -16,7 +16,6 @@
 #include <gtest/gtest.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -159,34 +158,10 @@ TEST_F(MoeFp8Gpu, AlignedPlanGatherScalesAndCombineMatchPlainLoops) {
   const std::vector<float> dy = normal_values(static_cast<size_t>(T * dim), 1.0f, rng);
   DeviceBuffer<float> d_dy(dy);
   cuda::moe_combine_backward_aligned(d_dy.get(), d_xp.get(), d_w.get(), d_row_a.get(), T, 1, dim, RA, d_dyp.get(),
-                                     d_dw.get(), nullptr);
+                                     d_dw.get());
   cuda::moe_combine_backward_aligned(d_dy.get(), d_xp.get(), d_w.get(), d_row_a.get(), T, 1, dim, RA, nullptr,
-                                     d_dw2.get(), nullptr);
+                                     d_dw2.get());
   EXPECT_EQ(d_dw2.download(), d_dw.download()) << "dweight without dyp";
-  // With dy16 (the FP8 recipe): dy rounded to BF16 (its bit patterns written there), then dyp and dweight from the
-  // rounded values: the bits of the call on dy rounded beforehand, 4 values at a time (dim 132) and one at a time
-  // (dim 131).
-  for (const int64_t d2 : {dim, dim - 1}) {
-    const std::vector<float> dy_raw = normal_values(static_cast<size_t>(T * d2), 1.0f, rng);
-    std::vector<uint16_t> dy16_want(dy_raw.size());
-    std::vector<float> dy_rounded(dy_raw.size());
-    for (size_t i = 0; i < dy_raw.size(); ++i)
-      dy16_want[i] = bf16_from_float(dy_raw[i]), dy_rounded[i] = float_from_bf16(dy16_want[i]);
-    DeviceBuffer<float> d_raw(dy_raw), d_rounded(dy_rounded), d_rows(RA * d2), d_dyp_a(RA * d2), d_dyp_b(RA * d2),
-        d_dw_a(T), d_dw_b(T);
-    for (DeviceBuffer<float>* b : {&d_dyp_a, &d_dyp_b, &d_dw_a, &d_dw_b}) b->poison();
-    d_rows.upload(normal_values(static_cast<size_t>(RA * d2), 1.0f, rng));
-    DeviceBuffer<uint16_t> d_dy16(T * d2);
-    d_dy16.poison();
-    cuda::moe_combine_backward_aligned(d_raw.get(), d_rows.get(), d_w.get(), d_row_a.get(), T, 1, d2, RA,
-                                       d_dyp_a.get(), d_dw_a.get(), d_dy16.get());
-    cuda::moe_combine_backward_aligned(d_rounded.get(), d_rows.get(), d_w.get(), d_row_a.get(), T, 1, d2, RA,
-                                       d_dyp_b.get(), d_dw_b.get(), nullptr);
-    EXPECT_EQ(d_dy16.download(), dy16_want) << "dy16, dim " << d2;
-    EXPECT_EQ(d_dw_a.download(), d_dw_b.download()) << "dweight of dy rounded, dim " << d2;
-    const std::vector<float> dypa = d_dyp_a.download(), dypb = d_dyp_b.download();  // zero rows: NaN poison in both
-    EXPECT_EQ(std::memcmp(dypa.data(), dypb.data(), dypa.size() * sizeof(float)), 0) << "dyp of dy rounded, dim " << d2;
-  }
   // The combine and its backward from BF16 rows (the FP8 experts' yp) give the FP32 versions' bits on the rows
   // widened, 4 at a time (dim 132) and one at a time (dim 131, the rows' first 131 values).
   for (const int64_t d2 : {dim, dim - 1}) {
@@ -208,9 +183,9 @@ TEST_F(MoeFp8Gpu, AlignedPlanGatherScalesAndCombineMatchPlainLoops) {
     cuda::moe_combine_aligned(d_xp16.get(), d_w.get(), d_row_a.get(), T, 1, d2, RA, d_ya.get());
     cuda::moe_combine_aligned(d_wide.get(), d_w.get(), d_row_a.get(), T, 1, d2, RA, d_yb.get());
     cuda::moe_combine_backward_aligned(d_dy2.get(), d_xp16.get(), d_w.get(), d_row_a.get(), T, 1, d2, RA,
-                                       d_dypa.get(), d_dwa.get(), nullptr);
+                                       d_dypa.get(), d_dwa.get());
     cuda::moe_combine_backward_aligned(d_dy2.get(), d_wide.get(), d_w.get(), d_row_a.get(), T, 1, d2, RA,
-                                       d_dypb.get(), d_dwb.get(), nullptr);
+                                       d_dypb.get(), d_dwb.get());
     EXPECT_EQ(d_ya.download(), d_yb.download()) << "combine of BF16 rows, dim " << d2;
     // The scatter-add of BF16 rows, with a tensor added in the same pass.
     DeviceBuffer<float> d_sa(T * d2), d_sb(T * d2), d_also(normal_values(static_cast<size_t>(T * d2), 1.0f, rng));
@@ -399,13 +374,12 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
   const std::vector<int64_t> aligned = aligned_of(kCounts);
   const int64_t RA = aligned[E];
   // Each expert's rows get their own magnitude, so rows or scales taken from another expert show.
-  // xp in BF16 values: the gathered forms below quantize x rounded to BF16 (the recipe), the xp forms xp as given.
   std::vector<float> xp(static_cast<size_t>(RA * H), 0.0f), dyp(static_cast<size_t>(RA * H), 0.0f);
   for (int64_t e = 0; e < E; ++e) {
     const float mag = std::ldexp(1.0f, static_cast<int>(e % 4) - 1);
     const std::vector<float> xe = normal_values(static_cast<size_t>(kCounts[e] * H), mag, rng);
     const std::vector<float> de = normal_values(static_cast<size_t>(kCounts[e] * H), 1e-2f * mag, rng);
-    std::transform(xe.begin(), xe.end(), xp.begin() + aligned[e] * H, [](float v) { return round_bf16(v); });
+    std::copy(xe.begin(), xe.end(), xp.begin() + aligned[e] * H);
     std::copy(de.begin(), de.end(), dyp.begin() + aligned[e] * H);
   }
   const std::vector<float> wg = normal_values(static_cast<size_t>(E * I * H), 0.05f, rng);
@@ -506,11 +480,8 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
       for (int64_t r = aligned[e] + kCounts[e]; r < aligned[e + 1]; ++r)
         for (int64_t j = 0; j < H; ++j) ASSERT_EQ(yp[r * H + j], 0.0f) << "zero row " << r;
 
-    // The gathered versions (input rows read from x through token_of inside the quantization kernels, rounded to
-    // BF16) give the same bytes: x holds the real rows at shuffled token positions and garbage where no row points,
-    // zero rows have -1. Each of x's values is its BF16 value xp plus 0.44 of a BF16 unit (away from zero), which
-    // rounds back to xp, and left unrounded would move the FP8 scales and codes.
-    auto above_bf16 = [](float v) { return std::bit_cast<float>(std::bit_cast<uint32_t>(v) | 0x7000u); };
+    // The gathered versions (input rows read from x through token_of inside the quantization kernels) give the same
+    // bytes: x holds the real rows at shuffled token positions and garbage where no row points, zero rows have -1.
     const int64_t tokens = RA + 7;
     std::vector<int64_t> perm(static_cast<size_t>(tokens));
     for (int64_t t = 0; t < tokens; ++t) perm[t] = t;
@@ -520,7 +491,7 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     for (int64_t e = 0; e < E; ++e)
       for (int64_t r = aligned[e]; r < aligned[e] + kCounts[e]; ++r) {
         token_of[r] = perm[r];
-        std::transform(xp.begin() + r * H, xp.begin() + (r + 1) * H, x.begin() + perm[r] * H, above_bf16);
+        std::copy(xp.begin() + r * H, xp.begin() + (r + 1) * H, x.begin() + perm[r] * H);
       }
     DeviceBuffer<float> d_x(x), d_gg2(g0), d_ug2(g0), d_dg2(d0);
     DeviceBuffer<float> d_gu2(2 * RA * gld), d_h2(RA * I), d_dxp2(RA * H);
@@ -568,22 +539,19 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     std::printf("[ moe fp8  ] %s: gathered forward and backward (x's and h's token codes kept from the forward): "
                 "the bytes of the xp versions\n", form_name);
 
-    // The combined backward (dyp row r = w_r · dy16[token_of[r]] made inside its quantization, dy16 in BF16) gives
-    // the bytes of the gathered backward on that dyp, computed here with the same single rounding. Zero rows'
-    // weights are NaN: never read.
-    const std::vector<float> dy_tok = normal_values(static_cast<size_t>(tokens * H), 1e-2f, rng);
-    std::vector<uint16_t> dy16(dy_tok.size());
-    std::transform(dy_tok.begin(), dy_tok.end(), dy16.begin(), [](float v) { return bf16_from_float(v); });
+    // The combined backward (dyp row r = w_r · dy[token_of[r]] made inside its quantization) gives the bytes of the
+    // gathered backward on that dyp, computed here with the same single rounding. Zero rows' weights are NaN: never
+    // read.
+    std::vector<float> dy_tok = normal_values(static_cast<size_t>(tokens * H), 1e-2f, rng);
     std::vector<float> row_w(static_cast<size_t>(RA), std::numeric_limits<float>::quiet_NaN());
     std::vector<float> dyp3(static_cast<size_t>(RA * H), 0.0f);
     std::uniform_real_distribution<float> wdist(0.05f, 1.0f);
     for (int64_t r = 0; r < RA; ++r) {
       if (token_of[r] < 0) continue;
       row_w[r] = wdist(rng);
-      for (int64_t j = 0; j < H; ++j) dyp3[r * H + j] = row_w[r] * float_from_bf16(dy16[token_of[r] * H + j]);
+      for (int64_t j = 0; j < H; ++j) dyp3[r * H + j] = row_w[r] * dy_tok[token_of[r] * H + j];
     }
-    DeviceBuffer<uint16_t> d_dy_tok(dy16);
-    DeviceBuffer<float> d_row_w(row_w), d_dyp3(dyp3);
+    DeviceBuffer<float> d_dy_tok(dy_tok), d_row_w(row_w), d_dyp3(dyp3);
     DeviceBuffer<float> d_gg3(g0), d_ug3(g0), d_dg3(d0), d_gg4(g0), d_ug4(g0), d_dg4(d0), d_dxp3(RA * H), d_dxp4(RA * H);
     d_dxp3.poison(), d_dxp4.poison();
     cuda::MoeFp8Experts w3{d_wg.get(), d_wu.get(), d_wd.get(), d_gg3.get(), d_ug3.get(), d_dg3.get(), E, H, I, form};
