@@ -52,6 +52,13 @@
 // (rows 0.16 + tokens 0.41), with the router's dx added in the scatter-add's pass (runtime/gpu) 14.76 -> 14.49 ms
 // (bench/results/2026-11-29-gpu-moe2-run2-h200-86e0efd.*, variant beside_none).
 //
+// Tried and dropped (bench/results/2026-11-29-gpu-profile-h200-a033fe5-bf16-inputs.txt, code in a033fe5): the routed
+// experts' x and dy rounded to BF16 (a recipe change, CPU alike), xᵀ's and dy's gathered quantizations reading BF16
+// copies of x and dy written by the passes before them (half the bytes read top-k times): MoE layer 12.04-12.09 ms
+// against 11.86 before, torch 17.44-17.53 in the same call. These gathered passes are bound by latency, not bytes:
+// xᵀ's took 0.44 ms from BF16 against 0.37 from FP32 (8-byte loads halve the bytes in flight), dy's 0.77 against 0.79,
+// and the copies cost 0.05 ms to write.
+//
 // Tried and dropped (same files and ...-run1-h200-abb3661.*): (1) persistent forms of the quantization kernels (each
 // block walking down the row tiles, prefetching the next into L2 with cp.async.bulk.prefetch.L2) for the SwiGLU, x
 // and dy passes: slower (SwiGLU backward 1.47 -> 1.79 ms, forward 0.65 -> 0.85, layer 14.8 -> 15.3-15.5); (2) work
