@@ -50,10 +50,6 @@ bool router_before_shared() {
   static const bool after = env_switch("MOERL_MOE_ROUTER", "before", "after");
   return !after;
 }
-bool shared_backward_late() {
-  static const bool late = env_switch("MOERL_MOE_SHARED_BWD", "first", "late");
-  return late;
-}
 
 // MOERL_MOE_YP=fp32: the FP8 routed experts' output rows yp in FP32 instead of BF16 (for comparing the two on the
 // device; kernels/cuda/moe_fp8.hpp). Read once per process.
@@ -399,12 +395,7 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
   const bool overlap = aligned_rows_ >= 0 && overlap_shared(p);
   std::optional<PhaseTimer> timer(std::in_place, p, (ph + "shared.bwd").c_str(), r.stream);
 
-  // MOERL_MOE_SHARED_BWD=late: the shared expert's backward queued after the routed combine's backward (from
-  // the same point of r.stream), so that the routed experts' first passes take the SMs first.
-  const bool shared_late = overlap && shared_backward_late();
-  if (shared_late)
-    CUDA_CHECK(cudaEventRecord(side_->fork, r.stream));
-  else if (overlap)
+  if (overlap)
     fork_shared(dy, dx, r, false);
   else if (!shared_.empty())
     shared_[0].backward(dy, dx, r);
@@ -444,7 +435,6 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
       Temp<float> dyp(RA * H, r);
       cuda::moe_zero_rows(token_of_aligned_, RA, H, dyp.get(), r.stream);
       combine_backward_aligned(dy, RA, dyp.get(), dweight.get(), r.stream);
-      if (shared_late) start_shared(dy, dx, r, false);
       if (overlap) router_beside();
       sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
       const cuda::MoeFp8Experts w = experts_fp8();
@@ -461,7 +451,6 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
       Temp<float> row_weight(RA, r);
       cuda::moe_aligned_row_weights(topk_weight_, row_of_aligned_, T * K, RA, row_weight.get(), r.stream);
       combine_backward_aligned(dy, RA, nullptr, dweight.get(), r.stream);
-      if (shared_late) start_shared(dy, dx, r, false);
       if (overlap) router_beside();
       sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
       const cuda::MoeFp8Experts w = experts_fp8();
