@@ -119,12 +119,6 @@ struct MoeFp8Experts {
   // be null in both).
   uint8_t* h_codes_t = nullptr;
   float* h_scales_t = nullptr;
-  // Optional, both or neither: the input's rows already quantized along features by fp8::cuda::quantize_1x128 (codes
-  // [n, H], scales [n, tiles(H)]; n = rows for the forward from xp, tokens for the gathered forward), which the
-  // forward then reads instead of quantizing the input: one quantization of a layer's x for its shared and its
-  // routed experts (runtime/gpu/gpu_feed_forward.cpp).
-  const uint8_t* x_row_codes = nullptr;
-  const float* x_row_scales = nullptr;
   // g and u as the two halves of one [rows, 2 Ip] matrix (Ip = I rounded up to 128: row r of g at g + r · 2 Ip, u =
   // g + Ip; the columns past each half's I are written with zeros): gate and up's Fprop is then one GEMM per expert
   // against [w_gate; w_up]. The Lanes form only; forward and backward must agree. Else g and u are [rows, I] each.

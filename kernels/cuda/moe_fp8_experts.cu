@@ -134,16 +134,6 @@ class RowsFp8 {
       finish();
     }
   }
-  // Over codes and scales made earlier (MoeFp8Experts::x_row_codes / x_row_scales): only the cuBLASLt layout is made.
-  RowsFp8(const uint8_t* codes, const float* cpu_scales, int64_t rows, int64_t d, const int64_t* aligned,
-          int64_t experts, bool lt, cudaStream_t stream)
-      : rows_(rows), d_(d), t_(tiles(d)), experts_(experts), aligned_(aligned), lt_layout_(lt), stream_(stream),
-        scratch_(bytes_of(rows * tiles(d), sizeof(float)), stream) {
-    codes_ = const_cast<uint8_t*>(codes);  // read only: nothing writes codes() of these
-    cpu_scales_ = const_cast<float*>(cpu_scales);
-    lt_ = scratch_.as<float>();
-    finish();
-  }
   uint8_t* codes() const { return codes_; }
   float* cpu_scales() const { return cpu_scales_; }  // [rows, tiles(d)], quantize_1x128's layout
   void finish() {
@@ -265,8 +255,6 @@ void quantize_input_rows(const MoeFp8Experts& w, const float* xp, const float* x
                                    w.x_scales_t, stream);
   } else if (xp != nullptr) {
     fp8::cuda::quantize_1x128(xp, rows, H, q.codes(), q.cpu_scales(), stream);
-  } else if (w.x_row_codes != nullptr) {
-    moe_gather_rows_fp8(w.x_row_codes, w.x_row_scales, token_of, rows, H, q.codes(), q.cpu_scales(), stream);
   } else {
     StreamScratch tq(bytes_of(tokens * H, 1) + bytes_of(tokens * tiles(H), sizeof(float)), stream);
     uint8_t* token_codes = tq.as<uint8_t>();
@@ -534,11 +522,8 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
                                     stream);
     quantize_gathered_tokens(x, token_of, rows, H, aligned, E, w.x_codes_t, w.x_scales_t, stream);
   }
-  // From xp with its row codes given (x_row_codes; x_codes_t unset): over those; else made here.
-  const bool rows_given = xp != nullptr && w.x_row_codes != nullptr && w.x_codes_t == nullptr;
-  RowsFp8 xq = rows_given ? RowsFp8(w.x_row_codes, w.x_row_scales, rows, H, aligned, E, !grouped, stream)
-                          : RowsFp8(nullptr, rows, H, aligned, E, !grouped, stream);
-  if (!rows_given) quantize_input_rows(w, xp, x, tokens, token_of, rows, H, aligned, xq, stream);
+  RowsFp8 xq(nullptr, rows, H, aligned, E, !grouped, stream);
+  quantize_input_rows(w, xp, x, tokens, token_of, rows, H, aligned, xq, stream);
   st.next("gemm_gate_up");
   if (grouped) {
     GroupedProblem pr[2];

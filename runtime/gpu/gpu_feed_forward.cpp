@@ -21,8 +21,6 @@
 #include "kernels/cuda/moe_permute.hpp"
 #include "kernels/cuda/router.hpp"
 #include "kernels/cuda/swiglu.hpp"
-#include "kernels/fp8.hpp"
-#include "kernels/fp8_quantize.hpp"
 #include "runtime/error.hpp"
 #include "runtime/gpu/gpu_layers.hpp"
 #include "runtime/gpu/gpu_profile.hpp"
@@ -37,18 +35,6 @@ namespace {
 bool separate_combine_backward() {
   static const bool separate = env_switch("MOERL_MOE_COMBINE_BWD", "fused", "separate");
   return separate;
-}
-
-// MOERL_MOE_X_ROWS=apart: the shared and the routed experts each quantize x along features (instead of once, on the
-// side stream); MOERL_MOE_ROUTER=after: the router's GEMM queued after the shared expert's forward (instead of
-// before). For comparing on the device. Read once per process.
-bool share_x_rows() {
-  static const bool apart = env_switch("MOERL_MOE_X_ROWS", "shared", "apart");
-  return !apart;
-}
-bool router_before_shared() {
-  static const bool after = env_switch("MOERL_MOE_ROUTER", "before", "after");
-  return !after;
 }
 
 // MOERL_MOE_YP=fp32: the FP8 routed experts' output rows yp in FP32 instead of BF16 (for comparing the two on the
@@ -128,7 +114,7 @@ cuda::MoeFp8Experts GpuDense::fp8_expert() const {
   return w;
 }
 
-void GpuDense::forward(const float* x, float* y, const Run& r, XRowCodes x_rows) {
+void GpuDense::forward(const float* x, float* y, const Run& r) {
   const int64_t T = tokens_, H = hidden_, I = inter_;
   x_ = x;
   precision_ = r.precision;
@@ -136,9 +122,7 @@ void GpuDense::forward(const float* x, float* y, const Run& r, XRowCodes x_rows)
   if (fp8_expert_) {
     // From pinned memory that stays {0, T}: nothing to wait for.
     CUDA_CHECK(cudaMemcpyAsync(rows_, rows_host_.get(), 2 * sizeof(int64_t), cudaMemcpyHostToDevice, r.stream));
-    cuda::MoeFp8Experts w = fp8_expert();
-    w.x_row_codes = x_rows.codes, w.x_row_scales = x_rows.scales;
-    cuda::moe_fp8_experts_forward(*r.linear, w, x, rows_host_.get(), rows_, g_, u_, h_, y, r.stream);
+    cuda::moe_fp8_experts_forward(*r.linear, fp8_expert(), x, rows_host_.get(), rows_, g_, u_, h_, y, r.stream);
     return;
   }
   cuda::linear_forward(*r.linear, r.precision, x, w_.gate->value, g_, T, I, H, r.stream);
@@ -249,14 +233,7 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
 
   const std::string ph = "moe" + std::to_string(E) + ".";
   const bool overlap = overlap_shared(p);
-  // With the shared expert beside: x's row codes made once (on the side stream) for both experts; the router's
-  // GEMM queued before the side work (on the critical path: the host waits for the routing).
-  const bool share_rows = overlap && share_x_rows(), router_first = overlap && router_before_shared();
-  Temp<uint8_t> x_row_codes(share_rows ? T * H : 0, r);
-  Temp<float> x_row_scales(share_rows ? T * fp8::tiles(H) : 0, r);
-  const XRowCodes x_rows = share_rows ? XRowCodes{x_row_codes.get(), x_row_scales.get()} : XRowCodes{};
-  if (overlap) CUDA_CHECK(cudaEventRecord(side_->fork, r.stream));
-  if (overlap && !router_first) start_shared(x, y, r, true, x_rows);
+  if (overlap) fork_shared(x, y, r, true);
   std::optional<PhaseTimer> timer(std::in_place, p, (ph + "routing+sync.fwd").c_str(), r.stream);
   // Sub-phases (profiling only): router GEMM, top-k, plan, then the wait. MOERL_ROUTER_PRESYNC=1 (diagnostics)
   // first waits for the work queued before the router, as its own sub-phase, and runs the router GEMM a second
@@ -276,7 +253,6 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
   // 11.90 / 11.87 vs 11.89 / 12.00 ms with cuBLASLt's; the GEMM runs beside the shared expert's forward. torch's FP32
   // mm takes 0.139 ms alone. bench/results/2026-11-29-gpu-router-swiglu-fwd-h200-78383af+tried.txt.)
   cuda::linear_forward(lin, Precision::FP32, x, router_->value, scores_, T, E, H, r.stream);
-  if (router_first) start_shared(x, y, r, true, x_rows);
   if (presync) {
     sub.emplace(p, (ph + "routing.presync2").c_str(), r.stream);
     CUDA_CHECK(cudaStreamSynchronize(r.stream));
@@ -332,11 +308,7 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
                          r.stream);
     aligned_rows_ = RA;
     part.emplace(p, (ph + "routed.experts").c_str(), r.stream);
-    cuda::MoeFp8Experts w = experts_fp8();  // h in FP32 only when its token codes are not kept
-    if (share_rows) {
-      CUDA_CHECK(cudaStreamWaitEvent(r.stream, side_->x_rows, 0));
-      w.x_row_codes = x_rows.codes, w.x_row_scales = x_rows.scales;
-    }
+    const cuda::MoeFp8Experts w = experts_fp8();  // h in FP32 only when its token codes are not kept
     float* const h = w.h_codes_t ? nullptr : hp_;
     if (fp32_yp())
       cuda::moe_fp8_experts_forward_gathered(lin, w, x, T, token_of_aligned_, aligned_host, aligned_, gp_,
@@ -508,14 +480,12 @@ GpuMoe::SideStream::SideStream() {
   CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&done, cudaEventDisableTiming));
-  CUDA_CHECK(cudaEventCreateWithFlags(&x_rows, cudaEventDisableTiming));
 }
 
 GpuMoe::SideStream::~SideStream() {
   // A destructor must not throw; the stream's work is joined into the caller's stream before forward/backward
   // return, so this waits for nothing the caller has not already waited for.
   (void)cudaStreamSynchronize(stream);
-  (void)cudaEventDestroy(x_rows);
   (void)cudaEventDestroy(done);
   (void)cudaEventDestroy(fork);
   (void)cudaStreamDestroy(stream);
@@ -532,21 +502,12 @@ bool GpuMoe::overlap_shared(Precision p) const {
 
 void GpuMoe::fork_shared(const float* in, float* out, const Run& r, bool forward) {
   CUDA_CHECK(cudaEventRecord(side_->fork, r.stream));
-  start_shared(in, out, r, forward);
-}
-
-void GpuMoe::start_shared(const float* in, float* out, const Run& r, bool forward, XRowCodes x_rows) {
   CUDA_CHECK(cudaStreamWaitEvent(side_->stream, side_->fork, 0));
   Run side = r;
   side.stream = side_->stream;
   const PhaseTimer t(r.precision, forward ? "shared.fwd(side)" : "shared.bwd(side)", side.stream);
-  if (x_rows.codes != nullptr) {
-    fp8::cuda::quantize_1x128(in, batch_ * seq_, hidden_, const_cast<uint8_t*>(x_rows.codes),
-                              const_cast<float*>(x_rows.scales), side.stream);
-    CUDA_CHECK(cudaEventRecord(side_->x_rows, side.stream));
-  }
   if (forward)
-    shared_[0].forward(in, out, side, x_rows);
+    shared_[0].forward(in, out, side);
   else
     shared_[0].backward(in, out, side);
   CUDA_CHECK(cudaEventRecord(side_->done, side_->stream));

@@ -86,20 +86,12 @@ struct SwigluParams {
 };
 
 // The dense SwiGLU feed-forward (and the shared experts): down(silu(gate(x)) · up(x)).
-// x [T, H] quantized along features by fp8::cuda::quantize_1x128 (MoeFp8Experts::x_row_codes): codes [T, H],
-// scales [T, tiles(H)]; null: none.
-struct XRowCodes {
-  const uint8_t* codes = nullptr;
-  const float* scales = nullptr;
-};
-
 class GpuDense {
  public:
   // prefix: e.g. "model.layers.0.mlp" (without the dot).
   GpuDense(ParamStore& params, const std::string& prefix, int64_t hidden, int64_t inter);
   void bind(Slab& s, int64_t tokens);
-  // x_rows: x's row codes where already made (read instead of quantizing x; the FP8 expert form only).
-  void forward(const float* x, float* y, const Run& r, XRowCodes x_rows = {});
+  void forward(const float* x, float* y, const Run& r);
   void backward(const float* dy, float* dx, const Run& r);
   // Whether a forward in precision p runs as one FP8 "expert" of all T rows (kernels/cuda/moe_fp8.hpp): the routed
   // experts' fused passes (SwiGLU + quantization, dual quantization, dg/du never in FP32, gate and up Dgrad summed in
@@ -192,15 +184,12 @@ class GpuMoe {
     SideStream(const SideStream&) = delete;
     SideStream& operator=(const SideStream&) = delete;
     cudaStream_t stream = nullptr;
-    cudaEvent_t fork = nullptr, done = nullptr, x_rows = nullptr;
+    cudaEvent_t fork = nullptr, done = nullptr;
   };
   std::unique_ptr<SideStream> side_;
   bool overlap_shared(Precision p) const;
   // Starts the shared expert's forward (dy null) or backward on side_ after the work queued on r.stream.
   void fork_shared(const float* in, float* out, const Run& r, bool forward);
-  // The same after the work queued on r.stream before side_->fork was recorded; x_rows (forward): quantize x into
-  // them first (then side_->x_rows is recorded) for the shared and the routed experts.
-  void start_shared(const float* in, float* out, const Run& r, bool forward, XRowCodes x_rows = {});
   void join_shared(cudaStream_t stream);
 };
 

@@ -529,9 +529,7 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
                   "one BF16 unit)\n", form_name, static_cast<long long>(rounded_apart), yp.size(),
                   static_cast<long long>(off));
       EXPECT_EQ(off, 0) << "gathered forward yp (BF16)";
-      if (form == cuda::MoeFp8Gemm::Grouped) {
-        EXPECT_EQ(rounded_apart, 0) << "grouped: the FP32 output rounded";
-      }
+      if (form == cuda::MoeFp8Gemm::Grouped) EXPECT_EQ(rounded_apart, 0) << "grouped: the FP32 output rounded";
     }
     EXPECT_EQ(d_h2.download(), d_h.download()) << "gathered forward h";
     EXPECT_EQ(d_dxp2.download(), d_dxp.download()) << "gathered backward dxp";
@@ -540,41 +538,6 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     EXPECT_EQ(d_dg2.download(), d_dg.download()) << "gathered down grad";
     std::printf("[ moe fp8  ] %s: gathered forward and backward (x's and h's token codes kept from the forward): "
                 "the bytes of the xp versions\n", form_name);
-
-    // x's row codes given (MoeFp8Experts::x_row_codes, quantize_1x128 of the input, as runtime/gpu makes them once
-    // for a layer's shared and routed experts): the forwards read them instead of quantizing, with the same bytes,
-    // from xp (its RA rows) and gathered (x's tokens; x's token codes still made from x).
-    {
-      DeviceBuffer<uint8_t> d_prc(RA * H), d_trc(tokens * H), d_xct6(RA * H), d_hct6(RA * I);
-      DeviceBuffer<float> d_prs(RA * fp8::tiles(H)), d_trs(tokens * fp8::tiles(H)), d_xst6(H * (RA / 128)),
-          d_hst6(I * (RA / 128)), d_gu6(2 * RA * gld), d_h6(RA * I), d_yp6(RA * H), d_h7(RA * I);
-      DeviceBuffer<uint16_t> d_gu16_6(RA * gld), d_yp7(RA * H);
-      for (DeviceBuffer<float>* b : {&d_gu6, &d_h6, &d_yp6, &d_h7}) b->poison();
-      d_gu16_6.poison(), d_yp7.poison();
-      fp8::cuda::quantize_1x128(d_xp.get(), RA, H, d_prc.get(), d_prs.get());
-      fp8::cuda::quantize_1x128(d_x.get(), tokens, H, d_trc.get(), d_trs.get());
-      float* const d_g6 = v.bf16 ? nullptr : d_gu6.get();
-      float* const d_u6 = v.bf16 ? nullptr : side ? d_g6 + gld / 2 : d_g6 + RA * I;
-      cuda::MoeFp8Experts w6 = w;
-      if (v.bf16) w6.gate_up_bf16 = d_gu16_6.get();
-      w6.x_row_codes = d_prc.get(), w6.x_row_scales = d_prs.get();
-      cuda::moe_fp8_experts_forward(ctx, w6, d_xp.get(), aligned.data(), d_aligned.get(), d_g6, d_u6, d_h6.get(),
-                                    d_yp6.get());
-      cuda::MoeFp8Experts w7 = w2;
-      if (v.bf16) w7.gate_up_bf16 = d_gu16_6.get();
-      w7.x_codes_t = d_xct6.get(), w7.x_scales_t = d_xst6.get(), w7.h_codes_t = d_hct6.get(),
-      w7.h_scales_t = d_hst6.get();
-      w7.x_row_codes = d_trc.get(), w7.x_row_scales = d_trs.get();
-      cuda::moe_fp8_experts_forward_gathered(ctx, w7, d_x.get(), tokens, d_token_of.get(), aligned.data(),
-                                             d_aligned.get(), d_g6, d_u6, d_h7.get(), d_yp7.get());
-      CUDA_CHECK(cudaDeviceSynchronize());
-      EXPECT_EQ(d_yp6.download(), d_yp.download()) << "forward from xp with its row codes given";
-      EXPECT_EQ(d_h6.download(), d_h.download()) << "h, forward from xp with its row codes given";
-      EXPECT_EQ(d_yp7.download(), d_yp2.download()) << "gathered forward with x's row codes given";
-      EXPECT_EQ(d_h7.download(), d_h2.download()) << "h, gathered forward with x's row codes given";
-      EXPECT_EQ(d_xct6.download(), d_xct.download()) << "x's token codes, gathered forward with row codes given";
-      EXPECT_EQ(d_hct6.download(), d_hct.download()) << "h's token codes, gathered forward with row codes given";
-    }
 
     // The combined backward (dyp row r = w_r · dy[token_of[r]] made inside its quantization) gives the bytes of the
     // gathered backward on that dyp, computed here with the same single rounding. Zero rows' weights are NaN: never
@@ -635,9 +598,7 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
                   "one BF16 unit)\n", form_name, static_cast<long long>(rounded_apart), want.size(),
                   static_cast<long long>(off));
       EXPECT_EQ(off, 0) << "combined backward dxp (BF16)";
-      if (!side) {
-        EXPECT_EQ(rounded_apart, 0) << "the FP32 dxp rounded";
-      }
+      if (!side) EXPECT_EQ(rounded_apart, 0) << "the FP32 dxp rounded";
       EXPECT_EQ(d_gg5.download(), d_gg4.download()) << "gate grad with BF16 dxp";
       EXPECT_EQ(d_dg5.download(), d_dg4.download()) << "down grad with BF16 dxp";
     }
