@@ -251,7 +251,10 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
   // Router, in FP32 whatever the precision of the experts; the scores overwrite the logits.
   // (A SIMT FP32 kernel of our own for these logits, 128 tokens x 64 experts a block, left the MoE layer as it was:
   // 11.90 / 11.87 vs 11.89 / 12.00 ms with cuBLASLt's; the GEMM runs beside the shared expert's forward. torch's FP32
-  // mm takes 0.139 ms alone. bench/results/2026-11-29-gpu-router-swiglu-fwd-h200-78383af+tried.txt.)
+  // mm takes 0.139 ms alone. bench/results/2026-11-29-gpu-router-swiglu-fwd-h200-78383af+tried.txt. Queuing this GEMM
+  // before the shared expert's forward, with x's row codes made once on the side stream for both experts, and the
+  // shared backward queued after the combine's backward: each within noise, 11.75-11.81 ms;
+  // ...-sweep-x-rows-router-h200-8fdba24.txt.)
   cuda::linear_forward(lin, Precision::FP32, x, router_->value, scores_, T, E, H, r.stream);
   if (presync) {
     sub.emplace(p, (ph + "routing.presync2").c_str(), r.stream);

@@ -529,7 +529,9 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
                   "one BF16 unit)\n", form_name, static_cast<long long>(rounded_apart), yp.size(),
                   static_cast<long long>(off));
       EXPECT_EQ(off, 0) << "gathered forward yp (BF16)";
-      if (form == cuda::MoeFp8Gemm::Grouped) EXPECT_EQ(rounded_apart, 0) << "grouped: the FP32 output rounded";
+      if (form == cuda::MoeFp8Gemm::Grouped) {
+        EXPECT_EQ(rounded_apart, 0) << "grouped: the FP32 output rounded";
+      }
     }
     EXPECT_EQ(d_h2.download(), d_h.download()) << "gathered forward h";
     EXPECT_EQ(d_dxp2.download(), d_dxp.download()) << "gathered backward dxp";
@@ -598,7 +600,9 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
                   "one BF16 unit)\n", form_name, static_cast<long long>(rounded_apart), want.size(),
                   static_cast<long long>(off));
       EXPECT_EQ(off, 0) << "combined backward dxp (BF16)";
-      if (!side) EXPECT_EQ(rounded_apart, 0) << "the FP32 dxp rounded";
+      if (!side) {
+        EXPECT_EQ(rounded_apart, 0) << "the FP32 dxp rounded";
+      }
       EXPECT_EQ(d_gg5.download(), d_gg4.download()) << "gate grad with BF16 dxp";
       EXPECT_EQ(d_dg5.download(), d_dg4.download()) << "down grad with BF16 dxp";
     }
