@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <string>
 
@@ -191,7 +192,7 @@ template <bool kWeighted> __device__ __forceinline__ float add_row(float acc, fl
 // Block t: y[t, :] += Σ_k w_k · src[row_k, :] in k order, kRowsInFlight rows loaded before they are added, then
 // (non-null `also` [tokens, dim]) + also[t, :], rounded once more.
 // Combine (kWeighted) and scatter-add (not); src FP32 or BF16 (Src uint16_t).
-template <bool kWeighted, class Src = float>
+template <bool kWeighted, class Src = float, int kInFlight = kRowsInFlight>
 __global__ void __launch_bounds__(kRowThreads)
     combine_kernel(const Src* __restrict__ src, const float* __restrict__ weight, const int64_t* __restrict__ row_of,
                    int64_t row_limit, int64_t k, int64_t dim, bool vec, float* __restrict__ y,
@@ -206,13 +207,13 @@ __global__ void __launch_bounds__(kRowThreads)
     float4* out4 = reinterpret_cast<float4*>(out);
     for (int64_t i = threadIdx.x; i < dim / 4; i += kRowThreads) {
       float4 acc = out4[i];
-      for (int64_t j0 = 0; j0 < k; j0 += kRowsInFlight) {
-        float4 v[kRowsInFlight];
+      for (int64_t j0 = 0; j0 < k; j0 += kInFlight) {
+        float4 v[kInFlight];
 #pragma unroll
-        for (int u = 0; u < kRowsInFlight; ++u)
+        for (int u = 0; u < kInFlight; ++u)
           if (j0 + u < k) v[u] = load4(src + rows[j0 + u] * dim, i);
 #pragma unroll
-        for (int u = 0; u < kRowsInFlight; ++u) {
+        for (int u = 0; u < kInFlight; ++u) {
           if (j0 + u >= k) break;
           const float w = weights[j0 + u];
           acc.x = add_row<kWeighted>(acc.x, w, v[u].x);
@@ -238,56 +239,78 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// The block's sum of v, to thread 0, in a fixed order (xor tree in each warp, then the warps in order).
-__device__ __forceinline__ float block_sum(float v, float* warp_total) {
-  for (int offset = kWarp / 2; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
-  if (threadIdx.x % kWarp == 0) warp_total[threadIdx.x / kWarp] = v;
+// The block's sums of v[0 .. n) (n <= kN), to threads 0 .. n - 1 (thread u returns the sum of v[u]), each in a fixed
+// order (xor tree in each warp, then the warps in order): one pair of barriers for all n.
+template <int kN>
+__device__ __forceinline__ float block_sums(const float (&v)[kN], int n, float (*warp_total)[kN]) {
+  const int warp = threadIdx.x / kWarp;
+#pragma unroll
+  for (int u = 0; u < kN; ++u) {
+    if (u >= n) break;
+    float s = v[u];
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) s += __shfl_xor_sync(kFullMask, s, offset);
+    if (threadIdx.x % kWarp == 0) warp_total[warp][u] = s;
+  }
   __syncthreads();
   float total = 0;
-  if (threadIdx.x == 0)
-    for (int w = 0; w < kRowWarps; ++w) total += warp_total[w];
-  __syncthreads();  // warp_total is reused by the next call
+  if (threadIdx.x < n)
+    for (int w = 0; w < kRowWarps; ++w) total += warp_total[w][threadIdx.x];
+  __syncthreads();  // warp_total is reused by the next group
   return total;
 }
 
 // Block t, k ascending: dyp[row_k, :] = w_k · dy[t, :] and dweight[t, k] = <dy[t, :], yp[row_k, :]> (yp FP32 or
-// BF16).
-template <class Src>
+// BF16), kDots rows at a time: their loads in flight together and their dot products summed with one block
+// reduction. Each dot product is summed in the same order whatever kDots.
+template <class Src, int kDots>
 __global__ void __launch_bounds__(kRowThreads)
     combine_backward_kernel(const float* __restrict__ dy, const Src* __restrict__ yp,
                             const float* __restrict__ weight, const int64_t* __restrict__ row_of, int64_t row_limit,
                             int64_t k, int64_t dim, bool vec, float* __restrict__ dyp, float* __restrict__ dweight) {
   extern __shared__ int64_t backward_smem[];
-  __shared__ float warp_total[kRowWarps];
+  __shared__ float warp_total[kRowWarps][kDots];
   int64_t* rows = backward_smem;
   float* weights = reinterpret_cast<float*>(rows + k);
   const int64_t t = blockIdx.x;
   stage_rows(row_of, weight, t, row_limit, k, rows, weights);
   const float* g = dy + t * dim;
-  for (int64_t j = 0; j < k; ++j) {
-    const float w = weights[j];
-    const Src* v = yp + rows[j] * dim;
-    float* out = dyp != nullptr ? dyp + rows[j] * dim : nullptr;  // null dyp: dweight only
-    float dot = 0;
+  for (int64_t j0 = 0; j0 < k; j0 += kDots) {
+    const int n = static_cast<int>(k - j0 < kDots ? k - j0 : kDots);
+    float dot[kDots] = {};
     if (vec) {
       for (int64_t i = threadIdx.x; i < dim / 4; i += kRowThreads) {
-        const float4 gi = load4(g, i), vi = load4(v, i);
-        if (out != nullptr)
-          reinterpret_cast<float4*>(out)[i] =
-              make_float4(__fmul_rn(w, gi.x), __fmul_rn(w, gi.y), __fmul_rn(w, gi.z), __fmul_rn(w, gi.w));
-        dot = fmaf(gi.x, vi.x, dot);
-        dot = fmaf(gi.y, vi.y, dot);
-        dot = fmaf(gi.z, vi.z, dot);
-        dot = fmaf(gi.w, vi.w, dot);
+        const float4 gi = load4(g, i);
+        float4 v[kDots];
+#pragma unroll
+        for (int u = 0; u < kDots; ++u)
+          if (u < n) v[u] = load4(yp + rows[j0 + u] * dim, i);
+#pragma unroll
+        for (int u = 0; u < kDots; ++u) {
+          if (u >= n) break;
+          if (dyp != nullptr) {  // null dyp: dweight only
+            const float w = weights[j0 + u];
+            reinterpret_cast<float4*>(dyp + rows[j0 + u] * dim)[i] =
+                make_float4(__fmul_rn(w, gi.x), __fmul_rn(w, gi.y), __fmul_rn(w, gi.z), __fmul_rn(w, gi.w));
+          }
+          dot[u] = fmaf(gi.x, v[u].x, dot[u]);
+          dot[u] = fmaf(gi.y, v[u].y, dot[u]);
+          dot[u] = fmaf(gi.z, v[u].z, dot[u]);
+          dot[u] = fmaf(gi.w, v[u].w, dot[u]);
+        }
       }
     } else {
       for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) {
-        if (out != nullptr) out[i] = __fmul_rn(w, g[i]);
-        dot = fmaf(g[i], value(v, i), dot);
+#pragma unroll
+        for (int u = 0; u < kDots; ++u) {
+          if (u >= n) break;
+          const int64_t r = rows[j0 + u];
+          if (dyp != nullptr) dyp[r * dim + i] = __fmul_rn(weights[j0 + u], g[i]);
+          dot[u] = fmaf(g[i], value(yp, r * dim + i), dot[u]);
+        }
       }
     }
-    dot = block_sum(dot, warp_total);
-    if (threadIdx.x == 0) dweight[t * k + j] = dot;
+    const float total = block_sums(dot, n, warp_total);
+    if (threadIdx.x < n) dweight[t * k + j0 + threadIdx.x] = total;
   }
 }
 
@@ -295,6 +318,22 @@ __global__ void __launch_bounds__(kRowThreads)
 // Host side
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Diagnostics for comparing on the device, read once: MOERL_MOE_ROWS_IN_FLIGHT (4 or 8) rows of a token loaded at once
+// by the combine and the scatter-add; MOERL_MOE_COMBINE_DOTS (1 or 8) dot products of the combine's backward made and
+// reduced together.
+int env_choice(const char* name, int fallback, int other) {
+  const char* v = std::getenv(name);
+  return v != nullptr && std::atoi(v) == other ? other : fallback;
+}
+int rows_in_flight() {
+  static const int n = env_choice("MOERL_MOE_ROWS_IN_FLIGHT", 4, 8);
+  return n;
+}
+int combine_dots() {
+  static const int n = env_choice("MOERL_MOE_COMBINE_DOTS", 1, 8);
+  return n;
+}
 
 int warps_for(int64_t warp_bytes) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxWarpsPerBlock, kSharedBudget / warp_bytes)));
@@ -386,8 +425,9 @@ void combine_aligned(const Src* yp, const float* weight, const int64_t* row_of, 
   if (!check_token_args(where, tokens, k, dim)) return;
   require(yp && weight && row_of && y, where + ": null yp, weight, row_of or y pointer");
   const bool vec = rows_vec(yp, dim) && aligned16(y);
-  combine_kernel<true, Src><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(yp, weight, row_of, rows, k,
-                                                                                      dim, vec, y);
+  const auto kernel = rows_in_flight() == 8 ? combine_kernel<true, Src, 8> : combine_kernel<true, Src>;
+  kernel<<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(yp, weight, row_of, rows, k,
+                                                                                      dim, vec, y, nullptr);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -406,7 +446,8 @@ void combine_backward_aligned(const float* dy, const Src* yp, const float* weigh
   check_token_args(where, tokens, k, dim);
   require(dy && yp && weight && row_of && dweight, where + ": null dy, yp, weight, row_of or dweight pointer");
   const bool vec = dim % 4 == 0 && aligned16(dy) && rows_vec(yp, dim) && (dyp == nullptr || aligned16(dyp));
-  combine_backward_kernel<Src><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dy, yp, weight, row_of,
+  const auto kernel = combine_dots() == 8 ? combine_backward_kernel<Src, 8> : combine_backward_kernel<Src, 1>;
+  kernel<<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dy, yp, weight, row_of,
                                                                                          rows, k, dim, vec, dyp,
                                                                                          dweight);
   CUDA_CHECK_LAUNCH();
@@ -465,7 +506,8 @@ void scatter_add_aligned_then(const Src* dxp, const int64_t* row_of, int64_t tok
   if (!check_token_args(where, tokens, k, dim)) return;
   require(dxp && row_of && dx, where + ": null dxp, row_of or dx pointer");
   const bool vec = rows_vec(dxp, dim) && aligned16(dx) && (also == nullptr || aligned16(also));
-  combine_kernel<false, Src><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dxp, nullptr, row_of, rows, k,
+  const auto kernel = rows_in_flight() == 8 ? combine_kernel<false, Src, 8> : combine_kernel<false, Src>;
+  kernel<<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dxp, nullptr, row_of, rows, k,
                                                                                        dim, vec, dx, also);
   CUDA_CHECK_LAUNCH();
 }
