@@ -338,8 +338,9 @@ class Lanes {
   }
   // Calls gemm(e, first_row, rows, lane_stream, lane_context) for every non-empty expert on its lane, after all
   // work queued on `stream` so far; `stream` then waits for every lane. Every call is issued from the caller's
-  // thread (per-lane host threads were measured to gain nothing: 16.77 vs 16.5 ms per MoE layer). Serialized
-  // between callers.
+  // thread: per-lane host threads were measured to gain nothing (16.77 vs 16.5 ms per MoE layer; again at f7e7773,
+  // 11.94 vs 11.89 ms and bench-600m 217.0k vs 216.7k tokens/s, bench/results/2026-11-29-gpu-sweep-lane-threads-*),
+  // although one cuBLASLt call takes ~12 us of host time. Serialized between callers.
   template <class F>
   void run(const int64_t* aligned_host, int64_t experts, cudaStream_t stream, F&& gemm) {
     const std::lock_guard caller(run_mutex_);
