@@ -333,26 +333,13 @@ void launch_transposed(TransposedKernel kernel, const char* fn, const float* x, 
     TileOutputs o;
     o.rows = rows, o.cols = cols, o.codes_t = codes_t, o.scales_t = scales_t, o.bounds = bounds,
     o.n_groups = n_groups;
-    if (l2_prefetch_loads())
-      launch_quantize_tiles<false, true, PlainSourceT<true>, 64>(PlainSourceT<true>{x, cols}, o, stream);
-    else
-      launch_quantize_tiles<false, true, PlainSource, 64>(PlainSource{x, cols}, o, stream);
+    launch_quantize_tiles<false, true, PlainSource, 64>(PlainSource{x, cols}, o, stream);
   } else {
     launch_transposed_cols(fn, x, rows, cols, bounds, n_groups, codes_t, scales_t, stream);
   }
 }
 
 }  // namespace
-
-namespace quant_detail {
-bool l2_prefetch_loads() {
-  static const bool on = [] {
-    const char* v = std::getenv("MOERL_QUANT_LOAD");
-    return v != nullptr && std::string(v) == "l2_256";
-  }();
-  return on;
-}
-}  // namespace quant_detail
 
 void quantize_1x128(const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream) {
   check_args("quantize_1x128", x, rows, cols, codes, scales);
@@ -464,10 +451,7 @@ void quantize_1x128_dual(const float* x, int64_t rows, int64_t cols, const int64
   TileOutputs o;
   o.rows = rows, o.cols = cols, o.codes = codes, o.scales = scales, o.codes_t = codes_t, o.scales_t = scales_t;
   o.bounds = bounds, o.n_groups = n_groups;
-  if (l2_prefetch_loads())
-    launch_quantize_tiles<true, true>(PlainSourceT<true>{x, cols}, o, stream);
-  else
-    launch_quantize_tiles<true, true>(PlainSource{x, cols}, o, stream);
+  launch_quantize_tiles<true, true>(PlainSource{x, cols}, o, stream);
 }
 
 }  // namespace moerl::fp8::cuda

@@ -209,30 +209,13 @@ void launch_quantize_tiles(const Src& src, const TileOutputs& o, cudaStream_t st
   CUDA_CHECK_LAUNCH();
 }
 
-// 16 bytes at p through the non-coherent path, not kept in L1, with a 256-byte L2 prefetch (a block's row segments
-// are 256 or 512 bytes).
-__device__ __forceinline__ float4 load_l2_256(const float* p) {
-  float4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.f32 {%0, %1, %2, %3}, [%4];"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "l"(p));
-  return v;
-}
-
-// MOERL_QUANT_LOAD=l2_256: the tile kernels' sources load with load_l2_256 instead of __ldcs / __ldg (for comparing
-// on the device). Read once per process.
-bool l2_prefetch_loads();
-
 // The plain source: x [rows, cols] in memory, read once (streaming).
-template <bool kL2 = false>
-struct PlainSourceT {
+struct PlainSource {
   const float* x;
   int64_t cols;
   __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
-    if constexpr (kL2) return load_l2_256(x + r * cols + c);
     return __ldcs(reinterpret_cast<const float4*>(x + r * cols + c));
   }
 };
-using PlainSource = PlainSourceT<false>;
 
 }  // namespace moerl::fp8::cuda::quant_detail

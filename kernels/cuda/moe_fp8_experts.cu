@@ -209,7 +209,6 @@ void quantize_both(const float* src, int64_t rows, int64_t d, const int64_t* ali
 
 // The experts' input row r: x[token_of[r], :], or zeros where token_of[r] < 0 (moe_gather_or_zero's xp, never
 // written). Plain loads: each token is read by its top-k rows, which L2 may still hold.
-template <bool kL2 = false>
 struct GatherSource {
   const float* x;
   const int64_t* token_of;
@@ -217,14 +216,12 @@ struct GatherSource {
   __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
     const int64_t t = token_of[r];
     if (t < 0) return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if constexpr (kL2) return fp8::cuda::quant_detail::load_l2_256(x + t * cols + c);
     return __ldg(reinterpret_cast<const float4*>(x + t * cols + c));
   }
 };
 
 // The routed experts' output gradient row r: w_r · dy[token_of[r], :] (moe_combine_backward's product, rounded
 // once), or zeros where token_of[r] < 0 (moe_fp8_experts_backward_combined's dyp, never written).
-template <bool kL2 = false>
 struct ScaledGatherSource {
   const float* dy;
   const int64_t* token_of;
@@ -234,8 +231,7 @@ struct ScaledGatherSource {
     const int64_t t = token_of[r];
     if (t < 0) return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     const float w = row_weight[r];
-    const float4 v = kL2 ? fp8::cuda::quant_detail::load_l2_256(dy + t * cols + c)
-                         : __ldg(reinterpret_cast<const float4*>(dy + t * cols + c));
+    const float4 v = __ldg(reinterpret_cast<const float4*>(dy + t * cols + c));
     return make_float4(__fmul_rn(w, v.x), __fmul_rn(w, v.y), __fmul_rn(w, v.z), __fmul_rn(w, v.w));
   }
 };
@@ -277,12 +273,8 @@ void quantize_gathered_tokens(const float* x, const int64_t* token_of, int64_t r
                               cudaStream_t stream) {
   fp8::cuda::quant_detail::TileOutputs o;
   o.rows = rows, o.cols = H, o.codes_t = codes_t, o.scales_t = scales_t, o.bounds = aligned, o.n_groups = experts;
-  if (fp8::cuda::quant_detail::l2_prefetch_loads())
-    fp8::cuda::quant_detail::launch_quantize_tiles<false, true, GatherSource<true>, 64>(
-        GatherSource<true>{x, token_of, H}, o, stream);
-  else
-    fp8::cuda::quant_detail::launch_quantize_tiles<false, true, GatherSource<>, 64>(GatherSource<>{x, token_of, H}, o,
-                                                                                   stream);
+  fp8::cuda::quant_detail::launch_quantize_tiles<false, true, GatherSource, 64>(GatherSource{x, token_of, H}, o,
+                                                                                stream);
 }
 
 // The experts' input rows quantized along tokens (Wgrad), every expert's codes packed (as TokensFp8).
@@ -668,12 +660,8 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
       fp8::cuda::quant_detail::TileOutputs o;
       o.rows = rows, o.cols = H, o.codes = dyq.codes(), o.scales = dyq.cpu_scales(), o.codes_t = dyt.codes(),
       o.scales_t = dyt.cpu_scales(), o.bounds = aligned, o.n_groups = E;
-      if (fp8::cuda::quant_detail::l2_prefetch_loads())
-        fp8::cuda::quant_detail::launch_quantize_tiles<true, true>(
-            ScaledGatherSource<true>{dys.dy, token_of, dys.row_weight, H}, o, stream);
-      else
-        fp8::cuda::quant_detail::launch_quantize_tiles<true, true>(
-            ScaledGatherSource<>{dys.dy, token_of, dys.row_weight, H}, o, stream);
+      fp8::cuda::quant_detail::launch_quantize_tiles<true, true>(
+          ScaledGatherSource{dys.dy, token_of, dys.row_weight, H}, o, stream);
       dyq.finish();
       dyt.finish();
     }
