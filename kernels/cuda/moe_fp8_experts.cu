@@ -57,7 +57,9 @@
 // copies of x and dy written by the passes before them (half the bytes read top-k times): MoE layer 12.04-12.09 ms
 // against 11.86 before, torch 17.44-17.53 in the same call. These gathered passes are bound by latency, not bytes:
 // xᵀ's took 0.44 ms from BF16 against 0.37 from FP32 (8-byte loads halve the bytes in flight), dy's 0.77 against 0.79,
-// and the copies cost 0.05 ms to write.
+// and the copies cost 0.05 ms to write. Loads with a 256-byte L2 prefetch (ld.global.nc.L1::no_allocate.L2::256B,
+// in 2de2a71): dy's gathered pass 0.746 against 0.785 ms, xᵀ's unchanged, the layer within noise (11.95 vs 11.91
+// ms), the plain transposed quantization 1% slower (...-sweep-l2-prefetch-h200-2de2a71.txt).
 //
 // Tried and dropped (same files and ...-run1-h200-abb3661.*): (1) persistent forms of the quantization kernels (each
 // block walking down the row tiles, prefetching the next into L2 with cp.async.bulk.prefetch.L2) for the SwiGLU, x
