@@ -2,8 +2,8 @@
 # The one GPU run of a change, on the H200 machine over a copy of the working tree (shared/DEVICE.md):
 # build-gpu/carry/carry.tgz holds bin/ (moerl, moerl_gpu_tests, stripped, cudart static) and rtlib/ (the Debian
 # libraries, scripts/pack-runtime), data/brown the corpus (no network there). In order, so that a time-out
-# loses the least: GPU tests, `moerl bench gpu`, the peers (torch._grouped_mm MoE layer, HF training step),
-# then the fp8 and bf16 training curves on Brown. Results in $OUT: gpu_tests.txt, bench.jsonl, curve_*.jsonl,
+# loses the least: GPU tests, `moerl bench gpu`, the peers (torch._grouped_mm MoE layer, sdpa attention, HF
+# training step), then the fp8 and bf16 training curves on Brown. Results in $OUT: gpu_tests.txt, bench.jsonl, curve_*.jsonl,
 # run.log.
 #   MOERL_DEVICE_STEPS=N  training steps of each curve (default: the recipes' 200)
 #   MOERL_DEVICE_PART=checks|curves  only the tests, bench and peers, or only the curves (default: both; one
@@ -28,6 +28,7 @@ MOERL_REQUIRE_GPU=1 timeout 200 "$bin/moerl_gpu_tests" >"$out/gpu_tests.txt" 2>&
 grep -E '^\[  (FAILED|PASSED) ' "$out/gpu_tests.txt" | tee -a "$out/run.log"
 timeout 150 "$bin/moerl" bench gpu --json "$out/bench.jsonl" >/dev/null 2>>"$out/run.log" || status=1
 timeout 60 python3 bench/peers/torch_grouped_mm_moe.py >>"$out/bench.jsonl" 2>>"$out/run.log" || status=1
+timeout 60 python3 bench/peers/torch_attention.py >>"$out/bench.jsonl" 2>>"$out/run.log" || status=1
 timeout 90 python3 bench/peers/hf_train_step.py >>"$out/bench.jsonl" 2>>"$out/run.log" || status=1
 cat "$out/bench.jsonl"
 fi

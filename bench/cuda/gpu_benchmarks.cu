@@ -9,7 +9,8 @@
 //                                                           tiles64)
 //   quant_1x128_dual_gbps                                   quantize_1x128_dual: both ways, one read
 //   train_step_{fp8,bf16}_tokens_per_s, train_step_peak_mem_gib,
-//   moe_layer_{fp8,bf16}_ms                                 training: bench/cuda/train_step_bench.cu
+//   moe_layer_{fp8,bf16}_ms,
+//   attention_{fwd,bwd}_ms                                  training: bench/cuda/train_step_bench.cu
 // Ceilings seen on an H200 (shared/DEVICE.md): FP8 block-scaled 1337 TFLOP/s at 8192³, BF16 763-774,
 // device copies 3.7-4.3 TB/s.
 #include <cublasLt.h>
@@ -426,7 +427,7 @@ void bench_quantize(Report& report, const std::string& device, cudaStream_t stre
 const std::vector<std::string>& gpu_benchmark_names() {
   static const std::vector<std::string> names = {"gemm_fp8_8192", "gemm_fp8_4096x7168x2048", "gemm_fp8_experts",
                                                  "gemm_bf16_8192",
-                                                 "quantize", "train_step", "moe_layer"};
+                                                 "quantize", "train_step", "moe_layer", "attention"};
   return names;
 }
 
@@ -477,6 +478,7 @@ void run_gpu_benchmarks(Report& report, const std::vector<std::string>& only) {
   // Training (bench/cuda/train_step_bench.cu): the bench-600m step and one MoE layer, fp8 and bf16.
   attempt("train_step", [&] { bench_train_step(report, device); });
   attempt("moe_layer", [&] { bench_moe_layer(report, device); });
+  attempt("attention", [&] { bench_attention(report, device); });
   CUDA_CHECK(cudaStreamDestroy(stream));
   require(failed.empty(), "moerl bench gpu: failed: " + failed);
 }

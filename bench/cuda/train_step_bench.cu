@@ -18,6 +18,12 @@
 //       moe_intermediate 1408, 64 routed experts top-6 + 1 shared (bench/peers/torch_grouped_mm_moe.py's shapes):
 //       runtime/gpu's GpuMoe block (router, permutation, routed and shared experts) alone, no attention or
 //       norms; median of 10 CUDA-event-timed passes after 3 warm-up passes.
+//   attention_fwd_ms, attention_bwd_ms
+//       bench-600m's causal attention core alone (batch 8, seq 2048, 16 heads, dqk 96, dv 64; the model's path:
+//       q and MLA's keys and values packed to BF16 once, not timed, then cuda::attention_forward_bf16_packed /
+//       attention_backward_bf16_packed with FP32 outputs); TFLOP/s in "tflops" from the causal half of the products (forward 2 · B · H · L² / 2 ·
+//       (dqk + dv), backward the same with 3 dqk + 2 dv: S again, dP, dV, dQ, dK). bench/peers/torch_attention.py
+//       runs PyTorch's sdpa on the same shapes. Median of 20 passes after 5.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -33,6 +39,7 @@
 #include "runtime/error.hpp"
 
 #ifdef MOERL_HAVE_GPU_MODEL
+#include "kernels/cuda/attention.hpp"
 #include "runtime/gpu/gpu_adamw.hpp"
 #include "runtime/gpu/gpu_data_parallel.hpp"
 #include "runtime/gpu/gpu_layers.hpp"
@@ -285,6 +292,67 @@ void bench_moe_layer(Report& report, const std::string& device) {
   CUDA_CHECK(cudaStreamDestroy(stream));
 }
 
+void bench_attention(Report& report, const std::string& device) {
+  constexpr int64_t H = 16, Dn = 64, Dr = 32, Dqk = Dn + Dr, Dv = 64, kKvLora = 256, kAttnWarmup = 5, kAttnRuns = 20;
+  const int64_t T = kBatch * kSeq, rows = T * H;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(Dqk));
+  cudaStream_t stream = nullptr;
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  try {
+    // MLA's producers as the model packs them: q [T, H, 96], kv [T, H, 64 + 64] (k_nope | v), ckv [T, 256 + 32]
+    // (the rope key last); then out, dout, dv [rows, 64], dq, dk [rows, 96], lse [B, H, L].
+    const size_t floats = static_cast<size_t>(rows) * (3 * Dqk + (Dn + Dv) + 3 * Dv) +
+                          static_cast<size_t>(T * (kKvLora + Dr) + kBatch * H * kSeq);
+    gpu::detail::DeviceAlloc buffers(floats * sizeof(float)),
+        packed(cuda::attention_bf16_packed_bytes(kBatch, kSeq, H, Dqk, Dv));
+    float* q = reinterpret_cast<float*>(buffers.get());
+    float* kv = q + rows * Dqk;
+    float* ckv = kv + rows * (Dn + Dv);
+    float* out = ckv + T * (kKvLora + Dr);
+    float* dout = out + rows * Dv;
+    float* dq = dout + rows * Dv;
+    float* dk = dq + rows * Dqk;
+    float* dv = dk + rows * Dqk;
+    float* lse = dv + rows * Dv;
+    fill(q, rows * Dqk, 201, 1.0f, 0.0f, stream);
+    fill(kv, rows * (Dn + Dv), 202, 1.0f, 0.0f, stream);
+    fill(ckv, T * (kKvLora + Dr), 203, 1.0f, 0.0f, stream);
+    fill(dout, rows * Dv, 204, 1e-3f, 0.0f, stream);
+    require(cuda::attention_pack_mla_bf16_supported(kKvLora, Dn, Dr, Dv), "attention bench: MLA packing unsupported");
+    cuda::attention_pack_mla_bf16(q, kv, ckv, kKvLora, packed.get(), kBatch, kSeq, H, Dn, Dr, Dv, stream);
+    const std::vector<float> fwd = time_on_stream(stream, kAttnWarmup, kAttnRuns, [&](int) {
+      cuda::attention_forward_bf16_packed(packed.get(), out, lse, kBatch, kSeq, H, Dqk, Dv, scale, stream);
+    });
+    const std::vector<float> bwd = time_on_stream(stream, kAttnWarmup, kAttnRuns, [&](int) {
+      cuda::attention_backward_bf16_packed(dout, packed.get(), out, lse, dq, dk, dv, kBatch, kSeq, H, Dqk, Dv, scale,
+                                           stream);
+    });
+    const double pairs = static_cast<double>(kBatch * H) * static_cast<double>(kSeq) * static_cast<double>(kSeq) / 2;
+    auto add = [&](const char* metric, const std::vector<float>& ms, double flops) {
+      const double m = median(ms);
+      report.add("gpu", metric, m, "ms", "median",
+                 {{"device", device},
+                  {"batch", kBatch},
+                  {"seq", kSeq},
+                  {"heads", H},
+                  {"dqk", Dqk},
+                  {"dv", Dv},
+                  {"tflops", flops / (m * 1e-3) / 1e12},
+                  {"min_ms", ms.front()},
+                  {"max_ms", ms.back()},
+                  {"runs", ms.size()},
+                  {"what", "cuda::attention_*_bf16_packed, causal, BF16 operands, FP32 statistics and outputs"}});
+    };
+    add("attention_fwd_ms", fwd, 2 * pairs * (Dqk + Dv));
+    add("attention_bwd_ms", bwd, 2 * pairs * (3 * Dqk + 2 * Dv));
+  } catch (...) {
+    cudaStreamSynchronize(stream);
+    cudaStreamDestroy(stream);
+    throw;
+  }
+  CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
 namespace {
 
 // Random tokens of the global batch (as time_train_step's).
@@ -401,6 +469,9 @@ void bench_train_step(Report&, const std::string&) {
 }
 void bench_moe_layer(Report&, const std::string&) {
   throw Error("moerl bench gpu: moe_layer_*: this build has no GPU model (runtime/gpu)");
+}
+void bench_attention(Report&, const std::string&) {
+  throw Error("moerl bench gpu: attention_*: this build has no GPU model (runtime/gpu)");
 }
 void bench_train_step_data_parallel(Report&, const std::string&) {
   throw Error("moerl bench gpu-dp: this build has no GPU model (runtime/gpu)");

@@ -11,14 +11,14 @@ Prints JSON lines in DESIGN.md's benchmark format:
 import argparse
 import datetime
 import json
-import os
 import statistics
-import subprocess
 import warnings
 
 import torch
 import transformers
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
+
+from peer_common import git_rev
 
 warnings.filterwarnings("ignore")
 
@@ -32,18 +32,6 @@ BENCH_600M = dict(
     tie_word_embeddings=False, use_cache=False,
 )
 BATCH, SEQ = 8, 2048
-
-
-def git_rev():
-    # MOERL_REV: the revision of the moerl binaries run beside (scripts/device-run.sh), whose tree copy may carry a
-    # stale .git; else the checkout's.
-    if os.environ.get("MOERL_REV"):
-        return os.environ["MOERL_REV"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def emit(metric, value, unit, stat, **extra):

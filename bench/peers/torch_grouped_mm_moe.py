@@ -11,26 +11,14 @@ backward passes; weight gradients included, optimizer excluded).
 import argparse
 import datetime
 import json
-import os
 import statistics
-import subprocess
 
 import torch
 import torch.nn.functional as F
 
+from peer_common import git_rev
+
 T, H, I, E, K = 16384, 2048, 1408, 64, 6
-
-
-def git_rev():
-    # MOERL_REV: the revision of the moerl binaries run beside (scripts/device-run.sh), whose tree copy may carry a
-    # stale .git; else the checkout's.
-    if os.environ.get("MOERL_REV"):
-        return os.environ["MOERL_REV"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 class MoeLayer(torch.nn.Module):
