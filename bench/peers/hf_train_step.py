@@ -8,7 +8,6 @@ Prints JSON lines in DESIGN.md's benchmark format:
   {"bench": "peer.hf", "metric": "train_step_bf16_tokens_per_s", ...}  median over the timed steps
   {"bench": "peer.hf", "metric": "train_step_peak_mem_gib", ...}
 """
-import argparse
 import datetime
 import json
 import statistics
@@ -18,7 +17,7 @@ import torch
 import transformers
 from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-from peer_common import git_rev
+from peer_common import git_rev, timing_args
 
 warnings.filterwarnings("ignore")
 
@@ -43,10 +42,7 @@ def emit(metric, value, unit, stat, **extra):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    args = parser.parse_args()
+    args = timing_args(__doc__, steps=10, warmup=3)
 
     torch.manual_seed(0)
     config = DeepseekV3Config(**BENCH_600M)

@@ -15,40 +15,20 @@ median. TFLOP/s from the causal half of the products, as moerl's (bench/cuda/tra
 line also says whether two backward passes on the same inputs gave the same dq, dk and dv bits ("deterministic";
 moerl's do, by construction). A variant PyTorch cannot run here prints {"metric": ..., "error": ...} instead.
 """
-import argparse
 import datetime
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from peer_common import git_rev
+from peer_common import git_rev, median_ms, timing_args
 
 B, H, L, DQK, DV = 8, 16, 2048, 96, 64
 
 
-def median_ms(fn, steps, warmup):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    args = parser.parse_args()
+    args = timing_args(__doc__, steps=20, warmup=5)
     torch.manual_seed(0)
     q = torch.randn(B, H, L, DQK, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     k = torch.randn(B, H, L, DQK, device="cuda", dtype=torch.bfloat16, requires_grad=True)

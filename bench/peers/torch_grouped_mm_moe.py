@@ -8,15 +8,13 @@ sigmoid router with a selection bias, weights normalised over the chosen 6.
 Prints {"bench": "peer.torch", "metric": "moe_layer_bf16_ms", ...} (median of CUDA-event-timed forward +
 backward passes; weight gradients included, optimizer excluded).
 """
-import argparse
 import datetime
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
 
-from peer_common import git_rev
+from peer_common import git_rev, median_ms, timing_args
 
 T, H, I, E, K = 16384, 2048, 1408, 64, 6
 
@@ -54,10 +52,7 @@ class MoeLayer(torch.nn.Module):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=5)
-    args = parser.parse_args()
+    args = timing_args(__doc__, steps=20, warmup=5)
     torch.manual_seed(0)
     layer = MoeLayer().cuda()
     x = (torch.randn(T, H, device="cuda") * 0.5).to(torch.bfloat16).requires_grad_()
@@ -67,18 +62,8 @@ def main():
         y = layer(x)
         y.backward(dy)
 
-    for _ in range(args.warmup):
-        step()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(args.steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    print(json.dumps({"bench": "peer.torch", "metric": "moe_layer_bf16_ms", "value": statistics.median(times),
+    print(json.dumps({"bench": "peer.torch", "metric": "moe_layer_bf16_ms",
+                      "value": median_ms(step, args.steps, args.warmup),
                       "unit": "ms", "stat": "median", "rev": git_rev(), "device": torch.cuda.get_device_name(),
                       "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                       "shape": {"tokens": T, "hidden": H, "moe_intermediate": I, "experts": E, "top_k": K,
