@@ -3,8 +3,8 @@
 # build-gpu/carry/carry.tgz holds bin/ (moerl, moerl_gpu_tests, stripped, cudart static) and rtlib/ (the Debian
 # libraries, scripts/pack-runtime), data/brown the corpus (no network there). In order, so that a time-out
 # loses the least: GPU tests, `moerl bench gpu`, the peers (torch._grouped_mm MoE layer, sdpa attention, HF
-# training step), then the fp8 and bf16 training curves on Brown. Results in $OUT: gpu_tests.txt, bench.jsonl, curve_*.jsonl,
-# run.log.
+# training step), then the fp8 and bf16 training curves on Brown. Results in $OUT: gpu_tests.txt, bench.jsonl,
+# curve_*.jsonl, run.log.
 #   MOERL_DEVICE_STEPS=N  training steps of each curve (default: the recipes' 200)
 #   MOERL_DEVICE_PART=checks|curves  only the tests, bench and peers, or only the curves (default: both; one
 #                                    device call is limited to 10 minutes)

@@ -21,9 +21,10 @@
 //   attention_fwd_ms, attention_bwd_ms
 //       bench-600m's causal attention core alone (batch 8, seq 2048, 16 heads, dqk 96, dv 64; the model's path:
 //       q and MLA's keys and values packed to BF16 once, not timed, then cuda::attention_forward_bf16_packed /
-//       attention_backward_bf16_packed with FP32 outputs); TFLOP/s in "tflops" from the causal half of the products (forward 2 · B · H · L² / 2 ·
-//       (dqk + dv), backward the same with 3 dqk + 2 dv: S again, dP, dV, dQ, dK). bench/peers/torch_attention.py
-//       runs PyTorch's sdpa on the same shapes. Median of 20 passes after 5.
+//       attention_backward_bf16_packed with FP32 outputs); TFLOP/s in "tflops" from the causal half of the
+//       products (forward 2 · B · H · L² / 2 · (dqk + dv), backward the same with 3 dqk + 2 dv: S again, dP, dV,
+//       dQ, dK). bench/peers/torch_attention.py runs PyTorch's sdpa on the same shapes. Median of 20 passes
+//       after 5.
 #include <cuda_runtime.h>
 
 #include <algorithm>

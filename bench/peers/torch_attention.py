@@ -1,6 +1,7 @@
 """The PyTorch peer of `moerl bench gpu`'s attention_fwd_ms and attention_bwd_ms: bench-600m's causal attention core
-(batch 8, seq 2048, 16 heads, q and k head dim 96, v head dim 64) through torch.nn.functional.scaled_dot_product_attention
-in BF16, as HF transformers' DeepseekV3 runs it with attn_implementation="sdpa":
+(batch 8, seq 2048, 16 heads, q and k head dim 96, v head dim 64) through
+torch.nn.functional.scaled_dot_product_attention in BF16, as HF transformers' DeepseekV3 runs it with
+attn_implementation="sdpa":
 
   sdpa            q, k [.., 96] and v [.., 64] as they are (PyTorch picks its kernel: flash needs equal head dims)
   sdpa_cudnn      the same with cuDNN's kernel forced
