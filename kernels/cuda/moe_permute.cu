@@ -321,7 +321,6 @@ __global__ void __launch_bounds__(kRowThreads)
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-
 int warps_for(int64_t warp_bytes) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(kMaxWarpsPerBlock, kSharedBudget / warp_bytes)));
 }
@@ -413,7 +412,7 @@ void combine_aligned(const Src* yp, const float* weight, const int64_t* row_of, 
   require(yp && weight && row_of && y, where + ": null yp, weight, row_of or y pointer");
   const bool vec = rows_vec(yp, dim) && aligned16(y);
   combine_kernel<true, Src><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(yp, weight, row_of, rows, k,
-                                                                                      dim, vec, y, nullptr);
+                                                                                      dim, vec, y);
   CUDA_CHECK_LAUNCH();
 }
 
