@@ -13,9 +13,11 @@
 //
 // For dqk 96 / dv 64 (bench-600m) the forward runs on WGMMA by default (attention_tc_wgmma.cu; model path on the
 // H200: 0.358 -> 0.255 ms, bench/results/2026-11-29-gpu-attn-h200-6f2dbec.txt); a WGMMA backward exists
-// (attention_tc_wgmma_bwd.cu) but is slower than this file's (1.77 vs 1.59 ms) and off by default. Where one block per
-// (sequence, head) fills the SMs, the backward is one kernel (attention_tc_fused_bwd.cu: S, P, dP, dS computed once
-// for dK, dV and dQ); elsewhere this file's two (backward_kernel in attention_tc_pack.hpp).
+// (attention_tc_wgmma_bwd.cu) but is slower than this file's (1.77 vs 1.59 ms) and off by default. Tried and dropped
+// (c90c775): the backward in one kernel, a block of 8 warps per (sequence, head) computing S, P, dP and dS once for
+// dK, dV and dQ, dQ added into dq in global memory in key-tile order: 1.56-1.63 vs 1.52-1.58 ms, because dq's
+// read-modify-write per pair (FP32, 48 KB) runs at HBM speed (~1.0 ms alone) and one 8-warp block per SM hides
+// latency worse than three 4-warp ones (bench/results/2026-11-29-gpu-attn-fused-bwd-h200-c90c775.txt).
 //
 // Blocks of 32·W threads (W = 4 or 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS, default 8 / 4) own a
 // 16·W-row tile of one (sequence, head): warp w rows 16w .. 16w+15, so every score row lives in one quad of lanes
@@ -459,16 +461,7 @@ void attention_backward_bf16_packed(const float* dout, const void* packed, const
     bf16* dob = scratch.as<bf16>();
     float* stats = scratch.as<float>(pl.bytes_v);
     pack_dout(dout, out, lse, dob, stats, DV, batch, seq, heads, pl.spad, stream);
-    const BackwardKernel kernel = backward_kernel(DQ, DV, batch * heads);
-    if (kernel == BackwardKernel::Fused) {
-      backward_fused({pl.q(base), pl.k(base), pl.v(base), dob, stats, dq, dk, dv_out, static_cast<int>(batch), s, sp,
-                      h, scale, scale * kLog2eTc},
-                     DQ, DV, stream);
-      scratch.release();
-      return;
-    }
-    if (kernel == BackwardKernel::Wgmma) {
-      const int dq_wg = backward_wgmma_dq_warpgroups();
+    if (const int dq_wg = backward_wgmma_dq_warpgroups(DQ, DV); dq_wg > 0) {
       // Transposed copies for the second products: dOᵀ (from the FP32 dout), Qᵀ and Kᵀ (from the packed ones).
       cuda_detail::StreamScratch t(pl.bytes_v + 2 * pl.bytes_q, stream);
       bf16* dot = t.as<bf16>();

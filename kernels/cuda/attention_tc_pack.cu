@@ -209,30 +209,17 @@ void transpose_packed(const bf16* src, bf16* dst, int64_t dp, int64_t batch_head
   CUDA_CHECK_LAUNCH();
 }
 
-bool attention_backward_fused_fits(int64_t batch_heads) {
-  int device = 0, sms = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  if (batch_heads <= 0 || sms <= 0) return false;
-  const int64_t waves = (batch_heads + sms - 1) / sms;
-  return 10 * batch_heads >= 9 * waves * sms;
-}
-
-BackwardKernel backward_kernel(int64_t dqk, int64_t dv, int64_t batch_heads) {
-  const char* e = std::getenv("MOERL_ATTN_TC_BWD_KERNEL");
-  const std::string kernel(e ? e : "");
-  require(kernel.empty() || kernel == "mma" || kernel == "wgmma" || kernel == "fused",
-          "moerl::cuda attention: MOERL_ATTN_TC_BWD_KERNEL must be mma, wgmma or fused, got " + kernel);
-  if (kernel == "mma") return BackwardKernel::Mma;
-  if (kernel == "wgmma") return dqk == 96 && dv == 64 ? BackwardKernel::Wgmma : BackwardKernel::Mma;
-  if (kernel == "fused") return BackwardKernel::Fused;
-  return attention_backward_fused_fits(batch_heads) ? BackwardKernel::Fused : BackwardKernel::Mma;
-}
-
-int backward_wgmma_dq_warpgroups() {
-  const char* e = std::getenv("MOERL_ATTN_TC_BWD_DQ_WG");
-  const std::string wg(e ? e : "");
-  require(wg.empty() || wg == "1" || wg == "2", "moerl::cuda attention: MOERL_ATTN_TC_BWD_DQ_WG must be 1 or 2, got " + wg);
+int backward_wgmma_dq_warpgroups(int64_t dqk, int64_t dv) {
+  const auto env = [](const char* name) {
+    const char* e = std::getenv(name);
+    return std::string(e ? e : "");
+  };
+  const std::string kernel = env("MOERL_ATTN_TC_BWD_KERNEL"), wg = env("MOERL_ATTN_TC_BWD_DQ_WG");
+  require(kernel.empty() || kernel == "mma" || kernel == "wgmma",
+          "moerl::cuda attention: MOERL_ATTN_TC_BWD_KERNEL must be mma or wgmma, got " + kernel);
+  require(wg.empty() || wg == "1" || wg == "2",
+          "moerl::cuda attention: MOERL_ATTN_TC_BWD_DQ_WG must be 1 or 2, got " + wg);
+  if (kernel != "wgmma" || dqk != 96 || dv != 64) return 0;
   return wg == "2" ? 2 : 1;
 }
 

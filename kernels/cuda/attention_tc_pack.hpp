@@ -82,27 +82,10 @@ struct BackwardWgmmaArgs {
 };
 void backward_wgmma(const BackwardWgmmaArgs& args, int dq_warpgroups, cudaStream_t stream);
 
-// The backward in one kernel (attention_tc_fused_bwd.cu), dqk / dv 96 / 64 or 24 / 16: packed Q, K, V, dO and the
-// stats of pack_dout; one block per (sequence, head).
-struct BackwardFusedArgs {
-  const __nv_bfloat16 *q, *k, *v, *dout;
-  const float* stats;
-  float *dq, *dk, *dv;
-  int batch, seq, spad, heads;
-  float scale, scale_log2;
-};
-void backward_fused(const BackwardFusedArgs& args, int64_t dqk, int64_t dv, cudaStream_t stream);
-
-// The backward's kernels, chosen by MOERL_ATTN_TC_BWD_KERNEL = mma | wgmma | fused. By default the fused kernel
-// where its blocks, one per (sequence, head), fill the device's SMs in whole waves to at least 90%
-// (attention_backward_fused_fits), else mma (the WGMMA one is slower, see attention_tc_wgmma_bwd.cu). WGMMA only
-// for dqk 96, dv 64.
-enum class BackwardKernel { Mma, Wgmma, Fused };
-BackwardKernel backward_kernel(int64_t dqk, int64_t dv, int64_t batch_heads);
-// Whether batch_heads blocks, one a (sequence, head), fill the current device's SMs in whole waves to >= 90%.
-bool attention_backward_fused_fits(int64_t batch_heads);
-// Warpgroups per block of the WGMMA backward's dQ kernel: MOERL_ATTN_TC_BWD_DQ_WG = 1 | 2 (default 1).
-int backward_wgmma_dq_warpgroups();
+// Warpgroups per block of the WGMMA backward's dQ kernel, or 0 for the mma.sync backward: MOERL_ATTN_TC_BWD_KERNEL =
+// mma | wgmma (default mma: the WGMMA one is slower, see attention_tc_wgmma_bwd.cu), MOERL_ATTN_TC_BWD_DQ_WG = 1 | 2
+// (default 1); WGMMA only for dqk 96, dv 64.
+int backward_wgmma_dq_warpgroups(int64_t dqk, int64_t dv);
 
 // dst [rows / spad sequences][dp][spad] <- src [.., spad, dp] (packed BF16, transposed per (sequence, head)); dp 96.
 void transpose_packed(const __nv_bfloat16* src, __nv_bfloat16* dst, int64_t dp, int64_t batch_heads, int64_t spad,

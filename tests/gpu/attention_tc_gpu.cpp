@@ -5,8 +5,8 @@
 // it), outputs poisoned with NaN before every call; causal; sequence lengths not multiples of the 64-row tile;
 // every block shape of the kernels (4 and 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS; forward warps of
 // 16 and 32 query rows: MOERL_ATTN_TC_FWD_WARP_ROWS) and the WGMMA forward and backward (MOERL_ATTN_TC_FWD_KERNEL /
-// _FWD_WG, MOERL_ATTN_TC_BWD_KERNEL / _BWD_DQ_WG; 96/64 only) and the fused backward (MOERL_ATTN_TC_BWD_KERNEL=fused,
-// both head dims), with the same tolerances: they round the same values to BF16 and only sum in another order. The packed entry points (operands kept from the forward for the backward,
+// _FWD_WG, MOERL_ATTN_TC_BWD_KERNEL / _BWD_DQ_WG; 96/64 only, with the same tolerances: they round the same values
+// to BF16 and only sum in another order). The packed entry points (operands kept from the forward for the backward,
 // MLA's k and v packed straight from kv and ckv) and both block orders must give the plain entry points' bits.
 //
 // Tolerance: relative L2 error ||gpu − ref|| / ||ref|| per tensor. With the inputs rounded alike, what remains is
@@ -41,7 +41,6 @@
 
 #include "kernels/attention.hpp"
 #include "kernels/cuda/attention.hpp"
-#include "kernels/cuda/attention_tc_pack.hpp"
 #include "kernels/cuda/cuda_check.hpp"
 #include "runtime/error.hpp"
 #include "tests/gpu/gpu_test_support.hpp"
@@ -246,13 +245,6 @@ TEST_F(AttentionBf16Gpu, ForwardAndBackwardMatchTheCpuReferenceOnBf16Inputs) {
       const WarpsEnv env(8, 4);
       check();
     }
-    // The fused backward (one block per (sequence, head); both head dims), after the WGMMA forward where it runs.
-    {
-      SCOPED_TRACE("fused backward");
-      std::printf("attention bf16 fused backward:\n");
-      const EnvVar bwd("MOERL_ATTN_TC_BWD_KERNEL", "fused");
-      check();
-    }
     // The WGMMA backward (96/64 only), its dQ kernel in blocks of 1 and 2 warpgroups.
     for (const char* groups : {"1", "2"}) {
       SCOPED_TRACE(std::string("WGMMA backward, dQ warpgroups ") + groups);
@@ -268,11 +260,9 @@ TEST_F(AttentionBf16Gpu, RepeatsBitForBitAndRefusesOtherHeadDims) {
   const Shape sh{2, 200, 3, 96, 64, 1.0f};
   std::mt19937_64 rng(run_seed() + 3);
   Gpu gpu(sh, random_tensors(sh, rng));
-  // Every kernel family, forward and backward; the fused backward adds dQ's terms with atomics, each element's
-  // from one thread in a fixed order.
-  for (auto [fwd_kernel, bwd_kernel] : {std::pair{"mma", "mma"}, {"wgmma", "wgmma"}, {"wgmma", "fused"}}) {
-    SCOPED_TRACE(std::string("kernels ") + fwd_kernel + " / " + bwd_kernel);
-    const EnvVar env("MOERL_ATTN_TC_FWD_KERNEL", fwd_kernel), bwd("MOERL_ATTN_TC_BWD_KERNEL", bwd_kernel);
+  for (const char* kernel : {"mma", "wgmma"}) {  // both kernel families, forward and backward
+    SCOPED_TRACE(std::string("kernels ") + kernel);
+    const EnvVar env("MOERL_ATTN_TC_FWD_KERNEL", kernel), bwd("MOERL_ATTN_TC_BWD_KERNEL", kernel);
     gpu.forward(true);
     gpu.backward(true);
     const Results a = gpu.results();
@@ -287,35 +277,6 @@ TEST_F(AttentionBf16Gpu, RepeatsBitForBitAndRefusesOtherHeadDims) {
   float* p = gpu.q.get();
   EXPECT_THROW(cuda::attention_forward_bf16(p, p, p, p, p, 1, 8, 1, 192, 128, 0.1f), Error);
   EXPECT_THROW(cuda::attention_forward_bf16(p + 1, p, p, p, p, 1, 8, 1, 96, 64, 0.1f), Error);  // misaligned q
-}
-
-TEST_F(AttentionBf16Gpu, FusedBackwardIsTheDefaultWhereItsBlocksFillTheSmsInWholeWaves) {
-  // One block per (sequence, head): the default where the blocks fill the SMs' waves to >= 90% (bench-600m: 128
-  // blocks on the H200's 132 SMs), else the split kernels; MOERL_ATTN_TC_BWD_KERNEL overrides.
-  int device = 0, sms = 0;
-  CUDA_CHECK(cudaGetDevice(&device));
-  CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  namespace d = cuda::attention_tc_detail;
-  EXPECT_TRUE(d::attention_backward_fused_fits(sms));
-  EXPECT_TRUE(d::attention_backward_fused_fits(2 * sms));
-  EXPECT_TRUE(d::attention_backward_fused_fits(sms - sms / 10));
-  EXPECT_FALSE(d::attention_backward_fused_fits(sms / 2));
-  EXPECT_FALSE(d::attention_backward_fused_fits(sms + 1));
-  EXPECT_FALSE(d::attention_backward_fused_fits(0));
-  const EnvVar unset("MOERL_ATTN_TC_BWD_KERNEL", "");
-  EXPECT_EQ(d::backward_kernel(96, 64, sms), d::BackwardKernel::Fused);
-  EXPECT_EQ(d::backward_kernel(96, 64, sms / 2), d::BackwardKernel::Mma);
-  {
-    const EnvVar mma("MOERL_ATTN_TC_BWD_KERNEL", "mma");
-    EXPECT_EQ(d::backward_kernel(96, 64, sms), d::BackwardKernel::Mma);
-  }
-  {
-    const EnvVar wgmma("MOERL_ATTN_TC_BWD_KERNEL", "wgmma");
-    EXPECT_EQ(d::backward_kernel(96, 64, 1), d::BackwardKernel::Wgmma);
-    EXPECT_EQ(d::backward_kernel(24, 16, 1), d::BackwardKernel::Mma);  // no WGMMA kernel for the tiny head dims
-  }
-  const EnvVar bad("MOERL_ATTN_TC_BWD_KERNEL", "flash");
-  EXPECT_THROW(d::backward_kernel(96, 64, sms), Error);
 }
 
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
@@ -471,8 +432,7 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
     };
     for (const Variant& v : {Variant{"mma", "2", "mma", "1", "tile"}, Variant{"wgmma", "1", "mma", "1", "tile"},
                              Variant{"wgmma", "2", "mma", "1", "tile"}, Variant{"wgmma", "2", "wgmma", "1", "tile"},
-                             Variant{"wgmma", "2", "wgmma", "2", "tile"}, Variant{"wgmma", "2", "wgmma", "1", "seq"},
-                             Variant{"wgmma", "2", "fused", "1", "tile"}}) {
+                             Variant{"wgmma", "2", "wgmma", "2", "tile"}, Variant{"wgmma", "2", "wgmma", "1", "seq"}}) {
       const EnvVar e1("MOERL_ATTN_TC_FWD_KERNEL", v.fwd), e2("MOERL_ATTN_TC_FWD_WG", v.fwd_wg),
           e3("MOERL_ATTN_TC_BWD_KERNEL", v.bwd), e4("MOERL_ATTN_TC_BWD_DQ_WG", v.dq_wg),
           e5("MOERL_ATTN_TC_ORDER", v.order);
