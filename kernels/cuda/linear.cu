@@ -150,10 +150,16 @@ void linear_forward(LinearContext& ctx, Precision p, const float* x, const float
 
 namespace {
 
+// dw [N, K] = 0: overwrite_dw with no tokens to sum over.
+void zero_dw(float* dw, int64_t N, int64_t K, cudaStream_t stream) {
+  if (N > 0 && K > 0) CUDA_CHECK(cudaMemsetAsync(dw, 0, static_cast<size_t>(N * K) * sizeof(float), stream));
+}
+
 // The BF16 backward from dy16 [M, N] (BF16 bits, row stride ld_dy): x (Wgrad) and w (Dgrad) rounded as well, as on
 // the CPU. dx or dw null: skipped.
 void bf16_backward(LinearContext::Impl& c, const uint16_t* dy16, int64_t ld_dy, const float* x, const float* w,
-                   float* dx, float* dw, int64_t M, int64_t N, int64_t K, float beta_dx, cudaStream_t stream) {
+                   float* dx, float* dw, int64_t M, int64_t N, int64_t K, float beta_dx, float beta_dw,
+                   cudaStream_t stream) {
   if (dx != nullptr)
     c.lt.gemm(false, false, M, K, N, LtInput::BF16, dy16, ld_dy, c.bf16_weight(w, N, K, stream), K, beta_dx, dx, K,
               stream);
@@ -161,7 +167,7 @@ void bf16_backward(LinearContext::Impl& c, const uint16_t* dy16, int64_t ld_dy, 
     StreamScratch scratch(bytes16(M * K), stream);
     uint16_t* x16 = scratch.as<uint16_t>();
     to_bf16(x, M * K, x16, stream);
-    c.lt.gemm(true, false, N, K, M, LtInput::BF16, dy16, ld_dy, x16, K, 1.0f, dw, K, stream);
+    c.lt.gemm(true, false, N, K, M, LtInput::BF16, dy16, ld_dy, x16, K, beta_dw, dw, K, stream);
     scratch.release();
   }
 }
@@ -170,11 +176,12 @@ void bf16_backward(LinearContext::Impl& c, const uint16_t* dy16, int64_t ld_dy, 
 
 void linear_backward_bf16_dy(LinearContext& ctx, const uint16_t* dy16, int64_t ld_dy, const float* x, const float* w,
                              float* dx, float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream,
-                             bool accumulate_dx) {
+                             bool accumulate_dx, bool overwrite_dw) {
   const std::string fn = "cuda::linear_backward_bf16_dy";
   check_common(fn, Precision::BF16, M, N, K);
   require(ld_dy >= N, fn + ": dy's row stride " + std::to_string(ld_dy) + " is below N (" + shape(M, N, K) + ")");
   const bool want_dx = dx != nullptr && M > 0 && K > 0, want_dw = dw != nullptr && M > 0 && N > 0 && K > 0;
+  if (overwrite_dw && dw != nullptr && !want_dw) zero_dw(dw, N, K, stream);
   if (!want_dx && !want_dw) return;
   require(N > 0, fn + ": needs N > 0 (" + shape(M, N, K) + ")");
   require(dy16 != nullptr, fn + ": null dy (" + shape(M, N, K) + ")");
@@ -183,16 +190,18 @@ void linear_backward_bf16_dy(LinearContext& ctx, const uint16_t* dy16, int64_t l
   LinearContext::Impl& c = ctx.impl();
   c.check_device(fn.c_str());
   bf16_backward(c, dy16, ld_dy, x, w, want_dx ? dx : nullptr, want_dw ? dw : nullptr, M, N, K,
-                accumulate_dx ? 1.0f : 0.0f, stream);
+                accumulate_dx ? 1.0f : 0.0f, overwrite_dw ? 0.0f : 1.0f, stream);
 }
 
 void linear_backward(LinearContext& ctx, Precision p, const float* dy, const float* x, const float* w, float* dx,
-                     float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream, bool accumulate_dx) {
+                     float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream, bool accumulate_dx,
+                     bool overwrite_dw) {
   const std::string fn = "cuda::linear_backward";
   check_common(fn, p, M, N, K);
   // dx [M, K] has elements when M, K > 0; dw [N, K] changes only when the token sum is not empty (M > 0).
   bool want_dx = dx != nullptr && M > 0 && K > 0;
   const bool want_dw = dw != nullptr && M > 0 && N > 0 && K > 0;
+  if (overwrite_dw && dw != nullptr && !want_dw) zero_dw(dw, N, K, stream);  // no tokens: a zero gradient
   if (!want_dx && !want_dw) return;
   LinearContext::Impl& c = ctx.impl();
   c.check_device(fn.c_str());
@@ -204,24 +213,25 @@ void linear_backward(LinearContext& ctx, Precision p, const float* dy, const flo
   require(dy != nullptr, fn + ": null dy (" + shape(M, N, K) + ")");
   require(!want_dx || w != nullptr, fn + ": null w with dx requested (" + shape(M, N, K) + ")");
   require(!want_dw || x != nullptr, fn + ": null x with dw requested (" + shape(M, N, K) + ")");
-  const float beta_dx = accumulate_dx ? 1.0f : 0.0f;
+  const float beta_dx = accumulate_dx ? 1.0f : 0.0f, beta_dw = overwrite_dw ? 0.0f : 1.0f;
   switch (p) {
     case Precision::FP32:
       if (want_dx) c.lt.gemm(false, false, M, K, N, LtInput::FP32, dy, N, w, K, beta_dx, dx, K, stream);
-      if (want_dw) c.lt.gemm(true, false, N, K, M, LtInput::FP32, dy, N, x, K, 1.0f, dw, K, stream);
+      if (want_dw) c.lt.gemm(true, false, N, K, M, LtInput::FP32, dy, N, x, K, beta_dw, dw, K, stream);
       return;
     case Precision::BF16: {
       // dy rounded once for both GEMMs.
       StreamScratch scratch(bytes16(M * N), stream);
       uint16_t* dy16 = scratch.as<uint16_t>();
       to_bf16(dy, M * N, dy16, stream);
-      bf16_backward(c, dy16, N, x, w, want_dx ? dx : nullptr, want_dw ? dw : nullptr, M, N, K, beta_dx, stream);
+      bf16_backward(c, dy16, N, x, w, want_dx ? dx : nullptr, want_dw ? dw : nullptr, M, N, K, beta_dx, beta_dw,
+                    stream);
       scratch.release();
       return;
     }
     case Precision::FP8:
       linear_detail::fp8_backward(c, dy, x, w, want_dx ? dx : nullptr, want_dw ? dw : nullptr, M, N, K, accumulate_dx,
-                                  stream);
+                                  overwrite_dw, stream);
       return;
   }
 }

@@ -69,18 +69,20 @@ void linear_forward(LinearContext& ctx, Precision p, const float* x, const float
                     int64_t N, int64_t K, cudaStream_t stream = nullptr);
 
 // dx[M, K] = dy[M, N] · w[N, K]   (overwritten, or with accumulate_dx added to dx; skipped when dx is null)
-// dw[N, K] += dy[M, N]ᵀ · x[M, K] (accumulated; skipped when dw is null)
+// dw[N, K] += dy[M, N]ᵀ · x[M, K] (accumulated, or with overwrite_dw written whole; skipped when dw is null)
 // accumulate_dx: dx + dy · w rounded once (the GEMM's beta = 1), for layers whose input feeds several projections.
+// overwrite_dw: dw's old contents are not read (the GEMM's beta = 0; zeros when M = 0), for a gradient not yet
+// written since it was last consumed (runtime/gpu's GpuModel::zero_grad marks them instead of clearing them).
 void linear_backward(LinearContext& ctx, Precision p, const float* dy, const float* x, const float* w, float* dx,
                      float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream = nullptr,
-                     bool accumulate_dx = false);
+                     bool accumulate_dx = false, bool overwrite_dw = false);
 
 // linear_backward in Precision::BF16 from an output gradient already rounded to BF16: dy16 [M, N] as BF16 bit
 // patterns with row stride ld_dy >= N (e.g. cuda::cross_entropy_bf16_grad's rows, in place over the logits). What
 // linear_backward(BF16) gives from the FP32 dy these bits were rounded from, without its rounding pass over dy.
 void linear_backward_bf16_dy(LinearContext& ctx, const uint16_t* dy16, int64_t ld_dy, const float* x, const float* w,
                              float* dx, float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream = nullptr,
-                             bool accumulate_dx = false);
+                             bool accumulate_dx = false, bool overwrite_dw = false);
 
 // The prepared copies, for tests and diagnostics: made (or refreshed, when stale) on `stream` exactly as a
 // linear call would. N, K > 0. Without weights_changed() a copy is NOT refreshed when the weight's values change:

@@ -377,23 +377,23 @@ void dgrad(LinearContext::Impl& ctx, const Operand& dyq, const PreparedFp8Weight
   gemm_into(ctx.fp8, dyq, wtq, dx, M, K, accumulate, stream);
 }
 
-// dw [N, K] += dyᵀ · x from dyᵀ's operand [gemm_rows(N), gemm_depth(M)].
+// dw [N, K] += dyᵀ · x (or = with overwrite) from dyᵀ's operand [gemm_rows(N), gemm_depth(M)].
 void wgrad(LinearContext::Impl& ctx, const Operand& dytq, const float* x, float* dw, int64_t M, int64_t N, int64_t K,
-           cudaStream_t stream) {
+           bool overwrite, cudaStream_t stream) {
   Fp8Activation xtq(x, M, K, gemm_depth(M), gemm_rows(K), true, stream);  // xᵀ [K', tokens]
-  gemm_into(ctx.fp8, dytq, xtq.operand(), dw, N, K, true, stream);
+  gemm_into(ctx.fp8, dytq, xtq.operand(), dw, N, K, !overwrite, stream);
   xtq.release();
 }
 
 }  // namespace
 
 void fp8_backward(LinearContext::Impl& ctx, const float* dy, const float* x, const float* w, float* dx, float* dw,
-                  int64_t M, int64_t N, int64_t K, bool accumulate_dx, cudaStream_t stream) {
+                  int64_t M, int64_t N, int64_t K, bool accumulate_dx, bool overwrite_dw, cudaStream_t stream) {
   if (dx != nullptr && dw != nullptr && both_ways_fit(M, N)) {
     const PreparedFp8Weight& pw = fp8_weight(ctx, w, N, K, stream);
     Fp8GradientBothWays dyq(dy, M, N, stream);
     dgrad(ctx, dyq.rows(), pw, dx, M, K, accumulate_dx, stream);
-    wgrad(ctx, dyq.tokens(), x, dw, M, N, K, stream);
+    wgrad(ctx, dyq.tokens(), x, dw, M, N, K, overwrite_dw, stream);
     dyq.release();
     return;
   }
@@ -405,7 +405,7 @@ void fp8_backward(LinearContext::Impl& ctx, const float* dy, const float* x, con
   }
   if (dw != nullptr) {
     Fp8Activation dytq(dy, M, N, gemm_depth(M), gemm_rows(N), true, stream);  // dyᵀ [N', tokens]
-    wgrad(ctx, dytq.operand(), x, dw, M, N, K, stream);
+    wgrad(ctx, dytq.operand(), x, dw, M, N, K, overwrite_dw, stream);
     dytq.release();
   }
 }

@@ -114,6 +114,6 @@ void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float
                  cudaStream_t stream);
 // Dgrad into dx (unless null; added to it with accumulate_dx) and Wgrad accumulated into dw (unless null).
 void fp8_backward(LinearContext::Impl& ctx, const float* dy, const float* x, const float* w, float* dx, float* dw,
-                  int64_t M, int64_t N, int64_t K, bool accumulate_dx, cudaStream_t stream);
+                  int64_t M, int64_t N, int64_t K, bool accumulate_dx, bool overwrite_dw, cudaStream_t stream);
 
 }  // namespace moerl::cuda::linear_detail

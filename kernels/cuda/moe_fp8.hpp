@@ -129,6 +129,10 @@ struct MoeFp8Experts {
   // dh in BF16 likewise. Half the bytes of g, u and dh to write, keep and read. kernels/cpu's FP8 recipe rounds g, u
   // and dh to BF16 too (runtime/model/feed_forward.cpp). Forward and backward must agree.
   uint16_t* gate_up_bf16 = nullptr;
+  // The backward writes gate_grad, up_grad and down_grad whole instead of adding to them (their old contents are not
+  // read: Wgrad's beta = 0, and zeros for the experts without rows), for gradients not yet written since they were
+  // last consumed (runtime/gpu's GpuModel::zero_grad marks them instead of clearing them).
+  bool overwrite_grads = false;
 };
 
 // Whether w may set gate_up_bf16: g and u side by side in the lanes form, with the fused SwiGLU backward and the

@@ -487,6 +487,33 @@ int64_t moe_fp8_gate_up_ld(const MoeFp8Experts& w) {
 
 namespace {
 
+// An expert's Wgrad into its FP32 gradient: added (beta = 1), or written (w.overwrite_grads).
+void wgrad_into(fp8::cuda::GemmContext& gc, const MoeFp8Experts& w, const Operand& a, const Operand& b, float* grad,
+                cudaStream_t stream) {
+  if (w.overwrite_grads)
+    fp8::cuda::gemm_nt(gc, a, b, grad, OutType::FP32, stream);
+  else
+    fp8::cuda::gemm_nt_accumulate(gc, a, b, grad, stream);
+}
+
+// With w.overwrite_grads, the gradients of the experts that get no rows (no Wgrad writes them) set to zero; in the
+// grouped form, which only accumulates, every expert's.
+void zero_grads_without_rows(const MoeFp8Experts& w, const int64_t* aligned_host, cudaStream_t stream) {
+  const int64_t E = w.experts, each = w.hidden * w.inter;
+  const bool all = moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped;
+  for (int64_t e = 0; e < E;) {
+    if (!all && aligned_host[e + 1] > aligned_host[e]) {
+      ++e;
+      continue;
+    }
+    int64_t end = e + 1;  // a run of such experts: one memset per weight
+    while (end < E && (all || aligned_host[end + 1] == aligned_host[end])) ++end;
+    const size_t bytes = static_cast<size_t>((end - e) * each) * sizeof(float);
+    for (float* g : {w.gate_grad, w.up_grad, w.down_grad}) CUDA_CHECK(cudaMemsetAsync(g + e * each, 0, bytes, stream));
+    e = end;
+  }
+}
+
 // moe_fp8_experts_forward from xp, or (xp null) gathered from x [tokens, H] by token_of.
 void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp, const float* x, int64_t tokens,
                      const int64_t* token_of, const int64_t* aligned_host, const int64_t* aligned, float* g, float* u,
@@ -620,6 +647,10 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
                       cudaStream_t stream) {
   check("moe_fp8_experts_backward", w, aligned_host, aligned);
   const int64_t E = w.experts, H = w.hidden, I = w.inter, rows = aligned_host[E];
+  if (w.overwrite_grads) {
+    require(w.gate_grad && w.up_grad && w.down_grad, "cuda::moe_fp8_experts_backward: null gradient pointer");
+    zero_grads_without_rows(w, aligned_host, stream);
+  }
   if (rows == 0) return;
   const bool gu16 = w.gate_up_bf16 != nullptr;  // g | u and dh in BF16 (then g and u unused)
   require((dys.dyp || (dys.dy && dys.row_weight)) && (gu16 || (g && u)) && (h || w.h_codes_t) && dxp_out &&
@@ -688,7 +719,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
           fp8::cuda::gemm_nt(gc, dyq.expert(r0, n), wd[e].wt, dh + r0 * I, OutType::FP32, s);
       };
       auto wgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
-        fp8::cuda::gemm_nt_accumulate(gc, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I, s);
+        wgrad_into(gc, w, dyt.expert(r0, n), ht.expert(r0, n), w.down_grad + e * H * I, s);
       };
       run_dgrad_wgrad(st, "gemm_down_wgrad", aligned_host, E, stream, dgrad, wgrad);
     }
@@ -787,8 +818,8 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     };
     auto wgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
       const Operand x = xt.expert(r0, n);
-      fp8::cuda::gemm_nt_accumulate(gc, dgt.expert(r0, n), x, w.gate_grad + e * I * H, s);
-      fp8::cuda::gemm_nt_accumulate(gc, dut.expert(r0, n), x, w.up_grad + e * I * H, s);
+      wgrad_into(gc, w, dgt.expert(r0, n), x, w.gate_grad + e * I * H, s);
+      wgrad_into(gc, w, dut.expert(r0, n), x, w.up_grad + e * I * H, s);
     };
     run_dgrad_wgrad(st, "gemm_gate_up_wgrad", aligned_host, E, stream, dgrad, wgrad);
   }

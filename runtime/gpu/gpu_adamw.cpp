@@ -105,6 +105,7 @@ GpuAdamW::~GpuAdamW() {
 }
 
 StepStats GpuAdamW::step(int64_t step) {
+  if (before_step_) before_step_();
   const detail::PhaseTimer timer("adamw.step", stream_);
   StepStats stats;
   stats.lr = learning_rate(config_, step);

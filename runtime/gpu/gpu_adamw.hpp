@@ -38,9 +38,12 @@ class GpuAdamW {
   GpuAdamW(std::vector<DeviceParam> params, AdamWConfig config, cudaStream_t stream,
            std::function<void()> after_update = {}, std::function<void(double*)> reduce_norm = {});
   // The optimizer of a GpuModel: its trainable parameters, on its stream, calling linear().weights_changed()
-  // after each update. Inline, so code that only uses the constructor above links without the GPU model.
+  // after each update and model.settle_grads() before each step (gradients marked by zero_grad and not written
+  // since read as zero). Inline, so code that only uses the constructor above links without the GPU model.
   GpuAdamW(GpuModel& model, AdamWConfig config)
-      : GpuAdamW(model.params(), config, model.stream(), [&model] { model.linear().weights_changed(); }) {}
+      : GpuAdamW(model.params(), config, model.stream(), [&model] { model.linear().weights_changed(); }) {
+    before_step_ = [&model] { model.settle_grads(); };
+  }
   ~GpuAdamW();
   GpuAdamW(const GpuAdamW&) = delete;
   GpuAdamW& operator=(const GpuAdamW&) = delete;
@@ -86,6 +89,7 @@ class GpuAdamW {
   AdamWConfig config_;
   cudaStream_t stream_;
   std::function<void()> after_update_;
+  std::function<void()> before_step_;
   std::function<void(double*)> reduce_norm_;
   std::vector<Slot> slots_;  // trainable parameters in the given (name) order
   std::vector<Span> spans_;

@@ -137,7 +137,8 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
   // o_proj.
   phase.next("o");
   Temp<float> d_attn(T * H * dv_, r);
-  cuda::linear_backward(lin, p, dy, attn_, o_->value, d_attn.get(), o_->grad, T, hidden_, H * dv_, r.stream);
+  cuda::linear_backward(lin, p, dy, attn_, o_->value, d_attn.get(), o_->grad, T, hidden_, H * dv_, r.stream, false,
+                        take_unset(*o_));
 
   // Attention core.
   phase.next("core+rope");
@@ -166,7 +167,8 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
     Temp<float> normed(T * kv_lora_, r), rstd(T, r), d_normed(T * kv_lora_, r), d_c(T * kv_lora_, r);
     cuda::rmsnorm_forward(c_, kv_a_norm_->value, normed.get(), rstd.get(), T, kv_lora_, eps_, r.stream);
     cuda::linear_backward(lin, p, d_kv.get(), normed.get(), kv_b_->value, d_normed.get(), kv_b_->grad, T,
-                          H * (dn_ + dv_), kv_lora_, r.stream);
+                          H * (dn_ + dv_), kv_lora_, r.stream, false, take_unset(*kv_b_));
+    zero_if_unset(*kv_a_norm_, r.stream);
     cuda::rmsnorm_backward(d_normed.get(), c_, kv_a_norm_->value, rstd.get(), d_c.get(), kv_a_norm_->grad, T, kv_lora_,
                            r.stream);
     copy_columns(d_ckv.get(), ckv_dim, d_c.get(), kv_lora_, T, kv_lora_, r.stream);
@@ -174,20 +176,22 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
 
   // kv_a_proj_with_mqa writes dx; the query path's Dgrad adds to it (in the GEMM).
   phase.next("kv_a");
-  cuda::linear_backward(lin, p, d_ckv.get(), x_, kv_a_->value, dx, kv_a_->grad, T, ckv_dim, hidden_, r.stream);
+  cuda::linear_backward(lin, p, d_ckv.get(), x_, kv_a_->value, dx, kv_a_->grad, T, ckv_dim, hidden_, r.stream, false,
+                        take_unset(*kv_a_));
   phase.next("q");
   if (q_lora_ > 0) {
     Temp<float> normed(T * q_lora_, r), rstd(T, r), d_normed(T * q_lora_, r), d_qa(T * q_lora_, r);
     cuda::rmsnorm_forward(q_a_out_, q_a_norm_->value, normed.get(), rstd.get(), T, q_lora_, eps_, r.stream);
     cuda::linear_backward(lin, p, d_q.get(), normed.get(), q_b_->value, d_normed.get(), q_b_->grad, T, H * dq_,
-                          q_lora_, r.stream);
+                          q_lora_, r.stream, false, take_unset(*q_b_));
+    zero_if_unset(*q_a_norm_, r.stream);
     cuda::rmsnorm_backward(d_normed.get(), q_a_out_, q_a_norm_->value, rstd.get(), d_qa.get(), q_a_norm_->grad, T,
                            q_lora_, r.stream);
     cuda::linear_backward(lin, p, d_qa.get(), x_, q_a_->value, dx, q_a_->grad, T, q_lora_, hidden_, r.stream,
-                          /*accumulate_dx=*/true);
+                          /*accumulate_dx=*/true, take_unset(*q_a_));
   } else {
     cuda::linear_backward(lin, p, d_q.get(), x_, q_proj_->value, dx, q_proj_->grad, T, H * dq_, hidden_, r.stream,
-                          /*accumulate_dx=*/true);
+                          /*accumulate_dx=*/true, take_unset(*q_proj_));
   }
 }
 

@@ -343,6 +343,7 @@ StepStats GpuDataParallel::optimizer_step(int64_t step) {
   m.run([&m, shard, step](int r) {
     Replica& rep = m.at(r);
     GpuModel& model = *rep.model;
+    model.settle_grads();  // backward did, unless there was none since zero_grad
     float* grads = model.flat_grads();
     const cudaStream_t stream = model.stream();
     // This replica's gradients times n_r / N (FP32, as the CPU's ZeroAdamW), then summed over the replicas into

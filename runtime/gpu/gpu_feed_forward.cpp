@@ -138,15 +138,20 @@ void GpuDense::backward(const float* dy, float* dx, const Run& r) {
   const Precision p = precision_;
   cuda::LinearContext& lin = *r.linear;
   if (fp8_expert_) {
-    cuda::moe_fp8_experts_backward(lin, fp8_expert(), dy, x_, g_, u_, h_, rows_host_.get(), rows_, dx, r.stream);
+    cuda::MoeFp8Experts w = fp8_expert();
+    w.overwrite_grads = take_all_unset({w_.gate, w_.up, w_.down}, r.stream);
+    cuda::moe_fp8_experts_backward(lin, w, dy, x_, g_, u_, h_, rows_host_.get(), rows_, dx, r.stream);
     return;
   }
   Temp<float> dh(T * I, r), dg(T * I, r), du(T * I, r), dx_up(T * H, r);
-  cuda::linear_backward(lin, p, dy, h_, w_.down->value, dh.get(), w_.down->grad, T, H, I, r.stream);
+  cuda::linear_backward(lin, p, dy, h_, w_.down->value, dh.get(), w_.down->grad, T, H, I, r.stream, false,
+                        take_unset(*w_.down));
   round_if_fp8(p, dh.get(), T * I, r.stream);
   cuda::swiglu_backward(dh.get(), g_, u_, dg.get(), du.get(), T * I, r.stream);
-  cuda::linear_backward(lin, p, dg.get(), x_, w_.gate->value, dx, w_.gate->grad, T, I, H, r.stream);
-  cuda::linear_backward(lin, p, du.get(), x_, w_.up->value, dx_up.get(), w_.up->grad, T, I, H, r.stream);
+  cuda::linear_backward(lin, p, dg.get(), x_, w_.gate->value, dx, w_.gate->grad, T, I, H, r.stream, false,
+                        take_unset(*w_.gate));
+  cuda::linear_backward(lin, p, du.get(), x_, w_.up->value, dx_up.get(), w_.up->grad, T, I, H, r.stream, false,
+                        take_unset(*w_.up));
   add_inplace(dx, dx_up.get(), T * H, r.stream);
 }
 
@@ -179,6 +184,7 @@ GpuMoe::GpuMoe(const ModelConfig& c, ParamStore& params, const std::string& pref
     require(g.value == g0.value + e * I * H && u.value == u0.value + e * I * H && d.value == d0.value + e * H * I &&
                 g.grad == g0.grad + e * I * H && u.grad == u0.grad + e * I * H && d.grad == d0.grad + e * H * I,
             "GpuModel: " + pe + ": expert weights are not stacked (the GEMM loop reads them at a fixed stride)");
+    expert_params_.insert(expert_params_.end(), {&g, &u, &d});
   }
   gate_w_ = g0.value;
   up_w_ = u0.value;
@@ -388,7 +394,7 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
     cuda::router_backward(spec_, scores_, topk_idx_, dweight.get(), balance_grad_ ? dscores_ : nullptr, T,
                           dlogits.get(), rr.stream);
     cuda::linear_backward(lin, Precision::FP32, dlogits.get(), x_, router_->value, dx_router.get(), router_->grad, T,
-                          E, H, rr.stream);
+                          E, H, rr.stream, false, take_unset(*router_));
   };
   bool router_done = false;
   auto router_beside = [&] {  // after dweight's kernel on r.stream
@@ -412,7 +418,8 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
       combine_backward_aligned(dy, RA, dyp.get(), dweight.get(), r.stream);
       if (overlap) router_beside();
       sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
-      const cuda::MoeFp8Experts w = experts_fp8();
+      cuda::MoeFp8Experts w = experts_fp8();
+      w.overwrite_grads = take_all_unset(expert_params_, r.stream);
       if (dxp16 == nullptr)
         cuda::moe_fp8_experts_backward_gathered(lin, w, dyp.get(), x_, token_of_aligned_, gp_, experts_fp8_u(w),
                                                 w.h_codes_t ? nullptr : hp_, aligned_host_.get(), aligned_, dxp.get(),
@@ -428,7 +435,8 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
       combine_backward_aligned(dy, RA, nullptr, dweight.get(), r.stream);
       if (overlap) router_beside();
       sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
-      const cuda::MoeFp8Experts w = experts_fp8();
+      cuda::MoeFp8Experts w = experts_fp8();
+      w.overwrite_grads = take_all_unset(expert_params_, r.stream);
       if (dxp16 == nullptr)
         cuda::moe_fp8_experts_backward_combined(lin, w, dy, row_weight.get(), x_, token_of_aligned_, gp_,
                                                 experts_fp8_u(w), w.h_codes_t ? nullptr : hp_, aligned_host_.get(),
@@ -448,6 +456,12 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
     if (router_done) return;
   } else {
     Temp<float> xp(R * H, r), dyp(R * H, r), dxp(R * H, r);
+    // Gradients written whole (each expert's own calls; zeros for the experts without rows) or added to.
+    const bool fresh = take_all_unset(expert_params_, r.stream);
+    for (int64_t e = 0; fresh && e < E; ++e)
+      if (off[e + 1] == off[e])
+        for (float* g : {gate_g_ + e * I * H, up_g_ + e * I * H, down_g_ + e * H * I})
+          CUDA_CHECK(cudaMemsetAsync(g, 0, static_cast<size_t>(I * H) * sizeof(float), r.stream));
     cuda::moe_gather(x_, token_of_, R, H, xp.get(), r.stream);
     cuda::moe_combine_backward(dy, yp_, topk_weight_, row_of_, T, K, H, dyp.get(), dweight.get(), r.stream);
     {
@@ -456,7 +470,7 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
         const int64_t r0 = off[e], n = off[e + 1] - r0;
         if (n == 0) continue;
         cuda::linear_backward(lin, p, dyp.get() + r0 * H, hp_ + r0 * I, down_w_ + e * H * I, dh.get() + r0 * I,
-                              down_g_ + e * H * I, n, H, I, r.stream);
+                              down_g_ + e * H * I, n, H, I, r.stream, false, fresh);
       }
       round_if_fp8(p, dh.get(), R * I, r.stream);
       cuda::swiglu_backward(dh.get(), gp_, up_, dg.get(), du.get(), R * I, r.stream);
@@ -465,9 +479,9 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
         const int64_t r0 = off[e], n = off[e + 1] - r0;
         if (n == 0) continue;
         cuda::linear_backward(lin, p, dg.get() + r0 * I, xp.get() + r0 * H, gate_w_ + e * I * H, dxp.get() + r0 * H,
-                              gate_g_ + e * I * H, n, I, H, r.stream);
+                              gate_g_ + e * I * H, n, I, H, r.stream, false, fresh);
         cuda::linear_backward(lin, p, du.get() + r0 * I, xp.get() + r0 * H, up_w_ + e * I * H, dxp_up.get() + r0 * H,
-                              up_g_ + e * I * H, n, I, H, r.stream);
+                              up_g_ + e * I * H, n, I, H, r.stream, false, fresh);
       }
       add_inplace(dxp.get(), dxp_up.get(), R * H, r.stream);
     }

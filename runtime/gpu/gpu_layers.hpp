@@ -34,6 +34,7 @@ struct GpuNorm {
   }
   // dx overwritten, weight gradient accumulated; x is the forward's input.
   void backward(const float* dy, const float* x, int64_t rows, float* dx, const Run& r) const {
+    zero_if_unset(*weight, r.stream);
     cuda::rmsnorm_backward(dy, x, weight->value, rstd, dx, weight->grad, rows, weight->numel, r.stream);
   }
 };
@@ -134,6 +135,7 @@ class GpuMoe {
   cuda::RouterSpec spec_;
   int64_t hidden_, inter_, shared_inter_;
   const DeviceParam* router_ = nullptr;
+  std::vector<const DeviceParam*> expert_params_;  // every routed expert's gate, up and down
   const DeviceParam* bias_ = nullptr;
   // Expert e's weights are gate_[e·I·H], up_[e·I·H], down_[e·H·I] (stacked by ParamStore); same for the grads.
   const float *gate_w_ = nullptr, *up_w_ = nullptr, *down_w_ = nullptr;

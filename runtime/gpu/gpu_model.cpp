@@ -112,12 +112,13 @@ double head_cross_entropy(Precision head_p, float* logits, const int64_t* labels
 }
 
 void head_backward(cuda::LinearContext& linear, Precision head_p, const float* dlogits, bool grad_bf16,
-                   const float* x, const float* w, float* dx, float* dw, int64_t T, int64_t V, int64_t D,
-                   cudaStream_t s) {
+                   const float* x, const DeviceParam& w, float* dx, int64_t T, int64_t V, int64_t D, cudaStream_t s) {
+  const bool overwrite = detail::take_unset(w);
   if (grad_bf16)
-    cuda::linear_backward_bf16_dy(linear, reinterpret_cast<const uint16_t*>(dlogits), 2 * V, x, w, dx, dw, T, V, D, s);
+    cuda::linear_backward_bf16_dy(linear, reinterpret_cast<const uint16_t*>(dlogits), 2 * V, x, w.value, dx, w.grad,
+                                  T, V, D, s, false, overwrite);
   else
-    cuda::linear_backward(linear, head_p, dlogits, x, w, dx, dw, T, V, D, s);
+    cuda::linear_backward(linear, head_p, dlogits, x, w.value, dx, w.grad, T, V, D, s, false, overwrite);
 }
 
 }  // namespace
@@ -218,7 +219,12 @@ void GpuModel::upload(const Params& host) {
   impl_->linear.weights_changed();
 }
 
-void GpuModel::download(Params& host, bool grads) const { impl_->params.download(host, grads, impl_->stream.get()); }
+void GpuModel::download(Params& host, bool grads) const {
+  if (grads) impl_->params.settle_grads(impl_->stream.get());
+  impl_->params.download(host, grads, impl_->stream.get());
+}
+
+void GpuModel::settle_grads() { impl_->params.settle_grads(impl_->stream.get()); }
 
 void GpuModel::zero_grad() { impl_->params.zero_grad(impl_->stream.get()); }
 
@@ -343,8 +349,8 @@ void GpuModel::backward() {
   float* dhidden = dh_a.get();
   float* dx = dh_b.get();
   std::optional<detail::PhaseTimer> phase(std::in_place, m.options.precision, "head.bwd", s);
-  head_backward(m.linear, head_p, m.dlogits ? m.dlogits : m.logits, m.grad_bf16, m.normed, m.head->value,
-                dnormed.get(), m.head->grad, T, V, D, s);
+  head_backward(m.linear, head_p, m.dlogits ? m.dlogits : m.logits, m.grad_bf16, m.normed, *m.head, dnormed.get(),
+                T, V, D, s);
   m.final_norm.backward(dnormed.get(), last, T, dhidden, run);
   phase.reset();
 
@@ -352,17 +358,17 @@ void GpuModel::backward() {
     Mtp& mt = *m.mtp;
     Temp<float> dzn(T * D, run), dzl(T * D, run), dz(T * D, run), dcat(T * 2 * D, run), den(T * D, run),
         dhn(T * D, run), tmp(T * D, run);
-    head_backward(m.linear, head_p, mt.logits, mt.grad_bf16, mt.zn, m.head->value, dzn.get(), m.head->grad, T, V, D,
-                  s);
+    head_backward(m.linear, head_p, mt.logits, mt.grad_bf16, mt.zn, *m.head, dzn.get(), T, V, D, s);
     mt.final_norm.backward(dzn.get(), mt.zl, T, dzl.get(), run);
     mt.layer.backward(dzl.get(), dz.get(), run);
     cuda::linear_backward(m.linear, m.options.precision, dz.get(), mt.cat, mt.eh_proj->value, dcat.get(),
-                          mt.eh_proj->grad, T, D, 2 * D, s);
+                          mt.eh_proj->grad, T, D, 2 * D, s, false, detail::take_unset(*mt.eh_proj));
     detail::copy_columns(den.get(), D, dcat.get(), 2 * D, T, D, s);
     detail::copy_columns(dhn.get(), D, dcat.get() + D, 2 * D, T, D, s);
     mt.hnorm.backward(dhn.get(), last, T, tmp.get(), run);
     detail::add_inplace(dhidden, tmp.get(), T * D, s);
     mt.enorm.backward(den.get(), mt.emb, T, tmp.get(), run);
+    detail::zero_if_unset(*m.embed, s);
     cuda::embedding_backward(tmp.get(), mt.ids, T, D, m.embed->grad, s);
   }
 
@@ -370,7 +376,9 @@ void GpuModel::backward() {
     (*it)->backward(dhidden, dx, run);
     std::swap(dhidden, dx);
   }
+  detail::zero_if_unset(*m.embed, s);
   cuda::embedding_backward(dhidden, m.ids, T, D, m.embed->grad, s);
+  m.params.settle_grads(s);  // what no producer wrote (e.g. a layer's unused MTP weights) holds zeros
 }
 
 std::vector<float> GpuModel::logits() const {

@@ -38,6 +38,11 @@ struct DeviceParam {
   float* grad = nullptr;   // FP32, accumulated by backward, zeroed by zero_grad
   int64_t numel = 0;
   bool trainable = true;   // false for e_score_correction_bias
+  // zero_grad marks the gradient unset instead of clearing it: its contents are stale until the first producer of
+  // the backward writes it whole (the Wgrad GEMMs' beta = 0) or clears it (producers that only add); what no
+  // producer touched is cleared at the end of the backward (gpu::detail::ParamStore::settle_grads). Bookkeeping of
+  // the gradient buffer, so mutable: the layers hold const parameters.
+  mutable bool grad_unset = false;
 };
 
 class GpuModel {
@@ -59,7 +64,10 @@ class GpuModel {
   // As Model::forward / Model::backward; the batch's ids and labels are host arrays. backward accumulates.
   LossReport forward(const TokenBatch& batch, const ForwardOptions& options);
   void backward();
+  // Gradients read as zero after zero_grad; it marks them (DeviceParam::grad_unset) rather than clearing them, so
+  // that backward's producers write them whole, and backward (or settle_grads) clears what none wrote.
   void zero_grad();
+  void settle_grads();
 
   // [batch*seq, vocab] logits of the last forward (needs keep_logits), copied to the host.
   std::vector<float> logits() const;

@@ -3,6 +3,7 @@
 #include <algorithm>
 
 #include "runtime/error.hpp"
+#include "runtime/util/env_switch.hpp"
 
 namespace moerl::gpu::detail {
 namespace {
@@ -161,7 +162,47 @@ void ParamStore::download(Params& host, bool grads, cudaStream_t stream) const {
 }
 
 void ParamStore::zero_grad(cudaStream_t stream) {
-  CUDA_CHECK(cudaMemsetAsync(grads_.get(), 0, grads_.bytes(), stream));
+  static const bool memset = env_switch("MOERL_GRAD_ZERO", "mark", "memset");
+  if (memset) {
+    CUDA_CHECK(cudaMemsetAsync(grads_.get(), 0, grads_.bytes(), stream));
+    for (const DeviceParam& p : params_) p.grad_unset = false;
+    return;
+  }
+  for (const DeviceParam& p : params_) p.grad_unset = true;
+}
+
+void ParamStore::settle_grads(cudaStream_t stream) const {
+  std::vector<const DeviceParam*> unset;
+  for (const DeviceParam& p : params_)
+    if (p.grad_unset && p.numel > 0) unset.push_back(&p);
+  std::sort(unset.begin(), unset.end(), [](const DeviceParam* a, const DeviceParam* b) { return a->grad < b->grad; });
+  for (size_t i = 0; i < unset.size();) {
+    // A run of tensors adjacent in the allocation (each starts where the previous one's 256-byte block ends).
+    char* const begin = reinterpret_cast<char*>(unset[i]->grad);
+    char* end = begin;
+    for (; i < unset.size() && reinterpret_cast<char*>(unset[i]->grad) == end; ++i) {
+      end += align256(static_cast<size_t>(unset[i]->numel) * sizeof(float));
+      unset[i]->grad_unset = false;
+    }
+    CUDA_CHECK(cudaMemsetAsync(begin, 0, static_cast<size_t>(end - begin), stream));
+  }
+  for (const DeviceParam& p : params_) p.grad_unset = false;  // the empty ones
+}
+
+bool take_all_unset(const std::vector<const DeviceParam*>& params, cudaStream_t stream) {
+  const bool all = std::all_of(params.begin(), params.end(), [](const DeviceParam* p) { return p->grad_unset; });
+  for (const DeviceParam* p : params) {
+    if (all)
+      p->grad_unset = false;
+    else
+      zero_if_unset(*p, stream);
+  }
+  return all;
+}
+
+void zero_if_unset(const DeviceParam& p, cudaStream_t stream) {
+  if (take_unset(p) && p.numel > 0)
+    CUDA_CHECK(cudaMemsetAsync(p.grad, 0, static_cast<size_t>(p.numel) * sizeof(float), stream));
 }
 
 }  // namespace moerl::gpu::detail

@@ -45,12 +45,29 @@ class ParamStore {
   // Host <-> device copies on `stream`, synchronized before returning (host tensors may go away after).
   void upload(const Params& host, cudaStream_t stream);
   void download(Params& host, bool grads, cudaStream_t stream) const;
+  // Marks every gradient unset (DeviceParam::grad_unset); MOERL_GRAD_ZERO=memset clears them instead (for
+  // comparing on the device).
   void zero_grad(cudaStream_t stream);
+  // Clears the gradients still unset (one memset per run of adjacent ones): after it every gradient holds its sum.
+  void settle_grads(cudaStream_t stream) const;
 
  private:
   std::vector<DeviceParam> params_;  // name order
   std::map<std::string, size_t> index_;
   DeviceAlloc values_, grads_;
 };
+
+// A producer's view of an unset gradient (DeviceParam::grad_unset): take_unset says whether p's gradient must be
+// written whole (true) or added to, and counts it as written from then on; zero_if_unset clears it first for
+// producers that only add (scatter-adds, reductions).
+inline bool take_unset(const DeviceParam& p) {
+  const bool unset = p.grad_unset;
+  p.grad_unset = false;
+  return unset;
+}
+void zero_if_unset(const DeviceParam& p, cudaStream_t stream);
+// take_unset over tensors one call writes together (an expert block's gate, up and down): true when all are unset
+// (to be written whole); otherwise the unset ones are cleared and false (to be added to).
+bool take_all_unset(const std::vector<const DeviceParam*>& params, cudaStream_t stream);
 
 }  // namespace moerl::gpu::detail

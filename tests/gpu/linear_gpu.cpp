@@ -195,11 +195,14 @@ void check_forward(cuda::LinearContext& ctx, Precision p, const Data& d) {
 
 // Backward with dx and/or dw requested; dw starts from dw0 on both sides. accumulate_dx: dx starts from dx0 (the
 // CPU's dx added to it; the sum's one rounding is covered by adding |dx0| to the element's reference scale).
+// overwrite_dw: dw starts NaN-filled on the GPU (never to be read) and from zeros on the CPU.
 void check_backward(cuda::LinearContext& ctx, Precision p, const Data& d, bool want_dx, bool want_dw,
-                    bool accumulate_dx = false) {
+                    bool accumulate_dx = false, bool overwrite_dw = false) {
   const Shape s = d.s;
   const DeviceBuffer<float> x(d.x), w(d.w), dy(d.dy);
-  DeviceBuffer<float> dx(static_cast<size_t>(s.M * s.K)), dw(d.dw0);
+  const std::vector<float> dw0 = overwrite_dw ? std::vector<float>(d.dw0.size(), 0.0f) : d.dw0;
+  DeviceBuffer<float> dx(static_cast<size_t>(s.M * s.K)), dw(dw0);
+  if (overwrite_dw) dw.poison();
   std::vector<float> dx0;
   if (accumulate_dx) {
     std::mt19937_64 rng(static_cast<uint64_t>(s.M * 1000003 + s.K));
@@ -209,12 +212,12 @@ void check_backward(cuda::LinearContext& ctx, Precision p, const Data& d, bool w
     dx.poison();
   }
   cuda::linear_backward(ctx, p, dy.get(), x.get(), w.get(), want_dx ? dx.get() : nullptr,
-                        want_dw ? dw.get() : nullptr, s.M, s.N, s.K, nullptr, accumulate_dx);
+                        want_dw ? dw.get() : nullptr, s.M, s.N, s.K, nullptr, accumulate_dx, overwrite_dw);
   CUDA_CHECK(cudaDeviceSynchronize());
 
   // Empty problems (see cpu_forward): dx is 0 or empty, dw is dw0 or empty.
-  std::vector<float> ref_dx(static_cast<size_t>(s.M * s.K)), ref_dw = d.dw0;
-  std::vector<float> abs_dx(ref_dx.size()), abs_dw = absolute(d.dw0);
+  std::vector<float> ref_dx(static_cast<size_t>(s.M * s.K)), ref_dw = dw0;
+  std::vector<float> abs_dx(ref_dx.size()), abs_dw = absolute(dw0);
   if (!empty(s)) {
     cpu::linear_backward(p, d.dy.data(), d.x.data(), d.w.data(), want_dx ? ref_dx.data() : nullptr,
                          want_dw ? ref_dw.data() : nullptr, s.M, s.N, s.K);
@@ -222,6 +225,7 @@ void check_backward(cuda::LinearContext& ctx, Precision p, const Data& d, bool w
                          want_dx ? abs_dx.data() : nullptr, want_dw ? abs_dw.data() : nullptr, s.M, s.N, s.K);
   }
   std::string which = want_dx && want_dw ? "" : (want_dx ? " (dw null)" : " (dx null)");
+  if (overwrite_dw) which += " (dw overwritten)";
   if (accumulate_dx) {
     which += " (added to dx)";
     for (size_t i = 0; i < ref_dx.size(); ++i) ref_dx[i] += dx0[i], abs_dx[i] += std::fabs(dx0[i]);
@@ -229,7 +233,7 @@ void check_backward(cuda::LinearContext& ctx, Precision p, const Data& d, bool w
   if (want_dx)
     expect_close(dx.download(), ref_dx, abs_dx, dx0, tolerance(p, s.N), describe(p, "dgrad", s) + which);
   if (want_dw)
-    expect_close(dw.download(), ref_dw, abs_dw, d.dw0, tolerance(p, s.M), describe(p, "wgrad", s) + which);
+    expect_close(dw.download(), ref_dw, abs_dw, dw0, tolerance(p, s.M), describe(p, "wgrad", s) + which);
 }
 
 // The model's shape, shapes that need padding in every dimension (M % 4, N % 4, K % 16 != 0, sizes below 128),
@@ -254,6 +258,20 @@ TEST_F(LinearGpu, BackwardMatchesTheCpuAndAccumulatesIntoDw) {
   for (const Shape& s : kShapes) {
     const Data d(s, rng);
     for (Precision p : kPrecisions) check_backward(ctx, p, d, true, true);
+  }
+}
+
+TEST_F(LinearGpu, BackwardOverwritesDwWithoutReadingItWhenAsked) {
+  // overwrite_dw (a gradient not yet written since zero_grad): dw's NaN-filled old contents are never read, in
+  // every precision and shape, and with no tokens (M = 0) dw comes out zero.
+  std::mt19937_64 rng = seeded("overwrite dw");
+  cuda::LinearContext ctx;
+  for (const Shape& s : kShapes) {
+    const Data d(s, rng);
+    for (Precision p : kPrecisions) {
+      check_backward(ctx, p, d, true, true, false, true);
+      check_backward(ctx, p, d, false, true, false, true);
+    }
   }
 }
 

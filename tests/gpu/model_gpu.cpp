@@ -507,6 +507,64 @@ TEST_F(ModelGpu, RepeatedStepsAreBitIdentical) {
   }
 }
 
+// zero_grad marks the gradients instead of clearing them (DeviceParam::grad_unset): the backward's producers write
+// them whole and clear what they only add to, and whatever is read afterwards holds no stale value. So: gradients
+// NaN-filled before zero_grad read back as zeros (download settles them); a step over NaN-filled gradients gives
+// the bits of a step over clean ones, in each precision (a producer that added to a stale gradient would leave
+// NaNs); and a second backward without zero_grad adds to the first (2x, to accumulation-order rounding: an
+// accumulating GEMM may be another cuBLASLt kernel than an overwriting one).
+TEST_F(ModelGpu, ZeroGradMarksGradientsAndNoStaleValueSurvivesAStep) {
+  const ModelConfig c = gpu_test::tile_gpu_config(128);
+  std::mt19937_64 rng(run_seed() + 59);
+  Model cpu(c);
+  init_cpu(cpu, run_seed() + 61);
+  const Tokens t = random_tokens(c.vocab_size, 2, 128, 0, rng);
+  GpuModel g(c);
+  g.upload(cpu.params());
+  Model holder(c);
+  const auto nan_fill_grads = [&] {
+    for (const gpu::DeviceParam& p : g.params())
+      CUDA_CHECK(cudaMemset(p.grad, 0xFF, static_cast<size_t>(p.numel) * sizeof(float)));  // 0xFFFFFFFF: NaN
+    CUDA_CHECK(cudaDeviceSynchronize());
+  };
+  nan_fill_grads();
+  g.zero_grad();
+  g.download(holder.params(), /*grads=*/true);
+  for (const auto& [name, p] : holder.params().all())
+    EXPECT_TRUE(std::all_of(p.grad.data<float>(), p.grad.data<float>() + p.grad.numel(), [](float v) { return v == 0.0f; }))
+        << name << ": not zero after zero_grad";
+
+  for (Precision p : {Precision::FP32, Precision::BF16, Precision::FP8}) {
+    const std::string pn(precision_name(p));
+    const ForwardOptions o = options(p);
+    const Step clean = gpu_step(g, holder, t, o);  // over the previous step's gradients
+    nan_fill_grads();
+    const Step over_nan = gpu_step(g, holder, t, o);
+    int differing = 0;
+    for (const auto& [name, ga] : clean.grads) {
+      const auto& gb = over_nan.grads.at(name);
+      const bool same = std::memcmp(ga.data(), gb.data(), ga.size() * sizeof(float)) == 0;
+      differing += !same;
+      EXPECT_TRUE(same) << pn << " " << name << ": a stale gradient value survived zero_grad";
+    }
+    // A second backward of the same batch without zero_grad: every gradient doubles.
+    g.forward(t.view(), o);
+    g.backward();
+    g.download(holder.params(), /*grads=*/true);
+    double worst = 0;
+    for (const auto& [name, hp] : holder.params().all()) {
+      const std::vector<float>& once = clean.grads.at(name);
+      std::vector<float> twice_ref(once.size());
+      for (size_t i = 0; i < once.size(); ++i) twice_ref[i] = 2.0f * once[i];
+      const double err = max_rel(hp.grad.data<float>(), twice_ref.data(), static_cast<int64_t>(once.size()));
+      worst = std::max(worst, std::isnan(err) ? INFINITY : err);
+      EXPECT_LT(err, 1e-5) << pn << " " << name << ": the second backward did not add to the first";
+    }
+    std::printf("  %-5s over NaN-filled gradients: %d of %zu tensors differ in any bit; second backward 2x to %.2e\n",
+                pn.c_str(), differing, clean.grads.size(), worst);
+  }
+}
+
 // Expert loads after the same forward equal the CPU's, the router-bias update moves the device bias exactly as the
 // CPU's, and the next forward routes with it. A forward without MTP leaves the MTP layer's load as it was, as on
 // the CPU.

@@ -22,6 +22,7 @@
 #include <limits>
 #include <random>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -479,6 +480,33 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     for (int64_t e = 0; e < E; ++e)
       for (int64_t r = aligned[e] + kCounts[e]; r < aligned[e + 1]; ++r)
         for (int64_t j = 0; j < H; ++j) ASSERT_EQ(yp[r * H + j], 0.0f) << "zero row " << r;
+
+    // overwrite_grads (gradients not yet written since zero_grad): their NaN-filled old contents are never read, the
+    // experts without rows (kCounts[1] = 0) get zeros and the others what accumulating onto zeros gives (the same
+    // products; an accumulating GEMM may be another cuBLASLt kernel: 1e-6).
+    {
+      const std::vector<float> zeros_i(g0.size(), 0.0f), zeros_d(d0.size(), 0.0f);
+      DeviceBuffer<float> o_gg(g0.size()), o_ug(g0.size()), o_dg(d0.size()), z_gg(zeros_i), z_ug(zeros_i),
+          z_dg(zeros_d), o_dxp(RA * H), z_dxp(RA * H);
+      for (DeviceBuffer<float>* b : {&o_gg, &o_ug, &o_dg}) b->poison();
+      cuda::MoeFp8Experts wo = w, wz = w;
+      wo.gate_grad = o_gg.get(), wo.up_grad = o_ug.get(), wo.down_grad = o_dg.get(), wo.overwrite_grads = true;
+      wz.gate_grad = z_gg.get(), wz.up_grad = z_ug.get(), wz.down_grad = z_dg.get();
+      for (const auto& [ww, dxp_out] : {std::pair{&wo, &o_dxp}, {&wz, &z_dxp}})
+        cuda::moe_fp8_experts_backward(ctx, *ww, d_dyp.get(), d_xp.get(), d_g, d_u, d_h.get(), aligned.data(),
+                                       d_aligned.get(), dxp_out->get());
+      CUDA_CHECK(cudaDeviceSynchronize());
+      for (const auto& [what, o, z, each] : {std::tuple{"gate grad", &o_gg, &z_gg, I * H},
+                                             {"up grad", &o_ug, &z_ug, I * H}, {"down grad", &o_dg, &z_dg, H * I}}) {
+        const std::vector<float> got = o->download(), want = z->download();
+        const double err = rel_l2(got, want);
+        EXPECT_LT(err, 1e-6) << what << " overwritten vs accumulated onto zeros";
+        EXPECT_TRUE(std::all_of(got.begin() + 1 * each, got.begin() + 2 * each, [](float v) { return v == 0.0f; }))
+            << what << " of the expert without rows";
+        std::printf("[ moe fp8  ] %s: %s overwritten (NaN-filled before) vs accumulated onto zeros: rel_l2 %.1e\n",
+                    form_name, what, err);
+      }
+    }
 
     // The gathered versions (input rows read from x through token_of inside the quantization kernels) give the same
     // bytes: x holds the real rows at shuffled token positions and garbage where no row points, zero rows have -1.
