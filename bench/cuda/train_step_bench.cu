@@ -25,6 +25,9 @@
 //       products (forward 2 · B · H · L² / 2 · (dqk + dv), backward the same with 3 dqk + 2 dv: S again, dP, dV,
 //       dQ, dK). bench/peers/torch_attention.py runs PyTorch's sdpa on the same shapes. Median of 20 passes
 //       after 5.
+// MOERL_GPU_TRACE=1: after the timed train_step and moe_layer runs, 3 more under a KernelTrace (CUPTI), whose
+// summary goes to stderr: the GPU's busy and idle time per step, the longest idle gaps, the kernels by total time
+// (bench/cuda/kernel_trace.hpp).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -40,6 +43,7 @@
 #include "runtime/error.hpp"
 
 #ifdef MOERL_HAVE_GPU_MODEL
+#include "bench/cuda/kernel_trace.hpp"
 #include "kernels/cuda/attention.hpp"
 #include "runtime/gpu/gpu_adamw.hpp"
 #include "runtime/gpu/gpu_data_parallel.hpp"
@@ -121,6 +125,17 @@ template <class F> std::vector<float> time_on_stream(cudaStream_t stream, int wa
   return ms;
 }
 
+// fn(0 .. steps - 1) under a KernelTrace (MOERL_GPU_TRACE=1), its summary on stderr headed by `label`; after the
+// timed runs, so that the trace's own cost (CUPTI's records) stays out of the figures reported.
+template <class F> void trace_if_requested(const std::string& label, int steps, F&& fn) {
+  if (!KernelTrace::requested()) return;
+  KernelTrace trace;
+  trace.start();
+  for (int i = 0; i < steps; ++i) fn(i);
+  trace.stop();
+  trace.report(stderr, label, steps);
+}
+
 double median(const std::vector<float>& sorted) {
   const size_t n = sorted.size();
   return n % 2 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
@@ -166,6 +181,8 @@ StepResult time_train_step(Precision precision) {
   CUDA_CHECK(cudaStreamSynchronize(model.stream()));
   model.reset_peak_memory();
   out.ms = time_on_stream(model.stream(), 0, kTimedSteps, [&](int i) { step(kWarmupSteps + i); });
+  trace_if_requested(std::string("train_step ") + std::string(precision_name(precision)), 3,
+                     [&](int i) { step(kWarmupSteps + kTimedSteps + i); });
   out.peak_bytes = static_cast<double>(model.peak_memory_bytes() + optimizer.device_bytes());
   out.optimizer_spans = optimizer.span_count();
   return out;
@@ -258,10 +275,12 @@ void bench_moe_layer(Report& report, const std::string& device) {
       for (Precision p : {Precision::FP8, Precision::BF16}) {
         cuda::LinearContext linear;
         const gpu::detail::Run run{stream, &linear, p, false};
-        const std::vector<float> ms = time_on_stream(stream, kWarmupSteps, kTimedSteps, [&](int) {
+        const auto layer = [&](int) {
           moe.forward(x, y, run, 0.0f, true);
           moe.backward(dy, dx, run);
-        });
+        };
+        const std::vector<float> ms = time_on_stream(stream, kWarmupSteps, kTimedSteps, layer);
+        trace_if_requested(std::string("moe_layer ") + std::string(precision_name(p)), 3, layer);
         std::vector<float> probe(4096);
         CUDA_CHECK(cudaMemcpy(probe.data(), dx, probe.size() * sizeof(float), cudaMemcpyDeviceToHost));
         require(std::all_of(probe.begin(), probe.end(), [](float v) { return std::isfinite(v); }) &&

@@ -1,0 +1,52 @@
+// The GPU's timeline between start() and stop(), through CUPTI's activity API: every kernel, memset and memcpy
+// with its device start and end, summarised as
+//   - the span (first start to last end), the time the GPU ran something (the union of all intervals, every
+//     stream) and the time it ran nothing: idle, i.e. waits for the host (launch overhead, synchronizations);
+//   - the longest idle gaps, each with the work before and after it;
+//   - the kernels by total time (calls, total, mean; concurrent kernels each count their own time).
+// For `moerl bench gpu` with MOERL_GPU_TRACE=1 (bench/cuda/train_step_bench.cu: the timed steps of train_step and
+// moe_layer). libcupti is loaded when a trace is made (dlopen of libcupti.so.13, or MOERL_CUPTI_LIB), so moerl
+// does not depend on it otherwise. One trace at a time per process.
+#pragma once
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+namespace moerl::bench {
+
+class KernelTrace {
+ public:
+  // Whether MOERL_GPU_TRACE=1 asks for traces.
+  static bool requested();
+
+  // Loads libcupti (throws moerl::Error naming the library tried if it cannot) and registers the buffers.
+  KernelTrace();
+  ~KernelTrace();
+  KernelTrace(const KernelTrace&) = delete;
+  KernelTrace& operator=(const KernelTrace&) = delete;
+
+  void start();
+  // Waits for the device, flushes CUPTI's buffers and stops recording.
+  void stop();
+  // The summary of the work recorded, headed by `label`; `steps` divides the totals (per step figures).
+  void report(std::FILE* out, const std::string& label, int steps, int top_kernels = 30, int top_gaps = 12) const;
+
+  struct Interval {
+    uint64_t start = 0, end = 0;  // ns, device clock
+    uint32_t stream = 0;
+    std::string name;  // demangled, shortened
+  };
+  const std::vector<Interval>& intervals() const { return intervals_; }
+
+ private:
+  std::vector<Interval> intervals_;
+};
+
+// The summary's figures for a set of intervals (sorted or not): span, busy (union) and idle, ns.
+struct TraceTotals {
+  uint64_t span = 0, busy = 0, idle = 0;
+};
+TraceTotals trace_totals(std::vector<KernelTrace::Interval> intervals);
+
+}  // namespace moerl::bench
