@@ -3,6 +3,7 @@
 #pragma once
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 
 namespace moerl {
 
@@ -13,6 +14,13 @@ struct Error : std::runtime_error {
 // Throws Error(message) when `ok` is false. For checks on input we do not control.
 inline void require(bool ok, const std::string& message) {
   if (!ok) throw Error(message);
+}
+
+// The same with the message made only on failure (make_message() returns it): for checks that run per element or
+// per kernel launch, where building the message every time costs more host time than the work checked.
+template <class MakeMessage, class = std::enable_if_t<std::is_invocable_r_v<std::string, MakeMessage&>>>
+inline void require(bool ok, MakeMessage&& make_message) {
+  if (!ok) throw Error(make_message());
 }
 
 }  // namespace moerl

@@ -77,7 +77,9 @@ std::string short_name(const char* mangled) {
   std::unique_ptr<char, void (*)(void*)> demangled(abi::__cxa_demangle(mangled, nullptr, nullptr, &status), std::free);
   std::string s = status == 0 && demangled ? demangled.get() : mangled;
   if (s.rfind("void ", 0) == 0) s.erase(0, 5);
-  // The parameter list: the last '(' at template depth 0.
+  for (const std::string prefix : {"moerl::", "(anonymous namespace)::"})
+    for (size_t at; (at = s.find(prefix)) != std::string::npos;) s.erase(at, prefix.size());
+  // The parameter list: the first '(' at template depth 0.
   int depth = 0;
   for (size_t i = 0; i < s.size(); ++i) {
     if (s[i] == '<') ++depth;
@@ -87,8 +89,6 @@ std::string short_name(const char* mangled) {
       break;
     }
   }
-  for (const std::string prefix : {"moerl::", "(anonymous namespace)::"})
-    for (size_t at; (at = s.find(prefix)) != std::string::npos;) s.erase(at, prefix.size());
   if (s.size() > 120) s = s.substr(0, 117) + "...";
   return s;
 }
@@ -214,6 +214,24 @@ void KernelTrace::report(std::FILE* out, const std::string& label, int steps, in
                label.c_str(), steps, t.span / per, t.busy / per, t.span ? 100.0 * t.busy / t.span : 0.0, t.idle / per,
                gaps.size(), static_cast<double>(count2) / std::max(steps, 1),
                static_cast<double>(count20) / std::max(steps, 1), v.size());
+  {
+    // Idle by gap size, and by the work that starts after the gap (the launches the GPU waited for).
+    uint64_t small = 0, mid = 0, large = 0;
+    std::map<std::string, std::pair<uint64_t, size_t>> by_next;
+    for (const Gap& g : gaps) {
+      (g.ns < 2000 ? small : g.ns < 20000 ? mid : large) += g.ns;
+      auto& [ns, n] = by_next[g.after];
+      ns += g.ns, ++n;
+    }
+    std::fprintf(out, "  idle in gaps < 2 us %.3f ms/step, 2-20 us %.3f, >= 20 us %.3f\n", small / per, mid / per,
+                 large / per);
+    std::vector<std::pair<std::string, std::pair<uint64_t, size_t>>> next(by_next.begin(), by_next.end());
+    std::sort(next.begin(), next.end(), [](const auto& a, const auto& b) { return a.second.first > b.second.first; });
+    std::fprintf(out, "  idle before (ms/step, gaps/step): the work that waited\n");
+    for (size_t i = 0; i < next.size() && i < static_cast<size_t>(top_gaps); ++i)
+      std::fprintf(out, "    %8.3f %7.1f  %s\n", next[i].second.first / per,
+                   static_cast<double>(next[i].second.second) / std::max(steps, 1), next[i].first.c_str());
+  }
   std::sort(gaps.begin(), gaps.end(), [](const Gap& a, const Gap& b) { return a.ns > b.ns; });
   std::fprintf(out, "  longest idle gaps (us): after -> before\n");
   for (size_t i = 0; i < gaps.size() && i < static_cast<size_t>(top_gaps); ++i)

@@ -135,12 +135,14 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(float* __restrict__ g, 
 }
 
 void check_n(const char* fn, int64_t n, bool pointers_set) {
-  require(n >= 0, std::string("cuda::") + fn + ": n must be >= 0, got " + std::to_string(n));
-  require(n == 0 || pointers_set, std::string("cuda::") + fn + ": null pointer argument");
+  require(n >= 0, [&] { return std::string("cuda::") + fn + ": n must be >= 0, got " + std::to_string(n); });
+  require(n == 0 || pointers_set, [&] { return std::string("cuda::") + fn + ": null pointer argument"; });
 }
 
 void check_scalar(bool ok, const char* name, double value, const char* expected) {
-  require(ok, std::string("cuda::adamw_step: ") + name + " = " + std::to_string(value) + ", expected " + expected);
+  require(ok, [&] {
+    return std::string("cuda::adamw_step: ") + name + " = " + std::to_string(value) + ", expected " + expected;
+  });
 }
 
 }  // namespace
@@ -181,7 +183,8 @@ void grad_norm_squared(const float* g, int64_t n, double* sum, cudaStream_t stre
   require(sum != nullptr, "cuda::grad_norm_squared: null sum");
   if (n == 0) return;
   const int64_t chunks = (n + kNormChunk - 1) / kNormChunk;
-  require(chunks <= INT32_MAX, "cuda::grad_norm_squared: " + std::to_string(n) + " elements exceed one launch");
+  require(chunks <= INT32_MAX,
+          [&] { return "cuda::grad_norm_squared: " + std::to_string(n) + " elements exceed one launch"; });
   ops_detail::StreamScratch scratch(sizeof(double) * static_cast<size_t>(chunks), stream);
   double* partial = scratch.at<double>();
   if (ops_detail::aligned(g, 16)) {

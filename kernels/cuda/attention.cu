@@ -51,24 +51,28 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 // Checks sizes, head dims and pointers; false when there is nothing to compute.
 bool check_args(const std::string& where, int64_t batch, int64_t seq, int64_t heads, int64_t dqk, int64_t dv,
                 float scale, std::initializer_list<const void*> tensors, const void* lse) {
-  require(batch >= 0 && seq >= 0 && heads >= 0,
-          where + ": batch, seq and heads must be >= 0, got batch " + std::to_string(batch) + ", seq " +
-              std::to_string(seq) + ", heads " + std::to_string(heads));
-  require(dispatch(dqk, dv, [](auto, auto) {}),
-          where + ": head dims dqk " + std::to_string(dqk) + ", dv " + std::to_string(dv) +
-              " not supported (dqk must be 24, 96 or 192 and dv 16, 64 or 128)");
-  require(std::isfinite(scale), where + ": scale must be finite, got " + std::to_string(scale));
+  require(batch >= 0 && seq >= 0 && heads >= 0, [&] {
+    return where + ": batch, seq and heads must be >= 0, got batch " + std::to_string(batch) + ", seq " +
+           std::to_string(seq) + ", heads " + std::to_string(heads);
+  });
+  require(dispatch(dqk, dv, [](auto, auto) {}), [&] {
+    return where + ": head dims dqk " + std::to_string(dqk) + ", dv " + std::to_string(dv) +
+           " not supported (dqk must be 24, 96 or 192 and dv 16, 64 or 128)";
+  });
+  require(std::isfinite(scale), [&] { return where + ": scale must be finite, got " + std::to_string(scale); });
   if (batch == 0 || seq == 0 || heads == 0) return false;
-  require(heads <= 65535 && batch <= 65535,
-          where + ": heads and batch must be <= 65535, got heads " + std::to_string(heads) + ", batch " +
-              std::to_string(batch));
-  require(seq <= int64_t{65535} * kTile,
-          where + ": seq must be <= " + std::to_string(65535 * kTile) + " (grid z), got " + std::to_string(seq));
+  require(heads <= 65535 && batch <= 65535, [&] {
+    return where + ": heads and batch must be <= 65535, got heads " + std::to_string(heads) + ", batch " +
+           std::to_string(batch);
+  });
+  require(seq <= int64_t{65535} * kTile, [&] {
+    return where + ": seq must be <= " + std::to_string(65535 * kTile) + " (grid z), got " + std::to_string(seq);
+  });
   for (const void* p : tensors) {
-    require(p != nullptr, where + ": null tensor pointer");
-    require(aligned16(p), where + ": tensor pointers must be 16-byte aligned (float4 rows)");
+    require(p != nullptr, [&] { return where + ": null tensor pointer"; });
+    require(aligned16(p), [&] { return where + ": tensor pointers must be 16-byte aligned (float4 rows)"; });
   }
-  require(lse != nullptr, where + ": null lse pointer");
+  require(lse != nullptr, [&] { return where + ": null lse pointer"; });
   return true;
 }
 
@@ -78,9 +82,10 @@ template <class Kernel> size_t prepare(Kernel* kernel, int floats, const std::st
   int device = 0, optin = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  require(bytes <= static_cast<size_t>(optin), where + ": needs " + std::to_string(bytes) +
-                                                   " bytes of shared memory per block, the device allows " +
-                                                   std::to_string(optin));
+  require(bytes <= static_cast<size_t>(optin), [&] {
+    return where + ": needs " + std::to_string(bytes) + " bytes of shared memory per block, the device allows " +
+           std::to_string(optin);
+  });
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   return bytes;
 }
@@ -108,7 +113,7 @@ void launch_backward(const float* dout, const float* q, const float* k, const fl
 
   const int64_t rows = batch * seq * heads, warps = kThreads / 32;
   const int64_t dot_blocks = (rows + warps - 1) / warps;
-  require(dot_blocks <= INT32_MAX, where + ": too many (token, head) rows for one launch");
+  require(dot_blocks <= INT32_MAX, [&] { return where + ": too many (token, head) rows for one launch"; });
   attention_dot_kernel<DV><<<static_cast<unsigned>(dot_blocks), kThreads, 0, stream>>>(dout, out, dq, rows, DQ);
   CUDA_CHECK_LAUNCH();
 

@@ -342,7 +342,7 @@ template <class F> bool dispatch_tc(int64_t dqk, int64_t dv, F&& f) {
 template <class F> void dispatch_warps(const char* name, int fallback, F&& f) {
   int warps = fallback;
   if (const char* e = std::getenv(name); e != nullptr && *e != '\0') warps = std::atoi(e);
-  require(warps == 4 || warps == 8, std::string("moerl::cuda attention: ") + name + " must be 4 or 8");
+  require(warps == 4 || warps == 8, [&] { return std::string("moerl::cuda attention: ") + name + " must be 4 or 8"; });
   if (warps == 8) f(Dim<8>{});
   else f(Dim<4>{});
 }
@@ -362,26 +362,31 @@ bool seq_order() {
   const char* e = std::getenv("MOERL_ATTN_TC_ORDER");
   if (e == nullptr || *e == '\0') return false;
   const std::string v(e);
-  require(v == "seq" || v == "tile", "moerl::cuda attention: MOERL_ATTN_TC_ORDER must be seq or tile, got " + v);
+  require(v == "seq" || v == "tile",
+          [&] { return "moerl::cuda attention: MOERL_ATTN_TC_ORDER must be seq or tile, got " + v; });
   return v == "seq";
 }
 
 // Checks the arguments common to all entry points; false when there is nothing to do.
 bool check_tc(const std::string& where, int64_t batch, int64_t seq, int64_t heads, int64_t dqk, int64_t dv,
               float scale, std::initializer_list<const void*> tensors, const void* lse) {
-  require(batch >= 0 && seq >= 0 && heads >= 0, where + ": batch, seq and heads must be >= 0");
-  require(attention_bf16_supported(dqk, dv), where + ": head dims dqk " + std::to_string(dqk) + ", dv " +
-                                                 std::to_string(dv) + " not supported (24/16 or 96/64)");
-  require(std::isfinite(scale), where + ": scale must be finite");
+  require(batch >= 0 && seq >= 0 && heads >= 0, [&] { return where + ": batch, seq and heads must be >= 0"; });
+  require(attention_bf16_supported(dqk, dv), [&] {
+    return where + ": head dims dqk " + std::to_string(dqk) + ", dv " + std::to_string(dv) +
+           " not supported (24/16 or 96/64)";
+  });
+  require(std::isfinite(scale), [&] { return where + ": scale must be finite"; });
   if (batch == 0 || seq == 0 || heads == 0) return false;
   require(heads <= 65535 && batch <= 65535 && seq <= int64_t{65535} * kCols,
-          where + ": heads, batch must be <= 65535 and seq <= 65535·64");
-  require(batch * heads * (seq + kSeqPad) * 16 / 256 <= INT32_MAX, where + ": too many (token, head) rows");
+          [&] { return where + ": heads, batch must be <= 65535 and seq <= 65535·64"; });
+  require(batch * heads * (seq + kSeqPad) * 16 / 256 <= INT32_MAX,
+          [&] { return where + ": too many (token, head) rows"; });
   for (const void* p : tensors) {
-    require(p != nullptr, where + ": null tensor pointer");
-    require(reinterpret_cast<uintptr_t>(p) % 16 == 0, where + ": tensor pointers must be 16-byte aligned");
+    require(p != nullptr, [&] { return where + ": null tensor pointer"; });
+    require(reinterpret_cast<uintptr_t>(p) % 16 == 0,
+            [&] { return where + ": tensor pointers must be 16-byte aligned"; });
   }
-  require(lse != nullptr, where + ": null lse pointer");
+  require(lse != nullptr, [&] { return where + ": null lse pointer"; });
   return true;
 }
 

@@ -158,12 +158,14 @@ PackedLayout::PackedLayout(int64_t batch, int64_t seq, int64_t heads, int64_t dq
 
 void check_pack_src(const char* where, const PackSrc& src, int64_t d) {
   const std::string w(where);
-  require(src.a != nullptr && aligned16(src.a), w + ": null or misaligned (16 bytes) source");
-  require(src.d1 % 8 == 0 && src.d1 > 0 && src.d1 <= d, w + ": the first source's columns must be a multiple of 8");
-  require(src.a_tok % 4 == 0 && src.a_head % 4 == 0, w + ": source row strides must be multiples of 4 floats");
+  require(src.a != nullptr && aligned16(src.a), [&] { return w + ": null or misaligned (16 bytes) source"; });
+  require(src.d1 % 8 == 0 && src.d1 > 0 && src.d1 <= d,
+          [&] { return w + ": the first source's columns must be a multiple of 8"; });
+  require(src.a_tok % 4 == 0 && src.a_head % 4 == 0,
+          [&] { return w + ": source row strides must be multiples of 4 floats"; });
   if (src.d1 < d) {
-    require(src.b != nullptr && aligned16(src.b), w + ": null or misaligned (16 bytes) second source");
-    require(src.b_tok % 4 == 0, w + ": second source row stride must be a multiple of 4 floats");
+    require(src.b != nullptr && aligned16(src.b), [&] { return w + ": null or misaligned (16 bytes) second source"; });
+    require(src.b_tok % 4 == 0, [&] { return w + ": second source row stride must be a multiple of 4 floats"; });
   }
 }
 
@@ -195,15 +197,15 @@ int forward_wgmma_warpgroups(int64_t dqk, int64_t dv) {
   };
   const std::string kernel = env("MOERL_ATTN_TC_FWD_KERNEL"), wg = env("MOERL_ATTN_TC_FWD_WG");
   require(kernel.empty() || kernel == "mma" || kernel == "wgmma",
-          "moerl::cuda attention: MOERL_ATTN_TC_FWD_KERNEL must be mma or wgmma, got " + kernel);
+          [&] { return "moerl::cuda attention: MOERL_ATTN_TC_FWD_KERNEL must be mma or wgmma, got " + kernel; });
   require(wg.empty() || wg == "1" || wg == "2",
-          "moerl::cuda attention: MOERL_ATTN_TC_FWD_WG must be 1 or 2, got " + wg);
+          [&] { return "moerl::cuda attention: MOERL_ATTN_TC_FWD_WG must be 1 or 2, got " + wg; });
   if (kernel == "mma" || dqk != 96 || dv != 64) return 0;
   return wg == "1" ? 1 : 2;
 }
 
 void transpose_packed(const bf16* src, bf16* dst, int64_t dp, int64_t batch_heads, int64_t spad, cudaStream_t stream) {
-  require(dp == 96, "moerl::cuda attention: no transpose kernel for head dim " + std::to_string(dp));
+  require(dp == 96, [&] { return "moerl::cuda attention: no transpose kernel for head dim " + std::to_string(dp); });
   const dim3 grid(static_cast<unsigned>(spad / 64), static_cast<unsigned>(batch_heads));
   attention_transpose_kernel<96><<<grid, kPackThreads, 0, stream>>>(src, dst, static_cast<int>(spad));
   CUDA_CHECK_LAUNCH();
@@ -216,9 +218,9 @@ int backward_wgmma_dq_warpgroups(int64_t dqk, int64_t dv) {
   };
   const std::string kernel = env("MOERL_ATTN_TC_BWD_KERNEL"), wg = env("MOERL_ATTN_TC_BWD_DQ_WG");
   require(kernel.empty() || kernel == "mma" || kernel == "wgmma",
-          "moerl::cuda attention: MOERL_ATTN_TC_BWD_KERNEL must be mma or wgmma, got " + kernel);
+          [&] { return "moerl::cuda attention: MOERL_ATTN_TC_BWD_KERNEL must be mma or wgmma, got " + kernel; });
   require(wg.empty() || wg == "1" || wg == "2",
-          "moerl::cuda attention: MOERL_ATTN_TC_BWD_DQ_WG must be 1 or 2, got " + wg);
+          [&] { return "moerl::cuda attention: MOERL_ATTN_TC_BWD_DQ_WG must be 1 or 2, got " + wg; });
   if (kernel != "wgmma" || dqk != 96 || dv != 64) return 0;
   return wg == "2" ? 2 : 1;
 }
@@ -250,10 +252,11 @@ void attention_pack_mla_bf16(const float* q, const float* kv, const float* ckv, 
                              cudaStream_t stream) {
   const char* where = "moerl::cuda::attention_pack_mla_bf16";
   const int64_t dqk = dn + dr;
-  require(attention_bf16_supported(dqk, dv), std::string(where) + ": head dims not supported");
-  require(batch >= 0 && seq >= 0 && heads >= 0 && kv_lora >= 0, std::string(where) + ": negative size");
+  require(attention_bf16_supported(dqk, dv), [&] { return std::string(where) + ": head dims not supported"; });
+  require(batch >= 0 && seq >= 0 && heads >= 0 && kv_lora >= 0, [&] { return std::string(where) + ": negative size"; });
   if (batch == 0 || seq == 0 || heads == 0) return;
-  require(packed != nullptr && aligned16(packed), std::string(where) + ": null or misaligned packed buffer");
+  require(packed != nullptr && aligned16(packed),
+          [&] { return std::string(where) + ": null or misaligned packed buffer"; });
   const PackedLayout pl(batch, seq, heads, dqk, dv);
   const PackSrc qs{q, heads * dqk, dqk, static_cast<int>(dqk), nullptr, 0};
   // k = [k_nope (first dn columns of a head's kv row) | k_rope (last dr columns of the token's ckv row)].

@@ -171,14 +171,17 @@ __global__ void __launch_bounds__(kSumThreads)
 double cross_entropy_with(const char* fn, const float* logits, const int64_t* labels, int64_t rows, int64_t vocab,
                           float grad_scale, float* dlogits, uint16_t* dlogits16, int64_t ld16, int64_t* counted,
                           cudaStream_t stream) {
-  require(rows >= 0 && vocab > 0, std::string("cuda::") + fn + ": rows must be >= 0 and vocab > 0, got " +
-                                       std::to_string(rows) + " x " + std::to_string(vocab));
-  require(rows <= INT32_MAX, std::string("cuda::") + fn + ": " + std::to_string(rows) + " rows exceed one launch");
+  require(rows >= 0 && vocab > 0, [&] {
+    return std::string("cuda::") + fn + ": rows must be >= 0 and vocab > 0, got " + std::to_string(rows) + " x " +
+           std::to_string(vocab);
+  });
+  require(rows <= INT32_MAX,
+          [&] { return std::string("cuda::") + fn + ": " + std::to_string(rows) + " rows exceed one launch"; });
   if (rows == 0) {
     if (counted) *counted = 0;
     return 0.0;
   }
-  require(logits && labels, std::string("cuda::") + fn + ": null logits or labels");
+  require(logits && labels, [&] { return std::string("cuda::") + fn + ": null logits or labels"; });
 
   const size_t loss_bytes = ops_detail::align256(sizeof(double) * rows);
   ops_detail::StreamScratch scratch(loss_bytes + sizeof(Totals), stream);
@@ -233,13 +236,17 @@ bool cross_entropy_bf16_grad_supported(const float* logits, int64_t vocab, const
 double cross_entropy_bf16_grad(const float* logits, const int64_t* labels, int64_t rows, int64_t vocab,
                                float grad_scale, uint16_t* dlogits16, int64_t ld16, int64_t* counted,
                                cudaStream_t stream) {
-  require(dlogits16 != nullptr && cross_entropy_bf16_grad_supported(logits, vocab, dlogits16, ld16),
-          "cuda::cross_entropy_bf16_grad: needs vocab a multiple of 4, a row stride ld16 >= vocab and a multiple of "
-          "4, 16-byte aligned logits and dlogits16, got vocab " + std::to_string(vocab) + ", ld16 " +
-              std::to_string(ld16));
+  require(dlogits16 != nullptr && cross_entropy_bf16_grad_supported(logits, vocab, dlogits16, ld16), [&] {
+    return "cuda::cross_entropy_bf16_grad: needs vocab a multiple of 4, a row stride ld16 >= vocab and a multiple of "
+           "4, 16-byte aligned logits and dlogits16, got vocab " +
+           std::to_string(vocab) + ", ld16 " + std::to_string(ld16);
+  });
   const bool in_place = static_cast<const void*>(dlogits16) == static_cast<const void*>(logits);
-  require(!in_place || ld16 == 2 * vocab, "cuda::cross_entropy_bf16_grad: in place needs ld16 = 2 vocab (each row's "
-                                          "gradient over its own logits), got " + std::to_string(ld16));
+  require(!in_place || ld16 == 2 * vocab, [&] {
+    return "cuda::cross_entropy_bf16_grad: in place needs ld16 = 2 vocab (each row's "
+           "gradient over its own logits), got " +
+           std::to_string(ld16);
+  });
   return cross_entropy_with("cross_entropy_bf16_grad", logits, labels, rows, vocab, grad_scale, nullptr, dlogits16,
                             ld16, counted, stream);
 }

@@ -113,7 +113,8 @@ void require_device_memory(const void* p, const std::string& what) {
   } else {
     CUDA_CHECK(e);
   }
-  require(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged, what + " is not device memory");
+  require(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged,
+          [&] { return what + " is not device memory"; });
 }
 
 struct LtMatmul::Impl {
@@ -170,8 +171,9 @@ Plan LtMatmul::Impl::make_plan(const PlanKey& k) const {
       if (chosen < 0 || usable <= forced) chosen = i;
       ++usable;
     }
-    require(st == CUBLAS_STATUS_SUCCESS && chosen >= 0, owner + ": cuBLASLt has no algorithm (" +
-                                                            cublasLtGetStatusName(st) + ") for " + problem_name(k));
+    require(st == CUBLAS_STATUS_SUCCESS && chosen >= 0, [&] {
+      return owner + ": cuBLASLt has no algorithm (" + cublasLtGetStatusName(st) + ") for " + problem_name(k);
+    });
     if (std::getenv("MOERL_LT_ALGOS") != nullptr)
       cuda_detail::print_lt_candidates("lt", problem_name(k), results, found, chosen);
     p.algo = results[chosen].algo;
@@ -190,7 +192,7 @@ LtMatmul::LtMatmul(std::string owner, size_t workspace_bytes, size_t max_plans, 
   Impl& m = *impl_;
   m.owner = std::move(owner);
   require(max_alignment > 0 && (max_alignment & (max_alignment - 1)) == 0,
-          m.owner + ": max_alignment must be a power of two, got " + std::to_string(max_alignment));
+          [&] { return m.owner + ": max_alignment must be a power of two, got " + std::to_string(max_alignment); });
   m.max_plans = max_plans > 0 ? max_plans : 1;
   m.max_alignment = max_alignment;
   CUDA_CHECK(cudaGetDevice(&m.device));
@@ -212,27 +214,32 @@ void LtMatmul::gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                     int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc, cudaStream_t stream) {
   Impl& m = *impl_;
   const std::string& who = m.owner;
-  require(M >= 0 && N >= 0 && K >= 0, who + ": GEMM sizes must be >= 0, got M=" + std::to_string(M) +
-                                          ", N=" + std::to_string(N) + ", K=" + std::to_string(K));
-  require(beta == 0.0f || beta == 1.0f, who + ": beta must be 0 or 1, got " + std::to_string(beta));
+  require(M >= 0 && N >= 0 && K >= 0, [&] {
+    return who + ": GEMM sizes must be >= 0, got M=" + std::to_string(M) + ", N=" + std::to_string(N) +
+           ", K=" + std::to_string(K);
+  });
+  require(beta == 0.0f || beta == 1.0f, [&] { return who + ": beta must be 0 or 1, got " + std::to_string(beta); });
   if (M == 0 || N == 0) return;
   const int64_t a_cols = trans_a ? M : K, b_cols = trans_b ? K : N;
-  require(lda >= std::max<int64_t>(a_cols, 1) && ldb >= std::max<int64_t>(b_cols, 1) && ldc >= N,
-          who + ": leading dimensions too small: lda " + std::to_string(lda) + " (needs " + std::to_string(a_cols) +
-              "), ldb " + std::to_string(ldb) + " (needs " + std::to_string(b_cols) + "), ldc " +
-              std::to_string(ldc) + " (needs " + std::to_string(N) + ")");
-  require(C != nullptr, who + ": null output pointer");
+  require(lda >= std::max<int64_t>(a_cols, 1) && ldb >= std::max<int64_t>(b_cols, 1) && ldc >= N, [&] {
+    return who + ": leading dimensions too small: lda " + std::to_string(lda) + " (needs " + std::to_string(a_cols) +
+           "), ldb " + std::to_string(ldb) + " (needs " + std::to_string(b_cols) + "), ldc " + std::to_string(ldc) +
+           " (needs " + std::to_string(N) + ")";
+  });
+  require(C != nullptr, [&] { return who + ": null output pointer"; });
   int device = -1;
   CUDA_CHECK(cudaGetDevice(&device));
-  require(device == m.device, who + ": the cuBLASLt context belongs to device " + std::to_string(m.device) +
-                                  " but device " + std::to_string(device) + " is current");
+  require(device == m.device, [&] {
+    return who + ": the cuBLASLt context belongs to device " + std::to_string(m.device) + " but device " +
+           std::to_string(device) + " is current";
+  });
   if (K == 0) {  // an empty sum: cuBLASLt is not asked
     if (beta == 0.0f)
       CUDA_CHECK(cudaMemset2DAsync(C, static_cast<size_t>(ldc) * sizeof(float), 0,
                                    static_cast<size_t>(N) * sizeof(float), static_cast<size_t>(M), stream));
     return;
   }
-  require(A != nullptr && B != nullptr, who + ": null input pointer");
+  require(A != nullptr && B != nullptr, [&] { return who + ": null input pointer"; });
 
   const std::lock_guard lock(m.mutex);
   // The bucket's plan first (exact = false), then, should cuBLASLt refuse its algorithm at this M, the exact M's.
@@ -276,8 +283,8 @@ void LtMatmul::gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
                    problem_name(actual).c_str(), made ? "made" : "cached", plan_us, us_since(t_run));
     if (st != CUBLAS_STATUS_NOT_SUPPORTED && st != CUBLAS_STATUS_INVALID_VALUE) break;
   }
-  require(st != CUBLAS_STATUS_NOT_SUPPORTED, who + ": cuBLASLt refused " + problem_name(actual) +
-                                                 " (CUBLAS_STATUS_NOT_SUPPORTED)");
+  require(st != CUBLAS_STATUS_NOT_SUPPORTED,
+          [&] { return who + ": cuBLASLt refused " + problem_name(actual) + " (CUBLAS_STATUS_NOT_SUPPORTED)"; });
   CUBLAS_CHECK(st);
 }
 

@@ -73,10 +73,11 @@ int threads_for(int64_t groups) {
 
 void check_args(const char* fn, int64_t rows, int64_t dim, bool pointers_set) {
   const std::string where = std::string("cuda::") + fn + ": ";
-  require(rows >= 0 && dim >= 0,
-          where + "rows and dim must be >= 0, got " + std::to_string(rows) + " x " + std::to_string(dim));
-  require(rows <= INT32_MAX, where + std::to_string(rows) + " rows exceed one launch");
-  require(rows == 0 || dim == 0 || pointers_set, where + "null pointer argument");
+  require(rows >= 0 && dim >= 0, [&] {
+    return where + "rows and dim must be >= 0, got " + std::to_string(rows) + " x " + std::to_string(dim);
+  });
+  require(rows <= INT32_MAX, [&] { return where + std::to_string(rows) + " rows exceed one launch"; });
+  require(rows == 0 || dim == 0 || pointers_set, [&] { return where + "null pointer argument"; });
 }
 
 }  // namespace

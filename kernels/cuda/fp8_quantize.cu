@@ -294,10 +294,12 @@ bool aligned(const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p)
 
 void check_args(const char* fn, const float* x, int64_t rows, int64_t cols, const uint8_t* codes, const float* scales) {
   const std::string where = std::string("fp8::cuda::") + fn + ": ";
-  require(rows >= 0 && cols >= 0,
-          where + "rows and cols must be >= 0, got " + std::to_string(rows) + " x " + std::to_string(cols));
+  require(rows >= 0 && cols >= 0, [&] {
+    return where + "rows and cols must be >= 0, got " + std::to_string(rows) + " x " + std::to_string(cols);
+  });
   if (rows == 0 || cols == 0) return;
-  require(x != nullptr && codes != nullptr && scales != nullptr, where + "null input, codes or scales pointer");
+  require(x != nullptr && codes != nullptr && scales != nullptr,
+          [&] { return where + "null input, codes or scales pointer"; });
 }
 
 int64_t blocks_for(int64_t items, int64_t per_block) { return (items + per_block - 1) / per_block; }
@@ -312,7 +314,8 @@ bool tile_kernel_fits(const float* x, int64_t rows, int64_t cols, const uint8_t*
 void launch_transposed_cols(const char* fn, const float* x, int64_t rows, int64_t cols, const int64_t* bounds,
                             int64_t n_groups, uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
   const int64_t chunks = blocks_for(cols, kTC);
-  require(tiles(rows) <= 65535 && chunks <= INT32_MAX, std::string("fp8::cuda::") + fn + ": matrix too large");
+  require(tiles(rows) <= 65535 && chunks <= INT32_MAX,
+          [&] { return std::string("fp8::cuda::") + fn + ": matrix too large"; });
   const dim3 grid(static_cast<unsigned>(chunks), static_cast<unsigned>(tiles(rows)));
   const bool vec_x = cols % 4 == 0 && aligned(x, 16);
   const bool vec = rows % 4 == 0 && aligned(codes_t, 4);  // grouped: every group's row count is a multiple of 128
@@ -373,16 +376,22 @@ void quantize_128x128_placed(const float* w, int64_t batch, int64_t rows, int64_
   const int64_t stride = at.stride != 0 ? at.stride : rows * cols, t_ld = at.t_ld != 0 ? at.t_ld : rows;
   const int64_t t_stride = at.t_stride != 0 ? at.t_stride : rows * cols;
   require(stride >= rows * cols && (codes_t == nullptr || (t_ld >= rows && t_ld % 16 == 0 && t_stride >= cols * t_ld)),
-          "fp8::cuda::quantize_128x128_placed: strides smaller than a matrix, or t_ld not a multiple of 16 (stride " +
-              std::to_string(stride) + ", t_ld " + std::to_string(t_ld) + ", t_stride " + std::to_string(t_stride) +
-              " for " + std::to_string(rows) + " x " + std::to_string(cols) + ")");
-  require(batch >= 0 && batch <= 65535, "fp8::cuda::quantize_128x128_batched: batch must be 0 .. 65535, got " +
-                                            std::to_string(batch));
+          [&] {
+            return "fp8::cuda::quantize_128x128_placed: strides smaller than a matrix, or t_ld not a multiple of 16 "
+                   "(stride " +
+                   std::to_string(stride) + ", t_ld " + std::to_string(t_ld) + ", t_stride " +
+                   std::to_string(t_stride) + " for " + std::to_string(rows) + " x " + std::to_string(cols) + ")";
+          });
+  require(batch >= 0 && batch <= 65535, [&] {
+    return "fp8::cuda::quantize_128x128_batched: batch must be 0 .. 65535, got " + std::to_string(batch);
+  });
   if (rows == 0 || cols == 0 || batch == 0) return;
   require(tiles(rows) <= 65535 && tiles(cols) <= INT32_MAX, "fp8::cuda::quantize_128x128: matrix too large");
-  require(codes_t == nullptr || (rows % 16 == 0 && aligned(codes_t, 16)),
-          "fp8::cuda::quantize_128x128_with_transpose: codes_t needs rows a multiple of 16 and 16-byte alignment, got "
-          "rows " + std::to_string(rows));
+  require(codes_t == nullptr || (rows % 16 == 0 && aligned(codes_t, 16)), [&] {
+    return "fp8::cuda::quantize_128x128_with_transpose: codes_t needs rows a multiple of 16 and 16-byte alignment, got "
+           "rows " +
+           std::to_string(rows);
+  });
   const dim3 grid(static_cast<unsigned>(tiles(cols)), static_cast<unsigned>(tiles(rows)), static_cast<unsigned>(batch));
   const bool vec = cols % 4 == 0 && aligned(w, 16) && aligned(codes, 4);
   const bool full = vec && rows % kTile == 0 && cols % kTile == 0;
@@ -410,9 +419,10 @@ void quantize_1x128_transposed_grouped_with(TransposedKernel kernel, const float
                                             const int64_t* bounds, int64_t n_groups, uint8_t* codes_t,
                                             float* scales_t, cudaStream_t stream) {
   check_args("quantize_1x128_transposed_grouped", x, rows, cols, codes_t, scales_t);
-  require(rows % kTile == 0 && n_groups > 0,
-          "fp8::cuda::quantize_1x128_transposed_grouped: rows must be a multiple of 128 and n_groups > 0, got rows " +
-              std::to_string(rows) + ", n_groups " + std::to_string(n_groups));
+  require(rows % kTile == 0 && n_groups > 0, [&] {
+    return "fp8::cuda::quantize_1x128_transposed_grouped: rows must be a multiple of 128 and n_groups > 0, got rows " +
+           std::to_string(rows) + ", n_groups " + std::to_string(n_groups);
+  });
   if (rows == 0 || cols == 0) return;
   require(bounds != nullptr, "fp8::cuda::quantize_1x128_transposed_grouped: null bounds");
   launch_transposed(kernel, "quantize_1x128_transposed_grouped", x, rows, cols, bounds, n_groups, codes_t, scales_t,

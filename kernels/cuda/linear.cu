@@ -28,8 +28,8 @@ std::string shape(int64_t M, int64_t N, int64_t K) {
 }
 
 void check_common(const std::string& fn, Precision p, int64_t M, int64_t N, int64_t K) {
-  require(known(p), fn + ": unknown precision " + std::to_string(static_cast<int>(p)));
-  require(M >= 0 && N >= 0 && K >= 0, fn + ": sizes must be >= 0, got " + shape(M, N, K));
+  require(known(p), [&] { return fn + ": unknown precision " + std::to_string(static_cast<int>(p)); });
+  require(M >= 0 && N >= 0 && K >= 0, [&] { return fn + ": sizes must be >= 0, got " + shape(M, N, K); });
 }
 
 size_t bytes16(int64_t n) { return static_cast<size_t>(n) * sizeof(uint16_t); }
@@ -41,8 +41,10 @@ LinearContext::Impl::Impl() : lt("cuda::linear") { CUDA_CHECK(cudaGetDevice(&dev
 void LinearContext::Impl::check_device(const char* fn) const {
   int current = -1;
   CUDA_CHECK(cudaGetDevice(&current));
-  require(current == device, std::string(fn) + ": the LinearContext belongs to device " + std::to_string(device) +
-                                 " but device " + std::to_string(current) + " is current");
+  require(current == device, [&] {
+    return std::string(fn) + ": the LinearContext belongs to device " + std::to_string(device) + " but device " +
+           std::to_string(current) + " is current";
+  });
 }
 
 PreparedWeight& LinearContext::Impl::entry(const float* w, int64_t N, int64_t K, Precision p, size_t bytes,
@@ -85,33 +87,41 @@ void LinearContext::forget_weights() {
 }
 
 const uint16_t* prepared_bf16_weight(LinearContext& ctx, const float* w, int64_t N, int64_t K, cudaStream_t stream) {
-  require(N > 0 && K > 0 && w != nullptr, "cuda::prepared_bf16_weight: needs N, K > 0 and a weight, got N=" +
-                                              std::to_string(N) + ", K=" + std::to_string(K));
+  require(N > 0 && K > 0 && w != nullptr, [&] {
+    return "cuda::prepared_bf16_weight: needs N, K > 0 and a weight, got N=" + std::to_string(N) +
+           ", K=" + std::to_string(K);
+  });
   ctx.impl().check_device("cuda::prepared_bf16_weight");
   return ctx.impl().bf16_weight(w, N, K, stream);
 }
 
 PreparedFp8Weight prepared_fp8_weight(LinearContext& ctx, const float* w, int64_t N, int64_t K, cudaStream_t stream) {
-  require(N > 0 && K > 0 && w != nullptr, "cuda::prepared_fp8_weight: needs N, K > 0 and a weight, got N=" +
-                                              std::to_string(N) + ", K=" + std::to_string(K));
+  require(N > 0 && K > 0 && w != nullptr, [&] {
+    return "cuda::prepared_fp8_weight: needs N, K > 0 and a weight, got N=" + std::to_string(N) +
+           ", K=" + std::to_string(K);
+  });
   ctx.impl().check_device("cuda::prepared_fp8_weight");
   return linear_detail::fp8_weight(ctx.impl(), w, N, K, stream);
 }
 
 PreparedFp8Stack prepared_fp8_stacked_weight(LinearContext& ctx, const float* w, int64_t experts, int64_t N,
                                              int64_t K, cudaStream_t stream) {
-  require(experts > 0 && experts <= 65535 && N >= 128 && K >= 128 && N % 16 == 0 && K % 16 == 0 && w != nullptr,
-          "cuda::prepared_fp8_stacked_weight: needs 1 .. 65535 experts, N and K multiples of 16 and >= 128 and a "
-          "weight, got experts=" + std::to_string(experts) + ", N=" + std::to_string(N) + ", K=" + std::to_string(K));
+  require(experts > 0 && experts <= 65535 && N >= 128 && K >= 128 && N % 16 == 0 && K % 16 == 0 && w != nullptr, [&] {
+    return "cuda::prepared_fp8_stacked_weight: needs 1 .. 65535 experts, N and K multiples of 16 and >= 128 and a "
+           "weight, got experts=" +
+           std::to_string(experts) + ", N=" + std::to_string(N) + ", K=" + std::to_string(K);
+  });
   ctx.impl().check_device("cuda::prepared_fp8_stacked_weight");
   return linear_detail::fp8_stacked_weight(ctx.impl(), w, experts, N, K, stream);
 }
 
 PreparedFp8GateUp prepared_fp8_stacked_gate_up(LinearContext& ctx, const float* gate, const float* up,
                                                int64_t experts, int64_t I, int64_t H, cudaStream_t stream) {
-  require(experts > 0 && experts <= 65535 && I >= 128 && H >= 128 && I % 16 == 0 && H % 16 == 0 && gate && up,
-          "cuda::prepared_fp8_stacked_gate_up: needs 1 .. 65535 experts, I and H multiples of 16 and >= 128 and both "
-          "weights, got experts=" + std::to_string(experts) + ", I=" + std::to_string(I) + ", H=" + std::to_string(H));
+  require(experts > 0 && experts <= 65535 && I >= 128 && H >= 128 && I % 16 == 0 && H % 16 == 0 && gate && up, [&] {
+    return "cuda::prepared_fp8_stacked_gate_up: needs 1 .. 65535 experts, I and H multiples of 16 and >= 128 and both "
+           "weights, got experts=" +
+           std::to_string(experts) + ", I=" + std::to_string(I) + ", H=" + std::to_string(H);
+  });
   ctx.impl().check_device("cuda::prepared_fp8_stacked_gate_up");
   return linear_detail::fp8_stacked_gate_up(ctx.impl(), gate, up, experts, I, H, stream);
 }
@@ -121,14 +131,14 @@ void linear_forward(LinearContext& ctx, Precision p, const float* x, const float
   const std::string fn = "cuda::linear_forward";
   check_common(fn, p, M, N, K);
   if (M == 0 || N == 0) return;
-  require(y != nullptr, fn + ": null y (" + shape(M, N, K) + ")");
+  require(y != nullptr, [&] { return fn + ": null y (" + shape(M, N, K) + ")"; });
   LinearContext::Impl& c = ctx.impl();
   c.check_device(fn.c_str());
   if (K == 0) {  // an empty sum, as cpu::sgemm gives with beta = 0
     CUDA_CHECK(cudaMemsetAsync(y, 0, static_cast<size_t>(M * N) * sizeof(float), stream));
     return;
   }
-  require(x != nullptr && w != nullptr, fn + ": null x or w (" + shape(M, N, K) + ")");
+  require(x != nullptr && w != nullptr, [&] { return fn + ": null x or w (" + shape(M, N, K) + ")"; });
   switch (p) {
     case Precision::FP32:
       c.lt.gemm(false, true, M, N, K, LtInput::FP32, x, K, w, K, 0.0f, y, N, stream);
@@ -179,14 +189,15 @@ void linear_backward_bf16_dy(LinearContext& ctx, const uint16_t* dy16, int64_t l
                              bool accumulate_dx, bool overwrite_dw) {
   const std::string fn = "cuda::linear_backward_bf16_dy";
   check_common(fn, Precision::BF16, M, N, K);
-  require(ld_dy >= N, fn + ": dy's row stride " + std::to_string(ld_dy) + " is below N (" + shape(M, N, K) + ")");
+  require(ld_dy >= N,
+          [&] { return fn + ": dy's row stride " + std::to_string(ld_dy) + " is below N (" + shape(M, N, K) + ")"; });
   const bool want_dx = dx != nullptr && M > 0 && K > 0, want_dw = dw != nullptr && M > 0 && N > 0 && K > 0;
   if (overwrite_dw && dw != nullptr && !want_dw) zero_dw(dw, N, K, stream);
   if (!want_dx && !want_dw) return;
-  require(N > 0, fn + ": needs N > 0 (" + shape(M, N, K) + ")");
-  require(dy16 != nullptr, fn + ": null dy (" + shape(M, N, K) + ")");
-  require(!want_dx || w != nullptr, fn + ": null w with dx requested (" + shape(M, N, K) + ")");
-  require(!want_dw || x != nullptr, fn + ": null x with dw requested (" + shape(M, N, K) + ")");
+  require(N > 0, [&] { return fn + ": needs N > 0 (" + shape(M, N, K) + ")"; });
+  require(dy16 != nullptr, [&] { return fn + ": null dy (" + shape(M, N, K) + ")"; });
+  require(!want_dx || w != nullptr, [&] { return fn + ": null w with dx requested (" + shape(M, N, K) + ")"; });
+  require(!want_dw || x != nullptr, [&] { return fn + ": null x with dw requested (" + shape(M, N, K) + ")"; });
   LinearContext::Impl& c = ctx.impl();
   c.check_device(fn.c_str());
   bf16_backward(c, dy16, ld_dy, x, w, want_dx ? dx : nullptr, want_dw ? dw : nullptr, M, N, K,
@@ -210,9 +221,9 @@ void linear_backward(LinearContext& ctx, Precision p, const float* dy, const flo
     want_dx = false;
     if (!want_dw) return;
   }
-  require(dy != nullptr, fn + ": null dy (" + shape(M, N, K) + ")");
-  require(!want_dx || w != nullptr, fn + ": null w with dx requested (" + shape(M, N, K) + ")");
-  require(!want_dw || x != nullptr, fn + ": null x with dw requested (" + shape(M, N, K) + ")");
+  require(dy != nullptr, [&] { return fn + ": null dy (" + shape(M, N, K) + ")"; });
+  require(!want_dx || w != nullptr, [&] { return fn + ": null w with dx requested (" + shape(M, N, K) + ")"; });
+  require(!want_dw || x != nullptr, [&] { return fn + ": null x with dw requested (" + shape(M, N, K) + ")"; });
   const float beta_dx = accumulate_dx ? 1.0f : 0.0f, beta_dw = overwrite_dw ? 0.0f : 1.0f;
   switch (p) {
     case Precision::FP32:

@@ -62,7 +62,7 @@ unsigned blocks_for(int64_t items) {
 }  // namespace
 
 void to_bf16(const float* x, int64_t n, uint16_t* y, cudaStream_t stream) {
-  require(n >= 0, "cuda::to_bf16: n must be >= 0, got " + std::to_string(n));
+  require(n >= 0, [&] { return "cuda::to_bf16: n must be >= 0, got " + std::to_string(n); });
   if (n == 0) return;
   require(x && y, "cuda::to_bf16: null x or y pointer");
   const bool vec = n % 4 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 && reinterpret_cast<uintptr_t>(y) % 8 == 0;
@@ -99,26 +99,36 @@ void MoeExpertsGemm::forward(const MoeExpertWeights& w, const float* xp, const i
                              cudaStream_t stream) {
   const std::string where = "cuda::MoeExpertsGemm::forward";
   const int64_t E = w.experts, H = w.hidden, I = w.inter;
-  require(E > 0 && H > 0 && I > 0, where + ": experts, hidden and inter must be > 0, got " + std::to_string(E) +
-                                       ", " + std::to_string(H) + ", " + std::to_string(I));
-  require(H % 8 == 0 && I % 8 == 0, where + ": hidden and inter must be multiples of 8 (BF16 rows 16-byte "
-                                            "aligned), got " + std::to_string(H) + " and " + std::to_string(I));
-  require(offsets_host != nullptr, where + ": null offsets_host");
-  require(offsets_host[0] == 0, where + ": offsets[0] must be 0, got " + std::to_string(offsets_host[0]));
+  require(E > 0 && H > 0 && I > 0, [&] {
+    return where + ": experts, hidden and inter must be > 0, got " + std::to_string(E) + ", " + std::to_string(H) +
+           ", " + std::to_string(I);
+  });
+  require(H % 8 == 0 && I % 8 == 0, [&] {
+    return where +
+           ": hidden and inter must be multiples of 8 (BF16 rows 16-byte "
+           "aligned), got " +
+           std::to_string(H) + " and " + std::to_string(I);
+  });
+  require(offsets_host != nullptr, [&] { return where + ": null offsets_host"; });
+  require(offsets_host[0] == 0,
+          [&] { return where + ": offsets[0] must be 0, got " + std::to_string(offsets_host[0]); });
   for (int64_t e = 0; e < E; ++e)
-    require(offsets_host[e + 1] >= offsets_host[e], where + ": offsets must not decrease, offsets[" +
-                                                        std::to_string(e + 1) + "] < offsets[" + std::to_string(e) +
-                                                        "]");
+    require(offsets_host[e + 1] >= offsets_host[e], [&] {
+      return where + ": offsets must not decrease, offsets[" + std::to_string(e + 1) + "] < offsets[" +
+             std::to_string(e) + "]";
+    });
   const int64_t R = offsets_host[E];
   if (R == 0) return;
   auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % kAlignment == 0; };
   require(w.gate_up && w.down && xp && yp && aligned(w.gate_up) && aligned(w.down) && aligned(xp) && aligned(yp),
-          where + ": gate_up, down, xp and yp must be non-null, 16-byte aligned device pointers");
+          [&] { return where + ": gate_up, down, xp and yp must be non-null, 16-byte aligned device pointers"; });
   Impl& m = *impl_;
   int device = -1;
   CUDA_CHECK(cudaGetDevice(&device));
-  require(device == m.lt.device(), where + ": the context belongs to device " + std::to_string(m.lt.device()) +
-                                       " but device " + std::to_string(device) + " is current");
+  require(device == m.lt.device(), [&] {
+    return where + ": the context belongs to device " + std::to_string(m.lt.device()) + " but device " +
+           std::to_string(device) + " is current";
+  });
 
   const size_t xb_bytes = cuda_detail::align256(static_cast<size_t>(R * H) * 2);
   const size_t gu_bytes = cuda_detail::align256(static_cast<size_t>(R * 2 * I) * 4);

@@ -24,7 +24,8 @@ unsigned blocks_for(int64_t items) {
 }
 
 unsigned row_blocks(int64_t rows, const char* where) {
-  require(rows <= std::numeric_limits<int32_t>::max(), std::string(where) + ": too many rows for one launch");
+  require(rows <= std::numeric_limits<int32_t>::max(),
+          [&] { return std::string(where) + ": too many rows for one launch"; });
   return static_cast<unsigned>(rows);
 }
 
@@ -137,7 +138,7 @@ int64_t moe_aligned_offsets(const int64_t* offsets_host, int64_t n_experts, int6
   aligned_host[0] = 0;
   for (int64_t e = 0; e < n_experts; ++e) {
     const int64_t n = offsets_host[e + 1] - offsets_host[e];
-    require(n >= 0, "cuda::moe_aligned_offsets: offsets decrease at expert " + std::to_string(e));
+    require(n >= 0, [&] { return "cuda::moe_aligned_offsets: offsets decrease at expert " + std::to_string(e); });
     aligned_host[e + 1] = aligned_host[e] + (n + kMoeRowAlign - 1) / kMoeRowAlign * kMoeRowAlign;
   }
   return aligned_host[n_experts];
@@ -146,9 +147,10 @@ int64_t moe_aligned_offsets(const int64_t* offsets_host, int64_t n_experts, int6
 void moe_align_plan(const int64_t* offsets, const int64_t* aligned, int64_t n_experts, const int64_t* token_of,
                     const int64_t* row_of, int64_t rows, int64_t aligned_rows, int64_t* token_of_aligned,
                     int64_t* row_of_aligned, cudaStream_t stream) {
-  require(n_experts > 0 && rows >= 0 && aligned_rows >= rows,
-          "cuda::moe_align_plan: need n_experts > 0 and 0 <= rows <= aligned_rows, got " + std::to_string(n_experts) +
-              ", " + std::to_string(rows) + ", " + std::to_string(aligned_rows));
+  require(n_experts > 0 && rows >= 0 && aligned_rows >= rows, [&] {
+    return "cuda::moe_align_plan: need n_experts > 0 and 0 <= rows <= aligned_rows, got " + std::to_string(n_experts) +
+           ", " + std::to_string(rows) + ", " + std::to_string(aligned_rows);
+  });
   if (aligned_rows == 0) return;
   require(offsets && aligned && token_of && row_of && token_of_aligned && row_of_aligned,
           "cuda::moe_align_plan: null pointer");
@@ -162,9 +164,10 @@ void moe_align_plan(const int64_t* offsets, const int64_t* aligned, int64_t n_ex
 
 void moe_aligned_row_weights(const float* weight, const int64_t* row_of_aligned, int64_t assignments,
                              int64_t aligned_rows, float* row_weight, cudaStream_t stream) {
-  require(assignments >= 0 && aligned_rows >= assignments,
-          "cuda::moe_aligned_row_weights: need 0 <= assignments <= aligned_rows, got " + std::to_string(assignments) +
-              ", " + std::to_string(aligned_rows));
+  require(assignments >= 0 && aligned_rows >= assignments, [&] {
+    return "cuda::moe_aligned_row_weights: need 0 <= assignments <= aligned_rows, got " + std::to_string(assignments) +
+           ", " + std::to_string(aligned_rows);
+  });
   if (assignments == 0) return;
   require(weight && row_of_aligned && row_weight, "cuda::moe_aligned_row_weights: null pointer");
   row_weights_kernel<<<blocks_for(assignments), kThreads, 0, stream>>>(weight, row_of_aligned, assignments,
@@ -203,9 +206,10 @@ void moe_grouped_vec128_scales(const float* src, const int64_t* aligned, int64_t
 
 void moe_gather_rows_fp8(const uint8_t* token_codes, const float* token_scales, const int64_t* token_of,
                          int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream) {
-  require(rows >= 0 && cols >= 0 && cols % 16 == 0,
-          "cuda::moe_gather_rows_fp8: need rows >= 0 and cols a multiple of 16, got " + std::to_string(rows) + " x " +
-              std::to_string(cols));
+  require(rows >= 0 && cols >= 0 && cols % 16 == 0, [&] {
+    return "cuda::moe_gather_rows_fp8: need rows >= 0 and cols a multiple of 16, got " + std::to_string(rows) + " x " +
+           std::to_string(cols);
+  });
   if (rows == 0 || cols == 0) return;
   require(token_codes && token_scales && token_of && codes && scales && aligned16(token_codes) && aligned16(codes),
           "cuda::moe_gather_rows_fp8: null pointer, or codes not 16-byte aligned");

@@ -241,8 +241,10 @@ struct ScaledGatherSource {
 void check_gather(const char* fn, const float* x, const int64_t* token_of, int64_t rows, int64_t H) {
   require(x != nullptr && token_of != nullptr && reinterpret_cast<uintptr_t>(x) % 16 == 0 && H % 4 == 0 &&
               rows / kTile <= 65535,
-          std::string("cuda::") + fn + ": needs x and token_of set, x 16-byte aligned, H a multiple of 4 and at most " +
-              "128 x 65535 rows");
+          [&] {
+            return std::string("cuda::") + fn +
+                   ": needs x and token_of set, x 16-byte aligned, H a multiple of 4 and at most " + "128 x 65535 rows";
+          });
 }
 
 // The experts' input rows quantized along features (Fprop): from xp (with w.x_codes_t set, along tokens too, kept
@@ -406,12 +408,19 @@ GroupedTerm tokens_term(const TokensFp8& a, const TokensFp8& b) {
 }
 
 void check(const char* fn, const MoeFp8Experts& w, const int64_t* aligned_host, const int64_t* aligned) {
-  require(w.experts > 0 && moe_fp8_experts_supported(w.hidden, w.inter),
-          std::string("cuda::") + fn + ": needs experts > 0 and hidden, inter multiples of 16 and >= 128, got E=" +
-              std::to_string(w.experts) + ", H=" + std::to_string(w.hidden) + ", I=" + std::to_string(w.inter));
-  require(w.gate && w.up && w.down && aligned_host && aligned, std::string("cuda::") + fn + ": null pointer");
-  require((w.x_codes_t == nullptr) == (w.x_scales_t == nullptr) && (w.h_codes_t == nullptr) == (w.h_scales_t == nullptr),
-          std::string("cuda::") + fn + ": x_codes_t and x_scales_t (h_codes_t and h_scales_t) must be set together");
+  require(w.experts > 0 && moe_fp8_experts_supported(w.hidden, w.inter), [&] {
+    return std::string("cuda::") + fn +
+           ": needs experts > 0 and hidden, inter multiples of 16 and >= 128, got E=" + std::to_string(w.experts) +
+           ", H=" + std::to_string(w.hidden) + ", I=" + std::to_string(w.inter);
+  });
+  require(w.gate && w.up && w.down && aligned_host && aligned,
+          [&] { return std::string("cuda::") + fn + ": null pointer"; });
+  require(
+      (w.x_codes_t == nullptr) == (w.x_scales_t == nullptr) && (w.h_codes_t == nullptr) == (w.h_scales_t == nullptr),
+      [&] {
+        return std::string("cuda::") + fn +
+               ": x_codes_t and x_scales_t (h_codes_t and h_scales_t) must be set together";
+      });
   for (int64_t e = 0; e < w.experts; ++e)
     if (aligned_host[e] % kMoeRowAlign != 0 || aligned_host[e + 1] < aligned_host[e])
       throw Error(std::string("cuda::") + fn + ": aligned offsets must rise in multiples of 128 (expert " +
@@ -423,17 +432,20 @@ void check(const char* fn, const MoeFp8Experts& w, const int64_t* aligned_host, 
 void check_side_by_side(const char* fn, const MoeFp8Experts& w, bool grouped, const float* g, const float* u,
                         int64_t rows) {
   if (w.gate_up_bf16 != nullptr) {
-    require(moe_fp8_gate_up_bf16_supported(w) && reinterpret_cast<uintptr_t>(w.gate_up_bf16) % 16 == 0,
-            std::string("cuda::") + fn + ": gate_up_bf16 needs gate_up_side_by_side, the lanes GEMM form, the fused "
-            "SwiGLU backward and the pair Dgrad (MOERL_MOE_GEMM, MOERL_MOE_SWIGLU_BWD, MOERL_MOE_DGRAD unset) and a "
-            "16-byte aligned buffer");
+    require(moe_fp8_gate_up_bf16_supported(w) && reinterpret_cast<uintptr_t>(w.gate_up_bf16) % 16 == 0, [&] {
+      return std::string("cuda::") + fn +
+             ": gate_up_bf16 needs gate_up_side_by_side, the lanes GEMM form, the fused "
+             "SwiGLU backward and the pair Dgrad (MOERL_MOE_GEMM, MOERL_MOE_SWIGLU_BWD, MOERL_MOE_DGRAD unset) and a "
+             "16-byte aligned buffer";
+    });
     return;
   }
   if (!w.gate_up_side_by_side) return;
   const int64_t ld = moe_fp8_gate_up_ld(w);
-  require(!grouped && u == g + ld / 2 && swiglu_fp8_supported(rows, w.inter, g, u, nullptr),
-          std::string("cuda::") + fn + ": gate_up_side_by_side needs the lanes GEMM form (MOERL_MOE_GEMM), u = g + " +
-              std::to_string(ld / 2) + " and g 16-byte aligned");
+  require(!grouped && u == g + ld / 2 && swiglu_fp8_supported(rows, w.inter, g, u, nullptr), [&] {
+    return std::string("cuda::") + fn + ": gate_up_side_by_side needs the lanes GEMM form (MOERL_MOE_GEMM), u = g + " +
+           std::to_string(ld / 2) + " and g 16-byte aligned";
+  });
 }
 
 // The stages of one call for MOERL_GPU_PROFILE (kernels/cuda/phase_timer.hpp): next("x") ends the current stage

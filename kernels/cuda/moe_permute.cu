@@ -326,17 +326,20 @@ int warps_for(int64_t warp_bytes) {
 }
 
 unsigned grid_for(int64_t blocks, const std::string& where) {
-  require(blocks <= std::numeric_limits<int32_t>::max(), where + ": too many rows or tokens for one launch");
+  require(blocks <= std::numeric_limits<int32_t>::max(),
+          [&] { return where + ": too many rows or tokens for one launch"; });
   return static_cast<unsigned>(blocks);
 }
 
 // Checks the arguments of the per-token kernels (combine, its backward, scatter-add); false: nothing to do.
 bool check_token_args(const std::string& where, int64_t tokens, int64_t k, int64_t dim) {
-  require(tokens >= 0 && k >= 0 && dim >= 0, where + ": tokens, k and dim must be >= 0, got " +
-                                                 std::to_string(tokens) + ", " + std::to_string(k) + ", " +
-                                                 std::to_string(dim));
+  require(tokens >= 0 && k >= 0 && dim >= 0, [&] {
+    return where + ": tokens, k and dim must be >= 0, got " + std::to_string(tokens) + ", " + std::to_string(k) + ", " +
+           std::to_string(dim);
+  });
   if (tokens == 0 || k == 0 || dim == 0) return false;
-  require(k * 12 <= kSharedBudget, where + ": k = " + std::to_string(k) + " exceeds the GPU limit of 4096");
+  require(k * 12 <= kSharedBudget,
+          [&] { return where + ": k = " + std::to_string(k) + " exceeds the GPU limit of 4096"; });
   return true;
 }
 
@@ -345,18 +348,20 @@ bool check_token_args(const std::string& where, int64_t tokens, int64_t k, int64
 void moe_permute_plan(const int32_t* topk_idx, int64_t tokens, int64_t k, int64_t n_experts, int64_t* offsets,
                       int64_t* token_of, int64_t* row_of, cudaStream_t stream) {
   const std::string where = "cuda::moe_permute_plan";
-  require(tokens >= 0 && k >= 0, where + ": tokens and k must be >= 0, got " + std::to_string(tokens) + " and " +
-                                     std::to_string(k));
-  require(n_experts >= 1 && n_experts <= kPermuteMaxExperts,
-          where + ": n_experts = " + std::to_string(n_experts) + ", expected 1 .. " +
-              std::to_string(kPermuteMaxExperts) + " on the GPU");
-  require(offsets != nullptr, where + ": null offsets pointer");
+  require(tokens >= 0 && k >= 0, [&] {
+    return where + ": tokens and k must be >= 0, got " + std::to_string(tokens) + " and " + std::to_string(k);
+  });
+  require(n_experts >= 1 && n_experts <= kPermuteMaxExperts, [&] {
+    return where + ": n_experts = " + std::to_string(n_experts) + ", expected 1 .. " +
+           std::to_string(kPermuteMaxExperts) + " on the GPU";
+  });
+  require(offsets != nullptr, [&] { return where + ": null offsets pointer"; });
   const int64_t n = tokens * k, E = n_experts;
   if (n == 0) {
     CUDA_CHECK(cudaMemsetAsync(offsets, 0, static_cast<size_t>(E + 1) * sizeof(int64_t), stream));
     return;
   }
-  require(topk_idx && token_of && row_of, where + ": null topk_idx, token_of or row_of pointer");
+  require(topk_idx && token_of && row_of, [&] { return where + ": null topk_idx, token_of or row_of pointer"; });
   const int64_t chunk = std::max(kMinChunk, ((n + kTargetChunks - 1) / kTargetChunks + kWarp - 1) / kWarp * kWarp);
   const int64_t chunks = (n + chunk - 1) / chunk, total = E * chunks;
 
@@ -382,10 +387,11 @@ void moe_permute_plan(const int32_t* topk_idx, int64_t tokens, int64_t k, int64_
 
 void moe_gather(const float* x, const int64_t* token_of, int64_t rows, int64_t dim, float* xp, cudaStream_t stream) {
   const std::string where = "cuda::moe_gather";
-  require(rows >= 0 && dim >= 0,
-          where + ": rows and dim must be >= 0, got " + std::to_string(rows) + " and " + std::to_string(dim));
+  require(rows >= 0 && dim >= 0, [&] {
+    return where + ": rows and dim must be >= 0, got " + std::to_string(rows) + " and " + std::to_string(dim);
+  });
   if (rows == 0 || dim == 0) return;
-  require(x && token_of && xp, where + ": null x, token_of or xp pointer");
+  require(x && token_of && xp, [&] { return where + ": null x, token_of or xp pointer"; });
   const bool vec = dim % 4 == 0 && aligned16(x) && aligned16(xp);
   gather_kernel<<<grid_for(rows, where), kRowThreads, 0, stream>>>(x, token_of, dim, vec, xp);
   CUDA_CHECK_LAUNCH();
@@ -409,7 +415,7 @@ void combine_aligned(const Src* yp, const float* weight, const int64_t* row_of, 
                      int64_t dim, int64_t rows, float* y, cudaStream_t stream) {
   const std::string where = "cuda::moe_combine";
   if (!check_token_args(where, tokens, k, dim)) return;
-  require(yp && weight && row_of && y, where + ": null yp, weight, row_of or y pointer");
+  require(yp && weight && row_of && y, [&] { return where + ": null yp, weight, row_of or y pointer"; });
   const bool vec = rows_vec(yp, dim) && aligned16(y);
   combine_kernel<true, Src><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(yp, weight, row_of, rows, k,
                                                                                       dim, vec, y);
@@ -421,15 +427,16 @@ void combine_backward_aligned(const float* dy, const Src* yp, const float* weigh
                               int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
                               cudaStream_t stream) {
   const std::string where = "cuda::moe_combine_backward";
-  require(tokens >= 0 && k >= 0 && dim >= 0, where + ": tokens, k and dim must be >= 0");
+  require(tokens >= 0 && k >= 0 && dim >= 0, [&] { return where + ": tokens, k and dim must be >= 0"; });
   if (tokens == 0 || k == 0) return;
   if (dim == 0) {  // every dot product is empty
-    require(dweight != nullptr, where + ": null dweight pointer");
+    require(dweight != nullptr, [&] { return where + ": null dweight pointer"; });
     CUDA_CHECK(cudaMemsetAsync(dweight, 0, static_cast<size_t>(tokens * k) * sizeof(float), stream));
     return;
   }
   check_token_args(where, tokens, k, dim);
-  require(dy && yp && weight && row_of && dweight, where + ": null dy, yp, weight, row_of or dweight pointer");
+  require(dy && yp && weight && row_of && dweight,
+          [&] { return where + ": null dy, yp, weight, row_of or dweight pointer"; });
   const bool vec = dim % 4 == 0 && aligned16(dy) && rows_vec(yp, dim) && (dyp == nullptr || aligned16(dyp));
   combine_backward_kernel<Src><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dy, yp, weight, row_of,
                                                                                          rows, k, dim, vec, dyp,
@@ -488,7 +495,7 @@ void scatter_add_aligned_then(const Src* dxp, const int64_t* row_of, int64_t tok
                               int64_t rows, const float* also, float* dx, cudaStream_t stream) {
   const std::string where = "cuda::moe_scatter_add";
   if (!check_token_args(where, tokens, k, dim)) return;
-  require(dxp && row_of && dx, where + ": null dxp, row_of or dx pointer");
+  require(dxp && row_of && dx, [&] { return where + ": null dxp, row_of or dx pointer"; });
   const bool vec = rows_vec(dxp, dim) && aligned16(dx) && (also == nullptr || aligned16(also));
   combine_kernel<false, Src><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dxp, nullptr, row_of, rows, k,
                                                                                        dim, vec, dx, also);

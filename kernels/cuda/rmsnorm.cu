@@ -147,9 +147,12 @@ int threads_for(int64_t groups) {
 }
 
 void check_sizes(const char* fn, int64_t rows, int64_t dim) {
-  require(rows >= 0 && dim >= 0, std::string("cuda::") + fn + ": rows and dim must be >= 0, got " +
-                                     std::to_string(rows) + " x " + std::to_string(dim));
-  require(rows == 0 || dim > 0, std::string("cuda::") + fn + ": dim must be > 0 for " + std::to_string(rows) + " rows");
+  require(rows >= 0 && dim >= 0, [&] {
+    return std::string("cuda::") + fn + ": rows and dim must be >= 0, got " + std::to_string(rows) + " x " +
+           std::to_string(dim);
+  });
+  require(rows == 0 || dim > 0,
+          [&] { return std::string("cuda::") + fn + ": dim must be > 0 for " + std::to_string(rows) + " rows"; });
 }
 
 }  // namespace
@@ -159,7 +162,8 @@ void rmsnorm_forward(const float* x, const float* weight, float* y, float* rstd,
   check_sizes("rmsnorm_forward", rows, dim);
   if (rows == 0) return;
   require(x && weight && y && rstd, "cuda::rmsnorm_forward: null x, weight, y or rstd");
-  require(rows <= INT32_MAX, "cuda::rmsnorm_forward: " + std::to_string(rows) + " rows exceed one launch");
+  require(rows <= INT32_MAX,
+          [&] { return "cuda::rmsnorm_forward: " + std::to_string(rows) + " rows exceed one launch"; });
   const bool vec = dim % 4 == 0 && ops_detail::aligned(x, 16) && ops_detail::aligned(weight, 16) && ops_detail::aligned(y, 16);
   const int threads = threads_for(vec ? dim / 4 : dim);
   if (vec) {
@@ -175,11 +179,13 @@ void rmsnorm_backward(const float* dy, const float* x, const float* weight, cons
   check_sizes("rmsnorm_backward", rows, dim);
   if (rows == 0) return;
   require(dy && x && weight && rstd && dx, "cuda::rmsnorm_backward: null dy, x, weight, rstd or dx");
-  require(!dweight || dim <= kMaxDweightDim, "cuda::rmsnorm_backward: dim " + std::to_string(dim) +
-                                                 " exceeds the " + std::to_string(kMaxDweightDim) +
-                                                 " columns whose dweight sums fit in shared memory");
+  require(!dweight || dim <= kMaxDweightDim, [&] {
+    return "cuda::rmsnorm_backward: dim " + std::to_string(dim) + " exceeds the " + std::to_string(kMaxDweightDim) +
+           " columns whose dweight sums fit in shared memory";
+  });
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
-  require(chunks <= INT32_MAX, "cuda::rmsnorm_backward: " + std::to_string(rows) + " rows exceed one launch");
+  require(chunks <= INT32_MAX,
+          [&] { return "cuda::rmsnorm_backward: " + std::to_string(rows) + " rows exceed one launch"; });
   const bool vec = dim % 4 == 0 && ops_detail::aligned(dy, 16) && ops_detail::aligned(x, 16) &&
                    ops_detail::aligned(weight, 16) && ops_detail::aligned(dx, 16);
   const int threads = threads_for(vec ? dim / 4 : dim);

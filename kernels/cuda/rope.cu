@@ -50,15 +50,18 @@ __global__ void __launch_bounds__(kMaxThreads)
 void rope_apply(const char* fn, float* x, int64_t tokens, int64_t seq, int64_t heads, int64_t row_stride,
                 int64_t head_stride, int64_t dim, float theta, bool interleave, float sign, cudaStream_t stream) {
   const std::string where = std::string("cuda::") + fn + ": ";
-  require(tokens >= 0 && heads >= 0, where + "tokens and heads must be >= 0, got " + std::to_string(tokens) +
-                                         " and " + std::to_string(heads));
-  require(dim > 0 && dim % 2 == 0 && dim / 2 <= kMaxHalf,
-          where + "dim must be even, in [2, " + std::to_string(2 * kMaxHalf) + "], got " + std::to_string(dim));
-  require(seq > 0 && tokens % seq == 0, where + "tokens (" + std::to_string(tokens) +
-                                            ") must be a multiple of seq (" + std::to_string(seq) + ")");
+  require(tokens >= 0 && heads >= 0, [&] {
+    return where + "tokens and heads must be >= 0, got " + std::to_string(tokens) + " and " + std::to_string(heads);
+  });
+  require(dim > 0 && dim % 2 == 0 && dim / 2 <= kMaxHalf, [&] {
+    return where + "dim must be even, in [2, " + std::to_string(2 * kMaxHalf) + "], got " + std::to_string(dim);
+  });
+  require(seq > 0 && tokens % seq == 0, [&] {
+    return where + "tokens (" + std::to_string(tokens) + ") must be a multiple of seq (" + std::to_string(seq) + ")";
+  });
   if (tokens == 0 || heads == 0) return;
-  require(x != nullptr, where + "null x");
-  require(tokens <= INT32_MAX, where + std::to_string(tokens) + " tokens exceed one launch");
+  require(x != nullptr, [&] { return where + "null x"; });
+  require(tokens <= INT32_MAX, [&] { return where + std::to_string(tokens) + " tokens exceed one launch"; });
   const int64_t half = dim / 2, pairs = heads * half;
   const int64_t warps = (pairs + ops_detail::kWarp - 1) / ops_detail::kWarp;
   const int threads = static_cast<int>(warps * ops_detail::kWarp > kMaxThreads ? kMaxThreads : warps * ops_detail::kWarp);

@@ -344,13 +344,13 @@ Spec checked_spec(const RouterSpec& spec, const std::string& where) {
 }
 
 void check_tokens(int64_t tokens, const std::string& where) {
-  require(tokens >= 0, where + ": tokens must be >= 0, got " + std::to_string(tokens));
+  require(tokens >= 0, [&] { return where + ": tokens must be >= 0, got " + std::to_string(tokens); });
 }
 
 // Blocks of `per_block` items for `items` items, within the grid's x limit.
 unsigned blocks_for(int64_t items, int64_t per_block, const std::string& where) {
   const int64_t blocks = (items + per_block - 1) / per_block;
-  require(blocks <= std::numeric_limits<int32_t>::max(), where + ": too many tokens for one launch");
+  require(blocks <= std::numeric_limits<int32_t>::max(), [&] { return where + ": too many tokens for one launch"; });
   return static_cast<unsigned>(blocks);
 }
 
@@ -369,9 +369,9 @@ void router_forward(const RouterSpec& spec, const float* logits, const float* bi
   check_tokens(tokens, where);
   if (tokens == 0) return;
   require(logits && bias && scores && topk_idx && topk_weight,
-          where + ": null logits, bias, scores, topk_idx or topk_weight pointer");
+          [&] { return where + ": null logits, bias, scores, topk_idx or topk_weight pointer"; });
   const int64_t warp_bytes = forward_warp_bytes(p);
-  require(warp_bytes <= kSharedBudget, where + ": shared memory of one token exceeds 48 KiB");
+  require(warp_bytes <= kSharedBudget, [&] { return where + ": shared memory of one token exceeds 48 KiB"; });
   const int warps = warps_per_block(warp_bytes);
   router_forward_kernel<<<blocks_for(tokens, warps, where), warps * kWarp, warps * warp_bytes, stream>>>(
       logits, bias, tokens, p, scores, topk_idx, topk_weight);
@@ -384,7 +384,7 @@ void router_weights(const RouterSpec& spec, const float* scores, const int32_t* 
   const Spec p = checked_spec(spec, where);
   check_tokens(tokens, where);
   if (tokens == 0) return;
-  require(scores && topk_idx && topk_weight, where + ": null scores, topk_idx or topk_weight pointer");
+  require(scores && topk_idx && topk_weight, [&] { return where + ": null scores, topk_idx or topk_weight pointer"; });
   constexpr int kThreads = 256;
   router_weights_kernel<<<blocks_for(tokens, kThreads, where), kThreads, 0, stream>>>(scores, topk_idx, tokens, p,
                                                                                       topk_weight);
@@ -397,7 +397,8 @@ void router_backward(const RouterSpec& spec, const float* scores, const int32_t*
   const Spec p = checked_spec(spec, where);
   check_tokens(tokens, where);
   if (tokens == 0) return;
-  require(scores && topk_idx && dweight && dlogits, where + ": null scores, topk_idx, dweight or dlogits pointer");
+  require(scores && topk_idx && dweight && dlogits,
+          [&] { return where + ": null scores, topk_idx, dweight or dlogits pointer"; });
   const int64_t warp_bytes = backward_warp_bytes(p);
   const int warps = warps_per_block(warp_bytes);
   router_backward_kernel<<<blocks_for(tokens, warps, where), warps * kWarp, warps * warp_bytes, stream>>>(
@@ -409,14 +410,15 @@ float router_balance_loss(const RouterSpec& spec, const float* scores, const int
                           int64_t seq, float alpha, float* dscores, cudaStream_t stream) {
   const std::string where = "cuda::router_balance_loss";
   const Spec p = checked_spec(spec, where);
-  require(batch >= 0 && seq >= 0, where + ": batch and seq must be >= 0, got " + std::to_string(batch) + " and " +
-                                      std::to_string(seq));
+  require(batch >= 0 && seq >= 0, [&] {
+    return where + ": batch and seq must be >= 0, got " + std::to_string(batch) + " and " + std::to_string(seq);
+  });
   if (batch == 0) return 0.0f;
-  require(seq > 0, where + ": seq must be > 0 when batch > 0 (the load fractions divide by it)");
-  require(scores && topk_idx, where + ": null scores or topk_idx pointer");
+  require(seq > 0, [&] { return where + ": seq must be > 0 when batch > 0 (the load fractions divide by it)"; });
+  require(scores && topk_idx, [&] { return where + ": null scores or topk_idx pointer"; });
   const int64_t chunks = (seq + kBalanceChunk - 1) / kBalanceChunk, E = p.experts;
   require(chunks <= std::numeric_limits<int32_t>::max() && batch <= 65535,
-          where + ": batch must be <= 65535 and seq < 2^37 on the GPU");
+          [&] { return where + ": batch must be <= 65535 and seq < 2^37 on the GPU"; });
   const size_t partial_count = static_cast<size_t>(batch * chunks * E);
   const size_t p_bytes = cuda_detail::align256(partial_count * sizeof(double));
   const size_t f_bytes = cuda_detail::align256(partial_count * sizeof(int));

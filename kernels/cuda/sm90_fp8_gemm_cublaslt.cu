@@ -52,7 +52,7 @@ void require_device_memory(const void* p, const std::string& what) {
     CUDA_CHECK(e);
   }
   require(attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged,
-          "fp8::cuda::gemm_nt: " + what + " is not device memory");
+          [&] { return "fp8::cuda::gemm_nt: " + what + " is not device memory"; });
 }
 
 std::string problem_name(int64_t M, int64_t N, int64_t K, int a_block, int b_block, OutType out) {
@@ -95,8 +95,9 @@ __global__ void blk128_scales_kernel(const float* __restrict__ src, int64_t row_
 
 void check_scale_args(int64_t rows, int64_t cols, int block_rows) {
   require(rows >= 0 && cols >= 0, "fp8::cuda::scales_to_cublaslt: negative shape");
-  require(block_rows == 1 || block_rows == kTile,
-          "fp8::cuda::scales_to_cublaslt: block_rows must be 1 or 128, got " + std::to_string(block_rows));
+  require(block_rows == 1 || block_rows == kTile, [&] {
+    return "fp8::cuda::scales_to_cublaslt: block_rows must be 1 or 128, got " + std::to_string(block_rows);
+  });
 }
 
 // y [n] += t [n]: gemm_nt_accumulate where cuBLASLt refuses beta = 1.
@@ -260,12 +261,13 @@ Plan GemmContext::Impl::make_plan(const PlanKey& k, const void* a_scales, const 
                                           kMaxHeuristicResults, results, &found);
     }
     const std::string problem = problem_name(k.m, k.n, k.k, k.a_block, k.b_block, k.out);
-    require(st == CUBLAS_STATUS_SUCCESS || st == CUBLAS_STATUS_NOT_SUPPORTED,
-            std::string("fp8::cuda::gemm_nt: cuBLASLt heuristic failed (") + cublasLtGetStatusName(st) + ") for " +
-                problem);
+    require(st == CUBLAS_STATUS_SUCCESS || st == CUBLAS_STATUS_NOT_SUPPORTED, [&] {
+      return std::string("fp8::cuda::gemm_nt: cuBLASLt heuristic failed (") + cublasLtGetStatusName(st) + ") for " +
+             problem;
+    });
     const int chosen = choose_algo(k, results, found);
     require(st == CUBLAS_STATUS_SUCCESS && chosen >= 0,
-            "fp8::cuda::gemm_nt: cuBLASLt has no block-scaled FP8 algorithm for " + problem);
+            [&] { return "fp8::cuda::gemm_nt: cuBLASLt has no block-scaled FP8 algorithm for " + problem; });
     if (std::getenv("MOERL_LT_FP8_ALGOS") != nullptr) cuda_detail::print_lt_candidates("lt-fp8", problem, results, found, chosen);
     p.algo = results[chosen].algo;
     CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
@@ -352,9 +354,10 @@ void GemmContext::Impl::run(const Operand& a, const Operand& b, void* y, OutType
                           d, p.layout_d, &p.algo, impl.workspace, impl.workspace_bytes, stream);
   };
   auto check = [&](cublasStatus_t st) {
-    require(st != CUBLAS_STATUS_NOT_SUPPORTED,
-            "fp8::cuda::gemm_nt: cuBLASLt refused " + problem_name(M, N, K, a.block_rows, b.block_rows, out) +
-                " (CUBLAS_STATUS_NOT_SUPPORTED)");
+    require(st != CUBLAS_STATUS_NOT_SUPPORTED, [&] {
+      return "fp8::cuda::gemm_nt: cuBLASLt refused " + problem_name(M, N, K, a.block_rows, b.block_rows, out) +
+             " (CUBLAS_STATUS_NOT_SUPPORTED)";
+    });
     CUBLAS_CHECK(st);
   };
   if (!accumulate) {

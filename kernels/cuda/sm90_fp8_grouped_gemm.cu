@@ -498,20 +498,22 @@ bool aligned(const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p)
 void check(const char* fn, const GroupedProblem* problems, int n_problems, const int64_t* bounds, int64_t groups,
            bool rows_form) {
   const std::string who = std::string("fp8::cuda::") + fn;
-  require(problems != nullptr && (n_problems == 1 || n_problems == 2), who + ": needs 1 or 2 problems");
-  require(bounds != nullptr && groups > 0 && groups <= 65535, who + ": needs bounds and 1 .. 65535 groups, got " +
-                                                                 std::to_string(groups));
+  require(problems != nullptr && (n_problems == 1 || n_problems == 2), [&] { return who + ": needs 1 or 2 problems"; });
+  require(bounds != nullptr && groups > 0 && groups <= 65535,
+          [&] { return who + ": needs bounds and 1 .. 65535 groups, got " + std::to_string(groups); });
   for (int i = 0; i < n_problems; ++i) {
     const GroupedProblem& pr = problems[i];
-    require(pr.n_terms == 1 || (pr.n_terms == 2 && rows_form), who + ": a problem has 1 term (2 in the rows form)");
-    require(pr.y != nullptr && aligned(pr.y, 8), who + ": y must be an 8-byte aligned device pointer");
+    require(pr.n_terms == 1 || (pr.n_terms == 2 && rows_form),
+            [&] { return who + ": a problem has 1 term (2 in the rows form)"; });
+    require(pr.y != nullptr && aligned(pr.y, 8), [&] { return who + ": y must be an 8-byte aligned device pointer"; });
     for (int t = 0; t < pr.n_terms; ++t) {
       const GroupedTerm& tm = pr.terms[t];
       require(tm.a && tm.b && tm.a_scales && tm.b_scales && aligned(tm.a, 16) && aligned(tm.b, 16) &&
                   aligned(tm.a_scales, 4) && aligned(tm.b_scales, 4),
-              who + ": codes must be 16-byte aligned and scales 4-byte aligned device pointers");
+              [&] { return who + ": codes must be 16-byte aligned and scales 4-byte aligned device pointers"; });
       if (rows_form)
-        require(tm.k > 0 && tm.k % 16 == 0, who + ": K must be a positive multiple of 16, got " + std::to_string(tm.k));
+        require(tm.k > 0 && tm.k % 16 == 0,
+                [&] { return who + ": K must be a positive multiple of 16, got " + std::to_string(tm.k); });
     }
   }
 }
@@ -574,7 +576,8 @@ CUtensorMap codes_map(const uint8_t* codes, int64_t rows, int64_t k) {
   const CUresult r = encode_tiled()(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<uint8_t*>(codes), dims, strides,
                                     box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                                     CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
-  require(r == CUDA_SUCCESS, "fp8::cuda::grouped_gemm: cuTensorMapEncodeTiled failed (" + std::to_string(r) + ")");
+  require(r == CUDA_SUCCESS,
+          [&] { return "fp8::cuda::grouped_gemm: cuTensorMapEncodeTiled failed (" + std::to_string(r) + ")"; });
   return m;
 }
 
@@ -608,9 +611,11 @@ template <bool kTokens> void launch(Args a, dim3 grid, GroupedKernel kernel, cud
 void grouped_gemm_nt_rows(const GroupedProblem* problems, int n_problems, const int64_t* bounds, int64_t groups,
                           int64_t max_rows, int64_t n, cudaStream_t stream, GroupedKernel kernel) {
   check("grouped_gemm_nt_rows", problems, n_problems, bounds, groups, true);
-  require(n > 0 && n % 16 == 0 && max_rows >= 0 && max_rows % 128 == 0 && max_rows / 128 <= 65535,
-          "fp8::cuda::grouped_gemm_nt_rows: needs N a positive multiple of 16 and max_rows a multiple of 128 "
-          "(at most 128 x 65535), got N=" + std::to_string(n) + ", max_rows=" + std::to_string(max_rows));
+  require(n > 0 && n % 16 == 0 && max_rows >= 0 && max_rows % 128 == 0 && max_rows / 128 <= 65535, [&] {
+    return "fp8::cuda::grouped_gemm_nt_rows: needs N a positive multiple of 16 and max_rows a multiple of 128 "
+           "(at most 128 x 65535), got N=" +
+           std::to_string(n) + ", max_rows=" + std::to_string(max_rows);
+  });
   if (max_rows == 0) return;
   Args a = make_args(problems, n_problems, bounds, groups);
   a.n = n;
@@ -630,9 +635,10 @@ void grouped_gemm_nt_tokens_accumulate(const GroupedProblem* problems, int n_pro
                                        int64_t groups, int64_t rows, int64_t m, int64_t n, cudaStream_t stream,
                                        GroupedKernel kernel) {
   check("grouped_gemm_nt_tokens_accumulate", problems, n_problems, bounds, groups, false);
-  require(m > 0 && n > 0 && m % 16 == 0 && n % 16 == 0 && rows >= 0 && tiles128(m) * n_problems <= 65535,
-          "fp8::cuda::grouped_gemm_nt_tokens_accumulate: needs M and N positive multiples of 16, got M=" +
-              std::to_string(m) + ", N=" + std::to_string(n));
+  require(m > 0 && n > 0 && m % 16 == 0 && n % 16 == 0 && rows >= 0 && tiles128(m) * n_problems <= 65535, [&] {
+    return "fp8::cuda::grouped_gemm_nt_tokens_accumulate: needs M and N positive multiples of 16, got M=" +
+           std::to_string(m) + ", N=" + std::to_string(n);
+  });
   if (rows == 0) return;
   Args a = make_args(problems, n_problems, bounds, groups);
   a.m = m;

@@ -55,8 +55,8 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 void check_args(const char* fn, int64_t n, bool pointers_set) {
-  require(n >= 0, std::string("cuda::") + fn + ": n must be >= 0, got " + std::to_string(n));
-  require(n == 0 || pointers_set, std::string("cuda::") + fn + ": null input or output pointer");
+  require(n >= 0, [&] { return std::string("cuda::") + fn + ": n must be >= 0, got " + std::to_string(n); });
+  require(n == 0 || pointers_set, [&] { return std::string("cuda::") + fn + ": null input or output pointer"; });
 }
 
 }  // namespace

@@ -111,10 +111,14 @@ void check(const char* fn, int64_t rows, int64_t cols, int64_t gu_ld, const void
            bool outputs_set, bool bf16 = false) {
   require(supported_aligned(rows, cols, a, b, c, bf16 ? 8 : 16) && outputs_set &&
               (gu_ld == 0 || (gu_ld >= cols && gu_ld % 4 == 0)),
-          std::string("cuda::") + fn + ": needs rows a multiple of 128 (at most 128 x 65535), cols a multiple of 4, " +
-              (bf16 ? "8" : "16") + "-byte aligned inputs, g and u's row stride 0 or a multiple of 4 of at least " +
-              "cols, and set outputs, got " + std::to_string(rows) + " x " + std::to_string(cols) + ", stride " +
-              std::to_string(gu_ld));
+          [&] {
+            return std::string("cuda::") + fn +
+                   ": needs rows a multiple of 128 (at most 128 x 65535), cols a multiple of 4, " +
+                   (bf16 ? "8" : "16") +
+                   "-byte aligned inputs, g and u's row stride 0 or a multiple of 4 of at least " +
+                   "cols, and set outputs, got " + std::to_string(rows) + " x " + std::to_string(cols) + ", stride " +
+                   std::to_string(gu_ld);
+          });
 }
 
 }  // namespace
@@ -159,9 +163,10 @@ void backward_dual_both(const char* fn, const T* dh, const T* g, const T* u, int
   check(fn, rows, cols, gu_ld, g, u, dh, u && set(dg) && set(du) && (bounds == nullptr || n_groups > 0),
         sizeof(T) == 2);
   if constexpr (sizeof(T) == 2)  // the pipelined kernel copies 16 bytes (8 values) at a time
-    require(cols % 8 == 0 && gu_ld % 8 == 0 && aligned(dh, 16) && aligned(g, 16) && aligned(u, 16),
-            std::string("cuda::") + fn + ": BF16 inputs need cols and g, u's row stride multiples of 8 and 16-byte " +
-                "aligned dh, g and u, got cols " + std::to_string(cols) + ", stride " + std::to_string(gu_ld));
+    require(cols % 8 == 0 && gu_ld % 8 == 0 && aligned(dh, 16) && aligned(g, 16) && aligned(u, 16), [&] {
+      return std::string("cuda::") + fn + ": BF16 inputs need cols and g, u's row stride multiples of 8 and 16-byte " +
+             "aligned dh, g and u, got cols " + std::to_string(cols) + ", stride " + std::to_string(gu_ld);
+    });
   TileOutputs a;
   a.rows = rows, a.cols = cols, a.bounds = bounds, a.n_groups = n_groups;
   TileOutputs b = a;

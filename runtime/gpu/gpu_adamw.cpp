@@ -39,12 +39,14 @@ GpuAdamW::GpuAdamW(std::vector<DeviceParam> params, AdamWConfig config, cudaStre
   std::set<std::string> names;
   std::vector<const DeviceParam*> trainable;  // name order: the order of state()
   for (const DeviceParam& p : params) {
-    require(names.insert(p.name).second, "GpuAdamW: parameter " + p.name + " is listed twice");
+    require(names.insert(p.name).second, [&] { return "GpuAdamW: parameter " + p.name + " is listed twice"; });
     if (!p.trainable) continue;
-    require(p.numel == shape_numel(p.shape) && p.numel >= 0,
-            "GpuAdamW: parameter " + p.name + " has " + std::to_string(p.numel) + " elements, its shape " +
-                shape_string(p.shape) + " holds " + std::to_string(shape_numel(p.shape)));
-    require(p.numel == 0 || (p.value && p.grad), "GpuAdamW: parameter " + p.name + " needs a device value and gradient");
+    require(p.numel == shape_numel(p.shape) && p.numel >= 0, [&] {
+      return "GpuAdamW: parameter " + p.name + " has " + std::to_string(p.numel) + " elements, its shape " +
+             shape_string(p.shape) + " holds " + std::to_string(shape_numel(p.shape));
+    });
+    require(p.numel == 0 || (p.value && p.grad),
+            [&] { return "GpuAdamW: parameter " + p.name + " needs a device value and gradient"; });
     trainable.push_back(&p);
     slots_.push_back({p.name, p.shape, p.numel, nullptr, nullptr});
   }

@@ -27,12 +27,16 @@ GpuMla::GpuMla(const ModelConfig& c, ParamStore& params, const std::string& pref
       eps_(static_cast<float>(c.rms_norm_eps)),
       // HF: self.scaling = qk_head_dim ** -0.5, applied to the FP32 scores.
       scale_(static_cast<float>(1.0 / std::sqrt(static_cast<double>(c.qk_head_dim())))) {
-  require(dq_ == 24 || dq_ == 96 || dq_ == 192,
-          "GpuModel: attention " + prefix + ": the CUDA attention kernel takes qk_nope_head_dim + qk_rope_head_dim "
-          "in {24, 96, 192}, got " + std::to_string(dq_));
-  require(dv_ == 16 || dv_ == 64 || dv_ == 128,
-          "GpuModel: attention " + prefix + ": the CUDA attention kernel takes v_head_dim in {16, 64, 128}, got " +
-              std::to_string(dv_));
+  require(dq_ == 24 || dq_ == 96 || dq_ == 192, [&] {
+    return "GpuModel: attention " + prefix +
+           ": the CUDA attention kernel takes qk_nope_head_dim + qk_rope_head_dim "
+           "in {24, 96, 192}, got " +
+           std::to_string(dq_);
+  });
+  require(dv_ == 16 || dv_ == 64 || dv_ == 128, [&] {
+    return "GpuModel: attention " + prefix + ": the CUDA attention kernel takes v_head_dim in {16, 64, 128}, got " +
+           std::to_string(dv_);
+  });
   if (q_lora_ > 0) {
     q_a_ = &params.at(prefix + "q_a_proj.weight");
     q_a_norm_ = &params.at(prefix + "q_a_layernorm.weight");
@@ -125,8 +129,10 @@ void GpuMla::forward(const float* x, float* y, const Run& r) {
 }
 
 void GpuMla::backward(const float* dy, float* dx, const Run& r) {
-  require(saved_, "GpuModel: attention " + prefix_ + ": backward without a preceding forward (or called twice)");
-  require(dx != dy, "GpuModel: attention " + prefix_ + ": backward's dx must not alias dy");
+  require(saved_, [&] {
+    return "GpuModel: attention " + prefix_ + ": backward without a preceding forward (or called twice)";
+  });
+  require(dx != dy, [&] { return "GpuModel: attention " + prefix_ + ": backward's dx must not alias dy"; });
   saved_ = false;
   const Precision p = precision_;
   cuda::LinearContext& lin = *r.linear;

@@ -159,7 +159,7 @@ struct GpuDataParallel::Impl {
 
   // Runs fn on the given replicas' threads (all when empty); after a failure the group is unusable.
   void run(const std::function<void(int)>& fn, std::vector<int> ranks = {}) {
-    require(!failed, "data-parallel GPU group: unusable after an earlier failure: " + failure);
+    require(!failed, [&] { return "data-parallel GPU group: unusable after an earlier failure: " + failure; });
     try {
       if (ranks.empty())
         threads.run(fn);
@@ -189,13 +189,16 @@ struct GpuDataParallel::Impl {
 };
 
 GpuDataParallel::GpuDataParallel(const ModelConfig& config, int replicas, std::chrono::milliseconds timeout) {
-  require(replicas >= 1, "data-parallel GPU group: " + std::to_string(replicas) + " replicas, expected at least one");
+  require(replicas >= 1,
+          [&] { return "data-parallel GPU group: " + std::to_string(replicas) + " replicas, expected at least one"; });
   int devices = 0;
   const cudaError_t e = cudaGetDeviceCount(&devices);
   if (e != cudaSuccess) devices = 0;
-  require(devices >= replicas, "device: cuda with parallelism.data: " + std::to_string(replicas) + " needs " +
-                                   std::to_string(replicas) + " GPUs (one per replica), " + std::to_string(devices) +
-                                   " visible" + (e == cudaSuccess ? "" : std::string(" (") + cudaGetErrorString(e) + ")"));
+  require(devices >= replicas, [&] {
+    return "device: cuda with parallelism.data: " + std::to_string(replicas) + " needs " + std::to_string(replicas) +
+           " GPUs (one per replica), " + std::to_string(devices) + " visible" +
+           (e == cudaSuccess ? "" : std::string(" (") + cudaGetErrorString(e) + ")");
+  });
   config.validate("data-parallel GPU model config");
   impl_ = std::make_unique<Impl>(config, replicas, timeout);
   Impl& m = *impl_;
@@ -281,10 +284,12 @@ LossReport GpuDataParallel::forward(const TokenBatch& batch, const ForwardOption
   const int R = m.size();
   m.can_backward = false;
   if (batch.batch < R) {
-    require(!options.for_backward, "data-parallel GPU training: a batch of " + std::to_string(batch.batch) +
-                                       " sequences for " + std::to_string(R) +
-                                       " replicas; every replica needs one (make the batch a multiple of "
-                                       "parallelism.data)");
+    require(!options.for_backward, [&] {
+      return "data-parallel GPU training: a batch of " + std::to_string(batch.batch) + " sequences for " +
+             std::to_string(R) +
+             " replicas; every replica needs one (make the batch a multiple of "
+             "parallelism.data)";
+    });
     // Evaluation of a short batch: replica 0 alone, on all of it.
     LossReport report;
     m.run([&](int r) {
@@ -427,7 +432,8 @@ void GpuDataParallel::load_optimizer_state(const SafeTensors& saved) {
 
 size_t GpuDataParallel::moment_elements(int replica) const {
   require(impl_->have_optimizer, "data-parallel GPU optimizer: no optimizer before start_stage");
-  require(replica >= 0 && replica < impl_->size(), "data-parallel GPU group: no replica " + std::to_string(replica));
+  require(replica >= 0 && replica < impl_->size(),
+          [&] { return "data-parallel GPU group: no replica " + std::to_string(replica); });
   return impl_->at(replica).optimizer->moment_elements();
 }
 
@@ -443,7 +449,8 @@ void GpuDataParallel::each_model(const std::function<void(int, GpuModel&)>& fn) 
 }
 
 std::vector<float> GpuDataParallel::flat_values(int replica) {
-  require(replica >= 0 && replica < impl_->size(), "data-parallel GPU group: no replica " + std::to_string(replica));
+  require(replica >= 0 && replica < impl_->size(),
+          [&] { return "data-parallel GPU group: no replica " + std::to_string(replica); });
   std::vector<float> out;
   impl_->run([this, &out](int r) {
     GpuModel& model = *impl_->at(r).model;

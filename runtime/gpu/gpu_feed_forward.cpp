@@ -82,9 +82,10 @@ SwigluParams swiglu_params(ParamStore& params, const std::string& prefix) {
 
 GpuDense::GpuDense(ParamStore& params, const std::string& prefix, int64_t hidden, int64_t inter)
     : w_(swiglu_params(params, prefix)), hidden_(hidden), inter_(inter) {
-  require(w_.gate->shape == Shape({inter, hidden}) && w_.down->shape == Shape({hidden, inter}),
-          "GpuModel: " + prefix + ": feed-forward weights do not match hidden " + std::to_string(hidden) +
-              " x intermediate " + std::to_string(inter));
+  require(w_.gate->shape == Shape({inter, hidden}) && w_.down->shape == Shape({hidden, inter}), [&] {
+    return "GpuModel: " + prefix + ": feed-forward weights do not match hidden " + std::to_string(hidden) +
+           " x intermediate " + std::to_string(inter);
+  });
 }
 
 void GpuDense::bind(Slab& s, int64_t tokens) {
@@ -167,9 +168,10 @@ GpuMoe::GpuMoe(const ModelConfig& c, ParamStore& params, const std::string& pref
   spec_.topk_group = c.topk_group;
   spec_.norm_topk_prob = c.norm_topk_prob;
   spec_.routed_scaling_factor = static_cast<float>(c.routed_scaling_factor);
-  require(E > 0 && E <= cuda::kRouterMaxExperts && E <= cuda::kPermuteMaxExperts,
-          "GpuModel: " + prefix + ": n_routed_experts = " + std::to_string(E) + ", the GPU router takes 1 .. " +
-              std::to_string(cuda::kRouterMaxExperts));
+  require(E > 0 && E <= cuda::kRouterMaxExperts && E <= cuda::kPermuteMaxExperts, [&] {
+    return "GpuModel: " + prefix + ": n_routed_experts = " + std::to_string(E) + ", the GPU router takes 1 .. " +
+           std::to_string(cuda::kRouterMaxExperts);
+  });
   router_ = &params.at(prefix + ".gate.weight");
   bias_ = &params.at(prefix + ".gate.e_score_correction_bias");
   // The stacking of ParamStore: expert e's tensors follow expert 0's at a fixed stride.
@@ -183,7 +185,10 @@ GpuMoe::GpuMoe(const ModelConfig& c, ParamStore& params, const std::string& pref
     const DeviceParam& d = params.at(pe + ".down_proj.weight");
     require(g.value == g0.value + e * I * H && u.value == u0.value + e * I * H && d.value == d0.value + e * H * I &&
                 g.grad == g0.grad + e * I * H && u.grad == u0.grad + e * I * H && d.grad == d0.grad + e * H * I,
-            "GpuModel: " + pe + ": expert weights are not stacked (the GEMM loop reads them at a fixed stride)");
+            [&] {
+              return "GpuModel: " + pe +
+                     ": expert weights are not stacked (the GEMM loop reads them at a fixed stride)";
+            });
     expert_params_.insert(expert_params_.end(), {&g, &u, &d});
   }
   gate_w_ = g0.value;
@@ -287,11 +292,14 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
   }
   sub.reset();
   const int64_t* off = offsets_host_.get();
-  require(off[0] == 0 && off[E] == R, "GpuModel: the permutation plan's offsets are inconsistent (offsets[E] = " +
-                                          std::to_string(off[E]) + ", expected " + std::to_string(R) + ")");
+  require(off[0] == 0 && off[E] == R, [&] {
+    return "GpuModel: the permutation plan's offsets are inconsistent (offsets[E] = " + std::to_string(off[E]) +
+           ", expected " + std::to_string(R) + ")";
+  });
   load_.tokens = T;
   for (int64_t e = 0; e < E; ++e) {
-    require(off[e + 1] >= off[e], "GpuModel: the permutation plan's offsets decrease at expert " + std::to_string(e));
+    require(off[e + 1] >= off[e],
+            [&] { return "GpuModel: the permutation plan's offsets decrease at expert " + std::to_string(e); });
     load_.tokens_per_expert[static_cast<size_t>(e)] = off[e + 1] - off[e];
   }
 
@@ -559,8 +567,9 @@ float* GpuMoe::experts_fp8_u(const cuda::MoeFp8Experts& w) const {
 void GpuMoe::update_bias(float gamma, const ExpertLoad& expert_load, cudaStream_t stream) {
   const auto& load = expert_load.tokens_per_expert;
   const int64_t E = spec_.n_experts;
-  require(static_cast<int64_t>(load.size()) == E, "GpuMoe::update_bias: a load of " + std::to_string(load.size()) +
-                                                      " experts for " + std::to_string(E));
+  require(static_cast<int64_t>(load.size()) == E, [&] {
+    return "GpuMoe::update_bias: a load of " + std::to_string(load.size()) + " experts for " + std::to_string(E);
+  });
   // Before any forward every load is 0, so nothing moves.
   int64_t total = 0;
   for (int64_t n : load) total += n;

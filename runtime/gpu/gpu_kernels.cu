@@ -66,15 +66,15 @@ __global__ void split_dkv_kernel(const float* __restrict__ dk, const float* __re
 void check_mla_sizes(const char* fn, int64_t tokens, int64_t heads, int64_t dn, int64_t dv, int64_t dr,
                      int64_t kv_lora) {
   require(tokens >= 0 && heads > 0 && dn >= 0 && dv > 0 && dr >= 0 && kv_lora >= 0,
-          std::string("gpu ") + fn + ": bad sizes");
+          [&] { return std::string("gpu ") + fn + ": bad sizes"; });
   require(tokens < (int64_t{1} << 31) && heads * (dn + dr + dv) < (int64_t{1} << 30) && kv_lora < (int64_t{1} << 30),
-          std::string("gpu ") + fn + ": sizes beyond the kernel's 32-bit per-token indexing");
+          [&] { return std::string("gpu ") + fn + ": sizes beyond the kernel's 32-bit per-token indexing"; });
 }
 
 }  // namespace
 
 void add_inplace(float* y, const float* x, int64_t n, cudaStream_t stream) {
-  require(n >= 0, "gpu add_inplace: negative size " + std::to_string(n));
+  require(n >= 0, [&] { return "gpu add_inplace: negative size " + std::to_string(n); });
   if (n == 0) return;
   require(y && x, "gpu add_inplace: null pointer");
   add_kernel<<<blocks_for(n), kThreads, 0, stream>>>(y, x, n);

@@ -243,11 +243,13 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
   require(b.batch > 0 && b.seq > 0, "forward: empty batch");
   require(b.input_ids && b.labels, "forward: null input_ids or labels");
   for (int64_t i = 0; i < T; ++i) {
-    require(b.input_ids[i] >= 0 && b.input_ids[i] < V,
-            "input_ids[" + std::to_string(i) + "] = " + std::to_string(b.input_ids[i]) + " is outside the vocabulary [0, " +
-                std::to_string(V) + ")");
-    require(b.labels[i] == kIgnoreLabel || (b.labels[i] >= 0 && b.labels[i] < V),
-            "labels[" + std::to_string(i) + "] = " + std::to_string(b.labels[i]) + " is outside the vocabulary");
+    require(b.input_ids[i] >= 0 && b.input_ids[i] < V, [&] {
+      return "input_ids[" + std::to_string(i) + "] = " + std::to_string(b.input_ids[i]) +
+             " is outside the vocabulary [0, " + std::to_string(V) + ")";
+    });
+    require(b.labels[i] == kIgnoreLabel || (b.labels[i] >= 0 && b.labels[i] < V), [&] {
+      return "labels[" + std::to_string(i) + "] = " + std::to_string(b.labels[i]) + " is outside the vocabulary";
+    });
   }
   const bool run_mtp = m.mtp && o.mtp_weight > 0;
   m.have_forward = false;
@@ -399,8 +401,10 @@ void GpuModel::update_router_bias(float gamma, const std::vector<ExpertLoad>& lo
   for (auto& l : m.layers)
     if (l->moe()) moes.push_back(l->moe());
   if (m.mtp && m.mtp->layer.moe()) moes.push_back(m.mtp->layer.moe());
-  require(loads.size() == moes.size(), "GpuModel::update_router_bias: " + std::to_string(loads.size()) +
-                                           " expert loads for " + std::to_string(moes.size()) + " MoE layers");
+  require(loads.size() == moes.size(), [&] {
+    return "GpuModel::update_router_bias: " + std::to_string(loads.size()) + " expert loads for " +
+           std::to_string(moes.size()) + " MoE layers";
+  });
   for (size_t i = 0; i < moes.size(); ++i) moes[i]->update_bias(gamma, loads[i], m.stream.get());
 }
 

@@ -78,7 +78,7 @@ std::vector<ParamSpec> model_param_specs(const ModelConfig& c) {
 }
 
 ParamStore::ParamStore(const ModelConfig& config, int shards) {
-  require(shards >= 1, "GpuModel: " + std::to_string(shards) + " shards: expected at least one");
+  require(shards >= 1, [&] { return "GpuModel: " + std::to_string(shards) + " shards: expected at least one"; });
   const std::vector<ParamSpec> specs = model_param_specs(config);
   std::vector<size_t> offsets;
   size_t bytes = 0;
@@ -101,7 +101,7 @@ ParamStore::ParamStore(const ModelConfig& config, int shards) {
   std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return specs[a].name < specs[b].name; });
   for (size_t i : order) {
     const ParamSpec& s = specs[i];
-    require(!index_.count(s.name), "GpuModel: parameter " + s.name + " registered twice");
+    require(!index_.count(s.name), [&] { return "GpuModel: parameter " + s.name + " registered twice"; });
     DeviceParam p;
     p.name = s.name;
     p.shape = s.shape;
@@ -116,26 +116,28 @@ ParamStore::ParamStore(const ModelConfig& config, int shards) {
 
 DeviceParam& ParamStore::at(const std::string& name) {
   auto it = index_.find(name);
-  require(it != index_.end(), "GpuModel: no parameter named " + name);
+  require(it != index_.end(), [&] { return "GpuModel: no parameter named " + name; });
   return params_[it->second];
 }
 
 const DeviceParam& ParamStore::at(const std::string& name) const {
   auto it = index_.find(name);
-  require(it != index_.end(), "GpuModel: no parameter named " + name);
+  require(it != index_.end(), [&] { return "GpuModel: no parameter named " + name; });
   return params_[it->second];
 }
 
 void ParamStore::upload(const Params& host, cudaStream_t stream) {
   for (const auto& [name, hp] : host.all())
-    require(contains(name), "GpuModel::upload: host tensor " + name + " is not a parameter of the GPU model");
+    require(contains(name),
+            [&] { return "GpuModel::upload: host tensor " + name + " is not a parameter of the GPU model"; });
   for (const DeviceParam& p : params_) {
-    require(host.contains(p.name), "GpuModel::upload: missing tensor " + p.name + " (shape " + shape_string(p.shape) +
-                                       ")");
+    require(host.contains(p.name),
+            [&] { return "GpuModel::upload: missing tensor " + p.name + " (shape " + shape_string(p.shape) + ")"; });
     const Param& hp = host.at(p.name);
-    require(hp.value.shape() == p.shape && hp.value.dtype() == DType::F32,
-            "GpuModel::upload: tensor " + p.name + " is " + std::string(dtype_name(hp.value.dtype())) + " " +
-                shape_string(hp.value.shape()) + ", expected F32 " + shape_string(p.shape));
+    require(hp.value.shape() == p.shape && hp.value.dtype() == DType::F32, [&] {
+      return "GpuModel::upload: tensor " + p.name + " is " + std::string(dtype_name(hp.value.dtype())) + " " +
+             shape_string(hp.value.shape()) + ", expected F32 " + shape_string(p.shape);
+    });
     CUDA_CHECK(cudaMemcpyAsync(p.value, hp.value.data<float>(), static_cast<size_t>(p.numel) * sizeof(float),
                                cudaMemcpyHostToDevice, stream));
   }
@@ -144,16 +146,18 @@ void ParamStore::upload(const Params& host, cudaStream_t stream) {
 
 void ParamStore::download(Params& host, bool grads, cudaStream_t stream) const {
   for (const DeviceParam& p : params_) {
-    require(host.contains(p.name), "GpuModel::download: the host Params have no tensor " + p.name);
+    require(host.contains(p.name), [&] { return "GpuModel::download: the host Params have no tensor " + p.name; });
     Param& hp = host.at(p.name);
-    require(hp.value.shape() == p.shape && hp.value.dtype() == DType::F32,
-            "GpuModel::download: host tensor " + p.name + " is " + shape_string(hp.value.shape()) + ", expected F32 " +
-                shape_string(p.shape));
+    require(hp.value.shape() == p.shape && hp.value.dtype() == DType::F32, [&] {
+      return "GpuModel::download: host tensor " + p.name + " is " + shape_string(hp.value.shape()) + ", expected F32 " +
+             shape_string(p.shape);
+    });
     CUDA_CHECK(cudaMemcpyAsync(hp.value.data<float>(), p.value, static_cast<size_t>(p.numel) * sizeof(float),
                                cudaMemcpyDeviceToHost, stream));
     if (grads) {
-      require(hp.grad.shape() == p.shape && hp.grad.dtype() == DType::F32,
-              "GpuModel::download: host gradient of " + p.name + " is not F32 " + shape_string(p.shape));
+      require(hp.grad.shape() == p.shape && hp.grad.dtype() == DType::F32, [&] {
+        return "GpuModel::download: host gradient of " + p.name + " is not F32 " + shape_string(p.shape);
+      });
       CUDA_CHECK(cudaMemcpyAsync(hp.grad.data<float>(), p.grad, static_cast<size_t>(p.numel) * sizeof(float),
                                  cudaMemcpyDeviceToHost, stream));
     }

@@ -132,8 +132,10 @@ std::unique_ptr<TrainingBackend> make_gpu_data_parallel_backend(Model& host, int
 std::unique_ptr<TrainingBackend> make_gpu_backend(Model& host) {
   int count = 0;
   const cudaError_t e = cudaGetDeviceCount(&count);
-  require(e == cudaSuccess && count > 0,
-          std::string("device: cuda: no CUDA device (") + (e == cudaSuccess ? "none found" : cudaGetErrorString(e)) + ")");
+  require(e == cudaSuccess && count > 0, [&] {
+    return std::string("device: cuda: no CUDA device (") + (e == cudaSuccess ? "none found" : cudaGetErrorString(e)) +
+           ")";
+  });
   int dev = 0;
   CUDA_CHECK(cudaGetDevice(&dev));
   cudaDeviceProp prop{};

@@ -29,10 +29,10 @@ void pause(int& polls) {
 }  // namespace
 
 NcclGroup::NcclGroup(int ranks, std::chrono::milliseconds timeout) : ranks_(ranks), timeout_(timeout) {
-  require(ranks >= 1, "NCCL group: " + std::to_string(ranks) + " ranks, expected at least one");
+  require(ranks >= 1, [&] { return "NCCL group: " + std::to_string(ranks) + " ranks, expected at least one"; });
   require(timeout.count() > 0, "NCCL group: the timeout must be positive");
   const ncclResult_t r = ncclGetUniqueId(&id_);
-  require(r == ncclSuccess, "NCCL group: ncclGetUniqueId failed: " + nccl_error(r, nullptr));
+  require(r == ncclSuccess, [&] { return "NCCL group: ncclGetUniqueId failed: " + nccl_error(r, nullptr); });
 }
 
 void NcclGroup::abort(const std::string& reason) {
@@ -50,7 +50,7 @@ std::string NcclGroup::abort_reason() const {
 
 NcclRank::NcclRank(NcclGroup& group, int rank) : group_(group), rank_(rank) {
   require(rank >= 0 && rank < group.size(),
-          "NCCL rank " + std::to_string(rank) + " outside [0, " + std::to_string(group.size()) + ")");
+          [&] { return "NCCL rank " + std::to_string(rank) + " outside [0, " + std::to_string(group.size()) + ")"; });
   CUDA_CHECK(cudaGetDevice(&device_));
   const std::string what = describe("communicator creation", 0);
   if (group_.aborted()) throw Error(what + ": the group was aborted: " + group_.abort_reason());
