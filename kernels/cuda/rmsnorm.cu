@@ -31,13 +31,28 @@ constexpr int64_t kMaxDweightDim = 49152;
 constexpr int kFinishCols = 32;
 constexpr int kFinishSplit = 8;
 
-// One block per row: y = weight · (x · rstd), HF's order.
+// One block per row: y = weight · (x · rstd), HF's order. With `residual` (rmsnorm_forward_residual): x is first
+// replaced by x + residual, written to `sum` (which may be x itself: each element is read and written by one
+// thread), and the row normalised is that sum.
 template <int V>
 __global__ void __launch_bounds__(kMaxThreads)
-    rmsnorm_forward_kernel(const float* __restrict__ x, const float* __restrict__ weight, float* __restrict__ y,
-                           float* __restrict__ rstd, int64_t dim, float eps) {
+    rmsnorm_forward_kernel(const float* x, const float* __restrict__ residual, float* sum,
+                           const float* __restrict__ weight, float* __restrict__ y, float* __restrict__ rstd,
+                           int64_t dim, float eps) {
   __shared__ float scratch[kMaxWarps];
   const int64_t r = blockIdx.x, groups = dim / V;
+  if (residual != nullptr) {
+    x += r * dim, residual += r * dim, sum += r * dim;
+    for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) {
+      float v[V], res[V];
+      load<V>(x, j, v);
+      load<V>(residual, j, res);
+#pragma unroll
+      for (int k = 0; k < V; ++k) v[k] = v[k] + res[k];
+      store<V>(sum, j, v);
+    }
+    x = sum - r * dim;  // the row below reads the sums back (this thread's own elements)
+  }
   const float* xr = x + r * dim;
   float* yr = y + r * dim;
   float ss = 0;
@@ -60,14 +75,15 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// One block per chunk of kChunkRows rows. Per row: dot = Σ w·dy·x (block sum), dx = s·w·dy − s³·dot/dim · x.
+// One block per chunk of kChunkRows rows. Per row: dot = Σ w·dy·x (block sum), dx = s·w·dy − s³·dot/dim · x, plus
+// residual (the same element) when non-null.
 // With `partial` non-null, each thread also accumulates dy·x·s of its own columns over the chunk's rows in
 // shared memory (no other thread touches those entries) and writes them to partial[chunk, dim].
 template <int V>
 __global__ void __launch_bounds__(kMaxThreads)
     rmsnorm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ weight,
                             const float* __restrict__ rstd, float* __restrict__ dx, float* __restrict__ partial,
-                            int64_t rows, int64_t dim) {
+                            const float* __restrict__ residual, int64_t rows, int64_t dim) {
   extern __shared__ __align__(16) float acc[];  // [dim] when partial is non-null
   __shared__ float scratch[kMaxWarps];
   const int64_t groups = dim / V;
@@ -100,6 +116,12 @@ __global__ void __launch_bounds__(kMaxThreads)
       load<V>(weight, j, wv);
 #pragma unroll
       for (int k = 0; k < V; ++k) out[k] = s * wv[k] * dv[k] - c * xv[k];
+      if (residual != nullptr) {  // added after the rounding of out, as a separate add of the two would
+        float res[V];
+        load<V>(residual + r * dim, j, res);
+#pragma unroll
+        for (int k = 0; k < V; ++k) out[k] = out[k] + res[k];
+      }
       store<V>(dxr, j, out);
       if (partial) {
         float a[V];
@@ -157,25 +179,41 @@ void check_sizes(const char* fn, int64_t rows, int64_t dim) {
 
 }  // namespace
 
-void rmsnorm_forward(const float* x, const float* weight, float* y, float* rstd, int64_t rows, int64_t dim, float eps,
-                     cudaStream_t stream) {
-  check_sizes("rmsnorm_forward", rows, dim);
+namespace {
+
+// rmsnorm_forward, or with residual rmsnorm_forward_residual (sum = x + residual normalised).
+void forward(const char* fn, const float* x, const float* residual, float* sum, const float* weight, float* y,
+             float* rstd, int64_t rows, int64_t dim, float eps, cudaStream_t stream) {
+  check_sizes(fn, rows, dim);
   if (rows == 0) return;
-  require(x && weight && y && rstd, "cuda::rmsnorm_forward: null x, weight, y or rstd");
+  require(x && weight && y && rstd && (!residual || sum),
+          [&] { return std::string("cuda::") + fn + ": null input, weight, output or rstd pointer"; });
   require(rows <= INT32_MAX,
-          [&] { return "cuda::rmsnorm_forward: " + std::to_string(rows) + " rows exceed one launch"; });
-  const bool vec = dim % 4 == 0 && ops_detail::aligned(x, 16) && ops_detail::aligned(weight, 16) && ops_detail::aligned(y, 16);
+          [&] { return std::string("cuda::") + fn + ": " + std::to_string(rows) + " rows exceed one launch"; });
+  using ops_detail::aligned;
+  const bool vec = dim % 4 == 0 && aligned(x, 16) && aligned(weight, 16) && aligned(y, 16) &&
+                   (!residual || (aligned(residual, 16) && aligned(sum, 16)));
   const int threads = threads_for(vec ? dim / 4 : dim);
-  if (vec) {
-    rmsnorm_forward_kernel<4><<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, weight, y, rstd, dim, eps);
-  } else {
-    rmsnorm_forward_kernel<1><<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, weight, y, rstd, dim, eps);
-  }
+  const auto kernel = vec ? rmsnorm_forward_kernel<4> : rmsnorm_forward_kernel<1>;
+  kernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, residual, sum, weight, y, rstd, dim, eps);
   CUDA_CHECK_LAUNCH();
 }
 
+}  // namespace
+
+void rmsnorm_forward(const float* x, const float* weight, float* y, float* rstd, int64_t rows, int64_t dim, float eps,
+                     cudaStream_t stream) {
+  forward("rmsnorm_forward", x, nullptr, nullptr, weight, y, rstd, rows, dim, eps, stream);
+}
+
+void rmsnorm_forward_residual(const float* x, const float* residual, float* sum, const float* weight, float* y,
+                              float* rstd, int64_t rows, int64_t dim, float eps, cudaStream_t stream) {
+  require(residual != nullptr, "cuda::rmsnorm_forward_residual: null residual");
+  forward("rmsnorm_forward_residual", x, residual, sum, weight, y, rstd, rows, dim, eps, stream);
+}
+
 void rmsnorm_backward(const float* dy, const float* x, const float* weight, const float* rstd, float* dx,
-                      float* dweight, int64_t rows, int64_t dim, cudaStream_t stream) {
+                      float* dweight, int64_t rows, int64_t dim, cudaStream_t stream, const float* residual) {
   check_sizes("rmsnorm_backward", rows, dim);
   if (rows == 0) return;
   require(dy && x && weight && rstd && dx, "cuda::rmsnorm_backward: null dy, x, weight, rstd or dx");
@@ -187,7 +225,8 @@ void rmsnorm_backward(const float* dy, const float* x, const float* weight, cons
   require(chunks <= INT32_MAX,
           [&] { return "cuda::rmsnorm_backward: " + std::to_string(rows) + " rows exceed one launch"; });
   const bool vec = dim % 4 == 0 && ops_detail::aligned(dy, 16) && ops_detail::aligned(x, 16) &&
-                   ops_detail::aligned(weight, 16) && ops_detail::aligned(dx, 16);
+                   ops_detail::aligned(weight, 16) && ops_detail::aligned(dx, 16) &&
+                   (!residual || ops_detail::aligned(residual, 16));
   const int threads = threads_for(vec ? dim / 4 : dim);
   const size_t smem = dweight ? static_cast<size_t>(dim) * sizeof(float) : 0;
   ops_detail::StreamScratch scratch(dweight ? static_cast<size_t>(chunks * dim) * sizeof(float) : 0, stream);
@@ -196,7 +235,8 @@ void rmsnorm_backward(const float* dy, const float* x, const float* weight, cons
   auto launch = [&](auto kernel) {
     if (smem > 48 * 1024)  // above the default limit a kernel must opt in to more dynamic shared memory
       CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<static_cast<unsigned>(chunks), threads, smem, stream>>>(dy, x, weight, rstd, dx, partial, rows, dim);
+    kernel<<<static_cast<unsigned>(chunks), threads, smem, stream>>>(dy, x, weight, rstd, dx, partial, residual, rows,
+                                                                      dim);
     CUDA_CHECK_LAUNCH();
   };
   if (vec) {

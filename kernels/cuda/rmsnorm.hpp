@@ -21,8 +21,15 @@ namespace moerl::cuda {
 void rmsnorm_forward(const float* x, const float* weight, float* y, float* rstd, int64_t rows, int64_t dim, float eps,
                      cudaStream_t stream = nullptr);
 
-// dx [rows, dim] overwritten; dweight [dim] accumulated (+=), skipped when null.
+// A residual connection and the norm after it in one pass: sum = x + residual (FP32, [rows, dim]; sum may be x),
+// then rmsnorm_forward of sum. The bits of the two done apart, with one write and one read of sum fewer.
+void rmsnorm_forward_residual(const float* x, const float* residual, float* sum, const float* weight, float* y,
+                              float* rstd, int64_t rows, int64_t dim, float eps, cudaStream_t stream = nullptr);
+
+// dx [rows, dim] overwritten (with residual [rows, dim], non-null: dx = the norm's input gradient + residual, the
+// bits of adding them apart); dweight [dim] accumulated (+=), skipped when null.
 void rmsnorm_backward(const float* dy, const float* x, const float* weight, const float* rstd, float* dx,
-                      float* dweight, int64_t rows, int64_t dim, cudaStream_t stream = nullptr);
+                      float* dweight, int64_t rows, int64_t dim, cudaStream_t stream = nullptr,
+                      const float* residual = nullptr);
 
 }  // namespace moerl::cuda

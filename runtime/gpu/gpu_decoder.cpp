@@ -2,8 +2,20 @@
 #include "runtime/error.hpp"
 #include "runtime/gpu/gpu_layers.hpp"
 #include "runtime/gpu/gpu_profile.hpp"
+#include "runtime/util/env_switch.hpp"
 
 namespace moerl::gpu::detail {
+namespace {
+
+// The residual connections around the attention block added inside the norms next to them (forward: into
+// post_attention_layernorm; backward: into both norms' input gradients), the same bits as the adds apart;
+// MOERL_RESIDUAL_ADD=apart: add_inplace passes (for comparing on the device).
+bool residual_in_norms() {
+  static const bool apart = env_switch("MOERL_RESIDUAL_ADD", "fused", "apart");
+  return !apart;
+}
+
+}  // namespace
 
 GpuDecoderLayer::GpuDecoderLayer(const ModelConfig& c, ParamStore& params, int64_t layer)
     : attn_(c, params, "model.layers." + std::to_string(layer) + ".self_attn."), dim_(c.hidden_size) {
@@ -41,8 +53,12 @@ float GpuDecoderLayer::forward(const float* in, float* out, const Run& r, float 
     const PhaseTimer t(r.precision, "attn.fwd", r.stream);
     attn_.forward(xn1_, h_, r);
   }
-  add_inplace(h_, in, n, r.stream);
-  norm2_.forward(h_, T, xn2_, r);
+  if (residual_in_norms()) {
+    norm2_.forward_residual(h_, in, h_, T, xn2_, r);  // h = attention + in, then its norm
+  } else {
+    add_inplace(h_, in, n, r.stream);
+    norm2_.forward(h_, T, xn2_, r);
+  }
   float balance = 0.0f;
   const PhaseTimer t(r.precision, moe_ ? "moe.fwd" : "dense.fwd", r.stream);
   if (moe_)
@@ -64,14 +80,15 @@ void GpuDecoderLayer::backward(const float* dout, float* din, const Run& r) {
     else
       dense_->backward(dout, dxn.get(), r);
   }
-  norm2_.backward(dxn.get(), h_, T, dh.get(), r);
-  add_inplace(dh.get(), dout, n, r.stream);  // dh = d(norm2 path) + dout, the residual
+  const bool fused = residual_in_norms();
+  norm2_.backward(dxn.get(), h_, T, dh.get(), r, fused ? dout : nullptr);  // dh = d(norm2 path) + dout, the residual
+  if (!fused) add_inplace(dh.get(), dout, n, r.stream);
   {
     const PhaseTimer t(r.precision, "attn.bwd", r.stream);
     attn_.backward(dh.get(), dxn.get(), r);
   }
-  norm1_.backward(dxn.get(), x_, T, din, r);
-  add_inplace(din, dh.get(), n, r.stream);
+  norm1_.backward(dxn.get(), x_, T, din, r, fused ? dh.get() : nullptr);  // din = d(norm1 path) + dh
+  if (!fused) add_inplace(din, dh.get(), n, r.stream);
 }
 
 }  // namespace moerl::gpu::detail

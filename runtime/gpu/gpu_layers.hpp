@@ -32,10 +32,17 @@ struct GpuNorm {
   void forward(const float* x, int64_t rows, float* y, const Run& r) const {
     cuda::rmsnorm_forward(x, weight->value, y, rstd, rows, weight->numel, eps, r.stream);
   }
-  // dx overwritten, weight gradient accumulated; x is the forward's input.
-  void backward(const float* dy, const float* x, int64_t rows, float* dx, const Run& r) const {
+  // A residual connection into the norm: sum = x + residual (sum may be x), y = norm(sum).
+  void forward_residual(const float* x, const float* residual, float* sum, int64_t rows, float* y,
+                        const Run& r) const {
+    cuda::rmsnorm_forward_residual(x, residual, sum, weight->value, y, rstd, rows, weight->numel, eps, r.stream);
+  }
+  // dx overwritten (plus residual, when given: the gradient of the connection around the norm's block), weight
+  // gradient accumulated; x is the forward's input.
+  void backward(const float* dy, const float* x, int64_t rows, float* dx, const Run& r,
+                const float* residual = nullptr) const {
     zero_if_unset(*weight, r.stream);
-    cuda::rmsnorm_backward(dy, x, weight->value, rstd, dx, weight->grad, rows, weight->numel, r.stream);
+    cuda::rmsnorm_backward(dy, x, weight->value, rstd, dx, weight->grad, rows, weight->numel, r.stream, residual);
   }
 };
 

@@ -178,6 +178,55 @@ TEST_F(OpsGpu, RmsNormForwardAndBackwardMatchTheCpuReference) {
   }
 }
 
+TEST_F(OpsGpu, RmsNormWithAResidualGivesTheBitsOfTheAddDoneApart) {
+  // The decoder layer's residual connections fused into its norms: forward, sum = x + residual then norm(sum), in
+  // place over x as the layer runs it and into another buffer; backward, dx = the norm's input gradient + residual.
+  // Each must give the bits of rmsnorm_forward / rmsnorm_backward with the add as its own pass (add_inplace), on the
+  // vector and the scalar path.
+  std::mt19937_64 rng(run_seed() + 17);
+  struct Case { int64_t rows, dim; size_t offset; };
+  for (const Case c : {Case{257, 1024, 0}, Case{33, 1030, 0}, Case{40, 512, 1}}) {
+    const std::string name = "rmsnorm+residual " + std::to_string(c.rows) + "x" + std::to_string(c.dim) +
+                             (c.offset ? " unaligned" : "");
+    SCOPED_TRACE(name + ", seed " + std::to_string(run_seed()));
+    const size_t n = static_cast<size_t>(c.rows * c.dim), o = c.offset;
+    const std::vector<float> x = normal_vector(n, rng), res = normal_vector(n, rng), dy = normal_vector(n, rng),
+                             w = normal_vector(c.dim, rng, 1.0f, 0.5f);
+    std::vector<float> sum(n);
+    for (size_t i = 0; i < n; ++i) sum[i] = x[i] + res[i];  // FP32, as add_inplace
+    const float eps = 1e-6f;
+    // Apart: norm of the sum, backward then + residual.
+    DeviceBuffer<float> d_sum(sum, o), d_w(w, o), d_dy(dy, o), d_res(res, o), d_y(n + o), d_rstd(c.rows),
+        d_dx(n + o), d_dw(std::vector<float>(c.dim, 0.0f));
+    cuda::rmsnorm_forward(d_sum.get(o), d_w.get(o), d_y.get(o), d_rstd.get(), c.rows, c.dim, eps);
+    cuda::rmsnorm_backward(d_dy.get(o), d_sum.get(o), d_w.get(o), d_rstd.get(), d_dx.get(o), d_dw.get(), c.rows,
+                           c.dim);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<float> want_dx = d_dx.download(n, o);
+    for (size_t i = 0; i < n; ++i) want_dx[i] = want_dx[i] + res[i];
+    const std::vector<float> want_y = d_y.download(n, o), want_rstd = d_rstd.download(c.rows),
+                             want_dw = d_dw.download(c.dim);
+    // Fused, in place (sum over x) and into a separate buffer.
+    for (const bool in_place : {true, false}) {
+      DeviceBuffer<float> f_x(x, o), f_sum(n + o), f_y(n + o), f_rstd(c.rows), f_dx(n + o),
+          f_dw(std::vector<float>(c.dim, 0.0f));
+      f_sum.poison(), f_y.poison(), f_rstd.poison(), f_dx.poison();
+      float* const s = in_place ? f_x.get(o) : f_sum.get(o);
+      cuda::rmsnorm_forward_residual(f_x.get(o), d_res.get(o), s, d_w.get(o), f_y.get(o), f_rstd.get(), c.rows, c.dim,
+                                     eps);
+      cuda::rmsnorm_backward(d_dy.get(o), s, d_w.get(o), f_rstd.get(), f_dx.get(o), f_dw.get(), c.rows, c.dim, nullptr,
+                             d_res.get(o));
+      CUDA_CHECK(cudaDeviceSynchronize());
+      const std::string how = in_place ? " (in place)" : " (into another buffer)";
+      expect_same_bits(name + " sum" + how, (in_place ? f_x : f_sum).download(n, o), sum);
+      expect_same_bits(name + " y" + how, f_y.download(n, o), want_y);
+      expect_same_bits(name + " rstd" + how, f_rstd.download(c.rows), want_rstd);
+      expect_same_bits(name + " dx" + how, f_dx.download(n, o), want_dx);
+      expect_same_bits(name + " dweight" + how, f_dw.download(c.dim), want_dw);
+    }
+  }
+}
+
 TEST_F(OpsGpu, RopeRotatesLikeTheCpuInBothLayoutsInsideWiderRows) {
   std::mt19937_64 rng(run_seed() + 1);
   // x = q [tokens, heads·(nope + rope)], the rope dims at offset nope of each head (nope = 0: k_pe).
