@@ -46,7 +46,9 @@ class ParamStore {
   void upload(const Params& host, cudaStream_t stream);
   void download(Params& host, bool grads, cudaStream_t stream) const;
   // Marks every gradient unset (DeviceParam::grad_unset); MOERL_GRAD_ZERO=memset clears them instead (for
-  // comparing on the device).
+  // comparing on the device). On the H200 (bench-600m, rounds interleaved) within noise of clearing them: fp8 step
+  // 225.2k vs 224.2k and 218.1k vs 218.6k tokens/s, bf16 170.2k vs 170.1k and 167.5k vs 164.0k
+  // (bench/results/2026-11-30-gpu-sweep-grad-zero-h200-f606f18.txt); the Brown curves bit for bit.
   void zero_grad(cudaStream_t stream);
   // Clears the gradients still unset (one memset per run of adjacent ones): after it every gradient holds its sum.
   void settle_grads(cudaStream_t stream) const;
