@@ -106,15 +106,15 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
     KernelTrace::Interval iv;
     if (record->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL || record->kind == CUPTI_ACTIVITY_KIND_KERNEL) {
       const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
-      iv = {k->start, k->end, k->streamId, short_name(k->name)};
+      iv = {k->start, k->end, short_name(k->name)};
     } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
       const auto* m = reinterpret_cast<const CUpti_ActivityMemset4*>(record);
-      iv = {m->start, m->end, m->streamId, "[memset]"};
+      iv = {m->start, m->end, "[memset]"};
     } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
       const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(record);
       static const char* const kinds[] = {"?", "HtoD", "DtoH", "HtoA", "AtoH", "AtoA", "AtoD", "DtoA", "DtoD", "HtoH"};
       const unsigned kind = m->copyKind < 10 ? m->copyKind : 0;
-      iv = {m->start, m->end, m->streamId, std::string("[memcpy ") + kinds[kind] + "]"};
+      iv = {m->start, m->end, std::string("[memcpy ") + kinds[kind] + "]"};
     } else {
       continue;
     }
@@ -123,18 +123,6 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
   std::free(buffer);
   const std::lock_guard lock(g_mutex);
   if (g_sink != nullptr) g_sink->insert(g_sink->end(), got.begin(), got.end());
-}
-
-// Merged busy intervals of `sorted` (by start).
-std::vector<std::pair<uint64_t, uint64_t>> merged(const std::vector<KernelTrace::Interval>& sorted) {
-  std::vector<std::pair<uint64_t, uint64_t>> out;
-  for (const KernelTrace::Interval& iv : sorted) {
-    if (!out.empty() && iv.start <= out.back().second)
-      out.back().second = std::max(out.back().second, iv.end);
-    else
-      out.emplace_back(iv.start, iv.end);
-  }
-  return out;
 }
 
 }  // namespace
@@ -173,45 +161,33 @@ void KernelTrace::stop() {
   g_sink = nullptr;
 }
 
-TraceTotals trace_totals(std::vector<KernelTrace::Interval> v) {
-  TraceTotals t;
-  if (v.empty()) return t;
-  std::sort(v.begin(), v.end(), [](const auto& a, const auto& b) { return a.start < b.start; });
-  uint64_t last = 0;
-  for (const auto& [s, e] : merged(v)) t.busy += e - s, last = std::max(last, e);
-  t.span = last - v.front().start;
-  t.idle = t.span - t.busy;
-  return t;
-}
-
 void KernelTrace::report(std::FILE* out, const std::string& label, int steps, int top_kernels, int top_gaps) const {
   std::vector<Interval> v = intervals_;
   std::sort(v.begin(), v.end(), [](const Interval& a, const Interval& b) { return a.start < b.start; });
-  const TraceTotals t = trace_totals(v);
   const double per = 1e6 * std::max(steps, 1);  // ns -> ms per step
-  // Idle gaps between the merged intervals, with the work that ended last before each and the first after it.
+  // Idle gaps: the times no interval covers between the first start and the last end, each with the work that ended
+  // last before it and the first after it. Busy is the span less the gaps (the union of the intervals).
   struct Gap {
     uint64_t ns;
     std::string before, after;
   };
   std::vector<Gap> gaps;
   size_t count20 = 0, count2 = 0;
-  {
-    uint64_t busy_until = 0;
-    std::string last_name;
-    for (const Interval& iv : v) {
-      if (busy_until != 0 && iv.start > busy_until) {
-        const uint64_t g = iv.start - busy_until;
-        count2 += g >= 2000, count20 += g >= 20000;
-        gaps.push_back({g, last_name, iv.name});
-      }
-      if (iv.end > busy_until) busy_until = iv.end, last_name = iv.name;
+  uint64_t idle = 0, busy_until = 0;
+  std::string last_name;
+  for (const Interval& iv : v) {
+    if (busy_until != 0 && iv.start > busy_until) {
+      const uint64_t g = iv.start - busy_until;
+      count2 += g >= 2000, count20 += g >= 20000, idle += g;
+      gaps.push_back({g, last_name, iv.name});
     }
+    if (iv.end > busy_until) busy_until = iv.end, last_name = iv.name;
   }
+  const uint64_t span = v.empty() ? 0 : busy_until - v.front().start, busy = span - idle;
   std::fprintf(out,
                "kernel trace (MOERL_GPU_TRACE) %s, %d steps: span %.3f ms/step, GPU busy %.3f ms/step (%.1f%%), "
                "idle %.3f ms/step in %zu gaps (%.1f per step of >= 2 us, %.1f of >= 20 us); %zu intervals\n",
-               label.c_str(), steps, t.span / per, t.busy / per, t.span ? 100.0 * t.busy / t.span : 0.0, t.idle / per,
+               label.c_str(), steps, span / per, busy / per, span ? 100.0 * busy / span : 0.0, idle / per,
                gaps.size(), static_cast<double>(count2) / std::max(steps, 1),
                static_cast<double>(count20) / std::max(steps, 1), v.size());
   {
@@ -251,7 +227,7 @@ void KernelTrace::report(std::FILE* out, const std::string& label, int steps, in
   for (size_t i = 0; i < rows.size() && i < static_cast<size_t>(top_kernels); ++i) {
     const Total& s = rows[i].second;
     std::fprintf(out, "    %8.3f %7.1f %9.1f %5.1f%%  %s\n", s.ns / per, static_cast<double>(s.calls) / std::max(steps, 1),
-                 s.ns / 1e3 / static_cast<double>(s.calls), t.busy ? 100.0 * s.ns / t.busy : 0.0,
+                 s.ns / 1e3 / static_cast<double>(s.calls), busy ? 100.0 * s.ns / busy : 0.0,
                  rows[i].first.c_str());
   }
 }

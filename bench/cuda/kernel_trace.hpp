@@ -34,19 +34,11 @@ class KernelTrace {
 
   struct Interval {
     uint64_t start = 0, end = 0;  // ns, device clock
-    uint32_t stream = 0;
     std::string name;  // demangled, shortened
   };
-  const std::vector<Interval>& intervals() const { return intervals_; }
 
  private:
   std::vector<Interval> intervals_;
 };
-
-// The summary's figures for a set of intervals (sorted or not): span, busy (union) and idle, ns.
-struct TraceTotals {
-  uint64_t span = 0, busy = 0, idle = 0;
-};
-TraceTotals trace_totals(std::vector<KernelTrace::Interval> intervals);
 
 }  // namespace moerl::bench
