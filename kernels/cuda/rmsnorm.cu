@@ -177,10 +177,6 @@ void check_sizes(const char* fn, int64_t rows, int64_t dim) {
           [&] { return std::string("cuda::") + fn + ": dim must be > 0 for " + std::to_string(rows) + " rows"; });
 }
 
-}  // namespace
-
-namespace {
-
 // rmsnorm_forward, or with residual rmsnorm_forward_residual (sum = x + residual normalised).
 void forward(const char* fn, const float* x, const float* residual, float* sum, const float* weight, float* y,
              float* rstd, int64_t rows, int64_t dim, float eps, cudaStream_t stream) {
