@@ -71,11 +71,15 @@ __device__ __forceinline__ Divisor divisor(float scale) {
   return Divisor{scale, hi, __fmul_rn(__fmaf_rn(-s, hi, 1.0f), hi), exact};
 }
 
-// RN(x / s) from s's reciprocal pair hi, lo (see Divisor).
+// RN(x / s) from s's reciprocal pair hi, lo (see Divisor), as RN(|x| / s) with x's sign bit OR-ed in: for
+// |x| = 0 every step gives +0 (a zero sum of +0 and -0 is +0 when rounding to nearest), so +-0 / s keeps x's sign
+// without a comparison and a select (one LOP3 instead: 5 instructions an element, not 6). A NaN x comes out NaN of
+// either sign, which the conversion makes 0x7F as the CPU does.
 __device__ __forceinline__ float quotient(float x, float s, float hi, float lo) {
-  const float q0 = __fmaf_rn(x, hi, __fmul_rn(x, lo));
-  const float q = __fmaf_rn(__fmaf_rn(-q0, s, x), hi, q0);
-  return x == 0.0f ? x : q;  // +-0 / s keeps x's sign (the FMAs' zero sums may not)
+  const float a = fabsf(x);
+  const float q0 = __fmaf_rn(a, hi, __fmul_rn(a, lo));
+  const float q = __fmaf_rn(__fmaf_rn(-q0, s, a), hi, q0);
+  return __int_as_float(__float_as_int(q) | (__float_as_int(x) & static_cast<int>(0x80000000u)));
 }
 
 // x / d.scale for a scale above 2^100 (x 2^-64 / (s 2^-64)) or Inf (x · 0 / 1).
