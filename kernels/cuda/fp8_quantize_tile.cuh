@@ -23,10 +23,7 @@
 #pragma once
 #include <cuda_runtime.h>
 
-#include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <string>
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_quantize_common.cuh"
@@ -87,16 +84,15 @@ __device__ __forceinline__ void transposed_destination(const TileOutputs& o, int
   first = r0 - o.bounds[lo];
 }
 
-// The block (rt, ct)'s values, v[k] = x[r, c .. c + 3] at the load layout above (zeros past cols), quantized
-// into o. Uses the block's shared memory when kCols, after a barrier where `reused` (the block's previous tile
-// may still be reading it).
+// The block (rt, blockIdx.x)'s values, v[k] = x[r, c .. c + 3] at the load layout above (zeros past cols),
+// quantized into o. Uses the block's shared memory when kCols.
 template <bool kRows, bool kCols, int kTC>
 __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], const TileOutputs& o,
-                                                     float4* tile_smem, int64_t rt, int64_t ct, bool reused) {
+                                                     float4* tile_smem, int64_t rt) {
   using Shape = TileShape<kTC>;
   static_assert(!kRows || kTC == kTile, "row tiles need all 128 columns in the block");
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
-  const int64_t r0 = rt * kTile, c0 = ct * kTC;
+  const int64_t ct = blockIdx.x, r0 = rt * kTile, c0 = ct * kTC;
   if constexpr (kRows) {
     const int64_t codes_ld = o.row_codes_ld(), scales_ld = o.row_scales_ld();
 #pragma unroll
@@ -119,7 +115,6 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
   }
   if constexpr (kCols) {
     float* tile = reinterpret_cast<float*>(tile_smem);
-    if (reused) __syncthreads();
 #pragma unroll
     for (int k = 0; k < kTileLoads; ++k) {
       const int rr = Shape::row(k, warp, sub), cc = Shape::col(k, quad);
@@ -170,69 +165,40 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
   }
 }
 
-// The source at (r, c) (c + 3 < cols) returns x[r, c .. c + 3]; it is called once per such group. It may also
-// have prefetch(r, c): bring the 128-byte lines of its inputs holding (r, c .. c + 31) into L2.
-// Persistent: gridDim.x blocks (as many as fit on the GPU at once) walk the tiles t = blockIdx.x + i · gridDim.x,
-// row-major over [rows / 128, col_tiles]; with `prefetch` a block asks L2 for its next tile's lines once its own
-// loads are in flight, so a tile's loads find L2 instead of HBM while the block reduces and writes the previous one.
+// The source at (r, c) (c + 3 < cols) returns x[r, c .. c + 3]; it is called once per such group.
 // Registers (ptxas, sm_90a): 64 a thread (2 blocks of 512 or 4 of 256 per SM).
 template <class Src, bool kRows, bool kCols, int kTC>
 __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4)
-    quantize_tile_kernel(Src src, TileOutputs o, int64_t col_tiles, int64_t n_tiles, bool prefetch) {
+    quantize_tile_kernel(Src src, TileOutputs o) {
   using Shape = TileShape<kTC>;
   extern __shared__ float4 tile_smem[];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
-  for (int64_t t = blockIdx.x; t < n_tiles; t += gridDim.x) {
-    const int64_t rt = t / col_tiles, ct = t % col_tiles, c0 = ct * kTC;
-    float v[kTileLoads][4];
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTC, rt = blockIdx.y;
+  float v[kTileLoads][4];
 #pragma unroll
-    for (int k = 0; k < kTileLoads; ++k) {
-      const int64_t r = rt * kTile + Shape::row(k, warp, sub), c = c0 + Shape::col(k, quad);
-      if (c < o.cols) {
-        const float4 f = src(r, c);
-        v[k][0] = f.x, v[k][1] = f.y, v[k][2] = f.z, v[k][3] = f.w;
-      } else {
-        v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.0f;  // the CPU's zero padding of a partial tile
-      }
+  for (int k = 0; k < kTileLoads; ++k) {
+    const int64_t r = rt * kTile + Shape::row(k, warp, sub), c = c0 + Shape::col(k, quad);
+    if (c < o.cols) {
+      const float4 f = src(r, c);
+      v[k][0] = f.x, v[k][1] = f.y, v[k][2] = f.z, v[k][3] = f.w;
+    } else {
+      v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.0f;  // the CPU's zero padding of a partial tile
     }
-    if constexpr (requires { src.prefetch(int64_t{0}, int64_t{0}); }) {
-      const int64_t next = t + gridDim.x;
-      if (prefetch && next < n_tiles && quad == 0) {
-        const int64_t nrt = next / col_tiles, nc0 = next % col_tiles * kTC;
-#pragma unroll
-        for (int k = 0; k < kTileLoads; ++k) {
-          const int64_t c = nc0 + Shape::col(k, 0);
-          if (c < o.cols) src.prefetch(nrt * kTile + Shape::row(k, warp, sub), c);
-        }
-      }
-    }
-    quantize_tile_values<kRows, kCols, kTC>(v, o, tile_smem, rt, ct, t != blockIdx.x);
   }
+  quantize_tile_values<kRows, kCols, kTC>(v, o, tile_smem, rt);
 }
 
-// How quantize_tile_kernel is launched (MOERL_QUANT_TILES, read once; for comparing on the GPU): "prefetch"
-// (default) persistent blocks prefetching their next tile, "persistent" without the prefetch, "grid" one block a
-// tile.
-enum class TileLaunch { Prefetch, Persistent, Grid };
-inline TileLaunch tile_launch() {
-  static const TileLaunch mode = [] {
-    const char* v = std::getenv("MOERL_QUANT_TILES");
-    const std::string s = v != nullptr ? v : "";
-    if (s == "persistent") return TileLaunch::Persistent;
-    if (s == "grid") return TileLaunch::Grid;
-    return TileLaunch::Prefetch;
-  }();
-  return mode;
-}
-
-// Launches quantize_tile_kernel for kRows, kCols over o: rows / 128 x ceil(cols / kTC) tiles (the caller has
+// Launches quantize_tile_kernel for kRows, kCols over o: rows / 128 x ceil(cols / kTC) blocks (the caller has
 // checked the layout's needs, above); both ways in 128 x 128 blocks. (Clusters of 2 or 4 thread blocks per 128 x
 // 128 block exchanging their row amaxes through distributed shared memory, 4 or 8 blocks per SM, were measured
 // slower on the H200: 2.50-2.63 TB/s against 2.64-2.80 at 8192 x 8192,
 // bench/results/2026-11-29-gpu-dual-h200-af1791f.jsonl; removed. So was a block of 16 warps of 8 whole rows each,
 // lanes 4 columns, exchanging only the column amaxes (shared atomicMax) and the transposed codes (a 16 KiB byte
 // tile), three barriers: bit-exact, but 2.63 TB/s against this kernel's 3.10 in the same call at 8192 x 8192,
-// bench/results/2026-11-29-gpu-sweep-dual-warps-h200-108492e+warps.txt.)
+// bench/results/2026-11-29-gpu-sweep-dual-warps-h200-108492e+warps.txt. And persistent blocks, as many as fit at
+// once, walking the tiles and asking L2 for their next tile's lines (prefetch.global.L2) once their own loads were
+// in flight: dual 2.66 TB/s against 2.83 with a block a tile, transposed 3.43 against 3.84, 2.63 and 3.65 without
+// the prefetch; bench/results/2026-11-30-gpu-sweep-quant-tiles-h200-82ea109.txt.)
 template <bool kRows, bool kCols, class Src, int kTC = kTile>
 void launch_quantize_tiles(const Src& src, const TileOutputs& o, cudaStream_t stream) {
   static_assert(kRows || kCols, "nothing to write");
@@ -240,27 +206,11 @@ void launch_quantize_tiles(const Src& src, const TileOutputs& o, cudaStream_t st
   if (o.rows == 0 || o.cols == 0) return;
   const auto kernel = quantize_tile_kernel<Src, kRows, kCols, kTC>;
   const int smem = kCols ? TileShape<kTC>::kSmemBytes : 0;
-  constexpr int threads = TileShape<kTC>::kThreads;
   if (kCols) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  // Blocks resident on the whole GPU at once (per instantiation: a process's GPUs are all of one kind).
-  static const int64_t resident = [&] {
-    int per_sm = 0, dev = 0, sms = 0;
-    CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem));
-    CUDA_CHECK(cudaGetDevice(&dev));
-    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    return static_cast<int64_t>(std::max(per_sm, 1)) * sms;
-  }();
-  const int64_t col_tiles = (o.cols + kTC - 1) / kTC, n_tiles = col_tiles * (o.rows / kTile);
-  const TileLaunch mode = tile_launch();
-  const int64_t blocks = mode == TileLaunch::Grid ? n_tiles : std::min(n_tiles, resident);
-  require(blocks <= INT32_MAX, "fp8::cuda::launch_quantize_tiles: too many tiles");
-  kernel<<<static_cast<unsigned>(blocks), threads, smem, stream>>>(src, o, col_tiles, n_tiles,
-                                                                  mode == TileLaunch::Prefetch);
+  const dim3 grid(static_cast<unsigned>((o.cols + kTC - 1) / kTC), static_cast<unsigned>(o.rows / kTile));
+  kernel<<<grid, TileShape<kTC>::kThreads, smem, stream>>>(src, o);
   CUDA_CHECK_LAUNCH();
 }
-
-// Asks L2 for the 128-byte line holding p.
-__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
 // The plain source: x [rows, cols] in memory, read once (streaming).
 struct PlainSource {
@@ -269,7 +219,6 @@ struct PlainSource {
   __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
     return __ldcs(reinterpret_cast<const float4*>(x + r * cols + c));
   }
-  __device__ __forceinline__ void prefetch(int64_t r, int64_t c) const { prefetch_l2(x + r * cols + c); }
 };
 
 }  // namespace moerl::fp8::cuda::quant_detail

@@ -220,10 +220,6 @@ struct GatherSource {
     if (t < 0) return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     return __ldg(reinterpret_cast<const float4*>(x + t * cols + c));
   }
-  __device__ __forceinline__ void prefetch(int64_t r, int64_t c) const {
-    const int64_t t = token_of[r];
-    if (t >= 0) fp8::cuda::quant_detail::prefetch_l2(x + t * cols + c);
-  }
 };
 
 // The routed experts' output gradient row r: w_r · dy[token_of[r], :] (moe_combine_backward's product, rounded
@@ -239,10 +235,6 @@ struct ScaledGatherSource {
     const float w = row_weight[r];
     const float4 v = __ldg(reinterpret_cast<const float4*>(dy + t * cols + c));
     return make_float4(__fmul_rn(w, v.x), __fmul_rn(w, v.y), __fmul_rn(w, v.z), __fmul_rn(w, v.w));
-  }
-  __device__ __forceinline__ void prefetch(int64_t r, int64_t c) const {
-    const int64_t t = token_of[r];
-    if (t >= 0) fp8::cuda::quant_detail::prefetch_l2(dy + t * cols + c);
   }
 };
 

@@ -24,7 +24,6 @@ namespace {
 using fp8::kTile;
 using fp8::cuda::quant_detail::launch_quantize_pipelined;
 using fp8::cuda::quant_detail::launch_quantize_tiles;
-using fp8::cuda::quant_detail::prefetch_l2;
 using fp8::cuda::quant_detail::PipeOutputs;
 using fp8::cuda::quant_detail::TileOutputs;
 using swiglu_detail::silu_grads;
@@ -51,9 +50,6 @@ struct ForwardSource {
                                   silu_times(gv.w, uv.w));
     if (h != nullptr) *reinterpret_cast<float4*>(h + i) = hv;  // kept for the backward pass: a normal store
     return hv;
-  }
-  __device__ __forceinline__ void prefetch(int64_t r, int64_t c) const {
-    prefetch_l2(g + r * gu_ld + c), prefetch_l2(u + r * gu_ld + c);
   }
 };
 
