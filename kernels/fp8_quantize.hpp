@@ -3,7 +3,7 @@
 // max(amax, 1e-4) / 448 in FP32, same true division x / scale, same saturating round-to-nearest-even
 // conversion (the hardware's cvt.rn.satfinite.e4m3x2.f32), same zero-padding of partial tiles, NaN ignored
 // by amax. Codes and scales come out in the CPU layout; fp8::cuda::scales_to_cublaslt
-// (kernels/fp8_gemm.hpp) converts scales for the GEMM.
+// (kernels/fp8_gemm.hpp) converts scales for the GEMM, or the 1x128 functions write that layout (ScaleLayout).
 //
 // All pointers are device memory; x is read-only, the outputs are fully overwritten. Calls are
 // asynchronous on `stream`. Any rows, cols >= 0 (nothing is launched for an empty matrix); aligned
@@ -19,9 +19,16 @@
 
 namespace moerl::fp8::cuda {
 
+// Where the 1x128 functions put their scales: the CPU's layout (as given with each function), or the one
+// cuBLASLt's VEC128 GEMM reads, which saves the caller the conversion (a launch) before the GEMM: [tiles(cols),
+// rows] for quantize_1x128 and [tiles(rows), cols] for the transposed (fp8::cuda::scales_to_cublaslt of the CPU
+// layout); quantize_1x128_dual's rows per group of bounds, each [tiles(cols), n_g] at bounds[g] · tiles(cols)
+// (as cuda::moe_grouped_vec128_scales puts them).
+enum class ScaleLayout { Cpu, Cublaslt };
+
 // x [rows, cols] -> codes [rows, cols], scales [rows, tiles(cols)]: 1x128 tiles along columns.
 void quantize_1x128(const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* scales,
-                    cudaStream_t stream = nullptr);
+                    cudaStream_t stream = nullptr, ScaleLayout layout = ScaleLayout::Cpu);
 
 // w [rows, cols] -> codes [rows, cols], scales [tiles(rows), tiles(cols)]: 128x128 blocks.
 void quantize_128x128(const float* w, int64_t rows, int64_t cols, uint8_t* codes, float* scales,
@@ -55,7 +62,7 @@ void quantize_128x128_placed(const float* w, int64_t batch, int64_t rows, int64_
 // x [rows, cols] -> codes_t [cols, rows] (= xᵀ quantized 1x128), scales_t [cols, tiles(rows)]: tiles
 // along rows (tokens), what Wgrad needs.
 void quantize_1x128_transposed(const float* x, int64_t rows, int64_t cols, uint8_t* codes_t, float* scales_t,
-                               cudaStream_t stream = nullptr);
+                               cudaStream_t stream = nullptr, ScaleLayout layout = ScaleLayout::Cpu);
 
 // quantize_1x128_transposed with x's rows cut into groups (the routed experts' aligned rows): bounds [n_groups + 1]
 // on the device, rising in multiples of 128 from 0 to rows (rows a multiple of 128); group g's codes are its own
@@ -63,17 +70,17 @@ void quantize_1x128_transposed(const float* x, int64_t rows, int64_t cols, uint8
 // quantize_1x128_transposed's (every 128-row tile lies in one group, so the tiles and scales are the same).
 void quantize_1x128_transposed_grouped(const float* x, int64_t rows, int64_t cols, const int64_t* bounds,
                                        int64_t n_groups, uint8_t* codes_t, float* scales_t,
-                                       cudaStream_t stream = nullptr);
+                                       cudaStream_t stream = nullptr, ScaleLayout layout = ScaleLayout::Cpu);
 
 // quantize_1x128 and quantize_1x128_transposed_grouped of the same x in one pass over x (bounds null: one group,
 // i.e. quantize_1x128_transposed): codes, scales as quantize_1x128's; codes_t, scales_t as the transposed one's.
 // One kernel reading x once when rows % 128 == 0, cols % 4 == 0, x 16-byte and the codes 4-byte aligned and
 // rows / 128 <= 65535 (fp8_quantize_tile.cuh); otherwise the two kernels (bounds then needs rows % 128 == 0, as
 // for quantize_1x128_transposed_grouped). Where Fprop or Dgrad and Wgrad take the same activation (the routed
-// experts' output gradient) this saves one read of it.
+// experts' output gradient) this saves one read of it. ScaleLayout::Cublaslt with bounds needs the one kernel.
 void quantize_1x128_dual(const float* x, int64_t rows, int64_t cols, const int64_t* bounds, int64_t n_groups,
                          uint8_t* codes, float* scales, uint8_t* codes_t, float* scales_t,
-                         cudaStream_t stream = nullptr);
+                         cudaStream_t stream = nullptr, ScaleLayout layout = ScaleLayout::Cpu);
 
 // The two kernel shapes of the transposed quantization, giving the same bytes: Tiles64, fp8_quantize_tile.cuh's
 // blocks of 128 rows x 64 columns transposed in swizzled shared memory with 16-byte code stores (what
@@ -88,6 +95,7 @@ void quantize_1x128_transposed_with(TransposedKernel kernel, const float* x, int
 // quantize_1x128_transposed_grouped with the given kernel shape.
 void quantize_1x128_transposed_grouped_with(TransposedKernel kernel, const float* x, int64_t rows, int64_t cols,
                                             const int64_t* bounds, int64_t n_groups, uint8_t* codes_t,
-                                            float* scales_t, cudaStream_t stream = nullptr);
+                                            float* scales_t, cudaStream_t stream = nullptr,
+                                            ScaleLayout layout = ScaleLayout::Cpu);
 
 }  // namespace moerl::fp8::cuda

@@ -383,9 +383,15 @@ void bench_quantize(Report& report, const std::string& device, cudaStream_t stre
     void (*run)(const float*, int64_t, int64_t, uint8_t*, float*, cudaStream_t);
   };
   const Variant variants[] = {
-      {"quant_1x128_gbps", rows * fp8::tiles(cols), fc::quantize_1x128},
+      {"quant_1x128_gbps", rows * fp8::tiles(cols),
+       [](const float* x, int64_t r, int64_t c, uint8_t* q, float* s, cudaStream_t st) {
+         fc::quantize_1x128(x, r, c, q, s, st);
+       }},
       {"quant_128x128_gbps", fp8::tiles(rows) * fp8::tiles(cols), fc::quantize_128x128},
-      {"quant_1x128_transposed_gbps", cols * fp8::tiles(rows), fc::quantize_1x128_transposed},
+      {"quant_1x128_transposed_gbps", cols * fp8::tiles(rows),
+       [](const float* x, int64_t r, int64_t c, uint8_t* q, float* s, cudaStream_t st) {
+         fc::quantize_1x128_transposed(x, r, c, q, s, st);
+       }},
   };
   auto add = [&](const std::string& metric, double bytes, const std::vector<float>& ms, const std::string& kernel) {
     nlohmann::json extra = timing_extra(device, ms);

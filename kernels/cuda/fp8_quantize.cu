@@ -69,7 +69,7 @@ __device__ __forceinline__ void store4(uint8_t* row, int64_t c, int64_t cols, bo
 template <bool kFull>
 __global__ void __launch_bounds__(kRowWarps * kWarp)
     quantize_1x128_kernel(const float* __restrict__ x, int64_t rows, int64_t cols, int64_t ntiles, bool vec,
-                          uint8_t* __restrict__ codes, float* __restrict__ scales) {
+                          bool lt, uint8_t* __restrict__ codes, float* __restrict__ scales) {
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp) * kTilesPerWarp;
   const int64_t count = rows * ntiles;
   const int lane = threadIdx.x % kWarp;
@@ -91,7 +91,7 @@ __global__ void __launch_bounds__(kRowWarps * kWarp)
     const int amax =
         warp_max(max(max(abs_bits(v[i][0]), abs_bits(v[i][1])), max(abs_bits(v[i][2]), abs_bits(v[i][3]))));
     const float scale = scale_from_amax_bits(amax);
-    if (lane == 0) scales[tile] = scale;
+    if (lane == 0) scales[lt ? tile % ntiles * rows + tile / ntiles : tile] = scale;  // lt: [ntiles, rows]
     if (kFull)
       __stcs(reinterpret_cast<unsigned int*>(codes + tile * kTile) + lane, encode4(v[i], scale));
     else
@@ -216,7 +216,7 @@ __global__ void __launch_bounds__(kTransposeWarps * kWarp)
     quantize_1x128_transposed_kernel(const float* __restrict__ x, int64_t rows, int64_t cols, int64_t nrow_tiles,
                                      bool vec_x, bool vec, uint8_t* __restrict__ codes_t,
                                      float* __restrict__ scales_t, const int64_t* __restrict__ bounds,
-                                     int64_t n_groups) {
+                                     int64_t n_groups, bool lt) {
   constexpr int kThreads = kTransposeWarps * kWarp;
   constexpr int kQuads = kTC / 4;                 // 4-column groups per tile row
   constexpr int kLoads = kTile * kQuads / kThreads;          // groups per thread
@@ -254,7 +254,7 @@ __global__ void __launch_bounds__(kTransposeWarps * kWarp)
     const int amax = warp_max(max(max(abs_bits(q[0]), abs_bits(q[1])), max(abs_bits(q[2]), abs_bits(q[3]))));
     const float scale = scale_from_amax_bits(amax);
     const int64_t c = c0 + j;
-    if (lane == 0 && c < cols) scales_t[c * nrow_tiles + rt] = scale;
+    if (lane == 0 && c < cols) scales_t[lt ? rt * cols + c : c * nrow_tiles + rt] = scale;  // lt: [nrow_tiles, cols]
     const uint16_t lo = encode2(q[0], q[1], scale), hi = encode2(q[2], q[3], scale);
     staged[j][lane] = static_cast<uint8_t>(lo);
     staged[j][lane + kWarp] = static_cast<uint8_t>(lo >> 8);
@@ -312,7 +312,7 @@ bool tile_kernel_fits(const float* x, int64_t rows, int64_t cols, const uint8_t*
 
 // quantize_1x128_transposed_kernel (kTC columns per block); bounds null: ungrouped.
 void launch_transposed_cols(const char* fn, const float* x, int64_t rows, int64_t cols, const int64_t* bounds,
-                            int64_t n_groups, uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
+                            int64_t n_groups, uint8_t* codes_t, float* scales_t, cudaStream_t stream, bool lt) {
   const int64_t chunks = blocks_for(cols, kTC);
   require(tiles(rows) <= 65535 && chunks <= INT32_MAX,
           [&] { return std::string("fp8::cuda::") + fn + ": matrix too large"; });
@@ -325,26 +325,27 @@ void launch_transposed_cols(const char* fn, const float* x, int64_t rows, int64_
                                         : (full ? quantize_1x128_transposed_kernel<true, false>
                                                 : quantize_1x128_transposed_kernel<false, false>);
   kernel<<<grid, kTransposeWarps * kWarp, 0, stream>>>(x, rows, cols, tiles(rows), vec_x, vec, codes_t, scales_t,
-                                                        bounds, n_groups);
+                                                        bounds, n_groups, lt);
   CUDA_CHECK_LAUNCH();
 }
 
 void launch_transposed(TransposedKernel kernel, const char* fn, const float* x, int64_t rows, int64_t cols,
                        const int64_t* bounds, int64_t n_groups, uint8_t* codes_t, float* scales_t,
-                       cudaStream_t stream) {
+                       cudaStream_t stream, bool lt = false) {
   if (kernel == TransposedKernel::Tiles64 && tile_kernel_fits(x, rows, cols, nullptr, codes_t)) {
     TileOutputs o;
     o.rows = rows, o.cols = cols, o.codes_t = codes_t, o.scales_t = scales_t, o.bounds = bounds,
-    o.n_groups = n_groups;
+    o.n_groups = n_groups, o.cols_lt = lt;
     launch_quantize_tiles<false, true, PlainSource, 64>(PlainSource{x, cols}, o, stream);
   } else {
-    launch_transposed_cols(fn, x, rows, cols, bounds, n_groups, codes_t, scales_t, stream);
+    launch_transposed_cols(fn, x, rows, cols, bounds, n_groups, codes_t, scales_t, stream, lt);
   }
 }
 
 }  // namespace
 
-void quantize_1x128(const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream) {
+void quantize_1x128(const float* x, int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream,
+                    ScaleLayout layout) {
   check_args("quantize_1x128", x, rows, cols, codes, scales);
   if (rows == 0 || cols == 0) return;
   const int64_t ntiles = tiles(cols);
@@ -352,7 +353,9 @@ void quantize_1x128(const float* x, int64_t rows, int64_t cols, uint8_t* codes, 
   require(blocks <= INT32_MAX, "fp8::cuda::quantize_1x128: matrix too large for one launch");
   const bool vec = cols % 4 == 0 && aligned(x, 16) && aligned(codes, 4);
   const auto kernel = vec && cols % kTile == 0 ? quantize_1x128_kernel<true> : quantize_1x128_kernel<false>;
-  kernel<<<static_cast<unsigned>(blocks), kRowWarps * kWarp, 0, stream>>>(x, rows, cols, ntiles, vec, codes, scales);
+  kernel<<<static_cast<unsigned>(blocks), kRowWarps * kWarp, 0, stream>>>(x, rows, cols, ntiles, vec,
+                                                                          layout == ScaleLayout::Cublaslt, codes,
+                                                                          scales);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -402,22 +405,23 @@ void quantize_128x128_placed(const float* w, int64_t batch, int64_t rows, int64_
 }
 
 void quantize_1x128_transposed(const float* x, int64_t rows, int64_t cols, uint8_t* codes_t, float* scales_t,
-                               cudaStream_t stream) {
+                               cudaStream_t stream, ScaleLayout layout) {
   check_args("quantize_1x128_transposed", x, rows, cols, codes_t, scales_t);
   if (rows == 0 || cols == 0) return;
   launch_transposed(TransposedKernel::Tiles64, "quantize_1x128_transposed", x, rows, cols, nullptr, 0, codes_t, scales_t,
-                    stream);
+                    stream, layout == ScaleLayout::Cublaslt);
 }
 
 void quantize_1x128_transposed_grouped(const float* x, int64_t rows, int64_t cols, const int64_t* bounds,
-                                       int64_t n_groups, uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
+                                       int64_t n_groups, uint8_t* codes_t, float* scales_t, cudaStream_t stream,
+                                       ScaleLayout layout) {
   quantize_1x128_transposed_grouped_with(TransposedKernel::Tiles64, x, rows, cols, bounds, n_groups, codes_t, scales_t,
-                                         stream);
+                                         stream, layout);
 }
 
 void quantize_1x128_transposed_grouped_with(TransposedKernel kernel, const float* x, int64_t rows, int64_t cols,
                                             const int64_t* bounds, int64_t n_groups, uint8_t* codes_t,
-                                            float* scales_t, cudaStream_t stream) {
+                                            float* scales_t, cudaStream_t stream, ScaleLayout layout) {
   check_args("quantize_1x128_transposed_grouped", x, rows, cols, codes_t, scales_t);
   require(rows % kTile == 0 && n_groups > 0, [&] {
     return "fp8::cuda::quantize_1x128_transposed_grouped: rows must be a multiple of 128 and n_groups > 0, got rows " +
@@ -426,7 +430,7 @@ void quantize_1x128_transposed_grouped_with(TransposedKernel kernel, const float
   if (rows == 0 || cols == 0) return;
   require(bounds != nullptr, "fp8::cuda::quantize_1x128_transposed_grouped: null bounds");
   launch_transposed(kernel, "quantize_1x128_transposed_grouped", x, rows, cols, bounds, n_groups, codes_t, scales_t,
-                    stream);
+                    stream, layout == ScaleLayout::Cublaslt);
 }
 
 void quantize_1x128_transposed_with(TransposedKernel kernel, const float* x, int64_t rows, int64_t cols,
@@ -445,22 +449,29 @@ const char* transposed_kernel_name(TransposedKernel k) {
 }
 
 void quantize_1x128_dual(const float* x, int64_t rows, int64_t cols, const int64_t* bounds, int64_t n_groups,
-                         uint8_t* codes, float* scales, uint8_t* codes_t, float* scales_t, cudaStream_t stream) {
+                         uint8_t* codes, float* scales, uint8_t* codes_t, float* scales_t, cudaStream_t stream,
+                         ScaleLayout layout) {
   check_args("quantize_1x128_dual", x, rows, cols, codes, scales);
   check_args("quantize_1x128_dual", x, rows, cols, codes_t, scales_t);
   if (rows == 0 || cols == 0) return;
   require(bounds == nullptr || n_groups > 0, "fp8::cuda::quantize_1x128_dual: bounds need n_groups > 0");
+  const bool lt = layout == ScaleLayout::Cublaslt;
   if (!tile_kernel_fits(x, rows, cols, codes, codes_t)) {
-    quantize_1x128(x, rows, cols, codes, scales, stream);
+    require(!lt || bounds == nullptr, [&] {
+      return "fp8::cuda::quantize_1x128_dual: grouped rows in cuBLASLt's scale layout need rows a multiple of 128, "
+             "cols of 4, x 16-byte and the codes 4-byte aligned, got " +
+             std::to_string(rows) + " x " + std::to_string(cols);
+    });
+    quantize_1x128(x, rows, cols, codes, scales, stream, layout);
     if (bounds != nullptr)
       quantize_1x128_transposed_grouped(x, rows, cols, bounds, n_groups, codes_t, scales_t, stream);
     else
-      quantize_1x128_transposed(x, rows, cols, codes_t, scales_t, stream);
+      quantize_1x128_transposed(x, rows, cols, codes_t, scales_t, stream, layout);
     return;
   }
   TileOutputs o;
   o.rows = rows, o.cols = cols, o.codes = codes, o.scales = scales, o.codes_t = codes_t, o.scales_t = scales_t;
-  o.bounds = bounds, o.n_groups = n_groups;
+  o.bounds = bounds, o.n_groups = n_groups, o.rows_lt = o.cols_lt = lt;
   launch_quantize_tiles<true, true>(PlainSource{x, cols}, o, stream);
 }
 

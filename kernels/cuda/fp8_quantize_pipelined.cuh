@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
   static_assert(NO >= 1 && NO <= NI && NI >= 2 && NI <= 3, "a source's shape");
   extern __shared__ float4 pipe_smem[];
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
-  const int64_t cols = outs.o[0].cols, nrow_tiles = outs.o[0].rows / kTile;
+  const int64_t cols = outs.o[0].cols;
   const int64_t my_tiles = (n_tiles - blockIdx.x + gridDim.x - 1) / gridDim.x;  // blockIdx.x < n_tiles
   const int64_t n_halves = 2 * my_tiles;
 
@@ -206,7 +206,11 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
           const float scale = scale_from_amax_bits(amax);
           const Divisor d = divisor(scale);
           const int64_t gr = r0 + r;
-          if (p == 0) out.scales[gr * out.row_scales_ld() + ct] = scale;
+          if (p == 0) {
+            int64_t g0 = 0, n = out.rows;
+            if (out.rows_lt) group_of(out, rt * kTile, g0, n);
+            *row_scale(out, gr, ct, g0, n) = scale;
+          }
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const int64_t c = c0 + 4 * (p + 8 * i);
@@ -248,7 +252,7 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
         const Divisor d = divisor(scale);
         const int64_t c = c0 + 4 * jc + e;
         if (c >= cols) continue;  // the same for the whole half warp (after its shuffles)
-        if (q == 0) out.scales_t[c * nrow_tiles + rt] = scale;
+        if (q == 0) *col_scale(out, c, rt) = scale;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float x4[4] = {cv[o][h][0][e], cv[o][h][1][e], cv[o][h][2][e], cv[o][h][3][e]};

@@ -59,17 +59,22 @@ struct TileOutputs {
   float* scales_t = nullptr;                      //          [cols, rows / 128]
   const int64_t* bounds = nullptr;                // [n_groups + 1] on the device, or null: one group
   int64_t n_groups = 0;
+  // The scales in the layout cuBLASLt's VEC128 GEMM reads (fp8::cuda::scales_to_cublaslt, moe_grouped_vec128_scales)
+  // instead of the CPU's above, which saves the GEMM's caller a conversion launch per operand:
+  //   rows_lt: each group's rows (n_g from bounds[g]) as [row_scales_ld, n_g] at bounds[g] · row_scales_ld, tile kb
+  //            of row r at (scales_col0 + kb) · n_g + r - bounds[g];
+  //   cols_lt: [rows / 128, cols], tile rt of column c at rt · cols + c.
+  bool rows_lt = false, cols_lt = false;
+  int64_t scales_col0 = 0;  // the rows' first scale column: a view's place in a wider operand's tiles (both layouts)
   // The row strides, the packed ones where unset (a [rows, cols] view into a wider matrix sets them, e.g. the
   // gate half of SwiGLU's [rows, 2 · cols] gradient codes).
   __host__ __device__ int64_t row_codes_ld() const { return codes_ld != 0 ? codes_ld : cols; }
   __host__ __device__ int64_t row_scales_ld() const { return scales_ld != 0 ? scales_ld : (cols + kTile - 1) / kTile; }
 };
 
-// Where the transposed codes of the 128-row tile at r0 go: its rows start at column `first` of a [cols, out_rows]
-// matrix at out (o.codes_t; with bounds, the packed matrix of the group holding the tile).
-__device__ __forceinline__ void transposed_destination(const TileOutputs& o, int64_t r0, uint8_t*& out,
-                                                       int64_t& out_rows, int64_t& first) {
-  out = o.codes_t, out_rows = o.rows, first = r0;
+// The group holding the 128-row tile at r0: its first row and its row count (the whole when there are no bounds).
+__device__ __forceinline__ void group_of(const TileOutputs& o, int64_t r0, int64_t& first, int64_t& n) {
+  first = 0, n = o.rows;
   if (o.bounds == nullptr) return;
   int64_t lo = 0, hi = o.n_groups;  // the last group starting at or before r0 (empty groups skipped)
   while (hi - lo > 1) {
@@ -79,9 +84,29 @@ __device__ __forceinline__ void transposed_destination(const TileOutputs& o, int
     else
       hi = mid;
   }
-  out = o.codes_t + o.bounds[lo] * o.cols;
-  out_rows = o.bounds[lo + 1] - o.bounds[lo];
-  first = r0 - o.bounds[lo];
+  first = o.bounds[lo];
+  n = o.bounds[lo + 1] - first;
+}
+
+// Where the transposed codes of the 128-row tile at r0 go: its rows start at column `first` of a [cols, out_rows]
+// matrix at out (o.codes_t; with bounds, the packed matrix of the group holding the tile).
+__device__ __forceinline__ void transposed_destination(const TileOutputs& o, int64_t r0, uint8_t*& out,
+                                                       int64_t& out_rows, int64_t& first) {
+  int64_t g0;
+  group_of(o, r0, g0, out_rows);
+  out = o.codes_t + g0 * o.cols;
+  first = r0 - g0;
+}
+
+// Where the scale of row r's tile kb goes; g0, n: the group of r (group_of; used by rows_lt only).
+__device__ __forceinline__ float* row_scale(const TileOutputs& o, int64_t r, int64_t kb, int64_t g0, int64_t n) {
+  const int64_t ld = o.row_scales_ld(), k = o.scales_col0 + kb;
+  return o.rows_lt ? o.scales + g0 * ld + k * n + (r - g0) : o.scales + r * ld + k;
+}
+
+// Where the scale of column c's tile rt (rows 128 rt ..) goes.
+__device__ __forceinline__ float* col_scale(const TileOutputs& o, int64_t c, int64_t rt) {
+  return o.cols_lt ? o.scales_t + rt * o.cols + c : o.scales_t + c * (o.rows / kTile) + rt;
 }
 
 // The block (rt, blockIdx.x)'s values, v[k] = x[r, c .. c + 3] at the load layout above (zeros past cols),
@@ -94,7 +119,9 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
   const int64_t ct = blockIdx.x, r0 = rt * kTile, c0 = ct * kTC;
   if constexpr (kRows) {
-    const int64_t codes_ld = o.row_codes_ld(), scales_ld = o.row_scales_ld();
+    const int64_t codes_ld = o.row_codes_ld();
+    int64_t g0 = 0, n = o.rows;
+    if (o.rows_lt) group_of(o, r0, g0, n);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float m = 0.0f;
@@ -105,7 +132,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
       const float scale = scale_from_amax_bits(amax);
       const Divisor d = divisor(scale);
       const int64_t r = r0 + Shape::row(4 * h, warp, sub);
-      if (quad == 0) o.scales[r * scales_ld + ct] = scale;
+      if (quad == 0) *row_scale(o, r, ct, g0, n) = scale;
 #pragma unroll
       for (int k = 4 * h; k < 4 * h + 4; ++k) {
         const int64_t c = c0 + Shape::col(k, quad);
@@ -142,8 +169,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
     const Divisor d = divisor(scale);
     const int64_t c = c0 + jj;
     if (c < o.cols) {
-      const int64_t nrow_tiles = o.rows / kTile;
-      if (k4 == 0) o.scales_t[c * nrow_tiles + rt] = scale;
+      if (k4 == 0) *col_scale(o, c, rt) = scale;
       uint8_t* out;
       int64_t out_rows, first;
       transposed_destination(o, r0, out, out_rows, first);

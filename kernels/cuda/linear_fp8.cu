@@ -126,14 +126,13 @@ class Fp8Activation {
       x = padded;
     }
     uint8_t* codes = scratch_.as<uint8_t>(at_.codes);
-    float* scales = scratch_.as<float>(at_.scales);
     float* lt_scales = scratch_.as<float>(at_.lt_scales);
     const int64_t op_rows = along_rows ? pcols : prows, op_cols = along_rows ? prows : pcols;
+    constexpr auto lt = fp8::cuda::ScaleLayout::Cublaslt;  // the scales as the GEMM reads them
     if (along_rows)
-      fp8::cuda::quantize_1x128_transposed(x, prows, pcols, codes, scales, stream);
+      fp8::cuda::quantize_1x128_transposed(x, prows, pcols, codes, lt_scales, stream, lt);
     else
-      fp8::cuda::quantize_1x128(x, prows, pcols, codes, scales, stream);
-    fp8::cuda::scales_to_cublaslt(scales, op_rows, op_cols, 1, lt_scales, stream);
+      fp8::cuda::quantize_1x128(x, prows, pcols, codes, lt_scales, stream, lt);
     operand_ = Operand{codes, lt_scales, op_rows, op_cols, 1};
   }
   const Operand& operand() const { return operand_; }
@@ -141,7 +140,7 @@ class Fp8Activation {
 
  private:
   struct Offsets {
-    size_t padded = 0, codes = 0, scales = 0, lt_scales = 0, total = 0;
+    size_t padded = 0, codes = 0, lt_scales = 0, total = 0;
   };
   static Offsets offsets(int64_t rows, int64_t cols, int64_t prows, int64_t pcols, bool along_rows) {
     const int64_t op_rows = along_rows ? pcols : prows, op_cols = along_rows ? prows : pcols;
@@ -149,7 +148,6 @@ class Fp8Activation {
     Offsets o;
     if (prows != rows || pcols != cols) o.padded = l.add(static_cast<size_t>(prows * pcols) * sizeof(float));
     o.codes = l.add(static_cast<size_t>(prows * pcols));
-    o.scales = l.add(static_cast<size_t>(op_rows * tiles(op_cols)) * sizeof(float));
     o.lt_scales = l.add(static_cast<size_t>(fp8::cuda::cublaslt_scale_count(op_rows, op_cols, 1)) * sizeof(float));
     o.total = l.total;
     return o;
@@ -329,13 +327,10 @@ class Fp8GradientBothWays {
       : at_(offsets(M, N)), scratch_(at_.total, stream) {
     uint8_t* codes = scratch_.as<uint8_t>(at_.codes);
     uint8_t* codes_t = scratch_.as<uint8_t>(at_.codes_t);
-    float* scales = scratch_.as<float>(at_.scales);
-    float* scales_t = scratch_.as<float>(at_.scales_t);
     float* lt = scratch_.as<float>(at_.lt);
     float* lt_t = scratch_.as<float>(at_.lt_t);
-    fp8::cuda::quantize_1x128_dual(dy, M, N, nullptr, 0, codes, scales, codes_t, scales_t, stream);
-    fp8::cuda::scales_to_cublaslt(scales, M, N, 1, lt, stream);
-    fp8::cuda::scales_to_cublaslt(scales_t, N, M, 1, lt_t, stream);
+    fp8::cuda::quantize_1x128_dual(dy, M, N, nullptr, 0, codes, lt, codes_t, lt_t, stream,
+                                   fp8::cuda::ScaleLayout::Cublaslt);
     rows_ = Operand{codes, lt, M, N, 1};
     tokens_ = Operand{codes_t, lt_t, N, M, 1};
   }
@@ -345,15 +340,13 @@ class Fp8GradientBothWays {
 
  private:
   struct Offsets {
-    size_t codes = 0, codes_t = 0, scales = 0, scales_t = 0, lt = 0, lt_t = 0, total = 0;
+    size_t codes = 0, codes_t = 0, lt = 0, lt_t = 0, total = 0;
   };
   static Offsets offsets(int64_t M, int64_t N) {
     Layout l;
     Offsets o;
     o.codes = l.add(static_cast<size_t>(M * N));
     o.codes_t = l.add(static_cast<size_t>(M * N));
-    o.scales = l.add(static_cast<size_t>(M * tiles(N)) * sizeof(float));
-    o.scales_t = l.add(static_cast<size_t>(N * tiles(M)) * sizeof(float));
     o.lt = l.add(static_cast<size_t>(fp8::cuda::cublaslt_scale_count(M, N, 1)) * sizeof(float));
     o.lt_t = l.add(static_cast<size_t>(fp8::cuda::cublaslt_scale_count(N, M, 1)) * sizeof(float));
     o.total = l.total;

@@ -112,21 +112,29 @@ constexpr int kGatherWarps = 8;
 __global__ void __launch_bounds__(kGatherWarps * 32)
     gather_rows_fp8_kernel(const uint8_t* __restrict__ token_codes, const float* __restrict__ token_scales,
                            const int64_t* __restrict__ token_of, int64_t rows, int64_t cols, int64_t ntiles,
-                           uint8_t* __restrict__ codes, float* __restrict__ scales) {
+                           const int64_t* __restrict__ lt_aligned, int64_t n_experts, uint8_t* __restrict__ codes,
+                           float* __restrict__ scales) {
   const int lane = threadIdx.x % 32;
   const int64_t chunks = cols / 16, warps = static_cast<int64_t>(gridDim.x) * kGatherWarps;
   const float zero_scale = fp8::cuda::quant_detail::scale_from_amax_bits(0);
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kGatherWarps + threadIdx.x / 32; r < rows; r += warps) {
     const int64_t t = token_of[r];
     uint4* dst = reinterpret_cast<uint4*>(codes + r * cols);
+    // Scale kb of the row at dst_scales[kb · step]: the CPU's layout, or the cuBLASLt one of the row's expert.
     float* dst_scales = scales + r * ntiles;
+    int64_t step = 1;
+    if (lt_aligned != nullptr) {
+      const int64_t e = expert_of(lt_aligned, n_experts, r), first = lt_aligned[e];
+      step = lt_aligned[e + 1] - first;
+      dst_scales = scales + first * ntiles + (r - first);
+    }
     if (t >= 0) {
       const uint4* src = reinterpret_cast<const uint4*>(token_codes + t * cols);
       for (int64_t i = lane; i < chunks; i += 32) dst[i] = __ldg(src + i);
-      for (int64_t i = lane; i < ntiles; i += 32) dst_scales[i] = __ldg(token_scales + t * ntiles + i);
+      for (int64_t i = lane; i < ntiles; i += 32) dst_scales[i * step] = __ldg(token_scales + t * ntiles + i);
     } else {
       for (int64_t i = lane; i < chunks; i += 32) dst[i] = make_uint4(0, 0, 0, 0);
-      for (int64_t i = lane; i < ntiles; i += 32) dst_scales[i] = zero_scale;
+      for (int64_t i = lane; i < ntiles; i += 32) dst_scales[i * step] = zero_scale;
     }
   }
 }
@@ -205,7 +213,8 @@ void moe_grouped_vec128_scales(const float* src, const int64_t* aligned, int64_t
 }
 
 void moe_gather_rows_fp8(const uint8_t* token_codes, const float* token_scales, const int64_t* token_of,
-                         int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream) {
+                         int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream,
+                         const int64_t* lt_aligned, int64_t n_experts) {
   require(rows >= 0 && cols >= 0 && cols % 16 == 0, [&] {
     return "cuda::moe_gather_rows_fp8: need rows >= 0 and cols a multiple of 16, got " + std::to_string(rows) + " x " +
            std::to_string(cols);
@@ -213,10 +222,12 @@ void moe_gather_rows_fp8(const uint8_t* token_codes, const float* token_scales, 
   if (rows == 0 || cols == 0) return;
   require(token_codes && token_scales && token_of && codes && scales && aligned16(token_codes) && aligned16(codes),
           "cuda::moe_gather_rows_fp8: null pointer, or codes not 16-byte aligned");
+  require(lt_aligned == nullptr || n_experts > 0, "cuda::moe_gather_rows_fp8: the cuBLASLt layout needs n_experts > 0");
   const unsigned blocks =
       static_cast<unsigned>(std::clamp<int64_t>((rows + kGatherWarps - 1) / kGatherWarps, 1, kMaxBlocks));
   gather_rows_fp8_kernel<<<blocks, kGatherWarps * 32, 0, stream>>>(token_codes, token_scales, token_of, rows, cols,
-                                                                   (cols + 127) / 128, codes, scales);
+                                                                   (cols + 127) / 128, lt_aligned, n_experts, codes,
+                                                                   scales);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -51,9 +51,11 @@ void moe_zero_rows(const int64_t* token_of, int64_t rows, int64_t dim, float* bu
 // and token_scales [tokens, tiles(cols)] (fp8::cuda::quantize_1x128 of x [tokens, cols]), or where token_of[r] < 0
 // the quantization of a zero row (codes 0, the all-zero tile's scale): quantize_1x128 of moe_gather_or_zero's rows,
 // bit for bit (a row's 1x128 tiles depend on that row alone), for a sixth of the reads at top-6. cols a multiple of
-// 16, token_codes and codes 16-byte aligned.
+// 16, token_codes and codes 16-byte aligned. With lt_aligned (the aligned offsets [n_experts + 1] on the device) the
+// scales go in cuBLASLt's layout instead, as moe_grouped_vec128_scales would put them.
 void moe_gather_rows_fp8(const uint8_t* token_codes, const float* token_scales, const int64_t* token_of,
-                         int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream = nullptr);
+                         int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream = nullptr,
+                         const int64_t* lt_aligned = nullptr, int64_t n_experts = 0);
 
 // Scales of a 1x128 quantization along features of all aligned rows, src [rows, tiles] (fp8::cuda::quantize_1x128's
 // CPU layout, rows = aligned[E]) -> every expert's own cuBLASLt VEC128 layout, dst [rows · tiles]: expert e's scales

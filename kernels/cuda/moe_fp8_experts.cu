@@ -141,6 +141,10 @@ class RowsFp8 {
   void finish() {
     if (lt_layout_) moe_grouped_vec128_scales(cpu_scales_, aligned_, experts_, rows_, t_, lt_, stream_);
   }
+  // Where a kernel writing the GEMM's own layout puts the scales instead (TileOutputs::rows_lt = lt(), groups by
+  // the aligned offsets): cuBLASLt's when lt, else the CPU's; then no finish().
+  float* gemm_scales() const { return lt_layout_ ? lt_ : cpu_scales_; }
+  bool lt() const { return lt_layout_; }
   // Rows first .. first + n - 1 (one expert's): [n, d].
   Operand expert(int64_t first, int64_t n) const { return Operand{codes_ + first * d_, lt_ + first * t_, n, d_, 1}; }
   void release() { scratch_.release(); }
@@ -167,10 +171,9 @@ class TokensFp8 {
     codes_ = scratch_.as<uint8_t>();
     cpu_scales_ = scratch_.as<float>(bytes_of(rows * d, 1));
     lt_ = scratch_.as<float>(bytes_of(rows * d, 1) + bytes_of(d * tiles(rows), sizeof(float)));
-    if (src != nullptr) {
-      fp8::cuda::quantize_1x128_transposed_grouped(src, rows, d, aligned, experts, codes_, cpu_scales_, stream);
-      finish();
-    }
+    if (src != nullptr)
+      fp8::cuda::quantize_1x128_transposed_grouped(src, rows, d, aligned, experts, codes_, gemm_scales(), stream,
+                                                   lt ? fp8::cuda::ScaleLayout::Cublaslt : fp8::cuda::ScaleLayout::Cpu);
   }
   // Over codes and scales made earlier (MoeFp8Experts::x_codes_t / x_scales_t): only the cuBLASLt layout is made.
   TokensFp8(uint8_t* codes, float* cpu_scales, int64_t rows, int64_t d, bool lt, cudaStream_t stream)
@@ -185,6 +188,9 @@ class TokensFp8 {
   void finish() {
     if (lt_layout_) fp8::cuda::scales_to_cublaslt(cpu_scales_, d_, rows_, 1, lt_, stream_);
   }
+  // As RowsFp8::gemm_scales (TileOutputs::cols_lt = lt()).
+  float* gemm_scales() const { return lt_layout_ ? lt_ : cpu_scales_; }
+  bool lt() const { return lt_layout_; }
   // Tokens first .. first + n - 1 (first a multiple of 128): [d, n].
   Operand expert(int64_t first, int64_t n) const {
     return Operand{codes_ + first * d_, lt_ + first / kTile * d_, d_, n, 1};
@@ -264,8 +270,10 @@ void quantize_input_rows(const MoeFp8Experts& w, const float* xp, const float* x
     uint8_t* token_codes = tq.as<uint8_t>();
     float* token_scales = tq.as<float>(bytes_of(tokens * H, 1));
     fp8::cuda::quantize_1x128(x, tokens, H, token_codes, token_scales, stream);
-    moe_gather_rows_fp8(token_codes, token_scales, token_of, rows, H, q.codes(), q.cpu_scales(), stream);
+    moe_gather_rows_fp8(token_codes, token_scales, token_of, rows, H, q.codes(), q.gemm_scales(), stream,
+                        q.lt() ? aligned : nullptr, w.experts);
     tq.release();
+    return;  // the scales are in the GEMM's layout already
   }
   q.finish();
 }
@@ -274,9 +282,10 @@ void quantize_input_rows(const MoeFp8Experts& w, const float* xp, const float* x
 // codes_t / scales_t.
 void quantize_gathered_tokens(const float* x, const int64_t* token_of, int64_t rows, int64_t H,
                               const int64_t* aligned, int64_t experts, uint8_t* codes_t, float* scales_t,
-                              cudaStream_t stream) {
+                              cudaStream_t stream, bool lt_scales = false) {
   fp8::cuda::quant_detail::TileOutputs o;
   o.rows = rows, o.cols = H, o.codes_t = codes_t, o.scales_t = scales_t, o.bounds = aligned, o.n_groups = experts;
+  o.cols_lt = lt_scales;
   fp8::cuda::quant_detail::launch_quantize_tiles<false, true, GatherSource, 64>(GatherSource{x, token_of, H}, o,
                                                                                 stream);
 }
@@ -285,10 +294,10 @@ void quantize_gathered_tokens(const float* x, const int64_t* token_of, int64_t r
 void quantize_input_tokens(const float* xp, const float* x, const int64_t* token_of, int64_t rows, int64_t H,
                            const int64_t* aligned, int64_t experts, TokensFp8& q, cudaStream_t stream) {
   if (xp != nullptr)
-    fp8::cuda::quantize_1x128_transposed_grouped(xp, rows, H, aligned, experts, q.codes(), q.cpu_scales(), stream);
+    fp8::cuda::quantize_1x128_transposed_grouped(xp, rows, H, aligned, experts, q.codes(), q.gemm_scales(), stream,
+                                                 q.lt() ? fp8::cuda::ScaleLayout::Cublaslt : fp8::cuda::ScaleLayout::Cpu);
   else
-    quantize_gathered_tokens(x, token_of, rows, H, aligned, experts, q.codes(), q.cpu_scales(), stream);
-  q.finish();
+    quantize_gathered_tokens(x, token_of, rows, H, aligned, experts, q.codes(), q.gemm_scales(), stream, q.lt());
 }
 
 // Expert weight w [n, k] (n, k multiples of 16, >= 128: no padding): Fprop's operand w and Dgrad's wᵀ.
@@ -595,16 +604,20 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   st.next("swiglu_quant_h");
   RowsFp8 hq(nullptr, rows, I, aligned, E, !grouped, stream);
   const bool keep_h = w.h_codes_t != nullptr;
+  // The fused kernels that quantize h both ways write its rows' scales in the GEMM's layout (hᵀ's stay the CPU's:
+  // MoeFp8Experts::h_scales_t); the others leave hq.finish() to do it.
+  const Fp8Dual h_both{hq.codes(), hq.gemm_scales(), w.h_codes_t, w.h_scales_t, 0, 0, hq.lt()};
+  bool h_in_gemm_layout = false;
   if (gu16) {
     const uint16_t* g16 = w.gate_up_bf16;
     if (keep_h)
-      swiglu_forward_quantize_dual(g16, g16 + gld / 2, rows, I, gld, h, aligned, E,
-                                   Fp8Dual{hq.codes(), hq.cpu_scales(), w.h_codes_t, w.h_scales_t}, stream);
+      swiglu_forward_quantize_dual(g16, g16 + gld / 2, rows, I, gld, h, aligned, E, h_both, stream);
     else
       swiglu_forward_quantize_1x128(g16, g16 + gld / 2, rows, I, gld, h, hq.codes(), hq.cpu_scales(), stream);
+    h_in_gemm_layout = keep_h;
   } else if (keep_h && swiglu_fp8_supported(rows, I, g, u, h)) {
-    swiglu_forward_quantize_dual(g, u, rows, I, gld, h, aligned, E,
-                                 Fp8Dual{hq.codes(), hq.cpu_scales(), w.h_codes_t, w.h_scales_t}, stream);
+    swiglu_forward_quantize_dual(g, u, rows, I, gld, h, aligned, E, h_both, stream);
+    h_in_gemm_layout = true;
   } else if (keep_h) {  // h through a temporary
     require(!side, "cuda::moe_fp8_experts_forward: g and u side by side need the fused SwiGLU kernels");
     StreamScratch ht(bytes_of(rows * I, sizeof(float)), stream);
@@ -620,7 +633,7 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
     swiglu_forward(g, u, h, rows * I, stream);
     fp8::cuda::quantize_1x128(h, rows, I, hq.codes(), hq.cpu_scales(), stream);
   }
-  hq.finish();
+  if (!h_in_gemm_layout) hq.finish();
   st.next("gemm_down");
   const bool yp_bf16 = yp_type == OutType::BF16;
   if (grouped) {  // the grouped kernel writes FP32: BF16 through a temporary
@@ -703,12 +716,10 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
       quantize_both(dys.dyp, rows, H, aligned, E, dyq, dyt, stream);
     } else {
       fp8::cuda::quant_detail::TileOutputs o;
-      o.rows = rows, o.cols = H, o.codes = dyq.codes(), o.scales = dyq.cpu_scales(), o.codes_t = dyt.codes(),
-      o.scales_t = dyt.cpu_scales(), o.bounds = aligned, o.n_groups = E;
+      o.rows = rows, o.cols = H, o.codes = dyq.codes(), o.scales = dyq.gemm_scales(), o.codes_t = dyt.codes(),
+      o.scales_t = dyt.gemm_scales(), o.bounds = aligned, o.n_groups = E, o.rows_lt = o.cols_lt = lt;
       fp8::cuda::quant_detail::launch_quantize_tiles<true, true>(
           ScaledGatherSource{dys.dy, token_of, dys.row_weight, H}, o, stream);
-      dyq.finish();
-      dyt.finish();
     }
     std::optional<TokensFp8> ht_kept;
     if (w.h_codes_t != nullptr) ht_kept.emplace(w.h_codes_t, w.h_scales_t, rows, I, lt, stream);
@@ -759,14 +770,15 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
       for (const int64_t at : {I, Ip + I})
         CUDA_CHECK(cudaMemset2DAsync(dgq.codes() + at, static_cast<size_t>(ld), 0, static_cast<size_t>(Ip - I),
                                      static_cast<size_t>(rows), stream));
-    const Fp8Dual dg_out{dgq.codes(), dgq.cpu_scales(), dgt.codes(), dgt.cpu_scales(), ld, scales_ld};
-    const Fp8Dual du_out{dgq.codes() + Ip, dgq.cpu_scales() + tiles(I), dut.codes(), dut.cpu_scales(), ld, scales_ld};
+    // Scales straight in the GEMM's layout (du's tiles after dg's: scales_col0).
+    const Fp8Dual dg_out{dgq.codes(), dgq.gemm_scales(), dgt.codes(), dgt.gemm_scales(), ld, scales_ld, lt, lt, 0};
+    const Fp8Dual du_out{dgq.codes() + Ip, dgq.gemm_scales(), dut.codes(), dut.gemm_scales(), ld, scales_ld, lt, lt,
+                         tiles(I)};
     if (gu16)
       swiglu_backward_quantize_dual_both(dh16, w.gate_up_bf16, w.gate_up_bf16 + gld / 2, rows, I, gld, aligned, E,
                                          dg_out, du_out, stream);
     else
       swiglu_backward_quantize_dual_both(dh, g, u, rows, I, gld, aligned, E, dg_out, du_out, stream);
-    dgq.finish(), dgt.finish(), dut.finish();
   } else if (fused) {
     RowsFp8& duq = *duq_apart;
     if (separate_swiglu_backward()) {

@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_quantize_pipelined.cuh"
@@ -101,7 +102,7 @@ bool supported_aligned(int64_t rows, int64_t cols, const void* a, const void* b,
 // Fp8Dual's row strides: packed (0), or at least a row and keeping the codes' 4-byte stores aligned.
 bool row_strides_ok(const Fp8Dual& d, int64_t cols) {
   return (d.codes_ld == 0 || (d.codes_ld >= cols && d.codes_ld % 4 == 0)) &&
-         (d.scales_ld == 0 || d.scales_ld >= fp8::tiles(cols));
+         (d.scales_ld == 0 ? d.scales_col0 == 0 : d.scales_col0 >= 0 && d.scales_col0 + fp8::tiles(cols) <= d.scales_ld);
 }
 
 int64_t gu_or(int64_t gu_ld, int64_t cols) { return gu_ld != 0 ? gu_ld : cols; }
@@ -171,9 +172,11 @@ void backward_dual_both(const char* fn, const T* dh, const T* g, const T* u, int
   a.rows = rows, a.cols = cols, a.bounds = bounds, a.n_groups = n_groups;
   TileOutputs b = a;
   a.codes = dg.codes, a.scales = dg.scales, a.codes_t = dg.codes_t, a.scales_t = dg.scales_t;
-  a.codes_ld = dg.codes_ld, a.scales_ld = dg.scales_ld;
   b.codes = du.codes, b.scales = du.scales, b.codes_t = du.codes_t, b.scales_t = du.scales_t;
-  b.codes_ld = du.codes_ld, b.scales_ld = du.scales_ld;
+  for (auto [o, d] : {std::pair{&a, &dg}, std::pair{&b, &du}}) {
+    o->codes_ld = d->codes_ld, o->scales_ld = d->scales_ld;
+    o->rows_lt = d->rows_lt, o->cols_lt = d->cols_lt, o->scales_col0 = d->scales_col0;
+  }
   launch_quantize_pipelined(BackwardPairRows<T>{dh, g, u, cols, gu_or(gu_ld, cols)}, PipeOutputs<2>{{a, b}}, stream);
 }
 
@@ -188,6 +191,7 @@ void forward_dual(const char* fn, const G* g, const G* u, int64_t rows, int64_t 
   o.rows = rows, o.cols = cols, o.codes = out.codes, o.scales = out.scales, o.codes_t = out.codes_t,
   o.scales_t = out.scales_t, o.bounds = bounds, o.n_groups = n_groups;
   o.codes_ld = out.codes_ld, o.scales_ld = out.scales_ld;
+  o.rows_lt = out.rows_lt, o.cols_lt = out.cols_lt, o.scales_col0 = out.scales_col0;
   launch_quantize_tiles<true, true>(ForwardSource<G>{g, u, h, cols, gu_or(gu_ld, cols)}, o, stream);
 }
 

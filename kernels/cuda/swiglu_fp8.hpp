@@ -44,6 +44,11 @@ struct Fp8Dual {
   // Row strides of codes and scales (elements); 0: packed, cols and tiles(cols). Set where the rows are one half
   // of a wider matrix: dg and du side by side as [rows, 2 · cols] for one K = 2 · cols Dgrad GEMM.
   int64_t codes_ld = 0, scales_ld = 0;
+  // The scales' layouts and the rows' first scale column (fp8_quantize_tile.cuh's TileOutputs): cuBLASLt's VEC128
+  // instead of the CPU's, for the rows (each group's [scales_ld or tiles(cols), n_g]) and the columns ([rows / 128,
+  // cols]); scales_col0 places a half's tiles within the wider operand's.
+  bool rows_lt = false, cols_lt = false;
+  int64_t scales_col0 = 0;
 };
 
 // h = silu(g) · u quantized both ways (quantize_1x128_dual's outputs, tokens grouped by bounds as there) in one

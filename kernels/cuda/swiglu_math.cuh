@@ -11,7 +11,7 @@ __device__ __forceinline__ float silu_times(float g, float u) {
 }
 
 __device__ __forceinline__ void silu_grads(float dh, float g, float u, float& dg, float& du) {
-  const float s = __fdiv_rn(1.0f, __fadd_rn(1.0f, expf(-g)));
+  const float s = __frcp_rn(__fadd_rn(1.0f, expf(-g)));  // RN(1 / x) as the division gives, without its cost
   du = __fmul_rn(__fmul_rn(dh, g), s);
   const float slope = __fadd_rn(1.0f, __fmul_rn(g, __fsub_rn(1.0f, s)));  // 1 + g·(1 − s)
   dg = __fmul_rn(__fmul_rn(__fmul_rn(dh, u), s), slope);

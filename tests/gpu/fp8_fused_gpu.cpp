@@ -15,11 +15,13 @@
 #include <random>
 #include <string>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/swiglu.hpp"
 #include "kernels/cuda/swiglu_fp8.hpp"
 #include "kernels/fp8.hpp"
+#include "kernels/fp8_gemm.hpp"
 #include "kernels/fp8_quantize.hpp"
 #include "kernels/half.hpp"
 #include "tests/gpu/moe_gpu_support.hpp"
@@ -557,6 +559,89 @@ TEST_F(Fp8FusedGpu, SwigluFromBf16InputsGivesTheBytesOfTheWidenedFp32Inputs) {
     expect_same_bits(st16, st32, what + " dg, du token scales");
   }
   std::printf("[ fp8 fused ] SwiGLU from BF16 g | u and dh: the bytes of the FP32 kernels on the widened values\n");
+}
+
+// The rows' scales [rows, tiles] (the CPU's layout) as cuBLASLt's grouped VEC128 layout: each group's
+// [tiles, n_g] at bounds[g] · tiles (moe_grouped_vec128_scales's).
+std::vector<float> grouped_lt_scales(const std::vector<float>& cpu, const std::vector<int64_t>& bounds, int64_t t) {
+  std::vector<float> lt(cpu.size());
+  for (size_t g = 0; g + 1 < bounds.size(); ++g)
+    for (int64_t first = bounds[g], n = bounds[g + 1] - first, r = 0; r < n; ++r)
+      for (int64_t kb = 0; kb < t; ++kb) lt[first * t + kb * n + r] = cpu[(first + r) * t + kb];
+  return lt;
+}
+
+// The fused SwiGLU kernels asked for the GEMM's scale layout (Fp8Dual::rows_lt / cols_lt, as the FP8 experts ask
+// on the cuBLASLt path) write the CPU layout's scales rearranged as cuBLASLt reads them, and the same codes: the
+// forward (tile kernel) and both backward forms (pipelined: [dg | du] side by side, du's tiles after dg's by
+// scales_col0), FP32 and BF16 inputs.
+TEST_F(Fp8FusedGpu, SwigluFusedKernelsWriteTheGemmScaleLayoutWhenAsked) {
+  std::mt19937_64 rng(run_seed() + 107);
+  const std::vector<int64_t> bounds = {0, 256, 256, 384};  // an empty group in the middle
+  const int64_t groups = static_cast<int64_t>(bounds.size()) - 1, rows = bounds.back();
+  DeviceBuffer<int64_t> db(bounds);
+  for (int64_t cols : {256, 208}) {
+    const int64_t n = rows * cols, t = tiles(cols), rt = rows / 128;
+    const std::string what = shape_name(rows, cols);
+    DeviceBuffer<float> g(normal_values(static_cast<size_t>(n), 3.0f, rng)),
+        u(normal_values(static_cast<size_t>(n), 1.0f, rng)), dh(random_activation(rows, cols, rng));
+    std::vector<uint16_t> g16(static_cast<size_t>(n)), u16(g16.size()), dh16(g16.size());
+    for (auto [d, b] : {std::pair{&g, &g16}, std::pair{&u, &u16}, std::pair{&dh, &dh16}}) {
+      const std::vector<float> v = d->download();
+      for (size_t i = 0; i < v.size(); ++i) (*b)[i] = bf16_from_float(v[i]);
+    }
+    DeviceBuffer<uint16_t> gb(g16), ub(u16), dhb(dh16);
+    auto token_lt = [&](const std::vector<float>& cpu) {  // [cols, rt] -> [rt, cols]
+      std::vector<float> lt(cpu.size());
+      fp8::cuda::scales_to_cublaslt_host(cpu.data(), cols, rows, 1, lt.data());
+      return lt;
+    };
+    {  // forward: h both ways
+      DeviceBuffer<float> s(rows * t), st(cols * rt), s2(rows * t), st2(cols * rt);
+      DeviceBuffer<uint8_t> c(n), ct(n), c2(n), ct2(n);
+      for (auto* b : {&s2, &st2}) b->poison();
+      for (auto* b : {&c2, &ct2}) b->poison();
+      cuda::swiglu_forward_quantize_dual(g.get(), u.get(), rows, cols, 0, nullptr, db.get(), groups,
+                                         cuda::Fp8Dual{c.get(), s.get(), ct.get(), st.get()});
+      cuda::swiglu_forward_quantize_dual(g.get(), u.get(), rows, cols, 0, nullptr, db.get(), groups,
+                                         cuda::Fp8Dual{c2.get(), s2.get(), ct2.get(), st2.get(), 0, 0, true, true});
+      CUDA_CHECK(cudaDeviceSynchronize());
+      expect_same_bits(c2.download(), c.download(), what + " forward row codes");
+      expect_same_bits(ct2.download(), ct.download(), what + " forward token codes");
+      expect_same_bits(s2.download(), grouped_lt_scales(s.download(), bounds, t), what + " forward row scales");
+      expect_same_bits(st2.download(), token_lt(st.download()), what + " forward token scales");
+    }
+    for (bool bf16 : {false, true}) {  // backward: [dg | du] row codes side by side
+      const std::string form = what + (bf16 ? " BF16" : " FP32") + " backward";
+      auto run = [&](bool lt, DeviceBuffer<uint8_t>& c, DeviceBuffer<float>& sc, DeviceBuffer<uint8_t>& ctg,
+                     DeviceBuffer<float>& stg, DeviceBuffer<uint8_t>& ctu, DeviceBuffer<float>& stu) {
+        for (auto* b : {&sc, &stg, &stu}) b->poison();
+        for (auto* b : {&c, &ctg, &ctu}) b->poison();
+        const cuda::Fp8Dual dg{c.get(), sc.get(), ctg.get(), stg.get(), 2 * cols, 2 * t, lt, lt, 0};
+        const cuda::Fp8Dual du{c.get() + cols, sc.get(), ctu.get(), stu.get(), 2 * cols, 2 * t, lt, lt, t};
+        if (bf16)
+          cuda::swiglu_backward_quantize_dual_both(dhb.get(), gb.get(), ub.get(), rows, cols, 0, db.get(), groups, dg,
+                                                   du);
+        else
+          cuda::swiglu_backward_quantize_dual_both(dh.get(), g.get(), u.get(), rows, cols, 0, db.get(), groups, dg,
+                                                   du);
+        CUDA_CHECK(cudaDeviceSynchronize());
+      };
+      DeviceBuffer<uint8_t> c(2 * n), ctg(n), ctu(n), c2(2 * n), ctg2(n), ctu2(n);
+      DeviceBuffer<float> sc(rows * 2 * t), stg(cols * rt), stu(cols * rt), sc2(rows * 2 * t), stg2(cols * rt),
+          stu2(cols * rt);
+      run(false, c, sc, ctg, stg, ctu, stu);
+      run(true, c2, sc2, ctg2, stg2, ctu2, stu2);
+      expect_same_bits(c2.download(), c.download(), form + " [dg | du] row codes");
+      expect_same_bits(ctg2.download(), ctg.download(), form + " dg token codes");
+      expect_same_bits(ctu2.download(), ctu.download(), form + " du token codes");
+      expect_same_bits(sc2.download(), grouped_lt_scales(sc.download(), bounds, 2 * t), form + " [dg | du] row scales");
+      expect_same_bits(stg2.download(), token_lt(stg.download()), form + " dg token scales");
+      expect_same_bits(stu2.download(), token_lt(stu.download()), form + " du token scales");
+    }
+  }
+  std::printf("[ fp8 fused ] SwiGLU's fused quantizations in cuBLASLt's scale layout: the CPU layout's scales "
+              "rearranged, the same codes\n");
 }
 
 TEST_F(Fp8FusedGpu, ReportsBandwidth) {

@@ -9,14 +9,17 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <random>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/fp8.hpp"
+#include "kernels/fp8_gemm.hpp"
 #include "kernels/fp8_quantize.hpp"
 #include "tests/gpu/gpu_test_support.hpp"
 
@@ -210,6 +213,74 @@ TEST_F(Fp8QuantizeGpu, WeightCodesAndTheirTransposeComeFromOnePass) {
     ADD_FAILURE() << "130 rows were accepted";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("multiple of 16"), std::string::npos) << e.what();
+  }
+}
+
+// ScaleLayout::Cublaslt: the same codes, and the CPU layout's scales rearranged as the GEMM reads them
+// (scales_to_cublaslt_host; the rows of quantize_1x128_dual per group of bounds, moe_grouped_vec128_scales's
+// layout), for shapes the one-pass tile kernels take (256 x 384) and shapes left to the others (200 x 300).
+TEST_F(Fp8QuantizeGpu, CublasLtScaleLayoutIsTheCpuScalesRearranged) {
+  std::mt19937_64 rng(run_seed() + 5);
+  const cuda::ScaleLayout cpu = cuda::ScaleLayout::Cpu, lt = cuda::ScaleLayout::Cublaslt;
+  auto vec128 = [](const std::vector<float>& s, int64_t rows, int64_t cols) {  // [rows, tiles(cols)] -> [tiles, rows]
+    std::vector<float> out(s.size());
+    cuda::scales_to_cublaslt_host(s.data(), rows, cols, 1, out.data());
+    return out;
+  };
+  auto same_bits = [](const std::vector<float>& a, const std::vector<float>& b) {
+    return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+  };
+  for (auto [rows, cols] : {std::pair<int64_t, int64_t>{256, 384}, {200, 300}}) {
+    SCOPED_TRACE(std::to_string(rows) + "x" + std::to_string(cols) + ", seed " + std::to_string(run_seed()));
+    const int64_t n = rows * cols, ns = rows * tiles(cols), nt = cols * tiles(rows);
+    DeviceBuffer<float> x(n), s(ns), s2(ns), st(nt), st2(nt);
+    DeviceBuffer<uint8_t> c(n), c2(n), ct(n), ct2(n);
+    x.upload(random_input(rows, cols, rng));
+    for (auto* b : {&s2, &st2}) b->fill_bytes(kPoison);
+    for (auto* b : {&c2, &ct2}) b->fill_bytes(kPoison);
+    cuda::quantize_1x128(x.get(), rows, cols, c.get(), s.get(), nullptr, cpu);
+    cuda::quantize_1x128(x.get(), rows, cols, c2.get(), s2.get(), nullptr, lt);
+    cuda::quantize_1x128_transposed(x.get(), rows, cols, ct.get(), st.get(), nullptr, cpu);
+    cuda::quantize_1x128_transposed(x.get(), rows, cols, ct2.get(), st2.get(), nullptr, lt);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_EQ(c2.download(), c.download()) << "quantize_1x128 codes";
+    EXPECT_TRUE(same_bits(s2.download(), vec128(s.download(), rows, cols))) << "quantize_1x128 scales";
+    EXPECT_EQ(ct2.download(), ct.download()) << "quantize_1x128_transposed codes";
+    EXPECT_TRUE(same_bits(st2.download(), vec128(st.download(), cols, rows))) << "quantize_1x128_transposed scales";
+
+    for (auto* b : {&s2, &st2}) b->fill_bytes(kPoison);
+    for (auto* b : {&c2, &ct2}) b->fill_bytes(kPoison);
+    cuda::quantize_1x128_dual(x.get(), rows, cols, nullptr, 0, c2.get(), s2.get(), ct2.get(), st2.get(), nullptr, lt);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_EQ(c2.download(), c.download()) << "quantize_1x128_dual row codes";
+    EXPECT_EQ(ct2.download(), ct.download()) << "quantize_1x128_dual token codes";
+    EXPECT_TRUE(same_bits(s2.download(), vec128(s.download(), rows, cols))) << "quantize_1x128_dual row scales";
+    EXPECT_TRUE(same_bits(st2.download(), vec128(st.download(), cols, rows))) << "quantize_1x128_dual token scales";
+    if (rows % kTile != 0) continue;
+
+    // Grouped rows (an empty group between): each group's rows [tiles, n_g] at bounds[g] · tiles.
+    const std::vector<int64_t> bounds = {0, 128, 128, rows};
+    const int64_t groups = static_cast<int64_t>(bounds.size()) - 1, t = tiles(cols);
+    DeviceBuffer<int64_t> db(bounds);
+    for (auto* b : {&s, &st, &s2, &st2}) b->fill_bytes(kPoison);
+    cuda::quantize_1x128_dual(x.get(), rows, cols, db.get(), groups, c.get(), s.get(), ct.get(), st.get(), nullptr, cpu);
+    cuda::quantize_1x128_dual(x.get(), rows, cols, db.get(), groups, c2.get(), s2.get(), ct2.get(), st2.get(), nullptr,
+                              lt);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const std::vector<float> rows_cpu = s.download();
+    std::vector<float> grouped(rows_cpu.size());
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t first = bounds[g], m = bounds[g + 1] - first, r = 0; r < m; ++r)
+        for (int64_t kb = 0; kb < t; ++kb) grouped[first * t + kb * m + r] = rows_cpu[(first + r) * t + kb];
+    EXPECT_EQ(c2.download(), c.download()) << "grouped quantize_1x128_dual row codes";
+    EXPECT_EQ(ct2.download(), ct.download()) << "grouped quantize_1x128_dual token codes";
+    EXPECT_TRUE(same_bits(s2.download(), grouped)) << "grouped quantize_1x128_dual row scales";
+    EXPECT_TRUE(same_bits(st2.download(), vec128(st.download(), cols, rows))) << "grouped quantize_1x128_dual token scales";
+    st2.fill_bytes(kPoison);
+    cuda::quantize_1x128_transposed_grouped(x.get(), rows, cols, db.get(), groups, ct2.get(), st2.get(), nullptr, lt);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_EQ(ct2.download(), ct.download()) << "quantize_1x128_transposed_grouped codes";
+    EXPECT_TRUE(same_bits(st2.download(), vec128(st.download(), cols, rows))) << "quantize_1x128_transposed_grouped scales";
   }
 }
 

@@ -252,6 +252,16 @@ TEST_F(MoeFp8Gpu, AlignedPlanGatherScalesAndCombineMatchPlainLoops) {
     for (size_t i = 0; i < rs.size(); ++i)
       scale_mismatches += std::memcmp(&rs[i], &ref_rs[i], sizeof(float)) != 0;
     EXPECT_EQ(scale_mismatches, 0) << "gathered row scales";
+    // Asked for each expert's cuBLASLt layout (lt_aligned): the same scales where moe_grouped_vec128_scales puts them.
+    d_rc.poison(), d_rs.poison();
+    cuda::moe_gather_rows_fp8(d_tc.get(), d_ts.get(), d_token_a.get(), RA, qcols, d_rc.get(), d_rs.get(), nullptr,
+                              d_aligned.get(), E);
+    EXPECT_EQ(d_rc.download(), ref_rc) << "gathered row codes (cuBLASLt scale layout)";
+    std::vector<float> ref_lt(ref_rs.size());
+    for (int64_t e = 0; e < E; ++e)
+      for (int64_t first = aligned[e], n = aligned[e + 1] - first, r = 0; r < n; ++r)
+        for (int64_t kb = 0; kb < qt; ++kb) ref_lt[first * qt + kb * n + r] = ref_rs[(first + r) * qt + kb];
+    EXPECT_EQ(d_rs.download(), ref_lt) << "gathered row scales in each expert's cuBLASLt layout";
   }
 
   std::printf("[ moe fp8  ] aligned plan (%lld rows -> %lld), gather, zero rows, grouped scales, combine, grouped "
