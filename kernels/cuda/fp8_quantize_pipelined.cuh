@@ -96,7 +96,7 @@ struct PipeOutputs {
   TileOutputs o[kOutputs];  // one shape (rows, cols, bounds), each its own codes and scales
 };
 
-template <class Src>
+template <class Src, bool kLt>
 __global__ void __launch_bounds__(kPipeThreads, 1)
     quantize_pipelined_kernel(Src src, PipeOutputs<Src::kOutputs> outs, int64_t col_tiles, int64_t n_tiles) {
   using Shape = PipeShape<Src>;
@@ -208,8 +208,8 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
           const int64_t gr = r0 + r;
           if (p == 0) {
             int64_t g0 = 0, n = out.rows;
-            if (out.rows_lt) group_of(out, rt * kTile, g0, n);
-            *row_scale(out, gr, ct, g0, n) = scale;
+            if constexpr (kLt) group_of(out, rt * kTile, g0, n);
+            *row_scale<kLt>(out, gr, ct, g0, n) = scale;
           }
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
@@ -252,7 +252,7 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
         const Divisor d = divisor(scale);
         const int64_t c = c0 + 4 * jc + e;
         if (c >= cols) continue;  // the same for the whole half warp (after its shuffles)
-        if (q == 0) *col_scale(out, c, rt) = scale;
+        if (q == 0) *col_scale<kLt>(out, c, rt) = scale;
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float x4[4] = {cv[o][h][0][e], cv[o][h][1][e], cv[o][h][2][e], cv[o][h][3][e]};
@@ -265,12 +265,16 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
 }
 
 // Launches quantize_pipelined_kernel over outs (one shape: rows % 128 == 0, cols % 4 == 0, every input row 16-byte
-// and the codes 4-byte aligned; callers check), one block per SM (fewer for fewer tiles).
+// and the codes 4-byte aligned; callers check), one block per SM (fewer for fewer tiles). Every output's scales in
+// one layout, the CPU's or cuBLASLt's for both ways (TileOutputs::rows_lt and cols_lt all equal).
 template <class Src>
 void launch_quantize_pipelined(const Src& src, const PipeOutputs<Src::kOutputs>& outs, cudaStream_t stream) {
   const TileOutputs& o = outs.o[0];
   if (o.rows == 0 || o.cols == 0) return;
-  const auto kernel = quantize_pipelined_kernel<Src>;
+  for (const TileOutputs& each : outs.o)
+    require(each.rows_lt == o.rows_lt && each.cols_lt == o.rows_lt,
+            "fp8::cuda::launch_quantize_pipelined: every output's scales in one layout");
+  const auto kernel = o.rows_lt ? quantize_pipelined_kernel<Src, true> : quantize_pipelined_kernel<Src, false>;
   constexpr int smem = PipeShape<Src>::kSmemBytes;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int device = 0, sms = 0;

@@ -98,20 +98,27 @@ __device__ __forceinline__ void transposed_destination(const TileOutputs& o, int
   first = r0 - g0;
 }
 
-// Where the scale of row r's tile kb goes; g0, n: the group of r (group_of; used by rows_lt only).
+// The kernels take the layouts as a template argument (bit 0: rows_lt, bit 1: cols_lt; launch_quantize_tiles picks
+// it from the flags): with them as run-time flags the both-ways kernel lost 5% at 8192 x 8192 in the CPU layout
+// (2.94 against 3.10 TB/s on the H200, bench/results/2026-11-30-gpu-scale-layout-h200-31cb8bb.txt).
+constexpr int kRowsLt = 1, kColsLt = 2;
+
+// Where the scale of row r's tile kb goes; g0, n: the group of r (group_of; the cuBLASLt layout only).
+template <bool kLt>
 __device__ __forceinline__ float* row_scale(const TileOutputs& o, int64_t r, int64_t kb, int64_t g0, int64_t n) {
   const int64_t ld = o.row_scales_ld(), k = o.scales_col0 + kb;
-  return o.rows_lt ? o.scales + g0 * ld + k * n + (r - g0) : o.scales + r * ld + k;
+  return kLt ? o.scales + g0 * ld + k * n + (r - g0) : o.scales + r * ld + k;
 }
 
 // Where the scale of column c's tile rt (rows 128 rt ..) goes.
+template <bool kLt>
 __device__ __forceinline__ float* col_scale(const TileOutputs& o, int64_t c, int64_t rt) {
-  return o.cols_lt ? o.scales_t + rt * o.cols + c : o.scales_t + c * (o.rows / kTile) + rt;
+  return kLt ? o.scales_t + rt * o.cols + c : o.scales_t + c * (o.rows / kTile) + rt;
 }
 
 // The block (rt, blockIdx.x)'s values, v[k] = x[r, c .. c + 3] at the load layout above (zeros past cols),
 // quantized into o. Uses the block's shared memory when kCols.
-template <bool kRows, bool kCols, int kTC>
+template <bool kRows, bool kCols, int kTC, int kLt>
 __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], const TileOutputs& o,
                                                      float4* tile_smem, int64_t rt) {
   using Shape = TileShape<kTC>;
@@ -121,7 +128,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
   if constexpr (kRows) {
     const int64_t codes_ld = o.row_codes_ld();
     int64_t g0 = 0, n = o.rows;
-    if (o.rows_lt) group_of(o, r0, g0, n);
+    if constexpr ((kLt & kRowsLt) != 0) group_of(o, r0, g0, n);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float m = 0.0f;
@@ -132,7 +139,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
       const float scale = scale_from_amax_bits(amax);
       const Divisor d = divisor(scale);
       const int64_t r = r0 + Shape::row(4 * h, warp, sub);
-      if (quad == 0) *row_scale(o, r, ct, g0, n) = scale;
+      if (quad == 0) *row_scale<(kLt & kRowsLt) != 0>(o, r, ct, g0, n) = scale;
 #pragma unroll
       for (int k = 4 * h; k < 4 * h + 4; ++k) {
         const int64_t c = c0 + Shape::col(k, quad);
@@ -169,7 +176,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
     const Divisor d = divisor(scale);
     const int64_t c = c0 + jj;
     if (c < o.cols) {
-      if (k4 == 0) *col_scale(o, c, rt) = scale;
+      if (k4 == 0) *col_scale<(kLt & kColsLt) != 0>(o, c, rt) = scale;
       uint8_t* out;
       int64_t out_rows, first;
       transposed_destination(o, r0, out, out_rows, first);
@@ -193,7 +200,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
 
 // The source at (r, c) (c + 3 < cols) returns x[r, c .. c + 3]; it is called once per such group.
 // Registers (ptxas, sm_90a): 64 a thread (2 blocks of 512 or 4 of 256 per SM).
-template <class Src, bool kRows, bool kCols, int kTC>
+template <class Src, bool kRows, bool kCols, int kTC, int kLt>
 __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4)
     quantize_tile_kernel(Src src, TileOutputs o) {
   using Shape = TileShape<kTC>;
@@ -211,7 +218,7 @@ __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4
       v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.0f;  // the CPU's zero padding of a partial tile
     }
   }
-  quantize_tile_values<kRows, kCols, kTC>(v, o, tile_smem, rt);
+  quantize_tile_values<kRows, kCols, kTC, kLt>(v, o, tile_smem, rt);
 }
 
 // Launches quantize_tile_kernel for kRows, kCols over o: rows / 128 x ceil(cols / kTC) blocks (the caller has
@@ -225,17 +232,29 @@ __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4
 // once, walking the tiles and asking L2 for their next tile's lines (prefetch.global.L2) once their own loads were
 // in flight: dual 2.66 TB/s against 2.83 with a block a tile, transposed 3.43 against 3.84, 2.63 and 3.65 without
 // the prefetch; bench/results/2026-11-30-gpu-sweep-quant-tiles-h200-82ea109.txt.)
-template <bool kRows, bool kCols, class Src, int kTC = kTile>
-void launch_quantize_tiles(const Src& src, const TileOutputs& o, cudaStream_t stream) {
-  static_assert(kRows || kCols, "nothing to write");
-  static_assert(!(kRows && kCols) || kTC == kTile, "both ways: 128 x 128 blocks");
-  if (o.rows == 0 || o.cols == 0) return;
-  const auto kernel = quantize_tile_kernel<Src, kRows, kCols, kTC>;
+template <bool kRows, bool kCols, int kTC, int kLt, class Src>
+void launch_quantize_tiles_as(const Src& src, const TileOutputs& o, cudaStream_t stream) {
+  const auto kernel = quantize_tile_kernel<Src, kRows, kCols, kTC, kLt>;
   const int smem = kCols ? TileShape<kTC>::kSmemBytes : 0;
   if (kCols) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid(static_cast<unsigned>((o.cols + kTC - 1) / kTC), static_cast<unsigned>(o.rows / kTile));
   kernel<<<grid, TileShape<kTC>::kThreads, smem, stream>>>(src, o);
   CUDA_CHECK_LAUNCH();
+}
+
+template <bool kRows, bool kCols, class Src, int kTC = kTile>
+void launch_quantize_tiles(const Src& src, const TileOutputs& o, cudaStream_t stream) {
+  static_assert(kRows || kCols, "nothing to write");
+  static_assert(!(kRows && kCols) || kTC == kTile, "both ways: 128 x 128 blocks");
+  if (o.rows == 0 || o.cols == 0) return;
+  const bool rows_lt = kRows && o.rows_lt, cols_lt = kCols && o.cols_lt;
+  if constexpr (kRows && kCols)
+    if (rows_lt && cols_lt) return launch_quantize_tiles_as<kRows, kCols, kTC, kRowsLt | kColsLt>(src, o, stream);
+  if constexpr (kRows)
+    if (rows_lt) return launch_quantize_tiles_as<kRows, kCols, kTC, kRowsLt>(src, o, stream);
+  if constexpr (kCols)
+    if (cols_lt) return launch_quantize_tiles_as<kRows, kCols, kTC, kColsLt>(src, o, stream);
+  launch_quantize_tiles_as<kRows, kCols, kTC, 0>(src, o, stream);
 }
 
 // The plain source: x [rows, cols] in memory, read once (streaming).
