@@ -65,16 +65,20 @@ void moe_grouped_vec128_scales(const float* src, const int64_t* aligned, int64_t
 
 // moe_combine, moe_combine_backward and moe_scatter_add (kernels/cuda/moe_permute.hpp) with row_of pointing into
 // `rows` aligned rows (row_of_aligned of moe_align_plan) instead of T·K; the same arithmetic. The zero rows are
-// neither read (combine, scatter-add) nor written (combine backward: clear them with moe_zero_rows).
+// neither read (combine, scatter-add) nor written (combine backward: clear them with moe_zero_rows). The combine
+// adds `also` [tokens, dim] (16-byte aligned, or null) last, as y = (y + Σ w · rows) + also: the decoder layer's
+// residual, without a pass of its own.
 void moe_combine_aligned(const float* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
-                         int64_t dim, int64_t rows, float* y, cudaStream_t stream = nullptr);
+                         int64_t dim, int64_t rows, float* y, cudaStream_t stream = nullptr,
+                         const float* also = nullptr);
 void moe_combine_backward_aligned(const float* dy, const float* yp, const float* weight, const int64_t* row_of,
                                   int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
                                   cudaStream_t stream = nullptr);
 // The same two with yp in BF16 (bit patterns: the FP8 experts' output rows, moe_fp8_experts_forward's yp), each
 // value widened exactly; vectorized where dim % 4 == 0 and yp is 8-byte aligned.
 void moe_combine_aligned(const uint16_t* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
-                         int64_t dim, int64_t rows, float* y, cudaStream_t stream = nullptr);
+                         int64_t dim, int64_t rows, float* y, cudaStream_t stream = nullptr,
+                         const float* also = nullptr);
 void moe_combine_backward_aligned(const float* dy, const uint16_t* yp, const float* weight, const int64_t* row_of,
                                   int64_t tokens, int64_t k, int64_t dim, int64_t rows, float* dyp, float* dweight,
                                   cudaStream_t stream = nullptr);

@@ -412,13 +412,13 @@ bool rows_vec(const T* p, int64_t dim) {
 
 template <class Src>
 void combine_aligned(const Src* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
-                     int64_t dim, int64_t rows, float* y, cudaStream_t stream) {
+                     int64_t dim, int64_t rows, float* y, cudaStream_t stream, const float* also = nullptr) {
   const std::string where = "cuda::moe_combine";
   if (!check_token_args(where, tokens, k, dim)) return;
   require(yp && weight && row_of && y, [&] { return where + ": null yp, weight, row_of or y pointer"; });
-  const bool vec = rows_vec(yp, dim) && aligned16(y);
+  const bool vec = rows_vec(yp, dim) && aligned16(y) && (also == nullptr || aligned16(also));
   combine_kernel<true, Src><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(yp, weight, row_of, rows, k,
-                                                                                      dim, vec, y);
+                                                                                      dim, vec, y, also);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -447,13 +447,13 @@ void combine_backward_aligned(const float* dy, const Src* yp, const float* weigh
 }  // namespace
 
 void moe_combine_aligned(const float* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
-                         int64_t dim, int64_t rows, float* y, cudaStream_t stream) {
-  combine_aligned(yp, weight, row_of, tokens, k, dim, rows, y, stream);
+                         int64_t dim, int64_t rows, float* y, cudaStream_t stream, const float* also) {
+  combine_aligned(yp, weight, row_of, tokens, k, dim, rows, y, stream, also);
 }
 
 void moe_combine_aligned(const uint16_t* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
-                         int64_t dim, int64_t rows, float* y, cudaStream_t stream) {
-  combine_aligned(yp, weight, row_of, tokens, k, dim, rows, y, stream);
+                         int64_t dim, int64_t rows, float* y, cudaStream_t stream, const float* also) {
+  combine_aligned(yp, weight, row_of, tokens, k, dim, rows, y, stream, also);
 }
 
 void moe_combine_backward(const float* dy, const float* yp, const float* weight, const int64_t* row_of,

@@ -13,7 +13,8 @@ namespace {
 // ~75 us on the H200 at bench-600m's shape (32 a step, 2.4 ms: bench/results/2026-11-30-gpu-trace-h200-d0fd485.txt);
 // fused, 3 of the 4 a layer go: train step 240.6k vs 235.2k tokens/s (fp8), 177.6k vs 175.2k (bf16), rounds
 // interleaved, and the fp8 Brown curve bit for bit (bench/results/2026-11-30-gpu-sweep-residual-h200-5c66405.txt).
-// The fourth (the block's output + h) would go into the MoE combine or the next layer's first norm.
+// The fourth (the block's output + h) goes into the routed experts' combine in MoE layers on aligned rows (FP8):
+// MEASURE-ME
 bool residual_in_norms() {
   static const bool apart = env_switch("MOERL_RESIDUAL_ADD", "fused", "apart");
   return !apart;
@@ -65,11 +66,15 @@ float GpuDecoderLayer::forward(const float* in, float* out, const Run& r, float 
   }
   float balance = 0.0f;
   const PhaseTimer t(r.precision, moe_ ? "moe.fwd" : "dense.fwd", r.stream);
-  if (moe_)
-    balance = moe_->forward(xn2_, out, r, balance_alpha, for_backward);
-  else
-    dense_->forward(xn2_, out, r);
-  add_inplace(out, h_, n, r.stream);
+  if (moe_ && residual_in_norms()) {  // out = experts + h, the add inside the routed experts' combine
+    balance = moe_->forward(xn2_, out, r, balance_alpha, for_backward, h_);
+  } else {
+    if (moe_)
+      balance = moe_->forward(xn2_, out, r, balance_alpha, for_backward);
+    else
+      dense_->forward(xn2_, out, r);
+    add_inplace(out, h_, n, r.stream);
+  }
   return balance;
 }
 

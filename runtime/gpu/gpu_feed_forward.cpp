@@ -233,7 +233,8 @@ void GpuMoe::bind(Slab& s, int64_t batch, int64_t seq) {
   for (GpuDense& d : shared_) d.bind(s, T);
 }
 
-float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alpha, bool for_backward) {
+float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alpha, bool for_backward,
+                      const float* residual) {
   const int64_t T = batch_ * seq_, H = hidden_, I = inter_, E = spec_.n_experts, K = spec_.top_k, R = T * K;
   const Precision p = r.precision;
   cuda::LinearContext& lin = *r.linear;
@@ -336,9 +337,9 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
     part.emplace(p, (ph + "routed.combine").c_str(), r.stream);
     if (overlap) join_shared(r.stream);
     if (fp32_yp())
-      cuda::moe_combine_aligned(yp_, topk_weight_, row_of_aligned_, T, K, H, RA, y, r.stream);
+      cuda::moe_combine_aligned(yp_, topk_weight_, row_of_aligned_, T, K, H, RA, y, r.stream, residual);
     else
-      cuda::moe_combine_aligned(yp16(), topk_weight_, row_of_aligned_, T, K, H, RA, y, r.stream);
+      cuda::moe_combine_aligned(yp16(), topk_weight_, row_of_aligned_, T, K, H, RA, y, r.stream, residual);
     return balance;
   }
 
@@ -360,6 +361,7 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
     cuda::linear_forward(lin, p, hp_ + r0 * I, down_w_ + e * H * I, yp_ + r0 * H, n, H, I, r.stream);
   }
   cuda::moe_combine(yp_, topk_weight_, row_of_, T, K, H, y, r.stream);
+  if (residual != nullptr) add_inplace(y, residual, T * H, r.stream);
   return balance;
 }
 

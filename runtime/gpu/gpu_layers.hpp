@@ -129,8 +129,10 @@ class GpuMoe {
   void bind(Slab& s, int64_t batch, int64_t seq);
   // x, y: [T, hidden]. Returns the balance loss (0 when alpha <= 0); when for_backward it also keeps the loss's
   // gradient with respect to the scores. Waits for the device once: the experts' row offsets (and the balance
-  // loss) are needed on the host to size the per-expert GEMMs.
-  float forward(const float* x, float* y, const Run& r, float balance_alpha, bool for_backward);
+  // loss) are needed on the host to size the per-expert GEMMs. residual [T, hidden] (or null) is added to y last,
+  // y = experts + residual, inside the routed experts' combine where they take aligned rows.
+  float forward(const float* x, float* y, const Run& r, float balance_alpha, bool for_backward,
+                const float* residual = nullptr);
   void backward(const float* dy, float* dx, const Run& r);
 
   const ExpertLoad& load() const { return load_; }

@@ -143,6 +143,11 @@ TEST_F(MoeFp8Gpu, AlignedPlanGatherScalesAndCombineMatchPlainLoops) {
     std::vector<float> ref(static_cast<size_t>(T * dim));
     for (size_t i = 0; i < ref.size(); ++i) ref[i] = (0.0f + x[i]) + a[i];
     EXPECT_EQ(d_dx2.download(), ref) << "scatter-add then add";
+    // The combine with the residual added last: y = (y + w x) + a.
+    DeviceBuffer<float> d_y2(ref_y);
+    cuda::moe_combine_aligned(d_xp.get(), d_w.get(), d_row_a.get(), T, 1, dim, RA, d_y2.get(), nullptr, d_a.get());
+    for (size_t i = 0; i < ref.size(); ++i) ref[i] = (ref_y[i] + w[i / dim] * x[i]) + a[i];
+    EXPECT_EQ(d_y2.download(), ref) << "combine then add";
   }
   // Row weights: each aligned row gets its assignment's gating weight (zero rows untouched); the combine's backward
   // without dyp gives the dweight it gives with dyp.
