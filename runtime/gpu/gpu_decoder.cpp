@@ -14,7 +14,8 @@ namespace {
 // fused, 3 of the 4 a layer go: train step 240.6k vs 235.2k tokens/s (fp8), 177.6k vs 175.2k (bf16), rounds
 // interleaved, and the fp8 Brown curve bit for bit (bench/results/2026-11-30-gpu-sweep-residual-h200-5c66405.txt).
 // The fourth (the block's output + h) goes into the routed experts' combine in MoE layers on aligned rows (FP8):
-// MEASURE-ME
+// train step 245.3-245.7k vs 243.1-245.0k tokens/s (fp8), rounds interleaved,
+// bench/results/2026-11-30-gpu-combine-residual-h200-814a96d.txt.
 bool residual_in_norms() {
   static const bool apart = env_switch("MOERL_RESIDUAL_ADD", "fused", "apart");
   return !apart;
