@@ -77,6 +77,24 @@ void round_to_bf16(float* x, int64_t n, cudaStream_t stream) {
   CUDA_CHECK_LAUNCH();
 }
 
+void zero_expert_grads(float* gate_grad, float* up_grad, float* down_grad, int64_t E, int64_t I, int64_t H,
+                       const int64_t* offsets_host, bool all, cudaStream_t stream) {
+  require(gate_grad && up_grad && down_grad && (all || offsets_host), "cuda::zero_expert_grads: null pointer");
+  const int64_t each = I * H;
+  auto empty = [&](int64_t e) { return all || offsets_host[e + 1] == offsets_host[e]; };
+  for (int64_t e = 0; e < E;) {
+    if (!empty(e)) {
+      ++e;
+      continue;
+    }
+    int64_t end = e + 1;
+    while (end < E && empty(end)) ++end;
+    const size_t bytes = static_cast<size_t>((end - e) * each) * sizeof(float);
+    for (float* g : {gate_grad, up_grad, down_grad}) CUDA_CHECK(cudaMemsetAsync(g + e * each, 0, bytes, stream));
+    e = end;
+  }
+}
+
 struct MoeExpertsGemm::Impl {
   // Every operand start is 16-byte aligned (checked in forward): plans assume no more, so one plan per shape.
   explicit Impl(size_t workspace_bytes)

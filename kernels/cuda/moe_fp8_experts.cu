@@ -520,19 +520,8 @@ void wgrad_into(fp8::cuda::GemmContext& gc, const MoeFp8Experts& w, const Operan
 // With w.overwrite_grads, the gradients of the experts that get no rows (no Wgrad writes them) set to zero; in the
 // grouped form, which only accumulates, every expert's.
 void zero_grads_without_rows(const MoeFp8Experts& w, const int64_t* aligned_host, cudaStream_t stream) {
-  const int64_t E = w.experts, each = w.hidden * w.inter;
-  const bool all = moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped;
-  for (int64_t e = 0; e < E;) {
-    if (!all && aligned_host[e + 1] > aligned_host[e]) {
-      ++e;
-      continue;
-    }
-    int64_t end = e + 1;  // a run of such experts: one memset per weight
-    while (end < E && (all || aligned_host[end + 1] == aligned_host[end])) ++end;
-    const size_t bytes = static_cast<size_t>((end - e) * each) * sizeof(float);
-    for (float* g : {w.gate_grad, w.up_grad, w.down_grad}) CUDA_CHECK(cudaMemsetAsync(g + e * each, 0, bytes, stream));
-    e = end;
-  }
+  zero_expert_grads(w.gate_grad, w.up_grad, w.down_grad, w.experts, w.inter, w.hidden, aligned_host,
+                    moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped, stream);
 }
 
 // moe_fp8_experts_forward from xp, or (xp null) gathered from x [tokens, H] by token_of.

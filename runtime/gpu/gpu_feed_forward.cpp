@@ -422,40 +422,34 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
     Temp<float> dxp(RA * H, r);  // the experts' input gradient rows, BF16 (in the first half) unless MOERL_MOE_DXP=fp32
     uint16_t* const dxp16 = fp32_dxp() ? nullptr : reinterpret_cast<uint16_t*>(dxp.get());
     std::optional<PhaseTimer> sub(std::in_place, p, (ph + "routed.combine_bwd").c_str(), r.stream);
-    if (separate_combine_backward()) {
-      Temp<float> dyp(RA * H, r);
+    // dyp [RA, H] (gating weight · dy of each row's token) made apart, or (by default) inside the kernel that
+    // quantizes it, from the rows' weights.
+    const bool separate = separate_combine_backward();
+    Temp<float> dyp(separate ? RA * H : 0, r), row_weight(separate ? 0 : RA, r);
+    if (separate) {
       cuda::moe_zero_rows(token_of_aligned_, RA, H, dyp.get(), r.stream);
       combine_backward_aligned(dy, RA, dyp.get(), dweight.get(), r.stream);
-      if (overlap) router_beside();
-      sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
-      cuda::MoeFp8Experts w = experts_fp8();
-      w.overwrite_grads = take_all_unset(expert_params_, r.stream);
-      if (dxp16 == nullptr)
-        cuda::moe_fp8_experts_backward_gathered(lin, w, dyp.get(), x_, token_of_aligned_, gp_, experts_fp8_u(w),
-                                                w.h_codes_t ? nullptr : hp_, aligned_host_.get(), aligned_, dxp.get(),
-                                                r.stream);
-      else
-        cuda::moe_fp8_experts_backward_gathered(lin, w, dyp.get(), x_, token_of_aligned_, gp_, experts_fp8_u(w),
-                                                w.h_codes_t ? nullptr : hp_, aligned_host_.get(), aligned_, dxp16,
-                                                r.stream);
     } else {
-      // dyp's rows (gating weight · dy of the row's token) are made inside the kernel that quantizes them.
-      Temp<float> row_weight(RA, r);
       cuda::moe_aligned_row_weights(topk_weight_, row_of_aligned_, T * K, RA, row_weight.get(), r.stream);
       combine_backward_aligned(dy, RA, nullptr, dweight.get(), r.stream);
-      if (overlap) router_beside();
-      sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
-      cuda::MoeFp8Experts w = experts_fp8();
-      w.overwrite_grads = take_all_unset(expert_params_, r.stream);
-      if (dxp16 == nullptr)
-        cuda::moe_fp8_experts_backward_combined(lin, w, dy, row_weight.get(), x_, token_of_aligned_, gp_,
-                                                experts_fp8_u(w), w.h_codes_t ? nullptr : hp_, aligned_host_.get(),
-                                                aligned_, dxp.get(), r.stream);
+    }
+    if (overlap) router_beside();
+    sub.emplace(p, (ph + "routed.experts_bwd").c_str(), r.stream);
+    cuda::MoeFp8Experts w = experts_fp8();
+    w.overwrite_grads = take_all_unset(expert_params_, r.stream);
+    const float* const h = w.h_codes_t ? nullptr : hp_;
+    auto experts_backward = [&](auto* dxp_out) {  // float* or uint16_t* (BF16)
+      if (separate)
+        cuda::moe_fp8_experts_backward_gathered(lin, w, dyp.get(), x_, token_of_aligned_, gp_, experts_fp8_u(w), h,
+                                                aligned_host_.get(), aligned_, dxp_out, r.stream);
       else
         cuda::moe_fp8_experts_backward_combined(lin, w, dy, row_weight.get(), x_, token_of_aligned_, gp_,
-                                                experts_fp8_u(w), w.h_codes_t ? nullptr : hp_, aligned_host_.get(),
-                                                aligned_, dxp16, r.stream);
-    }
+                                                experts_fp8_u(w), h, aligned_host_.get(), aligned_, dxp_out, r.stream);
+    };
+    if (dxp16 == nullptr)
+      experts_backward(dxp.get());
+    else
+      experts_backward(dxp16);
     sub.emplace(p, (ph + "routed.scatter_bwd").c_str(), r.stream);
     if (overlap) join_shared(r.stream);
     const float* also = router_done ? dx_router.get() : nullptr;  // the router's dx, made beside and joined above
@@ -468,10 +462,7 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
     Temp<float> xp(R * H, r), dyp(R * H, r), dxp(R * H, r);
     // Gradients written whole (each expert's own calls; zeros for the experts without rows) or added to.
     const bool fresh = take_all_unset(expert_params_, r.stream);
-    for (int64_t e = 0; fresh && e < E; ++e)
-      if (off[e + 1] == off[e])
-        for (float* g : {gate_g_ + e * I * H, up_g_ + e * I * H, down_g_ + e * H * I})
-          CUDA_CHECK(cudaMemsetAsync(g, 0, static_cast<size_t>(I * H) * sizeof(float), r.stream));
+    if (fresh) cuda::zero_expert_grads(gate_g_, up_g_, down_g_, E, I, H, off, false, r.stream);
     cuda::moe_gather(x_, token_of_, R, H, xp.get(), r.stream);
     cuda::moe_combine_backward(dy, yp_, topk_weight_, row_of_, T, K, H, dyp.get(), dweight.get(), r.stream);
     {

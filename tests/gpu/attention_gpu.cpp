@@ -243,25 +243,7 @@ TEST_F(AttentionGpu, RefusesUnsupportedHeadDimsAndBadPointers) {
   CUDA_CHECK(cudaDeviceSynchronize());
 }
 
-// Median milliseconds of `runs` calls of f (after 2 warm-up calls), each timed with CUDA events.
-template <class F> double median_ms(F&& f, int runs = 10) {
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < 2; ++i) f();
-  std::vector<float> ms(runs);
-  for (int i = 0; i < runs; ++i) {
-    CUDA_CHECK(cudaEventRecord(start));
-    f();
-    CUDA_CHECK(cudaEventRecord(stop));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    CUDA_CHECK(cudaEventElapsedTime(&ms[i], start, stop));
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
-  std::nth_element(ms.begin(), ms.begin() + runs / 2, ms.end());
-  return ms[runs / 2];
-}
+using gpu_test::median_ms;
 
 TEST_F(AttentionGpu, ReportsThroughput) {
   // Causal FLOPs: pairs = B·H·s(s+1)/2 (query, key) pairs; forward 2·pairs·(dqk + dv) (Q·Kᵀ, P·V); backward

@@ -364,24 +364,7 @@ TEST_F(AttentionBf16Gpu, PackedEntryPointsAndBothBlockOrdersGiveTheSameBitsAsThe
   EXPECT_FALSE(cuda::attention_pack_mla_bf16_supported(18, 64, 32, 64));  // rope key rows not 16-byte aligned
 }
 
-template <class F> double median_ms(F&& f, int runs = 10) {
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < 2; ++i) f();
-  std::vector<float> ms(runs);
-  for (int i = 0; i < runs; ++i) {
-    CUDA_CHECK(cudaEventRecord(start));
-    f();
-    CUDA_CHECK(cudaEventRecord(stop));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    CUDA_CHECK(cudaEventElapsedTime(&ms[i], start, stop));
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
-  std::nth_element(ms.begin(), ms.begin() + runs / 2, ms.end());
-  return ms[runs / 2];
-}
+using gpu_test::median_ms;
 
 TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
   // bench-600m's attention: 8 x 2048 tokens, 16 heads, dqk 96, dv 64. FLOPs as in attention_gpu.cpp (causal

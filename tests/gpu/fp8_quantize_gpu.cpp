@@ -298,19 +298,9 @@ TEST_F(Fp8QuantizeGpu, ReportsBandwidth) {
   DeviceBuffer<uint8_t> dcodes(n);
   DeviceBuffer<float> dscales(cols * tiles(rows) + rows * tiles(cols));
   dx.upload(x);
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
   for (Kind k : {Kind::Tiles1x128, Kind::Blocks128x128, Kind::Transposed}) {
-    constexpr int kWarmup = 3, kIters = 20;
-    for (int i = 0; i < kWarmup; ++i) run_gpu(k, dx.get(), rows, cols, dcodes.get(), dscales.get());
-    CUDA_CHECK(cudaEventRecord(start));
-    for (int i = 0; i < kIters; ++i) run_gpu(k, dx.get(), rows, cols, dcodes.get(), dscales.get());
-    CUDA_CHECK(cudaEventRecord(stop));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    const double seconds = ms / 1e3 / kIters;
+    const double seconds =
+        gpu_test::median_ms([&] { run_gpu(k, dx.get(), rows, cols, dcodes.get(), dscales.get()); }, 20) / 1e3;
     const double bytes = static_cast<double>(n) * (4 + 1) + 4.0 * scale_count(k, rows, cols);
     std::ostringstream line;
     line << kind_name(k) << " " << rows << "x" << cols << ": " << seconds * 1e6 << " us, " << bytes / seconds / 1e9
@@ -318,8 +308,6 @@ TEST_F(Fp8QuantizeGpu, ReportsBandwidth) {
     std::printf("%s\n", line.str().c_str());
     RecordProperty(kind_name(k), line.str());
   }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
 }
 
 }  // namespace

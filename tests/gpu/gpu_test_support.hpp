@@ -1,4 +1,4 @@
-// What every GPU test file needs: the run's seed and device buffers. Each run of moerl_gpu_tests draws fresh random
+// What every GPU test file needs: the run's seed, device buffers and CUDA-event timing. Each run of moerl_gpu_tests draws fresh random
 // inputs from one seed, printed by the tests; MOERL_TEST_SEED=<n> repeats a run.
 #pragma once
 #include <cuda_runtime_api.h>
@@ -92,5 +92,27 @@ class GpuTest : public ::testing::Test {
     RecordProperty("seed", std::to_string(run_seed()));
   }
 };
+
+// Median milliseconds of one call of fn over `runs` calls after `warmup` untimed ones, each call timed alone with
+// CUDA events on the legacy default stream (information printed by the tests, never asserted).
+template <class F> double median_ms(F&& fn, int runs = 10, int warmup = 3) {
+  for (int i = 0; i < warmup; ++i) fn();
+  cudaEvent_t start, stop;
+  CUDA_CHECK(cudaEventCreate(&start));
+  CUDA_CHECK(cudaEventCreate(&stop));
+  std::vector<float> ms(static_cast<size_t>(std::max(runs, 1)));
+  for (float& m : ms) {
+    CUDA_CHECK(cudaEventRecord(start));
+    fn();
+    CUDA_CHECK(cudaEventRecord(stop));
+    CUDA_CHECK(cudaEventSynchronize(stop));
+    CUDA_CHECK(cudaEventElapsedTime(&m, start, stop));
+  }
+  CUDA_CHECK(cudaEventDestroy(start));
+  CUDA_CHECK(cudaEventDestroy(stop));
+  std::sort(ms.begin(), ms.end());
+  const size_t n = ms.size();
+  return n % 2 == 1 ? ms[n / 2] : (ms[n / 2 - 1] + ms[n / 2]) / 2;
+}
 
 }  // namespace moerl::gpu_test

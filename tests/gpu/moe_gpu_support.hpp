@@ -1,5 +1,5 @@
 // Helpers of the MoE GPU tests (moe_routing_gpu.cpp, moe_permute_gpu.cpp, moe_experts_gpu.cpp, ...): random values,
-// relative errors and CUDA-event timing, beside the seed, device buffers and fixture of gpu_test_support.hpp.
+// relative errors, beside the seed, device buffers, fixture and timing of gpu_test_support.hpp.
 #pragma once
 #include <cuda_runtime_api.h>
 #include <gtest/gtest.h>
@@ -9,7 +9,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <functional>
 #include <limits>
 #include <random>
 #include <vector>
@@ -47,24 +46,6 @@ inline std::vector<float> normal_values(size_t n, float stddev, std::mt19937_64&
   return v;
 }
 
-// Median milliseconds of one call of fn over 10 timed runs after 3 warm-ups (CUDA events, default stream).
-inline double median_ms(const std::function<void()>& fn) {
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  for (int i = 0; i < 3; ++i) fn();
-  std::vector<float> ms(10);
-  for (float& m : ms) {
-    CUDA_CHECK(cudaEventRecord(start));
-    fn();
-    CUDA_CHECK(cudaEventRecord(stop));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    CUDA_CHECK(cudaEventElapsedTime(&m, start, stop));
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(ms.begin(), ms.end());
-  return (ms[4] + ms[5]) / 2;
-}
+using gpu_test::median_ms;
 
 }  // namespace moerl::moe_gpu_test

@@ -88,25 +88,8 @@ template <class T> void expect_same_bits(const std::string& what, const std::vec
   EXPECT_EQ(differ, 0) << what << ": first difference at " << first;
 }
 
-// Median over 15 timed runs after 3 warm-ups, in microseconds (CUDA events on the default stream).
-template <class F> double median_us(F&& run) {
-  for (int i = 0; i < 3; ++i) run();
-  cudaEvent_t start, stop;
-  CUDA_CHECK(cudaEventCreate(&start));
-  CUDA_CHECK(cudaEventCreate(&stop));
-  std::vector<float> ms(15);
-  for (float& m : ms) {
-    CUDA_CHECK(cudaEventRecord(start));
-    run();
-    CUDA_CHECK(cudaEventRecord(stop));
-    CUDA_CHECK(cudaEventSynchronize(stop));
-    CUDA_CHECK(cudaEventElapsedTime(&m, start, stop));
-  }
-  CUDA_CHECK(cudaEventDestroy(start));
-  CUDA_CHECK(cudaEventDestroy(stop));
-  std::sort(ms.begin(), ms.end());
-  return ms[ms.size() / 2] * 1e3;
-}
+// Median over 15 timed runs after 3 warm-ups, in microseconds.
+template <class F> double median_us(F&& run) { return gpu_test::median_ms(run, 15) * 1e3; }
 
 void print_bandwidth(const std::string& what, double us, double bytes) {
   std::printf("  %-44s %9.1f us, %6.0f GB/s\n", what.c_str(), us, bytes / us / 1e3);
