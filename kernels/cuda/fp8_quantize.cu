@@ -65,11 +65,12 @@ __device__ __forceinline__ void store4(uint8_t* row, int64_t c, int64_t cols, bo
 // One warp per kTilesPerWarp consecutive 1x128 tiles, 4 elements per lane. Tiles numbered row-major:
 // tile = r * ntiles + t, which is also the index of its scale. `vec`: x rows 16-byte aligned and codes rows
 // 4-byte aligned. kFull: cols % 128 == 0 and `vec`, so tile t starts at element 128 t and no bounds are
-// checked (the 64-bit divisions and branches of the general path cost a third of the bandwidth).
-template <bool kFull>
+// checked (the 64-bit divisions and branches of the general path cost a third of the bandwidth). kLt: the scales
+// in cuBLASLt's layout [ntiles, rows] (ScaleLayout::Cublaslt).
+template <bool kFull, bool kLt>
 __global__ void __launch_bounds__(kRowWarps * kWarp)
     quantize_1x128_kernel(const float* __restrict__ x, int64_t rows, int64_t cols, int64_t ntiles, bool vec,
-                          bool lt, uint8_t* __restrict__ codes, float* __restrict__ scales) {
+                          uint8_t* __restrict__ codes, float* __restrict__ scales) {
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp) * kTilesPerWarp;
   const int64_t count = rows * ntiles;
   const int lane = threadIdx.x % kWarp;
@@ -91,7 +92,7 @@ __global__ void __launch_bounds__(kRowWarps * kWarp)
     const int amax =
         warp_max(max(max(abs_bits(v[i][0]), abs_bits(v[i][1])), max(abs_bits(v[i][2]), abs_bits(v[i][3]))));
     const float scale = scale_from_amax_bits(amax);
-    if (lane == 0) scales[lt ? tile % ntiles * rows + tile / ntiles : tile] = scale;  // lt: [ntiles, rows]
+    if (lane == 0) scales[kLt ? tile % ntiles * rows + tile / ntiles : tile] = scale;  // kLt: [ntiles, rows]
     if (kFull)
       __stcs(reinterpret_cast<unsigned int*>(codes + tile * kTile) + lane, encode4(v[i], scale));
     else
@@ -352,10 +353,10 @@ void quantize_1x128(const float* x, int64_t rows, int64_t cols, uint8_t* codes, 
   const int64_t blocks = blocks_for(rows * ntiles, kRowWarps * kTilesPerWarp);
   require(blocks <= INT32_MAX, "fp8::cuda::quantize_1x128: matrix too large for one launch");
   const bool vec = cols % 4 == 0 && aligned(x, 16) && aligned(codes, 4);
-  const auto kernel = vec && cols % kTile == 0 ? quantize_1x128_kernel<true> : quantize_1x128_kernel<false>;
-  kernel<<<static_cast<unsigned>(blocks), kRowWarps * kWarp, 0, stream>>>(x, rows, cols, ntiles, vec,
-                                                                          layout == ScaleLayout::Cublaslt, codes,
-                                                                          scales);
+  const bool full = vec && cols % kTile == 0, lt = layout == ScaleLayout::Cublaslt;
+  const auto kernel = full ? (lt ? quantize_1x128_kernel<true, true> : quantize_1x128_kernel<true, false>)
+                           : (lt ? quantize_1x128_kernel<false, true> : quantize_1x128_kernel<false, false>);
+  kernel<<<static_cast<unsigned>(blocks), kRowWarps * kWarp, 0, stream>>>(x, rows, cols, ntiles, vec, codes, scales);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -242,6 +242,7 @@ void launch_quantize_tiles_as(const Src& src, const TileOutputs& o, cudaStream_t
   CUDA_CHECK_LAUNCH();
 }
 
+// launch_quantize_tiles_as for the instantiation of o's scale layouts.
 template <bool kRows, bool kCols, class Src, int kTC = kTile>
 void launch_quantize_tiles(const Src& src, const TileOutputs& o, cudaStream_t stream) {
   static_assert(kRows || kCols, "nothing to write");
