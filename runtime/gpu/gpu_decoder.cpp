@@ -59,7 +59,8 @@ float GpuDecoderLayer::forward(const float* in, float* out, const Run& r, float 
     const PhaseTimer t(r.precision, "attn.fwd", r.stream);
     attn_.forward(xn1_, h_, r);
   }
-  if (residual_in_norms()) {
+  const bool fused = residual_in_norms();
+  if (fused) {
     norm2_.forward_residual(h_, in, h_, T, xn2_, r);  // h = attention + in, then its norm
   } else {
     add_inplace(h_, in, n, r.stream);
@@ -67,15 +68,11 @@ float GpuDecoderLayer::forward(const float* in, float* out, const Run& r, float 
   }
   float balance = 0.0f;
   const PhaseTimer t(r.precision, moe_ ? "moe.fwd" : "dense.fwd", r.stream);
-  if (moe_ && residual_in_norms()) {  // out = experts + h, the add inside the routed experts' combine
-    balance = moe_->forward(xn2_, out, r, balance_alpha, for_backward, h_);
-  } else {
-    if (moe_)
-      balance = moe_->forward(xn2_, out, r, balance_alpha, for_backward);
-    else
-      dense_->forward(xn2_, out, r);
-    add_inplace(out, h_, n, r.stream);
-  }
+  if (moe_)  // fused: out = experts + h, the add inside the routed experts' combine
+    balance = moe_->forward(xn2_, out, r, balance_alpha, for_backward, fused ? h_ : nullptr);
+  else
+    dense_->forward(xn2_, out, r);
+  if (!moe_ || !fused) add_inplace(out, h_, n, r.stream);
   return balance;
 }
 

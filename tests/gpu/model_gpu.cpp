@@ -95,6 +95,14 @@ void init_cpu(Model& m, uint64_t seed) {
       for (float& v : p.value.span<float>()) v = normal(rng);
 }
 
+// cpu given random weights (init_cpu of seed) and g the same, uploaded; poison: g fills its activations and scratch
+// with NaN first (GpuModel::set_debug_poison), so that a value read before it is written shows.
+void init_both(Model& cpu, GpuModel& g, uint64_t seed, bool poison) {
+  init_cpu(cpu, seed);
+  g.set_debug_poison(poison);
+  g.upload(cpu.params());
+}
+
 ForwardOptions options(Precision p) {
   ForwardOptions o;
   o.precision = p;
@@ -471,11 +479,9 @@ TEST_F(ModelGpu, RepeatedStepsAreBitIdentical) {
   const ModelConfig c = gpu_test::tile_gpu_config(128);
   std::mt19937_64 rng(run_seed() + 23);
   Model cpu(c);
-  init_cpu(cpu, run_seed() + 29);
-  const Tokens t = random_tokens(c.vocab_size, 2, 128, 0, rng);
   GpuModel g(c);
-  g.set_debug_poison(true);
-  g.upload(cpu.params());
+  init_both(cpu, g, run_seed() + 29, true);
+  const Tokens t = random_tokens(c.vocab_size, 2, 128, 0, rng);
   Model holder(c);
   for (Precision p : {Precision::FP32, Precision::BF16, Precision::FP8}) {
     ForwardOptions o = options(p);
@@ -517,10 +523,9 @@ TEST_F(ModelGpu, ZeroGradMarksGradientsAndNoStaleValueSurvivesAStep) {
   const ModelConfig c = gpu_test::tile_gpu_config(128);
   std::mt19937_64 rng(run_seed() + 59);
   Model cpu(c);
-  init_cpu(cpu, run_seed() + 61);
-  const Tokens t = random_tokens(c.vocab_size, 2, 128, 0, rng);
   GpuModel g(c);
-  g.upload(cpu.params());
+  init_both(cpu, g, run_seed() + 61, false);
+  const Tokens t = random_tokens(c.vocab_size, 2, 128, 0, rng);
   Model holder(c);
   const auto nan_fill_grads = [&] {
     for (const gpu::DeviceParam& p : g.params())
@@ -572,10 +577,8 @@ TEST_F(ModelGpu, RouterBiasUpdateAndExpertLoadsMatchTheCpu) {
   const ModelConfig c = gpu_test::tile_gpu_config(0);
   std::mt19937_64 rng(run_seed() + 31);
   Model cpu(c);
-  init_cpu(cpu, run_seed() + 37);
   GpuModel g(c);
-  g.set_debug_poison(true);
-  g.upload(cpu.params());
+  init_both(cpu, g, run_seed() + 37, true);
   Model holder(c);
   auto same_loads = [&](const char* when) {
     const auto gl = g.expert_loads();
@@ -679,10 +682,9 @@ TEST_F(ModelGpu, PrintsStepTimeAndPeakMemory) {
   const ModelConfig c = gpu_test::tile_gpu_config(128);
   std::mt19937_64 rng(run_seed() + 41);
   Model cpu(c);
-  init_cpu(cpu, run_seed() + 43);
-  const Tokens t = random_tokens(c.vocab_size, 4, 256, 0, rng);
   GpuModel g(c);
-  g.upload(cpu.params());
+  init_both(cpu, g, run_seed() + 43, false);
+  const Tokens t = random_tokens(c.vocab_size, 4, 256, 0, rng);
   for (Precision p : {Precision::FP32, Precision::BF16, Precision::FP8}) {
     ForwardOptions o = options(p);
     o.keep_logits = false;
