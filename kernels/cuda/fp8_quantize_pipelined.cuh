@@ -32,6 +32,12 @@
 // BF16 inputs in shared memory, dg and du computed once along rows and again along columns, nothing staged: 64
 // registers, 32 warps an SM): bit-exact but slower, 1.335 against 1.051 ms (MoE layer 12.37 vs 12.07 ms;
 // bench/results/2026-11-29-gpu-swiglu-bwd-tile-h200-14d74c1+tile.txt).
+// Nor did this schedule with the outputs not staged (2026-11-30): BF16 inputs only in a stage (48 KiB: 4 stages),
+// kept in 8-byte units swizzled for both passes, and dg, du computed again by the columns (one barrier a half
+// instead of two): bit-exact, but the kernel 1.55 against 1.27 ms for the MoE layer's two calls, the layer
+// 12.19 / 12.29 vs 12.00 / 12.15 ms, bench-600m fp8 241.9k / 242.9k vs 246.2k / 245.1k tokens/s (rounds
+// interleaved, bench/results/2026-11-30-gpu-sweep-swiglu-recompute-h200-57f8adf.txt): the kernel is bound by its
+// arithmetic, not by staging.
 #pragma once
 #include <cuda_runtime.h>
 

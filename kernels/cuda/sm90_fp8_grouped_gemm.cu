@@ -26,10 +26,16 @@
 // products inside a 128-group with fewer bits). MoE layer fwd+bwd with MOERL_MOE_GEMM=grouped 20.3 ms (mma.sync 36.7) vs
 // 15.5 ms with cuBLASLt per expert, train step 177k vs 183-185k tok/s: MoeFp8Gemm::Lanes stays the default.
 // Where the time goes: a step (128 x 128 x 128) needs 512 tensor-core cycles but takes ~2000-2600; the cp.async
-// pipelines move ~3 TB/s from L2 into shared memory (32 KB a step), TMA ~3.8 TB/s, so the loads bound all three.
-// TODO(perf): 2-CTA clusters multicasting the weight tile (halves its L2 reads), 128 x 256 tiles (acc 128 + a
-// 64-column part: 192 registers, fewer bytes per FLOP), and TMA for the tokens form (a tensor map per group, built
-// on the device with tensormap.replace, since the offsets stay there).
+// pipelines move ~3 TB/s from L2 into shared memory (32 KB a step), TMA ~3.8 TB/s, so the loads seemed to bound
+// all three. Tried and removed (2026-11-30): Tma as clusters of 2 blocks on neighbouring N tiles of one row tile,
+// each loading its b tile and multicasting a 64-row half of the shared a tile into both (24 KB from L2 a step
+// instead of 32; remote `empty` arrivals at CTA scope, .release.cluster cost 40%): bit-identical, but moe-layer
+// gate+up 447 against 478 TFLOP/s, down 437 / 429, bench-600m gate+up 325 / 323 (GPU test timing lines), so L2
+// bandwidth alone is not what holds the tiles back (a guess, unmeasured: the pair runs in lockstep, each producer
+// waiting for the slower block's consumers).
+// TODO(perf): 128 x 256 tiles (acc 128 + a 64-column part: 192 registers, fewer bytes per FLOP), WGMMA of the next
+// step overlapping the promotion of the current one, and TMA for the tokens form (a tensor map per group, built on
+// the device with tensormap.replace, since the offsets stay there).
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>

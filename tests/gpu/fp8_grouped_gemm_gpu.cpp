@@ -1,10 +1,11 @@
 // GPU tests of the grouped FP8 GEMMs (kernels/cuda/fp8_grouped_gemm.hpp) against fp8::cpu::gemm_nt_reference per
 // group: the rows form (Fprop / Dgrad: groups of rows, a stacked weight per group, one or two terms, one or two
 // problems per launch) and the tokens form (Wgrad: each group's packed transposed codes, accumulated). Groups with
-// no rows, partial tiles along N, M and K. Fresh seed per run (printed; MOERL_TEST_SEED=<n> repeats it), outputs
-// poisoned with NaN first. Every pipeline of the kernel (GroupedKernel::Tma, ::Specialized, ::Synchronous) is
-// checked and they must agree bit for bit (same sums in the same order). Timing lines at bench-600m's expert shapes
-// and at the MoE layer bench's (T=16384, hidden 2048, moe_intermediate 1408, 64 experts top-6).
+// no rows, partial tiles along N, M and K, even and odd numbers of N tiles, tiles of more steps than the ring has
+// stages. Fresh seed per run (printed; MOERL_TEST_SEED=<n> repeats it), outputs poisoned with NaN first. Every
+// pipeline of the kernel (GroupedKernel::Tma, ::Specialized, ::Synchronous) is checked and they must agree bit for
+// bit (same sums in the same order). Timing lines at bench-600m's expert shapes and at the MoE layer bench's
+// (T=16384, hidden 2048, moe_intermediate 1408, 64 experts top-6).
 //
 // Tolerance (relative L2 error, NaN fails): both sides multiply the same codes and scales; they differ by the order
 // of the FP32 sums and the tensor cores' accumulation inside a 128-group (about 2^-14 relative on H100-class
@@ -92,10 +93,11 @@ StackedWeight make_weight(int64_t groups, int64_t n, int64_t k, std::mt19937_64&
   return w;
 }
 
-TEST_F(Fp8GroupedGemmGpu, RowsFormMatchesTheCpuReferencePerGroup) {
-  std::mt19937_64 rng(run_seed() + 71);
+// Rows form with N output columns, terms of K0 and K1: every pipeline against the CPU reference and bit for bit
+// against each other.
+void check_rows_form(int64_t N, int64_t K0, int64_t K1, std::mt19937_64& rng) {
   const std::vector<int64_t> counts = {130, 0, 77, 256, 5, 300};
-  const int64_t G = static_cast<int64_t>(counts.size()), N = 208, K0 = 320, K1 = 256;  // partial N tile, K step
+  const int64_t G = static_cast<int64_t>(counts.size());
   const std::vector<int64_t> bounds = bounds_of(counts);
   const int64_t rows = bounds.back();
   const RowsOperand a0 = make_rows(counts, bounds, K0, rng), a1 = make_rows(counts, bounds, K1, rng);
@@ -151,9 +153,19 @@ TEST_F(Fp8GroupedGemmGpu, RowsFormMatchesTheCpuReferencePerGroup) {
     if (first0.empty()) {
       first0 = got0, first1 = got1;
     } else {
-      EXPECT_TRUE(got0 == first0 && got1 == first1) << "the pipelines differ bit for bit";
+      EXPECT_TRUE(got0 == first0 && got1 == first1)
+          << kernel_name(kernel) << " differs bit for bit from " << kernel_name(kKernels[0]) << ", N=" << N;
     }
   }
+}
+
+TEST_F(Fp8GroupedGemmGpu, RowsFormMatchesTheCpuReferencePerGroup) {
+  std::mt19937_64 rng(run_seed() + 71);
+  // 2 N tiles, the second partial; 3 + 2 steps a tile (K0's last step partial: 64 of 128 bytes).
+  check_rows_form(208, 320, 256, rng);
+  // 3 N tiles, the third partial; 8 + 2 steps a tile: the 6-stage ring wraps inside a tile (the producers wait on
+  // its empty barriers).
+  check_rows_form(336, 960, 256, rng);
 }
 
 TEST_F(Fp8GroupedGemmGpu, TokensFormAccumulatesTheCpuReferencePerGroup) {
