@@ -31,6 +31,11 @@ constexpr int64_t kMaxDweightDim = 49152;
 constexpr int kFinishCols = 32;
 constexpr int kFinishSplit = 8;
 
+// Tried and dropped (2026-11-30): warp-per-row kernels holding a row in registers (one read, shuffle reductions, no
+// block barrier a row) for dim <= 1024: bench-600m's 16384 x 1024 forward 45.4 vs 43.6 us, backward with dweight 78.8
+// vs 79.7 us (GPU test bandwidth lines), in the train step 52.5 / 92.3 us a call: these passes of ~50-90 us are
+// bound by HBM ramp-up and tails, not by the block's barriers (bench/results/2026-11-30-gpu-ce-norm-h200-041b8bc.txt).
+//
 // One block per row: y = weight · (x · rstd), HF's order. With `residual` (rmsnorm_forward_residual): x is first
 // replaced by x + residual, written to `sum` (which may be x itself: each element is read and written by one
 // thread), and the row normalised is that sum.
