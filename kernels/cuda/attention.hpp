@@ -63,5 +63,13 @@ void attention_forward_bf16_packed(const void* packed, float* out, float* lse, i
 void attention_backward_bf16_packed(const float* dout, const void* packed, const float* out, const float* lse,
                                     float* dq, float* dk, float* dv_out, int64_t batch, int64_t seq, int64_t heads,
                                     int64_t dqk, int64_t dv, float scale, cudaStream_t stream = nullptr);
+// The same with dqk = dn + dr and dK, dV written in the layout MLA's backward goes on with, instead of dk and
+// dv_out: d_kv [batch*seq, heads, dn + dv] (per head dK's first dn columns, then dV: kv_b_proj's output gradient)
+// and dk_rope [batch*seq, heads, dr] (dK's last dr columns, to be summed over the heads). Bit-identical to the
+// plain form's values. Needs dn a multiple of 8.
+void attention_backward_bf16_packed_mla(const float* dout, const void* packed, const float* out, const float* lse,
+                                        float* dq, float* d_kv, float* dk_rope, int64_t batch, int64_t seq,
+                                        int64_t heads, int64_t dn, int64_t dr, int64_t dv, float scale,
+                                        cudaStream_t stream = nullptr);
 
 }  // namespace moerl::cuda

@@ -193,9 +193,8 @@ __global__ void __launch_bounds__(32 * WARPS)
 template <int DQ, int DV, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS)
     attention_dkdv_tc(const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
-                      const bf16* __restrict__ dob, const float* __restrict__ stats, float* __restrict__ dk,
-                      float* __restrict__ dv, int seq, int spad, int heads, float scale, float scale_log2,
-                      bool seq_order) {
+                      const bf16* __restrict__ dob, const float* __restrict__ stats, const KvGradOut out, int seq,
+                      int spad, int heads, float scale, float scale_log2, bool seq_order) {
   constexpr int ROWS = 16 * WARPS, THREADS = 32 * WARPS, DQP = pad16(DQ), DVP = pad16(DV);
   constexpr int LQ = row_stride(DQP), LV = row_stride(DVP);
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -255,9 +254,7 @@ __global__ void __launch_bounds__(32 * WARPS)
     }
     __syncthreads();
   }
-  const int64_t ldq = int64_t{heads} * DQ, ldv = int64_t{heads} * DV, tok0 = int64_t{b} * seq;
-  store_rows<DQ>(dk + tok0 * ldq + h * DQ, ldq, w0, seq, dk_acc, scale, lane);
-  store_rows<DV>(dv + tok0 * ldv + h * DV, ldv, w0, seq, dv_acc, 1.0f, lane);
+  store_kv_grads<DQ, DV>(out, b, h, seq, w0, dk_acc, dv_acc, scale, lane);
 }
 
 // Backward, dQ of query tile tiles-1-z (16·WARPS queries) over key tiles 0 .. diagonal: dS = P∘(dP − D_i),
@@ -449,11 +446,12 @@ void attention_forward_bf16_packed(const void* packed, float* out, float* lse, i
   });
 }
 
-void attention_backward_bf16_packed(const float* dout, const void* packed, const float* out, const float* lse,
-                                    float* dq, float* dk, float* dv_out, int64_t batch, int64_t seq, int64_t heads,
-                                    int64_t dqk, int64_t dv, float scale, cudaStream_t stream) {
-  const std::string where = "moerl::cuda::attention_backward_bf16_packed";
-  if (!check_tc(where, batch, seq, heads, dqk, dv, scale, {dout, packed, out, dq, dk, dv_out}, lse)) return;
+namespace {
+
+// attention_backward_bf16_packed's body, dK and dV written as `kv` says (checked by the callers).
+void backward_packed(const float* dout, const void* packed, const float* out, const float* lse, float* dq,
+                     const KvGradOut& kv, int64_t batch, int64_t seq, int64_t heads, int64_t dqk, int64_t dv,
+                     float scale, cudaStream_t stream) {
   const bool order = seq_order();
   dispatch_tc(dqk, dv, [&](auto dq_dim, auto dv_dim) {
     constexpr int DQ = decltype(dq_dim)::value, DV = decltype(dv_dim)::value;
@@ -475,7 +473,7 @@ void attention_backward_bf16_packed(const float* dout, const void* packed, const
       pack_operand_t(PackSrc{dout, heads * DV, DV, DV, nullptr, 0}, DV, dot, batch, seq, heads, pl.spad, stream);
       transpose_packed(pl.q(base), qt, DQ, batch * heads, pl.spad, stream);
       transpose_packed(pl.k(base), kt, DQ, batch * heads, pl.spad, stream);
-      backward_wgmma({pl.q(base), pl.k(base), pl.v(base), dob, qt, kt, dot, stats, dq, dk, dv_out,
+      backward_wgmma({pl.q(base), pl.k(base), pl.v(base), dob, qt, kt, dot, stats, dq, kv,
                       static_cast<int>(batch), s, sp, h, scale, scale * kLog2eTc, order},
                      dq_wg, stream);
       t.release();
@@ -489,7 +487,7 @@ void attention_backward_bf16_packed(const float* dout, const void* packed, const
       allow_smem<attention_dq_tc<DQ, DV, W>>(smem_dq);
       const dim3 grid = grid_of(batch, seq, heads, 16 * W, order);
       attention_dkdv_tc<DQ, DV, W><<<grid, 32 * W, smem_dkdv, stream>>>(
-          pl.q(base), pl.k(base), pl.v(base), dob, stats, dk, dv_out, s, sp, h, scale, scale * kLog2eTc, order);
+          pl.q(base), pl.k(base), pl.v(base), dob, stats, kv, s, sp, h, scale, scale * kLog2eTc, order);
       CUDA_CHECK_LAUNCH();
       attention_dq_tc<DQ, DV, W><<<grid, 32 * W, smem_dq, stream>>>(pl.q(base), pl.k(base), pl.v(base), dob, stats,
                                                                     dq, s, sp, h, scale, scale * kLog2eTc, order);
@@ -497,6 +495,33 @@ void attention_backward_bf16_packed(const float* dout, const void* packed, const
     });
     scratch.release();
   });
+}
+
+}  // namespace
+
+void attention_backward_bf16_packed(const float* dout, const void* packed, const float* out, const float* lse,
+                                    float* dq, float* dk, float* dv_out, int64_t batch, int64_t seq, int64_t heads,
+                                    int64_t dqk, int64_t dv, float scale, cudaStream_t stream) {
+  const std::string where = "moerl::cuda::attention_backward_bf16_packed";
+  if (!check_tc(where, batch, seq, heads, dqk, dv, scale, {dout, packed, out, dq, dk, dv_out}, lse)) return;
+  const KvGradOut kv{dk, heads * dqk, dqk, dk, heads * dqk, dqk, static_cast<int>(dqk), dv_out, heads * dv, dv};
+  backward_packed(dout, packed, out, lse, dq, kv, batch, seq, heads, dqk, dv, scale, stream);
+}
+
+void attention_backward_bf16_packed_mla(const float* dout, const void* packed, const float* out, const float* lse,
+                                        float* dq, float* d_kv, float* dk_rope, int64_t batch, int64_t seq,
+                                        int64_t heads, int64_t dn, int64_t dr, int64_t dv, float scale,
+                                        cudaStream_t stream) {
+  const std::string where = "moerl::cuda::attention_backward_bf16_packed_mla";
+  require(dn > 0 && dr > 0 && dn % 8 == 0, [&] {
+    return where + ": needs dn a positive multiple of 8 and dr > 0, got dn " + std::to_string(dn) + ", dr " +
+           std::to_string(dr);
+  });
+  const int64_t dqk = dn + dr, width = dn + dv;
+  if (!check_tc(where, batch, seq, heads, dqk, dv, scale, {dout, packed, out, dq, d_kv, dk_rope}, lse)) return;
+  const KvGradOut kv{d_kv, heads * width, width, dk_rope, heads * dr, dr, static_cast<int>(dn),
+                     d_kv + dn, heads * width, width};
+  backward_packed(dout, packed, out, lse, dq, kv, batch, seq, heads, dqk, dv, scale, stream);
 }
 
 void attention_forward_bf16(const float* q, const float* k, const float* v, float* out, float* lse, int64_t batch,

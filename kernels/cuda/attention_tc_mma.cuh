@@ -7,6 +7,8 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/attention_tc_pack.hpp"
+
 namespace moerl::cuda::attention_tc_detail {
 
 using bf16 = __nv_bfloat16;
@@ -180,6 +182,36 @@ __device__ __forceinline__ void store_rows(float* __restrict__ dst, int64_t ldg,
     if (r + 8 < seq)
       *reinterpret_cast<float2*>(dst + (r + 8) * ldg + n * 8 + c) = make_float2(acc[n][2] * factor, acc[n][3] * factor);
   }
+}
+
+// dK's rows as store_rows, its columns from `split` on (a multiple of 8) to `rest` (stride ld_rest) at column - split.
+template <int D>
+__device__ __forceinline__ void store_rows_split(float* __restrict__ dst, int64_t ldg, float* __restrict__ rest,
+                                                 int64_t ld_rest, int split, int row0, int seq,
+                                                 const float (&acc)[pad16(D) / 8][4], float factor, int lane) {
+  const int r = row0 + lane / 4, c = (lane % 4) * 2;
+#pragma unroll
+  for (int n = 0; n < pad16(D) / 8; ++n) {
+    if (n * 8 >= D) continue;
+    const bool lo = n * 8 < split;
+    float* base = lo ? dst + n * 8 + c : rest + (n * 8 - split) + c;
+    const int64_t ld = lo ? ldg : ld_rest;
+    if (r < seq) *reinterpret_cast<float2*>(base + r * ld) = make_float2(acc[n][0] * factor, acc[n][1] * factor);
+    if (r + 8 < seq)
+      *reinterpret_cast<float2*>(base + (r + 8) * ld) = make_float2(acc[n][2] * factor, acc[n][3] * factor);
+  }
+}
+
+// The dK and dV rows of key tile rows row0.. of head h in sequence b (tokens b · seq + ..), into `out`.
+template <int DQ, int DV>
+__device__ __forceinline__ void store_kv_grads(const KvGradOut& out, int b, int h, int seq, int row0,
+                                               const float (&dk)[pad16(DQ) / 8][4],
+                                               const float (&dv)[pad16(DV) / 8][4], float scale, int lane) {
+  const int64_t tok0 = int64_t{b} * seq;
+  store_rows_split<DQ>(out.dk + tok0 * out.dk_ld + h * out.dk_head, out.dk_ld,
+                       out.dk_rest + tok0 * out.rest_ld + h * out.rest_head, out.rest_ld, out.k_split, row0, seq, dk,
+                       scale, lane);
+  store_rows<DV>(out.dv + tok0 * out.dv_ld + h * out.dv_head, out.dv_ld, row0, seq, dv, 1.0f, lane);
 }
 
 

@@ -70,12 +70,28 @@ struct ForwardWgmmaArgs {
 };
 void forward_wgmma(const ForwardWgmmaArgs& args, int warpgroups, cudaStream_t stream);
 
+// Where the backward kernels write dK and dV: row (token t, head h) of dK has its columns below k_split at dk + t ·
+// dk_ld + h · dk_head and the rest (column c at c - k_split, k_split a multiple of 8) at dk_rest + t · rest_ld + h ·
+// rest_head; dV's row at dv + t · dv_ld + h · dv_head. The plain layout ([tokens, heads, D] each): k_split = DQ;
+// MLA's (attention_backward_bf16_packed_mla): dK's nope columns and dV side by side in d_kv [tokens, heads, dn + dv],
+// dK's rope columns in [tokens, heads, dr].
+struct KvGradOut {
+  float* dk;
+  int64_t dk_ld, dk_head;
+  float* dk_rest;
+  int64_t rest_ld, rest_head;
+  int k_split;
+  float* dv;
+  int64_t dv_ld, dv_head;
+};
+
 // Backward on WGMMA (attention_tc_wgmma_bwd.cu), dqk 96 / dv 64: packed Q, K, V, dO, their transposes Qᵀ, Kᵀ, dOᵀ
 // [batch, heads, D, spad] and the stats of pack_dout.
 struct BackwardWgmmaArgs {
   const __nv_bfloat16 *q, *k, *v, *dout, *qt, *kt, *dout_t;
   const float* stats;
-  float *dq, *dk, *dv;
+  float* dq;
+  KvGradOut kv;  // where dK and dV go (attention_tc_mma.cuh)
   int batch, seq, spad, heads;
   float scale, scale_log2;
   bool seq_order;

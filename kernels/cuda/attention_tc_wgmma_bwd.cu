@@ -147,9 +147,7 @@ __global__ void __launch_bounds__(256, 1) attention_dkdv_wgmma(const BackwardWgm
     fence_frag(dk);
     __syncthreads();  // stage st is read before iteration qt + 1 refills it
   }
-  const int64_t ldq = int64_t{a.heads} * kDq, ldv = int64_t{a.heads} * kDv, tok0 = int64_t{b} * seq;
-  store_rows<kDq>(a.dk + tok0 * ldq + h * kDq, ldq, w0, seq, dk, a.scale, lane);
-  store_rows<kDv>(a.dv + tok0 * ldv + h * kDv, ldv, w0, seq, dv, 1.0f, lane);
+  store_kv_grads<kDq, kDv>(a.kv, b, h, seq, w0, dk, dv, a.scale, lane);
 }
 
 // Shared layout of the dQ kernel: own Q (2 panels of 64·WG rows), own dO, two stages of K (2 panels), V, Kᵀ.

@@ -143,5 +143,9 @@ void mla_assemble_kv(const float* kv, const float* ckv, float* k, float* v, int6
 // columns are left alone).
 void mla_split_dkv(const float* dk, const float* dv, float* d_kv, float* d_ckv, int64_t tokens, int64_t heads,
                    int64_t dn, int64_t dv_dim, int64_t dr, int64_t kv_lora, cudaStream_t stream);
+// mla_split_dkv's second half alone, for the attention backward that wrote d_kv itself: the last dr columns of d_ckv
+// [T, kv_lora + dr] = Σ_h dk_rope[t, h, :] (dk_rope [T, H, dr]) in head order (the same bits).
+void mla_sum_rope_dk(const float* dk_rope, float* d_ckv, int64_t tokens, int64_t heads, int64_t dr, int64_t kv_lora,
+                     cudaStream_t stream);
 
 }  // namespace moerl::gpu::detail

@@ -63,6 +63,20 @@ __global__ void split_dkv_kernel(const float* __restrict__ dk, const float* __re
   }
 }
 
+// A thread per (token, rope column) (grid-stride): d_ckv's rope column c = Σ over the heads of dk_rope [tokens, heads, dr], in
+// head order from zero (split_dkv_kernel's sum, the CPU's order). A warp's loads: one head's dr contiguous floats.
+__global__ void sum_rope_dk_kernel(const float* __restrict__ dk_rope, float* __restrict__ d_ckv, int64_t tokens,
+                                   int heads, int dr, int kv_lora) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < tokens * dr;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / dr;
+    const int c = static_cast<int>(i % dr);
+    float sum = 0.0f;
+    for (int h = 0; h < heads; ++h) sum = __fadd_rn(sum, dk_rope[(t * heads + h) * dr + c]);
+    d_ckv[t * (kv_lora + dr) + kv_lora + c] = sum;
+  }
+}
+
 void check_mla_sizes(const char* fn, int64_t tokens, int64_t heads, int64_t dn, int64_t dv, int64_t dr,
                      int64_t kv_lora) {
   require(tokens >= 0 && heads > 0 && dn >= 0 && dv > 0 && dr >= 0 && kv_lora >= 0,
@@ -100,6 +114,16 @@ void mla_split_dkv(const float* dk, const float* dv, float* d_kv, float* d_ckv, 
   split_dkv_kernel<<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
       dk, dv, d_kv, d_ckv, static_cast<int>(heads), static_cast<int>(dn), static_cast<int>(dv_dim),
       static_cast<int>(dr), static_cast<int>(kv_lora));
+  CUDA_CHECK_LAUNCH();
+}
+
+void mla_sum_rope_dk(const float* dk_rope, float* d_ckv, int64_t tokens, int64_t heads, int64_t dr, int64_t kv_lora,
+                     cudaStream_t stream) {
+  check_mla_sizes("mla_sum_rope_dk", tokens, heads, 0, 1, dr, kv_lora);
+  if (tokens == 0 || dr == 0) return;
+  require(dk_rope && d_ckv, "gpu mla_sum_rope_dk: null pointer");
+  sum_rope_dk_kernel<<<blocks_for(tokens * dr), kThreads, 0, stream>>>(
+      dk_rope, d_ckv, tokens, static_cast<int>(heads), static_cast<int>(dr), static_cast<int>(kv_lora));
   CUDA_CHECK_LAUNCH();
 }
 

@@ -315,7 +315,8 @@ TEST_F(AttentionBf16Gpu, PackedEntryPointsAndBothBlockOrdersGiveTheSameBitsAsThe
   // The model packs q, k, v once (k, v straight from kv_b_proj's output and the rope key) and keeps them for the
   // backward; that must change no bit against attention_forward_bf16 / _backward_bf16 on the assembled k, v. The
   // block order (MOERL_ATTN_TC_ORDER) only moves blocks between SMs: no bit changes either. Shapes: both head dims
-  // (dn 16 / 64 of the tiny fixture and bench-600m), partial tiles, an odd kv_lora multiple of 4.
+  // (dn 16 / 64 of the tiny fixture and bench-600m), partial tiles, an odd kv_lora multiple of 4. The MLA entry point
+  // (dK and dV in kv_b_proj's gradient layout) gives the same values.
   std::mt19937_64 rng(run_seed() + 5);
   struct Case {
     Shape sh;
@@ -359,6 +360,23 @@ TEST_F(AttentionBf16Gpu, PackedEntryPointsAndBothBlockOrdersGiveTheSameBitsAsThe
       EXPECT_TRUE(same_bits(got.dq, ref.dq)) << "dQ";
       EXPECT_TRUE(same_bits(got.dk, ref.dk)) << "dK";
       EXPECT_TRUE(same_bits(got.dv, ref.dv)) << "dV";
+
+      // MLA's layout: dK's nope columns and dV side by side per head, dK's rope columns apart; the same bits.
+      const int64_t T = sh.tokens(), H = sh.heads, dn = c.dn, dr = sh.dqk - dn, dv = sh.dv;
+      DeviceFloats d_kv(static_cast<size_t>(T * H * (dn + dv))), dk_rope(static_cast<size_t>(T * H * dr));
+      d_kv.poison(), dk_rope.poison(), plain.dq.poison();
+      cuda::attention_backward_bf16_packed_mla(dout.get(), packed.get(), plain.out.get(), plain.lse.get(),
+                                               plain.dq.get(), d_kv.get(), dk_rope.get(), sh.batch, sh.seq, sh.heads,
+                                               dn, dr, dv, sh.scale());
+      EXPECT_TRUE(same_bits(plain.dq.download(), ref.dq)) << "dQ (MLA layout)";
+      std::vector<float> want_kv(static_cast<size_t>(T * H * (dn + dv))), want_rope(static_cast<size_t>(T * H * dr));
+      for (int64_t row = 0; row < T * H; ++row) {
+        for (int64_t col = 0; col < dn; ++col) want_kv[row * (dn + dv) + col] = ref.dk[row * sh.dqk + col];
+        for (int64_t col = 0; col < dv; ++col) want_kv[row * (dn + dv) + dn + col] = ref.dv[row * dv + col];
+        for (int64_t col = 0; col < dr; ++col) want_rope[row * dr + col] = ref.dk[row * sh.dqk + dn + col];
+      }
+      EXPECT_TRUE(same_bits(d_kv.download(), want_kv)) << "d_kv (dK nope | dV)";
+      EXPECT_TRUE(same_bits(dk_rope.download(), want_rope)) << "dK rope";
     }
   }
   EXPECT_FALSE(cuda::attention_pack_mla_bf16_supported(18, 64, 32, 64));  // rope key rows not 16-byte aligned
