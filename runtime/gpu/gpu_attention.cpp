@@ -152,7 +152,9 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
   Temp<float> d_ckv(T * ckv_dim, r);  // [dc | dk_rope]
   Temp<float> d_kv(T * H * (dn_ + dv_), r);
   // k_rope is shared by the heads, so its gradient is their sum (in head order). The packed backward writes d_kv
-  // itself and dK's rope columns apart (one pass over dK and dV fewer: 0.9 ms of bench-600m's step on the H200).
+  // itself and dK's rope columns apart: one pass over dK and dV fewer (mla_split_dkv's 0.92 ms of bench-600m's fp8
+  // step), 248.8-249.0k against 246.4-246.9k tokens/s on the H200, the same bits
+  // (bench/results/2026-11-30-gpu-mla-dkv-h200-14d3983.txt).
   if (used_packed_ && dn_ % 8 == 0) {
     Temp<float> dk_rope(T * H * dr_, r);
     cuda::attention_backward_bf16_packed_mla(d_attn.get(), packed_, attn_, lse_, d_q.get(), d_kv.get(), dk_rope.get(),
