@@ -220,7 +220,8 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const int64_t c = c0 + 4 * (p + 8 * i);
-            if (c < cols) __stcs(reinterpret_cast<unsigned int*>(out.codes + gr * out.row_codes_ld() + c), encode4(v[o][i], d));
+            if (c < cols || out.zero_pad)  // past cols the inputs were zero-filled: zero codes
+              __stcs(reinterpret_cast<unsigned int*>(out.codes + gr * out.row_codes_ld() + c), encode4(v[o][i], d));
           }
         }
       }

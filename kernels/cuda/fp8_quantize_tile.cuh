@@ -66,6 +66,10 @@ struct TileOutputs {
   //   cols_lt: [rows / 128, cols], tile rt of column c at rt · cols + c.
   bool rows_lt = false, cols_lt = false;
   int64_t scales_col0 = 0;  // the rows' first scale column: a view's place in a wider operand's tiles (both layouts)
+  // Rows: the codes of columns cols .. tiles(cols) · 128 (the last tile's padding, zero inputs) written too, as
+  // zeros, into a view whose row stride leaves room (the pipelined kernel only; the MoE's [dg | du] halves padded to
+  // 128 columns each, where a memset did it before).
+  bool zero_pad = false;
   // The row strides, the packed ones where unset (a [rows, cols] view into a wider matrix sets them, e.g. the
   // gate half of SwiGLU's [rows, 2 · cols] gradient codes).
   __host__ __device__ int64_t row_codes_ld() const { return codes_ld != 0 ? codes_ld : cols; }

@@ -755,14 +755,11 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   TokensFp8 dut(nullptr, rows, I, aligned, E, lt, stream);
   if (pair) {
     const int64_t ld = 2 * Ip, scales_ld = 2 * tiles(I);
-    if (Ip != I)  // the zero columns after each half's I (the kernel writes columns < I only)
-      for (const int64_t at : {I, Ip + I})
-        CUDA_CHECK(cudaMemset2DAsync(dgq.codes() + at, static_cast<size_t>(ld), 0, static_cast<size_t>(Ip - I),
-                                     static_cast<size_t>(rows), stream));
-    // Scales straight in the GEMM's layout (du's tiles after dg's: scales_col0).
-    const Fp8Dual dg_out{dgq.codes(), dgq.gemm_scales(), dgt.codes(), dgt.gemm_scales(), ld, scales_ld, lt, lt, 0};
+    // Scales straight in the GEMM's layout (du's tiles after dg's: scales_col0); the zero columns after each half's
+    // I written by the kernel (zero_pad: two memsets of [rows, Ip - I] fewer a call where Ip != I).
+    const Fp8Dual dg_out{dgq.codes(), dgq.gemm_scales(), dgt.codes(), dgt.gemm_scales(), ld, scales_ld, lt, lt, 0, true};
     const Fp8Dual du_out{dgq.codes() + Ip, dgq.gemm_scales(), dut.codes(), dut.gemm_scales(), ld, scales_ld, lt, lt,
-                         tiles(I)};
+                         tiles(I), true};
     if (gu16)
       swiglu_backward_quantize_dual_both(dh16, w.gate_up_bf16, w.gate_up_bf16 + gld / 2, rows, I, gld, aligned, E,
                                          dg_out, du_out, stream);

@@ -159,7 +159,7 @@ void backward_dual_both(const char* fn, const T* dh, const T* g, const T* u, int
                         cudaStream_t stream) {
   auto set = [&](const Fp8Dual& d) {
     return row_strides_ok(d, cols) && d.codes && d.scales && d.codes_t && d.scales_t && aligned(d.codes, 4) &&
-           aligned(d.codes_t, 4);
+           aligned(d.codes_t, 4) && (!d.zero_pad || d.codes_ld >= fp8::tiles(cols) * kTile);
   };
   check(fn, rows, cols, gu_ld, g, u, dh, u && set(dg) && set(du) && (bounds == nullptr || n_groups > 0),
         sizeof(T) == 2);
@@ -175,7 +175,7 @@ void backward_dual_both(const char* fn, const T* dh, const T* g, const T* u, int
   b.codes = du.codes, b.scales = du.scales, b.codes_t = du.codes_t, b.scales_t = du.scales_t;
   for (auto [o, d] : {std::pair{&a, &dg}, std::pair{&b, &du}}) {
     o->codes_ld = d->codes_ld, o->scales_ld = d->scales_ld;
-    o->rows_lt = d->rows_lt, o->cols_lt = d->cols_lt, o->scales_col0 = d->scales_col0;
+    o->rows_lt = d->rows_lt, o->cols_lt = d->cols_lt, o->scales_col0 = d->scales_col0, o->zero_pad = d->zero_pad;
   }
   launch_quantize_pipelined(BackwardPairRows<T>{dh, g, u, cols, gu_or(gu_ld, cols)}, PipeOutputs<2>{{a, b}}, stream);
 }

@@ -49,6 +49,9 @@ struct Fp8Dual {
   // cols]); scales_col0 places a half's tiles within the wider operand's.
   bool rows_lt = false, cols_lt = false;
   int64_t scales_col0 = 0;
+  // swiglu_backward_quantize_dual_both only: the rows' codes also written as zeros from cols to the end of the last
+  // 128-column tile (codes_ld must leave room), for a half of a [dg | du] whose halves are padded to whole tiles.
+  bool zero_pad = false;
 };
 
 // h = silu(g) · u quantized both ways (quantize_1x128_dual's outputs, tokens grouped by bounds as there) in one

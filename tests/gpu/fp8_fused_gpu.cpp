@@ -465,6 +465,22 @@ TEST_F(Fp8FusedGpu, SwigluReadsAndWritesHalvesOfWiderMatrices) {
     expect_same_bits(stg2.download(), stg.download(), what + " dg token scales");
     expect_same_bits(ctu2.download(), ctu.download(), what + " du token codes");
     expect_same_bits(stu2.download(), stu.download(), what + " du token scales");
+
+    // Halves padded to whole tiles, [dg | 0 | du | 0] [rows, 2 P], the padding written as zeros by the kernel
+    // (Fp8Dual::zero_pad; poisoned first).
+    DeviceBuffer<uint8_t> cp(rows * 2 * P);
+    cp.poison();
+    cuda::swiglu_backward_quantize_dual_both(
+        dh.get(), gw, uw, rows, cols, ld, db.get(), groups,
+        cuda::Fp8Dual{cp.get(), s2.get(), ctg2.get(), stg2.get(), 2 * P, 2 * t, false, false, 0, true},
+        cuda::Fp8Dual{cp.get() + P, s2.get() + t, ctu2.get(), stu2.get(), 2 * P, 2 * t, false, false, 0, true});
+    CUDA_CHECK(cudaDeviceSynchronize());
+    std::vector<uint8_t> padded_ref(static_cast<size_t>(rows * 2 * P), 0);
+    for (int64_t r = 0; r < rows; ++r) {
+      std::copy_n(packed_g.begin() + r * cols, cols, padded_ref.begin() + r * 2 * P);
+      std::copy_n(packed_u.begin() + r * cols, cols, padded_ref.begin() + r * 2 * P + P);
+    }
+    expect_same_bits(cp.download(), padded_ref, what + " [dg | 0 | du | 0] row codes, halves padded to 128");
   }
   std::printf("[ fp8 fused ] SwiGLU with g and u side by side, dg and du written side by side: the packed bytes\n");
 }
