@@ -170,24 +170,11 @@ __device__ __forceinline__ void product_m(float (&acc)[MT][DP / 8][4], const flo
   }
 }
 
-// Global rows row0 + lane/4 (+8) of a [.., D] tensor (stride ldg) <- factor · acc, columns < D, rows < seq.
+// Global rows row0 + lane/4 (+8) of a [.., D] tensor (stride ldg) <- factor · acc, columns < D, rows < seq; the
+// columns from `split` on (a multiple of 8) to `rest` (stride ld_rest) at column - split instead (dK in MLA's layout).
 template <int D>
-__device__ __forceinline__ void store_rows(float* __restrict__ dst, int64_t ldg, int row0, int seq,
-                                           const float (&acc)[pad16(D) / 8][4], float factor, int lane) {
-  const int r = row0 + lane / 4, c = (lane % 4) * 2;
-#pragma unroll
-  for (int n = 0; n < pad16(D) / 8; ++n) {
-    if (n * 8 >= D) continue;
-    if (r < seq) *reinterpret_cast<float2*>(dst + r * ldg + n * 8 + c) = make_float2(acc[n][0] * factor, acc[n][1] * factor);
-    if (r + 8 < seq)
-      *reinterpret_cast<float2*>(dst + (r + 8) * ldg + n * 8 + c) = make_float2(acc[n][2] * factor, acc[n][3] * factor);
-  }
-}
-
-// dK's rows as store_rows, its columns from `split` on (a multiple of 8) to `rest` (stride ld_rest) at column - split.
-template <int D>
-__device__ __forceinline__ void store_rows_split(float* __restrict__ dst, int64_t ldg, float* __restrict__ rest,
-                                                 int64_t ld_rest, int split, int row0, int seq,
+__device__ __forceinline__ void store_rows_split(float* dst, int64_t ldg, float* rest, int64_t ld_rest, int split,
+                                                 int row0, int seq,
                                                  const float (&acc)[pad16(D) / 8][4], float factor, int lane) {
   const int r = row0 + lane / 4, c = (lane % 4) * 2;
 #pragma unroll
@@ -200,6 +187,12 @@ __device__ __forceinline__ void store_rows_split(float* __restrict__ dst, int64_
     if (r + 8 < seq)
       *reinterpret_cast<float2*>(base + (r + 8) * ld) = make_float2(acc[n][2] * factor, acc[n][3] * factor);
   }
+}
+
+template <int D>
+__device__ __forceinline__ void store_rows(float* __restrict__ dst, int64_t ldg, int row0, int seq,
+                                           const float (&acc)[pad16(D) / 8][4], float factor, int lane) {
+  store_rows_split<D>(dst, ldg, dst, ldg, D, row0, seq, acc, factor, lane);
 }
 
 // The dK and dV rows of key tile rows row0.. of head h in sequence b (tokens b · seq + ..), into `out`.

@@ -46,9 +46,9 @@ __global__ void assemble_kv_kernel(const float* __restrict__ kv, const float* __
   }
 }
 
-// One block per token: d_kv of each head, then the rope columns of d_ckv summed over the heads in order.
+// One block per token: d_kv of each head (dK's nope columns, then dV).
 __global__ void split_dkv_kernel(const float* __restrict__ dk, const float* __restrict__ dvv, float* __restrict__ d_kv,
-                                 float* __restrict__ d_ckv, int heads, int dn, int dv, int dr, int kv_lora) {
+                                 int heads, int dn, int dv, int dr) {
   const int64_t t = blockIdx.x;
   const int dq = dn + dr, width = dn + dv;
   for (int i = threadIdx.x; i < heads * width; i += blockDim.x) {
@@ -56,25 +56,29 @@ __global__ void split_dkv_kernel(const float* __restrict__ dk, const float* __re
     const int64_t th = t * heads + h;
     d_kv[th * width + col] = col < dn ? dk[th * dq + col] : dvv[th * dv + (col - dn)];
   }
-  for (int c = threadIdx.x; c < dr; c += blockDim.x) {
-    float sum = 0.0f;  // the CPU's order: heads ascending, starting from zero
-    for (int h = 0; h < heads; ++h) sum = __fadd_rn(sum, dk[(t * heads + h) * dq + dn + c]);
-    d_ckv[t * (kv_lora + dr) + kv_lora + c] = sum;
-  }
 }
 
-// A thread per (token, rope column) (grid-stride): d_ckv's rope column c = Σ over the heads of dk_rope [tokens, heads, dr], in
-// head order from zero (split_dkv_kernel's sum, the CPU's order). A warp's loads: one head's dr contiguous floats.
-__global__ void sum_rope_dk_kernel(const float* __restrict__ dk_rope, float* __restrict__ d_ckv, int64_t tokens,
-                                   int heads, int dr, int kv_lora) {
+// A thread per (token, rope column) (grid-stride): d_ckv's rope column c = Σ over the heads of dK's rope column c,
+// (t, h, c) at src[(t · heads + h) · ld + c], in head order from zero (the CPU's order). A warp's loads: one head's
+// dr contiguous floats.
+__global__ void sum_rope_dk_kernel(const float* __restrict__ src, int64_t ld, float* __restrict__ d_ckv,
+                                   int64_t tokens, int heads, int dr, int kv_lora) {
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < tokens * dr;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = i / dr;
     const int c = static_cast<int>(i % dr);
     float sum = 0.0f;
-    for (int h = 0; h < heads; ++h) sum = __fadd_rn(sum, dk_rope[(t * heads + h) * dr + c]);
+    for (int h = 0; h < heads; ++h) sum = __fadd_rn(sum, src[(t * heads + h) * ld + c]);
     d_ckv[t * (kv_lora + dr) + kv_lora + c] = sum;
   }
+}
+
+void sum_rope_dk(const float* src, int64_t ld, float* d_ckv, int64_t tokens, int64_t heads, int64_t dr,
+                 int64_t kv_lora, cudaStream_t stream) {
+  if (tokens == 0 || dr == 0) return;
+  sum_rope_dk_kernel<<<blocks_for(tokens * dr), kThreads, 0, stream>>>(
+      src, ld, d_ckv, tokens, static_cast<int>(heads), static_cast<int>(dr), static_cast<int>(kv_lora));
+  CUDA_CHECK_LAUNCH();
 }
 
 void check_mla_sizes(const char* fn, int64_t tokens, int64_t heads, int64_t dn, int64_t dv, int64_t dr,
@@ -112,9 +116,9 @@ void mla_split_dkv(const float* dk, const float* dv, float* d_kv, float* d_ckv, 
   if (tokens == 0) return;
   require(dk && dv && d_kv && (dr == 0 || d_ckv), "gpu mla_split_dkv: null pointer");
   split_dkv_kernel<<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
-      dk, dv, d_kv, d_ckv, static_cast<int>(heads), static_cast<int>(dn), static_cast<int>(dv_dim),
-      static_cast<int>(dr), static_cast<int>(kv_lora));
+      dk, dv, d_kv, static_cast<int>(heads), static_cast<int>(dn), static_cast<int>(dv_dim), static_cast<int>(dr));
   CUDA_CHECK_LAUNCH();
+  sum_rope_dk(dk + dn, dn + dr, d_ckv, tokens, heads, dr, kv_lora, stream);
 }
 
 void mla_sum_rope_dk(const float* dk_rope, float* d_ckv, int64_t tokens, int64_t heads, int64_t dr, int64_t kv_lora,
@@ -122,9 +126,7 @@ void mla_sum_rope_dk(const float* dk_rope, float* d_ckv, int64_t tokens, int64_t
   check_mla_sizes("mla_sum_rope_dk", tokens, heads, 0, 1, dr, kv_lora);
   if (tokens == 0 || dr == 0) return;
   require(dk_rope && d_ckv, "gpu mla_sum_rope_dk: null pointer");
-  sum_rope_dk_kernel<<<blocks_for(tokens * dr), kThreads, 0, stream>>>(
-      dk_rope, d_ckv, tokens, static_cast<int>(heads), static_cast<int>(dr), static_cast<int>(kv_lora));
-  CUDA_CHECK_LAUNCH();
+  sum_rope_dk(dk_rope, dr, d_ckv, tokens, heads, dr, kv_lora, stream);
 }
 
 }  // namespace moerl::gpu::detail
