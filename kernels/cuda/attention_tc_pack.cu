@@ -190,18 +190,33 @@ void pack_operand_t(const PackSrc& src, int64_t d, bf16* dst, int64_t batch, int
   CUDA_CHECK_LAUNCH();
 }
 
-int forward_wgmma_warpgroups(int64_t dqk, int64_t dv) {
+namespace {
+
+// A pass's kernel switches: `kernel_var` unset, mma or wgmma; `wg_var` unset, 1 or 2 (empty strings when unset).
+struct KernelChoice {
+  std::string kernel, wg;
+};
+
+KernelChoice kernel_choice(const char* kernel_var, const char* wg_var) {
   const auto env = [](const char* name) {
     const char* e = std::getenv(name);
     return std::string(e ? e : "");
   };
-  const std::string kernel = env("MOERL_ATTN_TC_FWD_KERNEL"), wg = env("MOERL_ATTN_TC_FWD_WG");
-  require(kernel.empty() || kernel == "mma" || kernel == "wgmma",
-          [&] { return "moerl::cuda attention: MOERL_ATTN_TC_FWD_KERNEL must be mma or wgmma, got " + kernel; });
-  require(wg.empty() || wg == "1" || wg == "2",
-          [&] { return "moerl::cuda attention: MOERL_ATTN_TC_FWD_WG must be 1 or 2, got " + wg; });
-  if (kernel == "mma" || dqk != 96 || dv != 64) return 0;
-  return wg == "1" ? 1 : 2;
+  KernelChoice c{env(kernel_var), env(wg_var)};
+  require(c.kernel.empty() || c.kernel == "mma" || c.kernel == "wgmma", [&] {
+    return std::string("moerl::cuda attention: ") + kernel_var + " must be mma or wgmma, got " + c.kernel;
+  });
+  require(c.wg.empty() || c.wg == "1" || c.wg == "2",
+          [&] { return std::string("moerl::cuda attention: ") + wg_var + " must be 1 or 2, got " + c.wg; });
+  return c;
+}
+
+}  // namespace
+
+int forward_wgmma_warpgroups(int64_t dqk, int64_t dv) {
+  const KernelChoice c = kernel_choice("MOERL_ATTN_TC_FWD_KERNEL", "MOERL_ATTN_TC_FWD_WG");
+  if (c.kernel == "mma" || dqk != 96 || dv != 64) return 0;
+  return c.wg == "1" ? 1 : 2;
 }
 
 void transpose_packed(const bf16* src, bf16* dst, int64_t dp, int64_t batch_heads, int64_t spad, cudaStream_t stream) {
@@ -212,17 +227,9 @@ void transpose_packed(const bf16* src, bf16* dst, int64_t dp, int64_t batch_head
 }
 
 int backward_wgmma_dq_warpgroups(int64_t dqk, int64_t dv) {
-  const auto env = [](const char* name) {
-    const char* e = std::getenv(name);
-    return std::string(e ? e : "");
-  };
-  const std::string kernel = env("MOERL_ATTN_TC_BWD_KERNEL"), wg = env("MOERL_ATTN_TC_BWD_DQ_WG");
-  require(kernel.empty() || kernel == "mma" || kernel == "wgmma",
-          [&] { return "moerl::cuda attention: MOERL_ATTN_TC_BWD_KERNEL must be mma or wgmma, got " + kernel; });
-  require(wg.empty() || wg == "1" || wg == "2",
-          [&] { return "moerl::cuda attention: MOERL_ATTN_TC_BWD_DQ_WG must be 1 or 2, got " + wg; });
-  if (kernel != "wgmma" || dqk != 96 || dv != 64) return 0;
-  return wg == "2" ? 2 : 1;
+  const KernelChoice c = kernel_choice("MOERL_ATTN_TC_BWD_KERNEL", "MOERL_ATTN_TC_BWD_DQ_WG");
+  if (c.kernel != "wgmma" || dqk != 96 || dv != 64) return 0;
+  return c.wg == "2" ? 2 : 1;
 }
 
 void pack_dout(const float* dout, const float* out, const float* lse, bf16* dst, float* stats, int64_t dv,
