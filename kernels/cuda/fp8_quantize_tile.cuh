@@ -70,6 +70,11 @@ struct TileOutputs {
   // zeros, into a view whose row stride leaves room (the pipelined kernel only; the MoE's [dg | du] halves padded to
   // 128 columns each, where a memset did it before).
   bool zero_pad = false;
+  // Optional (quantize_tile_kernel only): the row tiles in the order the blocks take them, [rows / 128] on the
+  // device, a permutation (block row q quantizes row tile row_tile_order[q]); null: in order. Only where a tile is
+  // found matters, never what is written: the gathered sources order the routed experts' tiles by the tokens they
+  // read, so that the top-k reads of a token meet in L2 (cuda::moe_row_tile_order).
+  const int32_t* row_tile_order = nullptr;
   // The row strides, the packed ones where unset (a [rows, cols] view into a wider matrix sets them, e.g. the
   // gate half of SwiGLU's [rows, 2 · cols] gradient codes).
   __host__ __device__ int64_t row_codes_ld() const { return codes_ld != 0 ? codes_ld : cols; }
@@ -210,7 +215,8 @@ __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4
   using Shape = TileShape<kTC>;
   extern __shared__ float4 tile_smem[];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
-  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTC, rt = blockIdx.y;
+  const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTC;
+  const int64_t rt = o.row_tile_order != nullptr ? o.row_tile_order[blockIdx.y] : blockIdx.y;
   float v[kTileLoads][4];
 #pragma unroll
   for (int k = 0; k < kTileLoads; ++k) {

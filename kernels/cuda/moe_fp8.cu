@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_quantize_common.cuh"
@@ -150,6 +151,28 @@ int64_t moe_aligned_offsets(const int64_t* offsets_host, int64_t n_experts, int6
     aligned_host[e + 1] = aligned_host[e] + (n + kMoeRowAlign - 1) / kMoeRowAlign * kMoeRowAlign;
   }
   return aligned_host[n_experts];
+}
+
+int64_t moe_row_tile_order(const int64_t* aligned_host, int64_t n_experts, int32_t* order_host) {
+  require(aligned_host && order_host && n_experts > 0, "cuda::moe_row_tile_order: null pointer or no experts");
+  struct Tile {
+    int64_t i, m;  // the tile's index within its expert's m tiles
+    int32_t row_tile;
+  };
+  std::vector<Tile> tiles;
+  tiles.reserve(static_cast<size_t>(aligned_host[n_experts] / kMoeRowAlign));
+  for (int64_t e = 0; e < n_experts; ++e) {
+    const int64_t first = aligned_host[e] / kMoeRowAlign, m = (aligned_host[e + 1] - aligned_host[e]) / kMoeRowAlign;
+    require(aligned_host[e] % kMoeRowAlign == 0 && m >= 0, [&] {
+      return "cuda::moe_row_tile_order: aligned offsets must rise in multiples of 128 (expert " + std::to_string(e) + ")";
+    });
+    for (int64_t i = 0; i < m; ++i) tiles.push_back({i, m, static_cast<int32_t>(first + i)});
+  }
+  // (i + 1/2) / m before (j + 1/2) / n: (2 i + 1) n < (2 j + 1) m, exactly in integers; stable, so experts in order.
+  std::stable_sort(tiles.begin(), tiles.end(),
+                   [](const Tile& a, const Tile& b) { return (2 * a.i + 1) * b.m < (2 * b.i + 1) * a.m; });
+  for (size_t q = 0; q < tiles.size(); ++q) order_host[q] = tiles[q].row_tile;
+  return static_cast<int64_t>(tiles.size());
 }
 
 void moe_align_plan(const int64_t* offsets, const int64_t* aligned, int64_t n_experts, const int64_t* token_of,

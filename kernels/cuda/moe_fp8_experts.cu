@@ -279,25 +279,27 @@ void quantize_input_rows(const MoeFp8Experts& w, const float* xp, const float* x
 }
 
 // The gathered input rows x[token_of[r], :] quantized along tokens (Wgrad's xᵀ, every expert's codes packed) into
-// codes_t / scales_t.
+// codes_t / scales_t, the row tiles in the order of tile_order (MoeFp8Experts::row_tile_order; null: in order).
 void quantize_gathered_tokens(const float* x, const int64_t* token_of, int64_t rows, int64_t H,
-                              const int64_t* aligned, int64_t experts, uint8_t* codes_t, float* scales_t,
-                              cudaStream_t stream, bool lt_scales = false) {
+                              const int64_t* aligned, int64_t experts, const int32_t* tile_order, uint8_t* codes_t,
+                              float* scales_t, cudaStream_t stream, bool lt_scales = false) {
   fp8::cuda::quant_detail::TileOutputs o;
   o.rows = rows, o.cols = H, o.codes_t = codes_t, o.scales_t = scales_t, o.bounds = aligned, o.n_groups = experts;
-  o.cols_lt = lt_scales;
+  o.cols_lt = lt_scales, o.row_tile_order = tile_order;
   fp8::cuda::quant_detail::launch_quantize_tiles<false, true, GatherSource, 64>(GatherSource{x, token_of, H}, o,
                                                                                 stream);
 }
 
 // The experts' input rows quantized along tokens (Wgrad), every expert's codes packed (as TokensFp8).
 void quantize_input_tokens(const float* xp, const float* x, const int64_t* token_of, int64_t rows, int64_t H,
-                           const int64_t* aligned, int64_t experts, TokensFp8& q, cudaStream_t stream) {
+                           const int64_t* aligned, int64_t experts, const int32_t* tile_order, TokensFp8& q,
+                           cudaStream_t stream) {
   if (xp != nullptr)
     fp8::cuda::quantize_1x128_transposed_grouped(xp, rows, H, aligned, experts, q.codes(), q.gemm_scales(), stream,
                                                  q.lt() ? fp8::cuda::ScaleLayout::Cublaslt : fp8::cuda::ScaleLayout::Cpu);
   else
-    quantize_gathered_tokens(x, token_of, rows, H, aligned, experts, q.codes(), q.gemm_scales(), stream, q.lt());
+    quantize_gathered_tokens(x, token_of, rows, H, aligned, experts, tile_order, q.codes(), q.gemm_scales(), stream,
+                             q.lt());
 }
 
 // Expert weight w [n, k] (n, k multiples of 16, >= 128: no padding): Fprop's operand w and Dgrad's wᵀ.
@@ -560,7 +562,7 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
     const cuda_detail::PhaseTimer t(cuda_detail::profiling() ? "moe_fp8.e" + std::to_string(E) + ".fwd.quant_x_tokens"
                                                              : std::string(),
                                     stream);
-    quantize_gathered_tokens(x, token_of, rows, H, aligned, E, w.x_codes_t, w.x_scales_t, stream);
+    quantize_gathered_tokens(x, token_of, rows, H, aligned, E, w.row_tile_order, w.x_codes_t, w.x_scales_t, stream);
   }
   RowsFp8 xq(nullptr, rows, H, aligned, E, !grouped, stream);
   quantize_input_rows(w, xp, x, tokens, token_of, rows, H, aligned, xq, stream);
@@ -707,6 +709,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
       fp8::cuda::quant_detail::TileOutputs o;
       o.rows = rows, o.cols = H, o.codes = dyq.codes(), o.scales = dyq.gemm_scales(), o.codes_t = dyt.codes(),
       o.scales_t = dyt.gemm_scales(), o.bounds = aligned, o.n_groups = E, o.rows_lt = o.cols_lt = lt;
+      o.row_tile_order = w.row_tile_order;
       fp8::cuda::quant_detail::launch_quantize_tiles<true, true>(
           ScaledGatherSource{dys.dy, token_of, dys.row_weight, H}, o, stream);
     }
@@ -795,7 +798,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   std::optional<TokensFp8> xt_kept;
   if (w.x_codes_t != nullptr) xt_kept.emplace(w.x_codes_t, w.x_scales_t, rows, H, lt, stream);
   TokensFp8 xt_new(nullptr, xt_kept ? 0 : rows, H, aligned, E, lt, stream);
-  if (!xt_kept) quantize_input_tokens(xp, x, token_of, rows, H, aligned, E, xt_new, stream);
+  if (!xt_kept) quantize_input_tokens(xp, x, token_of, rows, H, aligned, E, w.row_tile_order, xt_new, stream);
   TokensFp8& xt = xt_kept ? *xt_kept : xt_new;
   st.next("gemm_gate_up_dgrad");
 

@@ -219,6 +219,9 @@ void GpuMoe::bind(Slab& s, int64_t batch, int64_t seq) {
   row_of_ = s.take<int64_t>(R);
   aligned_ = s.take<int64_t>(E + 1);
   token_of_aligned_ = s.take<int64_t>(RA);
+  tile_order_ = s.take<int32_t>(RA / cuda::kMoeRowAlign);
+  if (tile_order_host_.size() < static_cast<size_t>(RA / cuda::kMoeRowAlign))
+    tile_order_host_ = PinnedHost<int32_t>(static_cast<size_t>(RA / cuda::kMoeRowAlign));
   row_of_aligned_ = s.take<int64_t>(R);
   // g and u: [R, I] each (u after g), or for the FP8 experts with gate_up_side_by_side one [RA, 2 Ip] matrix
   // (Ip = I rounded up to 128, u at column Ip; experts_fp8_u()).
@@ -324,6 +327,11 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
                                cudaMemcpyHostToDevice, r.stream));
     cuda::moe_align_plan(offsets_, aligned_, E, token_of_, row_of_, R, RA, token_of_aligned_, row_of_aligned_,
                          r.stream);
+    if (!plain_tile_order()) {
+      const int64_t n = cuda::moe_row_tile_order(aligned_host, E, tile_order_host_.get());
+      CUDA_CHECK(cudaMemcpyAsync(tile_order_, tile_order_host_.get(), static_cast<size_t>(n) * sizeof(int32_t),
+                                 cudaMemcpyHostToDevice, r.stream));
+    }
     aligned_rows_ = RA;
     part.emplace(p, (ph + "routed.experts").c_str(), r.stream);
     const cuda::MoeFp8Experts w = experts_fp8();  // h in FP32 only when its token codes are not kept
@@ -533,6 +541,13 @@ void GpuMoe::fork_shared(const float* in, float* out, const Run& r, bool forward
 
 void GpuMoe::join_shared(cudaStream_t stream) { CUDA_CHECK(cudaStreamWaitEvent(stream, side_->done, 0)); }
 
+// MOERL_MOE_TILE_ORDER=plain: the gathered quantizations take the row tiles in order instead of by the tokens they
+// read (cuda::moe_row_tile_order); for comparing the two on the device. Read once.
+bool GpuMoe::plain_tile_order() {
+  static const bool plain = env_switch("MOERL_MOE_TILE_ORDER", "tokens", "plain");
+  return plain;
+}
+
 cuda::MoeFp8Experts GpuMoe::experts_fp8() const {
   static const bool keep_xt = [] {
     const char* v = std::getenv("MOERL_MOE_KEEP_XT");
@@ -550,6 +565,7 @@ cuda::MoeFp8Experts GpuMoe::experts_fp8() const {
   static const bool separate = env_switch("MOERL_MOE_FPROP", "pair", "separate");
   w.gate_up_side_by_side = !separate && cuda::moe_fp8_gemm(w.gemm) == cuda::MoeFp8Gemm::Lanes;
   use_bf16_gate_up(w, gp_);  // g | u in BF16 over gp_'s storage (half of it)
+  if (!plain_tile_order()) w.row_tile_order = tile_order_;
   return w;
 }
 

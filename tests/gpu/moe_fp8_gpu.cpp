@@ -57,6 +57,20 @@ std::vector<int64_t> aligned_of(const std::vector<int64_t>& counts) {
   return aligned;
 }
 
+// The gathered quantizations' tile order (cuda::moe_row_tile_order): every row tile once, ordered by its place in its
+// expert ((i + 1/2) / m), experts in order on ties; the empty expert has no tiles.
+TEST(MoeFp8Plan, RowTileOrderTakesEveryTileOnceByItsPlaceInItsExpert) {
+  // Tiles per expert: 2, 0, 1, 2, 1, 3 (row tiles 0-1, -, 2, 3-4, 5, 6-8); places 1/4 3/4, 1/2, 1/4 3/4, 1/2,
+  // 1/6 1/2 5/6.
+  const std::vector<int64_t> aligned = aligned_of(kCounts);
+  std::vector<int32_t> order(static_cast<size_t>(aligned.back() / 128), -1);
+  ASSERT_EQ(cuda::moe_row_tile_order(aligned.data(), static_cast<int64_t>(kCounts.size()), order.data()), 9);
+  EXPECT_EQ(order, (std::vector<int32_t>{6, 0, 3, 2, 5, 7, 1, 4, 8}));
+  std::vector<int64_t> bad = aligned;
+  bad[2] += 1;  // not a multiple of 128
+  EXPECT_THROW(cuda::moe_row_tile_order(bad.data(), static_cast<int64_t>(kCounts.size()), order.data()), Error);
+}
+
 TEST_F(MoeFp8Gpu, AlignedPlanGatherScalesAndCombineMatchPlainLoops) {
   std::mt19937_64 rng(run_seed() + 31);
   const int64_t E = static_cast<int64_t>(kCounts.size()), dim = 132, tiles = 3;
@@ -542,6 +556,11 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     float* const d_g2 = v.bf16 ? nullptr : d_gu2.get();
     float* const d_u2 = v.bf16 ? nullptr : side ? d_g2 + gld / 2 : d_g2 + RA * I;
     DeviceBuffer<int64_t> d_token_of(token_of);
+    // The gathered passes of w2 (forward: x along tokens) and w4 (below: w · dy both ways) take the row tiles in
+    // moe_row_tile_order's order, w3's (backward: x along tokens) in order: the same bytes.
+    std::vector<int32_t> tile_order(static_cast<size_t>(RA / 128));
+    cuda::moe_row_tile_order(aligned.data(), E, tile_order.data());
+    DeviceBuffer<int32_t> d_tile_order(tile_order);
     for (DeviceBuffer<float>* b : {&d_gu2, &d_h2, &d_dxp2}) b->poison();
     d_yp2.poison();
     // With x's and h's token quantizations kept from the forward for the backward (x_codes_t, h_codes_t, ...).
@@ -552,6 +571,7 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     w2.gate_up_side_by_side = side;
     if (v.bf16) w2.gate_up_bf16 = d_gu16_2.get();
     w2.x_codes_t = d_xct.get(), w2.x_scales_t = d_xst.get(), w2.h_codes_t = d_hct.get(), w2.h_scales_t = d_hst.get();
+    w2.row_tile_order = d_tile_order.get();
     cuda::moe_fp8_experts_forward_gathered(ctx, w2, d_x.get(), tokens, d_token_of.get(), aligned.data(),
                                            d_aligned.get(),
                                            d_g2, d_u2, d_h2.get(), d_yp2.get());
@@ -605,6 +625,7 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     w3.gate_up_bf16 = w4.gate_up_bf16 = w2.gate_up_bf16;  // read what w2's forward wrote
     // x's and h's token codes kept by w2's forward of the same rows (h itself not passed); w3 quantizes both.
     w4.x_codes_t = d_xct.get(), w4.x_scales_t = d_xst.get(), w4.h_codes_t = d_hct.get(), w4.h_scales_t = d_hst.get();
+    w4.row_tile_order = d_tile_order.get();
     cuda::moe_fp8_experts_backward_gathered(ctx, w3, d_dyp3.get(), d_x.get(), d_token_of.get(), d_g2, d_u2,
                                             d_h2.get(), aligned.data(), d_aligned.get(), d_dxp3.get());
     cuda::moe_fp8_experts_backward_combined(ctx, w4, d_dy_tok.get(), d_row_w.get(), d_x.get(), d_token_of.get(),
