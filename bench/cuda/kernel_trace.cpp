@@ -106,15 +106,18 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
     KernelTrace::Interval iv;
     if (record->kind == CUPTI_ACTIVITY_KIND_CONCURRENT_KERNEL || record->kind == CUPTI_ACTIVITY_KIND_KERNEL) {
       const auto* k = reinterpret_cast<const CUpti_ActivityKernel10*>(record);
-      iv = {k->start, k->end, short_name(k->name)};
+      iv = {k->start, k->end, short_name(k->name), k->streamId};
     } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMSET) {
       const auto* m = reinterpret_cast<const CUpti_ActivityMemset4*>(record);
-      iv = {m->start, m->end, "[memset]"};
+      // Named by size (bytes, rounded down to a power of two), which tells cuBLASLt's small ones from moerl's.
+      uint64_t bucket = 1;
+      while (bucket * 2 <= m->bytes) bucket *= 2;
+      iv = {m->start, m->end, "[memset " + std::to_string(m->bytes == 0 ? 0 : bucket) + "+ bytes]", m->streamId};
     } else if (record->kind == CUPTI_ACTIVITY_KIND_MEMCPY) {
       const auto* m = reinterpret_cast<const CUpti_ActivityMemcpy6*>(record);
       static const char* const kinds[] = {"?", "HtoD", "DtoH", "HtoA", "AtoH", "AtoA", "AtoD", "DtoA", "DtoD", "HtoH"};
       const unsigned kind = m->copyKind < 10 ? m->copyKind : 0;
-      iv = {m->start, m->end, std::string("[memcpy ") + kinds[kind] + "]"};
+      iv = {m->start, m->end, std::string("[memcpy ") + kinds[kind] + "]", m->streamId};
     } else {
       continue;
     }
@@ -230,6 +233,23 @@ void KernelTrace::report(std::FILE* out, const std::string& label, int steps, in
                  s.ns / 1e3 / static_cast<double>(s.calls), busy ? 100.0 * s.ns / busy : 0.0,
                  rows[i].first.c_str());
   }
+  // Memsets by what follows each on its stream (v is sorted by start).
+  std::map<std::string, size_t> followed;
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (v[i].name.rfind("[memset", 0) != 0) continue;
+    std::string next = "(nothing)";
+    for (size_t j = i + 1; j < v.size(); ++j)
+      if (v[j].stream == v[i].stream) {
+        next = v[j].name;
+        break;
+      }
+    ++followed[v[i].name + " -> " + next];
+  }
+  std::vector<std::pair<std::string, size_t>> fr(followed.begin(), followed.end());
+  std::sort(fr.begin(), fr.end(), [](const auto& a, const auto& b) { return a.second > b.second; });
+  std::fprintf(out, "  memsets by the work after them on their stream (per step)\n");
+  for (size_t i = 0; i < fr.size() && i < static_cast<size_t>(top_gaps); ++i)
+    std::fprintf(out, "    %7.1f  %s\n", static_cast<double>(fr[i].second) / std::max(steps, 1), fr[i].first.c_str());
 }
 
 }  // namespace moerl::bench

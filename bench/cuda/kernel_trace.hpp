@@ -3,7 +3,9 @@
 //   - the span (first start to last end), the time the GPU ran something (the union of all intervals, every
 //     stream) and the time it ran nothing: idle, i.e. waits for the host (launch overhead, synchronizations);
 //   - the longest idle gaps, each with the work before and after it;
-//   - the kernels by total time (calls, total, mean; concurrent kernels each count their own time).
+//   - the kernels by total time (calls, total, mean; concurrent kernels each count their own time);
+//   - the memsets by the work that follows each on its stream (which call issued them: cuBLASLt's own small ones
+//     show before its kernels).
 // For `moerl bench gpu` with MOERL_GPU_TRACE=1 (bench/cuda/train_step_bench.cu: the timed steps of train_step and
 // moe_layer). libcupti is loaded when a trace is made (dlopen of libcupti.so.13, or MOERL_CUPTI_LIB), so moerl
 // does not depend on it otherwise. One trace at a time per process.
@@ -35,6 +37,7 @@ class KernelTrace {
   struct Interval {
     uint64_t start = 0, end = 0;  // ns, device clock
     std::string name;  // demangled, shortened
+    uint32_t stream = 0;  // CUPTI's stream id
   };
 
  private:

@@ -6,7 +6,6 @@
 #include <cstdint>
 #include <limits>
 #include <string>
-#include <vector>
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_quantize_common.cuh"
@@ -44,6 +43,30 @@ __device__ __forceinline__ int64_t expert_of(const int64_t* bounds, int64_t n_ex
       hi = mid;
   }
   return lo;
+}
+
+// Row tile rt (of expert e, its i-th of m) goes to order[rank], its rank among all tiles by place (2 i + 1) / (2 m),
+// experts in order on equal places. Counted expert by expert (O(E) a tile): expert f's tiles j before it are those
+// with (2 j + 1) m < A = (2 i + 1) m_f, the odd numbers up to floor((A - 1) / m), and one more where (2 j + 1) m = A
+// and f < e. Within an expert the places rise with j, so the ranks are a permutation.
+__global__ void __launch_bounds__(kThreads)
+    row_tile_order_kernel(const int64_t* __restrict__ aligned, int64_t n_experts, int64_t tiles,
+                          int32_t* __restrict__ order) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t rt = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; rt < tiles; rt += stride) {
+    const int64_t e = expert_of(aligned, n_experts, rt * kMoeRowAlign);
+    const int64_t first = aligned[e] / kMoeRowAlign, m = aligned[e + 1] / kMoeRowAlign - first, i = rt - first;
+    int64_t rank = 0;
+    for (int64_t f = 0; f < n_experts; ++f) {
+      const int64_t mf = (aligned[f + 1] - aligned[f]) / kMoeRowAlign;
+      if (mf == 0) continue;
+      const int64_t a = (2 * i + 1) * mf;
+      rank += min(mf, ((a - 1) / m + 1) / 2);
+      const int64_t q = a / m;  // an equal place: (2 j + 1) m = a with j < mf
+      if (f < e && a % m == 0 && q % 2 == 1 && (q - 1) / 2 < mf) ++rank;
+    }
+    order[rank] = static_cast<int32_t>(rt);
+  }
 }
 
 // Plan row i (of expert e) -> aligned row i - offsets[e] + aligned[e]; the same for every assignment's row.
@@ -153,26 +176,17 @@ int64_t moe_aligned_offsets(const int64_t* offsets_host, int64_t n_experts, int6
   return aligned_host[n_experts];
 }
 
-int64_t moe_row_tile_order(const int64_t* aligned_host, int64_t n_experts, int32_t* order_host) {
-  require(aligned_host && order_host && n_experts > 0, "cuda::moe_row_tile_order: null pointer or no experts");
-  struct Tile {
-    int64_t i, m;  // the tile's index within its expert's m tiles
-    int32_t row_tile;
-  };
-  std::vector<Tile> tiles;
-  tiles.reserve(static_cast<size_t>(aligned_host[n_experts] / kMoeRowAlign));
-  for (int64_t e = 0; e < n_experts; ++e) {
-    const int64_t first = aligned_host[e] / kMoeRowAlign, m = (aligned_host[e + 1] - aligned_host[e]) / kMoeRowAlign;
-    require(aligned_host[e] % kMoeRowAlign == 0 && m >= 0, [&] {
-      return "cuda::moe_row_tile_order: aligned offsets must rise in multiples of 128 (expert " + std::to_string(e) + ")";
-    });
-    for (int64_t i = 0; i < m; ++i) tiles.push_back({i, m, static_cast<int32_t>(first + i)});
-  }
-  // (i + 1/2) / m before (j + 1/2) / n: (2 i + 1) n < (2 j + 1) m, exactly in integers; stable, so experts in order.
-  std::stable_sort(tiles.begin(), tiles.end(),
-                   [](const Tile& a, const Tile& b) { return (2 * a.i + 1) * b.m < (2 * b.i + 1) * a.m; });
-  for (size_t q = 0; q < tiles.size(); ++q) order_host[q] = tiles[q].row_tile;
-  return static_cast<int64_t>(tiles.size());
+void moe_row_tile_order(const int64_t* aligned, int64_t n_experts, int64_t aligned_rows, int32_t* order,
+                        cudaStream_t stream) {
+  require(n_experts > 0 && aligned_rows >= 0 && aligned_rows % kMoeRowAlign == 0, [&] {
+    return "cuda::moe_row_tile_order: need n_experts > 0 and aligned_rows a multiple of 128, got " +
+           std::to_string(n_experts) + ", " + std::to_string(aligned_rows);
+  });
+  const int64_t tiles = aligned_rows / kMoeRowAlign;
+  if (tiles == 0) return;
+  require(aligned && order, "cuda::moe_row_tile_order: null pointer");
+  row_tile_order_kernel<<<blocks_for(tiles), kThreads, 0, stream>>>(aligned, n_experts, tiles, order);
+  CUDA_CHECK_LAUNCH();
 }
 
 void moe_align_plan(const int64_t* offsets, const int64_t* aligned, int64_t n_experts, const int64_t* token_of,

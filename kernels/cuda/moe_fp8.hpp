@@ -29,15 +29,18 @@ constexpr int64_t kMoeRowAlign = 128;
 int64_t moe_aligned_offsets(const int64_t* offsets_host, int64_t n_experts, int64_t* aligned_host);
 
 // The order in which the gathered quantizations of the routed experts' rows (their input x and output gradient
-// w · dy, read through token_of: each token's row by each of its top-k experts) take the row tiles, order_host
-// [aligned[E] / 128] (host memory): each expert's tiles i = 0 .. m_e - 1 sorted by the middle of their place in the
-// expert, (i + 1/2) / m_e, experts in order on ties. An expert's rows list its tokens in order, so its tile i covers
-// about that quantile of the batch's tokens: tiles taken together read about the same tokens, whose rows L2 then
-// holds for all their top-k reads, where the experts one after another read every token's row again from memory
-// once per expert. A permutation of 0 .. aligned[E] / 128 - 1; returns its length. On the H200 (MoE layer bench):
-// w · dy's gathered pass 0.582 vs 0.641 ms, x's along tokens 0.321 vs 0.353 ms; not more, since these passes are
-// bound by latency rather than bytes (bench/results/2026-11-30-gpu-tile-order-h200-602df90+order.txt).
-int64_t moe_row_tile_order(const int64_t* aligned_host, int64_t n_experts, int32_t* order_host);
+// w · dy, read through token_of: each token's row by each of its top-k experts) take the row tiles: each expert's
+// tiles i = 0 .. m_e - 1 sorted by the middle of their place in the expert, (i + 1/2) / m_e, experts in order on
+// ties. An expert's rows list its tokens in order, so its tile i covers about that quantile of the batch's tokens:
+// tiles taken together read about the same tokens, whose rows L2 then holds for all their top-k reads, where the
+// experts one after another read every token's row again from memory once per expert. order [aligned_rows / 128]
+// (aligned_rows = aligned[E], aligned on the device): a permutation of 0 .. aligned_rows / 128 - 1, made on the
+// device (a sort on the host, between the routing's wait and the next launches, left the GPU idle ~25-60 us a
+// layer). On the H200 (MoE layer bench): w · dy's gathered pass 0.582 vs 0.641 ms, x's along tokens 0.321 vs
+// 0.353 ms; not more, since these passes are bound by latency rather than bytes
+// (bench/results/2026-11-30-gpu-tile-order-h200-602df90+order.txt).
+void moe_row_tile_order(const int64_t* aligned, int64_t n_experts, int64_t aligned_rows, int32_t* order,
+                        cudaStream_t stream = nullptr);
 
 // The plan of moe_permute_plan (offsets [E + 1], token_of [R], row_of [T·K], R = T·K) moved to aligned rows:
 // token_of_aligned [aligned_rows] (the token of each aligned row, -1 for zero rows), row_of_aligned [T·K] (the

@@ -220,8 +220,6 @@ void GpuMoe::bind(Slab& s, int64_t batch, int64_t seq) {
   aligned_ = s.take<int64_t>(E + 1);
   token_of_aligned_ = s.take<int64_t>(RA);
   tile_order_ = s.take<int32_t>(RA / cuda::kMoeRowAlign);
-  if (tile_order_host_.size() < static_cast<size_t>(RA / cuda::kMoeRowAlign))
-    tile_order_host_ = PinnedHost<int32_t>(static_cast<size_t>(RA / cuda::kMoeRowAlign));
   row_of_aligned_ = s.take<int64_t>(R);
   // g and u: [R, I] each (u after g), or for the FP8 experts with gate_up_side_by_side one [RA, 2 Ip] matrix
   // (Ip = I rounded up to 128, u at column Ip; experts_fp8_u()).
@@ -327,11 +325,7 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
                                cudaMemcpyHostToDevice, r.stream));
     cuda::moe_align_plan(offsets_, aligned_, E, token_of_, row_of_, R, RA, token_of_aligned_, row_of_aligned_,
                          r.stream);
-    if (!plain_tile_order()) {
-      const int64_t n = cuda::moe_row_tile_order(aligned_host, E, tile_order_host_.get());
-      CUDA_CHECK(cudaMemcpyAsync(tile_order_, tile_order_host_.get(), static_cast<size_t>(n) * sizeof(int32_t),
-                                 cudaMemcpyHostToDevice, r.stream));
-    }
+    if (!plain_tile_order()) cuda::moe_row_tile_order(aligned_, E, RA, tile_order_, r.stream);
     aligned_rows_ = RA;
     part.emplace(p, (ph + "routed.experts").c_str(), r.stream);
     const cuda::MoeFp8Experts w = experts_fp8();  // h in FP32 only when its token codes are not kept

@@ -169,9 +169,8 @@ class GpuMoe {
   int64_t *token_of_aligned_ = nullptr, *row_of_aligned_ = nullptr;
   int64_t aligned_rows_ = -1;
   // The row tiles' order for the gathered quantizations (cuda::moe_row_tile_order, MoeFp8Experts::row_tile_order):
-  // [rows / 128] on the device and its host copy, remade by each forward.
+  // [rows / 128] on the device, remade by each forward.
   int32_t* tile_order_ = nullptr;
-  PinnedHost<int32_t> tile_order_host_;
   static bool plain_tile_order();
   uint16_t* yp16() const { return reinterpret_cast<uint16_t*>(yp_); }
   // moe_combine_backward_aligned over the aligned rows' yp (BF16, or FP32 with MOERL_MOE_YP=fp32).

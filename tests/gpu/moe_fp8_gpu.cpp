@@ -57,18 +57,48 @@ std::vector<int64_t> aligned_of(const std::vector<int64_t>& counts) {
   return aligned;
 }
 
-// The gathered quantizations' tile order (cuda::moe_row_tile_order): every row tile once, ordered by its place in its
-// expert ((i + 1/2) / m), experts in order on ties; the empty expert has no tiles.
-TEST(MoeFp8Plan, RowTileOrderTakesEveryTileOnceByItsPlaceInItsExpert) {
-  // Tiles per expert: 2, 0, 1, 2, 1, 3 (row tiles 0-1, -, 2, 3-4, 5, 6-8); places 1/4 3/4, 1/2, 1/4 3/4, 1/2,
+// The gathered quantizations' tile order (cuda::moe_row_tile_order, on the device): every row tile once, ordered by
+// its place in its expert ((i + 1/2) / m), experts in order on ties; experts without rows have no tiles. Against the
+// hand-made order of kCounts and a stable sort on the host for random sizes (ties included: equal tile counts).
+std::vector<int32_t> tile_order_on_host(const std::vector<int64_t>& aligned) {
+  struct Tile {
+    int64_t i, m;
+    int32_t rt;
+  };
+  std::vector<Tile> tiles;
+  for (size_t e = 0; e + 1 < aligned.size(); ++e) {
+    const int64_t first = aligned[e] / 128, m = aligned[e + 1] / 128 - first;
+    for (int64_t i = 0; i < m; ++i) tiles.push_back({i, m, static_cast<int32_t>(first + i)});
+  }
+  std::stable_sort(tiles.begin(), tiles.end(),
+                   [](const Tile& a, const Tile& b) { return (2 * a.i + 1) * b.m < (2 * b.i + 1) * a.m; });
+  std::vector<int32_t> order;
+  for (const Tile& t : tiles) order.push_back(t.rt);
+  return order;
+}
+
+std::vector<int32_t> tile_order_on_device(const std::vector<int64_t>& aligned) {
+  DeviceBuffer<int64_t> d_aligned(aligned);
+  DeviceBuffer<int32_t> d_order(aligned.back() / 128);
+  d_order.poison();
+  cuda::moe_row_tile_order(d_aligned.get(), static_cast<int64_t>(aligned.size()) - 1, aligned.back(), d_order.get());
+  CUDA_CHECK(cudaDeviceSynchronize());
+  return d_order.download();
+}
+
+TEST_F(MoeFp8Gpu, RowTileOrderTakesEveryTileOnceByItsPlaceInItsExpert) {
+  // Tiles per expert 2, 0, 1, 2, 1, 3 (row tiles 0-1, -, 2, 3-4, 5, 6-8): places 1/4 3/4, 1/2, 1/4 3/4, 1/2,
   // 1/6 1/2 5/6.
-  const std::vector<int64_t> aligned = aligned_of(kCounts);
-  std::vector<int32_t> order(static_cast<size_t>(aligned.back() / 128), -1);
-  ASSERT_EQ(cuda::moe_row_tile_order(aligned.data(), static_cast<int64_t>(kCounts.size()), order.data()), 9);
-  EXPECT_EQ(order, (std::vector<int32_t>{6, 0, 3, 2, 5, 7, 1, 4, 8}));
-  std::vector<int64_t> bad = aligned;
-  bad[2] += 1;  // not a multiple of 128
-  EXPECT_THROW(cuda::moe_row_tile_order(bad.data(), static_cast<int64_t>(kCounts.size()), order.data()), Error);
+  EXPECT_EQ(tile_order_on_device(aligned_of(kCounts)), (std::vector<int32_t>{6, 0, 3, 2, 5, 7, 1, 4, 8}));
+  std::mt19937_64 rng(run_seed() + 43);
+  std::uniform_int_distribution<int64_t> count(0, 40 * 128);
+  for (int round = 0; round < 4; ++round) {
+    std::vector<int64_t> counts(static_cast<size_t>(round == 0 ? 64 : 8 + 40 * round));
+    for (int64_t& c : counts) c = round == 1 ? 1536 : count(rng);  // round 1: every expert alike, all ties
+    const std::vector<int64_t> aligned = aligned_of(counts);
+    EXPECT_EQ(tile_order_on_device(aligned), tile_order_on_host(aligned)) << "round " << round;
+  }
+  std::printf("[ moe fp8  ] row tile order: the hand-made order and a host sort's for 4 random expert sizes\n");
 }
 
 TEST_F(MoeFp8Gpu, AlignedPlanGatherScalesAndCombineMatchPlainLoops) {
@@ -558,9 +588,8 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     DeviceBuffer<int64_t> d_token_of(token_of);
     // The gathered passes of w2 (forward: x along tokens) and w4 (below: w · dy both ways) take the row tiles in
     // moe_row_tile_order's order, w3's (backward: x along tokens) in order: the same bytes.
-    std::vector<int32_t> tile_order(static_cast<size_t>(RA / 128));
-    cuda::moe_row_tile_order(aligned.data(), E, tile_order.data());
-    DeviceBuffer<int32_t> d_tile_order(tile_order);
+    DeviceBuffer<int32_t> d_tile_order(RA / 128);
+    cuda::moe_row_tile_order(d_aligned.get(), E, RA, d_tile_order.get());
     for (DeviceBuffer<float>* b : {&d_gu2, &d_h2, &d_dxp2}) b->poison();
     d_yp2.poison();
     // With x's and h's token quantizations kept from the forward for the backward (x_codes_t, h_codes_t, ...).
