@@ -3,8 +3,10 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <climits>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "kernels/cuda/adamw.hpp"
 #include "kernels/cuda/cuda_check.hpp"
@@ -95,14 +97,11 @@ __global__ void __launch_bounds__(kThreads)
 // exact), thread sums then a fixed-order block sum. V = 4: float4 over the chunk's whole groups. A thread's groups
 // j, j + blockDim, ... are added in that order (the bits of a plain loop), loaded kUnroll at a time: bench-600m's 42
 // spans 0.72 against 0.89 ms a step on the H200 (bench/results/2026-11-30-gpu-ce-norm-h200-041b8bc.txt).
+// Σ g² over chunk[0 .. len) as sum_squares_kernel's block b computes it (every thread returns the block's sum).
 template <int V>
-__global__ void __launch_bounds__(kThreads)
-    sum_squares_kernel(const float* __restrict__ g, int64_t n, double* __restrict__ partial) {
+__device__ __forceinline__ double chunk_sum_squares(const float* __restrict__ chunk, int64_t len) {
   constexpr int kUnroll = 4;
   __shared__ double scratch[kMaxWarps];
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kNormChunk;
-  const int64_t len = n - begin < kNormChunk ? n - begin : kNormChunk;
-  const float* chunk = g + begin;
   const int64_t groups = len / V, stride = blockDim.x;
   double acc = 0;
   int64_t j = threadIdx.x;
@@ -122,7 +121,18 @@ __global__ void __launch_bounds__(kThreads)
     for (int k = 0; k < V; ++k) acc += static_cast<double>(x[k]) * x[k];
   }
   for (int64_t i = len / V * V + threadIdx.x; i < len; i += blockDim.x) acc += static_cast<double>(chunk[i]) * chunk[i];
-  acc = block_sum(acc, scratch);
+  return block_sum(acc, scratch);
+}
+
+// Block b: partial[b] = Σ g² over elements [b·kNormChunk, min(n, (b+1)·kNormChunk)), in double (each square
+// exact), thread sums then a fixed-order block sum. V = 4: float4 over the chunk's whole groups. A thread's groups
+// j, j + blockDim, ... are added in that order (the bits of a plain loop), loaded kUnroll at a time: bench-600m's 42
+// spans 0.72 against 0.89 ms a step on the H200 (bench/results/2026-11-30-gpu-ce-norm-h200-041b8bc.txt).
+template <int V>
+__global__ void __launch_bounds__(kThreads)
+    sum_squares_kernel(const float* __restrict__ g, int64_t n, double* __restrict__ partial) {
+  const int64_t begin = static_cast<int64_t>(blockIdx.x) * kNormChunk;
+  const double acc = chunk_sum_squares<V>(g + begin, n - begin < kNormChunk ? n - begin : kNormChunk);
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
@@ -148,6 +158,67 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(float* __restrict__ g, 
   }
 }
 
+// AdamWSpans: chunk c of the table is elements [k·kNormChunk, ...) of span span_of[c] (k = chunk_in_span[c]); the
+// spans' chunks in span order, so span s has chunks first_chunk[s] .. first_chunk[s + 1] - 1.
+struct SpanChunk {
+  int32_t span;
+  int32_t k;
+};
+
+// Block c: partial[c] = the chunk's Σ g² (sum_squares_kernel's bits for that chunk of its span).
+__global__ void __launch_bounds__(kThreads)
+    spans_sum_squares_kernel(const AdamWSpan* __restrict__ spans, const SpanChunk* __restrict__ table,
+                             double* __restrict__ partial) {
+  const SpanChunk c = table[blockIdx.x];
+  const AdamWSpan sp = spans[c.span];
+  const int64_t begin = static_cast<int64_t>(c.k) * kNormChunk;
+  const double acc = chunk_sum_squares<4>(sp.g + begin, sp.n - begin < kNormChunk ? sp.n - begin : kNormChunk);
+  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+}
+
+// For each span in order, sum_partials_kernel over its chunks' partials: *sum += their fixed-order sum.
+__global__ void __launch_bounds__(kNormFinishThreads)
+    spans_sum_partials_kernel(const double* __restrict__ partial, const int64_t* __restrict__ first_chunk,
+                              int64_t spans, double* __restrict__ sum) {
+  __shared__ double scratch[kMaxWarps];
+  for (int64_t s = 0; s < spans; ++s) {
+    const double* p = partial + first_chunk[s];
+    const int64_t count = first_chunk[s + 1] - first_chunk[s];
+    double acc = 0;
+    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) acc += p[i];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) *sum += acc;
+    __syncthreads();  // scratch is reused by the next span
+  }
+}
+
+// Block c: adamw_update over the chunk's elements of its span, 4 at a time, then the span's last n % 4 one by one
+// (in its last chunk); s[1] for spans with decay, s[0] without.
+__global__ void __launch_bounds__(kThreads)
+    spans_adamw_kernel(const AdamWSpan* __restrict__ spans, const SpanChunk* __restrict__ table, Scalars no_decay,
+                       Scalars decay) {
+  const SpanChunk c = table[blockIdx.x];
+  const AdamWSpan sp = spans[c.span];
+  const Scalars& s = sp.decay ? decay : no_decay;
+  const int64_t begin = static_cast<int64_t>(c.k) * kNormChunk;
+  const int64_t end = sp.n - begin < kNormChunk ? sp.n : begin + kNormChunk, whole = sp.n / 4 * 4;
+  for (int64_t j = begin / 4 + threadIdx.x; j < (end < whole ? end : whole) / 4; j += blockDim.x) {
+    float wv[4], gv[4];
+    uint16_t mv[4], vv[4];
+    load<4>(sp.w, j, wv);
+    load<4>(sp.g, j, gv);
+    load_u16<4>(sp.m, j, mv);
+    load_u16<4>(sp.v, j, vv);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) adamw_update(wv[k], gv[k], mv[k], vv[k], s);
+    store<4>(sp.w, j, wv);
+    store_u16<4>(sp.m, j, mv);
+    store_u16<4>(sp.v, j, vv);
+  }
+  for (int64_t i = (begin > whole ? begin : whole) + threadIdx.x; i < end; i += blockDim.x)
+    adamw_update(sp.w[i], sp.g[i], sp.m[i], sp.v[i], s);
+}
+
 void check_n(const char* fn, int64_t n, bool pointers_set) {
   require(n >= 0, [&] { return std::string("cuda::") + fn + ": n must be >= 0, got " + std::to_string(n); });
   require(n == 0 || pointers_set, [&] { return std::string("cuda::") + fn + ": null pointer argument"; });
@@ -159,11 +230,9 @@ void check_scalar(bool ok, const char* name, double value, const char* expected)
   });
 }
 
-}  // namespace
-
-void adamw_step(float* w, const float* g, uint16_t* m, uint16_t* v, int64_t n, double lr, double beta1,
-                double beta2, double eps, double weight_decay, int64_t t, cudaStream_t stream, float grad_scale) {
-  check_n("adamw_step", n, w && g && m && v);
+// adamw_step's checks and its FP32 constants, derived in double as the CPU does.
+Scalars scalars_of(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
+                   float grad_scale) {
   check_scalar(std::isfinite(grad_scale) && grad_scale > 0, "grad_scale", grad_scale, "finite and > 0");
   check_scalar(std::isfinite(lr) && lr >= 0, "lr", lr, ">= 0");
   check_scalar(beta1 >= 0 && beta1 < 1, "beta1", beta1, "in [0, 1)");
@@ -171,14 +240,22 @@ void adamw_step(float* w, const float* g, uint16_t* m, uint16_t* v, int64_t n, d
   check_scalar(std::isfinite(eps) && eps > 0, "eps", eps, "> 0");
   check_scalar(std::isfinite(weight_decay) && weight_decay >= 0, "weight_decay", weight_decay, ">= 0");
   check_scalar(t >= 1, "t", static_cast<double>(t), ">= 1 (the 1-based update count)");
-  if (n == 0) return;
   const double bias1 = 1.0 - std::pow(beta1, static_cast<double>(t));
   const double bias2 = 1.0 - std::pow(beta2, static_cast<double>(t));
-  const Scalars s{static_cast<float>(beta1),          static_cast<float>(1.0 - beta1),
-                  static_cast<float>(beta2),          static_cast<float>(1.0 - beta2),
-                  static_cast<float>(lr / bias1),     static_cast<float>(std::sqrt(bias2)),
-                  static_cast<float>(eps),            static_cast<float>(1.0 - lr * weight_decay),
-                  grad_scale};
+  return Scalars{static_cast<float>(beta1),          static_cast<float>(1.0 - beta1),
+                 static_cast<float>(beta2),          static_cast<float>(1.0 - beta2),
+                 static_cast<float>(lr / bias1),     static_cast<float>(std::sqrt(bias2)),
+                 static_cast<float>(eps),            static_cast<float>(1.0 - lr * weight_decay),
+                 grad_scale};
+}
+
+}  // namespace
+
+void adamw_step(float* w, const float* g, uint16_t* m, uint16_t* v, int64_t n, double lr, double beta1,
+                double beta2, double eps, double weight_decay, int64_t t, cudaStream_t stream, float grad_scale) {
+  check_n("adamw_step", n, w && g && m && v);
+  const Scalars s = scalars_of(lr, beta1, beta2, eps, weight_decay, t, grad_scale);
+  if (n == 0) return;
   const bool vec = ops_detail::aligned(w, 16) && ops_detail::aligned(g, 16) && ops_detail::aligned(m, 8) && ops_detail::aligned(v, 8);
   const int64_t head = vec ? n / 4 * 4 : 0;
   if (head > 0) {
@@ -223,6 +300,68 @@ void scale(float* g, int64_t n, float factor, cudaStream_t stream) {
     scale_kernel<1><<<ops_detail::grid_stride_blocks(n - head, kThreads), kThreads, 0, stream>>>(g + head, n - head, factor);
     CUDA_CHECK_LAUNCH();
   }
+}
+
+namespace {
+
+size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+}  // namespace
+
+AdamWSpans::AdamWSpans(const std::vector<AdamWSpan>& spans) : spans_(spans.size()) {
+  std::vector<SpanChunk> table;
+  std::vector<int64_t> first_chunk{0};
+  for (size_t i = 0; i < spans.size(); ++i) {
+    const AdamWSpan& sp = spans[i];
+    require(sp.n >= 0 && (sp.n == 0 || (sp.w && sp.g && sp.m && sp.v)), [&] {
+      return "cuda::AdamWSpans: span " + std::to_string(i) + " has a null pointer or n < 0 (n = " +
+             std::to_string(sp.n) + ")";
+    });
+    require(sp.n == 0 || (ops_detail::aligned(sp.w, 16) && ops_detail::aligned(sp.g, 16) &&
+                          ops_detail::aligned(sp.m, 8) && ops_detail::aligned(sp.v, 8)),
+            [&] { return "cuda::AdamWSpans: span " + std::to_string(i) + " is not aligned (w, g 16 bytes; m, v 8)"; });
+    const int64_t chunks = (sp.n + kNormChunk - 1) / kNormChunk;
+    for (int64_t k = 0; k < chunks; ++k) table.push_back({static_cast<int32_t>(i), static_cast<int32_t>(k)});
+    first_chunk.push_back(first_chunk.back() + chunks);
+  }
+  chunks_ = static_cast<int64_t>(table.size());
+  require(chunks_ <= INT32_MAX, "cuda::AdamWSpans: too many chunks for one launch");
+  const size_t a = align256(spans.size() * sizeof(AdamWSpan)), b = align256(table.size() * sizeof(SpanChunk)),
+               c = align256(first_chunk.size() * sizeof(int64_t)), d = align256(table.size() * sizeof(double));
+  CUDA_CHECK(cudaMalloc(&device_, a + b + c + d));
+  auto* base = static_cast<char*>(device_);
+  CUDA_CHECK(cudaMemcpy(base, spans.data(), spans.size() * sizeof(AdamWSpan), cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(base + a, table.data(), table.size() * sizeof(SpanChunk), cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(base + a + b, first_chunk.data(), first_chunk.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
+}
+
+AdamWSpans::~AdamWSpans() { cudaFree(device_); }
+
+void AdamWSpans::grad_norm_squared(double* sum, cudaStream_t stream) const {
+  require(sum != nullptr, "cuda::AdamWSpans::grad_norm_squared: null sum");
+  if (chunks_ == 0) return;
+  auto* base = static_cast<char*>(device_);
+  const size_t a = align256(spans_ * sizeof(AdamWSpan)), b = align256(static_cast<size_t>(chunks_) * sizeof(SpanChunk)),
+               c = align256((spans_ + 1) * sizeof(int64_t));
+  auto* partial = reinterpret_cast<double*>(base + a + b + c);
+  spans_sum_squares_kernel<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(
+      reinterpret_cast<const AdamWSpan*>(base), reinterpret_cast<const SpanChunk*>(base + a), partial);
+  CUDA_CHECK_LAUNCH();
+  spans_sum_partials_kernel<<<1, kNormFinishThreads, 0, stream>>>(
+      partial, reinterpret_cast<const int64_t*>(base + a + b), static_cast<int64_t>(spans_), sum);
+  CUDA_CHECK_LAUNCH();
+}
+
+void AdamWSpans::adamw_step(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
+                            cudaStream_t stream, float grad_scale) const {
+  const Scalars no_decay = scalars_of(lr, beta1, beta2, eps, 0.0, t, grad_scale);
+  const Scalars decay = scalars_of(lr, beta1, beta2, eps, weight_decay, t, grad_scale);
+  if (chunks_ == 0) return;
+  auto* base = static_cast<char*>(device_);
+  const size_t a = align256(spans_ * sizeof(AdamWSpan));
+  spans_adamw_kernel<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(
+      reinterpret_cast<const AdamWSpan*>(base), reinterpret_cast<const SpanChunk*>(base + a), no_decay, decay);
+  CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace moerl::cuda

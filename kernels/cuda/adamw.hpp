@@ -22,7 +22,9 @@
 #pragma once
 #include <cuda_runtime_api.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <vector>
 
 namespace moerl::cuda {
 
@@ -41,5 +43,42 @@ void grad_norm_squared(const float* g, int64_t n, double* sum, cudaStream_t stre
 
 // g[i] *= factor (FP32, one rounding: the CPU's clip).
 void scale(float* g, int64_t n, float factor, cudaStream_t stream = nullptr);
+
+// Buffers updated and measured together: span i is n elements of w and g (16-byte aligned) and of the moments m, v
+// (8-byte aligned), with weight decay (decay) or without.
+struct AdamWSpan {
+  float* w = nullptr;
+  const float* g = nullptr;
+  uint16_t* m = nullptr;
+  uint16_t* v = nullptr;
+  int64_t n = 0;
+  bool decay = false;
+};
+
+// grad_norm_squared and adamw_step over every span, one launch per kernel for all of them instead of one (two for
+// the norm) per span: the same bits as the per-span calls in span order (the norm's chunk sums, each span's sum of
+// them added to *sum in span order; the update element by element). The spans' tables live on the device, made
+// once; the spans' memory must outlive this. Throws moerl::Error on a null or misaligned span. bench-600m's 42 spans
+// on the H200: train step fp8 253.3-253.9k against 251.7-252.8k tokens/s with the per-span launches, the same loss
+// (bench/results/2026-11-30-gpu-adamw-spans-h200-ce6f059+spans.txt).
+class AdamWSpans {
+ public:
+  explicit AdamWSpans(const std::vector<AdamWSpan>& spans);
+  ~AdamWSpans();
+  AdamWSpans(const AdamWSpans&) = delete;
+  AdamWSpans& operator=(const AdamWSpans&) = delete;
+
+  // *sum += Σ over spans of Σ g² (zero *sum first for the norm of these spans alone).
+  void grad_norm_squared(double* sum, cudaStream_t stream = nullptr) const;
+  // adamw_step on every span, weight_decay on the spans with decay and 0 on the others.
+  void adamw_step(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
+                  cudaStream_t stream = nullptr, float grad_scale = 1.0f) const;
+  size_t spans() const { return spans_; }
+
+ private:
+  size_t spans_ = 0;
+  int64_t chunks_ = 0;
+  void* device_ = nullptr;  // the spans, the chunk table, each span's first chunk, the chunks' partial sums
+};
 
 }  // namespace moerl::cuda

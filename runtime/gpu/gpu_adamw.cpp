@@ -12,6 +12,7 @@
 #include "runtime/error.hpp"
 #include "runtime/gpu/gpu_profile.hpp"
 #include "runtime/optim/adamw_state.hpp"
+#include "runtime/util/env_switch.hpp"
 
 namespace moerl::gpu {
 namespace {
@@ -89,6 +90,14 @@ GpuAdamW::GpuAdamW(std::vector<DeviceParam> params, AdamWConfig config, cudaStre
     throw;
   }
   for (size_t s = 0; s < spans_.size(); ++s) spans_[s].m = m_ + span_offset[s], spans_[s].v = v_ + span_offset[s];
+  // One launch per kernel for all spans, where every span is aligned for 4-wide access (a GpuModel's parameters
+  // are; a data-parallel shard's may start anywhere). The same bits either way (kernels/cuda/adamw.hpp).
+  static const bool per_span = env_switch("MOERL_ADAMW_LAUNCH", "batched", "per-span");
+  const bool aligned = std::all_of(spans_.begin(), spans_.end(), [](const Span& sp) {
+    return sp.n == 0 || (reinterpret_cast<uintptr_t>(sp.w) % 16 == 0 && reinterpret_cast<uintptr_t>(sp.g) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(sp.m) % 8 == 0 && reinterpret_cast<uintptr_t>(sp.v) % 8 == 0);
+  });
+  if (aligned && !per_span) batched_ = std::make_unique<cuda::AdamWSpans>(spans_);
   // A parameter's moments sit at its value's offset within its span.
   for (size_t i = 0; i < trainable.size(); ++i) {
     const Span& sp = spans_[span_of[i]];
@@ -112,7 +121,10 @@ StepStats GpuAdamW::step(int64_t step) {
   StepStats stats;
   stats.lr = learning_rate(config_, step);
   CUDA_CHECK(cudaMemsetAsync(norm_sq_, 0, sizeof(double), stream_));
-  for (const Span& s : spans_) cuda::grad_norm_squared(s.g, s.n, norm_sq_, stream_);
+  if (batched_)
+    batched_->grad_norm_squared(norm_sq_, stream_);
+  else
+    for (const Span& s : spans_) cuda::grad_norm_squared(s.g, s.n, norm_sq_, stream_);
   if (reduce_norm_) reduce_norm_(norm_sq_);
   double sum = 0;
   CUDA_CHECK(cudaMemcpyAsync(&sum, norm_sq_, sizeof(double), cudaMemcpyDeviceToHost, stream_));
@@ -128,9 +140,12 @@ StepStats GpuAdamW::step(int64_t step) {
     return stats;
   }
   const int64_t t = t_ + 1;
-  for (const Span& s : spans_)
-    cuda::adamw_step(s.w, s.g, s.m, s.v, s.n, stats.lr, config_.beta1, config_.beta2, config_.eps,
-                     s.decay ? config_.weight_decay : 0.0, t, stream_, factor);
+  if (batched_)
+    batched_->adamw_step(stats.lr, config_.beta1, config_.beta2, config_.eps, config_.weight_decay, t, stream_, factor);
+  else
+    for (const Span& s : spans_)
+      cuda::adamw_step(s.w, s.g, s.m, s.v, s.n, stats.lr, config_.beta1, config_.beta2, config_.eps,
+                       s.decay ? config_.weight_decay : 0.0, t, stream_, factor);
   t_ = t;
   if (after_update_) after_update_();
   return stats;

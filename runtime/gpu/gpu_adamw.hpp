@@ -7,7 +7,8 @@
 // for about one chance in 10^7 (max_norm / norm within that difference of an FP32 rounding boundary).
 //
 // Parameters that lie back to back in device memory (value and gradient both adjacent, the same decay rule)
-// are updated and measured as one span: a model of ~750 tensors takes a few dozen launches per step.
+// are updated and measured as one span, and all spans in one launch per kernel (cuda::AdamWSpans): three launches
+// a step for the norm and the update, however many spans.
 // state() and load_state() use AdamW's tensor names, dtypes and shapes, so optimizer.safetensors files move
 // between the CPU and the GPU.
 #pragma once
@@ -16,9 +17,11 @@
 #include <cstdint>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/adamw.hpp"
 #include "runtime/gpu/gpu_model.hpp"
 #include "runtime/optim/adamw.hpp"
 #include "runtime/safetensors.hpp"
@@ -78,14 +81,8 @@ class GpuAdamW {
     uint16_t* m = nullptr;
     uint16_t* v = nullptr;
   };
-  struct Span {  // adjacent trainable parameters with one decay rule, updated by one launch
-    float* w = nullptr;
-    float* g = nullptr;
-    uint16_t* m = nullptr;
-    uint16_t* v = nullptr;
-    int64_t n = 0;
-    bool decay = false;  // rank >= 2
-  };
+  // A span: adjacent trainable parameters with one decay rule (decay: rank >= 2).
+  using Span = cuda::AdamWSpan;
   AdamWConfig config_;
   cudaStream_t stream_;
   std::function<void()> after_update_;
@@ -93,6 +90,9 @@ class GpuAdamW {
   std::function<void(double*)> reduce_norm_;
   std::vector<Slot> slots_;  // trainable parameters in the given (name) order
   std::vector<Span> spans_;
+  // Every span's norm and update in one launch per kernel (when all are aligned; MOERL_ADAMW_LAUNCH=per-span: one
+  // launch per span and kernel, for comparing on the device).
+  std::unique_ptr<cuda::AdamWSpans> batched_;
   uint16_t* m_ = nullptr;    // all first moments, BF16 codes
   uint16_t* v_ = nullptr;    // all second moments
   size_t moment_elements_ = 0;

@@ -521,6 +521,64 @@ TEST_F(OpsGpu, AdamWStepsWithClippingGiveTheCpuOptimizersBits) {
   }
 }
 
+// cuda::AdamWSpans (one launch per kernel for all spans) gives the per-span calls' bits: the norm's double (each
+// span's chunk sums added in span order) and every weight and moment, with spans smaller than, straddling and
+// exactly filling the 32768-element chunks, an empty one, odd tails, with and without decay, and a clip factor.
+TEST_F(OpsGpu, AdamWSpansGiveThePerSpanCallsBits) {
+  std::mt19937_64 rng(run_seed() + 77);
+  const std::vector<int64_t> sizes = {5, 32768 + 7, 3 * 32768, 100003, 0, 1, 4096};
+  struct Buffers {
+    std::unique_ptr<DeviceBuffer<float>> w, g;
+    std::unique_ptr<DeviceBuffer<uint16_t>> m, v;
+  };
+  auto make = [&](std::vector<Buffers>& out) {
+    std::mt19937_64 r(rng);  // the same values for both sets
+    for (int64_t n : sizes) {
+      std::vector<uint16_t> m(static_cast<size_t>(n)), v(static_cast<size_t>(n));
+      for (size_t i = 0; i < m.size(); ++i) {
+        m[i] = bf16_from_float(std::normal_distribution<float>(0.0f, 1e-3f)(r));
+        v[i] = bf16_from_float(std::fabs(std::normal_distribution<float>(0.0f, 1e-5f)(r)));
+      }
+      out.push_back({std::make_unique<DeviceBuffer<float>>(normal_vector(static_cast<size_t>(n), r, 0.0f, 0.02f)),
+                     std::make_unique<DeviceBuffer<float>>(normal_vector(static_cast<size_t>(n), r, 0.0f, 0.01f)),
+                     std::make_unique<DeviceBuffer<uint16_t>>(m), std::make_unique<DeviceBuffer<uint16_t>>(v)});
+    }
+  };
+  std::vector<Buffers> apart, together;
+  make(apart);
+  make(together);
+  DeviceBuffer<double> sums(2);
+  CUDA_CHECK(cudaMemset(sums.get(), 0, 2 * sizeof(double)));
+  std::vector<cuda::AdamWSpan> spans;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const bool decay = i % 2 == 0;
+    const Buffers& a = apart[i];
+    cuda::grad_norm_squared(a.g->get(), sizes[i], sums.get());
+    cuda::adamw_step(a.w->get(), a.g->get(), a.m->get(), a.v->get(), sizes[i], 1e-3, 0.9, 0.95, 1e-8,
+                     decay ? 0.1 : 0.0, 3, nullptr, 0.75f);
+    const Buffers& b = together[i];
+    spans.push_back({b.w->get(), b.g->get(), b.m->get(), b.v->get(), sizes[i], decay});
+  }
+  const cuda::AdamWSpans batched(spans);
+  batched.grad_norm_squared(sums.get() + 1);
+  batched.adamw_step(1e-3, 0.9, 0.95, 1e-8, 0.1, 3, nullptr, 0.75f);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<double> got = sums.download(2);
+  EXPECT_EQ(std::bit_cast<uint64_t>(got[1]), std::bit_cast<uint64_t>(got[0])) << got[1] << " vs " << got[0];
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const size_t n = static_cast<size_t>(sizes[i]);
+    const std::string what = "span " + std::to_string(i) + " (" + std::to_string(n) + ")";
+    expect_same_bits(what + " weight", together[i].w->download(n), apart[i].w->download(n));
+    expect_same_bits(what + " exp_avg", together[i].m->download(n), apart[i].m->download(n));
+    expect_same_bits(what + " exp_avg_sq", together[i].v->download(n), apart[i].v->download(n));
+  }
+  std::printf("  adamw spans: %zu spans in one launch per kernel, norm^2 %.17g, the per-span bits\n", sizes.size(),
+              got[1]);
+  std::vector<cuda::AdamWSpan> bad = spans;
+  bad[1].w += 1;  // 4-byte aligned only
+  EXPECT_THROW(cuda::AdamWSpans{bad}, Error);
+}
+
 TEST_F(OpsGpu, RefusesBadArgumentsWithAnError) {
   EXPECT_THROW(cuda::rmsnorm_forward(nullptr, nullptr, nullptr, nullptr, -1, 8, 1e-6f), Error);
   EXPECT_THROW(cuda::rope_forward(nullptr, 4, 4, 1, 8, 8, 7, 1e4f, false), Error);   // odd dim
