@@ -380,51 +380,63 @@ TEST_F(MoeFp8Gpu, GateUpPairIsEachStacksBytesSideBySide) {
     std::vector<float> wu = normal_values(static_cast<size_t>(E * I * H), 0.5f, rng);
     DeviceBuffer<float> d_wg(wg), d_wu(wu);
     cuda::LinearContext ctx;
-    const cuda::PreparedFp8GateUp p = cuda::prepared_fp8_stacked_gate_up(ctx, d_wg.get(), d_wu.get(), E, I, H);
-    const cuda::PreparedFp8Stack sg = cuda::prepared_fp8_stacked_weight(ctx, d_wg.get(), E, I, H);
-    const cuda::PreparedFp8Stack su = cuda::prepared_fp8_stacked_weight(ctx, d_wu.get(), E, I, H);
-    CUDA_CHECK(cudaDeviceSynchronize());
-    ASSERT_EQ(p.padded, Ip);
-    const int64_t L4H = (TH + 3) / 4 * 4, L4I = (TI + 3) / 4 * 4, L4P = (2 * TI + 3) / 4 * 4;
-    ASSERT_EQ(p.scales_stride, 2 * TI * L4H);
-    ASSERT_EQ(p.scales_t_stride, TH * L4P);
-    const std::vector<uint8_t> codes = bytes(p.codes, E * 2 * Ip * H), codes_t = bytes(p.codes_t, E * 2 * Ip * H);
-    const std::vector<uint8_t> g_codes = bytes(sg.codes, E * I * H), u_codes = bytes(su.codes, E * I * H);
-    const std::vector<uint8_t> g_codes_t = bytes(sg.codes_t, E * I * H), u_codes_t = bytes(su.codes_t, E * I * H);
-    const std::vector<float> scales = floats(p.scales, E * p.scales_stride), scales_t = floats(p.scales_t, E * p.scales_t_stride);
-    const std::vector<float> g_scales = floats(sg.scales, E * sg.scales_stride), u_scales = floats(su.scales, E * su.scales_stride);
-    const std::vector<float> g_scales_t = floats(sg.scales_t, E * sg.scales_t_stride);
-    const std::vector<float> u_scales_t = floats(su.scales_t, E * su.scales_t_stride);
-    ASSERT_EQ(sg.scales_stride, TI * L4H);
-    ASSERT_EQ(sg.scales_t_stride, TH * L4I);
-    std::vector<uint8_t> want(codes.size(), 0), want_t(codes_t.size(), 0);
-    std::vector<float> want_s(scales.size(), 0.0f), want_st(scales_t.size(), 0.0f);
-    for (int64_t e = 0; e < E; ++e) {
-      for (int64_t i = 0; i < I * H; ++i) {  // Fprop: rows
-        want[e * 2 * Ip * H + i] = g_codes[e * I * H + i];
-        want[e * 2 * Ip * H + Ip * H + i] = u_codes[e * I * H + i];
+    // Twice: the second time after new weights (another generation, whose quantizations leave the pads as the
+    // first zeroed them).
+    for (int generation = 1; generation <= 2; ++generation) {
+      SCOPED_TRACE("generation " + std::to_string(generation));
+      if (generation == 2) {
+        wg = normal_values(static_cast<size_t>(E * I * H), 0.05f, rng);
+        wu = normal_values(static_cast<size_t>(E * I * H), 0.5f, rng);
+        d_wg.upload(wg), d_wu.upload(wu);
+        ctx.weights_changed();
       }
-      for (int64_t h = 0; h < H; ++h)  // Dgrad: columns of each row of wᵀ
-        for (int64_t i = 0; i < I; ++i) {
-          want_t[e * 2 * Ip * H + h * 2 * Ip + i] = g_codes_t[e * I * H + h * I + i];
-          want_t[e * 2 * Ip * H + h * 2 * Ip + Ip + i] = u_codes_t[e * I * H + h * I + i];
+      const cuda::PreparedFp8GateUp p = cuda::prepared_fp8_stacked_gate_up(ctx, d_wg.get(), d_wu.get(), E, I, H);
+      const cuda::PreparedFp8Stack sg = cuda::prepared_fp8_stacked_weight(ctx, d_wg.get(), E, I, H);
+      const cuda::PreparedFp8Stack su = cuda::prepared_fp8_stacked_weight(ctx, d_wu.get(), E, I, H);
+      CUDA_CHECK(cudaDeviceSynchronize());
+      ASSERT_EQ(p.padded, Ip);
+      const int64_t L4H = (TH + 3) / 4 * 4, L4I = (TI + 3) / 4 * 4, L4P = (2 * TI + 3) / 4 * 4;
+      ASSERT_EQ(p.scales_stride, 2 * TI * L4H);
+      ASSERT_EQ(p.scales_t_stride, TH * L4P);
+      const std::vector<uint8_t> codes = bytes(p.codes, E * 2 * Ip * H), codes_t = bytes(p.codes_t, E * 2 * Ip * H);
+      const std::vector<uint8_t> g_codes = bytes(sg.codes, E * I * H), u_codes = bytes(su.codes, E * I * H);
+      const std::vector<uint8_t> g_codes_t = bytes(sg.codes_t, E * I * H), u_codes_t = bytes(su.codes_t, E * I * H);
+      const std::vector<float> scales = floats(p.scales, E * p.scales_stride), scales_t = floats(p.scales_t, E * p.scales_t_stride);
+      const std::vector<float> g_scales = floats(sg.scales, E * sg.scales_stride), u_scales = floats(su.scales, E * su.scales_stride);
+      const std::vector<float> g_scales_t = floats(sg.scales_t, E * sg.scales_t_stride);
+      const std::vector<float> u_scales_t = floats(su.scales_t, E * su.scales_t_stride);
+      ASSERT_EQ(sg.scales_stride, TI * L4H);
+      ASSERT_EQ(sg.scales_t_stride, TH * L4I);
+      std::vector<uint8_t> want(codes.size(), 0), want_t(codes_t.size(), 0);
+      std::vector<float> want_s(scales.size(), 0.0f), want_st(scales_t.size(), 0.0f);
+      for (int64_t e = 0; e < E; ++e) {
+        for (int64_t i = 0; i < I * H; ++i) {  // Fprop: rows
+          want[e * 2 * Ip * H + i] = g_codes[e * I * H + i];
+          want[e * 2 * Ip * H + Ip * H + i] = u_codes[e * I * H + i];
         }
-      for (int64_t i = 0; i < TI * L4H; ++i) {
-        want_s[e * p.scales_stride + i] = g_scales[e * sg.scales_stride + i];
-        want_s[e * p.scales_stride + TI * L4H + i] = u_scales[e * su.scales_stride + i];
+        for (int64_t h = 0; h < H; ++h)  // Dgrad: columns of each row of wᵀ
+          for (int64_t i = 0; i < I; ++i) {
+            want_t[e * 2 * Ip * H + h * 2 * Ip + i] = g_codes_t[e * I * H + h * I + i];
+            want_t[e * 2 * Ip * H + h * 2 * Ip + Ip + i] = u_codes_t[e * I * H + h * I + i];
+          }
+        for (int64_t i = 0; i < TI * L4H; ++i) {
+          want_s[e * p.scales_stride + i] = g_scales[e * sg.scales_stride + i];
+          want_s[e * p.scales_stride + TI * L4H + i] = u_scales[e * su.scales_stride + i];
+        }
+        for (int64_t hb = 0; hb < TH; ++hb)
+          for (int64_t ib = 0; ib < TI; ++ib) {
+            want_st[e * p.scales_t_stride + hb * L4P + ib] = g_scales_t[e * sg.scales_t_stride + hb * L4I + ib];
+            want_st[e * p.scales_t_stride + hb * L4P + TI + ib] = u_scales_t[e * su.scales_t_stride + hb * L4I + ib];
+          }
       }
-      for (int64_t hb = 0; hb < TH; ++hb)
-        for (int64_t ib = 0; ib < TI; ++ib) {
-          want_st[e * p.scales_t_stride + hb * L4P + ib] = g_scales_t[e * sg.scales_t_stride + hb * L4I + ib];
-          want_st[e * p.scales_t_stride + hb * L4P + TI + ib] = u_scales_t[e * su.scales_t_stride + hb * L4I + ib];
-        }
+      EXPECT_EQ(codes, want) << "[w_gate; w_up] codes";
+      EXPECT_EQ(codes_t, want_t) << "[wT_gate | wT_up] codes";
+      EXPECT_EQ(0, std::memcmp(scales.data(), want_s.data(), scales.size() * sizeof(float))) << "Fprop scales";
+      EXPECT_EQ(0, std::memcmp(scales_t.data(), want_st.data(), scales_t.size() * sizeof(float))) << "Dgrad scales";
     }
-    EXPECT_EQ(codes, want) << "[w_gate; w_up] codes";
-    EXPECT_EQ(codes_t, want_t) << "[wT_gate | wT_up] codes";
-    EXPECT_EQ(0, std::memcmp(scales.data(), want_s.data(), scales.size() * sizeof(float))) << "Fprop scales";
-    EXPECT_EQ(0, std::memcmp(scales_t.data(), want_st.data(), scales_t.size() * sizeof(float))) << "Dgrad scales";
   }
-  std::printf("[ moe fp8  ] gate and up side by side: each stack's codes and scales placed, zeros between\n");
+  std::printf("[ moe fp8  ] gate and up side by side: each stack's codes and scales placed, zeros between, two "
+              "generations\n");
 }
 
 // The experts' forward and backward at intermediate size I against the CPU recipe, both GEMM forms, and the gathered
