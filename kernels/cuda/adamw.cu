@@ -93,11 +93,7 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// Block b: partial[b] = Σ g² over elements [b·kNormChunk, min(n, (b+1)·kNormChunk)), in double (each square
-// exact), thread sums then a fixed-order block sum. V = 4: float4 over the chunk's whole groups. A thread's groups
-// j, j + blockDim, ... are added in that order (the bits of a plain loop), loaded kUnroll at a time: bench-600m's 42
-// spans 0.72 against 0.89 ms a step on the H200 (bench/results/2026-11-30-gpu-ce-norm-h200-041b8bc.txt).
-// Σ g² over chunk[0 .. len) as sum_squares_kernel's block b computes it (every thread returns the block's sum).
+// Σ g² over chunk[0 .. len) as one block computes it (every thread returns the block's sum; see sum_squares_kernel).
 template <int V>
 __device__ __forceinline__ double chunk_sum_squares(const float* __restrict__ chunk, int64_t len) {
   constexpr int kUnroll = 4;
@@ -158,8 +154,8 @@ __global__ void __launch_bounds__(kThreads) scale_kernel(float* __restrict__ g, 
   }
 }
 
-// AdamWSpans: chunk c of the table is elements [k·kNormChunk, ...) of span span_of[c] (k = chunk_in_span[c]); the
-// spans' chunks in span order, so span s has chunks first_chunk[s] .. first_chunk[s + 1] - 1.
+// AdamWSpans' table: chunk c is elements [k·kNormChunk, ...) of span `span` (table[c] = {span, k}), the spans'
+// chunks in span order, so span s has chunks first_chunk[s] .. first_chunk[s + 1] - 1.
 struct SpanChunk {
   int32_t span;
   int32_t k;
@@ -193,7 +189,7 @@ __global__ void __launch_bounds__(kNormFinishThreads)
 }
 
 // Block c: adamw_update over the chunk's elements of its span, 4 at a time, then the span's last n % 4 one by one
-// (in its last chunk); s[1] for spans with decay, s[0] without.
+// (in its last chunk); with `decay`'s constants for spans with weight decay, `no_decay`'s for the others.
 __global__ void __launch_bounds__(kThreads)
     spans_adamw_kernel(const AdamWSpan* __restrict__ spans, const SpanChunk* __restrict__ table, Scalars no_decay,
                        Scalars decay) {
