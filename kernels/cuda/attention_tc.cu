@@ -17,7 +17,9 @@
 // (c90c775): the backward in one kernel, a block of 8 warps per (sequence, head) computing S, P, dP and dS once for
 // dK, dV and dQ, dQ added into dq in global memory in key-tile order: 1.56-1.63 vs 1.52-1.58 ms, because dq's
 // read-modify-write per pair (FP32, 48 KB) runs at HBM speed (~1.0 ms alone) and one 8-warp block per SM hides
-// latency worse than three 4-warp ones (bench/results/2026-11-29-gpu-attn-fused-bwd-h200-c90c775.txt).
+// latency worse than three 4-warp ones (bench/results/2026-11-29-gpu-attn-fused-bwd-h200-c90c775.txt). Nor did dQ's
+// kernel on a stream beside dK/dV's, to share their last waves: 1.428-1.430 vs 1.432-1.438 ms
+// (bench/results/2026-11-30-gpu-sweep-attn-dq-beside-h200-85ca6d7.txt).
 //
 // Blocks of 32·W threads (W = 4 or 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS, default 8 / 4) own a
 // 16·W-row tile of one (sequence, head): warp w rows 16w .. 16w+15, so every score row lives in one quad of lanes
