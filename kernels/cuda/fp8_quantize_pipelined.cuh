@@ -37,7 +37,9 @@
 // instead of two): bit-exact, but the kernel 1.55 against 1.27 ms for the MoE layer's two calls, the layer
 // 12.19 / 12.29 vs 12.00 / 12.15 ms, bench-600m fp8 241.9k / 242.9k vs 246.2k / 245.1k tokens/s (rounds
 // interleaved, bench/results/2026-11-30-gpu-sweep-swiglu-recompute-h200-57f8adf.txt): the kernel is bound by its
-// arithmetic, not by staging.
+// arithmetic, not by staging. Nor did twice the warps with this staging (1024 threads, 2 rows a warp, 64 registers):
+// bit-exact, GPU busy 11.87 vs 11.69 ms per MoE layer pass, train step 253.2-254.3k vs 255.0-255.9k tokens/s
+// (bench/results/2026-11-30-gpu-sweep-pipelined-1024-h200-a73d8f1.txt).
 #pragma once
 #include <cuda_runtime.h>
 
