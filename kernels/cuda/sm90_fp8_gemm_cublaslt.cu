@@ -19,6 +19,7 @@
 #include "kernels/cuda/stream_scratch.hpp"
 #include "kernels/fp8_gemm.hpp"
 #include "runtime/error.hpp"
+#include "runtime/util/env_switch.hpp"
 
 namespace moerl::fp8::cuda {
 namespace {
@@ -119,6 +120,7 @@ struct Plan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t layout_a = nullptr, layout_b = nullptr, layout_d = nullptr;
   cublasLtMatmulAlgo_t algo{};
+  size_t workspace_bytes = 0;       // what the algorithm was chosen for and is given (0: none)
   bool accumulate_refused = false;  // cuBLASLt answered beta = 1 with NOT_SUPPORTED / INVALID_VALUE
 };
 
@@ -179,6 +181,17 @@ namespace {
 int forced_algo_index() {
   static const int index = cuda_detail::forced_lt_candidate("MOERL_LT_FP8_ALGO");
   return index;
+}
+
+// Wgrad plans (both operands 1x128) get no workspace: cuBLASLt then picks statically scheduled kernels, which need
+// no zeroed counter, where with workspace each accumulating call was a 4-byte memset and its kernel (192 memsets a
+// pass of the MoE layer bench, kernel trace). H200, rounds interleaved over two calls: MoE layer 11.69-11.83 vs
+// 11.72-11.95 ms and 11.71-12.10 vs 12.10-12.23 ms (7 pairs, none slower), train step (gradients overwritten, no
+// memsets either way) within noise (bench/results/2026-11-30-gpu-sweep-wgrad-workspace-h200-58c6827.txt).
+// MOERL_LT_WGRAD_WORKSPACE=full gives them the context's workspace, for comparing on the device. Read once.
+bool wgrad_workspace() {
+  static const bool full = env_switch("MOERL_LT_WGRAD_WORKSPACE", "none", "full");
+  return full;
 }
 
 // Which of the heuristic's `found` results a plan uses (-1: none usable). The first usable one, except for Wgrad
@@ -244,7 +257,9 @@ Plan GemmContext::Impl::make_plan(const PlanKey& k, const void* a_scales, const 
                                             k.n));
 
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-    const uint64_t ws = workspace_bytes;
+    // Wgrad without workspace (wgrad_workspace).
+    const uint64_t ws = k.a_block == 1 && k.b_block == 1 && !wgrad_workspace() ? 0 : workspace_bytes;
+    p.workspace_bytes = ws;
     cuda_detail::set_lt_preference(pref, ws, k.align_b, k.align_a, k.align_y);  // cuBLAS's A is our B
 
     cublasLtMatmulHeuristicResult_t results[kMaxHeuristicResults] = {};
@@ -351,7 +366,8 @@ void GemmContext::Impl::run(const Operand& a, const Operand& b, void* y, OutType
   const float alpha = 1.0f, zero = 0.0f, one = 1.0f;
   auto matmul = [&](void* d, float beta) {
     return cublasLtMatmul(impl.handle, p.desc, &alpha, b.codes, p.layout_a, a.codes, p.layout_b, &beta, d, p.layout_d,
-                          d, p.layout_d, &p.algo, impl.workspace, impl.workspace_bytes, stream);
+                          d, p.layout_d, &p.algo, p.workspace_bytes > 0 ? impl.workspace : nullptr, p.workspace_bytes,
+                          stream);
   };
   auto check = [&](cublasStatus_t st) {
     require(st != CUBLAS_STATUS_NOT_SUPPORTED, [&] {
