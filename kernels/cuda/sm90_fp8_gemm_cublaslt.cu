@@ -188,7 +188,9 @@ int forced_algo_index() {
 // pass of the MoE layer bench, kernel trace). H200, rounds interleaved over two calls: MoE layer 11.69-11.83 vs
 // 11.72-11.95 ms and 11.71-12.10 vs 12.10-12.23 ms (7 pairs, none slower), train step (gradients overwritten, no
 // memsets either way) within noise (bench/results/2026-11-30-gpu-sweep-wgrad-workspace-h200-58c6827.txt).
-// MOERL_LT_WGRAD_WORKSPACE=full gives them the context's workspace, for comparing on the device. Read once.
+// Those kernels sum in another order, so FP8 training's bits change (the Brown fp8 curve within 0.65% of its
+// old self over 100 steps). MOERL_LT_WGRAD_WORKSPACE=full gives them the context's workspace, for comparing on the
+// device. Read once.
 bool wgrad_workspace() {
   static const bool full = env_switch("MOERL_LT_WGRAD_WORKSPACE", "none", "full");
   return full;
