@@ -16,6 +16,7 @@
 namespace moerl::cuda {
 namespace {
 
+using ops_detail::align256;
 using ops_detail::block_sum;
 using ops_detail::kMaxWarps;
 using ops_detail::load;
@@ -298,11 +299,10 @@ void scale(float* g, int64_t n, float factor, cudaStream_t stream) {
   }
 }
 
-namespace {
-
-size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
-
-}  // namespace
+bool AdamWSpans::fits(const AdamWSpan& span) {
+  return span.n == 0 || (ops_detail::aligned(span.w, 16) && ops_detail::aligned(span.g, 16) &&
+                         ops_detail::aligned(span.m, 8) && ops_detail::aligned(span.v, 8));
+}
 
 AdamWSpans::AdamWSpans(const std::vector<AdamWSpan>& spans) : spans_(spans.size()) {
   std::vector<SpanChunk> table;
@@ -313,8 +313,7 @@ AdamWSpans::AdamWSpans(const std::vector<AdamWSpan>& spans) : spans_(spans.size(
       return "cuda::AdamWSpans: span " + std::to_string(i) + " has a null pointer or n < 0 (n = " +
              std::to_string(sp.n) + ")";
     });
-    require(sp.n == 0 || (ops_detail::aligned(sp.w, 16) && ops_detail::aligned(sp.g, 16) &&
-                          ops_detail::aligned(sp.m, 8) && ops_detail::aligned(sp.v, 8)),
+    require(fits(sp),
             [&] { return "cuda::AdamWSpans: span " + std::to_string(i) + " is not aligned (w, g 16 bytes; m, v 8)"; });
     const int64_t chunks = (sp.n + kNormChunk - 1) / kNormChunk;
     for (int64_t k = 0; k < chunks; ++k) table.push_back({static_cast<int32_t>(i), static_cast<int32_t>(k)});

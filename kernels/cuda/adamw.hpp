@@ -63,6 +63,8 @@ struct AdamWSpan {
 // (bench/results/2026-11-30-gpu-adamw-spans-h200-ce6f059+spans.txt).
 class AdamWSpans {
  public:
+  // Whether a span is aligned as the constructor requires (w, g 16 bytes, m, v 8; any when empty).
+  static bool fits(const AdamWSpan& span);
   explicit AdamWSpans(const std::vector<AdamWSpan>& spans);
   ~AdamWSpans();
   AdamWSpans(const AdamWSpans&) = delete;
@@ -73,7 +75,6 @@ class AdamWSpans {
   // adamw_step on every span, weight_decay on the spans with decay and 0 on the others.
   void adamw_step(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
                   cudaStream_t stream = nullptr, float grad_scale = 1.0f) const;
-  size_t spans() const { return spans_; }
 
  private:
   size_t spans_ = 0;

@@ -93,11 +93,8 @@ GpuAdamW::GpuAdamW(std::vector<DeviceParam> params, AdamWConfig config, cudaStre
   // One launch per kernel for all spans, where every span is aligned for 4-wide access (a GpuModel's parameters
   // are; a data-parallel shard's may start anywhere). The same bits either way (kernels/cuda/adamw.hpp).
   static const bool per_span = env_switch("MOERL_ADAMW_LAUNCH", "batched", "per-span");
-  const bool aligned = std::all_of(spans_.begin(), spans_.end(), [](const Span& sp) {
-    return sp.n == 0 || (reinterpret_cast<uintptr_t>(sp.w) % 16 == 0 && reinterpret_cast<uintptr_t>(sp.g) % 16 == 0 &&
-                         reinterpret_cast<uintptr_t>(sp.m) % 8 == 0 && reinterpret_cast<uintptr_t>(sp.v) % 8 == 0);
-  });
-  if (aligned && !per_span) batched_ = std::make_unique<cuda::AdamWSpans>(spans_);
+  if (!per_span && std::all_of(spans_.begin(), spans_.end(), cuda::AdamWSpans::fits))
+    batched_ = std::make_unique<cuda::AdamWSpans>(spans_);
   // A parameter's moments sit at its value's offset within its span.
   for (size_t i = 0; i < trainable.size(); ++i) {
     const Span& sp = spans_[span_of[i]];
