@@ -299,6 +299,29 @@ void scale(float* g, int64_t n, float factor, cudaStream_t stream) {
   }
 }
 
+namespace {
+
+// Where AdamWSpans' device block keeps its tables, one after another on 256-byte boundaries: the spans, the chunk
+// table, each span's first chunk (spans + 1 entries) and the chunks' partial sums.
+struct SpanTables {
+  AdamWSpan* spans;
+  SpanChunk* table;
+  int64_t* first_chunk;
+  double* partial;
+  size_t bytes;  // the whole block
+};
+
+SpanTables span_tables(void* device, size_t spans, int64_t chunks) {  // device null: only `bytes` is meant
+  const uintptr_t base = reinterpret_cast<uintptr_t>(device);
+  const size_t a = align256(spans * sizeof(AdamWSpan)), b = align256(static_cast<size_t>(chunks) * sizeof(SpanChunk)),
+               c = align256((spans + 1) * sizeof(int64_t)), d = align256(static_cast<size_t>(chunks) * sizeof(double));
+  return SpanTables{reinterpret_cast<AdamWSpan*>(base), reinterpret_cast<SpanChunk*>(base + a),
+                    reinterpret_cast<int64_t*>(base + a + b), reinterpret_cast<double*>(base + a + b + c),
+                    a + b + c + d};
+}
+
+}  // namespace
+
 bool AdamWSpans::fits(const AdamWSpan& span) {
   return span.n == 0 || (ops_detail::aligned(span.w, 16) && ops_detail::aligned(span.g, 16) &&
                          ops_detail::aligned(span.m, 8) && ops_detail::aligned(span.v, 8));
@@ -321,13 +344,12 @@ AdamWSpans::AdamWSpans(const std::vector<AdamWSpan>& spans) : spans_(spans.size(
   }
   chunks_ = static_cast<int64_t>(table.size());
   require(chunks_ <= INT32_MAX, "cuda::AdamWSpans: too many chunks for one launch");
-  const size_t a = align256(spans.size() * sizeof(AdamWSpan)), b = align256(table.size() * sizeof(SpanChunk)),
-               c = align256(first_chunk.size() * sizeof(int64_t)), d = align256(table.size() * sizeof(double));
-  CUDA_CHECK(cudaMalloc(&device_, a + b + c + d));
-  auto* base = static_cast<char*>(device_);
-  CUDA_CHECK(cudaMemcpy(base, spans.data(), spans.size() * sizeof(AdamWSpan), cudaMemcpyHostToDevice));
-  CUDA_CHECK(cudaMemcpy(base + a, table.data(), table.size() * sizeof(SpanChunk), cudaMemcpyHostToDevice));
-  CUDA_CHECK(cudaMemcpy(base + a + b, first_chunk.data(), first_chunk.size() * sizeof(int64_t), cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMalloc(&device_, span_tables(nullptr, spans_, chunks_).bytes));
+  const SpanTables d = span_tables(device_, spans_, chunks_);
+  CUDA_CHECK(cudaMemcpy(d.spans, spans.data(), spans.size() * sizeof(AdamWSpan), cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(d.table, table.data(), table.size() * sizeof(SpanChunk), cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(d.first_chunk, first_chunk.data(), first_chunk.size() * sizeof(int64_t),
+                        cudaMemcpyHostToDevice));
 }
 
 AdamWSpans::~AdamWSpans() { cudaFree(device_); }
@@ -335,15 +357,11 @@ AdamWSpans::~AdamWSpans() { cudaFree(device_); }
 void AdamWSpans::grad_norm_squared(double* sum, cudaStream_t stream) const {
   require(sum != nullptr, "cuda::AdamWSpans::grad_norm_squared: null sum");
   if (chunks_ == 0) return;
-  auto* base = static_cast<char*>(device_);
-  const size_t a = align256(spans_ * sizeof(AdamWSpan)), b = align256(static_cast<size_t>(chunks_) * sizeof(SpanChunk)),
-               c = align256((spans_ + 1) * sizeof(int64_t));
-  auto* partial = reinterpret_cast<double*>(base + a + b + c);
-  spans_sum_squares_kernel<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(
-      reinterpret_cast<const AdamWSpan*>(base), reinterpret_cast<const SpanChunk*>(base + a), partial);
+  const SpanTables d = span_tables(device_, spans_, chunks_);
+  spans_sum_squares_kernel<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(d.spans, d.table, d.partial);
   CUDA_CHECK_LAUNCH();
-  spans_sum_partials_kernel<<<1, kNormFinishThreads, 0, stream>>>(
-      partial, reinterpret_cast<const int64_t*>(base + a + b), static_cast<int64_t>(spans_), sum);
+  spans_sum_partials_kernel<<<1, kNormFinishThreads, 0, stream>>>(d.partial, d.first_chunk,
+                                                                  static_cast<int64_t>(spans_), sum);
   CUDA_CHECK_LAUNCH();
 }
 
@@ -352,10 +370,8 @@ void AdamWSpans::adamw_step(double lr, double beta1, double beta2, double eps, d
   const Scalars no_decay = scalars_of(lr, beta1, beta2, eps, 0.0, t, grad_scale);
   const Scalars decay = scalars_of(lr, beta1, beta2, eps, weight_decay, t, grad_scale);
   if (chunks_ == 0) return;
-  auto* base = static_cast<char*>(device_);
-  const size_t a = align256(spans_ * sizeof(AdamWSpan));
-  spans_adamw_kernel<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(
-      reinterpret_cast<const AdamWSpan*>(base), reinterpret_cast<const SpanChunk*>(base + a), no_decay, decay);
+  const SpanTables d = span_tables(device_, spans_, chunks_);
+  spans_adamw_kernel<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(d.spans, d.table, no_decay, decay);
   CUDA_CHECK_LAUNCH();
 }
 
