@@ -116,10 +116,10 @@ void moe_scatter_add_aligned_then(const float* dxp, const int64_t* row_of, int64
 // weights' FP8 copies are the LinearContext's (prepared per expert weight and generation).
 // How the experts' GEMMs run: Lanes, one cuBLASLt call per expert and GEMM on 4 side streams; Grouped, one launch per
 // projection for all experts (kernels/cuda/fp8_grouped_gemm.hpp: no per-expert host work; its WGMMA kernel reaches
-// 430-490 TFLOP/s on the MoE layer bench's Fprop/Dgrad shapes and 280 on Wgrad, below cuBLASLt's ~1000, so the layer
-// is slower: MoE layer fwd+bwd 20.3 vs 15.5 ms, train step 177k vs 183-185k tok/s on the H200,
-// bench/results/2026-11-29-gpu-h200-wgmma-*.jsonl; lanes since then 14.9 ms, 190k tok/s, ...-ca53817.jsonl);
-// Default, MOERL_MOE_GEMM=lanes or grouped (unset: lanes).
+// 560-610 TFLOP/s on the MoE layer bench's Fprop/Dgrad shapes but 275 on Wgrad, where the lanes' cuBLASLt calls reach
+// ~620, so the layer is slower: MoE layer fwd+bwd 18.2-18.4 vs 11.7-11.8 ms, train step 222-223k vs 254k tok/s on the
+// H200, bench/results/2026-11-30-gpu-grouped-pingpong-h200-*.txt); Default, MOERL_MOE_GEMM=lanes or grouped (unset:
+// lanes).
 // Both give the CPU recipe's results within the tests' tolerances (tests/gpu/moe_fp8_gpu.cpp runs both).
 enum class MoeFp8Gemm : uint8_t { Default, Grouped, Lanes };
 

@@ -19,23 +19,22 @@
 // pointer-array batches of one shape only); one call per expert costs ~15 us of host time against a few us of
 // device time for bench-600m's experts (2048 x 704 x 1024), so the layer waited on the host (issue 4).
 //
-// Measured on the H200 (bench/results/2026-11-29-gpu-*h200-wgmma-7e51654*), TFLOP/s tma / specialized / sync:
-// MoE layer bench shapes (64 experts, ~100k rows, H 2048, I 1408) gate+up 491 / 402 / 367, down 432 / 349 / 350,
-// Wgrad gate+up (tokens form, cp.async in all) 280 / 281 / 228; bench-600m gate+up 329 / 273 / 290 (the mma.sync
-// version of these tiles, d902903: 158). rel_l2 1.2e-4 vs the CPU reference (5e-8 with mma.sync: WGMMA sums FP8
-// products inside a 128-group with fewer bits). MoE layer fwd+bwd with MOERL_MOE_GEMM=grouped 20.3 ms (mma.sync 36.7) vs
-// 15.5 ms with cuBLASLt per expert, train step 177k vs 183-185k tok/s: MoeFp8Gemm::Lanes stays the default.
-// Where the time goes: a step (128 x 128 x 128) needs 512 tensor-core cycles but takes ~2000-2600; the cp.async
-// pipelines move ~3 TB/s from L2 into shared memory (32 KB a step), TMA ~3.8 TB/s, so the loads seemed to bound
-// all three. Tried and removed (2026-11-30): Tma as clusters of 2 blocks on neighbouring N tiles of one row tile,
-// each loading its b tile and multicasting a 64-row half of the shared a tile into both (24 KB from L2 a step
-// instead of 32; remote `empty` arrivals at CTA scope, .release.cluster cost 40%): bit-identical, but moe-layer
-// gate+up 447 against 478 TFLOP/s, down 437 / 429, bench-600m gate+up 325 / 323 (GPU test timing lines), so L2
-// bandwidth alone is not what holds the tiles back (a guess, unmeasured: the pair runs in lockstep, each producer
-// waiting for the slower block's consumers).
-// TODO(perf): 128 x 256 tiles (acc 128 + a 64-column part: 192 registers, fewer bytes per FLOP), WGMMA of the next
-// step overlapping the promotion of the current one, and TMA for the tokens form (a tensor map per group, built on
-// the device with tensormap.replace, since the offsets stay there).
+// Measured on the H200, TFLOP/s tma / specialized / sync (bench/results/2026-11-30-gpu-grouped-pingpong-h200-*.txt):
+// MoE layer bench shapes (64 experts, ~100k rows, H 2048, I 1408) gate+up 612 / 426 / 417, down 563 / 366 / 396,
+// Wgrad gate+up (tokens form, cp.async in all) 273 / 272 / 230; bench-600m gate+up 412 / 284 / 328. Before the
+// consumer warpgroups took turns (ping-pong below), looked the groups up in shared memory and arrived once per warp:
+// 488 / 399 / 366, 425 / 350 / 348, 277, 327 (bench/results/2026-11-29-gpu-*h200-wgmma-7e51654* for the history). The
+// cuBLASLt calls per expert (MoeFp8Gemm::Lanes) reach 790 on gate+up but only ~380 on down, where 64 calls take
+// ~1.5 ms of host time. rel_l2 1.2e-4 vs the CPU reference (WGMMA sums FP8 products inside a 128-group with fewer
+// bits). MoE layer fwd+bwd with MOERL_MOE_GEMM=grouped 18.2-18.4 ms vs 11.7-11.8 with the lanes (the Wgrad's
+// tokens form, at less than half the lanes' rate, is most of the gap): Lanes stays the default.
+// Where the time goes: a step (128 x 128 x 128) needs 512 tensor-core cycles but takes ~1400-2000; at that rate the
+// TMA loads move 4.8 TB/s from L2 (32 KB a step) on the MoE layer's gate+up. Tried and removed (2026-11-30): Tma as
+// clusters of 2 blocks on neighbouring N tiles of one row tile, each loading its b tile and multicasting a 64-row half
+// of the shared a tile into both: bit-identical, no faster then (before ping-pong, with 256 remote `empty`
+// arrivals a step).
+// TODO(perf): TMA for the tokens form (a tensor map per group, built on the device with tensormap.replace, since the
+// offsets stay there), BF16 outputs, multicast again now that arrivals are per warp, and 128 x 256 tiles.
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_runtime.h>
@@ -55,6 +54,7 @@ namespace {
 constexpr int kTileRows = 128;  // BM = BN
 constexpr int kStepBytes = 128; // BK: one 1x128 / 128x128 scale per row and step
 constexpr int kStages = 6;
+constexpr int kSmemGroups = 512;  // groups whose bounds a block keeps in shared memory (more: read from global)
 constexpr int kConsumers = 256;  // two warpgroups, rows 0-63 and 64-127 of the tile, all 128 columns each
 constexpr int kProducers = 128;  // Tma / Specialized: one producer warpgroup (a block of 384 threads: 168 registers)
 constexpr int kTileBytes = kTileRows * kStepBytes;
@@ -213,20 +213,29 @@ struct TileWork {
   int a_row, b_row;  // rows form: the tile's first row of a and of the stacked b (TMA coordinates)
 };
 
+// The groups' bounds in shared memory `s` (copied by threads tid of `threads`; the caller syncs before reading),
+// or in global memory past kSmemGroups groups. Each tile's group lookup (a binary search) then waits on shared
+// memory instead of ~6 dependent L2 round trips (~0.5 us each under load) at every tile boundary.
+__device__ __forceinline__ const int64_t* block_bounds(const Args& p, int64_t* s, int tid, int threads) {
+  if (p.groups > kSmemGroups) return p.bounds;
+  for (int i = tid; i <= p.groups; i += threads) s[i] = p.bounds[i];
+  return s;
+}
+
 // The work of tile (x, y, z) (x: N tile; rows form: y row tile, z problem; tokens form: y problem · m_tiles + M
-// tile, z group). False for tiles with nothing to do (rows form: at or past bounds[groups]; tokens form: an empty
-// group), the same answer for every thread.
+// tile, z group) with the groups' bounds at `bounds` (block_bounds). False for tiles with nothing to do (rows form:
+// at or past bounds[groups]; tokens form: an empty group), the same answer for every thread.
 template <bool kTokens>
-__device__ __forceinline__ bool tile_work(const Args& p, int x, int yy, int z, TileWork& w) {
+__device__ __forceinline__ bool tile_work(const Args& p, const int64_t* bounds, int x, int yy, int z, TileWork& w) {
   const int64_t n0 = static_cast<int64_t>(x) * kTileRows;
   if constexpr (!kTokens) {
     const int problem = z;
     const int64_t row0 = static_cast<int64_t>(yy) * kTileRows;
-    if (row0 >= p.bounds[p.groups]) return false;
+    if (row0 >= bounds[p.groups]) return false;
     int lo = 0, hi = static_cast<int>(p.groups) - 1;  // the last group starting at or before row0
     while (lo < hi) {
       const int mid = (lo + hi + 1) / 2;
-      if (p.bounds[mid] <= row0) lo = mid; else hi = mid - 1;
+      if (bounds[mid] <= row0) lo = mid; else hi = mid - 1;
     }
     const int64_t g = lo, n = p.n;
     w.n_valid = clamp_tile(n - n0);
@@ -248,7 +257,7 @@ __device__ __forceinline__ bool tile_work(const Args& p, int x, int yy, int z, T
     w.b_row = static_cast<int>(g * n + n0);
   } else {
     const int64_t g = z;
-    const int64_t first = p.bounds[g], ng = p.bounds[g + 1] - first;
+    const int64_t first = bounds[g], ng = bounds[g + 1] - first;
     if (ng <= 0) return false;
     const int problem = yy / p.m_tiles;
     const int64_t m0 = static_cast<int64_t>(yy % p.m_tiles) * kTileRows, m = p.m, n = p.n;
@@ -327,20 +336,42 @@ __device__ __forceinline__ void mma_step(float (&part)[64], uint32_t stage_addr,
   wgmma_commit();
 }
 
-// acc += (sa · sb) · part, the fragment's rows r0 and r0 + 8, columns c · 8 + 2 · (lane % 4) + {0, 1}.
+// acc += (sa · sb) · part, the fragment's rows r0 and r0 + 8, columns c · 8 + 2 · (lane % 4) + {0, 1}. The rows
+// form's b is a weight with one 128x128 block scale per step (all 128 column scales are that one): its products
+// sa · sb are then the row's two, the same values with 2 multiplies and 2 shared loads instead of 64 and 18.
+template <bool kTokens>
 __device__ __forceinline__ void promote(float (&acc)[64], float (&part)[64], const float* ss, int r0, int lane) {
 #pragma unroll
   for (int i = 0; i < 64; ++i) fence_operand(part[i]);
   const float sa0 = ss[r0], sa1 = ss[r0 + 8];
+  if constexpr (!kTokens) {
+    const float sb = ss[kTileRows], s0 = sa0 * sb, s1 = sa1 * sb;
 #pragma unroll
-  for (int c = 0; c < 16; ++c) {
-    const float2 sb = *reinterpret_cast<const float2*>(ss + kTileRows + c * 8 + 2 * (lane % 4));
-    acc[4 * c + 0] = fmaf(sa0 * sb.x, part[4 * c + 0], acc[4 * c + 0]);
-    acc[4 * c + 1] = fmaf(sa0 * sb.y, part[4 * c + 1], acc[4 * c + 1]);
-    acc[4 * c + 2] = fmaf(sa1 * sb.x, part[4 * c + 2], acc[4 * c + 2]);
-    acc[4 * c + 3] = fmaf(sa1 * sb.y, part[4 * c + 3], acc[4 * c + 3]);
+    for (int c = 0; c < 16; ++c) {
+      acc[4 * c + 0] = fmaf(s0, part[4 * c + 0], acc[4 * c + 0]);
+      acc[4 * c + 1] = fmaf(s0, part[4 * c + 1], acc[4 * c + 1]);
+      acc[4 * c + 2] = fmaf(s1, part[4 * c + 2], acc[4 * c + 2]);
+      acc[4 * c + 3] = fmaf(s1, part[4 * c + 3], acc[4 * c + 3]);
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < 16; ++c) {
+      const float2 sb = *reinterpret_cast<const float2*>(ss + kTileRows + c * 8 + 2 * (lane % 4));
+      acc[4 * c + 0] = fmaf(sa0 * sb.x, part[4 * c + 0], acc[4 * c + 0]);
+      acc[4 * c + 1] = fmaf(sa0 * sb.y, part[4 * c + 1], acc[4 * c + 1]);
+      acc[4 * c + 2] = fmaf(sa1 * sb.x, part[4 * c + 2], acc[4 * c + 2]);
+      acc[4 * c + 3] = fmaf(sa1 * sb.y, part[4 * c + 3], acc[4 * c + 3]);
+    }
   }
 }
+
+// Named barriers 1 and 2 (0 is __syncthreads) between the two consumer warpgroups (256 threads): one warpgroup waits
+// (sync) until the other has arrived.
+__device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "n"(kConsumers)); }
+__device__ __forceinline__ void named_arrive(int id) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kConsumers));
+}
+
 
 // The fragment's sums into the tile's outputs (tokens form: added to them).
 template <bool kTokens>
@@ -382,9 +413,12 @@ __global__ void __launch_bounds__(kConsumers, 1) grouped_gemm_sync_kernel(const 
   // The tile's operands in shared memory (every thread computes them, thread 0 stores them): kept out of the
   // registers, which the sums need.
   __shared__ TileWork tw;
+  __shared__ int64_t bounds_smem[kSmemGroups + 1];
+  const int64_t* bounds = block_bounds(p, bounds_smem, tid, kConsumers);
+  __syncthreads();
   {
     TileWork w;
-    if (!tile_work<kTokens>(p, blockIdx.x, blockIdx.y, blockIdx.z, w)) return;
+    if (!tile_work<kTokens>(p, bounds, blockIdx.x, blockIdx.y, blockIdx.z, w)) return;
     if (tid == 0) tw = w;
   }
   __syncthreads();
@@ -409,7 +443,7 @@ __global__ void __launch_bounds__(kConsumers, 1) grouped_gemm_sync_kernel(const 
     if (nx < total_steps) load_step_of<kConsumers>(smem + (nx % kStages) * kStageBytes, tid, nx, tw);
     cp_async_commit();
     wgmma_wait_all();
-    promote(acc, part, reinterpret_cast<const float*>(smem + stage * kStageBytes + 2 * kTileBytes), r0, lane);
+    promote<kTokens>(acc, part, reinterpret_cast<const float*>(smem + stage * kStageBytes + 2 * kTileBytes), r0, lane);
   }
   cp_async_wait<0>();
   store_tile<kTokens>(acc, tw.y, tw.ldy, tw.m_valid, tw.n_valid, r0, lane);
@@ -417,9 +451,10 @@ __global__ void __launch_bounds__(kConsumers, 1) grouped_gemm_sync_kernel(const 
 
 // Specialized pipeline, persistent: gridDim.x blocks walk the tiles t = blockIdx.x, + gridDim.x, ... (x fastest,
 // then y, then z: the order of the synchronous grid). A producer warpgroup copies every step of the block's tiles into
-// the ring of stages (full[stage] completes when the 128 producers' copies of the step have landed); the two consumer
-// warpgroups wait on it, multiply, promote, and free the stage (empty[stage], 256 arrivals). The ring runs across
-// tiles, so the next tile's first steps load while the current one's last steps and stores run.
+// the ring of stages (full[stage] completes when the producers' copies of the step have landed: the 128 threads' in
+// Specialized; in Tma one warp issues the TMA copies and the scales' cp.async, the other three exit); the two consumer
+// warpgroups wait on it, multiply, promote, and free the stage (empty[stage], one arrival per warp). The ring runs across tiles, so the next
+// tile's first steps load while the current one's last steps and stores run.
 template <bool kTokens, bool kTma>
 __global__ void __launch_bounds__(kConsumers + kProducers, 1)
     grouped_gemm_specialized_kernel(const __grid_constant__ Args p) {
@@ -428,22 +463,26 @@ __global__ void __launch_bounds__(kConsumers + kProducers, 1)
   uint8_t* smem = aligned_stages(smem_raw);
   const uint32_t smem_addr = smem_u32(smem);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  constexpr int kLoaders = kTma ? 32 : kProducers;  // producer threads that copy
   __shared__ __align__(8) uint64_t full[kStages], empty[kStages];
+  __shared__ int64_t bounds_smem[kSmemGroups + 1];
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
-      mbar_init(&full[s], kTma ? kProducers + 1 : kProducers);  // Tma: + the expect_tx arrival
-      mbar_init(&empty[s], kConsumers);
+      mbar_init(&full[s], kTma ? kLoaders + 1 : kLoaders);  // Tma: + the expect_tx arrival
+      mbar_init(&empty[s], kConsumers / 32);
     }
   }
+  const int64_t* bounds = block_bounds(p, bounds_smem, tid, kConsumers + kProducers);
   __syncthreads();
   const int tiles = p.tiles_x * p.tiles_y * p.tiles_z;  // < 2^31 (checked on the host)
 
   if (tid >= kConsumers) {  // producer warpgroup
     const int lt = tid - kConsumers;
+    if (lt >= kLoaders) return;
     int it = 0;  // steps issued by this block so far: stage it % kStages, round it / kStages
     for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
       TileWork w;
-      if (!tile_work<kTokens>(p, t % p.tiles_x, t / p.tiles_x % p.tiles_y, t / p.tiles_x / p.tiles_y, w))
+      if (!tile_work<kTokens>(p, bounds, t % p.tiles_x, t / p.tiles_x % p.tiles_y, t / p.tiles_x / p.tiles_y, w))
         continue;
 #pragma unroll 1
       for (int term = 0; term < 2; ++term) {
@@ -460,9 +499,9 @@ __global__ void __launch_bounds__(kConsumers + kProducers, 1)
               tma_load_2d(base, &p.maps[w.problem][term][0], kb * kStepBytes, w.a_row, &full[stage]);
               tma_load_2d(base + kTileBytes, &p.maps[w.problem][term][1], kb * kStepBytes, w.b_row, &full[stage]);
             }
-            load_scales<kProducers>(base, lt, a, b, kb);
+            load_scales<kLoaders>(base, lt, a, b, kb);
           } else {
-            load_step<kProducers>(base, lt, a, b, klen, kb);
+            load_step<kLoaders>(base, lt, a, b, klen, kb);
           }
           cp_async_arrive(&full[stage]);
         }
@@ -477,10 +516,14 @@ __global__ void __launch_bounds__(kConsumers + kProducers, 1)
   float acc[64], part[64];
 #pragma unroll
   for (int i = 0; i < 64; ++i) part[i] = 0.0f;
+  // Ping-pong: the warpgroups issue their WGMMAs in turn (barrier 1 + wg: my turn; the other's after mine), so one
+  // promotes while the other's products run instead of both promoting at once with the tensor cores idle. The first
+  // turn is warpgroup 0's.
+  if (wg == 1) named_arrive(1);
   int it = 0;
   for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
     TileWork w;
-    if (!tile_work<kTokens>(p, t % p.tiles_x, t / p.tiles_x % p.tiles_y, t / p.tiles_x / p.tiles_y, w))
+    if (!tile_work<kTokens>(p, bounds, t % p.tiles_x, t / p.tiles_x % p.tiles_y, t / p.tiles_x / p.tiles_y, w))
       continue;
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
@@ -489,14 +532,19 @@ __global__ void __launch_bounds__(kConsumers + kProducers, 1)
       const int stage = it % kStages;
       mbar_wait(&full[stage], static_cast<uint32_t>((it / kStages) & 1));
       __syncwarp();  // converged for the warpgroup-wide (.aligned) WGMMA instructions
-      fence_proxy_async();
+      if constexpr (!kTma) fence_proxy_async();  // cp.async codes (generic proxy) read by WGMMA; TMA's need none
+      named_sync(1 + wg);
       mma_step(part, smem_addr + stage * kStageBytes, wg);
+      named_arrive(2 - wg);
       wgmma_wait_all();
-      promote(acc, part, reinterpret_cast<const float*>(smem + stage * kStageBytes + 2 * kTileBytes), r0, lane);
-      mbar_arrive(&empty[stage]);
+      promote<kTokens>(acc, part, reinterpret_cast<const float*>(smem + stage * kStageBytes + 2 * kTileBytes), r0,
+                       lane);
+      __syncwarp();  // every lane's reads of the stage (WGMMA, scales) done
+      if (lane == 0) mbar_arrive(&empty[stage]);
     }
     store_tile<kTokens>(acc, w.y, w.ldy, w.m_valid, w.n_valid, r0, lane);
   }
+  if (wg == 0) named_sync(1);  // warpgroup 1's last arrival (its turn handed back after its last step)
 }
 
 bool aligned(const void* p, uintptr_t n) { return reinterpret_cast<uintptr_t>(p) % n == 0; }
