@@ -22,7 +22,7 @@
 // Up to two problems (outputs) per launch: the gate and up projections share a launch.
 //
 // Requirements (moerl::Error otherwise): K, M, N multiples of 16 (rows of codes 16-byte aligned) and > 0; codes
-// 16-byte aligned, scales 4-byte aligned, y 8-byte aligned, all device memory. Asynchronous on `stream`.
+// 16-byte aligned, scales 4-byte aligned, y 8-byte aligned, y_bf16 4-byte aligned, all device memory. Asynchronous on `stream`.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -47,11 +47,13 @@ struct GroupedTerm {
   int64_t k = 0;
 };
 
-// One output and the terms summed into it (1 or 2).
+// One output and the terms summed into it (1 or 2): y in FP32, or (rows form only) y_bf16 in BF16 (bit patterns,
+// rounded to nearest even from the FP32 sums, as cuBLASLt's BF16 outputs); exactly one of them.
 struct GroupedProblem {
   GroupedTerm terms[2];
   int n_terms = 1;
   float* y = nullptr;
+  uint16_t* y_bf16 = nullptr;
 };
 
 // Rows form. max_rows: a multiple of 128 >= bounds[groups] known on the host (the launch covers max_rows / 128

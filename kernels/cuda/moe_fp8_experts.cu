@@ -629,16 +629,14 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   if (!h_in_gemm_layout) hq.finish();
   st.next("gemm_down");
   const bool yp_bf16 = yp_type == OutType::BF16;
-  if (grouped) {  // the grouped kernel writes FP32: BF16 through a temporary
-    std::optional<StreamScratch> y32;
-    if (yp_bf16) y32.emplace(bytes_of(rows * H, sizeof(float)), stream);
+  if (grouped) {
     GroupedProblem pr;
-    pr.terms[0] = rows_term(hq, sd.codes, sd.scales, I), pr.y = y32 ? y32->as<float>() : static_cast<float*>(yp);
+    pr.terms[0] = rows_term(hq, sd.codes, sd.scales, I);
+    if (yp_bf16)
+      pr.y_bf16 = static_cast<uint16_t*>(yp);
+    else
+      pr.y = static_cast<float*>(yp);
     fp8::cuda::grouped_gemm_nt_rows(&pr, 1, aligned, E, rows, H, stream);
-    if (y32) {
-      to_bf16(y32->as<float>(), rows * H, static_cast<uint16_t*>(yp), stream);
-      y32->release();
-    }
   } else {
     const std::vector<ExpertWeight> wd = expert_weights(sd);
     const int64_t yp_bytes = yp_bf16 ? 2 : 4;
@@ -805,9 +803,9 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   st.next("gemm_gate_up_dgrad");
 
   // gate and up: dx = dg · w_gate + du · w_up (pair: one GEMM over [dg | du]; else the second accumulated in the
-  // GEMM), dw += dgᵀ · xᵀ, duᵀ · xᵀ. dxp in BF16: the pair's GEMM rounds its sums once; the other forms sum in FP32
-  // (a temporary) and round that.
-  const bool dxp_bf16 = dxp_type == OutType::BF16, direct = !dxp_bf16 || (pair && !grouped);
+  // GEMM), dw += dgᵀ · xᵀ, duᵀ · xᵀ. dxp in BF16: the pair's GEMM and the grouped one (both terms in one sum) round
+  // their sums once; the lanes without the pair sum in FP32 (a temporary) and round that.
+  const bool dxp_bf16 = dxp_type == OutType::BF16, direct = !dxp_bf16 || pair || grouped;
   std::optional<StreamScratch> dx32;  // only where the FP32 sum is rounded afterwards (no allocation otherwise)
   if (!direct) dx32.emplace(bytes_of(rows * H, sizeof(float)), stream);
   float* const dxp = direct ? static_cast<float*>(dxp_out) : dx32->as<float>();
@@ -815,7 +813,11 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     GroupedProblem pr;
     pr.terms[0] = rows_term(dgq, sg.codes_t, sg.scales_t, I);
     pr.terms[1] = rows_term(*duq_apart, su.codes_t, su.scales_t, I);
-    pr.n_terms = 2, pr.y = dxp;
+    pr.n_terms = 2;
+    if (dxp_bf16)
+      pr.y_bf16 = static_cast<uint16_t*>(dxp_out);
+    else
+      pr.y = dxp;
     fp8::cuda::grouped_gemm_nt_rows(&pr, 1, aligned, E, rows, H, stream);
     GroupedProblem pw[2];
     pw[0].terms[0] = tokens_term(dgt, xt), pw[0].y = w.gate_grad;

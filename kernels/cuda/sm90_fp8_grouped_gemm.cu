@@ -33,10 +33,13 @@
 // clusters of 2 blocks on neighbouring N tiles of one row tile, each loading its b tile and multicasting a 64-row half
 // of the shared a tile into both: bit-identical, no faster then (before ping-pong, with 256 remote `empty`
 // arrivals a step).
+// Nor did the down projection's Fprop and Dgrad alone on this kernel, the rest on the lanes: MoE layer 12.2 vs 11.8 ms
+// (the lanes' down GEMMs run at ~840 TFLOP/s inside the layer; bench/results/2026-11-30-gpu-moe-gemm-mixed-*.txt).
 // TODO(perf): TMA for the tokens form (a tensor map per group, built on the device with tensormap.replace, since the
-// offsets stay there), BF16 outputs, multicast again now that arrivals are per warp, and 128 x 256 tiles.
+// offsets stay there), multicast again now that arrivals are per warp, and 128 x 256 tiles.
 #include <cuda.h>
 #include <cudaTypedefs.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -78,7 +81,8 @@ struct Term {
 
 struct Args {
   Term terms[2][2];  // [problem][term]
-  float* y[2];
+  void* y[2];    // FP32, or BF16 where bf16[problem]
+  bool bf16[2];
   int n_terms[2];
   const int64_t* bounds;
   int64_t groups;
@@ -206,8 +210,9 @@ struct TileWork {
   TileOperand a[2], b[2];
   int64_t klen[2];
   int steps[2];
-  float* y;  // y[r · ldy + c] for r < m_valid, c < n_valid
+  void* y;  // y[r · ldy + c] for r < m_valid, c < n_valid: FP32, or BF16 where bf16
   int64_t ldy;
+  bool bf16;
   int m_valid, n_valid;
   int problem;
   int a_row, b_row;  // rows form: the tile's first row of a and of the stacked b (TMA coordinates)
@@ -250,7 +255,8 @@ __device__ __forceinline__ bool tile_work(const Args& p, const int64_t* bounds, 
       w.klen[t] = k;
       w.steps[t] = t < p.n_terms[problem] ? static_cast<int>(tk) : 0;
     }
-    w.y = p.y[problem] + row0 * n + n0;
+    w.bf16 = p.bf16[problem];
+    w.y = static_cast<char*>(p.y[problem]) + (row0 * n + n0) * (w.bf16 ? 2 : 4);
     w.ldy = n;
     w.problem = problem;
     w.a_row = static_cast<int>(row0);
@@ -273,8 +279,9 @@ __device__ __forceinline__ bool tile_work(const Args& p, const int64_t* bounds, 
       w.klen[t] = ng;
       w.steps[t] = t < p.n_terms[problem] ? static_cast<int>(ng / 128) : 0;
     }
-    w.y = p.y[problem] + g * m * n + m0 * n + n0;
+    w.y = static_cast<float*>(p.y[problem]) + g * m * n + m0 * n + n0;
     w.ldy = n;
+    w.bf16 = false;
   }
   return true;
 }
@@ -375,8 +382,8 @@ __device__ __forceinline__ void named_arrive(int id) {
 
 // The fragment's sums into the tile's outputs (tokens form: added to them).
 template <bool kTokens>
-__device__ __forceinline__ void store_tile(const float (&acc)[64], float* y, int64_t ldy, int m_valid, int n_valid,
-                                           int r0, int lane) {
+__device__ __forceinline__ void store_tile(const float (&acc)[64], void* y, int64_t ldy, bool bf16, int m_valid,
+                                           int n_valid, int r0, int lane) {
 #pragma unroll
   for (int c = 0; c < 16; ++c) {
     const int col = c * 8 + 2 * (lane % 4);
@@ -385,7 +392,12 @@ __device__ __forceinline__ void store_tile(const float (&acc)[64], float* y, int
     for (int h = 0; h < 2; ++h) {
       const int r = r0 + h * 8;
       if (r >= m_valid) continue;
-      float2* out = reinterpret_cast<float2*>(y + r * ldy + col);
+      if (!kTokens && bf16) {  // rounded to nearest even, as cuBLASLt's BF16 outputs
+        *reinterpret_cast<__nv_bfloat162*>(static_cast<uint16_t*>(y) + r * ldy + col) =
+            __floats2bfloat162_rn(acc[4 * c + 2 * h], acc[4 * c + 2 * h + 1]);
+        continue;
+      }
+      float2* out = reinterpret_cast<float2*>(static_cast<float*>(y) + r * ldy + col);
       float2 v = make_float2(acc[4 * c + 2 * h], acc[4 * c + 2 * h + 1]);
       if constexpr (kTokens) {
         const float2 old = *out;
@@ -446,7 +458,7 @@ __global__ void __launch_bounds__(kConsumers, 1) grouped_gemm_sync_kernel(const 
     promote<kTokens>(acc, part, reinterpret_cast<const float*>(smem + stage * kStageBytes + 2 * kTileBytes), r0, lane);
   }
   cp_async_wait<0>();
-  store_tile<kTokens>(acc, tw.y, tw.ldy, tw.m_valid, tw.n_valid, r0, lane);
+  store_tile<kTokens>(acc, tw.y, tw.ldy, tw.bf16, tw.m_valid, tw.n_valid, r0, lane);
 }
 
 // Specialized pipeline, persistent: gridDim.x blocks walk the tiles t = blockIdx.x, + gridDim.x, ... (x fastest,
@@ -542,7 +554,7 @@ __global__ void __launch_bounds__(kConsumers + kProducers, 1)
       __syncwarp();  // every lane's reads of the stage (WGMMA, scales) done
       if (lane == 0) mbar_arrive(&empty[stage]);
     }
-    store_tile<kTokens>(acc, w.y, w.ldy, w.m_valid, w.n_valid, r0, lane);
+    store_tile<kTokens>(acc, w.y, w.ldy, w.bf16, w.m_valid, w.n_valid, r0, lane);
   }
   if (wg == 0) named_sync(1);  // warpgroup 1's last arrival (its turn handed back after its last step)
 }
@@ -559,7 +571,11 @@ void check(const char* fn, const GroupedProblem* problems, int n_problems, const
     const GroupedProblem& pr = problems[i];
     require(pr.n_terms == 1 || (pr.n_terms == 2 && rows_form),
             [&] { return who + ": a problem has 1 term (2 in the rows form)"; });
-    require(pr.y != nullptr && aligned(pr.y, 8), [&] { return who + ": y must be an 8-byte aligned device pointer"; });
+    require((pr.y != nullptr) != (pr.y_bf16 != nullptr) && (rows_form || pr.y_bf16 == nullptr),
+            [&] { return who + ": a problem needs one output, y or (rows form only) y_bf16"; });
+    require(pr.y != nullptr ? aligned(pr.y, 8) : aligned(pr.y_bf16, 4), [&] {
+      return who + ": y must be an 8-byte aligned device pointer, y_bf16 a 4-byte aligned one";
+    });
     for (int t = 0; t < pr.n_terms; ++t) {
       const GroupedTerm& tm = pr.terms[t];
       require(tm.a && tm.b && tm.a_scales && tm.b_scales && aligned(tm.a, 16) && aligned(tm.b, 16) &&
@@ -580,7 +596,8 @@ Args make_args(const GroupedProblem* problems, int n_problems, const int64_t* bo
       const GroupedTerm& tm = pr.terms[std::min(t, pr.n_terms - 1)];
       a.terms[i][t] = Term{tm.a, tm.a_scales, tm.b, tm.b_scales, tm.k};
     }
-    a.y[i] = pr.y;
+    a.y[i] = pr.y != nullptr ? static_cast<void*>(pr.y) : static_cast<void*>(pr.y_bf16);
+    a.bf16[i] = pr.y == nullptr;
     a.n_terms[i] = pr.n_terms;
   }
   a.bounds = bounds;

@@ -634,7 +634,7 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
                   static_cast<long long>(off));
       EXPECT_EQ(off, 0) << "gathered forward yp (BF16)";
       if (form == cuda::MoeFp8Gemm::Grouped) {
-        EXPECT_EQ(rounded_apart, 0) << "grouped: the FP32 output rounded";
+        EXPECT_EQ(rounded_apart, 0) << "grouped: its BF16 output is its FP32 output rounded";
       }
     }
     EXPECT_EQ(d_h2.download(), d_h.download()) << "gathered forward h";
