@@ -267,7 +267,8 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
   // mm takes 0.139 ms alone. bench/results/2026-11-29-gpu-router-swiglu-fwd-h200-78383af+tried.txt. Queuing this GEMM
   // before the shared expert's forward, with x's row codes made once on the side stream for both experts, and the
   // shared backward queued after the combine's backward: each within noise, 11.75-11.81 ms;
-  // ...-sweep-x-rows-router-h200-8fdba24.txt.)
+  // ...-sweep-x-rows-router-h200-8fdba24.txt. The three router GEMMs as 3xTF32 on mma.sync, FP32-accurate, ran
+  // 2-3x slower than cuBLASLt's FP32 ones: ...-router-tf32x3-h200-2643227+tf32x3.txt.)
   cuda::linear_forward(lin, Precision::FP32, x, router_->value, scores_, T, E, H, r.stream);
   if (presync) {
     sub.emplace(p, (ph + "routing.presync2").c_str(), r.stream);
