@@ -34,7 +34,8 @@
 // of the shared a tile into both: bit-identical, no faster then (before ping-pong, with 256 remote `empty`
 // arrivals a step).
 // Nor did the down projection's Fprop and Dgrad alone on this kernel, the rest on the lanes: MoE layer 12.2 vs 11.8 ms
-// (the lanes' down GEMMs run at ~840 TFLOP/s inside the layer; bench/results/2026-11-30-gpu-moe-gemm-mixed-*.txt).
+// (the lanes' down GEMMs run at ~840 TFLOP/s inside the layer; bench/results/2026-11-30-gpu-moe-gemm-mixed-*.txt),
+// nor the whole forward on it: 12.6 vs 11.9 ms, train step 248k vs 254k tokens/s (...-grouped-forward-*.txt).
 // TODO(perf): TMA for the tokens form (a tensor map per group, built on the device with tensormap.replace, since the
 // offsets stay there), multicast again now that arrivals are per warp, and 128 x 256 tiles.
 #include <cuda.h>
