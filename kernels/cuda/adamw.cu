@@ -74,24 +74,30 @@ template <int V> __device__ __forceinline__ void store_u16(uint16_t* p, int64_t 
   }
 }
 
+// adamw_update over group j (elements V·j .. V·j + V - 1) of w, g, m, v.
+template <int V>
+__device__ __forceinline__ void adamw_group(float* w, const float* g, uint16_t* m, uint16_t* v, int64_t j,
+                                            const Scalars& s) {
+  float wv[V], gv[V];
+  uint16_t mv[V], vv[V];
+  load<V>(w, j, wv);
+  load<V>(g, j, gv);
+  load_u16<V>(m, j, mv);
+  load_u16<V>(v, j, vv);
+#pragma unroll
+  for (int k = 0; k < V; ++k) adamw_update(wv[k], gv[k], mv[k], vv[k], s);
+  store<V>(w, j, wv);
+  store_u16<V>(m, j, mv);
+  store_u16<V>(v, j, vv);
+}
+
 template <int V>
 __global__ void __launch_bounds__(kThreads)
     adamw_kernel(float* __restrict__ w, const float* __restrict__ g, uint16_t* __restrict__ m,
                  uint16_t* __restrict__ v, int64_t groups, Scalars s) {
   for (int64_t j = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; j < groups;
-       j += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float wv[V], gv[V];
-    uint16_t mv[V], vv[V];
-    load<V>(w, j, wv);
-    load<V>(g, j, gv);
-    load_u16<V>(m, j, mv);
-    load_u16<V>(v, j, vv);
-#pragma unroll
-    for (int k = 0; k < V; ++k) adamw_update(wv[k], gv[k], mv[k], vv[k], s);
-    store<V>(w, j, wv);
-    store_u16<V>(m, j, mv);
-    store_u16<V>(v, j, vv);
-  }
+       j += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    adamw_group<V>(w, g, m, v, j, s);
 }
 
 // Σ g² over chunk[0 .. len) as one block computes it (every thread returns the block's sum; see sum_squares_kernel).
@@ -133,14 +139,21 @@ __global__ void __launch_bounds__(kThreads)
   if (threadIdx.x == 0) partial[blockIdx.x] = acc;
 }
 
-// *sum += Σ partial, thread t taking partials t, t + 1024, ... in order, then a fixed-order block sum.
-__global__ void __launch_bounds__(kNormFinishThreads)
-    sum_partials_kernel(const double* __restrict__ partial, int64_t count, double* __restrict__ sum) {
-  __shared__ double scratch[kMaxWarps];
+// *sum += Σ partial[0 .. count), thread t taking partials t, t + blockDim, ... in order, then a fixed-order block
+// sum (scratch: the block's; free again when this returns).
+__device__ __forceinline__ void add_partials(const double* __restrict__ partial, int64_t count, double* sum,
+                                             double* scratch) {
   double acc = 0;
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x) acc += partial[i];
   acc = block_sum(acc, scratch);
   if (threadIdx.x == 0) *sum += acc;
+  __syncthreads();
+}
+
+__global__ void __launch_bounds__(kNormFinishThreads)
+    sum_partials_kernel(const double* __restrict__ partial, int64_t count, double* __restrict__ sum) {
+  __shared__ double scratch[kMaxWarps];
+  add_partials(partial, count, sum, scratch);
 }
 
 template <int V>
@@ -178,15 +191,8 @@ __global__ void __launch_bounds__(kNormFinishThreads)
     spans_sum_partials_kernel(const double* __restrict__ partial, const int64_t* __restrict__ first_chunk,
                               int64_t spans, double* __restrict__ sum) {
   __shared__ double scratch[kMaxWarps];
-  for (int64_t s = 0; s < spans; ++s) {
-    const double* p = partial + first_chunk[s];
-    const int64_t count = first_chunk[s + 1] - first_chunk[s];
-    double acc = 0;
-    for (int64_t i = threadIdx.x; i < count; i += blockDim.x) acc += p[i];
-    acc = block_sum(acc, scratch);
-    if (threadIdx.x == 0) *sum += acc;
-    __syncthreads();  // scratch is reused by the next span
-  }
+  for (int64_t s = 0; s < spans; ++s)
+    add_partials(partial + first_chunk[s], first_chunk[s + 1] - first_chunk[s], sum, scratch);
 }
 
 // Block c: adamw_update over the chunk's elements of its span, 4 at a time, then the span's last n % 4 one by one
@@ -199,19 +205,8 @@ __global__ void __launch_bounds__(kThreads)
   const Scalars& s = sp.decay ? decay : no_decay;
   const int64_t begin = static_cast<int64_t>(c.k) * kNormChunk;
   const int64_t end = sp.n - begin < kNormChunk ? sp.n : begin + kNormChunk, whole = sp.n / 4 * 4;
-  for (int64_t j = begin / 4 + threadIdx.x; j < (end < whole ? end : whole) / 4; j += blockDim.x) {
-    float wv[4], gv[4];
-    uint16_t mv[4], vv[4];
-    load<4>(sp.w, j, wv);
-    load<4>(sp.g, j, gv);
-    load_u16<4>(sp.m, j, mv);
-    load_u16<4>(sp.v, j, vv);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) adamw_update(wv[k], gv[k], mv[k], vv[k], s);
-    store<4>(sp.w, j, wv);
-    store_u16<4>(sp.m, j, mv);
-    store_u16<4>(sp.v, j, vv);
-  }
+  for (int64_t j = begin / 4 + threadIdx.x; j < (end < whole ? end : whole) / 4; j += blockDim.x)
+    adamw_group<4>(sp.w, sp.g, sp.m, sp.v, j, s);
   for (int64_t i = (begin > whole ? begin : whole) + threadIdx.x; i < end; i += blockDim.x)
     adamw_update(sp.w[i], sp.g[i], sp.m[i], sp.v[i], s);
 }
