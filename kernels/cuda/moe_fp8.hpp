@@ -116,7 +116,7 @@ void moe_scatter_add_aligned_then(const float* dxp, const int64_t* row_of, int64
 // weights' FP8 copies are the LinearContext's (prepared per expert weight and generation).
 // How the experts' GEMMs run: Lanes, one cuBLASLt call per expert and GEMM on 4 side streams; Grouped, one launch per
 // projection for all experts (kernels/cuda/fp8_grouped_gemm.hpp: no per-expert host work; its WGMMA kernel reaches
-// 560-610 TFLOP/s on the MoE layer bench's Fprop/Dgrad shapes but 275 on Wgrad, where the lanes' cuBLASLt calls reach
+// 700-760 TFLOP/s on the MoE layer bench's Fprop/Dgrad shapes but 275 on Wgrad, where the lanes' cuBLASLt calls reach
 // ~620, so the layer is slower: MoE layer fwd+bwd 18.2-18.4 vs 11.7-11.8 ms, train step 222-223k vs 254k tok/s on the
 // H200, bench/results/2026-11-30-gpu-grouped-pingpong-h200-*.txt); Default, MOERL_MOE_GEMM=lanes or grouped (unset:
 // lanes).

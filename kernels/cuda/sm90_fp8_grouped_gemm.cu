@@ -19,17 +19,18 @@
 // pointer-array batches of one shape only); one call per expert costs ~15 us of host time against a few us of
 // device time for bench-600m's experts (2048 x 704 x 1024), so the layer waited on the host (issue 4).
 //
-// Measured on the H200, TFLOP/s tma / specialized / sync (bench/results/2026-11-30-gpu-grouped-pingpong-h200-*.txt):
-// MoE layer bench shapes (64 experts, ~100k rows, H 2048, I 1408) gate+up 612 / 426 / 417, down 563 / 366 / 396,
-// Wgrad gate+up (tokens form, cp.async in all) 273 / 272 / 230; bench-600m gate+up 412 / 284 / 328. Before the
-// consumer warpgroups took turns (ping-pong below), looked the groups up in shared memory and arrived once per warp:
-// 488 / 399 / 366, 425 / 350 / 348, 277, 327 (bench/results/2026-11-29-gpu-*h200-wgmma-7e51654* for the history). The
-// cuBLASLt calls per expert (MoeFp8Gemm::Lanes) reach 790 on gate+up but only ~380 on down, where 64 calls take
-// ~1.5 ms of host time. rel_l2 1.2e-4 vs the CPU reference (WGMMA sums FP8 products inside a 128-group with fewer
-// bits). MoE layer fwd+bwd with MOERL_MOE_GEMM=grouped 18.2-18.4 ms vs 11.7-11.8 with the lanes (the Wgrad's
-// tokens form, at less than half the lanes' rate, is most of the gap): Lanes stays the default.
-// Where the time goes: a step (128 x 128 x 128) needs 512 tensor-core cycles but takes ~1400-2000; at that rate the
-// TMA loads move 4.8 TB/s from L2 (32 KB a step) on the MoE layer's gate+up. Tried and removed (2026-11-30): Tma as
+// Measured on the H200, TFLOP/s tma / specialized / sync (the GPU tests' timing lines, bench/results/2026-11-30-gpu-
+// tests-h200-79e3a82.txt): MoE layer bench shapes (64 experts, ~100k rows, H 2048, I 1408) gate+up 755 / 298 / 419,
+// down 705 / 247 / 400, Wgrad gate+up (tokens form, cp.async in all) 273 / 273 / 225; bench-600m gate+up 550 / 195 /
+// 330. Tma was 488, 425, 327 before the consumer warpgroups took turns (ping-pong below), looked the groups up in
+// shared memory and arrived once per warp (612, 563, 412 after: ...-grouped-pingpong-h200-*.txt), and rose again with
+// the BF16 outputs' version of the tile bookkeeping (same arithmetic; Specialized, which spills, fell). The cuBLASLt
+// calls per expert (MoeFp8Gemm::Lanes) run the layer's Fprop and Dgrad at 840-1040 inside it and Wgrad at ~610.
+// rel_l2 1.2e-4 vs the CPU reference (WGMMA sums FP8 products inside a 128-group with fewer bits). MoE layer fwd+bwd
+// with MOERL_MOE_GEMM=grouped 18.2-18.4 ms vs 11.7-11.8 with the lanes (the Wgrad's tokens form, at less than half
+// the lanes' rate, is most of the gap): Lanes stays the default.
+// Where the time goes: a step (128 x 128 x 128) needs 512 tensor-core cycles but takes ~1600 on the MoE layer's
+// gate+up; at that rate the TMA loads move ~5.9 TB/s from L2 (32 KB a step), about what L2 gives: multicast next. Tried and removed (2026-11-30): Tma as
 // clusters of 2 blocks on neighbouring N tiles of one row tile, each loading its b tile and multicasting a 64-row half
 // of the shared a tile into both: bit-identical, no faster then (before ping-pong, with 256 remote `empty`
 // arrivals a step).
