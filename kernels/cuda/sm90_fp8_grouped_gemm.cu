@@ -30,7 +30,9 @@
 // with MOERL_MOE_GEMM=grouped 18.2-18.4 ms vs 11.7-11.8 with the lanes (the Wgrad's tokens form, at less than half
 // the lanes' rate, is most of the gap): Lanes stays the default.
 // Where the time goes: a step (128 x 128 x 128) needs 512 tensor-core cycles but takes ~1600 on the MoE layer's
-// gate+up; at that rate the TMA loads move ~5.9 TB/s from L2 (32 KB a step), about what L2 gives: multicast next. Tried and removed (2026-11-30): Tma as
+// gate+up; at that rate the TMA loads move ~5.9 TB/s from L2 (32 KB a step), about what L2 gives. Multicast of the
+// activation tile across a cluster of 2 (24 KB a step) was slower again after ping-pong: 447 against 712 TFLOP/s, the
+// pair in lockstep (bench/results/2026-11-30-gpu-grouped-pair-h200-*.txt). Tried and removed (2026-11-30): Tma as
 // clusters of 2 blocks on neighbouring N tiles of one row tile, each loading its b tile and multicasting a 64-row half
 // of the shared a tile into both: bit-identical, no faster then (before ping-pong, with 256 remote `empty`
 // arrivals a step).
@@ -38,7 +40,7 @@
 // (the lanes' down GEMMs run at ~840 TFLOP/s inside the layer; bench/results/2026-11-30-gpu-moe-gemm-mixed-*.txt),
 // nor the whole forward on it: 12.6 vs 11.9 ms, train step 248k vs 254k tokens/s (...-grouped-forward-*.txt).
 // TODO(perf): TMA for the tokens form (a tensor map per group, built on the device with tensormap.replace, since the
-// offsets stay there), multicast again now that arrivals are per warp, and 128 x 256 tiles.
+// offsets stay there), and 128 x 256 tiles (fewer bytes per FLOP without a partner block).
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
