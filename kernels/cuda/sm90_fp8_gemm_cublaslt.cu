@@ -183,16 +183,17 @@ int forced_algo_index() {
   return index;
 }
 
-// Wgrad plans (both operands 1x128) get no workspace: cuBLASLt then picks statically scheduled kernels, which need
-// no zeroed counter, where with workspace each accumulating call was a 4-byte memset and its kernel (192 memsets a
-// pass of the MoE layer bench, kernel trace). H200, rounds interleaved over two calls: MoE layer 11.69-11.83 vs
-// 11.72-11.95 ms and 11.71-12.10 vs 12.10-12.23 ms (7 pairs, none slower), train step (gradients overwritten, no
-// memsets either way) within noise (bench/results/2026-11-30-gpu-sweep-wgrad-workspace-h200-58c6827.txt).
-// Those kernels sum in another order, so FP8 training's bits change (the Brown fp8 curve within 0.65% of its
-// old self over 100 steps). MOERL_LT_WGRAD_WORKSPACE=full gives them the context's workspace, for comparing on the
-// device. Read once.
-bool wgrad_workspace() {
-  static const bool full = env_switch("MOERL_LT_WGRAD_WORKSPACE", "none", "full");
+// FP8 plans get no workspace (unless cuBLASLt offers no algorithm without): it then picks statically scheduled
+// kernels, which need no zeroed counter, where with workspace each call of a cooperative kernel was a 4-byte memset
+// and its kernel (kernel trace: 192 memsets a pass of the MoE layer bench in the Wgrad, ~80 a bench-600m step before
+// the dense layers' Fprop and Dgrad). H200, rounds interleaved: Wgrad plans alone, MoE layer 11.69-11.83 vs
+// 11.72-11.95 ms and 11.71-12.10 vs 12.10-12.23 ms (bench/results/2026-11-30-gpu-sweep-wgrad-workspace-h200-58c6827.txt;
+// the Wgrad kernels sum in another order, so FP8 training's bits changed then); then every plan against the Wgrad
+// plans alone, train step 254.0-255.2k vs 252.3-254.2k tokens/s and MoE layer 11.47-11.85 vs 11.79-12.00 ms (3 pairs,
+// each won), the Brown fp8 curve bit for bit the same (...-sweep-fp8-workspace-h200-e3140b1.txt).
+// MOERL_LT_FP8_WORKSPACE=full gives every plan the context's workspace, for comparing on the device. Read once.
+bool fp8_workspace() {
+  static const bool full = env_switch("MOERL_LT_FP8_WORKSPACE", "none", "full");
   return full;
 }
 
@@ -258,25 +259,34 @@ Plan GemmContext::Impl::make_plan(const PlanKey& k, const void* a_scales, const 
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.layout_d, k.out == OutType::BF16 ? CUDA_R_16BF : CUDA_R_32F, N, M,
                                             k.n));
 
-    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-    // Wgrad without workspace (wgrad_workspace).
-    const uint64_t ws = k.a_block == 1 && k.b_block == 1 && !wgrad_workspace() ? 0 : workspace_bytes;
-    p.workspace_bytes = ws;
-    cuda_detail::set_lt_preference(pref, ws, k.align_b, k.align_a, k.align_y);  // cuBLAS's A is our B
-
     cublasLtMatmulHeuristicResult_t results[kMaxHeuristicResults] = {};
     int found = 0;
-    cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.layout_a, p.layout_b, p.layout_d, p.layout_d,
-                                                       pref, kMaxHeuristicResults, results, &found);
-    if (st == CUBLAS_STATUS_INVALID_VALUE) {  // retry with the preference's default alignments (256 bytes)
+    // The heuristic's candidates with at most `ws` bytes of workspace (retried with the preference's default
+    // alignments, 256 bytes, where cuBLASLt refuses ours).
+    auto query = [&](uint64_t ws) {
+      CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+      cuda_detail::set_lt_preference(pref, ws, k.align_b, k.align_a, k.align_y);  // cuBLAS's A is our B
+      found = 0;
+      cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.layout_a, p.layout_b, p.layout_d,
+                                                         p.layout_d, pref, kMaxHeuristicResults, results, &found);
       CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
       pref = nullptr;
-      CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-      CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
-      found = 0;
-      st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.layout_a, p.layout_b, p.layout_d, p.layout_d, pref,
-                                          kMaxHeuristicResults, results, &found);
-    }
+      if (st == CUBLAS_STATUS_INVALID_VALUE) {
+        CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+        CUBLAS_CHECK(
+            cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
+        found = 0;
+        st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.layout_a, p.layout_b, p.layout_d, p.layout_d, pref,
+                                            kMaxHeuristicResults, results, &found);
+        CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
+        pref = nullptr;
+      }
+      p.workspace_bytes = ws;
+      return st;
+    };
+    cublasStatus_t st = query(fp8_workspace() ? workspace_bytes : 0);
+    if (p.workspace_bytes == 0 && workspace_bytes > 0 && (st != CUBLAS_STATUS_SUCCESS || choose_algo(k, results, found) < 0))
+      st = query(workspace_bytes);  // nothing without workspace: take it
     const std::string problem = problem_name(k.m, k.n, k.k, k.a_block, k.b_block, k.out);
     require(st == CUBLAS_STATUS_SUCCESS || st == CUBLAS_STATUS_NOT_SUPPORTED, [&] {
       return std::string("fp8::cuda::gemm_nt: cuBLASLt heuristic failed (") + cublasLtGetStatusName(st) + ") for " +
@@ -287,7 +297,6 @@ Plan GemmContext::Impl::make_plan(const PlanKey& k, const void* a_scales, const 
             [&] { return "fp8::cuda::gemm_nt: cuBLASLt has no block-scaled FP8 algorithm for " + problem; });
     if (std::getenv("MOERL_LT_FP8_ALGOS") != nullptr) cuda_detail::print_lt_candidates("lt-fp8", problem, results, found, chosen);
     p.algo = results[chosen].algo;
-    CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
     return p;
   } catch (...) {
     if (pref) cublasLtMatmulPreferenceDestroy(pref);
