@@ -469,8 +469,8 @@ __global__ void __launch_bounds__(kConsumers, 1) grouped_gemm_sync_kernel(const 
 // then y, then z: the order of the synchronous grid). A producer warpgroup copies every step of the block's tiles into
 // the ring of stages (full[stage] completes when the producers' copies of the step have landed: the 128 threads' in
 // Specialized; in Tma one warp issues the TMA copies and the scales' cp.async, the other three exit); the two consumer
-// warpgroups wait on it, multiply, promote, and free the stage (empty[stage], one arrival per warp). The ring runs across tiles, so the next
-// tile's first steps load while the current one's last steps and stores run.
+// warpgroups wait on it, multiply, promote, and free the stage (empty[stage], one arrival per warp). The ring runs
+// across tiles, so the next tile's first steps load while the current one's last steps and stores run.
 template <bool kTokens, bool kTma>
 __global__ void __launch_bounds__(kConsumers + kProducers, 1)
     grouped_gemm_specialized_kernel(const __grid_constant__ Args p) {
