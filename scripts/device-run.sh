@@ -3,8 +3,9 @@
 # build-gpu/carry/carry.tgz holds bin/ (moerl, moerl_gpu_tests, stripped, cudart static) and rtlib/ (the Debian
 # libraries, scripts/pack-runtime), data/brown the corpus (no network there). In order, so that a time-out
 # loses the least: GPU tests, `moerl bench gpu`, the peers (torch._grouped_mm MoE layer, sdpa attention, HF
-# training step), then the fp8 and bf16 training curves on Brown. Results in $OUT: gpu_tests.txt, bench.jsonl,
-# curve_*.jsonl, run.log.
+# training step), then the fp8 and bf16 training curves on Brown, last a CUPTI kernel trace of the training step and
+# the MoE layer (MOERL_GPU_TRACE: where the GPU time goes). Results in $OUT: gpu_tests.txt, bench.jsonl,
+# curve_*.jsonl, trace.txt, run.log.
 #   MOERL_DEVICE_STEPS=N  training steps of each curve (default: the recipes' 200)
 #   MOERL_DEVICE_PART=checks|curves  only the tests, bench and peers, or only the curves (default: both; one
 #                                    device call is limited to 10 minutes)
@@ -41,4 +42,9 @@ for p in fp8 bf16; do
   metrics=$(find "/tmp/run-$p" -name 'metrics.jsonl' | head -1)
   [ -n "$metrics" ] && cp "$metrics" "$out/curve_$p.jsonl" && tail -2 "$out/curve_$p.jsonl"
 done
+# Best effort, outside the status: the kernel trace, with CUDA's libcupti where the carry has none.
+cupti=$(ls /tmp/moerl-carry/rtlib/libcupti.so.13 /usr/local/cuda/lib64/libcupti.so.13 \
+  /usr/local/cuda/extras/CUPTI/lib64/libcupti.so.13 2>/dev/null | head -1)
+MOERL_CUPTI_LIB=${cupti:-libcupti.so.13} MOERL_GPU_TRACE=1 timeout 60 "$bin/moerl" bench gpu \
+  --only train_step,moe_layer >"$out/trace.txt" 2>&1 || echo "kernel trace failed (trace.txt)" | tee -a "$out/run.log"
 exit $status
