@@ -22,7 +22,8 @@
 // Up to two problems (outputs) per launch: the gate and up projections share a launch.
 //
 // Requirements (moerl::Error otherwise): K, M, N multiples of 16 (rows of codes 16-byte aligned) and > 0; codes
-// 16-byte aligned, scales 4-byte aligned, y 8-byte aligned, y_bf16 4-byte aligned, all device memory. Asynchronous on `stream`.
+// 16-byte aligned, scales 4-byte aligned, y 8-byte aligned, y_bf16 4-byte aligned, all device memory. Asynchronous
+// on `stream`.
 #pragma once
 #include <cuda_runtime_api.h>
 

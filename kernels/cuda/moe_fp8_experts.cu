@@ -762,7 +762,8 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     // I written by the kernel (zero_pad: two memsets of [rows, Ip - I] fewer a call where Ip != I; bench-600m's
     // fp8 step 249.2-252.6k against 247.2-247.8k tokens/s on the H200,
     // bench/results/2026-11-30-gpu-zero-pad-h200-8370360.txt).
-    const Fp8Dual dg_out{dgq.codes(), dgq.gemm_scales(), dgt.codes(), dgt.gemm_scales(), ld, scales_ld, lt, lt, 0, true};
+    const Fp8Dual dg_out{dgq.codes(), dgq.gemm_scales(), dgt.codes(), dgt.gemm_scales(), ld, scales_ld, lt, lt, 0,
+                         true};
     const Fp8Dual du_out{dgq.codes() + Ip, dgq.gemm_scales(), dut.codes(), dut.gemm_scales(), ld, scales_ld, lt, lt,
                          tiles(I), true};
     if (gu16)

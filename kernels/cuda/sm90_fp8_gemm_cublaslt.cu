@@ -186,12 +186,11 @@ int forced_algo_index() {
 // FP8 plans get no workspace (unless cuBLASLt offers no algorithm without): it then picks statically scheduled
 // kernels, which need no zeroed counter, where with workspace each call of a cooperative kernel was a 4-byte memset
 // and its kernel (kernel trace: 192 memsets a pass of the MoE layer bench in the Wgrad, ~80 a bench-600m step before
-// the dense layers' Fprop and Dgrad). H200, rounds interleaved: Wgrad plans alone, MoE layer 11.69-11.83 vs
-// 11.72-11.95 ms and 11.71-12.10 vs 12.10-12.23 ms
-// (bench/results/2026-11-30-gpu-sweep-wgrad-workspace-h200-58c6827.txt; the Wgrad kernels sum in another order, so
-// FP8 training's bits changed then); then every plan against the Wgrad
-// plans alone, train step 254.0-255.2k vs 252.3-254.2k tokens/s and MoE layer 11.47-11.85 vs 11.79-12.00 ms (3 pairs,
-// each won), the Brown fp8 curve bit for bit the same (...-sweep-fp8-workspace-h200-e3140b1.txt).
+// the dense layers' Fprop and Dgrad). H200, rounds interleaved: the Wgrad plans alone first, MoE layer 11.69-11.83
+// vs 11.72-11.95 ms and 11.71-12.10 vs 12.10-12.23 ms (bench/results/2026-11-30-gpu-sweep-wgrad-workspace-h200-
+// 58c6827.txt; those kernels sum in another order, so FP8 training's bits changed then); then every plan against the
+// Wgrad plans alone, train step 254.0-255.2k vs 252.3-254.2k tokens/s and MoE layer 11.47-11.85 vs 11.79-12.00 ms
+// (3 pairs, each won), the Brown fp8 curve bit for bit the same (...-sweep-fp8-workspace-h200-e3140b1.txt).
 // MOERL_LT_FP8_WORKSPACE=full gives every plan the context's workspace, for comparing on the device. Read once.
 bool fp8_workspace() {
   static const bool full = env_switch("MOERL_LT_FP8_WORKSPACE", "none", "full");

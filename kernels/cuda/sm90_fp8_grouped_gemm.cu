@@ -30,12 +30,11 @@
 // with MOERL_MOE_GEMM=grouped 18.2-18.4 ms vs 11.7-11.8 with the lanes (the Wgrad's tokens form, at less than half
 // the lanes' rate, is most of the gap): Lanes stays the default.
 // Where the time goes: a step (128 x 128 x 128) needs 512 tensor-core cycles but takes ~1600 on the MoE layer's
-// gate+up; at that rate the TMA loads move ~5.9 TB/s from L2 (32 KB a step), about what L2 gives. Multicast of the
-// activation tile across a cluster of 2 (24 KB a step) was slower again after ping-pong: 447 against 712 TFLOP/s, the
-// pair in lockstep (bench/results/2026-11-30-gpu-grouped-pair-h200-*.txt). Tried and removed (2026-11-30): Tma as
-// clusters of 2 blocks on neighbouring N tiles of one row tile, each loading its b tile and multicasting a 64-row half
-// of the shared a tile into both: bit-identical, no faster then (before ping-pong, with 256 remote `empty`
-// arrivals a step).
+// gate+up; at that rate the TMA loads move ~5.9 TB/s from L2 (32 KB a step), about what L2 gives. Tried and removed
+// (2026-11-30), twice: Tma as clusters of 2 blocks on neighbouring N tiles of one row tile, each loading its b tile
+// and multicasting a 64-row half of the shared a tile into both (24 KB from L2 a step). Bit-identical, but no faster
+// before ping-pong (256 remote `empty` arrivals a step), and slower after it, 447 against 712 TFLOP/s with one remote
+// arrival a warp: the pair runs in lockstep (bench/results/2026-11-30-gpu-grouped-pair-h200-*.txt).
 // Nor did the down projection's Fprop and Dgrad alone on this kernel, the rest on the lanes: MoE layer 12.2 vs 11.8 ms
 // (the lanes' down GEMMs run at ~840 TFLOP/s inside the layer; bench/results/2026-11-30-gpu-moe-gemm-mixed-*.txt),
 // nor the whole forward on it: 12.6 vs 11.9 ms, train step 248k vs 254k tokens/s (...-grouped-forward-*.txt).
@@ -382,7 +381,6 @@ __device__ __forceinline__ void named_sync(int id) { asm volatile("bar.sync %0, 
 __device__ __forceinline__ void named_arrive(int id) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kConsumers));
 }
-
 
 // The fragment's sums into the tile's outputs (tokens form: added to them).
 template <bool kTokens>

@@ -401,8 +401,10 @@ TEST_F(MoeFp8Gpu, GateUpPairIsEachStacksBytesSideBySide) {
       const std::vector<uint8_t> codes = bytes(p.codes, E * 2 * Ip * H), codes_t = bytes(p.codes_t, E * 2 * Ip * H);
       const std::vector<uint8_t> g_codes = bytes(sg.codes, E * I * H), u_codes = bytes(su.codes, E * I * H);
       const std::vector<uint8_t> g_codes_t = bytes(sg.codes_t, E * I * H), u_codes_t = bytes(su.codes_t, E * I * H);
-      const std::vector<float> scales = floats(p.scales, E * p.scales_stride), scales_t = floats(p.scales_t, E * p.scales_t_stride);
-      const std::vector<float> g_scales = floats(sg.scales, E * sg.scales_stride), u_scales = floats(su.scales, E * su.scales_stride);
+      const std::vector<float> scales = floats(p.scales, E * p.scales_stride);
+      const std::vector<float> scales_t = floats(p.scales_t, E * p.scales_t_stride);
+      const std::vector<float> g_scales = floats(sg.scales, E * sg.scales_stride);
+      const std::vector<float> u_scales = floats(su.scales, E * su.scales_stride);
       const std::vector<float> g_scales_t = floats(sg.scales_t, E * sg.scales_t_stride);
       const std::vector<float> u_scales_t = floats(su.scales_t, E * su.scales_t_stride);
       ASSERT_EQ(sg.scales_stride, TI * L4H);
