@@ -30,8 +30,9 @@
 // on tiles that cross its diagonal (or the end of the sequence). exp2 is ex2.approx (MUFU). Launches (grid (heads,
 // batch, tiles) in tile order, longest tiles first; BlockPos):
 //   forward  one query tile per block, key tiles 0 .. diagonal, online softmax in base 2, lse saved;
-//   backward dK/dV per key tile over query tiles diagonal .. end (P recomputed from lse); dQ per query tile over
-//            key tiles 0 .. diagonal.
+//   backward dK/dV per key tile over query tiles diagonal .. end (P recomputed from lse), also storing dS in BF16;
+//            dQ per query tile over key tiles 0 .. diagonal from the stored dS (or, MOERL_ATTN_TC_BWD_DQ=recompute,
+//            computing S, P and dS again).
 // Shared tiles are row-major with each row padded to an odd multiple of 16 bytes, so the 8 row addresses of an
 // ldmatrix phase hit 8 distinct bank groups. Operands whose reduction index runs along rows of the stored tile
 // (V in P·V, dO in Pᵀ·dO, Q in dSᵀ·Q, K in dS·K) are read with ldmatrix.trans.
@@ -189,14 +190,31 @@ __global__ void __launch_bounds__(32 * WARPS)
   }
 }
 
+// The stored score gradients of the backward (MOERL_ATTN_TC_BWD_DQ=stored): per (sequence, head), one 64 x 64 BF16
+// block of dSᵀ [keys][queries] for each pair of a 64-query tile qt and a 64-key tile kc <= qt, at pair
+// qt·(qt + 1)/2 + kc: the causal triangle in tiles, zeros above the diagonal and past seq. Inside a pair, 8 x 8
+// sub-blocks (key rows 8 kb.., query columns 8 qb..) of 128 contiguous bytes each, sub-block kb·8 + qb, row-major
+// inside: a warp's store of one C fragment half (8 keys x 8 queries, 4 bytes a lane) is one 128-byte line, and
+// ldmatrix reads a sub-block's 8 rows of 16 bytes from shared memory without bank conflicts.
+__host__ __device__ constexpr int64_t ds_pairs(int64_t seq) {
+  const int64_t t = (seq + kCols - 1) / kCols;
+  return t * (t + 1) / 2;
+}
+__device__ __forceinline__ int64_t ds_pair(int qt, int kc) { return int64_t{qt} * (qt + 1) / 2 + kc; }
+__host__ __device__ constexpr int ds_sub(int kb, int qb) { return (kb * 8 + qb) * 64; }  // first element of a sub-block
+constexpr int64_t kDsPairElems = int64_t{kCols} * kCols;
+
 // Backward, dK and dV of key tile z (16·WARPS keys), over the 64-query tiles from its diagonal to the end. Rows are
 // keys j, score columns queries i: Pᵀ_ji = 2^(s_ij·scale·log2e − lse_i·log2e) for j <= i < seq, else 0;
 // dSᵀ = Pᵀ∘(dPᵀ − D_i); dV += Pᵀ·dO, dK += dSᵀ·Q (times scale at the end). stats: attention_pack_dout_kernel.
-template <int DQ, int DV, int WARPS>
+// STORE_DS: dSᵀ also written, rounded to BF16 as its product rounds it, to ds_out (ds_pairs layout) for
+// attention_dq_stored_tc.
+template <int DQ, int DV, int WARPS, bool STORE_DS = false>
 __global__ void __launch_bounds__(32 * WARPS)
     attention_dkdv_tc(const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
                       const bf16* __restrict__ dob, const float* __restrict__ stats, const KvGradOut out, int seq,
-                      int spad, int heads, float scale, float scale_log2, bool seq_order) {
+                      int spad, int heads, float scale, float scale_log2, bool seq_order,
+                      bf16* __restrict__ ds_out = nullptr) {
   constexpr int ROWS = 16 * WARPS, THREADS = 32 * WARPS, DQP = pad16(DQ), DVP = pad16(DV);
   constexpr int LQ = row_stride(DQP), LV = row_stride(DVP);
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -251,6 +269,15 @@ __global__ void __launch_bounds__(32 * WARPS)
           p[n][e] = !masked || (j <= i && i < seq) ? fast_exp2(p[n][e] * scale_log2 - Stt[2 * c]) : 0.0f;
           ds[n][e] = p[n][e] * (ds[n][e] - Stt[2 * c + 1]);
         }
+      if constexpr (STORE_DS) {  // keys jr, jr + 8 (sub-block rows kb, kb + 1), queries n·8 + 2 (lane % 4) + {0, 1}
+        const int kb = (w0 % kCols) / 8;
+        bf16* t = ds_out + (bh * ds_pairs(seq) + ds_pair(qt, w0 / kCols)) * kDsPairElems + lane * 2;
+#pragma unroll
+        for (int n = 0; n < kNt; ++n) {
+          *reinterpret_cast<uint32_t*>(t + ds_sub(kb, n)) = pack_bf16(ds[n][0], ds[n][1]);
+          *reinterpret_cast<uint32_t*>(t + ds_sub(kb + 1, n)) = pack_bf16(ds[n][2], ds[n][3]);
+        }
+      }
       product<DVP>(dv_acc, p, dOt, LV, lane);
       product<DQP>(dk_acc, ds, Qt, LQ, lane);
     }
@@ -328,6 +355,83 @@ __global__ void __launch_bounds__(32 * WARPS)
   store_rows<DQ>(dq + tok0 * ldq + h * DQ, ldq, w0, seq, dq_acc, scale, lane);
 }
 
+// Backward, dQ of query tile tiles-1-z (16·WARPS queries) from the dSᵀ blocks attention_dkdv_tc<.., true> stored:
+// dQ += dS·K over key tiles 0 .. diagonal (times scale), the products of attention_dq_tc in its order on the same
+// BF16 dS (same bits where the two kernels' FP32 scores agree: the mma.sync dot products of the same pairs), with
+// S and dP not computed again (2 of its 3 products). Memory-bound (8 KB of dS from HBM and 12 KB of K a key tile),
+// so the tiles stream through kDqStages stages (2 stages ran at ~1.8 TB/s: one tile in flight a block).
+constexpr int kDqStages = 3;
+template <int DQ, int WARPS>
+constexpr size_t dq_stored_smem() {
+  return size_t{kDqStages} * sizeof(bf16) * (kCols * row_stride(pad16(DQ)) + 16 * WARPS * kCols);
+}
+template <int DQ, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS)
+    attention_dq_stored_tc(const bf16* __restrict__ kb, const bf16* __restrict__ ds, float* __restrict__ dq, int seq,
+                           int spad, int heads, float scale, bool seq_order) {
+  constexpr int ROWS = 16 * WARPS, THREADS = 32 * WARPS, DQP = pad16(DQ), LQ = row_stride(DQP);
+  constexpr int SUB = ROWS / kCols, S = kDqStages;  // the block's 64-query tiles
+  constexpr int STAGE = kCols * LQ + SUB * kCols * kCols;  // K [kCols][LQ], then SUB pair blocks (bf16 elements)
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16* const sm = reinterpret_cast<bf16*>(smem_raw);
+  const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+  const int tiles = (seq + ROWS - 1) / ROWS;
+  const BlockPos pos = block_pos(seq_order);
+  const int qt = tiles - 1 - pos.z, h = pos.h, b = pos.b, i0 = qt * ROWS;
+  const int64_t bh = int64_t{b} * heads + h;
+  const bf16* kh = kb + bh * spad * DQP;
+  const bf16* dsh = ds + bh * ds_pairs(seq) * kDsPairElems;
+  const int last = min(i0 + ROWS - 1, seq - 1) / kCols, q0 = i0 / kCols, qlast = (seq - 1) / kCols;
+  const auto load = [&](int kt) {  // key tile kt into stage kt % S, as one commit group (empty past the last)
+    if (kt <= last) {
+      bf16* st = sm + (kt % S) * STAGE;
+      copy_tile<kCols, DQP, THREADS>(st, kh + int64_t{kt} * kCols * DQP);
+#pragma unroll
+      for (int s = 0; s < SUB; ++s)  // the pairs that exist (key tile <= query tile < the tiles of seq): 8 KB each
+        if (q0 + s >= kt && q0 + s <= qlast) {
+          const bf16* src = dsh + ds_pair(q0 + s, kt) * kDsPairElems;
+          bf16* dst = st + kCols * LQ + s * kDsPairElems;
+#pragma unroll
+          for (int c = threadIdx.x; c < kDsPairElems / 8; c += THREADS) cp_async16(dst + 8 * c, src + 8 * c);
+        }
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int kt = 0; kt < S - 1; ++kt) load(kt);
+
+  const int w0 = i0 + 16 * w, qb = (w0 % kCols) / 8;  // the warp's first row; its sub-block column
+  float dq_acc[DQP / 8][4];
+  zero<DQP>(dq_acc);
+  for (int kt = 0; kt <= last; ++kt) {
+    cp_async_wait<S - 2>();  // this thread's copies of tile kt have landed
+    __syncthreads();         // ... and everybody's; stage (kt - 1) % S is no longer read
+    load(kt + S - 1);
+    if (kt * kCols <= w0 + 15) {  // as attention_dq_tc: the key tiles some row of the warp sees
+      const bf16* st = sm + (kt % S) * STAGE;
+      const bf16* D = st + kCols * LQ + ((w0 - i0) / kCols) * kDsPairElems;
+      // dS's A fragment of keys 16 kk.. through ldmatrix.trans of dSᵀ sub-blocks (key block, query block) (2 kk, qb),
+      // (2 kk, qb + 1), (2 kk + 1, qb), (2 kk + 1, qb + 1) = a0 .. a3 (queries 0-7 / 8-15 by keys 0-7, then keys
+      // 8-15); lane l gives the address of row l % 8 of matrix l / 8.
+      const int m = lane / 8, row = lane % 8;
+#pragma unroll
+      for (int kk = 0; kk < kCols / 16; ++kk) {
+        uint32_t af[4];
+        ldsm_x4_trans(af, D + ds_sub(2 * kk + m / 2, qb + m % 2) + row * 8);
+#pragma unroll
+        for (int n = 0; n < DQP / 8; n += 2) {
+          uint32_t bf[4];
+          load_b_kn(bf, st + kk * 16 * LQ + n * 8, LQ, lane);
+          mma(dq_acc[n], af, bf[0], bf[1]);
+          mma(dq_acc[n + 1], af, bf[2], bf[3]);
+        }
+      }
+    }
+  }
+  const int64_t ldq = int64_t{heads} * DQ, tok0 = int64_t{b} * seq;
+  store_rows<DQ>(dq + tok0 * ldq + h * DQ, ldq, w0, seq, dq_acc, scale, lane);
+}
+
 template <int N> using Dim = std::integral_constant<int, N>;
 
 // f(Dim<DQ>, Dim<DV>) for the head dims with tensor-core kernels; false for any other pair.
@@ -364,6 +468,23 @@ bool seq_order() {
   require(v == "seq" || v == "tile",
           [&] { return "moerl::cuda attention: MOERL_ATTN_TC_ORDER must be seq or tile, got " + v; });
   return v == "seq";
+}
+
+// How the mma.sync backward gets dQ (MOERL_ATTN_TC_BWD_DQ): "stored" (the default: the dK/dV kernel also writes
+// dS, attention_dq_stored_tc reads it back) or "recompute" (attention_dq_tc: S, dP and dS again per query tile),
+// same bits. Stored needs a temporary of ds_bytes (BF16 blocks of the causal triangle: 553 MB at bench-600m's
+// 8 x 2048 tokens, 16 heads; peak 23.96 against 23.70 GiB); above kStoredDsLimit it recomputes. Measured on the
+// H200 in the training step (bench/results/2026-11-30-gpu-attn-stored-ds-h200-*.txt): dK/dV 0.901 ms with the
+// stores against 0.861 without, dQ 0.278 against 0.533 ms, bench-600m fp8 261.1-262.5k against 254.6-256.2k
+// tokens/s, bf16 183.5-185.1k against 180.2-181.5k (rounds interleaved). A first layout (dSᵀ rows of 128 bytes,
+// 4-byte stores 16 bytes a row, the dQ kernel double-buffered) gained only 0.05 ms a layer: dK/dV 1.036, dQ 0.309.
+constexpr double kStoredDsLimit = 4.0 * (1 << 30);
+bool stored_dq(double ds_bytes) {
+  const char* e = std::getenv("MOERL_ATTN_TC_BWD_DQ");
+  const std::string v = e == nullptr ? "" : e;
+  require(v.empty() || v == "stored" || v == "recompute",
+          [&] { return "moerl::cuda attention: MOERL_ATTN_TC_BWD_DQ must be stored or recompute, got " + v; });
+  return v != "recompute" && ds_bytes <= kStoredDsLimit;
 }
 
 // Checks the arguments common to all entry points; false when there is nothing to do.
@@ -485,9 +606,27 @@ void backward_packed(const float* dout, const void* packed, const float* out, co
     dispatch_warps("MOERL_ATTN_TC_BWD_WARPS", 4, [&](auto w_dim) {
       constexpr int W = decltype(w_dim)::value;
       constexpr size_t smem_dkdv = Smem<DQ, DV, W>::dkdv, smem_dq = Smem<DQ, DV, W>::dq;
+      const dim3 grid = grid_of(batch, seq, heads, 16 * W, order);
+      // In double: at the largest shapes check_tc allows, the product passes 2^63.
+      const double ds_bytes = static_cast<double>(batch * heads) * static_cast<double>(ds_pairs(seq)) *
+                              static_cast<double>(kDsPairElems * sizeof(bf16));
+      if (stored_dq(ds_bytes)) {
+        constexpr size_t smem_dqs = dq_stored_smem<DQ, W>();
+        allow_smem<attention_dq_stored_tc<DQ, W>>(smem_dqs);
+        cuda_detail::StreamScratch ds(static_cast<size_t>(ds_bytes), stream);
+        allow_smem<attention_dkdv_tc<DQ, DV, W, true>>(smem_dkdv);
+        attention_dkdv_tc<DQ, DV, W, true><<<grid, 32 * W, smem_dkdv, stream>>>(
+            pl.q(base), pl.k(base), pl.v(base), dob, stats, kv, s, sp, h, scale, scale * kLog2eTc, order,
+            ds.as<bf16>());
+        CUDA_CHECK_LAUNCH();
+        attention_dq_stored_tc<DQ, W><<<grid, 32 * W, smem_dqs, stream>>>(pl.k(base), ds.as<bf16>(), dq, s, sp, h,
+                                                                          scale, order);
+        CUDA_CHECK_LAUNCH();
+        ds.release();
+        return;
+      }
       allow_smem<attention_dkdv_tc<DQ, DV, W>>(smem_dkdv);
       allow_smem<attention_dq_tc<DQ, DV, W>>(smem_dq);
-      const dim3 grid = grid_of(batch, seq, heads, 16 * W, order);
       attention_dkdv_tc<DQ, DV, W><<<grid, 32 * W, smem_dkdv, stream>>>(
           pl.q(base), pl.k(base), pl.v(base), dob, stats, kv, s, sp, h, scale, scale * kLog2eTc, order);
       CUDA_CHECK_LAUNCH();

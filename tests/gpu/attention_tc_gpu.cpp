@@ -4,7 +4,8 @@
 // own O and lse, as in training). Random q, k, v, dO with a fresh seed each run (printed; MOERL_TEST_SEED=<n> repeats
 // it), outputs poisoned with NaN before every call; causal; sequence lengths not multiples of the 64-row tile;
 // every block shape of the kernels (4 and 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS; forward warps of
-// 16 and 32 query rows: MOERL_ATTN_TC_FWD_WARP_ROWS) and the WGMMA forward and backward (MOERL_ATTN_TC_FWD_KERNEL /
+// 16 and 32 query rows: MOERL_ATTN_TC_FWD_WARP_ROWS), dQ recomputed or from stored dS (MOERL_ATTN_TC_BWD_DQ), and
+// the WGMMA forward and backward (MOERL_ATTN_TC_FWD_KERNEL /
 // _FWD_WG, MOERL_ATTN_TC_BWD_KERNEL / _BWD_DQ_WG; 96/64 only, with the same tolerances: they round the same values
 // to BF16 and only sum in another order). The packed entry points (operands kept from the forward for the backward,
 // MLA's k and v packed straight from kv and ckv) and both block orders must give the plain entry points' bits.
@@ -236,6 +237,16 @@ TEST_F(AttentionBf16Gpu, ForwardAndBackwardMatchTheCpuReferenceOnBf16Inputs) {
         check();
       }
     }
+    // dQ with S, P and dS computed again instead of read back from the dK/dV kernel's stores (the default),
+    // backward blocks of 4 and 8 warps.
+    for (int warps : {4, 8}) {
+      SCOPED_TRACE("dQ recomputing dS, " + std::to_string(warps) + " warps per block");
+      std::printf("attention bf16 kernels, dQ recomputing dS, backward %d warps per block:\n", warps);
+      const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "mma"), bwd("MOERL_ATTN_TC_BWD_KERNEL", "mma"),
+          dq("MOERL_ATTN_TC_BWD_DQ", "recompute");
+      const WarpsEnv env(8, warps);
+      check();
+    }
     // The WGMMA forward (96/64 only; the 24/16 shapes run the mma.sync one again) in blocks of 1 and 2 warpgroups.
     for (const char* groups : {"1", "2"}) {
       SCOPED_TRACE(std::string("WGMMA forward, warpgroups ") + groups);
@@ -281,6 +292,55 @@ TEST_F(AttentionBf16Gpu, RepeatsBitForBitAndRefusesOtherHeadDims) {
 
 bool same_bits(const std::vector<float>& a, const std::vector<float>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
+
+// Count of elements whose bits differ, and the largest |a - b| among them.
+std::string bit_differences(const std::vector<float>& a, const std::vector<float>& b) {
+  int64_t n = 0;
+  double worst = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i)
+    if (std::memcmp(&a[i], &b[i], sizeof(float)) != 0) ++n, worst = std::max(worst, std::fabs(double{a[i]} - b[i]));
+  return std::to_string(n) + " of " + std::to_string(a.size()) + " differ, largest by " + std::to_string(worst);
+}
+
+TEST_F(AttentionBf16Gpu, StoredScoreGradientsGiveTheRecomputedBits) {
+  // MOERL_ATTN_TC_BWD_DQ=stored (the default): the dK/dV kernel writes dSᵀ (BF16) and dQ's kernel reads it instead
+  // of computing S, P and dS again (=recompute). Same products in the same order on the same BF16 values (the FP32 scores Sᵀ = K·Qᵀ and S = Q·Kᵀ
+  // are the tensor cores' dot products of the same pairs), so dQ, dK and dV keep the recomputing path's bits, in both
+  // block shapes and block orders. Shapes: both head dims, one and several tiles, partial last tiles.
+  std::mt19937_64 rng(run_seed() + 7);
+  for (const Shape& sh : {Shape{2, 300, 3, 96, 64, 1.0f}, Shape{1, 64, 2, 96, 64, 3.0f}, Shape{3, 130, 2, 24, 16, 1.0f},
+                          Shape{1, 1000, 2, 96, 64, 1.0f}}) {
+    Gpu gpu(sh, random_tensors(sh, rng));
+    const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "mma"), bwd("MOERL_ATTN_TC_BWD_KERNEL", "mma");
+    gpu.forward(true);
+    for (int warps : {4, 8})
+      for (const char* order : {"tile", "seq"}) {
+        SCOPED_TRACE(sh.name() + ", " + std::to_string(warps) + " warps, " + order + " order, seed " +
+                     std::to_string(run_seed()));
+        const WarpsEnv env(8, warps);
+        const EnvVar o("MOERL_ATTN_TC_ORDER", order);
+        Results want, got;
+        {
+          const EnvVar dq("MOERL_ATTN_TC_BWD_DQ", "recompute");
+          gpu.backward(true);
+          want = gpu.results();
+        }
+        {
+          const EnvVar dq("MOERL_ATTN_TC_BWD_DQ", "stored");
+          gpu.backward(true);
+          got = gpu.results();
+        }
+        EXPECT_TRUE(same_bits(got.dq, want.dq)) << "dQ: " << bit_differences(got.dq, want.dq);
+        EXPECT_TRUE(same_bits(got.dk, want.dk)) << "dK: " << bit_differences(got.dk, want.dk);
+        EXPECT_TRUE(same_bits(got.dv, want.dv)) << "dV: " << bit_differences(got.dv, want.dv);
+      }
+  }
+  const Shape sh{1, 64, 1, 96, 64, 1.0f};
+  Gpu gpu(sh, random_tensors(sh, rng));
+  gpu.forward(true);
+  const EnvVar kernel("MOERL_ATTN_TC_BWD_KERNEL", "mma"), dq("MOERL_ATTN_TC_BWD_DQ", "kept");
+  EXPECT_THROW(gpu.backward(true), Error);  // names the variable and its two values
 }
 
 // MLA's inputs of the packed entry points: q [T, H, dn + dr], kv [T, H, dn + dv] (per head [k_nope | v]), ckv
@@ -389,6 +449,15 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
   // pairs; backward 2·pairs·(3·dqk + 2·dv)).
   const Shape sh{8, 2048, 16, 96, 64, 1.0f};
   std::mt19937_64 rng(run_seed() + 4);
+  // The device's memory pool keeps what the calls' temporaries free (as the model sets its pool: the stored dS is
+  // 553 MB here, mapped again per call otherwise); restored at the end.
+  cudaMemPool_t pool;
+  uint64_t threshold = UINT64_MAX, old_threshold = 0;
+  int device = 0;
+  CUDA_CHECK(cudaGetDevice(&device));
+  CUDA_CHECK(cudaDeviceGetDefaultMemPool(&pool, device));
+  CUDA_CHECK(cudaMemPoolGetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &old_threshold));
+  CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &threshold));
   const int64_t nq = sh.tokens() * sh.heads * sh.dqk, nv = sh.tokens() * sh.heads * sh.dv;
   std::uniform_real_distribution<float> uniform(-1.0f, 1.0f);
   const auto draw = [&](int64_t n) {
@@ -412,12 +481,14 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
                   warps, rows, sh.name().c_str(), ms, fwd_flops / ms / 1e9);
     }
     gpu.forward(true, false);
-    for (int warps : {4, 8}) {
-      const WarpsEnv env(8, warps);
-      const double ms = median_ms([&] { gpu.backward(true, false); });
-      std::printf("attention bf16 tensor cores backward (%d warps) %s: %.3f ms, %.1f TFLOP/s (causal)\n", warps,
-                  sh.name().c_str(), ms, bwd_flops / ms / 1e9);
-    }
+    for (int warps : {4, 8})
+      for (const char* dq : {"recompute", "stored"}) {
+        const WarpsEnv env(8, warps);
+        const EnvVar dq_env("MOERL_ATTN_TC_BWD_DQ", dq);
+        const double ms = median_ms([&] { gpu.backward(true, false); });
+        std::printf("attention bf16 tensor cores backward (%d warps, dQ %s) %s: %.3f ms, %.1f TFLOP/s (causal)\n",
+                    warps, dq, sh.name().c_str(), ms, bwd_flops / ms / 1e9);
+      }
   }
   {
     // As the model runs them: q, k, v packed once (that pass timed alone), then the forward and the backward on the
@@ -429,14 +500,16 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
     CUDA_CHECK(cudaMemset(kv.get(), 0, sh.tokens() * sh.heads * (64 + sh.dv) * sizeof(float)));
     CUDA_CHECK(cudaMemset(ckv.get(), 0, sh.tokens() * (256 + 32) * sizeof(float)));
     struct Variant {
-      const char *fwd, *fwd_wg, *bwd, *dq_wg, *order;
+      const char *fwd, *fwd_wg, *bwd, *dq_wg, *order, *dq = "recompute";
     };
-    for (const Variant& v : {Variant{"mma", "2", "mma", "1", "tile"}, Variant{"wgmma", "1", "mma", "1", "tile"},
-                             Variant{"wgmma", "2", "mma", "1", "tile"}, Variant{"wgmma", "2", "wgmma", "1", "tile"},
-                             Variant{"wgmma", "2", "wgmma", "2", "tile"}, Variant{"wgmma", "2", "wgmma", "1", "seq"}}) {
+    for (const Variant& v :
+         {Variant{"mma", "2", "mma", "1", "tile"}, Variant{"wgmma", "1", "mma", "1", "tile"},
+          Variant{"wgmma", "2", "mma", "1", "tile"}, Variant{"wgmma", "2", "mma", "1", "tile", "stored"},
+          Variant{"wgmma", "2", "wgmma", "1", "tile"}, Variant{"wgmma", "2", "wgmma", "2", "tile"},
+          Variant{"wgmma", "2", "wgmma", "1", "seq"}}) {
       const EnvVar e1("MOERL_ATTN_TC_FWD_KERNEL", v.fwd), e2("MOERL_ATTN_TC_FWD_WG", v.fwd_wg),
           e3("MOERL_ATTN_TC_BWD_KERNEL", v.bwd), e4("MOERL_ATTN_TC_BWD_DQ_WG", v.dq_wg),
-          e5("MOERL_ATTN_TC_ORDER", v.order);
+          e5("MOERL_ATTN_TC_ORDER", v.order), e6("MOERL_ATTN_TC_BWD_DQ", v.dq);
       const double pack_ms = median_ms([&] {
         cuda::attention_pack_mla_bf16(gpu.q.get(), kv.get(), ckv.get(), 256, packed.get(), sh.batch, sh.seq,
                                       sh.heads, 64, 32, sh.dv);
@@ -450,9 +523,9 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
                                              gpu.dq.get(), gpu.dk.get(), gpu.dv.get(), sh.batch, sh.seq, sh.heads,
                                              sh.dqk, sh.dv, sh.scale());
       });
-      std::printf("attention bf16 packed (model path; forward %s wg %s, backward %s dq wg %s, %s order) %s: MLA pack "
-                  "%.3f ms; forward %.3f ms, %.1f TFLOP/s; backward %.3f ms, %.1f TFLOP/s (causal)\n",
-                  v.fwd, v.fwd_wg, v.bwd, v.dq_wg, v.order, sh.name().c_str(), pack_ms, fwd_ms,
+      std::printf("attention bf16 packed (model path; forward %s wg %s, backward %s dq wg %s dq %s, %s order) %s: MLA "
+                  "pack %.3f ms; forward %.3f ms, %.1f TFLOP/s; backward %.3f ms, %.1f TFLOP/s (causal)\n",
+                  v.fwd, v.fwd_wg, v.bwd, v.dq_wg, v.dq, v.order, sh.name().c_str(), pack_ms, fwd_ms,
                   fwd_flops / fwd_ms / 1e9, bwd_ms, bwd_flops / bwd_ms / 1e9);
     }
     gpu.forward(true, false);
@@ -463,6 +536,8 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
               sh.name().c_str(), fwd_ms, fwd_flops / fwd_ms / 1e9, bwd_ms, bwd_flops / bwd_ms / 1e9);
   const Results r = gpu.results();
   EXPECT_TRUE(std::all_of(r.dq.begin(), r.dq.end(), [](float x) { return std::isfinite(x); }));
+  CUDA_CHECK(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &old_threshold));
+  CUDA_CHECK(cudaMemPoolTrimTo(pool, 0));
 }
 
 }  // namespace
