@@ -71,6 +71,11 @@ __device__ __forceinline__ BlockPos block_pos(bool seq_order) {
   return {static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y)};
 }
 
+// Stages of the dK/dV kernel's ring of streamed tiles. 3 (92 KB a block, still 2 blocks an SM) measured slower in
+// the training step: dK/dV 0.920 against 0.896 ms, bench-600m fp8 256.8-259.9k against 260.7-261.1k tokens/s
+// (bench/results/2026-11-30-gpu-attn-stored-ds-h200-*.txt).
+constexpr int kDkdvStages = 2;
+
 // Shared memory of the attention kernels (bytes): the block's own 16·WARPS-row tiles (forward Q; dK/dV: K, V; dQ: Q,
 // dO), two stages of each streamed 64-row tile, and for dK/dV two stages of 64 (lse·log2e, D) pairs.
 template <int DQ, int DV, int WARPS> struct Smem {
@@ -78,7 +83,8 @@ template <int DQ, int DV, int WARPS> struct Smem {
   // The forward's query tile has MT·ROWS rows.
   template <int MT> static constexpr size_t forward() { return size_t{2} * (MT * ROWS * LQ + 2 * kCols * (LQ + LV)); }
   static constexpr size_t dq = size_t{2} * (ROWS * (LQ + LV) + 2 * kCols * (LQ + LV));
-  static constexpr size_t dkdv = dq + size_t{4} * 2 * 2 * kCols;
+  static constexpr size_t dkdv = size_t{2} * (ROWS * (LQ + LV) + kDkdvStages * kCols * (LQ + LV)) +
+                                  size_t{4} * kDkdvStages * 2 * kCols;
 };
 
 // Forward: block z takes query tile tiles-1-z of 16·MT·WARPS rows (keys 0 .. its diagonal); warp w owns rows
@@ -209,20 +215,22 @@ constexpr int64_t kDsPairElems = int64_t{kCols} * kCols;
 // dSᵀ = Pᵀ∘(dPᵀ − D_i); dV += Pᵀ·dO, dK += dSᵀ·Q (times scale at the end). stats: attention_pack_dout_kernel.
 // STORE_DS: dSᵀ also written, rounded to BF16 as its product rounds it, to ds_out (ds_pairs layout) for
 // attention_dq_stored_tc.
+// The streamed tiles go through a ring of kDkdvStages stages, one barrier a tile (the stage refilled at tile t was
+// read at t - 1, before that barrier).
 template <int DQ, int DV, int WARPS, bool STORE_DS = false>
 __global__ void __launch_bounds__(32 * WARPS)
     attention_dkdv_tc(const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
                       const bf16* __restrict__ dob, const float* __restrict__ stats, const KvGradOut out, int seq,
                       int spad, int heads, float scale, float scale_log2, bool seq_order,
                       bf16* __restrict__ ds_out = nullptr) {
-  constexpr int ROWS = 16 * WARPS, THREADS = 32 * WARPS, DQP = pad16(DQ), DVP = pad16(DV);
+  constexpr int ROWS = 16 * WARPS, THREADS = 32 * WARPS, DQP = pad16(DQ), DVP = pad16(DV), S = kDkdvStages;
   constexpr int LQ = row_stride(DQP), LV = row_stride(DVP);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* Ks = reinterpret_cast<bf16*>(smem_raw);
   bf16* Vs = Ks + ROWS * LQ;
-  bf16* Qs = Vs + ROWS * LV;        // 2 stages of kCols·LQ
-  bf16* dOs = Qs + 2 * kCols * LQ;  // 2 stages of kCols·LV
-  float* St = reinterpret_cast<float*>(dOs + 2 * kCols * LV);  // 2 stages of kCols (lse·log2e, D) pairs
+  bf16* Qs = Vs + ROWS * LV;        // S stages of kCols·LQ
+  bf16* dOs = Qs + S * kCols * LQ;  // S stages of kCols·LV
+  float* St = reinterpret_cast<float*>(dOs + S * kCols * LV);  // S stages of kCols (lse·log2e, D) pairs
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
   const BlockPos pos = block_pos(seq_order);
   const int kt = pos.z, h = pos.h, b = pos.b, j0 = kt * ROWS;
@@ -231,26 +239,31 @@ __global__ void __launch_bounds__(32 * WARPS)
   const bf16* doh = dob + bh * spad * DVP;
   const float* sth = stats + bh * spad * 2;
   const int first = j0 / kCols, last = (seq - 1) / kCols;  // query tiles
-  const auto load_stream = [&](int qt, int st) {
-    copy_tile<kCols, DQP, THREADS>(Qs + st * kCols * LQ, qh + int64_t{qt} * kCols * DQP);
-    copy_tile<kCols, DVP, THREADS>(dOs + st * kCols * LV, doh + int64_t{qt} * kCols * DVP);
-    if (threadIdx.x < 2 * kCols / 4) cp_async16(St + st * 2 * kCols + 4 * threadIdx.x, sth + int64_t{qt} * 2 * kCols + 4 * threadIdx.x);
+  // Query tile qt into stage (qt - first) % S, as one commit group (empty past the last tile).
+  const auto load_stream = [&](int qt) {
+    if (qt <= last) {
+      const int st = (qt - first) % S;
+      copy_tile<kCols, DQP, THREADS>(Qs + st * kCols * LQ, qh + int64_t{qt} * kCols * DQP);
+      copy_tile<kCols, DVP, THREADS>(dOs + st * kCols * LV, doh + int64_t{qt} * kCols * DVP);
+      if (threadIdx.x < 2 * kCols / 4)
+        cp_async16(St + st * 2 * kCols + 4 * threadIdx.x, sth + int64_t{qt} * 2 * kCols + 4 * threadIdx.x);
+    }
+    cp_async_commit();
   };
   copy_tile<ROWS, DQP, THREADS>(Ks, kb + (bh * spad + j0) * DQP);
   copy_tile<ROWS, DVP, THREADS>(Vs, vb + (bh * spad + j0) * DVP);
-  load_stream(first, 0);
-  cp_async_commit();
+#pragma unroll
+  for (int u = 0; u < S - 1; ++u) load_stream(first + u);  // K and V in the first group
 
   const int w0 = j0 + 16 * w, jr = w0 + lane / 4;  // the warp's first key; this thread's keys jr and jr + 8
   float dk_acc[DQP / 8][4], dv_acc[DVP / 8][4];
   zero<DQP>(dk_acc);
   zero<DVP>(dv_acc);
   for (int qt = first; qt <= last; ++qt) {
-    const int i0 = qt * kCols, st = (qt - first) & 1;
-    if (qt < last) load_stream(qt + 1, st ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
+    const int i0 = qt * kCols, st = (qt - first) % S;
+    cp_async_wait<S - 2>();  // this thread's copies of tile qt have landed
+    __syncthreads();         // ... and everybody's; the stage of tile qt - 1 is no longer read
+    load_stream(qt + S - 1);
 
     if (i0 + kCols - 1 >= w0) {  // some query of the tile sees one of the warp's keys
       // Queries before some key of the warp, or past the end of the sequence, only in these tiles.
@@ -281,7 +294,6 @@ __global__ void __launch_bounds__(32 * WARPS)
       product<DVP>(dv_acc, p, dOt, LV, lane);
       product<DQP>(dk_acc, ds, Qt, LQ, lane);
     }
-    __syncthreads();
   }
   store_kv_grads<DQ, DV>(out, b, h, seq, w0, dk_acc, dv_acc, scale, lane);
 }
@@ -450,6 +462,20 @@ template <class F> void dispatch_warps(const char* name, int fallback, F&& f) {
   else f(Dim<4>{});
 }
 
+// f(Dim<W>) for the warps of the stored-dS dQ kernel's blocks (MOERL_ATTN_TC_BWD_DQ_WARPS: 4, 8 or 16; 16 query rows
+// a warp, so 1, 2 or 4 query tiles share each K tile read; default 8). In the training step on the H200: bench-600m
+// fp8 261.9-262.5k tokens/s at 8 against 260.7-261.1k at 4 and 260.6-260.7k at 16, the kernel 0.276 ms at 16 against
+// 0.278 at 4: it is not bound by the K tiles' reads (bench/results/2026-11-30-gpu-attn-stored-ds-h200-*.txt).
+template <class F> void dispatch_dq_warps(F&& f) {
+  int warps = 8;
+  if (const char* e = std::getenv("MOERL_ATTN_TC_BWD_DQ_WARPS"); e != nullptr && *e != '\0') warps = std::atoi(e);
+  require(warps == 4 || warps == 8 || warps == 16,
+          "moerl::cuda attention: MOERL_ATTN_TC_BWD_DQ_WARPS must be 4, 8 or 16");
+  if (warps == 16) f(Dim<16>{});
+  else if (warps == 8) f(Dim<8>{});
+  else f(Dim<4>{});
+}
+
 // Query rows per warp of the forward (MOERL_ATTN_TC_FWD_WARP_ROWS: 16 or 32, default 16).
 int forward_warp_rows() {
   int rows = 16;
@@ -611,17 +637,20 @@ void backward_packed(const float* dout, const void* packed, const float* out, co
       const double ds_bytes = static_cast<double>(batch * heads) * static_cast<double>(ds_pairs(seq)) *
                               static_cast<double>(kDsPairElems * sizeof(bf16));
       if (stored_dq(ds_bytes)) {
-        constexpr size_t smem_dqs = dq_stored_smem<DQ, W>();
-        allow_smem<attention_dq_stored_tc<DQ, W>>(smem_dqs);
         cuda_detail::StreamScratch ds(static_cast<size_t>(ds_bytes), stream);
         allow_smem<attention_dkdv_tc<DQ, DV, W, true>>(smem_dkdv);
         attention_dkdv_tc<DQ, DV, W, true><<<grid, 32 * W, smem_dkdv, stream>>>(
             pl.q(base), pl.k(base), pl.v(base), dob, stats, kv, s, sp, h, scale, scale * kLog2eTc, order,
             ds.as<bf16>());
         CUDA_CHECK_LAUNCH();
-        attention_dq_stored_tc<DQ, W><<<grid, 32 * W, smem_dqs, stream>>>(pl.k(base), ds.as<bf16>(), dq, s, sp, h,
-                                                                          scale, order);
-        CUDA_CHECK_LAUNCH();
+        dispatch_dq_warps([&](auto dw_dim) {
+          constexpr int DW = decltype(dw_dim)::value;
+          constexpr size_t smem_dqs = dq_stored_smem<DQ, DW>();
+          allow_smem<attention_dq_stored_tc<DQ, DW>>(smem_dqs);
+          attention_dq_stored_tc<DQ, DW><<<grid_of(batch, seq, heads, 16 * DW, order), 32 * DW, smem_dqs, stream>>>(
+              pl.k(base), ds.as<bf16>(), dq, s, sp, h, scale, order);
+          CUDA_CHECK_LAUNCH();
+        });
         ds.release();
         return;
       }

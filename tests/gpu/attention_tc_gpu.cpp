@@ -307,19 +307,20 @@ TEST_F(AttentionBf16Gpu, StoredScoreGradientsGiveTheRecomputedBits) {
   // MOERL_ATTN_TC_BWD_DQ=stored (the default): the dK/dV kernel writes dSᵀ (BF16) and dQ's kernel reads it instead
   // of computing S, P and dS again (=recompute). Same products in the same order on the same BF16 values (the FP32 scores Sᵀ = K·Qᵀ and S = Q·Kᵀ
   // are the tensor cores' dot products of the same pairs), so dQ, dK and dV keep the recomputing path's bits, in both
-  // block shapes and block orders. Shapes: both head dims, one and several tiles, partial last tiles.
+  // block shapes and block orders, with dQ blocks of 4, 8 and 16 warps (MOERL_ATTN_TC_BWD_DQ_WARPS). Shapes: both
+  // head dims, one and several tiles, partial last tiles (130 and 300 rows: a 16-warp block past the sequence's end).
   std::mt19937_64 rng(run_seed() + 7);
   for (const Shape& sh : {Shape{2, 300, 3, 96, 64, 1.0f}, Shape{1, 64, 2, 96, 64, 3.0f}, Shape{3, 130, 2, 24, 16, 1.0f},
                           Shape{1, 1000, 2, 96, 64, 1.0f}}) {
     Gpu gpu(sh, random_tensors(sh, rng));
     const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "mma"), bwd("MOERL_ATTN_TC_BWD_KERNEL", "mma");
     gpu.forward(true);
-    for (int warps : {4, 8})
+    for (auto [warps, dq_warps] : {std::pair{4, "4"}, {8, "4"}, {4, "8"}, {4, "16"}})
       for (const char* order : {"tile", "seq"}) {
-        SCOPED_TRACE(sh.name() + ", " + std::to_string(warps) + " warps, " + order + " order, seed " +
-                     std::to_string(run_seed()));
+        SCOPED_TRACE(sh.name() + ", " + std::to_string(warps) + " warps, dQ " + dq_warps + " warps, " + order +
+                     " order, seed " + std::to_string(run_seed()));
         const WarpsEnv env(8, warps);
-        const EnvVar o("MOERL_ATTN_TC_ORDER", order);
+        const EnvVar o("MOERL_ATTN_TC_ORDER", order), dqw("MOERL_ATTN_TC_BWD_DQ_WARPS", dq_warps);
         Results want, got;
         {
           const EnvVar dq("MOERL_ATTN_TC_BWD_DQ", "recompute");
@@ -481,14 +482,19 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
                   warps, rows, sh.name().c_str(), ms, fwd_flops / ms / 1e9);
     }
     gpu.forward(true, false);
-    for (int warps : {4, 8})
-      for (const char* dq : {"recompute", "stored"}) {
-        const WarpsEnv env(8, warps);
-        const EnvVar dq_env("MOERL_ATTN_TC_BWD_DQ", dq);
-        const double ms = median_ms([&] { gpu.backward(true, false); });
-        std::printf("attention bf16 tensor cores backward (%d warps, dQ %s) %s: %.3f ms, %.1f TFLOP/s (causal)\n",
-                    warps, dq, sh.name().c_str(), ms, bwd_flops / ms / 1e9);
-      }
+    struct Bwd {
+      int warps;
+      const char *dq, *dq_warps;
+    };
+    for (const Bwd& v : {Bwd{4, "recompute", "4"}, Bwd{4, "stored", "4"}, Bwd{4, "stored", "8"},
+                         Bwd{4, "stored", "16"}, Bwd{8, "recompute", "4"}, Bwd{8, "stored", "4"}}) {
+      const WarpsEnv env(8, v.warps);
+      const EnvVar dq_env("MOERL_ATTN_TC_BWD_DQ", v.dq), dqw("MOERL_ATTN_TC_BWD_DQ_WARPS", v.dq_warps);
+      const double ms = median_ms([&] { gpu.backward(true, false); });
+      std::printf("attention bf16 tensor cores backward (%d warps, dQ %s, %s warps) %s: %.3f ms, %.1f TFLOP/s "
+                  "(causal)\n",
+                  v.warps, v.dq, v.dq_warps, sh.name().c_str(), ms, bwd_flops / ms / 1e9);
+    }
   }
   {
     // As the model runs them: q, k, v packed once (that pass timed alone), then the forward and the backward on the
