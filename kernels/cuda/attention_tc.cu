@@ -465,7 +465,10 @@ template <class F> void dispatch_warps(const char* name, int fallback, F&& f) {
 // f(Dim<W>) for the warps of the stored-dS dQ kernel's blocks (MOERL_ATTN_TC_BWD_DQ_WARPS: 4, 8 or 16; 16 query rows
 // a warp, so 1, 2 or 4 query tiles share each K tile read; default 8). In the training step on the H200: bench-600m
 // fp8 261.9-262.5k tokens/s at 8 against 260.7-261.1k at 4 and 260.6-260.7k at 16, the kernel 0.276 ms at 16 against
-// 0.278 at 4: it is not bound by the K tiles' reads (bench/results/2026-11-30-gpu-attn-stored-ds-h200-*.txt).
+// 0.278 at 4: it is not bound by the K tiles' reads (bench/results/2026-11-30-gpu-attn-stored-ds-h200-*.txt). Nor
+// did warps of 32 query rows (each K fragment read once for two row blocks) pay: the kernel 0.240 ms at 4 x 32
+// against 0.253 at 8 x 16, the step within noise (8 x 16 262.1-262.8k, 4 x 32 261.3-262.9k, 8 x 32 262.3-263.0k
+// tokens/s), so the variant was removed.
 template <class F> void dispatch_dq_warps(F&& f) {
   int warps = 8;
   if (const char* e = std::getenv("MOERL_ATTN_TC_BWD_DQ_WARPS"); e != nullptr && *e != '\0') warps = std::atoi(e);
