@@ -71,6 +71,18 @@ __device__ __forceinline__ BlockPos block_pos(bool seq_order) {
   return {static_cast<int>(blockIdx.z), static_cast<int>(blockIdx.x), static_cast<int>(blockIdx.y)};
 }
 
+// The query tile of a forward or dQ block of `rows` queries (the longest first: tile tiles-1-z), its first query and
+// its (sequence, head), b · heads + h.
+struct QueryBlock {
+  int qt, h, b, i0;
+  int64_t bh;
+};
+__device__ __forceinline__ QueryBlock query_block(int seq, int rows, int heads, bool seq_order) {
+  const BlockPos pos = block_pos(seq_order);
+  const int qt = (seq + rows - 1) / rows - 1 - pos.z;
+  return {qt, pos.h, pos.b, qt * rows, int64_t{pos.b} * heads + pos.h};
+}
+
 // Stages of the dK/dV kernel's ring of streamed tiles. 3 (92 KB a block, still 2 blocks an SM) measured slower in
 // the training step: dK/dV 0.920 against 0.896 ms, bench-600m fp8 256.8-259.9k against 260.7-261.1k tokens/s
 // (bench/results/2026-11-30-gpu-attn-stored-ds-h200-*.txt).
@@ -101,10 +113,7 @@ __global__ void __launch_bounds__(32 * WARPS)
   bf16* Ks = Qs + ROWS * LQ;       // 2 stages of kCols·LQ
   bf16* Vs = Ks + 2 * kCols * LQ;  // 2 stages of kCols·LV
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-  const int tiles = (seq + ROWS - 1) / ROWS;
-  const BlockPos pos = block_pos(seq_order);
-  const int qt = tiles - 1 - pos.z, h = pos.h, b = pos.b, i0 = qt * ROWS;
-  const int64_t bh = int64_t{b} * heads + h;
+  const auto [qt, h, b, i0, bh] = query_block(seq, ROWS, heads, seq_order);
   const bf16* kh = kb + bh * spad * DQP;
   const bf16* vh = vb + bh * spad * DVP;
   const int last = min(i0 + ROWS - 1, seq - 1) / kCols;  // the last key tile
@@ -313,10 +322,7 @@ __global__ void __launch_bounds__(32 * WARPS)
   bf16* Ks = dOs + ROWS * LV;      // 2 stages of kCols·LQ
   bf16* Vs = Ks + 2 * kCols * LQ;  // 2 stages of kCols·LV
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-  const int tiles = (seq + ROWS - 1) / ROWS;
-  const BlockPos pos = block_pos(seq_order);
-  const int qt = tiles - 1 - pos.z, h = pos.h, b = pos.b, i0 = qt * ROWS;
-  const int64_t bh = int64_t{b} * heads + h;
+  const auto [qt, h, b, i0, bh] = query_block(seq, ROWS, heads, seq_order);
   const bf16* kh = kb + bh * spad * DQP;
   const bf16* vh = vb + bh * spad * DVP;
   const int last = min(i0 + ROWS - 1, seq - 1) / kCols;
@@ -387,10 +393,7 @@ __global__ void __launch_bounds__(32 * WARPS)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   bf16* const sm = reinterpret_cast<bf16*>(smem_raw);
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-  const int tiles = (seq + ROWS - 1) / ROWS;
-  const BlockPos pos = block_pos(seq_order);
-  const int qt = tiles - 1 - pos.z, h = pos.h, b = pos.b, i0 = qt * ROWS;
-  const int64_t bh = int64_t{b} * heads + h;
+  const auto [qt, h, b, i0, bh] = query_block(seq, ROWS, heads, seq_order);
   const bf16* kh = kb + bh * spad * DQP;
   const bf16* dsh = ds + bh * ds_pairs(seq) * kDsPairElems;
   const int last = min(i0 + ROWS - 1, seq - 1) / kCols, q0 = i0 / kCols, qlast = (seq - 1) / kCols;
@@ -426,18 +429,10 @@ __global__ void __launch_bounds__(32 * WARPS)
       // (2 kk, qb + 1), (2 kk + 1, qb), (2 kk + 1, qb + 1) = a0 .. a3 (queries 0-7 / 8-15 by keys 0-7, then keys
       // 8-15); lane l gives the address of row l % 8 of matrix l / 8.
       const int m = lane / 8, row = lane % 8;
-#pragma unroll
-      for (int kk = 0; kk < kCols / 16; ++kk) {
-        uint32_t af[4];
-        ldsm_x4_trans(af, D + ds_sub(2 * kk + m / 2, qb + m % 2) + row * 8);
-#pragma unroll
-        for (int n = 0; n < DQP / 8; n += 2) {
-          uint32_t bf[4];
-          load_b_kn(bf, st + kk * 16 * LQ + n * 8, LQ, lane);
-          mma(dq_acc[n], af, bf[0], bf[1]);
-          mma(dq_acc[n + 1], af, bf[2], bf[3]);
-        }
-      }
+      product_of<DQP>(
+          dq_acc,
+          [&](int kk, uint32_t(&af)[4]) { ldsm_x4_trans(af, D + ds_sub(2 * kk + m / 2, qb + m % 2) + row * 8); }, st,
+          LQ, lane);
     }
   }
   const int64_t ldq = int64_t{heads} * DQ, tok0 = int64_t{b} * seq;

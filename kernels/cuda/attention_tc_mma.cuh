@@ -86,15 +86,15 @@ __device__ __forceinline__ void scores(float (&s)[kNt][4], const __nv_bfloat16* 
   }
 }
 
-// acc (16 × DP of this warp) += P (16 × kCols, from score registers, rounded to BF16) · B, B stored [kCols][DP]
-// (stride ldb): the score C fragments of n-tiles 2kk, 2kk+1 are the A fragment of k-block kk.
-template <int DP>
-__device__ __forceinline__ void product(float (&acc)[DP / 8][4], const float (&p)[kNt][4], const __nv_bfloat16* b,
-                                        int ldb, int lane) {
+// acc (16 × DP of this warp) += A (16 × kCols) · B, B stored [kCols][DP] (stride ldb), with a_frag(kk, af) giving
+// the A fragment of k-block kk (keys 16 kk ..).
+template <int DP, class AFrag>
+__device__ __forceinline__ void product_of(float (&acc)[DP / 8][4], const AFrag& a_frag, const __nv_bfloat16* b,
+                                           int ldb, int lane) {
 #pragma unroll
   for (int kk = 0; kk < kCols / 16; ++kk) {
-    const uint32_t af[4] = {pack_bf16(p[2 * kk][0], p[2 * kk][1]), pack_bf16(p[2 * kk][2], p[2 * kk][3]),
-                            pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+    uint32_t af[4];
+    a_frag(kk, af);
 #pragma unroll
     for (int n = 0; n < DP / 8; n += 2) {
       uint32_t bf[4];
@@ -103,6 +103,20 @@ __device__ __forceinline__ void product(float (&acc)[DP / 8][4], const float (&p
       mma(acc[n + 1], af, bf[2], bf[3]);
     }
   }
+}
+
+// acc (16 × DP of this warp) += P (16 × kCols, from score registers, rounded to BF16) · B, B stored [kCols][DP]
+// (stride ldb): the score C fragments of n-tiles 2kk, 2kk+1 are the A fragment of k-block kk.
+template <int DP>
+__device__ __forceinline__ void product(float (&acc)[DP / 8][4], const float (&p)[kNt][4], const __nv_bfloat16* b,
+                                        int ldb, int lane) {
+  product_of<DP>(
+      acc,
+      [&](int kk, uint32_t(&af)[4]) {
+        af[0] = pack_bf16(p[2 * kk][0], p[2 * kk][1]), af[1] = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
+        af[2] = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]), af[3] = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+      },
+      b, ldb, lane);
 }
 
 template <int DP> __device__ __forceinline__ void zero(float (&acc)[DP / 8][4]) {
