@@ -484,7 +484,9 @@ int forward_warp_rows() {
 
 // Block order of the grids (MOERL_ATTN_TC_ORDER: "tile" or "seq", default tile; see BlockPos). Measured on the H200
 // (bench-600m shape, bench/results/2026-11-29-gpu-attn-h200-765171c.*): seq order is slower, forward 0.71 -> 0.77
-// ms, backward 1.84 -> 1.94 ms (the L2 held the streamed tiles in tile order too).
+// ms, backward 1.84 -> 1.94 ms (the L2 held the streamed tiles in tile order too); again with the stored dS (in the
+// training step, af27922): dK/dV 0.890 -> 0.914, dQ 0.249 -> 0.266, forward 0.252 -> 0.273 ms
+// (bench/results/2026-11-30-gpu-attn-stored-ds-h200-*.txt).
 bool seq_order() {
   const char* e = std::getenv("MOERL_ATTN_TC_ORDER");
   if (e == nullptr || *e == '\0') return false;
