@@ -451,28 +451,17 @@ template <class F> bool dispatch_tc(int64_t dqk, int64_t dv, F&& f) {
 }
 
 // f(Dim<W>) for the warps per block named by environment variable `name` (4 or 8; `fallback` when unset).
-template <class F> void dispatch_warps(const char* name, int fallback, F&& f) {
+// With kUpTo16, 16 warps too.
+template <bool kUpTo16 = false, class F> void dispatch_warps(const char* name, int fallback, F&& f) {
   int warps = fallback;
   if (const char* e = std::getenv(name); e != nullptr && *e != '\0') warps = std::atoi(e);
-  require(warps == 4 || warps == 8, [&] { return std::string("moerl::cuda attention: ") + name + " must be 4 or 8"; });
+  require(warps == 4 || warps == 8 || (kUpTo16 && warps == 16), [&] {
+    return std::string("moerl::cuda attention: ") + name + (kUpTo16 ? " must be 4, 8 or 16" : " must be 4 or 8");
+  });
+  if constexpr (kUpTo16) {
+    if (warps == 16) return f(Dim<16>{});
+  }
   if (warps == 8) f(Dim<8>{});
-  else f(Dim<4>{});
-}
-
-// f(Dim<W>) for the warps of the stored-dS dQ kernel's blocks (MOERL_ATTN_TC_BWD_DQ_WARPS: 4, 8 or 16; 16 query rows
-// a warp, so 1, 2 or 4 query tiles share each K tile read; default 8). In the training step on the H200: bench-600m
-// fp8 261.9-262.5k tokens/s at 8 against 260.7-261.1k at 4 and 260.6-260.7k at 16, the kernel 0.276 ms at 16 against
-// 0.278 at 4: it is not bound by the K tiles' reads (bench/results/2026-11-30-gpu-attn-stored-ds-h200-*.txt). Nor
-// did warps of 32 query rows (each K fragment read once for two row blocks) pay: the kernel 0.240 ms at 4 x 32
-// against 0.253 at 8 x 16, the step within noise (8 x 16 262.1-262.8k, 4 x 32 261.3-262.9k, 8 x 32 262.3-263.0k
-// tokens/s), so the variant was removed.
-template <class F> void dispatch_dq_warps(F&& f) {
-  int warps = 8;
-  if (const char* e = std::getenv("MOERL_ATTN_TC_BWD_DQ_WARPS"); e != nullptr && *e != '\0') warps = std::atoi(e);
-  require(warps == 4 || warps == 8 || warps == 16,
-          "moerl::cuda attention: MOERL_ATTN_TC_BWD_DQ_WARPS must be 4, 8 or 16");
-  if (warps == 16) f(Dim<16>{});
-  else if (warps == 8) f(Dim<8>{});
   else f(Dim<4>{});
 }
 
@@ -645,7 +634,14 @@ void backward_packed(const float* dout, const void* packed, const float* out, co
             pl.q(base), pl.k(base), pl.v(base), dob, stats, kv, s, sp, h, scale, scale * kLog2eTc, order,
             ds.as<bf16>());
         CUDA_CHECK_LAUNCH();
-        dispatch_dq_warps([&](auto dw_dim) {
+        // The dQ kernel's warps (MOERL_ATTN_TC_BWD_DQ_WARPS: 4, 8 or 16; 16 query rows a warp, so 1, 2 or 4 query
+        // tiles share each K tile read; default 8). In the training step on the H200: bench-600m fp8 261.9-262.5k
+        // tokens/s at 8 against 260.7-261.1k at 4 and 260.6-260.7k at 16, the kernel 0.276 ms at 16 against 0.278
+        // at 4: it is not bound by the K tiles' reads (bench/results/2026-11-30-gpu-attn-stored-ds-h200-*.txt). Nor
+        // did warps of 32 query rows (each K fragment read once for two row blocks) pay: the kernel 0.240 ms at
+        // 4 x 32 against 0.253 at 8 x 16, the step within noise (8 x 16 262.1-262.8k, 4 x 32 261.3-262.9k, 8 x 32
+        // 262.3-263.0k tokens/s), so that variant was removed.
+        dispatch_warps<true>("MOERL_ATTN_TC_BWD_DQ_WARPS", 8, [&](auto dw_dim) {
           constexpr int DW = decltype(dw_dim)::value;
           constexpr size_t smem_dqs = dq_stored_smem<DQ, DW>();
           allow_smem<attention_dq_stored_tc<DQ, DW>>(smem_dqs);

@@ -365,9 +365,9 @@ class Lanes {
     CUDA_CHECK(cudaEventRecord(fork_, stream));
     for (int i = 0; i < used; ++i) CUDA_CHECK(cudaStreamWaitEvent(streams_[i], fork_, 0));
     // Issued expert by expert, round robin over the lanes, so that every lane has work queued early (issuing one
-    // lane's experts after another's left the last lanes idle while the host queued the first's). The largest
-    // experts first, each to the lane with the fewest rows so far, measured within noise (MoE layer 11.88-11.96 vs
-    // 11.86-11.92 ms, bench/results/2026-11-30-gpu-sweep-lane-order-h200-d1a4666.txt).
+    // lane's experts after another's left the last lanes idle while the host queued the first's). Issuing the
+    // largest experts first, each to the lane with the fewest rows so far, measured within noise and was not kept
+    // (MoE layer 11.88-11.96 vs 11.86-11.92 ms, bench/results/2026-11-30-gpu-sweep-lane-order-h200-d1a4666.txt).
     for (int64_t e = 0; e < experts; ++e) {
       const int64_t r0 = aligned_host[e], n = aligned_host[e + 1] - r0;
       const int lane = static_cast<int>(e % n_);
@@ -418,6 +418,14 @@ GroupedTerm rows_term(const RowsFp8& a, const uint8_t* b, const float* b_scales,
 
 GroupedTerm tokens_term(const TokensFp8& a, const TokensFp8& b) {
   return GroupedTerm{a.codes(), a.cpu_scales(), b.codes(), b.cpu_scales(), 0};
+}
+
+// pr's output: y as FP32, or (bf16) as BF16 bit patterns.
+void set_output(GroupedProblem& pr, void* y, bool bf16) {
+  if (bf16)
+    pr.y_bf16 = static_cast<uint16_t*>(y);
+  else
+    pr.y = static_cast<float*>(y);
 }
 
 void check(const char* fn, const MoeFp8Experts& w, const int64_t* aligned_host, const int64_t* aligned) {
@@ -632,10 +640,7 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   if (grouped) {
     GroupedProblem pr;
     pr.terms[0] = rows_term(hq, sd.codes, sd.scales, I);
-    if (yp_bf16)
-      pr.y_bf16 = static_cast<uint16_t*>(yp);
-    else
-      pr.y = static_cast<float*>(yp);
+    set_output(pr, yp, yp_bf16);
     fp8::cuda::grouped_gemm_nt_rows(&pr, 1, aligned, E, rows, H, stream);
   } else {
     const std::vector<ExpertWeight> wd = expert_weights(sd);
@@ -815,10 +820,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     pr.terms[0] = rows_term(dgq, sg.codes_t, sg.scales_t, I);
     pr.terms[1] = rows_term(*duq_apart, su.codes_t, su.scales_t, I);
     pr.n_terms = 2;
-    if (dxp_bf16)
-      pr.y_bf16 = static_cast<uint16_t*>(dxp_out);
-    else
-      pr.y = dxp;
+    set_output(pr, dxp_bf16 ? dxp_out : dxp, dxp_bf16);
     fp8::cuda::grouped_gemm_nt_rows(&pr, 1, aligned, E, rows, H, stream);
     GroupedProblem pw[2];
     pw[0].terms[0] = tokens_term(dgt, xt), pw[0].y = w.gate_grad;

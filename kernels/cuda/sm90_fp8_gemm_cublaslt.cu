@@ -261,28 +261,27 @@ Plan GemmContext::Impl::make_plan(const PlanKey& k, const void* a_scales, const 
 
     cublasLtMatmulHeuristicResult_t results[kMaxHeuristicResults] = {};
     int found = 0;
-    // The heuristic's candidates with at most `ws` bytes of workspace (retried with the preference's default
-    // alignments, 256 bytes, where cuBLASLt refuses ours).
-    auto query = [&](uint64_t ws) {
+    // The heuristic's candidates with at most `ws` bytes of workspace, with our alignments or (aligned false) the
+    // preference's defaults, 256 bytes.
+    auto heuristic = [&](uint64_t ws, bool aligned) {
       CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-      cuda_detail::set_lt_preference(pref, ws, k.align_b, k.align_a, k.align_y);  // cuBLAS's A is our B
-      found = 0;
-      cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.layout_a, p.layout_b, p.layout_d,
-                                                         p.layout_d, pref, kMaxHeuristicResults, results, &found);
-      CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
-      pref = nullptr;
-      if (st == CUBLAS_STATUS_INVALID_VALUE) {
-        CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+      if (aligned)
+        cuda_detail::set_lt_preference(pref, ws, k.align_b, k.align_a, k.align_y);  // cuBLAS's A is our B
+      else
         CUBLAS_CHECK(
             cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws));
-        found = 0;
-        st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.layout_a, p.layout_b, p.layout_d, p.layout_d, pref,
-                                            kMaxHeuristicResults, results, &found);
-        CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
-        pref = nullptr;
-      }
-      p.workspace_bytes = ws;
+      found = 0;
+      const cublasStatus_t st = cublasLtMatmulAlgoGetHeuristic(handle, p.desc, p.layout_a, p.layout_b, p.layout_d,
+                                                               p.layout_d, pref, kMaxHeuristicResults, results, &found);
+      CUBLAS_CHECK(cublasLtMatmulPreferenceDestroy(pref));
+      pref = nullptr;
       return st;
+    };
+    // Retried with the default alignments where cuBLASLt refuses ours.
+    auto query = [&](uint64_t ws) {
+      p.workspace_bytes = ws;
+      const cublasStatus_t st = heuristic(ws, true);
+      return st == CUBLAS_STATUS_INVALID_VALUE ? heuristic(ws, false) : st;
     };
     cublasStatus_t st = query(fp8_workspace() ? workspace_bytes : 0);
     const bool none_usable = st != CUBLAS_STATUS_SUCCESS || choose_algo(k, results, found) < 0;
