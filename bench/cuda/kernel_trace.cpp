@@ -252,4 +252,16 @@ void KernelTrace::report(std::FILE* out, const std::string& label, int steps, in
     std::fprintf(out, "    %7.1f  %s\n", static_cast<double>(fr[i].second) / std::max(steps, 1), fr[i].first.c_str());
 }
 
+void KernelTrace::dump(const std::string& path) const {
+  std::vector<Interval> v = intervals_;
+  std::sort(v.begin(), v.end(), [](const Interval& a, const Interval& b) { return a.start < b.start; });
+  std::FILE* f = std::fopen(path.c_str(), "w");
+  require(f != nullptr, "kernel trace: cannot write " + path);
+  const uint64_t t0 = v.empty() ? 0 : v.front().start;
+  for (const Interval& iv : v)
+    std::fprintf(f, "%llu\t%llu\t%u\t%s\n", static_cast<unsigned long long>(iv.start - t0),
+                 static_cast<unsigned long long>(iv.end - t0), iv.stream, iv.name.c_str());
+  require(std::fclose(f) == 0, "kernel trace: cannot write " + path);
+}
+
 }  // namespace moerl::bench

@@ -7,7 +7,8 @@
 //   - the memsets by the work that follows each on its stream (which call issued them: cuBLASLt's own small ones
 //     show before its kernels).
 // For `moerl bench gpu` with MOERL_GPU_TRACE=1 (bench/cuda/train_step_bench.cu: the timed steps of train_step and
-// moe_layer). libcupti is loaded when a trace is made (dlopen of libcupti.so.13, or MOERL_CUPTI_LIB), so moerl
+// moe_layer). MOERL_GPU_TRACE_DUMP=PREFIX also writes every interval to PREFIX<label>.tsv (start and end in ns from
+// the first start, stream, name; for timelines and critical paths offline). libcupti is loaded when a trace is made (dlopen of libcupti.so.13, or MOERL_CUPTI_LIB), so moerl
 // does not depend on it otherwise. One trace at a time per process.
 #pragma once
 #include <cstdint>
@@ -33,6 +34,8 @@ class KernelTrace {
   void stop();
   // The summary of the work recorded, headed by `label`; `steps` divides the totals (per step figures).
   void report(std::FILE* out, const std::string& label, int steps, int top_kernels = 30, int top_gaps = 12) const;
+  // Every interval as a line "start_ns end_ns stream name" (tab-separated, times from the first start, by start).
+  void dump(const std::string& path) const;
 
   struct Interval {
     uint64_t start = 0, end = 0;  // ns, device clock

@@ -33,9 +33,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstdio>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "bench/cuda/train_step_bench.hpp"
@@ -137,6 +139,11 @@ template <class F> void trace_if_requested(const std::string& label, int steps, 
   for (int i = 1; i <= steps; ++i) fn(i);
   trace.stop();
   trace.report(stderr, label, steps);
+  if (const char* prefix = std::getenv("MOERL_GPU_TRACE_DUMP"); prefix != nullptr && *prefix != '\0') {
+    std::string name = label;
+    std::replace(name.begin(), name.end(), ' ', '_');
+    trace.dump(prefix + name + ".tsv");
+  }
 }
 
 double median(const std::vector<float>& sorted) {

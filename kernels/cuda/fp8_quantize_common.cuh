@@ -25,6 +25,22 @@ __device__ __forceinline__ int warp_max(int v) {
   return v;
 }
 
+// The last g in [0, n) with bounds[g] <= r (bounds [n + 1] non-decreasing, bounds[0] <= r < bounds[n]; empty
+// groups, equal bounds, are skipped that way): the number of group starts bounds[1 .. n - 1] at or before r,
+// counted by the whole warp at once, 32 starts a round, instead of a binary search's chain of dependent loads.
+// Every lane of the warp must call it, with the same r. (A binary search per thread and output, 6 loads deep at 64
+// groups, was 14.5% of the SwiGLU backward's instructions and 22% of its stall samples: ncu on the H200, MoE layer
+// bench, 2026-11-30, bench/results/2026-11-30-gpu-ncu-h200-dde0e97.txt.)
+__device__ __forceinline__ int64_t warp_group_index(const int64_t* bounds, int64_t n, int64_t r) {
+  const int lane = threadIdx.x % kWarp;
+  int64_t count = 0;
+  for (int64_t base = 1; base < n; base += kWarp) {
+    const int64_t i = base + lane;
+    count += __popc(__ballot_sync(0xFFFFFFFFu, i < n && bounds[i] <= r));
+  }
+  return count;
+}
+
 // abs_bits of the largest |v| over acc's and v's values, as a float: fmaxf (FMNMX with |.| operands, 1
 // instruction an element against 4 for abs_bits and an integer max) ignores a NaN unless both are, and orders
 // non-negative floats as their bit patterns, so abs_bits(abs_max4(.. abs_max4(0, v) ..)) is the integer max of

@@ -155,6 +155,7 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
 #pragma unroll 1
   for (int64_t k = 0; k < my_tiles; ++k) {
     const int64_t t = blockIdx.x + k * gridDim.x, rt = t / col_tiles, ct = t % col_tiles, c0 = ct * kTile;
+    const TileGroup grp = group_of(outs.o[0], rt * kTile);   // every output's (one shape); all lanes here
     const int g = lane >> 4, q = lane & 15, jc = 2 * warp + g;  // the columns' lane layout
     float cv[NO][2][4][4];                                      // [output][half][row 4 q + i][column 4 jc + e]
 #pragma unroll
@@ -214,11 +215,7 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
           const float scale = scale_from_amax_bits(amax);
           const Divisor d = divisor(scale);
           const int64_t gr = r0 + r;
-          if (p == 0) {
-            int64_t g0 = 0, n = out.rows;
-            if constexpr (kLt) group_of(out, rt * kTile, g0, n);
-            *row_scale<kLt>(out, gr, ct, g0, n) = scale;
-          }
+          if (p == 0) *row_scale<kLt>(out, gr, ct, grp) = scale;
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const int64_t c = c0 + 4 * (p + 8 * i);
@@ -247,7 +244,7 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
       const TileOutputs& out = outs.o[o];
       uint8_t* dst0;
       int64_t out_rows, first;
-      transposed_destination(out, rt * kTile, dst0, out_rows, first);
+      transposed_destination(out, rt * kTile, grp, dst0, out_rows, first);
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float m = 0.0f;
@@ -281,8 +278,9 @@ void launch_quantize_pipelined(const Src& src, const PipeOutputs<Src::kOutputs>&
   const TileOutputs& o = outs.o[0];
   if (o.rows == 0 || o.cols == 0) return;
   for (const TileOutputs& each : outs.o)
-    require(each.rows_lt == o.rows_lt && each.cols_lt == o.rows_lt,
-            "fp8::cuda::launch_quantize_pipelined: every output's scales in one layout");
+    require(each.rows_lt == o.rows_lt && each.cols_lt == o.rows_lt && each.rows == o.rows && each.cols == o.cols &&
+                each.bounds == o.bounds && each.n_groups == o.n_groups,
+            "fp8::cuda::launch_quantize_pipelined: every output of one shape and groups, its scales in one layout");
   const auto kernel = o.rows_lt ? quantize_pipelined_kernel<Src, true> : quantize_pipelined_kernel<Src, false>;
   constexpr int smem = PipeShape<Src>::kSmemBytes;
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));

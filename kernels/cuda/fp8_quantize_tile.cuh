@@ -82,29 +82,23 @@ struct TileOutputs {
 };
 
 // The group holding the 128-row tile at r0: its first row and its row count (the whole when there are no bounds).
-__device__ __forceinline__ void group_of(const TileOutputs& o, int64_t r0, int64_t& first, int64_t& n) {
-  first = 0, n = o.rows;
-  if (o.bounds == nullptr) return;
-  int64_t lo = 0, hi = o.n_groups;  // the last group starting at or before r0 (empty groups skipped)
-  while (hi - lo > 1) {
-    const int64_t mid = (lo + hi) / 2;
-    if (o.bounds[mid] <= r0)
-      lo = mid;
-    else
-      hi = mid;
-  }
-  first = o.bounds[lo];
-  n = o.bounds[lo + 1] - first;
+// Every lane of the warp must call it (warp_group_index); callers look it up once per tile.
+struct TileGroup {
+  int64_t first, n;
+};
+__device__ __forceinline__ TileGroup group_of(const TileOutputs& o, int64_t r0) {
+  if (o.bounds == nullptr) return {0, o.rows};
+  const int64_t g = warp_group_index(o.bounds, o.n_groups, r0), first = o.bounds[g];
+  return {first, o.bounds[g + 1] - first};
 }
 
-// Where the transposed codes of the 128-row tile at r0 go: its rows start at column `first` of a [cols, out_rows]
-// matrix at out (o.codes_t; with bounds, the packed matrix of the group holding the tile).
-__device__ __forceinline__ void transposed_destination(const TileOutputs& o, int64_t r0, uint8_t*& out,
-                                                       int64_t& out_rows, int64_t& first) {
-  int64_t g0;
-  group_of(o, r0, g0, out_rows);
-  out = o.codes_t + g0 * o.cols;
-  first = r0 - g0;
+// Where the transposed codes of the 128-row tile at r0 (in group g) go: its rows start at column `first` of a
+// [cols, out_rows] matrix at out (o.codes_t; with bounds, the packed matrix of the group holding the tile).
+__device__ __forceinline__ void transposed_destination(const TileOutputs& o, int64_t r0, const TileGroup& g,
+                                                       uint8_t*& out, int64_t& out_rows, int64_t& first) {
+  out = o.codes_t + g.first * o.cols;
+  out_rows = g.n;
+  first = r0 - g.first;
 }
 
 // The kernels take the layouts as a template argument (bit 0: rows_lt, bit 1: cols_lt; launch_quantize_tiles picks
@@ -112,11 +106,11 @@ __device__ __forceinline__ void transposed_destination(const TileOutputs& o, int
 // (2.94 against 3.10 TB/s on the H200, bench/results/2026-11-30-gpu-scale-layout-h200-31cb8bb.txt).
 constexpr int kRowsLt = 1, kColsLt = 2;
 
-// Where the scale of row r's tile kb goes; g0, n: the group of r (group_of; the cuBLASLt layout only).
+// Where the scale of row r's tile kb goes; g: the group of r (group_of; the cuBLASLt layout only).
 template <bool kLt>
-__device__ __forceinline__ float* row_scale(const TileOutputs& o, int64_t r, int64_t kb, int64_t g0, int64_t n) {
+__device__ __forceinline__ float* row_scale(const TileOutputs& o, int64_t r, int64_t kb, const TileGroup& g) {
   const int64_t ld = o.row_scales_ld(), k = o.scales_col0 + kb;
-  return kLt ? o.scales + g0 * ld + k * n + (r - g0) : o.scales + r * ld + k;
+  return kLt ? o.scales + g.first * ld + k * g.n + (r - g.first) : o.scales + r * ld + k;
 }
 
 // Where the scale of column c's tile rt (rows 128 rt ..) goes.
@@ -126,18 +120,16 @@ __device__ __forceinline__ float* col_scale(const TileOutputs& o, int64_t c, int
 }
 
 // The block (rt, blockIdx.x)'s values, v[k] = x[r, c .. c + 3] at the load layout above (zeros past cols),
-// quantized into o. Uses the block's shared memory when kCols.
+// quantized into o; g: the group of row tile rt (group_of). Uses the block's shared memory when kCols.
 template <bool kRows, bool kCols, int kTC, int kLt>
 __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], const TileOutputs& o,
-                                                     float4* tile_smem, int64_t rt) {
+                                                     float4* tile_smem, int64_t rt, const TileGroup& g) {
   using Shape = TileShape<kTC>;
   static_assert(!kRows || kTC == kTile, "row tiles need all 128 columns in the block");
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
   const int64_t ct = blockIdx.x, r0 = rt * kTile, c0 = ct * kTC;
   if constexpr (kRows) {
     const int64_t codes_ld = o.row_codes_ld();
-    int64_t g0 = 0, n = o.rows;
-    if constexpr ((kLt & kRowsLt) != 0) group_of(o, r0, g0, n);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float m = 0.0f;
@@ -148,7 +140,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
       const float scale = scale_from_amax_bits(amax);
       const Divisor d = divisor(scale);
       const int64_t r = r0 + Shape::row(4 * h, warp, sub);
-      if (quad == 0) *row_scale<(kLt & kRowsLt) != 0>(o, r, ct, g0, n) = scale;
+      if (quad == 0) *row_scale<(kLt & kRowsLt) != 0>(o, r, ct, g) = scale;
 #pragma unroll
       for (int k = 4 * h; k < 4 * h + 4; ++k) {
         const int64_t c = c0 + Shape::col(k, quad);
@@ -188,7 +180,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
       if (k4 == 0) *col_scale<(kLt & kColsLt) != 0>(o, c, rt) = scale;
       uint8_t* out;
       int64_t out_rows, first;
-      transposed_destination(o, r0, out, out_rows, first);
+      transposed_destination(o, r0, g, out, out_rows, first);
       uint32_t w[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) w[i] = encode4(q[i], d);
@@ -228,7 +220,9 @@ __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4
       v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.0f;  // the CPU's zero padding of a partial tile
     }
   }
-  quantize_tile_values<kRows, kCols, kTC, kLt>(v, o, tile_smem, rt);
+  // Looked up once the loads are in flight, by every lane (the rows' cuBLASLt scales and the columns' codes need it).
+  const TileGroup g = (kCols || (kLt & kRowsLt) != 0) ? group_of(o, rt * kTile) : TileGroup{0, o.rows};
+  quantize_tile_values<kRows, kCols, kTC, kLt>(v, o, tile_smem, rt, g);
 }
 
 // Launches quantize_tile_kernel for kRows, kCols over o: rows / 128 x ceil(cols / kTC) blocks (the caller has

@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kGatherWarps * 32)
     float* dst_scales = scales + r * ntiles;
     int64_t step = 1;
     if (lt_aligned != nullptr) {
-      const int64_t e = expert_of(lt_aligned, n_experts, r), first = lt_aligned[e];
+      const int64_t e = fp8::cuda::quant_detail::warp_group_index(lt_aligned, n_experts, r), first = lt_aligned[e];
       step = lt_aligned[e + 1] - first;
       dst_scales = scales + first * ntiles + (r - first);
     }
