@@ -12,7 +12,7 @@
 set -uo pipefail
 out=${OUT:-/tmp/moerl-device}
 mkdir -p "$out" /tmp/moerl-carry
-tar xzf build-gpu/carry/carry.tgz -C /tmp/moerl-carry
+tar xf build-gpu/carry/carry.tgz -C /tmp/moerl-carry  # gzip or xz
 bin=/tmp/moerl-carry/bin
 export LD_LIBRARY_PATH=/tmp/moerl-carry/rtlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 # The test binary reads fixtures from the absolute path it was built with: point that path here.

@@ -289,7 +289,8 @@ __global__ void __launch_bounds__(32 * WARPS)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int c = n * 8 + (lane % 4) * 2 + e % 2, i = i0 + c, j = jr + (e / 2) * 8;
-          p[n][e] = !masked || (j <= i && i < seq) ? fast_exp2(p[n][e] * scale_log2 - Stt[2 * c]) : 0.0f;
+          const float pe = fast_exp2(p[n][e] * scale_log2 - Stt[2 * c]);  // unconditional: a select, no branch
+          p[n][e] = !masked || (j <= i && i < seq) ? pe : 0.0f;
           ds[n][e] = p[n][e] * (ds[n][e] - Stt[2 * c + 1]);
         }
       if constexpr (STORE_DS) {  // keys jr, jr + 8 (sub-block rows kb, kb + 1), queries n·8 + 2 (lane % 4) + {0, 1}
@@ -363,7 +364,8 @@ __global__ void __launch_bounds__(32 * WARPS)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int a = e / 2, i = r0 + 8 * a, j = j0 + n * 8 + (lane % 4) * 2 + e % 2;
-          const float pe = !diagonal || j <= i ? fast_exp2(p[n][e] * scale_log2 - row_lse2[a]) : 0.0f;
+          const float ex = fast_exp2(p[n][e] * scale_log2 - row_lse2[a]);  // unconditional: a select, no branch
+          const float pe = !diagonal || j <= i ? ex : 0.0f;
           ds[n][e] = pe * (ds[n][e] - row_d[a]);
         }
       product<DQP>(dq_acc, ds, Kt, LQ, lane);

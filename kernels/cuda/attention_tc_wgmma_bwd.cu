@@ -127,7 +127,8 @@ __global__ void __launch_bounds__(256, 1) attention_dkdv_wgmma(const BackwardWgm
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int c = n * 8 + (lane % 4) * 2 + e % 2, i = i0 + c, j = jr + (e / 2) * 8;
-        const float p = !masked || (j <= i && i < seq) ? fast_exp2(s[n][e] * a.scale_log2 - Stt[2 * c]) : 0.0f;
+        const float ex = fast_exp2(s[n][e] * a.scale_log2 - Stt[2 * c]);  // unconditional: a select, no branch
+        const float p = !masked || (j <= i && i < seq) ? ex : 0.0f;
         dp[n][e] = p * (dp[n][e] - Stt[2 * c + 1]);
         s[n][e] = p;
       }
@@ -224,7 +225,8 @@ __global__ void __launch_bounds__(128 * WG, WG == 1 ? 2 : 1) attention_dq_wgmma(
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e / 2, i = r0 + 8 * r, j = j0 + n * 8 + (lane % 4) * 2 + e % 2;
-        const float p = !diagonal || j <= i ? fast_exp2(s[n][e] * a.scale_log2 - row_lse2[r]) : 0.0f;
+        const float ex = fast_exp2(s[n][e] * a.scale_log2 - row_lse2[r]);  // unconditional: a select, no branch
+        const float p = !diagonal || j <= i ? ex : 0.0f;
         dp[n][e] = p * (dp[n][e] - row_d[r]);
       }
     uint32_t da[4][4];
