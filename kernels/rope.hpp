@@ -8,8 +8,14 @@
 // Each pair (a, b) becomes (a·cos − b·sin, b·cos + a·sin).
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace moerl::cpu {
+
+// cos and sin of position · inv_freq[i] for positions 0 .. seq - 1: [seq, dim / 2] each, in the FP32 steps of HF
+// (inv_freq = 1 / theta^(2i / dim) with the power in double, angle = position · inv_freq rounded to FP32, cos and
+// sin in double rounded to FP32). The CPU's rope and the GPU's (kernels/cuda/rope.cu, which uploads them) use these.
+void rope_tables(int64_t seq, int64_t dim, float theta, std::vector<float>& cos_t, std::vector<float>& sin_t);
 
 // x: `tokens` rows of `heads` vectors of `dim` rope dims; element (t, h, i) at x[t*row_stride + h*head_stride + i]
 // (so the rope part may sit inside a wider row, e.g. q [T, H*(nope+rope)] with x = q + nope). dim must be even,

@@ -5,11 +5,6 @@
 
 namespace moerl::cpu {
 
-namespace {
-
-// cos and sin of position · inv_freq[i] for positions 0..seq-1: [seq, dim/2] each. Computed in FP32 steps as HF
-// does (inv_freq = 1 / theta^(2i/dim) in FP32, angle = pos · inv_freq rounded to FP32), so the tables agree
-// with HF's to the last bit or one ulp.
 void rope_tables(int64_t seq, int64_t dim, float theta, std::vector<float>& cos_t, std::vector<float>& sin_t) {
   const int64_t half = dim / 2;
   cos_t.resize(static_cast<size_t>(seq * half));
@@ -26,6 +21,8 @@ void rope_tables(int64_t seq, int64_t dim, float theta, std::vector<float>& cos_
       sin_t[p * half + i] = static_cast<float>(std::sin(static_cast<double>(angle)));
     }
 }
+
+namespace {
 
 // Rotates every pair by +angle (sign = 1) or −angle (sign = −1).
 void rope_apply(float* x, int64_t tokens, int64_t seq, int64_t heads, int64_t row_stride, int64_t head_stride,

@@ -2,15 +2,12 @@
 // plus a stream — in place, any row and head strides, rotate-half or interleaved pairs. x is device memory;
 // calls are asynchronous on `stream`.
 //
-// Same arithmetic as the CPU, step for step: inv_freq = 1 / (float)pow(theta, float(2i) / dim) with the power
-// in double, angle = float(position) · inv_freq in FP32, cos and sin in double rounded to FP32, then
-// (a·cos − b·sin, b·cos + a·sin) with each product and sum rounded separately (no fused multiply-add). The
-// GPU's double pow/cos/sin are within 2 ulp of the host's, so after rounding to FP32 the tables, and hence the
-// outputs, equal the CPU's bit for bit except where a double result sits within 2 double-ulp of an FP32
-// rounding boundary.
+// The CPU's tables (cpu::rope_tables, uploaded once per device, seq, dim and theta and kept for the process), then
+// (a·cos − b·sin, b·cos + a·sin) with each product and sum rounded separately (no fused multiply-add), as the CPU
+// does: the outputs equal the CPU's bit for bit.
 //
-// Throws moerl::Error on bad arguments (negative sizes, odd dim, tokens not a multiple of seq, null x, dim/2 >
-// 4096) and on a launch failure.
+// Throws moerl::Error on bad arguments (negative sizes, odd dim, tokens not a multiple of seq, null x) and on a
+// launch failure.
 #pragma once
 #include <cuda_runtime_api.h>
 

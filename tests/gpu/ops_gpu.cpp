@@ -224,32 +224,16 @@ TEST_F(OpsGpu, RopeRotatesLikeTheCpuInBothLayoutsInsideWiderRows) {
       const int64_t tokens = c.seq * c.batch, head_stride = c.nope + c.rope, row_stride = c.heads * head_stride;
       const std::vector<float> x0 = normal_vector(static_cast<size_t>(tokens * row_stride), rng);
       const float theta = 10000.0f;
-      // Element scales: |a| + |b| of its pair for rope dims (|cos|, |sin| <= 1), 0 for the untouched nope dims.
-      std::vector<double> scale(x0.size(), 0.0);
-      const int64_t half = c.rope / 2;
-      for (int64_t t = 0; t < tokens; ++t)
-        for (int64_t h = 0; h < c.heads; ++h)
-          for (int64_t i = 0; i < c.rope; ++i) {
-            const int64_t base = t * row_stride + h * head_stride + c.nope;
-            const int64_t partner = interleave ? (i ^ 1) : (i + half) % c.rope;
-            scale[base + i] = std::fabs(x0[base + i]) + std::fabs(x0[base + partner]);
-          }
       std::vector<float> x = x0;
       DeviceBuffer<float> d_x(x0);
       cpu::rope_forward(x.data() + c.nope, tokens, c.seq, c.heads, row_stride, head_stride, c.rope, theta, interleave);
       cuda::rope_forward(d_x.get(c.nope), tokens, c.seq, c.heads, row_stride, head_stride, c.rope, theta, interleave);
-      const std::vector<float> g_fwd = d_x.download(x.size());
-      // The tables equal the CPU's but where a double cos/sin/pow lies within 2 double-ulp of an FP32 rounding
-      // boundary (then 1 FP32 ulp = 2^-23 relative); each output is a·c ∓ b·s with separately rounded products:
-      // an error of at most ~3·2^-24·(|a| + |b|) ≈ 2e-7 of the scale. The nope dims must come back untouched
-      // (scale 0: bit-exact).
-      constexpr double kTol = 1e-6;
-      expect_close(name + " forward", g_fwd, x, scale, kTol);
-      // Backward on the forward's output (same scale: rotations keep |a| + |b| within a factor sqrt(2)).
+      // The GPU rotates with the CPU's tables (uploaded) and rounds each product and sum as the CPU does: the same
+      // bits, the nope dims untouched.
+      expect_same_bits(name + " forward", d_x.download(x.size()), x);
       cpu::rope_backward(x.data() + c.nope, tokens, c.seq, c.heads, row_stride, head_stride, c.rope, theta, interleave);
       cuda::rope_backward(d_x.get(c.nope), tokens, c.seq, c.heads, row_stride, head_stride, c.rope, theta, interleave);
-      for (double& s : scale) s *= 2;
-      expect_close(name + " backward", d_x.download(x.size()), x, scale, kTol);
+      expect_same_bits(name + " backward", d_x.download(x.size()), x);
     }
   }
 }
