@@ -199,7 +199,15 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
   }
 }
 
-// The source at (r, c) (c + 3 < cols) returns x[r, c .. c + 3]; it is called once per such group.
+// A source of the tile kernel, in two steps: load(r, c) issues the loads behind x[r, c .. c + 3] (c + 3 < cols;
+// past cols the kernel asks for column 0 of the row instead and drops the result) and returns what they bring
+// (Src::Raw); value(raw, r, c, in) makes the four values from it, zeros where !in (the CPU's zero padding of a
+// partial tile; a source with side effects, the SwiGLU forward's h, skips them there). Every load of the block is
+// issued before any value is made: computed right after each load, a value that waits for its load (SwiGLU's
+// arithmetic, the gathered sources' dependent loads, each in a branch) held the thread's next load back, so its 8
+// loads went one at a time (ncu on the H200, 2026-11-30: the SwiGLU forward's top stall sites were its loads' first
+// uses, 40% of the samples). Src::kLoadAhead false keeps a load and its value together (sources whose raw loads,
+// 8 of 2 or 3 float4s, would not fit the registers beside the values: FP32 SwiGLU inputs).
 // Registers (ptxas, sm_90a): 64 a thread (2 blocks of 512 or 4 of 256 per SM).
 template <class Src, bool kRows, bool kCols, int kTC, int kLt>
 __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4)
@@ -209,16 +217,21 @@ __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTC;
   const int64_t rt = o.row_tile_order != nullptr ? o.row_tile_order[blockIdx.y] : blockIdx.y;
+  typename Src::Raw raw[Src::kLoadAhead ? kTileLoads : 1];
+  if constexpr (Src::kLoadAhead) {
+#pragma unroll
+    for (int k = 0; k < kTileLoads; ++k) {
+      const int64_t r = rt * kTile + Shape::row(k, warp, sub), c = c0 + Shape::col(k, quad);
+      raw[k] = src.load(r, c < o.cols ? c : 0);
+    }
+  }
   float v[kTileLoads][4];
 #pragma unroll
   for (int k = 0; k < kTileLoads; ++k) {
     const int64_t r = rt * kTile + Shape::row(k, warp, sub), c = c0 + Shape::col(k, quad);
-    if (c < o.cols) {
-      const float4 f = src(r, c);
-      v[k][0] = f.x, v[k][1] = f.y, v[k][2] = f.z, v[k][3] = f.w;
-    } else {
-      v[k][0] = v[k][1] = v[k][2] = v[k][3] = 0.0f;  // the CPU's zero padding of a partial tile
-    }
+    if constexpr (!Src::kLoadAhead) raw[0] = src.load(r, c < o.cols ? c : 0);
+    const float4 f = src.value(raw[Src::kLoadAhead ? k : 0], r, c, c < o.cols);
+    v[k][0] = f.x, v[k][1] = f.y, v[k][2] = f.z, v[k][3] = f.w;
   }
   // Looked up once the loads are in flight, by every lane (the rows' cuBLASLt scales and the columns' codes need it).
   const TileGroup g = (kCols || (kLt & kRowsLt) != 0) ? group_of(o, rt * kTile) : TileGroup{0, o.rows};
@@ -262,13 +275,18 @@ void launch_quantize_tiles(const Src& src, const TileOutputs& o, cudaStream_t st
   launch_quantize_tiles_as<kRows, kCols, kTC, 0>(src, o, stream);
 }
 
+__device__ __forceinline__ float4 zero4() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
+
 // The plain source: x [rows, cols] in memory, read once (streaming).
 struct PlainSource {
   const float* x;
   int64_t cols;
-  __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
+  static constexpr bool kLoadAhead = true;
+  using Raw = float4;
+  __device__ __forceinline__ Raw load(int64_t r, int64_t c) const {
     return __ldcs(reinterpret_cast<const float4*>(x + r * cols + c));
   }
+  __device__ __forceinline__ float4 value(const Raw& v, int64_t, int64_t, bool in) const { return in ? v : zero4(); }
 };
 
 }  // namespace moerl::fp8::cuda::quant_detail

@@ -221,10 +221,17 @@ struct GatherSource {
   const float* x;
   const int64_t* token_of;
   int64_t cols;
-  __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
+  static constexpr bool kLoadAhead = true;
+  struct Raw {
+    float4 v;
+    bool ok;
+  };
+  __device__ __forceinline__ Raw load(int64_t r, int64_t c) const {  // x's row 0 where there is no token (unused)
     const int64_t t = token_of[r];
-    if (t < 0) return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    return __ldg(reinterpret_cast<const float4*>(x + t * cols + c));
+    return {__ldg(reinterpret_cast<const float4*>(x + (t < 0 ? 0 : t) * cols + c)), t >= 0};
+  }
+  __device__ __forceinline__ float4 value(const Raw& raw, int64_t, int64_t, bool in) const {
+    return in && raw.ok ? raw.v : fp8::cuda::quant_detail::zero4();
   }
 };
 
@@ -235,12 +242,20 @@ struct ScaledGatherSource {
   const int64_t* token_of;
   const float* row_weight;
   int64_t cols;
-  __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
+  static constexpr bool kLoadAhead = true;
+  struct Raw {
+    float4 v;
+    float w;
+    bool ok;
+  };
+  __device__ __forceinline__ Raw load(int64_t r, int64_t c) const {  // dy's row 0 where there is no token (unused)
     const int64_t t = token_of[r];
-    if (t < 0) return make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    const float w = row_weight[r];
-    const float4 v = __ldg(reinterpret_cast<const float4*>(dy + t * cols + c));
-    return make_float4(__fmul_rn(w, v.x), __fmul_rn(w, v.y), __fmul_rn(w, v.z), __fmul_rn(w, v.w));
+    return {__ldg(reinterpret_cast<const float4*>(dy + (t < 0 ? 0 : t) * cols + c)), row_weight[r], t >= 0};
+  }
+  __device__ __forceinline__ float4 value(const Raw& raw, int64_t, int64_t, bool in) const {
+    if (!(in && raw.ok)) return fp8::cuda::quant_detail::zero4();
+    const float w = raw.w;
+    return make_float4(__fmul_rn(w, raw.v.x), __fmul_rn(w, raw.v.y), __fmul_rn(w, raw.v.z), __fmul_rn(w, raw.v.w));
   }
 };
 

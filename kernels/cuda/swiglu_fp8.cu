@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #include "kernels/cuda/cuda_check.hpp"
@@ -30,46 +31,62 @@ using fp8::cuda::quant_detail::TileOutputs;
 using swiglu_detail::silu_grads;
 using swiglu_detail::silu_times;
 
-__device__ __forceinline__ float4 ld4(const float* p) { return *reinterpret_cast<const float4*>(p); }
-// 4 BF16 values (bit patterns, 8-byte aligned) widened.
-__device__ __forceinline__ float4 ld4(const uint16_t* p) {
-  const uint2 b = *reinterpret_cast<const uint2*>(p);
+// 4 values as loaded (FP32, or BF16 bit patterns) and widened to FP32.
+template <class T> using Vec4 = std::conditional_t<sizeof(T) == 2, uint2, float4>;
+template <class T> __device__ __forceinline__ Vec4<T> ld4(const T* p) { return *reinterpret_cast<const Vec4<T>*>(p); }
+__device__ __forceinline__ float4 widen(const float4& v) { return v; }
+__device__ __forceinline__ float4 widen(const uint2& b) {
   return make_float4(__uint_as_float(b.x << 16), __uint_as_float(b.x & 0xFFFF0000u), __uint_as_float(b.y << 16),
                      __uint_as_float(b.y & 0xFFFF0000u));
 }
 
+// Sources of the tile kernel (fp8_quantize_tile.cuh: load, then value).
 // h = silu(g) · u, written to h as it is produced. G: float, or uint16_t for g and u in BF16.
 template <class G>
 struct ForwardSource {
   const G *g, *u;
   float* h;
   int64_t cols, gu_ld;
-  __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
-    const int64_t i = r * cols + c, j = r * gu_ld + c;
-    const float4 gv = ld4(g + j), uv = ld4(u + j);
+  static constexpr bool kLoadAhead = sizeof(G) == 2;  // FP32 g and u: 16 float4s, no room beside the values
+  struct Raw {
+    Vec4<G> g, u;
+  };
+  __device__ __forceinline__ Raw load(int64_t r, int64_t c) const {
+    const int64_t j = r * gu_ld + c;
+    return {ld4(g + j), ld4(u + j)};
+  }
+  __device__ __forceinline__ float4 value(const Raw& raw, int64_t r, int64_t c, bool in) const {
+    if (!in) return fp8::cuda::quant_detail::zero4();
+    const float4 gv = widen(raw.g), uv = widen(raw.u);
     const float4 hv = make_float4(silu_times(gv.x, uv.x), silu_times(gv.y, uv.y), silu_times(gv.z, uv.z),
                                   silu_times(gv.w, uv.w));
-    if (h != nullptr) *reinterpret_cast<float4*>(h + i) = hv;  // kept for the backward pass: a normal store
+    if (h != nullptr) *reinterpret_cast<float4*>(h + r * cols + c) = hv;  // kept for the backward: a normal store
     return hv;
   }
 };
 
-// dg (kGate) or du of swiglu_backward.
+// dg (kGate) or du of swiglu_backward, from FP32 dh, g and u.
 template <bool kGate>
 struct BackwardSource {
   const float *dh, *g, *u;
   int64_t cols, gu_ld;
+  static constexpr bool kLoadAhead = false;  // 24 float4s would not fit beside the values
+  struct Raw {
+    float4 dh, g, u;
+  };
   __device__ __forceinline__ float grad(float dhv, float gv, float uv) const {
     float dg, du;
     silu_grads(dhv, gv, uv, dg, du);
     return kGate ? dg : du;
   }
-  __device__ __forceinline__ float4 operator()(int64_t r, int64_t c) const {
+  __device__ __forceinline__ Raw load(int64_t r, int64_t c) const {
     const int64_t i = r * cols + c, j = r * gu_ld + c;
-    const float4 dhv = ld4(dh + i), gv = ld4(g + j);
-    const float4 uv = kGate ? ld4(u + j) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    return make_float4(grad(dhv.x, gv.x, uv.x), grad(dhv.y, gv.y, uv.y), grad(dhv.z, gv.z, uv.z),
-                       grad(dhv.w, gv.w, uv.w));
+    return {ld4(dh + i), ld4(g + j), kGate ? ld4(u + j) : fp8::cuda::quant_detail::zero4()};
+  }
+  __device__ __forceinline__ float4 value(const Raw& raw, int64_t, int64_t, bool in) const {
+    if (!in) return fp8::cuda::quant_detail::zero4();
+    return make_float4(grad(raw.dh.x, raw.g.x, raw.u.x), grad(raw.dh.y, raw.g.y, raw.u.y),
+                       grad(raw.dh.z, raw.g.z, raw.u.z), grad(raw.dh.w, raw.g.w, raw.u.w));
   }
 };
 
