@@ -18,6 +18,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/cuda/rope.hpp"
+
 namespace moerl::cuda {
 
 // q, k, v -> out (overwritten) and lse (saved for the backward).
@@ -52,12 +54,14 @@ void attention_backward_bf16(const float* dout, const float* q, const float* k, 
 size_t attention_bf16_packed_bytes(int64_t batch, int64_t seq, int64_t heads, int64_t dqk, int64_t dv);
 // packed <- q [batch*seq, heads, dn + dr] and MLA's keys and values straight from their producers: kv [batch*seq,
 // heads, dn + dv] (per head [k_nope | v], the kv_b_proj output) and ckv [batch*seq, kv_lora + dr] (its last dr
-// columns the rotated rope key shared by the heads): k = [k_nope | k_rope] without an FP32 copy. Needs
-// attention_pack_mla_bf16_supported (16-byte aligned rows); throws otherwise.
+// columns the rotated rope key shared by the heads): k = [k_nope | k_rope] without an FP32 copy. With `rope`, q's
+// and the key's rope columns are taken unrotated and rotated as they are packed (interleaved pairs, the bits of
+// cuda::rope_forward), which saves the rope passes over q and ckv. Needs attention_pack_mla_bf16_supported
+// (16-byte aligned rows); throws otherwise.
 bool attention_pack_mla_bf16_supported(int64_t kv_lora, int64_t dn, int64_t dr, int64_t dv);
 void attention_pack_mla_bf16(const float* q, const float* kv, const float* ckv, int64_t kv_lora, void* packed,
                              int64_t batch, int64_t seq, int64_t heads, int64_t dn, int64_t dr, int64_t dv,
-                             cudaStream_t stream = nullptr);
+                             cudaStream_t stream = nullptr, const RopeTables* rope = nullptr);
 void attention_forward_bf16_packed(const void* packed, float* out, float* lse, int64_t batch, int64_t seq,
                                    int64_t heads, int64_t dqk, int64_t dv, float scale, cudaStream_t stream = nullptr);
 void attention_backward_bf16_packed(const float* dout, const void* packed, const float* out, const float* lse,
@@ -66,10 +70,11 @@ void attention_backward_bf16_packed(const float* dout, const void* packed, const
 // The same with dqk = dn + dr and dK, dV written in the layout MLA's backward goes on with, instead of dk and
 // dv_out: d_kv [batch*seq, heads, dn + dv] (per head dK's first dn columns, then dV: kv_b_proj's output gradient)
 // and dk_rope [batch*seq, heads, dr] (dK's last dr columns, to be summed over the heads). Bit-identical to the
-// plain form's values. Needs dn a multiple of 8.
+// plain form's values. Needs dn a multiple of 8. With `rope`, dQ's rope columns come out rotated back as they are
+// stored (the bits of cuda::rope_backward on them; dk_rope is left for the sum over the heads).
 void attention_backward_bf16_packed_mla(const float* dout, const void* packed, const float* out, const float* lse,
                                         float* dq, float* d_kv, float* dk_rope, int64_t batch, int64_t seq,
                                         int64_t heads, int64_t dn, int64_t dr, int64_t dv, float scale,
-                                        cudaStream_t stream = nullptr);
+                                        cudaStream_t stream = nullptr, const RopeTables* rope = nullptr);
 
 }  // namespace moerl::cuda

@@ -49,6 +49,7 @@
 #include "kernels/cuda/attention_tc_mma.cuh"
 #include "kernels/cuda/attention_tc_pack.hpp"
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/rope.hpp"
 #include "kernels/cuda/kernel_attributes.hpp"
 #include "kernels/cuda/stream_scratch.hpp"
 #include "runtime/error.hpp"
@@ -315,7 +316,7 @@ template <int DQ, int DV, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS)
     attention_dq_tc(const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
                     const bf16* __restrict__ dob, const float* __restrict__ stats, float* __restrict__ dq, int seq,
-                    int spad, int heads, float scale, float scale_log2, bool seq_order) {
+                    int spad, int heads, float scale, float scale_log2, bool seq_order, DqRope rope) {
   constexpr int ROWS = 16 * WARPS, THREADS = 32 * WARPS, DQP = pad16(DQ), DVP = pad16(DV);
   constexpr int LQ = row_stride(DQP), LV = row_stride(DVP);
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -373,7 +374,7 @@ __global__ void __launch_bounds__(32 * WARPS)
     __syncthreads();
   }
   const int64_t ldq = int64_t{heads} * DQ, tok0 = int64_t{b} * seq;
-  store_rows<DQ>(dq + tok0 * ldq + h * DQ, ldq, w0, seq, dq_acc, scale, lane);
+  store_rows_rope<DQ>(dq + tok0 * ldq + h * DQ, ldq, w0, seq, dq_acc, scale, rope, lane);
 }
 
 // Backward, dQ of query tile tiles-1-z (16·WARPS queries) from the dSᵀ blocks attention_dkdv_tc<.., true> stored:
@@ -390,7 +391,7 @@ constexpr size_t dq_stored_smem() {
 template <int DQ, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS)
     attention_dq_stored_tc(const bf16* __restrict__ kb, const bf16* __restrict__ ds, float* __restrict__ dq, int seq,
-                           int spad, int heads, float scale, bool seq_order) {
+                           int spad, int heads, float scale, bool seq_order, DqRope rope) {
   constexpr int ROWS = 16 * WARPS, THREADS = 32 * WARPS, DQP = pad16(DQ), LQ = row_stride(DQP);
   constexpr int SUB = ROWS / kCols, S = kDqStages;  // the block's 64-query tiles
   constexpr int STAGE = kCols * LQ + SUB * kCols * kCols;  // K [kCols][LQ], then SUB pair blocks (bf16 elements)
@@ -440,7 +441,7 @@ __global__ void __launch_bounds__(32 * WARPS)
     }
   }
   const int64_t ldq = int64_t{heads} * DQ, tok0 = int64_t{b} * seq;
-  store_rows<DQ>(dq + tok0 * ldq + h * DQ, ldq, w0, seq, dq_acc, scale, lane);
+  store_rows_rope<DQ>(dq + tok0 * ldq + h * DQ, ldq, w0, seq, dq_acc, scale, rope, lane);
 }
 
 template <int N> using Dim = std::integral_constant<int, N>;
@@ -593,7 +594,11 @@ namespace {
 // attention_backward_bf16_packed's body, dK and dV written as `kv` says (checked by the callers).
 void backward_packed(const float* dout, const void* packed, const float* out, const float* lse, float* dq,
                      const KvGradOut& kv, int64_t batch, int64_t seq, int64_t heads, int64_t dqk, int64_t dv,
-                     float scale, cudaStream_t stream) {
+                     float scale, cudaStream_t stream, const RopeTables* rope = nullptr) {
+  // dQ's rope columns (the last 2 · rope->half) rotated back as dQ is stored.
+  DqRope dq_rope;
+  if (rope != nullptr)
+    dq_rope = DqRope{rope->cos, rope->sin, static_cast<int>(rope->half), static_cast<int>(dqk - 2 * rope->half)};
   const bool order = seq_order();
   dispatch_tc(dqk, dv, [&](auto dq_dim, auto dv_dim) {
     constexpr int DQ = decltype(dq_dim)::value, DV = decltype(dv_dim)::value;
@@ -618,6 +623,8 @@ void backward_packed(const float* dout, const void* packed, const float* out, co
       backward_wgmma({pl.q(base), pl.k(base), pl.v(base), dob, qt, kt, dot, stats, dq, kv,
                       static_cast<int>(batch), s, sp, h, scale, scale * kLog2eTc, order},
                      dq_wg, stream);
+      if (rope != nullptr)  // this kernel stores dQ plain: rotated back after (the same bits)
+        rope_backward_with(*rope, dq + dq_rope.c0, batch * seq, seq, heads, heads * DQ, DQ, stream);
       t.release();
       scratch.release();
       return;
@@ -648,7 +655,7 @@ void backward_packed(const float* dout, const void* packed, const float* out, co
           constexpr size_t smem_dqs = dq_stored_smem<DQ, DW>();
           allow_smem<attention_dq_stored_tc<DQ, DW>>(smem_dqs);
           attention_dq_stored_tc<DQ, DW><<<grid_of(batch, seq, heads, 16 * DW, order), 32 * DW, smem_dqs, stream>>>(
-              pl.k(base), ds.as<bf16>(), dq, s, sp, h, scale, order);
+              pl.k(base), ds.as<bf16>(), dq, s, sp, h, scale, order, dq_rope);
           CUDA_CHECK_LAUNCH();
         });
         ds.release();
@@ -660,7 +667,8 @@ void backward_packed(const float* dout, const void* packed, const float* out, co
           pl.q(base), pl.k(base), pl.v(base), dob, stats, kv, s, sp, h, scale, scale * kLog2eTc, order);
       CUDA_CHECK_LAUNCH();
       attention_dq_tc<DQ, DV, W><<<grid, 32 * W, smem_dq, stream>>>(pl.q(base), pl.k(base), pl.v(base), dob, stats,
-                                                                    dq, s, sp, h, scale, scale * kLog2eTc, order);
+                                                                    dq, s, sp, h, scale, scale * kLog2eTc, order,
+                                                                    dq_rope);
       CUDA_CHECK_LAUNCH();
     });
     scratch.release();
@@ -681,8 +689,10 @@ void attention_backward_bf16_packed(const float* dout, const void* packed, const
 void attention_backward_bf16_packed_mla(const float* dout, const void* packed, const float* out, const float* lse,
                                         float* dq, float* d_kv, float* dk_rope, int64_t batch, int64_t seq,
                                         int64_t heads, int64_t dn, int64_t dr, int64_t dv, float scale,
-                                        cudaStream_t stream) {
+                                        cudaStream_t stream, const RopeTables* rope) {
   const std::string where = "moerl::cuda::attention_backward_bf16_packed_mla";
+  require(rope == nullptr || (rope->cos && rope->sin && 2 * rope->half == dr),
+          [&] { return where + ": RoPE tables of dr / 2 pairs needed"; });
   require(dn > 0 && dr > 0 && dn % 8 == 0, [&] {
     return where + ": needs dn a positive multiple of 8 and dr > 0, got dn " + std::to_string(dn) + ", dr " +
            std::to_string(dr);
@@ -691,7 +701,7 @@ void attention_backward_bf16_packed_mla(const float* dout, const void* packed, c
   if (!check_tc(where, batch, seq, heads, dqk, dv, scale, {dout, packed, out, dq, d_kv, dk_rope}, lse)) return;
   const KvGradOut kv{d_kv, heads * width, width, dk_rope, heads * dr, dr, static_cast<int>(dn),
                      d_kv + dn, heads * width, width};
-  backward_packed(dout, packed, out, lse, dq, kv, batch, seq, heads, dqk, dv, scale, stream);
+  backward_packed(dout, packed, out, lse, dq, kv, batch, seq, heads, dqk, dv, scale, stream, rope);
 }
 
 void attention_forward_bf16(const float* q, const float* k, const float* v, float* out, float* lse, int64_t batch,

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/attention_tc_pack.hpp"
+#include "kernels/cuda/rope_rotate.cuh"
 
 namespace moerl::cuda::attention_tc_detail {
 
@@ -207,6 +208,40 @@ template <int D>
 __device__ __forceinline__ void store_rows(float* __restrict__ dst, int64_t ldg, int row0, int seq,
                                            const float (&acc)[pad16(D) / 8][4], float factor, int lane) {
   store_rows_split<D>(dst, ldg, dst, ldg, D, row0, seq, acc, factor, lane);
+}
+
+// RoPE rotated back on dQ's columns [c0, D) as dQ is stored (interleaved pairs, RoPE's tables at the row's
+// position): the bits of cuda::rope_backward on the stored rows. c0 < 0: none.
+struct DqRope {
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  int half = 0;
+  int c0 = -1;
+};
+
+// store_rows (rows are positions in their sequence), dQ's rope columns rotated back.
+template <int D>
+__device__ __forceinline__ void store_rows_rope(float* __restrict__ dst, int64_t ldg, int row0, int seq,
+                                                const float (&acc)[pad16(D) / 8][4], float factor, const DqRope& rope,
+                                                int lane) {
+  if (rope.c0 < 0) return store_rows<D>(dst, ldg, row0, seq, acc, factor, lane);
+  const int r = row0 + lane / 4, c = (lane % 4) * 2;
+#pragma unroll
+  for (int n = 0; n < pad16(D) / 8; ++n) {
+    if (n * 8 >= D) continue;
+    const int col = n * 8 + c;
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int row = r + 8 * half;
+      if (row >= seq) continue;
+      float a = acc[n][2 * half] * factor, b = acc[n][2 * half + 1] * factor;
+      if (col >= rope.c0) {
+        const int64_t at = int64_t{row} * rope.half + (col - rope.c0) / 2;
+        rope_rotate(a, b, __ldg(rope.cos + at), -__ldg(rope.sin + at));
+      }
+      *reinterpret_cast<float2*>(dst + row * ldg + col) = make_float2(a, b);
+    }
+  }
 }
 
 // The dK and dV rows of key tile rows row0.. of head h in sequence b (tokens b · seq + ..), into `out`.

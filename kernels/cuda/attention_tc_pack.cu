@@ -14,6 +14,7 @@
 #include "kernels/cuda/attention_tc_mma.cuh"
 #include "kernels/cuda/attention_tc_pack.hpp"
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/rope_rotate.cuh"
 #include "kernels/cuda/stream_scratch.hpp"
 #include "runtime/error.hpp"
 
@@ -42,6 +43,15 @@ __global__ void __launch_bounds__(kPackThreads)
         c < src.d1 ? src.a + tok * src.a_tok + h * src.a_head + c : src.b + tok * src.b_tok + (c - src.d1);
     x0 = *reinterpret_cast<const float4*>(row);
     x1 = *reinterpret_cast<const float4*>(row + 4);
+    if (src.rope_c0 >= 0 && c >= src.rope_c0) {  // pairs j .. j + 3 of position s
+      const int64_t at = int64_t{s} * src.rope.half + (c - src.rope_c0) / 2;
+      const float* cs = src.rope.cos + at;
+      const float* sn = src.rope.sin + at;
+      rope_rotate(x0.x, x0.y, __ldg(cs), __ldg(sn));
+      rope_rotate(x0.z, x0.w, __ldg(cs + 1), __ldg(sn + 1));
+      rope_rotate(x1.x, x1.y, __ldg(cs + 2), __ldg(sn + 2));
+      rope_rotate(x1.z, x1.w, __ldg(cs + 3), __ldg(sn + 3));
+    }
   }
   *reinterpret_cast<uint4*>(dst + r * DP + c) =
       make_uint4(pack_bf16(x0.x, x0.y), pack_bf16(x0.z, x0.w), pack_bf16(x1.x, x1.y), pack_bf16(x1.z, x1.w));
@@ -256,7 +266,7 @@ size_t attention_bf16_packed_bytes(int64_t batch, int64_t seq, int64_t heads, in
 
 void attention_pack_mla_bf16(const float* q, const float* kv, const float* ckv, int64_t kv_lora, void* packed,
                              int64_t batch, int64_t seq, int64_t heads, int64_t dn, int64_t dr, int64_t dv,
-                             cudaStream_t stream) {
+                             cudaStream_t stream, const RopeTables* rope) {
   const char* where = "moerl::cuda::attention_pack_mla_bf16";
   const int64_t dqk = dn + dr;
   require(attention_bf16_supported(dqk, dv), [&] { return std::string(where) + ": head dims not supported"; });
@@ -265,10 +275,16 @@ void attention_pack_mla_bf16(const float* q, const float* kv, const float* ckv, 
   require(packed != nullptr && aligned16(packed),
           [&] { return std::string(where) + ": null or misaligned packed buffer"; });
   const PackedLayout pl(batch, seq, heads, dqk, dv);
-  const PackSrc qs{q, heads * dqk, dqk, static_cast<int>(dqk), nullptr, 0};
+  PackSrc qs{q, heads * dqk, dqk, static_cast<int>(dqk), nullptr, 0};
   // k = [k_nope (first dn columns of a head's kv row) | k_rope (last dr columns of the token's ckv row)].
-  const PackSrc ks{kv, heads * (dn + dv), dn + dv, static_cast<int>(dn), ckv + kv_lora, kv_lora + dr};
+  PackSrc ks{kv, heads * (dn + dv), dn + dv, static_cast<int>(dn), ckv + kv_lora, kv_lora + dr};
   const PackSrc vs{kv + dn, heads * (dn + dv), dn + dv, static_cast<int>(dv), nullptr, 0};
+  if (rope != nullptr) {  // q's and the key's rope columns rotated here (rope_forward's bits)
+    require(rope->cos && rope->sin && 2 * rope->half == dr && dr > 0,
+            [&] { return std::string(where) + ": RoPE tables of dr / 2 pairs needed"; });
+    qs.rope_c0 = ks.rope_c0 = static_cast<int>(dn);
+    qs.rope = ks.rope = *rope;
+  }
   check_pack_src(where, qs, dqk);
   check_pack_src(where, ks, dqk);
   check_pack_src(where, vs, dv);

@@ -9,6 +9,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/cuda/rope.hpp"
+
 namespace moerl::cuda::attention_tc_detail {
 
 constexpr int kSeqPad = 256;  // scratch rows per (sequence, head): seq rounded up to this (the largest block tile)
@@ -33,14 +35,18 @@ struct PackedLayout {
 };
 
 // Where packed row (token t = b·seq + s, head h) comes from: columns [0, d1) at a[t·a_tok + h·a_head + c], columns
-// [d1, D) at b[t·b_tok + c − d1] (one row per token, shared by the heads: MLA's rotated rope key). FP32; every
-// row start 16-byte aligned, d1 a multiple of 8 (check_pack_src).
+// [d1, D) at b[t·b_tok + c − d1] (one row per token, shared by the heads: MLA's rope key). FP32; every row start
+// 16-byte aligned, d1 a multiple of 8 (check_pack_src). With rope_c0 >= 0 (a multiple of 8), columns [rope_c0, D)
+// are rotated on the way, interleaved pairs at position s with RoPE's tables (rope_rotate.cuh: the bits of
+// cuda::rope_forward), D − rope_c0 = 2 · rope.half.
 struct PackSrc {
   const float* a = nullptr;
   int64_t a_tok = 0, a_head = 0;
   int d1 = 0;
   const float* b = nullptr;
   int64_t b_tok = 0;
+  int rope_c0 = -1;
+  RopeTables rope;
 };
 
 // Throws moerl::Error (naming `where`) unless src can be read with 16-byte loads for head dim d.

@@ -1,6 +1,7 @@
 // RoPE forward/backward on the GPU; the reference is kernels/cpu/rope.cpp, the contract kernels/cuda/rope.hpp.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -10,8 +11,8 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_check.hpp"
-#include "kernels/cuda/ops_common.cuh"
 #include "kernels/cuda/rope.hpp"
+#include "kernels/cuda/rope_rotate.cuh"
 #include "kernels/rope.hpp"
 #include "runtime/error.hpp"
 
@@ -20,15 +21,61 @@ namespace {
 
 constexpr int kMaxThreads = 256;
 
-// The CPU's cos and sin tables (cpu::rope_tables, [seq, dim / 2] each) on the device, uploaded once per device,
-// seq, dim and theta and kept for the process (2 · seq · dim / 2 floats: 256 KiB at seq 2048, dim 32). Each call
-// used to build its token's row of the tables again, in double (pow, sincos): 37 us per call on the H200 for the
-// bench-600m query rope (16 heads of 32 dims, 16384 tokens) at 23% of DRAM bandwidth (ncu, 2026-11-30).
-struct RopeTables {
-  const float* cos;
-  const float* sin;
-};
+// A block per `tpb` tokens (tpb · heads · half pairs, at most a block's threads unless one token has more): pair i of
+// head h is (x[i·a_step], x[i·a_step + b_off]) within the head's vector, rotated with its position's row of the
+// tables. sign = −1 rotates back (−sin: exact). (A block per token left the single rope key's 16 pairs a token to
+// blocks of 32 threads: 11.5 us a call at bench-600m.)
+__global__ void __launch_bounds__(kMaxThreads)
+    rope_kernel(float* __restrict__ x, const float* __restrict__ cos_table, const float* __restrict__ sin_table,
+                int64_t tokens, int64_t seq, uint32_t tpb, uint32_t heads, int64_t row_stride, int64_t head_stride,
+                uint32_t half, int64_t a_step, int64_t b_off, float sign) {
+  const uint32_t per_token = heads * half;
+  const int64_t t0 = static_cast<int64_t>(blockIdx.x) * tpb;
+  const uint32_t items = static_cast<uint32_t>(min(static_cast<int64_t>(tpb), tokens - t0)) * per_token;
+  for (uint32_t j = threadIdx.x; j < items; j += blockDim.x) {
+    const uint32_t tl = j / per_token, hi = j - tl * per_token, h = hi / half, i = hi - h * half;
+    const int64_t t = t0 + tl, position = t % seq;
+    float* pa = x + t * row_stride + h * head_stride + i * a_step;
+    float* pb = pa + b_off;
+    float a = *pa, b = *pb;
+    rope_rotate(a, b, __ldg(cos_table + position * half + i), sign * __ldg(sin_table + position * half + i));
+    *pa = a, *pb = b;
+  }
+}
 
+// tables: null for RoPE's own (rope_tables(seq, dim, theta)).
+void rope_apply(const char* fn, float* x, int64_t tokens, int64_t seq, int64_t heads, int64_t row_stride,
+                int64_t head_stride, int64_t dim, float theta, bool interleave, float sign, cudaStream_t stream,
+                const RopeTables* given = nullptr) {
+  const std::string where = std::string("cuda::") + fn + ": ";
+  require(tokens >= 0 && heads >= 0, [&] {
+    return where + "tokens and heads must be >= 0, got " + std::to_string(tokens) + " and " + std::to_string(heads);
+  });
+  require(dim > 0 && dim % 2 == 0, [&] {
+    return where + "dim must be even and positive, got " + std::to_string(dim);
+  });
+  require(seq > 0 && tokens % seq == 0, [&] {
+    return where + "tokens (" + std::to_string(tokens) + ") must be a multiple of seq (" + std::to_string(seq) + ")";
+  });
+  if (tokens == 0 || heads == 0) return;
+  require(x != nullptr, [&] { return where + "null x"; });
+  const int64_t half = dim / 2, per_token = heads * half;
+  require(per_token < (int64_t{1} << 31), [&] { return where + "heads · dim / 2 must be below 2^31"; });
+  const int64_t tpb = std::max<int64_t>(1, kMaxThreads / per_token), blocks = (tokens + tpb - 1) / tpb;
+  require(blocks <= INT32_MAX, [&] { return where + std::to_string(tokens) + " tokens exceed one launch"; });
+  const RopeTables tables = given != nullptr ? *given : rope_tables(seq, dim, theta);
+  rope_kernel<<<static_cast<unsigned>(blocks), kMaxThreads, 0, stream>>>(
+      x, tables.cos, tables.sin, tokens, seq, static_cast<uint32_t>(tpb), static_cast<uint32_t>(heads), row_stride,
+      head_stride, static_cast<uint32_t>(half), interleave ? 2 : 1, interleave ? 1 : half, sign);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace
+
+// Uploaded once per device, seq, dim and theta and kept for the process (2 · seq · dim / 2 floats: 256 KiB at seq
+// 2048, dim 32). Each rope call used to build its token's row of the tables again, in double (pow, sincos): 37 us a
+// call on the H200 for the bench-600m query rope (16 heads of 32 dims, 16384 tokens) at 23% of DRAM bandwidth (ncu,
+// 2026-11-30).
 RopeTables rope_tables(int64_t seq, int64_t dim, float theta) {
   using Key = std::tuple<int, int64_t, int64_t, uint32_t>;
   static std::mutex mutex;
@@ -51,55 +98,8 @@ RopeTables rope_tables(int64_t seq, int64_t dim, float theta) {
     CUDA_CHECK(cudaMemcpy(d + n, sin_t.data(), static_cast<size_t>(n) * sizeof(float), cudaMemcpyHostToDevice));
     it = tables.emplace(key, d).first;
   }
-  return {it->second, it->second + n};
+  return {it->second, it->second + n, dim / 2};
 }
-
-// One block per token: rotates every (head, pair) of the token with its position's row of the tables; pair i of
-// head h is (x[i·a_step], x[i·a_step + b_off]) within the head's vector. sign = −1 rotates back (−sin: exact).
-__global__ void __launch_bounds__(kMaxThreads)
-    rope_kernel(float* __restrict__ x, const float* __restrict__ cos_table, const float* __restrict__ sin_table,
-                int64_t seq, int64_t heads, int64_t row_stride, int64_t head_stride, int64_t half, int64_t a_step,
-                int64_t b_off, float sign) {
-  const int64_t t = blockIdx.x, position = t % seq;
-  const float* cos_t = cos_table + position * half;
-  const float* sin_t = sin_table + position * half;
-  float* xt = x + t * row_stride;
-  for (int64_t idx = threadIdx.x; idx < heads * half; idx += blockDim.x) {
-    const int64_t h = idx / half, i = idx % half;
-    float* pa = xt + h * head_stride + i * a_step;
-    float* pb = pa + b_off;
-    const float a = *pa, b = *pb, c = __ldg(cos_t + i), s = sign * __ldg(sin_t + i);
-    *pa = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
-    *pb = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
-  }
-}
-
-void rope_apply(const char* fn, float* x, int64_t tokens, int64_t seq, int64_t heads, int64_t row_stride,
-                int64_t head_stride, int64_t dim, float theta, bool interleave, float sign, cudaStream_t stream) {
-  const std::string where = std::string("cuda::") + fn + ": ";
-  require(tokens >= 0 && heads >= 0, [&] {
-    return where + "tokens and heads must be >= 0, got " + std::to_string(tokens) + " and " + std::to_string(heads);
-  });
-  require(dim > 0 && dim % 2 == 0, [&] {
-    return where + "dim must be even and positive, got " + std::to_string(dim);
-  });
-  require(seq > 0 && tokens % seq == 0, [&] {
-    return where + "tokens (" + std::to_string(tokens) + ") must be a multiple of seq (" + std::to_string(seq) + ")";
-  });
-  if (tokens == 0 || heads == 0) return;
-  require(x != nullptr, [&] { return where + "null x"; });
-  require(tokens <= INT32_MAX, [&] { return where + std::to_string(tokens) + " tokens exceed one launch"; });
-  const int64_t half = dim / 2, pairs = heads * half;
-  const int64_t warps = (pairs + ops_detail::kWarp - 1) / ops_detail::kWarp;
-  const int threads = static_cast<int>(warps * ops_detail::kWarp > kMaxThreads ? kMaxThreads : warps * ops_detail::kWarp);
-  const RopeTables tables = rope_tables(seq, dim, theta);
-  rope_kernel<<<static_cast<unsigned>(tokens), threads, 0, stream>>>(
-      x, tables.cos, tables.sin, seq, heads, row_stride, head_stride, half, interleave ? 2 : 1, interleave ? 1 : half,
-      sign);
-  CUDA_CHECK_LAUNCH();
-}
-
-}  // namespace
 
 void rope_forward(float* x, int64_t tokens, int64_t seq, int64_t heads, int64_t row_stride, int64_t head_stride,
                   int64_t dim, float theta, bool interleave, cudaStream_t stream) {
@@ -109,6 +109,13 @@ void rope_forward(float* x, int64_t tokens, int64_t seq, int64_t heads, int64_t 
 void rope_backward(float* dx, int64_t tokens, int64_t seq, int64_t heads, int64_t row_stride, int64_t head_stride,
                    int64_t dim, float theta, bool interleave, cudaStream_t stream) {
   rope_apply("rope_backward", dx, tokens, seq, heads, row_stride, head_stride, dim, theta, interleave, -1.0f, stream);
+}
+
+void rope_backward_with(const RopeTables& t, float* dx, int64_t tokens, int64_t seq, int64_t heads,
+                        int64_t row_stride, int64_t head_stride, cudaStream_t stream) {
+  require(t.cos && t.sin && t.half > 0, "cuda::rope_backward_with: no tables");
+  rope_apply("rope_backward_with", dx, tokens, seq, heads, row_stride, head_stride, 2 * t.half, 0.0f, true, -1.0f,
+             stream, &t);
 }
 
 }  // namespace moerl::cuda

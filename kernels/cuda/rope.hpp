@@ -23,4 +23,18 @@ void rope_forward(float* x, int64_t tokens, int64_t seq, int64_t heads, int64_t 
 void rope_backward(float* dx, int64_t tokens, int64_t seq, int64_t heads, int64_t row_stride, int64_t head_stride,
                    int64_t dim, float theta, bool interleave, cudaStream_t stream = nullptr);
 
+// The device tables the functions above rotate with (cpu::rope_tables: cos and sin [seq, dim / 2] each, FP32),
+// for kernels that apply RoPE on the way (kernels/cuda/rope_rotate.cuh); kept for the process. Interleaved pairs:
+// pair i of a position is columns (2i, 2i + 1) of its rope dims.
+struct RopeTables {
+  const float* cos = nullptr;
+  const float* sin = nullptr;
+  int64_t half = 0;  // dim / 2
+};
+RopeTables rope_tables(int64_t seq, int64_t dim, float theta);
+
+// rope_backward with interleaved pairs from given tables (dim = 2 · t.half).
+void rope_backward_with(const RopeTables& t, float* dx, int64_t tokens, int64_t seq, int64_t heads,
+                        int64_t row_stride, int64_t head_stride, cudaStream_t stream = nullptr);
+
 }  // namespace moerl::cuda

@@ -9,6 +9,7 @@
 #include "runtime/error.hpp"
 #include "runtime/gpu/gpu_layers.hpp"
 #include "runtime/gpu/gpu_profile.hpp"
+#include "runtime/util/env_switch.hpp"
 
 namespace moerl::gpu::detail {
 
@@ -105,18 +106,24 @@ void GpuMla::forward(const float* x, float* y, const Run& r) {
     cuda::linear_forward(lin, p, normed.get(), kv_b_->value, kv.get(), T, H * (dn_ + dv_), kv_lora_, r.stream);
   }
 
-  // RoPE: every head's q_rope, and the one k_rope per token (in place inside ckv).
-  phase.next("rope+core");
-  cuda::rope_forward(q_ + dn_, T, seq_, H, H * dq_, dq_, dr_, theta_, interleave_, r.stream);
-  cuda::rope_forward(ckv.get() + kv_lora_, T, seq_, 1, ckv_dim, dr_, dr_, theta_, interleave_, r.stream);
-
   // bf16 and fp8 recipes: the core on tensor cores with BF16 operands (as PyTorch's sdpa in a bf16 model), packed
   // once here from q and straight from kv and ckv (no FP32 k, v) and kept for the backward; fp32 (and head dims
   // without tensor-core kernels): k, v assembled in FP32 for the FP32 kernels.
   const bool tc = p != Precision::FP32 && cuda::attention_bf16_supported(dq_, dv_);
   used_packed_ = tc && packed_mla_;
+  // RoPE: every head's q_rope, and the one k_rope per token (in place inside ckv); with interleaved pairs on the
+  // packed path, rotated by the packing instead (the same bits, without the rope passes over q and ckv: ~30 us a
+  // layer each way at bench-600m).
+  phase.next("rope+core");
+  const bool rope_fused = fused_rope();
+  const cuda::RopeTables rope = rope_fused ? cuda::rope_tables(seq_, dr_, theta_) : cuda::RopeTables{};
+  if (!rope_fused) {
+    cuda::rope_forward(q_ + dn_, T, seq_, H, H * dq_, dq_, dr_, theta_, interleave_, r.stream);
+    cuda::rope_forward(ckv.get() + kv_lora_, T, seq_, 1, ckv_dim, dr_, dr_, theta_, interleave_, r.stream);
+  }
   if (used_packed_) {
-    cuda::attention_pack_mla_bf16(q_, kv.get(), ckv.get(), kv_lora_, packed_, batch_, seq_, H, dn_, dr_, dv_, r.stream);
+    cuda::attention_pack_mla_bf16(q_, kv.get(), ckv.get(), kv_lora_, packed_, batch_, seq_, H, dn_, dr_, dv_, r.stream,
+                                  rope_fused ? &rope : nullptr);
     cuda::attention_forward_bf16_packed(packed_, attn_, lse_, batch_, seq_, H, dq_, dv_, scale_, r.stream);
   } else {
     mla_assemble_kv(kv.get(), ckv.get(), k_, v_, T, H, dn_, dv_, dr_, kv_lora_, r.stream);
@@ -126,6 +133,11 @@ void GpuMla::forward(const float* x, float* y, const Run& r) {
   phase.next("o");
   cuda::linear_forward(lin, p, attn_, o_->value, y, T, hidden_, H * dv_, r.stream);
   saved_ = true;
+}
+
+bool GpuMla::fused_rope() const {
+  static const bool separate = env_switch("MOERL_ATTN_ROPE", "fused", "separate");
+  return used_packed_ && interleave_ && dr_ > 0 && dn_ % 8 == 0 && !separate;
 }
 
 void GpuMla::backward(const float* dy, float* dx, const Run& r) {
@@ -155,11 +167,14 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
   // itself and dK's rope columns apart: one pass over dK and dV fewer (mla_split_dkv's 0.92 ms of bench-600m's fp8
   // step), 248.8-249.0k against 246.4-246.9k tokens/s on the H200, the same bits
   // (bench/results/2026-11-30-gpu-mla-dkv-h200-14d3983.txt).
+  const bool rope_fused = fused_rope();  // as in the forward: dQ's and the rope key's rotations back fused too
   if (used_packed_ && dn_ % 8 == 0) {
+    const cuda::RopeTables rope = rope_fused ? cuda::rope_tables(seq_, dr_, theta_) : cuda::RopeTables{};
     Temp<float> dk_rope(T * H * dr_, r);
     cuda::attention_backward_bf16_packed_mla(d_attn.get(), packed_, attn_, lse_, d_q.get(), d_kv.get(), dk_rope.get(),
-                                             batch_, seq_, H, dn_, dr_, dv_, scale_, r.stream);
-    mla_sum_rope_dk(dk_rope.get(), d_ckv.get(), T, H, dr_, kv_lora_, r.stream);
+                                             batch_, seq_, H, dn_, dr_, dv_, scale_, r.stream,
+                                             rope_fused ? &rope : nullptr);
+    mla_sum_rope_dk(dk_rope.get(), d_ckv.get(), T, H, dr_, kv_lora_, r.stream, rope_fused ? &rope : nullptr, seq_);
   } else {
     Temp<float> d_k(T * H * dq_, r), d_v(T * H * dv_, r);
     const bool tc = p != Precision::FP32 && cuda::attention_bf16_supported(dq_, dv_);
@@ -172,8 +187,10 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
                                                                       scale_, r.stream);
     mla_split_dkv(d_k.get(), d_v.get(), d_kv.get(), d_ckv.get(), T, H, dn_, dv_, dr_, kv_lora_, r.stream);
   }
-  cuda::rope_backward(d_q.get() + dn_, T, seq_, H, H * dq_, dq_, dr_, theta_, interleave_, r.stream);
-  cuda::rope_backward(d_ckv.get() + kv_lora_, T, seq_, 1, ckv_dim, dr_, dr_, theta_, interleave_, r.stream);
+  if (!rope_fused) {
+    cuda::rope_backward(d_q.get() + dn_, T, seq_, H, H * dq_, dq_, dr_, theta_, interleave_, r.stream);
+    cuda::rope_backward(d_ckv.get() + kv_lora_, T, seq_, 1, ckv_dim, dr_, dr_, theta_, interleave_, r.stream);
+  }
 
   // kv_b_proj and kv_a_layernorm (its output and rstd recomputed from the saved latent).
   phase.next("kv_b");

@@ -11,6 +11,7 @@
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/linear.hpp"
+#include "kernels/cuda/rope.hpp"
 #include "kernels/cuda/stream_scratch.hpp"
 #include "kernels/linear.hpp"
 
@@ -144,8 +145,10 @@ void mla_assemble_kv(const float* kv, const float* ckv, float* k, float* v, int6
 void mla_split_dkv(const float* dk, const float* dv, float* d_kv, float* d_ckv, int64_t tokens, int64_t heads,
                    int64_t dn, int64_t dv_dim, int64_t dr, int64_t kv_lora, cudaStream_t stream);
 // mla_split_dkv's second half alone, for the attention backward that wrote d_kv itself: the last dr columns of d_ckv
-// [T, kv_lora + dr] = Σ_h dk_rope[t, h, :] (dk_rope [T, H, dr]) in head order (the same bits).
+// [T, kv_lora + dr] = Σ_h dk_rope[t, h, :] (dk_rope [T, H, dr]) in head order (the same bits). With `rope` (tokens
+// packed in sequences of seq), the sums are rotated back as they are stored: RoPE's backward on the rope key
+// (interleaved pairs, the bits of cuda::rope_backward on them).
 void mla_sum_rope_dk(const float* dk_rope, float* d_ckv, int64_t tokens, int64_t heads, int64_t dr, int64_t kv_lora,
-                     cudaStream_t stream);
+                     cudaStream_t stream, const cuda::RopeTables* rope = nullptr, int64_t seq = 0);
 
 }  // namespace moerl::gpu::detail

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/rope_rotate.cuh"
 #include "runtime/error.hpp"
 #include "runtime/gpu/gpu_common.hpp"
 
@@ -73,6 +74,28 @@ __global__ void sum_rope_dk_kernel(const float* __restrict__ src, int64_t ld, fl
   }
 }
 
+// With RoPE: a thread per (token, pair (2i, 2i + 1)): both columns' sums as above, then rotated back at the token's
+// position (the bits of cuda::rope_backward on the sums).
+__global__ void sum_rope_dk_rotated_kernel(const float* __restrict__ src, int64_t ld, float* __restrict__ d_ckv,
+                                           int64_t tokens, int heads, int dr, int kv_lora, int64_t seq,
+                                           const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
+  const int half = dr / 2;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < tokens * half;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t t = i / half;
+    const int p = static_cast<int>(i % half), c = 2 * p;
+    float a = 0.0f, b = 0.0f;
+    for (int h = 0; h < heads; ++h) {
+      a = __fadd_rn(a, src[(t * heads + h) * ld + c]);
+      b = __fadd_rn(b, src[(t * heads + h) * ld + c + 1]);
+    }
+    const int64_t at = (t % seq) * half + p;
+    cuda::rope_rotate(a, b, cos_t[at], -sin_t[at]);
+    float* dst = d_ckv + t * (kv_lora + dr) + kv_lora + c;
+    dst[0] = a, dst[1] = b;
+  }
+}
+
 void sum_rope_dk(const float* src, int64_t ld, float* d_ckv, int64_t tokens, int64_t heads, int64_t dr,
                  int64_t kv_lora, cudaStream_t stream) {
   if (tokens == 0 || dr == 0) return;
@@ -122,11 +145,17 @@ void mla_split_dkv(const float* dk, const float* dv, float* d_kv, float* d_ckv, 
 }
 
 void mla_sum_rope_dk(const float* dk_rope, float* d_ckv, int64_t tokens, int64_t heads, int64_t dr, int64_t kv_lora,
-                     cudaStream_t stream) {
+                     cudaStream_t stream, const cuda::RopeTables* rope, int64_t seq) {
   check_mla_sizes("mla_sum_rope_dk", tokens, heads, 0, 1, dr, kv_lora);
   if (tokens == 0 || dr == 0) return;
   require(dk_rope && d_ckv, "gpu mla_sum_rope_dk: null pointer");
-  sum_rope_dk(dk_rope, dr, d_ckv, tokens, heads, dr, kv_lora, stream);
+  if (rope == nullptr) return sum_rope_dk(dk_rope, dr, d_ckv, tokens, heads, dr, kv_lora, stream);
+  require(rope->cos && rope->sin && 2 * rope->half == dr && seq > 0 && tokens % seq == 0,
+          "gpu mla_sum_rope_dk: RoPE tables of dr / 2 pairs and tokens a multiple of seq needed");
+  sum_rope_dk_rotated_kernel<<<blocks_for(tokens * (dr / 2)), kThreads, 0, stream>>>(
+      dk_rope, dr, d_ckv, tokens, static_cast<int>(heads), static_cast<int>(dr), static_cast<int>(kv_lora), seq,
+      rope->cos, rope->sin);
+  CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace moerl::gpu::detail

@@ -72,7 +72,7 @@ class GpuMla {
   const DeviceParam* o_ = nullptr;
 
   // Bound for one shape. Saved: q_a_out [T, q_lora] (before its norm), c [T, kv_lora] (the latent before its
-  // norm), q [T, H, dq] after RoPE, k [T, H, dq] = [k_nope | rotated k_rope], v [T, H, dv] (FP32 recipe; the bf16
+  // norm), q [T, H, dq] after RoPE (before it where fused_rope), k [T, H, dq] = [k_nope | rotated k_rope], v [T, H, dv] (FP32 recipe; the bf16
   // and fp8 recipes keep the packed BF16 q, k, v instead, in the same region), attn [T, H, dv], lse [batch, H, seq].
   // The norms' outputs are recomputed in backward, as on the CPU.
   int64_t batch_ = 0, seq_ = 0;
@@ -82,6 +82,9 @@ class GpuMla {
   // last forward packed them (its backward reads them).
   void* packed_ = nullptr;
   bool packed_mla_ = false, used_packed_ = false;
+  // Whether RoPE is applied by the packing and the backward's stores (gpu_attention.cpp): on the packed path with
+  // interleaved pairs (q_ then holds q unrotated), unless MOERL_ATTN_ROPE=separate (comparing the two on the device).
+  bool fused_rope() const;
   const float* x_ = nullptr;
   Precision precision_ = Precision::FP32;
   bool saved_ = false;

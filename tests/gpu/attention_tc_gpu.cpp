@@ -43,7 +43,9 @@
 #include "kernels/attention.hpp"
 #include "kernels/cuda/attention.hpp"
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/rope.hpp"
 #include "runtime/error.hpp"
+#include "runtime/gpu/gpu_common.hpp"
 #include "tests/gpu/gpu_test_support.hpp"
 
 namespace moerl {
@@ -441,6 +443,71 @@ TEST_F(AttentionBf16Gpu, PackedEntryPointsAndBothBlockOrdersGiveTheSameBitsAsThe
     }
   }
   EXPECT_FALSE(cuda::attention_pack_mla_bf16_supported(18, 64, 32, 64));  // rope key rows not 16-byte aligned
+}
+
+TEST_F(AttentionBf16Gpu, RopeAppliedByThePackingAndTheBackwardStoresGivesTheSeparatePassesBits) {
+  // The model lets attention_pack_mla_bf16 rotate q's and the rope key's columns (interleaved pairs) and the backward
+  // rotate dQ's rope columns back as it stores them, and mla_sum_rope_dk the summed rope-key gradient, instead of
+  // cuda::rope_forward / rope_backward passes over q, ckv, dQ and d_ckv: the same bits, for every dQ kernel.
+  std::mt19937_64 rng(run_seed() + 6);
+  struct Case {
+    Shape sh;
+    int64_t dn, kv_lora;
+  };
+  const float theta = 10000.0f;
+  for (const Case& c : {Case{{2, 150, 3, 24, 16, 1.0f}, 16, 20}, Case{{2, 300, 2, 96, 64, 1.0f}, 64, 36}}) {
+    const Shape& sh = c.sh;
+    SCOPED_TRACE(sh.name() + ", seed " + std::to_string(run_seed()));
+    const int64_t T = sh.tokens(), H = sh.heads, dn = c.dn, dr = sh.dqk - dn, dv = sh.dv, ckv_dim = c.kv_lora + dr;
+    const MlaInputs m = mla_inputs(sh, dn, c.kv_lora, rng);
+    const cuda::RopeTables rope = cuda::rope_tables(sh.seq, dr, theta);
+    const size_t packed_floats = (cuda::attention_bf16_packed_bytes(sh.batch, sh.seq, H, sh.dqk, dv) + 3) / 4;
+    // Separate passes: q and ckv rotated in place, packed; the gradients rotated back after.
+    DeviceFloats q(m.q), kv(m.kv), ckv(m.ckv), dout(m.dout), packed(packed_floats);
+    packed.poison();
+    cuda::rope_forward(q.get() + dn, T, sh.seq, H, H * sh.dqk, sh.dqk, dr, theta, true);
+    cuda::rope_forward(ckv.get() + c.kv_lora, T, sh.seq, 1, ckv_dim, dr, dr, theta, true);
+    cuda::attention_pack_mla_bf16(q.get(), kv.get(), ckv.get(), c.kv_lora, packed.get(), sh.batch, sh.seq, H, dn, dr,
+                                  dv);
+    // Fused: the packing rotates.
+    DeviceFloats q0(m.q), ckv0(m.ckv), packed_f(packed_floats);
+    packed_f.poison();
+    cuda::attention_pack_mla_bf16(q0.get(), kv.get(), ckv0.get(), c.kv_lora, packed_f.get(), sh.batch, sh.seq, H, dn,
+                                  dr, dv, nullptr, &rope);
+    ASSERT_TRUE(same_bits(packed_f.download(), packed.download())) << "packed q, k, v";
+    DeviceFloats out(static_cast<size_t>(T * H * dv)), lse(static_cast<size_t>(sh.batch * H * sh.seq));
+    cuda::attention_forward_bf16_packed(packed.get(), out.get(), lse.get(), sh.batch, sh.seq, H, sh.dqk, dv,
+                                        sh.scale());
+    for (const auto& [name, value] : {std::pair{"MOERL_ATTN_TC_BWD_DQ", "stored"},
+                                      std::pair{"MOERL_ATTN_TC_BWD_DQ", "recompute"},
+                                      std::pair{"MOERL_ATTN_TC_BWD_KERNEL", "wgmma"}}) {
+      SCOPED_TRACE(std::string(name) + "=" + value);
+      const EnvVar variant(name, value);
+      DeviceFloats dq(static_cast<size_t>(T * H * sh.dqk)), d_kv(static_cast<size_t>(T * H * (dn + dv)));
+      DeviceFloats dk_rope(static_cast<size_t>(T * H * dr)), d_ckv(static_cast<size_t>(T * ckv_dim));
+      dq.poison(), d_kv.poison(), dk_rope.poison(), d_ckv.poison();
+      cuda::attention_backward_bf16_packed_mla(dout.get(), packed.get(), out.get(), lse.get(), dq.get(), d_kv.get(),
+                                               dk_rope.get(), sh.batch, sh.seq, H, dn, dr, dv, sh.scale());
+      gpu::detail::mla_sum_rope_dk(dk_rope.get(), d_ckv.get(), T, H, dr, c.kv_lora, nullptr);
+      cuda::rope_backward(dq.get() + dn, T, sh.seq, H, H * sh.dqk, sh.dqk, dr, theta, true);
+      cuda::rope_backward(d_ckv.get() + c.kv_lora, T, sh.seq, 1, ckv_dim, dr, dr, theta, true);
+      DeviceFloats dq_f(dq.size()), d_kv_f(d_kv.size()), dk_rope_f(dk_rope.size()), d_ckv_f(d_ckv.size());
+      dq_f.poison(), d_kv_f.poison(), dk_rope_f.poison(), d_ckv_f.poison();
+      cuda::attention_backward_bf16_packed_mla(dout.get(), packed.get(), out.get(), lse.get(), dq_f.get(),
+                                               d_kv_f.get(), dk_rope_f.get(), sh.batch, sh.seq, H, dn, dr, dv,
+                                               sh.scale(), nullptr, &rope);
+      gpu::detail::mla_sum_rope_dk(dk_rope_f.get(), d_ckv_f.get(), T, H, dr, c.kv_lora, nullptr, &rope, sh.seq);
+      EXPECT_TRUE(same_bits(dq_f.download(), dq.download())) << "dQ";
+      EXPECT_TRUE(same_bits(d_kv_f.download(), d_kv.download())) << "d_kv";
+      // d_ckv's rope columns only (the latent columns are the caller's, never written here).
+      const std::vector<float> got = d_ckv_f.download(), want = d_ckv.download();
+      std::vector<float> got_rope, want_rope;
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t col = c.kv_lora; col < ckv_dim; ++col)
+          got_rope.push_back(got[t * ckv_dim + col]), want_rope.push_back(want[t * ckv_dim + col]);
+      EXPECT_TRUE(same_bits(got_rope, want_rope)) << "d_ckv's rope key gradient";
+    }
+  }
 }
 
 using gpu_test::median_ms;
