@@ -225,7 +225,10 @@ constexpr int64_t kDsPairElems = int64_t{kCols} * kCols;
 // keys j, score columns queries i: Pᵀ_ji = 2^(s_ij·scale·log2e − lse_i·log2e) for j <= i < seq, else 0;
 // dSᵀ = Pᵀ∘(dPᵀ − D_i); dV += Pᵀ·dO, dK += dSᵀ·Q (times scale at the end). stats: attention_pack_dout_kernel.
 // STORE_DS: dSᵀ also written, rounded to BF16 as its product rounds it, to ds_out (ds_pairs layout) for
-// attention_dq_stored_tc.
+// attention_dq_stored_tc. P's ex2 is evaluated for every element and the causal mask applied as a select: with the
+// ex2 inside the mask's condition the compiler branched per element (BSSY, BSYNC, BRA, WARPSYNC: 16% of the
+// instructions, ncu on the H200), 0.89 -> 0.76 ms a layer in the bench-600m step
+// (bench/results/2026-11-30-gpu-attn-select-h200-fc74935+select.txt).
 // The streamed tiles go through a ring of kDkdvStages stages, one barrier a tile (the stage refilled at tile t was
 // read at t - 1, before that barrier).
 template <int DQ, int DV, int WARPS, bool STORE_DS = false>
