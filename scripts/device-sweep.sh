@@ -19,7 +19,7 @@ rounds=${MOERL_SWEEP_ROUNDS:-3}
 mkdir -p "$out"
 if [ -z "${MOERL_SWEEP_BIN:-}" ]; then
   mkdir -p /tmp/moerl-carry
-  tar xzf build-gpu/carry/carry.tgz -C /tmp/moerl-carry
+  tar xf build-gpu/carry/carry.tgz -C /tmp/moerl-carry  # gzip or xz
   export LD_LIBRARY_PATH=/tmp/moerl-carry/rtlib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
 moerl=${MOERL_SWEEP_BIN:-/tmp/moerl-carry/bin/moerl}  # MOERL_SWEEP_BIN: another binary (the script's own test)
