@@ -37,7 +37,8 @@ def main():
     total, total_stalls = sum(ops.values()) or 1, sum(stalls.values()) or 1
     print("%d warp instructions, %d stall samples" % (total, total_stalls))
     for op, n in ops.most_common(a.top):
-        print("  %-12s %6.1f%% of instructions  %6.1f%% of stalls" % (op, 100 * n / total, 100 * stalls[op] / total_stalls))
+        share, stall_share = 100 * n / total, 100 * stalls[op] / total_stalls
+        print("  %-12s %6.1f%% of instructions  %6.1f%% of stalls" % (op, share, stall_share))
     print("most stalled instructions (samples, executions):")
     for s, n, text in sorted(lines, reverse=True)[: a.top // 2]:
         print("  %7d %10d  %s" % (s, n, text[:100]))

@@ -8,8 +8,8 @@
 //     show before its kernels).
 // For `moerl bench gpu` with MOERL_GPU_TRACE=1 (bench/cuda/train_step_bench.cu: the timed steps of train_step and
 // moe_layer). MOERL_GPU_TRACE_DUMP=PREFIX also writes every interval to PREFIX<label>.tsv (start and end in ns from
-// the first start, stream, name; for timelines and critical paths offline). libcupti is loaded when a trace is made (dlopen of libcupti.so.13, or MOERL_CUPTI_LIB), so moerl
-// does not depend on it otherwise. One trace at a time per process.
+// the first start, stream, name; read by scripts/trace_summary.py). libcupti is loaded when a trace is made (dlopen
+// of libcupti.so.13, or MOERL_CUPTI_LIB), so moerl does not depend on it otherwise. One trace at a time per process.
 #pragma once
 #include <cstdint>
 #include <cstdio>

@@ -49,8 +49,8 @@
 #include "kernels/cuda/attention_tc_mma.cuh"
 #include "kernels/cuda/attention_tc_pack.hpp"
 #include "kernels/cuda/cuda_check.hpp"
-#include "kernels/cuda/rope.hpp"
 #include "kernels/cuda/kernel_attributes.hpp"
+#include "kernels/cuda/rope.hpp"
 #include "kernels/cuda/stream_scratch.hpp"
 #include "runtime/error.hpp"
 

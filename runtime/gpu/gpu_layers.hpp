@@ -72,9 +72,9 @@ class GpuMla {
   const DeviceParam* o_ = nullptr;
 
   // Bound for one shape. Saved: q_a_out [T, q_lora] (before its norm), c [T, kv_lora] (the latent before its
-  // norm), q [T, H, dq] after RoPE (before it where fused_rope), k [T, H, dq] = [k_nope | rotated k_rope], v [T, H, dv] (FP32 recipe; the bf16
-  // and fp8 recipes keep the packed BF16 q, k, v instead, in the same region), attn [T, H, dv], lse [batch, H, seq].
-  // The norms' outputs are recomputed in backward, as on the CPU.
+  // norm), q [T, H, dq] after RoPE (before it where fused_rope), k [T, H, dq] = [k_nope | rotated k_rope],
+  // v [T, H, dv] (FP32 recipe; the bf16 and fp8 recipes keep the packed BF16 q, k, v instead, in the same region),
+  // attn [T, H, dv], lse [batch, H, seq]. The norms' outputs are recomputed in backward, as on the CPU.
   int64_t batch_ = 0, seq_ = 0;
   float *q_a_out_ = nullptr, *c_ = nullptr, *q_ = nullptr, *k_ = nullptr, *v_ = nullptr, *attn_ = nullptr,
         *lse_ = nullptr;
