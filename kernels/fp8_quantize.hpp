@@ -53,6 +53,7 @@ void quantize_128x128_with_transpose(const float* w, int64_t batch, int64_t rows
 // [wᵀ_gate | wᵀ_up].
 struct Fp8Placement {
   int64_t stride = 0, t_ld = 0, t_stride = 0;
+  bool operator==(const Fp8Placement&) const = default;
 };
 // quantize_128x128_with_transpose with the codes placed as `at` says (t_ld >= rows, a multiple of 16, codes_t
 // 16-byte aligned); the bytes of each matrix are the same.

@@ -156,6 +156,7 @@ struct StepResult {
   double peak_bytes = 0;
   double loss = 0;
   size_t optimizer_spans = 0;
+  size_t optimizer_fp8_copies = 0;  // prepared FP8 weights the update writes (GpuAdamW::fp8_copies_written)
 };
 
 StepResult time_train_step(Precision precision) {
@@ -195,6 +196,7 @@ StepResult time_train_step(Precision precision) {
                      [&](int i) { step(kWarmupSteps + kTimedSteps + i); });
   out.peak_bytes = static_cast<double>(model.peak_memory_bytes() + optimizer.device_bytes());
   out.optimizer_spans = optimizer.span_count();
+  out.optimizer_fp8_copies = optimizer.fp8_copies_written();
   return out;
 }
 
@@ -213,6 +215,7 @@ void report_step(Report& report, const std::string& device, Precision precision,
                           {"warmup", kWarmupSteps},
                           {"loss", r.loss},
                           {"optimizer_spans", r.optimizer_spans},
+                          {"optimizer_fp8_copies", r.optimizer_fp8_copies},
                           {"what", "zero_grad + forward + backward + GpuAdamW step (clip 1.0), random tokens"}};
   report.add("gpu", metric, static_cast<double>(kBatch * kSeq) / (ms * 1e-3), "tokens/s", "median", extra);
 }

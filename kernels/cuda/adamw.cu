@@ -9,12 +9,16 @@
 #include <vector>
 
 #include "kernels/cuda/adamw.hpp"
+#include "kernels/cuda/adamw_update.cuh"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/ops_common.cuh"
 #include "runtime/error.hpp"
 
 namespace moerl::cuda {
 namespace {
+
+using adamw_detail::adamw_update;
+using adamw_detail::Scalars;
 
 using ops_detail::align256;
 using ops_detail::block_sum;
@@ -27,33 +31,6 @@ constexpr int kThreads = 256;
 constexpr int64_t kNormChunk = int64_t{1} << 15;
 constexpr int kNormFinishThreads = 1024;
 static_assert(kNormChunk % 4 == 0, "chunks start on float4 boundaries");
-
-// The per-element FP32 constants, derived on the host in double as the CPU does.
-struct Scalars {
-  float beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, sqrt_bias2, eps, decay, grad_scale;
-};
-
-// kernels/half.hpp's bf16_from_float: round to nearest even, NaN kept quiet NaN.
-__device__ __forceinline__ uint16_t bf16_from_float(float x) {
-  uint32_t u = __float_as_uint(x);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-__device__ __forceinline__ float float_from_bf16(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
-
-// runtime/optim/adamw.cpp's loop body; _rn intrinsics keep every operation separately rounded.
-__device__ __forceinline__ void adamw_update(float& w, float g_raw, uint16_t& m, uint16_t& v, const Scalars& s) {
-  const float g = __fmul_rn(g_raw, s.grad_scale);  // exact for 1
-  const uint16_t m_new =
-      bf16_from_float(__fadd_rn(__fmul_rn(s.beta1, float_from_bf16(m)), __fmul_rn(s.one_minus_beta1, g)));
-  const uint16_t v_new = bf16_from_float(
-      __fadd_rn(__fmul_rn(s.beta2, float_from_bf16(v)), __fmul_rn(s.one_minus_beta2, __fmul_rn(g, g))));
-  m = m_new;
-  v = v_new;
-  const float denom = __fadd_rn(__fdiv_rn(__fsqrt_rn(float_from_bf16(v_new)), s.sqrt_bias2), s.eps);
-  w = __fsub_rn(__fmul_rn(w, s.decay), __fmul_rn(s.step_size, __fdiv_rn(float_from_bf16(m_new), denom)));
-}
 
 // V BF16 codes of group j; V = 4 reads 8 bytes (element 0 in the low half of the first word).
 template <int V> __device__ __forceinline__ void load_u16(const uint16_t* p, int64_t j, uint16_t (&v)[V]) {
@@ -216,13 +193,20 @@ void check_n(const char* fn, int64_t n, bool pointers_set) {
   require(n == 0 || pointers_set, [&] { return std::string("cuda::") + fn + ": null pointer argument"; });
 }
 
+}  // namespace
+
+namespace adamw_detail {
+namespace {
+
 void check_scalar(bool ok, const char* name, double value, const char* expected) {
   require(ok, [&] {
     return std::string("cuda::adamw_step: ") + name + " = " + std::to_string(value) + ", expected " + expected;
   });
 }
 
-// adamw_step's checks and its FP32 constants, derived in double as the CPU does.
+}  // namespace
+
+// Declared in adamw_update.cuh.
 Scalars scalars_of(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
                    float grad_scale) {
   check_scalar(std::isfinite(grad_scale) && grad_scale > 0, "grad_scale", grad_scale, "finite and > 0");
@@ -241,12 +225,12 @@ Scalars scalars_of(double lr, double beta1, double beta2, double eps, double wei
                  grad_scale};
 }
 
-}  // namespace
+}  // namespace adamw_detail
 
 void adamw_step(float* w, const float* g, uint16_t* m, uint16_t* v, int64_t n, double lr, double beta1,
                 double beta2, double eps, double weight_decay, int64_t t, cudaStream_t stream, float grad_scale) {
   check_n("adamw_step", n, w && g && m && v);
-  const Scalars s = scalars_of(lr, beta1, beta2, eps, weight_decay, t, grad_scale);
+  const Scalars s = adamw_detail::scalars_of(lr, beta1, beta2, eps, weight_decay, t, grad_scale);
   if (n == 0) return;
   const bool vec = ops_detail::aligned(w, 16) && ops_detail::aligned(g, 16) && ops_detail::aligned(m, 8) && ops_detail::aligned(v, 8);
   const int64_t head = vec ? n / 4 * 4 : 0;
@@ -362,8 +346,8 @@ void AdamWSpans::grad_norm_squared(double* sum, cudaStream_t stream) const {
 
 void AdamWSpans::adamw_step(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
                             cudaStream_t stream, float grad_scale) const {
-  const Scalars no_decay = scalars_of(lr, beta1, beta2, eps, 0.0, t, grad_scale);
-  const Scalars decay = scalars_of(lr, beta1, beta2, eps, weight_decay, t, grad_scale);
+  const Scalars no_decay = adamw_detail::scalars_of(lr, beta1, beta2, eps, 0.0, t, grad_scale);
+  const Scalars decay = adamw_detail::scalars_of(lr, beta1, beta2, eps, weight_decay, t, grad_scale);
   if (chunks_ == 0) return;
   const SpanTables d = span_tables(device_, spans_, chunks_);
   spans_adamw_kernel<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(d.spans, d.table, no_decay, decay);

@@ -26,6 +26,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "kernels/fp8_quantize.hpp"
+
 namespace moerl::cuda {
 
 // One AdamW update of w[n] from g[n] with moments m[n], v[n] (BF16 bit patterns, updated in place); t is the
@@ -80,6 +82,46 @@ class AdamWSpans {
   size_t spans_ = 0;
   int64_t chunks_ = 0;
   void* device_ = nullptr;  // the spans, the chunk table, each span's first chunk, the chunks' partial sums
+};
+
+// A weight whose FP8 copy the update rewrites as it goes (the linear layers' prepared 128x128-block codes, which
+// would otherwise be made by reading w again: bench-600m's 536M FP8 weights, 2.1 GB a step): `batch` matrices
+// [rows, cols] from w on, their gradients and moments at the same offsets (a piece of a span with weight decay).
+// After the update each matrix is quantized as fp8::cuda::quantize_128x128_placed(w, batch, rows, cols, codes,
+// block_scales, codes_t, at) quantizes the updated w: the same codes, block scales ([batch, tiles(rows),
+// tiles(cols)], the CPU layout) and transposed codes, bit for bit.
+struct AdamWFp8Copy {
+  float* w = nullptr;
+  const float* g = nullptr;
+  uint16_t* m = nullptr;
+  uint16_t* v = nullptr;
+  int64_t batch = 0, rows = 0, cols = 0;
+  uint8_t* codes = nullptr;
+  float* block_scales = nullptr;
+  uint8_t* codes_t = nullptr;
+  fp8::cuda::Fp8Placement at;
+};
+
+// AdamWSpans' update (with weight decay) of several such weights and their quantization, one launch of one thread
+// block per 128x128 block of every matrix (adamw_fp8.cu). The copies' tables live on the device, made once.
+class AdamWFp8Copies {
+ public:
+  // Whether a copy can be updated so: non-empty, no pointer null, cols % 4 == 0, rows % 16 == 0 and a placement
+  // quantize_128x128_placed accepts, w and g 16-byte, m and v 8-byte, codes 4-byte and codes_t 16-byte aligned.
+  static bool fits(const AdamWFp8Copy& copy);
+  explicit AdamWFp8Copies(const std::vector<AdamWFp8Copy>& copies);  // moerl::Error where one does not fit
+  ~AdamWFp8Copies();
+  AdamWFp8Copies(const AdamWFp8Copies&) = delete;
+  AdamWFp8Copies& operator=(const AdamWFp8Copies&) = delete;
+
+  // adamw_step with weight_decay on every copy's elements, then their FP8 copies.
+  void adamw_step(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
+                  cudaStream_t stream = nullptr, float grad_scale = 1.0f) const;
+
+ private:
+  size_t copies_ = 0;
+  int64_t blocks_ = 0;
+  void* device_ = nullptr;  // the copies, then each copy's first block (copies + 1 entries)
 };
 
 }  // namespace moerl::cuda

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/fp8_quantize_block.cuh"
 #include "kernels/cuda/fp8_quantize_common.cuh"
 #include "kernels/cuda/fp8_quantize_tile.cuh"
 #include "kernels/fp8_quantize.hpp"
@@ -30,7 +31,6 @@ using namespace quant_detail;
 // __stcs): each element is read and written once.
 constexpr int kRowWarps = 4;                // 1x128: warps per block
 constexpr int kTilesPerWarp = 4;            // 1x128: tiles per warp
-constexpr int kBlockWarps = 16;             // 128x128: warps per block
 constexpr int kTransposeWarps = 8;          // transposed: warps per block
 // transposed: TransposedKernel (kernels/fp8_quantize.hpp): fp8_quantize_tile.cuh's 128 x 64 blocks (Tiles64)
 // where their conditions hold, else blocks of 128 rows x 32 columns (Cols32). On the H200 at 8192 x 8192
@@ -41,26 +41,6 @@ constexpr int kTransposeWarps = 8;          // transposed: warps per block
 // against main 782ab8a in the same call): tiles64 3.50-3.72 (3.41-3.52 before), 128x128 3.92-3.93 (3.82-3.83),
 // dual 2.77-2.80 (2.22-2.45). The 1x128 and the cols32 kernels keep __fdiv_rn: with one reciprocal per 4
 // elements a lane it is no faster (1x128: 3.49-3.53 TB/s against 3.78-3.79).
-
-// 4 consecutive elements from column c of a row with `cols` elements; zero beyond the row's end.
-__device__ __forceinline__ void load4(const float* row, int64_t c, int64_t cols, bool vec, float (&v)[4]) {
-  if (vec && c + 3 < cols) {
-    const float4 f = __ldcs(reinterpret_cast<const float4*>(row + c));
-    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
-  } else {
-    for (int i = 0; i < 4; ++i) v[i] = c + i < cols ? row[c + i] : 0.0f;
-  }
-}
-
-// The 4 codes of elements c .. c + 3 of a row (only those < cols are written).
-__device__ __forceinline__ void store4(uint8_t* row, int64_t c, int64_t cols, bool vec, uint32_t codes) {
-  if (vec && c + 3 < cols) {
-    __stcs(reinterpret_cast<unsigned int*>(row + c), codes);
-  } else {
-    for (int i = 0; i < 4; ++i)
-      if (c + i < cols) row[c + i] = static_cast<uint8_t>(codes >> (8 * i));
-  }
-}
 
 // One warp per kTilesPerWarp consecutive 1x128 tiles, 4 elements per lane. Tiles numbered row-major:
 // tile = r * ntiles + t, which is also the index of its scale. `vec`: x rows 16-byte aligned and codes rows
@@ -100,50 +80,23 @@ __global__ void __launch_bounds__(kRowWarps * kWarp)
   }
 }
 
-// The four codes words of rows 4k .. 4k + 3 (word i: row i's codes of columns 4l .. 4l + 3, byte j = column j)
-// transposed: word j holds column j's codes of those rows (byte i = row i).
-struct Transposed4x4 {
-  uint32_t w[4];
-};
-__device__ __forceinline__ Transposed4x4 transpose4x4(uint32_t r0, uint32_t r1, uint32_t r2, uint32_t r3) {
-  const uint32_t a = __byte_perm(r0, r1, 0x5140), b = __byte_perm(r2, r3, 0x5140);  // bytes 0, 1 interleaved
-  const uint32_t c = __byte_perm(r0, r1, 0x7362), d = __byte_perm(r2, r3, 0x7362);  // bytes 2, 3 interleaved
-  return {{__byte_perm(a, b, 0x5410), __byte_perm(a, b, 0x7632), __byte_perm(c, d, 0x5410), __byte_perm(c, d, 0x7632)}};
-}
-
-// One block per 128x128 block: lane l covers columns 4l .. 4l + 3, warp w rows 8w .. 8w + 7. The block's values
-// stay in registers between the amax and the encoding. kFull: rows and cols multiples of 128 and `vec`: no bounds
-// checks. kTransposed: the codes also go to codes_t [cols, rows], the block's byte transpose (wᵀ's 128x128 blocks
-// are w's mirrored: the same amax, scale and codes), staged in shared memory so that every warp writes whole
-// 128-byte rows of codes_t with 16-byte stores; needs rows % 16 == 0 and codes_t 16-byte aligned (checked on the
-// host). One pass instead of a quantization and a byte transpose of the codes (a weight is re-quantized after every
-// optimizer step).
+// One block per 128x128 block (fp8_quantize_block.cuh) of matrix blockIdx.z of w, read with 16-byte loads where
+// `vec` (kFull: rows and cols multiples of 128 and `vec`: no bounds checks).
 template <bool kFull, bool kTransposed>
-__global__ void __launch_bounds__(kBlockWarps * kWarp)
+__global__ void __launch_bounds__(kBlockThreads)
     quantize_128x128_kernel(const float* __restrict__ w, int64_t rows, int64_t cols, bool vec,
                             uint8_t* __restrict__ codes, float* __restrict__ scales, uint8_t* __restrict__ codes_t,
                             int64_t codes_stride, int64_t t_ld, int64_t t_stride) {
-  constexpr int kWarps = kBlockWarps;
-  constexpr int kRowsPerWarp = kTile / kWarps;
-  static_assert(kRowsPerWarp == 8, "two groups of 4 rows per warp for the 4x4 byte transposes");
-  // codes_t staging: row c (a column of the block) holds its 128 codes as 32 words (+1: the column-major writes
-  // below and the row-major reads hit 32 different banks).
-  constexpr int kStride = kTile / 4 + 1;
-  __shared__ uint32_t staged[kTransposed ? kTile * kStride : 1];
-  __shared__ int warp_amax[kWarps];
+  __shared__ BlockSmem<kTransposed> smem;
   // blockIdx.z: the matrix of a batch (quantize_128x128_batched), 0 otherwise.
   w += static_cast<int64_t>(blockIdx.z) * rows * cols;
-  codes += static_cast<int64_t>(blockIdx.z) * codes_stride;
-  if (kTransposed) codes_t += static_cast<int64_t>(blockIdx.z) * t_stride;
-  scales += static_cast<int64_t>(blockIdx.z) * gridDim.x * gridDim.y;
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int64_t r0 = static_cast<int64_t>(blockIdx.y) * kTile, c0 = static_cast<int64_t>(blockIdx.x) * kTile;
   const int64_t c = c0 + lane * 4;
-  float v[kRowsPerWarp][4];
-  int amax = 0;
+  float v[kBlockRowsPerWarp][4];
 #pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    const int64_t r = r0 + warp * kRowsPerWarp + i;
+  for (int i = 0; i < kBlockRowsPerWarp; ++i) {
+    const int64_t r = r0 + warp * kBlockRowsPerWarp + i;
     if (kFull) {
       const float4 f = __ldcs(reinterpret_cast<const float4*>(w + r * cols + c));
       v[i][0] = f.x, v[i][1] = f.y, v[i][2] = f.z, v[i][3] = f.w;
@@ -152,54 +105,11 @@ __global__ void __launch_bounds__(kBlockWarps * kWarp)
     } else {
       v[i][0] = v[i][1] = v[i][2] = v[i][3] = 0.0f;
     }
-    amax = max(amax, max(max(abs_bits(v[i][0]), abs_bits(v[i][1])), max(abs_bits(v[i][2]), abs_bits(v[i][3]))));
   }
-  amax = warp_max(amax);
-  if (lane == 0) warp_amax[warp] = amax;
-  __syncthreads();
-  amax = warp_amax[0];
-#pragma unroll
-  for (int i = 1; i < kWarps; ++i) amax = max(amax, warp_amax[i]);
-  const float scale = scale_from_amax_bits(amax);
-  const Divisor d = divisor(scale);
-  if (threadIdx.x == 0) scales[blockIdx.y * gridDim.x + blockIdx.x] = scale;
-  uint32_t q[kRowsPerWarp];
-#pragma unroll
-  for (int i = 0; i < kRowsPerWarp; ++i) {
-    q[i] = encode4(v[i], d);
-    const int64_t r = r0 + warp * kRowsPerWarp + i;
-    if (kFull)
-      __stcs(reinterpret_cast<unsigned int*>(codes + r * cols + c), q[i]);
-    else if (r < rows)
-      store4(codes + r * cols, c, cols, vec, q[i]);
-  }
-  if constexpr (kTransposed) {
-    // Column 4 lane + j of rows 8 warp + 4 g .. + 3 is word (4 lane + j) · kStride + 2 warp + g. Lane groups of 8
-    // take the columns j in a rotated order, so one store instruction covers all 32 banks.
-#pragma unroll
-    for (int g = 0; g < 2; ++g) {
-      const Transposed4x4 t = transpose4x4(q[4 * g], q[4 * g + 1], q[4 * g + 2], q[4 * g + 3]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int jj = (j + lane / 8) % 4;
-        const uint32_t word = jj == 0 ? t.w[0] : jj == 1 ? t.w[1] : jj == 2 ? t.w[2] : t.w[3];
-        staged[(4 * lane + jj) * kStride + 2 * warp + g] = word;
-      }
-    }
-    __syncthreads();
-    // 128 columns x 8 chunks of 16 rows; thread t writes chunks t and t + 512 (chunk k: column k / 8, rows
-    // 16 (k % 8) ..): a warp writes 4 whole 128-byte rows of codes_t.
-    static_assert(kTile * 8 == 2 * kWarps * kWarp, "two chunks per thread");
-#pragma unroll
-    for (int it = 0; it < 2; ++it) {
-      const int k = it * kWarps * kWarp + threadIdx.x;
-      const int col = k / 8, part = k % 8;
-      const int64_t out_col = c0 + col, out_row = r0 + 16 * part;
-      if (!kFull && (out_col >= cols || out_row >= rows)) continue;  // rows % 16 == 0: a chunk is whole or absent
-      const uint32_t* src = staged + col * kStride + 4 * part;
-      __stcs(reinterpret_cast<uint4*>(codes_t + out_col * t_ld + out_row), make_uint4(src[0], src[1], src[2], src[3]));
-    }
-  }
+  const BlockPlace at{rows, cols, r0, c0, codes + static_cast<int64_t>(blockIdx.z) * codes_stride,
+                      kTransposed ? codes_t + static_cast<int64_t>(blockIdx.z) * t_stride : nullptr, t_ld,
+                      scales + (static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x};
+  quantize_block_values<kFull, kTransposed>(v, at, vec, smem);
 }
 
 // One block per (128-row tile rt, kTC-column chunk) of x [rows, cols]. The tile is staged in shared
@@ -401,7 +311,7 @@ void quantize_128x128_placed(const float* w, int64_t batch, int64_t rows, int64_
   const bool full = vec && rows % kTile == 0 && cols % kTile == 0;
   const auto kernel = codes_t != nullptr ? (full ? quantize_128x128_kernel<true, true> : quantize_128x128_kernel<false, true>)
                                          : (full ? quantize_128x128_kernel<true, false> : quantize_128x128_kernel<false, false>);
-  kernel<<<grid, kBlockWarps * kWarp, 0, stream>>>(w, rows, cols, vec, codes, scales, codes_t, stride, t_ld, t_stride);
+  kernel<<<grid, kBlockThreads, 0, stream>>>(w, rows, cols, vec, codes, scales, codes_t, stride, t_ld, t_stride);
   CUDA_CHECK_LAUNCH();
 }
 

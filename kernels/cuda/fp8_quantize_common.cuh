@@ -130,4 +130,24 @@ __device__ __forceinline__ uint32_t encode4(const float (&v)[4], const Divisor& 
   return uint32_t{encode2(v[0], v[1], d)} | (uint32_t{encode2(v[2], v[3], d)} << 16);
 }
 
+// 4 consecutive elements from column c of a row with `cols` elements; zero beyond the row's end.
+__device__ __forceinline__ void load4(const float* row, int64_t c, int64_t cols, bool vec, float (&v)[4]) {
+  if (vec && c + 3 < cols) {
+    const float4 f = __ldcs(reinterpret_cast<const float4*>(row + c));
+    v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+  } else {
+    for (int i = 0; i < 4; ++i) v[i] = c + i < cols ? row[c + i] : 0.0f;
+  }
+}
+
+// The 4 codes of elements c .. c + 3 of a row (only those < cols are written).
+__device__ __forceinline__ void store4(uint8_t* row, int64_t c, int64_t cols, bool vec, uint32_t codes) {
+  if (vec && c + 3 < cols) {
+    __stcs(reinterpret_cast<unsigned int*>(row + c), codes);
+  } else {
+    for (int i = 0; i < 4; ++i)
+      if (c + i < cols) row[c + i] = static_cast<uint8_t>(codes >> (8 * i));
+  }
+}
+
 }  // namespace moerl::fp8::cuda::quant_detail

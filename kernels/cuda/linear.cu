@@ -3,8 +3,11 @@
 // cuda_detail::LtMatmul. The FP8 recipe is in linear_fp8.cu.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <set>
 #include <string>
+#include <vector>
 
 #include "kernels/cuda/cublaslt_matmul.hpp"
 #include "kernels/cuda/cuda_check.hpp"
@@ -74,6 +77,27 @@ LinearContext::LinearContext() : impl_(std::make_unique<Impl>()) {}
 LinearContext::~LinearContext() = default;
 
 void LinearContext::weights_changed() { ++impl_->generation; }
+
+void LinearContext::weights_changed(const std::vector<Fp8WeightCopy>& refreshed, cudaStream_t stream) {
+  Impl& c = *impl_;
+  ++c.generation;
+  std::set<const uint8_t*> written;
+  for (const Fp8WeightCopy& r : refreshed) written.insert(r.codes);
+  for (auto& [key, pw] : c.weights) {
+    if (pw.copies.empty() || pw.generation == 0) continue;
+    if (!std::all_of(pw.copies.begin(), pw.copies.end(), [&](const Fp8WeightCopy& x) { return written.count(x.codes); }))
+      continue;
+    pw.finish_scales(stream);
+    pw.generation = c.generation;
+  }
+}
+
+std::vector<Fp8WeightCopy> LinearContext::fp8_weight_copies() const {
+  std::vector<Fp8WeightCopy> out;
+  for (const auto& [key, pw] : impl_->weights)
+    if (pw.generation != 0) out.insert(out.end(), pw.copies.begin(), pw.copies.end());
+  return out;
+}
 
 size_t LinearContext::prepared_bytes() const {
   size_t total = 0;

@@ -34,10 +34,27 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <vector>
 
+#include "kernels/fp8_quantize.hpp"
 #include "kernels/linear.hpp"
 
 namespace moerl::cuda {
+
+// How a prepared FP8 weight is made from its master: one 128x128-block quantization (two for gate and up side by
+// side), fp8::cuda::quantize_128x128_placed(w, batch, rows, cols, codes, block_scales, codes_t, at) with
+// block_scales in the CPU layout [batch, tiles(rows), tiles(cols)], which the context then puts in cuBLASLt's
+// layouts. An optimizer that writes these bytes as part of its update (GpuAdamW: cuda::AdamWFp8Copies) saves the
+// quantization's read of the weights.
+struct Fp8WeightCopy {
+  const float* w = nullptr;
+  int64_t batch = 0, rows = 0, cols = 0;
+  uint8_t* codes = nullptr;
+  float* block_scales = nullptr;
+  uint8_t* codes_t = nullptr;
+  fp8::cuda::Fp8Placement at;
+  bool operator==(const Fp8WeightCopy&) const = default;
+};
 
 // The cuBLASLt handle and workspace, the FP32 / BF16 matmul plans, an fp8::cuda::GemmContext, and the
 // prepared weights. Bound to the device current at construction. Not thread-safe; calls on one context
@@ -51,6 +68,13 @@ class LinearContext {
 
   // The weights changed (an optimizer step ran): prepared copies are rebuilt on their next use.
   void weights_changed();
+  // weights_changed() after an update that also wrote `refreshed` (copies listed by fp8_weight_copies(), matched by
+  // their codes) on `stream`: each prepared weight whose copies are all among them gets its block scales put in the
+  // GEMMs' layouts, on `stream`, and stays current; every other copy is rebuilt on its next use.
+  void weights_changed(const std::vector<Fp8WeightCopy>& refreshed, cudaStream_t stream);
+  // The copies of every prepared FP8 weight made so far that weights_changed(refreshed, ..) can keep current (all
+  // but those of weights padded to the GEMMs' sizes, which are quantized from a padded temporary).
+  std::vector<Fp8WeightCopy> fp8_weight_copies() const;
   // Device bytes held by prepared weights (BF16 copies, FP8 codes and scales).
   size_t prepared_bytes() const;
   // Frees every prepared copy. Copies are keyed by the weight's address: call this when weight buffers were

@@ -182,38 +182,22 @@ void gemm_into(fp8::cuda::GemmContext& ctx, const Operand& a, const Operand& b, 
   t.release();
 }
 
-// Fills a prepared weight: w [N, K] zero-padded to [rows, cols], quantized in 128x128 blocks straight into the
-// codes (the CPU's bytes) and, in the same pass, their transpose into codes_t (a block of wᵀ holds the same
-// elements as the block of w it mirrors, so the same amax, scale and codes; fp8::cuda::quantize_128x128_with_transpose),
-// and the block scales written in both cuBLASLt layouts.
-struct Fp8WeightBuffers {
-  uint8_t* codes;    // [rows, cols]
-  uint8_t* codes_t;  // [cols, rows]
-  float* scales;     // BLK128x128 layout of [rows, cols]
-  float* scales_t;   // BLK128x128 layout of [cols, rows]
-  int64_t rows, cols;
-};
+// A prepared weight's bytes from its masters: each copy quantized in 128x128 blocks straight into the codes (the
+// CPU's bytes) and, in the same pass, their transpose into codes_t (a block of wᵀ holds the same elements as the
+// block of w it mirrors, so the same amax, scale and codes), then the block scales put in the GEMMs' layouts.
+void fill_from_copies(const PreparedWeight& pw, cudaStream_t stream) {
+  for (const Fp8WeightCopy& c : pw.copies)
+    fp8::cuda::quantize_128x128_placed(c.w, c.batch, c.rows, c.cols, c.codes, c.block_scales, c.codes_t, c.at, stream);
+  pw.finish_scales(stream);
+}
 
-void fill_fp8_weight(const Fp8WeightBuffers& pw, const float* w, int64_t N, int64_t K, cudaStream_t stream) {
-  const int64_t rows = pw.rows, cols = pw.cols, TN = tiles(rows), TK = tiles(cols);
-  const bool padded = rows != N || cols != K;
-  Layout l;
-  const size_t padded_at = padded ? l.add(static_cast<size_t>(rows * cols) * sizeof(float)) : 0;
-  const size_t scales_at = l.add(static_cast<size_t>(TN * TK) * sizeof(float));
-  StreamScratch scratch(l.total, stream);
-  const float* src = w;
-  if (padded) {
-    float* p = scratch.as<float>(padded_at);
-    pad(w, N, K, p, rows, cols, stream);
-    src = p;
-  }
-  float* block_scales = scratch.as<float>(scales_at);
-  fp8::cuda::quantize_128x128_with_transpose(src, 1, rows, cols, pw.codes, block_scales, pw.codes_t, stream);
+// The block scales s [TN, TK] of `experts` stacked matrices (CPU layout) -> cuBLASLt's BLK128x128 layouts of each
+// matrix and of its transpose, sw_stride and st_stride apart.
+void weight_scales(const float* s, int64_t experts, int64_t TN, int64_t TK, float* sw, float* st, cudaStream_t stream) {
   const int64_t scale_items = std::max(TN * round_up(TK, 4), TK * round_up(TN, 4));
-  weight_scales_kernel<<<blocks_for(scale_items), kThreads, 0, stream>>>(block_scales, TN, TK, pw.scales,
-                                                                         pw.scales_t);
+  const dim3 grid(std::min<unsigned>(blocks_for(scale_items), 64), static_cast<unsigned>(experts));
+  weight_scales_kernel<<<grid, kThreads, 0, stream>>>(s, TN, TK, sw, st);
   CUDA_CHECK_LAUNCH();
-  scratch.release();
 }
 
 }  // namespace
@@ -221,7 +205,8 @@ void fill_fp8_weight(const Fp8WeightBuffers& pw, const float* w, int64_t N, int6
 const PreparedFp8Weight& fp8_weight(LinearContext::Impl& ctx, const float* w, int64_t N, int64_t K,
                                     cudaStream_t stream) {
   // Padded like every GEMM operand of the recipe: rows = N is Dgrad's contracted size, cols = K Fprop's.
-  const int64_t rows = gemm_depth(N), cols = gemm_depth(K);
+  const int64_t rows = gemm_depth(N), cols = gemm_depth(K), TN = tiles(rows), TK = tiles(cols);
+  const bool padded = rows != N || cols != K;
   Layout l;
   const size_t codes_at = l.add(static_cast<size_t>(rows * cols));
   const size_t codes_t_at = l.add(static_cast<size_t>(rows * cols));
@@ -230,12 +215,29 @@ const PreparedFp8Weight& fp8_weight(LinearContext::Impl& ctx, const float* w, in
   };
   const size_t scales_at = l.add(scale_bytes(rows, cols));
   const size_t scales_t_at = l.add(scale_bytes(cols, rows));
+  const size_t blocks_at = l.add(static_cast<size_t>(TN * TK) * sizeof(float));
   PreparedWeight& pw = ctx.entry(w, N, K, Precision::FP8, l.total);
-  const Fp8WeightBuffers b{pw.memory.as<uint8_t>(codes_at), pw.memory.as<uint8_t>(codes_t_at),
-                           pw.memory.as<float>(scales_at), pw.memory.as<float>(scales_t_at), rows, cols};
-  pw.fp8 = PreparedFp8Weight{b.codes, b.scales, b.codes_t, b.scales_t, rows, cols};
+  uint8_t* codes = pw.memory.as<uint8_t>(codes_at);
+  uint8_t* codes_t = pw.memory.as<uint8_t>(codes_t_at);
+  float* scales = pw.memory.as<float>(scales_at);
+  float* scales_t = pw.memory.as<float>(scales_t_at);
+  float* block_scales = pw.memory.as<float>(blocks_at);
+  pw.fp8 = PreparedFp8Weight{codes, scales, codes_t, scales_t, rows, cols};
+  if (pw.generation == 0) {
+    if (!padded) pw.copies = {Fp8WeightCopy{w, 1, rows, cols, codes, block_scales, codes_t, {}}};
+    pw.finish_scales = [=](cudaStream_t s) { weight_scales(block_scales, 1, TN, TK, scales, scales_t, s); };
+  }
   if (pw.generation != ctx.generation) {
-    fill_fp8_weight(b, w, N, K, stream);
+    if (padded) {  // w [N, K] zero-padded to [rows, cols] in a temporary, quantized from there
+      StreamScratch scratch(static_cast<size_t>(rows * cols) * sizeof(float), stream);
+      pad(w, N, K, scratch.as<float>(), rows, cols, stream);
+      fp8::cuda::quantize_128x128_with_transpose(scratch.as<float>(), 1, rows, cols, codes, block_scales, codes_t,
+                                                 stream);
+      pw.finish_scales(stream);
+      scratch.release();
+    } else {
+      fill_from_copies(pw, stream);
+    }
     pw.generation = ctx.generation;
   }
   return pw.fp8;
@@ -243,7 +245,7 @@ const PreparedFp8Weight& fp8_weight(LinearContext::Impl& ctx, const float* w, in
 
 const PreparedFp8Stack& fp8_stacked_weight(LinearContext::Impl& ctx, const float* w, int64_t experts, int64_t N,
                                            int64_t K, cudaStream_t stream) {
-  // fill_fp8_weight per expert (no padding: N and K are multiples of 16 and >= 128), each step one launch for all.
+  // fp8_weight's per expert (no padding: N and K are multiples of 16 and >= 128), each step one launch for all.
   const int64_t TN = tiles(N), TK = tiles(K);
   const int64_t sw_stride = TN * round_up(TK, 4), st_stride = TK * round_up(TN, 4);
   Layout l;
@@ -251,21 +253,20 @@ const PreparedFp8Stack& fp8_stacked_weight(LinearContext::Impl& ctx, const float
   const size_t codes_t_at = l.add(static_cast<size_t>(experts * N * K));
   const size_t scales_at = l.add(static_cast<size_t>(experts * sw_stride) * sizeof(float));
   const size_t scales_t_at = l.add(static_cast<size_t>(experts * st_stride) * sizeof(float));
+  const size_t blocks_at = l.add(static_cast<size_t>(experts * TN * TK) * sizeof(float));
   PreparedWeight& pw = ctx.entry(w, N, K, Precision::FP8, l.total, experts);
   uint8_t* codes = pw.memory.as<uint8_t>(codes_at);
   uint8_t* codes_t = pw.memory.as<uint8_t>(codes_t_at);
   float* scales = pw.memory.as<float>(scales_at);
   float* scales_t = pw.memory.as<float>(scales_t_at);
+  float* block_scales = pw.memory.as<float>(blocks_at);
   pw.stack = PreparedFp8Stack{codes, scales, codes_t, scales_t, experts, N, K, sw_stride, st_stride};
+  if (pw.generation == 0) {
+    pw.copies = {Fp8WeightCopy{w, experts, N, K, codes, block_scales, codes_t, {}}};
+    pw.finish_scales = [=](cudaStream_t s) { weight_scales(block_scales, experts, TN, TK, scales, scales_t, s); };
+  }
   if (pw.generation != ctx.generation) {
-    StreamScratch scratch(static_cast<size_t>(experts * TN * TK) * sizeof(float), stream);
-    float* block_scales = scratch.as<float>();
-    fp8::cuda::quantize_128x128_with_transpose(w, experts, N, K, codes, block_scales, codes_t, stream);
-    const int64_t scale_items = std::max(sw_stride, st_stride);
-    const dim3 sgrid(std::min<unsigned>(blocks_for(scale_items), 64), static_cast<unsigned>(experts));
-    weight_scales_kernel<<<sgrid, kThreads, 0, stream>>>(block_scales, TN, TK, scales, scales_t);
-    CUDA_CHECK_LAUNCH();
-    scratch.release();
+    fill_from_copies(pw, stream);
     pw.generation = ctx.generation;
   }
   return pw.stack;
@@ -282,27 +283,31 @@ const PreparedFp8GateUp& fp8_stacked_gate_up(LinearContext::Impl& ctx, const flo
   const size_t codes_t_at = l.add(static_cast<size_t>(experts * 2 * Ip * H));
   const size_t scales_at = l.add(static_cast<size_t>(experts * fprop_stride) * sizeof(float));
   const size_t scales_t_at = l.add(static_cast<size_t>(experts * dgrad_stride) * sizeof(float));
+  const size_t blocks_at = l.add(2 * static_cast<size_t>(experts * TI * TH) * sizeof(float));
   PreparedWeight& pw = ctx.entry(gate, 2 * Ip, H, Precision::FP8, l.total, experts, up);
   uint8_t* codes = pw.memory.as<uint8_t>(codes_at);
   uint8_t* codes_t = pw.memory.as<uint8_t>(codes_t_at);
   float* scales = pw.memory.as<float>(scales_at);
   float* scales_t = pw.memory.as<float>(scales_t_at);
+  float* gate_blocks = pw.memory.as<float>(blocks_at);
+  float* up_blocks = gate_blocks + experts * TI * TH;
   pw.gate_up = PreparedFp8GateUp{codes, scales, codes_t, scales_t, experts, I, Ip, H, fprop_stride, dgrad_stride};
-  if (pw.generation != ctx.generation) {
+  if (pw.generation == 0) {
     // Both codes' zero pads, once: the quantizations write gate's and up's own rows and columns only, so the pads
     // stay zero through every later generation (bench-600m: 100 MB of memset a MoE layer and step fewer).
-    if (Ip != I && pw.generation == 0) CUDA_CHECK(cudaMemsetAsync(codes, 0, scales_at - codes_at, stream));
-    StreamScratch scratch(2 * static_cast<size_t>(experts * TI * TH) * sizeof(float), stream);
-    float* gate_blocks = scratch.as<float>();
-    float* up_blocks = gate_blocks + experts * TI * TH;
+    if (Ip != I) CUDA_CHECK(cudaMemsetAsync(codes, 0, scales_at - codes_at, stream));
     const fp8::cuda::Fp8Placement at{2 * Ip * H, 2 * Ip, H * 2 * Ip};
-    fp8::cuda::quantize_128x128_placed(gate, experts, I, H, codes, gate_blocks, codes_t, at, stream);
-    fp8::cuda::quantize_128x128_placed(up, experts, I, H, codes + Ip * H, up_blocks, codes_t + Ip, at, stream);
-    const dim3 grid(std::min<unsigned>(blocks_for(std::max(fprop_stride, dgrad_stride)), 64),
-                    static_cast<unsigned>(experts));
-    gate_up_scales_kernel<<<grid, kThreads, 0, stream>>>(gate_blocks, up_blocks, TI, TH, scales, scales_t);
-    CUDA_CHECK_LAUNCH();
-    scratch.release();
+    pw.copies = {Fp8WeightCopy{gate, experts, I, H, codes, gate_blocks, codes_t, at},
+                 Fp8WeightCopy{up, experts, I, H, codes + Ip * H, up_blocks, codes_t + Ip, at}};
+    pw.finish_scales = [=](cudaStream_t s) {
+      const dim3 grid(std::min<unsigned>(blocks_for(std::max(fprop_stride, dgrad_stride)), 64),
+                      static_cast<unsigned>(experts));
+      gate_up_scales_kernel<<<grid, kThreads, 0, s>>>(gate_blocks, up_blocks, TI, TH, scales, scales_t);
+      CUDA_CHECK_LAUNCH();
+    };
+  }
+  if (pw.generation != ctx.generation) {
+    fill_from_copies(pw, stream);
     pw.generation = ctx.generation;
   }
   return pw.gate_up;

@@ -5,8 +5,10 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <utility>
+#include <vector>
 
 #include "kernels/cuda/cublaslt_matmul.hpp"
 #include "kernels/cuda/cuda_check.hpp"
@@ -68,6 +70,10 @@ struct PreparedWeight {
   PreparedFp8Weight fp8;    // FP8: views into `memory`
   PreparedFp8Stack stack;   // stacked FP8: views into `memory`
   PreparedFp8GateUp gate_up;  // gate and up side by side: views into `memory`
+  // FP8: how the codes are made from the master (LinearContext::fp8_weight_copies; none for a padded weight), and
+  // how the copies' block scales (in `memory`) become the GEMMs' scales.
+  std::vector<Fp8WeightCopy> copies;
+  std::function<void(cudaStream_t)> finish_scales;
 };
 
 }  // namespace moerl::cuda::linear_detail

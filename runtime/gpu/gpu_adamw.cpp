@@ -137,15 +137,79 @@ StepStats GpuAdamW::step(int64_t step) {
     return stats;
   }
   const int64_t t = t_ + 1;
-  if (batched_)
+  if (fp8_copies_) {  // the copies appear with the first forward (and change if the model forgets its weights)
+    std::vector<cuda::Fp8WeightCopy> copies = fp8_copies_();
+    if (copies != fp8_planned_) plan_fp8(copies);
+  }
+  if (fused_) {
+    rest_->adamw_step(stats.lr, config_.beta1, config_.beta2, config_.eps, config_.weight_decay, t, stream_, factor);
+    fused_->adamw_step(stats.lr, config_.beta1, config_.beta2, config_.eps, config_.weight_decay, t, stream_, factor);
+  } else if (batched_)
     batched_->adamw_step(stats.lr, config_.beta1, config_.beta2, config_.eps, config_.weight_decay, t, stream_, factor);
   else
     for (const Span& s : spans_)
       cuda::adamw_step(s.w, s.g, s.m, s.v, s.n, stats.lr, config_.beta1, config_.beta2, config_.eps,
                        s.decay ? config_.weight_decay : 0.0, t, stream_, factor);
   t_ = t;
-  if (after_update_) after_update_();
+  if (fused_)
+    fp8_written_(fp8_fused_);
+  else if (after_update_)
+    after_update_();
   return stats;
+}
+
+bool GpuAdamW::fuse_fp8_default() {
+  static const bool apart = env_switch("MOERL_ADAMW_FP8", "fused", "apart");
+  return !apart;
+}
+
+void GpuAdamW::plan_fp8(const std::vector<cuda::Fp8WeightCopy>& copies) {
+  fp8_planned_ = copies;
+  fused_.reset();
+  rest_.reset();
+  fp8_fused_.clear();
+  if (!batched_) return;  // spans not all aligned (not a GpuModel's): no fusion
+  // Copies by address; one sharing an element with another (the same weight prepared in two forms) is left out,
+  // as is one not lying whole in a span with decay.
+  auto end_of = [](const cuda::Fp8WeightCopy& c) { return c.w + c.batch * c.rows * c.cols; };
+  std::vector<cuda::Fp8WeightCopy> sorted = copies;
+  std::sort(sorted.begin(), sorted.end(),
+            [](const auto& a, const auto& b) { return std::less<const float*>()(a.w, b.w); });
+  std::vector<std::pair<const Span*, cuda::AdamWFp8Copy>> taken;
+  for (size_t i = 0; i < sorted.size(); ++i) {
+    const cuda::Fp8WeightCopy& c = sorted[i];
+    if ((i > 0 && end_of(sorted[i - 1]) > c.w) || (i + 1 < sorted.size() && end_of(c) > sorted[i + 1].w)) continue;
+    const auto sp = std::find_if(spans_.begin(), spans_.end(),
+                                 [&](const Span& s) { return s.decay && s.w <= c.w && end_of(c) <= s.w + s.n; });
+    if (sp == spans_.end()) continue;
+    const ptrdiff_t at = c.w - sp->w;
+    const cuda::AdamWFp8Copy f{sp->w + at,  sp->g + at, sp->m + at, sp->v + at,   c.batch, c.rows,
+                               c.cols,      c.codes,    c.block_scales, c.codes_t, c.at};
+    if (!cuda::AdamWFp8Copies::fits(f)) continue;
+    taken.emplace_back(&*sp, f);
+    fp8_fused_.push_back(c);
+  }
+  if (taken.empty()) return;
+  // Every other element: each span's pieces between its fused copies (taken is in address order).
+  std::vector<Span> rest;
+  for (const Span& s : spans_) {
+    int64_t from = 0;
+    for (const auto& [sp, f] : taken) {
+      if (sp != &s) continue;
+      const int64_t at = f.w - s.w;
+      if (at > from) rest.push_back({s.w + from, s.g + from, s.m + from, s.v + from, at - from, s.decay});
+      from = at + f.batch * f.rows * f.cols;
+    }
+    if (s.n > from) rest.push_back({s.w + from, s.g + from, s.m + from, s.v + from, s.n - from, s.decay});
+  }
+  if (!std::all_of(rest.begin(), rest.end(), cuda::AdamWSpans::fits)) {
+    fp8_fused_.clear();
+    return;
+  }
+  std::vector<cuda::AdamWFp8Copy> fused;
+  for (const auto& [sp, f] : taken) fused.push_back(f);
+  fused_ = std::make_unique<cuda::AdamWFp8Copies>(fused);
+  rest_ = std::make_unique<cuda::AdamWSpans>(rest);
 }
 
 std::map<std::string, Tensor> GpuAdamW::state() const {

@@ -8,7 +8,8 @@
 //
 // Parameters that lie back to back in device memory (value and gradient both adjacent, the same decay rule)
 // are updated and measured as one span, and all spans in one launch per kernel (cuda::AdamWSpans): three launches
-// a step for the norm and the update, however many spans.
+// a step for the norm and the update, however many spans. With a GpuModel, the update of each FP8 weight also writes
+// the model's prepared FP8 copy of it (cuda::AdamWFp8Copies), so the next forward does not read the weight again.
 // state() and load_state() use AdamW's tensor names, dtypes and shapes, so optimizer.safetensors files move
 // between the CPU and the GPU.
 #pragma once
@@ -43,10 +44,21 @@ class GpuAdamW {
   // The optimizer of a GpuModel: its trainable parameters, on its stream, calling linear().weights_changed()
   // after each update and model.settle_grads() before each step (gradients marked by zero_grad and not written
   // since read as zero). Inline, so code that only uses the constructor above links without the GPU model.
-  GpuAdamW(GpuModel& model, AdamWConfig config)
+  // fuse_fp8: the update also writes the model's prepared FP8 weights (cuda::AdamWFp8Copies: their 128x128-block
+  // codes from the new values in registers), where the next forward would otherwise quantize them again from the
+  // masters, a read of every FP8 weight (the same bytes either way). Default: MOERL_ADAMW_FP8 = fused (or apart).
+  GpuAdamW(GpuModel& model, AdamWConfig config, bool fuse_fp8 = fuse_fp8_default())
       : GpuAdamW(model.params(), config, model.stream(), [&model] { model.linear().weights_changed(); }) {
     before_step_ = [&model] { model.settle_grads(); };
+    if (fuse_fp8) {
+      fp8_copies_ = [&model] { return model.linear().fp8_weight_copies(); };
+      fp8_written_ = [&model](const std::vector<cuda::Fp8WeightCopy>& written) {
+        model.linear().weights_changed(written, model.stream());
+      };
+    }
   }
+  // MOERL_ADAMW_FP8: fused (the default) or apart, read once.
+  static bool fuse_fp8_default();
   ~GpuAdamW();
   GpuAdamW(const GpuAdamW&) = delete;
   GpuAdamW& operator=(const GpuAdamW&) = delete;
@@ -61,6 +73,8 @@ class GpuAdamW {
   const AdamWConfig& config() const { return config_; }
   // Groups of back-to-back parameters, each one launch per kernel (diagnostics and tests).
   size_t span_count() const { return spans_.size(); }
+  // Prepared FP8 weights (cuda::Fp8WeightCopy) the last update wrote itself (diagnostics and tests).
+  size_t fp8_copies_written() const { return fp8_fused_.size(); }
   // BF16 elements of each moment (the parameters' elements, each span padded to 128).
   size_t moment_elements() const { return moment_elements_; }
   // Device bytes of the moments and the norm accumulator.
@@ -93,6 +107,17 @@ class GpuAdamW {
   // Every span's norm and update in one launch per kernel (when all are aligned; MOERL_ADAMW_LAUNCH=per-span: one
   // launch per span and kernel, for comparing on the device).
   std::unique_ptr<cuda::AdamWSpans> batched_;
+  // The fused FP8 weights (GpuAdamW(GpuModel&) with fuse_fp8): fp8_copies_ lists the model's prepared copies (they
+  // appear with the first forward), plan_fp8 picks those lying whole in a span with decay and not sharing elements
+  // with another copy (a weight prepared in two forms), fused_ updates and quantizes them, rest_ updates every other
+  // element, fp8_written_ tells the model which copies are current.
+  std::function<std::vector<cuda::Fp8WeightCopy>()> fp8_copies_;
+  std::function<void(const std::vector<cuda::Fp8WeightCopy>&)> fp8_written_;
+  std::vector<cuda::Fp8WeightCopy> fp8_planned_;  // what fp8_copies_ gave when the plan was made
+  std::vector<cuda::Fp8WeightCopy> fp8_fused_;    // the copies fused_ writes
+  std::unique_ptr<cuda::AdamWFp8Copies> fused_;
+  std::unique_ptr<cuda::AdamWSpans> rest_;
+  void plan_fp8(const std::vector<cuda::Fp8WeightCopy>& copies);
   uint16_t* m_ = nullptr;    // all first moments, BF16 codes
   uint16_t* v_ = nullptr;    // all second moments
   size_t moment_elements_ = 0;

@@ -12,11 +12,16 @@
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "kernels/cuda/adamw.hpp"
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/fp8.hpp"
+#include "kernels/fp8_quantize.hpp"
+#include "kernels/half.hpp"
 #include "runtime/error.hpp"
 #include "runtime/gpu/gpu_adamw.hpp"
 #include "runtime/model/params.hpp"
@@ -282,6 +287,92 @@ TEST_F(GpuAdamWTest, BadStateIsRefusedWithTheCpusMessageAndChangesNothing) {
   }
   EXPECT_EQ(gpu_opt.steps_taken(), 0);
   EXPECT_THROW((void)gpu::GpuAdamW(arena.params(), AdamWConfig{.lr = -1}, nullptr), Error);
+}
+
+// cuda::AdamWFp8Copies (the update of weights and their FP8 copies in one pass) against the two passes it replaces:
+// the weights and moments of cuda::adamw_step and the codes, block scales and transposed codes of
+// fp8::cuda::quantize_128x128_placed on the updated weights, bit for bit. Shapes: a stack of 3 matrices with partial
+// 128x128 blocks both ways (208 x 200), and two stacks placed into one wider matrix's codes and transposed codes
+// (the routed experts' gate and up, 176 rows each padded to 256): the bytes between them, which neither writes,
+// keep their poison.
+TEST_F(GpuAdamWTest, FusedFp8UpdateGivesTheUpdateThenTheQuantizationOfItsResult) {
+  using gpu_test::DeviceBuffer;
+  std::mt19937_64 rng(run_seed() + 71);
+  struct Shape {
+    int64_t batch, rows, cols;
+  };
+  const Shape stack{3, 208, 200}, half{2, 176, 256};
+  const int64_t Ip = 256, n_stack = stack.batch * stack.rows * stack.cols, n_half = half.batch * half.rows * half.cols;
+  const int64_t n = n_stack + 2 * n_half;
+  std::vector<float> w(static_cast<size_t>(n)), g(w.size());
+  std::vector<uint16_t> m(w.size()), v(w.size());
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (size_t i = 0; i < w.size(); ++i) {
+    w[i] = 0.05f * normal(rng);
+    g[i] = normal(rng);
+    m[i] = bf16_from_float(0.1f * normal(rng));
+    v[i] = bf16_from_float(0.01f * std::abs(normal(rng)));
+  }
+  const double lr = 1e-3, beta1 = 0.9, beta2 = 0.95, eps = 1e-8, decay = 0.1;
+  const int64_t t = 3;
+  const float clip = 0.5f;
+  // Codes: the stack's [3, 208, 200] and [3, 200, 208]; the pair's [2, 2 Ip, 256] and [2, 256, 2 Ip].
+  const int64_t codes_bytes = n_stack + half.batch * 2 * Ip * half.cols;
+  const int64_t scale_count = stack.batch * fp8::tiles(stack.rows) * fp8::tiles(stack.cols) +
+                              2 * half.batch * fp8::tiles(half.rows) * fp8::tiles(half.cols);
+  struct Outputs {  // the inputs uploaded, the codes poisoned with 0x5A and the scales with NaN
+    Outputs(const std::vector<float>& w0, const std::vector<float>& g0, const std::vector<uint16_t>& m0,
+            const std::vector<uint16_t>& v0, int64_t codes_bytes, int64_t scale_count)
+        : w(w0), g(g0), m(m0), v(v0), codes(codes_bytes), codes_t(codes_bytes), scales(scale_count) {
+      codes.fill_bytes(0x5A), codes_t.fill_bytes(0x5A), scales.poison();
+    }
+    DeviceBuffer<float> w, g;
+    DeviceBuffer<uint16_t> m, v;
+    DeviceBuffer<uint8_t> codes, codes_t;
+    DeviceBuffer<float> scales;
+  };
+  auto make = [&] { return std::make_unique<Outputs>(w, g, m, v, codes_bytes, scale_count); };
+  const auto want = make(), got = make();
+  // The copies over one set of buffers: the stack, then gate and up placed side by side.
+  auto copies = [&](Outputs& o) {
+    const fp8::cuda::Fp8Placement pair{2 * Ip * half.cols, 2 * Ip, half.cols * 2 * Ip};
+    const int64_t s1 = stack.batch * fp8::tiles(stack.rows) * fp8::tiles(stack.cols);
+    const int64_t s2 = half.batch * fp8::tiles(half.rows) * fp8::tiles(half.cols);
+    auto at = [&](int64_t off, const Shape& sh, uint8_t* codes, float* scales, uint8_t* codes_t,
+                  fp8::cuda::Fp8Placement p) {
+      return cuda::AdamWFp8Copy{o.w.get(off), o.g.get(off), o.m.get(off), o.v.get(off), sh.batch, sh.rows, sh.cols,
+                                codes, scales, codes_t, p};
+    };
+    uint8_t* pc = o.codes.get(n_stack);
+    uint8_t* pt = o.codes_t.get(n_stack);
+    return std::vector<cuda::AdamWFp8Copy>{
+        at(0, stack, o.codes.get(), o.scales.get(), o.codes_t.get(), {}),
+        at(n_stack, half, pc, o.scales.get(s1), pt, pair),
+        at(n_stack + n_half, half, pc + Ip * half.cols, o.scales.get(s1 + s2), pt + Ip, pair)};
+  };
+  cuda::adamw_step(want->w.get(), want->g.get(), want->m.get(), want->v.get(), n, lr, beta1, beta2, eps, decay, t,
+                   nullptr, clip);
+  for (const cuda::AdamWFp8Copy& c : copies(*want))
+    fp8::cuda::quantize_128x128_placed(c.w, c.batch, c.rows, c.cols, c.codes, c.block_scales, c.codes_t, c.at);
+  const std::vector<cuda::AdamWFp8Copy> fused = copies(*got);
+  for (const cuda::AdamWFp8Copy& c : fused) EXPECT_TRUE(cuda::AdamWFp8Copies::fits(c));
+  cuda::AdamWFp8Copies(fused).adamw_step(lr, beta1, beta2, eps, decay, t, nullptr, clip);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  auto same = [](const auto& a, const auto& b) { return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin()); };
+  const std::vector<float> w_want = want->w.download(), w_got = got->w.download();
+  EXPECT_EQ(std::memcmp(w_want.data(), w_got.data(), w_want.size() * sizeof(float)), 0) << "weights";
+  EXPECT_NE(std::memcmp(w_want.data(), w.data(), w.size() * sizeof(float)), 0) << "the update moved nothing";
+  EXPECT_TRUE(same(want->m.download(), got->m.download())) << "first moments";
+  EXPECT_TRUE(same(want->v.download(), got->v.download())) << "second moments";
+  EXPECT_TRUE(same(want->codes.download(), got->codes.download())) << "codes";
+  EXPECT_TRUE(same(want->codes_t.download(), got->codes_t.download())) << "transposed codes";
+  const std::vector<float> s_want = want->scales.download(), s_got = got->scales.download();
+  EXPECT_EQ(std::memcmp(s_want.data(), s_got.data(), s_want.size() * sizeof(float)), 0) << "block scales";
+  // A copy that does not fit is refused with its shape named.
+  cuda::AdamWFp8Copy bad = fused[0];
+  bad.cols = 202;
+  EXPECT_FALSE(cuda::AdamWFp8Copies::fits(bad));
+  EXPECT_THROW(cuda::AdamWFp8Copies({bad}), Error);
 }
 
 // Information, not an assertion: one step (norm, clip, update) over 128 tensors of 1M parameters lying back to

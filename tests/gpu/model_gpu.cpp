@@ -26,6 +26,7 @@
 #include <nlohmann/json.hpp>
 
 #include "runtime/error.hpp"
+#include "runtime/gpu/gpu_adamw.hpp"
 #include "runtime/gpu/gpu_model.hpp"
 #include "runtime/model/model.hpp"
 #include "runtime/safetensors.hpp"
@@ -518,6 +519,46 @@ TEST_F(ModelGpu, RepeatedStepsAreBitIdentical) {
     EXPECT_EQ(e.total, a.report.total) << pn;
     EXPECT_THROW(g.backward(), Error) << pn;
   }
+}
+
+// The optimizer's fused FP8 weights (GpuAdamW with fuse_fp8: the update writes the prepared 128x128-block codes and
+// scales itself) are the bytes the next forward would otherwise quantize from the masters: two models from the same
+// start, one optimizer fused and one not, give over 3 FP8 training steps the same losses, weights and moments bit for
+// bit, and the fused one writes its copies from the first update on (a stale or misplaced code would move the next
+// loss).
+TEST_F(ModelGpu, OptimizerWrittenFp8WeightsAreTheBytesOfWeightsQuantizedAtTheirNextUse) {
+  const ModelConfig c = gpu_test::tile_gpu_config(128);
+  std::mt19937_64 rng(run_seed() + 61);
+  Model cpu(c), holder_a(c), holder_b(c);
+  GpuModel a(c), b(c);
+  init_both(cpu, a, run_seed() + 67, false);
+  b.upload(cpu.params());
+  const Tokens t = random_tokens(c.vocab_size, 2, 128, 0, rng);
+  AdamWConfig oc;
+  oc.lr = 2e-3;  // large enough that every step changes many codes
+  gpu::GpuAdamW fused(a, oc, true), apart(b, oc, false);
+  const ForwardOptions o = options(Precision::FP8);
+  for (int step = 0; step < 3; ++step) {
+    double loss[2];
+    int i = 0;
+    for (auto [m, opt] : {std::pair<GpuModel*, gpu::GpuAdamW*>{&a, &fused}, {&b, &apart}}) {
+      m->zero_grad();
+      loss[i++] = m->forward(t.view(), o).loss;
+      m->backward();
+      opt->step(step);
+    }
+    std::printf("  step %d: loss %.9f (fused) %.9f (apart), %zu copies written by the update\n", step, loss[0],
+                loss[1], fused.fp8_copies_written());
+    EXPECT_EQ(std::memcmp(&loss[0], &loss[1], sizeof(double)), 0) << "step " << step;
+  }
+  EXPECT_GE(fused.fp8_copies_written(), 4u);  // each layer's experts, at least
+  EXPECT_EQ(apart.fp8_copies_written(), 0u);
+  a.download(holder_a.params());
+  b.download(holder_b.params());
+  for (const auto& [name, p] : holder_a.params().all())
+    EXPECT_EQ(std::memcmp(p.value.bytes(), holder_b.params().at(name).value.bytes(), p.value.nbytes()), 0) << name;
+  const auto sa = fused.state(), sb = apart.state();
+  for (const auto& [name, x] : sa) EXPECT_EQ(std::memcmp(x.bytes(), sb.at(name).bytes(), x.nbytes()), 0) << name;
 }
 
 // zero_grad marks the gradients instead of clearing them (DeviceParam::grad_unset): the backward's producers write

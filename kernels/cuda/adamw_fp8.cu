@@ -1,0 +1,138 @@
+// AdamW's update of weights together with their FP8 copies (kernels/cuda/adamw.hpp, AdamWFp8Copies): one thread
+// block per 128x128 block of a weight matrix updates the block's elements (adamw_update: the spans kernel's bits) and
+// quantizes the new values it holds in registers (quantize_block_values: quantize_128x128_placed's bytes). The
+// weight is read once a step instead of twice: once by the update, once more by the quantization of the next
+// forward.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/cuda/adamw.hpp"
+#include "kernels/cuda/adamw_update.cuh"
+#include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/fp8_quantize_block.cuh"
+#include "kernels/cuda/ops_common.cuh"
+#include "runtime/error.hpp"
+
+namespace moerl::cuda {
+namespace {
+
+using adamw_detail::adamw_update;
+using adamw_detail::Scalars;
+using fp8::kTile;
+using fp8::tiles;
+namespace qd = fp8::cuda::quant_detail;
+
+// The last copy i with first_block[i] <= b (first_block [copies + 1] rising; first_block[0] = 0 <= b < the last).
+__device__ __forceinline__ int copy_of(const int64_t* first_block, int copies, int64_t b) {
+  int lo = 0, hi = copies - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (first_block[mid] <= b) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// Block b of the launch: block (bi, bj) of matrix e of its copy. Thread (warp w, lane l) holds rows 8w .. 8w + 7
+// of the block and columns 4l .. 4l + 3 (qd::quantize_block_values' layout), updated a row at a time. Elements
+// outside the matrix are neither read nor written, and quantize as zeros (as the plain kernel's padding). 64
+// registers, two blocks an SM: one block's loads overlap the other's arithmetic and stores (with all 8 rows' loads
+// in flight before the first update, 128 registers and one block an SM, bench-600m's 536M FP8 weights took 4.7 ms
+// a step against 2.9 + 1.1 for the spans kernel and the quantization apart, 3.3 at 64; with streaming loads and
+// stores, 3.5; H200, CUPTI traces, 2026-11-30, bench/results/2026-11-30-gpu-adamw-fp8-h200-*.txt).
+__global__ void __launch_bounds__(qd::kBlockThreads, 2)
+    adamw_fp8_kernel(const AdamWFp8Copy* __restrict__ copies, const int64_t* __restrict__ first_block, int n_copies,
+                     Scalars s) {
+  __shared__ qd::BlockSmem<true> smem;
+  const int64_t b = blockIdx.x;
+  const int ci = copy_of(first_block, n_copies, b);
+  const AdamWFp8Copy c = copies[ci];
+  const int64_t tr = tiles(c.rows), tc = tiles(c.cols), local = b - first_block[ci];
+  const int64_t e = local / (tr * tc), bi = local / tc % tr, bj = local % tc;
+  const int lane = threadIdx.x % qd::kWarp, warp = threadIdx.x / qd::kWarp;
+  const int64_t r0 = bi * kTile, c0 = bj * kTile, col = c0 + 4 * lane, base = e * c.rows * c.cols;
+  constexpr int R = qd::kBlockRowsPerWarp;
+  float v[R][4];
+#pragma unroll
+  for (int i = 0; i < R; ++i) {
+    const int64_t r = r0 + warp * R + i, at = (base + r * c.cols + col) / 4;
+    if (!(r < c.rows && col < c.cols)) {  // cols % 4 == 0: a lane's 4 columns are all in or all out
+      v[i][0] = v[i][1] = v[i][2] = v[i][3] = 0.0f;
+      continue;
+    }
+    const float4 w4 = reinterpret_cast<const float4*>(c.w)[at], g4 = __ldcs(reinterpret_cast<const float4*>(c.g) + at);
+    const uint2 m4 = reinterpret_cast<const uint2*>(c.m)[at], v4 = reinterpret_cast<const uint2*>(c.v)[at];
+    float wv[4] = {w4.x, w4.y, w4.z, w4.w};
+    const float gv[4] = {g4.x, g4.y, g4.z, g4.w};
+    uint16_t mv[4] = {static_cast<uint16_t>(m4.x), static_cast<uint16_t>(m4.x >> 16), static_cast<uint16_t>(m4.y),
+                      static_cast<uint16_t>(m4.y >> 16)};
+    uint16_t vv[4] = {static_cast<uint16_t>(v4.x), static_cast<uint16_t>(v4.x >> 16), static_cast<uint16_t>(v4.y),
+                      static_cast<uint16_t>(v4.y >> 16)};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) adamw_update(wv[k], gv[k], mv[k], vv[k], s);
+    reinterpret_cast<float4*>(c.w)[at] = make_float4(wv[0], wv[1], wv[2], wv[3]);
+    reinterpret_cast<uint2*>(c.m)[at] = make_uint2(mv[0] | (uint32_t{mv[1]} << 16), mv[2] | (uint32_t{mv[3]} << 16));
+    reinterpret_cast<uint2*>(c.v)[at] = make_uint2(vv[0] | (uint32_t{vv[1]} << 16), vv[2] | (uint32_t{vv[3]} << 16));
+#pragma unroll
+    for (int k = 0; k < 4; ++k) v[i][k] = wv[k];
+  }
+  const int64_t stride = c.at.stride != 0 ? c.at.stride : c.rows * c.cols;
+  const int64_t t_ld = c.at.t_ld != 0 ? c.at.t_ld : c.rows;
+  const int64_t t_stride = c.at.t_stride != 0 ? c.at.t_stride : c.rows * c.cols;
+  const qd::BlockPlace place{c.rows, c.cols, r0, c0, c.codes + e * stride, c.codes_t + e * t_stride, t_ld,
+                             c.block_scales + local};
+  qd::quantize_block_values<false, true>(v, place, true, smem);
+}
+
+int64_t blocks_of(const AdamWFp8Copy& c) { return c.batch * tiles(c.rows) * tiles(c.cols); }
+
+}  // namespace
+
+bool AdamWFp8Copies::fits(const AdamWFp8Copy& c) {
+  using ops_detail::aligned;
+  const int64_t t_ld = c.at.t_ld != 0 ? c.at.t_ld : c.rows;
+  const int64_t stride = c.at.stride != 0 ? c.at.stride : c.rows * c.cols;
+  const int64_t t_stride = c.at.t_stride != 0 ? c.at.t_stride : c.rows * c.cols;
+  return c.w && c.g && c.m && c.v && c.codes && c.block_scales && c.codes_t && c.batch > 0 && c.rows > 0 &&
+         c.cols > 0 && c.cols % 4 == 0 && c.rows % 16 == 0 && t_ld >= c.rows && t_ld % 16 == 0 &&
+         stride >= c.rows * c.cols && t_stride >= c.cols * t_ld && aligned(c.w, 16) && aligned(c.g, 16) &&
+         aligned(c.m, 8) && aligned(c.v, 8) && aligned(c.codes, 4) && aligned(c.codes_t, 16);
+}
+
+AdamWFp8Copies::AdamWFp8Copies(const std::vector<AdamWFp8Copy>& copies) : copies_(copies.size()) {
+  std::vector<int64_t> first_block{0};
+  for (size_t i = 0; i < copies.size(); ++i) {
+    require(fits(copies[i]), [&] {
+      const AdamWFp8Copy& c = copies[i];
+      return "cuda::AdamWFp8Copies: copy " + std::to_string(i) + " (" + std::to_string(c.batch) + " x " +
+             std::to_string(c.rows) + " x " + std::to_string(c.cols) +
+             ") needs every pointer set, cols % 4 == 0, rows % 16 == 0, a valid placement and aligned buffers";
+    });
+    first_block.push_back(first_block.back() + blocks_of(copies[i]));
+  }
+  blocks_ = first_block.back();
+  require(copies_ <= INT32_MAX && blocks_ <= INT32_MAX, "cuda::AdamWFp8Copies: too many blocks for one launch");
+  const size_t table = ops_detail::align256(copies_ * sizeof(AdamWFp8Copy));
+  CUDA_CHECK(cudaMalloc(&device_, table + first_block.size() * sizeof(int64_t)));
+  CUDA_CHECK(cudaMemcpy(device_, copies.data(), copies_ * sizeof(AdamWFp8Copy), cudaMemcpyHostToDevice));
+  CUDA_CHECK(cudaMemcpy(static_cast<char*>(device_) + table, first_block.data(), first_block.size() * sizeof(int64_t),
+                        cudaMemcpyHostToDevice));
+}
+
+AdamWFp8Copies::~AdamWFp8Copies() { cudaFree(device_); }
+
+void AdamWFp8Copies::adamw_step(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
+                                cudaStream_t stream, float grad_scale) const {
+  const Scalars s = adamw_detail::scalars_of(lr, beta1, beta2, eps, weight_decay, t, grad_scale);
+  if (blocks_ == 0) return;
+  const size_t table = ops_detail::align256(copies_ * sizeof(AdamWFp8Copy));
+  adamw_fp8_kernel<<<static_cast<unsigned>(blocks_), qd::kBlockThreads, 0, stream>>>(
+      static_cast<const AdamWFp8Copy*>(device_),
+      reinterpret_cast<const int64_t*>(static_cast<const char*>(device_) + table), static_cast<int>(copies_), s);
+  CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace moerl::cuda
