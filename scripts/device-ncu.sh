@@ -7,6 +7,10 @@
 #
 #   bash scripts/device-ncu.sh 'bpr=BackwardPairRows@5@moe_layer' 'dkdv=attention_dkdv@20@train_step'
 #
+# ncu matches REGEX against names as it demangles them, with template arguments written (bool)1, (int)128: e.g.
+# 'dual=PlainSource, \(bool\)1, \(bool\)1, \(int\)128, \(int\)0@5@quantize' (log_NAME.txt lists the launches' names
+# when nothing matched).
+#
 # $OUT/ncu.txz: details_NAME.txt (every section, `--page details --print-details all`) and sass_NAME.csv (the source
 # page, for scripts/sass_summary.py); printed: each kernel's duration, DRAM throughput and issue-slot use, then its
 # instruction mix.

@@ -42,7 +42,10 @@ __device__ __forceinline__ int copy_of(const int64_t* first_block, int copies, i
 // registers, two blocks an SM: one block's loads overlap the other's arithmetic and stores (with all 8 rows' loads
 // in flight before the first update, 128 registers and one block an SM, bench-600m's 536M FP8 weights took 4.7 ms
 // a step against 2.9 + 1.1 for the spans kernel and the quantization apart, 3.3 at 64; with streaming loads and
-// stores, 3.5; H200, CUPTI traces, 2026-11-30, bench/results/2026-11-30-gpu-adamw-fp8-h200-*.txt).
+// stores, 3.5; H200, CUPTI traces, 2026-11-30, bench/results/2026-11-30-gpu-adamw-fp8-h200-*.txt). Nsight Compute
+// at b513d67: 3.30 ms, DRAM 74% busy, 50% occupancy (the registers), stalls mostly on each row's first use of its
+// loads; the next row's loads issued ahead of the update spilled at 64 registers, even with the new values kept in
+// shared memory instead of registers (not measured).
 __global__ void __launch_bounds__(qd::kBlockThreads, 2)
     adamw_fp8_kernel(const AdamWFp8Copy* __restrict__ copies, const int64_t* __restrict__ first_block, int n_copies,
                      Scalars s) {

@@ -75,9 +75,9 @@ __device__ __forceinline__ void quantize_block_values(const float (&v)[kBlockRow
   const Divisor d = divisor(scale);
   if (threadIdx.x == 0) *p.scale = scale;
   uint32_t q[kBlockRowsPerWarp];
+  encode4_n<kBlockRowsPerWarp>(v, d, q);
 #pragma unroll
   for (int i = 0; i < kBlockRowsPerWarp; ++i) {
-    q[i] = encode4(v[i], d);
     const int64_t r = p.r0 + warp * kBlockRowsPerWarp + i;
     if (kFull)
       __stcs(reinterpret_cast<unsigned int*>(p.codes + r * p.cols + c), q[i]);

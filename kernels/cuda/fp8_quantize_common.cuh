@@ -120,14 +120,33 @@ __device__ __forceinline__ uint32_t encode4(const float (&v)[4], float scale) {
   return uint32_t{encode2(v[0], v[1], scale)} | (uint32_t{encode2(v[2], v[3], scale)} << 16);
 }
 
-// The codes of x / (the divisor's scale), 2 or 4 values (the first in the low byte).
-__device__ __forceinline__ uint16_t encode2(float a, float b, const Divisor& d) {
-  if (d.exact) return cvt2(quotient(a, d.scale, d.hi, d.lo), quotient(b, d.scale, d.hi, d.lo));
-  return cvt2(quotient_large(a, d), quotient_large(b, d));
+// The codes of x / (the divisor's scale), 4 values (the first in the low byte), for an exact divisor or not.
+template <bool kExact>
+__device__ __forceinline__ uint32_t encode4_as(const float (&v)[4], const Divisor& d) {
+  uint16_t pair[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float a = v[2 * h], b = v[2 * h + 1];
+    pair[h] = kExact ? cvt2(quotient(a, d.scale, d.hi, d.lo), quotient(b, d.scale, d.hi, d.lo))
+                     : cvt2(quotient_large(a, d), quotient_large(b, d));
+  }
+  return uint32_t{pair[0]} | (uint32_t{pair[1]} << 16);
 }
 
-__device__ __forceinline__ uint32_t encode4(const float (&v)[4], const Divisor& d) {
-  return uint32_t{encode2(v[0], v[1], d)} | (uint32_t{encode2(v[2], v[3], d)} << 16);
+// The codes of N groups of 4 values with one divisor (a tile's), out[i] those of v[i], behind one branch on the
+// divisor's exactness for all of them: a branch per pair of values cost 3 instructions in 15 (BSSY, BRA, BSYNC;
+// ncu on the H200, quantize_1x128_dual at 8192 x 8192, 2026-11-30: 140 of a thread's 1295 instructions). Rounds
+// interleaved against it: dual 3.115-3.116 vs 3.048-3.052 TB/s, tiles64 3.86 vs 3.85, bench-600m fp8 280.6-282.5k vs
+// 275.2-281.7k tokens/s (bench/results/2026-11-30-gpu-encode-branch-h200-b513d67+encode.txt).
+template <int N>
+__device__ __forceinline__ void encode4_n(const float (*v)[4], const Divisor& d, uint32_t* out) {
+  if (d.exact) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = encode4_as<true>(v[i], d);
+  } else {
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = encode4_as<false>(v[i], d);
+  }
 }
 
 // 4 consecutive elements from column c of a row with `cols` elements; zero beyond the row's end.

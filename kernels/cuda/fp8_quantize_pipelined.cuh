@@ -216,11 +216,13 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
           const Divisor d = divisor(scale);
           const int64_t gr = r0 + r;
           if (p == 0) *row_scale<kLt>(out, gr, ct, grp) = scale;
+          uint32_t row_codes[4];
+          encode4_n<4>(v[o], d, row_codes);
 #pragma unroll
           for (int i = 0; i < 4; ++i) {
             const int64_t c = c0 + 4 * (p + 8 * i);
             if (c < cols || out.zero_pad)  // past cols the inputs were zero-filled: zero codes
-              __stcs(reinterpret_cast<unsigned int*>(out.codes + gr * out.row_codes_ld() + c), encode4(v[o][i], d));
+              __stcs(reinterpret_cast<unsigned int*>(out.codes + gr * out.row_codes_ld() + c), row_codes[i]);
           }
         }
       }
@@ -259,12 +261,13 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
         const int64_t c = c0 + 4 * jc + e;
         if (c >= cols) continue;  // the same for the whole half warp (after its shuffles)
         if (q == 0) *col_scale<kLt>(out, c, rt) = scale;
+        const float x4[2][4] = {{cv[o][0][0][e], cv[o][0][1][e], cv[o][0][2][e], cv[o][0][3][e]},
+                                {cv[o][1][0][e], cv[o][1][1][e], cv[o][1][2][e], cv[o][1][3][e]}};
+        uint32_t codes[2];
+        encode4_n<2>(x4, d, codes);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const float x4[4] = {cv[o][h][0][e], cv[o][h][1][e], cv[o][h][2][e], cv[o][h][3][e]};
-          __stcs(reinterpret_cast<unsigned int*>(dst0 + c * out_rows + first + h * kHalfRows + 4 * q),
-                 encode4(x4, d));
-        }
+        for (int h = 0; h < 2; ++h)
+          __stcs(reinterpret_cast<unsigned int*>(dst0 + c * out_rows + first + h * kHalfRows + 4 * q), codes[h]);
       }
     }
   }

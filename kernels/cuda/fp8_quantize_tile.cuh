@@ -141,10 +141,12 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
       const Divisor d = divisor(scale);
       const int64_t r = r0 + Shape::row(4 * h, warp, sub);
       if (quad == 0) *row_scale<(kLt & kRowsLt) != 0>(o, r, ct, g) = scale;
+      uint32_t q[4];
+      encode4_n<4>(v + 4 * h, d, q);
 #pragma unroll
       for (int k = 4 * h; k < 4 * h + 4; ++k) {
         const int64_t c = c0 + Shape::col(k, quad);
-        if (c < o.cols) __stcs(reinterpret_cast<unsigned int*>(o.codes + r * codes_ld + c), encode4(v[k], d));
+        if (c < o.cols) __stcs(reinterpret_cast<unsigned int*>(o.codes + r * codes_ld + c), q[k - 4 * h]);
       }
     }
   }
@@ -182,8 +184,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
       int64_t out_rows, first;
       transposed_destination(o, r0, g, out, out_rows, first);
       uint32_t w[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) w[i] = encode4(q[i], d);
+      encode4_n<8>(q, d, w);
       uint8_t* dst = out + c * out_rows + first + 16 * k4;
       if (reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
         __stcs(reinterpret_cast<uint4*>(dst), make_uint4(w[0], w[1], w[2], w[3]));
