@@ -143,11 +143,16 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
       if (quad == 0) *row_scale<(kLt & kRowsLt) != 0>(o, r, ct, g) = scale;
       uint32_t q[4];
       encode4_n<4>(v + 4 * h, d, q);
+      // Load k = 4 h + j holds columns 32 j + 4 quad ..: one row address for the 4 words, and the bounds (a
+      // partial last tile only) as 32-bit compares (each word's address and 64-bit bound in turn were 12
+      // instructions a word; dual 3.13-3.14 vs 3.11-3.12 TB/s, MoE layer 11.08-11.21 vs 11.13-11.33 ms, rounds
+      // interleaved, bench/results/2026-11-30-gpu-tile-row-stores-h200-5d8aac5+stores.txt).
+      static_assert(Shape::kChunks == 4, "a row's 4 loads hold its 128 columns");
+      unsigned int* const row_codes = reinterpret_cast<unsigned int*>(o.codes + r * codes_ld + c0 + 4 * quad);
+      const int left = static_cast<int>(min(o.cols - c0 - 4 * quad, int64_t{kTile}));  // columns from the first
 #pragma unroll
-      for (int k = 4 * h; k < 4 * h + 4; ++k) {
-        const int64_t c = c0 + Shape::col(k, quad);
-        if (c < o.cols) __stcs(reinterpret_cast<unsigned int*>(o.codes + r * codes_ld + c), q[k - 4 * h]);
-      }
+      for (int j = 0; j < 4; ++j)
+        if (32 * j < left) __stcs(row_codes + 8 * j, q[j]);
     }
   }
   if constexpr (kCols) {
