@@ -601,7 +601,7 @@ void backward_packed(const float* dout, const void* packed, const float* out, co
   // dQ's rope columns (the last 2 · rope->half) rotated back as dQ is stored.
   DqRope dq_rope;
   if (rope != nullptr)
-    dq_rope = DqRope{rope->cos, rope->sin, static_cast<int>(rope->half), static_cast<int>(dqk - 2 * rope->half)};
+    dq_rope = DqRope{*rope, static_cast<int>(dqk - 2 * rope->half)};
   const bool order = seq_order();
   dispatch_tc(dqk, dv, [&](auto dq_dim, auto dv_dim) {
     constexpr int DQ = decltype(dq_dim)::value, DV = decltype(dv_dim)::value;
@@ -694,8 +694,7 @@ void attention_backward_bf16_packed_mla(const float* dout, const void* packed, c
                                         int64_t heads, int64_t dn, int64_t dr, int64_t dv, float scale,
                                         cudaStream_t stream, const RopeTables* rope) {
   const std::string where = "moerl::cuda::attention_backward_bf16_packed_mla";
-  require(rope == nullptr || (rope->cos && rope->sin && 2 * rope->half == dr),
-          [&] { return where + ": RoPE tables of dr / 2 pairs needed"; });
+  require(rope == nullptr || rope->fits(dr), [&] { return where + ": RoPE tables of dr / 2 pairs needed"; });
   require(dn > 0 && dr > 0 && dn % 8 == 0, [&] {
     return where + ": needs dn a positive multiple of 8 and dr > 0, got dn " + std::to_string(dn) + ", dr " +
            std::to_string(dr);

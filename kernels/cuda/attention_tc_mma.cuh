@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/attention_tc_pack.hpp"
+#include "kernels/cuda/rope.hpp"
 #include "kernels/cuda/rope_rotate.cuh"
 
 namespace moerl::cuda::attention_tc_detail {
@@ -213,9 +214,7 @@ __device__ __forceinline__ void store_rows(float* __restrict__ dst, int64_t ldg,
 // RoPE rotated back on dQ's columns [c0, D) as dQ is stored (interleaved pairs, RoPE's tables at the row's
 // position): the bits of cuda::rope_backward on the stored rows. c0 < 0: none.
 struct DqRope {
-  const float* cos = nullptr;
-  const float* sin = nullptr;
-  int half = 0;
+  RopeTables t;
   int c0 = -1;
 };
 
@@ -236,8 +235,8 @@ __device__ __forceinline__ void store_rows_rope(float* __restrict__ dst, int64_t
       if (row >= seq) continue;
       float a = acc[n][2 * half] * factor, b = acc[n][2 * half + 1] * factor;
       if (col >= rope.c0) {
-        const int64_t at = int64_t{row} * rope.half + (col - rope.c0) / 2;
-        rope_rotate(a, b, __ldg(rope.cos + at), -__ldg(rope.sin + at));
+        const int64_t at = int64_t{row} * rope.t.half + (col - rope.c0) / 2;
+        rope_rotate(a, b, __ldg(rope.t.cos + at), -__ldg(rope.t.sin + at));
       }
       *reinterpret_cast<float2*>(dst + row * ldg + col) = make_float2(a, b);
     }

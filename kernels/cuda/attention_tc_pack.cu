@@ -280,8 +280,7 @@ void attention_pack_mla_bf16(const float* q, const float* kv, const float* ckv, 
   PackSrc ks{kv, heads * (dn + dv), dn + dv, static_cast<int>(dn), ckv + kv_lora, kv_lora + dr};
   const PackSrc vs{kv + dn, heads * (dn + dv), dn + dv, static_cast<int>(dv), nullptr, 0};
   if (rope != nullptr) {  // q's and the key's rope columns rotated here (rope_forward's bits)
-    require(rope->cos && rope->sin && 2 * rope->half == dr && dr > 0,
-            [&] { return std::string(where) + ": RoPE tables of dr / 2 pairs needed"; });
+    require(rope->fits(dr), [&] { return std::string(where) + ": RoPE tables of dr / 2 pairs needed"; });
     qs.rope_c0 = ks.rope_c0 = static_cast<int>(dn);
     qs.rope = ks.rope = *rope;
   }

@@ -30,6 +30,8 @@ struct RopeTables {
   const float* cos = nullptr;
   const float* sin = nullptr;
   int64_t half = 0;  // dim / 2
+  // Whether these are tables for rope dims `dim` (cos and sin set, dim / 2 pairs).
+  bool fits(int64_t dim) const { return cos != nullptr && sin != nullptr && dim > 0 && 2 * half == dim; }
 };
 RopeTables rope_tables(int64_t seq, int64_t dim, float theta);
 

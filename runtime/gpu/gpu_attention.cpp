@@ -116,14 +116,14 @@ void GpuMla::forward(const float* x, float* y, const Run& r) {
   // layer each way at bench-600m).
   phase.next("rope+core");
   const bool rope_fused = fused_rope();
-  const cuda::RopeTables rope = rope_fused ? cuda::rope_tables(seq_, dr_, theta_) : cuda::RopeTables{};
+  rope_ = rope_fused ? cuda::rope_tables(seq_, dr_, theta_) : cuda::RopeTables{};
   if (!rope_fused) {
     cuda::rope_forward(q_ + dn_, T, seq_, H, H * dq_, dq_, dr_, theta_, interleave_, r.stream);
     cuda::rope_forward(ckv.get() + kv_lora_, T, seq_, 1, ckv_dim, dr_, dr_, theta_, interleave_, r.stream);
   }
   if (used_packed_) {
     cuda::attention_pack_mla_bf16(q_, kv.get(), ckv.get(), kv_lora_, packed_, batch_, seq_, H, dn_, dr_, dv_, r.stream,
-                                  rope_fused ? &rope : nullptr);
+                                  rope_fused ? &rope_ : nullptr);
     cuda::attention_forward_bf16_packed(packed_, attn_, lse_, batch_, seq_, H, dq_, dv_, scale_, r.stream);
   } else {
     mla_assemble_kv(kv.get(), ckv.get(), k_, v_, T, H, dn_, dv_, dr_, kv_lora_, r.stream);
@@ -169,12 +169,11 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
   // (bench/results/2026-11-30-gpu-mla-dkv-h200-14d3983.txt).
   const bool rope_fused = fused_rope();  // as in the forward: dQ's and the rope key's rotations back fused too
   if (used_packed_ && dn_ % 8 == 0) {
-    const cuda::RopeTables rope = rope_fused ? cuda::rope_tables(seq_, dr_, theta_) : cuda::RopeTables{};
     Temp<float> dk_rope(T * H * dr_, r);
     cuda::attention_backward_bf16_packed_mla(d_attn.get(), packed_, attn_, lse_, d_q.get(), d_kv.get(), dk_rope.get(),
                                              batch_, seq_, H, dn_, dr_, dv_, scale_, r.stream,
-                                             rope_fused ? &rope : nullptr);
-    mla_sum_rope_dk(dk_rope.get(), d_ckv.get(), T, H, dr_, kv_lora_, r.stream, rope_fused ? &rope : nullptr, seq_);
+                                             rope_fused ? &rope_ : nullptr);
+    mla_sum_rope_dk(dk_rope.get(), d_ckv.get(), T, H, dr_, kv_lora_, r.stream, rope_fused ? &rope_ : nullptr, seq_);
   } else {
     Temp<float> d_k(T * H * dq_, r), d_v(T * H * dv_, r);
     const bool tc = p != Precision::FP32 && cuda::attention_bf16_supported(dq_, dv_);

@@ -150,7 +150,7 @@ void mla_sum_rope_dk(const float* dk_rope, float* d_ckv, int64_t tokens, int64_t
   if (tokens == 0 || dr == 0) return;
   require(dk_rope && d_ckv, "gpu mla_sum_rope_dk: null pointer");
   if (rope == nullptr) return sum_rope_dk(dk_rope, dr, d_ckv, tokens, heads, dr, kv_lora, stream);
-  require(rope->cos && rope->sin && 2 * rope->half == dr && seq > 0 && tokens % seq == 0,
+  require(rope->fits(dr) && seq > 0 && tokens % seq == 0,
           "gpu mla_sum_rope_dk: RoPE tables of dr / 2 pairs and tokens a multiple of seq needed");
   sum_rope_dk_rotated_kernel<<<blocks_for(tokens * (dr / 2)), kThreads, 0, stream>>>(
       dk_rope, dr, d_ckv, tokens, static_cast<int>(heads), static_cast<int>(dr), static_cast<int>(kv_lora), seq,

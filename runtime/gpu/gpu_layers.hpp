@@ -14,6 +14,7 @@
 
 #include "kernels/cuda/moe_fp8.hpp"
 #include "kernels/cuda/rmsnorm.hpp"
+#include "kernels/cuda/rope.hpp"
 #include "kernels/cuda/router.hpp"
 #include "runtime/gpu/gpu_common.hpp"
 #include "runtime/gpu/gpu_params.hpp"
@@ -85,6 +86,7 @@ class GpuMla {
   // Whether RoPE is applied by the packing and the backward's stores (gpu_attention.cpp): on the packed path with
   // interleaved pairs (q_ then holds q unrotated), unless MOERL_ATTN_ROPE=separate (comparing the two on the device).
   bool fused_rope() const;
+  cuda::RopeTables rope_;  // the tables of the last forward when fused_rope(): its backward rotates back with them
   const float* x_ = nullptr;
   Precision precision_ = Precision::FP32;
   bool saved_ = false;
