@@ -45,7 +45,8 @@ __device__ __forceinline__ int copy_of(const int64_t* first_block, int copies, i
 // stores, 3.5; H200, CUPTI traces, 2026-11-30, bench/results/2026-11-30-gpu-adamw-fp8-h200-*.txt). Nsight Compute
 // at b513d67: 3.30 ms, DRAM 74% busy, 50% occupancy (the registers), stalls mostly on each row's first use of its
 // loads; the next row's loads issued ahead of the update spilled at 64 registers, even with the new values kept in
-// shared memory instead of registers (not measured).
+// shared memory instead of registers, or read back after the block's amax instead of held (ptxas: 96-126 registers
+// wanted; not measured).
 __global__ void __launch_bounds__(qd::kBlockThreads, 2)
     adamw_fp8_kernel(const AdamWFp8Copy* __restrict__ copies, const int64_t* __restrict__ first_block, int n_copies,
                      Scalars s) {
