@@ -176,16 +176,26 @@ __global__ void __launch_bounds__(kNormFinishThreads)
 // (in its last chunk); with `decay`'s constants for spans with weight decay, `no_decay`'s for the others.
 __global__ void __launch_bounds__(kThreads)
     spans_adamw_kernel(const AdamWSpan* __restrict__ spans, const SpanChunk* __restrict__ table, Scalars no_decay,
-                       Scalars decay) {
+                       Scalars decay, const float* __restrict__ device_grad_scale) {
   const SpanChunk c = table[blockIdx.x];
   const AdamWSpan sp = spans[c.span];
-  const Scalars& s = sp.decay ? decay : no_decay;
+  Scalars s = sp.decay ? decay : no_decay;
+  if (!adamw_detail::take_device_grad_scale(device_grad_scale, s)) return;
   const int64_t begin = static_cast<int64_t>(c.k) * kNormChunk;
   const int64_t end = sp.n - begin < kNormChunk ? sp.n : begin + kNormChunk, whole = sp.n / 4 * 4;
   for (int64_t j = begin / 4 + threadIdx.x; j < (end < whole ? end : whole) / 4; j += blockDim.x)
     adamw_group<4>(sp.w, sp.g, sp.m, sp.v, j, s);
   for (int64_t i = (begin > whole ? begin : whole) + threadIdx.x; i < end; i += blockDim.x)
     adamw_update(sp.w[i], sp.g[i], sp.m[i], sp.v[i], s);
+}
+
+// clip_factor's one thread.
+__global__ void clip_factor_kernel(const double* __restrict__ norm_sq, double max_norm, float* __restrict__ factor) {
+  const double norm = sqrt(*norm_sq);
+  if (!isfinite(norm))
+    *factor = __int_as_float(0x7FC00000);  // NaN: skip
+  else
+    *factor = max_norm > 0 && norm > max_norm ? static_cast<float>(max_norm / norm) : 1.0f;
 }
 
 void check_n(const char* fn, int64_t n, bool pointers_set) {
@@ -243,6 +253,13 @@ void adamw_step(float* w, const float* g, uint16_t* m, uint16_t* v, int64_t n, d
         w + head, g + head, m + head, v + head, n - head, s);
     CUDA_CHECK_LAUNCH();
   }
+}
+
+void clip_factor(const double* norm_sq, double max_norm, float* factor, cudaStream_t stream) {
+  require(norm_sq != nullptr && factor != nullptr, "cuda::clip_factor: null pointer");
+  require(max_norm >= 0, [&] { return "cuda::clip_factor: max_norm must be >= 0, got " + std::to_string(max_norm); });
+  clip_factor_kernel<<<1, 1, 0, stream>>>(norm_sq, max_norm, factor);
+  CUDA_CHECK_LAUNCH();
 }
 
 void grad_norm_squared(const float* g, int64_t n, double* sum, cudaStream_t stream) {
@@ -345,12 +362,13 @@ void AdamWSpans::grad_norm_squared(double* sum, cudaStream_t stream) const {
 }
 
 void AdamWSpans::adamw_step(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
-                            cudaStream_t stream, float grad_scale) const {
+                            cudaStream_t stream, float grad_scale, const float* device_grad_scale) const {
   const Scalars no_decay = adamw_detail::scalars_of(lr, beta1, beta2, eps, 0.0, t, grad_scale);
   const Scalars decay = adamw_detail::scalars_of(lr, beta1, beta2, eps, weight_decay, t, grad_scale);
   if (chunks_ == 0) return;
   const SpanTables d = span_tables(device_, spans_, chunks_);
-  spans_adamw_kernel<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(d.spans, d.table, no_decay, decay);
+  spans_adamw_kernel<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(d.spans, d.table, no_decay, decay,
+                                                                              device_grad_scale);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -46,6 +46,13 @@ void grad_norm_squared(const float* g, int64_t n, double* sum, cudaStream_t stre
 // g[i] *= factor (FP32, one rounding: the CPU's clip).
 void scale(float* g, int64_t n, float factor, cudaStream_t stream = nullptr);
 
+// Clipping's factor on the device, from *norm_sq (Σ g², a device double) to *factor (a device float): (float)
+// (max_norm / sqrt(Σ)) where that norm is finite and above max_norm > 0, else 1; NaN where the norm is not finite
+// (the step is skipped: the update kernels reading it change nothing). IEEE double square root and division and one
+// rounding to float, as the host computes it, so the same bits. Lets the update be queued right behind the norm
+// instead of after the host has read it.
+void clip_factor(const double* norm_sq, double max_norm, float* factor, cudaStream_t stream = nullptr);
+
 // Buffers updated and measured together: span i is n elements of w and g (16-byte aligned) and of the moments m, v
 // (8-byte aligned), with weight decay (decay) or without.
 struct AdamWSpan {
@@ -74,9 +81,11 @@ class AdamWSpans {
 
   // *sum += Σ over spans of Σ g² (zero *sum first for the norm of these spans alone).
   void grad_norm_squared(double* sum, cudaStream_t stream = nullptr) const;
-  // adamw_step on every span, weight_decay on the spans with decay and 0 on the others.
+  // adamw_step on every span, weight_decay on the spans with decay and 0 on the others. device_grad_scale, when set:
+  // the update reads its grad_scale there (clip_factor's, in place of grad_scale) and does nothing where it is NaN.
   void adamw_step(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
-                  cudaStream_t stream = nullptr, float grad_scale = 1.0f) const;
+                  cudaStream_t stream = nullptr, float grad_scale = 1.0f,
+                  const float* device_grad_scale = nullptr) const;
 
  private:
   size_t spans_ = 0;
@@ -114,9 +123,10 @@ class AdamWFp8Copies {
   AdamWFp8Copies(const AdamWFp8Copies&) = delete;
   AdamWFp8Copies& operator=(const AdamWFp8Copies&) = delete;
 
-  // adamw_step with weight_decay on every copy's elements, then their FP8 copies.
+  // adamw_step with weight_decay on every copy's elements, then their FP8 copies (device_grad_scale as AdamWSpans').
   void adamw_step(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
-                  cudaStream_t stream = nullptr, float grad_scale = 1.0f) const;
+                  cudaStream_t stream = nullptr, float grad_scale = 1.0f,
+                  const float* device_grad_scale = nullptr) const;
 
  private:
   size_t copies_ = 0;

@@ -49,8 +49,9 @@ __device__ __forceinline__ int copy_of(const int64_t* first_block, int copies, i
 // wanted; not measured).
 __global__ void __launch_bounds__(qd::kBlockThreads, 2)
     adamw_fp8_kernel(const AdamWFp8Copy* __restrict__ copies, const int64_t* __restrict__ first_block, int n_copies,
-                     Scalars s) {
+                     Scalars s, const float* __restrict__ device_grad_scale) {
   __shared__ qd::BlockSmem<true> smem;
+  if (!adamw_detail::take_device_grad_scale(device_grad_scale, s)) return;  // the whole block: a skipped step
   const int64_t b = blockIdx.x;
   const int ci = copy_of(first_block, n_copies, b);
   const AdamWFp8Copy c = copies[ci];
@@ -129,13 +130,14 @@ AdamWFp8Copies::AdamWFp8Copies(const std::vector<AdamWFp8Copy>& copies) : copies
 AdamWFp8Copies::~AdamWFp8Copies() { cudaFree(device_); }
 
 void AdamWFp8Copies::adamw_step(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
-                                cudaStream_t stream, float grad_scale) const {
+                                cudaStream_t stream, float grad_scale, const float* device_grad_scale) const {
   const Scalars s = adamw_detail::scalars_of(lr, beta1, beta2, eps, weight_decay, t, grad_scale);
   if (blocks_ == 0) return;
   const size_t table = ops_detail::align256(copies_ * sizeof(AdamWFp8Copy));
   adamw_fp8_kernel<<<static_cast<unsigned>(blocks_), qd::kBlockThreads, 0, stream>>>(
       static_cast<const AdamWFp8Copy*>(device_),
-      reinterpret_cast<const int64_t*>(static_cast<const char*>(device_) + table), static_cast<int>(copies_), s);
+      reinterpret_cast<const int64_t*>(static_cast<const char*>(device_) + table), static_cast<int>(copies_), s,
+      device_grad_scale);
   CUDA_CHECK_LAUNCH();
 }
 

@@ -35,6 +35,14 @@ __device__ __forceinline__ void adamw_update(float& w, float g_raw, uint16_t& m,
   w = __fsub_rn(__fmul_rn(w, s.decay), __fmul_rn(s.step_size, __fdiv_rn(float_from_bf16(m_new), denom)));
 }
 
+// The update's grad_scale from the device (clip_factor's) where given: false where it is NaN (the step is skipped).
+__device__ __forceinline__ bool take_device_grad_scale(const float* device_grad_scale, Scalars& s) {
+  if (device_grad_scale == nullptr) return true;
+  const float f = *device_grad_scale;
+  s.grad_scale = f;
+  return f == f;
+}
+
 // adamw_step's checks (moerl::Error naming the bad scalar) and its FP32 constants, derived in double as the CPU does.
 Scalars scalars_of(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
                    float grad_scale);

@@ -82,11 +82,15 @@ GpuAdamW::GpuAdamW(std::vector<DeviceParam> params, AdamWConfig config, cudaStre
     device_alloc(&m_, bytes);
     device_alloc(&v_, bytes);
     device_alloc(&norm_sq_, sizeof(double));
+    device_alloc(&factor_, sizeof(float));
+    CUDA_CHECK(cudaMallocHost(reinterpret_cast<void**>(&norm_host_), sizeof(double)));
+    CUDA_CHECK(cudaEventCreateWithFlags(&norm_ready_, cudaEventDisableTiming));
     CUDA_CHECK(cudaMemsetAsync(m_, 0, bytes, stream_));
     CUDA_CHECK(cudaMemsetAsync(v_, 0, bytes, stream_));
     CUDA_CHECK(cudaStreamSynchronize(stream_));
   } catch (...) {
-    cudaFree(m_), cudaFree(v_), cudaFree(norm_sq_);
+    cudaFree(m_), cudaFree(v_), cudaFree(norm_sq_), cudaFree(factor_), cudaFreeHost(norm_host_);
+    if (norm_ready_) cudaEventDestroy(norm_ready_);
     throw;
   }
   for (size_t s = 0; s < spans_.size(); ++s) spans_[s].m = m_ + span_offset[s], spans_[s].v = v_ + span_offset[s];
@@ -110,6 +114,9 @@ GpuAdamW::~GpuAdamW() {
   cudaFree(m_);
   cudaFree(v_);
   cudaFree(norm_sq_);
+  cudaFree(factor_);
+  cudaFreeHost(norm_host_);
+  cudaEventDestroy(norm_ready_);
 }
 
 StepStats GpuAdamW::step(int64_t step) {
@@ -123,12 +130,44 @@ StepStats GpuAdamW::step(int64_t step) {
   else
     for (const Span& s : spans_) cuda::grad_norm_squared(s.g, s.n, norm_sq_, stream_);
   if (reduce_norm_) reduce_norm_(norm_sq_);
+  const int64_t t = t_ + 1;
+  if (!batched_) return step_after_norm(stats, t);
+  if (fp8_copies_) {  // the copies appear with the first forward (and change if the model forgets its weights)
+    std::vector<cuda::Fp8WeightCopy> copies = fp8_copies_();
+    if (copies != fp8_planned_) plan_fp8(copies);
+  }
+  // moerl::clip_grad_norm's factor (only when finite and above the limit; NaN, a skipped step, when not finite),
+  // applied inside the update: the gradients are left as the backward wrote them.
+  cuda::clip_factor(norm_sq_, config_.clip_grad_norm, factor_, stream_);
+  CUDA_CHECK(cudaMemcpyAsync(norm_host_, norm_sq_, sizeof(double), cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaEventRecord(norm_ready_, stream_));
+  const AdamWConfig& c = config_;
+  if (fused_) {
+    rest_->adamw_step(stats.lr, c.beta1, c.beta2, c.eps, c.weight_decay, t, stream_, 1.0f, factor_);
+    fused_->adamw_step(stats.lr, c.beta1, c.beta2, c.eps, c.weight_decay, t, stream_, 1.0f, factor_);
+  } else {
+    batched_->adamw_step(stats.lr, c.beta1, c.beta2, c.eps, c.weight_decay, t, stream_, 1.0f, factor_);
+  }
+  CUDA_CHECK(cudaEventSynchronize(norm_ready_));
+  stats.grad_norm = std::sqrt(*norm_host_);
+  if (!std::isfinite(stats.grad_norm)) {  // the update kernels read NaN and changed nothing
+    stats.skipped = true;
+    return stats;
+  }
+  t_ = t;
+  if (fused_)
+    fp8_written_(fp8_fused_);
+  else if (after_update_)
+    after_update_();
+  return stats;
+}
+
+StepStats GpuAdamW::step_after_norm(StepStats stats, int64_t t) {
+  // Spans updated one launch each (not all aligned): the host reads the norm, then queues the updates.
   double sum = 0;
   CUDA_CHECK(cudaMemcpyAsync(&sum, norm_sq_, sizeof(double), cudaMemcpyDeviceToHost, stream_));
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   stats.grad_norm = std::sqrt(sum);
-  // moerl::clip_grad_norm's factor (only when finite and above the limit), applied inside the update: the
-  // gradients are left as the backward wrote them.
   float factor = 1.0f;
   if (config_.clip_grad_norm > 0 && std::isfinite(stats.grad_norm) && stats.grad_norm > config_.clip_grad_norm)
     factor = static_cast<float>(config_.clip_grad_norm / stats.grad_norm);
@@ -136,25 +175,11 @@ StepStats GpuAdamW::step(int64_t step) {
     stats.skipped = true;
     return stats;
   }
-  const int64_t t = t_ + 1;
-  if (fp8_copies_) {  // the copies appear with the first forward (and change if the model forgets its weights)
-    std::vector<cuda::Fp8WeightCopy> copies = fp8_copies_();
-    if (copies != fp8_planned_) plan_fp8(copies);
-  }
-  if (fused_) {
-    rest_->adamw_step(stats.lr, config_.beta1, config_.beta2, config_.eps, config_.weight_decay, t, stream_, factor);
-    fused_->adamw_step(stats.lr, config_.beta1, config_.beta2, config_.eps, config_.weight_decay, t, stream_, factor);
-  } else if (batched_)
-    batched_->adamw_step(stats.lr, config_.beta1, config_.beta2, config_.eps, config_.weight_decay, t, stream_, factor);
-  else
-    for (const Span& s : spans_)
-      cuda::adamw_step(s.w, s.g, s.m, s.v, s.n, stats.lr, config_.beta1, config_.beta2, config_.eps,
-                       s.decay ? config_.weight_decay : 0.0, t, stream_, factor);
+  for (const Span& s : spans_)
+    cuda::adamw_step(s.w, s.g, s.m, s.v, s.n, stats.lr, config_.beta1, config_.beta2, config_.eps,
+                     s.decay ? config_.weight_decay : 0.0, t, stream_, factor);
   t_ = t;
-  if (fused_)
-    fp8_written_(fp8_fused_);
-  else if (after_update_)
-    after_update_();
+  if (after_update_) after_update_();
   return stats;
 }
 

@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <map>
 #include <memory>
 #include <random>
@@ -287,6 +288,34 @@ TEST_F(GpuAdamWTest, BadStateIsRefusedWithTheCpusMessageAndChangesNothing) {
   }
   EXPECT_EQ(gpu_opt.steps_taken(), 0);
   EXPECT_THROW((void)gpu::GpuAdamW(arena.params(), AdamWConfig{.lr = -1}, nullptr), Error);
+}
+
+// cuda::clip_factor on the device gives the host's factor bit for bit: 1 at or below the limit or with clipping off,
+// (float)(max_norm / norm) above it, NaN (a skipped step) for an infinite or NaN norm.
+TEST_F(GpuAdamWTest, DeviceClipFactorIsTheHostsFloatAndNanForANonFiniteNorm) {
+  using gpu_test::DeviceBuffer;
+  std::mt19937_64 rng(run_seed() + 73);
+  std::uniform_real_distribution<double> sq(1e-6, 1e6);
+  std::vector<double> sums{1.0, 0.25, 4.0, 0.0, std::numeric_limits<double>::infinity(),
+                           std::numeric_limits<double>::quiet_NaN()};
+  for (int i = 0; i < 200; ++i) sums.push_back(sq(rng));
+  DeviceBuffer<double> d_sum(1);
+  DeviceBuffer<float> d_factor(1);
+  for (const double max_norm : {1.0, 0.3, 0.0}) {
+    for (const double sum : sums) {
+      d_sum.upload({sum});
+      cuda::clip_factor(d_sum.get(), max_norm, d_factor.get());
+      const float got = d_factor.download()[0];
+      const double norm = std::sqrt(sum);
+      if (!std::isfinite(norm)) {
+        EXPECT_TRUE(std::isnan(got)) << "sum " << sum;
+        continue;
+      }
+      const float want = max_norm > 0 && norm > max_norm ? static_cast<float>(max_norm / norm) : 1.0f;
+      EXPECT_EQ(std::memcmp(&got, &want, sizeof(float)), 0) << "sum " << sum << ", max_norm " << max_norm;
+    }
+  }
+  EXPECT_THROW(cuda::clip_factor(nullptr, 1.0, d_factor.get()), Error);
 }
 
 // cuda::AdamWFp8Copies (the update of weights and their FP8 copies in one pass) against the two passes it replaces:
