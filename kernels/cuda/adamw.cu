@@ -361,14 +361,13 @@ void AdamWSpans::grad_norm_squared(double* sum, cudaStream_t stream) const {
   CUDA_CHECK_LAUNCH();
 }
 
-void AdamWSpans::adamw_step(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
-                            cudaStream_t stream, float grad_scale, const float* device_grad_scale) const {
-  const Scalars no_decay = adamw_detail::scalars_of(lr, beta1, beta2, eps, 0.0, t, grad_scale);
-  const Scalars decay = adamw_detail::scalars_of(lr, beta1, beta2, eps, weight_decay, t, grad_scale);
+void AdamWSpans::adamw_step(const AdamWUpdate& u, cudaStream_t stream) const {
+  const Scalars no_decay = adamw_detail::scalars_of(u.lr, u.beta1, u.beta2, u.eps, 0.0, u.t, u.grad_scale);
+  const Scalars decay = adamw_detail::scalars_of(u.lr, u.beta1, u.beta2, u.eps, u.weight_decay, u.t, u.grad_scale);
   if (chunks_ == 0) return;
   const SpanTables d = span_tables(device_, spans_, chunks_);
   spans_adamw_kernel<<<static_cast<unsigned>(chunks_), kThreads, 0, stream>>>(d.spans, d.table, no_decay, decay,
-                                                                              device_grad_scale);
+                                                                              u.device_grad_scale);
   CUDA_CHECK_LAUNCH();
 }
 

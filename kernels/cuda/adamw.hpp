@@ -53,6 +53,16 @@ void scale(float* g, int64_t n, float factor, cudaStream_t stream = nullptr);
 // instead of after the host has read it.
 void clip_factor(const double* norm_sq, double max_norm, float* factor, cudaStream_t stream = nullptr);
 
+// One update's scalars for the batched forms below: adamw_step's (weight_decay where a span has decay), and
+// device_grad_scale: when set, the update reads its grad_scale there (clip_factor's, in place of grad_scale) and does
+// nothing where it is NaN (a skipped step).
+struct AdamWUpdate {
+  double lr = 0, beta1 = 0, beta2 = 0, eps = 0, weight_decay = 0;
+  int64_t t = 1;  // the 1-based update count
+  float grad_scale = 1.0f;
+  const float* device_grad_scale = nullptr;
+};
+
 // Buffers updated and measured together: span i is n elements of w and g (16-byte aligned) and of the moments m, v
 // (8-byte aligned), with weight decay (decay) or without.
 struct AdamWSpan {
@@ -81,11 +91,8 @@ class AdamWSpans {
 
   // *sum += Σ over spans of Σ g² (zero *sum first for the norm of these spans alone).
   void grad_norm_squared(double* sum, cudaStream_t stream = nullptr) const;
-  // adamw_step on every span, weight_decay on the spans with decay and 0 on the others. device_grad_scale, when set:
-  // the update reads its grad_scale there (clip_factor's, in place of grad_scale) and does nothing where it is NaN.
-  void adamw_step(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
-                  cudaStream_t stream = nullptr, float grad_scale = 1.0f,
-                  const float* device_grad_scale = nullptr) const;
+  // adamw_step on every span, u.weight_decay on the spans with decay and 0 on the others.
+  void adamw_step(const AdamWUpdate& u, cudaStream_t stream = nullptr) const;
 
  private:
   size_t spans_ = 0;
@@ -123,10 +130,8 @@ class AdamWFp8Copies {
   AdamWFp8Copies(const AdamWFp8Copies&) = delete;
   AdamWFp8Copies& operator=(const AdamWFp8Copies&) = delete;
 
-  // adamw_step with weight_decay on every copy's elements, then their FP8 copies (device_grad_scale as AdamWSpans').
-  void adamw_step(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
-                  cudaStream_t stream = nullptr, float grad_scale = 1.0f,
-                  const float* device_grad_scale = nullptr) const;
+  // The update of every copy's elements (with u.weight_decay), then their FP8 copies.
+  void update(const AdamWUpdate& u, cudaStream_t stream = nullptr) const;
 
  private:
   size_t copies_ = 0;

@@ -129,15 +129,14 @@ AdamWFp8Copies::AdamWFp8Copies(const std::vector<AdamWFp8Copy>& copies) : copies
 
 AdamWFp8Copies::~AdamWFp8Copies() { cudaFree(device_); }
 
-void AdamWFp8Copies::adamw_step(double lr, double beta1, double beta2, double eps, double weight_decay, int64_t t,
-                                cudaStream_t stream, float grad_scale, const float* device_grad_scale) const {
-  const Scalars s = adamw_detail::scalars_of(lr, beta1, beta2, eps, weight_decay, t, grad_scale);
+void AdamWFp8Copies::update(const AdamWUpdate& u, cudaStream_t stream) const {
+  const Scalars s = adamw_detail::scalars_of(u.lr, u.beta1, u.beta2, u.eps, u.weight_decay, u.t, u.grad_scale);
   if (blocks_ == 0) return;
   const size_t table = ops_detail::align256(copies_ * sizeof(AdamWFp8Copy));
   adamw_fp8_kernel<<<static_cast<unsigned>(blocks_), qd::kBlockThreads, 0, stream>>>(
       static_cast<const AdamWFp8Copy*>(device_),
       reinterpret_cast<const int64_t*>(static_cast<const char*>(device_) + table), static_cast<int>(copies_), s,
-      device_grad_scale);
+      u.device_grad_scale);
   CUDA_CHECK_LAUNCH();
 }
 

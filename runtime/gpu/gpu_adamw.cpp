@@ -141,12 +141,12 @@ StepStats GpuAdamW::step(int64_t step) {
   cuda::clip_factor(norm_sq_, config_.clip_grad_norm, factor_, stream_);
   CUDA_CHECK(cudaMemcpyAsync(norm_host_, norm_sq_, sizeof(double), cudaMemcpyDeviceToHost, stream_));
   CUDA_CHECK(cudaEventRecord(norm_ready_, stream_));
-  const AdamWConfig& c = config_;
+  const cuda::AdamWUpdate u{stats.lr, config_.beta1, config_.beta2, config_.eps, config_.weight_decay, t, 1.0f, factor_};
   if (fused_) {
-    rest_->adamw_step(stats.lr, c.beta1, c.beta2, c.eps, c.weight_decay, t, stream_, 1.0f, factor_);
-    fused_->adamw_step(stats.lr, c.beta1, c.beta2, c.eps, c.weight_decay, t, stream_, 1.0f, factor_);
+    rest_->adamw_step(u, stream_);
+    fused_->update(u, stream_);
   } else {
-    batched_->adamw_step(stats.lr, c.beta1, c.beta2, c.eps, c.weight_decay, t, stream_, 1.0f, factor_);
+    batched_->adamw_step(u, stream_);
   }
   CUDA_CHECK(cudaEventSynchronize(norm_ready_));
   stats.grad_norm = std::sqrt(*norm_host_);

@@ -385,7 +385,7 @@ TEST_F(GpuAdamWTest, FusedFp8UpdateGivesTheUpdateThenTheQuantizationOfItsResult)
     fp8::cuda::quantize_128x128_placed(c.w, c.batch, c.rows, c.cols, c.codes, c.block_scales, c.codes_t, c.at);
   const std::vector<cuda::AdamWFp8Copy> fused = copies(*got);
   for (const cuda::AdamWFp8Copy& c : fused) EXPECT_TRUE(cuda::AdamWFp8Copies::fits(c));
-  cuda::AdamWFp8Copies(fused).adamw_step(lr, beta1, beta2, eps, decay, t, nullptr, clip);
+  cuda::AdamWFp8Copies(fused).update(cuda::AdamWUpdate{lr, beta1, beta2, eps, decay, t, clip});
   CUDA_CHECK(cudaDeviceSynchronize());
   auto same = [](const auto& a, const auto& b) { return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin()); };
   const std::vector<float> w_want = want->w.download(), w_got = got->w.download();

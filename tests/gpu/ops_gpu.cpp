@@ -545,7 +545,7 @@ TEST_F(OpsGpu, AdamWSpansGiveThePerSpanCallsBits) {
   }
   const cuda::AdamWSpans batched(spans);
   batched.grad_norm_squared(sums.get() + 1);
-  batched.adamw_step(1e-3, 0.9, 0.95, 1e-8, 0.1, 3, nullptr, 0.75f);
+  batched.adamw_step(cuda::AdamWUpdate{1e-3, 0.9, 0.95, 1e-8, 0.1, 3, 0.75f});
   CUDA_CHECK(cudaDeviceSynchronize());
   const std::vector<double> got = sums.download(2);
   EXPECT_EQ(std::bit_cast<uint64_t>(got[1]), std::bit_cast<uint64_t>(got[0])) << got[1] << " vs " << got[0];
