@@ -13,6 +13,7 @@ MOERL_GPU_TRACE_DUMP=PREFIX (PREFIX<label>.tsv: start_ns, end_ns, stream, name p
 import argparse
 import collections
 import re
+import signal
 
 
 def short(name):
@@ -68,4 +69,5 @@ def main():
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # quiet when piped into head
     main()
