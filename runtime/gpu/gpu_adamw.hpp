@@ -7,8 +7,8 @@
 // for about one chance in 10^7 (max_norm / norm within that difference of an FP32 rounding boundary).
 //
 // Parameters that lie back to back in device memory (value and gradient both adjacent, the same decay rule)
-// are updated and measured as one span, and all spans in one launch per kernel (cuda::AdamWSpans): three launches
-// a step for the norm and the update, however many spans. With a GpuModel, the update of each FP8 weight also writes
+// are updated and measured as one span, and all spans in one launch per kernel (cuda::AdamWSpans): four or five
+// launches a step for the norm, the clip factor and the update, however many spans. With a GpuModel, the update of each FP8 weight also writes
 // the model's prepared FP8 copy of it (cuda::AdamWFp8Copies), so the next forward does not read the weight again.
 // state() and load_state() use AdamW's tensor names, dtypes and shapes, so optimizer.safetensors files move
 // between the CPU and the GPU.
