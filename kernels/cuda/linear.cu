@@ -85,8 +85,8 @@ void LinearContext::weights_changed(const std::vector<Fp8WeightCopy>& refreshed,
   for (const Fp8WeightCopy& r : refreshed) written.insert(r.codes);
   for (auto& [key, pw] : c.weights) {
     if (pw.copies.empty() || pw.generation == 0) continue;
-    if (!std::all_of(pw.copies.begin(), pw.copies.end(), [&](const Fp8WeightCopy& x) { return written.count(x.codes); }))
-      continue;
+    const auto was_written = [&](const Fp8WeightCopy& x) { return written.count(x.codes) != 0; };
+    if (!std::all_of(pw.copies.begin(), pw.copies.end(), was_written)) continue;
     pw.finish_scales(stream);
     pw.generation = c.generation;
   }

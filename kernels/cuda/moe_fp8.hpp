@@ -120,7 +120,8 @@ void moe_scatter_add_aligned_then(const float* dxp, const int64_t* row_of, int64
 // ~620, so the layer is slower: MoE layer fwd+bwd 18.2-18.4 vs 11.7-11.8 ms, train step 222-223k vs 254k tok/s on the
 // H200, bench/results/2026-11-30-gpu-grouped-pingpong-h200-*.txt); Default, MOERL_MOE_GEMM=lanes or grouped (unset:
 // lanes). (The forward alone on it, the backward on the lanes, lost too: bench-600m 272-274k vs 276-279k tokens/s, its
-// kernel 5.9 ms a step against ~4.4 for the lanes' forward GEMMs, bench/results/2026-11-30-gpu-adamw-fp8-h200-9d1f97f.txt.)
+// kernel 5.9 ms a step against ~4.4 for the lanes' forward GEMMs,
+// bench/results/2026-11-30-gpu-adamw-fp8-h200-9d1f97f.txt.)
 // Both give the CPU recipe's results within the tests' tolerances (tests/gpu/moe_fp8_gpu.cpp runs both).
 enum class MoeFp8Gemm : uint8_t { Default, Grouped, Lanes };
 

@@ -141,7 +141,8 @@ StepStats GpuAdamW::step(int64_t step) {
   cuda::clip_factor(norm_sq_, config_.clip_grad_norm, factor_, stream_);
   CUDA_CHECK(cudaMemcpyAsync(norm_host_, norm_sq_, sizeof(double), cudaMemcpyDeviceToHost, stream_));
   CUDA_CHECK(cudaEventRecord(norm_ready_, stream_));
-  const cuda::AdamWUpdate u{stats.lr, config_.beta1, config_.beta2, config_.eps, config_.weight_decay, t, 1.0f, factor_};
+  const AdamWConfig& c = config_;
+  const cuda::AdamWUpdate u{stats.lr, c.beta1, c.beta2, c.eps, c.weight_decay, t, 1.0f, factor_};
   if (fused_) {
     rest_->adamw_step(u, stream_);
     fused_->update(u, stream_);
@@ -193,7 +194,6 @@ void GpuAdamW::plan_fp8(const std::vector<cuda::Fp8WeightCopy>& copies) {
   fused_.reset();
   rest_.reset();
   fp8_fused_.clear();
-  if (!batched_) return;  // spans not all aligned (not a GpuModel's): no fusion
   // Copies by address; one sharing an element with another (the same weight prepared in two forms) is left out,
   // as is one not lying whole in a span with decay.
   auto end_of = [](const cuda::Fp8WeightCopy& c) { return c.w + c.batch * c.rows * c.cols; };

@@ -8,8 +8,9 @@
 //
 // Parameters that lie back to back in device memory (value and gradient both adjacent, the same decay rule)
 // are updated and measured as one span, and all spans in one launch per kernel (cuda::AdamWSpans): four or five
-// launches a step for the norm, the clip factor and the update, however many spans. With a GpuModel, the update of each FP8 weight also writes
-// the model's prepared FP8 copy of it (cuda::AdamWFp8Copies), so the next forward does not read the weight again.
+// launches a step for the norm, the clip factor and the update, however many spans. With a GpuModel, the update of
+// each FP8 weight also writes the model's prepared FP8 copy of it (cuda::AdamWFp8Copies), so the next forward does
+// not read the weight again.
 // state() and load_state() use AdamW's tensor names, dtypes and shapes, so optimizer.safetensors files move
 // between the CPU and the GPU.
 #pragma once
@@ -118,7 +119,7 @@ class GpuAdamW {
   std::vector<cuda::Fp8WeightCopy> fp8_fused_;    // the copies fused_ writes
   std::unique_ptr<cuda::AdamWFp8Copies> fused_;
   std::unique_ptr<cuda::AdamWSpans> rest_;
-  void plan_fp8(const std::vector<cuda::Fp8WeightCopy>& copies);
+  void plan_fp8(const std::vector<cuda::Fp8WeightCopy>& copies);  // with batched_ only (step() calls it so)
   // step() for spans updated one launch each: the host reads the norm, then queues the updates at t.
   StepStats step_after_norm(StepStats stats, int64_t t);
   uint16_t* m_ = nullptr;    // all first moments, BF16 codes

@@ -307,10 +307,11 @@ std::string bit_differences(const std::vector<float>& a, const std::vector<float
 
 TEST_F(AttentionBf16Gpu, StoredScoreGradientsGiveTheRecomputedBits) {
   // MOERL_ATTN_TC_BWD_DQ=stored (the default): the dK/dV kernel writes dSᵀ (BF16) and dQ's kernel reads it instead
-  // of computing S, P and dS again (=recompute). Same products in the same order on the same BF16 values (the FP32 scores Sᵀ = K·Qᵀ and S = Q·Kᵀ
-  // are the tensor cores' dot products of the same pairs), so dQ, dK and dV keep the recomputing path's bits, in both
-  // block shapes and block orders, with dQ blocks of 4, 8 and 16 warps (MOERL_ATTN_TC_BWD_DQ_WARPS). Shapes: both
-  // head dims, one and several tiles, partial last tiles (130 and 300 rows: a 16-warp block past the sequence's end).
+  // of computing S, P and dS again (=recompute). Same products in the same order on the same BF16 values (the FP32
+  // scores Sᵀ = K·Qᵀ and S = Q·Kᵀ are the tensor cores' dot products of the same pairs), so dQ, dK and dV keep the
+  // recomputing path's bits, in both block shapes and block orders, with dQ blocks of 4, 8 and 16 warps
+  // (MOERL_ATTN_TC_BWD_DQ_WARPS). Shapes: both head dims, one and several tiles, partial last tiles (130 and 300 rows:
+  // a 16-warp block past the sequence's end).
   std::mt19937_64 rng(run_seed() + 7);
   for (const Shape& sh : {Shape{2, 300, 3, 96, 64, 1.0f}, Shape{1, 64, 2, 96, 64, 3.0f}, Shape{3, 130, 2, 24, 16, 1.0f},
                           Shape{1, 1000, 2, 96, 64, 1.0f}}) {

@@ -387,7 +387,9 @@ TEST_F(GpuAdamWTest, FusedFp8UpdateGivesTheUpdateThenTheQuantizationOfItsResult)
   for (const cuda::AdamWFp8Copy& c : fused) EXPECT_TRUE(cuda::AdamWFp8Copies::fits(c));
   cuda::AdamWFp8Copies(fused).update(cuda::AdamWUpdate{lr, beta1, beta2, eps, decay, t, clip});
   CUDA_CHECK(cudaDeviceSynchronize());
-  auto same = [](const auto& a, const auto& b) { return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin()); };
+  auto same = [](const auto& a, const auto& b) {
+    return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin());
+  };
   const std::vector<float> w_want = want->w.download(), w_got = got->w.download();
   EXPECT_EQ(std::memcmp(w_want.data(), w_got.data(), w_want.size() * sizeof(float)), 0) << "weights";
   EXPECT_NE(std::memcmp(w_want.data(), w.data(), w.size() * sizeof(float)), 0) << "the update moved nothing";
