@@ -101,25 +101,40 @@ TEST_F(MoeExpertsGpu, ExpertBlocksMatchTheCpuBf16RecipeWithEmptyAndOneRowExperts
                            down = normal_values(E * H * I, 0.1f, rng), xp = normal_values(R * H, 1.0f, rng);
   HostExperts host;
   for (int64_t e = 0; e < E; ++e) host.add(&gate[e * I * H], &up[e * I * H], &down[e * H * I], H, I);
-  std::vector<float> ref(R * H);
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
-    if (n == 0) continue;
-    std::vector<float> g(n * I), u(n * I), h(n * I);
-    cpu::linear_forward(Precision::BF16, &xp[r0 * H], &gate[e * I * H], g.data(), n, I, H);
-    cpu::linear_forward(Precision::BF16, &xp[r0 * H], &up[e * I * H], u.data(), n, I, H);
-    cpu::swiglu_forward(g.data(), u.data(), h.data(), n * I);
-    cpu::linear_forward(Precision::BF16, h.data(), &down[e * H * I], &ref[r0 * H], n, H, I);
-  }
+  // The CPU recipe in BF16 (the GPU's rounding points) and in FP32 (the truth both approximate).
+  auto cpu_experts = [&](Precision p) {
+    std::vector<float> y(R * H);
+    for (int64_t e = 0; e < E; ++e) {
+      const int64_t r0 = offsets[e], n = offsets[e + 1] - r0;
+      if (n == 0) continue;
+      std::vector<float> g(n * I), u(n * I), h(n * I);
+      cpu::linear_forward(p, &xp[r0 * H], &gate[e * I * H], g.data(), n, I, H);
+      cpu::linear_forward(p, &xp[r0 * H], &up[e * I * H], u.data(), n, I, H);
+      cpu::swiglu_forward(g.data(), u.data(), h.data(), n * I);
+      cpu::linear_forward(p, h.data(), &down[e * H * I], &y[r0 * H], n, H, I);
+    }
+    return y;
+  };
+  const std::vector<float> ref16 = cpu_experts(Precision::BF16), ref32 = cpu_experts(Precision::FP32);
   Bf16Buffer d_gate_up(host.gate_up), d_down(host.down);
   DeviceBuffer<float> d_xp(xp), d_yp(R * H);
   d_yp.poison();
   cuda::MoeExpertsGemm gemm;
   gemm.forward({d_gate_up.get(), d_down.get(), E, H, I}, d_xp.get(), offsets.data(), d_yp.get());
-  const double err = rel_l2(d_yp.download(), ref);
-  std::printf("MoeExpertsGemm E=%lld H=%lld I=%lld rows {1,0,7,130,1}: rel L2 vs CPU BF16 %.3g (tol 3e-4)\n",
-              static_cast<long long>(E), static_cast<long long>(H), static_cast<long long>(I), err);
-  EXPECT_LE(err, 3e-4);
+  const std::vector<float> got = d_yp.download();
+  // Same recipe, other FP32 summation order: most outputs agree to FP32 rounding, but an intermediate (g, u, h)
+  // that lands near a BF16 rounding boundary flips by one BF16 ulp (2^-8 relative) on one side only. Seen over
+  // 13 seeds: 1.6e-7 .. 5.8e-4 (heavy-tailed: a flip weighs as its value). The recipe's own error vs FP32 has
+  // every intermediate rounded (4.2e-3 .. 4.4e-3 here), so half of it allows flips in up to a quarter of the
+  // intermediates (the error grows as the square root of their count); a wrong row offset, a skipped or misplaced
+  // expert gives ~1.
+  const double recipe = rel_l2(ref16, ref32), err = rel_l2(got, ref16), err32 = rel_l2(got, ref32);
+  std::printf("MoeExpertsGemm E=%lld H=%lld I=%lld rows {1,0,7,130,1}: rel L2 vs CPU BF16 %.3g (tol %.3g = CPU BF16 "
+              "vs FP32 / 2); vs CPU FP32 %.3g (tol 1.25 x %.3g)\n",
+              static_cast<long long>(E), static_cast<long long>(H), static_cast<long long>(I), err, recipe / 2, err32,
+              recipe);
+  EXPECT_LE(err, recipe / 2);
+  EXPECT_LE(err32, 1.25 * recipe);  // as close to the truth as the CPU's BF16 recipe, within a quarter
 }
 
 TEST_F(MoeExpertsGpu, MoeLayerOnTheGpuMatchesMoeFeedForward) {
