@@ -614,6 +614,12 @@ TEST_F(OpsGpu, ReportsBandwidthOnModelSizes) {
       cuda::cross_entropy(logits.get(), labels.get(), kRows, vocab, 1.0f, dlogits.get(), nullptr);
     });
     print_bandwidth("cross_entropy 16384x32000 (incl. the sync)", us, 8.0 * n);
+    // The model's form: the BF16 gradient over the logits' own bytes (read 4 bytes, written 2 an element).
+    uint16_t* in_place = reinterpret_cast<uint16_t*>(logits.get());
+    const double us16 = median_us([&] {
+      cuda::cross_entropy_bf16_grad(logits.get(), labels.get(), kRows, vocab, 1.0f, in_place, 2 * vocab, nullptr);
+    });
+    print_bandwidth("cross_entropy 16384x32000 BF16 gradient in place (incl. the sync)", us16, 6.0 * n);
   }
   {
     const int64_t n = 100'000'000;
