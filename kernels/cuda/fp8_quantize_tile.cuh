@@ -254,7 +254,10 @@ __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4
 // bench/results/2026-11-29-gpu-sweep-dual-warps-h200-108492e+warps.txt. And persistent blocks, as many as fit at
 // once, walking the tiles and asking L2 for their next tile's lines (prefetch.global.L2) once their own loads were
 // in flight: dual 2.66 TB/s against 2.83 with a block a tile, transposed 3.43 against 3.84, 2.63 and 3.65 without
-// the prefetch; bench/results/2026-11-30-gpu-sweep-quant-tiles-h200-82ea109.txt.)
+// the prefetch; bench/results/2026-11-30-gpu-sweep-quant-tiles-h200-82ea109.txt. Nor the blocks walked in panels of
+// 2 .. 32 row tiles down each column, so that the blocks in flight write both outputs in longer runs: dual 2.97-2.98
+// against 3.10 TB/s, transposed 3.68-3.80 against 3.86;
+// bench/results/2026-11-30-gpu-quant-panels-h200-5542390+panel.txt.)
 template <bool kRows, bool kCols, int kTC, int kLt, class Src>
 void launch_quantize_tiles_as(const Src& src, const TileOutputs& o, cudaStream_t stream) {
   const auto kernel = quantize_tile_kernel<Src, kRows, kCols, kTC, kLt>;
