@@ -55,6 +55,16 @@ struct Fp8Placement {
   int64_t stride = 0, t_ld = 0, t_stride = 0;
   bool operator==(const Fp8Placement&) const = default;
 };
+// Where the GEMMs' copies of a weight's 128x128 block scales lie (cuBLASLt's BLK128x128 layouts, made from the CPU
+// layout by kernels/cuda/linear_fp8.cu): block (bi, bj) of matrix i at sw[i · sw_stride + bi · sw_ld + bj], and as
+// block (bj, bi) of the transpose at st[i · st_stride + bj · st_ld + bi]. A writer that knows them fills these
+// entries as it makes the scales (the layouts' padding entries, zeros, are the preparer's); sw null: none.
+struct Fp8GemmScales {
+  float* sw = nullptr;
+  float* st = nullptr;
+  int64_t sw_ld = 0, sw_stride = 0, st_ld = 0, st_stride = 0;
+  bool operator==(const Fp8GemmScales&) const = default;
+};
 // quantize_128x128_with_transpose with the codes placed as `at` says (t_ld >= rows, a multiple of 16, codes_t
 // 16-byte aligned); the bytes of each matrix are the same.
 void quantize_128x128_placed(const float* w, int64_t batch, int64_t rows, int64_t cols, uint8_t* codes,

@@ -105,7 +105,8 @@ class AdamWSpans {
 // [rows, cols] from w on, their gradients and moments at the same offsets (a piece of a span with weight decay).
 // After the update each matrix is quantized as fp8::cuda::quantize_128x128_placed(w, batch, rows, cols, codes,
 // block_scales, codes_t, at) quantizes the updated w: the same codes, block scales ([batch, tiles(rows),
-// tiles(cols)], the CPU layout) and transposed codes, bit for bit.
+// tiles(cols)], the CPU layout) and transposed codes, bit for bit; with gemm_scales.sw set, each block's scale also
+// into its entries of the GEMMs' layouts (Fp8GemmScales).
 struct AdamWFp8Copy {
   float* w = nullptr;
   const float* g = nullptr;
@@ -116,6 +117,7 @@ struct AdamWFp8Copy {
   float* block_scales = nullptr;
   uint8_t* codes_t = nullptr;
   fp8::cuda::Fp8Placement at;
+  fp8::cuda::Fp8GemmScales gemm_scales;
 };
 
 // AdamWSpans' update (with weight decay) of several such weights and their quantization, one launch of one thread

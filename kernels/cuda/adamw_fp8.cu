@@ -36,6 +36,17 @@ __device__ __forceinline__ int copy_of(const int64_t* first_block, int copies, i
   return lo;
 }
 
+// Block `local` of copy c: its scale (CPU layout) copied to its Fp8GemmScales entries, if any.
+__device__ __forceinline__ void write_gemm_scales(const AdamWFp8Copy& c, int64_t local) {
+  const fp8::cuda::Fp8GemmScales& s = c.gemm_scales;
+  if (s.sw == nullptr) return;
+  const int64_t tr = tiles(c.rows), tc = tiles(c.cols);
+  const int64_t e = local / (tr * tc), bi = local / tc % tr, bj = local % tc;
+  const float scale = c.block_scales[local];
+  s.sw[e * s.sw_stride + bi * s.sw_ld + bj] = scale;
+  s.st[e * s.st_stride + bj * s.st_ld + bi] = scale;
+}
+
 // Block b of the launch: block (bi, bj) of matrix e of its copy. Thread (warp w, lane l) holds rows 8w .. 8w + 7
 // of the block and columns 4l .. 4l + 3 (qd::quantize_block_values' layout), updated a row at a time. Elements
 // outside the matrix are neither read nor written, and quantize as zeros (as the plain kernel's padding). 64
@@ -90,9 +101,19 @@ __global__ void __launch_bounds__(qd::kBlockThreads, 2)
   const qd::BlockPlace place{c.rows, c.cols, r0, c0, c.codes + e * stride, c.codes_t + e * t_stride, t_ld,
                              c.block_scales + local};
   qd::quantize_block_values<false, true>(v, place, true, smem);
+  // The scale's entries in the GEMMs' layouts, by the thread that wrote it, from what it wrote. (ptxas: ci kept for
+  // this spills 12 bytes at 64 registers, a store and a load a thread; the entries' pointers kept from above, 48.)
+  if (threadIdx.x == 0) write_gemm_scales(copies[ci], blockIdx.x - first_block[ci]);
 }
 
 int64_t blocks_of(const AdamWFp8Copy& c) { return c.batch * tiles(c.rows) * tiles(c.cols); }
+
+// None, or both layouts with room for the blocks [TN, TK] of each of `batch` matrices.
+bool gemm_scales_fit(const fp8::cuda::Fp8GemmScales& s, int64_t batch, int64_t TN, int64_t TK) {
+  if (s.sw == nullptr) return s.st == nullptr;
+  return s.st != nullptr && s.sw_ld >= TK && s.st_ld >= TN && (batch == 1 || (s.sw_stride >= TN * s.sw_ld &&
+                                                                              s.st_stride >= TK * s.st_ld));
+}
 
 }  // namespace
 
@@ -104,7 +125,8 @@ bool AdamWFp8Copies::fits(const AdamWFp8Copy& c) {
   return c.w && c.g && c.m && c.v && c.codes && c.block_scales && c.codes_t && c.batch > 0 && c.rows > 0 &&
          c.cols > 0 && c.cols % 4 == 0 && c.rows % 16 == 0 && t_ld >= c.rows && t_ld % 16 == 0 &&
          stride >= c.rows * c.cols && t_stride >= c.cols * t_ld && aligned(c.w, 16) && aligned(c.g, 16) &&
-         aligned(c.m, 8) && aligned(c.v, 8) && aligned(c.codes, 4) && aligned(c.codes_t, 16);
+         aligned(c.m, 8) && aligned(c.v, 8) && aligned(c.codes, 4) && aligned(c.codes_t, 16) &&
+         gemm_scales_fit(c.gemm_scales, c.batch, tiles(c.rows), tiles(c.cols));
 }
 
 AdamWFp8Copies::AdamWFp8Copies(const std::vector<AdamWFp8Copy>& copies) : copies_(copies.size()) {
@@ -114,7 +136,7 @@ AdamWFp8Copies::AdamWFp8Copies(const std::vector<AdamWFp8Copy>& copies) : copies
       const AdamWFp8Copy& c = copies[i];
       return "cuda::AdamWFp8Copies: copy " + std::to_string(i) + " (" + std::to_string(c.batch) + " x " +
              std::to_string(c.rows) + " x " + std::to_string(c.cols) +
-             ") needs every pointer set, cols % 4 == 0, rows % 16 == 0, a valid placement and aligned buffers";
+             ") needs every pointer set, cols % 4 == 0, rows % 16 == 0, valid placements and aligned buffers";
     });
     first_block.push_back(first_block.back() + blocks_of(copies[i]));
   }

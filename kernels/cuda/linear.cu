@@ -5,7 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <set>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -81,13 +81,14 @@ void LinearContext::weights_changed() { ++impl_->generation; }
 void LinearContext::weights_changed(const std::vector<Fp8WeightCopy>& refreshed, cudaStream_t stream) {
   Impl& c = *impl_;
   ++c.generation;
-  std::set<const uint8_t*> written;
-  for (const Fp8WeightCopy& r : refreshed) written.insert(r.codes);
+  std::map<const uint8_t*, bool> written;  // by codes: whether the writer also filled the GEMMs' scale entries
+  for (const Fp8WeightCopy& r : refreshed) written[r.codes] = r.gemm_scales.sw != nullptr;
   for (auto& [key, pw] : c.weights) {
     if (pw.copies.empty() || pw.generation == 0) continue;
     const auto was_written = [&](const Fp8WeightCopy& x) { return written.count(x.codes) != 0; };
     if (!std::all_of(pw.copies.begin(), pw.copies.end(), was_written)) continue;
-    pw.finish_scales(stream);
+    const auto with_gemm_scales = [&](const Fp8WeightCopy& x) { return written.at(x.codes); };
+    if (!std::all_of(pw.copies.begin(), pw.copies.end(), with_gemm_scales)) pw.finish_scales(stream);
     pw.generation = c.generation;
   }
 }

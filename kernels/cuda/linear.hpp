@@ -44,8 +44,9 @@ namespace moerl::cuda {
 // How a prepared FP8 weight is made from its master: one 128x128-block quantization (two for gate and up side by
 // side), fp8::cuda::quantize_128x128_placed(w, batch, rows, cols, codes, block_scales, codes_t, at) with
 // block_scales in the CPU layout [batch, tiles(rows), tiles(cols)], which the context then puts in cuBLASLt's
-// layouts. An optimizer that writes these bytes as part of its update (GpuAdamW: cuda::AdamWFp8Copies) saves the
-// quantization's read of the weights.
+// layouts (gemm_scales says where each block's entries lie). An optimizer that writes these bytes as part of its
+// update (GpuAdamW: cuda::AdamWFp8Copies) saves the quantization's read of the weights, and writing the GEMMs' scale
+// entries too saves the conversion launch of each weight (weights_changed).
 struct Fp8WeightCopy {
   const float* w = nullptr;
   int64_t batch = 0, rows = 0, cols = 0;
@@ -53,6 +54,7 @@ struct Fp8WeightCopy {
   float* block_scales = nullptr;
   uint8_t* codes_t = nullptr;
   fp8::cuda::Fp8Placement at;
+  fp8::cuda::Fp8GemmScales gemm_scales;
   bool operator==(const Fp8WeightCopy&) const = default;
 };
 
@@ -69,8 +71,9 @@ class LinearContext {
   // The weights changed (an optimizer step ran): prepared copies are rebuilt on their next use.
   void weights_changed();
   // weights_changed() after an update that also wrote `refreshed` (copies listed by fp8_weight_copies(), matched by
-  // their codes) on `stream`: each prepared weight whose copies are all among them gets its block scales put in the
-  // GEMMs' layouts, on `stream`, and stays current; every other copy is rebuilt on its next use.
+  // their codes) on `stream`: each prepared weight whose copies are all among them stays current, its block scales
+  // put in the GEMMs' layouts on `stream` unless every refreshed copy wrote them itself (gemm_scales.sw set); every
+  // other copy is rebuilt on its next use.
   void weights_changed(const std::vector<Fp8WeightCopy>& refreshed, cudaStream_t stream);
   // The copies of every prepared FP8 weight made so far that weights_changed(refreshed, ..) can keep current (all
   // but those of weights padded to the GEMMs' sizes, which are quantized from a padded temporary).

@@ -224,7 +224,10 @@ const PreparedFp8Weight& fp8_weight(LinearContext::Impl& ctx, const float* w, in
   float* block_scales = pw.memory.as<float>(blocks_at);
   pw.fp8 = PreparedFp8Weight{codes, scales, codes_t, scales_t, rows, cols};
   if (pw.generation == 0) {
-    if (!padded) pw.copies = {Fp8WeightCopy{w, 1, rows, cols, codes, block_scales, codes_t, {}}};
+    if (!padded) {
+      const fp8::cuda::Fp8GemmScales gs{scales, scales_t, round_up(TK, 4), 0, round_up(TN, 4), 0};
+      pw.copies = {Fp8WeightCopy{w, 1, rows, cols, codes, block_scales, codes_t, {}, gs}};
+    }
     pw.finish_scales = [=](cudaStream_t s) { weight_scales(block_scales, 1, TN, TK, scales, scales_t, s); };
   }
   if (pw.generation != ctx.generation) {
@@ -262,7 +265,8 @@ const PreparedFp8Stack& fp8_stacked_weight(LinearContext::Impl& ctx, const float
   float* block_scales = pw.memory.as<float>(blocks_at);
   pw.stack = PreparedFp8Stack{codes, scales, codes_t, scales_t, experts, N, K, sw_stride, st_stride};
   if (pw.generation == 0) {
-    pw.copies = {Fp8WeightCopy{w, experts, N, K, codes, block_scales, codes_t, {}}};
+    const fp8::cuda::Fp8GemmScales gs{scales, scales_t, round_up(TK, 4), sw_stride, round_up(TN, 4), st_stride};
+    pw.copies = {Fp8WeightCopy{w, experts, N, K, codes, block_scales, codes_t, {}, gs}};
     pw.finish_scales = [=](cudaStream_t s) { weight_scales(block_scales, experts, TN, TK, scales, scales_t, s); };
   }
   if (pw.generation != ctx.generation) {
@@ -297,8 +301,13 @@ const PreparedFp8GateUp& fp8_stacked_gate_up(LinearContext::Impl& ctx, const flo
     // stay zero through every later generation (bench-600m: 100 MB of memset a MoE layer and step fewer).
     if (Ip != I) CUDA_CHECK(cudaMemsetAsync(codes, 0, scales_at - codes_at, stream));
     const fp8::cuda::Fp8Placement at{2 * Ip * H, 2 * Ip, H * 2 * Ip};
-    pw.copies = {Fp8WeightCopy{gate, experts, I, H, codes, gate_blocks, codes_t, at},
-                 Fp8WeightCopy{up, experts, I, H, codes + Ip * H, up_blocks, codes_t + Ip, at}};
+    // gate_up_scales_kernel's layouts: gate's block rows, then up's (sw); gate's blocks, then up's, in each block row
+    // of the transpose (st).
+    const int64_t L4H = round_up(TH, 4), L4I = round_up(2 * TI, 4);
+    const fp8::cuda::Fp8GemmScales gate_s{scales, scales_t, L4H, fprop_stride, L4I, dgrad_stride};
+    const fp8::cuda::Fp8GemmScales up_s{scales + TI * L4H, scales_t + TI, L4H, fprop_stride, L4I, dgrad_stride};
+    pw.copies = {Fp8WeightCopy{gate, experts, I, H, codes, gate_blocks, codes_t, at, gate_s},
+                 Fp8WeightCopy{up, experts, I, H, codes + Ip * H, up_blocks, codes_t + Ip, at, up_s}};
     pw.finish_scales = [=](cudaStream_t s) {
       const dim3 grid(std::min<unsigned>(blocks_for(std::max(fprop_stride, dgrad_stride)), 64),
                       static_cast<unsigned>(experts));

@@ -208,8 +208,8 @@ void GpuAdamW::plan_fp8(const std::vector<cuda::Fp8WeightCopy>& copies) {
                                  [&](const Span& s) { return s.decay && s.w <= c.w && end_of(c) <= s.w + s.n; });
     if (sp == spans_.end()) continue;
     const ptrdiff_t at = c.w - sp->w;
-    const cuda::AdamWFp8Copy f{sp->w + at,  sp->g + at, sp->m + at, sp->v + at,   c.batch, c.rows,
-                               c.cols,      c.codes,    c.block_scales, c.codes_t, c.at};
+    const cuda::AdamWFp8Copy f{sp->w + at, sp->g + at,     sp->m + at, sp->v + at, c.batch,       c.rows,
+                               c.cols,     c.codes,        c.block_scales, c.codes_t, c.at, c.gemm_scales};
     if (!cuda::AdamWFp8Copies::fits(f)) continue;
     taken.emplace_back(&*sp, f);
     fp8_fused_.push_back(c);
