@@ -272,4 +272,64 @@ void linear_backward(LinearContext& ctx, Precision p, const float* dy, const flo
   }
 }
 
+void linear_forward_shared(LinearContext& ctx, Precision p, const float* x, const std::vector<LinearOutput>& outs,
+                           int64_t M, int64_t K, cudaStream_t stream) {
+  const std::string fn = "cuda::linear_forward_shared";
+  for (const LinearOutput& o : outs) check_common(fn, p, M, o.N, K);
+  const auto edge = [](const LinearOutput& o) { return o.N == 0 || o.w == nullptr || o.y == nullptr; };
+  const bool plain = p == Precision::FP32 || outs.size() < 2 || M == 0 || K == 0 || x == nullptr ||
+                     std::any_of(outs.begin(), outs.end(), edge);
+  if (plain) {  // nothing to share, or an edge case linear_forward handles (and names)
+    for (const LinearOutput& o : outs) linear_forward(ctx, p, x, o.w, o.y, M, o.N, K, stream);
+    return;
+  }
+  LinearContext::Impl& c = ctx.impl();
+  c.check_device(fn.c_str());
+  if (p == Precision::FP8) return linear_detail::fp8_forward_shared(c, x, outs, M, K, stream);
+  StreamScratch scratch(bytes16(M * K), stream);  // BF16: x rounded once
+  uint16_t* x16 = scratch.as<uint16_t>();
+  to_bf16(x, M * K, x16, stream);
+  for (const LinearOutput& o : outs)
+    c.lt.gemm(false, true, M, o.N, K, LtInput::BF16, x16, K, c.bf16_weight(o.w, o.N, K, stream), K, 0.0f, o.y, o.N,
+              stream);
+  scratch.release();
+}
+
+void linear_backward_shared(LinearContext& ctx, Precision p, const float* x, const std::vector<LinearGradient>& grads,
+                            float* dx, int64_t M, int64_t K, cudaStream_t stream, bool accumulate_dx) {
+  const std::string fn = "cuda::linear_backward_shared";
+  for (const LinearGradient& g : grads) check_common(fn, p, M, g.N, K);
+  const auto edge = [](const LinearGradient& g) {
+    return g.N == 0 || g.dy == nullptr || g.w == nullptr || g.dw == nullptr;
+  };
+  const bool plain = p == Precision::FP32 || grads.size() < 2 || M == 0 || K == 0 || x == nullptr || dx == nullptr ||
+                     std::any_of(grads.begin(), grads.end(), edge);
+  if (plain) {  // nothing to share, or an edge case linear_backward handles (and names)
+    for (size_t i = 0; i < grads.size(); ++i) {
+      const LinearGradient& g = grads[i];
+      linear_backward(ctx, p, g.dy, x, g.w, dx, g.dw, M, g.N, K, stream, accumulate_dx || i > 0, g.overwrite_dw);
+    }
+    return;
+  }
+  LinearContext::Impl& c = ctx.impl();
+  c.check_device(fn.c_str());
+  if (p == Precision::FP8) return linear_detail::fp8_backward_shared(c, x, grads, dx, M, K, accumulate_dx, stream);
+  // BF16: x rounded once for every Wgrad, each dy once for its two GEMMs (bf16_backward's products).
+  StreamScratch xs(bytes16(M * K), stream);
+  uint16_t* x16 = xs.as<uint16_t>();
+  to_bf16(x, M * K, x16, stream);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const LinearGradient& g = grads[i];
+    StreamScratch ds(bytes16(M * g.N), stream);
+    uint16_t* dy16 = ds.as<uint16_t>();
+    to_bf16(g.dy, M * g.N, dy16, stream);
+    const float beta_dx = accumulate_dx || i > 0 ? 1.0f : 0.0f, beta_dw = g.overwrite_dw ? 0.0f : 1.0f;
+    c.lt.gemm(false, false, M, K, g.N, LtInput::BF16, dy16, g.N, c.bf16_weight(g.w, g.N, K, stream), K, beta_dx, dx, K,
+              stream);
+    c.lt.gemm(true, false, g.N, K, M, LtInput::BF16, dy16, g.N, x16, K, beta_dw, g.dw, K, stream);
+    ds.release();
+  }
+  xs.release();
+}
+
 }  // namespace moerl::cuda

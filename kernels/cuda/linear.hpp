@@ -104,6 +104,29 @@ void linear_backward(LinearContext& ctx, Precision p, const float* dy, const flo
                      float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream = nullptr,
                      bool accumulate_dx = false, bool overwrite_dw = false);
 
+// Several projections of one input x [M, K] (attention's queries and latent from the same hidden state): y_i [M, N_i]
+// = x · w_iᵀ, each the bits linear_forward gives, with x rounded (BF16) or quantized (FP8) once for all of them.
+struct LinearOutput {
+  const float* w = nullptr;
+  float* y = nullptr;
+  int64_t N = 0;
+};
+void linear_forward_shared(LinearContext& ctx, Precision p, const float* x, const std::vector<LinearOutput>& outs,
+                           int64_t M, int64_t K, cudaStream_t stream = nullptr);
+
+// Their backward, the bits of linear_backward called for each in turn: dx = Σ_i dy_i · w_i (the first written, or
+// added with accumulate_dx; each next added in its GEMM) and dw_i += dy_iᵀ · x (written with overwrite_dw), with x's
+// rounded (BF16) or transposed quantized (FP8) operand made once for all the weight gradients.
+struct LinearGradient {
+  const float* dy = nullptr;
+  const float* w = nullptr;
+  float* dw = nullptr;
+  int64_t N = 0;
+  bool overwrite_dw = false;
+};
+void linear_backward_shared(LinearContext& ctx, Precision p, const float* x, const std::vector<LinearGradient>& grads,
+                            float* dx, int64_t M, int64_t K, cudaStream_t stream = nullptr, bool accumulate_dx = false);
+
 // linear_backward in Precision::BF16 from an output gradient already rounded to BF16: dy16 [M, N] as BF16 bit
 // patterns with row stride ld_dy >= N (e.g. cuda::cross_entropy_bf16_grad's rows, in place over the logits). What
 // linear_backward(BF16) gives from the FP32 dy these bits were rounded from, without its rounding pass over dy.

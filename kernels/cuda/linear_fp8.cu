@@ -386,23 +386,25 @@ void dgrad(LinearContext::Impl& ctx, const Operand& dyq, const PreparedFp8Weight
   gemm_into(ctx.fp8, dyq, wtq, dx, M, K, accumulate, stream);
 }
 
-// dw [N, K] += dyᵀ · x (or = with overwrite) from dyᵀ's operand [gemm_rows(N), gemm_depth(M)].
-void wgrad(LinearContext::Impl& ctx, const Operand& dytq, const float* x, float* dw, int64_t M, int64_t N, int64_t K,
-           bool overwrite, cudaStream_t stream) {
-  Fp8Activation xtq(x, M, K, gemm_depth(M), gemm_rows(K), true, stream);  // xᵀ [K', tokens]
-  gemm_into(ctx.fp8, dytq, xtq.operand(), dw, N, K, !overwrite, stream);
-  xtq.release();
+// xᵀ [gemm_rows(K), gemm_depth(M)] quantized along tokens: Wgrad's operand.
+Fp8Activation transposed_input(const float* x, int64_t M, int64_t K, cudaStream_t stream) {
+  return Fp8Activation(x, M, K, gemm_depth(M), gemm_rows(K), true, stream);
 }
 
-}  // namespace
+// dw [N, K] += dyᵀ · x (or = with overwrite) from dyᵀ's operand [gemm_rows(N), gemm_depth(M)] and xᵀ's.
+void wgrad(LinearContext::Impl& ctx, const Operand& dytq, const Operand& xtq, float* dw, int64_t N, int64_t K,
+           bool overwrite, cudaStream_t stream) {
+  gemm_into(ctx.fp8, dytq, xtq, dw, N, K, !overwrite, stream);
+}
 
-void fp8_backward(LinearContext::Impl& ctx, const float* dy, const float* x, const float* w, float* dx, float* dw,
-                  int64_t M, int64_t N, int64_t K, bool accumulate_dx, bool overwrite_dw, cudaStream_t stream) {
+// Dgrad into dx (unless null) and Wgrad into dw (unless null) from dy, with xᵀ's operand (needed with dw).
+void backward_with(LinearContext::Impl& ctx, const float* dy, const Operand* xtq, const float* w, float* dx, float* dw,
+                   int64_t M, int64_t N, int64_t K, bool accumulate_dx, bool overwrite_dw, cudaStream_t stream) {
   if (dx != nullptr && dw != nullptr && both_ways_fit(M, N)) {
     const PreparedFp8Weight& pw = fp8_weight(ctx, w, N, K, stream);
     Fp8GradientBothWays dyq(dy, M, N, stream);
     dgrad(ctx, dyq.rows(), pw, dx, M, K, accumulate_dx, stream);
-    wgrad(ctx, dyq.tokens(), x, dw, M, N, K, overwrite_dw, stream);
+    wgrad(ctx, dyq.tokens(), *xtq, dw, N, K, overwrite_dw, stream);
     dyq.release();
     return;
   }
@@ -414,9 +416,41 @@ void fp8_backward(LinearContext::Impl& ctx, const float* dy, const float* x, con
   }
   if (dw != nullptr) {
     Fp8Activation dytq(dy, M, N, gemm_depth(M), gemm_rows(N), true, stream);  // dyᵀ [N', tokens]
-    wgrad(ctx, dytq.operand(), x, dw, M, N, K, overwrite_dw, stream);
+    wgrad(ctx, dytq.operand(), *xtq, dw, N, K, overwrite_dw, stream);
     dytq.release();
   }
+}
+
+}  // namespace
+
+void fp8_backward(LinearContext::Impl& ctx, const float* dy, const float* x, const float* w, float* dx, float* dw,
+                  int64_t M, int64_t N, int64_t K, bool accumulate_dx, bool overwrite_dw, cudaStream_t stream) {
+  if (dw == nullptr) return backward_with(ctx, dy, nullptr, w, dx, nullptr, M, N, K, accumulate_dx, false, stream);
+  Fp8Activation xtq = transposed_input(x, M, K, stream);
+  backward_with(ctx, dy, &xtq.operand(), w, dx, dw, M, N, K, accumulate_dx, overwrite_dw, stream);
+  xtq.release();
+}
+
+void fp8_forward_shared(LinearContext::Impl& ctx, const float* x, const std::vector<LinearOutput>& outs, int64_t M,
+                        int64_t K, cudaStream_t stream) {
+  Fp8Activation xq(x, M, K, gemm_rows(M), gemm_depth(K), false, stream);
+  for (const LinearOutput& o : outs) {
+    const PreparedFp8Weight& pw = fp8_weight(ctx, o.w, o.N, K, stream);  // pw.cols = gemm_depth(K), as x's
+    const Operand wq{pw.codes, pw.scales, gemm_rows(o.N), pw.cols, kTile};
+    gemm_into(ctx.fp8, xq.operand(), wq, o.y, M, o.N, false, stream);
+  }
+  xq.release();
+}
+
+void fp8_backward_shared(LinearContext::Impl& ctx, const float* x, const std::vector<LinearGradient>& grads, float* dx,
+                         int64_t M, int64_t K, bool accumulate_dx, cudaStream_t stream) {
+  Fp8Activation xtq = transposed_input(x, M, K, stream);
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const LinearGradient& g = grads[i];
+    backward_with(ctx, g.dy, &xtq.operand(), g.w, dx, g.dw, M, g.N, K, accumulate_dx || i > 0, g.overwrite_dw,
+                  stream);
+  }
+  xtq.release();
 }
 
 }  // namespace moerl::cuda::linear_detail

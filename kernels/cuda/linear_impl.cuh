@@ -118,6 +118,13 @@ const PreparedFp8GateUp& fp8_stacked_gate_up(LinearContext::Impl& ctx, const flo
                                              int64_t experts, int64_t I, int64_t H, cudaStream_t stream);
 void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
                  cudaStream_t stream);
+// fp8_forward of each output, x quantized once.
+void fp8_forward_shared(LinearContext::Impl& ctx, const float* x, const std::vector<LinearOutput>& outs, int64_t M,
+                        int64_t K, cudaStream_t stream);
+// fp8_backward of each gradient in turn (dx written by the first unless accumulate_dx, added by the rest), xᵀ
+// quantized once. Every dy, w and dw set, M, K and every N > 0.
+void fp8_backward_shared(LinearContext::Impl& ctx, const float* x, const std::vector<LinearGradient>& grads, float* dx,
+                         int64_t M, int64_t K, bool accumulate_dx, cudaStream_t stream);
 // Dgrad into dx (unless null; added to it with accumulate_dx) and Wgrad accumulated into dw (unless null).
 void fp8_backward(LinearContext::Impl& ctx, const float* dy, const float* x, const float* w, float* dx, float* dw,
                   int64_t M, int64_t N, int64_t K, bool accumulate_dx, bool overwrite_dw, cudaStream_t stream);

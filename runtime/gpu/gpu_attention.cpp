@@ -83,21 +83,21 @@ void GpuMla::forward(const float* x, float* y, const Run& r) {
   precision_ = p;
   cuda_detail::PhaseSequence phase = sub_phases(p, "attn.fwd", r.stream);
 
-  // Queries [T, H*dq].
+  // Queries [T, H*dq] (through q_a's latent with q_lora) and the latent with the shared rope key, ckv [T, kv_lora +
+  // dr] = [c | k_rope]: both projections of x, which is rounded or quantized once for the two.
   phase.next("q");
+  Temp<float> ckv(T * ckv_dim, r);
+  const cuda::LinearOutput q_out = q_lora_ > 0 ? cuda::LinearOutput{q_a_->value, q_a_out_, q_lora_}
+                                               : cuda::LinearOutput{q_proj_->value, q_, H * dq_};
+  cuda::linear_forward_shared(lin, p, x, {q_out, {kv_a_->value, ckv.get(), ckv_dim}}, T, hidden_, r.stream);
   if (q_lora_ > 0) {
     Temp<float> normed(T * q_lora_, r), rstd(T, r);
-    cuda::linear_forward(lin, p, x, q_a_->value, q_a_out_, T, q_lora_, hidden_, r.stream);
     cuda::rmsnorm_forward(q_a_out_, q_a_norm_->value, normed.get(), rstd.get(), T, q_lora_, eps_, r.stream);
     cuda::linear_forward(lin, p, normed.get(), q_b_->value, q_, T, H * dq_, q_lora_, r.stream);
-  } else {
-    cuda::linear_forward(lin, p, x, q_proj_->value, q_, T, H * dq_, hidden_, r.stream);
   }
 
-  // Latent and shared rope key: ckv [T, kv_lora + dr] = [c | k_rope]; c is kept contiguous for its norm.
+  // c kept contiguous for its norm.
   phase.next("kv");
-  Temp<float> ckv(T * ckv_dim, r);
-  cuda::linear_forward(lin, p, x, kv_a_->value, ckv.get(), T, ckv_dim, hidden_, r.stream);
   copy_columns(c_, kv_lora_, ckv.get(), ckv_dim, T, kv_lora_, r.stream);
   Temp<float> kv(T * H * (dn_ + dv_), r);
   {
@@ -204,25 +204,30 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
     copy_columns(d_ckv.get(), ckv_dim, d_c.get(), kv_lora_, T, kv_lora_, r.stream);
   }
 
-  // kv_a_proj_with_mqa writes dx; the query path's Dgrad adds to it (in the GEMM).
-  phase.next("kv_a");
-  cuda::linear_backward(lin, p, d_ckv.get(), x_, kv_a_->value, dx, kv_a_->grad, T, ckv_dim, hidden_, r.stream, false,
-                        take_unset(*kv_a_));
+  // With q_lora: q_b_proj and q_a_layernorm, down to q_a's output gradient.
   phase.next("q");
+  Temp<float> d_qa(q_lora_ > 0 ? T * q_lora_ : 0, r);
   if (q_lora_ > 0) {
-    Temp<float> normed(T * q_lora_, r), rstd(T, r), d_normed(T * q_lora_, r), d_qa(T * q_lora_, r);
+    Temp<float> normed(T * q_lora_, r), rstd(T, r), d_normed(T * q_lora_, r);
     cuda::rmsnorm_forward(q_a_out_, q_a_norm_->value, normed.get(), rstd.get(), T, q_lora_, eps_, r.stream);
     cuda::linear_backward(lin, p, d_q.get(), normed.get(), q_b_->value, d_normed.get(), q_b_->grad, T, H * dq_,
                           q_lora_, r.stream, false, take_unset(*q_b_));
     zero_if_unset(*q_a_norm_, r.stream);
     cuda::rmsnorm_backward(d_normed.get(), q_a_out_, q_a_norm_->value, rstd.get(), d_qa.get(), q_a_norm_->grad, T,
                            q_lora_, r.stream);
-    cuda::linear_backward(lin, p, d_qa.get(), x_, q_a_->value, dx, q_a_->grad, T, q_lora_, hidden_, r.stream,
-                          /*accumulate_dx=*/true, take_unset(*q_a_));
-  } else {
-    cuda::linear_backward(lin, p, d_q.get(), x_, q_proj_->value, dx, q_proj_->grad, T, H * dq_, hidden_, r.stream,
-                          /*accumulate_dx=*/true, take_unset(*q_proj_));
   }
+
+  // The projections of x: kv_a_proj_with_mqa writes dx, the query path's (q_a or q_proj) adds to it in its GEMM; x's
+  // Wgrad operand made once for both.
+  phase.next("kv_a+q");
+  const bool kv_a_unset = take_unset(*kv_a_);
+  const cuda::LinearGradient q_grad = q_lora_ > 0 ? cuda::LinearGradient{d_qa.get(), q_a_->value, q_a_->grad, q_lora_,
+                                                                          take_unset(*q_a_)}
+                                                  : cuda::LinearGradient{d_q.get(), q_proj_->value, q_proj_->grad,
+                                                                          H * dq_, take_unset(*q_proj_)};
+  cuda::linear_backward_shared(lin, p, x_,
+                               {{d_ckv.get(), kv_a_->value, kv_a_->grad, ckv_dim, kv_a_unset}, q_grad}, dx, T,
+                               hidden_, r.stream);
 }
 
 }  // namespace moerl::gpu::detail

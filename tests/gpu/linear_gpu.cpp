@@ -341,6 +341,50 @@ TEST_F(LinearGpu, Bf16BackwardFromARoundedGradientWithARowStrideGivesTheBf16Back
   EXPECT_THROW(cuda::linear_backward_bf16_dy(ctx, nullptr, 4, nullptr, nullptr, nullptr, nullptr, 4, 8, 16), Error);
 }
 
+TEST_F(LinearGpu, SharedInputProjectionsGiveTheBitsOfSeparateCalls) {
+  // linear_forward_shared and linear_backward_shared (x rounded or quantized once for several weights) against
+  // linear_forward and linear_backward called for each weight in turn (dx written by the first, added by the second
+  // in its GEMM; the second dw overwritten), bit for bit in every precision: attention's shape (q_proj 1536 and
+  // kv_a 288 wide from a 1024-wide x) and one padded in every dimension (FP8: the padded operands' paths).
+  std::mt19937_64 rng = seeded("shared input");
+  cuda::LinearContext ctx;
+  struct Case {
+    int64_t M, K, N1, N2;
+  };
+  auto same_bits = [](const DeviceBuffer<float>& a, const DeviceBuffer<float>& b) {
+    const std::vector<float> x = a.download(), y = b.download();
+    return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
+  };
+  for (const Case& c : {Case{256, 1024, 1536, 288}, Case{130, 200, 40, 96}}) {
+    const int64_t M = c.M, K = c.K, N1 = c.N1, N2 = c.N2;
+    const DeviceBuffer<float> x(random_rows(M, K, 1.0f, rng)), w1(random_rows(N1, K, 0.05f, rng)),
+        w2(random_rows(N2, K, 0.05f, rng)), dy1(random_rows(M, N1, 0.01f, rng)), dy2(random_rows(M, N2, 0.01f, rng));
+    const std::vector<float> dw1_0 = random_rows(N1, K, 0.1f, rng), dw2_0 = random_rows(N2, K, 0.1f, rng);
+    for (Precision p : kPrecisions) {
+      const std::string what = std::string(precision_name(p)) + " M " + std::to_string(M) + " K " + std::to_string(K);
+      DeviceBuffer<float> y1(M * N1), y2(M * N2), z1(M * N1), z2(M * N2);
+      for (auto* b : {&y1, &y2, &z1, &z2}) b->poison();
+      cuda::linear_forward(ctx, p, x.get(), w1.get(), y1.get(), M, N1, K);
+      cuda::linear_forward(ctx, p, x.get(), w2.get(), y2.get(), M, N2, K);
+      cuda::linear_forward_shared(ctx, p, x.get(), {{w1.get(), z1.get(), N1}, {w2.get(), z2.get(), N2}}, M, K);
+      DeviceBuffer<float> dx_a(M * K), dx_b(M * K), dw1_a(dw1_0), dw1_b(dw1_0), dw2_a(dw2_0), dw2_b(dw2_0);
+      dx_a.poison(), dx_b.poison();
+      cuda::linear_backward(ctx, p, dy1.get(), x.get(), w1.get(), dx_a.get(), dw1_a.get(), M, N1, K);
+      cuda::linear_backward(ctx, p, dy2.get(), x.get(), w2.get(), dx_a.get(), dw2_a.get(), M, N2, K, nullptr, true,
+                            true);
+      cuda::linear_backward_shared(ctx, p, x.get(),
+                                   {{dy1.get(), w1.get(), dw1_b.get(), N1, false},
+                                    {dy2.get(), w2.get(), dw2_b.get(), N2, true}},
+                                   dx_b.get(), M, K);
+      CUDA_CHECK(cudaDeviceSynchronize());
+      EXPECT_TRUE(same_bits(y1, z1) && same_bits(y2, z2)) << what << ": forward";
+      EXPECT_TRUE(same_bits(dx_a, dx_b)) << what << ": dx";
+      EXPECT_TRUE(same_bits(dw1_a, dw1_b) && same_bits(dw2_a, dw2_b)) << what << ": dw";
+    }
+  }
+  std::printf("[ linear ] shared-input forward and backward, 2 shapes x 3 precisions: the separate calls' bits\n");
+}
+
 TEST_F(LinearGpu, RunsOnANonDefaultStream) {
   std::mt19937_64 rng = seeded("stream");
   const Data d({130, 40, 200}, rng);
