@@ -21,8 +21,9 @@
 // kernel on a stream beside dK/dV's, to share their last waves: 1.428-1.430 vs 1.432-1.438 ms
 // (bench/results/2026-11-30-gpu-sweep-attn-dq-beside-h200-85ca6d7.txt).
 //
-// Blocks of 32·W threads (W = 4 or 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS, default 8 / 4) own a
-// 16·W-row tile of one (sequence, head): warp w rows 16w .. 16w+15, so every score row lives in one quad of lanes
+// Blocks of 32·W threads (W = 4 or 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS, default 8 / 4; the
+// backward at 9065b0d: 1.04 ms with 4, 1.07 with 8, 1.16 on the WGMMA kernel,
+// bench/results/2026-11-30-gpu-attn-bwd-shapes-h200-9065b0d.txt) own a 16·W-row tile of one (sequence, head): warp w rows 16w .. 16w+15, so every score row lives in one quad of lanes
 // (mma C layout: lane holds rows lane/4 and lane/4 + 8, columns 2·(lane%4) + {0, 1} of each 8-wide n-tile) and row
 // reductions are 2 shuffles. In the forward a warp may own 32 rows (MOERL_ATTN_TC_FWD_WARP_ROWS=32: two 16-row
 // blocks, each K and V fragment read from shared memory feeds two products). The other side streams through in
