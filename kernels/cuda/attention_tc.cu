@@ -23,13 +23,13 @@
 //
 // Blocks of 32·W threads (W = 4 or 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS, default 8 / 4; the
 // backward at 9065b0d: 1.04 ms with 4, 1.07 with 8, 1.16 on the WGMMA kernel,
-// bench/results/2026-11-30-gpu-attn-bwd-shapes-h200-9065b0d.txt) own a 16·W-row tile of one (sequence, head): warp w rows 16w .. 16w+15, so every score row lives in one quad of lanes
-// (mma C layout: lane holds rows lane/4 and lane/4 + 8, columns 2·(lane%4) + {0, 1} of each 8-wide n-tile) and row
-// reductions are 2 shuffles. In the forward a warp may own 32 rows (MOERL_ATTN_TC_FWD_WARP_ROWS=32: two 16-row
-// blocks, each K and V fragment read from shared memory feeds two products). The other side streams through in
-// 64-row tiles; a warp skips a streamed tile that the causal mask hides from all its rows, and applies the mask only
-// on tiles that cross its diagonal (or the end of the sequence). exp2 is ex2.approx (MUFU). Launches (grid (heads,
-// batch, tiles) in tile order, longest tiles first; BlockPos):
+// bench/results/2026-11-30-gpu-attn-bwd-shapes-h200-9065b0d.txt) own a 16·W-row tile of one (sequence, head): warp w
+// rows 16w .. 16w+15, so every score row lives in one quad of lanes (mma C layout: lane holds rows lane/4 and lane/4 +
+// 8, columns 2·(lane%4) + {0, 1} of each 8-wide n-tile) and row reductions are 2 shuffles. In the forward a warp may
+// own 32 rows (MOERL_ATTN_TC_FWD_WARP_ROWS=32: two 16-row blocks, each K and V fragment read from shared memory feeds
+// two products). The other side streams through in 64-row tiles; a warp skips a streamed tile that the causal mask
+// hides from all its rows, and applies the mask only on tiles that cross its diagonal (or the end of the sequence).
+// exp2 is ex2.approx (MUFU). Launches (grid (heads, batch, tiles) in tile order, longest tiles first; BlockPos):
 //   forward  one query tile per block, key tiles 0 .. diagonal, online softmax in base 2, lse saved;
 //   backward dK/dV per key tile over query tiles diagonal .. end (P recomputed from lse), also storing dS in BF16;
 //            dQ per query tile over key tiles 0 .. diagonal from the stored dS (or, MOERL_ATTN_TC_BWD_DQ=recompute,
