@@ -65,6 +65,20 @@ struct Fp8GemmScales {
   int64_t sw_ld = 0, sw_stride = 0, st_ld = 0, st_stride = 0;
   bool operator==(const Fp8GemmScales&) const = default;
 };
+// Where the 128x128-block quantization of `batch` matrices [rows, cols] goes: what quantize_128x128_placed takes
+// besides the values (codes, block_scales in the CPU layout [batch, tiles(rows), tiles(cols)], codes_t, at), and the
+// GEMMs' copies of the block scales (gemm_scales; sw null: none). A prepared weight's (cuda::Fp8WeightCopy) and the
+// optimizer's that rewrites it (cuda::AdamWFp8Copy).
+struct Fp8WeightCodes {
+  int64_t batch = 0, rows = 0, cols = 0;
+  uint8_t* codes = nullptr;
+  float* block_scales = nullptr;
+  uint8_t* codes_t = nullptr;
+  Fp8Placement at;
+  Fp8GemmScales gemm_scales;
+  int64_t elements() const { return batch * rows * cols; }  // of the weight quantized
+  bool operator==(const Fp8WeightCodes&) const = default;
+};
 // quantize_128x128_with_transpose with the codes placed as `at` says (t_ld >= rows, a multiple of 16, codes_t
 // 16-byte aligned); the bytes of each matrix are the same.
 void quantize_128x128_placed(const float* w, int64_t batch, int64_t rows, int64_t cols, uint8_t* codes,

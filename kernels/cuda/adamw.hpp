@@ -102,22 +102,16 @@ class AdamWSpans {
 
 // A weight whose FP8 copy the update rewrites as it goes (the linear layers' prepared 128x128-block codes, which
 // would otherwise be made by reading w again: bench-600m's 536M FP8 weights, 2.1 GB a step): `batch` matrices
-// [rows, cols] from w on, their gradients and moments at the same offsets (a piece of a span with weight decay).
-// After the update each matrix is quantized as fp8::cuda::quantize_128x128_placed(w, batch, rows, cols, codes,
-// block_scales, codes_t, at) quantizes the updated w: the same codes, block scales ([batch, tiles(rows),
-// tiles(cols)], the CPU layout) and transposed codes, bit for bit; with gemm_scales.sw set, each block's scale also
-// into its entries of the GEMMs' layouts (Fp8GemmScales).
+// [out.rows, out.cols] from w on, their gradients and moments at the same offsets (a piece of a span with weight
+// decay). After the update each matrix is quantized into `out` as fp8::cuda::quantize_128x128_placed quantizes the
+// updated w: the same codes, block scales and transposed codes, bit for bit; with out.gemm_scales.sw set, each
+// block's scale also into its entries of the GEMMs' layouts (Fp8GemmScales).
 struct AdamWFp8Copy {
   float* w = nullptr;
   const float* g = nullptr;
   uint16_t* m = nullptr;
   uint16_t* v = nullptr;
-  int64_t batch = 0, rows = 0, cols = 0;
-  uint8_t* codes = nullptr;
-  float* block_scales = nullptr;
-  uint8_t* codes_t = nullptr;
-  fp8::cuda::Fp8Placement at;
-  fp8::cuda::Fp8GemmScales gemm_scales;
+  fp8::cuda::Fp8WeightCodes out;
 };
 
 // AdamWSpans' update (with weight decay) of several such weights and their quantization, one launch of one thread

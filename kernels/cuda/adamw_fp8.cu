@@ -37,7 +37,7 @@ __device__ __forceinline__ int copy_of(const int64_t* first_block, int copies, i
 }
 
 // Block `local` of copy c: its scale (CPU layout) copied to its Fp8GemmScales entries, if any.
-__device__ __forceinline__ void write_gemm_scales(const AdamWFp8Copy& c, int64_t local) {
+__device__ __forceinline__ void write_gemm_scales(const fp8::cuda::Fp8WeightCodes& c, int64_t local) {
   const fp8::cuda::Fp8GemmScales& s = c.gemm_scales;
   if (s.sw == nullptr) return;
   const int64_t tr = tiles(c.rows), tc = tiles(c.cols);
@@ -66,16 +66,17 @@ __global__ void __launch_bounds__(qd::kBlockThreads, 2)
   const int64_t b = blockIdx.x;
   const int ci = copy_of(first_block, n_copies, b);
   const AdamWFp8Copy c = copies[ci];
-  const int64_t tr = tiles(c.rows), tc = tiles(c.cols), local = b - first_block[ci];
+  const fp8::cuda::Fp8WeightCodes& o = c.out;
+  const int64_t tr = tiles(o.rows), tc = tiles(o.cols), local = b - first_block[ci];
   const int64_t e = local / (tr * tc), bi = local / tc % tr, bj = local % tc;
   const int lane = threadIdx.x % qd::kWarp, warp = threadIdx.x / qd::kWarp;
-  const int64_t r0 = bi * kTile, c0 = bj * kTile, col = c0 + 4 * lane, base = e * c.rows * c.cols;
+  const int64_t r0 = bi * kTile, c0 = bj * kTile, col = c0 + 4 * lane, base = e * o.rows * o.cols;
   constexpr int R = qd::kBlockRowsPerWarp;
   float v[R][4];
 #pragma unroll
   for (int i = 0; i < R; ++i) {
-    const int64_t r = r0 + warp * R + i, at = (base + r * c.cols + col) / 4;
-    if (!(r < c.rows && col < c.cols)) {  // cols % 4 == 0: a lane's 4 columns are all in or all out
+    const int64_t r = r0 + warp * R + i, at = (base + r * o.cols + col) / 4;
+    if (!(r < o.rows && col < o.cols)) {  // cols % 4 == 0: a lane's 4 columns are all in or all out
       v[i][0] = v[i][1] = v[i][2] = v[i][3] = 0.0f;
       continue;
     }
@@ -95,18 +96,18 @@ __global__ void __launch_bounds__(qd::kBlockThreads, 2)
 #pragma unroll
     for (int k = 0; k < 4; ++k) v[i][k] = wv[k];
   }
-  const int64_t stride = c.at.stride != 0 ? c.at.stride : c.rows * c.cols;
-  const int64_t t_ld = c.at.t_ld != 0 ? c.at.t_ld : c.rows;
-  const int64_t t_stride = c.at.t_stride != 0 ? c.at.t_stride : c.rows * c.cols;
-  const qd::BlockPlace place{c.rows, c.cols, r0, c0, c.codes + e * stride, c.codes_t + e * t_stride, t_ld,
-                             c.block_scales + local};
+  const int64_t stride = o.at.stride != 0 ? o.at.stride : o.rows * o.cols;
+  const int64_t t_ld = o.at.t_ld != 0 ? o.at.t_ld : o.rows;
+  const int64_t t_stride = o.at.t_stride != 0 ? o.at.t_stride : o.rows * o.cols;
+  const qd::BlockPlace place{o.rows, o.cols, r0, c0, o.codes + e * stride, o.codes_t + e * t_stride, t_ld,
+                             o.block_scales + local};
   qd::quantize_block_values<false, true>(v, place, true, smem);
   // The scale's entries in the GEMMs' layouts, by the thread that wrote it, from what it wrote. (ptxas: ci kept for
   // this spills 12 bytes at 64 registers, a store and a load a thread; the entries' pointers kept from above, 48.)
-  if (threadIdx.x == 0) write_gemm_scales(copies[ci], blockIdx.x - first_block[ci]);
+  if (threadIdx.x == 0) write_gemm_scales(copies[ci].out, blockIdx.x - first_block[ci]);
 }
 
-int64_t blocks_of(const AdamWFp8Copy& c) { return c.batch * tiles(c.rows) * tiles(c.cols); }
+int64_t blocks_of(const AdamWFp8Copy& c) { return c.out.batch * tiles(c.out.rows) * tiles(c.out.cols); }
 
 // None, or both layouts with room for the blocks [TN, TK] of each of `batch` matrices.
 bool gemm_scales_fit(const fp8::cuda::Fp8GemmScales& s, int64_t batch, int64_t TN, int64_t TK) {
@@ -117,15 +118,16 @@ bool gemm_scales_fit(const fp8::cuda::Fp8GemmScales& s, int64_t batch, int64_t T
 
 }  // namespace
 
-bool AdamWFp8Copies::fits(const AdamWFp8Copy& c) {
+bool AdamWFp8Copies::fits(const AdamWFp8Copy& copy) {
   using ops_detail::aligned;
+  const fp8::cuda::Fp8WeightCodes& c = copy.out;
   const int64_t t_ld = c.at.t_ld != 0 ? c.at.t_ld : c.rows;
   const int64_t stride = c.at.stride != 0 ? c.at.stride : c.rows * c.cols;
   const int64_t t_stride = c.at.t_stride != 0 ? c.at.t_stride : c.rows * c.cols;
-  return c.w && c.g && c.m && c.v && c.codes && c.block_scales && c.codes_t && c.batch > 0 && c.rows > 0 &&
+  return copy.w && copy.g && copy.m && copy.v && c.codes && c.block_scales && c.codes_t && c.batch > 0 && c.rows > 0 &&
          c.cols > 0 && c.cols % 4 == 0 && c.rows % 16 == 0 && t_ld >= c.rows && t_ld % 16 == 0 &&
-         stride >= c.rows * c.cols && t_stride >= c.cols * t_ld && aligned(c.w, 16) && aligned(c.g, 16) &&
-         aligned(c.m, 8) && aligned(c.v, 8) && aligned(c.codes, 4) && aligned(c.codes_t, 16) &&
+         stride >= c.rows * c.cols && t_stride >= c.cols * t_ld && aligned(copy.w, 16) && aligned(copy.g, 16) &&
+         aligned(copy.m, 8) && aligned(copy.v, 8) && aligned(c.codes, 4) && aligned(c.codes_t, 16) &&
          gemm_scales_fit(c.gemm_scales, c.batch, tiles(c.rows), tiles(c.cols));
 }
 
@@ -133,7 +135,7 @@ AdamWFp8Copies::AdamWFp8Copies(const std::vector<AdamWFp8Copy>& copies) : copies
   std::vector<int64_t> first_block{0};
   for (size_t i = 0; i < copies.size(); ++i) {
     require(fits(copies[i]), [&] {
-      const AdamWFp8Copy& c = copies[i];
+      const fp8::cuda::Fp8WeightCodes& c = copies[i].out;
       return "cuda::AdamWFp8Copies: copy " + std::to_string(i) + " (" + std::to_string(c.batch) + " x " +
              std::to_string(c.rows) + " x " + std::to_string(c.cols) +
              ") needs every pointer set, cols % 4 == 0, rows % 16 == 0, valid placements and aligned buffers";

@@ -82,12 +82,12 @@ void LinearContext::weights_changed(const std::vector<Fp8WeightCopy>& refreshed,
   Impl& c = *impl_;
   ++c.generation;
   std::map<const uint8_t*, bool> written;  // by codes: whether the writer also filled the GEMMs' scale entries
-  for (const Fp8WeightCopy& r : refreshed) written[r.codes] = r.gemm_scales.sw != nullptr;
+  for (const Fp8WeightCopy& r : refreshed) written[r.out.codes] = r.out.gemm_scales.sw != nullptr;
   for (auto& [key, pw] : c.weights) {
     if (pw.copies.empty() || pw.generation == 0) continue;
-    const auto was_written = [&](const Fp8WeightCopy& x) { return written.count(x.codes) != 0; };
+    const auto was_written = [&](const Fp8WeightCopy& x) { return written.count(x.out.codes) != 0; };
     if (!std::all_of(pw.copies.begin(), pw.copies.end(), was_written)) continue;
-    const auto with_gemm_scales = [&](const Fp8WeightCopy& x) { return written.at(x.codes); };
+    const auto with_gemm_scales = [&](const Fp8WeightCopy& x) { return written.at(x.out.codes); };
     if (!std::all_of(pw.copies.begin(), pw.copies.end(), with_gemm_scales)) pw.finish_scales(stream);
     pw.generation = c.generation;
   }

@@ -42,19 +42,13 @@
 namespace moerl::cuda {
 
 // How a prepared FP8 weight is made from its master: one 128x128-block quantization (two for gate and up side by
-// side), fp8::cuda::quantize_128x128_placed(w, batch, rows, cols, codes, block_scales, codes_t, at) with
-// block_scales in the CPU layout [batch, tiles(rows), tiles(cols)], which the context then puts in cuBLASLt's
-// layouts (gemm_scales says where each block's entries lie). An optimizer that writes these bytes as part of its
-// update (GpuAdamW: cuda::AdamWFp8Copies) saves the quantization's read of the weights, and writing the GEMMs' scale
-// entries too saves the conversion launch of each weight (weights_changed).
+// side) of w into `out`, fp8::cuda::quantize_128x128_placed, with the block scales in the CPU layout, which the
+// context then puts in cuBLASLt's layouts (out.gemm_scales says where each block's entries lie). An optimizer that
+// writes these bytes as part of its update (GpuAdamW: cuda::AdamWFp8Copies) saves the quantization's read of the
+// weights, and writing the GEMMs' scale entries too saves the conversion launch of each weight (weights_changed).
 struct Fp8WeightCopy {
   const float* w = nullptr;
-  int64_t batch = 0, rows = 0, cols = 0;
-  uint8_t* codes = nullptr;
-  float* block_scales = nullptr;
-  uint8_t* codes_t = nullptr;
-  fp8::cuda::Fp8Placement at;
-  fp8::cuda::Fp8GemmScales gemm_scales;
+  fp8::cuda::Fp8WeightCodes out;
   bool operator==(const Fp8WeightCopy&) const = default;
 };
 

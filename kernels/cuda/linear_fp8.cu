@@ -186,8 +186,10 @@ void gemm_into(fp8::cuda::GemmContext& ctx, const Operand& a, const Operand& b, 
 // CPU's bytes) and, in the same pass, their transpose into codes_t (a block of wᵀ holds the same elements as the
 // block of w it mirrors, so the same amax, scale and codes), then the block scales put in the GEMMs' layouts.
 void fill_from_copies(const PreparedWeight& pw, cudaStream_t stream) {
-  for (const Fp8WeightCopy& c : pw.copies)
-    fp8::cuda::quantize_128x128_placed(c.w, c.batch, c.rows, c.cols, c.codes, c.block_scales, c.codes_t, c.at, stream);
+  for (const Fp8WeightCopy& c : pw.copies) {
+    const fp8::cuda::Fp8WeightCodes& o = c.out;
+    fp8::cuda::quantize_128x128_placed(c.w, o.batch, o.rows, o.cols, o.codes, o.block_scales, o.codes_t, o.at, stream);
+  }
   pw.finish_scales(stream);
 }
 
@@ -226,7 +228,7 @@ const PreparedFp8Weight& fp8_weight(LinearContext::Impl& ctx, const float* w, in
   if (pw.generation == 0) {
     if (!padded) {
       const fp8::cuda::Fp8GemmScales gs{scales, scales_t, round_up(TK, 4), 0, round_up(TN, 4), 0};
-      pw.copies = {Fp8WeightCopy{w, 1, rows, cols, codes, block_scales, codes_t, {}, gs}};
+      pw.copies = {Fp8WeightCopy{w, {1, rows, cols, codes, block_scales, codes_t, {}, gs}}};
     }
     pw.finish_scales = [=](cudaStream_t s) { weight_scales(block_scales, 1, TN, TK, scales, scales_t, s); };
   }
@@ -266,7 +268,7 @@ const PreparedFp8Stack& fp8_stacked_weight(LinearContext::Impl& ctx, const float
   pw.stack = PreparedFp8Stack{codes, scales, codes_t, scales_t, experts, N, K, sw_stride, st_stride};
   if (pw.generation == 0) {
     const fp8::cuda::Fp8GemmScales gs{scales, scales_t, round_up(TK, 4), sw_stride, round_up(TN, 4), st_stride};
-    pw.copies = {Fp8WeightCopy{w, experts, N, K, codes, block_scales, codes_t, {}, gs}};
+    pw.copies = {Fp8WeightCopy{w, {experts, N, K, codes, block_scales, codes_t, {}, gs}}};
     pw.finish_scales = [=](cudaStream_t s) { weight_scales(block_scales, experts, TN, TK, scales, scales_t, s); };
   }
   if (pw.generation != ctx.generation) {
@@ -306,8 +308,8 @@ const PreparedFp8GateUp& fp8_stacked_gate_up(LinearContext::Impl& ctx, const flo
     const int64_t L4H = round_up(TH, 4), L4I = round_up(2 * TI, 4);
     const fp8::cuda::Fp8GemmScales gate_s{scales, scales_t, L4H, fprop_stride, L4I, dgrad_stride};
     const fp8::cuda::Fp8GemmScales up_s{scales + TI * L4H, scales_t + TI, L4H, fprop_stride, L4I, dgrad_stride};
-    pw.copies = {Fp8WeightCopy{gate, experts, I, H, codes, gate_blocks, codes_t, at, gate_s},
-                 Fp8WeightCopy{up, experts, I, H, codes + Ip * H, up_blocks, codes_t + Ip, at, up_s}};
+    pw.copies = {Fp8WeightCopy{gate, {experts, I, H, codes, gate_blocks, codes_t, at, gate_s}},
+                 Fp8WeightCopy{up, {experts, I, H, codes + Ip * H, up_blocks, codes_t + Ip, at, up_s}}};
     pw.finish_scales = [=](cudaStream_t s) {
       const dim3 grid(std::min<unsigned>(blocks_for(std::max(fprop_stride, dgrad_stride)), 64),
                       static_cast<unsigned>(experts));

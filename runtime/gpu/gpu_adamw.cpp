@@ -196,7 +196,7 @@ void GpuAdamW::plan_fp8(const std::vector<cuda::Fp8WeightCopy>& copies) {
   fp8_fused_.clear();
   // Copies by address; one sharing an element with another (the same weight prepared in two forms) is left out,
   // as is one not lying whole in a span with decay.
-  auto end_of = [](const cuda::Fp8WeightCopy& c) { return c.w + c.batch * c.rows * c.cols; };
+  auto end_of = [](const cuda::Fp8WeightCopy& c) { return c.w + c.out.elements(); };
   std::vector<cuda::Fp8WeightCopy> sorted = copies;
   std::sort(sorted.begin(), sorted.end(),
             [](const auto& a, const auto& b) { return std::less<const float*>()(a.w, b.w); });
@@ -208,8 +208,7 @@ void GpuAdamW::plan_fp8(const std::vector<cuda::Fp8WeightCopy>& copies) {
                                  [&](const Span& s) { return s.decay && s.w <= c.w && end_of(c) <= s.w + s.n; });
     if (sp == spans_.end()) continue;
     const ptrdiff_t at = c.w - sp->w;
-    const cuda::AdamWFp8Copy f{sp->w + at, sp->g + at,     sp->m + at, sp->v + at, c.batch,       c.rows,
-                               c.cols,     c.codes,        c.block_scales, c.codes_t, c.at, c.gemm_scales};
+    const cuda::AdamWFp8Copy f{sp->w + at, sp->g + at, sp->m + at, sp->v + at, c.out};
     if (!cuda::AdamWFp8Copies::fits(f)) continue;
     taken.emplace_back(&*sp, f);
     fp8_fused_.push_back(c);
@@ -223,7 +222,7 @@ void GpuAdamW::plan_fp8(const std::vector<cuda::Fp8WeightCopy>& copies) {
       if (sp != &s) continue;
       const int64_t at = f.w - s.w;
       if (at > from) rest.push_back({s.w + from, s.g + from, s.m + from, s.v + from, at - from, s.decay});
-      from = at + f.batch * f.rows * f.cols;
+      from = at + f.out.elements();
     }
     if (s.n > from) rest.push_back({s.w + from, s.g + from, s.m + from, s.v + from, s.n - from, s.decay});
   }

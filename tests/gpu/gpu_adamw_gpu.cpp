@@ -369,8 +369,8 @@ TEST_F(GpuAdamWTest, FusedFp8UpdateGivesTheUpdateThenTheQuantizationOfItsResult)
     const int64_t s2 = half.batch * fp8::tiles(half.rows) * fp8::tiles(half.cols);
     auto at = [&](int64_t off, const Shape& sh, uint8_t* codes, float* scales, uint8_t* codes_t,
                   fp8::cuda::Fp8Placement p) {
-      return cuda::AdamWFp8Copy{o.w.get(off), o.g.get(off), o.m.get(off), o.v.get(off), sh.batch, sh.rows, sh.cols,
-                                codes, scales, codes_t, p, {}};
+      return cuda::AdamWFp8Copy{o.w.get(off), o.g.get(off), o.m.get(off), o.v.get(off),
+                                {sh.batch, sh.rows, sh.cols, codes, scales, codes_t, p, {}}};
     };
     uint8_t* pc = o.codes.get(n_stack);
     uint8_t* pt = o.codes_t.get(n_stack);
@@ -381,17 +381,19 @@ TEST_F(GpuAdamWTest, FusedFp8UpdateGivesTheUpdateThenTheQuantizationOfItsResult)
   };
   cuda::adamw_step(want->w.get(), want->g.get(), want->m.get(), want->v.get(), n, lr, beta1, beta2, eps, decay, t,
                    nullptr, clip);
-  for (const cuda::AdamWFp8Copy& c : copies(*want))
-    fp8::cuda::quantize_128x128_placed(c.w, c.batch, c.rows, c.cols, c.codes, c.block_scales, c.codes_t, c.at);
+  for (const cuda::AdamWFp8Copy& c : copies(*want)) {
+    const fp8::cuda::Fp8WeightCodes& o = c.out;
+    fp8::cuda::quantize_128x128_placed(c.w, o.batch, o.rows, o.cols, o.codes, o.block_scales, o.codes_t, o.at);
+  }
   std::vector<cuda::AdamWFp8Copy> fused = copies(*got);
   // The fused update also fills the GEMMs' scale layouts (NaN-poisoned): the stack's [2, 4] and [2, 4] a matrix
   // (2 x 2 blocks, rows padded to 4 entries), the pair's gate_up_scales_kernel layouts [4, 4] (gate's block rows,
   // then up's) and [2, 4] (gate's blocks, then up's, in each row).
   DeviceBuffer<float> gemm_sw(3 * 8 + 2 * 16), gemm_st(3 * 8 + 2 * 8);
   gemm_sw.poison(), gemm_st.poison();
-  fused[0].gemm_scales = {gemm_sw.get(), gemm_st.get(), 4, 8, 4, 8};
-  fused[1].gemm_scales = {gemm_sw.get(24), gemm_st.get(24), 4, 16, 4, 8};
-  fused[2].gemm_scales = {gemm_sw.get(24 + 8), gemm_st.get(24 + 2), 4, 16, 4, 8};
+  fused[0].out.gemm_scales = {gemm_sw.get(), gemm_st.get(), 4, 8, 4, 8};
+  fused[1].out.gemm_scales = {gemm_sw.get(24), gemm_st.get(24), 4, 16, 4, 8};
+  fused[2].out.gemm_scales = {gemm_sw.get(24 + 8), gemm_st.get(24 + 2), 4, 16, 4, 8};
   for (const cuda::AdamWFp8Copy& c : fused) EXPECT_TRUE(cuda::AdamWFp8Copies::fits(c));
   cuda::AdamWFp8Copies(fused).update(cuda::AdamWUpdate{lr, beta1, beta2, eps, decay, t, clip});
   CUDA_CHECK(cudaDeviceSynchronize());
@@ -411,14 +413,16 @@ TEST_F(GpuAdamWTest, FusedFp8UpdateGivesTheUpdateThenTheQuantizationOfItsResult)
   std::vector<float> sw_want(gemm_sw.size(), std::numeric_limits<float>::quiet_NaN()), st_want = sw_want;
   st_want.resize(gemm_st.size());
   int64_t block = 0;  // the blocks in s_want's order: the stack's, then gate's, then up's
-  for (const cuda::AdamWFp8Copy& c : fused)
+  for (const cuda::AdamWFp8Copy& f : fused) {
+    const fp8::cuda::Fp8WeightCodes& c = f.out;
+    const fp8::cuda::Fp8GemmScales& s = c.gemm_scales;
     for (int64_t e = 0; e < c.batch; ++e)
       for (int64_t bi = 0; bi < fp8::tiles(c.rows); ++bi)
         for (int64_t bj = 0; bj < fp8::tiles(c.cols); ++bj, ++block) {
-          const fp8::cuda::Fp8GemmScales& s = c.gemm_scales;
           sw_want[static_cast<size_t>(s.sw - gemm_sw.get() + e * s.sw_stride + bi * s.sw_ld + bj)] = s_want[block];
           st_want[static_cast<size_t>(s.st - gemm_st.get() + e * s.st_stride + bj * s.st_ld + bi)] = s_want[block];
         }
+  }
   auto same_or_both_nan = [](const std::vector<float>& a, const std::vector<float>& b) {
     for (size_t i = 0; i < a.size(); ++i)
       if (!(a[i] == b[i] || (std::isnan(a[i]) && std::isnan(b[i])))) return false;
@@ -428,7 +432,7 @@ TEST_F(GpuAdamWTest, FusedFp8UpdateGivesTheUpdateThenTheQuantizationOfItsResult)
   EXPECT_TRUE(same_or_both_nan(gemm_st.download(), st_want)) << "the GEMMs' transposed block scales";
   // A copy that does not fit is refused with its shape named.
   cuda::AdamWFp8Copy bad = fused[0];
-  bad.cols = 202;
+  bad.out.cols = 202;
   EXPECT_FALSE(cuda::AdamWFp8Copies::fits(bad));
   EXPECT_THROW(cuda::AdamWFp8Copies({bad}), Error);
 }
