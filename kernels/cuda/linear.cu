@@ -151,6 +151,26 @@ PreparedFp8GateUp prepared_fp8_stacked_gate_up(LinearContext& ctx, const float* 
   return linear_detail::fp8_stacked_gate_up(ctx.impl(), gate, up, experts, I, H, stream);
 }
 
+namespace {
+
+// y [M, N] = x16 · w16ᵀ: x already rounded to BF16 (bits), w rounded by the context's prepared copy.
+void bf16_forward(LinearContext::Impl& c, const uint16_t* x16, const float* w, float* y, int64_t M, int64_t N,
+                  int64_t K, cudaStream_t stream) {
+  c.lt.gemm(false, true, M, N, K, LtInput::BF16, x16, K, c.bf16_weight(w, N, K, stream), K, 0.0f, y, N, stream);
+}
+
+// bf16_backward's two GEMMs with x already rounded (x16, needed with dw).
+void bf16_backward_rounded(LinearContext::Impl& c, const uint16_t* dy16, int64_t ld_dy, const uint16_t* x16,
+                           const float* w, float* dx, float* dw, int64_t M, int64_t N, int64_t K, float beta_dx,
+                           float beta_dw, cudaStream_t stream) {
+  if (dx != nullptr)
+    c.lt.gemm(false, false, M, K, N, LtInput::BF16, dy16, ld_dy, c.bf16_weight(w, N, K, stream), K, beta_dx, dx, K,
+              stream);
+  if (dw != nullptr) c.lt.gemm(true, false, N, K, M, LtInput::BF16, dy16, ld_dy, x16, K, beta_dw, dw, K, stream);
+}
+
+}  // namespace
+
 void linear_forward(LinearContext& ctx, Precision p, const float* x, const float* w, float* y, int64_t M, int64_t N,
                     int64_t K, cudaStream_t stream) {
   const std::string fn = "cuda::linear_forward";
@@ -169,12 +189,10 @@ void linear_forward(LinearContext& ctx, Precision p, const float* x, const float
       c.lt.gemm(false, true, M, N, K, LtInput::FP32, x, K, w, K, 0.0f, y, N, stream);
       return;
     case Precision::BF16: {
-      const uint16_t* w16 = c.bf16_weight(w, N, K, stream);
-      StreamScratch scratch(bytes16(M * K), stream);
-      uint16_t* x16 = scratch.as<uint16_t>();
-      to_bf16(x, M * K, x16, stream);
-      c.lt.gemm(false, true, M, N, K, LtInput::BF16, x16, K, w16, K, 0.0f, y, N, stream);
-      scratch.release();
+      StreamScratch x16(bytes16(M * K), stream);
+      to_bf16(x, M * K, x16.as<uint16_t>(), stream);
+      bf16_forward(c, x16.as<uint16_t>(), w, y, M, N, K, stream);
+      x16.release();
       return;
     }
     case Precision::FP8:
@@ -195,16 +213,12 @@ void zero_dw(float* dw, int64_t N, int64_t K, cudaStream_t stream) {
 void bf16_backward(LinearContext::Impl& c, const uint16_t* dy16, int64_t ld_dy, const float* x, const float* w,
                    float* dx, float* dw, int64_t M, int64_t N, int64_t K, float beta_dx, float beta_dw,
                    cudaStream_t stream) {
-  if (dx != nullptr)
-    c.lt.gemm(false, false, M, K, N, LtInput::BF16, dy16, ld_dy, c.bf16_weight(w, N, K, stream), K, beta_dx, dx, K,
-              stream);
-  if (dw != nullptr) {
-    StreamScratch scratch(bytes16(M * K), stream);
-    uint16_t* x16 = scratch.as<uint16_t>();
-    to_bf16(x, M * K, x16, stream);
-    c.lt.gemm(true, false, N, K, M, LtInput::BF16, dy16, ld_dy, x16, K, beta_dw, dw, K, stream);
-    scratch.release();
-  }
+  if (dw == nullptr)
+    return bf16_backward_rounded(c, dy16, ld_dy, nullptr, w, dx, nullptr, M, N, K, beta_dx, beta_dw, stream);
+  StreamScratch x16(bytes16(M * K), stream);
+  to_bf16(x, M * K, x16.as<uint16_t>(), stream);
+  bf16_backward_rounded(c, dy16, ld_dy, x16.as<uint16_t>(), w, dx, dw, M, N, K, beta_dx, beta_dw, stream);
+  x16.release();
 }
 
 }  // namespace
@@ -286,13 +300,10 @@ void linear_forward_shared(LinearContext& ctx, Precision p, const float* x, cons
   LinearContext::Impl& c = ctx.impl();
   c.check_device(fn.c_str());
   if (p == Precision::FP8) return linear_detail::fp8_forward_shared(c, x, outs, M, K, stream);
-  StreamScratch scratch(bytes16(M * K), stream);  // BF16: x rounded once
-  uint16_t* x16 = scratch.as<uint16_t>();
-  to_bf16(x, M * K, x16, stream);
-  for (const LinearOutput& o : outs)
-    c.lt.gemm(false, true, M, o.N, K, LtInput::BF16, x16, K, c.bf16_weight(o.w, o.N, K, stream), K, 0.0f, o.y, o.N,
-              stream);
-  scratch.release();
+  StreamScratch x16(bytes16(M * K), stream);  // BF16: x rounded once
+  to_bf16(x, M * K, x16.as<uint16_t>(), stream);
+  for (const LinearOutput& o : outs) bf16_forward(c, x16.as<uint16_t>(), o.w, o.y, M, o.N, K, stream);
+  x16.release();
 }
 
 void linear_backward_shared(LinearContext& ctx, Precision p, const float* x, const std::vector<LinearGradient>& grads,
@@ -315,21 +326,17 @@ void linear_backward_shared(LinearContext& ctx, Precision p, const float* x, con
   c.check_device(fn.c_str());
   if (p == Precision::FP8) return linear_detail::fp8_backward_shared(c, x, grads, dx, M, K, accumulate_dx, stream);
   // BF16: x rounded once for every Wgrad, each dy once for its two GEMMs (bf16_backward's products).
-  StreamScratch xs(bytes16(M * K), stream);
-  uint16_t* x16 = xs.as<uint16_t>();
-  to_bf16(x, M * K, x16, stream);
+  StreamScratch x16(bytes16(M * K), stream);
+  to_bf16(x, M * K, x16.as<uint16_t>(), stream);
   for (size_t i = 0; i < grads.size(); ++i) {
     const LinearGradient& g = grads[i];
-    StreamScratch ds(bytes16(M * g.N), stream);
-    uint16_t* dy16 = ds.as<uint16_t>();
-    to_bf16(g.dy, M * g.N, dy16, stream);
-    const float beta_dx = accumulate_dx || i > 0 ? 1.0f : 0.0f, beta_dw = g.overwrite_dw ? 0.0f : 1.0f;
-    c.lt.gemm(false, false, M, K, g.N, LtInput::BF16, dy16, g.N, c.bf16_weight(g.w, g.N, K, stream), K, beta_dx, dx, K,
-              stream);
-    c.lt.gemm(true, false, g.N, K, M, LtInput::BF16, dy16, g.N, x16, K, beta_dw, g.dw, K, stream);
-    ds.release();
+    StreamScratch dy16(bytes16(M * g.N), stream);
+    to_bf16(g.dy, M * g.N, dy16.as<uint16_t>(), stream);
+    bf16_backward_rounded(c, dy16.as<uint16_t>(), g.N, x16.as<uint16_t>(), g.w, dx, g.dw, M, g.N, K,
+                          accumulate_dx || i > 0 ? 1.0f : 0.0f, g.overwrite_dw ? 0.0f : 1.0f, stream);
+    dy16.release();
   }
-  xs.release();
+  x16.release();
 }
 
 }  // namespace moerl::cuda
