@@ -66,8 +66,9 @@ void grouped_gemm_nt_rows(const GroupedProblem* problems, int n_problems, const 
 
 // Tokens form. rows: the row count the scales were quantized over (their layout has tiles(rows) columns; every
 // bounds[g] <= rows). m, n: rows of each a and b (the output is [m, n] per group). All problems share m and n.
+// overwrite: y_g = the product instead of y_g += it (non-empty groups only; empty ones stay untouched).
 void grouped_gemm_nt_tokens_accumulate(const GroupedProblem* problems, int n_problems, const int64_t* bounds,
                                        int64_t groups, int64_t rows, int64_t m, int64_t n, cudaStream_t stream,
-                                       GroupedKernel kernel = GroupedKernel::Default);
+                                       GroupedKernel kernel = GroupedKernel::Default, bool overwrite = false);
 
 }  // namespace moerl::fp8::cuda

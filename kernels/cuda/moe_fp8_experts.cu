@@ -544,11 +544,9 @@ void wgrad_into(fp8::cuda::GemmContext& gc, const MoeFp8Experts& w, const Operan
     fp8::cuda::gemm_nt_accumulate(gc, a, b, grad, stream);
 }
 
-// With w.overwrite_grads, the gradients of the experts that get no rows (no Wgrad writes them) set to zero; in the
-// grouped form, which only accumulates, every expert's.
+// With w.overwrite_grads, the gradients of the experts that get no rows (no Wgrad writes them) set to zero.
 void zero_grads_without_rows(const MoeFp8Experts& w, const int64_t* aligned_host, cudaStream_t stream) {
-  zero_expert_grads(w.gate_grad, w.up_grad, w.down_grad, w.experts, w.inter, w.hidden, aligned_host,
-                    moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Grouped, stream);
+  zero_expert_grads(w.gate_grad, w.up_grad, w.down_grad, w.experts, w.inter, w.hidden, aligned_host, false, stream);
 }
 
 // moe_fp8_experts_forward from xp, or (xp null) gathered from x [tokens, H] by token_of.
@@ -744,7 +742,8 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
       fp8::cuda::grouped_gemm_nt_rows(&pr, 1, aligned, E, rows, I, stream);
       GroupedProblem pw;
       pw.terms[0] = tokens_term(dyt, ht), pw.y = w.down_grad;
-      fp8::cuda::grouped_gemm_nt_tokens_accumulate(&pw, 1, aligned, E, rows, H, I, stream);
+      fp8::cuda::grouped_gemm_nt_tokens_accumulate(&pw, 1, aligned, E, rows, H, I, stream,
+                                                   fp8::cuda::GroupedKernel::Default, w.overwrite_grads);
     } else {
       const std::vector<ExpertWeight> wd = expert_weights(sd);
       auto dgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
@@ -840,7 +839,8 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     GroupedProblem pw[2];
     pw[0].terms[0] = tokens_term(dgt, xt), pw[0].y = w.gate_grad;
     pw[1].terms[0] = tokens_term(dut, xt), pw[1].y = w.up_grad;
-    fp8::cuda::grouped_gemm_nt_tokens_accumulate(pw, 2, aligned, E, rows, I, H, stream);
+    fp8::cuda::grouped_gemm_nt_tokens_accumulate(pw, 2, aligned, E, rows, I, H, stream,
+                                                 fp8::cuda::GroupedKernel::Default, w.overwrite_grads);
   } else {
     const std::vector<ExpertWeight> wg = expert_weights(sg), wu = expert_weights(su);
     auto dgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {

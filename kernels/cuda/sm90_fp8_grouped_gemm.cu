@@ -15,9 +15,12 @@
 //   Specialized: the same with cp.async for the codes too.
 //   Synchronous: a block per tile, every thread copies with cp.async, one __syncthreads per step.
 //
-// Why not cuBLASLt. Its block-scaled FP8 GEMM has no grouped form in CUDA 13's cuBLASLt (13.1: strided or
-// pointer-array batches of one shape only); one call per expert costs ~15 us of host time against a few us of
-// device time for bench-600m's experts (2048 x 704 x 1024), so the layer waited on the host (issue 4).
+// Why not cuBLASLt. Its block-scaled FP8 GEMM has no grouped form in CUDA 13's cuBLASLt, nor a batched one: with
+// VEC128 / BLK128x128 scales and a batch count of 32 or 64 (every expert padded to the same rows) its heuristic
+// answers NOT_SUPPORTED for every Fprop, Dgrad and Wgrad shape of both benches, where one matrix of each finds
+// algorithms (cuBLASLt 13.1 on the H200, bench/results/2026-11-30-gpu-lt-batched-h200.txt); one call per expert
+// costs ~15 us of host time against a few us of device time for bench-600m's experts (2048 x 704 x 1024), so the
+// layer waited on the host (issue 4).
 //
 // Measured on the H200, TFLOP/s tma / specialized / sync (the GPU tests' timing lines, bench/results/2026-11-30-gpu-
 // tests-h200-79e3a82.txt): MoE layer bench shapes (64 experts, ~100k rows, H 2048, I 1408) gate+up 755 / 298 / 419,
@@ -38,8 +41,14 @@
 // Nor did the down projection's Fprop and Dgrad alone on this kernel, the rest on the lanes: MoE layer 12.2 vs 11.8 ms
 // (the lanes' down GEMMs run at ~840 TFLOP/s inside the layer; bench/results/2026-11-30-gpu-moe-gemm-mixed-*.txt),
 // nor the whole forward on it: 12.6 vs 11.9 ms, train step 248k vs 254k tokens/s (...-grouped-forward-*.txt).
-// TODO(perf): TMA for the tokens form (a tensor map per group, built on the device with tensormap.replace, since the
-// offsets stay there), and 128 x 256 tiles (fewer bytes per FLOP without a partner block).
+// The tokens form's consumers read only tile_out (its operands computed apart had spilled 216 bytes): 297-307 TFLOP/s
+// against 273 before. Tried and removed (2026-11-30): its code tiles loaded with TMA through two tensor maps per group
+// and problem, made on the host from its copy of the offsets and read from device memory (fence.proxy.tensormap
+// acquire). Bit-identical but not faster, 255 vs 306 TFLOP/s on bench-600m's Wgrad and 286 vs 298 on the MoE layer's:
+// the tokens form is not bound by its loads. The Wgrad on it beside the lanes' Fprop and Dgrad lost too: MoE layer
+// 14.43 vs 11.04 ms, bench-600m fp8 279.7k / 278.3k vs 285.2k / 282.1k tokens/s (rounds interleaved,
+// bench/results/2026-11-30-gpu-wgrad-tma-tokens-h200-698eb0c+tma.txt).
+// TODO(perf): 128 x 256 tiles (fewer bytes per FLOP without a partner block).
 #include <cuda.h>
 #include <cudaTypedefs.h>
 #include <cuda_bf16.h>
@@ -93,6 +102,7 @@ struct Args {
   int64_t scale_tiles;   // tokens form: tiles(rows), columns of the scales' CPU layout
   int m_tiles;           // tokens form: tiles(m)
   int tiles_x, tiles_y, tiles_z;  // the tile grid (synchronous: the launch grid; specialized: walked by each block)
+  bool overwrite;        // tokens form: y_g written instead of added to
   // Tma, rows form: [problem][term][a, b] 2-D maps (K inner) of a [max_rows, K] and the stacked b [groups · N, K],
   // boxes of 128 x 128 bytes in the 128-byte swizzle.
   CUtensorMap maps[2][2][2];
@@ -230,6 +240,11 @@ __device__ __forceinline__ const int64_t* block_bounds(const Args& p, int64_t* s
   return s;
 }
 
+// What the consumers need of a tokens-form tile (its steps and outputs; false for an empty group), without the
+// operands: computed apart, those stayed live in the consumers' registers (216 bytes spilled at 168 registers).
+template <bool kTokens>
+__device__ __forceinline__ bool tile_out(const Args& p, const int64_t* bounds, int x, int yy, int z, TileWork& w);
+
 // The work of tile (x, y, z) (x: N tile; rows form: y row tile, z problem; tokens form: y problem · m_tiles + M
 // tile, z group) with the groups' bounds at `bounds` (block_bounds). False for tiles with nothing to do (rows form:
 // at or past bounds[groups]; tokens form: an empty group), the same answer for every thread.
@@ -265,28 +280,40 @@ __device__ __forceinline__ bool tile_work(const Args& p, const int64_t* bounds, 
     w.a_row = static_cast<int>(row0);
     w.b_row = static_cast<int>(g * n + n0);
   } else {
-    const int64_t g = z;
-    const int64_t first = bounds[g], ng = bounds[g + 1] - first;
-    if (ng <= 0) return false;
-    const int problem = yy / p.m_tiles;
+    if (!tile_out<true>(p, bounds, x, yy, z, w)) return false;
+    const int64_t g = z, first = bounds[g], ng = bounds[g + 1] - first;
     const int64_t m0 = static_cast<int64_t>(yy % p.m_tiles) * kTileRows, m = p.m, n = p.n;
-    w.m_valid = clamp_tile(m - m0);
-    w.n_valid = clamp_tile(n - n0);
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
-      const Term& tm = p.terms[problem][t];
+      const Term& tm = p.terms[yy / p.m_tiles][t];
       w.a[t] = TileOperand{tm.a + first * m + m0 * ng, ng, w.m_valid, tm.sa + m0 * p.scale_tiles + first / 128,
                            p.scale_tiles};
       w.b[t] = TileOperand{tm.b + first * n + n0 * ng, ng, w.n_valid, tm.sb + n0 * p.scale_tiles + first / 128,
                            p.scale_tiles};
       w.klen[t] = ng;
-      w.steps[t] = t < p.n_terms[problem] ? static_cast<int>(ng / 128) : 0;
     }
-    w.y = static_cast<float*>(p.y[problem]) + g * m * n + m0 * n + n0;
-    w.ldy = n;
-    w.bf16 = false;
   }
   return true;
+}
+
+template <bool kTokens>
+__device__ __forceinline__ bool tile_out(const Args& p, const int64_t* bounds, int x, int yy, int z, TileWork& w) {
+  if constexpr (!kTokens) {
+    return tile_work<false>(p, bounds, x, yy, z, w);
+  } else {
+    const int64_t g = z, ng = bounds[g + 1] - bounds[g];
+    if (ng <= 0) return false;
+    const int problem = yy / p.m_tiles;
+    const int64_t m0 = static_cast<int64_t>(yy % p.m_tiles) * kTileRows, n0 = static_cast<int64_t>(x) * kTileRows;
+    w.m_valid = clamp_tile(p.m - m0);
+    w.n_valid = clamp_tile(p.n - n0);
+    w.steps[0] = static_cast<int>(ng / 128);  // one term
+    w.steps[1] = 0;
+    w.y = static_cast<float*>(p.y[problem]) + g * p.m * p.n + m0 * p.n + n0;
+    w.ldy = p.n;
+    w.bf16 = false;
+    return true;
+  }
 }
 
 // Step kb of a term (operands a, b of K length klen) into stage memory `base`, by loader thread lt of kLoaders: codes
@@ -384,8 +411,8 @@ __device__ __forceinline__ void named_arrive(int id) {
 
 // The fragment's sums into the tile's outputs (tokens form: added to them).
 template <bool kTokens>
-__device__ __forceinline__ void store_tile(const float (&acc)[64], void* y, int64_t ldy, bool bf16, int m_valid,
-                                           int n_valid, int r0, int lane) {
+__device__ __forceinline__ void store_tile(const float (&acc)[64], void* y, int64_t ldy, bool bf16, bool overwrite,
+                                           int m_valid, int n_valid, int r0, int lane) {
 #pragma unroll
   for (int c = 0; c < 16; ++c) {
     const int col = c * 8 + 2 * (lane % 4);
@@ -401,7 +428,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[64], void* y, int6
       }
       float2* out = reinterpret_cast<float2*>(static_cast<float*>(y) + r * ldy + col);
       float2 v = make_float2(acc[4 * c + 2 * h], acc[4 * c + 2 * h + 1]);
-      if constexpr (kTokens) {
+      if (kTokens && !overwrite) {
         const float2 old = *out;
         v.x += old.x;
         v.y += old.y;
@@ -460,7 +487,7 @@ __global__ void __launch_bounds__(kConsumers, 1) grouped_gemm_sync_kernel(const 
     promote<kTokens>(acc, part, reinterpret_cast<const float*>(smem + stage * kStageBytes + 2 * kTileBytes), r0, lane);
   }
   cp_async_wait<0>();
-  store_tile<kTokens>(acc, tw.y, tw.ldy, tw.bf16, tw.m_valid, tw.n_valid, r0, lane);
+  store_tile<kTokens>(acc, tw.y, tw.ldy, tw.bf16, p.overwrite, tw.m_valid, tw.n_valid, r0, lane);
 }
 
 // Specialized pipeline, persistent: gridDim.x blocks walk the tiles t = blockIdx.x, + gridDim.x, ... (x fastest,
@@ -537,7 +564,7 @@ __global__ void __launch_bounds__(kConsumers + kProducers, 1)
   int it = 0;
   for (int t = blockIdx.x; t < tiles; t += gridDim.x) {
     TileWork w;
-    if (!tile_work<kTokens>(p, bounds, t % p.tiles_x, t / p.tiles_x % p.tiles_y, t / p.tiles_x / p.tiles_y, w))
+    if (!tile_out<kTokens>(p, bounds, t % p.tiles_x, t / p.tiles_x % p.tiles_y, t / p.tiles_x / p.tiles_y, w))
       continue;
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
@@ -556,7 +583,7 @@ __global__ void __launch_bounds__(kConsumers + kProducers, 1)
       __syncwarp();  // every lane's reads of the stage (WGMMA, scales) done
       if (lane == 0) mbar_arrive(&empty[stage]);
     }
-    store_tile<kTokens>(acc, w.y, w.ldy, w.bf16, w.m_valid, w.n_valid, r0, lane);
+    store_tile<kTokens>(acc, w.y, w.ldy, w.bf16, p.overwrite, w.m_valid, w.n_valid, r0, lane);
   }
   if (wg == 0) named_sync(1);  // warpgroup 1's last arrival (its turn handed back after its last step)
 }
@@ -706,7 +733,7 @@ void grouped_gemm_nt_rows(const GroupedProblem* problems, int n_problems, const 
 
 void grouped_gemm_nt_tokens_accumulate(const GroupedProblem* problems, int n_problems, const int64_t* bounds,
                                        int64_t groups, int64_t rows, int64_t m, int64_t n, cudaStream_t stream,
-                                       GroupedKernel kernel) {
+                                       GroupedKernel kernel, bool overwrite) {
   check("grouped_gemm_nt_tokens_accumulate", problems, n_problems, bounds, groups, false);
   require(m > 0 && n > 0 && m % 16 == 0 && n % 16 == 0 && rows >= 0 && tiles128(m) * n_problems <= 65535, [&] {
     return "fp8::cuda::grouped_gemm_nt_tokens_accumulate: needs M and N positive multiples of 16, got M=" +
@@ -718,6 +745,7 @@ void grouped_gemm_nt_tokens_accumulate(const GroupedProblem* problems, int n_pro
   a.n = n;
   a.scale_tiles = tiles128(rows);
   a.m_tiles = static_cast<int>(tiles128(m));
+  a.overwrite = overwrite;
   launch<true>(a, dim3(static_cast<unsigned>(tiles128(n)), static_cast<unsigned>(a.m_tiles * n_problems),
                        static_cast<unsigned>(groups)),
                kernel, stream);

@@ -218,6 +218,18 @@ TEST_F(Fp8GroupedGemmGpu, TokensFormAccumulatesTheCpuReferencePerGroup) {
     EXPECT_LT(err, 1e-3);
     if (first.empty()) first = got; else EXPECT_TRUE(got == first) << "the pipelines differ bit for bit";
   }
+  // overwrite: the non-empty groups' outputs are the products alone (the same bits as added to zero), the empty
+  // group's untouched.
+  std::vector<float> y_zero = y0;
+  for (int64_t g = 0; g < G; ++g)
+    if (bounds[g + 1] > bounds[g]) std::fill_n(y_zero.begin() + g * M * N, M * N, 0.0f);
+  dy.upload(y_zero);
+  fp8::cuda::grouped_gemm_nt_tokens_accumulate(&pr, 1, dbounds.get(), G, rows, M, N, nullptr);
+  const std::vector<float> added = dy.download();
+  dy.upload(y0);
+  fp8::cuda::grouped_gemm_nt_tokens_accumulate(&pr, 1, dbounds.get(), G, rows, M, N, nullptr,
+                                               fp8::cuda::GroupedKernel::Default, true);
+  EXPECT_TRUE(dy.download() == added) << "overwrite differs from adding to zeroed outputs";
 }
 
 // Random codes (finite E4M3 of either sign; the weights' smaller) and scales 1e-3: timing inputs.
@@ -261,10 +273,39 @@ void time_rows(const char* what, const std::vector<int64_t>& counts, int problem
   }
 }
 
-// bench-600m's routed experts (32 experts, T·k = 65536 rows, H = 1024, I = 704), gate and up in one launch.
-TEST_F(Fp8GroupedGemmGpu, TimesTheBench600mForwardProjection) {
+// Tokens form (Wgrad, dW [m, n] per group, K = each group's rows), gate and up in one launch, one line per pipeline.
+// Diagnostic, no threshold.
+void time_tokens(const char* what, const std::vector<int64_t>& counts, int64_t m, int64_t n, std::mt19937_64& rng) {
+  const int64_t G = static_cast<int64_t>(counts.size());
+  const std::vector<int64_t> bounds = bounds_of(counts);
+  const int64_t rows = bounds.back(), TR = fp8::tiles(rows);
+  DeviceBuffer<uint8_t> da(random_codes(rows * m, 0x7F, rng)), dbc(random_codes(rows * n, 0x3F, rng));
+  DeviceBuffer<float> dsa(std::vector<float>(static_cast<size_t>(m * TR), 1e-3f)),
+      dsb(std::vector<float>(static_cast<size_t>(n * TR), 1e-3f));
+  DeviceBuffer<int64_t> db(bounds);
+  DeviceBuffer<float> w0(std::vector<float>(static_cast<size_t>(G * m * n), 0.0f)),
+      w1(std::vector<float>(static_cast<size_t>(G * m * n), 0.0f));
+  fp8::cuda::GroupedProblem pr[2];
+  pr[0].terms[0] = fp8::cuda::GroupedTerm{da.get(), dsa.get(), dbc.get(), dsb.get(), 0}, pr[0].y = w0.get();
+  pr[1] = pr[0], pr[1].y = w1.get();
+  for (const fp8::cuda::GroupedKernel kernel : kKernels) {
+    const double ms = moe_gpu_test::median_ms(
+        [&] { fp8::cuda::grouped_gemm_nt_tokens_accumulate(pr, 2, db.get(), G, rows, m, n, nullptr, kernel); });
+    const double flop = 2.0 * 2 * static_cast<double>(rows) * m * n;
+    std::printf("[ grouped  ] %s %s wgrad gate+up: M %lld x N %lld x rows %lld x 2, %.3f ms, %.0f TFLOP/s\n",
+                kernel_name(kernel), what, static_cast<long long>(m), static_cast<long long>(n),
+                static_cast<long long>(rows), ms, flop / ms * 1e-9);
+  }
+  for (const float v : w0.download()) ASSERT_TRUE(std::isfinite(v));
+}
+
+// bench-600m's routed experts (32 experts, T·k = 65536 rows, H = 1024, I = 704), gate and up in one launch: Fprop
+// and Wgrad.
+TEST_F(Fp8GroupedGemmGpu, TimesTheBench600mProjections) {
   std::mt19937_64 rng(run_seed() + 79);
-  time_rows("bench-600m gate+up", random_counts(32, 1700, 2400, rng), 2, 704, 1024, rng);
+  const std::vector<int64_t> counts = random_counts(32, 1700, 2400, rng);
+  time_rows("bench-600m gate+up", counts, 2, 704, 1024, rng);
+  time_tokens("bench-600m", counts, 704, 1024, rng);
 }
 
 // The MoE layer bench's routed experts (64 experts, T·k = 98304 rows, H = 2048, I = 1408): Fprop of gate+up and of
@@ -274,28 +315,7 @@ TEST_F(Fp8GroupedGemmGpu, TimesTheMoeLayerBenchProjections) {
   const std::vector<int64_t> counts = random_counts(64, 1200, 1872, rng);
   time_rows("moe-layer gate+up", counts, 2, 1408, 2048, rng);
   time_rows("moe-layer down", counts, 1, 2048, 1408, rng);
-
-  const int64_t G = 64, M = 1408, N = 2048;
-  const std::vector<int64_t> bounds = bounds_of(counts);
-  const int64_t rows = bounds.back(), TR = fp8::tiles(rows);
-  DeviceBuffer<uint8_t> da(random_codes(rows * M, 0x7F, rng)), dbc(random_codes(rows * N, 0x3F, rng));
-  DeviceBuffer<float> dsa(std::vector<float>(static_cast<size_t>(M * TR), 1e-3f)),
-      dsb(std::vector<float>(static_cast<size_t>(N * TR), 1e-3f));
-  DeviceBuffer<int64_t> db(bounds);
-  DeviceBuffer<float> w0(std::vector<float>(static_cast<size_t>(G * M * N), 0.0f)),
-      w1(std::vector<float>(static_cast<size_t>(G * M * N), 0.0f));
-  fp8::cuda::GroupedProblem pr[2];
-  pr[0].terms[0] = fp8::cuda::GroupedTerm{da.get(), dsa.get(), dbc.get(), dsb.get(), 0}, pr[0].y = w0.get();
-  pr[1] = pr[0], pr[1].y = w1.get();
-  for (const fp8::cuda::GroupedKernel kernel : kKernels) {
-    const double ms = moe_gpu_test::median_ms(
-        [&] { fp8::cuda::grouped_gemm_nt_tokens_accumulate(pr, 2, db.get(), G, rows, M, N, nullptr, kernel); });
-    const double flop = 2.0 * 2 * static_cast<double>(rows) * M * N;
-    std::printf("[ grouped  ] %s moe-layer wgrad gate+up: M %lld x N %lld x rows %lld x 2, %.3f ms, %.0f TFLOP/s\n",
-                kernel_name(kernel), static_cast<long long>(M), static_cast<long long>(N),
-                static_cast<long long>(rows), ms, flop / ms * 1e-9);
-  }
-  for (const float v : w0.download()) ASSERT_TRUE(std::isfinite(v));
+  time_tokens("moe-layer", counts, 1408, 2048, rng);
 }
 
 }  // namespace
