@@ -62,21 +62,39 @@ __device__ __forceinline__ uint32_t bf16_pair(float a, float b) {  // cuda::to_b
          (uint32_t{__bfloat16_as_ushort(__float2bfloat16_rn(b))} << 16);
 }
 
+__device__ __forceinline__ float widen_bf16(uint32_t bits) { return __uint_as_float(bits << 16); }
+
+// Logits group j of a row: 4 or 1 FP32 values, or (kIn16) 4 BF16 ones widened (an 8-byte load).
+template <int V, bool kIn16>
+__device__ __forceinline__ void load_logits(const void* row, int64_t j, float (&v)[V]) {
+  if constexpr (kIn16) {
+    static_assert(V == 4, "BF16 logits in groups of 4");
+    const uint2 p = static_cast<const uint2*>(row)[j];
+    v[0] = widen_bf16(p.x & 0xFFFFu), v[1] = widen_bf16(p.x >> 16), v[2] = widen_bf16(p.y & 0xFFFFu),
+    v[3] = widen_bf16(p.y >> 16);
+  } else {
+    load<V>(static_cast<const float*>(row), j, v);
+  }
+}
+
 // One block per row: the row's loss into row_loss[r] (0 for an ignored or bad row) and, when dlogits is
 // non-null, its gradient: FP32 [rows, vocab], or with kBf16 rounded to BF16, [rows, ld16] (dlogits then points to
-// uint16_t bit patterns; V = 4). dlogits may be logits (no __restrict__): every logit is read before the block's
-// barrier in block_merge or, in the gradient pass, by the thread that then overwrites it (FP32), or before the
-// barrier of the pass's step that writes over it (BF16 with ld16 = 2 vocab: group j's 8 bytes lie in the FP32
-// group j / 2, read in the same step or an earlier one).
-template <int V, bool kBf16>
+// uint16_t bit patterns; V = 4). The logits are FP32 [rows, vocab], or with kIn16 BF16 [rows, vocab] (kBf16 too):
+// the function of their widened values. dlogits may be logits (no __restrict__): every logit is read before the
+// block's barrier in block_merge or, in the gradient pass, by the thread that then overwrites it (FP32), or before
+// the barrier of the pass's step that writes over it (BF16 over FP32 with ld16 = 2 vocab: group j's 8 bytes lie in
+// the FP32 group j / 2, read in the same step or an earlier one; BF16 over BF16 with ld16 = vocab: group j itself).
+template <int V, bool kBf16, bool kIn16>
 __global__ void __launch_bounds__(kRowThreads)
-    cross_entropy_rows_kernel(const float* logits, const int64_t* __restrict__ labels, int64_t vocab,
+    cross_entropy_rows_kernel(const void* logits, const int64_t* __restrict__ labels, int64_t vocab,
                               float grad_scale, void* dlogits, int64_t ld16, double* __restrict__ row_loss,
                               Totals* __restrict__ totals) {
   static_assert(!kBf16 || V == 4, "BF16 gradients in groups of 4 (8-byte stores)");
+  static_assert(!kIn16 || kBf16, "BF16 logits give BF16 gradients");
   __shared__ MaxSum scratch[kMaxWarps];
   const int64_t r = blockIdx.x, groups = vocab / V, label = labels[r];
-  const float* z = logits + r * vocab;
+  const void* z = kIn16 ? static_cast<const void*>(static_cast<const uint16_t*>(logits) + r * vocab)
+                        : static_cast<const void*>(static_cast<const float*>(logits) + r * vocab);
   float* dz = dlogits && !kBf16 ? static_cast<float*>(dlogits) + r * vocab : nullptr;
   uint2* dz16 = dlogits && kBf16 ? reinterpret_cast<uint2*>(static_cast<uint16_t*>(dlogits) + r * ld16) : nullptr;
   if (label < 0 || label >= vocab) {  // uniform across the block
@@ -102,7 +120,7 @@ __global__ void __launch_bounds__(kRowThreads)
     float vs[kUnroll][V];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
-      if (j0 + u * stride < groups) load<V>(z, j0 + u * stride, vs[u]);
+      if (j0 + u * stride < groups) load_logits<V, kIn16>(z, j0 + u * stride, vs[u]);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (j0 + u * stride >= groups) break;
@@ -126,7 +144,10 @@ __global__ void __launch_bounds__(kRowThreads)
       }
     }
   }
-  const float z_label = threadIdx.x == 0 ? z[label] : 0.0f;  // before the barrier: in place, dz[label] follows it
+  // Before the barrier: in place, dz[label] follows it.
+  const float z_label = threadIdx.x != 0 ? 0.0f
+                        : kIn16      ? widen_bf16(static_cast<const uint16_t*>(z)[label])
+                                     : static_cast<const float*>(z)[label];
   const MaxSum row = block_merge(st, scratch);
   if (threadIdx.x == 0)
     row_loss[r] = static_cast<double>(row.m) + log(static_cast<double>(row.s)) - static_cast<double>(z_label);
@@ -137,7 +158,7 @@ __global__ void __launch_bounds__(kRowThreads)
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t j = j0 + u * stride;
       if (j >= groups) break;
-      load<V>(z, j, vs[u]);
+      load_logits<V, kIn16>(z, j, vs[u]);
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
@@ -194,10 +215,11 @@ __global__ void __launch_bounds__(kSumThreads)
   }
 }
 
-// cross_entropy with the gradient in FP32 (dlogits) or BF16 (dlogits16, ld16; callers check the layout).
-double cross_entropy_with(const char* fn, const float* logits, const int64_t* labels, int64_t rows, int64_t vocab,
-                          float grad_scale, float* dlogits, uint16_t* dlogits16, int64_t ld16, int64_t* counted,
-                          cudaStream_t stream) {
+// cross_entropy with the gradient in FP32 (dlogits) or BF16 (dlogits16, ld16; callers check the layout), from FP32
+// logits or (logits16) BF16 ones (then dlogits null).
+double cross_entropy_with(const char* fn, const float* logits, const uint16_t* logits16, const int64_t* labels,
+                          int64_t rows, int64_t vocab, float grad_scale, float* dlogits, uint16_t* dlogits16,
+                          int64_t ld16, int64_t* counted, cudaStream_t stream) {
   require(rows >= 0 && vocab > 0, [&] {
     return std::string("cuda::") + fn + ": rows must be >= 0 and vocab > 0, got " + std::to_string(rows) + " x " +
            std::to_string(vocab);
@@ -208,7 +230,7 @@ double cross_entropy_with(const char* fn, const float* logits, const int64_t* la
     if (counted) *counted = 0;
     return 0.0;
   }
-  require(logits && labels, [&] { return std::string("cuda::") + fn + ": null logits or labels"; });
+  require((logits || logits16) && labels, [&] { return std::string("cuda::") + fn + ": null logits or labels"; });
 
   const size_t loss_bytes = ops_detail::align256(sizeof(double) * rows);
   ops_detail::StreamScratch scratch(loss_bytes + sizeof(Totals), stream);
@@ -216,18 +238,22 @@ double cross_entropy_with(const char* fn, const float* logits, const int64_t* la
   Totals* totals = scratch.at<Totals>(loss_bytes);
   CUDA_CHECK(cudaMemsetAsync(totals, 0xFF, sizeof(Totals), stream));  // bad_row = kNoBadRow; the rest is written
 
-  const bool vec = vocab % 4 == 0 && ops_detail::aligned(logits, 16) && (!dlogits || ops_detail::aligned(dlogits, 16));
+  const bool vec = vocab % 4 == 0 && (logits16 || ops_detail::aligned(logits, 16)) &&
+                   (!dlogits || ops_detail::aligned(dlogits, 16));
   const int64_t groups = vec ? vocab / 4 : vocab;
   const int64_t warps = (groups + kWarp - 1) / kWarp;
   const int threads = static_cast<int>(warps * kWarp > kRowThreads ? kRowThreads : warps * kWarp);
-  if (dlogits16 != nullptr) {
-    cross_entropy_rows_kernel<4, true><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+  if (logits16 != nullptr) {
+    cross_entropy_rows_kernel<4, true, true><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+        logits16, labels, vocab, grad_scale, dlogits16, ld16, row_loss, totals);
+  } else if (dlogits16 != nullptr) {
+    cross_entropy_rows_kernel<4, true, false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
         logits, labels, vocab, grad_scale, dlogits16, ld16, row_loss, totals);
   } else if (vec) {
-    cross_entropy_rows_kernel<4, false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+    cross_entropy_rows_kernel<4, false, false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
         logits, labels, vocab, grad_scale, dlogits, 0, row_loss, totals);
   } else {
-    cross_entropy_rows_kernel<1, false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
+    cross_entropy_rows_kernel<1, false, false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
         logits, labels, vocab, grad_scale, dlogits, 0, row_loss, totals);
   }
   CUDA_CHECK_LAUNCH();
@@ -251,8 +277,8 @@ double cross_entropy_with(const char* fn, const float* logits, const int64_t* la
 
 double cross_entropy(const float* logits, const int64_t* labels, int64_t rows, int64_t vocab, float grad_scale,
                      float* dlogits, int64_t* counted, cudaStream_t stream) {
-  return cross_entropy_with("cross_entropy", logits, labels, rows, vocab, grad_scale, dlogits, nullptr, 0, counted,
-                            stream);
+  return cross_entropy_with("cross_entropy", logits, nullptr, labels, rows, vocab, grad_scale, dlogits, nullptr, 0,
+                            counted, stream);
 }
 
 bool cross_entropy_bf16_grad_supported(const float* logits, int64_t vocab, const uint16_t* dlogits16, int64_t ld16) {
@@ -274,8 +300,19 @@ double cross_entropy_bf16_grad(const float* logits, const int64_t* labels, int64
            "gradient over its own logits), got " +
            std::to_string(ld16);
   });
-  return cross_entropy_with("cross_entropy_bf16_grad", logits, labels, rows, vocab, grad_scale, nullptr, dlogits16,
-                            ld16, counted, stream);
+  return cross_entropy_with("cross_entropy_bf16_grad", logits, nullptr, labels, rows, vocab, grad_scale, nullptr,
+                            dlogits16, ld16, counted, stream);
+}
+
+double cross_entropy_bf16_logits(const uint16_t* logits16, const int64_t* labels, int64_t rows, int64_t vocab,
+                                 float grad_scale, uint16_t* dlogits16, int64_t* counted, cudaStream_t stream) {
+  require(vocab % 4 == 0 && ops_detail::aligned(logits16, 16) && ops_detail::aligned(dlogits16, 16), [&] {
+    return "cuda::cross_entropy_bf16_logits: needs vocab a multiple of 4 and 16-byte aligned logits16 and dlogits16, "
+           "got vocab " +
+           std::to_string(vocab);
+  });
+  return cross_entropy_with("cross_entropy_bf16_logits", nullptr, logits16, labels, rows, vocab, grad_scale, nullptr,
+                            dlogits16, vocab, counted, stream);
 }
 
 }  // namespace moerl::cuda

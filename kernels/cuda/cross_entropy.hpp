@@ -36,4 +36,11 @@ double cross_entropy_bf16_grad(const float* logits, const int64_t* labels, int64
                                float grad_scale, uint16_t* dlogits16, int64_t ld16, int64_t* counted,
                                cudaStream_t stream = nullptr);
 
+// The same from BF16 logits16 [rows, vocab] (bit patterns, a BF16 head's output): the loss and BF16 gradient of
+// their widened values, the bits cross_entropy_bf16_grad gives from those values in FP32. dlogits16 [rows, vocab]
+// (optional) may be logits16 itself. Needs vocab a multiple of 4 and 16-byte aligned pointers; throws otherwise.
+double cross_entropy_bf16_logits(const uint16_t* logits16, const int64_t* labels, int64_t rows, int64_t vocab,
+                                 float grad_scale, uint16_t* dlogits16, int64_t* counted,
+                                 cudaStream_t stream = nullptr);
+
 }  // namespace moerl::cuda

@@ -25,6 +25,7 @@ struct PlanKey {
   bool trans_a, trans_b;
   int64_t m, n, k, lda, ldb, ldc;
   LtInput input;
+  bool out_bf16;  // C (= D) in BF16 instead of FP32 (beta 0 only)
   uint32_t align_a, align_b, align_c;
   bool exact_m;  // false: m is a bucket (m_bucket) shared by nearby row counts
   auto operator<=>(const PlanKey&) const = default;
@@ -92,7 +93,7 @@ std::string problem_name(const PlanKey& k) {
   return std::string(k.input == LtInput::BF16 ? "BF16" : "FP32") + " GEMM M=" + std::to_string(k.m) +
          ", N=" + std::to_string(k.n) + ", K=" + std::to_string(k.k) + (k.trans_a ? ", A transposed" : "") +
          (k.trans_b ? ", B transposed" : "") + " (lda " + std::to_string(k.lda) + ", ldb " + std::to_string(k.ldb) +
-         ", ldc " + std::to_string(k.ldc) + ", FP32 out)";
+         ", ldc " + std::to_string(k.ldc) + (k.out_bf16 ? ", BF16 out)" : ", FP32 out)");
 }
 
 }  // namespace
@@ -153,7 +154,7 @@ Plan LtMatmul::Impl::make_plan(const PlanKey& k) const {
     const auto u = [](int64_t v) { return static_cast<uint64_t>(v); };
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.a, in, u(k.trans_b ? k.k : k.n), u(k.trans_b ? k.n : k.k), k.ldb));
     CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.b, in, u(k.trans_a ? k.m : k.k), u(k.trans_a ? k.k : k.m), k.lda));
-    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, CUDA_R_32F, u(k.n), u(k.m), k.ldc));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&p.c, k.out_bf16 ? CUDA_R_16BF : CUDA_R_32F, u(k.n), u(k.m), k.ldc));
 
     CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
     cuda_detail::set_lt_preference(pref, workspace_bytes, k.align_b, k.align_a, k.align_c);  // cuBLAS's A is our B
@@ -212,6 +213,18 @@ int LtMatmul::device() const { return impl_->device; }
 
 void LtMatmul::gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, LtInput input, const void* A,
                     int64_t lda, const void* B, int64_t ldb, float beta, float* C, int64_t ldc, cudaStream_t stream) {
+  run(trans_a, trans_b, M, N, K, input, A, lda, B, ldb, beta, C, false, ldc, stream);
+}
+
+void LtMatmul::gemm_bf16_out(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, LtInput input,
+                             const void* A, int64_t lda, const void* B, int64_t ldb, uint16_t* C, int64_t ldc,
+                             cudaStream_t stream) {
+  run(trans_a, trans_b, M, N, K, input, A, lda, B, ldb, 0.0f, C, true, ldc, stream);
+}
+
+void LtMatmul::run(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, LtInput input, const void* A,
+                   int64_t lda, const void* B, int64_t ldb, float beta, void* C, bool out_bf16, int64_t ldc,
+                   cudaStream_t stream) {
   Impl& m = *impl_;
   const std::string& who = m.owner;
   require(M >= 0 && N >= 0 && K >= 0, [&] {
@@ -234,9 +247,10 @@ void LtMatmul::gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
            std::to_string(device) + " is current";
   });
   if (K == 0) {  // an empty sum: cuBLASLt is not asked
+    const size_t each = out_bf16 ? sizeof(uint16_t) : sizeof(float);
     if (beta == 0.0f)
-      CUDA_CHECK(cudaMemset2DAsync(C, static_cast<size_t>(ldc) * sizeof(float), 0,
-                                   static_cast<size_t>(N) * sizeof(float), static_cast<size_t>(M), stream));
+      CUDA_CHECK(cudaMemset2DAsync(C, static_cast<size_t>(ldc) * each, 0, static_cast<size_t>(N) * each,
+                                   static_cast<size_t>(M), stream));
     return;
   }
   require(A != nullptr && B != nullptr, [&] { return who + ": null input pointer"; });
@@ -245,7 +259,7 @@ void LtMatmul::gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K,
   // The bucket's plan first (exact = false), then, should cuBLASLt refuse its algorithm at this M, the exact M's.
   cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
   PlanKey key{};
-  const PlanKey actual{trans_a, trans_b, M, N, K, lda, ldb, ldc, input, alignment_of(A, m.max_alignment),
+  const PlanKey actual{trans_a, trans_b, M, N, K, lda, ldb, ldc, input, out_bf16, alignment_of(A, m.max_alignment),
                        alignment_of(B, m.max_alignment), alignment_of(C, m.max_alignment), true};
   const bool trace = trace_budget() > 0 && traced.fetch_add(1) < trace_budget();
   using TraceClock = std::chrono::steady_clock;

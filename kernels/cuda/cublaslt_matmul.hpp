@@ -50,11 +50,17 @@ class LtMatmul {
   // current), when cuBLASLt has no algorithm, and on cuBLASLt or CUDA failures.
   void gemm(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, LtInput input, const void* A, int64_t lda,
             const void* B, int64_t ldb, float beta, float* C, int64_t ldc, cudaStream_t stream);
+  // The same with C in BF16 (bit patterns, ld ldc elements): the FP32 sums rounded to nearest even in cuBLASLt's
+  // epilogue; beta 0.
+  void gemm_bf16_out(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, LtInput input, const void* A,
+                     int64_t lda, const void* B, int64_t ldb, uint16_t* C, int64_t ldc, cudaStream_t stream);
 
   size_t cached_plans() const;
   int device() const;
 
  private:
+  void run(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, LtInput input, const void* A, int64_t lda,
+           const void* B, int64_t ldb, float beta, void* C, bool out_bf16, int64_t ldc, cudaStream_t stream);
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

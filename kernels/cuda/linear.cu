@@ -243,6 +243,26 @@ void linear_backward_bf16_dy(LinearContext& ctx, const uint16_t* dy16, int64_t l
                 accumulate_dx ? 1.0f : 0.0f, overwrite_dw ? 0.0f : 1.0f, stream);
 }
 
+void linear_forward_bf16_out(LinearContext& ctx, const float* x, const float* w, uint16_t* y16, int64_t M, int64_t N,
+                             int64_t K, cudaStream_t stream) {
+  const std::string fn = "cuda::linear_forward_bf16_out";
+  check_common(fn, Precision::BF16, M, N, K);
+  if (M == 0 || N == 0) return;
+  require(y16 != nullptr, [&] { return fn + ": null y16 (" + shape(M, N, K) + ")"; });
+  LinearContext::Impl& c = ctx.impl();
+  c.check_device(fn.c_str());
+  if (K == 0) {  // an empty sum: zeros
+    CUDA_CHECK(cudaMemsetAsync(y16, 0, static_cast<size_t>(M * N) * sizeof(uint16_t), stream));
+    return;
+  }
+  require(x != nullptr && w != nullptr, [&] { return fn + ": null x or w (" + shape(M, N, K) + ")"; });
+  StreamScratch x16(bytes16(M * K), stream);
+  to_bf16(x, M * K, x16.as<uint16_t>(), stream);
+  c.lt.gemm_bf16_out(false, true, M, N, K, LtInput::BF16, x16.as<uint16_t>(), K, c.bf16_weight(w, N, K, stream), K,
+                     y16, N, stream);
+  x16.release();
+}
+
 void linear_backward(LinearContext& ctx, Precision p, const float* dy, const float* x, const float* w, float* dx,
                      float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream, bool accumulate_dx,
                      bool overwrite_dw) {

@@ -89,6 +89,11 @@ class LinearContext {
 void linear_forward(LinearContext& ctx, Precision p, const float* x, const float* w, float* y, int64_t M,
                     int64_t N, int64_t K, cudaStream_t stream = nullptr);
 
+// linear_forward in Precision::BF16 with y16 [M, N] in BF16 (bit patterns): the FP32 sums rounded to nearest even in
+// cuBLASLt's epilogue (a BF16 output head's logits: half the bytes written, and read by the cross-entropy).
+void linear_forward_bf16_out(LinearContext& ctx, const float* x, const float* w, uint16_t* y16, int64_t M, int64_t N,
+                             int64_t K, cudaStream_t stream = nullptr);
+
 // dx[M, K] = dy[M, N] · w[N, K]   (overwritten, or with accumulate_dx added to dx; skipped when dx is null)
 // dw[N, K] += dy[M, N]ᵀ · x[M, K] (accumulated, or with overwrite_dw written whole; skipped when dw is null)
 // accumulate_dx: dx + dy · w rounded once (the GEMM's beta = 1), for layers whose input feeds several projections.

@@ -10,6 +10,7 @@
 #include "runtime/gpu/gpu_model.hpp"
 
 #include <algorithm>
+#include <bit>
 #include <cstdint>
 #include <limits>
 #include <optional>
@@ -48,6 +49,13 @@ class OwnedStream {
   cudaStream_t s_ = nullptr;
 };
 
+// The form of d loss / d logits a forward left (head_cross_entropy): FP32 [T, V], or BF16 with row stride ld over
+// the logits' storage.
+struct HeadGrad {
+  bool bf16 = false;
+  int64_t ld = 0;
+};
+
 // DeepSeek-V3 multi-token prediction, depth 1 (see model.cpp's MtpModule):
 //   z_i = eh_proj([enorm(emb(t_{i+1})) ; hnorm(h_i)]),  z'_i = layer(z_i),  logits_i = head(norm(z'_i)).
 struct Mtp {
@@ -58,7 +66,7 @@ struct Mtp {
   // logits [T, V] (overwritten by their gradient in the cross-entropy).
   int64_t *ids = nullptr, *labels = nullptr;
   float *emb = nullptr, *cat = nullptr, *z = nullptr, *zl = nullptr, *zn = nullptr, *logits = nullptr;
-  bool grad_bf16 = false;  // the last forward left the gradient in BF16 over the logits (see head_backward)
+  HeadGrad grad;  // the form the last forward left d loss / d logits in (see head_cross_entropy)
   std::vector<int64_t> host_ids, host_labels;
 
   Mtp(const ModelConfig& c, detail::ParamStore& p)
@@ -96,26 +104,52 @@ struct ArenaKey {
   bool operator==(const ArenaKey&) const = default;
 };
 
-// The head's cross-entropy and backward. A BF16 head (the bf16 and fp8 recipes) rounds d loss / d logits to BF16 for
-// both of its backward GEMMs; when the gradient overwrites the logits, the cross-entropy writes it so rounded, each
-// row over the first half of its own FP32 logits (row stride 2V): the same bits, without the backward's FP32 read
-// and BF16 copy of [T, V] (cuda::cross_entropy_bf16_grad). `grad_bf16` records which form the gradient took.
-// MOERL_HEAD_GRAD=fp32 keeps the FP32 gradient and the backward's rounding pass (for comparing on the device).
+// The head's logits [T, V] and their gradient. A BF16 head (the bf16 and fp8 recipes) writes its logits in BF16
+// (rounded once in the GEMM's epilogue, as HF transformers' BF16 head gives them) into the first half of the FP32
+// storage, and the cross-entropy reads those and writes d loss / d logits rounded to BF16 over them (row stride V):
+// half the bytes of FP32 logits written by the GEMM and read by the cross-entropy, and no second [T, V] buffer.
+// MOERL_HEAD_LOGITS=fp32 keeps FP32 logits (for comparing on the device; read once); their BF16 gradient then fills
+// each row's first half (row stride 2V), or with MOERL_HEAD_GRAD=fp32 stays FP32 and the backward rounds it.
+// On the H200 against FP32 logits, rounds interleaved: bench-600m fp8 step 290.6k / 287.2k vs 287.4k / 286.2k
+// tokens/s, the cross-entropy at 16384 x 32000 1.01 vs 1.27 ms (bench/results/2026-11-30-gpu-head-bf16-logits-h200-
+// aa5bce5+logits.txt).
+bool bf16_logits(Precision head_p, int64_t V) {
+  static const bool fp32 = env_switch("MOERL_HEAD_LOGITS", "bf16", "fp32");
+  return head_p == Precision::BF16 && !fp32 && V % 4 == 0;
+}
+
+void head_forward(cuda::LinearContext& linear, Precision head_p, const float* x, const DeviceParam& w, float* logits,
+                  int64_t T, int64_t V, int64_t D, cudaStream_t s) {
+  if (bf16_logits(head_p, V))
+    cuda::linear_forward_bf16_out(linear, x, w.value, reinterpret_cast<uint16_t*>(logits), T, V, D, s);
+  else
+    cuda::linear_forward(linear, head_p, x, w.value, logits, T, V, D, s);
+}
+
 double head_cross_entropy(Precision head_p, float* logits, const int64_t* labels, int64_t T, int64_t V, float scale,
-                          float* dlogits, int64_t* counted, bool& grad_bf16, cudaStream_t s) {
-  static const bool fp32 = env_switch("MOERL_HEAD_GRAD", "bf16", "fp32");
+                          float* dlogits, int64_t* counted, HeadGrad& grad, cudaStream_t s) {
+  static const bool fp32_grad = env_switch("MOERL_HEAD_GRAD", "bf16", "fp32");
+  grad = HeadGrad{};
+  if (bf16_logits(head_p, V)) {
+    uint16_t* d16 = reinterpret_cast<uint16_t*>(dlogits);  // over the logits, or the separate buffer's first half
+    grad = HeadGrad{true, V};
+    return cuda::cross_entropy_bf16_logits(reinterpret_cast<const uint16_t*>(logits), labels, T, V, scale, d16,
+                                           counted, s);
+  }
   uint16_t* in_place = reinterpret_cast<uint16_t*>(logits);
-  grad_bf16 = !fp32 && dlogits == logits && head_p == Precision::BF16 &&
-              cuda::cross_entropy_bf16_grad_supported(logits, V, in_place, 2 * V);
-  if (grad_bf16) return cuda::cross_entropy_bf16_grad(logits, labels, T, V, scale, in_place, 2 * V, counted, s);
+  if (!fp32_grad && dlogits == logits && head_p == Precision::BF16 &&
+      cuda::cross_entropy_bf16_grad_supported(logits, V, in_place, 2 * V)) {
+    grad = HeadGrad{true, 2 * V};
+    return cuda::cross_entropy_bf16_grad(logits, labels, T, V, scale, in_place, 2 * V, counted, s);
+  }
   return cuda::cross_entropy(logits, labels, T, V, scale, dlogits, counted, s);
 }
 
-void head_backward(cuda::LinearContext& linear, Precision head_p, const float* dlogits, bool grad_bf16,
+void head_backward(cuda::LinearContext& linear, Precision head_p, const float* dlogits, const HeadGrad& grad,
                    const float* x, const DeviceParam& w, float* dx, int64_t T, int64_t V, int64_t D, cudaStream_t s) {
   const bool overwrite = detail::take_unset(w);
-  if (grad_bf16)
-    cuda::linear_backward_bf16_dy(linear, reinterpret_cast<const uint16_t*>(dlogits), 2 * V, x, w.value, dx, w.grad,
+  if (grad.bf16)
+    cuda::linear_backward_bf16_dy(linear, reinterpret_cast<const uint16_t*>(dlogits), grad.ld, x, w.value, dx, w.grad,
                                   T, V, D, s, false, overwrite);
   else
     cuda::linear_backward(linear, head_p, dlogits, x, w.value, dx, w.grad, T, V, D, s, false, overwrite);
@@ -151,7 +185,8 @@ struct GpuModel::Impl {
   ForwardOptions options;
   bool have_forward = false;  // a forward made for backward, not yet differentiated
   bool logits_kept = false;
-  bool grad_bf16 = false;  // the last forward left d loss / d logits in BF16 over the logits (see head_backward)
+  bool logits16 = false;  // the last forward's logits are BF16 (head_forward)
+  HeadGrad grad;          // the form it left d loss / d logits in (head_cross_entropy)
 
   Impl(const ModelConfig& c, int shards) : params(c, shards) {}
 
@@ -275,7 +310,8 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
   const float* last = m.hidden.back();
   phase.emplace(o.precision, "head+ce.fwd", s);
   m.final_norm.forward(last, T, m.normed, run);
-  cuda::linear_forward(m.linear, head_p, m.normed, m.head->value, m.logits, T, V, D, s);
+  head_forward(m.linear, head_p, m.normed, *m.head, m.logits, T, V, D, s);
+  m.logits16 = bf16_logits(head_p, V);
 
   // The MTP module is enqueued before the cross-entropies wait, so the device keeps busy.
   float mtp_balance = 0.0f;
@@ -306,7 +342,7 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
     cuda::linear_forward(m.linear, o.precision, mt.cat, mt.eh_proj->value, mt.z, T, D, 2 * D, s);
     mtp_balance = mt.layer.forward(mt.z, mt.zl, run, o.balance_alpha, o.for_backward);
     mt.final_norm.forward(mt.zl, T, mt.zn, run);
-    cuda::linear_forward(m.linear, head_p, mt.zn, m.head->value, mt.logits, T, V, D, s);
+    head_forward(m.linear, head_p, mt.zn, *m.head, mt.logits, T, V, D, s);
   }
 
   // Main cross-entropy (waits for the stream). Without kept logits the gradient overwrites them in place.
@@ -315,7 +351,7 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
   const float scale = valid ? 1.0f / static_cast<float>(valid) : 0.0f;
   float* dl = !o.for_backward ? nullptr : m.dlogits ? m.dlogits : m.logits;
   int64_t counted = 0;
-  const double sum = head_cross_entropy(head_p, m.logits, m.labels, T, V, scale, dl, &counted, m.grad_bf16, s);
+  const double sum = head_cross_entropy(head_p, m.logits, m.labels, T, V, scale, dl, &counted, m.grad, s);
   r.tokens = counted;
   r.loss = counted ? sum / static_cast<double>(counted) : 0.0;
 
@@ -325,7 +361,7 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
     const float mscale = mtp_valid ? o.mtp_weight / static_cast<float>(mtp_valid) : 0.0f;
     int64_t mcounted = 0;
     const double msum = head_cross_entropy(head_p, mt.logits, mt.labels, T, V, mscale,
-                                           o.for_backward ? mt.logits : nullptr, &mcounted, mt.grad_bf16, s);
+                                           o.for_backward ? mt.logits : nullptr, &mcounted, mt.grad, s);
     r.mtp_loss = mcounted ? msum / static_cast<double>(mcounted) : 0.0;
   }
   r.total = r.loss + o.mtp_weight * r.mtp_loss + r.balance_loss;
@@ -351,8 +387,8 @@ void GpuModel::backward() {
   float* dhidden = dh_a.get();
   float* dx = dh_b.get();
   std::optional<detail::PhaseTimer> phase(std::in_place, m.options.precision, "head.bwd", s);
-  head_backward(m.linear, head_p, m.dlogits ? m.dlogits : m.logits, m.grad_bf16, m.normed, *m.head, dnormed.get(),
-                T, V, D, s);
+  head_backward(m.linear, head_p, m.dlogits ? m.dlogits : m.logits, m.grad, m.normed, *m.head, dnormed.get(), T, V,
+                D, s);
   m.final_norm.backward(dnormed.get(), last, T, dhidden, run);
   phase.reset();
 
@@ -360,7 +396,7 @@ void GpuModel::backward() {
     Mtp& mt = *m.mtp;
     Temp<float> dzn(T * D, run), dzl(T * D, run), dz(T * D, run), dcat(T * 2 * D, run), den(T * D, run),
         dhn(T * D, run), tmp(T * D, run);
-    head_backward(m.linear, head_p, mt.logits, mt.grad_bf16, mt.zn, *m.head, dzn.get(), T, V, D, s);
+    head_backward(m.linear, head_p, mt.logits, mt.grad, mt.zn, *m.head, dzn.get(), T, V, D, s);
     mt.final_norm.backward(dzn.get(), mt.zl, T, dzl.get(), run);
     mt.layer.backward(dzl.get(), dz.get(), run);
     cuda::linear_backward(m.linear, m.options.precision, dz.get(), mt.cat, mt.eh_proj->value, dcat.get(),
@@ -387,6 +423,14 @@ std::vector<float> GpuModel::logits() const {
   const Impl& m = *impl_;
   require(m.logits_kept, "logits() needs a forward pass with keep_logits");
   std::vector<float> out(static_cast<size_t>(m.key.batch * m.key.seq * config_.vocab_size));
+  if (m.logits16) {  // widened: each BF16 value exactly
+    std::vector<uint16_t> bits(out.size());
+    CUDA_CHECK(cudaMemcpyAsync(bits.data(), m.logits, bits.size() * sizeof(uint16_t), cudaMemcpyDeviceToHost,
+                               m.stream.get()));
+    CUDA_CHECK(cudaStreamSynchronize(m.stream.get()));
+    for (size_t i = 0; i < out.size(); ++i) out[i] = std::bit_cast<float>(static_cast<uint32_t>(bits[i]) << 16);
+    return out;
+  }
   CUDA_CHECK(cudaMemcpyAsync(out.data(), m.logits, out.size() * sizeof(float), cudaMemcpyDeviceToHost,
                              m.stream.get()));
   CUDA_CHECK(cudaStreamSynchronize(m.stream.get()));

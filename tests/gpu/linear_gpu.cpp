@@ -341,6 +341,33 @@ TEST_F(LinearGpu, Bf16BackwardFromARoundedGradientWithARowStrideGivesTheBf16Back
   EXPECT_THROW(cuda::linear_backward_bf16_dy(ctx, nullptr, 4, nullptr, nullptr, nullptr, nullptr, 4, 8, 16), Error);
 }
 
+TEST_F(LinearGpu, Bf16OutputForwardIsTheFp32OutputRoundedWithinOneBf16Unit) {
+  // linear_forward_bf16_out (the BF16 head's logits) against linear_forward(BF16): the same rounded operands, the
+  // FP32 sums rounded to BF16 in cuBLASLt's epilogue. Another kernel may sum in another order, so each value is the
+  // FP32 output's nearest BF16 or its neighbour (within 2^-7 relative, one BF16 unit), and almost all exactly it.
+  std::mt19937_64 rng = seeded("bf16 out");
+  cuda::LinearContext ctx;
+  for (const Shape& s : {Shape{256, 1536, 1024}, Shape{130, 40, 200}, Shape{3, 8, 0}}) {
+    const Data d(s, rng);
+    const DeviceBuffer<float> x(d.x), w(d.w);
+    DeviceBuffer<float> y(static_cast<size_t>(s.M * s.N));
+    DeviceBuffer<uint16_t> y16(static_cast<size_t>(s.M * s.N));
+    y16.poison();
+    cuda::linear_forward(ctx, Precision::BF16, x.get(), w.get(), y.get(), s.M, s.N, s.K);
+    cuda::linear_forward_bf16_out(ctx, x.get(), w.get(), y16.get(), s.M, s.N, s.K);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    const std::vector<float> want = y.download();
+    const moe_gpu_test::Bf16Rounding cmp = moe_gpu_test::compare_bf16_rounding(y16.download(), want);
+    const int64_t apart = cmp.apart, beyond = cmp.beyond;
+    std::printf("[ linear   ] %s: %lld of %zu not the FP32 output rounded, %lld beyond one BF16 unit\n",
+                describe(Precision::BF16, "bf16 out", s).c_str(), static_cast<long long>(apart), want.size(),
+                static_cast<long long>(beyond));
+    EXPECT_EQ(beyond, 0) << describe(Precision::BF16, "bf16 out", s);
+    EXPECT_LE(apart * 100, static_cast<int64_t>(want.size())) << "more than 1% rounded apart";
+  }
+  EXPECT_THROW(cuda::linear_forward_bf16_out(ctx, nullptr, nullptr, nullptr, 4, 8, 16), Error);
+}
+
 TEST_F(LinearGpu, SharedInputProjectionsGiveTheBitsOfSeparateCalls) {
   // linear_forward_shared and linear_backward_shared (x rounded or quantized once for several weights) against
   // linear_forward and linear_backward called for each weight in turn (dx written by the first, added by the second

@@ -624,13 +624,8 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     // yp in BF16: the FP32 sums rounded once (the grouped form rounds the FP32 output itself; cuBLASLt's BF16
     // epilogue may sum in another order, so within one BF16 unit, 2^-7 relative); zero rows exactly zero.
     {
-      const std::vector<uint16_t> yp16 = d_yp2.download();
-      int64_t off = 0, rounded_apart = 0;
-      for (size_t i = 0; i < yp.size(); ++i) {
-        const float got = float_from_bf16(yp16[i]);
-        off += !(std::fabs(got - yp[i]) <= std::ldexp(std::fabs(yp[i]), -7)) || (yp[i] == 0.0f && yp16[i] != 0);
-        rounded_apart += yp16[i] != bf16_from_float(yp[i]);
-      }
+      const moe_gpu_test::Bf16Rounding cmp = moe_gpu_test::compare_bf16_rounding(d_yp2.download(), yp);
+      const int64_t off = cmp.beyond, rounded_apart = cmp.apart;
       std::printf("[ moe fp8  ] %s: gathered forward's BF16 yp: %lld of %zu not the FP32 yp rounded (%lld beyond "
                   "one BF16 unit)\n", form_name, static_cast<long long>(rounded_apart), yp.size(),
                   static_cast<long long>(off));
@@ -695,14 +690,8 @@ void check_experts_against_the_cpu(int64_t I, std::mt19937_64& rng) {
     CUDA_CHECK(cudaDeviceSynchronize());
     {
       const std::vector<float> want = d_dxp4.download();
-      const std::vector<uint16_t> got16 = d_dxp5.download();
-      int64_t off = 0, rounded_apart = 0;
-      for (size_t i = 0; i < want.size(); ++i) {
-        const float got = float_from_bf16(got16[i]);
-        off += !(std::fabs(got - want[i]) <= std::ldexp(std::fabs(want[i]), -7)) ||
-               (want[i] == 0.0f && got16[i] != 0);
-        rounded_apart += got16[i] != bf16_from_float(want[i]);
-      }
+      const moe_gpu_test::Bf16Rounding cmp = moe_gpu_test::compare_bf16_rounding(d_dxp5.download(), want);
+      const int64_t off = cmp.beyond, rounded_apart = cmp.apart;
       std::printf("[ moe fp8  ] %s: combined backward's BF16 dxp: %lld of %zu not the FP32 dxp rounded (%lld beyond "
                   "one BF16 unit)\n", form_name, static_cast<long long>(rounded_apart), want.size(),
                   static_cast<long long>(off));

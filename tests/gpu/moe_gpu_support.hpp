@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/half.hpp"
 #include "runtime/error.hpp"
 #include "tests/gpu/gpu_test_support.hpp"
 
@@ -47,5 +48,21 @@ inline std::vector<float> normal_values(size_t n, float stddev, std::mt19937_64&
 }
 
 using gpu_test::median_ms;
+
+// BF16 outputs `got` against the FP32 values `want` another kernel gave for the same sums (a BF16 epilogue may sum
+// in another order): `apart` counts the values that are not want's nearest BF16, `beyond` those farther than one
+// BF16 unit (2^-7 relative), NaN, or not +0 where want is zero.
+struct Bf16Rounding {
+  int64_t apart = 0, beyond = 0;
+};
+inline Bf16Rounding compare_bf16_rounding(const std::vector<uint16_t>& got, const std::vector<float>& want) {
+  Bf16Rounding r;
+  for (size_t i = 0; i < want.size(); ++i) {
+    const float g = float_from_bf16(got[i]);
+    r.beyond += !(std::fabs(g - want[i]) <= std::ldexp(std::fabs(want[i]), -7)) || (want[i] == 0.0f && got[i] != 0);
+    r.apart += got[i] != bf16_from_float(want[i]);
+  }
+  return r;
+}
 
 }  // namespace moerl::moe_gpu_test

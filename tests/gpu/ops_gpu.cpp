@@ -402,6 +402,39 @@ TEST_F(OpsGpu, CrossEntropyMatchesTheCpuLossAndGradientAndRefusesBadLabels) {
       EXPECT_THROW(cuda::cross_entropy_bf16_grad(d_dlogits.get(), d_labels.get(), c.rows, c.vocab, grad_scale,
                                                  in_place, c.vocab, nullptr),
                    Error);  // in place with rows overlapping the next rows' logits
+
+      // BF16 logits (a BF16 head's output): the loss and BF16 gradient of their widened values, bit for bit what
+      // the FP32 form gives from those widened values, into a separate buffer and in place over the logits (row
+      // stride vocab); without a gradient the same loss.
+      std::vector<uint16_t> logits16(n);
+      std::vector<float> widened(n);
+      for (size_t i = 0; i < n; ++i) {
+        logits16[i] = bf16_from_float(logits[i]);
+        widened[i] = float_from_bf16(logits16[i]);
+      }
+      DeviceBuffer<float> d_widened(widened);
+      DeviceBuffer<uint16_t> d_l16(logits16), d_want(n), d_sep(n);
+      d_sep.poison();
+      const double w_loss = cuda::cross_entropy_bf16_grad(d_widened.get(), d_labels.get(), c.rows, c.vocab,
+                                                          grad_scale, d_want.get(), c.vocab, nullptr);
+      const std::vector<uint16_t> want_w = d_want.download(n);
+      int64_t c16 = -1;
+      EXPECT_EQ(cuda::cross_entropy_bf16_logits(d_l16.get(), d_labels.get(), c.rows, c.vocab, grad_scale,
+                                                d_sep.get(), &c16),
+                w_loss);
+      EXPECT_EQ(c16, counted);
+      expect_same_bits(name + " bf16 logits, dlogits", d_sep.download(n), want_w);
+      EXPECT_EQ(cuda::cross_entropy_bf16_logits(d_l16.get(), d_labels.get(), c.rows, c.vocab, grad_scale, nullptr,
+                                                nullptr),
+                w_loss);
+      EXPECT_EQ(cuda::cross_entropy_bf16_logits(d_l16.get(), d_labels.get(), c.rows, c.vocab, grad_scale,
+                                                d_l16.get(), nullptr),
+                w_loss);
+      expect_same_bits(name + " bf16 logits, dlogits in place", d_l16.download(n), want_w);
+      // Against the CPU on the widened logits: the FP32 path's tolerance (above) plus BF16's rounding of dlogits.
+      const double w_cpu = cpu::cross_entropy(widened.data(), labels.data(), c.rows, c.vocab, grad_scale, nullptr,
+                                              nullptr);
+      EXPECT_LE(std::fabs(w_loss - w_cpu), 1e-5 * std::fabs(w_cpu)) << "bf16 logits loss vs the CPU's";
     } else {
       DeviceBuffer<uint16_t> d_g16(n);
       EXPECT_THROW(cuda::cross_entropy_bf16_grad(d_logits.get(), d_labels.get(), c.rows, c.vocab, grad_scale,
@@ -620,6 +653,12 @@ TEST_F(OpsGpu, ReportsBandwidthOnModelSizes) {
       cuda::cross_entropy_bf16_grad(logits.get(), labels.get(), kRows, vocab, 1.0f, in_place, 2 * vocab, nullptr);
     });
     print_bandwidth("cross_entropy 16384x32000 BF16 gradient in place (incl. the sync)", us16, 6.0 * n);
+    // The model's form with a BF16 head: BF16 logits read, their BF16 gradient written over them.
+    auto* logits16 = reinterpret_cast<uint16_t*>(logits.get());
+    const double us_l16 = median_us([&] {
+      cuda::cross_entropy_bf16_logits(logits16, labels.get(), kRows, vocab, 1.0f, logits16, nullptr);
+    });
+    print_bandwidth("cross_entropy 16384x32000 BF16 logits, BF16 gradient in place (incl. the sync)", us_l16, 4.0 * n);
   }
   {
     const int64_t n = 100'000'000;
