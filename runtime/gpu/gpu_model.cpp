@@ -79,7 +79,7 @@ struct Mtp {
     enorm.eps = hnorm.eps = final_norm.eps = static_cast<float>(c.rms_norm_eps);
   }
 
-  void bind(Slab& s, int64_t batch, int64_t seq, int64_t D, int64_t V) {
+  void bind(Slab& s, int64_t batch, int64_t seq, int64_t D, int64_t V, int64_t logit_floats) {
     const int64_t T = batch * seq;
     ids = s.take<int64_t>(T);
     labels = s.take<int64_t>(T);
@@ -88,7 +88,7 @@ struct Mtp {
     z = s.take<float>(T * D);
     zl = s.take<float>(T * D);
     zn = s.take<float>(T * D);
-    logits = s.take<float>(T * V);
+    logits = s.take<float>(logit_floats);
     enorm.bind(s, T);
     hnorm.bind(s, T);
     final_norm.bind(s, T);
@@ -101,6 +101,7 @@ struct ArenaKey {
   int64_t batch = 0, seq = 0;
   bool mtp = false;               // the MTP module runs (its activations are bound)
   bool separate_dlogits = false;  // keep_logits with for_backward: d loss / d logits cannot overwrite the logits
+  bool logits16 = false;          // BF16 logits and gradient (head_forward): half the bytes of FP32 ones
   bool operator==(const ArenaKey&) const = default;
 };
 
@@ -185,8 +186,7 @@ struct GpuModel::Impl {
   ForwardOptions options;
   bool have_forward = false;  // a forward made for backward, not yet differentiated
   bool logits_kept = false;
-  bool logits16 = false;  // the last forward's logits are BF16 (head_forward)
-  HeadGrad grad;          // the form it left d loss / d logits in (head_cross_entropy)
+  HeadGrad grad;  // the form the last forward left d loss / d logits in (head_cross_entropy)
 
   Impl(const ModelConfig& c, int shards) : params(c, shards) {}
 
@@ -199,11 +199,12 @@ struct GpuModel::Impl {
     hidden.assign(layers.size() + 1, nullptr);
     for (float*& h : hidden) h = s.take<float>(T * D);
     normed = s.take<float>(T * D);
-    logits = s.take<float>(T * V);
-    dlogits = k.separate_dlogits ? s.take<float>(T * V) : nullptr;
+    const int64_t logit_floats = k.logits16 ? (T * V + 1) / 2 : T * V;  // [T, V] in BF16 or FP32
+    logits = s.take<float>(logit_floats);
+    dlogits = k.separate_dlogits ? s.take<float>(logit_floats) : nullptr;
     final_norm.bind(s, T);
     for (auto& l : layers) l->bind(s, k.batch, k.seq);
-    if (k.mtp) mtp->bind(s, k.batch, k.seq, D, V);
+    if (k.mtp) mtp->bind(s, k.batch, k.seq, D, V, logit_floats);
   }
 
   void ensure_bound(const ArenaKey& k, const ModelConfig& c) {
@@ -289,12 +290,12 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
   const bool run_mtp = m.mtp && o.mtp_weight > 0;
   m.have_forward = false;
   m.logits_kept = false;
-  m.ensure_bound({b.batch, b.seq, run_mtp, o.keep_logits && o.for_backward}, c);
+  // DeepSeek-V3 keeps the output head in higher precision: FP32 in the fp32 recipe, BF16 operands otherwise.
+  const Precision head_p = o.precision == Precision::FP32 ? Precision::FP32 : Precision::BF16;
+  m.ensure_bound({b.batch, b.seq, run_mtp, o.keep_logits && o.for_backward, bf16_logits(head_p, V)}, c);
   m.options = o;
   const cudaStream_t s = m.stream.get();
   const Run run{s, &m.linear, o.precision, m.poison};
-  // DeepSeek-V3 keeps the output head in higher precision: FP32 in the fp32 recipe, BF16 operands otherwise.
-  const Precision head_p = o.precision == Precision::FP32 ? Precision::FP32 : Precision::BF16;
   const size_t id_bytes = static_cast<size_t>(T) * sizeof(int64_t);
   // From pageable memory: staged before the calls return.
   CUDA_CHECK(cudaMemcpyAsync(m.ids, b.input_ids, id_bytes, cudaMemcpyHostToDevice, s));
@@ -311,7 +312,6 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
   phase.emplace(o.precision, "head+ce.fwd", s);
   m.final_norm.forward(last, T, m.normed, run);
   head_forward(m.linear, head_p, m.normed, *m.head, m.logits, T, V, D, s);
-  m.logits16 = bf16_logits(head_p, V);
 
   // The MTP module is enqueued before the cross-entropies wait, so the device keeps busy.
   float mtp_balance = 0.0f;
@@ -423,7 +423,7 @@ std::vector<float> GpuModel::logits() const {
   const Impl& m = *impl_;
   require(m.logits_kept, "logits() needs a forward pass with keep_logits");
   std::vector<float> out(static_cast<size_t>(m.key.batch * m.key.seq * config_.vocab_size));
-  if (m.logits16) {  // widened: each BF16 value exactly
+  if (m.key.logits16) {  // widened: each BF16 value exactly
     std::vector<uint16_t> bits(out.size());
     CUDA_CHECK(cudaMemcpyAsync(bits.data(), m.logits, bits.size() * sizeof(uint16_t), cudaMemcpyDeviceToHost,
                                m.stream.get()));
