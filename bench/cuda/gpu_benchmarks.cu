@@ -145,6 +145,10 @@ void check_bf16_output(const void* y, int64_t elements, const std::string& what)
   require(nonzero, what + ": output is all zeros");
 }
 
+// One block-scaled FP8 GEMM at M x N x K, over several input sets (L2 not warm). With MOERL_LT_FP8_SEARCH=1 also every
+// cuBLASLt configuration of it on one input set (fp8::cuda::search_gemm_configs), the fastest 10 and the plan's on
+// stderr: at 8192^3 none beat the heuristic's plan (the best 1263 TFLOP/s in the search's own timing, the plan 1338 in
+// the bench's; bench/results/2026-11-30-gpu-head-ce-chunks-h200-bba286b+chunks.txt).
 void bench_fp8_gemm(Report& report, const std::string& device, const cudaDeviceProp& prop, cudaStream_t stream,
                     int64_t M, int64_t N, int64_t K, const std::string& metric) {
   namespace fc = fp8::cuda;
@@ -178,6 +182,16 @@ void bench_fp8_gemm(Report& report, const std::string& device, const cudaDeviceP
                 fc::OutType::BF16, stream);
   });
   check_bf16_output(y.as<void>(), M * N, metric);
+  if (std::getenv("MOERL_LT_FP8_SEARCH") != nullptr) {  // every cuBLASLt configuration, as bench_fp8_expert_gemms
+    const std::vector<fc::GemmConfigTiming> all =
+        fc::search_gemm_configs(ctx, xs[0], ws[0], y.as<void>(), fc::OutType::BF16, false, stream, 9);
+    const double flop = 2.0 * static_cast<double>(M) * N * K;
+    std::fprintf(stderr, "lt-fp8-search %s: %zu configurations\n", metric.c_str(), all.size());
+    for (size_t i = 0; i < all.size(); ++i)
+      if (i < 10 || all[i].planned)
+        std::fprintf(stderr, "  #%zu %s%s: %.4f ms, %.0f TFLOP/s\n", i, all[i].config.c_str(),
+                     all[i].planned ? " (plan)" : "", all[i].ms, flop / (all[i].ms * 1e-3) / 1e12);
+  }
   nlohmann::json extra = timing_extra(device, ms);
   extra["shape"] = {M, N, K};
   extra["input_sets"] = sets;

@@ -79,7 +79,7 @@ struct Mtp {
     enorm.eps = hnorm.eps = final_norm.eps = static_cast<float>(c.rms_norm_eps);
   }
 
-  void bind(Slab& s, int64_t batch, int64_t seq, int64_t D, int64_t V, int64_t logit_floats) {
+  void bind(Slab& s, int64_t batch, int64_t seq, int64_t D, int64_t logit_floats) {
     const int64_t T = batch * seq;
     ids = s.take<int64_t>(T);
     labels = s.take<int64_t>(T);
@@ -114,6 +114,9 @@ struct ArenaKey {
 // On the H200 against FP32 logits, rounds interleaved: bench-600m fp8 step 290.6k / 287.2k vs 287.4k / 286.2k
 // tokens/s, the cross-entropy at 16384 x 32000 1.01 vs 1.27 ms (bench/results/2026-11-30-gpu-head-bf16-logits-h200-
 // aa5bce5+logits.txt).
+// Tried and removed: the head's GEMM and this cross-entropy in 4 or 8 row chunks, each chunk's cross-entropy on a
+// side stream while the next chunk's GEMM ran: bit-identical, no faster (fp8 284.8k / 284.0k with 4 chunks, 287.1k /
+// 288.1k with 8, 289.6k / 284.0k with one; bench/results/2026-11-30-gpu-head-ce-chunks-h200-bba286b+chunks.txt).
 bool bf16_logits(Precision head_p, int64_t V) {
   static const bool fp32 = env_switch("MOERL_HEAD_LOGITS", "bf16", "fp32");
   return head_p == Precision::BF16 && !fp32 && V % 4 == 0;
@@ -204,7 +207,7 @@ struct GpuModel::Impl {
     dlogits = k.separate_dlogits ? s.take<float>(logit_floats) : nullptr;
     final_norm.bind(s, T);
     for (auto& l : layers) l->bind(s, k.batch, k.seq);
-    if (k.mtp) mtp->bind(s, k.batch, k.seq, D, V, logit_floats);
+    if (k.mtp) mtp->bind(s, k.batch, k.seq, D, logit_floats);
   }
 
   void ensure_bound(const ArenaKey& k, const ModelConfig& c) {
