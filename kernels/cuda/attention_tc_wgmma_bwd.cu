@@ -52,6 +52,24 @@ __device__ __forceinline__ void a_frags(uint32_t (&a)[4][4], const float (&x)[8]
 
 // Shared layout of the dK/dV kernel (bytes from the 1024-aligned base): own K (2 panels of 128 rows), own V, two
 // stages of streamed tiles, then two stages of 64 (lse·log2e, D) pairs.
+// The two score-side products of a 64-row block against a streamed 64-row tile, both K-major in shared memory:
+// s = A · Bᵀ over dqk 96 (A's columns 64 .. 95 `a_hi` bytes after its first 64, B's 64 rows of 128 bytes later) and
+// dp = C · Dᵀ over dv 64, waited for.
+__device__ __forceinline__ void score_products(float (&s)[8][4], float (&dp)[8][4], uint32_t a, uint32_t a_hi,
+                                               uint32_t b, uint32_t c, uint32_t d) {
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) wgmma_ss(s, desc128(a) + 2 * ks, desc128(b) + 2 * ks, ks > 0);
+#pragma unroll
+  for (int ks = 0; ks < 2; ++ks) wgmma_ss(s, desc128(a + a_hi) + 2 * ks, desc128(b + 64 * kRowBytes) + 2 * ks, 1);
+#pragma unroll
+  for (int ks = 0; ks < 4; ++ks) wgmma_ss(dp, desc128(c) + 2 * ks, desc128(d) + 2 * ks, ks > 0);
+  wgmma_commit();
+  wgmma_wait_all();
+  fence_frag(s);
+  fence_frag(dp);
+}
+
 struct DkdvSmem {
   static constexpr int ROWS = 128;
   static constexpr int K_OWN = 2 * ROWS * kRowBytes, V_OWN = ROWS * kRowBytes;
@@ -107,18 +125,7 @@ __global__ void __launch_bounds__(256, 1) attention_dkdv_wgmma(const BackwardWgm
 
     const uint32_t sa = smem_addr(base + L::STAGES + st * L::STAGE);
     float s[8][4], dp[8][4];
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) wgmma_ss(s, desc128(k_addr) + 2 * ks, desc128(sa + L::Q) + 2 * ks, ks > 0);
-#pragma unroll
-    for (int ks = 0; ks < 2; ++ks)
-      wgmma_ss(s, desc128(k_addr + L::ROWS * kRowBytes) + 2 * ks, desc128(sa + L::Q + 64 * kRowBytes) + 2 * ks, 1);
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) wgmma_ss(dp, desc128(v_addr) + 2 * ks, desc128(sa + L::DO) + 2 * ks, ks > 0);
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_frag(s);
-    fence_frag(dp);
+    score_products(s, dp, k_addr, L::ROWS * kRowBytes, sa + L::Q, v_addr, sa + L::DO);
     // Queries before some key of the warp, or past the end of the sequence, only in these tiles.
     const bool masked = i0 < w0 + 16 || i0 + 64 > seq;
     const float* Stt = St + st * 128;
@@ -207,18 +214,7 @@ __global__ void __launch_bounds__(128 * WG, WG == 1 ? 2 : 1) attention_dq_wgmma(
 
     const uint32_t sa = smem_addr(base + L::STAGES + st * L::STAGE);
     float s[8][4], dp[8][4];
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) wgmma_ss(s, desc128(q_addr) + 2 * ks, desc128(sa + L::K) + 2 * ks, ks > 0);
-#pragma unroll
-    for (int ks = 0; ks < 2; ++ks)
-      wgmma_ss(s, desc128(q_addr + L::ROWS * kRowBytes) + 2 * ks, desc128(sa + L::K + 64 * kRowBytes) + 2 * ks, 1);
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) wgmma_ss(dp, desc128(do_addr) + 2 * ks, desc128(sa + L::V) + 2 * ks, ks > 0);
-    wgmma_commit();
-    wgmma_wait_all();
-    fence_frag(s);
-    fence_frag(dp);
+    score_products(s, dp, q_addr, L::ROWS * kRowBytes, sa + L::K, do_addr, sa + L::V);
     const bool diagonal = j0 + 63 > w0;  // keys after some row of the warp (and keys >= seq) only here
 #pragma unroll
     for (int n = 0; n < 8; ++n)
