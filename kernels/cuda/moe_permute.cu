@@ -264,6 +264,10 @@ __device__ __forceinline__ float block_sums(const float (&v)[kDots], int n, floa
 // reduction (against one row at a time, a reduction each: MoE layer 11.95 against 12.01 ms on the H200, within
 // noise; bench/results/2026-11-29-gpu-sweep-combine-h200-2f5bbac.txt). Each dot product is summed in the same order
 // either way.
+// Nor did a warp per token (8 tokens a block, no barrier): alone both run at ~4 TB/s (445 vs 437 us at T=16384, K=6,
+// H=2048), in the bench-600m step 290.6k / 291.2k / 288.4k vs 290.8k / 291.2k / 290.5k tokens/s
+// (bench/results/2026-11-30-gpu-combine-bwd-warp-h200-0879d88+warp.txt): its 130 us a layer in the step's trace is
+// its share of the GPU beside the shared expert's backward, not its own pace.
 template <class Src>
 __global__ void __launch_bounds__(kRowThreads)
     combine_backward_kernel(const float* __restrict__ dy, const Src* __restrict__ yp,
