@@ -502,6 +502,11 @@ bool seq_order() {
 // stores against 0.861 without, dQ 0.278 against 0.533 ms, bench-600m fp8 261.1-262.5k against 254.6-256.2k
 // tokens/s, bf16 183.5-185.1k against 180.2-181.5k (rounds interleaved). A first layout (dSᵀ rows of 128 bytes,
 // 4-byte stores 16 bytes a row, the dQ kernel double-buffered) gained only 0.05 ms a layer: dK/dV 1.036, dQ 0.309.
+// Again at 02897b5 (BF16 logits): backward 1.03-1.04 ms stored against 1.19-1.20 recomputing, bench-600m fp8 287.9-
+// 291.1k against 281.5-283.0k tokens/s, peak 22.99 against 22.72 GiB; the recomputing dQ kernel in blocks of 8 warps
+// (171 registers: one block an SM) 1.27 ms (bench/results/2026-11-30-gpu-attn-dq-stored-vs-recompute-h200-02897b5.txt).
+// The stored dS is a [seq, seq] triangle in device memory, which the issue's "no materialised L x L matrix" rules
+// out for the forward's scores; recompute is the form without it, 2.5% of the step slower.
 constexpr double kStoredDsLimit = 4.0 * (1 << 30);
 bool stored_dq(double ds_bytes) {
   const char* e = std::getenv("MOERL_ATTN_TC_BWD_DQ");
