@@ -505,8 +505,8 @@ bool seq_order() {
 // Again at 02897b5 (BF16 logits): backward 1.03-1.04 ms stored against 1.19-1.20 recomputing, bench-600m fp8 287.9-
 // 291.1k against 281.5-283.0k tokens/s, peak 22.99 against 22.72 GiB; the recomputing dQ kernel in blocks of 8 warps
 // (171 registers: one block an SM) 1.27 ms (bench/results/2026-11-30-gpu-attn-dq-stored-vs-recompute-h200-02897b5.txt).
-// The stored dS is a [seq, seq] triangle in device memory, which the issue's "no materialised L x L matrix" rules
-// out for the forward's scores; recompute is the form without it, 2.5% of the step slower.
+// The stored dS is half of an L x L matrix per (sequence, head) in device memory (capped at kStoredDsLimit); issue
+// 4 asks for no materialised L x L matrix, which recompute honours at 2.5% of the step.
 constexpr double kStoredDsLimit = 4.0 * (1 << 30);
 bool stored_dq(double ds_bytes) {
   const char* e = std::getenv("MOERL_ATTN_TC_BWD_DQ");
