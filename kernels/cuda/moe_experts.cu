@@ -78,10 +78,10 @@ void round_to_bf16(float* x, int64_t n, cudaStream_t stream) {
 }
 
 void zero_expert_grads(float* gate_grad, float* up_grad, float* down_grad, int64_t E, int64_t I, int64_t H,
-                       const int64_t* offsets_host, bool all, cudaStream_t stream) {
-  require(gate_grad && up_grad && down_grad && (all || offsets_host), "cuda::zero_expert_grads: null pointer");
+                       const int64_t* offsets_host, cudaStream_t stream) {
+  require(gate_grad && up_grad && down_grad && offsets_host, "cuda::zero_expert_grads: null pointer");
   const int64_t each = I * H;
-  auto empty = [&](int64_t e) { return all || offsets_host[e + 1] == offsets_host[e]; };
+  auto empty = [&](int64_t e) { return offsets_host[e + 1] == offsets_host[e]; };
   for (int64_t e = 0; e < E;) {
     if (!empty(e)) {
       ++e;

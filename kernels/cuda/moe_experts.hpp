@@ -22,12 +22,11 @@ void to_bf16(const float* x, int64_t n, uint16_t* y, cudaStream_t stream = nullp
 // x [n] FP32 rounded in place to the nearest BF16 value (as moerl::round_bf16).
 void round_to_bf16(float* x, int64_t n, cudaStream_t stream = nullptr);
 
-// The weight gradients of the experts whose rows offsets_host [E + 1] (host memory) leave empty — or of all E when
-// `all` — set to zero, one memset per weight and run of such experts: gate_grad and up_grad [E, I, H], down_grad
-// [E, H, I]. For backward passes that write each expert's gradients whole with its own GEMMs (no GEMM writes an
-// expert without rows).
+// The weight gradients of the experts whose rows offsets_host [E + 1] (host memory) leave empty set to zero, one
+// memset per weight and run of such experts: gate_grad and up_grad [E, I, H], down_grad [E, H, I]. For backward
+// passes that write each expert's gradients whole with its own GEMMs (no GEMM writes an expert without rows).
 void zero_expert_grads(float* gate_grad, float* up_grad, float* down_grad, int64_t E, int64_t I, int64_t H,
-                       const int64_t* offsets_host, bool all, cudaStream_t stream);
+                       const int64_t* offsets_host, cudaStream_t stream);
 
 // The routed experts' weights on the device as BF16 bit patterns, experts stacked:
 //   gate_up [E, 2I, H]  expert e: rows 0 .. I-1 its gate_proj.weight [I, H], rows I .. 2I-1 its up_proj.weight

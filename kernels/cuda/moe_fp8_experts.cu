@@ -546,7 +546,7 @@ void wgrad_into(fp8::cuda::GemmContext& gc, const MoeFp8Experts& w, const Operan
 
 // With w.overwrite_grads, the gradients of the experts that get no rows (no Wgrad writes them) set to zero.
 void zero_grads_without_rows(const MoeFp8Experts& w, const int64_t* aligned_host, cudaStream_t stream) {
-  zero_expert_grads(w.gate_grad, w.up_grad, w.down_grad, w.experts, w.inter, w.hidden, aligned_host, false, stream);
+  zero_expert_grads(w.gate_grad, w.up_grad, w.down_grad, w.experts, w.inter, w.hidden, aligned_host, stream);
 }
 
 // moe_fp8_experts_forward from xp, or (xp null) gathered from x [tokens, H] by token_of.

@@ -465,7 +465,7 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
     Temp<float> xp(R * H, r), dyp(R * H, r), dxp(R * H, r);
     // Gradients written whole (each expert's own calls; zeros for the experts without rows) or added to.
     const bool fresh = take_all_unset(expert_params_, r.stream);
-    if (fresh) cuda::zero_expert_grads(gate_g_, up_g_, down_g_, E, I, H, off, false, r.stream);
+    if (fresh) cuda::zero_expert_grads(gate_g_, up_g_, down_g_, E, I, H, off, r.stream);
     cuda::moe_gather(x_, token_of_, R, H, xp.get(), r.stream);
     cuda::moe_combine_backward(dy, yp_, topk_weight_, row_of_, T, K, H, dyp.get(), dweight.get(), r.stream);
     {
