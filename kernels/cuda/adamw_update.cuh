@@ -6,21 +6,17 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/ops_common.cuh"
+
 namespace moerl::cuda::adamw_detail {
+
+using ops_detail::bf16_from_float;
+using ops_detail::float_from_bf16;
 
 // The per-element FP32 constants, derived on the host in double as the CPU does.
 struct Scalars {
   float beta1, one_minus_beta1, beta2, one_minus_beta2, step_size, sqrt_bias2, eps, decay, grad_scale;
 };
-
-// kernels/half.hpp's bf16_from_float: round to nearest even, NaN kept quiet NaN.
-__device__ __forceinline__ uint16_t bf16_from_float(float x) {
-  uint32_t u = __float_as_uint(x);
-  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-__device__ __forceinline__ float float_from_bf16(uint16_t b) { return __uint_as_float(static_cast<uint32_t>(b) << 16); }
 
 // runtime/optim/adamw.cpp's loop body; _rn intrinsics keep every operation separately rounded.
 __device__ __forceinline__ void adamw_update(float& w, float g_raw, uint16_t& m, uint16_t& v, const Scalars& s) {

@@ -16,6 +16,7 @@ namespace moerl::cuda {
 namespace {
 
 using ops_detail::block_sum;
+using ops_detail::float_from_bf16;
 using ops_detail::kMaxWarps;
 using ops_detail::kWarp;
 using ops_detail::load;
@@ -62,16 +63,14 @@ __device__ __forceinline__ uint32_t bf16_pair(float a, float b) {  // cuda::to_b
          (uint32_t{__bfloat16_as_ushort(__float2bfloat16_rn(b))} << 16);
 }
 
-__device__ __forceinline__ float widen_bf16(uint32_t bits) { return __uint_as_float(bits << 16); }
-
 // Logits group j of a row: 4 or 1 FP32 values, or (kIn16) 4 BF16 ones widened (an 8-byte load).
 template <int V, bool kIn16>
 __device__ __forceinline__ void load_logits(const void* row, int64_t j, float (&v)[V]) {
   if constexpr (kIn16) {
     static_assert(V == 4, "BF16 logits in groups of 4");
     const uint2 p = static_cast<const uint2*>(row)[j];
-    v[0] = widen_bf16(p.x & 0xFFFFu), v[1] = widen_bf16(p.x >> 16), v[2] = widen_bf16(p.y & 0xFFFFu),
-    v[3] = widen_bf16(p.y >> 16);
+    v[0] = float_from_bf16(p.x & 0xFFFFu), v[1] = float_from_bf16(p.x >> 16), v[2] = float_from_bf16(p.y & 0xFFFFu),
+    v[3] = float_from_bf16(p.y >> 16);
   } else {
     load<V>(static_cast<const float*>(row), j, v);
   }
@@ -146,7 +145,7 @@ __global__ void __launch_bounds__(kRowThreads)
   }
   // Before the barrier: in place, dz[label] follows it.
   const float z_label = threadIdx.x != 0 ? 0.0f
-                        : kIn16      ? widen_bf16(static_cast<const uint16_t*>(z)[label])
+                        : kIn16      ? float_from_bf16(static_cast<const uint16_t*>(z)[label])
                                      : static_cast<const float*>(z)[label];
   const MaxSum row = block_merge(st, scratch);
   if (threadIdx.x == 0)

@@ -16,6 +16,18 @@ namespace moerl::cuda::ops_detail {
 constexpr int kWarp = 32;
 constexpr int kMaxWarps = 32;  // 1024 threads
 
+// kernels/half.hpp's BF16 conversions on the device. bf16_from_float: round to nearest even, NaN kept quiet NaN;
+// float_from_bf16: exact.
+__device__ __forceinline__ uint16_t bf16_from_float(float x) {
+  uint32_t u = __float_as_uint(x);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+__device__ __forceinline__ float float_from_bf16(uint16_t b) {
+  return __uint_as_float(static_cast<uint32_t>(b) << 16);
+}
+
 // Butterfly sum over the warp. Lanes i and i ^ o add the same two values (a + b == b + a in IEEE), so every
 // lane ends with the same bits.
 template <class T> __device__ __forceinline__ T warp_sum(T v) {
