@@ -10,13 +10,13 @@
 #include "runtime/gpu/gpu_model.hpp"
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
 #include <limits>
 #include <optional>
 
 #include "kernels/cuda/cross_entropy.hpp"
 #include "kernels/cuda/embedding.hpp"
+#include "kernels/half.hpp"
 #include "runtime/error.hpp"
 #include "runtime/gpu/gpu_layers.hpp"
 #include "runtime/gpu/gpu_profile.hpp"
@@ -122,19 +122,20 @@ bool bf16_logits(Precision head_p, int64_t V) {
   return head_p == Precision::BF16 && !fp32 && V % 4 == 0;
 }
 
-void head_forward(cuda::LinearContext& linear, Precision head_p, const float* x, const DeviceParam& w, float* logits,
-                  int64_t T, int64_t V, int64_t D, cudaStream_t s) {
-  if (bf16_logits(head_p, V))
+// logits16: bf16_logits's answer, the arena's layout (ArenaKey::logits16).
+void head_forward(cuda::LinearContext& linear, Precision head_p, bool logits16, const float* x, const DeviceParam& w,
+                  float* logits, int64_t T, int64_t V, int64_t D, cudaStream_t s) {
+  if (logits16)
     cuda::linear_forward_bf16_out(linear, x, w.value, reinterpret_cast<uint16_t*>(logits), T, V, D, s);
   else
     cuda::linear_forward(linear, head_p, x, w.value, logits, T, V, D, s);
 }
 
-double head_cross_entropy(Precision head_p, float* logits, const int64_t* labels, int64_t T, int64_t V, float scale,
-                          float* dlogits, int64_t* counted, HeadGrad& grad, cudaStream_t s) {
+double head_cross_entropy(Precision head_p, bool logits16, float* logits, const int64_t* labels, int64_t T, int64_t V,
+                          float scale, float* dlogits, int64_t* counted, HeadGrad& grad, cudaStream_t s) {
   static const bool fp32_grad = env_switch("MOERL_HEAD_GRAD", "bf16", "fp32");
   grad = HeadGrad{};
-  if (bf16_logits(head_p, V)) {
+  if (logits16) {
     uint16_t* d16 = reinterpret_cast<uint16_t*>(dlogits);  // over the logits, or the separate buffer's first half
     grad = HeadGrad{true, V};
     return cuda::cross_entropy_bf16_logits(reinterpret_cast<const uint16_t*>(logits), labels, T, V, scale, d16,
@@ -314,7 +315,7 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
   const float* last = m.hidden.back();
   phase.emplace(o.precision, "head+ce.fwd", s);
   m.final_norm.forward(last, T, m.normed, run);
-  head_forward(m.linear, head_p, m.normed, *m.head, m.logits, T, V, D, s);
+  head_forward(m.linear, head_p, m.key.logits16, m.normed, *m.head, m.logits, T, V, D, s);
 
   // The MTP module is enqueued before the cross-entropies wait, so the device keeps busy.
   float mtp_balance = 0.0f;
@@ -345,7 +346,7 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
     cuda::linear_forward(m.linear, o.precision, mt.cat, mt.eh_proj->value, mt.z, T, D, 2 * D, s);
     mtp_balance = mt.layer.forward(mt.z, mt.zl, run, o.balance_alpha, o.for_backward);
     mt.final_norm.forward(mt.zl, T, mt.zn, run);
-    head_forward(m.linear, head_p, mt.zn, *m.head, mt.logits, T, V, D, s);
+    head_forward(m.linear, head_p, m.key.logits16, mt.zn, *m.head, mt.logits, T, V, D, s);
   }
 
   // Main cross-entropy (waits for the stream). Without kept logits the gradient overwrites them in place.
@@ -354,7 +355,8 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
   const float scale = valid ? 1.0f / static_cast<float>(valid) : 0.0f;
   float* dl = !o.for_backward ? nullptr : m.dlogits ? m.dlogits : m.logits;
   int64_t counted = 0;
-  const double sum = head_cross_entropy(head_p, m.logits, m.labels, T, V, scale, dl, &counted, m.grad, s);
+  const double sum =
+      head_cross_entropy(head_p, m.key.logits16, m.logits, m.labels, T, V, scale, dl, &counted, m.grad, s);
   r.tokens = counted;
   r.loss = counted ? sum / static_cast<double>(counted) : 0.0;
 
@@ -363,7 +365,7 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
     r.balance_loss += mtp_balance;
     const float mscale = mtp_valid ? o.mtp_weight / static_cast<float>(mtp_valid) : 0.0f;
     int64_t mcounted = 0;
-    const double msum = head_cross_entropy(head_p, mt.logits, mt.labels, T, V, mscale,
+    const double msum = head_cross_entropy(head_p, m.key.logits16, mt.logits, mt.labels, T, V, mscale,
                                            o.for_backward ? mt.logits : nullptr, &mcounted, mt.grad, s);
     r.mtp_loss = mcounted ? msum / static_cast<double>(mcounted) : 0.0;
   }
@@ -431,7 +433,7 @@ std::vector<float> GpuModel::logits() const {
     CUDA_CHECK(cudaMemcpyAsync(bits.data(), m.logits, bits.size() * sizeof(uint16_t), cudaMemcpyDeviceToHost,
                                m.stream.get()));
     CUDA_CHECK(cudaStreamSynchronize(m.stream.get()));
-    for (size_t i = 0; i < out.size(); ++i) out[i] = std::bit_cast<float>(static_cast<uint32_t>(bits[i]) << 16);
+    for (size_t i = 0; i < out.size(); ++i) out[i] = float_from_bf16(bits[i]);
     return out;
   }
   CUDA_CHECK(cudaMemcpyAsync(out.data(), m.logits, out.size() * sizeof(float), cudaMemcpyDeviceToHost,
