@@ -1,7 +1,8 @@
 // `moerl bench gpu`: the CUDA kernels on the current GPU. Each metric is the median of CUDA-event-timed
 // runs after warm-up, on random data (never zeros); the JSON line's "device" is the GPU's name.
 //   gemm_fp8_8192_tflops, gemm_fp8_4096x7168x2048_tflops   fp8::cuda::gemm_nt, x 1x128 · w 128x128, BF16 out
-//   gemm_fp8_expert_<gemm>_tflops                           one expert's Fprop, Dgrad and Wgrad of moe_layer
+//   gemm_fp8_[600m_]expert[s]_<gemm>_tflops                 the experts' Fprop, Dgrad and Wgrad of moe_layer
+//                                                           (bench-600m's: 600m_), one or all on the lanes
 //   gemm_bf16_8192_tflops                                   cuBLASLt BF16 GEMM, the same layout, for comparison
 //   quant_1x128_gbps, quant_128x128_gbps,
 //   quant_1x128_transposed_gbps                             fp8::cuda::quantize_*, 8192 x 8192 FP32 in
@@ -200,14 +201,22 @@ void bench_fp8_gemm(Report& report, const std::string& device, const cudaDeviceP
   report.add("gpu", metric, 2.0 * static_cast<double>(M) * N * K / seconds / 1e12, "TFLOP/s", "median", extra);
 }
 
-// One expert's GEMMs in moe_layer's MoE layer (64 experts of ~1536 rows, hidden 2048, moe_intermediate 1408, gate |
-// up side by side): Fprop, Dgrad and Wgrad (accumulated into FP32) as kernels/cuda/moe_fp8_experts.cu calls them.
-// gemm_fp8_expert_<gemm>_tflops: one GEMM at a time on one stream (1536 rows; also 1280 and 1792 for Fprop and
-// Dgrad, `rows` in the line); gemm_fp8_experts_<gemm>_lanes_tflops: 64 experts' GEMMs (distinct operands) issued
-// round robin on 4 streams, as the layer's lanes, timed from fork to join (host issue time in the line).
-// With MOERL_LT_FP8_SEARCH=1 also every cuBLASLt configuration of each single GEMM
+// One expert's GEMMs of an MoE layer (gate | up side by side), Fprop, Dgrad and Wgrad (accumulated into FP32) as
+// kernels/cuda/moe_fp8_experts.cu calls them, at the shapes of moe_layer's layer (64 experts of ~1536 rows, hidden
+// 2048, moe_intermediate 1408; metrics gemm_fp8_expert*) and of bench-600m's (32 experts of ~2048 rows, hidden 1024,
+// moe_intermediate 704; gemm_fp8_600m_expert*). gemm_fp8_expert_<gemm>_tflops: one GEMM at a time on one stream
+// (also at 256 rows fewer and more for Fprop and Dgrad, `rows` in the line); gemm_fp8_experts_<gemm>_lanes_tflops:
+// every expert's GEMM (distinct operands) issued round robin on 4 streams, as the layer's lanes, timed from fork to
+// join (host issue time in the line). wgrad_gate_up: gate's and up's Wgrad as one GEMM (M = 2 I) against wgrad_gate
+// twice. With MOERL_LT_FP8_SEARCH=1 also every cuBLASLt configuration of each single GEMM
 // (fp8::cuda::search_gemm_configs), the fastest 8 and the plan's printed on stderr.
-void bench_fp8_expert_gemms(Report& report, const std::string& device, cudaStream_t stream) {
+struct ExpertGemmShapes {
+  const char* infix;  // metric names: gemm_fp8_<infix>expert_...
+  int64_t rows, hidden, inter, experts;
+};
+
+void bench_fp8_expert_gemms(Report& report, const std::string& device, cudaStream_t stream,
+                            const ExpertGemmShapes& layer) {
   namespace fc = fp8::cuda;
   struct Shape {
     const char* name;
@@ -216,14 +225,16 @@ void bench_fp8_expert_gemms(Report& report, const std::string& device, cudaStrea
     fc::OutType out;
     bool accumulate;
   };
-  constexpr int64_t R = 1536, H = 2048, I = 1408, kExperts = 64;
+  const int64_t R = layer.rows, H = layer.hidden, I = layer.inter, kExperts = layer.experts;
+  const std::string metric = std::string("gemm_fp8_") + layer.infix;
   constexpr int kLanes = 4;
   const Shape shapes[] = {{"fprop_gate_up", R, 2 * I, H, fp8::kTile, fc::OutType::FP32, false},
                           {"fprop_down", R, H, I, fp8::kTile, fc::OutType::BF16, false},
                           {"dgrad_down", R, I, H, fp8::kTile, fc::OutType::FP32, false},
                           {"dgrad_gate_up", R, H, 2 * I, fp8::kTile, fc::OutType::BF16, false},
                           {"wgrad_down", H, I, R, 1, fc::OutType::FP32, true},
-                          {"wgrad_gate", I, H, R, 1, fc::OutType::FP32, true}};
+                          {"wgrad_gate", I, H, R, 1, fc::OutType::FP32, true},
+                          {"wgrad_gate_up", 2 * I, H, R, 1, fc::OutType::FP32, true}};
   const bool search = std::getenv("MOERL_LT_FP8_SEARCH") != nullptr;
   fc::GemmContext contexts[kLanes];
   cudaStream_t lanes[kLanes] = {};
@@ -235,7 +246,7 @@ void bench_fp8_expert_gemms(Report& report, const std::string& device, cudaStrea
   }
   for (const Shape& sh : shapes) {
     const bool weight_b = sh.b_block == fp8::kTile;  // Fprop and Dgrad: rows vary, b is the expert's weight
-    const int64_t m_max = weight_b ? 1792 : sh.m;  // room for the largest of the rows timed
+    const int64_t m_max = weight_b ? R + 256 : sh.m;  // room for the largest of the rows timed
     const int64_t sa = fc::cublaslt_scale_count(m_max, sh.k, 1), sb = fc::cublaslt_scale_count(sh.n, sh.k, sh.b_block);
     // Every expert's operands and output, so that the lanes read and write what the layer would.
     DeviceMemory ac(static_cast<size_t>(kExperts * m_max * sh.k)), as(4 * static_cast<size_t>(kExperts * sa));
@@ -275,10 +286,10 @@ void bench_fp8_expert_gemms(Report& report, const std::string& device, cudaStrea
       extra["output"] = sh.accumulate ? "fp32 +=" : sh.out == fc::OutType::BF16 ? "bf16" : "fp32";
       report.add("gpu", metric, f / (ms[ms.size() / 2] * 1e-3) / 1e12, "TFLOP/s", "median", extra);
     };
-    for (const int64_t m : weight_b ? std::vector<int64_t>{1280, R, 1792} : std::vector<int64_t>{sh.m}) {
+    for (const int64_t m : weight_b ? std::vector<int64_t>{R - 256, R, R + 256} : std::vector<int64_t>{sh.m}) {
       const std::vector<float> ms =
           time_runs(stream, kWarmup, kRuns, [&](int i) { gemm(contexts[0], i % kExperts, m, stream); });
-      add(std::string("gemm_fp8_expert_") + sh.name + "_tflops", flops / static_cast<double>(sh.m) * m, ms,
+      add(metric + "expert_" + sh.name + "_tflops", flops / static_cast<double>(sh.m) * m, ms,
           {{"rows", m}});
     }
     double host_us = 0;
@@ -293,7 +304,7 @@ void bench_fp8_expert_gemms(Report& report, const std::string& device, cudaStrea
       }
       host_us = std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count();
     });
-    add(std::string("gemm_fp8_experts_") + sh.name + "_lanes_tflops", flops * kExperts, ms,
+    add(metric + "experts_" + sh.name + "_lanes_tflops", flops * kExperts, ms,
         {{"experts", kExperts}, {"lanes", kLanes}, {"host_issue_us", host_us}});
     if (!search) continue;
     const std::vector<fc::GemmConfigTiming> all =
@@ -488,7 +499,10 @@ void run_gpu_benchmarks(Report& report, const std::vector<std::string>& only) {
   attempt("gemm_fp8_8192", [&] { bench_fp8_gemm(report, device, prop, stream, 8192, 8192, 8192, "gemm_fp8_8192_tflops"); });
   attempt("gemm_fp8_4096x7168x2048",
           [&] { bench_fp8_gemm(report, device, prop, stream, 4096, 7168, 2048, "gemm_fp8_4096x7168x2048_tflops"); });
-  attempt("gemm_fp8_experts", [&] { bench_fp8_expert_gemms(report, device, stream); });
+  attempt("gemm_fp8_experts", [&] {
+    bench_fp8_expert_gemms(report, device, stream, {"", 1536, 2048, 1408, 64});
+    bench_fp8_expert_gemms(report, device, stream, {"600m_", 2048, 1024, 704, 32});
+  });
   attempt("gemm_bf16_8192", [&] { bench_bf16_gemm(report, device, prop, stream, 8192, 8192, 8192, "gemm_bf16_8192_tflops"); });
 #ifdef MOERL_BENCH_HAVE_GPU_QUANTIZE
   attempt("quantize", [&] { bench_quantize(report, device, stream); });

@@ -75,6 +75,11 @@ struct TileOutputs {
   // found matters, never what is written: the gathered sources order the routed experts' tiles by the tokens they
   // read, so that the top-k reads of a token meet in L2 (cuda::moe_row_tile_order).
   const int32_t* row_tile_order = nullptr;
+  // The columns as features t_col0 .. t_col0 + cols - 1 of a wider activation of t_cols (0: cols) columns: codes_t
+  // per group [t_cols, n_g] at bounds[g] · t_cols, this output's rows from t_col0; scales_t [t_cols, rows / 128]
+  // (CPU) or [rows / 128, t_cols] (cols_lt). E.g. dg and du's Wgrad operands as one [dgᵀ; duᵀ] per expert.
+  int64_t t_cols = 0, t_col0 = 0;
+  __host__ __device__ int64_t col_features() const { return t_cols != 0 ? t_cols : cols; }
   // The row strides, the packed ones where unset (a [rows, cols] view into a wider matrix sets them, e.g. the
   // gate half of SwiGLU's [rows, 2 · cols] gradient codes).
   __host__ __device__ int64_t row_codes_ld() const { return codes_ld != 0 ? codes_ld : cols; }
@@ -96,7 +101,7 @@ __device__ __forceinline__ TileGroup group_of(const TileOutputs& o, int64_t r0) 
 // [cols, out_rows] matrix at out (o.codes_t; with bounds, the packed matrix of the group holding the tile).
 __device__ __forceinline__ void transposed_destination(const TileOutputs& o, int64_t r0, const TileGroup& g,
                                                        uint8_t*& out, int64_t& out_rows, int64_t& first) {
-  out = o.codes_t + g.first * o.cols;
+  out = o.codes_t + g.first * o.col_features() + o.t_col0 * g.n;
   out_rows = g.n;
   first = r0 - g.first;
 }
@@ -116,7 +121,7 @@ __device__ __forceinline__ float* row_scale(const TileOutputs& o, int64_t r, int
 // Where the scale of column c's tile rt (rows 128 rt ..) goes.
 template <bool kLt>
 __device__ __forceinline__ float* col_scale(const TileOutputs& o, int64_t c, int64_t rt) {
-  return kLt ? o.scales_t + rt * o.cols + c : o.scales_t + c * (o.rows / kTile) + rt;
+  return kLt ? o.scales_t + rt * o.col_features() + o.t_col0 + c : o.scales_t + (o.t_col0 + c) * (o.rows / kTile) + rt;
 }
 
 // The block (rt, blockIdx.x)'s values, v[k] = x[r, c .. c + 3] at the load layout above (zeros past cols),

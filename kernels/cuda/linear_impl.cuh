@@ -106,16 +106,19 @@ namespace moerl::cuda::linear_detail {
 // The FP8 recipe (linear_fp8.cu). Sizes > 0, pointers checked by the callers; outputs as in linear.hpp.
 const PreparedFp8Weight& fp8_weight(LinearContext::Impl& ctx, const float* w, int64_t N, int64_t K,
                                     cudaStream_t stream);
-// The stacked copies of prepared_fp8_stacked_weight (N, K multiples of 16, >= 128; checked by the caller).
+// The stacked copies of prepared_fp8_stacked_weight (N, K multiples of 16, >= 128; checked by the caller); expert
+// e's weight at w + e · w_stride (0: N · K, packed).
 const PreparedFp8Stack& fp8_stacked_weight(LinearContext::Impl& ctx, const float* w, int64_t experts, int64_t N,
-                                           int64_t K, cudaStream_t stream);
+                                           int64_t K, cudaStream_t stream, int64_t w_stride = 0);
 // The routed experts' gate and up weights [experts, I, H] as one Fprop and one Dgrad operand per expert,
 // [w_gate; w_up] [2 Ip, H] and [wᵀ_gate | wᵀ_up] [H, 2 Ip] (Ip = I rounded up to 128, each half's rows or columns
 // past I zero): g | u = x · [w_gate; w_up]ᵀ is one GEMM with N = 2 Ip and dx = [dg | du] · [w_gate; w_up] one with
 // K = 2 Ip, instead of two each (the second Dgrad reading and rewriting dx). Quantized straight into place
-// (fp8::cuda::quantize_128x128_placed), so each half's bytes are fp8_stacked_weight's of that weight.
+// (fp8::cuda::quantize_128x128_placed), so each half's bytes are fp8_stacked_weight's of that weight. Expert e's
+// gate and up at gate + e · w_stride and up + e · w_stride (0: I · H).
 const PreparedFp8GateUp& fp8_stacked_gate_up(LinearContext::Impl& ctx, const float* gate, const float* up,
-                                             int64_t experts, int64_t I, int64_t H, cudaStream_t stream);
+                                             int64_t experts, int64_t I, int64_t H, cudaStream_t stream,
+                                             int64_t w_stride = 0);
 void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
                  cudaStream_t stream);
 // fp8_forward of each output, x quantized once.

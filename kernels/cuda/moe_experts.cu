@@ -78,9 +78,13 @@ void round_to_bf16(float* x, int64_t n, cudaStream_t stream) {
 }
 
 void zero_expert_grads(float* gate_grad, float* up_grad, float* down_grad, int64_t E, int64_t I, int64_t H,
-                       const int64_t* offsets_host, cudaStream_t stream) {
+                       const int64_t* offsets_host, cudaStream_t stream, int64_t gate_up_stride) {
   require(gate_grad && up_grad && down_grad && offsets_host, "cuda::zero_expert_grads: null pointer");
-  const int64_t each = I * H;
+  const int64_t each = I * H, gs = gate_up_stride != 0 ? gate_up_stride : each;
+  require(gs == each || (gs == 2 * each && up_grad == gate_grad + each), [&] {
+    return "cuda::zero_expert_grads: gate_up_stride must be I * H (stacked apart) or 2 * I * H with up_grad = "
+           "gate_grad + I * H (interleaved), got " + std::to_string(gate_up_stride);
+  });
   auto empty = [&](int64_t e) { return offsets_host[e + 1] == offsets_host[e]; };
   for (int64_t e = 0; e < E;) {
     if (!empty(e)) {
@@ -90,7 +94,12 @@ void zero_expert_grads(float* gate_grad, float* up_grad, float* down_grad, int64
     int64_t end = e + 1;
     while (end < E && empty(end)) ++end;
     const size_t bytes = static_cast<size_t>((end - e) * each) * sizeof(float);
-    for (float* g : {gate_grad, up_grad, down_grad}) CUDA_CHECK(cudaMemsetAsync(g + e * each, 0, bytes, stream));
+    if (gs == each) {
+      for (float* g : {gate_grad, up_grad}) CUDA_CHECK(cudaMemsetAsync(g + e * each, 0, bytes, stream));
+    } else {  // interleaved: the run's gate and up gradients are one range
+      CUDA_CHECK(cudaMemsetAsync(gate_grad + e * gs, 0, 2 * bytes, stream));
+    }
+    CUDA_CHECK(cudaMemsetAsync(down_grad + e * each, 0, bytes, stream));
     e = end;
   }
 }

@@ -23,10 +23,12 @@ void to_bf16(const float* x, int64_t n, uint16_t* y, cudaStream_t stream = nullp
 void round_to_bf16(float* x, int64_t n, cudaStream_t stream = nullptr);
 
 // The weight gradients of the experts whose rows offsets_host [E + 1] (host memory) leave empty set to zero, one
-// memset per weight and run of such experts: gate_grad and up_grad [E, I, H], down_grad [E, H, I]. For backward
-// passes that write each expert's gradients whole with its own GEMMs (no GEMM writes an expert without rows).
+// memset per weight and run of such experts: gate_grad and up_grad [E, I, H], down_grad [E, H, I]; with
+// gate_up_stride (elements from expert e's gate and up gradients to e + 1's; 0: I · H) 2 · I · H and up_grad =
+// gate_grad + I · H (interleaved, MoeFp8Experts::gate_up_stride), one memset per run for both. For backward passes
+// that write each expert's gradients whole with its own GEMMs (no GEMM writes an expert without rows).
 void zero_expert_grads(float* gate_grad, float* up_grad, float* down_grad, int64_t E, int64_t I, int64_t H,
-                       const int64_t* offsets_host, cudaStream_t stream);
+                       const int64_t* offsets_host, cudaStream_t stream, int64_t gate_up_stride = 0);
 
 // The routed experts' weights on the device as BF16 bit patterns, experts stacked:
 //   gate_up [E, 2I, H]  expert e: rows 0 .. I-1 its gate_proj.weight [I, H], rows I .. 2I-1 its up_proj.weight

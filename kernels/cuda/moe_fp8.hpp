@@ -130,6 +130,11 @@ struct MoeFp8Experts {
   float *gate_grad = nullptr, *up_grad = nullptr, *down_grad = nullptr;
   int64_t experts = 0, hidden = 0, inter = 0;  // E, H, I
   MoeFp8Gemm gemm = MoeFp8Gemm::Default;
+  // Elements from expert e's gate (up, and their gradients) to expert e + 1's; 0: I · H (stacked apart). ParamStore
+  // interleaves them, 2 · I · H with up = gate + I · H (and up_grad = gate_grad + I · H): expert e's [w_gate; w_up]
+  // and its gradient [2 I, H] are then one matrix each, and the lanes run gate's and up's Wgrad as one GEMM with
+  // M = 2 I (moe_fp8_wgrad_pair). down stays stacked apart, [E, H, I].
+  int64_t gate_up_stride = 0;
   // Optional, both or neither: where the forward also writes the input rows' quantization along tokens (Wgrad's
   // xᵀ: codes [rows · H] packed per expert, scales [H, rows / 128]; the same pass that quantizes them along
   // features), for the backward to read instead of quantizing the input again. Sized for the aligned rows; the
@@ -169,6 +174,13 @@ bool moe_fp8_gate_up_bf16_supported(const MoeFp8Experts& w);
 int64_t moe_fp8_gate_up_padded(int64_t inter);
 // The row stride of g and u (elements): 2 Ip with gate_up_side_by_side, else I.
 int64_t moe_fp8_gate_up_ld(const MoeFp8Experts& w);
+
+// Elements from expert e's gate to expert e + 1's (w.gate_up_stride, or I · H where unset).
+int64_t moe_fp8_gate_up_stride(const MoeFp8Experts& w);
+// Whether the backward runs gate's and up's Wgrad as one GEMM per expert: gate and up interleaved (gate_up_stride
+// 2 I H, up and up_grad I H after gate and gate_grad), the lanes form with the pair's Dgrad (gate_up_side_by_side
+// with the fused SwiGLU backward), MOERL_MOE_WGRAD not `separate`.
+bool moe_fp8_wgrad_pair(const MoeFp8Experts& w);
 
 // The GEMM form `requested` resolves to (Default read from MOERL_MOE_GEMM once per process).
 MoeFp8Gemm moe_fp8_gemm(MoeFp8Gemm requested);

@@ -35,6 +35,14 @@
 // stacks): bench-600m fp8 step 209.5k vs 203.2k tokens/s and peak 23.97 vs 24.57 GiB against MOERL_MOE_FPROP=separate
 // (which also keeps the stacks), MoE layer 12.57 vs 12.64 ms (...-sweep-fprop-pair-h200-*).
 //
+// gate and up's Wgrad as one GEMM (moe_fp8_wgrad_pair; ParamStore interleaves each expert's gate and up,
+// MoeFp8Experts::gate_up_stride): the SwiGLU backward writes dg's and du's token codes as one [dgᵀ; duᵀ] [2 I, n] per
+// expert (TileOutputs::t_cols), so [dw_gate; dw_up] = [dgᵀ; duᵀ] · xᵀᵀ is one GEMM with M = 2 I instead of two.
+// bench-600m's 32 experts on the lanes: 0.350 vs 2 x 0.241 ms (540 vs 392 TFLOP/s); on the H200 against the layout
+// stacked apart (53f0cb6), rounds interleaved: fp8 step 292.9k / 292.1k / 292.1k vs 285.2k / 290.3k / 290.0k
+// tokens/s, MoE layer 10.70-10.92 vs 11.14-11.21 ms, the same gradient bits (cuBLASLt's sums alike here;
+// bench/results/2026-11-30-gpu-wgrad-pair-h200-53f0cb6+pair.txt).
+//
 // g | u and dh in BF16 (MoeFp8Experts::gate_up_bf16, the runtime's default with the pair): gate and up's Fprop and
 // down's Dgrad write BF16 through cuBLASLt's epilogue, the SwiGLU passes read them widened (kernels/cuda/swiglu_fp8.hpp).
 // On the H200 against MOERL_MOE_GU=fp32, rounds interleaved: MoE layer 12.13 / 12.15 vs 12.48 / 12.43 ms,
@@ -342,6 +350,13 @@ bool separate_gate_up_dgrad() {
   return separate;
 }
 
+// MOERL_MOE_WGRAD=separate: gate's and up's Wgrad as two GEMMs per expert even where they are interleaved (one
+// GEMM over [dg | du]ᵀ, "pair", the default there); for comparing the two on the device. Read once.
+bool separate_gate_up_wgrad() {
+  static const bool separate = env_switch("MOERL_MOE_WGRAD", "pair", "separate");
+  return separate;
+}
+
 constexpr int kMaxLanes = 8;
 
 // How many lanes: MOERL_MOE_LANES (1 .. 8), read once per process; 4 when unset.
@@ -529,6 +544,17 @@ bool moe_fp8_gate_up_bf16_supported(const MoeFp8Experts& w) {
          !separate_swiglu_backward() && w.inter % 8 == 0;
 }
 
+int64_t moe_fp8_gate_up_stride(const MoeFp8Experts& w) {
+  return w.gate_up_stride != 0 ? w.gate_up_stride : w.inter * w.hidden;
+}
+
+bool moe_fp8_wgrad_pair(const MoeFp8Experts& w) {
+  const int64_t each = w.inter * w.hidden;
+  return w.gate_up_stride == 2 * each && w.up == w.gate + each && w.up_grad == w.gate_grad + each &&
+         moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Lanes && !separate_gate_up_dgrad() && !separate_swiglu_backward() &&
+         !separate_gate_up_wgrad();
+}
+
 int64_t moe_fp8_gate_up_ld(const MoeFp8Experts& w) {
   return w.gate_up_side_by_side ? 2 * moe_fp8_gate_up_padded(w.inter) : w.inter;
 }
@@ -546,7 +572,8 @@ void wgrad_into(fp8::cuda::GemmContext& gc, const MoeFp8Experts& w, const Operan
 
 // With w.overwrite_grads, the gradients of the experts that get no rows (no Wgrad writes them) set to zero.
 void zero_grads_without_rows(const MoeFp8Experts& w, const int64_t* aligned_host, cudaStream_t stream) {
-  zero_expert_grads(w.gate_grad, w.up_grad, w.down_grad, w.experts, w.inter, w.hidden, aligned_host, stream);
+  zero_expert_grads(w.gate_grad, w.up_grad, w.down_grad, w.experts, w.inter, w.hidden, aligned_host, stream,
+                    moe_fp8_gate_up_stride(w));
 }
 
 // moe_fp8_experts_forward from xp, or (xp null) gathered from x [tokens, H] by token_of.
@@ -572,11 +599,13 @@ void experts_forward(LinearContext& ctx, const MoeFp8Experts& w, const float* xp
   cuda_detail::PhaseSequence st = stages(E, "fwd", stream);
   st.next("weights");
   // Side by side: gate and up from the pair's copy (the backward's too); else each weight's own.
-  const PreparedFp8GateUp* gu = side ? &linear_detail::fp8_stacked_gate_up(c, w.gate, w.up, E, I, H, stream) : nullptr;
+  const int64_t gs = moe_fp8_gate_up_stride(w);
+  const PreparedFp8GateUp* gu =
+      side ? &linear_detail::fp8_stacked_gate_up(c, w.gate, w.up, E, I, H, stream, gs) : nullptr;
   PreparedFp8Stack sg{}, su{};
   if (!side) {
-    sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream);
-    su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
+    sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream, gs);
+    su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream, gs);
   }
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
   st.next("quant_x");
@@ -706,11 +735,15 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   // else two GEMMs against each weight's own.
   const bool pair = gu16 || (!grouped && !separate_gate_up_dgrad() && !separate_swiglu_backward() &&
                              swiglu_fp8_supported(rows, I, g, u, nullptr));
-  const PreparedFp8GateUp* gu = pair ? &linear_detail::fp8_stacked_gate_up(c, w.gate, w.up, E, I, H, stream) : nullptr;
+  const int64_t gs = moe_fp8_gate_up_stride(w);
+  require(!grouped || gs == I * H, "cuda::moe_fp8_experts_backward: the grouped GEMM form writes gate's and up's "
+                                   "gradients stacked apart (gate_up_stride unset)");
+  const PreparedFp8GateUp* gu =
+      pair ? &linear_detail::fp8_stacked_gate_up(c, w.gate, w.up, E, I, H, stream, gs) : nullptr;
   PreparedFp8Stack sg{}, su{};
   if (!pair) {
-    sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream);
-    su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream);
+    sg = linear_detail::fp8_stacked_weight(c, w.gate, E, I, H, stream, gs);
+    su = linear_detail::fp8_stacked_weight(c, w.up, E, I, H, stream, gs);
   }
   const PreparedFp8Stack sd = linear_detail::fp8_stacked_weight(c, w.down, E, H, I, stream);
   st.next("quant_dy_both_h_tokens");
@@ -773,18 +806,24 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
   RowsFp8 dgq(nullptr, rows, pair ? 2 * Ip : I, aligned, E, lt, stream);  // pair: [dg | du]
   std::optional<RowsFp8> duq_apart;
   if (!pair) duq_apart.emplace(nullptr, rows, I, aligned, E, lt, stream);
-  TokensFp8 dgt(nullptr, rows, I, aligned, E, lt, stream);
-  TokensFp8 dut(nullptr, rows, I, aligned, E, lt, stream);
+  // With wgrad_pair the tokens' codes of dg and du as those of one [rows, 2 I] activation [dg | du]: each expert's
+  // [dgᵀ; duᵀ] [2 I, n] (du's features from I), for one Wgrad GEMM into [dw_gate; dw_up]. The same codes and scales
+  // as apart (a column's 1x128 tiles run along tokens).
+  const bool wgrad_pair = pair && moe_fp8_wgrad_pair(w);
+  TokensFp8 dgt(nullptr, rows, wgrad_pair ? 2 * I : I, aligned, E, lt, stream);  // wgrad_pair: [dg | du]
+  std::optional<TokensFp8> dut_apart;
+  if (!wgrad_pair) dut_apart.emplace(nullptr, rows, I, aligned, E, lt, stream);
+  TokensFp8& dut = wgrad_pair ? dgt : *dut_apart;
   if (pair) {
     const int64_t ld = 2 * Ip, scales_ld = 2 * tiles(I);
     // Scales straight in the GEMM's layout (du's tiles after dg's: scales_col0); the zero columns after each half's
     // I written by the kernel (zero_pad: two memsets of [rows, Ip - I] fewer a call where Ip != I; bench-600m's
     // fp8 step 249.2-252.6k against 247.2-247.8k tokens/s on the H200,
     // bench/results/2026-11-30-gpu-zero-pad-h200-8370360.txt).
-    const Fp8Dual dg_out{dgq.codes(), dgq.gemm_scales(), dgt.codes(), dgt.gemm_scales(), ld, scales_ld, lt, lt, 0,
-                         true};
-    const Fp8Dual du_out{dgq.codes() + Ip, dgq.gemm_scales(), dut.codes(), dut.gemm_scales(), ld, scales_ld, lt, lt,
-                         tiles(I), true};
+    Fp8Dual dg_out{dgq.codes(), dgq.gemm_scales(), dgt.codes(), dgt.gemm_scales(), ld, scales_ld, lt, lt, 0, true};
+    Fp8Dual du_out{dgq.codes() + Ip, dgq.gemm_scales(), dut.codes(), dut.gemm_scales(), ld, scales_ld, lt, lt,
+                   tiles(I), true};
+    if (wgrad_pair) dg_out.t_cols = du_out.t_cols = 2 * I, du_out.t_col0 = I;
     if (gu16)
       swiglu_backward_quantize_dual_both(dh16, w.gate_up_bf16, w.gate_up_bf16 + gld / 2, rows, I, gld, aligned, E,
                                          dg_out, du_out, stream);
@@ -855,8 +894,8 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     };
     auto wgrad = [&](int64_t e, int64_t r0, int64_t n, cudaStream_t s, fp8::cuda::GemmContext& gc) {
       const Operand x = xt.expert(r0, n);
-      wgrad_into(gc, w, dgt.expert(r0, n), x, w.gate_grad + e * I * H, s);
-      wgrad_into(gc, w, dut.expert(r0, n), x, w.up_grad + e * I * H, s);
+      wgrad_into(gc, w, dgt.expert(r0, n), x, w.gate_grad + e * gs, s);  // wgrad_pair: [dw_gate; dw_up] [2 I, H]
+      if (!wgrad_pair) wgrad_into(gc, w, dut.expert(r0, n), x, w.up_grad + e * gs, s);
     };
     run_dgrad_wgrad(st, "gemm_gate_up_wgrad", aligned_host, E, stream, dgrad, wgrad);
   }
@@ -865,7 +904,7 @@ void experts_backward(LinearContext& ctx, const MoeFp8Experts& w, const DySource
     dx32->release();
   }
   xt.release();
-  dut.release();
+  if (dut_apart) dut_apart->release();
   dgt.release();
   if (duq_apart) duq_apart->release();
   dgq.release();

@@ -176,7 +176,8 @@ void backward_dual_both(const char* fn, const T* dh, const T* g, const T* u, int
                         cudaStream_t stream) {
   auto set = [&](const Fp8Dual& d) {
     return row_strides_ok(d, cols) && d.codes && d.scales && d.codes_t && d.scales_t && aligned(d.codes, 4) &&
-           aligned(d.codes_t, 4) && (!d.zero_pad || d.codes_ld >= fp8::tiles(cols) * kTile);
+           aligned(d.codes_t, 4) && (!d.zero_pad || d.codes_ld >= fp8::tiles(cols) * kTile) &&
+           (d.t_cols == 0 ? d.t_col0 == 0 : d.t_col0 >= 0 && d.t_col0 + cols <= d.t_cols);
   };
   check(fn, rows, cols, gu_ld, g, u, dh, u && set(dg) && set(du) && (bounds == nullptr || n_groups > 0),
         sizeof(T) == 2);
@@ -193,6 +194,7 @@ void backward_dual_both(const char* fn, const T* dh, const T* g, const T* u, int
   for (auto [o, d] : {std::pair{&a, &dg}, std::pair{&b, &du}}) {
     o->codes_ld = d->codes_ld, o->scales_ld = d->scales_ld;
     o->rows_lt = d->rows_lt, o->cols_lt = d->cols_lt, o->scales_col0 = d->scales_col0, o->zero_pad = d->zero_pad;
+    o->t_cols = d->t_cols, o->t_col0 = d->t_col0;
   }
   launch_quantize_pipelined(BackwardPairRows<T>{dh, g, u, cols, gu_or(gu_ld, cols)}, PipeOutputs<2>{{a, b}}, stream);
 }
@@ -202,7 +204,8 @@ void forward_dual(const char* fn, const G* g, const G* u, int64_t rows, int64_t 
                   const int64_t* bounds, int64_t n_groups, const Fp8Dual& out, cudaStream_t stream) {
   check(fn, rows, cols, gu_ld, g, u, h,
         row_strides_ok(out, cols) && out.codes && out.scales && out.codes_t && out.scales_t &&
-            aligned(out.codes, 4) && aligned(out.codes_t, 4) && (bounds == nullptr || n_groups > 0),
+            aligned(out.codes, 4) && aligned(out.codes_t, 4) && (bounds == nullptr || n_groups > 0) &&
+            out.t_cols == 0 && out.t_col0 == 0,
         sizeof(G) == 2);
   TileOutputs o;
   o.rows = rows, o.cols = cols, o.codes = out.codes, o.scales = out.scales, o.codes_t = out.codes_t,

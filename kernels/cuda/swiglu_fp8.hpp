@@ -52,6 +52,9 @@ struct Fp8Dual {
   // swiglu_backward_quantize_dual_both only: the rows' codes also written as zeros from cols to the end of the last
   // 128-column tile (codes_ld must leave room), for a half of a [dg | du] whose halves are padded to whole tiles.
   bool zero_pad = false;
+  // swiglu_backward_quantize_dual_both only (0 elsewhere): the columns' codes and scales as a view into a wider
+  // activation's (TileOutputs::t_cols, t_col0), e.g. dg's and du's as [dg | du]'s; 0, 0: alone.
+  int64_t t_cols = 0, t_col0 = 0;
 };
 
 // h = silu(g) · u quantized both ways (quantize_1x128_dual's outputs, tokens grouped by bounds as there) in one

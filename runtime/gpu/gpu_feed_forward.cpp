@@ -108,6 +108,9 @@ bool GpuDense::as_fp8_expert(Precision p) const {
 cuda::MoeFp8Experts GpuDense::fp8_expert() const {
   cuda::MoeFp8Experts w{w_.gate->value, w_.up->value, w_.down->value, w_.gate->grad, w_.up->grad,
                         w_.down->grad,  1,            hidden_,       inter_};
+  // gate and up adjacent, as ParamStore lays them out: their Wgrad is one GEMM (MoeFp8Experts::gate_up_stride).
+  const int64_t each = inter_ * hidden_;
+  if (w.up == w.gate + each && w.up_grad == w.gate_grad + each) w.gate_up_stride = 2 * each;
   // g | u side by side in BF16 over g_'s storage where the kernels take it; else g and u apart in FP32.
   w.gate_up_side_by_side = true;
   use_bf16_gate_up(w, g_);
@@ -174,7 +177,7 @@ GpuMoe::GpuMoe(const ModelConfig& c, ParamStore& params, const std::string& pref
   });
   router_ = &params.at(prefix + ".gate.weight");
   bias_ = &params.at(prefix + ".gate.e_score_correction_bias");
-  // The stacking of ParamStore: expert e's tensors follow expert 0's at a fixed stride.
+  // ParamStore's layout: expert e's gate and up follow expert 0's at 2 I H (up I H after gate), its down at H I.
   const DeviceParam& g0 = params.at(prefix + ".experts.0.gate_proj.weight");
   const DeviceParam& u0 = params.at(prefix + ".experts.0.up_proj.weight");
   const DeviceParam& d0 = params.at(prefix + ".experts.0.down_proj.weight");
@@ -183,11 +186,11 @@ GpuMoe::GpuMoe(const ModelConfig& c, ParamStore& params, const std::string& pref
     const DeviceParam& g = params.at(pe + ".gate_proj.weight");
     const DeviceParam& u = params.at(pe + ".up_proj.weight");
     const DeviceParam& d = params.at(pe + ".down_proj.weight");
-    require(g.value == g0.value + e * I * H && u.value == u0.value + e * I * H && d.value == d0.value + e * H * I &&
-                g.grad == g0.grad + e * I * H && u.grad == u0.grad + e * I * H && d.grad == d0.grad + e * H * I,
+    require(g.value == g0.value + e * 2 * I * H && u.value == g.value + I * H && d.value == d0.value + e * H * I &&
+                g.grad == g0.grad + e * 2 * I * H && u.grad == g.grad + I * H && d.grad == d0.grad + e * H * I,
             [&] {
               return "GpuModel: " + pe +
-                     ": expert weights are not stacked (the GEMM loop reads them at a fixed stride)";
+                     ": expert weights are not laid out as ParamStore's (the GEMMs read them at fixed strides)";
             });
     expert_params_.insert(expert_params_.end(), {&g, &u, &d});
   }
@@ -352,8 +355,8 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = off[e], n = off[e + 1] - r0;
     if (n == 0) continue;
-    cuda::linear_forward(lin, p, xp.get() + r0 * H, gate_w_ + e * I * H, gp_ + r0 * I, n, I, H, r.stream);
-    cuda::linear_forward(lin, p, xp.get() + r0 * H, up_w_ + e * I * H, up_ + r0 * I, n, I, H, r.stream);
+    cuda::linear_forward(lin, p, xp.get() + r0 * H, gate_w_ + e * 2 * I * H, gp_ + r0 * I, n, I, H, r.stream);
+    cuda::linear_forward(lin, p, xp.get() + r0 * H, up_w_ + e * 2 * I * H, up_ + r0 * I, n, I, H, r.stream);
   }
   round_if_fp8(p, gp_, R * I, r.stream);
   round_if_fp8(p, up_, R * I, r.stream);
@@ -465,7 +468,7 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
     Temp<float> xp(R * H, r), dyp(R * H, r), dxp(R * H, r);
     // Gradients written whole (each expert's own calls; zeros for the experts without rows) or added to.
     const bool fresh = take_all_unset(expert_params_, r.stream);
-    if (fresh) cuda::zero_expert_grads(gate_g_, up_g_, down_g_, E, I, H, off, r.stream);
+    if (fresh) cuda::zero_expert_grads(gate_g_, up_g_, down_g_, E, I, H, off, r.stream, 2 * I * H);
     cuda::moe_gather(x_, token_of_, R, H, xp.get(), r.stream);
     cuda::moe_combine_backward(dy, yp_, topk_weight_, row_of_, T, K, H, dyp.get(), dweight.get(), r.stream);
     {
@@ -482,10 +485,11 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
       for (int64_t e = 0; e < E; ++e) {
         const int64_t r0 = off[e], n = off[e + 1] - r0;
         if (n == 0) continue;
-        cuda::linear_backward(lin, p, dg.get() + r0 * I, xp.get() + r0 * H, gate_w_ + e * I * H, dxp.get() + r0 * H,
-                              gate_g_ + e * I * H, n, I, H, r.stream, false, fresh);
-        cuda::linear_backward(lin, p, du.get() + r0 * I, xp.get() + r0 * H, up_w_ + e * I * H, dxp_up.get() + r0 * H,
-                              up_g_ + e * I * H, n, I, H, r.stream, false, fresh);
+        const int64_t at = e * 2 * I * H;  // expert e's gate and up (ParamStore interleaves them)
+        cuda::linear_backward(lin, p, dg.get() + r0 * I, xp.get() + r0 * H, gate_w_ + at, dxp.get() + r0 * H,
+                              gate_g_ + at, n, I, H, r.stream, false, fresh);
+        cuda::linear_backward(lin, p, du.get() + r0 * I, xp.get() + r0 * H, up_w_ + at, dxp_up.get() + r0 * H,
+                              up_g_ + at, n, I, H, r.stream, false, fresh);
       }
       add_inplace(dxp.get(), dxp_up.get(), R * H, r.stream);
     }
@@ -549,6 +553,7 @@ cuda::MoeFp8Experts GpuMoe::experts_fp8() const {
     return v == nullptr || *v != '0';
   }();
   cuda::MoeFp8Experts w{gate_w_, up_w_, down_w_, gate_g_, up_g_, down_g_, spec_.n_experts, hidden_, inter_};
+  w.gate_up_stride = 2 * inter_ * hidden_;  // ParamStore's layout (checked in the constructor)
   static const bool keep_h = [] {
     const char* v = std::getenv("MOERL_MOE_KEEP_H");
     return v == nullptr || *v != '0';

@@ -37,9 +37,12 @@ class SpecList {
     const int64_t E = c.n_routed_experts, D = c.hidden_size, I = c.moe_intermediate_size;
     add(p + ".gate.weight", {E, D});
     add(p + ".gate.e_score_correction_bias", {E}, /*trainable=*/false);
-    // Stacked: every expert's gate_proj, then every up_proj, then every down_proj.
-    for (int64_t e = 0; e < E; ++e) add(p + ".experts." + std::to_string(e) + ".gate_proj.weight", {I, D});
-    for (int64_t e = 0; e < E; ++e) add(p + ".experts." + std::to_string(e) + ".up_proj.weight", {I, D});
+    // Expert by expert its gate_proj and up_proj ([w_gate; w_up] one [2 I, D] matrix, and its gradient: their Wgrad
+    // is one GEMM), then every down_proj stacked.
+    for (int64_t e = 0; e < E; ++e) {
+      add(p + ".experts." + std::to_string(e) + ".gate_proj.weight", {I, D});
+      add(p + ".experts." + std::to_string(e) + ".up_proj.weight", {I, D});
+    }
     for (int64_t e = 0; e < E; ++e) add(p + ".experts." + std::to_string(e) + ".down_proj.weight", {D, I});
     if (c.n_shared_experts > 0) swiglu(p + ".shared_experts", D, c.n_shared_experts * I);
   }

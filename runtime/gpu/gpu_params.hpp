@@ -1,7 +1,8 @@
 // The GPU model's parameters: every tensor moerl::Model registers (same names, shapes, trainable flags), FP32
 // values in one device allocation and FP32 gradients in another, each tensor 256-byte aligned. The routed
-// experts of an MoE layer are laid out stacked — all experts' gate_proj, then all up_proj, then all down_proj,
-// expert-major — so [E, I, H], [E, I, H] and [E, H, I] arrays start at expert 0's tensors.
+// experts of an MoE layer are laid out expert-major: each expert's gate_proj then its up_proj ([E, 2, I, H] from
+// expert 0's gate_proj: gate and up interleaved, kernels/cuda/moe_fp8.hpp's gate_up_stride 2 I H), then every
+// expert's down_proj ([E, H, I] from expert 0's).
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -22,7 +23,7 @@ struct ParamSpec {
   bool trainable = true;
 };
 
-// Every parameter of moerl::Model(config), in allocation order (experts stacked as above).
+// Every parameter of moerl::Model(config), in allocation order (experts laid out as above).
 std::vector<ParamSpec> model_param_specs(const ModelConfig& config);
 
 class ParamStore {

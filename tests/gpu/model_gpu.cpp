@@ -155,7 +155,7 @@ void print_report(const char* what, const LossReport& r) {
               r.balance_loss, r.total, static_cast<long long>(r.tokens));
 }
 
-TEST_F(ModelGpu, ListsTheCpuModelsParametersWithStackedExperts) {
+TEST_F(ModelGpu, ListsTheCpuModelsParametersWithExpertsAtFixedStrides) {
   const ModelConfig c = gpu_test::tile_gpu_config(128);
   Model cpu(c);
   GpuModel g(c);
@@ -171,19 +171,27 @@ TEST_F(ModelGpu, ListsTheCpuModelsParametersWithStackedExperts) {
     EXPECT_EQ(reinterpret_cast<uintptr_t>(d.value) % 256, 0u) << name;
     EXPECT_EQ(reinterpret_cast<uintptr_t>(d.grad) % 256, 0u) << name;
   }
-  // Expert e of a layer sits at a fixed stride after expert 0 (one [E, I, H] / [E, H, I] array per projection).
+  // Expert e of a layer sits at a fixed stride after expert 0: its gate_proj and up_proj side by side ([E, 2, I, H]
+  // from expert 0's gate_proj: the MoE kernels' gate_up_stride), its down_proj in one [E, H, I] array.
   auto find = [&](const std::string& n) -> const gpu::DeviceParam& {
     for (const auto& d : dev)
       if (d.name == n) return d;
     throw Error("no device parameter " + n);
   };
-  for (const char* proj : {"gate_proj", "up_proj", "down_proj"}) {
-    const auto& e0 = find(std::string("model.layers.1.mlp.experts.0.") + proj + ".weight");
-    for (int64_t e = 1; e < c.n_routed_experts; ++e) {
-      const auto& pe = find("model.layers.1.mlp.experts." + std::to_string(e) + "." + proj + ".weight");
-      EXPECT_EQ(pe.value, e0.value + e * e0.numel) << pe.name;
-      EXPECT_EQ(pe.grad, e0.grad + e * e0.numel) << pe.name;
-    }
+  const std::string experts = "model.layers.1.mlp.experts.";
+  const auto& g0 = find(experts + "0.gate_proj.weight");
+  const auto& d0 = find(experts + "0.down_proj.weight");
+  for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+    const std::string pe = experts + std::to_string(e);
+    const auto& g = find(pe + ".gate_proj.weight");
+    const auto& u = find(pe + ".up_proj.weight");
+    const auto& d = find(pe + ".down_proj.weight");
+    EXPECT_EQ(g.value, g0.value + 2 * e * g0.numel) << g.name;
+    EXPECT_EQ(g.grad, g0.grad + 2 * e * g0.numel) << g.name;
+    EXPECT_EQ(u.value, g.value + g0.numel) << u.name;
+    EXPECT_EQ(u.grad, g.grad + g0.numel) << u.name;
+    EXPECT_EQ(d.value, d0.value + e * d0.numel) << d.name;
+    EXPECT_EQ(d.grad, d0.grad + e * d0.numel) << d.name;
   }
 }
 

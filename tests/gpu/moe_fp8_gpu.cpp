@@ -716,5 +716,92 @@ TEST_F(MoeFp8Gpu, ExpertsForwardAndBackwardMatchTheCpuRecipePerExpert) {
   }
 }
 
+// gate and up interleaved per expert (MoeFp8Experts::gate_up_stride = 2 I H, ParamStore's layout), as the runtime
+// runs them (lanes, g | u in BF16): the forward's bytes, dxp and the down gradient as with the weights stacked apart,
+// and gate's and up's gradients from one Wgrad GEMM per expert ([dgᵀ; duᵀ] · xᵀᵀ, M = 2 I) within 1e-6 of the two
+// GEMMs' (the same products; cuBLASLt may pick another kernel for M = 2 I, so another order of the FP32 sums), both
+// accumulated and written whole (overwrite_grads: NaN-filled before, zeros for the expert without rows).
+TEST_F(MoeFp8Gpu, InterleavedGateAndUpGiveTheStackedResults) {
+  std::mt19937_64 rng(run_seed() + 41);
+  const int64_t E = static_cast<int64_t>(kCounts.size()), H = 256, I = 208, each = I * H;
+  const int64_t Ip = (I + 127) / 128 * 128;
+  const std::vector<int64_t> aligned = aligned_of(kCounts);
+  const int64_t RA = aligned[E];
+  std::vector<float> xp(static_cast<size_t>(RA * H), 0.0f), dyp(static_cast<size_t>(RA * H), 0.0f);
+  for (int64_t e = 0; e < E; ++e) {
+    const std::vector<float> xe = normal_values(static_cast<size_t>(kCounts[e] * H), 1.0f, rng);
+    const std::vector<float> de = normal_values(static_cast<size_t>(kCounts[e] * H), 1e-2f, rng);
+    std::copy(xe.begin(), xe.end(), xp.begin() + aligned[e] * H);
+    std::copy(de.begin(), de.end(), dyp.begin() + aligned[e] * H);
+  }
+  const std::vector<float> wg = normal_values(static_cast<size_t>(E * each), 0.05f, rng);
+  const std::vector<float> wu = normal_values(static_cast<size_t>(E * each), 0.05f, rng);
+  const std::vector<float> wd = normal_values(static_cast<size_t>(E * each), 0.05f, rng);
+  const std::vector<float> gg0 = normal_values(static_cast<size_t>(E * each), 1e-3f, rng);
+  const std::vector<float> ug0 = normal_values(static_cast<size_t>(E * each), 1e-3f, rng);
+  const std::vector<float> dg0 = normal_values(static_cast<size_t>(E * each), 1e-3f, rng);
+  // [E, 2, I, H]: expert e's gate, then its up.
+  auto interleave = [&](const std::vector<float>& gate, const std::vector<float>& up) {
+    std::vector<float> out(static_cast<size_t>(2 * E * each));
+    for (int64_t e = 0; e < E; ++e) {
+      std::copy(gate.begin() + e * each, gate.begin() + (e + 1) * each, out.begin() + 2 * e * each);
+      std::copy(up.begin() + e * each, up.begin() + (e + 1) * each, out.begin() + (2 * e + 1) * each);
+    }
+    return out;
+  };
+  for (const bool overwrite : {false, true}) {
+    SCOPED_TRACE(overwrite ? "overwrite_grads" : "accumulated");
+    DeviceBuffer<float> d_xp(xp), d_dyp(dyp), d_wg(wg), d_wu(wu), d_wd(wd), d_wgu(interleave(wg, wu));
+    DeviceBuffer<float> d_gg(gg0), d_ug(ug0), d_dg(dg0), d_ggu(interleave(gg0, ug0)), d_dg2(dg0);
+    if (overwrite)
+      for (DeviceBuffer<float>* b : {&d_gg, &d_ug, &d_dg, &d_ggu, &d_dg2}) b->poison();
+    DeviceBuffer<uint16_t> d_gu16(RA * 2 * Ip), d_gu16_2(RA * 2 * Ip);
+    DeviceBuffer<float> d_h(RA * I), d_h2(RA * I), d_yp(RA * H), d_yp2(RA * H), d_dxp(RA * H), d_dxp2(RA * H);
+    for (DeviceBuffer<float>* b : {&d_h, &d_h2, &d_yp, &d_yp2, &d_dxp, &d_dxp2}) b->poison();
+    DeviceBuffer<int64_t> d_aligned(aligned);
+    cuda::LinearContext ctx;
+    cuda::MoeFp8Experts apart{d_wg.get(), d_wu.get(), d_wd.get(), d_gg.get(), d_ug.get(), d_dg.get(),
+                              E,          H,          I,          cuda::MoeFp8Gemm::Lanes};
+    cuda::MoeFp8Experts inter{d_wgu.get(), d_wgu.get() + each, d_wd.get(), d_ggu.get(), d_ggu.get() + each,
+                              d_dg2.get(), E,                  H,          I,           cuda::MoeFp8Gemm::Lanes};
+    inter.gate_up_stride = 2 * each;
+    for (cuda::MoeFp8Experts* w : {&apart, &inter}) {
+      w->gate_up_side_by_side = true;
+      w->overwrite_grads = overwrite;
+      ASSERT_TRUE(cuda::moe_fp8_gate_up_bf16_supported(*w));
+    }
+    apart.gate_up_bf16 = d_gu16.get(), inter.gate_up_bf16 = d_gu16_2.get();
+    ASSERT_FALSE(cuda::moe_fp8_wgrad_pair(apart));
+    ASSERT_TRUE(cuda::moe_fp8_wgrad_pair(inter));
+    for (const auto& [w, h, yp, dxp] : {std::tuple{&apart, &d_h, &d_yp, &d_dxp}, {&inter, &d_h2, &d_yp2, &d_dxp2}}) {
+      cuda::moe_fp8_experts_forward(ctx, *w, d_xp.get(), aligned.data(), d_aligned.get(), nullptr, nullptr, h->get(),
+                                    yp->get());
+      cuda::moe_fp8_experts_backward(ctx, *w, d_dyp.get(), d_xp.get(), nullptr, nullptr, h->get(), aligned.data(),
+                                     d_aligned.get(), dxp->get());
+    }
+    CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_EQ(d_yp2.download(), d_yp.download()) << "yp";
+    EXPECT_EQ(d_h2.download(), d_h.download()) << "h";
+    EXPECT_EQ(d_dxp2.download(), d_dxp.download()) << "dxp";
+    EXPECT_EQ(d_dg2.download(), d_dg.download()) << "down grad";
+    const std::vector<float> ggu = d_ggu.download(), gg = d_gg.download(), ug = d_ug.download();
+    std::vector<float> gate(gg.size()), up(ug.size());
+    for (int64_t e = 0; e < E; ++e) {
+      std::copy(ggu.begin() + 2 * e * each, ggu.begin() + (2 * e + 1) * each, gate.begin() + e * each);
+      std::copy(ggu.begin() + (2 * e + 1) * each, ggu.begin() + (2 * e + 2) * each, up.begin() + e * each);
+    }
+    for (const auto& [what, got, want] : {std::tuple{"gate grad", &gate, &gg}, {"up grad", &up, &ug}}) {
+      const double err = rel_l2(*got, *want);
+      std::printf("[ moe fp8  ] interleaved gate and up (%s): %s rel_l2 %.1e against stacked apart (limit 1e-6)\n",
+                  overwrite ? "overwritten" : "accumulated", what, err);
+      EXPECT_LT(err, 1e-6) << what;
+      if (overwrite) {  // kCounts[1] = 0: the expert without rows
+        EXPECT_TRUE(std::all_of(got->begin() + each, got->begin() + 2 * each, [](float v) { return v == 0.0f; }))
+            << what << " of the expert without rows";
+      }
+    }
+  }
+}
+
 }  // namespace
 }  // namespace moerl
