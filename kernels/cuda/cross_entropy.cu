@@ -112,7 +112,10 @@ __global__ void __launch_bounds__(kRowThreads)
   // bits of a plain loop, more loads in flight (on the H200, bench-600m's in-place BF16 form 1.22 against 1.29 ms,
   // bench/results/2026-11-30-gpu-ce-norm-h200-041b8bc.txt). Fewer blocks an SM (2 or 3, so that a row would still
   // be in L2 for the gradient pass) with 8 loads in flight gained at most 4%, 1.21 against 1.26 ms
-  // (bench/results/2026-11-30-gpu-ce-residency-h200-3c32234+ce.txt): not kept.
+  // (bench/results/2026-11-30-gpu-ce-residency-h200-3c32234+ce.txt): not kept. Nor the row held in registers (32 of
+  // its 8-byte groups a thread, 128 registers, 2 blocks an SM; one read of the logits, the same bits): BF16 logits
+  // in place 1022.5 us against ~1010, so the second read is not what bounds it; the arithmetic (two expf and a
+  // 64-bit label test a logit) shares the time (bench/results/2026-11-30-gpu-ce-held-h200-cbcd01b+held.txt).
   const int64_t stride = blockDim.x;
   MaxSum st{-INFINITY, 0.0f};
   for (int64_t j0 = threadIdx.x; j0 < groups; j0 += kUnroll * stride) {
