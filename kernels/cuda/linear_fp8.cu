@@ -423,7 +423,11 @@ void wgrad(LinearContext::Impl& ctx, const Operand& dytq, const Operand& xtq, fl
   gemm_into(ctx.fp8, dytq, xtq, dw, N, K, !overwrite, stream);
 }
 
-// Dgrad into dx (unless null) and Wgrad into dw (unless null) from dy, with xᵀ's operand (needed with dw).
+// Dgrad into dx (unless null) and Wgrad into dw (unless null) from dy, with xᵀ's operand (needed with dw). Tried
+// and dropped (2026-11-30): the Wgrad on a stream of its own beside the Dgrad (with its own GEMM context, joined
+// before the operands' release), for the projections' Wgrads with few output tiles for their depth (kv_b 2048 x 256,
+// o 1024 x 1024 over 16384 tokens): bench-600m fp8 280.4k / 275.5k / 279.4k vs 277.4k / 280.3k / 282.8k tokens/s
+// in order, rounds interleaved (bench/results/2026-11-30-gpu-wgrad-beside-h200-35ecf33+beside.txt).
 void backward_with(LinearContext::Impl& ctx, const float* dy, const Operand* xtq, const float* w, float* dx, float* dw,
                    int64_t M, int64_t N, int64_t K, bool accumulate_dx, bool overwrite_dw, cudaStream_t stream) {
   if (dx != nullptr && dw != nullptr && both_ways_fit(M, N)) {
