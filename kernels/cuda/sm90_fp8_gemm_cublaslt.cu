@@ -204,7 +204,10 @@ bool fp8_workspace() {
 // 64 experts of ~1536 rows, bench/results/2026-11-29-gpu-lt-algos-h200-*): Wgrad of gate and up 2.74 -> 1.86 ms,
 // of down 1.11 -> 0.96 ms, the layer fwd+bwd 13.68 -> 12.80 ms (3 runs each); Fprop and Dgrad within noise with
 // other candidates. MOERL_LT_FP8_ALGOS prints every plan's candidates. CTA swizzling on every plan: within noise (MoE
-// layer 12.13 vs 12.11 ms, bench/results/2026-11-29-gpu-sweep-swizzle-h200-5bbeefb+swz.txt).
+// layer 12.13 vs 12.11 ms, bench/results/2026-11-29-gpu-sweep-swizzle-h200-5bbeefb+swz.txt). At bench-600m's
+// expert shapes a search over every configuration timed 64x104 and 64x112 tiles up to 15% faster than the plan's
+// for one Wgrad alone (...-lt-search-600m-h200-aaa4b73.txt), but not on the lanes: step 281.3k / 282.4k (64x104)
+// and 285.7k / 286.6k (64x112) vs 287.3k / 286.7k tokens/s (...-wgrad-tile-h200-aaa4b73+tile.txt).
 int choose_algo(const PlanKey& k, const cublasLtMatmulHeuristicResult_t* results, int found) {
   constexpr int64_t kShortK = 4096;
   std::vector<int> usable;
