@@ -84,7 +84,8 @@
 // with its own cuBLASLt context and workspace; all calls issued from the caller's thread): the GPU overlaps one
 // expert's tail with the next's. Each GEMM writes its own expert's rows or gradient, so the results do not depend on
 // the overlap; an expert's dependent GEMMs (Dgrad of gate, then up accumulated into the same rows) stay on one lane,
-// in order.
+// in order. 3, 4 and 6 lanes within noise with the Wgrad paired (bench-600m 291.1-292.5k tokens/s,
+// bench/results/2026-11-30-gpu-lanes-h200-9320a16.txt).
 #include <cuda_runtime.h>
 
 #include <algorithm>
