@@ -15,15 +15,18 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/fp8_quantize_tile.cuh"
 #include "kernels/cuda/linear_impl.cuh"
 #include "kernels/cuda/stream_scratch.hpp"
 #include "kernels/fp8.hpp"
 #include "kernels/fp8_gemm.hpp"
 #include "kernels/fp8_quantize.hpp"
 #include "runtime/error.hpp"
+#include "runtime/util/env_switch.hpp"
 
 namespace moerl::cuda::linear_detail {
 namespace {
@@ -461,13 +464,87 @@ void fp8_backward(LinearContext::Impl& ctx, const float* dy, const float* x, con
   xtq.release();
 }
 
+namespace {
+
+// Two weights of one input lying one after the other in memory, the first's rows whole 128-row blocks (attention's
+// q_proj and kv_a_proj_with_mqa as ParamStore lays them out), none of [N0 + N1, K] padded: as one matrix each of
+// its 128x128 blocks is one weight's own, so one prepared copy holds both weights' codes and scales as apart. The
+// indices of the first and second in memory, or none. bench-600m (q 1536, kv_a 288 rows) on the H200 against
+// MOERL_LINEAR_PAIR=apart, rounds interleaved: fp8 step 291.4k / 291.1k / 294.1k vs 290.5k / 288.5k / 290.1k
+// tokens/s (bench/results/2026-11-30-gpu-linear-pair-h200-9d3e319+pair.txt).
+struct StackedPair {
+  size_t first, second;
+};
+std::optional<StackedPair> stacked_pair(const float* w0, int64_t n0, const float* w1, int64_t n1, int64_t K) {
+  // MOERL_LINEAR_PAIR=apart: each weight on its own (for comparing the two on the device). Read once.
+  static const bool apart = env_switch("MOERL_LINEAR_PAIR", "stacked", "apart");
+  if (apart) return std::nullopt;
+  auto fits = [&](const float* lo, int64_t n_lo, const float* hi, int64_t n_hi) {
+    return hi == lo + n_lo * K && n_lo % kTile == 0 && gemm_rows(n_lo) == n_lo && gemm_rows(n_hi) == n_hi &&
+           gemm_depth(n_lo + n_hi) == n_lo + n_hi && gemm_depth(K) == K;
+  };
+  if (fits(w0, n0, w1, n1)) return StackedPair{0, 1};
+  if (fits(w1, n1, w0, n0)) return StackedPair{1, 0};
+  return std::nullopt;
+}
+
+// The stacked pair's weight [N, K] (N = N_first + N_second): rows `first` .. first + n - 1 as a Fprop operand.
+Operand stacked_rows(const PreparedFp8Weight& pw, int64_t first, int64_t n) {
+  const int64_t l4 = round_up(tiles(pw.cols), 4);  // the BLK128x128 layout's row of block scales (DEPS.md)
+  return Operand{pw.codes + first * pw.cols, pw.scales + first / kTile * l4, n, pw.cols, kTile};
+}
+
+// Both gradients of a stacked pair as one: dy_first and dy_second quantized both ways side by side, [dy_first |
+// dy_second] [M, N] (rows; each one's 1x128 tiles its own, the first's columns being whole tiles) and its transpose
+// [N, M] (tokens), then dx (+)= [dy_first | dy_second] · [w_first; w_second] and [dw_first; dw_second] (+)=
+// [dy_first | dy_second]ᵀ · x: one Dgrad and one Wgrad GEMM instead of two each (the second Dgrad reading and
+// rewriting dx in FP32). Needs M % 128 == 0, dy 16-byte aligned rows and the gradients side by side too, written
+// alike (both overwritten or both added to).
+void backward_stacked(LinearContext::Impl& ctx, const LinearGradient& a, const LinearGradient& b, const Operand& xtq,
+                      float* dx, int64_t M, int64_t K, bool accumulate_dx, cudaStream_t stream) {
+  const int64_t N = a.N + b.N;
+  const PreparedFp8Weight& pw = fp8_weight(ctx, a.w, N, K, stream);
+  Layout l;
+  const size_t codes_at = l.add(static_cast<size_t>(M * N)), codes_t_at = l.add(static_cast<size_t>(M * N));
+  const size_t lt_at = l.add(static_cast<size_t>(fp8::cuda::cublaslt_scale_count(M, N, 1)) * sizeof(float));
+  const size_t lt_t_at = l.add(static_cast<size_t>(fp8::cuda::cublaslt_scale_count(N, M, 1)) * sizeof(float));
+  StreamScratch scratch(l.total, stream);
+  uint8_t* codes = scratch.as<uint8_t>(codes_at);
+  uint8_t* codes_t = scratch.as<uint8_t>(codes_t_at);
+  float* lt = scratch.as<float>(lt_at);
+  float* lt_t = scratch.as<float>(lt_t_at);
+  for (const LinearGradient* g : {&a, &b}) {
+    const int64_t col0 = g == &a ? 0 : a.N;
+    namespace qd = fp8::cuda::quant_detail;
+    qd::TileOutputs o;
+    o.rows = M, o.cols = g->N, o.codes = codes + col0, o.codes_ld = N, o.scales = lt, o.scales_ld = tiles(N);
+    o.scales_col0 = col0 / kTile, o.codes_t = codes_t, o.scales_t = lt_t, o.t_cols = N, o.t_col0 = col0;
+    o.rows_lt = o.cols_lt = true;
+    qd::launch_quantize_tiles<true, true>(qd::PlainSource{g->dy, g->N}, o, stream);
+  }
+  dgrad(ctx, Operand{codes, lt, M, N, 1}, pw, dx, M, K, accumulate_dx, stream);
+  wgrad(ctx, Operand{codes_t, lt_t, N, M, 1}, xtq, a.dw, N, K, a.overwrite_dw, stream);
+  scratch.release();
+}
+
+}  // namespace
+
 void fp8_forward_shared(LinearContext::Impl& ctx, const float* x, const std::vector<LinearOutput>& outs, int64_t M,
                         int64_t K, cudaStream_t stream) {
   Fp8Activation xq(x, M, K, gemm_rows(M), gemm_depth(K), false, stream);
-  for (const LinearOutput& o : outs) {
-    const PreparedFp8Weight& pw = fp8_weight(ctx, o.w, o.N, K, stream);  // pw.cols = gemm_depth(K), as x's
-    const Operand wq{pw.codes, pw.scales, gemm_rows(o.N), pw.cols, kTile};
-    gemm_into(ctx.fp8, xq.operand(), wq, o.y, M, o.N, false, stream);
+  const std::optional<StackedPair> pair =
+      outs.size() == 2 ? stacked_pair(outs[0].w, outs[0].N, outs[1].w, outs[1].N, K) : std::nullopt;
+  if (pair) {  // each output from its rows of the pair's one prepared copy
+    const LinearOutput &a = outs[pair->first], &b = outs[pair->second];
+    const PreparedFp8Weight& pw = fp8_weight(ctx, a.w, a.N + b.N, K, stream);
+    gemm_into(ctx.fp8, xq.operand(), stacked_rows(pw, 0, a.N), a.y, M, a.N, false, stream);
+    gemm_into(ctx.fp8, xq.operand(), stacked_rows(pw, a.N, b.N), b.y, M, b.N, false, stream);
+  } else {
+    for (const LinearOutput& o : outs) {
+      const PreparedFp8Weight& pw = fp8_weight(ctx, o.w, o.N, K, stream);  // pw.cols = gemm_depth(K), as x's
+      const Operand wq{pw.codes, pw.scales, gemm_rows(o.N), pw.cols, kTile};
+      gemm_into(ctx.fp8, xq.operand(), wq, o.y, M, o.N, false, stream);
+    }
   }
   xq.release();
 }
@@ -475,10 +552,23 @@ void fp8_forward_shared(LinearContext::Impl& ctx, const float* x, const std::vec
 void fp8_backward_shared(LinearContext::Impl& ctx, const float* x, const std::vector<LinearGradient>& grads, float* dx,
                          int64_t M, int64_t K, bool accumulate_dx, cudaStream_t stream) {
   Fp8Activation xtq = transposed_input(x, M, K, stream);
-  for (size_t i = 0; i < grads.size(); ++i) {
-    const LinearGradient& g = grads[i];
-    backward_with(ctx, g.dy, &xtq.operand(), g.w, dx, g.dw, M, g.N, K, accumulate_dx || i > 0, g.overwrite_dw,
-                  stream);
+  std::optional<StackedPair> pair;
+  if (grads.size() == 2 && M % kTile == 0 && gemm_depth(M) == M)
+    pair = stacked_pair(grads[0].w, grads[0].N, grads[1].w, grads[1].N, K);
+  if (pair) {
+    const LinearGradient &a = grads[pair->first], &b = grads[pair->second];
+    const bool fits = a.dw && b.dw && b.dw == a.dw + a.N * K && a.overwrite_dw == b.overwrite_dw && aligned16(a.dy) &&
+                      aligned16(b.dy) && a.N % 4 == 0 && b.N % 4 == 0;
+    if (!fits) pair.reset();
+  }
+  if (pair) {
+    backward_stacked(ctx, grads[pair->first], grads[pair->second], xtq.operand(), dx, M, K, accumulate_dx, stream);
+  } else {
+    for (size_t i = 0; i < grads.size(); ++i) {
+      const LinearGradient& g = grads[i];
+      backward_with(ctx, g.dy, &xtq.operand(), g.w, dx, g.dw, M, g.N, K, accumulate_dx || i > 0, g.overwrite_dw,
+                    stream);
+    }
   }
   xtq.release();
 }

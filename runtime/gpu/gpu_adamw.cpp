@@ -51,9 +51,9 @@ GpuAdamW::GpuAdamW(std::vector<DeviceParam> params, AdamWConfig config, cudaStre
     trainable.push_back(&p);
     slots_.push_back({p.name, p.shape, p.numel, nullptr, nullptr});
   }
-  // Spans follow the device addresses, not the names: a GpuModel stacks a layer's experts (all gate_proj, then
-  // all up_proj, ...), which name order interleaves. The update is elementwise and the norm a sum, so the
-  // order of the spans changes nothing but the norm's last bits (see the header).
+  // Spans follow the device addresses, not the names: a GpuModel lays out a layer's experts by address (each
+  // expert's gate_proj and up_proj, then every down_proj), which name order interleaves. The update is elementwise
+  // and the norm a sum, so the order of the spans changes nothing but the norm's last bits (see the header).
   std::vector<size_t> by_address(trainable.size());
   for (size_t i = 0; i < by_address.size(); ++i) by_address[i] = i;
   std::stable_sort(by_address.begin(), by_address.end(), [&](size_t a, size_t b) {

@@ -412,6 +412,60 @@ TEST_F(LinearGpu, SharedInputProjectionsGiveTheBitsOfSeparateCalls) {
   std::printf("[ linear ] shared-input forward and backward, 2 shapes x 3 precisions: the separate calls' bits\n");
 }
 
+TEST_F(LinearGpu, ProjectionsSideBySideInMemoryShareOnePreparedWeightInFp8) {
+  // Two weights of one input lying one after the other (q_proj's 1536 rows, whole 128-row blocks, then kv_a's 288,
+  // as ParamStore lays them out) with their gradients alike: FP8's linear_forward_shared and linear_backward_shared
+  // prepare one copy of [w1; w2] (its 128x128 blocks each one weight's own), and the backward quantizes [dy1 | dy2]
+  // both ways once for one Dgrad and one Wgrad GEMM. Against the separate calls (another context): the forward's
+  // bits; dx (one K = 1824 GEMM against a K = 1536 one added to a K = 288 one: the same products, FP32 sums grouped
+  // otherwise) and dw within 1e-6 relative, both gradients added to or both overwritten.
+  std::mt19937_64 rng = seeded("stacked pair");
+  const int64_t M = 256, K = 1024, N1 = 1536, N2 = 288;
+  const DeviceBuffer<float> x(random_rows(M, K, 1.0f, rng)), dy1(random_rows(M, N1, 0.01f, rng)),
+      dy2(random_rows(M, N2, 0.01f, rng));
+  const DeviceBuffer<float> w(random_rows(N1 + N2, K, 0.05f, rng));  // [w1; w2]
+  const std::vector<float> dw0 = random_rows(N1 + N2, K, 0.1f, rng);
+  auto rel = [](const std::vector<float>& got, const std::vector<float>& want) {
+    double e = 0, r = 0;
+    for (size_t i = 0; i < want.size(); ++i) e += std::pow(double{got[i]} - want[i], 2), r += double{want[i]} * want[i];
+    return std::sqrt(e / r);
+  };
+  for (const bool overwrite : {false, true}) {
+    cuda::LinearContext apart, paired;
+    const float *w1 = w.get(), *w2 = w.get() + N1 * K;
+    DeviceBuffer<float> y1(M * N1), y2(M * N2), z1(M * N1), z2(M * N2), dx_a(M * K), dx_b(M * K), dw_a(dw0),
+        dw_b(dw0);
+    for (auto* b : {&y1, &y2, &z1, &z2, &dx_a, &dx_b}) b->poison();
+    if (overwrite) dw_a.poison(), dw_b.poison();
+    cuda::linear_forward(apart, Precision::FP8, x.get(), w1, y1.get(), M, N1, K);
+    cuda::linear_forward(apart, Precision::FP8, x.get(), w2, y2.get(), M, N2, K);
+    cuda::linear_backward(apart, Precision::FP8, dy2.get(), x.get(), w2, dx_a.get(), dw_a.get() + N1 * K, M, N2, K,
+                          nullptr, false, overwrite);
+    cuda::linear_backward(apart, Precision::FP8, dy1.get(), x.get(), w1, dx_a.get(), dw_a.get(), M, N1, K, nullptr,
+                          true, overwrite);
+    // kv_a's gradient first, as the attention's backward lists them.
+    cuda::linear_forward_shared(paired, Precision::FP8, x.get(), {{w1, z1.get(), N1}, {w2, z2.get(), N2}}, M, K);
+    cuda::linear_backward_shared(paired, Precision::FP8, x.get(),
+                                 {{dy2.get(), w2, dw_b.get() + N1 * K, N2, overwrite},
+                                  {dy1.get(), w1, dw_b.get(), N1, overwrite}},
+                                 dx_b.get(), M, K);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_EQ(z1.download(), y1.download()) << "forward, w1";
+    EXPECT_EQ(z2.download(), y2.download()) << "forward, w2";
+    const double dx_err = rel(dx_b.download(), dx_a.download()), dw_err = rel(dw_b.download(), dw_a.download());
+    std::printf("[ linear   ] fp8 [w1; w2] side by side (%s): dx rel_l2 %.1e, dw rel_l2 %.1e against the separate "
+                "calls (limit 1e-6)\n", overwrite ? "dw overwritten" : "dw added to", dx_err, dw_err);
+    EXPECT_LT(dx_err, 1e-6);
+    EXPECT_LT(dw_err, 1e-6);
+    // One prepared copy, of both weights as one matrix (the separate calls' context holds two).
+    const std::vector<cuda::Fp8WeightCopy> copies = paired.fp8_weight_copies();
+    ASSERT_EQ(copies.size(), 1u);
+    EXPECT_EQ(copies[0].w, w1);
+    EXPECT_EQ(copies[0].out.rows, N1 + N2);
+    EXPECT_EQ(apart.fp8_weight_copies().size(), 2u);
+  }
+}
+
 TEST_F(LinearGpu, RunsOnANonDefaultStream) {
   std::mt19937_64 rng = seeded("stream");
   const Data d({130, 40, 200}, rng);
