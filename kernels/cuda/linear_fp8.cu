@@ -35,6 +35,7 @@ using cuda_detail::StreamScratch;
 using fp8::kTile;
 using fp8::tiles;
 using fp8::cuda::Operand;
+namespace qd = fp8::cuda::quant_detail;
 
 constexpr int kThreads = 256;
 constexpr int64_t kMaxBlocks = 8192;  // grid-stride loops
@@ -515,7 +516,6 @@ void backward_stacked(LinearContext::Impl& ctx, const LinearGradient& a, const L
   float* lt_t = scratch.as<float>(lt_t_at);
   for (const LinearGradient* g : {&a, &b}) {
     const int64_t col0 = g == &a ? 0 : a.N;
-    namespace qd = fp8::cuda::quant_detail;
     qd::TileOutputs o;
     o.rows = M, o.cols = g->N, o.codes = codes + col0, o.codes_ld = N, o.scales = lt, o.scales_ld = tiles(N);
     o.scales_col0 = col0 / kTile, o.codes_t = codes_t, o.scales_t = lt_t, o.t_cols = N, o.t_col0 = col0;
