@@ -9,9 +9,12 @@
 
 #include "actors/cli/commands.hpp"
 #include "actors/cli/feedback.hpp"
+#include "runtime/util/crash_report.hpp"
 #include "runtime/version.hpp"
 
 int main(int argc, char** argv) {
+  // A crash or abort (a corrupt heap's included) names its signal and prints the stack before the process ends.
+  moerl::install_crash_report("moerl");
   // A write to a connection whose peer died (Gloo's TCP pairs between the processes of a run, a client of the
   // feedback server gone) then fails with EPIPE, which the caller reports naming the connection, instead of
   // SIGPIPE ending this process without a word (seen: the surviving process of a two-process run killed so).
