@@ -79,8 +79,9 @@ class InProcessGroup {
 // Where Gloo ranks meet to exchange their addresses.
 class GlooRendezvous {
  public:
-  // A folder (FileStore): processes on one machine or on a shared filesystem. A key can be written once,
-  // so each run (and each group) needs a fresh folder or prefix.
+  // A folder (FileStore): processes on one machine or on a shared filesystem, and the threads of each (the
+  // store takes their calls one at a time). A key can be written once, so each run (and each group) needs a fresh
+  // folder or prefix.
   static GlooRendezvous in_folder(const std::filesystem::path& dir);
   // An in-memory store (HashStore) for threads of one process; share the object between them.
   static GlooRendezvous in_memory();

@@ -11,12 +11,40 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 
 #include "runtime/error.hpp"
 #include "runtime/parallel/collectives.hpp"
 #include "runtime/parallel/gloo_context.hpp"
 
 namespace moerl {
+namespace {
+
+// A store the threads of one process may share: several parties of a run connect their groups at once through
+// one rendezvous. Gloo's FileStore is not safe for that: set() appends the path it wrote to a member vector
+// without a lock, so two parties' concurrent rendezvous corrupted the heap (AddressSanitizer: a double free in
+// FileStore::set from two actor threads; the rare "double free or corruption" of a two-process DP x TP run, and
+// its crashes later in Gloo's teardown). set runs under a mutex; get and wait only read the folder (get first
+// waits for its key's file) and run unlocked, so one party's wait for its peers never holds up another's set.
+class LockedStore final : public gloo::rendezvous::Store {
+ public:
+  explicit LockedStore(std::shared_ptr<gloo::rendezvous::Store> inner) : inner_(std::move(inner)) {}
+  void set(const std::string& key, const std::vector<char>& data) override {
+    const std::lock_guard lock(mutex_);
+    inner_->set(key, data);
+  }
+  std::vector<char> get(const std::string& key) override { return inner_->get(key); }
+  void wait(const std::vector<std::string>& keys) override { inner_->wait(keys); }
+  void wait(const std::vector<std::string>& keys, const std::chrono::milliseconds& timeout) override {
+    inner_->wait(keys, timeout);
+  }
+
+ private:
+  std::shared_ptr<gloo::rendezvous::Store> inner_;
+  std::mutex mutex_;
+};
+
+}  // namespace
 
 GlooRendezvous GlooRendezvous::in_folder(const std::filesystem::path& dir) {
   std::error_code ec;
@@ -24,7 +52,7 @@ GlooRendezvous GlooRendezvous::in_folder(const std::filesystem::path& dir) {
   require(!ec && std::filesystem::is_directory(dir),
           "Gloo rendezvous: cannot create the folder " + dir.string() + ": " + ec.message());
   GlooRendezvous r;
-  r.store = std::make_shared<gloo::rendezvous::FileStore>(dir.string());
+  r.store = std::make_shared<LockedStore>(std::make_shared<gloo::rendezvous::FileStore>(dir.string()));
   return r;
 }
 

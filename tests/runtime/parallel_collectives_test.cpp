@@ -4,6 +4,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <gloo/rendezvous/store.h>
+
+#include <algorithm>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
@@ -183,6 +186,35 @@ TEST(GlooCollectives, AMissingPeerFailsTheRendezvousWithinItsTimeout) {
   const auto start = std::chrono::steady_clock::now();
   EXPECT_THROW(connect_gloo(rendezvous, 0, 2, gloo_options("alone", milliseconds(300))), Error);
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(10));
+}
+
+TEST(GlooCollectives, AFolderRendezvousTakesTheRendezvousOfManyThreadsAtOnce) {
+  // The parties of one process connect their groups at the same time through one folder store (a DP x TP run's
+  // two tensor ranks each join their data group): 4 groups of 2 ranks, all 8 ranks on threads of this process,
+  // every rank's sums right. Gloo's FileStore alone corrupted the heap when two threads wrote keys at once.
+  test::ScratchDir dir("moerl-gloo-threads");
+  const GlooRendezvous rendezvous = GlooRendezvous::in_folder(dir.path);
+  constexpr int kGroups = 4, R = 2;
+  std::vector<int> right(kGroups * R, 0);
+  on_threads(kGroups * R, [&](int t) {
+    const int group = t / R, rank = t % R;
+    auto c = connect_gloo(rendezvous, rank, R, gloo_options("group" + std::to_string(group), milliseconds(20000)));
+    std::vector<float> v(1000, static_cast<float>(group + rank + 1));
+    c->allreduce_sum(v.data(), v.size());
+    right[t] = std::all_of(v.begin(), v.end(), [&](float x) { return x == static_cast<float>(2 * group + 3); });
+  });
+  for (int t = 0; t < kGroups * R; ++t) EXPECT_TRUE(right[t]) << "group " << t / R << " rank " << t % R;
+  // Many writers of distinct keys at once: every key then reads back its own value.
+  constexpr int kWriters = 16, kKeys = 200;
+  on_threads(kWriters, [&](int t) {
+    for (int k = 0; k < kKeys; ++k)
+      rendezvous.store->set("t" + std::to_string(t) + "k" + std::to_string(k),
+                            std::vector<char>(16, static_cast<char>(t)));
+  });
+  for (int t = 0; t < kWriters; ++t)
+    for (int k = 0; k < kKeys; ++k)
+      EXPECT_EQ(rendezvous.store->get("t" + std::to_string(t) + "k" + std::to_string(k)),
+                std::vector<char>(16, static_cast<char>(t)));
 }
 
 TEST(GlooCollectives, TwoProcessesAllReduceOverLoopbackWithADeadline) {
