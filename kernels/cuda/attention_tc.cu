@@ -12,8 +12,9 @@
 // backward's packing of dO also writes, per row, lse·log2e and D (FP32, zeros on padding rows).
 //
 // For dqk 96 / dv 64 (bench-600m) the forward runs on WGMMA by default (attention_tc_wgmma.cu; model path on the
-// H200: 0.358 -> 0.255 ms, bench/results/2026-11-29-gpu-attn-h200-6f2dbec.txt); a WGMMA backward exists
-// (attention_tc_wgmma_bwd.cu) but is slower than this file's (1.77 vs 1.59 ms) and off by default. Tried and dropped
+// H200: 0.358 -> 0.255 ms, bench/results/2026-11-29-gpu-attn-h200-6f2dbec.txt) and so do dK and dV
+// (attention_tc_wgmma_bwd.cu: backward 0.83 against 1.03 ms with this file's dK/dV kernel), dQ then from the dS
+// they store by this file's attention_dq_stored_tc. Tried and dropped
 // (c90c775): the backward in one kernel, a block of 8 warps per (sequence, head) computing S, P, dP and dS once for
 // dK, dV and dQ, dQ added into dq in global memory in key-tile order: 1.56-1.63 vs 1.52-1.58 ms, because dq's
 // read-modify-write per pair (FP32, 48 KB) runs at HBM speed (~1.0 ms alone) and one 8-warp block per SM hides
@@ -22,7 +23,7 @@
 // (bench/results/2026-11-30-gpu-sweep-attn-dq-beside-h200-85ca6d7.txt).
 //
 // Blocks of 32·W threads (W = 4 or 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS, default 8 / 4; the
-// backward at 9065b0d: 1.04 ms with 4, 1.07 with 8, 1.16 on the WGMMA kernel,
+// backward at 9065b0d: 1.04 ms with 4, 1.07 with 8, 1.16 on the first WGMMA kernel,
 // bench/results/2026-11-30-gpu-attn-bwd-shapes-h200-9065b0d.txt) own a 16·W-row tile of one (sequence, head): warp w
 // rows 16w .. 16w+15, so every score row lives in one quad of lanes (mma C layout: lane holds rows lane/4 and lane/4 +
 // 8, columns 2·(lane%4) + {0, 1} of each 8-wide n-tile) and row reductions are 2 shuffles. In the forward a warp may
@@ -208,20 +209,6 @@ __global__ void __launch_bounds__(32 * WARPS)
   }
 }
 
-// The stored score gradients of the backward (MOERL_ATTN_TC_BWD_DQ=stored): per (sequence, head), one 64 x 64 BF16
-// block of dSᵀ [keys][queries] for each pair of a 64-query tile qt and a 64-key tile kc <= qt, at pair
-// qt·(qt + 1)/2 + kc: the causal triangle in tiles, zeros above the diagonal and past seq. Inside a pair, 8 x 8
-// sub-blocks (key rows 8 kb.., query columns 8 qb..) of 128 contiguous bytes each, sub-block kb·8 + qb, row-major
-// inside: a warp's store of one C fragment half (8 keys x 8 queries, 4 bytes a lane) is one 128-byte line, and
-// ldmatrix reads a sub-block's 8 rows of 16 bytes from shared memory without bank conflicts.
-__host__ __device__ constexpr int64_t ds_pairs(int64_t seq) {
-  const int64_t t = (seq + kCols - 1) / kCols;
-  return t * (t + 1) / 2;
-}
-__device__ __forceinline__ int64_t ds_pair(int qt, int kc) { return int64_t{qt} * (qt + 1) / 2 + kc; }
-__host__ __device__ constexpr int ds_sub(int kb, int qb) { return (kb * 8 + qb) * 64; }  // first element of a sub-block
-constexpr int64_t kDsPairElems = int64_t{kCols} * kCols;
-
 // Backward, dK and dV of key tile z (16·WARPS keys), over the 64-query tiles from its diagonal to the end. Rows are
 // keys j, score columns queries i: Pᵀ_ji = 2^(s_ij·scale·log2e − lse_i·log2e) for j <= i < seq, else 0;
 // dSᵀ = Pᵀ∘(dPᵀ − D_i); dV += Pᵀ·dO, dK += dSᵀ·Q (times scale at the end). stats: attention_pack_dout_kernel.
@@ -298,15 +285,7 @@ __global__ void __launch_bounds__(32 * WARPS)
           p[n][e] = !masked || (j <= i && i < seq) ? pe : 0.0f;
           ds[n][e] = p[n][e] * (ds[n][e] - Stt[2 * c + 1]);
         }
-      if constexpr (STORE_DS) {  // keys jr, jr + 8 (sub-block rows kb, kb + 1), queries n·8 + 2 (lane % 4) + {0, 1}
-        const int kb = (w0 % kCols) / 8;
-        bf16* t = ds_out + (bh * ds_pairs(seq) + ds_pair(qt, w0 / kCols)) * kDsPairElems + lane * 2;
-#pragma unroll
-        for (int n = 0; n < kNt; ++n) {
-          *reinterpret_cast<uint32_t*>(t + ds_sub(kb, n)) = pack_bf16(ds[n][0], ds[n][1]);
-          *reinterpret_cast<uint32_t*>(t + ds_sub(kb + 1, n)) = pack_bf16(ds[n][2], ds[n][3]);
-        }
-      }
+      if constexpr (STORE_DS) store_ds(ds_out, bh, seq, qt, w0, ds, lane);
       product<DVP>(dv_acc, p, dOt, LV, lane);
       product<DQP>(dk_acc, ds, Qt, LQ, lane);
     }
@@ -556,8 +535,6 @@ void pack_plain(const float* q, const float* k, const float* v, void* packed, in
   pack_operand(src(q, dqk), dqk, pl.q(packed), batch, seq, heads, pl.spad, stream);
   pack_operand(src(k, dqk), dqk, pl.k(packed), batch, seq, heads, pl.spad, stream);
   pack_operand(src(v, dv), dv, pl.v(packed), batch, seq, heads, pl.spad, stream);
-  if (forward_wgmma_warpgroups(dqk, dv) > 0)
-    pack_operand_t(src(v, dv), dv, pl.vt(packed), batch, seq, heads, pl.spad, stream);
 }
 
 }  // namespace
@@ -577,7 +554,7 @@ void attention_forward_bf16_packed(const void* packed, float* out, float* lse, i
     void* base = const_cast<void*>(packed);  // read only below
     const int s = static_cast<int>(seq), sp = static_cast<int>(pl.spad), h = static_cast<int>(heads);
     if (const int wg = forward_wgmma_warpgroups(DQ, DV); wg > 0) {
-      forward_wgmma({pl.q(base), pl.k(base), pl.vt(base), out, lse, static_cast<int>(batch), s, sp, h,
+      forward_wgmma({pl.q(base), pl.k(base), pl.v(base), out, lse, static_cast<int>(batch), s, sp, h,
                      scale * kLog2eTc, order},
                     wg, stream);
       return;
@@ -620,24 +597,6 @@ void backward_packed(const float* dout, const void* packed, const float* out, co
     bf16* dob = scratch.as<bf16>();
     float* stats = scratch.as<float>(pl.bytes_v);
     pack_dout(dout, out, lse, dob, stats, DV, batch, seq, heads, pl.spad, stream);
-    if (const int dq_wg = backward_wgmma_dq_warpgroups(DQ, DV); dq_wg > 0) {
-      // Transposed copies for the second products: dOᵀ (from the FP32 dout), Qᵀ and Kᵀ (from the packed ones).
-      cuda_detail::StreamScratch t(pl.bytes_v + 2 * pl.bytes_q, stream);
-      bf16* dot = t.as<bf16>();
-      bf16* qt = t.as<bf16>(pl.bytes_v);
-      bf16* kt = t.as<bf16>(pl.bytes_v + pl.bytes_q);
-      pack_operand_t(PackSrc{dout, heads * DV, DV, DV, nullptr, 0}, DV, dot, batch, seq, heads, pl.spad, stream);
-      transpose_packed(pl.q(base), qt, DQ, batch * heads, pl.spad, stream);
-      transpose_packed(pl.k(base), kt, DQ, batch * heads, pl.spad, stream);
-      backward_wgmma({pl.q(base), pl.k(base), pl.v(base), dob, qt, kt, dot, stats, dq, kv,
-                      static_cast<int>(batch), s, sp, h, scale, scale * kLog2eTc, order},
-                     dq_wg, stream);
-      if (rope != nullptr)  // this kernel stores dQ plain: rotated back after (the same bits)
-        rope_backward_with(*rope, dq + dq_rope.c0, batch * seq, seq, heads, heads * DQ, DQ, stream);
-      t.release();
-      scratch.release();
-      return;
-    }
     dispatch_warps("MOERL_ATTN_TC_BWD_WARPS", 4, [&](auto w_dim) {
       constexpr int W = decltype(w_dim)::value;
       constexpr size_t smem_dkdv = Smem<DQ, DV, W>::dkdv, smem_dq = Smem<DQ, DV, W>::dq;
@@ -647,11 +606,17 @@ void backward_packed(const float* dout, const void* packed, const float* out, co
                               static_cast<double>(kDsPairElems * sizeof(bf16));
       if (stored_dq(ds_bytes)) {
         cuda_detail::StreamScratch ds(static_cast<size_t>(ds_bytes), stream);
-        allow_smem<attention_dkdv_tc<DQ, DV, W, true>>(smem_dkdv);
-        attention_dkdv_tc<DQ, DV, W, true><<<grid, 32 * W, smem_dkdv, stream>>>(
-            pl.q(base), pl.k(base), pl.v(base), dob, stats, kv, s, sp, h, scale, scale * kLog2eTc, order,
-            ds.as<bf16>());
-        CUDA_CHECK_LAUNCH();
+        if (dkdv_wgmma_selected(DQ, DV)) {
+          dkdv_wgmma({pl.q(base), pl.k(base), pl.v(base), dob, stats, kv, ds.as<bf16>(), static_cast<int>(batch), s,
+                      sp, h, scale, scale * kLog2eTc, order},
+                     stream);
+        } else {
+          allow_smem<attention_dkdv_tc<DQ, DV, W, true>>(smem_dkdv);
+          attention_dkdv_tc<DQ, DV, W, true><<<grid, 32 * W, smem_dkdv, stream>>>(
+              pl.q(base), pl.k(base), pl.v(base), dob, stats, kv, s, sp, h, scale, scale * kLog2eTc, order,
+              ds.as<bf16>());
+          CUDA_CHECK_LAUNCH();
+        }
         // The dQ kernel's warps (MOERL_ATTN_TC_BWD_DQ_WARPS: 4, 8 or 16; 16 query rows a warp, so 1, 2 or 4 query
         // tiles share each K tile read; default 8). In the training step on the H200: bench-600m fp8 261.9-262.5k
         // tokens/s at 8 against 260.7-261.1k at 4 and 260.6-260.7k at 16, the kernel 0.276 ms at 16 against 0.278

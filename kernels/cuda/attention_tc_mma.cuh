@@ -17,6 +17,20 @@ using bf16 = __nv_bfloat16;
 constexpr int kCols = 64;       // rows of a streamed tile (keys or queries) = score columns
 constexpr int kNt = kCols / 8;  // 8-wide n-tiles of a score row block
 
+// The stored score gradients of the backward (MOERL_ATTN_TC_BWD_DQ=stored): per (sequence, head), one 64 x 64 BF16
+// block of dSᵀ [keys][queries] for each pair of a 64-query tile qt and a 64-key tile kc <= qt, at pair
+// qt·(qt + 1)/2 + kc: the causal triangle in tiles, zeros above the diagonal and past seq. Inside a pair, 8 x 8
+// sub-blocks (key rows 8 kb.., query columns 8 qb..) of 128 contiguous bytes each, sub-block kb·8 + qb, row-major
+// inside: a warp's store of one C fragment half (8 keys x 8 queries, 4 bytes a lane) is one 128-byte line, and
+// ldmatrix reads a sub-block's 8 rows of 16 bytes from shared memory without bank conflicts.
+__host__ __device__ constexpr int64_t ds_pairs(int64_t seq) {
+  const int64_t t = (seq + kCols - 1) / kCols;
+  return t * (t + 1) / 2;
+}
+__device__ __forceinline__ int64_t ds_pair(int qt, int kc) { return int64_t{qt} * (qt + 1) / 2 + kc; }
+__host__ __device__ constexpr int ds_sub(int kb, int qb) { return (kb * 8 + qb) * 64; }  // first element of a sub-block
+constexpr int64_t kDsPairElems = int64_t{kCols} * kCols;
+
 __host__ __device__ constexpr int pad16(int d) { return (d + 15) / 16 * 16; }
 // Row stride (bf16 elements) of a shared tile of padded width dp: an odd multiple of 8 elements (16 bytes).
 __host__ __device__ constexpr int row_stride(int dp) { return (dp / 8) % 2 == 1 ? dp : dp + 8; }
@@ -24,6 +38,32 @@ __host__ __device__ constexpr int row_stride(int dp) { return (dp / 8) % 2 == 1 
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
   return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// A warp's dSᵀ as the BF16 A fragments of its 4 query steps (da[kk]: n-tiles 2 kk and 2 kk + 1, each as the pair
+// (keys w0 + lane / 4, + 8) of mma.sync's C layout, packed) into its pair's block of ds_out (the ds_pairs layout
+// above, (sequence, head) bh): key rows w0 + lane / 4 (+ 8) are sub-block rows kb (kb + 1), queries n·8 + 2 (lane %
+// 4) + {0, 1} of query tile qt. The bits its own product uses.
+__device__ __forceinline__ void store_ds_frags(__nv_bfloat16* ds_out, int64_t bh, int seq, int qt, int w0,
+                                               const uint32_t (&da)[kNt / 2][4], int lane) {
+  const int kb = (w0 % kCols) / 8;
+  __nv_bfloat16* t = ds_out + (bh * ds_pairs(seq) + ds_pair(qt, w0 / kCols)) * kDsPairElems + lane * 2;
+#pragma unroll
+  for (int n = 0; n < kNt; ++n) {
+    *reinterpret_cast<uint32_t*>(t + ds_sub(kb, n)) = da[n / 2][2 * (n % 2)];
+    *reinterpret_cast<uint32_t*>(t + ds_sub(kb + 1, n)) = da[n / 2][2 * (n % 2) + 1];
+  }
+}
+// The same from the FP32 fragment ds (rounded here as its product rounds it).
+__device__ __forceinline__ void store_ds(__nv_bfloat16* ds_out, int64_t bh, int seq, int qt, int w0,
+                                         const float (&ds)[kNt][4], int lane) {
+  uint32_t da[kNt / 2][4];
+#pragma unroll
+  for (int n = 0; n < kNt; ++n) {
+    da[n / 2][2 * (n % 2)] = pack_bf16(ds[n][0], ds[n][1]);
+    da[n / 2][2 * (n % 2) + 1] = pack_bf16(ds[n][2], ds[n][3]);
+  }
+  store_ds_frags(ds_out, bh, seq, qt, w0, da, lane);
 }
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {

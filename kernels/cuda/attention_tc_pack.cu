@@ -99,53 +99,6 @@ __global__ void __launch_bounds__(kPackThreads)
   }
 }
 
-// dst [batch, heads, DP, spad] BF16 <- src transposed: block (x, bh) takes packed rows 64·x .. 64·x + 63 of
-// (sequence, head) bh through a shared [64][DP + 1] FP32 tile (coalesced 4-byte loads, 16-byte stores of 8 keys).
-template <int D>
-__global__ void __launch_bounds__(kPackThreads)
-    attention_pack_t_kernel(PackSrc src, bf16* __restrict__ dst, int seq, int spad, int heads) {
-  constexpr int DP = pad16(D);
-  __shared__ float tile[64][DP + 1];
-  const int s0 = static_cast<int>(blockIdx.x) * 64;
-  const int64_t bh = blockIdx.y, b = bh / heads, h = bh % heads;
-  for (int i = threadIdx.x; i < 64 * DP; i += kPackThreads) {
-    const int r = i / DP, c = i % DP, s = s0 + r;
-    float x = 0.0f;
-    if (s < seq && c < D) {
-      const int64_t tok = b * seq + s;
-      x = c < src.d1 ? src.a[tok * src.a_tok + h * src.a_head + c] : src.b[tok * src.b_tok + (c - src.d1)];
-    }
-    tile[r][c] = x;
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < DP * 8; i += kPackThreads) {
-    const int d = i / 8, k = (i % 8) * 8;
-    *reinterpret_cast<uint4*>(dst + (bh * DP + d) * spad + s0 + k) =
-        make_uint4(pack_bf16(tile[k][d], tile[k + 1][d]), pack_bf16(tile[k + 2][d], tile[k + 3][d]),
-                   pack_bf16(tile[k + 4][d], tile[k + 5][d]), pack_bf16(tile[k + 6][d], tile[k + 7][d]));
-  }
-}
-
-// The same transpose of a packed BF16 operand [bh][spad][DP] -> [bh][DP][spad] (exact: BF16 -> FP32 -> BF16).
-template <int DP>
-__global__ void __launch_bounds__(kPackThreads)
-    attention_transpose_kernel(const bf16* __restrict__ src, bf16* __restrict__ dst, int spad) {
-  __shared__ float tile[64][DP + 1];
-  const int s0 = static_cast<int>(blockIdx.x) * 64;
-  const int64_t bh = blockIdx.y;
-  for (int i = threadIdx.x; i < 64 * DP; i += kPackThreads) {
-    const int r = i / DP, c = i % DP;
-    tile[r][c] = __bfloat162float(src[(bh * spad + s0 + r) * DP + c]);
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < DP * 8; i += kPackThreads) {
-    const int d = i / 8, k = (i % 8) * 8;
-    *reinterpret_cast<uint4*>(dst + (bh * DP + d) * spad + s0 + k) =
-        make_uint4(pack_bf16(tile[k][d], tile[k + 1][d]), pack_bf16(tile[k + 2][d], tile[k + 3][d]),
-                   pack_bf16(tile[k + 4][d], tile[k + 5][d]), pack_bf16(tile[k + 6][d], tile[k + 7][d]));
-  }
-}
-
 unsigned pack_blocks(int64_t chunks) { return static_cast<unsigned>((chunks + kPackThreads - 1) / kPackThreads); }
 
 template <int D>
@@ -190,26 +143,17 @@ void pack_operand(const PackSrc& src, int64_t d, bf16* dst, int64_t batch, int64
   }
 }
 
-void pack_operand_t(const PackSrc& src, int64_t d, bf16* dst, int64_t batch, int64_t seq, int64_t heads,
-                    int64_t spad, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(spad / 64), static_cast<unsigned>(batch * heads));
-  const int s = static_cast<int>(seq), sp = static_cast<int>(spad), h = static_cast<int>(heads);
-  if (d == 16) attention_pack_t_kernel<16><<<grid, kPackThreads, 0, stream>>>(src, dst, s, sp, h);
-  else if (d == 64) attention_pack_t_kernel<64><<<grid, kPackThreads, 0, stream>>>(src, dst, s, sp, h);
-  else throw Error("moerl::cuda attention: no transposed packing kernel for head dim " + std::to_string(d));
-  CUDA_CHECK_LAUNCH();
-}
-
 namespace {
 
-// A pass's kernel switches: `kernel_var` unset, mma or wgmma; `wg_var` unset, 1 or 2 (empty strings when unset).
+// A pass's kernel switches: `kernel_var` unset, mma or wgmma; `wg_var` (if named) unset, 1 or 2 (empty strings when
+// unset).
 struct KernelChoice {
   std::string kernel, wg;
 };
 
 KernelChoice kernel_choice(const char* kernel_var, const char* wg_var) {
   const auto env = [](const char* name) {
-    const char* e = std::getenv(name);
+    const char* e = name != nullptr ? std::getenv(name) : nullptr;
     return std::string(e ? e : "");
   };
   KernelChoice c{env(kernel_var), env(wg_var)};
@@ -229,17 +173,9 @@ int forward_wgmma_warpgroups(int64_t dqk, int64_t dv) {
   return c.wg == "1" ? 1 : 2;
 }
 
-void transpose_packed(const bf16* src, bf16* dst, int64_t dp, int64_t batch_heads, int64_t spad, cudaStream_t stream) {
-  require(dp == 96, [&] { return "moerl::cuda attention: no transpose kernel for head dim " + std::to_string(dp); });
-  const dim3 grid(static_cast<unsigned>(spad / 64), static_cast<unsigned>(batch_heads));
-  attention_transpose_kernel<96><<<grid, kPackThreads, 0, stream>>>(src, dst, static_cast<int>(spad));
-  CUDA_CHECK_LAUNCH();
-}
-
-int backward_wgmma_dq_warpgroups(int64_t dqk, int64_t dv) {
-  const KernelChoice c = kernel_choice("MOERL_ATTN_TC_BWD_KERNEL", "MOERL_ATTN_TC_BWD_DQ_WG");
-  if (c.kernel != "wgmma" || dqk != 96 || dv != 64) return 0;
-  return c.wg == "2" ? 2 : 1;
+bool dkdv_wgmma_selected(int64_t dqk, int64_t dv) {
+  const KernelChoice c = kernel_choice("MOERL_ATTN_TC_BWD_KERNEL", nullptr);
+  return c.kernel == "wgmma" && dqk == 96 && dv == 64;
 }
 
 void pack_dout(const float* dout, const float* out, const float* lse, bf16* dst, float* stats, int64_t dv,
@@ -290,7 +226,6 @@ void attention_pack_mla_bf16(const float* q, const float* kv, const float* ckv, 
   pack_operand(qs, dqk, pl.q(packed), batch, seq, heads, pl.spad, stream);
   pack_operand(ks, dqk, pl.k(packed), batch, seq, heads, pl.spad, stream);
   pack_operand(vs, dv, pl.v(packed), batch, seq, heads, pl.spad, stream);
-  if (forward_wgmma_warpgroups(dqk, dv) > 0) pack_operand_t(vs, dv, pl.vt(packed), batch, seq, heads, pl.spad, stream);
 }
 
 bool attention_pack_mla_bf16_supported(int64_t kv_lora, int64_t dn, int64_t dr, int64_t dv) {

@@ -21,16 +21,12 @@ struct PackedLayout {
   int64_t spad, rows;  // padded sequence; packed rows batch·heads·spad
   size_t bytes_q, bytes_v;
   PackedLayout(int64_t batch, int64_t seq, int64_t heads, int64_t dqk, int64_t dv);
-  size_t bytes() const { return 2 * bytes_q + 2 * bytes_v; }
+  size_t bytes() const { return 2 * bytes_q + bytes_v; }
   // The parts of a packed buffer at base.
   __nv_bfloat16* q(void* base) const { return static_cast<__nv_bfloat16*>(base); }
   __nv_bfloat16* k(void* base) const { return reinterpret_cast<__nv_bfloat16*>(static_cast<char*>(base) + bytes_q); }
   __nv_bfloat16* v(void* base) const {
     return reinterpret_cast<__nv_bfloat16*>(static_cast<char*>(base) + 2 * bytes_q);
-  }
-  // Vᵀ [batch, heads, DVP, spad] (written only for the WGMMA forward: forward_wgmma_warpgroups).
-  __nv_bfloat16* vt(void* base) const {
-    return reinterpret_cast<__nv_bfloat16*>(static_cast<char*>(base) + 2 * bytes_q + bytes_v);
   }
 };
 
@@ -56,19 +52,16 @@ void check_pack_src(const char* where, const PackSrc& src, int64_t d);
 void pack_operand(const PackSrc& src, int64_t d, __nv_bfloat16* dst, int64_t batch, int64_t seq, int64_t heads,
                   int64_t spad, cudaStream_t stream);
 
-// dst [batch, heads, pad16(d), spad] <- src transposed (zeros as above); d in {16, 64}.
-void pack_operand_t(const PackSrc& src, int64_t d, __nv_bfloat16* dst, int64_t batch, int64_t seq, int64_t heads,
-                    int64_t spad, cudaStream_t stream);
-
 // Warpgroups per block of the WGMMA forward (attention_tc_wgmma.cu) for these head dims, or 0 for the mma.sync
 // forward: MOERL_ATTN_TC_FWD_KERNEL = mma | wgmma (default wgmma), MOERL_ATTN_TC_FWD_WG = 1 | 2 (default 2); WGMMA
 // only for dqk 96, dv 64. Throws moerl::Error on other values. Measured on the H200, bench-600m shape, model path
 // (bench/results/2026-11-29-gpu-attn-h200-6f2dbec.txt): forward 0.358 ms (mma, 8 warps) / 0.267 (wgmma, 1) / 0.255
-// (wgmma, 2 warpgroups: 337 TFLOP/s causal); the Vᵀ pass adds 0.06 ms to the packing (0.103 -> 0.162 ms).
+// (wgmma, 2 warpgroups: 337 TFLOP/s causal); it then read V from a transposed copy whose packing pass added 0.06 ms
+// (0.103 -> 0.162 ms); V is read MN-major where it lies since 2026-11-30 (attention_tc_wgmma.cuh).
 int forward_wgmma_warpgroups(int64_t dqk, int64_t dv);
 
 struct ForwardWgmmaArgs {
-  const __nv_bfloat16 *q, *k, *vt;  // packed Q, K, Vᵀ
+  const __nv_bfloat16 *q, *k, *v;  // packed Q, K, V
   float *out, *lse;
   int batch, seq, spad, heads;
   float scale_log2;
@@ -91,27 +84,25 @@ struct KvGradOut {
   int64_t dv_ld, dv_head;
 };
 
-// Backward on WGMMA (attention_tc_wgmma_bwd.cu), dqk 96 / dv 64: packed Q, K, V, dO, their transposes Qᵀ, Kᵀ, dOᵀ
-// [batch, heads, D, spad] and the stats of pack_dout.
+// dK and dV on WGMMA (attention_tc_wgmma_bwd.cu), dqk 96 / dv 64: packed Q, K, V, dO and the stats of pack_dout in,
+// dK and dV to `kv`, dSᵀ to ds (attention_tc.cu's ds_pairs layout, for attention_dq_stored_tc).
 struct BackwardWgmmaArgs {
-  const __nv_bfloat16 *q, *k, *v, *dout, *qt, *kt, *dout_t;
+  const __nv_bfloat16 *q, *k, *v, *dout;
   const float* stats;
-  float* dq;
   KvGradOut kv;  // where dK and dV go (attention_tc_mma.cuh)
+  __nv_bfloat16* ds;
   int batch, seq, spad, heads;
   float scale, scale_log2;
   bool seq_order;
 };
-void backward_wgmma(const BackwardWgmmaArgs& args, int dq_warpgroups, cudaStream_t stream);
+void dkdv_wgmma(const BackwardWgmmaArgs& args, cudaStream_t stream);
 
-// Warpgroups per block of the WGMMA backward's dQ kernel, or 0 for the mma.sync backward: MOERL_ATTN_TC_BWD_KERNEL =
-// mma | wgmma (default mma: the WGMMA one is slower, see attention_tc_wgmma_bwd.cu), MOERL_ATTN_TC_BWD_DQ_WG = 1 | 2
-// (default 1); WGMMA only for dqk 96, dv 64.
-int backward_wgmma_dq_warpgroups(int64_t dqk, int64_t dv);
-
-// dst [rows / spad sequences][dp][spad] <- src [.., spad, dp] (packed BF16, transposed per (sequence, head)); dp 96.
-void transpose_packed(const __nv_bfloat16* src, __nv_bfloat16* dst, int64_t dp, int64_t batch_heads, int64_t spad,
-                      cudaStream_t stream);
+// Whether the backward's dK/dV kernel is the WGMMA one (attention_tc_wgmma_bwd.cu) for these head dims:
+// MOERL_ATTN_TC_BWD_KERNEL = mma | wgmma (default mma), WGMMA only for dqk 96, dv 64 and with dQ from the stored dS
+// (MOERL_ATTN_TC_BWD_DQ=stored, the default; recompute runs the mma.sync kernels). Throws moerl::Error on other
+// values. H200, bench-600m's shape, model path: backward 0.827-0.833 ms against 1.029-1.041 with the mma.sync dK/dV
+// kernel, sdpa 0.848 (bench/results/2026-11-30-gpu-attn-wgmma-dkdv-h200-aabd216+wgmma.txt).
+bool dkdv_wgmma_selected(int64_t dqk, int64_t dv);
 
 // The backward's packing of dout [batch·seq, heads, dv] into dst (as pack_operand) and stats [batch, heads, spad, 2]
 // = (lse·log2e, D = Σ_c dout·out) per packed row (zeros on padding rows); dv in {16, 64}.

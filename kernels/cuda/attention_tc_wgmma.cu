@@ -2,10 +2,10 @@
 // dv 64), the default (MOERL_ATTN_TC_FWD_KERNEL=mma selects the mma.sync one; kernels/cuda/attention_tc.cu). Same
 // arithmetic as attention_forward_tc (BF16 operands, FP32 scores and sums, online softmax in base 2 with ex2.approx,
 // P rounded to BF16 for the product, lse saved), with each warpgroup (4 warps, 64 query rows) computing S = Q·Kᵀ by
-// wgmma.mma_async m64n64k16 from shared memory (Q and K tiles K-major) and O += P·V with P from registers and V
-// from a transposed packed copy Vᵀ [batch, heads, DVP, spad] (attention_tc_pack.hpp), so that V's tile is K-major
-// too. Shared tiles: 128-byte rows in WGMMA's 128-byte swizzle (16-byte chunk c of row r at c ^ (r % 8), as in
-// sm90_fp8_grouped_gemm.cu); Q and K (96 columns = 192 bytes a row) in two 128-byte panels (the second half used).
+// wgmma.mma_async m64n64k16 from shared memory (Q and K tiles K-major) and O += P·V with P from registers and V's
+// tile read MN-major where it lies (desc_mn; until 2026-11-30 from a transposed packed copy Vᵀ, one more packing
+// pass over V per layer). Shared tiles: 128-byte rows in WGMMA's 128-byte swizzle (16-byte chunk c of row r at
+// c ^ (r % 8), as in sm90_fp8_grouped_gemm.cu); Q and K (96 columns = 192 bytes a row) in two 128-byte panels (the second half used).
 // Key tiles of 64 rows, double-buffered with cp.async; the mask is applied on the tiles crossing a warp's
 // diagonal. Blocks of 1 or 2 warpgroups (MOERL_ATTN_TC_FWD_WG), one query tile of 64 per warpgroup.
 // Measured on the H200 (bench-600m shape, bench/results/2026-11-29-gpu-attn-h200-6f2dbec.txt): 0.255 ms, 337 TFLOP/s
@@ -30,17 +30,17 @@ constexpr float kLn2Wg = 0.6931471805599453f;
 
 template <int WG>
 __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks per SM (registers, shared memory)
-    attention_forward_wgmma(const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vtb,
+    attention_forward_wgmma(const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
                             float* __restrict__ out, float* __restrict__ lse, int seq, int spad, int heads,
                             float scale_log2, bool seq_order) {
   constexpr int DQ = 96, DV = 64, ROWS = 64 * WG, THREADS = 128 * WG;
   constexpr int Q_PANEL = ROWS * kRowBytes, K_PANEL = kKeyTile * kRowBytes;
-  constexpr int Q_BYTES = 2 * Q_PANEL, K_BYTES = 2 * K_PANEL, VT_BYTES = DV * kRowBytes;
+  constexpr int Q_BYTES = 2 * Q_PANEL, K_BYTES = 2 * K_PANEL, V_BYTES = kKeyTile * kRowBytes;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint8_t* base = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);  // swizzle atoms are 1024-byte aligned
   uint8_t* Qs = base;
   uint8_t* Ks = Qs + Q_BYTES;       // 2 stages
-  uint8_t* Vts = Ks + 2 * K_BYTES;  // 2 stages
+  uint8_t* Vs = Ks + 2 * K_BYTES;  // 2 stages
   const int lane = threadIdx.x % 32, wg = threadIdx.x / 128, wl = threadIdx.x / 32 % 4;
   int z, h, b;
   if (seq_order) z = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
@@ -48,11 +48,11 @@ __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks p
   const int tiles = (seq + ROWS - 1) / ROWS, qt = tiles - 1 - z, i0 = qt * ROWS;
   const int64_t bh = int64_t{b} * heads + h;
   const bf16* kh = kb + bh * spad * DQ;
-  const bf16* vth = vtb + bh * DV * spad;
+  const bf16* vh = vb + bh * spad * DV;
   const int last = min(i0 + ROWS - 1, seq - 1) / kKeyTile;  // the block's last key tile
   copy_rows<ROWS, DQ, THREADS>(Qs, qb + (bh * spad + i0) * DQ);
   copy_rows<kKeyTile, DQ, THREADS>(Ks, kh);
-  copy_t<DV, THREADS>(Vts, vth, spad);
+  copy_rows<kKeyTile, DV, THREADS>(Vs, vh);
   cp_async_commit();
 
   // The warpgroup's first row g0 (a multiple of 64: key tile 0 .. g0 / 64 are its tiles, the last one its
@@ -66,7 +66,7 @@ __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks p
     const int j0 = kt * kKeyTile, st = kt & 1;
     if (kt < last) {  // the stage st ^ 1 was last read in iteration kt - 1, before its closing barrier
       copy_rows<kKeyTile, DQ, THREADS>(Ks + (st ^ 1) * K_BYTES, kh + int64_t{j0 + kKeyTile} * DQ);
-      copy_t<DV, THREADS>(Vts + (st ^ 1) * VT_BYTES, vth + j0 + kKeyTile, spad);
+      copy_rows<kKeyTile, DV, THREADS>(Vs + (st ^ 1) * V_BYTES, vh + int64_t{j0 + kKeyTile} * DV);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -123,11 +123,11 @@ __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks p
         pa[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
         pa[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
       }
-      const uint32_t v_addr = smem_addr(Vts + st * VT_BYTES);
+      const uint32_t v_addr = smem_addr(Vs + st * V_BYTES);
       fence_frag(o);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) wgmma_rs(o, pa[kk], desc128(v_addr) + 2 * kk);
+      for (int kk = 0; kk < 4; ++kk) wgmma_rs(o, pa[kk], desc_mn(v_addr + kk * kMnStep, V_BYTES));  // keys 16 kk ..
       wgmma_commit();
       wgmma_wait_all();
       fence_frag(o);
@@ -155,12 +155,12 @@ __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks p
 
 template <int WG> void launch(const ForwardWgmmaArgs& a, cudaStream_t stream) {
   constexpr int ROWS = 64 * WG;
-  constexpr size_t smem = 1024 + 2 * ROWS * kRowBytes + 2 * 2 * kKeyTile * kRowBytes + 2 * 64 * kRowBytes;
+  constexpr size_t smem = 1024 + 2 * ROWS * kRowBytes + 2 * 2 * kKeyTile * kRowBytes + 2 * kKeyTile * kRowBytes;
   cuda_detail::allow_dynamic_smem<attention_forward_wgmma<WG>>(smem);  // once per device
   const auto tiles = static_cast<unsigned>((a.seq + ROWS - 1) / ROWS), h = static_cast<unsigned>(a.heads),
              b = static_cast<unsigned>(a.batch);
   const dim3 grid = a.seq_order ? dim3(tiles, h, b) : dim3(h, b, tiles);
-  attention_forward_wgmma<WG><<<grid, 128 * WG, smem, stream>>>(a.q, a.k, a.vt, a.out, a.lse, a.seq, a.spad, a.heads,
+  attention_forward_wgmma<WG><<<grid, 128 * WG, smem, stream>>>(a.q, a.k, a.v, a.out, a.lse, a.seq, a.spad, a.heads,
                                                                 a.scale_log2, a.seq_order);
   CUDA_CHECK_LAUNCH();
 }

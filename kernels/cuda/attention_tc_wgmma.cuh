@@ -2,8 +2,10 @@
 // tiles of 128-byte rows in WGMMA's 128-byte swizzle (16-byte chunk c of row r at c ^ (r % 8), 1024-byte aligned
 // atoms of 8 rows, as in sm90_fp8_grouped_gemm.cu), their descriptors, wgmma.mma_async m64n64k16 / m64n96k16 BF16
 // wrappers (accumulator d[n][e]: per warp of the warpgroup mma.sync's C layout of n-tile n, rows 16·warp ..), and
-// cp.async tile loaders. A K-major tile wider than 64 BF16 is stored as panels of 64 columns (ROWS x 128 bytes
-// each, one after the other). Device code only.
+// cp.async tile loaders. A tile wider than 64 BF16 is stored as panels of 64 columns (ROWS x 128 bytes each, one
+// after the other). The same stored tile [rows][columns] serves as a K-major operand (the reduction along its
+// columns: S = Q·Kᵀ) and as an MN-major one (the reduction along its rows: O += P·V, dV += Pᵀ·dO, dK += dSᵀ·Q; the
+// instruction's transpose flag), so no transposed copy of an operand is ever made. Device code only.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -37,6 +39,17 @@ __device__ __forceinline__ uint64_t desc128(uint32_t addr) {
          (uint64_t{1} << 62);
 }
 
+// Descriptor of a tile read MN-major: rows of the stored tile are the reduction (K) index, its columns the output's
+// (N); panels of 64 columns `panel_bytes` apart. In the 128-byte swizzle's MN-major canonical form (CUTLASS's
+// make_gmma_desc<Major::MN>: ((8,8,m),(8,k)) : ((1,8,LBO),(64,SBO)) in elements) the leading byte offset is the
+// step from one 64-column panel to the next and the stride byte offset the step from 8 rows to the next 8 (1024
+// bytes). K advances 16 rows = 2048 bytes (+128 in the descriptor) per instruction.
+__device__ __forceinline__ uint64_t desc_mn(uint32_t addr, uint32_t panel_bytes) {
+  return static_cast<uint64_t>((addr & 0x3FFFF) >> 4) | (uint64_t{(panel_bytes >> 4) & 0x3FFF} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+constexpr int kMnStep = 16 * kRowBytes;  // bytes from one 16-row K step of an MN-major tile to the next
+
 // Byte offset of 16-byte chunk c of row r in a swizzled panel.
 __device__ __forceinline__ int swz(int r, int c) { return r * kRowBytes + ((c ^ (r & 7)) << 4); }
 
@@ -60,15 +73,16 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[8][4], uint64_t desc_a, uint
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
-// d += a · bᵀ with a (64 x 16 BF16) from registers (per warp the A fragment of mma.sync m16n8k16: the C fragments
-// of two n-tiles rounded to BF16) and b (64 x 16) K-major in shared memory.
+// d (64 x 64) += a · b with a (64 x 16 BF16) from registers (per warp the A fragment of mma.sync m16n8k16: the C
+// fragments of two n-tiles rounded to BF16) and b (16 x 64) MN-major in shared memory (desc_mn: 16 rows of a stored
+// tile, its 64 columns the output's).
 __device__ __forceinline__ void wgmma_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
-      "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+      "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
       : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
         "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
         "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
@@ -80,8 +94,8 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[8][4], const uint32_t (&a)[4
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "r"(1));
 }
 
-// d (64 x 96 FP32, n-tiles 0-11) += a · bᵀ with a (64 x 16 BF16) from registers and b (96 x 16) K-major in shared
-// memory.
+// d (64 x 96 FP32, n-tiles 0-11) += a · b with a (64 x 16 BF16) from registers and b (16 x 96) MN-major in shared
+// memory (two panels: columns 0-63, then 64-95).
 __device__ __forceinline__ void wgmma_rs96(float (&d)[12][4], const uint32_t (&a)[4], uint64_t desc_b) {
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %53, 0;\n"
@@ -89,7 +103,7 @@ __device__ __forceinline__ void wgmma_rs96(float (&d)[12][4], const uint32_t (&a
       "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
       "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
       "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47"
-      "}, {%48, %49, %50, %51}, %52, p, 1, 1, 0;\n}\n"
+      "}, {%48, %49, %50, %51}, %52, p, 1, 1, 1;\n}\n"
       : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
         "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
         "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
@@ -116,21 +130,6 @@ __device__ __forceinline__ void copy_rows(uint8_t* dst, const bf16* __restrict__
     if (TOTAL % THREADS == 0 || t < TOTAL) {
       const int r = t / CH, c = t % CH;
       cp_async16(dst + (c / 8) * ROWS * kRowBytes + swz(r, c % 8), src + r * DP + c * 8);
-    }
-  }
-}
-
-// ROWS rows of 64 BF16 (128 bytes) at src with row stride ld (elements) -> one panel at dst (a tile of a transposed
-// packed operand: rows = head-dim columns, 64 sequence positions).
-template <int ROWS, int THREADS>
-__device__ __forceinline__ void copy_t(uint8_t* dst, const bf16* __restrict__ src, int ld) {
-  constexpr int TOTAL = ROWS * 8;
-#pragma unroll
-  for (int it = 0; it < (TOTAL + THREADS - 1) / THREADS; ++it) {
-    const int t = static_cast<int>(threadIdx.x) + it * THREADS;
-    if (TOTAL % THREADS == 0 || t < TOTAL) {
-      const int r = t / 8, c = t % 8;
-      cp_async16(dst + swz(r, c), src + int64_t{r} * ld + c * 8);
     }
   }
 }

@@ -206,11 +206,12 @@ void weight_scales(const float* s, int64_t experts, int64_t TN, int64_t TK, floa
   CUDA_CHECK_LAUNCH();
 }
 
-// The weight copies of `experts` matrices [rows, cols] read from w at w_stride apart into `out`'s places: one batched
-// copy where they lie packed (w_stride = rows · cols), else one copy per matrix (each lying whole in memory, so that
-// the optimizer can fuse each with its update: GpuAdamW takes only copies whose elements are one range).
+// The weight copies of `experts` matrices [rows, cols] read from w at w_stride apart into `out`'s places: one
+// batched copy where they lie packed (w_stride = rows · cols, or 0), else one copy per matrix (each lying whole in
+// memory, so that the optimizer can fuse each with its update: GpuAdamW takes only copies whose elements are one
+// range).
 std::vector<Fp8WeightCopy> stacked_copies(const float* w, int64_t w_stride, const fp8::cuda::Fp8WeightCodes& out) {
-  if (w_stride == out.rows * out.cols || out.batch == 1) return {Fp8WeightCopy{w, out}};
+  if (w_stride == 0 || w_stride == out.rows * out.cols || out.batch == 1) return {Fp8WeightCopy{w, out}};
   const int64_t stride = out.at.stride != 0 ? out.at.stride : out.rows * out.cols;
   const int64_t t_stride = out.at.t_stride != 0 ? out.at.t_stride : out.rows * out.cols;
   const int64_t blocks = tiles(out.rows) * tiles(out.cols);
@@ -292,8 +293,7 @@ const PreparedFp8Stack& fp8_stacked_weight(LinearContext::Impl& ctx, const float
   pw.stack = PreparedFp8Stack{codes, scales, codes_t, scales_t, experts, N, K, sw_stride, st_stride};
   if (pw.generation == 0) {
     const fp8::cuda::Fp8GemmScales gs{scales, scales_t, round_up(TK, 4), sw_stride, round_up(TN, 4), st_stride};
-    const int64_t ws = w_stride != 0 ? w_stride : N * K;
-    pw.copies = stacked_copies(w, ws, {experts, N, K, codes, block_scales, codes_t, {}, gs});
+    pw.copies = stacked_copies(w, w_stride, {experts, N, K, codes, block_scales, codes_t, {}, gs});
     pw.finish_scales = [=](cudaStream_t s) { weight_scales(block_scales, experts, TN, TK, scales, scales_t, s); };
   }
   if (pw.generation != ctx.generation) {
@@ -334,10 +334,9 @@ const PreparedFp8GateUp& fp8_stacked_gate_up(LinearContext::Impl& ctx, const flo
     const int64_t L4H = round_up(TH, 4), L4I = round_up(2 * TI, 4);
     const fp8::cuda::Fp8GemmScales gate_s{scales, scales_t, L4H, fprop_stride, L4I, dgrad_stride};
     const fp8::cuda::Fp8GemmScales up_s{scales + TI * L4H, scales_t + TI, L4H, fprop_stride, L4I, dgrad_stride};
-    const int64_t ws = w_stride != 0 ? w_stride : I * H;
-    pw.copies = stacked_copies(gate, ws, {experts, I, H, codes, gate_blocks, codes_t, at, gate_s});
+    pw.copies = stacked_copies(gate, w_stride, {experts, I, H, codes, gate_blocks, codes_t, at, gate_s});
     const fp8::cuda::Fp8WeightCodes up_out{experts, I, H, codes + Ip * H, up_blocks, codes_t + Ip, at, up_s};
-    for (const Fp8WeightCopy& c : stacked_copies(up, ws, up_out)) pw.copies.push_back(c);
+    for (const Fp8WeightCopy& c : stacked_copies(up, w_stride, up_out)) pw.copies.push_back(c);
     pw.finish_scales = [=](cudaStream_t s) {
       const dim3 grid(std::min<unsigned>(blocks_for(std::max(fprop_stride, dgrad_stride)), 64),
                       static_cast<unsigned>(experts));

@@ -178,8 +178,8 @@ int64_t moe_fp8_gate_up_ld(const MoeFp8Experts& w);
 // Elements from expert e's gate to expert e + 1's (w.gate_up_stride, or I · H where unset).
 int64_t moe_fp8_gate_up_stride(const MoeFp8Experts& w);
 // Whether the backward runs gate's and up's Wgrad as one GEMM per expert: gate and up interleaved (gate_up_stride
-// 2 I H, up and up_grad I H after gate and gate_grad), the lanes form with the pair's Dgrad (gate_up_side_by_side
-// with the fused SwiGLU backward), MOERL_MOE_WGRAD not `separate`.
+// 2 I H, or a single expert; up and up_grad I H after gate and gate_grad), the lanes form with the pair's Dgrad
+// (gate_up_side_by_side with the fused SwiGLU backward), MOERL_MOE_WGRAD not `separate`.
 bool moe_fp8_wgrad_pair(const MoeFp8Experts& w);
 
 // The GEMM form `requested` resolves to (Default read from MOERL_MOE_GEMM once per process).

@@ -551,7 +551,9 @@ int64_t moe_fp8_gate_up_stride(const MoeFp8Experts& w) {
 
 bool moe_fp8_wgrad_pair(const MoeFp8Experts& w) {
   const int64_t each = w.inter * w.hidden;
-  return w.gate_up_stride == 2 * each && w.up == w.gate + each && w.up_grad == w.gate_grad + each &&
+  // One expert (a dense layer): gate and up adjacent is enough, there is no next expert to stride to.
+  const bool interleaved = w.experts == 1 || w.gate_up_stride == 2 * each;
+  return interleaved && w.up == w.gate + each && w.up_grad == w.gate_grad + each &&
          moe_fp8_gemm(w.gemm) == MoeFp8Gemm::Lanes && !separate_gate_up_dgrad() && !separate_swiglu_backward() &&
          !separate_gate_up_wgrad();
 }

@@ -108,9 +108,7 @@ bool GpuDense::as_fp8_expert(Precision p) const {
 cuda::MoeFp8Experts GpuDense::fp8_expert() const {
   cuda::MoeFp8Experts w{w_.gate->value, w_.up->value, w_.down->value, w_.gate->grad, w_.up->grad,
                         w_.down->grad,  1,            hidden_,       inter_};
-  // gate and up adjacent, as ParamStore lays them out: their Wgrad is one GEMM (MoeFp8Experts::gate_up_stride).
-  const int64_t each = inter_ * hidden_;
-  if (w.up == w.gate + each && w.up_grad == w.gate_grad + each) w.gate_up_stride = 2 * each;
+  // gate and up adjacent, as ParamStore lays them out: their Wgrad is one GEMM (cuda::moe_fp8_wgrad_pair).
   // g | u side by side in BF16 over g_'s storage where the kernels take it; else g and u apart in FP32.
   w.gate_up_side_by_side = true;
   use_bf16_gate_up(w, g_);
@@ -181,13 +179,14 @@ GpuMoe::GpuMoe(const ModelConfig& c, ParamStore& params, const std::string& pref
   const DeviceParam& g0 = params.at(prefix + ".experts.0.gate_proj.weight");
   const DeviceParam& u0 = params.at(prefix + ".experts.0.up_proj.weight");
   const DeviceParam& d0 = params.at(prefix + ".experts.0.down_proj.weight");
+  const int64_t gs = expert_gate_up_stride(I, H);
   for (int64_t e = 0; e < E; ++e) {
     const std::string pe = prefix + ".experts." + std::to_string(e);
     const DeviceParam& g = params.at(pe + ".gate_proj.weight");
     const DeviceParam& u = params.at(pe + ".up_proj.weight");
     const DeviceParam& d = params.at(pe + ".down_proj.weight");
-    require(g.value == g0.value + e * 2 * I * H && u.value == g.value + I * H && d.value == d0.value + e * H * I &&
-                g.grad == g0.grad + e * 2 * I * H && u.grad == g.grad + I * H && d.grad == d0.grad + e * H * I,
+    require(g.value == g0.value + e * gs && u.value == g.value + I * H && d.value == d0.value + e * H * I &&
+                g.grad == g0.grad + e * gs && u.grad == g.grad + I * H && d.grad == d0.grad + e * H * I,
             [&] {
               return "GpuModel: " + pe +
                      ": expert weights are not laid out as ParamStore's (the GEMMs read them at fixed strides)";
@@ -350,13 +349,14 @@ float GpuMoe::forward(const float* x, float* y, const Run& r, float balance_alph
   }
 
   // Routed experts: gather, gate and up per expert, SwiGLU over all rows, down per expert, combine.
+  const int64_t gs = expert_gate_up_stride(I, H);
   Temp<float> xp(R * H, r);
   cuda::moe_gather(x, token_of_, R, H, xp.get(), r.stream);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t r0 = off[e], n = off[e + 1] - r0;
     if (n == 0) continue;
-    cuda::linear_forward(lin, p, xp.get() + r0 * H, gate_w_ + e * 2 * I * H, gp_ + r0 * I, n, I, H, r.stream);
-    cuda::linear_forward(lin, p, xp.get() + r0 * H, up_w_ + e * 2 * I * H, up_ + r0 * I, n, I, H, r.stream);
+    cuda::linear_forward(lin, p, xp.get() + r0 * H, gate_w_ + e * gs, gp_ + r0 * I, n, I, H, r.stream);
+    cuda::linear_forward(lin, p, xp.get() + r0 * H, up_w_ + e * gs, up_ + r0 * I, n, I, H, r.stream);
   }
   round_if_fp8(p, gp_, R * I, r.stream);
   round_if_fp8(p, up_, R * I, r.stream);
@@ -466,9 +466,10 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
     if (router_done) return;
   } else {
     Temp<float> xp(R * H, r), dyp(R * H, r), dxp(R * H, r);
+    const int64_t gs = expert_gate_up_stride(I, H);
     // Gradients written whole (each expert's own calls; zeros for the experts without rows) or added to.
     const bool fresh = take_all_unset(expert_params_, r.stream);
-    if (fresh) cuda::zero_expert_grads(gate_g_, up_g_, down_g_, E, I, H, off, r.stream, 2 * I * H);
+    if (fresh) cuda::zero_expert_grads(gate_g_, up_g_, down_g_, E, I, H, off, r.stream, gs);
     cuda::moe_gather(x_, token_of_, R, H, xp.get(), r.stream);
     cuda::moe_combine_backward(dy, yp_, topk_weight_, row_of_, T, K, H, dyp.get(), dweight.get(), r.stream);
     {
@@ -485,7 +486,7 @@ void GpuMoe::backward(const float* dy, float* dx, const Run& r) {
       for (int64_t e = 0; e < E; ++e) {
         const int64_t r0 = off[e], n = off[e + 1] - r0;
         if (n == 0) continue;
-        const int64_t at = e * 2 * I * H;  // expert e's gate and up (ParamStore interleaves them)
+        const int64_t at = e * gs;  // expert e's gate and up
         cuda::linear_backward(lin, p, dg.get() + r0 * I, xp.get() + r0 * H, gate_w_ + at, dxp.get() + r0 * H,
                               gate_g_ + at, n, I, H, r.stream, false, fresh);
         cuda::linear_backward(lin, p, du.get() + r0 * I, xp.get() + r0 * H, up_w_ + at, dxp_up.get() + r0 * H,
@@ -553,7 +554,7 @@ cuda::MoeFp8Experts GpuMoe::experts_fp8() const {
     return v == nullptr || *v != '0';
   }();
   cuda::MoeFp8Experts w{gate_w_, up_w_, down_w_, gate_g_, up_g_, down_g_, spec_.n_experts, hidden_, inter_};
-  w.gate_up_stride = 2 * inter_ * hidden_;  // ParamStore's layout (checked in the constructor)
+  w.gate_up_stride = expert_gate_up_stride(inter_, hidden_);  // checked in the constructor
   static const bool keep_h = [] {
     const char* v = std::getenv("MOERL_MOE_KEEP_H");
     return v == nullptr || *v != '0';

@@ -16,6 +16,10 @@
 
 namespace moerl::gpu::detail {
 
+// Elements from routed expert e's gate_proj to expert e + 1's (and between their gradients) in ParamStore's
+// layout: gate [I, H] then up [I, H], expert after expert.
+constexpr int64_t expert_gate_up_stride(int64_t inter, int64_t hidden) { return 2 * inter * hidden; }
+
 // A parameter's name, shape and trainable flag, in the order of its place in the allocations.
 struct ParamSpec {
   std::string name;

@@ -6,7 +6,7 @@
 // every block shape of the kernels (4 and 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS; forward warps of
 // 16 and 32 query rows: MOERL_ATTN_TC_FWD_WARP_ROWS), dQ recomputed or from stored dS (MOERL_ATTN_TC_BWD_DQ), and
 // the WGMMA forward and backward (MOERL_ATTN_TC_FWD_KERNEL /
-// _FWD_WG, MOERL_ATTN_TC_BWD_KERNEL / _BWD_DQ_WG; 96/64 only, with the same tolerances: they round the same values
+// _FWD_WG, MOERL_ATTN_TC_BWD_KERNEL; 96/64 only, with the same tolerances: they round the same values
 // to BF16 and only sum in another order). The packed entry points (operands kept from the forward for the backward,
 // MLA's k and v packed straight from kv and ckv) and both block orders must give the plain entry points' bits.
 //
@@ -258,12 +258,12 @@ TEST_F(AttentionBf16Gpu, ForwardAndBackwardMatchTheCpuReferenceOnBf16Inputs) {
       const WarpsEnv env(8, 4);
       check();
     }
-    // The WGMMA backward (96/64 only), its dQ kernel in blocks of 1 and 2 warpgroups.
-    for (const char* groups : {"1", "2"}) {
-      SCOPED_TRACE(std::string("WGMMA backward, dQ warpgroups ") + groups);
-      std::printf("attention bf16 WGMMA forward and backward, dQ %s warpgroups per block:\n", groups);
+    // The WGMMA dK/dV kernel (96/64 only; dQ from the dS it stores).
+    {
+      SCOPED_TRACE("WGMMA forward and dK/dV");
+      std::printf("attention bf16 WGMMA forward and dK/dV:\n");
       const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "wgmma"), bwd("MOERL_ATTN_TC_BWD_KERNEL", "wgmma"),
-          wg("MOERL_ATTN_TC_BWD_DQ_WG", groups);
+          dq("MOERL_ATTN_TC_BWD_DQ", "stored");
       check();
     }
   }
@@ -566,24 +566,23 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
   }
   {
     // As the model runs them: q, k, v packed once (that pass timed alone), then the forward and the backward on the
-    // packed operands, for each kernel choice (MOERL_ATTN_TC_FWD_KERNEL / _FWD_WG, MOERL_ATTN_TC_BWD_KERNEL /
-    // _BWD_DQ_WG) in both block orders (MOERL_ATTN_TC_ORDER).
+    // packed operands, for each kernel choice (MOERL_ATTN_TC_FWD_KERNEL / _FWD_WG, MOERL_ATTN_TC_BWD_KERNEL,
+    // MOERL_ATTN_TC_BWD_DQ) in both block orders (MOERL_ATTN_TC_ORDER).
     const size_t bytes = cuda::attention_bf16_packed_bytes(sh.batch, sh.seq, sh.heads, sh.dqk, sh.dv);
     DeviceFloats packed((bytes + 3) / 4), kv(static_cast<size_t>(sh.tokens() * sh.heads * (64 + sh.dv))),
         ckv(static_cast<size_t>(sh.tokens() * (256 + 32)));
     CUDA_CHECK(cudaMemset(kv.get(), 0, sh.tokens() * sh.heads * (64 + sh.dv) * sizeof(float)));
     CUDA_CHECK(cudaMemset(ckv.get(), 0, sh.tokens() * (256 + 32) * sizeof(float)));
     struct Variant {
-      const char *fwd, *fwd_wg, *bwd, *dq_wg, *order, *dq = "recompute";
+      const char *fwd, *fwd_wg, *bwd, *order, *dq = "stored";
     };
     for (const Variant& v :
-         {Variant{"mma", "2", "mma", "1", "tile"}, Variant{"wgmma", "1", "mma", "1", "tile"},
-          Variant{"wgmma", "2", "mma", "1", "tile"}, Variant{"wgmma", "2", "mma", "1", "tile", "stored"},
-          Variant{"wgmma", "2", "wgmma", "1", "tile"}, Variant{"wgmma", "2", "wgmma", "2", "tile"},
-          Variant{"wgmma", "2", "wgmma", "1", "seq"}}) {
+         {Variant{"mma", "2", "mma", "tile"}, Variant{"wgmma", "1", "mma", "tile"},
+          Variant{"wgmma", "2", "mma", "tile"}, Variant{"wgmma", "2", "mma", "tile", "recompute"},
+          Variant{"wgmma", "2", "wgmma", "tile"}, Variant{"wgmma", "2", "wgmma", "seq"}}) {
       const EnvVar e1("MOERL_ATTN_TC_FWD_KERNEL", v.fwd), e2("MOERL_ATTN_TC_FWD_WG", v.fwd_wg),
-          e3("MOERL_ATTN_TC_BWD_KERNEL", v.bwd), e4("MOERL_ATTN_TC_BWD_DQ_WG", v.dq_wg),
-          e5("MOERL_ATTN_TC_ORDER", v.order), e6("MOERL_ATTN_TC_BWD_DQ", v.dq);
+          e3("MOERL_ATTN_TC_BWD_KERNEL", v.bwd), e5("MOERL_ATTN_TC_ORDER", v.order),
+          e6("MOERL_ATTN_TC_BWD_DQ", v.dq);
       const double pack_ms = median_ms([&] {
         cuda::attention_pack_mla_bf16(gpu.q.get(), kv.get(), ckv.get(), 256, packed.get(), sh.batch, sh.seq,
                                       sh.heads, 64, 32, sh.dv);
@@ -597,9 +596,9 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
                                              gpu.dq.get(), gpu.dk.get(), gpu.dv.get(), sh.batch, sh.seq, sh.heads,
                                              sh.dqk, sh.dv, sh.scale());
       });
-      std::printf("attention bf16 packed (model path; forward %s wg %s, backward %s dq wg %s dq %s, %s order) %s: MLA "
+      std::printf("attention bf16 packed (model path; forward %s wg %s, backward %s dq %s, %s order) %s: MLA "
                   "pack %.3f ms; forward %.3f ms, %.1f TFLOP/s; backward %.3f ms, %.1f TFLOP/s (causal)\n",
-                  v.fwd, v.fwd_wg, v.bwd, v.dq_wg, v.dq, v.order, sh.name().c_str(), pack_ms, fwd_ms,
+                  v.fwd, v.fwd_wg, v.bwd, v.dq, v.order, sh.name().c_str(), pack_ms, fwd_ms,
                   fwd_flops / fwd_ms / 1e9, bwd_ms, bwd_flops / bwd_ms / 1e9);
     }
     gpu.forward(true, false);

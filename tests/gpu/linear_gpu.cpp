@@ -425,11 +425,6 @@ TEST_F(LinearGpu, ProjectionsSideBySideInMemoryShareOnePreparedWeightInFp8) {
       dy2(random_rows(M, N2, 0.01f, rng));
   const DeviceBuffer<float> w(random_rows(N1 + N2, K, 0.05f, rng));  // [w1; w2]
   const std::vector<float> dw0 = random_rows(N1 + N2, K, 0.1f, rng);
-  auto rel = [](const std::vector<float>& got, const std::vector<float>& want) {
-    double e = 0, r = 0;
-    for (size_t i = 0; i < want.size(); ++i) e += std::pow(double{got[i]} - want[i], 2), r += double{want[i]} * want[i];
-    return std::sqrt(e / r);
-  };
   for (const bool overwrite : {false, true}) {
     cuda::LinearContext apart, paired;
     const float *w1 = w.get(), *w2 = w.get() + N1 * K;
@@ -452,7 +447,8 @@ TEST_F(LinearGpu, ProjectionsSideBySideInMemoryShareOnePreparedWeightInFp8) {
     CUDA_CHECK(cudaDeviceSynchronize());
     EXPECT_EQ(z1.download(), y1.download()) << "forward, w1";
     EXPECT_EQ(z2.download(), y2.download()) << "forward, w2";
-    const double dx_err = rel(dx_b.download(), dx_a.download()), dw_err = rel(dw_b.download(), dw_a.download());
+    const double dx_err = moe_gpu_test::rel_l2(dx_b.download(), dx_a.download()),
+                 dw_err = moe_gpu_test::rel_l2(dw_b.download(), dw_a.download());
     std::printf("[ linear   ] fp8 [w1; w2] side by side (%s): dx rel_l2 %.1e, dw rel_l2 %.1e against the separate "
                 "calls (limit 1e-6)\n", overwrite ? "dw overwritten" : "dw added to", dx_err, dw_err);
     EXPECT_LT(dx_err, 1e-6);
