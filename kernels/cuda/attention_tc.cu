@@ -464,14 +464,20 @@ int forward_warp_rows() {
 // ms, backward 1.84 -> 1.94 ms (the L2 held the streamed tiles in tile order too); again with the stored dS (in the
 // training step, af27922): dK/dV 0.890 -> 0.914, dQ 0.249 -> 0.266, forward 0.252 -> 0.273 ms
 // (bench/results/2026-11-30-gpu-attn-stored-ds-h200-*.txt).
-bool seq_order() {
-  const char* e = std::getenv("MOERL_ATTN_TC_ORDER");
-  if (e == nullptr || *e == '\0') return false;
+bool seq_order(const char* name = "MOERL_ATTN_TC_ORDER", bool unset = false) {
+  const char* e = std::getenv(name);
+  if (e == nullptr || *e == '\0') return unset;
   const std::string v(e);
   require(v == "seq" || v == "tile",
-          [&] { return "moerl::cuda attention: MOERL_ATTN_TC_ORDER must be seq or tile, got " + v; });
+          [&] { return std::string("moerl::cuda attention: ") + name + " must be seq or tile, got " + v; });
   return v == "seq";
 }
+
+// The block order of the WGMMA backward's kernels (MOERL_ATTN_TC_BWD_ORDER, default seq: a (sequence, head)'s tiles
+// run together and read its streamed tiles while the L2 holds them). H200, model path: with the WGMMA dQ kernel the
+// backward took 0.770-0.796 ms in seq order against 0.843-0.874 in tile order; both WGMMA kernels in seq order
+// 0.767-0.777 against 0.790-0.791 (bench/results/2026-11-30-gpu-attn-wgmma-dq-h200-43a031f+dq.txt).
+bool wgmma_bwd_seq_order() { return seq_order("MOERL_ATTN_TC_BWD_ORDER", true); }
 
 // How the mma.sync backward gets dQ (MOERL_ATTN_TC_BWD_DQ): "stored" (the default: the dK/dV kernel also writes
 // dS, attention_dq_stored_tc reads it back) or "recompute" (attention_dq_tc: S, dP and dS again per query tile),
@@ -608,7 +614,7 @@ void backward_packed(const float* dout, const void* packed, const float* out, co
         cuda_detail::StreamScratch ds(static_cast<size_t>(ds_bytes), stream);
         if (dkdv_wgmma_selected(DQ, DV)) {
           dkdv_wgmma({pl.q(base), pl.k(base), pl.v(base), dob, stats, kv, ds.as<bf16>(), static_cast<int>(batch), s,
-                      sp, h, scale, scale * kLog2eTc, order},
+                      sp, h, scale, scale * kLog2eTc, wgmma_bwd_seq_order()},
                      stream);
         } else {
           allow_smem<attention_dkdv_tc<DQ, DV, W, true>>(smem_dkdv);
@@ -624,14 +630,20 @@ void backward_packed(const float* dout, const void* packed, const float* out, co
         // did warps of 32 query rows (each K fragment read once for two row blocks) pay: the kernel 0.240 ms at
         // 4 x 32 against 0.253 at 8 x 16, the step within noise (8 x 16 262.1-262.8k, 4 x 32 261.3-262.9k, 8 x 32
         // 262.3-263.0k tokens/s), so that variant was removed.
-        dispatch_warps<true>("MOERL_ATTN_TC_BWD_DQ_WARPS", 8, [&](auto dw_dim) {
-          constexpr int DW = decltype(dw_dim)::value;
-          constexpr size_t smem_dqs = dq_stored_smem<DQ, DW>();
-          allow_smem<attention_dq_stored_tc<DQ, DW>>(smem_dqs);
-          attention_dq_stored_tc<DQ, DW><<<grid_of(batch, seq, heads, 16 * DW, order), 32 * DW, smem_dqs, stream>>>(
-              pl.k(base), ds.as<bf16>(), dq, s, sp, h, scale, order, dq_rope);
-          CUDA_CHECK_LAUNCH();
-        });
+        if (dq_wgmma_selected(DQ, DV)) {
+          dq_wgmma({pl.k(base), ds.as<bf16>(), dq, dq_rope, static_cast<int>(batch), s, sp, h, scale,
+                    wgmma_bwd_seq_order()},
+                   stream);
+        } else {
+          dispatch_warps<true>("MOERL_ATTN_TC_BWD_DQ_WARPS", 8, [&](auto dw_dim) {
+            constexpr int DW = decltype(dw_dim)::value;
+            constexpr size_t smem_dqs = dq_stored_smem<DQ, DW>();
+            allow_smem<attention_dq_stored_tc<DQ, DW>>(smem_dqs);
+            attention_dq_stored_tc<DQ, DW><<<grid_of(batch, seq, heads, 16 * DW, order), 32 * DW, smem_dqs,
+                                             stream>>>(pl.k(base), ds.as<bf16>(), dq, s, sp, h, scale, order, dq_rope);
+            CUDA_CHECK_LAUNCH();
+          });
+        }
         ds.release();
         return;
       }

@@ -251,13 +251,6 @@ __device__ __forceinline__ void store_rows(float* __restrict__ dst, int64_t ldg,
   store_rows_split<D>(dst, ldg, dst, ldg, D, row0, seq, acc, factor, lane);
 }
 
-// RoPE rotated back on dQ's columns [c0, D) as dQ is stored (interleaved pairs, RoPE's tables at the row's
-// position): the bits of cuda::rope_backward on the stored rows. c0 < 0: none.
-struct DqRope {
-  RopeTables t;
-  int c0 = -1;
-};
-
 // store_rows (rows are positions in their sequence), dQ's rope columns rotated back.
 template <int D>
 __device__ __forceinline__ void store_rows_rope(float* __restrict__ dst, int64_t ldg, int row0, int seq,

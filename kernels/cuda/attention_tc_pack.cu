@@ -175,7 +175,12 @@ int forward_wgmma_warpgroups(int64_t dqk, int64_t dv) {
 
 bool dkdv_wgmma_selected(int64_t dqk, int64_t dv) {
   const KernelChoice c = kernel_choice("MOERL_ATTN_TC_BWD_KERNEL", nullptr);
-  return c.kernel == "wgmma" && dqk == 96 && dv == 64;
+  return c.kernel != "mma" && dqk == 96 && dv == 64;
+}
+
+bool dq_wgmma_selected(int64_t dqk, int64_t dv) {
+  const KernelChoice c = kernel_choice("MOERL_ATTN_TC_BWD_DQ_KERNEL", nullptr);
+  return c.kernel != "mma" && dqk == 96 && dv == 64;
 }
 
 void pack_dout(const float* dout, const float* out, const float* lse, bf16* dst, float* stats, int64_t dv,

@@ -4,8 +4,8 @@
 // BF16 for attention_dq_stored_tc, which then makes dQ), with the four products on wgmma.mma_async
 // (attention_tc_wgmma.cuh). No atomics: bit-identical from run to run.
 //   A block is one warpgroup owning 64 keys (K and V resident in shared memory, 24 KB); the 64-query tiles from its
-//   diagonal to the end stream through a ring of 2 stages (Q, dO and the 64 (lse·log2e, D) pairs, cp.async by all
-//   threads), 74 KB a block, three blocks an SM. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ read both operands K-major from shared
+//   diagonal to the end stream through a ring of 3 stages (Q, dO and the 64 (lse·log2e, D) pairs, cp.async by all
+//   threads), 98 KB a block, two blocks an SM. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ read both operands K-major from shared
 //   memory; dV += Pᵀ·dO and dK += dSᵀ·Q take Pᵀ and dSᵀ from registers (the C fragments of Sᵀ and dPᵀ) and read dO
 //   and Q MN-major where they lie.
 // The kernel it replaces (until 2026-11-30: blocks of 2 warpgroups over 128 keys, one block an SM, the second
@@ -20,7 +20,6 @@
 #include "kernels/cuda/attention_tc_wgmma.cuh"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/kernel_attributes.hpp"
-#include "runtime/util/env_switch.hpp"
 
 namespace moerl::cuda::attention_tc_detail {
 namespace {
@@ -54,22 +53,26 @@ __device__ __forceinline__ void score_products(float (&s)[8][4], float (&dp)[8][
 }
 
 // Shared layout of a block (bytes from the 1024-aligned base): own K (2 panels of 64 rows: head dims 0-63, 64-95),
-// own V, 2 stages of streamed tiles (Q's 2 panels, dO), then 2 stages of 64 (lse·log2e, D) pairs.
-struct DkdvSmem {
+// own V, S stages of streamed tiles (Q's 2 panels, dO), then S stages of 64 (lse·log2e, D) pairs.
+constexpr int kDkdvStages = 3;
+template <int S> struct DkdvSmem {
   static constexpr int ROWS = 64;  // keys of a block
   static constexpr int PANEL = 64 * kRowBytes;
   static constexpr int K_OWN = 2 * PANEL, V_OWN = PANEL;
   static constexpr int Q = 0, DO = 2 * PANEL, STAGE = 3 * PANEL;
-  static constexpr int STAGES = K_OWN + V_OWN, STATS = STAGES + 2 * STAGE;
-  static constexpr size_t BYTES = 1024 + STATS + 2 * 64 * 2 * sizeof(float);
+  static constexpr int STAGES = K_OWN + V_OWN, STATS = STAGES + S * STAGE;
+  static constexpr size_t BYTES = 1024 + STATS + S * 64 * 2 * sizeof(float);
+  static_assert(STAGE % 1024 == 0 && STAGES % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
+  static_assert(2 * (BYTES + 1024) <= 228 * 1024, "two blocks an SM");
 };
-static_assert(DkdvSmem::STAGE % 1024 == 0 && DkdvSmem::STAGES % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
-static_assert(3 * (DkdvSmem::BYTES + 1024) <= 228 * 1024, "three blocks an SM");
 
-// BLOCKS per SM: 2 (254 registers, no spills) or 3 (168 registers: 552 bytes spilled), MOERL_ATTN_TC_BWD_WGMMA_BLOCKS.
-template <int BLOCKS>
-__global__ void __launch_bounds__(128, BLOCKS) attention_dkdv_wgmma(const BackwardWgmmaArgs a) {
-  using L = DkdvSmem;
+// Two blocks an SM: 254 registers. (Three, at 168 registers, spilled 552 bytes and took 1.21-1.22 ms for the
+// backward against 0.84-0.85: bench/results/2026-11-30-gpu-attn-wgmma-dq-h200-43a031f+dq.txt.) S stages of the ring,
+// one barrier a tile: the stage refilled at tile qt was read at qt - 1, before it. 3 stages (98 KB a block): backward
+// 0.767 and 0.767 ms against 0.790 and 0.791 with 2, rounds interleaved (same file).
+template <int S>
+__global__ void __launch_bounds__(128, 2) attention_dkdv_wgmma(const BackwardWgmmaArgs a) {
+  using L = DkdvSmem<S>;
   constexpr int THREADS = 128;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint8_t* base = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
@@ -82,16 +85,21 @@ __global__ void __launch_bounds__(128, BLOCKS) attention_dkdv_wgmma(const Backwa
   const bf16* doh = a.dout + bh * spad * kDv;
   const float* sth = a.stats + bh * spad * 2;
   const int first = kt, last = (seq - 1) / 64;  // query tiles: the diagonal's to the last
-  const auto load_stream = [&](int qt, int st) {
-    uint8_t* s = base + L::STAGES + st * L::STAGE;
-    copy_rows<64, kDq, THREADS>(s + L::Q, qh + int64_t{qt} * 64 * kDq);
-    copy_rows<64, kDv, THREADS>(s + L::DO, doh + int64_t{qt} * 64 * kDv);
-    if (threadIdx.x < 32) cp_async16(St + st * 128 + 4 * threadIdx.x, sth + int64_t{qt} * 128 + 4 * threadIdx.x);
+  // Query tile qt into stage (qt - first) % S, as one commit group (empty past the last tile).
+  const auto load_stream = [&](int qt) {
+    if (qt <= last) {
+      const int st = (qt - first) % S;
+      uint8_t* s = base + L::STAGES + st * L::STAGE;
+      copy_rows<64, kDq, THREADS>(s + L::Q, qh + int64_t{qt} * 64 * kDq);
+      copy_rows<64, kDv, THREADS>(s + L::DO, doh + int64_t{qt} * 64 * kDv);
+      if (threadIdx.x < 32) cp_async16(St + st * 128 + 4 * threadIdx.x, sth + int64_t{qt} * 128 + 4 * threadIdx.x);
+    }
+    cp_async_commit();
   };
   copy_rows<L::ROWS, kDq, THREADS>(base, a.k + (bh * spad + j0) * kDq);
   copy_rows<L::ROWS, kDv, THREADS>(base + L::K_OWN, a.v + (bh * spad + j0) * kDv);
-  load_stream(first, 0);
-  cp_async_commit();
+#pragma unroll
+  for (int u = 0; u < S - 1; ++u) load_stream(first + u);  // K and V in the first group
 
   const int w0 = j0 + 16 * w, jr = w0 + lane / 4;  // the warp's first key; this thread's jr, jr + 8
   const uint32_t k_addr = smem_addr(base), v_addr = smem_addr(base + L::K_OWN);
@@ -99,12 +107,11 @@ __global__ void __launch_bounds__(128, BLOCKS) attention_dkdv_wgmma(const Backwa
   zero<96>(dk);
   zero<64>(dv);
   for (int qt = first; qt <= last; ++qt) {
-    const int i0 = qt * 64, st = (qt - first) & 1;
-    if (qt < last) load_stream(qt + 1, st ^ 1);  // the stage last read in iteration qt - 1, before its barrier
-    cp_async_commit();
-    cp_async_wait<1>();
+    const int i0 = qt * 64, st = (qt - first) % S;
+    cp_async_wait<S - 2>();  // this thread's copies of tile qt have landed
     fence_proxy_async();
-    __syncthreads();
+    __syncthreads();  // ... and everybody's; the stage of tile qt - 1 is no longer read
+    load_stream(qt + S - 1);
 
     const uint32_t sa = smem_addr(base + L::STAGES + st * L::STAGE);
     float s[8][4], dp[8][4];
@@ -140,26 +147,96 @@ __global__ void __launch_bounds__(128, BLOCKS) attention_dkdv_wgmma(const Backwa
     wgmma_wait_all();
     fence_frag(dv);
     fence_frag(dk);
-    __syncthreads();  // stage st is read before iteration qt + 1 refills it
   }
   store_kv_grads<kDq, kDv>(a.kv, b, h, seq, w0, dk, dv, a.scale, lane);
 }
 
-template <int BLOCKS> void launch(const dim3& grid, const BackwardWgmmaArgs& a, cudaStream_t stream) {
-  cuda_detail::allow_dynamic_smem<attention_dkdv_wgmma<BLOCKS>>(DkdvSmem::BYTES);  // once per device
-  attention_dkdv_wgmma<BLOCKS><<<grid, 128, DkdvSmem::BYTES, stream>>>(a);
+// dQ from the stored dSᵀ pair blocks (attention_tc_mma.cuh, ds_pairs): a block is one warpgroup owning a 64-query
+// tile (the longest first); the key tiles 0 .. its diagonal stream through a ring of 3 stages (K's 2 panels, 16 KB,
+// and the pair block, 8 KB, cp.async by all threads), 73 KB a block, three blocks an SM. dQ += dS·K takes dS's A
+// fragments from the pair block by ldmatrix.trans (as attention_dq_stored_tc) and reads K MN-major (desc_mn); dQ
+// stored times scale, its rope columns rotated back (store_rows_rope).
+struct DqSmem {
+  static constexpr int PANEL = 64 * kRowBytes;
+  static constexpr int K = 0, DS = 2 * PANEL, STAGE = DS + static_cast<int>(kDsPairElems * sizeof(bf16));
+  static constexpr int STAGES = 3;
+  static constexpr size_t BYTES = 1024 + STAGES * STAGE;
+};
+static_assert(DqSmem::STAGE % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
+static_assert(3 * (DqSmem::BYTES + 1024) <= 228 * 1024, "three blocks an SM");
+
+__global__ void __launch_bounds__(128, 3) attention_dq_wgmma(const DqWgmmaArgs a) {
+  using L = DqSmem;
+  constexpr int THREADS = 128, S = L::STAGES;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint8_t* base = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
+  const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+  const Pos pos = pos_of(a.seq_order);
+  const int seq = a.seq, qt = (seq + 63) / 64 - 1 - pos.z, h = pos.h, b = pos.b;
+  const int64_t bh = int64_t{b} * a.heads + h;
+  const bf16* kh = a.k + bh * a.spad * kDq;
+  const bf16* dsh = a.ds + bh * ds_pairs(seq) * kDsPairElems;
+  const auto load = [&](int kt) {  // key tile kt into stage kt % S, as one commit group (empty past the diagonal)
+    if (kt <= qt) {
+      uint8_t* st = base + (kt % S) * L::STAGE;
+      copy_rows<64, kDq, THREADS>(st + L::K, kh + int64_t{kt} * 64 * kDq);
+      const bf16* src = dsh + ds_pair(qt, kt) * kDsPairElems;
+#pragma unroll
+      for (int c = threadIdx.x; c < kDsPairElems / 8; c += THREADS) cp_async16(st + L::DS + 16 * c, src + 8 * c);
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int kt = 0; kt < S - 1; ++kt) load(kt);
+  const int qb = 2 * w;  // the warp's queries 16 w .. as sub-block columns
+  float dq[12][4];
+  zero<96>(dq);
+  for (int kt = 0; kt <= qt; ++kt) {
+    cp_async_wait<S - 2>();  // this thread's copies of tile kt have landed
+    fence_proxy_async();
+    __syncthreads();  // ... and everybody's; stage (kt - 1) % S, read by the waited WGMMAs of kt - 1, is free
+    load(kt + S - 1);
+    uint8_t* const st = base + (kt % S) * L::STAGE;
+    // dS's A fragment of keys 16 kk..: ldmatrix.trans of the dSᵀ sub-blocks (key block, query block) (2 kk, qb),
+    // (2 kk, qb + 1), (2 kk + 1, qb), (2 kk + 1, qb + 1); lane l gives the address of row l % 8 of matrix l / 8.
+    const bf16* D = reinterpret_cast<const bf16*>(st + L::DS);
+    uint32_t da[4][4];
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      ldsm_x4_trans(da[kk], D + ds_sub(2 * kk + lane / 16, qb + lane / 8 % 2) + lane % 8 * 8);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs96(dq, da[kk], desc_mn(smem_addr(st + L::K) + kk * kMnStep, L::PANEL));
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_frag(dq);
+  }
+  const int64_t ldq = int64_t{a.heads} * kDq, tok0 = int64_t{b} * seq;
+  store_rows_rope<kDq>(a.dq + tok0 * ldq + h * kDq, ldq, qt * 64 + 16 * w, seq, dq, a.scale, a.rope, lane);
+}
+
+template <int S> void launch_dkdv(const dim3& grid, const BackwardWgmmaArgs& a, cudaStream_t stream) {
+  cuda_detail::allow_dynamic_smem<attention_dkdv_wgmma<S>>(DkdvSmem<S>::BYTES);  // once per device
+  attention_dkdv_wgmma<S><<<grid, 128, DkdvSmem<S>::BYTES, stream>>>(a);
   CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
 
-void dkdv_wgmma(const BackwardWgmmaArgs& a, cudaStream_t stream) {
-  static const bool three = env_switch("MOERL_ATTN_TC_BWD_WGMMA_BLOCKS", "2", "3");
-  const auto tiles = static_cast<unsigned>((a.seq + DkdvSmem::ROWS - 1) / DkdvSmem::ROWS),
-             h = static_cast<unsigned>(a.heads), b = static_cast<unsigned>(a.batch);
+void dq_wgmma(const DqWgmmaArgs& a, cudaStream_t stream) {
+  cuda_detail::allow_dynamic_smem<attention_dq_wgmma>(DqSmem::BYTES);  // once per device
+  const auto tiles = static_cast<unsigned>((a.seq + 63) / 64), h = static_cast<unsigned>(a.heads),
+             b = static_cast<unsigned>(a.batch);
   const dim3 grid = a.seq_order ? dim3(tiles, h, b) : dim3(h, b, tiles);
-  if (three) launch<3>(grid, a, stream);
-  else launch<2>(grid, a, stream);
+  attention_dq_wgmma<<<grid, 128, DqSmem::BYTES, stream>>>(a);
+  CUDA_CHECK_LAUNCH();
+}
+
+void dkdv_wgmma(const BackwardWgmmaArgs& a, cudaStream_t stream) {
+  const auto tiles = static_cast<unsigned>((a.seq + 63) / 64), h = static_cast<unsigned>(a.heads),
+             b = static_cast<unsigned>(a.batch);
+  const dim3 grid = a.seq_order ? dim3(tiles, h, b) : dim3(h, b, tiles);
+  launch_dkdv<kDkdvStages>(grid, a, stream);
 }
 
 }  // namespace moerl::cuda::attention_tc_detail

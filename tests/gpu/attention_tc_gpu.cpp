@@ -5,9 +5,9 @@
 // it), outputs poisoned with NaN before every call; causal; sequence lengths not multiples of the 64-row tile;
 // every block shape of the kernels (4 and 8 warps: MOERL_ATTN_TC_FWD_WARPS / MOERL_ATTN_TC_BWD_WARPS; forward warps of
 // 16 and 32 query rows: MOERL_ATTN_TC_FWD_WARP_ROWS), dQ recomputed or from stored dS (MOERL_ATTN_TC_BWD_DQ), and
-// the WGMMA forward and backward (MOERL_ATTN_TC_FWD_KERNEL /
-// _FWD_WG, MOERL_ATTN_TC_BWD_KERNEL; 96/64 only, with the same tolerances: they round the same values
-// to BF16 and only sum in another order). The packed entry points (operands kept from the forward for the backward,
+// the WGMMA forward and backward (MOERL_ATTN_TC_FWD_KERNEL / _FWD_WG, MOERL_ATTN_TC_BWD_KERNEL,
+// MOERL_ATTN_TC_BWD_DQ_KERNEL; 96/64 only, with the same tolerances: they round the same values to BF16 and only sum
+// in another order). The packed entry points (operands kept from the forward for the backward,
 // MLA's k and v packed straight from kv and ckv) and both block orders must give the plain entry points' bits.
 //
 // Tolerance: relative L2 error ||gpu − ref|| / ||ref|| per tensor. With the inputs rounded alike, what remains is
@@ -258,12 +258,13 @@ TEST_F(AttentionBf16Gpu, ForwardAndBackwardMatchTheCpuReferenceOnBf16Inputs) {
       const WarpsEnv env(8, 4);
       check();
     }
-    // The WGMMA dK/dV kernel (96/64 only; dQ from the dS it stores).
-    {
-      SCOPED_TRACE("WGMMA forward and dK/dV");
-      std::printf("attention bf16 WGMMA forward and dK/dV:\n");
-      const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "wgmma"), bwd("MOERL_ATTN_TC_BWD_KERNEL", "wgmma"),
-          dq("MOERL_ATTN_TC_BWD_DQ", "stored");
+    // The WGMMA dK/dV kernel and the WGMMA dQ kernel (96/64 only; dQ from the dS stored), each beside the mma.sync
+    // other half and together.
+    for (auto [dkdv, dq_kernel] : {std::pair{"wgmma", "mma"}, {"mma", "wgmma"}, {"wgmma", "wgmma"}}) {
+      SCOPED_TRACE(std::string("WGMMA forward, dK/dV ") + dkdv + ", dQ " + dq_kernel);
+      std::printf("attention bf16 WGMMA forward, dK/dV %s, dQ %s:\n", dkdv, dq_kernel);
+      const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "wgmma"), bwd("MOERL_ATTN_TC_BWD_KERNEL", dkdv),
+          dq("MOERL_ATTN_TC_BWD_DQ", "stored"), dqk("MOERL_ATTN_TC_BWD_DQ_KERNEL", dq_kernel);
       check();
     }
   }
@@ -275,7 +276,8 @@ TEST_F(AttentionBf16Gpu, RepeatsBitForBitAndRefusesOtherHeadDims) {
   Gpu gpu(sh, random_tensors(sh, rng));
   for (const char* kernel : {"mma", "wgmma"}) {  // both kernel families, forward and backward
     SCOPED_TRACE(std::string("kernels ") + kernel);
-    const EnvVar env("MOERL_ATTN_TC_FWD_KERNEL", kernel), bwd("MOERL_ATTN_TC_BWD_KERNEL", kernel);
+    const EnvVar env("MOERL_ATTN_TC_FWD_KERNEL", kernel), bwd("MOERL_ATTN_TC_BWD_KERNEL", kernel),
+        dq("MOERL_ATTN_TC_BWD_DQ_KERNEL", kernel);
     gpu.forward(true);
     gpu.backward(true);
     const Results a = gpu.results();
@@ -316,14 +318,16 @@ TEST_F(AttentionBf16Gpu, StoredScoreGradientsGiveTheRecomputedBits) {
   for (const Shape& sh : {Shape{2, 300, 3, 96, 64, 1.0f}, Shape{1, 64, 2, 96, 64, 3.0f}, Shape{3, 130, 2, 24, 16, 1.0f},
                           Shape{1, 1000, 2, 96, 64, 1.0f}}) {
     Gpu gpu(sh, random_tensors(sh, rng));
-    const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "mma"), bwd("MOERL_ATTN_TC_BWD_KERNEL", "mma");
+    const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "mma"), bwd("MOERL_ATTN_TC_BWD_KERNEL", "mma"),
+        dq_kernel("MOERL_ATTN_TC_BWD_DQ_KERNEL", "mma");
     gpu.forward(true);
     for (auto [warps, dq_warps] : {std::pair{4, "4"}, {8, "4"}, {4, "8"}, {4, "16"}})
       for (const char* order : {"tile", "seq"}) {
         SCOPED_TRACE(sh.name() + ", " + std::to_string(warps) + " warps, dQ " + dq_warps + " warps, " + order +
                      " order, seed " + std::to_string(run_seed()));
         const WarpsEnv env(8, warps);
-        const EnvVar o("MOERL_ATTN_TC_ORDER", order), dqw("MOERL_ATTN_TC_BWD_DQ_WARPS", dq_warps);
+        const EnvVar o("MOERL_ATTN_TC_ORDER", order), dqo("MOERL_ATTN_TC_BWD_ORDER", order),
+            dqw("MOERL_ATTN_TC_BWD_DQ_WARPS", dq_warps);
         Results want, got;
         {
           const EnvVar dq("MOERL_ATTN_TC_BWD_DQ", "recompute");
@@ -378,9 +382,9 @@ MlaInputs mla_inputs(const Shape& sh, int64_t dn, int64_t kv_lora, std::mt19937_
 TEST_F(AttentionBf16Gpu, PackedEntryPointsAndBothBlockOrdersGiveTheSameBitsAsThePlainOnes) {
   // The model packs q, k, v once (k, v straight from kv_b_proj's output and the rope key) and keeps them for the
   // backward; that must change no bit against attention_forward_bf16 / _backward_bf16 on the assembled k, v. The
-  // block order (MOERL_ATTN_TC_ORDER) only moves blocks between SMs: no bit changes either. Shapes: both head dims
-  // (dn 16 / 64 of the tiny fixture and bench-600m), partial tiles, an odd kv_lora multiple of 4. The MLA entry point
-  // (dK and dV in kv_b_proj's gradient layout) gives the same values.
+  // block order (MOERL_ATTN_TC_ORDER, MOERL_ATTN_TC_BWD_ORDER) only moves blocks between SMs: no bit changes either.
+  // Shapes: both head dims (dn 16 / 64 of the tiny fixture and bench-600m), partial tiles, an odd kv_lora multiple of
+  // 4. The MLA entry point (dK and dV in kv_b_proj's gradient layout) gives the same values.
   std::mt19937_64 rng(run_seed() + 5);
   struct Case {
     Shape sh;
@@ -394,7 +398,7 @@ TEST_F(AttentionBf16Gpu, PackedEntryPointsAndBothBlockOrdersGiveTheSameBitsAsThe
     Gpu plain(sh, Tensors{m.q, m.k, m.v, m.dout});
     Results ref;
     {
-      const EnvVar order("MOERL_ATTN_TC_ORDER", "tile");
+      const EnvVar order("MOERL_ATTN_TC_ORDER", "tile"), dq_order("MOERL_ATTN_TC_BWD_ORDER", "tile");
       plain.forward(true);
       plain.backward(true);
       ref = plain.results();
@@ -403,7 +407,7 @@ TEST_F(AttentionBf16Gpu, PackedEntryPointsAndBothBlockOrdersGiveTheSameBitsAsThe
     DeviceFloats packed((cuda::attention_bf16_packed_bytes(sh.batch, sh.seq, sh.heads, sh.dqk, sh.dv) + 3) / 4);
     for (const char* o : {"tile", "seq"}) {
       SCOPED_TRACE(std::string("order ") + o);
-      const EnvVar order("MOERL_ATTN_TC_ORDER", o);
+      const EnvVar order("MOERL_ATTN_TC_ORDER", o), dq_order("MOERL_ATTN_TC_BWD_ORDER", o);
       plain.forward(true);
       plain.backward(true);
       const Results again = plain.results();
@@ -481,7 +485,8 @@ TEST_F(AttentionBf16Gpu, RopeAppliedByThePackingAndTheBackwardStoresGivesTheSepa
                                         sh.scale());
     for (const auto& [name, value] : {std::pair{"MOERL_ATTN_TC_BWD_DQ", "stored"},
                                       std::pair{"MOERL_ATTN_TC_BWD_DQ", "recompute"},
-                                      std::pair{"MOERL_ATTN_TC_BWD_KERNEL", "wgmma"}}) {
+                                      std::pair{"MOERL_ATTN_TC_BWD_KERNEL", "wgmma"},
+                                      std::pair{"MOERL_ATTN_TC_BWD_DQ_KERNEL", "wgmma"}}) {
       SCOPED_TRACE(std::string(name) + "=" + value);
       const EnvVar variant(name, value);
       DeviceFloats dq(static_cast<size_t>(T * H * sh.dqk)), d_kv(static_cast<size_t>(T * H * (dn + dv)));
@@ -574,15 +579,16 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
     CUDA_CHECK(cudaMemset(kv.get(), 0, sh.tokens() * sh.heads * (64 + sh.dv) * sizeof(float)));
     CUDA_CHECK(cudaMemset(ckv.get(), 0, sh.tokens() * (256 + 32) * sizeof(float)));
     struct Variant {
-      const char *fwd, *fwd_wg, *bwd, *order, *dq = "stored";
+      const char *fwd, *fwd_wg, *bwd, *dq_kernel, *order, *dq = "stored";
     };
     for (const Variant& v :
-         {Variant{"mma", "2", "mma", "tile"}, Variant{"wgmma", "1", "mma", "tile"},
-          Variant{"wgmma", "2", "mma", "tile"}, Variant{"wgmma", "2", "mma", "tile", "recompute"},
-          Variant{"wgmma", "2", "wgmma", "tile"}, Variant{"wgmma", "2", "wgmma", "seq"}}) {
+         {Variant{"mma", "2", "mma", "mma", "tile"}, Variant{"wgmma", "1", "mma", "mma", "tile"},
+          Variant{"wgmma", "2", "mma", "mma", "tile"}, Variant{"wgmma", "2", "mma", "mma", "tile", "recompute"},
+          Variant{"wgmma", "2", "wgmma", "mma", "tile"}, Variant{"wgmma", "2", "wgmma", "wgmma", "tile"},
+          Variant{"wgmma", "2", "wgmma", "wgmma", "seq"}}) {
       const EnvVar e1("MOERL_ATTN_TC_FWD_KERNEL", v.fwd), e2("MOERL_ATTN_TC_FWD_WG", v.fwd_wg),
-          e3("MOERL_ATTN_TC_BWD_KERNEL", v.bwd), e5("MOERL_ATTN_TC_ORDER", v.order),
-          e6("MOERL_ATTN_TC_BWD_DQ", v.dq);
+          e3("MOERL_ATTN_TC_BWD_KERNEL", v.bwd), e4("MOERL_ATTN_TC_BWD_DQ_KERNEL", v.dq_kernel),
+          e5("MOERL_ATTN_TC_ORDER", v.order), e6("MOERL_ATTN_TC_BWD_DQ", v.dq);
       const double pack_ms = median_ms([&] {
         cuda::attention_pack_mla_bf16(gpu.q.get(), kv.get(), ckv.get(), 256, packed.get(), sh.batch, sh.seq,
                                       sh.heads, 64, 32, sh.dv);
@@ -596,9 +602,9 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
                                              gpu.dq.get(), gpu.dk.get(), gpu.dv.get(), sh.batch, sh.seq, sh.heads,
                                              sh.dqk, sh.dv, sh.scale());
       });
-      std::printf("attention bf16 packed (model path; forward %s wg %s, backward %s dq %s, %s order) %s: MLA "
+      std::printf("attention bf16 packed (model path; forward %s wg %s, dK/dV %s, dQ %s %s, %s order) %s: MLA "
                   "pack %.3f ms; forward %.3f ms, %.1f TFLOP/s; backward %.3f ms, %.1f TFLOP/s (causal)\n",
-                  v.fwd, v.fwd_wg, v.bwd, v.dq, v.order, sh.name().c_str(), pack_ms, fwd_ms,
+                  v.fwd, v.fwd_wg, v.bwd, v.dq_kernel, v.dq, v.order, sh.name().c_str(), pack_ms, fwd_ms,
                   fwd_flops / fwd_ms / 1e9, bwd_ms, bwd_flops / bwd_ms / 1e9);
     }
     gpu.forward(true, false);
