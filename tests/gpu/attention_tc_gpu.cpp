@@ -307,6 +307,38 @@ std::string bit_differences(const std::vector<float>& a, const std::vector<float
   return std::to_string(n) + " of " + std::to_string(a.size()) + " differ, largest by " + std::to_string(worst);
 }
 
+TEST_F(AttentionBf16Gpu, WgmmaBackwardGivesTheMmaSyncBits) {
+  // The WGMMA dK/dV and dQ kernels (attention_tc_wgmma_bwd.cu) make the mma.sync kernels' products on the same BF16
+  // values, each 16-wide step of a dot product on the tensor cores and the steps summed in the same order (head dims
+  // 0 .. 95 for Sᵀ, queries in tile order for dK and dV, keys for dQ), so dQ, dK and dV keep the mma.sync bits (seen
+  // on the H200: the Brown training curves bit for bit unchanged). Either WGMMA kernel beside the other's mma.sync
+  // one, both block orders; shapes with one and several tiles, partial last tiles.
+  std::mt19937_64 rng(run_seed() + 8);
+  for (const Shape& sh :
+       {Shape{2, 300, 3, 96, 64, 1.0f}, Shape{1, 64, 2, 96, 64, 3.0f}, Shape{1, 1000, 2, 96, 64, 1.0f}}) {
+    Gpu gpu(sh, random_tensors(sh, rng));
+    gpu.forward(true);
+    Results want;
+    {
+      const EnvVar bwd("MOERL_ATTN_TC_BWD_KERNEL", "mma"), dq("MOERL_ATTN_TC_BWD_DQ_KERNEL", "mma");
+      gpu.backward(true);
+      want = gpu.results();
+    }
+    for (auto [dkdv, dq_kernel] : {std::pair{"wgmma", "mma"}, {"mma", "wgmma"}, {"wgmma", "wgmma"}})
+      for (const char* order : {"seq", "tile"}) {
+        SCOPED_TRACE(sh.name() + ", dK/dV " + dkdv + ", dQ " + dq_kernel + ", " + order + " order, seed " +
+                     std::to_string(run_seed()));
+        const EnvVar bwd("MOERL_ATTN_TC_BWD_KERNEL", dkdv), dq("MOERL_ATTN_TC_BWD_DQ_KERNEL", dq_kernel),
+            o("MOERL_ATTN_TC_BWD_ORDER", order);
+        gpu.backward(true);
+        const Results got = gpu.results();
+        EXPECT_TRUE(same_bits(got.dq, want.dq)) << "dQ: " << bit_differences(got.dq, want.dq);
+        EXPECT_TRUE(same_bits(got.dk, want.dk)) << "dK: " << bit_differences(got.dk, want.dk);
+        EXPECT_TRUE(same_bits(got.dv, want.dv)) << "dV: " << bit_differences(got.dv, want.dv);
+      }
+  }
+}
+
 TEST_F(AttentionBf16Gpu, StoredScoreGradientsGiveTheRecomputedBits) {
   // MOERL_ATTN_TC_BWD_DQ=stored (the default): the dK/dV kernel writes dSᵀ (BF16) and dQ's kernel reads it instead
   // of computing S, P and dS again (=recompute). Same products in the same order on the same BF16 values (the FP32
