@@ -155,7 +155,9 @@ __global__ void __launch_bounds__(128, 2) attention_dkdv_wgmma(const BackwardWgm
 // tile (the longest first); the key tiles 0 .. its diagonal stream through a ring of 3 stages (K's 2 panels, 16 KB,
 // and the pair block, 8 KB, cp.async by all threads), 73 KB a block, three blocks an SM. dQ += dS·K takes dS's A
 // fragments from the pair block by ldmatrix.trans (as attention_dq_stored_tc) and reads K MN-major (desc_mn); dQ
-// stored times scale, its rope columns rotated back (store_rows_rope).
+// stored times scale, its rope columns rotated back (store_rows_rope). Tried and not kept: blocks of 2 warpgroups over
+// 2 query tiles sharing each K tile (a third of the bytes read): backward 0.785 ms against 0.780-0.784, the same bits
+// (bench/results/2026-11-30-gpu-attn-wgmma-dq-h200-43a031f+dq.txt).
 struct DqSmem {
   static constexpr int PANEL = 64 * kRowBytes;
   static constexpr int K = 0, DS = 2 * PANEL, STAGE = DS + static_cast<int>(kDsPairElems * sizeof(bf16));
