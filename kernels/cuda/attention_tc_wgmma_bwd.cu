@@ -1,16 +1,18 @@
-// dK and dV of the tensor-core attention on Hopper's warpgroup MMA (sm_90a) for dqk 96 / dv 64, selected by
-// MOERL_ATTN_TC_BWD_KERNEL=wgmma (kernels/cuda/attention_tc.cu). The arithmetic of attention_dkdv_tc<.., true> (BF16
-// operands, FP32 scores, P recomputed from lse, P and dS rounded to BF16 for their products, FP32 sums, dSᵀ stored in
-// BF16 for attention_dq_stored_tc, which then makes dQ), with the four products on wgmma.mma_async
-// (attention_tc_wgmma.cuh). No atomics: bit-identical from run to run.
-//   A block is one warpgroup owning 64 keys (K and V resident in shared memory, 24 KB); the 64-query tiles from its
-//   diagonal to the end stream through a ring of 3 stages (Q, dO and the 64 (lse·log2e, D) pairs, cp.async by all
-//   threads), 98 KB a block, two blocks an SM. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ read both operands K-major from shared
-//   memory; dV += Pᵀ·dO and dK += dSᵀ·Q take Pᵀ and dSᵀ from registers (the C fragments of Sᵀ and dPᵀ) and read dO
-//   and Q MN-major where they lie.
-// The kernel it replaces (until 2026-11-30: blocks of 2 warpgroups over 128 keys, one block an SM, the second
-// products reading transposed copies Qᵀ, dOᵀ made by extra passes, and dQ by a WGMMA kernel recomputing dS) took
-// 1.16-1.77 ms for the whole backward against 1.03-1.04 for the mma.sync kernels.
+// The backward of the tensor-core attention on Hopper's warpgroup MMA (sm_90a) for dqk 96 / dv 64, the default
+// (MOERL_ATTN_TC_BWD_KERNEL=mma / MOERL_ATTN_TC_BWD_DQ_KERNEL=mma select the mma.sync kernels; attention_tc.cu).
+// dK and dV: the arithmetic of attention_dkdv_tc<.., true> (BF16 operands, FP32 scores, P recomputed from lse, P and
+// dS rounded to BF16 for their products, FP32 sums, dSᵀ stored in BF16), with the four products on wgmma.mma_async
+// (attention_tc_wgmma.cuh); dQ from that stored dSᵀ, as attention_dq_stored_tc. Each product sums its 16-wide steps
+// in the mma.sync kernels' order, so dQ, dK and dV keep their bits (tests/gpu/attention_tc_gpu.cpp). No atomics.
+//   dK/dV: a block is one warpgroup owning 64 keys (K and V resident in shared memory, 24 KB); the 64-query tiles
+//   from its diagonal to the end stream through a ring of 3 stages (Q, dO and the 64 (lse·log2e, D) pairs, cp.async
+//   by all threads), 98 KB a block, two blocks an SM. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ read both operands K-major from
+//   shared memory; dV += Pᵀ·dO and dK += dSᵀ·Q take Pᵀ and dSᵀ from registers (the C fragments of Sᵀ and dPᵀ) and
+//   read dO and Q MN-major where they lie.
+// H200, bench-600m's shape, model path: dK/dV 0.53 ms and dQ 0.22 a layer against 0.74 and 0.26 on mma.sync; the
+// backward 0.776 ms against PyTorch sdpa 0.903 / cuDNN 0.819 (bench/results/2026-11-30-gpu-h200-4e07587.jsonl). The
+// first WGMMA backward (until 2026-11-30: blocks of 2 warpgroups over 128 keys, one block an SM, the second products
+// reading transposed copies Qᵀ, dOᵀ made by extra passes, dQ recomputing dS) took 1.16-1.77 ms.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
