@@ -45,10 +45,9 @@ void attention_backward_bf16(const float* dout, const float* q, const float* k, 
                              const float* lse, float* dq, float* dk, float* dv_out, int64_t batch, int64_t seq,
                              int64_t heads, int64_t dqk, int64_t dv, float scale, cudaStream_t stream = nullptr);
 
-// The tensor-core kernels on operands packed once (kernels/cuda/attention_tc_pack.hpp: Q, K, V (and Vᵀ for the WGMMA
-// forward) rounded to BF16 in one buffer of attention_bf16_packed_bytes bytes, 16-byte aligned; the forward kernel
-// chosen at packing time must be the one the forward runs), so a caller that keeps the buffer from the
-// forward to the backward saves the backward's packing pass over q, k, v. attention_forward_bf16 /
+// The tensor-core kernels on operands packed once (kernels/cuda/attention_tc_pack.hpp: Q, K, V rounded to BF16 in one
+// buffer of attention_bf16_packed_bytes bytes, 16-byte aligned; every kernel reads the same buffer), so a caller that
+// keeps the buffer from the forward to the backward saves the backward's packing pass over q, k, v. attention_forward_bf16 /
 // attention_backward_bf16 above are these with a temporary buffer packed from q, k, v. Results are bit-identical
 // to theirs for the same q, k, v.
 size_t attention_bf16_packed_bytes(int64_t batch, int64_t seq, int64_t heads, int64_t dqk, int64_t dv);
