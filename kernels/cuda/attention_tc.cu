@@ -44,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <optional>
 #include <string>
 #include <type_traits>
 
@@ -479,9 +480,12 @@ bool seq_order(const char* name = "MOERL_ATTN_TC_ORDER", bool unset = false) {
 // 0.767-0.777 against 0.790-0.791 (bench/results/2026-11-30-gpu-attn-wgmma-dq-h200-43a031f+dq.txt).
 bool wgmma_bwd_seq_order() { return seq_order("MOERL_ATTN_TC_BWD_ORDER", true); }
 
-// How the mma.sync backward gets dQ (MOERL_ATTN_TC_BWD_DQ): "stored" (the default: the dK/dV kernel also writes
-// dS, attention_dq_stored_tc reads it back) or "recompute" (attention_dq_tc: S, dP and dS again per query tile),
-// same bits. Stored needs a temporary of ds_bytes (BF16 blocks of the causal triangle: 553 MB at bench-600m's
+// How the backward gets dQ (MOERL_ATTN_TC_BWD_DQ): "recompute" (the default: S, dP and dS again per query tile,
+// attention_dq_tc or the WGMMA dq_wgmma; no L x L matrix in memory, as issue 4 asks) or "stored" (the dK/dV kernel
+// also writes dS, attention_dq_stored_tc or dq_wgmma reads it back), same bits. On WGMMA, H200, rounds interleaved:
+// backward 0.869-0.873 ms recomputing against 0.774-0.776 stored, bench-600m fp8 302.7k / 301.7k against 302.9k /
+// 308.7k tokens/s, peak 22.72 against 22.99 GiB (bench/results/2026-11-30-gpu-attn-wgmma-dq-h200-43a031f+dq.txt);
+// stored was the default until then. The mma.sync kernels' history: Stored needs a temporary of ds_bytes (BF16 blocks of the causal triangle: 553 MB at bench-600m's
 // 8 x 2048 tokens, 16 heads; peak 23.96 against 23.70 GiB); above kStoredDsLimit it recomputes. Measured on the
 // H200 in the training step (bench/results/2026-11-30-gpu-attn-stored-ds-h200-*.txt): dK/dV 0.901 ms with the
 // stores against 0.861 without, dQ 0.278 against 0.533 ms, bench-600m fp8 261.1-262.5k against 254.6-256.2k
@@ -490,15 +494,14 @@ bool wgmma_bwd_seq_order() { return seq_order("MOERL_ATTN_TC_BWD_ORDER", true); 
 // Again at 02897b5 (BF16 logits): backward 1.03-1.04 ms stored against 1.19-1.20 recomputing, bench-600m fp8 287.9-
 // 291.1k against 281.5-283.0k tokens/s, peak 22.99 against 22.72 GiB; the recomputing dQ kernel in blocks of 8 warps
 // (171 registers: one block an SM) 1.27 ms (bench/results/2026-11-30-gpu-attn-dq-stored-vs-recompute-h200-02897b5.txt).
-// The stored dS is half of an L x L matrix per (sequence, head) in device memory (capped at kStoredDsLimit); issue
-// 4 asks for no materialised L x L matrix, which recompute honours at 2.5% of the step.
+// The stored dS is half of an L x L matrix per (sequence, head) in device memory (capped at kStoredDsLimit).
 constexpr double kStoredDsLimit = 4.0 * (1 << 30);
 bool stored_dq(double ds_bytes) {
   const char* e = std::getenv("MOERL_ATTN_TC_BWD_DQ");
   const std::string v = e == nullptr ? "" : e;
   require(v.empty() || v == "stored" || v == "recompute",
-          [&] { return "moerl::cuda attention: MOERL_ATTN_TC_BWD_DQ must be stored or recompute, got " + v; });
-  return v != "recompute" && ds_bytes <= kStoredDsLimit;
+          [&] { return "moerl::cuda attention: MOERL_ATTN_TC_BWD_DQ must be recompute or stored, got " + v; });
+  return v == "stored" && ds_bytes <= kStoredDsLimit;
 }
 
 // Checks the arguments common to all entry points; false when there is nothing to do.
@@ -610,19 +613,31 @@ void backward_packed(const float* dout, const void* packed, const float* out, co
       // In double: at the largest shapes check_tc allows, the product passes 2^63.
       const double ds_bytes = static_cast<double>(batch * heads) * static_cast<double>(ds_pairs(seq)) *
                               static_cast<double>(kDsPairElems * sizeof(bf16));
-      if (stored_dq(ds_bytes)) {
-        cuda_detail::StreamScratch ds(static_cast<size_t>(ds_bytes), stream);
-        if (dkdv_wgmma_selected(DQ, DV)) {
-          dkdv_wgmma({pl.q(base), pl.k(base), pl.v(base), dob, stats, kv, ds.as<bf16>(), static_cast<int>(batch), s,
-                      sp, h, scale, scale * kLog2eTc, wgmma_bwd_seq_order()},
-                     stream);
-        } else {
-          allow_smem<attention_dkdv_tc<DQ, DV, W, true>>(smem_dkdv);
-          attention_dkdv_tc<DQ, DV, W, true><<<grid, 32 * W, smem_dkdv, stream>>>(
-              pl.q(base), pl.k(base), pl.v(base), dob, stats, kv, s, sp, h, scale, scale * kLog2eTc, order,
-              ds.as<bf16>());
-          CUDA_CHECK_LAUNCH();
-        }
+      // The stored dSᵀ (MOERL_ATTN_TC_BWD_DQ=stored), written by the dK/dV kernel and read by dQ's.
+      const bool stored = stored_dq(ds_bytes);
+      std::optional<cuda_detail::StreamScratch> ds;
+      if (stored) ds.emplace(static_cast<size_t>(ds_bytes), stream);
+      bf16* const ds_out = stored ? ds->as<bf16>() : nullptr;
+      if (dkdv_wgmma_selected(DQ, DV)) {
+        dkdv_wgmma({pl.q(base), pl.k(base), pl.v(base), dob, stats, kv, ds_out, static_cast<int>(batch), s, sp, h,
+                    scale, scale * kLog2eTc, wgmma_bwd_seq_order()},
+                   stream);
+      } else if (stored) {
+        allow_smem<attention_dkdv_tc<DQ, DV, W, true>>(smem_dkdv);
+        attention_dkdv_tc<DQ, DV, W, true><<<grid, 32 * W, smem_dkdv, stream>>>(
+            pl.q(base), pl.k(base), pl.v(base), dob, stats, kv, s, sp, h, scale, scale * kLog2eTc, order, ds_out);
+        CUDA_CHECK_LAUNCH();
+      } else {
+        allow_smem<attention_dkdv_tc<DQ, DV, W>>(smem_dkdv);
+        attention_dkdv_tc<DQ, DV, W><<<grid, 32 * W, smem_dkdv, stream>>>(
+            pl.q(base), pl.k(base), pl.v(base), dob, stats, kv, s, sp, h, scale, scale * kLog2eTc, order);
+        CUDA_CHECK_LAUNCH();
+      }
+      if (dq_wgmma_selected(DQ, DV)) {
+        dq_wgmma({pl.q(base), pl.k(base), pl.v(base), dob, ds_out, stats, dq, dq_rope, static_cast<int>(batch), s, sp,
+                  h, scale, scale * kLog2eTc, wgmma_bwd_seq_order()},
+                 stream);
+      } else if (stored) {
         // The dQ kernel's warps (MOERL_ATTN_TC_BWD_DQ_WARPS: 4, 8 or 16; 16 query rows a warp, so 1, 2 or 4 query
         // tiles share each K tile read; default 8). In the training step on the H200: bench-600m fp8 261.9-262.5k
         // tokens/s at 8 against 260.7-261.1k at 4 and 260.6-260.7k at 16, the kernel 0.276 ms at 16 against 0.278
@@ -630,32 +645,22 @@ void backward_packed(const float* dout, const void* packed, const float* out, co
         // did warps of 32 query rows (each K fragment read once for two row blocks) pay: the kernel 0.240 ms at
         // 4 x 32 against 0.253 at 8 x 16, the step within noise (8 x 16 262.1-262.8k, 4 x 32 261.3-262.9k, 8 x 32
         // 262.3-263.0k tokens/s), so that variant was removed.
-        if (dq_wgmma_selected(DQ, DV)) {
-          dq_wgmma({pl.k(base), ds.as<bf16>(), dq, dq_rope, static_cast<int>(batch), s, sp, h, scale,
-                    wgmma_bwd_seq_order()},
-                   stream);
-        } else {
-          dispatch_warps<true>("MOERL_ATTN_TC_BWD_DQ_WARPS", 8, [&](auto dw_dim) {
-            constexpr int DW = decltype(dw_dim)::value;
-            constexpr size_t smem_dqs = dq_stored_smem<DQ, DW>();
-            allow_smem<attention_dq_stored_tc<DQ, DW>>(smem_dqs);
-            attention_dq_stored_tc<DQ, DW><<<grid_of(batch, seq, heads, 16 * DW, order), 32 * DW, smem_dqs,
-                                             stream>>>(pl.k(base), ds.as<bf16>(), dq, s, sp, h, scale, order, dq_rope);
-            CUDA_CHECK_LAUNCH();
-          });
-        }
-        ds.release();
-        return;
+        dispatch_warps<true>("MOERL_ATTN_TC_BWD_DQ_WARPS", 8, [&](auto dw_dim) {
+          constexpr int DW = decltype(dw_dim)::value;
+          constexpr size_t smem_dqs = dq_stored_smem<DQ, DW>();
+          allow_smem<attention_dq_stored_tc<DQ, DW>>(smem_dqs);
+          attention_dq_stored_tc<DQ, DW><<<grid_of(batch, seq, heads, 16 * DW, order), 32 * DW, smem_dqs, stream>>>(
+              pl.k(base), ds_out, dq, s, sp, h, scale, order, dq_rope);
+          CUDA_CHECK_LAUNCH();
+        });
+      } else {
+        allow_smem<attention_dq_tc<DQ, DV, W>>(smem_dq);
+        attention_dq_tc<DQ, DV, W><<<grid, 32 * W, smem_dq, stream>>>(pl.q(base), pl.k(base), pl.v(base), dob, stats,
+                                                                      dq, s, sp, h, scale, scale * kLog2eTc, order,
+                                                                      dq_rope);
+        CUDA_CHECK_LAUNCH();
       }
-      allow_smem<attention_dkdv_tc<DQ, DV, W>>(smem_dkdv);
-      allow_smem<attention_dq_tc<DQ, DV, W>>(smem_dq);
-      attention_dkdv_tc<DQ, DV, W><<<grid, 32 * W, smem_dkdv, stream>>>(
-          pl.q(base), pl.k(base), pl.v(base), dob, stats, kv, s, sp, h, scale, scale * kLog2eTc, order);
-      CUDA_CHECK_LAUNCH();
-      attention_dq_tc<DQ, DV, W><<<grid, 32 * W, smem_dq, stream>>>(pl.q(base), pl.k(base), pl.v(base), dob, stats,
-                                                                    dq, s, sp, h, scale, scale * kLog2eTc, order,
-                                                                    dq_rope);
-      CUDA_CHECK_LAUNCH();
+      if (ds) ds->release();
     });
     scratch.release();
   });

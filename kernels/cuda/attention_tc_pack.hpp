@@ -85,7 +85,7 @@ struct KvGradOut {
 };
 
 // dK and dV on WGMMA (attention_tc_wgmma_bwd.cu), dqk 96 / dv 64: packed Q, K, V, dO and the stats of pack_dout in,
-// dK and dV to `kv`, dSᵀ to ds (attention_tc.cu's ds_pairs layout, for attention_dq_stored_tc).
+// dK and dV to `kv`, dSᵀ to ds (attention_tc_mma.cuh's ds_pairs layout, for the dQ kernels) unless ds is null.
 struct BackwardWgmmaArgs {
   const __nv_bfloat16 *q, *k, *v, *dout;
   const float* stats;
@@ -104,26 +104,27 @@ struct DqRope {
   int c0 = -1;
 };
 
-// dQ on WGMMA from the dSᵀ blocks dkdv_wgmma (or attention_dkdv_tc<.., true>) stored: packed K in, dQ times scale
-// out ([tokens, heads, 96] FP32), its rope columns rotated back as `rope` says.
+// dQ on WGMMA: from the dSᵀ blocks dkdv_wgmma (or attention_dkdv_tc<.., true>) stored (ds set; q, v, dout and stats
+// unused), or with S, P and dS computed again from packed Q, K, V, dO and the stats of pack_dout (ds null). dQ times
+// scale out ([tokens, heads, 96] FP32), its rope columns rotated back as `rope` says.
 struct DqWgmmaArgs {
-  const __nv_bfloat16 *k, *ds;
+  const __nv_bfloat16 *q, *k, *v, *dout, *ds;
+  const float* stats;
   float* dq;
   DqRope rope;
   int batch, seq, spad, heads;
-  float scale;
+  float scale, scale_log2;
   bool seq_order;
 };
 void dq_wgmma(const DqWgmmaArgs& args, cudaStream_t stream);
 
 // Whether the backward's dK/dV kernel is the WGMMA one (attention_tc_wgmma_bwd.cu) for these head dims:
-// MOERL_ATTN_TC_BWD_KERNEL = mma | wgmma (default wgmma), WGMMA only for dqk 96, dv 64 and with dQ from the stored dS
-// (MOERL_ATTN_TC_BWD_DQ=stored, the default; recompute runs the mma.sync kernels). Throws moerl::Error on other
+// MOERL_ATTN_TC_BWD_KERNEL = mma | wgmma (default wgmma), WGMMA only for dqk 96, dv 64. Throws moerl::Error on other
 // values. H200, bench-600m's shape, model path: backward 0.827-0.833 ms against 1.029-1.041 with the mma.sync dK/dV
 // kernel, sdpa 0.848 (bench/results/2026-11-30-gpu-attn-wgmma-dkdv-h200-aabd216+wgmma.txt).
 bool dkdv_wgmma_selected(int64_t dqk, int64_t dv);
-// Whether dQ from the stored dS runs on WGMMA (dq_wgmma) for these head dims: MOERL_ATTN_TC_BWD_DQ_KERNEL = mma |
-// wgmma (default wgmma), dqk 96, dv 64 only.
+// Whether dQ runs on WGMMA (dq_wgmma) for these head dims: MOERL_ATTN_TC_BWD_DQ_KERNEL = mma | wgmma (default wgmma),
+// dqk 96, dv 64 only.
 bool dq_wgmma_selected(int64_t dqk, int64_t dv);
 
 // The backward's packing of dout [batch·seq, heads, dv] into dst (as pack_operand) and stats [batch, heads, spad, 2]

@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks p
   constexpr int Q_PANEL = ROWS * kRowBytes, K_PANEL = kKeyTile * kRowBytes;
   constexpr int Q_BYTES = 2 * Q_PANEL, K_BYTES = 2 * K_PANEL, V_BYTES = kKeyTile * kRowBytes;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  uint8_t* base = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);  // swizzle atoms are 1024-byte aligned
+  uint8_t* base = swizzle_base(smem_raw);
   uint8_t* Qs = base;
   uint8_t* Ks = Qs + Q_BYTES;       // 2 stages
   uint8_t* Vs = Ks + 2 * K_BYTES;  // 2 stages

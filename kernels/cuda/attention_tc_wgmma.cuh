@@ -50,6 +50,12 @@ __device__ __forceinline__ uint64_t desc_mn(uint32_t addr, uint32_t panel_bytes)
 }
 constexpr int kMnStep = 16 * kRowBytes;  // bytes from one 16-row K step of an MN-major tile to the next
 
+// The first 1024-byte aligned byte of a kernel's dynamic shared memory (swizzle atoms; the kernels ask for 1024
+// bytes more than their layout).
+__device__ __forceinline__ uint8_t* swizzle_base(unsigned char* smem) {
+  return smem + (1024 - smem_addr(smem) % 1024) % 1024;
+}
+
 // Byte offset of 16-byte chunk c of row r in a swizzled panel.
 __device__ __forceinline__ int swz(int r, int c) { return r * kRowBytes + ((c ^ (r & 7)) << 4); }
 

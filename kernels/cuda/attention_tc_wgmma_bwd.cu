@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(128, 2) attention_dkdv_wgmma(const BackwardWgm
   using L = DkdvSmem<S>;
   constexpr int THREADS = 128;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  uint8_t* base = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
+  uint8_t* base = swizzle_base(smem_raw);
   float* St = reinterpret_cast<float*>(base + L::STATS);
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
   const Pos pos = pos_of(a.seq_order);
@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(128, 2) attention_dkdv_wgmma(const BackwardWgm
       pa[kk][hi] = pack_bf16(s[n][0], s[n][1]), pa[kk][hi + 1] = pack_bf16(s[n][2], s[n][3]);
       da[kk][hi] = pack_bf16(dp[n][0], dp[n][1]), da[kk][hi + 1] = pack_bf16(dp[n][2], dp[n][3]);
     }
-    store_ds_frags(a.ds, bh, seq, qt, w0, da, lane);
+    if (a.ds != nullptr) store_ds_frags(a.ds, bh, seq, qt, w0, da, lane);
     fence_frag(dv);
     fence_frag(dk);
     wgmma_fence();
@@ -151,6 +151,16 @@ __global__ void __launch_bounds__(128, 2) attention_dkdv_wgmma(const BackwardWgm
     fence_frag(dk);
   }
   store_kv_grads<kDq, kDv>(a.kv, b, h, seq, w0, dk, dv, a.scale, lane);
+}
+
+// A dQ block's 64-query tile (the longest first: tiles - 1 - z) and its (sequence, head), bh = b · heads + h.
+struct QueryTile {
+  int qt, h, b;
+  int64_t bh;
+};
+__device__ __forceinline__ QueryTile query_tile(const DqWgmmaArgs& a) {
+  const Pos pos = pos_of(a.seq_order);
+  return {(a.seq + 63) / 64 - 1 - pos.z, pos.h, pos.b, int64_t{pos.b} * a.heads + pos.h};
 }
 
 // dQ from the stored dSᵀ pair blocks (attention_tc_mma.cuh, ds_pairs): a block is one warpgroup owning a 64-query
@@ -173,11 +183,9 @@ __global__ void __launch_bounds__(128, 3) attention_dq_wgmma(const DqWgmmaArgs a
   using L = DqSmem;
   constexpr int THREADS = 128, S = L::STAGES;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  uint8_t* base = smem_raw + ((1024 - smem_addr(smem_raw) % 1024) % 1024);
-  const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
-  const Pos pos = pos_of(a.seq_order);
-  const int seq = a.seq, qt = (seq + 63) / 64 - 1 - pos.z, h = pos.h, b = pos.b;
-  const int64_t bh = int64_t{b} * a.heads + h;
+  uint8_t* base = swizzle_base(smem_raw);
+  const int lane = threadIdx.x % 32, w = threadIdx.x / 32, seq = a.seq;
+  const auto [qt, h, b, bh] = query_tile(a);
   const bf16* kh = a.k + bh * a.spad * kDq;
   const bf16* dsh = a.ds + bh * ds_pairs(seq) * kDsPairElems;
   const auto load = [&](int kt) {  // key tile kt into stage kt % S, as one commit group (empty past the diagonal)
@@ -219,6 +227,89 @@ __global__ void __launch_bounds__(128, 3) attention_dq_wgmma(const DqWgmmaArgs a
   store_rows_rope<kDq>(a.dq + tok0 * ldq + h * kDq, ldq, qt * 64 + 16 * w, seq, dq, a.scale, a.rope, lane);
 }
 
+// dQ with S, P and dS computed again (MOERL_ATTN_TC_BWD_DQ=recompute: no dS in memory), as attention_dq_tc: a block is
+// one warpgroup owning a 64-query tile (the longest first) with its Q and dO resident (24 KB); the key tiles 0 .. its
+// diagonal stream through a ring of 3 stages (K's 2 panels and V, 24 KB, cp.async by all threads), 97 KB a block,
+// two blocks an SM. S = Q·Kᵀ and dP = dO·Vᵀ read both operands K-major; dQ += dS·K takes dS from registers and reads
+// K MN-major.
+struct DqRecomputeSmem {
+  static constexpr int PANEL = 64 * kRowBytes;
+  static constexpr int Q_OWN = 2 * PANEL, DO_OWN = PANEL;
+  static constexpr int K = 0, V = 2 * PANEL, STAGE = 3 * PANEL, STAGES = 3;
+  static constexpr int RING = Q_OWN + DO_OWN;
+  static constexpr size_t BYTES = 1024 + RING + STAGES * STAGE;
+  static_assert(STAGE % 1024 == 0 && RING % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
+  static_assert(2 * (BYTES + 1024) <= 228 * 1024, "two blocks an SM");
+};
+
+__global__ void __launch_bounds__(128, 2) attention_dq_recompute_wgmma(const DqWgmmaArgs a) {
+  using L = DqRecomputeSmem;
+  constexpr int THREADS = 128, S = L::STAGES;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  uint8_t* base = swizzle_base(smem_raw);
+  const int lane = threadIdx.x % 32, w = threadIdx.x / 32, seq = a.seq, spad = a.spad;
+  const auto [qt, h, b, bh] = query_tile(a);
+  const int i0 = qt * 64;
+  const bf16* kh = a.k + bh * spad * kDq;
+  const bf16* vh = a.v + bh * spad * kDv;
+  const auto load = [&](int kt) {  // key tile kt into stage kt % S, as one commit group (empty past the diagonal)
+    if (kt <= qt) {
+      uint8_t* st = base + L::RING + (kt % S) * L::STAGE;
+      copy_rows<64, kDq, THREADS>(st + L::K, kh + int64_t{kt} * 64 * kDq);
+      copy_rows<64, kDv, THREADS>(st + L::V, vh + int64_t{kt} * 64 * kDv);
+    }
+    cp_async_commit();
+  };
+  copy_rows<64, kDq, THREADS>(base, a.q + (bh * spad + i0) * kDq);
+  copy_rows<64, kDv, THREADS>(base + L::Q_OWN, a.dout + (bh * spad + i0) * kDv);
+#pragma unroll
+  for (int kt = 0; kt < S - 1; ++kt) load(kt);  // Q and dO in the first group
+
+  const int w0 = i0 + 16 * w, r0 = w0 + lane / 4;  // the warp's first query; this thread's r0, r0 + 8
+  float row_lse2[2], row_d[2];
+#pragma unroll
+  for (int e = 0; e < 2; ++e) {  // rows < spad; zeros on padding rows
+    row_lse2[e] = a.stats[2 * (bh * spad + r0 + 8 * e)];
+    row_d[e] = a.stats[2 * (bh * spad + r0 + 8 * e) + 1];
+  }
+  const uint32_t q_addr = smem_addr(base), do_addr = smem_addr(base + L::Q_OWN);
+  float dq[12][4];
+  zero<96>(dq);
+  for (int kt = 0; kt <= qt; ++kt) {
+    const int j0 = kt * 64;
+    cp_async_wait<S - 2>();  // this thread's copies of tile kt have landed
+    fence_proxy_async();
+    __syncthreads();  // ... and everybody's; stage (kt - 1) % S, read by the waited WGMMAs of kt - 1, is free
+    load(kt + S - 1);
+    const uint32_t st = smem_addr(base + L::RING + (kt % S) * L::STAGE);
+    float s[8][4], dp[8][4];
+    score_products(s, dp, q_addr, L::PANEL, st + L::K, do_addr, st + L::V);  // S = Q·Kᵀ, dP = dO·Vᵀ
+    const bool diagonal = j0 + 63 > w0;  // keys after some row of the warp (and keys >= seq) only here
+    uint32_t da[4][4];  // dS as the A fragments of the 4 key steps, packed n-tile by n-tile
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e / 2, i = r0 + 8 * r, j = j0 + n * 8 + (lane % 4) * 2 + e % 2;
+        const float ex = fast_exp2(s[n][e] * a.scale_log2 - row_lse2[r]);  // unconditional: a select, no branch
+        const float p = !diagonal || j <= i ? ex : 0.0f;
+        dp[n][e] = p * (dp[n][e] - row_d[r]);
+      }
+      const int kk = n / 2, hi = 2 * (n % 2);
+      da[kk][hi] = pack_bf16(dp[n][0], dp[n][1]), da[kk][hi + 1] = pack_bf16(dp[n][2], dp[n][3]);
+    }
+    fence_frag(dq);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs96(dq, da[kk], desc_mn(st + L::K + kk * kMnStep, L::PANEL));  // dS·K
+    wgmma_commit();
+    wgmma_wait_all();
+    fence_frag(dq);
+  }
+  const int64_t ldq = int64_t{a.heads} * kDq, tok0 = int64_t{b} * seq;
+  store_rows_rope<kDq>(a.dq + tok0 * ldq + h * kDq, ldq, w0, seq, dq, a.scale, a.rope, lane);
+}
+
 template <int S> void launch_dkdv(const dim3& grid, const BackwardWgmmaArgs& a, cudaStream_t stream) {
   cuda_detail::allow_dynamic_smem<attention_dkdv_wgmma<S>>(DkdvSmem<S>::BYTES);  // once per device
   attention_dkdv_wgmma<S><<<grid, 128, DkdvSmem<S>::BYTES, stream>>>(a);
@@ -228,11 +319,16 @@ template <int S> void launch_dkdv(const dim3& grid, const BackwardWgmmaArgs& a, 
 }  // namespace
 
 void dq_wgmma(const DqWgmmaArgs& a, cudaStream_t stream) {
-  cuda_detail::allow_dynamic_smem<attention_dq_wgmma>(DqSmem::BYTES);  // once per device
   const auto tiles = static_cast<unsigned>((a.seq + 63) / 64), h = static_cast<unsigned>(a.heads),
              b = static_cast<unsigned>(a.batch);
   const dim3 grid = a.seq_order ? dim3(tiles, h, b) : dim3(h, b, tiles);
-  attention_dq_wgmma<<<grid, 128, DqSmem::BYTES, stream>>>(a);
+  if (a.ds != nullptr) {
+    cuda_detail::allow_dynamic_smem<attention_dq_wgmma>(DqSmem::BYTES);  // once per device
+    attention_dq_wgmma<<<grid, 128, DqSmem::BYTES, stream>>>(a);
+  } else {
+    cuda_detail::allow_dynamic_smem<attention_dq_recompute_wgmma>(DqRecomputeSmem::BYTES);
+    attention_dq_recompute_wgmma<<<grid, 128, DqRecomputeSmem::BYTES, stream>>>(a);
+  }
   CUDA_CHECK_LAUNCH();
 }
 

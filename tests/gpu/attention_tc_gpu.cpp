@@ -239,13 +239,13 @@ TEST_F(AttentionBf16Gpu, ForwardAndBackwardMatchTheCpuReferenceOnBf16Inputs) {
         check();
       }
     }
-    // dQ with S, P and dS computed again instead of read back from the dK/dV kernel's stores (the default),
-    // backward blocks of 4 and 8 warps.
+    // dQ read back from the dK/dV kernel's stores (MOERL_ATTN_TC_BWD_DQ=stored; computing S, P and dS again is the
+    // default), backward blocks of 4 and 8 warps.
     for (int warps : {4, 8}) {
-      SCOPED_TRACE("dQ recomputing dS, " + std::to_string(warps) + " warps per block");
-      std::printf("attention bf16 kernels, dQ recomputing dS, backward %d warps per block:\n", warps);
+      SCOPED_TRACE("dQ from the stored dS, " + std::to_string(warps) + " warps per block");
+      std::printf("attention bf16 kernels, dQ from the stored dS, backward %d warps per block:\n", warps);
       const EnvVar kernel("MOERL_ATTN_TC_FWD_KERNEL", "mma"), bwd("MOERL_ATTN_TC_BWD_KERNEL", "mma"),
-          dq("MOERL_ATTN_TC_BWD_DQ", "recompute");
+          dq("MOERL_ATTN_TC_BWD_DQ", "stored");
       const WarpsEnv env(8, warps);
       check();
     }
@@ -312,7 +312,8 @@ TEST_F(AttentionBf16Gpu, WgmmaBackwardGivesTheMmaSyncBits) {
   // values, each 16-wide step of a dot product on the tensor cores and the steps summed in the same order (head dims
   // 0 .. 95 for Sᵀ, queries in tile order for dK and dV, keys for dQ), so dQ, dK and dV keep the mma.sync bits (seen
   // on the H200: the Brown training curves bit for bit unchanged). Either WGMMA kernel beside the other's mma.sync
-  // one, both block orders; shapes with one and several tiles, partial last tiles.
+  // one, both block orders, dQ from the stored dS and recomputed; shapes with one and several tiles, partial last
+  // tiles.
   std::mt19937_64 rng(run_seed() + 8);
   for (const Shape& sh :
        {Shape{2, 300, 3, 96, 64, 1.0f}, Shape{1, 64, 2, 96, 64, 3.0f}, Shape{1, 1000, 2, 96, 64, 1.0f}}) {
@@ -325,11 +326,11 @@ TEST_F(AttentionBf16Gpu, WgmmaBackwardGivesTheMmaSyncBits) {
       want = gpu.results();
     }
     for (auto [dkdv, dq_kernel] : {std::pair{"wgmma", "mma"}, {"mma", "wgmma"}, {"wgmma", "wgmma"}})
-      for (const char* order : {"seq", "tile"}) {
-        SCOPED_TRACE(sh.name() + ", dK/dV " + dkdv + ", dQ " + dq_kernel + ", " + order + " order, seed " +
-                     std::to_string(run_seed()));
+      for (auto [order, dq_mode] : {std::pair{"seq", "stored"}, {"tile", "stored"}, {"seq", "recompute"}}) {
+        SCOPED_TRACE(sh.name() + ", dK/dV " + dkdv + ", dQ " + dq_kernel + " " + dq_mode + ", " + order +
+                     " order, seed " + std::to_string(run_seed()));
         const EnvVar bwd("MOERL_ATTN_TC_BWD_KERNEL", dkdv), dq("MOERL_ATTN_TC_BWD_DQ_KERNEL", dq_kernel),
-            o("MOERL_ATTN_TC_BWD_ORDER", order);
+            o("MOERL_ATTN_TC_BWD_ORDER", order), mode("MOERL_ATTN_TC_BWD_DQ", dq_mode);
         gpu.backward(true);
         const Results got = gpu.results();
         EXPECT_TRUE(same_bits(got.dq, want.dq)) << "dQ: " << bit_differences(got.dq, want.dq);
@@ -340,8 +341,8 @@ TEST_F(AttentionBf16Gpu, WgmmaBackwardGivesTheMmaSyncBits) {
 }
 
 TEST_F(AttentionBf16Gpu, StoredScoreGradientsGiveTheRecomputedBits) {
-  // MOERL_ATTN_TC_BWD_DQ=stored (the default): the dK/dV kernel writes dSᵀ (BF16) and dQ's kernel reads it instead
-  // of computing S, P and dS again (=recompute). Same products in the same order on the same BF16 values (the FP32
+  // MOERL_ATTN_TC_BWD_DQ=stored: the dK/dV kernel writes dSᵀ (BF16) and dQ's kernel reads it instead of computing
+  // S, P and dS again (=recompute, the default). Same products in the same order on the same BF16 values (the FP32
   // scores Sᵀ = K·Qᵀ and S = Q·Kᵀ are the tensor cores' dot products of the same pairs), so dQ, dK and dV keep the
   // recomputing path's bits, in both block shapes and block orders, with dQ blocks of 4, 8 and 16 warps
   // (MOERL_ATTN_TC_BWD_DQ_WARPS). Shapes: both head dims, one and several tiles, partial last tiles (130 and 300 rows:
@@ -617,7 +618,8 @@ TEST_F(AttentionBf16Gpu, ReportsThroughputAgainstTheFp32Kernels) {
          {Variant{"mma", "2", "mma", "mma", "tile"}, Variant{"wgmma", "1", "mma", "mma", "tile"},
           Variant{"wgmma", "2", "mma", "mma", "tile"}, Variant{"wgmma", "2", "mma", "mma", "tile", "recompute"},
           Variant{"wgmma", "2", "wgmma", "mma", "tile"}, Variant{"wgmma", "2", "wgmma", "wgmma", "tile"},
-          Variant{"wgmma", "2", "wgmma", "wgmma", "seq"}}) {
+          Variant{"wgmma", "2", "wgmma", "wgmma", "seq"},
+          Variant{"wgmma", "2", "wgmma", "wgmma", "tile", "recompute"}}) {
       const EnvVar e1("MOERL_ATTN_TC_FWD_KERNEL", v.fwd), e2("MOERL_ATTN_TC_FWD_WG", v.fwd_wg),
           e3("MOERL_ATTN_TC_BWD_KERNEL", v.bwd), e4("MOERL_ATTN_TC_BWD_DQ_KERNEL", v.dq_kernel),
           e5("MOERL_ATTN_TC_ORDER", v.order), e6("MOERL_ATTN_TC_BWD_DQ", v.dq);
