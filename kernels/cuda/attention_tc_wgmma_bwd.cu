@@ -2,15 +2,18 @@
 // (MOERL_ATTN_TC_BWD_KERNEL=mma / MOERL_ATTN_TC_BWD_DQ_KERNEL=mma select the mma.sync kernels; attention_tc.cu).
 // dK and dV: the arithmetic of attention_dkdv_tc<.., true> (BF16 operands, FP32 scores, P recomputed from lse, P and
 // dS rounded to BF16 for their products, FP32 sums, dSᵀ stored in BF16), with the four products on wgmma.mma_async
-// (attention_tc_wgmma.cuh); dQ from that stored dSᵀ, as attention_dq_stored_tc. Each product sums its 16-wide steps
-// in the mma.sync kernels' order, so dQ, dK and dV keep their bits (tests/gpu/attention_tc_gpu.cpp). No atomics.
+// (attention_tc_wgmma.cuh); dQ with S, P and dS computed again (attention_dq_recompute_wgmma, the default) or from
+// that stored dSᵀ (attention_dq_wgmma, MOERL_ATTN_TC_BWD_DQ=stored). Each product sums its 16-wide steps in the
+// mma.sync kernels' order, so dQ, dK and dV keep their bits (tests/gpu/attention_tc_gpu.cpp). No atomics.
 //   dK/dV: a block is one warpgroup owning 64 keys (K and V resident in shared memory, 24 KB); the 64-query tiles
 //   from its diagonal to the end stream through a ring of 3 stages (Q, dO and the 64 (lse·log2e, D) pairs, cp.async
 //   by all threads), 98 KB a block, two blocks an SM. Sᵀ = K·Qᵀ and dPᵀ = V·dOᵀ read both operands K-major from
 //   shared memory; dV += Pᵀ·dO and dK += dSᵀ·Q take Pᵀ and dSᵀ from registers (the C fragments of Sᵀ and dPᵀ) and
 //   read dO and Q MN-major where they lie.
-// H200, bench-600m's shape, model path: dK/dV 0.53 ms and dQ 0.22 a layer against 0.74 and 0.26 on mma.sync; the
-// backward 0.776 ms against PyTorch sdpa 0.903 / cuDNN 0.819 (bench/results/2026-11-30-gpu-h200-4e07587.jsonl). The
+// H200, bench-600m's shape, training step's trace: dK/dV 0.51 ms a layer (0.53 storing dS) against 0.74 on mma.sync,
+// dQ 0.34 recomputed or 0.22 stored (mma.sync 0.26 stored); the backward 0.869 ms recomputing against PyTorch sdpa
+// 0.881 / cuDNN 0.891 (bench/results/2026-11-30-gpu-h200-9926944.jsonl), 0.776 storing against 0.903 / 0.819 (...-
+// 4e07587.jsonl). The
 // first WGMMA backward (until 2026-11-30: blocks of 2 warpgroups over 128 keys, one block an SM, the second products
 // reading transposed copies Qᵀ, dOᵀ made by extra passes, dQ recomputing dS) took 1.16-1.77 ms.
 #include <cuda_bf16.h>
