@@ -12,9 +12,9 @@
 // backward's packing of dO also writes, per row, lse·log2e and D (FP32, zeros on padding rows).
 //
 // For dqk 96 / dv 64 (bench-600m) the forward runs on WGMMA by default (attention_tc_wgmma.cu; model path on the
-// H200: 0.358 -> 0.255 ms, bench/results/2026-11-29-gpu-attn-h200-6f2dbec.txt) and so do dK and dV
-// (attention_tc_wgmma_bwd.cu: backward 0.83 against 1.03 ms with this file's dK/dV kernel), dQ then from the dS
-// they store by this file's attention_dq_stored_tc. Tried and dropped
+// H200: 0.358 -> 0.255 ms, bench/results/2026-11-29-gpu-attn-h200-6f2dbec.txt) and so does the backward
+// (attention_tc_wgmma_bwd.cu, the same bits as this file's kernels: 0.87 ms recomputing dQ against 1.19, 0.78 with
+// the stored dS against 1.03). Tried and dropped
 // (c90c775): the backward in one kernel, a block of 8 warps per (sequence, head) computing S, P, dP and dS once for
 // dK, dV and dQ, dQ added into dq in global memory in key-tile order: 1.56-1.63 vs 1.52-1.58 ms, because dq's
 // read-modify-write per pair (FP32, 48 KB) runs at HBM speed (~1.0 ms alone) and one 8-warp block per SM hides
