@@ -40,6 +40,13 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
+// N-tile n (mma.sync's C layout, 4 FP32 a lane) of a warp's 16 x 64 fragment rounded to BF16 into the A fragment of
+// its 16-wide K step: a[n / 2][0 .. 1] for even n, a[n / 2][2 .. 3] for odd n (rows lane / 4, then + 8).
+__device__ __forceinline__ void pack_a_ntile(uint32_t (&a)[kNt / 2][4], int n, const float (&c)[4]) {
+  a[n / 2][2 * (n % 2)] = pack_bf16(c[0], c[1]);
+  a[n / 2][2 * (n % 2) + 1] = pack_bf16(c[2], c[3]);
+}
+
 // A warp's dSᵀ as the BF16 A fragments of its 4 query steps (da[kk]: n-tiles 2 kk and 2 kk + 1, each as the pair
 // (keys w0 + lane / 4, + 8) of mma.sync's C layout, packed) into its pair's block of ds_out (the ds_pairs layout
 // above, (sequence, head) bh): key rows w0 + lane / 4 (+ 8) are sub-block rows kb (kb + 1), queries n·8 + 2 (lane %
@@ -59,10 +66,7 @@ __device__ __forceinline__ void store_ds(__nv_bfloat16* ds_out, int64_t bh, int 
                                          const float (&ds)[kNt][4], int lane) {
   uint32_t da[kNt / 2][4];
 #pragma unroll
-  for (int n = 0; n < kNt; ++n) {
-    da[n / 2][2 * (n % 2)] = pack_bf16(ds[n][0], ds[n][1]);
-    da[n / 2][2 * (n % 2) + 1] = pack_bf16(ds[n][2], ds[n][3]);
-  }
+  for (int n = 0; n < kNt; ++n) pack_a_ntile(da, n, ds[n]);
   store_ds_frags(ds_out, bh, seq, qt, w0, da, lane);
 }
 

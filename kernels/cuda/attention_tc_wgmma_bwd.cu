@@ -12,10 +12,10 @@
 //   read dO and Q MN-major where they lie.
 // H200, bench-600m's shape, training step's trace: dK/dV 0.51 ms a layer (0.53 storing dS) against 0.74 on mma.sync,
 // dQ 0.34 recomputed or 0.22 stored (mma.sync 0.26 stored); the backward 0.869 ms recomputing against PyTorch sdpa
-// 0.881 / cuDNN 0.891 (bench/results/2026-11-30-gpu-h200-9926944.jsonl), 0.776 storing against 0.903 / 0.819 (...-
-// 4e07587.jsonl). The
-// first WGMMA backward (until 2026-11-30: blocks of 2 warpgroups over 128 keys, one block an SM, the second products
-// reading transposed copies Qᵀ, dOᵀ made by extra passes, dQ recomputing dS) took 1.16-1.77 ms.
+// 0.881 / cuDNN 0.891 (bench/results/2026-11-30-gpu-h200-9926944.jsonl), 0.776 storing against 0.903 / 0.819
+// (...-4e07587.jsonl). The first WGMMA backward (until 2026-11-30: blocks of 2 warpgroups over 128 keys, one block
+// an SM, the second products reading transposed copies Qᵀ, dOᵀ made by extra passes, dQ recomputing dS) took
+// 1.16-1.77 ms.
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
@@ -57,17 +57,16 @@ __device__ __forceinline__ void score_products(float (&s)[8][4], float (&dp)[8][
   fence_frag(dp);
 }
 
-// Shared layout of a block (bytes from the 1024-aligned base): own K (2 panels of 64 rows: head dims 0-63, 64-95),
-// own V, S stages of streamed tiles (Q's 2 panels, dO), then S stages of 64 (lse·log2e, D) pairs.
-constexpr int kDkdvStages = 3;
-template <int S> struct DkdvSmem {
-  static constexpr int ROWS = 64;  // keys of a block
+// Shared layout of the dK/dV and the recomputing dQ kernels (bytes from the 1024-aligned base): the block's own
+// 64-row tiles of a 96-wide operand (2 panels: columns 0-63, 64-95; dK/dV: K, dQ: Q) and a 64-wide one (V; dO), then S
+// stages of the streamed 64-row tiles alike (Q, dO; K, V), then S stages of 64 (lse·log2e, D) pairs (dK/dV only).
+struct PairSmem {
+  static constexpr int S = 3;  // stages (see attention_dkdv_wgmma)
   static constexpr int PANEL = 64 * kRowBytes;
-  static constexpr int K_OWN = 2 * PANEL, V_OWN = PANEL;
-  static constexpr int Q = 0, DO = 2 * PANEL, STAGE = 3 * PANEL;
-  static constexpr int STAGES = K_OWN + V_OWN, STATS = STAGES + S * STAGE;
+  static constexpr int W96 = 0, W64 = 2 * PANEL, PAIR = 3 * PANEL;  // in a pair: its two tiles; a pair's bytes
+  static constexpr int RING = PAIR, STATS = RING + S * PAIR;         // offsets: stage 0, the (lse·log2e, D) pairs
   static constexpr size_t BYTES = 1024 + STATS + S * 64 * 2 * sizeof(float);
-  static_assert(STAGE % 1024 == 0 && STAGES % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
+  static_assert(PAIR % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
   static_assert(2 * (BYTES + 1024) <= 228 * 1024, "two blocks an SM");
 };
 
@@ -75,16 +74,15 @@ template <int S> struct DkdvSmem {
 // backward against 0.84-0.85: bench/results/2026-11-30-gpu-attn-wgmma-dq-h200-43a031f+dq.txt.) S stages of the ring,
 // one barrier a tile: the stage refilled at tile qt was read at qt - 1, before it. 3 stages (98 KB a block): backward
 // 0.767 and 0.767 ms against 0.790 and 0.791 with 2, rounds interleaved (same file).
-template <int S>
 __global__ void __launch_bounds__(128, 2) attention_dkdv_wgmma(const BackwardWgmmaArgs a) {
-  using L = DkdvSmem<S>;
-  constexpr int THREADS = 128;
+  using L = PairSmem;
+  constexpr int THREADS = 128, S = L::S;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint8_t* base = swizzle_base(smem_raw);
   float* St = reinterpret_cast<float*>(base + L::STATS);
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
   const Pos pos = pos_of(a.seq_order);
-  const int kt = pos.z, j0 = kt * L::ROWS, h = pos.h, b = pos.b, seq = a.seq, spad = a.spad;
+  const int kt = pos.z, j0 = kt * 64, h = pos.h, b = pos.b, seq = a.seq, spad = a.spad;
   const int64_t bh = int64_t{b} * a.heads + h;
   const bf16* qh = a.q + bh * spad * kDq;
   const bf16* doh = a.dout + bh * spad * kDv;
@@ -94,20 +92,20 @@ __global__ void __launch_bounds__(128, 2) attention_dkdv_wgmma(const BackwardWgm
   const auto load_stream = [&](int qt) {
     if (qt <= last) {
       const int st = (qt - first) % S;
-      uint8_t* s = base + L::STAGES + st * L::STAGE;
-      copy_rows<64, kDq, THREADS>(s + L::Q, qh + int64_t{qt} * 64 * kDq);
-      copy_rows<64, kDv, THREADS>(s + L::DO, doh + int64_t{qt} * 64 * kDv);
+      uint8_t* s = base + L::RING + st * L::PAIR;
+      copy_rows<64, kDq, THREADS>(s + L::W96, qh + int64_t{qt} * 64 * kDq);
+      copy_rows<64, kDv, THREADS>(s + L::W64, doh + int64_t{qt} * 64 * kDv);
       if (threadIdx.x < 32) cp_async16(St + st * 128 + 4 * threadIdx.x, sth + int64_t{qt} * 128 + 4 * threadIdx.x);
     }
     cp_async_commit();
   };
-  copy_rows<L::ROWS, kDq, THREADS>(base, a.k + (bh * spad + j0) * kDq);
-  copy_rows<L::ROWS, kDv, THREADS>(base + L::K_OWN, a.v + (bh * spad + j0) * kDv);
+  copy_rows<64, kDq, THREADS>(base + L::W96, a.k + (bh * spad + j0) * kDq);
+  copy_rows<64, kDv, THREADS>(base + L::W64, a.v + (bh * spad + j0) * kDv);
 #pragma unroll
   for (int u = 0; u < S - 1; ++u) load_stream(first + u);  // K and V in the first group
 
   const int w0 = j0 + 16 * w, jr = w0 + lane / 4;  // the warp's first key; this thread's jr, jr + 8
-  const uint32_t k_addr = smem_addr(base), v_addr = smem_addr(base + L::K_OWN);
+  const uint32_t k_addr = smem_addr(base + L::W96), v_addr = smem_addr(base + L::W64);
   float dk[12][4], dv[8][4];
   zero<96>(dk);
   zero<64>(dv);
@@ -118,13 +116,13 @@ __global__ void __launch_bounds__(128, 2) attention_dkdv_wgmma(const BackwardWgm
     __syncthreads();  // ... and everybody's; the stage of tile qt - 1 is no longer read
     load_stream(qt + S - 1);
 
-    const uint32_t sa = smem_addr(base + L::STAGES + st * L::STAGE);
+    const uint32_t sa = smem_addr(base + L::RING + st * L::PAIR);
     float s[8][4], dp[8][4];
-    score_products(s, dp, k_addr, L::PANEL, sa + L::Q, v_addr, sa + L::DO);  // Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ
+    score_products(s, dp, k_addr, L::PANEL, sa + L::W96, v_addr, sa + L::W64);  // Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ
     // Queries before some key of the warp, or past the end of the sequence, only in these tiles.
     const bool masked = i0 < w0 + 16 || i0 + 64 > seq;
     const float* Stt = St + st * 128;
-    // Pᵀ and dSᵀ packed to BF16 A fragments n-tile by n-tile (a_frags' layout), so that their FP32 values die early.
+    // Pᵀ and dSᵀ packed to BF16 A fragments n-tile by n-tile (pack_a_ntile), so that their FP32 values die early.
     uint32_t pa[4][4], da[4][4];
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
@@ -136,18 +134,17 @@ __global__ void __launch_bounds__(128, 2) attention_dkdv_wgmma(const BackwardWgm
         dp[n][e] = p * (dp[n][e] - Stt[2 * c + 1]);
         s[n][e] = p;
       }
-      const int kk = n / 2, hi = 2 * (n % 2);
-      pa[kk][hi] = pack_bf16(s[n][0], s[n][1]), pa[kk][hi + 1] = pack_bf16(s[n][2], s[n][3]);
-      da[kk][hi] = pack_bf16(dp[n][0], dp[n][1]), da[kk][hi + 1] = pack_bf16(dp[n][2], dp[n][3]);
+      pack_a_ntile(pa, n, s[n]);
+      pack_a_ntile(da, n, dp[n]);
     }
     if (a.ds != nullptr) store_ds_frags(a.ds, bh, seq, qt, w0, da, lane);
     fence_frag(dv);
     fence_frag(dk);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma_rs(dv, pa[kk], desc_mn(sa + L::DO + kk * kMnStep, L::PANEL));  // Pᵀ·dO
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs(dv, pa[kk], desc_mn(sa + L::W64 + kk * kMnStep, L::PANEL));  // Pᵀ·dO
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma_rs96(dk, da[kk], desc_mn(sa + L::Q + kk * kMnStep, L::PANEL));  // dSᵀ·Q
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs96(dk, da[kk], desc_mn(sa + L::W96 + kk * kMnStep, L::PANEL));  // dSᵀ·Q
     wgmma_commit();
     wgmma_wait_all();
     fence_frag(dv);
@@ -232,22 +229,12 @@ __global__ void __launch_bounds__(128, 3) attention_dq_wgmma(const DqWgmmaArgs a
 
 // dQ with S, P and dS computed again (MOERL_ATTN_TC_BWD_DQ=recompute: no dS in memory), as attention_dq_tc: a block is
 // one warpgroup owning a 64-query tile (the longest first) with its Q and dO resident (24 KB); the key tiles 0 .. its
-// diagonal stream through a ring of 3 stages (K's 2 panels and V, 24 KB, cp.async by all threads), 97 KB a block,
-// two blocks an SM. S = Q·Kᵀ and dP = dO·Vᵀ read both operands K-major; dQ += dS·K takes dS from registers and reads
+// diagonal stream through a ring of 3 stages (K's 2 panels and V, 24 KB, cp.async by all threads; PairSmem), two
+// blocks an SM. S = Q·Kᵀ and dP = dO·Vᵀ read both operands K-major; dQ += dS·K takes dS from registers and reads
 // K MN-major.
-struct DqRecomputeSmem {
-  static constexpr int PANEL = 64 * kRowBytes;
-  static constexpr int Q_OWN = 2 * PANEL, DO_OWN = PANEL;
-  static constexpr int K = 0, V = 2 * PANEL, STAGE = 3 * PANEL, STAGES = 3;
-  static constexpr int RING = Q_OWN + DO_OWN;
-  static constexpr size_t BYTES = 1024 + RING + STAGES * STAGE;
-  static_assert(STAGE % 1024 == 0 && RING % 1024 == 0, "swizzle atoms stay 1024-byte aligned");
-  static_assert(2 * (BYTES + 1024) <= 228 * 1024, "two blocks an SM");
-};
-
 __global__ void __launch_bounds__(128, 2) attention_dq_recompute_wgmma(const DqWgmmaArgs a) {
-  using L = DqRecomputeSmem;
-  constexpr int THREADS = 128, S = L::STAGES;
+  using L = PairSmem;
+  constexpr int THREADS = 128, S = L::S;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   uint8_t* base = swizzle_base(smem_raw);
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32, seq = a.seq, spad = a.spad;
@@ -257,14 +244,14 @@ __global__ void __launch_bounds__(128, 2) attention_dq_recompute_wgmma(const DqW
   const bf16* vh = a.v + bh * spad * kDv;
   const auto load = [&](int kt) {  // key tile kt into stage kt % S, as one commit group (empty past the diagonal)
     if (kt <= qt) {
-      uint8_t* st = base + L::RING + (kt % S) * L::STAGE;
-      copy_rows<64, kDq, THREADS>(st + L::K, kh + int64_t{kt} * 64 * kDq);
-      copy_rows<64, kDv, THREADS>(st + L::V, vh + int64_t{kt} * 64 * kDv);
+      uint8_t* st = base + L::RING + (kt % S) * L::PAIR;
+      copy_rows<64, kDq, THREADS>(st + L::W96, kh + int64_t{kt} * 64 * kDq);
+      copy_rows<64, kDv, THREADS>(st + L::W64, vh + int64_t{kt} * 64 * kDv);
     }
     cp_async_commit();
   };
-  copy_rows<64, kDq, THREADS>(base, a.q + (bh * spad + i0) * kDq);
-  copy_rows<64, kDv, THREADS>(base + L::Q_OWN, a.dout + (bh * spad + i0) * kDv);
+  copy_rows<64, kDq, THREADS>(base + L::W96, a.q + (bh * spad + i0) * kDq);
+  copy_rows<64, kDv, THREADS>(base + L::W64, a.dout + (bh * spad + i0) * kDv);
 #pragma unroll
   for (int kt = 0; kt < S - 1; ++kt) load(kt);  // Q and dO in the first group
 
@@ -275,7 +262,7 @@ __global__ void __launch_bounds__(128, 2) attention_dq_recompute_wgmma(const DqW
     row_lse2[e] = a.stats[2 * (bh * spad + r0 + 8 * e)];
     row_d[e] = a.stats[2 * (bh * spad + r0 + 8 * e) + 1];
   }
-  const uint32_t q_addr = smem_addr(base), do_addr = smem_addr(base + L::Q_OWN);
+  const uint32_t q_addr = smem_addr(base + L::W96), do_addr = smem_addr(base + L::W64);
   float dq[12][4];
   zero<96>(dq);
   for (int kt = 0; kt <= qt; ++kt) {
@@ -284,9 +271,9 @@ __global__ void __launch_bounds__(128, 2) attention_dq_recompute_wgmma(const DqW
     fence_proxy_async();
     __syncthreads();  // ... and everybody's; stage (kt - 1) % S, read by the waited WGMMAs of kt - 1, is free
     load(kt + S - 1);
-    const uint32_t st = smem_addr(base + L::RING + (kt % S) * L::STAGE);
+    const uint32_t st = smem_addr(base + L::RING + (kt % S) * L::PAIR);
     float s[8][4], dp[8][4];
-    score_products(s, dp, q_addr, L::PANEL, st + L::K, do_addr, st + L::V);  // S = Q·Kᵀ, dP = dO·Vᵀ
+    score_products(s, dp, q_addr, L::PANEL, st + L::W96, do_addr, st + L::W64);  // S = Q·Kᵀ, dP = dO·Vᵀ
     const bool diagonal = j0 + 63 > w0;  // keys after some row of the warp (and keys >= seq) only here
     uint32_t da[4][4];  // dS as the A fragments of the 4 key steps, packed n-tile by n-tile
 #pragma unroll
@@ -298,25 +285,18 @@ __global__ void __launch_bounds__(128, 2) attention_dq_recompute_wgmma(const DqW
         const float p = !diagonal || j <= i ? ex : 0.0f;
         dp[n][e] = p * (dp[n][e] - row_d[r]);
       }
-      const int kk = n / 2, hi = 2 * (n % 2);
-      da[kk][hi] = pack_bf16(dp[n][0], dp[n][1]), da[kk][hi + 1] = pack_bf16(dp[n][2], dp[n][3]);
+      pack_a_ntile(da, n, dp[n]);
     }
     fence_frag(dq);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma_rs96(dq, da[kk], desc_mn(st + L::K + kk * kMnStep, L::PANEL));  // dS·K
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs96(dq, da[kk], desc_mn(st + L::W96 + kk * kMnStep, L::PANEL));  // dS·K
     wgmma_commit();
     wgmma_wait_all();
     fence_frag(dq);
   }
   const int64_t ldq = int64_t{a.heads} * kDq, tok0 = int64_t{b} * seq;
   store_rows_rope<kDq>(a.dq + tok0 * ldq + h * kDq, ldq, w0, seq, dq, a.scale, a.rope, lane);
-}
-
-template <int S> void launch_dkdv(const dim3& grid, const BackwardWgmmaArgs& a, cudaStream_t stream) {
-  cuda_detail::allow_dynamic_smem<attention_dkdv_wgmma<S>>(DkdvSmem<S>::BYTES);  // once per device
-  attention_dkdv_wgmma<S><<<grid, 128, DkdvSmem<S>::BYTES, stream>>>(a);
-  CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
@@ -329,8 +309,8 @@ void dq_wgmma(const DqWgmmaArgs& a, cudaStream_t stream) {
     cuda_detail::allow_dynamic_smem<attention_dq_wgmma>(DqSmem::BYTES);  // once per device
     attention_dq_wgmma<<<grid, 128, DqSmem::BYTES, stream>>>(a);
   } else {
-    cuda_detail::allow_dynamic_smem<attention_dq_recompute_wgmma>(DqRecomputeSmem::BYTES);
-    attention_dq_recompute_wgmma<<<grid, 128, DqRecomputeSmem::BYTES, stream>>>(a);
+    cuda_detail::allow_dynamic_smem<attention_dq_recompute_wgmma>(PairSmem::BYTES);
+    attention_dq_recompute_wgmma<<<grid, 128, PairSmem::BYTES, stream>>>(a);
   }
   CUDA_CHECK_LAUNCH();
 }
@@ -339,7 +319,9 @@ void dkdv_wgmma(const BackwardWgmmaArgs& a, cudaStream_t stream) {
   const auto tiles = static_cast<unsigned>((a.seq + 63) / 64), h = static_cast<unsigned>(a.heads),
              b = static_cast<unsigned>(a.batch);
   const dim3 grid = a.seq_order ? dim3(tiles, h, b) : dim3(h, b, tiles);
-  launch_dkdv<kDkdvStages>(grid, a, stream);
+  cuda_detail::allow_dynamic_smem<attention_dkdv_wgmma>(PairSmem::BYTES);  // once per device
+  attention_dkdv_wgmma<<<grid, 128, PairSmem::BYTES, stream>>>(a);
+  CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace moerl::cuda::attention_tc_detail
