@@ -48,6 +48,10 @@
 // the tokens form is not bound by its loads. The Wgrad on it beside the lanes' Fprop and Dgrad lost too: MoE layer
 // 14.43 vs 11.04 ms, bench-600m fp8 279.7k / 278.3k vs 285.2k / 282.1k tokens/s (rounds interleaved,
 // bench/results/2026-11-30-gpu-wgrad-tma-tokens-h200-698eb0c+tma.txt).
+// Again at 59814e2 (2026-11-30): the forward's g | u (N = 2 Ip, BF16 out) and down on this kernel, or down alone, the
+// backward on the lanes: train step 296.6k / 296.5k / 295.0k (both) and 302.3k / 298.4k / 299.0k (down) vs 299.9k /
+// 297.3k / 303.4k tokens/s; bench-600m's down ran 226-232 us a layer here (~415 TFLOP/s), the lanes' busy time
+// (...-moe-fwd-grouped-h200-59814e2+fwd.txt).
 // TODO(perf): 128 x 256 tiles (fewer bytes per FLOP without a partner block).
 #include <cuda.h>
 #include <cudaTypedefs.h>

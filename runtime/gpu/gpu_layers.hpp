@@ -72,12 +72,13 @@ class GpuMla {
   const DeviceParam* kv_b_ = nullptr;
   const DeviceParam* o_ = nullptr;
 
-  // Bound for one shape. Saved: q_a_out [T, q_lora] (before its norm), c [T, kv_lora] (the latent before its
-  // norm), q [T, H, dq] after RoPE (before it where fused_rope), k [T, H, dq] = [k_nope | rotated k_rope],
+  // Bound for one shape. Saved: q_a_out [T, q_lora] (before its norm), ckv [T, kv_lora + dr] = [c | k_rope]
+  // (kv_a_proj's output: c, the latent before its norm, and k_rope, rotated in place where RoPE is not fused),
+  // q [T, H, dq] after RoPE (before it where fused_rope), k [T, H, dq] = [k_nope | rotated k_rope],
   // v [T, H, dv] (FP32 recipe; the bf16 and fp8 recipes keep the packed BF16 q, k, v instead, in the same region),
   // attn [T, H, dv], lse [batch, H, seq]. The norms' outputs are recomputed in backward, as on the CPU.
   int64_t batch_ = 0, seq_ = 0;
-  float *q_a_out_ = nullptr, *c_ = nullptr, *q_ = nullptr, *k_ = nullptr, *v_ = nullptr, *attn_ = nullptr,
+  float *q_a_out_ = nullptr, *ckv_ = nullptr, *q_ = nullptr, *k_ = nullptr, *v_ = nullptr, *attn_ = nullptr,
         *lse_ = nullptr;
   // The tensor-core kernels' packed BF16 q, k, v (sharing k's and v's region), when packed_mla_; used_packed_: the
   // last forward packed them (its backward reads them).
