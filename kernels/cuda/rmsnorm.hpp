@@ -1,13 +1,14 @@
 // RMSNorm on the GPU (kernels/cuda/rmsnorm.cu): the functions of moerl::cpu (kernels/rmsnorm.hpp) with the same
-// arguments plus a stream. All pointers are device memory, outputs not overlapping inputs; calls are
-// asynchronous on `stream`.
+// arguments plus a stream (and optional row strides). All pointers are device memory, outputs not overlapping
+// inputs; calls are asynchronous on `stream`.
 //
 // Precision: sums run in FP32 on the GPU (in double on the CPU), in an order fixed by rows and dim alone:
 //   forward: per row, each thread sums its columns, then a fixed-order block sum;
 //   backward dweight: two passes — each block sums dy·x·rstd over a fixed chunk of rows into its own slice of a
 //   scratch buffer, then for each column 8 threads sum every 8th chunk and their sums are added in order. No
 //   float atomics: the same bits on every run.
-// Rows whose pointers are 16-byte aligned with dim a multiple of 4 take float4 loads, others a scalar path.
+// Rows whose pointers are 16-byte aligned with dim and the row strides multiples of 4 take float4 loads, others a
+// scalar path.
 // Throws moerl::Error on bad arguments (negative sizes, null pointers, dim > 49152 with dweight) and on a
 // launch failure.
 #pragma once
