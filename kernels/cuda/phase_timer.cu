@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <numeric>
 #include <utility>
 #include <vector>
 
@@ -59,19 +60,15 @@ void report() {
     size_t calls;
     double total, median, host, host_median;
   };
+  auto sum = [](const std::vector<double>& v) { return std::accumulate(v.begin(), v.end(), 0.0); };
+  auto median = [](std::vector<double>& v) {
+    std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
+    return v[v.size() / 2];
+  };
   std::vector<Row> rows;
-  for (auto& [name, t] : totals) {
-    std::vector<double>& d = t.device_ms;
-    double total = 0;
-    for (double v : d) total += v;
-    auto median = [](std::vector<double>& v) {
-      std::nth_element(v.begin(), v.begin() + static_cast<std::ptrdiff_t>(v.size() / 2), v.end());
-      return v[v.size() / 2];
-    };
-    double host = 0;
-    for (double v : t.host_ms) host += v;
-    rows.push_back({name, d.size(), total, median(d), host, median(t.host_ms)});
-  }
+  for (auto& [name, t] : totals)
+    rows.push_back({name, t.device_ms.size(), sum(t.device_ms), median(t.device_ms), sum(t.host_ms),
+                    median(t.host_ms)});
   std::sort(rows.begin(), rows.end(), [](const Row& a, const Row& b) { return a.total > b.total; });
   std::fprintf(stderr, "gpu profile (MOERL_GPU_PROFILE): phase, calls, device ms total, device ms/call (mean, "
                        "median), host ms/call (mean, median)\n");

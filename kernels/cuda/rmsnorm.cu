@@ -36,14 +36,14 @@ constexpr int kFinishSplit = 8;
 // vs 79.7 us (GPU test bandwidth lines), in the train step 52.5 / 92.3 us a call: these passes of ~50-90 us are
 // bound by HBM ramp-up and tails, not by the block's barriers (bench/results/2026-11-30-gpu-ce-norm-h200-041b8bc.txt).
 //
-// One block per row: y = weight · (x · rstd), HF's order; x's rows x_ld apart. With `residual`
+// One block per row: y = weight · (x · rstd), HF's order; x's rows x_ld apart, y's y_ld. With `residual`
 // (rmsnorm_forward_residual; x_ld = dim): x is first replaced by x + residual, written to `sum` (which may be x
 // itself: each element is read and written by one thread), and the row normalised is that sum.
 template <int V>
 __global__ void __launch_bounds__(kMaxThreads)
     rmsnorm_forward_kernel(const float* x, const float* __restrict__ residual, float* sum,
                            const float* __restrict__ weight, float* __restrict__ y, float* __restrict__ rstd,
-                           int64_t dim, int64_t x_ld, float eps) {
+                           int64_t dim, int64_t x_ld, int64_t y_ld, float eps) {
   __shared__ float scratch[kMaxWarps];
   const int64_t r = blockIdx.x, groups = dim / V;
   if (residual != nullptr) {
@@ -59,7 +59,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     x = sum - r * dim;  // the row below reads the sums back (this thread's own elements)
   }
   const float* xr = x + r * x_ld;
-  float* yr = y + r * dim;
+  float* yr = y + r * y_ld;
   float ss = 0;
   for (int64_t j = threadIdx.x; j < groups; j += blockDim.x) {
     float v[V];
@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // One block per chunk of kChunkRows rows. Per row: dot = Σ w·dy·x (block sum), dx = s·w·dy − s³·dot/dim · x, plus
-// residual (the same element) when non-null; x's rows x_ld apart, dx's dx_ld (dim with a residual).
+// residual (the same element) when non-null; x's rows x_ld apart, dx's dx_ld (dim with a residual), dy's dy_ld.
 // With `partial` non-null, each thread also accumulates dy·x·s of its own columns over the chunk's rows in
 // shared memory (no other thread touches those entries) and writes them to partial[chunk, dim].
 template <int V>
@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     rmsnorm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ x, const float* __restrict__ weight,
                             const float* __restrict__ rstd, float* __restrict__ dx, float* __restrict__ partial,
                             const float* __restrict__ residual, int64_t rows, int64_t dim, int64_t x_ld,
-                            int64_t dx_ld) {
+                            int64_t dx_ld, int64_t dy_ld) {
   extern __shared__ __align__(16) float acc[];  // [dim] when partial is non-null
   __shared__ float scratch[kMaxWarps];
   const int64_t groups = dim / V;
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
   for (int64_t r = r0; r < r1; ++r) {
     const float* xr = x + r * x_ld;
-    const float* dyr = dy + r * dim;
+    const float* dyr = dy + r * dy_ld;
     float* dxr = dx + r * dx_ld;
     const float s = rstd[r];
     float dot = 0;
@@ -194,28 +194,31 @@ int64_t row_stride(const char* fn, const char* what, int64_t ld, int64_t dim) {
 
 // rmsnorm_forward, or with residual rmsnorm_forward_residual (sum = x + residual normalised).
 void forward(const char* fn, const float* x, const float* residual, float* sum, const float* weight, float* y,
-             float* rstd, int64_t rows, int64_t dim, float eps, cudaStream_t stream, int64_t x_ld = 0) {
+             float* rstd, int64_t rows, int64_t dim, float eps, cudaStream_t stream, int64_t x_ld = 0,
+             int64_t y_ld = 0) {
   check_sizes(fn, rows, dim);
   x_ld = row_stride(fn, "x", x_ld, dim);
+  y_ld = row_stride(fn, "y", y_ld, dim);
   if (rows == 0) return;
   require(x && weight && y && rstd && (!residual || sum),
           [&] { return std::string("cuda::") + fn + ": null input, weight, output or rstd pointer"; });
   require(rows <= INT32_MAX,
           [&] { return std::string("cuda::") + fn + ": " + std::to_string(rows) + " rows exceed one launch"; });
   using ops_detail::aligned;
-  const bool vec = dim % 4 == 0 && x_ld % 4 == 0 && aligned(x, 16) && aligned(weight, 16) && aligned(y, 16) &&
-                   (!residual || (aligned(residual, 16) && aligned(sum, 16)));
+  const bool vec = dim % 4 == 0 && x_ld % 4 == 0 && y_ld % 4 == 0 && aligned(x, 16) && aligned(weight, 16) &&
+                   aligned(y, 16) && (!residual || (aligned(residual, 16) && aligned(sum, 16)));
   const int threads = threads_for(vec ? dim / 4 : dim);
   const auto kernel = vec ? rmsnorm_forward_kernel<4> : rmsnorm_forward_kernel<1>;
-  kernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, residual, sum, weight, y, rstd, dim, x_ld, eps);
+  kernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, residual, sum, weight, y, rstd, dim, x_ld, y_ld,
+                                                              eps);
   CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace
 
 void rmsnorm_forward(const float* x, const float* weight, float* y, float* rstd, int64_t rows, int64_t dim, float eps,
-                     cudaStream_t stream, int64_t x_ld) {
-  forward("rmsnorm_forward", x, nullptr, nullptr, weight, y, rstd, rows, dim, eps, stream, x_ld);
+                     cudaStream_t stream, int64_t x_ld, int64_t y_ld) {
+  forward("rmsnorm_forward", x, nullptr, nullptr, weight, y, rstd, rows, dim, eps, stream, x_ld, y_ld);
 }
 
 void rmsnorm_forward_residual(const float* x, const float* residual, float* sum, const float* weight, float* y,
@@ -226,10 +229,11 @@ void rmsnorm_forward_residual(const float* x, const float* residual, float* sum,
 
 void rmsnorm_backward(const float* dy, const float* x, const float* weight, const float* rstd, float* dx,
                       float* dweight, int64_t rows, int64_t dim, cudaStream_t stream, const float* residual,
-                      int64_t x_ld, int64_t dx_ld) {
+                      int64_t x_ld, int64_t dx_ld, int64_t dy_ld) {
   check_sizes("rmsnorm_backward", rows, dim);
   x_ld = row_stride("rmsnorm_backward", "x", x_ld, dim);
   dx_ld = row_stride("rmsnorm_backward", "dx", dx_ld, dim);
+  dy_ld = row_stride("rmsnorm_backward", "dy", dy_ld, dim);
   require(!residual || dx_ld == dim, "cuda::rmsnorm_backward: a residual needs packed dx rows");
   if (rows == 0) return;
   require(dy && x && weight && rstd && dx, "cuda::rmsnorm_backward: null dy, x, weight, rstd or dx");
@@ -240,9 +244,8 @@ void rmsnorm_backward(const float* dy, const float* x, const float* weight, cons
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
   require(chunks <= INT32_MAX,
           [&] { return "cuda::rmsnorm_backward: " + std::to_string(rows) + " rows exceed one launch"; });
-  const bool vec = dim % 4 == 0 && x_ld % 4 == 0 && dx_ld % 4 == 0 && ops_detail::aligned(dy, 16) &&
-                   ops_detail::aligned(x, 16) &&
-                   ops_detail::aligned(weight, 16) && ops_detail::aligned(dx, 16) &&
+  const bool vec = dim % 4 == 0 && x_ld % 4 == 0 && dx_ld % 4 == 0 && dy_ld % 4 == 0 && ops_detail::aligned(dy, 16) &&
+                   ops_detail::aligned(x, 16) && ops_detail::aligned(weight, 16) && ops_detail::aligned(dx, 16) &&
                    (!residual || ops_detail::aligned(residual, 16));
   const int threads = threads_for(vec ? dim / 4 : dim);
   const size_t smem = dweight ? static_cast<size_t>(dim) * sizeof(float) : 0;
@@ -253,7 +256,7 @@ void rmsnorm_backward(const float* dy, const float* x, const float* weight, cons
     if (smem > 48 * 1024)  // above the default limit a kernel must opt in to more dynamic shared memory
       CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     kernel<<<static_cast<unsigned>(chunks), threads, smem, stream>>>(dy, x, weight, rstd, dx, partial, residual, rows,
-                                                                      dim, x_ld, dx_ld);
+                                                                      dim, x_ld, dx_ld, dy_ld);
     CUDA_CHECK_LAUNCH();
   };
   if (vec) {

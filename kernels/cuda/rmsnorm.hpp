@@ -19,10 +19,11 @@
 namespace moerl::cuda {
 
 // x [rows, dim], weight [dim] -> y [rows, dim] (overwritten), rstd [rows] = 1 / sqrt(mean(x²) + eps).
-// x_ld: x's row stride in elements (0: dim), for a norm over the first dim columns of a wider matrix (MLA's latent c,
-// the first kv_lora columns of kv_a_proj's output [c | k_rope]); the same bits as the packed rows.
+// x_ld, y_ld: x's and y's row strides in elements (0: dim), for a norm over dim columns of a wider matrix (MLA's
+// latent c, the first kv_lora columns of kv_a_proj's output [c | k_rope]; MTP's normed halves of [en | hn]); the
+// same bits as the packed rows.
 void rmsnorm_forward(const float* x, const float* weight, float* y, float* rstd, int64_t rows, int64_t dim, float eps,
-                     cudaStream_t stream = nullptr, int64_t x_ld = 0);
+                     cudaStream_t stream = nullptr, int64_t x_ld = 0, int64_t y_ld = 0);
 
 // A residual connection and the norm after it in one pass: sum = x + residual (FP32, [rows, dim]; sum may be x),
 // then rmsnorm_forward of sum. The bits of the two done apart, with one write and one read of sum fewer.
@@ -30,10 +31,11 @@ void rmsnorm_forward_residual(const float* x, const float* residual, float* sum,
                               float* rstd, int64_t rows, int64_t dim, float eps, cudaStream_t stream = nullptr);
 
 // dx [rows, dim] overwritten (with residual [rows, dim], non-null: dx = the norm's input gradient + residual, the
-// bits of adding them apart); dweight [dim] accumulated (+=), skipped when null. x_ld, dx_ld: x's and dx's row
-// strides (0: dim; dx's must be dim with a residual), e.g. dx straight into the c columns of [dc | dk_rope].
+// bits of adding them apart); dweight [dim] accumulated (+=), skipped when null. x_ld, dx_ld, dy_ld: x's, dx's and
+// dy's row strides (0: dim; dx's must be dim with a residual), e.g. dx straight into the c columns of
+// [dc | dk_rope], dy read from a half of MTP's [den | dhn].
 void rmsnorm_backward(const float* dy, const float* x, const float* weight, const float* rstd, float* dx,
                       float* dweight, int64_t rows, int64_t dim, cudaStream_t stream = nullptr,
-                      const float* residual = nullptr, int64_t x_ld = 0, int64_t dx_ld = 0);
+                      const float* residual = nullptr, int64_t x_ld = 0, int64_t dx_ld = 0, int64_t dy_ld = 0);
 
 }  // namespace moerl::cuda

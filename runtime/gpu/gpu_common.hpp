@@ -119,15 +119,6 @@ template <class T> class Temp {
   T* ptr_ = nullptr;
 };
 
-// Row-wise copy of `cols` floats per row between strided matrices (strides in floats), on the stream.
-inline void copy_columns(float* dst, int64_t dst_stride, const float* src, int64_t src_stride, int64_t rows,
-                         int64_t cols, cudaStream_t stream) {
-  if (rows == 0 || cols == 0) return;
-  CUDA_CHECK(cudaMemcpy2DAsync(dst, static_cast<size_t>(dst_stride) * sizeof(float), src,
-                               static_cast<size_t>(src_stride) * sizeof(float), static_cast<size_t>(cols) * sizeof(float),
-                               static_cast<size_t>(rows), cudaMemcpyDeviceToDevice, stream));
-}
-
 // ---- Small kernels (gpu_kernels.cu) ----
 
 // y[i] += x[i] for i < n (one FP32 add each, as the CPU's add_into).

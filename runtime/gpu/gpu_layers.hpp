@@ -30,8 +30,9 @@ struct GpuNorm {
   float* rstd = nullptr;
 
   void bind(Slab& s, int64_t rows) { rstd = s.take<float>(rows); }
-  void forward(const float* x, int64_t rows, float* y, const Run& r) const {
-    cuda::rmsnorm_forward(x, weight->value, y, rstd, rows, weight->numel, eps, r.stream);
+  // y_ld: y's row stride (0: packed), e.g. a half of a concatenation.
+  void forward(const float* x, int64_t rows, float* y, const Run& r, int64_t y_ld = 0) const {
+    cuda::rmsnorm_forward(x, weight->value, y, rstd, rows, weight->numel, eps, r.stream, 0, y_ld);
   }
   // A residual connection into the norm: sum = x + residual (sum may be x), y = norm(sum).
   void forward_residual(const float* x, const float* residual, float* sum, int64_t rows, float* y,
@@ -39,11 +40,12 @@ struct GpuNorm {
     cuda::rmsnorm_forward_residual(x, residual, sum, weight->value, y, rstd, rows, weight->numel, eps, r.stream);
   }
   // dx overwritten (plus residual, when given: the gradient of the connection around the norm's block), weight
-  // gradient accumulated; x is the forward's input.
+  // gradient accumulated; x is the forward's input; dy_ld: dy's row stride (0: packed).
   void backward(const float* dy, const float* x, int64_t rows, float* dx, const Run& r,
-                const float* residual = nullptr) const {
+                const float* residual = nullptr, int64_t dy_ld = 0) const {
     zero_if_unset(*weight, r.stream);
-    cuda::rmsnorm_backward(dy, x, weight->value, rstd, dx, weight->grad, rows, weight->numel, r.stream, residual);
+    cuda::rmsnorm_backward(dy, x, weight->value, rstd, dx, weight->grad, rows, weight->numel, r.stream, residual, 0, 0,
+                           dy_ld);
   }
 };
 

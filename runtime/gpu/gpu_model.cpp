@@ -336,13 +336,8 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
     CUDA_CHECK(cudaMemcpyAsync(mt.ids, mt.host_ids.data(), id_bytes, cudaMemcpyHostToDevice, s));
     CUDA_CHECK(cudaMemcpyAsync(mt.labels, mt.host_labels.data(), id_bytes, cudaMemcpyHostToDevice, s));
     cuda::embedding_forward(m.embed->value, mt.ids, T, D, mt.emb, s);
-    {
-      Temp<float> en(T * D, run), hn(T * D, run);
-      mt.enorm.forward(mt.emb, T, en.get(), run);
-      mt.hnorm.forward(last, T, hn.get(), run);
-      detail::copy_columns(mt.cat, 2 * D, en.get(), D, T, D, s);
-      detail::copy_columns(mt.cat + D, 2 * D, hn.get(), D, T, D, s);
-    }
+    mt.enorm.forward(mt.emb, T, mt.cat, run, 2 * D);  // cat = [en | hn], each norm writing its half
+    mt.hnorm.forward(last, T, mt.cat + D, run, 2 * D);
     cuda::linear_forward(m.linear, o.precision, mt.cat, mt.eh_proj->value, mt.z, T, D, 2 * D, s);
     mtp_balance = mt.layer.forward(mt.z, mt.zl, run, o.balance_alpha, o.for_backward);
     mt.final_norm.forward(mt.zl, T, mt.zn, run);
@@ -399,18 +394,16 @@ void GpuModel::backward() {
 
   if (m.key.mtp) {
     Mtp& mt = *m.mtp;
-    Temp<float> dzn(T * D, run), dzl(T * D, run), dz(T * D, run), dcat(T * 2 * D, run), den(T * D, run),
-        dhn(T * D, run), tmp(T * D, run);
+    Temp<float> dzn(T * D, run), dzl(T * D, run), dz(T * D, run), dcat(T * 2 * D, run), tmp(T * D, run);
     head_backward(m.linear, head_p, mt.logits, mt.grad, mt.zn, *m.head, dzn.get(), T, V, D, s);
     mt.final_norm.backward(dzn.get(), mt.zl, T, dzl.get(), run);
     mt.layer.backward(dzl.get(), dz.get(), run);
     cuda::linear_backward(m.linear, m.options.precision, dz.get(), mt.cat, mt.eh_proj->value, dcat.get(),
                           mt.eh_proj->grad, T, D, 2 * D, s, false, detail::take_unset(*mt.eh_proj));
-    detail::copy_columns(den.get(), D, dcat.get(), 2 * D, T, D, s);
-    detail::copy_columns(dhn.get(), D, dcat.get() + D, 2 * D, T, D, s);
-    mt.hnorm.backward(dhn.get(), last, T, tmp.get(), run);
+    // dcat = [den | dhn]: each norm reads its half.
+    mt.hnorm.backward(dcat.get() + D, last, T, tmp.get(), run, nullptr, 2 * D);
     detail::add_inplace(dhidden, tmp.get(), T * D, s);
-    mt.enorm.backward(den.get(), mt.emb, T, tmp.get(), run);
+    mt.enorm.backward(dcat.get(), mt.emb, T, tmp.get(), run, nullptr, 2 * D);
     detail::zero_if_unset(*m.embed, s);
     cuda::embedding_backward(tmp.get(), mt.ids, T, D, m.embed->grad, s);
   }

@@ -210,11 +210,12 @@ TEST_F(OpsGpu, RmsNormWithAResidualGivesTheBitsOfTheAddDoneApart) {
   }
 }
 
-TEST_F(OpsGpu, RmsNormOverTheFirstColumnsOfAWiderMatrixGivesThePackedBits) {
+TEST_F(OpsGpu, RmsNormOverColumnsOfWiderMatricesGivesThePackedBits) {
   // MLA's kv_a_layernorm runs over c, the first kv_lora columns of [c | k_rope], reading x and writing dx there
-  // (x_ld, dx_ld) instead of through contiguous copies. Each output must have the packed call's bits, and dx's other
-  // columns must stay as they were (the backward writes dc beside dk_rope). Vector path (ld a multiple of 4) and
-  // scalar path.
+  // (x_ld, dx_ld); MTP's norms write y into a half of [en | hn] and read dy from a half of its gradient (y_ld,
+  // dy_ld): no contiguous copies. Each output must have the packed call's bits, and the other columns of y and dx
+  // must stay as they were (the backward writes dc beside dk_rope). Vector path (ld a multiple of 4) and scalar
+  // path.
   std::mt19937_64 rng(run_seed() + 23);
   struct Case { int64_t rows, dim, ld; };
   for (const Case c : {Case{257, 256, 288}, Case{33, 30, 37}}) {
@@ -224,27 +225,31 @@ TEST_F(OpsGpu, RmsNormOverTheFirstColumnsOfAWiderMatrixGivesThePackedBits) {
     const size_t n = static_cast<size_t>(c.rows * c.dim), wide = static_cast<size_t>(c.rows * c.ld);
     const std::vector<float> x = normal_vector(n, rng), dy = normal_vector(n, rng),
                              w = normal_vector(c.dim, rng, 1.0f, 0.5f), dw0 = normal_vector(c.dim, rng);
-    std::vector<float> xw = normal_vector(wide, rng), dxw = normal_vector(wide, rng);  // other columns: noise
+    // The wide matrices: x and dy in their first dim columns, noise in the others.
+    std::vector<float> xw = normal_vector(wide, rng), dyw = normal_vector(wide, rng), yw = normal_vector(wide, rng),
+                       dxw = normal_vector(wide, rng);
     for (int64_t r = 0; r < c.rows; ++r)
-      for (int64_t j = 0; j < c.dim; ++j) xw[r * c.ld + j] = x[r * c.dim + j];
+      for (int64_t j = 0; j < c.dim; ++j) xw[r * c.ld + j] = x[r * c.dim + j], dyw[r * c.ld + j] = dy[r * c.dim + j];
     const float eps = 1e-6f;
-    DeviceBuffer<float> d_x(x), d_xw(xw), d_w(w), d_dy(dy), d_y(n), d_rstd(c.rows), d_dx(n), d_dw(dw0), s_y(n),
-        s_rstd(c.rows), s_dx(dxw), s_dw(dw0);
+    DeviceBuffer<float> d_x(x), d_xw(xw), d_w(w), d_dy(dy), d_dyw(dyw), d_y(n), d_rstd(c.rows), d_dx(n), d_dw(dw0),
+        s_y(yw), s_rstd(c.rows), s_dx(dxw), s_dw(dw0);
     cuda::rmsnorm_forward(d_x.get(), d_w.get(), d_y.get(), d_rstd.get(), c.rows, c.dim, eps);
     cuda::rmsnorm_backward(d_dy.get(), d_x.get(), d_w.get(), d_rstd.get(), d_dx.get(), d_dw.get(), c.rows, c.dim);
-    s_y.poison(), s_rstd.poison();
-    cuda::rmsnorm_forward(d_xw.get(), d_w.get(), s_y.get(), s_rstd.get(), c.rows, c.dim, eps, nullptr, c.ld);
-    cuda::rmsnorm_backward(d_dy.get(), d_xw.get(), d_w.get(), s_rstd.get(), s_dx.get(), s_dw.get(), c.rows, c.dim,
-                           nullptr, nullptr, c.ld, c.ld);
+    s_rstd.poison();
+    cuda::rmsnorm_forward(d_xw.get(), d_w.get(), s_y.get(), s_rstd.get(), c.rows, c.dim, eps, nullptr, c.ld, c.ld);
+    cuda::rmsnorm_backward(d_dyw.get(), d_xw.get(), d_w.get(), s_rstd.get(), s_dx.get(), s_dw.get(), c.rows, c.dim,
+                           nullptr, nullptr, c.ld, c.ld, c.ld);
     CUDA_CHECK(cudaDeviceSynchronize());
-    expect_same_bits(name + " y", s_y.download(n), d_y.download(n));
+    // Packed results placed in the wide matrices' first columns, the rest as it was.
+    auto widened = [&](std::vector<float> wide_before, const std::vector<float>& packed) {
+      for (int64_t r = 0; r < c.rows; ++r)
+        for (int64_t j = 0; j < c.dim; ++j) wide_before[r * c.ld + j] = packed[r * c.dim + j];
+      return wide_before;
+    };
+    expect_same_bits(name + " y and the columns beside it", s_y.download(wide), widened(yw, d_y.download(n)));
     expect_same_bits(name + " rstd", s_rstd.download(c.rows), d_rstd.download(c.rows));
     expect_same_bits(name + " dweight", s_dw.download(c.dim), d_dw.download(c.dim));
-    std::vector<float> want_dx = dxw;
-    const std::vector<float> packed_dx = d_dx.download(n);
-    for (int64_t r = 0; r < c.rows; ++r)
-      for (int64_t j = 0; j < c.dim; ++j) want_dx[r * c.ld + j] = packed_dx[r * c.dim + j];
-    expect_same_bits(name + " dx and the columns beside it", s_dx.download(wide), want_dx);
+    expect_same_bits(name + " dx and the columns beside it", s_dx.download(wide), widened(dxw, d_dx.download(n)));
   }
   EXPECT_THROW(cuda::rmsnorm_forward(nullptr, nullptr, nullptr, nullptr, 4, 8, 1e-6f, nullptr, 7), Error);
 }
