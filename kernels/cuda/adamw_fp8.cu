@@ -50,18 +50,39 @@ __device__ __forceinline__ void write_gemm_scales(const fp8::cuda::Fp8WeightCode
 // Block b of the launch: block (bi, bj) of matrix e of its copy. Thread (warp w, lane l) holds rows 8w .. 8w + 7
 // of the block and columns 4l .. 4l + 3 (qd::quantize_block_values' layout), updated a row at a time. Elements
 // outside the matrix are neither read nor written, and quantize as zeros (as the plain kernel's padding). 64
-// registers, two blocks an SM: one block's loads overlap the other's arithmetic and stores (with all 8 rows' loads
-// in flight before the first update, 128 registers and one block an SM, bench-600m's 536M FP8 weights took 4.7 ms
-// a step against 2.9 + 1.1 for the spans kernel and the quantization apart, 3.3 at 64; with streaming loads and
-// stores, 3.5; H200, CUPTI traces, 2026-11-30, bench/results/2026-11-30-gpu-adamw-fp8-h200-*.txt). Nsight Compute
-// at b513d67: 3.30 ms, DRAM 74% busy, 50% occupancy (the registers), stalls mostly on each row's first use of its
-// loads; the next row's loads issued ahead of the update spilled at 64 registers, even with the new values kept in
-// shared memory instead of registers, or read back after the block's amax instead of held (ptxas: 96-126 registers
-// wanted; not measured).
+// registers, two blocks an SM: one block's loads overlap the other's arithmetic and stores.
+//
+// The loads go through shared memory: each thread copies its next kAhead rows' w, g, m and v (48 bytes a row) with
+// cp.async into slots of its own and reads back only what it copied itself (no barrier), so that rows are in flight
+// without holding registers. Loaded into registers (one row ahead at most at 64 registers) the kernel was
+// latency-bound: Nsight Compute at b513d67, 3.30 ms, DRAM 74% busy, stalls mostly on each row's first use of its
+// loads; all 8 rows' loads in registers, 128 of them and one block an SM, 4.7 ms. On the H200, bench-600m's 536M FP8
+// weights, rounds interleaved (CUPTI trace; bench/results/2026-11-30-gpu-adamw-ahead-h200-db3c9d8+ahead.txt):
+// 3.07 / 3.07 ms with 2 rows ahead against 3.38 / 3.37 loaded into registers (3.8 against 3.5 TB/s), 3.09 with 3,
+// 3.17 with 4 (one block an SM); fp8 step 309.1k / 309.1k against 308.0k / 307.9k tokens/s.
+constexpr int kAhead = 2;
+struct RowSlot {  // one row of a warp: lane l's 4 elements at index l
+  float4 w[qd::kWarp], g[qd::kWarp];
+  uint2 m[qd::kWarp], v[qd::kWarp];
+};
+
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, int bytes) {
+  const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  if (bytes == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(gmem) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 __global__ void __launch_bounds__(qd::kBlockThreads, 2)
     adamw_fp8_kernel(const AdamWFp8Copy* __restrict__ copies, const int64_t* __restrict__ first_block, int n_copies,
                      Scalars s, const float* __restrict__ device_grad_scale) {
   __shared__ qd::BlockSmem<true> smem;
+  extern __shared__ RowSlot ring[];  // [kAhead][warps]
   if (!adamw_detail::take_device_grad_scale(device_grad_scale, s)) return;  // the whole block: a skipped step
   const int64_t b = blockIdx.x;
   const int ci = copy_of(first_block, n_copies, b);
@@ -72,16 +93,37 @@ __global__ void __launch_bounds__(qd::kBlockThreads, 2)
   const int lane = threadIdx.x % qd::kWarp, warp = threadIdx.x / qd::kWarp;
   const int64_t r0 = bi * kTile, c0 = bj * kTile, col = c0 + 4 * lane, base = e * o.rows * o.cols;
   constexpr int R = qd::kBlockRowsPerWarp;
+  // Row i of this thread: its index in units of 4 elements, or -1 outside the matrix (cols % 4 == 0: a lane's 4
+  // columns are all in or all out). From the first row's index and a count (fewer registers than the rows').
+  const int64_t first_row = r0 + warp * R, at0 = (base + first_row * o.cols + col) / 4, step = o.cols / 4;
+  const int rows_in = col < o.cols ? static_cast<int>(min(int64_t{R}, max(o.rows - first_row, int64_t{0}))) : 0;
+  auto at_of = [&](int i) -> int64_t { return i < rows_in ? at0 + i * step : -1; };
+  auto issue = [&](int i) {  // row i's copies into slot i % kAhead, as one commit group (empty past the rows)
+    const int64_t at = i < R ? at_of(i) : -1;
+    if (at >= 0) {
+      RowSlot& slot = ring[(i % kAhead) * qd::kBlockWarps + warp];
+      cp_async(&slot.w[lane], reinterpret_cast<const float4*>(c.w) + at, 16);
+      cp_async(&slot.g[lane], reinterpret_cast<const float4*>(c.g) + at, 16);
+      cp_async(&slot.m[lane], reinterpret_cast<const uint2*>(c.m) + at, 8);
+      cp_async(&slot.v[lane], reinterpret_cast<const uint2*>(c.v) + at, 8);
+    }
+    cp_async_commit();
+  };
+#pragma unroll
+  for (int i = 0; i < kAhead; ++i) issue(i);
   float v[R][4];
 #pragma unroll
   for (int i = 0; i < R; ++i) {
-    const int64_t r = r0 + warp * R + i, at = (base + r * o.cols + col) / 4;
-    if (!(r < o.rows && col < o.cols)) {  // cols % 4 == 0: a lane's 4 columns are all in or all out
+    const int64_t at = at_of(i);
+    cp_async_wait<kAhead - 1>();  // row i's group has landed
+    if (at < 0) {
       v[i][0] = v[i][1] = v[i][2] = v[i][3] = 0.0f;
+      issue(i + kAhead);
       continue;
     }
-    const float4 w4 = reinterpret_cast<const float4*>(c.w)[at], g4 = __ldcs(reinterpret_cast<const float4*>(c.g) + at);
-    const uint2 m4 = reinterpret_cast<const uint2*>(c.m)[at], v4 = reinterpret_cast<const uint2*>(c.v)[at];
+    const RowSlot& slot = ring[(i % kAhead) * qd::kBlockWarps + warp];
+    const float4 w4 = slot.w[lane], g4 = slot.g[lane];
+    const uint2 m4 = slot.m[lane], v4 = slot.v[lane];
     float wv[4] = {w4.x, w4.y, w4.z, w4.w};
     const float gv[4] = {g4.x, g4.y, g4.z, g4.w};
     uint16_t mv[4] = {static_cast<uint16_t>(m4.x), static_cast<uint16_t>(m4.x >> 16), static_cast<uint16_t>(m4.y),
@@ -95,6 +137,8 @@ __global__ void __launch_bounds__(qd::kBlockThreads, 2)
     reinterpret_cast<uint2*>(c.v)[at] = make_uint2(vv[0] | (uint32_t{vv[1]} << 16), vv[2] | (uint32_t{vv[3]} << 16));
 #pragma unroll
     for (int k = 0; k < 4; ++k) v[i][k] = wv[k];
+    // The slot was read above into registers the stores used: its refill cannot overtake those reads.
+    issue(i + kAhead);
   }
   const int64_t stride = o.at.stride != 0 ? o.at.stride : o.rows * o.cols;
   const int64_t t_ld = o.at.t_ld != 0 ? o.at.t_ld : o.rows;
@@ -157,7 +201,9 @@ void AdamWFp8Copies::update(const AdamWUpdate& u, cudaStream_t stream) const {
   const Scalars s = adamw_detail::scalars_of(u.lr, u.beta1, u.beta2, u.eps, u.weight_decay, u.t, u.grad_scale);
   if (blocks_ == 0) return;
   const size_t table = ops_detail::align256(copies_ * sizeof(AdamWFp8Copy));
-  adamw_fp8_kernel<<<static_cast<unsigned>(blocks_), qd::kBlockThreads, 0, stream>>>(
+  constexpr int smem = static_cast<int>(sizeof(RowSlot)) * qd::kBlockWarps * kAhead;  // 48 KiB (+ 17 static)
+  CUDA_CHECK(cudaFuncSetAttribute(adamw_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  adamw_fp8_kernel<<<static_cast<unsigned>(blocks_), qd::kBlockThreads, smem, stream>>>(
       static_cast<const AdamWFp8Copy*>(device_),
       reinterpret_cast<const int64_t*>(static_cast<const char*>(device_) + table), static_cast<int>(copies_), s,
       u.device_grad_scale);
