@@ -218,12 +218,15 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
           if (p == 0) *row_scale<kLt>(out, gr, ct, grp) = scale;
           uint32_t row_codes[4];
           encode4_n<4>(v[o], d, row_codes);
+          // Word i holds columns c0 + 4 (p + 8 i) ..: one row address for the 4 words and the bound as 32-bit
+          // compares (with zero_pad every word: past cols the inputs were zero-filled, so the codes are zeros), as
+          // fp8_quantize_tile.cuh's row stores (each word's own 64-bit address and bound were ~20 instructions).
+          unsigned int* const row_at =
+              reinterpret_cast<unsigned int*>(out.codes + gr * out.row_codes_ld() + c0 + 4 * p);
+          const int left = out.zero_pad ? kTile : static_cast<int>(min(cols - c0 - 4 * p, int64_t{kTile}));
 #pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int64_t c = c0 + 4 * (p + 8 * i);
-            if (c < cols || out.zero_pad)  // past cols the inputs were zero-filled: zero codes
-              __stcs(reinterpret_cast<unsigned int*>(out.codes + gr * out.row_codes_ld() + c), row_codes[i]);
-          }
+          for (int i = 0; i < 4; ++i)
+            if (32 * i < left) __stcs(row_at + 8 * i, row_codes[i]);
         }
       }
       __syncthreads();  // the outputs written over the inputs are visible to the columns
@@ -247,6 +250,13 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
       uint8_t* dst0;
       int64_t out_rows, first;
       transposed_destination(out, rt * kTile, grp, dst0, out_rows, first);
+      // Column c_first + e's codes at col_at + e · out_rows, its scale at scale_at + e · scale_step; the columns left
+      // as a 32-bit bound (addresses made once, not per column).
+      const int64_t c_first = c0 + 4 * jc;
+      uint8_t* const col_at = dst0 + c_first * out_rows + first + 4 * q;
+      float* const scale_at = col_scale<kLt>(out, c_first, rt);
+      const int64_t scale_step = kLt ? 1 : out.rows / kTile;
+      const int cols_left = static_cast<int>(min(cols - c_first, int64_t{4}));
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         float m = 0.0f;
@@ -258,16 +268,15 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
         for (int offset = 1; offset < 16; offset *= 2) amax = max(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, offset));
         const float scale = scale_from_amax_bits(amax);
         const Divisor d = divisor(scale);
-        const int64_t c = c0 + 4 * jc + e;
-        if (c >= cols) continue;  // the same for the whole half warp (after its shuffles)
-        if (q == 0) *col_scale<kLt>(out, c, rt) = scale;
+        if (e >= cols_left) continue;  // the same for the whole half warp (after its shuffles)
+        if (q == 0) scale_at[e * scale_step] = scale;
         const float x4[2][4] = {{cv[o][0][0][e], cv[o][0][1][e], cv[o][0][2][e], cv[o][0][3][e]},
                                 {cv[o][1][0][e], cv[o][1][1][e], cv[o][1][2][e], cv[o][1][3][e]}};
         uint32_t codes[2];
         encode4_n<2>(x4, d, codes);
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          __stcs(reinterpret_cast<unsigned int*>(dst0 + c * out_rows + first + h * kHalfRows + 4 * q), codes[h]);
+          __stcs(reinterpret_cast<unsigned int*>(col_at + e * out_rows + h * kHalfRows), codes[h]);
       }
     }
   }
