@@ -97,8 +97,8 @@ __device__ __forceinline__ void cp_async_wait_pending() {
 // A source of the pipelined quantization:
 //   kInputs (2-3), kOutputs (1-2, <= kInputs): activations read, values quantized (each into its TileOutputs);
 //   kBf16Inputs: bit i set where input i is BF16 (bit patterns), else FP32;
-//   row(r, i): the start of input i's row r (16-byte aligned);
-//   apply(in, out): the outputs of one element from its inputs.
+//   row(r, i): the start of input i's row r (16-byte aligned); row_bytes(i): the bytes from one row to the next;
+//   apply4(in, out): the outputs of 4 elements from their inputs (out[o][e] from in[n][e]).
 template <int kOutputs>
 struct PipeOutputs {
   TileOutputs o[kOutputs];  // one shape (rows, cols, bounds), each its own codes and scales
@@ -117,33 +117,34 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
   const int64_t my_tiles = (n_tiles - blockIdx.x + gridDim.x - 1) / gridDim.x;  // blockIdx.x < n_tiles
   const int64_t n_halves = 2 * my_tiles;
 
-  // Copies of this block's half u (if any) into stage u % S, as one commit group.
+  // Copies of this block's half u (if any) into stage u % S, as one commit group. Chunk idx = tid + 512 m of a BF16
+  // input is row idx / 16 = tid / 16 + 32 m, columns c0 + 8 (tid % 16) ..; of an FP32 one row tid / 32 + 16 m,
+  // columns c0 + 4 (tid % 32) ..: a thread's columns and byte counts are the same for every m and input, its rows
+  // one row address and a stride apart (each chunk's own 64-bit row address and bound were ~13 instructions).
+  // Tile numbers fit 32 bits (rows / 128 <= 65535, tiles(cols) <= INT32_MAX: the callers' checks).
   auto issue = [&](int64_t u) {
     if (u < n_halves) {
-      const int64_t t = blockIdx.x + (u >> 1) * gridDim.x;
-      const int64_t r0 = (t / col_tiles) * kTile + (u & 1) * kHalfRows, c0 = (t % col_tiles) * kTile;
+      const auto t = static_cast<uint32_t>(blockIdx.x + (u >> 1) * gridDim.x), ct32 = static_cast<uint32_t>(col_tiles);
+      const int64_t r0 = int64_t{t / ct32} * kTile + (u & 1) * kHalfRows, c0 = int64_t{t % ct32} * kTile;
       float4* stage = pipe_smem + (u % S) * kStageChunks;
+      const int64_t c16 = c0 + 8 * (tid % 16), c32 = c0 + 4 * (tid % 32);
+      const int bytes16 = c16 < cols ? 2 * static_cast<int>(min(cols - c16, int64_t{8})) : 0;
+      const int bytes32 = c32 < cols ? 16 : 0;
 #pragma unroll
       for (int i = 0; i < NI; ++i) {
         char* base = reinterpret_cast<char*>(stage) + Shape::in_offset(i);
         if (Shape::kBf16(i)) {  // 16 chunks of 8 columns a row: a warp copies two rows' 512 bytes
+          const char* row = static_cast<const char*>(src.row(r0 + tid / 16, i)) + (bytes16 > 0 ? 2 * c16 : 0);
+          const int64_t step = 32 * src.row_bytes(i);
 #pragma unroll
-          for (int m = 0; m < kHalfChunks / 2 / kPipeThreads; ++m) {
-            const int idx = tid + kPipeThreads * m, r = idx / 16, k = idx % 16;
-            const int64_t c = c0 + 8 * k;
-            const char* row = static_cast<const char*>(src.row(r0 + r, i));
-            const int bytes = c < cols ? 2 * static_cast<int>(cols - c < 8 ? cols - c : 8) : 0;
-            cp_async16_zfill(base + Shape::bf16_chunk(r, k), bytes > 0 ? row + 2 * c : row, bytes);
-          }
+          for (int m = 0; m < kHalfChunks / 2 / kPipeThreads; ++m)
+            cp_async16_zfill(base + Shape::bf16_chunk(tid / 16 + 32 * m, tid % 16), row + m * step, bytes16);
         } else {  // 32 chunks of 4 columns a row: a warp copies one row's 512 bytes
+          const char* row = static_cast<const char*>(src.row(r0 + tid / 32, i)) + (bytes32 > 0 ? 4 * c32 : 0);
+          const int64_t step = 16 * src.row_bytes(i);
 #pragma unroll
-          for (int m = 0; m < kHalfChunks / kPipeThreads; ++m) {
-            const int idx = tid + kPipeThreads * m, r = idx / 32, j = idx % 32;
-            const int64_t c = c0 + 4 * j;
-            const char* row = static_cast<const char*>(src.row(r0 + r, i));
-            const bool in = c < cols;
-            cp_async16_zfill(base + Shape::fp32_chunk(r, j), in ? row + 4 * c : row, in ? 16 : 0);
-          }
+          for (int m = 0; m < kHalfChunks / kPipeThreads; ++m)
+            cp_async16_zfill(base + Shape::fp32_chunk(tid / 32 + 16 * m, tid % 32), row + m * step, bytes32);
         }
       }
     }
@@ -154,7 +155,8 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
   for (int u = 0; u < S - 1; ++u) issue(u);
 #pragma unroll 1
   for (int64_t k = 0; k < my_tiles; ++k) {
-    const int64_t t = blockIdx.x + k * gridDim.x, rt = t / col_tiles, ct = t % col_tiles, c0 = ct * kTile;
+    const auto t = static_cast<uint32_t>(blockIdx.x + k * gridDim.x), ct32 = static_cast<uint32_t>(col_tiles);
+    const int64_t rt = t / ct32, ct = t % ct32, c0 = ct * kTile;
     const TileGroup grp = group_of(outs.o[0], rt * kTile);   // every output's (one shape); all lanes here
     const int g = lane >> 4, q = lane & 15, jc = 2 * warp + g;  // the columns' lane layout
     float cv[NO][2][4][4];                                      // [output][half][row 4 q + i][column 4 jc + e]
@@ -191,15 +193,12 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
               in4[n][0] = f.x, in4[n][1] = f.y, in4[n][2] = f.z, in4[n][3] = f.w;
             }
           }
+          float out4[NO][4];
+          src.apply4(in4, out4);
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float ie[NI], oe[NO];
+          for (int o = 0; o < NO; ++o)
 #pragma unroll
-            for (int n = 0; n < NI; ++n) ie[n] = in4[n][e];
-            src.apply(ie, oe);
-#pragma unroll
-            for (int o = 0; o < NO; ++o) v[o][i][e] = oe[o];
-          }
+            for (int e = 0; e < 4; ++e) v[o][i][e] = out4[o][e];
 #pragma unroll
           for (int o = 0; o < NO; ++o) {
             a[o] = abs_max4(a[o], v[o][i]);

@@ -29,6 +29,7 @@ using fp8::cuda::quant_detail::launch_quantize_tiles;
 using fp8::cuda::quant_detail::PipeOutputs;
 using fp8::cuda::quant_detail::TileOutputs;
 using swiglu_detail::silu_grads;
+using swiglu_detail::silu_grads4;
 using swiglu_detail::silu_times;
 
 // 4 values as loaded (FP32, or BF16 bit patterns) and widened to FP32.
@@ -101,8 +102,11 @@ struct BackwardPairRows {
   __device__ __forceinline__ const void* row(int64_t r, int i) const {
     return i == 0 ? dh + r * cols : (i == 1 ? g : u) + r * gu_ld;
   }
-  __device__ __forceinline__ void apply(const float (&in)[3], float (&out)[2]) const {
-    silu_grads(in[0], in[1], in[2], out[0], out[1]);
+  __device__ __forceinline__ int64_t row_bytes(int i) const {
+    return static_cast<int64_t>(sizeof(T)) * (i == 0 ? cols : gu_ld);
+  }
+  __device__ __forceinline__ void apply4(const float (&in)[3][4], float (&out)[2][4]) const {
+    silu_grads4(in[0], in[1], in[2], out[0], out[1]);
   }
 };
 

@@ -17,4 +17,41 @@ __device__ __forceinline__ void silu_grads(float dh, float g, float u, float& dg
   dg = __fmul_rn(__fmul_rn(__fmul_rn(dh, u), s), slope);
 }
 
+// RN(1 / x) for x in [2^-126, 2^126): __frcp_rn's own fast path (MUFU.RCP, then one Newton step, the instructions
+// ptxas emits for it) without its range check and branch (6 instructions an element in the SwiGLU backward: ncu's
+// source counters on the H200, bench/results/2026-11-30-gpu-swiglu-rcp-h200-*.txt). The library flushes the step's
+// residual x r - 1 to zero when subnormal; here it never is (x r lies within 2^-22 of 1 and is a multiple of
+// 2^-47 or more). tests/gpu/ops_gpu.cpp checks it against __frcp_rn for every float in [1, 2^126).
+__device__ __forceinline__ float rcp_rn_in_range(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return __fmaf_rn(r, -__fmaf_rn(x, r, -1.0f), r);
+}
+
+// silu_grads of 4 elements: their sigmoids' reciprocals on rcp_rn_in_range when all 4 denominators 1 + exp(-g)
+// lie below 2^126 (g above about -87.3; one unsigned compare of their bit patterns, which also sends NaN and Inf to
+// __frcp_rn), else on __frcp_rn: the same bits as silu_grads either way.
+__device__ __forceinline__ void silu_grads4(const float (&dh)[4], const float (&g)[4], const float (&u)[4],
+                                            float (&dg)[4], float (&du)[4]) {
+  float x[4];
+#pragma unroll
+  for (int k = 0; k < 4; ++k) x[k] = __fadd_rn(1.0f, expf(-g[k]));
+  const unsigned top = max(max(__float_as_uint(x[0]), __float_as_uint(x[1])),
+                           max(__float_as_uint(x[2]), __float_as_uint(x[3])));
+  float s[4];
+  if (top < 0x7E800000u) {  // 2^126
+#pragma unroll
+    for (int k = 0; k < 4; ++k) s[k] = rcp_rn_in_range(x[k]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) s[k] = __frcp_rn(x[k]);
+  }
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    du[k] = __fmul_rn(__fmul_rn(dh[k], g[k]), s[k]);
+    const float slope = __fadd_rn(1.0f, __fmul_rn(g[k], __fsub_rn(1.0f, s[k])));
+    dg[k] = __fmul_rn(__fmul_rn(__fmul_rn(dh[k], u[k]), s[k]), slope);
+  }
+}
+
 }  // namespace moerl::cuda::swiglu_detail
