@@ -21,15 +21,18 @@ using ops_detail::store;
 
 constexpr int kMaxThreads = 256;
 // Rows per block of the backward kernel: each block writes one [dim] slice of dweight partial sums, so this
-// sets the scratch size (rows / 32 · dim floats) and the length of the second pass.
-constexpr int64_t kChunkRows = 32;
+// sets the scratch size (rows / 16 · dim floats) and the length of the second pass. On the H200, bench-600m's step
+// (CUPTI trace, 25 calls of 16384 x 1024; bench/results/2026-11-30-gpu-rmsnorm-chunk-h200-9fccf43+chunk.txt):
+// 32 rows a block (512 blocks, 3-4 an SM, one row's loads in flight a thread) 67.7-68.0 us a call, 16 52.7, 8 50.2,
+// 4 50.6 with the second pass grown to 28 us.
+constexpr int64_t kChunkRows = 16;
 // dweight's per-block accumulators live in shared memory: dim floats, at most 192 KiB (an H200 block may
 // have 227 KiB).
 constexpr int64_t kMaxDweightDim = 49152;
-// The second dweight pass: a block covers 32 columns; 8 threads per column sum every 8th chunk, then their
-// sums are added in a fixed order.
+// The second dweight pass: a block covers 32 columns; 32 threads per column sum every 32nd chunk, then their
+// sums are added in a fixed order (8 threads a column, 32 blocks for dim 1024, took 28 us over 4096 chunks).
 constexpr int kFinishCols = 32;
-constexpr int kFinishSplit = 8;
+constexpr int kFinishSplit = 32;
 
 // Tried and dropped (2026-11-30): warp-per-row kernels holding a row in registers (one read, shuffle reductions, no
 // block barrier a row) for dim <= 1024: bench-600m's 16384 x 1024 forward 45.4 vs 43.6 us, backward with dweight 78.8
@@ -149,7 +152,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // dweight[j] += Σ_chunks partial[chunk, j], in a fixed order: thread `split` of column j sums chunks split,
-// split + 8, ... in turn, then the 8 sums are added in split order.
+// split + kFinishSplit, ... in turn, then the kFinishSplit sums are added in split order.
 __global__ void __launch_bounds__(kFinishCols * kFinishSplit)
     rmsnorm_dweight_finish_kernel(const float* __restrict__ partial, int64_t chunks, int64_t dim,
                                   float* __restrict__ dweight) {

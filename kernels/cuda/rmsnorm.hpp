@@ -5,7 +5,7 @@
 // Precision: sums run in FP32 on the GPU (in double on the CPU), in an order fixed by rows and dim alone:
 //   forward: per row, each thread sums its columns, then a fixed-order block sum;
 //   backward dweight: two passes — each block sums dy·x·rstd over a fixed chunk of rows into its own slice of a
-//   scratch buffer, then for each column 8 threads sum every 8th chunk and their sums are added in order. No
+//   scratch buffer, then for each column 32 threads sum every 32nd chunk and their sums are added in order. No
 //   float atomics: the same bits on every run.
 // Rows whose pointers are 16-byte aligned with dim and the row strides multiples of 4 take float4 loads, others a
 // scalar path.
