@@ -83,6 +83,9 @@ struct Divisor {
 __device__ __forceinline__ Divisor divisor(float scale) {
   const bool exact = scale <= 0x1p100f;
   const float s = exact ? scale : scale <= 0x1.fffffep127f ? scale * 0x1p-64f : 1.0f;
+  // (__frcp_rn's fast path without its range check, cuda::swiglu_detail::rcp_rn_in_range: s is always in its range,
+  // but quantize_1x128_dual ran 3.13 against 3.18 TB/s with it, the others within noise; bench/results/
+  // 2026-11-30-gpu-divisor-rcp-h200-3aa7871+rcp.txt.)
   const float hi = __frcp_rn(s);
   return Divisor{scale, hi, __fmul_rn(__fmaf_rn(-s, hi, 1.0f), hi), exact};
 }
