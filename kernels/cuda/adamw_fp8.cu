@@ -12,6 +12,7 @@
 
 #include "kernels/cuda/adamw.hpp"
 #include "kernels/cuda/adamw_update.cuh"
+#include "kernels/cuda/cp_async.cuh"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_quantize_block.cuh"
 #include "kernels/cuda/ops_common.cuh"
@@ -66,18 +67,6 @@ struct RowSlot {  // one row of a warp: lane l's 4 elements at index l
   uint2 m[qd::kWarp], v[qd::kWarp];
 };
 
-__device__ __forceinline__ void cp_async(void* smem, const void* gmem, int bytes) {
-  const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  if (bytes == 16)
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem) : "memory");
-  else
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;\n" ::"r"(dst), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
 __global__ void __launch_bounds__(qd::kBlockThreads, 2)
     adamw_fp8_kernel(const AdamWFp8Copy* __restrict__ copies, const int64_t* __restrict__ first_block, int n_copies,
                      Scalars s, const float* __restrict__ device_grad_scale) {
@@ -99,13 +88,13 @@ __global__ void __launch_bounds__(qd::kBlockThreads, 2)
   const int rows_in = col < o.cols ? static_cast<int>(min(int64_t{R}, max(o.rows - first_row, int64_t{0}))) : 0;
   auto at_of = [&](int i) -> int64_t { return i < rows_in ? at0 + i * step : -1; };
   auto issue = [&](int i) {  // row i's copies into slot i % kAhead, as one commit group (empty past the rows)
-    const int64_t at = i < R ? at_of(i) : -1;
+    const int64_t at = at_of(i);  // -1 past the rows (i >= R >= rows_in too)
     if (at >= 0) {
       RowSlot& slot = ring[(i % kAhead) * qd::kBlockWarps + warp];
-      cp_async(&slot.w[lane], reinterpret_cast<const float4*>(c.w) + at, 16);
-      cp_async(&slot.g[lane], reinterpret_cast<const float4*>(c.g) + at, 16);
-      cp_async(&slot.m[lane], reinterpret_cast<const uint2*>(c.m) + at, 8);
-      cp_async(&slot.v[lane], reinterpret_cast<const uint2*>(c.v) + at, 8);
+      cp_async16(&slot.w[lane], reinterpret_cast<const float4*>(c.w) + at);
+      cp_async16(&slot.g[lane], reinterpret_cast<const float4*>(c.g) + at);
+      cp_async8(&slot.m[lane], reinterpret_cast<const uint2*>(c.m) + at);
+      cp_async8(&slot.v[lane], reinterpret_cast<const uint2*>(c.v) + at);
     }
     cp_async_commit();
   };
@@ -118,25 +107,26 @@ __global__ void __launch_bounds__(qd::kBlockThreads, 2)
     cp_async_wait<kAhead - 1>();  // row i's group has landed
     if (at < 0) {
       v[i][0] = v[i][1] = v[i][2] = v[i][3] = 0.0f;
-      issue(i + kAhead);
-      continue;
+    } else {
+      const RowSlot& slot = ring[(i % kAhead) * qd::kBlockWarps + warp];
+      const float4 w4 = slot.w[lane], g4 = slot.g[lane];
+      const uint2 m4 = slot.m[lane], v4 = slot.v[lane];
+      float wv[4] = {w4.x, w4.y, w4.z, w4.w};
+      const float gv[4] = {g4.x, g4.y, g4.z, g4.w};
+      uint16_t mv[4] = {static_cast<uint16_t>(m4.x), static_cast<uint16_t>(m4.x >> 16), static_cast<uint16_t>(m4.y),
+                        static_cast<uint16_t>(m4.y >> 16)};
+      uint16_t vv[4] = {static_cast<uint16_t>(v4.x), static_cast<uint16_t>(v4.x >> 16), static_cast<uint16_t>(v4.y),
+                        static_cast<uint16_t>(v4.y >> 16)};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) adamw_update(wv[k], gv[k], mv[k], vv[k], s);
+      reinterpret_cast<float4*>(c.w)[at] = make_float4(wv[0], wv[1], wv[2], wv[3]);
+      reinterpret_cast<uint2*>(c.m)[at] =
+          make_uint2(mv[0] | (uint32_t{mv[1]} << 16), mv[2] | (uint32_t{mv[3]} << 16));
+      reinterpret_cast<uint2*>(c.v)[at] =
+          make_uint2(vv[0] | (uint32_t{vv[1]} << 16), vv[2] | (uint32_t{vv[3]} << 16));
+#pragma unroll
+      for (int k = 0; k < 4; ++k) v[i][k] = wv[k];
     }
-    const RowSlot& slot = ring[(i % kAhead) * qd::kBlockWarps + warp];
-    const float4 w4 = slot.w[lane], g4 = slot.g[lane];
-    const uint2 m4 = slot.m[lane], v4 = slot.v[lane];
-    float wv[4] = {w4.x, w4.y, w4.z, w4.w};
-    const float gv[4] = {g4.x, g4.y, g4.z, g4.w};
-    uint16_t mv[4] = {static_cast<uint16_t>(m4.x), static_cast<uint16_t>(m4.x >> 16), static_cast<uint16_t>(m4.y),
-                      static_cast<uint16_t>(m4.y >> 16)};
-    uint16_t vv[4] = {static_cast<uint16_t>(v4.x), static_cast<uint16_t>(v4.x >> 16), static_cast<uint16_t>(v4.y),
-                      static_cast<uint16_t>(v4.y >> 16)};
-#pragma unroll
-    for (int k = 0; k < 4; ++k) adamw_update(wv[k], gv[k], mv[k], vv[k], s);
-    reinterpret_cast<float4*>(c.w)[at] = make_float4(wv[0], wv[1], wv[2], wv[3]);
-    reinterpret_cast<uint2*>(c.m)[at] = make_uint2(mv[0] | (uint32_t{mv[1]} << 16), mv[2] | (uint32_t{mv[3]} << 16));
-    reinterpret_cast<uint2*>(c.v)[at] = make_uint2(vv[0] | (uint32_t{vv[1]} << 16), vv[2] | (uint32_t{vv[3]} << 16));
-#pragma unroll
-    for (int k = 0; k < 4; ++k) v[i][k] = wv[k];
     // The slot was read above into registers the stores used: its refill cannot overtake those reads.
     issue(i + kAhead);
   }

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "kernels/cuda/attention_tc_pack.hpp"
+#include "kernels/cuda/cp_async.cuh"
 #include "kernels/cuda/rope.hpp"
 #include "kernels/cuda/rope_rotate.cuh"
 
@@ -293,14 +294,6 @@ __device__ __forceinline__ void store_kv_grads(const KvGradOut& out, int b, int 
 }
 
 
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(smem_addr(smem)), "l"(gmem) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-// Waits until at most N of this thread's committed groups are still in flight.
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // Shared tile [ROWS][row_stride(DP)] <- ROWS consecutive packed rows of DP BF16 at src (16-byte chunks spread over
 // the block's THREADS threads; asynchronous until the group is waited for).

@@ -45,11 +45,16 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/cp_async.cuh"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_quantize_common.cuh"
 #include "kernels/cuda/fp8_quantize_tile.cuh"
 
 namespace moerl::fp8::cuda::quant_detail {
+
+using moerl::cuda::cp_async16_zfill;
+using moerl::cuda::cp_async_commit;
+using moerl::cuda::cp_async_wait;
 
 constexpr int kPipeThreads = 512;
 constexpr int kHalfRows = kTile / 2;
@@ -82,17 +87,6 @@ struct PipeShape {
   static constexpr int fp32_chunk(int r, int j) { return 16 * (r * 32 + (j ^ ((r >> 2) & 7))); }
   static constexpr int bf16_chunk(int r, int k) { return 16 * (r * 16 + (k ^ ((r & 3) << 2))); }
 };
-
-// 16-byte copy into shared memory, zero-filled past src_bytes (0 or 16).
-__device__ __forceinline__ void cp_async16_zfill(void* smem, const void* gmem, int src_bytes) {
-  const auto dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit_group() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait_pending() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
 
 // A source of the pipelined quantization:
 //   kInputs (2-3), kOutputs (1-2, <= kInputs): activations read, values quantized (each into its TileOutputs);
@@ -148,7 +142,7 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
         }
       }
     }
-    cp_async_commit_group();
+    cp_async_commit();
   };
 
 #pragma unroll
@@ -163,7 +157,7 @@ __global__ void __launch_bounds__(kPipeThreads, 1)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int64_t u = 2 * k + h;
-      cp_async_wait_pending<S - 2>();  // this thread's copies of half u have landed
+      cp_async_wait<S - 2>();  // this thread's copies of half u have landed
       __syncthreads();                 // everyone's have; the stage of half u - 1 is no longer read
       issue(u + S - 1);
       float4* stage = pipe_smem + (u % S) * kStageChunks;

@@ -63,6 +63,7 @@
 #include <cstdlib>
 #include <string>
 
+#include "kernels/cuda/cp_async.cuh"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_grouped_gemm.hpp"
 #include "runtime/error.hpp"
@@ -126,18 +127,15 @@ __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
+using moerl::cuda::cp_async_commit;
+using moerl::cuda::cp_async_wait;
+
+// 16 or 4 bytes where ok, else zeros (moerl::cuda's zero-filling copies).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(ok ? 16 : 0));
+  moerl::cuda::cp_async16_zfill(dst, src, ok ? 16 : 0);
 }
-
 __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(ok ? 4 : 0));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+  moerl::cuda::cp_async4_zfill(dst, src, ok ? 4 : 0);
 }
 
 // The executing thread's earlier cp.async copies arrive on the mbarrier when they land (no pending-count increment:
