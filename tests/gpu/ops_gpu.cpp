@@ -388,7 +388,8 @@ TEST_F(OpsGpu, CrossEntropyMatchesTheCpuLossAndGradientAndRefusesBadLabels) {
     // dlogits = grad_scale·exp(z − max)/sum (− grad_scale at the label). The FP32 sum: per thread vocab/1024
     // float4 groups (pairwise inside a group), a few rescalings as its max grows, 13 merge levels each rounding a
     // product with an exp — at worst ~100·2^-24 ≈ 6e-6 relative, typically far less; the rounding of z − max
-    // (|z − max| < 64 here: at most 2^-19 absolute, 2e-6 relative after exp); expf's 2 ulp. At the label
+    // (|z − max| < 64 here: at most 2^-19 absolute, 2e-6 relative after exp); the exponential's own (its argument
+    // times log2 e rounded, below 2^7: 2^-18 absolute, 2.6e-6 relative; ex2.approx 2^-22). At the label
     // grad_scale·(p − 1) cancels: the scale adds grad_scale there.
     std::vector<double> dz_scale = magnitudes(dlogits);
     for (int64_t r = 0; r < c.rows; ++r)
