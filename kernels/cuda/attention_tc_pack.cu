@@ -16,6 +16,7 @@
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/rope_rotate.cuh"
 #include "kernels/cuda/stream_scratch.hpp"
+#include "kernels/cuda/pdl.cuh"
 #include "runtime/error.hpp"
 
 namespace moerl::cuda {
@@ -30,6 +31,7 @@ constexpr float kLog2ePack = 1.4426950408889634f;
 template <int D>
 __global__ void __launch_bounds__(kPackThreads)
     attention_pack_kernel(PackSrc src, bf16* __restrict__ dst, int seq, int spad, int heads, int64_t chunks) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   constexpr int DP = pad16(D), C = DP / 8;
   static_assert(D % 8 == 0, "a chunk of 8 columns is all inside or all outside the head dim");
   const int64_t t = int64_t{blockIdx.x} * kPackThreads + threadIdx.x;
@@ -65,6 +67,7 @@ __global__ void __launch_bounds__(kPackThreads)
     attention_pack_dout_kernel(const float* __restrict__ dout, const float* __restrict__ out,
                                const float* __restrict__ lse, bf16* __restrict__ dst, float* __restrict__ stats,
                                int seq, int spad, int heads, int64_t chunks) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   constexpr int DP = pad16(DV), C = DP / 8;
   static_assert(DV % 8 == 0 && 32 % C == 0, "a row's chunks are whole and share one warp");
   const int64_t t = int64_t{blockIdx.x} * kPackThreads + threadIdx.x;
@@ -105,9 +108,8 @@ template <int D>
 void launch_pack(const PackSrc& src, bf16* dst, int64_t batch, int64_t seq, int64_t heads, int64_t spad,
                  cudaStream_t stream) {
   const int64_t chunks = batch * heads * spad * (pad16(D) / 8);
-  attention_pack_kernel<D><<<pack_blocks(chunks), kPackThreads, 0, stream>>>(
-      src, dst, static_cast<int>(seq), static_cast<int>(spad), static_cast<int>(heads), chunks);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(attention_pack_kernel<D>, pack_blocks(chunks), kPackThreads, 0, stream, src, dst,
+                        static_cast<int>(seq), static_cast<int>(spad), static_cast<int>(heads), chunks);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -187,9 +189,8 @@ void pack_dout(const float* dout, const float* out, const float* lse, bf16* dst,
                int64_t batch, int64_t seq, int64_t heads, int64_t spad, cudaStream_t stream) {
   const auto launch = [&](auto kernel, int dp) {
     const int64_t chunks = batch * heads * spad * (dp / 8);
-    kernel<<<pack_blocks(chunks), kPackThreads, 0, stream>>>(dout, out, lse, dst, stats, static_cast<int>(seq),
-                                                              static_cast<int>(spad), static_cast<int>(heads), chunks);
-    CUDA_CHECK_LAUNCH();
+    launch_after_previous(kernel, pack_blocks(chunks), kPackThreads, 0, stream, dout, out, lse, dst, stats,
+                          static_cast<int>(seq), static_cast<int>(spad), static_cast<int>(heads), chunks);
   };
   if (dv == 16) launch(attention_pack_dout_kernel<16>, 16);
   else if (dv == 64) launch(attention_pack_dout_kernel<64>, 64);

@@ -22,6 +22,7 @@
 #include "kernels/cuda/attention_tc_pack.hpp"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/kernel_attributes.hpp"
+#include "kernels/cuda/pdl.cuh"
 
 namespace moerl::cuda::attention_tc_detail {
 namespace {
@@ -33,6 +34,7 @@ __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks p
     attention_forward_wgmma(const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
                             float* __restrict__ out, float* __restrict__ lse, int seq, int spad, int heads,
                             float scale_log2, bool seq_order) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   constexpr int DQ = 96, DV = 64, ROWS = 64 * WG, THREADS = 128 * WG;
   constexpr int Q_PANEL = ROWS * kRowBytes, K_PANEL = kKeyTile * kRowBytes;
   constexpr int Q_BYTES = 2 * Q_PANEL, K_BYTES = 2 * K_PANEL, V_BYTES = kKeyTile * kRowBytes;
@@ -160,9 +162,8 @@ template <int WG> void launch(const ForwardWgmmaArgs& a, cudaStream_t stream) {
   const auto tiles = static_cast<unsigned>((a.seq + ROWS - 1) / ROWS), h = static_cast<unsigned>(a.heads),
              b = static_cast<unsigned>(a.batch);
   const dim3 grid = a.seq_order ? dim3(tiles, h, b) : dim3(h, b, tiles);
-  attention_forward_wgmma<WG><<<grid, 128 * WG, smem, stream>>>(a.q, a.k, a.v, a.out, a.lse, a.seq, a.spad, a.heads,
-                                                                a.scale_log2, a.seq_order);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(attention_forward_wgmma<WG>, grid, 128 * WG, smem, stream, a.q, a.k, a.v, a.out, a.lse, a.seq,
+                        a.spad, a.heads, a.scale_log2, a.seq_order);
 }
 
 }  // namespace

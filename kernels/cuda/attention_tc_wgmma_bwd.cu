@@ -25,6 +25,7 @@
 #include "kernels/cuda/attention_tc_wgmma.cuh"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/kernel_attributes.hpp"
+#include "kernels/cuda/pdl.cuh"
 
 namespace moerl::cuda::attention_tc_detail {
 namespace {
@@ -75,6 +76,7 @@ struct PairSmem {
 // one barrier a tile: the stage refilled at tile qt was read at qt - 1, before it. 3 stages (98 KB a block): backward
 // 0.767 and 0.767 ms against 0.790 and 0.791 with 2, rounds interleaved (same file).
 __global__ void __launch_bounds__(128, 2) attention_dkdv_wgmma(const BackwardWgmmaArgs a) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   using L = PairSmem;
   constexpr int THREADS = 128, S = L::S;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -180,6 +182,7 @@ static_assert(DqSmem::STAGE % 1024 == 0, "swizzle atoms stay 1024-byte aligned")
 static_assert(3 * (DqSmem::BYTES + 1024) <= 228 * 1024, "three blocks an SM");
 
 __global__ void __launch_bounds__(128, 3) attention_dq_wgmma(const DqWgmmaArgs a) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   using L = DqSmem;
   constexpr int THREADS = 128, S = L::STAGES;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -233,6 +236,7 @@ __global__ void __launch_bounds__(128, 3) attention_dq_wgmma(const DqWgmmaArgs a
 // blocks an SM. S = Q·Kᵀ and dP = dO·Vᵀ read both operands K-major; dQ += dS·K takes dS from registers and reads
 // K MN-major.
 __global__ void __launch_bounds__(128, 2) attention_dq_recompute_wgmma(const DqWgmmaArgs a) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   using L = PairSmem;
   constexpr int THREADS = 128, S = L::S;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -307,10 +311,10 @@ void dq_wgmma(const DqWgmmaArgs& a, cudaStream_t stream) {
   const dim3 grid = a.seq_order ? dim3(tiles, h, b) : dim3(h, b, tiles);
   if (a.ds != nullptr) {
     cuda_detail::allow_dynamic_smem<attention_dq_wgmma>(DqSmem::BYTES);  // once per device
-    attention_dq_wgmma<<<grid, 128, DqSmem::BYTES, stream>>>(a);
+    launch_after_previous(attention_dq_wgmma, grid, 128, DqSmem::BYTES, stream, a);
   } else {
     cuda_detail::allow_dynamic_smem<attention_dq_recompute_wgmma>(PairSmem::BYTES);
-    attention_dq_recompute_wgmma<<<grid, 128, PairSmem::BYTES, stream>>>(a);
+    launch_after_previous(attention_dq_recompute_wgmma, grid, 128, PairSmem::BYTES, stream, a);
   }
   CUDA_CHECK_LAUNCH();
 }
@@ -320,8 +324,7 @@ void dkdv_wgmma(const BackwardWgmmaArgs& a, cudaStream_t stream) {
              b = static_cast<unsigned>(a.batch);
   const dim3 grid = a.seq_order ? dim3(tiles, h, b) : dim3(h, b, tiles);
   cuda_detail::allow_dynamic_smem<attention_dkdv_wgmma>(PairSmem::BYTES);  // once per device
-  attention_dkdv_wgmma<<<grid, 128, PairSmem::BYTES, stream>>>(a);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(attention_dkdv_wgmma, grid, 128, PairSmem::BYTES, stream, a);
 }
 
 }  // namespace moerl::cuda::attention_tc_detail

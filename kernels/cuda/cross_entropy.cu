@@ -10,6 +10,7 @@
 #include "kernels/cuda/cross_entropy.hpp"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/ops_common.cuh"
+#include "kernels/cuda/pdl.cuh"
 #include "runtime/error.hpp"
 
 namespace moerl::cuda {
@@ -100,6 +101,7 @@ __global__ void __launch_bounds__(kRowThreads)
     cross_entropy_rows_kernel(const void* logits, const int64_t* __restrict__ labels, int64_t vocab,
                               float grad_scale, void* dlogits, int64_t ld16, double* __restrict__ row_loss,
                               Totals* __restrict__ totals) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   static_assert(!kBf16 || V == 4, "BF16 gradients in groups of 4 (8-byte stores)");
   static_assert(!kIn16 || kBf16, "BF16 logits give BF16 gradients");
   __shared__ MaxSum scratch[kMaxWarps];
@@ -217,6 +219,7 @@ __global__ void __launch_bounds__(kRowThreads)
 __global__ void __launch_bounds__(kSumThreads)
     cross_entropy_sum_kernel(const double* __restrict__ row_loss, const int64_t* __restrict__ labels, int64_t rows,
                              int64_t vocab, Totals* __restrict__ totals) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   __shared__ double dscratch[kMaxWarps];
   __shared__ long long cscratch[kMaxWarps];
   double loss = 0;
@@ -262,21 +265,20 @@ double cross_entropy_with(const char* fn, const float* logits, const uint16_t* l
   const int64_t warps = (groups + kWarp - 1) / kWarp;
   const int threads = static_cast<int>(warps * kWarp > kRowThreads ? kRowThreads : warps * kWarp);
   if (logits16 != nullptr) {
-    cross_entropy_rows_kernel<4, true, true><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-        logits16, labels, vocab, grad_scale, dlogits16, ld16, row_loss, totals);
+    launch_after_previous(cross_entropy_rows_kernel<4, true, true>, static_cast<unsigned>(rows), threads, 0, stream,
+                          logits16, labels, vocab, grad_scale, dlogits16, ld16, row_loss, totals);
   } else if (dlogits16 != nullptr) {
-    cross_entropy_rows_kernel<4, true, false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-        logits, labels, vocab, grad_scale, dlogits16, ld16, row_loss, totals);
+    launch_after_previous(cross_entropy_rows_kernel<4, true, false>, static_cast<unsigned>(rows), threads, 0, stream,
+                          logits, labels, vocab, grad_scale, dlogits16, ld16, row_loss, totals);
   } else if (vec) {
-    cross_entropy_rows_kernel<4, false, false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-        logits, labels, vocab, grad_scale, dlogits, 0, row_loss, totals);
+    launch_after_previous(cross_entropy_rows_kernel<4, false, false>, static_cast<unsigned>(rows), threads, 0, stream,
+                          logits, labels, vocab, grad_scale, dlogits, 0, row_loss, totals);
   } else {
-    cross_entropy_rows_kernel<1, false, false><<<static_cast<unsigned>(rows), threads, 0, stream>>>(
-        logits, labels, vocab, grad_scale, dlogits, 0, row_loss, totals);
+    launch_after_previous(cross_entropy_rows_kernel<1, false, false>, static_cast<unsigned>(rows), threads, 0, stream,
+                          logits, labels, vocab, grad_scale, dlogits, 0, row_loss, totals);
   }
   CUDA_CHECK_LAUNCH();
-  cross_entropy_sum_kernel<<<1, kSumThreads, 0, stream>>>(row_loss, labels, rows, vocab, totals);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(cross_entropy_sum_kernel, 1, kSumThreads, 0, stream, row_loss, labels, rows, vocab, totals);
 
   Totals host{};
   CUDA_CHECK(cudaMemcpyAsync(&host, totals, sizeof(Totals), cudaMemcpyDeviceToHost, stream));

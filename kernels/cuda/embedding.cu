@@ -9,6 +9,7 @@
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/embedding.hpp"
 #include "kernels/cuda/ops_common.cuh"
+#include "kernels/cuda/pdl.cuh"
 #include "runtime/error.hpp"
 
 namespace moerl::cuda {
@@ -24,6 +25,7 @@ template <int V>
 __global__ void __launch_bounds__(kMaxThreads)
     embedding_forward_kernel(const float* __restrict__ table, const int64_t* __restrict__ ids, int64_t dim,
                              float* __restrict__ out) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int64_t r = blockIdx.x, groups = dim / V;
   const float* src = table + ids[r] * dim;
   float* dst = out + r * dim;
@@ -35,6 +37,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 __global__ void iota_kernel(int32_t* __restrict__ v, int64_t n) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     v[i] = static_cast<int32_t>(i);
@@ -48,6 +51,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     embedding_backward_kernel(const float* __restrict__ dout, const int64_t* __restrict__ sorted_ids,
                               const int32_t* __restrict__ sorted_rows, int64_t rows, int64_t dim,
                               float* __restrict__ dtable) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int64_t p0 = blockIdx.x, id = sorted_ids[p0];
   if (p0 > 0 && sorted_ids[p0 - 1] == id) return;  // uniform across the block
   int64_t p1 = p0 + 1;
@@ -89,9 +93,11 @@ void embedding_forward(const float* table, const int64_t* ids, int64_t rows, int
   const bool vec = dim % 4 == 0 && ops_detail::aligned(table, 16) && ops_detail::aligned(out, 16);
   const int threads = threads_for(vec ? dim / 4 : dim);
   if (vec) {
-    embedding_forward_kernel<4><<<static_cast<unsigned>(rows), threads, 0, stream>>>(table, ids, dim, out);
+    launch_after_previous(embedding_forward_kernel<4>, static_cast<unsigned>(rows), threads, 0, stream, table, ids, dim,
+                          out);
   } else {
-    embedding_forward_kernel<1><<<static_cast<unsigned>(rows), threads, 0, stream>>>(table, ids, dim, out);
+    launch_after_previous(embedding_forward_kernel<1>, static_cast<unsigned>(rows), threads, 0, stream, table, ids, dim,
+                          out);
   }
   CUDA_CHECK_LAUNCH();
 }
@@ -114,18 +120,18 @@ void embedding_backward(const float* dout, const int64_t* ids, int64_t rows, int
   int32_t* sorted_rows = scratch.at<int32_t>(ids_bytes + rows_bytes);
   void* sort_temp = scratch.at<char>(ids_bytes + 2 * rows_bytes);
 
-  iota_kernel<<<ops_detail::grid_stride_blocks(rows, kMaxThreads), kMaxThreads, 0, stream>>>(row_numbers, rows);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(iota_kernel, ops_detail::grid_stride_blocks(rows, kMaxThreads), kMaxThreads, 0, stream,
+                        row_numbers, rows);
   CUDA_CHECK(cub::DeviceRadixSort::SortPairs(sort_temp, sort_bytes, ids, sorted_ids, row_numbers, sorted_rows, n, 0,
                                              64, stream));
   const bool vec = dim % 4 == 0 && ops_detail::aligned(dout, 16) && ops_detail::aligned(dtable, 16);
   const int threads = threads_for(vec ? dim / 4 : dim);
   if (vec) {
-    embedding_backward_kernel<4><<<static_cast<unsigned>(rows), threads, 0, stream>>>(dout, sorted_ids, sorted_rows,
-                                                                                       rows, dim, dtable);
+    launch_after_previous(embedding_backward_kernel<4>, static_cast<unsigned>(rows), threads, 0, stream, dout,
+                          sorted_ids, sorted_rows, rows, dim, dtable);
   } else {
-    embedding_backward_kernel<1><<<static_cast<unsigned>(rows), threads, 0, stream>>>(dout, sorted_ids, sorted_rows,
-                                                                                       rows, dim, dtable);
+    launch_after_previous(embedding_backward_kernel<1>, static_cast<unsigned>(rows), threads, 0, stream, dout,
+                          sorted_ids, sorted_rows, rows, dim, dtable);
   }
   CUDA_CHECK_LAUNCH();
 }

@@ -15,6 +15,7 @@
 #include "kernels/cuda/fp8_quantize_block.cuh"
 #include "kernels/cuda/fp8_quantize_common.cuh"
 #include "kernels/cuda/fp8_quantize_tile.cuh"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/fp8_quantize.hpp"
 #include "runtime/error.hpp"
 
@@ -51,6 +52,7 @@ template <bool kFull, bool kLt>
 __global__ void __launch_bounds__(kRowWarps * kWarp)
     quantize_1x128_kernel(const float* __restrict__ x, int64_t rows, int64_t cols, int64_t ntiles, bool vec,
                           uint8_t* __restrict__ codes, float* __restrict__ scales) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp) * kTilesPerWarp;
   const int64_t count = rows * ntiles;
   const int lane = threadIdx.x % kWarp;
@@ -87,6 +89,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     quantize_128x128_kernel(const float* __restrict__ w, int64_t rows, int64_t cols, bool vec,
                             uint8_t* __restrict__ codes, float* __restrict__ scales, uint8_t* __restrict__ codes_t,
                             int64_t codes_stride, int64_t t_ld, int64_t t_stride) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   __shared__ BlockSmem<kTransposed> smem;
   // blockIdx.z: the matrix of a batch (quantize_128x128_batched), 0 otherwise.
   w += static_cast<int64_t>(blockIdx.z) * rows * cols;
@@ -128,6 +131,7 @@ __global__ void __launch_bounds__(kTransposeWarps * kWarp)
                                      bool vec_x, bool vec, uint8_t* __restrict__ codes_t,
                                      float* __restrict__ scales_t, const int64_t* __restrict__ bounds,
                                      int64_t n_groups, bool lt) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   constexpr int kThreads = kTransposeWarps * kWarp;
   constexpr int kQuads = kTC / 4;                 // 4-column groups per tile row
   constexpr int kLoads = kTile * kQuads / kThreads;          // groups per thread
@@ -235,9 +239,9 @@ void launch_transposed_cols(const char* fn, const float* x, int64_t rows, int64_
                                                 : quantize_1x128_transposed_kernel<false, true>)
                                         : (full ? quantize_1x128_transposed_kernel<true, false>
                                                 : quantize_1x128_transposed_kernel<false, false>);
-  kernel<<<grid, kTransposeWarps * kWarp, 0, stream>>>(x, rows, cols, tiles(rows), vec_x, vec, codes_t, scales_t,
-                                                        bounds, n_groups, lt);
-  CUDA_CHECK_LAUNCH();
+  moerl::cuda::launch_after_previous(kernel, grid, kTransposeWarps * kWarp, 0, stream, x, rows, cols, tiles(rows),
+                                     vec_x,
+                                     vec, codes_t, scales_t, bounds, n_groups, lt);
 }
 
 void launch_transposed(TransposedKernel kernel, const char* fn, const float* x, int64_t rows, int64_t cols,
@@ -266,8 +270,8 @@ void quantize_1x128(const float* x, int64_t rows, int64_t cols, uint8_t* codes, 
   const bool full = vec && cols % kTile == 0, lt = layout == ScaleLayout::Cublaslt;
   const auto kernel = full ? (lt ? quantize_1x128_kernel<true, true> : quantize_1x128_kernel<true, false>)
                            : (lt ? quantize_1x128_kernel<false, true> : quantize_1x128_kernel<false, false>);
-  kernel<<<static_cast<unsigned>(blocks), kRowWarps * kWarp, 0, stream>>>(x, rows, cols, ntiles, vec, codes, scales);
-  CUDA_CHECK_LAUNCH();
+  moerl::cuda::launch_after_previous(kernel, static_cast<unsigned>(blocks), kRowWarps * kWarp, 0, stream, x, rows, cols,
+                                     ntiles, vec, codes, scales);
 }
 
 void quantize_128x128(const float* w, int64_t rows, int64_t cols, uint8_t* codes, float* scales, cudaStream_t stream) {
@@ -311,8 +315,8 @@ void quantize_128x128_placed(const float* w, int64_t batch, int64_t rows, int64_
   const bool full = vec && rows % kTile == 0 && cols % kTile == 0;
   const auto kernel = codes_t != nullptr ? (full ? quantize_128x128_kernel<true, true> : quantize_128x128_kernel<false, true>)
                                          : (full ? quantize_128x128_kernel<true, false> : quantize_128x128_kernel<false, false>);
-  kernel<<<grid, kBlockThreads, 0, stream>>>(w, rows, cols, vec, codes, scales, codes_t, stride, t_ld, t_stride);
-  CUDA_CHECK_LAUNCH();
+  moerl::cuda::launch_after_previous(kernel, grid, kBlockThreads, 0, stream, w, rows, cols, vec, codes, scales, codes_t,
+                                     stride, t_ld, t_stride);
 }
 
 void quantize_1x128_transposed(const float* x, int64_t rows, int64_t cols, uint8_t* codes_t, float* scales_t,

@@ -49,6 +49,7 @@
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_quantize_common.cuh"
 #include "kernels/cuda/fp8_quantize_tile.cuh"
+#include "kernels/cuda/pdl.cuh"
 
 namespace moerl::fp8::cuda::quant_detail {
 
@@ -101,6 +102,7 @@ struct PipeOutputs {
 template <class Src, bool kLt>
 __global__ void __launch_bounds__(kPipeThreads, 1)
     quantize_pipelined_kernel(Src src, PipeOutputs<Src::kOutputs> outs, int64_t col_tiles, int64_t n_tiles) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   using Shape = PipeShape<Src>;
   constexpr int NI = Src::kInputs, NO = Src::kOutputs, S = Shape::kStages;
   constexpr int kStageChunks = Shape::kStageBytes / 16;
@@ -294,8 +296,7 @@ void launch_quantize_pipelined(const Src& src, const PipeOutputs<Src::kOutputs>&
   CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t col_tiles = tiles(o.cols), n_tiles = o.rows / kTile * col_tiles;
   const auto blocks = static_cast<unsigned>(n_tiles < sms ? n_tiles : int64_t{sms});
-  kernel<<<blocks, kPipeThreads, smem, stream>>>(src, outs, col_tiles, n_tiles);
-  CUDA_CHECK_LAUNCH();
+  moerl::cuda::launch_after_previous(kernel, blocks, kPipeThreads, smem, stream, src, outs, col_tiles, n_tiles);
 }
 
 }  // namespace moerl::fp8::cuda::quant_detail

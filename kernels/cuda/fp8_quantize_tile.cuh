@@ -27,6 +27,7 @@
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_quantize_common.cuh"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/fp8_quantize.hpp"
 #include "runtime/error.hpp"
 
@@ -223,6 +224,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
 template <class Src, bool kRows, bool kCols, int kTC, int kLt>
 __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4)
     quantize_tile_kernel(Src src, TileOutputs o) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   using Shape = TileShape<kTC>;
   extern __shared__ float4 tile_smem[];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
@@ -269,8 +271,7 @@ void launch_quantize_tiles_as(const Src& src, const TileOutputs& o, cudaStream_t
   const int smem = kCols ? TileShape<kTC>::kSmemBytes : 0;
   if (kCols) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   const dim3 grid(static_cast<unsigned>((o.cols + kTC - 1) / kTC), static_cast<unsigned>(o.rows / kTile));
-  kernel<<<grid, TileShape<kTC>::kThreads, smem, stream>>>(src, o);
-  CUDA_CHECK_LAUNCH();
+  moerl::cuda::launch_after_previous(kernel, grid, TileShape<kTC>::kThreads, smem, stream, src, o);
 }
 
 // launch_quantize_tiles_as for the instantiation of o's scale layouts.

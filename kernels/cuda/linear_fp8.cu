@@ -22,6 +22,7 @@
 #include "kernels/cuda/fp8_quantize_tile.cuh"
 #include "kernels/cuda/linear_impl.cuh"
 #include "kernels/cuda/stream_scratch.hpp"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/fp8.hpp"
 #include "kernels/fp8_gemm.hpp"
 #include "kernels/fp8_quantize.hpp"
@@ -56,6 +57,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 __global__ void __launch_bounds__(kThreads)
     weight_scales_kernel(const float* __restrict__ s, int64_t TN, int64_t TK, float* __restrict__ sw,
                          float* __restrict__ st) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int64_t L4K = (TK + 3) / 4 * 4, L4N = (TN + 3) / 4 * 4;
   s += static_cast<int64_t>(blockIdx.y) * TN * TK;  // blockIdx.y: the matrix of a stack
   sw += static_cast<int64_t>(blockIdx.y) * TN * L4K;
@@ -78,6 +80,7 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kThreads)
     gate_up_scales_kernel(const float* __restrict__ g, const float* __restrict__ u, int64_t TI, int64_t TH,
                           float* __restrict__ sw, float* __restrict__ st) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int64_t L4H = (TH + 3) / 4 * 4, L4I = (2 * TI + 3) / 4 * 4, e = blockIdx.y;
   g += e * TI * TH;
   u += e * TI * TH;
@@ -98,6 +101,7 @@ __global__ void __launch_bounds__(kThreads)
 // y [rows, cols] += t [rows, cols] with t's rows ld apart (a padded product added to the weight gradient).
 __global__ void __launch_bounds__(kThreads)
     add_strided_kernel(const float* __restrict__ t, int64_t ld, int64_t rows, int64_t cols, float* __restrict__ y) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < rows * cols; i += stride) {
     const int64_t r = i / cols, c = i - r * cols;
@@ -176,8 +180,7 @@ void gemm_into(fp8::cuda::GemmContext& ctx, const Operand& a, const Operand& b, 
   float* product = t.as<float>();
   fp8::cuda::gemm_nt(ctx, a, b, product, fp8::cuda::OutType::FP32, stream);
   if (accumulate) {
-    add_strided_kernel<<<blocks_for(M * N), kThreads, 0, stream>>>(product, b.rows, M, N, out);
-    CUDA_CHECK_LAUNCH();
+    launch_after_previous(add_strided_kernel, blocks_for(M * N), kThreads, 0, stream, product, b.rows, M, N, out);
   } else {
     CUDA_CHECK(cudaMemcpy2DAsync(out, static_cast<size_t>(N) * sizeof(float), product,
                                  static_cast<size_t>(b.rows) * sizeof(float), static_cast<size_t>(N) * sizeof(float),
@@ -202,8 +205,7 @@ void fill_from_copies(const PreparedWeight& pw, cudaStream_t stream) {
 void weight_scales(const float* s, int64_t experts, int64_t TN, int64_t TK, float* sw, float* st, cudaStream_t stream) {
   const int64_t scale_items = std::max(TN * round_up(TK, 4), TK * round_up(TN, 4));
   const dim3 grid(std::min<unsigned>(blocks_for(scale_items), 64), static_cast<unsigned>(experts));
-  weight_scales_kernel<<<grid, kThreads, 0, stream>>>(s, TN, TK, sw, st);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(weight_scales_kernel, grid, kThreads, 0, stream, s, TN, TK, sw, st);
 }
 
 // The weight copies of `experts` matrices [rows, cols] read from w at w_stride apart into `out`'s places: one
@@ -340,8 +342,8 @@ const PreparedFp8GateUp& fp8_stacked_gate_up(LinearContext::Impl& ctx, const flo
     pw.finish_scales = [=](cudaStream_t s) {
       const dim3 grid(std::min<unsigned>(blocks_for(std::max(fprop_stride, dgrad_stride)), 64),
                       static_cast<unsigned>(experts));
-      gate_up_scales_kernel<<<grid, kThreads, 0, s>>>(gate_blocks, up_blocks, TI, TH, scales, scales_t);
-      CUDA_CHECK_LAUNCH();
+      launch_after_previous(gate_up_scales_kernel, grid, kThreads, 0, s, gate_blocks, up_blocks, TI, TH, scales,
+                            scales_t);
     };
   }
   if (pw.generation != ctx.generation) {

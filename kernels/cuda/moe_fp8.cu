@@ -10,6 +10,7 @@
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_quantize_common.cuh"
 #include "kernels/cuda/moe_fp8.hpp"
+#include "kernels/cuda/pdl.cuh"
 #include "runtime/error.hpp"
 
 namespace moerl::cuda {
@@ -54,6 +55,7 @@ __device__ __forceinline__ int64_t expert_of(const int64_t* bounds, int64_t n_ex
 __global__ void __launch_bounds__(kThreads)
     row_tile_order_kernel(const int64_t* __restrict__ aligned, int64_t n_experts, int64_t tiles,
                           int32_t* __restrict__ order) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x % 32;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -79,6 +81,7 @@ __global__ void __launch_bounds__(kThreads)
     align_plan_kernel(const int64_t* __restrict__ offsets, const int64_t* __restrict__ aligned, int64_t n_experts,
                       const int64_t* __restrict__ token_of, const int64_t* __restrict__ row_of, int64_t rows,
                       int64_t* __restrict__ token_of_aligned, int64_t* __restrict__ row_of_aligned) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < rows; i += stride) {
     const int64_t e = expert_of(offsets, n_experts, i);
@@ -92,6 +95,7 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kThreads)
     row_weights_kernel(const float* __restrict__ weight, const int64_t* __restrict__ row_of_aligned,
                        int64_t assignments, float* __restrict__ row_weight) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < assignments; i += stride)
     row_weight[row_of_aligned[i]] = weight[i];
@@ -101,6 +105,7 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kRowThreads)
     gather_or_zero_kernel(const float* __restrict__ x, const int64_t* __restrict__ token_of, int64_t dim, bool vec,
                           float* __restrict__ xp) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int64_t r = blockIdx.x, t = token_of[r];
   float* dst = xp + r * dim;
   if (vec) {
@@ -116,6 +121,7 @@ __global__ void __launch_bounds__(kRowThreads)
 // Block r: buf[r, :] = 0 where token_of[r] < 0.
 __global__ void __launch_bounds__(kRowThreads)
     zero_rows_kernel(const int64_t* __restrict__ token_of, int64_t dim, float* __restrict__ buf) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int64_t r = blockIdx.x;
   if (token_of[r] >= 0) return;
   for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) buf[r * dim + i] = 0.0f;
@@ -125,6 +131,7 @@ __global__ void __launch_bounds__(kRowThreads)
 __global__ void __launch_bounds__(kThreads)
     grouped_vec128_scales_kernel(const float* __restrict__ src, const int64_t* __restrict__ aligned,
                                  int64_t n_experts, int64_t rows, int64_t tiles, float* __restrict__ dst) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < rows * tiles; i += stride) {
     const int64_t r = i / tiles, kb = i - r * tiles;
@@ -143,6 +150,7 @@ __global__ void __launch_bounds__(kGatherWarps * 32)
                            const int64_t* __restrict__ token_of, int64_t rows, int64_t cols, int64_t ntiles,
                            const int64_t* __restrict__ lt_aligned, int64_t n_experts, uint8_t* __restrict__ codes,
                            float* __restrict__ scales) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int lane = threadIdx.x % 32;
   const int64_t chunks = cols / 16, warps = static_cast<int64_t>(gridDim.x) * kGatherWarps;
   const float zero_scale = fp8::cuda::quant_detail::scale_from_amax_bits(0);
@@ -190,8 +198,8 @@ void moe_row_tile_order(const int64_t* aligned, int64_t n_experts, int64_t align
   const int64_t tiles = aligned_rows / kMoeRowAlign;
   if (tiles == 0) return;
   require(aligned && order, "cuda::moe_row_tile_order: null pointer");
-  row_tile_order_kernel<<<blocks_for(tiles * 32), kThreads, 0, stream>>>(aligned, n_experts, tiles, order);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(row_tile_order_kernel, blocks_for(tiles * 32), kThreads, 0, stream, aligned, n_experts, tiles,
+                        order);
 }
 
 void moe_align_plan(const int64_t* offsets, const int64_t* aligned, int64_t n_experts, const int64_t* token_of,
@@ -207,9 +215,8 @@ void moe_align_plan(const int64_t* offsets, const int64_t* aligned, int64_t n_ex
   // All ones = -1 in two's complement: every row a zero row until the plan's rows are placed.
   CUDA_CHECK(cudaMemsetAsync(token_of_aligned, 0xFF, static_cast<size_t>(aligned_rows) * sizeof(int64_t), stream));
   if (rows == 0) return;
-  align_plan_kernel<<<blocks_for(rows), kThreads, 0, stream>>>(offsets, aligned, n_experts, token_of, row_of, rows,
-                                                               token_of_aligned, row_of_aligned);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(align_plan_kernel, blocks_for(rows), kThreads, 0, stream, offsets, aligned, n_experts, token_of,
+                        row_of, rows, token_of_aligned, row_of_aligned);
 }
 
 void moe_aligned_row_weights(const float* weight, const int64_t* row_of_aligned, int64_t assignments,
@@ -220,9 +227,8 @@ void moe_aligned_row_weights(const float* weight, const int64_t* row_of_aligned,
   });
   if (assignments == 0) return;
   require(weight && row_of_aligned && row_weight, "cuda::moe_aligned_row_weights: null pointer");
-  row_weights_kernel<<<blocks_for(assignments), kThreads, 0, stream>>>(weight, row_of_aligned, assignments,
-                                                                       row_weight);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(row_weights_kernel, blocks_for(assignments), kThreads, 0, stream, weight, row_of_aligned,
+                        assignments, row_weight);
 }
 
 void moe_gather_or_zero(const float* x, const int64_t* token_of, int64_t rows, int64_t dim, float* xp,
@@ -231,17 +237,17 @@ void moe_gather_or_zero(const float* x, const int64_t* token_of, int64_t rows, i
   if (rows == 0 || dim == 0) return;
   require(x && token_of && xp, "cuda::moe_gather_or_zero: null x, token_of or xp pointer");
   const bool vec = dim % 4 == 0 && aligned16(x) && aligned16(xp);
-  gather_or_zero_kernel<<<row_blocks(rows, "cuda::moe_gather_or_zero"), kRowThreads, 0, stream>>>(x, token_of, dim,
-                                                                                                    vec, xp);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(gather_or_zero_kernel, row_blocks(rows, "cuda::moe_gather_or_zero"), kRowThreads, 0, stream, x,
+                        token_of, dim, vec, xp);
 }
 
 void moe_zero_rows(const int64_t* token_of, int64_t rows, int64_t dim, float* buf, cudaStream_t stream) {
   require(rows >= 0 && dim >= 0, "cuda::moe_zero_rows: rows and dim must be >= 0");
   if (rows == 0 || dim == 0) return;
   require(token_of && buf, "cuda::moe_zero_rows: null token_of or buf pointer");
-  zero_rows_kernel<<<row_blocks(rows, "cuda::moe_zero_rows"), kRowThreads, 0, stream>>>(token_of, dim, buf);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(zero_rows_kernel, row_blocks(rows, "cuda::moe_zero_rows"), kRowThreads, 0, stream, token_of,
+                        dim,
+                        buf);
 }
 
 void moe_grouped_vec128_scales(const float* src, const int64_t* aligned, int64_t n_experts, int64_t rows,
@@ -249,9 +255,8 @@ void moe_grouped_vec128_scales(const float* src, const int64_t* aligned, int64_t
   require(n_experts > 0 && rows >= 0 && tiles >= 0, "cuda::moe_grouped_vec128_scales: bad sizes");
   if (rows == 0 || tiles == 0) return;
   require(src && aligned && dst, "cuda::moe_grouped_vec128_scales: null pointer");
-  grouped_vec128_scales_kernel<<<blocks_for(rows * tiles), kThreads, 0, stream>>>(src, aligned, n_experts, rows,
-                                                                                  tiles, dst);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(grouped_vec128_scales_kernel, blocks_for(rows * tiles), kThreads, 0, stream, src, aligned,
+                        n_experts, rows, tiles, dst);
 }
 
 void moe_gather_rows_fp8(const uint8_t* token_codes, const float* token_scales, const int64_t* token_of,
@@ -267,10 +272,8 @@ void moe_gather_rows_fp8(const uint8_t* token_codes, const float* token_scales, 
   require(lt_aligned == nullptr || n_experts > 0, "cuda::moe_gather_rows_fp8: the cuBLASLt layout needs n_experts > 0");
   const unsigned blocks =
       static_cast<unsigned>(std::clamp<int64_t>((rows + kGatherWarps - 1) / kGatherWarps, 1, kMaxBlocks));
-  gather_rows_fp8_kernel<<<blocks, kGatherWarps * 32, 0, stream>>>(token_codes, token_scales, token_of, rows, cols,
-                                                                   (cols + 127) / 128, lt_aligned, n_experts, codes,
-                                                                   scales);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(gather_rows_fp8_kernel, blocks, kGatherWarps * 32, 0, stream, token_codes, token_scales,
+                        token_of, rows, cols, (cols + 127) / 128, lt_aligned, n_experts, codes, scales);
 }
 
 }  // namespace moerl::cuda

@@ -11,6 +11,7 @@
 #include "kernels/cuda/moe_fp8.hpp"
 #include "kernels/cuda/moe_permute.hpp"
 #include "kernels/cuda/stream_scratch.hpp"
+#include "kernels/cuda/pdl.cuh"
 #include "runtime/error.hpp"
 
 namespace moerl::cuda {
@@ -48,6 +49,7 @@ __device__ __forceinline__ int expert_at(const int32_t* topk_idx, int64_t a, int
 // Lanes holding the same expert are one __match_any_sync group; its lowest lane adds the group's size.
 __global__ void plan_count_kernel(const int32_t* __restrict__ topk_idx, int64_t n, int64_t chunk, int64_t chunks,
                                   int experts, int* __restrict__ counts) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   extern __shared__ int count_smem[];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
@@ -71,6 +73,7 @@ __global__ void plan_count_kernel(const int32_t* __restrict__ topk_idx, int64_t 
 __global__ void __launch_bounds__(kScanThreads)
     plan_scan_kernel(const int* __restrict__ counts, int64_t total, int64_t chunks, int experts, int64_t n,
                      int64_t* __restrict__ bases, int64_t* __restrict__ offsets) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   __shared__ int tile[kScanTile];
   __shared__ int64_t warp_incl[kScanThreads / kWarp];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -117,6 +120,7 @@ __global__ void __launch_bounds__(kScanThreads)
 __global__ void plan_place_kernel(const int32_t* __restrict__ topk_idx, int64_t n, int64_t k, int64_t chunk,
                                   int64_t chunks, int experts, const int64_t* __restrict__ bases,
                                   int64_t* __restrict__ token_of, int64_t* __restrict__ row_of) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   extern __shared__ int64_t cursor_smem[];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
@@ -144,6 +148,7 @@ __global__ void plan_place_kernel(const int32_t* __restrict__ topk_idx, int64_t 
 __global__ void __launch_bounds__(kRowThreads)
     gather_kernel(const float* __restrict__ x, const int64_t* __restrict__ token_of, int64_t dim, bool vec,
                   float* __restrict__ xp) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int64_t r = blockIdx.x;
   const float* src = x + token_of[r] * dim;
   float* dst = xp + r * dim;
@@ -196,6 +201,7 @@ __global__ void __launch_bounds__(kRowThreads)
     combine_kernel(const Src* __restrict__ src, const float* __restrict__ weight, const int64_t* __restrict__ row_of,
                    int64_t row_limit, int64_t k, int64_t dim, bool vec, float* __restrict__ y,
                    const float* __restrict__ also = nullptr) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   extern __shared__ int64_t combine_smem[];
   int64_t* rows = combine_smem;
   float* weights = reinterpret_cast<float*>(rows + k);
@@ -273,6 +279,7 @@ __global__ void __launch_bounds__(kRowThreads)
     combine_backward_kernel(const float* __restrict__ dy, const Src* __restrict__ yp,
                             const float* __restrict__ weight, const int64_t* __restrict__ row_of, int64_t row_limit,
                             int64_t k, int64_t dim, bool vec, float* __restrict__ dyp, float* __restrict__ dweight) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   extern __shared__ int64_t backward_smem[];
   __shared__ float warp_total[kRowWarps][kDots];
   int64_t* rows = backward_smem;
@@ -375,17 +382,15 @@ void moe_permute_plan(const int32_t* topk_idx, int64_t tokens, int64_t k, int64_
   int64_t* bases = scratch.as<int64_t>(counts_bytes);
 
   const int count_warps = warps_for(E * static_cast<int64_t>(sizeof(int)));
-  plan_count_kernel<<<grid_for((chunks + count_warps - 1) / count_warps, where), count_warps * kWarp,
-                      count_warps * E * sizeof(int), stream>>>(topk_idx, n, chunk, chunks, static_cast<int>(E),
-                                                               counts);
-  CUDA_CHECK_LAUNCH();
-  plan_scan_kernel<<<1, kScanThreads, 0, stream>>>(counts, total, chunks, static_cast<int>(E), n, bases, offsets);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(plan_count_kernel, grid_for((chunks + count_warps - 1) / count_warps, where),
+                        count_warps * kWarp, count_warps * E * sizeof(int), stream, topk_idx, n, chunk, chunks,
+                        static_cast<int>(E), counts);
+  launch_after_previous(plan_scan_kernel, 1, kScanThreads, 0, stream, counts, total, chunks, static_cast<int>(E), n,
+                        bases, offsets);
   const int place_warps = warps_for(E * static_cast<int64_t>(sizeof(int64_t)));
-  plan_place_kernel<<<grid_for((chunks + place_warps - 1) / place_warps, where), place_warps * kWarp,
-                      place_warps * E * sizeof(int64_t), stream>>>(topk_idx, n, k, chunk, chunks,
-                                                                   static_cast<int>(E), bases, token_of, row_of);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(plan_place_kernel, grid_for((chunks + place_warps - 1) / place_warps, where),
+                        place_warps * kWarp, place_warps * E * sizeof(int64_t), stream, topk_idx, n, k, chunk, chunks,
+                        static_cast<int>(E), bases, token_of, row_of);
   scratch.release();
 }
 
@@ -397,8 +402,7 @@ void moe_gather(const float* x, const int64_t* token_of, int64_t rows, int64_t d
   if (rows == 0 || dim == 0) return;
   require(x && token_of && xp, [&] { return where + ": null x, token_of or xp pointer"; });
   const bool vec = dim % 4 == 0 && aligned16(x) && aligned16(xp);
-  gather_kernel<<<grid_for(rows, where), kRowThreads, 0, stream>>>(x, token_of, dim, vec, xp);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(gather_kernel, grid_for(rows, where), kRowThreads, 0, stream, x, token_of, dim, vec, xp);
 }
 
 void moe_combine(const float* yp, const float* weight, const int64_t* row_of, int64_t tokens, int64_t k,
@@ -421,9 +425,8 @@ void combine_aligned(const Src* yp, const float* weight, const int64_t* row_of, 
   if (!check_token_args(where, tokens, k, dim)) return;
   require(yp && weight && row_of && y, [&] { return where + ": null yp, weight, row_of or y pointer"; });
   const bool vec = rows_vec(yp, dim) && aligned16(y) && (also == nullptr || aligned16(also));
-  combine_kernel<true, Src><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(yp, weight, row_of, rows, k,
-                                                                                      dim, vec, y, also);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(combine_kernel<true, Src>, grid_for(tokens, where), kRowThreads, k * 12, stream, yp, weight,
+                        row_of, rows, k, dim, vec, y, also);
 }
 
 template <class Src>
@@ -442,10 +445,8 @@ void combine_backward_aligned(const float* dy, const Src* yp, const float* weigh
   require(dy && yp && weight && row_of && dweight,
           [&] { return where + ": null dy, yp, weight, row_of or dweight pointer"; });
   const bool vec = dim % 4 == 0 && aligned16(dy) && rows_vec(yp, dim) && (dyp == nullptr || aligned16(dyp));
-  combine_backward_kernel<Src><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dy, yp, weight, row_of,
-                                                                                         rows, k, dim, vec, dyp,
-                                                                                         dweight);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(combine_backward_kernel<Src>, grid_for(tokens, where), kRowThreads, k * 12, stream, dy, yp,
+                        weight, row_of, rows, k, dim, vec, dyp, dweight);
 }
 
 }  // namespace
@@ -501,9 +502,8 @@ void scatter_add_aligned_then(const Src* dxp, const int64_t* row_of, int64_t tok
   if (!check_token_args(where, tokens, k, dim)) return;
   require(dxp && row_of && dx, [&] { return where + ": null dxp, row_of or dx pointer"; });
   const bool vec = rows_vec(dxp, dim) && aligned16(dx) && (also == nullptr || aligned16(also));
-  combine_kernel<false, Src><<<grid_for(tokens, where), kRowThreads, k * 12, stream>>>(dxp, nullptr, row_of, rows, k,
-                                                                                       dim, vec, dx, also);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(combine_kernel<false, Src>, grid_for(tokens, where), kRowThreads, k * 12, stream, dxp, nullptr,
+                        row_of, rows, k, dim, vec, dx, also);
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/ops_common.cuh"
 #include "kernels/cuda/rmsnorm.hpp"
+#include "kernels/cuda/pdl.cuh"
 #include "runtime/error.hpp"
 
 namespace moerl::cuda {
@@ -47,6 +48,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     rmsnorm_forward_kernel(const float* x, const float* __restrict__ residual, float* sum,
                            const float* __restrict__ weight, float* __restrict__ y, float* __restrict__ rstd,
                            int64_t dim, int64_t x_ld, int64_t y_ld, float eps) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   __shared__ float scratch[kMaxWarps];
   const int64_t r = blockIdx.x, groups = dim / V;
   if (residual != nullptr) {
@@ -93,6 +95,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                             const float* __restrict__ rstd, float* __restrict__ dx, float* __restrict__ partial,
                             const float* __restrict__ residual, int64_t rows, int64_t dim, int64_t x_ld,
                             int64_t dx_ld, int64_t dy_ld) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   extern __shared__ __align__(16) float acc[];  // [dim] when partial is non-null
   __shared__ float scratch[kMaxWarps];
   const int64_t groups = dim / V;
@@ -151,11 +154,12 @@ __global__ void __launch_bounds__(kMaxThreads)
   }
 }
 
-// dweight[j] += Σ_chunks partial[chunk, j], in a fixed order: thread `split` of column j sums chunks split,
-// split + kFinishSplit, ... in turn, then the kFinishSplit sums are added in split order.
+// dweight[j] += Σ_chunks partial[chunk, j] (= with overwrite), in a fixed order: thread `split` of column j sums
+// chunks split, split + kFinishSplit, ... in turn, then the kFinishSplit sums are added in split order.
 __global__ void __launch_bounds__(kFinishCols * kFinishSplit)
     rmsnorm_dweight_finish_kernel(const float* __restrict__ partial, int64_t chunks, int64_t dim,
-                                  float* __restrict__ dweight) {
+                                  float* __restrict__ dweight, bool overwrite) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   __shared__ float sums[kFinishSplit][kFinishCols];
   const int col = threadIdx.x % kFinishCols, split = threadIdx.x / kFinishCols;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kFinishCols + col;
@@ -167,7 +171,7 @@ __global__ void __launch_bounds__(kFinishCols * kFinishSplit)
   if (split == 0 && j < dim) {
     float total = sums[0][col];
     for (int k = 1; k < kFinishSplit; ++k) total += sums[k][col];
-    dweight[j] += total;
+    dweight[j] = overwrite ? total : dweight[j] + total;
   }
 }
 
@@ -212,9 +216,8 @@ void forward(const char* fn, const float* x, const float* residual, float* sum, 
                    aligned(y, 16) && (!residual || (aligned(residual, 16) && aligned(sum, 16)));
   const int threads = threads_for(vec ? dim / 4 : dim);
   const auto kernel = vec ? rmsnorm_forward_kernel<4> : rmsnorm_forward_kernel<1>;
-  kernel<<<static_cast<unsigned>(rows), threads, 0, stream>>>(x, residual, sum, weight, y, rstd, dim, x_ld, y_ld,
-                                                              eps);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(kernel, static_cast<unsigned>(rows), threads, 0, stream, x, residual, sum, weight, y, rstd, dim,
+                        x_ld, y_ld, eps);
 }
 
 }  // namespace
@@ -232,13 +235,17 @@ void rmsnorm_forward_residual(const float* x, const float* residual, float* sum,
 
 void rmsnorm_backward(const float* dy, const float* x, const float* weight, const float* rstd, float* dx,
                       float* dweight, int64_t rows, int64_t dim, cudaStream_t stream, const float* residual,
-                      int64_t x_ld, int64_t dx_ld, int64_t dy_ld) {
+                      int64_t x_ld, int64_t dx_ld, int64_t dy_ld, bool overwrite_dweight) {
   check_sizes("rmsnorm_backward", rows, dim);
   x_ld = row_stride("rmsnorm_backward", "x", x_ld, dim);
   dx_ld = row_stride("rmsnorm_backward", "dx", dx_ld, dim);
   dy_ld = row_stride("rmsnorm_backward", "dy", dy_ld, dim);
   require(!residual || dx_ld == dim, "cuda::rmsnorm_backward: a residual needs packed dx rows");
-  if (rows == 0) return;
+  if (rows == 0) {  // no rows: dweight's sum is empty
+    if (dweight && overwrite_dweight)
+      CUDA_CHECK(cudaMemsetAsync(dweight, 0, static_cast<size_t>(dim) * sizeof(float), stream));
+    return;
+  }
   require(dy && x && weight && rstd && dx, "cuda::rmsnorm_backward: null dy, x, weight, rstd or dx");
   require(!dweight || dim <= kMaxDweightDim, [&] {
     return "cuda::rmsnorm_backward: dim " + std::to_string(dim) + " exceeds the " + std::to_string(kMaxDweightDim) +
@@ -258,9 +265,9 @@ void rmsnorm_backward(const float* dy, const float* x, const float* weight, cons
   auto launch = [&](auto kernel) {
     if (smem > 48 * 1024)  // above the default limit a kernel must opt in to more dynamic shared memory
       CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    kernel<<<static_cast<unsigned>(chunks), threads, smem, stream>>>(dy, x, weight, rstd, dx, partial, residual, rows,
-                                                                      dim, x_ld, dx_ld, dy_ld);
-    CUDA_CHECK_LAUNCH();
+    launch_after_previous(kernel, static_cast<unsigned>(chunks), threads, smem, stream, dy, x, weight, rstd, dx,
+                          partial,
+                          residual, rows, dim, x_ld, dx_ld, dy_ld);
   };
   if (vec) {
     launch(rmsnorm_backward_kernel<4>);
@@ -269,9 +276,8 @@ void rmsnorm_backward(const float* dy, const float* x, const float* weight, cons
   }
   if (!dweight) return;
   const int64_t col_blocks = (dim + kFinishCols - 1) / kFinishCols;
-  rmsnorm_dweight_finish_kernel<<<static_cast<unsigned>(col_blocks), kFinishCols * kFinishSplit, 0, stream>>>(
-      partial, chunks, dim, dweight);
-  CUDA_CHECK_LAUNCH();
+  launch_after_previous(rmsnorm_dweight_finish_kernel, static_cast<unsigned>(col_blocks), kFinishCols * kFinishSplit, 0,
+                        stream, partial, chunks, dim, dweight, overwrite_dweight);
 }
 
 }  // namespace moerl::cuda

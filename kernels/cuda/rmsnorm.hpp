@@ -31,11 +31,13 @@ void rmsnorm_forward_residual(const float* x, const float* residual, float* sum,
                               float* rstd, int64_t rows, int64_t dim, float eps, cudaStream_t stream = nullptr);
 
 // dx [rows, dim] overwritten (with residual [rows, dim], non-null: dx = the norm's input gradient + residual, the
-// bits of adding them apart); dweight [dim] accumulated (+=), skipped when null. x_ld, dx_ld, dy_ld: x's, dx's and
-// dy's row strides (0: dim; dx's must be dim with a residual), e.g. dx straight into the c columns of
-// [dc | dk_rope], dy read from a half of MTP's [den | dhn].
+// bits of adding them apart); dweight [dim] accumulated (+=), or with overwrite_dweight overwritten (a gradient
+// that zero_grad left unset, with no memset before), skipped when null. x_ld, dx_ld, dy_ld: x's, dx's and dy's row
+// strides (0: dim; dx's must be dim with a residual), e.g. dx straight into the c columns of [dc | dk_rope], dy read
+// from a half of MTP's [den | dhn].
 void rmsnorm_backward(const float* dy, const float* x, const float* weight, const float* rstd, float* dx,
                       float* dweight, int64_t rows, int64_t dim, cudaStream_t stream = nullptr,
-                      const float* residual = nullptr, int64_t x_ld = 0, int64_t dx_ld = 0, int64_t dy_ld = 0);
+                      const float* residual = nullptr, int64_t x_ld = 0, int64_t dx_ld = 0, int64_t dy_ld = 0,
+                      bool overwrite_dweight = false);
 
 }  // namespace moerl::cuda

@@ -17,6 +17,7 @@
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/lt_candidates.hpp"
 #include "kernels/cuda/stream_scratch.hpp"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/fp8_gemm.hpp"
 #include "runtime/error.hpp"
 #include "runtime/util/env_switch.hpp"
@@ -77,6 +78,7 @@ void check_operand(const Operand& o, const char* name) {
 
 // cuBLASLt layout from the CPU layout. 1x128: a transpose [rows, T] -> [T, rows].
 __global__ void vec128_scales_kernel(const float* __restrict__ src, int64_t rows, int64_t T, float* __restrict__ dst) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int64_t total = rows * T;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t kb = i / rows, r = i - kb * rows;
@@ -87,6 +89,7 @@ __global__ void vec128_scales_kernel(const float* __restrict__ src, int64_t rows
 // 128x128: rows of T scales padded to L4 with zeros.
 __global__ void blk128_scales_kernel(const float* __restrict__ src, int64_t row_blocks, int64_t T, int64_t L4,
                                      float* __restrict__ dst) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int64_t total = row_blocks * L4;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t rb = i / L4, kb = i - rb * L4;
@@ -103,6 +106,7 @@ void check_scale_args(int64_t rows, int64_t cols, int block_rows) {
 
 // y [n] += t [n]: gemm_nt_accumulate where cuBLASLt refuses beta = 1.
 __global__ void add_kernel(const float* __restrict__ t, int64_t n, float* __restrict__ y) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
     y[i] += t[i];
 }
@@ -168,10 +172,10 @@ void scales_to_cublaslt(const float* src, int64_t rows, int64_t cols, int block_
   const auto blocks = static_cast<unsigned>(std::min<int64_t>((total + kThreads - 1) / kThreads, 4096));
   const int64_t T = tiles(cols);
   if (block_rows == 1)
-    vec128_scales_kernel<<<blocks, kThreads, 0, stream>>>(src, rows, T, dst);
+    moerl::cuda::launch_after_previous(vec128_scales_kernel, blocks, kThreads, 0, stream, src, rows, T, dst);
   else
-    blk128_scales_kernel<<<blocks, kThreads, 0, stream>>>(src, tiles(rows), T, round_up4(T), dst);
-  CUDA_CHECK_LAUNCH();
+    moerl::cuda::launch_after_previous(blk128_scales_kernel, blocks, kThreads, 0, stream, src, tiles(rows), T,
+                                       round_up4(T), dst);
 }
 
 namespace {
@@ -407,8 +411,7 @@ void GemmContext::Impl::run(const Operand& a, const Operand& b, void* y, OutType
   check(matmul(t.as<float>(), zero));
   constexpr int kThreads = 256;
   const auto blocks = static_cast<unsigned>(std::min<int64_t>((n + kThreads - 1) / kThreads, 4096));
-  add_kernel<<<blocks, kThreads, 0, stream>>>(t.as<float>(), n, static_cast<float*>(y));
-  CUDA_CHECK_LAUNCH();
+  moerl::cuda::launch_after_previous(add_kernel, blocks, kThreads, 0, stream, t.as<float>(), n, static_cast<float*>(y));
   t.release();
 }
 

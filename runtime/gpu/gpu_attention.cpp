@@ -196,10 +196,9 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
     cuda::rmsnorm_forward(ckv_, kv_a_norm_->value, normed.get(), rstd.get(), T, kv_lora_, eps_, r.stream, ckv_dim);
     cuda::linear_backward(lin, p, d_kv.get(), normed.get(), kv_b_->value, d_normed.get(), kv_b_->grad, T,
                           H * (dn_ + dv_), kv_lora_, r.stream, false, take_unset(*kv_b_));
-    zero_if_unset(*kv_a_norm_, r.stream);
     // dc straight into its columns of [dc | dk_rope].
     cuda::rmsnorm_backward(d_normed.get(), ckv_, kv_a_norm_->value, rstd.get(), d_ckv.get(), kv_a_norm_->grad, T,
-                           kv_lora_, r.stream, nullptr, ckv_dim, ckv_dim);
+                           kv_lora_, r.stream, nullptr, ckv_dim, ckv_dim, 0, take_unset(*kv_a_norm_));
   }
 
   // With q_lora: q_b_proj and q_a_layernorm, down to q_a's output gradient.
@@ -210,9 +209,8 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
     cuda::rmsnorm_forward(q_a_out_, q_a_norm_->value, normed.get(), rstd.get(), T, q_lora_, eps_, r.stream);
     cuda::linear_backward(lin, p, d_q.get(), normed.get(), q_b_->value, d_normed.get(), q_b_->grad, T, H * dq_,
                           q_lora_, r.stream, false, take_unset(*q_b_));
-    zero_if_unset(*q_a_norm_, r.stream);
     cuda::rmsnorm_backward(d_normed.get(), q_a_out_, q_a_norm_->value, rstd.get(), d_qa.get(), q_a_norm_->grad, T,
-                           q_lora_, r.stream);
+                           q_lora_, r.stream, nullptr, 0, 0, 0, take_unset(*q_a_norm_));
   }
 
   // The projections of x: kv_a_proj_with_mqa writes dx, the query path's (q_a or q_proj) adds to it in its GEMM; x's

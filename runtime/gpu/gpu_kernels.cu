@@ -7,6 +7,7 @@
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/rope_rotate.cuh"
+#include "kernels/cuda/pdl.cuh"
 #include "runtime/error.hpp"
 #include "runtime/gpu/gpu_common.hpp"
 
@@ -22,6 +23,7 @@ unsigned blocks_for(int64_t items) {
 }
 
 __global__ void add_kernel(float* __restrict__ y, const float* __restrict__ x, int64_t n) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     y[i] = __fadd_rn(y[i], x[i]);
@@ -31,6 +33,7 @@ __global__ void add_kernel(float* __restrict__ y, const float* __restrict__ x, i
 // dq .. dq+dv-1 are v's). 32-bit index arithmetic inside a token.
 __global__ void assemble_kv_kernel(const float* __restrict__ kv, const float* __restrict__ ckv, float* __restrict__ k,
                                    float* __restrict__ v, int heads, int dn, int dv, int dr, int kv_lora) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int64_t t = blockIdx.x;
   const int dq = dn + dr, width = dq + dv;
   const float* k_rope = ckv + t * (kv_lora + dr) + kv_lora;
@@ -50,6 +53,7 @@ __global__ void assemble_kv_kernel(const float* __restrict__ kv, const float* __
 // One block per token: d_kv of each head (dK's nope columns, then dV).
 __global__ void split_dkv_kernel(const float* __restrict__ dk, const float* __restrict__ dvv, float* __restrict__ d_kv,
                                  int heads, int dn, int dv, int dr) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int64_t t = blockIdx.x;
   const int dq = dn + dr, width = dn + dv;
   for (int i = threadIdx.x; i < heads * width; i += blockDim.x) {
@@ -64,6 +68,7 @@ __global__ void split_dkv_kernel(const float* __restrict__ dk, const float* __re
 // dr contiguous floats.
 __global__ void sum_rope_dk_kernel(const float* __restrict__ src, int64_t ld, float* __restrict__ d_ckv,
                                    int64_t tokens, int heads, int dr, int kv_lora) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < tokens * dr;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = i / dr;
@@ -79,6 +84,7 @@ __global__ void sum_rope_dk_kernel(const float* __restrict__ src, int64_t ld, fl
 __global__ void sum_rope_dk_rotated_kernel(const float* __restrict__ src, int64_t ld, float* __restrict__ d_ckv,
                                            int64_t tokens, int heads, int dr, int kv_lora, int64_t seq,
                                            const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
+  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
   const int half = dr / 2;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < tokens * half;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
@@ -99,9 +105,8 @@ __global__ void sum_rope_dk_rotated_kernel(const float* __restrict__ src, int64_
 void sum_rope_dk(const float* src, int64_t ld, float* d_ckv, int64_t tokens, int64_t heads, int64_t dr,
                  int64_t kv_lora, cudaStream_t stream) {
   if (tokens == 0 || dr == 0) return;
-  sum_rope_dk_kernel<<<blocks_for(tokens * dr), kThreads, 0, stream>>>(
-      src, ld, d_ckv, tokens, static_cast<int>(heads), static_cast<int>(dr), static_cast<int>(kv_lora));
-  CUDA_CHECK_LAUNCH();
+  moerl::cuda::launch_after_previous(sum_rope_dk_kernel, blocks_for(tokens * dr), kThreads, 0, stream, src, ld, d_ckv,
+                                     tokens, static_cast<int>(heads), static_cast<int>(dr), static_cast<int>(kv_lora));
 }
 
 void check_mla_sizes(const char* fn, int64_t tokens, int64_t heads, int64_t dn, int64_t dv, int64_t dr,
@@ -118,8 +123,7 @@ void add_inplace(float* y, const float* x, int64_t n, cudaStream_t stream) {
   require(n >= 0, [&] { return "gpu add_inplace: negative size " + std::to_string(n); });
   if (n == 0) return;
   require(y && x, "gpu add_inplace: null pointer");
-  add_kernel<<<blocks_for(n), kThreads, 0, stream>>>(y, x, n);
-  CUDA_CHECK_LAUNCH();
+  moerl::cuda::launch_after_previous(add_kernel, blocks_for(n), kThreads, 0, stream, y, x, n);
 }
 
 void mla_assemble_kv(const float* kv, const float* ckv, float* k, float* v, int64_t tokens, int64_t heads, int64_t dn,
@@ -127,10 +131,9 @@ void mla_assemble_kv(const float* kv, const float* ckv, float* k, float* v, int6
   check_mla_sizes("mla_assemble_kv", tokens, heads, dn, dv, dr, kv_lora);
   if (tokens == 0) return;
   require(kv && k && v && (dr == 0 || ckv), "gpu mla_assemble_kv: null pointer");
-  assemble_kv_kernel<<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
-      kv, ckv, k, v, static_cast<int>(heads), static_cast<int>(dn), static_cast<int>(dv), static_cast<int>(dr),
-      static_cast<int>(kv_lora));
-  CUDA_CHECK_LAUNCH();
+  moerl::cuda::launch_after_previous(assemble_kv_kernel, static_cast<unsigned>(tokens), kThreads, 0, stream, kv, ckv, k,
+                                     v, static_cast<int>(heads), static_cast<int>(dn), static_cast<int>(dv),
+                                     static_cast<int>(dr), static_cast<int>(kv_lora));
 }
 
 void mla_split_dkv(const float* dk, const float* dv, float* d_kv, float* d_ckv, int64_t tokens, int64_t heads,
@@ -138,9 +141,9 @@ void mla_split_dkv(const float* dk, const float* dv, float* d_kv, float* d_ckv, 
   check_mla_sizes("mla_split_dkv", tokens, heads, dn, dv_dim, dr, kv_lora);
   if (tokens == 0) return;
   require(dk && dv && d_kv && (dr == 0 || d_ckv), "gpu mla_split_dkv: null pointer");
-  split_dkv_kernel<<<static_cast<unsigned>(tokens), kThreads, 0, stream>>>(
-      dk, dv, d_kv, static_cast<int>(heads), static_cast<int>(dn), static_cast<int>(dv_dim), static_cast<int>(dr));
-  CUDA_CHECK_LAUNCH();
+  moerl::cuda::launch_after_previous(split_dkv_kernel, static_cast<unsigned>(tokens), kThreads, 0, stream, dk, dv, d_kv,
+                                     static_cast<int>(heads), static_cast<int>(dn), static_cast<int>(dv_dim),
+                                     static_cast<int>(dr));
   sum_rope_dk(dk + dn, dn + dr, d_ckv, tokens, heads, dr, kv_lora, stream);
 }
 
@@ -152,10 +155,9 @@ void mla_sum_rope_dk(const float* dk_rope, float* d_ckv, int64_t tokens, int64_t
   if (rope == nullptr) return sum_rope_dk(dk_rope, dr, d_ckv, tokens, heads, dr, kv_lora, stream);
   require(rope->fits(dr) && seq > 0 && tokens % seq == 0,
           "gpu mla_sum_rope_dk: RoPE tables of dr / 2 pairs and tokens a multiple of seq needed");
-  sum_rope_dk_rotated_kernel<<<blocks_for(tokens * (dr / 2)), kThreads, 0, stream>>>(
-      dk_rope, dr, d_ckv, tokens, static_cast<int>(heads), static_cast<int>(dr), static_cast<int>(kv_lora), seq,
-      rope->cos, rope->sin);
-  CUDA_CHECK_LAUNCH();
+  moerl::cuda::launch_after_previous(sum_rope_dk_rotated_kernel, blocks_for(tokens * (dr / 2)), kThreads, 0, stream,
+                                     dk_rope, dr, d_ckv, tokens, static_cast<int>(heads), static_cast<int>(dr),
+                                     static_cast<int>(kv_lora), seq, rope->cos, rope->sin);
 }
 
 }  // namespace moerl::gpu::detail

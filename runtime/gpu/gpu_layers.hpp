@@ -43,9 +43,8 @@ struct GpuNorm {
   // gradient accumulated; x is the forward's input; dy_ld: dy's row stride (0: packed).
   void backward(const float* dy, const float* x, int64_t rows, float* dx, const Run& r,
                 const float* residual = nullptr, int64_t dy_ld = 0) const {
-    zero_if_unset(*weight, r.stream);
     cuda::rmsnorm_backward(dy, x, weight->value, rstd, dx, weight->grad, rows, weight->numel, r.stream, residual, 0, 0,
-                           dy_ld);
+                           dy_ld, take_unset(*weight));
   }
 };
 

@@ -158,7 +158,24 @@ TEST_F(OpsGpu, RmsNormForwardAndBackwardMatchTheCpuReference) {
                            c.dim);
     expect_same_bits(name + " dx, second run", d_dx.download(n, o), g_dx);
     expect_same_bits(name + " dweight, second run", d_dw.download(c.dim), g_dw);
+
+    // overwrite_dweight (an unset gradient): the bits of accumulating into zeros, whatever dweight held.
+    d_dw.upload(std::vector<float>(static_cast<size_t>(c.dim), 0.0f));
+    cuda::rmsnorm_backward(d_dy.get(o), d_x.get(o), d_w.get(o), d_rstd_cpu.get(), d_dx.get(o), d_dw.get(), c.rows,
+                           c.dim);
+    const std::vector<float> from_zero = d_dw.download(c.dim);
+    d_dw.poison();
+    cuda::rmsnorm_backward(d_dy.get(o), d_x.get(o), d_w.get(o), d_rstd_cpu.get(), d_dx.get(o), d_dw.get(), c.rows,
+                           c.dim, nullptr, nullptr, 0, 0, 0, true);
+    expect_same_bits(name + " dweight overwritten", d_dw.download(c.dim), from_zero);
   }
+  // No rows: an overwritten dweight holds zeros (an empty sum), an accumulated one is left as it was.
+  DeviceBuffer<float> d_dw(std::vector<float>(8, 1.0f));
+  cuda::rmsnorm_backward(nullptr, nullptr, nullptr, nullptr, nullptr, d_dw.get(), 0, 8);
+  EXPECT_EQ(d_dw.download(8), std::vector<float>(8, 1.0f));
+  cuda::rmsnorm_backward(nullptr, nullptr, nullptr, nullptr, nullptr, d_dw.get(), 0, 8, nullptr, nullptr, 0, 0, 0,
+                         true);
+  EXPECT_EQ(d_dw.download(8), std::vector<float>(8, 0.0f));
 }
 
 TEST_F(OpsGpu, RmsNormWithAResidualGivesTheBitsOfTheAddDoneApart) {
