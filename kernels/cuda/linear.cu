@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -209,23 +210,23 @@ void zero_dw(float* dw, int64_t N, int64_t K, cudaStream_t stream) {
 }
 
 // The BF16 backward from dy16 [M, N] (BF16 bits, row stride ld_dy): x (Wgrad) and w (Dgrad) rounded as well, as on
-// the CPU. dx or dw null: skipped.
+// the CPU (x16: x's rounding already made). dx or dw null: skipped.
 void bf16_backward(LinearContext::Impl& c, const uint16_t* dy16, int64_t ld_dy, const float* x, const float* w,
                    float* dx, float* dw, int64_t M, int64_t N, int64_t K, float beta_dx, float beta_dw,
-                   cudaStream_t stream) {
-  if (dw == nullptr)
-    return bf16_backward_rounded(c, dy16, ld_dy, nullptr, w, dx, nullptr, M, N, K, beta_dx, beta_dw, stream);
-  StreamScratch x16(bytes16(M * K), stream);
-  to_bf16(x, M * K, x16.as<uint16_t>(), stream);
-  bf16_backward_rounded(c, dy16, ld_dy, x16.as<uint16_t>(), w, dx, dw, M, N, K, beta_dx, beta_dw, stream);
-  x16.release();
+                   cudaStream_t stream, const uint16_t* x16 = nullptr) {
+  if (dw == nullptr || x16 != nullptr)
+    return bf16_backward_rounded(c, dy16, ld_dy, x16, w, dx, dw, M, N, K, beta_dx, beta_dw, stream);
+  StreamScratch rounded(bytes16(M * K), stream);
+  to_bf16(x, M * K, rounded.as<uint16_t>(), stream);
+  bf16_backward_rounded(c, dy16, ld_dy, rounded.as<uint16_t>(), w, dx, dw, M, N, K, beta_dx, beta_dw, stream);
+  rounded.release();
 }
 
 }  // namespace
 
 void linear_backward_bf16_dy(LinearContext& ctx, const uint16_t* dy16, int64_t ld_dy, const float* x, const float* w,
                              float* dx, float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream,
-                             bool accumulate_dx, bool overwrite_dw) {
+                             bool accumulate_dx, bool overwrite_dw, const uint16_t* x16) {
   const std::string fn = "cuda::linear_backward_bf16_dy";
   check_common(fn, Precision::BF16, M, N, K);
   require(ld_dy >= N,
@@ -236,15 +237,16 @@ void linear_backward_bf16_dy(LinearContext& ctx, const uint16_t* dy16, int64_t l
   require(N > 0, [&] { return fn + ": needs N > 0 (" + shape(M, N, K) + ")"; });
   require(dy16 != nullptr, [&] { return fn + ": null dy (" + shape(M, N, K) + ")"; });
   require(!want_dx || w != nullptr, [&] { return fn + ": null w with dx requested (" + shape(M, N, K) + ")"; });
-  require(!want_dw || x != nullptr, [&] { return fn + ": null x with dw requested (" + shape(M, N, K) + ")"; });
+  require(!want_dw || x != nullptr || x16 != nullptr,
+          [&] { return fn + ": null x and x16 with dw requested (" + shape(M, N, K) + ")"; });
   LinearContext::Impl& c = ctx.impl();
   c.check_device(fn.c_str());
   bf16_backward(c, dy16, ld_dy, x, w, want_dx ? dx : nullptr, want_dw ? dw : nullptr, M, N, K,
-                accumulate_dx ? 1.0f : 0.0f, overwrite_dw ? 0.0f : 1.0f, stream);
+                accumulate_dx ? 1.0f : 0.0f, overwrite_dw ? 0.0f : 1.0f, stream, want_dw ? x16 : nullptr);
 }
 
 void linear_forward_bf16_out(LinearContext& ctx, const float* x, const float* w, uint16_t* y16, int64_t M, int64_t N,
-                             int64_t K, cudaStream_t stream) {
+                             int64_t K, cudaStream_t stream, uint16_t* x16_keep) {
   const std::string fn = "cuda::linear_forward_bf16_out";
   check_common(fn, Precision::BF16, M, N, K);
   if (M == 0 || N == 0) return;
@@ -256,11 +258,12 @@ void linear_forward_bf16_out(LinearContext& ctx, const float* x, const float* w,
     return;
   }
   require(x != nullptr && w != nullptr, [&] { return fn + ": null x or w (" + shape(M, N, K) + ")"; });
-  StreamScratch x16(bytes16(M * K), stream);
-  to_bf16(x, M * K, x16.as<uint16_t>(), stream);
-  c.lt.gemm_bf16_out(false, true, M, N, K, LtInput::BF16, x16.as<uint16_t>(), K, c.bf16_weight(w, N, K, stream), K,
-                     y16, N, stream);
-  x16.release();
+  std::optional<StreamScratch> scratch;
+  if (x16_keep == nullptr) scratch.emplace(bytes16(M * K), stream);
+  uint16_t* x16 = x16_keep != nullptr ? x16_keep : scratch->as<uint16_t>();
+  to_bf16(x, M * K, x16, stream);
+  c.lt.gemm_bf16_out(false, true, M, N, K, LtInput::BF16, x16, K, c.bf16_weight(w, N, K, stream), K, y16, N, stream);
+  if (scratch) scratch->release();
 }
 
 void linear_backward(LinearContext& ctx, Precision p, const float* dy, const float* x, const float* w, float* dx,

@@ -91,8 +91,10 @@ void linear_forward(LinearContext& ctx, Precision p, const float* x, const float
 
 // linear_forward in Precision::BF16 with y16 [M, N] in BF16 (bit patterns): the FP32 sums rounded to nearest even in
 // cuBLASLt's epilogue (a BF16 output head's logits: half the bytes written, and read by the cross-entropy).
+// x16_keep [M, K], when given: x rounded to BF16 is written there, for linear_backward_bf16_dy's x16, instead of
+// into a temporary.
 void linear_forward_bf16_out(LinearContext& ctx, const float* x, const float* w, uint16_t* y16, int64_t M, int64_t N,
-                             int64_t K, cudaStream_t stream = nullptr);
+                             int64_t K, cudaStream_t stream = nullptr, uint16_t* x16_keep = nullptr);
 
 // dx[M, K] = dy[M, N] · w[N, K]   (overwritten, or with accumulate_dx added to dx; skipped when dx is null)
 // dw[N, K] += dy[M, N]ᵀ · x[M, K] (accumulated, or with overwrite_dw written whole; skipped when dw is null)
@@ -129,9 +131,11 @@ void linear_backward_shared(LinearContext& ctx, Precision p, const float* x, con
 // linear_backward in Precision::BF16 from an output gradient already rounded to BF16: dy16 [M, N] as BF16 bit
 // patterns with row stride ld_dy >= N (e.g. cuda::cross_entropy_bf16_grad's rows, in place over the logits). What
 // linear_backward(BF16) gives from the FP32 dy these bits were rounded from, without its rounding pass over dy.
+// x16, when given: x already rounded to BF16 (linear_forward_bf16_out's x16_keep), which the Wgrad reads instead of
+// rounding x again (x may then be null).
 void linear_backward_bf16_dy(LinearContext& ctx, const uint16_t* dy16, int64_t ld_dy, const float* x, const float* w,
                              float* dx, float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream = nullptr,
-                             bool accumulate_dx = false, bool overwrite_dw = false);
+                             bool accumulate_dx = false, bool overwrite_dw = false, const uint16_t* x16 = nullptr);
 
 // The prepared copies, for tests and diagnostics: made (or refreshed, when stale) on `stream` exactly as a
 // linear call would. N, K > 0. Without weights_changed() a copy is NOT refreshed when the weight's values change:

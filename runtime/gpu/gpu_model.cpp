@@ -102,6 +102,7 @@ struct ArenaKey {
   bool mtp = false;               // the MTP module runs (its activations are bound)
   bool separate_dlogits = false;  // keep_logits with for_backward: d loss / d logits cannot overwrite the logits
   bool logits16 = false;          // BF16 logits and gradient (head_forward): half the bytes of FP32 ones
+  bool backward = false;          // for_backward: the backward's first buffers are bound too (see Impl)
   bool operator==(const ArenaKey&) const = default;
 };
 
@@ -122,11 +123,12 @@ bool bf16_logits(Precision head_p, int64_t V) {
   return head_p == Precision::BF16 && !fp32 && V % 4 == 0;
 }
 
-// logits16: bf16_logits's answer, the arena's layout (ArenaKey::logits16).
+// logits16: bf16_logits's answer, the arena's layout (ArenaKey::logits16). x16_keep: where the BF16 head keeps x
+// rounded for head_backward's x16 (null: a temporary).
 void head_forward(cuda::LinearContext& linear, Precision head_p, bool logits16, const float* x, const DeviceParam& w,
-                  float* logits, int64_t T, int64_t V, int64_t D, cudaStream_t s) {
+                  float* logits, int64_t T, int64_t V, int64_t D, cudaStream_t s, uint16_t* x16_keep = nullptr) {
   if (logits16)
-    cuda::linear_forward_bf16_out(linear, x, w.value, reinterpret_cast<uint16_t*>(logits), T, V, D, s);
+    cuda::linear_forward_bf16_out(linear, x, w.value, reinterpret_cast<uint16_t*>(logits), T, V, D, s, x16_keep);
   else
     cuda::linear_forward(linear, head_p, x, w.value, logits, T, V, D, s);
 }
@@ -150,12 +152,14 @@ double head_cross_entropy(Precision head_p, bool logits16, float* logits, const 
   return cuda::cross_entropy(logits, labels, T, V, scale, dlogits, counted, s);
 }
 
+// x16: head_forward's x16_keep, or null.
 void head_backward(cuda::LinearContext& linear, Precision head_p, const float* dlogits, const HeadGrad& grad,
-                   const float* x, const DeviceParam& w, float* dx, int64_t T, int64_t V, int64_t D, cudaStream_t s) {
+                   const float* x, const DeviceParam& w, float* dx, int64_t T, int64_t V, int64_t D, cudaStream_t s,
+                   const uint16_t* x16 = nullptr) {
   const bool overwrite = detail::take_unset(w);
   if (grad.bf16)
     cuda::linear_backward_bf16_dy(linear, reinterpret_cast<const uint16_t*>(dlogits), grad.ld, x, w.value, dx, w.grad,
-                                  T, V, D, s, false, overwrite);
+                                  T, V, D, s, false, overwrite, x16);
   else
     cuda::linear_backward(linear, head_p, dlogits, x, w.value, dx, w.grad, T, V, D, s, false, overwrite);
 }
@@ -177,13 +181,19 @@ struct GpuModel::Impl {
 
   // The arena and what is bound in it: ids, labels [T], hidden[l] [T, D] (the input of layer l; hidden[L] the
   // last layer's output), normed [T, D], logits [T, V] (overwritten by d loss / d logits unless kept), dlogits
-  // [T, V] when separate.
+  // [T, V] when separate. For a backward (ArenaKey::backward): dnormed, dh_a, dh_b [T, D], the gradients the
+  // backward starts with, and with a BF16 head normed16 [T, D], normed rounded to BF16 by the head's forward for its
+  // Wgrad. Bound rather than taken from the pool when the backward starts: the device waits for the loss there, and
+  // the pool's allocations took ~74 us of host time before the first launch (median, on the H200's host,
+  // bench/results/2026-11-30-gpu-silu-times4-h200-3bda270+silu.txt).
   DeviceAlloc arena;
   ArenaKey key;
   bool bound = false;
   int64_t *ids = nullptr, *labels = nullptr;
   std::vector<float*> hidden;
   float *normed = nullptr, *logits = nullptr, *dlogits = nullptr;
+  float *dnormed = nullptr, *dh_a = nullptr, *dh_b = nullptr;
+  uint16_t* normed16 = nullptr;
   size_t own_peak = 0;
 
   // The last forward.
@@ -206,6 +216,10 @@ struct GpuModel::Impl {
     const int64_t logit_floats = k.logits16 ? (T * V + 1) / 2 : T * V;  // [T, V] in BF16 or FP32
     logits = s.take<float>(logit_floats);
     dlogits = k.separate_dlogits ? s.take<float>(logit_floats) : nullptr;
+    dnormed = k.backward ? s.take<float>(T * D) : nullptr;
+    dh_a = k.backward ? s.take<float>(T * D) : nullptr;
+    dh_b = k.backward ? s.take<float>(T * D) : nullptr;
+    normed16 = k.backward && k.logits16 ? s.take<uint16_t>(T * D) : nullptr;
     final_norm.bind(s, T);
     for (auto& l : layers) l->bind(s, k.batch, k.seq);
     if (k.mtp) mtp->bind(s, k.batch, k.seq, D, logit_floats);
@@ -296,7 +310,8 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
   m.logits_kept = false;
   // DeepSeek-V3 keeps the output head in higher precision: FP32 in the fp32 recipe, BF16 operands otherwise.
   const Precision head_p = o.precision == Precision::FP32 ? Precision::FP32 : Precision::BF16;
-  m.ensure_bound({b.batch, b.seq, run_mtp, o.keep_logits && o.for_backward, bf16_logits(head_p, V)}, c);
+  m.ensure_bound({b.batch, b.seq, run_mtp, o.keep_logits && o.for_backward, bf16_logits(head_p, V), o.for_backward},
+                 c);
   m.options = o;
   const cudaStream_t s = m.stream.get();
   const Run run{s, &m.linear, o.precision, m.poison};
@@ -315,7 +330,7 @@ LossReport GpuModel::forward(const TokenBatch& b, const ForwardOptions& o) {
   const float* last = m.hidden.back();
   phase.emplace(o.precision, "head+ce.fwd", s);
   m.final_norm.forward(last, T, m.normed, run);
-  head_forward(m.linear, head_p, m.key.logits16, m.normed, *m.head, m.logits, T, V, D, s);
+  head_forward(m.linear, head_p, m.key.logits16, m.normed, *m.head, m.logits, T, V, D, s, m.normed16);
 
   // The MTP module is enqueued before the cross-entropies wait, so the device keeps busy.
   float mtp_balance = 0.0f;
@@ -383,13 +398,12 @@ void GpuModel::backward() {
   const float* last = m.hidden.back();
 
   const detail::PhaseTimer whole(m.options.precision, "model.bwd", s);
-  Temp<float> dnormed(T * D, run), dh_a(T * D, run), dh_b(T * D, run);
-  float* dhidden = dh_a.get();
-  float* dx = dh_b.get();
+  float* dhidden = m.dh_a;
+  float* dx = m.dh_b;
   std::optional<detail::PhaseTimer> phase(std::in_place, m.options.precision, "head.bwd", s);
-  head_backward(m.linear, head_p, m.dlogits ? m.dlogits : m.logits, m.grad, m.normed, *m.head, dnormed.get(), T, V,
-                D, s);
-  m.final_norm.backward(dnormed.get(), last, T, dhidden, run);
+  head_backward(m.linear, head_p, m.dlogits ? m.dlogits : m.logits, m.grad, m.normed, *m.head, m.dnormed, T, V, D, s,
+                m.normed16);
+  m.final_norm.backward(m.dnormed, last, T, dhidden, run);
   phase.reset();
 
   if (m.key.mtp) {

@@ -336,6 +336,16 @@ TEST_F(LinearGpu, Bf16BackwardFromARoundedGradientWithARowStrideGivesTheBf16Back
         EXPECT_EQ(dx.download(), want_dx.download()) << what;
         EXPECT_EQ(dw.download(), want_dw.download()) << what;
       }
+      // x given already rounded (a BF16 head's forward keeps it): the same bits, x itself never read.
+      std::vector<uint16_t> x16(d.x.size());
+      for (size_t i = 0; i < x16.size(); ++i) x16[i] = bf16_from_float(d.x[i]);
+      const DeviceBuffer<uint16_t> d_x16(x16);
+      DeviceBuffer<float> dx2(static_cast<size_t>(s.M * s.K)), dw2(d.dw0);
+      dx2.poison();
+      cuda::linear_backward_bf16_dy(ctx, d_dy16.get(), ld, nullptr, w.get(), dx2.get(), dw2.get(), s.M, s.N, s.K,
+                                    nullptr, false, false, d_x16.get());
+      EXPECT_EQ(dx2.download(), dx.download()) << what << ", x16 given";
+      EXPECT_EQ(dw2.download(), dw.download()) << what << ", x16 given";
     }
   }
   EXPECT_THROW(cuda::linear_backward_bf16_dy(ctx, nullptr, 4, nullptr, nullptr, nullptr, nullptr, 4, 8, 16), Error);
@@ -355,7 +365,17 @@ TEST_F(LinearGpu, Bf16OutputForwardIsTheFp32OutputRoundedWithinOneBf16Unit) {
     y16.poison();
     cuda::linear_forward(ctx, Precision::BF16, x.get(), w.get(), y.get(), s.M, s.N, s.K);
     cuda::linear_forward_bf16_out(ctx, x.get(), w.get(), y16.get(), s.M, s.N, s.K);
+    // x16_keep: the same logits, and x rounded to BF16 left there.
+    DeviceBuffer<uint16_t> y16_kept(static_cast<size_t>(s.M * s.N)), x16(std::max<size_t>(1, static_cast<size_t>(s.M * s.K)));
+    y16_kept.poison(), x16.poison();
+    cuda::linear_forward_bf16_out(ctx, x.get(), w.get(), y16_kept.get(), s.M, s.N, s.K, nullptr, x16.get());
     CUDA_CHECK(cudaDeviceSynchronize());
+    EXPECT_EQ(y16_kept.download(), y16.download()) << describe(Precision::BF16, "bf16 out, x16 kept", s);
+    if (s.K > 0) {
+      std::vector<uint16_t> want16(d.x.size());
+      for (size_t i = 0; i < want16.size(); ++i) want16[i] = bf16_from_float(d.x[i]);
+      EXPECT_EQ(x16.download(want16.size()), want16) << describe(Precision::BF16, "bf16 out, x16 kept", s);
+    }
     const std::vector<float> want = y.download();
     const moe_gpu_test::Bf16Rounding cmp = moe_gpu_test::compare_bf16_rounding(y16.download(), want);
     const int64_t apart = cmp.apart, beyond = cmp.beyond;
