@@ -366,7 +366,8 @@ TEST_F(LinearGpu, Bf16OutputForwardIsTheFp32OutputRoundedWithinOneBf16Unit) {
     cuda::linear_forward(ctx, Precision::BF16, x.get(), w.get(), y.get(), s.M, s.N, s.K);
     cuda::linear_forward_bf16_out(ctx, x.get(), w.get(), y16.get(), s.M, s.N, s.K);
     // x16_keep: the same logits, and x rounded to BF16 left there.
-    DeviceBuffer<uint16_t> y16_kept(static_cast<size_t>(s.M * s.N)), x16(std::max<size_t>(1, static_cast<size_t>(s.M * s.K)));
+    DeviceBuffer<uint16_t> y16_kept(static_cast<size_t>(s.M * s.N));
+    DeviceBuffer<uint16_t> x16(std::max<size_t>(1, static_cast<size_t>(s.M * s.K)));
     y16_kept.poison(), x16.poison();
     cuda::linear_forward_bf16_out(ctx, x.get(), w.get(), y16_kept.get(), s.M, s.N, s.K, nullptr, x16.get());
     CUDA_CHECK(cudaDeviceSynchronize());
