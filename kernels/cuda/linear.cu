@@ -173,8 +173,9 @@ void bf16_backward_rounded(LinearContext::Impl& c, const uint16_t* dy16, int64_t
 }  // namespace
 
 void linear_forward(LinearContext& ctx, Precision p, const float* x, const float* w, float* y, int64_t M, int64_t N,
-                    int64_t K, cudaStream_t stream) {
+                    int64_t K, cudaStream_t stream, SavedInput* keep) {
   const std::string fn = "cuda::linear_forward";
+  if (keep != nullptr) keep->release();
   check_common(fn, p, M, N, K);
   if (M == 0 || N == 0) return;
   require(y != nullptr, [&] { return fn + ": null y (" + shape(M, N, K) + ")"; });
@@ -197,12 +198,20 @@ void linear_forward(LinearContext& ctx, Precision p, const float* x, const float
       return;
     }
     case Precision::FP8:
-      linear_detail::fp8_forward(c, x, w, y, M, N, K, stream);
+      linear_detail::fp8_forward(c, x, w, y, M, N, K, stream, keep);
       return;
   }
 }
 
 namespace {
+
+// Releases a SavedInput when a backward returns, however it returns (it is taken once, or not at all).
+struct ReleaseOnExit {
+  SavedInput* saved;
+  ~ReleaseOnExit() {
+    if (saved != nullptr) saved->release();
+  }
+};
 
 // dw [N, K] = 0: overwrite_dw with no tokens to sum over.
 void zero_dw(float* dw, int64_t N, int64_t K, cudaStream_t stream) {
@@ -268,8 +277,9 @@ void linear_forward_bf16_out(LinearContext& ctx, const float* x, const float* w,
 
 void linear_backward(LinearContext& ctx, Precision p, const float* dy, const float* x, const float* w, float* dx,
                      float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream, bool accumulate_dx,
-                     bool overwrite_dw) {
+                     bool overwrite_dw, SavedInput* saved) {
   const std::string fn = "cuda::linear_backward";
+  const ReleaseOnExit release_saved{saved};
   check_common(fn, p, M, N, K);
   // dx [M, K] has elements when M, K > 0; dw [N, K] changes only when the token sum is not empty (M > 0).
   bool want_dx = dx != nullptr && M > 0 && K > 0;
@@ -304,14 +314,15 @@ void linear_backward(LinearContext& ctx, Precision p, const float* dy, const flo
     }
     case Precision::FP8:
       linear_detail::fp8_backward(c, dy, x, w, want_dx ? dx : nullptr, want_dw ? dw : nullptr, M, N, K, accumulate_dx,
-                                  overwrite_dw, stream);
+                                  overwrite_dw, stream, saved);
       return;
   }
 }
 
 void linear_forward_shared(LinearContext& ctx, Precision p, const float* x, const std::vector<LinearOutput>& outs,
-                           int64_t M, int64_t K, cudaStream_t stream) {
+                           int64_t M, int64_t K, cudaStream_t stream, SavedInput* keep) {
   const std::string fn = "cuda::linear_forward_shared";
+  if (keep != nullptr) keep->release();
   for (const LinearOutput& o : outs) check_common(fn, p, M, o.N, K);
   const auto edge = [](const LinearOutput& o) { return o.N == 0 || o.w == nullptr || o.y == nullptr; };
   const bool plain = p == Precision::FP32 || outs.size() < 2 || M == 0 || K == 0 || x == nullptr ||
@@ -322,7 +333,7 @@ void linear_forward_shared(LinearContext& ctx, Precision p, const float* x, cons
   }
   LinearContext::Impl& c = ctx.impl();
   c.check_device(fn.c_str());
-  if (p == Precision::FP8) return linear_detail::fp8_forward_shared(c, x, outs, M, K, stream);
+  if (p == Precision::FP8) return linear_detail::fp8_forward_shared(c, x, outs, M, K, stream, keep);
   StreamScratch x16(bytes16(M * K), stream);  // BF16: x rounded once
   to_bf16(x, M * K, x16.as<uint16_t>(), stream);
   for (const LinearOutput& o : outs) bf16_forward(c, x16.as<uint16_t>(), o.w, o.y, M, o.N, K, stream);
@@ -330,8 +341,10 @@ void linear_forward_shared(LinearContext& ctx, Precision p, const float* x, cons
 }
 
 void linear_backward_shared(LinearContext& ctx, Precision p, const float* x, const std::vector<LinearGradient>& grads,
-                            float* dx, int64_t M, int64_t K, cudaStream_t stream, bool accumulate_dx) {
+                            float* dx, int64_t M, int64_t K, cudaStream_t stream, bool accumulate_dx,
+                            SavedInput* saved) {
   const std::string fn = "cuda::linear_backward_shared";
+  const ReleaseOnExit release_saved{saved};
   for (const LinearGradient& g : grads) check_common(fn, p, M, g.N, K);
   const auto edge = [](const LinearGradient& g) {
     return g.N == 0 || g.dy == nullptr || g.w == nullptr || g.dw == nullptr;
@@ -347,7 +360,8 @@ void linear_backward_shared(LinearContext& ctx, Precision p, const float* x, con
   }
   LinearContext::Impl& c = ctx.impl();
   c.check_device(fn.c_str());
-  if (p == Precision::FP8) return linear_detail::fp8_backward_shared(c, x, grads, dx, M, K, accumulate_dx, stream);
+  if (p == Precision::FP8)
+    return linear_detail::fp8_backward_shared(c, x, grads, dx, M, K, accumulate_dx, stream, saved);
   // BF16: x rounded once for every Wgrad, each dy once for its two GEMMs (bf16_backward's products).
   StreamScratch x16(bytes16(M * K), stream);
   to_bf16(x, M * K, x16.as<uint16_t>(), stream);

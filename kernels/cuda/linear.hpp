@@ -85,9 +85,27 @@ class LinearContext {
   std::unique_ptr<Impl> impl_;
 };
 
-// y[M, N] = x[M, K] · w[N, K]ᵀ (overwritten).
+// The FP8 Wgrad operand of a linear's input x [M, K] (xᵀ quantized along the tokens), carried from the forward to
+// the backward. linear_forward / linear_forward_shared given one (FP8, x needing no padding: M and K multiples of
+// 128) quantize x both ways in one pass (fp8::cuda::quantize_1x128_dual) and keep this half; linear_backward /
+// linear_backward_shared given it back for the same x pointer and shape take it instead of quantizing x again (a
+// second read of x [M, K]), and release it. Its M·K bytes of codes stay allocated in between, so x must not change
+// in between either. Empty otherwise (the backward then quantizes x itself). The same bits either way.
+class SavedInput {
+ public:
+  SavedInput();
+  ~SavedInput();
+  SavedInput(const SavedInput&) = delete;
+  SavedInput& operator=(const SavedInput&) = delete;
+  bool empty() const { return impl_ == nullptr; }
+  void release();  // the codes back to the pool, ordered on the stream that made them
+  struct Impl;     // kernels/cuda/linear_impl.cuh
+  std::unique_ptr<Impl> impl_;
+};
+
+// y[M, N] = x[M, K] · w[N, K]ᵀ (overwritten). keep: see SavedInput (released first in any case).
 void linear_forward(LinearContext& ctx, Precision p, const float* x, const float* w, float* y, int64_t M,
-                    int64_t N, int64_t K, cudaStream_t stream = nullptr);
+                    int64_t N, int64_t K, cudaStream_t stream = nullptr, SavedInput* keep = nullptr);
 
 // linear_forward in Precision::BF16 with y16 [M, N] in BF16 (bit patterns): the FP32 sums rounded to nearest even in
 // cuBLASLt's epilogue (a BF16 output head's logits: half the bytes written, and read by the cross-entropy).
@@ -101,9 +119,10 @@ void linear_forward_bf16_out(LinearContext& ctx, const float* x, const float* w,
 // accumulate_dx: dx + dy · w rounded once (the GEMM's beta = 1), for layers whose input feeds several projections.
 // overwrite_dw: dw's old contents are not read (the GEMM's beta = 0; zeros when M = 0), for a gradient not yet
 // written since it was last consumed (runtime/gpu's GpuModel::zero_grad marks them instead of clearing them).
+// saved: the forward's SavedInput of x, taken when it matches and released in any case.
 void linear_backward(LinearContext& ctx, Precision p, const float* dy, const float* x, const float* w, float* dx,
                      float* dw, int64_t M, int64_t N, int64_t K, cudaStream_t stream = nullptr,
-                     bool accumulate_dx = false, bool overwrite_dw = false);
+                     bool accumulate_dx = false, bool overwrite_dw = false, SavedInput* saved = nullptr);
 
 // Several projections of one input x [M, K] (attention's queries and latent from the same hidden state): y_i [M, N_i]
 // = x · w_iᵀ, each the bits linear_forward gives, with x rounded (BF16) or quantized (FP8) once for all of them.
@@ -113,7 +132,7 @@ struct LinearOutput {
   int64_t N = 0;
 };
 void linear_forward_shared(LinearContext& ctx, Precision p, const float* x, const std::vector<LinearOutput>& outs,
-                           int64_t M, int64_t K, cudaStream_t stream = nullptr);
+                           int64_t M, int64_t K, cudaStream_t stream = nullptr, SavedInput* keep = nullptr);
 
 // Their backward, the bits of linear_backward called for each in turn: dx = Σ_i dy_i · w_i (the first written, or
 // added with accumulate_dx; each next added in its GEMM) and dw_i += dy_iᵀ · x (written with overwrite_dw), with x's
@@ -126,7 +145,8 @@ struct LinearGradient {
   bool overwrite_dw = false;
 };
 void linear_backward_shared(LinearContext& ctx, Precision p, const float* x, const std::vector<LinearGradient>& grads,
-                            float* dx, int64_t M, int64_t K, cudaStream_t stream = nullptr, bool accumulate_dx = false);
+                            float* dx, int64_t M, int64_t K, cudaStream_t stream = nullptr, bool accumulate_dx = false,
+                            SavedInput* saved = nullptr);
 
 // linear_backward in Precision::BF16 from an output gradient already rounded to BF16: dy16 [M, N] as BF16 bit
 // patterns with row stride ld_dy >= N (e.g. cuda::cross_entropy_bf16_grad's rows, in place over the logits). What

@@ -353,62 +353,78 @@ const PreparedFp8GateUp& fp8_stacked_gate_up(LinearContext::Impl& ctx, const flo
   return pw.gate_up;
 }
 
-void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
-                 cudaStream_t stream) {
-  const PreparedFp8Weight& pw = fp8_weight(ctx, w, N, K, stream);
-  Fp8Activation xq(x, M, K, gemm_rows(M), pw.cols, false, stream);
-  // The first gemm_rows(N) rows of the padded weight: same block rows (both round N up within its 128-block).
-  const Operand wq{pw.codes, pw.scales, gemm_rows(N), pw.cols, kTile};
-  gemm_into(ctx.fp8, xq.operand(), wq, y, M, N, false, stream);
-  xq.release();
-}
-
 namespace {
 
-// dy [M, N] quantized both ways in one pass (fp8::cuda::quantize_1x128_dual): Dgrad's operand dy [M, N] (1x128
-// along N) and Wgrad's dyᵀ [N, M] (1x128 along M), the bytes Fp8Activation gives each, where neither needs
-// padding (both_ways_fit). dy is read once instead of twice.
-class Fp8GradientBothWays {
+// One operand [rows, cols] (1x128 along cols, scales in cuBLASLt's layout) in memory from the pool.
+class Fp8OperandMemory {
  public:
-  Fp8GradientBothWays(const float* dy, int64_t M, int64_t N, cudaStream_t stream)
-      : at_(offsets(M, N)), scratch_(at_.total, stream) {
-    uint8_t* codes = scratch_.as<uint8_t>(at_.codes);
-    uint8_t* codes_t = scratch_.as<uint8_t>(at_.codes_t);
-    float* lt = scratch_.as<float>(at_.lt);
-    float* lt_t = scratch_.as<float>(at_.lt_t);
-    fp8::cuda::quantize_1x128_dual(dy, M, N, nullptr, 0, codes, lt, codes_t, lt_t, stream,
-                                   fp8::cuda::ScaleLayout::Cublaslt);
-    rows_ = Operand{codes, lt, M, N, 1};
-    tokens_ = Operand{codes_t, lt_t, N, M, 1};
-  }
-  const Operand& rows() const { return rows_; }      // dy [M, N]
-  const Operand& tokens() const { return tokens_; }  // dyᵀ [N, M]
-  void release() { scratch_.release(); }
+  Fp8OperandMemory(int64_t rows, int64_t cols, cudaStream_t stream)
+      : scales_at_(cuda_detail::align256(static_cast<size_t>(rows * cols))),
+        memory_(scales_at_ + static_cast<size_t>(fp8::cuda::cublaslt_scale_count(rows, cols, 1)) * sizeof(float),
+                stream),
+        operand_{memory_.as<uint8_t>(), memory_.as<float>(scales_at_), rows, cols, 1} {}
+  const Operand& operand() const { return operand_; }
+  void release() { memory_.release(); }
 
  private:
-  struct Offsets {
-    size_t codes = 0, codes_t = 0, lt = 0, lt_t = 0, total = 0;
-  };
-  static Offsets offsets(int64_t M, int64_t N) {
-    Layout l;
-    Offsets o;
-    o.codes = l.add(static_cast<size_t>(M * N));
-    o.codes_t = l.add(static_cast<size_t>(M * N));
-    o.lt = l.add(static_cast<size_t>(fp8::cuda::cublaslt_scale_count(M, N, 1)) * sizeof(float));
-    o.lt_t = l.add(static_cast<size_t>(fp8::cuda::cublaslt_scale_count(N, M, 1)) * sizeof(float));
-    o.total = l.total;
-    return o;
-  }
-
-  Offsets at_;
-  StreamScratch scratch_;
-  Operand rows_{}, tokens_{};
+  size_t scales_at_;
+  StreamScratch memory_;
+  Operand operand_;
 };
 
-// Whether dy [M, N] needs no padding as either operand (gemm_rows and gemm_depth leave M and N as they are).
+// a [M, N] quantized both ways in one pass (fp8::cuda::quantize_1x128_dual), a read once instead of twice: its rows
+// operand [M, N] (1x128 along N: Fprop's x, Dgrad's dy) and its tokens operand aᵀ [N, M] (1x128 along M: Wgrad's
+// xᵀ, dyᵀ), the bytes Fp8Activation gives each, where neither needs padding (both_ways_fit).
+void quantize_both_ways(const float* a, int64_t M, int64_t N, const Operand& rows, const Operand& tokens,
+                        cudaStream_t stream) {
+  fp8::cuda::quantize_1x128_dual(a, M, N, nullptr, 0, const_cast<uint8_t*>(rows.codes),
+                                 const_cast<float*>(rows.scales), const_cast<uint8_t*>(tokens.codes),
+                                 const_cast<float*>(tokens.scales), stream, fp8::cuda::ScaleLayout::Cublaslt);
+}
+
+// Whether a [M, N] needs no padding as either operand (gemm_rows and gemm_depth leave M and N as they are).
 bool both_ways_fit(int64_t M, int64_t N) {
   return gemm_rows(M) == M && gemm_depth(M) == M && gemm_rows(N) == N && gemm_depth(N) == N;
 }
+
+// x's operand for the Fprop [gemm_rows(M), depth], in `both` (x quantized both ways, the tokens half kept in *keep:
+// keep given and x fitting) or else in `rows_only`; the caller releases whichever holds it.
+Operand forward_rows(const float* x, int64_t M, int64_t K, int64_t depth, SavedInput* keep,
+                     std::optional<Fp8OperandMemory>& both, std::optional<Fp8Activation>& rows_only,
+                     cudaStream_t stream) {
+  if (keep != nullptr && both_ways_fit(M, K) && depth == K) {
+    both.emplace(M, K, stream);
+    keep->impl_ = std::make_unique<SavedInput::Impl>(x, M, K, stream);
+    quantize_both_ways(x, M, K, both->operand(), keep->impl_->tokens(), stream);
+    return both->operand();
+  }
+  return rows_only.emplace(x, M, K, gemm_rows(M), depth, false, stream).operand();
+}
+
+// saved's operand when it holds x [M, K]'s, else null.
+const Operand* saved_tokens(const SavedInput* saved, const float* x, int64_t M, int64_t K, Operand& out) {
+  if (saved == nullptr || saved->empty()) return nullptr;
+  const SavedInput::Impl& s = *saved->impl_;
+  if (s.x != x || s.M != M || s.K != K) return nullptr;
+  out = s.tokens();
+  return &out;
+}
+
+}  // namespace
+
+void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
+                 cudaStream_t stream, SavedInput* keep) {
+  const PreparedFp8Weight& pw = fp8_weight(ctx, w, N, K, stream);
+  std::optional<Fp8OperandMemory> both;
+  std::optional<Fp8Activation> rows_only;
+  const Operand xq = forward_rows(x, M, K, pw.cols, keep, both, rows_only, stream);
+  // The first gemm_rows(N) rows of the padded weight: same block rows (both round N up within its 128-block).
+  const Operand wq{pw.codes, pw.scales, gemm_rows(N), pw.cols, kTile};
+  gemm_into(ctx.fp8, xq, wq, y, M, N, false, stream);
+  both ? both->release() : rows_only->release();
+}
+
+namespace {
 
 // dx [M, K] = dy · w (or += with accumulate) from dy's operand [gemm_rows(M), pw.rows].
 void dgrad(LinearContext::Impl& ctx, const Operand& dyq, const PreparedFp8Weight& pw, float* dx, int64_t M, int64_t K,
@@ -437,10 +453,12 @@ void backward_with(LinearContext::Impl& ctx, const float* dy, const Operand* xtq
                    int64_t M, int64_t N, int64_t K, bool accumulate_dx, bool overwrite_dw, cudaStream_t stream) {
   if (dx != nullptr && dw != nullptr && both_ways_fit(M, N)) {
     const PreparedFp8Weight& pw = fp8_weight(ctx, w, N, K, stream);
-    Fp8GradientBothWays dyq(dy, M, N, stream);
-    dgrad(ctx, dyq.rows(), pw, dx, M, K, accumulate_dx, stream);
-    wgrad(ctx, dyq.tokens(), *xtq, dw, N, K, overwrite_dw, stream);
-    dyq.release();
+    Fp8OperandMemory rows(M, N, stream), tokens(N, M, stream);
+    quantize_both_ways(dy, M, N, rows.operand(), tokens.operand(), stream);
+    dgrad(ctx, rows.operand(), pw, dx, M, K, accumulate_dx, stream);
+    wgrad(ctx, tokens.operand(), *xtq, dw, N, K, overwrite_dw, stream);
+    tokens.release();
+    rows.release();
     return;
   }
   if (dx != nullptr) {
@@ -459,8 +477,12 @@ void backward_with(LinearContext::Impl& ctx, const float* dy, const Operand* xtq
 }  // namespace
 
 void fp8_backward(LinearContext::Impl& ctx, const float* dy, const float* x, const float* w, float* dx, float* dw,
-                  int64_t M, int64_t N, int64_t K, bool accumulate_dx, bool overwrite_dw, cudaStream_t stream) {
+                  int64_t M, int64_t N, int64_t K, bool accumulate_dx, bool overwrite_dw, cudaStream_t stream,
+                  const SavedInput* saved) {
   if (dw == nullptr) return backward_with(ctx, dy, nullptr, w, dx, nullptr, M, N, K, accumulate_dx, false, stream);
+  Operand kept;
+  if (const Operand* xt = saved_tokens(saved, x, M, K, kept))
+    return backward_with(ctx, dy, xt, w, dx, dw, M, N, K, accumulate_dx, overwrite_dw, stream);
   Fp8Activation xtq = transposed_input(x, M, K, stream);
   backward_with(ctx, dy, &xtq.operand(), w, dx, dw, M, N, K, accumulate_dx, overwrite_dw, stream);
   xtq.release();
@@ -531,28 +553,33 @@ void backward_stacked(LinearContext::Impl& ctx, const LinearGradient& a, const L
 }  // namespace
 
 void fp8_forward_shared(LinearContext::Impl& ctx, const float* x, const std::vector<LinearOutput>& outs, int64_t M,
-                        int64_t K, cudaStream_t stream) {
-  Fp8Activation xq(x, M, K, gemm_rows(M), gemm_depth(K), false, stream);
+                        int64_t K, cudaStream_t stream, SavedInput* keep) {
+  std::optional<Fp8OperandMemory> both;
+  std::optional<Fp8Activation> rows_only;
+  const Operand xq = forward_rows(x, M, K, gemm_depth(K), keep, both, rows_only, stream);
   const std::optional<StackedPair> pair =
       outs.size() == 2 ? stacked_pair(outs[0].w, outs[0].N, outs[1].w, outs[1].N, K) : std::nullopt;
   if (pair) {  // each output from its rows of the pair's one prepared copy
     const LinearOutput &a = outs[pair->first], &b = outs[pair->second];
     const PreparedFp8Weight& pw = fp8_weight(ctx, a.w, a.N + b.N, K, stream);
-    gemm_into(ctx.fp8, xq.operand(), stacked_rows(pw, 0, a.N), a.y, M, a.N, false, stream);
-    gemm_into(ctx.fp8, xq.operand(), stacked_rows(pw, a.N, b.N), b.y, M, b.N, false, stream);
+    gemm_into(ctx.fp8, xq, stacked_rows(pw, 0, a.N), a.y, M, a.N, false, stream);
+    gemm_into(ctx.fp8, xq, stacked_rows(pw, a.N, b.N), b.y, M, b.N, false, stream);
   } else {
     for (const LinearOutput& o : outs) {
       const PreparedFp8Weight& pw = fp8_weight(ctx, o.w, o.N, K, stream);  // pw.cols = gemm_depth(K), as x's
       const Operand wq{pw.codes, pw.scales, gemm_rows(o.N), pw.cols, kTile};
-      gemm_into(ctx.fp8, xq.operand(), wq, o.y, M, o.N, false, stream);
+      gemm_into(ctx.fp8, xq, wq, o.y, M, o.N, false, stream);
     }
   }
-  xq.release();
+  both ? both->release() : rows_only->release();
 }
 
 void fp8_backward_shared(LinearContext::Impl& ctx, const float* x, const std::vector<LinearGradient>& grads, float* dx,
-                         int64_t M, int64_t K, bool accumulate_dx, cudaStream_t stream) {
-  Fp8Activation xtq = transposed_input(x, M, K, stream);
+                         int64_t M, int64_t K, bool accumulate_dx, cudaStream_t stream, const SavedInput* saved) {
+  Operand kept;
+  const Operand* xt = saved_tokens(saved, x, M, K, kept);
+  std::optional<Fp8Activation> xtq;
+  if (xt == nullptr) xt = &xtq.emplace(x, M, K, gemm_depth(M), gemm_rows(K), true, stream).operand();  // xᵀ
   std::optional<StackedPair> pair;
   if (grads.size() == 2 && M % kTile == 0 && gemm_depth(M) == M)
     pair = stacked_pair(grads[0].w, grads[0].N, grads[1].w, grads[1].N, K);
@@ -563,15 +590,31 @@ void fp8_backward_shared(LinearContext::Impl& ctx, const float* x, const std::ve
     if (!fits) pair.reset();
   }
   if (pair) {
-    backward_stacked(ctx, grads[pair->first], grads[pair->second], xtq.operand(), dx, M, K, accumulate_dx, stream);
+    backward_stacked(ctx, grads[pair->first], grads[pair->second], *xt, dx, M, K, accumulate_dx, stream);
   } else {
     for (size_t i = 0; i < grads.size(); ++i) {
       const LinearGradient& g = grads[i];
-      backward_with(ctx, g.dy, &xtq.operand(), g.w, dx, g.dw, M, g.N, K, accumulate_dx || i > 0, g.overwrite_dw,
+      backward_with(ctx, g.dy, xt, g.w, dx, g.dw, M, g.N, K, accumulate_dx || i > 0, g.overwrite_dw,
                     stream);
     }
   }
-  xtq.release();
+  if (xtq) xtq->release();
 }
 
 }  // namespace moerl::cuda::linear_detail
+
+namespace moerl::cuda {
+
+SavedInput::Impl::Impl(const float* x_, int64_t M_, int64_t K_, cudaStream_t stream)
+    : x(x_), M(M_), K(K_), scales_at(cuda_detail::align256(static_cast<size_t>(M_ * K_))),
+      memory(scales_at + static_cast<size_t>(fp8::cuda::cublaslt_scale_count(K_, M_, 1)) * sizeof(float), stream) {}
+
+fp8::cuda::Operand SavedInput::Impl::tokens() const {
+  return {memory.as<uint8_t>(), memory.as<float>(scales_at), K, M, 1};
+}
+
+SavedInput::SavedInput() = default;
+SavedInput::~SavedInput() = default;
+void SavedInput::release() { impl_.reset(); }
+
+}  // namespace moerl::cuda

@@ -13,6 +13,7 @@
 #include "kernels/cuda/cublaslt_matmul.hpp"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/linear.hpp"
+#include "kernels/cuda/stream_scratch.hpp"
 #include "kernels/fp8_gemm.hpp"
 
 namespace moerl::cuda::linear_detail {
@@ -99,6 +100,16 @@ struct LinearContext::Impl {
   const uint16_t* bf16_weight(const float* w, int64_t N, int64_t K, cudaStream_t stream);
 };
 
+// x [M, K]'s Wgrad operand xᵀ [K, M] (1x128 along M, scales in cuBLASLt's layout) in memory from the pool.
+struct SavedInput::Impl {
+  Impl(const float* x, int64_t M, int64_t K, cudaStream_t stream);
+  const float* x;
+  int64_t M, K;
+  size_t scales_at;
+  cuda_detail::StreamScratch memory;  // freed (stream-ordered) when the Impl goes
+  fp8::cuda::Operand tokens() const;
+};
+
 }  // namespace moerl::cuda
 
 namespace moerl::cuda::linear_detail {
@@ -119,17 +130,21 @@ const PreparedFp8Stack& fp8_stacked_weight(LinearContext::Impl& ctx, const float
 const PreparedFp8GateUp& fp8_stacked_gate_up(LinearContext::Impl& ctx, const float* gate, const float* up,
                                              int64_t experts, int64_t I, int64_t H, cudaStream_t stream,
                                              int64_t w_stride = 0);
+// keep (empty on entry): x's Wgrad operand kept for the backward where x needs no padding (SavedInput).
 void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
-                 cudaStream_t stream);
+                 cudaStream_t stream, SavedInput* keep = nullptr);
 // fp8_forward of each output, x quantized once.
 void fp8_forward_shared(LinearContext::Impl& ctx, const float* x, const std::vector<LinearOutput>& outs, int64_t M,
-                        int64_t K, cudaStream_t stream);
+                        int64_t K, cudaStream_t stream, SavedInput* keep = nullptr);
 // fp8_backward of each gradient in turn (dx written by the first unless accumulate_dx, added by the rest), xᵀ
-// quantized once. Every dy, w and dw set, M, K and every N > 0.
+// quantized once (or taken from saved, when it holds x's). Every dy, w and dw set, M, K and every N > 0.
 void fp8_backward_shared(LinearContext::Impl& ctx, const float* x, const std::vector<LinearGradient>& grads, float* dx,
-                         int64_t M, int64_t K, bool accumulate_dx, cudaStream_t stream);
-// Dgrad into dx (unless null; added to it with accumulate_dx) and Wgrad accumulated into dw (unless null).
+                         int64_t M, int64_t K, bool accumulate_dx, cudaStream_t stream,
+                         const SavedInput* saved = nullptr);
+// Dgrad into dx (unless null; added to it with accumulate_dx) and Wgrad accumulated into dw (unless null), xᵀ from
+// saved when it holds x's.
 void fp8_backward(LinearContext::Impl& ctx, const float* dy, const float* x, const float* w, float* dx, float* dw,
-                  int64_t M, int64_t N, int64_t K, bool accumulate_dx, bool overwrite_dw, cudaStream_t stream);
+                  int64_t M, int64_t N, int64_t K, bool accumulate_dx, bool overwrite_dw, cudaStream_t stream,
+                  const SavedInput* saved = nullptr);
 
 }  // namespace moerl::cuda::linear_detail

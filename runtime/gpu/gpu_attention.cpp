@@ -75,7 +75,8 @@ void GpuMla::bind(Slab& s, int64_t batch, int64_t seq) {
   saved_ = false;
 }
 
-void GpuMla::forward(const float* x, float* y, const Run& r) {
+void GpuMla::forward(const float* x, float* y, const Run& r, bool for_backward) {
+  if (!for_backward) x_saved_.release(), attn_saved_.release();  // an earlier forward's, no longer wanted
   const int64_t T = batch_ * seq_, H = heads_, ckv_dim = kv_lora_ + dr_;
   const Precision p = r.precision;
   cuda::LinearContext& lin = *r.linear;
@@ -88,7 +89,8 @@ void GpuMla::forward(const float* x, float* y, const Run& r) {
   phase.next("q");
   const cuda::LinearOutput q_out = q_lora_ > 0 ? cuda::LinearOutput{q_a_->value, q_a_out_, q_lora_}
                                                : cuda::LinearOutput{q_proj_->value, q_, H * dq_};
-  cuda::linear_forward_shared(lin, p, x, {q_out, {kv_a_->value, ckv_, ckv_dim}}, T, hidden_, r.stream);
+  cuda::linear_forward_shared(lin, p, x, {q_out, {kv_a_->value, ckv_, ckv_dim}}, T, hidden_, r.stream,
+                              for_backward ? &x_saved_ : nullptr);
   if (q_lora_ > 0) {
     Temp<float> normed(T * q_lora_, r), rstd(T, r);
     cuda::rmsnorm_forward(q_a_out_, q_a_norm_->value, normed.get(), rstd.get(), T, q_lora_, eps_, r.stream);
@@ -129,7 +131,8 @@ void GpuMla::forward(const float* x, float* y, const Run& r) {
                                                                    scale_, r.stream);
   }
   phase.next("o");
-  cuda::linear_forward(lin, p, attn_, o_->value, y, T, hidden_, H * dv_, r.stream);
+  cuda::linear_forward(lin, p, attn_, o_->value, y, T, hidden_, H * dv_, r.stream,
+                       for_backward ? &attn_saved_ : nullptr);
   saved_ = true;
 }
 
@@ -154,7 +157,7 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
   phase.next("o");
   Temp<float> d_attn(T * H * dv_, r);
   cuda::linear_backward(lin, p, dy, attn_, o_->value, d_attn.get(), o_->grad, T, hidden_, H * dv_, r.stream, false,
-                        take_unset(*o_));
+                        take_unset(*o_), &attn_saved_);
 
   // Attention core.
   phase.next("core+rope");
@@ -223,7 +226,7 @@ void GpuMla::backward(const float* dy, float* dx, const Run& r) {
                                                                           H * dq_, take_unset(*q_proj_)};
   cuda::linear_backward_shared(lin, p, x_,
                                {{d_ckv.get(), kv_a_->value, kv_a_->grad, ckv_dim, kv_a_unset}, q_grad}, dx, T,
-                               hidden_, r.stream);
+                               hidden_, r.stream, false, &x_saved_);
 }
 
 }  // namespace moerl::gpu::detail

@@ -57,7 +57,7 @@ float GpuDecoderLayer::forward(const float* in, float* out, const Run& r, float 
   norm1_.forward(in, T, xn1_, r);
   {
     const PhaseTimer t(r.precision, "attn.fwd", r.stream);
-    attn_.forward(xn1_, h_, r);
+    attn_.forward(xn1_, h_, r, for_backward);
   }
   const bool fused = residual_in_norms();
   if (fused) {

@@ -54,8 +54,9 @@ class GpuMla {
   // prefix: e.g. "model.layers.0.self_attn." (with the dot).
   GpuMla(const ModelConfig& config, ParamStore& params, const std::string& prefix);
   void bind(Slab& s, int64_t batch, int64_t seq);
-  // x, y: [batch*seq, hidden]; x must stay unchanged until backward.
-  void forward(const float* x, float* y, const Run& r);
+  // x, y: [batch*seq, hidden]; x must stay unchanged until backward. for_backward: in the FP8 recipe the forward
+  // keeps the Wgrad operands of x and of the attention output (cuda::SavedInput) for the backward.
+  void forward(const float* x, float* y, const Run& r, bool for_backward = true);
   // dy -> dx (overwritten; must not alias dy).
   void backward(const float* dy, float* dx, const Run& r);
 
@@ -92,6 +93,7 @@ class GpuMla {
   const float* x_ = nullptr;
   Precision precision_ = Precision::FP32;
   bool saved_ = false;
+  cuda::SavedInput x_saved_, attn_saved_;  // xᵀ and attn_ᵀ quantized by the forward (q / kv_a and o_proj Wgrads)
 };
 
 struct SwigluParams {

@@ -433,6 +433,74 @@ TEST_F(LinearGpu, SharedInputProjectionsGiveTheBitsOfSeparateCalls) {
   std::printf("[ linear ] shared-input forward and backward, 2 shapes x 3 precisions: the separate calls' bits\n");
 }
 
+TEST_F(LinearGpu, SavedInputCarriesTheWgradOperandFromForwardToBackwardWithTheSameBits) {
+  // cuda::SavedInput: a forward given one quantizes x both ways in one pass (FP8, x fitting: M and K multiples of 128)
+  // and keeps xᵀ's codes; a backward given it back for the same x takes them. Against the calls without it, bit for
+  // bit in every precision (BF16, FP32 and the padded FP8 shape keep nothing), alone and shared, and a backward
+  // given a SavedInput made for another x (quantizes x itself). Every backward releases what it was given.
+  std::mt19937_64 rng = seeded("saved input");
+  cuda::LinearContext ctx;
+  auto same_bits = [](const DeviceBuffer<float>& a, const DeviceBuffer<float>& b) {
+    const std::vector<float> x = a.download(), y = b.download();
+    return x.size() == y.size() && std::memcmp(x.data(), y.data(), x.size() * sizeof(float)) == 0;
+  };
+  struct Case {
+    int64_t M, K, N1, N2;
+  };
+  for (const Case& c : {Case{256, 1024, 1536, 288}, Case{130, 200, 40, 96}}) {
+    const int64_t M = c.M, K = c.K, N1 = c.N1, N2 = c.N2;
+    const DeviceBuffer<float> x(random_rows(M, K, 1.0f, rng)), other(random_rows(M, K, 1.0f, rng)),
+        w1(random_rows(N1, K, 0.05f, rng)), w2(random_rows(N2, K, 0.05f, rng)), dy1(random_rows(M, N1, 0.01f, rng)),
+        dy2(random_rows(M, N2, 0.01f, rng));
+    const std::vector<float> dw1_0 = random_rows(N1, K, 0.1f, rng), dw2_0 = random_rows(N2, K, 0.1f, rng);
+    for (Precision p : kPrecisions) {
+      const bool kept = p == Precision::FP8 && M % 128 == 0 && K % 128 == 0;
+      const std::string what = std::string(precision_name(p)) + " M " + std::to_string(M) + " K " + std::to_string(K);
+      // Alone: forward, then backward.
+      DeviceBuffer<float> y_a(M * N1), y_b(M * N1), dx_a(M * K), dx_b(M * K), dw_a(dw1_0), dw_b(dw1_0);
+      for (auto* b : {&y_a, &y_b, &dx_a, &dx_b}) b->poison();
+      cuda::SavedInput saved;
+      cuda::linear_forward(ctx, p, x.get(), w1.get(), y_a.get(), M, N1, K);
+      cuda::linear_forward(ctx, p, x.get(), w1.get(), y_b.get(), M, N1, K, nullptr, &saved);
+      EXPECT_EQ(saved.empty(), !kept) << what;
+      cuda::linear_backward(ctx, p, dy1.get(), x.get(), w1.get(), dx_a.get(), dw_a.get(), M, N1, K);
+      cuda::linear_backward(ctx, p, dy1.get(), x.get(), w1.get(), dx_b.get(), dw_b.get(), M, N1, K, nullptr, false,
+                            false, &saved);
+      EXPECT_TRUE(saved.empty()) << what << ": the backward releases it";
+      CUDA_CHECK(cudaDeviceSynchronize());
+      EXPECT_TRUE(same_bits(y_a, y_b)) << what << ": forward";
+      EXPECT_TRUE(same_bits(dx_a, dx_b) && same_bits(dw_a, dw_b)) << what << ": backward";
+      // Made for another input: the backward quantizes x itself.
+      DeviceBuffer<float> dx_c(M * K), dw_c(dw1_0), y_c(M * N1);
+      cuda::linear_forward(ctx, p, other.get(), w1.get(), y_c.get(), M, N1, K, nullptr, &saved);
+      cuda::linear_backward(ctx, p, dy1.get(), x.get(), w1.get(), dx_c.get(), dw_c.get(), M, N1, K, nullptr, false,
+                            false, &saved);
+      EXPECT_TRUE(saved.empty()) << what;
+      CUDA_CHECK(cudaDeviceSynchronize());
+      EXPECT_TRUE(same_bits(dx_a, dx_c) && same_bits(dw_a, dw_c)) << what << ": another x's SavedInput";
+      // Shared by two projections.
+      DeviceBuffer<float> z1(M * N1), z2(M * N2), u1(M * N1), u2(M * N2), dx_d(M * K), dx_e(M * K), dw1_d(dw1_0),
+          dw1_e(dw1_0), dw2_d(dw2_0), dw2_e(dw2_0);
+      for (auto* b : {&z1, &z2, &u1, &u2, &dx_d, &dx_e}) b->poison();
+      cuda::linear_forward_shared(ctx, p, x.get(), {{w1.get(), z1.get(), N1}, {w2.get(), z2.get(), N2}}, M, K);
+      cuda::linear_forward_shared(ctx, p, x.get(), {{w1.get(), u1.get(), N1}, {w2.get(), u2.get(), N2}}, M, K,
+                                  nullptr, &saved);
+      EXPECT_EQ(saved.empty(), !kept) << what << ", shared";
+      const std::vector<cuda::LinearGradient> grads_d = {{dy2.get(), w2.get(), dw2_d.get(), N2, false},
+                                                         {dy1.get(), w1.get(), dw1_d.get(), N1, false}};
+      const std::vector<cuda::LinearGradient> grads_e = {{dy2.get(), w2.get(), dw2_e.get(), N2, false},
+                                                         {dy1.get(), w1.get(), dw1_e.get(), N1, false}};
+      cuda::linear_backward_shared(ctx, p, x.get(), grads_d, dx_d.get(), M, K);
+      cuda::linear_backward_shared(ctx, p, x.get(), grads_e, dx_e.get(), M, K, nullptr, false, &saved);
+      EXPECT_TRUE(saved.empty()) << what << ", shared";
+      CUDA_CHECK(cudaDeviceSynchronize());
+      EXPECT_TRUE(same_bits(z1, u1) && same_bits(z2, u2)) << what << ": shared forward";
+      EXPECT_TRUE(same_bits(dx_d, dx_e) && same_bits(dw1_d, dw1_e) && same_bits(dw2_d, dw2_e))
+          << what << ": shared backward";
+    }
+  }
+}
+
 TEST_F(LinearGpu, ProjectionsSideBySideInMemoryShareOnePreparedWeightInFp8) {
   // Two weights of one input lying one after the other (q_proj's 1536 rows, whole 128-row blocks, then kv_a's 288,
   // as ParamStore lays them out) with their gradients alike: FP8's linear_forward_shared and linear_backward_shared
