@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks p
   // The warpgroup's first row g0 (a multiple of 64: key tile 0 .. g0 / 64 are its tiles, the last one its
   // diagonal); the warp's w0; this thread's rows r0, r0 + 8.
   const int g0 = i0 + 64 * wg, w0 = g0 + 16 * wl, r0 = w0 + lane / 4;
-  const uint32_t q_addr = smem_addr(Qs) + wg * 64 * kRowBytes;
+  const uint32_t q_addr = shared_address(Qs) + wg * 64 * kRowBytes;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   float o[8][4];
   zero<64>(o);
@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks p
     {  // No skipping: a WGMMA in a branch the compiler cannot prove uniform is serialized. With 2 warpgroups, the
        // first one's last tile is masked whole: its scores are -inf, so alpha = 1 and P = 0 leave m, l, O unchanged.
       float s[8][4];
-      const uint32_t k_addr = smem_addr(Ks + st * K_BYTES);
+      const uint32_t k_addr = shared_address(Ks + st * K_BYTES);
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) wgmma_ss(s, desc128(q_addr) + 2 * ks, desc128(k_addr) + 2 * ks, ks > 0);
@@ -125,7 +125,7 @@ __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks p
         pa[kk][2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
         pa[kk][3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
       }
-      const uint32_t v_addr = smem_addr(Vs + st * V_BYTES);
+      const uint32_t v_addr = shared_address(Vs + st * V_BYTES);
       fence_frag(o);
       wgmma_fence();
 #pragma unroll

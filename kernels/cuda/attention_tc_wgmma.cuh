@@ -53,7 +53,7 @@ constexpr int kMnStep = 16 * kRowBytes;  // bytes from one 16-row K step of an M
 // The first 1024-byte aligned byte of a kernel's dynamic shared memory (swizzle atoms; the kernels ask for 1024
 // bytes more than their layout).
 __device__ __forceinline__ uint8_t* swizzle_base(unsigned char* smem) {
-  return smem + (1024 - smem_addr(smem) % 1024) % 1024;
+  return smem + (1024 - shared_address(smem) % 1024) % 1024;
 }
 
 // Byte offset of 16-byte chunk c of row r in a swizzled panel.

@@ -107,7 +107,7 @@ __global__ void __launch_bounds__(128, 2) attention_dkdv_wgmma(const BackwardWgm
   for (int u = 0; u < S - 1; ++u) load_stream(first + u);  // K and V in the first group
 
   const int w0 = j0 + 16 * w, jr = w0 + lane / 4;  // the warp's first key; this thread's jr, jr + 8
-  const uint32_t k_addr = smem_addr(base + L::W96), v_addr = smem_addr(base + L::W64);
+  const uint32_t k_addr = shared_address(base + L::W96), v_addr = shared_address(base + L::W64);
   float dk[12][4], dv[8][4];
   zero<96>(dk);
   zero<64>(dv);
@@ -118,7 +118,7 @@ __global__ void __launch_bounds__(128, 2) attention_dkdv_wgmma(const BackwardWgm
     __syncthreads();  // ... and everybody's; the stage of tile qt - 1 is no longer read
     load_stream(qt + S - 1);
 
-    const uint32_t sa = smem_addr(base + L::RING + st * L::PAIR);
+    const uint32_t sa = shared_address(base + L::RING + st * L::PAIR);
     float s[8][4], dp[8][4];
     score_products(s, dp, k_addr, L::PANEL, sa + L::W96, v_addr, sa + L::W64);  // Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ
     // Queries before some key of the warp, or past the end of the sequence, only in these tiles.
@@ -221,7 +221,7 @@ __global__ void __launch_bounds__(128, 3) attention_dq_wgmma(const DqWgmmaArgs a
       ldsm_x4_trans(da[kk], D + ds_sub(2 * kk + lane / 16, qb + lane / 8 % 2) + lane % 8 * 8);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) wgmma_rs96(dq, da[kk], desc_mn(smem_addr(st + L::K) + kk * kMnStep, L::PANEL));
+    for (int kk = 0; kk < 4; ++kk) wgmma_rs96(dq, da[kk], desc_mn(shared_address(st + L::K) + kk * kMnStep, L::PANEL));
     wgmma_commit();
     wgmma_wait_all();
     fence_frag(dq);
@@ -266,7 +266,7 @@ __global__ void __launch_bounds__(128, 2) attention_dq_recompute_wgmma(const DqW
     row_lse2[e] = a.stats[2 * (bh * spad + r0 + 8 * e)];
     row_d[e] = a.stats[2 * (bh * spad + r0 + 8 * e) + 1];
   }
-  const uint32_t q_addr = smem_addr(base + L::W96), do_addr = smem_addr(base + L::W64);
+  const uint32_t q_addr = shared_address(base + L::W96), do_addr = shared_address(base + L::W64);
   float dq[12][4];
   zero<96>(dq);
   for (int kt = 0; kt <= qt; ++kt) {
@@ -275,7 +275,7 @@ __global__ void __launch_bounds__(128, 2) attention_dq_recompute_wgmma(const DqW
     fence_proxy_async();
     __syncthreads();  // ... and everybody's; stage (kt - 1) % S, read by the waited WGMMAs of kt - 1, is free
     load(kt + S - 1);
-    const uint32_t st = smem_addr(base + L::RING + (kt % S) * L::PAIR);
+    const uint32_t st = shared_address(base + L::RING + (kt % S) * L::PAIR);
     float s[8][4], dp[8][4];
     score_products(s, dp, q_addr, L::PANEL, st + L::W96, do_addr, st + L::W64);  // S = Q·Kᵀ, dP = dO·Vᵀ
     const bool diagonal = j0 + 63 > w0;  // keys after some row of the warp (and keys >= seq) only here

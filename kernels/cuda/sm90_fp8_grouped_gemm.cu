@@ -123,12 +123,9 @@ struct TileOperand {
   int64_t s_row;
 };
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 using moerl::cuda::cp_async_commit;
 using moerl::cuda::cp_async_wait;
+using moerl::cuda::shared_address;
 
 // 16 or 4 bytes where ok, else zeros (moerl::cuda's zero-filling copies).
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool ok) {
@@ -141,15 +138,15 @@ __device__ __forceinline__ void cp_async4(void* dst, const void* src, bool ok) {
 // The executing thread's earlier cp.async copies arrive on the mbarrier when they land (no pending-count increment:
 // the barrier's count includes one arrival per producer thread).
 __device__ __forceinline__ void cp_async_arrive(uint64_t* bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(shared_address(bar)) : "memory");
 }
 
 __device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(shared_address(bar)), "r"(count) : "memory");
 }
 
 __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(shared_address(bar)) : "memory");
 }
 
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
@@ -158,21 +155,22 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
     asm volatile(
         "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
         : "=r"(done)
-        : "r"(smem_u32(bar)), "r"(parity)
+        : "r"(shared_address(bar)), "r"(parity)
         : "memory");
   }
 }
 
 // Arrives on the mbarrier and adds `bytes` to the transaction count its phase waits for (the TMA copies').
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(shared_address(bar)), "r"(bytes)
+               : "memory");
 }
 
 // TMA: the box at (x inner, y outer) of a 2-D tensor map into shared memory, completing `bytes` on the mbarrier.
 __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y, uint64_t* bar) {
   asm volatile(
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::
-          "r"(smem_u32(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_u32(bar))
+          "r"(shared_address(dst)), "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(shared_address(bar))
       : "memory");
 }
 
@@ -442,7 +440,7 @@ __device__ __forceinline__ void store_tile(const float (&acc)[64], void* y, int6
 
 // Stages start on a 1024-byte boundary (the swizzle pattern repeats every 8 rows of 128 bytes).
 __device__ __forceinline__ uint8_t* aligned_stages(uint8_t* raw) {
-  const uint32_t a = smem_u32(raw);
+  const uint32_t a = shared_address(raw);
   return raw + (((a + 1023) & ~1023u) - a);
 }
 
@@ -451,7 +449,7 @@ template <bool kTokens>
 __global__ void __launch_bounds__(kConsumers, 1) grouped_gemm_sync_kernel(const __grid_constant__ Args p) {
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = aligned_stages(smem_raw);
-  const uint32_t smem_addr = smem_u32(smem);
+  const uint32_t smem_addr = shared_address(smem);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   // The tile's operands in shared memory (every thread computes them, thread 0 stores them): kept out of the
   // registers, which the sums need.
@@ -504,7 +502,7 @@ __global__ void __launch_bounds__(kConsumers + kProducers, 1)
   static_assert(!(kTokens && kTma), "TMA loads: rows form only");
   extern __shared__ uint8_t smem_raw[];
   uint8_t* smem = aligned_stages(smem_raw);
-  const uint32_t smem_addr = smem_u32(smem);
+  const uint32_t smem_addr = shared_address(smem);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   constexpr int kLoaders = kTma ? 32 : kProducers;  // producer threads that copy
   __shared__ __align__(8) uint64_t full[kStages], empty[kStages];
