@@ -70,6 +70,23 @@ void use_bf16_gate_up(cuda::MoeFp8Experts& w, void* storage) {
   if (!fp32_gate_up() && cuda::moe_fp8_gate_up_bf16_supported(w)) w.gate_up_bf16 = static_cast<uint16_t*>(storage);
 }
 
+// The experts' input x and SwiGLU output h quantized along tokens by the forward (MoeFp8Experts::x_codes_t,
+// h_codes_t) into the given buffers, so the backward's Wgrads do not quantize them again, unless
+// MOERL_MOE_KEEP_XT=0 / MOERL_MOE_KEEP_H=0 (for comparing on the device; read once).
+void keep_along_tokens(cuda::MoeFp8Experts& w, uint8_t* x_codes_t, float* x_scales_t, uint8_t* h_codes_t,
+                       float* h_scales_t) {
+  static const bool keep_xt = [] {
+    const char* v = std::getenv("MOERL_MOE_KEEP_XT");
+    return v == nullptr || *v != '0';
+  }();
+  static const bool keep_h = [] {
+    const char* v = std::getenv("MOERL_MOE_KEEP_H");
+    return v == nullptr || *v != '0';
+  }();
+  if (keep_xt) w.x_codes_t = x_codes_t, w.x_scales_t = x_scales_t;
+  if (keep_h) w.h_codes_t = h_codes_t, w.h_scales_t = h_scales_t;
+}
+
 SwigluParams swiglu_params(ParamStore& params, const std::string& prefix) {
   return {&params.at(prefix + ".gate_proj.weight"), &params.at(prefix + ".up_proj.weight"),
           &params.at(prefix + ".down_proj.weight")};
@@ -94,6 +111,10 @@ void GpuDense::bind(Slab& s, int64_t tokens) {
   g_ = s.take<float>(tokens * cuda::moe_fp8_gate_up_padded(inter_));
   u_ = s.take<float>(tokens * inter_);
   h_ = s.take<float>(tokens * inter_);
+  x_codes_t_ = s.take<uint8_t>(tokens * hidden_);
+  x_scales_t_ = s.take<float>(hidden_ * (tokens / cuda::kMoeRowAlign));
+  h_codes_t_ = s.take<uint8_t>(tokens * inter_);
+  h_scales_t_ = s.take<float>(inter_ * (tokens / cuda::kMoeRowAlign));
   rows_ = s.take<int64_t>(2);
   rows_host_.get()[0] = 0;
   rows_host_.get()[1] = tokens;
@@ -108,6 +129,7 @@ bool GpuDense::as_fp8_expert(Precision p) const {
 cuda::MoeFp8Experts GpuDense::fp8_expert() const {
   cuda::MoeFp8Experts w{w_.gate->value, w_.up->value, w_.down->value, w_.gate->grad, w_.up->grad,
                         w_.down->grad,  1,            hidden_,       inter_};
+  keep_along_tokens(w, x_codes_t_, x_scales_t_, h_codes_t_, h_scales_t_);
   // gate and up adjacent, as ParamStore lays them out: their Wgrad is one GEMM (cuda::moe_fp8_wgrad_pair).
   // g | u side by side in BF16 over g_'s storage where the kernels take it; else g and u apart in FP32.
   w.gate_up_side_by_side = true;
@@ -549,18 +571,9 @@ bool GpuMoe::plain_tile_order() {
 }
 
 cuda::MoeFp8Experts GpuMoe::experts_fp8() const {
-  static const bool keep_xt = [] {
-    const char* v = std::getenv("MOERL_MOE_KEEP_XT");
-    return v == nullptr || *v != '0';
-  }();
   cuda::MoeFp8Experts w{gate_w_, up_w_, down_w_, gate_g_, up_g_, down_g_, spec_.n_experts, hidden_, inter_};
   w.gate_up_stride = expert_gate_up_stride(inter_, hidden_);  // checked in the constructor
-  static const bool keep_h = [] {
-    const char* v = std::getenv("MOERL_MOE_KEEP_H");
-    return v == nullptr || *v != '0';
-  }();
-  if (keep_xt) w.x_codes_t = x_codes_t_, w.x_scales_t = x_scales_t_;
-  if (keep_h) w.h_codes_t = h_codes_t_, w.h_scales_t = h_scales_t_;
+  keep_along_tokens(w, x_codes_t_, x_scales_t_, h_codes_t_, h_scales_t_);
   // Gate and up's Fprop as one GEMM into g | u side by side; MOERL_MOE_FPROP=separate: two GEMMs into g and u apart
   // (for comparing the two on the device). The lanes GEMM form only.
   static const bool separate = env_switch("MOERL_MOE_FPROP", "pair", "separate");

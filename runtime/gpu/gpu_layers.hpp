@@ -123,6 +123,9 @@ class GpuDense {
   SwigluParams w_;
   int64_t hidden_, inter_, tokens_ = 0;
   float *g_ = nullptr, *u_ = nullptr, *h_ = nullptr;  // [T, I] each
+  // The FP8 expert's x and h quantized along tokens by its forward for the backward's Wgrads (MoeFp8Experts).
+  uint8_t *x_codes_t_ = nullptr, *h_codes_t_ = nullptr;  // [T, H], [T, I]
+  float *x_scales_t_ = nullptr, *h_scales_t_ = nullptr;  // [H, T / 128], [I, T / 128]
   int64_t* rows_ = nullptr;                           // [2] = {0, T} on the device (the one expert's rows)
   PinnedHost<int64_t> rows_host_{2};                  // the same on the host
   const float* x_ = nullptr;
