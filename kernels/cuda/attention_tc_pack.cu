@@ -14,9 +14,9 @@
 #include "kernels/cuda/attention_tc_mma.cuh"
 #include "kernels/cuda/attention_tc_pack.hpp"
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/rope_rotate.cuh"
 #include "kernels/cuda/stream_scratch.hpp"
-#include "kernels/cuda/pdl.cuh"
 #include "runtime/error.hpp"
 
 namespace moerl::cuda {

@@ -18,8 +18,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "kernels/cuda/attention_tc_wgmma.cuh"
 #include "kernels/cuda/attention_tc_pack.hpp"
+#include "kernels/cuda/attention_tc_wgmma.cuh"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/kernel_attributes.hpp"
 #include "kernels/cuda/pdl.cuh"

@@ -316,7 +316,6 @@ void dq_wgmma(const DqWgmmaArgs& a, cudaStream_t stream) {
     cuda_detail::allow_dynamic_smem<attention_dq_recompute_wgmma>(PairSmem::BYTES);
     launch_after_previous(attention_dq_recompute_wgmma, grid, 128, PairSmem::BYTES, stream, a);
   }
-  CUDA_CHECK_LAUNCH();
 }
 
 void dkdv_wgmma(const BackwardWgmmaArgs& a, cudaStream_t stream) {

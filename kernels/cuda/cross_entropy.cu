@@ -277,7 +277,6 @@ double cross_entropy_with(const char* fn, const float* logits, const uint16_t* l
     launch_after_previous(cross_entropy_rows_kernel<1, false, false>, static_cast<unsigned>(rows), threads, 0, stream,
                           logits, labels, vocab, grad_scale, dlogits, 0, row_loss, totals);
   }
-  CUDA_CHECK_LAUNCH();
   launch_after_previous(cross_entropy_sum_kernel, 1, kSumThreads, 0, stream, row_loss, labels, rows, vocab, totals);
 
   Totals host{};

@@ -92,14 +92,8 @@ void embedding_forward(const float* table, const int64_t* ids, int64_t rows, int
   if (rows == 0 || dim == 0) return;
   const bool vec = dim % 4 == 0 && ops_detail::aligned(table, 16) && ops_detail::aligned(out, 16);
   const int threads = threads_for(vec ? dim / 4 : dim);
-  if (vec) {
-    launch_after_previous(embedding_forward_kernel<4>, static_cast<unsigned>(rows), threads, 0, stream, table, ids, dim,
-                          out);
-  } else {
-    launch_after_previous(embedding_forward_kernel<1>, static_cast<unsigned>(rows), threads, 0, stream, table, ids, dim,
-                          out);
-  }
-  CUDA_CHECK_LAUNCH();
+  const auto kernel = vec ? embedding_forward_kernel<4> : embedding_forward_kernel<1>;
+  launch_after_previous(kernel, static_cast<unsigned>(rows), threads, 0, stream, table, ids, dim, out);
 }
 
 void embedding_backward(const float* dout, const int64_t* ids, int64_t rows, int64_t dim, float* dtable,
@@ -126,14 +120,9 @@ void embedding_backward(const float* dout, const int64_t* ids, int64_t rows, int
                                              64, stream));
   const bool vec = dim % 4 == 0 && ops_detail::aligned(dout, 16) && ops_detail::aligned(dtable, 16);
   const int threads = threads_for(vec ? dim / 4 : dim);
-  if (vec) {
-    launch_after_previous(embedding_backward_kernel<4>, static_cast<unsigned>(rows), threads, 0, stream, dout,
-                          sorted_ids, sorted_rows, rows, dim, dtable);
-  } else {
-    launch_after_previous(embedding_backward_kernel<1>, static_cast<unsigned>(rows), threads, 0, stream, dout,
-                          sorted_ids, sorted_rows, rows, dim, dtable);
-  }
-  CUDA_CHECK_LAUNCH();
+  const auto kernel = vec ? embedding_backward_kernel<4> : embedding_backward_kernel<1>;
+  launch_after_previous(kernel, static_cast<unsigned>(rows), threads, 0, stream, dout, sorted_ids, sorted_rows, rows,
+                        dim, dtable);
 }
 
 }  // namespace moerl::cuda

@@ -21,8 +21,8 @@
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_quantize_tile.cuh"
 #include "kernels/cuda/linear_impl.cuh"
-#include "kernels/cuda/stream_scratch.hpp"
 #include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/stream_scratch.hpp"
 #include "kernels/fp8.hpp"
 #include "kernels/fp8_gemm.hpp"
 #include "kernels/fp8_quantize.hpp"
@@ -355,31 +355,13 @@ const PreparedFp8GateUp& fp8_stacked_gate_up(LinearContext::Impl& ctx, const flo
 
 namespace {
 
-// One operand [rows, cols] (1x128 along cols, scales in cuBLASLt's layout) in memory from the pool.
-class Fp8OperandMemory {
- public:
-  Fp8OperandMemory(int64_t rows, int64_t cols, cudaStream_t stream)
-      : scales_at_(cuda_detail::align256(static_cast<size_t>(rows * cols))),
-        memory_(scales_at_ + static_cast<size_t>(fp8::cuda::cublaslt_scale_count(rows, cols, 1)) * sizeof(float),
-                stream),
-        operand_{memory_.as<uint8_t>(), memory_.as<float>(scales_at_), rows, cols, 1} {}
-  const Operand& operand() const { return operand_; }
-  void release() { memory_.release(); }
-
- private:
-  size_t scales_at_;
-  StreamScratch memory_;
-  Operand operand_;
-};
-
 // a [M, N] quantized both ways in one pass (fp8::cuda::quantize_1x128_dual), a read once instead of twice: its rows
 // operand [M, N] (1x128 along N: Fprop's x, Dgrad's dy) and its tokens operand aᵀ [N, M] (1x128 along M: Wgrad's
 // xᵀ, dyᵀ), the bytes Fp8Activation gives each, where neither needs padding (both_ways_fit).
-void quantize_both_ways(const float* a, int64_t M, int64_t N, const Operand& rows, const Operand& tokens,
-                        cudaStream_t stream) {
-  fp8::cuda::quantize_1x128_dual(a, M, N, nullptr, 0, const_cast<uint8_t*>(rows.codes),
-                                 const_cast<float*>(rows.scales), const_cast<uint8_t*>(tokens.codes),
-                                 const_cast<float*>(tokens.scales), stream, fp8::cuda::ScaleLayout::Cublaslt);
+void quantize_both_ways(const float* a, int64_t M, int64_t N, const Fp8OperandMemory& rows,
+                        const Fp8OperandMemory& tokens, cudaStream_t stream) {
+  fp8::cuda::quantize_1x128_dual(a, M, N, nullptr, 0, rows.codes(), rows.scales(), tokens.codes(), tokens.scales(),
+                                 stream, fp8::cuda::ScaleLayout::Cublaslt);
 }
 
 // Whether a [M, N] needs no padding as either operand (gemm_rows and gemm_depth leave M and N as they are).
@@ -395,20 +377,12 @@ Operand forward_rows(const float* x, int64_t M, int64_t K, int64_t depth, SavedI
   if (keep != nullptr && both_ways_fit(M, K) && depth == K) {
     both.emplace(M, K, stream);
     keep->impl_ = std::make_unique<SavedInput::Impl>(x, M, K, stream);
-    quantize_both_ways(x, M, K, both->operand(), keep->impl_->tokens(), stream);
+    quantize_both_ways(x, M, K, *both, keep->impl_->tokens, stream);
     return both->operand();
   }
   return rows_only.emplace(x, M, K, gemm_rows(M), depth, false, stream).operand();
 }
 
-// saved's operand when it holds x [M, K]'s, else null.
-const Operand* saved_tokens(const SavedInput* saved, const float* x, int64_t M, int64_t K, Operand& out) {
-  if (saved == nullptr || saved->empty()) return nullptr;
-  const SavedInput::Impl& s = *saved->impl_;
-  if (s.x != x || s.M != M || s.K != K) return nullptr;
-  out = s.tokens();
-  return &out;
-}
 
 }  // namespace
 
@@ -433,9 +407,15 @@ void dgrad(LinearContext::Impl& ctx, const Operand& dyq, const PreparedFp8Weight
   gemm_into(ctx.fp8, dyq, wtq, dx, M, K, accumulate, stream);
 }
 
-// xᵀ [gemm_rows(K), gemm_depth(M)] quantized along tokens: Wgrad's operand.
-Fp8Activation transposed_input(const float* x, int64_t M, int64_t K, cudaStream_t stream) {
-  return Fp8Activation(x, M, K, gemm_depth(M), gemm_rows(K), true, stream);
+// x [M, K]'s Wgrad operand xᵀ [gemm_rows(K), gemm_depth(M)] quantized along tokens: saved's when it holds x's, else
+// made into `made` (the caller releases it).
+const Operand& wgrad_input(const float* x, int64_t M, int64_t K, const SavedInput* saved,
+                           std::optional<Fp8Activation>& made, cudaStream_t stream) {
+  if (saved != nullptr && !saved->empty()) {
+    const SavedInput::Impl& s = *saved->impl_;
+    if (s.x == x && s.M == M && s.K == K) return s.tokens.operand();
+  }
+  return made.emplace(x, M, K, gemm_depth(M), gemm_rows(K), true, stream).operand();
 }
 
 // dw [N, K] += dyᵀ · x (or = with overwrite) from dyᵀ's operand [gemm_rows(N), gemm_depth(M)] and xᵀ's.
@@ -454,7 +434,7 @@ void backward_with(LinearContext::Impl& ctx, const float* dy, const Operand* xtq
   if (dx != nullptr && dw != nullptr && both_ways_fit(M, N)) {
     const PreparedFp8Weight& pw = fp8_weight(ctx, w, N, K, stream);
     Fp8OperandMemory rows(M, N, stream), tokens(N, M, stream);
-    quantize_both_ways(dy, M, N, rows.operand(), tokens.operand(), stream);
+    quantize_both_ways(dy, M, N, rows, tokens, stream);
     dgrad(ctx, rows.operand(), pw, dx, M, K, accumulate_dx, stream);
     wgrad(ctx, tokens.operand(), *xtq, dw, N, K, overwrite_dw, stream);
     tokens.release();
@@ -480,12 +460,10 @@ void fp8_backward(LinearContext::Impl& ctx, const float* dy, const float* x, con
                   int64_t M, int64_t N, int64_t K, bool accumulate_dx, bool overwrite_dw, cudaStream_t stream,
                   const SavedInput* saved) {
   if (dw == nullptr) return backward_with(ctx, dy, nullptr, w, dx, nullptr, M, N, K, accumulate_dx, false, stream);
-  Operand kept;
-  if (const Operand* xt = saved_tokens(saved, x, M, K, kept))
-    return backward_with(ctx, dy, xt, w, dx, dw, M, N, K, accumulate_dx, overwrite_dw, stream);
-  Fp8Activation xtq = transposed_input(x, M, K, stream);
-  backward_with(ctx, dy, &xtq.operand(), w, dx, dw, M, N, K, accumulate_dx, overwrite_dw, stream);
-  xtq.release();
+  std::optional<Fp8Activation> made;
+  const Operand& xt = wgrad_input(x, M, K, saved, made, stream);
+  backward_with(ctx, dy, &xt, w, dx, dw, M, N, K, accumulate_dx, overwrite_dw, stream);
+  if (made) made->release();
 }
 
 namespace {
@@ -576,10 +554,8 @@ void fp8_forward_shared(LinearContext::Impl& ctx, const float* x, const std::vec
 
 void fp8_backward_shared(LinearContext::Impl& ctx, const float* x, const std::vector<LinearGradient>& grads, float* dx,
                          int64_t M, int64_t K, bool accumulate_dx, cudaStream_t stream, const SavedInput* saved) {
-  Operand kept;
-  const Operand* xt = saved_tokens(saved, x, M, K, kept);
-  std::optional<Fp8Activation> xtq;
-  if (xt == nullptr) xt = &xtq.emplace(x, M, K, gemm_depth(M), gemm_rows(K), true, stream).operand();  // xᵀ
+  std::optional<Fp8Activation> made;
+  const Operand* xt = &wgrad_input(x, M, K, saved, made, stream);
   std::optional<StackedPair> pair;
   if (grads.size() == 2 && M % kTile == 0 && gemm_depth(M) == M)
     pair = stacked_pair(grads[0].w, grads[0].N, grads[1].w, grads[1].N, K);
@@ -598,20 +574,12 @@ void fp8_backward_shared(LinearContext::Impl& ctx, const float* x, const std::ve
                     stream);
     }
   }
-  if (xtq) xtq->release();
+  if (made) made->release();
 }
 
 }  // namespace moerl::cuda::linear_detail
 
 namespace moerl::cuda {
-
-SavedInput::Impl::Impl(const float* x_, int64_t M_, int64_t K_, cudaStream_t stream)
-    : x(x_), M(M_), K(K_), scales_at(cuda_detail::align256(static_cast<size_t>(M_ * K_))),
-      memory(scales_at + static_cast<size_t>(fp8::cuda::cublaslt_scale_count(K_, M_, 1)) * sizeof(float), stream) {}
-
-fp8::cuda::Operand SavedInput::Impl::tokens() const {
-  return {memory.as<uint8_t>(), memory.as<float>(scales_at), K, M, 1};
-}
 
 SavedInput::SavedInput() = default;
 SavedInput::~SavedInput() = default;

@@ -77,6 +77,26 @@ struct PreparedWeight {
   std::function<void(cudaStream_t)> finish_scales;
 };
 
+// One FP8 operand [rows, cols] (1x128 tiles along cols, scales in cuBLASLt's layout) in memory from the pool, freed
+// (stream-ordered) by release() or when it goes.
+class Fp8OperandMemory {
+ public:
+  Fp8OperandMemory(int64_t rows, int64_t cols, cudaStream_t stream)
+      : scales_at_(cuda_detail::align256(static_cast<size_t>(rows * cols))),
+        memory_(scales_at_ + static_cast<size_t>(fp8::cuda::cublaslt_scale_count(rows, cols, 1)) * sizeof(float),
+                stream),
+        operand_{codes(), scales(), rows, cols, 1} {}
+  uint8_t* codes() const { return memory_.as<uint8_t>(); }
+  float* scales() const { return memory_.as<float>(scales_at_); }
+  const fp8::cuda::Operand& operand() const { return operand_; }
+  void release() { memory_.release(); }
+
+ private:
+  size_t scales_at_;
+  cuda_detail::StreamScratch memory_;
+  fp8::cuda::Operand operand_;
+};
+
 }  // namespace moerl::cuda::linear_detail
 
 namespace moerl::cuda {
@@ -100,14 +120,12 @@ struct LinearContext::Impl {
   const uint16_t* bf16_weight(const float* w, int64_t N, int64_t K, cudaStream_t stream);
 };
 
-// x [M, K]'s Wgrad operand xᵀ [K, M] (1x128 along M, scales in cuBLASLt's layout) in memory from the pool.
+// x [M, K]'s Wgrad operand xᵀ [K, M] (1x128 along M).
 struct SavedInput::Impl {
-  Impl(const float* x, int64_t M, int64_t K, cudaStream_t stream);
+  Impl(const float* x_, int64_t M_, int64_t K_, cudaStream_t stream) : x(x_), M(M_), K(K_), tokens(K_, M_, stream) {}
   const float* x;
   int64_t M, K;
-  size_t scales_at;
-  cuda_detail::StreamScratch memory;  // freed (stream-ordered) when the Impl goes
-  fp8::cuda::Operand tokens() const;
+  linear_detail::Fp8OperandMemory tokens;
 };
 
 }  // namespace moerl::cuda

@@ -10,8 +10,8 @@
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/moe_fp8.hpp"
 #include "kernels/cuda/moe_permute.hpp"
-#include "kernels/cuda/stream_scratch.hpp"
 #include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/stream_scratch.hpp"
 #include "runtime/error.hpp"
 
 namespace moerl::cuda {

@@ -7,8 +7,8 @@
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/ops_common.cuh"
-#include "kernels/cuda/rmsnorm.hpp"
 #include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/rmsnorm.hpp"
 #include "runtime/error.hpp"
 
 namespace moerl::cuda {
@@ -266,8 +266,7 @@ void rmsnorm_backward(const float* dy, const float* x, const float* weight, cons
     if (smem > 48 * 1024)  // above the default limit a kernel must opt in to more dynamic shared memory
       CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
     launch_after_previous(kernel, static_cast<unsigned>(chunks), threads, smem, stream, dy, x, weight, rstd, dx,
-                          partial,
-                          residual, rows, dim, x_ld, dx_ld, dy_ld);
+                          partial, residual, rows, dim, x_ld, dx_ld, dy_ld);
   };
   if (vec) {
     launch(rmsnorm_backward_kernel<4>);

@@ -16,8 +16,8 @@
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/lt_candidates.hpp"
-#include "kernels/cuda/stream_scratch.hpp"
 #include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/stream_scratch.hpp"
 #include "kernels/fp8_gemm.hpp"
 #include "runtime/error.hpp"
 #include "runtime/util/env_switch.hpp"

@@ -6,8 +6,8 @@
 #include <string>
 
 #include "kernels/cuda/cuda_check.hpp"
-#include "kernels/cuda/rope_rotate.cuh"
 #include "kernels/cuda/pdl.cuh"
+#include "kernels/cuda/rope_rotate.cuh"
 #include "runtime/error.hpp"
 #include "runtime/gpu/gpu_common.hpp"
 
