@@ -32,12 +32,8 @@ constexpr int64_t kChunkRows = 16;
 constexpr int64_t kMaxDweightDim = 49152;
 // The second dweight pass: a block covers 32 columns; 32 threads per column sum every 32nd chunk, then their
 // sums are added in a fixed order (8 threads a column, 32 blocks for dim 1024, took 28 us over 4096 chunks).
-// Each thread's loads are issued kFinishBatch at a time: one at a time, each add waiting for its load, the pass took
-// 31.5 us a call in bench-600m's step (25 calls, 1024 chunks of 1024 columns: 32 dependent loads a thread;
-// bench/results/2026-12-01-gpu-trace-h200-7adb1d4.txt).
 constexpr int kFinishCols = 32;
 constexpr int kFinishSplit = 32;
-constexpr int kFinishBatch = 16;
 
 // Tried and dropped (2026-11-30): warp-per-row kernels holding a row in registers (one read, shuffle reductions, no
 // block barrier a row) for dim <= 1024: bench-600m's 16384 x 1024 forward 45.4 vs 43.6 us, backward with dweight 78.8
@@ -168,18 +164,8 @@ __global__ void __launch_bounds__(kFinishCols * kFinishSplit)
   const int col = threadIdx.x % kFinishCols, split = threadIdx.x / kFinishCols;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kFinishCols + col;
   float s = 0;
-  if (j < dim) {
-    // kFinishBatch chunks' loads in flight before they are added (in chunk order, as one at a time would).
-    int64_t c = split;
-    for (; c + (kFinishBatch - 1) * kFinishSplit < chunks; c += kFinishBatch * kFinishSplit) {
-      float v[kFinishBatch];
-#pragma unroll
-      for (int u = 0; u < kFinishBatch; ++u) v[u] = partial[(c + u * kFinishSplit) * dim + j];
-#pragma unroll
-      for (int u = 0; u < kFinishBatch; ++u) s += v[u];
-    }
-    for (; c < chunks; c += kFinishSplit) s += partial[c * dim + j];
-  }
+  if (j < dim)
+    for (int64_t c = split; c < chunks; c += kFinishSplit) s += partial[c * dim + j];
   sums[split][col] = s;
   __syncthreads();
   if (split == 0 && j < dim) {
