@@ -495,6 +495,12 @@ bool wgmma_bwd_seq_order() { return seq_order("MOERL_ATTN_TC_BWD_ORDER", true); 
 // 291.1k against 281.5-283.0k tokens/s, peak 22.99 against 22.72 GiB; the recomputing dQ kernel in blocks of 8 warps
 // (171 registers: one block an SM) 1.27 ms (bench/results/2026-11-30-gpu-attn-dq-stored-vs-recompute-h200-02897b5.txt).
 // The stored dS is half of an L x L matrix per (sequence, head) in device memory (capped at kStoredDsLimit).
+// Tried and removed (2026-12-01): dQ fused into the WGMMA dK/dV kernel, FlashAttention-2's way (dS stored transposed
+// to shared memory by stmatrix, dS·K one more m64n96 product, each tile pair's 64 x 96 share scaled, rope-rotated and
+// added into a zeroed dQ): correct (rel L2 <= 4e-7 from the ordered sums) but the backward took 1.56 ms with
+// red.global.add.v2.f32 and 1.48 ms with bulk reductions from a staged tile (2-stage ring), against 0.87 recomputing;
+// bench-600m fp8 282k vs 320k tokens/s. Its 1.66 GB of FP32 adds a layer (24 KB per 64 x 64 tile pair, 2.3x
+// FlashAttention-3's per FLOP at hdim 128) ran at ~1.6 TB/s in L2 (bench/results/2026-12-01-gpu-attn-fused-dq-h200-*).
 constexpr double kStoredDsLimit = 4.0 * (1 << 30);
 bool stored_dq(double ds_bytes) {
   const char* e = std::getenv("MOERL_ATTN_TC_BWD_DQ");

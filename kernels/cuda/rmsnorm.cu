@@ -32,6 +32,8 @@ constexpr int64_t kChunkRows = 16;
 constexpr int64_t kMaxDweightDim = 49152;
 // The second dweight pass: a block covers 32 columns; 32 threads per column sum every 32nd chunk, then their
 // sums are added in a fixed order (8 threads a column, 32 blocks for dim 1024, took 28 us over 4096 chunks).
+// Its ~31 us a call in bench-600m's step trace is mostly its programmatic-launch wait for the backward's tail: each
+// thread's 32 loads issued 16 at a time changed nothing (31.0 us; bench/results/2026-12-01-gpu-attn-fused-dq-h200-*).
 constexpr int kFinishCols = 32;
 constexpr int kFinishSplit = 32;
 
