@@ -15,6 +15,7 @@
 #include "kernels/cuda/cp_async.cuh"
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_quantize_block.cuh"
+#include "kernels/cuda/kernel_attributes.hpp"
 #include "kernels/cuda/ops_common.cuh"
 #include "runtime/error.hpp"
 
@@ -192,7 +193,7 @@ void AdamWFp8Copies::update(const AdamWUpdate& u, cudaStream_t stream) const {
   if (blocks_ == 0) return;
   const size_t table = ops_detail::align256(copies_ * sizeof(AdamWFp8Copy));
   constexpr int smem = static_cast<int>(sizeof(RowSlot)) * qd::kBlockWarps * kAhead;  // 48 KiB (+ 17 static)
-  CUDA_CHECK(cudaFuncSetAttribute(adamw_fp8_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  cuda_detail::allow_dynamic_smem<adamw_fp8_kernel>(smem);
   adamw_fp8_kernel<<<static_cast<unsigned>(blocks_), qd::kBlockThreads, smem, stream>>>(
       static_cast<const AdamWFp8Copy*>(device_),
       reinterpret_cast<const int64_t*>(static_cast<const char*>(device_) + table), static_cast<int>(copies_), s,

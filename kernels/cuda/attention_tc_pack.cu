@@ -31,7 +31,7 @@ constexpr float kLog2ePack = 1.4426950408889634f;
 template <int D>
 __global__ void __launch_bounds__(kPackThreads)
     attention_pack_kernel(PackSrc src, bf16* __restrict__ dst, int seq, int spad, int heads, int64_t chunks) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   constexpr int DP = pad16(D), C = DP / 8;
   static_assert(D % 8 == 0, "a chunk of 8 columns is all inside or all outside the head dim");
   const int64_t t = int64_t{blockIdx.x} * kPackThreads + threadIdx.x;
@@ -67,7 +67,7 @@ __global__ void __launch_bounds__(kPackThreads)
     attention_pack_dout_kernel(const float* __restrict__ dout, const float* __restrict__ out,
                                const float* __restrict__ lse, bf16* __restrict__ dst, float* __restrict__ stats,
                                int seq, int spad, int heads, int64_t chunks) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   constexpr int DP = pad16(DV), C = DP / 8;
   static_assert(DV % 8 == 0 && 32 % C == 0, "a row's chunks are whole and share one warp");
   const int64_t t = int64_t{blockIdx.x} * kPackThreads + threadIdx.x;

@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks p
     attention_forward_wgmma(const bf16* __restrict__ qb, const bf16* __restrict__ kb, const bf16* __restrict__ vb,
                             float* __restrict__ out, float* __restrict__ lse, int seq, int spad, int heads,
                             float scale_log2, bool seq_order) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   constexpr int DQ = 96, DV = 64, ROWS = 64 * WG, THREADS = 128 * WG;
   constexpr int Q_PANEL = ROWS * kRowBytes, K_PANEL = kKeyTile * kRowBytes;
   constexpr int Q_BYTES = 2 * Q_PANEL, K_BYTES = 2 * K_PANEL, V_BYTES = kKeyTile * kRowBytes;

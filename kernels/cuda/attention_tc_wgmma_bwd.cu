@@ -76,7 +76,7 @@ struct PairSmem {
 // one barrier a tile: the stage refilled at tile qt was read at qt - 1, before it. 3 stages (98 KB a block): backward
 // 0.767 and 0.767 ms against 0.790 and 0.791 with 2, rounds interleaved (same file).
 __global__ void __launch_bounds__(128, 2) attention_dkdv_wgmma(const BackwardWgmmaArgs a) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   using L = PairSmem;
   constexpr int THREADS = 128, S = L::S;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -182,7 +182,7 @@ static_assert(DqSmem::STAGE % 1024 == 0, "swizzle atoms stay 1024-byte aligned")
 static_assert(3 * (DqSmem::BYTES + 1024) <= 228 * 1024, "three blocks an SM");
 
 __global__ void __launch_bounds__(128, 3) attention_dq_wgmma(const DqWgmmaArgs a) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   using L = DqSmem;
   constexpr int THREADS = 128, S = L::STAGES;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(128, 3) attention_dq_wgmma(const DqWgmmaArgs a
 // blocks an SM. S = Q·Kᵀ and dP = dO·Vᵀ read both operands K-major; dQ += dS·K takes dS from registers and reads
 // K MN-major.
 __global__ void __launch_bounds__(128, 2) attention_dq_recompute_wgmma(const DqWgmmaArgs a) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   using L = PairSmem;
   constexpr int THREADS = 128, S = L::S;
   extern __shared__ __align__(16) unsigned char smem_raw[];

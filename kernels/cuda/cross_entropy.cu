@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kRowThreads)
     cross_entropy_rows_kernel(const void* logits, const int64_t* __restrict__ labels, int64_t vocab,
                               float grad_scale, void* dlogits, int64_t ld16, double* __restrict__ row_loss,
                               Totals* __restrict__ totals) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   static_assert(!kBf16 || V == 4, "BF16 gradients in groups of 4 (8-byte stores)");
   static_assert(!kIn16 || kBf16, "BF16 logits give BF16 gradients");
   __shared__ MaxSum scratch[kMaxWarps];
@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kRowThreads)
 __global__ void __launch_bounds__(kSumThreads)
     cross_entropy_sum_kernel(const double* __restrict__ row_loss, const int64_t* __restrict__ labels, int64_t rows,
                              int64_t vocab, Totals* __restrict__ totals) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   __shared__ double dscratch[kMaxWarps];
   __shared__ long long cscratch[kMaxWarps];
   double loss = 0;

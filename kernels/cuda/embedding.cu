@@ -25,7 +25,7 @@ template <int V>
 __global__ void __launch_bounds__(kMaxThreads)
     embedding_forward_kernel(const float* __restrict__ table, const int64_t* __restrict__ ids, int64_t dim,
                              float* __restrict__ out) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int64_t r = blockIdx.x, groups = dim / V;
   const float* src = table + ids[r] * dim;
   float* dst = out + r * dim;
@@ -37,7 +37,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 __global__ void iota_kernel(int32_t* __restrict__ v, int64_t n) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     v[i] = static_cast<int32_t>(i);
@@ -51,7 +51,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     embedding_backward_kernel(const float* __restrict__ dout, const int64_t* __restrict__ sorted_ids,
                               const int32_t* __restrict__ sorted_rows, int64_t rows, int64_t dim,
                               float* __restrict__ dtable) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int64_t p0 = blockIdx.x, id = sorted_ids[p0];
   if (p0 > 0 && sorted_ids[p0 - 1] == id) return;  // uniform across the block
   int64_t p1 = p0 + 1;

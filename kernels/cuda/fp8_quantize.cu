@@ -52,7 +52,7 @@ template <bool kFull, bool kLt>
 __global__ void __launch_bounds__(kRowWarps * kWarp)
     quantize_1x128_kernel(const float* __restrict__ x, int64_t rows, int64_t cols, int64_t ntiles, bool vec,
                           uint8_t* __restrict__ codes, float* __restrict__ scales) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int64_t first = (static_cast<int64_t>(blockIdx.x) * kRowWarps + threadIdx.x / kWarp) * kTilesPerWarp;
   const int64_t count = rows * ntiles;
   const int lane = threadIdx.x % kWarp;
@@ -89,7 +89,7 @@ __global__ void __launch_bounds__(kBlockThreads)
     quantize_128x128_kernel(const float* __restrict__ w, int64_t rows, int64_t cols, bool vec,
                             uint8_t* __restrict__ codes, float* __restrict__ scales, uint8_t* __restrict__ codes_t,
                             int64_t codes_stride, int64_t t_ld, int64_t t_stride) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   __shared__ BlockSmem<kTransposed> smem;
   // blockIdx.z: the matrix of a batch (quantize_128x128_batched), 0 otherwise.
   w += static_cast<int64_t>(blockIdx.z) * rows * cols;
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kTransposeWarps * kWarp)
                                      bool vec_x, bool vec, uint8_t* __restrict__ codes_t,
                                      float* __restrict__ scales_t, const int64_t* __restrict__ bounds,
                                      int64_t n_groups, bool lt) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   constexpr int kThreads = kTransposeWarps * kWarp;
   constexpr int kQuads = kTC / 4;                 // 4-column groups per tile row
   constexpr int kLoads = kTile * kQuads / kThreads;          // groups per thread

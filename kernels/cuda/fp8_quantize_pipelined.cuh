@@ -49,6 +49,7 @@
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_quantize_common.cuh"
 #include "kernels/cuda/fp8_quantize_tile.cuh"
+#include "kernels/cuda/kernel_attributes.hpp"
 #include "kernels/cuda/pdl.cuh"
 
 namespace moerl::fp8::cuda::quant_detail {
@@ -102,7 +103,7 @@ struct PipeOutputs {
 template <class Src, bool kLt>
 __global__ void __launch_bounds__(kPipeThreads, 1)
     quantize_pipelined_kernel(Src src, PipeOutputs<Src::kOutputs> outs, int64_t col_tiles, int64_t n_tiles) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   using Shape = PipeShape<Src>;
   constexpr int NI = Src::kInputs, NO = Src::kOutputs, S = Shape::kStages;
   constexpr int kStageChunks = Shape::kStageBytes / 16;
@@ -290,7 +291,10 @@ void launch_quantize_pipelined(const Src& src, const PipeOutputs<Src::kOutputs>&
             "fp8::cuda::launch_quantize_pipelined: every output of one shape and groups, its scales in one layout");
   const auto kernel = o.rows_lt ? quantize_pipelined_kernel<Src, true> : quantize_pipelined_kernel<Src, false>;
   constexpr int smem = PipeShape<Src>::kSmemBytes;
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  if (o.rows_lt)
+    moerl::cuda_detail::allow_dynamic_smem<quantize_pipelined_kernel<Src, true>>(smem);
+  else
+    moerl::cuda_detail::allow_dynamic_smem<quantize_pipelined_kernel<Src, false>>(smem);
   int device = 0, sms = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));

@@ -27,6 +27,7 @@
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_quantize_common.cuh"
+#include "kernels/cuda/kernel_attributes.hpp"
 #include "kernels/cuda/pdl.cuh"
 #include "kernels/fp8_quantize.hpp"
 #include "runtime/error.hpp"
@@ -224,7 +225,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
 template <class Src, bool kRows, bool kCols, int kTC, int kLt>
 __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4)
     quantize_tile_kernel(Src src, TileOutputs o) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   using Shape = TileShape<kTC>;
   extern __shared__ float4 tile_smem[];
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
@@ -269,7 +270,7 @@ template <bool kRows, bool kCols, int kTC, int kLt, class Src>
 void launch_quantize_tiles_as(const Src& src, const TileOutputs& o, cudaStream_t stream) {
   const auto kernel = quantize_tile_kernel<Src, kRows, kCols, kTC, kLt>;
   const int smem = kCols ? TileShape<kTC>::kSmemBytes : 0;
-  if (kCols) CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
+  if (kCols) moerl::cuda_detail::allow_dynamic_smem<quantize_tile_kernel<Src, kRows, kCols, kTC, kLt>>(smem);
   const dim3 grid(static_cast<unsigned>((o.cols + kTC - 1) / kTC), static_cast<unsigned>(o.rows / kTile));
   moerl::cuda::launch_after_previous(kernel, grid, TileShape<kTC>::kThreads, smem, stream, src, o);
 }

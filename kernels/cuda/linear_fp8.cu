@@ -57,7 +57,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 __global__ void __launch_bounds__(kThreads)
     weight_scales_kernel(const float* __restrict__ s, int64_t TN, int64_t TK, float* __restrict__ sw,
                          float* __restrict__ st) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int64_t L4K = (TK + 3) / 4 * 4, L4N = (TN + 3) / 4 * 4;
   s += static_cast<int64_t>(blockIdx.y) * TN * TK;  // blockIdx.y: the matrix of a stack
   sw += static_cast<int64_t>(blockIdx.y) * TN * L4K;
@@ -80,7 +80,7 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kThreads)
     gate_up_scales_kernel(const float* __restrict__ g, const float* __restrict__ u, int64_t TI, int64_t TH,
                           float* __restrict__ sw, float* __restrict__ st) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int64_t L4H = (TH + 3) / 4 * 4, L4I = (2 * TI + 3) / 4 * 4, e = blockIdx.y;
   g += e * TI * TH;
   u += e * TI * TH;
@@ -101,7 +101,7 @@ __global__ void __launch_bounds__(kThreads)
 // y [rows, cols] += t [rows, cols] with t's rows ld apart (a padded product added to the weight gradient).
 __global__ void __launch_bounds__(kThreads)
     add_strided_kernel(const float* __restrict__ t, int64_t ld, int64_t rows, int64_t cols, float* __restrict__ y) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < rows * cols; i += stride) {
     const int64_t r = i / cols, c = i - r * cols;

@@ -55,7 +55,7 @@ __device__ __forceinline__ int64_t expert_of(const int64_t* bounds, int64_t n_ex
 __global__ void __launch_bounds__(kThreads)
     row_tile_order_kernel(const int64_t* __restrict__ aligned, int64_t n_experts, int64_t tiles,
                           int32_t* __restrict__ order) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x % 32;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kWarps;
@@ -81,7 +81,7 @@ __global__ void __launch_bounds__(kThreads)
     align_plan_kernel(const int64_t* __restrict__ offsets, const int64_t* __restrict__ aligned, int64_t n_experts,
                       const int64_t* __restrict__ token_of, const int64_t* __restrict__ row_of, int64_t rows,
                       int64_t* __restrict__ token_of_aligned, int64_t* __restrict__ row_of_aligned) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < rows; i += stride) {
     const int64_t e = expert_of(offsets, n_experts, i);
@@ -95,7 +95,7 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kThreads)
     row_weights_kernel(const float* __restrict__ weight, const int64_t* __restrict__ row_of_aligned,
                        int64_t assignments, float* __restrict__ row_weight) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < assignments; i += stride)
     row_weight[row_of_aligned[i]] = weight[i];
@@ -105,7 +105,7 @@ __global__ void __launch_bounds__(kThreads)
 __global__ void __launch_bounds__(kRowThreads)
     gather_or_zero_kernel(const float* __restrict__ x, const int64_t* __restrict__ token_of, int64_t dim, bool vec,
                           float* __restrict__ xp) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int64_t r = blockIdx.x, t = token_of[r];
   float* dst = xp + r * dim;
   if (vec) {
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(kRowThreads)
 // Block r: buf[r, :] = 0 where token_of[r] < 0.
 __global__ void __launch_bounds__(kRowThreads)
     zero_rows_kernel(const int64_t* __restrict__ token_of, int64_t dim, float* __restrict__ buf) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int64_t r = blockIdx.x;
   if (token_of[r] >= 0) return;
   for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) buf[r * dim + i] = 0.0f;
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kRowThreads)
 __global__ void __launch_bounds__(kThreads)
     grouped_vec128_scales_kernel(const float* __restrict__ src, const int64_t* __restrict__ aligned,
                                  int64_t n_experts, int64_t rows, int64_t tiles, float* __restrict__ dst) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; i < rows * tiles; i += stride) {
     const int64_t r = i / tiles, kb = i - r * tiles;
@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(kGatherWarps * 32)
                            const int64_t* __restrict__ token_of, int64_t rows, int64_t cols, int64_t ntiles,
                            const int64_t* __restrict__ lt_aligned, int64_t n_experts, uint8_t* __restrict__ codes,
                            float* __restrict__ scales) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int lane = threadIdx.x % 32;
   const int64_t chunks = cols / 16, warps = static_cast<int64_t>(gridDim.x) * kGatherWarps;
   const float zero_scale = fp8::cuda::quant_detail::scale_from_amax_bits(0);

@@ -49,7 +49,7 @@ __device__ __forceinline__ int expert_at(const int32_t* topk_idx, int64_t a, int
 // Lanes holding the same expert are one __match_any_sync group; its lowest lane adds the group's size.
 __global__ void plan_count_kernel(const int32_t* __restrict__ topk_idx, int64_t n, int64_t chunk, int64_t chunks,
                                   int experts, int* __restrict__ counts) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   extern __shared__ int count_smem[];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
@@ -73,7 +73,7 @@ __global__ void plan_count_kernel(const int32_t* __restrict__ topk_idx, int64_t 
 __global__ void __launch_bounds__(kScanThreads)
     plan_scan_kernel(const int* __restrict__ counts, int64_t total, int64_t chunks, int experts, int64_t n,
                      int64_t* __restrict__ bases, int64_t* __restrict__ offsets) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   __shared__ int tile[kScanTile];
   __shared__ int64_t warp_incl[kScanThreads / kWarp];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kScanThreads)
 __global__ void plan_place_kernel(const int32_t* __restrict__ topk_idx, int64_t n, int64_t k, int64_t chunk,
                                   int64_t chunks, int experts, const int64_t* __restrict__ bases,
                                   int64_t* __restrict__ token_of, int64_t* __restrict__ row_of) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   extern __shared__ int64_t cursor_smem[];
   const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
   const int64_t c = static_cast<int64_t>(blockIdx.x) * (blockDim.x / kWarp) + warp;
@@ -148,7 +148,7 @@ __global__ void plan_place_kernel(const int32_t* __restrict__ topk_idx, int64_t 
 __global__ void __launch_bounds__(kRowThreads)
     gather_kernel(const float* __restrict__ x, const int64_t* __restrict__ token_of, int64_t dim, bool vec,
                   float* __restrict__ xp) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int64_t r = blockIdx.x;
   const float* src = x + token_of[r] * dim;
   float* dst = xp + r * dim;
@@ -201,7 +201,7 @@ __global__ void __launch_bounds__(kRowThreads)
     combine_kernel(const Src* __restrict__ src, const float* __restrict__ weight, const int64_t* __restrict__ row_of,
                    int64_t row_limit, int64_t k, int64_t dim, bool vec, float* __restrict__ y,
                    const float* __restrict__ also = nullptr) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   extern __shared__ int64_t combine_smem[];
   int64_t* rows = combine_smem;
   float* weights = reinterpret_cast<float*>(rows + k);
@@ -279,7 +279,7 @@ __global__ void __launch_bounds__(kRowThreads)
     combine_backward_kernel(const float* __restrict__ dy, const Src* __restrict__ yp,
                             const float* __restrict__ weight, const int64_t* __restrict__ row_of, int64_t row_limit,
                             int64_t k, int64_t dim, bool vec, float* __restrict__ dyp, float* __restrict__ dweight) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   extern __shared__ int64_t backward_smem[];
   __shared__ float warp_total[kRowWarps][kDots];
   int64_t* rows = backward_smem;

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "kernels/cuda/cuda_check.hpp"
+#include "kernels/cuda/kernel_attributes.hpp"
 #include "kernels/cuda/ops_common.cuh"
 #include "kernels/cuda/pdl.cuh"
 #include "kernels/cuda/rmsnorm.hpp"
@@ -50,7 +51,7 @@ __global__ void __launch_bounds__(kMaxThreads)
     rmsnorm_forward_kernel(const float* x, const float* __restrict__ residual, float* sum,
                            const float* __restrict__ weight, float* __restrict__ y, float* __restrict__ rstd,
                            int64_t dim, int64_t x_ld, int64_t y_ld, float eps) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   __shared__ float scratch[kMaxWarps];
   const int64_t r = blockIdx.x, groups = dim / V;
   if (residual != nullptr) {
@@ -97,7 +98,7 @@ __global__ void __launch_bounds__(kMaxThreads)
                             const float* __restrict__ rstd, float* __restrict__ dx, float* __restrict__ partial,
                             const float* __restrict__ residual, int64_t rows, int64_t dim, int64_t x_ld,
                             int64_t dx_ld, int64_t dy_ld) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   extern __shared__ __align__(16) float acc[];  // [dim] when partial is non-null
   __shared__ float scratch[kMaxWarps];
   const int64_t groups = dim / V;
@@ -161,7 +162,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 __global__ void __launch_bounds__(kFinishCols * kFinishSplit)
     rmsnorm_dweight_finish_kernel(const float* __restrict__ partial, int64_t chunks, int64_t dim,
                                   float* __restrict__ dweight, bool overwrite) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   __shared__ float sums[kFinishSplit][kFinishCols];
   const int col = threadIdx.x % kFinishCols, split = threadIdx.x / kFinishCols;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kFinishCols + col;
@@ -264,15 +265,17 @@ void rmsnorm_backward(const float* dy, const float* x, const float* weight, cons
   ops_detail::StreamScratch scratch(dweight ? static_cast<size_t>(chunks * dim) * sizeof(float) : 0, stream);
   float* partial = dweight ? scratch.at<float>() : nullptr;
 
-  auto launch = [&](auto kernel) {
-    if (smem > 48 * 1024)  // above the default limit a kernel must opt in to more dynamic shared memory
-      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  // Above the default 48 KiB a kernel must opt in to more dynamic shared memory: to the most any dim needs, once.
+  constexpr size_t kMaxSmem = kMaxDweightDim * sizeof(float);
+  const auto launch = [&](auto kernel) {
     launch_after_previous(kernel, static_cast<unsigned>(chunks), threads, smem, stream, dy, x, weight, rstd, dx,
                           partial, residual, rows, dim, x_ld, dx_ld, dy_ld);
   };
   if (vec) {
+    if (smem > 48 * 1024) cuda_detail::allow_dynamic_smem<rmsnorm_backward_kernel<4>>(kMaxSmem);
     launch(rmsnorm_backward_kernel<4>);
   } else {
+    if (smem > 48 * 1024) cuda_detail::allow_dynamic_smem<rmsnorm_backward_kernel<1>>(kMaxSmem);
     launch(rmsnorm_backward_kernel<1>);
   }
   if (!dweight) return;

@@ -78,7 +78,7 @@ void check_operand(const Operand& o, const char* name) {
 
 // cuBLASLt layout from the CPU layout. 1x128: a transpose [rows, T] -> [T, rows].
 __global__ void vec128_scales_kernel(const float* __restrict__ src, int64_t rows, int64_t T, float* __restrict__ dst) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int64_t total = rows * T;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t kb = i / rows, r = i - kb * rows;
@@ -89,7 +89,7 @@ __global__ void vec128_scales_kernel(const float* __restrict__ src, int64_t rows
 // 128x128: rows of T scales padded to L4 with zeros.
 __global__ void blk128_scales_kernel(const float* __restrict__ src, int64_t row_blocks, int64_t T, int64_t L4,
                                      float* __restrict__ dst) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int64_t total = row_blocks * L4;
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < total; i += int64_t{gridDim.x} * blockDim.x) {
     const int64_t rb = i / L4, kb = i - rb * L4;
@@ -106,7 +106,7 @@ void check_scale_args(int64_t rows, int64_t cols, int block_rows) {
 
 // y [n] += t [n]: gemm_nt_accumulate where cuBLASLt refuses beta = 1.
 __global__ void add_kernel(const float* __restrict__ t, int64_t n, float* __restrict__ y) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   for (int64_t i = blockIdx.x * int64_t{blockDim.x} + threadIdx.x; i < n; i += int64_t{gridDim.x} * blockDim.x)
     y[i] += t[i];
 }

@@ -23,7 +23,7 @@ unsigned blocks_for(int64_t items) {
 }
 
 __global__ void add_kernel(float* __restrict__ y, const float* __restrict__ x, int64_t n) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x)
     y[i] = __fadd_rn(y[i], x[i]);
@@ -33,7 +33,7 @@ __global__ void add_kernel(float* __restrict__ y, const float* __restrict__ x, i
 // dq .. dq+dv-1 are v's). 32-bit index arithmetic inside a token.
 __global__ void assemble_kv_kernel(const float* __restrict__ kv, const float* __restrict__ ckv, float* __restrict__ k,
                                    float* __restrict__ v, int heads, int dn, int dv, int dr, int kv_lora) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int64_t t = blockIdx.x;
   const int dq = dn + dr, width = dq + dv;
   const float* k_rope = ckv + t * (kv_lora + dr) + kv_lora;
@@ -53,7 +53,7 @@ __global__ void assemble_kv_kernel(const float* __restrict__ kv, const float* __
 // One block per token: d_kv of each head (dK's nope columns, then dV).
 __global__ void split_dkv_kernel(const float* __restrict__ dk, const float* __restrict__ dvv, float* __restrict__ d_kv,
                                  int heads, int dn, int dv, int dr) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int64_t t = blockIdx.x;
   const int dq = dn + dr, width = dn + dv;
   for (int i = threadIdx.x; i < heads * width; i += blockDim.x) {
@@ -68,7 +68,7 @@ __global__ void split_dkv_kernel(const float* __restrict__ dk, const float* __re
 // dr contiguous floats.
 __global__ void sum_rope_dk_kernel(const float* __restrict__ src, int64_t ld, float* __restrict__ d_ckv,
                                    int64_t tokens, int heads, int dr, int kv_lora) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < tokens * dr;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t t = i / dr;
@@ -84,7 +84,7 @@ __global__ void sum_rope_dk_kernel(const float* __restrict__ src, int64_t ld, fl
 __global__ void sum_rope_dk_rotated_kernel(const float* __restrict__ src, int64_t ld, float* __restrict__ d_ckv,
                                            int64_t tokens, int heads, int dr, int kv_lora, int64_t seq,
                                            const float* __restrict__ cos_t, const float* __restrict__ sin_t) {
-  moerl::cuda::await_previous_grid();  // launched after the previous kernel (pdl.cuh)
+  moerl::cuda::await_previous_grid();
   const int half = dr / 2;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < tokens * half;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
