@@ -31,8 +31,7 @@ constexpr int kScanThreads = 1024;
 constexpr int kScanItems = 8;  // consecutive counts per thread and tile
 constexpr int kScanTile = kScanThreads * kScanItems;
 
-constexpr int kRowThreads = 256;  // gather, combine and their backward: one block per row or token
-constexpr int kRowWarps = kRowThreads / kWarp;
+constexpr int kRowThreads = 256;  // gather: one block per row
 constexpr int kRowsInFlight = 4;  // rows of a token loaded before the first is added (memory-level parallelism)
 
 // The expert of assignment a; out of range is the caller's bug, and a trap beats writing wild memory.
@@ -161,21 +160,38 @@ __global__ void __launch_bounds__(kRowThreads)
   }
 }
 
-// Stages token t's K rows (and weights) in shared memory: rows [K] int64, then weights [K] float.
-// A row outside [0, row_limit) (T·K, or the aligned rows of kernels/cuda/moe_fp8.hpp) is the caller's bug: trap.
-__device__ __forceinline__ void stage_rows(const int64_t* row_of, const float* weight, int64_t t, int64_t row_limit,
-                                           int64_t k, int64_t* rows, float* weights) {
-  for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
-    const int64_t r = row_of[t * k + j];
-    if (r < 0 || r >= row_limit) {
-      printf("moerl moe combine: row_of[%lld] = %lld outside [0, %lld)\n", static_cast<long long>(t * k + j),
-             static_cast<long long>(r), static_cast<long long>(row_limit));
-      __trap();
-    }
-    rows[j] = r;
-    weights[j] = weight ? weight[t * k + j] : 1.0f;
+constexpr int kTokenWarps = 8;  // combine, scatter-add and the combine's backward: one token a warp, 8 a block
+
+// row_of[a]; a row outside [0, row_limit) (T·K, or the aligned rows of kernels/cuda/moe_fp8.hpp) is the caller's
+// bug, and a trap beats writing wild memory.
+__device__ __forceinline__ int64_t checked_row(const int64_t* row_of, int64_t a, int64_t row_limit) {
+  const int64_t r = row_of[a];
+  if (r < 0 || r >= row_limit) {
+    printf("moerl moe combine: row_of[%lld] = %lld outside [0, %lld)\n", static_cast<long long>(a),
+           static_cast<long long>(r), static_cast<long long>(row_limit));
+    __trap();
   }
-  __syncthreads();
+  return r;
+}
+
+// Token t's rows j0 .. j0 + n - 1 (n <= N) and their weights (1 where weight is null) in every lane of the warp:
+// lane u < n loads assignment t·k + j0 + u, shuffles share them.
+template <int N>
+__device__ __forceinline__ void warp_rows(const int64_t* row_of, const float* weight, int64_t t, int64_t k, int64_t j0,
+                                          int n, int64_t row_limit, int64_t (&rows)[N], float (&w)[N]) {
+  const int lane = threadIdx.x % kWarp;
+  int64_t mine = 0;
+  float mine_w = 1.0f;
+  if (lane < n) {
+    const int64_t a = t * k + j0 + lane;
+    mine = checked_row(row_of, a, row_limit);
+    if (weight != nullptr) mine_w = weight[a];
+  }
+#pragma unroll
+  for (int u = 0; u < N; ++u) {
+    rows[u] = __shfl_sync(kFullMask, mine, u);
+    w[u] = __shfl_sync(kFullMask, mine_w, u);
+  }
 }
 
 __device__ __forceinline__ float4 load4(const float* p, int64_t i) { return reinterpret_cast<const float4*>(p)[i]; }
@@ -193,118 +209,112 @@ template <bool kWeighted> __device__ __forceinline__ float add_row(float acc, fl
   return kWeighted ? __fadd_rn(acc, __fmul_rn(w, v)) : __fadd_rn(acc, v);
 }
 
-// Block t: y[t, :] += Σ_k w_k · src[row_k, :] in k order, kRowsInFlight rows loaded before they are added, then
-// (non-null `also` [tokens, dim]) + also[t, :], rounded once more.
+// Warp w of block b, token t = 8 b + w: y[t, :] += Σ_k w_k · src[row_k, :] in k order (each element rounded after
+// each product and sum, as the CPU), kRowsInFlight rows loaded before they are added, then (non-null `also` [tokens,
+// dim]) + also[t, :], rounded once more. The rows' places and weights go through the warp's slots of shared memory,
+// kRowGroup at a time (k <= 8: one pass over y[t]). bench-600m's step, a layer alone on the GPU: combine 96.6 us and
+// scatter-add 90.6 against 102 and 88 with a block of 256 threads a token (rows staged in shared memory, a barrier);
+// with the rows in registers (80 a thread, 3 blocks an SM) the combine took 140 us, and capped at 48 they spilled
+// (bench/results/2026-12-01-gpu-combine-bwd-warp-h200-*).
 // Combine (kWeighted) and scatter-add (not); src FP32 or BF16 (Src uint16_t).
+constexpr int kRowGroup = 8;
 template <bool kWeighted, class Src = float>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kTokenWarps * kWarp)
     combine_kernel(const Src* __restrict__ src, const float* __restrict__ weight, const int64_t* __restrict__ row_of,
-                   int64_t row_limit, int64_t k, int64_t dim, bool vec, float* __restrict__ y,
+                   int64_t row_limit, int64_t tokens, int64_t k, int64_t dim, bool vec, float* __restrict__ y,
                    const float* __restrict__ also = nullptr) {
   moerl::cuda::await_previous_grid();
-  extern __shared__ int64_t combine_smem[];
-  int64_t* rows = combine_smem;
-  float* weights = reinterpret_cast<float*>(rows + k);
-  const int64_t t = blockIdx.x;
-  stage_rows(row_of, kWeighted ? weight : nullptr, t, row_limit, k, rows, weights);
+  __shared__ int64_t slot_rows[kTokenWarps][kRowGroup];
+  __shared__ float slot_weights[kTokenWarps][kRowGroup];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kTokenWarps + warp;
+  if (t >= tokens) return;
+  const int64_t* rows = slot_rows[warp];
+  const float* w = slot_weights[warp];
   float* out = y + t * dim;
-  if (vec) {
-    float4* out4 = reinterpret_cast<float4*>(out);
-    for (int64_t i = threadIdx.x; i < dim / 4; i += kRowThreads) {
-      float4 acc = out4[i];
-      for (int64_t j0 = 0; j0 < k; j0 += kRowsInFlight) {
-        float4 v[kRowsInFlight];
+  for (int64_t g0 = 0; g0 < k; g0 += kRowGroup) {
+    const int n = static_cast<int>(k - g0 < kRowGroup ? k - g0 : kRowGroup);
+    const bool last = g0 + kRowGroup >= k;
+    __syncwarp();  // the previous group's slots are read
+    if (lane < n) {
+      slot_rows[warp][lane] = checked_row(row_of, t * k + g0 + lane, row_limit);
+      slot_weights[warp][lane] = kWeighted ? weight[t * k + g0 + lane] : 1.0f;
+    }
+    __syncwarp();
+    if (vec) {
+      float4* out4 = reinterpret_cast<float4*>(out);
+      for (int64_t i = lane; i < dim / 4; i += kWarp) {
+        float4 acc = out4[i];
+        for (int j0 = 0; j0 < n; j0 += kRowsInFlight) {
+          float4 v[kRowsInFlight];
 #pragma unroll
-        for (int u = 0; u < kRowsInFlight; ++u)
-          if (j0 + u < k) v[u] = load4(src + rows[j0 + u] * dim, i);
+          for (int u = 0; u < kRowsInFlight; ++u)
+            if (j0 + u < n) v[u] = load4(src + rows[j0 + u] * dim, i);
 #pragma unroll
-        for (int u = 0; u < kRowsInFlight; ++u) {
-          if (j0 + u >= k) break;
-          const float w = weights[j0 + u];
-          acc.x = add_row<kWeighted>(acc.x, w, v[u].x);
-          acc.y = add_row<kWeighted>(acc.y, w, v[u].y);
-          acc.z = add_row<kWeighted>(acc.z, w, v[u].z);
-          acc.w = add_row<kWeighted>(acc.w, w, v[u].w);
+          for (int u = 0; u < kRowsInFlight; ++u) {
+            if (j0 + u >= n) break;
+            const float wj = w[j0 + u];
+            acc.x = add_row<kWeighted>(acc.x, wj, v[u].x);
+            acc.y = add_row<kWeighted>(acc.y, wj, v[u].y);
+            acc.z = add_row<kWeighted>(acc.z, wj, v[u].z);
+            acc.w = add_row<kWeighted>(acc.w, wj, v[u].w);
+          }
         }
+        if (last && also != nullptr) {
+          const float4 a = load4(also + t * dim, i);
+          acc.x = __fadd_rn(acc.x, a.x), acc.y = __fadd_rn(acc.y, a.y), acc.z = __fadd_rn(acc.z, a.z);
+          acc.w = __fadd_rn(acc.w, a.w);
+        }
+        out4[i] = acc;
       }
-      if (also != nullptr) {
-        const float4 a = load4(also + t * dim, i);
-        acc.x = __fadd_rn(acc.x, a.x), acc.y = __fadd_rn(acc.y, a.y), acc.z = __fadd_rn(acc.z, a.z);
-        acc.w = __fadd_rn(acc.w, a.w);
+    } else {
+      for (int64_t i = lane; i < dim; i += kWarp) {
+        float acc = out[i];
+        for (int j = 0; j < n; ++j) acc = add_row<kWeighted>(acc, w[j], value(src, rows[j] * dim + i));
+        if (last && also != nullptr) acc = __fadd_rn(acc, also[t * dim + i]);
+        out[i] = acc;
       }
-      out4[i] = acc;
-    }
-  } else {
-    for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) {
-      float acc = out[i];
-      for (int64_t j = 0; j < k; ++j) acc = add_row<kWeighted>(acc, weights[j], value(src, rows[j] * dim + i));
-      if (also != nullptr) acc = __fadd_rn(acc, also[t * dim + i]);
-      out[i] = acc;
     }
   }
 }
 
-constexpr int kDots = 8;  // combine backward: a token's rows whose dot products are made and reduced together
+constexpr int kDots = 4;        // combine backward: a token's rows whose loads are in flight together
 
-// The block's sums of v[0 .. n) (n <= kDots), to threads 0 .. n - 1 (thread u returns the sum of v[u]), each in a
-// fixed order (xor tree in each warp, then the warps in order): one pair of barriers for all n.
-__device__ __forceinline__ float block_sums(const float (&v)[kDots], int n, float (*warp_total)[kDots]) {
-  const int warp = threadIdx.x / kWarp;
-#pragma unroll
-  for (int u = 0; u < kDots; ++u) {
-    if (u >= n) break;
-    float s = v[u];
-    for (int offset = kWarp / 2; offset > 0; offset /= 2) s += __shfl_xor_sync(kFullMask, s, offset);
-    if (threadIdx.x % kWarp == 0) warp_total[warp][u] = s;
-  }
-  __syncthreads();
-  float total = 0;
-  if (threadIdx.x < n)
-    for (int w = 0; w < kRowWarps; ++w) total += warp_total[w][threadIdx.x];
-  __syncthreads();  // warp_total is reused by the next group
-  return total;
-}
-
-// Block t, k ascending: dyp[row_k, :] = w_k · dy[t, :] and dweight[t, k] = <dy[t, :], yp[row_k, :]> (yp FP32 or
-// BF16), kDots rows at a time: their loads in flight together and their dot products summed with one block
-// reduction (against one row at a time, a reduction each: MoE layer 11.95 against 12.01 ms on the H200, within
-// noise; bench/results/2026-11-29-gpu-sweep-combine-h200-2f5bbac.txt). Each dot product is summed in the same order
-// either way.
-// Nor did a warp per token (8 tokens a block, no barrier): alone both run at ~4 TB/s (445 vs 437 us at T=16384, K=6,
-// H=2048), in the bench-600m step 290.6k / 291.2k / 288.4k vs 290.8k / 291.2k / 290.5k tokens/s
-// (bench/results/2026-11-30-gpu-combine-bwd-warp-h200-0879d88+warp.txt): its 130 us a layer in the step's trace is
-// its share of the GPU beside the shared expert's backward, not its own pace.
+// Warp w of block b takes token t = 8 b + w, its k rows kDots at a time (warp_rows): dyp[row_j, :] = w_j · dy[t, :]
+// (non-null dyp) and dweight[t, j] = <dy[t, :], yp[row_j, :]> (yp FP32 or BF16), each lane summing its columns in
+// order (4 at a time, 128 apart), then the lanes' sums by an xor tree. A block of 256 threads a token (one float4 a
+// thread at H 1024, its rows staged and its dot products summed through shared memory, 76 registers: 3 blocks an SM)
+// ran bench-600m's dweight-only pass at ~1.6 TB/s, 124 us a layer with nothing beside it on the GPU; this kernel 53
+// us (bench/results/2026-12-01-gpu-combine-bwd-warp-h200-*).
 template <class Src>
-__global__ void __launch_bounds__(kRowThreads)
+__global__ void __launch_bounds__(kTokenWarps * kWarp)
     combine_backward_kernel(const float* __restrict__ dy, const Src* __restrict__ yp,
                             const float* __restrict__ weight, const int64_t* __restrict__ row_of, int64_t row_limit,
-                            int64_t k, int64_t dim, bool vec, float* __restrict__ dyp, float* __restrict__ dweight) {
+                            int64_t tokens, int64_t k, int64_t dim, bool vec, float* __restrict__ dyp,
+                            float* __restrict__ dweight) {
   moerl::cuda::await_previous_grid();
-  extern __shared__ int64_t backward_smem[];
-  __shared__ float warp_total[kRowWarps][kDots];
-  int64_t* rows = backward_smem;
-  float* weights = reinterpret_cast<float*>(rows + k);
-  const int64_t t = blockIdx.x;
-  stage_rows(row_of, weight, t, row_limit, k, rows, weights);
+  const int lane = threadIdx.x % kWarp;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kTokenWarps + threadIdx.x / kWarp;
+  if (t >= tokens) return;
   const float* g = dy + t * dim;
   for (int64_t j0 = 0; j0 < k; j0 += kDots) {
     const int n = static_cast<int>(k - j0 < kDots ? k - j0 : kDots);
-    float dot[kDots] = {};
+    int64_t rows[kDots];
+    float w[kDots], dot[kDots] = {};
+    warp_rows(row_of, weight, t, k, j0, n, row_limit, rows, w);
     if (vec) {
-      for (int64_t i = threadIdx.x; i < dim / 4; i += kRowThreads) {
+      for (int64_t i = lane; i < dim / 4; i += kWarp) {
         const float4 gi = load4(g, i);
         float4 v[kDots];
 #pragma unroll
         for (int u = 0; u < kDots; ++u)
-          if (u < n) v[u] = load4(yp + rows[j0 + u] * dim, i);
+          if (u < n) v[u] = load4(yp + rows[u] * dim, i);
 #pragma unroll
         for (int u = 0; u < kDots; ++u) {
           if (u >= n) break;
-          if (dyp != nullptr) {  // null dyp: dweight only
-            const float w = weights[j0 + u];
-            reinterpret_cast<float4*>(dyp + rows[j0 + u] * dim)[i] =
-                make_float4(__fmul_rn(w, gi.x), __fmul_rn(w, gi.y), __fmul_rn(w, gi.z), __fmul_rn(w, gi.w));
-          }
+          if (dyp != nullptr)  // null dyp: dweight only
+            reinterpret_cast<float4*>(dyp + rows[u] * dim)[i] =
+                make_float4(__fmul_rn(w[u], gi.x), __fmul_rn(w[u], gi.y), __fmul_rn(w[u], gi.z), __fmul_rn(w[u], gi.w));
           dot[u] = fmaf(gi.x, v[u].x, dot[u]);
           dot[u] = fmaf(gi.y, v[u].y, dot[u]);
           dot[u] = fmaf(gi.z, v[u].z, dot[u]);
@@ -312,18 +322,22 @@ __global__ void __launch_bounds__(kRowThreads)
         }
       }
     } else {
-      for (int64_t i = threadIdx.x; i < dim; i += kRowThreads) {
+      for (int64_t i = lane; i < dim; i += kWarp) {
 #pragma unroll
         for (int u = 0; u < kDots; ++u) {
           if (u >= n) break;
-          const int64_t r = rows[j0 + u];
-          if (dyp != nullptr) dyp[r * dim + i] = __fmul_rn(weights[j0 + u], g[i]);
-          dot[u] = fmaf(g[i], value(yp, r * dim + i), dot[u]);
+          if (dyp != nullptr) dyp[rows[u] * dim + i] = __fmul_rn(w[u], g[i]);
+          dot[u] = fmaf(g[i], value(yp, rows[u] * dim + i), dot[u]);
         }
       }
     }
-    const float total = block_sums(dot, n, warp_total);
-    if (threadIdx.x < n) dweight[t * k + j0 + threadIdx.x] = total;
+#pragma unroll
+    for (int u = 0; u < kDots; ++u) {
+      if (u >= n) break;
+      float total = dot[u];
+      for (int offset = kWarp / 2; offset > 0; offset /= 2) total += __shfl_xor_sync(kFullMask, total, offset);
+      if (lane == 0) dweight[t * k + j0 + u] = total;
+    }
   }
 }
 
@@ -348,10 +362,7 @@ bool check_token_args(const std::string& where, int64_t tokens, int64_t k, int64
     return where + ": tokens, k and dim must be >= 0, got " + std::to_string(tokens) + ", " + std::to_string(k) + ", " +
            std::to_string(dim);
   });
-  if (tokens == 0 || k == 0 || dim == 0) return false;
-  require(k * 12 <= kSharedBudget,
-          [&] { return where + ": k = " + std::to_string(k) + " exceeds the GPU limit of 4096"; });
-  return true;
+  return tokens != 0 && k != 0 && dim != 0;
 }
 
 }  // namespace
@@ -425,8 +436,8 @@ void combine_aligned(const Src* yp, const float* weight, const int64_t* row_of, 
   if (!check_token_args(where, tokens, k, dim)) return;
   require(yp && weight && row_of && y, [&] { return where + ": null yp, weight, row_of or y pointer"; });
   const bool vec = rows_vec(yp, dim) && aligned16(y) && (also == nullptr || aligned16(also));
-  launch_after_previous(combine_kernel<true, Src>, grid_for(tokens, where), kRowThreads, k * 12, stream, yp, weight,
-                        row_of, rows, k, dim, vec, y, also);
+  launch_after_previous(combine_kernel<true, Src>, grid_for((tokens + kTokenWarps - 1) / kTokenWarps, where),
+                        kTokenWarps * kWarp, 0, stream, yp, weight, row_of, rows, tokens, k, dim, vec, y, also);
 }
 
 template <class Src>
@@ -445,8 +456,9 @@ void combine_backward_aligned(const float* dy, const Src* yp, const float* weigh
   require(dy && yp && weight && row_of && dweight,
           [&] { return where + ": null dy, yp, weight, row_of or dweight pointer"; });
   const bool vec = dim % 4 == 0 && aligned16(dy) && rows_vec(yp, dim) && (dyp == nullptr || aligned16(dyp));
-  launch_after_previous(combine_backward_kernel<Src>, grid_for(tokens, where), kRowThreads, k * 12, stream, dy, yp,
-                        weight, row_of, rows, k, dim, vec, dyp, dweight);
+  launch_after_previous(combine_backward_kernel<Src>, grid_for((tokens + kTokenWarps - 1) / kTokenWarps, where),
+                        kTokenWarps * kWarp, 0, stream, dy, yp, weight, row_of, rows, tokens, k, dim, vec, dyp,
+                        dweight);
 }
 
 }  // namespace
@@ -502,8 +514,8 @@ void scatter_add_aligned_then(const Src* dxp, const int64_t* row_of, int64_t tok
   if (!check_token_args(where, tokens, k, dim)) return;
   require(dxp && row_of && dx, [&] { return where + ": null dxp, row_of or dx pointer"; });
   const bool vec = rows_vec(dxp, dim) && aligned16(dx) && (also == nullptr || aligned16(also));
-  launch_after_previous(combine_kernel<false, Src>, grid_for(tokens, where), kRowThreads, k * 12, stream, dxp, nullptr,
-                        row_of, rows, k, dim, vec, dx, also);
+  launch_after_previous(combine_kernel<false, Src>, grid_for((tokens + kTokenWarps - 1) / kTokenWarps, where),
+                        kTokenWarps * kWarp, 0, stream, dxp, nullptr, row_of, rows, tokens, k, dim, vec, dx, also);
 }
 
 }  // namespace
