@@ -13,6 +13,9 @@
 // not read the weight again.
 // state() and load_state() use AdamW's tensor names, dtypes and shapes, so optimizer.safetensors files move
 // between the CPU and the GPU.
+// Tried and not kept (2026-12-01): the norm's chunk sums made per decoder layer as its backward ends, on a stream
+// of their own beside the rest of the backward (the same bits): bench-600m fp8 319.9k vs 320.8k tokens/s, 3 rounds
+// interleaved; the 2.4 GB pass competes with the backward's own traffic (bench/results/2026-12-01-gpu-norm-beside-*).
 #pragma once
 #include <cuda_runtime_api.h>
 
