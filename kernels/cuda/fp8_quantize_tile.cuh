@@ -24,6 +24,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/fp8_quantize_common.cuh"
@@ -127,8 +128,9 @@ __device__ __forceinline__ float* col_scale(const TileOutputs& o, int64_t c, int
 }
 
 // The block (rt, blockIdx.x)'s values, v[k] = x[r, c .. c + 3] at the load layout above (zeros past cols),
-// quantized into o; g: the group of row tile rt (group_of). Uses the block's shared memory when kCols.
-template <bool kRows, bool kCols, int kTC, int kLt>
+// quantized into o; g: the group of row tile rt (group_of). Uses the block's shared memory when kCols. kFull: the
+// block's columns all lie before o.cols and codes_t is 16-byte aligned (no bound or alignment checks).
+template <bool kRows, bool kCols, int kTC, int kLt, bool kFull = false>
 __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], const TileOutputs& o,
                                                      float4* tile_smem, int64_t rt, const TileGroup& g) {
   using Shape = TileShape<kTC>;
@@ -156,7 +158,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
       // interleaved, bench/results/2026-11-30-gpu-tile-row-stores-h200-5d8aac5+stores.txt).
       static_assert(Shape::kChunks == 4, "a row's 4 loads hold its 128 columns");
       unsigned int* const row_codes = reinterpret_cast<unsigned int*>(o.codes + r * codes_ld + c0 + 4 * quad);
-      const int left = static_cast<int>(min(o.cols - c0 - 4 * quad, int64_t{kTile}));  // columns from the first
+      const int left = kFull ? kTile : static_cast<int>(min(o.cols - c0 - 4 * quad, int64_t{kTile}));  // from the first
 #pragma unroll
       for (int j = 0; j < 4; ++j)
         if (32 * j < left) __stcs(row_codes + 8 * j, q[j]);
@@ -190,7 +192,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
     const float scale = scale_from_amax_bits(amax);
     const Divisor d = divisor(scale);
     const int64_t c = c0 + jj;
-    if (c < o.cols) {
+    if (kFull || c < o.cols) {
       if (k4 == 0) *col_scale<(kLt & kColsLt) != 0>(o, c, rt) = scale;
       uint8_t* out;
       int64_t out_rows, first;
@@ -198,7 +200,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
       uint32_t w[8];
       encode4_n<8>(q, d, w);
       uint8_t* dst = out + c * out_rows + first + 16 * k4;
-      if (reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
+      if (kFull || reinterpret_cast<uintptr_t>(dst) % 16 == 0) {
         __stcs(reinterpret_cast<uint4*>(dst), make_uint4(w[0], w[1], w[2], w[3]));
         __stcs(reinterpret_cast<uint4*>(dst + 64), make_uint4(w[4], w[5], w[6], w[7]));
       } else {  // codes 4-byte aligned only
@@ -222,7 +224,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
 // uses, 40% of the samples). Src::kLoadAhead false keeps a load and its value together (sources whose raw loads,
 // 8 of 2 or 3 float4s, would not fit the registers beside the values: FP32 SwiGLU inputs).
 // Registers (ptxas, sm_90a): 64 a thread (2 blocks of 512 or 4 of 256 per SM).
-template <class Src, bool kRows, bool kCols, int kTC, int kLt>
+template <class Src, bool kRows, bool kCols, int kTC, int kLt, bool kFull>
 __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4)
     quantize_tile_kernel(Src src, TileOutputs o) {
   moerl::cuda::await_previous_grid();
@@ -236,20 +238,20 @@ __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4
 #pragma unroll
     for (int k = 0; k < kTileLoads; ++k) {
       const int64_t r = rt * kTile + Shape::row(k, warp, sub), c = c0 + Shape::col(k, quad);
-      raw[k] = src.load(r, c < o.cols ? c : 0);
+      raw[k] = src.load(r, kFull || c < o.cols ? c : 0);
     }
   }
   float v[kTileLoads][4];
 #pragma unroll
   for (int k = 0; k < kTileLoads; ++k) {
     const int64_t r = rt * kTile + Shape::row(k, warp, sub), c = c0 + Shape::col(k, quad);
-    if constexpr (!Src::kLoadAhead) raw[0] = src.load(r, c < o.cols ? c : 0);
-    const float4 f = src.value(raw[Src::kLoadAhead ? k : 0], r, c, c < o.cols);
+    if constexpr (!Src::kLoadAhead) raw[0] = src.load(r, kFull || c < o.cols ? c : 0);
+    const float4 f = src.value(raw[Src::kLoadAhead ? k : 0], r, c, kFull || c < o.cols);
     v[k][0] = f.x, v[k][1] = f.y, v[k][2] = f.z, v[k][3] = f.w;
   }
   // Looked up once the loads are in flight, by every lane (the rows' cuBLASLt scales and the columns' codes need it).
   const TileGroup g = (kCols || (kLt & kRowsLt) != 0) ? group_of(o, rt * kTile) : TileGroup{0, o.rows};
-  quantize_tile_values<kRows, kCols, kTC, kLt>(v, o, tile_smem, rt, g);
+  quantize_tile_values<kRows, kCols, kTC, kLt, kFull>(v, o, tile_smem, rt, g);
 }
 
 // Launches quantize_tile_kernel for kRows, kCols over o: rows / 128 x ceil(cols / kTC) blocks (the caller has
@@ -266,13 +268,24 @@ __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4
 // 2 .. 32 row tiles down each column, so that the blocks in flight write both outputs in longer runs: dual 2.97-2.98
 // against 3.10 TB/s, transposed 3.68-3.80 against 3.86;
 // bench/results/2026-11-30-gpu-quant-panels-h200-5542390+panel.txt.)
+// kFull where every block's columns lie before o.cols and codes_t (if any) is 16-byte aligned: no bound checks, no
+// selects of zeros past cols, no per-load column selects (which kept the compiler from addressing a thread's 8 loads
+// from one base). Both ways at 8192 x 8192 on the H200: 1057 instructions a warp against 1110 (ncu), 3.204-3.211
+// against 3.169-3.176 TB/s, rounds interleaved (bench/results/2026-12-01-gpu-quant-full-tiles-h200-*).
 template <bool kRows, bool kCols, int kTC, int kLt, class Src>
 void launch_quantize_tiles_as(const Src& src, const TileOutputs& o, cudaStream_t stream) {
-  const auto kernel = quantize_tile_kernel<Src, kRows, kCols, kTC, kLt>;
   const int smem = kCols ? TileShape<kTC>::kSmemBytes : 0;
-  if (kCols) moerl::cuda_detail::allow_dynamic_smem<quantize_tile_kernel<Src, kRows, kCols, kTC, kLt>>(smem);
   const dim3 grid(static_cast<unsigned>((o.cols + kTC - 1) / kTC), static_cast<unsigned>(o.rows / kTile));
-  moerl::cuda::launch_after_previous(kernel, grid, TileShape<kTC>::kThreads, smem, stream, src, o);
+  const auto launch = [&](auto full) {
+    constexpr bool kFull = decltype(full)::value;
+    if (kCols) moerl::cuda_detail::allow_dynamic_smem<quantize_tile_kernel<Src, kRows, kCols, kTC, kLt, kFull>>(smem);
+    moerl::cuda::launch_after_previous(quantize_tile_kernel<Src, kRows, kCols, kTC, kLt, kFull>, grid,
+                                       TileShape<kTC>::kThreads, smem, stream, src, o);
+  };
+  if (o.cols % kTC == 0 && (!kCols || reinterpret_cast<uintptr_t>(o.codes_t) % 16 == 0))
+    launch(std::true_type{});
+  else
+    launch(std::false_type{});
 }
 
 // launch_quantize_tiles_as for the instantiation of o's scale layouts.
