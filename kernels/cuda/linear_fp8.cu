@@ -383,7 +383,6 @@ Operand forward_rows(const float* x, int64_t M, int64_t K, int64_t depth, SavedI
   return rows_only.emplace(x, M, K, gemm_rows(M), depth, false, stream).operand();
 }
 
-
 }  // namespace
 
 void fp8_forward(LinearContext::Impl& ctx, const float* x, const float* w, float* y, int64_t M, int64_t N, int64_t K,
@@ -570,8 +569,7 @@ void fp8_backward_shared(LinearContext::Impl& ctx, const float* x, const std::ve
   } else {
     for (size_t i = 0; i < grads.size(); ++i) {
       const LinearGradient& g = grads[i];
-      backward_with(ctx, g.dy, xt, g.w, dx, g.dw, M, g.N, K, accumulate_dx || i > 0, g.overwrite_dw,
-                    stream);
+      backward_with(ctx, g.dy, xt, g.w, dx, g.dw, M, g.N, K, accumulate_dx || i > 0, g.overwrite_dw, stream);
     }
   }
   if (made) made->release();
