@@ -50,9 +50,6 @@ struct TileShape {
 };
 constexpr int kTileLoads = 8;
 
-// Index of element (column c, row r) of the transposed, swizzled block in shared memory.
-__device__ __forceinline__ int swizzled(int c, int r) { return c * kTile + 4 * ((r >> 2) ^ ((c >> 2) & 7)) + (r & 3); }
-
 struct TileOutputs {
   int64_t rows = 0, cols = 0;                     // the activation [rows, cols]
   uint8_t* codes = nullptr;                       // rows: [rows, cols], row r at codes + r · codes_ld
@@ -166,11 +163,16 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
   }
   if constexpr (kCols) {
     float* tile = reinterpret_cast<float*>(tile_smem);
+    // Element e of load k, (column cc + e, row rr) with cc = col(k, quad), rr = row(k, warp, sub), goes to
+    // 128 (cc + e) + 4 ((rr / 4) ^ quad) + rr % 4 (the layout above: ((cc + e) / 4) % 8 = quad), one address a row
+    // group rr / 4 plus constants, so the 32 stores take immediate offsets. (With the swizzle computed per element
+    // ptxas computed each address: ~250 of a thread's 1057 instructions, SASS of the both-ways kernel, 2026-12-01.)
 #pragma unroll
     for (int k = 0; k < kTileLoads; ++k) {
-      const int rr = Shape::row(k, warp, sub), cc = Shape::col(k, quad);
+      const int rr = Shape::row(k, warp, sub);
+      float* const dst = tile + kTile * Shape::col(k, quad) + 4 * ((rr >> 2) ^ quad) + (rr & 3);
 #pragma unroll
-      for (int e = 0; e < 4; ++e) tile[swizzled(cc + e, rr)] = v[k][e];
+      for (int e = 0; e < 4; ++e) dst[kTile * e] = v[k][e];
     }
     __syncthreads();
     // This thread's column jj (swizzle p) and rows 16 k4 + 4 i .. + 3 (i < 4), 64 + 16 k4 + 4 (i - 4) .. (i >= 4).
