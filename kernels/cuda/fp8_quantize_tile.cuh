@@ -136,6 +136,10 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
   const int64_t ct = blockIdx.x, r0 = rt * kTile, c0 = ct * kTC;
   if constexpr (kRows) {
     const int64_t codes_ld = o.row_codes_ld();
+    // Both halves' scale addresses, computed together before the branches that use them (in the branches each cost
+    // the warp ~27 instructions: SASS of the both-ways kernel, 2026-12-01).
+    float* const scale_at[2] = {row_scale<(kLt & kRowsLt) != 0>(o, r0 + Shape::row(0, warp, sub), ct, g),
+                                row_scale<(kLt & kRowsLt) != 0>(o, r0 + Shape::row(4, warp, sub), ct, g)};
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       float m = 0.0f;
@@ -146,7 +150,7 @@ __device__ __forceinline__ void quantize_tile_values(float (&v)[kTileLoads][4], 
       const float scale = scale_from_amax_bits(amax);
       const Divisor d = divisor(scale);
       const int64_t r = r0 + Shape::row(4 * h, warp, sub);
-      if (quad == 0) *row_scale<(kLt & kRowsLt) != 0>(o, r, ct, g) = scale;
+      if (quad == 0) *scale_at[h] = scale;
       uint32_t q[4];
       encode4_n<4>(v + 4 * h, d, q);
       // Load k = 4 h + j holds columns 32 j + 4 quad ..: one row address for the 4 words, and the bounds (a
@@ -235,18 +239,22 @@ __global__ void __launch_bounds__(TileShape<kTC>::kThreads, kTC == kTile ? 2 : 4
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, sub = lane >> 3, quad = lane & 7;
   const int64_t c0 = static_cast<int64_t>(blockIdx.x) * kTC;
   const int64_t rt = o.row_tile_order != nullptr ? o.row_tile_order[blockIdx.y] : blockIdx.y;
+  // Load k's row and column: this thread's first ones plus constants (so that its loads may share addresses).
+  const int64_t r_lane = rt * kTile + Shape::row(0, warp, sub), c_lane = c0 + Shape::col(0, quad);
+  const auto row_of = [&](int k) { return r_lane + (Shape::row(k, 0, 0) - Shape::row(0, 0, 0)); };
+  const auto col_of = [&](int k) { return c_lane + (Shape::col(k, 0) - Shape::col(0, 0)); };
   typename Src::Raw raw[Src::kLoadAhead ? kTileLoads : 1];
   if constexpr (Src::kLoadAhead) {
 #pragma unroll
     for (int k = 0; k < kTileLoads; ++k) {
-      const int64_t r = rt * kTile + Shape::row(k, warp, sub), c = c0 + Shape::col(k, quad);
+      const int64_t r = row_of(k), c = col_of(k);
       raw[k] = src.load(r, kFull || c < o.cols ? c : 0);
     }
   }
   float v[kTileLoads][4];
 #pragma unroll
   for (int k = 0; k < kTileLoads; ++k) {
-    const int64_t r = rt * kTile + Shape::row(k, warp, sub), c = c0 + Shape::col(k, quad);
+    const int64_t r = row_of(k), c = col_of(k);
     if constexpr (!Src::kLoadAhead) raw[0] = src.load(r, kFull || c < o.cols ? c : 0);
     const float4 f = src.value(raw[Src::kLoadAhead ? k : 0], r, c, kFull || c < o.cols);
     v[k][0] = f.x, v[k][1] = f.y, v[k][2] = f.z, v[k][3] = f.w;
