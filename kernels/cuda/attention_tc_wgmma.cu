@@ -66,13 +66,8 @@ __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks p
   zero<64>(o);
   for (int kt = 0; kt <= last; ++kt) {
     const int j0 = kt * kKeyTile, st = kt & 1;
-    if (kt < last) {  // the stage st ^ 1 was last read in iteration kt - 1, before its closing barrier
-      copy_rows<kKeyTile, DQ, THREADS>(Ks + (st ^ 1) * K_BYTES, kh + int64_t{j0 + kKeyTile} * DQ);
-      copy_rows<kKeyTile, DV, THREADS>(Vs + (st ^ 1) * V_BYTES, vh + int64_t{j0 + kKeyTile} * DV);
-    }
-    cp_async_commit();
-    cp_async_wait<1>();
-    fence_proxy_async();  // this thread's copies visible to the tensor cores' (async proxy) reads
+    cp_async_wait<0>();   // this thread's copies of tile kt (the group committed in iteration kt - 1, or Q's and K's)
+    fence_proxy_async();  // visible to the tensor cores' (async proxy) reads
     __syncthreads();
 
     {  // No skipping: a WGMMA in a branch the compiler cannot prove uniform is serialized. With 2 warpgroups, the
@@ -86,6 +81,13 @@ __global__ void __launch_bounds__(128 * WG, WG == 2 ? 2 : 3)  // 2 or 3 blocks p
       for (int ks = 0; ks < 2; ++ks)
         wgmma_ss(s, desc128(q_addr + Q_PANEL) + 2 * ks, desc128(k_addr + K_PANEL) + 2 * ks, 1);
       wgmma_commit();
+      // Tile kt + 1's copies while the tensor cores work (their ~60 instructions of addresses went before the WGMMAs
+      // were issued). Stage st ^ 1 was last read in iteration kt - 1, before its closing barrier.
+      if (kt < last) {
+        copy_rows<kKeyTile, DQ, THREADS>(Ks + (st ^ 1) * K_BYTES, kh + int64_t{j0 + kKeyTile} * DQ);
+        copy_rows<kKeyTile, DV, THREADS>(Vs + (st ^ 1) * V_BYTES, vh + int64_t{j0 + kKeyTile} * DV);
+      }
+      cp_async_commit();
       wgmma_wait_all();
       fence_frag(s);
       const bool diagonal = j0 + kKeyTile - 1 > w0;  // keys after some row (and keys >= seq for rows < seq) only here

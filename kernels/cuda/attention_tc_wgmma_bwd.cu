@@ -42,9 +42,11 @@ __device__ __forceinline__ Pos pos_of(bool seq_order) {
 
 // The two score-side products of a 64-row block against a streamed 64-row tile, both K-major in shared memory:
 // s = A · Bᵀ over dqk 96 (A's columns 64 .. 95 `a_hi` bytes after its first 64, B's 64 rows of 128 bytes later) and
-// dp = C · Dᵀ over dv 64, waited for.
+// dp = C · Dᵀ over dv 64, waited for; `meanwhile` runs while the tensor cores work (the next tiles' copies: their ~100
+// instructions of addresses a thread went before the WGMMAs were issued).
+template <class Meanwhile>
 __device__ __forceinline__ void score_products(float (&s)[8][4], float (&dp)[8][4], uint32_t a, uint32_t a_hi,
-                                               uint32_t b, uint32_t c, uint32_t d) {
+                                               uint32_t b, uint32_t c, uint32_t d, const Meanwhile& meanwhile) {
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks) wgmma_ss(s, desc128(a) + 2 * ks, desc128(b) + 2 * ks, ks > 0);
@@ -53,6 +55,7 @@ __device__ __forceinline__ void score_products(float (&s)[8][4], float (&dp)[8][
 #pragma unroll
   for (int ks = 0; ks < 4; ++ks) wgmma_ss(dp, desc128(c) + 2 * ks, desc128(d) + 2 * ks, ks > 0);
   wgmma_commit();
+  meanwhile();
   wgmma_wait_all();
   fence_frag(s);
   fence_frag(dp);
@@ -116,11 +119,11 @@ __global__ void __launch_bounds__(128, 2) attention_dkdv_wgmma(const BackwardWgm
     cp_async_wait<S - 2>();  // this thread's copies of tile qt have landed
     fence_proxy_async();
     __syncthreads();  // ... and everybody's; the stage of tile qt - 1 is no longer read
-    load_stream(qt + S - 1);
 
     const uint32_t sa = shared_address(base + L::RING + st * L::PAIR);
     float s[8][4], dp[8][4];
-    score_products(s, dp, k_addr, L::PANEL, sa + L::W96, v_addr, sa + L::W64);  // Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ
+    score_products(s, dp, k_addr, L::PANEL, sa + L::W96, v_addr, sa + L::W64,  // Sᵀ = K·Qᵀ, dPᵀ = V·dOᵀ
+                   [&] { load_stream(qt + S - 1); });
     // Queries before some key of the warp, or past the end of the sequence, only in these tiles.
     const bool masked = i0 < w0 + 16 || i0 + 64 > seq;
     const float* Stt = St + st * 128;
@@ -274,10 +277,10 @@ __global__ void __launch_bounds__(128, 2) attention_dq_recompute_wgmma(const DqW
     cp_async_wait<S - 2>();  // this thread's copies of tile kt have landed
     fence_proxy_async();
     __syncthreads();  // ... and everybody's; stage (kt - 1) % S, read by the waited WGMMAs of kt - 1, is free
-    load(kt + S - 1);
     const uint32_t st = shared_address(base + L::RING + (kt % S) * L::PAIR);
     float s[8][4], dp[8][4];
-    score_products(s, dp, q_addr, L::PANEL, st + L::W96, do_addr, st + L::W64);  // S = Q·Kᵀ, dP = dO·Vᵀ
+    score_products(s, dp, q_addr, L::PANEL, st + L::W96, do_addr, st + L::W64,  // S = Q·Kᵀ, dP = dO·Vᵀ
+                   [&] { load(kt + S - 1); });
     const bool diagonal = j0 + 63 > w0;  // keys after some row of the warp (and keys >= seq) only here
     uint32_t da[4][4];  // dS as the A fragments of the 4 key steps, packed n-tile by n-tile
 #pragma unroll
