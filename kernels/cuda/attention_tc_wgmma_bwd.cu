@@ -20,6 +20,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/attention_tc_pack.hpp"
 #include "kernels/cuda/attention_tc_wgmma.cuh"
@@ -126,22 +127,31 @@ __global__ void __launch_bounds__(128, 2) attention_dkdv_wgmma(const BackwardWgm
                    [&] { load_stream(qt + S - 1); });
     // Queries before some key of the warp, or past the end of the sequence, only in these tiles.
     const bool masked = i0 < w0 + 16 || i0 + 64 > seq;
-    const float* Stt = St + st * 128;
+    const float4* Stt = reinterpret_cast<const float4*>(St + st * 128);
     // Pᵀ and dSᵀ packed to BF16 A fragments n-tile by n-tile (pack_a_ntile), so that their FP32 values die early.
+    // Masked tiles apart: with the mask a run-time select in every tile ptxas built each tile's 32 conditions into
+    // a bit mask (~5 instructions an element; SASS, 2026-12-01).
     uint32_t pa[4][4], da[4][4];
+    const auto grads = [&](auto masked_tile) {
 #pragma unroll
-    for (int n = 0; n < 8; ++n) {
+      for (int n = 0; n < 8; ++n) {
+        // (lse·log2e, D) of this thread's queries c and c + 1 (c = 8 n + 2 (lane % 4)) in one 16-byte read.
+        const float4 pair = Stt[4 * n + lane % 4];
+        const float lse2[2] = {pair.x, pair.z}, d[2] = {pair.y, pair.w};
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = n * 8 + (lane % 4) * 2 + e % 2, i = i0 + c, j = jr + (e / 2) * 8;
-        const float ex = fast_exp2(s[n][e] * a.scale_log2 - Stt[2 * c]);  // unconditional: a select, no branch
-        const float p = !masked || (j <= i && i < seq) ? ex : 0.0f;
-        dp[n][e] = p * (dp[n][e] - Stt[2 * c + 1]);
-        s[n][e] = p;
+        for (int e = 0; e < 4; ++e) {
+          const int i = i0 + n * 8 + (lane % 4) * 2 + e % 2, j = jr + (e / 2) * 8;
+          const float ex = fast_exp2(s[n][e] * a.scale_log2 - lse2[e % 2]);  // unconditional: a select, no branch
+          const float p = !decltype(masked_tile)::value || (j <= i && i < seq) ? ex : 0.0f;
+          dp[n][e] = p * (dp[n][e] - d[e % 2]);
+          s[n][e] = p;
+        }
+        pack_a_ntile(pa, n, s[n]);
+        pack_a_ntile(da, n, dp[n]);
       }
-      pack_a_ntile(pa, n, s[n]);
-      pack_a_ntile(da, n, dp[n]);
-    }
+    };
+    if (masked) grads(std::true_type{});
+    else grads(std::false_type{});
     if (a.ds != nullptr) store_ds_frags(a.ds, bh, seq, qt, w0, da, lane);
     fence_frag(dv);
     fence_frag(dk);
