@@ -5,9 +5,10 @@
 // wgmma.mma_async m64n64k16 from shared memory (Q and K tiles K-major) and O += P·V with P from registers and V's
 // tile read MN-major where it lies (desc_mn; until 2026-11-30 from a transposed packed copy Vᵀ, one more packing
 // pass over V per layer). Shared tiles: 128-byte rows in WGMMA's 128-byte swizzle (16-byte chunk c of row r at
-// c ^ (r % 8), as in sm90_fp8_grouped_gemm.cu); Q and K (96 columns = 192 bytes a row) in two 128-byte panels (the second half used).
-// Key tiles of 64 rows, double-buffered with cp.async; the mask is applied on the tiles crossing a warp's
-// diagonal. Blocks of 1 or 2 warpgroups (MOERL_ATTN_TC_FWD_WG), one query tile of 64 per warpgroup.
+// c ^ (r % 8), as in sm90_fp8_grouped_gemm.cu); Q and K (96 columns = 192 bytes a row) in two 128-byte panels (the
+// second half used). Key tiles of 64 rows, double-buffered with cp.async (the next tile's copies issued behind the
+// score WGMMAs); the mask is applied on the tiles crossing a warp's diagonal. Blocks of 1 or 2 warpgroups
+// (MOERL_ATTN_TC_FWD_WG), one query tile of 64 per warpgroup.
 // Measured on the H200 (bench-600m shape, bench/results/2026-11-29-gpu-attn-h200-6f2dbec.txt): 0.255 ms, 337 TFLOP/s
 // causal (mma.sync forward: 0.358 ms); attn.fwd per layer in the fp8 train step 1.24 -> 1.04 ms.
 // TODO(perf): overlap a tile's softmax with the next tile's S = Q·Kᵀ (two S fragments, wait_group 1), key tiles of
