@@ -44,6 +44,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "kernels/cuda/cp_async.cuh"
 #include "kernels/cuda/cuda_check.hpp"
@@ -289,18 +290,22 @@ void launch_quantize_pipelined(const Src& src, const PipeOutputs<Src::kOutputs>&
     require(each.rows_lt == o.rows_lt && each.cols_lt == o.rows_lt && each.rows == o.rows && each.cols == o.cols &&
                 each.bounds == o.bounds && each.n_groups == o.n_groups,
             "fp8::cuda::launch_quantize_pipelined: every output of one shape and groups, its scales in one layout");
-  const auto kernel = o.rows_lt ? quantize_pipelined_kernel<Src, true> : quantize_pipelined_kernel<Src, false>;
   constexpr int smem = PipeShape<Src>::kSmemBytes;
-  if (o.rows_lt)
-    moerl::cuda_detail::allow_dynamic_smem<quantize_pipelined_kernel<Src, true>>(smem);
-  else
-    moerl::cuda_detail::allow_dynamic_smem<quantize_pipelined_kernel<Src, false>>(smem);
   int device = 0, sms = 0;
   CUDA_CHECK(cudaGetDevice(&device));
   CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   const int64_t col_tiles = tiles(o.cols), n_tiles = o.rows / kTile * col_tiles;
   const auto blocks = static_cast<unsigned>(n_tiles < sms ? n_tiles : int64_t{sms});
-  moerl::cuda::launch_after_previous(kernel, blocks, kPipeThreads, smem, stream, src, outs, col_tiles, n_tiles);
+  const auto launch = [&](auto lt) {
+    constexpr bool kLt = decltype(lt)::value;
+    moerl::cuda_detail::allow_dynamic_smem<quantize_pipelined_kernel<Src, kLt>>(smem);
+    moerl::cuda::launch_after_previous(quantize_pipelined_kernel<Src, kLt>, blocks, kPipeThreads, smem, stream, src,
+                                       outs, col_tiles, n_tiles);
+  };
+  if (o.rows_lt)
+    launch(std::true_type{});
+  else
+    launch(std::false_type{});
 }
 
 }  // namespace moerl::fp8::cuda::quant_detail

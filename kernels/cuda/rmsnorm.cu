@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 #include "kernels/cuda/cuda_check.hpp"
 #include "kernels/cuda/kernel_attributes.hpp"
@@ -267,17 +268,16 @@ void rmsnorm_backward(const float* dy, const float* x, const float* weight, cons
 
   // Above the default 48 KiB a kernel must opt in to more dynamic shared memory: to the most any dim needs, once.
   constexpr size_t kMaxSmem = kMaxDweightDim * sizeof(float);
-  const auto launch = [&](auto kernel) {
-    launch_after_previous(kernel, static_cast<unsigned>(chunks), threads, smem, stream, dy, x, weight, rstd, dx,
-                          partial, residual, rows, dim, x_ld, dx_ld, dy_ld);
+  const auto launch = [&](auto vec4) {
+    constexpr int V = decltype(vec4)::value ? 4 : 1;
+    if (smem > 48 * 1024) cuda_detail::allow_dynamic_smem<rmsnorm_backward_kernel<V>>(kMaxSmem);
+    launch_after_previous(rmsnorm_backward_kernel<V>, static_cast<unsigned>(chunks), threads, smem, stream, dy, x,
+                          weight, rstd, dx, partial, residual, rows, dim, x_ld, dx_ld, dy_ld);
   };
-  if (vec) {
-    if (smem > 48 * 1024) cuda_detail::allow_dynamic_smem<rmsnorm_backward_kernel<4>>(kMaxSmem);
-    launch(rmsnorm_backward_kernel<4>);
-  } else {
-    if (smem > 48 * 1024) cuda_detail::allow_dynamic_smem<rmsnorm_backward_kernel<1>>(kMaxSmem);
-    launch(rmsnorm_backward_kernel<1>);
-  }
+  if (vec)
+    launch(std::true_type{});
+  else
+    launch(std::false_type{});
   if (!dweight) return;
   const int64_t col_blocks = (dim + kFinishCols - 1) / kFinishCols;
   launch_after_previous(rmsnorm_dweight_finish_kernel, static_cast<unsigned>(col_blocks), kFinishCols * kFinishSplit, 0,
